@@ -1,0 +1,350 @@
+"""Build the ``calls`` / ``steps`` / ``runs`` frames from a probe's columnar records.
+
+Vectorised with numpy: per-call work is array indexing, per-signature work (shape JSON,
+bytes) is done once per distinct signature.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from . import schema
+from .schema import CALLS, RUNS, STEPS, BLOCK_ROLES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .capture import Probe
+    from .run import Run
+
+_NS = 1e-6  # ns -> ms
+
+
+def _dtype_str(dt: Any) -> str | None:
+    return None if dt is None else str(dt).replace("torch.", "")
+
+
+def _itemsize(dt: Any) -> int:
+    try:
+        return int(dt.itemsize)
+    except AttributeError:
+        return 0
+
+
+def _sig_table(sigs: list) -> dict[str, list]:
+    """Per distinct signature: in/out shape JSON, dtype, device, out bytes."""
+    ins, outs, dtypes, devices, nbytes = [], [], [], [], []
+    for in_shapes, (out_shapes, dt, dev) in sigs:
+        ins.append(json.dumps([list(s) for s in in_shapes], separators=(",", ":")))
+        outs.append(json.dumps([list(s) for s in out_shapes], separators=(",", ":")))
+        dtypes.append(_dtype_str(dt))
+        devices.append(None if dev is None else str(dev))
+        size = _itemsize(dt)
+        nbytes.append(sum(math.prod(s) for s in out_shapes) * size)
+    return {"in": ins, "out": outs, "dtype": dtypes, "device": devices, "bytes": nbytes}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else math.nan
+
+
+def build_run(p: "Probe") -> "Run":
+    from .run import Run
+
+    steps_rows: list[dict] = []
+    step_of_call = np.full(len(p._c_mod), -1, dtype=np.int64)
+    step_meta: list[tuple] = []  # per kept step: run_id, step, phase, q, kv, batch, origin ns
+    runs_rows: list[dict] = []
+    env = _environment(p)
+    for run in p._runs:
+        origin = run.t_enter if run.t_enter is not None else (run.steps[0].t0 if run.steps else 0)
+        steps = run.steps
+        produced = _new_tokens(run)
+        latencies, per_token = [], []
+        for i, s in enumerate(steps):
+            if run.kind == "generate":
+                nxt = steps[i + 1].t0 if i + 1 < len(steps) else run.t_exit
+                outside = (nxt - s.t1) * _NS if nxt is not None else math.nan
+            else:
+                outside = math.nan
+            fwd = (s.t1 - s.t0) * _NS
+            latency = fwd + outside
+            row_index = len(step_meta)
+            if s.call1 > s.call0:
+                step_of_call[s.call0 : s.call1] = row_index
+            step_meta.append((run.run_id, s.index, s.phase, s.q_len, s.kv_len, s.batch, origin))
+            steps_rows.append(
+                {
+                    "run_id": run.run_id,
+                    "rank": p.rank,
+                    "step": s.index,
+                    "phase": s.phase,
+                    "q_len": s.q_len,
+                    "kv_len": s.kv_len,
+                    "batch": s.batch,
+                    "start_ms": (s.t0 - origin) * _NS,
+                    "forward_ms": fwd,
+                    "gpu_ms": s.gpu_ms,
+                    "outside_ms": outside,
+                    "latency_ms": latency,
+                    "kv_cache_bytes": s.kv_bytes,
+                    "mem_peak_bytes": s.mem_peak,
+                    "new_tokens": produced[i],
+                    "blocks_ms": math.nan,
+                }
+            )
+            latencies.append(latency)
+            if i > 0 and produced[i] > 0 and not math.isnan(latency):
+                per_token.append(latency / produced[i])
+        runs_rows.append(_run_row(p, run, steps, produced, latencies, per_token, env))
+
+    calls = _calls_frame(p, step_of_call, step_meta)
+    steps_df = schema.conform(pd.DataFrame(steps_rows), STEPS) if steps_rows else schema.empty(STEPS)
+    if len(calls) and len(steps_df):
+        blocks = calls[calls["role"].isin(BLOCK_ROLES)]
+        sums = blocks.groupby(["run_id", "step"], sort=False)["cpu_ms"].sum()
+        idx = pd.MultiIndex.from_frame(steps_df[["run_id", "step"]].astype(object))
+        vals = sums.reindex(idx).to_numpy(dtype="float64", na_value=np.nan)
+        steps_df["blocks_ms"] = vals
+    runs_df = schema.conform(pd.DataFrame(runs_rows), RUNS) if runs_rows else schema.empty(RUNS)
+    meta = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "depth": p.depth,
+        "decode_stride": p.decode_stride,
+        "max_steps": p.max_steps,
+        "dropped_steps": p.dropped_steps,
+        "rank": p.rank,
+        "modules": [m.__dict__ for m in p._infos],
+        **env,
+    }
+    return Run(calls=calls, steps=steps_df, runs=runs_df, meta=meta)
+
+
+def _calls_frame(p: "Probe", step_of_call: np.ndarray, step_meta: list[tuple]) -> pd.DataFrame:
+    n = len(p._c_mod)
+    if n == 0:
+        return schema.empty(CALLS)
+    mod = np.frombuffer(p._c_mod, dtype=np.int32, count=n).astype(np.int64)
+    t0 = np.frombuffer(p._c_t0, dtype=np.int64, count=n)
+    t1 = np.frombuffer(p._c_t1, dtype=np.int64, count=n)
+    sig = np.frombuffer(p._c_sig, dtype=np.int32, count=n).astype(np.int64)
+
+    infos = p._infos
+    mod_names = np.array([m.name for m in infos], dtype=object)
+    mod_types = np.array([m.module_type for m in infos], dtype=object)
+    mod_roles = np.array([m.role for m in infos], dtype=object)
+    mod_depth = np.array([m.depth for m in infos], dtype=np.int64)
+    mod_layer = pd.array([m.layer for m in infos], dtype="Int64")
+
+    st = _sig_table(p._sigs)
+    sig_in = np.array(st["in"], dtype=object)
+    sig_out = np.array(st["out"], dtype=object)
+    sig_dtype = np.array(st["dtype"], dtype=object)
+    sig_dev = np.array(st["device"], dtype=object)
+    sig_bytes = np.array(st["bytes"], dtype=np.int64)
+
+    # Calls outside any root forward (a submodule called directly) get their own row in
+    # step_meta so that every call has a run and a phase.
+    if (step_of_call < 0).any():
+        orphan = len(step_meta)
+        step_meta = step_meta + [(p._runs[-1].run_id if p._runs else "unattributed", -1, "forward", 0, 0, 0, int(t0.min()))]
+        step_of_call = np.where(step_of_call < 0, orphan, step_of_call)
+
+    sm_run = np.array([m[0] for m in step_meta], dtype=object)
+    sm_step = np.array([m[1] for m in step_meta], dtype=np.int64)
+    sm_phase = np.array([m[2] for m in step_meta], dtype=object)
+    sm_q = np.array([m[3] for m in step_meta], dtype=np.int64)
+    sm_kv = np.array([m[4] for m in step_meta], dtype=np.int64)
+    sm_b = np.array([m[5] for m in step_meta], dtype=np.int64)
+    sm_origin = np.array([m[6] for m in step_meta], dtype=np.int64)
+
+    gpu = np.full(n, np.nan)
+    if p._uses_cuda and len(p._c_ev) == n:
+        ev = np.frombuffer(p._c_ev, dtype=np.int32, count=n)
+        ms = np.frombuffer(p._ev_ms, dtype=np.float64) if len(p._ev_ms) else np.zeros(0)
+        ok = ev < len(ms)
+        gpu[ok] = ms[ev[ok]]
+    if p._track_memory and len(p._c_mem0) == n:
+        mem0 = pd.array(np.frombuffer(p._c_mem0, dtype=np.int64, count=n), dtype="Int64")
+        mem1 = pd.array(np.frombuffer(p._c_mem1, dtype=np.int64, count=n), dtype="Int64")
+        peak = pd.array(np.frombuffer(p._c_peak, dtype=np.int64, count=n), dtype="Int64")
+    else:
+        mem0 = mem1 = peak = pd.array([pd.NA] * n, dtype="Int64")
+
+    order = np.lexsort((t0, step_of_call))
+    s_idx = step_of_call[order]
+
+    def strcol(values: np.ndarray) -> pd.Series:
+        return pd.Series(values, dtype="string")
+
+    mod_o = mod[order]
+    sig_o = sig[order]
+    df = pd.DataFrame(
+        {
+            "run_id": pd.Categorical(sm_run[s_idx]).astype("string") if n > 100_000 else strcol(sm_run[s_idx]),
+            "rank": np.full(n, p.rank, dtype=np.int64),
+            "step": sm_step[s_idx],
+            "phase": strcol(sm_phase[s_idx]),
+            "module": strcol(mod_names[mod_o]),
+            "module_type": strcol(mod_types[mod_o]),
+            "role": strcol(mod_roles[mod_o]),
+            "depth": mod_depth[mod_o],
+            "layer": mod_layer.take(mod_o),
+            "q_len": sm_q[s_idx],
+            "kv_len": sm_kv[s_idx],
+            "batch": sm_b[s_idx],
+            "in_shapes": strcol(sig_in[sig_o]),
+            "out_shapes": strcol(sig_out[sig_o]),
+            "dtype": strcol(sig_dtype[sig_o]),
+            "device": strcol(sig_dev[sig_o]),
+            "start_ms": (t0[order] - sm_origin[s_idx]) * _NS,
+            "cpu_ms": (t1[order] - t0[order]) * _NS,
+            "gpu_ms": gpu[order],
+            "mem_before_bytes": mem0.take(order),
+            "mem_after_bytes": mem1.take(order),
+            "mem_peak_bytes": peak.take(order),
+            "out_bytes": sig_bytes[sig_o],
+        }
+    )
+    return schema.conform(df, CALLS)
+
+
+def _new_tokens(run) -> list[int]:
+    """Tokens each step appended to each sequence (see README, 'Metric definitions')."""
+    steps = run.steps
+    n = len(steps)
+    if run.kind != "generate" or n == 0:
+        return [0] * n
+    out = []
+    for i, s in enumerate(steps):
+        if i + 1 < n:
+            nxt = steps[i + 1]
+            if nxt.phase == "recompute":
+                k = nxt.q_len - s.q_len
+            elif s.phase in ("decode", "extend") and s.index > 0:
+                k = nxt.kv_len - s.kv_len
+            else:
+                k = nxt.kv_len - s.kv_len - s.q_len + 1
+            out.append(max(int(k), 1))
+        else:
+            out.append(1)
+    total = (run.output_len - run.input_len) if (run.output_len is not None and run.input_len is not None) else None
+    if total is not None and n and steps[-1].index == run.n_steps_seen - 1:
+        rest = total - sum(out[:-1])
+        if rest >= 0:
+            out[-1] = rest
+    return out
+
+
+def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
+    row: dict = {
+        "run_id": run.run_id,
+        "rank": p.rank,
+        "kind": run.kind,
+        "status": run.status if run.kind == "generate" else "ok",
+        "depth": p.depth,
+        "steps": run.n_steps_seen,
+        "started_at": run.started_at,
+        **{k: env.get(k) for k in (
+            "model_id", "model_class", "model_type", "parameters", "dtype", "device",
+            "attn_implementation", "torch_version", "transformers_version", "probe_version", "gpu_name",
+        )},
+    }
+    if run.kind != "generate":
+        row["batch"] = steps[0].batch if steps else None
+        row["total_ms"] = ((steps[-1].t1 - steps[0].t0) * _NS) if steps else math.nan
+        return row
+    g = run.gen_settings
+    row.update(
+        {
+            "prompt_tokens": run.input_len,
+            "prompt_tokens_real": json.dumps(_real_lengths(run)),
+            "new_tokens": (run.output_len - run.input_len)
+            if run.output_len is not None and run.input_len is not None
+            else sum(produced),
+            "batch": steps[0].batch if steps else run.batch_in,
+            "do_sample": g.get("do_sample"),
+            "top_k": g.get("top_k"),
+            "top_p": g.get("top_p"),
+            "temperature": g.get("temperature"),
+            "num_beams": g.get("num_beams"),
+            "max_new_tokens": g.get("max_new_tokens"),
+            "generate_kwargs": json.dumps(g, sort_keys=True, default=str),
+            "total_ms": (run.t_exit - run.t_enter) * _NS if run.t_exit is not None else math.nan,
+        }
+    )
+    if steps:
+        first = steps[0]
+        first_token_at = steps[1].t0 if len(steps) > 1 else run.t_exit
+        if first.index == 0 and first_token_at is not None:
+            row["ttft_ms"] = (first_token_at - run.t_enter) * _NS
+            if latencies and latencies[0] > 0 and not math.isnan(latencies[0]):
+                row["prefill_tok_s"] = first.batch * first.q_len / (latencies[0] / 1e3)
+        if per_token:
+            row["tpot_ms_mean"] = float(np.mean(per_token))
+            row["tpot_ms_p50"] = _percentile(per_token, 50)
+            row["tpot_ms_p90"] = _percentile(per_token, 90)
+        later = [(lat, produced[i]) for i, lat in enumerate(latencies) if i > 0 and not math.isnan(lat)]
+        dec_time = sum(lat for lat, _ in later)
+        if dec_time > 0:
+            row["decode_tok_s"] = steps[0].batch * sum(k for _, k in later) / (dec_time / 1e3)
+        peaks = [s.mem_peak for s in steps if s.mem_peak is not None]
+        row["peak_mem_bytes"] = max(peaks) if peaks else None
+        row["kv_cache_bytes"] = steps[-1].kv_bytes
+    return row
+
+
+def _real_lengths(run) -> list[int]:
+    mask = run.mask
+    try:
+        import torch
+
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return [int(v) for v in mask.sum(dim=-1).tolist()]
+    except Exception:
+        pass
+    if run.input_len is not None and run.batch_in:
+        return [run.input_len] * run.batch_in
+    return []
+
+
+def _environment(p: "Probe") -> dict:
+    import torch
+
+    from . import __version__
+
+    model = p.model
+    cfg = getattr(model, "config", None)
+    try:
+        import transformers
+
+        tf_version = transformers.__version__
+    except Exception:  # pragma: no cover
+        tf_version = None
+    first = next(iter(model.parameters()), None)
+    n_params = sum(t.numel() for t in model.parameters())
+    gpu = None
+    if p._uses_cuda:
+        try:
+            gpu = torch.cuda.get_device_name(p._cuda_device)
+        except Exception:  # pragma: no cover
+            gpu = None
+    attn = getattr(cfg, "_attn_implementation", None) if cfg is not None else None
+    if isinstance(attn, dict):
+        attn = json.dumps(attn, sort_keys=True)
+    return {
+        "model_id": p.model_id or (getattr(cfg, "name_or_path", None) or None) or type(model).__name__,
+        "model_class": type(model).__name__,
+        "model_type": getattr(cfg, "model_type", None),
+        "parameters": n_params,
+        "dtype": _dtype_str(first.dtype) if first is not None else None,
+        "device": str(first.device) if first is not None else None,
+        "attn_implementation": attn,
+        "torch_version": torch.__version__,
+        "transformers_version": tf_version,
+        "probe_version": __version__,
+        "gpu_name": gpu,
+    }

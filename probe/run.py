@@ -1,0 +1,239 @@
+"""`Run`: the recorded frames, saved as parquet + ``meta.json`` and loaded back equal."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import schema
+from .schema import BLOCK_ROLES, CALLS, RUNS, STEPS, SUMMARY
+
+FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet"}
+META = "meta.json"
+
+
+class RunLoadError(ValueError):
+    """A run directory that cannot be read, with the reason and what to do."""
+
+
+@dataclass
+class Run:
+    """Frames of a recording: ``calls`` (one row per block call), ``steps`` (one row per root
+    forward) and ``runs`` (one row per generate call), plus ``meta`` (JSON-able facts)."""
+
+    calls: pd.DataFrame
+    steps: pd.DataFrame
+    runs: pd.DataFrame
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    # ------------------------------------------------------------------ analysis
+    def summary(self, by: str = "module") -> pd.DataFrame:
+        """Per-block prefill-vs-decode summary: one row per module (or role) and phase.
+
+        Columns: ``module, role, layer, phase, calls, total_ms, mean_ms, share, gpu_total_ms,
+        mean_out_bytes``. ``share`` is the block's host time over the phase's total forward
+        time (sum of ``steps.forward_ms``); the residue of the forward outside every block is a
+        row with module ``(residue)``, and the time outside the model a row ``(outside model)``.
+        """
+        return block_summary(self.calls, self.steps, by=by)
+
+    def phase_summary(self) -> pd.DataFrame:
+        """One row per phase: steps, tokens, forward/outside/latency totals and means."""
+        st = self.steps
+        if st.empty:
+            return pd.DataFrame(
+                {c: pd.Series([], dtype=d) for c, d in {
+                    "phase": "string", "steps": "int64", "tokens": "int64", "forward_ms": "float64",
+                    "outside_ms": "float64", "latency_ms": "float64", "mean_latency_ms": "float64",
+                    "tok_s": "float64",
+                }.items()}
+            )
+        # prefill-like phases process q_len positions; decode produces new_tokens per sequence
+        per_seq = st["q_len"].where(st["phase"] != "decode", st["new_tokens"])
+        st = st.assign(_tokens=per_seq * st["batch"])
+        g = st.groupby("phase", sort=False)
+        out = pd.DataFrame(
+            {
+                "steps": g.size(),
+                "tokens": g["_tokens"].sum(),
+                "forward_ms": g["forward_ms"].sum(),
+                "outside_ms": g["outside_ms"].sum(min_count=1),
+                "latency_ms": g["latency_ms"].sum(min_count=1),
+                "mean_latency_ms": g["latency_ms"].mean(),
+            }
+        ).reset_index()
+        t = out["latency_ms"].where(out["latency_ms"].notna(), out["forward_ms"])
+        out["tok_s"] = out["tokens"] / (t / 1e3)
+        out["phase"] = out["phase"].astype("string")
+        return out
+
+    def _repr_html_(self) -> str:  # pragma: no cover - exercised through reports
+        from html import escape
+
+        runs = self.runs
+        head = "<b>probe run</b>"
+        if runs.empty:
+            return head + ": no records"
+        cols = [c for c in ("run_id", "model_id", "status", "prompt_tokens", "new_tokens", "ttft_ms",
+                            "tpot_ms_mean", "prefill_tok_s", "decode_tok_s", "total_ms") if c in runs]
+        table = runs[cols].to_html(index=False, float_format=lambda v: f"{v:,.2f}", escape=True)
+        summ = self.summary(by="role")
+        table2 = summ.to_html(index=False, float_format=lambda v: f"{v:,.3f}", escape=True)
+        return f"{head} {escape(str(self.path or ''))}{table}<br>{table2}"
+
+    def __repr__(self) -> str:
+        return (
+            f"<probe.Run runs={len(self.runs)} steps={len(self.steps)} calls={len(self.calls)}"
+            f"{' path=' + str(self.path) if self.path else ''}>"
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``calls.parquet``, ``steps.parquet``, ``runs.parquet`` and ``meta.json``.
+
+        Each file is written under a temporary name in the same folder and renamed, so a
+        crash never leaves a half-written file. Returns the directory.
+        """
+        out = Path(path)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot create run directory {out}: {exc.strerror or exc}; choose a writable --out") from exc
+        if not os.access(out, os.W_OK):
+            raise PermissionError(f"run directory {out} is not writable; choose a writable --out")
+        for key, name in FILES.items():
+            df = getattr(self, key)
+            _atomic(out / name, lambda tmp, df=df: df.to_parquet(tmp, index=False))
+        meta = dict(self.meta)
+        meta["files"] = dict(FILES)
+        meta["schema_version"] = schema.SCHEMA_VERSION
+        text = json.dumps(meta, indent=2, sort_keys=True, default=str)
+        _atomic(out / META, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        self.path = out
+        return out
+
+
+def _atomic(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load(path: str | os.PathLike) -> Run:
+    """Load a run directory written by :meth:`Run.save` (or several ranks' sub-directories).
+
+    Raises:
+        RunLoadError: the folder is missing, holds no run, or a file is corrupt or of an
+            unknown schema; the message names the file and the problem.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise RunLoadError(f"run directory {root} does not exist")
+    if not root.is_dir():
+        raise RunLoadError(f"{root} is not a directory; pass the folder that holds meta.json")
+    if not (root / META).exists():
+        ranks = sorted(d for d in root.glob("rank*") if (d / META).exists())
+        if ranks:
+            return merge([load(d) for d in ranks], path=root)
+        raise RunLoadError(f"{root} holds no probe run (no {META}); run `probe run --out {root}` first")
+    try:
+        meta = json.loads((root / META).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunLoadError(f"{root / META} is corrupt: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise RunLoadError(f"{root / META} is not a JSON object")
+    version = meta.get("schema_version")
+    if version != schema.SCHEMA_VERSION:
+        raise RunLoadError(
+            f"{root} was saved with run schema {version!r}; this probe reads schema "
+            f"{schema.SCHEMA_VERSION}. Re-record it with this version of probe."
+        )
+    frames = {}
+    for key, name in FILES.items():
+        f = root / name
+        if not f.exists():
+            raise RunLoadError(f"{f} is missing: the run is incomplete (was the recording interrupted?)")
+        try:
+            df = pd.read_parquet(f)
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise RunLoadError(f"{f} is corrupt or half-written: {exc}") from exc
+        sch = schema.FRAMES[key]
+        missing = [c for c in sch if c not in df.columns]
+        if missing:
+            raise RunLoadError(f"{f} lacks columns {missing}: saved by an older or foreign schema")
+        frames[key] = schema.conform(df, sch)
+    return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root)
+
+
+def merge(runs: list[Run], path: Path | None = None) -> Run:
+    """Concatenate runs (e.g. one per tensor-parallel rank) into one, rows tagged by rank."""
+    if not runs:
+        raise RunLoadError("nothing to merge")
+    calls = schema.conform(pd.concat([r.calls for r in runs], ignore_index=True), CALLS)
+    steps = schema.conform(pd.concat([r.steps for r in runs], ignore_index=True), STEPS)
+    runs_df = schema.conform(pd.concat([r.runs for r in runs], ignore_index=True), RUNS)
+    meta = dict(runs[0].meta)
+    meta["ranks"] = [r.meta.get("rank", i) for i, r in enumerate(runs)]
+    return Run(calls=calls, steps=steps, runs=runs_df, meta=meta, path=path)
+
+
+def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "module") -> pd.DataFrame:
+    """See :meth:`Run.summary`. ``by`` is ``"module"`` or ``"role"``."""
+    if by not in ("module", "role"):
+        raise ValueError(f"by must be 'module' or 'role'; got {by!r}")
+    if calls.empty:
+        return schema.empty(SUMMARY)
+    phase_total = steps.groupby("phase", sort=False)["forward_ms"].sum()
+    keys = ["module", "role", "layer", "phase"] if by == "module" else ["role", "phase"]
+    g = calls.groupby(keys, sort=False, dropna=False, observed=True)
+    out = pd.DataFrame(
+        {
+            "calls": g.size(),
+            "total_ms": g["cpu_ms"].sum(),
+            "gpu_total_ms": g["gpu_ms"].sum(min_count=1),
+            "mean_out_bytes": g["out_bytes"].mean(),
+        }
+    ).reset_index()
+    out["mean_ms"] = out["total_ms"] / out["calls"]
+    # GPU time is the truth where recorded; host time otherwise.
+    t = out["gpu_total_ms"].where(out["gpu_total_ms"].notna(), out["total_ms"])
+    out["share"] = t / out["phase"].map(phase_total).astype("float64")
+    if by == "role":
+        out["module"] = out["role"]
+        out["layer"] = pd.array([pd.NA] * len(out), dtype="Int64")
+    # residue (forward time outside every block) and time outside the model, per phase
+    extra = []
+    blocks = calls[calls["role"].isin(BLOCK_ROLES)]
+    in_blocks = blocks.groupby("phase", sort=False)["cpu_ms"].sum()
+    for phase, fwd in phase_total.items():
+        sub = steps[steps["phase"] == phase]
+        if phase in in_blocks.index:
+            res = float(fwd - in_blocks[phase])
+            extra.append({"module": "(residue)", "role": "residue", "phase": phase, "calls": len(sub),
+                          "total_ms": res, "mean_ms": res / max(len(sub), 1), "share": res / fwd if fwd else np.nan})
+        outside = sub["outside_ms"].sum(min_count=1)
+        if pd.notna(outside):
+            extra.append({"module": "(outside model)", "role": "outside", "phase": phase, "calls": len(sub),
+                          "total_ms": float(outside), "mean_ms": float(outside) / max(len(sub), 1),
+                          "share": float(outside) / fwd if fwd else np.nan})
+    if extra:
+        out = pd.concat([out, pd.DataFrame(extra)], ignore_index=True)
+    order = {p: i for i, p in enumerate(schema.PHASES)}
+    out["_o"] = out["phase"].map(order).fillna(99)
+    out = out.sort_values(["_o"], kind="stable").drop(columns="_o")
+    return schema.conform(out, SUMMARY)

@@ -1,0 +1,159 @@
+"""The one declaration of the frames' columns and dtypes (units in the names).
+
+Every frame the library hands out, saves or reloads goes through :func:`conform`, so an
+empty frame still carries every column with its dtype, and a saved run reloads to equal
+frames.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pandas as pd
+
+SCHEMA_VERSION = 1
+
+Phase = Literal["prefill", "decode", "extend", "recompute", "forward"]
+#: prefill   - step 0 of a generate call over an empty cache (q_len = prompt length)
+#: decode    - a later step with one new position per sequence (q_len = 1)
+#: extend    - several new positions on top of a non-empty cache (assisted/speculative
+#:             verification, a prompt continued from a user-supplied cache)
+#: recompute - a later step that reprocesses the whole sequence (use_cache=False)
+#: forward   - a forward of the model outside generate()
+PHASES: tuple[str, ...] = ("prefill", "decode", "extend", "recompute", "forward")
+
+Depth = Literal["blocks", "sublayers", "all"]
+DEPTHS: tuple[str, ...] = ("blocks", "sublayers", "all")
+
+#: role of a recorded module; the four block roles are disjoint and tile a forward.
+ROLES: tuple[str, ...] = ("embed", "layer", "norm", "head", "attention", "mlp", "layer_norm", "other")
+BLOCK_ROLES: tuple[str, ...] = ("embed", "layer", "norm", "head")
+
+STR = "string"
+
+CALLS: dict[str, str] = {
+    "run_id": STR,
+    "rank": "int64",  # process rank (tensor parallel); 0 for a single process
+    "step": "int64",  # index of the root forward within its run
+    "phase": STR,
+    "module": STR,  # fully qualified module name, e.g. "model.layers.3.mlp"
+    "module_type": STR,  # class name, e.g. "LlamaDecoderLayer"
+    "role": STR,  # see ROLES
+    "depth": "int64",  # nesting depth below the profiled model (model.layers.3 -> 3)
+    "layer": "Int64",  # decoder layer index, null outside the layers
+    "q_len": "int64",  # new positions per sequence in this step
+    "kv_len": "int64",  # cached positions before this step
+    "batch": "int64",
+    "in_shapes": STR,  # JSON list of the tensor arguments' shapes
+    "out_shapes": STR,  # JSON list of the output tensors' shapes
+    "dtype": STR,  # dtype of the first output tensor
+    "device": STR,  # device the call ran on (first output tensor)
+    "start_ms": "float64",  # host start, ms since the run's first recorded event
+    "cpu_ms": "float64",  # host time between the pre and post hooks
+    "gpu_ms": "float64",  # CUDA event time; NaN without CUDA
+    "mem_before_bytes": "Int64",  # CUDA allocated bytes before the call; null on CPU
+    "mem_after_bytes": "Int64",
+    "mem_peak_bytes": "Int64",  # CUDA allocator peak during the call; null on CPU
+    "out_bytes": "int64",  # bytes of the output tensors
+}
+
+STEPS: dict[str, str] = {
+    "run_id": STR,
+    "rank": "int64",
+    "step": "int64",
+    "phase": STR,
+    "q_len": "int64",
+    "kv_len": "int64",
+    "batch": "int64",
+    "start_ms": "float64",
+    "forward_ms": "float64",  # host time of the root forward
+    "gpu_ms": "float64",  # CUDA time of the root forward; NaN without CUDA
+    "outside_ms": "float64",  # host time after this forward until the next one (or generate's end)
+    "latency_ms": "float64",  # forward_ms + outside_ms: time until the step's token is chosen
+    "kv_cache_bytes": "Int64",  # bytes held by the KV cache after the step
+    "mem_peak_bytes": "Int64",  # CUDA peak during the step; null on CPU
+    "new_tokens": "int64",  # tokens this step appended to each sequence
+    "blocks_ms": "float64",  # host time inside the recorded blocks (embed+layers+norm+head)
+}
+
+RUNS: dict[str, str] = {
+    "run_id": STR,
+    "rank": "int64",
+    "kind": STR,  # "generate" or "forward" (forwards outside generate)
+    "status": STR,  # "ok" or "failed: reason"
+    "model_id": STR,
+    "model_class": STR,
+    "model_type": STR,
+    "parameters": "int64",
+    "dtype": STR,
+    "device": STR,
+    "attn_implementation": STR,
+    "depth": STR,
+    "prompt_tokens": "int64",  # padded prompt length (input_ids.shape[-1])
+    "prompt_tokens_real": STR,  # JSON list of per-sequence prompt lengths from the attention mask
+    "new_tokens": "int64",  # generated positions per sequence (from the output tensor)
+    "batch": "int64",  # sequences per forward (batch x beams)
+    "steps": "int64",
+    "do_sample": "boolean",
+    "top_k": "Int64",
+    "top_p": "float64",
+    "temperature": "float64",
+    "num_beams": "Int64",
+    "max_new_tokens": "Int64",
+    "generate_kwargs": STR,  # JSON of the resolved generation settings
+    "ttft_ms": "float64",
+    "tpot_ms_mean": "float64",
+    "tpot_ms_p50": "float64",
+    "tpot_ms_p90": "float64",
+    "prefill_tok_s": "float64",
+    "decode_tok_s": "float64",
+    "total_ms": "float64",
+    "peak_mem_bytes": "Int64",  # CUDA peak during the run; null on CPU
+    "kv_cache_bytes": "Int64",  # KV cache bytes after the last step
+    "torch_version": STR,
+    "transformers_version": STR,
+    "probe_version": STR,
+    "gpu_name": STR,
+    "started_at": STR,  # ISO-8601 UTC wall clock
+}
+
+SUMMARY: dict[str, str] = {
+    "module": STR,
+    "role": STR,
+    "layer": "Int64",
+    "phase": STR,
+    "calls": "int64",
+    "total_ms": "float64",
+    "mean_ms": "float64",
+    "share": "float64",  # block time / the phase's total forward time
+    "gpu_total_ms": "float64",
+    "mean_out_bytes": "float64",
+}
+
+FRAMES: dict[str, dict[str, str]] = {"calls": CALLS, "steps": STEPS, "runs": RUNS}
+
+
+def empty(schema: dict[str, str]) -> pd.DataFrame:
+    """An empty frame with every column of ``schema`` at its dtype."""
+    return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in schema.items()})
+
+
+def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
+    """Return ``df`` with exactly the schema's columns first (in order) at their dtypes.
+
+    Missing columns are added as nulls; extra columns (added by analyses) are kept after them.
+    """
+    out = {}
+    n = len(df)
+    for col, dtype in schema.items():
+        if col in df.columns:
+            s = df[col]
+            if str(s.dtype) != dtype:
+                s = s.astype(dtype)
+            out[col] = s.reset_index(drop=True)
+        else:
+            out[col] = pd.Series([None] * n, dtype=dtype) if n else pd.Series([], dtype=dtype)
+    for col in df.columns:
+        if col not in schema:
+            out[col] = df[col].reset_index(drop=True)
+    return pd.DataFrame(out)
