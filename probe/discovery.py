@@ -138,7 +138,12 @@ def find_blocks(model: nn.Module) -> Blocks:
             (late if seen_layers else early).append(qual)
     if late:
         norm = late[0]
-    del early  # norms before the layers (BLOOM's embedding norm) are not the final norm
+    else:
+        # Some decoders register the final norm before the layers (OPT's final_layer_norm);
+        # norms of the embeddings (BLOOM's word_embeddings_layernorm) are never the final one.
+        early = [q for q in early if "emb" not in q.rsplit(".", 1)[-1].lower()]
+        finals = [q for q in early if "final" in q.rsplit(".", 1)[-1].lower()]
+        norm = (finals or early or [None])[-1]
     # Extra embeddings beside the input one (learned positions: GPT-2 wpe, OPT embed_positions).
     extra_embed = [
         f"{parent_name}.{n}" if parent_name else n

@@ -89,10 +89,10 @@ RUNS: dict[str, str] = {
     "device": STR,
     "attn_implementation": STR,
     "depth": STR,
-    "prompt_tokens": "int64",  # padded prompt length (input_ids.shape[-1])
+    "prompt_tokens": "Int64",  # padded prompt length (input_ids.shape[-1])
     "prompt_tokens_real": STR,  # JSON list of per-sequence prompt lengths from the attention mask
-    "new_tokens": "int64",  # generated positions per sequence (from the output tensor)
-    "batch": "int64",  # sequences per forward (batch x beams)
+    "new_tokens": "Int64",  # generated positions per sequence (from the output tensor)
+    "batch": "Int64",  # sequences per forward (batch x beams)
     "steps": "int64",
     "do_sample": "boolean",
     "top_k": "Int64",
@@ -151,6 +151,8 @@ def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
             if str(s.dtype) != dtype:
                 s = s.astype(dtype)
             out[col] = s.reset_index(drop=True)
+        elif n and dtype == "int64":
+            raise ValueError(f"column {col!r} ({dtype}) is required and has no value")
         else:
             out[col] = pd.Series([None] * n, dtype=dtype) if n else pd.Series([], dtype=dtype)
     for col in df.columns:

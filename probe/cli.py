@@ -1,0 +1,510 @@
+"""The ``probe`` command: ``run``, ``report``, ``compare``, ``dashboard``, ``sweep``, ``shapes``.
+
+This is the one place that wires capture (``probe``), reports (``reports``) and dashboards
+(``dashboards``) together; presentation packages are imported only inside the commands
+that need them. Library code never prints; this module does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger("probe.cli")
+
+DEFAULT_PROMPT = "我喜欢攀岩"
+
+
+class CLIError(Exception):
+    """A fatal, user-facing error: printed without a traceback, exit status 2."""
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="probe",
+        description="Profile Hugging Face text generation per block, prefill vs decode.",
+    )
+    parser.add_argument("--version", action="version", version=f"probe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="profile one generate() call of a local model (or the bundled one)")
+    r.add_argument("model_dir", nargs="?", help="local Hugging Face model directory (default: the bundled 32-layer tiny LLaMA)")
+    r.add_argument("--preset", help="build a full-size architecture with random weights instead (e.g. llama-2-7b, chinese-llama-2-7b)")
+    r.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    r.add_argument("--prompt-file", help="read the prompt from this UTF-8 file ('-' for stdin)")
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    r.add_argument("--top-k", type=int, default=None)
+    r.add_argument("--top-p", type=float, default=None)
+    r.add_argument("--temperature", type=float, default=None)
+    r.add_argument("--num-beams", type=int, default=None)
+    r.add_argument("--seed", type=int, default=0, help="seed for sampling (and for random preset weights)")
+    r.add_argument("--batch-size", type=int, default=1, help="repeat the prompt this many times")
+    r.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: bfloat16 on CUDA, float32 on CPU)")
+    r.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    r.add_argument("--depth", default="blocks", choices=("blocks", "sublayers", "all"))
+    r.add_argument("--attn-implementation", default=None, help="eager | sdpa | flash_attention_2 ...")
+    r.add_argument("--full-logits", action="store_true",
+                   help="compute logits at every prompt position in prefill (generate computes only the last one)")
+    r.add_argument("--warmup", type=int, default=0, help="unrecorded generate calls before the recorded one")
+    r.add_argument("--out", default=None, help="run directory to write (default: probe-runs/<timestamp>)")
+    r.add_argument("--no-report", action="store_true", help="skip the HTML and CSV report")
+    r.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model directory")
+    r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="write CSV / HTML / Chrome-trace reports of a saved run")
+    rep.add_argument("run_dir")
+    rep.add_argument("--format", default="all", choices=("html", "csv", "trace", "all"))
+    rep.add_argument("--out", default=None, help="output file (html, trace) or folder (csv, all); default: inside RUN_DIR")
+    rep.set_defaults(func=cmd_report)
+
+    cmp_ = sub.add_parser("compare", help="side-by-side HTML + CSV of two saved runs")
+    cmp_.add_argument("run_a")
+    cmp_.add_argument("run_b")
+    cmp_.add_argument("--out", default=None, help="output folder (default: compare-<a>-vs-<b>)")
+    cmp_.set_defaults(func=cmd_compare)
+
+    d = sub.add_parser("dashboard", help="open the Streamlit dashboard over a folder of runs")
+    d.add_argument("runs_dir", nargs="?", default="probe-runs")
+    d.add_argument("--port", type=int, default=8501)
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    d.set_defaults(func=cmd_dashboard)
+
+    sw = sub.add_parser("sweep", help="profile prefill/decode cost over prompt lengths and batch sizes")
+    sw.add_argument("model_dir", nargs="?")
+    sw.add_argument("--preset", default=None)
+    sw.add_argument("--prompt-lens", default="16,64,256,1024")
+    sw.add_argument("--batch-sizes", default="1,4")
+    sw.add_argument("--new-tokens", type=int, default=32)
+    sw.add_argument("--repeat", type=int, default=3)
+    sw.add_argument("--warmup", type=int, default=1)
+    sw.add_argument("--dtype", default="auto")
+    sw.add_argument("--device", default="auto")
+    sw.add_argument("--depth", default="blocks", choices=("blocks", "sublayers", "all"))
+    sw.add_argument("--out", default=None)
+    sw.set_defaults(func=cmd_sweep)
+
+    sh = sub.add_parser("shapes", help="shape walkthrough of a full-size architecture on the meta device")
+    sh.add_argument("model_dir", nargs="?")
+    sh.add_argument("--preset", default=None)
+    sh.add_argument("--prompt", default=DEFAULT_PROMPT)
+    sh.add_argument("--prompt-tokens", type=int, default=None, help="use this many tokens instead of tokenizing --prompt")
+    sh.add_argument("--batch-size", type=int, default=1)
+    sh.add_argument("--dtype", default="bfloat16")
+    sh.add_argument("--depth", default="blocks", choices=("blocks", "sublayers", "all"))
+    sh.add_argument("--out", default=None, help="also write the table as CSV here")
+    sh.set_defaults(func=cmd_shapes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"probe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("probe: interrupted", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------- run
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name not in ("cpu", "meta") and not name.startswith(("cuda", "mps", "xpu")):
+        raise CLIError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N")
+    return name
+
+
+def _resolve_dtype(name: str, device: str):
+    from .models import resolve_dtype
+
+    if name == "auto":
+        name = "bfloat16" if device.startswith("cuda") else "float32"
+    try:
+        return resolve_dtype(name)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None and args.prompt_file:
+        raise CLIError("give either --prompt or --prompt-file, not both")
+    if args.prompt_file:
+        try:
+            raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
+        except OSError as exc:
+            raise CLIError(f"cannot read --prompt-file {args.prompt_file}: {exc.strerror or exc}") from exc
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            print(f"probe: warning: {args.prompt_file} is not valid UTF-8 (byte {exc.start}); "
+                  "undecodable bytes were replaced with U+FFFD", file=sys.stderr)
+            return raw.decode("utf-8", errors="replace")
+    return DEFAULT_PROMPT if args.prompt is None else args.prompt
+
+
+def load_model(model_dir: str | None, preset: str | None, dtype, device: str, *, seed: int = 0,
+               attn_implementation: str | None = None, trust_remote_code: bool = False):
+    """Load (model, tokenizer, model_id) for the CLI: a local directory, a preset, or the bundled model."""
+    from . import models
+
+    if model_dir and preset:
+        raise CLIError("give either MODEL_DIR or --preset, not both")
+    if preset:
+        try:
+            model = models.build_preset(preset, dtype=dtype, device=device, seed=seed)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from exc
+        return model, models.load_tokenizer(), f"preset:{preset}"
+    if not model_dir:
+        model, tok = models.load_bundled(dtype=dtype, device=device, attn_implementation=attn_implementation)
+        return model, tok, models.BUNDLED_ID
+    path = Path(model_dir)
+    if not path.exists():
+        raise CLIError(f"model directory {path} does not exist; pass a local Hugging Face model folder "
+                       "(with config.json and weights) or omit it to use the bundled model")
+    if not path.is_dir():
+        raise CLIError(f"{path} is not a directory; pass the folder holding config.json")
+    if not (path / "config.json").exists():
+        raise CLIError(f"{path} has no config.json: not a Hugging Face model directory")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except Exception as exc:
+        raise CLIError(f"cannot load the tokenizer from {path}: {type(exc).__name__}: {exc}") from exc
+    try:
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw, **extra)
+    except Exception as exc:
+        raise CLIError(f"cannot load the model from {path}: {type(exc).__name__}: {exc}") from exc
+    model.to(device).eval()
+    _check_tokenizer_matches(model, tok, path)
+    return model, tok, str(path)
+
+
+def _check_tokenizer_matches(model, tok, path) -> None:
+    vocab = getattr(model.config, "vocab_size", None)
+    n = len(tok)
+    if vocab is not None and n > vocab:
+        raise CLIError(
+            f"the tokenizer in {path} has {n} tokens but the model's vocabulary is {vocab}: "
+            "they do not belong together; put the model's own tokenizer files in the folder"
+        )
+
+
+def _encode(tok, prompt: str, batch: int, device: str):
+    if batch < 1:
+        raise CLIError(f"--batch-size must be >= 1; got {batch}")
+    enc = tok([prompt] * batch, return_tensors="pt", padding=True)
+    ids = enc["input_ids"]
+    if ids.shape[-1] == 0:
+        raise CLIError("the prompt encodes to zero tokens and the tokenizer adds no BOS; give a non-empty --prompt")
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from . import attach
+
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    prompt = _read_prompt(args)
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    out_dir = Path(args.out) if args.out else Path("probe-runs") / time.strftime("%Y%m%d-%H%M%S")
+    _check_writable(out_dir)
+
+    t = time.perf_counter()
+    _progress(f"loading {args.model_dir or args.preset or 'the bundled model'} ({dtype}, {device}) ...")
+    model, tok, model_id = load_model(args.model_dir, args.preset, dtype, device, seed=args.seed,
+                                      attn_implementation=args.attn_implementation,
+                                      trust_remote_code=args.trust_remote_code)
+    _progress(f"loaded in {time.perf_counter() - t:.1f}s: {type(model).__name__}, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters")
+    inputs = _encode(tok, prompt, args.batch_size, device)
+    gen = {"max_new_tokens": args.max_new_tokens, "do_sample": bool(args.do_sample)}
+    for key in ("top_k", "top_p", "temperature", "num_beams"):
+        v = getattr(args, key)
+        if v is not None:
+            gen[key] = v
+    if args.full_logits:
+        gen["logits_to_keep"] = 0
+    if tok.pad_token_id is not None:
+        gen["pad_token_id"] = tok.pad_token_id
+
+    for i in range(args.warmup):
+        _progress(f"warm-up {i + 1}/{args.warmup} ...")
+        torch.manual_seed(args.seed)
+        model.generate(**inputs, **gen)
+
+    torch.manual_seed(args.seed)
+    p = attach(model, depth=args.depth, model_id=model_id)
+    failure = None
+    try:
+        with _Progress(p, args.max_new_tokens):
+            out = model.generate(**inputs, **gen)
+    except Exception as exc:  # keep the partial run: it is the evidence
+        failure = exc
+        out = None
+    finally:
+        p.detach()
+    run = p.run
+    run.meta["prompt"] = prompt
+    run.meta["command"] = "probe " + " ".join(sys.argv[1:]) if sys.argv else "probe run"
+    saved = run.save(out_dir)
+    print(_format_run_summary(run, tok, out, inputs["input_ids"].shape[-1]))
+    print(f"\nrun saved to {saved}/ (calls.parquet, steps.parquet, runs.parquet, meta.json)")
+    if not args.no_report:
+        try:
+            from reports import write_reports
+
+            paths = write_reports(run, saved, formats=("html", "csv"))
+            for pth in paths:
+                print(f"report: {pth}")
+        except ImportError as exc:
+            print(f"probe: note: no report written ({exc}); install genprobe[report]", file=sys.stderr)
+    if failure is not None:
+        raise CLIError(f"generate failed after {len(run.steps)} steps: {type(failure).__name__}: {failure} "
+                       f"(partial run saved to {saved})")
+    return 0
+
+
+def _check_writable(out_dir: Path) -> None:
+    probe_dir = out_dir
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if probe_dir.exists() and not probe_dir.is_dir():
+        raise CLIError(f"--out {out_dir}: {probe_dir} is a file, not a folder")
+    if probe_dir.exists() and not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out_dir}: {probe_dir} is not writable; choose another --out")
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Progress:
+    """Decode progress on stderr from a background thread that reads the probe's step count.
+
+    A thread, not a generate() streamer: a streamer copies every token to the host, which
+    would change the very timings being measured (and beam search refuses streamers).
+    """
+
+    def __init__(self, p, total: int) -> None:
+        import threading
+
+        self.p, self.total = p, total
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.stop = threading.Event()
+        self.shown = False
+        self.thread = threading.Thread(target=self._loop, name="probe-progress", daemon=True)
+
+    def __enter__(self) -> "_Progress":
+        self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        interval = 0.5 if self.tty else 10.0
+        while not self.stop.wait(interval):
+            run = self.p._gen_run
+            steps = run.n_steps_seen if run is not None else 0
+            msg = f"generating: step {steps}/{self.total}, {time.perf_counter() - self.t0:.1f}s"
+            self.shown = True
+            print(("\r" + msg) if self.tty else msg, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        if self.tty and self.shown:
+            print(file=sys.stderr)
+
+
+def _format_run_summary(run, tok, out, prompt_len: int) -> str:
+    """The readable prefill-vs-decode summary `probe run` prints."""
+    import math
+
+    lines: list[str] = []
+    runs = run.runs[run.runs["kind"] == "generate"]
+    if runs.empty:
+        return "no generate call was recorded"
+    r = runs.iloc[-1]
+    lines.append(f"model      {r['model_id']} ({r['model_class']}, {int(r['parameters']) / 1e6:,.1f}M params, "
+                 f"{r['dtype']}, {r['device']}, attention={r['attn_implementation']})")
+    lines.append(f"status     {r['status']}")
+    lines.append(f"tokens     prompt {r['prompt_tokens']} x batch {r['batch']}, new {r['new_tokens']}, steps {r['steps']}")
+
+    def f(v, unit="", fmt="{:,.2f}"):
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) or v is _NA() else fmt.format(v) + unit
+
+    lines.append(f"TTFT       {f(r['ttft_ms'], ' ms')}    TPOT mean {f(r['tpot_ms_mean'], ' ms')}  "
+                 f"p50 {f(r['tpot_ms_p50'], ' ms')}  p90 {f(r['tpot_ms_p90'], ' ms')}")
+    lines.append(f"throughput prefill {f(r['prefill_tok_s'], ' tok/s', '{:,.0f}')}   decode {f(r['decode_tok_s'], ' tok/s', '{:,.1f}')}"
+                 f"   total {f(r['total_ms'], ' ms')}")
+    if not _isna(r["peak_mem_bytes"]):
+        lines.append(f"memory     peak {int(r['peak_mem_bytes']) / 2**20:,.1f} MiB   KV cache {int(r['kv_cache_bytes']) / 2**20:,.2f} MiB")
+    elif not _isna(r["kv_cache_bytes"]):
+        lines.append(f"memory     KV cache after the last step {int(r['kv_cache_bytes']) / 2**20:,.3f} MiB")
+
+    summ = run.summary(by="role")
+    if not summ.empty:
+        lines.append("")
+        lines.append(f"{'block':<16}{'phase':<9}{'calls':>7}{'total ms':>12}{'mean ms':>10}{'share':>8}")
+        for _, row in summ.iterrows():
+            if row["phase"] not in ("prefill", "decode", "extend", "recompute"):
+                continue
+            lines.append(f"{row['module']:<16}{row['phase']:<9}{int(row['calls']):>7}{row['total_ms']:>12.3f}"
+                         f"{row['mean_ms']:>10.4f}{row['share'] * 100:>7.1f}%")
+    walk = _walkthrough(run)
+    if walk:
+        lines.append("")
+        lines.extend(walk)
+    if out is not None:
+        try:
+            seqs = out if not hasattr(out, "sequences") else out.sequences
+            text = tok.decode(seqs[0, prompt_len:], skip_special_tokens=True)
+            lines.append("")
+            lines.append(f"generated  {text!r}")
+        except Exception:  # a preset's random ids may fall outside the tokenizer
+            pass
+    return "\n".join(lines)
+
+
+def _walkthrough(run) -> list[str]:
+    """The shape walk of the tutorial: each block's input -> output for prefill and one decode step."""
+    calls = run.calls
+    if calls.empty:
+        return []
+    gen_runs = set(run.runs.loc[run.runs["kind"] == "generate", "run_id"])
+    c = calls[calls["run_id"].isin(gen_runs) & calls["role"].isin(["embed", "layer", "norm", "head"])]
+    out = ["shape walk (input -> output)"]
+    for phase in ("prefill", "decode"):
+        sub = c[c["phase"] == phase]
+        if sub.empty:
+            continue
+        step = sub["step"].min()
+        sub = sub[sub["step"] == step]
+        out.append(f"  {phase} (step {step}):")
+        layers = sub[sub["role"] == "layer"]
+        for _, row in sub.iterrows():
+            if row["role"] == "layer" and row["layer"] not in (layers["layer"].min(), layers["layer"].max()):
+                continue
+            name = row["module"]
+            if row["role"] == "layer" and row["layer"] == layers["layer"].min() and len(layers) > 2:
+                name = f"{row['module']} (x{len(layers)} layers)"
+            out.append(f"    {name:<34} {_shape_text(row['in_shapes'])} -> {_shape_text(row['out_shapes'])}")
+    head = c[(c["phase"] == "prefill") & (c["role"] == "head")]
+    if not head.empty:
+        import json
+
+        q = int(head.iloc[0]["q_len"])
+        shp = json.loads(head.iloc[0]["out_shapes"])
+        if shp and len(shp[0]) >= 2 and shp[0][-2] == 1 and q > 1:
+            out.append("  note: generate() computes logits only at the last prompt position (logits_to_keep=1);"
+                       " `probe run --full-logits` shows lm_head over all positions.")
+    return out
+
+
+def _shape_text(js: str) -> str:
+    import json
+
+    shapes = json.loads(js)
+    return ", ".join("[" + ", ".join(str(d) for d in s) + "]" for s in shapes) or "-"
+
+
+def _NA():
+    import pandas as pd
+
+    return pd.NA
+
+
+def _isna(v) -> bool:
+    import pandas as pd
+
+    return v is None or bool(pd.isna(v))
+
+
+# --------------------------------------------------------------------------- other commands
+def _load_run(path: str):
+    from . import RunLoadError, load
+
+    try:
+        return load(path)
+    except RunLoadError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def cmd_report(args) -> int:
+    run = _load_run(args.run_dir)
+    try:
+        from reports import write_reports
+    except ImportError as exc:
+        raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
+    formats = ("html", "csv", "trace") if args.format == "all" else (args.format,)
+    for pth in write_reports(run, Path(args.run_dir), formats=formats, out=args.out):
+        print(pth)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    a = _load_run(args.run_a)
+    b = _load_run(args.run_b)
+    try:
+        from reports.compare import write_comparison
+    except ImportError as exc:
+        raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
+    out = Path(args.out) if args.out else Path(f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
+    for pth in write_comparison(a, b, out):
+        print(pth)
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    try:
+        from dashboards import launch
+    except ImportError as exc:
+        raise CLIError(f"the dashboard needs streamlit and plotly: pip install 'genprobe[dashboard]' ({exc})") from exc
+    return int(launch(args.runs_dir, host=args.host, port=args.port) or 0)
+
+
+def cmd_sweep(args) -> int:
+    try:
+        from .sweep import run_sweep_cli
+    except ImportError as exc:  # pragma: no cover - until the sweep lands
+        raise CLIError(f"sweep is not available: {exc}") from exc
+    return int(run_sweep_cli(args) or 0)
+
+
+def cmd_shapes(args) -> int:
+    try:
+        from .shapes import run_shapes_cli
+    except ImportError as exc:  # pragma: no cover - until shapes land
+        raise CLIError(f"shapes is not available: {exc}") from exc
+    return int(run_shapes_cli(args) or 0)

@@ -1,0 +1,51 @@
+"""Shared test configuration: a leak guard that fails any test leaving a probe hook behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _probe_hooks_alive() -> list[str]:
+    from torch import nn
+
+    import warnings
+
+    leaks = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on some torch objects warns
+        objs = [o for o in gc.get_objects() if isinstance(o, nn.Module)]
+    for obj in objs:
+        if not isinstance(obj, nn.Module):
+            continue
+        for hooks in (obj._forward_pre_hooks, obj._forward_hooks):
+            for fn in hooks.values():
+                owner = getattr(fn, "__qualname__", "") or ""
+                mod = getattr(fn, "__module__", "") or ""
+                if mod.startswith("probe.") or "Probe." in owner:
+                    leaks.append(f"{type(obj).__name__}: {owner}")
+        gen = obj.__dict__.get("generate")
+        if gen is not None and getattr(gen, "__probe_wrapper__", False):
+            leaks.append(f"{type(obj).__name__}: generate wrapper")
+    return leaks
+
+
+@pytest.fixture(autouse=True)
+def _no_probe_leaks():
+    """Fail a test that leaves a probe attached or any probe hook on any module."""
+    yield
+    from probe import capture
+
+    active = [type(m).__name__ for m in list(capture._ACTIVE.keys())]
+    gc.collect()
+    leaks = _probe_hooks_alive()
+    if active or leaks:
+        for p in {id(v): v for v in list(capture._ACTIVE.values())}.values():
+            p.detach()
+        pytest.fail(f"probe left hooks behind: active={active} leaks={leaks[:5]}")

@@ -1,0 +1,400 @@
+"""Capture core: block discovery, phases and steps, shapes, unchanged outputs, clean detach."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import probe
+from probe import schema
+from tiny import ARCHITECTURES, tiny_llama, tiny_model
+
+
+def _ids(n: int = 7, vocab: int = 90, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, n), generator=g)
+
+
+def _shapes(js: str) -> list[list[int]]:
+    return json.loads(js)
+
+
+# --------------------------------------------------------------------------- discovery
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_is_recorded_block_by_block(arch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_model(arch)
+    blocks = probe.find_blocks(model)
+    assert blocks.recognised
+    assert blocks.embed and blocks.head and blocks.norm, blocks
+    assert len(blocks.layers) == model.config.num_hidden_layers
+    ids = _ids(5)
+    ref = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with probe.attach(model) as p:
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(ref, out)
+    steps, calls = p.run.steps, p.run.calls
+    assert list(steps["phase"]) == ["prefill", "decode", "decode"]
+    assert list(steps["kv_len"]) == [0, 5, 6]
+    assert list(steps["q_len"]) == [5, 1, 1]
+    for step, sub in calls.groupby("step"):
+        roles = list(sub["role"])
+        assert roles.count("layer") == len(blocks.layers)
+        assert roles.count("norm") == 1 and roles.count("head") == 1
+        assert "embed" in roles
+        # the hidden state flowing through the layers has the step's [batch, q_len, hidden]
+        q = 5 if step == 0 else 1
+        hidden = model.config.hidden_size
+        for js in sub.loc[sub["role"] == "layer", "in_shapes"]:
+            assert _shapes(js)[0] == [1, q, hidden]
+
+
+def test_unrecognised_model_warns_and_falls_back_to_children():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.warns(probe.UnrecognisedModelWarning, match="direct child"):
+        p = probe.attach(model)
+    with p:
+        y = model(torch.randn(3, 8))
+    assert y.shape == (3, 4)
+    calls = p.run.calls
+    assert list(calls["module"]) == ["0", "1", "2"]
+    assert set(calls["phase"]) == {"forward"}
+    assert _shapes(calls.iloc[0]["in_shapes"]) == [[3, 8]]
+    assert _shapes(calls.iloc[2]["out_shapes"]) == [[3, 4]]
+
+
+def test_bad_arguments_get_clear_errors():
+    with pytest.raises(TypeError, match="nn.Module"):
+        probe.attach("gpt2")
+    model = tiny_llama(layers=2)
+    with pytest.raises(ValueError, match="depth must be one of"):
+        probe.attach(model, depth="everything")
+    with pytest.raises(ValueError, match="decode_stride"):
+        probe.attach(model, decode_stride=0)
+
+
+@pytest.mark.parametrize("depth,roles", [
+    ("blocks", {"embed", "layer", "norm", "head"}),
+    ("sublayers", {"embed", "layer", "norm", "head", "attention", "mlp", "layer_norm"}),
+])
+def test_depth_selects_blocks_and_sublayers(depth, roles):
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth=depth) as p:
+        model.generate(_ids(4), max_new_tokens=2, do_sample=False)
+    calls = p.run.calls
+    assert set(calls["role"]) == roles
+    if depth == "sublayers":
+        names = set(calls["module"])
+        assert {"model.layers.0.self_attn", "model.layers.1.mlp", "model.layers.0.input_layernorm"} <= names
+        assert calls.loc[calls["module"] == "model.layers.1.mlp", "layer"].eq(1).all()
+
+
+def test_depth_all_records_every_module_once_per_call():
+    model = tiny_llama(layers=2)
+    n_modules = sum(1 for name, _ in model.named_modules() if name)
+    with probe.attach(model, depth="all") as p:
+        model(_ids(4))
+    calls = p.run.calls
+    assert len(p.modules) == n_modules
+    assert "model.layers.0.self_attn.q_proj" in set(calls["module"])
+    # nesting depth follows the qualified name
+    row = calls[calls["module"] == "model.layers.0.self_attn.q_proj"].iloc[0]
+    assert row["depth"] == 5 and row["layer"] == 0
+
+
+# --------------------------------------------------------------------------- phases and steps
+def test_prefill_then_decode_steps_with_growing_kv():
+    model = tiny_llama(layers=3)
+    ids = _ids(7)
+    with probe.attach(model) as p:
+        out = model.generate(ids, max_new_tokens=10, do_sample=False, logits_to_keep=0)
+    run = p.run
+    st = run.steps
+    assert len(st) == 10 and out.shape[-1] == 17
+    assert st.iloc[0]["phase"] == "prefill" and (st["phase"].iloc[1:] == "decode").all()
+    assert list(st["kv_len"]) == [0] + list(range(7, 16))
+    assert (st["new_tokens"] == 1).all()
+    h, v = model.config.hidden_size, model.config.vocab_size
+    pre = run.calls[run.calls["step"] == 0].set_index("module")
+    assert _shapes(pre.loc["model.embed_tokens", "in_shapes"]) == [[1, 7]]
+    assert _shapes(pre.loc["model.embed_tokens", "out_shapes"]) == [[1, 7, h]]
+    assert _shapes(pre.loc["model.norm", "out_shapes"]) == [[1, 7, h]]
+    assert _shapes(pre.loc["lm_head", "out_shapes"]) == [[1, 7, v]]
+    dec = run.calls[run.calls["phase"] == "decode"]
+    assert all(_shapes(js)[0] == [1, 1, h] for js in dec.loc[dec["role"] == "layer", "in_shapes"])
+    # KV cache bytes grow by exactly one position per decode step
+    kv = st["kv_cache_bytes"].astype("int64").diff().dropna().unique()
+    per_token = 2 * 3 * model.config.num_key_value_heads * (h // model.config.num_attention_heads) * 4
+    assert list(kv) == [per_token]
+    r = run.runs.iloc[0]
+    assert r["status"] == "ok" and r["kind"] == "generate"
+    assert r["prompt_tokens"] == 7 and r["new_tokens"] == 10 and r["steps"] == 10
+    assert r["ttft_ms"] > 0 and r["tpot_ms_p90"] >= r["tpot_ms_p50"] > 0
+    assert r["total_ms"] >= st["latency_ms"].sum() * 0.999
+
+
+def test_generate_default_computes_only_last_logits_position():
+    model = tiny_llama(layers=2)
+    with probe.attach(model) as p:
+        model.generate(_ids(6), max_new_tokens=2, do_sample=False)
+    head = p.run.calls[(p.run.calls["role"] == "head") & (p.run.calls["phase"] == "prefill")].iloc[0]
+    assert _shapes(head["out_shapes"]) == [[1, 1, model.config.vocab_size]]
+
+
+def test_forward_outside_generate_is_its_own_phase():
+    model = tiny_llama(layers=2)
+    with probe.attach(model) as p:
+        model(_ids(5))
+        model(_ids(3))
+        model.generate(_ids(4), max_new_tokens=2, do_sample=False)
+    runs = p.run.runs
+    assert list(runs["kind"]) == ["forward", "generate"]
+    st = p.run.steps
+    assert list(st["phase"]) == ["forward", "forward", "prefill", "decode"]
+    assert list(st.loc[st["phase"] == "forward", "q_len"]) == [5, 3]
+
+
+def test_use_cache_false_is_labelled_recompute():
+    model = tiny_llama(layers=2)
+    with probe.attach(model) as p:
+        out = model.generate(_ids(4), max_new_tokens=3, do_sample=False, use_cache=False)
+    st = p.run.steps
+    assert list(st["phase"]) == ["prefill", "recompute", "recompute"]
+    assert list(st["q_len"]) == [4, 5, 6] and (st["kv_len"] == 0).all()
+    assert p.run.runs.iloc[0]["new_tokens"] == out.shape[-1] - 4 == st["new_tokens"].sum()
+
+
+def test_batched_padded_prompts_record_real_lengths():
+    model = tiny_llama(layers=2)
+    ids = _ids(6, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding on the second prompt
+    with probe.attach(model) as p:
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    r = p.run.runs.iloc[0]
+    assert r["batch"] == 2 and r["prompt_tokens"] == 6
+    assert json.loads(r["prompt_tokens_real"]) == [6, 4]
+    assert (p.run.steps["batch"] == 2).all()
+
+
+# --------------------------------------------------------------------------- outputs unchanged
+@pytest.mark.parametrize("depth", ["blocks", "all"])
+def test_same_tokens_greedy_and_seeded_sampling(depth):
+    model = tiny_llama(layers=3)
+    ids = _ids(7)
+    sampling = dict(do_sample=True, top_k=10, top_p=0.85, temperature=1.0, max_new_tokens=12)
+    ref_greedy = model.generate(ids, max_new_tokens=12, do_sample=False)
+    torch.manual_seed(1234)
+    ref_sample = model.generate(ids, **sampling)
+    with probe.attach(model, depth=depth) as p:
+        greedy = model.generate(ids, max_new_tokens=12, do_sample=False)
+        torch.manual_seed(1234)
+        sample = model.generate(ids, **sampling)
+    assert torch.equal(greedy, ref_greedy)
+    assert torch.equal(sample, ref_sample)
+    runs = p.run.runs
+    assert list(runs["do_sample"]) == [False, True]
+    assert runs.iloc[1]["top_k"] == 10 and runs.iloc[1]["top_p"] == pytest.approx(0.85)
+
+
+# --------------------------------------------------------------------------- lifecycle
+def _model_state(model: nn.Module) -> dict:
+    return {
+        name: (
+            sorted(m.__dict__.keys()),
+            dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._forward_hooks_with_kwargs),
+            dict(m._forward_pre_hooks_with_kwargs), dict(m._forward_hooks_always_called),
+            m.forward, m.training,
+        )
+        for name, m in model.named_modules()
+    }
+
+
+def test_detach_leaves_the_model_exactly_as_found():
+    model = tiny_llama(layers=2)
+    model.train()  # the probe must not flip modes either
+    before = _model_state(model)
+    gen_before = model.generate
+    p = probe.attach(model, depth="all")
+    assert model.generate is not gen_before or True
+    model.eval()
+    model.train()
+    p.detach()
+    p.detach()  # idempotent
+    assert _model_state(model) == before
+    assert "generate" not in model.__dict__
+
+
+def test_attaching_twice_is_refused_and_detach_allows_again():
+    model = tiny_llama(layers=2)
+    p = probe.attach(model)
+    try:
+        with pytest.raises(probe.ProbeError, match="already has a probe attached"):
+            probe.attach(model)
+        with pytest.raises(probe.ProbeError, match="already recorded by another probe"):
+            probe.attach(model.model)
+    finally:
+        p.detach()
+    with probe.attach(model):
+        pass
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_generate_that_raises_mid_decode_keeps_a_failed_partial_run():
+    model = tiny_llama(layers=2)
+    calls = {"n": 0}
+
+    def explode(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 4:  # prefill + 2 decode steps succeed, the 3rd decode step fails
+            raise _Boom("injected failure")
+
+    user = model.model.layers[1].register_forward_hook(explode)
+    before = _model_state(model)
+    try:
+        with probe.attach(model) as p:
+            with pytest.raises(_Boom):
+                model.generate(_ids(5), max_new_tokens=8, do_sample=False)
+    finally:
+        after = _model_state(model)
+        user.remove()
+    assert after == before
+    run = p.run
+    r = run.runs.iloc[0]
+    assert r["status"].startswith("failed: _Boom: injected failure")
+    assert list(run.steps["phase"]) == ["prefill", "decode", "decode", "decode"]
+    # the failing step still has the calls that completed before the failure
+    last = run.calls[run.calls["step"] == 3]
+    assert "model.embed_tokens" in set(last["module"])
+    # and the model generates normally afterwards
+    assert model.generate(_ids(5), max_new_tokens=2, do_sample=False).shape[-1] == 7
+
+
+def test_coexists_with_user_hooks():
+    model = tiny_llama(layers=2)
+    seen = []
+    h1 = model.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append("pre"))
+    h2 = model.model.layers[0].register_forward_hook(lambda m, a, o: seen.append("post"))
+    try:
+        ref = model.generate(_ids(5), max_new_tokens=3, do_sample=False)
+        seen.clear()
+        with probe.attach(model) as p:
+            out = model.generate(_ids(5), max_new_tokens=3, do_sample=False)
+        assert torch.equal(ref, out)
+        assert seen == ["pre", "post"] * 3
+        assert len(model.model.layers[0]._forward_hooks) == 1
+        assert len(p.run.calls) == 3 * (1 + 2 + 1 + 1)
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+def test_coexists_with_accelerate_dispatch_hooks():
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate import dispatch_model
+
+    model = tiny_llama(layers=2)
+    ref = model.generate(_ids(5), max_new_tokens=3, do_sample=False)
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = dispatch_model(model, device_map=device_map, force_hooks=True)
+    assert hasattr(model.model.layers[0], "_hf_hook")
+    before = _model_state(model)
+    with probe.attach(model) as p:
+        out = model.generate(_ids(5), max_new_tokens=3, do_sample=False)
+    assert torch.equal(ref, out)
+    assert _model_state(model) == before
+    assert len(p.run.steps) == 3 and set(p.run.calls["device"]) == {"cpu"}
+    del accelerate
+
+
+# --------------------------------------------------------------------------- options
+def test_decode_stride_and_max_steps_keep_steps_but_drop_block_records():
+    model = tiny_llama(layers=2)
+    with probe.attach(model, decode_stride=3) as p:
+        model.generate(_ids(4), max_new_tokens=8, do_sample=False)
+    st, calls = p.run.steps, p.run.calls
+    assert len(st) == 8  # every step is still timed
+    assert sorted(calls["step"].unique()) == [0, 1, 4, 7]
+    assert p.run.meta["decode_stride"] == 3
+    with probe.attach(model, max_steps=2) as p2:
+        model.generate(_ids(4), max_new_tokens=5, do_sample=False)
+    assert sorted(p2.run.calls["step"].unique()) == [0, 1] and len(p2.run.steps) == 5
+
+
+# --------------------------------------------------------------------------- frames and saved runs
+def test_empty_frames_are_typed():
+    model = tiny_llama(layers=2)
+    with probe.attach(model) as p:
+        pass
+    run = p.run
+    for key, sch in schema.FRAMES.items():
+        df = getattr(run, key)
+        assert df.empty and list(df.columns) == list(sch)
+        assert {c: str(t) for c, t in df.dtypes.items()} == sch
+    assert list(run.summary().columns) == list(schema.SUMMARY)
+
+
+def test_save_and_load_give_equal_frames(tmp_path):
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="sublayers") as p:
+        model(_ids(3))
+        model.generate(_ids(5), max_new_tokens=4, do_sample=False)
+    run = p.run
+    path = run.save(tmp_path / "run")
+    assert sorted(f.name for f in path.iterdir()) == ["calls.parquet", "meta.json", "runs.parquet", "steps.parquet"]
+    back = probe.load(path)
+    for key in ("calls", "steps", "runs"):
+        pd.testing.assert_frame_equal(getattr(run, key), getattr(back, key))
+    assert back.meta["depth"] == "sublayers"
+    pd.testing.assert_frame_equal(run.summary(), back.summary())
+
+
+def test_load_reports_bad_run_directories(tmp_path):
+    with pytest.raises(probe.RunLoadError, match="does not exist"):
+        probe.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(probe.RunLoadError, match="holds no probe run"):
+        probe.load(tmp_path / "empty")
+    model = tiny_llama(layers=2)
+    with probe.attach(model) as p:
+        model.generate(_ids(4), max_new_tokens=2, do_sample=False)
+    good = p.run.save(tmp_path / "good")
+    bad = p.run.save(tmp_path / "corrupt")
+    (bad / "calls.parquet").write_bytes((good / "calls.parquet").read_bytes()[:100])
+    with pytest.raises(probe.RunLoadError, match="calls.parquet is corrupt"):
+        probe.load(bad)
+    old = p.run.save(tmp_path / "old")
+    meta = json.loads((old / "meta.json").read_text())
+    meta["schema_version"] = 0
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(probe.RunLoadError, match="schema 0"):
+        probe.load(old)
+
+
+def test_summary_tiles_the_forward_time():
+    model = tiny_llama(layers=3)
+    with probe.attach(model) as p:
+        model.generate(_ids(6), max_new_tokens=5, do_sample=False)
+    run = p.run
+    summ = run.summary(by="role")
+    for phase, fwd in run.steps.groupby("phase")["forward_ms"].sum().items():
+        sub = summ[(summ["phase"] == phase) & (summ["role"] != "outside")]
+        assert sub["total_ms"].sum() == pytest.approx(fwd, rel=1e-9)
+        assert sub["share"].sum() == pytest.approx(1.0, rel=1e-9)
+    by_module = run.summary()
+    assert by_module.loc[by_module["role"] == "layer", "calls"].sum() == 3 * 5
+    # steps.blocks_ms equals the block calls' time per step
+    per_step = run.calls.groupby("step")["cpu_ms"].sum()
+    assert run.steps.set_index("step")["blocks_ms"].to_numpy() == pytest.approx(per_step.to_numpy())
+    ph = run.phase_summary().set_index("phase")
+    assert ph.loc["prefill", "tokens"] == 6 and ph.loc["decode", "tokens"] == 4
