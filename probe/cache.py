@@ -15,11 +15,15 @@ def _layer_tensors(cache: Any):
     layers = getattr(cache, "layers", None)
     if layers is not None:
         for layer in layers:
-            for attr in ("keys", "values"):
-                t = getattr(layer, attr, None)
-                if isinstance(t, Tensor):
-                    yield t
-            for attr in ("conv_states", "recurrent_states", "_quantized_keys", "_quantized_values"):
+            keys = getattr(layer, "keys", None)
+            if isinstance(keys, Tensor):
+                yield keys
+                values = getattr(layer, "values", None)
+                if isinstance(values, Tensor):
+                    yield values
+                continue
+            # quantized, linear-attention and state-space layers keep other tensors
+            for attr in ("_quantized_keys", "_quantized_values", "conv_states", "recurrent_states"):
                 t = getattr(layer, attr, None)
                 if isinstance(t, Tensor):
                     yield t

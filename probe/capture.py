@@ -205,7 +205,9 @@ class Probe:
             for idx, (mod, info) in enumerate(selected):
                 pre, post = make(idx)
                 self._handles.append(mod.register_forward_pre_hook(pre))
-                self._handles.append(mod.register_forward_hook(post, with_kwargs=True, always_call=True))
+                # no always_call: a call that raises has no end to record, and its stale
+                # stack entry is cleared when the next step starts
+                self._handles.append(mod.register_forward_hook(post, with_kwargs=True))
                 self._infos.append(info)
                 _ACTIVE[mod] = self
             self._patch_generate()
@@ -464,7 +466,7 @@ class Probe:
         pop = self._stack.pop
         now = _now
         mods, t0s, t1s, sigs = self._c_mod.append, self._c_t0.append, self._c_t1.append, self._c_sig.append
-        sig_ids = self._sig_ids
+        local: dict = {}  # this module's (input shape, output shape) -> signature id
         intern = self._intern
 
         def pre(module, args):
@@ -473,17 +475,14 @@ class Probe:
         def post(module, args, kwargs, out):
             t1 = now()
             t0 = pop()
-            if type(out) is Tensor:
-                ok = ((out.shape,), out.dtype, out.device)
+            # Fast path: one positional tensor in, one tensor out (every block of a decoder).
+            if len(args) == 1 and type(args[0]) is Tensor and type(out) is Tensor:
+                key = (args[0].shape, out.shape)
             else:
-                ok = _out_key(out)
-            if len(args) == 1 and type(args[0]) is Tensor:
-                key = ((args[0].shape,), ok)
-            else:
-                key = (_in_key(args, kwargs), ok)
-            sid = sig_ids.get(key)
+                key = (_in_key(args, kwargs), _out_key(out)[0])
+            sid = local.get(key)
             if sid is None:
-                sid = intern(key)
+                sid = local[key] = intern(args, kwargs, out)
             mods(idx)
             t0s(t0)
             t1s(t1)
@@ -501,7 +500,7 @@ class Probe:
         allocated = torch.cuda.memory_allocated
         dev = self._cuda_device
         pairs = self._ev_pairs
-        sig_ids = self._sig_ids
+        local: dict = {}
         intern = self._intern
 
         def pre(module, args):
@@ -513,10 +512,10 @@ class Probe:
             ev1 = event()
             t1 = now()
             t0, ev0, m0 = pop()
-            key = (_in_key(args, kwargs), _out_key(out))
-            sid = sig_ids.get(key)
+            key = (_in_key(args, kwargs), _out_key(out)[0])
+            sid = local.get(key)
             if sid is None:
-                sid = intern(key)
+                sid = local[key] = intern(args, kwargs, out)
             self._c_mod.append(idx)
             self._c_t0.append(t0)
             self._c_t1.append(t1)
@@ -530,10 +529,19 @@ class Probe:
 
         return pre, post
 
-    def _intern(self, key: tuple) -> int:
-        sid = len(self._sigs)
-        self._sig_ids[key] = sid
-        self._sigs.append(key)
+    def _intern(self, args: tuple, kwargs: dict, out: Any) -> int:
+        """A new signature: input shapes, output shapes, output dtype and device.
+
+        Called once per distinct (module, input shape, output shape); dtype and device are
+        taken from that first call (a module does not change them between calls of the same
+        shapes), which keeps them out of the per-call hot path.
+        """
+        key = (_in_key(args, kwargs), _out_key(out))
+        sid = self._sig_ids.get(key)
+        if sid is None:
+            sid = len(self._sigs)
+            self._sig_ids[key] = sid
+            self._sigs.append(key)
         return sid
 
     # ------------------------------------------------------------------ CUDA helpers
@@ -637,9 +645,7 @@ class Probe:
         if self._gen_run is not None or self._root_depth:
             raise ProbeError("cannot clear records while a forward or generate call is running")
         self._resolve_events()
-        self._truncate(0)
-        self._sig_ids.clear()
-        self._sigs.clear()
+        self._truncate(0)  # signatures stay: the hooks' local caches refer to them
         self._ev_pairs.clear()
         del self._ev_ms[:]
         self._runs.clear()
