@@ -29,6 +29,8 @@ _now = time.perf_counter_ns
 # Every module hooked by a live Probe -> that Probe. Weak, so nothing is added to the model
 # and nothing keeps it alive.
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Probe]" = weakref.WeakKeyDictionary()
+# Every module a probe ever hooked (weak): lets a test's leak guard check them cheaply.
+_HOOKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 _INPUT_KWARGS = ("hidden_states", "input_ids", "inputs_embeds", "input", "x")
 
@@ -201,6 +203,7 @@ class Probe:
             self._handles.append(model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._root_post, with_kwargs=True, always_call=True))
             _ACTIVE[model] = self
+            _HOOKED.add(model)
             make = self._make_cuda_hooks if self._uses_cuda else self._make_cpu_hooks
             for idx, (mod, info) in enumerate(selected):
                 pre, post = make(idx)
@@ -210,6 +213,7 @@ class Probe:
                 self._handles.append(mod.register_forward_hook(post, with_kwargs=True))
                 self._infos.append(info)
                 _ACTIVE[mod] = self
+                _HOOKED.add(mod)
             self._patch_generate()
             self._attached = True
         except BaseException:
