@@ -1,0 +1,154 @@
+"""`probe run` end to end on the bundled model and on model directories, including bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+import probe
+from probe.cli import main
+from probe.models import load_bundled, save_bundled
+
+
+def _run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bundled_model_acceptance_walk(tmp_path, capsys):
+    """The tutorial's walk on the bundled model: prompt 我喜欢攀岩, 10 new tokens."""
+    out_dir = tmp_path / "run"
+    code, out, err = _run(["run", "--prompt", "我喜欢攀岩", "--max-new-tokens", "10", "--full-logits",
+                           "--out", str(out_dir), "--no-report"], capsys)
+    assert code == 0, err
+    assert "prefill" in out and "decode" in out and f"run saved to {out_dir}" in out
+    run = probe.load(out_dir)
+    model, tok = load_bundled()
+    P = tok("我喜欢攀岩", return_tensors="pt")["input_ids"].shape[-1]
+    H, V, L = model.config.hidden_size, model.config.vocab_size, model.config.num_hidden_layers
+    st = run.steps
+    assert len(st) == 10
+    assert st.iloc[0]["phase"] == "prefill" and (st["phase"].iloc[1:] == "decode").all()
+    assert list(st["kv_len"]) == [0] + [P + i for i in range(9)]
+    pre = run.calls[run.calls["step"] == 0]
+    shapes = {m: (json.loads(i), json.loads(o)) for m, i, o in zip(pre["module"], pre["in_shapes"], pre["out_shapes"])}
+    assert shapes["model.embed_tokens"] == ([[1, P]], [[1, P, H]])
+    for i in range(L):
+        assert shapes[f"model.layers.{i}"][1] == [[1, P, H]]
+    assert shapes["model.norm"][1] == [[1, P, H]]
+    assert shapes["lm_head"][1] == [[1, P, V]]
+    dec = run.calls[run.calls["phase"] == "decode"]
+    assert all(json.loads(s)[0][:2] == [1, 1] for s in dec["out_shapes"])
+    r = run.runs.iloc[0]
+    assert r["model_id"] == "probe-tiny-llama-32l" and r["new_tokens"] == 10 and r["status"] == "ok"
+    assert run.meta["prompt"] == "我喜欢攀岩"
+
+
+def test_run_a_saved_model_directory_with_sampling_and_batch(tmp_path, capsys):
+    model_dir = save_bundled(tmp_path / "model", num_hidden_layers=2)
+    code, out, err = _run([
+        "run", str(model_dir), "--prompt", "hello world", "--max-new-tokens", "4", "--do-sample",
+        "--top-k", "10", "--top-p", "0.85", "--temperature", "1.0", "--batch-size", "2",
+        "--depth", "sublayers", "--out", str(tmp_path / "r"), "--no-report",
+    ], capsys)
+    assert code == 0, err
+    run = probe.load(tmp_path / "r")
+    r = run.runs.iloc[0]
+    assert r["batch"] == 2 and bool(r["do_sample"]) and r["top_k"] == 10
+    assert {"attention", "mlp"} <= set(run.calls["role"])
+    assert r["model_id"] == str(model_dir)
+
+
+def test_cli_matches_python_api_tokens(tmp_path, capsys):
+    """`probe run` generates the same tokens as a plain generate without the probe."""
+    model, tok = load_bundled()
+    inputs = tok("我喜欢攀岩", return_tensors="pt")
+    ref = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    text = tok.decode(ref[0, inputs["input_ids"].shape[-1]:], skip_special_tokens=True)
+    code, out, err = _run(["run", "--max-new-tokens", "5", "--out", str(tmp_path / "r"), "--no-report"], capsys)
+    assert code == 0, err
+    assert f"generated  {text!r}" in out
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: (p / "file.txt").write_text("x") and p / "file.txt", "is not a directory"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "no config.json"),
+])
+def test_missing_or_broken_model_directory_is_a_clear_error(tmp_path, capsys, make, needle):
+    target = make(tmp_path)
+    code, out, err = _run(["run", str(target), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2
+    assert needle in err and "Traceback" not in err
+
+
+def test_corrupt_weights_are_a_clear_error(tmp_path, capsys):
+    model_dir = save_bundled(tmp_path / "model", num_hidden_layers=2)
+    (model_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    code, out, err = _run(["run", str(model_dir), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "cannot load the model" in err
+
+
+def test_bad_options_are_clear_errors(tmp_path, capsys):
+    assert _run(["run", "--max-new-tokens", "0"], capsys)[0] == 2
+    code, _, err = _run(["run", "--dtype", "float7", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "float7" in err
+    if not torch.cuda.is_available():
+        code, _, err = _run(["run", "--device", "cuda", "--out", str(tmp_path / "r")], capsys)
+        assert code == 2 and "CUDA is not available" in err
+    (tmp_path / "afile").write_text("x")
+    code, _, err = _run(["run", "--out", str(tmp_path / "afile" / "run")], capsys)
+    assert code == 2 and "is a file" in err
+    code, _, err = _run(["report", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_prompt_file_with_invalid_utf8_is_replaced_with_a_warning(tmp_path, capsys):
+    f = tmp_path / "prompt.txt"
+    f.write_bytes("我喜欢".encode() + b"\xff\xfe" + b" climbing")
+    code, out, err = _run(["run", "--prompt-file", str(f), "--max-new-tokens", "2",
+                           "--out", str(tmp_path / "r"), "--no-report"], capsys)
+    assert code == 0
+    assert "not valid UTF-8" in err
+    assert "\ufffd" in probe.load(tmp_path / "r").meta["prompt"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_unwritable_out_is_a_clear_error(tmp_path, capsys):
+    if os.geteuid() == 0:
+        # root ignores permission bits; a path under a file is unwritable for everyone
+        target = tmp_path / "f"
+        target.write_text("")
+        code, _, err = _run(["run", "--out", str(target / "x"), "--no-report"], capsys)
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        code, _, err = _run(["run", "--out", str(ro / "x"), "--no-report"], capsys)
+    assert code == 2 and "--out" in err
+
+
+def test_python_m_probe_entry_point(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "probe", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("probe ")
+    r = subprocess.run([sys.executable, "-m", "probe", "run", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_summary_table_reads_like_the_frames(tmp_path, capsys):
+    code, out, _ = _run(["run", "--max-new-tokens", "3", "--out", str(tmp_path / "r"), "--no-report"], capsys)
+    assert code == 0
+    run = probe.load(tmp_path / "r")
+    ttft = run.runs.iloc[0]["ttft_ms"]
+    assert f"TTFT       {ttft:,.2f} ms" in out
+    summ = run.summary(by="role")
+    layer_prefill = summ[(summ["role"] == "layer") & (summ["phase"] == "prefill")].iloc[0]
+    assert f"{layer_prefill['total_ms']:>12.3f}" in out
+    assert isinstance(run.calls, pd.DataFrame)
