@@ -13,12 +13,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .capture import Probe, ProbeError, attach
+from .capture import CompiledModelWarning, Probe, ProbeError, attach
 from .discovery import UnrecognisedModelWarning, find_blocks
 from .run import Run, RunLoadError, load, merge
 from .schema import DEPTHS, PHASES
 
 __all__ = [
+    "CompiledModelWarning",
     "DEPTHS",
     "PHASES",
     "Probe",

@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import time
+import warnings
 import weakref
 from array import array
 from typing import Any, Callable
@@ -37,6 +38,18 @@ _INPUT_KWARGS = ("hidden_states", "input_ids", "inputs_embeds", "input", "x")
 
 class ProbeError(RuntimeError):
     """A misuse of the probe, with a message that says what to do."""
+
+
+class CompiledModelWarning(UserWarning):
+    """Part of the model ran as compiled code, where per-block hooks do not run as written."""
+
+
+_COMPILED_ADVICE = (
+    "per-block records are missing for steps that ran compiled code (torch.compile traces the "
+    "block hooks into its graph instead of running them); step-level timing (forward, outside, "
+    "TTFT, TPOT) is still measured. For per-block cost, profile the eager model (e.g. "
+    "generate(..., disable_compile=True)); compare its step times with the compiled run's."
+)
 
 
 def _tensor_key(t: Tensor) -> tuple:
@@ -75,7 +88,7 @@ class _Step:
 
     __slots__ = (
         "run", "index", "phase", "q_len", "kv_len", "batch", "t0", "t1", "call0", "call1",
-        "ev0", "ev1", "gpu_ms", "kv_bytes", "mem_peak", "kept",
+        "ev0", "ev1", "gpu_ms", "kv_bytes", "mem_peak", "kept", "compiled",
     )
 
     def __init__(self) -> None:
@@ -84,6 +97,7 @@ class _Step:
         self.kv_bytes: int | None = None
         self.mem_peak: int | None = None
         self.kept = True
+        self.compiled = False
 
 
 class _RunRec:
@@ -179,10 +193,23 @@ class Probe:
         self._snapshot_key = None
         self._run_prefix = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{id(self) & 0xFFFF:04x}"
         self.dropped_steps = 0
+        self.compiled = False  # the model given to attach was a torch.compile wrapper
+        self.compiled_steps = 0  # steps whose block hooks did not run (compiled code)
 
     # ------------------------------------------------------------------ lifecycle
     def _attach(self) -> "Probe":
         model = self.model
+        orig = getattr(model, "_orig_mod", None)
+        if isinstance(orig, nn.Module):  # torch.compile(model) returns an OptimizedModule
+            warnings.warn(
+                f"probe: {type(orig).__name__} is wrapped by torch.compile; the probe hooks the "
+                f"original module. Its generate() runs the eager model; direct calls of the compiled "
+                f"module run compiled code, for which {_COMPILED_ADVICE}",
+                CompiledModelWarning,
+                stacklevel=3,
+            )
+            self.model = model = orig
+            self.compiled = True
         if model in _ACTIVE:
             raise ProbeError(
                 "this model already has a probe attached; call .detach() on it (or leave its "
@@ -343,6 +370,10 @@ class Probe:
         self._root_depth = 0
         self._resolve_events()
         self._snapshot = None
+        n = sum(1 for st in run.steps if st.compiled)
+        if n:
+            warnings.warn(f"probe: {n} of {len(run.steps)} steps of this generate() ran compiled code: "
+                          f"{_COMPILED_ADVICE}", CompiledModelWarning, stacklevel=3)
 
     def _close_open_runs(self) -> None:
         if self._gen_run is not None:
@@ -424,6 +455,9 @@ class Probe:
             self.dropped_steps += 1
         else:
             s.call1 = len(self._c_mod)
+            if s.call1 == s.call0 and self._infos:
+                s.compiled = True  # the forward ran, the block hooks did not: compiled code
+                self.compiled_steps += 1
             try:
                 s.kv_bytes = cache_bytes(find_cache(kwargs, out))
             except Exception:  # an exotic cache must never break the user's forward

@@ -116,6 +116,8 @@ def build_run(p: "Probe") -> "Run":
         "decode_stride": p.decode_stride,
         "max_steps": p.max_steps,
         "dropped_steps": p.dropped_steps,
+        "compiled_model": p.compiled,
+        "compiled_steps": p.compiled_steps,
         "rank": p.rank,
         "modules": [m.__dict__ for m in p._infos],
         **env,
