@@ -135,17 +135,11 @@ def _calls_frame(p: "Probe", step_of_call: np.ndarray, step_meta: list[tuple]) -
     sig = np.frombuffer(p._c_sig, dtype=np.int32, count=n).astype(np.int64)
 
     infos = p._infos
-    mod_names = np.array([m.name for m in infos], dtype=object)
-    mod_types = np.array([m.module_type for m in infos], dtype=object)
-    mod_roles = np.array([m.role for m in infos], dtype=object)
     mod_depth = np.array([m.depth for m in infos], dtype=np.int64)
-    mod_layer = pd.array([m.layer for m in infos], dtype="Int64")
+    mod_layer_v = np.array([m.layer if m.layer is not None else 0 for m in infos], dtype=np.int64)
+    mod_layer_na = np.array([m.layer is None for m in infos], dtype=bool)
 
     st = _sig_table(p._sigs)
-    sig_in = np.array(st["in"], dtype=object)
-    sig_out = np.array(st["out"], dtype=object)
-    sig_dtype = np.array(st["dtype"], dtype=object)
-    sig_dev = np.array(st["device"], dtype=object)
     sig_bytes = np.array(st["bytes"], dtype=np.int64)
 
     # Calls outside any root forward (a submodule called directly) get their own row in
@@ -155,9 +149,7 @@ def _calls_frame(p: "Probe", step_of_call: np.ndarray, step_meta: list[tuple]) -
         step_meta = step_meta + [(p._runs[-1].run_id if p._runs else "unattributed", -1, "forward", 0, 0, 0, int(t0.min()))]
         step_of_call = np.where(step_of_call < 0, orphan, step_of_call)
 
-    sm_run = np.array([m[0] for m in step_meta], dtype=object)
     sm_step = np.array([m[1] for m in step_meta], dtype=np.int64)
-    sm_phase = np.array([m[2] for m in step_meta], dtype=object)
     sm_q = np.array([m[3] for m in step_meta], dtype=np.int64)
     sm_kv = np.array([m[4] for m in step_meta], dtype=np.int64)
     sm_b = np.array([m[5] for m in step_meta], dtype=np.int64)
@@ -170,48 +162,58 @@ def _calls_frame(p: "Probe", step_of_call: np.ndarray, step_meta: list[tuple]) -
         ok = ev < len(ms)
         gpu[ok] = ms[ev[ok]]
     if p._track_memory and len(p._c_mem0) == n:
-        mem0 = pd.array(np.frombuffer(p._c_mem0, dtype=np.int64, count=n), dtype="Int64")
-        mem1 = pd.array(np.frombuffer(p._c_mem1, dtype=np.int64, count=n), dtype="Int64")
-        peak = pd.array(np.frombuffer(p._c_peak, dtype=np.int64, count=n), dtype="Int64")
+        mem0 = np.frombuffer(p._c_mem0, dtype=np.int64, count=n)
+        mem1 = np.frombuffer(p._c_mem1, dtype=np.int64, count=n)
+        peak = np.frombuffer(p._c_peak, dtype=np.int64, count=n)
     else:
-        mem0 = mem1 = peak = pd.array([pd.NA] * n, dtype="Int64")
+        mem0 = mem1 = peak = None
 
     order = np.lexsort((t0, step_of_call))
     s_idx = step_of_call[order]
-
-    def strcol(values: np.ndarray) -> pd.Series:
-        return pd.Series(values, dtype="string")
-
     mod_o = mod[order]
     sig_o = sig[order]
     df = pd.DataFrame(
         {
-            "run_id": pd.Categorical(sm_run[s_idx]).astype("string") if n > 100_000 else strcol(sm_run[s_idx]),
+            "run_id": _take_str([m[0] for m in step_meta], s_idx),
             "rank": np.full(n, p.rank, dtype=np.int64),
             "step": sm_step[s_idx],
-            "phase": strcol(sm_phase[s_idx]),
-            "module": strcol(mod_names[mod_o]),
-            "module_type": strcol(mod_types[mod_o]),
-            "role": strcol(mod_roles[mod_o]),
+            "phase": _take_str([m[2] for m in step_meta], s_idx),
+            "module": _take_str([m.name for m in infos], mod_o),
+            "module_type": _take_str([m.module_type for m in infos], mod_o),
+            "role": _take_str([m.role for m in infos], mod_o),
             "depth": mod_depth[mod_o],
-            "layer": mod_layer.take(mod_o),
+            "layer": _int_na(mod_layer_v[mod_o], mod_layer_na[mod_o]),
             "q_len": sm_q[s_idx],
             "kv_len": sm_kv[s_idx],
             "batch": sm_b[s_idx],
-            "in_shapes": strcol(sig_in[sig_o]),
-            "out_shapes": strcol(sig_out[sig_o]),
-            "dtype": strcol(sig_dtype[sig_o]),
-            "device": strcol(sig_dev[sig_o]),
+            "in_shapes": _take_str(st["in"], sig_o),
+            "out_shapes": _take_str(st["out"], sig_o),
+            "dtype": _take_str(st["dtype"], sig_o),
+            "device": _take_str(st["device"], sig_o),
             "start_ms": (t0[order] - sm_origin[s_idx]) * _NS,
             "cpu_ms": (t1[order] - t0[order]) * _NS,
             "gpu_ms": gpu[order],
-            "mem_before_bytes": mem0.take(order),
-            "mem_after_bytes": mem1.take(order),
-            "mem_peak_bytes": peak.take(order),
+            "mem_before_bytes": mem0[order] if mem0 is not None else _int_na(np.zeros(n, np.int64), np.ones(n, bool)),
+            "mem_after_bytes": mem1[order] if mem1 is not None else _int_na(np.zeros(n, np.int64), np.ones(n, bool)),
+            "mem_peak_bytes": peak[order] if peak is not None else _int_na(np.zeros(n, np.int64), np.ones(n, bool)),
             "out_bytes": sig_bytes[sig_o],
         }
     )
     return schema.conform(df, CALLS)
+
+
+def _take_str(values: list, codes: np.ndarray) -> pd.Series:
+    """``values[codes]`` as a string column, gathered in Arrow (no per-row Python objects)."""
+    import pyarrow as pa
+
+    arr = pa.array(values, type=pa.string()).take(pa.array(codes, type=pa.int64()))
+    if pd.StringDtype().storage == "pyarrow":
+        return pd.Series(pd.arrays.ArrowStringArray(arr), copy=False)
+    return pd.Series(arr.to_pandas(), dtype="string")
+
+
+def _int_na(values: np.ndarray, mask: np.ndarray) -> pd.arrays.IntegerArray:
+    return pd.arrays.IntegerArray(np.ascontiguousarray(values, dtype=np.int64), np.ascontiguousarray(mask))
 
 
 def _new_tokens(run) -> list[int]:
