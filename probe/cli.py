@@ -216,6 +216,16 @@ def _check_tokenizer_matches(model, tok, path) -> None:
         )
 
 
+def _check_context(model, prompt_tokens: int, new_tokens: int) -> None:
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if isinstance(limit, int) and prompt_tokens + new_tokens > limit:
+        raise CLIError(
+            f"the prompt is {prompt_tokens} tokens and --max-new-tokens is {new_tokens}, but the model's "
+            f"context is {limit} positions; shorten the prompt or lower --max-new-tokens"
+        )
+
+
 def _encode(tok, prompt: str, batch: int, device: str):
     if batch < 1:
         raise CLIError(f"--batch-size must be >= 1; got {batch}")
@@ -247,6 +257,7 @@ def cmd_run(args) -> int:
     _progress(f"loaded in {time.perf_counter() - t:.1f}s: {type(model).__name__}, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters")
     inputs = _encode(tok, prompt, args.batch_size, device)
+    _check_context(model, inputs["input_ids"].shape[-1], args.max_new_tokens)
     gen = {"max_new_tokens": args.max_new_tokens, "do_sample": bool(args.do_sample)}
     for key in ("top_k", "top_p", "temperature", "num_beams"):
         v = getattr(args, key)
