@@ -1,0 +1,141 @@
+"""Run-vs-run comparison: ``compare.html`` and ``compare.csv`` of two saved runs.
+
+Blocks are matched by ``(module, phase)`` and by ``(role, phase)``; each row carries A's and
+B's totals straight from their own ``Run.summary()``, ``diff_ms = b_ms - a_ms`` and
+``ratio = b_ms / a_ms``. Typical uses: eager vs sdpa attention, float32 vs bfloat16, CPU vs GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from . import figures
+from .diff import DIFF_COLUMNS, block_diff
+from .html import Page, esc, format_cell, table_html
+
+if TYPE_CHECKING:  # pragma: no cover
+    from probe.run import Run
+
+#: columns of compare.csv: ``level`` is "role" or "module", the rest as in reports.diff
+COMPARE_COLUMNS: dict[str, str] = {"level": "string", **DIFF_COLUMNS}
+HEADLINE_METRICS = ("ttft_ms", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_mean", "prefill_tok_s", "decode_tok_s",
+                    "total_ms", "peak_mem_bytes", "kv_cache_bytes")
+FACTS = ("model_id", "dtype", "device", "attn_implementation", "depth", "prompt_tokens", "new_tokens", "batch",
+         "gpu_name")
+
+
+def run_label(run: "Run", fallback: str) -> str:
+    """A short name for ``run``: its folder name, else model / dtype / attention, else ``fallback``."""
+    if run.path is not None and Path(run.path).name:
+        return Path(run.path).name
+    gen = run.runs[run.runs["kind"] == "generate"] if not run.runs.empty else run.runs
+    if len(gen):
+        r = gen.iloc[0]
+        return " / ".join(str(r[c]) for c in ("model_id", "dtype", "attn_implementation") if not pd.isna(r[c]))
+    return fallback
+
+
+def labels(run_a: "Run", run_b: "Run") -> tuple[str, str]:
+    """Distinct labels of the two runs (suffixed with A / B when they would read the same)."""
+    a, b = run_label(run_a, "A"), run_label(run_b, "B")
+    if a == b:
+        a, b = f"{a} (A)", f"{b} (B)"
+    return a, b
+
+
+def comparison_frame(run_a: "Run", run_b: "Run") -> pd.DataFrame:
+    """Per role x phase, then per module x phase, A's and B's numbers side by side.
+
+    Returns:
+        Columns of :data:`COMPARE_COLUMNS`; ``a_ms``/``b_ms`` are each run's own
+        ``Run.summary(by=level)["total_ms"]``.
+    """
+    parts = []
+    for level in ("role", "module"):
+        d = block_diff(run_a.summary(by=level), run_b.summary(by=level))
+        d.insert(0, "level", pd.Series([level] * len(d), dtype="string"))
+        parts.append(d)
+    return pd.concat(parts, ignore_index=True).astype(COMPARE_COLUMNS)
+
+
+def _mean_headline(run: "Run") -> pd.Series:
+    h = figures.headline(run.runs, run.steps, meta=run.meta)
+    ok = h[h["status"] == "ok"] if (h["status"] == "ok").any() else h
+    return pd.Series({m: (float(pd.to_numeric(ok[m], errors="coerce").astype("float64").mean()) if len(ok) else np.nan)
+                      for m in HEADLINE_METRICS})
+
+
+def headline_comparison(run_a: "Run", run_b: "Run") -> pd.DataFrame:
+    """Headline metrics of A and B (mean over each run's successful generate calls), diff and ratio."""
+    a, b = _mean_headline(run_a), _mean_headline(run_b)
+    out = pd.DataFrame({"metric": pd.Series(HEADLINE_METRICS, dtype="string"), "a": a.to_numpy(dtype="float64"),
+                        "b": b.to_numpy(dtype="float64")})
+    out["diff"] = out["b"] - out["a"]
+    out["ratio"] = (out["b"] / out["a"]).where(out["a"] > 0)
+    return out
+
+
+def _facts(run_a: "Run", run_b: "Run", label_a: str, label_b: str) -> pd.DataFrame:
+    def facts(run: "Run") -> list[str]:
+        gen = run.runs[run.runs["kind"] == "generate"] if not run.runs.empty else run.runs
+        r = gen.iloc[0] if len(gen) else None
+        vals = ["" if r is None or pd.isna(r[c]) else str(r[c]) for c in FACTS]
+        return [str(run.path) if run.path is not None else "", *vals]
+
+    return pd.DataFrame({"fact": ["run directory", *FACTS], "A: " + label_a: facts(run_a),
+                         "B: " + label_b: facts(run_b)}, dtype="string")
+
+
+def _formatted_headline(head: pd.DataFrame) -> pd.DataFrame:
+    """The headline comparison as text, each value in its metric's unit format."""
+    rows = {"metric": head["metric"].astype(str).tolist()}
+    for col, name in (("a", "A"), ("b", "B"), ("diff", "B - A")):
+        rows[name] = [format_cell(m, v) for m, v in zip(rows["metric"], head[col])]
+    rows["B / A"] = [format_cell("ratio", v) for v in head["ratio"]]
+    return pd.DataFrame(rows, dtype="string")
+
+
+def render_comparison(run_a: "Run", run_b: "Run") -> str:
+    """The side-by-side HTML page of two runs (offline, escaped, deterministic)."""
+    la, lb = labels(run_a, run_b)
+    frame = comparison_frame(run_a, run_b)
+    head = headline_comparison(run_a, run_b)
+    doc = Page()
+    doc.add(f"<h1>probe compare: A = {esc(la)} vs B = {esc(lb)}</h1>")
+    doc.add(table_html(_facts(run_a, run_b, la, lb), table_id="facts"))
+    doc.add('<h2 id="headline">Headline</h2>')
+    doc.add(table_html(_formatted_headline(head), table_id="headline-table"))
+    doc.figure(figures.compare_blocks(run_a.summary(by="role"), run_b.summary(by="role"), la, lb),
+               "fig-compare-roles", "Per role and phase")
+    doc.add(table_html(frame[frame["level"] == "role"].drop(columns="level"), caption="Per role and phase (ms)",
+                       table_id="role-table"))
+    doc.add('<h2 id="modules">Per module and phase</h2>')
+    doc.add(table_html(frame[frame["level"] == "module"].drop(columns="level"), caption="Per module and phase (ms)",
+                       table_id="module-table"))
+    doc.add('<p class="note">diff_ms = B - A, ratio = B / A; a_ms and b_ms are each run\'s total host ms from its '
+            "own summary. All rows are in compare.csv.</p>")
+    return doc.render(f"probe compare: {la} vs {lb}")
+
+
+def write_comparison(run_a: "Run", run_b: "Run", out_dir: str | os.PathLike) -> list[Path]:
+    """Write ``compare.html`` and ``compare.csv`` of two runs into ``out_dir``.
+
+    Args:
+        run_a, run_b: the runs (A is the baseline: diff = B - A, ratio = B / A).
+        out_dir: destination folder (created if needed).
+
+    Returns:
+        ``[out_dir/compare.html, out_dir/compare.csv]``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    html_path = out / "compare.html"
+    html_path.write_text(render_comparison(run_a, run_b), encoding="utf-8", newline="\n")
+    csv_path = out / "compare.csv"
+    comparison_frame(run_a, run_b).to_csv(csv_path, index=False, lineterminator="\n", encoding="utf-8")
+    return [html_path, csv_path]

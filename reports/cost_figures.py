@@ -1,0 +1,204 @@
+"""Figures of the cost model: the roofline and the sweep charts. Pure ``DataFrame -> Figure``.
+
+Used by the HTML report and the dashboard alike; nothing here reads files or touches a model.
+
+- :func:`roofline` — achieved FLOP/s against arithmetic intensity per block and phase, under
+  the device's roofs (from :func:`probe.roofline.roofline` and :class:`probe.hardware.Peaks`).
+- :func:`sweep_prefill`, :func:`sweep_decode`, :func:`sweep_throughput` — from a sweep frame
+  (:func:`probe.sweep.sweep` / :func:`probe.sweep.load_sweep`).
+- :func:`sweep_html` — the three sweep charts as one self-contained offline HTML page.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+_PHASE_COLORS = {"prefill": "#1f77b4", "decode": "#d62728", "extend": "#9467bd", "recompute": "#8c564b",
+                 "forward": "#7f7f7f"}
+_BOUND_SYMBOLS = {"compute": "circle", "memory": "square", "host": "x"}
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _empty(title: str, why: str) -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(title=title, template="plotly_white",
+                      annotations=[dict(text=why, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)])
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def _peaks_dict(peaks: Any) -> dict | None:
+    if peaks is None:
+        return None
+    if isinstance(peaks, dict):
+        return peaks
+    return {k: getattr(peaks, k) for k in ("name", "dtype", "flops_per_s", "bytes_per_s", "source", "measured")}
+
+
+def roofline(roof_df: pd.DataFrame, peaks: Any) -> go.Figure:
+    """Roofline chart: achieved FLOP/s against FLOP/byte, one marker per block and phase.
+
+    Args:
+        roof_df: output of :func:`probe.roofline.roofline`.
+        peaks: :class:`probe.hardware.Peaks` or its ``to_dict()``; the title says whether the
+            roofs are measured on this machine or from a datasheet.
+    Returns:
+        A log-log figure: the memory roof (slope = bandwidth) and the compute roof meeting at
+        the ridge point; markers coloured by phase, shaped by bound (compute ●, memory ■,
+        host ×); rows with zero FLOPs (embedding gathers) cannot sit on a log axis and are
+        listed under the chart instead.
+    """
+    pk = _peaks_dict(peaks)
+    title = "Roofline"
+    if roof_df is None or roof_df.empty or pk is None:
+        return _empty(title, "no cost estimate (annotate the calls) or no device peaks")
+    giga = pk["flops_per_s"] < 1e12
+    unit, scale = ("GFLOP/s", 1e9) if giga else ("TFLOP/s", 1e12)
+    where = "measured on this machine" if pk["measured"] else "datasheet"
+    title = (f"Roofline — {html.escape(str(pk['name']))}, {pk['dtype']} ({where}: "
+             f"{pk['flops_per_s'] / scale:,.1f} {unit}, {pk['bytes_per_s'] / 1e9:,.1f} GB/s)")
+    df = roof_df.copy()
+    df["_y"] = df["achieved_tflop_s"].astype("float64") * 1e12 / scale
+    ok = (df["intensity_flops_per_byte"] > 0) & (df["_y"] > 0) & df["_y"].notna()
+    shown, hidden = df[ok], df[~ok]
+    ridge = pk["flops_per_s"] / pk["bytes_per_s"]
+    xs = shown["intensity_flops_per_byte"].to_numpy(dtype="float64")
+    lo = min([ridge / 100] + list(xs / 2))
+    hi = max([ridge * 10] + list(xs * 2))
+    x = np.geomspace(lo, hi, 200)
+    y = np.minimum(pk["flops_per_s"], x * pk["bytes_per_s"]) / scale
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name="roof", line=dict(color="black", width=2),
+                             hovertemplate="intensity %{x:.3g} FLOP/B<br>roof %{y:.3g} " + unit + "<extra></extra>"))
+    for phase, sub in shown.groupby("phase", sort=False):
+        fig.add_trace(go.Scatter(
+            x=sub["intensity_flops_per_byte"], y=sub["_y"], mode="markers+text", name=str(phase),
+            text=sub["module"].astype(str),
+            # the whole-forward marker sits next to the layers': label it below them
+            textposition=["bottom center" if m == "(forward)" else "top center" for m in sub["module"]],
+            marker=dict(size=11, color=_PHASE_COLORS.get(str(phase), "#333"),
+                        symbol=[_BOUND_SYMBOLS.get(str(b), "diamond") for b in sub["bound"].astype(object)]),
+            customdata=list(zip(sub["bound"].astype(str), sub["reason"].astype(str).map(html.escape),
+                                sub["time_ms"].astype(float), sub["time_source"].astype(str))),
+            hovertemplate=("<b>%{text}</b> (" + str(phase) + ")<br>intensity %{x:.3g} FLOP/B<br>achieved %{y:.3g} "
+                           + unit + "<br>%{customdata[2]:.3f} ms (%{customdata[3]} time)<br>bound: %{customdata[0]}"
+                           "<br>%{customdata[1]}<extra></extra>"),
+        ))
+    fig.add_vline(x=ridge, line=dict(dash="dot", color="gray"), annotation_text=f"ridge {ridge:,.1f} FLOP/B")
+    notes = []
+    if not hidden.empty:
+        notes.append("not on the log axes (zero FLOPs or time): " + ", ".join(
+            f"{html.escape(str(m))} ({p})" for m, p in zip(hidden["module"], hidden["phase"])))
+    notes.append(f"roofs: {html.escape(str(pk['source']))}")
+    fig.update_layout(title=title, template="plotly_white", legend_title_text="phase", margin=dict(b=120))
+    fig.add_annotation(text="<br>".join(notes), showarrow=False, xref="paper", yref="paper", x=0, y=-0.22,
+                       xanchor="left", align="left", font=dict(size=10))
+    fig.update_xaxes(type="log", title="arithmetic intensity (FLOP/byte)")
+    fig.update_yaxes(type="log", title=f"achieved {unit}")
+    return fig
+
+
+def _median_band(df: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
+    g = df.groupby(keys)[value]
+    return pd.DataFrame({"median": g.median(), "low": g.min(), "high": g.max(), "n": g.size()}).reset_index()
+
+
+def sweep_prefill(sweep_df: pd.DataFrame) -> go.Figure:
+    """Prefill time (ms, median over repeats, bars = min..max) against prompt length, a line per batch."""
+    title = "Prefill time vs prompt length"
+    pre = sweep_df[sweep_df["phase"] == "prefill"] if sweep_df is not None and not sweep_df.empty else None
+    if pre is None or pre.empty:
+        return _empty(title, "no prefill steps in this sweep")
+    per_run = pre.groupby(["batch", "prompt_len", "repeat"], as_index=False)["latency_ms"].sum()
+    band = _median_band(per_run, ["batch", "prompt_len"], "latency_ms")
+    fig = go.Figure()
+    for i, (b, sub) in enumerate(band.groupby("batch")):
+        sub = sub.sort_values("prompt_len")
+        fig.add_trace(go.Scatter(
+            x=sub["prompt_len"], y=sub["median"], mode="lines+markers", name=f"batch {b}",
+            line=dict(color=_PALETTE[i % len(_PALETTE)]),
+            error_y=dict(type="data", symmetric=False, array=sub["high"] - sub["median"],
+                         arrayminus=sub["median"] - sub["low"]),
+            hovertemplate="prompt %{x} tokens<br>prefill %{y:.2f} ms<extra>batch " + str(b) + "</extra>",
+        ))
+    fig.update_layout(title=title, template="plotly_white", legend_title_text="batch")
+    fig.update_xaxes(type="log", title="prompt length (tokens)", tickvals=sorted(band["prompt_len"].unique()))
+    fig.update_yaxes(title="prefill latency (ms)", rangemode="tozero")
+    return fig
+
+
+def sweep_decode(sweep_df: pd.DataFrame) -> go.Figure:
+    """Decode ms per token against KV length (cached positions), a colour per batch size.
+
+    Each prompt length gives one segment (its decode steps); the median over repeats.
+    """
+    title = "Decode time per token vs KV length"
+    dec = sweep_df[sweep_df["phase"] == "decode"] if sweep_df is not None and not sweep_df.empty else None
+    if dec is None or dec.empty:
+        return _empty(title, "no decode steps in this sweep")
+    band = _median_band(dec, ["batch", "prompt_len", "kv_len"], "latency_ms")
+    fig = go.Figure()
+    for i, (b, sub_b) in enumerate(band.groupby("batch")):
+        color = _PALETTE[i % len(_PALETTE)]
+        for j, (p, sub) in enumerate(sub_b.groupby("prompt_len")):
+            sub = sub.sort_values("kv_len")
+            fig.add_trace(go.Scatter(
+                x=sub["kv_len"], y=sub["median"], mode="lines+markers", marker=dict(size=4), name=f"batch {b}",
+                legendgroup=f"b{b}",
+                showlegend=j == 0, line=dict(color=color),
+                hovertemplate=("KV length %{x}<br>%{y:.2f} ms/token<extra>batch " + str(b)
+                               + f", prompt {p}</extra>"),
+            ))
+    fig.update_layout(title=title, template="plotly_white", legend_title_text="batch")
+    kv = band["kv_len"][band["kv_len"] > 0]
+    wide = not kv.empty and kv.max() / kv.min() > 20  # 16..1056 reads better on a log axis
+    fig.update_xaxes(title="KV length (cached positions)", type="log" if wide else "linear")
+    fig.update_yaxes(title="decode latency per token (ms)", rangemode="tozero")
+    return fig
+
+
+def sweep_throughput(sweep_df: pd.DataFrame) -> go.Figure:
+    """Decode tokens/s (all sequences together) against batch size, a line per prompt length."""
+    title = "Decode throughput vs batch size"
+    if sweep_df is None or sweep_df.empty:
+        return _empty(title, "empty sweep")
+    runs = sweep_df.groupby(["prompt_len", "batch", "repeat"], as_index=False)["decode_tok_s"].first()
+    runs = runs[runs["decode_tok_s"].notna()]
+    if runs.empty:
+        return _empty(title, "no decode throughput recorded (one new token only?)")
+    band = _median_band(runs, ["prompt_len", "batch"], "decode_tok_s")
+    fig = go.Figure()
+    for i, (p, sub) in enumerate(band.groupby("prompt_len")):
+        sub = sub.sort_values("batch")
+        fig.add_trace(go.Scatter(
+            x=sub["batch"], y=sub["median"], mode="lines+markers", name=f"prompt {p}",
+            line=dict(color=_PALETTE[i % len(_PALETTE)]),
+            hovertemplate="batch %{x}<br>%{y:,.1f} tok/s<extra>prompt " + str(p) + "</extra>",
+        ))
+    fig.update_layout(title=title, template="plotly_white", legend_title_text="prompt length")
+    fig.update_xaxes(title="batch size", tickvals=sorted(band["batch"].unique()))
+    fig.update_yaxes(title="decode tokens/s (batch total)", rangemode="tozero")
+    return fig
+
+
+def sweep_html(sweep_df: pd.DataFrame, meta: dict | None = None) -> str:
+    """The three sweep charts as one offline HTML page (plotly.js inlined once, fixed element ids)."""
+    meta = meta or {}
+    figs = [("sweep-prefill", sweep_prefill(sweep_df)), ("sweep-decode", sweep_decode(sweep_df)),
+            ("sweep-throughput", sweep_throughput(sweep_df))]
+    parts = []
+    for i, (div_id, fig) in enumerate(figs):
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=div_id))
+    facts = ", ".join(html.escape(f"{k}: {meta[k]}") for k in ("model_id", "device", "dtype", "new_tokens", "repeat",
+                                                               "warmup", "created_at") if k in meta)
+    fails = "".join(f"<li>{html.escape(str(f))}</li>" for f in meta.get("failures", []))
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>probe sweep</title></head><body>"
+            f"<h1>probe sweep</h1><p>{facts}</p>"
+            + (f"<p>failed configs:</p><ul>{fails}</ul>" if fails else "")
+            + "".join(parts) + "</body></html>")

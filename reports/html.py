@@ -1,0 +1,256 @@
+"""One self-contained, offline HTML report of a run.
+
+- plotly.js is inlined once in the head; no external script, font, stylesheet or image.
+- A Content-Security-Policy admits exactly the page's own scripts (by SHA-256 hash) and no
+  network at all, so even a string that escaped escaping could not run or fetch anything.
+- Element ids are fixed names (``fig-phase-blocks`` ...) and nothing depends on the clock or
+  on randomness: two builds from the same run are byte-identical.
+- Every string that came from the user or the model (prompt, model id, paths, module names)
+  goes through :func:`html.escape`; tables are plain HTML, readable without JavaScript.
+- Only aggregates are embedded (figures bin long runs; tables are per block, capped), so the
+  size is bounded whatever the number of call rows.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import math
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import pandas as pd
+
+from . import figures
+
+if TYPE_CHECKING:  # pragma: no cover
+    import plotly.graph_objects as go
+
+    from probe.run import Run
+
+PLOTLY_CONFIG = {"displaylogo": False, "showSendToCloud": False, "responsive": True}
+MAX_TABLE_ROWS = 300
+MAX_PROMPT_CHARS = 4000
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1200px;
+padding:0 1.5rem 3rem;color:#222;line-height:1.4}
+h1{font-size:1.6rem;margin:1.2rem 0 .3rem}h2{font-size:1.2rem;margin:2rem 0 .5rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85rem;margin:.4rem 0 1rem}
+th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:right;vertical-align:top}
+th{background:#f4f6f8}td.t,th.t{text-align:left}caption{text-align:left;color:#555;padding:.2rem 0}
+pre{background:#f6f8fa;padding:.6rem;white-space:pre-wrap;word-break:break-word;font-size:.85rem}
+.note{color:#666;font-size:.85rem}.fig{min-height:420px}nav a{margin-right:1rem}
+"""
+
+
+# --------------------------------------------------------------------------- building blocks
+def esc(value: object) -> str:
+    """``value`` as HTML text (quotes escaped too, so it is also safe inside attributes)."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _isna(v: object) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def format_cell(column: str, value: object) -> str:
+    """A table cell's text: units from the column name, NA as an empty cell."""
+    if value is None or _isna(value):
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, float)) or hasattr(value, "dtype"):
+        v = float(value)
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if column in ("share", "a_share", "b_share") or column.endswith("_share"):
+            return f"{v * 100:.1f}%"
+        if column.endswith("_bytes") or column in ("parameters",):
+            return f"{v:,.0f}"
+        if column.endswith("tok_s"):
+            return f"{v:,.1f}"
+        if re.search(r"(^|_)ms($|_)", column) or column == "ratio":  # total_ms, tpot_ms_p50 ...
+            return f"{v:,.3f}" if abs(v) < 1e6 else f"{v:,.0f}"
+        if float(v).is_integer():
+            return str(int(v))
+        return f"{v:.4g}"
+    return str(value)
+
+
+def table_html(df: pd.DataFrame, *, caption: str | None = None, max_rows: int = MAX_TABLE_ROWS,
+               table_id: str | None = None) -> str:
+    """``df`` as a plain, escaped HTML table (at most ``max_rows`` rows, with a note of the rest)."""
+    text_cols = {c for c in df.columns if not (pd.api.types.is_numeric_dtype(df[c]) and not
+                                               pd.api.types.is_bool_dtype(df[c]))}
+    ident = f' id="{esc(table_id)}"' if table_id else ""
+    parts = [f"<table{ident}>"]
+    if caption:
+        parts.append(f"<caption>{esc(caption)}</caption>")
+    parts.append("<thead><tr>" + "".join(
+        f'<th{" class=t" if c in text_cols else ""}>{esc(c)}</th>' for c in df.columns) + "</tr></thead><tbody>")
+    shown = df.head(max_rows)
+    cols = list(df.columns)
+    for row in shown.itertuples(index=False, name=None):
+        cells = []
+        for c, v in zip(cols, row):
+            cls = " class=t" if c in text_cols else ""
+            cells.append(f"<td{cls}>{esc(format_cell(str(c), v))}</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</tbody></table>")
+    if len(df) > max_rows:
+        parts.append(f'<p class="note">{len(df) - max_rows:,} more rows are in the CSV export.</p>')
+    return "".join(parts)
+
+
+def figure_html(fig: "go.Figure", div_id: str) -> str:
+    """The figure as a ``<div>`` + inline script (no plotly.js), with the fixed id ``div_id``."""
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config=PLOTLY_CONFIG,
+                       default_height=f"{figures.HEIGHT}px")
+
+
+_SCRIPT = re.compile(r"<script(?:\s[^>]*)?>(.*?)</script>", re.S)
+
+
+def _plotly_js() -> str:
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def page(title: str, body: Iterable[str], scripts: Iterable[str] = ()) -> str:
+    """A complete HTML document: ``body`` fragments after one inlined plotly.js.
+
+    Args:
+        title: the document title (escaped here).
+        body: HTML fragments, already escaped by the caller.
+        scripts: the exact text of each inline script in ``body`` that the caller generated
+            (the figures'). The Content-Security-Policy admits plotly.js and these by SHA-256
+            and nothing else, and no network source of any kind; a ``<script>`` that slipped
+            into ``body`` any other way does not run.
+    """
+    js = _plotly_js()
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode('utf-8')).digest()).decode()}'"
+                      for s in dict.fromkeys([js, *scripts]))
+    csp = (f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; img-src data: blob:; "
+           "font-src data:; connect-src 'none'; base-uri 'none'; form-action 'none'")
+    body_html = "\n".join(body)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f'<meta http-equiv="Content-Security-Policy" content="{esc(csp)}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n"
+        f"<script>{js}</script>\n</head>\n<body>\n{body_html}\n</body>\n</html>\n"
+    )
+
+
+class Page:
+    """Builds a report page: escaped fragments plus figures whose scripts the page trusts."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.scripts: list[str] = []
+
+    def add(self, fragment: str) -> None:
+        """Append an HTML fragment (the caller has escaped every user string in it)."""
+        self.parts.append(fragment)
+
+    def figure(self, fig: "go.Figure", div_id: str, title: str) -> None:
+        """Append a section heading and ``fig`` as a div with the fixed id ``div_id``."""
+        frag = figure_html(fig, div_id)
+        # plotly escapes "<" inside its JSON, so these scripts hold no user-made tags
+        self.scripts.extend(_SCRIPT.findall(frag))
+        self.parts.append(f'<h2 id="{esc(div_id)}-title">{esc(title)}</h2><div class="fig">{frag}</div>')
+
+    def render(self, title: str) -> str:
+        """The complete document."""
+        return page(title, self.parts, self.scripts)
+
+
+def _facts(run: "Run") -> pd.DataFrame:
+    """Key/value facts of the run for the top table."""
+    rows: list[tuple[str, object]] = []
+    gen = run.runs[run.runs["kind"] == "generate"] if not run.runs.empty else run.runs
+    r = gen.iloc[0] if len(gen) else (run.runs.iloc[0] if len(run.runs) else None)
+    if r is not None:
+        for col in ("model_id", "model_class", "parameters", "dtype", "device", "attn_implementation", "depth",
+                    "gpu_name", "torch_version", "transformers_version", "probe_version", "started_at"):
+            rows.append((col, r[col]))
+        if len(gen) > 1:
+            rows.append(("generate calls", len(gen)))
+    for key in ("command", "decode_stride", "dropped_steps"):
+        if key in run.meta:
+            rows.append((key, run.meta[key]))
+    if run.path is not None:
+        rows.append(("run directory", str(run.path)))
+    rows.append(("recorded", f"{len(run.calls):,} calls, {len(run.steps):,} steps, {len(run.runs):,} runs"))
+    return pd.DataFrame({"fact": [k for k, _ in rows], "value": [format_cell(k, v) for k, v in rows]},
+                        dtype="string")
+
+
+def _prompt_html(prompt: object) -> str:
+    if prompt is None:
+        return ""
+    text = str(prompt)
+    more = ""
+    if len(text) > MAX_PROMPT_CHARS:
+        more = f'<p class="note">... {len(text) - MAX_PROMPT_CHARS:,} more characters</p>'
+        text = text[:MAX_PROMPT_CHARS]
+    return f'<h2 id="prompt">Prompt</h2><pre id="prompt-text">{esc(text)}</pre>{more}'
+
+
+#: (element id, section title, builder) of the report's figures, in page order
+FIGURES = (
+    ("fig-phase-blocks", "Prefill vs decode per block", lambda r: figures.phase_blocks(r.calls, r.steps, by="role")),
+    ("fig-step-breakdown", "One step, broken down", lambda r: figures.step_breakdown(r.calls, r.steps)),
+    ("fig-layer-heatmap", "Layer x step (decode)", lambda r: figures.layer_heatmap(r.calls, phase="decode")),
+    ("fig-token-latency", "Per-token latency", lambda r: figures.token_latency(r.steps, r.runs)),
+    ("fig-latency-kv", "Latency vs KV length", lambda r: figures.latency_vs_kv(r.steps)),
+    ("fig-memory", "Memory and KV cache", lambda r: figures.memory_over_steps(r.steps, r.calls)),
+)
+
+
+def render_report(run: "Run") -> str:
+    """The HTML report of ``run`` as a string (see the module docstring for its guarantees)."""
+    r0 = run.runs[run.runs["kind"] == "generate"] if not run.runs.empty else run.runs
+    model = str(r0["model_id"].iloc[0]) if len(r0) and not _isna(r0["model_id"].iloc[0]) else "probe run"
+    doc = Page()
+    doc.add(f"<h1>probe report: {esc(model)}</h1>")
+    links = (("headline", "Headline"), *[(i + "-title", t) for i, t, _ in FIGURES], ("tables", "Tables"),
+             ("shapes", "Shapes"))
+    doc.add("<nav>" + "".join(f'<a href="#{i}">{esc(t)}</a>' for i, t in links) + "</nav>")
+    doc.add(table_html(_facts(run), table_id="facts"))
+    doc.add(_prompt_html(run.meta.get("prompt")))
+    doc.add('<h2 id="headline">Headline</h2>')
+    doc.add(table_html(figures.headline(run.runs, run.steps, meta=run.meta), table_id="headline-table"))
+    doc.add('<p class="note">TTFT: from entering generate() to the first token chosen. TPOT: time between '
+            "consecutive tokens over the decode steps. Share: a block's host time over its phase's forward "
+            "time; the residue is forward time outside every recorded block.</p>")
+    for div_id, title, build in FIGURES:
+        doc.figure(build(run), div_id, title)
+    doc.add('<h2 id="tables">Tables</h2>')
+    doc.add(table_html(run.phase_summary(), caption="Per phase", table_id="phase-table"))
+    doc.add(table_html(run.summary(by="role"), caption="Per role and phase", table_id="role-table"))
+    doc.add(table_html(run.summary(by="module"), caption="Per module and phase", table_id="module-table"))
+    doc.add('<h2 id="shapes">Shape walkthrough</h2>')
+    doc.add('<p class="note">Each block\'s input and output shapes for the prefill step and the first '
+            "decode step.</p>")
+    doc.add(table_html(figures.shape_walkthrough(run.calls), table_id="shape-table", max_rows=600))
+    version = run.meta.get("probe_version") or (r0["probe_version"].iloc[0] if len(r0) else "")
+    doc.add(f'<p class="note">Written by probe {esc(version)}. The full per-call data is in the CSV '
+            "export (<code>probe report RUN_DIR --format csv</code>).</p>")
+    return doc.render(f"probe report: {model}")
+
+
+def write_html(run: "Run", path: str | os.PathLike) -> Path:
+    """Write :func:`render_report` of ``run`` to ``path`` (UTF-8) and return the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_report(run), encoding="utf-8", newline="\n")
+    return out

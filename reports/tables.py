@@ -1,0 +1,117 @@
+"""Table builders shared by the HTML report and the dashboard: shape walkthrough, headline.
+
+Both return DataFrames (typed columns even when empty); :mod:`reports.figures` re-exports them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+
+def _shape_text(js: object) -> str:
+    """``[[1,7,64]]`` (JSON) as ``[1, 7, 64]``."""
+    if js is None or js is pd.NA or (isinstance(js, float) and math.isnan(js)):
+        return ""
+    try:
+        shapes = json.loads(str(js))
+    except ValueError:
+        return str(js)
+    return ", ".join("[" + ", ".join(str(d) for d in s) + "]" for s in shapes) or "-"
+
+
+def shape_walkthrough(calls: pd.DataFrame) -> pd.DataFrame:
+    """Each block's input and output shapes for the prefill step and the first decode step.
+
+    Taken from the first generate run (the first run with a prefill step); a recording with
+    no prefill shows its first step instead.
+
+    Args:
+        calls: the ``calls`` frame.
+
+    Returns:
+        Columns ``phase, step, module, role, in_shapes, out_shapes`` in call order, shapes as
+        text such as ``[1, 7, 64]``.
+    """
+    cols = {"phase": "string", "step": "int64", "module": "string", "role": "string", "in_shapes": "string",
+            "out_shapes": "string"}
+    if calls.empty:
+        return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in cols.items()})
+    phase = calls["phase"]
+    pre = np.flatnonzero((phase == "prefill").to_numpy(dtype=bool, na_value=False))
+    rid = calls["run_id"].iloc[pre[0] if len(pre) else 0]
+    in_run = (calls["run_id"] == rid).to_numpy(dtype=bool, na_value=False)
+    step = calls["step"].to_numpy(dtype="int64")
+    picked = []
+    for name in ("prefill", "decode"):
+        m = in_run & (phase == name).to_numpy(dtype=bool, na_value=False)
+        if m.any():
+            picked.append(np.flatnonzero(m & (step == step[m].min())))
+    if not picked:
+        picked.append(np.flatnonzero(in_run & (step == step[in_run].min())))
+    sel = calls.iloc[np.concatenate(picked)][["phase", "step", "module", "role", "in_shapes", "out_shapes",
+                                              "start_ms"]]
+    sel = sel.sort_values(["step", "start_ms"], kind="stable")
+    shape_in = {s: _shape_text(s) for s in sel["in_shapes"].unique()}
+    shape_out = {s: _shape_text(s) for s in sel["out_shapes"].unique()}
+    out = pd.DataFrame({
+        "phase": sel["phase"].to_numpy(), "step": sel["step"].to_numpy(dtype="int64"),
+        "module": sel["module"].to_numpy(), "role": sel["role"].to_numpy(),
+        "in_shapes": sel["in_shapes"].map(shape_in).to_numpy(), "out_shapes": sel["out_shapes"].map(shape_out).to_numpy(),
+    })
+    return out.astype(cols)
+
+
+HEADLINE_COLUMNS = {
+    "run_id": "string", "model_id": "string", "status": "string", "prompt_tokens": "Int64", "new_tokens": "Int64",
+    "batch": "Int64", "ttft_ms": "float64", "tpot_ms_p50": "float64", "tpot_ms_p90": "float64",
+    "tpot_ms_mean": "float64", "prefill_tok_s": "float64", "decode_tok_s": "float64", "total_ms": "float64",
+    "peak_mem_bytes": "Int64", "kv_cache_bytes": "Int64",
+}
+
+
+def _overhead_items(meta: dict | None) -> dict[str, float]:
+    """Numeric ``overhead*`` facts from the run metadata (flat or one dict deep), sorted."""
+    out: dict[str, float] = {}
+    for key in sorted((meta or {}).keys()):
+        if not str(key).startswith("overhead"):
+            continue
+        val = meta[key]
+        items = sorted(val.items()) if isinstance(val, dict) else [("", val)]
+        for sub, v in items:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{key}_{sub}" if sub else str(key)] = float(v)
+    return out
+
+
+def headline(runs: pd.DataFrame, steps: pd.DataFrame, meta: dict | None = None) -> pd.DataFrame:
+    """The headline numbers: one row per generate run.
+
+    Args:
+        runs: the ``runs`` frame.
+        steps: the ``steps`` frame (peak memory when ``runs`` lacks it).
+        meta: the run metadata; its numeric ``overhead*`` entries (the probe's measured
+            overhead) become extra columns.
+
+    Returns:
+        Columns ``run_id, model_id, status, prompt_tokens, new_tokens, batch, ttft_ms,
+        tpot_ms_p50, tpot_ms_p90, tpot_ms_mean, prefill_tok_s, decode_tok_s, total_ms,
+        peak_mem_bytes, kv_cache_bytes`` and any ``overhead*`` columns.
+    """
+    extra = _overhead_items(meta)
+    if runs.empty or not (runs["kind"] == "generate").any():
+        out = pd.DataFrame({c: pd.Series([], dtype=d) for c, d in HEADLINE_COLUMNS.items()})
+        for k in extra:
+            out[k] = pd.Series([], dtype="float64")
+        return out
+    gen = runs[runs["kind"] == "generate"].reset_index(drop=True)
+    out = pd.DataFrame({c: gen[c].astype(d) for c, d in HEADLINE_COLUMNS.items()})
+    if out["peak_mem_bytes"].isna().any() and not steps.empty:
+        peaks = steps.groupby("run_id", sort=False)["mem_peak_bytes"].max()
+        out["peak_mem_bytes"] = out["peak_mem_bytes"].fillna(out["run_id"].map(peaks).astype("Int64"))
+    for k, v in extra.items():
+        out[k] = pd.Series([v] * len(out), dtype="float64")
+    return out
