@@ -123,6 +123,9 @@ class Run:
 def _atomic(target: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; saved runs get ordinary permissions
     try:
         write(tmp)
         os.replace(tmp, target)
