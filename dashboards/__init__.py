@@ -1,0 +1,82 @@
+"""The Streamlit dashboard over a folder of saved probe runs.
+
+``probe dashboard RUNS_DIR`` calls :func:`launch`, which starts ``streamlit run`` on
+``dashboards/app.py``. The app reads runs with :func:`probe.load` and draws them with the
+figure builders of ``reports.figures``; it never touches a model.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+APP = Path(__file__).with_name("app.py")
+
+DEFAULT_RUNS_DIR = "probe-runs"
+
+__all__ = ["APP", "cli_runs_dir", "launch", "streamlit_command"]
+
+
+def cli_runs_dir(argv: list[str] | None = None) -> str:
+    """The runs folder the app starts on: ``--runs-dir`` after the ``--`` of the command
+    :func:`streamlit_command` builds, else ``$PROBE_RUNS_DIR``, else ``probe-runs``.
+
+    Args:
+        argv: the script's arguments (default ``sys.argv[1:]``, which Streamlit sets to
+            what follows ``--``).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(argv):
+        if arg == "--runs-dir" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--runs-dir="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("PROBE_RUNS_DIR", DEFAULT_RUNS_DIR)
+
+
+def streamlit_command(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8501) -> list[str]:
+    """The ``python -m streamlit run`` command line :func:`launch` executes."""
+    return [
+        sys.executable, "-m", "streamlit", "run", str(APP),
+        "--server.address", str(host),
+        "--server.port", str(int(port)),
+        "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",
+        "--", "--runs-dir", str(runs_dir),
+    ]
+
+
+def launch(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8501) -> int:
+    """Serve the dashboard over ``runs_dir`` until interrupted.
+
+    Args:
+        runs_dir: folder of run directories (each written by ``probe run --out``), or one run.
+        host: address to bind; the default keeps the dashboard on this machine. Pass
+            ``0.0.0.0`` only on a trusted network: the app lists and reads folders on disk.
+        port: TCP port.
+
+    Returns:
+        The Streamlit process's exit code (0 after Ctrl-C).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("streamlit") is None or importlib.util.find_spec("plotly") is None:
+        raise ImportError("streamlit and plotly are not installed")
+    # the app's own folder goes first on sys.path under `streamlit run`; make the repo
+    # root importable too when probe is used from a source checkout, not installed
+    env = dict(os.environ)
+    root = str(APP.parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(streamlit_command(runs_dir, host, port), env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # Streamlit got the same SIGINT from the terminal; give it a moment to shut down
+        try:
+            proc.wait(timeout=10)
+            return 0
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            return proc.wait()

@@ -430,6 +430,7 @@ class Probe:
         if self._uses_cuda:
             s.ev0 = self._event()
             if self._track_memory:
+                self._mem_peaks.clear()  # stale frames of an interrupted forward
                 self._mem_push()
         s.t0 = _now() if self._uses_cuda else t0
 
