@@ -1,0 +1,297 @@
+"""Peak compute and memory bandwidth of the device a run used: a datasheet table, or measured.
+
+Known accelerators come from :data:`KNOWN` (dense peaks, no 2:4 sparsity, each with its
+source). Anything else — CPUs included — is measured on demand by :func:`measure_peaks`: a
+short matrix-product and copy micro-benchmark (well under 2 s, cached per process), and the
+result says ``measured=True`` so charts and bound labels can say where their roofs came from.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """A device's roofs for one dtype: peak FLOP/s, peak bytes/s, and where they come from."""
+
+    name: str  # device, e.g. "NVIDIA H100 SXM" or "CPU (x86_64, 2 threads)"
+    dtype: str  # dtype the compute peak applies to
+    flops_per_s: float  # dense peak FLOP/s for matmuls in ``dtype``
+    bytes_per_s: float  # peak memory bandwidth, bytes/s
+    source: str  # datasheet URL, or how it was measured
+    measured: bool  # True: micro-benchmark on this machine; False: datasheet table
+
+    @property
+    def ridge_flops_per_byte(self) -> float:
+        """Arithmetic intensity where the two roofs meet: above it, compute bounds."""
+        return self.flops_per_s / self.bytes_per_s
+
+    @property
+    def tflops(self) -> float:
+        return self.flops_per_s / 1e12
+
+    @property
+    def gb_s(self) -> float:
+        return self.bytes_per_s / 1e9
+
+    def label(self) -> str:
+        """A short human label, e.g. ``"measured CPU peaks: 52 GFLOP/s float32, 9.1 GB/s"``."""
+        kind = "measured" if self.measured else "datasheet"
+        f = f"{self.tflops:,.1f} TFLOP/s" if self.flops_per_s >= 1e12 else f"{self.flops_per_s / 1e9:,.1f} GFLOP/s"
+        return f"{kind} peaks of {self.name}: {f} {self.dtype}, {self.gb_s:,.1f} GB/s"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Peaks":
+        return cls(**{k: d[k] for k in ("name", "dtype", "flops_per_s", "bytes_per_s", "source", "measured")})
+
+
+_A100 = "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf"
+_H100 = "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet"
+_H200 = "https://www.nvidia.com/en-us/data-center/h200/"
+_L4 = "https://www.nvidia.com/en-us/data-center/l4/ (NVIDIA L4 datasheet)"
+_A10 = "https://www.nvidia.com/en-us/data-center/products/a10-gpu/"
+_ADA = "https://images.nvidia.com/aem-dam/Solutions/geforce/ada/nvidia-ada-gpu-architecture.pdf (Appendix A)"
+_L40S = "https://www.nvidia.com/en-us/data-center/l40s/"
+
+#: Dense datasheet peaks (TFLOP/s per dtype, memory GB/s), half of the "with sparsity" figures.
+#: ``match`` is a regex on ``torch.cuda.get_device_name()``; ``mem_gib`` (min, max) tells
+#: apart boards that share a name (A100 40 GB vs 80 GB).
+KNOWN: list[dict[str, Any]] = [
+    {"name": "NVIDIA H200 NVL", "match": r"H200.*NVL", "tflops": {"bfloat16": 835, "float16": 835, "tf32": 417, "float32": 60},
+     "gb_s": 4800, "source": _H200},
+    {"name": "NVIDIA H200 SXM", "match": r"H200", "tflops": {"bfloat16": 989, "float16": 989, "tf32": 494, "float32": 67},
+     "gb_s": 4800, "source": _H200},
+    {"name": "NVIDIA H100 NVL", "match": r"H100.*NVL", "tflops": {"bfloat16": 835, "float16": 835, "tf32": 417, "float32": 60},
+     "gb_s": 3900, "source": _H100},
+    {"name": "NVIDIA H100 PCIe", "match": r"H100.*PCIe", "tflops": {"bfloat16": 756, "float16": 756, "tf32": 378, "float32": 51},
+     "gb_s": 2000, "source": _H100},
+    {"name": "NVIDIA H100 SXM", "match": r"H100", "tflops": {"bfloat16": 989, "float16": 989, "tf32": 494, "float32": 67},
+     "gb_s": 3350, "source": _H100},
+    {"name": "NVIDIA A100 80GB PCIe", "match": r"A100.*PCI", "mem_gib": (60, 100),
+     "tflops": {"bfloat16": 312, "float16": 312, "tf32": 156, "float32": 19.5}, "gb_s": 1935, "source": _A100},
+    {"name": "NVIDIA A100 40GB PCIe", "match": r"A100.*PCI", "mem_gib": (0, 60),
+     "tflops": {"bfloat16": 312, "float16": 312, "tf32": 156, "float32": 19.5}, "gb_s": 1555, "source": _A100},
+    {"name": "NVIDIA A100 80GB SXM", "match": r"A100", "mem_gib": (60, 100),
+     "tflops": {"bfloat16": 312, "float16": 312, "tf32": 156, "float32": 19.5}, "gb_s": 2039, "source": _A100},
+    {"name": "NVIDIA A100 40GB SXM", "match": r"A100", "mem_gib": (0, 60),
+     "tflops": {"bfloat16": 312, "float16": 312, "tf32": 156, "float32": 19.5}, "gb_s": 1555, "source": _A100},
+    {"name": "NVIDIA L40S", "match": r"L40S", "tflops": {"bfloat16": 362, "float16": 362, "tf32": 183, "float32": 91.6},
+     "gb_s": 864, "source": _L40S},
+    {"name": "NVIDIA L4", "match": r"\bL4\b", "tflops": {"bfloat16": 121, "float16": 121, "tf32": 60, "float32": 30.3},
+     "gb_s": 300, "source": _L4},
+    {"name": "NVIDIA A10", "match": r"\bA10\b(?!0)", "tflops": {"bfloat16": 125, "float16": 125, "tf32": 62.5, "float32": 31.2},
+     "gb_s": 600, "source": _A10},
+    # FP16/BF16 tensor throughput with FP32 accumulation (what PyTorch matmuls use).
+    {"name": "NVIDIA GeForce RTX 4090", "match": r"RTX 4090", "tflops": {"bfloat16": 165.2, "float16": 165.2, "tf32": 82.6,
+                                                                          "float32": 82.6},
+     "gb_s": 1008, "source": _ADA},
+]
+
+
+def lookup(device_name: str, total_memory_bytes: int | None = None) -> dict[str, Any] | None:
+    """The :data:`KNOWN` entry for a CUDA device name (first match wins), or ``None``."""
+    if not device_name:
+        return None
+    gib = total_memory_bytes / 2**30 if total_memory_bytes else None
+    for entry in KNOWN:
+        if not re.search(entry["match"], device_name, flags=re.I):
+            continue
+        rng = entry.get("mem_gib")
+        if rng is not None and gib is not None and not (rng[0] <= gib < rng[1]):
+            continue
+        return entry
+    return None
+
+
+def _dtype_key(dtype: Any) -> str:
+    name = str(dtype).replace("torch.", "")
+    return {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(name, name)
+
+
+def table_peaks(device_name: str, dtype: Any = "bfloat16", total_memory_bytes: int | None = None) -> Peaks | None:
+    """Datasheet :class:`Peaks` for a known accelerator and dtype, or ``None`` if unknown.
+
+    ``float32`` uses the TF32 tensor-core peak when PyTorch allows TF32 matmuls, else the
+    plain FP32 peak (PyTorch's default).
+    """
+    entry = lookup(device_name, total_memory_bytes)
+    if entry is None:
+        return None
+    key = _dtype_key(dtype)
+    if key == "float32":
+        try:
+            import torch
+
+            if torch.backends.cuda.matmul.allow_tf32:
+                key = "tf32"
+        except Exception:  # pragma: no cover
+            pass
+    tflops = entry["tflops"].get(key)
+    if tflops is None:
+        return None
+    return Peaks(name=entry["name"], dtype=key, flops_per_s=tflops * 1e12, bytes_per_s=entry["gb_s"] * 1e9,
+                 source=entry["source"], measured=False)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn, device, reps: int, budget_s: float) -> float:
+    """Best wall time of ``fn`` over up to ``reps`` runs within ``budget_s``."""
+    best = float("inf")
+    t_end = time.perf_counter() + budget_s
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() > t_end:
+            break
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def _measure(device_str: str, dtype_str: str, budget_s: float, threads: int) -> Peaks:
+    import platform
+
+    import torch
+
+    device = torch.device(device_str)
+    dtype = getattr(torch, dtype_str)
+    half = budget_s / 2
+    # Matmul: back-to-back products (a lone small product on a busy machine mostly measures
+    # thread wake-up), batched until one timed batch lasts ~20 ms; best batch of several.
+    n = 512 if device.type == "cpu" else 4096
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    k = 1
+
+    def products() -> None:
+        for _ in range(k):
+            torch.mm(a, b, out=c)
+
+    while True:
+        t = _best_time(products, device, 2, half / 4)
+        if t >= 0.02 or k >= 1024:
+            break
+        k *= 2
+    t = _best_time(products, device, 10, half / 2)
+    flops = 2.0 * n**3 * k / t
+    # Copy: a buffer well past the last-level cache; read + write = 2 × bytes per copy.
+    size = (256 if device.type == "cuda" else 64) * 2**20
+    src = torch.empty(size // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    tc = _best_time(lambda: dst.copy_(src), device, 10, half / 2)
+    bw = 2.0 * size / tc
+    del a, b, c, src, dst
+    if device.type == "cpu":
+        name = f"CPU ({platform.machine() or 'unknown'}, {threads} thread{'s' if threads != 1 else ''})"
+    else:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    how = (f"measured on this machine: {k} x {n}x{n} {dtype_str} matmuls (best of several), "
+           f"{size // 2**20} MiB copy (read + write)")
+    log.debug("measured peaks on %s: %.1f GFLOP/s, %.1f GB/s", name, flops / 1e9, bw / 1e9)
+    return Peaks(name=name, dtype=dtype_str, flops_per_s=flops, bytes_per_s=bw, source=how, measured=True)
+
+
+def measure_peaks(device: Any = "cpu", dtype: Any = "float32", budget_s: float = 0.6) -> Peaks:
+    """Measure peak matmul FLOP/s and copy bandwidth on ``device`` (cached per process).
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... (any torch device that computes).
+        dtype: matmul dtype (the run's dtype: half precision on many CPUs is far slower).
+        budget_s: rough time budget for the whole measurement (default 0.6 s).
+    Returns:
+        :class:`Peaks` with ``measured=True``. The numbers are what this machine reaches
+        now, with its current thread count and neighbours; treat them as the roofs actually
+        available, not the vendor's.
+    """
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    # keyed by the thread count too: the CPU roofs are those of the threads torch will use
+    return _measure(str(dev), _dtype_key(dtype), float(budget_s), torch.get_num_threads() if dev.type == "cpu" else 0)
+
+
+def peaks_for(device: Any = "cpu", dtype: Any = "float32", *, device_name: str | None = None,
+              measure: bool = True) -> Peaks | None:
+    """The roofs for a device: the datasheet table if the GPU is known, else a measurement.
+
+    Args:
+        device: the torch device the run used (``"cpu"``, ``"cuda:0"``...).
+        dtype: the run's dtype.
+        device_name: a recorded GPU name (``runs.gpu_name``), for a run loaded elsewhere.
+        measure: measure when the table does not know the device (else return ``None``).
+    Returns:
+        :class:`Peaks` or ``None``.
+    """
+    import torch
+
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if dev.type == "cuda" or device_name:
+        name = device_name
+        mem = None
+        if dev.type == "cuda" and torch.cuda.is_available():
+            name = name or torch.cuda.get_device_name(dev)
+            mem = torch.cuda.get_device_properties(dev).total_memory
+        found = table_peaks(name or "", dtype, mem)
+        if found is not None:
+            return found
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            return None
+    if not measure or dev.type == "meta":
+        return None
+    return measure_peaks(dev, dtype)
+
+
+def peaks_for_run(run: Any, measure: bool = True) -> Peaks | None:
+    """Roofs for a recorded :class:`probe.Run`: its GPU from the table, else measured here.
+
+    A CPU run is measured on the machine reading it, which is the recording machine only if
+    you analyse where you recorded; the returned ``source`` says so.
+    """
+    runs = run.runs
+    if runs.empty:
+        return None
+    r = runs.iloc[0]
+
+    def text(v: Any) -> str | None:
+        try:
+            import pandas as pd
+
+            if v is None or pd.isna(v):
+                return None
+        except (TypeError, ValueError):
+            pass
+        return str(v)
+
+    device = text(r["device"]) or "cpu"
+    dtype = text(r["dtype"]) or "float32"
+    gpu = text(r["gpu_name"])
+    if device.startswith("cuda"):
+        import torch
+
+        if gpu is not None and not torch.cuda.is_available():
+            return table_peaks(gpu, dtype)
+        return peaks_for(device, dtype, device_name=gpu, measure=measure) if torch.cuda.is_available() else None
+    return peaks_for("cpu", dtype, measure=measure)

@@ -1,0 +1,241 @@
+"""Achieved FLOP/s and bandwidth per block and phase, and what bounds each: compute, memory, host.
+
+Input: a calls frame annotated by :func:`probe.cost.annotate` and the device's
+:class:`probe.hardware.Peaks`. Output: DataFrames with typed columns (empty ones too).
+
+How a row is labelled (the numbers behind it are in ``reason``):
+
+- ``host``: on a GPU, the host took at least as long as the GPU (the GPU waited for kernel
+  launches), or — for the whole forward — the GPU sat idle between blocks for at least
+  :data:`GPU_IDLE_HOST_FRACTION` of the step. Where there is no GPU (a CPU run), a row that
+  reaches less than :data:`OVERHEAD_FRACTION` of the roof at its intensity is labelled
+  ``host`` too: framework overhead, not arithmetic or memory traffic, sets its time.
+- otherwise ``compute`` if its arithmetic intensity is at or above the ridge point
+  (peak FLOP/s ÷ peak bytes/s), else ``memory``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from .hardware import Peaks
+from .schema import BLOCK_ROLES, PHASES
+
+Bound = Literal["compute", "memory", "host"]
+BOUNDS: tuple[str, ...] = ("compute", "memory", "host")
+
+#: Below this fraction of the attainable roof, a host-timed (CPU) row is overhead-bound.
+OVERHEAD_FRACTION = 0.10
+#: A forward whose blocks keep the GPU busy for less than half the step is host-bound.
+GPU_IDLE_HOST_FRACTION = 0.5
+
+ROOFLINE: dict[str, str] = {
+    "module": "string",  # module name, role name (by="role") or "(forward)"
+    "role": "string",
+    "layer": "Int64",
+    "phase": "string",
+    "calls": "int64",
+    "flops": "float64",
+    "bytes_moved": "float64",
+    "time_ms": "float64",  # GPU time where recorded for every call, host time otherwise
+    "time_source": "string",  # "gpu" or "host"
+    "host_ms": "float64",
+    "gpu_ms": "float64",
+    "achieved_tflop_s": "float64",
+    "achieved_gb_s": "float64",
+    "intensity_flops_per_byte": "float64",
+    "ridge_flops_per_byte": "float64",
+    "roof_tflop_s": "float64",  # attainable at this intensity: min(peak, intensity × bandwidth)
+    "roof_fraction": "float64",  # achieved / roof at this intensity = max(compute, bandwidth fraction)
+    "compute_fraction": "float64",  # achieved FLOP/s / peak FLOP/s
+    "bandwidth_fraction": "float64",  # achieved bytes/s / peak bytes/s
+    "gpu_idle_fraction": "float64",  # (forward rows) share of step GPU time outside the blocks
+    "bound": "string",  # compute | memory | host
+    "reason": "string",  # the numbers behind the label
+    "peaks": "string",  # which roofs: "measured ..." or "datasheet ..."
+}
+
+
+def empty_roofline() -> pd.DataFrame:
+    """An empty roofline frame with every column at its dtype."""
+    return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in ROOFLINE.items()})
+
+
+def _conform(df: pd.DataFrame) -> pd.DataFrame:
+    out = {}
+    n = len(df)
+    for col, dt in ROOFLINE.items():
+        if col in df.columns:
+            out[col] = df[col].reset_index(drop=True).astype(dt)
+        else:
+            out[col] = pd.Series([pd.NA] * n, dtype=dt) if dt in ("string", "Int64") else \
+                pd.Series(np.full(n, np.nan), dtype=dt)
+    return pd.DataFrame(out)
+
+
+def _fmt_flops(v: float) -> str:
+    if not np.isfinite(v):
+        return "n/a"
+    return f"{v / 1e12:,.2f} TFLOP/s" if v >= 1e12 else f"{v / 1e9:,.2f} GFLOP/s"
+
+
+def _classify(flops_s: np.ndarray, bytes_s: np.ndarray, intensity: np.ndarray, host_ms: np.ndarray,
+              gpu_ms: np.ndarray, idle: np.ndarray, on_gpu: np.ndarray, peaks: Peaks) -> tuple[list, list]:
+    """Label each row and write the numbers that decided it."""
+    ridge = peaks.ridge_flops_per_byte
+    roof = np.minimum(peaks.flops_per_s, intensity * peaks.bytes_per_s)
+    where = "measured" if peaks.measured else "datasheet"
+    bounds, reasons = [], []
+    for i in range(len(flops_s)):
+        I, f, b = intensity[i], flops_s[i], bytes_s[i]
+        # use of the binding resource: f / roof for a positive intensity, b / bandwidth at
+        # zero FLOPs (an embedding gather is a pure copy)
+        frac = max(f / peaks.flops_per_s, b / peaks.bytes_per_s) if np.isfinite(f) and np.isfinite(b) else math.nan
+        roof_txt = (f"intensity {I:,.2f} FLOP/B {'≥' if I >= ridge else '<'} ridge {ridge:,.1f} FLOP/B "
+                    f"({where} peaks {_fmt_flops(peaks.flops_per_s)}, {peaks.gb_s:,.1f} GB/s)")
+        if on_gpu[i] and host_ms[i] >= gpu_ms[i]:
+            bounds.append("host")
+            reasons.append(f"host {host_ms[i]:,.3f} ms ≥ GPU {gpu_ms[i]:,.3f} ms: the GPU waits for launches")
+        elif on_gpu[i] and np.isfinite(idle[i]) and idle[i] >= GPU_IDLE_HOST_FRACTION:
+            bounds.append("host")
+            reasons.append(f"GPU idle {idle[i] * 100:,.0f}% of the step between blocks")
+        elif not on_gpu[i] and np.isfinite(frac) and frac < OVERHEAD_FRACTION:
+            bounds.append("host")
+            used = (f"{_fmt_flops(f)} = {frac * 100:,.1f}% of the compute roof" if I >= ridge else
+                    f"{b / 1e9:,.2f} GB/s = {frac * 100:,.1f}% of the bandwidth roof")
+            reasons.append(f"achieved {used}, {roof_txt}: per-call overhead, not compute or memory, "
+                           "sets the time")
+        elif not np.isfinite(I):
+            bounds.append(pd.NA)
+            reasons.append("no FLOP/byte estimate for this block")
+        elif I >= ridge:
+            bounds.append("compute")
+            reasons.append(f"{roof_txt}; achieved {_fmt_flops(f)} = {f / peaks.flops_per_s * 100:,.1f}% of peak")
+        else:
+            bounds.append("memory")
+            reasons.append(f"{roof_txt}; achieved {b / 1e9:,.2f} GB/s = {b / peaks.bytes_per_s * 100:,.1f}% of peak")
+        if np.isfinite(frac) and frac > 1.05 and bounds[-1] != "host":
+            reasons[-1] += " (above the roof: the working set is likely served from cache)"
+    return bounds, reasons
+
+
+def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | None = None,
+             by: Literal["role", "module"] = "role") -> pd.DataFrame:
+    """Achieved TFLOP/s, GB/s and intensity per block and phase, with its bound and the reason.
+
+    Args:
+        calls: a calls frame with ``flops`` and ``bytes_moved`` (see :func:`probe.cost.annotate`).
+        peaks: the device's roofs (:func:`probe.hardware.peaks_for` / ``peaks_for_run``); ``None``
+            leaves the roof columns and bounds empty.
+        steps: the run's steps frame; adds one ``(forward)`` row per phase (the blocks' FLOPs and
+            bytes over the whole forward time, with the GPU idle share between blocks).
+        by: ``"role"`` (one row per block kind: embed, layer, norm, head — layers pooled) or
+            ``"module"`` (one row per module).
+    Returns:
+        A frame with the :data:`ROOFLINE` columns, phases in prefill, decode... order. Time is
+        GPU time where every call of the group has it, host time otherwise.
+    """
+    if by not in ("role", "module"):
+        raise ValueError(f"by must be 'role' or 'module'; got {by!r}")
+    if calls.empty or "flops" not in calls.columns:
+        if not calls.empty:
+            raise ValueError("calls have no 'flops' column: run probe.cost.annotate(calls, model) first")
+        return empty_roofline()
+    c = calls
+    keys = ["role", "phase"] if by == "role" else ["module", "role", "layer", "phase"]
+    g = c.groupby(keys, sort=False, dropna=False, observed=True)
+    out = pd.DataFrame({
+        "calls": g.size(),
+        "flops": g["flops"].sum(min_count=1),
+        "bytes_moved": g["bytes_moved"].sum(min_count=1),
+        "host_ms": g["cpu_ms"].sum(),
+        "gpu_ms": g["gpu_ms"].sum(min_count=1),
+        "_gpu_n": g["gpu_ms"].count(),
+    }).reset_index()
+    if by == "role":
+        out["module"] = out["role"]
+        out["layer"] = pd.array([pd.NA] * len(out), dtype="Int64")
+    out["gpu_idle_fraction"] = np.nan
+    out["_on_gpu"] = out["_gpu_n"] == out["calls"]
+    if steps is not None and not steps.empty:
+        out = pd.concat([out, _forward_rows(c, steps)], ignore_index=True)
+    out["_on_gpu"] = out["_on_gpu"].astype(bool)
+    on_gpu = out["_on_gpu"].to_numpy()
+    host = out["host_ms"].to_numpy(dtype="float64", na_value=np.nan)
+    gpu = out["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
+    t = np.where(on_gpu, gpu, host)
+    out["time_ms"] = t
+    out["time_source"] = np.where(on_gpu, "gpu", "host")
+    fl = out["flops"].to_numpy(dtype="float64", na_value=np.nan)
+    by_ = out["bytes_moved"].to_numpy(dtype="float64", na_value=np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f_s = fl / (t / 1e3)
+        b_s = by_ / (t / 1e3)
+        inten = np.where(by_ > 0, fl / by_, np.nan)
+    out["achieved_tflop_s"] = f_s / 1e12
+    out["achieved_gb_s"] = b_s / 1e9
+    out["intensity_flops_per_byte"] = inten
+    if peaks is not None:
+        roof = np.minimum(peaks.flops_per_s, inten * peaks.bytes_per_s)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["ridge_flops_per_byte"] = peaks.ridge_flops_per_byte
+            out["roof_tflop_s"] = roof / 1e12
+            out["roof_fraction"] = np.maximum(f_s / peaks.flops_per_s, b_s / peaks.bytes_per_s)
+            out["compute_fraction"] = f_s / peaks.flops_per_s
+            out["bandwidth_fraction"] = b_s / peaks.bytes_per_s
+        idle = out["gpu_idle_fraction"].to_numpy(dtype="float64", na_value=np.nan)
+        bounds, reasons = _classify(f_s, b_s, inten, host, gpu, idle, on_gpu, peaks)
+        out["bound"] = pd.array(bounds, dtype="string")
+        out["reason"] = pd.array(reasons, dtype="string")
+        out["peaks"] = peaks.label()
+    order = {p: i for i, p in enumerate(PHASES)}
+    role_order = {r: i for i, r in enumerate(BLOCK_ROLES)}
+    out["_p"] = out["phase"].map(order).fillna(99)
+    out["_r"] = out["role"].map(role_order).fillna(50).where(out["module"] != "(forward)", 98)
+    out = out.sort_values(["_p", "_r"], kind="stable")
+    return _conform(out)
+
+
+def _forward_rows(calls: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+    """One row per phase for the whole forward: block totals over the steps' forward time."""
+    blocks = calls[calls["role"].isin(BLOCK_ROLES)]
+    g = blocks.groupby("phase", sort=False, observed=True)
+    fl = g["flops"].sum(min_count=1)
+    by_ = g["bytes_moved"].sum(min_count=1)
+    blk_gpu = g["gpu_ms"].sum(min_count=1)
+    s = steps.groupby("phase", sort=False, observed=True)
+    rows = pd.DataFrame({
+        "calls": s.size(),
+        "host_ms": s["forward_ms"].sum(),
+        "gpu_ms": s["gpu_ms"].sum(min_count=1),
+        "_gpu_n": s["gpu_ms"].count(),
+    })
+    rows["flops"] = fl.reindex(rows.index)
+    rows["bytes_moved"] = by_.reindex(rows.index)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rows["gpu_idle_fraction"] = (1.0 - blk_gpu.reindex(rows.index) / rows["gpu_ms"]).clip(lower=0.0)
+    rows["_on_gpu"] = rows["_gpu_n"] == rows["calls"]
+    rows = rows.reset_index()
+    rows["module"] = "(forward)"
+    rows["role"] = "forward"
+    rows["layer"] = pd.array([pd.NA] * len(rows), dtype="Int64")
+    return rows[rows["flops"].notna()]
+
+
+def bound_summary(roof: pd.DataFrame) -> pd.DataFrame:
+    """Per phase, the share of time each bound accounts for (block rows only).
+
+    Returns:
+        Columns ``phase`` (string), ``bound`` (string), ``time_ms`` (float64), ``share`` (float64).
+    """
+    cols = {"phase": "string", "bound": "string", "time_ms": "float64", "share": "float64"}
+    r = roof[(roof["module"] != "(forward)") & roof["role"].isin(BLOCK_ROLES) & roof["bound"].notna()]
+    if r.empty:
+        return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in cols.items()})
+    g = r.groupby(["phase", "bound"], sort=False, observed=True)["time_ms"].sum().reset_index()
+    g["share"] = g["time_ms"] / g.groupby("phase")["time_ms"].transform("sum")
+    return g.astype(cols)

@@ -1,0 +1,373 @@
+"""`probe sweep`: how prefill and decode cost grow with prompt length, context and batch.
+
+For every (prompt length, batch size) pair: unrecorded warm-up generate calls, then ``repeat``
+recorded ones with exactly ``new_tokens`` new tokens (EOS suppressed), each config's probe
+run saved under ``OUT/runs/p{P}-b{B}/``. The result is one frame, one row per recorded step
+(prefill and every decode step of every repeat), saved as ``OUT/sweep.parquet`` with
+``OUT/sweep.json`` beside it; :func:`load_sweep` reads both back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .schema import BLOCK_ROLES
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.parquet"
+SWEEP_META = "sweep.json"
+SWEEP_SCHEMA_VERSION = 1
+
+SWEEP: dict[str, str] = {
+    "prompt_len": "int64",
+    "batch": "int64",
+    "repeat": "int64",  # 0-based index of the recorded generate call within its config
+    "run_id": "string",
+    "step": "int64",
+    "phase": "string",
+    "q_len": "int64",
+    "kv_len": "int64",  # cached positions before the step
+    "forward_ms": "float64",
+    "gpu_ms": "float64",
+    "outside_ms": "float64",
+    "latency_ms": "float64",  # forward + outside: time until the step's token is chosen
+    "new_tokens": "int64",
+    "kv_cache_bytes": "Int64",
+    "flops": "float64",  # estimated over the blocks (probe.cost)
+    "bytes_moved": "float64",
+    "ttft_ms": "float64",  # run-level columns, repeated on each of the run's steps
+    "tpot_ms_mean": "float64",
+    "prefill_tok_s": "float64",
+    "decode_tok_s": "float64",
+    "total_ms": "float64",
+    "run_dir": "string",  # the config's run directory, relative to the sweep folder
+}
+
+SUMMARY_COLUMNS: dict[str, str] = {
+    "prompt_len": "int64",
+    "batch": "int64",
+    "repeats": "int64",
+    "prefill_ms": "float64",  # median over repeats of the prefill step's latency
+    "decode_ms_per_token": "float64",  # median over repeats of the mean decode-step latency
+    "ttft_ms": "float64",
+    "prefill_tok_s": "float64",
+    "decode_tok_s": "float64",
+}
+
+
+def _conform(df: pd.DataFrame, cols: dict[str, str]) -> pd.DataFrame:
+    out = {}
+    n = len(df)
+    for col, dt in cols.items():
+        if col in df.columns:
+            out[col] = df[col].reset_index(drop=True).astype(dt)
+        elif dt in ("string", "Int64"):
+            out[col] = pd.Series([pd.NA] * n, dtype=dt)
+        else:
+            out[col] = pd.Series(np.full(n, np.nan), dtype=dt) if dt == "float64" else pd.Series(np.zeros(n), dtype=dt)
+    return pd.DataFrame(out)
+
+
+def empty_sweep() -> pd.DataFrame:
+    """An empty sweep frame with every column at its dtype."""
+    return _conform(pd.DataFrame(), SWEEP)
+
+
+def _prompt_ids(prompt_len: int, batch: int, vocab: int, bos: int | None, seed: int, device: Any):
+    """Deterministic token ids ``[batch, prompt_len]`` (BOS first when the model has one).
+
+    Cost does not depend on which ids they are; random ids avoid tokenizer-specific lengths.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + prompt_len)
+    low = min(3, max(vocab - 1, 0))
+    ids = torch.randint(low, vocab, (batch, prompt_len), generator=g)
+    if bos is not None and 0 <= bos < vocab:
+        ids[:, 0] = bos
+    return ids.to(device)
+
+
+def _model_device(model) -> Any:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else "cpu"
+
+
+def sweep(model, tokenizer=None, prompt_lens: Sequence[int] = (16, 64, 256, 1024), batch_sizes: Sequence[int] = (1, 4),
+          new_tokens: int = 32, repeat: int = 3, warmup: int = 1, depth: str = "blocks", *,
+          out: str | os.PathLike | None = None, progress: bool = False, seed: int = 0,
+          model_id: str | None = None) -> pd.DataFrame:
+    """Profile ``generate()`` over prompt lengths and batch sizes.
+
+    Args:
+        model: a causal LM (any device).
+        tokenizer: optional; gives the pad/BOS ids and bounds the ids used.
+        prompt_lens, batch_sizes: the grid.
+        new_tokens: new tokens per sequence (``min_new_tokens`` too, so every call runs
+            exactly ``new_tokens`` steps).
+        repeat: recorded calls per config; warmup: unrecorded calls before them.
+        depth: probe depth for the recorded calls.
+        out: folder to save ``sweep.parquet``, ``sweep.json`` and ``runs/p{P}-b{B}/``.
+        progress: show a tqdm bar on stderr.
+        seed: seed for the prompt ids.
+        model_id: name stored in the runs.
+    Returns:
+        The sweep frame (:data:`SWEEP` columns), one row per recorded step. A config that
+        fails (out of memory, too long for the model) is skipped and listed in
+        ``frame.attrs["failures"]`` and in ``sweep.json``.
+    """
+    import torch
+
+    from . import attach
+    from .cost import annotate
+
+    _check_grid(prompt_lens, batch_sizes, new_tokens, repeat, warmup)
+    cfg = getattr(model, "config", None)
+    vocab = int(getattr(cfg, "vocab_size", None) or (len(tokenizer) if tokenizer is not None else 32000))
+    if tokenizer is not None:
+        vocab = min(vocab, len(tokenizer))
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else getattr(cfg, "bos_token_id", None)
+    pad = None
+    for src in (tokenizer, getattr(model, "generation_config", None), cfg):
+        for key in ("pad_token_id", "eos_token_id"):
+            v = getattr(src, key, None) if src is not None else None
+            if isinstance(v, (list, tuple)):
+                v = v[0] if v else None
+            if v is not None and pad is None:
+                pad = int(v)
+    device = _model_device(model)
+    root = Path(out) if out is not None else None
+    configs = [(int(p), int(b)) for b in batch_sizes for p in prompt_lens]
+    frames: list[pd.DataFrame] = []
+    failures: list[dict] = []
+    run_dirs: dict[str, str] = {}
+    bar = _bar(len(configs) * (warmup + repeat), progress)
+    try:
+        for P, B in configs:
+            bar.set_postfix_str(f"prompt {P} x batch {B}")
+            ids = _prompt_ids(P, B, vocab, bos, seed, device)
+            gen = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens,
+                   "min_new_tokens": new_tokens, "do_sample": False}
+            if pad is not None:
+                gen["pad_token_id"] = pad
+            try:
+                for _ in range(warmup):
+                    model.generate(**gen)
+                    bar.update(1)
+                with attach(model, depth=depth, model_id=model_id) as p:
+                    for _ in range(repeat):
+                        model.generate(**gen)
+                        bar.update(1)
+                run = p.run
+            except Exception as exc:  # one config failing must not lose the others
+                log.warning("sweep: prompt %d x batch %d failed: %s: %s", P, B, type(exc).__name__, exc)
+                failures.append({"prompt_len": P, "batch": B, "error": f"{type(exc).__name__}: {exc}"})
+                if device is not None and str(device).startswith("cuda"):
+                    torch.cuda.empty_cache()
+                continue
+            rel = None
+            if root is not None:
+                rel = f"runs/p{P}-b{B}"
+                run.meta["sweep"] = {"prompt_len": P, "batch": B}
+                run.save(root / rel)
+                run_dirs[f"p{P}-b{B}"] = rel
+            frames.append(_config_frame(run, annotate(run.calls, model), P, B, rel))
+    finally:
+        bar.close()
+    df = _conform(pd.concat(frames, ignore_index=True), SWEEP) if frames else empty_sweep()
+    df.attrs["failures"] = failures
+    if root is not None:
+        meta = {
+            "kind": "probe-sweep",
+            "schema_version": SWEEP_SCHEMA_VERSION,
+            "model_id": model_id or getattr(cfg, "name_or_path", None) or type(model).__name__,
+            "model_class": type(model).__name__,
+            "device": str(device),
+            "dtype": str(next(iter(model.parameters())).dtype).replace("torch.", ""),
+            "prompt_lens": [int(p) for p in prompt_lens],
+            "batch_sizes": [int(b) for b in batch_sizes],
+            "new_tokens": new_tokens,
+            "repeat": repeat,
+            "warmup": warmup,
+            "depth": depth,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "runs": run_dirs,
+            "failures": failures,
+            "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
+        }
+        save_sweep(df, root, meta)
+    return df
+
+
+def _check_grid(prompt_lens, batch_sizes, new_tokens, repeat, warmup) -> None:
+    if not prompt_lens or any(int(p) < 1 for p in prompt_lens):
+        raise ValueError(f"prompt lengths must be >= 1; got {list(prompt_lens)}")
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be >= 1; got {list(batch_sizes)}")
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1; got {new_tokens}")
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1; got {repeat}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0; got {warmup}")
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, show: bool):
+    if not show:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sweep", unit="gen", file=sys.stderr, dynamic_ncols=True)
+
+
+def _config_frame(run, calls: pd.DataFrame, P: int, B: int, rel: str | None) -> pd.DataFrame:
+    """The steps of one config's generate calls, with repeat index, FLOPs and run metrics."""
+    runs = run.runs[run.runs["kind"] == "generate"].reset_index(drop=True)
+    order = {rid: i for i, rid in enumerate(runs["run_id"])}
+    st = run.steps[run.steps["run_id"].isin(order)].copy()
+    blocks = calls[calls["role"].isin(BLOCK_ROLES)]
+    sums = blocks.groupby(["run_id", "step"], sort=False)[["flops", "bytes_moved"]].sum(min_count=1)
+    st = st.merge(sums.reset_index(), on=["run_id", "step"], how="left")
+    per_run = runs[["run_id", "ttft_ms", "tpot_ms_mean", "prefill_tok_s", "decode_tok_s", "total_ms"]]
+    st = st.merge(per_run, on="run_id", how="left")
+    st["repeat"] = st["run_id"].map(order).astype("int64")
+    st["prompt_len"] = P
+    st["batch"] = B
+    st["run_dir"] = rel
+    return st
+
+
+def save_sweep(df: pd.DataFrame, path: str | os.PathLike, meta: dict) -> Path:
+    """Write ``sweep.parquet`` and ``sweep.json`` into ``path`` (created if needed)."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{SWEEP_FILE}.tmp"
+    _conform(df, SWEEP).to_parquet(tmp, index=False)
+    os.replace(tmp, root / SWEEP_FILE)
+    (root / SWEEP_META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    return root
+
+
+def load_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
+    """Read a sweep folder back: ``(frame, meta)``, the frame equal to the one saved.
+
+    Raises:
+        ValueError: the folder holds no sweep, or its files are unreadable.
+    """
+    root = Path(path)
+    f = root / SWEEP_FILE
+    if not f.exists():
+        raise ValueError(f"{root} holds no sweep ({SWEEP_FILE} missing); run `probe sweep --out {root}` first")
+    try:
+        df = pd.read_parquet(f)
+        meta = json.loads((root / SWEEP_META).read_text(encoding="utf-8")) if (root / SWEEP_META).exists() else {}
+    except Exception as exc:
+        raise ValueError(f"cannot read the sweep in {root}: {exc}") from exc
+    missing = [c for c in SWEEP if c not in df.columns]
+    if missing:
+        raise ValueError(f"{f} lacks columns {missing}: not a sweep frame of this version")
+    out = _conform(df, SWEEP)
+    out.attrs["failures"] = meta.get("failures", [])
+    return out, meta
+
+
+def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (prompt length, batch): medians over repeats of prefill and decode costs."""
+    if df.empty:
+        return _conform(pd.DataFrame(), SUMMARY_COLUMNS)
+    keys = ["prompt_len", "batch", "repeat"]
+    pre = df[df["phase"] == "prefill"].groupby(keys)["latency_ms"].sum().rename("prefill_ms")
+    dec = df[df["phase"] == "decode"].groupby(keys)["latency_ms"].mean().rename("decode_ms_per_token")
+    run = df.groupby(keys)[["ttft_ms", "prefill_tok_s", "decode_tok_s"]].first()
+    per = pd.concat([pre, dec, run], axis=1).reset_index()
+    g = per.groupby(["prompt_len", "batch"])
+    out = g[["prefill_ms", "decode_ms_per_token", "ttft_ms", "prefill_tok_s", "decode_tok_s"]].median()
+    out["repeats"] = g.size()
+    return _conform(out.reset_index(), SUMMARY_COLUMNS)
+
+
+# --------------------------------------------------------------------------- CLI
+def _int_list(text: str, flag: str) -> list[int]:
+    from .cli import CLIError
+
+    try:
+        vals = [int(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise CLIError(f"{flag} takes comma-separated integers, e.g. 16,64,256; got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise CLIError(f"{flag} needs integers >= 1; got {text!r}")
+    return vals
+
+
+def run_sweep_cli(args) -> int:
+    """Body of ``probe sweep`` (argparse namespace from :mod:`probe.cli`)."""
+    from .cli import CLIError, _check_writable, _progress, _resolve_device, _resolve_dtype, load_model
+
+    prompt_lens = _int_list(args.prompt_lens, "--prompt-lens")
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    for flag, v, low in (("--new-tokens", args.new_tokens, 1), ("--repeat", args.repeat, 1), ("--warmup", args.warmup, 0)):
+        if v < low:
+            raise CLIError(f"{flag} must be >= {low}; got {v}")
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    out = Path(args.out) if args.out else Path("probe-runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_writable(out)
+    _progress(f"loading {args.model_dir or args.preset or 'the bundled model'} ({dtype}, {device}) ...")
+    model, tok, model_id = load_model(args.model_dir, args.preset, dtype, device)
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if isinstance(limit, int):
+        too_long = [p for p in prompt_lens if p + args.new_tokens > limit]
+        if too_long:
+            raise CLIError(f"prompt lengths {too_long} + {args.new_tokens} new tokens exceed the model's "
+                           f"{limit} positions; use shorter --prompt-lens or fewer --new-tokens")
+    n = len(prompt_lens) * len(batch_sizes)
+    _progress(f"sweep: {n} configs x ({args.warmup} warm-up + {args.repeat} recorded) generate calls, "
+              f"{args.new_tokens} new tokens each")
+    df = sweep(model, tok, prompt_lens, batch_sizes, args.new_tokens, args.repeat, args.warmup, args.depth,
+               out=out, progress=True, model_id=model_id)
+    print(_format_summary(sweep_summary(df)))
+    for f in df.attrs.get("failures", []):
+        print(f"failed: prompt {f['prompt_len']} x batch {f['batch']}: {f['error']}")
+    print(f"\nsweep saved to {out}/ ({SWEEP_FILE}, {SWEEP_META}, runs/)")
+    try:
+        from reports.cost_figures import sweep_html
+
+        _, meta = load_sweep(out)
+        html = out / "sweep.html"
+        html.write_text(sweep_html(df, meta), encoding="utf-8")
+        print(f"charts: {html}")
+    except ImportError as exc:
+        print(f"probe: note: no charts written ({exc}); install genprobe[report]", file=sys.stderr)
+    if df.empty:
+        raise CLIError("every sweep config failed; see the messages above")
+    return 0
+
+
+def _format_summary(s: pd.DataFrame) -> str:
+    lines = [f"{'prompt':>7}{'batch':>7}{'prefill ms':>12}{'prefill tok/s':>15}{'decode ms/tok':>15}{'decode tok/s':>14}"]
+    for _, r in s.iterrows():
+        lines.append(f"{int(r['prompt_len']):>7}{int(r['batch']):>7}{r['prefill_ms']:>12.2f}{r['prefill_tok_s']:>15,.0f}"
+                     f"{r['decode_ms_per_token']:>15.2f}{r['decode_tok_s']:>14,.1f}")
+    return "\n".join(lines)

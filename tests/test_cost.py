@@ -1,0 +1,358 @@
+"""The cost model (probe.cost), device peaks (probe.hardware) and bounds (probe.roofline).
+
+Every frame here is recorded by the real probe on a tiny real model; expected values are
+computed in the test from the model's own weights and config, never copied from a run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import probe
+from probe import cost, hardware
+from probe import roofline as rl
+from probe.schema import BLOCK_ROLES
+from tiny import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two OpenMP threads on a shared 2-core machine turn every barrier into a scheduling
+    # lottery; one thread keeps these tests quick and steady.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def dense_llama(seed: int = 0) -> LlamaForCausalLM:
+    """LLaMA-shaped ratios at a tiny width: head_dim 64, GQA 4:2, intermediate ≈ 8/3·hidden."""
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg).eval()
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Parameters that take part in matmuls: every nn.Linear (layers + lm_head), no embedding."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def attention_exact(cfg, batch: int, q: int, kv_total: int) -> int:
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers * 4 * batch * cfg.num_attention_heads * q * kv_total * hd
+
+
+def record_forward(model, ids, depth="blocks"):
+    with probe.attach(model, depth=depth) as p, torch.no_grad():
+        model(ids)
+    return p.run
+
+
+def record_generate(model, ids, n=4, depth="blocks"):
+    with probe.attach(model, depth=depth) as p:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+    return p.run
+
+
+# --------------------------------------------------------------------------- formulas
+def test_every_formula_has_a_docstring_and_agrees_with_its_definition():
+    for fn in (cost.linear_flops, cost.linear_bytes, cost.embedding_bytes, cost.attention_flops, cost.softmax_flops,
+               cost.attention_bytes, cost.norm_flops, cost.norm_bytes, cost.elementwise_flops, cost.elementwise_bytes,
+               cost.kv_cache_bytes_per_token, cost.annotate, cost.module_cost):
+        assert inspect.getdoc(fn), fn.__name__
+    T, i, o = 5, 6, 7
+    assert cost.linear_flops(T, i, o) == sum(2 for _ in range(T) for _ in range(i) for _ in range(o))
+    assert cost.linear_flops(T, i, o, bias=True) - cost.linear_flops(T, i, o) == T * o
+    assert cost.linear_bytes(T, i, o, 2, 4) == i * o * 2 + T * (i + o) * 4
+    # QKᵀ: B·heads·q·kv dot products of length hd; AV the same again; 2 FLOPs per multiply-add
+    B, H, q, kv, hd = 2, 3, 4, 9, 8
+    assert cost.attention_flops(B, q, kv, H, hd) == 2 * (2 * B * H * q * kv * hd)
+
+
+def test_kv_cache_per_token_of_a_7b_config_is_half_a_mebibyte_in_bf16():
+    from probe.models import preset_config
+
+    cfg = preset_config("chinese-llama-2-7b")
+    per_token = cost.kv_cache_bytes_per_token(cfg, torch.tensor([], dtype=torch.bfloat16).element_size())
+    assert per_token == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    assert per_token == 0.5 * 2**20
+
+
+# --------------------------------------------------------------------------- the 2·P·T check
+def test_dense_llama_forward_is_two_flops_per_matmul_parameter_per_token_plus_exact_attention():
+    model = dense_llama()
+    B, T = 2, 24
+    ids = torch.randint(3, 1000, (B, T), generator=torch.Generator().manual_seed(1))
+    run = record_forward(model, ids)
+    calls = cost.annotate(run.calls, model)
+    blocks = calls[calls["role"].isin(BLOCK_ROLES)]
+    assert set(blocks["role"]) == set(BLOCK_ROLES)
+    total = blocks["flops"].sum()
+    # a plain forward computes logits at every position, so lm_head sees all B·T tokens
+    assert calls.loc[calls["role"] == "head", "in_shapes"].iloc[0] == f"[[{B},{T},256]]"
+    dense = 2 * matmul_params(model) * B * T
+    attn = attention_exact(model.config, B, T, T)
+    rest = total - attn - dense  # norms, activations, rope, softmax, residual adds
+    assert rest > 0
+    assert abs(rest) / dense < 0.02, (total, dense, attn)
+    # the embedding gather does no arithmetic
+    assert calls.loc[calls["role"] == "embed", "flops"].iloc[0] == 0
+
+
+def test_decode_layer_cost_grows_with_the_kv_cache_by_the_attention_term_only():
+    model = dense_llama()
+    cfg = model.config
+    B, P, n = 2, 6, 4
+    ids = torch.randint(3, 1000, (B, P), generator=torch.Generator().manual_seed(2))
+    run = record_generate(model, ids, n=n)
+    calls = cost.annotate(run.calls, model)
+    lay = calls[(calls["module"] == "model.layers.1") & (calls["phase"] == "decode")].sort_values("step")
+    assert list(lay["kv_len"]) == list(range(P, P + n - 1))
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    step_flops = B * cfg.num_attention_heads * (4 * hd + cost.SOFTMAX_FLOPS_PER_SCORE)
+    assert lay["flops"].diff().dropna().tolist() == [step_flops] * (n - 2)
+    # one more cached position per sequence is one more K and V row per KV head to read
+    kv_row = 2 * cfg.num_key_value_heads * hd * 4  # float32
+    assert lay["bytes_moved"].diff().dropna().tolist() == [B * kv_row] * (n - 2)
+    # per decode step, a layer reads all of its weights once: bytes >= weight bytes
+    layer = model.model.layers[1]
+    wbytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    assert (lay["bytes_moved"] >= wbytes).all()
+    assert (lay["bytes_moved"] < 1.1 * wbytes).all()
+    # and does 2 FLOPs per weight per token, plus attention over the cache
+    lin = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+    first = lay.iloc[0]
+    exact = 2 * lin * B + attention_exact(cfg, B, 1, P + 1) / cfg.num_hidden_layers
+    assert abs(first["flops"] - exact) / exact < 0.02
+    # lm_head in decode: its weight dominates the traffic, intensity about 2·B/itemsize
+    head = calls[(calls["role"] == "head") & (calls["phase"] == "decode")].iloc[0]
+    hw = model.lm_head.weight
+    assert head["bytes_moved"] == pytest.approx(hw.numel() * 4 + B * (hw.shape[0] + hw.shape[1]) * 4)
+    assert head["flops"] == 2 * hw.numel() * B
+
+
+def test_embedding_bytes_are_the_gathered_rows():
+    model = dense_llama()
+    B, T = 3, 5
+    run = record_forward(model, torch.randint(3, 1000, (B, T)))
+    emb = cost.annotate(run.calls, model).query("role == 'embed'").iloc[0]
+    H = model.config.hidden_size
+    assert emb["bytes_moved"] == cost.embedding_bytes(B * T, H, 4, 4) == B * T * (8 + H * 4 + H * 4)
+
+
+def test_sublayers_add_up_to_their_layer_plus_the_residual_adds():
+    model = dense_llama()
+    B, T = 1, 10
+    run = record_forward(model, torch.randint(3, 1000, (B, T)), depth="sublayers")
+    calls = cost.annotate(run.calls, model)
+    layer2 = calls[calls["layer"] == 2]
+    whole = layer2.loc[layer2["role"] == "layer", "flops"].iloc[0]
+    parts = layer2.loc[layer2["role"] != "layer", "flops"].sum()
+    assert set(layer2["role"]) == {"layer", "attention", "mlp", "layer_norm"}
+    assert whole - parts == pytest.approx(2 * model.config.hidden_size * B * T)
+
+
+def test_annotate_from_the_config_dict_matches_the_model_and_from_a_run_with_config():
+    model = dense_llama()
+    run = record_generate(model, torch.randint(3, 1000, (1, 5)), n=3)
+    from_model = cost.annotate(run.calls, model)
+    from_dict = cost.annotate(run.calls, model.config.to_dict(), dtype="float32")
+    pd.testing.assert_frame_equal(from_model, from_dict)
+    run.meta["config"] = model.config.to_dict()
+    pd.testing.assert_frame_equal(from_model, cost.annotate(run.calls, run))
+    with pytest.raises(ValueError, match="config"):
+        cost.annotate(run.calls, probe.Run(run.calls, run.steps, run.runs, meta={}))
+
+
+def test_annotate_works_per_module_not_per_row(monkeypatch):
+    model = dense_llama()
+    run = record_generate(model, torch.randint(3, 1000, (1, 5)), n=3)
+    big = pd.concat([run.calls] * 2000, ignore_index=True)  # ~ 100k rows
+    seen = []
+    real = cost.module_cost
+
+    def counting(module, config, role=None):
+        seen.append(role)
+        return real(module, config, role)
+
+    monkeypatch.setattr(cost, "module_cost", counting)
+    out = cost.annotate(big, model)
+    assert len(seen) == run.calls["module"].nunique()
+    small = cost.annotate(run.calls, model)
+    n = len(run.calls)
+    assert out["flops"].to_numpy()[-n:].tolist() == small["flops"].tolist()
+    assert out["flops"].dtype == "float64" and out["bytes_moved"].notna().all()
+
+
+def test_empty_and_unknown_modules():
+    model = dense_llama()
+    run = record_forward(model, torch.randint(3, 1000, (1, 4)))
+    empty = cost.annotate(run.calls.iloc[:0], model)
+    assert list(empty.columns[-3:]) == list(cost.COST_COLUMNS)
+    assert all(str(empty[c].dtype) == d for c, d in cost.COST_COLUMNS.items())
+    other = dense_llama()
+    other.model.layers = other.model.layers[:2]  # layers 2 and 3 no longer exist in "other"
+    out = cost.annotate(run.calls, other)
+    assert out.loc[out["module"] == "model.layers.3", "flops"].isna().all()
+    assert out.loc[out["module"] == "model.layers.1", "flops"].notna().all()
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen2", "mixtral", "gemma2", "opt"])
+def test_other_architectures_get_finite_positive_layer_costs(model_type):
+    model = tiny_model(model_type)
+    T = 24
+    run = record_forward(model, torch.randint(3, 96, (1, T)))
+    calls = cost.annotate(run.calls, model)
+    layers = calls[calls["role"] == "layer"]
+    assert len(layers) == 2 and (layers["flops"] > 0).all() and (layers["bytes_moved"] > 0).all()
+    head = calls[calls["role"] == "head"]
+    assert (head["flops"] > 0).all()
+    if model_type == "gemma2":  # layer 0 slides over 16 positions, layer 1 sees all 24
+        f0, f1 = layers["flops"].tolist()
+        cfg = model.config
+        per_score = cfg.num_attention_heads * (4 * cfg.head_dim + cost.SOFTMAX_FLOPS_PER_SCORE)
+        assert f1 - f0 == pytest.approx(per_score * T * (T - cfg.sliding_window))
+    if model_type == "mixtral":  # each token uses k of E experts
+        cfg = model.config
+        layer = model.model.layers[0]
+        experts = sum(p.numel() for p in layer.mlp.experts.parameters())
+        dense_other = sum(p.numel() for n, p in layer.named_parameters() if "experts" not in n and p.dim() == 2)
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        matmuls = 2 * T * (dense_other + experts * cfg.num_experts_per_tok / cfg.num_local_experts)
+        attn = 4 * cfg.num_attention_heads * hd * T * T
+        rest = layers["flops"].iloc[0] - matmuls - attn  # norms, activations, rope, softmax at width 32
+        assert 0 < rest < 0.1 * matmuls
+
+
+# --------------------------------------------------------------------------- hardware
+def test_known_accelerators_have_dense_peaks_and_a_source():
+    cases = {
+        ("NVIDIA A100-SXM4-40GB", 40): "A100 40GB", ("NVIDIA A100-SXM4-80GB", 80): "A100 80GB",
+        ("NVIDIA H100 80GB HBM3", 80): "H100 SXM", ("NVIDIA H100 PCIe", 80): "H100 PCIe",
+        ("NVIDIA H200", 141): "H200", ("NVIDIA L4", 23): "L4", ("NVIDIA A10", 23): "A10",
+        ("NVIDIA GeForce RTX 4090", 24): "RTX 4090",
+    }
+    for (name, gib), expect in cases.items():
+        pk = hardware.table_peaks(name, "bfloat16", gib * 2**30)
+        assert pk is not None and expect in pk.name, name
+        assert not pk.measured and pk.source.startswith("https://")
+        assert pk.ridge_flops_per_byte == pk.flops_per_s / pk.bytes_per_s
+    a40 = hardware.table_peaks("NVIDIA A100-SXM4-40GB", "bfloat16", 40 * 2**30)
+    a80 = hardware.table_peaks("NVIDIA A100-SXM4-80GB", "bfloat16", 80 * 2**30)
+    assert a40.flops_per_s == a80.flops_per_s and a40.bytes_per_s < a80.bytes_per_s
+    assert hardware.table_peaks("Some Unknown GPU", "bfloat16") is None
+
+
+def test_cpu_peaks_are_measured_quickly_and_cached():
+    hardware._measure.cache_clear()
+    t = time.perf_counter()
+    pk = hardware.peaks_for("cpu", "float32")
+    took = time.perf_counter() - t
+    assert pk.measured and pk.flops_per_s > 1e8 and pk.bytes_per_s > 1e8
+    assert "measured" in pk.source and "matmul" in pk.source and "copy" in pk.source
+    assert took < 2.0
+    t = time.perf_counter()
+    assert hardware.peaks_for("cpu", "float32") is pk
+    assert time.perf_counter() - t < 0.01
+    assert hardware.Peaks.from_dict(pk.to_dict()) == pk
+
+
+# --------------------------------------------------------------------------- roofline
+@pytest.fixture(scope="module")
+def cpu_run():
+    model = dense_llama()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = record_generate(model, torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(3)), n=5)
+    finally:
+        torch.set_num_threads(n)
+    return model, run
+
+
+def test_cpu_roofline_uses_measured_peaks_and_says_so(cpu_run):
+    model, run = cpu_run
+    calls = cost.annotate(run.calls, model)
+    pk = hardware.peaks_for_run(run)
+    assert pk.measured
+    roof = rl.roofline(calls, pk, run.steps)
+    assert {str(d) for d in roof.dtypes} <= set(rl.ROOFLINE.values())
+    assert list(roof.columns) == list(rl.ROOFLINE)
+    assert set(roof["phase"]) == {"prefill", "decode"}
+    assert set(roof["module"]) == set(BLOCK_ROLES) | {"(forward)"}
+    assert (roof["time_source"] == "host").all()
+    assert roof["bound"].isin(rl.BOUNDS).all()
+    assert roof["peaks"].str.startswith("measured").all()
+    assert roof["reason"].str.contains("measured peaks").all()
+    # the numbers behind the labels are the frame's own
+    lay = roof[(roof["module"] == "layer") & (roof["phase"] == "decode")].iloc[0]
+    sub = calls[(calls["role"] == "layer") & (calls["phase"] == "decode")]
+    assert lay["flops"] == sub["flops"].sum() and lay["time_ms"] == pytest.approx(sub["cpu_ms"].sum())
+    assert lay["achieved_tflop_s"] == pytest.approx(sub["flops"].sum() / (sub["cpu_ms"].sum() / 1e3) / 1e12)
+    assert lay["intensity_flops_per_byte"] == pytest.approx(sub["flops"].sum() / sub["bytes_moved"].sum())
+    # decode reads every weight for a token per sequence: lower intensity than prefill
+    pre = roof[(roof["module"] == "layer") & (roof["phase"] == "prefill")].iloc[0]
+    assert lay["intensity_flops_per_byte"] < pre["intensity_flops_per_byte"]
+    summ = rl.bound_summary(roof)
+    assert summ.groupby("phase")["share"].sum().round(9).eq(1.0).all()
+
+
+def test_bound_rules_with_gpu_timings(cpu_run):
+    """The classification rules on GPU-style rows: the recorded calls with GPU times put in."""
+    model, run = cpu_run
+    calls = cost.annotate(run.calls, model)
+    h100 = hardware.table_peaks("NVIDIA H100 80GB HBM3", "bfloat16")
+    slow_gpu = calls.assign(gpu_ms=calls["cpu_ms"] * 3)  # GPU slower than the host: not host-bound
+    roof = rl.roofline(slow_gpu, h100)
+    assert (roof["time_source"] == "gpu").all()
+    dec = roof[roof["phase"] == "decode"].set_index("module")
+    ridge = h100.ridge_flops_per_byte
+    for m, r in dec.iterrows():
+        assert r["bound"] == ("compute" if r["intensity_flops_per_byte"] >= ridge else "memory"), m
+        assert "datasheet" in r["reason"]
+    fast_gpu = calls.assign(gpu_ms=calls["cpu_ms"] / 3)  # GPU waits for the host
+    roof = rl.roofline(fast_gpu, h100)
+    assert (roof["bound"] == "host").all()
+    assert roof["reason"].str.contains("host").all()
+    idle = rl.roofline(slow_gpu, h100, steps=run.steps.assign(gpu_ms=run.steps["forward_ms"] * 20))
+    fwd = idle[idle["module"] == "(forward)"]
+    assert (fwd["gpu_idle_fraction"] > rl.GPU_IDLE_HOST_FRACTION).all() and (fwd["bound"] == "host").all()
+
+
+def test_roofline_of_nothing_has_typed_columns():
+    empty = rl.roofline(probe.schema.empty(probe.schema.CALLS).assign(flops=[], bytes_moved=[]), None)
+    assert list(empty.columns) == list(rl.ROOFLINE) and empty.empty
+    assert [str(t) for t in empty.dtypes] == list(rl.ROOFLINE.values())
+    with pytest.raises(ValueError, match="annotate"):
+        rl.roofline(pd.DataFrame({"role": ["layer"], "phase": ["decode"]}), None)
+
+
+def test_roofline_figure_draws_the_roofs_and_lists_zero_flop_blocks(cpu_run):
+    pytest.importorskip("plotly")
+    from reports.cost_figures import roofline as roofline_figure
+
+    model, run = cpu_run
+    pk = hardware.peaks_for_run(run)
+    roof = rl.roofline(cost.annotate(run.calls, model), pk, run.steps)
+    fig = roofline_figure(roof, pk)
+    assert fig.data[0].name == "roof"
+    assert max(fig.data[0].y) == pytest.approx(pk.flops_per_s / 1e9 if pk.flops_per_s < 1e12 else pk.tflops)
+    markers = {n for tr in fig.data[1:] for n in tr.text}
+    assert {"layer", "head", "(forward)"} <= markers and "embed" not in markers
+    assert "measured on this machine" in fig.layout.title.text
+    assert "embed" in fig.layout.annotations[-1].text
+    # same figure from the peaks as stored in JSON
+    assert roofline_figure(roof, pk.to_dict()).layout.title.text == fig.layout.title.text
+    assert math.isfinite(fig.data[1].x[0])
