@@ -285,6 +285,7 @@ def cmd_run(args) -> int:
     finally:
         p.detach()
     run = p.run
+    _store_peaks(run)
     run.meta["prompt"] = prompt
     run.meta["command"] = "probe " + " ".join(sys.argv[1:]) if sys.argv else "probe run"
     saved = run.save(out_dir)
@@ -303,6 +304,18 @@ def cmd_run(args) -> int:
         raise CLIError(f"generate failed after {len(run.steps)} steps: {type(failure).__name__}: {failure} "
                        f"(partial run saved to {saved})")
     return 0
+
+
+def _store_peaks(run) -> None:
+    """Record the device's peaks with the run: CPU peaks must be measured where it ran."""
+    try:
+        from .hardware import peaks_for_run
+
+        peaks = peaks_for_run(run)
+        if peaks is not None:
+            run.meta["peaks"] = peaks.to_dict()
+    except Exception as exc:  # roofline data is a bonus, never a reason to lose the run
+        log.warning("could not determine device peaks: %s", exc)
 
 
 def _check_writable(out_dir: Path) -> None:

@@ -120,6 +120,7 @@ def build_run(p: "Probe") -> "Run":
         "compiled_steps": p.compiled_steps,
         "rank": p.rank,
         "modules": [m.__dict__ for m in p._infos],
+        "config": _config_dict(p.model),
         **env,
     }
     return Run(calls=calls, steps=steps_df, runs=runs_df, meta=meta)
@@ -313,6 +314,17 @@ def _real_lengths(run) -> list[int]:
     if run.input_len is not None and run.batch_in:
         return [run.input_len] * run.batch_in
     return []
+
+
+def _config_dict(model) -> dict | None:
+    """The model's config as JSON-able data, so a saved run can be costed without the model."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return None
+    try:
+        return json.loads(json.dumps(cfg.to_dict(), default=str))
+    except Exception:  # an exotic config must not cost the user their frames
+        return None
 
 
 def _environment(p: "Probe") -> dict:

@@ -44,6 +44,30 @@ class Run:
         """
         return block_summary(self.calls, self.steps, by=by)
 
+    def cost(self, model=None) -> pd.DataFrame:
+        """``calls`` with ``flops``, ``bytes_moved`` and ``intensity_flops_per_byte`` added.
+
+        Estimated from the captured shapes and the model's weights (``model``), or from the
+        config saved in ``meta`` (no weights needed). See :mod:`probe.cost`.
+        """
+        from .cost import annotate
+
+        return annotate(self.calls, model if model is not None else self)
+
+    def roofline(self, peaks=None, by: str = "role", model=None) -> pd.DataFrame:
+        """Achieved TFLOP/s and GB/s per block and phase against the device's peaks, with
+        what bounds each (compute, memory bandwidth or the host). ``peaks`` defaults to those
+        stored in ``meta`` at recording time, else the datasheet table or a measurement here.
+        See :mod:`probe.roofline`."""
+        from .hardware import Peaks, peaks_for_run
+        from .roofline import roofline
+
+        if peaks is None and isinstance(self.meta.get("peaks"), dict):
+            peaks = Peaks.from_dict(self.meta["peaks"])
+        if peaks is None:
+            peaks = peaks_for_run(self)
+        return roofline(self.cost(model), peaks, self.steps, by=by)
+
     def phase_summary(self) -> pd.DataFrame:
         """One row per phase: steps, tokens, forward/outside/latency totals and means."""
         st = self.steps
