@@ -501,21 +501,20 @@ class Probe:
 
     # ------------------------------------------------------------------ module hooks
     def _make_cpu_hooks(self, idx: int) -> tuple[Callable, Callable]:
-        push = self._stack.append
-        pop = self._stack.pop
         now = _now
         mods, t0s, t1s, sigs = self._c_mod.append, self._c_t0.append, self._c_t1.append, self._c_sig.append
         local: dict = {}  # this module's (input shape, output shape) -> signature id
         intern = self._intern
+        t0 = 0  # a module is never re-entered while running, so one start slot per module suffices
 
         def pre(module, args):
-            push(now())
+            nonlocal t0
+            t0 = now()
 
         def post(module, args, kwargs, out):
             t1 = now()
-            t0 = pop()
             # Fast path: one positional tensor in, one tensor out (every block of a decoder).
-            if len(args) == 1 and type(args[0]) is Tensor and type(out) is Tensor:
+            if len(args) == 1 and type(out) is Tensor and type(args[0]) is Tensor:
                 key = (args[0].shape, out.shape)
             else:
                 key = (_in_key(args, kwargs), _out_key(out)[0])

@@ -27,7 +27,7 @@ from probe.run import block_summary
 from probe.schema import BLOCK_ROLES, PHASES
 
 from .diff import block_diff
-from .tables import HEADLINE_COLUMNS, headline, shape_walkthrough  # noqa: F401  (part of this module's API)
+from .tables import HEADLINE_COLUMNS, headline, ranks, shape_walkthrough  # noqa: F401  (part of this module's API)
 
 #: most columns of the layer x step heatmap; longer runs average consecutive steps
 MAX_HEAT_COLS = 300
@@ -42,6 +42,8 @@ PHASE_COLORS = {"prefill": "#1f77b4", "decode": "#ff7f0e", "extend": "#2ca02c", 
                 "forward": "#7f7f7f"}
 RUN_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
               "#bcbd22", "#17becf", "#393b79", "#637939"]
+#: bar patterns that tell ranks apart in a merged (tensor-parallel) run; colours stay the phases
+RANK_PATTERNS = ("", "/", "x", ".", "\\", "+", "-", "|")
 #: display order and label of the parts a step's time splits into
 PARTS = (("embed", "embedding"), ("layer", "layers"), ("norm", "final norm"), ("head", "lm_head"),
          ("residue", "residue (in forward, outside blocks)"), ("outside", "outside model (logits, sampling)"))
@@ -119,7 +121,9 @@ def phase_blocks(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "role") -> 
 
     Bars are total ms per phase; the text on each bar is the block's share of its phase's
     forward time. The residue (forward time outside every block) and the time outside the
-    model (logits processing, sampling) are shown as their own bars.
+    model (logits processing, sampling) are shown as their own bars. A run merged from
+    several ranks gets one bar per phase and rank (``prefill · rank 1``), each rank's share
+    taken over its own forward time; ranks differ by bar pattern, phases by colour.
 
     Args:
         calls: the ``calls`` frame.
@@ -127,30 +131,43 @@ def phase_blocks(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "role") -> 
         by: ``"role"`` (embed / layer / norm / head ...) or ``"module"`` (each module).
 
     Returns:
-        A grouped bar chart, one trace per phase.
+        A grouped bar chart, one trace per phase (per phase and rank with several ranks).
     """
     title = "Time per block, prefill vs decode"
-    summ = block_summary(calls, steps, by=by)
-    if summ.empty:
+    rank_list = ranks(calls)
+    if len(rank_list) > 1:
+        rc = calls["rank"].to_numpy(dtype="int64", na_value=0)
+        rs = steps["rank"].to_numpy(dtype="int64", na_value=0)
+        parts = [(r, block_summary(calls[rc == r], steps[rs == r], by=by)) for r in rank_list]
+    else:
+        parts = [(None, block_summary(calls, steps, by=by))]
+    if all(summ.empty for _, summ in parts):
         return empty_figure(title)
     if by == "role":
-        summ = summ.assign(_o=summ["role"].map(ROLE_ORDER).fillna(len(ROLE_ORDER)))
-        summ = summ.sort_values("_o", kind="stable")
-    order = list(dict.fromkeys(summ["module"].astype(str)))
+        parts = [(r, summ.assign(_o=summ["role"].map(ROLE_ORDER).fillna(len(ROLE_ORDER))).sort_values(
+            "_o", kind="stable")) for r, summ in parts]
+    order = list(dict.fromkeys(m for _, summ in parts for m in summ["module"].astype(str)))
+    phases = _phases_in(pd.concat([summ[["phase"]] for _, summ in parts]))
     fig = _figure(title + " (bar text: share of the phase's forward time)", "block", "total host ms")
-    for phase in _phases_in(summ):
-        sub = summ[summ["phase"] == phase]
-        sub = sub.set_index(sub["module"].astype(str))
-        sub = sub.reindex([m for m in order if m in sub.index])
-        share = _f(sub["share"]) * 100
-        fig.add_trace(go.Bar(
-            name=plot_text(phase), x=[plot_text(m) for m in sub.index], y=_f(sub["total_ms"]),
-            text=[("" if math.isnan(s) else f"{s:.1f}%") for s in share], textposition="outside",
-            customdata=np.column_stack([_f(sub["calls"]), _f(sub["mean_ms"]), share]),
-            hovertemplate="%{x}<br>total %{y:.3f} ms<br>%{customdata[0]} calls, mean %{customdata[1]:.4f} ms"
-                          "<br>share %{customdata[2]:.1f}%<extra>" + plot_text(phase) + "</extra>",
-            marker_color=PHASE_COLORS.get(phase),
-        ))
+    for phase in phases:
+        for i, (rank, summ) in enumerate(parts):
+            sub = summ[summ["phase"] == phase]
+            if sub.empty:
+                continue
+            sub = sub.set_index(sub["module"].astype(str))
+            sub = sub.reindex([m for m in order if m in sub.index])
+            share = _f(sub["share"]) * 100
+            name = phase if rank is None else f"{phase} · rank {rank}"
+            fig.add_trace(go.Bar(
+                name=plot_text(name), x=[plot_text(m) for m in sub.index], y=_f(sub["total_ms"]),
+                text=[("" if math.isnan(s) else f"{s:.1f}%") for s in share], textposition="outside",
+                customdata=np.column_stack([_f(sub["calls"]), _f(sub["mean_ms"]), share]),
+                hovertemplate="%{x}<br>total %{y:.3f} ms<br>%{customdata[0]} calls, mean %{customdata[1]:.4f} ms"
+                              "<br>share %{customdata[2]:.1f}%<extra>" + plot_text(name) + "</extra>",
+                marker_color=PHASE_COLORS.get(phase),
+                **({} if rank is None else {"marker_pattern_shape": RANK_PATTERNS[i % len(RANK_PATTERNS)],
+                                            "legendgroup": plot_text(phase)}),
+            ))
     fig.update_layout(barmode="group")
     return fig
 

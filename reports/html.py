@@ -9,6 +9,10 @@
   goes through :func:`html.escape`; tables are plain HTML, readable without JavaScript.
 - Only aggregates are embedded (figures bin long runs; tables are per block, capped), so the
   size is bounded whatever the number of call rows.
+- The "Roofline and bounds" section uses the roofs stored with the run (or a GPU's datasheet
+  entry), never a measurement on the machine building the report (:mod:`reports.cost_view`).
+- A run merged from several ranks (tensor parallel) shows a headline row per rank, the
+  per-block bars per phase and rank, a per-rank table and the shape walkthrough per rank.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from typing import TYPE_CHECKING, Iterable
 import pandas as pd
 
 from . import figures
+from .tables import per_rank_summary
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
     from probe.run import Run
+
+    from .cost_view import CostView
 
 PLOTLY_CONFIG = {"displaylogo": False, "showSendToCloud": False, "responsive": True}
 MAX_TABLE_ROWS = 300
@@ -70,9 +77,11 @@ def format_cell(column: str, value: object) -> str:
         v = float(value)
         if math.isinf(v):
             return "inf" if v > 0 else "-inf"
-        if column in ("share", "a_share", "b_share") or column.endswith("_share"):
-            return f"{v * 100:.1f}%"
-        if column.endswith("_bytes") or column in ("parameters",):
+        if column in ("share", "a_share", "b_share") or column.endswith(("_share", "_fraction")):
+            pct = v * 100
+            # a CPU block may reach a thousandth of a percent of its roof: keep two digits
+            return f"{pct:.1f}%" if pct == 0 or abs(pct) >= 0.1 else f"{pct:.2g}%"
+        if column.endswith("_bytes") or column in ("parameters", "flops", "bytes_moved"):
             return f"{v:,.0f}"
         if column.endswith("tok_s"):
             return f"{v:,.1f}"
@@ -161,12 +170,14 @@ class Page:
         """Append an HTML fragment (the caller has escaped every user string in it)."""
         self.parts.append(fragment)
 
-    def figure(self, fig: "go.Figure", div_id: str, title: str) -> None:
-        """Append a section heading and ``fig`` as a div with the fixed id ``div_id``."""
+    def figure(self, fig: "go.Figure", div_id: str, title: str | None) -> None:
+        """Append a section heading (none if ``title`` is None) and ``fig`` as a div with the
+        fixed id ``div_id``."""
         frag = figure_html(fig, div_id)
         # plotly escapes "<" inside its JSON, so these scripts hold no user-made tags
         self.scripts.extend(_SCRIPT.findall(frag))
-        self.parts.append(f'<h2 id="{esc(div_id)}-title">{esc(title)}</h2><div class="fig">{frag}</div>')
+        head = "" if title is None else f'<h2 id="{esc(div_id)}-title">{esc(title)}</h2>'
+        self.parts.append(f'{head}<div class="fig">{frag}</div>')
 
     def render(self, title: str) -> str:
         """The complete document."""
@@ -184,6 +195,9 @@ def _facts(run: "Run") -> pd.DataFrame:
             rows.append((col, r[col]))
         if len(gen) > 1:
             rows.append(("generate calls", len(gen)))
+    rank_list = figures.ranks(run.calls if len(run.calls) else run.runs)
+    if len(rank_list) > 1:
+        rows.append(("ranks", ", ".join(str(r) for r in rank_list)))
     for key in ("command", "decode_stride", "dropped_steps"):
         if key in run.meta:
             rows.append((key, run.meta[key]))
@@ -216,14 +230,77 @@ FIGURES = (
 )
 
 
-def render_report(run: "Run") -> str:
-    """The HTML report of ``run`` as a string (see the module docstring for its guarantees)."""
+def _roofline_table(view: "CostView") -> pd.DataFrame:
+    """The roofline rows as the report shows them (rank only where there are several)."""
+    roof = view.roof
+    pk = view.peaks
+    biggest = pk.flops_per_s if pk is not None else float(roof["achieved_tflop_s"].max(skipna=True) or 0) * 1e12
+    giga = not biggest >= 1e12  # NaN (no FLOPs at all) reads best in GFLOP/s too
+    unit = "achieved_gflop_s" if giga else "achieved_tflop_s"
+    out = pd.DataFrame({"rank": roof["rank"], "block": roof["module"], "phase": roof["phase"]})
+    if not view.has_roofs:
+        out["calls"] = roof["calls"]
+        out["flops"] = roof["flops"]
+        out["bytes_moved"] = roof["bytes_moved"]
+    out["time_ms"] = roof["time_ms"]
+    out[unit] = roof["achieved_tflop_s"] * (1e3 if giga else 1.0)
+    out["achieved_gb_s"] = roof["achieved_gb_s"]
+    out["intensity_flops_per_byte"] = roof["intensity_flops_per_byte"]
+    if view.has_roofs:
+        out["roof_fraction"] = roof["roof_fraction"]
+        out["bound"] = roof["bound"]
+        out["reason"] = roof["reason"]
+    if len(figures.ranks(roof)) == 1:
+        out = out.drop(columns="rank")
+    return out
+
+
+def _roofline_section(doc: Page, run: "Run", view: "CostView") -> None:
+    """The "Roofline and bounds" section: roofs and their source, the chart, the table."""
+    from probe.roofline import bound_summary
+
+    from . import cost_figures
+
+    doc.add('<h2 id="roofline">Roofline and bounds</h2>')
+    if not view.has_cost:
+        doc.add(f'<p class="note" id="roofline-note">{esc(view.note)}</p>')
+        return
+    if view.has_roofs:
+        doc.add(f'<p class="note" id="roofline-peaks">{esc(view.peaks_text())}</p>')
+        roof = view.roof
+        if len(figures.ranks(roof)) > 1:  # one marker per rank: label it
+            roof = roof.assign(module=roof["module"] + " · r" + roof["rank"].astype("string"))
+        doc.figure(cost_figures.roofline(roof, view.peaks), "fig-roofline", None)
+    else:
+        doc.add(f'<p class="note" id="roofline-note">{esc(view.note)}</p>')
+    doc.add('<p class="note">FLOPs and bytes are estimates from the recorded shapes and the model config '
+            "(probe.cost: every weight, activation and KV-cache read once); time is GPU time where every call has "
+            "it, host time otherwise. Intensity = FLOPs / bytes; the roof fraction is achieved over the roof at "
+            "that intensity. (forward) is the whole forward: the blocks' work over the steps' forward time.</p>")
+    doc.add(table_html(_roofline_table(view), caption="Per block (role) and phase", table_id="roofline-table"))
+    if view.has_roofs:
+        bounds = bound_summary(view.roof)
+        if not bounds.empty:
+            doc.add(table_html(bounds, caption="Share of block time per bound", table_id="bound-table"))
+
+
+def render_report(run: "Run", view: "CostView | None" = None) -> str:
+    """The HTML report of ``run`` as a string (see the module docstring for its guarantees).
+
+    Args:
+        run: the recorded run (one rank, or several merged by ``probe.load``).
+        view: its :func:`reports.cost_view.cost_view`, if the caller has it already.
+    """
+    from .cost_view import cost_view
+
+    view = cost_view(run) if view is None else view
+    multi = len(figures.ranks(run.calls if len(run.calls) else run.runs)) > 1
     r0 = run.runs[run.runs["kind"] == "generate"] if not run.runs.empty else run.runs
     model = str(r0["model_id"].iloc[0]) if len(r0) and not _isna(r0["model_id"].iloc[0]) else "probe run"
     doc = Page()
     doc.add(f"<h1>probe report: {esc(model)}</h1>")
-    links = (("headline", "Headline"), *[(i + "-title", t) for i, t, _ in FIGURES], ("tables", "Tables"),
-             ("shapes", "Shapes"))
+    links = (("headline", "Headline"), *[(i + "-title", t) for i, t, _ in FIGURES],
+             ("roofline", "Roofline and bounds"), ("tables", "Tables"), ("shapes", "Shapes"))
     doc.add("<nav>" + "".join(f'<a href="#{i}">{esc(t)}</a>' for i, t in links) + "</nav>")
     doc.add(table_html(_facts(run), table_id="facts"))
     doc.add(_prompt_html(run.meta.get("prompt")))
@@ -231,16 +308,26 @@ def render_report(run: "Run") -> str:
     doc.add(table_html(figures.headline(run.runs, run.steps, meta=run.meta), table_id="headline-table"))
     doc.add('<p class="note">TTFT: from entering generate() to the first token chosen. TPOT: time between '
             "consecutive tokens over the decode steps. Share: a block's host time over its phase's forward "
-            "time; the residue is forward time outside every recorded block.</p>")
+            "time; the residue is forward time outside every recorded block."
+            + (" This run merges several ranks: one headline row per rank's generate call; per-block charts "
+               "and tables show each rank." if multi else "") + "</p>")
     for div_id, title, build in FIGURES:
         doc.figure(build(run), div_id, title)
+    _roofline_section(doc, run, view)
     doc.add('<h2 id="tables">Tables</h2>')
     doc.add(table_html(run.phase_summary(), caption="Per phase", table_id="phase-table"))
-    doc.add(table_html(run.summary(by="role"), caption="Per role and phase", table_id="role-table"))
-    doc.add(table_html(run.summary(by="module"), caption="Per module and phase", table_id="module-table"))
+    if multi:
+        doc.add(table_html(per_rank_summary(run.calls, run.steps, by="role"),
+                           caption="Per rank, role and phase (share of that rank's forward time)",
+                           table_id="rank-role-table"))
+    doc.add(table_html(run.summary(by="role"), caption="Per role and phase" + (" (all ranks)" if multi else ""),
+                       table_id="role-table"))
+    doc.add(table_html(run.summary(by="module"), caption="Per module and phase" + (" (all ranks)" if multi else ""),
+                       table_id="module-table"))
     doc.add('<h2 id="shapes">Shape walkthrough</h2>')
     doc.add('<p class="note">Each block\'s input and output shapes for the prefill step and the first '
-            "decode step.</p>")
+            "decode step" + (", for every rank (a sharded block shows each rank's width)" if multi else "")
+            + ".</p>")
     doc.add(table_html(figures.shape_walkthrough(run.calls), table_id="shape-table", max_rows=600))
     version = run.meta.get("probe_version") or (r0["probe_version"].iloc[0] if len(r0) else "")
     doc.add(f'<p class="note">Written by probe {esc(version)}. The full per-call data is in the CSV '
@@ -248,9 +335,9 @@ def render_report(run: "Run") -> str:
     return doc.render(f"probe report: {model}")
 
 
-def write_html(run: "Run", path: str | os.PathLike) -> Path:
+def write_html(run: "Run", path: str | os.PathLike, view: "CostView | None" = None) -> Path:
     """Write :func:`render_report` of ``run`` to ``path`` (UTF-8) and return the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(run), encoding="utf-8", newline="\n")
+    out.write_text(render_report(run, view), encoding="utf-8", newline="\n")
     return out

@@ -1,4 +1,4 @@
-"""Table builders shared by the HTML report and the dashboard: shape walkthrough, headline.
+"""Table builders shared by the HTML report and the dashboard: shape walkthrough, headline, ranks.
 
 Both return DataFrames (typed columns even when empty); :mod:`reports.figures` re-exports them.
 """
@@ -23,23 +23,16 @@ def _shape_text(js: object) -> str:
     return ", ".join("[" + ", ".join(str(d) for d in s) + "]" for s in shapes) or "-"
 
 
-def shape_walkthrough(calls: pd.DataFrame) -> pd.DataFrame:
-    """Each block's input and output shapes for the prefill step and the first decode step.
+def ranks(frame: pd.DataFrame) -> list[int]:
+    """The process ranks present in a frame (``[0]`` for one process, or a frame without ranks)."""
+    if frame.empty or "rank" not in frame.columns:
+        return [0]
+    vals = pd.unique(frame["rank"].to_numpy(dtype="int64", na_value=0))
+    return sorted(int(v) for v in vals)
 
-    Taken from the first generate run (the first run with a prefill step); a recording with
-    no prefill shows its first step instead.
 
-    Args:
-        calls: the ``calls`` frame.
-
-    Returns:
-        Columns ``phase, step, module, role, in_shapes, out_shapes`` in call order, shapes as
-        text such as ``[1, 7, 64]``.
-    """
-    cols = {"phase": "string", "step": "int64", "module": "string", "role": "string", "in_shapes": "string",
-            "out_shapes": "string"}
-    if calls.empty:
-        return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in cols.items()})
+def _walk_rows(calls: pd.DataFrame) -> pd.DataFrame:
+    """The calls of the first generate run's prefill step and first decode step, in call order."""
     phase = calls["phase"]
     pre = np.flatnonzero((phase == "prefill").to_numpy(dtype=bool, na_value=False))
     rid = calls["run_id"].iloc[pre[0] if len(pre) else 0]
@@ -54,7 +47,40 @@ def shape_walkthrough(calls: pd.DataFrame) -> pd.DataFrame:
         picked.append(np.flatnonzero(in_run & (step == step[in_run].min())))
     sel = calls.iloc[np.concatenate(picked)][["phase", "step", "module", "role", "in_shapes", "out_shapes",
                                               "start_ms"]]
-    sel = sel.sort_values(["step", "start_ms"], kind="stable")
+    return sel.sort_values(["step", "start_ms"], kind="stable")
+
+
+def shape_walkthrough(calls: pd.DataFrame) -> pd.DataFrame:
+    """Each block's input and output shapes for the prefill step and the first decode step.
+
+    Taken from the first generate run (the first run with a prefill step); a recording with
+    no prefill shows its first step instead. A recording of several ranks (tensor parallel,
+    merged by ``probe.load``) walks each rank's first run and interleaves them, the same call
+    of every rank on adjacent rows, so a sharded projection shows each rank's width.
+
+    Args:
+        calls: the ``calls`` frame.
+
+    Returns:
+        Columns ``phase, step, module, role, in_shapes, out_shapes`` in call order, shapes as
+        text such as ``[1, 7, 64]``; with more than one rank, a leading ``rank`` column.
+    """
+    cols = {"phase": "string", "step": "int64", "module": "string", "role": "string", "in_shapes": "string",
+            "out_shapes": "string"}
+    if calls.empty:
+        return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in cols.items()})
+    rank_list = ranks(calls)
+    if len(rank_list) == 1:
+        sel = _walk_rows(calls)
+    else:
+        parts = []
+        rank_col = calls["rank"].to_numpy(dtype="int64", na_value=0)
+        for r in rank_list:
+            part = _walk_rows(calls[rank_col == r])
+            # position of the call within its step: the key that lines the ranks up
+            parts.append(part.assign(rank=r, _pos=part.groupby("step", sort=False).cumcount()))
+        sel = pd.concat(parts).sort_values(["step", "_pos", "rank"], kind="stable")
+        cols = {"rank": "int64", **cols}
     shape_in = {s: _shape_text(s) for s in sel["in_shapes"].unique()}
     shape_out = {s: _shape_text(s) for s in sel["out_shapes"].unique()}
     out = pd.DataFrame({
@@ -62,6 +88,8 @@ def shape_walkthrough(calls: pd.DataFrame) -> pd.DataFrame:
         "module": sel["module"].to_numpy(), "role": sel["role"].to_numpy(),
         "in_shapes": sel["in_shapes"].map(shape_in).to_numpy(), "out_shapes": sel["out_shapes"].map(shape_out).to_numpy(),
     })
+    if "rank" in cols:
+        out.insert(0, "rank", sel["rank"].to_numpy(dtype="int64"))
     return out.astype(cols)
 
 
@@ -99,7 +127,9 @@ def headline(runs: pd.DataFrame, steps: pd.DataFrame, meta: dict | None = None) 
     Returns:
         Columns ``run_id, model_id, status, prompt_tokens, new_tokens, batch, ttft_ms,
         tpot_ms_p50, tpot_ms_p90, tpot_ms_mean, prefill_tok_s, decode_tok_s, total_ms,
-        peak_mem_bytes, kv_cache_bytes`` and any ``overhead*`` columns.
+        peak_mem_bytes, kv_cache_bytes`` and any ``overhead*`` columns; where the runs come
+        from more than one rank (a merged tensor-parallel run), a ``rank`` column after
+        ``run_id``: one row per rank's generate call.
     """
     extra = _overhead_items(meta)
     if runs.empty or not (runs["kind"] == "generate").any():
@@ -112,6 +142,28 @@ def headline(runs: pd.DataFrame, steps: pd.DataFrame, meta: dict | None = None) 
     if out["peak_mem_bytes"].isna().any() and not steps.empty:
         peaks = steps.groupby("run_id", sort=False)["mem_peak_bytes"].max()
         out["peak_mem_bytes"] = out["peak_mem_bytes"].fillna(out["run_id"].map(peaks).astype("Int64"))
+    if len(ranks(gen)) > 1:
+        out.insert(1, "rank", gen["rank"].astype("int64"))
     for k, v in extra.items():
         out[k] = pd.Series([v] * len(out), dtype="float64")
     return out
+
+
+def per_rank_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "role") -> pd.DataFrame:
+    """``Run.summary(by)`` of each rank on its own, with a leading ``rank`` column.
+
+    Shares are over each rank's own forward time (ranks run side by side, not one after the
+    other). Rows of the same block and phase sit next to each other, rank by rank.
+    """
+    from probe.run import block_summary
+
+    rank_list = ranks(calls)
+    rc = calls["rank"].to_numpy(dtype="int64", na_value=0) if "rank" in calls.columns else np.zeros(len(calls), "int64")
+    rs = steps["rank"].to_numpy(dtype="int64", na_value=0) if "rank" in steps.columns else np.zeros(len(steps), "int64")
+    parts = []
+    for r in rank_list:
+        part = block_summary(calls[rc == r], steps[rs == r], by=by)
+        part.insert(0, "rank", r)
+        parts.append(part.assign(_pos=range(len(part))))
+    out = pd.concat(parts, ignore_index=True).sort_values(["_pos", "rank"], kind="stable")
+    return out.drop(columns="_pos").reset_index(drop=True).astype({"rank": "int64"})
