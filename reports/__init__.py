@@ -24,14 +24,6 @@ FORMATS: tuple[str, ...] = ("html", "csv", "trace")
 __all__ = ["FORMATS", "write_reports", "write_sweep_reports"]
 
 
-def __getattr__(name: str):
-    # the sweep page is imported on first use, like every other output
-    if name == "write_sweep_reports":
-        from .sweep_report import write_sweep_reports
-
-        return write_sweep_reports
-    raise AttributeError(f"module 'reports' has no attribute {name!r}")
-
 
 def write_reports(run: "Run", run_dir: str | os.PathLike, formats: Iterable[Format] = ("html", "csv"),
                   out: str | os.PathLike | None = None) -> list[Path]:
@@ -82,3 +74,11 @@ def write_reports(run: "Run", run_dir: str | os.PathLike, formats: Iterable[Form
 
         paths.append(write_trace(run, single or root / "trace.json"))
     return paths
+
+
+def write_sweep_reports(sweep_dir: str | os.PathLike, formats: Iterable[str] = ("html", "csv"),
+                        out: str | os.PathLike | None = None) -> list[Path]:
+    """Write the reports of a ``probe sweep`` folder: see :func:`reports.sweep_report.write_sweep_reports`."""
+    from .sweep_report import write_sweep_reports as write
+
+    return write(sweep_dir, formats=formats, out=out)
