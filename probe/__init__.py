@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 from .capture import CompiledModelWarning, Probe, ProbeError, attach
 from .discovery import UnrecognisedModelWarning, find_blocks
+from .distributed import save_rank
 from .run import Run, RunLoadError, load, merge
 from .schema import DEPTHS, PHASES
 
@@ -32,4 +33,5 @@ __all__ = [
     "find_blocks",
     "load",
     "merge",
+    "save_rank",
 ]

@@ -69,6 +69,24 @@ def _in_key(args: tuple, kwargs: dict) -> tuple:
     return shapes
 
 
+def _local(x: Any) -> Any:
+    """A DTensor's local shard (this rank's shape); anything else as is."""
+    return x.to_local() if isinstance(x, Tensor) and hasattr(x, "placements") and hasattr(x, "to_local") else x
+
+
+def _local_args(args: tuple, kwargs: dict, out: Any) -> tuple[tuple, dict, Any]:
+    """Args, kwargs and output with DTensors replaced by their local shards (one level deep)."""
+    args = tuple(_local(a) for a in args)
+    kwargs = {k: _local(v) for k, v in kwargs.items()}
+    if isinstance(out, dict):
+        out = {k: _local(v) for k, v in out.items()}
+    elif isinstance(out, (tuple, list)):
+        out = tuple(_local(v) for v in out)
+    else:
+        out = _local(out)
+    return args, kwargs, out
+
+
 def _out_key(out: Any) -> tuple:
     if isinstance(out, Tensor):
         return ((out.shape,), out.dtype, out.device)
@@ -175,6 +193,9 @@ class Probe:
         self._c_mem0 = array("q")
         self._c_mem1 = array("q")
         self._c_peak = array("q")
+        self._c_off = array("q")  # offload transfer ns per call; with an OffloadClock only
+        self._clock = None  # distributed.OffloadClock on accelerate's offloading hooks, if any
+        self._placements: list = []  # per recorded module: distributed.Placement
         self._sig_ids: dict = {}
         self._sigs: list = []
         self._ev_pairs: list = []  # (start, end) events awaiting resolution
@@ -227,6 +248,10 @@ class Probe:
             self._track_memory = bool(self._uses_cuda)
         self._cuda_device = _cuda_device_of(model) if self._uses_cuda else None
         try:
+            from .distributed import OffloadClock, placements
+
+            self._placements = placements(model, [(info.name, mod) for mod, info in selected])
+            self._clock = OffloadClock.install(model)
             self._handles.append(model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._root_post, with_kwargs=True, always_call=True))
             _ACTIVE[model] = self
@@ -238,6 +263,11 @@ class Probe:
                 # no always_call: a call that raises has no end to record, and its stale
                 # stack entry is cleared when the next step starts
                 self._handles.append(mod.register_forward_hook(post, with_kwargs=True))
+                if self._clock is not None:
+                    # registered after the pair above, so they run inside its time window
+                    xpre, xpost = self._make_offload_hooks()
+                    self._handles.append(mod.register_forward_pre_hook(xpre))
+                    self._handles.append(mod.register_forward_hook(xpost))
                 self._infos.append(info)
                 _ACTIVE[mod] = self
                 _HOOKED.add(mod)
@@ -258,6 +288,8 @@ class Probe:
             except Exception:  # pragma: no cover - removal of a dead handle
                 log.debug("hook handle removal failed", exc_info=True)
         self._unpatch_generate()
+        if self._clock is not None:
+            self._clock.remove()  # the clock object stays: frames still read its records
         for key in [k for k, v in list(_ACTIVE.items()) if v is self]:
             _ACTIVE.pop(key, None)
         if self._attached:
@@ -494,6 +526,8 @@ class Probe:
     def _truncate(self, n: int) -> None:
         for col in (self._c_mod, self._c_t0, self._c_t1, self._c_sig):
             del col[n:]
+        if self._clock is not None:
+            del self._c_off[n:]
         if self._uses_cuda:
             del self._c_ev[n:]
             if self._track_memory:
@@ -567,13 +601,31 @@ class Probe:
 
         return pre, post
 
+    def _make_offload_hooks(self) -> tuple[Callable, Callable]:
+        """Hooks recording the offload transfer time inside each call (nested calls included)."""
+        total = self._clock.total_ns
+        offs = self._c_off.append
+        x0 = 0  # as in _make_cpu_hooks: a module is never re-entered while running
+
+        def pre(module, args):
+            nonlocal x0
+            x0 = total[0]
+
+        def post(module, args, out):
+            offs(total[0] - x0)
+
+        return pre, post
+
     def _intern(self, args: tuple, kwargs: dict, out: Any) -> int:
         """A new signature: input shapes, output shapes, output dtype and device.
 
         Called once per distinct (module, input shape, output shape); dtype and device are
         taken from that first call (a module does not change them between calls of the same
-        shapes), which keeps them out of the per-call hot path.
+        shapes), which keeps them out of the per-call hot path. A DTensor (torch tensor
+        parallel with ``use_local_output=False``) is recorded by its local shard: each rank's
+        frames show the rank's own shapes, as with transformers' ``tp_plan``.
         """
+        args, kwargs, out = _local_args(args, kwargs, out)
         key = (_in_key(args, kwargs), _out_key(out))
         sid = self._sig_ids.get(key)
         if sid is None:

@@ -139,6 +139,9 @@ def _calls_frame(p: "Probe", step_of_call: np.ndarray, step_meta: list[tuple]) -
     mod_depth = np.array([m.depth for m in infos], dtype=np.int64)
     mod_layer_v = np.array([m.layer if m.layer is not None else 0 for m in infos], dtype=np.int64)
     mod_layer_na = np.array([m.layer is None for m in infos], dtype=bool)
+    places = p._placements if len(p._placements) == len(infos) else [None] * len(infos)
+    mod_place = [pl.where if pl is not None else None for pl in places]
+    mod_off = np.array([bool(pl is not None and pl.offloaded) for pl in places], dtype=bool)
 
     st = _sig_table(p._sigs)
     sig_bytes = np.array(st["bytes"], dtype=np.int64)
@@ -162,6 +165,10 @@ def _calls_frame(p: "Probe", step_of_call: np.ndarray, step_meta: list[tuple]) -
         ms = np.frombuffer(p._ev_ms, dtype=np.float64) if len(p._ev_ms) else np.zeros(0)
         ok = ev < len(ms)
         gpu[ok] = ms[ev[ok]]
+    offload = np.full(n, np.nan)  # NaN: the module has no offloaded weights
+    if p._clock is not None and len(p._c_off) == n:
+        off_ns = np.frombuffer(p._c_off, dtype=np.int64, count=n)
+        offload = np.where(mod_off[mod], off_ns * _NS, np.nan)
     if p._track_memory and len(p._c_mem0) == n:
         mem0 = np.frombuffer(p._c_mem0, dtype=np.int64, count=n)
         mem1 = np.frombuffer(p._c_mem1, dtype=np.int64, count=n)
@@ -191,9 +198,11 @@ def _calls_frame(p: "Probe", step_of_call: np.ndarray, step_meta: list[tuple]) -
             "out_shapes": _take_str(st["out"], sig_o),
             "dtype": _take_str(st["dtype"], sig_o),
             "device": _take_str(st["device"], sig_o),
+            "placement": _take_str(mod_place, mod_o),
             "start_ms": (t0[order] - sm_origin[s_idx]) * _NS,
             "cpu_ms": (t1[order] - t0[order]) * _NS,
             "gpu_ms": gpu[order],
+            "offload_ms": offload[order],
             "mem_before_bytes": mem0[order] if mem0 is not None else _int_na(np.zeros(n, np.int64), np.ones(n, bool)),
             "mem_after_bytes": mem1[order] if mem1 is not None else _int_na(np.zeros(n, np.int64), np.ones(n, bool)),
             "mem_peak_bytes": peak[order] if peak is not None else _int_na(np.zeros(n, np.int64), np.ones(n, bool)),

@@ -174,7 +174,7 @@ def load(path: str | os.PathLike) -> Run:
     if not root.is_dir():
         raise RunLoadError(f"{root} is not a directory; pass the folder that holds meta.json")
     if not (root / META).exists():
-        ranks = sorted(d for d in root.glob("rank*") if (d / META).exists())
+        ranks = sorted((d for d in root.glob("rank*") if (d / META).exists()), key=_rank_order)
         if ranks:
             return merge([load(d) for d in ranks], path=root)
         raise RunLoadError(f"{root} holds no probe run (no {META}); run `probe run --out {root}` first")
@@ -205,6 +205,12 @@ def load(path: str | os.PathLike) -> Run:
             raise RunLoadError(f"{f} lacks columns {missing}: saved by an older or foreign schema")
         frames[key] = schema.conform(df, sch)
     return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root)
+
+
+def _rank_order(d: Path) -> tuple:
+    """rank2 before rank10: numbered rank directories first, by number."""
+    tail = d.name[len("rank"):]
+    return (0, int(tail), "") if tail.isdigit() else (1, 0, d.name)
 
 
 def merge(runs: list[Run], path: Path | None = None) -> Run:

@@ -48,9 +48,11 @@ CALLS: dict[str, str] = {
     "out_shapes": STR,  # JSON list of the output tensors' shapes
     "dtype": STR,  # dtype of the first output tensor
     "device": STR,  # device the call ran on (first output tensor)
+    "placement": STR,  # where the module's weights stay between calls: a device, "disk" or "mixed"; null without weights
     "start_ms": "float64",  # host start, ms since the run's first recorded event
     "cpu_ms": "float64",  # host time between the pre and post hooks
     "gpu_ms": "float64",  # CUDA event time; NaN without CUDA
+    "offload_ms": "float64",  # host time accelerate spent loading/unloading offloaded weights in the call; NaN if none
     "mem_before_bytes": "Int64",  # CUDA allocated bytes before the call; null on CPU
     "mem_after_bytes": "Int64",
     "mem_peak_bytes": "Int64",  # CUDA allocator peak during the call; null on CPU

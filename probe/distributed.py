@@ -1,0 +1,258 @@
+"""More than one device: where each block's weights live, accelerate's offload transfer time, and
+one run directory per rank for tensor-parallel runs.
+
+Offload. accelerate's ``AlignDevicesHook`` (``dispatch_model``, ``cpu_offload``,
+``disk_offload``, ``from_pretrained(device_map=..., offload_folder=...)``) replaces
+``module.forward``; its ``pre_forward`` loads the offloaded weights onto the execution device and
+its ``post_forward`` puts them back on ``meta``. Both run *inside* ``module.forward``, so inside
+the probe's pre/post hook window: a block's ``cpu_ms`` already includes its weight transfer.
+:class:`OffloadClock` makes that part visible as such: it counts the host time spent in those two
+methods of every offloading hook in one cumulative counter, so a recorded call's transfer time is
+the counter's difference between its pre and post hooks (nested calls included).
+
+Tensor parallel. Under ``torchrun`` each process records its own shard of the work (transformers'
+``tp_plan`` hands local tensors between modules, so the recorded shapes are the rank's shapes).
+Convention: each rank saves to ``RUN_DIR/rank{r}`` with :func:`save_rank`, nothing is written
+in ``RUN_DIR`` itself, and ``probe.load(RUN_DIR)`` merges the ranks into one run whose rows carry
+their ``rank``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from array import array
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .capture import Probe
+    from .run import Run
+
+log = logging.getLogger(__name__)
+
+_now = time.perf_counter_ns
+
+RANK_DIR = "rank{rank}"
+
+
+# --------------------------------------------------------------------------- ranks
+def world() -> tuple[int, int]:
+    """This process's ``(rank, world_size)`` from ``torch.distributed``; ``(0, 1)`` without it."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank()), int(dist.get_world_size())
+    except Exception:  # pragma: no cover - a broken distributed build
+        log.debug("torch.distributed unavailable", exc_info=True)
+    return 0, 1
+
+
+def rank_dir(run_dir: str | os.PathLike, rank: int) -> Path:
+    """The sub-directory of ``run_dir`` that holds ``rank``'s frames (``run_dir/rank{rank}``)."""
+    return Path(run_dir) / RANK_DIR.format(rank=int(rank))
+
+
+def save_rank(run: "Run | Probe", run_dir: str | os.PathLike, *, align_run_ids: bool = True) -> Path:
+    """Save this rank's recording to ``run_dir/rank{r}``; ``probe.load(run_dir)`` merges the ranks.
+
+    A collective when ``torch.distributed`` is initialized with more than one process: call it on
+    every rank. The ranks first exchange their recorded rank and run ids (so a mismatch raises on
+    every rank, never leaving one waiting), each rank's i-th run is renamed
+    ``<rank 0's i-th id>-r{rank}`` so that one generate call has one id stem across ranks, and a
+    final barrier makes every rank's directory complete before any rank returns: rank 0 may load
+    the merged run at once. Nothing is written in ``run_dir`` itself (a ``meta.json`` there would
+    hide the ranks from :func:`probe.load`).
+
+    Args:
+        run: a :class:`probe.Run` or the :class:`probe.Probe` that recorded it.
+        run_dir: the run directory shared by all ranks (created if missing).
+        align_run_ids: rename runs after rank 0's ids; ``False`` keeps the recorded ids.
+    Returns:
+        The directory written, ``run_dir/rank{r}``.
+    Raises:
+        TypeError: ``run`` is neither a Run nor a Probe.
+        ValueError: some rank's run was recorded under another rank than its process's (the
+            probe was attached before ``init_process_group``); raised on every rank.
+    """
+    from .capture import Probe
+    from .run import Run
+
+    if isinstance(run, Probe):
+        run = run.run
+    if not isinstance(run, Run):
+        raise TypeError(f"save_rank needs a probe.Run or probe.Probe; got {type(run).__name__}")
+    rank, size = world()
+    recorded = int(run.meta.get("rank", rank))
+    if size > 1:
+        import torch.distributed as dist
+
+        ids = [str(v) for v in run.runs["run_id"]]
+        everyone: list[Any] = [None] * size
+        dist.all_gather_object(everyone, (recorded, ids))
+        wrong = [(r, rec) for r, (rec, _) in enumerate(everyone) if rec != r]
+        if wrong:
+            raise ValueError(
+                f"runs recorded under the wrong rank (process rank, recorded rank): {wrong}; attach the "
+                "probe after init_process_group (or pass rank=) so that the ranks agree"
+            )
+        if align_run_ids and rank:
+            run = _renamed(run, ids, everyone[0][1], rank)
+    meta = dict(run.meta, rank=recorded, world_size=size)
+    out = Run(calls=run.calls, steps=run.steps, runs=run.runs, meta=meta).save(rank_dir(run_dir, recorded))
+    if size > 1:
+        dist.barrier()
+    return out
+
+
+def _renamed(run: "Run", mine: list[str], base: list[str], rank: int) -> "Run":
+    """``run`` with its i-th run id replaced by ``base[i]-r{rank}``."""
+    from .run import Run
+
+    if len(base) != len(mine):
+        log.warning("rank %d recorded %d runs, rank 0 %d: run ids left as recorded", rank, len(mine), len(base))
+        return run
+    names = {m: f"{b}-r{rank}" for m, b in zip(mine, base)}
+
+    def rename(df):
+        out = df.copy()
+        out["run_id"] = out["run_id"].map(lambda v: names.get(v, v)).astype(df["run_id"].dtype)
+        return out
+
+    return Run(calls=rename(run.calls), steps=rename(run.steps), runs=rename(run.runs), meta=dict(run.meta))
+
+
+# --------------------------------------------------------------------------- placements
+class Placement(NamedTuple):
+    """Where a module's weights are kept between calls."""
+
+    where: str | None  # a device ("cpu", "cuda:0"), "disk", "mixed", or None (no parameters)
+    offloaded: bool  # accelerate loads (some of) its weights for each call
+
+
+def _align_hooks(module: nn.Module) -> list:
+    """The accelerate ``AlignDevicesHook`` objects on ``module`` (inside a ``SequentialHook`` too)."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        return []
+    hooks = list(getattr(hook, "hooks", None) or [hook])
+    return [h for h in hooks if type(h).__name__ == "AlignDevicesHook"]
+
+
+def _weights_location(weights_map: Any, name: str) -> str:
+    """``"disk"`` or ``"cpu"``: where accelerate's weights map keeps tensor ``name``."""
+    prefix = getattr(weights_map, "prefix", "")
+    store = getattr(weights_map, "dataset", weights_map)
+    key = f"{prefix}{name}"
+    state = getattr(store, "state_dict", None)
+    index = getattr(store, "index", None)
+    if isinstance(state, dict) and key in state:
+        return "cpu"
+    if isinstance(index, dict) and key in index:
+        return "disk"
+    return "cpu"
+
+
+def _offloaded_tensors(model: nn.Module) -> dict[str, str]:
+    """Qualified parameter name -> ``"cpu"`` / ``"disk"`` for every parameter accelerate offloads."""
+    out: dict[str, str] = {}
+    for mod_name, mod in model.named_modules():
+        for hook in _align_hooks(mod):
+            if not getattr(hook, "offload", False):
+                continue
+            recurse = bool(getattr(hook, "place_submodules", False))
+            for name, _ in mod.named_parameters(recurse=recurse):
+                full = f"{mod_name}.{name}" if mod_name else name
+                out[full] = _weights_location(hook.weights_map, name)
+    return out
+
+
+def placements(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[Placement]:
+    """Where each of ``modules`` keeps its weights between calls, and whether they are offloaded.
+
+    Works from accelerate's hooks and the parameters themselves, so ``dispatch_model``,
+    ``cpu_offload``, ``disk_offload`` and ``from_pretrained(device_map=...)`` are read alike.
+
+    Args:
+        model: the root model.
+        modules: ``(qualified name, module)`` pairs below ``model``.
+    Returns:
+        One :class:`Placement` per module, in order. ``where`` is the single location of all
+        the module's parameters (resident device, or ``"cpu"``/``"disk"`` for offloaded ones),
+        ``"mixed"`` when they differ, ``None`` without parameters.
+    """
+    offloaded = _offloaded_tensors(model)
+    out = []
+    for name, mod in modules:
+        where: set[str] = set()
+        off = False
+        for pname, p in mod.named_parameters(prefix=name):
+            loc = offloaded.get(pname)
+            if loc is not None:
+                off = True
+                where.add(loc)
+            else:
+                where.add(str(p.device))
+        place = None if not where else where.pop() if len(where) == 1 else "mixed"
+        out.append(Placement(place, off))
+    return out
+
+
+# --------------------------------------------------------------------------- offload timing
+class OffloadClock:
+    """Host time spent in accelerate's weight loading and unloading, as one cumulative counter.
+
+    Wraps ``pre_forward``/``post_forward`` of every offloading ``AlignDevicesHook`` in ``model``
+    with an instance attribute on the hook object (accelerate looks the method up on each call);
+    :meth:`remove` deletes them, leaving the hooks exactly as found. The modules themselves are
+    not touched. Read :attr:`total_ns` ``[0]`` before and after a call: the difference is the
+    transfer time inside it.
+    """
+
+    def __init__(self, hooks: list) -> None:
+        self.total_ns = array("q", [0])
+        self._hooks: list = []
+        for hook in hooks:
+            for meth in ("pre_forward", "post_forward"):
+                if meth in hook.__dict__:  # someone else's instance override: leave it alone
+                    continue
+                setattr(hook, meth, self._timed(getattr(hook, meth)))
+                self._hooks.append((hook, meth))
+
+    @classmethod
+    def install(cls, model: nn.Module) -> "OffloadClock | None":
+        """A clock on ``model``'s offloading hooks, or ``None`` when nothing is offloaded."""
+        hooks = {id(h): h for m in model.modules() for h in _align_hooks(m) if getattr(h, "offload", False)}
+        return cls(list(hooks.values())) if hooks else None
+
+    def _timed(self, fn):
+        total = self.total_ns
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            t0 = _now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                total[0] += _now() - t0
+
+        timed.__probe_offload_clock__ = True  # type: ignore[attr-defined]
+        return timed
+
+    @property
+    def hooks(self) -> int:
+        """How many accelerate hooks are timed."""
+        return len({id(h) for h, _ in self._hooks})
+
+    def remove(self) -> None:
+        """Delete the wrappers; a second call does nothing."""
+        hooks, self._hooks = self._hooks, []
+        for hook, meth in hooks:
+            fn = hook.__dict__.get(meth)
+            if fn is not None and getattr(fn, "__probe_offload_clock__", False):
+                del hook.__dict__[meth]
