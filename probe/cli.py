@@ -486,6 +486,27 @@ def _load_run(path: str):
 
 
 def cmd_report(args) -> int:
+    from .run import META
+    from .sweep import SWEEP_FILE
+
+    root = Path(args.run_dir)
+    if (root / SWEEP_FILE).exists() and not (root / META).exists():
+        # a `probe sweep` folder: its own page (sweep.html) and CSV tables
+        if args.format == "trace":
+            raise CLIError(f"{root} is a sweep: it has no single trace; report one of its runs, e.g. "
+                           f"`probe report {root / 'runs' / '<config>'} --format trace`")
+        try:
+            from reports import write_sweep_reports
+        except ImportError as exc:
+            raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
+        formats = ("html", "csv") if args.format == "all" else (args.format,)
+        try:
+            paths = write_sweep_reports(root, formats=formats, out=args.out)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from exc
+        for pth in paths:
+            print(pth)
+        return 0
     run = _load_run(args.run_dir)
     try:
         from reports import write_reports

@@ -6,7 +6,8 @@ Used by the HTML report and the dashboard alike; nothing here reads files or tou
   the device's roofs (from :func:`probe.roofline.roofline` and :class:`probe.hardware.Peaks`).
 - :func:`sweep_prefill`, :func:`sweep_decode`, :func:`sweep_throughput` — from a sweep frame
   (:func:`probe.sweep.sweep` / :func:`probe.sweep.load_sweep`).
-- :func:`sweep_html` — the three sweep charts as one self-contained offline HTML page.
+- :func:`sweep_html` — the sweep page (:mod:`reports.sweep_report`): one self-contained offline
+  HTML file built like the run report.
 """
 
 from __future__ import annotations
@@ -41,13 +42,17 @@ def _peaks_dict(peaks: Any) -> dict | None:
     return {k: getattr(peaks, k) for k in ("name", "dtype", "flops_per_s", "bytes_per_s", "source", "measured")}
 
 
-def roofline(roof_df: pd.DataFrame, peaks: Any) -> go.Figure:
+def roofline(roof_df: pd.DataFrame, peaks: Any, *, where: str | None = None, labels: bool = True) -> go.Figure:
     """Roofline chart: achieved FLOP/s against FLOP/byte, one marker per block and phase.
 
     Args:
         roof_df: output of :func:`probe.roofline.roofline`.
         peaks: :class:`probe.hardware.Peaks` or its ``to_dict()``; the title says whether the
             roofs are measured on this machine or from a datasheet.
+        where: the title's word for where measured roofs come from (default "measured on
+            this machine"; a report of a saved run says "measured where recorded").
+        labels: write each marker's block name next to it (off for crowded charts, e.g. one
+            marker per rank; the name stays in the hover).
     Returns:
         A log-log figure: the memory roof (slope = bandwidth) and the compute roof meeting at
         the ridge point; markers coloured by phase, shaped by bound (compute ●, memory ■,
@@ -60,7 +65,7 @@ def roofline(roof_df: pd.DataFrame, peaks: Any) -> go.Figure:
         return _empty(title, "no cost estimate (annotate the calls) or no device peaks")
     giga = pk["flops_per_s"] < 1e12
     unit, scale = ("GFLOP/s", 1e9) if giga else ("TFLOP/s", 1e12)
-    where = "measured on this machine" if pk["measured"] else "datasheet"
+    where = (where or "measured on this machine") if pk["measured"] else "datasheet"
     title = (f"Roofline — {html.escape(str(pk['name']))}, {pk['dtype']} ({where}: "
              f"{pk['flops_per_s'] / scale:,.1f} {unit}, {pk['bytes_per_s'] / 1e9:,.1f} GB/s)")
     df = roof_df.copy()
@@ -78,8 +83,9 @@ def roofline(roof_df: pd.DataFrame, peaks: Any) -> go.Figure:
                              hovertemplate="intensity %{x:.3g} FLOP/B<br>roof %{y:.3g} " + unit + "<extra></extra>"))
     for phase, sub in shown.groupby("phase", sort=False):
         fig.add_trace(go.Scatter(
-            x=sub["intensity_flops_per_byte"], y=sub["_y"], mode="markers+text", name=str(phase),
-            text=sub["module"].astype(str),
+            x=sub["intensity_flops_per_byte"], y=sub["_y"], mode="markers+text" if labels else "markers",
+            name=str(phase),
+            text=sub["module"].astype(str).map(html.escape),
             # the whole-forward marker sits next to the layers': label it below them
             textposition=["bottom center" if m == "(forward)" else "top center" for m in sub["module"]],
             marker=dict(size=11, color=_PHASE_COLORS.get(str(phase), "#333"),
@@ -90,7 +96,10 @@ def roofline(roof_df: pd.DataFrame, peaks: Any) -> go.Figure:
                            + unit + "<br>%{customdata[2]:.3f} ms (%{customdata[3]} time)<br>bound: %{customdata[0]}"
                            "<br>%{customdata[1]}<extra></extra>"),
         ))
-    fig.add_vline(x=ridge, line=dict(dash="dot", color="gray"), annotation_text=f"ridge {ridge:,.1f} FLOP/B")
+    fig.add_vline(x=ridge, line=dict(dash="dot", color="gray"))
+    # an annotation on a log axis takes log10(x) (add_vline's own label would sit at 10**ridge)
+    fig.add_annotation(x=float(np.log10(ridge)), y=1, xref="x", yref="paper", text=f"ridge {ridge:,.1f} FLOP/B",
+                       showarrow=False, xanchor="right", yanchor="top", font=dict(size=11, color="gray"))
     notes = []
     if not hidden.empty:
         notes.append("not on the log axes (zero FLOPs or time): " + ", ".join(
@@ -99,7 +108,8 @@ def roofline(roof_df: pd.DataFrame, peaks: Any) -> go.Figure:
     fig.update_layout(title=title, template="plotly_white", legend_title_text="phase", margin=dict(b=120))
     fig.add_annotation(text="<br>".join(notes), showarrow=False, xref="paper", yref="paper", x=0, y=-0.22,
                        xanchor="left", align="left", font=dict(size=10))
-    fig.update_xaxes(type="log", title="arithmetic intensity (FLOP/byte)")
+    # an explicit range: left to autorange, the ridge annotation stretches the axis decades too far
+    fig.update_xaxes(type="log", title="arithmetic intensity (FLOP/byte)", range=[np.log10(lo), np.log10(hi)])
     fig.update_yaxes(type="log", title=f"achieved {unit}")
     return fig
 
@@ -188,17 +198,12 @@ def sweep_throughput(sweep_df: pd.DataFrame) -> go.Figure:
 
 
 def sweep_html(sweep_df: pd.DataFrame, meta: dict | None = None) -> str:
-    """The three sweep charts as one offline HTML page (plotly.js inlined once, fixed element ids)."""
-    meta = meta or {}
-    figs = [("sweep-prefill", sweep_prefill(sweep_df)), ("sweep-decode", sweep_decode(sweep_df)),
-            ("sweep-throughput", sweep_throughput(sweep_df))]
-    parts = []
-    for i, (div_id, fig) in enumerate(figs):
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=div_id))
-    facts = ", ".join(html.escape(f"{k}: {meta[k]}") for k in ("model_id", "device", "dtype", "new_tokens", "repeat",
-                                                               "warmup", "created_at") if k in meta)
-    fails = "".join(f"<li>{html.escape(str(f))}</li>" for f in meta.get("failures", []))
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>probe sweep</title></head><body>"
-            f"<h1>probe sweep</h1><p>{facts}</p>"
-            + (f"<p>failed configs:</p><ul>{fails}</ul>" if fails else "")
-            + "".join(parts) + "</body></html>")
+    """The three sweep charts, the summary and the runs as one offline HTML page.
+
+    The page of :func:`reports.sweep_report.render_sweep` (plotly.js inlined once, a
+    Content-Security-Policy, fixed element ids, escaped strings): ``probe sweep`` and
+    ``probe report SWEEP_DIR`` write the same bytes.
+    """
+    from .sweep_report import render_sweep
+
+    return render_sweep(sweep_df, meta)

@@ -1,9 +1,13 @@
-"""CSV export: ``calls.csv``, ``steps.csv``, ``runs.csv`` and ``summary.csv``.
+"""CSV export: ``calls.csv``, ``steps.csv``, ``runs.csv``, ``summary.csv`` and ``roofline.csv``.
 
 Columns are the frames' schema (``probe/schema.py``; documented in ``reports/README.md``),
 in schema order. Shapes stay JSON strings (``[[1,7,64]]``): parse them with ``json.loads``,
 never ``eval``. A null is an empty cell. Floats are written with their shortest round-trip
 representation, so :func:`read_csv` gives back frames equal to the run's.
+
+``roofline.csv`` (per rank, block and phase: FLOPs, bytes, achieved rates, roof fraction,
+bound) is written where the run's metadata holds its model config; its roof and bound
+columns are empty where no peaks were recorded (see :mod:`reports.cost_view`).
 """
 
 from __future__ import annotations
@@ -16,43 +20,56 @@ import pandas as pd
 
 from probe import schema
 
+from .cost_view import roofline_columns
+
 if TYPE_CHECKING:  # pragma: no cover
     from probe.run import Run
 
-Table = Literal["calls", "steps", "runs", "summary"]
+    from .cost_view import CostView
+
+Table = Literal["calls", "steps", "runs", "summary", "roofline"]
 TABLES: dict[str, dict[str, str]] = {"calls": schema.CALLS, "steps": schema.STEPS, "runs": schema.RUNS,
-                                     "summary": schema.SUMMARY}
+                                     "summary": schema.SUMMARY, "roofline": roofline_columns()}
 
 
-def frames_for_csv(run: "Run") -> dict[str, pd.DataFrame]:
-    """The four tables the export writes, conformed to their schemas.
+def frames_for_csv(run: "Run", view: "CostView | None" = None) -> dict[str, pd.DataFrame]:
+    """The tables the export writes, conformed to their schemas.
 
     ``summary`` is :meth:`Run.summary` by module: per block x phase the calls, total and mean
     ms, share of the phase's forward time, GPU total and mean output bytes, plus the
-    ``(residue)`` and ``(outside model)`` rows of each phase.
+    ``(residue)`` and ``(outside model)`` rows of each phase. ``roofline`` is there only
+    where the cost estimate is (:func:`reports.cost_view.cost_view`; ``view`` if given).
     """
-    return {
+    from .cost_view import cost_view
+
+    frames = {
         "calls": schema.conform(run.calls, schema.CALLS),
         "steps": schema.conform(run.steps, schema.STEPS),
         "runs": schema.conform(run.runs, schema.RUNS),
         "summary": schema.conform(run.summary(by="module"), schema.SUMMARY),
     }
+    view = cost_view(run) if view is None else view
+    if view.has_cost:
+        frames["roofline"] = view.roof.astype(TABLES["roofline"])
+    return frames
 
 
-def write_csv(run: "Run", folder: str | os.PathLike) -> list[Path]:
-    """Write the four CSV files into ``folder`` (created if needed).
+def write_csv(run: "Run", folder: str | os.PathLike, view: "CostView | None" = None) -> list[Path]:
+    """Write the CSV files into ``folder`` (created if needed).
 
     Args:
         run: the recorded run.
         folder: destination folder.
+        view: the run's :func:`reports.cost_view.cost_view`, if the caller has it already.
 
     Returns:
-        The paths written, in the order calls, steps, runs, summary.
+        The paths written, in the order calls, steps, runs, summary, then roofline where the
+        run has a cost estimate.
     """
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, df in frames_for_csv(run).items():
+    for name, df in frames_for_csv(run, view).items():
         path = out / f"{name}.csv"
         # Written to a temporary name and renamed: a reader never sees half a file.
         tmp = path.with_name(f".{path.name}.tmp")
@@ -67,7 +84,7 @@ def read_csv(path: str | os.PathLike, table: Table | None = None) -> pd.DataFram
 
     Args:
         path: the CSV file.
-        table: ``calls``, ``steps``, ``runs`` or ``summary``; by default the file's stem.
+        table: ``calls``, ``steps``, ``runs``, ``summary`` or ``roofline``; by default the file's stem.
 
     Returns:
         A frame equal to the exported one (empty cells are nulls).
@@ -80,4 +97,6 @@ def read_csv(path: str | os.PathLike, table: Table | None = None) -> pd.DataFram
     # Without keep_default_na=False a module or model literally named "NA" or "None" would
     # read back as null; only empty cells are nulls in this export.
     df = pd.read_csv(p, dtype=sch, keep_default_na=False, na_values=[""], encoding="utf-8")
+    if name == "roofline":
+        return df[list(sch)].astype(sch)
     return schema.conform(df, sch)

@@ -268,9 +268,11 @@ def _roofline_section(doc: Page, run: "Run", view: "CostView") -> None:
     if view.has_roofs:
         doc.add(f'<p class="note" id="roofline-peaks">{esc(view.peaks_text())}</p>')
         roof = view.roof
-        if len(figures.ranks(roof)) > 1:  # one marker per rank: label it
-            roof = roof.assign(module=roof["module"] + " · r" + roof["rank"].astype("string"))
-        doc.figure(cost_figures.roofline(roof, view.peaks), "fig-roofline", None)
+        multi = len(figures.ranks(roof)) > 1
+        if multi:  # one marker per rank: name it (in the hover; labels would pile up)
+            roof = roof.assign(module=roof["module"] + " · rank " + roof["rank"].astype("string"))
+        where = "measured where recorded" if view.origin == "stored" else None
+        doc.figure(cost_figures.roofline(roof, view.peaks, where=where, labels=not multi), "fig-roofline", None)
     else:
         doc.add(f'<p class="note" id="roofline-note">{esc(view.note)}</p>')
     doc.add('<p class="note">FLOPs and bytes are estimates from the recorded shapes and the model config '

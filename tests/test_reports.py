@@ -225,7 +225,8 @@ def test_run_repr_html_is_escaped(run):
 # --------------------------------------------------------------------------- CSV
 def test_csv_round_trip_equals_frames(run, tmp_path):
     paths = write_csv(run, tmp_path)
-    assert [p.name for p in paths] == ["calls.csv", "steps.csv", "runs.csv", "summary.csv"]
+    # the run's meta holds its config, so the cost estimate (roofline.csv) is there too
+    assert [p.name for p in paths] == ["calls.csv", "steps.csv", "runs.csv", "summary.csv", "roofline.csv"]
     pd.testing.assert_frame_equal(read_csv(tmp_path / "calls.csv"), run.calls)
     pd.testing.assert_frame_equal(read_csv(tmp_path / "steps.csv"), run.steps)
     pd.testing.assert_frame_equal(read_csv(tmp_path / "runs.csv"), run.runs)
@@ -310,7 +311,8 @@ def test_trace_gpu_track_is_serial_and_keeps_durations(run):
 def test_write_reports_locations(run, tmp_path):
     paths = write_reports(run, tmp_path, formats=("html", "csv", "trace"))
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
-        "report.html", "csv/calls.csv", "csv/steps.csv", "csv/runs.csv", "csv/summary.csv", "trace.json"]
+        "report.html", "csv/calls.csv", "csv/steps.csv", "csv/runs.csv", "csv/summary.csv", "csv/roofline.csv",
+        "trace.json"]
     one = write_reports(run, tmp_path, formats=("trace",), out=tmp_path / "x" / "t.json")
     assert one == [tmp_path / "x" / "t.json"] and json.loads(one[0].read_text())["traceEvents"]
     csvs = write_reports(run, tmp_path, formats=("csv",), out=tmp_path / "flat")
@@ -362,7 +364,7 @@ def test_cli_report_and_compare(run, attn_runs, tmp_path, capsys):
 
     assert main(["report", str(run.path), "--format", "all", "--out", str(tmp_path / "all")]) == 0
     assert {p.name for p in (tmp_path / "all").rglob("*") if p.is_file()} == {
-        "report.html", "trace.json", "calls.csv", "steps.csv", "runs.csv", "summary.csv"}
+        "report.html", "trace.json", "calls.csv", "steps.csv", "runs.csv", "summary.csv", "roofline.csv"}
     assert main(["report", str(run.path), "--format", "html", "--out", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").read_bytes() == (tmp_path / "all" / "report.html").read_bytes()
     a, b = attn_runs

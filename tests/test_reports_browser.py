@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import probe
-from reports import write_reports
+from probe.hardware import Peaks
+from reports import write_reports, write_sweep_reports
 from reports.compare import write_comparison
 from reports.html import FIGURES
+from reports.sweep_report import SWEEP_FIGURES
 from tiny import tiny_llama
 
 CHROMIUM = "/usr/bin/chromium"
@@ -34,6 +36,9 @@ def _record(attn: str) -> probe.Run:
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
     run = p.run
     run.meta["prompt"] = XSS
+    # stored roofs, as `probe run` keeps them: the report draws the roofline from them
+    run.meta["peaks"] = Peaks(name="CPU", dtype="float32", flops_per_s=5e10, bytes_per_s=1e10, source="test",
+                              measured=True).to_dict()
     return run
 
 
@@ -45,7 +50,12 @@ def pages(tmp_path_factory) -> dict[str, Path]:
     b.save(root / "sdpa")
     report = write_reports(a, root / "eager", formats=("html",))[0]
     compare = write_comparison(a, b, root / "cmp")[0]
-    return {"report": report, "compare": compare}
+    from probe.sweep import sweep
+
+    model = tiny_llama(layers=2, hidden=32, vocab=96)
+    sweep(model, None, [4, 8], [1], new_tokens=2, repeat=1, warmup=0, out=root / "sweep", model_id=XSS)
+    swept = write_sweep_reports(root / "sweep", formats=("html",))[0]
+    return {"report": report, "compare": compare, "sweep": swept}
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +91,10 @@ def _open(browser, path: Path, javascript: bool = True):
 def test_report_renders_every_figure_offline_and_runs_no_injected_script(browser, pages):
     ctx, page, log = _open(browser, pages["report"])
     try:
-        for div_id, _, _ in FIGURES:
+        for div_id in [d for d, _, _ in FIGURES] + ["fig-roofline"]:
             page.wait_for_selector(f"#{div_id}.js-plotly-plot svg.main-svg", timeout=15_000)
-        assert page.locator(".js-plotly-plot").count() == len(FIGURES)
+        assert page.locator(".js-plotly-plot").count() == len(FIGURES) + 1  # + the roofline
+        assert page.locator("#fig-roofline .scatterlayer .point").count() > 0  # its markers drew
         heat = page.locator("#fig-layer-heatmap .hm, #fig-layer-heatmap image")
         assert heat.count() >= 1  # the heatmap drew its cells, not just axes
         assert page.locator("#prompt-text").inner_text() == XSS
@@ -103,6 +114,20 @@ def test_tables_read_without_javascript(browser, pages):
         assert "[1, 5, 32]" in page.locator("#shape-table").inner_text()
         assert "ttft_ms" in page.locator("#headline-table").inner_text()
         assert log["blocked"] == [] and log["dialogs"] == []
+    finally:
+        ctx.close()
+
+
+def test_sweep_page_renders_offline(browser, pages):
+    ctx, page, log = _open(browser, pages["sweep"])
+    try:
+        for div_id, _, _ in SWEEP_FIGURES:
+            page.wait_for_selector(f"#{div_id}.js-plotly-plot svg.main-svg", timeout=15_000)
+        assert page.locator(".js-plotly-plot").count() == len(SWEEP_FIGURES)
+        assert page.locator("#sweep-prefill .scatterlayer .trace").count() == 1  # one batch size
+        assert page.locator("h1").inner_text() == f"probe sweep: {XSS}"
+        page.wait_for_timeout(300)
+        assert log == {"blocked": [], "dialogs": [], "errors": [], "console": []}
     finally:
         ctx.close()
 
