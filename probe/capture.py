@@ -123,7 +123,7 @@ class _RunRec:
 
     __slots__ = (
         "run_id", "kind", "t_enter", "t_exit", "status", "steps", "input_len", "batch_in",
-        "mask", "output_len", "gen_settings", "started_at", "n_steps_seen",
+        "mask", "output_len", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
     )
 
     def __init__(self, run_id: str, kind: str) -> None:
@@ -140,6 +140,7 @@ class _RunRec:
         self.gen_settings: dict = {}
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.n_steps_seen = 0
+        self.mem_peak: int | None = None  # CUDA allocator peak over the whole run
 
 
 class Probe:
@@ -202,6 +203,7 @@ class Probe:
         self._ev_ms = array("d")  # resolved gpu ms per event pair index
         self._ev_pool: list = []
         self._stack: list = []
+        self._recording = [True]  # CUDA hooks skip steps whose records are dropped anyway
         # steps and runs
         self._runs: list[_RunRec] = []
         self._open_forward: _RunRec | None = None
@@ -247,6 +249,7 @@ class Probe:
         if self._track_memory is None:
             self._track_memory = bool(self._uses_cuda)
         self._cuda_device = _cuda_device_of(model) if self._uses_cuda else None
+        self._stream = torch.cuda.current_stream(self._cuda_device) if self._uses_cuda else None
         try:
             from .distributed import OffloadClock, placements
 
@@ -379,6 +382,10 @@ class Probe:
             run.input_len = int(x.shape[1]) if x.dim() >= 2 else int(x.shape[0])
             run.mask = kwargs.get("attention_mask")
         run.gen_settings = _generation_settings(self.model, kwargs)
+        if self._uses_cuda and self._track_memory:
+            # the run's peak starts here: setup, steps and sampling between steps all count
+            torch.cuda.reset_peak_memory_stats(self._cuda_device)
+            run.mem_peak = _alloc_stats(self._cuda_device)[0]
         self._gen_run = run
 
     def _end_generate(self, out: Any, status: str) -> None:
@@ -400,7 +407,13 @@ class Probe:
             self._cur_step = None
         self._stack.clear()
         self._root_depth = 0
-        self._resolve_events()
+        self._recording[0] = True
+        if self._uses_cuda and self._track_memory:
+            self._mem_fold_run_peak(run)
+        if status == "ok":
+            self._resolve_events()
+        else:
+            self._resolve_quietly()
         self._snapshot = None
         n = sum(1 for st in run.steps if st.compiled)
         if n:
@@ -415,7 +428,8 @@ class Probe:
             self._gen_run = None
             self._gen_depth = 0
         self._open_forward = None
-        self._resolve_events()
+        self._recording[0] = True
+        self._resolve_quietly()
         self._snapshot = None
 
     # ------------------------------------------------------------------ root hooks (steps)
@@ -460,10 +474,12 @@ class Probe:
         s.kept = self._keep(s)
         self._cur_step = s
         if self._uses_cuda:
-            s.ev0 = self._event()
+            self._recording[0] = s.kept
             if self._track_memory:
+                self._mem_fold_run_peak(run)  # allocations between steps (sampling, cat) count too
                 self._mem_peaks.clear()  # stale frames of an interrupted forward
                 self._mem_push()
+            s.ev0 = self._event()
         s.t0 = _now() if self._uses_cuda else t0
 
     def _root_post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -481,7 +497,8 @@ class Probe:
         if self._uses_cuda:
             s.ev1 = self._event()
             if self._track_memory:
-                s.mem_peak = self._mem_pop_peak()
+                s.mem_peak = self._mem_pop_peak()[0]
+            self._recording[0] = True
         if not s.kept:
             self._truncate(s.call0)
             s.call1 = s.call0
@@ -569,22 +586,29 @@ class Probe:
         event = self._event
         track = self._track_memory
         mem_push, mem_pop = self._mem_push, self._mem_pop_peak
-        allocated = torch.cuda.memory_allocated
-        dev = self._cuda_device
         pairs = self._ev_pairs
         local: dict = {}
         intern = self._intern
+        rec = self._recording  # [bool]: False during a step whose records are dropped anyway
 
         def pre(module, args):
-            if track:
-                mem_push()
-            push((now(), event(), allocated(dev) if track else 0))
+            if not rec[0]:
+                return
+            # allocator read first, then the clock and the start event: the read stays outside
+            # the call's window
+            m0 = mem_push() if track else 0
+            push((now(), event(), m0))
 
         def post(module, args, kwargs, out):
+            if not rec[0]:
+                return
             ev1 = event()
             t1 = now()
             t0, ev0, m0 = pop()
-            key = (_in_key(args, kwargs), _out_key(out)[0])
+            if len(args) == 1 and type(out) is Tensor and type(args[0]) is Tensor:
+                key = (args[0].shape, out.shape)
+            else:
+                key = (_in_key(args, kwargs), _out_key(out)[0])
             sid = local.get(key)
             if sid is None:
                 sid = local[key] = intern(args, kwargs, out)
@@ -595,9 +619,10 @@ class Probe:
             self._c_ev.append(len(pairs))
             pairs.append((ev0, ev1))
             if track:
+                peak, m1 = mem_pop()
                 self._c_mem0.append(m0)
-                self._c_mem1.append(allocated(dev))
-                self._c_peak.append(mem_pop())
+                self._c_mem1.append(m1)
+                self._c_peak.append(peak)
 
         return pre, post
 
@@ -638,28 +663,34 @@ class Probe:
     def _event(self):
         pool = self._ev_pool
         ev = pool.pop() if pool else torch.cuda.Event(enable_timing=True)
-        ev.record()
+        ev.record(self._stream)  # the model's device, whatever the current device is
         return ev
 
-    def _mem_push(self) -> None:
+    def _mem_fold_run_peak(self, run: _RunRec) -> None:
+        peak = _alloc_stats(self._cuda_device)[1]
+        if run.mem_peak is None or peak > run.mem_peak:
+            run.mem_peak = peak
+
+    def _mem_push(self) -> int:
         # Fold the allocator's peak so far into the enclosing call, then restart the peak
         # counter so this call's own peak can be read at its end.
         dev = self._cuda_device
         peaks = self._mem_peaks
-        cur = torch.cuda.max_memory_allocated(dev)
-        if peaks:
-            if cur > peaks[-1]:
-                peaks[-1] = cur
+        cur, peak = _alloc_stats(dev)
+        if peaks and peak > peaks[-1]:
+            peaks[-1] = peak
         torch.cuda.reset_peak_memory_stats(dev)
-        peaks.append(torch.cuda.memory_allocated(dev))
+        peaks.append(cur)
+        return cur
 
-    def _mem_pop_peak(self) -> int:
-        dev = self._cuda_device
+    def _mem_pop_peak(self) -> tuple[int, int]:
+        """(this call's peak, allocated now)."""
         peaks = self._mem_peaks
-        mine = max(peaks.pop(), torch.cuda.max_memory_allocated(dev))
+        cur, peak = _alloc_stats(self._cuda_device)
+        mine = max(peaks.pop() if peaks else 0, peak)
         if peaks and mine > peaks[-1]:
             peaks[-1] = mine
-        return mine
+        return mine, cur
 
     @property
     def _mem_peaks(self) -> list:
@@ -674,27 +705,33 @@ class Probe:
         if not self._uses_cuda:
             return
         steps = [s for r in self._runs for s in r.steps if s.ev0 is not None and s.ev1 is not None]
-        pending = len(self._ev_pairs) - len(self._ev_ms)
+        start = len(self._ev_ms)
+        pending = len(self._ev_pairs) - start
         if not pending and not steps:
             return
-        last = None
+        # wait for the last of both kinds: the step's end is recorded after its blocks' ends
         if pending:
-            last = self._ev_pairs[-1][1]
-        elif steps:
-            last = steps[-1].ev1
-        if last is not None:
-            last.synchronize()
-        for ev0, ev1 in self._ev_pairs[len(self._ev_ms):]:
+            self._ev_pairs[-1][1].synchronize()
+        if steps:
+            steps[-1].ev1.synchronize()
+        for i in range(start, len(self._ev_pairs)):
+            ev0, ev1 = self._ev_pairs[i]
             self._ev_ms.append(ev0.elapsed_time(ev1))
             self._ev_pool.append(ev0)
             self._ev_pool.append(ev1)
-        # events are reused from the pool; keep the index list aligned by dropping references
-        self._ev_pairs[: len(self._ev_pairs)] = [None] * len(self._ev_pairs)
+            self._ev_pairs[i] = None  # events go back to the pool; the index stays aligned
         for s in steps:
             s.gpu_ms = s.ev0.elapsed_time(s.ev1)
             self._ev_pool.append(s.ev0)
             self._ev_pool.append(s.ev1)
             s.ev0 = s.ev1 = None
+
+    def _resolve_quietly(self) -> None:
+        """Resolve on a failure path: the probe's own CUDA error must not replace the user's."""
+        try:
+            self._resolve_events()
+        except Exception:
+            log.debug("CUDA event resolution failed", exc_info=True)
 
     # ------------------------------------------------------------------ results
     @property
@@ -799,6 +836,16 @@ def attach(
         rank=rank,
     )
     return p._attach()
+
+
+def _alloc_stats(dev) -> tuple[int, int]:
+    """(allocated now, allocator peak) in one C call.
+
+    ``torch.cuda.memory_allocated`` and ``max_memory_allocated`` each flatten the allocator's
+    whole statistics dict in Python (~100 us); the nested dict is one native call.
+    """
+    a = torch.cuda.memory_stats_as_nested_dict(dev).get("allocated_bytes", {}).get("all", {})
+    return int(a.get("current", 0)), int(a.get("peak", 0))
 
 
 def _default_rank() -> int:

@@ -306,6 +306,8 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
         if dec_time > 0:
             row["decode_tok_s"] = steps[0].batch * sum(k for _, k in later) / (dec_time / 1e3)
         peaks = [s.mem_peak for s in steps if s.mem_peak is not None]
+        if run.mem_peak is not None:
+            peaks.append(run.mem_peak)
         row["peak_mem_bytes"] = max(peaks) if peaks else None
         row["kv_cache_bytes"] = steps[-1].kv_bytes
     return row

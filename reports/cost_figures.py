@@ -105,8 +105,11 @@ def roofline(roof_df: pd.DataFrame, peaks: Any, *, where: str | None = None, lab
         notes.append("not on the log axes (zero FLOPs or time): " + ", ".join(
             f"{html.escape(str(m))} ({p})" for m, p in zip(hidden["module"], hidden["phase"])))
     notes.append(f"roofs: {html.escape(str(pk['source']))}")
-    fig.update_layout(title=title, template="plotly_white", legend_title_text="phase", margin=dict(b=120))
-    fig.add_annotation(text="<br>".join(notes), showarrow=False, xref="paper", yref="paper", x=0, y=-0.22,
+    # taller than the other charts: the notes sit in the bottom margin, below the axis title
+    fig.update_layout(title=title, template="plotly_white", legend_title_text="phase", height=520,
+                      margin=dict(b=150))
+    fig.add_annotation(text="<br>".join(notes), showarrow=False, xref="paper", yref="paper", x=0, y=-0.2,
+                       yanchor="top",
                        xanchor="left", align="left", font=dict(size=10))
     # an explicit range: left to autorange, the ridge annotation stretches the axis decades too far
     fig.update_xaxes(type="log", title="arithmetic intensity (FLOP/byte)", range=[np.log10(lo), np.log10(hi)])
