@@ -344,7 +344,7 @@ def split_kineto(events: Sequence[Any]) -> tuple[dict, dict, dict, list, dict]:
     kinds: Counter = Counter()
     for e in events:
         dev = str(e.device_type()).rsplit(".", 1)[-1]
-        kind = e.activity_type()
+        kind = e.activity_type() if hasattr(e, "activity_type") else None
         name = e.name()
         if dev == "CPU":
             # runtime calls carry CUPTI correlation ids, frontend ops their own: keep them apart
@@ -604,20 +604,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "targets": TARGETS,
         "targets_apply": cuda and not cfg.small,
     }
-    ov, run, peaks = measure_overhead(model, ids, cfg, log)
-    results["overhead"] = ov
-    run.save(out_dir / "run")
-    results["run_dir"] = "run"
-    log("saved run/")
+    def write() -> None:
+        # rewritten after every section: a crash or a kill at the time limit keeps what was measured
+        (out_dir / "results.json").write_text(
+            json.dumps(_clean(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+    run = peaks = None
+    try:
+        ov, run, peaks = measure_overhead(model, ids, cfg, log)
+        results["overhead"] = ov
+        run.save(out_dir / "run")
+        results["run_dir"] = "run"
+        log("saved run/")
+    except Exception as exc:  # keep going: the other sections still tell something
+        results["overhead"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        ov = None
+    write()
     _section(results, "agreement", lambda: measure_agreement(model, ids, cfg))
     log("profiler pass done")
-    _section(results, "coverage", lambda: coverage(run, cuda))
-    _section(results, "memory", lambda: memory(model, run, peaks, allocated))
-    _section(results, "bandwidth", lambda: bandwidth(model, run, ov, name, cuda))
+    write()
+    if run is not None:
+        _section(results, "coverage", lambda: coverage(run, cuda))
+        _section(results, "memory", lambda: memory(model, run, peaks, allocated))
+        _section(results, "bandwidth", lambda: bandwidth(model, run, ov, name, cuda))
     results["checks"] = _checks(results)
     results["elapsed_s"] = time.perf_counter() - t_start
     results = _clean(results)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    write()
     print(format_table(results))
     return results
 
@@ -658,11 +671,17 @@ def format_table(r: dict) -> str:
         f"{'overhead (medians)':<26}{'none':>12}{'blocks':>20}{'all':>20}",
     ]
     ov = r["overhead"]
+    if "error" in ov:
+        lines.append(f"overhead: ERROR {ov['error']}")
+        ov = {"median": {}, "overhead_pct": {}}
     for label, f, ph in (("TTFT ms", "ttft_ms", "prefill"), ("decode ms/token", "decode_ms_per_token", "decode"),
                          ("total ms", "total_ms", "total"), ("decode step GPU ms", "decode_gpu_ms", None)):
+        if not ov["median"]:
+            break
         row = f"  {label:<24}{_f(ov['median']['none'][f]):>12}"
         for cf in ("blocks", "all"):
-            pct = f" ({ov['overhead_pct'][cf][ph]:+.1f}%)" if ph else ""
+            pct_v = ov["overhead_pct"][cf][ph] if ph else None
+            pct = f" ({pct_v:+.1f}%)" if pct_v is not None else ""
             row += f"{_f(ov['median'][cf][f]) + pct:>20}"
         lines.append(row)
     ag = r.get("agreement", {})
@@ -677,7 +696,7 @@ def format_table(r: dict) -> str:
     cov = r.get("coverage", {})
     if "by_phase" in cov:
         lines.append(f"coverage [{cov['basis'].split(' ')[0]}]: " + ", ".join(
-            f"{ph} {s['aggregate']:.3f} (min {s['min']:.3f})" for ph, s in cov["by_phase"].items()))
+            f"{ph} {_f(s['aggregate'])} (min {_f(s['min'])})" for ph, s in cov["by_phase"].items()))
     mem = r.get("memory", {})
     if "kv_growth" in mem:
         kg, pk = mem["kv_growth"], mem["peak"]
