@@ -1,0 +1,182 @@
+"""Dashboard load + Overview draw time for a run of 1,000,000 call rows (target: under 5 s).
+
+The big run is a real recording stretched in time (``report_size.stretch``: a tiny 32-layer
+LLaMA generates under the probe, then its decode steps are repeated with shifted step numbers,
+KV lengths and start times) and saved with ``Run.save``. Three measurements, each cold (caches
+cleared, files read again) and side by side with the unstretched recording:
+
+1. the data path: ``probe.load`` + filter options + the Overview's figures, serialised to the
+   JSON Streamlit sends to the browser;
+2. the app under Streamlit's ``AppTest``: one full script run of the Overview page;
+3. (with ``/usr/bin/chromium``) ``probe dashboard`` in headless Chromium: page open until both
+   Overview charts are drawn, on a new server (its first session imports the app: torch,
+   pandas, plotly, streamlit) and again on the same, warm server.
+
+    python benchmarks/dashboard_load.py [--rows 1000000] [--repeat 3] [--out DIR] [--no-browser]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark's recorder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from report_size import record_tiny, stretch  # noqa: E402
+
+TARGET_S = 5.0
+CHROMIUM = "/usr/bin/chromium"
+
+
+def data_path(run_dir: Path) -> float:
+    """Seconds to load ``run_dir`` and build + serialise the Overview, as the app does."""
+    from dashboards import data
+    from reports import figures
+
+    t0 = time.perf_counter()
+    run = data.load_run(run_dir, run_dir.name)
+    data.options(run)
+    run = data.apply_filters(run, data.Filters())
+    figs = [figures.phase_blocks(run.calls, run.steps, by="role"), figures.step_breakdown(run.calls, run.steps)]
+    figures.headline(run.runs, run.steps, meta=run.meta)
+    for f in figs:
+        f.to_json()
+    return time.perf_counter() - t0
+
+
+def app_test(runs_dir: Path) -> float:
+    """Seconds for one cold AppTest run of the Overview over ``runs_dir``."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from dashboards import APP
+
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    at = AppTest.from_file(str(APP), default_timeout=300)
+    at.session_state["runs_dir"] = str(runs_dir)
+    t0 = time.perf_counter()
+    at.run()
+    dt = time.perf_counter() - t0
+    if at.exception or at.error or len(at.get("plotly_chart")) != 2:
+        raise RuntimeError(f"the Overview did not draw: {[e.value for e in [*at.exception, *at.error]]}")
+    return dt
+
+
+def browser(runs_dirs: list[Path], repeat: int) -> dict[Path, tuple[list[float], list[float]]]:
+    """Per runs folder: seconds from opening the page to both Overview charts drawn.
+
+    Each of ``repeat`` fresh servers is opened twice: cold (the server's first session imports
+    the app and reads the run) and then warm (imports done, run cached; the browser still
+    fetches and runs Streamlit's and plotly's JavaScript in a new page).
+
+    Returns:
+        folder -> (cold seconds, warm seconds).
+    """
+    from playwright.sync_api import sync_playwright
+
+    drawn = ("() => { const p = [...document.querySelectorAll('.js-plotly-plot')];"
+             " return p.length === 2 && p.every(e => e.querySelector('.trace')); }")
+    out: dict[Path, tuple[list[float], list[float]]] = {}
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run",
+                                                               "--disable-background-networking"])
+        try:
+            for d in runs_dirs:
+                out[d] = ([], [])
+                for _ in range(repeat):
+                    with socket.socket() as s:
+                        s.bind(("127.0.0.1", 0))
+                        port = s.getsockname()[1]
+                    proc = subprocess.Popen([sys.executable, "-m", "probe", "dashboard", str(d), "--port", str(port)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    try:
+                        _wait_health(port, proc)
+                        for times in out[d]:
+                            page = b.new_page(viewport={"width": 1400, "height": 1000})
+                            t0 = time.perf_counter()
+                            page.goto(f"http://127.0.0.1:{port}/")
+                            page.wait_for_function(drawn, timeout=120_000)
+                            times.append(time.perf_counter() - t0)
+                            page.close()
+                    finally:
+                        proc.terminate()
+                        proc.wait(timeout=20)
+        finally:
+            b.close()
+    return out
+
+
+def _wait_health(port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the dashboard exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("the dashboard did not come up in 120 s")
+
+
+def _line(label: str, small: list[float], big: list[float]) -> str:
+    ms, mb = statistics.median(small), statistics.median(big)
+    return (f"{label:<38} {ms:>8.2f} {mb:>8.2f} {max(big):>8.2f} {mb / ms:>7.1f}x  "
+            f"{'yes' if max(big) < TARGET_S else 'NO'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", default=None, help="keep the runs in this folder")
+    ap.add_argument("--no-browser", action="store_true", help="skip the headless Chromium measurement")
+    args = ap.parse_args()
+
+    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="probe-dashboard-load-"))
+    base = record_tiny()
+    small_dir, big_dir = root / "small", root / "big"
+    base.save(small_dir / "run")
+    t0 = time.perf_counter()
+    big = stretch(base, args.rows)
+    big.save(big_dir / "run")
+    print(f"runs in {root}: small {len(base.calls):,} call rows; big {len(big.calls):,} call rows, "
+          f"{len(big.steps):,} steps (built and saved in {time.perf_counter() - t0:.1f} s, "
+          f"calls.parquet {(big_dir / 'run' / 'calls.parquet').stat().st_size / 1e6:.1f} MB)")
+
+    # warm the interpreter once (imports, Streamlit's one-time component scan): a running
+    # dashboard pays these at start-up, not per page load
+    data_path(small_dir / "run")
+    app_test(small_dir)
+
+    rows = {
+        "data: load + Overview figures": ([data_path(small_dir / "run") for _ in range(args.repeat)],
+                                          [data_path(big_dir / "run") for _ in range(args.repeat)]),
+        "AppTest: cold Overview page": ([app_test(small_dir) for _ in range(args.repeat)],
+                                        [app_test(big_dir) for _ in range(args.repeat)]),
+    }
+    if not args.no_browser and Path(CHROMIUM).exists():
+        got = browser([small_dir, big_dir], args.repeat)
+        rows["Chromium, new server: page to charts"] = (got[small_dir][0], got[big_dir][0])
+        rows["Chromium, warm server: page to charts"] = (got[small_dir][1], got[big_dir][1])
+    elif not args.no_browser:
+        print(f"(no {CHROMIUM}: browser measurement skipped)")
+
+    print(f"\nseconds, median of {args.repeat} cold runs; target: big under {TARGET_S:.0f} s")
+    print(f"{'measurement':<38} {'small':>8} {'big':>8} {'big max':>8} {'ratio':>8}  under target")
+    for label, (small, bigs) in rows.items():
+        print(_line(label, small, bigs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The probe dashboard: ``streamlit run dashboards/app.py -- --runs-dir RUNS_DIR``.
+
+The sidebar picks the runs folder, the runs and the filters; the view chosen there draws the
+selected runs (their frames concatenated, then filtered). Loading is cached per run on the
+run files' modification times and sizes, so a re-recorded run is reloaded and nothing else.
+Bad runs are listed with the reason and never stop the good ones from showing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import astuple
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by `streamlit run`: make the repo importable
+    _ROOT = str(Path(__file__).resolve().parent.parent)
+    if _ROOT not in sys.path:
+        sys.path.insert(0, _ROOT)
+
+import streamlit as st
+
+import probe
+from dashboards import cli_runs_dir, data, views
+
+log = logging.getLogger("dashboards.app")
+
+# A loaded run is held once and shared by every rerun and session (cache_resource): a
+# 1M-row frame would cost ~1 s to pickle into st.cache_data and ~0.2 s to unpickle on every
+# rerun. The frames are treated as read-only (filters build new frames). The key holds the
+# files' mtimes and sizes, so a changed run is a cache miss; old entries age out.
+@st.cache_resource(max_entries=32, show_spinner="Loading run ...")
+def _load(path: str, name: str, sig: tuple) -> tuple[probe.Run | None, str | None]:
+    try:
+        return data.load_run(path, name), None
+    except probe.RunLoadError as exc:
+        return None, str(exc)
+
+
+# The selected runs concatenated (and then filtered) are held too, keyed on their names and
+# file signatures (and the filters): re-concatenating a million rows on every click costs
+# about as much as the load itself. The leading underscore keeps the frames out of the key.
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _combined(key: tuple, _runs: tuple[probe.Run, ...]) -> tuple[probe.Run, dict]:
+    run = data.combine(list(_runs))
+    return run, data.options(run)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)  # each entry may hold a filtered copy
+def _filtered(key: tuple, filters: tuple, _run: probe.Run, _filters: data.Filters) -> probe.Run:
+    return data.apply_filters(_run, _filters)
+
+
+def _sync(key: str, options: list, default: list) -> None:
+    """Seed or update a multiselect's state before the widget is built.
+
+    First time: ``default``. When the options change (another folder, other runs), keep
+    what is still offered, so a value the user took out stays out, and add the options
+    that are new since the last run (``default`` if nothing is left). The widgets are built
+    without a default of their own: giving both a default and a state value makes Streamlit
+    warn on the page.
+    """
+    seen = f"_options_{key}"
+    prev, cur = st.session_state.get(seen), st.session_state.get(key)
+    if cur is None or prev is None:
+        st.session_state[key] = list(default)
+    elif prev != options:
+        keep = [v for v in options if v in cur or (v not in prev and v in default)]
+        st.session_state[key] = keep or list(default)
+    st.session_state[seen] = list(options)
+
+
+def _sidebar_filters(opts: dict) -> data.Filters:
+    """Phase, depth, module type and step-range widgets; a full selection means no filter."""
+    st.sidebar.subheader("Filters")
+    chosen = {}
+    for key, label in (("phases", "Phase"), ("depths", "Depth (module nesting)"), ("module_types", "Module type")):
+        values = opts[key]
+        _sync(key, values, values)
+        picked = st.sidebar.multiselect(label, values, key=key)
+        chosen[key] = None if set(picked) == set(values) else tuple(picked)
+    lo, hi = opts["steps"]
+    step_range = None
+    if hi > lo:
+        cur, prev = st.session_state.get("steps"), st.session_state.get("_options_steps")
+        if cur is None or prev is None or tuple(cur) == tuple(prev):
+            st.session_state["steps"] = (lo, hi)  # first time, or the whole range was shown: still all
+        else:  # clamp a narrowed range kept from another run
+            a, b = max(lo, min(cur[0], hi)), min(hi, max(cur[1], lo))
+            st.session_state["steps"] = (a, b) if a <= b else (lo, hi)
+        st.session_state["_options_steps"] = (lo, hi)
+        got = st.sidebar.slider("Step range", min_value=lo, max_value=hi, key="steps")
+        step_range = None if tuple(got) == (lo, hi) else (int(got[0]), int(got[1]))
+    return data.Filters(phases=chosen["phases"], depths=chosen["depths"], module_types=chosen["module_types"],
+                        steps=step_range)
+
+
+def main() -> None:
+    """Build the page for the current widget state."""
+    st.set_page_config(page_title="probe dashboard", layout="wide")
+    if "runs_dir" not in st.session_state:
+        st.session_state["runs_dir"] = cli_runs_dir()
+    st.sidebar.title("probe")
+    runs_dir = st.sidebar.text_input("Runs folder", key="runs_dir").strip()
+    if not runs_dir:
+        st.info("Enter the folder that holds your runs (each one written by `probe run --out FOLDER/NAME`).")
+        return
+
+    found = data.discover(runs_dir)
+    if found.message:
+        st.info(found.message)
+        return
+    good: dict[str, probe.Run] = {}
+    sigs: dict[str, tuple] = {}
+    for name, path in found.runs.items():
+        sigs[name] = data.signature(path)
+        run, err = _load(str(path), name, sigs[name])
+        if run is None:
+            st.error(f"Run **{views.md(name)}** cannot be shown: {views.md(err)}", icon="⚠️")
+        else:
+            good[name] = run
+    if not good:
+        st.warning(f"None of the {len(found.runs)} folder(s) in {views.md(runs_dir)} holds a readable run; "
+                   f"record one with `probe run --out {runs_dir}/NAME`.")
+        return
+
+    names = list(good)
+    _sync("runs", names, names[-1:])
+    selected = st.sidebar.multiselect("Runs", names, key="runs")
+    if not selected:
+        st.info("Pick one or more runs in the sidebar.")
+        return
+    view = st.sidebar.radio("View", list(views.VIEWS), key="view", horizontal=False)
+    key = (str(Path(runs_dir).expanduser().resolve()), tuple((n, sigs[n]) for n in selected))
+    combined, opts = _combined(key, tuple(good[n] for n in selected))
+    filters = _sidebar_filters(opts)
+    st.sidebar.caption(f"{len(found.runs)} run folder(s) found, {len(good)} readable")
+
+    ctx = views.Context(runs_dir=Path(runs_dir), selected=selected, loaded=good, filters=filters,
+                        run=_filtered(key, astuple(filters), combined, filters), signatures=sigs)
+    st.header(view)
+    try:
+        views.VIEWS[view](ctx)
+    except Exception as exc:  # a bug in one view must not take the page down with a traceback
+        log.exception("view %s failed", view)
+        st.error(f"The {view} view failed: {type(exc).__name__}: {views.md(str(exc))}")
+
+
+try:
+    main()
+except Exception as exc:  # the last guard (Streamlit's own rerun/stop signals are BaseException)
+    log.exception("the dashboard failed")
+    st.error(f"The dashboard failed: {type(exc).__name__}: {views.md(str(exc))}")

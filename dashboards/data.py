@@ -1,0 +1,257 @@
+"""Loading, filtering and aggregating saved runs for the dashboard (pandas only, no Streamlit).
+
+The app wraps these in Streamlit caches; keeping them free of Streamlit lets the benchmark and
+the tests time and check them directly. Nothing here touches a model: runs come from
+:func:`probe.load`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import probe
+from probe import schema
+from probe.run import META
+
+log = logging.getLogger(__name__)
+
+#: deepest folder level below the runs folder searched for run directories (e.g. sweeps)
+MAX_SCAN_DEPTH = 2
+#: rows the Data view shows per page (the full table is a download, built on click)
+PAGE_ROWS = 500
+
+
+@dataclass(frozen=True)
+class Found:
+    """What a scan of the runs folder found.
+
+    Attributes:
+        runs: run name (path relative to the runs folder, ``.`` for the folder itself) ->
+            directory, for every folder that looks like a run or should have been one.
+        message: why nothing is listed (missing folder, not a folder, empty), else None.
+    """
+
+    runs: dict[str, Path] = field(default_factory=dict)
+    message: str | None = None
+
+
+def _is_run_dir(d: Path) -> bool:
+    return (d / META).exists() or any((r / META).exists() for r in d.glob("rank*"))
+
+
+def discover(runs_dir: str | os.PathLike) -> Found:
+    """Find run directories under ``runs_dir``.
+
+    A folder holding ``meta.json`` (or ``rank*/meta.json``) is a run; so is the runs folder
+    itself. Every other direct sub-folder is listed too unless it holds runs further down
+    (a sweep's folder), so that an empty or half-written run is reported rather than hidden.
+
+    Args:
+        runs_dir: the folder of runs.
+
+    Returns:
+        :class:`Found`, runs sorted by name.
+    """
+    root = Path(runs_dir).expanduser()
+    hint = f"record one with `probe run --out {root}/NAME` (or `probe run --out {root}/NAME MODEL_DIR`)"
+    if not root.exists():
+        return Found(message=f"The runs folder {root} does not exist. {hint[0].upper()}{hint[1:]}.")
+    if not root.is_dir():
+        return Found(message=f"{root} is a file, not a folder of runs. Pass the folder that holds run directories.")
+    if _is_run_dir(root):
+        return Found(runs={".": root})
+    found: dict[str, Path] = {}
+
+    def scan(d: Path, level: int) -> bool:
+        """Add the runs under ``d``; True when any was found."""
+        any_run = False
+        try:
+            children = sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith((".", "_")))
+        except OSError as exc:
+            log.warning("cannot list %s: %s", d, exc)
+            return False
+        for c in children:
+            if _is_run_dir(c):
+                found[c.relative_to(root).as_posix()] = c
+                any_run = True
+            elif level < MAX_SCAN_DEPTH and scan(c, level + 1):
+                any_run = True
+            elif level == 1:
+                found[c.relative_to(root).as_posix()] = c  # reported by load as "holds no run"
+        return any_run
+
+    scan(root, 1)
+    if not found:
+        return Found(message=f"The runs folder {root} holds no runs yet. {hint[0].upper()}{hint[1:]}.")
+    return Found(runs=dict(sorted(found.items())))
+
+
+def signature(run_dir: str | os.PathLike) -> tuple:
+    """(relative path, mtime_ns, size) of the files :func:`probe.load` reads: the cache key.
+
+    A run re-recorded into the same folder changes it, so a cached load is never stale;
+    reports written next to the run (``report.html``, ``csv/``) do not count.
+    """
+    root = Path(run_dir)
+    out = []
+    try:
+        for f in sorted([*root.rglob(META), *root.rglob("*.parquet")]):
+            if f.is_file():
+                st = f.stat()
+                out.append((f.relative_to(root).as_posix(), st.st_mtime_ns, st.st_size))
+    except OSError as exc:  # vanished while scanning: key on the error so the next scan retries
+        out.append(("<error>", str(exc), 0))
+    return tuple(out)
+
+
+def load_run(run_dir: str | os.PathLike, name: str) -> probe.Run:
+    """:func:`probe.load` a run and tag its ``runs`` rows with the run's name (column ``run``).
+
+    Raises:
+        probe.RunLoadError: the run cannot be read; every other failure (a frame of the
+            right columns but unreadable values) is turned into one, with the reason.
+    """
+    try:
+        run = probe.load(run_dir)
+    except probe.RunLoadError:
+        raise
+    except Exception as exc:  # a malformed file can fail inside pandas/pyarrow in many ways
+        raise probe.RunLoadError(f"{run_dir} cannot be read: {type(exc).__name__}: {exc}") from exc
+    runs = run.runs.copy()
+    runs["run"] = pd.array([name] * len(runs), dtype="string")
+    run.runs = runs
+    return run
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The sidebar's filters; ``None`` means "no filter" for that field."""
+
+    phases: tuple[str, ...] | None = None
+    depths: tuple[int, ...] | None = None
+    module_types: tuple[str, ...] | None = None
+    steps: tuple[int, int] | None = None
+
+
+def combine(runs: list[probe.Run]) -> probe.Run:
+    """One :class:`probe.Run` holding the frames of several (concatenated, schema kept)."""
+    if len(runs) == 1:
+        return runs[0]
+    if not runs:
+        return probe.Run(calls=schema.empty(schema.CALLS), steps=schema.empty(schema.STEPS),
+                         runs=schema.empty(schema.RUNS).assign(run=pd.Series([], dtype="string")))
+    return probe.Run(
+        calls=schema.conform(pd.concat([r.calls for r in runs], ignore_index=True), schema.CALLS),
+        steps=schema.conform(pd.concat([r.steps for r in runs], ignore_index=True), schema.STEPS),
+        runs=schema.conform(pd.concat([r.runs for r in runs], ignore_index=True), schema.RUNS),
+        meta=dict(runs[0].meta),
+    )
+
+
+def options(run: probe.Run) -> dict:
+    """Values the filters can take for ``run``: phases, depths, module types, step range."""
+    calls, steps = run.calls, run.steps
+    # .unique() first: iterating a million-row string column in Python takes seconds
+    present = set(steps["phase"].dropna().unique()) | set(calls["phase"].dropna().unique())
+    phases = [p for p in schema.PHASES if p in present] + sorted(str(p) for p in present - set(schema.PHASES))
+    lo = int(steps["step"].min()) if len(steps) else 0
+    hi = int(steps["step"].max()) if len(steps) else 0
+    return {
+        "phases": phases,
+        "depths": sorted(int(d) for d in calls["depth"].dropna().unique()),
+        "module_types": sorted(str(t) for t in calls["module_type"].dropna().unique()),
+        "steps": (lo, hi),
+    }
+
+
+def apply_filters(run: probe.Run, f: Filters) -> probe.Run:
+    """``run`` with its calls and steps cut to the filters (phase and step apply to both).
+
+    Returns the same frames untouched when no filter narrows them, so the common case
+    copies nothing.
+    """
+    calls, steps = run.calls, run.steps
+    cmask = np.ones(len(calls), dtype=bool)
+    smask = np.ones(len(steps), dtype=bool)
+    if f.phases is not None:
+        cmask &= calls["phase"].isin(f.phases).to_numpy(dtype=bool, na_value=False)
+        smask &= steps["phase"].isin(f.phases).to_numpy(dtype=bool, na_value=False)
+    if f.depths is not None:
+        cmask &= calls["depth"].isin(f.depths).to_numpy(dtype=bool, na_value=False)
+    if f.module_types is not None:
+        cmask &= calls["module_type"].isin(f.module_types).to_numpy(dtype=bool, na_value=False)
+    if f.steps is not None:
+        lo, hi = f.steps
+        cs = calls["step"].to_numpy()
+        ss = steps["step"].to_numpy()
+        cmask &= (cs >= lo) & (cs <= hi)
+        smask &= (ss >= lo) & (ss <= hi)
+    new_calls = calls if cmask.all() else calls[cmask].reset_index(drop=True)
+    new_steps = steps if smask.all() else steps[smask].reset_index(drop=True)
+    return probe.Run(calls=new_calls, steps=new_steps, runs=run.runs, meta=run.meta, path=run.path)
+
+
+def block_memory(calls: pd.DataFrame) -> pd.DataFrame:
+    """Per block role and phase: mean output bytes per call, and on CUDA the mean allocator
+    growth (``mem_after - mem_before``) and peak above the start of the call.
+
+    Columns: ``role, phase, calls, mean_out_bytes, mean_alloc_delta_bytes, max_peak_over_bytes``
+    (the last two null on CPU, where the allocator counters are not recorded).
+    """
+    cols = ["role", "phase", "calls", "mean_out_bytes", "mean_alloc_delta_bytes", "max_peak_over_bytes"]
+    if calls.empty:
+        return pd.DataFrame({c: pd.Series([], dtype="string" if c in ("role", "phase") else "float64")
+                             for c in cols})
+    before = calls["mem_before_bytes"].astype("float64")
+    df = pd.DataFrame({
+        "role": calls["role"], "phase": calls["phase"], "out": calls["out_bytes"].astype("float64"),
+        "delta": calls["mem_after_bytes"].astype("float64") - before,
+        "over": calls["mem_peak_bytes"].astype("float64") - before,
+    })
+    g = df.groupby(["role", "phase"], sort=False, observed=True)
+    out = pd.DataFrame({
+        "calls": g.size(), "mean_out_bytes": g["out"].mean(),
+        "mean_alloc_delta_bytes": g["delta"].mean(), "max_peak_over_bytes": g["over"].max(),
+    }).reset_index()
+    order = {r: i for i, r in enumerate(schema.ROLES)}
+    porder = {p: i for i, p in enumerate(schema.PHASES)}
+    out = out.assign(_r=out["role"].map(order).fillna(99), _p=out["phase"].map(porder).fillna(99))
+    return out.sort_values(["_p", "_r"], kind="stable").drop(columns=["_r", "_p"]).reset_index(drop=True)[cols]
+
+
+def page(df: pd.DataFrame, number: int, rows: int | None = None) -> pd.DataFrame:
+    """Rows ``[number*rows, (number+1)*rows)`` of ``df`` (pages count from 0; ``rows``
+    defaults to :data:`PAGE_ROWS`)."""
+    rows = PAGE_ROWS if rows is None else rows
+    start = max(number, 0) * rows
+    return df.iloc[start:start + rows]
+
+
+def csv_bytes(df: pd.DataFrame, max_rows: int | None = None) -> bytes:
+    """``df`` as UTF-8 CSV (shape columns stay JSON strings), at most ``max_rows`` rows."""
+    if max_rows is not None:
+        df = df.iloc[:max_rows]
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    return buf.getvalue().encode("utf-8")
+
+
+def report_html(run: probe.Run) -> bytes:
+    """The self-contained HTML report of ``run`` (``reports.write_reports``), as bytes.
+
+    Written to a temporary file, so the run's own folder is left untouched.
+    """
+    from reports import write_reports
+
+    with tempfile.TemporaryDirectory(prefix="probe-report-") as tmp:
+        # with one format, `out` is the file to write
+        paths = write_reports(run, run.path or tmp, formats=("html",), out=Path(tmp) / "report.html")
+        return Path(paths[0]).read_bytes()

@@ -1,0 +1,297 @@
+"""The dashboard's views: one function per sidebar entry, each drawing a :class:`Context`.
+
+Figures come from ``reports.figures`` (shared with the HTML report), which aggregate with
+pandas and cap their points, so a view draws a million-call run as fast as a small one.
+Tables are paged and downloads are built only when clicked.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+import pandas as pd
+import streamlit as st
+
+import probe
+from probe.run import block_summary
+from reports import figures
+
+from . import data
+
+PLOTLY_CONFIG = {"displaylogo": False}
+
+
+@dataclass
+class Context:
+    """What every view draws from.
+
+    Attributes:
+        runs_dir: the runs folder.
+        selected: names of the runs picked in the sidebar.
+        loaded: every readable run by name, unfiltered.
+        filters: the sidebar filters.
+        run: the selected runs' frames concatenated, with the filters applied.
+        signatures: file signature of every loaded run (:func:`data.signature`), by name.
+    """
+
+    runs_dir: Path
+    selected: list[str]
+    loaded: dict[str, probe.Run]
+    filters: data.Filters
+    run: probe.Run
+    signatures: dict[str, tuple]
+
+    def key(self, runs: list[str] | tuple[str, ...] | None = None) -> tuple:
+        """Identifies the frames of ``runs`` (default: the selected ones) under the filters:
+        the folder, each run's name and file signature, and the filters."""
+        names = self.selected if runs is None else runs
+        return str(self.runs_dir), tuple((n, self.signatures[n]) for n in names), astuple(self.filters)
+
+    def memo(self, what: str, build: Callable[[], Any], *params: Hashable, runs: tuple[str, ...] | None = None):
+        """``build()``, cached on :meth:`key`, ``what`` and ``params``.
+
+        Reruns (a click, another view and back) then skip the aggregation over a large run.
+        ``runs`` names the loaded runs ``build`` reads when they are not the selected ones.
+        """
+        return _memo(self.key(runs), what, params, build)
+
+
+# Keyed on the run files' signatures, never on the frames: hashing a 1M-row frame for the
+# key would cost as much as the aggregation it saves. The builder (leading underscore) is
+# not hashed; results are small (figures, summary tables), so pickling them is cheap.
+@st.cache_data(max_entries=256, show_spinner=False)
+def _memo(key: tuple, what: str, params: tuple, _build: Callable[[], Any]) -> Any:
+    return _build()
+
+
+_MD_SPECIAL = re.compile(r"([\\*_\[\]<>#|~$])")
+
+
+def md(text: object) -> str:
+    """``text`` with Markdown's special characters escaped (backticks kept for code)."""
+    return _MD_SPECIAL.sub(r"\\\1", str(text))
+
+
+def _chart(fig, key: str) -> None:
+    st.plotly_chart(fig, key=key, theme=None, config=PLOTLY_CONFIG)
+
+
+def _table(df: pd.DataFrame, key: str) -> None:
+    st.dataframe(df, key=key, hide_index=True)
+
+
+def _fmt(value: object, unit: str = "", fmt: str = "{:,.2f}") -> str:
+    return "n/a" if value is None or pd.isna(value) else fmt.format(value) + unit
+
+
+def _headline(run: probe.Run) -> pd.DataFrame:
+    """``figures.headline`` with the run folder's name first, to tell several runs apart."""
+    head = figures.headline(run.runs, run.steps, meta=run.meta)
+    if "run" in run.runs and len(head):
+        names = run.runs.drop_duplicates("run_id").set_index("run_id")["run"]
+        head.insert(0, "run", head["run_id"].map(names))
+    return head
+
+
+# --------------------------------------------------------------------------- views
+def overview(ctx: Context) -> None:
+    """Headline numbers, prefill vs decode per block, and one step broken down."""
+    run = ctx.run
+    head = ctx.memo("headline", lambda: _headline(run))
+    cols = st.columns(6)
+    cols[0].metric("Runs", len(ctx.selected))
+    cols[1].metric("Generate calls", len(head))
+    cols[2].metric("Steps", f"{len(run.steps):,}")
+    cols[3].metric("Call rows", f"{len(run.calls):,}")
+    cols[4].metric("TTFT (mean)", _fmt(head["ttft_ms"].mean() if len(head) else None, " ms"))
+    cols[5].metric("TPOT p50 (mean)", _fmt(head["tpot_ms_p50"].mean() if len(head) else None, " ms"))
+    _table(head, "overview_headline")
+    by = st.radio("Blocks by", ["role", "module"], horizontal=True, key="overview_by")
+    _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by=by), by), "overview_blocks")
+    _chart(ctx.memo("step_breakdown", lambda: figures.step_breakdown(run.calls, run.steps)), "overview_breakdown")
+
+
+def _per_layer(run: probe.Run) -> pd.DataFrame:
+    """Mean host ms per call of each decoder layer, one column per phase."""
+    summ = block_summary(run.calls, run.steps, by="module")
+    per_layer = summ[summ["role"] == "layer"]
+    if per_layer.empty:
+        return pd.DataFrame()
+    table = per_layer.pivot_table(index=["layer", "module"], columns="phase", values="mean_ms",
+                                  observed=True).reset_index()
+    phases = [p for p in probe.PHASES if p in table.columns]
+    table = table[["layer", "module", *phases]]
+    table.columns = ["layer", "module", *[f"{p} mean ms" for p in phases]]
+    if {"prefill mean ms", "decode mean ms"} <= set(table.columns):
+        table["prefill / decode"] = table["prefill mean ms"] / table["decode mean ms"]
+    return table
+
+
+def layers(ctx: Context) -> None:
+    """Layer x step heatmap for a phase, and each layer's prefill vs decode time."""
+    run = ctx.run
+    present = ctx.memo("phases", lambda: set(run.calls["phase"].dropna().unique()))
+    phases = [p for p in probe.PHASES if p in present] or ["decode"]
+    phase = st.radio("Phase", phases, index=phases.index("decode") if "decode" in phases else 0,
+                     horizontal=True, key="layers_phase")
+    _chart(ctx.memo("heatmap", lambda: figures.layer_heatmap(run.calls, phase=phase), phase), "layers_heatmap")
+    _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="module"), "module"),
+           "layers_blocks")
+    table = ctx.memo("per_layer", lambda: _per_layer(run))
+    if len(table):
+        st.caption("Mean host ms per call of each decoder layer, by phase")
+        _table(table, "layers_table")
+
+
+def timeline(ctx: Context) -> None:
+    """Per-token latency over the steps, and latency against the KV length."""
+    run = ctx.run
+    _chart(ctx.memo("token_latency", lambda: figures.token_latency(run.steps, run.runs)), "timeline_tokens")
+    _chart(ctx.memo("latency_vs_kv", lambda: figures.latency_vs_kv(run.steps)), "timeline_kv")
+
+
+def _block_memory_figure(mem: pd.DataFrame):
+    """Bars of per-block memory by phase: allocator growth on CUDA, output bytes on CPU."""
+    import plotly.express as px  # only this view needs it; keeps the first page load lighter
+
+    if mem.empty:
+        return figures.empty_figure("Memory per block")
+    on_cuda = mem["mean_alloc_delta_bytes"].notna().any()
+    value = "mean_alloc_delta_bytes" if on_cuda else "mean_out_bytes"
+    label = "mean allocator growth per call" if on_cuda else "mean output bytes per call"
+    return px.bar(mem, x="role", y=value, color="phase", barmode="group", template=figures.TEMPLATE,
+                  title="Memory per block: " + label, labels={value: "bytes", "role": "block"},
+                  color_discrete_map=figures.PHASE_COLORS, height=figures.HEIGHT)
+
+
+def _kv_growth(steps: pd.DataFrame) -> pd.DataFrame:
+    """Per generate call: KV-cache bytes after its last step and bytes per cached position."""
+    steps = steps.dropna(subset=["kv_cache_bytes"])
+    if steps.empty:
+        return pd.DataFrame()
+    last = steps.sort_values("step").groupby("run_id", sort=False).tail(1)
+    positions = last["kv_len"] + last["q_len"]
+    return pd.DataFrame({
+        "run_id": last["run_id"].to_numpy(), "last step": last["step"].to_numpy(),
+        "positions": positions.to_numpy(), "kv_cache_bytes": last["kv_cache_bytes"].to_numpy(),
+        "bytes per position": (last["kv_cache_bytes"].astype("float64") / positions.where(positions > 0)).to_numpy(),
+    })
+
+
+def memory(ctx: Context) -> None:
+    """Per-block memory (output bytes; allocator deltas on CUDA) and KV-cache growth."""
+    run = ctx.run
+    mem = ctx.memo("block_memory", lambda: data.block_memory(run.calls))
+    _chart(ctx.memo("block_memory_fig", lambda: _block_memory_figure(mem)), "memory_blocks")
+    if len(mem) and not mem["mean_alloc_delta_bytes"].notna().any():
+        st.caption("On CPU the probe records each call's output tensor bytes; allocator figures need CUDA.")
+    _table(mem, "memory_table")
+    _chart(ctx.memo("memory_over_steps", lambda: figures.memory_over_steps(run.steps, run.calls)), "memory_steps")
+    kv = ctx.memo("kv_growth", lambda: _kv_growth(run.steps))
+    if len(kv):
+        st.caption("KV cache after the last step shown, and its size per cached position")
+        _table(kv, "memory_kv")
+
+
+def shapes(ctx: Context) -> None:
+    """The shape walkthrough: each block's input/output shapes for prefill and decode."""
+    calls = ctx.run.calls
+    ids = ctx.memo("run_ids", lambda: [str(v) for v in calls["run_id"].dropna().unique()])
+    rid = st.selectbox("Generate call", ids, key="shapes_run") if len(ids) > 1 else None
+    walk = ctx.memo("shapes", lambda: figures.shape_walkthrough(
+        calls if rid is None else calls[calls["run_id"] == rid]), rid)
+    if walk.empty:
+        unfiltered = ctx.filters == data.Filters()
+        st.info("The selected runs recorded no calls." if unfiltered else "No calls match the filters.")
+        return
+    st.caption("Input and output shapes of each block in the prefill step and the first decode step")
+    _table(walk, "shapes_table")
+
+
+def compare(ctx: Context) -> None:
+    """Two runs side by side: headline, blocks, and the per-block difference."""
+    from reports.diff import block_diff
+
+    pool = list(ctx.loaded)  # any readable run; the sidebar's picks are the defaults
+    if len(pool) < 2:
+        st.info("Compare needs two readable runs in the runs folder; record another with "
+                f"`probe run --out {ctx.runs_dir}/NAME`.")
+        return
+    picks = [n for n in ctx.selected if n in pool] + [n for n in pool if n not in ctx.selected]
+    for key, default in (("compare_a", picks[0]), ("compare_b", picks[1])):
+        if st.session_state.get(key) not in pool:  # first visit, or the run list changed
+            st.session_state[key] = default
+    c1, c2 = st.columns(2)
+    a = c1.selectbox("Run A", pool, key="compare_a")
+    b = c2.selectbox("Run B", pool, key="compare_b")
+    if a == b:
+        st.warning("Pick two different runs to compare.")
+    summaries = {}
+    for col, name, tag in ((c1, a, "a"), (c2, b, "b")):
+        run = data.apply_filters(ctx.loaded[name], ctx.filters)
+        with col:
+            st.subheader(md(name))
+            _table(ctx.memo("headline", lambda: _headline(run), runs=(name,)),
+                   f"compare_head_{tag}")
+            _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="role"), "role",
+                            runs=(name,)), f"compare_blocks_{tag}")
+        summaries[tag] = ctx.memo("summary_role", lambda: block_summary(run.calls, run.steps, by="role"),
+                                  runs=(name,))
+    _chart(figures.compare_blocks(summaries["a"], summaries["b"], a, b), "compare_diff")
+    st.caption("Per block and phase: B - A and B / A of the total host ms")
+    _table(block_diff(summaries["a"], summaries["b"]), "compare_table")
+
+
+def _tables(run: probe.Run) -> dict[str, Callable[[], pd.DataFrame]]:
+    return {
+        "calls": lambda: run.calls,
+        "steps": lambda: run.steps,
+        "runs": lambda: run.runs,
+        "summary by module": lambda: run.summary(by="module"),
+        "summary by role": lambda: run.summary(by="role"),
+        "phase summary": run.phase_summary,
+        "block memory": lambda: data.block_memory(run.calls),
+    }
+
+
+def data_view(ctx: Context) -> None:
+    """Filterable tables, paged, with CSV downloads and the HTML report of a run."""
+    tables = _tables(ctx.run)
+    name = st.selectbox("Table", list(tables), key="data_table")
+    # the raw frames are shown as they are; derived tables are computed once per filter
+    df = tables[name]() if name in ("calls", "steps", "runs") else ctx.memo("table", tables[name], name)
+    pages = max(1, -(-len(df) // data.PAGE_ROWS))
+    if st.session_state.get("data_page", 1) > pages:  # fewer rows since the filters changed
+        st.session_state["data_page"] = pages
+    number = int(st.number_input(f"Page (of {pages:,})", min_value=1, max_value=pages, step=1, key="data_page"))
+    shown = data.page(df, number - 1)
+    _table(shown, "data_table_view")
+    first = (number - 1) * data.PAGE_ROWS
+    st.caption(f"Rows {first + 1 if len(df) else 0:,}-{first + len(shown):,} of {len(df):,} "
+               "(the sidebar filters apply)")
+    # built on click, in Streamlit's download thread: a 1M-row CSV takes seconds to write.
+    # on_click="ignore": a download changes nothing on the page, so no rerun.
+    st.download_button(f"Download {name} as CSV ({len(df):,} rows)", data=lambda: data.csv_bytes(df),
+                       file_name=f"{name.replace(' ', '_')}.csv", mime="text/csv", key="data_csv",
+                       on_click="ignore")
+    st.subheader("HTML report")
+    pick = st.selectbox("Run", ctx.selected, key="data_report_run") if len(ctx.selected) > 1 else ctx.selected[0]
+    run = ctx.loaded[pick]
+    st.caption("The self-contained offline report of the whole run (sidebar filters do not apply).")
+    file_name = "report.html" if pick == "." else f"{Path(pick).name}-report.html"
+    st.download_button("Download the HTML report", data=lambda: data.report_html(run), file_name=file_name,
+                       mime="text/html", key="data_report", on_click="ignore")
+
+
+VIEWS: dict[str, Callable[[Context], None]] = {
+    "Overview": overview,
+    "Layers": layers,
+    "Timeline": timeline,
+    "Memory": memory,
+    "Shapes": shapes,
+    "Compare": compare,
+    "Data": data_view,
+}

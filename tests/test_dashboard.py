@@ -1,0 +1,478 @@
+"""The Streamlit dashboard, driven by AppTest over runs recorded by the real probe on tiny models."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("streamlit")
+pytest.importorskip("plotly")
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+import probe  # noqa: E402
+from dashboards import APP, cli_runs_dir, data, launch, streamlit_command  # noqa: E402
+from reports import figures  # noqa: E402
+from tiny import tiny_llama  # noqa: E402
+
+VIEWS = ("Overview", "Layers", "Timeline", "Memory", "Shapes", "Compare", "Data")
+HIDDEN = 32
+LAYERS = 3
+
+
+def _ids(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 120, (1, n), generator=g)
+
+
+def record_runs(root: Path) -> dict[str, Path]:
+    """Record three runs with the real probe on a tiny Llama; return name -> run directory.
+
+    ``eager`` and ``sdpa``: two greedy generate calls each (prompts of 5 and 11 tokens, 6 new
+    tokens), differing in attention implementation; ``sublayers``: one call at depth
+    ``sublayers`` (attention, MLP and norms inside each layer recorded too).
+    """
+    out = {}
+    for name, attn, lens, depth in (("eager", "eager", (5, 11), "blocks"), ("sdpa", "sdpa", (5, 11), "blocks"),
+                                    ("sublayers", "sdpa", (7,), "sublayers")):
+        model = tiny_llama(layers=LAYERS, hidden=HIDDEN, attn_implementation=attn)
+        with probe.attach(model, depth=depth) as p:
+            for i, n in enumerate(lens):
+                model.generate(_ids(n, i), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        out[name] = p.run.save(root / name)
+    return out
+
+
+def add_bad_runs(root: Path, good: Path) -> None:
+    """A half-written parquet, a run of an older schema, and an empty folder next to good runs."""
+    shutil.copytree(good, root / "truncated")
+    f = root / "truncated" / "calls.parquet"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    shutil.copytree(good, root / "old")
+    meta = json.loads((root / "old" / "meta.json").read_text())
+    meta["schema_version"] = 0
+    (root / "old" / "meta.json").write_text(json.dumps(meta))
+    (root / "empty").mkdir()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    return record_runs(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def runs_dir(runs) -> Path:
+    return next(iter(runs.values())).parent
+
+
+@pytest.fixture(scope="module")
+def bad_dir(runs, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mixed")
+    shutil.copytree(runs["sdpa"], root / "sdpa")
+    add_bad_runs(root, runs["eager"])
+    return root
+
+
+def app(runs_dir: Path | str, *, runs: list[str] | None = None, view: str | None = None) -> AppTest:
+    """Run the app over ``runs_dir`` (optionally picking runs and a view) and check it is clean."""
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.session_state["runs_dir"] = str(runs_dir)
+    at.run()
+    if runs is not None:
+        at.sidebar.multiselect(key="runs").set_value(runs).run()
+    if view is not None:
+        at.sidebar.radio(key="view").set_value(view).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def charts(at: AppTest) -> list[dict]:
+    """The page's plotly figures, as the JSON Streamlit sends to the browser."""
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def arr(value) -> list:
+    """A plotly JSON array as a list (plotly writes numeric arrays as base64 ``bdata``)."""
+    if isinstance(value, dict) and "bdata" in value:
+        a = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        if "shape" in value:
+            a = a.reshape([int(n) for n in str(value["shape"]).split(",")])
+        return a.tolist()
+    return list(value)
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def frame(at: AppTest, index: int = 0) -> pd.DataFrame:
+    return at.dataframe[index].value
+
+
+# --------------------------------------------------------------------------- launch
+def test_launch_binds_to_localhost_by_default_and_passes_the_runs_dir():
+    cmd = streamlit_command("some/runs")
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(APP)
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.port") + 1] == "8501"
+    assert cmd[cmd.index("--server.headless") + 1] == "true"
+    assert cmd[-3:] == ["--", "--runs-dir", "some/runs"]
+    other = streamlit_command("r", host="0.0.0.0", port=9999)
+    assert other[other.index("--server.address") + 1] == "0.0.0.0"
+    assert other[other.index("--server.port") + 1] == "9999"
+    assert launch.__defaults__ == ("127.0.0.1", 8501)
+
+
+def test_app_reads_the_runs_dir_given_after_the_double_dash(monkeypatch):
+    assert cli_runs_dir(streamlit_command("/x/y")[streamlit_command("/x/y").index("--") + 1:]) == "/x/y"
+    assert cli_runs_dir(["--runs-dir=/a"]) == "/a"
+    monkeypatch.setenv("PROBE_RUNS_DIR", "/from/env")
+    assert cli_runs_dir([]) == "/from/env"
+    monkeypatch.delenv("PROBE_RUNS_DIR")
+    assert cli_runs_dir([]) == "probe-runs"
+
+
+# --------------------------------------------------------------------------- bad input
+def test_missing_runs_dir_says_how_to_record_runs(tmp_path):
+    at = app(tmp_path / "nowhere")
+    (msg,) = [i.value for i in at.info]
+    assert "does not exist" in msg and "probe run --out" in msg
+    assert not at.error and not at.get("plotly_chart")
+
+
+def test_blank_runs_folder_asks_for_one(tmp_path):
+    at = app(tmp_path)
+    at.sidebar.text_input(key="runs_dir").set_value("  ").run()
+    assert "Enter the folder" in at.info[0].value and not at.exception
+
+
+def test_empty_runs_dir_says_how_to_record_runs(tmp_path):
+    at = app(tmp_path)
+    (msg,) = [i.value for i in at.info]
+    assert "holds no runs" in msg and f"probe run --out {tmp_path}" in msg
+
+
+def test_bad_runs_are_named_with_the_reason_and_good_runs_still_shown(bad_dir):
+    at = app(bad_dir)
+    errors = {e.value.split("**")[1]: e.value for e in at.error}
+    assert set(errors) == {"empty", "old", "truncated"}
+    assert "half-written" in errors["truncated"] and "calls.parquet" in errors["truncated"]
+    assert "schema 0" in errors["old"] and "Re-record" in errors["old"]
+    assert "no meta.json" in errors["empty"]
+    assert at.sidebar.multiselect(key="runs").options == ["sdpa"]
+    assert at.sidebar.multiselect(key="runs").value == ["sdpa"]
+    assert len(charts(at)) == 2  # the good run's Overview is drawn below the messages
+
+
+def test_a_folder_of_only_bad_runs_warns_without_a_traceback(tmp_path, runs):
+    add_bad_runs(tmp_path, runs["eager"])
+    at = app(tmp_path)
+    assert len(at.error) == 3
+    assert "holds a readable run" in at.warning[0].value
+    assert not at.get("plotly_chart")
+
+
+def test_a_run_with_unreadable_values_is_named_with_the_reason(tmp_path, runs):
+    shutil.copytree(runs["sdpa"], tmp_path / "good")
+    shutil.copytree(runs["eager"], tmp_path / "foreign")
+    f = tmp_path / "foreign" / "steps.parquet"
+    steps = pd.read_parquet(f)
+    steps["step"] = "not a number"  # right columns, values no probe run can hold
+    steps.to_parquet(f)
+    with pytest.raises(probe.RunLoadError, match="foreign"):
+        data.load_run(tmp_path / "foreign", "foreign")
+    at = app(tmp_path)
+    (err,) = [e.value for e in at.error]
+    assert "**foreign**" in err and "cannot be read" in err
+    assert at.sidebar.multiselect(key="runs").options == ["good"]
+
+
+def test_a_single_run_folder_is_accepted_as_the_runs_dir(runs):
+    at = app(runs["eager"])
+    assert at.sidebar.multiselect(key="runs").options == ["."]
+    assert metric(at, "Generate calls") == "2"
+
+
+def test_a_rerecorded_run_is_reloaded(tmp_path, runs):
+    shutil.copytree(runs["sublayers"], tmp_path / "r")
+    at = app(tmp_path)
+    assert metric(at, "Generate calls") == "1"
+    shutil.rmtree(tmp_path / "r")
+    shutil.copytree(runs["eager"], tmp_path / "r")  # other files, other mtimes and sizes
+    at.run()
+    assert metric(at, "Generate calls") == "2"
+
+
+def test_filters_follow_the_runs_picked(runs_dir):
+    at = app(runs_dir, runs=["eager"])
+    at.sidebar.multiselect(key="phases").set_value(["decode"]).run()
+    at.sidebar.multiselect(key="runs").set_value(["sdpa"]).run()  # same options: the choice stays
+    assert at.sidebar.multiselect(key="phases").value == ["decode"]
+    at.sidebar.multiselect(key="runs").set_value(["sublayers"]).run()
+    types = at.sidebar.multiselect(key="module_types")
+    assert "LlamaMLP" in types.value  # a type new to the options is shown, not filtered out
+    types.set_value([t for t in types.options if t != "LlamaMLP"]).run()
+    at.sidebar.multiselect(key="runs").set_value(["sublayers", "eager"]).run()
+    assert "LlamaMLP" not in at.sidebar.multiselect(key="module_types").value
+    at.sidebar.multiselect(key="runs").set_value([]).run()
+    assert "Pick one or more runs" in at.info[0].value and not at.get("plotly_chart")
+
+
+def test_switching_the_runs_folder_keeps_the_runs_it_still_holds(runs_dir, bad_dir):
+    at = app(runs_dir, runs=["eager", "sdpa"])
+    at.sidebar.text_input(key="runs_dir").set_value(str(bad_dir)).run()
+    assert at.sidebar.multiselect(key="runs").value == ["sdpa"]
+    assert len(at.error) == 3 and metric(at, "Generate calls") == "2"
+    at.sidebar.text_input(key="runs_dir").set_value(str(runs_dir)).run()
+    assert at.sidebar.multiselect(key="runs").options == ["eager", "sdpa", "sublayers"]
+    assert not at.error and not at.exception
+
+
+@pytest.fixture(scope="module")
+def odd_dir(tmp_path_factory) -> Path:
+    """A run of plain forwards (no generate) and a run that recorded nothing."""
+    root = tmp_path_factory.mktemp("odd")
+    model = tiny_llama(layers=2, hidden=HIDDEN)
+    with probe.attach(model) as p:
+        model(_ids(6, 0))
+    p.run.save(root / "forward")
+    with probe.attach(model) as p:
+        pass
+    p.run.save(root / "nothing")
+    return root
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_runs_without_generate_or_without_calls_draw_every_view(odd_dir, view):
+    for picked in (["forward"], ["nothing"], ["forward", "nothing"]):
+        at = app(odd_dir, runs=picked, view=view)
+        assert not at.error and not at.warning, (picked, view)
+    if view == "Shapes":
+        assert "recorded no calls" not in " ".join(i.value for i in at.info)
+        at.sidebar.multiselect(key="runs").set_value(["nothing"]).run()
+        assert "recorded no calls" in at.info[0].value
+
+
+# --------------------------------------------------------------------------- views
+@pytest.mark.parametrize("view,n_charts,n_tables", [
+    ("Overview", 2, 1), ("Layers", 2, 1), ("Timeline", 2, 0), ("Memory", 2, 2), ("Shapes", 0, 1),
+    ("Compare", 3, 3), ("Data", 0, 1),
+])
+def test_every_view_draws_without_errors(runs_dir, view, n_charts, n_tables):
+    at = app(runs_dir, runs=["eager", "sdpa"], view=view)
+    assert at.header[0].value == view
+    assert not at.error and not at.warning
+    figs = charts(at)
+    assert len(figs) == n_charts
+    for fig in figs:  # every chart holds data, none is an empty "no data" figure
+        assert fig["data"], fig["layout"].get("title")
+    assert len(at.dataframe) == n_tables
+
+
+def test_overview_headline_and_blocks_match_the_runs(runs, runs_dir):
+    at = app(runs_dir, runs=["eager", "sdpa"])
+    both = [probe.load(runs[n]) for n in ("eager", "sdpa")]
+    assert metric(at, "Generate calls") == "4"
+    assert metric(at, "Steps") == str(sum(len(r.steps) for r in both))
+    assert metric(at, "Call rows") == str(sum(len(r.calls) for r in both))
+    head = frame(at)
+    assert sorted(head["run_id"]) == sorted(pd.concat([r.runs["run_id"] for r in both]))
+    # each generate call is labelled with the run folder it came from
+    assert dict(zip(head["run_id"], head["run"])) == {
+        rid: name for name, r in zip(("eager", "sdpa"), both) for rid in r.runs["run_id"]}
+    blocks, breakdown = charts(at)
+    assert [t["name"] for t in blocks["data"]] == ["prefill", "decode"]
+    assert {"embed", "layer", "norm", "head", "(residue)", "(outside model)"} <= set(arr(blocks["data"][0]["x"]))
+    assert breakdown["layout"]["barmode"] == "stack"
+    at.radio(key="overview_by").set_value("module").run()
+    modules = set(arr(charts(at)[0]["data"][0]["x"]))
+    assert {f"model.layers.{i}" for i in range(LAYERS)} | {"lm_head", "model.norm"} <= modules
+
+
+def test_phase_filter_narrows_every_view(runs, runs_dir):
+    at = app(runs_dir, runs=["eager"])
+    at.sidebar.multiselect(key="phases").set_value(["decode"]).run()
+    run = probe.load(runs["eager"])
+    assert metric(at, "Steps") == str(int((run.steps["phase"] == "decode").sum()))
+    assert [t["name"] for t in charts(at)[0]["data"]] == ["decode"]
+    at.sidebar.radio(key="view").set_value("Data").run()
+    calls = frame(at)
+    assert set(calls["phase"]) == {"decode"}
+    assert len(calls) == int((run.calls["phase"] == "decode").sum())
+
+
+def test_depth_and_module_type_filters(runs, runs_dir):
+    run = probe.load(runs["sublayers"])
+    at = app(runs_dir, runs=["sublayers"], view="Data")
+    depths = at.sidebar.multiselect(key="depths")
+    assert depths.options == [str(d) for d in sorted(run.calls["depth"].unique())]
+    types = at.sidebar.multiselect(key="module_types")
+    assert "LlamaMLP" in types.options and "LlamaAttention" in types.options
+    types.set_value(["LlamaMLP"]).run()
+    calls = frame(at)
+    assert set(calls["module_type"]) == {"LlamaMLP"}
+    assert len(calls) == int((run.calls["module_type"] == "LlamaMLP").sum())
+    deepest = int(run.calls["depth"].max())
+    at.sidebar.multiselect(key="module_types").set_value(sorted(run.calls["module_type"].unique())).run()
+    at.sidebar.multiselect(key="depths").set_value([deepest]).run()
+    calls = frame(at)
+    assert set(calls["depth"]) == {deepest} and len(calls) == int((run.calls["depth"] == deepest).sum())
+
+
+def test_step_range_filter(runs, runs_dir):
+    run = probe.load(runs["eager"])
+    at = app(runs_dir, runs=["eager"])
+    slider = at.sidebar.slider(key="steps")
+    assert slider.value == (0, int(run.steps["step"].max()))
+    slider.set_value((2, 4)).run()
+    assert metric(at, "Steps") == str(int(run.steps["step"].between(2, 4).sum()))
+    at.sidebar.radio(key="view").set_value("Timeline").run()
+    tokens = charts(at)[0]
+    steps_drawn = {x for t in tokens["data"] if t["mode"] == "lines+markers" for x in arr(t["x"])}
+    assert steps_drawn and min(steps_drawn) >= 2 and max(steps_drawn) <= 4
+
+
+def test_layers_view_switches_phase_and_lists_each_layer(runs, runs_dir):
+    at = app(runs_dir, runs=["eager"], view="Layers")
+    heat = charts(at)[0]
+    assert "decode" in heat["layout"]["title"]["text"]
+    assert arr(heat["data"][0]["y"]) == list(range(LAYERS))
+    table = frame(at)
+    assert list(table["module"]) == [f"model.layers.{i}" for i in range(LAYERS)]
+    assert (table["prefill mean ms"] > 0).all() and (table["decode mean ms"] > 0).all()
+    at.radio(key="layers_phase").set_value("prefill").run()
+    assert "prefill" in charts(at)[0]["layout"]["title"]["text"]
+
+
+def test_memory_view_shows_block_output_bytes_and_kv_growth(runs, runs_dir):
+    at = app(runs_dir, runs=["eager"], view="Memory")
+    mem, kv = frame(at, 0), frame(at, 1)
+    layer_decode = mem[(mem["role"] == "layer") & (mem["phase"] == "decode")]
+    # a decoder layer's output in decode is the hidden state [1, 1, hidden] in float32
+    assert float(layer_decode["mean_out_bytes"].iloc[0]) == 1 * 1 * HIDDEN * 4
+    run = probe.load(runs["eager"])
+    assert sorted(kv["run_id"]) == sorted(run.runs["run_id"])
+    for _, row in kv.iterrows():
+        last = run.steps[run.steps["run_id"] == row["run_id"]].iloc[-1]
+        assert row["kv_cache_bytes"] == last["kv_cache_bytes"]
+        # K and V, per layer, per KV head, per position: 2 x layers x kv_heads x head_dim x 4 bytes
+        assert row["bytes per position"] == 2 * LAYERS * 2 * (HIDDEN // 4) * 4
+    names = [t["name"] for t in charts(at)[1]["data"]]
+    assert any(n.startswith("KV cache") for n in names)
+
+
+def test_shapes_view_walks_one_generate_call(runs, runs_dir):
+    run = probe.load(runs["eager"])
+    at = app(runs_dir, runs=["eager"], view="Shapes")
+    pick = at.selectbox(key="shapes_run")
+    assert pick.options == list(run.runs["run_id"])
+    for rid in pick.options:
+        at.selectbox(key="shapes_run").set_value(rid).run()
+        walk = frame(at)
+        prompt = int(run.runs.loc[run.runs["run_id"] == rid, "prompt_tokens"].iloc[0])
+        layer0 = walk[walk["module"] == "model.layers.0"].set_index("phase")
+        assert layer0.loc["prefill", "out_shapes"] == f"[1, {prompt}, {HIDDEN}]"
+        assert layer0.loc["decode", "out_shapes"] == f"[1, 1, {HIDDEN}]"
+
+
+def test_compare_puts_two_runs_side_by_side(runs, runs_dir):
+    at = app(runs_dir, runs=["eager", "sdpa"], view="Compare")
+    assert at.selectbox(key="compare_a").value == "eager" and at.selectbox(key="compare_b").value == "sdpa"
+    assert [s.value for s in at.main.subheader] == ["eager", "sdpa"]
+    diff_fig = charts(at)[2]
+    assert [t["name"] for t in diff_fig["data"]] == ["eager", "sdpa"]
+    diff = frame(at, 2)
+    a = probe.load(runs["eager"]).summary(by="role")
+    row = diff[(diff["module"] == "layer") & (diff["phase"] == "decode")].iloc[0]
+    expect = a[(a["module"] == "layer") & (a["phase"] == "decode")]["total_ms"].iloc[0]
+    assert row["a_ms"] == pytest.approx(expect)
+    at.selectbox(key="compare_a").set_value("sublayers").run()
+    assert not at.exception and at.main.subheader[0].value == "sublayers"
+    at.selectbox(key="compare_b").set_value("sublayers").run()
+    assert "two different runs" in at.warning[0].value
+
+
+def test_compare_with_one_run_explains_what_it_needs(runs):
+    at = app(runs["eager"], view="Compare")
+    assert "needs two readable runs" in at.info[0].value
+
+
+def test_data_view_tables_pages_and_downloads(runs, runs_dir, monkeypatch):
+    monkeypatch.setattr(data, "PAGE_ROWS", 50)  # AppTest runs the script in this process
+    run = probe.load(runs["sublayers"])
+    at = app(runs_dir, runs=["sublayers"], view="Data")
+    pages = -(-len(run.calls) // 50)
+    assert at.number_input(key="data_page").max == pages
+    first = frame(at)
+    assert len(first) == 50 and list(first["start_ms"]) == list(run.calls["start_ms"].iloc[:50])
+    at.number_input(key="data_page").set_value(pages).run()
+    last = frame(at)
+    assert len(last) == len(run.calls) - 50 * (pages - 1)
+    assert f"of {len(run.calls):,}" in at.caption[0].value
+    labels = [b.label for b in at.get("download_button")]
+    assert labels == [f"Download calls as CSV ({len(run.calls):,} rows)", "Download the HTML report"]
+    assert all(b.proto.deferred_file_id for b in at.get("download_button"))  # built only on click
+    for table in ("steps", "runs", "summary by module", "summary by role", "phase summary", "block memory"):
+        at.selectbox(key="data_table").set_value(table).run()
+        assert not at.exception and len(frame(at)) > 0, table
+    assert len(frame(at)) == len(data.block_memory(run.calls))
+
+
+def test_csv_download_and_html_report_content(runs):
+    run = data.load_run(runs["eager"], "eager")
+    back = pd.read_csv(StringIO(data.csv_bytes(run.calls).decode()))
+    assert list(back.columns) == list(run.calls.columns)
+    assert len(back) == len(run.calls) and list(back["module"]) == list(run.calls["module"])
+    assert json.loads(back["out_shapes"].iloc[0]) == json.loads(run.calls["out_shapes"].iloc[0])
+    assert len(pd.read_csv(StringIO(data.csv_bytes(run.calls, max_rows=5).decode()))) == 5
+    html = data.report_html(run).decode()
+    assert html.startswith("<!DOCTYPE html>") and "fig-phase-blocks" in html
+    assert sorted(p.name for p in runs["eager"].iterdir()) == ["calls.parquet", "meta.json", "runs.parquet",
+                                                               "steps.parquet"]
+
+
+# --------------------------------------------------------------------------- data helpers
+def test_filters_apply_to_calls_and_steps(runs):
+    run = probe.load(runs["sublayers"])
+    assert data.apply_filters(run, data.Filters()).calls is run.calls  # nothing copied
+    f = data.Filters(phases=("decode",), depths=(3,), module_types=None, steps=(1, 2))
+    out = data.apply_filters(run, f)
+    c = run.calls
+    expect = c[(c["phase"] == "decode") & (c["depth"] == 3) & c["step"].between(1, 2)]
+    assert list(out.calls["start_ms"]) == list(expect["start_ms"])
+    assert list(out.steps["step"]) == [1, 2]
+    opts = data.options(run)
+    assert opts["phases"] == ["prefill", "decode"] and opts["steps"] == (0, 5)
+
+
+def test_discover_lists_runs_and_nested_sweeps(tmp_path, runs):
+    shutil.copytree(runs["eager"], tmp_path / "a")
+    shutil.copytree(runs["sdpa"], tmp_path / "sweep" / "p16")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    found = data.discover(tmp_path)
+    assert found.message is None
+    assert list(found.runs) == ["a", "empty", "sweep/p16"]
+    assert data.discover(tmp_path / "a").runs == {".": tmp_path / "a"}
+    sig = data.signature(tmp_path / "a")
+    assert [f for f, _, _ in sig] == ["calls.parquet", "meta.json", "runs.parquet", "steps.parquet"]
+    (tmp_path / "a" / "report.html").write_text("a report is not part of the run")
+    assert data.signature(tmp_path / "a") == sig
+    (tmp_path / "a" / "meta.json").write_text((tmp_path / "a" / "meta.json").read_text() + " ")
+    assert data.signature(tmp_path / "a") != sig
+
+
+def test_figures_of_combined_runs_match_each_run(runs):
+    a, b = probe.load(runs["eager"]), probe.load(runs["sdpa"])
+    both = data.combine([a, b])
+    assert len(both.calls) == len(a.calls) + len(b.calls)
+    head = figures.headline(both.runs, both.steps)
+    assert list(head["run_id"]) == list(a.runs["run_id"]) + list(b.runs["run_id"])

@@ -1,0 +1,138 @@
+"""``probe dashboard`` served for real and driven by a headless Chromium (Playwright)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+#: charts each view draws for two selected runs (as the AppTest tests check too)
+CHARTS = {"Overview": 2, "Layers": 2, "Timeline": 2, "Memory": 2, "Shapes": 0, "Compare": 3, "Data": 0}
+SHOT = Path("/tmp/dashboard_overview.png")  # kept for a person to look at
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI"):
+        pytest.fail(f"{CHROMIUM} is missing on CI: install Debian's chromium", pytrace=False)
+    pytest.skip(f"{CHROMIUM} is not installed (set CI=1 to make this a failure)", allow_module_level=True)
+
+pytest.importorskip("streamlit")
+from playwright.sync_api import Page, sync_playwright  # noqa: E402  (after the skip: chromium decides)
+
+from test_dashboard import add_bad_runs, record_runs  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``python -m probe dashboard RUNS --port P`` over two good runs and one half-written run."""
+    root = tmp_path_factory.mktemp("served")
+    runs = record_runs(root)
+    shutil.rmtree(runs["sublayers"])
+    add_bad_runs(root, runs["eager"])
+    shutil.rmtree(root / "old")
+    shutil.rmtree(root / "empty")
+    port = _free_port()
+    log_path = root.parent / "dashboard-server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "probe", "dashboard", str(root), "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the dashboard did not come up (exit {proc.poll()}):\n{log_path.read_text()}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _idle(page: Page) -> None:
+    """Wait until Streamlit has finished the current script run."""
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=60_000)
+
+
+def _show(page: Page, view: str) -> None:
+    page.locator('[data-testid="stSidebar"] [role="radiogroup"] label').get_by_text(view, exact=True).click()
+    page.wait_for_selector(f'[data-testid="stMain"] h2 [data-heading-text]:text-is("{view}")', timeout=60_000)
+    _idle(page)
+
+
+def test_every_view_renders_in_chromium(server, tmp_path):
+    console: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2000}, accept_downloads=True)
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+            page.goto(server)
+            page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+            _idle(page)
+            # the half-written run is named in an error box; the good runs are still offered
+            alerts = page.locator('[data-testid="stAlert"]').all_inner_texts()
+            assert any("truncated" in a and "half-written" in a for a in alerts), alerts
+            sidebar = page.locator('[data-testid="stSidebar"]')
+            # pick both good runs (the default is the last one)
+            sidebar.locator('[data-testid="stMultiSelect"]').first.click()
+            page.get_by_role("option", name="eager").click()
+            page.keyboard.press("Escape")
+            _idle(page)
+            assert page.get_by_text("Generate calls").count() == 1
+            for view, n in CHARTS.items():
+                _show(page, view)
+                if n:
+                    # drawn, not just placed: every plot holds rendered traces (bars, lines, heatmap)
+                    page.wait_for_function(
+                        "n => { const p = [...document.querySelectorAll('.js-plotly-plot')];"
+                        " return p.length === n && p.every(e => e.querySelector('.trace, .hm')); }",
+                        arg=n, timeout=60_000)
+                else:
+                    assert page.locator(".js-plotly-plot").count() == 0, view
+                assert page.locator('[data-testid="stException"]').count() == 0, view
+                page.screenshot(path=str(tmp_path / f"{view}.png"), full_page=True)
+                if view == "Overview":
+                    shutil.copy(tmp_path / "Overview.png", SHOT)
+                if view == "Data":
+                    with page.expect_download(timeout=60_000) as dl:
+                        page.get_by_role("button", name="Download calls as CSV").click()
+                    text = Path(dl.value.path()).read_text()
+                    assert text.startswith("run_id,rank,step,phase,module,")
+                    assert text.count("\n") > 10
+                    _idle(page)
+                    with page.expect_download(timeout=120_000) as dl:
+                        page.get_by_role("button", name="Download the HTML report").click()
+                    html = Path(dl.value.path()).read_text()
+                    assert html.startswith("<!DOCTYPE html>") and "fig-phase-blocks" in html
+            assert SHOT.exists() and SHOT.stat().st_size > 10_000
+        finally:
+            browser.close()
+    # no browser console error at all: Streamlit logs none for this app, so none is filtered
+    assert not console, console
