@@ -1,0 +1,162 @@
+"""The cost model of a run as the reports show it: FLOPs, bytes, roofline and bound per block.
+
+Reports are reproducible: two builds from the same run give the same bytes. So the roofs
+come from the run itself (``meta["peaks"]``, stored by ``probe run`` on the machine that
+recorded it) or from the datasheet table of a known GPU, never from a measurement on the
+machine that builds the report. A CPU run saved without peaks (e.g. from the Python API)
+still gets its FLOPs, bytes and intensity per block, but no roofs and no bound labels.
+
+:func:`cost_view` is the one entry; the HTML report and the CSV export both read it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import pandas as pd
+
+from .tables import ranks
+
+if TYPE_CHECKING:  # pragma: no cover
+    from probe.hardware import Peaks
+    from probe.run import Run
+
+log = logging.getLogger(__name__)
+
+PeaksOrigin = Literal["stored", "datasheet", "none"]
+
+
+def roofline_columns() -> dict[str, str]:
+    """Columns of ``roofline.csv``: ``rank`` then :data:`probe.roofline.ROOFLINE`."""
+    from probe.roofline import ROOFLINE
+
+    return {"rank": "int64", **ROOFLINE}
+
+
+@dataclass(frozen=True)
+class CostView:
+    """What the reports show of the cost model.
+
+    Attributes:
+        roof: per rank, block (by role) and phase, the :data:`probe.roofline.ROOFLINE` columns
+            after a leading ``rank``; the roof and bound columns are empty without peaks.
+            ``None`` when there is no cost estimate (see ``note``).
+        peaks: the roofs used, or ``None``.
+        origin: ``"stored"`` (``meta["peaks"]``), ``"datasheet"`` (looked up from the run's
+            GPU name, not stored) or ``"none"``.
+        note: why something is missing (no config, no peaks), else ``""``.
+    """
+
+    roof: pd.DataFrame | None
+    peaks: "Peaks | None"
+    origin: PeaksOrigin
+    note: str = ""
+
+    @property
+    def has_cost(self) -> bool:
+        """FLOPs and bytes per block are known."""
+        return self.roof is not None and not self.roof.empty
+
+    @property
+    def has_roofs(self) -> bool:
+        """The roofline (achieved vs peak, bound labels) is known."""
+        return self.has_cost and self.peaks is not None
+
+    def peaks_text(self) -> str:
+        """One sentence: where the roofs come from (measured or datasheet) and their source."""
+        pk = self.peaks
+        if pk is None:
+            return ""
+        if pk.measured:
+            kind = ("measured on the machine that recorded this run (matmul and copy micro-benchmark at "
+                    "recording time)")
+        else:
+            kind = f"from the datasheet table for {pk.name}"
+        stored = "stored with the run" if self.origin == "stored" else "looked up from the run's GPU name"
+        return f"Roofs {kind}, {stored}: {pk.label()}. Source: {pk.source}."
+
+
+def _stored_peaks(meta: dict) -> "Peaks | None":
+    from probe.hardware import Peaks
+
+    raw = meta.get("peaks")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return Peaks.from_dict(raw)
+    except (KeyError, TypeError, ValueError):
+        log.warning("run meta holds malformed peaks %r; ignoring them", raw)
+        return None
+
+
+def _no_peaks_note(run: "Run") -> str:
+    gpu = None
+    if not run.runs.empty and "gpu_name" in run.runs.columns:
+        v = run.runs["gpu_name"].iloc[0]
+        gpu = None if pd.isna(v) else str(v)
+    if gpu:
+        return (f"No peaks recorded with this run and no datasheet entry for {gpu}; `probe run` stores them. "
+                "FLOPs, bytes and intensity per block are shown without roofs or bound labels.")
+    return ("No peaks recorded with this run; `probe run` stores them. FLOPs, bytes and intensity per block are "
+            "shown without roofs or bound labels (measuring the machine that builds this report would make the "
+            "report depend on where it is built).")
+
+
+def per_rank_roofline(costed: pd.DataFrame, steps: pd.DataFrame, peaks: "Peaks | None") -> pd.DataFrame:
+    """:func:`probe.roofline.roofline` of each rank's calls and steps (by role), with a ``rank`` column.
+
+    Ranks run side by side, so each is set against one device's roofs; rows of the same block
+    and phase sit next to each other, rank by rank.
+    """
+    from probe.roofline import roofline
+
+    cols = roofline_columns()
+    parts = []
+    rank_list = ranks(costed)
+    rc = costed["rank"].to_numpy(dtype="int64", na_value=0) if "rank" in costed.columns else None
+    rs = steps["rank"].to_numpy(dtype="int64", na_value=0) if "rank" in steps.columns else None
+    for r in rank_list:
+        c = costed if rc is None or len(rank_list) == 1 else costed[rc == r]
+        s = steps if rs is None or len(rank_list) == 1 else steps[rs == r]
+        part = roofline(c, peaks, s, by="role")
+        part.insert(0, "rank", r)
+        parts.append(part.assign(_pos=range(len(part))))
+    out = pd.concat(parts, ignore_index=True).sort_values(["_pos", "rank"], kind="stable")
+    return out.drop(columns="_pos").reset_index(drop=True).astype(cols)
+
+
+def cost_view(run: "Run") -> CostView:
+    """The cost model of ``run`` for the reports; never raises (a missing piece becomes ``note``).
+
+    Args:
+        run: a recorded run; its ``meta["config"]`` gives the cost estimate, ``meta["peaks"]``
+            (or the datasheet entry of its GPU) the roofs.
+    Returns:
+        A :class:`CostView`. Nothing is measured here, so the result depends only on the run.
+    """
+    from probe.hardware import peaks_for_run
+
+    peaks, origin = _stored_peaks(run.meta), "stored"
+    if peaks is None:
+        try:
+            peaks = peaks_for_run(run, measure=False)  # the datasheet only: no measurement here
+        except Exception as exc:  # a lookup problem must not cost the user the report
+            log.warning("datasheet peaks lookup failed: %s", exc)
+            peaks = None
+        origin = "datasheet" if peaks is not None else "none"
+    if not run.meta.get("config"):
+        return CostView(None, peaks, origin, "No cost estimate: this run's metadata holds no model config (it was "
+                                             "recorded by an older probe, or built by hand). Re-record it to see "
+                                             "FLOPs, bytes and the roofline per block.")
+    if run.calls.empty:
+        return CostView(None, peaks, origin, "No cost estimate: no block calls were recorded.")
+    try:
+        roof = per_rank_roofline(run.cost(), run.steps, peaks)
+    except Exception as exc:  # the cost model cannot build this architecture: say so, keep the report
+        log.warning("cost estimate failed: %s: %s", type(exc).__name__, exc)
+        return CostView(None, peaks, origin, f"No cost estimate: the cost model failed on this run's config "
+                                             f"({type(exc).__name__}: {exc}).")
+    note = "" if peaks is not None else _no_peaks_note(run)
+    return CostView(roof, peaks, origin, note)
