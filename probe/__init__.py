@@ -6,23 +6,55 @@
 >>> p.run.summary()        # per block, prefill vs decode
 >>> p.save("runs/first")   # parquet + meta.json; probe.load("runs/first") reads it back
 
-``import probe`` needs only torch, pandas and the standard library.
+``import probe`` needs only pandas and the standard library up front; torch is imported with
+the capture side (``probe.attach`` and friends) on first use, so tools that only read saved runs
+(reports, the dashboard) start fast.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .capture import CompiledModelWarning, Probe, ProbeError, attach
-from .discovery import UnrecognisedModelWarning, find_blocks
-from .distributed import save_rank
 from .run import Run, RunLoadError, load, merge
 from .schema import DEPTHS, PHASES
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .capture import CompiledModelWarning, Probe, ProbeError, attach
+    from .discovery import UnrecognisedModelWarning, find_blocks
+    from .distributed import save_rank
+
+_LAZY = {
+    "attach": "capture",
+    "Probe": "capture",
+    "ProbeError": "capture",
+    "CompiledModelWarning": "capture",
+    "find_blocks": "discovery",
+    "UnrecognisedModelWarning": "discovery",
+    "save_rank": "distributed",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'probe' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
-    "CompiledModelWarning",
     "DEPTHS",
     "PHASES",
+    "CompiledModelWarning",
     "Probe",
     "ProbeError",
     "Run",

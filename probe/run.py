@@ -200,7 +200,8 @@ def load(path: str | os.PathLike) -> Run:
         except Exception as exc:  # pyarrow raises several types for a corrupt file
             raise RunLoadError(f"{f} is corrupt or half-written: {exc}") from exc
         sch = schema.FRAMES[key]
-        missing = [c for c in sch if c not in df.columns]
+        # Columns added to the schema later are nullable: an older run gets them as nulls.
+        missing = [c for c in sch if c not in df.columns and sch[c] not in schema.NULLABLE]
         if missing:
             raise RunLoadError(f"{f} lacks columns {missing}: saved by an older or foreign schema")
         frames[key] = schema.conform(df, sch)

@@ -30,6 +30,8 @@ ROLES: tuple[str, ...] = ("embed", "layer", "norm", "head", "attention", "mlp", 
 BLOCK_ROLES: tuple[str, ...] = ("embed", "layer", "norm", "head")
 
 STR = "string"
+#: dtypes whose missing values a reloaded older run can take as nulls
+NULLABLE = frozenset({STR, "Int64", "float64", "boolean"})
 
 CALLS: dict[str, str] = {
     "run_id": STR,

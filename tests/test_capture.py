@@ -379,6 +379,16 @@ def test_load_reports_bad_run_directories(tmp_path):
     (old / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(probe.RunLoadError, match="schema 0"):
         probe.load(old)
+    # a run saved before a nullable column was added still loads, with nulls there
+    older = p.run.save(tmp_path / "older")
+    calls = pd.read_parquet(older / "calls.parquet").drop(columns=["offload_ms", "placement"])
+    calls.to_parquet(older / "calls.parquet", index=False)
+    back = probe.load(older)
+    assert back.calls["offload_ms"].isna().all() and back.calls["placement"].isna().all()
+    # but a required column cannot be invented
+    calls.drop(columns=["step"]).to_parquet(older / "calls.parquet", index=False)
+    with pytest.raises(probe.RunLoadError, match="lacks columns \\['step'\\]"):
+        probe.load(older)
 
 
 def test_summary_tiles_the_forward_time():
