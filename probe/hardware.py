@@ -264,6 +264,15 @@ def peaks_for(device: Any = "cpu", dtype: Any = "float32", *, device_name: str |
     return measure_peaks(dev, dtype)
 
 
+def _local_cuda_name(device: str) -> str | None:
+    import torch
+
+    try:
+        return torch.cuda.get_device_name(torch.device(device))
+    except Exception:  # the recorded cuda:N does not exist here
+        return None
+
+
 def peaks_for_run(run: Any, measure: bool = True) -> Peaks | None:
     """Roofs for a recorded :class:`probe.Run`: its GPU from the table, else measured here.
 
@@ -291,7 +300,12 @@ def peaks_for_run(run: Any, measure: bool = True) -> Peaks | None:
     if device.startswith("cuda"):
         import torch
 
-        if gpu is not None and not torch.cuda.is_available():
-            return table_peaks(gpu, dtype)
-        return peaks_for(device, dtype, device_name=gpu, measure=measure) if torch.cuda.is_available() else None
+        if gpu is not None:
+            # the recorded card's datasheet, wherever the run is read: never the local GPU's
+            known = table_peaks(gpu, dtype)
+            if known is not None:
+                return known
+        local_same = (torch.cuda.is_available() and gpu is not None
+                      and _local_cuda_name(device) == gpu)
+        return peaks_for(device, dtype, device_name=gpu, measure=measure) if local_same else None
     return peaks_for("cpu", dtype, measure=measure)
