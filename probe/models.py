@@ -87,27 +87,30 @@ _TINY_CONFIG: dict[str, Any] = {
 #: the numbers come from) and ``config`` (keyword arguments for that config class).
 #: ``rope_theta`` is given as a plain kwarg, which transformers 4.x stores as is
 #: and 5.x folds into ``rope_parameters``.
+# LLaMA-2-7B (meta-llama/Llama-2-7b-hf config.json); chinese-llama-2-7b differs only in vocab.
+_LLAMA2_7B_CONFIG: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "initializer_range": 0.02,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Source: meta-llama/Llama-2-7b-hf, config.json.
     "llama-2-7b": {
         "model_type": "llama",
         "source": "meta-llama/Llama-2-7b-hf config.json",
-        "config": {
-            "vocab_size": 32000,
-            "hidden_size": 4096,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 32,
-            "hidden_act": "silu",
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0,
-            "initializer_range": 0.02,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "tie_word_embeddings": False,
-        },
+        "config": dict(_LLAMA2_7B_CONFIG),
     },
     # Source: Linly-AI/Chinese-LLaMA-2-7B-hf, config.json (LLaMA-2-7B with 8076
     # Chinese pieces added to the vocabulary: 32000 + 8076 = 40076).  Note that
@@ -115,22 +118,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "chinese-llama-2-7b": {
         "model_type": "llama",
         "source": "Linly-AI/Chinese-LLaMA-2-7B-hf config.json (LLaMA-2-7B, vocab 32000 + 8076 Chinese pieces)",
-        "config": {
-            "vocab_size": 40076,
-            "hidden_size": 4096,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 32,
-            "hidden_act": "silu",
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0,
-            "initializer_range": 0.02,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "tie_word_embeddings": False,
-        },
+        "config": {**_LLAMA2_7B_CONFIG, "vocab_size": 40076},
     },
     # Source: mistralai/Mistral-7B-Instruct-v0.2, config.json.  We follow v0.2
     # (full attention, sliding_window=None, rope_theta=1e6) rather than v0.1

@@ -23,16 +23,6 @@ from probe.schema import BLOCK_ROLES
 from tiny import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a shared 2-core machine turn every barrier into a scheduling
-    # lottery; one thread keeps these tests quick and steady.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def dense_llama(seed: int = 0) -> LlamaForCausalLM:
     """LLaMA-shaped ratios at a tiny width: head_dim 64, GQA 4:2, intermediate ≈ 8/3·hidden."""
     cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,

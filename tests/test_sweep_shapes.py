@@ -18,15 +18,6 @@ from probe.sweep import SWEEP, load_sweep, sweep, sweep_summary
 from tiny import tiny_llama, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # see tests/test_cost.py: one OpenMP thread keeps timings steady on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def architecture_parameters(cfg) -> int:
     """A LLaMA's parameter count from its config alone."""
     H, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
