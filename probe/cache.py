@@ -57,7 +57,7 @@ def cache_bytes(cache: Any) -> int | None:
     found = False
     for t in _layer_tensors(cache):
         found = True
-        total += t.numel() * t.element_size()
+        total += t.nbytes  # one property read; no device access
     return total if found else None
 
 
