@@ -44,6 +44,7 @@ def streamlit_command(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port
         "--server.port", str(int(port)),
         "--server.headless", "true",
         "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "viewer",  # no "Deploy" button on a local profiling tool
         "--", "--runs-dir", str(runs_dir),
     ]
 
