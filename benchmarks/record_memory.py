@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     runs = 0
     try:
-        while len(p._c_mod) < args.records:
+        while len(p._c_t0) < args.records:
             model.generate(ids, max_new_tokens=500, do_sample=False)
             runs += 1
     finally:
@@ -59,13 +59,13 @@ def main(argv=None) -> int:
     record_s = time.perf_counter() - t0
     snap1 = tracemalloc.take_snapshot()
     tracemalloc.stop()
-    n = len(p._c_mod)
+    n = len(p._c_t0)
     flt = [tracemalloc.Filter(True, probe_dir + "/*")]
     diff = snap1.filter_traces(flt).compare_to(snap0.filter_traces(flt), "filename")
     traced = sum(d.size_diff for d in diff)
     # tracemalloc sees the column buffers too (array.array allocates through Python's
     # allocator), so `traced` is the whole in-memory record; the columns are shown apart.
-    cols = [p._c_mod, p._c_t0, p._c_t1, p._c_sig, p._c_ev, p._c_mem0, p._c_mem1, p._c_peak]
+    cols = [p._c_t0, p._c_t1, p._c_sig, p._c_ev, p._c_mem0, p._c_mem1, p._c_peak]
     array_bytes = sum(c.buffer_info()[1] * c.itemsize for c in cols)
     per_record = max(traced, 0) / n
 

@@ -186,10 +186,9 @@ class Probe:
         self._uses_cuda = cuda_timing
         self._track_memory = track_memory
         # columnar call records (one entry per recorded call)
-        self._c_mod = array("i")
         self._c_t0 = array("q")
         self._c_t1 = array("q")
-        self._c_sig = array("i")
+        self._c_sig = array("i")  # per call: index into _msigs, i.e. (module, signature)
         self._c_ev = array("i")  # index into the CUDA event pairs, CUDA only
         self._c_mem0 = array("q")
         self._c_mem1 = array("q")
@@ -199,6 +198,7 @@ class Probe:
         self._placements: list = []  # per recorded module: distributed.Placement
         self._sig_ids: dict = {}
         self._sigs: list = []
+        self._msigs: list[tuple[int, int]] = []  # (module index, signature index)
         self._ev_pairs: list = []  # (start, end) events awaiting resolution
         self._ev_ms = array("d")  # resolved gpu ms per event pair index
         self._ev_pool: list = []
@@ -470,7 +470,7 @@ class Probe:
         else:
             s.phase = "extend"
         s.q_len, s.kv_len, s.batch = q_len, kv_len, batch
-        s.call0 = len(self._c_mod)
+        s.call0 = len(self._c_t0)
         s.kept = self._keep(s)
         self._cur_step = s
         if self._uses_cuda:
@@ -504,7 +504,7 @@ class Probe:
             s.call1 = s.call0
             self.dropped_steps += 1
         else:
-            s.call1 = len(self._c_mod)
+            s.call1 = len(self._c_t0)
             if s.call1 == s.call0 and self._infos:
                 s.compiled = True  # the forward ran, the block hooks did not: compiled code
                 self.compiled_steps += 1
@@ -541,7 +541,7 @@ class Probe:
         return 0
 
     def _truncate(self, n: int) -> None:
-        for col in (self._c_mod, self._c_t0, self._c_t1, self._c_sig):
+        for col in (self._c_t0, self._c_t1, self._c_sig):
             del col[n:]
         if self._clock is not None:
             del self._c_off[n:]
@@ -553,9 +553,9 @@ class Probe:
     # ------------------------------------------------------------------ module hooks
     def _make_cpu_hooks(self, idx: int) -> tuple[Callable, Callable]:
         now = _now
-        mods, t0s, t1s, sigs = self._c_mod.append, self._c_t0.append, self._c_t1.append, self._c_sig.append
-        local: dict = {}  # this module's (input shape, output shape) -> signature id
-        intern = self._intern
+        t0s, t1s, sigs = self._c_t0.append, self._c_t1.append, self._c_sig.append
+        local: dict = {}  # this module's (input shape, output shape) -> (module, signature) id
+        intern = functools.partial(self._intern, idx)
         t0 = 0  # a module is never re-entered while running, so one start slot per module suffices
 
         def pre(module, args):
@@ -572,7 +572,6 @@ class Probe:
             sid = local.get(key)
             if sid is None:
                 sid = local[key] = intern(args, kwargs, out)
-            mods(idx)
             t0s(t0)
             t1s(t1)
             sigs(sid)
@@ -588,7 +587,7 @@ class Probe:
         mem_push, mem_pop = self._mem_push, self._mem_pop_peak
         pairs = self._ev_pairs
         local: dict = {}
-        intern = self._intern
+        intern = functools.partial(self._intern, idx)
         rec = self._recording  # [bool]: False during a step whose records are dropped anyway
 
         def pre(module, args):
@@ -612,7 +611,6 @@ class Probe:
             sid = local.get(key)
             if sid is None:
                 sid = local[key] = intern(args, kwargs, out)
-            self._c_mod.append(idx)
             self._c_t0.append(t0)
             self._c_t1.append(t1)
             self._c_sig.append(sid)
@@ -641,14 +639,16 @@ class Probe:
 
         return pre, post
 
-    def _intern(self, args: tuple, kwargs: dict, out: Any) -> int:
-        """A new signature: input shapes, output shapes, output dtype and device.
+    def _intern(self, idx: int, args: tuple, kwargs: dict, out: Any) -> int:
+        """A new (module, signature) id; a signature is input shapes, output shapes, output
+        dtype and device.
 
         Called once per distinct (module, input shape, output shape); dtype and device are
         taken from that first call (a module does not change them between calls of the same
-        shapes), which keeps them out of the per-call hot path. A DTensor (torch tensor
-        parallel with ``use_local_output=False``) is recorded by its local shard: each rank's
-        frames show the rank's own shapes, as with transformers' ``tp_plan``.
+        shapes), which keeps them out of the per-call hot path. One id per call names both the
+        module and its signature, so the hot path appends one column fewer. A DTensor (torch
+        tensor parallel with ``use_local_output=False``) is recorded by its local shard: each
+        rank's frames show the rank's own shapes, as with transformers' ``tp_plan``.
         """
         args, kwargs, out = _local_args(args, kwargs, out)
         key = (_in_key(args, kwargs), _out_key(out))
@@ -657,7 +657,8 @@ class Probe:
             sid = len(self._sigs)
             self._sig_ids[key] = sid
             self._sigs.append(key)
-        return sid
+        self._msigs.append((idx, sid))
+        return len(self._msigs) - 1
 
     # ------------------------------------------------------------------ CUDA helpers
     def _event(self):
@@ -739,7 +740,7 @@ class Probe:
         """A :class:`probe.Run` with the frames of everything recorded so far."""
         from .frames import build_run
 
-        key = (len(self._c_mod), sum(len(r.steps) for r in self._runs), len(self._runs))
+        key = (len(self._c_t0), sum(len(r.steps) for r in self._runs), len(self._runs))
         if self._snapshot is None or self._snapshot_key != key:
             if self._gen_run is None:
                 self._resolve_events()
@@ -788,7 +789,7 @@ class Probe:
         state = "attached" if self._attached else "detached"
         return (
             f"<probe.Probe {state} depth={self.depth!r} modules={len(self._infos)} "
-            f"calls={len(self._c_mod)} runs={len(self._runs)}>"
+            f"calls={len(self._c_t0)} runs={len(self._runs)}>"
         )
 
 

@@ -55,7 +55,7 @@ def build_run(p: "Probe") -> "Run":
     from .run import Run
 
     steps_rows: list[dict] = []
-    step_of_call = np.full(len(p._c_mod), -1, dtype=np.int64)
+    step_of_call = np.full(len(p._c_t0), -1, dtype=np.int64)
     step_meta: list[tuple] = []  # per kept step: run_id, step, phase, q, kv, batch, origin ns
     runs_rows: list[dict] = []
     env = _environment(p)
@@ -127,13 +127,15 @@ def build_run(p: "Probe") -> "Run":
 
 
 def _calls_frame(p: "Probe", step_of_call: np.ndarray, step_meta: list[tuple]) -> pd.DataFrame:
-    n = len(p._c_mod)
+    n = len(p._c_t0)
     if n == 0:
         return schema.empty(CALLS)
-    mod = np.frombuffer(p._c_mod, dtype=np.int32, count=n).astype(np.int64)
+    msig = np.frombuffer(p._c_sig, dtype=np.int32, count=n)
+    msig_table = np.array(p._msigs, dtype=np.int64).reshape(-1, 2)
+    mod = msig_table[msig, 0]
     t0 = np.frombuffer(p._c_t0, dtype=np.int64, count=n)
     t1 = np.frombuffer(p._c_t1, dtype=np.int64, count=n)
-    sig = np.frombuffer(p._c_sig, dtype=np.int32, count=n).astype(np.int64)
+    sig = msig_table[msig, 1]
 
     infos = p._infos
     mod_depth = np.array([m.depth for m in infos], dtype=np.int64)
