@@ -227,12 +227,22 @@ def merge(runs: list[Run], path: Path | None = None) -> Run:
 
 
 def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "module") -> pd.DataFrame:
-    """See :meth:`Run.summary`. ``by`` is ``"module"`` or ``"role"``."""
+    """See :meth:`Run.summary`. ``by`` is ``"module"`` or ``"role"``.
+
+    Shares and the residue are taken over the steps that have block records (``decode_stride``
+    and ``max_steps`` keep timing every step but record blocks of only some), and on one clock
+    per phase: CUDA time where every such step has it, host time otherwise.
+    """
     if by not in ("module", "role"):
         raise ValueError(f"by must be 'module' or 'role'; got {by!r}")
     if calls.empty:
         return schema.empty(SUMMARY)
-    phase_total = steps.groupby("phase", sort=False)["forward_ms"].sum()
+    recorded = steps[steps["blocks_ms"].notna()]
+    g_steps = recorded.groupby("phase", sort=False)
+    fwd_host = g_steps["forward_ms"].sum()
+    fwd_gpu = g_steps["gpu_ms"].sum(min_count=1)
+    on_gpu = g_steps["gpu_ms"].count().eq(g_steps.size()) & fwd_gpu.notna()
+    phase_total = fwd_gpu.where(on_gpu, fwd_host)
     keys = ["module", "role", "layer", "phase"] if by == "module" else ["role", "phase"]
     g = calls.groupby(keys, sort=False, dropna=False, observed=True)
     out = pd.DataFrame(
@@ -244,23 +254,31 @@ def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "module") 
         }
     ).reset_index()
     out["mean_ms"] = out["total_ms"] / out["calls"]
-    # GPU time is the truth where recorded; host time otherwise.
-    t = out["gpu_total_ms"].where(out["gpu_total_ms"].notna(), out["total_ms"])
+    gpu_phase = out["phase"].map(on_gpu).fillna(False).astype(bool)
+    t = out["gpu_total_ms"].where(gpu_phase & out["gpu_total_ms"].notna(), out["total_ms"])
     out["share"] = t / out["phase"].map(phase_total).astype("float64")
     if by == "role":
         out["module"] = out["role"]
         out["layer"] = pd.array([pd.NA] * len(out), dtype="Int64")
     # residue (forward time outside every block) and time outside the model, per phase
     extra = []
-    blocks = calls[calls["role"].isin(BLOCK_ROLES)]
-    in_blocks = blocks.groupby("phase", sort=False)["cpu_ms"].sum()
-    for phase, fwd in phase_total.items():
-        sub = steps[steps["phase"] == phase]
+    is_block = out["role"].isin(BLOCK_ROLES)
+    by_phase = out.loc[is_block, "phase"]
+    in_blocks = t[is_block].groupby(by_phase).sum()
+    host_in_blocks = out.loc[is_block, "total_ms"].groupby(by_phase).sum()
+    gpu_in_blocks = out.loc[is_block, "gpu_total_ms"].groupby(by_phase).sum(min_count=1)
+    for phase, total in phase_total.items():
+        n_rec = int(g_steps.size()[phase])
         if phase in in_blocks.index:
-            res = float(fwd - in_blocks[phase])
-            extra.append({"module": "(residue)", "role": "residue", "phase": phase, "calls": len(sub),
-                          "total_ms": res, "mean_ms": res / max(len(sub), 1), "share": res / fwd if fwd else np.nan})
+            res = float(total - in_blocks[phase])  # on the phase's clock
+            host_res = float(fwd_host[phase] - host_in_blocks[phase])
+            gpu_res = float(fwd_gpu[phase] - gpu_in_blocks[phase]) if on_gpu[phase] else np.nan
+            extra.append({"module": "(residue)", "role": "residue", "phase": phase, "calls": n_rec,
+                          "total_ms": host_res, "gpu_total_ms": gpu_res, "mean_ms": host_res / max(n_rec, 1),
+                          "share": res / total if total else np.nan})
+    for phase, sub in steps.groupby("phase", sort=False):
         outside = sub["outside_ms"].sum(min_count=1)
+        fwd = float(sub["forward_ms"].sum())  # host clock, like the time outside the model
         if pd.notna(outside):
             extra.append({"module": "(outside model)", "role": "outside", "phase": phase, "calls": len(sub),
                           "total_ms": float(outside), "mean_ms": float(outside) / max(len(sub), 1),

@@ -188,24 +188,29 @@ def step_breakdown(calls: pd.DataFrame, steps: pd.DataFrame) -> go.Figure:
     title = "Where one step's time goes (mean per step of each phase)"
     if steps.empty:
         return empty_figure(title)
+    # The summary owns the accounting: blocks and residue over the steps that have block
+    # records, on the phase's clock; the time outside the model over every step.
+    summ = block_summary(calls, steps, by="role") if len(calls) else None
     n_steps = steps.groupby("phase", sort=False).size()
-    fwd = steps.groupby("phase", sort=False)["forward_ms"].sum()
-    outside = steps.groupby("phase", sort=False)["outside_ms"].sum(min_count=1)
-    blocks = calls.loc[calls["role"].isin(BLOCK_ROLES), ["phase", "role", "cpu_ms"]] if len(calls) else calls
-    per_role = blocks.groupby(["phase", "role"], sort=False, observed=True)["cpu_ms"].sum() if len(blocks) else None
     phases = _phases_in(steps)
     labels = [f"{p} ({int(n_steps[p])} step{'s' if n_steps[p] != 1 else ''})" for p in phases]
     parts: dict[str, list[float]] = {key: [] for key, _ in PARTS}
     for p in phases:
-        n = float(n_steps[p])
-        inside = 0.0
-        for role in BLOCK_ROLES:
-            t = float(per_role.get((p, role), 0.0)) if per_role is not None else 0.0
-            inside += t
-            parts[role].append(t / n)
-        parts["residue"].append((float(fwd[p]) - inside) / n)
-        out = outside.get(p)
-        parts["outside"].append(float(out) / n if out is not None and pd.notna(out) else float("nan"))
+        rows = summ[summ["phase"] == p].set_index("role") if summ is not None else None
+        for key, _ in PARTS:
+            if rows is not None and key in rows.index:
+                r = rows.loc[key]
+                ms = r["gpu_total_ms"] if key != "outside" and pd.notna(r["gpu_total_ms"]) else r["total_ms"]
+                n = r["calls"] if key in ("residue", "outside") else (rows.loc["residue", "calls"] if "residue" in rows.index else n_steps[p])
+                parts[key].append(float(ms) / float(n))
+            elif key == "residue" and rows is None:
+                sub = steps[steps["phase"] == p]
+                parts[key].append(float(sub["forward_ms"].mean()))
+            elif key == "outside" and rows is None:
+                out = steps.loc[steps["phase"] == p, "outside_ms"]
+                parts[key].append(float(out.mean()) if out.notna().any() else float("nan"))
+            else:
+                parts[key].append(0.0 if key != "outside" else float("nan"))
     fig = _figure(title, "ms per step", "")
     for key, name in PARTS:
         vals = np.array(parts[key], dtype="float64")
