@@ -123,7 +123,7 @@ class _RunRec:
 
     __slots__ = (
         "run_id", "kind", "t_enter", "t_exit", "status", "steps", "input_len", "batch_in",
-        "mask", "output_len", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
+        "mask", "output_len", "output_rows", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
     )
 
     def __init__(self, run_id: str, kind: str) -> None:
@@ -137,6 +137,7 @@ class _RunRec:
         self.batch_in: int | None = None
         self.mask: Any = None
         self.output_len: int | None = None
+        self.output_rows: int | None = None  # sequences returned (batch x num_return_sequences)
         self.gen_settings: dict = {}
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.n_steps_seen = 0
@@ -328,13 +329,19 @@ class Probe:
 
         @functools.wraps(original)
         def generate(*args, **kwargs):
-            probe_self._begin_generate(args, kwargs)
+            try:
+                probe_self._begin_generate(args, kwargs)
+            except Exception:  # the probe's own failure must never cost the user their generate
+                log.warning("probe: could not mark the start of generate(); its forwards are "
+                            "recorded as plain forwards", exc_info=True)
+                probe_self._abandon_generate()
+                return original(*args, **kwargs)
             try:
                 out = original(*args, **kwargs)
             except BaseException as exc:
-                probe_self._end_generate(None, f"failed: {type(exc).__name__}: {exc}")
+                probe_self._end_generate_quietly(None, f"failed: {type(exc).__name__}: {exc}")
                 raise
-            probe_self._end_generate(out, "ok")
+            probe_self._end_generate_quietly(out, "ok")
             return out
 
         generate.__probe_wrapper__ = True  # type: ignore[attr-defined]
@@ -388,6 +395,18 @@ class Probe:
             run.mem_peak = _alloc_stats(self._cuda_device)[0]
         self._gen_run = run
 
+    def _abandon_generate(self) -> None:
+        self._gen_depth = max(0, self._gen_depth - 1)
+        if self._gen_depth == 0:
+            self._gen_run = None
+
+    def _end_generate_quietly(self, out: Any, status: str) -> None:
+        try:
+            self._end_generate(out, status)
+        except Exception:  # keep the user's result (or their exception) whatever happens here
+            log.warning("probe: could not close the record of this generate()", exc_info=True)
+            self._abandon_generate()
+
     def _end_generate(self, out: Any, status: str) -> None:
         self._gen_depth -= 1
         if self._gen_depth > 0:
@@ -403,6 +422,7 @@ class Probe:
             seqs = getattr(seqs, "sequences", None)
         if isinstance(seqs, Tensor) and seqs.dim() >= 1:
             run.output_len = int(seqs.shape[-1])
+            run.output_rows = int(seqs.shape[0]) if seqs.dim() >= 2 else 1
         if self._cur_step is not None and self._root_depth == 0:
             self._cur_step = None
         self._stack.clear()

@@ -281,7 +281,7 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
             "new_tokens": (run.output_len - run.input_len)
             if run.output_len is not None and run.input_len is not None
             else sum(produced),
-            "batch": steps[0].batch if steps else run.batch_in,
+            "batch": run.batch_in if run.batch_in is not None else (steps[0].batch if steps else None),
             "do_sample": g.get("do_sample"),
             "top_k": g.get("top_k"),
             "top_p": g.get("top_p"),
@@ -298,7 +298,10 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
         if first.index == 0 and first_token_at is not None:
             row["ttft_ms"] = (first_token_at - run.t_enter) * _NS
             if latencies and latencies[0] > 0 and not math.isnan(latencies[0]):
-                row["prefill_tok_s"] = first.batch * first.q_len / (latencies[0] / 1e3)
+                # the user's prompt tokens, each prompt once, pads excluded (from the mask)
+                real = _real_lengths(run)
+                prompt_tokens = sum(real) if real else first.batch * first.q_len
+                row["prefill_tok_s"] = prompt_tokens / (latencies[0] / 1e3)
         if per_token:
             row["tpot_ms_mean"] = float(np.mean(per_token))
             row["tpot_ms_p50"] = _percentile(per_token, 50)
@@ -306,7 +309,9 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
         later = [(lat, produced[i]) for i, lat in enumerate(latencies) if i > 0 and not math.isnan(lat)]
         dec_time = sum(lat for lat, _ in later)
         if dec_time > 0:
-            row["decode_tok_s"] = steps[0].batch * sum(k for _, k in later) / (dec_time / 1e3)
+            # sequences delivered (beam search runs batch x beams rows but returns batch rows)
+            rows = run.output_rows if run.output_rows is not None else steps[0].batch
+            row["decode_tok_s"] = rows * sum(k for _, k in later) / (dec_time / 1e3)
         peaks = [s.mem_peak for s in steps if s.mem_peak is not None]
         if run.mem_peak is not None:
             peaks.append(run.mem_peak)

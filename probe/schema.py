@@ -96,7 +96,7 @@ RUNS: dict[str, str] = {
     "prompt_tokens": "Int64",  # padded prompt length (input_ids.shape[-1])
     "prompt_tokens_real": STR,  # JSON list of per-sequence prompt lengths from the attention mask
     "new_tokens": "Int64",  # generated positions per sequence (from the output tensor)
-    "batch": "Int64",  # sequences per forward (batch x beams)
+    "batch": "Int64",  # input sequences (rows per forward, batch x beams, are steps.batch)
     "steps": "int64",
     "do_sample": "boolean",
     "top_k": "Int64",

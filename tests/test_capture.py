@@ -180,6 +180,9 @@ def test_batched_padded_prompts_record_real_lengths():
     r = p.run.runs.iloc[0]
     assert r["batch"] == 2 and r["prompt_tokens"] == 6
     assert json.loads(r["prompt_tokens_real"]) == [6, 4]
+    # prefill throughput counts the real prompt tokens, not the pads
+    first = p.run.steps.iloc[0]
+    assert r["prefill_tok_s"] == pytest.approx(10 / (first["latency_ms"] / 1e3), rel=1e-9)
     assert (p.run.steps["batch"] == 2).all()
 
 

@@ -42,7 +42,13 @@ def test_beam_search_batches_beams():
     assert (st["batch"] == 6).all()  # batch x beams rows per forward
     layer = run.calls[(run.calls["role"] == "layer") & (run.calls["step"] == 1)].iloc[0]
     assert json.loads(layer["in_shapes"])[0] == [6, 1, model.config.hidden_size]
-    assert run.runs.iloc[0]["num_beams"] == 3
+    r = run.runs.iloc[0]
+    assert r["num_beams"] == 3 and r["batch"] == 2  # the user's sequences; beams are steps.batch
+    # decode throughput counts the delivered sequences, not the beam rows
+    later = st.iloc[1:]
+    expected = 2 * later["new_tokens"].sum() / (later["latency_ms"].sum() / 1e3)
+    assert r["decode_tok_s"] == pytest.approx(expected, rel=1e-9)
+    assert r["prefill_tok_s"] == pytest.approx(2 * 6 / (st.iloc[0]["latency_ms"] / 1e3), rel=1e-9)
 
 
 def test_assisted_decoding_steps_are_labelled_extend():
