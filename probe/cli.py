@@ -216,6 +216,22 @@ def _check_tokenizer_matches(model, tok, path) -> None:
         )
 
 
+def _validate_generation_options(args) -> None:
+    """Reject bad generation options before a model is loaded."""
+    checks = (
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+        ("--warmup", args.warmup, args.warmup >= 0, ">= 0"),
+        ("--num-beams", args.num_beams, args.num_beams is None or args.num_beams >= 1, ">= 1"),
+        ("--top-k", args.top_k, args.top_k is None or args.top_k >= 0, ">= 0"),
+        ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]"),
+        ("--temperature", args.temperature, args.temperature is None or args.temperature > 0, "> 0"),
+    )
+    for flag, value, ok, rule in checks:
+        if not ok:
+            raise CLIError(f"{flag} must be {rule}; got {value}")
+
+
 def _check_context(model, prompt_tokens: int, new_tokens: int) -> None:
     cfg = getattr(model, "config", None)
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -229,7 +245,8 @@ def _check_context(model, prompt_tokens: int, new_tokens: int) -> None:
 def _encode(tok, prompt: str, batch: int, device: str):
     if batch < 1:
         raise CLIError(f"--batch-size must be >= 1; got {batch}")
-    enc = tok([prompt] * batch, return_tensors="pt", padding=True)
+    # the same prompt repeated: no padding needed (and many tokenizers have no pad token)
+    enc = tok([prompt] * batch, return_tensors="pt")
     ids = enc["input_ids"]
     if ids.shape[-1] == 0:
         raise CLIError("the prompt encodes to zero tokens and the tokenizer adds no BOS; give a non-empty --prompt")
@@ -241,8 +258,7 @@ def cmd_run(args) -> int:
 
     from . import attach
 
-    if args.max_new_tokens < 1:
-        raise CLIError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    _validate_generation_options(args)
     prompt = _read_prompt(args)
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
@@ -373,8 +389,6 @@ class _Progress:
 
 def _format_run_summary(run, tok, out, prompt_len: int) -> str:
     """The readable prefill-vs-decode summary `probe run` prints."""
-    import math
-
     lines: list[str] = []
     runs = run.runs[run.runs["kind"] == "generate"]
     if runs.empty:
@@ -383,19 +397,24 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
     lines.append(f"model      {r['model_id']} ({r['model_class']}, {int(r['parameters']) / 1e6:,.1f}M params, "
                  f"{r['dtype']}, {r['device']}, attention={r['attn_implementation']})")
     lines.append(f"status     {r['status']}")
-    lines.append(f"tokens     prompt {r['prompt_tokens']} x batch {r['batch']}, new {r['new_tokens']}, steps {r['steps']}")
+    beams = "" if _isna(r["num_beams"]) or int(r["num_beams"]) <= 1 else f" x {int(r['num_beams'])} beams"
+    lines.append(f"tokens     prompt {r['prompt_tokens']} x batch {r['batch']}{beams}, new {r['new_tokens']}, "
+                 f"steps {r['steps']}")
 
     def f(v, unit="", fmt="{:,.2f}"):
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) or v is _NA() else fmt.format(v) + unit
+        return "n/a" if _isna(v) else fmt.format(v) + unit
 
     lines.append(f"TTFT       {f(r['ttft_ms'], ' ms')}    TPOT mean {f(r['tpot_ms_mean'], ' ms')}  "
                  f"p50 {f(r['tpot_ms_p50'], ' ms')}  p90 {f(r['tpot_ms_p90'], ' ms')}")
     lines.append(f"throughput prefill {f(r['prefill_tok_s'], ' tok/s', '{:,.0f}')}   decode {f(r['decode_tok_s'], ' tok/s', '{:,.1f}')}"
                  f"   total {f(r['total_ms'], ' ms')}")
+    mem = []
     if not _isna(r["peak_mem_bytes"]):
-        lines.append(f"memory     peak {int(r['peak_mem_bytes']) / 2**20:,.1f} MiB   KV cache {int(r['kv_cache_bytes']) / 2**20:,.2f} MiB")
-    elif not _isna(r["kv_cache_bytes"]):
-        lines.append(f"memory     KV cache after the last step {int(r['kv_cache_bytes']) / 2**20:,.3f} MiB")
+        mem.append(f"peak {int(r['peak_mem_bytes']) / 2**20:,.1f} MiB")
+    if not _isna(r["kv_cache_bytes"]):
+        mem.append(f"KV cache after the last step {int(r['kv_cache_bytes']) / 2**20:,.3f} MiB")
+    if mem:
+        lines.append("memory     " + "   ".join(mem))
 
     summ = run.summary(by="role")
     if not summ.empty:
@@ -423,6 +442,8 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
 
 def _walkthrough(run) -> list[str]:
     """The shape walk of the tutorial: each block's input -> output for prefill and one decode step."""
+    from .schema import shape_text
+
     calls = run.calls
     if calls.empty:
         return []
@@ -437,13 +458,15 @@ def _walkthrough(run) -> list[str]:
         sub = sub[sub["step"] == step]
         out.append(f"  {phase} (step {step}):")
         layers = sub[sub["role"] == "layer"]
+        same = layers[["in_shapes", "out_shapes"]].drop_duplicates().shape[0] == 1 and len(layers) > 1
         for _, row in sub.iterrows():
-            if row["role"] == "layer" and row["layer"] not in (layers["layer"].min(), layers["layer"].max()):
-                continue
             name = row["module"]
-            if row["role"] == "layer" and row["layer"] == layers["layer"].min() and len(layers) > 2:
-                name = f"{row['module']} (x{len(layers)} layers)"
-            out.append(f"    {name:<34} {_shape_text(row['in_shapes'])} -> {_shape_text(row['out_shapes'])}")
+            if row["role"] == "layer" and same:
+                if row["layer"] != layers["layer"].min():
+                    continue  # identical layers are folded into the first line
+                prefix = str(layers["module"].iloc[0]).rsplit(".", 1)[0]
+                name = f"{prefix}.{{{layers['layer'].min()}..{layers['layer'].max()}}} (each)"
+            out.append(f"    {name:<44} {shape_text(row['in_shapes'])} -> {shape_text(row['out_shapes'])}")
     head = c[(c["phase"] == "prefill") & (c["role"] == "head")]
     if not head.empty:
         import json
@@ -454,19 +477,6 @@ def _walkthrough(run) -> list[str]:
             out.append("  note: generate() computes logits only at the last prompt position (logits_to_keep=1);"
                        " `probe run --full-logits` shows lm_head over all positions.")
     return out
-
-
-def _shape_text(js: str) -> str:
-    import json
-
-    shapes = json.loads(js)
-    return ", ".join("[" + ", ".join(str(d) for d in s) + "]" for s in shapes) or "-"
-
-
-def _NA():
-    import pandas as pd
-
-    return pd.NA
 
 
 def _isna(v) -> bool:
@@ -539,17 +549,106 @@ def cmd_dashboard(args) -> int:
     return int(launch(args.runs_dir, host=args.host, port=args.port) or 0)
 
 
-def cmd_sweep(args) -> int:
+def _int_list(text: str, flag: str) -> list[int]:
     try:
-        from .sweep import run_sweep_cli
-    except ImportError as exc:  # pragma: no cover - until the sweep lands
-        raise CLIError(f"sweep is not available: {exc}") from exc
-    return int(run_sweep_cli(args) or 0)
+        vals = [int(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise CLIError(f"{flag} takes comma-separated integers, e.g. 16,64,256; got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise CLIError(f"{flag} needs integers >= 1; got {text!r}")
+    return vals
+
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import SWEEP_FILE, SWEEP_META, format_summary, sweep, sweep_summary
+
+    prompt_lens = _int_list(args.prompt_lens, "--prompt-lens")
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    for flag, v, low in (("--new-tokens", args.new_tokens, 1), ("--repeat", args.repeat, 1), ("--warmup", args.warmup, 0)):
+        if v < low:
+            raise CLIError(f"{flag} must be >= {low}; got {v}")
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    out = Path(args.out) if args.out else Path("probe-runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_writable(out)
+    _progress(f"loading {args.model_dir or args.preset or 'the bundled model'} ({dtype}, {device}) ...")
+    model, tok, model_id = load_model(args.model_dir, args.preset, dtype, device)
+    for p_len in prompt_lens:
+        _check_context(model, p_len, args.new_tokens)
+    n = len(prompt_lens) * len(batch_sizes)
+    _progress(f"sweep: {n} configs x ({args.warmup} warm-up + {args.repeat} recorded) generate calls, "
+              f"{args.new_tokens} new tokens each")
+    df = sweep(model, tok, prompt_lens, batch_sizes, args.new_tokens, args.repeat, args.warmup, args.depth,
+               out=out, progress=True, model_id=model_id)
+    print(format_summary(sweep_summary(df)))
+    for f in df.attrs.get("failures", []):
+        print(f"failed: prompt {f['prompt_len']} x batch {f['batch']}: {f['error']}")
+    print(f"\nsweep saved to {out}/ ({SWEEP_FILE}, {SWEEP_META}, runs/)")
+    try:
+        from reports import write_sweep_reports
+
+        for pth in write_sweep_reports(out, formats=("html",)):
+            print(f"charts: {pth}")
+    except ImportError as exc:
+        print(f"probe: note: no charts written ({exc}); install genprobe[report]", file=sys.stderr)
+    if df.empty:
+        raise CLIError("every sweep config failed; see the messages above")
+    return 0
+
+
+def _count_prompt_tokens(args) -> tuple[int, str]:
+    """Tokens for the walkthrough and a note on where the count came from."""
+    if args.prompt_tokens is not None:
+        if args.prompt_tokens < 1:
+            raise CLIError(f"--prompt-tokens must be >= 1; got {args.prompt_tokens}")
+        return int(args.prompt_tokens), "--prompt-tokens"
+    tok = None
+    if args.model_dir:
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
+        except Exception:  # a folder with only config.json: fall back to the bundled tokenizer
+            tok = None
+    where = "the model's tokenizer"
+    if tok is None:
+        from .models import load_tokenizer
+
+        tok = load_tokenizer()
+        where = "the bundled tokenizer (the real model's tokenizer may count differently)"
+    n = len(tok(args.prompt)["input_ids"])
+    if n < 1:
+        raise CLIError("the prompt encodes to zero tokens; give a non-empty --prompt or --prompt-tokens N")
+    return n, where
+
 
 
 def cmd_shapes(args) -> int:
+    from .shapes import format_walkthrough, walkthrough
+
+    if args.model_dir and args.preset:
+        raise CLIError("give either MODEL_DIR or --preset, not both")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.model_dir:
+        path = Path(args.model_dir)
+        if not (path / "config.json").exists():
+            raise CLIError(f"{path} has no config.json: pass a Hugging Face model folder or --preset NAME")
+        target, title = str(path), str(path)
+    else:
+        target = args.preset or "tiny"
+        title = args.preset or "the bundled model"
+    n, where = _count_prompt_tokens(args)
     try:
-        from .shapes import run_shapes_cli
-    except ImportError as exc:  # pragma: no cover - until shapes land
-        raise CLIError(f"shapes is not available: {exc}") from exc
-    return int(run_shapes_cli(args) or 0)
+        df = walkthrough(target, n, batch=args.batch_size, depth=args.depth, dtype=args.dtype)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    print(f"prompt      {args.prompt!r} -> {n} tokens (counted by {where})")
+    print(format_walkthrough(df, title))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out, index=False)
+        print(f"\ntable written to {out}")
+    return 0

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+import json
+import math
+
 import pandas as pd
 
 SCHEMA_VERSION = 1
@@ -163,3 +166,14 @@ def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
         if col not in schema:
             out[col] = df[col].reset_index(drop=True)
     return pd.DataFrame(out)
+
+
+def shape_text(js: object) -> str:
+    """A shapes column value (JSON ``[[1,7,64]]``) as ``[1, 7, 64]``; empty for a null."""
+    if js is None or js is pd.NA or (isinstance(js, float) and math.isnan(js)):
+        return ""
+    try:
+        shapes = json.loads(str(js))
+    except ValueError:
+        return str(js)
+    return ", ".join("[" + ", ".join(str(d) for d in s) + "]" for s in shapes) or "-"

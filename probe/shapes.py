@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import pandas as pd
 from torch import nn
 
+from .schema import shape_text
+
 log = logging.getLogger(__name__)
 
 WALK_COLUMNS: dict[str, str] = {
@@ -153,43 +155,8 @@ def walkthrough(model_or_preset: Any, prompt_tokens: int | Sequence[int], batch:
     return df
 
 
-# --------------------------------------------------------------------------- CLI
-def _count_prompt_tokens(args) -> tuple[int, str]:
-    """Tokens for the walkthrough and a note on where the count came from."""
-    from .cli import CLIError
-
-    if args.prompt_tokens is not None:
-        if args.prompt_tokens < 1:
-            raise CLIError(f"--prompt-tokens must be >= 1; got {args.prompt_tokens}")
-        return int(args.prompt_tokens), "--prompt-tokens"
-    tok = None
-    if args.model_dir:
-        try:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
-        except Exception:  # a folder with only config.json: fall back to the bundled tokenizer
-            tok = None
-    where = "the model's tokenizer"
-    if tok is None:
-        from .models import load_tokenizer
-
-        tok = load_tokenizer()
-        where = "the bundled tokenizer (the real model's tokenizer may count differently)"
-    n = len(tok(args.prompt)["input_ids"])
-    if n < 1:
-        raise CLIError("the prompt encodes to zero tokens; give a non-empty --prompt or --prompt-tokens N")
-    return n, where
-
-
 def _gb(b: float) -> str:
     return f"{b / 1e9:,.2f} GB ({b / 2**30:,.2f} GiB)"
-
-
-def _shape_text(js: str) -> str:
-    import json
-
-    return ", ".join("[" + ", ".join(str(d) for d in s) + "]" for s in json.loads(js)) or "-"
 
 
 def format_walkthrough(df: pd.DataFrame, title: str) -> str:
@@ -221,7 +188,7 @@ def format_walkthrough(df: pd.DataFrame, title: str) -> str:
                     continue
                 if r["role"] == "layer":
                     name = f"{name} (x{len(layers)}, each)"
-            io = f"{_shape_text(r['in_shapes'])} -> {_shape_text(r['out_shapes'])}"
+            io = f"{shape_text(r['in_shapes'])} -> {shape_text(r['out_shapes'])}"
             lines.append(f"  {name:<42}{io:<40}{r['parameters']:>14,}{r['flops'] / 1e9:>11.3f}"
                          f"{r['bytes_moved'] / 1e6:>11.2f}{r['intensity_flops_per_byte']:>8.1f}")
         blocks = sub[sub["role"].isin(["embed", "layer", "norm", "head"])]
@@ -230,34 +197,3 @@ def format_walkthrough(df: pd.DataFrame, title: str) -> str:
     lines += ["", "note: lm_head runs over all prompt positions here (full logits, as a plain forward does); "
                   "generate() computes logits only at the last position."]
     return "\n".join(lines)
-
-
-def run_shapes_cli(args) -> int:
-    """Body of ``probe shapes`` (argparse namespace from :mod:`probe.cli`)."""
-    from .cli import CLIError
-
-    if args.model_dir and args.preset:
-        raise CLIError("give either MODEL_DIR or --preset, not both")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1; got {args.batch_size}")
-    if args.model_dir:
-        path = Path(args.model_dir)
-        if not (path / "config.json").exists():
-            raise CLIError(f"{path} has no config.json: pass a Hugging Face model folder or --preset NAME")
-        target, title = str(path), str(path)
-    else:
-        target = args.preset or "tiny"
-        title = args.preset or "the bundled model"
-    n, where = _count_prompt_tokens(args)
-    try:
-        df = walkthrough(target, n, batch=args.batch_size, depth=args.depth, dtype=args.dtype)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from exc
-    print(f"prompt      {args.prompt!r} -> {n} tokens (counted by {where})")
-    print(format_walkthrough(df, title))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out, index=False)
-        print(f"\ntable written to {out}")
-    return 0

@@ -308,64 +308,8 @@ def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- CLI
-def _int_list(text: str, flag: str) -> list[int]:
-    from .cli import CLIError
-
-    try:
-        vals = [int(v) for v in str(text).replace(" ", "").split(",") if v]
-    except ValueError:
-        raise CLIError(f"{flag} takes comma-separated integers, e.g. 16,64,256; got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise CLIError(f"{flag} needs integers >= 1; got {text!r}")
-    return vals
-
-
-def run_sweep_cli(args) -> int:
-    """Body of ``probe sweep`` (argparse namespace from :mod:`probe.cli`)."""
-    from .cli import CLIError, _check_writable, _progress, _resolve_device, _resolve_dtype, load_model
-
-    prompt_lens = _int_list(args.prompt_lens, "--prompt-lens")
-    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
-    for flag, v, low in (("--new-tokens", args.new_tokens, 1), ("--repeat", args.repeat, 1), ("--warmup", args.warmup, 0)):
-        if v < low:
-            raise CLIError(f"{flag} must be >= {low}; got {v}")
-    device = _resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
-    out = Path(args.out) if args.out else Path("probe-runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_writable(out)
-    _progress(f"loading {args.model_dir or args.preset or 'the bundled model'} ({dtype}, {device}) ...")
-    model, tok, model_id = load_model(args.model_dir, args.preset, dtype, device)
-    cfg = getattr(model, "config", None)
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if isinstance(limit, int):
-        too_long = [p for p in prompt_lens if p + args.new_tokens > limit]
-        if too_long:
-            raise CLIError(f"prompt lengths {too_long} + {args.new_tokens} new tokens exceed the model's "
-                           f"{limit} positions; use shorter --prompt-lens or fewer --new-tokens")
-    n = len(prompt_lens) * len(batch_sizes)
-    _progress(f"sweep: {n} configs x ({args.warmup} warm-up + {args.repeat} recorded) generate calls, "
-              f"{args.new_tokens} new tokens each")
-    df = sweep(model, tok, prompt_lens, batch_sizes, args.new_tokens, args.repeat, args.warmup, args.depth,
-               out=out, progress=True, model_id=model_id)
-    print(_format_summary(sweep_summary(df)))
-    for f in df.attrs.get("failures", []):
-        print(f"failed: prompt {f['prompt_len']} x batch {f['batch']}: {f['error']}")
-    print(f"\nsweep saved to {out}/ ({SWEEP_FILE}, {SWEEP_META}, runs/)")
-    try:
-        from reports.cost_figures import sweep_html
-
-        _, meta = load_sweep(out)
-        html = out / "sweep.html"
-        html.write_text(sweep_html(df, meta), encoding="utf-8")
-        print(f"charts: {html}")
-    except ImportError as exc:
-        print(f"probe: note: no charts written ({exc}); install genprobe[report]", file=sys.stderr)
-    if df.empty:
-        raise CLIError("every sweep config failed; see the messages above")
-    return 0
-
-
-def _format_summary(s: pd.DataFrame) -> str:
+def format_summary(s: pd.DataFrame) -> str:
+    """The sweep summary (:func:`sweep_summary`) as a text table."""
     lines = [f"{'prompt':>7}{'batch':>7}{'prefill ms':>12}{'prefill tok/s':>15}{'decode ms/tok':>15}{'decode tok/s':>14}"]
     for _, r in s.iterrows():
         lines.append(f"{int(r['prompt_len']):>7}{int(r['batch']):>7}{r['prefill_ms']:>12.2f}{r['prefill_tok_s']:>15,.0f}"

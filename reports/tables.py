@@ -5,22 +5,11 @@ Both return DataFrames (typed columns even when empty); :mod:`reports.figures` r
 
 from __future__ import annotations
 
-import json
-import math
 
 import numpy as np
 import pandas as pd
 
-
-def _shape_text(js: object) -> str:
-    """``[[1,7,64]]`` (JSON) as ``[1, 7, 64]``."""
-    if js is None or js is pd.NA or (isinstance(js, float) and math.isnan(js)):
-        return ""
-    try:
-        shapes = json.loads(str(js))
-    except ValueError:
-        return str(js)
-    return ", ".join("[" + ", ".join(str(d) for d in s) + "]" for s in shapes) or "-"
+from probe.schema import shape_text
 
 
 def ranks(frame: pd.DataFrame) -> list[int]:
@@ -81,8 +70,8 @@ def shape_walkthrough(calls: pd.DataFrame) -> pd.DataFrame:
             parts.append(part.assign(rank=r, _pos=part.groupby("step", sort=False).cumcount()))
         sel = pd.concat(parts).sort_values(["step", "_pos", "rank"], kind="stable")
         cols = {"rank": "int64", **cols}
-    shape_in = {s: _shape_text(s) for s in sel["in_shapes"].unique()}
-    shape_out = {s: _shape_text(s) for s in sel["out_shapes"].unique()}
+    shape_in = {s: shape_text(s) for s in sel["in_shapes"].unique()}
+    shape_out = {s: shape_text(s) for s in sel["out_shapes"].unique()}
     out = pd.DataFrame({
         "phase": sel["phase"].to_numpy(), "step": sel["step"].to_numpy(dtype="int64"),
         "module": sel["module"].to_numpy(), "role": sel["role"].to_numpy(),

@@ -152,3 +152,25 @@ def test_summary_table_reads_like_the_frames(tmp_path, capsys):
     layer_prefill = summ[(summ["role"] == "layer") & (summ["phase"] == "prefill")].iloc[0]
     assert f"{layer_prefill['total_ms']:>12.3f}" in out
     assert isinstance(run.calls, pd.DataFrame)
+
+
+def test_model_directory_whose_tokenizer_has_no_pad_token(tmp_path, capsys):
+    from probe.models import load_tokenizer
+
+    model_dir = save_bundled(tmp_path / "model", num_hidden_layers=2)
+    tok = load_tokenizer()
+    tok.pad_token = None
+    tok.save_pretrained(model_dir)
+    code, out, err = _run(["run", str(model_dir), "--batch-size", "2", "--max-new-tokens", "2",
+                           "--out", str(tmp_path / "r"), "--no-report"], capsys)
+    assert code == 0, err
+    assert probe.load(tmp_path / "r").runs.iloc[0]["batch"] == 2
+
+
+@pytest.mark.parametrize("flag,value,rule", [
+    ("--num-beams", "0", ">= 1"), ("--warmup", "-1", ">= 0"), ("--top-p", "2", "in (0, 1]"),
+    ("--temperature", "0", "> 0"), ("--top-k", "-3", ">= 0"), ("--batch-size", "0", ">= 1"),
+])
+def test_bad_generation_options_fail_before_loading_a_model(tmp_path, capsys, flag, value, rule):
+    code, _, err = _run(["run", str(tmp_path / "never-loaded"), flag, value], capsys)
+    assert code == 2 and f"{flag} must be {rule}" in err  # checked before the missing folder
