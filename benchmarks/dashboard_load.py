@@ -6,7 +6,8 @@ KV lengths and start times) and saved with ``Run.save``. Three measurements, eac
 cleared, files read again) and side by side with the unstretched recording:
 
 1. the data path: ``probe.load`` + filter options + the Overview's figures, serialised to the
-   JSON Streamlit sends to the browser;
+   JSON Streamlit sends to the browser; and ``probe.load`` + the Roofline view's cost model
+   (FLOPs and bytes of every call, the roofline per block and phase);
 2. the app under Streamlit's ``AppTest``: one full script run of the Overview page;
 3. (with ``/usr/bin/chromium``) ``probe dashboard`` in headless Chromium: page open until both
    Overview charts are drawn, on a new server (its first session imports the app: torch,
@@ -49,6 +50,18 @@ def data_path(run_dir: Path) -> float:
     figures.headline(run.runs, run.steps, meta=run.meta)
     for f in figs:
         f.to_json()
+    return time.perf_counter() - t0
+
+
+def roofline_path(run_dir: Path) -> float:
+    """Seconds to load ``run_dir`` and build what the Roofline view shows (cost of every call)."""
+    from dashboards import data
+    from dashboards.cost_views import _roofline_parts
+
+    t0 = time.perf_counter()
+    parts = _roofline_parts(data.load_run(run_dir, run_dir.name))
+    if parts["table"] is None:
+        raise RuntimeError(f"no cost estimate: {parts['view'].note}")
     return time.perf_counter() - t0
 
 
@@ -162,6 +175,8 @@ def main() -> None:
     rows = {
         "data: load + Overview figures": ([data_path(small_dir / "run") for _ in range(args.repeat)],
                                           [data_path(big_dir / "run") for _ in range(args.repeat)]),
+        "data: load + Roofline cost model": ([roofline_path(small_dir / "run") for _ in range(args.repeat)],
+                                             [roofline_path(big_dir / "run") for _ in range(args.repeat)]),
         "AppTest: cold Overview page": ([app_test(small_dir) for _ in range(args.repeat)],
                                         [app_test(big_dir) for _ in range(args.repeat)]),
     }

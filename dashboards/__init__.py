@@ -45,6 +45,9 @@ def streamlit_command(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port
         "--server.headless", "true",
         "--browser.gatherUsageStats", "false",
         "--client.toolbarMode", "viewer",  # no "Deploy" button on a local profiling tool
+        # the app is not being edited: without this, any change to a file on PYTHONPATH (the
+        # repository root in a source checkout) puts a "File change. Rerun" banner on the page
+        "--server.fileWatcherType", "none",
         "--", "--runs-dir", str(runs_dir),
     ]
 

@@ -21,9 +21,14 @@ if __package__ in (None, ""):  # run as a script by `streamlit run`: make the re
 import streamlit as st
 
 import probe
-from dashboards import cli_runs_dir, data, views
+from dashboards import cli_runs_dir, cost_views, data, views
 
 log = logging.getLogger("dashboards.app")
+
+#: the sidebar's views, in order: the run views, the cost views where they read best, Data last
+_ALL = {**views.VIEWS, **cost_views.VIEWS}
+_ORDER = ("Overview", "Layers", "Timeline", "Memory", "Roofline", "Shapes", "Compare", "Sweep", "Data")
+VIEWS = {**{n: _ALL[n] for n in _ORDER if n in _ALL}, **{n: f for n, f in _ALL.items() if n not in _ORDER}}
 
 # A loaded run is held once and shared by every rerun and session (cache_resource): a
 # 1M-row frame would cost ~1 s to pickle into st.cache_data and ~0.2 s to unpickle on every
@@ -71,7 +76,8 @@ def _sync(key: str, options: list, default: list) -> None:
 
 
 def _sidebar_filters(opts: dict) -> data.Filters:
-    """Phase, depth, module type and step-range widgets; a full selection means no filter."""
+    """Phase, depth, module type, step-range (and, for several ranks, rank) widgets; a full
+    selection means no filter."""
     st.sidebar.subheader("Filters")
     chosen = {}
     for key, label in (("phases", "Phase"), ("depths", "Depth (module nesting)"), ("module_types", "Module type")):
@@ -91,8 +97,13 @@ def _sidebar_filters(opts: dict) -> data.Filters:
         st.session_state["_options_steps"] = (lo, hi)
         got = st.sidebar.slider("Step range", min_value=lo, max_value=hi, key="steps")
         step_range = None if tuple(got) == (lo, hi) else (int(got[0]), int(got[1]))
+    rank_range = None
+    if len(opts["ranks"]) > 1:  # a single-process run has nothing to pick: no widget at all
+        _sync("ranks", opts["ranks"], opts["ranks"])
+        picked = st.sidebar.multiselect("Rank", opts["ranks"], key="ranks")
+        rank_range = None if set(picked) == set(opts["ranks"]) else tuple(int(r) for r in picked)
     return data.Filters(phases=chosen["phases"], depths=chosen["depths"], module_types=chosen["module_types"],
-                        steps=step_range)
+                        steps=step_range, ranks=rank_range)
 
 
 def main() -> None:
@@ -120,8 +131,12 @@ def main() -> None:
         else:
             good[name] = run
     if not good:
-        st.warning(f"None of the {len(found.runs)} folder(s) in {views.md(runs_dir)} holds a readable run; "
-                   f"record one with `probe run --out {runs_dir}/NAME`.")
+        if found.runs:
+            st.warning(f"None of the {len(found.runs)} folder(s) in {views.md(runs_dir)} holds a readable run; "
+                       f"record one with `probe run --out {runs_dir}/NAME`.")
+        if found.sweeps:  # a sweep whose configs all failed still has its table and charts
+            st.header("Sweep")
+            cost_views.draw_sweeps(Path(runs_dir), found.sweeps)
         return
 
     names = list(good)
@@ -130,17 +145,19 @@ def main() -> None:
     if not selected:
         st.info("Pick one or more runs in the sidebar.")
         return
-    view = st.sidebar.radio("View", list(views.VIEWS), key="view", horizontal=False)
+    view = st.sidebar.radio("View", list(VIEWS), key="view", horizontal=False)
     key = (str(Path(runs_dir).expanduser().resolve()), tuple((n, sigs[n]) for n in selected))
     combined, opts = _combined(key, tuple(good[n] for n in selected))
     filters = _sidebar_filters(opts)
-    st.sidebar.caption(f"{len(found.runs)} run folder(s) found, {len(good)} readable")
+    st.sidebar.caption(f"{len(found.runs)} run folder(s) found, {len(good)} readable"
+                       + (f", {len(found.sweeps)} sweep(s)" if found.sweeps else ""))
 
     ctx = views.Context(runs_dir=Path(runs_dir), selected=selected, loaded=good, filters=filters,
-                        run=_filtered(key, astuple(filters), combined, filters), signatures=sigs)
+                        run=_filtered(key, astuple(filters), combined, filters), signatures=sigs,
+                        sweeps=found.sweeps)
     st.header(view)
     try:
-        views.VIEWS[view](ctx)
+        VIEWS[view](ctx)
     except Exception as exc:  # a bug in one view must not take the page down with a traceback
         log.exception("view %s failed", view)
         st.error(f"The {view} view failed: {type(exc).__name__}: {views.md(str(exc))}")

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: deepest folder level below the runs folder searched for run directories (e.g. sweeps)
 MAX_SCAN_DEPTH = 2
+#: the folder of a sweep that holds its runs (``probe sweep --out DIR`` writes ``DIR/runs/p{P}-b{B}/``)
+SWEEP_RUNS = "runs"
 #: rows the Data view shows per page (the full table is a download, built on click)
 PAGE_ROWS = 500
 
@@ -36,10 +38,13 @@ class Found:
     Attributes:
         runs: run name (path relative to the runs folder, ``.`` for the folder itself) ->
             directory, for every folder that looks like a run or should have been one.
+        sweeps: sweep name (path relative to the runs folder, ``.`` for the folder itself) ->
+            directory, for every folder written by ``probe sweep --out``.
         message: why nothing is listed (missing folder, not a folder, empty), else None.
     """
 
     runs: dict[str, Path] = field(default_factory=dict)
+    sweeps: dict[str, Path] = field(default_factory=dict)
     message: str | None = None
 
 
@@ -47,18 +52,35 @@ def _is_run_dir(d: Path) -> bool:
     return (d / META).exists() or any((r / META).exists() for r in d.glob("rank*"))
 
 
+def _is_sweep_dir(d: Path) -> bool:
+    from probe.sweep import SWEEP_FILE
+
+    return (d / SWEEP_FILE).is_file()
+
+
+def _children(d: Path) -> list[Path]:
+    """Visible sub-folders of ``d``, sorted; none (and a log line) when it cannot be listed."""
+    try:
+        return sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith((".", "_")))
+    except OSError as exc:
+        log.warning("cannot list %s: %s", d, exc)
+        return []
+
+
 def discover(runs_dir: str | os.PathLike) -> Found:
-    """Find run directories under ``runs_dir``.
+    """Find run directories and sweeps under ``runs_dir``.
 
     A folder holding ``meta.json`` (or ``rank*/meta.json``) is a run; so is the runs folder
-    itself. Every other direct sub-folder is listed too unless it holds runs further down
-    (a sweep's folder), so that an empty or half-written run is reported rather than hidden.
+    itself. A folder holding ``sweep.parquet`` is a sweep: its runs (``runs/p{P}-b{B}/``) are
+    listed as ordinary runs under their relative path, and nothing else in it is looked at
+    (its ``csv/`` is no run). Every other direct sub-folder is listed too unless it holds
+    runs further down, so that an empty or half-written run is reported rather than hidden.
 
     Args:
         runs_dir: the folder of runs.
 
     Returns:
-        :class:`Found`, runs sorted by name.
+        :class:`Found`, runs and sweeps sorted by name.
     """
     root = Path(runs_dir).expanduser()
     hint = f"record one with `probe run --out {root}/NAME` (or `probe run --out {root}/NAME MODEL_DIR`)"
@@ -69,29 +91,41 @@ def discover(runs_dir: str | os.PathLike) -> Found:
     if _is_run_dir(root):
         return Found(runs={".": root})
     found: dict[str, Path] = {}
+    sweeps: dict[str, Path] = {}
+
+    def name(d: Path) -> str:
+        return d.relative_to(root).as_posix()
+
+    def add_sweep(d: Path) -> None:
+        """Record the sweep ``d`` and list its runs (a config that failed has no folder)."""
+        sweeps[name(d)] = d
+        for c in _children(d / SWEEP_RUNS) if (d / SWEEP_RUNS).is_dir() else []:
+            if _is_run_dir(c):
+                found[name(c)] = c
 
     def scan(d: Path, level: int) -> bool:
-        """Add the runs under ``d``; True when any was found."""
+        """Add the runs under ``d``; True when any run or sweep was found."""
         any_run = False
-        try:
-            children = sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith((".", "_")))
-        except OSError as exc:
-            log.warning("cannot list %s: %s", d, exc)
-            return False
-        for c in children:
+        for c in _children(d):
             if _is_run_dir(c):
-                found[c.relative_to(root).as_posix()] = c
+                found[name(c)] = c
+                any_run = True
+            elif _is_sweep_dir(c):
+                add_sweep(c)  # its folder is no "bad run", even when every config failed
                 any_run = True
             elif level < MAX_SCAN_DEPTH and scan(c, level + 1):
                 any_run = True
             elif level == 1:
-                found[c.relative_to(root).as_posix()] = c  # reported by load as "holds no run"
+                found[name(c)] = c  # reported by load as "holds no run"
         return any_run
 
-    scan(root, 1)
-    if not found:
+    if _is_sweep_dir(root):
+        add_sweep(root)
+    else:
+        scan(root, 1)
+    if not found and not sweeps:
         return Found(message=f"The runs folder {root} holds no runs yet. {hint[0].upper()}{hint[1:]}.")
-    return Found(runs=dict(sorted(found.items())))
+    return Found(runs=dict(sorted(found.items())), sweeps=dict(sorted(sweeps.items())))
 
 
 def signature(run_dir: str | os.PathLike) -> tuple:
@@ -109,6 +143,20 @@ def signature(run_dir: str | os.PathLike) -> tuple:
                 out.append((f.relative_to(root).as_posix(), st.st_mtime_ns, st.st_size))
     except OSError as exc:  # vanished while scanning: key on the error so the next scan retries
         out.append(("<error>", str(exc), 0))
+    return tuple(out)
+
+
+def sweep_signature(sweep_dir: str | os.PathLike) -> tuple:
+    """(file name, mtime_ns, size) of a sweep's ``sweep.parquet`` and ``sweep.json``: its cache key."""
+    from probe.sweep import SWEEP_FILE, SWEEP_META
+
+    out = []
+    for f in (SWEEP_FILE, SWEEP_META):
+        try:
+            st = (Path(sweep_dir) / f).stat()
+            out.append((f, st.st_mtime_ns, st.st_size))
+        except OSError:  # missing (no sweep.json) or vanished: part of the key all the same
+            out.append((f, None, None))
     return tuple(out)
 
 
@@ -139,6 +187,7 @@ class Filters:
     depths: tuple[int, ...] | None = None
     module_types: tuple[str, ...] | None = None
     steps: tuple[int, int] | None = None
+    ranks: tuple[int, ...] | None = None  # offered only for runs merged from several ranks
 
 
 def combine(runs: list[probe.Run]) -> probe.Run:
@@ -156,8 +205,15 @@ def combine(runs: list[probe.Run]) -> probe.Run:
     )
 
 
+def ranks(run: probe.Run) -> list[int]:
+    """The process ranks in ``run`` (``[0]`` for a single process), as the reports see them."""
+    from reports.tables import ranks as frame_ranks
+
+    return frame_ranks(run.calls if len(run.calls) else run.runs)
+
+
 def options(run: probe.Run) -> dict:
-    """Values the filters can take for ``run``: phases, depths, module types, step range."""
+    """Values the filters can take for ``run``: phases, depths, module types, step range, ranks."""
     calls, steps = run.calls, run.steps
     # .unique() first: iterating a million-row string column in Python takes seconds
     present = set(steps["phase"].dropna().unique()) | set(calls["phase"].dropna().unique())
@@ -169,16 +225,18 @@ def options(run: probe.Run) -> dict:
         "depths": sorted(int(d) for d in calls["depth"].dropna().unique()),
         "module_types": sorted(str(t) for t in calls["module_type"].dropna().unique()),
         "steps": (lo, hi),
+        "ranks": ranks(run),
     }
 
 
 def apply_filters(run: probe.Run, f: Filters) -> probe.Run:
-    """``run`` with its calls and steps cut to the filters (phase and step apply to both).
+    """``run`` with its calls and steps cut to the filters (phase, step and rank apply to both;
+    rank to the runs too).
 
     Returns the same frames untouched when no filter narrows them, so the common case
     copies nothing.
     """
-    calls, steps = run.calls, run.steps
+    calls, steps, runs = run.calls, run.steps, run.runs
     cmask = np.ones(len(calls), dtype=bool)
     smask = np.ones(len(steps), dtype=bool)
     if f.phases is not None:
@@ -194,9 +252,21 @@ def apply_filters(run: probe.Run, f: Filters) -> probe.Run:
         ss = steps["step"].to_numpy()
         cmask &= (cs >= lo) & (cs <= hi)
         smask &= (ss >= lo) & (ss <= hi)
+    if f.ranks is not None:
+        cmask &= _in_ranks(calls, f.ranks)
+        smask &= _in_ranks(steps, f.ranks)
+        rmask = _in_ranks(runs, f.ranks)
+        runs = runs if rmask.all() else runs[rmask].reset_index(drop=True)
     new_calls = calls if cmask.all() else calls[cmask].reset_index(drop=True)
     new_steps = steps if smask.all() else steps[smask].reset_index(drop=True)
-    return probe.Run(calls=new_calls, steps=new_steps, runs=run.runs, meta=run.meta, path=run.path)
+    return probe.Run(calls=new_calls, steps=new_steps, runs=runs, meta=run.meta, path=run.path)
+
+
+def _in_ranks(frame: pd.DataFrame, picked: tuple[int, ...]) -> np.ndarray:
+    """Rows of ``frame`` recorded by one of the ``picked`` ranks (a frame without ranks is rank 0)."""
+    if "rank" not in frame.columns:
+        return np.full(len(frame), 0 in picked)
+    return np.isin(frame["rank"].to_numpy(dtype="int64", na_value=0), np.asarray(picked, dtype="int64"))
 
 
 def block_memory(calls: pd.DataFrame) -> pd.DataFrame:

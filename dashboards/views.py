@@ -8,7 +8,7 @@ Tables are paged and downloads are built only when clicked.
 from __future__ import annotations
 
 import re
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable
 
@@ -18,6 +18,7 @@ import streamlit as st
 import probe
 from probe.run import block_summary
 from reports import figures
+from reports.tables import per_rank_summary
 
 from . import data
 
@@ -35,6 +36,7 @@ class Context:
         filters: the sidebar filters.
         run: the selected runs' frames concatenated, with the filters applied.
         signatures: file signature of every loaded run (:func:`data.signature`), by name.
+        sweeps: the sweeps found in the runs folder, by name (:attr:`data.Found.sweeps`).
     """
 
     runs_dir: Path
@@ -43,6 +45,7 @@ class Context:
     filters: data.Filters
     run: probe.Run
     signatures: dict[str, tuple]
+    sweeps: dict[str, Path] = field(default_factory=dict)
 
     def key(self, runs: list[str] | tuple[str, ...] | None = None) -> tuple:
         """Identifies the frames of ``runs`` (default: the selected ones) under the filters:
@@ -98,19 +101,34 @@ def _headline(run: probe.Run) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- views
 def overview(ctx: Context) -> None:
-    """Headline numbers, prefill vs decode per block, and one step broken down."""
+    """Headline numbers, prefill vs decode per block, and one step broken down.
+
+    Runs merged from several ranks get a headline row per rank's generate call, bars per
+    phase and rank, and a per-rank table of the blocks.
+    """
     run = ctx.run
     head = ctx.memo("headline", lambda: _headline(run))
+    rank_list = ctx.memo("ranks", lambda: data.ranks(run))
+    multi = len(rank_list) > 1
     cols = st.columns(6)
     cols[0].metric("Runs", len(ctx.selected))
-    cols[1].metric("Generate calls", len(head))
+    # ranks record the same generate calls side by side: count them once
+    n_calls = int(head.groupby("rank").size().max()) if "rank" in head.columns and len(head) else len(head)
+    cols[1].metric("Generate calls", n_calls, help="per rank" if multi else None)
     cols[2].metric("Steps", f"{len(run.steps):,}")
     cols[3].metric("Call rows", f"{len(run.calls):,}")
     cols[4].metric("TTFT (mean)", _fmt(head["ttft_ms"].mean() if len(head) else None, " ms"))
     cols[5].metric("TPOT p50 (mean)", _fmt(head["tpot_ms_p50"].mean() if len(head) else None, " ms"))
+    if multi:
+        st.caption(f"These runs merge ranks {', '.join(map(str, rank_list))}: one headline row per rank's generate "
+                   "call; the block bars are per phase and rank (the pattern tells ranks apart).")
     _table(head, "overview_headline")
     by = st.radio("Blocks by", ["role", "module"], horizontal=True, key="overview_by")
     _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by=by), by), "overview_blocks")
+    if multi:
+        st.caption(f"Prefill vs decode per block ({by}) and rank; share: of that rank's forward time")
+        _table(ctx.memo("rank_summary", lambda: per_rank_summary(run.calls, run.steps, by=by), by),
+               "overview_ranks")
     _chart(ctx.memo("step_breakdown", lambda: figures.step_breakdown(run.calls, run.steps)), "overview_breakdown")
 
 
@@ -196,18 +214,39 @@ def memory(ctx: Context) -> None:
         _table(kv, "memory_kv")
 
 
+def _calls_by_position(calls: pd.DataFrame) -> list[list[str]]:
+    """Run ids of the recorded calls grouped by position: the n-th call of every rank together.
+
+    One rank: one id per group. Ranks record the same generate calls side by side, each under
+    its own run id, so the n-th of each rank belong together.
+    """
+    if calls.empty:
+        return []
+    if "rank" not in calls.columns:
+        return [[str(v)] for v in calls["run_id"].dropna().unique()]
+    pairs = calls[["rank", "run_id"]].dropna().drop_duplicates()
+    per_rank = [[str(v) for v in g["run_id"]] for _, g in pairs.groupby("rank", sort=True)]
+    n = max((len(ids) for ids in per_rank), default=0)
+    return [[ids[i] for ids in per_rank if i < len(ids)] for i in range(n)]
+
+
 def shapes(ctx: Context) -> None:
-    """The shape walkthrough: each block's input/output shapes for prefill and decode."""
+    """The shape walkthrough: each block's input/output shapes for prefill and decode
+    (for every rank, with a rank column, when the runs merge several)."""
     calls = ctx.run.calls
-    ids = ctx.memo("run_ids", lambda: [str(v) for v in calls["run_id"].dropna().unique()])
-    rid = st.selectbox("Generate call", ids, key="shapes_run") if len(ids) > 1 else None
+    groups = ctx.memo("run_id_groups", lambda: _calls_by_position(calls))
+    labels = [" / ".join(g) for g in groups]
+    pick = st.selectbox("Generate call", labels, key="shapes_run") if len(labels) > 1 else None
+    ids = None if pick is None else groups[labels.index(pick)]
     walk = ctx.memo("shapes", lambda: figures.shape_walkthrough(
-        calls if rid is None else calls[calls["run_id"] == rid]), rid)
+        calls if ids is None else calls[calls["run_id"].isin(ids)]), pick)
     if walk.empty:
         unfiltered = ctx.filters == data.Filters()
         st.info("The selected runs recorded no calls." if unfiltered else "No calls match the filters.")
         return
-    st.caption("Input and output shapes of each block in the prefill step and the first decode step")
+    per_rank = "rank" in walk.columns
+    st.caption("Input and output shapes of each block in the prefill step and the first decode step"
+               + (", for every rank (a sharded block shows each rank's width)" if per_rank else ""))
     _table(walk, "shapes_table")
 
 

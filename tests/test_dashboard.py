@@ -23,7 +23,7 @@ from dashboards import APP, cli_runs_dir, data, launch, streamlit_command  # noq
 from reports import figures  # noqa: E402
 from tiny import tiny_llama  # noqa: E402
 
-VIEWS = ("Overview", "Layers", "Timeline", "Memory", "Shapes", "Compare", "Data")
+VIEWS = ("Overview", "Layers", "Timeline", "Memory", "Roofline", "Shapes", "Compare", "Sweep", "Data")
 HIDDEN = 32
 LAYERS = 3
 
@@ -61,6 +61,39 @@ def add_bad_runs(root: Path, good: Path) -> None:
     meta["schema_version"] = 0
     (root / "old" / "meta.json").write_text(json.dumps(meta))
     (root / "empty").mkdir()
+
+
+def store_peaks(run_dir: Path) -> dict:
+    """Store the device's peaks in a saved CPU run's ``meta.json``, as ``probe run`` does
+    (measured on this machine, where the run was recorded); returns them."""
+    from probe.hardware import peaks_for_run
+
+    peaks = peaks_for_run(probe.load(run_dir)).to_dict()
+    meta = json.loads((run_dir / "meta.json").read_text())
+    meta["peaks"] = peaks
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    return peaks
+
+
+def record_sweep(out: Path) -> Path:
+    """A real ``probe.sweep.sweep`` of a tiny 2-layer Llama into ``out``: prompts of 4 and 8
+    tokens, batch 1, 2 new tokens, one recorded call each, no warm-up."""
+    from probe.sweep import sweep
+
+    sweep(tiny_llama(layers=2, hidden=HIDDEN), None, prompt_lens=(4, 8), batch_sizes=(1,), new_tokens=2, repeat=1,
+          warmup=0, out=out)
+    return out
+
+
+def record_ranks(out: Path) -> Path:
+    """The same tiny model recorded as rank 0 and rank 1 into ``out/rank0`` and ``out/rank1``
+    (what a two-process tensor-parallel run leaves behind); ``probe.load(out)`` merges them."""
+    model = tiny_llama(layers=2, hidden=HIDDEN)
+    for rank in (0, 1):
+        with probe.attach(model, rank=rank) as p:
+            model.generate(_ids(6, rank), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        p.run.save(out / f"rank{rank}")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +296,8 @@ def test_runs_without_generate_or_without_calls_draw_every_view(odd_dir, view):
 
 # --------------------------------------------------------------------------- views
 @pytest.mark.parametrize("view,n_charts,n_tables", [
-    ("Overview", 2, 1), ("Layers", 2, 1), ("Timeline", 2, 0), ("Memory", 2, 2), ("Shapes", 0, 1),
-    ("Compare", 3, 3), ("Data", 0, 1),
+    ("Overview", 2, 1), ("Layers", 2, 1), ("Timeline", 2, 0), ("Memory", 2, 2), ("Roofline", 0, 1),
+    ("Shapes", 0, 1), ("Compare", 3, 3), ("Sweep", 0, 0), ("Data", 0, 1),
 ])
 def test_every_view_draws_without_errors(runs_dir, view, n_charts, n_tables):
     at = app(runs_dir, runs=["eager", "sdpa"], view=view)
@@ -476,3 +509,210 @@ def test_figures_of_combined_runs_match_each_run(runs):
     assert len(both.calls) == len(a.calls) + len(b.calls)
     head = figures.headline(both.runs, both.steps)
     assert list(head["run_id"]) == list(a.runs["run_id"]) + list(b.runs["run_id"])
+
+
+def test_apply_filters_by_rank(ranks_dir):
+    run = probe.load(ranks_dir)
+    assert data.options(run)["ranks"] == [0, 1]
+    one = data.apply_filters(run, data.Filters(ranks=(1,)))
+    for full, cut in ((run.calls, one.calls), (run.steps, one.steps), (run.runs, one.runs)):
+        assert set(cut["rank"]) == {1} and len(cut) == int((full["rank"] == 1).sum()) > 0
+    assert data.options(probe.load(ranks_dir / "rank0"))["ranks"] == [0]
+
+
+# --------------------------------------------------------------------------- roofline
+@pytest.fixture(scope="module")
+def peaks_dir(runs, tmp_path_factory) -> Path:
+    """A runs folder of one recorded run with its (measured) peaks stored, as `probe run` leaves it."""
+    root = tmp_path_factory.mktemp("peaks")
+    shutil.copytree(runs["eager"], root / "stored")
+    store_peaks(root / "stored")
+    return root
+
+
+def _rows(table: pd.DataFrame) -> list[tuple]:
+    return [(str(b), str(p)) for b, p in zip(table["block"], table["phase"])]
+
+
+def test_roofline_with_stored_peaks_draws_every_block_under_the_roofs(peaks_dir):
+    at = app(peaks_dir, view="Roofline")
+    run = probe.load(peaks_dir / "stored")
+    pk = run.meta["peaks"]
+    expect = run.roofline()  # the probe's own API, on the peaks stored with the run
+    assert not at.error and not at.info
+    (fig,) = charts(at)
+    assert pk["name"] in fig["layout"]["title"]["text"] and "measured where recorded" in fig["layout"]["title"]["text"]
+    roof = next(t for t in fig["data"] if t["name"] == "roof")
+    x, y = np.array(arr(roof["x"])), np.array(arr(roof["y"]))
+    # the drawn roofs are the stored peaks (in GFLOP/s): flat at the compute peak, slope = bandwidth
+    assert y.max() == pytest.approx(pk["flops_per_s"] / 1e9)
+    assert y[0] / x[0] == pytest.approx(pk["bytes_per_s"] / 1e9)
+    assert {t["name"] for t in fig["data"]} == {"roof", "prefill", "decode"}
+    assert "stored with the run" in " ".join(c.value for c in at.caption)
+    table, bounds = frame(at, 0), frame(at, 1)
+    assert _rows(table) == [(str(m), str(p)) for m, p in zip(expect["module"], expect["phase"])]
+    assert list(table["bound"]) == list(expect["bound"])
+    assert set(table["bound"]) <= {"compute", "memory", "host"} and table["reason"].str.len().min() > 20
+    assert list(table["intensity_flops_per_byte"]) == pytest.approx(list(expect["intensity_flops_per_byte"]))
+    assert bounds.groupby("phase")["share"].sum().tolist() == pytest.approx([1.0, 1.0])
+    # the filters apply: decode only
+    at.sidebar.multiselect(key="phases").set_value(["decode"]).run()
+    assert set(frame(at, 0)["phase"]) == {"decode"}
+    assert {t["name"] for t in charts(at)[0]["data"]} == {"roof", "decode"}
+
+
+def test_roofline_without_peaks_shows_the_cost_and_never_measures(runs, monkeypatch):
+    from probe import hardware
+
+    measured = []
+    real = hardware.measure_peaks
+    monkeypatch.setattr(hardware, "measure_peaks", lambda *a, **k: measured.append(a) or real(*a, **k))
+    at = app(runs["sublayers"], view="Roofline")
+    assert measured == []  # the dashboard machine is not the one that recorded the run
+    assert not charts(at) and not at.error
+    assert "No peaks recorded" in at.info[0].value
+    table = frame(at)
+    assert {"flops", "bytes_moved", "intensity_flops_per_byte"} <= set(table.columns)
+    assert "bound" not in table.columns and "rank" not in table.columns
+    run = probe.load(runs["sublayers"])
+    from probe.roofline import roofline
+
+    expect = roofline(run.cost(), None, run.steps)
+    assert _rows(table) == [(str(m), str(p)) for m, p in zip(expect["module"], expect["phase"])]
+    assert list(table["flops"]) == pytest.approx(list(expect["flops"]))
+    assert (table["flops"] > 0).any() and (table["bytes_moved"] > 0).all()
+
+
+def test_roofline_of_a_gpu_run_uses_its_datasheet(peaks_dir, tmp_path):
+    from probe.hardware import table_peaks
+
+    shutil.copytree(peaks_dir / "stored", tmp_path / "h100")
+    meta = json.loads((tmp_path / "h100" / "meta.json").read_text())
+    del meta["peaks"]
+    (tmp_path / "h100" / "meta.json").write_text(json.dumps(meta))
+    f = tmp_path / "h100" / "runs.parquet"
+    runs = pd.read_parquet(f)
+    runs["device"], runs["gpu_name"] = "cuda:0", "NVIDIA H100 80GB HBM3"  # a run read away from its GPU
+    runs.to_parquet(f)
+    at = app(tmp_path, view="Roofline")
+    pk = table_peaks("NVIDIA H100 80GB HBM3", "float32")
+    (fig,) = charts(at)
+    assert f"{pk.name}, {pk.dtype} (datasheet" in fig["layout"]["title"]["text"]
+    assert "looked up from the run's GPU name" in " ".join(c.value for c in at.caption)
+    assert set(frame(at)["bound"]) <= {"compute", "memory", "host"}
+
+
+# --------------------------------------------------------------------------- sweep
+@pytest.fixture(scope="module")
+def sweep_root(runs, tmp_path_factory) -> Path:
+    """A runs folder holding one ordinary run and a real sweep (with its CSV report beside it)."""
+    from reports import write_sweep_reports
+
+    root = tmp_path_factory.mktemp("with-sweep")
+    shutil.copytree(runs["eager"], root / "eager")
+    record_sweep(root / "my-sweep")
+    write_sweep_reports(root / "my-sweep", formats=("csv",))  # its csv/ folder is no run
+    return root
+
+
+def test_discover_lists_a_sweeps_runs_and_not_the_sweep_as_a_bad_run(sweep_root):
+    found = data.discover(sweep_root)
+    assert list(found.runs) == ["eager", "my-sweep/runs/p4-b1", "my-sweep/runs/p8-b1"]
+    assert found.sweeps == {"my-sweep": sweep_root / "my-sweep"}
+    inside = data.discover(sweep_root / "my-sweep")  # the sweep folder itself as the runs folder
+    assert list(inside.runs) == ["runs/p4-b1", "runs/p8-b1"] and list(inside.sweeps) == ["."]
+    at = app(sweep_root)
+    assert not at.error and not at.warning
+    assert at.sidebar.multiselect(key="runs").options == list(found.runs)
+
+
+def test_sweep_view_draws_the_three_charts_and_the_summary(sweep_root):
+    from probe.sweep import load_sweep, sweep_summary
+
+    at = app(sweep_root, view="Sweep")
+    df, _ = load_sweep(sweep_root / "my-sweep")
+    assert not at.error and not at.warning and not at.info
+    prefill, decode, throughput = charts(at)
+    assert "Prefill" in prefill["layout"]["title"]["text"]
+    (line,) = prefill["data"]
+    assert arr(line["x"]) == [4, 8] and line["name"] == "batch 1"
+    per_run = df[df["phase"] == "prefill"].groupby("prompt_len")["latency_ms"].sum()
+    assert arr(line["y"]) == pytest.approx(list(per_run))
+    # decode steps sit at the KV lengths the prompts left: 4 and 8 cached positions
+    assert sorted(x for t in decode["data"] for x in arr(t["x"])) == sorted(
+        df.loc[df["phase"] == "decode", "kv_len"].tolist())
+    assert sorted(t["name"] for t in throughput["data"]) == ["prompt 4", "prompt 8"]
+    summary, configs = frame(at, 0), frame(at, 1)
+    pd.testing.assert_frame_equal(summary.reset_index(drop=True), sweep_summary(df), check_dtype=False)
+    names = list(configs["run in the dashboard"])
+    assert names == ["my-sweep/runs/p4-b1", "my-sweep/runs/p8-b1"]
+    # each named run is in the sidebar: pick one and it is that config's recording
+    at.sidebar.multiselect(key="runs").set_value([names[1]]).run()
+    at.sidebar.radio(key="view").set_value("Overview").run()
+    head = frame(at)
+    assert head["prompt_tokens"].tolist() == [8] and head["new_tokens"].tolist() == [2]
+
+
+def test_sweep_view_of_the_sweep_folder_itself_and_of_a_broken_sweep(sweep_root, tmp_path):
+    at = app(sweep_root / "my-sweep", view="Sweep")
+    assert len(charts(at)) == 3 and not at.error
+    assert list(frame(at, 1)["run in the dashboard"]) == ["runs/p4-b1", "runs/p8-b1"]
+    shutil.copytree(sweep_root / "my-sweep", tmp_path / "broken")
+    f = tmp_path / "broken" / "sweep.parquet"
+    f.write_bytes(f.read_bytes()[:100])
+    at = app(tmp_path, view="Sweep")
+    (err,) = [e.value for e in at.error]
+    assert "**broken**" in err and "cannot read the sweep" in err
+    assert at.sidebar.multiselect(key="runs").options == ["broken/runs/p4-b1", "broken/runs/p8-b1"]
+    # a sweep whose every config failed has no runs: its view is still shown, and no "bad run"
+    shutil.copytree(sweep_root / "my-sweep", tmp_path / "only" / "s", ignore=shutil.ignore_patterns("runs"))
+    at = app(tmp_path / "only")
+    assert at.header[0].value == "Sweep" and len(charts(at)) == 3
+    assert not at.error and not at.warning and not at.sidebar.multiselect
+
+
+def test_sweep_view_without_a_sweep_says_how_to_make_one(runs_dir):
+    at = app(runs_dir, view="Sweep")
+    assert f"probe sweep --out {runs_dir}/my-sweep" in at.info[0].value
+    assert not charts(at) and not at.error
+
+
+# --------------------------------------------------------------------------- ranks
+@pytest.fixture(scope="module")
+def ranks_dir(tmp_path_factory) -> Path:
+    return record_ranks(tmp_path_factory.mktemp("tp") / "tp")
+
+
+def test_two_ranks_get_a_rank_filter_and_per_rank_overview_and_shapes(ranks_dir, runs_dir):
+    run = probe.load(ranks_dir)
+    at = app(ranks_dir.parent)
+    assert at.sidebar.multiselect(key="runs").options == ["tp"]
+    assert at.sidebar.multiselect(key="ranks").options == ["0", "1"]
+    head = frame(at, 0)
+    assert head["rank"].tolist() == [0, 1]
+    assert metric(at, "Generate calls") == "1"  # one call, recorded by both ranks
+    blocks = charts(at)[0]
+    assert [t["name"] for t in blocks["data"]] == ["prefill · rank 0", "prefill · rank 1", "decode · rank 0",
+                                                   "decode · rank 1"]
+    per_rank = frame(at, 1)
+    layer = per_rank[(per_rank["module"] == "layer") & (per_rank["phase"] == "decode")]
+    expect = run.calls[(run.calls["role"] == "layer") & (run.calls["phase"] == "decode")].groupby("rank")["cpu_ms"]
+    assert layer["rank"].tolist() == [0, 1]
+    assert layer["total_ms"].tolist() == pytest.approx(expect.sum().tolist())
+    at.sidebar.radio(key="view").set_value("Shapes").run()
+    walk = frame(at)
+    assert walk["rank"].tolist()[:4] == [0, 1, 0, 1]  # the same call of each rank side by side
+    assert walk.groupby("rank").size().tolist() == [len(walk) // 2] * 2
+    at.sidebar.radio(key="view").set_value("Roofline").run()
+    assert set(frame(at)["rank"]) == {0, 1}
+    # one rank picked: it looks like a single-process run
+    at.sidebar.multiselect(key="ranks").set_value([1]).run()
+    assert "rank" not in frame(at).columns
+    at.sidebar.radio(key="view").set_value("Overview").run()
+    assert metric(at, "Steps") == str(int((run.steps["rank"] == 1).sum()))
+    assert "rank" not in frame(at).columns and len(frame(at)) == 1
+    assert [t["name"] for t in charts(at)[0]["data"]] == ["prefill", "decode"]
+    # a single-process run has no rank filter at all
+    single = app(runs_dir, runs=["eager"])
+    assert "ranks" not in [m.key for m in single.sidebar.multiselect]
+    assert "rank" not in frame(single).columns and len(single.dataframe) == 1

@@ -16,9 +16,12 @@ import pytest
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
-#: charts each view draws for two selected runs (as the AppTest tests check too)
-CHARTS = {"Overview": 2, "Layers": 2, "Timeline": 2, "Memory": 2, "Shapes": 0, "Compare": 3, "Data": 0}
+#: charts each view draws for two selected runs (as the AppTest tests check too); the runs
+#: carry their peaks, so the Roofline view draws its chart
+CHARTS = {"Overview": 2, "Layers": 2, "Timeline": 2, "Memory": 2, "Roofline": 1, "Shapes": 0, "Compare": 3,
+          "Sweep": 3, "Data": 0}
 SHOT = Path("/tmp/dashboard_overview.png")  # kept for a person to look at
+ROOFLINE_SHOT = Path("/tmp/dashboard_roofline.png")
 
 if not Path(CHROMIUM).exists():
     if os.environ.get("CI"):
@@ -28,7 +31,7 @@ if not Path(CHROMIUM).exists():
 pytest.importorskip("streamlit")
 from playwright.sync_api import Page, sync_playwright  # noqa: E402  (after the skip: chromium decides)
 
-from test_dashboard import add_bad_runs, record_runs  # noqa: E402
+from test_dashboard import add_bad_runs, record_runs, record_sweep, store_peaks  # noqa: E402
 
 
 def _free_port() -> int:
@@ -39,13 +42,17 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """``python -m probe dashboard RUNS --port P`` over two good runs and one half-written run."""
+    """``python -m probe dashboard RUNS --port P`` over two good runs (with their peaks stored),
+    one half-written run and a sweep."""
     root = tmp_path_factory.mktemp("served")
     runs = record_runs(root)
     shutil.rmtree(runs["sublayers"])
     add_bad_runs(root, runs["eager"])
     shutil.rmtree(root / "old")
     shutil.rmtree(root / "empty")
+    for name in ("eager", "sdpa"):
+        store_peaks(runs[name])
+    record_sweep(root / "my-sweep")
     port = _free_port()
     log_path = root.parent / "dashboard-server.log"
     with open(log_path, "w") as log:
@@ -120,6 +127,13 @@ def test_every_view_renders_in_chromium(server, tmp_path):
                 page.screenshot(path=str(tmp_path / f"{view}.png"), full_page=True)
                 if view == "Overview":
                     shutil.copy(tmp_path / "Overview.png", SHOT)
+                if view == "Roofline":
+                    shutil.copy(tmp_path / "Roofline.png", ROOFLINE_SHOT)
+                    # the roofs and a marker per block and phase: the black roof line and the points
+                    assert page.locator(".js-plotly-plot .scatterlayer .trace").count() == 3
+                    assert page.get_by_text("stored with the run").count() == 1
+                if view == "Sweep":
+                    assert page.locator(".js-plotly-plot .scatterlayer .trace .point").count() > 0
                 if view == "Data":
                     with page.expect_download(timeout=60_000) as dl:
                         page.get_by_role("button", name="Download calls as CSV").click()
@@ -132,6 +146,7 @@ def test_every_view_renders_in_chromium(server, tmp_path):
                     html = Path(dl.value.path()).read_text()
                     assert html.startswith("<!DOCTYPE html>") and "fig-phase-blocks" in html
             assert SHOT.exists() and SHOT.stat().st_size > 10_000
+            assert ROOFLINE_SHOT.exists() and ROOFLINE_SHOT.stat().st_size > 10_000
         finally:
             browser.close()
     # no browser console error at all: Streamlit logs none for this app, so none is filtered
