@@ -48,13 +48,13 @@ def _roofline_parts(run: probe.Run) -> dict:
     """
     from probe.roofline import bound_summary
     from reports.cost_view import cost_view
-    from reports.html import _roofline_table
+    from reports.html import roofline_table
     from reports.tables import ranks
 
     view = cost_view(run)  # never raises, never measures: a missing piece becomes view.note
     parts: dict = {"view": view, "figure": None, "table": None, "bounds": None, "multi": False}
     if view.has_cost:
-        parts["table"] = _roofline_table(view)
+        parts["table"] = roofline_table(view)
         parts["multi"] = len(ranks(view.roof)) > 1
     if view.has_roofs:
         parts["figure"] = _roofline_figure(view)
@@ -112,17 +112,17 @@ def _sweep_parts(path: Path, name: str) -> dict:
         ValueError: the folder's sweep cannot be read (:func:`probe.sweep.load_sweep`).
     """
     from probe.sweep import load_sweep, sweep_summary
-    from reports.sweep_report import SWEEP_FIGURES, _facts, _failures, _runs
+    from reports.sweep_report import SWEEP_FIGURES, sweep_facts, sweep_failures, sweep_runs
 
     df, meta = load_sweep(path)
-    configs = _runs(meta)
+    configs = sweep_runs(meta)
     # the name each config's run has in the sidebar's Runs list (paths relative to the runs folder)
     prefix = "" if name == "." else name + "/"
     configs["run in the dashboard"] = pd.array([prefix + str(d) for d in configs["run directory"]], dtype="string")
     return {
-        "facts": _facts(meta, df),
+        "facts": sweep_facts(meta, df),
         "summary": sweep_summary(df),
-        "failures": _failures(meta),
+        "failures": sweep_failures(meta),
         "configs": configs,
         "figures": [(div_id, build(df)) for div_id, _, build in SWEEP_FIGURES],
     }

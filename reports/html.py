@@ -230,7 +230,7 @@ FIGURES = (
 )
 
 
-def _roofline_table(view: "CostView") -> pd.DataFrame:
+def roofline_table(view: "CostView") -> pd.DataFrame:
     """The roofline rows as the report shows them (rank only where there are several)."""
     roof = view.roof
     pk = view.peaks
@@ -279,7 +279,7 @@ def _roofline_section(doc: Page, run: "Run", view: "CostView") -> None:
             "(probe.cost: every weight, activation and KV-cache read once); time is GPU time where every call has "
             "it, host time otherwise. Intensity = FLOPs / bytes; the roof fraction is achieved over the roof at "
             "that intensity. (forward) is the whole forward: the blocks' work over the steps' forward time.</p>")
-    doc.add(table_html(_roofline_table(view), caption="Per block (role) and phase", table_id="roofline-table"))
+    doc.add(table_html(roofline_table(view), caption="Per block (role) and phase", table_id="roofline-table"))
     if view.has_roofs:
         bounds = bound_summary(view.roof)
         if not bounds.empty:

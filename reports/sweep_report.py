@@ -30,7 +30,7 @@ _FACTS = ("model_id", "model_class", "device", "dtype", "prompt_lens", "batch_si
           "warmup", "depth", "created_at")
 
 
-def _facts(meta: dict, df: pd.DataFrame) -> pd.DataFrame:
+def sweep_facts(meta: dict, df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key in _FACTS:
         if key in meta and meta[key] is not None:
@@ -41,7 +41,7 @@ def _facts(meta: dict, df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"fact": [k for k, _ in rows], "value": [v for _, v in rows]}, dtype="string")
 
 
-def _failures(meta: dict) -> pd.DataFrame:
+def sweep_failures(meta: dict) -> pd.DataFrame:
     fails = [f for f in meta.get("failures", []) or [] if isinstance(f, dict)]
     return pd.DataFrame({
         "prompt_len": pd.Series([f.get("prompt_len") for f in fails], dtype="Int64"),
@@ -50,7 +50,7 @@ def _failures(meta: dict) -> pd.DataFrame:
     })
 
 
-def _runs(meta: dict) -> pd.DataFrame:
+def sweep_runs(meta: dict) -> pd.DataFrame:
     runs = meta.get("runs") or {}
     items = sorted(runs.items()) if isinstance(runs, dict) else []
     return pd.DataFrame({"config": [str(k) for k, _ in items], "run directory": [str(v) for _, v in items]},
@@ -74,8 +74,8 @@ def render_sweep(df: pd.DataFrame, meta: dict | None = None) -> str:
     doc.add(f"<h1>probe sweep: {esc(model)}</h1>")
     links = (("summary", "Summary"), *[(i + "-title", t) for i, t, _ in SWEEP_FIGURES], ("configs", "Runs"))
     doc.add("<nav>" + "".join(f'<a href="#{i}">{esc(t)}</a>' for i, t in links) + "</nav>")
-    doc.add(table_html(_facts(meta, df), table_id="facts"))
-    fails = _failures(meta)
+    doc.add(table_html(sweep_facts(meta, df), table_id="facts"))
+    fails = sweep_failures(meta)
     if len(fails):
         doc.add('<h2 id="failures">Failed configs</h2>')
         doc.add(table_html(fails, table_id="failures-table"))
@@ -89,7 +89,7 @@ def render_sweep(df: pd.DataFrame, meta: dict | None = None) -> str:
     doc.add('<h2 id="configs">Runs</h2>')
     doc.add('<p class="note">Each config\'s recorded run, relative to the sweep folder; '
             "<code>probe report SWEEP/RUN_DIR</code> reports one of them.</p>")
-    doc.add(table_html(_runs(meta), table_id="runs-table"))
+    doc.add(table_html(sweep_runs(meta), table_id="runs-table"))
     return doc.render(f"probe sweep: {model}")
 
 
