@@ -101,8 +101,11 @@ CONFIGS = ("none", "noop-blocks", "probe-blocks", "noop-all", "probe-all", "torc
 
 
 def measure(model, ids, new_tokens: int, repeats: int, configs=CONFIGS) -> dict[str, dict[str, float]]:
-    best_cpu = {c: float("inf") for c in configs}
-    best_wall = {c: float("inf") for c in configs}
+    """Minimum CPU and wall time per configuration, for the first generate() after attaching
+    (which pays the one-time discovery and shape-signature interning) and for the next one
+    under the same attachment (the steady cost per generate of a longer session)."""
+    best = {c: {"first_cpu_s": float("inf"), "first_wall_s": float("inf"),
+                "cpu_s": float("inf"), "wall_s": float("inf")} for c in configs}
     ref = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
     for _ in range(2):  # warm-up every path once
         for c in configs:
@@ -111,15 +114,16 @@ def measure(model, ids, new_tokens: int, repeats: int, configs=CONFIGS) -> dict[
     for r in range(repeats):
         order = configs if r % 2 == 0 else tuple(reversed(configs))  # interleave, alternate order
         for c in order:
-            ctx = make_context(c, model)
-            with ctx:
-                c0, w0 = time.process_time(), time.perf_counter()
-                out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-                c1, w1 = time.process_time(), time.perf_counter()
-            assert torch.equal(out, ref), f"{c} changed the output"
-            best_cpu[c] = min(best_cpu[c], c1 - c0)
-            best_wall[c] = min(best_wall[c], w1 - w0)
-    return {c: {"cpu_s": best_cpu[c], "wall_s": best_wall[c]} for c in configs}
+            with make_context(c, model):
+                for phase in ("first_", ""):
+                    c0, w0 = time.process_time(), time.perf_counter()
+                    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+                    c1, w1 = time.process_time(), time.perf_counter()
+                    assert torch.equal(out, ref), f"{c} changed the output"
+                    b = best[c]
+                    b[phase + "cpu_s"] = min(b[phase + "cpu_s"], c1 - c0)
+                    b[phase + "wall_s"] = min(b[phase + "wall_s"], w1 - w0)
+    return best
 
 
 def main(argv=None) -> int:
@@ -134,21 +138,28 @@ def main(argv=None) -> int:
     model = build_model(args.layers, args.hidden)
     ids = torch.arange(3, 10).unsqueeze(0)  # 7-token prompt
     res = measure(model, ids, args.new_tokens, args.repeats)
-    base = res["none"]["cpu_s"]
     print(f"overhead: {args.layers}-layer LLaMA hidden {args.hidden}, CPU 1 thread, 7-token prompt, "
           f"{args.new_tokens} new tokens greedy, min of {args.repeats} interleaved repeats (process CPU time)")
-    print(f"{'configuration':<16}{'cpu ms':>10}{'wall ms':>10}{'vs none':>10}{'vs floor':>10}")
     floors = {"probe-blocks": "noop-blocks", "probe-all": "noop-all"}
-    for c, v in res.items():
-        floor = floors.get(c)
-        vs_floor = f"{v['cpu_s'] / res[floor]['cpu_s']:.3f}" if floor else ""
-        print(f"{c:<16}{v['cpu_s'] * 1e3:>10.1f}{v['wall_s'] * 1e3:>10.1f}{v['cpu_s'] / base:>10.3f}{vs_floor:>10}")
-    rb = res["probe-blocks"]["cpu_s"] / res["noop-blocks"]["cpu_s"]
-    ra = res["probe-all"]["cpu_s"] / res["noop-all"]["cpu_s"]
-    print(f"\nprobe(blocks)/no-op(blocks) = {rb:.3f} (target <= 1.03): {'PASS' if rb <= 1.03 else 'FAIL'}")
-    print(f"probe(all)/no-op(all)       = {ra:.3f} (target <= 1.10): {'PASS' if ra <= 1.10 else 'FAIL'}")
+    ratios = {}
+    for label, key in (("second generate() under one attachment (steady state)", "cpu_s"),
+                       ("first generate() after attaching (includes one-time signature interning)", "first_cpu_s")):
+        base = res["none"][key]
+        print(f"\n{label}")
+        print(f"{'configuration':<16}{'cpu ms':>10}{'vs none':>10}{'vs floor':>10}")
+        for c, v in res.items():
+            floor = floors.get(c)
+            vs_floor = f"{v[key] / res[floor][key]:.3f}" if floor else ""
+            print(f"{c:<16}{v[key] * 1e3:>10.1f}{v[key] / base:>10.3f}{vs_floor:>10}")
+        ratios[key] = {c: res[c][key] / res[f][key] for c, f in floors.items()}
+    rb, ra = ratios["cpu_s"]["probe-blocks"], ratios["cpu_s"]["probe-all"]
+    fb, fa = ratios["first_cpu_s"]["probe-blocks"], ratios["first_cpu_s"]["probe-all"]
+    print(f"\nprobe(blocks)/no-op(blocks) = {rb:.3f} steady, {fb:.3f} first (target <= 1.03): "
+          f"{'PASS' if rb <= 1.03 else 'FAIL'}")
+    print(f"probe(all)/no-op(all)       = {ra:.3f} steady, {fa:.3f} first (target <= 1.10): "
+          f"{'PASS' if ra <= 1.10 else 'FAIL'}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": res, "blocks_ratio": rb, "all_ratio": ra}, indent=2))
+        Path(args.json).write_text(json.dumps({"results": res, "ratios": ratios}, indent=2))
     return 0
 
 
