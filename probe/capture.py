@@ -27,6 +27,22 @@ log = logging.getLogger(__name__)
 
 _now = time.perf_counter_ns
 
+
+def _load_c_hooks():
+    """The optional C hot path; PROBE_PURE_PYTHON=1 forces the Python hooks."""
+    import os
+
+    if os.environ.get("PROBE_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _hooks
+    except ImportError:
+        return None
+    return _hooks
+
+
+_CHooks = _load_c_hooks()
+
 # Every module hooked by a live Probe -> that Probe. Weak, so nothing is added to the model
 # and nothing keeps it alive.
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Probe]" = weakref.WeakKeyDictionary()
@@ -57,7 +73,8 @@ def _tensor_key(t: Tensor) -> tuple:
 
 
 def _in_key(args: tuple, kwargs: dict) -> tuple:
-    shapes = tuple(a.shape for a in args if isinstance(a, Tensor))
+    """Shapes of the positional tensor arguments; without any, of the main keyword input."""
+    shapes = tuple(a.shape for a in args if isinstance(a, Tensor)) if args else ()
     if not shapes and kwargs:
         for k in _INPUT_KWARGS:
             v = kwargs.get(k)
@@ -85,6 +102,28 @@ def _local_args(args: tuple, kwargs: dict, out: Any) -> tuple[tuple, dict, Any]:
     else:
         out = _local(out)
     return args, kwargs, out
+
+
+def _slow_key(args: tuple, kwargs: dict, out: Any) -> tuple:
+    """The per-module cache key of a call that is not one tensor in, one tensor out."""
+    if isinstance(out, Tensor):
+        outs: tuple = (out.shape,)
+    elif isinstance(out, (tuple, list)):
+        outs = tuple(v.shape for v in out if isinstance(v, Tensor))
+    elif isinstance(out, dict):
+        outs = tuple(v.shape for v in out.values() if isinstance(v, Tensor))
+    else:
+        outs = ()
+    return (_in_key(args, kwargs), outs)
+
+
+def _any_dtensor(args: tuple, kwargs: dict, out: Any) -> bool:
+    outs = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else (out,)
+    for group in (args, kwargs.values(), outs):
+        for x in group:
+            if type(x).__name__ == "DTensor":
+                return True
+    return False
 
 
 def _out_key(out: Any) -> tuple:
@@ -572,6 +611,17 @@ class Probe:
 
     # ------------------------------------------------------------------ module hooks
     def _make_cpu_hooks(self, idx: int) -> tuple[Callable, Callable]:
+        if _CHooks is not None:
+            # the same work in C (probe/_hooks.c): no interpreter cost per recorded call
+            rec = _CHooks.Recorder(
+                now=_now, tensor=Tensor, intern=functools.partial(self._intern, idx), slow_key=_slow_key,
+                t0_append=self._c_t0.append, t1_append=self._c_t1.append, sig_append=self._c_sig.append,
+            )
+            return rec.pre, rec.post
+        return self._make_py_hooks(idx)
+
+    def _make_py_hooks(self, idx: int) -> tuple[Callable, Callable]:
+        """The reference implementation of the CPU hooks (used where the C extension is not built)."""
         now = _now
         t0s, t1s, sigs = self._c_t0.append, self._c_t1.append, self._c_sig.append
         local: dict = {}  # this module's (input shape, output shape) -> (module, signature) id
@@ -588,7 +638,7 @@ class Probe:
             if len(args) == 1 and type(out) is Tensor and type(args[0]) is Tensor:
                 key = (args[0].shape, out.shape)
             else:
-                key = (_in_key(args, kwargs), _out_key(out)[0])
+                key = _slow_key(args, kwargs, out)
             sid = local.get(key)
             if sid is None:
                 sid = local[key] = intern(args, kwargs, out)
@@ -670,7 +720,8 @@ class Probe:
         tensor parallel with ``use_local_output=False``) is recorded by its local shard: each
         rank's frames show the rank's own shapes, as with transformers' ``tp_plan``.
         """
-        args, kwargs, out = _local_args(args, kwargs, out)
+        if _any_dtensor(args, kwargs, out):
+            args, kwargs, out = _local_args(args, kwargs, out)
         key = (_in_key(args, kwargs), _out_key(out))
         sid = self._sig_ids.get(key)
         if sid is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pandas as pd
@@ -429,3 +430,31 @@ def test_shares_with_decode_stride_use_only_steps_with_block_records():
     assert summ.loc[("decode", "layer"), "total_ms"] + residue["total_ms"] + summ.loc[("decode", "embed"), "total_ms"] \
         + summ.loc[("decode", "norm"), "total_ms"] + summ.loc[("decode", "head"), "total_ms"] == pytest.approx(
             kept["forward_ms"].sum(), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- C and Python hooks
+def test_c_hooks_and_python_hooks_record_the_same_calls(monkeypatch):
+    """The optional C hot path (probe/_hooks.c) and the Python reference record identical frames."""
+    from probe import capture
+
+    if capture._CHooks is None:
+        pytest.skip("the C extension is not built here; the Python hooks are in use")
+    model = tiny_llama(layers=2)
+    frames = {}
+    for impl in ("c", "python"):
+        if impl == "python":
+            monkeypatch.setattr(capture, "_CHooks", None)
+        with probe.attach(model, depth="all") as p:
+            model(_ids(3))
+            model.generate(_ids(5), max_new_tokens=3, do_sample=False)
+        hooks = {type(h).__name__ for h in model.model.layers[0]._forward_hooks.values()}
+        assert not hooks  # detached either way
+        frames[impl] = p.run.calls.drop(columns=["run_id", "start_ms", "cpu_ms"])
+    pd.testing.assert_frame_equal(frames["c"], frames["python"])
+
+
+def test_the_c_extension_is_built_in_ci():
+    from probe import capture
+
+    if os.environ.get("CI") and os.environ.get("PROBE_PURE_PYTHON", "") in ("", "0"):
+        assert capture._CHooks is not None, "probe/_hooks.c did not build: CI must exercise the C hot path"
