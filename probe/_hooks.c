@@ -24,6 +24,7 @@ typedef struct {
     PyObject *t1_append;
     PyObject *sig_append;
     PyObject *t0;         /* start time of the running call (an int) */
+    PyObject *recording;  /* list [bool]: False during a step whose records are dropped */
 } Recorder;
 
 static PyObject *shape_str = NULL;
@@ -40,6 +41,7 @@ Recorder_traverse(Recorder *self, visitproc visit, void *arg)
     Py_VISIT(self->t1_append);
     Py_VISIT(self->sig_append);
     Py_VISIT(self->t0);
+    Py_VISIT(self->recording);
     return 0;
 }
 
@@ -55,6 +57,7 @@ Recorder_clear(Recorder *self)
     Py_CLEAR(self->t1_append);
     Py_CLEAR(self->sig_append);
     Py_CLEAR(self->t0);
+    Py_CLEAR(self->recording);
     return 0;
 }
 
@@ -69,11 +72,17 @@ Recorder_dealloc(Recorder *self)
 static int
 Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"now", "tensor", "intern", "slow_key", "t0_append", "t1_append", "sig_append", NULL};
-    PyObject *now, *tensor, *intern, *slow_key, *a0, *a1, *a2;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO", kwlist, &now, &tensor, &intern, &slow_key,
-                                     &a0, &a1, &a2))
+    static char *kwlist[] = {"now", "tensor", "intern", "slow_key", "t0_append", "t1_append", "sig_append",
+                             "recording", NULL};
+    PyObject *now, *tensor, *intern, *slow_key, *a0, *a1, *a2, *recording;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOO!", kwlist, &now, &tensor, &intern, &slow_key,
+                                     &a0, &a1, &a2, &PyList_Type, &recording))
         return -1;
+    if (PyList_GET_SIZE(recording) < 1) {
+        PyErr_SetString(PyExc_ValueError, "recording must be a one-item list");
+        return -1;
+    }
+    Py_XSETREF(self->recording, Py_NewRef(recording));
     Py_XSETREF(self->now, Py_NewRef(now));
     Py_XSETREF(self->tensor, Py_NewRef(tensor));
     Py_XSETREF(self->intern, Py_NewRef(intern));
@@ -87,9 +96,21 @@ Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
 }
 
 /* pre(module, args) */
+static int
+ready(Recorder *self)
+{
+    if (self->now == NULL || self->recording == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "probe._hooks.Recorder used before __init__");
+        return 0;
+    }
+    return 1;
+}
+
 static PyObject *
 Recorder_pre(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (!ready(self))
+        return NULL;
     PyObject *t = PyObject_CallNoArgs(self->now);
     if (t == NULL)
         return NULL;
@@ -111,10 +132,14 @@ append(PyObject *bound, PyObject *value)
 static PyObject *
 Recorder_post(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (!ready(self))
+        return NULL;
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "post(module, args, kwargs, out)");
         return NULL;
     }
+    if (PyList_GET_ITEM(self->recording, 0) != Py_True)
+        Py_RETURN_NONE;  /* a step whose block records are dropped (decode_stride / max_steps) */
     PyObject *t1 = PyObject_CallNoArgs(self->now);
     if (t1 == NULL)
         return NULL;

@@ -243,7 +243,7 @@ class Probe:
         self._ev_ms = array("d")  # resolved gpu ms per event pair index
         self._ev_pool: list = []
         self._stack: list = []
-        self._recording = [True]  # CUDA hooks skip steps whose records are dropped anyway
+        self._recording = [True]  # hooks skip steps whose records are dropped (decode_stride, max_steps)
         # steps and runs
         self._runs: list[_RunRec] = []
         self._open_forward: _RunRec | None = None
@@ -532,8 +532,8 @@ class Probe:
         s.call0 = len(self._c_t0)
         s.kept = self._keep(s)
         self._cur_step = s
+        self._recording[0] = s.kept
         if self._uses_cuda:
-            self._recording[0] = s.kept
             if self._track_memory:
                 self._mem_fold_run_peak(run)  # allocations between steps (sampling, cat) count too
                 self._mem_peaks.clear()  # stale frames of an interrupted forward
@@ -557,7 +557,7 @@ class Probe:
             s.ev1 = self._event()
             if self._track_memory:
                 s.mem_peak = self._mem_pop_peak()[0]
-            self._recording[0] = True
+        self._recording[0] = True
         if not s.kept:
             self._truncate(s.call0)
             s.call1 = s.call0
@@ -616,6 +616,7 @@ class Probe:
             rec = _CHooks.Recorder(
                 now=_now, tensor=Tensor, intern=functools.partial(self._intern, idx), slow_key=_slow_key,
                 t0_append=self._c_t0.append, t1_append=self._c_t1.append, sig_append=self._c_sig.append,
+                recording=self._recording,
             )
             return rec.pre, rec.post
         return self._make_py_hooks(idx)
@@ -626,6 +627,7 @@ class Probe:
         t0s, t1s, sigs = self._c_t0.append, self._c_t1.append, self._c_sig.append
         local: dict = {}  # this module's (input shape, output shape) -> (module, signature) id
         intern = functools.partial(self._intern, idx)
+        rec = self._recording
         t0 = 0  # a module is never re-entered while running, so one start slot per module suffices
 
         def pre(module, args):
@@ -634,6 +636,8 @@ class Probe:
 
         def post(module, args, kwargs, out):
             t1 = now()
+            if not rec[0]:
+                return  # a step whose block records are dropped (decode_stride / max_steps)
             # Fast path: one positional tensor in, one tensor out (every block of a decoder).
             if len(args) == 1 and type(out) is Tensor and type(args[0]) is Tensor:
                 key = (args[0].shape, out.shape)
