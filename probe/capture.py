@@ -243,6 +243,7 @@ class Probe:
         self._ev_ms = array("d")  # resolved gpu ms per event pair index
         self._ev_pool: list = []
         self._stack: list = []
+        self._mem_peaks: list[int] = []  # CUDA peak of each running call, innermost last
         self._recording = [True]  # hooks skip steps whose records are dropped (decode_stride, max_steps)
         # steps and runs
         self._runs: list[_RunRec] = []
@@ -255,9 +256,7 @@ class Probe:
         self._snapshot = None
         self._snapshot_key = None
         self._run_prefix = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{id(self) & 0xFFFF:04x}"
-        self.dropped_steps = 0
         self.compiled = False  # the model given to attach was a torch.compile wrapper
-        self.compiled_steps = 0  # steps whose block hooks did not run (compiled code)
 
     # ------------------------------------------------------------------ lifecycle
     def _attach(self) -> "Probe":
@@ -561,12 +560,10 @@ class Probe:
         if not s.kept:
             self._truncate(s.call0)
             s.call1 = s.call0
-            self.dropped_steps += 1
         else:
             s.call1 = len(self._c_t0)
             if s.call1 == s.call0 and self._infos:
                 s.compiled = True  # the forward ran, the block hooks did not: compiled code
-                self.compiled_steps += 1
             try:
                 s.kv_bytes = cache_bytes(find_cache(kwargs, out))
             except Exception:  # an exotic cache must never break the user's forward
@@ -767,14 +764,6 @@ class Probe:
         if peaks and mine > peaks[-1]:
             peaks[-1] = mine
         return mine, cur
-
-    @property
-    def _mem_peaks(self) -> list:
-        try:
-            return self.__dict__["_mem_peaks_list"]
-        except KeyError:
-            lst = self.__dict__["_mem_peaks_list"] = []
-            return lst
 
     def _resolve_events(self) -> None:
         """Turn recorded CUDA event pairs into milliseconds; once per run, never in a hook."""

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .hardware import Peaks
+from . import schema
 from .schema import BLOCK_ROLES, PHASES
 
 Bound = Literal["compute", "memory", "host"]
@@ -62,19 +63,11 @@ ROOFLINE: dict[str, str] = {
 
 def empty_roofline() -> pd.DataFrame:
     """An empty roofline frame with every column at its dtype."""
-    return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in ROOFLINE.items()})
+    return schema.empty(ROOFLINE)
 
 
 def _conform(df: pd.DataFrame) -> pd.DataFrame:
-    out = {}
-    n = len(df)
-    for col, dt in ROOFLINE.items():
-        if col in df.columns:
-            out[col] = df[col].reset_index(drop=True).astype(dt)
-        else:
-            out[col] = pd.Series([pd.NA] * n, dtype=dt) if dt in ("string", "Int64") else \
-                pd.Series(np.full(n, np.nan), dtype=dt)
-    return pd.DataFrame(out)
+    return schema.conform(df, ROOFLINE, extra=False)
 
 
 def _fmt_flops(v: float) -> str:
@@ -87,7 +80,6 @@ def _classify(flops_s: np.ndarray, bytes_s: np.ndarray, intensity: np.ndarray, h
               gpu_ms: np.ndarray, idle: np.ndarray, on_gpu: np.ndarray, peaks: Peaks) -> tuple[list, list]:
     """Label each row and write the numbers that decided it."""
     ridge = peaks.ridge_flops_per_byte
-    roof = np.minimum(peaks.flops_per_s, intensity * peaks.bytes_per_s)
     where = "measured" if peaks.measured else "datasheet"
     bounds, reasons = [], []
     for i in range(len(flops_s)):

@@ -145,10 +145,11 @@ def empty(schema: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in schema.items()})
 
 
-def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
+def conform(df: pd.DataFrame, schema: dict[str, str], *, extra: bool = True) -> pd.DataFrame:
     """Return ``df`` with exactly the schema's columns first (in order) at their dtypes.
 
-    Missing columns are added as nulls; extra columns (added by analyses) are kept after them.
+    Missing nullable columns are added as nulls; extra columns (added by analyses) are kept
+    after them, or dropped with ``extra=False``.
     """
     out = {}
     n = len(df)
@@ -162,7 +163,7 @@ def conform(df: pd.DataFrame, schema: dict[str, str]) -> pd.DataFrame:
             raise ValueError(f"column {col!r} ({dtype}) is required and has no value")
         else:
             out[col] = pd.Series([None] * n, dtype=dtype) if n else pd.Series([], dtype=dtype)
-    for col in df.columns:
+    for col in df.columns if extra else ():
         if col not in schema:
             out[col] = df[col].reset_index(drop=True)
     return pd.DataFrame(out)

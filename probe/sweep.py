@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 
 from .run import _atomic
+from . import schema
 from .schema import BLOCK_ROLES
 
 log = logging.getLogger(__name__)
@@ -67,16 +67,7 @@ SUMMARY_COLUMNS: dict[str, str] = {
 
 
 def _conform(df: pd.DataFrame, cols: dict[str, str]) -> pd.DataFrame:
-    out = {}
-    n = len(df)
-    for col, dt in cols.items():
-        if col in df.columns:
-            out[col] = df[col].reset_index(drop=True).astype(dt)
-        elif dt in ("string", "Int64"):
-            out[col] = pd.Series([pd.NA] * n, dtype=dt)
-        else:
-            out[col] = pd.Series(np.full(n, np.nan), dtype=dt) if dt == "float64" else pd.Series(np.zeros(n), dtype=dt)
-    return pd.DataFrame(out)
+    return schema.conform(df, cols, extra=False)
 
 
 def empty_sweep() -> pd.DataFrame:

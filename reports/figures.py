@@ -196,21 +196,20 @@ def step_breakdown(calls: pd.DataFrame, steps: pd.DataFrame) -> go.Figure:
     labels = [f"{p} ({int(n_steps[p])} step{'s' if n_steps[p] != 1 else ''})" for p in phases]
     parts: dict[str, list[float]] = {key: [] for key, _ in PARTS}
     for p in phases:
+        sub = steps[steps["phase"] == p]
         rows = summ[summ["phase"] == p].set_index("role") if summ is not None else None
+        recorded = rows is not None and "residue" in rows.index  # this phase has block records
         for key, _ in PARTS:
-            if rows is not None and key in rows.index:
+            if key == "outside":  # host time after each forward, over every step
+                parts[key].append(float(sub["outside_ms"].mean()) if sub["outside_ms"].notna().any() else float("nan"))
+            elif not recorded:  # no block records in this phase: the whole forward is residue
+                parts[key].append(float(sub["forward_ms"].mean()) if key == "residue" else 0.0)
+            elif key in rows.index:  # per step with block records, on the summary's clock
                 r = rows.loc[key]
-                ms = r["gpu_total_ms"] if key != "outside" and pd.notna(r["gpu_total_ms"]) else r["total_ms"]
-                n = r["calls"] if key in ("residue", "outside") else (rows.loc["residue", "calls"] if "residue" in rows.index else n_steps[p])
-                parts[key].append(float(ms) / float(n))
-            elif key == "residue" and rows is None:
-                sub = steps[steps["phase"] == p]
-                parts[key].append(float(sub["forward_ms"].mean()))
-            elif key == "outside" and rows is None:
-                out = steps.loc[steps["phase"] == p, "outside_ms"]
-                parts[key].append(float(out.mean()) if out.notna().any() else float("nan"))
+                ms = r["gpu_total_ms"] if pd.notna(r["gpu_total_ms"]) else r["total_ms"]
+                parts[key].append(float(ms) / float(rows.loc["residue", "calls"]))
             else:
-                parts[key].append(0.0 if key != "outside" else float("nan"))
+                parts[key].append(0.0)
     fig = _figure(title, "ms per step", "")
     for key, name in PARTS:
         vals = np.array(parts[key], dtype="float64")
