@@ -582,16 +582,17 @@ class Probe:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[-1] >= q_len:
             return int(mask.shape[-1]) - q_len
+        cache = find_cache(kwargs)
         try:
-            n = cache_seq_len(find_cache(kwargs))
-        except Exception:
+            n = cache_seq_len(cache)
+        except Exception:  # an exotic cache must never break the user's forward
             n = None
         if n is not None:
             return n
         pos = kwargs.get("cache_position")
         if isinstance(pos, Tensor) and pos.numel() and pos.device.type == "cpu":
             return int(pos.reshape(-1)[0])
-        if run.steps and find_cache(kwargs) is not None:
+        if run.steps and cache is not None:
             last = run.steps[-1]
             return last.kv_len + last.q_len
         return 0

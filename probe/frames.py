@@ -274,10 +274,11 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
         row["total_ms"] = ((steps[-1].t1 - steps[0].t0) * _NS) if steps else math.nan
         return row
     g = run.gen_settings
+    real = _real_lengths(run)  # one read of the mask (a device sync on CUDA), after generate
     row.update(
         {
             "prompt_tokens": run.input_len,
-            "prompt_tokens_real": json.dumps(_real_lengths(run)),
+            "prompt_tokens_real": json.dumps(real),
             "new_tokens": (run.output_len - run.input_len)
             if run.output_len is not None and run.input_len is not None
             else sum(produced),
@@ -299,7 +300,6 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
             row["ttft_ms"] = (first_token_at - run.t_enter) * _NS
             if latencies and latencies[0] > 0 and not math.isnan(latencies[0]):
                 # the user's prompt tokens, each prompt once, pads excluded (from the mask)
-                real = _real_lengths(run)
                 prompt_tokens = sum(real) if real else first.batch * first.q_len
                 row["prefill_tok_s"] = prompt_tokens / (latencies[0] / 1e3)
         if per_token:
