@@ -21,12 +21,14 @@ from .run import Run, RunLoadError, load, merge
 from .schema import DEPTHS, PHASES
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .capture import CompiledModelWarning, Probe, ProbeError, attach
+    from .capture import CompiledModelWarning, Probe, ProbeError, attach, detach, probe_of
     from .discovery import UnrecognisedModelWarning, find_blocks
     from .distributed import save_rank
 
 _LAZY = {
     "attach": "capture",
+    "detach": "capture",
+    "probe_of": "capture",
     "Probe": "capture",
     "ProbeError": "capture",
     "CompiledModelWarning": "capture",
@@ -62,8 +64,10 @@ __all__ = [
     "UnrecognisedModelWarning",
     "__version__",
     "attach",
+    "detach",
     "find_blocks",
     "load",
     "merge",
+    "probe_of",
     "save_rank",
 ]

@@ -1,235 +1,621 @@
 /*
- * The probe's per-call hooks in C: the same work as probe.capture.Probe._make_cpu_hooks'
- * Python closures (read the clock, key the call by its input and output shapes, append three
- * columns), without the interpreter's cost per call. Optional: probe.capture falls back to
- * the Python hooks when this extension is not built.
+ * The probe's hot path in C: a forward wrapper per recorded module and the columns it
+ * appends to. probe/hotpath.py holds the Python reference of the same work (used where this
+ * extension is not built, or with PROBE_PURE_PYTHON=1); a test checks that both record
+ * identical frames.
  *
- * One Recorder per hooked module. `rec.pre(module, args)` stores the start time;
- * `rec.post(module, args, kwargs, out)` reads the end time, finds the call's signature id in
- * the module's own {(input shape, output shape): id} cache (asking `intern(args, kwargs, out)`
- * for a new one, and `slow_key(args, kwargs, out)` for the key of calls that are not one
- * tensor in, one tensor out), and appends start, end and id to three array.array columns.
+ * Why a forward wrapper and not hooks: as soon as a module has any forward hook,
+ * nn.Module._call_impl leaves its fast path (one call of self.forward) for the slow one
+ * (hook dicts walked, kwargs copied, results checked), and that slow path alone costs more per
+ * call than everything the probe records. A wrapper stored as the instance's `forward` keeps
+ * the fast path: _call_impl calls it, it reads the clock, calls the original forward, reads
+ * the clock again and appends (start, end, signature id, calls inside) to four columns.
+ *
+ * Columns(): growable int64/int32 columns; `recording` False skips a whole step.
+ * Wrapper(fn, columns, intern, slow_key, tensor, now=None): callable like `fn`; a
+ *   functools.partial of `fn` to everything else (torch.compile traces `fn`, not the probe).
+ *   - key of a call: (input shapes, output shapes) built here for exact torch.Tensor
+ *     arguments/outputs (one tensor in, one out: a pair of torch.Size); anything else
+ *     (tensor subclasses such as DTensor, dict outputs) asks `slow_key(args, kwargs, out)`.
+ *   - a key seen for the first time by this module asks `intern(args, kwargs, out)` for its
+ *     (module, signature) id.
+ *   - `now=None` reads CLOCK_MONOTONIC, the clock of time.perf_counter_ns on Linux; any other
+ *     platform, or an injected clock, calls `now()`.
+ *   - a call that raises records nothing (its recorded children stay).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+/* ------------------------------------------------------------------ Columns */
 
 typedef struct {
     PyObject_HEAD
-    PyObject *now;        /* time.perf_counter_ns */
-    PyObject *tensor;     /* torch.Tensor (exact type for the fast path) */
-    PyObject *intern;     /* callable(args, kwargs, out) -> id */
-    PyObject *slow_key;   /* callable(args, kwargs, out) -> key */
-    PyObject *local;      /* dict: key -> id */
-    PyObject *t0_append;  /* bound array.append of the start column */
-    PyObject *t1_append;
-    PyObject *sig_append;
-    PyObject *t0;         /* start time of the running call (an int) */
-    PyObject *recording;  /* list [bool]: False during a step whose records are dropped */
-} Recorder;
-
-static PyObject *shape_str = NULL;
+    int64_t *t0;
+    int64_t *t1;
+    int32_t *sig;
+    int32_t *inner; /* calls recorded while this one ran (its recorded descendants) */
+    Py_ssize_t n;
+    Py_ssize_t cap;
+    int recording;
+} Columns;
 
 static int
-Recorder_traverse(Recorder *self, visitproc visit, void *arg)
+Columns_grow(Columns *c)
 {
-    Py_VISIT(self->now);
-    Py_VISIT(self->tensor);
-    Py_VISIT(self->intern);
-    Py_VISIT(self->slow_key);
-    Py_VISIT(self->local);
-    Py_VISIT(self->t0_append);
-    Py_VISIT(self->t1_append);
-    Py_VISIT(self->sig_append);
-    Py_VISIT(self->t0);
-    Py_VISIT(self->recording);
+    Py_ssize_t cap = c->cap ? c->cap * 2 : 4096;
+    int64_t *t0 = PyMem_Realloc(c->t0, cap * sizeof(int64_t));
+    if (t0 == NULL)
+        goto nomem;
+    c->t0 = t0;
+    int64_t *t1 = PyMem_Realloc(c->t1, cap * sizeof(int64_t));
+    if (t1 == NULL)
+        goto nomem;
+    c->t1 = t1;
+    int32_t *sig = PyMem_Realloc(c->sig, cap * sizeof(int32_t));
+    if (sig == NULL)
+        goto nomem;
+    c->sig = sig;
+    int32_t *inner = PyMem_Realloc(c->inner, cap * sizeof(int32_t));
+    if (inner == NULL)
+        goto nomem;
+    c->inner = inner;
+    c->cap = cap;
+    return 0;
+nomem:
+    PyErr_NoMemory();
+    return -1;
+}
+
+static inline int
+Columns_push(Columns *c, int64_t t0, int64_t t1, int32_t sig, int32_t inner)
+{
+    if (c->n == c->cap && Columns_grow(c) < 0)
+        return -1;
+    c->t0[c->n] = t0;
+    c->t1[c->n] = t1;
+    c->sig[c->n] = sig;
+    c->inner[c->n] = inner;
+    c->n++;
     return 0;
 }
 
 static int
-Recorder_clear(Recorder *self)
+Columns_init(Columns *self, PyObject *args, PyObject *kwds)
 {
-    Py_CLEAR(self->now);
-    Py_CLEAR(self->tensor);
-    Py_CLEAR(self->intern);
-    Py_CLEAR(self->slow_key);
-    Py_CLEAR(self->local);
-    Py_CLEAR(self->t0_append);
-    Py_CLEAR(self->t1_append);
-    Py_CLEAR(self->sig_append);
-    Py_CLEAR(self->t0);
-    Py_CLEAR(self->recording);
+    static char *kwlist[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "", kwlist))
+        return -1;
+    self->recording = 1;
     return 0;
 }
 
 static void
-Recorder_dealloc(Recorder *self)
+Columns_dealloc(Columns *self)
 {
-    PyObject_GC_UnTrack(self);
-    Recorder_clear(self);
+    PyMem_Free(self->t0);
+    PyMem_Free(self->t1);
+    PyMem_Free(self->sig);
+    PyMem_Free(self->inner);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int
-Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
+static Py_ssize_t
+Columns_len(Columns *self)
 {
-    static char *kwlist[] = {"now", "tensor", "intern", "slow_key", "t0_append", "t1_append", "sig_append",
-                             "recording", NULL};
-    PyObject *now, *tensor, *intern, *slow_key, *a0, *a1, *a2, *recording;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOO!", kwlist, &now, &tensor, &intern, &slow_key,
-                                     &a0, &a1, &a2, &PyList_Type, &recording))
-        return -1;
-    if (PyList_GET_SIZE(recording) < 1) {
-        PyErr_SetString(PyExc_ValueError, "recording must be a one-item list");
-        return -1;
-    }
-    Py_XSETREF(self->recording, Py_NewRef(recording));
-    Py_XSETREF(self->now, Py_NewRef(now));
-    Py_XSETREF(self->tensor, Py_NewRef(tensor));
-    Py_XSETREF(self->intern, Py_NewRef(intern));
-    Py_XSETREF(self->slow_key, Py_NewRef(slow_key));
-    Py_XSETREF(self->t0_append, Py_NewRef(a0));
-    Py_XSETREF(self->t1_append, Py_NewRef(a1));
-    Py_XSETREF(self->sig_append, Py_NewRef(a2));
-    Py_XSETREF(self->local, PyDict_New());
-    Py_XSETREF(self->t0, PyLong_FromLong(0));
-    return self->local == NULL || self->t0 == NULL ? -1 : 0;
-}
-
-/* pre(module, args) */
-static int
-ready(Recorder *self)
-{
-    if (self->now == NULL || self->recording == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "probe._hooks.Recorder used before __init__");
-        return 0;
-    }
-    return 1;
+    return self->n;
 }
 
 static PyObject *
-Recorder_pre(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
+Columns_append(Columns *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (!ready(self))
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "append(t0, t1, sig, inner)");
         return NULL;
-    PyObject *t = PyObject_CallNoArgs(self->now);
-    if (t == NULL)
+    }
+    long long t0 = PyLong_AsLongLong(args[0]);
+    long long t1 = PyLong_AsLongLong(args[1]);
+    long sig = PyLong_AsLong(args[2]);
+    long inner = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred())
         return NULL;
-    Py_SETREF(self->t0, t);
+    if (Columns_push(self, t0, t1, (int32_t)sig, (int32_t)inner) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
-static int
-append(PyObject *bound, PyObject *value)
+static PyObject *
+Columns_truncate(Columns *self, PyObject *arg)
 {
-    PyObject *r = PyObject_CallOneArg(bound, value);
-    if (r == NULL)
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "truncate(n) needs n >= 0");
+        return NULL;
+    }
+    if (n < self->n)
+        self->n = n;
+    Py_RETURN_NONE;
+}
+
+/* columns() -> (t0 bytes, t1 bytes, sig bytes, inner bytes): copies for the frame builder */
+static PyObject *
+Columns_columns(Columns *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_ssize_t n = self->n;
+    if (n == 0 || self->t0 == NULL)
+        return Py_BuildValue("(y#y#y#y#)", "", (Py_ssize_t)0, "", (Py_ssize_t)0, "", (Py_ssize_t)0, "", (Py_ssize_t)0);
+    return Py_BuildValue("(y#y#y#y#)", (const char *)self->t0, n * (Py_ssize_t)sizeof(int64_t),
+                         (const char *)self->t1, n * (Py_ssize_t)sizeof(int64_t), (const char *)self->sig,
+                         n * (Py_ssize_t)sizeof(int32_t), (const char *)self->inner,
+                         n * (Py_ssize_t)sizeof(int32_t));
+}
+
+static PyObject *
+Columns_get_recording(Columns *self, void *closure)
+{
+    return PyBool_FromLong(self->recording);
+}
+
+static int
+Columns_set_recording(Columns *self, PyObject *value, void *closure)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete recording");
         return -1;
-    Py_DECREF(r);
+    }
+    int v = PyObject_IsTrue(value);
+    if (v < 0)
+        return -1;
+    self->recording = v;
     return 0;
 }
 
-/* post(module, args, kwargs, out) */
-static PyObject *
-Recorder_post(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (!ready(self))
-        return NULL;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "post(module, args, kwargs, out)");
-        return NULL;
-    }
-    if (PyList_GET_ITEM(self->recording, 0) != Py_True)
-        Py_RETURN_NONE;  /* a step whose block records are dropped (decode_stride / max_steps) */
-    PyObject *t1 = PyObject_CallNoArgs(self->now);
-    if (t1 == NULL)
-        return NULL;
-    PyObject *call_args = args[1], *kwargs = args[2], *out = args[3];
-    PyObject *key = NULL;
-    if (PyTuple_Check(call_args) && PyTuple_GET_SIZE(call_args) == 1
-        && (PyObject *)Py_TYPE(out) == self->tensor
-        && (PyObject *)Py_TYPE(PyTuple_GET_ITEM(call_args, 0)) == self->tensor) {
-        PyObject *s_in = PyObject_GetAttr(PyTuple_GET_ITEM(call_args, 0), shape_str);
-        if (s_in == NULL)
-            goto fail;
-        PyObject *s_out = PyObject_GetAttr(out, shape_str);
-        if (s_out == NULL) {
-            Py_DECREF(s_in);
-            goto fail;
-        }
-        key = PyTuple_Pack(2, s_in, s_out);
-        Py_DECREF(s_in);
-        Py_DECREF(s_out);
-    }
-    else {
-        PyObject *a[3] = {call_args, kwargs, out};
-        key = PyObject_Vectorcall(self->slow_key, a, 3, NULL);
-    }
-    if (key == NULL)
-        goto fail;
-    PyObject *sid = PyDict_GetItemWithError(self->local, key);  /* borrowed */
-    if (sid == NULL) {
-        if (PyErr_Occurred()) {
-            Py_DECREF(key);
-            goto fail;
-        }
-        PyObject *a[3] = {call_args, kwargs, out};
-        PyObject *new_sid = PyObject_Vectorcall(self->intern, a, 3, NULL);
-        if (new_sid == NULL || PyDict_SetItem(self->local, key, new_sid) < 0) {
-            Py_XDECREF(new_sid);
-            Py_DECREF(key);
-            goto fail;
-        }
-        Py_DECREF(new_sid);
-        sid = PyDict_GetItemWithError(self->local, key);
-    }
-    Py_INCREF(sid);
-    Py_DECREF(key);
-    if (append(self->t0_append, self->t0) < 0 || append(self->t1_append, t1) < 0
-        || append(self->sig_append, sid) < 0) {
-        Py_DECREF(sid);
-        goto fail;
-    }
-    Py_DECREF(sid);
-    Py_DECREF(t1);
-    Py_RETURN_NONE;
-fail:
-    Py_DECREF(t1);
-    return NULL;
-}
-
-static PyMethodDef Recorder_methods[] = {
-    {"pre", (PyCFunction)(void (*)(void))Recorder_pre, METH_FASTCALL, "pre(module, args): store the start time"},
-    {"post", (PyCFunction)(void (*)(void))Recorder_post, METH_FASTCALL,
-     "post(module, args, kwargs, out): record start, end and signature id"},
+static PyMethodDef Columns_methods[] = {
+    {"append", (PyCFunction)(void (*)(void))Columns_append, METH_FASTCALL, "append(t0, t1, sig, inner)"},
+    {"truncate", (PyCFunction)Columns_truncate, METH_O, "truncate(n): keep the first n rows"},
+    {"columns", (PyCFunction)Columns_columns, METH_NOARGS,
+     "(t0, t1, sig, inner) as bytes: int64, int64, int32, int32"},
     {NULL},
 };
 
-static PyTypeObject RecorderType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "probe._hooks.Recorder",
-    .tp_doc = "Per-module call recorder (C hot path of probe's hooks).",
-    .tp_basicsize = sizeof(Recorder),
-    .tp_itemsize = 0,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Recorder_init,
-    .tp_dealloc = (destructor)Recorder_dealloc,
-    .tp_traverse = (traverseproc)Recorder_traverse,
-    .tp_clear = (inquiry)Recorder_clear,
-    .tp_methods = Recorder_methods,
+static PyGetSetDef Columns_getset[] = {
+    {"recording", (getter)Columns_get_recording, (setter)Columns_set_recording,
+     "False while a step whose block records are dropped runs", NULL},
+    {NULL},
 };
+
+static PySequenceMethods Columns_as_sequence = {
+    .sq_length = (lenfunc)Columns_len,
+};
+
+static PyTypeObject ColumnsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "probe._hooks.Columns",
+    .tp_doc = "The call columns the wrappers append to (start ns, end ns, signature id, inner calls).",
+    .tp_basicsize = sizeof(Columns),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Columns_init,
+    .tp_dealloc = (destructor)Columns_dealloc,
+    .tp_methods = Columns_methods,
+    .tp_getset = Columns_getset,
+    .tp_as_sequence = &Columns_as_sequence,
+};
+
+/* ------------------------------------------------------------------ Wrapper */
+
+/* A Wrapper is a functools.partial of the original forward with no bound arguments, whose call
+   is replaced by the recording one. Being a partial is what keeps it out of compiled code:
+   torch.compile traces a functools.partial as a call of its .func, so a compiled graph holds the
+   module's own forward and nothing of the probe. The type is built at import as a heap subclass
+   of functools.partial; its own fields live after the partial's. */
+typedef struct {
+    PyObject *fn;       /* the wrapped forward (exposed as __wrapped__, and as .func by partial) */
+    Columns *cols;
+    PyObject *intern;   /* callable(args, kwargs, out) -> int */
+    PyObject *slow_key; /* callable(args, kwargs, out) -> hashable */
+    PyTypeObject *tensor;
+    PyObject *now;      /* None: native clock */
+    PyObject *local;    /* dict: key -> id */
+} Extra;
+
+static PyTypeObject *PartialType = NULL;
+static PyTypeObject *WrapperType = NULL;
+static Py_ssize_t extra_offset = 0;
+static Py_ssize_t vc_offset = 0;
+#define EXTRA(o) ((Extra *)((char *)(o) + extra_offset))
+
+static PyObject *shape_str = NULL;
+
+static inline int
+read_now(Extra *self, int64_t *t)
+{
+#if defined(__linux__)
+    if (self->now == Py_None) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        *t = (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+        return 0;
+    }
+#endif
+    PyObject *v = PyObject_CallNoArgs(self->now);
+    if (v == NULL)
+        return -1;
+    *t = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return (*t == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* 1: exact tensor, 0: not a tensor, -1: a tensor subclass (slow path) */
+static inline int
+tensor_kind(Extra *self, PyObject *o)
+{
+    if (Py_TYPE(o) == self->tensor)
+        return 1;
+    if (o == Py_None || PyLong_CheckExact(o) || PyFloat_CheckExact(o) || PyBool_Check(o))
+        return 0;
+    return PyObject_TypeCheck(o, self->tensor) ? -1 : 0;
+}
+
+/* Shapes of the exact tensors among items into a new tuple; NULL with *slow = 1 for a subclass. */
+static PyObject *
+shapes_of(Extra *self, PyObject *const *items, Py_ssize_t n, int *slow)
+{
+    PyObject *shapes[16];
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int kind = tensor_kind(self, items[i]);
+        if (kind < 0 || (kind == 1 && k == 16)) {
+            *slow = 1;
+            goto fail;
+        }
+        if (kind == 1) {
+            PyObject *s = PyObject_GetAttr(items[i], shape_str);
+            if (s == NULL)
+                goto fail;
+            shapes[k++] = s;
+        }
+    }
+    PyObject *t = PyTuple_New(k);
+    if (t == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < k; i++)
+        PyTuple_SET_ITEM(t, i, shapes[i]);
+    return t;
+fail:
+    for (Py_ssize_t i = 0; i < k; i++)
+        Py_DECREF(shapes[i]);
+    return NULL;
+}
+
+static PyObject *
+call_args_tuple(PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *t = PyTuple_New(nargs);
+    if (t == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        PyTuple_SET_ITEM(t, i, Py_NewRef(args[i]));
+    return t;
+}
+
+static PyObject *
+call_kwargs_dict(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *d = PyDict_New();
+    if (d == NULL || kwnames == NULL)
+        return d;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames); i++) {
+        if (PyDict_SetItem(d, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0) {
+            Py_DECREF(d);
+            return NULL;
+        }
+    }
+    return d;
+}
+
+/* The module-local cache key of a call; NULL on error. */
+static PyObject *
+call_key(Extra *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject *out)
+{
+    /* one tensor in, one tensor out: every block of a decoder */
+    if (nargs == 1 && Py_TYPE(out) == self->tensor && Py_TYPE(args[0]) == self->tensor) {
+        PyObject *s_in = PyObject_GetAttr(args[0], shape_str);
+        if (s_in == NULL)
+            return NULL;
+        PyObject *s_out = PyObject_GetAttr(out, shape_str);
+        if (s_out == NULL) {
+            Py_DECREF(s_in);
+            return NULL;
+        }
+        PyObject *key = PyTuple_Pack(2, s_in, s_out);
+        Py_DECREF(s_in);
+        Py_DECREF(s_out);
+        return key;
+    }
+    int slow = 0;
+    PyObject *ins = NULL, *outs = NULL;
+    ins = shapes_of(self, args, nargs, &slow);
+    if (ins != NULL && PyTuple_GET_SIZE(ins) == 0 && kwnames != NULL) {
+        /* keyword-only inputs (attention called with hidden_states=...) */
+        Py_DECREF(ins);
+        ins = shapes_of(self, args + nargs, PyTuple_GET_SIZE(kwnames), &slow);
+    }
+    if (ins == NULL)
+        goto slow_or_fail;
+    if (Py_TYPE(out) == self->tensor) {
+        PyObject *s = PyObject_GetAttr(out, shape_str);
+        if (s == NULL)
+            goto slow_or_fail;
+        outs = PyTuple_Pack(1, s);
+        Py_DECREF(s);
+    }
+    else if (PyTuple_CheckExact(out)) {
+        outs = shapes_of(self, &PyTuple_GET_ITEM(out, 0), PyTuple_GET_SIZE(out), &slow);
+    }
+    else if (out == Py_None) {
+        outs = PyTuple_New(0);
+    }
+    else {
+        slow = 1;
+    }
+    if (outs == NULL)
+        goto slow_or_fail;
+    PyObject *pair = PyTuple_Pack(2, ins, outs);
+    Py_DECREF(ins);
+    Py_DECREF(outs);
+    return pair;
+slow_or_fail:
+    Py_XDECREF(ins);
+    Py_XDECREF(outs);
+    if (!slow)
+        return NULL;
+    PyErr_Clear();
+    PyObject *targs = call_args_tuple(args, nargs);
+    PyObject *tkw = targs ? call_kwargs_dict(args, nargs, kwnames) : NULL;
+    PyObject *key = NULL;
+    if (tkw != NULL) {
+        PyObject *a[3] = {targs, tkw, out};
+        key = PyObject_Vectorcall(self->slow_key, a, 3, NULL);
+    }
+    Py_XDECREF(targs);
+    Py_XDECREF(tkw);
+    return key;
+}
+
+static int
+record(Extra *self, int64_t t0, int64_t t1, Py_ssize_t n0, PyObject *const *args, Py_ssize_t nargs,
+       PyObject *kwnames, PyObject *out)
+{
+    PyObject *key = call_key(self, args, nargs, kwnames, out);
+    if (key == NULL)
+        return -1;
+    PyObject *sid = PyDict_GetItemWithError(self->local, key); /* borrowed */
+    if (sid == NULL) {
+        if (PyErr_Occurred()) {
+            Py_DECREF(key);
+            return -1;
+        }
+        PyObject *targs = call_args_tuple(args, nargs);
+        PyObject *tkw = targs ? call_kwargs_dict(args, nargs, kwnames) : NULL;
+        PyObject *new_sid = NULL;
+        if (tkw != NULL) {
+            PyObject *a[3] = {targs, tkw, out};
+            new_sid = PyObject_Vectorcall(self->intern, a, 3, NULL);
+        }
+        Py_XDECREF(targs);
+        Py_XDECREF(tkw);
+        if (new_sid == NULL || PyDict_SetItem(self->local, key, new_sid) < 0) {
+            Py_XDECREF(new_sid);
+            Py_DECREF(key);
+            return -1;
+        }
+        sid = new_sid;
+        Py_DECREF(new_sid); /* the dict holds it */
+    }
+    Py_DECREF(key);
+    long v = PyLong_AsLong(sid);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    Columns *c = self->cols;
+    return Columns_push(c, t0, t1, (int32_t)v, (int32_t)(c->n - n0));
+}
+
+static PyObject *
+Wrapper_vectorcall(PyObject *obj, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Extra *self = EXTRA(obj);
+    Columns *c = self->cols;
+    if (!c->recording)
+        return PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
+    int64_t t0, t1;
+    Py_ssize_t n0 = c->n;
+    if (read_now(self, &t0) < 0)
+        return NULL;
+    PyObject *out = PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
+    if (out == NULL)
+        return NULL;
+    if (read_now(self, &t1) == 0 && c->recording)
+        (void)record(self, t0, t1, n0, args, PyVectorcall_NARGS(nargsf), kwnames, out);
+    if (PyErr_Occurred()) {
+        /* the probe's own failure must never cost the user their forward: drop this record */
+        PyErr_WriteUnraisable(obj);
+    }
+    return out;
+}
+
+/* Wrapper(fn, columns, intern, slow_key, tensor, now=None) */
+static PyObject *
+Wrapper_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fn", "columns", "intern", "slow_key", "tensor", "now", NULL};
+    PyObject *fn, *intern, *slow_key, *tensor, *now = Py_None;
+    PyObject *cols;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOO!|O", kwlist, &fn, &ColumnsType, &cols, &intern,
+                                     &slow_key, &PyType_Type, &tensor, &now))
+        return NULL;
+    PyObject *pargs = PyTuple_Pack(1, fn);
+    if (pargs == NULL)
+        return NULL;
+    PyObject *obj = PartialType->tp_new(type, pargs, NULL); /* a partial of fn, no bound arguments */
+    Py_DECREF(pargs);
+    if (obj == NULL)
+        return NULL;
+    Extra *self = EXTRA(obj);
+    self->fn = Py_NewRef(fn);
+    self->cols = (Columns *)Py_NewRef(cols);
+    self->intern = Py_NewRef(intern);
+    self->slow_key = Py_NewRef(slow_key);
+    self->tensor = (PyTypeObject *)Py_NewRef(tensor);
+    self->now = Py_NewRef(now);
+    self->local = PyDict_New();
+    if (self->local == NULL) {
+        Py_DECREF(obj);
+        return NULL;
+    }
+    *(vectorcallfunc *)((char *)obj + vc_offset) = Wrapper_vectorcall;
+    return obj;
+}
+
+static int
+Wrapper_traverse(PyObject *obj, visitproc visit, void *arg)
+{
+    Extra *self = EXTRA(obj);
+    Py_VISIT(self->fn);
+    Py_VISIT(self->cols);
+    Py_VISIT(self->intern);
+    Py_VISIT(self->slow_key);
+    Py_VISIT(self->tensor);
+    Py_VISIT(self->now);
+    Py_VISIT(self->local);
+    return PartialType->tp_traverse(obj, visit, arg);
+}
+
+static void
+Extra_clear(Extra *self)
+{
+    Py_CLEAR(self->fn);
+    Py_CLEAR(self->cols);
+    Py_CLEAR(self->intern);
+    Py_CLEAR(self->slow_key);
+    Py_CLEAR(self->tensor);
+    Py_CLEAR(self->now);
+    Py_CLEAR(self->local);
+}
+
+static int
+Wrapper_clear(PyObject *obj)
+{
+    Extra_clear(EXTRA(obj));
+    return PartialType->tp_clear(obj);
+}
+
+static void
+Wrapper_dealloc(PyObject *obj)
+{
+    PyObject_GC_UnTrack(obj);
+    Extra_clear(EXTRA(obj));
+    PartialType->tp_dealloc(obj); /* frees the object and drops its reference to this type */
+}
+
+/* Unknown attributes (__name__, __doc__, __func__, __self__, ...) are the wrapped forward's,
+   so code that inspects `module.forward` sees what it would see without the probe. */
+static PyObject *
+Wrapper_getattro(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GenericGetAttr(obj, name);
+    Extra *self = EXTRA(obj);
+    if (v != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError) || self->fn == NULL)
+        return v;
+    PyErr_Clear();
+    return PyObject_GetAttr(self->fn, name);
+}
+
+static PyObject *
+Wrapper_get_true(PyObject *self, void *closure)
+{
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+Wrapper_get_wrapped(PyObject *obj, void *closure)
+{
+    Extra *self = EXTRA(obj);
+    if (self->fn == NULL)
+        Py_RETURN_NONE;
+    return Py_NewRef(self->fn);
+}
+
+static PyGetSetDef Wrapper_getset[] = {
+    {"__wrapped__", (getter)Wrapper_get_wrapped, NULL, "the wrapped forward", NULL},
+    {"__probe_wrapper__", (getter)Wrapper_get_true, NULL, "marks the probe's wrappers", NULL},
+    {NULL},
+};
+
+static int
+make_wrapper_type(void)
+{
+    PyObject *functools = PyImport_ImportModule("functools");
+    if (functools == NULL)
+        return -1;
+    PyObject *partial = PyObject_GetAttrString(functools, "partial");
+    Py_DECREF(functools);
+    if (partial == NULL)
+        return -1;
+    if (!PyType_Check(partial) || ((PyTypeObject *)partial)->tp_vectorcall_offset <= 0
+        || ((PyTypeObject *)partial)->tp_traverse == NULL || ((PyTypeObject *)partial)->tp_clear == NULL) {
+        Py_DECREF(partial);
+        PyErr_SetString(PyExc_ImportError, "functools.partial has an unexpected layout");
+        return -1;
+    }
+    PartialType = (PyTypeObject *)partial; /* kept for the module's life */
+    Py_ssize_t align = (Py_ssize_t)sizeof(void *);
+    extra_offset = (PartialType->tp_basicsize + align - 1) / align * align;
+    vc_offset = PartialType->tp_vectorcall_offset;
+    static PyMemberDef members[] = {
+        {"__vectorcalloffset__", T_PYSSIZET, 0, READONLY, NULL},
+        {NULL},
+    };
+    members[0].offset = vc_offset;
+    static PyType_Slot slots[] = {
+        {Py_tp_doc, "A recorded module's forward: times the call and appends it to the columns."},
+        {Py_tp_new, Wrapper_new},
+        {Py_tp_call, PyVectorcall_Call},
+        {Py_tp_traverse, Wrapper_traverse},
+        {Py_tp_clear, Wrapper_clear},
+        {Py_tp_dealloc, Wrapper_dealloc},
+        {Py_tp_getattro, Wrapper_getattro},
+        {Py_tp_getset, Wrapper_getset},
+        {Py_tp_members, members},
+        {0, NULL},
+    };
+    static PyType_Spec spec = {
+        .name = "probe._hooks.Wrapper",
+        .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+        .slots = slots,
+    };
+    spec.basicsize = (int)(extra_offset + sizeof(Extra));
+    WrapperType = (PyTypeObject *)PyType_FromSpecWithBases(&spec, partial);
+    return WrapperType == NULL ? -1 : 0;
+}
 
 static struct PyModuleDef hooksmodule = {
     PyModuleDef_HEAD_INIT,
     .m_name = "probe._hooks",
-    .m_doc = "C hot path of probe's per-call hooks.",
+    .m_doc = "C hot path of the probe's forward wrappers.",
     .m_size = -1,
 };
 
 PyMODINIT_FUNC
 PyInit__hooks(void)
 {
-    if (PyType_Ready(&RecorderType) < 0)
+    if (PyType_Ready(&ColumnsType) < 0 || make_wrapper_type() < 0)
         return NULL;
     shape_str = PyUnicode_InternFromString("shape");
     if (shape_str == NULL)
@@ -237,9 +623,15 @@ PyInit__hooks(void)
     PyObject *m = PyModule_Create(&hooksmodule);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&RecorderType);
-    if (PyModule_AddObject(m, "Recorder", (PyObject *)&RecorderType) < 0) {
-        Py_DECREF(&RecorderType);
+    Py_INCREF(&ColumnsType);
+    if (PyModule_AddObject(m, "Columns", (PyObject *)&ColumnsType) < 0) {
+        Py_DECREF(&ColumnsType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(WrapperType);
+    if (PyModule_AddObject(m, "Wrapper", (PyObject *)WrapperType) < 0) {
+        Py_DECREF(WrapperType);
         Py_DECREF(m);
         return NULL;
     }

@@ -80,11 +80,10 @@ def save_rank(run: "Run | Probe", run_dir: str | os.PathLike, *, align_run_ids: 
         ValueError: some rank's run was recorded under another rank than its process's (the
             probe was attached before ``init_process_group``); raised on every rank.
     """
-    from .capture import Probe
     from .run import Run
 
-    if isinstance(run, Probe):
-        run = run.run
+    if not isinstance(run, Run) and isinstance(getattr(type(run), "run", None), property):
+        run = run.run  # a Probe
     if not isinstance(run, Run):
         raise TypeError(f"save_rank needs a probe.Run or probe.Probe; got {type(run).__name__}")
     rank, size = world()

@@ -17,7 +17,7 @@ from . import schema
 from .schema import CALLS, RUNS, STEPS, BLOCK_ROLES
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .capture import Probe
+    from .recorder import Records
     from .run import Run
 
 _NS = 1e-6  # ns -> ms
@@ -51,15 +51,18 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else math.nan
 
 
-def build_run(p: "Probe") -> "Run":
+def build_run(p: "Records") -> "Run":
+    """The frames of a recording (see README, "Frames", for every column)."""
     from .run import Run
 
     steps_rows: list[dict] = []
-    step_of_call = np.full(len(p._c_t0), -1, dtype=np.int64)
+    n_calls = len(p.t0)
+    step_of_call = np.full(n_calls, -1, dtype=np.int64)
     step_meta: list[tuple] = []  # per kept step: run_id, step, phase, q, kv, batch, origin ns
     runs_rows: list[dict] = []
-    env = _environment(p)
-    for run in p._runs:
+    env = p.env
+    call_ns = float(p.calibration.get("call_ns", 0.0) or 0.0)
+    for run in p.runs:
         origin = run.t_enter if run.t_enter is not None else (run.steps[0].t0 if run.steps else 0)
         steps = run.steps
         produced = _new_tokens(run)
@@ -71,6 +74,8 @@ def build_run(p: "Probe") -> "Run":
             else:
                 outside = math.nan
             fwd = (s.t1 - s.t0) * _NS
+            # the wrappers' own cost inside this forward: each recorded call adds call_ns
+            probe_ms = (s.call1 - s.call0) * call_ns * _NS
             latency = fwd + outside
             row_index = len(step_meta)
             if s.call1 > s.call0:
@@ -94,6 +99,8 @@ def build_run(p: "Probe") -> "Run":
                     "mem_peak_bytes": s.mem_peak,
                     "new_tokens": produced[i],
                     "blocks_ms": math.nan,
+                    "probe_ms": probe_ms,
+                    "process_cpu_ms": s.cpu_ns * _NS if s.cpu_ns is not None else math.nan,
                 }
             )
             latencies.append(latency)
@@ -115,44 +122,47 @@ def build_run(p: "Probe") -> "Run":
         "depth": p.depth,
         "decode_stride": p.decode_stride,
         "max_steps": p.max_steps,
-        "dropped_steps": sum(1 for r in p._runs for s in r.steps if not s.kept),
+        "dropped_steps": sum(1 for r in p.runs for s in r.steps if not s.kept),
         "compiled_model": p.compiled,
-        "compiled_steps": sum(1 for r in p._runs for s in r.steps if s.compiled),
+        "compiled_steps": sum(1 for r in p.runs for s in r.steps if s.compiled),
         "rank": p.rank,
-        "modules": [m.__dict__ for m in p._infos],
-        "config": _config_dict(p.model),
+        "modules": [m.__dict__ for m in p.modules],
+        "config": p.config,
+        "calibration": p.calibration,
         **env,
     }
     return Run(calls=calls, steps=steps_df, runs=runs_df, meta=meta)
 
 
-def _calls_frame(p: "Probe", step_of_call: np.ndarray, step_meta: list[tuple]) -> pd.DataFrame:
-    n = len(p._c_t0)
+def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple]) -> pd.DataFrame:
+    n = len(p.t0)
     if n == 0:
         return schema.empty(CALLS)
-    msig = np.frombuffer(p._c_sig, dtype=np.int32, count=n)
-    msig_table = np.array(p._msigs, dtype=np.int64).reshape(-1, 2)
-    mod = msig_table[msig, 0]
-    t0 = np.frombuffer(p._c_t0, dtype=np.int64, count=n)
-    t1 = np.frombuffer(p._c_t1, dtype=np.int64, count=n)
-    sig = msig_table[msig, 1]
+    msig_table = np.array(p.msigs, dtype=np.int64).reshape(-1, 2)
+    mod = msig_table[p.msig, 0]
+    t0, t1 = p.t0, p.t1
+    sig = msig_table[p.msig, 1]
+    # Host time of each call without the probe's own cost: what lands inside its window, and
+    # what each recorded call inside it added (calibrated at attach; see README "Overhead").
+    cal = p.calibration
+    own_ns = float(cal.get("inside_ns", 0.0) or 0.0) + p.inner.astype(np.float64) * float(cal.get("call_ns", 0.0) or 0.0)
 
-    infos = p._infos
+    infos = p.modules
     mod_depth = np.array([m.depth for m in infos], dtype=np.int64)
     mod_layer_v = np.array([m.layer if m.layer is not None else 0 for m in infos], dtype=np.int64)
     mod_layer_na = np.array([m.layer is None for m in infos], dtype=bool)
-    places = p._placements if len(p._placements) == len(infos) else [None] * len(infos)
+    places = p.placements if len(p.placements) == len(infos) else [None] * len(infos)
     mod_place = [pl.where if pl is not None else None for pl in places]
     mod_off = np.array([bool(pl is not None and pl.offloaded) for pl in places], dtype=bool)
 
-    st = _sig_table(p._sigs)
+    st = _sig_table(p.sigs)
     sig_bytes = np.array(st["bytes"], dtype=np.int64)
 
     # Calls outside any root forward (a submodule called directly) get their own row in
     # step_meta so that every call has a run and a phase.
     if (step_of_call < 0).any():
         orphan = len(step_meta)
-        step_meta = step_meta + [(p._runs[-1].run_id if p._runs else "unattributed", -1, "forward", 0, 0, 0, int(t0.min()))]
+        step_meta = step_meta + [(p.runs[-1].run_id if p.runs else "unattributed", -1, "forward", 0, 0, 0, int(t0.min()))]
         step_of_call = np.where(step_of_call < 0, orphan, step_of_call)
 
     sm_step = np.array([m[1] for m in step_meta], dtype=np.int64)
@@ -161,22 +171,11 @@ def _calls_frame(p: "Probe", step_of_call: np.ndarray, step_meta: list[tuple]) -
     sm_b = np.array([m[5] for m in step_meta], dtype=np.int64)
     sm_origin = np.array([m[6] for m in step_meta], dtype=np.int64)
 
-    gpu = np.full(n, np.nan)
-    if p._uses_cuda and len(p._c_ev) == n:
-        ev = np.frombuffer(p._c_ev, dtype=np.int32, count=n)
-        ms = np.frombuffer(p._ev_ms, dtype=np.float64) if len(p._ev_ms) else np.zeros(0)
-        ok = ev < len(ms)
-        gpu[ok] = ms[ev[ok]]
+    gpu = p.gpu_ms if p.gpu_ms is not None else np.full(n, np.nan)
     offload = np.full(n, np.nan)  # NaN: the module has no offloaded weights
-    if p._clock is not None and len(p._c_off) == n:
-        off_ns = np.frombuffer(p._c_off, dtype=np.int64, count=n)
-        offload = np.where(mod_off[mod], off_ns * _NS, np.nan)
-    if p._track_memory and len(p._c_mem0) == n:
-        mem0 = np.frombuffer(p._c_mem0, dtype=np.int64, count=n)
-        mem1 = np.frombuffer(p._c_mem1, dtype=np.int64, count=n)
-        peak = np.frombuffer(p._c_peak, dtype=np.int64, count=n)
-    else:
-        mem0 = mem1 = peak = None
+    if p.offload_ns is not None:
+        offload = np.where(mod_off[mod], p.offload_ns * _NS, np.nan)
+    mem0, mem1, peak = p.mem if p.mem is not None else (None, None, None)
 
     order = np.lexsort((t0, step_of_call))
     s_idx = step_of_call[order]
@@ -202,7 +201,7 @@ def _calls_frame(p: "Probe", step_of_call: np.ndarray, step_meta: list[tuple]) -
             "device": _take_str(st["device"], sig_o),
             "placement": _take_str(mod_place, mod_o),
             "start_ms": (t0[order] - sm_origin[s_idx]) * _NS,
-            "cpu_ms": (t1[order] - t0[order]) * _NS,
+            "cpu_ms": ((t1[order] - t0[order]) - own_ns[order]) * _NS,
             "gpu_ms": gpu[order],
             "offload_ms": offload[order],
             "mem_before_bytes": mem0[order] if mem0 is not None else _int_na(np.zeros(n, np.int64), np.ones(n, bool)),
@@ -334,6 +333,11 @@ def _real_lengths(run) -> list[int]:
     return []
 
 
+def model_facts(model, model_id: str | None, cuda_device) -> dict:
+    """What a run records about its model and software: ``{"env": ..., "config": ...}``."""
+    return {"env": _environment(model, model_id, cuda_device), "config": _config_dict(model)}
+
+
 def _config_dict(model) -> dict | None:
     """The model's config as JSON-able data, so a saved run can be costed without the model."""
     cfg = getattr(model, "config", None)
@@ -345,12 +349,11 @@ def _config_dict(model) -> dict | None:
         return None
 
 
-def _environment(p: "Probe") -> dict:
+def _environment(model, model_id: str | None, cuda_device) -> dict:
     import torch
 
     from . import __version__
 
-    model = p.model
     cfg = getattr(model, "config", None)
     try:
         import transformers
@@ -361,16 +364,16 @@ def _environment(p: "Probe") -> dict:
     first = next(iter(model.parameters()), None)
     n_params = sum(t.numel() for t in model.parameters())
     gpu = None
-    if p._uses_cuda:
+    if cuda_device is not None:
         try:
-            gpu = torch.cuda.get_device_name(p._cuda_device)
+            gpu = torch.cuda.get_device_name(cuda_device)
         except Exception:  # pragma: no cover
             gpu = None
     attn = getattr(cfg, "_attn_implementation", None) if cfg is not None else None
     if isinstance(attn, dict):
         attn = json.dumps(attn, sort_keys=True)
     return {
-        "model_id": p.model_id or (getattr(cfg, "name_or_path", None) or None) or type(model).__name__,
+        "model_id": model_id or (getattr(cfg, "name_or_path", None) or None) or type(model).__name__,
         "model_class": type(model).__name__,
         "model_type": getattr(cfg, "model_type", None),
         "parameters": n_params,

@@ -81,6 +81,8 @@ STEPS: dict[str, str] = {
     "mem_peak_bytes": "Int64",  # CUDA peak during the step; null on CPU
     "new_tokens": "int64",  # tokens this step appended to each sequence
     "blocks_ms": "float64",  # host time inside the recorded blocks (embed+layers+norm+head)
+    "probe_ms": "float64",  # the probe's own cost inside this forward (calibrated at attach)
+    "process_cpu_ms": "float64",  # CPU time of the whole process during the forward (all threads)
 }
 
 RUNS: dict[str, str] = {

@@ -19,7 +19,9 @@ def pytest_configure(config):
 
 
 def _probe_hooks_alive() -> list[str]:
-    """Probe hooks (or the generate wrapper) still on any module a probe ever hooked."""
+    """Anything a probe installs, still on any module a probe ever wrapped: forward wrappers
+    (C or Python, also when something wrapped them in turn), the generate marker, and hooks
+    from the probe's modules."""
     from probe import capture
 
     leaks = []
@@ -29,10 +31,15 @@ def _probe_hooks_alive() -> list[str]:
                 owner = getattr(fn, "__qualname__", "") or ""
                 mod = getattr(fn, "__module__", "") or ""
                 if mod.startswith("probe.") or "Probe." in owner:
-                    leaks.append(f"{type(obj).__name__}: {owner}")
-        gen = obj.__dict__.get("generate")
-        if gen is not None and getattr(gen, "__probe_wrapper__", False):
-            leaks.append(f"{type(obj).__name__}: generate wrapper")
+                    leaks.append(f"{type(obj).__name__}: hook {owner}")
+        for attr in ("forward", "_old_forward", "generate"):
+            fn, seen = obj.__dict__.get(attr), 0
+            while fn is not None and seen < 8:  # follow wrappers of wrappers (functools.partial, __wrapped__)
+                if getattr(type(fn), "__probe_wrapper__", False) or "__probe_wrapper__" in getattr(fn, "__dict__", {}):
+                    leaks.append(f"{type(obj).__name__}: {attr} wrapper")
+                    break
+                fn = getattr(fn, "__wrapped__", None) or getattr(fn, "func", None)
+                seen += 1
     return leaks
 
 
@@ -45,6 +52,8 @@ def _no_probe_leaks():
     active = [type(m).__name__ for m in list(capture._ACTIVE.keys())]
     leaks = _probe_hooks_alive()
     if active or leaks:
-        for p in {id(v): v for v in list(capture._ACTIVE.values())}.values():
-            p.detach()
+        for ref in list(capture._ACTIVE.values()):
+            p = ref()
+            if p is not None:
+                p.detach()
         pytest.fail(f"probe left hooks behind: active={active} leaks={leaks[:5]}")

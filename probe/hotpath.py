@@ -1,0 +1,285 @@
+"""The hot path: one forward wrapper per recorded module, and what it appends to.
+
+Mechanism, chosen by measurement (``benchmarks/overhead.py``): any forward hook on a module
+sends ``nn.Module._call_impl`` down its slow path (hook dicts walked, kwargs copied, results
+checked), which alone costs more per call than everything the probe records. A wrapper stored
+as the instance's ``forward`` keeps the fast path — ``_call_impl`` calls ``self.forward`` —
+and records the call from inside it. On CPU the wrapper is the C type ``probe._hooks.Wrapper``
+(no interpreter frame per call); :func:`cpu_wrapper` is its Python reference, used without the
+extension or with ``PROBE_PURE_PYTHON=1`` (a test checks that both record identical frames).
+CUDA runs (events, allocator counters) and accelerate offloading (transfer clock) use
+:func:`full_wrapper`, whose extra work dwarfs the interpreter's.
+
+Each recorded call appends four numbers to the columns: host start and end (ns), the
+(module, signature) id, and how many calls were recorded while it ran (its recorded
+descendants: the frame builder derives nesting and self time from it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from array import array
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+_INPUT_KWARGS = ("hidden_states", "input_ids", "inputs_embeds", "input", "x")
+
+
+def _load_c() -> Any:
+    if os.environ.get("PROBE_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _hooks
+    except ImportError:
+        return None
+    return _hooks
+
+
+C = _load_c()
+
+
+class PyColumns:
+    """The Python reference of ``probe._hooks.Columns``."""
+
+    __slots__ = ("t0", "t1", "sig", "inner", "recording")
+
+    def __init__(self) -> None:
+        self.t0, self.t1 = array("q"), array("q")
+        self.sig, self.inner = array("i"), array("i")
+        self.recording = True
+
+    def __len__(self) -> int:
+        return len(self.t0)
+
+    def append(self, t0: int, t1: int, sig: int, inner: int) -> None:
+        self.t0.append(t0)
+        self.t1.append(t1)
+        self.sig.append(sig)
+        self.inner.append(inner)
+
+    def truncate(self, n: int) -> None:
+        for col in (self.t0, self.t1, self.sig, self.inner):
+            del col[n:]
+
+    def columns(self) -> tuple[bytes, bytes, bytes, bytes]:
+        return self.t0.tobytes(), self.t1.tobytes(), self.sig.tobytes(), self.inner.tobytes()
+
+
+def new_columns(native: bool = True):
+    return C.Columns() if (native and C is not None) else PyColumns()
+
+
+# ---------------------------------------------------------------------- signatures
+def in_key(args: tuple, kwargs: dict) -> tuple:
+    """Shapes of the positional tensor arguments; without any, of the main keyword input."""
+    shapes = tuple(a.shape for a in args if isinstance(a, Tensor)) if args else ()
+    if not shapes and kwargs:
+        for k in _INPUT_KWARGS:
+            v = kwargs.get(k)
+            if isinstance(v, Tensor):
+                return (v.shape,)
+        for v in kwargs.values():
+            if isinstance(v, Tensor):
+                return (v.shape,)
+    return shapes
+
+
+def out_key(out: Any) -> tuple:
+    """(output shapes, dtype, device) of a call's output; dtype/device of its first tensor."""
+    if isinstance(out, Tensor):
+        return ((out.shape,), out.dtype, out.device)
+    if isinstance(out, dict):  # ModelOutput is an OrderedDict
+        vals = [v for v in out.values() if isinstance(v, Tensor)]
+    elif isinstance(out, (tuple, list)):
+        vals = [v for v in out if isinstance(v, Tensor)]
+    else:
+        vals = []
+    if not vals:
+        return ((), None, None)
+    return (tuple(v.shape for v in vals), vals[0].dtype, vals[0].device)
+
+
+def slow_key(args: tuple, kwargs: dict, out: Any) -> tuple:
+    """The per-module cache key of a call that is not exact tensors in and out."""
+    return (in_key(args, kwargs), out_key(out)[0])
+
+
+def local_shard(x: Any) -> Any:
+    """A DTensor's local shard (this rank's shape); anything else as is."""
+    return x.to_local() if isinstance(x, Tensor) and hasattr(x, "placements") and hasattr(x, "to_local") else x
+
+
+def local_call(args: tuple, kwargs: dict, out: Any) -> tuple[tuple, dict, Any]:
+    """Args, kwargs and output with DTensors replaced by their local shards (one level deep)."""
+    args = tuple(local_shard(a) for a in args)
+    kwargs = {k: local_shard(v) for k, v in kwargs.items()}
+    if isinstance(out, dict):
+        out = {k: local_shard(v) for k, v in out.items()}
+    elif isinstance(out, (tuple, list)):
+        out = tuple(local_shard(v) for v in out)
+    else:
+        out = local_shard(out)
+    return args, kwargs, out
+
+
+def any_dtensor(args: tuple, kwargs: dict, out: Any) -> bool:
+    outs = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else (out,)
+    for group in (args, kwargs.values(), outs):
+        for x in group:
+            if type(x).__name__ == "DTensor":
+                return True
+    return False
+
+
+# ---------------------------------------------------------------------- wrappers
+class PartialWrapper(functools.partial):
+    """A recorded module's forward in Python: a ``functools.partial`` of the original forward
+    with no bound arguments, whose call records. Being a partial is what keeps the probe out of
+    compiled code: torch.compile traces a partial as a call of its ``.func``, so a compiled
+    graph holds the module's own forward and nothing of the probe (the C wrapper is a partial
+    for the same reason)."""
+
+    __probe_wrapper__ = True
+
+    def __new__(cls, fn: Callable, impl: Callable):
+        self = super().__new__(cls, fn)
+        self._impl = impl
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self._impl(*args, **kwargs)
+
+    @property
+    def __wrapped__(self) -> Callable:  # inspect.signature and unwrap see the original
+        return self.func
+
+    def __getattr__(self, name: str) -> Any:  # __name__, __doc__, __func__ ... of the original
+        return getattr(self.func, name)
+
+
+def cpu_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, *, native: bool = True) -> Callable:
+    """A recorded module's forward on CPU: the C wrapper, or its Python reference."""
+    if native and C is not None and isinstance(cols, C.Columns):
+        return C.Wrapper(fn, cols, intern, slow_key, Tensor, now)
+    now = now or time.perf_counter_ns
+    push = cols.append
+    local: dict = {}  # this module's (input shapes, output shapes) -> (module, signature) id
+
+    def forward(*args, **kwargs):
+        if not cols.recording:
+            return fn(*args, **kwargs)
+        n0 = len(cols)
+        t0 = now()
+        out = fn(*args, **kwargs)
+        t1 = now()
+        if not cols.recording:
+            return out
+        # one tensor in, one tensor out: every block of a decoder
+        if len(args) == 1 and type(out) is Tensor and type(args[0]) is Tensor:
+            key = (args[0].shape, out.shape)
+        else:
+            key = slow_key(args, kwargs, out)
+        sid = local.get(key)
+        if sid is None:
+            sid = local[key] = intern(args, kwargs, out)
+        push(t0, t1, sid, len(cols) - n0)
+        return out
+
+    return PartialWrapper(fn, forward)
+
+
+def full_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, begin: Callable,
+                 end: Callable) -> Callable:
+    """A recorded module's forward with per-call extras (CUDA events and allocator counters,
+    offload transfer time): ``begin()`` before the call returns a token, ``end(token, ok)``
+    after it appends the extras in the order of the columns (only when ``ok``)."""
+    now = now or time.perf_counter_ns
+    push = cols.append
+    local: dict = {}
+
+    def forward(*args, **kwargs):
+        if not cols.recording:
+            return fn(*args, **kwargs)
+        n0 = len(cols)
+        tok = begin()
+        t0 = now()
+        try:
+            out = fn(*args, **kwargs)
+        except BaseException:
+            end(tok, False)
+            raise
+        if not cols.recording:
+            end(tok, False)
+            return out
+        end(tok, True)  # the end event and allocator read first, as the start ones came last
+        t1 = now()
+        if len(args) == 1 and type(out) is Tensor and type(args[0]) is Tensor:
+            key = (args[0].shape, out.shape)
+        else:
+            key = slow_key(args, kwargs, out)
+        sid = local.get(key)
+        if sid is None:
+            sid = local[key] = intern(args, kwargs, out)
+        push(t0, t1, sid, len(cols) - n0)
+        return out
+
+    return PartialWrapper(fn, forward)
+
+
+# ---------------------------------------------------------------------- calibration
+class _Unit(nn.Module):
+    """The cheapest module there is: what a wrapper adds to it is the wrapper's own cost."""
+
+    def forward(self, x):
+        return x
+
+
+def calibrate(make: Callable[[Callable, Any], Callable], new_cols: Callable[[], Any], device: Any = "cpu",
+              *, calls: int = 400, rounds: int = 7) -> dict:
+    """The probe's own cost per recorded call, measured on this machine at attach.
+
+    ``make(fn, cols)`` builds a wrapper as the probe does for real modules. Returns
+    ``call_ns``: what one recorded call adds to the time of whatever encloses it (its
+    parent call, the step's forward), and ``inside_ns``: how much of that lands inside the
+    call's own recorded window. Minima over interleaved rounds: the cost of the instrument,
+    not of the machine's noise. About 5 ms.
+    """
+    unit = _Unit()
+    x = torch.zeros(1, device=device)
+    cols = new_cols()
+    wrapper = make(unit.forward, cols)
+    bare_call = wrapped_call = direct = float("inf")
+    fwd = unit.forward
+    for _ in range(rounds):
+        t = time.perf_counter_ns()
+        for _ in range(calls):
+            unit(x)
+        bare_call = min(bare_call, time.perf_counter_ns() - t)
+        unit.__dict__["forward"] = wrapper
+        try:
+            t = time.perf_counter_ns()
+            for _ in range(calls):
+                unit(x)
+            wrapped_call = min(wrapped_call, time.perf_counter_ns() - t)
+        finally:
+            del unit.__dict__["forward"]
+        t = time.perf_counter_ns()
+        for _ in range(calls):
+            fwd(x)
+        direct = min(direct, time.perf_counter_ns() - t)
+    n = len(cols)
+    if n:
+        import numpy as np
+
+        t0b, t1b, _, _ = cols.columns()
+        dur = np.frombuffer(t1b, dtype=np.int64, count=n) - np.frombuffer(t0b, dtype=np.int64, count=n)
+        window = float(np.percentile(dur, 10))
+    else:  # pragma: no cover - the wrapper recorded nothing
+        window = 0.0
+    call_ns = max(0.0, (wrapped_call - bare_call) / calls)
+    inside_ns = min(call_ns, max(0.0, window - direct / calls))
+    return {"call_ns": round(call_ns, 1), "inside_ns": round(inside_ns, 1), "calls": calls, "rounds": rounds}

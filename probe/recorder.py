@@ -1,0 +1,512 @@
+"""The recorder: the step/phase state machine, the call columns and what resolves them.
+
+It owns everything a recording is made of — runs (one per ``generate()`` call, or a stretch of
+plain forwards), steps (one per root forward, with its phase decided from shapes alone), the
+call columns the hot path appends to, interned shape signatures, the CUDA event pool and the
+allocator-counter stack — and hands a plain frozen :class:`Records` to the frame builder. It
+knows nothing about how it is attached to a model (that is :mod:`probe.capture`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from array import array
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import hotpath
+from .cache import cache_bytes, cache_seq_len, find_cache
+from .discovery import ModuleInfo
+from .schema import Phase
+
+log = logging.getLogger(__name__)
+
+
+class StepRec:
+    """One forward of the root model (host-side facts; CUDA events resolved later)."""
+
+    __slots__ = (
+        "run", "index", "phase", "q_len", "kv_len", "batch", "t0", "t1", "call0", "call1",
+        "ev0", "ev1", "gpu_ms", "kv_bytes", "mem_peak", "kept", "compiled", "cpu0", "cpu_ns", "status",
+    )
+
+    def __init__(self) -> None:
+        self.ev0 = self.ev1 = None
+        self.gpu_ms = math.nan
+        self.kv_bytes: int | None = None
+        self.mem_peak: int | None = None
+        self.kept = True
+        self.compiled = False
+        self.cpu_ns: int | None = None
+        self.status = "ok"
+
+
+class RunRec:
+    """One generate() call, or a stretch of forwards outside generate()."""
+
+    __slots__ = (
+        "run_id", "kind", "t_enter", "t_exit", "status", "steps", "input_len", "batch_in",
+        "mask", "output_len", "output_rows", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
+    )
+
+    def __init__(self, run_id: str, kind: str) -> None:
+        self.run_id = run_id
+        self.kind = kind
+        self.t_enter: int | None = None
+        self.t_exit: int | None = None
+        self.status = "running"
+        self.steps: list[StepRec] = []
+        self.input_len: int | None = None
+        self.batch_in: int | None = None
+        self.mask: Any = None
+        self.output_len: int | None = None
+        self.output_rows: int | None = None  # sequences returned (batch x num_return_sequences)
+        self.gen_settings: dict = {}
+        self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.n_steps_seen = 0
+        self.mem_peak: int | None = None  # CUDA allocator peak over the whole run
+
+
+@dataclass(frozen=True)
+class Records:
+    """Everything recorded so far, as plain data: what :func:`probe.frames.build_run` reads."""
+
+    t0: np.ndarray  # int64 ns, per call
+    t1: np.ndarray
+    msig: np.ndarray  # int32 per call: index into msigs
+    inner: np.ndarray  # int32 per call: calls recorded while it ran
+    msigs: list  # (module index, signature index)
+    sigs: list  # ((in shapes), (out shapes, dtype, device))
+    modules: list[ModuleInfo]
+    placements: list
+    runs: list[RunRec]
+    gpu_ms: np.ndarray | None  # per call, CUDA only
+    mem: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # before, after, peak per call
+    offload_ns: np.ndarray | None  # per call, with accelerate offloading only
+    rank: int
+    depth: str
+    decode_stride: int
+    max_steps: int | None
+    compiled: bool
+    calibration: dict
+    env: dict = field(default_factory=dict)
+    config: dict | None = None
+
+
+class Recorder:
+    """Step/phase state machine and columns of one probe."""
+
+    def __init__(self, *, rank: int, decode_stride: int, max_steps: int | None, cuda_device=None,
+                 track_memory: bool = False, offload_total=None, now: Callable[[], int] | None = None,
+                 native: bool = True) -> None:
+        self.rank = rank
+        self.decode_stride = decode_stride
+        self.max_steps = max_steps
+        self.cuda_device = cuda_device
+        self.uses_cuda = cuda_device is not None
+        self.track_memory = bool(track_memory and self.uses_cuda)
+        self.offload_total = offload_total  # array('q', [ns]) of an OffloadClock, or None
+        self.now = now or time.perf_counter_ns
+        self.injected_clock = now is not None
+        self.cols = hotpath.new_columns(native and not self.injected_clock)
+        self.modules: list[ModuleInfo] = []
+        self.placements: list = []
+        self._sig_ids: dict = {}
+        self.sigs: list = []
+        self.msigs: list[tuple[int, int]] = []
+        # per-call extras, appended in column order by full wrappers
+        self._c_ev = array("i")
+        self._c_mem0, self._c_mem1, self._c_peak = array("q"), array("q"), array("q")
+        self._c_off = array("q")
+        self._ev_pairs: list = []
+        self._ev_ms = array("d")
+        self._ev_pool: list = []
+        self._mem_peaks: list[int] = []  # CUDA peak of each running call, innermost last
+        self._stream = torch.cuda.current_stream(cuda_device) if self.uses_cuda else None
+        # runs and steps
+        self.runs: list[RunRec] = []
+        self._open_forward: RunRec | None = None
+        self.gen_run: RunRec | None = None
+        self._gen_depth = 0
+        self.root_depth = 0
+        self._cur_step: StepRec | None = None
+        self._run_counter = 0
+        self._run_prefix = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{id(self) & 0xFFFF:04x}"
+        self.version = 0  # bumped on every change the frames can see
+
+    # ------------------------------------------------------------------ modules and signatures
+    @property
+    def needs_full_wrappers(self) -> bool:
+        return self.uses_cuda or self.offload_total is not None
+
+    def intern_for(self, idx: int) -> Callable:
+        def intern(args: tuple, kwargs: dict, out: Any) -> int:
+            return self.intern(idx, args, kwargs, out)
+
+        return intern
+
+    def intern(self, idx: int, args: tuple, kwargs: dict, out: Any) -> int:
+        """A new (module, signature) id; a signature is input shapes, output shapes, output
+        dtype and device, taken from the first call of each distinct (input, output) shape
+        (a module does not change them between calls of the same shapes). A DTensor (tensor
+        parallel) is recorded by its local shard: each rank's frames show its own shapes."""
+        if hotpath.any_dtensor(args, kwargs, out):
+            args, kwargs, out = hotpath.local_call(args, kwargs, out)
+        key = (hotpath.in_key(args, kwargs), hotpath.out_key(out))
+        sid = self._sig_ids.get(key)
+        if sid is None:
+            sid = len(self.sigs)
+            self._sig_ids[key] = sid
+            self.sigs.append(key)
+        self.msigs.append((idx, sid))
+        return len(self.msigs) - 1
+
+    # ------------------------------------------------------------------ per-call extras
+    def call_begin(self) -> tuple:
+        """Before a call (full wrappers): allocator read first, then the start event, so the
+        read stays outside the call's window."""
+        m0 = self._mem_push() if self.track_memory else 0
+        ev0 = self._event() if self.uses_cuda else None
+        x0 = self.offload_total[0] if self.offload_total is not None else 0
+        return ev0, m0, x0
+
+    def call_end(self, tok: tuple, ok: bool) -> None:
+        ev0, m0, x0 = tok
+        if self.offload_total is not None and ok:
+            self._c_off.append(self.offload_total[0] - x0)
+        if self.uses_cuda:
+            if ok:
+                ev1 = self._event()
+                self._c_ev.append(len(self._ev_pairs))
+                self._ev_pairs.append((ev0, ev1))
+            else:
+                self._ev_pool.append(ev0)
+        if self.track_memory:
+            peak, m1 = self._mem_pop_peak()
+            if ok:
+                self._c_mem0.append(m0)
+                self._c_mem1.append(m1)
+                self._c_peak.append(peak)
+
+    def _event(self):
+        pool = self._ev_pool
+        ev = pool.pop() if pool else torch.cuda.Event(enable_timing=True)
+        ev.record(self._stream)  # the model's device, whatever the current device is
+        return ev
+
+    def _mem_fold_run_peak(self, run: RunRec) -> None:
+        peak = alloc_stats(self.cuda_device)[1]
+        if run.mem_peak is None or peak > run.mem_peak:
+            run.mem_peak = peak
+
+    def _mem_push(self) -> int:
+        # Fold the allocator's peak so far into the enclosing call, then restart the peak
+        # counter so this call's own peak can be read at its end.
+        dev = self.cuda_device
+        peaks = self._mem_peaks
+        cur, peak = alloc_stats(dev)
+        if peaks and peak > peaks[-1]:
+            peaks[-1] = peak
+        torch.cuda.reset_peak_memory_stats(dev)
+        peaks.append(cur)
+        return cur
+
+    def _mem_pop_peak(self) -> tuple[int, int]:
+        """(this call's peak, allocated now)."""
+        peaks = self._mem_peaks
+        cur, peak = alloc_stats(self.cuda_device)
+        mine = max(peaks.pop() if peaks else 0, peak)
+        if peaks and mine > peaks[-1]:
+            peaks[-1] = mine
+        return mine, cur
+
+    # ------------------------------------------------------------------ runs
+    def new_run(self, kind: str) -> RunRec:
+        self._run_counter += 1
+        suffix = f"-r{self.rank}" if self.rank else ""
+        r = RunRec(f"{self._run_prefix}-{self._run_counter:03d}{suffix}", kind)
+        self.runs.append(r)
+        self.version += 1
+        return r
+
+    def begin_generate(self, batch: int | None, input_len: int | None, mask: Any, settings: dict) -> None:
+        self._gen_depth += 1
+        if self._gen_depth > 1:
+            return
+        self._open_forward = None
+        run = self.new_run("generate")
+        run.t_enter = self.now()
+        run.batch_in, run.input_len, run.mask = batch, input_len, mask
+        run.gen_settings = settings
+        if self.track_memory:
+            # the run's peak starts here: setup, steps and sampling between steps all count
+            torch.cuda.reset_peak_memory_stats(self.cuda_device)
+            run.mem_peak = alloc_stats(self.cuda_device)[0]
+        self.gen_run = run
+
+    def abandon_generate(self) -> None:
+        self._gen_depth = max(0, self._gen_depth - 1)
+        if self._gen_depth == 0:
+            self.gen_run = None
+
+    def end_generate(self, out: Any, status: str) -> RunRec | None:
+        """Close the outermost generate(); returns its run (None for a nested call)."""
+        self._gen_depth -= 1
+        if self._gen_depth > 0:
+            return None
+        run, self.gen_run = self.gen_run, None
+        if run is None:
+            return None
+        run.t_exit = self.now()
+        run.status = status
+        seqs = out
+        if seqs is not None and not isinstance(seqs, Tensor):
+            seqs = getattr(seqs, "sequences", None)
+        if isinstance(seqs, Tensor) and seqs.dim() >= 1:
+            run.output_len = int(seqs.shape[-1])
+            run.output_rows = int(seqs.shape[0]) if seqs.dim() >= 2 else 1
+        self._reset_step_state()
+        if self.track_memory:
+            self._mem_fold_run_peak(run)
+        if status == "ok":
+            self.resolve_events()
+        else:
+            self.resolve_quietly()
+        self.version += 1
+        return run
+
+    def close_open_runs(self, reason: str) -> None:
+        if self.gen_run is not None:
+            run = self.gen_run
+            run.t_exit = self.now()
+            run.status = f"failed: {reason}"
+            self.gen_run = None
+            self._gen_depth = 0
+        self._open_forward = None
+        self._reset_step_state()
+        self.resolve_quietly()
+        self.version += 1
+
+    def _reset_step_state(self) -> None:
+        self._cur_step = None
+        self.root_depth = 0
+        self._mem_peaks.clear()
+        self.cols.recording = True
+
+    # ------------------------------------------------------------------ steps
+    def step_begin(self, args: tuple, kwargs: dict) -> None:
+        """Before a root forward: open a step, decide its phase from shapes alone."""
+        self.root_depth += 1
+        if self.root_depth > 1:
+            return
+        t0 = self.now()
+        cpu0 = time.process_time_ns()
+        run = self.gen_run
+        if run is None:
+            run = self._open_forward
+            if run is None:
+                run = self._open_forward = self.new_run("forward")
+                run.t_enter = t0
+        x = kwargs.get("input_ids")
+        if not isinstance(x, Tensor):
+            x = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("inputs_embeds")
+        if isinstance(x, Tensor) and x.dim() >= 2:
+            batch, q_len = int(x.shape[0]), int(x.shape[1])
+        elif isinstance(x, Tensor) and x.dim() == 1:
+            batch, q_len = 1, int(x.shape[0])
+        else:
+            batch, q_len = 0, 0
+        kv_len = self._kv_len(kwargs, q_len, run)
+        s = StepRec()
+        s.run = run
+        s.index = run.n_steps_seen
+        run.n_steps_seen += 1
+        s.phase = phase_of(run.kind, s.index, q_len, kv_len)
+        s.q_len, s.kv_len, s.batch = q_len, kv_len, batch
+        s.call0 = len(self.cols)
+        s.kept = self._keep(s)
+        s.cpu0 = cpu0
+        self._cur_step = s
+        self.cols.recording = s.kept
+        if self.uses_cuda:
+            if self.track_memory:
+                self._mem_fold_run_peak(run)  # allocations between steps (sampling, cat) count too
+                self._mem_peaks.clear()
+                self._mem_push()
+            s.ev0 = self._event()
+        s.t0 = self.now() if self.uses_cuda else t0
+
+    def step_end(self, kwargs: dict, out: Any, error: BaseException | None = None) -> None:
+        """After a root forward (also when it raised, KeyboardInterrupt included)."""
+        if self.root_depth == 0:
+            return
+        self.root_depth -= 1
+        if self.root_depth > 0:
+            return
+        t1 = self.now()
+        s, self._cur_step = self._cur_step, None
+        if s is None:
+            return
+        s.t1 = t1
+        s.cpu_ns = time.process_time_ns() - s.cpu0
+        if error is not None:
+            s.status = f"failed: {type(error).__name__}"
+        if self.uses_cuda:
+            s.ev1 = self._event()
+            if self.track_memory:
+                s.mem_peak = self._mem_pop_peak()[0]
+                self._mem_peaks.clear()
+        self.cols.recording = True
+        if not s.kept:
+            self._truncate(s.call0)
+            s.call1 = s.call0
+        else:
+            s.call1 = len(self.cols)
+            if s.call1 == s.call0 and self.modules and error is None:
+                s.compiled = True  # the forward ran, the block wrappers did not: compiled code
+            if error is None:
+                try:
+                    s.kv_bytes = cache_bytes(find_cache(kwargs, out))
+                except Exception:  # an exotic cache must never break the user's forward
+                    s.kv_bytes = None
+        s.run.steps.append(s)
+        self.version += 1
+
+    def _keep(self, s: StepRec) -> bool:
+        if self.max_steps is not None and s.index >= self.max_steps:
+            return False
+        if self.decode_stride > 1 and s.phase == "decode" and (s.index - 1) % self.decode_stride:
+            return False
+        return True
+
+    def _kv_len(self, kwargs: dict, q_len: int, run: RunRec) -> int:
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[-1] >= q_len:
+            return int(mask.shape[-1]) - q_len
+        cache = find_cache(kwargs)
+        try:
+            n = cache_seq_len(cache)
+        except Exception:  # an exotic cache must never break the user's forward
+            n = None
+        if n is not None:
+            return n
+        pos = kwargs.get("cache_position")
+        if isinstance(pos, Tensor) and pos.numel() and pos.device.type == "cpu":
+            return int(pos.reshape(-1)[0])
+        if run.steps and cache is not None:
+            last = run.steps[-1]
+            return last.kv_len + last.q_len
+        return 0
+
+    def _truncate(self, n: int) -> None:
+        self.cols.truncate(n)
+        if self.offload_total is not None:
+            del self._c_off[n:]
+        if self.uses_cuda:
+            del self._c_ev[n:]
+            if self.track_memory:
+                del self._c_mem0[n:], self._c_mem1[n:], self._c_peak[n:]
+
+    # ------------------------------------------------------------------ results
+    def resolve_events(self) -> None:
+        """Turn recorded CUDA event pairs into milliseconds; once per run, never per call."""
+        if not self.uses_cuda:
+            return
+        steps = [s for r in self.runs for s in r.steps if s.ev0 is not None and s.ev1 is not None]
+        start = len(self._ev_ms)
+        pending = len(self._ev_pairs) - start
+        if not pending and not steps:
+            return
+        # wait for the last of both kinds: the step's end is recorded after its blocks' ends
+        if pending:
+            self._ev_pairs[-1][1].synchronize()
+        if steps:
+            steps[-1].ev1.synchronize()
+        for i in range(start, len(self._ev_pairs)):
+            ev0, ev1 = self._ev_pairs[i]
+            self._ev_ms.append(ev0.elapsed_time(ev1))
+            self._ev_pool.append(ev0)
+            self._ev_pool.append(ev1)
+            self._ev_pairs[i] = None  # events go back to the pool; the index stays aligned
+        for s in steps:
+            s.gpu_ms = s.ev0.elapsed_time(s.ev1)
+            self._ev_pool.append(s.ev0)
+            self._ev_pool.append(s.ev1)
+            s.ev0 = s.ev1 = None
+
+    def resolve_quietly(self) -> None:
+        """Resolve on a failure path: the probe's own CUDA error must not replace the user's."""
+        try:
+            self.resolve_events()
+        except Exception:
+            log.debug("CUDA event resolution failed", exc_info=True)
+
+    def busy(self) -> bool:
+        return self.gen_run is not None or self.root_depth > 0
+
+    def clear(self) -> None:
+        """Forget every record (signatures stay: the wrappers' caches refer to them)."""
+        self.resolve_events()
+        self._truncate(0)
+        self._ev_pairs.clear()
+        del self._ev_ms[:]
+        self.runs.clear()
+        self._open_forward = None
+        self.version += 1
+
+    def records(self, **facts: Any) -> Records:
+        """A frozen copy of everything recorded so far (``facts``: the probe's own fields)."""
+        n = len(self.cols)
+        t0b, t1b, sigb, innerb = self.cols.columns()
+        gpu = None
+        if self.uses_cuda and len(self._c_ev) == n:
+            ev = np.frombuffer(self._c_ev, dtype=np.int32, count=n)
+            ms = np.frombuffer(self._ev_ms, dtype=np.float64) if len(self._ev_ms) else np.zeros(0)
+            gpu = np.full(n, np.nan)
+            ok = ev < len(ms)
+            gpu[ok] = ms[ev[ok]]
+        mem = None
+        if self.track_memory and len(self._c_mem0) == n:
+            mem = tuple(np.frombuffer(c, dtype=np.int64, count=n).copy()
+                        for c in (self._c_mem0, self._c_mem1, self._c_peak))
+        off = None
+        if self.offload_total is not None and len(self._c_off) == n:
+            off = np.frombuffer(self._c_off, dtype=np.int64, count=n).copy()
+        return Records(
+            t0=np.frombuffer(t0b, dtype=np.int64, count=n),
+            t1=np.frombuffer(t1b, dtype=np.int64, count=n),
+            msig=np.frombuffer(sigb, dtype=np.int32, count=n),
+            inner=np.frombuffer(innerb, dtype=np.int32, count=n),
+            msigs=list(self.msigs), sigs=list(self.sigs), modules=list(self.modules),
+            placements=list(self.placements), runs=list(self.runs), gpu_ms=gpu, mem=mem, offload_ns=off,
+            rank=self.rank, decode_stride=self.decode_stride, max_steps=self.max_steps, **facts,
+        )
+
+
+def phase_of(kind: str, index: int, q_len: int, kv_len: int) -> Phase:
+    """The phase of a step, from shapes alone (see :data:`probe.schema.PHASES`)."""
+    if kind == "forward":
+        return "forward"
+    if index == 0:
+        return "prefill" if kv_len == 0 else "extend"
+    if q_len == 1:
+        return "decode"
+    if kv_len == 0:
+        return "recompute"
+    return "extend"
+
+
+def alloc_stats(dev) -> tuple[int, int]:
+    """(allocated now, allocator peak) in one C call.
+
+    ``torch.cuda.memory_allocated`` and ``max_memory_allocated`` each flatten the allocator's
+    whole statistics dict in Python (~100 us); the nested dict is one native call.
+    """
+    a = torch.cuda.memory_stats_as_nested_dict(dev).get("allocated_bytes", {}).get("all", {})
+    return int(a.get("current", 0)), int(a.get("peak", 0))

@@ -1,0 +1,295 @@
+"""The probe's lifecycle: wrappers installed and removed on every path, weak references, threads,
+Ctrl-C, accelerate's own forward wrappers in either order, the instrument's cost accounted."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import warnings
+import weakref
+
+import pytest
+import torch
+
+import probe
+from probe import capture, hotpath
+from tiny import tiny_llama
+
+
+def _ids(n: int = 6, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 90, (1, n), generator=g)
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.t = 0
+
+    def __call__(self) -> int:
+        self.t += 1
+        return self.t
+
+    def spend(self, ns: int) -> None:
+        self.t += ns
+
+
+# --------------------------------------------------------------------------- the fast path stays
+def test_wrapped_modules_keep_pytorchs_fast_call_path():
+    """No forward hook is registered on a recorded module: _call_impl stays on its fast path."""
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="all") as p:
+        for mod in model.modules():
+            assert not mod._forward_hooks and not mod._forward_pre_hooks
+            assert "forward" in mod.__dict__
+        model.generate(_ids(), max_new_tokens=2, do_sample=False)
+    assert len(p.run.calls) > 0
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_signature_of_a_wrapped_forward_is_the_original():
+    """generate() inspects forward's parameters (logits_to_keep, attention_mask)."""
+    import inspect
+
+    model = tiny_llama(layers=2)
+    before = inspect.signature(model.forward)
+    layer_before = inspect.signature(model.model.layers[0].forward)
+    with probe.attach(model, depth="all"):
+        assert inspect.signature(model.forward) == before
+        assert inspect.signature(model.model.layers[0].forward) == layer_before
+        assert model.model.layers[0].forward.__name__ == "forward"
+
+
+# --------------------------------------------------------------------------- weak references
+def test_a_probe_never_detached_does_not_keep_the_model_alive():
+    model = tiny_llama(layers=2)
+    p = probe.attach(model)
+    model.generate(_ids(), max_new_tokens=2, do_sample=False)
+    ref = weakref.ref(model)
+    del p, model
+    gc.collect()
+    assert ref() is None
+    assert not list(capture._ACTIVE.keys())
+
+
+def test_an_attached_probe_can_be_found_and_detached_from_the_model():
+    model = tiny_llama(layers=2)
+    p = probe.attach(model)
+    del p
+    found = probe.probe_of(model)
+    assert isinstance(found, probe.Probe) and found.attached
+    with pytest.raises(probe.ProbeError, match=r"probe\.detach\(model\)"):
+        probe.attach(model)
+    assert probe.detach(model) is True
+    assert probe.probe_of(model) is None and probe.detach(model) is False
+    with probe.attach(model):
+        pass
+
+
+# --------------------------------------------------------------------------- interrupted forwards
+def test_keyboard_interrupt_inside_a_forward_leaves_later_records_right():
+    model = tiny_llama(layers=2)
+    state = {"armed": True}
+
+    def interrupt(module, args):
+        if state["armed"]:
+            state["armed"] = False
+            raise KeyboardInterrupt
+
+    h = model.model.layers[1].register_forward_pre_hook(interrupt)
+    try:
+        with probe.attach(model) as p:
+            with pytest.raises(KeyboardInterrupt):
+                model(_ids(5))
+            for _ in range(3):
+                model(_ids(5))
+            model.generate(_ids(5), max_new_tokens=4, do_sample=False)
+    finally:
+        h.remove()
+    run = p.run
+    fwd = run.steps[run.steps["phase"] == "forward"]
+    assert len(fwd) == 4  # the interrupted forward is a step too, and each later one is its own
+    gen = run.runs[run.runs["kind"] == "generate"].iloc[0]
+    assert gen["status"] == "ok" and gen["steps"] == 4
+    assert gen["ttft_ms"] > 0 and gen["tpot_ms_mean"] > 0
+    steps_of_gen = run.steps[run.steps["run_id"] == gen["run_id"]]
+    assert list(steps_of_gen["phase"]) == ["prefill", "decode", "decode", "decode"]
+    calls = run.calls[run.calls["run_id"] == gen["run_id"]]
+    assert len(calls) == 4 * (1 + 2 + 1 + 1)
+
+
+def test_generate_interrupted_by_keyboard_interrupt_is_a_failed_run():
+    model = tiny_llama(layers=2)
+    n = {"calls": 0}
+
+    def interrupt(module, args):
+        n["calls"] += 1
+        if n["calls"] == 3:
+            raise KeyboardInterrupt
+
+    h = model.model.norm.register_forward_pre_hook(interrupt)
+    try:
+        with probe.attach(model) as p:
+            with pytest.raises(KeyboardInterrupt):
+                model.generate(_ids(5), max_new_tokens=6, do_sample=False)
+            h.remove()
+            model.generate(_ids(5), max_new_tokens=2, do_sample=False)
+    finally:
+        h.remove()
+    runs = p.run.runs
+    assert runs.iloc[0]["status"].startswith("failed: KeyboardInterrupt")
+    assert runs.iloc[0]["steps"] == 3
+    assert runs.iloc[1]["status"] == "ok" and runs.iloc[1]["steps"] == 2
+
+
+# --------------------------------------------------------------------------- threads
+def test_attach_and_detach_from_several_threads_each_on_its_own_model():
+    models = [tiny_llama(layers=1) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def work(m):
+        try:
+            for _ in range(60):
+                p = probe.attach(m, depth="all")
+                p.detach()
+        except BaseException as exc:  # pragma: no cover - what the test looks for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for m in models:
+        assert probe.probe_of(m) is None
+        assert all("forward" not in mod.__dict__ for mod in m.modules())
+        with probe.attach(m):
+            pass
+
+
+# --------------------------------------------------------------------------- accelerate, both orders
+def test_accelerate_hooks_added_after_attach_keep_recording_and_detach_cleanly():
+    pytest.importorskip("accelerate")
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    model = tiny_llama(layers=2)
+    ref = model.generate(_ids(), max_new_tokens=3, do_sample=False)
+    layer = model.model.layers[0]
+    with probe.attach(model) as p:
+        add_hook_to_module(layer, ModelHook())
+        out = model.generate(_ids(), max_new_tokens=3, do_sample=False)
+    assert torch.equal(ref, out)
+    assert (p.run.calls["module"] == "model.layers.0").sum() == 3
+    # accelerate's wrapper stays and works, now calling the original forward
+    assert hasattr(layer, "_hf_hook") and not getattr(layer._old_forward, "__probe_wrapper__", False)
+    assert torch.equal(model.generate(_ids(), max_new_tokens=3, do_sample=False), ref)
+    remove_hook_from_module(layer)  # leaves the plain bound forward, as it does without the probe
+    assert not getattr(layer.forward, "__probe_wrapper__", False)
+    assert getattr(layer.forward, "__func__", None) is type(layer).forward
+
+
+def test_accelerate_hooks_removed_while_attached_are_reported_and_recording_resumes():
+    pytest.importorskip("accelerate")
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    model = tiny_llama(layers=2)
+    layer = model.model.layers[0]
+    add_hook_to_module(layer, ModelHook())
+    with probe.attach(model) as p:
+        remove_hook_from_module(layer)  # puts back the forward accelerate saw: ours is gone
+        with pytest.warns(RuntimeWarning, match=r"model\.layers\.0.*re-installed"):
+            model.generate(_ids(), max_new_tokens=3, do_sample=False)
+    assert (p.run.calls["module"] == "model.layers.0").sum() == 3  # recording kept
+    assert not getattr(layer.forward, "__probe_wrapper__", False) and not hasattr(layer, "_hf_hook")
+
+
+def test_accelerate_dispatch_then_attach_then_detach_leaves_accelerate_working():
+    pytest.importorskip("accelerate")
+    from accelerate import dispatch_model
+
+    model = tiny_llama(layers=2)
+    ref = model.generate(_ids(), max_new_tokens=3, do_sample=False)
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = dispatch_model(model, device_map=device_map, force_hooks=True)
+    forwards = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+    with probe.attach(model, depth="all") as p:
+        out = model.generate(_ids(), max_new_tokens=3, do_sample=False)
+    assert torch.equal(ref, out) and len(p.run.steps) == 3
+    assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == forwards
+    assert torch.equal(model.generate(_ids(), max_new_tokens=3, do_sample=False), ref)
+
+
+# --------------------------------------------------------------------------- leak guard
+def test_the_leak_guard_sees_a_wrapper_left_behind():
+    from conftest import _probe_hooks_alive
+
+    model = tiny_llama(layers=1)
+    p = probe.attach(model)
+    wrapper = model.model.layers[0].__dict__["forward"]
+    p.detach()
+    assert not _probe_hooks_alive()
+    model.model.layers[0].__dict__["forward"] = wrapper  # a leak on purpose
+    try:
+        leaks = _probe_hooks_alive()
+        assert any("forward wrapper" in s for s in leaks), leaks
+    finally:
+        del model.model.layers[0].__dict__["forward"]
+    assert not _probe_hooks_alive()
+
+
+# --------------------------------------------------------------------------- the instrument's own cost
+def test_calibration_is_measured_at_attach_and_stated_in_the_run():
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="all") as p:
+        model.generate(_ids(), max_new_tokens=3, do_sample=False)
+    cal = p.run.meta["calibration"]
+    assert cal["call_ns"] > 0 and 0 <= cal["inside_ns"] <= cal["call_ns"]
+    assert cal["native"] is (hotpath.C is not None)
+    st = p.run.steps
+    n_calls = p.run.calls.groupby("step").size()
+    assert st.set_index("step")["probe_ms"].to_numpy() == pytest.approx(
+        n_calls.to_numpy() * cal["call_ns"] * 1e-6)
+
+
+def test_calls_are_timed_without_the_instrument_cost_exactly_on_an_injected_clock():
+    """Each wrapper reads the clock twice; a parent's window holds its children's reads.
+    With an injected clock the calibration is zero, so the figures are the clock's own."""
+    model = tiny_llama(layers=2)
+    clock = VirtualClock()
+    hooks = [layer.mlp.act_fn.register_forward_pre_hook(lambda m, a: clock.spend(500_000))
+             for layer in model.model.layers]
+    try:
+        with probe.attach(model, depth="all", clock=clock) as p:
+            model.generate(_ids(), max_new_tokens=2, do_sample=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    calls = p.run.calls
+    assert p.run.meta["calibration"]["call_ns"] == 0
+    act = calls[calls["module"].str.endswith("mlp.act_fn")]
+    assert act["cpu_ms"].to_numpy() == pytest.approx(1e-6, abs=1e-9)  # 1 tick: the hook ran before its window
+    mlp = calls[calls["module"].str.endswith(".mlp")]
+    assert (mlp["cpu_ms"] > 0.5).all() and (mlp["cpu_ms"] < 0.5 + 1e-4).all()
+
+
+def test_the_wrapper_of_a_failing_call_records_nothing_and_breaks_nothing():
+    model = tiny_llama(layers=2)
+    with probe.attach(model) as p:
+        with pytest.raises(RuntimeError):
+            model.model.layers[0](torch.zeros(1, 3, 7))  # wrong hidden size
+        out = model.generate(_ids(), max_new_tokens=2, do_sample=False)
+    assert out.shape[-1] == 8
+    assert "model.layers.0" in set(p.run.calls["module"])
+
+
+def test_probe_options_are_checked():
+    model = tiny_llama(layers=1)
+    with pytest.raises(TypeError, match="clock"):
+        probe.attach(model, clock=5)
+    with pytest.raises(ValueError, match="decode_stride"):
+        probe.attach(model, decode_stride=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with probe.attach(model):
+            pass
