@@ -13,16 +13,17 @@ import contextlib
 import functools
 import logging
 import threading
-import time
 import warnings
 import weakref
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import hotpath
 from .discovery import ModuleInfo, select_modules
+from .distributed import OffloadClock, placements, world
+from .generation import generation_settings, inputs_of
 from .recorder import Recorder
 from .schema import DEPTHS, Depth
 
@@ -70,41 +71,6 @@ def detach(model: nn.Module) -> bool:
     return True
 
 
-class _Forward:
-    """One installed forward wrapper and what detach puts back."""
-
-    __slots__ = ("module", "wrapper", "original", "had_attr", "name", "make")
-
-    def __init__(self, module: nn.Module, make: Callable[[Callable], Callable], name: str) -> None:
-        self.module, self.make, self.name = module, make, name
-        self.had_attr = "forward" in module.__dict__
-        self.original = module.__dict__["forward"] if self.had_attr else module.forward
-        self.wrapper = make(self.original)
-
-    def in_place(self) -> bool:
-        """Still reached when the module runs: as its forward, or as what a forward wrapper
-        installed after ours (accelerate's ``add_hook_to_module``) calls."""
-        d = self.module.__dict__
-        return d.get("forward") is self.wrapper or d.get("_old_forward") is self.wrapper
-
-    def remove(self) -> None:
-        d = self.module.__dict__
-        if d.get("forward") is self.wrapper:
-            if self.had_attr:
-                d["forward"] = self.original
-            else:
-                del d["forward"]
-        elif d.get("_old_forward") is self.wrapper:
-            # accelerate wrapped ours after attach: it keeps working, calling what we wrapped
-            d["_old_forward"] = self.original
-
-
-def _install_forward(module: nn.Module, make: Callable[[Callable], Callable], name: str) -> _Forward:
-    f = _Forward(module, make, name)
-    module.__dict__["forward"] = f.wrapper  # nn.Module.__setattr__ would add nothing but checks
-    return f
-
-
 class Probe:
     """Wrappers on one model's blocks and the records they produce.
 
@@ -143,14 +109,14 @@ class Probe:
         self.decode_stride = int(decode_stride)
         self.max_steps = max_steps
         self.model_id = model_id
-        self.rank = _default_rank() if rank is None else int(rank)
+        self.rank = world()[0] if rank is None else int(rank)
         self.compiled = False  # the model given to attach was a torch.compile wrapper
         self._cuda_timing = cuda_timing
         self._track_memory = track_memory
         self._clock = clock
         self._attached = False
         self._stack = contextlib.ExitStack()
-        self._forwards: list[_Forward] = []
+        self._forwards: list[hotpath.InstalledForward] = []
         self._keys: list[nn.Module] = []
         self._rec: Recorder | None = None
         self._offload = None
@@ -204,8 +170,6 @@ class Probe:
             uses_cuda = torch.cuda.is_available() and _has_cuda_tensors(model)
         track = self._track_memory if self._track_memory is not None else bool(uses_cuda)
         device = _cuda_device_of(model) if uses_cuda else None
-        from .distributed import OffloadClock, placements
-
         self._offload = OffloadClock.install(model)
         if self._offload is not None:
             self._stack.callback(self._offload.remove)  # the clock object stays: its records too
@@ -218,11 +182,11 @@ class Probe:
         make_for = self._wrapper_factory(rec)
         self._register(model)
         self._stack.callback(self._unregister)
-        root = _install_forward(model, functools.partial(_root_wrapper, rec), "")
+        root = hotpath.install_forward(model, functools.partial(hotpath.root_wrapper, rec), "")
         self._forwards.append(root)
         self._stack.callback(root.remove)
         for idx, (mod, info) in enumerate(selected):
-            fwd = _install_forward(mod, make_for(idx), info.name)
+            fwd = hotpath.install_forward(mod, make_for(idx), info.name)
             self._forwards.append(fwd)
             self._stack.callback(fwd.remove)
             rec.modules.append(info)
@@ -308,8 +272,8 @@ class Probe:
         @functools.wraps(original)
         def generate(*args, **kwargs):
             try:
-                _check_forwards(forwards)
-                rec.begin_generate(*_inputs_of(args, kwargs), _generation_settings(model, kwargs))
+                hotpath.check_forwards(forwards)
+                rec.begin_generate(*inputs_of(args, kwargs), generation_settings(model, kwargs))
             except Exception:  # the probe's own failure must never cost the user their generate
                 log.warning("probe: could not mark the start of generate(); its forwards are "
                             "recorded as plain forwards", exc_info=True)
@@ -364,7 +328,7 @@ class Probe:
         if rec is None:
             raise ProbeError("this probe was never attached")
         if self._attached:
-            _check_forwards(self._forwards)
+            hotpath.check_forwards(self._forwards)
         key = (rec.version, len(rec.cols))
         if self._snapshot is None or self._snapshot_key != key:
             self._snapshot = build_run(self.records)
@@ -418,38 +382,6 @@ class Probe:
         return f"<probe.Probe {state} depth={self.depth!r} modules={len(self.modules)} calls={n} runs={runs}>"
 
 
-def _root_wrapper(rec: Recorder, fn: Callable) -> Callable:
-    """The root model's forward: each call is a step. Closed on every path, KeyboardInterrupt
-    included (forward hooks' ``always_call`` covers only ``Exception``)."""
-
-    def forward(*args, **kwargs):
-        try:
-            rec.step_begin(args, kwargs)
-        except Exception:  # the probe's own failure must never cost the user their forward
-            log.warning("probe: could not open a step", exc_info=True)
-            rec.root_depth = max(rec.root_depth - 1, 0)
-            return fn(*args, **kwargs)
-        try:
-            out = fn(*args, **kwargs)
-        except BaseException as exc:
-            _quietly(rec.step_end, kwargs, None, exc)
-            raise
-        _quietly(rec.step_end, kwargs, out)
-        return out
-
-    functools.update_wrapper(forward, fn)
-    forward.__probe_wrapper__ = True  # type: ignore[attr-defined]
-    return forward
-
-
-def _quietly(fn: Callable, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except Exception:
-        log.warning("probe: could not close a step", exc_info=True)
-        return None
-
-
 def _end_quietly(rec: Recorder, out: Any, status: str):
     try:
         return rec.end_generate(out, status)
@@ -457,44 +389,6 @@ def _end_quietly(rec: Recorder, out: Any, status: str):
         log.warning("probe: could not close the record of this generate()", exc_info=True)
         rec.abandon_generate()
         return None
-
-
-def _check_forwards(forwards: list[_Forward]) -> None:
-    """Say so when something removed a wrapper while attached (accelerate's
-    ``remove_hook_from_module`` restores the forward it saw before its own), and put it back."""
-    lost = [f for f in forwards if not f.in_place()]
-    if not lost:
-        return
-    names = ", ".join(f.name or "<model>" for f in lost[:5]) + (" ..." if len(lost) > 5 else "")
-    warnings.warn(
-        f"probe: the forward wrappers of {len(lost)} module(s) ({names}) were replaced by other code "
-        f"(e.g. accelerate's remove_hook_from_module) after attach; their calls since then were not "
-        f"recorded. The probe re-installed them; attach after changing accelerate hooks to record every call.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    for f in lost:
-        d = f.module.__dict__
-        f.had_attr = "forward" in d
-        f.original = d["forward"] if f.had_attr else f.module.forward
-        f.wrapper = f.make(f.original)
-        d["forward"] = f.wrapper
-
-
-def _inputs_of(args: tuple, kwargs: dict) -> tuple[int | None, int | None, Any]:
-    """(batch, prompt length, attention mask) of a generate() call, from its tensors' shapes."""
-    ids = kwargs.get("input_ids")
-    if ids is None and args and isinstance(args[0], Tensor):
-        ids = args[0]
-    if ids is None:
-        ids = kwargs.get("inputs")
-    emb = kwargs.get("inputs_embeds")
-    x = ids if isinstance(ids, Tensor) else emb if isinstance(emb, Tensor) else None
-    if x is None or x.dim() < 1:
-        return None, None, None
-    batch = int(x.shape[0]) if x.dim() >= 2 else 1
-    length = int(x.shape[1]) if x.dim() >= 2 else int(x.shape[0])
-    return batch, length, kwargs.get("attention_mask")
 
 
 def attach(
@@ -540,17 +434,6 @@ def attach(
     return p._attach()
 
 
-def _default_rank() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return int(dist.get_rank())
-    except Exception:  # pragma: no cover
-        pass
-    return 0
-
-
 def _has_cuda_tensors(model: nn.Module) -> bool:
     return any(t.is_cuda for t in model.parameters()) or any(t.is_cuda for t in model.buffers())
 
@@ -560,29 +443,3 @@ def _cuda_device_of(model: nn.Module) -> torch.device:
         if t.is_cuda:
             return t.device
     return torch.device("cuda", torch.cuda.current_device())
-
-
-_GEN_KEYS = (
-    "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "num_beams", "temperature",
-    "top_k", "top_p", "min_p", "repetition_penalty", "use_cache", "cache_implementation",
-    "num_return_sequences", "num_assistant_tokens", "prompt_lookup_num_tokens", "eos_token_id",
-    "pad_token_id",
-)
-
-
-def _generation_settings(model: nn.Module, kwargs: dict) -> dict:
-    """The generation settings in effect: kwargs over the generation config, JSON-able."""
-    cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    out: dict = {}
-    for k in _GEN_KEYS:
-        v = kwargs[k] if k in kwargs else getattr(cfg, k, None)
-        if isinstance(v, Tensor):
-            v = v.tolist() if v.numel() < 64 else f"tensor{list(v.shape)}"
-        if v is None or isinstance(v, (bool, int, float, str, list)):
-            out[k] = v
-        else:
-            out[k] = repr(v)
-    out["assisted"] = any(kwargs.get(k) is not None for k in ("assistant_model", "prompt_lookup_num_tokens"))
-    out["streamer"] = type(kwargs["streamer"]).__name__ if kwargs.get("streamer") is not None else None
-    out["user_cache"] = (kwargs.get("past_key_values") or kwargs.get("cache")) is not None
-    return out

@@ -18,13 +18,17 @@ descendants: the frame builder derives nesting and self time from it).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
+import warnings
 from array import array
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 _INPUT_KWARGS = ("hidden_states", "input_ids", "inputs_embeds", "input", "x")
 
@@ -228,6 +232,97 @@ def full_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, beg
         return out
 
     return PartialWrapper(fn, forward)
+
+
+# ---------------------------------------------------------------------- installing and checking
+class InstalledForward:
+    """One installed forward wrapper and what detach puts back."""
+
+    __slots__ = ("module", "wrapper", "original", "had_attr", "name", "make")
+
+    def __init__(self, module: nn.Module, make: Callable[[Callable], Callable], name: str) -> None:
+        self.module, self.make, self.name = module, make, name
+        self.had_attr = "forward" in module.__dict__
+        self.original = module.__dict__["forward"] if self.had_attr else module.forward
+        self.wrapper = make(self.original)
+
+    def in_place(self) -> bool:
+        """Still reached when the module runs: as its forward, or as what a forward wrapper
+        installed after ours (accelerate's ``add_hook_to_module``) calls."""
+        d = self.module.__dict__
+        return d.get("forward") is self.wrapper or d.get("_old_forward") is self.wrapper
+
+    def remove(self) -> None:
+        d = self.module.__dict__
+        if d.get("forward") is self.wrapper:
+            if self.had_attr:
+                d["forward"] = self.original
+            else:
+                del d["forward"]
+        elif d.get("_old_forward") is self.wrapper:
+            # accelerate wrapped ours after attach: it keeps working, calling what we wrapped
+            d["_old_forward"] = self.original
+
+
+def install_forward(module: nn.Module, make: Callable[[Callable], Callable], name: str) -> InstalledForward:
+    f = InstalledForward(module, make, name)
+    module.__dict__["forward"] = f.wrapper  # nn.Module.__setattr__ would add nothing but checks
+    return f
+
+
+def root_wrapper(rec: Any, fn: Callable) -> Callable:
+    """The root model's forward: each call is a step. Closed on every path, KeyboardInterrupt
+    included (forward hooks' ``always_call`` covers only ``Exception``)."""
+
+    def forward(*args, **kwargs):
+        try:
+            rec.step_begin(args, kwargs)
+        except Exception:  # the probe's own failure must never cost the user their forward
+            log.warning("probe: could not open a step", exc_info=True)
+            rec.root_depth = max(rec.root_depth - 1, 0)
+            return fn(*args, **kwargs)
+        try:
+            out = fn(*args, **kwargs)
+        except BaseException as exc:
+            _quietly(rec.step_end, kwargs, None, exc)
+            raise
+        _quietly(rec.step_end, kwargs, out)
+        return out
+
+    functools.update_wrapper(forward, fn)
+    forward.__probe_wrapper__ = True  # type: ignore[attr-defined]
+    return forward
+
+
+def _quietly(fn: Callable, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception:
+        log.warning("probe: could not close a step", exc_info=True)
+        return None
+
+
+def check_forwards(forwards: list[InstalledForward]) -> None:
+    """Say so when something removed a wrapper while attached (accelerate's
+    ``remove_hook_from_module`` restores the forward it saw before its own), and put it back."""
+    lost = [f for f in forwards if not f.in_place()]
+    if not lost:
+        return
+    names = ", ".join(f.name or "<model>" for f in lost[:5]) + (" ..." if len(lost) > 5 else "")
+    warnings.warn(
+        f"probe: the forward wrappers of {len(lost)} module(s) ({names}) were replaced by other code "
+        f"(e.g. accelerate's remove_hook_from_module) after attach; their calls since then were not "
+        f"recorded. The probe re-installed them; attach after changing accelerate hooks to record every call.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    for f in lost:
+        d = f.module.__dict__
+        f.had_attr = "forward" in d
+        f.original = d["forward"] if f.had_attr else f.module.forward
+        f.wrapper = f.make(f.original)
+        d["forward"] = f.wrapper
+
 
 
 # ---------------------------------------------------------------------- calibration

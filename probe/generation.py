@@ -1,0 +1,49 @@
+"""What a ``generate()`` call was asked for: its input tensors' shapes and its settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+
+def inputs_of(args: tuple, kwargs: dict) -> tuple[int | None, int | None, Any]:
+    """(batch, prompt length, attention mask) of a generate() call, from its tensors' shapes."""
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], Tensor):
+        ids = args[0]
+    if ids is None:
+        ids = kwargs.get("inputs")
+    emb = kwargs.get("inputs_embeds")
+    x = ids if isinstance(ids, Tensor) else emb if isinstance(emb, Tensor) else None
+    if x is None or x.dim() < 1:
+        return None, None, None
+    batch = int(x.shape[0]) if x.dim() >= 2 else 1
+    length = int(x.shape[1]) if x.dim() >= 2 else int(x.shape[0])
+    return batch, length, kwargs.get("attention_mask")
+
+
+_GEN_KEYS = (
+    "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "num_beams", "temperature",
+    "top_k", "top_p", "min_p", "repetition_penalty", "use_cache", "cache_implementation",
+    "num_return_sequences", "num_assistant_tokens", "prompt_lookup_num_tokens", "eos_token_id",
+    "pad_token_id",
+)
+
+
+def generation_settings(model: nn.Module, kwargs: dict) -> dict:
+    """The generation settings in effect: kwargs over the generation config, JSON-able."""
+    cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    out: dict = {}
+    for k in _GEN_KEYS:
+        v = kwargs[k] if k in kwargs else getattr(cfg, k, None)
+        if isinstance(v, Tensor):
+            v = v.tolist() if v.numel() < 64 else f"tensor{list(v.shape)}"
+        if v is None or isinstance(v, (bool, int, float, str, list)):
+            out[k] = v
+        else:
+            out[k] = repr(v)
+    out["assisted"] = any(kwargs.get(k) is not None for k in ("assistant_model", "prompt_lookup_num_tokens"))
+    out["streamer"] = type(kwargs["streamer"]).__name__ if kwargs.get("streamer") is not None else None
+    out["user_cache"] = (kwargs.get("past_key_values") or kwargs.get("cache")) is not None
+    return out
