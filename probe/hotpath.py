@@ -40,6 +40,8 @@ def _load_c() -> Any:
         from . import _hooks
     except ImportError:
         return None
+    if not (hasattr(_hooks, "Wrapper") and hasattr(_hooks, "Columns")):  # a stale in-place build
+        return None
     return _hooks
 
 
