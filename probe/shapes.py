@@ -13,7 +13,6 @@ in prefill; ``generate()`` keeps only the last position (``[B, 1, V]``).
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -75,15 +74,6 @@ def meta_model(model_or_preset: Any, dtype: Any = "bfloat16") -> nn.Module:
     return _model_from_config(model_or_preset, dtype).eval()
 
 
-def _cache_kw(model: nn.Module) -> str:
-    """The forward's cache argument: ``cache`` in transformers 5.x, ``past_key_values`` before."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def walkthrough(model_or_preset: Any, prompt_tokens: int | Sequence[int], batch: int = 1, depth: str = "blocks",
                 dtype: Any = "bfloat16") -> pd.DataFrame:
     """Shapes, parameters, FLOPs and bytes of every recorded block, for prefill and one decode step.
@@ -103,10 +93,10 @@ def walkthrough(model_or_preset: Any, prompt_tokens: int | Sequence[int], batch:
         (read from the meta cache's tensors), and ``full_logits`` (True).
     """
     import torch
-    from transformers import DynamicCache
 
     from . import attach
     from .cache import cache_bytes
+    from .compat import cache_kwarg, meta_forward, new_dynamic_cache
     from .cost import annotate, kv_cache_bytes_per_token, parameter_counts
 
     n = len(prompt_tokens) if not isinstance(prompt_tokens, int) else int(prompt_tokens)
@@ -116,16 +106,13 @@ def walkthrough(model_or_preset: Any, prompt_tokens: int | Sequence[int], batch:
         raise ValueError(f"batch must be >= 1; got {batch}")
     model = meta_model(model_or_preset, dtype)
     cfg = model.config
-    kw = _cache_kw(model)
+    kw = cache_kwarg(model)
     ids = torch.zeros(batch, n, dtype=torch.long, device="meta")
     step_ids = torch.zeros(batch, 1, dtype=torch.long, device="meta")
-    try:
-        cache = DynamicCache(config=cfg)
-    except TypeError:  # transformers < 4.56
-        cache = DynamicCache()
+    cache = new_dynamic_cache(cfg)
 
     # the forwards fill the cache they are given in place, so the decode step reuses it
-    with attach(model, depth=depth, model_id=type(model).__name__) as p, torch.no_grad():
+    with meta_forward(), attach(model, depth=depth, model_id=type(model).__name__) as p, torch.no_grad():
         model(input_ids=ids, use_cache=True, **{kw: cache})
         kv_prefill = cache_bytes(cache)
         model(input_ids=step_ids, use_cache=True, **{kw: cache})

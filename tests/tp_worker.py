@@ -5,8 +5,9 @@
 Each rank (gloo process group):
 
 1. loads MODEL_DIR (a tiny Llama saved with ``save_pretrained``) with transformers' own
-   tensor-parallel plan (``DistributedConfig(tp_plan="auto")``), records a greedy generate at
-   depth ``"all"`` and saves its frames with ``probe.distributed.save_rank`` to ``OUT/hf``;
+   tensor-parallel plan (``tp_plan="auto"``, passed as this transformers takes it:
+   ``probe.compat.tensor_parallel_kwargs``), records a greedy generate at depth ``"all"``
+   and saves its frames with ``probe.distributed.save_rank`` to ``OUT/hf``;
 2. writes the tokens it generated to ``OUT/tokens/rank{r}.json``;
 3. shards a two-linear ``nn.Sequential`` with torch's ``parallelize_module`` keeping DTensor
    outputs (``use_local_output=False``), records one forward and saves it to ``OUT/dtensor``;
@@ -32,9 +33,11 @@ PROMPT = [5, 9, 17, 33, 2, 8, 40]
 
 
 def _hf_tensor_parallel(model_dir: str, out: Path, new_tokens: int) -> None:
-    from transformers import AutoModelForCausalLM, DistributedConfig
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, distributed_config=DistributedConfig(tp_plan="auto"))
+    from probe.compat import tensor_parallel_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **tensor_parallel_kwargs("auto"))
     model.eval()
     ids = torch.tensor([PROMPT])
     with probe.attach(model, depth="all") as p:
