@@ -15,7 +15,8 @@ suite on both ends. What differs, and where it is handled:
   ``record_timestamps=True`` (per-token timestamps of each request). :func:`has_cb_timestamps`.
 - Mixture-of-experts layers: 4.x keeps experts as a ``ModuleList`` of small MLPs of
   ``nn.Linear`` (Mixtral's under ``block_sparse_moe``), 5.x as fused ``[E, out, in]`` weight
-  banks (under ``mlp``). The cost model reads both structures (``probe.cost``), so nothing
+  banks (under ``mlp``), run by default through fused kernels (:func:`eager_experts_kwargs`
+  selects the plain loop). The cost model reads both structures (``probe.cost``), so nothing
   here names them.
 
 Same on both ends (no switch needed): ``dtype=`` in ``from_pretrained``/``from_config`` (4.56+),
@@ -117,6 +118,17 @@ def cache_kwarg(model: Any) -> str:
     except (TypeError, ValueError):  # a forward without an inspectable signature
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
+
+
+def eager_experts_kwargs() -> dict[str, Any]:
+    """``from_config``/``from_pretrained`` keyword arguments that run mixture-of-experts layers
+    as a plain loop of matmuls over each expert's routed tokens.
+
+    5.x defaults to fused kernels (``experts_implementation="grouped_mm"``), which
+    ``torch.utils.flop_counter`` does not count; 4.x always runs experts as such a loop of
+    ``nn.Linear`` calls and takes no such argument.
+    """
+    return {"experts_implementation": "eager"} if is_transformers_5() else {}
 
 
 def new_dynamic_cache(config: Any) -> Any:

@@ -219,10 +219,38 @@ def _itemsize(t) -> int:
     return int(t.element_size())
 
 
-def _moe_fraction(config: Any) -> float:
+def _moe_counts(config: Any) -> tuple[int, int] | None:
+    """(experts chosen per token, routed experts) of a mixture-of-experts config, else None."""
     k = getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_topk", None)
-    e = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
-    return float(k) / float(e) if k and e else 1.0
+    e = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) \
+        or getattr(config, "n_routed_experts", None)
+    return (int(k), int(e)) if k and e else None
+
+
+def _moe_fraction(config: Any) -> float:
+    counts = _moe_counts(config)
+    return counts[0] / counts[1] if counts else 1.0
+
+
+def _expert_scale(module: nn.Module, config: Any) -> dict[int, float]:
+    """id -> fraction of tokens it sees, for every module inside a list of routed experts.
+
+    Experts kept as a ``ModuleList`` of small MLPs (transformers 4.x Mixtral, Qwen2-MoE, ...):
+    a list named ``*experts`` with one entry per routed expert. Each token runs through ``k``
+    of its ``E`` entries, so every module in it works on ``k/E`` of the tokens on average.
+    (Fused ``[E, out, in]`` banks, the 5.x layout, are costed from their parameters instead.)
+    """
+    counts = _moe_counts(config)
+    if counts is None:
+        return {}
+    k, e = counts
+    scale: dict[int, float] = {}
+    for name, m in module.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) == e and "expert" in name.rsplit(".", 1)[-1].lower():
+            for expert in m:
+                for sub in expert.modules():
+                    scale[id(sub)] = k / e
+    return scale
 
 
 def _attention_shape(m: nn.Module, config: Any) -> tuple[int, int, int]:
@@ -270,14 +298,20 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
     innermost = [m for m in attn if not any(o is not m and _is_attention(o) for o in m.modules())]
     has_rope = getattr(cfg, "rope_parameters", None) is not None or getattr(cfg, "rope_theta", None) is not None \
         or getattr(cfg, "rotary_dim", None) is not None or getattr(cfg, "partial_rotary_factor", None) is not None
+    routed = _expert_scale(module, cfg)  # modules inside a list of experts: share of tokens
     for _, m in mods:
         dims = _linear_dims(m)
         if dims is not None:
             i, o, b = dims
             w = _itemsize(m.weight)
-            c.f_tok += linear_flops(1, i, o, b)
-            c.b_const += (i * o + (o if b else 0)) * w
-            c.e_tok += i + o
+            share = routed.get(id(m), 1.0)
+            c.f_tok += linear_flops(1, i, o, b) * share
+            c.e_tok += (i + o) * share
+            if id(m) in routed:  # an expert's weight is read only when a token is routed to it
+                c.b_moe += (i * o + (o if b else 0)) * w
+                c.moe_frac = share
+            else:
+                c.b_const += (i * o + (o if b else 0)) * w
             covered.update(id(p) for p in m.parameters(recurse=False))
         elif isinstance(m, nn.Embedding):
             w = _itemsize(m.weight)
@@ -334,8 +368,9 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
             gated = True
         else:
             continue
-        c.f_tok += (ACT_FLOPS_PER_ELEMENT + (1 if gated else 0)) * inter
-        c.e_tok += (3 if gated else 2) * inter
+        share = routed.get(id(m), 1.0)
+        c.f_tok += (ACT_FLOPS_PER_ELEMENT + (1 if gated else 0)) * inter * share
+        c.e_tok += (3 if gated else 2) * inter * share
     for m in innermost:
         heads, kv, hd = _attention_shape(m, cfg)
         c.f_score += 4 * heads * hd + SOFTMAX_FLOPS_PER_SCORE * heads

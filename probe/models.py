@@ -437,20 +437,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def _record_dtype(config: PretrainedConfig, dtype: torch.dtype) -> None:
-    """Store the weights' dtype on a config, under the name this transformers uses.
-
-    transformers >= 4.56 stores it as ``config.dtype`` and keeps ``torch_dtype``
-    as a deprecated property (setting it warns); older 4.x only has the plain
-    ``torch_dtype`` attribute.
+    """Store the weights' dtype on a config (``config.dtype``, transformers 4.56+ and 5.x).
 
     Args:
         config: The model config.
         dtype: The parameter dtype.
     """
-    if isinstance(getattr(type(config), "torch_dtype", None), property):
-        config.dtype = dtype
-    else:  # pragma: no cover - transformers < 4.56
-        config.torch_dtype = dtype
+    config.dtype = dtype
 
 
 def _build_model(

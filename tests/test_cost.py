@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import probe
 from probe import cost, hardware
 from probe import roofline as rl
 from probe.schema import BLOCK_ROLES
-from tiny import tiny_model
+from tiny import tiny_config, tiny_model
 
 
 def dense_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -216,13 +216,55 @@ def test_other_architectures_get_finite_positive_layer_costs(model_type):
     if model_type == "mixtral":  # each token uses k of E experts
         cfg = model.config
         layer = model.model.layers[0]
-        experts = sum(p.numel() for p in layer.mlp.experts.parameters())
+        experts = sum(p.numel() for n, p in layer.named_parameters() if "experts" in n)  # banks or lists
         dense_other = sum(p.numel() for n, p in layer.named_parameters() if "experts" not in n and p.dim() == 2)
         hd = cfg.hidden_size // cfg.num_attention_heads
         matmuls = 2 * T * (dense_other + experts * cfg.num_experts_per_tok / cfg.num_local_experts)
         attn = 4 * cfg.num_attention_heads * hd * T * T
         rest = layers["flops"].iloc[0] - matmuls - attn  # norms, activations, rope, softmax at width 32
         assert 0 < rest < 0.1 * matmuls
+
+
+@pytest.mark.parametrize("batch, T", [(1, 24), (2, 7), (3, 1)])
+def test_mixture_of_experts_costs_the_routed_experts_as_flop_counter_counts(batch, T):
+    """Top-2-of-4 Mixtral: the cost of each sparse MoE block (router + the experts each token
+    is routed to) agrees with torch's own FLOP counter of the same forward, whatever the
+    layout of the experts (a list of nn.Linear MLPs on 4.x, fused banks on 5.x)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from probe.compat import eager_experts_kwargs
+
+    cfg = tiny_config("mixtral")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, **eager_experts_kwargs()).eval()
+    ids = torch.randint(3, 96, (batch, T), generator=torch.Generator().manual_seed(1))
+    with probe.attach(model, depth="sublayers") as p, FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(ids)
+    counted = {name.split(".", 1)[-1]: sum(ops.values()) for name, ops in fc.get_flop_counts().items()}
+    calls = cost.annotate(p.run.calls, model)
+    moe = calls[calls["module_type"].str.endswith("SparseMoeBlock")]
+    assert len(moe) == cfg.num_hidden_layers
+    matmuls = 2 * batch * T * cfg.hidden_size * (cfg.num_local_experts + cfg.num_experts_per_tok * 3 * cfg.intermediate_size)
+    for row in moe.itertuples():
+        assert counted[row.module] == matmuls  # the reference itself: router + k experts per token
+        # the estimate adds the activations and gating (about 2.6% here), nothing else
+        assert counted[row.module] < row.flops < 1.05 * counted[row.module], row.module
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral", "gemma2"])
+def test_a_saved_run_costs_from_its_stored_config_as_from_the_model(model_type, tmp_path):
+    """``probe.load(dir).cost()`` rebuilds a weightless twin from the saved config (in the
+    run's dtype) and gets the costs the live model gives, per call."""
+    model = tiny_model(model_type).to(torch.bfloat16)
+    ids = torch.randint(3, 96, (2, 20), generator=torch.Generator().manual_seed(2))
+    run = record_generate(model, ids, n=3, depth="sublayers")
+    saved = probe.load(run.save(tmp_path / "run"))
+    from_config = saved.cost()
+    from_model = cost.annotate(run.calls, model)
+    assert from_config["flops"].notna().all() and (from_config["bytes_moved"] > 0).all()
+    assert from_config["flops"].tolist() == pytest.approx(from_model["flops"].tolist())
+    assert from_config["bytes_moved"].tolist() == pytest.approx(from_model["bytes_moved"].tolist())
 
 
 # --------------------------------------------------------------------------- hardware
