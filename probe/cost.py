@@ -14,7 +14,11 @@ Conventions (the numbers are estimates of eager PyTorch work, not counter readin
   assumed to stay on chip except the attention scores (as fused SDPA/flash kernels do).
 - Attention scores cover the full rectangle ``q_len × (kv_len + q_len)`` per head, as eager
   and SDPA-math attention compute it; a causal flash kernel skips about half in prefill.
-  Sliding-window layers attend to at most ``sliding_window`` positions.
+  Sliding-window layers attend to at most ``sliding_window`` positions (per layer, from
+  ``config.layer_types`` where the config has them: Gemma2 alternates sliding and global).
+- Mixture-of-experts: the router is a dense matmul; each token runs ``k`` of the ``E`` routed
+  experts, whether they are fused ``[E, out, in]`` banks (transformers 5.x) or a list of expert
+  MLPs (4.x), and an expert's weights are read only if a token of the call is routed to it.
 - The embedding gather is a copy, not a matmul: 0 FLOPs, bytes = rows gathered + written.
   So "2 · parameters · tokens" holds for the parameters of matmuls: every linear weight in
   the layers plus the output head, not the input embedding (nor the tiny norm weights).
