@@ -7,9 +7,10 @@ import warnings
 
 import pytest
 import torch
-from transformers import DynamicCache, TextStreamer
+from transformers import TextStreamer
 
 import probe
+from probe.compat import cache_kwarg, new_dynamic_cache
 from probe.models import load_bundled
 from tiny import tiny_llama
 
@@ -81,16 +82,18 @@ def test_user_supplied_cache_prefix_is_an_extend_step():
     prefix = _ids(6)
     cont = torch.cat([prefix, torch.tensor([[9, 10]])], dim=-1)
 
+    kw = cache_kwarg(model)  # `cache` on 5.x, `past_key_values` on 4.x
+
     def fresh_cache():
-        c = DynamicCache(config=model.config)
+        c = new_dynamic_cache(model.config)
         with torch.no_grad():
-            model(prefix, past_key_values=c, use_cache=True)
+            model(prefix, use_cache=True, **{kw: c})
         return c
 
-    ref = model.generate(cont, past_key_values=fresh_cache(), max_new_tokens=3, do_sample=False)
+    ref = model.generate(cont, max_new_tokens=3, do_sample=False, **{kw: fresh_cache()})
     with probe.attach(model) as p:
         cache = fresh_cache()
-        out = model.generate(cont, past_key_values=cache, max_new_tokens=3, do_sample=False)
+        out = model.generate(cont, max_new_tokens=3, do_sample=False, **{kw: cache})
     assert torch.equal(ref, out)
     st = p.run.steps
     gen = st[st["phase"] != "forward"]
