@@ -99,6 +99,21 @@ def _headline(run: probe.Run) -> pd.DataFrame:
     return head
 
 
+def model_lines(head: pd.DataFrame) -> list[str]:
+    """One line per distinct model in the headline: name, parameters, where the weights came from."""
+    if head.empty:
+        return []
+    lines = []
+    for _, r in head.drop_duplicates(["model_id", "parameters", "weights_source"]).iterrows():
+        parts = [str(r["model_id"]) if not pd.isna(r["model_id"]) else "unnamed model"]
+        if not pd.isna(r["parameters"]):
+            parts.append(f"{int(r['parameters']) / 1e6:,.1f}M parameters")
+        if not pd.isna(r["weights_source"]):
+            parts.append(f"weights: {r['weights_source']}")
+        lines.append(" · ".join(parts))
+    return lines
+
+
 # --------------------------------------------------------------------------- views
 def overview(ctx: Context) -> None:
     """Headline numbers, prefill vs decode per block, and one step broken down.
@@ -110,6 +125,8 @@ def overview(ctx: Context) -> None:
     head = ctx.memo("headline", lambda: _headline(run))
     rank_list = ctx.memo("ranks", lambda: data.ranks(run))
     multi = len(rank_list) > 1
+    for line in model_lines(head):
+        st.markdown(f"**Model** {md(line)}")
     cols = st.columns(6)
     cols[0].metric("Runs", len(ctx.selected))
     # ranks record the same generate calls side by side: count them once
