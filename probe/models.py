@@ -667,7 +667,8 @@ MODEL_NAMES: dict[str, str] = {
 
 def default_model_name() -> str:
     """``"smollm2-135m"`` when its package is installed, else ``"tiny"`` (the bundled model)."""
-    return SMOLLM2_135M.name if is_installed(SMOLLM2_135M) else "tiny"
+    spec = KNOWN_MODELS[SMOLLM2_135M.name]
+    return spec.name if is_installed(spec) else "tiny"
 
 
 def resolve_model(name_or_dir: str | os.PathLike) -> str | pathlib.Path:
