@@ -99,6 +99,22 @@ def _headline(run: probe.Run) -> pd.DataFrame:
     return head
 
 
+def model_lines(runs: pd.DataFrame) -> list[str]:
+    """One line per distinct model in a runs frame: name, parameters, where the weights came from."""
+    cols = [c for c in ("model_id", "parameters", "weights_source") if c in runs.columns]
+    if runs.empty or "model_id" not in cols:
+        return []
+    lines = []
+    for _, r in runs[cols].drop_duplicates().iterrows():
+        parts = [str(r["model_id"]) if not pd.isna(r["model_id"]) else "unnamed model"]
+        if not pd.isna(r.get("parameters")):
+            parts.append(f"{int(r['parameters']) / 1e6:,.1f}M parameters")
+        if not pd.isna(r.get("weights_source")):
+            parts.append(f"weights: {r['weights_source']}")
+        lines.append(" · ".join(parts))
+    return lines
+
+
 # --------------------------------------------------------------------------- views
 def overview(ctx: Context) -> None:
     """Headline numbers, prefill vs decode per block, and one step broken down.
@@ -110,6 +126,8 @@ def overview(ctx: Context) -> None:
     head = ctx.memo("headline", lambda: _headline(run))
     rank_list = ctx.memo("ranks", lambda: data.ranks(run))
     multi = len(rank_list) > 1
+    for line in ctx.memo("models", lambda: model_lines(run.runs)):
+        st.markdown(f"**Model** {md(line)}")
     cols = st.columns(6)
     cols[0].metric("Runs", len(ctx.selected))
     # ranks record the same generate calls side by side: count them once

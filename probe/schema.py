@@ -94,6 +94,7 @@ RUNS: dict[str, str] = {
     "model_class": STR,
     "model_type": STR,
     "parameters": "int64",
+    "weights_source": STR,  # where the weights came from ("GGUF Q4_1, de-quantized to float32"); null if unknown
     "dtype": STR,
     "device": STR,
     "attn_implementation": STR,

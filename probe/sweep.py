@@ -184,6 +184,8 @@ def sweep(model, tokenizer=None, prompt_lens: Sequence[int] = (16, 64, 256, 1024
             "schema_version": SWEEP_SCHEMA_VERSION,
             "model_id": model_id or getattr(cfg, "name_or_path", None) or type(model).__name__,
             "model_class": type(model).__name__,
+            "parameters": int(sum(t.numel() for t in model.parameters())),
+            "weights_source": getattr(cfg, "probe_weights_source", None),
             "device": str(device),
             "dtype": str(next(iter(model.parameters())).dtype).replace("torch.", ""),
             "prompt_lens": [int(p) for p in prompt_lens],

@@ -190,7 +190,7 @@ def _facts(run: "Run") -> pd.DataFrame:
     gen = run.runs[run.runs["kind"] == "generate"] if not run.runs.empty else run.runs
     r = gen.iloc[0] if len(gen) else (run.runs.iloc[0] if len(run.runs) else None)
     if r is not None:
-        for col in ("model_id", "model_class", "parameters", "dtype", "device", "attn_implementation", "depth",
+        for col in ("model_id", "model_class", "parameters", "weights_source", "dtype", "device", "attn_implementation", "depth",
                     "gpu_name", "torch_version", "transformers_version", "probe_version", "started_at"):
             rows.append((col, r[col]))
         if len(gen) > 1:
@@ -198,7 +198,7 @@ def _facts(run: "Run") -> pd.DataFrame:
     rank_list = figures.ranks(run.calls if len(run.calls) else run.runs)
     if len(rank_list) > 1:
         rows.append(("ranks", ", ".join(str(r) for r in rank_list)))
-    for key in ("command", "decode_stride", "dropped_steps"):
+    for key in ("command", "chat_template", "decode_stride", "dropped_steps"):
         if key in run.meta:
             rows.append((key, run.meta[key]))
     if run.path is not None:

@@ -26,7 +26,7 @@ SWEEP_FIGURES = (
     ("sweep-throughput", "Decode throughput vs batch size", cost_figures.sweep_throughput),
 )
 SWEEP_FORMATS: tuple[str, ...] = ("html", "csv")
-_FACTS = ("model_id", "model_class", "device", "dtype", "prompt_lens", "batch_sizes", "new_tokens", "repeat",
+_FACTS = ("model_id", "model_class", "parameters", "weights_source", "device", "dtype", "prompt_lens", "batch_sizes", "new_tokens", "repeat",
           "warmup", "depth", "created_at")
 
 

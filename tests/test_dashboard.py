@@ -716,3 +716,16 @@ def test_two_ranks_get_a_rank_filter_and_per_rank_overview_and_shapes(ranks_dir,
     single = app(runs_dir, runs=["eager"])
     assert "ranks" not in [m.key for m in single.sidebar.multiselect]
     assert "rank" not in frame(single).columns and len(single.dataframe) == 1
+
+
+def test_overview_names_the_model_its_size_and_weights(runs, runs_dir):
+    at = app(runs_dir, runs=["eager"])
+    r = probe.load(runs["eager"]).runs.iloc[0]
+    lines = [m.value for m in at.markdown if m.value.startswith("**Model**")]
+    assert len(lines) == 1
+    assert str(r["model_id"]) in lines[0].replace("\\", "") and f"{r['parameters'] / 1e6:,.1f}M parameters" in lines[0]
+    from dashboards.views import model_lines
+
+    runs = pd.DataFrame({"model_id": ["SmolLM2-135M-Instruct"] * 2, "parameters": pd.array([134515008] * 2, "Int64"),
+                         "weights_source": ["GGUF Q4_1, de-quantized to float32"] * 2})
+    assert model_lines(runs) == ["SmolLM2-135M-Instruct · 134.5M parameters · weights: GGUF Q4_1, de-quantized to float32"]
