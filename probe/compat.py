@@ -154,3 +154,16 @@ def has_cb_timestamps() -> bool:
     if fn is None:
         return False
     return "record_timestamps" in inspect.signature(fn).parameters
+
+
+def gguf_dequantize_kwargs() -> dict[str, Any]:
+    """Ask for dense float32 weights: newer transformers keeps GGUF blocks packed when it can.
+
+    Transformers releases with ``GgufConfig`` keep the weights in their quantized blocks when
+    a matmul kernel is available; the probe must time an ordinary model, so the weights are
+    unpacked. Older releases always unpack and have no such option.
+    """
+    import transformers
+
+    config_cls = getattr(transformers, "GgufConfig", None)
+    return {"quantization_config": config_cls(dequantize=True)} if config_cls is not None else {}

@@ -34,6 +34,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from . import compat
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -235,19 +237,6 @@ def build_atomically(final: pathlib.Path, build: Callable[[pathlib.Path], None],
     return final
 
 
-def _dequantize_kwargs() -> dict[str, Any]:
-    """Ask for dense float32 weights: newer transformers keeps GGUF blocks packed when it can.
-
-    Transformers releases with ``GgufConfig`` keep the weights in their quantized blocks when
-    a matmul kernel is available; the probe must time an ordinary model, so the weights are
-    unpacked. Older releases always unpack and have no such option.
-    """
-    import transformers
-
-    config_cls = getattr(transformers, "GgufConfig", None)
-    return {"quantization_config": config_cls(dequantize=True)} if config_cls is not None else {}
-
-
 def _tensor_types(path: pathlib.Path) -> dict[str, int] | None:
     """How many tensors of each type the GGUF holds (``{"Q4_1": 210, "F32": 61, ...}``)."""
     try:
@@ -273,7 +262,7 @@ def _convert(spec: KnownModel, path: pathlib.Path, sha: str, out: pathlib.Path, 
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     say(f"  reading and de-quantizing the weights ({time.perf_counter() - t0:.0f}s so far) ...")
     model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32, **_dequantize_kwargs()
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, **compat.gguf_dequantize_kwargs()
     )
     # a plain model: no quantizer left on it (it would refuse save_pretrained)
     quantizer = getattr(model, "hf_quantizer", None)
