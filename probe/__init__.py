@@ -21,6 +21,7 @@ from .run import Run, RunLoadError, load, merge
 from .schema import DEPTHS, PHASES
 
 if TYPE_CHECKING:  # pragma: no cover
+    from . import fmt, models
     from .capture import CompiledModelWarning, Probe, ProbeError, attach, detach, probe_of
     from .discovery import UnrecognisedModelWarning, find_blocks
     from .distributed import save_rank
@@ -36,21 +37,26 @@ _LAZY = {
     "UnrecognisedModelWarning": "discovery",
     "save_rank": "distributed",
 }
+#: submodules reachable as attributes (``probe.models.load_bundled()``) without importing
+#: them (and torch/transformers) at ``import probe``
+_LAZY_MODULES = ("models", "fmt")
 
 
 def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)  # the import binds it in globals()
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'probe' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_MODULES))
 
 
 __all__ = [

@@ -58,6 +58,7 @@ __all__ = [
     "load_smollm2",
     "load_tokenizer",
     "preset_config",
+    "preset_source",
     "resolve_dtype",
     "resolve_model",
     "save_bundled",
@@ -354,6 +355,15 @@ def _normalize_preset_name(name: str) -> str:
     return key
 
 
+def preset_source(name: str) -> str:
+    """Where the numbers of preset ``name`` come from (a model card's ``config.json``).
+
+    Raises:
+        ValueError: For an unknown preset (the message lists the valid names).
+    """
+    return str(PRESETS[_normalize_preset_name(name)]["source"])
+
+
 def bundled_config(**overrides: Any) -> LlamaConfig:
     """Return the configuration of the bundled ``probe-tiny-llama-32l`` model.
 
@@ -645,6 +655,7 @@ def build_preset(
     )
     _set_generation_defaults(model, getattr(config, "pad_token_id", None))
     model.config.probe_weights_source = "none (meta device)" if meta else f"random (seed {seed}): generated text is meaningless"
+    model.config.name_or_path = f"preset:{name}"  # the id the CLI gives it too
     logger.debug("built preset %s (dtype=%s, device=%s)", name, torch_dtype, torch_device)
     return model
 
