@@ -98,18 +98,23 @@ class Run:
         out["phase"] = out["phase"].astype("string")
         return out
 
-    def _repr_html_(self) -> str:  # pragma: no cover - exercised through reports
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the generate calls' headline numbers and the per-role summary, in
+        the units and formats of the terminal and the report (:mod:`probe.fmt`)."""
         from html import escape
+
+        from . import fmt
 
         runs = self.runs
         head = "<b>probe run</b>"
         if runs.empty:
             return head + ": no records"
         cols = [c for c in ("run_id", "model_id", "status", "prompt_tokens", "new_tokens", "ttft_ms",
-                            "tpot_ms_mean", "prefill_tok_s", "decode_tok_s", "total_ms") if c in runs]
-        table = runs[cols].to_html(index=False, float_format=lambda v: f"{v:,.2f}", escape=True)
-        summ = self.summary(by="role")
-        table2 = summ.to_html(index=False, float_format=lambda v: f"{v:,.3f}", escape=True)
+                            "tpot_ms_mean", "prefill_tok_s", "decode_tok_s", "total_ms", "peak_mem_bytes",
+                            "kv_cache_bytes") if c in runs]
+        table = fmt.frame(runs[cols], drop_empty=True).to_html(index=False, escape=True, na_rep="")
+        summ = fmt.frame(self.summary(by="role"), drop_empty=True)
+        table2 = summ.to_html(index=False, escape=True, na_rep="")
         return f"{head} {escape(str(self.path or ''))}{table}<br>{table2}"
 
     def __repr__(self) -> str:

@@ -78,6 +78,12 @@ def roofline(roof_df: pd.DataFrame, peaks: Any, *, where: str | None = None, lab
     hi = max([ridge * 10] + list(xs * 2))
     x = np.geomspace(lo, hi, 200)
     y = np.minimum(pk["flops_per_s"], x * pk["bytes_per_s"]) / scale
+    ys = shown["_y"].to_numpy(dtype="float64")
+    y_lo = float(np.log10(ys.min())) if len(ys) else 0.0
+    y_hi = float(np.log10(max(float(y.max()), ys.max() if len(ys) else 0.0)))
+    placed = _place_labels(np.log10(xs), np.log10(ys) if len(ys) else ys, shown["module"].astype(str).tolist(),
+                           (float(np.log10(lo)), float(np.log10(hi))), (y_lo - 0.3, y_hi + 0.3))
+    shown = shown.assign(_label=[t for t, _ in placed], _pos=[q for _, q in placed])
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name="roof", line=dict(color="black", width=2),
                              hovertemplate="intensity %{x:.3g} FLOP/B<br>roof %{y:.3g} " + unit + "<extra></extra>"))
@@ -85,14 +91,14 @@ def roofline(roof_df: pd.DataFrame, peaks: Any, *, where: str | None = None, lab
         fig.add_trace(go.Scatter(
             x=sub["intensity_flops_per_byte"], y=sub["_y"], mode="markers+text" if labels else "markers",
             name=str(phase),
-            text=sub["module"].astype(str).map(html.escape),
-            # the whole-forward marker sits next to the layers': label it below them
-            textposition=["bottom center" if m == "(forward)" else "top center" for m in sub["module"]],
+            text=sub["_label"].map(html.escape),
+            textposition=sub["_pos"].tolist(),
             marker=dict(size=11, color=_PHASE_COLORS.get(str(phase), "#333"),
                         symbol=[_BOUND_SYMBOLS.get(str(b), "diamond") for b in sub["bound"].astype(object)]),
             customdata=list(zip(sub["bound"].astype(str), sub["reason"].astype(str).map(html.escape),
-                                sub["time_ms"].astype(float), sub["time_source"].astype(str))),
-            hovertemplate=("<b>%{text}</b> (" + str(phase) + ")<br>intensity %{x:.3g} FLOP/B<br>achieved %{y:.3g} "
+                                sub["time_ms"].astype(float), sub["time_source"].astype(str),
+                                sub["module"].astype(str).map(html.escape))),
+            hovertemplate=("<b>%{customdata[4]}</b> (" + str(phase) + ")<br>intensity %{x:.3g} FLOP/B<br>achieved %{y:.3g} "
                            + unit + "<br>%{customdata[2]:.3f} ms (%{customdata[3]} time)<br>bound: %{customdata[0]}"
                            "<br>%{customdata[1]}<extra></extra>"),
         ))
@@ -115,6 +121,62 @@ def roofline(roof_df: pd.DataFrame, peaks: Any, *, where: str | None = None, lab
     fig.update_xaxes(type="log", title="arithmetic intensity (FLOP/byte)", range=[np.log10(lo), np.log10(hi)])
     fig.update_yaxes(type="log", title=f"achieved {unit}")
     return fig
+
+
+#: where a marker's label may go, tried in order, as (plotly textposition, dx, dy) of the label
+#: box's centre from the marker in units of (half the label width + gap, label height)
+_LABEL_SPOTS = (("top center", 0, 1), ("bottom center", 0, -1), ("middle right", 1, 0), ("middle left", -1, 0),
+                ("top right", 1, 1), ("top left", -1, 1), ("bottom right", 1, -1), ("bottom left", -1, -1))
+
+
+def _place_labels(lx: np.ndarray, ly: np.ndarray, texts: list[str], x_range: tuple[float, float],
+                  y_range: tuple[float, float], width_px: float = 760, height_px: float = 270
+                  ) -> list[tuple[str, str]]:
+    """(text, textposition) for each marker so that labels do not overlap each other or a marker.
+
+    Greedy, in the plot's pixel space (log10 coordinates scaled to an approximate plot area):
+    each label takes the first spot around its marker that is free, else the least covered one.
+    A marker sitting on another with the same name (one block in two phases) gets no second label.
+    """
+    def px(i: int) -> tuple[float, float]:
+        fx = (lx[i] - x_range[0]) / ((x_range[1] - x_range[0]) or 1.0)
+        fy = (ly[i] - y_range[0]) / ((y_range[1] - y_range[0]) or 1.0)
+        return fx * width_px, fy * height_px
+
+    char_w, line_h, gap, mark = 6.5, 14.0, 6.0, 6.0
+    pts = [px(i) for i in range(len(texts))]
+    boxes = [(x - mark, y - mark, x + mark, y + mark) for x, y in pts]  # the markers themselves
+
+    def overlap(b: tuple[float, float, float, float]) -> float:
+        total = 0.0
+        for o in boxes:
+            w = min(b[2], o[2]) - max(b[0], o[0])
+            h = min(b[3], o[3]) - max(b[1], o[1])
+            if w > 0 and h > 0:
+                total += w * h
+        return total
+
+    out: list[tuple[str, str]] = []
+    for i, text in enumerate(texts):
+        x, y = pts[i]
+        twin = any(texts[j] == text and abs(pts[j][0] - x) < 8 and abs(pts[j][1] - y) < 8 for j in range(i))
+        if twin:
+            out.append(("", "top center"))
+            continue
+        half = len(text) * char_w / 2
+        best = None
+        for pos, dx, dy in _LABEL_SPOTS:
+            cx = x + dx * (half + gap)
+            cy = y + dy * (line_h / 2 + gap)
+            box = (cx - half, cy - line_h / 2, cx + half, cy + line_h / 2)
+            cost = overlap(box)
+            if best is None or cost < best[0]:
+                best = (cost, pos, box)
+            if cost == 0:
+                break
+        boxes.append(best[2])
+        out.append((text, best[1]))
+    return out
 
 
 def _median_band(df: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:

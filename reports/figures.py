@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from probe import fmt
 from probe.run import block_summary
 from probe.schema import BLOCK_ROLES, PHASES
 
@@ -148,7 +149,8 @@ def phase_blocks(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "role") -> 
             "_o", kind="stable")) for r, summ in parts]
     order = list(dict.fromkeys(m for _, summ in parts for m in summ["module"].astype(str)))
     phases = _phases_in(pd.concat([summ[["phase"]] for _, summ in parts]))
-    fig = _figure(title + " (bar text: share of the phase's forward time)", "block", "total host ms")
+    # no x title: the block names say it, and a half-width chart's rotated names would run into it
+    fig = _figure(title + "<br><sup>bar text: share of the phase's forward time</sup>", "", "total host ms")
     for phase in phases:
         for i, (rank, summ) in enumerate(parts):
             sub = summ[summ["phase"] == phase]
@@ -160,7 +162,7 @@ def phase_blocks(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "role") -> 
             name = phase if rank is None else f"{phase} · rank {rank}"
             fig.add_trace(go.Bar(
                 name=plot_text(name), x=[plot_text(m) for m in sub.index], y=_f(sub["total_ms"]),
-                text=[("" if math.isnan(s) else f"{s:.1f}%") for s in share], textposition="outside",
+                text=[fmt.pct(s / 100) for s in share], textposition="outside",
                 customdata=np.column_stack([_f(sub["calls"]), _f(sub["mean_ms"]), share]),
                 hovertemplate="%{x}<br>total %{y:.3f} ms<br>%{customdata[0]} calls, mean %{customdata[1]:.4f} ms"
                               "<br>share %{customdata[2]:.1f}%<extra>" + plot_text(name) + "</extra>",
@@ -169,6 +171,53 @@ def phase_blocks(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "role") -> 
                                             "legendgroup": plot_text(phase)}),
             ))
     fig.update_layout(barmode="group")
+    return fig
+
+
+def phase_blocks_runs(parts: dict[str, tuple[pd.DataFrame, pd.DataFrame]], by: str = "role") -> go.Figure:
+    """Several runs side by side: one panel per phase, and in it one bar per run for each block.
+
+    Runs are never added together (their blocks, phases and step counts differ); each bar is
+    that run's own total, with its share of that run's phase as text.
+
+    Args:
+        parts: run name (its folder; the legend shows it) -> (``calls``, ``steps``) of that run.
+        by: ``"role"`` or ``"module"``, as in :func:`phase_blocks`.
+    """
+    from plotly.subplots import make_subplots
+
+    title = "Time per block, prefill vs decode, per run"
+    summaries = {name: block_summary(c, s, by=by) for name, (c, s) in parts.items()}
+    if all(summ.empty for summ in summaries.values()):
+        return empty_figure(title)
+    if by == "role":
+        summaries = {n: summ.assign(_o=summ["role"].map(ROLE_ORDER).fillna(len(ROLE_ORDER))).sort_values(
+            "_o", kind="stable") for n, summ in summaries.items()}
+    order = list(dict.fromkeys(m for summ in summaries.values() for m in summ["module"].astype(str)))
+    phases = _phases_in(pd.concat([summ[["phase"]] for summ in summaries.values()]))
+    fig = make_subplots(rows=1, cols=len(phases), subplot_titles=[plot_text(p) for p in phases],
+                        horizontal_spacing=0.06)
+    for i, (name, summ) in enumerate(summaries.items()):
+        color = RUN_COLORS[i % len(RUN_COLORS)]
+        for j, phase in enumerate(phases):
+            sub = summ[summ["phase"] == phase]
+            if sub.empty:
+                continue
+            sub = sub.set_index(sub["module"].astype(str))
+            sub = sub.reindex([m for m in order if m in sub.index])
+            share = _f(sub["share"])
+            fig.add_trace(go.Bar(
+                name=plot_text(name), x=[plot_text(m) for m in sub.index], y=_f(sub["total_ms"]),
+                text=[fmt.pct(v) for v in share], textposition="outside", marker_color=color,
+                legendgroup=plot_text(name), showlegend=not any(t.name == plot_text(name) for t in fig.data),
+                customdata=np.column_stack([_f(sub["calls"]), _f(sub["mean_ms"]), share * 100]),
+                hovertemplate="%{x}<br>total %{y:.3f} ms<br>%{customdata[0]} calls, mean %{customdata[1]:.4f} ms"
+                              "<br>share %{customdata[2]:.1f}%<extra>" + plot_text(f"{name} · {phase}") + "</extra>",
+            ), row=1, col=j + 1)
+    fig.update_layout(title={"text": title + "<br><sup>bar text: share of that run's phase forward time</sup>"},
+                      template=TEMPLATE, height=HEIGHT + 40, barmode="group",
+                      margin={"l": 60, "r": 30, "t": 90, "b": 60}, legend={"orientation": "h", "y": -0.25})
+    fig.update_yaxes(title_text="total host ms", col=1)
     return fig
 
 
@@ -188,6 +237,36 @@ def step_breakdown(calls: pd.DataFrame, steps: pd.DataFrame) -> go.Figure:
     title = "Where one step's time goes (mean per step of each phase)"
     if steps.empty:
         return empty_figure(title)
+    labels, parts = _breakdown(calls, steps)
+    return _breakdown_figure(title, labels, parts)
+
+
+def step_breakdown_runs(parts: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> go.Figure:
+    """:func:`step_breakdown` of several runs, each phase's bar of each run on its own row
+    (``name · decode (9 steps)``): runs are shown side by side, never added together.
+
+    Args:
+        parts: run name (its folder) -> (``calls``, ``steps``) of that run.
+    """
+    title = "Where one step's time goes (mean per step of each phase), per run"
+    labels: list[str] = []
+    merged: dict[str, list[float]] = {key: [] for key, _ in PARTS}
+    for name, (calls, steps) in parts.items():
+        if steps.empty:
+            continue
+        lab, part = _breakdown(calls, steps)
+        labels += [f"{name} · {x}" for x in lab]
+        for key in merged:
+            merged[key] += part[key]
+    if not labels:
+        return empty_figure(title)
+    fig = _breakdown_figure(title, labels, merged)
+    fig.update_layout(height=max(HEIGHT, 120 + 40 * len(labels)))
+    return fig
+
+
+def _breakdown(calls: pd.DataFrame, steps: pd.DataFrame) -> tuple[list[str], dict[str, list[float]]]:
+    """Bar labels (one per phase) and ms per step of each part, for :func:`step_breakdown`."""
     # The summary owns the accounting: blocks and residue over the steps that have block
     # records, on the phase's clock; the time outside the model over every step.
     summ = block_summary(calls, steps, by="role") if len(calls) else None
@@ -210,13 +289,17 @@ def step_breakdown(calls: pd.DataFrame, steps: pd.DataFrame) -> go.Figure:
                 parts[key].append(float(ms) / float(rows.loc["residue", "calls"]))
             else:
                 parts[key].append(0.0)
+    return labels, parts
+
+
+def _breakdown_figure(title: str, labels: list[str], parts: dict[str, list[float]]) -> go.Figure:
     fig = _figure(title, "ms per step", "")
     for key, name in PARTS:
         vals = np.array(parts[key], dtype="float64")
         if np.all(np.isnan(vals)):
             continue
-        fig.add_trace(go.Bar(name=name, y=labels, x=vals, orientation="h",
-                             text=[("" if math.isnan(v) else f"{v:.3f}") for v in vals], textposition="inside",
+        fig.add_trace(go.Bar(name=name, y=[plot_text(x) for x in labels], x=vals, orientation="h",
+                             text=[fmt.ms(v) for v in vals], textposition="inside",
                              hovertemplate="%{y}<br>" + name + ": %{x:.4f} ms<extra></extra>"))
     fig.update_layout(barmode="stack", yaxis={"autorange": "reversed"})
     return fig
@@ -273,12 +356,13 @@ def layer_heatmap(calls: pd.DataFrame, phase: str = "decode", value: str = "auto
 
 
 # --------------------------------------------------------------------------- steps
-def token_latency(steps: pd.DataFrame, runs: pd.DataFrame) -> go.Figure:
+def token_latency(steps: pd.DataFrame, runs: pd.DataFrame, names: dict[str, str] | None = None) -> go.Figure:
     """Per-token latency over the decode steps, with each run's TTFT marked at step 0.
 
     Args:
         steps: the ``steps`` frame (``latency_ms`` = forward + outside time of each step).
         runs: the ``runs`` frame (``ttft_ms``, ``tpot_ms_p50``).
+        names: legend name of each run id (e.g. its folder); default: the run id.
 
     Returns:
         A line per generate run (at most ``MAX_RUNS``); the y axis turns logarithmic when TTFT
@@ -290,9 +374,11 @@ def token_latency(steps: pd.DataFrame, runs: pd.DataFrame) -> go.Figure:
         return empty_figure(title, "no generate call recorded")
     fig = _figure(title + " (star: TTFT)", "step", "ms")
     biggest_ttft, decode_median = 0.0, math.inf
+    names = names or {}
     for i, rid in enumerate(ids):
         color = RUN_COLORS[i % len(RUN_COLORS)]
-        name = plot_text(rid if len(ids) > 1 else "decode step")
+        label = names.get(rid, rid)
+        name = plot_text(label if len(ids) > 1 else "decode step")
         dec = steps[(steps["run_id"] == rid) & (steps["phase"] == "decode")].sort_values("step")
         if not dec.empty:
             y = dec["latency_ms"].where(dec["latency_ms"].notna(), dec["forward_ms"])
@@ -306,15 +392,15 @@ def token_latency(steps: pd.DataFrame, runs: pd.DataFrame) -> go.Figure:
         if not math.isnan(ttft):
             biggest_ttft = max(biggest_ttft, ttft)
             fig.add_trace(go.Scatter(x=np.array([0.0]), y=np.array([ttft]), mode="markers+text",
-                                     name=plot_text(f"TTFT {rid}" if len(ids) > 1 else "TTFT"),
+                                     name=plot_text(f"TTFT {label}" if len(ids) > 1 else "TTFT"),
                                      marker={"symbol": "star", "size": 14, "color": color},
-                                     text=[f"TTFT {ttft:.2f} ms"], textposition="middle right",
+                                     text=[f"TTFT {fmt.ms(ttft)} ms"], textposition="middle right",
                                      hovertemplate="TTFT %{y:.3f} ms<extra></extra>"))
         p50 = float(row["tpot_ms_p50"].iloc[0]) if len(row) and pd.notna(row["tpot_ms_p50"].iloc[0]) else math.nan
         if not math.isnan(p50) and not dec.empty:
             x0, x1 = float(dec["step"].min()), float(dec["step"].max())
             fig.add_trace(go.Scatter(x=np.array([x0, x1]), y=np.array([p50, p50]), mode="lines",
-                                     name=plot_text(f"TPOT p50 {rid}" if len(ids) > 1 else "TPOT p50"),
+                                     name=plot_text(f"TPOT p50 {label}" if len(ids) > 1 else "TPOT p50"),
                                      line={"color": color, "dash": "dash", "width": 1},
                                      hovertemplate="TPOT p50 %{y:.3f} ms<extra></extra>"))
     # one prefill can dwarf every decode step; a log axis keeps both readable
@@ -323,11 +409,12 @@ def token_latency(steps: pd.DataFrame, runs: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def latency_vs_kv(steps: pd.DataFrame) -> go.Figure:
+def latency_vs_kv(steps: pd.DataFrame, names: dict[str, str] | None = None) -> go.Figure:
     """Decode-step latency against the KV length it attended over.
 
     Args:
         steps: the ``steps`` frame.
+        names: legend name of each run id (e.g. its folder); default: the run id.
 
     Returns:
         Markers per generate run (x = cached positions before the step, y = latency ms).
@@ -346,7 +433,7 @@ def latency_vs_kv(steps: pd.DataFrame) -> go.Figure:
         pts = _binned(pd.DataFrame({"kv": _f(sub["kv_len"]), "ms": _f(y), "fwd": _f(sub["forward_ms"])}), "kv",
                       ["ms", "fwd"])
         fig.add_trace(go.Scatter(x=pts["kv"].to_numpy(), y=pts["ms"].to_numpy(), mode="markers",
-                                 name=plot_text(rid if len(ids) > 1 else "decode step"),
+                                 name=plot_text((names or {}).get(rid, rid) if len(ids) > 1 else "decode step"),
                                  marker={"size": 5, "color": RUN_COLORS[i % len(RUN_COLORS)]},
                                  customdata=pts["fwd"].to_numpy(),
                                  hovertemplate="kv %{x}<br>latency %{y:.3f} ms<br>forward %{customdata:.3f} ms"
@@ -354,12 +441,13 @@ def latency_vs_kv(steps: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def memory_over_steps(steps: pd.DataFrame, calls: pd.DataFrame) -> go.Figure:
+def memory_over_steps(steps: pd.DataFrame, calls: pd.DataFrame, names: dict[str, str] | None = None) -> go.Figure:
     """KV-cache bytes, CUDA peak (where recorded) and block output bytes over the steps.
 
     Args:
         steps: the ``steps`` frame (``kv_cache_bytes``, ``mem_peak_bytes``).
         calls: the ``calls`` frame (``out_bytes`` of the top-level blocks, summed per step).
+        names: legend name of each run id (e.g. its folder); default: the run id.
 
     Returns:
         Lines in MiB per generate run, x = step.
@@ -387,7 +475,7 @@ def memory_over_steps(steps: pd.DataFrame, calls: pd.DataFrame) -> go.Figure:
                 continue
             drawn += 1
             fig.add_trace(go.Scatter(x=pts["step"].to_numpy(), y=pts[key].to_numpy(), mode="lines",
-                                     name=plot_text(f"{label} {rid}" if multi else label),
+                                     name=plot_text(f"{label} {(names or {}).get(rid, rid)}" if multi else label),
                                      line={"color": color, "dash": dash},
                                      hovertemplate="step %{x}<br>" + label + " %{y:.3f} MiB<extra></extra>"))
     if not drawn:
@@ -407,7 +495,7 @@ def compare_blocks(summary_a: pd.DataFrame, summary_b: pd.DataFrame, label_a: st
     Returns:
         Grouped bars (x = ``phase · block``), the difference and ratio in the hover.
     """
-    title = "Per block and phase: " + plot_text(label_a) + " vs " + plot_text(label_b)
+    title = "Per block and phase<br><sup>" + plot_text(label_a) + " vs " + plot_text(label_b) + "</sup>"
     d = block_diff(summary_a, summary_b)
     if d.empty:
         return empty_figure(title)

@@ -20,13 +20,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import math
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 import pandas as pd
+
+from probe import fmt
 
 from . import figures
 from .tables import per_rank_summary
@@ -46,7 +47,8 @@ CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1200px;
 padding:0 1.5rem 3rem;color:#222;line-height:1.4}
 h1{font-size:1.6rem;margin:1.2rem 0 .3rem}h2{font-size:1.2rem;margin:2rem 0 .5rem;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:.85rem;margin:.4rem 0 1rem}
+table{border-collapse:collapse;font-size:.85rem;margin:.4rem 0 1rem;max-width:100%}
+.tw{max-width:100%;overflow-x:auto}
 th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:right;vertical-align:top}
 th{background:#f4f6f8}td.t,th.t{text-align:left}caption{text-align:left;color:#555;padding:.2rem 0}
 pre{background:#f6f8fa;padding:.6rem;white-space:pre-wrap;word-break:break-word;font-size:.85rem}
@@ -68,29 +70,9 @@ def _isna(v: object) -> bool:
 
 
 def format_cell(column: str, value: object) -> str:
-    """A table cell's text: units from the column name, NA as an empty cell."""
-    if value is None or _isna(value):
-        return ""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, (int, float)) or hasattr(value, "dtype"):
-        v = float(value)
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        if column in ("share", "a_share", "b_share") or column.endswith(("_share", "_fraction")):
-            pct = v * 100
-            # a CPU block may reach a thousandth of a percent of its roof: keep two digits
-            return f"{pct:.1f}%" if pct == 0 or abs(pct) >= 0.1 else f"{pct:.2g}%"
-        if column.endswith("_bytes") or column in ("parameters", "flops", "bytes_moved"):
-            return f"{v:,.0f}"
-        if column.endswith("tok_s"):
-            return f"{v:,.1f}"
-        if re.search(r"(^|_)ms($|_)", column) or column == "ratio":  # total_ms, tpot_ms_p50 ...
-            return f"{v:,.3f}" if abs(v) < 1e6 else f"{v:,.0f}"
-        if float(v).is_integer():
-            return str(int(v))
-        return f"{v:.4g}"
-    return str(value)
+    """A table cell's text: units from the column name, NA as an empty cell (:func:`probe.fmt.cell`,
+    the formats the terminal, the dashboard and Jupyter use too)."""
+    return fmt.cell(column, value)
 
 
 def table_html(df: pd.DataFrame, *, caption: str | None = None, max_rows: int = MAX_TABLE_ROWS,
@@ -99,11 +81,13 @@ def table_html(df: pd.DataFrame, *, caption: str | None = None, max_rows: int = 
     text_cols = {c for c in df.columns if not (pd.api.types.is_numeric_dtype(df[c]) and not
                                                pd.api.types.is_bool_dtype(df[c]))}
     ident = f' id="{esc(table_id)}"' if table_id else ""
-    parts = [f"<table{ident}>"]
+    parts = [f'<div class="tw"><table{ident}>']
     if caption:
         parts.append(f"<caption>{esc(caption)}</caption>")
+    # a long column name may break after each underscore, so a wide table fits the page
     parts.append("<thead><tr>" + "".join(
-        f'<th{" class=t" if c in text_cols else ""}>{esc(c)}</th>' for c in df.columns) + "</tr></thead><tbody>")
+        f'<th{" class=t" if c in text_cols else ""}>{esc(c).replace("_", "_<wbr>")}</th>' for c in df.columns)
+        + "</tr></thead><tbody>")
     shown = df.head(max_rows)
     cols = list(df.columns)
     for row in shown.itertuples(index=False, name=None):
@@ -112,7 +96,7 @@ def table_html(df: pd.DataFrame, *, caption: str | None = None, max_rows: int = 
             cls = " class=t" if c in text_cols else ""
             cells.append(f"<td{cls}>{esc(format_cell(str(c), v))}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
-    parts.append("</tbody></table>")
+    parts.append("</tbody></table></div>")
     if len(df) > max_rows:
         parts.append(f'<p class="note">{len(df) - max_rows:,} more rows are in the CSV export.</p>')
     return "".join(parts)
@@ -307,10 +291,15 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
     doc.add(table_html(_facts(run), table_id="facts"))
     doc.add(_prompt_html(run.meta.get("prompt")))
     doc.add('<h2 id="headline">Headline</h2>')
-    doc.add(table_html(figures.headline(run.runs, run.steps, meta=run.meta), table_id="headline-table"))
+    head = figures.headline(run.runs, run.steps, meta=run.meta)
+    # the model is named in the title and the facts above: its column only widened the table
+    doc.add(table_html(head.drop(columns="model_id"), table_id="headline-table"))
     doc.add('<p class="note">TTFT: from entering generate() to the first token chosen. TPOT: time between '
             "consecutive tokens over the decode steps. Share: a block's host time over its phase's forward "
             "time; the residue is forward time outside every recorded block."
+            + (" peak_mem_bytes is the CUDA allocator's peak, so it is blank for a run on the CPU; there the "
+               "probe records each block's output bytes and the KV cache (see Memory and KV cache)."
+               if len(head) and head["peak_mem_bytes"].isna().all() else "")
             + (" This run merges several ranks: one headline row per rank's generate call; per-block charts "
                "and tables show each rank." if multi else "") + "</p>")
     for div_id, title, build in FIGURES:

@@ -5,10 +5,12 @@ Both return DataFrames (typed columns even when empty); :mod:`reports.figures` r
 
 from __future__ import annotations
 
+import re
 
 import numpy as np
 import pandas as pd
 
+from probe import fmt
 from probe.schema import shape_text
 
 
@@ -34,13 +36,52 @@ def _walk_rows(calls: pd.DataFrame) -> pd.DataFrame:
             picked.append(np.flatnonzero(m & (step == step[m].min())))
     if not picked:
         picked.append(np.flatnonzero(in_run & (step == step[in_run].min())))
-    sel = calls.iloc[np.concatenate(picked)][["phase", "step", "module", "role", "in_shapes", "out_shapes",
-                                              "start_ms"]]
+    sel = calls.iloc[np.concatenate(picked)][["phase", "step", "module", "role", "layer", "in_shapes",
+                                              "out_shapes", "start_ms"]]
     return sel.sort_values(["step", "start_ms"], kind="stable")
 
 
-def shape_walkthrough(calls: pd.DataFrame) -> pd.DataFrame:
+_LAYER_SEGMENT = re.compile(r"(?<=\.)(\d+)(?=\.|$)")
+
+
+def _collapse_layers(out: pd.DataFrame, layer: np.ndarray) -> pd.DataFrame:
+    """Rows of identical decoder layers folded into one: ``model.layers.{0..31}`` (and
+    ``model.layers.{0..31}.mlp`` ... at deeper depths) where every folded layer has the same
+    input and output shapes; a layer that differs keeps a row of its own."""
+    keys: list[tuple] = []
+    names: list[str | None] = []
+    for i, (mod, lay) in enumerate(zip(out["module"].tolist(), layer)):
+        pattern = None
+        if lay >= 0:
+            for m in _LAYER_SEGMENT.finditer(str(mod)):
+                if int(m.group(1)) == lay:
+                    pattern = str(mod)[:m.start()] + "{}" + str(mod)[m.end():]
+                    break
+        names.append(pattern)
+        row = out.iloc[i]
+        keys.append(("rank" in out and row["rank"], row["phase"], row["step"], pattern if pattern is not None else i,
+                     row["in_shapes"], row["out_shapes"]))
+    groups: dict[tuple, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    if all(len(g) == 1 for g in groups.values()):
+        return out
+    first = [g[0] for g in groups.values()]
+    folded = out.iloc[sorted(first)].copy()
+    modules = folded["module"].astype(object).tolist()
+    for g in groups.values():
+        if len(g) > 1 and names[g[0]] is not None:
+            pos = folded.index.get_loc(out.index[g[0]])
+            modules[pos] = names[g[0]].replace("{}", fmt.index_set(layer[j] for j in g))
+    folded["module"] = modules
+    return folded.reset_index(drop=True)
+
+
+def shape_walkthrough(calls: pd.DataFrame, collapse: bool = True) -> pd.DataFrame:
     """Each block's input and output shapes for the prefill step and the first decode step.
+
+    Decoder layers with identical shapes are folded into one row, ``model.layers.{0..31}``, as
+    ``probe run`` prints them (``collapse=False`` keeps a row per layer).
 
     Taken from the first generate run (the first run with a prefill step); a recording with
     no prefill shows its first step instead. A recording of several ranks (tensor parallel,
@@ -79,6 +120,8 @@ def shape_walkthrough(calls: pd.DataFrame) -> pd.DataFrame:
     })
     if "rank" in cols:
         out.insert(0, "rank", sel["rank"].to_numpy(dtype="int64"))
+    if collapse:
+        out = _collapse_layers(out, pd.to_numeric(sel["layer"], errors="coerce").fillna(-1).to_numpy(dtype="int64"))
     return out.astype(cols)
 
 

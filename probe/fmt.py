@@ -1,0 +1,183 @@
+"""Number formats shared by every place a figure is shown: the terminal (``probe run``), the
+HTML report, the dashboard and Jupyter (``Run._repr_html_``), so one value reads the same
+everywhere.
+
+- time: :func:`ms` keeps about four significant digits (``1,418.6``, ``14.91``, ``4.235``,
+  ``0.0515``);
+- memory: :func:`nbytes` in binary units (``512 B``, ``2.00 KiB``, ``416.0 KiB``, ``12.7 GiB``);
+- shares: :func:`pct` from a fraction (``0.984`` -> ``98.4%``);
+- throughput: :func:`tok_s` (``0.62``, ``8.01``, ``37.5``, ``1,234``);
+- counts: :func:`count` (``1,234``); shapes: :func:`shape` (``[1, 7, 4096]``);
+- layer indices: :func:`index_set` (``{0..31}``, ``{0..4,6..31}``).
+
+A missing value (``None``, ``NaN``, ``pd.NA``) is an empty string, never ``nan`` or ``<NA>``.
+:func:`cell` picks the format from a column name's unit suffix (``_ms``, ``_bytes``, ``share``,
+``tok_s``) and :func:`frame` applies it to a whole table. Standard library and pandas only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable
+
+import pandas as pd
+
+__all__ = ["cell", "count", "frame", "index_set", "is_missing", "ms", "nbytes", "pct", "shape", "tok_s"]
+
+_MS_COLUMN = re.compile(r"(^|_)ms($|_)")  # total_ms, tpot_ms_p50, gpu_total_ms ...
+
+
+def is_missing(value: object) -> bool:
+    """True for ``None``, ``NaN``, ``pd.NA`` and ``NaT``."""
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # a list or array: not a scalar missing value
+        return False
+
+
+def _special(v: float) -> str | None:
+    if math.isnan(v):
+        return ""
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return None
+
+
+def ms(value: object, unit: bool = False) -> str:
+    """Milliseconds with about four significant digits: ``1,418.6``, ``14.91``, ``4.235``, ``0.0515``.
+
+    Args:
+        value: the time in ms.
+        unit: append `` ms``.
+    """
+    if is_missing(value):
+        return ""
+    v = float(value)
+    if (s := _special(v)) is not None:
+        return s
+    a = abs(v)
+    if a >= 100:
+        text = f"{v:,.1f}"
+    elif a >= 10:
+        text = f"{v:.2f}"
+    elif a >= 1 or a == 0:
+        text = f"{v:.3f}"
+    else:  # three significant digits, trailing zeros kept so a column lines up: 0.690, 0.0515
+        text = f"{v:.{min(2 - math.floor(math.log10(a)), 9)}f}"
+    return text + (" ms" if unit else "")
+
+
+def nbytes(value: object) -> str:
+    """Bytes in binary units, about three significant digits: ``512 B``, ``2.00 KiB``,
+    ``416.0 KiB``, ``12.7 GiB``."""
+    if is_missing(value):
+        return ""
+    v = float(value)
+    if (s := _special(v)) is not None:
+        return s
+    a = abs(v)
+    if a < 1024:
+        return f"{v:,.0f} B"
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if a >= scale:
+            x = v / scale
+            return f"{x:,.1f} {unit}" if abs(x) >= 100 else f"{x:.2f} {unit}" if abs(x) < 10 else f"{x:.1f} {unit}"
+    return f"{v:,.0f} B"  # pragma: no cover - unreachable
+
+
+def pct(fraction: object) -> str:
+    """A fraction as a percentage: ``0.984`` -> ``98.4%``; a tiny one keeps two digits (``0.0012%``)."""
+    if is_missing(fraction):
+        return ""
+    v = float(fraction) * 100
+    if (s := _special(v)) is not None:
+        return s
+    return f"{v:.1f}%" if v == 0 or abs(v) >= 0.1 else f"{v:.2g}%"
+
+
+def tok_s(value: object, unit: bool = False) -> str:
+    """Tokens per second: ``0.62``, ``8.01``, ``37.5``, ``1,234`` (about three significant digits)."""
+    if is_missing(value):
+        return ""
+    v = float(value)
+    if (s := _special(v)) is not None:
+        return s
+    a = abs(v)
+    text = f"{v:,.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}"
+    return text + (" tok/s" if unit else "")
+
+
+def count(value: object) -> str:
+    """A whole number with thousands separators: ``1,234``."""
+    if is_missing(value):
+        return ""
+    v = float(value)
+    if (s := _special(v)) is not None:
+        return s
+    return f"{v:,.0f}"
+
+
+def shape(js: object) -> str:
+    """A shapes value (JSON ``[[1,7,64]]``) as ``[1, 7, 64]``; empty for a null."""
+    from .schema import shape_text
+
+    return shape_text(js)
+
+
+def index_set(indices: Iterable[int]) -> str:
+    """Layer indices folded into runs: ``{0..31}``, ``{0..4,6..31}``, ``{3}``."""
+    vals = sorted({int(i) for i in indices})
+    parts: list[str] = []
+    i = 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        parts.append(str(vals[i]) if i == j else f"{vals[i]}..{vals[j]}")
+        i = j + 1
+    return "{" + ",".join(parts) + "}"
+
+
+def cell(column: str, value: object) -> str:
+    """A table cell's text, the format chosen by the column's name (its unit suffix)."""
+    if is_missing(value):
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, float)) or hasattr(value, "dtype"):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            return str(value)
+        if column in ("share", "a_share", "b_share") or column.endswith(("_share", "_fraction")):
+            return pct(v)
+        if column.endswith("_bytes") or column in ("bytes per position",):
+            return nbytes(v)
+        if column in ("parameters", "flops", "bytes_moved", "calls"):
+            return count(v)
+        if column.endswith("tok_s"):
+            return tok_s(v)
+        if _MS_COLUMN.search(column) or column.endswith(" ms"):
+            return ms(v)
+        if (s := _special(v)) is not None:
+            return s
+        if v.is_integer():
+            return f"{int(v)}" if abs(v) < 10_000 else f"{v:,.0f}"
+        return f"{v:.4g}"
+    return str(value)
+
+
+def frame(df: pd.DataFrame, drop_empty: bool = False) -> pd.DataFrame:
+    """``df`` with every cell as text by :func:`cell` (for display only; keep the numbers for
+    anything else).
+
+    Args:
+        df: the table.
+        drop_empty: leave out columns with no value at all (the GPU columns of a CPU run).
+    """
+    cols = [c for c in df.columns if not (drop_empty and df[c].isna().all() and len(df))]
+    return pd.DataFrame({c: [cell(str(c), v) for v in df[c].tolist()] for c in cols},
+                        index=df.index, dtype="string")
