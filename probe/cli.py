@@ -27,37 +27,72 @@ class CLIError(Exception):
 
 
 # --------------------------------------------------------------------------- parser
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description and epilog as written (the model list) and shows each option's
+    default after its help, unless there is none worth showing
+    (``None``, a ``store_true`` flag's ``False``) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == argparse.SUPPRESS or "(default" in text or "%(default)" in text
+                or not (action.option_strings or action.nargs in ("?", "*"))):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _port(text: str) -> int:
+    """A TCP port for --port: an integer 1-65535 (argparse reports the error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number; give an integer 1-65535") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port; give an integer 1-65535, e.g. 8501")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
+    fmt = {"formatter_class": _HelpFormatter}
     parser = argparse.ArgumentParser(
         prog="probe",
         description="Profile Hugging Face text generation per block, prefill vs decode.",
+        **fmt,
     )
     parser.add_argument("--version", action="version", version=f"probe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    depths = ("blocks", "sublayers", "all")
+    depth_help = ("which modules to record: blocks (embedding, decoder layers, final norm, lm_head), "
+                  "sublayers (+ attention, MLP, inner norms), all (every module)")
 
     r = sub.add_parser("run", help="profile one generate() call of a model (default: SmolLM2-135M-Instruct if installed)",
-                       epilog=_models_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=_models_epilog(), **fmt)
     _add_model_args(r)
     r.add_argument("--preset", help="build a full-size architecture with random weights instead (e.g. llama-2-7b, chinese-llama-2-7b)")
     r.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     r.add_argument("--prompt-file", help="read the prompt from this UTF-8 file ('-' for stdin)")
     r.add_argument("--no-chat-template", action="store_true",
                    help="profile the raw prompt (default: wrapped in the tokenizer's chat template when it has one)")
-    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate after the prompt")
     r.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    r.add_argument("--top-k", type=int, default=None)
-    r.add_argument("--top-p", type=float, default=None)
-    r.add_argument("--temperature", type=float, default=None)
-    r.add_argument("--num-beams", type=int, default=None)
+    r.add_argument("--top-k", type=int, default=None,
+                   help="sample from the K most likely tokens (with --do-sample; default: the model's generation config)")
+    r.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set of tokens whose probability reaches P (with --do-sample; "
+                        "default: the model's generation config)")
+    r.add_argument("--temperature", type=float, default=None,
+                   help="divide the logits by T before sampling (with --do-sample; default: the model's generation config)")
+    r.add_argument("--num-beams", type=int, default=None, help="beam search with B beams (default: 1, no beam search)")
     r.add_argument("--seed", type=int, default=0, help="seed for sampling (and for random preset weights)")
     r.add_argument("--batch-size", type=int, default=1, help="repeat the prompt this many times")
-    r.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: bfloat16 on CUDA, float32 on CPU)")
-    r.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    r.add_argument("--depth", default="blocks", choices=("blocks", "sublayers", "all"))
-    r.add_argument("--attn-implementation", default=None, help="eager | sdpa | flash_attention_2 ...")
+    r.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)")
+    r.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (CUDA when available)")
+    r.add_argument("--depth", default="blocks", choices=depths, help=depth_help)
+    r.add_argument("--attn-implementation", default=None,
+                   help="eager | sdpa | flash_attention_2 ... (default: what transformers picks)")
     r.add_argument("--full-logits", action="store_true",
                    help="compute logits at every prompt position in prefill (generate computes only the last one)")
     r.add_argument("--warmup", type=int, default=0, help="unrecorded generate calls before the recorded one")
@@ -66,50 +101,53 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model directory")
     r.set_defaults(func=cmd_run)
 
-    rep = sub.add_parser("report", help="write CSV / HTML / Chrome-trace reports of a saved run")
-    rep.add_argument("run_dir")
-    rep.add_argument("--format", default="all", choices=("html", "csv", "trace", "all"))
+    rep = sub.add_parser("report", help="write CSV / HTML / Chrome-trace reports of a saved run", **fmt)
+    rep.add_argument("run_dir", help="a run directory (written by probe run) or a sweep folder (probe sweep)")
+    rep.add_argument("--format", default="all", choices=("html", "csv", "trace", "all"),
+                     help="what to write: report.html, csv/, trace.json (Perfetto / chrome://tracing) or all three")
     rep.add_argument("--out", default=None, help="output file (html, trace) or folder (csv, all); default: inside RUN_DIR")
     rep.set_defaults(func=cmd_report)
 
-    cmp_ = sub.add_parser("compare", help="side-by-side HTML + CSV of two saved runs")
-    cmp_.add_argument("run_a")
-    cmp_.add_argument("run_b")
+    cmp_ = sub.add_parser("compare", help="side-by-side HTML + CSV of two saved runs", **fmt)
+    cmp_.add_argument("run_a", help="the first run directory (A)")
+    cmp_.add_argument("run_b", help="the second run directory (B); differences are B - A")
     cmp_.add_argument("--out", default=None, help="output folder (default: compare-<a>-vs-<b>)")
     cmp_.set_defaults(func=cmd_compare)
 
-    d = sub.add_parser("dashboard", help="open the Streamlit dashboard over a folder of runs")
-    d.add_argument("runs_dir", nargs="?", default="probe-runs")
-    d.add_argument("--port", type=int, default=8501)
-    d.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    d = sub.add_parser("dashboard", help="open the Streamlit dashboard over a folder of runs", **fmt)
+    d.add_argument("runs_dir", nargs="?", default="probe-runs", help="folder of run directories (or one run)")
+    d.add_argument("--port", type=_port, default=8501, help="TCP port to serve on (1-65535)")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 keeps it on this machine")
     d.set_defaults(func=cmd_dashboard)
 
     sw = sub.add_parser("sweep", help="profile prefill/decode cost over prompt lengths and batch sizes",
-                        epilog=_models_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog=_models_epilog(), **fmt)
     _add_model_args(sw)
-    sw.add_argument("--preset", default=None)
-    sw.add_argument("--prompt-lens", default="16,64,256,1024")
-    sw.add_argument("--batch-sizes", default="1,4")
-    sw.add_argument("--new-tokens", type=int, default=32)
-    sw.add_argument("--repeat", type=int, default=3)
-    sw.add_argument("--warmup", type=int, default=1)
-    sw.add_argument("--dtype", default="auto")
-    sw.add_argument("--device", default="auto")
-    sw.add_argument("--depth", default="blocks", choices=("blocks", "sublayers", "all"))
-    sw.add_argument("--out", default=None)
+    sw.add_argument("--preset", default=None, help="a full-size architecture with random weights instead (e.g. llama-2-7b)")
+    sw.add_argument("--prompt-lens", default="16,64,256,1024", help="prompt lengths in tokens, comma-separated")
+    sw.add_argument("--batch-sizes", default="1,4", help="batch sizes, comma-separated")
+    sw.add_argument("--new-tokens", type=int, default=32, help="tokens generated per call")
+    sw.add_argument("--repeat", type=int, default=3, help="recorded generate calls per configuration")
+    sw.add_argument("--warmup", type=int, default=1, help="unrecorded generate calls per configuration before those")
+    sw.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)")
+    sw.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (CUDA when available)")
+    sw.add_argument("--depth", default="blocks", choices=depths, help=depth_help)
+    sw.add_argument("--out", default=None, help="sweep folder to write (default: probe-runs/sweep-<timestamp>)")
     sw.set_defaults(func=cmd_sweep)
 
     sh = sub.add_parser("shapes", help="shape walkthrough of a full-size architecture on the meta device",
-                        epilog=_models_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog=_models_epilog(), **fmt)
     _add_model_args(sh)
-    sh.add_argument("--preset", default=None)
-    sh.add_argument("--prompt", default=DEFAULT_PROMPT)
+    sh.add_argument("--preset", default=None,
+                    help="a built-in architecture: llama-2-7b, chinese-llama-2-7b, mistral-7b, qwen2-7b, tiny "
+                         "(instead of MODEL)")
+    sh.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt whose token count is walked")
     sh.add_argument("--no-chat-template", action="store_true",
                     help="count the raw prompt's tokens (default: in the tokenizer's chat template when it has one)")
     sh.add_argument("--prompt-tokens", type=int, default=None, help="use this many tokens instead of tokenizing --prompt")
-    sh.add_argument("--batch-size", type=int, default=1)
-    sh.add_argument("--dtype", default="bfloat16")
-    sh.add_argument("--depth", default="blocks", choices=("blocks", "sublayers", "all"))
+    sh.add_argument("--batch-size", type=int, default=1, help="sequences per forward")
+    sh.add_argument("--dtype", default="bfloat16", help="weight dtype for the byte counts: float32 | bfloat16 | float16")
+    sh.add_argument("--depth", default="blocks", choices=depths, help=depth_help)
     sh.add_argument("--out", default=None, help="also write the table as CSV here")
     sh.set_defaults(func=cmd_shapes)
     return parser
@@ -186,6 +224,12 @@ def _read_prompt(args) -> str:
                   "undecodable bytes were replaced with U+FFFD", file=sys.stderr)
             return raw.decode("utf-8", errors="replace")
     return DEFAULT_PROMPT if args.prompt is None else args.prompt
+
+
+def _refuse_empty_prompt(prompt: str, source: str) -> None:
+    if not prompt.strip():
+        raise CLIError(f"{source} is empty{' (only whitespace)' if prompt else ''}: the model would see only the "
+                       "BOS token; give some text, e.g. --prompt \"我喜欢攀岩\"")
 
 
 def default_model() -> str:
@@ -333,6 +377,7 @@ def cmd_run(args) -> int:
 
     _validate_generation_options(args)
     prompt = _read_prompt(args)
+    _refuse_empty_prompt(prompt, f"the prompt file {args.prompt_file}" if args.prompt_file else "the prompt")
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     out_dir = Path(args.out) if args.out else Path("probe-runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -469,7 +514,10 @@ class _Progress:
 
 
 def _format_run_summary(run, tok, out, prompt_len: int) -> str:
-    """The readable prefill-vs-decode summary `probe run` prints."""
+    """The readable prefill-vs-decode summary `probe run` prints (numbers by :mod:`probe.fmt`,
+    as in the report)."""
+    from . import fmt
+
     lines: list[str] = []
     runs = run.runs[run.runs["kind"] == "generate"]
     if runs.empty:
@@ -482,18 +530,18 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
     lines.append(f"tokens     prompt {r['prompt_tokens']} x batch {r['batch']}{beams}, new {r['new_tokens']}, "
                  f"steps {r['steps']}")
 
-    def f(v, unit="", fmt="{:,.2f}"):
-        return "n/a" if _isna(v) else fmt.format(v) + unit
+    def f(text: str, unit: str) -> str:
+        return text + unit if text else "n/a"
 
-    lines.append(f"TTFT       {f(r['ttft_ms'], ' ms')}    TPOT mean {f(r['tpot_ms_mean'], ' ms')}  "
-                 f"p50 {f(r['tpot_ms_p50'], ' ms')}  p90 {f(r['tpot_ms_p90'], ' ms')}")
-    lines.append(f"throughput prefill {f(r['prefill_tok_s'], ' tok/s', '{:,.0f}')}   decode {f(r['decode_tok_s'], ' tok/s', '{:,.1f}')}"
-                 f"   total {f(r['total_ms'], ' ms')}")
+    lines.append(f"TTFT       {f(fmt.ms(r['ttft_ms']), ' ms')}    TPOT mean {f(fmt.ms(r['tpot_ms_mean']), ' ms')}  "
+                 f"p50 {f(fmt.ms(r['tpot_ms_p50']), ' ms')}  p90 {f(fmt.ms(r['tpot_ms_p90']), ' ms')}")
+    lines.append(f"throughput prefill {f(fmt.tok_s(r['prefill_tok_s']), ' tok/s')}   "
+                 f"decode {f(fmt.tok_s(r['decode_tok_s']), ' tok/s')}   total {f(fmt.ms(r['total_ms']), ' ms')}")
     mem = []
     if not _isna(r["peak_mem_bytes"]):
-        mem.append(f"peak {int(r['peak_mem_bytes']) / 2**20:,.1f} MiB")
+        mem.append(f"peak {fmt.nbytes(r['peak_mem_bytes'])}")
     if not _isna(r["kv_cache_bytes"]):
-        mem.append(f"KV cache after the last step {int(r['kv_cache_bytes']) / 2**20:,.3f} MiB")
+        mem.append(f"KV cache after the last step {fmt.nbytes(r['kv_cache_bytes'])}")
     if mem:
         lines.append("memory     " + "   ".join(mem))
 
@@ -504,8 +552,8 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
         for _, row in summ.iterrows():
             if row["phase"] not in ("prefill", "decode", "extend", "recompute"):
                 continue
-            lines.append(f"{row['module']:<16}{row['phase']:<9}{int(row['calls']):>7}{row['total_ms']:>12.3f}"
-                         f"{row['mean_ms']:>10.4f}{row['share'] * 100:>7.1f}%")
+            lines.append(f"{row['module']:<16}{row['phase']:<9}{fmt.count(row['calls']):>7}{fmt.ms(row['total_ms']):>12}"
+                         f"{fmt.ms(row['mean_ms']):>10}{fmt.pct(row['share']):>8}")
     walk = _walkthrough(run)
     if walk:
         lines.append("")
@@ -516,13 +564,24 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
             text = tok.decode(seqs[0, prompt_len:], skip_special_tokens=True)
             lines.append("")
             lines.append(f"generated  {text!r}")
+            if _random_weights(r["model_id"]):
+                lines.append("           (random weights: the text is meaningless; this model exists to be timed, "
+                             "not to write)")
         except Exception:  # a preset's random ids may fall outside the tokenizer
             pass
     return "\n".join(lines)
 
 
+def _random_weights(model_id: object) -> bool:
+    """True for the models whose weights are random: the bundled one and the presets."""
+    from .models import BUNDLED_ID
+
+    return str(model_id) == BUNDLED_ID or str(model_id).startswith("preset:")
+
+
 def _walkthrough(run) -> list[str]:
     """The shape walk of the tutorial: each block's input -> output for prefill and one decode step."""
+    from . import fmt
     from .schema import shape_text
 
     calls = run.calls
@@ -546,7 +605,7 @@ def _walkthrough(run) -> list[str]:
                 if row["layer"] != layers["layer"].min():
                     continue  # identical layers are folded into the first line
                 prefix = str(layers["module"].iloc[0]).rsplit(".", 1)[0]
-                name = f"{prefix}.{{{layers['layer'].min()}..{layers['layer'].max()}}} (each)"
+                name = f"{prefix}.{fmt.index_set(layers['layer'])} (each)"
             out.append(f"    {name:<44} {shape_text(row['in_shapes'])} -> {shape_text(row['out_shapes'])}")
     head = c[(c["phase"] == "prefill") & (c["role"] == "head")]
     if not head.empty:
@@ -686,6 +745,7 @@ def _count_prompt_tokens(args, folder: str | None) -> tuple[int, str]:
         if args.prompt_tokens < 1:
             raise CLIError(f"--prompt-tokens must be >= 1; got {args.prompt_tokens}")
         return int(args.prompt_tokens), "--prompt-tokens"
+    _refuse_empty_prompt(args.prompt, "--prompt")
     tok = None
     if folder:
         try:
@@ -710,6 +770,15 @@ def _count_prompt_tokens(args, folder: str | None) -> tuple[int, str]:
     if n < 1:
         raise CLIError("the prompt encodes to zero tokens; give a non-empty --prompt or --prompt-tokens N")
     return n, where
+
+
+def _preset_line(name: str) -> str:
+    """Where a preset's numbers come from, with its vocabulary (the lm_head width)."""
+    from .models import preset_config, preset_source
+
+    cfg = preset_config(name)
+    return (f"preset      {name}: vocabulary {cfg.vocab_size:,}, hidden {cfg.hidden_size:,}, "
+            f"{cfg.num_hidden_layers} layers; from {preset_source(name)}")
 
 
 def cmd_shapes(args) -> int:
@@ -742,6 +811,8 @@ def cmd_shapes(args) -> int:
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
     print(f"prompt      {args.prompt!r} -> {n} tokens (counted by {where})")
+    if args.preset or target == "tiny":  # a built-in architecture: say where its numbers come from
+        print(_preset_line(args.preset or "tiny"))
     print(format_walkthrough(df, title))
     if args.out:
         out = Path(args.out)
