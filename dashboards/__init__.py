@@ -8,6 +8,7 @@ figure builders of ``reports.figures``; it never touches a model.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -73,9 +74,22 @@ def launch(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 850
     env = dict(os.environ)
     root = str(APP.parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen(streamlit_command(runs_dir, host, port), env=env)
+    proc = subprocess.Popen(streamlit_command(runs_dir, host, port), env=env,
+                            preexec_fn=_die_with_parent if os.name == "posix" else None)
+    got: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        # a service manager, `kill` or a test teardown stops this process: stop the server
+        # too, or it lives on, reparented to PID 1, holding the port
+        got.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    stops = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig is not None]
+    previous = {sig: signal.signal(sig, forward) for sig in stops}
     try:
-        return proc.wait()
+        rc = proc.wait()
+        return 128 + got[0] if got and rc != 0 else rc
     except KeyboardInterrupt:
         # Streamlit got the same SIGINT from the terminal; give it a moment to shut down
         try:
@@ -84,3 +98,27 @@ def launch(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 850
         except subprocess.TimeoutExpired:
             proc.terminate()
             return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # any other way out of here: never leave the server behind
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the server process before it starts (Linux): have the kernel send it SIGTERM when the
+    ``probe dashboard`` process dies, even by SIGKILL, which no handler can forward."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not glibc/musl: forwarding still covers SIGTERM/SIGHUP
+        pass

@@ -140,7 +140,8 @@ def main() -> None:
         return
 
     names = list(good)
-    _sync("runs", names, names[-1:])
+    newest = data.newest(found, names)  # the latest top-level run, not a sweep's last config
+    _sync("runs", names, [newest] if newest else names[-1:])
     selected = st.sidebar.multiselect("Runs", names, key="runs")
     if not selected:
         st.info("Pick one or more runs in the sidebar.")

@@ -128,6 +128,25 @@ def discover(runs_dir: str | os.PathLike) -> Found:
     return Found(runs=dict(sorted(found.items())), sweeps=dict(sorted(sweeps.items())))
 
 
+def newest(found: Found, names: list[str]) -> str | None:
+    """The run the dashboard opens on: of ``names``, the most recently written top-level run (a
+    sweep's configurations count only when there is nothing else), by its ``meta.json`` time.
+    """
+    def inside_sweep(name: str) -> bool:
+        return any(name == sw or name.startswith(sw.rstrip("/") + "/") or sw == "." for sw in found.sweeps)
+
+    def written(name: str) -> float:
+        d = found.runs.get(name)
+        try:
+            metas = [d / META] if (d / META).exists() else list(d.glob(f"rank*/{META}"))
+            return max(m.stat().st_mtime for m in metas)
+        except (OSError, ValueError, TypeError):
+            return float("-inf")
+
+    pool = [n for n in names if not inside_sweep(n)] or list(names)
+    return max(pool, key=lambda n: (written(n), n)) if pool else None
+
+
 def signature(run_dir: str | os.PathLike) -> tuple:
     """(relative path, mtime_ns, size) of the files :func:`probe.load` reads: the cache key.
 

@@ -7,6 +7,7 @@ Tables are paged and downloads are built only when clicked.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ import pandas as pd
 import streamlit as st
 
 import probe
+from probe import fmt
 from probe.run import block_summary
 from reports import figures
 from reports.tables import per_rank_summary
@@ -61,6 +63,16 @@ class Context:
         """
         return _memo(self.key(runs), what, params, build)
 
+    def each(self) -> dict[str, probe.Run]:
+        """Each selected run on its own, with the filters applied (several runs are shown side
+        by side, never added together)."""
+        return {n: data.apply_filters(self.loaded[n], self.filters) for n in self.selected}
+
+    def names(self) -> dict[str, str]:
+        """Legend name of each run id: its run folder's name (``name · call 2`` for a folder's
+        later generate calls)."""
+        return self.memo("names", lambda: run_names(self.run.runs))
+
 
 # Keyed on the run files' signatures, never on the frames: hashing a 1M-row frame for the
 # key would cost as much as the aggregation it saves. The builder (leading underscore) is
@@ -82,12 +94,36 @@ def _chart(fig, key: str) -> None:
     st.plotly_chart(fig, key=key, theme=None, config=PLOTLY_CONFIG)
 
 
-def _table(df: pd.DataFrame, key: str) -> None:
-    st.dataframe(df, key=key, hide_index=True)
+_RIGHT = "alignment" in inspect.signature(st.column_config.TextColumn).parameters  # streamlit >= 1.50
 
 
-def _fmt(value: object, unit: str = "", fmt: str = "{:,.2f}") -> str:
-    return "n/a" if value is None or pd.isna(value) else fmt.format(value) + unit
+def _table(df: pd.DataFrame, key: str, raw: bool = False) -> None:
+    """A table; unless ``raw``, its numbers as text in the units of the terminal and the report
+    (:func:`probe.fmt.cell`: ``1,418.6`` ms, ``416.0 KiB``, ``98.4%``), numbers right-aligned."""
+    if raw or df.empty:
+        st.dataframe(df, key=key, hide_index=True)
+        return
+    shown = fmt.frame(df.reset_index(drop=True))
+    config = {}
+    if _RIGHT:
+        config = {c: st.column_config.TextColumn(alignment="right") for c in df.columns
+                  if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])}
+    st.dataframe(shown, key=key, hide_index=True, column_config=config)
+
+
+def run_names(runs: pd.DataFrame) -> dict[str, str]:
+    """Run id -> the name of the folder it was loaded from (``run`` column of the dashboard's
+    runs frame), with `` · call N`` for a folder's later generate calls; the id itself otherwise."""
+    if runs.empty or "run" not in runs.columns:
+        return {}
+    out: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for rid, name in zip(runs["run_id"].astype(str), runs["run"].astype(str)):
+        if rid in out:
+            continue
+        seen[name] = seen.get(name, 0) + 1
+        out[rid] = name if seen[name] == 1 else f"{name} · call {seen[name]}"
+    return out
 
 
 def _headline(run: probe.Run) -> pd.DataFrame:
@@ -128,20 +164,37 @@ def overview(ctx: Context) -> None:
     multi = len(rank_list) > 1
     for line in ctx.memo("models", lambda: model_lines(run.runs)):
         st.markdown(f"**Model** {md(line)}")
-    cols = st.columns(6)
+    several = len(ctx.selected) > 1
+    # three cards a row: a card narrower than its number cuts it off ("1,418.60…")
+    cols = st.columns(3)
     cols[0].metric("Runs", len(ctx.selected))
     # ranks record the same generate calls side by side: count them once
     n_calls = int(head.groupby("rank").size().max()) if "rank" in head.columns and len(head) else len(head)
     cols[1].metric("Generate calls", n_calls, help="per rank" if multi else None)
-    cols[2].metric("Steps", f"{len(run.steps):,}")
-    cols[3].metric("Call rows", f"{len(run.calls):,}")
-    cols[4].metric("TTFT (mean)", _fmt(head["ttft_ms"].mean() if len(head) else None, " ms"))
-    cols[5].metric("TPOT p50 (mean)", _fmt(head["tpot_ms_p50"].mean() if len(head) else None, " ms"))
+    cols[2].metric("Steps", fmt.count(len(run.steps)))
+    cols = st.columns(3)
+    cols[0].metric("Call rows", fmt.count(len(run.calls)))
+    if not several:
+        ttft = fmt.ms(head["ttft_ms"].mean() if len(head) else None, unit=True) or "n/a"
+        tpot = fmt.ms(head["tpot_ms_p50"].mean() if len(head) else None, unit=True) or "n/a"
+        many = len(head) > 1
+        cols[1].metric("TTFT (mean)" if many else "TTFT", ttft)
+        cols[2].metric("TPOT p50 (mean)" if many else "TPOT p50", tpot)
+    else:
+        st.caption("Several runs: each is shown on its own (a row of the table, a bar of the charts), never added "
+                   "together.")
     if multi:
         st.caption(f"These runs merge ranks {', '.join(map(str, rank_list))}: one headline row per rank's generate "
                    "call; the block bars are per phase and rank (the pattern tells ranks apart).")
     _table(head, "overview_headline")
     by = st.radio("Blocks by", ["role", "module"], horizontal=True, key="overview_by")
+    if several:
+        each = ctx.each()
+        _chart(ctx.memo("phase_blocks_runs", lambda: figures.phase_blocks_runs(
+            {n: (r.calls, r.steps) for n, r in each.items()}, by=by), by), "overview_blocks")
+        _chart(ctx.memo("step_breakdown_runs", lambda: figures.step_breakdown_runs(
+            {n: (r.calls, r.steps) for n, r in each.items()})), "overview_breakdown")
+        return
     _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by=by), by), "overview_blocks")
     if multi:
         st.caption(f"Prefill vs decode per block ({by}) and rank; share: of that rank's forward time")
@@ -173,10 +226,24 @@ def layers(ctx: Context) -> None:
     phases = [p for p in probe.PHASES if p in present] or ["decode"]
     phase = st.radio("Phase", phases, index=phases.index("decode") if "decode" in phases else 0,
                      horizontal=True, key="layers_phase")
-    _chart(ctx.memo("heatmap", lambda: figures.layer_heatmap(run.calls, phase=phase), phase), "layers_heatmap")
-    _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="module"), "module"),
-           "layers_blocks")
-    table = ctx.memo("per_layer", lambda: _per_layer(run))
+    if len(ctx.selected) > 1:  # one heatmap per run, and bars per run: never added together
+        each = ctx.each()
+        for i, (name, one) in enumerate(each.items()):
+            fig = ctx.memo("heatmap", lambda one=one: figures.layer_heatmap(one.calls, phase=phase), phase,
+                           runs=(name,))
+            fig.update_layout(title={"text": f"{figures.plot_text(name)}: {fig.layout.title.text}"})
+            _chart(fig, f"layers_heatmap_{i}")
+        _chart(ctx.memo("phase_blocks_runs", lambda: figures.phase_blocks_runs(
+            {n: (r.calls, r.steps) for n, r in each.items()}, by="module"), "module"), "layers_blocks")
+        table = ctx.memo("per_layer_runs", lambda: pd.concat(
+            [_per_layer(r).assign(run=n) for n, r in each.items()], ignore_index=True))
+        if len(table):
+            table = table[["run", *[c for c in table.columns if c != "run"]]]
+    else:
+        _chart(ctx.memo("heatmap", lambda: figures.layer_heatmap(run.calls, phase=phase), phase), "layers_heatmap")
+        _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="module"), "module"),
+               "layers_blocks")
+        table = ctx.memo("per_layer", lambda: _per_layer(run))
     if len(table):
         st.caption("Mean host ms per call of each decoder layer, by phase")
         _table(table, "layers_table")
@@ -185,8 +252,9 @@ def layers(ctx: Context) -> None:
 def timeline(ctx: Context) -> None:
     """Per-token latency over the steps, and latency against the KV length."""
     run = ctx.run
-    _chart(ctx.memo("token_latency", lambda: figures.token_latency(run.steps, run.runs)), "timeline_tokens")
-    _chart(ctx.memo("latency_vs_kv", lambda: figures.latency_vs_kv(run.steps)), "timeline_kv")
+    names = ctx.names()
+    _chart(ctx.memo("token_latency", lambda: figures.token_latency(run.steps, run.runs, names)), "timeline_tokens")
+    _chart(ctx.memo("latency_vs_kv", lambda: figures.latency_vs_kv(run.steps, names)), "timeline_kv")
 
 
 def _block_memory_figure(mem: pd.DataFrame):
@@ -198,20 +266,26 @@ def _block_memory_figure(mem: pd.DataFrame):
     on_cuda = mem["mean_alloc_delta_bytes"].notna().any()
     value = "mean_alloc_delta_bytes" if on_cuda else "mean_out_bytes"
     label = "mean allocator growth per call" if on_cuda else "mean output bytes per call"
+    if "run" in mem.columns:  # several runs: a bar per run, one panel per phase
+        return px.bar(mem, x="role", y=value, color="run", facet_col="phase", barmode="group",
+                      template=figures.TEMPLATE, title="Memory per block: " + label + ", per run",
+                      labels={value: "bytes", "role": "block"}, color_discrete_sequence=figures.RUN_COLORS,
+                      height=figures.HEIGHT)
     return px.bar(mem, x="role", y=value, color="phase", barmode="group", template=figures.TEMPLATE,
                   title="Memory per block: " + label, labels={value: "bytes", "role": "block"},
                   color_discrete_map=figures.PHASE_COLORS, height=figures.HEIGHT)
 
 
-def _kv_growth(steps: pd.DataFrame) -> pd.DataFrame:
+def _kv_growth(steps: pd.DataFrame, names: dict[str, str] | None = None) -> pd.DataFrame:
     """Per generate call: KV-cache bytes after its last step and bytes per cached position."""
     steps = steps.dropna(subset=["kv_cache_bytes"])
     if steps.empty:
         return pd.DataFrame()
     last = steps.sort_values("step").groupby("run_id", sort=False).tail(1)
     positions = last["kv_len"] + last["q_len"]
+    named = {"run": [names.get(str(r), str(r)) for r in last["run_id"]]} if names else {}
     return pd.DataFrame({
-        "run_id": last["run_id"].to_numpy(), "last step": last["step"].to_numpy(),
+        **named, "run_id": last["run_id"].to_numpy(), "last step": last["step"].to_numpy(),
         "positions": positions.to_numpy(), "kv_cache_bytes": last["kv_cache_bytes"].to_numpy(),
         "bytes per position": (last["kv_cache_bytes"].astype("float64") / positions.where(positions > 0)).to_numpy(),
     })
@@ -220,13 +294,21 @@ def _kv_growth(steps: pd.DataFrame) -> pd.DataFrame:
 def memory(ctx: Context) -> None:
     """Per-block memory (output bytes; allocator deltas on CUDA) and KV-cache growth."""
     run = ctx.run
-    mem = ctx.memo("block_memory", lambda: data.block_memory(run.calls))
+    names = ctx.names()
+    if len(ctx.selected) > 1:  # per run, never added together
+        each = ctx.each()
+        mem = ctx.memo("block_memory_runs", lambda: pd.concat(
+            [data.block_memory(r.calls).assign(run=n) for n, r in each.items()], ignore_index=True))
+        mem = mem[["run", *[c for c in mem.columns if c != "run"]]]
+    else:
+        mem = ctx.memo("block_memory", lambda: data.block_memory(run.calls))
     _chart(ctx.memo("block_memory_fig", lambda: _block_memory_figure(mem)), "memory_blocks")
     if len(mem) and not mem["mean_alloc_delta_bytes"].notna().any():
         st.caption("On CPU the probe records each call's output tensor bytes; allocator figures need CUDA.")
     _table(mem, "memory_table")
-    _chart(ctx.memo("memory_over_steps", lambda: figures.memory_over_steps(run.steps, run.calls)), "memory_steps")
-    kv = ctx.memo("kv_growth", lambda: _kv_growth(run.steps))
+    _chart(ctx.memo("memory_over_steps", lambda: figures.memory_over_steps(run.steps, run.calls, names)),
+           "memory_steps")
+    kv = ctx.memo("kv_growth", lambda: _kv_growth(run.steps, names if len(ctx.selected) > 1 else None))
     if len(kv):
         st.caption("KV cache after the last step shown, and its size per cached position")
         _table(kv, "memory_kv")
@@ -253,7 +335,9 @@ def shapes(ctx: Context) -> None:
     (for every rank, with a rank column, when the runs merge several)."""
     calls = ctx.run.calls
     groups = ctx.memo("run_id_groups", lambda: _calls_by_position(calls))
-    labels = [" / ".join(g) for g in groups]
+    names = ctx.names()
+    labels = [" / ".join(dict.fromkeys(names.get(i, i) for i in g)) + (f" ({' / '.join(g)})" if names else "")
+              for g in groups]
     pick = st.selectbox("Generate call", labels, key="shapes_run") if len(labels) > 1 else None
     ids = None if pick is None else groups[labels.index(pick)]
     walk = ctx.memo("shapes", lambda: figures.shape_walkthrough(
@@ -325,7 +409,7 @@ def data_view(ctx: Context) -> None:
         st.session_state["data_page"] = pages
     number = int(st.number_input(f"Page (of {pages:,})", min_value=1, max_value=pages, step=1, key="data_page"))
     shown = data.page(df, number - 1)
-    _table(shown, "data_table_view")
+    _table(shown, "data_table_view", raw=name in ("calls", "steps", "runs"))
     first = (number - 1) * data.PAGE_ROWS
     st.caption(f"Rows {first + 1 if len(df) else 0:,}-{first + len(shown):,} of {len(df):,} "
                "(the sidebar filters apply)")
