@@ -7,7 +7,6 @@ Tables are paged and downloads are built only when clicked.
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
@@ -94,21 +93,16 @@ def _chart(fig, key: str) -> None:
     st.plotly_chart(fig, key=key, theme=None, config=PLOTLY_CONFIG)
 
 
-_RIGHT = "alignment" in inspect.signature(st.column_config.TextColumn).parameters  # streamlit >= 1.50
-
-
 def _table(df: pd.DataFrame, key: str, raw: bool = False) -> None:
-    """A table; unless ``raw``, its numbers as text in the units of the terminal and the report
-    (:func:`probe.fmt.cell`: ``1,418.6`` ms, ``416.0 KiB``, ``98.4%``), numbers right-aligned."""
+    """A table; unless ``raw``, shown in the units of the terminal and the report
+    (:func:`probe.fmt.cell`: ``1,418.6`` ms, ``416.0 KiB``, ``98.4%``) while the values stay
+    numbers (a Styler: columns still sort by value)."""
     if raw or df.empty:
         st.dataframe(df, key=key, hide_index=True)
         return
-    shown = fmt.frame(df.reset_index(drop=True))
-    config = {}
-    if _RIGHT:
-        config = {c: st.column_config.TextColumn(alignment="right") for c in df.columns
-                  if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])}
-    st.dataframe(shown, key=key, hide_index=True, column_config=config)
+    shown = df.reset_index(drop=True)
+    styled = shown.style.format({c: (lambda v, c=str(c): fmt.cell(c, v)) for c in shown.columns}, na_rep="")
+    st.dataframe(styled, key=key, hide_index=True)
 
 
 def run_names(runs: pd.DataFrame) -> dict[str, str]:

@@ -21,7 +21,7 @@ from .run import Run, RunLoadError, load, merge
 from .schema import DEPTHS, PHASES
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import fmt, models
+    from . import fmt, models, shapes
     from .capture import CompiledModelWarning, Probe, ProbeError, attach, detach, probe_of
     from .discovery import UnrecognisedModelWarning, find_blocks
     from .distributed import save_rank
@@ -39,7 +39,7 @@ _LAZY = {
 }
 #: submodules reachable as attributes (``probe.models.load_bundled()``) without importing
 #: them (and torch/transformers) at ``import probe``
-_LAZY_MODULES = ("models", "fmt")
+_LAZY_MODULES = ("models", "fmt", "shapes")
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ everywhere.
 
 A missing value (``None``, ``NaN``, ``pd.NA``) is an empty string, never ``nan`` or ``<NA>``.
 :func:`cell` picks the format from a column name's unit suffix (``_ms``, ``_bytes``, ``share``,
-``tok_s``) and :func:`frame` applies it to a whole table. Standard library and pandas only.
+``tok_s``, ``_shapes``) and :func:`frame` applies it to a whole table. Standard library and pandas only.
 """
 
 from __future__ import annotations
@@ -121,10 +121,14 @@ def count(value: object) -> str:
 
 
 def shape(js: object) -> str:
-    """A shapes value (JSON ``[[1,7,64]]``) as ``[1, 7, 64]``; empty for a null."""
+    """A shapes value (JSON ``[[1,7,64]]``) as ``[1, 7, 64]``; empty for a null; text that is
+    already formatted (``[1, 7, 64]``) as it is."""
     from .schema import shape_text
 
-    return shape_text(js)
+    try:
+        return shape_text(js)
+    except TypeError:  # one shape, not a list of them: already display text
+        return str(js)
 
 
 def index_set(indices: Iterable[int]) -> str:
@@ -147,6 +151,8 @@ def cell(column: str, value: object) -> str:
         return ""
     if isinstance(value, bool):
         return str(value)
+    if column.endswith("_shapes") and isinstance(value, str):
+        return shape(value)
     if isinstance(value, (int, float)) or hasattr(value, "dtype"):
         try:
             v = float(value)

@@ -296,7 +296,7 @@ def test_runs_without_generate_or_without_calls_draw_every_view(odd_dir, view):
 
 # --------------------------------------------------------------------------- views
 @pytest.mark.parametrize("view,n_charts,n_tables", [
-    ("Overview", 2, 1), ("Layers", 2, 1), ("Timeline", 2, 0), ("Memory", 2, 2), ("Roofline", 0, 1),
+    ("Overview", 2, 1), ("Layers", 3, 1), ("Timeline", 2, 0), ("Memory", 2, 2), ("Roofline", 0, 1),
     ("Shapes", 0, 1), ("Compare", 3, 3), ("Sweep", 0, 0), ("Data", 0, 1),
 ])
 def test_every_view_draws_without_errors(runs_dir, view, n_charts, n_tables):
@@ -322,9 +322,16 @@ def test_overview_headline_and_blocks_match_the_runs(runs, runs_dir):
     assert dict(zip(head["run_id"], head["run"])) == {
         rid: name for name, r in zip(("eager", "sdpa"), both) for rid in r.runs["run_id"]}
     blocks, breakdown = charts(at)
-    assert [t["name"] for t in blocks["data"]] == ["prefill", "decode"]
+    # two runs are shown side by side, one bar per run folder in a panel per phase, never summed
+    assert [t["name"] for t in blocks["data"]] == ["eager", "eager", "sdpa", "sdpa"]
+    assert [t["showlegend"] for t in blocks["data"]] == [True, False, True, False]
     assert {"embed", "layer", "norm", "head", "(residue)", "(outside model)"} <= set(arr(blocks["data"][0]["x"]))
+    for trace, (name, phase) in zip(blocks["data"], [(n, p) for n in ("eager", "sdpa") for p in ("prefill", "decode")]):
+        own = probe.load(runs[name]).summary(by="role")
+        want = own[own["phase"] == phase].set_index("module")["total_ms"]
+        np.testing.assert_allclose(arr(trace["y"]), want[arr(trace["x"])].to_numpy())
     assert breakdown["layout"]["barmode"] == "stack"
+    assert {y.split(" · ")[0] for t in breakdown["data"] for y in arr(t["y"])} == {"eager", "sdpa"}
     at.radio(key="overview_by").set_value("module").run()
     modules = set(arr(charts(at)[0]["data"][0]["x"]))
     assert {f"model.layers.{i}" for i in range(LAYERS)} | {"lm_head", "model.norm"} <= modules
@@ -406,12 +413,15 @@ def test_shapes_view_walks_one_generate_call(runs, runs_dir):
     run = probe.load(runs["eager"])
     at = app(runs_dir, runs=["eager"], view="Shapes")
     pick = at.selectbox(key="shapes_run")
-    assert pick.options == list(run.runs["run_id"])
-    for rid in pick.options:
-        at.selectbox(key="shapes_run").set_value(rid).run()
+    ids = list(run.runs["run_id"])
+    # each generate call is named by its run folder (and its id)
+    assert pick.options == [f"eager ({rid})" if i == 0 else f"eager · call {i + 1} ({rid})" for i, rid in enumerate(ids)]
+    for label, rid in zip(pick.options, ids):
+        at.selectbox(key="shapes_run").set_value(label).run()
         walk = frame(at)
         prompt = int(run.runs.loc[run.runs["run_id"] == rid, "prompt_tokens"].iloc[0])
-        layer0 = walk[walk["module"] == "model.layers.0"].set_index("phase")
+        # identical decoder layers are one row, as the terminal prints them
+        layer0 = walk[walk["module"] == f"model.layers.{{0..{LAYERS - 1}}}"].set_index("phase")
         assert layer0.loc["prefill", "out_shapes"] == f"[1, {prompt}, {HIDDEN}]"
         assert layer0.loc["decode", "out_shapes"] == f"[1, 1, {HIDDEN}]"
 

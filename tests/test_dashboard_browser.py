@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 #: charts each view draws for two selected runs (as the AppTest tests check too); the runs
 #: carry their peaks, so the Roofline view draws its chart
-CHARTS = {"Overview": 2, "Layers": 2, "Timeline": 2, "Memory": 2, "Roofline": 1, "Shapes": 0, "Compare": 3,
+CHARTS = {"Overview": 2, "Layers": 3, "Timeline": 2, "Memory": 2, "Roofline": 1, "Shapes": 0, "Compare": 3,
           "Sweep": 3, "Data": 0}
 SHOT = Path("/tmp/dashboard_overview.png")  # kept for a person to look at
 ROOFLINE_SHOT = Path("/tmp/dashboard_roofline.png")
@@ -56,8 +57,10 @@ def server(tmp_path_factory):
     port = _free_port()
     log_path = root.parent / "dashboard-server.log"
     with open(log_path, "w") as log:
+        # a session of its own: the teardown can stop `probe dashboard` and its Streamlit child together
         proc = subprocess.Popen([sys.executable, "-m", "probe", "dashboard", str(root), "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+                                stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
+                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -73,12 +76,16 @@ def server(tmp_path_factory):
             time.sleep(0.3)
         yield url
     finally:
-        proc.terminate()
+        proc.terminate()  # `probe dashboard` forwards SIGTERM to the server and waits for it
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass
+        try:  # whatever is left of the group (a server that ignored SIGTERM) goes too
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def _idle(page: Page) -> None:
