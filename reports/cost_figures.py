@@ -81,27 +81,36 @@ def roofline(roof_df: pd.DataFrame, peaks: Any, *, where: str | None = None, lab
     ys = shown["_y"].to_numpy(dtype="float64")
     y_lo = float(np.log10(ys.min())) if len(ys) else 0.0
     y_hi = float(np.log10(max(float(y.max()), ys.max() if len(ys) else 0.0)))
-    placed = _place_labels(np.log10(xs), np.log10(ys) if len(ys) else ys, shown["module"].astype(str).tolist(),
-                           (float(np.log10(lo)), float(np.log10(hi))), (y_lo - 0.3, y_hi + 0.3))
-    shown = shown.assign(_label=[t for t, _ in placed], _pos=[q for _, q in placed])
+    y_range = (y_lo - 0.3, y_hi + 0.3)
+    # labels are annotations placed where they overlap no other label or marker, further out
+    # with a leader line when the markers crowd (several blocks of one phase at one intensity)
+    labels_at = _place_labels(np.log10(xs), np.log10(ys) if len(ys) else ys, shown["module"].astype(str).tolist(),
+                              (float(np.log10(lo)), float(np.log10(hi))), y_range) if labels else []
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name="roof", line=dict(color="black", width=2),
                              hovertemplate="intensity %{x:.3g} FLOP/B<br>roof %{y:.3g} " + unit + "<extra></extra>"))
     for phase, sub in shown.groupby("phase", sort=False):
         fig.add_trace(go.Scatter(
-            x=sub["intensity_flops_per_byte"], y=sub["_y"], mode="markers+text" if labels else "markers",
+            x=sub["intensity_flops_per_byte"], y=sub["_y"], mode="markers",
             name=str(phase),
-            text=sub["_label"].map(html.escape),
-            textposition=sub["_pos"].tolist(),
+            text=sub["module"].astype(str).map(html.escape),
             marker=dict(size=11, color=_PHASE_COLORS.get(str(phase), "#333"),
                         symbol=[_BOUND_SYMBOLS.get(str(b), "diamond") for b in sub["bound"].astype(object)]),
             customdata=list(zip(sub["bound"].astype(str), sub["reason"].astype(str).map(html.escape),
-                                sub["time_ms"].astype(float), sub["time_source"].astype(str),
-                                sub["module"].astype(str).map(html.escape))),
-            hovertemplate=("<b>%{customdata[4]}</b> (" + str(phase) + ")<br>intensity %{x:.3g} FLOP/B<br>achieved %{y:.3g} "
+                                sub["time_ms"].astype(float), sub["time_source"].astype(str))),
+            hovertemplate=("<b>%{text}</b> (" + str(phase) + ")<br>intensity %{x:.3g} FLOP/B<br>achieved %{y:.3g} "
                            + unit + "<br>%{customdata[2]:.3f} ms (%{customdata[3]} time)<br>bound: %{customdata[0]}"
                            "<br>%{customdata[1]}<extra></extra>"),
         ))
+    for (text, dx, dy, arrow), lx, ly in zip(labels_at, np.log10(xs), np.log10(ys)):
+        if not text:
+            continue
+        common = dict(x=float(lx), y=float(ly), xref="x", yref="y", text=html.escape(text), font=dict(size=11))
+        if arrow:  # ay counts downwards in pixels
+            fig.add_annotation(**common, showarrow=True, ax=dx, ay=-dy, arrowhead=0, arrowwidth=0.7,
+                               arrowcolor="#999", standoff=5)
+        else:
+            fig.add_annotation(**common, showarrow=False, xshift=dx, yshift=dy)
     fig.add_vline(x=ridge, line=dict(dash="dot", color="gray"))
     # an annotation on a log axis takes log10(x) (add_vline's own label would sit at 10**ridge)
     fig.add_annotation(x=float(np.log10(ridge)), y=1, xref="x", yref="paper", text=f"ridge {ridge:,.1f} FLOP/B",
@@ -119,31 +128,31 @@ def roofline(roof_df: pd.DataFrame, peaks: Any, *, where: str | None = None, lab
                        xanchor="left", align="left", font=dict(size=10))
     # an explicit range: left to autorange, the ridge annotation stretches the axis decades too far
     fig.update_xaxes(type="log", title="arithmetic intensity (FLOP/byte)", range=[np.log10(lo), np.log10(hi)])
-    fig.update_yaxes(type="log", title=f"achieved {unit}")
+    fig.update_yaxes(type="log", title=f"achieved {unit}", range=list(y_range))
     return fig
 
 
-#: where a marker's label may go, tried in order, as (plotly textposition, dx, dy) of the label
-#: box's centre from the marker in units of (half the label width + gap, label height)
-_LABEL_SPOTS = (("top center", 0, 1), ("bottom center", 0, -1), ("middle right", 1, 0), ("middle left", -1, 0),
-                ("top right", 1, 1), ("top left", -1, 1), ("bottom right", 1, -1), ("bottom left", -1, -1))
+#: directions a marker's label may go, tried in order (unit steps in x and y, y up)
+_LABEL_DIRS = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, 1), (1, -1), (-1, -1))
 
 
 def _place_labels(lx: np.ndarray, ly: np.ndarray, texts: list[str], x_range: tuple[float, float],
-                  y_range: tuple[float, float], width_px: float = 760, height_px: float = 270
-                  ) -> list[tuple[str, str]]:
-    """(text, textposition) for each marker so that labels do not overlap each other or a marker.
+                  y_range: tuple[float, float], width_px: float = 850, height_px: float = 270
+                  ) -> list[tuple[str, float, float, bool]]:
+    """(text, dx, dy, leader line) of each marker's label, in pixels from the marker (y up), so
+    that labels overlap neither each other nor a marker.
 
-    Greedy, in the plot's pixel space (log10 coordinates scaled to an approximate plot area):
-    each label takes the first spot around its marker that is free, else the least covered one.
-    A marker sitting on another with the same name (one block in two phases) gets no second label.
+    Greedy, in the plot's pixel space (log10 coordinates scaled to the plot area): each label
+    takes the first free spot next to its marker, else the first free one further out (drawn
+    with a leader line), else the least covered. A marker sitting on another with the same
+    name (one block in two phases) gets no second label.
     """
     def px(i: int) -> tuple[float, float]:
         fx = (lx[i] - x_range[0]) / ((x_range[1] - x_range[0]) or 1.0)
         fy = (ly[i] - y_range[0]) / ((y_range[1] - y_range[0]) or 1.0)
         return fx * width_px, fy * height_px
 
-    char_w, line_h, gap, mark = 6.5, 14.0, 6.0, 6.0
+    char_w, line_h, gap, mark = 6.5, 14.0, 5.0, 6.0
     pts = [px(i) for i in range(len(texts))]
     boxes = [(x - mark, y - mark, x + mark, y + mark) for x, y in pts]  # the markers themselves
 
@@ -156,26 +165,32 @@ def _place_labels(lx: np.ndarray, ly: np.ndarray, texts: list[str], x_range: tup
                 total += w * h
         return total
 
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, float, float, bool]] = []
     for i, text in enumerate(texts):
         x, y = pts[i]
-        twin = any(texts[j] == text and abs(pts[j][0] - x) < 8 and abs(pts[j][1] - y) < 8 for j in range(i))
-        if twin:
-            out.append(("", "top center"))
+        if any(texts[j] == text and abs(pts[j][0] - x) < 8 and abs(pts[j][1] - y) < 8 for j in range(i)):
+            out.append(("", 0.0, 0.0, False))
             continue
         half = len(text) * char_w / 2
         best = None
-        for pos, dx, dy in _LABEL_SPOTS:
-            cx = x + dx * (half + gap)
-            cy = y + dy * (line_h / 2 + gap)
-            box = (cx - half, cy - line_h / 2, cx + half, cy + line_h / 2)
-            cost = overlap(box)
-            if best is None or cost < best[0]:
-                best = (cost, pos, box)
-            if cost == 0:
+        for reach in (1.0, 2.2, 3.4, 4.6):
+            for ux, uy in _LABEL_DIRS:
+                dx = ux * (half + gap + mark) * reach
+                dy = uy * (line_h / 2 + gap + mark) * reach
+                box = (x + dx - half, y + dy - line_h / 2, x + dx + half, y + dy + line_h / 2)
+                if not (0 <= box[0] and box[2] <= width_px and 0 <= box[1] and box[3] <= height_px):
+                    continue  # off the plot
+                cost = overlap(box)
+                if best is None or cost < best[0]:
+                    best = (cost, dx, dy, reach > 1, box)
+                if cost == 0:
+                    break
+            if best is not None and best[0] == 0:
                 break
-        boxes.append(best[2])
-        out.append((text, best[1]))
+        if best is None:  # nowhere inside the plot: straight above
+            best = (0.0, 0.0, line_h / 2 + gap + mark, False, (x - half, y, x + half, y + line_h))
+        boxes.append(best[4])
+        out.append((text, best[1], best[2], best[3]))
     return out
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import probe
+from probe import fmt
 from probe.cli import main
 from probe.models import load_bundled, save_bundled
 
@@ -147,10 +148,11 @@ def test_summary_table_reads_like_the_frames(tmp_path, capsys):
     assert code == 0
     run = probe.load(tmp_path / "r")
     ttft = run.runs.iloc[0]["ttft_ms"]
-    assert f"TTFT       {ttft:,.2f} ms" in out
+    assert f"TTFT       {fmt.ms(ttft)} ms" in out  # the report's formats (probe.fmt)
     summ = run.summary(by="role")
     layer_prefill = summ[(summ["role"] == "layer") & (summ["phase"] == "prefill")].iloc[0]
-    assert f"{layer_prefill['total_ms']:>12.3f}" in out
+    assert f"{fmt.ms(layer_prefill['total_ms']):>12}{fmt.ms(layer_prefill['mean_ms']):>10}" in out
+    assert f"{fmt.pct(layer_prefill['share']):>8}" in out
     assert isinstance(run.calls, pd.DataFrame)
 
 

@@ -141,13 +141,15 @@ def test_shape_walkthrough_prefill_and_first_decode(run):
     assert list(walk.columns) == ["phase", "step", "module", "role", "in_shapes", "out_shapes"]
     assert list(walk["phase"].unique()) == ["prefill", "decode"]
     assert set(walk["step"]) == {0, 1}
-    assert len(walk) == 2 * (LAYERS + 3)
+    assert len(walk) == 2 * (1 + 3)  # identical layers fold into one row, as the terminal prints them
     pre = walk[walk["phase"] == "prefill"].set_index("module")
     assert pre.loc["model.embed_tokens", "in_shapes"] == f"[1, {PROMPT}]"
     assert pre.loc["model.embed_tokens", "out_shapes"] == f"[1, {PROMPT}, 32]"
     dec = walk[walk["phase"] == "decode"].set_index("module")
-    assert dec.loc["model.layers.0", "out_shapes"] == "[1, 1, 32]"
+    assert dec.loc[f"model.layers.{{0..{LAYERS - 1}}}", "out_shapes"] == "[1, 1, 32]"
     assert walk["module"].iloc[0] == "model.embed_tokens"  # call order
+    full = figures.shape_walkthrough(run.calls, collapse=False)
+    assert len(full) == 2 * (LAYERS + 3) and "model.layers.1" in set(full["module"])
 
 
 def test_headline_matches_runs_and_carries_overhead(run):
