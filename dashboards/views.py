@@ -101,7 +101,8 @@ def _table(df: pd.DataFrame, key: str, raw: bool = False) -> None:
         st.dataframe(df, key=key, hide_index=True)
         return
     shown = df.reset_index(drop=True)
-    styled = shown.style.format({c: (lambda v, c=str(c): fmt.cell(c, v)) for c in shown.columns}, na_rep="")
+    # a blank display value would show as "None": a dash marks what was not recorded
+    styled = shown.style.format({c: (lambda v, c=str(c): fmt.cell(c, v) or "–") for c in shown.columns}, na_rep="–")
     st.dataframe(styled, key=key, hide_index=True)
 
 
