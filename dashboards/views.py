@@ -101,8 +101,10 @@ def _table(df: pd.DataFrame, key: str, raw: bool = False) -> None:
         st.dataframe(df, key=key, hide_index=True)
         return
     shown = df.reset_index(drop=True)
-    # a blank display value would show as "None": a dash marks what was not recorded
-    styled = shown.style.format({c: (lambda v, c=str(c): fmt.cell(c, v) or "–") for c in shown.columns}, na_rep="–")
+    # a column with no value at all (the allocator figures of a CPU run) would read "None" on
+    # every row: it is left out, as in the report and Jupyter
+    shown = shown[[c for c in shown.columns if shown[c].notna().any()]]
+    styled = shown.style.format({c: (lambda v, c=str(c): fmt.cell(c, v)) for c in shown.columns}, na_rep="")
     st.dataframe(styled, key=key, hide_index=True)
 
 
