@@ -274,3 +274,25 @@ def test_sigterm_to_probe_dashboard_stops_the_streamlit_server(tmp_path):
             except OSError:
                 pass
         proc.wait()
+
+
+def test_dashboard_opens_on_the_newest_top_level_run_not_a_sweeps_config(tmp_path):
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from dashboards import APP, data
+    from test_dashboard import record_sweep
+
+    model = tiny_llama(layers=2)
+    for name, when in (("older", 1_000_000), ("newer", 2_000_000)):
+        run_dir = _record(model).save(tmp_path / name)
+        os.utime(run_dir / "meta.json", (when, when))
+    record_sweep(tmp_path / "zz-sweep")  # written last, and its configs sort after every run
+    found = data.discover(tmp_path)
+    names = list(found.runs)
+    assert names[-1].startswith("zz-sweep/runs/")
+    assert data.newest(found, names) == "newer"
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.session_state["runs_dir"] = str(tmp_path)
+    at.run()
+    assert not at.exception and at.sidebar.multiselect(key="runs").value == ["newer"]
