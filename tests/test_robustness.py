@@ -72,9 +72,9 @@ def test_tokenizer_that_does_not_match_the_model(tmp_path, capsys):
 
 def test_empty_and_too_long_prompts(tmp_path, capsys):
     code = main(["run", "--prompt", "", "--max-new-tokens", "2", "--out", str(tmp_path / "e"), "--no-report"])
-    assert code == 0  # the BOS token alone is a valid prompt
-    assert probe.load(tmp_path / "e").runs.iloc[0]["prompt_tokens"] == 1
-    capsys.readouterr()
+    # an empty prompt would profile the BOS token alone: refused up front, nothing written
+    assert code == 2 and "prompt is empty" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
     code = main(["run", "--prompt", "climb " * 3000, "--max-new-tokens", "2", "--out", str(tmp_path / "l")])
     err = capsys.readouterr().err
     assert code == 2 and "context is 2048 positions" in err
