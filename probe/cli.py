@@ -564,19 +564,9 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
             text = tok.decode(seqs[0, prompt_len:], skip_special_tokens=True)
             lines.append("")
             lines.append(f"generated  {text!r}")
-            if _random_weights(r["model_id"]):
-                lines.append("           (random weights: the text is meaningless; this model exists to be timed, "
-                             "not to write)")
         except Exception:  # a preset's random ids may fall outside the tokenizer
             pass
     return "\n".join(lines)
-
-
-def _random_weights(model_id: object) -> bool:
-    """True for the models whose weights are random: the bundled one and the presets."""
-    from .models import BUNDLED_ID
-
-    return str(model_id) == BUNDLED_ID or str(model_id).startswith("preset:")
 
 
 def _walkthrough(run) -> list[str]:
