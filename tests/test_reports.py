@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import probe
-from probe import schema
+from probe import fmt, schema
 from reports import figures, write_reports
 from reports.compare import comparison_frame, write_comparison
 from reports.csv_export import read_csv, write_csv
@@ -85,7 +85,7 @@ def test_phase_blocks_bars_are_the_summary_totals(run):
         assert set(got.index) == {"embed", "layer", "norm", "head", "(residue)", "(outside model)"}
         np.testing.assert_allclose(got[want.index].to_numpy(), want.to_numpy())
         share = summ[summ["phase"] == phase].set_index("module")["share"]
-        assert list(tr.text) == [f"{share[m] * 100:.1f}%" for m in tr.x]
+        assert list(tr.text) == [fmt.pct(share[m]) for m in tr.x]  # the shared format (probe.fmt)
     by_module = figures.phase_blocks(run.calls, run.steps, by="module")
     assert {f"model.layers.{i}" for i in range(LAYERS)} <= set(by_module.data[0].x)
 
