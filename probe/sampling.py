@@ -13,7 +13,8 @@ Per step (the forward it follows), the recorder keeps the host time of every pro
 order) and of every stopping-criteria call (``stopping``), plus CUDA event time where the scores
 are on a CUDA device (pooled events, resolved once after generate, no synchronisation while it
 runs). Everything else outside the model until the next forward (softmax + multinomial or
-argmax, appending the token, cache and generate's bookkeeping) is the ``remainder``, so a step's
+argmax, appending the token, preparing the next forward's inputs and cache, generate's
+bookkeeping) is the ``remainder``, so a step's
 stages add up to its ``outside_ms`` (computed here as ``outside_ms`` minus the timed stages).
 
 Beam search: the processors run on the log-softmax scores of every beam; the remainder holds
@@ -400,14 +401,14 @@ def stage_summary(sampling: pd.DataFrame, steps: pd.DataFrame | None = None) -> 
     """Per phase and stage: the sampling step's time, in stage order.
 
     Columns: ``phase, stage, order, steps, calls, total_ms, mean_ms`` (per step),
-    ``gpu_total_ms`` (NaN without CUDA), ``share_outside`` (of the phase's time outside the
-    model over the same steps) and, with ``steps``, ``share_step`` (of the phase's latency,
+    ``gpu_total_ms`` (NaN without CUDA), ``outside_share`` (of the phase's time outside the
+    model over the same steps) and, with ``steps``, ``step_share`` (of the phase's latency,
     forward + outside, over the same steps). Stages of the same name in several generate
     calls are one row; the order is the first call's.
     """
     cols = {"phase": "string", "stage": "string", "order": "int64", "steps": "int64", "calls": "Int64",
             "total_ms": "float64", "mean_ms": "float64", "gpu_total_ms": "float64",
-            "share_outside": "float64", "share_step": "float64"}
+            "outside_share": "float64", "step_share": "float64"}
     if sampling is None or sampling.empty:
         return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in cols.items()})
     s = sampling
@@ -425,12 +426,12 @@ def stage_summary(sampling: pd.DataFrame, steps: pd.DataFrame | None = None) -> 
     out["steps"] = out["phase"].map(n_steps).astype("int64")
     out["mean_ms"] = out["total_ms"] / out["steps"]
     outside = s.groupby("phase", sort=False)["host_ms"].sum()
-    out["share_outside"] = out["total_ms"] / out["phase"].map(outside).astype("float64")
-    out["share_step"] = np.nan
+    out["outside_share"] = out["total_ms"] / out["phase"].map(outside).astype("float64")
+    out["step_share"] = np.nan
     if steps is not None and not steps.empty:
         timed = steps.merge(s[key].drop_duplicates(), on=key, how="inner")
         latency = timed.groupby("phase", sort=False)["latency_ms"].sum()
-        out["share_step"] = out["total_ms"] / out["phase"].map(latency).astype("float64")
+        out["step_share"] = out["total_ms"] / out["phase"].map(latency).astype("float64")
     rank = {p: i for i, p in enumerate(schema.PHASES)}
     out["_p"] = out["phase"].map(rank).fillna(len(rank))
     out["_r"] = out["stage"].eq(REMAINDER)  # the remainder last even where orders differ by run

@@ -105,9 +105,9 @@ def test_sampling_warpers_are_stages_in_order():
     assert (warpers["calls"] == 1).all() and (warpers["host_ms"] > 0).all()
     summ = run.sampling_summary()
     assert list(summ.columns) == ["phase", "stage", "order", "steps", "calls", "total_ms", "mean_ms",
-                                  "gpu_total_ms", "share_outside", "share_step"]
+                                  "gpu_total_ms", "outside_share", "step_share"]
     for phase, g in summ.groupby("phase"):
-        assert g["share_outside"].sum() == pytest.approx(1.0, abs=1e-9)
+        assert g["outside_share"].sum() == pytest.approx(1.0, abs=1e-9)
         sub = run.steps[run.steps["phase"] == phase]
         assert g["total_ms"].sum() == pytest.approx(sub["outside_ms"].sum(), abs=1e-9)
         assert (g["steps"] == len(sub)).all()
