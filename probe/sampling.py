@@ -12,10 +12,14 @@ Per step (the forward it follows), the recorder keeps the host time of every pro
 (temperature, top-k, top-p, repetition penalty, a user's processor, ... by class name, in list
 order) and of every stopping-criteria call (``stopping``), plus CUDA event time where the scores
 are on a CUDA device (pooled events, resolved once after generate, no synchronisation while it
-runs). Everything else outside the model until the next forward (softmax + multinomial or
-argmax, appending the token, preparing the next forward's inputs and cache, generate's
-bookkeeping) is the ``remainder``, so a step's
-stages add up to its ``outside_ms`` (computed here as ``outside_ms`` minus the timed stages).
+runs). Two model methods generate calls between forwards are timed the same way (host time,
+wrapped on the instance for the call): ``_update_model_kwargs_for_generation`` (``update
+kwargs``: carrying the cache, attention mask and positions over to the next step) and
+``prepare_inputs_for_generation`` (``prepare inputs``: slicing the next forward's inputs).
+Everything else outside the model until the next forward (the scores copy, softmax +
+multinomial or argmax, appending the token, generate's bookkeeping) is the ``remainder``, so a
+step's stages add up to its ``outside_ms`` (the remainder is ``outside_ms`` minus the timed
+stages).
 
 Beam search: the processors run on the log-softmax scores of every beam; the remainder holds
 the log-softmax and the beam bookkeeping. Assisted and prompt-lookup decoding: the processors
@@ -48,12 +52,18 @@ log = logging.getLogger(__name__)
 _now = time.perf_counter_ns
 _NS = 1e-6  # ns -> ms
 
-#: the model methods generate builds its per-call helpers with (in transformers 4.57 and 5.x)
-_BUILDERS = ("_get_logits_processor", "_get_stopping_criteria", "_get_candidate_generator")
-
 PROCESSOR, STOPPING, CANDIDATES, REMAINDER = "processor", "stopping", "candidates", "remainder"
-#: display order of the stage kinds (processors in list order first, remainder always last)
-_KIND_ORDER = {PROCESSOR: 0, STOPPING: 1, CANDIDATES: 2}
+UPDATE_KWARGS, PREPARE_INPUTS = "update kwargs", "prepare inputs"
+#: model methods generate calls between forwards, timed as a stage each (transformers 4.57 and 5.x)
+_METHODS = {"_update_model_kwargs_for_generation": UPDATE_KWARGS, "prepare_inputs_for_generation": PREPARE_INPUTS}
+#: every model attribute wrapped (on the instance, during a generate call): the builders of
+#: generate's per-call helpers, then the timed methods
+WRAPPED = ("_get_logits_processor", "_get_stopping_criteria", "_get_candidate_generator", *_METHODS)
+#: display order of the stage kinds, roughly that of a step: after the forward, its cache and
+#: mask are carried over, the processors run (in list order), the token is chosen, the
+#: stopping checks run, candidates are drafted, the next forward's inputs are prepared;
+#: the remainder (token choice and the rest) is always last
+_KIND_ORDER = {UPDATE_KWARGS: 0, PROCESSOR: 1, STOPPING: 2, CANDIDATES: 3, PREPARE_INPUTS: 4}
 
 
 class _RunRec:
@@ -132,7 +142,7 @@ class SamplingRecorder:
 
     def _install(self) -> None:
         model = self.model
-        for name in _BUILDERS:
+        for name in WRAPPED:
             orig = getattr(model, name, None)
             if orig is None or not callable(orig):
                 continue  # a transformers without this builder: outside_ms stays unsplit
@@ -153,6 +163,8 @@ class SamplingRecorder:
                 del model.__dict__[name]
 
     def _wrapper(self, orig: Callable, name: str) -> Callable:
+        if name in _METHODS:
+            return self._timed_method(orig, _METHODS[name])
         wrap = {"_get_logits_processor": self._timed_processors, "_get_stopping_criteria": self._timed_criteria,
                 "_get_candidate_generator": self._timed_candidates}[name]
 
@@ -183,6 +195,20 @@ class SamplingRecorder:
         if self._cur is None or type(built) is not StoppingCriteriaList:
             return built
         return timed_crit(built, self, self._cur)
+
+    def _timed_method(self, orig: Callable, stage: str) -> Callable:
+        """``orig`` (a bound model method generate calls between forwards), timed as ``stage``."""
+        rec = self
+
+        @functools.wraps(orig)  # keeps the signature generate inspects (via __wrapped__)
+        def method(*args, **kwargs):
+            run = rec._cur
+            if run is None or run.step < 0:  # before the first forward: generate's setup
+                return orig(*args, **kwargs)
+            return rec.timed(run, run.stage_id(stage, 0, stage), None, orig, args, kwargs)
+
+        method.__probe_wrapper__ = True  # type: ignore[attr-defined]
+        return method
 
     def _timed_candidates(self, gen: Any) -> Any:
         """Time ``gen.get_candidates`` (an instance attribute on generate's own, per-call object)."""

@@ -51,10 +51,12 @@ PARTS = (("embed", "embedding"), ("layer", "layers"), ("norm", "final norm"), ("
 ROLE_ORDER = {r: i for i, r in enumerate((*BLOCK_ROLES, "attention", "mlp", "layer_norm", "other", "residue",
                                           "outside"))}
 #: colours of the sampling stages in the step breakdown: one muted family, apart from the blocks'
-STAGE_COLORS = ("#2a9d8f", "#e9c46a", "#f4a261", "#e76f51", "#8ab17d", "#b56576", "#6c8ead", "#c9ada7")
-STAGE_FIXED = {"stopping": "#6d597a", "candidates": "#355070", "remainder": "#a8a8a8",
-               "outside (not split)": "#cfcfcf"}
-STAGE_LABELS = {"remainder": "remainder (token choice, next inputs, bookkeeping)",
+STAGE_COLORS = ("#17becf", "#bcbd22", "#8c564b", "#e377c2", "#393b79", "#637939", "#9c9ede", "#d6616b")
+STAGE_FIXED = {"update kwargs": "#52796f", "stopping": "#3d405b", "candidates": "#b5838d",
+               "prepare inputs": "#b08968", "remainder": "#a8a8a8", "outside (not split)": "#cfcfcf"}
+STAGE_LABELS = {"update kwargs": "update kwargs (cache, mask, positions)",
+                "prepare inputs": "prepare inputs (of the next forward)",
+                "remainder": "remainder (token choice, bookkeeping)",
                 "outside (not split)": "not split"}
 
 

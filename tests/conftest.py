@@ -26,7 +26,7 @@ def _probe_hooks_alive() -> list[str]:
     (C or Python, also when something wrapped them in turn), the generate marker, and hooks
     from the probe's modules."""
     from probe import capture
-    from probe.sampling import _BUILDERS as WRAPPED
+    from probe.sampling import WRAPPED
 
     leaks = []
     for obj in list(capture._HOOKED):

@@ -107,7 +107,8 @@ def test_step_breakdown_splits_outside_into_sampling_stages(run):
     fig = figures.step_breakdown(run.calls, run.steps, run.sampling)
     names = [t.name for t in fig.data]
     assert names[:5] == ["embedding", "layers", "final norm", "lm_head", "residue (in forward, outside blocks)"]
-    assert names[5:] == ["outside: stopping", "outside: remainder (token choice, next inputs, bookkeeping)"]
+    assert names[5:] == ["outside: update kwargs (cache, mask, positions)", "outside: stopping",
+                         "outside: prepare inputs (of the next forward)", "outside: remainder (token choice, bookkeeping)"]
     plain = figures.step_breakdown(run.calls, run.steps)
     st = run.steps
     for i, phase in enumerate(["prefill", "decode"]):
@@ -124,8 +125,9 @@ def test_sampling_stages_figure_adds_up_to_the_time_outside_the_model():
         model.generate(ids, max_new_tokens=5, do_sample=True, top_k=10, top_p=0.85, temperature=0.8)
     run = p.run
     fig = figures.sampling_stages(run.sampling, run.steps)
-    assert [t.name for t in fig.data] == ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
-                                          "stopping", "remainder (token choice, next inputs, bookkeeping)"]
+    assert [t.name for t in fig.data] == ["update kwargs (cache, mask, positions)", "TemperatureLogitsWarper",
+                                          "TopKLogitsWarper", "TopPLogitsWarper", "stopping",
+                                          "prepare inputs (of the next forward)", "remainder (token choice, bookkeeping)"]
     st = run.steps
     for i, phase in enumerate(["prefill", "decode"]):
         assert fig.data[0].y[i].startswith(phase)
@@ -133,7 +135,7 @@ def test_sampling_stages_figure_adds_up_to_the_time_outside_the_model():
         assert total == pytest.approx(st.loc[st["phase"] == phase, "outside_ms"].mean(), rel=1e-9)
         # the hover's share of the step is the stage over the phase's mean latency
         lat = st.loc[st["phase"] == phase, "latency_ms"].mean()
-        assert fig.data[1].customdata[i] == pytest.approx(fig.data[1].x[i] / lat * 100, rel=1e-9)
+        assert fig.data[2].customdata[i] == pytest.approx(fig.data[2].x[i] / lat * 100, rel=1e-9)
     assert figures.sampling_stages(schema.empty(schema.SAMPLING), st).layout.annotations[0].text == \
         "no sampling stages recorded"
 

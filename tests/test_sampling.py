@@ -13,10 +13,10 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 import probe
 from probe import schema
-from probe.sampling import stage_means
+from probe.sampling import WRAPPED, stage_means
 from tiny import tiny_llama
 
-BUILDERS = ("_get_logits_processor", "_get_stopping_criteria", "_get_candidate_generator")
+BUILDERS = WRAPPED
 
 
 def _ids(n=6, batch=1, seed=0, vocab=120):
@@ -53,9 +53,13 @@ def _assert_adds_up(run):
         assert list(g["order"]) == list(range(len(g))) and g["stage"].iloc[-1] == "remainder"
 
 
+METHOD_STAGES = ("update kwargs", "prepare inputs")
+
+
 def _stages(run, step=1):
+    """The stages of ``step`` in order, without the two model-method stages every mode has."""
     s = run.sampling
-    return list(s.loc[s["step"] == step, "stage"])
+    return [x for x in s.loc[s["step"] == step, "stage"] if x not in METHOD_STAGES]
 
 
 class BanToken(LogitsProcessor):
@@ -87,10 +91,15 @@ def test_greedy_has_stopping_and_remainder():
     ref, out, run = _record(model, _ids(), max_new_tokens=5, do_sample=False)
     assert torch.equal(ref, out)
     _assert_adds_up(run)
-    assert _stages(run)[-2:] == ["stopping", "remainder"]
-    stop = run.sampling[run.sampling["stage"] == "stopping"]
+    s = run.sampling
+    assert list(s.loc[s["step"] == 1, "stage"]) == ["update kwargs", "stopping", "prepare inputs", "remainder"]
+    stop = s[s["stage"] == "stopping"]
     assert len(stop) == 5 and (stop["calls"] == 1).all() and stop["gpu_ms"].isna().all()
-    assert set(run.sampling["phase"]) == {"prefill", "decode"}
+    assert set(s["phase"]) == {"prefill", "decode"}
+    # the next forward's inputs are prepared after every step but the last
+    prep = s[s["stage"] == "prepare inputs"]
+    assert list(prep["calls"]) == [1, 1, 1, 1, 0]
+    assert (s.loc[s["stage"] == "update kwargs", "calls"] == 1).all()
 
 
 def test_sampling_warpers_are_stages_in_order():
