@@ -180,7 +180,7 @@ class Probe:
             now=self._clock,
         )
         rec.placements = placements(model, [(info.name, mod) for mod, info in selected])
-        rec.sampling = SamplingRecorder(model)  # sampling stages of generate calls (probe/sampling.py)
+        rec.sampling = SamplingRecorder(model, now=rec.now)  # sampling stages of generate calls (probe/sampling.py)
         self._stack.callback(rec.sampling.end)  # its generate-time wrappers go on every path
         make_for = self._wrapper_factory(rec)
         self._register(model)

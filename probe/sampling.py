@@ -98,8 +98,9 @@ class SamplingRecorder:
     forwards ends, and :meth:`end` when it returns (or fails, or the probe detaches).
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, now: Callable[[], int] | None = None) -> None:
         self.model = model
+        self.now = now or _now  # the recorder's clock: stages and steps must share it
         self.runs: dict[str, _RunRec] = {}
         self._cur: _RunRec | None = None
         self._installed: list[tuple[str, bool, Any]] = []  # (name, had an instance attribute, its value)
@@ -232,21 +233,22 @@ class SamplingRecorder:
     # ------------------------------------------------------------------ timing
     def timed(self, run: _RunRec, sid: int, device: Any, fn: Callable, args: tuple, kwargs: dict) -> Any:
         """``fn(*args, **kwargs)``, its host time (and CUDA time on a CUDA ``device``) recorded."""
+        now = self.now
         if getattr(device, "type", None) == "cuda":
             import torch
 
             stream = torch.cuda.current_stream(device)
             ev0 = self._event(stream)
-            t0 = _now()
+            t0 = now()
             out = fn(*args, **kwargs)
-            t1 = _now()
+            t1 = now()
             ev1 = self._event(stream)  # recorded outside the host window: its cost is the remainder's
             run.c_ev.append(len(self._pairs))
             self._pairs.append((ev0, ev1))
         else:
-            t0 = _now()
+            t0 = now()
             out = fn(*args, **kwargs)
-            t1 = _now()
+            t1 = now()
             run.c_ev.append(-1)
         run.c_step.append(run.step)
         run.c_stage.append(sid)

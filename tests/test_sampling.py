@@ -329,3 +329,45 @@ def test_timed_list_copies_and_pickles():
     scores = torch.zeros(1, 8)
     assert torch.isinf(lst(torch.zeros(1, 2, dtype=torch.long), scores)[0, 3])
     assert len(run.c_ns) == 0
+
+
+class VirtualClock:
+    """A clock that advances 1 ns per read, plus whatever a test's own work spends."""
+
+    def __init__(self) -> None:
+        self.t = 0
+
+    def __call__(self) -> int:
+        self.t += 1
+        return self.t
+
+    def spend(self, ns: int) -> None:
+        self.t += ns
+
+
+def test_stages_read_the_probes_clock_exactly():
+    model = tiny_llama(layers=2)
+    clock = VirtualClock()
+
+    class Slow(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            clock.spend(500_000)
+            return scores
+
+    class SlowStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            clock.spend(200_000)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    with probe.attach(model, clock=clock) as p:
+        model.generate(_ids(), max_new_tokens=4, do_sample=False, logits_processor=LogitsProcessorList([Slow()]),
+                       stopping_criteria=StoppingCriteriaList([SlowStop()]))
+    run = p.run
+    _assert_adds_up(run)
+    s = run.sampling.set_index(["step", "stage"])
+    for step in range(4):
+        assert s.loc[(step, "Slow"), "host_ms"] == pytest.approx(0.500001, abs=1e-12)  # spend + closing read
+        assert s.loc[(step, "stopping"), "host_ms"] == pytest.approx(0.200001, abs=1e-12)
+        assert 0 <= s.loc[(step, "remainder"), "host_ms"] < 0.001  # a few reads of the clock
+    # outside the model is the two spends and a few clock reads: nothing else ran on this clock
+    assert (run.steps["outside_ms"] - 0.7).abs().max() < 0.001
