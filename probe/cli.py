@@ -535,7 +535,8 @@ def _sampling_lines(run) -> list[str]:
         cells.setdefault(str(r.stage), {})[str(r.phase)] = (r.mean_ms, r.step_share)
     names = [k for k in cells if k != "remainder"] + (["remainder"] if "remainder" in cells else [])
     for name in names:
-        label = "remainder (token choice, bookkeeping)" if name == "remainder" else name
+        label = {"remainder": "remainder (token choice, bookkeeping)",
+                 "probe": "probe (its own step bookkeeping)"}.get(name, name)
         row = f"  {label[:39]:<39}"
         for p in phases:
             ms, share = cells[name].get(p, (float("nan"), float("nan")))

@@ -351,6 +351,8 @@ class Recorder:
                 self._mem_push()
             s.ev0 = self._event()
         s.t0 = self.now() if self.uses_cuda else t0
+        if self.uses_cuda and run is self.gen_run and self.sampling is not None:
+            self.sampling.own(s.t0 - t0)  # opening this step, outside the previous step's forward
 
     def step_end(self, kwargs: dict, out: Any, error: BaseException | None = None) -> None:
         """After a root forward (also when it raised, KeyboardInterrupt included)."""
@@ -387,7 +389,8 @@ class Recorder:
                     s.kv_bytes = None
         s.run.steps.append(s)
         if s.run is self.gen_run and self.sampling is not None:
-            self.sampling.step(s.index)  # sampling calls from here to the next forward belong to s
+            # sampling calls from here to the next forward belong to s; so does this bookkeeping
+            self.sampling.step(s.index, self.now() - t1)
         self.version += 1
 
     def _keep(self, s: StepRec) -> bool:

@@ -16,10 +16,12 @@ runs). Two model methods generate calls between forwards are timed the same way 
 wrapped on the instance for the call): ``_update_model_kwargs_for_generation`` (``update
 kwargs``: carrying the cache, attention mask and positions over to the next step) and
 ``prepare_inputs_for_generation`` (``prepare inputs``: slicing the next forward's inputs).
+The probe's own bookkeeping of the step that falls outside the forward (closing the step,
+reading the cache size; on CUDA also opening the next step) is the stage ``probe``.
 Everything else outside the model until the next forward (the scores copy, softmax +
-multinomial or argmax, appending the token, generate's bookkeeping) is the ``remainder``, so a
-step's stages add up to its ``outside_ms`` (the remainder is ``outside_ms`` minus the timed
-stages).
+multinomial or argmax, appending the token, generate's bookkeeping, and the few microseconds
+per stage the timing itself costs) is the ``remainder``, so a step's stages add up to its
+``outside_ms`` (the remainder is ``outside_ms`` minus the timed stages).
 
 Beam search: the processors run on the log-softmax scores of every beam; the remainder holds
 the log-softmax and the beam bookkeeping. Assisted and prompt-lookup decoding: the processors
@@ -53,7 +55,7 @@ _now = time.perf_counter_ns
 _NS = 1e-6  # ns -> ms
 
 PROCESSOR, STOPPING, CANDIDATES, REMAINDER = "processor", "stopping", "candidates", "remainder"
-UPDATE_KWARGS, PREPARE_INPUTS = "update kwargs", "prepare inputs"
+UPDATE_KWARGS, PREPARE_INPUTS, PROBE = "update kwargs", "prepare inputs", "probe"
 #: model methods generate calls between forwards, timed as a stage each (transformers 4.57 and 5.x)
 _METHODS = {"_update_model_kwargs_for_generation": UPDATE_KWARGS, "prepare_inputs_for_generation": PREPARE_INPUTS}
 #: every model attribute wrapped (on the instance, during a generate call): the builders of
@@ -62,8 +64,9 @@ WRAPPED = ("_get_logits_processor", "_get_stopping_criteria", "_get_candidate_ge
 #: display order of the stage kinds, roughly that of a step: after the forward, its cache and
 #: mask are carried over, the processors run (in list order), the token is chosen, the
 #: stopping checks run, candidates are drafted, the next forward's inputs are prepared;
-#: the remainder (token choice and the rest) is always last
-_KIND_ORDER = {UPDATE_KWARGS: 0, PROCESSOR: 1, STOPPING: 2, CANDIDATES: 3, PREPARE_INPUTS: 4}
+#: then the probe's own bookkeeping of the step; the remainder (token choice and the rest) is
+#: always last
+_KIND_ORDER = {UPDATE_KWARGS: 0, PROCESSOR: 1, STOPPING: 2, CANDIDATES: 3, PREPARE_INPUTS: 4, PROBE: 5}
 
 
 class _RunRec:
@@ -119,11 +122,23 @@ class SamplingRecorder:
             self._uninstall()
             self._cur = None
 
-    def step(self, index: int) -> None:
-        """Forward ``index`` of the current generate call has finished."""
+    def step(self, index: int, own_ns: int = 0) -> None:
+        """Forward ``index`` of the current generate call has finished; the probe spent
+        ``own_ns`` of its time outside the model closing it."""
         cur = self._cur
         if cur is not None:
             cur.step = index
+            self.own(own_ns)
+
+    def own(self, ns: int) -> None:
+        """``ns`` of the probe's own work between forwards, for the stage ``probe``."""
+        cur = self._cur
+        if cur is None or cur.step < 0 or ns <= 0:
+            return
+        cur.c_step.append(cur.step)
+        cur.c_stage.append(cur.stage_id(PROBE, 0, PROBE))
+        cur.c_ns.append(ns)
+        cur.c_ev.append(-1)
 
     def end(self) -> None:
         """The generate call is over: remove the wrappers, resolve CUDA events. Idempotent."""

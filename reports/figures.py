@@ -53,9 +53,11 @@ ROLE_ORDER = {r: i for i, r in enumerate((*BLOCK_ROLES, "attention", "mlp", "lay
 #: colours of the sampling stages in the step breakdown: one muted family, apart from the blocks'
 STAGE_COLORS = ("#17becf", "#bcbd22", "#8c564b", "#e377c2", "#393b79", "#637939", "#9c9ede", "#d6616b")
 STAGE_FIXED = {"update kwargs": "#52796f", "stopping": "#3d405b", "candidates": "#b5838d",
-               "prepare inputs": "#b08968", "remainder": "#a8a8a8", "outside (not split)": "#cfcfcf"}
+               "prepare inputs": "#b08968", "probe": "#d9d9d9", "remainder": "#a8a8a8",
+               "outside (not split)": "#cfcfcf"}
 STAGE_LABELS = {"update kwargs": "update kwargs (cache, mask, positions)",
                 "prepare inputs": "prepare inputs (of the next forward)",
+                "probe": "probe (its own step bookkeeping)",
                 "remainder": "remainder (token choice, bookkeeping)",
                 "outside (not split)": "not split"}
 

@@ -326,16 +326,17 @@ def test_overview_headline_and_blocks_match_the_runs(runs, runs_dir):
     assert {"embed", "layer", "norm", "head", "(residue)", "(outside model)"} <= set(arr(blocks["data"][0]["x"]))
     assert breakdown["layout"]["barmode"] == "stack"
     # the time outside the model is split into the sampling stages, which add up to it
-    assert [t["name"] for t in breakdown["data"]][-3:] == ["outside: stopping",
+    assert [t["name"] for t in breakdown["data"]][-4:] == ["outside: stopping",
                                                            "outside: prepare inputs (of the next forward)",
+                                                           "outside: probe (its own step bookkeeping)",
                                                            "outside: remainder (token choice, bookkeeping)"]
     steps = pd.concat([r.steps for r in both])
     for i, phase in enumerate(("prefill", "decode")):
         total = sum(arr(t["x"])[i] for t in stages["data"])
         assert total == pytest.approx(steps.loc[steps["phase"] == phase, "outside_ms"].mean(), rel=1e-9)
     summ = frame(at, 1)
-    assert list(summ["stage"]) == ["update kwargs", "stopping", "prepare inputs", "remainder"] * 2
-    assert list(summ["phase"]) == ["prefill"] * 4 + ["decode"] * 4
+    assert list(summ["stage"]) == ["update kwargs", "stopping", "prepare inputs", "probe", "remainder"] * 2
+    assert list(summ["phase"]) == ["prefill"] * 5 + ["decode"] * 5
     at.radio(key="overview_by").set_value("module").run()
     modules = set(arr(charts(at)[0]["data"][0]["x"]))
     assert {f"model.layers.{i}" for i in range(LAYERS)} | {"lm_head", "model.norm"} <= modules

@@ -108,7 +108,8 @@ def test_step_breakdown_splits_outside_into_sampling_stages(run):
     names = [t.name for t in fig.data]
     assert names[:5] == ["embedding", "layers", "final norm", "lm_head", "residue (in forward, outside blocks)"]
     assert names[5:] == ["outside: update kwargs (cache, mask, positions)", "outside: stopping",
-                         "outside: prepare inputs (of the next forward)", "outside: remainder (token choice, bookkeeping)"]
+                         "outside: prepare inputs (of the next forward)", "outside: probe (its own step bookkeeping)",
+                         "outside: remainder (token choice, bookkeeping)"]
     plain = figures.step_breakdown(run.calls, run.steps)
     st = run.steps
     for i, phase in enumerate(["prefill", "decode"]):
@@ -127,7 +128,8 @@ def test_sampling_stages_figure_adds_up_to_the_time_outside_the_model():
     fig = figures.sampling_stages(run.sampling, run.steps)
     assert [t.name for t in fig.data] == ["update kwargs (cache, mask, positions)", "TemperatureLogitsWarper",
                                           "TopKLogitsWarper", "TopPLogitsWarper", "stopping",
-                                          "prepare inputs (of the next forward)", "remainder (token choice, bookkeeping)"]
+                                          "prepare inputs (of the next forward)", "probe (its own step bookkeeping)",
+                                          "remainder (token choice, bookkeeping)"]
     st = run.steps
     for i, phase in enumerate(["prefill", "decode"]):
         assert fig.data[0].y[i].startswith(phase)

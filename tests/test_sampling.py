@@ -53,11 +53,11 @@ def _assert_adds_up(run):
         assert list(g["order"]) == list(range(len(g))) and g["stage"].iloc[-1] == "remainder"
 
 
-METHOD_STAGES = ("update kwargs", "prepare inputs")
+METHOD_STAGES = ("update kwargs", "prepare inputs", "probe")
 
 
 def _stages(run, step=1):
-    """The stages of ``step`` in order, without the two model-method stages every mode has."""
+    """The stages of ``step`` in order, without the model-method and probe stages every mode has."""
     s = run.sampling
     return [x for x in s.loc[s["step"] == step, "stage"] if x not in METHOD_STAGES]
 
@@ -92,7 +92,10 @@ def test_greedy_has_stopping_and_remainder():
     assert torch.equal(ref, out)
     _assert_adds_up(run)
     s = run.sampling
-    assert list(s.loc[s["step"] == 1, "stage"]) == ["update kwargs", "stopping", "prepare inputs", "remainder"]
+    assert list(s.loc[s["step"] == 1, "stage"]) == ["update kwargs", "stopping", "prepare inputs", "probe",
+                                                    "remainder"]
+    own = s[s["stage"] == "probe"]  # the probe's own step bookkeeping outside the forward, once a step
+    assert (own["calls"] == 1).all() and (own["host_ms"] > 0).all()
     stop = s[s["stage"] == "stopping"]
     assert len(stop) == 5 and (stop["calls"] == 1).all() and stop["gpu_ms"].isna().all()
     assert set(s["phase"]) == {"prefill", "decode"}
@@ -369,5 +372,6 @@ def test_stages_read_the_probes_clock_exactly():
         assert s.loc[(step, "Slow"), "host_ms"] == pytest.approx(0.500001, abs=1e-12)  # spend + closing read
         assert s.loc[(step, "stopping"), "host_ms"] == pytest.approx(0.200001, abs=1e-12)
         assert 0 <= s.loc[(step, "remainder"), "host_ms"] < 0.001  # a few reads of the clock
+        assert 0 < s.loc[(step, "probe"), "host_ms"] < 0.001
     # outside the model is the two spends and a few clock reads: nothing else ran on this clock
     assert (run.steps["outside_ms"] - 0.7).abs().max() < 0.001
