@@ -152,9 +152,10 @@ def overview(ctx: Context) -> None:
     if len(run.sampling):
         _chart(ctx.memo("sampling_stages", lambda: figures.sampling_stages(run.sampling, run.steps)),
                "overview_sampling_stages")
-        st.caption("The sampling step per phase: each logits processor, the stopping checks and the remainder "
-                   "(token choice, cache, bookkeeping); ms per step, shares of the time outside the model and "
-                   "of the whole step")
+        st.caption("The sampling step per phase, the time outside the model stage by stage: generate's kwargs "
+                   "update, each logits processor, the stopping checks, the next inputs, the probe's own "
+                   "bookkeeping and the remainder (token choice, bookkeeping); ms per step, shares of the time "
+                   "outside the model and of the whole step")
         _table(ctx.memo("sampling_summary", run.sampling_summary), "overview_sampling")
 
 

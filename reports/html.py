@@ -321,9 +321,10 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
     doc.add('<h2 id="tables">Tables</h2>')
     doc.add(table_html(run.phase_summary(), caption="Per phase", table_id="phase-table"))
     if len(run.sampling):
-        doc.add(table_html(run.sampling_summary(), caption="Sampling step per phase: each logits processor, the "
-                           "stopping checks and the remainder (ms per step; shares of the time outside the model "
-                           "and of the whole step)", table_id="sampling-table"))
+        doc.add(table_html(run.sampling_summary(), caption="Sampling step per phase, the time outside the model stage "
+                           "by stage: generate's kwargs update, each logits processor, the stopping checks, the "
+                           "next inputs, the probe's own bookkeeping and the remainder (ms per step; shares of the "
+                           "time outside the model and of the whole step)", table_id="sampling-table"))
     if multi:
         doc.add(table_html(per_rank_summary(run.calls, run.steps, by="role"),
                            caption="Per rank, role and phase (share of that rank's forward time)",
