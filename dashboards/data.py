@@ -221,6 +221,7 @@ def combine(runs: list[probe.Run]) -> probe.Run:
         steps=schema.conform(pd.concat([r.steps for r in runs], ignore_index=True), schema.STEPS),
         runs=schema.conform(pd.concat([r.runs for r in runs], ignore_index=True), schema.RUNS),
         meta=dict(runs[0].meta),
+        sampling=schema.conform(pd.concat([r.sampling for r in runs], ignore_index=True), schema.SAMPLING),
     )
 
 
@@ -278,7 +279,12 @@ def apply_filters(run: probe.Run, f: Filters) -> probe.Run:
         runs = runs if rmask.all() else runs[rmask].reset_index(drop=True)
     new_calls = calls if cmask.all() else calls[cmask].reset_index(drop=True)
     new_steps = steps if smask.all() else steps[smask].reset_index(drop=True)
-    return probe.Run(calls=new_calls, steps=new_steps, runs=runs, meta=run.meta, path=run.path)
+    samp = run.sampling
+    if len(samp) and not smask.all():  # the sampling rows of the steps kept
+        key = ["rank", "run_id", "step"]
+        kept = pd.MultiIndex.from_frame(new_steps[key].astype(object))
+        samp = samp[pd.MultiIndex.from_frame(samp[key].astype(object)).isin(kept)].reset_index(drop=True)
+    return probe.Run(calls=new_calls, steps=new_steps, runs=runs, meta=run.meta, path=run.path, sampling=samp)
 
 
 def _in_ranks(frame: pd.DataFrame, picked: tuple[int, ...]) -> np.ndarray:

@@ -197,7 +197,16 @@ def overview(ctx: Context) -> None:
         st.caption(f"Prefill vs decode per block ({by}) and rank; share: of that rank's forward time")
         _table(ctx.memo("rank_summary", lambda: per_rank_summary(run.calls, run.steps, by=by), by),
                "overview_ranks")
-    _chart(ctx.memo("step_breakdown", lambda: figures.step_breakdown(run.calls, run.steps)), "overview_breakdown")
+    _chart(ctx.memo("step_breakdown", lambda: figures.step_breakdown(run.calls, run.steps, run.sampling)),
+           "overview_breakdown")
+    if len(run.sampling):
+        _chart(ctx.memo("sampling_stages", lambda: figures.sampling_stages(run.sampling, run.steps)),
+               "overview_sampling_stages")
+        st.caption("The sampling step per phase, the time outside the model stage by stage: generate's kwargs "
+                   "update, each logits processor, the stopping checks, the next inputs, the probe's own "
+                   "bookkeeping and the remainder (token choice, bookkeeping); ms per step, shares of the time "
+                   "outside the model and of the whole step")
+        _table(ctx.memo("sampling_summary", run.sampling_summary), "overview_sampling")
 
 
 def _per_layer(run: probe.Run) -> pd.DataFrame:
@@ -391,6 +400,8 @@ def _tables(run: probe.Run) -> dict[str, Callable[[], pd.DataFrame]]:
         "summary by module": lambda: run.summary(by="module"),
         "summary by role": lambda: run.summary(by="role"),
         "phase summary": run.phase_summary,
+        "sampling": lambda: run.sampling,
+        "sampling summary": run.sampling_summary,
         "block memory": lambda: data.block_memory(run.calls),
     }
 

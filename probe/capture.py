@@ -25,6 +25,7 @@ from .discovery import ModuleInfo, select_modules
 from .distributed import OffloadClock, placements, world
 from .generation import generation_settings, inputs_of
 from .recorder import Recorder
+from .sampling import SamplingRecorder
 from .schema import DEPTHS, Depth
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,8 @@ class Probe:
             now=self._clock,
         )
         rec.placements = placements(model, [(info.name, mod) for mod, info in selected])
+        rec.sampling = SamplingRecorder(model, now=rec.now)  # sampling stages of generate calls (probe/sampling.py)
+        self._stack.callback(rec.sampling.end)  # its generate-time wrappers go on every path
         make_for = self._wrapper_factory(rec)
         self._register(model)
         self._stack.callback(self._unregister)

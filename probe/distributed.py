@@ -103,7 +103,8 @@ def save_rank(run: "Run | Probe", run_dir: str | os.PathLike, *, align_run_ids: 
         if align_run_ids and rank:
             run = _renamed(run, ids, everyone[0][1], rank)
     meta = dict(run.meta, rank=recorded, world_size=size)
-    out = Run(calls=run.calls, steps=run.steps, runs=run.runs, meta=meta).save(rank_dir(run_dir, recorded))
+    out = Run(calls=run.calls, steps=run.steps, runs=run.runs, meta=meta,
+              sampling=run.sampling).save(rank_dir(run_dir, recorded))
     if size > 1:
         dist.barrier()
     return out
@@ -123,7 +124,8 @@ def _renamed(run: "Run", mine: list[str], base: list[str], rank: int) -> "Run":
         out["run_id"] = out["run_id"].map(lambda v: names.get(v, v)).astype(df["run_id"].dtype)
         return out
 
-    return Run(calls=rename(run.calls), steps=rename(run.steps), runs=rename(run.runs), meta=dict(run.meta))
+    return Run(calls=rename(run.calls), steps=rename(run.steps), runs=rename(run.runs), meta=dict(run.meta),
+               sampling=rename(run.sampling))
 
 
 # --------------------------------------------------------------------------- placements

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from . import schema
+from .sampling import sampling_frame
 from .schema import CALLS, RUNS, STEPS, BLOCK_ROLES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -131,7 +132,8 @@ def build_run(p: "Records") -> "Run":
         "calibration": p.calibration,
         **env,
     }
-    return Run(calls=calls, steps=steps_df, runs=runs_df, meta=meta)
+    sampling = sampling_frame(p.sampling, steps_df, p.rank)
+    return Run(calls=calls, steps=steps_df, runs=runs_df, meta=meta, sampling=sampling)
 
 
 def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple]) -> pd.DataFrame:

@@ -97,6 +97,7 @@ class Records:
     calibration: dict
     env: dict = field(default_factory=dict)
     config: dict | None = None
+    sampling: dict = field(default_factory=dict)  # run id -> probe.sampling stage records
 
 
 class Recorder:
@@ -138,6 +139,7 @@ class Recorder:
         self._cur_step: StepRec | None = None
         self._run_counter = 0
         self._run_prefix = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{id(self) & 0xFFFF:04x}"
+        self.sampling = None  # a probe.sampling.SamplingRecorder, set by the probe that owns the model
         self.version = 0  # bumped on every change the frames can see
 
     # ------------------------------------------------------------------ modules and signatures
@@ -249,11 +251,15 @@ class Recorder:
             torch.cuda.reset_peak_memory_stats(self.cuda_device)
             run.mem_peak = alloc_stats(self.cuda_device)[0]
         self.gen_run = run
+        if self.sampling is not None:
+            self.sampling.begin(run.run_id)  # times generate's processors, stopping checks, ...
 
     def abandon_generate(self) -> None:
         self._gen_depth = max(0, self._gen_depth - 1)
         if self._gen_depth == 0:
             self.gen_run = None
+            if self.sampling is not None:
+                self.sampling.end()
 
     def end_generate(self, out: Any, status: str) -> RunRec | None:
         """Close the outermost generate(); returns its run (None for a nested call)."""
@@ -265,6 +271,8 @@ class Recorder:
             return None
         run.t_exit = self.now()
         run.status = status
+        if self.sampling is not None:
+            self.sampling.end()  # its wrappers off, its CUDA events resolved
         seqs = out
         if seqs is not None and not isinstance(seqs, Tensor):
             seqs = getattr(seqs, "sequences", None)
@@ -288,6 +296,8 @@ class Recorder:
             run.status = f"failed: {reason}"
             self.gen_run = None
             self._gen_depth = 0
+        if self.sampling is not None:
+            self.sampling.end()
         self._open_forward = None
         self._reset_step_state()
         self.resolve_quietly()
@@ -341,6 +351,8 @@ class Recorder:
                 self._mem_push()
             s.ev0 = self._event()
         s.t0 = self.now() if self.uses_cuda else t0
+        if self.uses_cuda and run is self.gen_run and self.sampling is not None:
+            self.sampling.own(s.t0 - t0)  # opening this step, outside the previous step's forward
 
     def step_end(self, kwargs: dict, out: Any, error: BaseException | None = None) -> None:
         """After a root forward (also when it raised, KeyboardInterrupt included)."""
@@ -376,6 +388,9 @@ class Recorder:
                 except Exception:  # an exotic cache must never break the user's forward
                     s.kv_bytes = None
         s.run.steps.append(s)
+        if s.run is self.gen_run and self.sampling is not None:
+            # sampling calls from here to the next forward belong to s; so does this bookkeeping
+            self.sampling.step(s.index, self.now() - t1)
         self.version += 1
 
     def _keep(self, s: StepRec) -> bool:
@@ -457,6 +472,8 @@ class Recorder:
         self._ev_pairs.clear()
         del self._ev_ms[:]
         self.runs.clear()
+        if self.sampling is not None:
+            self.sampling.clear()
         self._open_forward = None
         self.version += 1
 
@@ -485,7 +502,7 @@ class Recorder:
             inner=np.frombuffer(innerb, dtype=np.int32, count=n),
             msigs=list(self.msigs), sigs=list(self.sigs), modules=list(self.modules),
             placements=list(self.placements), runs=list(self.runs), gpu_ms=gpu, mem=mem, offload_ns=off,
-            rank=self.rank, decode_stride=self.decode_stride, max_steps=self.max_steps, **facts,
+            sampling=dict(self.sampling.runs) if self.sampling is not None else {}, rank=self.rank, decode_stride=self.decode_stride, max_steps=self.max_steps, **facts,
         )
 
 

@@ -12,9 +12,12 @@ import numpy as np
 import pandas as pd
 
 from . import schema
-from .schema import BLOCK_ROLES, CALLS, RUNS, STEPS, SUMMARY
+from .sampling import stage_summary
+from .schema import BLOCK_ROLES, CALLS, RUNS, SAMPLING, STEPS, SUMMARY
 
 FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet"}
+#: frames added later: saved with every run; a run saved before them loads them empty
+OPTIONAL_FILES = {"sampling": "sampling.parquet"}
 META = "meta.json"
 
 
@@ -25,13 +28,15 @@ class RunLoadError(ValueError):
 @dataclass
 class Run:
     """Frames of a recording: ``calls`` (one row per block call), ``steps`` (one row per root
-    forward) and ``runs`` (one row per generate call), plus ``meta`` (JSON-able facts)."""
+    forward), ``runs`` (one row per generate call) and ``sampling`` (per generate step, the
+    time of each sampling stage outside the model), plus ``meta`` (JSON-able facts)."""
 
     calls: pd.DataFrame
     steps: pd.DataFrame
     runs: pd.DataFrame
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    sampling: pd.DataFrame = field(default_factory=lambda: schema.empty(SAMPLING))
 
     # ------------------------------------------------------------------ analysis
     def summary(self, by: str = "module") -> pd.DataFrame:
@@ -67,6 +72,12 @@ class Run:
         if peaks is None:
             peaks = peaks_for_run(self)
         return roofline(self.cost(model), peaks, self.steps, by=by)
+
+    def sampling_summary(self) -> pd.DataFrame:
+        """Per phase and sampling stage (logits processors, ``stopping``, ``remainder``): steps,
+        total and mean ms per step, GPU total, share of the time outside the model and of the
+        step. See :func:`probe.sampling.stage_summary`."""
+        return stage_summary(self.sampling, self.steps)
 
     def phase_summary(self) -> pd.DataFrame:
         """One row per phase: steps, tokens, forward/outside/latency totals and means."""
@@ -137,11 +148,11 @@ class Run:
             raise OSError(f"cannot create run directory {out}: {exc.strerror or exc}; choose a writable --out") from exc
         if not os.access(out, os.W_OK):
             raise PermissionError(f"run directory {out} is not writable; choose a writable --out")
-        for key, name in FILES.items():
+        for key, name in {**FILES, **OPTIONAL_FILES}.items():
             df = getattr(self, key)
             _atomic(out / name, lambda tmp, df=df: df.to_parquet(tmp, index=False))
         meta = dict(self.meta)
-        meta["files"] = dict(FILES)
+        meta["files"] = {**FILES, **OPTIONAL_FILES}
         meta["schema_version"] = schema.SCHEMA_VERSION
         text = json.dumps(meta, indent=2, sort_keys=True, default=str)
         _atomic(out / META, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -210,7 +221,17 @@ def load(path: str | os.PathLike) -> Run:
         if missing:
             raise RunLoadError(f"{f} lacks columns {missing}: saved by an older or foreign schema")
         frames[key] = schema.conform(df, sch)
-    return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root)
+    for key, name in OPTIONAL_FILES.items():
+        f = root / name
+        if not f.exists():  # saved before this frame existed
+            frames[key] = schema.empty(schema.FRAMES[key])
+            continue
+        try:
+            frames[key] = schema.conform(pd.read_parquet(f), schema.FRAMES[key])
+        except Exception as exc:
+            raise RunLoadError(f"{f} is corrupt or half-written: {exc}") from exc
+    return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root,
+               sampling=frames["sampling"])
 
 
 def _rank_order(d: Path) -> tuple:
@@ -226,9 +247,10 @@ def merge(runs: list[Run], path: Path | None = None) -> Run:
     calls = schema.conform(pd.concat([r.calls for r in runs], ignore_index=True), CALLS)
     steps = schema.conform(pd.concat([r.steps for r in runs], ignore_index=True), STEPS)
     runs_df = schema.conform(pd.concat([r.runs for r in runs], ignore_index=True), RUNS)
+    sampling = schema.conform(pd.concat([r.sampling for r in runs], ignore_index=True), SAMPLING)
     meta = dict(runs[0].meta)
     meta["ranks"] = [r.meta.get("rank", i) for i, r in enumerate(runs)]
-    return Run(calls=calls, steps=steps, runs=runs_df, meta=meta, path=path)
+    return Run(calls=calls, steps=steps, runs=runs_df, meta=meta, path=path, sampling=sampling)
 
 
 def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "module") -> pd.DataFrame:

@@ -127,6 +127,18 @@ RUNS: dict[str, str] = {
     "started_at": STR,  # ISO-8601 UTC wall clock
 }
 
+SAMPLING: dict[str, str] = {
+    "run_id": STR,
+    "rank": "int64",
+    "step": "int64",  # the forward this sampling step follows (its outside_ms is split here)
+    "phase": STR,  # that step's phase: prefill's row is the first token's sampling
+    "stage": STR,  # a logits processor's class name, "stopping" or "remainder"
+    "order": "int64",  # position in the step: processors in list order, stopping, remainder last
+    "host_ms": "float64",  # host time of the stage in this step; a step's rows add up to outside_ms
+    "gpu_ms": "float64",  # CUDA event time of a processor or the stopping check; NaN on CPU and for remainder
+    "calls": "Int64",  # times the stage ran in this step (several in assisted decoding); null for remainder
+}
+
 SUMMARY: dict[str, str] = {
     "module": STR,
     "role": STR,
@@ -140,7 +152,7 @@ SUMMARY: dict[str, str] = {
     "mean_out_bytes": "float64",
 }
 
-FRAMES: dict[str, dict[str, str]] = {"calls": CALLS, "steps": STEPS, "runs": RUNS}
+FRAMES: dict[str, dict[str, str]] = {"calls": CALLS, "steps": STEPS, "runs": RUNS, "sampling": SAMPLING}
 
 
 def empty(schema: dict[str, str]) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""CSV export: ``calls.csv``, ``steps.csv``, ``runs.csv``, ``summary.csv`` and ``roofline.csv``.
+"""CSV export: ``calls.csv``, ``steps.csv``, ``runs.csv``, ``sampling.csv``, ``summary.csv`` and
+``roofline.csv``.
 
 Columns are the frames' schema (``probe/schema.py``; documented in ``reports/README.md``),
 in schema order. Shapes stay JSON strings (``[[1,7,64]]``): parse them with ``json.loads``,
@@ -27,9 +28,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .cost_view import CostView
 
-Table = Literal["calls", "steps", "runs", "summary", "roofline"]
+Table = Literal["calls", "steps", "runs", "sampling", "summary", "roofline"]
 TABLES: dict[str, dict[str, str]] = {"calls": schema.CALLS, "steps": schema.STEPS, "runs": schema.RUNS,
-                                     "summary": schema.SUMMARY, "roofline": roofline_columns()}
+                                     "sampling": schema.SAMPLING, "summary": schema.SUMMARY,
+                                     "roofline": roofline_columns()}
 
 
 def frames_for_csv(run: "Run", view: "CostView | None" = None) -> dict[str, pd.DataFrame]:
@@ -46,6 +48,7 @@ def frames_for_csv(run: "Run", view: "CostView | None" = None) -> dict[str, pd.D
         "calls": schema.conform(run.calls, schema.CALLS),
         "steps": schema.conform(run.steps, schema.STEPS),
         "runs": schema.conform(run.runs, schema.RUNS),
+        "sampling": schema.conform(run.sampling, schema.SAMPLING),
         "summary": schema.conform(run.summary(by="module"), schema.SUMMARY),
     }
     view = cost_view(run) if view is None else view
@@ -63,7 +66,7 @@ def write_csv(run: "Run", folder: str | os.PathLike, view: "CostView | None" = N
         view: the run's :func:`reports.cost_view.cost_view`, if the caller has it already.
 
     Returns:
-        The paths written, in the order calls, steps, runs, summary, then roofline where the
+        The paths written, in the order calls, steps, runs, sampling, summary, then roofline where the
         run has a cost estimate.
     """
     out = Path(folder)
@@ -84,7 +87,8 @@ def read_csv(path: str | os.PathLike, table: Table | None = None) -> pd.DataFram
 
     Args:
         path: the CSV file.
-        table: ``calls``, ``steps``, ``runs``, ``summary`` or ``roofline``; by default the file's stem.
+        table: ``calls``, ``steps``, ``runs``, ``sampling``, ``summary`` or ``roofline``; by default the
+            file's stem.
 
     Returns:
         A frame equal to the exported one (empty cells are nulls).

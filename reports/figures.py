@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 
 from probe import fmt
 from probe.run import block_summary
+from probe.sampling import stage_means
 from probe.schema import BLOCK_ROLES, PHASES
 
 from .diff import block_diff
@@ -50,6 +51,16 @@ PARTS = (("embed", "embedding"), ("layer", "layers"), ("norm", "final norm"), ("
          ("residue", "residue (in forward, outside blocks)"), ("outside", "outside model (logits, sampling)"))
 ROLE_ORDER = {r: i for i, r in enumerate((*BLOCK_ROLES, "attention", "mlp", "layer_norm", "other", "residue",
                                           "outside"))}
+#: colours of the sampling stages in the step breakdown: one muted family, apart from the blocks'
+STAGE_COLORS = ("#17becf", "#bcbd22", "#8c564b", "#e377c2", "#393b79", "#637939", "#9c9ede", "#d6616b")
+STAGE_FIXED = {"update kwargs": "#52796f", "stopping": "#3d405b", "candidates": "#b5838d",
+               "prepare inputs": "#b08968", "probe": "#d9d9d9", "remainder": "#a8a8a8",
+               "outside (not split)": "#cfcfcf"}
+STAGE_LABELS = {"update kwargs": "update kwargs (cache, mask, positions)",
+                "prepare inputs": "prepare inputs (of the next forward)",
+                "probe": "probe (its own step bookkeeping)",
+                "remainder": "remainder (token choice, bookkeeping)",
+                "outside (not split)": "not split"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -221,15 +232,19 @@ def phase_blocks_runs(parts: dict[str, tuple[pd.DataFrame, pd.DataFrame]], by: s
     return fig
 
 
-def step_breakdown(calls: pd.DataFrame, steps: pd.DataFrame) -> go.Figure:
+def step_breakdown(calls: pd.DataFrame, steps: pd.DataFrame, sampling: pd.DataFrame | None = None) -> go.Figure:
     """One step split into embedding / layers / norm / lm_head / residue / outside the model.
 
     One horizontal stacked bar per phase: prefill is its (single) step, decode and the other
     phases are the mean over their steps, so the bars read as "one step of this phase".
+    With the ``sampling`` frame, the time outside the model is split into its stages (each
+    logits processor, the stopping checks, candidate drafting, the remainder) as the bars'
+    last segments; prefill's are the first token's.
 
     Args:
         calls: the ``calls`` frame (block time per role).
         steps: the ``steps`` frame (forward and outside time per step).
+        sampling: the ``sampling`` frame, or None to show the time outside the model as one part.
 
     Returns:
         A stacked horizontal bar chart in ms per step.
@@ -238,7 +253,9 @@ def step_breakdown(calls: pd.DataFrame, steps: pd.DataFrame) -> go.Figure:
     if steps.empty:
         return empty_figure(title)
     labels, parts = _breakdown(calls, steps)
-    return _breakdown_figure(title, labels, parts)
+    phases = _phases_in(steps)
+    stages = _stage_parts(sampling, steps, phases) if sampling is not None and len(sampling) else None
+    return _breakdown_figure(title, labels, parts, stages)
 
 
 def step_breakdown_runs(parts: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> go.Figure:
@@ -292,17 +309,85 @@ def _breakdown(calls: pd.DataFrame, steps: pd.DataFrame) -> tuple[list[str], dic
     return labels, parts
 
 
-def _breakdown_figure(title: str, labels: list[str], parts: dict[str, list[float]]) -> go.Figure:
+def _breakdown_figure(title: str, labels: list[str], parts: dict[str, list[float]],
+                      stages: dict[str, np.ndarray] | None = None) -> go.Figure:
     fig = _figure(title, "ms per step", "")
     for key, name in PARTS:
-        vals = np.array(parts[key], dtype="float64")
-        if np.all(np.isnan(vals)):
+        if key == "outside" and stages is not None:
+            for i, (stage, vals) in enumerate(stages.items()):
+                color = STAGE_FIXED.get(stage, STAGE_COLORS[i % len(STAGE_COLORS)])
+                _breakdown_bar(fig, "outside: " + plot_text(STAGE_LABELS.get(stage, stage)), labels, vals, color)
             continue
-        fig.add_trace(go.Bar(name=name, y=[plot_text(x) for x in labels], x=vals, orientation="h",
-                             text=[fmt.ms(v) for v in vals], textposition="inside",
-                             hovertemplate="%{y}<br>" + name + ": %{x:.4f} ms<extra></extra>"))
-    fig.update_layout(barmode="stack", yaxis={"autorange": "reversed"})
+        _breakdown_bar(fig, name, labels, np.array(parts[key], dtype="float64"))
+    # legend in the bars' left-to-right order
+    fig.update_layout(barmode="stack", yaxis={"autorange": "reversed"}, legend={"traceorder": "normal"},
+                      uniformtext={"minsize": 10, "mode": "hide"})  # no unreadable labels on thin segments
+    if stages is not None:  # one legend entry per stage: give the legend room below the bars
+        fig.update_layout(height=HEIGHT + 20 * len(stages), legend={"orientation": "h", "y": -0.25})
     return fig
+
+
+def sampling_stages(sampling: pd.DataFrame, steps: pd.DataFrame) -> go.Figure:
+    """The time outside the model, stage by stage: one stacked bar per phase, ms per step.
+
+    The step breakdown's last segments, enlarged: each logits processor in the order generate
+    applies it, the stopping checks, candidate drafting (assisted decoding) and the remainder;
+    each bar adds up to the phase's mean ``outside_ms``. The hover gives each stage's share of
+    the phase's whole step (forward + outside).
+
+    Args:
+        sampling: the ``sampling`` frame.
+        steps: the ``steps`` frame.
+
+    Returns:
+        A stacked horizontal bar chart in ms per step.
+    """
+    title = "The sampling step, stage by stage (mean per step, outside the model)"
+    if sampling is None or sampling.empty or steps.empty:
+        return empty_figure(title, "no sampling stages recorded")
+    phases = [p for p in _phases_in(steps) if p in set(sampling["phase"])]
+    stages = _stage_parts(sampling, steps, phases)
+    latency = [float(steps.loc[steps["phase"] == p, "latency_ms"].mean()) for p in phases]
+    n_steps = steps.groupby("phase", sort=False).size()
+    labels = [f"{p} ({int(n_steps[p])} step{'s' if n_steps[p] != 1 else ''})" for p in phases]
+    fig = _figure(title, "ms per step", "")
+    for i, (stage, vals) in enumerate(stages.items()):
+        name = plot_text(STAGE_LABELS.get(stage, stage))
+        share = [v / lat * 100 if lat else float("nan") for v, lat in zip(vals, latency)]
+        fig.add_trace(go.Bar(name=name, y=labels, x=vals, orientation="h", customdata=share,
+                             marker={"color": STAGE_FIXED.get(stage, STAGE_COLORS[i % len(STAGE_COLORS)])},
+                             text=[("" if math.isnan(v) else f"{v:.3f}") for v in vals], textposition="inside",
+                             hovertemplate="%{y}<br>" + name + ": %{x:.4f} ms (%{customdata:.2f}% of the step)"
+                                           "<extra></extra>"))
+    fig.update_layout(barmode="stack", yaxis={"autorange": "reversed"}, legend={"traceorder": "normal"},
+                      height=max(300, 200 + 60 * len(phases) + 20 * len(stages)),
+                      uniformtext={"minsize": 10, "mode": "hide"})  # no unreadable labels on thin segments
+    return fig
+
+
+def _breakdown_bar(fig: go.Figure, name: str, labels: list[str], vals: np.ndarray, color: str | None = None) -> None:
+    if np.all(np.isnan(vals)):
+        return
+    fig.add_trace(go.Bar(name=name, y=[plot_text(x) for x in labels], x=vals, orientation="h",
+                         marker={"color": color} if color else None,
+                         text=[("" if math.isnan(v) else fmt.ms(v)) for v in vals], textposition="inside",
+                         hovertemplate="%{y}<br>" + name + ": %{x:.4f} ms<extra></extra>"))
+
+
+def _stage_parts(sampling: pd.DataFrame, steps: pd.DataFrame, phases: list[str]) -> dict[str, np.ndarray]:
+    """Per sampling stage (in order, remainder last): its mean ms per step of each phase."""
+    per_phase = {p: dict(stage_means(sampling, steps, p)) for p in phases}
+    names: list[str] = []
+    for p in phases:
+        names += [k for k in per_phase[p] if k not in names]
+    tail = [k for k in ("remainder", "outside (not split)") if k in names]
+    names = [k for k in names if k not in tail] + tail
+    out = {}
+    for k in names:
+        vals = [per_phase[p].get(k, 0.0) if steps.loc[steps["phase"] == p, "outside_ms"].notna().any()
+                else float("nan") for p in phases]
+        out[k] = np.array(vals, dtype="float64")
+    return out
 
 
 def layer_heatmap(calls: pd.DataFrame, phase: str = "decode", value: str = "auto") -> go.Figure:

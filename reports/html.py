@@ -206,7 +206,9 @@ def _prompt_html(prompt: object) -> str:
 #: (element id, section title, builder) of the report's figures, in page order
 FIGURES = (
     ("fig-phase-blocks", "Prefill vs decode per block", lambda r: figures.phase_blocks(r.calls, r.steps, by="role")),
-    ("fig-step-breakdown", "One step, broken down", lambda r: figures.step_breakdown(r.calls, r.steps)),
+    ("fig-step-breakdown", "One step, broken down", lambda r: figures.step_breakdown(r.calls, r.steps, r.sampling)),
+    ("fig-sampling-stages", "The sampling step, stage by stage",
+     lambda r: figures.sampling_stages(r.sampling, r.steps)),
     ("fig-layer-heatmap", "Layer x step (decode)", lambda r: figures.layer_heatmap(r.calls, phase="decode")),
     ("fig-token-latency", "Per-token latency", lambda r: figures.token_latency(r.steps, r.runs)),
     ("fig-latency-kv", "Latency vs KV length", lambda r: figures.latency_vs_kv(r.steps)),
@@ -307,6 +309,11 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
     _roofline_section(doc, run, view)
     doc.add('<h2 id="tables">Tables</h2>')
     doc.add(table_html(run.phase_summary(), caption="Per phase", table_id="phase-table"))
+    if len(run.sampling):
+        doc.add(table_html(run.sampling_summary(), caption="Sampling step per phase, the time outside the model stage "
+                           "by stage: generate's kwargs update, each logits processor, the stopping checks, the "
+                           "next inputs, the probe's own bookkeeping and the remainder (ms per step; shares of the "
+                           "time outside the model and of the whole step)", table_id="sampling-table"))
     if multi:
         doc.add(table_html(per_rank_summary(run.calls, run.steps, by="role"),
                            caption="Per rank, role and phase (share of that rank's forward time)",

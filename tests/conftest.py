@@ -26,6 +26,7 @@ def _probe_hooks_alive() -> list[str]:
     (C or Python, also when something wrapped them in turn), the generate marker, and hooks
     from the probe's modules."""
     from probe import capture
+    from probe.sampling import WRAPPED
 
     leaks = []
     for obj in list(capture._HOOKED):
@@ -35,7 +36,7 @@ def _probe_hooks_alive() -> list[str]:
                 mod = getattr(fn, "__module__", "") or ""
                 if mod.startswith("probe.") or "Probe." in owner:
                     leaks.append(f"{type(obj).__name__}: hook {owner}")
-        for attr in ("forward", "_old_forward", "generate"):
+        for attr in ("forward", "_old_forward", "generate", *WRAPPED):
             fn, seen = obj.__dict__.get(attr), 0
             while fn is not None and seen < 8:  # follow wrappers of wrappers (functools.partial, __wrapped__)
                 if getattr(type(fn), "__probe_wrapper__", False) or "__probe_wrapper__" in getattr(fn, "__dict__", {}):

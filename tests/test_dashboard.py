@@ -202,7 +202,7 @@ def test_bad_runs_are_named_with_the_reason_and_good_runs_still_shown(bad_dir):
     assert "no meta.json" in errors["empty"]
     assert at.sidebar.multiselect(key="runs").options == ["sdpa"]
     assert at.sidebar.multiselect(key="runs").value == ["sdpa"]
-    assert len(charts(at)) == 2  # the good run's Overview is drawn below the messages
+    assert len(charts(at)) == 3  # the good run's Overview is drawn below the messages
 
 
 def test_a_folder_of_only_bad_runs_warns_without_a_traceback(tmp_path, runs):
@@ -335,6 +335,25 @@ def test_overview_headline_and_blocks_match_the_runs(runs, runs_dir):
     at.radio(key="overview_by").set_value("module").run()
     modules = set(arr(charts(at)[0]["data"][0]["x"]))
     assert {f"model.layers.{i}" for i in range(LAYERS)} | {"lm_head", "model.norm"} <= modules
+
+
+def test_overview_of_one_run_splits_the_time_outside_the_model_into_sampling_stages(runs, runs_dir):
+    at = app(runs_dir, runs=["eager"])
+    run = probe.load(runs["eager"])
+    blocks, breakdown, stages = charts(at)
+    assert [t["name"] for t in blocks["data"]] == ["prefill", "decode"]
+    # the time outside the model is split into the sampling stages, which add up to it
+    assert [t["name"] for t in breakdown["data"]][-4:] == ["outside: stopping",
+                                                           "outside: prepare inputs (of the next forward)",
+                                                           "outside: probe (its own step bookkeeping)",
+                                                           "outside: remainder (token choice, bookkeeping)"]
+    steps = run.steps
+    for i, phase in enumerate(("prefill", "decode")):
+        total = sum(arr(t["x"])[i] for t in stages["data"])
+        assert total == pytest.approx(steps.loc[steps["phase"] == phase, "outside_ms"].mean(), rel=1e-9)
+    summ = frame(at, 1)
+    assert list(summ["stage"]) == ["update kwargs", "stopping", "prepare inputs", "probe", "remainder"] * 2
+    assert list(summ["phase"]) == ["prefill"] * 5 + ["decode"] * 5
 
 
 def test_phase_filter_narrows_every_view(runs, runs_dir):
@@ -479,7 +498,7 @@ def test_csv_download_and_html_report_content(runs):
     html = data.report_html(run).decode()
     assert html.startswith("<!DOCTYPE html>") and "fig-phase-blocks" in html
     assert sorted(p.name for p in runs["eager"].iterdir()) == ["calls.parquet", "meta.json", "runs.parquet",
-                                                               "steps.parquet"]
+                                                               "sampling.parquet", "steps.parquet"]
 
 
 # --------------------------------------------------------------------------- data helpers
@@ -506,7 +525,8 @@ def test_discover_lists_runs_and_nested_sweeps(tmp_path, runs):
     assert list(found.runs) == ["a", "empty", "sweep/p16"]
     assert data.discover(tmp_path / "a").runs == {".": tmp_path / "a"}
     sig = data.signature(tmp_path / "a")
-    assert [f for f, _, _ in sig] == ["calls.parquet", "meta.json", "runs.parquet", "steps.parquet"]
+    assert [f for f, _, _ in sig] == ["calls.parquet", "meta.json", "runs.parquet", "sampling.parquet",
+                                       "steps.parquet"]
     (tmp_path / "a" / "report.html").write_text("a report is not part of the run")
     assert data.signature(tmp_path / "a") == sig
     (tmp_path / "a" / "meta.json").write_text((tmp_path / "a" / "meta.json").read_text() + " ")
@@ -725,7 +745,7 @@ def test_two_ranks_get_a_rank_filter_and_per_rank_overview_and_shapes(ranks_dir,
     # a single-process run has no rank filter at all
     single = app(runs_dir, runs=["eager"])
     assert "ranks" not in [m.key for m in single.sidebar.multiselect]
-    assert "rank" not in frame(single).columns and len(single.dataframe) == 1
+    assert "rank" not in frame(single).columns and len(single.dataframe) == 2  # headline, sampling stages
 
 
 def test_overview_names_the_model_its_size_and_weights(runs, runs_dir):

@@ -89,7 +89,7 @@ def _style(styles: dict[re.Pattern, str], module: str) -> str | None:
 def test_torchrun_two_rank_tensor_parallel_cpu_merges_into_one_run(tp):
     run = probe.load(tp["out"] / "hf")
     assert run.meta["ranks"] == [0, 1] and run.meta["world_size"] == WORLD
-    for frame in (run.calls, run.steps, run.runs):
+    for frame in (run.calls, run.steps, run.runs, run.sampling):
         assert sorted(frame["rank"].unique().tolist()) == [0, 1]
     # one generate call per rank, with one id stem across the ranks
     ids = dict(zip(run.runs["rank"], run.runs["run_id"]))
@@ -97,6 +97,7 @@ def test_torchrun_two_rank_tensor_parallel_cpu_merges_into_one_run(tp):
     for r in (0, 1):
         c = run.calls[run.calls["rank"] == r]
         assert set(c["run_id"]) == {ids[r]}
+        assert set(run.sampling.loc[run.sampling["rank"] == r, "run_id"]) == {ids[r]}  # renamed alike
         # each rank walks the same steps as the unsharded model
         st = run.steps[run.steps["rank"] == r][["phase", "q_len", "kv_len"]].reset_index(drop=True)
         pd.testing.assert_frame_equal(st, tp["ref"].steps[["phase", "q_len", "kv_len"]])
@@ -187,7 +188,7 @@ def test_save_rank_writes_only_rank_directories_that_load_merges(tmp_path):
     merged = probe.load(tmp_path)
     assert merged.meta["ranks"] == [0, 1]
     for r, p in ((0, p0), (1, p1)):
-        for name in ("calls", "steps", "runs"):
+        for name in ("calls", "steps", "runs", "sampling"):
             got = getattr(merged, name)
             got = got[got["rank"] == r].reset_index(drop=True)
             pd.testing.assert_frame_equal(got, getattr(p.run, name))

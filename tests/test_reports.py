@@ -103,6 +103,45 @@ def test_step_breakdown_parts_add_up_to_the_step(run):
     assert names[:4] == ["embedding", "layers", "final norm", "lm_head"] and len(names) == 6
 
 
+def test_step_breakdown_splits_outside_into_sampling_stages(run):
+    fig = figures.step_breakdown(run.calls, run.steps, run.sampling)
+    names = [t.name for t in fig.data]
+    assert names[:5] == ["embedding", "layers", "final norm", "lm_head", "residue (in forward, outside blocks)"]
+    assert names[5:] == ["outside: update kwargs (cache, mask, positions)", "outside: stopping",
+                         "outside: prepare inputs (of the next forward)", "outside: probe (its own step bookkeeping)",
+                         "outside: remainder (token choice, bookkeeping)"]
+    plain = figures.step_breakdown(run.calls, run.steps)
+    st = run.steps
+    for i, phase in enumerate(["prefill", "decode"]):
+        total = sum(float(np.asarray(t.x, dtype="float64")[i]) for t in fig.data)
+        assert total == pytest.approx(sum(float(np.asarray(t.x, dtype="float64")[i]) for t in plain.data), rel=1e-9)
+        outside = sum(float(np.asarray(t.x, dtype="float64")[i]) for t in fig.data[5:])
+        assert outside == pytest.approx(st.loc[st["phase"] == phase, "outside_ms"].mean(), rel=1e-9)
+
+
+def test_sampling_stages_figure_adds_up_to_the_time_outside_the_model():
+    model = tiny_llama(layers=2, hidden=32, vocab=96)
+    ids = torch.randint(3, 96, (2, PROMPT), generator=torch.Generator().manual_seed(0))
+    with probe.attach(model) as p:
+        model.generate(ids, max_new_tokens=5, do_sample=True, top_k=10, top_p=0.85, temperature=0.8)
+    run = p.run
+    fig = figures.sampling_stages(run.sampling, run.steps)
+    assert [t.name for t in fig.data] == ["update kwargs (cache, mask, positions)", "TemperatureLogitsWarper",
+                                          "TopKLogitsWarper", "TopPLogitsWarper", "stopping",
+                                          "prepare inputs (of the next forward)", "probe (its own step bookkeeping)",
+                                          "remainder (token choice, bookkeeping)"]
+    st = run.steps
+    for i, phase in enumerate(["prefill", "decode"]):
+        assert fig.data[0].y[i].startswith(phase)
+        total = sum(float(np.asarray(t.x, dtype="float64")[i]) for t in fig.data)
+        assert total == pytest.approx(st.loc[st["phase"] == phase, "outside_ms"].mean(), rel=1e-9)
+        # the hover's share of the step is the stage over the phase's mean latency
+        lat = st.loc[st["phase"] == phase, "latency_ms"].mean()
+        assert fig.data[2].customdata[i] == pytest.approx(fig.data[2].x[i] / lat * 100, rel=1e-9)
+    assert figures.sampling_stages(schema.empty(schema.SAMPLING), st).layout.annotations[0].text == \
+        "no sampling stages recorded"
+
+
 def test_layer_heatmap_cells_are_layer_call_times(run):
     fig = figures.layer_heatmap(run.calls, phase="decode")
     hm = fig.data[0]
@@ -166,6 +205,8 @@ def test_builders_handle_empty_frames_without_raising():
     figs = [figures.phase_blocks(calls, steps), figures.phase_blocks(calls, steps, by="module"),
             figures.layer_heatmap(calls), figures.token_latency(steps, runs), figures.latency_vs_kv(steps),
             figures.memory_over_steps(steps, calls), figures.step_breakdown(calls, steps),
+            figures.step_breakdown(calls, steps, schema.empty(schema.SAMPLING)),
+            figures.sampling_stages(schema.empty(schema.SAMPLING), steps),
             figures.compare_blocks(schema.empty(schema.SUMMARY), schema.empty(schema.SUMMARY), "a", "b")]
     for fig in figs:
         assert isinstance(fig, go.Figure) and not fig.data
@@ -228,8 +269,11 @@ def test_run_repr_html_is_escaped(run):
 def test_csv_round_trip_equals_frames(run, tmp_path):
     paths = write_csv(run, tmp_path)
     # the run's meta holds its config, so the cost estimate (roofline.csv) is there too
-    assert [p.name for p in paths] == ["calls.csv", "steps.csv", "runs.csv", "summary.csv", "roofline.csv"]
+    assert [p.name for p in paths] == ["calls.csv", "steps.csv", "runs.csv", "sampling.csv", "summary.csv",
+                                       "roofline.csv"]
     pd.testing.assert_frame_equal(read_csv(tmp_path / "calls.csv"), run.calls)
+    pd.testing.assert_frame_equal(read_csv(tmp_path / "sampling.csv"), run.sampling)
+    assert len(run.sampling)
     pd.testing.assert_frame_equal(read_csv(tmp_path / "steps.csv"), run.steps)
     pd.testing.assert_frame_equal(read_csv(tmp_path / "runs.csv"), run.runs)
     pd.testing.assert_frame_equal(read_csv(tmp_path / "summary.csv"), run.summary(by="module"))
@@ -313,7 +357,8 @@ def test_trace_gpu_track_is_serial_and_keeps_durations(run):
 def test_write_reports_locations(run, tmp_path):
     paths = write_reports(run, tmp_path, formats=("html", "csv", "trace"))
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
-        "report.html", "csv/calls.csv", "csv/steps.csv", "csv/runs.csv", "csv/summary.csv", "csv/roofline.csv",
+        "report.html", "csv/calls.csv", "csv/steps.csv", "csv/runs.csv", "csv/sampling.csv", "csv/summary.csv",
+        "csv/roofline.csv",
         "trace.json"]
     one = write_reports(run, tmp_path, formats=("trace",), out=tmp_path / "x" / "t.json")
     assert one == [tmp_path / "x" / "t.json"] and json.loads(one[0].read_text())["traceEvents"]
@@ -366,7 +411,8 @@ def test_cli_report_and_compare(run, attn_runs, tmp_path, capsys):
 
     assert main(["report", str(run.path), "--format", "all", "--out", str(tmp_path / "all")]) == 0
     assert {p.name for p in (tmp_path / "all").rglob("*") if p.is_file()} == {
-        "report.html", "trace.json", "calls.csv", "steps.csv", "runs.csv", "summary.csv", "roofline.csv"}
+        "report.html", "trace.json", "calls.csv", "steps.csv", "runs.csv", "sampling.csv", "summary.csv",
+        "roofline.csv"}
     assert main(["report", str(run.path), "--format", "html", "--out", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").read_bytes() == (tmp_path / "all" / "report.html").read_bytes()
     a, b = attn_runs

@@ -221,7 +221,8 @@ def test_run_without_config_gets_a_note_not_an_error(runs, tmp_path):
     bare = probe.Run(calls=run.calls, steps=run.steps, runs=run.runs,
                      meta={k: v for k, v in run.meta.items() if k != "config"})
     paths = write_reports(bare, tmp_path, formats=("html", "csv"))
-    assert [p.name for p in paths] == ["report.html", "calls.csv", "steps.csv", "runs.csv", "summary.csv"]
+    assert [p.name for p in paths] == ["report.html", "calls.csv", "steps.csv", "runs.csv", "sampling.csv",
+                                       "summary.csv"]
     page = paths[0].read_text(encoding="utf-8")
     assert "No cost estimate: this run's metadata holds no model config" in html.unescape(page)
     assert "roofline-table" not in page and "fig-roofline" not in page
