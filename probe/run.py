@@ -12,9 +12,11 @@ import numpy as np
 import pandas as pd
 
 from . import schema
-from .schema import BLOCK_ROLES, CALLS, RUNS, STEPS, SUMMARY
+from .schema import BLOCK_ROLES, CALLS, REQUESTS, RUNS, STEPS, SUMMARY
 
-FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet"}
+FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet", "requests": "requests.parquet"}
+#: files a run saved before they existed may lack: they load as empty frames
+OPTIONAL_FILES = frozenset({"requests"})
 META = "meta.json"
 
 
@@ -25,13 +27,15 @@ class RunLoadError(ValueError):
 @dataclass
 class Run:
     """Frames of a recording: ``calls`` (one row per block call), ``steps`` (one row per root
-    forward) and ``runs`` (one row per generate call), plus ``meta`` (JSON-able facts)."""
+    forward), ``runs`` (one row per generate call or serving loop) and ``requests`` (one row per
+    request of a continuous-batching loop; empty otherwise), plus ``meta`` (JSON-able facts)."""
 
     calls: pd.DataFrame
     steps: pd.DataFrame
     runs: pd.DataFrame
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    requests: pd.DataFrame = field(default_factory=lambda: schema.empty(REQUESTS))
 
     # ------------------------------------------------------------------ analysis
     def summary(self, by: str = "module") -> pd.DataFrame:
@@ -115,6 +119,7 @@ class Run:
     def __repr__(self) -> str:
         return (
             f"<probe.Run runs={len(self.runs)} steps={len(self.steps)} calls={len(self.calls)}"
+            f"{f' requests={len(self.requests)}' if len(self.requests) else ''}"
             f"{' path=' + str(self.path) if self.path else ''}>"
         )
 
@@ -193,6 +198,9 @@ def load(path: str | os.PathLike) -> Run:
     frames = {}
     for key, name in FILES.items():
         f = root / name
+        if not f.exists() and key in OPTIONAL_FILES:
+            frames[key] = schema.empty(schema.FRAMES[key])
+            continue
         if not f.exists():
             raise RunLoadError(f"{f} is missing: the run is incomplete (was the recording interrupted?)")
         try:
@@ -205,7 +213,8 @@ def load(path: str | os.PathLike) -> Run:
         if missing:
             raise RunLoadError(f"{f} lacks columns {missing}: saved by an older or foreign schema")
         frames[key] = schema.conform(df, sch)
-    return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root)
+    return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root,
+               requests=frames["requests"])
 
 
 def _rank_order(d: Path) -> tuple:
@@ -221,9 +230,10 @@ def merge(runs: list[Run], path: Path | None = None) -> Run:
     calls = schema.conform(pd.concat([r.calls for r in runs], ignore_index=True), CALLS)
     steps = schema.conform(pd.concat([r.steps for r in runs], ignore_index=True), STEPS)
     runs_df = schema.conform(pd.concat([r.runs for r in runs], ignore_index=True), RUNS)
+    reqs = schema.conform(pd.concat([r.requests for r in runs], ignore_index=True), REQUESTS)
     meta = dict(runs[0].meta)
     meta["ranks"] = [r.meta.get("rank", i) for i, r in enumerate(runs)]
-    return Run(calls=calls, steps=steps, runs=runs_df, meta=meta, path=path)
+    return Run(calls=calls, steps=steps, runs=runs_df, meta=meta, path=path, requests=reqs)
 
 
 def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "module") -> pd.DataFrame:
