@@ -165,7 +165,7 @@ REQUESTS: dict[str, str] = {
     "max_new_tokens": "Int64",
     "arrival_ms": "float64",  # add_request() called
     "scheduled_ms": "float64",  # start of the scheduling pass that first admitted it
-    "first_token_ms": "float64",  # its first token on the host (end of that step's sampling)
+    "first_token_ms": "float64",  # its first token handed to the manager's update (after sampling)
     "finished_ms": "float64",  # its last token (or its failure / cancellation)
     "queue_ms": "float64",  # scheduled - arrival
     "ttft_ms": "float64",  # first token - arrival

@@ -331,11 +331,6 @@ class ManagerWatch:
                 return fn(*args, **kwargs)
             finally:
                 it.t_gen1 = self.now()
-                for e in it.layout or ():
-                    if e[5]:
-                        r = self.requests.get(e[0])
-                        if r is not None:
-                            r.tokens.append(it.t_gen1)
                 if it.step is None:  # no root forward ran Python (a CUDA-graph replay, compiled code)
                     _quietly(self.rec.serve_external_step, self, it)
 
@@ -345,6 +340,13 @@ class ManagerWatch:
         def update_batch(*args, **kwargs):
             it = self.current
             t0 = self.now()
+            # A request's token time: the manager takes the sampled tokens (already on the host)
+            # to update its requests — the moment transformers' record_timestamps stamps too.
+            for e in (it.layout or ()) if it is not None else ():
+                if e[5]:
+                    r = self.requests.get(e[0])
+                    if r is not None:
+                        r.tokens.append(t0)
             try:
                 return fn(*args, **kwargs)
             finally:
