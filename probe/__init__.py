@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .capture import CompiledModelWarning, Probe, ProbeError, attach, detach, probe_of
     from .discovery import UnrecognisedModelWarning, find_blocks
     from .distributed import save_rank
+    from .serving import ServingWarning
 
 _LAZY = {
     "attach": "capture",
@@ -35,6 +36,7 @@ _LAZY = {
     "find_blocks": "discovery",
     "UnrecognisedModelWarning": "discovery",
     "save_rank": "distributed",
+    "ServingWarning": "serving",
 }
 
 
@@ -61,6 +63,7 @@ __all__ = [
     "ProbeError",
     "Run",
     "RunLoadError",
+    "ServingWarning",
     "UnrecognisedModelWarning",
     "__version__",
     "attach",

@@ -194,3 +194,20 @@ def test_version_gate_names_what_is_needed():
         assert gap is None
     else:
         assert gap is not None and "transformers>=5" in gap
+
+
+@pytest.mark.skipif(GAP is None, reason="continuous batching is profiled on this transformers")
+def test_unsupported_version_warns_and_keeps_tokens():
+    """Where the manager's layout is missing (transformers 4.57), a clear warning naming what to
+    install; the forwards are still recorded as plain forwards and the tokens do not change."""
+    from transformers import GenerationConfig
+
+    model = tiny_llama(layers=1, hidden=32)
+    gen = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    model.generation_config = gen
+    ref = model.generate_batch([[1, 2, 3]], generation_config=gen)
+    with probe.attach(model) as p:
+        with pytest.warns(probe.ServingWarning, match="transformers>=5"):
+            out = model.generate_batch([[1, 2, 3]], generation_config=gen)
+    assert {k: v.generated_tokens for k, v in out.items()} == {k: v.generated_tokens for k, v in ref.items()}
+    assert "serve" not in set(p.run.runs["kind"]) and p.run.requests.empty
