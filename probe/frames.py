@@ -356,7 +356,7 @@ def _serve_step_columns(s) -> dict:
         "cache_ms": it.cache_ns * _NS,
         "sample_ms": ms(s.t1, it.t_gen1) if not s.compiled else math.nan,
         "update_ms": ms(it.t_upd0, it.t_upd1),
-        "layout": json.dumps([list(e[:5]) for e in it.layout or ()], separators=(",", ":")),
+        "layout": json.dumps([[*e[:5], int(e[5])] for e in it.layout or ()], separators=(",", ":")),
     }
 
 

@@ -58,6 +58,14 @@ class Run:
 
         return annotate(self.calls, model if model is not None else self)
 
+    def apportion(self, model=None) -> pd.DataFrame:
+        """Continuous-batching steps: each call's time split into prefill and decode parts that
+        add up to it (cost-model work per token kind, calibrated on the run's pure steps).
+        See :mod:`probe.apportion`."""
+        from .apportion import apportion
+
+        return apportion(self, model)
+
     def roofline(self, peaks=None, by: str = "role", model=None) -> pd.DataFrame:
         """Achieved TFLOP/s and GB/s per block and phase against the device's peaks, with
         what bounds each (compute, memory bandwidth or the host). ``peaks`` defaults to those

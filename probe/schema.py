@@ -96,7 +96,8 @@ STEPS: dict[str, str] = {
     "cache_ms": "float64",  # before the forward: paged-cache indices and batch tensors for this batch
     "sample_ms": "float64",  # after the forward: logits, processors, sampling, tokens to the host
     "update_ms": "float64",  # after the forward: request states updated, outputs delivered
-    "layout": STR,  # JSON [[request_id, "prefill"|"decode", tokens, cached positions, chunk], ...]
+    # JSON [[request_id, "prefill"|"decode", tokens, cached positions, chunk or null, sampled 0/1], ...]
+    "layout": STR,
 }
 
 RUNS: dict[str, str] = {

@@ -82,7 +82,7 @@ def test_steps_composition_from_the_manager(served):
     # every prompt token is prefilled once, over one or more chunks
     per_req: dict[str, int] = {}
     for js in st["layout"]:
-        for rid, kind, n, _cached, _chunk in json.loads(js):
+        for rid, kind, n, _cached, _chunk, _sampled in json.loads(js):
             if kind == "prefill":
                 per_req[rid] = per_req.get(rid, 0) + n
     assert sorted(per_req.values()) == sorted(len(p) for p in PROMPTS)
@@ -211,3 +211,30 @@ def test_unsupported_version_warns_and_keeps_tokens():
             out = model.generate_batch([[1, 2, 3]], generation_config=gen)
     assert {k: v.generated_tokens for k, v in out.items()} == {k: v.generated_tokens for k, v in ref.items()}
     assert "serve" not in set(p.run.runs["kind"]) and p.run.requests.empty
+
+
+@needs_cb
+def test_mixed_step_time_apportioned_to_prefill_and_decode(served):
+    """Every call's prefill and decode parts add up to its measured time; pure steps stay whole;
+    a mixed step's decode tokens get a part, its prefill tokens the rest."""
+    from probe.apportion import APPORTION, step_split
+
+    _, _, _, run, _ = served
+    a = run.apportion()
+    assert list(a.columns) == list(APPORTION)
+    assert len(a) == len(run.calls)
+    assert ((a["prefill_ms"] + a["decode_ms"] - a["measured_ms"]).abs() < 1e-9).all()
+    assert a["prefill_share"].between(0, 1).all()
+    assert (a.loc[a["phase"] == "prefill", "prefill_share"] == 1).all()
+    assert (a.loc[a["phase"] == "decode", "prefill_share"] == 0).all()
+    mixed = a[a["phase"] == "mixed"]
+    assert not mixed.empty and set(mixed["method"]) <= {"fitted line", "work share"}
+    layers = mixed[mixed["role"] == "layer"]
+    assert (layers["work_prefill"] > 0).all() and (layers["work_decode"] > 0).all()
+    assert ((layers["prefill_share"] > 0) & (layers["prefill_share"] < 1)).all()
+    # fitted on this run's pure steps: a line for every block of the model
+    assert (mixed["method"] == "fitted line").all() and mixed["predicted_ms"].gt(0).all()
+    per_step = step_split(a)
+    st = run.steps.set_index(["run_id", "step"])
+    for _, r in per_step.iterrows():
+        assert math.isclose(r["measured_ms"], st.loc[(r["run_id"], r["step"]), "blocks_ms"], rel_tol=1e-9)
