@@ -202,6 +202,7 @@ def combine(runs: list[probe.Run]) -> probe.Run:
         steps=schema.conform(pd.concat([r.steps for r in runs], ignore_index=True), schema.STEPS),
         runs=schema.conform(pd.concat([r.runs for r in runs], ignore_index=True), schema.RUNS),
         meta=dict(runs[0].meta),
+        requests=schema.conform(pd.concat([r.requests for r in runs], ignore_index=True), schema.REQUESTS),
     )
 
 
@@ -259,7 +260,11 @@ def apply_filters(run: probe.Run, f: Filters) -> probe.Run:
         runs = runs if rmask.all() else runs[rmask].reset_index(drop=True)
     new_calls = calls if cmask.all() else calls[cmask].reset_index(drop=True)
     new_steps = steps if smask.all() else steps[smask].reset_index(drop=True)
-    return probe.Run(calls=new_calls, steps=new_steps, runs=runs, meta=run.meta, path=run.path)
+    reqs = run.requests
+    if f.ranks is not None and len(reqs):
+        rq = _in_ranks(reqs, f.ranks)
+        reqs = reqs if rq.all() else reqs[rq].reset_index(drop=True)
+    return probe.Run(calls=new_calls, steps=new_steps, runs=runs, meta=run.meta, path=run.path, requests=reqs)
 
 
 def _in_ranks(frame: pd.DataFrame, picked: tuple[int, ...]) -> np.ndarray:

@@ -23,7 +23,7 @@ from dashboards import APP, cli_runs_dir, data, launch, streamlit_command  # noq
 from reports import figures  # noqa: E402
 from tiny import tiny_llama  # noqa: E402
 
-VIEWS = ("Overview", "Layers", "Timeline", "Memory", "Roofline", "Shapes", "Compare", "Sweep", "Data")
+VIEWS = ("Overview", "Layers", "Timeline", "Memory", "Roofline", "Serving", "Shapes", "Compare", "Sweep", "Data")
 HIDDEN = 32
 LAYERS = 3
 
