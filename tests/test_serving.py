@@ -161,8 +161,9 @@ def test_manager_api_cancelled_and_failed_requests_keep_rows():
             r = manager.get_result(timeout=10)
             assert r is not None, "the manager stopped delivering"
             results[r.request_id] = r
+        bp = manager.batch_processor
         manager.stop(block=True, timeout=10)
-        objs = [manager, manager.output_router]
+        objs = [manager, manager.output_router, bp, bp.scheduler, bp.inputs_and_outputs]
         for obj in objs:
             left = [k for k, v in vars(obj).items() if getattr(v, "__probe_wrapper__", False)]
             assert not left, (type(obj).__name__, left)
