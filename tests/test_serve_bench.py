@@ -49,7 +49,7 @@ def test_bad_options_are_clear_errors(tmp_path, capsys, args, needle):
 @pytest.mark.skipif(GAP is not None, reason=f"continuous batching not profiled here: {GAP}")
 def test_serve_bench_on_the_bundled_model(tmp_path, capsys):
     out = tmp_path / "serve"
-    code = main(["serve-bench", "--requests", "5", "--rate", "50", "--prompt-lens", "8,24", "--max-new-tokens", "3",
+    code = main(["serve-bench", "tiny", "--requests", "5", "--rate", "50", "--prompt-lens", "8,24", "--max-new-tokens", "3",
                  "--max-batch-tokens", "32", "--seed", "0", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
