@@ -93,7 +93,10 @@ class Run:
             )
         # prefill-like phases process q_len positions; decode produces new_tokens per sequence
         per_seq = st["q_len"].where(st["phase"] != "decode", st["new_tokens"])
-        st = st.assign(_tokens=per_seq * st["batch"])
+        tokens = per_seq * st["batch"]
+        if "requests" in st:  # a packed continuous-batching forward: q_len is all its tokens already
+            tokens = tokens.where(st["requests"].isna(), st["q_len"])
+        st = st.assign(_tokens=tokens)
         g = st.groupby("phase", sort=False)
         out = pd.DataFrame(
             {

@@ -93,6 +93,9 @@ def test_steps_composition_from_the_manager(served):
     assert (st["paged_cache_bytes"] > 0).all()
     for col in ("schedule_ms", "cache_ms", "sample_ms", "update_ms"):
         assert (st[col] >= 0).all() and st[col].notna().all(), col
+    # per phase, the tokens a packed forward processed
+    ps = run.phase_summary().set_index("phase")
+    assert int(ps["tokens"].sum()) == int(st["q_len"].sum())
     # block records carry the step's phase
     calls = run.calls[run.calls["run_id"].isin(st["run_id"])]
     assert set(calls["phase"]) == set(st["phase"])
