@@ -29,7 +29,7 @@ class Workload:
     def describe(self) -> dict:
         return {"requests": len(self.prompts), "rate_per_s": self.rate if math.isfinite(self.rate) else "inf",
                 "prompt_lens": sorted({len(p) for p in self.prompts}), "max_new_tokens": self.max_new_tokens,
-                "seed": self.seed, "last_arrival_s": self.arrivals_s[-1] if self.arrivals_s else 0.0}
+                "seed": self.seed, "last_arrival_s": round(self.arrivals_s[-1], 3) if self.arrivals_s else 0.0}
 
 
 def plan(requests: int, rate: float, prompt_lens: list[int], max_new_tokens: int, vocab_size: int,
