@@ -222,6 +222,7 @@ def combine(runs: list[probe.Run]) -> probe.Run:
         runs=schema.conform(pd.concat([r.runs for r in runs], ignore_index=True), schema.RUNS),
         meta=dict(runs[0].meta),
         sampling=schema.conform(pd.concat([r.sampling for r in runs], ignore_index=True), schema.SAMPLING),
+        requests=schema.conform(pd.concat([r.requests for r in runs], ignore_index=True), schema.REQUESTS),
     )
 
 
@@ -284,7 +285,12 @@ def apply_filters(run: probe.Run, f: Filters) -> probe.Run:
         key = ["rank", "run_id", "step"]
         kept = pd.MultiIndex.from_frame(new_steps[key].astype(object))
         samp = samp[pd.MultiIndex.from_frame(samp[key].astype(object)).isin(kept)].reset_index(drop=True)
-    return probe.Run(calls=new_calls, steps=new_steps, runs=runs, meta=run.meta, path=run.path, sampling=samp)
+    reqs = run.requests
+    if f.ranks is not None and len(reqs):
+        rq = _in_ranks(reqs, f.ranks)
+        reqs = reqs if rq.all() else reqs[rq].reset_index(drop=True)
+    return probe.Run(calls=new_calls, steps=new_steps, runs=runs, meta=run.meta, path=run.path, sampling=samp,
+                     requests=reqs)
 
 
 def _in_ranks(frame: pd.DataFrame, picked: tuple[int, ...]) -> np.ndarray:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .capture import CompiledModelWarning, Probe, ProbeError, attach, detach, probe_of
     from .discovery import UnrecognisedModelWarning, find_blocks
     from .distributed import save_rank
+    from .serving import ServingWarning
 
 _LAZY = {
     "attach": "capture",
@@ -36,6 +37,7 @@ _LAZY = {
     "find_blocks": "discovery",
     "UnrecognisedModelWarning": "discovery",
     "save_rank": "distributed",
+    "ServingWarning": "serving",
 }
 #: submodules reachable as attributes (``probe.models.load_bundled()``) without importing
 #: them (and torch/transformers) at ``import probe``
@@ -67,6 +69,7 @@ __all__ = [
     "ProbeError",
     "Run",
     "RunLoadError",
+    "ServingWarning",
     "UnrecognisedModelWarning",
     "__version__",
     "attach",

@@ -26,6 +26,7 @@ from .distributed import OffloadClock, placements, world
 from .generation import generation_settings, inputs_of
 from .recorder import Recorder
 from .sampling import SamplingRecorder
+from .serving import ServingObserver
 from .schema import DEPTHS, Depth
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Probe:
         model_id: str | None = None,
         rank: int | None = None,
         clock: Callable[[], int] | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -115,6 +117,7 @@ class Probe:
         self._cuda_timing = cuda_timing
         self._track_memory = track_memory
         self._clock = clock
+        self.cuda_graphs = bool(cuda_graphs)
         self._attached = False
         self._stack = contextlib.ExitStack()
         self._forwards: list[hotpath.InstalledForward] = []
@@ -195,6 +198,7 @@ class Probe:
             rec.modules.append(info)
             self._register(mod)
         self._patch_generate(model, rec)
+        ServingObserver(rec, keep_cuda_graphs=self.cuda_graphs).install(model, self._stack)
         self._calibration = self._calibrate(rec, device)
         self._attached = True
 
@@ -405,6 +409,7 @@ def attach(
     model_id: str | None = None,
     rank: int | None = None,
     clock: Callable[[], int] | None = None,
+    cuda_graphs: bool = False,
 ) -> Probe:
     """Record every call of ``model``'s blocks, step by step, until detached.
 
@@ -423,6 +428,10 @@ def attach(
         rank: process rank for tensor-parallel runs (default: from ``torch.distributed``).
         clock: integer-nanosecond clock for every time the probe reads (default
             ``time.perf_counter_ns``); an injected clock makes timings exact in tests.
+        cuda_graphs: continuous batching (``generate_batch``, ``init_continuous_batching``)
+            replays CUDA graphs by default on CUDA, and a replay runs none of the probe's
+            wrappers; the probe turns them off while attached (stated in the run). ``True``
+            keeps them: serving steps are then timed as a whole, without block records.
     Returns:
         The attached :class:`Probe`; use it as a context manager or call ``detach()``.
     Raises:
@@ -432,7 +441,7 @@ def attach(
     """
     p = Probe(
         model, depth, cuda_timing=cuda_timing, track_memory=track_memory, decode_stride=decode_stride,
-        max_steps=max_steps, model_id=model_id, rank=rank, clock=clock,
+        max_steps=max_steps, model_id=model_id, rank=rank, clock=clock, cuda_graphs=cuda_graphs,
     )
     return p._attach()
 

@@ -1,4 +1,4 @@
-"""The ``probe`` command: ``run``, ``report``, ``compare``, ``dashboard``, ``sweep``, ``shapes``.
+"""The ``probe`` command: ``run``, ``report``, ``compare``, ``dashboard``, ``sweep``, ``serve-bench``, ``shapes``.
 
 This is the one place that wires capture (``probe``), reports (``reports``) and dashboards
 (``dashboards``) together; presentation packages are imported only inside the commands
@@ -134,6 +134,32 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--depth", default="blocks", choices=depths, help=depth_help)
     sw.add_argument("--out", default=None, help="sweep folder to write (default: probe-runs/sweep-<timestamp>)")
     sw.set_defaults(func=cmd_sweep)
+
+    sb = sub.add_parser("serve-bench", help="profile continuous batching under Poisson arrivals (saved as a run)",
+                        epilog=_models_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(sb)
+    sb.add_argument("--preset", help="build a full-size architecture with random weights instead")
+    sb.add_argument("--requests", type=int, default=32, help="requests to send (default 32)")
+    sb.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second, Poisson (default 4; inf: all at once)")
+    sb.add_argument("--prompt-lens", default="8,64", help="prompt lengths in tokens; each request draws one (default 8,64)")
+    sb.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per request (EOS ignored)")
+    sb.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    sb.add_argument("--top-k", type=int, default=None)
+    sb.add_argument("--top-p", type=float, default=None)
+    sb.add_argument("--temperature", type=float, default=None)
+    sb.add_argument("--seed", type=int, default=0, help="seed of the workload (arrivals, lengths, prompt ids) and sampling")
+    sb.add_argument("--max-batch-tokens", type=int, default=128, help="tokens per packed forward (prefill chunks + decode)")
+    sb.add_argument("--page-size", type=int, default=16, help="paged KV cache: tokens per block")
+    sb.add_argument("--cuda-graphs", action="store_true",
+                    help="keep the manager's CUDA graphs (step-level timing only: replays run no block wrappers)")
+    sb.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: bfloat16 on CUDA, float32 on CPU)")
+    sb.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    sb.add_argument("--depth", default="blocks", choices=("blocks", "sublayers", "all"))
+    sb.add_argument("--attn-implementation", default=None, help="sdpa | paged|eager | flash_attention_2 ...")
+    sb.add_argument("--out", default=None, help="run directory to write (default: probe-runs/serve-<timestamp>)")
+    sb.add_argument("--no-report", action="store_true", help="skip the HTML and CSV report")
+    sb.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model directory")
+    sb.set_defaults(func=cmd_serve_bench)
 
     sh = sub.add_parser("shapes", help="shape walkthrough of a full-size architecture on the meta device",
                         epilog=_models_epilog(), **fmt)
@@ -712,6 +738,139 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise CLIError(f"{flag} needs integers >= 1; got {text!r}")
     return vals
 
+
+
+def cmd_serve_bench(args) -> int:
+    import math
+
+    import torch
+
+    from . import attach
+    from .compat import continuous_batching_gap
+
+    gap = continuous_batching_gap()
+    if gap is not None:
+        raise CLIError(f"serve-bench needs continuous batching the probe can read: {gap}")
+    lens = _int_list(args.prompt_lens, "--prompt-lens")
+    checks = (
+        ("--requests", args.requests, args.requests >= 1, ">= 1"),
+        ("--rate", args.rate, args.rate > 0, "> 0 (or inf)"),
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+        ("--max-batch-tokens", args.max_batch_tokens, args.max_batch_tokens >= 1, ">= 1"),
+        ("--page-size", args.page_size, args.page_size >= 1, ">= 1"),
+        ("--top-k", args.top_k, args.top_k is None or args.top_k >= 0, ">= 0"),
+        ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]"),
+        ("--temperature", args.temperature, args.temperature is None or args.temperature > 0, "> 0"),
+    )
+    for flag, value, ok, rule in checks:
+        if not ok:
+            raise CLIError(f"{flag} must be {rule}; got {value}")
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    out_dir = Path(args.out) if args.out else Path("probe-runs") / f"serve-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_writable(out_dir)
+
+    from transformers import GenerationConfig
+
+    from .loadgen import cache_config, plan, serve
+
+    t = time.perf_counter()
+    _progress(f"loading {args.model or args.preset or default_model()} ({dtype}, {device}) ...")
+    model, tok, model_id = load_model(args.model, args.preset, dtype, device, seed=args.seed,
+                                      attn_implementation=args.attn_implementation,
+                                      trust_remote_code=args.trust_remote_code,
+                                      rebuild_model_cache=args.rebuild_model_cache)
+    _progress(f"loaded in {time.perf_counter() - t:.1f}s: {type(model).__name__}")
+    _check_context(model, max(lens), args.max_new_tokens)
+    vocab = int(getattr(model.config.get_text_config(), "vocab_size", 0) or len(tok))
+    work = plan(args.requests, args.rate, lens, args.max_new_tokens, vocab, seed=args.seed)
+    gen = {"max_new_tokens": args.max_new_tokens, "do_sample": bool(args.do_sample), "eos_token_id": -1}
+    for key in ("top_k", "top_p", "temperature"):
+        v = getattr(args, key)
+        if v is not None:
+            gen[key] = v
+    gen["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else 0
+    cb = cache_config(work, page_size=args.page_size, max_batch_tokens=args.max_batch_tokens)
+    span = work.arrivals_s[-1]
+    _progress(f"serving {args.requests} requests over {span:.1f}s (Poisson, {args.rate:g}/s), prompts of "
+              f"{','.join(map(str, sorted(set(lens))))} tokens, {args.max_new_tokens} new tokens each ...")
+    torch.manual_seed(args.seed)
+    done = [0]
+
+    def tick(_out) -> None:
+        done[0] += 1
+        if done[0] % max(1, args.requests // 4) == 0 or done[0] == args.requests:
+            _progress(f"  {done[0]}/{args.requests} requests done, {time.perf_counter() - t0:.1f}s")
+
+    failure = None
+    p = attach(model, depth=args.depth, model_id=model_id, cuda_graphs=args.cuda_graphs)
+    t0 = time.perf_counter()
+    try:
+        serve(model, work, GenerationConfig(**gen), cb, on_result=tick)
+    except Exception as exc:  # keep the partial run: it is the evidence
+        failure = exc
+    finally:
+        p.detach()
+    run = p.run
+    _store_peaks(run)
+    desc = work.describe()
+    desc["eos"] = "ignored: every request generates max_new_tokens"
+    run.meta["serve_bench"] = desc
+    run.meta["command"] = "probe " + " ".join(sys.argv[1:]) if sys.argv else "probe serve-bench"
+    saved = run.save(out_dir)
+    print(_format_serve_summary(run))
+    print(f"\nrun saved to {saved}/ (calls, steps, runs, requests .parquet, meta.json)")
+    if not args.no_report:
+        try:
+            from reports import write_reports
+
+            for pth in write_reports(run, saved, formats=("html", "csv")):
+                print(f"report: {pth}")
+        except ImportError as exc:
+            print(f"probe: note: no report written ({exc}); install genprobe[report]", file=sys.stderr)
+    if failure is not None:
+        raise CLIError(f"serving failed: {type(failure).__name__}: {failure} (partial run saved to {saved})")
+    return 0
+
+
+def _format_serve_summary(run) -> str:
+    """What `probe serve-bench` prints: requests, latency, throughput, batch composition."""
+    serve = run.runs[run.runs["kind"] == "serve"]
+    if serve.empty:
+        return "no serving loop was recorded"
+    r = serve.iloc[-1]
+    rq = run.requests[run.requests["run_id"] == r["run_id"]]
+    st = run.steps[run.steps["run_id"] == r["run_id"]]
+
+    def q(col, fn):
+        v = rq[col].dropna()
+        return "n/a" if v.empty else f"{fn(v):,.1f}"
+
+    counts = rq["status"].str.split(":").str[0].value_counts().to_dict()
+    lines = [
+        f"model      {r['model_id']} ({r['model_class']}, {r['dtype']}, {r['device']}, "
+        f"attention={r['attn_implementation']})",
+        f"status     {r['status']}; requests " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+        f"tokens     prompt {r['prompt_tokens']}, generated {r['new_tokens']}, forwards {len(st)} "
+        f"({', '.join(f'{k} {v}' for k, v in st['phase'].value_counts().items())})",
+        f"TTFT ms    mean {q('ttft_ms', lambda v: v.mean())}  p50 {q('ttft_ms', lambda v: v.quantile(.5))}  "
+        f"p90 {q('ttft_ms', lambda v: v.quantile(.9))}    queue mean {q('queue_ms', lambda v: v.mean())}",
+        f"ITL ms     mean {q('itl_ms_mean', lambda v: v.mean())}  p50 {_fmt(r['tpot_ms_p50'])}  "
+        f"p90 {_fmt(r['tpot_ms_p90'])}    end-to-end mean {q('e2e_ms', lambda v: v.mean())}",
+        f"throughput {_fmt(r['decode_tok_s'])} generated tok/s over {_fmt(r['total_ms'] / 1e3)} s; "
+        f"mean {st['requests'].mean():.1f} requests and {st['q_len'].mean():.1f} tokens per forward",
+    ]
+    parts = {c: st[c].sum() for c in ("forward_ms", "schedule_ms", "cache_ms", "sample_ms", "update_ms")}
+    lines.append("loop ms    " + "  ".join(f"{k.removesuffix('_ms')} {v:,.0f}" for k, v in parts.items()))
+    tf = rq[["ttft_ms", "tf_ttft_ms"]].dropna()
+    if not tf.empty:
+        dev = ((tf["ttft_ms"] - tf["tf_ttft_ms"]).abs() / tf["tf_ttft_ms"]).max()
+        lines.append(f"check      TTFT vs transformers' record_timestamps: largest difference {dev:.2%}")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "n/a" if _isna(v) else f"{v:,.1f}"
 
 
 def cmd_sweep(args) -> int:

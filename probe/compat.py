@@ -13,6 +13,9 @@ suite on both ends. What differs, and where it is handled:
 - The forward's cache argument: ``cache`` in 5.x, ``past_key_values`` in 4.x. :func:`cache_kwarg`.
 - Continuous batching: both have ``generate_batch``; only newer versions take
   ``record_timestamps=True`` (per-token timestamps of each request). :func:`has_cb_timestamps`.
+  The probe reads the manager's host-side state between forwards (the batch processor, its
+  scheduler, its inputs/outputs holder and the requests packed into each forward), whose layout
+  exists in the 5.x line only; :func:`continuous_batching_gap` says what is missing elsewhere.
 - Mixture-of-experts layers: 4.x keeps experts as a ``ModuleList`` of small MLPs of
   ``nn.Linear`` (Mixtral's under ``block_sparse_moe``), 5.x as fused ``[E, out, in]`` weight
   banks (under ``mlp``), run by default through fused kernels (:func:`eager_experts_kwargs`
@@ -167,3 +170,33 @@ def gguf_dequantize_kwargs() -> dict[str, Any]:
 
     config_cls = getattr(transformers, "GgufConfig", None)
     return {"quantization_config": config_cls(dequantize=True)} if config_cls is not None else {}
+
+
+@functools.cache
+def continuous_batching_gap() -> str | None:
+    """Why the probe cannot profile continuous batching with the installed transformers, or
+    ``None`` when it can.
+
+    Needs: ``record_timestamps`` (per-request token times to check against), the
+    ``ContinuousBatchingConfig`` switch for CUDA graphs (``use_cuda_graph``), and the host-side
+    batch description the manager fills before each forward (``FutureRequestState`` entries
+    with ``state``, ``query_length`` and ``has_new_token``).
+    """
+    v = transformers_version()
+    if v is None:
+        return "transformers is not installed"
+    name = ".".join(str(x) for x in v)
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+        from transformers.generation.continuous_batching.requests import FutureRequestState
+    except ImportError:
+        return (f"transformers {name} has no ContinuousBatchingConfig/FutureRequestState (its continuous batching "
+                f"predates the manager layout the probe reads); install transformers>=5 for per-request profiling")
+    if not has_cb_timestamps():
+        return (f"transformers {name} records no per-token timestamps in continuous batching "
+                f"(generate_batch has no record_timestamps); install transformers>=5 for per-request profiling")
+    if "use_cuda_graph" not in getattr(ContinuousBatchingConfig, "__dataclass_fields__", {}):
+        return f"transformers {name}: ContinuousBatchingConfig has no use_cuda_graph switch"
+    if not {"state", "query_length", "has_new_token"} <= set(getattr(FutureRequestState, "__slots__", ())):
+        return f"transformers {name}: the batch's FutureRequestState lacks state/query_length/has_new_token"
+    return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from . import hotpath
 from .cache import cache_bytes, cache_seq_len, find_cache
 from .discovery import ModuleInfo
 from .schema import Phase
+from .serving import paged_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class StepRec:
     __slots__ = (
         "run", "index", "phase", "q_len", "kv_len", "batch", "t0", "t1", "call0", "call1",
         "ev0", "ev1", "gpu_ms", "kv_bytes", "mem_peak", "kept", "compiled", "cpu0", "cpu_ns", "status",
+        "serve", "paged_bytes",
     )
 
     def __init__(self) -> None:
@@ -45,6 +48,8 @@ class StepRec:
         self.compiled = False
         self.cpu_ns: int | None = None
         self.status = "ok"
+        self.serve = None  # the serving loop's Iteration (continuous batching), else None
+        self.paged_bytes: int | None = None
 
 
 class RunRec:
@@ -53,6 +58,7 @@ class RunRec:
     __slots__ = (
         "run_id", "kind", "t_enter", "t_exit", "status", "steps", "input_len", "batch_in",
         "mask", "output_len", "output_rows", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
+        "serve",
     )
 
     def __init__(self, run_id: str, kind: str) -> None:
@@ -71,6 +77,7 @@ class RunRec:
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.n_steps_seen = 0
         self.mem_peak: int | None = None  # CUDA allocator peak over the whole run
+        self.serve = None  # kind "serve": the probe.serving.ManagerWatch of its loop
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,9 @@ class Recorder:
         self._gen_depth = 0
         self.root_depth = 0
         self._cur_step: StepRec | None = None
+        # a continuous-batching loop in progress, and the thread that runs it
+        self.serve_run: RunRec | None = None
+        self.serve_thread: int | None = None
         self._run_counter = 0
         self._run_prefix = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{id(self) & 0xFFFF:04x}"
         self.sampling = None  # a probe.sampling.SamplingRecorder, set by the probe that owns the model
@@ -298,10 +308,64 @@ class Recorder:
             self._gen_depth = 0
         if self.sampling is not None:
             self.sampling.end()
+        if self.serve_run is not None:
+            run, self.serve_run, self.serve_thread = self.serve_run, None, None
+            run.t_exit = self.now()
+            run.status = f"failed: {reason}"
         self._open_forward = None
         self._reset_step_state()
         self.resolve_quietly()
         self.version += 1
+
+    def begin_serve(self, watch: Any) -> RunRec:
+        """Open a run of kind ``"serve"`` for a continuous-batching loop (called on its thread)."""
+        self._open_forward = None
+        run = self.new_run("serve")
+        run.t_enter = self.now()
+        run.serve = watch
+        run.gen_settings = dict(watch.config)
+        self.serve_thread = threading.get_ident()
+        self.serve_run = run
+        return run
+
+    def end_serve(self, run: RunRec, status: str) -> None:
+        run.t_exit = self.now()
+        run.status = status
+        if self.serve_run is run:
+            self.serve_run = None
+            self.serve_thread = None
+        if self._cur_step is not None and self._cur_step.run is run:
+            self._reset_step_state()
+        self.resolve_quietly()
+        self.version += 1
+
+    def serve_external_step(self, watch: Any, it: Any) -> None:
+        """A serving step whose forward ran no Python (a CUDA-graph replay): timed from the
+        manager's generation step (forward + sampling), with no block records."""
+        run = self.serve_run
+        if run is None or run.serve is not watch:
+            return
+        s = StepRec()
+        s.run = run
+        s.index = run.n_steps_seen
+        run.n_steps_seen += 1
+        self._serve_shape(s, it)
+        s.t0, s.t1 = it.t_gen0, it.t_gen1
+        s.cpu0, s.cpu_ns = 0, None
+        s.call0 = s.call1 = len(self.cols)
+        s.compiled = True
+        it.step = s.index
+        run.steps.append(s)
+        self.version += 1
+
+    @staticmethod
+    def _serve_shape(s: StepRec, it: Any) -> None:
+        n, pre, dec, _, _ = it.counts()
+        s.serve = it
+        s.phase = it.phase() if it.layout else "forward"
+        s.q_len = pre + dec
+        s.batch = n
+        s.kv_len = max((e[3] for e in it.layout or ()), default=0)  # the longest cached context
 
     def _reset_step_state(self) -> None:
         self._cur_step = None
@@ -318,6 +382,9 @@ class Recorder:
         t0 = self.now()
         cpu0 = time.process_time_ns()
         run = self.gen_run
+        serve = self.serve_run
+        if serve is not None and serve.serve.current is not None and threading.get_ident() == self.serve_thread:
+            run = serve
         if run is None:
             run = self._open_forward
             if run is None:
@@ -332,13 +399,19 @@ class Recorder:
             batch, q_len = 1, int(x.shape[0])
         else:
             batch, q_len = 0, 0
-        kv_len = self._kv_len(kwargs, q_len, run)
         s = StepRec()
         s.run = run
         s.index = run.n_steps_seen
         run.n_steps_seen += 1
-        s.phase = phase_of(run.kind, s.index, q_len, kv_len)
-        s.q_len, s.kv_len, s.batch = q_len, kv_len, batch
+        if run.kind == "serve":
+            # a packed [1, T] forward: its composition from the manager's host-side batch
+            it = run.serve.current
+            it.step = s.index
+            self._serve_shape(s, it)
+        else:
+            kv_len = self._kv_len(kwargs, q_len, run)
+            s.phase = phase_of(run.kind, s.index, q_len, kv_len)
+            s.q_len, s.kv_len, s.batch = q_len, kv_len, batch
         s.call0 = len(self.cols)
         s.kept = self._keep(s)
         s.cpu0 = cpu0
@@ -382,7 +455,13 @@ class Recorder:
             s.call1 = len(self.cols)
             if s.call1 == s.call0 and self.modules and error is None:
                 s.compiled = True  # the forward ran, the block wrappers did not: compiled code
-            if error is None:
+            if error is None and s.serve is not None:
+                try:
+                    s.paged_bytes = paged_cache_bytes(kwargs.get("cache"))
+                except Exception:  # never break the user's forward
+                    s.paged_bytes = None
+                s.kv_bytes = s.paged_bytes
+            elif error is None:
                 try:
                     s.kv_bytes = cache_bytes(find_cache(kwargs, out))
                 except Exception:  # an exotic cache must never break the user's forward
@@ -463,7 +542,7 @@ class Recorder:
             log.debug("CUDA event resolution failed", exc_info=True)
 
     def busy(self) -> bool:
-        return self.gen_run is not None or self.root_depth > 0
+        return self.gen_run is not None or self.root_depth > 0 or self.serve_run is not None
 
     def clear(self) -> None:
         """Forget every record (signatures stay: the wrappers' caches refer to them)."""

@@ -13,11 +13,12 @@ import pandas as pd
 
 from . import schema
 from .sampling import stage_summary
-from .schema import BLOCK_ROLES, CALLS, RUNS, SAMPLING, STEPS, SUMMARY
+from .schema import BLOCK_ROLES, CALLS, REQUESTS, RUNS, SAMPLING, STEPS, SUMMARY
 
-FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet"}
+FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet", "sampling": "sampling.parquet",
+         "requests": "requests.parquet"}
 #: frames added later: saved with every run; a run saved before them loads them empty
-OPTIONAL_FILES = {"sampling": "sampling.parquet"}
+OPTIONAL_FILES = frozenset({"sampling", "requests"})
 META = "meta.json"
 
 
@@ -28,8 +29,9 @@ class RunLoadError(ValueError):
 @dataclass
 class Run:
     """Frames of a recording: ``calls`` (one row per block call), ``steps`` (one row per root
-    forward), ``runs`` (one row per generate call) and ``sampling`` (per generate step, the
-    time of each sampling stage outside the model), plus ``meta`` (JSON-able facts)."""
+    forward), ``runs`` (one row per generate call or serving loop), ``sampling`` (per generate
+    step, the time of each sampling stage outside the model) and ``requests`` (one row per
+    request of a continuous-batching loop; empty otherwise), plus ``meta`` (JSON-able facts)."""
 
     calls: pd.DataFrame
     steps: pd.DataFrame
@@ -37,6 +39,7 @@ class Run:
     meta: dict = field(default_factory=dict)
     path: Path | None = None
     sampling: pd.DataFrame = field(default_factory=lambda: schema.empty(SAMPLING))
+    requests: pd.DataFrame = field(default_factory=lambda: schema.empty(REQUESTS))
 
     # ------------------------------------------------------------------ analysis
     def summary(self, by: str = "module") -> pd.DataFrame:
@@ -58,6 +61,14 @@ class Run:
         from .cost import annotate
 
         return annotate(self.calls, model if model is not None else self)
+
+    def apportion(self, model=None) -> pd.DataFrame:
+        """Continuous-batching steps: each call's time split into prefill and decode parts that
+        add up to it (cost-model work per token kind, calibrated on the run's pure steps).
+        See :mod:`probe.apportion`."""
+        from .apportion import apportion
+
+        return apportion(self, model)
 
     def roofline(self, peaks=None, by: str = "role", model=None) -> pd.DataFrame:
         """Achieved TFLOP/s and GB/s per block and phase against the device's peaks, with
@@ -92,7 +103,10 @@ class Run:
             )
         # prefill-like phases process q_len positions; decode produces new_tokens per sequence
         per_seq = st["q_len"].where(st["phase"] != "decode", st["new_tokens"])
-        st = st.assign(_tokens=per_seq * st["batch"])
+        tokens = per_seq * st["batch"]
+        if "requests" in st:  # a packed continuous-batching forward: q_len is all its tokens already
+            tokens = tokens.where(st["requests"].isna(), st["q_len"])
+        st = st.assign(_tokens=tokens)
         g = st.groupby("phase", sort=False)
         out = pd.DataFrame(
             {
@@ -131,6 +145,7 @@ class Run:
     def __repr__(self) -> str:
         return (
             f"<probe.Run runs={len(self.runs)} steps={len(self.steps)} calls={len(self.calls)}"
+            f"{f' requests={len(self.requests)}' if len(self.requests) else ''}"
             f"{' path=' + str(self.path) if self.path else ''}>"
         )
 
@@ -148,11 +163,11 @@ class Run:
             raise OSError(f"cannot create run directory {out}: {exc.strerror or exc}; choose a writable --out") from exc
         if not os.access(out, os.W_OK):
             raise PermissionError(f"run directory {out} is not writable; choose a writable --out")
-        for key, name in {**FILES, **OPTIONAL_FILES}.items():
+        for key, name in FILES.items():
             df = getattr(self, key)
             _atomic(out / name, lambda tmp, df=df: df.to_parquet(tmp, index=False))
         meta = dict(self.meta)
-        meta["files"] = {**FILES, **OPTIONAL_FILES}
+        meta["files"] = dict(FILES)
         meta["schema_version"] = schema.SCHEMA_VERSION
         text = json.dumps(meta, indent=2, sort_keys=True, default=str)
         _atomic(out / META, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -209,6 +224,9 @@ def load(path: str | os.PathLike) -> Run:
     frames = {}
     for key, name in FILES.items():
         f = root / name
+        if not f.exists() and key in OPTIONAL_FILES:
+            frames[key] = schema.empty(schema.FRAMES[key])
+            continue
         if not f.exists():
             raise RunLoadError(f"{f} is missing: the run is incomplete (was the recording interrupted?)")
         try:
@@ -221,17 +239,8 @@ def load(path: str | os.PathLike) -> Run:
         if missing:
             raise RunLoadError(f"{f} lacks columns {missing}: saved by an older or foreign schema")
         frames[key] = schema.conform(df, sch)
-    for key, name in OPTIONAL_FILES.items():
-        f = root / name
-        if not f.exists():  # saved before this frame existed
-            frames[key] = schema.empty(schema.FRAMES[key])
-            continue
-        try:
-            frames[key] = schema.conform(pd.read_parquet(f), schema.FRAMES[key])
-        except Exception as exc:
-            raise RunLoadError(f"{f} is corrupt or half-written: {exc}") from exc
     return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root,
-               sampling=frames["sampling"])
+               sampling=frames["sampling"], requests=frames["requests"])
 
 
 def _rank_order(d: Path) -> tuple:
@@ -248,9 +257,10 @@ def merge(runs: list[Run], path: Path | None = None) -> Run:
     steps = schema.conform(pd.concat([r.steps for r in runs], ignore_index=True), STEPS)
     runs_df = schema.conform(pd.concat([r.runs for r in runs], ignore_index=True), RUNS)
     sampling = schema.conform(pd.concat([r.sampling for r in runs], ignore_index=True), SAMPLING)
+    reqs = schema.conform(pd.concat([r.requests for r in runs], ignore_index=True), REQUESTS)
     meta = dict(runs[0].meta)
     meta["ranks"] = [r.meta.get("rank", i) for i, r in enumerate(runs)]
-    return Run(calls=calls, steps=steps, runs=runs_df, meta=meta, path=path, sampling=sampling)
+    return Run(calls=calls, steps=steps, runs=runs_df, meta=meta, path=path, sampling=sampling, requests=reqs)
 
 
 def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "module") -> pd.DataFrame:

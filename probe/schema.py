@@ -16,14 +16,17 @@ import pandas as pd
 
 SCHEMA_VERSION = 1
 
-Phase = Literal["prefill", "decode", "extend", "recompute", "forward"]
+Phase = Literal["prefill", "decode", "extend", "recompute", "forward", "mixed"]
 #: prefill   - step 0 of a generate call over an empty cache (q_len = prompt length)
 #: decode    - a later step with one new position per sequence (q_len = 1)
 #: extend    - several new positions on top of a non-empty cache (assisted/speculative
 #:             verification, a prompt continued from a user-supplied cache)
 #: recompute - a later step that reprocesses the whole sequence (use_cache=False)
 #: forward   - a forward of the model outside generate()
-PHASES: tuple[str, ...] = ("prefill", "decode", "extend", "recompute", "forward")
+#: mixed     - (continuous batching) one packed forward holding prompt tokens of some requests
+#:             (prefill, possibly one chunk of a prompt) and one new token of others (decode);
+#:             a packed forward of prompt chunks only is "prefill", of decode tokens only "decode"
+PHASES: tuple[str, ...] = ("prefill", "decode", "extend", "recompute", "forward", "mixed")
 
 Depth = Literal["blocks", "sublayers", "all"]
 DEPTHS: tuple[str, ...] = ("blocks", "sublayers", "all")
@@ -83,12 +86,24 @@ STEPS: dict[str, str] = {
     "blocks_ms": "float64",  # host time inside the recorded blocks (embed+layers+norm+head)
     "probe_ms": "float64",  # the probe's own cost inside this forward (calibrated at attach)
     "process_cpu_ms": "float64",  # CPU time of the whole process during the forward (all threads)
+    # continuous batching (runs of kind "serve"); null for generate() and plain forwards
+    "requests": "Int64",  # requests packed into this forward
+    "prefill_tokens": "Int64",  # prompt tokens in this forward (every chunk of a prompt is prefill)
+    "decode_tokens": "Int64",  # one new position per decoding request
+    "prefill_chunk": "Int64",  # highest chunk index of the prompts prefilled here (0 = first chunk)
+    "paged_cache_bytes": "Int64",  # paged KV cache in use after the forward (allocated blocks)
+    "schedule_ms": "float64",  # before the forward: the scheduler choosing this batch
+    "cache_ms": "float64",  # before the forward: paged-cache indices and batch tensors for this batch
+    "sample_ms": "float64",  # after the forward: logits, processors, sampling, tokens to the host
+    "update_ms": "float64",  # after the forward: request states updated, outputs delivered
+    # JSON [[request_id, "prefill"|"decode", tokens, cached positions, chunk or null, sampled 0/1], ...]
+    "layout": STR,
 }
 
 RUNS: dict[str, str] = {
     "run_id": STR,
     "rank": "int64",
-    "kind": STR,  # "generate" or "forward" (forwards outside generate)
+    "kind": STR,  # "generate", "serve" (a continuous-batching loop) or "forward" (forwards outside generate)
     "status": STR,  # "ok" or "failed: reason"
     "model_id": STR,
     "model_class": STR,
@@ -152,7 +167,34 @@ SUMMARY: dict[str, str] = {
     "mean_out_bytes": "float64",
 }
 
-FRAMES: dict[str, dict[str, str]] = {"calls": CALLS, "steps": STEPS, "runs": RUNS, "sampling": SAMPLING}
+#: one row per request of a continuous-batching run (times in ms since the run started)
+REQUESTS: dict[str, str] = {
+    "run_id": STR,
+    "rank": "int64",
+    "request_id": STR,
+    "status": STR,  # "ok", "failed: reason", "cancelled" or "unfinished" (the loop stopped first)
+    "prompt_tokens": "int64",
+    "generated_tokens": "int64",
+    "max_new_tokens": "Int64",
+    "arrival_ms": "float64",  # add_request() called
+    "scheduled_ms": "float64",  # start of the scheduling pass that first admitted it
+    "first_token_ms": "float64",  # its first token handed to the manager's update (after sampling)
+    "finished_ms": "float64",  # its last token (or its failure / cancellation)
+    "queue_ms": "float64",  # scheduled - arrival
+    "ttft_ms": "float64",  # first token - arrival
+    "itl_ms_mean": "float64",  # time between its consecutive tokens
+    "itl_ms_p50": "float64",
+    "itl_ms_p90": "float64",
+    "e2e_ms": "float64",  # finished - arrival
+    "first_step": "Int64",  # first and last step (steps.step) that held it
+    "last_step": "Int64",
+    "prefill_chunks": "Int64",  # forwards its prompt was spread over
+    "tf_ttft_ms": "float64",  # the same TTFT from transformers' record_timestamps (NaN if not recorded)
+    "tf_itl_ms_mean": "float64",  # the same mean ITL from transformers' record_timestamps
+}
+
+FRAMES: dict[str, dict[str, str]] = {"calls": CALLS, "steps": STEPS, "runs": RUNS, "sampling": SAMPLING,
+                                     "requests": REQUESTS}
 
 
 def empty(schema: dict[str, str]) -> pd.DataFrame:

@@ -1,5 +1,5 @@
-"""CSV export: ``calls.csv``, ``steps.csv``, ``runs.csv``, ``sampling.csv``, ``summary.csv`` and
-``roofline.csv``.
+"""CSV export: ``calls.csv``, ``steps.csv``, ``runs.csv``, ``sampling.csv``, ``summary.csv``,
+``roofline.csv`` and ``requests.csv``.
 
 Columns are the frames' schema (``probe/schema.py``; documented in ``reports/README.md``),
 in schema order. Shapes stay JSON strings (``[[1,7,64]]``): parse them with ``json.loads``,
@@ -28,10 +28,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .cost_view import CostView
 
-Table = Literal["calls", "steps", "runs", "sampling", "summary", "roofline"]
+Table = Literal["calls", "steps", "runs", "sampling", "summary", "roofline", "requests"]
 TABLES: dict[str, dict[str, str]] = {"calls": schema.CALLS, "steps": schema.STEPS, "runs": schema.RUNS,
                                      "sampling": schema.SAMPLING, "summary": schema.SUMMARY,
-                                     "roofline": roofline_columns()}
+                                     "roofline": roofline_columns(), "requests": schema.REQUESTS}
 
 
 def frames_for_csv(run: "Run", view: "CostView | None" = None) -> dict[str, pd.DataFrame]:
@@ -54,6 +54,8 @@ def frames_for_csv(run: "Run", view: "CostView | None" = None) -> dict[str, pd.D
     view = cost_view(run) if view is None else view
     if view.has_cost:
         frames["roofline"] = view.roof.astype(TABLES["roofline"])
+    if len(run.requests):  # continuous-batching runs only
+        frames["requests"] = schema.conform(run.requests, schema.REQUESTS)
     return frames
 
 
@@ -66,8 +68,8 @@ def write_csv(run: "Run", folder: str | os.PathLike, view: "CostView | None" = N
         view: the run's :func:`reports.cost_view.cost_view`, if the caller has it already.
 
     Returns:
-        The paths written, in the order calls, steps, runs, sampling, summary, then roofline where the
-        run has a cost estimate.
+        The paths written, in the order calls, steps, runs, sampling, summary, then roofline where
+        the run has a cost estimate, then requests for a continuous-batching run.
     """
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ MAX_RUNS = 12
 HEIGHT = 420
 TEMPLATE = "plotly_white"
 PHASE_COLORS = {"prefill": "#1f77b4", "decode": "#ff7f0e", "extend": "#2ca02c", "recompute": "#9467bd",
-                "forward": "#7f7f7f"}
+                "forward": "#7f7f7f", "mixed": "#d62728"}
 RUN_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
               "#bcbd22", "#17becf", "#393b79", "#637939"]
 #: bar patterns that tell ranks apart in a merged (tensor-parallel) run; colours stay the phases

@@ -272,6 +272,51 @@ def _roofline_section(doc: Page, run: "Run", view: "CostView") -> None:
             doc.add(table_html(bounds, caption="Share of block time per bound", table_id="bound-table"))
 
 
+def _serving_section(doc: Page, run: "Run") -> None:
+    """The "Serving" section of a continuous-batching run: requests, batches, latency, throughput."""
+    from . import serve_figures as sf
+
+    serve = run.runs[run.runs["kind"] == "serve"] if not run.runs.empty else run.runs
+    if serve.empty and run.requests.empty:
+        return
+    doc.add('<h2 id="serving">Serving (continuous batching)</h2>')
+    sv = run.meta.get("serving", {})
+    bench = run.meta.get("serve_bench")
+    facts = [f"{len(serve)} serving loop(s), {len(run.requests)} requests, "
+             f"{len(sf.serve_steps(run.steps))} packed forwards"]
+    if sv:
+        facts.append(f"CUDA graphs: {sv.get('cuda_graphs')}")
+        facts.append(f"batch layout: {sv.get('layout')}")
+    if bench:
+        facts.append("workload: " + ", ".join(f"{k} {v}" for k, v in bench.items()))
+    doc.add('<p class="note" id="serving-facts">' + esc("; ".join(facts)) + "</p>")
+    doc.add(table_html(sf.serve_table(run.requests), caption="Requests by status (ms)", table_id="serve-table"))
+    doc.add('<p class="note">Queue: add_request() to the scheduling pass that admitted the request. TTFT: '
+            "add_request() to its first token handed to the manager after sampling. ITL: between its consecutive "
+            "tokens. A mixed step packs prompt tokens (prefill, possibly one chunk of a prompt) with one token of "
+            "each decoding request.</p>")
+    for div_id, title, fig in (
+        ("fig-serve-timeline", "Request timeline", sf.request_timeline(run.requests)),
+        ("fig-serve-batches", "Batch composition per step", sf.batch_composition(run.steps)),
+        ("fig-serve-latency", "TTFT and ITL distributions", sf.latency_distributions(run.requests)),
+        ("fig-serve-throughput", "Throughput over time", sf.throughput_over_time(run.steps)),
+    ):
+        doc.figure(fig, div_id, None)
+    try:
+        from probe.apportion import step_split
+
+        split = step_split(run.apportion())
+    except Exception as exc:  # a run saved without its config: no cost model, say so
+        split = None
+        doc.add(f'<p class="note" id="serve-split-note">No prefill/decode split of block time: {esc(exc)}</p>')
+    if split is not None:
+        doc.figure(sf.mixed_split(split), "fig-serve-split", None)
+        doc.add('<p class="note">Each block call of a mixed step is split between its prefill and decode tokens '
+                "by the cost model's work per token kind (attention over each request's own context), weighted by "
+                "a time-vs-work line fitted on the run's pure prefill and pure decode steps; the parts add up to "
+                "the measured time. The markers show what that line predicts for the whole step.</p>")
+
+
 def render_report(run: "Run", view: "CostView | None" = None) -> str:
     """The HTML report of ``run`` as a string (see the module docstring for its guarantees).
 
@@ -284,18 +329,26 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
     view = cost_view(run) if view is None else view
     multi = len(figures.ranks(run.calls if len(run.calls) else run.runs)) > 1
     r0 = run.runs[run.runs["kind"] == "generate"] if not run.runs.empty else run.runs
+    if r0.empty:
+        r0 = run.runs
     model = str(r0["model_id"].iloc[0]) if len(r0) and not _isna(r0["model_id"].iloc[0]) else "probe run"
     doc = Page()
     doc.add(f"<h1>probe report: {esc(model)}</h1>")
-    links = (("headline", "Headline"), *[(i + "-title", t) for i, t, _ in FIGURES],
+    serving = not run.requests.empty or (not run.runs.empty and (run.runs["kind"] == "serve").any())
+    links = (("headline", "Headline"), *((("serving", "Serving"),) if serving else ()),
+             *[(i + "-title", t) for i, t, _ in FIGURES],
              ("roofline", "Roofline and bounds"), ("tables", "Tables"), ("shapes", "Shapes"))
     doc.add("<nav>" + "".join(f'<a href="#{i}">{esc(t)}</a>' for i, t in links) + "</nav>")
     doc.add(table_html(_facts(run), table_id="facts"))
     doc.add(_prompt_html(run.meta.get("prompt")))
     doc.add('<h2 id="headline">Headline</h2>')
-    head = figures.headline(run.runs, run.steps, meta=run.meta)
-    # the model is named in the title and the facts above: its column only widened the table
-    doc.add(table_html(head.drop(columns="model_id"), table_id="headline-table"))
+    if serving and not (run.runs["kind"] == "generate").any():
+        doc.add('<p class="note" id="headline-note">No generate() call in this run: its requests and steps are '
+                'in <a href="#serving">Serving</a>.</p>')
+    else:
+        head = figures.headline(run.runs, run.steps, meta=run.meta)
+        # the model is named in the title and the facts above: its column only widened the table
+        doc.add(table_html(head.drop(columns="model_id"), table_id="headline-table"))
     doc.add('<p class="note">TTFT: from entering generate() to the first token chosen. TPOT: time between '
             "consecutive tokens over the decode steps. Share: a block's host time over its phase's forward "
             "time; the residue is forward time outside every recorded block."
@@ -304,6 +357,7 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
                if len(head) and head["peak_mem_bytes"].isna().all() else "")
             + (" This run merges several ranks: one headline row per rank's generate call; per-block charts "
                "and tables show each rank." if multi else "") + "</p>")
+    _serving_section(doc, run)
     for div_id, title, build in FIGURES:
         doc.figure(build(run), div_id, title)
     _roofline_section(doc, run, view)

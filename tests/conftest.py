@@ -36,7 +36,7 @@ def _probe_hooks_alive() -> list[str]:
                 mod = getattr(fn, "__module__", "") or ""
                 if mod.startswith("probe.") or "Probe." in owner:
                     leaks.append(f"{type(obj).__name__}: hook {owner}")
-        for attr in ("forward", "_old_forward", "generate", *WRAPPED):
+        for attr in ("forward", "_old_forward", "generate", "init_continuous_batching", *WRAPPED):
             fn, seen = obj.__dict__.get(attr), 0
             while fn is not None and seen < 8:  # follow wrappers of wrappers (functools.partial, __wrapped__)
                 if getattr(type(fn), "__probe_wrapper__", False) or "__probe_wrapper__" in getattr(fn, "__dict__", {}):

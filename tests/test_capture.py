@@ -355,10 +355,10 @@ def test_save_and_load_give_equal_frames(tmp_path):
         model.generate(_ids(5), max_new_tokens=4, do_sample=False)
     run = p.run
     path = run.save(tmp_path / "run")
-    assert sorted(f.name for f in path.iterdir()) == ["calls.parquet", "meta.json", "runs.parquet",
+    assert sorted(f.name for f in path.iterdir()) == ["calls.parquet", "meta.json", "requests.parquet", "runs.parquet",
                                                       "sampling.parquet", "steps.parquet"]
     back = probe.load(path)
-    for key in ("calls", "steps", "runs", "sampling"):
+    for key in ("calls", "steps", "runs", "sampling", "requests"):
         pd.testing.assert_frame_equal(getattr(run, key), getattr(back, key))
     assert back.meta["depth"] == "sublayers"
     pd.testing.assert_frame_equal(run.summary(), back.summary())

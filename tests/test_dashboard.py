@@ -23,7 +23,7 @@ from dashboards import APP, cli_runs_dir, data, launch, streamlit_command  # noq
 from reports import figures  # noqa: E402
 from tiny import tiny_llama  # noqa: E402
 
-VIEWS = ("Overview", "Layers", "Timeline", "Memory", "Roofline", "Shapes", "Compare", "Sweep", "Data")
+VIEWS = ("Overview", "Layers", "Timeline", "Memory", "Roofline", "Serving", "Shapes", "Compare", "Sweep", "Data")
 HIDDEN = 32
 LAYERS = 3
 
@@ -497,8 +497,8 @@ def test_csv_download_and_html_report_content(runs):
     assert len(pd.read_csv(StringIO(data.csv_bytes(run.calls, max_rows=5).decode()))) == 5
     html = data.report_html(run).decode()
     assert html.startswith("<!DOCTYPE html>") and "fig-phase-blocks" in html
-    assert sorted(p.name for p in runs["eager"].iterdir()) == ["calls.parquet", "meta.json", "runs.parquet",
-                                                               "sampling.parquet", "steps.parquet"]
+    assert sorted(p.name for p in runs["eager"].iterdir()) == ["calls.parquet", "meta.json", "requests.parquet",
+                                                               "runs.parquet", "sampling.parquet", "steps.parquet"]
 
 
 # --------------------------------------------------------------------------- data helpers
@@ -525,8 +525,8 @@ def test_discover_lists_runs_and_nested_sweeps(tmp_path, runs):
     assert list(found.runs) == ["a", "empty", "sweep/p16"]
     assert data.discover(tmp_path / "a").runs == {".": tmp_path / "a"}
     sig = data.signature(tmp_path / "a")
-    assert [f for f, _, _ in sig] == ["calls.parquet", "meta.json", "runs.parquet", "sampling.parquet",
-                                       "steps.parquet"]
+    assert [f for f, _, _ in sig] == ["calls.parquet", "meta.json", "requests.parquet", "runs.parquet",
+                                      "sampling.parquet", "steps.parquet"]
     (tmp_path / "a" / "report.html").write_text("a report is not part of the run")
     assert data.signature(tmp_path / "a") == sig
     (tmp_path / "a" / "meta.json").write_text((tmp_path / "a" / "meta.json").read_text() + " ")
