@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"probe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    depths = ("blocks", "sublayers", "all")
+    from .schema import DEPTHS as depths  # pandas-only: the CLI's choices are the schema's
+
     depth_help = ("which modules to record: blocks (embedding, decoder layers, final norm, lm_head), "
                   "sublayers (+ attention, MLP, inner norms), all (every module)")
 
@@ -136,17 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=cmd_sweep)
 
     sb = sub.add_parser("serve-bench", help="profile continuous batching under Poisson arrivals (saved as a run)",
-                        epilog=_models_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog=_models_epilog(), **fmt)
     _add_model_args(sb)
     sb.add_argument("--preset", help="build a full-size architecture with random weights instead")
-    sb.add_argument("--requests", type=int, default=32, help="requests to send (default 32)")
-    sb.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second, Poisson (default 4; inf: all at once)")
-    sb.add_argument("--prompt-lens", default="8,64", help="prompt lengths in tokens; each request draws one (default 8,64)")
+    sb.add_argument("--requests", type=int, default=32, help="requests to send")
+    sb.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second, Poisson (inf: all at once)")
+    sb.add_argument("--prompt-lens", default="8,64", help="prompt lengths in tokens; each request draws one")
     sb.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per request (EOS ignored)")
     sb.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    sb.add_argument("--top-k", type=int, default=None)
-    sb.add_argument("--top-p", type=float, default=None)
-    sb.add_argument("--temperature", type=float, default=None)
+    sb.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    sb.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens whose probability reaches p")
+    sb.add_argument("--temperature", type=float, default=None, help="divide the logits by T before sampling")
     sb.add_argument("--seed", type=int, default=0, help="seed of the workload (arrivals, lengths, prompt ids) and sampling")
     sb.add_argument("--max-batch-tokens", type=int, default=128, help="tokens per packed forward (prefill chunks + decode)")
     sb.add_argument("--page-size", type=int, default=16, help="paged KV cache: tokens per block")
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the manager's CUDA graphs (step-level timing only: replays run no block wrappers)")
     sb.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: bfloat16 on CUDA, float32 on CPU)")
     sb.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    sb.add_argument("--depth", default="blocks", choices=("blocks", "sublayers", "all"))
+    sb.add_argument("--depth", default="blocks", choices=depths, help=depth_help)
     sb.add_argument("--attn-implementation", default=None, help="sdpa | paged|eager | flash_attention_2 ...")
     sb.add_argument("--out", default=None, help="run directory to write (default: probe-runs/serve-<timestamp>)")
     sb.add_argument("--no-report", action="store_true", help="skip the HTML and CSV report")

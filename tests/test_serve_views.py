@@ -46,11 +46,11 @@ def record_serve(out: Path) -> Path:
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serve-runs")
-    record_serve(root / "serve")
     model = tiny_llama(layers=2, hidden=32)
     with probe.attach(model) as p:
         model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     p.run.save(root / "plain")
+    record_serve(root / "serve")  # saved last: the dashboard opens on the newest run
     return root
 
 
@@ -183,7 +183,7 @@ def test_dashboard_serving_view_in_chromium(runs_root, tmp_path):
                 page.on("pageerror", lambda e: errors.append(str(e)))
                 page.goto(url)
                 page.wait_for_selector('[data-testid="stSidebar"]', timeout=60_000)
-                # the default run is the last one ("serve" sorts after "plain")
+                # the dashboard opens on the newest run: the serving one
                 page.locator('[data-testid="stSidebar"] [role="radiogroup"] label').get_by_text(
                     "Serving", exact=True).click()
                 page.wait_for_function(
