@@ -19,7 +19,7 @@ import pandas as pd
 
 import probe
 from probe import schema
-from probe.run import META
+from probe.run import FILES, META, rank_dirs
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ class Found:
 
 
 def _is_run_dir(d: Path) -> bool:
-    return (d / META).exists() or any((r / META).exists() for r in d.glob("rank*"))
+    # a folder merely named like a rank ("ranking-test") is no tensor-parallel rank
+    return (d / META).exists() or bool(rank_dirs(d))
 
 
 def _is_sweep_dir(d: Path) -> bool:
@@ -151,17 +152,21 @@ def signature(run_dir: str | os.PathLike) -> tuple:
     """(relative path, mtime_ns, size) of the files :func:`probe.load` reads: the cache key.
 
     A run re-recorded into the same folder changes it, so a cached load is never stale;
-    reports written next to the run (``report.html``, ``csv/``) do not count.
+    reports written next to the run (``report.html``, ``csv/``) do not count. A few ``stat``
+    calls per run (no folder walk), so that hundreds of runs are keyed in milliseconds.
     """
     root = Path(run_dir)
+    names = (META, *FILES.values())
+    folders = [root] if (root / META).exists() else [root, *rank_dirs(root)]
     out = []
-    try:
-        for f in sorted([*root.rglob(META), *root.rglob("*.parquet")]):
-            if f.is_file():
-                st = f.stat()
-                out.append((f.relative_to(root).as_posix(), st.st_mtime_ns, st.st_size))
-    except OSError as exc:  # vanished while scanning: key on the error so the next scan retries
-        out.append(("<error>", str(exc), 0))
+    for d in folders:
+        rel = "" if d == root else d.name + "/"
+        for n in names:
+            try:
+                st = os.stat(d / n)
+            except OSError:  # missing, or vanished while scanning: part of the key all the same
+                continue
+            out.append((rel + n, st.st_mtime_ns, st.st_size, st.st_ino))
     return tuple(out)
 
 

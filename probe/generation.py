@@ -7,8 +7,10 @@ from typing import Any
 from torch import Tensor, nn
 
 
-def inputs_of(args: tuple, kwargs: dict) -> tuple[int | None, int | None, Any]:
-    """(batch, prompt length, attention mask) of a generate() call, from its tensors' shapes."""
+def inputs_of(args: tuple, kwargs: dict) -> tuple[int | None, int | None, Any, bool]:
+    """(batch, prompt length, attention mask, prompt in the output) of a generate() call, from its
+    tensors' shapes. generate() returns the prompt ids followed by the new tokens, but only the new
+    tokens when it is given ``inputs_embeds`` without ids: the last item says which."""
     ids = kwargs.get("input_ids")
     if ids is None and args and isinstance(args[0], Tensor):
         ids = args[0]
@@ -17,10 +19,10 @@ def inputs_of(args: tuple, kwargs: dict) -> tuple[int | None, int | None, Any]:
     emb = kwargs.get("inputs_embeds")
     x = ids if isinstance(ids, Tensor) else emb if isinstance(emb, Tensor) else None
     if x is None or x.dim() < 1:
-        return None, None, None
+        return None, None, None, True
     batch = int(x.shape[0]) if x.dim() >= 2 else 1
     length = int(x.shape[1]) if x.dim() >= 2 else int(x.shape[0])
-    return batch, length, kwargs.get("attention_mask")
+    return batch, length, kwargs.get("attention_mask"), isinstance(ids, Tensor)
 
 
 _GEN_KEYS = (

@@ -58,7 +58,7 @@ class RunRec:
     __slots__ = (
         "run_id", "kind", "t_enter", "t_exit", "status", "steps", "input_len", "batch_in",
         "mask", "output_len", "output_rows", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
-        "serve",
+        "serve", "prompt_in_output",
     )
 
     def __init__(self, run_id: str, kind: str) -> None:
@@ -73,6 +73,7 @@ class RunRec:
         self.mask: Any = None
         self.output_len: int | None = None
         self.output_rows: int | None = None  # sequences returned (batch x num_return_sequences)
+        self.prompt_in_output = True  # False: generate(inputs_embeds=...) returns only new tokens
         self.gen_settings: dict = {}
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.n_steps_seen = 0
@@ -247,7 +248,8 @@ class Recorder:
         self.version += 1
         return r
 
-    def begin_generate(self, batch: int | None, input_len: int | None, mask: Any, settings: dict) -> None:
+    def begin_generate(self, batch: int | None, input_len: int | None, mask: Any, prompt_in_output: bool,
+                       settings: dict) -> None:
         self._gen_depth += 1
         if self._gen_depth > 1:
             return
@@ -255,6 +257,7 @@ class Recorder:
         run = self.new_run("generate")
         run.t_enter = self.now()
         run.batch_in, run.input_len, run.mask = batch, input_len, mask
+        run.prompt_in_output = prompt_in_output
         run.gen_settings = settings
         if self.track_memory:
             # the run's peak starts here: setup, steps and sampling between steps all count

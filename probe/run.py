@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import re
+import shutil
+import stat
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,30 +160,218 @@ class Run:
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``calls.parquet``, ``steps.parquet``, ``runs.parquet`` and ``meta.json``.
 
-        Each file is written under a temporary name in the same folder and renamed, so a
-        crash never leaves a half-written file. Returns the directory.
+        The run is written into a new hidden folder beside ``path`` and moved into place with
+        renames: a reader (or a crash, or a kill) never finds a half-written or mixed run — an
+        existing run at ``path`` is replaced as a whole, its reports with it. ``meta.json``
+        (written last) holds a manifest of every file's size and SHA-256 that :func:`load`
+        checks. Where no folder can be made beside ``path`` (its parent is read-only) the files
+        are replaced inside it, ``meta.json`` removed first and written last. Leftovers of
+        saves that were killed are removed.
+
+        Returns:
+            The directory.
+        Raises:
+            RunSaveError: ``path`` is a file, or a folder that holds files but no probe run (a
+                run never replaces what is not a run), or it cannot be written; the message
+                names the path and the reason.
         """
         out = Path(path)
+        if out.is_symlink():
+            out = out.resolve()
+        _check_save_target(out)
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OSError(f"cannot create run directory {out}: {exc.strerror or exc}; choose a writable --out") from exc
-        if not os.access(out, os.W_OK):
-            raise PermissionError(f"run directory {out} is not writable; choose a writable --out")
-        for key, name in FILES.items():
-            df = getattr(self, key)
-            _atomic(out / name, lambda tmp, df=df: df.to_parquet(tmp, index=False))
-        meta = dict(self.meta)
-        meta["files"] = dict(FILES)
-        meta["schema_version"] = schema.SCHEMA_VERSION
-        text = json.dumps(meta, indent=2, sort_keys=True, default=str)
-        _atomic(out / META, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            raise RunSaveError(f"cannot create {out.parent}: {_reason(exc)}; choose a writable folder") from exc
+        remove_leftovers(out)
+        blobs = self._blobs()
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=_TMP, dir=out.parent))
+        except OSError:
+            tmp = None  # the parent is read-only (or not ours): write inside the folder itself
+        if tmp is None:
+            _save_in_place(out, blobs)
+        else:
+            _save_by_swap(out, tmp, blobs)
         self.path = out
         return out
 
+    def _blobs(self) -> dict[str, bytes]:
+        """The bytes of every file of the saved run, ``meta.json`` (with the manifest) last."""
+        blobs: dict[str, bytes] = {}
+        for key, name in FILES.items():
+            buf = io.BytesIO()
+            getattr(self, key).to_parquet(buf, index=False)
+            blobs[name] = buf.getvalue()
+        meta = dict(self.meta)
+        meta["files"] = dict(FILES)
+        meta["schema_version"] = schema.SCHEMA_VERSION
+        meta[MANIFEST] = {
+            "save_id": uuid.uuid4().hex,
+            "run_ids": sorted({str(v) for v in self.runs["run_id"].dropna()}),
+            "files": {n: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in blobs.items()},
+        }
+        blobs[META] = json.dumps(meta, indent=2, sort_keys=True, default=str).encode("utf-8")
+        return blobs
+
+
+class RunSaveError(OSError):
+    """A run that cannot be saved where asked, with the reason and what to do."""
+
+
+MANIFEST = "manifest"
+_TMP = ".tmp"
+_TRASH = ".trash"
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
+
+
+def is_run_dir(d: Path) -> bool:
+    """``d`` holds a saved run: a ``meta.json`` file, or ``rank<N>/meta.json`` of tensor-parallel ranks."""
+    return (d / META).is_file() or bool(rank_dirs(d))
+
+
+def rank_dirs(root: Path) -> list[Path]:
+    """The tensor-parallel rank folders of ``root`` (``rank<digits>`` exactly, each holding
+    ``meta.json``), by rank number."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    out = []
+    for e in entries:
+        m = _RANK_RE.fullmatch(e.name)
+        if m and e.is_dir() and (Path(e.path) / META).is_file():
+            out.append((int(m.group(1)), Path(e.path)))
+    return [d for _, d in sorted(out)]
+
+
+_RANK_RE = re.compile(r"rank(\d{1,6})")
+
+
+def _check_save_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunSaveError(f"{out} is a file, not a folder; choose a folder for the run")
+    if out.is_dir() and not is_run_dir(out):
+        try:
+            entries = [e for e in os.listdir(out)
+                       if not (e.startswith(".") and (e.endswith(_TMP) or e.endswith(_TRASH)))]
+        except OSError as exc:
+            raise RunSaveError(f"cannot read the folder {out}: {_reason(exc)}") from exc
+        if entries:
+            shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+            raise RunSaveError(f"{out} holds files that are not a probe run ({shown}); a run is saved only into "
+                               "a new or empty folder, or over another run")
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "xb") as fh:
+        fh.write(data)
+
+
+def _save_by_swap(out: Path, tmp: Path, blobs: dict[str, bytes]) -> None:
+    """Write the run into ``tmp`` and rename it to ``out`` (the old run, if any, renamed away first)."""
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a saved run gets ordinary permissions
+        for name, data in blobs.items():  # meta.json last
+            _write(tmp / name, data)
+        if not out.exists():
+            os.rename(tmp, out)
+            return
+        trash = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TRASH}"
+        try:
+            os.rename(out, trash)
+        except OSError:  # a mount point, a folder held busy: replace the files inside instead
+            shutil.rmtree(tmp, ignore_errors=True)
+            _save_in_place(out, blobs)
+            return
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(trash, out)  # put the old run back
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+    except RunSaveError:
+        raise
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunSaveError(f"cannot save the run to {out}: {_reason(exc)}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_in_place(out: Path, blobs: dict[str, bytes]) -> None:
+    """Replace the run's files inside ``out``: ``meta.json`` removed first, written last, so an
+    interrupted save leaves an incomplete run (which :func:`load` names), never a mixed one."""
+    try:
+        out.mkdir(exist_ok=True)
+        try:
+            (out / META).unlink()
+        except FileNotFoundError:
+            pass
+        for name, data in blobs.items():
+            _atomic(out / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+    except OSError as exc:
+        raise RunSaveError(f"cannot save the run to {out}: {_reason(exc)}") from exc
+
+
+def remove_leftovers(out: Path, min_age_s: float = 0.0) -> list[Path]:
+    """Remove what killed saves of ``out`` left: hidden ``.NAME.PID.*.tmp`` / ``.trash`` folders
+    beside it whose process is gone, and ``.FILE.*.tmp`` files inside it older than
+    ``min_age_s``. Errors are ignored (a read-only place stays as it is). Returns what was removed."""
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        siblings = [e for e in os.scandir(out.parent) if e.name.startswith(f".{out.name}.")]
+    except OSError:
+        siblings = []
+    for e in siblings:
+        rest = e.name[len(out.name) + 2:]
+        pid = rest.split(".", 1)[0]
+        if not (e.name.endswith(_TMP) or e.name.endswith(_TRASH)) or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path)
+            else:
+                os.unlink(e.path)
+            removed.append(Path(e.path))
+        except OSError:
+            pass
+    names = tuple(f".{n}." for n in (*FILES.values(), META))
+    try:
+        inside = [e for e in os.scandir(out) if e.name.startswith(names) and e.name.endswith(_TMP)]
+    except OSError:
+        inside = []
+    for e in inside:
+        try:
+            if e.is_file(follow_symlinks=False) and now - e.stat(follow_symlinks=False).st_mtime >= min_age_s:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
 
 def _atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TMP, dir=target.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -192,61 +387,128 @@ def _atomic(target: Path, write) -> None:
         raise
 
 
+#: largest meta.json read (a larger one is not a run's)
+MAX_META_BYTES = 64 << 20
+
+
+def read_regular(f: Path, what: str | None = None, limit: int | None = None) -> bytes:
+    """The bytes of ``f``, which must be a regular file (a FIFO, a device or a folder by that name
+    is refused at once, never waited on).
+
+    Raises:
+        RunLoadError: ``f`` is missing, not a regular file, larger than ``limit``, or unreadable.
+    """
+    label = what or str(f)
+    try:
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise RunLoadError(f"{label} is missing: the run is incomplete (was the recording interrupted?)") from None
+    except OSError as exc:
+        raise RunLoadError(f"{label} cannot be opened: {_reason(exc)}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RunLoadError(f"{label} is not a regular file (a FIFO, device or folder by that name); "
+                               "a run holds only ordinary files")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        if limit is not None and st.st_size > limit:
+            raise RunLoadError(f"{label} is {st.st_size:,} bytes, more than a run's {limit:,}: not a probe file")
+        try:
+            return fh.read()
+        except OSError as exc:
+            raise RunLoadError(f"{label} cannot be read: {_reason(exc)}") from exc
+
+
 def load(path: str | os.PathLike) -> Run:
     """Load a run directory written by :meth:`Run.save` (or several ranks' sub-directories).
 
+    Every file is checked: ``meta.json`` against the manifest of sizes and SHA-256 it holds
+    (a folder mixing files of two saves is refused), every column of every frame against the
+    schema (types, missing values, infinities, JSON shapes), so a run that loads can be reported.
+    Only regular files are opened.
+
     Raises:
-        RunLoadError: the folder is missing, holds no run, or a file is corrupt or of an
-            unknown schema; the message names the file and the problem.
+        RunLoadError: the folder is missing, holds no run, or a file is corrupt, mixed, or of an
+            unknown schema; the message names the file (and column) and the problem.
     """
     root = Path(path)
     if not root.exists():
-        raise RunLoadError(f"run directory {root} does not exist")
+        hint = _leftover_hint(root)
+        raise RunLoadError(f"run directory {root} does not exist" + hint)
     if not root.is_dir():
         raise RunLoadError(f"{root} is not a directory; pass the folder that holds meta.json")
-    if not (root / META).exists():
-        ranks = sorted((d for d in root.glob("rank*") if (d / META).exists()), key=_rank_order)
+    if not (root / META).exists() and not (root / META).is_symlink():
+        ranks = rank_dirs(root)
         if ranks:
-            return merge([load(d) for d in ranks], path=root)
+            runs = []
+            for d in ranks:
+                run = load(d)
+                want = int(_RANK_RE.fullmatch(d.name).group(1))
+                got = run.meta.get("rank", want)
+                if isinstance(got, bool) or not isinstance(got, int) or got != want:
+                    raise RunLoadError(f"{d / META} says rank {got!r} but its folder is {d.name}: "
+                                       "not a rank of this tensor-parallel run")
+                runs.append(run)
+            return merge(runs, path=root)
+        if any((root / n).exists() for n in FILES.values()):
+            raise RunLoadError(f"{root / META} is missing: the run is incomplete (an interrupted save?); "
+                               "re-record it")
         raise RunLoadError(f"{root} holds no probe run (no {META}); run `probe run --out {root}` first")
+    remove_leftovers(root, min_age_s=60.0)
+    meta_file = root / META
+    raw = read_regular(meta_file, limit=MAX_META_BYTES)
     try:
-        meta = json.loads((root / META).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunLoadError(f"{root / META} is corrupt: {exc}") from exc
+        meta = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise RunLoadError(f"{meta_file} is corrupt: JSON nested too deep") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RunLoadError(f"{meta_file} is corrupt: {exc}") from exc
     if not isinstance(meta, dict):
-        raise RunLoadError(f"{root / META} is not a JSON object")
+        raise RunLoadError(f"{meta_file} is not a JSON object")
     version = meta.get("schema_version")
     if version != schema.SCHEMA_VERSION:
         raise RunLoadError(
             f"{root} was saved with run schema {version!r}; this probe reads schema "
             f"{schema.SCHEMA_VERSION}. Re-record it with this version of probe."
         )
+    from .validate import check_frame, check_manifest, check_meta
+
+    check_meta(meta, meta_file)
+    manifest = meta.get(MANIFEST)
     frames = {}
     for key, name in FILES.items():
         f = root / name
-        if not f.exists() and key in OPTIONAL_FILES:
-            frames[key] = schema.empty(schema.FRAMES[key])
+        listed = isinstance(manifest, dict) and name in (manifest.get("files") or {})
+        if key in OPTIONAL_FILES and not listed and not os.path.lexists(f):
+            frames[key] = schema.empty(schema.FRAMES[key])  # saved before this frame existed
             continue
-        if not f.exists():
-            raise RunLoadError(f"{f} is missing: the run is incomplete (was the recording interrupted?)")
-        try:
-            df = pd.read_parquet(f)
-        except Exception as exc:  # pyarrow raises several types for a corrupt file
-            raise RunLoadError(f"{f} is corrupt or half-written: {exc}") from exc
-        sch = schema.FRAMES[key]
-        # Columns added to the schema later are nullable: an older run gets them as nulls.
-        missing = [c for c in sch if c not in df.columns and sch[c] not in schema.NULLABLE]
-        if missing:
-            raise RunLoadError(f"{f} lacks columns {missing}: saved by an older or foreign schema")
-        frames[key] = schema.conform(df, sch)
+        data = read_regular(f)
+        if manifest is not None:
+            check_manifest(manifest, name, data, f, meta_file)
+        frames[key] = check_frame(data, key, f)
+    if manifest is not None:
+        ids = sorted({str(v) for v in frames["runs"]["run_id"].dropna()})
+        if ids != manifest.get("run_ids", ids):
+            raise RunLoadError(f"{root / FILES['runs']} holds runs {ids[:3]} but {meta_file} lists "
+                               f"{manifest.get('run_ids', [])[:3]}: the folder mixes two saves; re-record it")
     return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root,
                sampling=frames["sampling"], requests=frames["requests"])
 
 
-def _rank_order(d: Path) -> tuple:
-    """rank2 before rank10: numbered rank directories first, by number."""
-    tail = d.name[len("rank"):]
-    return (0, int(tail), "") if tail.isdigit() else (1, 0, d.name)
+def _leftover_hint(root: Path) -> str:
+    """Where an interrupted save left the run that should be at ``root``, if it did."""
+    try:
+        left = sorted(e.name for e in os.scandir(root.parent)
+                      if e.name.startswith(f".{root.name}.") and e.name.endswith((_TMP, _TRASH)) and e.is_dir())
+    except OSError:
+        return ""
+    if not left:
+        return ""
+    return (f" (an interrupted save left {', '.join(str(root.parent / n) for n in left)}: the run being replaced "
+            "is in the .trash folder, the new one, if complete, in the .tmp folder)")
 
 
 def merge(runs: list[Run], path: Path | None = None) -> Run:

@@ -9,6 +9,7 @@ run saved under ``OUT/runs/p{P}-b{B}/``. The result is one frame, one row per re
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .run import _atomic
+from .run import MAX_META_BYTES, _atomic, read_regular
 from . import schema
 from .schema import BLOCK_ROLES
 
@@ -273,9 +274,12 @@ def load_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     f = root / SWEEP_FILE
     if not f.exists():
         raise ValueError(f"{root} holds no sweep ({SWEEP_FILE} missing); run `probe sweep --out {root}` first")
-    try:
-        df = pd.read_parquet(f)
-        meta = json.loads((root / SWEEP_META).read_text(encoding="utf-8")) if (root / SWEEP_META).exists() else {}
+    try:  # regular files only: a FIFO by either name must not hang the reader
+        df = pd.read_parquet(io.BytesIO(read_regular(f)))
+        has_meta = (root / SWEEP_META).exists()
+        meta = json.loads(read_regular(root / SWEEP_META, limit=MAX_META_BYTES).decode("utf-8")) if has_meta else {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"{SWEEP_META} is not a JSON object")
     except Exception as exc:
         raise ValueError(f"cannot read the sweep in {root}: {exc}") from exc
     missing = [c for c in SWEEP if c not in df.columns]

@@ -51,6 +51,9 @@ def write_reports(run: "Run", run_dir: str | os.PathLike, formats: Iterable[Form
     bad = [f for f in fmts if f not in FORMATS]
     if bad or not fmts:
         raise ValueError(f"formats must be a non-empty subset of {FORMATS}; got {list(formats)!r}")
+    from .text import display_run
+
+    run = display_run(run)  # user strings capped, as every report shows them
     root = Path(run_dir)
     single = Path(out) if out is not None and len(fmts) == 1 else None
     if out is not None and single is None:

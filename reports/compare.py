@@ -102,6 +102,9 @@ def _formatted_headline(head: pd.DataFrame) -> pd.DataFrame:
 
 def render_comparison(run_a: "Run", run_b: "Run") -> str:
     """The side-by-side HTML page of two runs (offline, escaped, deterministic)."""
+    from .text import display_run
+
+    run_a, run_b = display_run(run_a), display_run(run_b)
     la, lb = labels(run_a, run_b)
     frame = comparison_frame(run_a, run_b)
     head = headline_comparison(run_a, run_b)
@@ -137,5 +140,7 @@ def write_comparison(run_a: "Run", run_b: "Run", out_dir: str | os.PathLike) -> 
     html_path = out / "compare.html"
     html_path.write_text(render_comparison(run_a, run_b), encoding="utf-8", newline="\n")
     csv_path = out / "compare.csv"
-    comparison_frame(run_a, run_b).to_csv(csv_path, index=False, lineterminator="\n", encoding="utf-8")
+    from .text import display_run
+
+    comparison_frame(display_run(run_a), display_run(run_b)).to_csv(csv_path, index=False, lineterminator="\n", encoding="utf-8")
     return [html_path, csv_path]

@@ -43,7 +43,9 @@ def frames_for_csv(run: "Run", view: "CostView | None" = None) -> dict[str, pd.D
     where the cost estimate is (:func:`reports.cost_view.cost_view`; ``view`` if given).
     """
     from .cost_view import cost_view
+    from .text import display_run
 
+    run = display_run(run)  # user strings capped (reports.text); the saved run keeps them whole
     frames = {
         "calls": schema.conform(run.calls, schema.CALLS),
         "steps": schema.conform(run.steps, schema.STEPS),

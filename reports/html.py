@@ -31,6 +31,7 @@ from probe import fmt
 
 from . import figures
 from .tables import per_rank_summary
+from .text import cap
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
@@ -70,9 +71,35 @@ def _isna(v: object) -> bool:
 
 
 def format_cell(column: str, value: object) -> str:
+<<<<<<< HEAD
     """A table cell's text: units from the column name, NA as an empty cell (:func:`probe.fmt.cell`,
     the formats the terminal, the dashboard and Jupyter use too)."""
     return fmt.cell(column, value)
+=======
+    """A table cell's text: units from the column name, NA as an empty cell."""
+    if value is None or _isna(value):
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, float)) or hasattr(value, "dtype"):
+        v = float(value)
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if column in ("share", "a_share", "b_share") or column.endswith(("_share", "_fraction")):
+            pct = v * 100
+            # a CPU block may reach a thousandth of a percent of its roof: keep two digits
+            return f"{pct:.1f}%" if pct == 0 or abs(pct) >= 0.1 else f"{pct:.2g}%"
+        if column.endswith("_bytes") or column in ("parameters", "flops", "bytes_moved"):
+            return f"{v:,.0f}"
+        if column.endswith("tok_s"):
+            return f"{v:,.1f}"
+        if re.search(r"(^|_)ms($|_)", column) or column == "ratio":  # total_ms, tpot_ms_p50 ...
+            return f"{v:,.3f}" if abs(v) < 1e6 else f"{v:,.0f}"
+        if float(v).is_integer():
+            return str(int(v))
+        return f"{v:.4g}"
+    return str(cap(str(value)))  # a user string: capped (reports.text)
+>>>>>>> aeeb704 (Saves swap a whole run folder in with renames and a checked manifest; load validates every column, opens only regular files and takes rank<N> folders only; one --out rule for every command; inputs_embeds counts new tokens; reports cap user strings)
 
 
 def table_html(df: pd.DataFrame, *, caption: str | None = None, max_rows: int = MAX_TABLE_ROWS,
@@ -325,7 +352,9 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
         view: its :func:`reports.cost_view.cost_view`, if the caller has it already.
     """
     from .cost_view import cost_view
+    from .text import display_run
 
+    run = display_run(run)
     view = cost_view(run) if view is None else view
     multi = len(figures.ranks(run.calls if len(run.calls) else run.runs)) > 1
     r0 = run.runs[run.runs["kind"] == "generate"] if not run.runs.empty else run.runs

@@ -68,8 +68,11 @@ def render_sweep(df: pd.DataFrame, meta: dict | None = None) -> str:
     """
     from probe.sweep import sweep_summary
 
-    meta = meta or {}
-    model = str(meta.get("model_id") or "probe sweep")
+    from .text import cap, cap_frame, cap_meta
+
+    meta = cap_meta(meta or {})
+    df = cap_frame(df)
+    model = str(cap(str(meta.get("model_id") or "probe sweep")))
     doc = Page()
     doc.add(f"<h1>probe sweep: {esc(model)}</h1>")
     links = (("summary", "Summary"), *[(i + "-title", t) for i, t, _ in SWEEP_FIGURES], ("configs", "Runs"))

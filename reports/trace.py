@@ -166,6 +166,8 @@ def write_trace(run: "Run", path: str | os.PathLike) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     # dumps + one write: json.dump streams through many small writes, several times slower
-    text = json.dumps(build_trace(run), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    from .text import display_run
+
+    text = json.dumps(build_trace(display_run(run)), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     out.write_text(text, encoding="utf-8", newline="\n")
     return out

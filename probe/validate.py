@@ -1,0 +1,170 @@
+"""Checks :func:`probe.load` makes on a saved run, so that a run that loads can be reported.
+
+Each frame is checked at the Arrow level before it becomes a pandas frame (the type of every
+column against the schema, missing values where none may be, infinities, list-typed columns),
+then the values the reports parse (JSON shapes, phases, roles). ``meta.json`` is checked for the
+keys the reports read, and against the manifest of sizes and checksums :meth:`Run.save` writes.
+Every failure is one :class:`probe.RunLoadError` that names the file, the column and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from . import schema
+from .run import RunLoadError
+
+_INT_KINDS = ("int64", "Int64")
+MANIFEST_KEY = "manifest"  # probe.run.MANIFEST
+
+
+def _bad(f: Path, col: str, problem: str) -> RunLoadError:
+    return RunLoadError(f"{f}: column {col!r} {problem}; the file is corrupt or was not written by probe")
+
+
+def check_manifest(manifest: object, name: str, data: bytes, f: Path, meta_file: Path) -> None:
+    """``data`` (the bytes of file ``name``) matches the size and SHA-256 that ``meta.json`` lists."""
+    entry = manifest.get("files", {}).get(name) if isinstance(manifest, dict) else None
+    if not isinstance(entry, dict):
+        raise RunLoadError(f"{meta_file} has a manifest without {name}: the file is corrupt")
+    if entry.get("bytes") != len(data) or entry.get("sha256") != hashlib.sha256(data).hexdigest():
+        raise RunLoadError(
+            f"{f} does not match {meta_file} ({len(data):,} bytes where the manifest says {entry.get('bytes')}, "
+            "or another checksum): the folder mixes files of two saves (an interrupted save?) or was edited; "
+            "re-record the run"
+        )
+
+
+def check_meta(meta: dict, f: Path) -> None:
+    """The keys of ``meta.json`` that the library and the reports read have usable types."""
+    def need(key: str, ok: bool, what: str) -> None:
+        if key in meta and meta[key] is not None and not ok:
+            raise RunLoadError(f"{f}: {key!r} must be {what}, not {type(meta[key]).__name__}; the file is corrupt")
+
+    rank = meta.get("rank")
+    need("rank", isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0, "a rank number")
+    need("prompt", isinstance(meta.get("prompt"), str), "text")
+    need("command", isinstance(meta.get("command"), str), "text")
+    need("probe_version", isinstance(meta.get("probe_version"), str), "text")
+    need("config", isinstance(meta.get("config"), dict), "a JSON object")
+    need("peaks", isinstance(meta.get("peaks"), dict), "a JSON object")
+    need(MANIFEST_KEY, isinstance(meta.get(MANIFEST_KEY), dict), "a JSON object")
+
+
+def check_frame(data: bytes, key: str, f: Path) -> pd.DataFrame:
+    """Parse the parquet bytes of frame ``key`` (``calls``/``steps``/``runs``), check every
+    schema column, and return the conformed frame."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise RunLoadError(f"{f} is corrupt or half-written: {exc}") from exc
+    sch = schema.FRAMES[key]
+    names = table.column_names
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise RunLoadError(f"{f} has columns {dupes} more than once; the file is corrupt")
+    # Columns added to the schema later are nullable: an older run gets them as nulls.
+    missing = [c for c in sch if c not in names and sch[c] not in schema.NULLABLE]
+    if missing:
+        raise RunLoadError(f"{f} lacks columns {missing}: saved by an older or foreign schema")
+    for col, dtype in sch.items():
+        if col not in names:
+            continue
+        arr = table.column(col)
+        t = arr.type
+        if pa.types.is_dictionary(t):
+            arr = arr.cast(t.value_type)
+            t = arr.type
+        if dtype in _INT_KINDS:
+            if not (pa.types.is_integer(t) or pa.types.is_null(t)):
+                raise _bad(f, col, f"holds {t} values where whole numbers belong")
+            if dtype == "int64" and arr.null_count:
+                raise _bad(f, col, f"has {arr.null_count} missing values where every row needs one")
+            if pa.types.is_unsigned_integer(t) and len(arr) and pc.max(arr).as_py() > 2**63 - 1:
+                raise _bad(f, col, "holds numbers too large for int64")
+        elif dtype == "float64":
+            if not (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t)):
+                raise _bad(f, col, f"holds {t} values where numbers belong")
+            if pa.types.is_floating(t) and len(arr):
+                inf = pc.sum(pc.is_inf(arr)).as_py() or 0
+                if inf:
+                    raise _bad(f, col, f"holds {inf} infinite values")
+        elif dtype == "boolean":
+            if not (pa.types.is_boolean(t) or pa.types.is_null(t)):
+                raise _bad(f, col, f"holds {t} values where true/false belongs")
+        elif dtype == schema.STR:
+            if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
+                raise _bad(f, col, f"holds {t} values where text belongs")
+    try:
+        df = schema.conform(table.to_pandas(), sch)
+    except Exception as exc:  # a type the checks above let through and pandas refuses
+        raise RunLoadError(f"{f} cannot be read as the {key} frame: {type(exc).__name__}: {exc}") from exc
+    _check_values(df, key, f)
+    return df
+
+
+def _unique_text(s: pd.Series) -> list[str]:
+    return [str(v) for v in s.dropna().unique()]
+
+
+def _check_values(df: pd.DataFrame, key: str, f: Path) -> None:
+    """The values reports parse or look up: shapes JSON, phases, roles, JSON columns of runs."""
+    for col in ("phase",):
+        if col in df:
+            bad = [v for v in _unique_text(df[col]) if v not in schema.PHASES]
+            if bad:
+                raise _bad(f, col, f"holds unknown phases {_show(bad)} (known: {', '.join(schema.PHASES)})")
+    if key == "calls":
+        bad = [v for v in _unique_text(df["role"]) if v not in schema.ROLES]
+        if bad:
+            raise _bad(f, "role", f"holds unknown roles {_show(bad)} (known: {', '.join(schema.ROLES)})")
+        for col in ("in_shapes", "out_shapes"):
+            for v in _unique_text(df[col]):
+                if not _is_shapes(v):
+                    raise _bad(f, col, f"holds {_show([v])}, not a JSON list of shapes such as [[1, 7, 64]]")
+    if key == "runs":
+        for v in _unique_text(df["prompt_tokens_real"]):
+            got = _json(v)
+            if not (isinstance(got, list) and all(_is_int(x) for x in got)):
+                raise _bad(f, "prompt_tokens_real", f"holds {_show([v])}, not a JSON list of token counts")
+        for v in _unique_text(df["generate_kwargs"]):
+            if not isinstance(_json(v), dict):
+                raise _bad(f, "generate_kwargs", f"holds {_show([v])}, not a JSON object")
+
+
+_MISSING = object()
+
+
+def _json(text: str) -> object:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return _MISSING
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_shapes(text: str) -> bool:
+    got = _json(text)
+    return isinstance(got, list) and all(
+        isinstance(s, list) and all(_is_int(d) and d >= 0 for d in s) for s in got)
+
+
+def _show(values: list[str], n: int = 3, width: int = 60) -> str:
+    def one(v: str) -> str:
+        return repr(v if len(v) <= width else v[:width] + "...")
+
+    more = f" and {len(values) - n} more" if len(values) > n else ""
+    return ", ".join(one(v) for v in values[:n]) + more
+
