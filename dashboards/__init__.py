@@ -17,7 +17,7 @@ APP = Path(__file__).with_name("app.py")
 
 DEFAULT_RUNS_DIR = "probe-runs"
 
-__all__ = ["APP", "cli_runs_dir", "launch", "streamlit_command"]
+__all__ = ["APP", "cli_root", "cli_runs_dir", "launch", "streamlit_command"]
 
 
 def cli_runs_dir(argv: list[str] | None = None) -> str:
@@ -37,8 +37,30 @@ def cli_runs_dir(argv: list[str] | None = None) -> str:
     return os.environ.get("PROBE_RUNS_DIR", DEFAULT_RUNS_DIR)
 
 
-def streamlit_command(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8501) -> list[str]:
-    """The ``python -m streamlit run`` command line :func:`launch` executes."""
+def cli_root(argv: list[str] | None = None) -> str:
+    """The folder outside which the app's "Runs folder" box refuses to look: ``--root`` after
+    the ``--`` of :func:`streamlit_command`, else ``$PROBE_DASHBOARD_ROOT``, else the runs folder
+    the app starts on (:func:`cli_runs_dir`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(argv):
+        if arg == "--root" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--root="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("PROBE_DASHBOARD_ROOT") or cli_runs_dir(argv)
+
+
+def within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """``path`` is ``root`` or below it, after ``~``, ``..`` and every symlink are resolved."""
+    p = Path(path).expanduser().resolve()
+    r = Path(root).expanduser().resolve()
+    return p == r or r in p.parents
+
+
+def streamlit_command(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8501,
+                      root: str | os.PathLike | None = None) -> list[str]:
+    """The ``python -m streamlit run`` command line :func:`launch` executes (``root`` defaults
+    to ``runs_dir``)."""
     return [
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.address", str(host),
@@ -49,15 +71,18 @@ def streamlit_command(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port
         # the app is not being edited: without this, any change to a file on PYTHONPATH (the
         # repository root in a source checkout) puts a "File change. Rerun" banner on the page
         "--server.fileWatcherType", "none",
-        "--", "--runs-dir", str(runs_dir),
+        "--", "--runs-dir", str(runs_dir), "--root", str(runs_dir if root is None else root),
     ]
 
 
-def launch(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8501) -> int:
+def launch(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8501,
+           root: str | os.PathLike | None = None) -> int:
     """Serve the dashboard over ``runs_dir`` until interrupted.
 
     Args:
         runs_dir: folder of run directories (each written by ``probe run --out``), or one run.
+        root: the page's "Runs folder" box refuses folders outside this one (symlinks and
+            ``..`` resolved); default ``runs_dir``.
         host: address to bind; the default keeps the dashboard on this machine. Pass
             ``0.0.0.0`` only on a trusted network: the app lists and reads folders on disk.
         port: TCP port.
@@ -72,9 +97,9 @@ def launch(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 850
     # the app's own folder goes first on sys.path under `streamlit run`; make the repo
     # root importable too when probe is used from a source checkout, not installed
     env = dict(os.environ)
-    root = str(APP.parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen(streamlit_command(runs_dir, host, port), env=env,
+    repo = str(APP.parent.parent)
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(streamlit_command(runs_dir, host, port, root=root), env=env,
                             preexec_fn=_die_with_parent if os.name == "posix" else None)
     got: list[int] = []
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from dataclasses import astuple
 from pathlib import Path
 
@@ -21,7 +22,7 @@ if __package__ in (None, ""):  # run as a script by `streamlit run`: make the re
 import streamlit as st
 
 import probe
-from dashboards import cli_runs_dir, cost_views, data, serve_views, views
+from dashboards import cli_root, cli_runs_dir, cost_views, data, serve_views, views, within
 
 log = logging.getLogger("dashboards.app")
 
@@ -30,16 +31,32 @@ _ALL = {**views.VIEWS, **cost_views.VIEWS, **serve_views.VIEWS}
 _ORDER = ("Overview", "Layers", "Timeline", "Memory", "Roofline", "Serving", "Shapes", "Compare", "Sweep", "Data")
 VIEWS = {**{n: _ALL[n] for n in _ORDER if n in _ALL}, **{n: f for n, f in _ALL.items() if n not in _ORDER}}
 
-# A loaded run is held once and shared by every rerun and session (cache_resource): a
-# 1M-row frame would cost ~1 s to pickle into st.cache_data and ~0.2 s to unpickle on every
-# rerun. The frames are treated as read-only (filters build new frames). The key holds the
-# files' mtimes and sizes, so a changed run is a cache miss; old entries age out.
-@st.cache_resource(max_entries=32, show_spinner="Loading run ...")
+# A loaded run is held once and shared by every rerun and session: a 1M-row frame would cost
+# ~1 s to pickle into st.cache_data and ~0.2 s to unpickle on every rerun. The frames are
+# treated as read-only (filters build new frames). One entry per run folder, kept with the
+# signature (mtimes, sizes, inodes) of its files: a re-recorded run is loaded again and replaces
+# its entry, nothing else is reloaded, and no entry limit makes a folder of hundreds of runs
+# reload them all on every click.
+@st.cache_resource(show_spinner=False)
+def _runs_cache() -> tuple[dict, threading.Lock]:
+    return {}, threading.Lock()
+
+
 def _load(path: str, name: str, sig: tuple) -> tuple[probe.Run | None, str | None]:
-    try:
-        return data.load_run(path, name), None
-    except probe.RunLoadError as exc:
-        return None, str(exc)
+    cache, lock = _runs_cache()
+    key = (path, name)
+    with lock:
+        hit = cache.get(key)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    with st.spinner(f"Loading run {name} ..."):
+        try:
+            got: tuple[probe.Run | None, str | None] = (data.load_run(path, name), None)
+        except probe.RunLoadError as exc:
+            got = (None, str(exc))
+    with lock:
+        cache[key] = (sig, got)
+    return got
 
 
 # The selected runs concatenated (and then filtered) are held too, keyed on their names and
@@ -116,11 +133,20 @@ def main() -> None:
     if not runs_dir:
         st.info("Enter the folder that holds your runs (each one written by `probe run --out FOLDER/NAME`).")
         return
+    root = cli_root()
+    if not within(runs_dir, root):
+        st.error(f"{views.md(runs_dir)} is outside the folder this dashboard may read "
+                 f"({views.md(str(Path(root).expanduser().resolve()))}). Start it with "
+                 "`probe dashboard RUNS_DIR --root FOLDER` to look elsewhere.", icon="⛔")
+        return
 
     found = data.discover(runs_dir)
     if found.message:
         st.info(found.message)
         return
+    # a symlinked run that leads out of the root is not read either
+    found = data.Found(runs={n: p for n, p in found.runs.items() if within(p, root)},
+                       sweeps={n: p for n, p in found.sweeps.items() if within(p, root)})
     good: dict[str, probe.Run] = {}
     sigs: dict[str, tuple] = {}
     for name, path in found.runs.items():

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("runs_dir", nargs="?", default="probe-runs", help="folder of run directories (or one run)")
     d.add_argument("--port", type=_port, default=8501, help="TCP port to serve on (1-65535)")
     d.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 keeps it on this machine")
+    d.add_argument("--root", default=None,
+                   help="the page's 'Runs folder' box refuses folders outside this one (default: RUNS_DIR)")
     d.set_defaults(func=cmd_dashboard)
 
     sw = sub.add_parser("sweep", help="profile prefill/decode cost over prompt lengths and batch sizes",
@@ -760,7 +762,7 @@ def cmd_dashboard(args) -> int:
         from dashboards import launch
     except ImportError as exc:
         raise CLIError(f"the dashboard needs streamlit and plotly: pip install 'genprobe[dashboard]' ({exc})") from exc
-    return int(launch(args.runs_dir, host=args.host, port=args.port) or 0)
+    return int(launch(args.runs_dir, host=args.host, port=args.port, root=args.root or args.runs_dir) or 0)
 
 
 def _int_list(text: str, flag: str) -> list[int]:

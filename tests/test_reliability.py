@@ -475,3 +475,36 @@ def test_sweep_out_refuses_other_folders_and_replaces_a_sweep_only_with_force(tm
     code, _, err = _cli([*args, "--out", str(sw), "--force"], capsys)
     assert code == 0 and "replacing the sweep" in err
     assert (sw / "sweep.parquet").is_file()
+
+
+# --------------------------------------------------------------------------- dashboard root
+def test_the_dashboard_box_refuses_folders_outside_its_root(two_runs, tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from dashboards import APP, cli_root, streamlit_command
+
+    root = tmp_path / "root"
+    shutil.copytree(two_runs[0], root / "a")
+    outside = tmp_path / "outside"
+    shutil.copytree(two_runs[1], outside / "b")
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    (root / "runlink").symlink_to(outside / "b", target_is_directory=True)
+    monkeypatch.setenv("PROBE_DASHBOARD_ROOT", str(root))
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.session_state["runs_dir"] = str(root)
+    at.run()
+    assert not at.exception and not at.error
+    assert at.sidebar.multiselect(key="runs").options == ["a"]  # the symlinked run leads outside: not read
+    for bad in ("/etc", str(root / ".." / "outside"), str(root / "link"), str(root / "a" / ".." / "..")):
+        at.sidebar.text_input(key="runs_dir").set_value(bad).run()
+        assert not at.exception
+        assert any("outside the folder this dashboard may read" in e.value for e in at.error), bad
+        assert not at.get("plotly_chart")
+    at.sidebar.text_input(key="runs_dir").set_value(str(root / "a")).run()
+    assert not at.error and at.get("plotly_chart")
+    # `probe dashboard DIR` passes DIR as the root unless --root says otherwise
+    cmd = streamlit_command("/x/runs")
+    assert cli_root(cmd[cmd.index("--") + 1:]) == "/x/runs"
+    cmd = streamlit_command("/x/runs", root="/x")
+    assert cli_root(cmd[cmd.index("--") + 1:]) == "/x"
