@@ -32,11 +32,14 @@ def check_manifest(manifest: object, name: str, data: bytes, f: Path, meta_file:
     entry = manifest.get("files", {}).get(name) if isinstance(manifest, dict) else None
     if not isinstance(entry, dict):
         raise RunLoadError(f"{meta_file} has a manifest without {name}: the file is corrupt")
-    if entry.get("bytes") != len(data) or entry.get("sha256") != hashlib.sha256(data).hexdigest():
+    want = entry.get("bytes")
+    if isinstance(want, int) and len(data) < want:
+        raise RunLoadError(f"{f} is corrupt, truncated or half-written: {len(data):,} bytes where {meta_file} lists "
+                           f"{want:,}; re-record the run")
+    if want != len(data) or entry.get("sha256") != hashlib.sha256(data).hexdigest():
         raise RunLoadError(
-            f"{f} does not match {meta_file} ({len(data):,} bytes where the manifest says {entry.get('bytes')}, "
-            "or another checksum): the folder mixes files of two saves (an interrupted save?) or was edited; "
-            "re-record the run"
+            f"{f} does not match {meta_file} (its size or SHA-256 differs from the manifest's): the folder mixes "
+            "files of two saves (an interrupted save?) or was edited; re-record the run"
         )
 
 

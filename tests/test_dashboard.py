@@ -157,11 +157,11 @@ def test_launch_binds_to_localhost_by_default_and_passes_the_runs_dir():
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--server.port") + 1] == "8501"
     assert cmd[cmd.index("--server.headless") + 1] == "true"
-    assert cmd[-3:] == ["--", "--runs-dir", "some/runs"]
+    assert cmd[-5:] == ["--", "--runs-dir", "some/runs", "--root", "some/runs"]  # the root defaults to it
     other = streamlit_command("r", host="0.0.0.0", port=9999)
     assert other[other.index("--server.address") + 1] == "0.0.0.0"
     assert other[other.index("--server.port") + 1] == "9999"
-    assert launch.__defaults__ == ("127.0.0.1", 8501)
+    assert launch.__defaults__ == ("127.0.0.1", 8501, None)
 
 
 def test_app_reads_the_runs_dir_given_after_the_double_dash(monkeypatch):
@@ -220,11 +220,16 @@ def test_a_run_with_unreadable_values_is_named_with_the_reason(tmp_path, runs):
     steps = pd.read_parquet(f)
     steps["step"] = "not a number"  # right columns, values no probe run can hold
     steps.to_parquet(f)
-    with pytest.raises(probe.RunLoadError, match="foreign"):
+    with pytest.raises(probe.RunLoadError, match="foreign.*two saves"):  # the manifest sees the edit
+        data.load_run(tmp_path / "foreign", "foreign")
+    meta = json.loads((tmp_path / "foreign" / "meta.json").read_text())
+    del meta["manifest"]  # as a run saved before manifests: the column check names the problem
+    (tmp_path / "foreign" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(probe.RunLoadError, match="steps.parquet: column 'step'"):
         data.load_run(tmp_path / "foreign", "foreign")
     at = app(tmp_path)
     (err,) = [e.value for e in at.error]
-    assert "**foreign**" in err and "cannot be read" in err
+    assert "**foreign**" in err and "column 'step'" in err
     assert at.sidebar.multiselect(key="runs").options == ["good"]
 
 
@@ -525,8 +530,8 @@ def test_discover_lists_runs_and_nested_sweeps(tmp_path, runs):
     assert list(found.runs) == ["a", "empty", "sweep/p16"]
     assert data.discover(tmp_path / "a").runs == {".": tmp_path / "a"}
     sig = data.signature(tmp_path / "a")
-    assert [f for f, _, _ in sig] == ["calls.parquet", "meta.json", "requests.parquet", "runs.parquet",
-                                      "sampling.parquet", "steps.parquet"]
+    assert sorted(f for f, *_ in sig) == ["calls.parquet", "meta.json", "requests.parquet", "runs.parquet",
+                                         "sampling.parquet", "steps.parquet"]
     (tmp_path / "a" / "report.html").write_text("a report is not part of the run")
     assert data.signature(tmp_path / "a") == sig
     (tmp_path / "a" / "meta.json").write_text((tmp_path / "a" / "meta.json").read_text() + " ")
@@ -619,6 +624,7 @@ def test_roofline_of_a_gpu_run_uses_its_datasheet(peaks_dir, tmp_path):
     shutil.copytree(peaks_dir / "stored", tmp_path / "h100")
     meta = json.loads((tmp_path / "h100" / "meta.json").read_text())
     del meta["peaks"]
+    del meta["manifest"]  # runs.parquet is edited below, as a run saved before manifests
     (tmp_path / "h100" / "meta.json").write_text(json.dumps(meta))
     f = tmp_path / "h100" / "runs.parquet"
     runs = pd.read_parquet(f)
