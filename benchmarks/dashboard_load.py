@@ -12,13 +12,19 @@ cleared, files read again) and side by side with the unstretched recording:
 3. (with ``/usr/bin/chromium``) ``probe dashboard`` in headless Chromium: page open until both
    Overview charts are drawn, on a new server (its first session imports the app: torch,
    pandas, plotly, streamlit) and again on the same, warm server.
+4. a folder of many runs (``--many 500``: copies of the small recording) against a folder of
+   two: under ``AppTest``, the first page (every run read once) and then the clicks a user
+   makes, interleaved between the two folders and timed: a rerun with nothing changed, each
+   view, picking other runs, a phase filter. Target: every click within 0.5 s at 500 runs.
 
     python benchmarks/dashboard_load.py [--rows 1000000] [--repeat 3] [--out DIR] [--no-browser]
+                                        [--many 500] [--only-many]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import subprocess
@@ -34,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from report_size import record_tiny, stretch  # noqa: E402
 
 TARGET_S = 5.0
+CLICK_TARGET_S = 0.5
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -82,6 +89,81 @@ def app_test(runs_dir: Path) -> float:
     if at.exception or at.error or len(at.get("plotly_chart")) != 2:
         raise RuntimeError(f"the Overview did not draw: {[e.value for e in [*at.exception, *at.error]]}")
     return dt
+
+
+def many_runs(run_dir: Path, folder: Path, n: int) -> Path:
+    """``n`` copies of the saved run ``run_dir`` in the runs folder ``folder`` (``run000`` ...)."""
+    import shutil
+
+    for i in range(n):
+        shutil.copytree(run_dir, folder / f"run{i:03d}")
+    return folder
+
+
+def clicks(folders: list[Path], repeat: int) -> tuple[list[float], dict[str, list[tuple[list[float], list[float]]]]]:
+    """Each click a user makes, timed on every folder in turn (interleaved), as AppTest reruns
+    the script (what the server does on a click, before the browser draws).
+
+    Returns:
+        the first page's wall seconds per folder (every run read once), and per click and
+        folder the (wall seconds, process CPU seconds) of each repeat.
+    """
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from dashboards import APP
+
+    os.environ.setdefault("PROBE_DASHBOARD_ROOT", str(Path(folders[0]).parent))
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    apps, first = [], []
+    for d in folders:
+        at = AppTest.from_file(str(APP), default_timeout=900)
+        at.session_state["runs_dir"] = str(d)
+        t0 = time.perf_counter()
+        at.run()
+        first.append(time.perf_counter() - t0)
+        if at.exception or at.error:
+            raise RuntimeError(f"the page failed: {[e.value for e in [*at.exception, *at.error]]}")
+        apps.append(at)
+    out: dict[str, list[tuple[list[float], list[float]]]] = {}
+
+    def timed(label: str, act) -> None:
+        for k, at in enumerate(apps):
+            names = at.sidebar.multiselect(key="runs").options
+            w, c = time.perf_counter(), time.process_time()
+            act(at, names).run()
+            w, c = time.perf_counter() - w, time.process_time() - c
+            if at.exception:
+                raise RuntimeError(f"{label}: {[e.value for e in at.exception]}")
+            slot = out.setdefault(label, [([], []) for _ in apps])[k]
+            slot[0].append(w)
+            slot[1].append(c)
+
+    for i in range(repeat):
+        timed("rerun, nothing changed", lambda at, n: at)
+        for view in ("Layers", "Timeline", "Data", "Overview"):
+            timed(f"view {view}", lambda at, n, view=view: at.sidebar.radio(key="view").set_value(view))
+        timed("pick other runs", lambda at, n, i=i: at.sidebar.multiselect(key="runs").set_value(n[i % len(n):][:2]))
+        timed("pick the last run", lambda at, n: at.sidebar.multiselect(key="runs").set_value(n[-1:]))
+        timed("phase filter: decode only", lambda at, n: at.sidebar.multiselect(key="phases").set_value(["decode"]))
+        timed("phase filter: all", lambda at, n: at.sidebar.multiselect(key="phases").set_value(["prefill", "decode"]))
+    return first, out
+
+
+def many_case(run_dir: Path, root: Path, n: int, repeat: int, rows: int) -> None:
+    """Print the clicks over ``n`` copies of ``run_dir`` against 2 copies (see the module docstring)."""
+    two = many_runs(run_dir, root / "two-runs", 2)
+    many = many_runs(run_dir, root / f"{n}-runs", n)
+    first, got = clicks([two, many], repeat)
+    print(f"runs folders of copies of one recording ({rows:,} call rows): 2 runs and {n} runs; first page "
+          f"(every run read once) {first[0]:.2f} s and {first[1]:.2f} s")
+    print(f"\nclicks (AppTest reruns), {repeat} repeats interleaved; CPU = min process CPU seconds, "
+          f"wall = max seconds; target: {n} runs within {CLICK_TARGET_S} s")
+    print(f"{'click':<28} {'CPU 2':>7} {'CPU ' + str(n):>8} {'ratio':>6} {'wall 2':>7} {'wall ' + str(n):>9}  within")
+    for label, ((w1, c1), (wn, cn)) in got.items():
+        print(f"{label:<28} {min(c1):>7.3f} {min(cn):>8.3f} {min(cn) / min(c1):>6.2f} {max(w1):>7.3f} "
+              f"{max(wn):>9.3f}  {'yes' if max(wn) <= CLICK_TARGET_S else 'NO'}")
 
 
 def browser(runs_dirs: list[Path], repeat: int) -> dict[Path, tuple[list[float], list[float]]]:
@@ -154,12 +236,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None, help="keep the runs in this folder")
     ap.add_argument("--no-browser", action="store_true", help="skip the headless Chromium measurement")
+    ap.add_argument("--many", type=int, default=500, help="runs in the many-runs folder (0: skip that case)")
+    ap.add_argument("--only-many", action="store_true", help="measure the many-runs folder only")
     args = ap.parse_args()
 
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="probe-dashboard-load-"))
     base = record_tiny()
     small_dir, big_dir = root / "small", root / "big"
     base.save(small_dir / "run")
+    if args.many:
+        many_case(small_dir / "run", root, args.many, args.repeat, len(base.calls))
+        if args.only_many:
+            return
     t0 = time.perf_counter()
     big = stretch(base, args.rows)
     big.save(big_dir / "run")

@@ -9,6 +9,7 @@ Bad runs are listed with the reason and never stop the good ones from showing.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from dataclasses import astuple
@@ -71,6 +72,16 @@ def _combined(key: tuple, _runs: tuple[probe.Run, ...]) -> tuple[probe.Run, dict
 @st.cache_resource(max_entries=4, show_spinner=False)  # each entry may hold a filtered copy
 def _filtered(key: tuple, filters: tuple, _run: probe.Run, _filters: data.Filters) -> probe.Run:
     return data.apply_filters(_run, _filters)
+
+
+def _inside(runs_dir: str, name: str, path: Path, root: str) -> bool:
+    """Run or sweep ``name`` (found below ``runs_dir``, itself inside ``root``) is inside ``root``:
+    certainly so when no folder on the way is a symlink (one ``lstat`` each), else by resolving."""
+    parts = () if name == "." else Path(name).parts
+    base = Path(runs_dir).expanduser()
+    if not any(os.path.islink(base.joinpath(*parts[:i + 1])) for i in range(len(parts))):
+        return True
+    return within(path, root)
 
 
 def _sync(key: str, options: list, default: list) -> None:
@@ -145,8 +156,8 @@ def main() -> None:
         st.info(found.message)
         return
     # a symlinked run that leads out of the root is not read either
-    found = data.Found(runs={n: p for n, p in found.runs.items() if within(p, root)},
-                       sweeps={n: p for n, p in found.sweeps.items() if within(p, root)})
+    found = data.Found(runs={n: p for n, p in found.runs.items() if _inside(runs_dir, n, p, root)},
+                       sweeps={n: p for n, p in found.sweeps.items() if _inside(runs_dir, n, p, root)})
     good: dict[str, probe.Run] = {}
     sigs: dict[str, tuple] = {}
     for name, path in found.runs.items():

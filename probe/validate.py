@@ -87,6 +87,7 @@ def check_frame(data: bytes, key: str, f: Path) -> pd.DataFrame:
         if pa.types.is_dictionary(t):
             arr = arr.cast(t.value_type)
             t = arr.type
+            table = table.set_column(table.column_names.index(col), col, arr)
         if dtype in _INT_KINDS:
             if not (pa.types.is_integer(t) or pa.types.is_null(t)):
                 raise _bad(f, col, f"holds {t} values where whole numbers belong")
@@ -107,39 +108,42 @@ def check_frame(data: bytes, key: str, f: Path) -> pd.DataFrame:
         elif dtype == schema.STR:
             if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
                 raise _bad(f, col, f"holds {t} values where text belongs")
+    _check_values(table, key, f)
     try:
-        df = schema.conform(table.to_pandas(), sch)
+        return schema.conform(table.to_pandas(), sch)
     except Exception as exc:  # a type the checks above let through and pandas refuses
         raise RunLoadError(f"{f} cannot be read as the {key} frame: {type(exc).__name__}: {exc}") from exc
-    _check_values(df, key, f)
-    return df
 
 
-def _unique_text(s: pd.Series) -> list[str]:
-    return [str(v) for v in s.dropna().unique()]
+def _unique_text(table, col: str) -> list[str]:
+    """The distinct non-null values of text column ``col`` (none if the column is absent):
+    shapes repeat across calls, so a million rows hold a few hundred distinct values."""
+    import pyarrow.compute as pc
+
+    if col not in table.column_names:
+        return []
+    return [v for v in pc.unique(table.column(col)).to_pylist() if v is not None]
 
 
-def _check_values(df: pd.DataFrame, key: str, f: Path) -> None:
+def _check_values(table, key: str, f: Path) -> None:
     """The values reports parse or look up: shapes JSON, phases, roles, JSON columns of runs."""
-    for col in ("phase",):
-        if col in df:
-            bad = [v for v in _unique_text(df[col]) if v not in schema.PHASES]
-            if bad:
-                raise _bad(f, col, f"holds unknown phases {_show(bad)} (known: {', '.join(schema.PHASES)})")
+    bad = [v for v in _unique_text(table, "phase") if v not in schema.PHASES]
+    if bad:
+        raise _bad(f, "phase", f"holds unknown phases {_show(bad)} (known: {', '.join(schema.PHASES)})")
     if key == "calls":
-        bad = [v for v in _unique_text(df["role"]) if v not in schema.ROLES]
+        bad = [v for v in _unique_text(table, "role") if v not in schema.ROLES]
         if bad:
             raise _bad(f, "role", f"holds unknown roles {_show(bad)} (known: {', '.join(schema.ROLES)})")
         for col in ("in_shapes", "out_shapes"):
-            for v in _unique_text(df[col]):
+            for v in _unique_text(table, col):
                 if not _is_shapes(v):
                     raise _bad(f, col, f"holds {_show([v])}, not a JSON list of shapes such as [[1, 7, 64]]")
     if key == "runs":
-        for v in _unique_text(df["prompt_tokens_real"]):
+        for v in _unique_text(table, "prompt_tokens_real"):
             got = _json(v)
             if not (isinstance(got, list) and all(_is_int(x) for x in got)):
                 raise _bad(f, "prompt_tokens_real", f"holds {_show([v])}, not a JSON list of token counts")
-        for v in _unique_text(df["generate_kwargs"]):
+        for v in _unique_text(table, "generate_kwargs"):
             if not isinstance(_json(v), dict):
                 raise _bad(f, "generate_kwargs", f"holds {_show([v])}, not a JSON object")
 
