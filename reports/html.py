@@ -6,7 +6,9 @@
 - Element ids are fixed names (``fig-phase-blocks`` ...) and nothing depends on the clock or
   on randomness: two builds from the same run are byte-identical.
 - Every string that came from the user or the model (prompt, model id, paths, module names)
-  goes through :func:`html.escape`; tables are plain HTML, readable without JavaScript.
+  goes through :func:`html.escape`; tables are plain HTML, readable without JavaScript. Those
+  strings are capped (:mod:`reports.text`: 300 characters, the prompt 4,000), so a huge name
+  cannot make a huge page.
 - Only aggregates are embedded (figures bin long runs; tables are per block, capped), so the
   size is bounded whatever the number of call rows.
 - The "Roofline and bounds" section uses the roofs stored with the run (or a GPU's datasheet
