@@ -250,7 +250,7 @@ def _generated(run) -> int | None:
     of it when generate() was given ``inputs_embeds`` alone (it then returns only new tokens)."""
     if run.output_len is None or run.input_len is None:
         return None
-    return run.output_len - (run.input_len if getattr(run, "prompt_in_output", True) else 0)
+    return run.output_len - (run.input_len if run.prompt_in_output else 0)
 
 
 def _new_tokens(run) -> list[int]:
