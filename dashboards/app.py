@@ -148,7 +148,7 @@ def main() -> None:
     if not within(runs_dir, root):
         st.error(f"{views.md(runs_dir)} is outside the folder this dashboard may read "
                  f"({views.md(str(Path(root).expanduser().resolve()))}). Start it with "
-                 "`probe dashboard RUNS_DIR --root FOLDER` to look elsewhere.", icon="⛔")
+                 "`probe dashboard RUNS_DIR --root FOLDER` to look elsewhere.")
         return
 
     found = data.discover(runs_dir)

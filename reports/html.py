@@ -55,7 +55,7 @@ table{border-collapse:collapse;font-size:.85rem;margin:.4rem 0 1rem;max-width:10
 th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:right;vertical-align:top}
 th{background:#f4f6f8}td.t,th.t{text-align:left}caption{text-align:left;color:#555;padding:.2rem 0}
 pre{background:#f6f8fa;padding:.6rem;white-space:pre-wrap;word-break:break-word;font-size:.85rem}
-.note{color:#666;font-size:.85rem}.fig{min-height:420px}nav a{margin-right:1rem}
+.note{color:#666;font-size:.85rem}h1,caption{overflow-wrap:anywhere}td.w{overflow-wrap:anywhere;min-width:16rem}.fig{min-height:420px}nav a{margin-right:1rem}
 """
 
 
@@ -122,8 +122,10 @@ def table_html(df: pd.DataFrame, *, caption: str | None = None, max_rows: int = 
     for row in shown.itertuples(index=False, name=None):
         cells = []
         for c, v in zip(cols, row):
-            cls = " class=t" if c in text_cols else ""
-            cells.append(f"<td{cls}>{esc(format_cell(str(c), v))}</td>")
+            text = format_cell(str(c), v)
+            # a long unbroken string (a capped name) may wrap anywhere rather than widen the page
+            cls = (' class="t w"' if len(text) > 60 else " class=t") if c in text_cols else ""
+            cells.append(f"<td{cls}>{esc(text)}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</tbody></table></div>")
     if len(df) > max_rows:

@@ -508,3 +508,4 @@ def test_the_dashboard_box_refuses_folders_outside_its_root(two_runs, tmp_path, 
     assert cli_root(cmd[cmd.index("--") + 1:]) == "/x/runs"
     cmd = streamlit_command("/x/runs", root="/x")
     assert cli_root(cmd[cmd.index("--") + 1:]) == "/x"
+
