@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: longest user string a report shows whole
 MAX_TEXT = 300
+#: JSON columns: data the CSV gives back whole (cut, they would no longer parse); HTML tables
+#: cap them as they show them
+JSON_COLUMNS = frozenset({"in_shapes", "out_shapes", "prompt_tokens_real", "generate_kwargs"})
 
 
 def cap(value: object, limit: int = MAX_TEXT) -> object:
@@ -41,9 +44,12 @@ def cap_series(s: pd.Series, limit: int = MAX_TEXT) -> pd.Series:
 
 
 def cap_frame(df: pd.DataFrame, limit: int = MAX_TEXT) -> pd.DataFrame:
-    """``df`` with every text column capped (the same frame when nothing is too long)."""
+    """``df`` with every text column but the JSON ones capped (the same frame when nothing is
+    too long)."""
     out = None
     for col in df.columns:
+        if col in JSON_COLUMNS:
+            continue
         s = cap_series(df[col], limit)
         if s is not df[col]:
             out = df.copy() if out is None else out
