@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .run import Run, RunLoadError, load, merge
+from .run import Run, RunLoadError, RunSaveError, load, merge
 from .schema import DEPTHS, PHASES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,6 +69,7 @@ __all__ = [
     "ProbeError",
     "Run",
     "RunLoadError",
+    "RunSaveError",
     "ServingWarning",
     "UnrecognisedModelWarning",
     "__version__",
