@@ -73,35 +73,10 @@ def _isna(v: object) -> bool:
 
 
 def format_cell(column: str, value: object) -> str:
-<<<<<<< HEAD
     """A table cell's text: units from the column name, NA as an empty cell (:func:`probe.fmt.cell`,
-    the formats the terminal, the dashboard and Jupyter use too)."""
-    return fmt.cell(column, value)
-=======
-    """A table cell's text: units from the column name, NA as an empty cell."""
-    if value is None or _isna(value):
-        return ""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, (int, float)) or hasattr(value, "dtype"):
-        v = float(value)
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        if column in ("share", "a_share", "b_share") or column.endswith(("_share", "_fraction")):
-            pct = v * 100
-            # a CPU block may reach a thousandth of a percent of its roof: keep two digits
-            return f"{pct:.1f}%" if pct == 0 or abs(pct) >= 0.1 else f"{pct:.2g}%"
-        if column.endswith("_bytes") or column in ("parameters", "flops", "bytes_moved"):
-            return f"{v:,.0f}"
-        if column.endswith("tok_s"):
-            return f"{v:,.1f}"
-        if re.search(r"(^|_)ms($|_)", column) or column == "ratio":  # total_ms, tpot_ms_p50 ...
-            return f"{v:,.3f}" if abs(v) < 1e6 else f"{v:,.0f}"
-        if float(v).is_integer():
-            return str(int(v))
-        return f"{v:.4g}"
-    return str(cap(str(value)))  # a user string: capped (reports.text)
->>>>>>> aeeb704 (Saves swap a whole run folder in with renames and a checked manifest; load validates every column, opens only regular files and takes rank<N> folders only; one --out rule for every command; inputs_embeds counts new tokens; reports cap user strings)
+    the formats the terminal, the dashboard and Jupyter use too); a long user string capped
+    (:mod:`reports.text`)."""
+    return str(cap(fmt.cell(column, value)))
 
 
 def table_html(df: pd.DataFrame, *, caption: str | None = None, max_rows: int = MAX_TABLE_ROWS,
