@@ -15,8 +15,6 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
