@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--depth", default="blocks", choices=depths, help=depth_help)
     sb.add_argument("--attn-implementation", default=None, help="sdpa | paged|eager | flash_attention_2 ...")
     sb.add_argument("--out", default=None, help="run directory to write (default: probe-runs/serve-<timestamp>)")
+    sb.add_argument("--force", action="store_true", help="replace the run already in --out (never other files)")
     sb.add_argument("--no-report", action="store_true", help="skip the HTML and CSV report")
     sb.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model directory")
     sb.set_defaults(func=cmd_serve_bench)
@@ -804,7 +805,9 @@ def cmd_serve_bench(args) -> int:
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     out_dir = Path(args.out) if args.out else Path("probe-runs") / f"serve-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_writable(out_dir)
+    note = _check_out(out_dir, "run", force=args.force)
+    if note:
+        _progress(note)
 
     from transformers import GenerationConfig
 
@@ -853,9 +856,13 @@ def cmd_serve_bench(args) -> int:
     desc["eos"] = "ignored: every request generates max_new_tokens"
     run.meta["serve_bench"] = desc
     run.meta["command"] = "probe " + " ".join(sys.argv[1:]) if sys.argv else "probe serve-bench"
-    saved = run.save(out_dir)
+    from .outdir import save_run, shown
+
+    saved, save_error = save_run(run, out_dir)
     print(_format_serve_summary(run))
-    print(f"\nrun saved to {saved}/ (calls, steps, runs, requests .parquet, meta.json)")
+    if save_error is not None:
+        raise CLIError(save_error)
+    print(f"\nrun saved to {shown(saved)}/ (calls, steps, runs, requests .parquet, meta.json)")
     if not args.no_report:
         try:
             from reports import write_reports
