@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import hotpath
+from . import hotpath, noise
 from .cache import cache_bytes, cache_seq_len, find_cache
 from .discovery import ModuleInfo
 from .schema import Phase
@@ -58,7 +58,7 @@ class RunRec:
     __slots__ = (
         "run_id", "kind", "t_enter", "t_exit", "status", "steps", "input_len", "batch_in",
         "mask", "output_len", "output_rows", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
-        "serve",
+        "serve", "cpu0", "cpu_ns", "sched0", "wait_ns",
     )
 
     def __init__(self, run_id: str, kind: str) -> None:
@@ -78,6 +78,10 @@ class RunRec:
         self.n_steps_seen = 0
         self.mem_peak: int | None = None  # CUDA allocator peak over the whole run
         self.serve = None  # kind "serve": the probe.serving.ManagerWatch of its loop
+        self.cpu0 = 0
+        self.cpu_ns: int | None = None  # process CPU time over the generate call
+        self.sched0: dict | None = None
+        self.wait_ns: float | None = None  # run-queue wait of the process's threads (probe.noise)
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,9 @@ class Recorder:
             return
         self._open_forward = None
         run = self.new_run("generate")
+        # read before the clock starts: the reads are the probe's, not generate's
+        run.sched0 = noise.read_run_delay()
+        run.cpu0 = time.process_time_ns()
         run.t_enter = self.now()
         run.batch_in, run.input_len, run.mask = batch, input_len, mask
         run.gen_settings = settings
@@ -280,6 +287,9 @@ class Recorder:
         if run is None:
             return None
         run.t_exit = self.now()
+        run.cpu_ns = time.process_time_ns() - run.cpu0
+        run.wait_ns = noise.run_delay_between(run.sched0, noise.read_run_delay())
+        run.sched0 = None
         run.status = status
         if self.sampling is not None:
             self.sampling.end()  # its wrappers off, its CUDA events resolved
