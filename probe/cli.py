@@ -777,16 +777,50 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from .stats import comparability, gate, significance, verdict
+
+    pct = args.fail_above
+    if pct is not None and not (pct >= 0 and pct == pct and pct != float("inf")):
+        raise CLIError(f"--fail-above takes a percentage >= 0, e.g. 5; got {pct}")
     a = _load_run(args.run_a)
     b = _load_run(args.run_b)
+    problems = comparability(a, b)
+    if problems and pct is not None:
+        raise CLIError(f"{args.run_a} and {args.run_b} are not comparable: {'; '.join(problems)}. "
+                       "Gate a change by recording both runs with the same model, --depth, prompt and batch size")
     try:
         from reports.compare import write_comparison
     except ImportError as exc:
         raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
+    sig = significance(a, b)
     out = Path(args.out) if args.out else Path(f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
-    for pth in write_comparison(a, b, out):
+    for pth in write_comparison(a, b, out, sig=sig):
         print(pth)
-    return 0
+    if problems:
+        print(f"note: the runs measure different work ({'; '.join(problems)})")
+    print("")
+    print(f"{'B against A':<18}{'phase':<9}{'samples':>10}{'B slower by':>13}{'95% interval':>22}  verdict")
+    for _, row in sig[sig["level"].isin(["metric", "role"])].iterrows():
+        iv = "" if _isna(row["ci_low_pct"]) else f"[{row['ci_low_pct']:+.1f}%, {row['ci_high_pct']:+.1f}%]"
+        sd = "" if _isna(row["slowdown_pct"]) else f"{row['slowdown_pct']:+.1f}%"
+        print(f"{str(row['module']):<18}{str(row['phase']):<9}{f'{row.a_n}/{row.b_n}':>10}{sd:>13}{iv:>22}  "
+              f"{verdict(row)}")
+    for label, run in ((" (A)", a), (" (B)", b)):
+        for line in _noise_lines(run, label):
+            if line:
+                print(line)
+    if pct is None:
+        return 0
+    failed = gate(sig, pct)
+    if failed.empty:
+        print(f"\nOK: nothing is slower than A by more than {pct:g}% with significance")
+        return 0
+    print(f"\nFAIL: B is slower than A by more than {pct:g}% (95% interval above 0):")
+    for _, row in failed.iterrows():
+        where = f" ({row['phase']})" if row["phase"] else ""
+        print(f"  {row['module']}{where}: {row['slowdown_pct']:+.1f}% "
+              f"[{row['ci_low_pct']:+.1f}%, {row['ci_high_pct']:+.1f}%]")
+    return 1
 
 
 def cmd_dashboard(args) -> int:

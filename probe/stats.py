@@ -11,7 +11,10 @@ up for the purpose.
   :data:`BOOTSTRAP_RESAMPLES` resamples of each run's samples with replacement, fixed seed so a
   report is reproducible). Samples are per step for blocks (a block's time in each step of the
   phase) and TPOT (each decode step's latency per token), per generate call for TTFT, tok/s and
-  total time. A difference is significant when the interval excludes zero.
+  total time. A difference is **significant** when the interval excludes zero *and* a two-sided
+  Mann–Whitney U test of the two samples gives p < 0.05 (:func:`mann_whitney_p`): the
+  percentile bootstrap is too narrow for a handful of samples, the rank test is exact there and
+  unmoved by one outlier.
 - :func:`gate`: the rows slower by more than a percentage, significantly (``probe compare
   --fail-above``); :func:`comparability` says why two runs should not be compared.
 """
@@ -27,6 +30,7 @@ from .schema import PHASES
 
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE
 #: blocks below this share of their phase's forward time in A are shown but not gated
 GATE_MIN_SHARE = 0.01
 
@@ -64,7 +68,8 @@ SIGNIFICANCE_COLUMNS: dict[str, str] = {
     "slowdown_pct": "float64",  # how much worse B is than A, percent (negative: B is better)
     "ci_low_pct": "float64",  # 95 % bootstrap interval of slowdown_pct
     "ci_high_pct": "float64",
-    "significant": "boolean",  # the interval excludes 0 (null: too few samples)
+    "p_value": "float64",  # two-sided Mann-Whitney U test of A's samples against B's
+    "significant": "boolean",  # the interval excludes 0 and p < 0.05 (null: too few samples)
     "a_share": "float64",  # the block's share of A's forward time in the phase (blocks only)
 }
 
@@ -210,6 +215,61 @@ def bootstrap_slowdown(a, b, *, higher_is_better: bool = False, resamples: int =
     return point * 100, float(lo) * 100, float(hi) * 100
 
 
+def mann_whitney_p(a, b) -> float:
+    """Two-sided p-value of the Mann–Whitney U (Wilcoxon rank-sum) test of ``a`` against ``b``.
+
+    Exact (the distribution of U counted over every arrangement) for small samples without
+    ties, the normal approximation with tie and continuity corrections otherwise. It needs no
+    assumption about the shape of the distribution and one outlier cannot sway it, which suits
+    timings: three against three can never reach p < 0.05 (the smallest possible p is 0.1).
+    NaN when a side is empty.
+    """
+    a = np.asarray(a, dtype="float64")
+    b = np.asarray(b, dtype="float64")
+    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+    n1, n2 = len(a), len(b)
+    if not n1 or not n2:
+        return math.nan
+    both = np.concatenate([a, b])
+    ranks = pd.Series(both).rank(method="average").to_numpy()
+    u1 = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2)
+    ties = len(np.unique(both)) < len(both)
+    if not ties and n1 * n2 <= 400:
+        # counts[k] = arrangements with U = k, by the recurrence over the largest element
+        counts = _u_counts(n1, n2)
+        total = counts.sum()
+        u = min(u1, n1 * n2 - u1)
+        p = 2 * counts[: int(math.floor(u)) + 1].sum() / total
+        return float(min(1.0, p))
+    mu = n1 * n2 / 2
+    _, t = np.unique(both, return_counts=True)
+    n = n1 + n2
+    var = n1 * n2 / 12 * ((n + 1) - float((t ** 3 - t).sum()) / (n * (n - 1)))
+    if var <= 0:
+        return 1.0
+    z = (abs(u1 - mu) - 0.5) / math.sqrt(var)
+    return float(min(1.0, math.erfc(max(z, 0.0) / math.sqrt(2))))
+
+
+def _u_counts(n1: int, n2: int) -> np.ndarray:
+    """Number of orderings of n1 + n2 distinct values giving each U (0 .. n1*n2)."""
+    # f[i][j] = polynomial in q of U over samples of sizes i, j: f(i,j) = q^j f(i-1,j) + f(i,j-1)
+    f = [[None] * (n2 + 1) for _ in range(n1 + 1)]
+    for i in range(n1 + 1):
+        for j in range(n2 + 1):
+            if i == 0 or j == 0:
+                arr = np.zeros(i * j + 1, dtype="float64")
+                arr[0] = 1.0
+            else:
+                arr = np.zeros(i * j + 1, dtype="float64")
+                prev = f[i - 1][j]
+                arr[j:j + len(prev)] += prev
+                left = f[i][j - 1]
+                arr[:len(left)] += left
+            f[i][j] = arr
+    return f[n1][n2]
+
+
 def _clock(run_calls: list[pd.DataFrame]) -> str:
     return "gpu" if all(len(c) and c["gpu_ms"].notna().all() for c in run_calls) else "host"
 
@@ -275,7 +335,8 @@ def significance(run_a, run_b, levels=("role", "module"), seed: int = 0,
         if not len(a) and not len(b):
             continue
         p, lo, hi = bootstrap_slowdown(a, b, higher_is_better=m in HIGHER_IS_BETTER, seed=seed, resamples=resamples)
-        rows.append(_row("metric", m, "", "tok/s" if m.endswith("tok_s") else "ms", a, b, p, lo, hi, math.nan))
+        rows.append(_row("metric", m, "", "tok/s" if m.endswith("tok_s") else "ms", a, b, p, lo, hi, math.nan,
+                         mann_whitney_p(a, b)))
     clock = _clock([run_a.calls, run_b.calls])
     fwd_a = _phase_forward(run_a.steps, run_a.runs)
     for level in levels:
@@ -292,17 +353,18 @@ def significance(run_a, run_b, levels=("role", "module"), seed: int = 0,
             p, lo, hi = bootstrap_slowdown(a, b, seed=seed, resamples=resamples)
             f = fwd_a.get(phase, math.nan)
             share = float(a.sum() / f) if len(a) and f and not math.isnan(f) and name != "(outside model)" else math.nan
-            rows.append(_row(level, name, phase, clock, a, b, p, lo, hi, share))
+            rows.append(_row(level, name, phase, clock, a, b, p, lo, hi, share, mann_whitney_p(a, b)))
     if not rows:
         return _empty(SIGNIFICANCE_COLUMNS)
     return pd.DataFrame(rows).astype(SIGNIFICANCE_COLUMNS)
 
 
-def _row(level, name, phase, clock, a, b, p, lo, hi, share) -> dict:
-    sig = None if math.isnan(lo) else bool(lo > 0 or hi < 0)
+def _row(level, name, phase, clock, a, b, p, lo, hi, share, pval) -> dict:
+    sig = None if math.isnan(lo) or math.isnan(pval) else bool((lo > 0 or hi < 0) and pval < ALPHA)
     return {"level": level, "module": name, "phase": phase, "clock": clock, "a_n": len(a), "b_n": len(b),
             "a_mean": float(a.mean()) if len(a) else math.nan, "b_mean": float(b.mean()) if len(b) else math.nan,
-            "slowdown_pct": p, "ci_low_pct": lo, "ci_high_pct": hi, "significant": sig, "a_share": share}
+            "slowdown_pct": p, "ci_low_pct": lo, "ci_high_pct": hi, "p_value": pval, "significant": sig,
+            "a_share": share}
 
 
 def verdict(row) -> str:

@@ -52,7 +52,7 @@ table{border-collapse:collapse;font-size:.85rem;margin:.4rem 0 1rem;max-width:10
 th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:right;vertical-align:top}
 th{background:#f4f6f8}td.t,th.t{text-align:left}caption{text-align:left;color:#555;padding:.2rem 0}
 pre{background:#f6f8fa;padding:.6rem;white-space:pre-wrap;word-break:break-word;font-size:.85rem}
-.note{color:#666;font-size:.85rem}.fig{min-height:420px}nav a{margin-right:1rem}
+.note{color:#666;font-size:.85rem}.warn{background:#fff4e5;border:1px solid #f0b46b;padding:.5rem .7rem;color:#7a4100}.fig{min-height:420px}nav a{margin-right:1rem}
 """
 
 
