@@ -131,7 +131,7 @@ def _noise_note(run_a: "Run", run_b: "Run", la: str, lb: str) -> str:
     for name, run in (("A", run_a), ("B", run_b)):
         b = run.noise()
         if b.busy:
-            notes.append(f'<p class="warn" id="busy-{name.lower()}"><b>{name}: {esc(b.message())}</b></p>')
+            notes.append(f'<p class="warn" id="busy-{name.lower()}"><b>{name}: {esc(b.message()).replace("`--repeat`", "<code>--repeat</code>")}</b></p>')
         elif b.wait_pct == b.wait_pct:
             notes.append(f'<p class="note" id="busy-{name.lower()}">{name}: the machine was quiet '
                          f"({b.wait_pct:.1f} % of step time waiting for a CPU).</p>")
