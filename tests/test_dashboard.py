@@ -127,6 +127,12 @@ def app(runs_dir: Path | str, *, runs: list[str] | None = None, view: str | None
     return at
 
 
+def other_warnings(at: AppTest) -> list[str]:
+    """The page's warnings other than the busy-machine one, which depends on this machine's load
+    while the test recorded its runs."""
+    return [w.value for w in at.warning if "the machine was busy" not in w.value]
+
+
 def charts(at: AppTest) -> list[dict]:
     """The page's plotly figures, as the JSON Streamlit sends to the browser."""
     return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
@@ -287,7 +293,7 @@ def odd_dir(tmp_path_factory) -> Path:
 def test_runs_without_generate_or_without_calls_draw_every_view(odd_dir, view):
     for picked in (["forward"], ["nothing"], ["forward", "nothing"]):
         at = app(odd_dir, runs=picked, view=view)
-        assert not at.error and not at.warning, (picked, view)
+        assert not at.error and not other_warnings(at), (picked, view)
     if view == "Shapes":
         assert "recorded no calls" not in " ".join(i.value for i in at.info)
         at.sidebar.multiselect(key="runs").set_value(["nothing"]).run()
@@ -302,7 +308,7 @@ def test_runs_without_generate_or_without_calls_draw_every_view(odd_dir, view):
 def test_every_view_draws_without_errors(runs_dir, view, n_charts, n_tables):
     at = app(runs_dir, runs=["eager", "sdpa"], view=view)
     assert at.header[0].value == view
-    assert not at.error and not at.warning
+    assert not at.error and not other_warnings(at)
     figs = charts(at)
     assert len(figs) == n_charts
     for fig in figs:  # every chart holds data, none is an empty "no data" figure
@@ -652,7 +658,7 @@ def test_discover_lists_a_sweeps_runs_and_not_the_sweep_as_a_bad_run(sweep_root)
     inside = data.discover(sweep_root / "my-sweep")  # the sweep folder itself as the runs folder
     assert list(inside.runs) == ["runs/p4-b1", "runs/p8-b1"] and list(inside.sweeps) == ["."]
     at = app(sweep_root)
-    assert not at.error and not at.warning
+    assert not at.error and not other_warnings(at)
     assert at.sidebar.multiselect(key="runs").options == list(found.runs)
 
 
@@ -661,7 +667,7 @@ def test_sweep_view_draws_the_three_charts_and_the_summary(sweep_root):
 
     at = app(sweep_root, view="Sweep")
     df, _ = load_sweep(sweep_root / "my-sweep")
-    assert not at.error and not at.warning and not at.info
+    assert not at.error and not other_warnings(at) and not at.info
     prefill, decode, throughput = charts(at)
     assert "Prefill" in prefill["layout"]["title"]["text"]
     (line,) = prefill["data"]
@@ -698,7 +704,7 @@ def test_sweep_view_of_the_sweep_folder_itself_and_of_a_broken_sweep(sweep_root,
     shutil.copytree(sweep_root / "my-sweep", tmp_path / "only" / "s", ignore=shutil.ignore_patterns("runs"))
     at = app(tmp_path / "only")
     assert at.header[0].value == "Sweep" and len(charts(at)) == 3
-    assert not at.error and not at.warning and not at.sidebar.multiselect
+    assert not at.error and not other_warnings(at) and not at.sidebar.multiselect
 
 
 def test_sweep_view_without_a_sweep_says_how_to_make_one(runs_dir):
