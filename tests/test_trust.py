@@ -316,3 +316,23 @@ def test_dashboard_overview_warns_of_a_busy_run_only(tmp_path):
     assert len(warnings) == 1 and "Run **busy**: the machine was busy: 80 %" in warnings[0]
     assert any("quiet 1.0 %" in c.value for c in at.caption)
     assert any("Spread over 4 generate calls" in c.value for c in at.caption)
+
+
+def test_sweep_shows_the_spread_of_its_repeats(tmp_path):
+    from probe.sweep import format_summary, load_sweep, sweep, sweep_summary
+
+    model = tiny_llama(layers=2, hidden=32)
+    sweep(model, None, prompt_lens=(4,), batch_sizes=(1,), new_tokens=2, repeat=3, warmup=0, out=tmp_path / "s")
+    df, meta = load_sweep(tmp_path / "s")
+    s = sweep_summary(df).iloc[0]
+    per = df[df["phase"] == "prefill"].groupby("repeat")["latency_ms"].sum()
+    assert s["repeats"] == 3
+    assert (s["prefill_ms_min"], s["prefill_ms"], s["prefill_ms_max"]) == pytest.approx(
+        (per.min(), per.median(), per.max()))
+    assert s["decode_ms_per_token_min"] <= s["decode_ms_per_token"] <= s["decode_ms_per_token_max"]
+    assert df["wait_pct"].notna().all()
+    text = format_summary(sweep_summary(df))
+    assert "prefill ms [min - max]" in text and "(medians over 3 repeat(s), min - max in brackets)" in text
+    assert ("WARNING: the machine was busy" in text) == bool(s["wait_pct"] > 10)
+    run = probe.load(tmp_path / "s" / "runs" / "p4-b1")
+    assert run.meta["warmup"]["generates"] == 0 and len(run.meta["warmup"]["cold_run_ids"]) == 1
