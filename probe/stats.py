@@ -372,6 +372,8 @@ def verdict(row) -> str:
     if pd.isna(row["significant"]):
         return "too few samples"
     if not row["significant"]:
+        if row["ci_low_pct"] > 0 or row["ci_high_pct"] < 0:
+            return "not significant (rank test p >= 0.05)"
         return "within noise"
     return "B slower" if row["slowdown_pct"] > 0 else "B faster"
 
