@@ -82,9 +82,13 @@ def _empty(cols: dict[str, str]) -> pd.DataFrame:
 
 
 def _generate_ids(runs: pd.DataFrame) -> list[str]:
+    """The successful generate calls; of a run merged from several ranks (tensor parallel), the
+    lowest rank's: the ranks record the same calls side by side, not repeats of them."""
     if runs.empty:
         return []
     gen = runs[(runs["kind"] == "generate") & (runs["status"] == "ok")]
+    if "rank" in gen and gen["rank"].nunique() > 1:
+        gen = gen[gen["rank"] == gen["rank"].min()]
     return [str(v) for v in gen["run_id"]]
 
 

@@ -302,8 +302,10 @@ def test_runs_without_generate_or_without_calls_draw_every_view(odd_dir, view):
 
 # --------------------------------------------------------------------------- views
 @pytest.mark.parametrize("view,n_charts,n_tables", [
-    ("Overview", 2, 1), ("Layers", 3, 1), ("Timeline", 2, 0), ("Memory", 2, 2), ("Roofline", 0, 1),
-    ("Shapes", 0, 1), ("Compare", 3, 3), ("Sweep", 0, 0), ("Data", 0, 1),
+    # Overview: the headline, and the spread of the runs' four generate calls (metrics, blocks);
+    # Compare: both headlines, the per-block difference and the significance table
+    ("Overview", 2, 3), ("Layers", 3, 1), ("Timeline", 2, 0), ("Memory", 2, 2), ("Roofline", 0, 1),
+    ("Shapes", 0, 1), ("Compare", 3, 4), ("Sweep", 0, 0), ("Data", 0, 1),
 ])
 def test_every_view_draws_without_errors(runs_dir, view, n_charts, n_tables):
     at = app(runs_dir, runs=["eager", "sdpa"], view=view)
@@ -454,7 +456,7 @@ def test_shapes_view_walks_one_generate_call(runs, runs_dir):
 def test_compare_puts_two_runs_side_by_side(runs, runs_dir):
     at = app(runs_dir, runs=["eager", "sdpa"], view="Compare")
     assert at.selectbox(key="compare_a").value == "eager" and at.selectbox(key="compare_b").value == "sdpa"
-    assert [s.value for s in at.main.subheader] == ["eager", "sdpa"]
+    assert [s.value for s in at.main.subheader] == ["eager", "sdpa", "Is the difference larger than the noise?"]
     diff_fig = charts(at)[2]
     assert [t["name"] for t in diff_fig["data"]] == ["eager", "sdpa"]
     diff = frame(at, 2)
@@ -751,7 +753,8 @@ def test_two_ranks_get_a_rank_filter_and_per_rank_overview_and_shapes(ranks_dir,
     # a single-process run has no rank filter at all
     single = app(runs_dir, runs=["eager"])
     assert "ranks" not in [m.key for m in single.sidebar.multiselect]
-    assert "rank" not in frame(single).columns and len(single.dataframe) == 2  # headline, sampling stages
+    # the headline, the spread of its two generate calls (metrics, blocks), the sampling stages
+    assert "rank" not in frame(single).columns and len(single.dataframe) == 4
 
 
 def test_overview_names_the_model_its_size_and_weights(runs, runs_dir):

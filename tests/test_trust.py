@@ -336,3 +336,15 @@ def test_sweep_shows_the_spread_of_its_repeats(tmp_path):
     assert ("WARNING: the machine was busy" in text) == bool(s["wait_pct"] > 10)
     run = probe.load(tmp_path / "s" / "runs" / "p4-b1")
     assert run.meta["warmup"]["generates"] == 0 and len(run.meta["warmup"]["cold_run_ids"]) == 1
+
+
+def test_ranks_of_one_call_are_not_repeats():
+    model = tiny_llama(layers=2, hidden=32)
+    parts = []
+    for rank in (0, 1):
+        with probe.attach(model, rank=rank, clock=Clock()) as p:
+            model.generate(_ids(), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        parts.append(p.run)
+    merged = probe.merge(parts)
+    assert (headline_spread(merged.runs)["generates"] == 1).all()
+    assert (merged.spread()["generates"] == 1).all()
