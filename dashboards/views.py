@@ -231,7 +231,7 @@ def _spread(ctx: Context) -> None:
     head = ctx.memo("headline_spread", lambda: run.headline_spread())
     if head.empty or int(head["generates"].max()) < 2:
         return
-    st.caption(f"Spread over {int(head['generates'].max())} generate calls: median and min - max "
+    st.caption(f"Spread over the {int(head['generates'].max())} generate() calls: median and min - max "
                "(spread_pct = (max - min) / median)")
     _table(head, "overview_spread_head")
     _table(ctx.memo("block_spread", lambda: run.spread(by="role")), "overview_spread_blocks")

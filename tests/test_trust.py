@@ -315,7 +315,7 @@ def test_dashboard_overview_warns_of_a_busy_run_only(tmp_path):
     warnings = [w.value for w in at.warning]
     assert len(warnings) == 1 and "Run **busy**: the machine was busy: 80 %" in warnings[0]
     assert any("quiet 1.0 %" in c.value for c in at.caption)
-    assert any("Spread over 4 generate calls" in c.value for c in at.caption)
+    assert any("Spread over the 4 generate() calls" in c.value for c in at.caption)
 
 
 def test_sweep_shows_the_spread_of_its_repeats(tmp_path):
