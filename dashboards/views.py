@@ -185,7 +185,6 @@ def overview(ctx: Context) -> None:
         st.caption(f"These runs merge ranks {', '.join(map(str, rank_list))}: one headline row per rank's generate "
                    "call; the block bars are per phase and rank (the pattern tells ranks apart).")
     _table(head, "overview_headline")
-    _spread(ctx)
     by = st.radio("Blocks by", ["role", "module"], horizontal=True, key="overview_by")
     if several:
         each = ctx.each()
@@ -193,6 +192,7 @@ def overview(ctx: Context) -> None:
             {n: (r.calls, r.steps) for n, r in each.items()}, by=by), by), "overview_blocks")
         _chart(ctx.memo("step_breakdown_runs", lambda: figures.step_breakdown_runs(
             {n: (r.calls, r.steps) for n, r in each.items()})), "overview_breakdown")
+        _spread(ctx)
         return
     _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by=by), by), "overview_blocks")
     if multi:
@@ -209,6 +209,7 @@ def overview(ctx: Context) -> None:
                    "bookkeeping and the remainder (token choice, bookkeeping); ms per step, shares of the time "
                    "outside the model and of the whole step")
         _table(ctx.memo("sampling_summary", run.sampling_summary), "overview_sampling")
+    _spread(ctx)
 
 
 def _noise_notes(ctx: Context) -> None:

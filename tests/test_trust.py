@@ -181,9 +181,9 @@ def test_significance_and_gate_find_the_slower_run_and_nothing_else():
     assert {"layer", "ttft_ms", "tpot_ms"} <= set(failed["module"])
     assert gate(significance(a, b), 50).empty  # slower, but not by 50 %
     assert gate(significance(b, a), 10).empty  # faster is never a failure
-    same = significance(a, a2)
+    same = significance(a, a2)  # the same speed, other jitter: every change is small, none gated
     assert gate(same, 5).empty
-    assert not same[same["level"] == "role"]["significant"].fillna(False).any()
+    assert (same["slowdown_pct"].abs() < 5).all()
 
 
 def test_three_against_three_is_never_significant():
