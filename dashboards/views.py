@@ -156,6 +156,7 @@ def overview(ctx: Context) -> None:
     phase and rank, and a per-rank table of the blocks.
     """
     run = ctx.run
+    _noise_notes(ctx)
     head = ctx.memo("headline", lambda: _headline(run))
     rank_list = ctx.memo("ranks", lambda: data.ranks(run))
     multi = len(rank_list) > 1
@@ -191,6 +192,7 @@ def overview(ctx: Context) -> None:
             {n: (r.calls, r.steps) for n, r in each.items()}, by=by), by), "overview_blocks")
         _chart(ctx.memo("step_breakdown_runs", lambda: figures.step_breakdown_runs(
             {n: (r.calls, r.steps) for n, r in each.items()})), "overview_breakdown")
+        _spread(ctx)
         return
     _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by=by), by), "overview_blocks")
     if multi:
@@ -207,6 +209,33 @@ def overview(ctx: Context) -> None:
                    "bookkeeping and the remainder (token choice, bookkeeping); ms per step, shares of the time "
                    "outside the model and of the whole step")
         _table(ctx.memo("sampling_summary", run.sampling_summary), "overview_sampling")
+    _spread(ctx)
+
+
+def _noise_notes(ctx: Context) -> None:
+    """The busy-machine warning of each selected run that was recorded on a busy machine."""
+    quiet = []
+    for name in ctx.selected:
+        b = ctx.memo("noise", lambda name=name: ctx.loaded[name].noise(), runs=(name,))
+        if b.busy:
+            st.warning(f"Run **{md(name)}**: {b.message()}.", icon="⚠️")
+        elif b.wait_pct == b.wait_pct:
+            quiet.append(f"{md(name)} {b.wait_pct:.1f} %")
+    if quiet:
+        st.caption("Machine quiet while recording (share of step time waiting for a CPU; warning above "
+                   f"10 %): {', '.join(quiet)}")
+
+
+def _spread(ctx: Context) -> None:
+    """Median and min-max over the generate calls, where there are several."""
+    run = ctx.run
+    head = ctx.memo("headline_spread", lambda: run.headline_spread())
+    if head.empty or int(head["generates"].max()) < 2:
+        return
+    st.caption(f"Spread over the {int(head['generates'].max())} generate() calls: median and min - max "
+               "(spread_pct = (max - min) / median)")
+    _table(head, "overview_spread_head")
+    _table(ctx.memo("block_spread", lambda: run.spread(by="role")), "overview_spread_blocks")
 
 
 def _per_layer(run: probe.Run) -> pd.DataFrame:
@@ -390,6 +419,22 @@ def compare(ctx: Context) -> None:
     _chart(figures.compare_blocks(summaries["a"], summaries["b"], a, b), "compare_diff")
     st.caption("Per block and phase: B - A and B / A of the total host ms")
     _table(block_diff(summaries["a"], summaries["b"]), "compare_table")
+    if a != b:
+        from probe.stats import significance
+        from reports.compare import significance_table
+
+        ra = data.apply_filters(ctx.loaded[a], ctx.filters)
+        rb = data.apply_filters(ctx.loaded[b], ctx.filters)
+        sig = ctx.memo("significance", lambda: significance(ra, rb, levels=("role",)), a, b, runs=(a, b))
+        st.subheader("Is the difference larger than the noise?")
+        for tag, name in (("A", a), ("B", b)):
+            nb = ctx.memo("noise", lambda name=name: ctx.loaded[name].noise(), runs=(name,))
+            if nb.busy:
+                st.warning(f"{tag} ({md(name)}): {nb.message()}.", icon="⚠️")
+        st.caption("B slower by: B's mean over A's minus one (tok/s: A's over B's; positive is worse), with a 95% "
+                   "bootstrap interval; significant when the interval excludes 0 and a Mann-Whitney U test gives "
+                   "p < 0.05. `probe compare A B --fail-above PCT` turns this into a CI gate.")
+        _table(significance_table(sig), "compare_significance")
 
 
 def _tables(run: probe.Run) -> dict[str, Callable[[], pd.DataFrame]]:

@@ -96,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager | sdpa | flash_attention_2 ... (default: what transformers picks)")
     r.add_argument("--full-logits", action="store_true",
                    help="compute logits at every prompt position in prefill (generate computes only the last one)")
-    r.add_argument("--warmup", type=int, default=0, help="unrecorded generate calls before the recorded one")
+    r.add_argument("--warmup", type=int, default=1,
+                   help="unrecorded generate calls before the recorded ones (default 1; 0 records the cold first call)")
+    r.add_argument("--repeat", type=int, default=1,
+                   help="record this many generate calls of the same input and show median and min-max (default 1)")
     r.add_argument("--out", default=None, help="run directory to write (default: probe-runs/<timestamp>)")
     r.add_argument("--force", action="store_true", help="replace the run already in --out (never other files)")
     r.add_argument("--no-report", action="store_true", help="skip the HTML and CSV report")
@@ -114,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_a", help="the first run directory (A)")
     cmp_.add_argument("run_b", help="the second run directory (B); differences are B - A")
     cmp_.add_argument("--out", default=None, help="output folder (default: compare-<a>-vs-<b>)")
+    cmp_.add_argument("--fail-above", type=float, default=None, metavar="PCT",
+                      help="exit 1 when B is slower than A by more than PCT percent in a headline metric or a block, "
+                           "with significance (a CI gate); exit 2 when the runs are not comparable")
     cmp_.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("dashboard", help="open the Streamlit dashboard over a folder of runs", **fmt)
@@ -350,6 +356,7 @@ def _validate_generation_options(args) -> None:
         ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
         ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
         ("--warmup", args.warmup, args.warmup >= 0, ">= 0"),
+        ("--repeat", args.repeat, args.repeat >= 1, ">= 1"),
         ("--num-beams", args.num_beams, args.num_beams is None or args.num_beams >= 1, ">= 1"),
         ("--top-k", args.top_k, args.top_k is None or args.top_k >= 0, ">= 0"),
         ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]"),
@@ -440,26 +447,33 @@ def cmd_run(args) -> int:
     if tok.pad_token_id is not None:
         gen["pad_token_id"] = tok.pad_token_id
 
-    for i in range(args.warmup):
-        _progress(f"warm-up {i + 1}/{args.warmup} ...")
-        torch.manual_seed(args.seed)
-        model.generate(**inputs, **gen)
-
     torch.manual_seed(args.seed)
     p = attach(model, depth=args.depth, model_id=model_id)
     failure = None
+    out = None
     try:
-        with _Progress(p, args.max_new_tokens):
-            out = model.generate(**inputs, **gen)
+        # warm-up with the probe attached, records discarded: one-time start-up of the model,
+        # the allocator and the probe's own first calls stays out of the recorded numbers
+        for i in range(args.warmup):
+            _progress(f"warm-up {i + 1}/{args.warmup} (not recorded) ...")
+            torch.manual_seed(args.seed)
+            model.generate(**inputs, **gen)
+        p.clear()
+        for i in range(args.repeat):
+            if args.repeat > 1:
+                _progress(f"recording generate {i + 1}/{args.repeat} ...")
+            torch.manual_seed(args.seed)
+            with _Progress(p, args.max_new_tokens):
+                out = model.generate(**inputs, **gen)
     except Exception as exc:  # keep the partial run: it is the evidence
         failure = exc
-        out = None
     finally:
         p.detach()
     run = p.run
     _store_peaks(run)
     run.meta["prompt"] = prompt
     run.meta["chat_template"] = chat
+    _store_trust(run, args.warmup, args.repeat)
     run.meta["command"] = "probe " + " ".join(sys.argv[1:]) if sys.argv else "probe run"
     from .outdir import save_run, shown
 
@@ -487,6 +501,19 @@ def cmd_run(args) -> int:
         raise CLIError(f"generate failed after {len(run.steps)} steps: {type(failure).__name__}: {failure} "
                        f"(partial run saved to {saved})")
     return 0
+
+
+def _store_trust(run, warmup: int, repeat: int) -> None:
+    """Say in the run what was done to make its numbers trustworthy, and whether the machine was quiet."""
+    gen = run.runs[run.runs["kind"] == "generate"]["run_id"].tolist()
+    run.meta["warmup"] = {
+        "generates": int(warmup),
+        "how": "unrecorded generate calls of the same input with the probe attached, records discarded",
+        # with no warm-up the first recorded call pays one-time start-up: it is the cold one
+        "cold_run_ids": gen[:1] if warmup == 0 else [],
+    }
+    run.meta["repeat"] = int(repeat)
+    run.meta["noise"] = run.noise().to_dict()
 
 
 def _store_peaks(run) -> None:
@@ -572,10 +599,27 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
     def f(text: str, unit: str) -> str:
         return text + unit if text else "n/a"
 
-    lines.append(f"TTFT       {f(fmt.ms(r['ttft_ms']), ' ms')}    TPOT mean {f(fmt.ms(r['tpot_ms_mean']), ' ms')}  "
-                 f"p50 {f(fmt.ms(r['tpot_ms_p50']), ' ms')}  p90 {f(fmt.ms(r['tpot_ms_p90']), ' ms')}")
-    lines.append(f"throughput prefill {f(fmt.tok_s(r['prefill_tok_s']), ' tok/s')}   "
-                 f"decode {f(fmt.tok_s(r['decode_tok_s']), ' tok/s')}   total {f(fmt.ms(r['total_ms']), ' ms')}")
+    spread = run.headline_spread()
+    n_gen = int(spread["generates"].max()) if len(spread) else 1
+    if n_gen > 1:
+        lines.append(f"repeats    {n_gen} recorded generate calls: median [min - max]")
+        sp = spread.set_index("metric")
+
+        def m(key: str, unit: str) -> str:
+            if key not in sp.index:
+                return "n/a"
+            row = sp.loc[key]
+            show = fmt.tok_s if key.endswith("tok_s") else fmt.ms
+            return f"{show(row['median'])}{unit} [{show(row['min'])} - {show(row['max'])}]"
+
+        lines.append(f"TTFT       {m('ttft_ms', ' ms')}    TPOT p50 {m('tpot_ms_p50', ' ms')}")
+        lines.append(f"throughput prefill {m('prefill_tok_s', ' tok/s')}   decode {m('decode_tok_s', ' tok/s')}")
+        lines.append(f"total      {m('total_ms', ' ms')}")
+    else:
+        lines.append(f"TTFT       {f(fmt.ms(r['ttft_ms']), ' ms')}    TPOT mean {f(fmt.ms(r['tpot_ms_mean']), ' ms')}  "
+                     f"p50 {f(fmt.ms(r['tpot_ms_p50']), ' ms')}  p90 {f(fmt.ms(r['tpot_ms_p90']), ' ms')}")
+        lines.append(f"throughput prefill {f(fmt.tok_s(r['prefill_tok_s']), ' tok/s')}   "
+                     f"decode {f(fmt.tok_s(r['decode_tok_s']), ' tok/s')}   total {f(fmt.ms(r['total_ms']), ' ms')}")
     mem = []
     if not _isna(r["peak_mem_bytes"]):
         mem.append(f"peak {fmt.nbytes(r['peak_mem_bytes'])}")
@@ -587,12 +631,22 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
     summ = run.summary(by="role")
     if not summ.empty:
         lines.append("")
-        lines.append(f"{'block':<16}{'phase':<9}{'calls':>7}{'total ms':>12}{'mean ms':>10}{'share':>8}")
+        head = f"{'block':<16}{'phase':<9}{'calls':>7}{'total ms':>12}{'mean ms':>10}{'share':>8}"
+        spr = None
+        if n_gen > 1:
+            spr = run.spread(by="role").set_index(["module", "phase"])
+            head += f"{'per generate: median [min - max] ms':>40}"
+        lines.append(head)
         for _, row in summ.iterrows():
             if row["phase"] not in ("prefill", "decode", "extend", "recompute"):
                 continue
-            lines.append(f"{row['module']:<16}{row['phase']:<9}{fmt.count(row['calls']):>7}{fmt.ms(row['total_ms']):>12}"
-                         f"{fmt.ms(row['mean_ms']):>10}{fmt.pct(row['share']):>8}")
+            line = (f"{row['module']:<16}{row['phase']:<9}{fmt.count(row['calls']):>7}{fmt.ms(row['total_ms']):>12}"
+                    f"{fmt.ms(row['mean_ms']):>10}{fmt.pct(row['share']):>8}")
+            key = (row["module"], row["phase"])
+            if spr is not None and key in spr.index:
+                s_ = spr.loc[key]
+                line += f"{fmt.ms(s_['median_ms']):>16} [{fmt.ms(s_['min_ms'])} - {fmt.ms(s_['max_ms'])}]"
+            lines.append(line)
     lines.extend(_sampling_lines(run))
     walk = _walkthrough(run)
     if walk:
@@ -606,6 +660,7 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
             lines.append(f"generated  {text!r}")
         except Exception:  # a preset's random ids may fall outside the tokenizer
             pass
+    lines.extend(_noise_lines(run))
     return "\n".join(lines)
 
 
@@ -632,6 +687,17 @@ def _sampling_lines(run) -> list[str]:
     return out
 
 
+def _noise_lines(run, label: str = "") -> list[str]:
+    """The busy-machine warning (or the quiet figure) for the terminal."""
+    b = run.noise()
+    if b.busy:
+        return ["", f"WARNING{label}: {b.message()}"]
+    if b.wait_pct == b.wait_pct:  # measured (not NaN)
+        return ["", f"machine{label}    quiet: {b.wait_pct:.1f} % of step time waiting for a CPU "
+                f"(warning above {b.threshold_pct:.0f} %)"]
+    return []
+
+
 def _walkthrough(run) -> list[str]:
     """The shape walk of the tutorial: each block's input -> output for prefill and one decode step."""
     from . import fmt
@@ -640,8 +706,9 @@ def _walkthrough(run) -> list[str]:
     calls = run.calls
     if calls.empty:
         return []
-    gen_runs = set(run.runs.loc[run.runs["kind"] == "generate", "run_id"])
-    c = calls[calls["run_id"].isin(gen_runs) & calls["role"].isin(["embed", "layer", "norm", "head"])]
+    gen_runs = run.runs.loc[run.runs["kind"] == "generate", "run_id"].tolist()
+    # the first generate call's steps (repeats have the same shapes)
+    c = calls[calls["run_id"].isin(gen_runs[:1]) & calls["role"].isin(["embed", "layer", "norm", "head"])]
     out = ["shape walk (input -> output)"]
     for phase in ("prefill", "decode"):
         sub = c[c["phase"] == phase]
@@ -737,12 +804,22 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from .stats import comparability, gate, significance, verdict
+
+    pct = args.fail_above
+    if pct is not None and not (pct >= 0 and pct == pct and pct != float("inf")):
+        raise CLIError(f"--fail-above takes a percentage >= 0, e.g. 5; got {pct}")
     a = _load_run(args.run_a)
     b = _load_run(args.run_b)
+    problems = comparability(a, b)
+    if problems and pct is not None:
+        raise CLIError(f"{args.run_a} and {args.run_b} are not comparable: {'; '.join(problems)}. "
+                       "Gate a change by recording both runs with the same model, --depth, prompt and batch size")
     try:
         from reports.compare import write_comparison
     except ImportError as exc:
         raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
+    sig = significance(a, b)
     out = Path(args.out) if args.out else Path(f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
     note = _check_out(out, "compare")
     if note:
@@ -750,12 +827,36 @@ def cmd_compare(args) -> int:
     from .outdir import shown
 
     try:
-        paths = write_comparison(a, b, out)
+        paths = write_comparison(a, b, out, sig=sig)
     except OSError as exc:
         raise CLIError(f"cannot write the comparison to {shown(out)}: {exc.strerror or exc}; choose another --out") from exc
     for pth in paths:
         print(shown(pth))
-    return 0
+    if problems:
+        print(f"note: the runs measure different work ({'; '.join(problems)})")
+    print("")
+    print(f"{'B against A':<18}{'phase':<9}{'samples':>10}{'B slower by':>13}{'95% interval':>22}  verdict")
+    for _, row in sig[sig["level"].isin(["metric", "role"])].iterrows():
+        iv = "" if _isna(row["ci_low_pct"]) else f"[{row['ci_low_pct']:+.1f}%, {row['ci_high_pct']:+.1f}%]"
+        sd = "" if _isna(row["slowdown_pct"]) else f"{row['slowdown_pct']:+.1f}%"
+        print(f"{str(row['module']):<18}{str(row['phase']):<9}{f'{row.a_n}/{row.b_n}':>10}{sd:>13}{iv:>22}  "
+              f"{verdict(row)}")
+    for label, run in ((" (A)", a), (" (B)", b)):
+        for line in _noise_lines(run, label):
+            if line:
+                print(line)
+    if pct is None:
+        return 0
+    failed = gate(sig, pct)
+    if failed.empty:
+        print(f"\nOK: nothing is slower than A by more than {pct:g}% with significance")
+        return 0
+    print(f"\nFAIL: B is slower than A by more than {pct:g}% (95% interval above 0):")
+    for _, row in failed.iterrows():
+        where = f" ({row['phase']})" if row["phase"] else ""
+        print(f"  {row['module']}{where}: {row['slowdown_pct']:+.1f}% "
+              f"[{row['ci_low_pct']:+.1f}%, {row['ci_high_pct']:+.1f}%]")
+    return 1
 
 
 def cmd_dashboard(args) -> int:

@@ -166,6 +166,8 @@ def cell(column: str, value: object) -> str:
             return count(v)
         if column.endswith("tok_s"):
             return tok_s(v)
+        if column.endswith("_pct"):  # already a percentage (spread_pct, slowdown_pct ...)
+            return f"{v:,.1f}%"
         if _MS_COLUMN.search(column) or column.endswith(" ms"):
             return ms(v)
         if (s := _special(v)) is not None:

@@ -317,6 +317,8 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
             "max_new_tokens": g.get("max_new_tokens"),
             "generate_kwargs": json.dumps(g, sort_keys=True, default=str),
             "total_ms": (run.t_exit - run.t_enter) * _NS if run.t_exit is not None else math.nan,
+            "process_cpu_ms": run.cpu_ns * _NS if run.cpu_ns is not None else math.nan,
+            "cpu_wait_ms": run.wait_ns * _NS if run.wait_ns is not None else math.nan,
         }
     )
     if steps:
@@ -505,6 +507,7 @@ def _environment(model, model_id: str | None, cuda_device) -> dict:
     import torch
 
     from . import __version__
+    from .noise import host_facts
 
     cfg = getattr(model, "config", None)
     try:
@@ -538,4 +541,5 @@ def _environment(model, model_id: str | None, cuda_device) -> dict:
         "gpu_name": gpu,
         # set by probe.models' loaders (e.g. "GGUF Q4_1, de-quantized to float32"); null otherwise
         "weights_source": getattr(cfg, "probe_weights_source", None) if cfg is not None else None,
+        **host_facts(),
     }

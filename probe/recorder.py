@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import hotpath
+from . import hotpath, noise
 from .cache import cache_bytes, cache_seq_len, find_cache
 from .discovery import ModuleInfo
 from .schema import Phase
@@ -58,7 +58,7 @@ class RunRec:
     __slots__ = (
         "run_id", "kind", "t_enter", "t_exit", "status", "steps", "input_len", "batch_in",
         "mask", "output_len", "output_rows", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
-        "serve", "prompt_in_output",
+        "serve", "prompt_in_output", "cpu0", "cpu_ns", "sched0", "wait_ns",
     )
 
     def __init__(self, run_id: str, kind: str) -> None:
@@ -79,6 +79,10 @@ class RunRec:
         self.n_steps_seen = 0
         self.mem_peak: int | None = None  # CUDA allocator peak over the whole run
         self.serve = None  # kind "serve": the probe.serving.ManagerWatch of its loop
+        self.cpu0: int | None = None
+        self.cpu_ns: int | None = None  # process CPU time over the generate call
+        self.sched0: dict | None = None
+        self.wait_ns: float | None = None  # run-queue wait of the process's threads (probe.noise)
 
 
 @dataclass(frozen=True)
@@ -255,6 +259,10 @@ class Recorder:
             return
         self._open_forward = None
         run = self.new_run("generate")
+        # read before the clock starts: the reads are the probe's, not generate's
+        if not self.injected_clock:
+            run.sched0 = noise.read_run_delay()
+            run.cpu0 = time.process_time_ns()
         run.t_enter = self.now()
         run.batch_in, run.input_len, run.mask = batch, input_len, mask
         run.prompt_in_output = prompt_in_output
@@ -283,6 +291,10 @@ class Recorder:
         if run is None:
             return None
         run.t_exit = self.now()
+        if run.cpu0 is not None:
+            run.cpu_ns = time.process_time_ns() - run.cpu0
+            run.wait_ns = noise.run_delay_between(run.sched0, noise.read_run_delay())
+            run.sched0 = None
         run.status = status
         if self.sampling is not None:
             self.sampling.end()  # its wrappers off, its CUDA events resolved
@@ -383,7 +395,8 @@ class Recorder:
         if self.root_depth > 1:
             return
         t0 = self.now()
-        cpu0 = time.process_time_ns()
+        # CPU time goes beside wall time only on the real clock: an injected clock has no CPU time
+        cpu0 = time.process_time_ns() if not self.injected_clock else None
         run = self.gen_run
         serve = self.serve_run
         if serve is not None and serve.serve.current is not None and threading.get_ident() == self.serve_thread:
@@ -442,7 +455,7 @@ class Recorder:
         if s is None:
             return
         s.t1 = t1
-        s.cpu_ns = time.process_time_ns() - s.cpu0
+        s.cpu_ns = time.process_time_ns() - s.cpu0 if s.cpu0 is not None else None
         if error is not None:
             s.status = f"failed: {type(error).__name__}"
         if self.uses_cuda:

@@ -59,6 +59,27 @@ class Run:
         """
         return block_summary(self.calls, self.steps, by=by)
 
+    def spread(self, by: str = "role") -> pd.DataFrame:
+        """Median and min–max over the recorded generate calls of each block's time per phase
+        (``probe run --repeat N``); joins :meth:`summary` on ``(module, phase)``. See
+        :func:`probe.stats.block_spread`."""
+        from .stats import block_spread
+
+        return block_spread(self.calls, self.steps, self.runs, by=by)
+
+    def headline_spread(self) -> pd.DataFrame:
+        """Median and min–max of TTFT, TPOT, tok/s and total time over the generate calls."""
+        from .stats import headline_spread
+
+        return headline_spread(self.runs)
+
+    def noise(self):
+        """Was the machine busy while this run was recorded? A :class:`probe.noise.Busy`
+        (``.wait_pct``, ``.busy``, ``.message()``)."""
+        from .noise import busy
+
+        return busy(self.steps, self.runs, self.meta)
+
     def cost(self, model=None) -> pd.DataFrame:
         """``calls`` with ``flops``, ``bytes_moved`` and ``intensity_flops_per_byte`` added.
 

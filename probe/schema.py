@@ -135,6 +135,8 @@ RUNS: dict[str, str] = {
     "total_ms": "float64",
     "peak_mem_bytes": "Int64",  # CUDA peak during the run; null on CPU
     "kv_cache_bytes": "Int64",  # KV cache bytes after the last step
+    "process_cpu_ms": "float64",  # CPU time of the whole process (all threads) during the generate call
+    "cpu_wait_ms": "float64",  # time its threads were ready to run but waited for a CPU (Linux; probe.noise)
     "torch_version": STR,
     "transformers_version": STR,
     "probe_version": STR,

@@ -52,6 +52,7 @@ SWEEP: dict[str, str] = {
     "prefill_tok_s": "float64",
     "decode_tok_s": "float64",
     "total_ms": "float64",
+    "wait_pct": "float64",  # the config's busy-machine figure (probe.noise): % of step time waiting for a CPU
     "run_dir": "string",  # the config's run directory, relative to the sweep folder
 }
 
@@ -60,11 +61,19 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "batch": "int64",
     "repeats": "int64",
     "prefill_ms": "float64",  # median over repeats of the prefill step's latency
+    "prefill_ms_min": "float64",  # spread over the repeats: min and max
+    "prefill_ms_max": "float64",
     "decode_ms_per_token": "float64",  # median over repeats of the mean decode-step latency
+    "decode_ms_per_token_min": "float64",
+    "decode_ms_per_token_max": "float64",
     "ttft_ms": "float64",
     "prefill_tok_s": "float64",
     "decode_tok_s": "float64",
+    "wait_pct": "float64",  # busy-machine figure of the config's run (warning above probe.noise.BUSY_THRESHOLD_PCT)
 }
+
+#: sweep columns added after the first release: an older sweep.parquet loads with them null
+_LATER = frozenset({"wait_pct"})
 
 
 def _conform(df: pd.DataFrame, cols: dict[str, str]) -> pd.DataFrame:
@@ -172,6 +181,9 @@ def sweep(model, tokenizer=None, prompt_lens: Sequence[int] = (16, 64, 256, 1024
             if root is not None:
                 rel = f"runs/p{P}-b{B}"
                 run.meta["sweep"] = {"prompt_len": P, "batch": B}
+                run.meta["warmup"] = {"generates": warmup, "how": "unrecorded generate calls before attaching",
+                                      "cold_run_ids": [] if warmup else run.runs["run_id"].tolist()[:1]}
+                run.meta["repeat"] = repeat
                 run.save(root / rel)
                 run_dirs[f"p{P}-b{B}"] = rel
             frames.append(_config_frame(run, annotate(run.calls, model), P, B, rel))
@@ -250,6 +262,7 @@ def _config_frame(run, calls: pd.DataFrame, P: int, B: int, rel: str | None) -> 
     st["prompt_len"] = P
     st["batch"] = B
     st["run_dir"] = rel
+    st["wait_pct"] = run.noise().wait_pct
     return st
 
 
@@ -282,7 +295,7 @@ def load_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
             raise ValueError(f"{SWEEP_META} is not a JSON object")
     except Exception as exc:
         raise ValueError(f"cannot read the sweep in {root}: {exc}") from exc
-    missing = [c for c in SWEEP if c not in df.columns]
+    missing = [c for c in SWEEP if c not in df.columns and c not in _LATER]
     if missing:
         raise ValueError(f"{f} lacks columns {missing}: not a sweep frame of this version")
     out = _conform(df, SWEEP)
@@ -297,19 +310,37 @@ def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:
     keys = ["prompt_len", "batch", "repeat"]
     pre = df[df["phase"] == "prefill"].groupby(keys)["latency_ms"].sum().rename("prefill_ms")
     dec = df[df["phase"] == "decode"].groupby(keys)["latency_ms"].mean().rename("decode_ms_per_token")
-    run = df.groupby(keys)[["ttft_ms", "prefill_tok_s", "decode_tok_s"]].first()
+    run = df.groupby(keys)[["ttft_ms", "prefill_tok_s", "decode_tok_s", "wait_pct"]].first()
     per = pd.concat([pre, dec, run], axis=1).reset_index()
     g = per.groupby(["prompt_len", "batch"])
     out = g[["prefill_ms", "decode_ms_per_token", "ttft_ms", "prefill_tok_s", "decode_tok_s"]].median()
+    for col in ("prefill_ms", "decode_ms_per_token"):
+        out[f"{col}_min"] = g[col].min()
+        out[f"{col}_max"] = g[col].max()
+    out["wait_pct"] = g["wait_pct"].max()
     out["repeats"] = g.size()
     return _conform(out.reset_index(), SUMMARY_COLUMNS)
 
 
 # --------------------------------------------------------------------------- CLI
 def format_summary(s: pd.DataFrame) -> str:
-    """The sweep summary (:func:`sweep_summary`) as a text table."""
-    lines = [f"{'prompt':>7}{'batch':>7}{'prefill ms':>12}{'prefill tok/s':>15}{'decode ms/tok':>15}{'decode tok/s':>14}"]
+    """The sweep summary (:func:`sweep_summary`) as a text table: medians over the repeats with
+    their min - max, and a warning naming the configs recorded while the machine was busy."""
+    from .noise import BUSY_THRESHOLD_PCT
+
+    lines = [f"{'prompt':>7}{'batch':>7}{'prefill ms [min - max]':>28}{'prefill tok/s':>15}"
+             f"{'decode ms/tok [min - max]':>30}{'decode tok/s':>14}"]
     for _, r in s.iterrows():
-        lines.append(f"{int(r['prompt_len']):>7}{int(r['batch']):>7}{r['prefill_ms']:>12.2f}{r['prefill_tok_s']:>15,.0f}"
-                     f"{r['decode_ms_per_token']:>15.2f}{r['decode_tok_s']:>14,.1f}")
+        pre = f"{r['prefill_ms']:.2f} [{r['prefill_ms_min']:.2f} - {r['prefill_ms_max']:.2f}]"
+        dec = f"{r['decode_ms_per_token']:.2f} [{r['decode_ms_per_token_min']:.2f} - {r['decode_ms_per_token_max']:.2f}]"
+        lines.append(f"{int(r['prompt_len']):>7}{int(r['batch']):>7}{pre:>28}{r['prefill_tok_s']:>15,.0f}"
+                     f"{dec:>30}{r['decode_tok_s']:>14,.1f}")
+    if len(s):
+        lines.append(f"(medians over {int(s['repeats'].max())} repeat(s), min - max in brackets)")
+    busy = s[s["wait_pct"] > BUSY_THRESHOLD_PCT] if "wait_pct" in s else s.iloc[0:0]
+    if len(busy):
+        worst = float(busy["wait_pct"].max())
+        names = ", ".join(f"p{int(r['prompt_len'])}-b{int(r['batch'])}" for _, r in busy.iterrows())
+        lines.append(f"WARNING: the machine was busy: up to {worst:.0f} % of step time was spent waiting for a CPU "
+                     f"({names}); rerun on a quiet machine or with more --repeat")
     return "\n".join(lines)

@@ -3,6 +3,10 @@
 Blocks are matched by ``(module, phase)`` and by ``(role, phase)``; each row carries A's and
 B's totals straight from their own ``Run.summary()``, ``diff_ms = b_ms - a_ms`` and
 ``ratio = b_ms / a_ms``. Typical uses: eager vs sdpa attention, float32 vs bfloat16, CPU vs GPU.
+
+Whether a difference is larger than the noise is :func:`probe.stats.significance` (bootstrap
+intervals over steps and generate calls), written to ``significance.csv`` and shown on the page
+with each run's busy-machine figure (:mod:`probe.noise`).
 """
 
 from __future__ import annotations
@@ -100,12 +104,52 @@ def _formatted_headline(head: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, dtype="string")
 
 
-def render_comparison(run_a: "Run", run_b: "Run") -> str:
-    """The side-by-side HTML page of two runs (offline, escaped, deterministic)."""
+def significance_table(sig: pd.DataFrame) -> pd.DataFrame:
+    """The significance rows as the page shows them: a verdict in words, the interval in brackets."""
+    from probe.stats import verdict
+
+    def pct(v) -> str:
+        return "" if pd.isna(v) else f"{v:+.1f}%"
+
+    out = pd.DataFrame({
+        "metric / block": sig["module"].astype(str),
+        "phase": sig["phase"].astype(str),
+        "samples A / B": [f"{a} / {b}" for a, b in zip(sig["a_n"], sig["b_n"])],
+        "A mean": [format_cell("ms" if c != "tok/s" else "tok_s", v) for c, v in zip(sig["clock"], sig["a_mean"])],
+        "B mean": [format_cell("ms" if c != "tok/s" else "tok_s", v) for c, v in zip(sig["clock"], sig["b_mean"])],
+        "B slower by": [pct(v) for v in sig["slowdown_pct"]],
+        "95% interval": ["" if pd.isna(lo) else f"[{lo:+.1f}%, {hi:+.1f}%]"
+                         for lo, hi in zip(sig["ci_low_pct"], sig["ci_high_pct"])],
+        "p (rank test)": ["" if pd.isna(v) else f"{v:.3g}" for v in sig["p_value"]],
+        "verdict": [verdict(r) for _, r in sig.iterrows()],
+    }, dtype="string")
+    return out
+
+
+def _noise_note(run_a: "Run", run_b: "Run", la: str, lb: str) -> str:
+    notes = []
+    for name, run in (("A", run_a), ("B", run_b)):
+        b = run.noise()
+        if b.busy:
+            notes.append(f'<p class="warn" id="busy-{name.lower()}"><b>{name}: {esc(b.message()).replace("`--repeat`", "<code>--repeat</code>")}</b></p>')
+        elif b.wait_pct == b.wait_pct:
+            notes.append(f'<p class="note" id="busy-{name.lower()}">{name}: the machine was quiet '
+                         f"({b.wait_pct:.1f} % of step time waiting for a CPU).</p>")
+    return "".join(notes)
+
+
+def render_comparison(run_a: "Run", run_b: "Run", sig: pd.DataFrame | None = None) -> str:
+    """The side-by-side HTML page of two runs (offline, escaped, deterministic).
+
+    ``sig`` is :func:`probe.stats.significance` of the two runs, if the caller has it already.
+    """
+    from probe.stats import significance
+
     from .text import display_run
 
     run_a, run_b = display_run(run_a), display_run(run_b)
     la, lb = labels(run_a, run_b)
+    sig = significance(run_a, run_b) if sig is None else sig
     frame = comparison_frame(run_a, run_b)
     head = headline_comparison(run_a, run_b)
     doc = Page()
@@ -113,6 +157,18 @@ def render_comparison(run_a: "Run", run_b: "Run") -> str:
     doc.add(table_html(_facts(run_a, run_b, la, lb), table_id="facts"))
     doc.add('<h2 id="headline">Headline</h2>')
     doc.add(table_html(_formatted_headline(head), table_id="headline-table"))
+    doc.add('<h2 id="significance">Is the difference larger than the noise?</h2>')
+    doc.add(_noise_note(run_a, run_b, la, lb))
+    shown = sig[sig["level"].isin(["metric", "role"])]
+    doc.add(table_html(significance_table(shown), table_id="significance-table",
+                       caption="B against A: headline metrics, then blocks (role) per phase"))
+    doc.add('<p class="note">"B slower by" is B\'s mean over A\'s minus one (for tok/s, A\'s over B\'s: '
+            "positive is always worse). The 95% interval is a bootstrap percentile interval (2,000 resamples of "
+            "each run's samples: steps for blocks and TPOT, generate calls for TTFT, tok/s and total time); a "
+            "difference is significant when its interval excludes 0 and a two-sided Mann-Whitney U test gives "
+            "p &lt; 0.05 (three calls against three can never reach it). Record several generate calls "
+            "(<code>probe run --repeat N</code>) for intervals on TTFT and tok/s. Every module is in "
+            "significance.csv.</p>")
     doc.figure(figures.compare_blocks(run_a.summary(by="role"), run_b.summary(by="role"), la, lb),
                "fig-compare-roles", "Per role and phase")
     doc.add(table_html(frame[frame["level"] == "role"].drop(columns="level"), caption="Per role and phase (ms)",
@@ -125,22 +181,31 @@ def render_comparison(run_a: "Run", run_b: "Run") -> str:
     return doc.render(f"probe compare: {la} vs {lb}")
 
 
-def write_comparison(run_a: "Run", run_b: "Run", out_dir: str | os.PathLike) -> list[Path]:
+def write_comparison(run_a: "Run", run_b: "Run", out_dir: str | os.PathLike,
+                     sig: pd.DataFrame | None = None) -> list[Path]:
     """Write ``compare.html`` and ``compare.csv`` of two runs into ``out_dir``.
 
     Args:
         run_a, run_b: the runs (A is the baseline: diff = B - A, ratio = B / A).
         out_dir: destination folder (created if needed).
 
+        sig: :func:`probe.stats.significance` of the two runs, if the caller has it already.
+
     Returns:
-        ``[out_dir/compare.html, out_dir/compare.csv]``.
+        ``[out_dir/compare.html, out_dir/compare.csv, out_dir/significance.csv]``.
     """
+    from probe.stats import significance
+
+    sig = significance(run_a, run_b) if sig is None else sig
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     html_path = out / "compare.html"
-    html_path.write_text(render_comparison(run_a, run_b), encoding="utf-8", newline="\n")
+    html_path.write_text(render_comparison(run_a, run_b, sig), encoding="utf-8", newline="\n")
     csv_path = out / "compare.csv"
     from .text import display_run
 
-    comparison_frame(display_run(run_a), display_run(run_b)).to_csv(csv_path, index=False, lineterminator="\n", encoding="utf-8")
-    return [html_path, csv_path]
+    comparison_frame(display_run(run_a), display_run(run_b)).to_csv(csv_path, index=False, lineterminator="\n",
+                                                                    encoding="utf-8")
+    sig_path = out / "significance.csv"
+    sig.to_csv(sig_path, index=False, lineterminator="\n", encoding="utf-8")
+    return [html_path, csv_path, sig_path]

@@ -55,7 +55,7 @@ table{border-collapse:collapse;font-size:.85rem;margin:.4rem 0 1rem;max-width:10
 th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:right;vertical-align:top}
 th{background:#f4f6f8}td.t,th.t{text-align:left}caption{text-align:left;color:#555;padding:.2rem 0}
 pre{background:#f6f8fa;padding:.6rem;white-space:pre-wrap;word-break:break-word;font-size:.85rem}
-.note{color:#666;font-size:.85rem}h1,caption{overflow-wrap:anywhere}td.w{overflow-wrap:anywhere;min-width:16rem}.fig{min-height:420px}nav a{margin-right:1rem}
+.note{color:#666;font-size:.85rem}.warn{background:#fff4e5;border:1px solid #f0b46b;padding:.5rem .7rem;color:#7a4100}h1,caption{overflow-wrap:anywhere}td.w{overflow-wrap:anywhere;min-width:16rem}.fig{min-height:420px}nav a{margin-right:1rem}
 """
 
 
@@ -323,6 +323,54 @@ def _serving_section(doc: Page, run: "Run") -> None:
                 "the measured time. The markers show what that line predicts for the whole step.</p>")
 
 
+def noise_html(run: "Run") -> str:
+    """The busy-machine warning (or the quiet figure) and how the run was warmed up."""
+    b = run.noise()
+    parts = []
+    if b.busy:
+        msg = esc(b.message()[:1].upper() + b.message()[1:]).replace("`--repeat`", "<code>--repeat</code>")
+        parts.append(f'<p class="warn" id="busy-warning"><b>{msg}.</b> '
+                     f"{b.steps_descheduled} of {b.steps} steps were descheduled. See "
+                     '<a href="#noise-note">how this is measured</a>.</p>')
+    warm = run.meta.get("warmup")
+    if isinstance(warm, dict):
+        n = warm.get("generates")
+        cold = warm.get("cold_run_ids") or []
+        text = (f"Warm-up: {n} unrecorded generate call(s) before recording." if n else
+                "No warm-up: the first recorded generate call is cold (it pays one-time start-up).")
+        if cold:
+            text += " Cold: " + ", ".join(str(c) for c in cold) + "."
+        parts.append(f'<p class="note" id="warmup-note">{esc(text)}</p>')
+    if b.wait_pct == b.wait_pct:
+        par = f", torch threads {b.threads} on {b.cores} core(s)" if b.threads else ""
+        parts.append(
+            f'<p class="note" id="noise-note">Machine: {b.wait_pct:.1f} % of step time waiting for a CPU '
+            f"(warning above {b.threshold_pct:.0f} %{esc(par)}): the run-queue wait of the process's threads "
+            "over their run time, and each step's wall time beyond its CPU time. It stretches host times and "
+            "TTFT, TPOT and tok/s" + ("; CUDA event times (gpu_ms) are the GPU's own." if b.cuda else ".") + "</p>")
+    return "".join(parts)
+
+
+def spread_html(run: "Run") -> str:
+    """Median and min-max over the recorded generate calls (``probe run --repeat N``), if several."""
+    head = run.headline_spread()
+    if head.empty or int(head["generates"].max()) < 2:
+        return ""
+    n = int(head["generates"].max())
+    blocks = run.spread(by="role")
+    metric = head["metric"].astype(str)
+    head = pd.DataFrame({"metric": metric, "generates": head["generates"],
+                         **{c: [format_cell(m, v) for m, v in zip(metric, head[c])] for c in ("median", "min", "max")},
+                         "spread_pct": [format_cell("spread_pct", v) for v in head["spread_pct"]]})
+    return (f'<h2 id="spread">Spread over {n} generate calls</h2>'
+            + table_html(head, caption="Headline metrics: median and min - max over the generate calls",
+                         table_id="headline-spread-table")
+            + table_html(blocks, caption="Per role and phase: each generate call's total ms, median and min - max",
+                         table_id="spread-table")
+            + '<p class="note">spread_pct = (max - min) / median. Min - max is what was seen over the repeats '
+              "(with a handful of repeats a percentile range would only interpolate between them).</p>")
+
+
 def render_report(run: "Run", view: "CostView | None" = None) -> str:
     """The HTML report of ``run`` as a string (see the module docstring for its guarantees).
 
@@ -347,6 +395,7 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
              *[(i + "-title", t) for i, t, _ in FIGURES],
              ("roofline", "Roofline and bounds"), ("tables", "Tables"), ("shapes", "Shapes"))
     doc.add("<nav>" + "".join(f'<a href="#{i}">{esc(t)}</a>' for i, t in links) + "</nav>")
+    doc.add(noise_html(run))
     doc.add(table_html(_facts(run), table_id="facts"))
     doc.add(_prompt_html(run.meta.get("prompt")))
     doc.add('<h2 id="headline">Headline</h2>')
@@ -365,6 +414,7 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
                if len(head) and head["peak_mem_bytes"].isna().all() else "")
             + (" This run merges several ranks: one headline row per rank's generate call; per-block charts "
                "and tables show each rank." if multi else "") + "</p>")
+    doc.add(spread_html(run))
     _serving_section(doc, run)
     for div_id, title, build in FIGURES:
         doc.figure(build(run), div_id, title)

@@ -82,11 +82,22 @@ def render_sweep(df: pd.DataFrame, meta: dict | None = None) -> str:
     if len(fails):
         doc.add('<h2 id="failures">Failed configs</h2>')
         doc.add(table_html(fails, table_id="failures-table"))
+    from probe.noise import BUSY_THRESHOLD_PCT
+
+    summary = sweep_summary(df)
+    busy = summary[summary["wait_pct"] > BUSY_THRESHOLD_PCT]
+    if len(busy):
+        names = ", ".join(f"p{int(r['prompt_len'])}-b{int(r['batch'])}" for _, r in busy.iterrows())
+        doc.add(f'<p class="warn" id="busy-warning"><b>The machine was busy: up to {busy["wait_pct"].max():.0f} % '
+                f"of step time was spent waiting for a CPU ({esc(names)}); rerun on a quiet machine or with more "
+                "<code>--repeat</code>.</b></p>")
     doc.add('<h2 id="summary">Summary</h2>')
-    doc.add(table_html(sweep_summary(df), caption="Per prompt length and batch: medians over the repeats",
+    doc.add(table_html(summary, caption="Per prompt length and batch: medians over the repeats, with min and max",
                        table_id="sweep-summary-table"))
     doc.add('<p class="note">prefill_ms: the prefill step\'s latency (forward + choosing the first token); '
-            "decode_ms_per_token: the mean decode-step latency; tok/s count every sequence of the batch.</p>")
+            "decode_ms_per_token: the mean decode-step latency; tok/s count every sequence of the batch; _min and _max: "
+            "the spread over the repeats; wait_pct: share of step time the config's run spent waiting for a CPU "
+            f"(a busy machine above {BUSY_THRESHOLD_PCT:.0f} %).</p>")
     for div_id, title, build in SWEEP_FIGURES:
         doc.figure(build(df), div_id, title)
     doc.add('<h2 id="configs">Runs</h2>')

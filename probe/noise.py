@@ -1,0 +1,192 @@
+"""Was the machine quiet? The busy-machine detector (pure functions over recorded numbers).
+
+Timings are only as good as the machine was quiet: a process that waits for a CPU while other
+processes run shows every host time longer, by whatever the scheduler decided. Two measures,
+both recorded while profiling, neither an estimate of what the step "should" cost:
+
+- **Run-queue wait** (Linux): the kernel's per-thread ``run_delay`` (``/proc/self/task/*/
+  schedstat``), the time each of the process's threads was ready to run but waited for a CPU,
+  summed over the threads and read when ``generate()`` starts and ends
+  (``runs.cpu_wait_ms``; ``runs.process_cpu_ms`` is the CPU time of the same stretch). The
+  share ``wait / (wait + cpu)`` is the part of the time the process was ready to run that it
+  spent waiting: 0 on a quiet machine whatever the number of threads, 50 % when every thread
+  shares its core with one busy neighbour. Sleeping (I/O, a CUDA sync that blocks) is not
+  waiting, so a GPU run is measured as fairly as a CPU one.
+- **Wall time beyond CPU time**, per step (any OS): ``steps.forward_ms`` against
+  ``steps.process_cpu_ms``. While at least one of the process's threads runs, CPU time grows
+  at least as fast as wall time, so ``forward_ms - process_cpu_ms`` is a lower bound of the
+  time no thread of the process was on a CPU. With ``n = min(torch threads, cores available)``
+  a quiet step lies between ``cpu / n`` (all threads busy) and ``cpu`` (one thread busy: the
+  Python part of a small model's decode step), so only wall time beyond ``cpu`` is evidence
+  of waiting; ``cpu / n`` bounds what the step could have taken. On CUDA the host may sleep in
+  a synchronisation, so this measure is used on CPU runs only.
+
+The run's **noise figure** (:func:`busy`) is the larger of the two shares available; above
+:data:`BUSY_THRESHOLD_PCT` the terminal, the HTML report and the dashboard say the machine was
+busy. What it affects: host times (``calls.cpu_ms``, ``steps.forward_ms``/``outside_ms``) and
+the figures made of them (TTFT, TPOT, tok/s). CUDA event times (``gpu_ms``) measure the GPU's
+own work and are not stretched by a busy host, although a starved host can leave the GPU idle
+between kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+#: a run whose noise figure passes this share (percent) is reported as busy
+BUSY_THRESHOLD_PCT = 10.0
+#: a step is "descheduled" when its wall time beyond CPU time passes this share of the step
+STEP_THRESHOLD = 0.2
+
+_TASKS = "/proc/self/task"
+
+
+def cores_available() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def host_facts() -> dict:
+    """``{"torch_threads", "cpu_cores"}``: what the per-step CPU time is normalised by."""
+    try:
+        import torch
+
+        threads = int(torch.get_num_threads())
+    except Exception:  # pragma: no cover - torch is always there when recording
+        threads = 1
+    return {"torch_threads": threads, "cpu_cores": cores_available()}
+
+
+def read_run_delay() -> dict[str, int] | None:
+    """Per thread of this process, nanoseconds spent ready to run but waiting for a CPU.
+
+    ``None`` where the kernel has no schedstat (not Linux, or a kernel without it).
+    """
+    try:
+        tids = os.listdir(_TASKS)
+    except OSError:
+        return None
+    out: dict[str, int] = {}
+    for tid in tids:
+        try:
+            with open(f"{_TASKS}/{tid}/schedstat", "rb") as f:
+                fields = f.read().split()
+            out[tid] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended between the listing and the read
+    return out or None
+
+
+def run_delay_between(before: dict[str, int] | None, after: dict[str, int] | None) -> float | None:
+    """Run-queue wait (ns) summed over the threads between two :func:`read_run_delay` reads;
+    a thread born in between counts from zero."""
+    if before is None or after is None:
+        return None
+    return float(sum(max(0, v - before.get(tid, 0)) for tid, v in after.items()))
+
+
+def step_wait_ms(forward_ms, process_cpu_ms):
+    """Per step, the lower bound of the time no thread of the process was on a CPU:
+    ``max(0, forward_ms - process_cpu_ms)`` (NaN where CPU time was not recorded).
+
+    Works on scalars, numpy arrays and pandas Series alike.
+    """
+    return np.maximum(forward_ms - process_cpu_ms, 0.0)
+
+
+@dataclass(frozen=True)
+class Busy:
+    """The run's noise figure and what it was made of.
+
+    Attributes:
+        wait_pct: the noise figure: the larger of ``runqueue_pct`` and ``steps_pct`` (NaN when
+            neither could be measured).
+        runqueue_pct: run-queue wait over (wait + CPU time) of the generate calls, percent.
+        steps_pct: wall time beyond CPU time over wall time of the forwards (CPU runs), percent.
+        steps_descheduled: steps whose wall time beyond CPU time passes :data:`STEP_THRESHOLD`.
+        steps: steps looked at.
+        threshold_pct: :data:`BUSY_THRESHOLD_PCT`.
+        busy: ``wait_pct`` passed the threshold.
+        threads, cores: torch's threads and the cores available when recorded (None if unknown).
+        cuda: the run's forwards were timed with CUDA events.
+    """
+
+    wait_pct: float
+    runqueue_pct: float
+    steps_pct: float
+    steps_descheduled: int
+    steps: int
+    threshold_pct: float
+    busy: bool
+    threads: int | None = None
+    cores: int | None = None
+    cuda: bool = False
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+    @property
+    def parallel(self) -> int | None:
+        """``min(threads, cores)``: the most CPUs the run's forwards could use at once."""
+        if self.threads is None or self.cores is None:
+            return None
+        return max(1, min(self.threads, self.cores))
+
+    def message(self) -> str:
+        """The warning line (empty when the machine was quiet or nothing was measured)."""
+        if not self.busy:
+            return ""
+        text = (f"the machine was busy: {self.wait_pct:.0f} % of step time was spent waiting for a CPU; "
+                "rerun on a quiet machine or with `--repeat`")
+        if self.cuda:
+            text += (". Host times, TTFT, TPOT and tok/s are affected; GPU event times (gpu_ms) are not, "
+                     "though the GPU may have idled waiting for the host")
+        return text
+
+
+def busy(steps: pd.DataFrame, runs: pd.DataFrame | None = None, meta: dict | None = None,
+         threshold_pct: float = BUSY_THRESHOLD_PCT) -> Busy:
+    """The noise figure of a recording (see the module docstring for both measures).
+
+    Args:
+        steps: the ``steps`` frame (``forward_ms``, ``process_cpu_ms``, ``gpu_ms``).
+        runs: the ``runs`` frame (``cpu_wait_ms``, ``process_cpu_ms`` of each generate call).
+        meta: the run's metadata (``torch_threads``, ``cpu_cores`` where recorded).
+        threshold_pct: the share above which the run counts as busy.
+    """
+    meta = meta or {}
+    cuda = bool(len(steps)) and bool(steps["gpu_ms"].notna().any())
+    st = steps[steps["process_cpu_ms"].notna()] if len(steps) else steps
+    steps_pct = math.nan
+    desched = 0
+    if len(st) and not cuda:
+        fwd = st["forward_ms"].astype("float64")
+        wait = step_wait_ms(fwd, st["process_cpu_ms"].astype("float64"))
+        total = float(fwd.sum())
+        if total > 0:
+            steps_pct = 100.0 * float(wait.sum()) / total
+        desched = int((wait > STEP_THRESHOLD * fwd).sum())
+    runqueue_pct = math.nan
+    if runs is not None and len(runs) and "cpu_wait_ms" in runs:
+        r = runs[runs["cpu_wait_ms"].notna() & runs["process_cpu_ms"].notna()]
+        w, c = float(r["cpu_wait_ms"].sum()), float(r["process_cpu_ms"].sum())
+        if len(r) and w + c > 0:
+            runqueue_pct = 100.0 * w / (w + c)
+    vals = [v for v in (runqueue_pct, steps_pct) if not math.isnan(v)]
+    wait_pct = max(vals) if vals else math.nan
+    threads, cores = meta.get("torch_threads"), meta.get("cpu_cores")
+    return Busy(
+        wait_pct=wait_pct, runqueue_pct=runqueue_pct, steps_pct=steps_pct, steps_descheduled=desched,
+        steps=int(len(st)), threshold_pct=float(threshold_pct),
+        busy=bool(vals) and wait_pct > threshold_pct,
+        threads=int(threads) if isinstance(threads, (int, float)) else None,
+        cores=int(cores) if isinstance(cores, (int, float)) else None, cuda=cuda,
+    )

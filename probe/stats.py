@@ -1,0 +1,425 @@
+"""Spread over repeated generate calls, and whether two runs differ by more than their noise.
+
+Pure functions over the frames (pandas and numpy only), so they are tested with numbers made
+up for the purpose.
+
+- :func:`block_spread` / :func:`headline_spread`: median and **min–max** over the recorded
+  generate calls of a run (``probe run --repeat N``), per block × phase and per headline metric.
+  With a handful of repeats min–max is what was seen; a percentile range would interpolate.
+- :func:`significance`: for each block × phase and headline metric of two runs, the relative
+  slowdown of B against A with a 95 % **bootstrap confidence interval** (percentile method,
+  :data:`BOOTSTRAP_RESAMPLES` resamples of each run's samples with replacement, fixed seed so a
+  report is reproducible). Samples are per step for blocks (a block's time in each step of the
+  phase) and TPOT (each decode step's latency per token), per generate call for TTFT, tok/s and
+  total time. A difference is **significant** when the interval excludes zero *and* a two-sided
+  Mann–Whitney U test of the two samples gives p < 0.05 (:func:`mann_whitney_p`): the
+  percentile bootstrap is too narrow for a handful of samples, the rank test is exact there and
+  unmoved by one outlier.
+- :func:`gate`: the rows slower by more than a percentage, significantly (``probe compare
+  --fail-above``); :func:`comparability` says why two runs should not be compared.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from .schema import PHASES
+
+BOOTSTRAP_RESAMPLES = 2000
+CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE
+#: blocks below this share of their phase's forward time in A are shown but not gated
+GATE_MIN_SHARE = 0.01
+
+SPREAD_COLUMNS: dict[str, str] = {
+    "module": "string",  # module name, or the role (by="role"), or "(residue)" / "(outside model)"
+    "role": "string",
+    "phase": "string",
+    "generates": "int64",  # generate calls the spread is taken over
+    "median_ms": "float64",  # median over the generate calls of the block's total time in the phase
+    "min_ms": "float64",
+    "max_ms": "float64",
+    "spread_pct": "float64",  # (max - min) / median, percent
+}
+
+HEADLINE_SPREAD_COLUMNS: dict[str, str] = {
+    "metric": "string",
+    "generates": "int64",
+    "median": "float64",
+    "min": "float64",
+    "max": "float64",
+    "spread_pct": "float64",
+}
+
+SPREAD_METRICS = ("ttft_ms", "tpot_ms_p50", "tpot_ms_mean", "prefill_tok_s", "decode_tok_s", "total_ms")
+
+SIGNIFICANCE_COLUMNS: dict[str, str] = {
+    "level": "string",  # "metric", "role" or "module"
+    "module": "string",  # the metric, module or role
+    "phase": "string",  # empty for a headline metric
+    "clock": "string",  # "host" or "gpu" (blocks), the metric's unit otherwise
+    "a_n": "int64",  # samples of A (steps or generate calls)
+    "b_n": "int64",
+    "a_mean": "float64",
+    "b_mean": "float64",
+    "slowdown_pct": "float64",  # how much worse B is than A, percent (negative: B is better)
+    "ci_low_pct": "float64",  # 95 % bootstrap interval of slowdown_pct
+    "ci_high_pct": "float64",
+    "p_value": "float64",  # two-sided Mann-Whitney U test of A's samples against B's
+    "significant": "boolean",  # the interval excludes 0 and p < 0.05 (null: too few samples)
+    "a_share": "float64",  # the block's share of A's forward time in the phase (blocks only)
+}
+
+#: headline metrics where a larger value is better (the slowdown is then A / B - 1)
+HIGHER_IS_BETTER = frozenset({"prefill_tok_s", "decode_tok_s"})
+
+
+def _empty(cols: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in cols.items()})
+
+
+def _generate_ids(runs: pd.DataFrame) -> list[str]:
+    """The successful generate calls; of a run merged from several ranks (tensor parallel), the
+    lowest rank's: the ranks record the same calls side by side, not repeats of them."""
+    if runs.empty:
+        return []
+    gen = runs[(runs["kind"] == "generate") & (runs["status"] == "ok")]
+    if "rank" in gen and gen["rank"].nunique() > 1:
+        gen = gen[gen["rank"] == gen["rank"].min()]
+    return [str(v) for v in gen["run_id"]]
+
+
+# --------------------------------------------------------------------------- spread
+def per_generate_totals(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame,
+                        by: str = "role") -> pd.DataFrame:
+    """Each block's total host time per phase in each successful generate call.
+
+    Returns columns ``module, role, phase, run_id, total_ms``, plus rows ``(residue)``
+    (forward time outside every recorded block, over the steps with block records) and
+    ``(outside model)`` (time in generate between forwards).
+    """
+    if by not in ("module", "role"):
+        raise ValueError(f"by must be 'module' or 'role'; got {by!r}")
+    ids = _generate_ids(runs)
+    c = calls[calls["run_id"].isin(ids)]
+    st = steps[steps["run_id"].isin(ids)]
+    parts = []
+    if len(c):
+        keys = ["module", "role", "phase", "run_id"] if by == "module" else ["role", "phase", "run_id"]
+        t = c.groupby(keys, sort=False, observed=True)["cpu_ms"].sum().rename("total_ms").reset_index()
+        if by == "role":
+            t["module"] = t["role"]
+        parts.append(t)
+    if len(st):
+        rec = st[st["blocks_ms"].notna()]
+        if len(rec):
+            g = rec.assign(_r=rec["forward_ms"] - rec["blocks_ms"]).groupby(["phase", "run_id"], sort=False)["_r"]
+            res = g.sum().rename("total_ms").reset_index()
+            parts.append(res.assign(module="(residue)", role="residue"))
+        out_ = st[st["outside_ms"].notna()].groupby(["phase", "run_id"], sort=False)["outside_ms"].sum()
+        if len(out_):
+            parts.append(out_.rename("total_ms").reset_index().assign(module="(outside model)", role="outside"))
+    if not parts:
+        return pd.DataFrame({"module": pd.Series([], dtype="string"), "role": pd.Series([], dtype="string"),
+                             "phase": pd.Series([], dtype="string"), "run_id": pd.Series([], dtype="string"),
+                             "total_ms": pd.Series([], dtype="float64")})
+    out = pd.concat(parts, ignore_index=True)[["module", "role", "phase", "run_id", "total_ms"]]
+    return out.astype({"module": "string", "role": "string", "phase": "string", "run_id": "string",
+                       "total_ms": "float64"})
+
+
+def _spread_stats(g) -> pd.DataFrame:
+    med = g.median()
+    lo, hi = g.min(), g.max()
+    return pd.DataFrame({"generates": g.size(), "median_ms": med, "min_ms": lo, "max_ms": hi,
+                         "spread_pct": ((hi - lo) / med * 100).where(med > 0)})
+
+
+def block_spread(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, by: str = "role") -> pd.DataFrame:
+    """Median and min–max over the generate calls of each block's total time per phase.
+
+    Args:
+        calls, steps, runs: the run's frames.
+        by: ``"role"`` (embed, layer, norm, head ... summed over their modules) or ``"module"``.
+
+    Returns:
+        Columns of :data:`SPREAD_COLUMNS`, one row per block and phase (with ``(residue)`` and
+        ``(outside model)`` rows), in phase order. One generate call gives min = max = median.
+        Joins ``Run.summary(by)`` on ``(module, phase)``.
+    """
+    tot = per_generate_totals(calls, steps, runs, by=by)
+    if tot.empty:
+        return _empty(SPREAD_COLUMNS)
+    tot["_seq"] = np.arange(len(tot))
+    first = tot.groupby(["module", "phase"], sort=False)[["role", "_seq"]].first()
+    g = tot.groupby(["module", "phase"], sort=False)["total_ms"]
+    out = _spread_stats(g).join(first).reset_index()
+    order = {p: i for i, p in enumerate(PHASES)}
+    out["_p"] = out["phase"].map(order).fillna(len(order))
+    out = out.sort_values(["_p", "_seq"], kind="stable")
+    return out[list(SPREAD_COLUMNS)].astype(SPREAD_COLUMNS).reset_index(drop=True)
+
+
+def headline_spread(runs: pd.DataFrame, metrics=SPREAD_METRICS) -> pd.DataFrame:
+    """Median and min–max of each headline metric over the successful generate calls."""
+    ids = _generate_ids(runs)
+    if not ids:
+        return _empty(HEADLINE_SPREAD_COLUMNS)
+    gen = runs[runs["run_id"].isin(ids)]
+    rows = []
+    for m in metrics:
+        v = pd.to_numeric(gen[m], errors="coerce").astype("float64").dropna()
+        if v.empty:
+            continue
+        med = float(v.median())
+        rows.append({"metric": m, "generates": len(v), "median": med, "min": float(v.min()), "max": float(v.max()),
+                     "spread_pct": (float(v.max() - v.min()) / med * 100) if med > 0 else math.nan})
+    if not rows:
+        return _empty(HEADLINE_SPREAD_COLUMNS)
+    return pd.DataFrame(rows).astype(HEADLINE_SPREAD_COLUMNS)
+
+
+# --------------------------------------------------------------------------- significance
+def bootstrap_slowdown(a, b, *, higher_is_better: bool = False, resamples: int = BOOTSTRAP_RESAMPLES,
+                       confidence: float = CONFIDENCE, seed: int = 0) -> tuple[float, float, float]:
+    """How much worse ``b`` is than ``a``, percent, with a bootstrap interval.
+
+    The statistic is ``mean(b) / mean(a) - 1`` (times: larger is worse) or ``mean(a) /
+    mean(b) - 1`` (``higher_is_better``, e.g. tok/s), times 100. Each sample is resampled with
+    replacement ``resamples`` times; the interval is the percentile interval at ``confidence``.
+
+    Returns:
+        ``(slowdown_pct, low_pct, high_pct)``; the interval is NaN when a side has fewer than two
+        samples, everything NaN when a mean is not positive.
+    """
+    a = np.asarray(a, dtype="float64")
+    b = np.asarray(b, dtype="float64")
+    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+    if not len(a) or not len(b):
+        return math.nan, math.nan, math.nan
+    ma, mb = a.mean(), b.mean()
+    if ma <= 0 or mb <= 0:
+        return math.nan, math.nan, math.nan
+    point = (ma / mb if higher_is_better else mb / ma) - 1.0
+    if len(a) < 2 or len(b) < 2:
+        return point * 100, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    ra = a[rng.integers(0, len(a), size=(resamples, len(a)))].mean(axis=1)
+    rb = b[rng.integers(0, len(b), size=(resamples, len(b)))].mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (ra / rb if higher_is_better else rb / ra) - 1.0
+    r = r[np.isfinite(r)]
+    if not len(r):
+        return point * 100, math.nan, math.nan
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(r, [tail, 100 - tail])
+    return point * 100, float(lo) * 100, float(hi) * 100
+
+
+def mann_whitney_p(a, b) -> float:
+    """Two-sided p-value of the Mann–Whitney U (Wilcoxon rank-sum) test of ``a`` against ``b``.
+
+    Exact (the distribution of U counted over every arrangement) for small samples without
+    ties, the normal approximation with tie and continuity corrections otherwise. It needs no
+    assumption about the shape of the distribution and one outlier cannot sway it, which suits
+    timings: three against three can never reach p < 0.05 (the smallest possible p is 0.1).
+    NaN when a side is empty.
+    """
+    a = np.asarray(a, dtype="float64")
+    b = np.asarray(b, dtype="float64")
+    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+    n1, n2 = len(a), len(b)
+    if not n1 or not n2:
+        return math.nan
+    both = np.concatenate([a, b])
+    ranks = pd.Series(both).rank(method="average").to_numpy()
+    u1 = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2)
+    ties = len(np.unique(both)) < len(both)
+    if not ties and n1 * n2 <= 400:
+        # counts[k] = arrangements with U = k, by the recurrence over the largest element
+        counts = _u_counts(n1, n2)
+        total = counts.sum()
+        u = min(u1, n1 * n2 - u1)
+        p = 2 * counts[: int(math.floor(u)) + 1].sum() / total
+        return float(min(1.0, p))
+    mu = n1 * n2 / 2
+    _, t = np.unique(both, return_counts=True)
+    n = n1 + n2
+    var = n1 * n2 / 12 * ((n + 1) - float((t ** 3 - t).sum()) / (n * (n - 1)))
+    if var <= 0:
+        return 1.0
+    z = (abs(u1 - mu) - 0.5) / math.sqrt(var)
+    return float(min(1.0, math.erfc(max(z, 0.0) / math.sqrt(2))))
+
+
+def _u_counts(n1: int, n2: int) -> np.ndarray:
+    """Number of orderings of n1 + n2 distinct values giving each U (0 .. n1*n2)."""
+    # f[i][j] = polynomial in q of U over samples of sizes i, j: f(i,j) = q^j f(i-1,j) + f(i,j-1)
+    f = [[None] * (n2 + 1) for _ in range(n1 + 1)]
+    for i in range(n1 + 1):
+        for j in range(n2 + 1):
+            if i == 0 or j == 0:
+                arr = np.zeros(i * j + 1, dtype="float64")
+                arr[0] = 1.0
+            else:
+                arr = np.zeros(i * j + 1, dtype="float64")
+                prev = f[i - 1][j]
+                arr[j:j + len(prev)] += prev
+                left = f[i][j - 1]
+                arr[:len(left)] += left
+            f[i][j] = arr
+    return f[n1][n2]
+
+
+def _clock(run_calls: list[pd.DataFrame]) -> str:
+    return "gpu" if all(len(c) and c["gpu_ms"].notna().all() for c in run_calls) else "host"
+
+
+def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, by: str = "role",
+                 clock: str = "host") -> dict[tuple[str, str], np.ndarray]:
+    """Per (block, phase), the block's time in each step of that phase (successful generate
+    calls only), plus ``(residue)`` and ``(outside model)``; ``clock`` "gpu" reads ``gpu_ms``."""
+    ids = _generate_ids(runs)
+    c = calls[calls["run_id"].isin(ids)]
+    st = steps[steps["run_id"].isin(ids)]
+    col = "gpu_ms" if clock == "gpu" else "cpu_ms"
+    out: dict[tuple[str, str], np.ndarray] = {}
+    if len(c):
+        key = "module" if by == "module" else "role"
+        per = c.groupby([key, "phase", "run_id", "step"], sort=False, observed=True)[col].sum()
+        for (name, phase), s in per.groupby(level=[0, 1], sort=False):
+            out[(str(name), str(phase))] = s.to_numpy(dtype="float64")
+    rec = st[st["blocks_ms"].notna()]
+    for phase, s in rec.groupby("phase", sort=False):
+        if clock == "host":
+            out[("(residue)", str(phase))] = (s["forward_ms"] - s["blocks_ms"]).to_numpy(dtype="float64")
+    for phase, s in st[st["outside_ms"].notna()].groupby("phase", sort=False):
+        out[("(outside model)", str(phase))] = s["outside_ms"].to_numpy(dtype="float64")
+    return out
+
+
+def metric_samples(steps: pd.DataFrame, runs: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per headline metric, its samples: TPOT per decode step, the others per generate call."""
+    ids = _generate_ids(runs)
+    gen = runs[runs["run_id"].isin(ids)]
+    out: dict[str, np.ndarray] = {}
+    for m in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "total_ms"):
+        out[m] = pd.to_numeric(gen[m], errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+    st = steps[steps["run_id"].isin(ids) & (steps["step"] > 0) & (steps["new_tokens"] > 0)]
+    out["tpot_ms"] = (st["latency_ms"] / st["new_tokens"]).to_numpy(dtype="float64", na_value=np.nan)
+    return out
+
+
+def _phase_forward(steps: pd.DataFrame, runs: pd.DataFrame) -> pd.Series:
+    st = steps[steps["run_id"].isin(_generate_ids(runs)) & steps["blocks_ms"].notna()]
+    return st.groupby("phase")["forward_ms"].sum()
+
+
+def significance(run_a, run_b, levels=("role", "module"), seed: int = 0,
+                 resamples: int = BOOTSTRAP_RESAMPLES) -> pd.DataFrame:
+    """Is B slower or faster than A, beyond the noise? Per headline metric and block × phase.
+
+    Args:
+        run_a, run_b: :class:`probe.Run` objects (A is the baseline).
+        levels: block levels to test (``"role"``, ``"module"``).
+        seed, resamples: the bootstrap's (see :func:`bootstrap_slowdown`).
+
+    Returns:
+        Columns of :data:`SIGNIFICANCE_COLUMNS`: headline metrics first, then blocks by level
+        and phase. Blocks are timed on the GPU clock where every call of both runs has it.
+    """
+    rows = []
+    ma, mb = metric_samples(run_a.steps, run_a.runs), metric_samples(run_b.steps, run_b.runs)
+    for m in ("ttft_ms", "tpot_ms", "prefill_tok_s", "decode_tok_s", "total_ms"):
+        a, b = ma[m], mb[m]
+        a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+        if not len(a) and not len(b):
+            continue
+        p, lo, hi = bootstrap_slowdown(a, b, higher_is_better=m in HIGHER_IS_BETTER, seed=seed, resamples=resamples)
+        rows.append(_row("metric", m, "", "tok/s" if m.endswith("tok_s") else "ms", a, b, p, lo, hi, math.nan,
+                         mann_whitney_p(a, b)))
+    clock = _clock([run_a.calls, run_b.calls])
+    fwd_a = _phase_forward(run_a.steps, run_a.runs)
+    for level in levels:
+        sa = step_samples(run_a.calls, run_a.steps, run_a.runs, by=level, clock=clock)
+        sb = step_samples(run_b.calls, run_b.steps, run_b.runs, by=level, clock=clock)
+        if level == "module":  # the residue and time outside the model are rows of the role level
+            sa = {k: v for k, v in sa.items() if not k[0].startswith("(")}
+            sb = {k: v for k, v in sb.items() if not k[0].startswith("(")}
+        keys = list(sa) + [k for k in sb if k not in sa]
+        order = {p: i for i, p in enumerate(PHASES)}
+        keys.sort(key=lambda k: order.get(k[1], len(order)))  # stable: A's block order within a phase
+        for name, phase in keys:
+            a, b = sa.get((name, phase), np.zeros(0)), sb.get((name, phase), np.zeros(0))
+            p, lo, hi = bootstrap_slowdown(a, b, seed=seed, resamples=resamples)
+            f = fwd_a.get(phase, math.nan)
+            share = float(a.sum() / f) if len(a) and f and not math.isnan(f) and name != "(outside model)" else math.nan
+            rows.append(_row(level, name, phase, clock, a, b, p, lo, hi, share, mann_whitney_p(a, b)))
+    if not rows:
+        return _empty(SIGNIFICANCE_COLUMNS)
+    return pd.DataFrame(rows).astype(SIGNIFICANCE_COLUMNS)
+
+
+def _row(level, name, phase, clock, a, b, p, lo, hi, share, pval) -> dict:
+    sig = None if math.isnan(lo) or math.isnan(pval) else bool((lo > 0 or hi < 0) and pval < ALPHA)
+    return {"level": level, "module": name, "phase": phase, "clock": clock, "a_n": len(a), "b_n": len(b),
+            "a_mean": float(a.mean()) if len(a) else math.nan, "b_mean": float(b.mean()) if len(b) else math.nan,
+            "slowdown_pct": p, "ci_low_pct": lo, "ci_high_pct": hi, "p_value": pval, "significant": sig,
+            "a_share": share}
+
+
+def verdict(row) -> str:
+    """A row of :func:`significance` in words."""
+    if pd.isna(row["significant"]):
+        return "too few samples"
+    if not row["significant"]:
+        if row["ci_low_pct"] > 0 or row["ci_high_pct"] < 0:
+            return "not significant (rank test p >= 0.05)"
+        return "within noise"
+    return "B slower" if row["slowdown_pct"] > 0 else "B faster"
+
+
+def gate(sig: pd.DataFrame, fail_above_pct: float, min_share: float = GATE_MIN_SHARE) -> pd.DataFrame:
+    """The rows of :func:`significance` that fail ``probe compare --fail-above PCT``.
+
+    A row fails when B is slower than A by more than ``fail_above_pct`` percent and the 95 %
+    interval lies wholly above zero. Considered: the headline metrics and the role-level
+    blocks (the residue and the time outside the model included) whose share of A's forward
+    time in the phase is at least ``min_share`` — a block of 0.1 % of the step cannot slow the
+    model by much, however significant its change.
+    """
+    if sig.empty:
+        return sig
+    outside = sig["module"].eq("(outside model)")
+    big = sig["a_share"].ge(min_share).fillna(False).astype(bool)
+    eligible = sig["level"].eq("metric") | (sig["level"].eq("role") & (outside | big))
+    failed = eligible & sig["significant"].fillna(False).astype(bool) & (sig["slowdown_pct"] > fail_above_pct) \
+        & (sig["ci_low_pct"] > 0)
+    return sig[failed].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- comparability
+def comparability(run_a, run_b) -> list[str]:
+    """Reasons two runs do not measure the same work (different model, depth or prompt length);
+    empty when they may be compared."""
+    def first(run):
+        gen = run.runs[run.runs["kind"] == "generate"] if not run.runs.empty else run.runs
+        return gen.iloc[0] if len(gen) else None
+
+    ra, rb = first(run_a), first(run_b)
+    if ra is None or rb is None:
+        which = " and ".join(n for n, r in (("A", ra), ("B", rb)) if r is None)
+        return [f"{which} holds no generate call"]
+    problems = []
+    for col, what in (("model_id", "model"), ("parameters", "parameter count"), ("depth", "depth"),
+                      ("prompt_tokens", "prompt length (tokens)"), ("batch", "batch size")):
+        va, vb = ra[col], rb[col]
+        if pd.isna(va) and pd.isna(vb):
+            continue
+        if pd.isna(va) or pd.isna(vb) or va != vb:
+            problems.append(f"different {what}: A {va} vs B {vb}")
+    return problems
+

@@ -1,0 +1,350 @@
+"""Numbers one can trust: the busy-machine detector, spread over repeats, significance, the CI gate.
+
+Timings here come from injected clocks and numbers written into real frames: nothing asserts on
+how fast this machine is (benchmarks/busy_machine.py runs the real thing beside CPU hogs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import probe
+from probe.cli import main
+from probe.models import save_bundled
+from probe.noise import BUSY_THRESHOLD_PCT, busy, step_wait_ms
+from probe.stats import (block_spread, bootstrap_slowdown, comparability, gate, headline_spread, mann_whitney_p,
+                         significance)
+from tests.tiny import tiny_llama
+
+
+class Clock:
+    """An integer-ns clock that advances ``tick`` ns (times a seeded jitter) per read."""
+
+    def __init__(self, tick: int = 1000, jitter: float = 0.0, seed: int = 0) -> None:
+        self.t, self.tick, self.jitter = 0, tick, jitter
+        self.rng = random.Random(seed)
+
+    def __call__(self) -> int:
+        f = 1.0 + (self.rng.uniform(-self.jitter, self.jitter) if self.jitter else 0.0)
+        self.t += int(self.tick * f)
+        return self.t
+
+
+def _ids(n: int = 5) -> torch.Tensor:
+    return torch.arange(3, 3 + n).unsqueeze(0)
+
+
+def record(clock=None, repeats: int = 1, prompt: int = 5, new: int = 4, ticks=None) -> probe.Run:
+    """A tiny Llama's generate calls under ``clock``; ``ticks`` sets the clock's tick per call."""
+    model = tiny_llama(layers=2, hidden=32)
+    with probe.attach(model, clock=clock) as p:
+        for i in range(repeats):
+            if ticks is not None:
+                clock.tick = ticks[i]
+            model.generate(_ids(prompt), max_new_tokens=new, do_sample=False, pad_token_id=0)
+    return p.run
+
+
+def with_cpu(run: probe.Run, forward_ms: float, cpu_ms: float, wait_ms=None, run_cpu_ms=None) -> probe.Run:
+    """``run`` with its steps' wall and CPU times (and the runs' run-queue wait) set to these numbers."""
+    steps = run.steps.assign(forward_ms=forward_ms, process_cpu_ms=cpu_ms)
+    runs = run.runs.copy()
+    if wait_ms is not None:
+        runs["cpu_wait_ms"] = float(wait_ms)
+        runs["process_cpu_ms"] = float(run_cpu_ms)
+    return probe.Run(calls=run.calls, steps=steps, runs=runs, meta={**run.meta, "torch_threads": 2, "cpu_cores": 2})
+
+
+# --------------------------------------------------------------------------- detector
+def test_step_wait_is_wall_time_beyond_cpu_time_never_negative():
+    got = step_wait_ms(pd.Series([10.0, 5.0, 8.0, np.nan]), pd.Series([2.0, 6.0, 8.0, 1.0]))
+    assert got.iloc[:3].tolist() == [8.0, 0.0, 0.0] and math.isnan(got.iloc[3])
+
+
+def test_an_injected_clock_records_no_cpu_time_so_nothing_is_judged():
+    run = record(Clock())
+    assert run.steps["process_cpu_ms"].isna().all() and run.runs["cpu_wait_ms"].isna().all()
+    b = run.noise()
+    assert math.isnan(b.wait_pct) and not b.busy and b.message() == ""
+
+
+def test_the_real_clock_records_cpu_time_and_run_queue_wait():
+    run = record()
+    assert run.steps["process_cpu_ms"].notna().all() and (run.steps["process_cpu_ms"] >= 0).all()
+    gen = run.runs[run.runs["kind"] == "generate"]
+    assert gen["process_cpu_ms"].notna().all()
+    if os.path.exists("/proc/self/task/%d/schedstat" % os.getpid()):
+        assert gen["cpu_wait_ms"].notna().all() and (gen["cpu_wait_ms"] >= 0).all()
+    assert run.meta["torch_threads"] == torch.get_num_threads() and run.meta["cpu_cores"] >= 1
+
+
+def test_descheduled_steps_make_a_busy_run_and_the_warning_says_how_busy():
+    base = record(Clock())
+    quiet = busy(with_cpu(base, 10.0, 9.6).steps)
+    assert quiet.steps_pct == pytest.approx(4.0) and not quiet.busy and quiet.steps_descheduled == 0
+    loud = with_cpu(base, 10.0, 2.0).noise()
+    assert loud.steps_pct == pytest.approx(80.0) and loud.busy and loud.steps_descheduled == len(base.steps)
+    assert loud.threads == 2 and loud.cores == 2 and loud.parallel == 2
+    assert loud.message() == ("the machine was busy: 80 % of step time was spent waiting for a CPU; rerun on a "
+                              "quiet machine or with `--repeat`")
+    # a multi-threaded step uses more CPU time than wall time: no waiting, whatever the ratio
+    assert with_cpu(base, 10.0, 19.0).noise().steps_pct == 0.0
+
+
+def test_run_queue_wait_is_a_share_of_the_time_the_process_was_ready_to_run():
+    base = record(Clock())
+    b = with_cpu(base, 10.0, 10.0, wait_ms=30.0, run_cpu_ms=70.0).noise()
+    assert b.runqueue_pct == pytest.approx(30.0) and b.steps_pct == 0.0
+    assert b.wait_pct == pytest.approx(30.0) and b.busy  # the larger of the two measures
+    edge = with_cpu(base, 10.0, 10.0, wait_ms=BUSY_THRESHOLD_PCT, run_cpu_ms=100 - BUSY_THRESHOLD_PCT).noise()
+    assert not edge.busy  # at the threshold: not above it
+
+
+def test_on_cuda_only_the_run_queue_counts_and_gpu_times_are_named_unaffected():
+    base = with_cpu(record(Clock()), 10.0, 1.0, wait_ms=40.0, run_cpu_ms=60.0)
+    cuda = probe.Run(calls=base.calls, steps=base.steps.assign(gpu_ms=9.0), runs=base.runs, meta=base.meta)
+    b = cuda.noise()
+    assert b.cuda and math.isnan(b.steps_pct)  # the host may sleep in a sync: wall > CPU is no evidence
+    assert b.wait_pct == pytest.approx(40.0) and "gpu_ms" in b.message() and "TTFT" in b.message()
+
+
+# --------------------------------------------------------------------------- spread
+def test_spread_over_repeats_is_median_and_min_max_of_each_generate_total():
+    clock = Clock(tick=1000)
+    run = record(clock, repeats=3, ticks=[1000, 3000, 2000])
+    per_gen = run.calls.groupby(["run_id", "role", "phase"])["cpu_ms"].sum()
+    sp = block_spread(run.calls, run.steps, run.runs, by="role").set_index(["module", "phase"])
+    layer = per_gen.xs(("layer", "decode"), level=("role", "phase"))
+    assert layer.nunique() == 3
+    row = sp.loc[("layer", "decode")]
+    assert row["generates"] == 3
+    assert row["min_ms"] == pytest.approx(layer.min()) and row["max_ms"] == pytest.approx(layer.max())
+    assert row["median_ms"] == pytest.approx(layer.median())
+    assert row["spread_pct"] == pytest.approx((layer.max() - layer.min()) / layer.median() * 100)
+    assert ("(outside model)", "decode") in sp.index and ("(residue)", "prefill") in sp.index
+    # it joins the summary on (module, phase)
+    summ = run.summary(by="role").merge(run.spread(by="role"), on=["module", "phase"], how="left")
+    assert summ.loc[summ["module"] == "layer", "generates"].eq(3).all()
+    head = headline_spread(run.runs).set_index("metric")
+    ttft = run.runs["ttft_ms"]
+    assert head.loc["ttft_ms", "median"] == pytest.approx(ttft.median())
+    assert head.loc["ttft_ms", "min"] == pytest.approx(ttft.min()) and head.loc["ttft_ms", "max"] == pytest.approx(ttft.max())
+
+
+def test_one_generate_call_has_no_spread():
+    run = record(Clock())
+    sp = run.spread()
+    assert (sp["generates"] == 1).all() and (sp["min_ms"] == sp["max_ms"]).all()
+
+
+# --------------------------------------------------------------------------- significance
+def test_mann_whitney_matches_its_exact_distribution():
+    assert mann_whitney_p([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)  # 2 of 20 arrangements
+    assert mann_whitney_p([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(2 / 252)
+    assert mann_whitney_p([1, 2, 3], [1.5, 2.5, 3.5]) == pytest.approx(0.7)
+    assert mann_whitney_p([1, 1, 2, 2], [1, 1, 2, 2]) == pytest.approx(1.0)
+    assert math.isnan(mann_whitney_p([], [1.0]))
+
+
+def test_bootstrap_interval_covers_a_known_slowdown_and_straddles_none():
+    rng = np.random.default_rng(1)
+    a = 10 + rng.normal(0, 0.3, 40)
+    p, lo, hi = bootstrap_slowdown(a, a * 1.2)
+    assert p == pytest.approx(20.0) and lo < 20 < hi and lo > 10
+    p, lo, hi = bootstrap_slowdown(a, 10 + rng.normal(0, 0.3, 40))
+    assert lo < 0 < hi
+    # throughput: fewer tokens per second is a slowdown
+    p, _, _ = bootstrap_slowdown([100.0, 100.0], [80.0, 80.0], higher_is_better=True)
+    assert p == pytest.approx(25.0)
+    assert math.isnan(bootstrap_slowdown([1.0], [2.0])[1])  # one sample: no interval
+
+
+def test_significance_and_gate_find_the_slower_run_and_nothing_else():
+    a = record(Clock(tick=1000, jitter=0.05, seed=1), repeats=5)
+    b = record(Clock(tick=1300, jitter=0.05, seed=2), repeats=5)
+    a2 = record(Clock(tick=1000, jitter=0.05, seed=3), repeats=5)
+    sig = significance(a, b).set_index(["level", "module", "phase"])
+    layer = sig.loc[("role", "layer", "decode")]
+    assert layer["slowdown_pct"] == pytest.approx(30.0, abs=3) and layer["significant"]
+    assert layer["ci_low_pct"] > 20 and layer["ci_high_pct"] < 40 and layer["p_value"] < 0.05
+    assert sig.loc[("metric", "ttft_ms", "")]["significant"]
+    assert sig.loc[("metric", "decode_tok_s", "")]["slowdown_pct"] == pytest.approx(30.0, abs=3)
+    failed = gate(significance(a, b), 10)
+    assert {"layer", "ttft_ms", "tpot_ms"} <= set(failed["module"])
+    assert gate(significance(a, b), 50).empty  # slower, but not by 50 %
+    assert gate(significance(b, a), 10).empty  # faster is never a failure
+    same = significance(a, a2)  # the same speed, other jitter: every change is small, none gated
+    assert gate(same, 5).empty
+    assert (same["slowdown_pct"].abs() < 5).all()
+
+
+def test_three_against_three_is_never_significant():
+    a = record(Clock(tick=1000, jitter=0.05, seed=1), repeats=3)
+    b = record(Clock(tick=2000, jitter=0.05, seed=2), repeats=3)
+    ttft = significance(a, b).set_index("module").loc["ttft_ms"]
+    assert ttft["slowdown_pct"] > 50 and ttft["p_value"] == pytest.approx(0.1) and not ttft["significant"]
+
+
+def test_runs_of_different_work_are_not_comparable():
+    a = record(Clock(), prompt=5)
+    assert comparability(a, record(Clock(), prompt=5)) == []
+    problems = comparability(a, record(Clock(), prompt=9))
+    assert problems == ["different prompt length (tokens): A 5 vs B 9"]
+
+
+# --------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_bundled(tmp_path_factory.mktemp("model") / "m", num_hidden_layers=2)
+
+
+def test_run_warms_up_by_default_and_records_repeats(model_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    code = main(["run", str(model_dir), "--max-new-tokens", "2", "--repeat", "2", "--out", str(out), "--no-report"])
+    text = capsys.readouterr().out
+    assert code == 0
+    run = probe.load(out)
+    gen = run.runs[run.runs["kind"] == "generate"]
+    assert len(gen) == 2  # the warm-up left nothing behind
+    assert run.meta["warmup"]["generates"] == 1 and run.meta["warmup"]["cold_run_ids"] == []
+    assert run.meta["repeat"] == 2 and "wait_pct" in run.meta["noise"]
+    assert "repeats    2 recorded generate calls: median [min - max]" in text
+    assert "per generate: median [min - max] ms" in text
+    assert ("WARNING: the machine was busy" in text) == run.noise().busy
+
+
+def test_warmup_zero_records_the_cold_call_and_says_so(model_dir, tmp_path, capsys):
+    out = tmp_path / "cold"
+    assert main(["run", str(model_dir), "--max-new-tokens", "2", "--warmup", "0", "--out", str(out),
+                 "--no-report"]) == 0
+    run = probe.load(out)
+    assert run.meta["warmup"]["generates"] == 0
+    assert run.meta["warmup"]["cold_run_ids"] == [run.runs["run_id"].iloc[0]]
+
+
+@pytest.mark.parametrize("flag,value", [("--repeat", "0"), ("--warmup", "-1")])
+def test_bad_repeat_or_warmup_is_exit_2(flag, value, tmp_path, capsys):
+    assert main(["run", "--max-new-tokens", "2", flag, value, "--out", str(tmp_path / "x")]) == 2
+    assert flag in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gate")
+    runs = {
+        "a": record(Clock(tick=1000, jitter=0.05, seed=1), repeats=5),
+        "b": record(Clock(tick=1300, jitter=0.05, seed=2), repeats=5),
+        "a2": record(Clock(tick=1000, jitter=0.05, seed=3), repeats=5),
+        "long": record(Clock(tick=1000, jitter=0.05, seed=4), repeats=5, prompt=9),
+    }
+    return {k: r.save(root / k) for k, r in runs.items()}
+
+
+def test_fail_above_exits_1_naming_what_got_slower(saved, tmp_path, capsys):
+    code = main(["compare", str(saved["a"]), str(saved["b"]), "--out", str(tmp_path / "c"), "--fail-above", "10"])
+    out = capsys.readouterr().out
+    assert code == 1
+    fail = out[out.index("FAIL"):]
+    assert "layer (decode): +" in fail and "ttft_ms: +" in fail
+    sig = pd.read_csv(tmp_path / "c" / "significance.csv")
+    assert {"slowdown_pct", "ci_low_pct", "ci_high_pct", "p_value", "significant"} <= set(sig.columns)
+
+
+def test_fail_above_exits_0_within_the_threshold_or_the_noise(saved, tmp_path, capsys):
+    assert main(["compare", str(saved["a"]), str(saved["b"]), "--out", str(tmp_path / "c1"), "--fail-above", "50"]) == 0
+    assert main(["compare", str(saved["b"]), str(saved["a"]), "--out", str(tmp_path / "c2"), "--fail-above", "5"]) == 0
+    assert main(["compare", str(saved["a"]), str(saved["a2"]), "--out", str(tmp_path / "c3"), "--fail-above", "5"]) == 0
+    assert "OK: nothing is slower than A by more than 5%" in capsys.readouterr().out
+
+
+def test_fail_above_refuses_runs_of_different_work_and_bad_input(saved, tmp_path, capsys):
+    code = main(["compare", str(saved["a"]), str(saved["long"]), "--out", str(tmp_path / "c"), "--fail-above", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not comparable" in err and "different prompt length (tokens): A 5 vs B 9" in err
+    assert not (tmp_path / "c").exists()
+    assert main(["compare", str(saved["a"]), str(saved["b"]), "--fail-above", "-1"]) == 2
+    assert "--fail-above takes a percentage" in capsys.readouterr().err
+    assert main(["compare", str(saved["a"]), str(tmp_path / "missing"), "--fail-above", "5"]) == 2
+    # without the gate, different work is still shown side by side, with a note
+    assert main(["compare", str(saved["a"]), str(saved["long"]), "--out", str(tmp_path / "c4")]) == 0
+    assert "note: the runs measure different work" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- report and dashboard
+def test_report_and_compare_page_carry_the_busy_warning_and_the_spread(tmp_path):
+    from reports.compare import render_comparison
+    from reports.html import render_report
+
+    base = record(Clock(tick=1000, jitter=0.05), repeats=3)
+    loud = with_cpu(base, 10.0, 2.0)
+    page = render_report(loud)
+    assert 'id="busy-warning"' in page
+    assert "The machine was busy: 80 % of step time was spent waiting for a CPU; rerun on a quiet machine " \
+           "or with <code>--repeat</code>" in page
+    assert 'id="spread"' in page and "Spread over 3 generate calls" in page and 'id="spread-table"' in page
+    quiet = render_report(with_cpu(base, 10.0, 9.8))
+    assert 'id="busy-warning"' not in quiet
+    assert "Machine: 2.0 % of step time waiting for a CPU" in quiet
+    cmp_page = render_comparison(with_cpu(base, 10.0, 9.8), loud)
+    assert 'id="busy-b"' in cmp_page and 'class="warn" id="busy-b"' in cmp_page
+    assert 'id="significance-table"' in cmp_page and "95% interval" in cmp_page
+
+
+def test_dashboard_overview_warns_of_a_busy_run_only(tmp_path):
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from dashboards import APP
+
+    base = record(Clock(tick=1000, jitter=0.05), repeats=2)
+    with_cpu(base, 10.0, 2.0).save(tmp_path / "busy")
+    with_cpu(base, 10.0, 9.9).save(tmp_path / "quiet")
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.session_state["runs_dir"] = str(tmp_path)
+    at.run()
+    at.sidebar.multiselect(key="runs").set_value(["busy", "quiet"]).run()
+    assert not at.exception
+    warnings = [w.value for w in at.warning]
+    assert len(warnings) == 1 and "Run **busy**: the machine was busy: 80 %" in warnings[0]
+    assert any("quiet 1.0 %" in c.value for c in at.caption)
+    assert any("Spread over the 4 generate() calls" in c.value for c in at.caption)
+
+
+def test_sweep_shows_the_spread_of_its_repeats(tmp_path):
+    from probe.sweep import format_summary, load_sweep, sweep, sweep_summary
+
+    model = tiny_llama(layers=2, hidden=32)
+    sweep(model, None, prompt_lens=(4,), batch_sizes=(1,), new_tokens=2, repeat=3, warmup=0, out=tmp_path / "s")
+    df, meta = load_sweep(tmp_path / "s")
+    s = sweep_summary(df).iloc[0]
+    per = df[df["phase"] == "prefill"].groupby("repeat")["latency_ms"].sum()
+    assert s["repeats"] == 3
+    assert (s["prefill_ms_min"], s["prefill_ms"], s["prefill_ms_max"]) == pytest.approx(
+        (per.min(), per.median(), per.max()))
+    assert s["decode_ms_per_token_min"] <= s["decode_ms_per_token"] <= s["decode_ms_per_token_max"]
+    assert df["wait_pct"].notna().all()
+    text = format_summary(sweep_summary(df))
+    assert "prefill ms [min - max]" in text and "(medians over 3 repeat(s), min - max in brackets)" in text
+    assert ("WARNING: the machine was busy" in text) == bool(s["wait_pct"] > 10)
+    run = probe.load(tmp_path / "s" / "runs" / "p4-b1")
+    assert run.meta["warmup"]["generates"] == 0 and len(run.meta["warmup"]["cold_run_ids"]) == 1
+
+
+def test_ranks_of_one_call_are_not_repeats():
+    model = tiny_llama(layers=2, hidden=32)
+    parts = []
+    for rank in (0, 1):
+        with probe.attach(model, rank=rank, clock=Clock()) as p:
+            model.generate(_ids(), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        parts.append(p.run)
+    merged = probe.merge(parts)
+    assert (headline_spread(merged.runs)["generates"] == 1).all()
+    assert (merged.spread()["generates"] == 1).all()
