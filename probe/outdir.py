@@ -22,7 +22,7 @@ from .run import RunSaveError, is_run_dir
 
 #: what each kind of output folder may already hold without being refused
 REPORT_FILES = frozenset({"report.html", "trace.json", "csv"})
-COMPARE_FILES = frozenset({"compare.html", "compare.csv"})
+COMPARE_FILES = frozenset({"compare.html", "compare.csv", "significance.csv"})
 
 
 class OutError(ValueError):

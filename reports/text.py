@@ -7,6 +7,8 @@ the cap stay distinct, so tables grouped by module never merge two modules.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 from typing import TYPE_CHECKING
 
@@ -70,4 +72,4 @@ def display_run(run: "Run") -> "Run":
     meta = cap_meta(run.meta)
     if calls is run.calls and steps is run.steps and runs is run.runs and meta == run.meta:
         return run
-    return Run(calls=calls, steps=steps, runs=runs, meta=meta, path=run.path)
+    return dataclasses.replace(run, calls=calls, steps=steps, runs=runs, meta=meta)  # other frames as they are

@@ -122,7 +122,8 @@ def test_saving_replaces_the_whole_run_folder_and_never_a_foreign_one(two_runs, 
     (target / "report.html").write_text("old report")
     (target / ".calls.parquet.x1y2.tmp").write_bytes(b"left by a killed save of an older probe")
     probe.load(two_runs[1]).save(target)
-    assert sorted(f.name for f in target.iterdir()) == ["calls.parquet", "meta.json", "runs.parquet", "steps.parquet"]
+    assert sorted(f.name for f in target.iterdir()) == ["calls.parquet", "meta.json", "requests.parquet", "runs.parquet",
+                                                        "sampling.parquet", "steps.parquet"]
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
