@@ -502,8 +502,7 @@ def load(path: str | os.PathLike) -> Run:
     frames = {}
     for key, name in FILES.items():
         f = root / name
-        listed = isinstance(manifest, dict) and name in (manifest.get("files") or {})
-        if key in OPTIONAL_FILES and not listed and not os.path.lexists(f):
+        if key in OPTIONAL_FILES and not os.path.lexists(f):
             frames[key] = schema.empty(schema.FRAMES[key])  # saved before this frame existed
             continue
         data = read_regular(f)
