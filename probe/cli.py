@@ -571,15 +571,7 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
     if mem:
         lines.append("memory     " + "   ".join(mem))
 
-    summ = run.summary(by="role")
-    if not summ.empty:
-        lines.append("")
-        lines.append(f"{'block':<16}{'phase':<9}{'calls':>7}{'total ms':>12}{'mean ms':>10}{'share':>8}")
-        for _, row in summ.iterrows():
-            if row["phase"] not in ("prefill", "decode", "extend", "recompute"):
-                continue
-            lines.append(f"{row['module']:<16}{row['phase']:<9}{fmt.count(row['calls']):>7}{fmt.ms(row['total_ms']):>12}"
-                         f"{fmt.ms(row['mean_ms']):>10}{fmt.pct(row['share']):>8}")
+    lines.extend(_format_levels(run))
     lines.extend(_sampling_lines(run))
     walk = _walkthrough(run)
     if walk:
@@ -616,6 +608,39 @@ def _sampling_lines(run) -> list[str]:
             ms, share = cells[name].get(p, (float("nan"), float("nan")))
             row += f"{ms:>12.4f}{share * 100:>8.2f}%" if not _isna(ms) else f"{'':>12}{'':>9}"
         out.append(row)
+    return out
+
+
+_TIME_PHASES = ("prefill", "decode", "extend", "recompute")
+
+
+def _format_levels(run) -> list[str]:
+    """Where each phase's forward time went, per level: blocks, then roles where the run recorded
+    more than the blocks. Rows hold self time, so each level adds up to 100 % with the residue."""
+    from . import fmt
+
+    summ = run.summary()
+    summ = summ[summ["phase"].isin(_TIME_PHASES)]
+    if summ.empty:
+        return []
+    deeper = set(summ.loc[summ["level"] == "role", "name"]) - {"embed", "layer", "norm", "head", "(residue)",
+                                                                   "(probe)"}
+    out = ["", "where the forward time went (self time: each instant counted once; share of the phase's forward)"]
+    for level in ("block", "role") if deeper else ("block",):
+        out.append(f"{level:<16}{'phase':<9}{'calls':>7}{'total ms':>12}{'self ms':>12}{'mean ms':>10}{'share':>8}")
+        for _, row in summ[summ["level"] == level].iterrows():
+            out.append(f"{str(row['name']):<16}{row['phase']:<9}{fmt.count(row['calls']):>7}"
+                       f"{fmt.ms(row['total_ms']):>12}{fmt.ms(row['self_ms']):>12}{fmt.ms(row['mean_ms']):>10}"
+                       f"{fmt.pct(row['share']):>8}")
+        out.append("")
+    ph = run.phase_summary().set_index("phase")
+    outside = [f"{p} {fmt.ms(ph.loc[p, 'outside_ms'], unit=True)}" for p in _TIME_PHASES
+               if p in ph.index and not _isna(ph.loc[p, "outside_ms"])]
+    if outside:
+        out.append("outside the model (logits processing, sampling): " + ", ".join(outside))
+    if deeper:
+        out.append("total ms: inclusive time of the row's calls; a block's self time is its whole subtree; "
+                   "attention core = the attention modules' time outside their projections")
     return out
 
 
@@ -715,10 +740,37 @@ def cmd_compare(args) -> int:
         from reports.compare import write_comparison
     except ImportError as exc:
         raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
+    from reports.compare import comparison_frame
+    from reports.diff import differences
+
     out = Path(args.out) if args.out else Path(f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
+    for note in differences(a, b):
+        print(f"note: {note}")
+    print("\n".join(_format_compare(comparison_frame(a, b))))
     for pth in write_comparison(a, b, out):
         print(pth)
     return 0
+
+
+def _format_compare(frame) -> list[str]:
+    """A (self ms) and B (self ms) per block, then per role where either run has roles below the blocks."""
+    frame = frame[frame["phase"].isin(_TIME_PHASES)]
+    roles = set(frame.loc[frame["level"] == "role", "name"]) - {"embed", "layer", "norm", "head", "(residue)", "(probe)"}
+    out = []
+
+    def f(v, spec):
+        return "" if _isna(v) else format(v, spec)
+
+    for level in ("block", "role") if roles else ("block",):
+        out.append(f"{level:<16}{'phase':<9}{'A self ms':>12}{'B self ms':>12}{'B - A':>11}{'B / A':>8}"
+                   f"{'A share':>9}{'B share':>9}")
+        for _, r in frame[frame["level"] == level].iterrows():
+            a_sh = "" if _isna(r["a_share"]) else f"{r['a_share'] * 100:.1f}%"
+            b_sh = "" if _isna(r["b_share"]) else f"{r['b_share'] * 100:.1f}%"
+            out.append(f"{str(r['name']):<16}{r['phase']:<9}{f(r['a_ms'], '12.3f'):>12}{f(r['b_ms'], '12.3f'):>12}"
+                       f"{f(r['diff_ms'], '+11.3f'):>11}{f(r['ratio'], '8.2f'):>8}{a_sh:>9}{b_sh:>9}")
+        out.append("")
+    return out
 
 
 def cmd_dashboard(args) -> int:

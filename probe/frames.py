@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import schema
+from . import schema, tree
 from .sampling import sampling_frame
 from .schema import CALLS, REQUESTS, RUNS, STEPS, BLOCK_ROLES
 
@@ -124,6 +124,9 @@ def build_run(p: "Records") -> "Run":
         idx = pd.MultiIndex.from_frame(steps_df[["run_id", "step"]].astype(object))
         vals = sums.reindex(idx).to_numpy(dtype="float64", na_value=np.nan)
         steps_df["blocks_ms"] = vals
+    # the call tree (parent, self time) and each step's residue, from the calls' nesting
+    calls, steps_df = tree.annotate(calls, steps_df)
+    calls, steps_df = schema.conform(calls, CALLS), schema.conform(steps_df, STEPS)
     runs_df = schema.conform(pd.DataFrame(runs_rows), RUNS) if runs_rows else schema.empty(RUNS)
     req_df = schema.conform(pd.DataFrame(requests_rows), REQUESTS) if requests_rows else schema.empty(REQUESTS)
     serving = [r.serve for r in p.runs if r.kind == "serve" and r.serve is not None]
