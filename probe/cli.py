@@ -741,21 +741,24 @@ def cmd_compare(args) -> int:
     except ImportError as exc:
         raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
     from reports.compare import comparison_frame
-    from reports.diff import differences
+    from reports.diff import differences, fact
 
     out = Path(args.out) if args.out else Path(f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
     for note in differences(a, b):
         print(f"note: {note}")
-    print("\n".join(_format_compare(comparison_frame(a, b))))
+    same_depth = fact(a, "depth") == fact(b, "depth")
+    print("\n".join(_format_compare(comparison_frame(a, b), roles=same_depth)))
     for pth in write_comparison(a, b, out):
         print(pth)
     return 0
 
 
-def _format_compare(frame) -> list[str]:
-    """A (self ms) and B (self ms) per block, then per role where either run has roles below the blocks."""
+def _format_compare(frame, roles: bool = True) -> list[str]:
+    """A (self ms) and B (self ms) per block, then per role where the runs have roles below the
+    blocks and ``roles`` (runs of different depths split a block's time differently: blocks only)."""
     frame = frame[frame["phase"].isin(_TIME_PHASES)]
-    roles = set(frame.loc[frame["level"] == "role", "name"]) - {"embed", "layer", "norm", "head", "(residue)", "(probe)"}
+    roles = roles and bool(set(frame.loc[frame["level"] == "role", "name"])
+                           - {"embed", "layer", "norm", "head", "(residue)", "(probe)"})
     out = []
 
     def f(v, spec):

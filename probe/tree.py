@@ -28,8 +28,16 @@ _KEYS = ["rank", "run_id", "step"]
 
 
 def _group_ids(calls: pd.DataFrame) -> np.ndarray:
-    """One integer per step (``rank, run_id, step``) of each call."""
-    return calls.groupby(_KEYS, sort=False, dropna=False, observed=True).ngroup().to_numpy(dtype=np.int64)
+    """One integer per step (``rank, run_id, step``) of each call.
+
+    Where the same step appears in separate stretches of rows (the same run loaded twice and
+    concatenated), each stretch is a step of its own.
+    """
+    gid = calls.groupby(_KEYS, sort=False, dropna=False, observed=True).ngroup().to_numpy(dtype=np.int64)
+    if len(gid) < 2:
+        return gid
+    stretch = np.cumsum(np.r_[True, gid[1:] != gid[:-1]]) - 1
+    return stretch if stretch[-1] + 1 > gid.max() + 1 else gid
 
 
 def nest(gid: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -71,12 +71,14 @@ def block_diff(summary_a: pd.DataFrame, summary_b: pd.DataFrame) -> pd.DataFrame
     out["_l"] = out["level"].map({v: i for i, v in enumerate(LEVELS)}).fillna(len(LEVELS)).astype("float64")
     out["_p"] = out["phase"].map(phase_rank).fillna(len(phase_rank)).astype("float64")
     out["_s"] = m["_seq_a"].fillna(m["_seq_b"]).to_numpy()
-    out = out.sort_values(["_l", "_p", "_s"], kind="stable").drop(columns=["_l", "_p", "_s"])
+    out["_r"] = out["name"].isin(["(residue)", "(probe)"]).astype("int64")  # a level's remainder rows last
+    out = out.sort_values(["_l", "_p", "_r", "_s"], kind="stable").drop(columns=["_l", "_p", "_r", "_s"])
     out = out[list(DIFF_COLUMNS)].astype(DIFF_COLUMNS)
     return out.reset_index(drop=True)
 
 
-def _fact(run, column: str) -> str:
+def fact(run, column: str) -> str:
+    """The values of a ``runs`` column over a run's generate calls, as text (``unknown`` if none)."""
     runs = run.runs
     gen = runs[runs["kind"] == "generate"] if len(runs) else runs
     vals = [str(v) for v in (gen if len(gen) else runs)[column].dropna().unique()] if column in runs else []
@@ -99,7 +101,7 @@ def differences(run_a, run_b) -> list[str]:
     """Sentences naming the facts (depth, prompt length, model) on which two runs differ."""
     out = []
     for column, label, why in COMPARED_FACTS:
-        a, b = _fact(run_a, column), _fact(run_b, column)
+        a, b = fact(run_a, column), fact(run_b, column)
         if a != b:
             out.append(f"the runs differ in {label} (A: {a}, B: {b}): {why}")
     return out
