@@ -436,7 +436,7 @@ def compare(ctx: Context) -> None:
                             runs=(name,)), f"compare_blocks_{tag}")
         summaries[tag] = ctx.memo("summary", lambda: block_summary(run.calls, run.steps), runs=(name,))
     for note in differences(ctx.loaded[a], ctx.loaded[b]):
-        st.warning(md(f"Not like for like: {note}."))
+        st.info(md(f"Not like for like: {note}."))
     level = st.radio("Compare by", ["block", "role", "module"], horizontal=True, key="compare_level")
     sa, sb = (summaries[t][summaries[t]["level"] == level] for t in ("a", "b"))
     _chart(figures.compare_blocks(sa, sb, a, b), "compare_diff")

@@ -188,26 +188,25 @@ def phase_blocks(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "block") ->
     return fig
 
 
-def phase_blocks_runs(parts: dict[str, tuple[pd.DataFrame, pd.DataFrame]], by: str = "role") -> go.Figure:
+def phase_blocks_runs(parts: dict[str, tuple[pd.DataFrame, pd.DataFrame]], by: str = "block") -> go.Figure:
     """Several runs side by side: one panel per phase, and in it one bar per run for each block.
 
     Runs are never added together (their blocks, phases and step counts differ); each bar is
-    that run's own total, with its share of that run's phase as text.
+    that run's own self time, with its share of that run's phase as text.
 
     Args:
         parts: run name (its folder; the legend shows it) -> (``calls``, ``steps``) of that run.
-        by: ``"role"`` or ``"module"``, as in :func:`phase_blocks`.
+        by: ``"block"``, ``"role"`` or ``"module"``, as in :func:`phase_blocks`.
     """
     from plotly.subplots import make_subplots
 
-    title = "Time per block, prefill vs decode, per run"
+    if by not in LEVEL_LABELS:
+        raise ValueError(f"by must be one of {', '.join(map(repr, LEVEL_LABELS))}; got {by!r}")
+    title = f"Self time per {LEVEL_LABELS[by]}, prefill vs decode, per run"
     summaries = {name: block_summary(c, s, by=by) for name, (c, s) in parts.items()}
     if all(summ.empty for summ in summaries.values()):
         return empty_figure(title)
-    if by == "role":
-        summaries = {n: summ.assign(_o=summ["role"].map(ROLE_ORDER).fillna(len(ROLE_ORDER))).sort_values(
-            "_o", kind="stable") for n, summ in summaries.items()}
-    order = list(dict.fromkeys(m for summ in summaries.values() for m in summ["module"].astype(str)))
+    order = list(dict.fromkeys(m for summ in summaries.values() for m in summ["name"].astype(str)))
     phases = _phases_in(pd.concat([summ[["phase"]] for summ in summaries.values()]))
     fig = make_subplots(rows=1, cols=len(phases), subplot_titles=[plot_text(p) for p in phases],
                         horizontal_spacing=0.06)
@@ -217,21 +216,22 @@ def phase_blocks_runs(parts: dict[str, tuple[pd.DataFrame, pd.DataFrame]], by: s
             sub = summ[summ["phase"] == phase]
             if sub.empty:
                 continue
-            sub = sub.set_index(sub["module"].astype(str))
+            sub = sub.set_index(sub["name"].astype(str))
             sub = sub.reindex([m for m in order if m in sub.index])
             share = _f(sub["share"])
             fig.add_trace(go.Bar(
-                name=plot_text(name), x=[plot_text(m) for m in sub.index], y=_f(sub["total_ms"]),
+                name=plot_text(name), x=[plot_text(m) for m in sub.index], y=_f(sub["self_ms"]),
                 text=[fmt.pct(v) for v in share], textposition="outside", marker_color=color,
                 legendgroup=plot_text(name), showlegend=not any(t.name == plot_text(name) for t in fig.data),
-                customdata=np.column_stack([_f(sub["calls"]), _f(sub["mean_ms"]), share * 100]),
-                hovertemplate="%{x}<br>total %{y:.3f} ms<br>%{customdata[0]} calls, mean %{customdata[1]:.4f} ms"
-                              "<br>share %{customdata[2]:.1f}%<extra>" + plot_text(f"{name} · {phase}") + "</extra>",
+                customdata=np.column_stack([_f(sub["calls"]), _f(sub["total_ms"]), _f(sub["mean_ms"]), share * 100]),
+                hovertemplate="%{x}<br>self %{y:.3f} ms, total %{customdata[1]:.3f} ms<br>%{customdata[0]} calls, "
+                              "mean %{customdata[2]:.4f} ms<br>share %{customdata[3]:.1f}%<extra>"
+                              + plot_text(f"{name} · {phase}") + "</extra>",
             ), row=1, col=j + 1)
     fig.update_layout(title={"text": title + "<br><sup>bar text: share of that run's phase forward time</sup>"},
                       template=TEMPLATE, height=HEIGHT + 40, barmode="group",
                       margin={"l": 60, "r": 30, "t": 90, "b": 60}, legend={"orientation": "h", "y": -0.25})
-    fig.update_yaxes(title_text="total host ms", col=1)
+    fig.update_yaxes(title_text="self host ms", col=1)
     return fig
 
 

@@ -325,10 +325,10 @@ def test_overview_headline_and_blocks_match_the_runs(runs, runs_dir):
     # two runs are shown side by side, one bar per run folder in a panel per phase, never summed
     assert [t["name"] for t in blocks["data"]] == ["eager", "eager", "sdpa", "sdpa"]
     assert [t["showlegend"] for t in blocks["data"]] == [True, False, True, False]
-    assert {"embed", "layer", "norm", "head", "(residue)", "(outside model)"} <= set(arr(blocks["data"][0]["x"]))
+    assert {"embed", "layer", "norm", "head", "(residue)"} <= set(arr(blocks["data"][0]["x"]))
     for trace, (name, phase) in zip(blocks["data"], [(n, p) for n in ("eager", "sdpa") for p in ("prefill", "decode")]):
-        own = probe.load(runs[name]).summary(by="role")
-        want = own[own["phase"] == phase].set_index("module")["total_ms"]
+        own = probe.load(runs[name]).summary("block")
+        want = own[own["phase"] == phase].set_index("name")["self_ms"]
         np.testing.assert_allclose(arr(trace["y"]), want[arr(trace["x"])].to_numpy())
     assert breakdown["layout"]["barmode"] == "stack"
     assert {y.split(" · ")[0] for t in breakdown["data"] for y in arr(t["y"])} == {"eager", "sdpa"}
@@ -452,12 +452,16 @@ def test_compare_puts_two_runs_side_by_side(runs, runs_dir):
     diff_fig = charts(at)[2]
     assert [t["name"] for t in diff_fig["data"]] == ["eager", "sdpa"]
     diff = frame(at, 2)
-    a = probe.load(runs["eager"]).summary(by="role")
-    row = diff[(diff["module"] == "layer") & (diff["phase"] == "decode")].iloc[0]
-    expect = a[(a["module"] == "layer") & (a["phase"] == "decode")]["total_ms"].iloc[0]
+    a = probe.load(runs["eager"]).summary("block")
+    row = diff[(diff["name"] == "layer") & (diff["phase"] == "decode")].iloc[0]
+    expect = a[(a["name"] == "layer") & (a["phase"] == "decode")]["self_ms"].iloc[0]
     assert row["a_ms"] == pytest.approx(expect)
+    assert not at.info  # the same model, depth and prompt: nothing to point out
+    at.radio(key="compare_level").set_value("module").run()
+    assert "model.layers.0" in set(frame(at, 2)["name"])
     at.selectbox(key="compare_a").set_value("sublayers").run()
     assert not at.exception and at.main.subheader[0].value == "sublayers"
+    assert any("differ in depth" in i.value for i in at.info)
     at.selectbox(key="compare_b").set_value("sublayers").run()
     assert "two different runs" in at.warning[0].value
 
@@ -725,7 +729,7 @@ def test_two_ranks_get_a_rank_filter_and_per_rank_overview_and_shapes(ranks_dir,
     assert [t["name"] for t in blocks["data"]] == ["prefill · rank 0", "prefill · rank 1", "decode · rank 0",
                                                    "decode · rank 1"]
     per_rank = frame(at, 1)
-    layer = per_rank[(per_rank["module"] == "layer") & (per_rank["phase"] == "decode")]
+    layer = per_rank[(per_rank["name"] == "layer") & (per_rank["phase"] == "decode")]
     expect = run.calls[(run.calls["role"] == "layer") & (run.calls["phase"] == "decode")].groupby("rank")["cpu_ms"]
     assert layer["rank"].tolist() == [0, 1]
     assert layer["total_ms"].tolist() == pytest.approx(expect.sum().tolist())
