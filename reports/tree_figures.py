@@ -140,8 +140,11 @@ def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[str, ...
             hovertemplate=plot_text(phase) + ", layer %{y}, %{x}<br>%{z:.4f} ms per step<br>"
                           "%{customdata:.2f}% of the forward<extra></extra>",
         ), row=1, col=i + 1)
+    only_layers = all(list(t.columns) == ["layer"] for _, t in tables)
+    hint = "<br><sup>only whole layers were recorded: record with depth='sublayers' or 'all' to split them by " \
+           "role</sup>" if only_layers else ""
     fig.update_layout(title={"text": f"{title} (self host ms per step, written in the cells; a row adds up to "
-                                     "the layer's time)"},
+                                     f"the layer's time){hint}"},
                       template=TEMPLATE, height=max(HEIGHT, 200 + 20 * n_layers),
                       margin={"l": 60, "r": 20, "t": 90, "b": 110})
     fig.update_xaxes(tickangle=-40)
