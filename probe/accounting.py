@@ -62,11 +62,10 @@ class Phases:
     def __init__(self, calls: pd.DataFrame, steps: pd.DataFrame):
         calls, steps = tree.ensure(calls, steps)
         self.steps = steps[steps["residue_ms"].notna()] if len(steps) else steps
-        keys = ["rank", "run_id", "step"]
         if len(calls) and len(self.steps):
-            idx = pd.MultiIndex.from_frame(self.steps[keys].astype(object))
-            mine = pd.MultiIndex.from_frame(calls[keys].astype(object)).isin(idx)
-            calls = calls[mine].reset_index(drop=True)
+            ckey, skey = tree.step_keys(calls, self.steps)
+            mine = np.isin(ckey, skey)
+            calls = calls if mine.all() else calls[mine].reset_index(drop=True)
         else:
             calls = calls.iloc[0:0]
         self.calls = calls
@@ -115,66 +114,111 @@ def block_of(modules: pd.Series, roles: pd.Series) -> pd.Series:
 
     From the names: the nearest ancestor-or-self module recorded with a block role.
     """
-    pairs = pd.DataFrame({"m": modules.astype(str), "r": roles.astype(str)}).drop_duplicates("m")
-    blocks = dict(zip(pairs.loc[pairs["r"].isin(BLOCK_ROLES), "m"], pairs.loc[pairs["r"].isin(BLOCK_ROLES), "r"]))
-    found = {}
-    for m in pairs["m"]:
-        parts = m.split(".")
-        found[m] = next((blocks[p] for p in (".".join(parts[:i]) for i in range(len(parts), 0, -1)) if p in blocks),
-                        "model")
-    return modules.astype(str).map(found)
+    codes, names = _block_codes(modules, roles)
+    return pd.Series(np.asarray(names, dtype=object)[codes], index=modules.index, dtype="string")
 
 
-def _has_children(calls: pd.DataFrame, prow: np.ndarray) -> np.ndarray:
-    return np.bincount(prow[prow >= 0], minlength=len(calls)) > 0
+def _block_codes(modules: pd.Series, roles: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """:func:`block_of` as codes into :data:`BLOCK_ORDER` (worked out once per distinct module)."""
+    mcodes, muniq = pd.factorize(modules.astype("string"))
+    first_role = pd.Series(roles.astype("string").to_numpy()).groupby(mcodes).first()
+    blocks = {str(m): str(first_role[i]) for i, m in enumerate(muniq) if str(first_role[i]) in BLOCK_ROLES}
+    index = {b: i for i, b in enumerate(BLOCK_ORDER)}
+    per_module = np.empty(len(muniq), np.int64)
+    for i, m in enumerate(muniq):
+        parts = str(m).split(".")
+        found = next((blocks[p] for p in (".".join(parts[:j]) for j in range(len(parts), 0, -1)) if p in blocks),
+                     "model")
+        per_module[i] = index[found]
+    return per_module[mcodes], list(BLOCK_ORDER)
+
+
+def _has_children(n: int, prow: np.ndarray) -> np.ndarray:
+    return np.bincount(prow[prow >= 0], minlength=n) > 0
+
+
+def _role_codes(calls: pd.DataFrame, prow: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """:func:`role_names` as codes into a list of names."""
+    rcodes, runiq = pd.factorize(calls["role"].astype("string"))
+    names = [str(r) for r in runiq]
+    if "attention" in names:
+        core = (rcodes == names.index("attention")) & _has_children(len(calls), prow)
+        if core.any():
+            rcodes = np.where(core, len(names), rcodes)
+            names.append(ATTENTION_CORE)
+    return rcodes, names
 
 
 def role_names(calls: pd.DataFrame, prow: np.ndarray | None = None) -> pd.Series:
     """Each call's row name at the role level: its role, or ``attention core`` for an attention
     call with recorded calls inside it (its self time is then what it does outside them)."""
-    prow = tree.parent_rows(calls) if prow is None else prow
-    role = calls["role"].astype(str)
-    core = (role == "attention").to_numpy() & _has_children(calls, prow)
-    return role.where(~core, ATTENTION_CORE)
+    codes, names = _role_codes(calls, tree.parent_rows(calls) if prow is None else prow)
+    return pd.Series(np.asarray(names, dtype=object)[codes], index=calls.index, dtype="string")
+
+
+def _sum(groups: np.ndarray, n: int, values: np.ndarray, min_count: int = 0) -> np.ndarray:
+    """Per group: the sum of the non-NaN values (NaN where fewer than ``min_count`` of them)."""
+    ok = ~np.isnan(values)
+    total = np.bincount(groups[ok], weights=values[ok], minlength=n)
+    if min_count:
+        total = np.where(np.bincount(groups[ok], minlength=n) >= min_count, total, np.nan)
+    return total
 
 
 def _level(ph: Phases, level: str) -> pd.DataFrame:
+    """One level's rows (without the residue and probe rows), aggregated on integer codes."""
     c = ph.calls
+    n = len(c)
     prow = tree.parent_rows(c)
-    role = c["role"].astype(str)
+    rcodes, runiq = pd.factorize(c["role"].astype("string"))
+    roles = [str(r) for r in runiq]
     if level == "module":
-        key, own = c["module"].astype(str), np.ones(len(c), bool)
+        kcodes, kuniq = pd.factorize(c["module"].astype("string"))
+        names, own = [str(m) for m in kuniq], np.ones(n, bool)
     elif level == "role":
-        key, own = role_names(c, prow), np.ones(len(c), bool)
+        kcodes, names = _role_codes(c, prow)
+        own = np.ones(n, bool)
     else:
-        key = block_of(c["module"], c["role"])
-        own = ((role == key) | (key == "model")).to_numpy()
-    k = key.to_numpy(dtype=object)
+        kcodes, names = _block_codes(c["module"], c["role"])
+        role_as_key = np.array([names.index(r) if r in names else -1 for r in roles] or [-1], np.int64)
+        own = (role_as_key[rcodes] == kcodes) | (kcodes == names.index("model"))
+    pcodes, puniq = pd.factorize(c["phase"].astype("string"))
+    n_phase = max(len(puniq), 1)
     # a call counts towards its row's total unless its parent is a call of the same row
-    root = own & ~((prow >= 0) & (k[np.maximum(prow, 0)] == k) & own[np.maximum(prow, 0)])
+    up = np.maximum(prow, 0)
+    root = own & ~((prow >= 0) & (kcodes[up] == kcodes) & own[up])
     cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
     gpu = c["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
-    f = pd.DataFrame({
-        "name": k, "phase": c["phase"].astype(str).to_numpy(), "role": role.to_numpy(),
-        "layer": c["layer"], "own": own.astype("int64"),
-        "t": np.where(root, cpu, 0.0), "gt": np.where(root, gpu, np.nan), "oc": np.where(own, cpu, 0.0),
-        "self": c["self_ms"].to_numpy(dtype="float64", na_value=np.nan), "gself": c["gpu_self_ms"],
-        "ob": np.where(own, c["out_bytes"].to_numpy(dtype="float64", na_value=np.nan), np.nan),
-    })
-    g = f.groupby(["name", "phase"], sort=False, observed=True)
+    gk = kcodes.astype(np.int64) * n_phase + pcodes
+    sorted_keys, first_at, slot = np.unique(gk, return_index=True, return_inverse=True)
+    m = len(sorted_keys)
+    pick = np.argsort(first_at, kind="stable")  # output rows in the order they were first called
+    keys, first = sorted_keys[pick], first_at[pick]
+
+    def agg(values, min_count=0):
+        return _sum(slot, m, values, min_count)[pick]
+
+    calls_n = np.bincount(slot, weights=own.astype("float64"), minlength=m)[pick]
+    ob = np.where(own, c["out_bytes"].to_numpy(dtype="float64", na_value=np.nan), np.nan)
+    ob_n = np.bincount(slot[~np.isnan(ob)], minlength=m)[pick]
     out = pd.DataFrame({
-        "calls": g["own"].sum(), "total_ms": g["t"].sum(), "self_ms": g["self"].sum(),
-        "gpu_total_ms": g["gt"].sum(min_count=1), "gpu_self_ms": g["gself"].sum(min_count=1),
-        "mean_out_bytes": g["ob"].mean(), "_oc": g["oc"].sum(),
-        "role": g["role"].first(), "layer": g["layer"].first(),
-    }).reset_index()
-    out["mean_ms"] = (out["_oc"] / out["calls"].where(out["calls"] > 0)).astype("float64")
+        "name": pd.array([names[k // n_phase] for k in keys], dtype="string"),
+        "phase": pd.array([str(puniq[k % n_phase]) for k in keys], dtype="string"),
+        "role": pd.array([roles[rcodes[i]] for i in first], dtype="string"),
+        "layer": c["layer"].to_numpy()[first] if level == "module" else pd.array([pd.NA] * len(keys), dtype="Int64"),
+        "calls": calls_n.astype("int64"),
+        "total_ms": agg(np.where(root, cpu, 0.0)),
+        "self_ms": agg(c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
+        "gpu_total_ms": agg(np.where(root, gpu, np.nan), 1),
+        "gpu_self_ms": agg(c["gpu_self_ms"].to_numpy(dtype="float64", na_value=np.nan), 1),
+        "mean_out_bytes": agg(ob) / np.where(ob_n > 0, ob_n, np.nan),
+    })
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["mean_ms"] = agg(np.where(own, cpu, 0.0)) / np.where(calls_n > 0, calls_n, np.nan)
     if level == "block":
         out["role"] = out["name"]
     elif level == "role":
         out["role"] = out["name"].where(out["name"] != ATTENTION_CORE, "attention")
-    if level != "module":
-        out["layer"] = pd.array([pd.NA] * len(out), dtype="Int64")
     out["share"] = ph.share(out["phase"], out["self_ms"], out["gpu_self_ms"])
     out["level"] = level
     if level == "block":
@@ -183,7 +227,7 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
         out["_o"] = out["role"].map({r: i for i, r in enumerate(ROLES)}).fillna(len(ROLES))
     else:
         out["_o"] = 0
-    return out.drop(columns="_oc")
+    return out
 
 
 def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: str | None = None) -> pd.DataFrame:
@@ -214,7 +258,7 @@ def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: str | None = None) 
     out = pd.concat(parts, ignore_index=True)
     out["_l"] = out["level"].map({v: i for i, v in enumerate(LEVELS)})
     out["_p"] = out["phase"].map({p: i for i, p in enumerate(PHASES)}).fillna(len(PHASES))
-    out = out.sort_values(["_l", "_p", "_o"], kind="stable").drop(columns=["_l", "_p", "_o", "own"], errors="ignore")
+    out = out.sort_values(["_l", "_p", "_o"], kind="stable").drop(columns=["_l", "_p", "_o"])
     return schema.conform(out, SUMMARY, extra=False)
 
 

@@ -27,13 +27,29 @@ TREE_COLUMNS = ("call", "parent", "self_ms", "gpu_self_ms")
 _KEYS = ["rank", "run_id", "step"]
 
 
+def step_keys(*frames: pd.DataFrame) -> list[np.ndarray]:
+    """One int64 per row naming its step (``rank, run_id, step``), comparable across ``frames``."""
+    runs = pd.concat([f["run_id"].astype("string") for f in frames], ignore_index=True)
+    codes, uniq = pd.factorize(runs, use_na_sentinel=False)
+    n_runs = max(len(uniq), 1)
+    steps = [f["step"].to_numpy(dtype="int64", na_value=-1) for f in frames]
+    span = max((int(st.max()) for st in steps if len(st)), default=0) + 2
+    out, at = [], 0
+    for f, st in zip(frames, steps):
+        rank = f["rank"].to_numpy(dtype="int64", na_value=0) if "rank" in f else np.zeros(len(f), np.int64)
+        out.append((rank * n_runs + codes[at:at + len(f)]) * span + st + 1)
+        at += len(f)
+    return out
+
+
 def _group_ids(calls: pd.DataFrame) -> np.ndarray:
     """One integer per step (``rank, run_id, step``) of each call.
 
     Where the same step appears in separate stretches of rows (the same run loaded twice and
     concatenated), each stretch is a step of its own.
     """
-    gid = calls.groupby(_KEYS, sort=False, dropna=False, observed=True).ngroup().to_numpy(dtype=np.int64)
+    gid, _ = pd.factorize(step_keys(calls)[0])
+    gid = gid.astype(np.int64)
     if len(gid) < 2:
         return gid
     stretch = np.cumsum(np.r_[True, gid[1:] != gid[:-1]]) - 1
@@ -57,7 +73,11 @@ def nest(gid: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray) -> tuple[np.
         e = np.zeros(0, np.int64)
         return e, e, e
     end_ns = np.maximum(end_ns, start_ns + 1)  # a zero-length call still encloses nothing after it
-    order = np.lexsort((-(end_ns - start_ns), start_ns, gid))
+    dur = end_ns - start_ns
+    dg, ds = np.diff(gid), np.diff(start_ns)
+    in_order = bool(np.all((dg > 0) | ((dg == 0) & ((ds > 0) | ((ds == 0) & (np.diff(dur) <= 0))))))
+    # frames come sorted by step and start: sort only when they are not
+    order = np.arange(n) if in_order else np.lexsort((-dur, start_ns, gid))
     g, s, e = gid[order], start_ns[order], end_ns[order]
     # lay the groups out one after the other on one time line, so they cannot nest
     first = np.r_[True, g[1:] != g[:-1]]
@@ -87,7 +107,7 @@ def annotate(calls: pd.DataFrame, steps: pd.DataFrame | None = None) -> tuple[pd
     (an end on the raw clock when ``cpu_ms`` has the probe's own cost taken out), else
     ``start_ms + cpu_ms``.
     """
-    calls = calls.copy()
+    calls = calls.copy(deep=False)  # new columns only: the caller's frame is left as it was
     n = len(calls)
     if n:
         cpu = calls["cpu_ms"].to_numpy(dtype="float64", na_value=0.0)
@@ -132,7 +152,7 @@ def annotate(calls: pd.DataFrame, steps: pd.DataFrame | None = None) -> tuple[pd
 
 def residues(calls: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
     """``steps`` with ``residue_ms`` and ``gpu_residue_ms`` from the calls' self times (see module doc)."""
-    steps = steps.copy()
+    steps = steps.copy(deep=False)
     idx = pd.MultiIndex.from_frame(steps[_KEYS].astype(object))
     if len(calls):
         g = calls.groupby(_KEYS, sort=False, dropna=False, observed=True)
