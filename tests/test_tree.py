@@ -126,6 +126,11 @@ def test_roles_name_the_parts_at_depth_all(arch):
 
     got = {info.name: info.role for _, info in select_modules(tiny_model(arch), depth="all")}
     want = EXPECTED_ROLES[arch]
+    if "model.layers.0.block_sparse_moe" in got:  # transformers 4.x: a list of experts, each w1/w3/w2
+        moe = "model.layers.0.block_sparse_moe"
+        want = {k.replace("model.layers.0.mlp", moe): v for k, v in want.items()}
+        want.update({f"{moe}.experts.0": "experts", f"{moe}.experts.0.w1": "gate_proj",
+                     f"{moe}.experts.0.w3": "up_proj", f"{moe}.experts.0.w2": "down_proj"})
     assert {k: got.get(k) for k in want} == want
     assert set(got.values()) <= set(schema.ROLES)
     # nothing that runs inside a layer is left unnamed
