@@ -265,3 +265,22 @@ def test_nest_recovers_the_true_parents(rows, rnd):
     for r, (_, _, _, p) in enumerate(rows):
         depth_of[r] = 0 if p < 0 else depth_of[p] + 1
     assert level.tolist() == [depth_of[int(r)] for r in row_of_pos]
+
+
+def test_the_cuda_clock_adds_up_the_same_way():
+    """Where every recorded step has CUDA times, self times, residue and shares use that clock.
+
+    (The frames are given CUDA columns by arithmetic on a CPU recording: the accounting only
+    reads the columns.)"""
+    run = _record("llama", "all")
+    calls = run.calls.assign(gpu_ms=run.calls["cpu_ms"] * 0.5).drop(columns=list(tree.TREE_COLUMNS))
+    steps = run.steps.assign(gpu_ms=run.steps["forward_ms"] * 0.75)
+    calls, steps = tree.annotate(calls, steps)
+    per_step = calls.groupby("step")["gpu_self_ms"].sum().reindex(steps["step"]).to_numpy()
+    np.testing.assert_allclose(per_step + steps["gpu_residue_ms"].to_numpy(), steps["gpu_ms"].to_numpy(), atol=1e-9)
+    np.testing.assert_allclose(calls["gpu_self_ms"].to_numpy(), calls["self_ms"].to_numpy() * 0.5, atol=1e-9)
+    summ = accounting.summary(calls, steps)
+    np.testing.assert_allclose(summ.groupby(["level", "phase"])["share"].sum().to_numpy(), 1.0, atol=1e-9)
+    res = summ[(summ["name"] == accounting.RESIDUE) & (summ["level"] == "block")].set_index("phase")
+    for phase, sub in steps.groupby("phase"):
+        assert res.loc[phase, "share"] == pytest.approx(sub["gpu_residue_ms"].sum() / sub["gpu_ms"].sum())
