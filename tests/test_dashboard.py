@@ -296,7 +296,7 @@ def test_runs_without_generate_or_without_calls_draw_every_view(odd_dir, view):
 
 # --------------------------------------------------------------------------- views
 @pytest.mark.parametrize("view,n_charts,n_tables", [
-    ("Overview", 2, 1), ("Layers", 3, 1), ("Timeline", 2, 0), ("Memory", 2, 2), ("Roofline", 0, 1),
+    ("Overview", 2, 1), ("Layers", 3, 1), ("Tree", 1, 1), ("Timeline", 2, 0), ("Memory", 2, 2), ("Roofline", 0, 1),
     ("Shapes", 0, 1), ("Compare", 3, 3), ("Sweep", 0, 0), ("Data", 0, 1),
 ])
 def test_every_view_draws_without_errors(runs_dir, view, n_charts, n_tables):
@@ -408,6 +408,34 @@ def test_layers_view_switches_phase_and_lists_each_layer(runs, runs_dir):
     assert list(table["module"]) == [f"model.layers.{i}" for i in range(LAYERS)]
     assert (table["prefill mean ms"] > 0).all() and (table["decode mean ms"] > 0).all()
     at.radio(key="layers_phase").set_value("prefill").run()
+    assert "prefill" in charts(at)[0]["layout"]["title"]["text"]
+
+
+def test_layers_view_splits_layers_by_role_where_the_run_recorded_inside_them(runs, runs_dir):
+    at = app(runs_dir, runs=["sublayers"], view="Layers")
+    heat = charts(at)[1]
+    assert [t["type"] for t in heat["data"]] == ["heatmap", "heatmap"]  # prefill | decode
+    assert arr(heat["data"][0]["x"]) == ["layer (self)", "attention", "mlp", "layer_norm"]
+    assert arr(heat["data"][0]["y"]) == list(range(LAYERS))
+    # a row adds up to the layer's inclusive time per step
+    run = probe.load(runs["sublayers"])
+    dec = run.calls[(run.calls["role"] == "layer") & (run.calls["phase"] == "decode")]
+    per_step = dec.groupby("layer")["cpu_ms"].sum() / int((run.steps["phase"] == "decode").sum())
+    z = np.asarray(arr(heat["data"][1]["z"]), dtype="float64")
+    np.testing.assert_allclose(z.sum(axis=1), per_step.to_numpy(), rtol=1e-9)
+
+
+def test_tree_view_draws_the_icicle_and_folds_the_table(runs, runs_dir):
+    at = app(runs_dir, runs=["sublayers"], view="Tree")
+    icicle = charts(at)[0]
+    assert icicle["data"][0]["type"] == "icicle" and icicle["data"][0]["branchvalues"] == "remainder"
+    table = frame(at)
+    assert table["depth"].max() == 2 and table["share"].sum() == pytest.approx(1.0, abs=1e-9)
+    at.slider(key="tree_depth").set_value(1).run()
+    top = frame(at)
+    assert top["depth"].max() == 1 and top["share"].sum() == pytest.approx(1.0, abs=1e-9)
+    assert len(top) == LAYERS + 4  # embed, each layer, norm, lm_head and the residue
+    at.radio(key="tree_phase").set_value("prefill").run()
     assert "prefill" in charts(at)[0]["layout"]["title"]["text"]
 
 
