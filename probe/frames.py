@@ -223,6 +223,7 @@ def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple])
             "placement": _take_str(mod_place, mod_o),
             "start_ms": (t0[order] - sm_origin[s_idx]) * _NS,
             "cpu_ms": ((t1[order] - t0[order]) - own_ns[order]) * _NS,
+            "end_ms": (t1[order] - sm_origin[s_idx]) * _NS,  # the raw window: calls nest by it (probe.tree)
             "gpu_ms": gpu[order],
             "offload_ms": offload[order],
             "mem_before_bytes": mem0[order] if mem0 is not None else _int_na(np.zeros(n, np.int64), np.ones(n, bool)),

@@ -71,6 +71,9 @@ CALLS: dict[str, str] = {
     "mem_after_bytes": "Int64",
     "mem_peak_bytes": "Int64",  # CUDA allocator peak during the call; null on CPU
     "out_bytes": "int64",  # bytes of the output tensors
+    # host end, ms since the run's first event, on the raw clock (cpu_ms has the probe's own
+    # cost taken out; end_ms keeps the window the call really ran in, so calls nest by it)
+    "end_ms": "float64",
     # the call tree, derived when frames are built (probe.tree), never in the hot path:
     "call": "Int64",  # index of the call within its step (rank, run_id, step), by start then longest first
     "parent": "Int64",  # ``call`` of the enclosing recorded call in the same step; null at the top

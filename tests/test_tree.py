@@ -43,8 +43,8 @@ def test_self_plus_residue_is_the_forward_of_every_step(recorded):
     # does outside its recorded top-level calls
     assert (calls["self_ms"] >= -1e-9).all() and (steps["residue_ms"] >= -1e-9).all()
     top = calls[calls["parent"].isna()].groupby("step")["cpu_ms"].sum()
-    np.testing.assert_allclose(top.reindex(steps["step"]).to_numpy() + steps["residue_ms"].to_numpy(),
-                               steps["forward_ms"].to_numpy(), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(top.reindex(steps["step"]).to_numpy() + steps["residue_ms"].to_numpy()
+                               + np.asarray(probe_ms), steps["forward_ms"].to_numpy(), rtol=0, atol=1e-9)
 
 
 def test_shares_of_every_level_lie_in_0_1_and_add_up_to_1(recorded):
@@ -61,7 +61,8 @@ def test_shares_of_every_level_lie_in_0_1_and_add_up_to_1(recorded):
         assert sub["self_ms"].sum() == pytest.approx(fwd[phase], rel=1e-9), (level, phase)
     # the block level is the same at every depth: embed, layers, norm, head (+ model-level glue)
     blocks = set(summ.loc[summ["level"] == "block", "name"])
-    assert {"embed", "layer", "norm", "head", "(residue)"} <= blocks <= {*schema.BLOCK_ROLES, "model", "(residue)"}
+    assert {"embed", "layer", "norm", "head", "(residue)", "(probe)"} <= blocks <= {
+        *schema.BLOCK_ROLES, "model", "(residue)", "(probe)"}
 
 
 def test_parents_enclose_their_children(recorded):
@@ -73,7 +74,7 @@ def test_parents_enclose_their_children(recorded):
         assert len(child) == 0  # the blocks never nest
     if depth != "blocks":
         assert len(child) > 0
-    s, e = c["start_ms"].to_numpy(), (c["start_ms"] + c["cpu_ms"]).to_numpy()
+    s, e = c["start_ms"].to_numpy(), c["end_ms"].to_numpy()
     assert (s[prow[child]] <= s[child] + 1e-9).all() and (e[child] <= e[prow[child]] + 1e-9).all()
     mods = c["module"].to_numpy()
     # in these models every recorded call runs inside its module-tree ancestor
@@ -209,19 +210,22 @@ def test_runs_saved_without_the_tree_get_it_on_load(tmp_path):
     pd.testing.assert_frame_equal(back.summary(), p.run.summary())
 
 
-def test_a_probe_cost_column_gets_its_own_row():
-    """Where the steps carry the probe's own cost, it is a row of its own and the rest shrinks."""
+def test_the_probe_cost_is_a_row_of_its_own_and_residue_where_a_run_lacks_it():
+    """The probe's own cost (steps.probe_ms) is the (probe) row; a run saved without that
+    column counts it in the residue, and the shares still add up."""
     run = _record("llama", "sublayers")
-    steps = run.steps.assign(probe_ms=run.steps["residue_ms"] / 2)
-    steps = tree.residues(run.calls, steps)
-    summ = accounting.summary(run.calls, steps)
-    own = summ[summ["name"] == accounting.PROBE]
+    summ = run.summary()
+    own = summ[summ["name"] == accounting.PROBE].set_index(["level", "phase"])
     assert len(own) == 3 * 2  # every level, both phases
-    np.testing.assert_allclose(summ.groupby(["level", "phase"])["share"].sum().to_numpy(), 1.0, atol=1e-9)
-    before = run.summary().set_index(["level", "name", "phase"])["self_ms"]
-    after = summ.set_index(["level", "name", "phase"])["self_ms"]
-    res = (slice(None), accounting.RESIDUE, slice(None))
-    np.testing.assert_allclose(after.loc[res].to_numpy(), before.loc[res].to_numpy() / 2)
+    for phase, sub in run.steps.groupby("phase"):
+        assert own.loc[("block", phase), "self_ms"] == pytest.approx(sub["probe_ms"].sum())
+        assert own.loc[("block", phase), "share"] == pytest.approx(sub["probe_ms"].sum() / sub["forward_ms"].sum())
+    older = tree.residues(run.calls, run.steps.drop(columns=["probe_ms"]))
+    np.testing.assert_allclose(older["residue_ms"].to_numpy(),
+                               (run.steps["residue_ms"] + run.steps["probe_ms"]).to_numpy(), atol=1e-9)
+    back = accounting.summary(run.calls, older)
+    assert accounting.PROBE not in set(back["name"])
+    np.testing.assert_allclose(back.groupby(["level", "phase"])["share"].sum().to_numpy(), 1.0, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- nesting, generally
