@@ -220,8 +220,9 @@ FIGURES = (
 )
 
 
-#: tree level the report's tree table folds at (1 = top-level calls: the base model and lm_head)
-TREE_TABLE_DEPTH = 3
+#: tree level the report's tree table folds at (1 = top-level calls, 2 = at depth all the blocks inside the base model;
+#: the icicle and the dashboard's Tree view go deeper)
+TREE_TABLE_DEPTH = 2
 
 
 def _tree_rows(run: "Run") -> pd.DataFrame:
