@@ -325,7 +325,7 @@ def test_overview_headline_and_blocks_match_the_runs(runs, runs_dir):
     # two runs are shown side by side, one bar per run folder in a panel per phase, never summed
     assert [t["name"] for t in blocks["data"]] == ["eager", "eager", "sdpa", "sdpa"]
     assert [t["showlegend"] for t in blocks["data"]] == [True, False, True, False]
-    assert {"embed", "layer", "norm", "head", "(residue)"} <= set(arr(blocks["data"][0]["x"]))
+    assert {"embed", "layer", "norm", "head", "(residue)", "(probe)"} == set(arr(blocks["data"][0]["x"]))
     for trace, (name, phase) in zip(blocks["data"], [(n, p) for n in ("eager", "sdpa") for p in ("prefill", "decode")]):
         own = probe.load(runs[name]).summary("block")
         want = own[own["phase"] == phase].set_index("name")["self_ms"]
@@ -434,7 +434,7 @@ def test_tree_view_draws_the_icicle_and_folds_the_table(runs, runs_dir):
     at.slider(key="tree_depth").set_value(1).run()
     top = frame(at)
     assert top["depth"].max() == 1 and top["share"].sum() == pytest.approx(1.0, abs=1e-9)
-    assert len(top) == LAYERS + 4  # embed, each layer, norm, lm_head and the residue
+    assert len(top) == LAYERS + 5  # embed, each layer, norm, lm_head, the residue and the probe's cost
     at.radio(key="tree_phase").set_value("prefill").run()
     assert "prefill" in charts(at)[0]["layout"]["title"]["text"]
 

@@ -82,7 +82,7 @@ def test_phase_blocks_bars_are_the_summary_self_times(run):
         tr = next(t for t in fig.data if t.name == phase)
         want = summ[summ["phase"] == phase].set_index("name")["self_ms"]
         got = pd.Series(np.asarray(tr.y, dtype="float64"), index=list(tr.x))
-        assert set(got.index) == {"embed", "layer", "norm", "head", "(residue)"}
+        assert set(got.index) == {"embed", "layer", "norm", "head", "(residue)", "(probe)"}
         np.testing.assert_allclose(got[want.index].to_numpy(), want.to_numpy())
         share = summ[summ["phase"] == phase].set_index("name")["share"]
         assert list(tr.text) == [fmt.pct(share[m]) for m in tr.x]  # the shared format (probe.fmt)
@@ -103,7 +103,8 @@ def test_step_breakdown_parts_add_up_to_the_step(run):
         assert total == pytest.approx(want, rel=1e-9)
         assert fig.data[0].y[i].startswith(phase)
     names = [t.name for t in fig.data]
-    assert names[:4] == ["embedding", "layers", "final norm", "lm_head"] and len(names) == 6
+    assert names == ["embedding", "layers", "final norm", "lm_head", "residue (in forward, in no recorded call)",
+                     "the probe's own cost", "outside model (logits, sampling)"]
 
 
 def test_step_breakdown_splits_outside_into_sampling_stages(run):
