@@ -761,17 +761,18 @@ def _format_compare(frame, roles: bool = True) -> list[str]:
                            - {"embed", "layer", "norm", "head", "(residue)", "(probe)"})
     out = []
 
-    def f(v, spec):
-        return "" if _isna(v) else format(v, spec)
+    from . import fmt
+
+    def signed(v):
+        return "" if _isna(v) else ("+" if v >= 0 else "") + fmt.ms(v)
 
     for level in ("block", "role") if roles else ("block",):
         out.append(f"{level:<16}{'phase':<9}{'A self ms':>12}{'B self ms':>12}{'B - A':>11}{'B / A':>8}"
                    f"{'A share':>9}{'B share':>9}")
         for _, r in frame[frame["level"] == level].iterrows():
-            a_sh = "" if _isna(r["a_share"]) else f"{r['a_share'] * 100:.1f}%"
-            b_sh = "" if _isna(r["b_share"]) else f"{r['b_share'] * 100:.1f}%"
-            out.append(f"{str(r['name']):<16}{r['phase']:<9}{f(r['a_ms'], '12.3f'):>12}{f(r['b_ms'], '12.3f'):>12}"
-                       f"{f(r['diff_ms'], '+11.3f'):>11}{f(r['ratio'], '8.2f'):>8}{a_sh:>9}{b_sh:>9}")
+            ratio = "" if _isna(r["ratio"]) else f"{r['ratio']:.2f}"
+            out.append(f"{str(r['name']):<16}{r['phase']:<9}{fmt.ms(r['a_ms']):>12}{fmt.ms(r['b_ms']):>12}"
+                       f"{signed(r['diff_ms']):>11}{ratio:>8}{fmt.pct(r['a_share']):>9}{fmt.pct(r['b_share']):>9}")
         out.append("")
     return out
 
