@@ -283,18 +283,22 @@ def _tree_depth(run: probe.Run) -> int:
 
 def tree_view(ctx: Context) -> None:
     """The module tree per phase: an icicle (length = inclusive time) and the tree as a table,
-    collapsed at a chosen level."""
-    run = ctx.run
-    present = ctx.memo("step_phases", lambda: set(run.steps["phase"].dropna().unique()))
+    collapsed at a chosen level. Of several selected runs, one at a time (trees are never added)."""
+    run, runs = ctx.run, None
+    if len(ctx.selected) > 1:
+        pick = st.selectbox("Run", ctx.selected, key="tree_run")
+        run, runs = ctx.each()[pick], (pick,)
+    present = ctx.memo("step_phases", lambda: set(run.steps["phase"].dropna().unique()), runs=runs)
     phases = [p for p in probe.PHASES if p in present] or ["decode"]
     phase = st.radio("Phase", phases, index=phases.index("decode") if "decode" in phases else 0,
                      horizontal=True, key="tree_phase")
-    _chart(ctx.memo("icicle", lambda: figures.icicle(run.calls, run.steps, phase=phase), phase), "tree_icicle")
-    levels = ctx.memo("tree_depth", lambda: _tree_depth(run))
+    _chart(ctx.memo("icicle", lambda: figures.icicle(run.calls, run.steps, phase=phase), phase, runs=runs),
+           "tree_icicle")
+    levels = ctx.memo("tree_depth", lambda: _tree_depth(run), runs=runs)
     depth = st.slider("Collapse the table at tree level", 1, max(levels, 2), min(3, levels), key="tree_depth",
                       disabled=levels < 2, help="1 = the top-level calls; deeper calls fold into their ancestor, "
                                                 "whose self time becomes its inclusive time")
-    table = ctx.memo("tree_table", lambda: run.tree(depth=depth), depth)
+    table = ctx.memo("tree_table", lambda: run.tree(depth=depth), depth, runs=runs)
     table = table[table["phase"] == phase].drop(columns=["phase", "node", "parent_node"])
     indent = ["\u00a0\u00a0" * (int(d) - 1) + str(m) for d, m in zip(table["depth"], table["module"])]
     table = table.drop(columns="module")
