@@ -360,11 +360,11 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
     doc.add(table_html(_facts(run), table_id="facts"))
     doc.add(_prompt_html(run.meta.get("prompt")))
     doc.add('<h2 id="headline">Headline</h2>')
+    head = figures.headline(run.runs, run.steps, meta=run.meta)
     if serving and not (run.runs["kind"] == "generate").any():
         doc.add('<p class="note" id="headline-note">No generate() call in this run: its requests and steps are '
                 'in <a href="#serving">Serving</a>.</p>')
     else:
-        head = figures.headline(run.runs, run.steps, meta=run.meta)
         # the model is named in the title and the facts above: its column only widened the table
         doc.add(table_html(head.drop(columns="model_id"), table_id="headline-table"))
     doc.add('<p class="note">TTFT: from entering generate() to the first token chosen. TPOT: time between '

@@ -110,8 +110,9 @@ def test_step_breakdown_parts_add_up_to_the_step(run):
 def test_step_breakdown_splits_outside_into_sampling_stages(run):
     fig = figures.step_breakdown(run.calls, run.steps, run.sampling)
     names = [t.name for t in fig.data]
-    assert names[:5] == ["embedding", "layers", "final norm", "lm_head", "residue (in forward, outside blocks)"]
-    assert names[5:] == ["outside: update kwargs (cache, mask, positions)", "outside: stopping",
+    assert names[:6] == ["embedding", "layers", "final norm", "lm_head", "residue (in forward, in no recorded call)",
+                         "the probe's own cost"]  # inside the forward; its step bookkeeping is a stage outside
+    assert names[6:] == ["outside: update kwargs (cache, mask, positions)", "outside: stopping",
                          "outside: prepare inputs (of the next forward)", "outside: probe (its own step bookkeeping)",
                          "outside: remainder (token choice, bookkeeping)"]
     plain = figures.step_breakdown(run.calls, run.steps)
@@ -119,7 +120,7 @@ def test_step_breakdown_splits_outside_into_sampling_stages(run):
     for i, phase in enumerate(["prefill", "decode"]):
         total = sum(float(np.asarray(t.x, dtype="float64")[i]) for t in fig.data)
         assert total == pytest.approx(sum(float(np.asarray(t.x, dtype="float64")[i]) for t in plain.data), rel=1e-9)
-        outside = sum(float(np.asarray(t.x, dtype="float64")[i]) for t in fig.data[5:])
+        outside = sum(float(np.asarray(t.x, dtype="float64")[i]) for t in fig.data[6:])
         assert outside == pytest.approx(st.loc[st["phase"] == phase, "outside_ms"].mean(), rel=1e-9)
 
 
