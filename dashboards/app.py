@@ -29,7 +29,7 @@ log = logging.getLogger("dashboards.app")
 
 #: the sidebar's views, in order: the run views, the cost views where they read best, Data last
 _ALL = {**views.VIEWS, **cost_views.VIEWS, **serve_views.VIEWS}
-_ORDER = ("Overview", "Layers", "Timeline", "Memory", "Roofline", "Serving", "Shapes", "Compare", "Sweep", "Data")
+_ORDER = ("Overview", "Layers", "Tree", "Timeline", "Memory", "Roofline", "Serving", "Shapes", "Compare", "Sweep", "Data")
 VIEWS = {**{n: _ALL[n] for n in _ORDER if n in _ALL}, **{n: f for n, f in _ALL.items() if n not in _ORDER}}
 
 # A loaded run is held once and shared by every rerun and session: a 1M-row frame would cost

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 import probe
@@ -185,7 +186,9 @@ def overview(ctx: Context) -> None:
         st.caption(f"These runs merge ranks {', '.join(map(str, rank_list))}: one headline row per rank's generate "
                    "call; the block bars are per phase and rank (the pattern tells ranks apart).")
     _table(head, "overview_headline")
-    by = st.radio("Blocks by", ["role", "module"], horizontal=True, key="overview_by")
+    by = st.radio("Time by", ["block", "role", "module"], horizontal=True, key="overview_by",
+                  help="Self time: each instant of a forward counted once, so the bars of a phase add up to "
+                       "100 % with the residue. A block's self time is its whole subtree.")
     if several:
         each = ctx.each()
         _chart(ctx.memo("phase_blocks_runs", lambda: figures.phase_blocks_runs(
@@ -235,13 +238,13 @@ def _spread(ctx: Context) -> None:
     st.caption(f"Spread over the {int(head['generates'].max())} generate() calls: median and min - max "
                "(spread_pct = (max - min) / median)")
     _table(head, "overview_spread_head")
-    _table(ctx.memo("block_spread", lambda: run.spread(by="role")), "overview_spread_blocks")
+    _table(ctx.memo("block_spread", lambda: run.spread("block")), "overview_spread_blocks")
 
 
 def _per_layer(run: probe.Run) -> pd.DataFrame:
     """Mean host ms per call of each decoder layer, one column per phase."""
     summ = block_summary(run.calls, run.steps, by="module")
-    per_layer = summ[summ["role"] == "layer"]
+    per_layer = summ[summ["role"] == "layer"].rename(columns={"name": "module"})
     if per_layer.empty:
         return pd.DataFrame()
     table = per_layer.pivot_table(index=["layer", "module"], columns="phase", values="mean_ms",
@@ -254,8 +257,15 @@ def _per_layer(run: probe.Run) -> pd.DataFrame:
     return table
 
 
+def _inside_layers(run: probe.Run) -> bool:
+    """Whether the run recorded modules inside the decoder layers (depth sublayers or all)."""
+    c = run.calls
+    return bool(len(c)) and bool((c["layer"].notna() & (c["role"] != "layer")).any())
+
+
 def layers(ctx: Context) -> None:
-    """Layer x step heatmap for a phase, and each layer's prefill vs decode time."""
+    """Layer x step heatmap for a phase; layer x role heatmaps where the run recorded inside the
+    layers (else each block's prefill vs decode time); each layer's mean time per phase."""
     run = ctx.run
     present = ctx.memo("phases", lambda: set(run.calls["phase"].dropna().unique()))
     phases = [p for p in probe.PHASES if p in present] or ["decode"]
@@ -268,20 +278,63 @@ def layers(ctx: Context) -> None:
                            runs=(name,))
             fig.update_layout(title={"text": f"{figures.plot_text(name)}: {fig.layout.title.text}"})
             _chart(fig, f"layers_heatmap_{i}")
-        _chart(ctx.memo("phase_blocks_runs", lambda: figures.phase_blocks_runs(
-            {n: (r.calls, r.steps) for n, r in each.items()}, by="module"), "module"), "layers_blocks")
+        if any(ctx.memo("inside_layers", lambda one=one: _inside_layers(one), runs=(name,)) for name, one in each.items()):
+            for i, (name, one) in enumerate(each.items()):
+                fig = go.Figure(ctx.memo("layer_roles", lambda one=one: figures.layer_roles(one.calls, one.steps),
+                                         runs=(name,)))
+                fig.update_layout(title={"text": f"{figures.plot_text(name)}: {fig.layout.title.text}"})
+                _chart(fig, f"layers_roles_{i}")
+        else:
+            _chart(ctx.memo("phase_blocks_runs", lambda: figures.phase_blocks_runs(
+                {n: (r.calls, r.steps) for n, r in each.items()}, by="module"), "module"), "layers_blocks")
         table = ctx.memo("per_layer_runs", lambda: pd.concat(
             [_per_layer(r).assign(run=n) for n, r in each.items()], ignore_index=True))
         if len(table):
             table = table[["run", *[c for c in table.columns if c != "run"]]]
     else:
         _chart(ctx.memo("heatmap", lambda: figures.layer_heatmap(run.calls, phase=phase), phase), "layers_heatmap")
-        _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="module"), "module"),
-               "layers_blocks")
+        if ctx.memo("inside_layers", lambda: _inside_layers(run)):
+            _chart(ctx.memo("layer_roles", lambda: figures.layer_roles(run.calls, run.steps)), "layers_roles")
+        else:
+            _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="module"),
+                            "module"), "layers_blocks")
         table = ctx.memo("per_layer", lambda: _per_layer(run))
     if len(table):
         st.caption("Mean host ms per call of each decoder layer, by phase")
         _table(table, "layers_table")
+
+
+def _tree_depth(run: probe.Run) -> int:
+    """Levels of the call tree in ``run`` (1 where only top-level calls were recorded)."""
+    t = run.tree()
+    return int(t["depth"].max()) if len(t) else 1
+
+
+def tree_view(ctx: Context) -> None:
+    """The module tree per phase: an icicle (length = inclusive time) and the tree as a table,
+    collapsed at a chosen level. Of several selected runs, one at a time (trees are never added)."""
+    run, runs = ctx.run, None
+    if len(ctx.selected) > 1:
+        pick = st.selectbox("Run", ctx.selected, key="tree_run")
+        run, runs = ctx.each()[pick], (pick,)
+    present = ctx.memo("step_phases", lambda: set(run.steps["phase"].dropna().unique()), runs=runs)
+    phases = [p for p in probe.PHASES if p in present] or ["decode"]
+    phase = st.radio("Phase", phases, index=phases.index("decode") if "decode" in phases else 0,
+                     horizontal=True, key="tree_phase")
+    _chart(ctx.memo("icicle", lambda: figures.icicle(run.calls, run.steps, phase=phase), phase, runs=runs),
+           "tree_icicle")
+    levels = ctx.memo("tree_depth", lambda: _tree_depth(run), runs=runs)
+    depth = st.slider("Collapse the table at tree level", 1, max(levels, 2), min(3, levels), key="tree_depth",
+                      disabled=levels < 2, help="1 = the top-level calls; deeper calls fold into their ancestor, "
+                                                "whose self time becomes its inclusive time")
+    table = ctx.memo("tree_table", lambda: run.tree(depth=depth), depth, runs=runs)
+    table = table[table["phase"] == phase].drop(columns=["phase", "node", "parent_node"])
+    indent = ["\u00a0\u00a0" * (int(d) - 1) + str(m) for d, m in zip(table["depth"], table["module"])]
+    table = table.drop(columns="module")
+    table.insert(0, "module", pd.Series(indent, index=table.index, dtype="string"))
+    st.caption(f"The {phase} call tree down to level {depth}: self and inclusive host ms summed over the phase's "
+               "steps; share = self time over the phase's forward time (the column adds up to 100 %).")
+    _table(table, "tree_table")
 
 
 def timeline(ctx: Context) -> None:
@@ -389,7 +442,7 @@ def shapes(ctx: Context) -> None:
 
 def compare(ctx: Context) -> None:
     """Two runs side by side: headline, blocks, and the per-block difference."""
-    from reports.diff import block_diff
+    from reports.diff import block_diff, differences
 
     pool = list(ctx.loaded)  # any readable run; the sidebar's picks are the defaults
     if len(pool) < 2:
@@ -412,20 +465,23 @@ def compare(ctx: Context) -> None:
             st.subheader(md(name))
             _table(ctx.memo("headline", lambda: _headline(run), runs=(name,)),
                    f"compare_head_{tag}")
-            _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="role"), "role",
+            _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="block"), "block",
                             runs=(name,)), f"compare_blocks_{tag}")
-        summaries[tag] = ctx.memo("summary_role", lambda: block_summary(run.calls, run.steps, by="role"),
-                                  runs=(name,))
-    _chart(figures.compare_blocks(summaries["a"], summaries["b"], a, b), "compare_diff")
-    st.caption("Per block and phase: B - A and B / A of the total host ms")
-    _table(block_diff(summaries["a"], summaries["b"]), "compare_table")
+        summaries[tag] = ctx.memo("summary", lambda: block_summary(run.calls, run.steps), runs=(name,))
+    for note in differences(ctx.loaded[a], ctx.loaded[b]):
+        st.info(md(f"Not like for like: {note}."))
+    level = st.radio("Compare by", ["block", "role", "module"], horizontal=True, key="compare_level")
+    sa, sb = (summaries[t][summaries[t]["level"] == level] for t in ("a", "b"))
+    _chart(figures.compare_blocks(sa, sb, a, b), "compare_diff")
+    st.caption(f"Per {level} and phase: B - A and B / A of the self host ms (the rows never overlap)")
+    _table(block_diff(sa, sb), "compare_table")
     if a != b:
         from probe.stats import significance
         from reports.compare import significance_table
 
         ra = data.apply_filters(ctx.loaded[a], ctx.filters)
         rb = data.apply_filters(ctx.loaded[b], ctx.filters)
-        sig = ctx.memo("significance", lambda: significance(ra, rb, levels=("role",)), a, b, runs=(a, b))
+        sig = ctx.memo("significance", lambda: significance(ra, rb), a, b, runs=(a, b))
         st.subheader("Is the difference larger than the noise?")
         for tag, name in (("A", a), ("B", b)):
             nb = ctx.memo("noise", lambda name=name: ctx.loaded[name].noise(), runs=(name,))
@@ -442,8 +498,10 @@ def _tables(run: probe.Run) -> dict[str, Callable[[], pd.DataFrame]]:
         "calls": lambda: run.calls,
         "steps": lambda: run.steps,
         "runs": lambda: run.runs,
-        "summary by module": lambda: run.summary(by="module"),
-        "summary by role": lambda: run.summary(by="role"),
+        "summary by block": lambda: run.summary("block"),
+        "summary by role": lambda: run.summary("role"),
+        "summary by module": lambda: run.summary("module"),
+        "call tree": lambda: run.tree(),
         "phase summary": run.phase_summary,
         "sampling": lambda: run.sampling,
         "sampling summary": run.sampling_summary,
@@ -483,6 +541,7 @@ def data_view(ctx: Context) -> None:
 VIEWS: dict[str, Callable[[Context], None]] = {
     "Overview": overview,
     "Layers": layers,
+    "Tree": tree_view,
     "Timeline": timeline,
     "Memory": memory,
     "Shapes": shapes,

@@ -3,7 +3,7 @@
 >>> import probe
 >>> with probe.attach(model) as p:
 ...     model.generate(**inputs, max_new_tokens=32)
->>> p.run.summary()        # per block, prefill vs decode
+>>> p.run.summary()        # per block, role and module, prefill vs decode: self time, shares adding up to 100 %
 >>> p.save("runs/first")   # parquet + meta.json; probe.load("runs/first") reads it back
 
 ``import probe`` needs only pandas and the standard library up front; torch is imported with

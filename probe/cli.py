@@ -628,25 +628,7 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
     if mem:
         lines.append("memory     " + "   ".join(mem))
 
-    summ = run.summary(by="role")
-    if not summ.empty:
-        lines.append("")
-        head = f"{'block':<16}{'phase':<9}{'calls':>7}{'total ms':>12}{'mean ms':>10}{'share':>8}"
-        spr = None
-        if n_gen > 1:
-            spr = run.spread(by="role").set_index(["module", "phase"])
-            head += f"{'per generate: median [min - max] ms':>40}"
-        lines.append(head)
-        for _, row in summ.iterrows():
-            if row["phase"] not in ("prefill", "decode", "extend", "recompute"):
-                continue
-            line = (f"{row['module']:<16}{row['phase']:<9}{fmt.count(row['calls']):>7}{fmt.ms(row['total_ms']):>12}"
-                    f"{fmt.ms(row['mean_ms']):>10}{fmt.pct(row['share']):>8}")
-            key = (row["module"], row["phase"])
-            if spr is not None and key in spr.index:
-                s_ = spr.loc[key]
-                line += f"{fmt.ms(s_['median_ms']):>16} [{fmt.ms(s_['min_ms'])} - {fmt.ms(s_['max_ms'])}]"
-            lines.append(line)
+    lines.extend(_format_levels(run, spread=n_gen > 1))
     lines.extend(_sampling_lines(run))
     walk = _walkthrough(run)
     if walk:
@@ -696,6 +678,49 @@ def _noise_lines(run, label: str = "") -> list[str]:
         return ["", f"machine{label}    quiet: {b.wait_pct:.1f} % of step time waiting for a CPU "
                 f"(warning above {b.threshold_pct:.0f} %)"]
     return []
+
+
+_TIME_PHASES = ("prefill", "decode", "extend", "recompute")
+
+
+def _format_levels(run, spread: bool = False) -> list[str]:
+    """Where each phase's forward time went, per level: blocks, then roles where the run recorded
+    more than the blocks. Rows hold self time, so each level adds up to 100 % with the residue.
+    ``spread``: add each row's self time per generate call, median [min - max] (several calls)."""
+    from . import fmt
+
+    summ = run.summary()
+    summ = summ[summ["phase"].isin(_TIME_PHASES)]
+    if summ.empty:
+        return []
+    deeper = set(summ.loc[summ["level"] == "role", "name"]) - {"embed", "layer", "norm", "head", "(residue)",
+                                                                   "(probe)"}
+    out = ["", "where the forward time went (self time: each instant counted once; share of the phase's forward)"]
+    for level in ("block", "role") if deeper else ("block",):
+        head = f"{level:<16}{'phase':<9}{'calls':>7}{'total ms':>12}{'self ms':>12}{'mean ms':>10}{'share':>8}"
+        spr = run.spread(level).set_index(["name", "phase"]) if spread else None
+        if spr is not None:
+            head += f"{'self ms per generate: median [min - max]':>44}"
+        out.append(head)
+        for _, row in summ[summ["level"] == level].iterrows():
+            line = (f"{str(row['name']):<16}{row['phase']:<9}{fmt.count(row['calls']):>7}"
+                    f"{fmt.ms(row['total_ms']):>12}{fmt.ms(row['self_ms']):>12}{fmt.ms(row['mean_ms']):>10}"
+                    f"{fmt.pct(row['share']):>8}")
+            key = (row["name"], row["phase"])
+            if spr is not None and key in spr.index:
+                s_ = spr.loc[key]
+                line += f"{fmt.ms(s_['median_ms']):>20} [{fmt.ms(s_['min_ms'])} - {fmt.ms(s_['max_ms'])}]"
+            out.append(line)
+        out.append("")
+    ph = run.phase_summary().set_index("phase")
+    outside = [f"{p} {fmt.ms(ph.loc[p, 'outside_ms'], unit=True)}" for p in _TIME_PHASES
+               if p in ph.index and not _isna(ph.loc[p, "outside_ms"])]
+    if outside:
+        out.append("outside the model (logits processing, sampling): " + ", ".join(outside))
+    if deeper:
+        out.append("total ms: inclusive time of the row's calls; a block's self time is its whole subtree; "
+                   "attention core = the attention modules' time outside their projections")
+    return out
 
 
 def _walkthrough(run) -> list[str]:
@@ -819,6 +844,9 @@ def cmd_compare(args) -> int:
         from reports.compare import write_comparison
     except ImportError as exc:
         raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
+    from reports.compare import comparison_frame
+    from reports.diff import differences, fact
+
     sig = significance(a, b)
     out = Path(args.out) if args.out else Path(f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
     note = _check_out(out, "compare")
@@ -832,14 +860,16 @@ def cmd_compare(args) -> int:
         raise CLIError(f"cannot write the comparison to {shown(out)}: {exc.strerror or exc}; choose another --out") from exc
     for pth in paths:
         print(shown(pth))
-    if problems:
-        print(f"note: the runs measure different work ({'; '.join(problems)})")
+    for line in differences(a, b):
+        print(f"note: {line}")
+    same_depth = fact(a, "depth") == fact(b, "depth")
     print("")
+    print("\n".join(_format_compare(comparison_frame(a, b), roles=same_depth)))
     print(f"{'B against A':<18}{'phase':<9}{'samples':>10}{'B slower by':>13}{'95% interval':>22}  verdict")
-    for _, row in sig[sig["level"].isin(["metric", "role"])].iterrows():
+    for _, row in sig[sig["level"].isin(["metric", "block"])].iterrows():
         iv = "" if _isna(row["ci_low_pct"]) else f"[{row['ci_low_pct']:+.1f}%, {row['ci_high_pct']:+.1f}%]"
         sd = "" if _isna(row["slowdown_pct"]) else f"{row['slowdown_pct']:+.1f}%"
-        print(f"{str(row['module']):<18}{str(row['phase']):<9}{f'{row.a_n}/{row.b_n}':>10}{sd:>13}{iv:>22}  "
+        print(f"{str(row['name']):<18}{str(row['phase']):<9}{f'{row.a_n}/{row.b_n}':>10}{sd:>13}{iv:>22}  "
               f"{verdict(row)}")
     for label, run in ((" (A)", a), (" (B)", b)):
         for line in _noise_lines(run, label):
@@ -854,9 +884,33 @@ def cmd_compare(args) -> int:
     print(f"\nFAIL: B is slower than A by more than {pct:g}% (95% interval above 0):")
     for _, row in failed.iterrows():
         where = f" ({row['phase']})" if row["phase"] else ""
-        print(f"  {row['module']}{where}: {row['slowdown_pct']:+.1f}% "
+        print(f"  {row['name']}{where}: {row['slowdown_pct']:+.1f}% "
               f"[{row['ci_low_pct']:+.1f}%, {row['ci_high_pct']:+.1f}%]")
     return 1
+
+
+def _format_compare(frame, roles: bool = True) -> list[str]:
+    """A (self ms) and B (self ms) per block, then per role where the runs have roles below the
+    blocks and ``roles`` (runs of different depths split a block's time differently: blocks only)."""
+    frame = frame[frame["phase"].isin(_TIME_PHASES)]
+    roles = roles and bool(set(frame.loc[frame["level"] == "role", "name"])
+                           - {"embed", "layer", "norm", "head", "(residue)", "(probe)"})
+    out = []
+
+    from . import fmt
+
+    def signed(v):
+        return "" if _isna(v) else ("+" if v >= 0 else "") + fmt.ms(v)
+
+    for level in ("block", "role") if roles else ("block",):
+        out.append(f"{level:<16}{'phase':<9}{'A self ms':>12}{'B self ms':>12}{'B - A':>11}{'B / A':>8}"
+                   f"{'A share':>9}{'B share':>9}")
+        for _, r in frame[frame["level"] == level].iterrows():
+            ratio = "" if _isna(r["ratio"]) else f"{r['ratio']:.2f}"
+            out.append(f"{str(r['name']):<16}{r['phase']:<9}{fmt.ms(r['a_ms']):>12}{fmt.ms(r['b_ms']):>12}"
+                       f"{signed(r['diff_ms']):>11}{ratio:>8}{fmt.pct(r['a_share']):>9}{fmt.pct(r['b_share']):>9}")
+        out.append("")
+    return out
 
 
 def cmd_dashboard(args) -> int:

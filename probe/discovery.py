@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .roles import assign_roles
 from .schema import DEPTHS
 
 log = logging.getLogger(__name__)
 
 _NORM_NAME = re.compile(r"(^|[._])(norm|ln_f|final_layer_?norm|final_layernorm|ln_out|ln)([._]|$)|norm$", re.I)
-_ATTN_NAME = re.compile(r"attn|attention", re.I)
-_MLP_NAME = re.compile(r"mlp|feed_forward|ffn|moe|experts", re.I)
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class ModuleInfo:
 
     name: str  # fully qualified name below the profiled model
     module_type: str  # class name
-    role: str  # embed | layer | norm | head | attention | mlp | layer_norm | other
+    role: str  # see probe.roles: embed | layer | norm | head | attention | q_proj | ... | other
     depth: int  # nesting depth below the profiled model
     layer: int | None  # decoder layer index, None outside the layers
 
@@ -158,16 +157,6 @@ def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters())
 
 
-def _sub_role(leaf: str, module: nn.Module) -> str:
-    if _is_norm(leaf, module):
-        return "layer_norm"
-    if _ATTN_NAME.search(leaf) or _ATTN_NAME.search(type(module).__name__):
-        return "attention"
-    if _MLP_NAME.search(leaf) or _MLP_NAME.search(type(module).__name__):
-        return "mlp"
-    return "other"
-
-
 def select_modules(model: nn.Module, depth: str = "blocks") -> list[tuple[nn.Module, ModuleInfo]]:
     """The modules to hook at ``depth``, in registration order, with their static facts.
 
@@ -204,6 +193,8 @@ def select_modules(model: nn.Module, depth: str = "blocks") -> list[tuple[nn.Mod
                 return int(idx)
         return None
 
+    # roles of every module from its attribute name and type (probe.roles); blocks keep theirs
+    all_roles = assign_roles(((n, type(m).__name__) for n, m in model.named_modules()), roles, blocks.layers_name)
     chosen: list[tuple[nn.Module, ModuleInfo]] = []
     seen: set[int] = set()
     for name, mod in model.named_modules():
@@ -223,9 +214,7 @@ def select_modules(model: nn.Module, depth: str = "blocks") -> list[tuple[nn.Mod
         if not take:
             continue
         if role is None:
-            leaf = name.rsplit(".", 1)[-1]
-            parent = name.rsplit(".", 1)[0] if "." in name else ""
-            role = _sub_role(leaf, mod) if parent in layer_index else "other"
+            role = all_roles.get(name, "other")
         seen.add(id(mod))
         info = ModuleInfo(
             name=name,

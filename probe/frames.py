@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import schema
+from . import schema, tree
 from .sampling import sampling_frame
 from .schema import CALLS, REQUESTS, RUNS, STEPS, BLOCK_ROLES
 
@@ -124,6 +124,9 @@ def build_run(p: "Records") -> "Run":
         idx = pd.MultiIndex.from_frame(steps_df[["run_id", "step"]].astype(object))
         vals = sums.reindex(idx).to_numpy(dtype="float64", na_value=np.nan)
         steps_df["blocks_ms"] = vals
+    # the call tree (parent, self time) and each step's residue, from the calls' nesting
+    calls, steps_df = tree.annotate(calls, steps_df)
+    calls, steps_df = schema.conform(calls, CALLS), schema.conform(steps_df, STEPS)
     runs_df = schema.conform(pd.DataFrame(runs_rows), RUNS) if runs_rows else schema.empty(RUNS)
     req_df = schema.conform(pd.DataFrame(requests_rows), REQUESTS) if requests_rows else schema.empty(REQUESTS)
     serving = [r.serve for r in p.runs if r.kind == "serve" and r.serve is not None]
@@ -220,6 +223,7 @@ def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple])
             "placement": _take_str(mod_place, mod_o),
             "start_ms": (t0[order] - sm_origin[s_idx]) * _NS,
             "cpu_ms": ((t1[order] - t0[order]) - own_ns[order]) * _NS,
+            "end_ms": (t1[order] - sm_origin[s_idx]) * _NS,  # the raw window: calls nest by it (probe.tree)
             "gpu_ms": gpu[order],
             "offload_ms": offload[order],
             "mem_before_bytes": mem0[order] if mem0 is not None else _int_na(np.zeros(n, np.int64), np.ones(n, bool)),

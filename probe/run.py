@@ -15,12 +15,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from . import schema
+from . import tree
 from .sampling import stage_summary
-from .schema import BLOCK_ROLES, CALLS, REQUESTS, RUNS, SAMPLING, STEPS, SUMMARY
+from .schema import CALLS, REQUESTS, RUNS, SAMPLING, STEPS
 
 FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet", "sampling": "sampling.parquet",
          "requests": "requests.parquet"}
@@ -49,23 +49,37 @@ class Run:
     requests: pd.DataFrame = field(default_factory=lambda: schema.empty(REQUESTS))
 
     # ------------------------------------------------------------------ analysis
-    def summary(self, by: str = "module") -> pd.DataFrame:
-        """Per-block prefill-vs-decode summary: one row per module (or role) and phase.
+    def summary(self, level: str | None = None, *, by: str | None = None) -> pd.DataFrame:
+        """Where each phase's forward time went: one row per (level, block / role / module, phase).
 
-        Columns: ``module, role, layer, phase, calls, total_ms, mean_ms, share, gpu_total_ms,
-        mean_out_bytes``. ``share`` is the block's host time over the phase's total forward
-        time (sum of ``steps.forward_ms``); the residue of the forward outside every block is a
-        row with module ``(residue)``, and the time outside the model a row ``(outside model)``.
+        Columns: ``level, name, role, layer, phase, calls, total_ms, self_ms, mean_ms, share,
+        gpu_total_ms, gpu_self_ms, mean_out_bytes`` (:data:`probe.schema.SUMMARY`). Levels:
+        ``block`` (embed, layer, norm, head, model-level glue), ``role`` (q_proj, attention
+        core, gate_proj, ...) and ``module``; ``level=None`` stacks all three. ``share`` is the
+        row's self time over the phase's forward time, so within one level and phase the rows,
+        the ``(residue)`` row and the ``(probe)`` row (where the probe's own cost is recorded)
+        sum to 100 %. ``by`` is the older name of ``level``. See :mod:`probe.accounting`.
         """
-        return block_summary(self.calls, self.steps, by=by)
+        from .accounting import summary
 
-    def spread(self, by: str = "role") -> pd.DataFrame:
-        """Median and min–max over the recorded generate calls of each block's time per phase
-        (``probe run --repeat N``); joins :meth:`summary` on ``(module, phase)``. See
+        return summary(self.calls, self.steps, level=level if level is not None else by)
+
+    def tree(self, depth: int | None = None) -> pd.DataFrame:
+        """The call tree per phase, one row per path of modules, collapsed at ``depth`` if given.
+
+        See :func:`probe.accounting.tree_table`.
+        """
+        from .accounting import tree_table
+
+        return tree_table(self.calls, self.steps, depth=depth)
+
+    def spread(self, level: str = "block") -> pd.DataFrame:
+        """Median and min–max over the recorded generate calls of each row's self time per phase
+        (``probe run --repeat N``); joins :meth:`summary` on ``(level, name, phase)``. See
         :func:`probe.stats.block_spread`."""
         from .stats import block_spread
 
-        return block_spread(self.calls, self.steps, self.runs, by=by)
+        return block_spread(self.calls, self.steps, self.runs, level=level)
 
     def headline_spread(self) -> pd.DataFrame:
         """Median and min–max of TTFT, TPOT, tok/s and total time over the generate calls."""
@@ -514,6 +528,9 @@ def load(path: str | os.PathLike) -> Run:
         if ids != manifest.get("run_ids", ids):
             raise RunLoadError(f"{root / FILES['runs']} holds runs {ids[:3]} but {meta_file} lists "
                                f"{manifest.get('run_ids', [])[:3]}: the folder mixes two saves; re-record it")
+    # runs saved before the call tree was recorded get it derived here
+    calls, steps = tree.ensure(frames["calls"], frames["steps"])
+    frames["calls"], frames["steps"] = schema.conform(calls, CALLS), schema.conform(steps, STEPS)
     return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root,
                sampling=frames["sampling"], requests=frames["requests"])
 
@@ -545,66 +562,8 @@ def merge(runs: list[Run], path: Path | None = None) -> Run:
     return Run(calls=calls, steps=steps, runs=runs_df, meta=meta, path=path, sampling=sampling, requests=reqs)
 
 
-def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "module") -> pd.DataFrame:
-    """See :meth:`Run.summary`. ``by`` is ``"module"`` or ``"role"``.
+def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
+    """:meth:`Run.summary` of bare frames (``by`` = level: ``block``, ``role``, ``module`` or None)."""
+    from .accounting import summary
 
-    Shares and the residue are taken over the steps that have block records (``decode_stride``
-    and ``max_steps`` keep timing every step but record blocks of only some), and on one clock
-    per phase: CUDA time where every such step has it, host time otherwise.
-    """
-    if by not in ("module", "role"):
-        raise ValueError(f"by must be 'module' or 'role'; got {by!r}")
-    if calls.empty:
-        return schema.empty(SUMMARY)
-    recorded = steps[steps["blocks_ms"].notna()]
-    g_steps = recorded.groupby("phase", sort=False)
-    fwd_host = g_steps["forward_ms"].sum()
-    fwd_gpu = g_steps["gpu_ms"].sum(min_count=1)
-    on_gpu = g_steps["gpu_ms"].count().eq(g_steps.size()) & fwd_gpu.notna()
-    phase_total = fwd_gpu.where(on_gpu, fwd_host)
-    keys = ["module", "role", "layer", "phase"] if by == "module" else ["role", "phase"]
-    g = calls.groupby(keys, sort=False, dropna=False, observed=True)
-    out = pd.DataFrame(
-        {
-            "calls": g.size(),
-            "total_ms": g["cpu_ms"].sum(),
-            "gpu_total_ms": g["gpu_ms"].sum(min_count=1),
-            "mean_out_bytes": g["out_bytes"].mean(),
-        }
-    ).reset_index()
-    out["mean_ms"] = out["total_ms"] / out["calls"]
-    gpu_phase = out["phase"].map(on_gpu).fillna(False).astype(bool)
-    t = out["gpu_total_ms"].where(gpu_phase & out["gpu_total_ms"].notna(), out["total_ms"])
-    out["share"] = t / out["phase"].map(phase_total).astype("float64")
-    if by == "role":
-        out["module"] = out["role"]
-        out["layer"] = pd.array([pd.NA] * len(out), dtype="Int64")
-    # residue (forward time outside every block) and time outside the model, per phase
-    extra = []
-    is_block = out["role"].isin(BLOCK_ROLES)
-    by_phase = out.loc[is_block, "phase"]
-    in_blocks = t[is_block].groupby(by_phase).sum()
-    host_in_blocks = out.loc[is_block, "total_ms"].groupby(by_phase).sum()
-    gpu_in_blocks = out.loc[is_block, "gpu_total_ms"].groupby(by_phase).sum(min_count=1)
-    for phase, total in phase_total.items():
-        n_rec = int(g_steps.size()[phase])
-        if phase in in_blocks.index:
-            res = float(total - in_blocks[phase])  # on the phase's clock
-            host_res = float(fwd_host[phase] - host_in_blocks[phase])
-            gpu_res = float(fwd_gpu[phase] - gpu_in_blocks[phase]) if on_gpu[phase] else np.nan
-            extra.append({"module": "(residue)", "role": "residue", "phase": phase, "calls": n_rec,
-                          "total_ms": host_res, "gpu_total_ms": gpu_res, "mean_ms": host_res / max(n_rec, 1),
-                          "share": res / total if total else np.nan})
-    for phase, sub in steps.groupby("phase", sort=False):
-        outside = sub["outside_ms"].sum(min_count=1)
-        fwd = float(sub["forward_ms"].sum())  # host clock, like the time outside the model
-        if pd.notna(outside):
-            extra.append({"module": "(outside model)", "role": "outside", "phase": phase, "calls": len(sub),
-                          "total_ms": float(outside), "mean_ms": float(outside) / max(len(sub), 1),
-                          "share": float(outside) / fwd if fwd else np.nan})
-    if extra:
-        out = pd.concat([out, pd.DataFrame(extra)], ignore_index=True)
-    order = {p: i for i, p in enumerate(schema.PHASES)}
-    out["_o"] = out["phase"].map(order).fillna(99)
-    out = out.sort_values(["_o"], kind="stable").drop(columns="_o")
-    return schema.conform(out, SUMMARY)
+    return summary(calls, steps, level=by)

@@ -14,6 +14,8 @@ import math
 
 import pandas as pd
 
+from . import roles as _roles
+
 SCHEMA_VERSION = 1
 
 Phase = Literal["prefill", "decode", "extend", "recompute", "forward", "mixed"]
@@ -31,9 +33,13 @@ PHASES: tuple[str, ...] = ("prefill", "decode", "extend", "recompute", "forward"
 Depth = Literal["blocks", "sublayers", "all"]
 DEPTHS: tuple[str, ...] = ("blocks", "sublayers", "all")
 
-#: role of a recorded module; the four block roles are disjoint and tile a forward.
-ROLES: tuple[str, ...] = ("embed", "layer", "norm", "head", "attention", "mlp", "layer_norm", "other")
-BLOCK_ROLES: tuple[str, ...] = ("embed", "layer", "norm", "head")
+#: role of a recorded module (see probe.roles); the four block roles are disjoint and tile a forward.
+ROLES: tuple[str, ...] = _roles.ROLES
+BLOCK_ROLES: tuple[str, ...] = _roles.BLOCKS
+
+Level = Literal["block", "role", "module"]
+#: levels of :func:`probe.tree.summary`, coarse to fine
+LEVELS: tuple[str, ...] = ("block", "role", "module")
 
 STR = "string"
 #: dtypes whose missing values a reloaded older run can take as nulls
@@ -65,6 +71,14 @@ CALLS: dict[str, str] = {
     "mem_after_bytes": "Int64",
     "mem_peak_bytes": "Int64",  # CUDA allocator peak during the call; null on CPU
     "out_bytes": "int64",  # bytes of the output tensors
+    # host end, ms since the run's first event, on the raw clock (cpu_ms has the probe's own
+    # cost taken out; end_ms keeps the window the call really ran in, so calls nest by it)
+    "end_ms": "float64",
+    # the call tree, derived when frames are built (probe.tree), never in the hot path:
+    "call": "Int64",  # index of the call within its step (rank, run_id, step), by start then longest first
+    "parent": "Int64",  # ``call`` of the enclosing recorded call in the same step; null at the top
+    "self_ms": "float64",  # cpu_ms minus the cpu_ms of the recorded calls directly inside it
+    "gpu_self_ms": "float64",  # gpu_ms minus the gpu_ms of the recorded calls directly inside it; NaN without CUDA
 }
 
 STEPS: dict[str, str] = {
@@ -86,6 +100,10 @@ STEPS: dict[str, str] = {
     "blocks_ms": "float64",  # host time inside the recorded blocks (embed+layers+norm+head)
     "probe_ms": "float64",  # the probe's own cost inside this forward (calibrated at attach)
     "process_cpu_ms": "float64",  # CPU time of the whole process during the forward (all threads)
+    # forward time inside no recorded call (and not the probe's own cost): masks, glue, cache
+    # updates between modules; Σ self_ms of the step's calls + residue_ms (+ probe_ms) = forward_ms.
+    "residue_ms": "float64",  # NaN for a step without call records
+    "gpu_residue_ms": "float64",  # the same on the CUDA clock: gpu_ms - Σ gpu_self_ms; NaN without CUDA
     # continuous batching (runs of kind "serve"); null for generate() and plain forwards
     "requests": "Int64",  # requests packed into this forward
     "prefill_tokens": "Int64",  # prompt tokens in this forward (every chunk of a prompt is prefill)
@@ -157,15 +175,18 @@ SAMPLING: dict[str, str] = {
 }
 
 SUMMARY: dict[str, str] = {
-    "module": STR,
-    "role": STR,
-    "layer": "Int64",
+    "level": STR,  # "block", "role" or "module" (see LEVELS)
+    "name": STR,  # the block, role or module; "(residue)" and "(probe)" for the forward's other parts
+    "role": STR,  # the row's role ("residue" / "probe" for those rows)
+    "layer": "Int64",  # decoder layer of a module row, null otherwise
     "phase": STR,
-    "calls": "int64",
-    "total_ms": "float64",
-    "mean_ms": "float64",
-    "share": "float64",  # block time / the phase's total forward time
+    "calls": "int64",  # recorded calls (steps for the residue and probe rows)
+    "total_ms": "float64",  # inclusive host ms, each instant counted once within the row
+    "self_ms": "float64",  # Σ self_ms of the row's calls: the rows of a level partition the forward
+    "mean_ms": "float64",  # mean inclusive host ms per call
+    "share": "float64",  # self time / the phase's forward time (on its clock); sums to 1 per level
     "gpu_total_ms": "float64",
+    "gpu_self_ms": "float64",
     "mean_out_bytes": "float64",
 }
 

@@ -26,7 +26,11 @@ import math
 import numpy as np
 import pandas as pd
 
-from .schema import PHASES
+from . import tree
+from .accounting import PROBE, RESIDUE, labels
+from .schema import LEVELS, PHASES
+
+OUTSIDE = "(outside model)"
 
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -35,11 +39,11 @@ ALPHA = 1 - CONFIDENCE
 GATE_MIN_SHARE = 0.01
 
 SPREAD_COLUMNS: dict[str, str] = {
-    "module": "string",  # module name, or the role (by="role"), or "(residue)" / "(outside model)"
-    "role": "string",
+    "level": "string",  # "block", "role" or "module", as in Run.summary()
+    "name": "string",  # the block, role or module, or "(residue)" / "(probe)" / "(outside model)"
     "phase": "string",
     "generates": "int64",  # generate calls the spread is taken over
-    "median_ms": "float64",  # median over the generate calls of the block's total time in the phase
+    "median_ms": "float64",  # median over the generate calls of the row's self time in the phase
     "min_ms": "float64",
     "max_ms": "float64",
     "spread_pct": "float64",  # (max - min) / median, percent
@@ -57,8 +61,8 @@ HEADLINE_SPREAD_COLUMNS: dict[str, str] = {
 SPREAD_METRICS = ("ttft_ms", "tpot_ms_p50", "tpot_ms_mean", "prefill_tok_s", "decode_tok_s", "total_ms")
 
 SIGNIFICANCE_COLUMNS: dict[str, str] = {
-    "level": "string",  # "metric", "role" or "module"
-    "module": "string",  # the metric, module or role
+    "level": "string",  # "metric", "block", "role" or "module"
+    "name": "string",  # the metric, or the block, role or module (Run.summary()'s names)
     "phase": "string",  # empty for a headline metric
     "clock": "string",  # "host" or "gpu" (blocks), the metric's unit otherwise
     "a_n": "int64",  # samples of A (steps or generate calls)
@@ -93,42 +97,51 @@ def _generate_ids(runs: pd.DataFrame) -> list[str]:
 
 
 # --------------------------------------------------------------------------- spread
-def per_generate_totals(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame,
-                        by: str = "role") -> pd.DataFrame:
-    """Each block's total host time per phase in each successful generate call.
-
-    Returns columns ``module, role, phase, run_id, total_ms``, plus rows ``(residue)``
-    (forward time outside every recorded block, over the steps with block records) and
-    ``(outside model)`` (time in generate between forwards).
-    """
-    if by not in ("module", "role"):
-        raise ValueError(f"by must be 'module' or 'role'; got {by!r}")
+def _recorded(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The successful generate calls' calls and steps, with the call tree's columns."""
     ids = _generate_ids(runs)
-    c = calls[calls["run_id"].isin(ids)]
-    st = steps[steps["run_id"].isin(ids)]
+    calls, steps = tree.ensure(calls, steps)
+    return calls[calls["run_id"].isin(ids)], steps[steps["run_id"].isin(ids)]
+
+
+def _check_level(level: str) -> None:
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(repr(v) for v in LEVELS)}; got {level!r}")
+
+
+def per_generate_totals(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame,
+                        level: str = "block") -> pd.DataFrame:
+    """Each row's self time per phase in each successful generate call.
+
+    The rows are :meth:`probe.Run.summary`'s at ``level`` (self time, so they never overlap),
+    plus ``(residue)`` and ``(probe)`` (the forward's other parts, over the steps with call
+    records) and ``(outside model)`` (time in generate between forwards). Columns ``level, name,
+    phase, run_id, total_ms``.
+    """
+    _check_level(level)
+    c, st = _recorded(calls, steps, runs)
     parts = []
     if len(c):
-        keys = ["module", "role", "phase", "run_id"] if by == "module" else ["role", "phase", "run_id"]
-        t = c.groupby(keys, sort=False, observed=True)["cpu_ms"].sum().rename("total_ms").reset_index()
-        if by == "role":
-            t["module"] = t["role"]
-        parts.append(t)
-    if len(st):
-        rec = st[st["blocks_ms"].notna()]
+        t = pd.DataFrame({"name": labels(c, level), "phase": c["phase"].astype("string").to_numpy(),
+                          "run_id": c["run_id"].astype("string").to_numpy(),
+                          "total_ms": c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)})
+        parts.append(t.groupby(["name", "phase", "run_id"], sort=False)["total_ms"].sum().reset_index())
+    rec = st[st["residue_ms"].notna()]
+    extra = [(RESIDUE, "residue_ms")]
+    if "probe_ms" in rec.columns and rec["probe_ms"].notna().any():
+        extra.append((PROBE, "probe_ms"))
+    for name, col in extra:
         if len(rec):
-            g = rec.assign(_r=rec["forward_ms"] - rec["blocks_ms"]).groupby(["phase", "run_id"], sort=False)["_r"]
-            res = g.sum().rename("total_ms").reset_index()
-            parts.append(res.assign(module="(residue)", role="residue"))
-        out_ = st[st["outside_ms"].notna()].groupby(["phase", "run_id"], sort=False)["outside_ms"].sum()
-        if len(out_):
-            parts.append(out_.rename("total_ms").reset_index().assign(module="(outside model)", role="outside"))
+            g = rec.groupby(["phase", "run_id"], sort=False)[col].sum()
+            parts.append(g.rename("total_ms").reset_index().assign(name=name))
+    out_ = st[st["outside_ms"].notna()].groupby(["phase", "run_id"], sort=False)["outside_ms"].sum()
+    if len(out_):
+        parts.append(out_.rename("total_ms").reset_index().assign(name=OUTSIDE))
+    cols = {"level": "string", "name": "string", "phase": "string", "run_id": "string", "total_ms": "float64"}
     if not parts:
-        return pd.DataFrame({"module": pd.Series([], dtype="string"), "role": pd.Series([], dtype="string"),
-                             "phase": pd.Series([], dtype="string"), "run_id": pd.Series([], dtype="string"),
-                             "total_ms": pd.Series([], dtype="float64")})
-    out = pd.concat(parts, ignore_index=True)[["module", "role", "phase", "run_id", "total_ms"]]
-    return out.astype({"module": "string", "role": "string", "phase": "string", "run_id": "string",
-                       "total_ms": "float64"})
+        return _empty(cols)
+    out = pd.concat(parts, ignore_index=True).assign(level=level)
+    return out[list(cols)].astype(cols)
 
 
 def _spread_stats(g) -> pd.DataFrame:
@@ -138,24 +151,25 @@ def _spread_stats(g) -> pd.DataFrame:
                          "spread_pct": ((hi - lo) / med * 100).where(med > 0)})
 
 
-def block_spread(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, by: str = "role") -> pd.DataFrame:
-    """Median and min–max over the generate calls of each block's total time per phase.
+def block_spread(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: str = "block") -> pd.DataFrame:
+    """Median and min–max over the generate calls of each row's self time per phase.
 
     Args:
         calls, steps, runs: the run's frames.
-        by: ``"role"`` (embed, layer, norm, head ... summed over their modules) or ``"module"``.
+        level: ``"block"`` (embed, layer, norm, head, model), ``"role"`` or ``"module"``, the
+            levels of :meth:`probe.Run.summary`.
 
     Returns:
-        Columns of :data:`SPREAD_COLUMNS`, one row per block and phase (with ``(residue)`` and
-        ``(outside model)`` rows), in phase order. One generate call gives min = max = median.
-        Joins ``Run.summary(by)`` on ``(module, phase)``.
+        Columns of :data:`SPREAD_COLUMNS`, one row per name and phase (with ``(residue)``,
+        ``(probe)`` and ``(outside model)`` rows), in phase order. One generate call gives
+        min = max = median. Joins ``Run.summary(level)`` on ``(level, name, phase)``.
     """
-    tot = per_generate_totals(calls, steps, runs, by=by)
+    tot = per_generate_totals(calls, steps, runs, level=level)
     if tot.empty:
         return _empty(SPREAD_COLUMNS)
     tot["_seq"] = np.arange(len(tot))
-    first = tot.groupby(["module", "phase"], sort=False)[["role", "_seq"]].first()
-    g = tot.groupby(["module", "phase"], sort=False)["total_ms"]
+    first = tot.groupby(["level", "name", "phase"], sort=False)[["_seq"]].first()
+    g = tot.groupby(["level", "name", "phase"], sort=False)["total_ms"]
     out = _spread_stats(g).join(first).reset_index()
     order = {p: i for i, p in enumerate(PHASES)}
     out["_p"] = out["phase"].map(order).fillna(len(order))
@@ -278,26 +292,30 @@ def _clock(run_calls: list[pd.DataFrame]) -> str:
     return "gpu" if all(len(c) and c["gpu_ms"].notna().all() for c in run_calls) else "host"
 
 
-def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, by: str = "role",
+def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: str = "block",
                  clock: str = "host") -> dict[tuple[str, str], np.ndarray]:
-    """Per (block, phase), the block's time in each step of that phase (successful generate
-    calls only), plus ``(residue)`` and ``(outside model)``; ``clock`` "gpu" reads ``gpu_ms``."""
-    ids = _generate_ids(runs)
-    c = calls[calls["run_id"].isin(ids)]
-    st = steps[steps["run_id"].isin(ids)]
-    col = "gpu_ms" if clock == "gpu" else "cpu_ms"
+    """Per (row, phase) at ``level``, the row's self time in each step of that phase (successful
+    generate calls only), plus ``(residue)``, ``(probe)`` (host clock) and ``(outside model)``;
+    ``clock`` "gpu" reads ``gpu_self_ms`` and ``gpu_residue_ms``."""
+    _check_level(level)
+    c, st = _recorded(calls, steps, runs)
+    col = "gpu_self_ms" if clock == "gpu" else "self_ms"
     out: dict[tuple[str, str], np.ndarray] = {}
     if len(c):
-        key = "module" if by == "module" else "role"
-        per = c.groupby([key, "phase", "run_id", "step"], sort=False, observed=True)[col].sum()
+        t = pd.DataFrame({"name": labels(c, level), "phase": c["phase"].astype("string").to_numpy(),
+                          "run_id": c["run_id"].astype("string").to_numpy(), "step": c["step"].to_numpy(),
+                          "v": c[col].to_numpy(dtype="float64", na_value=np.nan)})
+        per = t.groupby(["name", "phase", "run_id", "step"], sort=False)["v"].sum()
         for (name, phase), s in per.groupby(level=[0, 1], sort=False):
             out[(str(name), str(phase))] = s.to_numpy(dtype="float64")
-    rec = st[st["blocks_ms"].notna()]
+    rec = st[st["residue_ms"].notna()]
     for phase, s in rec.groupby("phase", sort=False):
-        if clock == "host":
-            out[("(residue)", str(phase))] = (s["forward_ms"] - s["blocks_ms"]).to_numpy(dtype="float64")
+        res = s["gpu_residue_ms"] if clock == "gpu" else s["residue_ms"]
+        out[(RESIDUE, str(phase))] = res.to_numpy(dtype="float64", na_value=np.nan)
+        if clock == "host" and "probe_ms" in s.columns and s["probe_ms"].notna().any():
+            out[(PROBE, str(phase))] = s["probe_ms"].to_numpy(dtype="float64", na_value=np.nan)
     for phase, s in st[st["outside_ms"].notna()].groupby("phase", sort=False):
-        out[("(outside model)", str(phase))] = s["outside_ms"].to_numpy(dtype="float64")
+        out[(OUTSIDE, str(phase))] = s["outside_ms"].to_numpy(dtype="float64")
     return out
 
 
@@ -313,18 +331,19 @@ def metric_samples(steps: pd.DataFrame, runs: pd.DataFrame) -> dict[str, np.ndar
     return out
 
 
-def _phase_forward(steps: pd.DataFrame, runs: pd.DataFrame) -> pd.Series:
-    st = steps[steps["run_id"].isin(_generate_ids(runs)) & steps["blocks_ms"].notna()]
-    return st.groupby("phase")["forward_ms"].sum()
+def _phase_forward(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame) -> pd.Series:
+    _, st = _recorded(calls, steps, runs)
+    return st[st["residue_ms"].notna()].groupby("phase")["forward_ms"].sum()
 
 
-def significance(run_a, run_b, levels=("role", "module"), seed: int = 0,
+def significance(run_a, run_b, levels=("block", "role"), seed: int = 0,
                  resamples: int = BOOTSTRAP_RESAMPLES) -> pd.DataFrame:
     """Is B slower or faster than A, beyond the noise? Per headline metric and block × phase.
 
     Args:
         run_a, run_b: :class:`probe.Run` objects (A is the baseline).
-        levels: block levels to test (``"role"``, ``"module"``).
+        levels: levels of :meth:`probe.Run.summary` to test (``"block"``, ``"role"``,
+            ``"module"``); a level is tested on self time, so its rows never overlap.
         seed, resamples: the bootstrap's (see :func:`bootstrap_slowdown`).
 
     Returns:
@@ -342,13 +361,20 @@ def significance(run_a, run_b, levels=("role", "module"), seed: int = 0,
         rows.append(_row("metric", m, "", "tok/s" if m.endswith("tok_s") else "ms", a, b, p, lo, hi, math.nan,
                          mann_whitney_p(a, b)))
     clock = _clock([run_a.calls, run_b.calls])
-    fwd_a = _phase_forward(run_a.steps, run_a.runs)
+    fwd_a = _phase_forward(run_a.calls, run_a.steps, run_a.runs)
+    tested: set[tuple[str, str]] = set()
     for level in levels:
-        sa = step_samples(run_a.calls, run_a.steps, run_a.runs, by=level, clock=clock)
-        sb = step_samples(run_b.calls, run_b.steps, run_b.runs, by=level, clock=clock)
-        if level == "module":  # the residue and time outside the model are rows of the role level
+        sa = step_samples(run_a.calls, run_a.steps, run_a.runs, level=level, clock=clock)
+        sb = step_samples(run_b.calls, run_b.steps, run_b.runs, level=level, clock=clock)
+        if level != levels[0]:  # the residue, probe and outside rows are the first level's
             sa = {k: v for k, v in sa.items() if not k[0].startswith("(")}
             sb = {k: v for k, v in sb.items() if not k[0].startswith("(")}
+        if set(sa) | set(sb) <= tested:  # e.g. roles at depth blocks: the blocks again
+            continue
+        tested |= set(sa) | set(sb)
+        # a part that took no time in either run (the probe's cost under an injected clock)
+        sa = {k: v for k, v in sa.items() if np.nansum(v) or np.nansum(sb.get(k, np.zeros(0)))}
+        sb = {k: v for k, v in sb.items() if np.nansum(v) or k in sa}
         keys = list(sa) + [k for k in sb if k not in sa]
         order = {p: i for i, p in enumerate(PHASES)}
         keys.sort(key=lambda k: order.get(k[1], len(order)))  # stable: A's block order within a phase
@@ -356,7 +382,7 @@ def significance(run_a, run_b, levels=("role", "module"), seed: int = 0,
             a, b = sa.get((name, phase), np.zeros(0)), sb.get((name, phase), np.zeros(0))
             p, lo, hi = bootstrap_slowdown(a, b, seed=seed, resamples=resamples)
             f = fwd_a.get(phase, math.nan)
-            share = float(a.sum() / f) if len(a) and f and not math.isnan(f) and name != "(outside model)" else math.nan
+            share = float(a.sum() / f) if len(a) and f and not math.isnan(f) and name != OUTSIDE else math.nan
             rows.append(_row(level, name, phase, clock, a, b, p, lo, hi, share, mann_whitney_p(a, b)))
     if not rows:
         return _empty(SIGNIFICANCE_COLUMNS)
@@ -365,7 +391,7 @@ def significance(run_a, run_b, levels=("role", "module"), seed: int = 0,
 
 def _row(level, name, phase, clock, a, b, p, lo, hi, share, pval) -> dict:
     sig = None if math.isnan(lo) or math.isnan(pval) else bool((lo > 0 or hi < 0) and pval < ALPHA)
-    return {"level": level, "module": name, "phase": phase, "clock": clock, "a_n": len(a), "b_n": len(b),
+    return {"level": level, "name": name, "phase": phase, "clock": clock, "a_n": len(a), "b_n": len(b),
             "a_mean": float(a.mean()) if len(a) else math.nan, "b_mean": float(b.mean()) if len(b) else math.nan,
             "slowdown_pct": p, "ci_low_pct": lo, "ci_high_pct": hi, "p_value": pval, "significant": sig,
             "a_share": share}
@@ -386,40 +412,60 @@ def gate(sig: pd.DataFrame, fail_above_pct: float, min_share: float = GATE_MIN_S
     """The rows of :func:`significance` that fail ``probe compare --fail-above PCT``.
 
     A row fails when B is slower than A by more than ``fail_above_pct`` percent and the 95 %
-    interval lies wholly above zero. Considered: the headline metrics and the role-level
-    blocks (the residue and the time outside the model included) whose share of A's forward
+    interval lies wholly above zero. Considered: the headline metrics and the block-level
+    rows (the residue and the time outside the model included) whose share of A's forward
     time in the phase is at least ``min_share`` — a block of 0.1 % of the step cannot slow the
     model by much, however significant its change.
     """
     if sig.empty:
         return sig
-    outside = sig["module"].eq("(outside model)")
+    outside = sig["name"].eq(OUTSIDE)
     big = sig["a_share"].ge(min_share).fillna(False).astype(bool)
-    eligible = sig["level"].eq("metric") | (sig["level"].eq("role") & (outside | big))
+    eligible = sig["level"].eq("metric") | (sig["level"].eq("block") & (outside | big))
     failed = eligible & sig["significant"].fillna(False).astype(bool) & (sig["slowdown_pct"] > fail_above_pct) \
         & (sig["ci_low_pct"] > 0)
     return sig[failed].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- comparability
+def fact(run, column: str) -> str:
+    """The values of a ``runs`` column over a run's generate calls, as text (``unknown`` if none)."""
+    runs = run.runs
+    gen = runs[runs["kind"] == "generate"] if len(runs) else runs
+    vals = [str(v) for v in (gen if len(gen) else runs)[column].dropna().unique()] if column in runs else []
+    if column == "depth" and not vals and run.meta.get("depth"):
+        vals = [str(run.meta["depth"])]
+    return ", ".join(vals) if vals else "unknown"
+
+
+#: facts two compared runs should share: the ``runs`` column, its name, what a difference means
+COMPARED_FACTS = (
+    ("model_id", "model", "the blocks are different modules"),
+    ("parameters", "parameter count", "the blocks do different work"),
+    ("depth", "depth", "rows below the shallower depth exist in one run only, and self times of the "
+                       "blocks above them are split differently; compare at the block level"),
+    ("prompt_tokens", "prompt length", "prefill work differs with the prompt, and decode attends over "
+                                       "a different KV length"),
+    ("batch", "batch size", "every block does a different amount of work per step"),
+)
+
+
+def _differing(run_a, run_b) -> list[tuple[str, str, str, str]]:
+    return [(label, a, b, why) for column, label, why in COMPARED_FACTS
+            if (a := fact(run_a, column)) != (b := fact(run_b, column))]
+
+
+def differences(run_a, run_b) -> list[str]:
+    """Sentences naming the facts (model, depth, prompt length, batch) on which two runs differ,
+    with what that means for the comparison; empty for like-for-like runs."""
+    return [f"the runs differ in {label} (A: {a}, B: {b}): {why}" for label, a, b, why in _differing(run_a, run_b)]
+
+
 def comparability(run_a, run_b) -> list[str]:
-    """Reasons two runs do not measure the same work (different model, depth or prompt length);
-    empty when they may be compared."""
-    def first(run):
-        gen = run.runs[run.runs["kind"] == "generate"] if not run.runs.empty else run.runs
-        return gen.iloc[0] if len(gen) else None
-
-    ra, rb = first(run_a), first(run_b)
-    if ra is None or rb is None:
-        which = " and ".join(n for n, r in (("A", ra), ("B", rb)) if r is None)
-        return [f"{which} holds no generate call"]
-    problems = []
-    for col, what in (("model_id", "model"), ("parameters", "parameter count"), ("depth", "depth"),
-                      ("prompt_tokens", "prompt length (tokens)"), ("batch", "batch size")):
-        va, vb = ra[col], rb[col]
-        if pd.isna(va) and pd.isna(vb):
-            continue
-        if pd.isna(va) or pd.isna(vb) or va != vb:
-            problems.append(f"different {what}: A {va} vs B {vb}")
-    return problems
-
+    """Reasons two runs do not measure the same work (the facts of :data:`COMPARED_FACTS`), in
+    short; empty when they may be compared (and gated)."""
+    missing = [n for n, r in (("A", run_a), ("B", run_b))
+               if r.runs.empty or not (r.runs["kind"] == "generate").any()]
+    if missing:
+        return [f"{' and '.join(missing)} holds no generate call"]
+    return [f"different {label}: A {a} vs B {b}" for label, a, b, _ in _differing(run_a, run_b)]

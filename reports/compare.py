@@ -1,8 +1,9 @@
 """Run-vs-run comparison: ``compare.html`` and ``compare.csv`` of two saved runs.
 
-Blocks are matched by ``(module, phase)`` and by ``(role, phase)``; each row carries A's and
-B's totals straight from their own ``Run.summary()``, ``diff_ms = b_ms - a_ms`` and
-``ratio = b_ms / a_ms``. Typical uses: eager vs sdpa attention, float32 vs bfloat16, CPU vs GPU.
+Rows are matched per level (block, role, module) by ``(name, phase)``; each row carries A's and
+B's self times straight from their own ``Run.summary()`` (the rows of a level never overlap),
+``diff_ms = b_ms - a_ms`` and ``ratio = b_ms / a_ms``. Runs recorded at different depths, prompt
+lengths or models are compared all the same, with the difference said at the top. Typical uses: eager vs sdpa attention, float32 vs bfloat16, CPU vs GPU.
 
 Whether a difference is larger than the noise is :func:`probe.stats.significance` (bootstrap
 intervals over steps and generate calls), written to ``significance.csv`` and shown on the page
@@ -19,14 +20,14 @@ import numpy as np
 import pandas as pd
 
 from . import figures
-from .diff import DIFF_COLUMNS, block_diff
+from .diff import DIFF_COLUMNS, block_diff, differences
 from .html import Page, esc, format_cell, table_html
 
 if TYPE_CHECKING:  # pragma: no cover
     from probe.run import Run
 
-#: columns of compare.csv: ``level`` is "role" or "module", the rest as in reports.diff
-COMPARE_COLUMNS: dict[str, str] = {"level": "string", **DIFF_COLUMNS}
+#: columns of compare.csv (as in reports.diff; ``level`` is block, role or module)
+COMPARE_COLUMNS: dict[str, str] = dict(DIFF_COLUMNS)
 HEADLINE_METRICS = ("ttft_ms", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_mean", "prefill_tok_s", "decode_tok_s",
                     "total_ms", "peak_mem_bytes", "kv_cache_bytes")
 FACTS = ("model_id", "dtype", "device", "attn_implementation", "depth", "prompt_tokens", "new_tokens", "batch",
@@ -53,18 +54,13 @@ def labels(run_a: "Run", run_b: "Run") -> tuple[str, str]:
 
 
 def comparison_frame(run_a: "Run", run_b: "Run") -> pd.DataFrame:
-    """Per role x phase, then per module x phase, A's and B's numbers side by side.
+    """Per block, role and module and phase, A's and B's numbers side by side.
 
     Returns:
         Columns of :data:`COMPARE_COLUMNS`; ``a_ms``/``b_ms`` are each run's own
-        ``Run.summary(by=level)["total_ms"]``.
+        ``Run.summary()["self_ms"]`` of that level.
     """
-    parts = []
-    for level in ("role", "module"):
-        d = block_diff(run_a.summary(by=level), run_b.summary(by=level))
-        d.insert(0, "level", pd.Series([level] * len(d), dtype="string"))
-        parts.append(d)
-    return pd.concat(parts, ignore_index=True).astype(COMPARE_COLUMNS)
+    return block_diff(run_a.summary(), run_b.summary()).astype(COMPARE_COLUMNS)
 
 
 def _mean_headline(run: "Run") -> pd.Series:
@@ -112,7 +108,7 @@ def significance_table(sig: pd.DataFrame) -> pd.DataFrame:
         return "" if pd.isna(v) else f"{v:+.1f}%"
 
     out = pd.DataFrame({
-        "metric / block": sig["module"].astype(str),
+        "metric / block": sig["name"].astype(str),
         "phase": sig["phase"].astype(str),
         "samples A / B": [f"{a} / {b}" for a, b in zip(sig["a_n"], sig["b_n"])],
         "A mean": [format_cell("ms" if c != "tok/s" else "tok_s", v) for c, v in zip(sig["clock"], sig["a_mean"])],
@@ -157,27 +153,37 @@ def render_comparison(run_a: "Run", run_b: "Run", sig: pd.DataFrame | None = Non
     doc.add(table_html(_facts(run_a, run_b, la, lb), table_id="facts"))
     doc.add('<h2 id="headline">Headline</h2>')
     doc.add(table_html(_formatted_headline(head), table_id="headline-table"))
+    notes = differences(run_a, run_b)
+    if notes:
+        doc.add('<div class="note" id="differences"><b>Not like for like:</b><ul>'
+                + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul></div>")
     doc.add('<h2 id="significance">Is the difference larger than the noise?</h2>')
     doc.add(_noise_note(run_a, run_b, la, lb))
-    shown = sig[sig["level"].isin(["metric", "role"])]
+    shown = sig[sig["level"].isin(["metric", "block"])]
     doc.add(table_html(significance_table(shown), table_id="significance-table",
-                       caption="B against A: headline metrics, then blocks (role) per phase"))
+                       caption="B against A: headline metrics, then blocks per phase (self time)"))
     doc.add('<p class="note">"B slower by" is B\'s mean over A\'s minus one (for tok/s, A\'s over B\'s: '
             "positive is always worse). The 95% interval is a bootstrap percentile interval (2,000 resamples of "
             "each run's samples: steps for blocks and TPOT, generate calls for TTFT, tok/s and total time); a "
             "difference is significant when its interval excludes 0 and a two-sided Mann-Whitney U test gives "
             "p &lt; 0.05 (three calls against three can never reach it). Record several generate calls "
-            "(<code>probe run --repeat N</code>) for intervals on TTFT and tok/s. Every module is in "
+            "(<code>probe run --repeat N</code>) for intervals on TTFT and tok/s. Every role is in "
             "significance.csv.</p>")
-    doc.figure(figures.compare_blocks(run_a.summary(by="role"), run_b.summary(by="role"), la, lb),
+    doc.figure(figures.compare_blocks(run_a.summary("block"), run_b.summary("block"), la, lb),
+               "fig-compare-blocks", "Per block and phase")
+    doc.add(table_html(frame[frame["level"] == "block"].drop(columns="level"), caption="Per block and phase (self ms)",
+                       table_id="block-table"))
+    doc.figure(figures.compare_blocks(run_a.summary("role"), run_b.summary("role"), la, lb),
                "fig-compare-roles", "Per role and phase")
-    doc.add(table_html(frame[frame["level"] == "role"].drop(columns="level"), caption="Per role and phase (ms)",
+    doc.add(table_html(frame[frame["level"] == "role"].drop(columns="level"), caption="Per role and phase (self ms)",
                        table_id="role-table"))
     doc.add('<h2 id="modules">Per module and phase</h2>')
-    doc.add(table_html(frame[frame["level"] == "module"].drop(columns="level"), caption="Per module and phase (ms)",
+    doc.add(table_html(frame[frame["level"] == "module"].drop(columns="level"), caption="Per module and phase (self ms)",
                        table_id="module-table"))
-    doc.add('<p class="note">diff_ms = B - A, ratio = B / A; a_ms and b_ms are each run\'s total host ms from its '
-            "own summary. All rows are in compare.csv.</p>")
+    doc.add('<p class="note">a_ms and b_ms are each run\'s self host ms from its own summary (a block\'s self time '
+            "is its whole subtree; a role's or module's is the time not inside another recorded call, so the rows "
+            "of a level add up to the forward time with the residue); diff_ms = B - A, ratio = B / A. "
+            "All rows are in compare.csv.</p>")
     return doc.render(f"probe compare: {la} vs {lb}")
 
 

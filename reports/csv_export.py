@@ -37,9 +37,10 @@ TABLES: dict[str, dict[str, str]] = {"calls": schema.CALLS, "steps": schema.STEP
 def frames_for_csv(run: "Run", view: "CostView | None" = None) -> dict[str, pd.DataFrame]:
     """The tables the export writes, conformed to their schemas.
 
-    ``summary`` is :meth:`Run.summary` by module: per block x phase the calls, total and mean
-    ms, share of the phase's forward time, GPU total and mean output bytes, plus the
-    ``(residue)`` and ``(outside model)`` rows of each phase. ``roofline`` is there only
+    ``summary`` is :meth:`Run.summary` at every level (block, role, module): per row and phase
+    the calls, inclusive and self ms, mean ms, share of the phase's forward time (of self
+    time, so a level's shares add up to 100 %), GPU times and mean output bytes, plus the
+    ``(residue)`` row (and ``(probe)``, where recorded) of each phase and level. ``roofline`` is there only
     where the cost estimate is (:func:`reports.cost_view.cost_view`; ``view`` if given).
     """
     from .cost_view import cost_view
@@ -51,7 +52,7 @@ def frames_for_csv(run: "Run", view: "CostView | None" = None) -> dict[str, pd.D
         "steps": schema.conform(run.steps, schema.STEPS),
         "runs": schema.conform(run.runs, schema.RUNS),
         "sampling": schema.conform(run.sampling, schema.SAMPLING),
-        "summary": schema.conform(run.summary(by="module"), schema.SUMMARY),
+        "summary": schema.conform(run.summary(), schema.SUMMARY),
     }
     view = cost_view(run) if view is None else view
     if view.has_cost:

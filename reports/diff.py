@@ -5,55 +5,63 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from probe.schema import PHASES
+from probe.schema import LEVELS, PHASES
+from probe.stats import differences, fact  # noqa: F401  (re-exported: the compare page and views use them)
 
 DIFF_COLUMNS: dict[str, str] = {
-    "module": "string",  # module name, or the role when the summaries are by role
+    "level": "string",  # the summaries' level: block, role or module
+    "name": "string",  # the block, role or module
     "role": "string",
     "phase": "string",
     "a_calls": "Int64",
     "b_calls": "Int64",
-    "a_ms": "float64",  # total host ms of A (the summary's total_ms)
+    "a_ms": "float64",  # self host ms of A (the summary's self_ms: rows of a level never overlap)
     "b_ms": "float64",
     "diff_ms": "float64",  # b_ms - a_ms
     "ratio": "float64",  # b_ms / a_ms (NaN where A is 0 or missing)
     "a_mean_ms": "float64",
     "b_mean_ms": "float64",
-    "a_share": "float64",  # share of the phase's forward time
+    "a_total_ms": "float64",  # inclusive host ms of A (the summary's total_ms)
+    "b_total_ms": "float64",
+    "a_share": "float64",  # share of the phase's forward time (self time)
     "b_share": "float64",
 }
 
 
 def block_diff(summary_a: pd.DataFrame, summary_b: pd.DataFrame) -> pd.DataFrame:
-    """Match two ``Run.summary()`` frames by ``(module, phase)`` and put their numbers side by side.
+    """Match two ``Run.summary()`` frames by ``(level, name, phase)`` and put their numbers side by side.
 
-    Rows present in only one summary are kept, with the other side null. Summaries by role
-    (``Run.summary(by="role")``) match by role, since their ``module`` column holds the role.
+    Rows present in only one summary are kept, with the other side null. The compared time is
+    self time, so the rows of one level add up to the forward time without double counting.
 
     Args:
-        summary_a, summary_b: summaries of the two runs (both by module, or both by role).
+        summary_a, summary_b: summaries of the two runs (any levels; rows match within a level).
 
     Returns:
-        Columns of :data:`DIFF_COLUMNS`, ordered by phase, then as the rows appear in A (then B).
+        Columns of :data:`DIFF_COLUMNS`, ordered by level, phase, then as the rows appear in A (then B).
     """
     if summary_a.empty and summary_b.empty:
         return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in DIFF_COLUMNS.items()})
-    keep = ["module", "role", "phase", "calls", "total_ms", "mean_ms", "share"]
-    a = summary_a[keep].astype({"module": "string", "phase": "string"}).reset_index(drop=True)
-    b = summary_b[keep].astype({"module": "string", "phase": "string"}).reset_index(drop=True)
+    keep = ["level", "name", "role", "phase", "calls", "self_ms", "total_ms", "mean_ms", "share"]
+    on = ["level", "name", "phase"]
+    a = summary_a[keep].astype({c: "string" for c in on}).reset_index(drop=True)
+    b = summary_b[keep].astype({c: "string" for c in on}).reset_index(drop=True)
     a["_seq"] = np.arange(len(a), dtype="float64")
     b["_seq"] = np.arange(len(b), dtype="float64") + len(a) + 0.5
-    m = a.merge(b, on=["module", "phase"], how="outer", suffixes=("_a", "_b"), sort=False)
+    m = a.merge(b, on=on, how="outer", suffixes=("_a", "_b"), sort=False)
     out = pd.DataFrame({
-        "module": m["module"],
+        "level": m["level"],
+        "name": m["name"],
         "role": m["role_a"].fillna(m["role_b"]),
         "phase": m["phase"],
         "a_calls": m["calls_a"],
         "b_calls": m["calls_b"],
-        "a_ms": m["total_ms_a"],
-        "b_ms": m["total_ms_b"],
+        "a_ms": m["self_ms_a"],
+        "b_ms": m["self_ms_b"],
         "a_mean_ms": m["mean_ms_a"],
         "b_mean_ms": m["mean_ms_b"],
+        "a_total_ms": m["total_ms_a"],
+        "b_total_ms": m["total_ms_b"],
         "a_share": m["share_a"],
         "b_share": m["share_b"],
     })
@@ -61,8 +69,12 @@ def block_diff(summary_a: pd.DataFrame, summary_b: pd.DataFrame) -> pd.DataFrame
     a_ms = out["a_ms"].astype("float64")
     out["ratio"] = (out["b_ms"].astype("float64") / a_ms).where(a_ms > 0)
     phase_rank = {p: i for i, p in enumerate(PHASES)}
+    out["_l"] = out["level"].map({v: i for i, v in enumerate(LEVELS)}).fillna(len(LEVELS)).astype("float64")
     out["_p"] = out["phase"].map(phase_rank).fillna(len(phase_rank)).astype("float64")
     out["_s"] = m["_seq_a"].fillna(m["_seq_b"]).to_numpy()
-    out = out.sort_values(["_p", "_s"], kind="stable").drop(columns=["_p", "_s"])
+    out["_r"] = out["name"].isin(["(residue)", "(probe)"]).astype("int64")  # a level's remainder rows last
+    out = out.sort_values(["_l", "_p", "_r", "_s"], kind="stable").drop(columns=["_l", "_p", "_r", "_s"])
     out = out[list(DIFF_COLUMNS)].astype(DIFF_COLUMNS)
     return out.reset_index(drop=True)
+
+

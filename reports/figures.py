@@ -48,9 +48,10 @@ RUN_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", 
 RANK_PATTERNS = ("", "/", "x", ".", "\\", "+", "-", "|")
 #: display order and label of the parts a step's time splits into
 PARTS = (("embed", "embedding"), ("layer", "layers"), ("norm", "final norm"), ("head", "lm_head"),
-         ("residue", "residue (in forward, outside blocks)"), ("outside", "outside model (logits, sampling)"))
-ROLE_ORDER = {r: i for i, r in enumerate((*BLOCK_ROLES, "attention", "mlp", "layer_norm", "other", "residue",
-                                          "outside"))}
+         ("model", "model level (base model glue, rotary)"), ("residue", "residue (in forward, in no recorded call)"),
+         ("probe", "the probe's own cost"), ("outside", "outside model (logits, sampling)"))
+#: the summary levels a bar chart can show, with the axis label of each
+LEVEL_LABELS = {"block": "block", "role": "role", "module": "module"}
 #: colours of the sampling stages in the step breakdown: one muted family, apart from the blocks'
 STAGE_COLORS = ("#17becf", "#bcbd22", "#8c564b", "#e377c2", "#393b79", "#637939", "#9c9ede", "#d6616b")
 STAGE_FIXED = {"update kwargs": "#52796f", "stopping": "#3d405b", "candidates": "#b5838d",
@@ -128,24 +129,28 @@ def _f(values: pd.Series) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- blocks
-def phase_blocks(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "role") -> go.Figure:
-    """Prefill vs decode host time per block (``by="role"``) or per module (``by="module"``).
+def phase_blocks(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "block") -> go.Figure:
+    """Prefill vs decode self time per block, role or module (``by`` = the summary level).
 
-    Bars are total ms per phase; the text on each bar is the block's share of its phase's
-    forward time. The residue (forward time outside every block) and the time outside the
-    model (logits processing, sampling) are shown as their own bars. A run merged from
-    several ranks gets one bar per phase and rank (``prefill · rank 1``), each rank's share
-    taken over its own forward time; ranks differ by bar pattern, phases by colour.
+    Bars are the self ms of each row of :meth:`probe.Run.summary` at that level, which never
+    overlap (a block's self time is its whole subtree); the text on each bar is its share of
+    the phase's forward time, and the residue (and the probe's own cost, where recorded) are
+    bars of their own, so a phase's texts add up to 100 %. A run merged from several ranks
+    gets one bar per phase and rank (``prefill · rank 1``), each rank's share taken over its
+    own forward time; ranks differ by bar pattern, phases by colour.
 
     Args:
         calls: the ``calls`` frame.
-        steps: the ``steps`` frame (phase totals, residue, outside time).
-        by: ``"role"`` (embed / layer / norm / head ...) or ``"module"`` (each module).
+        steps: the ``steps`` frame (phase totals, residue).
+        by: ``"block"`` (embed / layer / norm / head / model), ``"role"`` (q_proj, attention
+            core, ...) or ``"module"`` (each module).
 
     Returns:
         A grouped bar chart, one trace per phase (per phase and rank with several ranks).
     """
-    title = "Time per block, prefill vs decode"
+    if by not in LEVEL_LABELS:
+        raise ValueError(f"by must be one of {', '.join(map(repr, LEVEL_LABELS))}; got {by!r}")
+    title = f"Self time per {LEVEL_LABELS[by]}, prefill vs decode"
     rank_list = ranks(calls)
     if len(rank_list) > 1:
         rc = calls["rank"].to_numpy(dtype="int64", na_value=0)
@@ -155,28 +160,26 @@ def phase_blocks(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "role") -> 
         parts = [(None, block_summary(calls, steps, by=by))]
     if all(summ.empty for _, summ in parts):
         return empty_figure(title)
-    if by == "role":
-        parts = [(r, summ.assign(_o=summ["role"].map(ROLE_ORDER).fillna(len(ROLE_ORDER))).sort_values(
-            "_o", kind="stable")) for r, summ in parts]
-    order = list(dict.fromkeys(m for _, summ in parts for m in summ["module"].astype(str)))
+    order = list(dict.fromkeys(m for _, summ in parts for m in summ["name"].astype(str)))
     phases = _phases_in(pd.concat([summ[["phase"]] for _, summ in parts]))
     # no x title: the block names say it, and a half-width chart's rotated names would run into it
-    fig = _figure(title + "<br><sup>bar text: share of the phase's forward time</sup>", "", "total host ms")
+    fig = _figure(title + "<br><sup>bar text: share of the phase's forward time</sup>", "", "self host ms")
     for phase in phases:
         for i, (rank, summ) in enumerate(parts):
             sub = summ[summ["phase"] == phase]
             if sub.empty:
                 continue
-            sub = sub.set_index(sub["module"].astype(str))
+            sub = sub.set_index(sub["name"].astype(str))
             sub = sub.reindex([m for m in order if m in sub.index])
             share = _f(sub["share"]) * 100
             name = phase if rank is None else f"{phase} · rank {rank}"
             fig.add_trace(go.Bar(
-                name=plot_text(name), x=[plot_text(m) for m in sub.index], y=_f(sub["total_ms"]),
+                name=plot_text(name), x=[plot_text(m) for m in sub.index], y=_f(sub["self_ms"]),
                 text=[fmt.pct(s / 100) for s in share], textposition="outside",
-                customdata=np.column_stack([_f(sub["calls"]), _f(sub["mean_ms"]), share]),
-                hovertemplate="%{x}<br>total %{y:.3f} ms<br>%{customdata[0]} calls, mean %{customdata[1]:.4f} ms"
-                              "<br>share %{customdata[2]:.1f}%<extra>" + plot_text(name) + "</extra>",
+                customdata=np.column_stack([_f(sub["calls"]), _f(sub["total_ms"]), _f(sub["mean_ms"]), share]),
+                hovertemplate="%{x}<br>self %{y:.3f} ms, total %{customdata[1]:.3f} ms<br>%{customdata[0]} calls, "
+                              "mean %{customdata[2]:.4f} ms<br>share %{customdata[3]:.1f}%<extra>"
+                              + plot_text(name) + "</extra>",
                 marker_color=PHASE_COLORS.get(phase),
                 **({} if rank is None else {"marker_pattern_shape": RANK_PATTERNS[i % len(RANK_PATTERNS)],
                                             "legendgroup": plot_text(phase)}),
@@ -185,26 +188,25 @@ def phase_blocks(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "role") -> 
     return fig
 
 
-def phase_blocks_runs(parts: dict[str, tuple[pd.DataFrame, pd.DataFrame]], by: str = "role") -> go.Figure:
+def phase_blocks_runs(parts: dict[str, tuple[pd.DataFrame, pd.DataFrame]], by: str = "block") -> go.Figure:
     """Several runs side by side: one panel per phase, and in it one bar per run for each block.
 
     Runs are never added together (their blocks, phases and step counts differ); each bar is
-    that run's own total, with its share of that run's phase as text.
+    that run's own self time, with its share of that run's phase as text.
 
     Args:
         parts: run name (its folder; the legend shows it) -> (``calls``, ``steps``) of that run.
-        by: ``"role"`` or ``"module"``, as in :func:`phase_blocks`.
+        by: ``"block"``, ``"role"`` or ``"module"``, as in :func:`phase_blocks`.
     """
     from plotly.subplots import make_subplots
 
-    title = "Time per block, prefill vs decode, per run"
+    if by not in LEVEL_LABELS:
+        raise ValueError(f"by must be one of {', '.join(map(repr, LEVEL_LABELS))}; got {by!r}")
+    title = f"Self time per {LEVEL_LABELS[by]}, prefill vs decode, per run"
     summaries = {name: block_summary(c, s, by=by) for name, (c, s) in parts.items()}
     if all(summ.empty for summ in summaries.values()):
         return empty_figure(title)
-    if by == "role":
-        summaries = {n: summ.assign(_o=summ["role"].map(ROLE_ORDER).fillna(len(ROLE_ORDER))).sort_values(
-            "_o", kind="stable") for n, summ in summaries.items()}
-    order = list(dict.fromkeys(m for summ in summaries.values() for m in summ["module"].astype(str)))
+    order = list(dict.fromkeys(m for summ in summaries.values() for m in summ["name"].astype(str)))
     phases = _phases_in(pd.concat([summ[["phase"]] for summ in summaries.values()]))
     fig = make_subplots(rows=1, cols=len(phases), subplot_titles=[plot_text(p) for p in phases],
                         horizontal_spacing=0.06)
@@ -214,26 +216,27 @@ def phase_blocks_runs(parts: dict[str, tuple[pd.DataFrame, pd.DataFrame]], by: s
             sub = summ[summ["phase"] == phase]
             if sub.empty:
                 continue
-            sub = sub.set_index(sub["module"].astype(str))
+            sub = sub.set_index(sub["name"].astype(str))
             sub = sub.reindex([m for m in order if m in sub.index])
             share = _f(sub["share"])
             fig.add_trace(go.Bar(
-                name=plot_text(name), x=[plot_text(m) for m in sub.index], y=_f(sub["total_ms"]),
+                name=plot_text(name), x=[plot_text(m) for m in sub.index], y=_f(sub["self_ms"]),
                 text=[fmt.pct(v) for v in share], textposition="outside", marker_color=color,
                 legendgroup=plot_text(name), showlegend=not any(t.name == plot_text(name) for t in fig.data),
-                customdata=np.column_stack([_f(sub["calls"]), _f(sub["mean_ms"]), share * 100]),
-                hovertemplate="%{x}<br>total %{y:.3f} ms<br>%{customdata[0]} calls, mean %{customdata[1]:.4f} ms"
-                              "<br>share %{customdata[2]:.1f}%<extra>" + plot_text(f"{name} · {phase}") + "</extra>",
+                customdata=np.column_stack([_f(sub["calls"]), _f(sub["total_ms"]), _f(sub["mean_ms"]), share * 100]),
+                hovertemplate="%{x}<br>self %{y:.3f} ms, total %{customdata[1]:.3f} ms<br>%{customdata[0]} calls, "
+                              "mean %{customdata[2]:.4f} ms<br>share %{customdata[3]:.1f}%<extra>"
+                              + plot_text(f"{name} · {phase}") + "</extra>",
             ), row=1, col=j + 1)
     fig.update_layout(title={"text": title + "<br><sup>bar text: share of that run's phase forward time</sup>"},
                       template=TEMPLATE, height=HEIGHT + 40, barmode="group",
                       margin={"l": 60, "r": 30, "t": 90, "b": 60}, legend={"orientation": "h", "y": -0.25})
-    fig.update_yaxes(title_text="total host ms", col=1)
+    fig.update_yaxes(title_text="self host ms", col=1)
     return fig
 
 
 def step_breakdown(calls: pd.DataFrame, steps: pd.DataFrame, sampling: pd.DataFrame | None = None) -> go.Figure:
-    """One step split into embedding / layers / norm / lm_head / residue / outside the model.
+    """One step split into embedding / layers / norm / lm_head / model level / residue / outside.
 
     One horizontal stacked bar per phase: prefill is its (single) step, decode and the other
     phases are the mean over their steps, so the bars read as "one step of this phase".
@@ -286,7 +289,7 @@ def _breakdown(calls: pd.DataFrame, steps: pd.DataFrame) -> tuple[list[str], dic
     """Bar labels (one per phase) and ms per step of each part, for :func:`step_breakdown`."""
     # The summary owns the accounting: blocks and residue over the steps that have block
     # records, on the phase's clock; the time outside the model over every step.
-    summ = block_summary(calls, steps, by="role") if len(calls) else None
+    summ = block_summary(calls, steps, by="block") if len(calls) else None
     n_steps = steps.groupby("phase", sort=False).size()
     phases = _phases_in(steps)
     labels = [f"{p} ({int(n_steps[p])} step{'s' if n_steps[p] != 1 else ''})" for p in phases]
@@ -302,7 +305,7 @@ def _breakdown(calls: pd.DataFrame, steps: pd.DataFrame) -> tuple[list[str], dic
                 parts[key].append(float(sub["forward_ms"].mean()) if key == "residue" else 0.0)
             elif key in rows.index:  # per step with block records, on the summary's clock
                 r = rows.loc[key]
-                ms = r["gpu_total_ms"] if pd.notna(r["gpu_total_ms"]) else r["total_ms"]
+                ms = r["gpu_self_ms"] if pd.notna(r["gpu_self_ms"]) else r["self_ms"]
                 parts[key].append(float(ms) / float(rows.loc["residue", "calls"]))
             else:
                 parts[key].append(0.0)
@@ -366,7 +369,7 @@ def sampling_stages(sampling: pd.DataFrame, steps: pd.DataFrame) -> go.Figure:
 
 
 def _breakdown_bar(fig: go.Figure, name: str, labels: list[str], vals: np.ndarray, color: str | None = None) -> None:
-    if np.all(np.isnan(vals)):
+    if np.all(np.isnan(vals) | (vals == 0)):  # a part this run has not got (model level at blocks, probe)
         return
     fig.add_trace(go.Bar(name=name, y=[plot_text(x) for x in labels], x=vals, orientation="h",
                          marker={"color": color} if color else None,
@@ -571,10 +574,10 @@ def memory_over_steps(steps: pd.DataFrame, calls: pd.DataFrame, names: dict[str,
 # --------------------------------------------------------------------------- comparison
 def compare_blocks(summary_a: pd.DataFrame, summary_b: pd.DataFrame, label_a: str = "A",
                    label_b: str = "B") -> go.Figure:
-    """Side-by-side total ms per (block, phase) of two runs' summaries.
+    """Side-by-side self ms per (block / role / module, phase) of two runs' summaries.
 
     Args:
-        summary_a, summary_b: ``Run.summary(by=...)`` of the two runs (same ``by``).
+        summary_a, summary_b: ``Run.summary(level)`` of the two runs (same level).
         label_a, label_b: legend names of the two runs.
 
     Returns:
@@ -584,12 +587,16 @@ def compare_blocks(summary_a: pd.DataFrame, summary_b: pd.DataFrame, label_a: st
     d = block_diff(summary_a, summary_b)
     if d.empty:
         return empty_figure(title)
-    x = [plot_text(f"{p} · {m}") for p, m in zip(d["phase"], d["module"])]
+    x = [plot_text(f"{p} · {m}") for p, m in zip(d["phase"], d["name"])]
     extra = np.column_stack([_f(d["diff_ms"]), _f(d["ratio"])])
-    fig = _figure(title, "phase · block", "total host ms")
+    fig = _figure(title, "phase · block", "self host ms")
     for col, label, color in (("a_ms", label_a, "#1f77b4"), ("b_ms", label_b, "#ff7f0e")):
         fig.add_trace(go.Bar(name=plot_text(label), x=x, y=_f(d[col]), marker_color=color, customdata=extra,
                              hovertemplate="%{x}<br>%{y:.3f} ms<br>B - A %{customdata[0]:.3f} ms, "
                                            "B / A %{customdata[1]:.3f}<extra></extra>"))
     fig.update_layout(barmode="group")
     return fig
+
+
+# the call-tree figures live in their own module and are part of this one's API
+from .tree_figures import icicle, layer_roles  # noqa: E402,F401

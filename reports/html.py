@@ -211,15 +211,33 @@ def _prompt_html(prompt: object) -> str:
 
 #: (element id, section title, builder) of the report's figures, in page order
 FIGURES = (
-    ("fig-phase-blocks", "Prefill vs decode per block", lambda r: figures.phase_blocks(r.calls, r.steps, by="role")),
+    ("fig-phase-blocks", "Prefill vs decode per block", lambda r: figures.phase_blocks(r.calls, r.steps, by="block")),
+    ("fig-phase-roles", "Prefill vs decode per role", lambda r: figures.phase_blocks(r.calls, r.steps, by="role")),
     ("fig-step-breakdown", "One step, broken down", lambda r: figures.step_breakdown(r.calls, r.steps, r.sampling)),
     ("fig-sampling-stages", "The sampling step, stage by stage",
      lambda r: figures.sampling_stages(r.sampling, r.steps)),
+    ("fig-tree-prefill", "Module tree, prefill", lambda r: figures.icicle(r.calls, r.steps, phase="prefill")),
+    ("fig-tree-decode", "Module tree, decode", lambda r: figures.icicle(r.calls, r.steps, phase="decode")),
+    ("fig-layer-roles", "Layer x role", lambda r: figures.layer_roles(r.calls, r.steps)),
     ("fig-layer-heatmap", "Layer x step (decode)", lambda r: figures.layer_heatmap(r.calls, phase="decode")),
     ("fig-token-latency", "Per-token latency", lambda r: figures.token_latency(r.steps, r.runs)),
     ("fig-latency-kv", "Latency vs KV length", lambda r: figures.latency_vs_kv(r.steps)),
     ("fig-memory", "Memory and KV cache", lambda r: figures.memory_over_steps(r.steps, r.calls)),
 )
+
+
+#: tree level the report's tree table folds at (1 = top-level calls, 2 = at depth all the blocks inside the base model;
+#: the icicle and the dashboard's Tree view go deeper)
+TREE_TABLE_DEPTH = 2
+
+
+def _tree_rows(run: "Run") -> pd.DataFrame:
+    """The call tree collapsed at :data:`TREE_TABLE_DEPTH`, indented by depth, without the path."""
+    t = run.tree(depth=TREE_TABLE_DEPTH)
+    name = ["\u00a0\u00a0" * (int(d) - 1) + str(m) for d, m in zip(t["depth"], t["module"])]
+    out = t.drop(columns=["node", "parent_node", "module"])
+    out.insert(1, "module", pd.Series(name, dtype="string"))
+    return out
 
 
 def roofline_table(view: "CostView") -> pd.DataFrame:
@@ -357,7 +375,7 @@ def spread_html(run: "Run") -> str:
     if head.empty or int(head["generates"].max()) < 2:
         return ""
     n = int(head["generates"].max())
-    blocks = run.spread(by="role")
+    blocks = run.spread("block")
     metric = head["metric"].astype(str)
     head = pd.DataFrame({"metric": metric, "generates": head["generates"],
                          **{c: [format_cell(m, v) for m, v in zip(metric, head[c])] for c in ("median", "min", "max")},
@@ -365,7 +383,7 @@ def spread_html(run: "Run") -> str:
     return (f'<h2 id="spread">Spread over {n} generate calls</h2>'
             + table_html(head, caption="Headline metrics: median and min - max over the generate calls",
                          table_id="headline-spread-table")
-            + table_html(blocks, caption="Per role and phase: each generate call's total ms, median and min - max",
+            + table_html(blocks, caption="Per block and phase: each generate call's self ms, median and min - max",
                          table_id="spread-table")
             + '<p class="note">spread_pct = (max - min) / median. Min - max is what was seen over the repeats '
               "(with a handful of repeats a percentile range would only interpolate between them).</p>")
@@ -407,8 +425,9 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
         # the model is named in the title and the facts above: its column only widened the table
         doc.add(table_html(head.drop(columns="model_id"), table_id="headline-table"))
     doc.add('<p class="note">TTFT: from entering generate() to the first token chosen. TPOT: time between '
-            "consecutive tokens over the decode steps. Share: a block's host time over its phase's forward "
-            "time; the residue is forward time outside every recorded block."
+            "consecutive tokens over the decode steps. Share: a row's self time (its time not inside another "
+            "recorded call; a block's self time is its whole subtree) over its phase's forward time, so the rows "
+            "of a level add up to 100 % with the residue, the forward time inside no recorded call."
             + (" peak_mem_bytes is the CUDA allocator's peak, so it is blank for a run on the CPU; there the "
                "probe records each block's output bytes and the KV cache (see Memory and KV cache)."
                if len(head) and head["peak_mem_bytes"].isna().all() else "")
@@ -430,10 +449,12 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
         doc.add(table_html(per_rank_summary(run.calls, run.steps, by="role"),
                            caption="Per rank, role and phase (share of that rank's forward time)",
                            table_id="rank-role-table"))
-    doc.add(table_html(run.summary(by="role"), caption="Per role and phase" + (" (all ranks)" if multi else ""),
-                       table_id="role-table"))
-    doc.add(table_html(run.summary(by="module"), caption="Per module and phase" + (" (all ranks)" if multi else ""),
-                       table_id="module-table"))
+    every = " (all ranks)" if multi else ""
+    for level, table_id in (("block", "block-table"), ("role", "role-table"), ("module", "module-table")):
+        doc.add(table_html(run.summary(level).drop(columns="level"), caption=f"Per {level} and phase{every}",
+                           table_id=table_id))
+    doc.add(table_html(_tree_rows(run), caption=f"The call tree down to level {TREE_TABLE_DEPTH} (deeper calls "
+                       f"folded into their ancestor's self time){every}", table_id="tree-table"))
     doc.add('<h2 id="shapes">Shape walkthrough</h2>')
     doc.add('<p class="note">Each block\'s input and output shapes for the prefill step and the first '
             "decode step" + (", for every rank (a sharded block shows each rank's width)" if multi else "")

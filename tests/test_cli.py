@@ -176,3 +176,34 @@ def test_model_directory_whose_tokenizer_has_no_pad_token(tmp_path, capsys):
 def test_bad_generation_options_fail_before_loading_a_model(tmp_path, capsys, flag, value, rule):
     code, _, err = _run(["run", str(tmp_path / "never-loaded"), flag, value], capsys)
     assert code == 2 and f"{flag} must be {rule}" in err  # checked before the missing folder
+
+
+def test_run_and_compare_print_each_level_once_and_say_what_differs(tmp_path, capsys):
+    """`probe run --depth all` prints blocks and roles whose shares each add up to 100 %;
+    `probe compare` of runs at different depths and prompts says so and keeps to the blocks."""
+    import re
+
+    model_dir = save_bundled(tmp_path / "model", num_hidden_layers=2)
+    dirs = {}
+    for depth, prompt in (("all", "hello world"), ("blocks", "hello there world, how are you")):
+        d = tmp_path / depth
+        code, out, err = _run(["run", str(model_dir), "--prompt", prompt, "--max-new-tokens", "3", "--depth", depth,
+                               "--out", str(d), "--no-report"], capsys)
+        assert code == 0, err
+        dirs[depth] = d
+        table = out[out.index("where the forward time went"):out.index("shape walk")]
+        levels = re.findall(r"^(block|role)\s+phase", table, flags=re.M)
+        assert levels == (["block", "role"] if depth == "all" else ["block"])
+        for level in levels:
+            part = table[table.index(f"{level} "):].split("\n\n")[0]
+            for phase in ("prefill", "decode"):
+                shares = [float(v) for v in re.findall(rf"^\S+(?: \S+)?\s+{phase}\s.*?([\d.]+)%$", part, flags=re.M)]
+                assert shares and sum(shares) == pytest.approx(100.0, abs=0.1 * len(shares)), (level, phase)
+        if depth == "all":
+            assert re.search(r"^attention core\s+decode", table, flags=re.M)
+    code, out, err = _run(["compare", str(dirs["all"]), str(dirs["blocks"]), "--out", str(tmp_path / "cmp")], capsys)
+    assert code == 0, err
+    assert "note: the runs differ in depth (A: all, B: blocks)" in out
+    assert "note: the runs differ in prompt length" in out and "differ in model" not in out
+    assert re.search(r"^block\s+phase\s+A self ms", out, flags=re.M) and not re.search(r"^role\s+phase", out, flags=re.M)
+    assert "Not like for like" in (tmp_path / "cmp" / "compare.html").read_text(encoding="utf-8")

@@ -309,7 +309,7 @@ def test_runs_without_generate_or_without_calls_draw_every_view(odd_dir, view):
 @pytest.mark.parametrize("view,n_charts,n_tables", [
     # Overview: the headline, and the spread of the runs' four generate calls (metrics, blocks);
     # Compare: both headlines, the per-block difference and the significance table
-    ("Overview", 2, 3), ("Layers", 3, 1), ("Timeline", 2, 0), ("Memory", 2, 2), ("Roofline", 0, 1),
+    ("Overview", 2, 3), ("Layers", 3, 1), ("Tree", 1, 1), ("Timeline", 2, 0), ("Memory", 2, 2), ("Roofline", 0, 1),
     ("Shapes", 0, 1), ("Compare", 3, 4), ("Sweep", 0, 0), ("Data", 0, 1),
 ])
 def test_every_view_draws_without_errors(runs_dir, view, n_charts, n_tables):
@@ -338,10 +338,10 @@ def test_overview_headline_and_blocks_match_the_runs(runs, runs_dir):
     # two runs are shown side by side, one bar per run folder in a panel per phase, never summed
     assert [t["name"] for t in blocks["data"]] == ["eager", "eager", "sdpa", "sdpa"]
     assert [t["showlegend"] for t in blocks["data"]] == [True, False, True, False]
-    assert {"embed", "layer", "norm", "head", "(residue)", "(outside model)"} <= set(arr(blocks["data"][0]["x"]))
+    assert {"embed", "layer", "norm", "head", "(residue)", "(probe)"} == set(arr(blocks["data"][0]["x"]))
     for trace, (name, phase) in zip(blocks["data"], [(n, p) for n in ("eager", "sdpa") for p in ("prefill", "decode")]):
-        own = probe.load(runs[name]).summary(by="role")
-        want = own[own["phase"] == phase].set_index("module")["total_ms"]
+        own = probe.load(runs[name]).summary("block")
+        want = own[own["phase"] == phase].set_index("name")["self_ms"]
         np.testing.assert_allclose(arr(trace["y"]), want[arr(trace["x"])].to_numpy())
     assert breakdown["layout"]["barmode"] == "stack"
     assert {y.split(" · ")[0] for t in breakdown["data"] for y in arr(t["y"])} == {"eager", "sdpa"}
@@ -424,6 +424,34 @@ def test_layers_view_switches_phase_and_lists_each_layer(runs, runs_dir):
     assert "prefill" in charts(at)[0]["layout"]["title"]["text"]
 
 
+def test_layers_view_splits_layers_by_role_where_the_run_recorded_inside_them(runs, runs_dir):
+    at = app(runs_dir, runs=["sublayers"], view="Layers")
+    heat = charts(at)[1]
+    assert [t["type"] for t in heat["data"]] == ["heatmap", "heatmap"]  # prefill | decode
+    assert arr(heat["data"][0]["x"]) == ["layer (self)", "attention", "mlp", "layer_norm"]
+    assert arr(heat["data"][0]["y"]) == list(range(LAYERS))
+    # a row adds up to the layer's inclusive time per step
+    run = probe.load(runs["sublayers"])
+    dec = run.calls[(run.calls["role"] == "layer") & (run.calls["phase"] == "decode")]
+    per_step = dec.groupby("layer")["cpu_ms"].sum() / int((run.steps["phase"] == "decode").sum())
+    z = np.asarray(arr(heat["data"][1]["z"]), dtype="float64")
+    np.testing.assert_allclose(z.sum(axis=1), per_step.to_numpy(), rtol=1e-9)
+
+
+def test_tree_view_draws_the_icicle_and_folds_the_table(runs, runs_dir):
+    at = app(runs_dir, runs=["sublayers"], view="Tree")
+    icicle = charts(at)[0]
+    assert icicle["data"][0]["type"] == "icicle" and icicle["data"][0]["branchvalues"] == "remainder"
+    table = frame(at)
+    assert table["depth"].max() == 2 and table["share"].sum() == pytest.approx(1.0, abs=1e-9)
+    at.slider(key="tree_depth").set_value(1).run()
+    top = frame(at)
+    assert top["depth"].max() == 1 and top["share"].sum() == pytest.approx(1.0, abs=1e-9)
+    assert len(top) == LAYERS + 5  # embed, each layer, norm, lm_head, the residue and the probe's cost
+    at.radio(key="tree_phase").set_value("prefill").run()
+    assert "prefill" in charts(at)[0]["layout"]["title"]["text"]
+
+
 def test_memory_view_shows_block_output_bytes_and_kv_growth(runs, runs_dir):
     at = app(runs_dir, runs=["eager"], view="Memory")
     mem, kv = frame(at, 0), frame(at, 1)
@@ -465,12 +493,16 @@ def test_compare_puts_two_runs_side_by_side(runs, runs_dir):
     diff_fig = charts(at)[2]
     assert [t["name"] for t in diff_fig["data"]] == ["eager", "sdpa"]
     diff = frame(at, 2)
-    a = probe.load(runs["eager"]).summary(by="role")
-    row = diff[(diff["module"] == "layer") & (diff["phase"] == "decode")].iloc[0]
-    expect = a[(a["module"] == "layer") & (a["phase"] == "decode")]["total_ms"].iloc[0]
+    a = probe.load(runs["eager"]).summary("block")
+    row = diff[(diff["name"] == "layer") & (diff["phase"] == "decode")].iloc[0]
+    expect = a[(a["name"] == "layer") & (a["phase"] == "decode")]["self_ms"].iloc[0]
     assert row["a_ms"] == pytest.approx(expect)
+    assert not at.info  # the same model, depth and prompt: nothing to point out
+    at.radio(key="compare_level").set_value("module").run()
+    assert "model.layers.0" in set(frame(at, 2)["name"])
     at.selectbox(key="compare_a").set_value("sublayers").run()
     assert not at.exception and at.main.subheader[0].value == "sublayers"
+    assert any("differ in depth" in i.value for i in at.info)
     at.selectbox(key="compare_b").set_value("sublayers").run()
     assert "two different runs" in at.warning[0].value
 
@@ -739,7 +771,7 @@ def test_two_ranks_get_a_rank_filter_and_per_rank_overview_and_shapes(ranks_dir,
     assert [t["name"] for t in blocks["data"]] == ["prefill · rank 0", "prefill · rank 1", "decode · rank 0",
                                                    "decode · rank 1"]
     per_rank = frame(at, 1)
-    layer = per_rank[(per_rank["module"] == "layer") & (per_rank["phase"] == "decode")]
+    layer = per_rank[(per_rank["name"] == "layer") & (per_rank["phase"] == "decode")]
     expect = run.calls[(run.calls["role"] == "layer") & (run.calls["phase"] == "decode")].groupby("rank")["cpu_ms"]
     assert layer["rank"].tolist() == [0, 1]
     assert layer["total_ms"].tolist() == pytest.approx(expect.sum().tolist())

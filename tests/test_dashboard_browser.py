@@ -19,7 +19,8 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 #: charts each view draws for two selected runs (as the AppTest tests check too); the runs
 #: carry their peaks, so the Roofline view draws its chart
-CHARTS = {"Overview": 2, "Layers": 3, "Timeline": 2, "Memory": 2, "Roofline": 1, "Serving": 0, "Shapes": 0, "Compare": 3,
+CHARTS = {"Overview": 2, "Layers": 3, "Tree": 1, "Timeline": 2, "Memory": 2, "Roofline": 1, "Serving": 0, "Shapes": 0,
+          "Compare": 3,
           "Sweep": 3, "Data": 0}
 SHOT = Path("/tmp/dashboard_overview.png")  # kept for a person to look at
 ROOFLINE_SHOT = Path("/tmp/dashboard_roofline.png")

@@ -75,17 +75,20 @@ def ys(fig: go.Figure, name: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- figures
-def test_phase_blocks_bars_are_the_summary_totals(run):
-    fig = figures.phase_blocks(run.calls, run.steps, by="role")
-    summ = run.summary(by="role")
+def test_phase_blocks_bars_are_the_summary_self_times(run):
+    fig = figures.phase_blocks(run.calls, run.steps, by="block")
+    summ = run.summary("block")
     for phase in ("prefill", "decode"):
         tr = next(t for t in fig.data if t.name == phase)
-        want = summ[summ["phase"] == phase].set_index("module")["total_ms"]
+        want = summ[summ["phase"] == phase].set_index("name")["self_ms"]
         got = pd.Series(np.asarray(tr.y, dtype="float64"), index=list(tr.x))
-        assert set(got.index) == {"embed", "layer", "norm", "head", "(residue)", "(outside model)"}
+        assert set(got.index) == {"embed", "layer", "norm", "head", "(residue)", "(probe)"}
         np.testing.assert_allclose(got[want.index].to_numpy(), want.to_numpy())
-        share = summ[summ["phase"] == phase].set_index("module")["share"]
+        share = summ[summ["phase"] == phase].set_index("name")["share"]
         assert list(tr.text) == [fmt.pct(share[m]) for m in tr.x]  # the shared format (probe.fmt)
+        # the bars of a phase are the whole forward of its recorded steps, nothing twice
+        fwd = run.steps.loc[run.steps["phase"] == phase, "forward_ms"].sum()
+        assert got.sum() == pytest.approx(fwd, rel=1e-9)
     by_module = figures.phase_blocks(run.calls, run.steps, by="module")
     assert {f"model.layers.{i}" for i in range(LAYERS)} <= set(by_module.data[0].x)
 
@@ -100,14 +103,16 @@ def test_step_breakdown_parts_add_up_to_the_step(run):
         assert total == pytest.approx(want, rel=1e-9)
         assert fig.data[0].y[i].startswith(phase)
     names = [t.name for t in fig.data]
-    assert names[:4] == ["embedding", "layers", "final norm", "lm_head"] and len(names) == 6
+    assert names == ["embedding", "layers", "final norm", "lm_head", "residue (in forward, in no recorded call)",
+                     "the probe's own cost", "outside model (logits, sampling)"]
 
 
 def test_step_breakdown_splits_outside_into_sampling_stages(run):
     fig = figures.step_breakdown(run.calls, run.steps, run.sampling)
     names = [t.name for t in fig.data]
-    assert names[:5] == ["embedding", "layers", "final norm", "lm_head", "residue (in forward, outside blocks)"]
-    assert names[5:] == ["outside: update kwargs (cache, mask, positions)", "outside: stopping",
+    assert names[:6] == ["embedding", "layers", "final norm", "lm_head", "residue (in forward, in no recorded call)",
+                         "the probe's own cost"]  # inside the forward; its step bookkeeping is a stage outside
+    assert names[6:] == ["outside: update kwargs (cache, mask, positions)", "outside: stopping",
                          "outside: prepare inputs (of the next forward)", "outside: probe (its own step bookkeeping)",
                          "outside: remainder (token choice, bookkeeping)"]
     plain = figures.step_breakdown(run.calls, run.steps)
@@ -115,7 +120,7 @@ def test_step_breakdown_splits_outside_into_sampling_stages(run):
     for i, phase in enumerate(["prefill", "decode"]):
         total = sum(float(np.asarray(t.x, dtype="float64")[i]) for t in fig.data)
         assert total == pytest.approx(sum(float(np.asarray(t.x, dtype="float64")[i]) for t in plain.data), rel=1e-9)
-        outside = sum(float(np.asarray(t.x, dtype="float64")[i]) for t in fig.data[5:])
+        outside = sum(float(np.asarray(t.x, dtype="float64")[i]) for t in fig.data[6:])
         assert outside == pytest.approx(st.loc[st["phase"] == phase, "outside_ms"].mean(), rel=1e-9)
 
 
@@ -240,8 +245,8 @@ def test_long_runs_are_binned_not_plotted_per_row(run):
 
 
 def test_user_text_in_figures_is_shown_literally():
-    summ = pd.DataFrame({"module": ["<b>x</b>"], "role": ["layer"], "phase": ["decode"], "calls": [1],
-                         "total_ms": [1.0], "mean_ms": [1.0], "share": [0.5]})
+    summ = pd.DataFrame({"level": ["module"], "name": ["<b>x</b>"], "role": ["layer"], "phase": ["decode"],
+                         "calls": [1], "total_ms": [1.0], "self_ms": [1.0], "mean_ms": [1.0], "share": [0.5]})
     fig = figures.compare_blocks(summ, summ, "<img src=x onerror=alert(1)>", "b")
     assert "<img" not in fig.layout.title.text and "&lt;img" in fig.layout.title.text
     assert fig.data[0].x[0] == "decode · &lt;b&gt;x&lt;/b&gt;"
@@ -276,14 +281,15 @@ def test_csv_round_trip_equals_frames(run, tmp_path):
     assert len(run.sampling)
     pd.testing.assert_frame_equal(read_csv(tmp_path / "steps.csv"), run.steps)
     pd.testing.assert_frame_equal(read_csv(tmp_path / "runs.csv"), run.runs)
-    pd.testing.assert_frame_equal(read_csv(tmp_path / "summary.csv"), run.summary(by="module"))
+    pd.testing.assert_frame_equal(read_csv(tmp_path / "summary.csv"), run.summary())
     # plain pandas, no helper: shapes are JSON strings, numbers exact
     plain = pd.read_csv(tmp_path / "calls.csv")
     assert json.loads(plain["out_shapes"].iloc[0]) == json.loads(run.calls["out_shapes"].iloc[0])
     np.testing.assert_array_equal(plain["cpu_ms"].to_numpy(), run.calls["cpu_ms"].to_numpy())
     summ = pd.read_csv(tmp_path / "summary.csv")
     assert list(summ.columns) == list(schema.SUMMARY)
-    assert {"(residue)", "(outside model)"} <= set(summ["module"])
+    assert set(summ["level"]) == {"block", "role", "module"} and "(residue)" in set(summ["name"])
+    assert summ.groupby(["level", "phase"])["share"].sum().round(9).eq(1.0).all()
 
 
 # --------------------------------------------------------------------------- HTML
@@ -374,19 +380,22 @@ def test_compare_numbers_are_each_runs_own_summary(attn_runs, tmp_path):
     assert a.runs["attn_implementation"].iloc[0] == "eager" and b.runs["attn_implementation"].iloc[0] == "sdpa"
     html_path, csv_path, sig_path = write_comparison(a, b, tmp_path / "cmp")
     got = pd.read_csv(csv_path, keep_default_na=False, na_values=[""])
-    assert list(got.columns) == ["level", "module", "role", "phase", "a_calls", "b_calls", "a_ms", "b_ms", "diff_ms",
-                                 "ratio", "a_mean_ms", "b_mean_ms", "a_share", "b_share"]
-    for level in ("role", "module"):
-        rows = got[got["level"] == level].set_index(["module", "phase"])
+    assert list(got.columns) == ["level", "name", "role", "phase", "a_calls", "b_calls", "a_ms", "b_ms", "diff_ms",
+                                 "ratio", "a_mean_ms", "b_mean_ms", "a_total_ms", "b_total_ms", "a_share", "b_share"]
+    for level in ("block", "role", "module"):
+        rows = got[got["level"] == level].set_index(["name", "phase"])
         for side, r in (("a", a), ("b", b)):
-            own = r.summary(by=level).set_index(["module", "phase"])
+            own = r.summary(level).set_index(["name", "phase"])
             assert set(rows.index) == set(own.index)
-            np.testing.assert_array_equal(rows.loc[own.index, f"{side}_ms"].to_numpy(), own["total_ms"].to_numpy())
+            np.testing.assert_array_equal(rows.loc[own.index, f"{side}_ms"].to_numpy(), own["self_ms"].to_numpy())
+            np.testing.assert_array_equal(rows.loc[own.index, f"{side}_total_ms"].to_numpy(),
+                                          own["total_ms"].to_numpy())
             np.testing.assert_array_equal(rows.loc[own.index, f"{side}_calls"].to_numpy(), own["calls"].to_numpy())
         np.testing.assert_allclose(rows["diff_ms"], rows["b_ms"] - rows["a_ms"])
         np.testing.assert_allclose(rows["ratio"], rows["b_ms"] / rows["a_ms"])
     text = html_path.read_text(encoding="utf-8")
     assert "eager" in text and "sdpa" in text and 'id="fig-compare-roles"' in text
+    assert 'id="differences"' not in text  # same model, depth and prompt: nothing to warn about
     assert write_comparison(a, b, tmp_path / "cmp2")[0].read_bytes() == html_path.read_bytes()
 
 
@@ -396,7 +405,7 @@ def test_compare_keeps_blocks_only_one_side_has(run):
     assert not frame[["a_ms", "b_ms"]].isna().all(axis=1).any()
     only_b = frame[frame["a_ms"].isna()]
     assert {"attention", "mlp"} <= set(only_b["role"]) and only_b["b_ms"].notna().all()
-    both = frame[(frame["level"] == "module") & (frame["module"] == "model.layers.0")]
+    both = frame[(frame["level"] == "module") & (frame["name"] == "model.layers.0")]
     assert len(both) == 2 and both[["a_ms", "b_ms"]].notna().all().all()
     one_sided = schema.empty(schema.SUMMARY)
     from reports.diff import block_diff
@@ -436,10 +445,10 @@ def test_cli_run_writes_report_and_compare_matches_bundled_runs(tmp_path):
         dirs.append(d)
     assert main(["compare", str(dirs[0]), str(dirs[1]), "--out", str(tmp_path / "cmp")]) == 0
     got = pd.read_csv(tmp_path / "cmp" / "compare.csv", keep_default_na=False, na_values=[""])
-    roles = got[got["level"] == "role"].set_index(["module", "phase"])
+    roles = got[got["level"] == "role"].set_index(["name", "phase"])
     for side, d in zip("ab", dirs):
-        own = probe.load(d).summary(by="role").set_index(["module", "phase"])
-        np.testing.assert_array_equal(roles.loc[own.index, f"{side}_ms"].to_numpy(), own["total_ms"].to_numpy())
+        own = probe.load(d).summary("role").set_index(["name", "phase"])
+        np.testing.assert_array_equal(roles.loc[own.index, f"{side}_ms"].to_numpy(), own["self_ms"].to_numpy())
 
 
 def test_two_generate_calls_in_one_recording():

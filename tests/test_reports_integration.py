@@ -279,8 +279,8 @@ def test_phase_blocks_has_a_series_per_phase_and_rank(two_ranks):
         phase, rank = tr.name.split(" · rank ")
         r = int(rank)
         own = probe.Run(calls=run.calls[run.calls["rank"] == r], steps=run.steps[run.steps["rank"] == r],
-                        runs=run.runs).summary(by="role")
-        want = own[own["phase"] == phase].set_index("module")["total_ms"]
+                        runs=run.runs).summary("role")
+        want = own[own["phase"] == phase].set_index("name")["self_ms"]
         np.testing.assert_allclose(np.asarray(tr.y, dtype=float), want[list(tr.x)].to_numpy())
     assert fig.data[0].marker.pattern.shape != fig.data[1].marker.pattern.shape
 

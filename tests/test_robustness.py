@@ -142,11 +142,12 @@ def test_steps_shapes_phases_and_sums_always_agree(layers, heads, head_dim, batc
         assert len(layer_in) == layers and all(s == [batch, q, hidden] for s in layer_in)
     # the blocks never take more host time than the forward that contains them
     assert (st["blocks_ms"] <= st["forward_ms"] + 1e-9).all()
-    summ = run.summary(by="role")
+    summ = run.summary()
     for phase, fwd in st.groupby("phase")["forward_ms"].sum().items():
-        tiles = summ["role"].isin(["embed", "layer", "norm", "head", "residue"])  # sublayers nest in layers
-        inside = summ[(summ["phase"] == phase) & tiles]["total_ms"].sum()
-        assert inside == pytest.approx(fwd, rel=1e-9)
+        for level in ("block", "role", "module"):  # self times never overlap: each level tiles the forward
+            rows = summ[(summ["phase"] == phase) & (summ["level"] == level)]
+            assert rows["self_ms"].sum() == pytest.approx(fwd, rel=1e-9)
+            assert rows["share"].sum() == pytest.approx(1.0, abs=1e-9)
     assert r["total_ms"] >= st["latency_ms"].sum() * 0.999
     assert r["ttft_ms"] >= st.iloc[0]["forward_ms"]
 

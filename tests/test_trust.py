@@ -42,10 +42,10 @@ def _ids(n: int = 5) -> torch.Tensor:
     return torch.arange(3, 3 + n).unsqueeze(0)
 
 
-def record(clock=None, repeats: int = 1, prompt: int = 5, new: int = 4, ticks=None) -> probe.Run:
+def record(clock=None, repeats: int = 1, prompt: int = 5, new: int = 4, ticks=None, depth: str = "blocks") -> probe.Run:
     """A tiny Llama's generate calls under ``clock``; ``ticks`` sets the clock's tick per call."""
     model = tiny_llama(layers=2, hidden=32)
-    with probe.attach(model, clock=clock) as p:
+    with probe.attach(model, clock=clock, depth=depth) as p:
         for i in range(repeats):
             if ticks is not None:
                 clock.tick = ticks[i]
@@ -120,8 +120,8 @@ def test_on_cuda_only_the_run_queue_counts_and_gpu_times_are_named_unaffected():
 def test_spread_over_repeats_is_median_and_min_max_of_each_generate_total():
     clock = Clock(tick=1000)
     run = record(clock, repeats=3, ticks=[1000, 3000, 2000])
-    per_gen = run.calls.groupby(["run_id", "role", "phase"])["cpu_ms"].sum()
-    sp = block_spread(run.calls, run.steps, run.runs, by="role").set_index(["module", "phase"])
+    per_gen = run.calls.groupby(["run_id", "role", "phase"])["self_ms"].sum()
+    sp = block_spread(run.calls, run.steps, run.runs, level="block").set_index(["name", "phase"])
     layer = per_gen.xs(("layer", "decode"), level=("role", "phase"))
     assert layer.nunique() == 3
     row = sp.loc[("layer", "decode")]
@@ -130,9 +130,9 @@ def test_spread_over_repeats_is_median_and_min_max_of_each_generate_total():
     assert row["median_ms"] == pytest.approx(layer.median())
     assert row["spread_pct"] == pytest.approx((layer.max() - layer.min()) / layer.median() * 100)
     assert ("(outside model)", "decode") in sp.index and ("(residue)", "prefill") in sp.index
-    # it joins the summary on (module, phase)
-    summ = run.summary(by="role").merge(run.spread(by="role"), on=["module", "phase"], how="left")
-    assert summ.loc[summ["module"] == "layer", "generates"].eq(3).all()
+    # it joins the summary on (level, name, phase)
+    summ = run.summary("block").merge(run.spread("block"), on=["level", "name", "phase"], how="left")
+    assert summ.loc[summ["name"] == "layer", "generates"].eq(3).all()
     head = headline_spread(run.runs).set_index("metric")
     ttft = run.runs["ttft_ms"]
     assert head.loc["ttft_ms", "median"] == pytest.approx(ttft.median())
@@ -143,6 +143,19 @@ def test_one_generate_call_has_no_spread():
     run = record(Clock())
     sp = run.spread()
     assert (sp["generates"] == 1).all() and (sp["min_ms"] == sp["max_ms"]).all()
+
+
+@pytest.mark.parametrize("level", ["block", "role", "module"])
+def test_spread_of_one_call_is_the_summary_self_time_at_every_level(level):
+    """Nested modules (depth all) are counted once: the spread reads self time, like the summary."""
+    run = record(Clock(tick=1000), depth="all")
+    summ = run.summary(level).set_index(["name", "phase"])["self_ms"]
+    sp = run.spread(level)
+    assert (sp["level"] == level).all()
+    sp = sp.set_index(["name", "phase"])["median_ms"]
+    assert sp.drop(index="(outside model)", level=0).sort_index().to_dict() == pytest.approx(summ.sort_index().to_dict())
+    with pytest.raises(ValueError, match="level must be one of"):
+        run.spread("layer")
 
 
 # --------------------------------------------------------------------------- significance
@@ -171,14 +184,14 @@ def test_significance_and_gate_find_the_slower_run_and_nothing_else():
     a = record(Clock(tick=1000, jitter=0.05, seed=1), repeats=5)
     b = record(Clock(tick=1300, jitter=0.05, seed=2), repeats=5)
     a2 = record(Clock(tick=1000, jitter=0.05, seed=3), repeats=5)
-    sig = significance(a, b).set_index(["level", "module", "phase"])
-    layer = sig.loc[("role", "layer", "decode")]
+    sig = significance(a, b).set_index(["level", "name", "phase"])
+    layer = sig.loc[("block", "layer", "decode")]
     assert layer["slowdown_pct"] == pytest.approx(30.0, abs=3) and layer["significant"]
     assert layer["ci_low_pct"] > 20 and layer["ci_high_pct"] < 40 and layer["p_value"] < 0.05
     assert sig.loc[("metric", "ttft_ms", "")]["significant"]
     assert sig.loc[("metric", "decode_tok_s", "")]["slowdown_pct"] == pytest.approx(30.0, abs=3)
     failed = gate(significance(a, b), 10)
-    assert {"layer", "ttft_ms", "tpot_ms"} <= set(failed["module"])
+    assert {"layer", "ttft_ms", "tpot_ms"} <= set(failed["name"])
     assert gate(significance(a, b), 50).empty  # slower, but not by 50 %
     assert gate(significance(b, a), 10).empty  # faster is never a failure
     same = significance(a, a2)  # the same speed, other jitter: every change is small, none gated
@@ -189,7 +202,7 @@ def test_significance_and_gate_find_the_slower_run_and_nothing_else():
 def test_three_against_three_is_never_significant():
     a = record(Clock(tick=1000, jitter=0.05, seed=1), repeats=3)
     b = record(Clock(tick=2000, jitter=0.05, seed=2), repeats=3)
-    ttft = significance(a, b).set_index("module").loc["ttft_ms"]
+    ttft = significance(a, b).set_index("name").loc["ttft_ms"]
     assert ttft["slowdown_pct"] > 50 and ttft["p_value"] == pytest.approx(0.1) and not ttft["significant"]
 
 
@@ -197,7 +210,7 @@ def test_runs_of_different_work_are_not_comparable():
     a = record(Clock(), prompt=5)
     assert comparability(a, record(Clock(), prompt=5)) == []
     problems = comparability(a, record(Clock(), prompt=9))
-    assert problems == ["different prompt length (tokens): A 5 vs B 9"]
+    assert problems == ["different prompt length: A 5 vs B 9"]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -217,7 +230,7 @@ def test_run_warms_up_by_default_and_records_repeats(model_dir, tmp_path, capsys
     assert run.meta["warmup"]["generates"] == 1 and run.meta["warmup"]["cold_run_ids"] == []
     assert run.meta["repeat"] == 2 and "wait_pct" in run.meta["noise"]
     assert "repeats    2 recorded generate calls: median [min - max]" in text
-    assert "per generate: median [min - max] ms" in text
+    assert "self ms per generate: median [min - max]" in text
     assert ("WARNING: the machine was busy" in text) == run.noise().busy
 
 
@@ -268,14 +281,14 @@ def test_fail_above_exits_0_within_the_threshold_or_the_noise(saved, tmp_path, c
 def test_fail_above_refuses_runs_of_different_work_and_bad_input(saved, tmp_path, capsys):
     code = main(["compare", str(saved["a"]), str(saved["long"]), "--out", str(tmp_path / "c"), "--fail-above", "5"])
     err = capsys.readouterr().err
-    assert code == 2 and "not comparable" in err and "different prompt length (tokens): A 5 vs B 9" in err
+    assert code == 2 and "not comparable" in err and "different prompt length: A 5 vs B 9" in err
     assert not (tmp_path / "c").exists()
     assert main(["compare", str(saved["a"]), str(saved["b"]), "--fail-above", "-1"]) == 2
     assert "--fail-above takes a percentage" in capsys.readouterr().err
     assert main(["compare", str(saved["a"]), str(tmp_path / "missing"), "--fail-above", "5"]) == 2
     # without the gate, different work is still shown side by side, with a note
     assert main(["compare", str(saved["a"]), str(saved["long"]), "--out", str(tmp_path / "c4")]) == 0
-    assert "note: the runs measure different work" in capsys.readouterr().out
+    assert "note: the runs differ in prompt length (A: 5, B: 9)" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- report and dashboard

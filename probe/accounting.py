@@ -1,0 +1,368 @@
+"""Where a phase's forward time went, at every depth, each instant counted once.
+
+Built on the call tree (:mod:`probe.tree`): every recorded call's *self* time belongs to
+exactly one call, and per step ``Σ self_ms + residue_ms (+ probe_ms) = forward_ms``. So any
+way of grouping the calls partitions the forward, and the shares of a grouping plus the
+residue (and the probe's own cost, where recorded) add up to 100 %.
+
+:func:`summary` groups at three levels:
+
+- ``block``: embed, layer, norm, head, and ``model`` (model-level calls outside the blocks:
+  the base model's own glue, ``rotary_emb``); a block's self time is its whole subtree.
+- ``role``: every role of :mod:`probe.roles`. The attention module's self time, at a depth that
+  records its projections, is the *attention core* (scores, softmax, weighted sum, RoPE on
+  q/k) and its row is named ``attention core``.
+- ``module``: every module.
+
+:func:`tree_table` gives the call tree itself per phase (one row per path of modules), whole
+or collapsed at a chosen tree level, and feeds the icicle chart.
+
+Shares are taken over the steps that have call records (``decode_stride`` / ``max_steps``
+keep timing every step but record calls of only some), on one clock per phase: CUDA time
+where every such step has it, host time otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from . import schema, tree
+from .schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY
+
+#: name of the attention module's self-time row at the role level when its projections are recorded
+ATTENTION_CORE = "attention core"
+RESIDUE = "(residue)"
+PROBE = "(probe)"
+#: display order of the block level
+BLOCK_ORDER = (*BLOCK_ROLES, "model")
+
+TREE: dict[str, str] = {
+    "phase": "string",
+    "node": "string",  # path of modules from the top of the step, joined by " > "
+    "parent_node": "string",  # null at the top
+    "module": "string",
+    "role": "string",
+    "layer": "Int64",
+    "depth": "int64",  # 1 for the step's top-level calls
+    "calls": "int64",
+    "total_ms": "float64",  # inclusive host ms of the node's calls
+    "self_ms": "float64",  # self host ms (inclusive at the collapse depth: the folded subtree)
+    "mean_ms": "float64",
+    "share": "float64",  # self time over the phase's forward time, on the phase's clock
+    "gpu_total_ms": "float64",
+    "gpu_self_ms": "float64",
+}
+SEP = " > "
+
+
+class Phases:
+    """Recorded steps, their calls and each phase's clock and total."""
+
+    def __init__(self, calls: pd.DataFrame, steps: pd.DataFrame):
+        calls, steps = tree.ensure(calls, steps)
+        self.steps = steps[steps["residue_ms"].notna()] if len(steps) else steps
+        if len(calls) and len(self.steps):
+            ckey, skey = tree.step_keys(calls, self.steps)
+            mine = np.isin(ckey, skey)
+            calls = calls if mine.all() else calls[mine].reset_index(drop=True)
+        else:
+            calls = calls.iloc[0:0]
+        self.calls = calls
+        g = self.steps.groupby("phase", sort=False)
+        self.n_steps = g.size()
+        self.host = g["forward_ms"].sum()
+        gpu = g["gpu_ms"].sum(min_count=1)
+        self.on_gpu = (g["gpu_ms"].count().eq(self.n_steps) & g["gpu_residue_ms"].count().eq(self.n_steps)
+                       & gpu.notna())
+        self.total = gpu.where(self.on_gpu, self.host)
+        self.residue = g["residue_ms"].sum()
+        self.gpu_residue = g["gpu_residue_ms"].sum(min_count=1)
+        self.probe = g["probe_ms"].sum() if "probe_ms" in self.steps.columns else None
+
+    def clock(self, phase: pd.Series, host: pd.Series, gpu: pd.Series) -> pd.Series:
+        """``gpu`` where the row's phase is on the CUDA clock, else ``host``."""
+        use = phase.map(self.on_gpu).fillna(False).astype(bool).to_numpy()
+        return pd.Series(np.where(use, gpu.to_numpy(dtype="float64", na_value=np.nan),
+                                  host.to_numpy(dtype="float64", na_value=np.nan)), index=host.index)
+
+    def share(self, phase: pd.Series, host: pd.Series, gpu: pd.Series) -> pd.Series:
+        return self.clock(phase, host, gpu) / phase.map(self.total).astype("float64").to_numpy()
+
+    def extra_rows(self, level: str) -> list[dict]:
+        """The residue row (and the probe row) of every phase."""
+        rows = []
+        for phase, total in self.total.items():
+            n = int(self.n_steps[phase])
+            host, gpu = float(self.residue[phase]), float(self.gpu_residue.get(phase, np.nan))
+            on_gpu = bool(self.on_gpu[phase])
+            rows.append({"level": level, "name": RESIDUE, "role": "residue", "phase": phase, "calls": n,
+                         "total_ms": host, "self_ms": host, "mean_ms": host / max(n, 1),
+                         "gpu_total_ms": gpu if on_gpu else np.nan, "gpu_self_ms": gpu if on_gpu else np.nan,
+                         "share": (gpu if on_gpu else host) / total if total else np.nan})
+            if self.probe is not None:
+                own = float(self.probe[phase])
+                rows.append({"level": level, "name": PROBE, "role": "probe", "phase": phase, "calls": n,
+                             "total_ms": own, "self_ms": own, "mean_ms": own / max(n, 1),
+                             # the probe's cost is host time; the CUDA clock does not see it
+                             "share": np.nan if on_gpu else (own / total if total else np.nan)})
+        return rows
+
+
+def block_of(modules: pd.Series, roles: pd.Series) -> pd.Series:
+    """The block (embed / layer / norm / head) each module sits in, ``model`` outside every block.
+
+    From the names: the nearest ancestor-or-self module recorded with a block role.
+    """
+    codes, names = _block_codes(modules, roles)
+    return pd.Series(np.asarray(names, dtype=object)[codes], index=modules.index, dtype="string")
+
+
+def _block_codes(modules: pd.Series, roles: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """:func:`block_of` as codes into :data:`BLOCK_ORDER` (worked out once per distinct module)."""
+    mcodes, muniq = pd.factorize(modules.astype("string"))
+    first_role = pd.Series(roles.astype("string").to_numpy()).groupby(mcodes).first()
+    blocks = {str(m): str(first_role[i]) for i, m in enumerate(muniq) if str(first_role[i]) in BLOCK_ROLES}
+    index = {b: i for i, b in enumerate(BLOCK_ORDER)}
+    per_module = np.empty(len(muniq), np.int64)
+    for i, m in enumerate(muniq):
+        parts = str(m).split(".")
+        found = next((blocks[p] for p in (".".join(parts[:j]) for j in range(len(parts), 0, -1)) if p in blocks),
+                     "model")
+        per_module[i] = index[found]
+    return per_module[mcodes], list(BLOCK_ORDER)
+
+
+def _has_children(n: int, prow: np.ndarray) -> np.ndarray:
+    return np.bincount(prow[prow >= 0], minlength=n) > 0
+
+
+def _role_codes(calls: pd.DataFrame, prow: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """:func:`role_names` as codes into a list of names."""
+    rcodes, runiq = pd.factorize(calls["role"].astype("string"))
+    names = [str(r) for r in runiq]
+    if "attention" in names:
+        core = (rcodes == names.index("attention")) & _has_children(len(calls), prow)
+        if core.any():
+            rcodes = np.where(core, len(names), rcodes)
+            names.append(ATTENTION_CORE)
+    return rcodes, names
+
+
+def role_names(calls: pd.DataFrame, prow: np.ndarray | None = None) -> pd.Series:
+    """Each call's row name at the role level: its role, or ``attention core`` for an attention
+    call with recorded calls inside it (its self time is then what it does outside them)."""
+    codes, names = _role_codes(calls, tree.parent_rows(calls) if prow is None else prow)
+    return pd.Series(np.asarray(names, dtype=object)[codes], index=calls.index, dtype="string")
+
+
+def labels(calls: pd.DataFrame, level: str) -> np.ndarray:
+    """Each call's row name at ``level`` (``block``, ``role`` or ``module``), as in :func:`summary`.
+
+    Summing ``self_ms`` by these names gives :func:`summary`'s ``self_ms``: at the block level a
+    block's calls are its whole subtree, so their self times add up to the block's inclusive time.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(repr(v) for v in LEVELS)}; got {level!r}")
+    if level == "module":
+        return calls["module"].astype("string").to_numpy(dtype=object)
+    if level == "role":
+        codes, names = _role_codes(calls, tree.parent_rows(calls))
+    else:
+        codes, names = _block_codes(calls["module"], calls["role"])
+    return np.asarray(names, dtype=object)[codes] if len(calls) else np.zeros(0, dtype=object)
+
+
+def _sum(groups: np.ndarray, n: int, values: np.ndarray, min_count: int = 0) -> np.ndarray:
+    """Per group: the sum of the non-NaN values (NaN where fewer than ``min_count`` of them)."""
+    ok = ~np.isnan(values)
+    total = np.bincount(groups[ok], weights=values[ok], minlength=n)
+    if min_count:
+        total = np.where(np.bincount(groups[ok], minlength=n) >= min_count, total, np.nan)
+    return total
+
+
+def _level(ph: Phases, level: str) -> pd.DataFrame:
+    """One level's rows (without the residue and probe rows), aggregated on integer codes."""
+    c = ph.calls
+    n = len(c)
+    prow = tree.parent_rows(c)
+    rcodes, runiq = pd.factorize(c["role"].astype("string"))
+    roles = [str(r) for r in runiq]
+    if level == "module":
+        kcodes, kuniq = pd.factorize(c["module"].astype("string"))
+        names, own = [str(m) for m in kuniq], np.ones(n, bool)
+    elif level == "role":
+        kcodes, names = _role_codes(c, prow)
+        own = np.ones(n, bool)
+    else:
+        kcodes, names = _block_codes(c["module"], c["role"])
+        role_as_key = np.array([names.index(r) if r in names else -1 for r in roles] or [-1], np.int64)
+        own = (role_as_key[rcodes] == kcodes) | (kcodes == names.index("model"))
+    pcodes, puniq = pd.factorize(c["phase"].astype("string"))
+    n_phase = max(len(puniq), 1)
+    # a call counts towards its row's total unless its parent is a call of the same row
+    up = np.maximum(prow, 0)
+    root = own & ~((prow >= 0) & (kcodes[up] == kcodes) & own[up])
+    cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
+    gpu = c["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
+    gk = kcodes.astype(np.int64) * n_phase + pcodes
+    sorted_keys, first_at, slot = np.unique(gk, return_index=True, return_inverse=True)
+    m = len(sorted_keys)
+    pick = np.argsort(first_at, kind="stable")  # output rows in the order they were first called
+    keys, first = sorted_keys[pick], first_at[pick]
+
+    def agg(values, min_count=0):
+        return _sum(slot, m, values, min_count)[pick]
+
+    calls_n = np.bincount(slot, weights=own.astype("float64"), minlength=m)[pick]
+    ob = np.where(own, c["out_bytes"].to_numpy(dtype="float64", na_value=np.nan), np.nan)
+    ob_n = np.bincount(slot[~np.isnan(ob)], minlength=m)[pick]
+    out = pd.DataFrame({
+        "name": pd.array([names[k // n_phase] for k in keys], dtype="string"),
+        "phase": pd.array([str(puniq[k % n_phase]) for k in keys], dtype="string"),
+        "role": pd.array([roles[rcodes[i]] for i in first], dtype="string"),
+        "layer": c["layer"].to_numpy()[first] if level == "module" else pd.array([pd.NA] * len(keys), dtype="Int64"),
+        "calls": calls_n.astype("int64"),
+        "total_ms": agg(np.where(root, cpu, 0.0)),
+        "self_ms": agg(c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
+        "gpu_total_ms": agg(np.where(root, gpu, np.nan), 1),
+        "gpu_self_ms": agg(c["gpu_self_ms"].to_numpy(dtype="float64", na_value=np.nan), 1),
+        "mean_out_bytes": agg(ob) / np.where(ob_n > 0, ob_n, np.nan),
+    })
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["mean_ms"] = agg(np.where(own, cpu, 0.0)) / np.where(calls_n > 0, calls_n, np.nan)
+    if level == "block":
+        out["role"] = out["name"]
+    elif level == "role":
+        out["role"] = out["name"].where(out["name"] != ATTENTION_CORE, "attention")
+    out["share"] = ph.share(out["phase"], out["self_ms"], out["gpu_self_ms"])
+    out["level"] = level
+    if level == "block":
+        out["_o"] = out["name"].map({b: i for i, b in enumerate(BLOCK_ORDER)}).fillna(len(BLOCK_ORDER))
+    elif level == "role":
+        out["_o"] = out["role"].map({r: i for i, r in enumerate(ROLES)}).fillna(len(ROLES))
+    else:
+        out["_o"] = 0
+    return out
+
+
+def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: str | None = None) -> pd.DataFrame:
+    """Per (level, block / role / module, phase): calls, inclusive and self time, share.
+
+    Args:
+        calls, steps: the frames (tree columns are derived if missing).
+        level: ``"block"``, ``"role"`` or ``"module"``; ``None`` for all three, stacked.
+
+    Returns:
+        Columns of :data:`probe.schema.SUMMARY`. Within one level and phase the ``share`` of
+        every row (residue and probe rows included) sums to 1: rows hold self time.
+        ``total_ms`` is the inclusive time of the row's own calls (a nested call of the same
+        row counted once). At the block level a block's ``self_ms`` is its whole subtree.
+        Sorted by level, phase, then blocks/roles in display order (modules as first called).
+    """
+    if level is not None and level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(repr(v) for v in LEVELS)}; got {level!r}")
+    ph = Phases(calls, steps)
+    if ph.calls.empty:
+        return schema.empty(SUMMARY)
+    parts = []
+    for lv in ([level] if level else LEVELS):
+        body = _level(ph, lv)
+        extra = pd.DataFrame(ph.extra_rows(lv))
+        extra["_o"] = 10_000 + np.arange(len(extra))
+        parts.append(pd.concat([body, extra], ignore_index=True))
+    out = pd.concat(parts, ignore_index=True)
+    out["_l"] = out["level"].map({v: i for i, v in enumerate(LEVELS)})
+    out["_p"] = out["phase"].map({p: i for i, p in enumerate(PHASES)}).fillna(len(PHASES))
+    out = out.sort_values(["_l", "_p", "_o"], kind="stable").drop(columns=["_l", "_p", "_o"])
+    return schema.conform(out, SUMMARY, extra=False)
+
+
+def _tree_levels(prow: np.ndarray) -> np.ndarray:
+    """Tree level of each call (0 at the top) from its parent row."""
+    level = np.zeros(len(prow), np.int64)
+    cur = prow.copy()
+    while (cur >= 0).any():
+        level += cur >= 0
+        cur = np.where(cur >= 0, prow[np.maximum(cur, 0)], -1)
+    return level
+
+
+def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
+    """The call tree per phase, one row per path of modules, optionally collapsed at ``depth``.
+
+    Args:
+        calls, steps: the frames.
+        depth: keep tree levels ``1..depth`` and fold everything deeper into its ancestor at
+            ``depth`` (whose ``self_ms`` becomes its inclusive time); ``None`` keeps all.
+
+    Returns:
+        Columns of :data:`TREE`, plus a ``(residue)`` row (and ``(probe)``) per phase at depth 1;
+        per phase the ``share`` column sums to 1. Rows are in pre-order of the first step.
+    """
+    if depth is not None and depth < 1:
+        raise ValueError(f"depth must be 1 or more (1 = the top-level calls); got {depth!r}")
+    ph = Phases(calls, steps)
+    c = ph.calls
+    if c.empty:
+        return pd.DataFrame({k: pd.Series([], dtype=v) for k, v in TREE.items()})
+    prow = tree.parent_rows(c)
+    lv = _tree_levels(prow)
+    mod_codes, mods = pd.factorize(c["module"].astype(str))
+    # node of each call: (node of its parent, module), interned level by level
+    node = np.full(len(c), -1, np.int64)
+    paths: list[str] = []
+    parent_path: list[str | None] = []
+    index: dict[tuple[int, int], int] = {}
+    for d in range(int(lv.max()) + 1):
+        at = np.flatnonzero(lv == d)
+        par = node[prow[at]] if d else np.full(len(at), -1)
+        for i, (pn, mc) in zip(at, zip(par.tolist(), mod_codes[at].tolist())):
+            nid = index.get((pn, mc))
+            if nid is None:
+                nid = index[(pn, mc)] = len(paths)
+                paths.append((paths[pn] + SEP if pn >= 0 else "") + str(mods[mc]))
+                parent_path.append(paths[pn] if pn >= 0 else None)
+            node[i] = nid
+    keep = node.copy()
+    if depth is not None:  # fold deeper calls into their ancestor at `depth`
+        anc = np.arange(len(c))
+        for _ in range(max(int(lv.max()) - depth + 1, 0)):
+            deep = lv[anc] >= depth
+            anc = np.where(deep, prow[anc], anc)
+        keep = node[anc]
+    shown = lv < depth if depth is not None else np.ones(len(c), bool)
+    cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
+    gpu = c["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
+    f = pd.DataFrame({
+        "phase": c["phase"].astype(str).to_numpy(), "node": keep, "n": shown.astype("int64"),
+        "self": c["self_ms"].to_numpy(dtype="float64", na_value=np.nan),
+        "gself": c["gpu_self_ms"].to_numpy(dtype="float64", na_value=np.nan),
+        "t": np.where(shown, cpu, 0.0), "gt": np.where(shown, gpu, np.nan),
+        # the node's first own call (folded calls sort after every shown one)
+        "first": np.where(shown, np.arange(len(c)), len(c) + np.arange(len(c))),
+    })
+    g = f.groupby(["phase", "node"], sort=False)
+    out = pd.DataFrame({"calls": g["n"].sum(), "total_ms": g["t"].sum(), "self_ms": g["self"].sum(),
+                        "gpu_total_ms": g["gt"].sum(min_count=1), "gpu_self_ms": g["gself"].sum(min_count=1),
+                        "first": g["first"].min()}).reset_index()
+    first = out["first"].to_numpy()
+    out["role"] = c["role"].astype(str).to_numpy()[first]
+    out["layer"] = c["layer"].to_numpy()[first]
+    out["module"] = [str(mods[i]) for i in mod_codes[first]]
+    out["depth"] = [paths[n].count(SEP) + 1 for n in out["node"]]
+    out["parent_node"] = [parent_path[n] for n in out["node"]]
+    out["node"] = [paths[n] for n in out["node"]]
+    out["mean_ms"] = out["total_ms"] / out["calls"].where(out["calls"] > 0)
+    out["share"] = ph.share(out["phase"], out["self_ms"], out["gpu_self_ms"])
+    out["_p"] = out["phase"].map({p: i for i, p in enumerate(PHASES)}).fillna(len(PHASES))
+    out = out.sort_values(["_p", "first"], kind="stable")
+    extra = pd.DataFrame(ph.extra_rows("tree"))
+    if len(extra):
+        extra = extra.rename(columns={"name": "node"}).assign(module=extra["name"], depth=1, parent_node=None)
+        extra["_p"] = extra["phase"].map({p: i for i, p in enumerate(PHASES)}).fillna(len(PHASES))
+        out = pd.concat([out, extra], ignore_index=True).sort_values(["_p"], kind="stable")
+    out = out.drop(columns=["_p", "first", "level"], errors="ignore")
+    return pd.DataFrame({k: out[k].astype(v) if k in out else pd.Series([None] * len(out), dtype=v)
+                         for k, v in TREE.items()}).reset_index(drop=True)

@@ -1,0 +1,194 @@
+"""The call tree of each step: which recorded call encloses which, and each call's self time.
+
+Derived from the ``calls`` frame when frames are built (and when an older run is loaded),
+never in the hot path. Within one step (``rank, run_id, step``) a call's host interval is
+``[start_ms, start_ms + cpu_ms]``; recorded calls nest (a module's forward runs inside its
+parent's), so sorting a step's calls by start, longest first on ties, walks the tree in
+pre-order, and a call's ``parent`` is the nearest earlier call still open when it starts.
+
+- ``call``: the call's index in that order within its step; ``parent``: the ``call`` of the
+  enclosing recorded call, null at the top of the step.
+- ``self_ms = cpu_ms - Σ cpu_ms`` of the calls directly inside it (``gpu_self_ms`` likewise
+  on the CUDA clock). A step's self times add up to the time inside its top-level calls.
+- ``steps.residue_ms``: the forward time inside no recorded call and not the probe's own cost
+  (``steps.probe_ms``, 0 where absent): ``forward_ms - Σ self_ms - probe_ms``. It is tensor work
+  and Python glue of modules that were not recorded at that depth (at ``blocks``: the causal
+  mask, rotary embeddings, the loop over layers; at ``all``: only the base model's own glue is
+  left in ``self_ms`` of ``model``, and the residue is what the root forward does outside it).
+  So, exactly: ``Σ self_ms + residue_ms + probe_ms = forward_ms`` per step with call records.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+TREE_COLUMNS = ("call", "parent", "self_ms", "gpu_self_ms")
+_KEYS = ["rank", "run_id", "step"]
+
+
+def step_keys(*frames: pd.DataFrame) -> list[np.ndarray]:
+    """One int64 per row naming its step (``rank, run_id, step``), comparable across ``frames``."""
+    runs = pd.concat([f["run_id"].astype("string") for f in frames], ignore_index=True)
+    codes, uniq = pd.factorize(runs, use_na_sentinel=False)
+    n_runs = max(len(uniq), 1)
+    steps = [f["step"].to_numpy(dtype="int64", na_value=-1) for f in frames]
+    span = max((int(st.max()) for st in steps if len(st)), default=0) + 2
+    out, at = [], 0
+    for f, st in zip(frames, steps):
+        rank = f["rank"].to_numpy(dtype="int64", na_value=0) if "rank" in f else np.zeros(len(f), np.int64)
+        out.append((rank * n_runs + codes[at:at + len(f)]) * span + st + 1)
+        at += len(f)
+    return out
+
+
+def _group_ids(calls: pd.DataFrame) -> np.ndarray:
+    """One integer per step (``rank, run_id, step``) of each call.
+
+    Where the same step appears in separate stretches of rows (the same run loaded twice and
+    concatenated), each stretch is a step of its own.
+    """
+    gid, _ = pd.factorize(step_keys(calls)[0])
+    gid = gid.astype(np.int64)
+    if len(gid) < 2:
+        return gid
+    stretch = np.cumsum(np.r_[True, gid[1:] != gid[:-1]]) - 1
+    return stretch if stretch[-1] + 1 > gid.max() + 1 else gid
+
+
+def nest(gid: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pre-order position, tree level and parent position of intervals nested within groups.
+
+    Args:
+        gid: group of each interval (intervals of different groups never nest).
+        start_ns, end_ns: integer interval bounds (ns).
+
+    Returns:
+        ``order`` (row indices in pre-order: by group, start, longest first), ``level`` (0 at
+        the top) and ``parent`` (position in ``order`` of the enclosing interval, -1 at the
+        top), the last two indexed by position in ``order``.
+    """
+    n = len(gid)
+    if n == 0:
+        e = np.zeros(0, np.int64)
+        return e, e, e
+    end_ns = np.maximum(end_ns, start_ns + 1)  # a zero-length call still encloses nothing after it
+    dur = end_ns - start_ns
+    dg, ds = np.diff(gid), np.diff(start_ns)
+    in_order = bool(np.all((dg > 0) | ((dg == 0) & ((ds > 0) | ((ds == 0) & (np.diff(dur) <= 0))))))
+    # frames come sorted by step and start: sort only when they are not
+    order = np.arange(n) if in_order else np.lexsort((-dur, start_ns, gid))
+    g, s, e = gid[order], start_ns[order], end_ns[order]
+    # lay the groups out one after the other on one time line, so they cannot nest
+    first = np.r_[True, g[1:] != g[:-1]]
+    g_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    span = int((e - s).max()) + 1 if n else 1
+    base = s[g_start]
+    offset = (np.cumsum(first) - 1) * (int((e - base).max()) + span)
+    s2, e2 = s - base + offset, e - base + offset
+    # level: calls before me (they started no later) that are still open when I start
+    ended = np.searchsorted(np.sort(e2), s2, side="right")
+    level = np.arange(n) - ended
+    level = np.maximum(level, 0)
+    # parent: the last call before me one level up (pre-order)
+    parent = np.full(n, -1, dtype=np.int64)
+    pos = np.arange(n)
+    for lv in range(1, int(level.max()) + 1 if n else 1):
+        last = np.maximum.accumulate(np.where(level == lv - 1, pos, -1))
+        at = level == lv
+        parent[at] = last[at]
+    return order, level, parent
+
+
+def annotate(calls: pd.DataFrame, steps: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """``calls`` with ``call, parent, self_ms, gpu_self_ms``; ``steps`` with the residues.
+
+    The frames keep their row order. Uses ``end_ms`` for a call's end where the frame has it
+    (an end on the raw clock when ``cpu_ms`` has the probe's own cost taken out), else
+    ``start_ms + cpu_ms``.
+    """
+    calls = calls.copy(deep=False)  # new columns only: the caller's frame is left as it was
+    n = len(calls)
+    if n:
+        cpu = calls["cpu_ms"].to_numpy(dtype="float64", na_value=0.0)
+        start = calls["start_ms"].to_numpy(dtype="float64", na_value=0.0)
+        end = calls["end_ms"].to_numpy(dtype="float64", na_value=np.nan) if "end_ms" in calls else start + cpu
+        end = np.where(np.isnan(end), start + cpu, end)
+        start_ns = np.rint(start * 1e6).astype(np.int64)
+        end_ns = np.rint(end * 1e6).astype(np.int64)
+        gid = _group_ids(calls)
+        order, _, parent_pos = nest(gid, start_ns, end_ns)
+        g = gid[order]
+        first = np.r_[True, g[1:] != g[:-1]]
+        g_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+        call_o = np.arange(n) - g_start
+        has_parent = parent_pos >= 0
+        parent_o = np.where(has_parent, parent_pos - g_start, 0)
+        call = np.empty(n, np.int64)
+        call[order] = call_o
+        parent_v = np.empty(n, np.int64)
+        parent_v[order] = parent_o
+        parent_na = np.empty(n, bool)
+        parent_na[order] = ~has_parent
+        # self = own time - the children's time, children summed onto their parent's row
+        parent_row = np.where(has_parent, order[np.maximum(parent_pos, 0)], -1)
+        parent_row_by_row = np.empty(n, np.int64)
+        parent_row_by_row[order] = parent_row
+        child = parent_row_by_row >= 0
+        cpu_children = np.bincount(parent_row_by_row[child], weights=cpu[child], minlength=n)
+        gpu = calls["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
+        gpu_children = np.bincount(parent_row_by_row[child], weights=np.nan_to_num(gpu[child]), minlength=n)
+        calls["call"] = pd.array(call, dtype="Int64")
+        calls["parent"] = pd.arrays.IntegerArray(parent_v, parent_na)
+        calls["self_ms"] = cpu - cpu_children
+        calls["gpu_self_ms"] = gpu - gpu_children
+    else:
+        for col, dt in zip(TREE_COLUMNS, ("Int64", "Int64", "float64", "float64")):
+            calls[col] = pd.Series([], dtype=dt)
+    if steps is None:
+        return calls, None
+    return calls, residues(calls, steps)
+
+
+def residues(calls: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+    """``steps`` with ``residue_ms`` and ``gpu_residue_ms`` from the calls' self times (see module doc)."""
+    steps = steps.copy(deep=False)
+    idx = pd.MultiIndex.from_frame(steps[_KEYS].astype(object))
+    if len(calls):
+        g = calls.groupby(_KEYS, sort=False, dropna=False, observed=True)
+        host = g["self_ms"].sum().reindex(idx).to_numpy(dtype="float64", na_value=np.nan)
+        gpu = g["gpu_self_ms"].sum(min_count=1).reindex(idx).to_numpy(dtype="float64", na_value=np.nan)
+    else:
+        host = gpu = np.full(len(steps), np.nan)
+    probe_ms = steps["probe_ms"].to_numpy(dtype="float64", na_value=0.0) if "probe_ms" in steps else 0.0
+    steps["residue_ms"] = steps["forward_ms"].to_numpy(dtype="float64", na_value=np.nan) - host - probe_ms
+    steps["gpu_residue_ms"] = steps["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan) - gpu
+    return steps
+
+
+def has_tree(calls: pd.DataFrame) -> bool:
+    """Whether ``calls`` carries the tree columns with values (an older run's are null)."""
+    return all(c in calls.columns for c in TREE_COLUMNS) and (calls.empty or calls["self_ms"].notna().all())
+
+
+def ensure(calls: pd.DataFrame, steps: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The frames with the tree columns and residues, derived only where they are missing."""
+    if not has_tree(calls):
+        calls, steps = annotate(calls, steps)
+    elif "residue_ms" not in steps.columns or (len(steps) and steps["residue_ms"].isna().all() and len(calls)):
+        steps = residues(calls, steps)
+    return calls, steps
+
+
+def parent_rows(calls: pd.DataFrame) -> np.ndarray:
+    """Row position of each call's parent in ``calls`` (-1 at the top of a step)."""
+    n = len(calls)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    gid = _group_ids(calls)
+    call = calls["call"].to_numpy(dtype="int64", na_value=-1)
+    width = int(call.max()) + 1
+    lookup = np.full((int(gid.max()) + 1) * width, -1, dtype=np.int64)
+    lookup[gid * width + call] = np.arange(n)
+    parent = calls["parent"].to_numpy(dtype="int64", na_value=-1)
+    return np.where(parent >= 0, lookup[gid * width + np.maximum(parent, 0)], -1)

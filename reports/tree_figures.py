@@ -1,0 +1,152 @@
+"""Figures of the call tree: an icicle of the module tree per phase and a layer x role heatmap.
+
+Pure ``DataFrame -> Figure`` builders like :mod:`reports.figures` (which re-exports them), shared
+by the HTML report and the dashboard. Both read self times from :mod:`probe.accounting`, so
+what they draw adds up to the phase's forward time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from probe import accounting
+from probe.schema import ROLES
+
+from .figures import HEIGHT, TEMPLATE, _f, empty_figure, plot_text
+
+#: one colour per role family, so the same kind of work looks the same everywhere in the tree
+ROLE_COLORS = {
+    "embed": "#8c564b", "layer": "#c7c7c7", "norm": "#bcbd22", "head": "#9467bd", "model": "#e5e5e5",
+    "rotary_emb": "#17becf", "attention": "#d62728", "q_proj": "#ff9896", "k_proj": "#ff9896", "v_proj": "#ff9896",
+    "qkv_proj": "#ff9896", "o_proj": "#f7b6d2", "qk_norm": "#dbdb8d", "mlp": "#1f77b4", "router": "#aec7e8",
+    "experts": "#6baed6", "shared_expert": "#6baed6", "gate_proj": "#9ecae1", "up_proj": "#9ecae1",
+    "gate_up_proj": "#9ecae1", "down_proj": "#c6dbef", "act_fn": "#2ca02c", "layer_norm": "#dbdb8d",
+    "dropout": "#f0f0f0", "linear": "#ffbb78", "other": "#f0f0f0", "residue": "#7f7f7f", "probe": "#393b79",
+}
+
+
+def _short(module: str, parent_module: str | None) -> str:
+    """``layers.3`` for ``model.layers.3`` under ``model``: the name relative to the parent."""
+    if parent_module and module.startswith(parent_module + "."):
+        return module[len(parent_module) + 1:]
+    return module
+
+
+def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: str = "decode", max_depth: int | None = None) -> go.Figure:
+    """The module tree of ``phase`` as an icicle: width = inclusive time, left to right.
+
+    Each box is a module at its place in the call tree (the same module called from two
+    places is two boxes), its length its inclusive host time summed over the phase's recorded
+    steps; the root is the phase's forward time, whose residue (and the probe's own cost) are
+    boxes of their own. Hover: total and self time, calls, mean per call and the self share.
+
+    Args:
+        calls, steps: the frames.
+        phase: the phase to draw.
+        max_depth: levels shown at once (click a box to zoom in); default all.
+
+    Returns:
+        A plotly icicle, coloured by role.
+    """
+    title = f"Module tree, {phase}"
+    t = accounting.tree_table(calls, steps)
+    t = t[t["phase"] == phase]
+    if t.empty:
+        return empty_figure(title, f"no calls recorded in {phase}")
+    n_steps = int(t.loc[t["node"] == accounting.RESIDUE, "calls"].sum()) or 1
+    root = f"{phase} forward"
+    node = t["node"].astype(str).tolist()
+    parent = [root if pd.isna(p) else str(p) for p in t["parent_node"]]
+    module_of = dict(zip(node, t["module"].astype(str)))
+    labels = [_short(m, module_of.get(p)) for m, p in zip(t["module"].astype(str), parent)]
+    self_ms = np.maximum(_f(t["self_ms"]), 0.0)  # GPU noise can make a self time a hair below 0
+    total = _f(t["total_ms"])
+    total = np.where(np.isnan(total) | (total == 0), self_ms, total)
+    fwd = float(np.nansum(self_ms))
+    custom = np.column_stack([total, _f(t["self_ms"]), _f(t["calls"]), _f(t["mean_ms"]), _f(t["share"]) * 100])
+    roles = t["role"].astype(str).tolist()
+    fig = go.Figure(go.Icicle(
+        ids=[plot_text(root), *[plot_text(v) for v in node]], parents=["", *[plot_text(v) for v in parent]],
+        labels=[plot_text(f"{phase} forward {fwd:,.2f} ms"), *[plot_text(v) for v in labels]],
+        values=np.r_[0.0, self_ms], branchvalues="remainder", sort=False,
+        marker={"colors": ["#ffffff", *[ROLE_COLORS.get(r, "#f0f0f0") for r in roles]], "line": {"width": 0.5}},
+        customdata=np.vstack([[fwd, 0.0, n_steps, fwd / n_steps, 0.0], custom]),
+        text=["", *[plot_text(r) for r in roles]],
+        texttemplate="%{label} %{percentRoot:.1%}", tiling={"orientation": "h"}, maxdepth=max_depth or -1,
+        hovertemplate="<b>%{label}</b> (%{text})<br>total %{customdata[0]:.3f} ms, self %{customdata[1]:.3f} ms"
+                      "<br>%{customdata[2]:.0f} calls, mean %{customdata[3]:.4f} ms"
+                      "<br>self share %{customdata[4]:.2f}% of the phase's forward<extra></extra>",
+    ))
+    fig.update_layout(title={"text": f"{title}: length = inclusive host time over {n_steps} step"
+                             f"{'s' if n_steps != 1 else ''} (click a box to zoom, hover for self time)"},
+                      template=TEMPLATE, height=max(HEIGHT, 720), margin={"l": 10, "r": 10, "t": 60, "b": 10})
+    return fig
+
+
+def _layer_role_table(ph: "accounting.Phases", phase: str) -> pd.DataFrame | None:
+    """Self ms per step of each (layer, role-level name) in ``phase``; None without layer calls."""
+    c = ph.calls
+    if c.empty or phase not in ph.n_steps.index:
+        return None
+    inside = (c["phase"] == phase).to_numpy() & c["layer"].notna().to_numpy()
+    if not inside.any():
+        return None
+    names = accounting.role_names(c)[inside]
+    sub = c[inside]
+    n = int(ph.n_steps[phase])
+    return (pd.DataFrame({"layer": sub["layer"].astype("int64").to_numpy(), "role": names.to_numpy(),
+                          "self": sub["self_ms"].to_numpy(dtype="float64", na_value=np.nan) / n})
+            .pivot_table(index="layer", columns="role", values="self", aggfunc="sum", observed=True))
+
+
+def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[str, ...] = ("prefill", "decode")) -> go.Figure:
+    """Layer x role heatmaps of self time per step, one panel per phase, side by side.
+
+    Rows are the decoder layers, columns the roles inside a layer: ``layer (self)`` is the
+    layer's own self time (residual adds, glue between its sublayers), ``attention core`` the
+    attention module's self time outside its projections, and so on. A cell is that role's self
+    host ms per recorded step of the phase in that layer, so a row adds up to the layer's
+    inclusive time per step. Hover adds the cell's share of the phase's forward time.
+
+    Returns:
+        One heatmap per phase that has decoder-layer calls, values written in the cells.
+    """
+    from plotly.subplots import make_subplots
+
+    title = "Self time per layer and role"
+    ph = accounting.Phases(calls, steps)
+    tables = [(p, t) for p in phases if (t := _layer_role_table(ph, p)) is not None]
+    if not tables:
+        return empty_figure(title, "no decoder-layer calls recorded")
+    order = {r: i for i, r in enumerate(["layer", *[r for r in ROLES if r != "layer"]])}
+    order[accounting.ATTENTION_CORE] = order["attention"]
+    fig = make_subplots(rows=1, cols=len(tables), shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=[plot_text(f"{p}: ms per step ({int(ph.n_steps[p])} step"
+                                                  f"{'s' if int(ph.n_steps[p]) != 1 else ''})") for p, _ in tables])
+    n_layers = 0
+    for i, (phase, table) in enumerate(tables):
+        cols = sorted(table.columns, key=lambda r: (order.get(r, len(order)), r))
+        table = table[cols]
+        n_layers = max(n_layers, len(table.index))
+        total = float(ph.total[phase]) / int(ph.n_steps[phase])
+        z = table.to_numpy(dtype="float64")
+        share = z / total * 100 if total else np.full_like(z, np.nan)
+        labels = [("layer (self)" if r == "layer" else r) for r in cols]
+        fig.add_trace(go.Heatmap(
+            z=z, x=[plot_text(v) for v in labels], y=table.index.to_numpy(), colorscale="Viridis",
+            customdata=share, texttemplate="%{z:.3f}", textfont={"size": 9}, showscale=False,
+            hovertemplate=plot_text(phase) + ", layer %{y}, %{x}<br>%{z:.4f} ms per step<br>"
+                          "%{customdata:.2f}% of the forward<extra></extra>",
+        ), row=1, col=i + 1)
+    only_layers = all(list(t.columns) == ["layer"] for _, t in tables)
+    hint = "<br><sup>only whole layers were recorded: record with depth='sublayers' or 'all' to split them by " \
+           "role</sup>" if only_layers else ""
+    fig.update_layout(title={"text": f"{title} (self host ms per step, written in the cells; a row adds up to "
+                                     f"the layer's time){hint}"},
+                      template=TEMPLATE, height=max(HEIGHT, 200 + 20 * n_layers),
+                      margin={"l": 60, "r": 20, "t": 90, "b": 110})
+    fig.update_xaxes(tickangle=-40)
+    fig.update_yaxes(autorange="reversed", dtick=1 if n_layers <= 40 else None, title_text="layer", col=1)
+    return fig
