@@ -399,6 +399,8 @@ def _row(level, name, phase, clock, a, b, p, lo, hi, share, pval) -> dict:
 
 def verdict(row) -> str:
     """A row of :func:`significance` in words."""
+    if not row["a_n"] or not row["b_n"]:
+        return "only in B" if row["b_n"] else "only in A"
     if pd.isna(row["significant"]):
         return "too few samples"
     if not row["significant"]:
@@ -458,7 +460,13 @@ def _differing(run_a, run_b) -> list[tuple[str, str, str, str]]:
 def differences(run_a, run_b) -> list[str]:
     """Sentences naming the facts (model, depth, prompt length, batch) on which two runs differ,
     with what that means for the comparison; empty for like-for-like runs."""
-    return [f"the runs differ in {label} (A: {a}, B: {b}): {why}" for label, a, b, why in _differing(run_a, run_b)]
+    out = [f"the runs differ in {label} (A: {a}, B: {b}): {why}" for label, a, b, why in _differing(run_a, run_b)]
+    na, nb = len(_generate_ids(run_a.runs)), len(_generate_ids(run_b.runs))
+    if na != nb:
+        out.append(f"the runs hold different numbers of generate calls (A: {na}, B: {nb}): totals (a_ms, b_ms) add "
+                   "up over different numbers of calls; compare shares, the significance rows (means per step), "
+                   "or record both with the same --repeat")
+    return out
 
 
 def comparability(run_a, run_b) -> list[str]:

@@ -375,7 +375,7 @@ def spread_html(run: "Run") -> str:
     if head.empty or int(head["generates"].max()) < 2:
         return ""
     n = int(head["generates"].max())
-    blocks = run.spread("block")
+    blocks = run.spread("block").drop(columns="level")
     metric = head["metric"].astype(str)
     head = pd.DataFrame({"metric": metric, "generates": head["generates"],
                          **{c: [format_cell(m, v) for m, v in zip(metric, head[c])] for c in ("median", "min", "max")},
@@ -450,8 +450,15 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
                            caption="Per rank, role and phase (share of that rank's forward time)",
                            table_id="rank-role-table"))
     every = " (all ranks)" if multi else ""
+    summ = run.summary()
+    blocks = set(summ.loc[summ["level"] == "block", "name"])
     for level, table_id in (("block", "block-table"), ("role", "role-table"), ("module", "module-table")):
-        doc.add(table_html(run.summary(level).drop(columns="level"), caption=f"Per {level} and phase{every}",
+        part = summ[summ["level"] == level].drop(columns="level")
+        if level == "role" and set(part["name"]) <= blocks:
+            continue  # recorded at depth blocks: the roles are the blocks again
+        part = part[[c for c in part.columns if part[c].notna().any()]]  # no GPU columns on a CPU run
+        doc.add(table_html(part, caption=f"Per {level} and phase{every}: total = inclusive ms, self = the time "
+                           "in no recorded call inside it; share = self / the phase's forward time",
                            table_id=table_id))
     doc.add(table_html(_tree_rows(run), caption=f"The call tree down to level {TREE_TABLE_DEPTH} (deeper calls "
                        f"folded into their ancestor's self time){every}", table_id="tree-table"))

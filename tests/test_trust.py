@@ -20,8 +20,8 @@ import probe
 from probe.cli import main
 from probe.models import save_bundled
 from probe.noise import BUSY_THRESHOLD_PCT, busy, step_wait_ms
-from probe.stats import (block_spread, bootstrap_slowdown, comparability, gate, headline_spread, mann_whitney_p,
-                         significance)
+from probe.stats import (block_spread, bootstrap_slowdown, comparability, differences, gate, headline_spread,
+                         mann_whitney_p, significance, verdict)
 from tests.tiny import tiny_llama
 
 
@@ -361,3 +361,15 @@ def test_ranks_of_one_call_are_not_repeats():
     merged = probe.merge(parts)
     assert (headline_spread(merged.runs)["generates"] == 1).all()
     assert (merged.spread()["generates"] == 1).all()
+
+
+def test_compare_notes_different_repeats_and_rows_of_one_run():
+    a = record(Clock(tick=1000), repeats=3)
+    b = record(Clock(tick=1000), repeats=1, depth="all")
+    notes = differences(a, b)
+    assert any("different numbers of generate calls (A: 3, B: 1)" in n for n in notes)
+    assert any("differ in depth (A: blocks, B: all)" in n for n in notes)
+    assert not any("generate calls" in n for n in differences(a, record(Clock(tick=1000), repeats=3)))
+    sig = significance(a, b)
+    model = sig[(sig["level"] == "block") & (sig["name"] == "model")]
+    assert len(model) and (model["a_n"] == 0).all() and {verdict(r) for _, r in model.iterrows()} == {"only in B"}
