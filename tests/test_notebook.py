@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
+import transformers
 
 try:  # the test extras install them; CI must run the notebook, never skip it
     import ipykernel  # noqa: F401
@@ -30,6 +32,47 @@ def _text(cell) -> str:
     return "\n".join(out)
 
 
+#: the sampling stages of section 5's settings, in the order generate runs them
+STAGES = ("update kwargs", "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "stopping",
+          "prepare inputs", "probe", "remainder", "= outside_ms")
+
+
+def _cell(nb, marker: str):
+    """The one code cell whose source contains ``marker``."""
+    found = [c for c in nb.cells if c.cell_type == "code" and marker in c.source]
+    assert len(found) == 1, f"{len(found)} code cells contain {marker!r}"
+    return found[0]
+
+
+def _stage_table(text: str) -> dict[str, list[float]]:
+    """The sampling-stage table's text (stage, then ms/step and share of each phase) -> stage: the ms/step values."""
+    rows = {}
+    for line in text.splitlines():
+        stage = next((s for s in STAGES if line.startswith(s + " ")), None)
+        if stage is not None:
+            cells = line[len(stage):].split()  # prefill ms, share, decode ms, share
+            assert len(cells) == 4 and all(c.endswith("%") for c in cells[1::2]), line
+            rows[stage] = [float(c.replace(",", "")) for c in cells[0::2]]
+    return rows
+
+
+def _check_sampling_stages(nb) -> None:
+    """Section 5's walk as generate ran it: every stage of each phase, adding up to outside_ms."""
+    text = _text(_cell(nb, "run.sampling_summary()"))
+    assert "prefill (1 step)" in text and "decode (9 steps)" in text, text
+    rows = _stage_table(text)
+    assert list(rows) == list(STAGES), text  # every stage, in generate's order
+    *stages, total = rows.values()
+    for phase in (0, 1):  # the shown ms/step (4 significant digits each) add up to the shown outside_ms
+        shown = sum(r[phase] for r in stages)
+        assert total[phase] > 0 and abs(shown - total[phase]) <= 0.005 * total[phase] + 0.01, (phase, rows)
+    assert re.search(r"^= outside_ms .*100\.0% .*100\.0%$", text, re.M), text
+    check = _text(_cell(nb, "remainder >= 0"))
+    m = re.search(r"stages add up to outside_ms in (\d+) of (\d+) steps", check)
+    assert m and m.group(1) == m.group(2) == "10", check
+    assert "remainder >= 0 in 10 of 10 steps" in check, check
+
+
 def test_seed_walkthrough_notebook_executes_and_shows_the_walk():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
@@ -39,12 +82,15 @@ def test_seed_walkthrough_notebook_executes_and_shows_the_walk():
     client.execute()  # raises CellExecutionError on the first cell that fails
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     text = "\n".join(_text(c) for c in nb.cells if c.cell_type == "code")
+    # the kernel runs this interpreter's transformers (4.57 when run from the floor venv)
+    assert f"| transformers {transformers.__version__}" in _text(nb.cells[1]), _text(nb.cells[1])
     # the tutorial's prefill on the 7B architecture, then the last position, then one decode step
     for want in ("embed    [1, 7] -> [1, 7, 4096]", "lm_head  [1, 7, 4096] -> [1, 7, 40076]",
                  "logits [1, 7, 40076] | last position [1, 40076]", "model.layers.{0..31}",
                  "32 decoder-layer calls", "vocabulary 40,076", "[1, 1, 40076]"):
         assert want in text, want
     assert "chose within the kept set in 5 of 5 draws" in text
+    _check_sampling_stages(nb)
     figs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if "application/vnd.plotly.v1+json" in o.get("data", {}) or "text/html" in o.get("data", {})]
     assert sum("application/vnd.plotly.v1+json" in o.get("data", {}) for o in figs) == 3
