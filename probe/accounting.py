@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from . import schema, tree
-from .schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY
+from .schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE
 
 #: name of the attention module's self-time row at the role level when its projections are recorded
 ATTENTION_CORE = "attention core"
@@ -37,22 +37,6 @@ PROBE = "(probe)"
 #: display order of the block level
 BLOCK_ORDER = (*BLOCK_ROLES, "model")
 
-TREE: dict[str, str] = {
-    "phase": "string",
-    "node": "string",  # path of modules from the top of the step, joined by " > "
-    "parent_node": "string",  # null at the top
-    "module": "string",
-    "role": "string",
-    "layer": "Int64",
-    "depth": "int64",  # 1 for the step's top-level calls
-    "calls": "int64",
-    "total_ms": "float64",  # inclusive host ms of the node's calls
-    "self_ms": "float64",  # self host ms (inclusive at the collapse depth: the folded subtree)
-    "mean_ms": "float64",
-    "share": "float64",  # self time over the phase's forward time, on the phase's clock
-    "gpu_total_ms": "float64",
-    "gpu_self_ms": "float64",
-}
 SEP = " > "
 
 
@@ -306,7 +290,7 @@ def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = Non
     ph = Phases(calls, steps)
     c = ph.calls
     if c.empty:
-        return pd.DataFrame({k: pd.Series([], dtype=v) for k, v in TREE.items()})
+        return schema.empty(TREE)
     prow = tree.parent_rows(c)
     lv = _tree_levels(prow)
     mod_codes, mods = pd.factorize(c["module"].astype(str))

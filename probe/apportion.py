@@ -34,26 +34,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-APPORTION: dict[str, str] = {
-    "run_id": "string",
-    "step": "int64",
-    "phase": "string",
-    "module": "string",
-    "role": "string",
-    "layer": "Int64",
-    "measured_ms": "float64",  # the call's time on the run's clock (cpu_ms, or gpu_ms)
-    "prefill_ms": "float64",  # part attributed to the step's prefill tokens
-    "decode_ms": "float64",  # part attributed to its decode tokens; prefill + decode = measured
-    "prefill_share": "float64",
-    "work_prefill": "float64",  # cost-model work of the prefill tokens (FLOPs; rows for embeddings)
-    "work_decode": "float64",
-    "predicted_ms": "float64",  # c0 + c1·(W_p + W_d) from the pure steps' line; NaN without one
-    "method": "string",  # "pure step", "fitted line" or "work share"
-}
-
+from . import schema
+from .schema import APPORTION
 
 def _empty() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in APPORTION.items()})
+    return schema.empty(APPORTION)
 
 
 def _kind_work(mc: Any, layout: list, role: str) -> tuple[float, float, int, int]:

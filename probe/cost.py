@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from .schema import COST
+
 log = logging.getLogger(__name__)
 
 #: FLOPs per element of a norm: RMSNorm squares, accumulates, scales by rsqrt and by the
@@ -49,13 +51,6 @@ ROPE_FLOPS_PER_ELEMENT = 3
 SOFTMAX_FLOPS_PER_SCORE = 5
 #: Bytes of one token id read by an embedding gather (int64).
 INDEX_BYTES = 8
-
-COST_COLUMNS: dict[str, str] = {
-    "flops": "float64",
-    "bytes_moved": "float64",
-    "intensity_flops_per_byte": "float64",
-}
-
 
 # --------------------------------------------------------------------------- formulas
 def linear_flops(tokens, in_features: int, out_features: int, bias: bool = False):
@@ -479,7 +474,7 @@ def annotate(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) ->
     """
     n = len(calls)
     if n == 0:
-        return calls.assign(**{col: pd.Series([], dtype=dt, index=calls.index) for col, dt in COST_COLUMNS.items()})
+        return calls.assign(**{col: pd.Series([], dtype=dt, index=calls.index) for col, dt in COST.items()})
     model = resolve_model(model_or_config, dtype)
     cfg = getattr(model, "config", None)
     first_param = next(iter(model.parameters()), None)

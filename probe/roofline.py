@@ -24,7 +24,7 @@ import pandas as pd
 
 from .hardware import Peaks
 from . import schema
-from .schema import BLOCK_ROLES, PHASES
+from .schema import BLOCK_ROLES, BOUND_SUMMARY, PHASES, ROOFLINE
 
 Bound = Literal["compute", "memory", "host"]
 BOUNDS: tuple[str, ...] = ("compute", "memory", "host")
@@ -33,33 +33,6 @@ BOUNDS: tuple[str, ...] = ("compute", "memory", "host")
 OVERHEAD_FRACTION = 0.10
 #: A forward whose blocks keep the GPU busy for less than half the step is host-bound.
 GPU_IDLE_HOST_FRACTION = 0.5
-
-ROOFLINE: dict[str, str] = {
-    "module": "string",  # module name, role name (by="role") or "(forward)"
-    "role": "string",
-    "layer": "Int64",
-    "phase": "string",
-    "calls": "int64",
-    "flops": "float64",
-    "bytes_moved": "float64",
-    "time_ms": "float64",  # GPU time where recorded for every call, host time otherwise
-    "time_source": "string",  # "gpu" or "host"
-    "host_ms": "float64",
-    "gpu_ms": "float64",
-    "achieved_tflop_s": "float64",
-    "achieved_gb_s": "float64",
-    "intensity_flops_per_byte": "float64",
-    "ridge_flops_per_byte": "float64",
-    "roof_tflop_s": "float64",  # attainable at this intensity: min(peak, intensity × bandwidth)
-    "roof_fraction": "float64",  # achieved / roof at this intensity = max(compute, bandwidth fraction)
-    "compute_fraction": "float64",  # achieved FLOP/s / peak FLOP/s
-    "bandwidth_fraction": "float64",  # achieved bytes/s / peak bytes/s
-    "gpu_idle_fraction": "float64",  # (forward rows) share of step GPU time outside the blocks
-    "bound": "string",  # compute | memory | host
-    "reason": "string",  # the numbers behind the label
-    "peaks": "string",  # which roofs: "measured ..." or "datasheet ..."
-}
-
 
 def empty_roofline() -> pd.DataFrame:
     """An empty roofline frame with every column at its dtype."""
@@ -128,7 +101,7 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
         by: ``"role"`` (one row per block kind: embed, layer, norm, head — layers pooled) or
             ``"module"`` (one row per module).
     Returns:
-        A frame with the :data:`ROOFLINE` columns, phases in prefill, decode... order. Time is
+        A frame with the :data:`probe.schema.ROOFLINE` columns, phases in prefill, decode... order. Time is
         GPU time where every call of the group has it, host time otherwise.
     """
     if by not in ("role", "module"):
@@ -222,12 +195,11 @@ def bound_summary(roof: pd.DataFrame) -> pd.DataFrame:
     """Per phase, the share of time each bound accounts for (block rows only).
 
     Returns:
-        Columns ``phase`` (string), ``bound`` (string), ``time_ms`` (float64), ``share`` (float64).
+        Columns of :data:`probe.schema.BOUND_SUMMARY`.
     """
-    cols = {"phase": "string", "bound": "string", "time_ms": "float64", "share": "float64"}
     r = roof[(roof["module"] != "(forward)") & roof["role"].isin(BLOCK_ROLES) & roof["bound"].notna()]
     if r.empty:
-        return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in cols.items()})
+        return schema.empty(BOUND_SUMMARY)
     g = r.groupby(["phase", "bound"], sort=False, observed=True)["time_ms"].sum().reset_index()
     g["share"] = g["time_ms"] / g.groupby("phase")["time_ms"].transform("sum")
-    return g.astype(cols)
+    return g.astype(BOUND_SUMMARY)

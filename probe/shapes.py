@@ -20,30 +20,9 @@ from typing import Any, Sequence
 import pandas as pd
 from torch import nn
 
-from .schema import shape_text
+from .schema import WALK, shape_text
 
 log = logging.getLogger(__name__)
-
-WALK_COLUMNS: dict[str, str] = {
-    "phase": "string",
-    "step": "int64",
-    "module": "string",
-    "module_type": "string",
-    "role": "string",
-    "layer": "Int64",
-    "q_len": "int64",
-    "kv_len": "int64",
-    "batch": "int64",
-    "in_shapes": "string",
-    "out_shapes": "string",
-    "dtype": "string",
-    "parameters": "int64",
-    "weight_bytes": "int64",
-    "flops": "float64",
-    "bytes_moved": "float64",
-    "intensity_flops_per_byte": "float64",
-}
-
 
 def meta_model(model_or_preset: Any, dtype: Any = "bfloat16") -> nn.Module:
     """A model on the meta device: a preset name, a config, a model directory or a model.
@@ -86,7 +65,7 @@ def walkthrough(model_or_preset: Any, prompt_tokens: int | Sequence[int], batch:
         depth: probe depth (``"blocks"``, ``"sublayers"``, ``"all"``).
         dtype: weight dtype for presets and configs.
     Returns:
-        A frame with :data:`WALK_COLUMNS`, prefill rows then decode rows. ``frame.attrs``
+        A frame with :data:`WALK`, prefill rows then decode rows. ``frame.attrs``
         holds the totals: ``model``, ``parameters``, ``weight_bytes``, ``dtype``,
         ``prompt_tokens``, ``batch``, ``kv_cache_bytes_per_token`` (one position of one
         sequence, from the config), ``kv_cache_bytes_prefill`` / ``kv_cache_bytes_decode``
@@ -124,7 +103,7 @@ def walkthrough(model_or_preset: Any, prompt_tokens: int | Sequence[int], batch:
     calls = annotate(calls, model)
     counts = parameter_counts(model, list(dict.fromkeys(calls["module"].tolist())))
     df = calls.merge(counts, on="module", how="left")
-    df = df[list(WALK_COLUMNS)].astype(WALK_COLUMNS).reset_index(drop=True)
+    df = df[list(WALK)].astype(WALK).reset_index(drop=True)
     params = {id(t): t for t in model.parameters()}
     first = next(iter(params.values()))
     df.attrs.update({

@@ -26,9 +26,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from . import tree
+from . import schema, tree
 from .accounting import PROBE, RESIDUE, labels
-from .schema import LEVELS, PHASES
+from .schema import HEADLINE_SPREAD, LEVELS, PHASES, SIGNIFICANCE, SPREAD
 
 OUTSIDE = "(outside model)"
 
@@ -38,51 +38,10 @@ ALPHA = 1 - CONFIDENCE
 #: blocks below this share of their phase's forward time in A are shown but not gated
 GATE_MIN_SHARE = 0.01
 
-SPREAD_COLUMNS: dict[str, str] = {
-    "level": "string",  # "block", "role" or "module", as in Run.summary()
-    "name": "string",  # the block, role or module, or "(residue)" / "(probe)" / "(outside model)"
-    "phase": "string",
-    "generates": "int64",  # generate calls the spread is taken over
-    "median_ms": "float64",  # median over the generate calls of the row's self time in the phase
-    "min_ms": "float64",
-    "max_ms": "float64",
-    "spread_pct": "float64",  # (max - min) / median, percent
-}
-
-HEADLINE_SPREAD_COLUMNS: dict[str, str] = {
-    "metric": "string",
-    "generates": "int64",
-    "median": "float64",
-    "min": "float64",
-    "max": "float64",
-    "spread_pct": "float64",
-}
-
 SPREAD_METRICS = ("ttft_ms", "tpot_ms_p50", "tpot_ms_mean", "prefill_tok_s", "decode_tok_s", "total_ms")
-
-SIGNIFICANCE_COLUMNS: dict[str, str] = {
-    "level": "string",  # "metric", "block", "role" or "module"
-    "name": "string",  # the metric, or the block, role or module (Run.summary()'s names)
-    "phase": "string",  # empty for a headline metric
-    "clock": "string",  # "host" or "gpu" (blocks), the metric's unit otherwise
-    "a_n": "int64",  # samples of A (steps or generate calls)
-    "b_n": "int64",
-    "a_mean": "float64",
-    "b_mean": "float64",
-    "slowdown_pct": "float64",  # how much worse B is than A, percent (negative: B is better)
-    "ci_low_pct": "float64",  # 95 % bootstrap interval of slowdown_pct
-    "ci_high_pct": "float64",
-    "p_value": "float64",  # two-sided Mann-Whitney U test of A's samples against B's
-    "significant": "boolean",  # the interval excludes 0 and p < 0.05 (null: too few samples)
-    "a_share": "float64",  # the block's share of A's forward time in the phase (blocks only)
-}
 
 #: headline metrics where a larger value is better (the slowdown is then A / B - 1)
 HIGHER_IS_BETTER = frozenset({"prefill_tok_s", "decode_tok_s"})
-
-
-def _empty(cols: dict[str, str]) -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in cols.items()})
 
 
 def _generate_ids(runs: pd.DataFrame) -> list[str]:
@@ -139,7 +98,7 @@ def per_generate_totals(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataF
         parts.append(out_.rename("total_ms").reset_index().assign(name=OUTSIDE))
     cols = {"level": "string", "name": "string", "phase": "string", "run_id": "string", "total_ms": "float64"}
     if not parts:
-        return _empty(cols)
+        return schema.empty(cols)
     out = pd.concat(parts, ignore_index=True).assign(level=level)
     return out[list(cols)].astype(cols)
 
@@ -160,13 +119,13 @@ def block_spread(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
             levels of :meth:`probe.Run.summary`.
 
     Returns:
-        Columns of :data:`SPREAD_COLUMNS`, one row per name and phase (with ``(residue)``,
+        Columns of :data:`SPREAD`, one row per name and phase (with ``(residue)``,
         ``(probe)`` and ``(outside model)`` rows), in phase order. One generate call gives
         min = max = median. Joins ``Run.summary(level)`` on ``(level, name, phase)``.
     """
     tot = per_generate_totals(calls, steps, runs, level=level)
     if tot.empty:
-        return _empty(SPREAD_COLUMNS)
+        return schema.empty(SPREAD)
     tot["_seq"] = np.arange(len(tot))
     first = tot.groupby(["level", "name", "phase"], sort=False)[["_seq"]].first()
     g = tot.groupby(["level", "name", "phase"], sort=False)["total_ms"]
@@ -174,14 +133,14 @@ def block_spread(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
     order = {p: i for i, p in enumerate(PHASES)}
     out["_p"] = out["phase"].map(order).fillna(len(order))
     out = out.sort_values(["_p", "_seq"], kind="stable")
-    return out[list(SPREAD_COLUMNS)].astype(SPREAD_COLUMNS).reset_index(drop=True)
+    return out[list(SPREAD)].astype(SPREAD).reset_index(drop=True)
 
 
 def headline_spread(runs: pd.DataFrame, metrics=SPREAD_METRICS) -> pd.DataFrame:
     """Median and min–max of each headline metric over the successful generate calls."""
     ids = _generate_ids(runs)
     if not ids:
-        return _empty(HEADLINE_SPREAD_COLUMNS)
+        return schema.empty(HEADLINE_SPREAD)
     gen = runs[runs["run_id"].isin(ids)]
     rows = []
     for m in metrics:
@@ -192,8 +151,8 @@ def headline_spread(runs: pd.DataFrame, metrics=SPREAD_METRICS) -> pd.DataFrame:
         rows.append({"metric": m, "generates": len(v), "median": med, "min": float(v.min()), "max": float(v.max()),
                      "spread_pct": (float(v.max() - v.min()) / med * 100) if med > 0 else math.nan})
     if not rows:
-        return _empty(HEADLINE_SPREAD_COLUMNS)
-    return pd.DataFrame(rows).astype(HEADLINE_SPREAD_COLUMNS)
+        return schema.empty(HEADLINE_SPREAD)
+    return pd.DataFrame(rows).astype(HEADLINE_SPREAD)
 
 
 # --------------------------------------------------------------------------- significance
@@ -347,7 +306,7 @@ def significance(run_a, run_b, levels=("block", "role"), seed: int = 0,
         seed, resamples: the bootstrap's (see :func:`bootstrap_slowdown`).
 
     Returns:
-        Columns of :data:`SIGNIFICANCE_COLUMNS`: headline metrics first, then blocks by level
+        Columns of :data:`SIGNIFICANCE`: headline metrics first, then blocks by level
         and phase. Blocks are timed on the GPU clock where every call of both runs has it.
     """
     rows = []
@@ -385,8 +344,8 @@ def significance(run_a, run_b, levels=("block", "role"), seed: int = 0,
             share = float(a.sum() / f) if len(a) and f and not math.isnan(f) and name != OUTSIDE else math.nan
             rows.append(_row(level, name, phase, clock, a, b, p, lo, hi, share, mann_whitney_p(a, b)))
     if not rows:
-        return _empty(SIGNIFICANCE_COLUMNS)
-    return pd.DataFrame(rows).astype(SIGNIFICANCE_COLUMNS)
+        return schema.empty(SIGNIFICANCE)
+    return pd.DataFrame(rows).astype(SIGNIFICANCE)
 
 
 def _row(level, name, phase, clock, a, b, p, lo, hi, share, pval) -> dict:

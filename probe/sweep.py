@@ -22,55 +22,13 @@ import pandas as pd
 
 from .run import MAX_META_BYTES, _atomic, read_regular
 from . import schema
-from .schema import BLOCK_ROLES
+from .schema import BLOCK_ROLES, SWEEP, SWEEP_SUMMARY
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.parquet"
 SWEEP_META = "sweep.json"
 SWEEP_SCHEMA_VERSION = 1
-
-SWEEP: dict[str, str] = {
-    "prompt_len": "int64",
-    "batch": "int64",
-    "repeat": "int64",  # 0-based index of the recorded generate call within its config
-    "run_id": "string",
-    "step": "int64",
-    "phase": "string",
-    "q_len": "int64",
-    "kv_len": "int64",  # cached positions before the step
-    "forward_ms": "float64",
-    "gpu_ms": "float64",
-    "outside_ms": "float64",
-    "latency_ms": "float64",  # forward + outside: time until the step's token is chosen
-    "new_tokens": "int64",
-    "kv_cache_bytes": "Int64",
-    "flops": "float64",  # estimated over the blocks (probe.cost)
-    "bytes_moved": "float64",
-    "ttft_ms": "float64",  # run-level columns, repeated on each of the run's steps
-    "tpot_ms_mean": "float64",
-    "prefill_tok_s": "float64",
-    "decode_tok_s": "float64",
-    "total_ms": "float64",
-    "wait_pct": "float64",  # the config's busy-machine figure (probe.noise): % of step time waiting for a CPU
-    "run_dir": "string",  # the config's run directory, relative to the sweep folder
-}
-
-SUMMARY_COLUMNS: dict[str, str] = {
-    "prompt_len": "int64",
-    "batch": "int64",
-    "repeats": "int64",
-    "prefill_ms": "float64",  # median over repeats of the prefill step's latency
-    "prefill_ms_min": "float64",  # spread over the repeats: min and max
-    "prefill_ms_max": "float64",
-    "decode_ms_per_token": "float64",  # median over repeats of the mean decode-step latency
-    "decode_ms_per_token_min": "float64",
-    "decode_ms_per_token_max": "float64",
-    "ttft_ms": "float64",
-    "prefill_tok_s": "float64",
-    "decode_tok_s": "float64",
-    "wait_pct": "float64",  # busy-machine figure of the config's run (warning above probe.noise.BUSY_THRESHOLD_PCT)
-}
 
 #: sweep columns added after the first release: an older sweep.parquet loads with them null
 _LATER = frozenset({"wait_pct"})
@@ -306,7 +264,7 @@ def load_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
 def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (prompt length, batch): medians over repeats of prefill and decode costs."""
     if df.empty:
-        return _conform(pd.DataFrame(), SUMMARY_COLUMNS)
+        return _conform(pd.DataFrame(), SWEEP_SUMMARY)
     keys = ["prompt_len", "batch", "repeat"]
     pre = df[df["phase"] == "prefill"].groupby(keys)["latency_ms"].sum().rename("prefill_ms")
     dec = df[df["phase"] == "decode"].groupby(keys)["latency_ms"].mean().rename("decode_ms_per_token")
@@ -319,7 +277,7 @@ def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:
         out[f"{col}_max"] = g[col].max()
     out["wait_pct"] = g["wait_pct"].max()
     out["repeats"] = g.size()
-    return _conform(out.reset_index(), SUMMARY_COLUMNS)
+    return _conform(out.reset_index(), SWEEP_SUMMARY)
 
 
 # --------------------------------------------------------------------------- CLI

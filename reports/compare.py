@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from probe.schema import DIFF
+
 from . import figures
-from .diff import DIFF_COLUMNS, block_diff, differences
+from .diff import block_diff, differences
 from .html import Page, esc, format_cell, table_html
 
 if TYPE_CHECKING:  # pragma: no cover
     from probe.run import Run
 
-#: columns of compare.csv (as in reports.diff; ``level`` is block, role or module)
-COMPARE_COLUMNS: dict[str, str] = dict(DIFF_COLUMNS)
 HEADLINE_METRICS = ("ttft_ms", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_mean", "prefill_tok_s", "decode_tok_s",
                     "total_ms", "peak_mem_bytes", "kv_cache_bytes")
 FACTS = ("model_id", "dtype", "device", "attn_implementation", "depth", "prompt_tokens", "new_tokens", "batch",
@@ -57,10 +57,10 @@ def comparison_frame(run_a: "Run", run_b: "Run") -> pd.DataFrame:
     """Per block, role and module and phase, A's and B's numbers side by side.
 
     Returns:
-        Columns of :data:`COMPARE_COLUMNS`; ``a_ms``/``b_ms`` are each run's own
+        Columns of :data:`probe.schema.DIFF`; ``a_ms``/``b_ms`` are each run's own
         ``Run.summary()["self_ms"]`` of that level.
     """
-    return block_diff(run_a.summary(), run_b.summary()).astype(COMPARE_COLUMNS)
+    return block_diff(run_a.summary(), run_b.summary()).astype(DIFF)
 
 
 def _mean_headline(run: "Run") -> pd.Series:

@@ -5,28 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from probe.schema import LEVELS, PHASES
+from probe import schema
+from probe.schema import DIFF, LEVELS, PHASES
 from probe.stats import differences, fact  # noqa: F401  (re-exported: the compare page and views use them)
-
-DIFF_COLUMNS: dict[str, str] = {
-    "level": "string",  # the summaries' level: block, role or module
-    "name": "string",  # the block, role or module
-    "role": "string",
-    "phase": "string",
-    "a_calls": "Int64",
-    "b_calls": "Int64",
-    "a_ms": "float64",  # self host ms of A (the summary's self_ms: rows of a level never overlap)
-    "b_ms": "float64",
-    "diff_ms": "float64",  # b_ms - a_ms
-    "ratio": "float64",  # b_ms / a_ms (NaN where A is 0 or missing)
-    "a_mean_ms": "float64",
-    "b_mean_ms": "float64",
-    "a_total_ms": "float64",  # inclusive host ms of A (the summary's total_ms)
-    "b_total_ms": "float64",
-    "a_share": "float64",  # share of the phase's forward time (self time)
-    "b_share": "float64",
-}
-
 
 def block_diff(summary_a: pd.DataFrame, summary_b: pd.DataFrame) -> pd.DataFrame:
     """Match two ``Run.summary()`` frames by ``(level, name, phase)`` and put their numbers side by side.
@@ -38,10 +19,10 @@ def block_diff(summary_a: pd.DataFrame, summary_b: pd.DataFrame) -> pd.DataFrame
         summary_a, summary_b: summaries of the two runs (any levels; rows match within a level).
 
     Returns:
-        Columns of :data:`DIFF_COLUMNS`, ordered by level, phase, then as the rows appear in A (then B).
+        Columns of :data:`DIFF`, ordered by level, phase, then as the rows appear in A (then B).
     """
     if summary_a.empty and summary_b.empty:
-        return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in DIFF_COLUMNS.items()})
+        return schema.empty(DIFF)
     keep = ["level", "name", "role", "phase", "calls", "self_ms", "total_ms", "mean_ms", "share"]
     on = ["level", "name", "phase"]
     a = summary_a[keep].astype({c: "string" for c in on}).reset_index(drop=True)
@@ -74,7 +55,7 @@ def block_diff(summary_a: pd.DataFrame, summary_b: pd.DataFrame) -> pd.DataFrame
     out["_s"] = m["_seq_a"].fillna(m["_seq_b"]).to_numpy()
     out["_r"] = out["name"].isin(["(residue)", "(probe)"]).astype("int64")  # a level's remainder rows last
     out = out.sort_values(["_l", "_p", "_r", "_s"], kind="stable").drop(columns=["_l", "_p", "_r", "_s"])
-    out = out[list(DIFF_COLUMNS)].astype(DIFF_COLUMNS)
+    out = out[list(DIFF)].astype(DIFF)
     return out.reset_index(drop=True)
 
 

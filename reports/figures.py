@@ -29,7 +29,7 @@ from probe.sampling import stage_means
 from probe.schema import BLOCK_ROLES, PHASES
 
 from .diff import block_diff
-from .tables import HEADLINE_COLUMNS, headline, ranks, shape_walkthrough  # noqa: F401  (part of this module's API)
+from .tables import headline, ranks, shape_walkthrough  # noqa: F401  (part of this module's API)
 
 #: most columns of the layer x step heatmap; longer runs average consecutive steps
 MAX_HEAT_COLS = 300

@@ -10,8 +10,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from probe import fmt
-from probe.schema import shape_text
+from probe import fmt, schema
+from probe.schema import HEADLINE, shape_text
 
 
 def ranks(frame: pd.DataFrame) -> list[int]:
@@ -125,14 +125,6 @@ def shape_walkthrough(calls: pd.DataFrame, collapse: bool = True) -> pd.DataFram
     return out.astype(cols)
 
 
-HEADLINE_COLUMNS = {
-    "run_id": "string", "model_id": "string", "status": "string", "prompt_tokens": "Int64", "new_tokens": "Int64",
-    "batch": "Int64", "ttft_ms": "float64", "tpot_ms_p50": "float64", "tpot_ms_p90": "float64",
-    "tpot_ms_mean": "float64", "prefill_tok_s": "float64", "decode_tok_s": "float64", "total_ms": "float64",
-    "peak_mem_bytes": "Int64", "kv_cache_bytes": "Int64",
-}
-
-
 def _overhead_items(meta: dict | None) -> dict[str, float]:
     """Numeric ``overhead*`` facts from the run metadata (flat or one dict deep), sorted."""
     out: dict[str, float] = {}
@@ -165,12 +157,12 @@ def headline(runs: pd.DataFrame, steps: pd.DataFrame, meta: dict | None = None) 
     """
     extra = _overhead_items(meta)
     if runs.empty or not (runs["kind"] == "generate").any():
-        out = pd.DataFrame({c: pd.Series([], dtype=d) for c, d in HEADLINE_COLUMNS.items()})
+        out = schema.empty(HEADLINE)
         for k in extra:
             out[k] = pd.Series([], dtype="float64")
         return out
     gen = runs[runs["kind"] == "generate"].reset_index(drop=True)
-    out = pd.DataFrame({c: gen[c].astype(d) for c, d in HEADLINE_COLUMNS.items()})
+    out = pd.DataFrame({c: gen[c].astype(d) for c, d in HEADLINE.items()})
     if out["peak_mem_bytes"].isna().any() and not steps.empty:
         peaks = steps.groupby("run_id", sort=False)["mem_peak_bytes"].max()
         out["peak_mem_bytes"] = out["peak_mem_bytes"].fillna(out["run_id"].map(peaks).astype("Int64"))

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import probe
-from probe import cost, hardware
+from probe import cost, hardware, schema
 from probe import roofline as rl
 from probe.schema import BLOCK_ROLES
 from tiny import tiny_config, tiny_model
@@ -189,8 +189,8 @@ def test_empty_and_unknown_modules():
     model = dense_llama()
     run = record_forward(model, torch.randint(3, 1000, (1, 4)))
     empty = cost.annotate(run.calls.iloc[:0], model)
-    assert list(empty.columns[-3:]) == list(cost.COST_COLUMNS)
-    assert all(str(empty[c].dtype) == d for c, d in cost.COST_COLUMNS.items())
+    assert list(empty.columns[-3:]) == list(schema.COST)
+    assert all(str(empty[c].dtype) == d for c, d in schema.COST.items())
     other = dense_llama()
     other.model.layers = other.model.layers[:2]  # layers 2 and 3 no longer exist in "other"
     out = cost.annotate(run.calls, other)
