@@ -68,6 +68,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import probe  # noqa: E402
+from probe import fmt, hardware  # noqa: E402
 from probe.schema import BLOCK_ROLES  # noqa: E402
 
 _now = time.perf_counter_ns
@@ -82,20 +83,6 @@ TARGETS = {
     "coverage_min": 0.97,
     "kv_growth_rel_err_max": 0.01,
 }
-
-#: Peak memory bandwidth (bytes/s) by a substring of torch.cuda.get_device_name(); first match
-#: wins, so the more specific names come first. Vendor datasheet figures.
-#: TODO(lead): switch to probe.hardware once it provides per-device peaks.
-PEAK_BANDWIDTH: tuple[tuple[str, float], ...] = (
-    ("H200", 4.8e12),
-    ("H100 PCIe", 2.0e12),
-    ("H100 NVL", 3.9e12),
-    ("H100", 3.35e12),  # SXM5 80GB HBM3
-    ("A100-SXM4-80GB", 2.039e12),
-    ("A100 80GB PCIe", 1.935e12),
-    ("A100", 1.555e12),  # 40GB
-)
-
 
 @dataclass
 class Config:
@@ -178,12 +165,10 @@ def kv_bytes_per_token(config: Any, itemsize: int) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
 
 
-def peak_bandwidth(device_name: str | None) -> float | None:
-    """Peak memory bandwidth in bytes/s for a CUDA device name, or None if not in the table."""
-    for key, bw in PEAK_BANDWIDTH:
-        if device_name and key in device_name:
-            return bw
-    return None
+def peak_bandwidth(device_name: str | None, total_memory_bytes: int | None = None) -> float | None:
+    """Datasheet memory bandwidth in bytes/s of a CUDA device name (:data:`probe.hardware.KNOWN`), or None."""
+    entry = hardware.lookup(device_name or "", total_memory_bytes)
+    return None if entry is None else entry["gb_s"] * 1e9
 
 
 class StepClock:
@@ -499,7 +484,7 @@ def memory(model: torch.nn.Module, run: Any, baseline_peaks: list[int], allocate
         },
     }
     probe_peak = run.runs["peak_mem_bytes"].iloc[0]
-    if _isna(probe_peak) or not baseline_peaks:
+    if fmt.is_missing(probe_peak) or not baseline_peaks:
         reason = ("no CUDA: the allocator peak exists only on CUDA" if not baseline_peaks
                   else "the probe recorded no peak (track_memory off?)")
         out["peak"] = {"probe_bytes": None, "max_memory_allocated_bytes": None, "reason": reason}
@@ -524,21 +509,16 @@ def bandwidth(model: torch.nn.Module, run: Any, overhead: dict, device_name: str
     measured = {c: overhead["median"][c]["decode_ms_per_token"] for c in CONFIGS}
     out: dict[str, Any] = {"bytes_per_token": read + kv, "weights_read_bytes": read, "kv_read_bytes_mean": kv,
                            "decode_ms_per_token": measured}
-    bw = peak_bandwidth(device_name) if cuda else None
+    bw = peak_bandwidth(device_name, torch.cuda.get_device_properties(0).total_memory) if cuda else None
     if bw is None:
-        reason = "no CUDA: no peak-bandwidth figure for a CPU" if not cuda else f"{device_name!r} not in PEAK_BANDWIDTH"
+        reason = ("no CUDA: no peak-bandwidth figure for a CPU" if not cuda
+                  else f"{device_name!r} not in probe.hardware.KNOWN")
         out.update({"peak_bandwidth_bytes_s": None, "floor_ms_per_token": None, "ratio_to_floor": None, "reason": reason})
         return out
     floor = (read + kv) / bw * 1e3
-    out.update({"peak_bandwidth_bytes_s": bw, "bandwidth_source": "PEAK_BANDWIDTH table in benchmarks/gpu_check.py",
+    out.update({"peak_bandwidth_bytes_s": bw, "bandwidth_source": "probe.hardware.KNOWN (datasheet)",
                 "floor_ms_per_token": floor, "ratio_to_floor": {c: m / floor for c, m in measured.items()}})
     return out
-
-
-def _isna(v: Any) -> bool:
-    import pandas as pd
-
-    return v is None or bool(pd.isna(v))
 
 
 def _median(xs: list) -> float:

@@ -15,31 +15,13 @@ import pandas as pd
 import streamlit as st
 
 import probe
+from reports.cost_view import COST_NOTE
 
 from . import data
 from .views import Context, _chart, _memo, _table, md
 
-#: the report's note under its roofline section, shown under the dashboard's too
-COST_NOTE = ("FLOPs and bytes are estimates from the recorded shapes and the model config (probe.cost: every "
-             "weight, activation and KV-cache read once); time is GPU time where every call has it, host time "
-             "otherwise. Intensity = FLOPs / bytes; the roof fraction is achieved over the roof at that intensity. "
-             "(forward) is the whole forward: the blocks' work over the steps' forward time.")
-
 
 # --------------------------------------------------------------------------- roofline
-def _roofline_figure(view):
-    """The report's roofline chart of a :class:`reports.cost_view.CostView` that has roofs."""
-    from reports import cost_figures
-    from reports.tables import ranks
-
-    roof = view.roof
-    multi = len(ranks(roof)) > 1
-    if multi:  # one marker per rank: name it (in the hover; labels would pile up)
-        roof = roof.assign(module=roof["module"] + " · rank " + roof["rank"].astype("string"))
-    where = "measured where recorded" if view.origin == "stored" else None
-    return cost_figures.roofline(roof, view.peaks, where=where, labels=not multi)
-
-
 def _roofline_parts(run: probe.Run) -> dict:
     """Everything the Roofline view shows of ``run``, small enough for ``st.cache_data``.
 
@@ -47,7 +29,7 @@ def _roofline_parts(run: probe.Run) -> dict:
     once per run and filter choice.
     """
     from probe.roofline import bound_summary
-    from reports.cost_view import cost_view
+    from reports.cost_view import cost_view, roofline_figure
     from reports.html import roofline_table
     from reports.tables import ranks
 
@@ -57,7 +39,7 @@ def _roofline_parts(run: probe.Run) -> dict:
         parts["table"] = roofline_table(view)
         parts["multi"] = len(ranks(view.roof)) > 1
     if view.has_roofs:
-        parts["figure"] = _roofline_figure(view)
+        parts["figure"] = roofline_figure(view)
         parts["bounds"] = bound_summary(view.roof)
     return parts
 

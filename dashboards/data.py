@@ -20,6 +20,7 @@ import pandas as pd
 import probe
 from probe import schema
 from probe.run import FILES, META, rank_dirs
+from reports.tables import ranks
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +233,6 @@ def combine(runs: list[probe.Run]) -> probe.Run:
         sampling=schema.conform(pd.concat([r.sampling for r in runs], ignore_index=True), schema.SAMPLING),
         requests=schema.conform(pd.concat([r.requests for r in runs], ignore_index=True), schema.REQUESTS),
     )
-
-
-def ranks(run: probe.Run) -> list[int]:
-    """The process ranks in ``run`` (``[0]`` for a single process), as the reports see them."""
-    from reports.tables import ranks as frame_ranks
-
-    return frame_ranks(run.calls if len(run.calls) else run.runs)
 
 
 def options(run: probe.Run) -> dict:

@@ -159,7 +159,7 @@ def overview(ctx: Context) -> None:
     run = ctx.run
     _noise_notes(ctx)
     head = ctx.memo("headline", lambda: _headline(run))
-    rank_list = ctx.memo("ranks", lambda: data.ranks(run))
+    rank_list = ctx.memo("ranks", lambda: figures.ranks(run))
     multi = len(rank_list) > 1
     for line in ctx.memo("models", lambda: model_lines(run.runs)):
         st.markdown(f"**Model** {md(line)}")

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from . import fmt
+
 log = logging.getLogger("probe.cli")
 
 DEFAULT_PROMPT = "我喜欢攀岩"
@@ -55,11 +57,11 @@ def _port(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    fmt = {"formatter_class": _HelpFormatter}
+    help_fmt = {"formatter_class": _HelpFormatter}
     parser = argparse.ArgumentParser(
         prog="probe",
         description="Profile Hugging Face text generation per block, prefill vs decode.",
-        **fmt,
+        **help_fmt,
     )
     parser.add_argument("--version", action="version", version=f"probe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "sublayers (+ attention, MLP, inner norms), all (every module)")
 
     r = sub.add_parser("run", help="profile one generate() call of a model (default: SmolLM2-135M-Instruct if installed)",
-                       epilog=_models_epilog(), **fmt)
+                       epilog=_models_epilog(), **help_fmt)
     _add_model_args(r)
     r.add_argument("--preset", help="build a full-size architecture with random weights instead (e.g. llama-2-7b, chinese-llama-2-7b)")
     r.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
@@ -106,14 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model directory")
     r.set_defaults(func=cmd_run)
 
-    rep = sub.add_parser("report", help="write CSV / HTML / Chrome-trace reports of a saved run", **fmt)
+    rep = sub.add_parser("report", help="write CSV / HTML / Chrome-trace reports of a saved run", **help_fmt)
     rep.add_argument("run_dir", help="a run directory (written by probe run) or a sweep folder (probe sweep)")
     rep.add_argument("--format", default="all", choices=("html", "csv", "trace", "all"),
                      help="what to write: report.html, csv/, trace.json (Perfetto / chrome://tracing) or all three")
     rep.add_argument("--out", default=None, help="output file (html, trace) or folder (csv, all); default: inside RUN_DIR")
     rep.set_defaults(func=cmd_report)
 
-    cmp_ = sub.add_parser("compare", help="side-by-side HTML + CSV of two saved runs", **fmt)
+    cmp_ = sub.add_parser("compare", help="side-by-side HTML + CSV of two saved runs", **help_fmt)
     cmp_.add_argument("run_a", help="the first run directory (A)")
     cmp_.add_argument("run_b", help="the second run directory (B); differences are B - A")
     cmp_.add_argument("--out", default=None, help="output folder (default: compare-<a>-vs-<b>)")
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "with significance (a CI gate); exit 2 when the runs are not comparable")
     cmp_.set_defaults(func=cmd_compare)
 
-    d = sub.add_parser("dashboard", help="open the Streamlit dashboard over a folder of runs", **fmt)
+    d = sub.add_parser("dashboard", help="open the Streamlit dashboard over a folder of runs", **help_fmt)
     d.add_argument("runs_dir", nargs="?", default="probe-runs", help="folder of run directories (or one run)")
     d.add_argument("--port", type=_port, default=8501, help="TCP port to serve on (1-65535)")
     d.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 keeps it on this machine")
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_dashboard)
 
     sw = sub.add_parser("sweep", help="profile prefill/decode cost over prompt lengths and batch sizes",
-                        epilog=_models_epilog(), **fmt)
+                        epilog=_models_epilog(), **help_fmt)
     _add_model_args(sw)
     sw.add_argument("--preset", default=None, help="a full-size architecture with random weights instead (e.g. llama-2-7b)")
     sw.add_argument("--prompt-lens", default="16,64,256,1024", help="prompt lengths in tokens, comma-separated")
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=cmd_sweep)
 
     sb = sub.add_parser("serve-bench", help="profile continuous batching under Poisson arrivals (saved as a run)",
-                        epilog=_models_epilog(), **fmt)
+                        epilog=_models_epilog(), **help_fmt)
     _add_model_args(sb)
     sb.add_argument("--preset", help="build a full-size architecture with random weights instead")
     sb.add_argument("--requests", type=int, default=32, help="requests to send")
@@ -174,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_serve_bench)
 
     sh = sub.add_parser("shapes", help="shape walkthrough of a full-size architecture on the meta device",
-                        epilog=_models_epilog(), **fmt)
+                        epilog=_models_epilog(), **help_fmt)
     _add_model_args(sh)
     sh.add_argument("--preset", default=None,
                     help="a built-in architecture: llama-2-7b, chinese-llama-2-7b, mistral-7b, qwen2-7b, tiny "
@@ -582,7 +584,6 @@ class _Progress:
 def _format_run_summary(run, tok, out, prompt_len: int) -> str:
     """The readable prefill-vs-decode summary `probe run` prints (numbers by :mod:`probe.fmt`,
     as in the report)."""
-    from . import fmt
 
     lines: list[str] = []
     runs = run.runs[run.runs["kind"] == "generate"]
@@ -592,7 +593,7 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
     lines.append(f"model      {r['model_id']} ({r['model_class']}, {int(r['parameters']) / 1e6:,.1f}M params, "
                  f"{r['dtype']}, {r['device']}, attention={r['attn_implementation']})")
     lines.append(f"status     {r['status']}")
-    beams = "" if _isna(r["num_beams"]) or int(r["num_beams"]) <= 1 else f" x {int(r['num_beams'])} beams"
+    beams = "" if fmt.is_missing(r["num_beams"]) or int(r["num_beams"]) <= 1 else f" x {int(r['num_beams'])} beams"
     lines.append(f"tokens     prompt {r['prompt_tokens']} x batch {r['batch']}{beams}, new {r['new_tokens']}, "
                  f"steps {r['steps']}")
 
@@ -621,9 +622,9 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
         lines.append(f"throughput prefill {f(fmt.tok_s(r['prefill_tok_s']), ' tok/s')}   "
                      f"decode {f(fmt.tok_s(r['decode_tok_s']), ' tok/s')}   total {f(fmt.ms(r['total_ms']), ' ms')}")
     mem = []
-    if not _isna(r["peak_mem_bytes"]):
+    if not fmt.is_missing(r["peak_mem_bytes"]):
         mem.append(f"peak {fmt.nbytes(r['peak_mem_bytes'])}")
-    if not _isna(r["kv_cache_bytes"]):
+    if not fmt.is_missing(r["kv_cache_bytes"]):
         mem.append(f"KV cache after the last step {fmt.nbytes(r['kv_cache_bytes'])}")
     if mem:
         lines.append("memory     " + "   ".join(mem))
@@ -664,7 +665,7 @@ def _sampling_lines(run) -> list[str]:
         row = f"  {label[:39]:<39}"
         for p in phases:
             ms, share = cells[name].get(p, (float("nan"), float("nan")))
-            row += f"{ms:>12.4f}{share * 100:>8.2f}%" if not _isna(ms) else f"{'':>12}{'':>9}"
+            row += f"{ms:>12.4f}{share * 100:>8.2f}%" if not fmt.is_missing(ms) else f"{'':>12}{'':>9}"
         out.append(row)
     return out
 
@@ -687,7 +688,6 @@ def _format_levels(run, spread: bool = False) -> list[str]:
     """Where each phase's forward time went, per level: blocks, then roles where the run recorded
     more than the blocks. Rows hold self time, so each level adds up to 100 % with the residue.
     ``spread``: add each row's self time per generate call, median [min - max] (several calls)."""
-    from . import fmt
 
     summ = run.summary()
     summ = summ[summ["phase"].isin(_TIME_PHASES)]
@@ -714,7 +714,7 @@ def _format_levels(run, spread: bool = False) -> list[str]:
         out.append("")
     ph = run.phase_summary().set_index("phase")
     outside = [f"{p} {fmt.ms(ph.loc[p, 'outside_ms'], unit=True)}" for p in _TIME_PHASES
-               if p in ph.index and not _isna(ph.loc[p, "outside_ms"])]
+               if p in ph.index and not fmt.is_missing(ph.loc[p, "outside_ms"])]
     if outside:
         out.append("outside the model (logits processing, sampling): " + ", ".join(outside))
     if deeper:
@@ -725,7 +725,6 @@ def _format_levels(run, spread: bool = False) -> list[str]:
 
 def _walkthrough(run) -> list[str]:
     """The shape walk of the tutorial: each block's input -> output for prefill and one decode step."""
-    from . import fmt
     from .schema import shape_text
 
     calls = run.calls
@@ -762,12 +761,6 @@ def _walkthrough(run) -> list[str]:
             out.append("  note: generate() computes logits only at the last prompt position (logits_to_keep=1);"
                        " `probe run --full-logits` shows lm_head over all positions.")
     return out
-
-
-def _isna(v) -> bool:
-    import pandas as pd
-
-    return v is None or bool(pd.isna(v))
 
 
 # --------------------------------------------------------------------------- other commands
@@ -867,8 +860,8 @@ def cmd_compare(args) -> int:
     print("\n".join(_format_compare(comparison_frame(a, b), roles=same_depth)))
     print(f"{'B against A':<18}{'phase':<9}{'samples':>10}{'B slower by':>13}{'95% interval':>22}  verdict")
     for _, row in sig[sig["level"].isin(["metric", "block"])].iterrows():
-        iv = "" if _isna(row["ci_low_pct"]) else f"[{row['ci_low_pct']:+.1f}%, {row['ci_high_pct']:+.1f}%]"
-        sd = "" if _isna(row["slowdown_pct"]) else f"{row['slowdown_pct']:+.1f}%"
+        iv = "" if fmt.is_missing(row["ci_low_pct"]) else f"[{row['ci_low_pct']:+.1f}%, {row['ci_high_pct']:+.1f}%]"
+        sd = "" if fmt.is_missing(row["slowdown_pct"]) else f"{row['slowdown_pct']:+.1f}%"
         print(f"{str(row['name']):<18}{str(row['phase']):<9}{f'{row.a_n}/{row.b_n}':>10}{sd:>13}{iv:>22}  "
               f"{verdict(row)}")
     for label, run in ((" (A)", a), (" (B)", b)):
@@ -897,16 +890,15 @@ def _format_compare(frame, roles: bool = True) -> list[str]:
                            - {"embed", "layer", "norm", "head", "(residue)", "(probe)"})
     out = []
 
-    from . import fmt
 
     def signed(v):
-        return "" if _isna(v) else ("+" if v >= 0 else "") + fmt.ms(v)
+        return "" if fmt.is_missing(v) else ("+" if v >= 0 else "") + fmt.ms(v)
 
     for level in ("block", "role") if roles else ("block",):
         out.append(f"{level:<16}{'phase':<9}{'A self ms':>12}{'B self ms':>12}{'B - A':>11}{'B / A':>8}"
                    f"{'A share':>9}{'B share':>9}")
         for _, r in frame[frame["level"] == level].iterrows():
-            ratio = "" if _isna(r["ratio"]) else f"{r['ratio']:.2f}"
+            ratio = "" if fmt.is_missing(r["ratio"]) else f"{r['ratio']:.2f}"
             out.append(f"{str(r['name']):<16}{r['phase']:<9}{fmt.ms(r['a_ms']):>12}{fmt.ms(r['b_ms']):>12}"
                        f"{signed(r['diff_ms']):>11}{ratio:>8}{fmt.pct(r['a_share']):>9}{fmt.pct(r['b_share']):>9}")
         out.append("")
@@ -1068,7 +1060,7 @@ def _format_serve_summary(run) -> str:
 
 
 def _fmt(v) -> str:
-    return "n/a" if _isna(v) else f"{v:,.1f}"
+    return "n/a" if fmt.is_missing(v) else f"{v:,.1f}"
 
 
 def cmd_sweep(args) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from .dtypes import itemsize, torch_dtype
 from .schema import COST
 
 log = logging.getLogger(__name__)
@@ -214,10 +215,6 @@ def _linear_dims(m: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
-def _itemsize(t) -> int:
-    return int(t.element_size())
-
-
 def _moe_counts(config: Any) -> tuple[int, int] | None:
     """(experts chosen per token, routed experts) of a mixture-of-experts config, else None."""
     k = getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_topk", None)
@@ -302,7 +299,7 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
         dims = _linear_dims(m)
         if dims is not None:
             i, o, b = dims
-            w = _itemsize(m.weight)
+            w = itemsize(m.weight)
             share = routed.get(id(m), 1.0)
             c.f_tok += linear_flops(1, i, o, b) * share
             c.e_tok += (i + o) * share
@@ -313,7 +310,7 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
                 c.b_const += (i * o + (o if b else 0)) * w
             covered.update(id(p) for p in m.parameters(recurse=False))
         elif isinstance(m, nn.Embedding):
-            w = _itemsize(m.weight)
+            w = itemsize(m.weight)
             c.bw_tok += INDEX_BYTES + m.embedding_dim * w
             c.e_tok += m.embedding_dim
             c.ids_input = True
@@ -323,7 +320,7 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
             dim = int(own[0].numel()) if own else int(np.prod(getattr(m, "normalized_shape", (0,))) or 0)
             c.f_tok += norm_flops(1, dim)
             c.e_tok += 2 * dim
-            c.b_const += sum(p.numel() * _itemsize(p) for p in own)
+            c.b_const += sum(p.numel() * itemsize(p) for p in own)
             covered.update(id(p) for p in own)
         elif _is_activation(m) and m is module:
             c.f_elem += ACT_FLOPS_PER_ELEMENT  # a bare activation: cost scales with its input
@@ -335,7 +332,7 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
         for p in m.parameters(recurse=False):
             if id(p) in covered:
                 continue
-            w = _itemsize(p)
+            w = itemsize(p)
             if p.dim() == 2:
                 c.f_tok += 2 * p.numel()
                 c.b_const += p.numel() * w
@@ -387,8 +384,15 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
 
 
 # --------------------------------------------------------------------------- annotate
-def _model_from_config(config: Any, dtype: Any = None) -> nn.Module:
-    """A meta-device model of ``config`` (no memory) whose weights give the shapes and itemsizes."""
+def model_from_config(config: Any, dtype: Any = None) -> nn.Module:
+    """A meta-device model of ``config`` (no memory) whose weights give the shapes and itemsizes.
+
+    Args:
+        config: a transformers config, or ``config.to_dict()`` (it needs ``model_type``).
+        dtype: weight dtype (a ``torch.dtype`` or its name); default: the config's, else float32.
+    Returns:
+        The causal-LM model of the config on the ``meta`` device.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -402,21 +406,9 @@ def _model_from_config(config: Any, dtype: Any = None) -> nn.Module:
             d.pop(k, None)
         dtype = dtype or stored
         config = AutoConfig.for_model(model_type, **d)
-    tdt = _torch_dtype(dtype) or _torch_dtype(getattr(config, "dtype", None)) or torch.float32
+    tdt = torch_dtype(dtype) or torch_dtype(getattr(config, "dtype", None)) or torch.float32
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=tdt)
-
-
-def _torch_dtype(d: Any):
-    import torch
-
-    if d is None:
-        return None
-    if isinstance(d, torch.dtype):
-        return d
-    name = str(d).replace("torch.", "")
-    v = getattr(torch, name, None)
-    return v if isinstance(v, torch.dtype) else None
 
 
 def resolve_model(model_or_config: Any, dtype: Any = None) -> nn.Module:
@@ -430,8 +422,8 @@ def resolve_model(model_or_config: Any, dtype: Any = None) -> nn.Module:
         cfg = model_or_config.meta.get("config")
         if not cfg:
             raise ValueError("this run's meta has no 'config'; pass the model or its config to annotate()")
-        return _model_from_config(cfg, dtype or model_or_config.meta.get("dtype"))
-    return _model_from_config(model_or_config, dtype)
+        return model_from_config(cfg, dtype or model_or_config.meta.get("dtype"))
+    return model_from_config(model_or_config, dtype)
 
 
 def _parse_first_shape(text: Any) -> tuple[float, float, float, float]:
@@ -446,11 +438,6 @@ def _parse_first_shape(text: Any) -> tuple[float, float, float, float]:
     total = float(math.prod(s))
     tok = float(math.prod(s[:-1])) if len(s) >= 2 else total
     return (tok, total, float(s[0]) if len(s) >= 2 else 1.0, float(len(s)))
-
-
-def _itemsize_of(name: Any, default: float) -> float:
-    t = _torch_dtype(name) if isinstance(name, str) and name else None
-    return float(t.itemsize) if t is not None else default
 
 
 def annotate(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) -> pd.DataFrame:
@@ -506,7 +493,7 @@ def annotate(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) ->
     shp_codes, shp_uniques = pd.factorize(calls["in_shapes"], use_na_sentinel=True)
     parsed = np.array([_parse_first_shape(s) for s in shp_uniques] + [(math.nan, math.nan, math.nan, 0.0)])
     dt_codes, dt_uniques = pd.factorize(calls["dtype"], use_na_sentinel=True)
-    isz = np.array([_itemsize_of(str(d), w_default) for d in dt_uniques] + [w_default])
+    isz = np.array([itemsize(str(d), w_default) for d in dt_uniques] + [w_default])
     ns, nd = len(shp_uniques) + 1, len(dt_uniques) + 1
     m_ = np.where(mod_codes < 0, nm, mod_codes).astype(np.int64)
     s_ = np.where(shp_codes < 0, ns - 1, shp_codes).astype(np.int64)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from . import schema, tree
+from .dtypes import dtype_name, itemsize
 from .sampling import sampling_frame
 from .schema import CALLS, REQUESTS, RUNS, STEPS, BLOCK_ROLES
 
@@ -24,26 +25,15 @@ if TYPE_CHECKING:  # pragma: no cover
 _NS = 1e-6  # ns -> ms
 
 
-def _dtype_str(dt: Any) -> str | None:
-    return None if dt is None else str(dt).replace("torch.", "")
-
-
-def _itemsize(dt: Any) -> int:
-    try:
-        return int(dt.itemsize)
-    except AttributeError:
-        return 0
-
-
 def _sig_table(sigs: list) -> dict[str, list]:
     """Per distinct signature: in/out shape JSON, dtype, device, out bytes."""
     ins, outs, dtypes, devices, nbytes = [], [], [], [], []
     for in_shapes, (out_shapes, dt, dev) in sigs:
         ins.append(json.dumps([list(s) for s in in_shapes], separators=(",", ":")))
         outs.append(json.dumps([list(s) for s in out_shapes], separators=(",", ":")))
-        dtypes.append(_dtype_str(dt))
+        dtypes.append(dtype_name(dt))
         devices.append(None if dev is None else str(dev))
-        size = _itemsize(dt)
+        size = itemsize(dt)
         nbytes.append(sum(math.prod(s) for s in out_shapes) * size)
     return {"in": ins, "out": outs, "dtype": dtypes, "device": devices, "bytes": nbytes}
 
@@ -536,7 +526,7 @@ def _environment(model, model_id: str | None, cuda_device) -> dict:
         "model_class": type(model).__name__,
         "model_type": getattr(cfg, "model_type", None),
         "parameters": n_params,
-        "dtype": _dtype_str(first.dtype) if first is not None else None,
+        "dtype": dtype_name(first.dtype) if first is not None else None,
         "device": str(first.device) if first is not None else None,
         "attn_implementation": attn,
         "torch_version": torch.__version__,

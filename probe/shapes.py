@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import pandas as pd
 from torch import nn
 
+from .dtypes import dtype_name, torch_dtype
 from .schema import WALK, shape_text
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def meta_model(model_or_preset: Any, dtype: Any = "bfloat16") -> nn.Module:
     """
     import torch
 
-    from .cost import _model_from_config, _torch_dtype
+    from .cost import model_from_config
 
     if isinstance(model_or_preset, nn.Module):
         first = next(iter(model_or_preset.parameters()), None)
@@ -45,12 +46,12 @@ def meta_model(model_or_preset: Any, dtype: Any = "bfloat16") -> nn.Module:
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(model_or_preset, local_files_only=True)
-        return _model_from_config(cfg, dtype).eval()
+        return model_from_config(cfg, dtype).eval()
     if isinstance(model_or_preset, str):
         from . import models
 
-        return models.build_preset(model_or_preset, dtype=_torch_dtype(dtype) or dtype, meta=True).eval()
-    return _model_from_config(model_or_preset, dtype).eval()
+        return models.build_preset(model_or_preset, dtype=torch_dtype(dtype) or dtype, meta=True).eval()
+    return model_from_config(model_or_preset, dtype).eval()
 
 
 def walkthrough(model_or_preset: Any, prompt_tokens: int | Sequence[int], batch: int = 1, depth: str = "blocks",
@@ -110,7 +111,7 @@ def walkthrough(model_or_preset: Any, prompt_tokens: int | Sequence[int], batch:
         "model": type(model).__name__,
         "parameters": int(sum(t.numel() for t in params.values())),
         "weight_bytes": int(sum(t.numel() * t.element_size() for t in params.values())),
-        "dtype": str(first.dtype).replace("torch.", ""),
+        "dtype": dtype_name(first.dtype),
         "prompt_tokens": n,
         "batch": batch,
         "kv_cache_bytes_per_token": int(kv_cache_bytes_per_token(cfg, first.element_size())),

@@ -22,6 +22,7 @@ import pandas as pd
 
 from .run import MAX_META_BYTES, _atomic, read_regular
 from . import schema
+from .dtypes import dtype_name
 from .schema import BLOCK_ROLES, SWEEP, SWEEP_SUMMARY
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def sweep(model, tokenizer=None, prompt_lens: Sequence[int] = (16, 64, 256, 1024
             "parameters": int(sum(t.numel() for t in model.parameters())),
             "weights_source": getattr(cfg, "probe_weights_source", None),
             "device": str(device),
-            "dtype": str(next(iter(model.parameters())).dtype).replace("torch.", ""),
+            "dtype": dtype_name(next(iter(model.parameters())).dtype),
             "prompt_lens": [int(p) for p in prompt_lens],
             "batch_sizes": [int(b) for b in batch_sizes],
             "new_tokens": new_tokens,

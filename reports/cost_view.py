@@ -20,12 +20,21 @@ import pandas as pd
 from .tables import ranks
 
 if TYPE_CHECKING:  # pragma: no cover
+    import plotly.graph_objects as go
+
     from probe.hardware import Peaks
     from probe.run import Run
 
 log = logging.getLogger(__name__)
 
 PeaksOrigin = Literal["stored", "datasheet", "none"]
+
+
+#: what the roofline's numbers are: the note under the report's and the dashboard's roofline
+COST_NOTE = ("FLOPs and bytes are estimates from the recorded shapes and the model config (probe.cost: every "
+             "weight, activation and KV-cache read once); time is GPU time where every call has it, host time "
+             "otherwise. Intensity = FLOPs / bytes; the roof fraction is achieved over the roof at that intensity. "
+             "(forward) is the whole forward: the blocks' work over the steps' forward time.")
 
 
 def roofline_columns() -> dict[str, str]:
@@ -76,6 +85,22 @@ class CostView:
             kind = f"from the datasheet table for {pk.name}"
         stored = "stored with the run" if self.origin == "stored" else "looked up from the run's GPU name"
         return f"Roofs {kind}, {stored}: {pk.label()}. Source: {pk.source}."
+
+
+def roofline_figure(view: CostView) -> "go.Figure":
+    """The roofline chart of a view with roofs, as the report and the dashboard show it.
+
+    A run merged from several ranks gets one marker per rank and block, named in the hover
+    (labels on the chart would pile up).
+    """
+    from .cost_figures import roofline
+
+    roof = view.roof
+    multi = len(ranks(roof)) > 1
+    if multi:
+        roof = roof.assign(module=roof["module"] + " · rank " + roof["rank"].astype("string"))
+    where = "measured where recorded" if view.origin == "stored" else None
+    return roofline(roof, view.peaks, where=where, labels=not multi)
 
 
 def _stored_peaks(meta: dict) -> "Peaks | None":

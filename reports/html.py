@@ -65,13 +65,6 @@ def esc(value: object) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _isna(v: object) -> bool:
-    try:
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False
-
-
 def format_cell(column: str, value: object) -> str:
     """A table cell's text: units from the column name, NA as an empty cell (:func:`probe.fmt.cell`,
     the formats the terminal, the dashboard and Jupyter use too); a long user string capped
@@ -185,7 +178,7 @@ def _facts(run: "Run") -> pd.DataFrame:
             rows.append((col, r[col]))
         if len(gen) > 1:
             rows.append(("generate calls", len(gen)))
-    rank_list = figures.ranks(run.calls if len(run.calls) else run.runs)
+    rank_list = figures.ranks(run)
     if len(rank_list) > 1:
         rows.append(("ranks", ", ".join(str(r) for r in rank_list)))
     for key in ("command", "chat_template", "decode_stride", "dropped_steps"):
@@ -269,7 +262,7 @@ def _roofline_section(doc: Page, run: "Run", view: "CostView") -> None:
     """The "Roofline and bounds" section: roofs and their source, the chart, the table."""
     from probe.roofline import bound_summary
 
-    from . import cost_figures
+    from .cost_view import COST_NOTE, roofline_figure
 
     doc.add('<h2 id="roofline">Roofline and bounds</h2>')
     if not view.has_cost:
@@ -277,18 +270,10 @@ def _roofline_section(doc: Page, run: "Run", view: "CostView") -> None:
         return
     if view.has_roofs:
         doc.add(f'<p class="note" id="roofline-peaks">{esc(view.peaks_text())}</p>')
-        roof = view.roof
-        multi = len(figures.ranks(roof)) > 1
-        if multi:  # one marker per rank: name it (in the hover; labels would pile up)
-            roof = roof.assign(module=roof["module"] + " · rank " + roof["rank"].astype("string"))
-        where = "measured where recorded" if view.origin == "stored" else None
-        doc.figure(cost_figures.roofline(roof, view.peaks, where=where, labels=not multi), "fig-roofline", None)
+        doc.figure(roofline_figure(view), "fig-roofline", None)
     else:
         doc.add(f'<p class="note" id="roofline-note">{esc(view.note)}</p>')
-    doc.add('<p class="note">FLOPs and bytes are estimates from the recorded shapes and the model config '
-            "(probe.cost: every weight, activation and KV-cache read once); time is GPU time where every call has "
-            "it, host time otherwise. Intensity = FLOPs / bytes; the roof fraction is achieved over the roof at "
-            "that intensity. (forward) is the whole forward: the blocks' work over the steps' forward time.</p>")
+    doc.add(f'<p class="note">{COST_NOTE}</p>')
     doc.add(table_html(roofline_table(view), caption="Per block (role) and phase", table_id="roofline-table"))
     if view.has_roofs:
         bounds = bound_summary(view.roof)
@@ -401,11 +386,11 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
 
     run = display_run(run)
     view = cost_view(run) if view is None else view
-    multi = len(figures.ranks(run.calls if len(run.calls) else run.runs)) > 1
+    multi = len(figures.ranks(run)) > 1
     r0 = run.runs[run.runs["kind"] == "generate"] if not run.runs.empty else run.runs
     if r0.empty:
         r0 = run.runs
-    model = str(r0["model_id"].iloc[0]) if len(r0) and not _isna(r0["model_id"].iloc[0]) else "probe run"
+    model = str(r0["model_id"].iloc[0]) if len(r0) and not fmt.is_missing(r0["model_id"].iloc[0]) else "probe run"
     doc = Page()
     doc.add(f"<h1>probe report: {esc(model)}</h1>")
     serving = not run.requests.empty or (not run.runs.empty and (run.runs["kind"] == "serve").any())

@@ -6,6 +6,7 @@ Both return DataFrames (typed columns even when empty); :mod:`reports.figures` r
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -13,9 +14,16 @@ import pandas as pd
 from probe import fmt, schema
 from probe.schema import HEADLINE, shape_text
 
+if TYPE_CHECKING:  # pragma: no cover
+    from probe.run import Run
 
-def ranks(frame: pd.DataFrame) -> list[int]:
-    """The process ranks present in a frame (``[0]`` for one process, or a frame without ranks)."""
+
+def ranks(data: "pd.DataFrame | Run") -> list[int]:
+    """The process ranks present in a frame, or in a run (its calls; its runs frame without calls).
+
+    ``[0]`` for one process, or a frame without ranks.
+    """
+    frame = data if isinstance(data, pd.DataFrame) else (data.calls if len(data.calls) else data.runs)
     if frame.empty or "rank" not in frame.columns:
         return [0]
     vals = pd.unique(frame["rank"].to_numpy(dtype="int64", na_value=0))

@@ -144,13 +144,15 @@ def test_attribute_work_assigns_gpu_work_by_launching_op():
     assert empty[0]["kernels"] == 0 and math.isnan(empty[0]["kernel_span_ms"]) and none == 0
 
 
-def test_peak_bandwidth_table_prefers_the_specific_name():
+def test_peak_bandwidth_comes_from_the_hardware_table_and_prefers_the_specific_name():
     bw = gpu_check.peak_bandwidth
     assert bw("NVIDIA H100 80GB HBM3") == 3.35e12
     assert bw("NVIDIA H100 PCIe") == 2.0e12
     assert bw("NVIDIA H200") == 4.8e12
     assert bw("NVIDIA A100-SXM4-80GB") == 2.039e12
-    assert bw("NVIDIA GeForce RTX 4090") is None and bw(None) is None
+    assert bw("NVIDIA A100-SXM4-40GB", 40 * 2**30) == 1.555e12  # told apart by memory
+    assert bw("NVIDIA GeForce RTX 4090") == 1.008e12
+    assert bw("Tesla T4") is None and bw(None) is None
 
 
 def test_preset_kv_growth_is_half_a_mebibyte_in_bf16():
