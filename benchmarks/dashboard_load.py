@@ -63,10 +63,10 @@ def data_path(run_dir: Path) -> float:
 def roofline_path(run_dir: Path) -> float:
     """Seconds to load ``run_dir`` and build what the Roofline view shows (cost of every call)."""
     from dashboards import data
-    from dashboards.cost_views import _roofline_parts
+    from dashboards.cost_views import roofline_parts
 
     t0 = time.perf_counter()
-    parts = _roofline_parts(data.load_run(run_dir, run_dir.name))
+    parts = roofline_parts(data.load_run(run_dir, run_dir.name))
     if parts["table"] is None:
         raise RuntimeError(f"no cost estimate: {parts['view'].note}")
     return time.perf_counter() - t0

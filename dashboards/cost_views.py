@@ -18,11 +18,11 @@ import probe
 from reports.cost_view import COST_NOTE
 
 from . import data
-from .views import Context, _chart, _memo, _table, md
+from .views import Context, show_chart, cached, show_table, md
 
 
 # --------------------------------------------------------------------------- roofline
-def _roofline_parts(run: probe.Run) -> dict:
+def roofline_parts(run: probe.Run) -> dict:
     """Everything the Roofline view shows of ``run``, small enough for ``st.cache_data``.
 
     The cost estimate annotates every call (the slow part on a big run), so it is built
@@ -60,7 +60,7 @@ def roofline(ctx: Context) -> None:
     if run.calls.empty and ctx.filters != data.Filters():
         st.info("No calls match the filters.")
         return
-    parts = ctx.memo("roofline", lambda: _roofline_parts(run), runs=(name,))
+    parts = ctx.memo("roofline", lambda: roofline_parts(run), runs=(name,))
     view = parts["view"]
     if not view.has_cost:
         st.info(view.note)
@@ -73,17 +73,17 @@ def roofline(ctx: Context) -> None:
         cols[2].metric("Ridge point", f"{pk.ridge_flops_per_byte:,.1f} FLOP/B",
                        help="Above this intensity a block can be compute bound; below it, memory bound")
         st.caption(md(view.peaks_text()))
-        _chart(parts["figure"], "roofline_chart")
+        show_chart(parts["figure"], "roofline_chart")
     else:
         st.info(view.note)
     if parts["multi"]:
         st.caption("Each rank is set against one device's roofs: the ranks run side by side.")
     st.caption(COST_NOTE)
-    _table(parts["table"], "roofline_table")
+    show_table(parts["table"], "roofline_table")
     bounds = parts["bounds"]
     if bounds is not None and len(bounds):
         st.caption("Share of block time per bound, by phase")
-        _table(bounds, "roofline_bounds")
+        show_table(bounds, "roofline_bounds")
 
 
 # --------------------------------------------------------------------------- sweep
@@ -129,7 +129,7 @@ def draw_sweeps(runs_dir: Path, sweeps: dict[str, Path]) -> None:
     path = sweeps[name]
     try:
         # keyed on the sweep's two files: a sweep re-run into the same folder is read again
-        parts = _memo((str(path.expanduser().resolve()), name, data.sweep_signature(path)), "sweep", (),
+        parts = cached((str(path.expanduser().resolve()), name, data.sweep_signature(path)), "sweep", (),
                       lambda: _sweep_parts(path, name))
     except ValueError as exc:
         st.error(f"Sweep **{md(name)}** cannot be shown: {md(exc)}", icon="⚠️")
@@ -138,16 +138,16 @@ def draw_sweeps(runs_dir: Path, sweeps: dict[str, Path]) -> None:
     st.caption(md(" · ".join(f"{k}: {v}" for k, v in zip(facts["fact"], facts["value"]))))
     if len(parts["failures"]):
         st.warning(f"{len(parts['failures'])} config(s) of this sweep failed and are missing from the charts.")
-        _table(parts["failures"], "sweep_failures")
+        show_table(parts["failures"], "sweep_failures")
     st.caption("Per prompt length and batch: medians over the repeats. prefill_ms: the prefill step's latency "
                "(forward + choosing the first token); decode_ms_per_token: the mean decode-step latency; tok/s "
                "count every sequence of the batch. The sidebar's runs and filters do not apply here.")
-    _table(parts["summary"], "sweep_summary")
+    show_table(parts["summary"], "sweep_summary")
     for div_id, fig in parts["figures"]:
-        _chart(fig, div_id)
+        show_chart(fig, div_id)
     st.caption("Each config's recorded run, listed in the sidebar's Runs under the name below: pick it there to "
                "see it in the other views.")
-    _table(parts["configs"], "sweep_configs")
+    show_table(parts["configs"], "sweep_configs")
 
 
 def sweep(ctx: Context) -> None:

@@ -9,7 +9,7 @@ from typing import Callable
 import streamlit as st
 
 from . import data
-from .views import Context, _chart, _table, md
+from .views import Context, show_chart, show_table, md
 
 
 def _split(run):
@@ -43,16 +43,16 @@ def serving(ctx: Context) -> None:
     sv = run.meta.get("serving", {})
     st.caption(md(f"{len(run.requests)} requests, {len(sf.serve_steps(run.steps))} packed forwards; "
                   f"CUDA graphs: {sv.get('cuda_graphs', 'n/a')}"))
-    _table(memo("serve_table", lambda: sf.serve_table(run.requests)), "serving_table")
-    _chart(memo("serve_timeline", lambda: sf.request_timeline(run.requests)), "serving_timeline")
-    _chart(memo("serve_batches", lambda: sf.batch_composition(run.steps)), "serving_batches")
-    _chart(memo("serve_latency", lambda: sf.latency_distributions(run.requests)), "serving_latency")
-    _chart(memo("serve_throughput", lambda: sf.throughput_over_time(run.steps)), "serving_throughput")
+    show_table(memo("serve_table", lambda: sf.serve_table(run.requests)), "serving_table")
+    show_chart(memo("serve_timeline", lambda: sf.request_timeline(run.requests)), "serving_timeline")
+    show_chart(memo("serve_batches", lambda: sf.batch_composition(run.steps)), "serving_batches")
+    show_chart(memo("serve_latency", lambda: sf.latency_distributions(run.requests)), "serving_latency")
+    show_chart(memo("serve_throughput", lambda: sf.throughput_over_time(run.steps)), "serving_throughput")
     split, note = memo("serve_split", lambda: _split(run))
     if split is None:
         st.info(note)
     else:
-        _chart(sf.mixed_split(split), "serving_split")
+        show_chart(sf.mixed_split(split), "serving_split")
         st.caption("Each block call of a mixed step is split between its prefill and decode tokens by the cost "
                    "model's work per token kind, weighted by a time-vs-work line fitted on the run's pure prefill "
                    "and pure decode steps; the parts add up to the measured time.")

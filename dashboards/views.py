@@ -61,7 +61,7 @@ class Context:
         Reruns (a click, another view and back) then skip the aggregation over a large run.
         ``runs`` names the loaded runs ``build`` reads when they are not the selected ones.
         """
-        return _memo(self.key(runs), what, params, build)
+        return cached(self.key(runs), what, params, build)
 
     def each(self) -> dict[str, probe.Run]:
         """Each selected run on its own, with the filters applied (several runs are shown side
@@ -78,7 +78,8 @@ class Context:
 # key would cost as much as the aggregation it saves. The builder (leading underscore) is
 # not hashed; results are small (figures, summary tables), so pickling them is cheap.
 @st.cache_data(max_entries=256, show_spinner=False)
-def _memo(key: tuple, what: str, params: tuple, _build: Callable[[], Any]) -> Any:
+def cached(key: tuple, what: str, params: tuple, _build: Callable[[], Any]) -> Any:
+    """``_build()``, kept per (key, what, params) across reruns (see :meth:`Context.memo`)."""
     return _build()
 
 
@@ -90,11 +91,12 @@ def md(text: object) -> str:
     return _MD_SPECIAL.sub(r"\\\1", str(text))
 
 
-def _chart(fig, key: str) -> None:
+def show_chart(fig, key: str) -> None:
+    """A plotly figure with the dashboard's chart settings."""
     st.plotly_chart(fig, key=key, theme=None, config=PLOTLY_CONFIG)
 
 
-def _table(df: pd.DataFrame, key: str, raw: bool = False) -> None:
+def show_table(df: pd.DataFrame, key: str, raw: bool = False) -> None:
     """A table; unless ``raw``, shown in the units of the terminal and the report
     (:func:`probe.fmt.cell`: ``1,418.6`` ms, ``416.0 KiB``, ``98.4%``) while the values stay
     numbers (a Styler: columns still sort by value)."""
@@ -185,33 +187,33 @@ def overview(ctx: Context) -> None:
     if multi:
         st.caption(f"These runs merge ranks {', '.join(map(str, rank_list))}: one headline row per rank's generate "
                    "call; the block bars are per phase and rank (the pattern tells ranks apart).")
-    _table(head, "overview_headline")
+    show_table(head, "overview_headline")
     by = st.radio("Time by", ["block", "role", "module"], horizontal=True, key="overview_by",
                   help="Self time: each instant of a forward counted once, so the bars of a phase add up to "
                        "100 % with the residue. A block's self time is its whole subtree.")
     if several:
         each = ctx.each()
-        _chart(ctx.memo("phase_blocks_runs", lambda: figures.phase_blocks_runs(
+        show_chart(ctx.memo("phase_blocks_runs", lambda: figures.phase_blocks_runs(
             {n: (r.calls, r.steps) for n, r in each.items()}, by=by), by), "overview_blocks")
-        _chart(ctx.memo("step_breakdown_runs", lambda: figures.step_breakdown_runs(
+        show_chart(ctx.memo("step_breakdown_runs", lambda: figures.step_breakdown_runs(
             {n: (r.calls, r.steps) for n, r in each.items()})), "overview_breakdown")
         _spread(ctx)
         return
-    _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by=by), by), "overview_blocks")
+    show_chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by=by), by), "overview_blocks")
     if multi:
         st.caption(f"Prefill vs decode per block ({by}) and rank; share: of that rank's forward time")
-        _table(ctx.memo("rank_summary", lambda: per_rank_summary(run.calls, run.steps, by=by), by),
+        show_table(ctx.memo("rank_summary", lambda: per_rank_summary(run.calls, run.steps, by=by), by),
                "overview_ranks")
-    _chart(ctx.memo("step_breakdown", lambda: figures.step_breakdown(run.calls, run.steps, run.sampling)),
+    show_chart(ctx.memo("step_breakdown", lambda: figures.step_breakdown(run.calls, run.steps, run.sampling)),
            "overview_breakdown")
     if len(run.sampling):
-        _chart(ctx.memo("sampling_stages", lambda: figures.sampling_stages(run.sampling, run.steps)),
+        show_chart(ctx.memo("sampling_stages", lambda: figures.sampling_stages(run.sampling, run.steps)),
                "overview_sampling_stages")
         st.caption("The sampling step per phase, the time outside the model stage by stage: generate's kwargs "
                    "update, each logits processor, the stopping checks, the next inputs, the probe's own "
                    "bookkeeping and the remainder (token choice, bookkeeping); ms per step, shares of the time "
                    "outside the model and of the whole step")
-        _table(ctx.memo("sampling_summary", run.sampling_summary), "overview_sampling")
+        show_table(ctx.memo("sampling_summary", run.sampling_summary), "overview_sampling")
     _spread(ctx)
 
 
@@ -237,8 +239,8 @@ def _spread(ctx: Context) -> None:
         return
     st.caption(f"Spread over the {int(head['generates'].max())} generate() calls: median and min - max "
                "(spread_pct = (max - min) / median)")
-    _table(head, "overview_spread_head")
-    _table(ctx.memo("block_spread", lambda: run.spread("block")), "overview_spread_blocks")
+    show_table(head, "overview_spread_head")
+    show_table(ctx.memo("block_spread", lambda: run.spread("block")), "overview_spread_blocks")
 
 
 def _per_layer(run: probe.Run) -> pd.DataFrame:
@@ -277,31 +279,31 @@ def layers(ctx: Context) -> None:
             fig = ctx.memo("heatmap", lambda one=one: figures.layer_heatmap(one.calls, phase=phase), phase,
                            runs=(name,))
             fig.update_layout(title={"text": f"{figures.plot_text(name)}: {fig.layout.title.text}"})
-            _chart(fig, f"layers_heatmap_{i}")
+            show_chart(fig, f"layers_heatmap_{i}")
         if any(ctx.memo("inside_layers", lambda one=one: _inside_layers(one), runs=(name,)) for name, one in each.items()):
             for i, (name, one) in enumerate(each.items()):
                 fig = go.Figure(ctx.memo("layer_roles", lambda one=one: figures.layer_roles(one.calls, one.steps),
                                          runs=(name,)))
                 fig.update_layout(title={"text": f"{figures.plot_text(name)}: {fig.layout.title.text}"})
-                _chart(fig, f"layers_roles_{i}")
+                show_chart(fig, f"layers_roles_{i}")
         else:
-            _chart(ctx.memo("phase_blocks_runs", lambda: figures.phase_blocks_runs(
+            show_chart(ctx.memo("phase_blocks_runs", lambda: figures.phase_blocks_runs(
                 {n: (r.calls, r.steps) for n, r in each.items()}, by="module"), "module"), "layers_blocks")
         table = ctx.memo("per_layer_runs", lambda: pd.concat(
             [_per_layer(r).assign(run=n) for n, r in each.items()], ignore_index=True))
         if len(table):
             table = table[["run", *[c for c in table.columns if c != "run"]]]
     else:
-        _chart(ctx.memo("heatmap", lambda: figures.layer_heatmap(run.calls, phase=phase), phase), "layers_heatmap")
+        show_chart(ctx.memo("heatmap", lambda: figures.layer_heatmap(run.calls, phase=phase), phase), "layers_heatmap")
         if ctx.memo("inside_layers", lambda: _inside_layers(run)):
-            _chart(ctx.memo("layer_roles", lambda: figures.layer_roles(run.calls, run.steps)), "layers_roles")
+            show_chart(ctx.memo("layer_roles", lambda: figures.layer_roles(run.calls, run.steps)), "layers_roles")
         else:
-            _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="module"),
+            show_chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="module"),
                             "module"), "layers_blocks")
         table = ctx.memo("per_layer", lambda: _per_layer(run))
     if len(table):
         st.caption("Mean host ms per call of each decoder layer, by phase")
-        _table(table, "layers_table")
+        show_table(table, "layers_table")
 
 
 def _tree_depth(run: probe.Run) -> int:
@@ -321,7 +323,7 @@ def tree_view(ctx: Context) -> None:
     phases = [p for p in probe.PHASES if p in present] or ["decode"]
     phase = st.radio("Phase", phases, index=phases.index("decode") if "decode" in phases else 0,
                      horizontal=True, key="tree_phase")
-    _chart(ctx.memo("icicle", lambda: figures.icicle(run.calls, run.steps, phase=phase), phase, runs=runs),
+    show_chart(ctx.memo("icicle", lambda: figures.icicle(run.calls, run.steps, phase=phase), phase, runs=runs),
            "tree_icicle")
     levels = ctx.memo("tree_depth", lambda: _tree_depth(run), runs=runs)
     depth = st.slider("Collapse the table at tree level", 1, max(levels, 2), min(3, levels), key="tree_depth",
@@ -334,15 +336,15 @@ def tree_view(ctx: Context) -> None:
     table.insert(0, "module", pd.Series(indent, index=table.index, dtype="string"))
     st.caption(f"The {phase} call tree down to level {depth}: self and inclusive host ms summed over the phase's "
                "steps; share = self time over the phase's forward time (the column adds up to 100 %).")
-    _table(table, "tree_table")
+    show_table(table, "tree_table")
 
 
 def timeline(ctx: Context) -> None:
     """Per-token latency over the steps, and latency against the KV length."""
     run = ctx.run
     names = ctx.names()
-    _chart(ctx.memo("token_latency", lambda: figures.token_latency(run.steps, run.runs, names)), "timeline_tokens")
-    _chart(ctx.memo("latency_vs_kv", lambda: figures.latency_vs_kv(run.steps, names)), "timeline_kv")
+    show_chart(ctx.memo("token_latency", lambda: figures.token_latency(run.steps, run.runs, names)), "timeline_tokens")
+    show_chart(ctx.memo("latency_vs_kv", lambda: figures.latency_vs_kv(run.steps, names)), "timeline_kv")
 
 
 def _block_memory_figure(mem: pd.DataFrame):
@@ -390,16 +392,16 @@ def memory(ctx: Context) -> None:
         mem = mem[["run", *[c for c in mem.columns if c != "run"]]]
     else:
         mem = ctx.memo("block_memory", lambda: data.block_memory(run.calls))
-    _chart(ctx.memo("block_memory_fig", lambda: _block_memory_figure(mem)), "memory_blocks")
+    show_chart(ctx.memo("block_memory_fig", lambda: _block_memory_figure(mem)), "memory_blocks")
     if len(mem) and not mem["mean_alloc_delta_bytes"].notna().any():
         st.caption("On CPU the probe records each call's output tensor bytes; allocator figures need CUDA.")
-    _table(mem, "memory_table")
-    _chart(ctx.memo("memory_over_steps", lambda: figures.memory_over_steps(run.steps, run.calls, names)),
+    show_table(mem, "memory_table")
+    show_chart(ctx.memo("memory_over_steps", lambda: figures.memory_over_steps(run.steps, run.calls, names)),
            "memory_steps")
     kv = ctx.memo("kv_growth", lambda: _kv_growth(run.steps, names if len(ctx.selected) > 1 else None))
     if len(kv):
         st.caption("KV cache after the last step shown, and its size per cached position")
-        _table(kv, "memory_kv")
+        show_table(kv, "memory_kv")
 
 
 def _calls_by_position(calls: pd.DataFrame) -> list[list[str]]:
@@ -437,7 +439,7 @@ def shapes(ctx: Context) -> None:
     per_rank = "rank" in walk.columns
     st.caption("Input and output shapes of each block in the prefill step and the first decode step"
                + (", for every rank (a sharded block shows each rank's width)" if per_rank else ""))
-    _table(walk, "shapes_table")
+    show_table(walk, "shapes_table")
 
 
 def compare(ctx: Context) -> None:
@@ -463,18 +465,18 @@ def compare(ctx: Context) -> None:
         run = data.apply_filters(ctx.loaded[name], ctx.filters)
         with col:
             st.subheader(md(name))
-            _table(ctx.memo("headline", lambda: _headline(run), runs=(name,)),
+            show_table(ctx.memo("headline", lambda: _headline(run), runs=(name,)),
                    f"compare_head_{tag}")
-            _chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="block"), "block",
+            show_chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="block"), "block",
                             runs=(name,)), f"compare_blocks_{tag}")
         summaries[tag] = ctx.memo("summary", lambda: block_summary(run.calls, run.steps), runs=(name,))
     for note in differences(ctx.loaded[a], ctx.loaded[b]):
         st.info(md(f"Not like for like: {note}."))
     level = st.radio("Compare by", ["block", "role", "module"], horizontal=True, key="compare_level")
     sa, sb = (summaries[t][summaries[t]["level"] == level] for t in ("a", "b"))
-    _chart(figures.compare_blocks(sa, sb, a, b), "compare_diff")
+    show_chart(figures.compare_blocks(sa, sb, a, b), "compare_diff")
     st.caption(f"Per {level} and phase: B - A and B / A of the self host ms (the rows never overlap)")
-    _table(block_diff(sa, sb), "compare_table")
+    show_table(block_diff(sa, sb), "compare_table")
     if a != b:
         from probe.stats import significance
         from reports.compare import significance_table
@@ -490,7 +492,7 @@ def compare(ctx: Context) -> None:
         st.caption("B slower by: B's mean over A's minus one (tok/s: A's over B's; positive is worse), with a 95% "
                    "bootstrap interval; significant when the interval excludes 0 and a Mann-Whitney U test gives "
                    "p < 0.05. `probe compare A B --fail-above PCT` turns this into a CI gate.")
-        _table(significance_table(sig), "compare_significance")
+        show_table(significance_table(sig), "compare_significance")
 
 
 def _tables(run: probe.Run) -> dict[str, Callable[[], pd.DataFrame]]:
@@ -520,7 +522,7 @@ def data_view(ctx: Context) -> None:
         st.session_state["data_page"] = pages
     number = int(st.number_input(f"Page (of {pages:,})", min_value=1, max_value=pages, step=1, key="data_page"))
     shown = data.page(df, number - 1)
-    _table(shown, "data_table_view", raw=name in ("calls", "steps", "runs"))
+    show_table(shown, "data_table_view", raw=name in ("calls", "steps", "runs"))
     first = (number - 1) * data.PAGE_ROWS
     st.caption(f"Rows {first + 1 if len(df) else 0:,}-{first + len(shown):,} of {len(df):,} "
                "(the sidebar filters apply)")

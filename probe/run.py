@@ -350,7 +350,7 @@ def _save_in_place(out: Path, blobs: dict[str, bytes]) -> None:
         except FileNotFoundError:
             pass
         for name, data in blobs.items():
-            _atomic(out / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+            replace_atomically(out / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
     except OSError as exc:
         raise RunSaveError(f"cannot save the run to {out}: {_reason(exc)}") from exc
 
@@ -405,7 +405,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _atomic(target: Path, write) -> None:
+def replace_atomically(target: Path, write) -> None:
+    """Write ``target`` whole or not at all: ``write(tmp)`` fills a temporary file beside it, which
+    then replaces it (a crash leaves the old file, and a ``.tmp`` leftover that is cleaned later)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TMP, dir=target.parent)
     os.close(fd)
     umask = os.umask(0)

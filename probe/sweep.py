@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .run import MAX_META_BYTES, _atomic, read_regular
+from .run import MAX_META_BYTES, replace_atomically, read_regular
 from . import schema
 from .dtypes import dtype_name
 from .schema import BLOCK_ROLES, SWEEP, SWEEP_SUMMARY
@@ -230,9 +230,9 @@ def save_sweep(df: pd.DataFrame, path: str | os.PathLike, meta: dict) -> Path:
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     frame = _conform(df, SWEEP)
-    _atomic(root / SWEEP_FILE, lambda tmp: frame.to_parquet(tmp, index=False))
+    replace_atomically(root / SWEEP_FILE, lambda tmp: frame.to_parquet(tmp, index=False))
     text = json.dumps(meta, indent=2, sort_keys=True, default=str)
-    _atomic(root / SWEEP_META, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    replace_atomically(root / SWEEP_META, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return root
 
 

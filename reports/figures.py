@@ -70,7 +70,8 @@ def plot_text(value: object) -> str:
     return html.escape(str(value), quote=False)
 
 
-def _figure(title: str, xtitle: str = "", ytitle: str = "") -> go.Figure:
+def base_figure(title: str, xtitle: str = "", ytitle: str = "") -> go.Figure:
+    """An empty figure in the reports' template, size, margins and legend place."""
     fig = go.Figure()
     fig.update_layout(title={"text": title}, template=TEMPLATE, height=HEIGHT, xaxis_title=xtitle,
                       yaxis_title=ytitle, margin={"l": 60, "r": 30, "t": 60, "b": 60},
@@ -80,7 +81,7 @@ def _figure(title: str, xtitle: str = "", ytitle: str = "") -> go.Figure:
 
 def empty_figure(title: str, message: str = "no data recorded") -> go.Figure:
     """A figure with ``title`` and a centred ``message`` instead of data."""
-    fig = _figure(title)
+    fig = base_figure(title)
     fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False})
     fig.add_annotation(text=plot_text(message), x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
                        font={"size": 16})
@@ -123,7 +124,7 @@ def _generate_run_ids(runs: pd.DataFrame, steps: pd.DataFrame) -> list[str]:
     return [str(v) for v in ids.drop_duplicates()]
 
 
-def _f(values: pd.Series) -> np.ndarray:
+def floats(values: pd.Series) -> np.ndarray:
     """A float64 numpy array (nullable columns' NA -> NaN), which plotly stores compactly."""
     return pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
 
@@ -163,7 +164,7 @@ def phase_blocks(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "block") ->
     order = list(dict.fromkeys(m for _, summ in parts for m in summ["name"].astype(str)))
     phases = _phases_in(pd.concat([summ[["phase"]] for _, summ in parts]))
     # no x title: the block names say it, and a half-width chart's rotated names would run into it
-    fig = _figure(title + "<br><sup>bar text: share of the phase's forward time</sup>", "", "self host ms")
+    fig = base_figure(title + "<br><sup>bar text: share of the phase's forward time</sup>", "", "self host ms")
     for phase in phases:
         for i, (rank, summ) in enumerate(parts):
             sub = summ[summ["phase"] == phase]
@@ -171,12 +172,12 @@ def phase_blocks(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "block") ->
                 continue
             sub = sub.set_index(sub["name"].astype(str))
             sub = sub.reindex([m for m in order if m in sub.index])
-            share = _f(sub["share"]) * 100
+            share = floats(sub["share"]) * 100
             name = phase if rank is None else f"{phase} · rank {rank}"
             fig.add_trace(go.Bar(
-                name=plot_text(name), x=[plot_text(m) for m in sub.index], y=_f(sub["self_ms"]),
+                name=plot_text(name), x=[plot_text(m) for m in sub.index], y=floats(sub["self_ms"]),
                 text=[fmt.pct(s / 100) for s in share], textposition="outside",
-                customdata=np.column_stack([_f(sub["calls"]), _f(sub["total_ms"]), _f(sub["mean_ms"]), share]),
+                customdata=np.column_stack([floats(sub["calls"]), floats(sub["total_ms"]), floats(sub["mean_ms"]), share]),
                 hovertemplate="%{x}<br>self %{y:.3f} ms, total %{customdata[1]:.3f} ms<br>%{customdata[0]} calls, "
                               "mean %{customdata[2]:.4f} ms<br>share %{customdata[3]:.1f}%<extra>"
                               + plot_text(name) + "</extra>",
@@ -218,12 +219,12 @@ def phase_blocks_runs(parts: dict[str, tuple[pd.DataFrame, pd.DataFrame]], by: s
                 continue
             sub = sub.set_index(sub["name"].astype(str))
             sub = sub.reindex([m for m in order if m in sub.index])
-            share = _f(sub["share"])
+            share = floats(sub["share"])
             fig.add_trace(go.Bar(
-                name=plot_text(name), x=[plot_text(m) for m in sub.index], y=_f(sub["self_ms"]),
+                name=plot_text(name), x=[plot_text(m) for m in sub.index], y=floats(sub["self_ms"]),
                 text=[fmt.pct(v) for v in share], textposition="outside", marker_color=color,
                 legendgroup=plot_text(name), showlegend=not any(t.name == plot_text(name) for t in fig.data),
-                customdata=np.column_stack([_f(sub["calls"]), _f(sub["total_ms"]), _f(sub["mean_ms"]), share * 100]),
+                customdata=np.column_stack([floats(sub["calls"]), floats(sub["total_ms"]), floats(sub["mean_ms"]), share * 100]),
                 hovertemplate="%{x}<br>self %{y:.3f} ms, total %{customdata[1]:.3f} ms<br>%{customdata[0]} calls, "
                               "mean %{customdata[2]:.4f} ms<br>share %{customdata[3]:.1f}%<extra>"
                               + plot_text(f"{name} · {phase}") + "</extra>",
@@ -314,7 +315,7 @@ def _breakdown(calls: pd.DataFrame, steps: pd.DataFrame) -> tuple[list[str], dic
 
 def _breakdown_figure(title: str, labels: list[str], parts: dict[str, list[float]],
                       stages: dict[str, np.ndarray] | None = None) -> go.Figure:
-    fig = _figure(title, "ms per step", "")
+    fig = base_figure(title, "ms per step", "")
     for key, name in PARTS:
         if key == "outside" and stages is not None:
             for i, (stage, vals) in enumerate(stages.items()):
@@ -353,7 +354,7 @@ def sampling_stages(sampling: pd.DataFrame, steps: pd.DataFrame) -> go.Figure:
     latency = [float(steps.loc[steps["phase"] == p, "latency_ms"].mean()) for p in phases]
     n_steps = steps.groupby("phase", sort=False).size()
     labels = [f"{p} ({int(n_steps[p])} step{'s' if n_steps[p] != 1 else ''})" for p in phases]
-    fig = _figure(title, "ms per step", "")
+    fig = base_figure(title, "ms per step", "")
     for i, (stage, vals) in enumerate(stages.items()):
         name = plot_text(STAGE_LABELS.get(stage, stage))
         share = [v / lat * 100 if lat else float("nan") for v, lat in zip(vals, latency)]
@@ -436,7 +437,7 @@ def layer_heatmap(calls: pd.DataFrame, phase: str = "decode", value: str = "auto
     first_step = step_vals[np.searchsorted(bins, np.arange(n_bins))]
     unit = "GPU ms" if value == "gpu_ms" else "host ms"
     note = f", each column the mean of {width} steps" if width > 1 else ""
-    fig = _figure(f"{title}: {unit} per layer call{note}", "step" if width == 1 else "first step of bin", "layer")
+    fig = base_figure(f"{title}: {unit} per layer call{note}", "step" if width == 1 else "first step of bin", "layer")
     fig.add_trace(go.Heatmap(z=z, x=first_step, y=layers, colorscale="Viridis", colorbar={"title": {"text": "ms"}},
                              hovertemplate="layer %{y}<br>step %{x}<br>%{z:.4f} ms<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1 if len(layers) <= 16 else None)
@@ -460,7 +461,7 @@ def token_latency(steps: pd.DataFrame, runs: pd.DataFrame, names: dict[str, str]
     ids = _generate_run_ids(runs, steps)[:MAX_RUNS]
     if steps.empty or not ids:
         return empty_figure(title, "no generate call recorded")
-    fig = _figure(title + " (star: TTFT)", "step", "ms")
+    fig = base_figure(title + " (star: TTFT)", "step", "ms")
     biggest_ttft, decode_median = 0.0, math.inf
     names = names or {}
     for i, rid in enumerate(ids):
@@ -470,7 +471,7 @@ def token_latency(steps: pd.DataFrame, runs: pd.DataFrame, names: dict[str, str]
         dec = steps[(steps["run_id"] == rid) & (steps["phase"] == "decode")].sort_values("step")
         if not dec.empty:
             y = dec["latency_ms"].where(dec["latency_ms"].notna(), dec["forward_ms"])
-            pts = _binned(pd.DataFrame({"step": _f(dec["step"]), "ms": _f(y)}), "step", ["ms"])
+            pts = _binned(pd.DataFrame({"step": floats(dec["step"]), "ms": floats(y)}), "step", ["ms"])
             decode_median = min(decode_median, float(np.nanmedian(pts["ms"])) if pts["ms"].notna().any() else math.inf)
             fig.add_trace(go.Scatter(x=pts["step"].to_numpy(), y=pts["ms"].to_numpy(), mode="lines+markers",
                                      name=name, line={"color": color}, marker={"size": 4},
@@ -513,12 +514,12 @@ def latency_vs_kv(steps: pd.DataFrame, names: dict[str, str] | None = None) -> g
     dec = steps[steps["phase"] == "decode"]
     if dec.empty:
         return empty_figure(title, "no decode steps recorded")
-    fig = _figure(title, "KV length (cached positions before the step)", "ms per step")
+    fig = base_figure(title, "KV length (cached positions before the step)", "ms per step")
     ids = list(dict.fromkeys(dec["run_id"].astype(str)))[:MAX_RUNS]
     for i, rid in enumerate(ids):
         sub = dec[dec["run_id"] == rid].sort_values("kv_len")
         y = sub["latency_ms"].where(sub["latency_ms"].notna(), sub["forward_ms"])
-        pts = _binned(pd.DataFrame({"kv": _f(sub["kv_len"]), "ms": _f(y), "fwd": _f(sub["forward_ms"])}), "kv",
+        pts = _binned(pd.DataFrame({"kv": floats(sub["kv_len"]), "ms": floats(y), "fwd": floats(sub["forward_ms"])}), "kv",
                       ["ms", "fwd"])
         fig.add_trace(go.Scatter(x=pts["kv"].to_numpy(), y=pts["ms"].to_numpy(), mode="markers",
                                  name=plot_text((names or {}).get(rid, rid) if len(ids) > 1 else "decode step"),
@@ -543,7 +544,7 @@ def memory_over_steps(steps: pd.DataFrame, calls: pd.DataFrame, names: dict[str,
     title = "Memory over the steps"
     if steps.empty:
         return empty_figure(title)
-    fig = _figure(title, "step", "MiB")
+    fig = base_figure(title, "step", "MiB")
     blocks = calls.loc[calls["role"].isin(BLOCK_ROLES), ["run_id", "step", "out_bytes"]] if len(calls) else calls
     out_bytes = blocks.groupby(["run_id", "step"], sort=False)["out_bytes"].sum() if len(blocks) else None
     ids = list(dict.fromkeys(steps["run_id"].astype(str)))[:MAX_RUNS]
@@ -552,11 +553,11 @@ def memory_over_steps(steps: pd.DataFrame, calls: pd.DataFrame, names: dict[str,
     for i, rid in enumerate(ids):
         color = RUN_COLORS[i % len(RUN_COLORS)]
         sub = steps[(steps["run_id"] == rid) & (steps["step"] >= 0)].sort_values("step")
-        series = {"kv": _f(sub["kv_cache_bytes"]) / 2**20, "peak": _f(sub["mem_peak_bytes"]) / 2**20}
+        series = {"kv": floats(sub["kv_cache_bytes"]) / 2**20, "peak": floats(sub["mem_peak_bytes"]) / 2**20}
         if out_bytes is not None and rid in out_bytes.index.get_level_values(0):
             ob = out_bytes.xs(rid, level=0)
-            series["out"] = _f(pd.Series(sub["step"].map(ob).to_numpy())) / 2**20
-        pts = _binned(pd.DataFrame({"step": _f(sub["step"]), **series}), "step", list(series))
+            series["out"] = floats(pd.Series(sub["step"].map(ob).to_numpy())) / 2**20
+        pts = _binned(pd.DataFrame({"step": floats(sub["step"]), **series}), "step", list(series))
         for key, label, dash in (("kv", "KV cache", "solid"), ("peak", "CUDA peak", "dot"),
                                  ("out", "block outputs", "dash")):
             if key not in pts or not pts[key].notna().any():
@@ -588,10 +589,10 @@ def compare_blocks(summary_a: pd.DataFrame, summary_b: pd.DataFrame, label_a: st
     if d.empty:
         return empty_figure(title)
     x = [plot_text(f"{p} · {m}") for p, m in zip(d["phase"], d["name"])]
-    extra = np.column_stack([_f(d["diff_ms"]), _f(d["ratio"])])
-    fig = _figure(title, "phase · block", "self host ms")
+    extra = np.column_stack([floats(d["diff_ms"]), floats(d["ratio"])])
+    fig = base_figure(title, "phase · block", "self host ms")
     for col, label, color in (("a_ms", label_a, "#1f77b4"), ("b_ms", label_b, "#ff7f0e")):
-        fig.add_trace(go.Bar(name=plot_text(label), x=x, y=_f(d[col]), marker_color=color, customdata=extra,
+        fig.add_trace(go.Bar(name=plot_text(label), x=x, y=floats(d[col]), marker_color=color, customdata=extra,
                              hovertemplate="%{x}<br>%{y:.3f} ms<br>B - A %{customdata[0]:.3f} ms, "
                                            "B / A %{customdata[1]:.3f}<extra></extra>"))
     fig.update_layout(barmode="group")

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from .figures import PHASE_COLORS, _f, _figure, empty_figure, plot_text
+from .figures import PHASE_COLORS, floats, base_figure, empty_figure, plot_text
 
 #: most requests drawn in the timeline (the earliest arrivals)
 MAX_REQUESTS = 400
@@ -35,11 +35,11 @@ def request_timeline(requests: pd.DataFrame) -> go.Figure:
         return empty_figure(title, "no requests recorded (not a continuous-batching run)")
     rq = requests.sort_values(["arrival_ms", "request_id"], kind="stable").head(MAX_REQUESTS)
     labels = [plot_text(f"{rid} ({st})" if st != "ok" else rid) for rid, st in zip(rq["request_id"], rq["status"])]
-    arrival, sched, first, end = (_f(rq[c]) for c in ("arrival_ms", "scheduled_ms", "first_token_ms", "finished_ms"))
+    arrival, sched, first, end = (floats(rq[c]) for c in ("arrival_ms", "scheduled_ms", "first_token_ms", "finished_ms"))
     first = np.where(np.isnan(first), end, first)
     sched = np.where(np.isnan(sched), end, sched)
     parts = {"queue": (arrival, sched - arrival), "prefill": (sched, first - sched), "decode": (first, end - first)}
-    fig = _figure(title, "ms since the serving loop started", "")
+    fig = base_figure(title, "ms since the serving loop started", "")
     for name, color in SEGMENTS:
         base, width = parts[name]
         fig.add_trace(go.Bar(y=labels, x=np.nan_to_num(width, nan=0.0), base=np.nan_to_num(base, nan=0.0),
@@ -63,11 +63,11 @@ def batch_composition(steps: pd.DataFrame) -> go.Figure:
     width = max(1, -(-len(st) // MAX_STEPS))
     b = np.arange(len(st)) // width
     g = st.groupby(b)
-    x = _f(g["step"].first())
-    pre, dec, req = (_f(g[c].sum() if width > 1 else g[c].first()) for c in ("prefill_tokens", "decode_tokens", "requests"))
+    x = floats(g["step"].first())
+    pre, dec, req = (floats(g[c].sum() if width > 1 else g[c].first()) for c in ("prefill_tokens", "decode_tokens", "requests"))
     phase = g["phase"].first().astype(str).to_numpy()
     xt = "step" if width == 1 else f"step (bins of {width})"
-    fig = _figure(title, xt, "tokens in the forward")
+    fig = base_figure(title, xt, "tokens in the forward")
     custom = np.stack([req, phase], axis=1)
     for name, y in (("prefill tokens", pre), ("decode tokens", dec)):
         color = PHASE_COLORS["prefill" if name.startswith("prefill") else "decode"]
@@ -87,11 +87,11 @@ def latency_distributions(requests: pd.DataFrame) -> go.Figure:
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12)
-    fig.add_trace(go.Histogram(x=_f(ok["ttft_ms"]), name="TTFT", marker_color=PHASE_COLORS["prefill"], nbinsx=30,
+    fig.add_trace(go.Histogram(x=floats(ok["ttft_ms"]), name="TTFT", marker_color=PHASE_COLORS["prefill"], nbinsx=30,
                                hovertemplate="%{x} ms: %{y} requests<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Histogram(x=_f(ok["itl_ms_mean"]), name="ITL", marker_color=PHASE_COLORS["decode"], nbinsx=30,
+    fig.add_trace(go.Histogram(x=floats(ok["itl_ms_mean"]), name="ITL", marker_color=PHASE_COLORS["decode"], nbinsx=30,
                                hovertemplate="%{x} ms: %{y} requests<extra></extra>"), row=1, col=2)
-    base = _figure(title)
+    base = base_figure(title)
     fig.update_layout(base.layout)
     fig.update_layout(showlegend=False)
     fig.update_yaxes(title_text="requests")
@@ -112,15 +112,15 @@ def throughput_over_time(steps: pd.DataFrame) -> go.Figure:
     st = serve_steps(steps)
     if st.empty:
         return empty_figure(title, "no serving steps recorded")
-    end_s = (_f(st["start_ms"]) + _f(st["forward_ms"])) / 1e3
+    end_s = (floats(st["start_ms"]) + floats(st["forward_ms"])) / 1e3
     span = float(np.nanmax(end_s)) if len(end_s) else 0.0
     nb = int(min(60, max(5, len(st) // 3)))
     width = max(span / nb, 1e-3)
     b = np.minimum((end_s // width).astype(np.int64), nb - 1)
-    frame = pd.DataFrame({"b": b, "gen": _f(st["new_tokens"]), "pre": _f(st["prefill_tokens"])})
+    frame = pd.DataFrame({"b": b, "gen": floats(st["new_tokens"]), "pre": floats(st["prefill_tokens"])})
     g = frame.groupby("b").sum().reindex(range(nb), fill_value=0.0)
     x = (np.arange(nb) + 0.5) * width
-    fig = _figure(title, "seconds since the serving loop started", "tokens per second")
+    fig = base_figure(title, "seconds since the serving loop started", "tokens per second")
     fig.add_trace(go.Scatter(x=x, y=g["gen"].to_numpy() / width, name="generated tok/s", mode="lines+markers",
                              line={"color": PHASE_COLORS["decode"]},
                              hovertemplate="%{x:.2f} s: %{y:,.1f} generated tok/s<extra></extra>"))
@@ -137,15 +137,15 @@ def mixed_split(split: pd.DataFrame) -> go.Figure:
     if split.empty:
         return empty_figure(title, "no serving steps with block records")
     sp = split.head(MAX_STEPS)
-    x = _f(sp["step"])
-    fig = _figure(title, "step", "ms in the recorded blocks")
+    x = floats(sp["step"])
+    fig = base_figure(title, "step", "ms in the recorded blocks")
     for name, col in (("prefill part", "prefill_ms"), ("decode part", "decode_ms")):
         color = PHASE_COLORS["prefill" if name.startswith("prefill") else "decode"]
-        fig.add_trace(go.Bar(x=x, y=_f(sp[col]), name=name, marker_color=color,
+        fig.add_trace(go.Bar(x=x, y=floats(sp[col]), name=name, marker_color=color,
                              customdata=sp["phase"].astype(str).to_numpy(),
                              hovertemplate="step %{x} (%{customdata})<br>" + name + " %{y:,.2f} ms<extra></extra>"))
     if sp["predicted_ms"].notna().any():
-        fig.add_trace(go.Scatter(x=x, y=_f(sp["predicted_ms"]), name="predicted from pure steps", mode="markers",
+        fig.add_trace(go.Scatter(x=x, y=floats(sp["predicted_ms"]), name="predicted from pure steps", mode="markers",
                                  marker={"color": "#222", "symbol": "line-ew-open", "size": 12},
                                  hovertemplate="step %{x}: predicted %{y:,.2f} ms<extra></extra>"))
     fig.update_layout(barmode="stack", bargap=0.05)

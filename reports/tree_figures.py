@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 from probe import accounting
 from probe.schema import ROLES
 
-from .figures import HEIGHT, TEMPLATE, _f, empty_figure, plot_text
+from .figures import HEIGHT, TEMPLATE, floats, empty_figure, plot_text
 
 #: one colour per role family, so the same kind of work looks the same everywhere in the tree
 ROLE_COLORS = {
@@ -61,11 +61,11 @@ def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: str = "decode", max_
     parent = [root if pd.isna(p) else str(p) for p in t["parent_node"]]
     module_of = dict(zip(node, t["module"].astype(str)))
     labels = [_short(m, module_of.get(p)) for m, p in zip(t["module"].astype(str), parent)]
-    self_ms = np.maximum(_f(t["self_ms"]), 0.0)  # GPU noise can make a self time a hair below 0
-    total = _f(t["total_ms"])
+    self_ms = np.maximum(floats(t["self_ms"]), 0.0)  # GPU noise can make a self time a hair below 0
+    total = floats(t["total_ms"])
     total = np.where(np.isnan(total) | (total == 0), self_ms, total)
     fwd = float(np.nansum(self_ms))
-    custom = np.column_stack([total, _f(t["self_ms"]), _f(t["calls"]), _f(t["mean_ms"]), _f(t["share"]) * 100])
+    custom = np.column_stack([total, floats(t["self_ms"]), floats(t["calls"]), floats(t["mean_ms"]), floats(t["share"]) * 100])
     roles = t["role"].astype(str).tolist()
     fig = go.Figure(go.Icicle(
         ids=[plot_text(root), *[plot_text(v) for v in node]], parents=["", *[plot_text(v) for v in parent]],
