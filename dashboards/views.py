@@ -19,7 +19,7 @@ import streamlit as st
 import probe
 from probe import fmt
 from probe.run import block_summary
-from reports import figures
+from reports import figures, tree_figures
 from reports.tables import per_rank_summary
 
 from . import data
@@ -282,7 +282,7 @@ def layers(ctx: Context) -> None:
             show_chart(fig, f"layers_heatmap_{i}")
         if any(ctx.memo("inside_layers", lambda one=one: _inside_layers(one), runs=(name,)) for name, one in each.items()):
             for i, (name, one) in enumerate(each.items()):
-                fig = go.Figure(ctx.memo("layer_roles", lambda one=one: figures.layer_roles(one.calls, one.steps),
+                fig = go.Figure(ctx.memo("layer_roles", lambda one=one: tree_figures.layer_roles(one.calls, one.steps),
                                          runs=(name,)))
                 fig.update_layout(title={"text": f"{figures.plot_text(name)}: {fig.layout.title.text}"})
                 show_chart(fig, f"layers_roles_{i}")
@@ -296,7 +296,7 @@ def layers(ctx: Context) -> None:
     else:
         show_chart(ctx.memo("heatmap", lambda: figures.layer_heatmap(run.calls, phase=phase), phase), "layers_heatmap")
         if ctx.memo("inside_layers", lambda: _inside_layers(run)):
-            show_chart(ctx.memo("layer_roles", lambda: figures.layer_roles(run.calls, run.steps)), "layers_roles")
+            show_chart(ctx.memo("layer_roles", lambda: tree_figures.layer_roles(run.calls, run.steps)), "layers_roles")
         else:
             show_chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="module"),
                             "module"), "layers_blocks")
@@ -323,7 +323,7 @@ def tree_view(ctx: Context) -> None:
     phases = [p for p in probe.PHASES if p in present] or ["decode"]
     phase = st.radio("Phase", phases, index=phases.index("decode") if "decode" in phases else 0,
                      horizontal=True, key="tree_phase")
-    show_chart(ctx.memo("icicle", lambda: figures.icicle(run.calls, run.steps, phase=phase), phase, runs=runs),
+    show_chart(ctx.memo("icicle", lambda: tree_figures.icicle(run.calls, run.steps, phase=phase), phase, runs=runs),
            "tree_icicle")
     levels = ctx.memo("tree_depth", lambda: _tree_depth(run), runs=runs)
     depth = st.slider("Collapse the table at tree level", 1, max(levels, 2), min(3, levels), key="tree_depth",

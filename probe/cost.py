@@ -413,12 +413,14 @@ def model_from_config(config: Any, dtype: Any = None) -> nn.Module:
 
 def resolve_model(model_or_config: Any, dtype: Any = None) -> nn.Module:
     """The module tree to cost: a model as is, or a meta model built from a config / config dict
-    / :class:`probe.Run` (its ``meta["config"]``, with ``meta["dtype"]`` for the weights)."""
-    from .run import Run
+    / :class:`probe.Run` (its ``meta["config"]``, with ``meta["dtype"]`` for the weights).
 
+    A run is told by its data (a ``meta`` dict beside a ``calls`` frame), so the cost model
+    needs nothing of :mod:`probe.run`, which calls it.
+    """
     if isinstance(model_or_config, nn.Module):
         return model_or_config
-    if isinstance(model_or_config, Run):
+    if isinstance(getattr(model_or_config, "meta", None), dict) and hasattr(model_or_config, "calls"):
         cfg = model_or_config.meta.get("config")
         if not cfg:
             raise ValueError("this run's meta has no 'config'; pass the model or its config to annotate()")

@@ -21,16 +21,13 @@ from . import schema
 from . import tree
 from .sampling import stage_summary
 from .schema import CALLS, REQUESTS, RUNS, SAMPLING, STEPS
+from .validate import MANIFEST, RunLoadError, check_frame, check_manifest, check_meta
 
 FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet", "sampling": "sampling.parquet",
          "requests": "requests.parquet"}
 #: frames added later: saved with every run; a run saved before them loads them empty
 OPTIONAL_FILES = frozenset({"sampling", "requests"})
 META = "meta.json"
-
-
-class RunLoadError(ValueError):
-    """A run directory that cannot be read, with the reason and what to do."""
 
 
 @dataclass
@@ -254,7 +251,6 @@ class RunSaveError(OSError):
     """A run that cannot be saved where asked, with the reason and what to do."""
 
 
-MANIFEST = "manifest"
 _TMP = ".tmp"
 _TRASH = ".trash"
 
@@ -511,7 +507,6 @@ def load(path: str | os.PathLike) -> Run:
             f"{root} was saved with run schema {version!r}; this probe reads schema "
             f"{schema.SCHEMA_VERSION}. Re-record it with this version of probe."
         )
-    from .validate import check_frame, check_manifest, check_meta
 
     check_meta(meta, meta_file)
     manifest = meta.get(MANIFEST)

@@ -17,10 +17,14 @@ from pathlib import Path
 import pandas as pd
 
 from . import schema
-from .run import RunLoadError
+
+
+class RunLoadError(ValueError):
+    """A run directory that cannot be read, with the reason and what to do."""
+
 
 _INT_KINDS = ("int64", "Int64")
-MANIFEST_KEY = "manifest"  # probe.run.MANIFEST
+MANIFEST = "manifest"  # the meta.json key of the files' sizes and checksums (Run.save)
 
 
 def _bad(f: Path, col: str, problem: str) -> RunLoadError:
@@ -56,7 +60,7 @@ def check_meta(meta: dict, f: Path) -> None:
     need("probe_version", isinstance(meta.get("probe_version"), str), "text")
     need("config", isinstance(meta.get("config"), dict), "a JSON object")
     need("peaks", isinstance(meta.get("peaks"), dict), "a JSON object")
-    need(MANIFEST_KEY, isinstance(meta.get(MANIFEST_KEY), dict), "a JSON object")
+    need(MANIFEST, isinstance(meta.get(MANIFEST), dict), "a JSON object")
 
 
 def check_frame(data: bytes, key: str, f: Path) -> pd.DataFrame:

@@ -6,8 +6,6 @@ Used by the HTML report and the dashboard alike; nothing here reads files or tou
   the device's roofs (from :func:`probe.roofline.roofline` and :class:`probe.hardware.Peaks`).
 - :func:`sweep_prefill`, :func:`sweep_decode`, :func:`sweep_throughput` — from a sweep frame
   (:func:`probe.sweep.sweep` / :func:`probe.sweep.load_sweep`).
-- :func:`sweep_html` — the sweep page (:mod:`reports.sweep_report`): one self-contained offline
-  HTML file built like the run report.
 """
 
 from __future__ import annotations
@@ -276,14 +274,3 @@ def sweep_throughput(sweep_df: pd.DataFrame) -> go.Figure:
     fig.update_yaxes(title="decode tokens/s (batch total)", rangemode="tozero")
     return fig
 
-
-def sweep_html(sweep_df: pd.DataFrame, meta: dict | None = None) -> str:
-    """The three sweep charts, the summary and the runs as one offline HTML page.
-
-    The page of :func:`reports.sweep_report.render_sweep` (plotly.js inlined once, a
-    Content-Security-Policy, fixed element ids, escaped strings): ``probe sweep`` and
-    ``probe report SWEEP_DIR`` write the same bytes.
-    """
-    from .sweep_report import render_sweep
-
-    return render_sweep(sweep_df, meta)

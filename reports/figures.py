@@ -598,6 +598,3 @@ def compare_blocks(summary_a: pd.DataFrame, summary_b: pd.DataFrame, label_a: st
     fig.update_layout(barmode="group")
     return fig
 
-
-# the call-tree figures live in their own module and are part of this one's API
-from .tree_figures import icicle, layer_roles  # noqa: E402,F401

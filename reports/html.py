@@ -31,7 +31,7 @@ import pandas as pd
 
 from probe import fmt
 
-from . import figures
+from . import figures, tree_figures
 from .tables import per_rank_summary
 from .text import cap
 
@@ -209,9 +209,9 @@ FIGURES = (
     ("fig-step-breakdown", "One step, broken down", lambda r: figures.step_breakdown(r.calls, r.steps, r.sampling)),
     ("fig-sampling-stages", "The sampling step, stage by stage",
      lambda r: figures.sampling_stages(r.sampling, r.steps)),
-    ("fig-tree-prefill", "Module tree, prefill", lambda r: figures.icicle(r.calls, r.steps, phase="prefill")),
-    ("fig-tree-decode", "Module tree, decode", lambda r: figures.icicle(r.calls, r.steps, phase="decode")),
-    ("fig-layer-roles", "Layer x role", lambda r: figures.layer_roles(r.calls, r.steps)),
+    ("fig-tree-prefill", "Module tree, prefill", lambda r: tree_figures.icicle(r.calls, r.steps, phase="prefill")),
+    ("fig-tree-decode", "Module tree, decode", lambda r: tree_figures.icicle(r.calls, r.steps, phase="decode")),
+    ("fig-layer-roles", "Layer x role", lambda r: tree_figures.layer_roles(r.calls, r.steps)),
     ("fig-layer-heatmap", "Layer x step (decode)", lambda r: figures.layer_heatmap(r.calls, phase="decode")),
     ("fig-token-latency", "Per-token latency", lambda r: figures.token_latency(r.steps, r.runs)),
     ("fig-latency-kv", "Latency vs KV length", lambda r: figures.latency_vs_kv(r.steps)),

@@ -21,7 +21,7 @@ from probe.hardware import Peaks, measure_peaks
 from probe.roofline import bound_summary
 from probe.sweep import load_sweep, sweep, sweep_summary
 from reports import figures, write_reports
-from reports.cost_figures import sweep_html
+from reports.sweep_report import render_sweep
 from reports.cost_view import cost_view
 from reports.csv_export import read_csv
 from reports.html import render_report
@@ -323,9 +323,9 @@ def test_sweep_folder_report_via_the_cli(model, tmp_path, capsys):
     assert XSS not in rest and "sweep&lt;script&gt;alert(1)&lt;/script&gt;" in rest
     for div_id in ("sweep-prefill", "sweep-decode", "sweep-throughput"):
         assert f'<div id="{div_id}"' in rest
-    # the same page as `probe sweep` writes (sweep_html), and a rebuild gives the same bytes
+    # the same page as `probe sweep` writes (render_sweep), and a rebuild gives the same bytes
     loaded, meta = load_sweep(out)
-    assert page == sweep_html(loaded, meta) == sweep_html(df, meta)
+    assert page == render_sweep(loaded, meta) == render_sweep(df, meta)
     assert main(["report", str(out), "--format", "html", "--out", str(tmp_path / "again.html")]) == 0
     assert (tmp_path / "again.html").read_text(encoding="utf-8") == page
     summ = tables(page)["sweep-summary-table"]
