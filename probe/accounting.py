@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from . import schema, tree
-from .schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE
+from .schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
 
 #: name of the attention module's self-time row at the role level when its projections are recorded
 ATTENTION_CORE = "attention core"
@@ -140,7 +140,7 @@ def role_names(calls: pd.DataFrame, prow: np.ndarray | None = None) -> pd.Series
     return pd.Series(np.asarray(names, dtype=object)[codes], index=calls.index, dtype="string")
 
 
-def labels(calls: pd.DataFrame, level: str) -> np.ndarray:
+def labels(calls: pd.DataFrame, level: Level) -> np.ndarray:
     """Each call's row name at ``level`` (``block``, ``role`` or ``module``), as in :func:`summary`.
 
     Summing ``self_ms`` by these names gives :func:`summary`'s ``self_ms``: at the block level a
@@ -231,7 +231,7 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     return out
 
 
-def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: str | None = None) -> pd.DataFrame:
+def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None) -> pd.DataFrame:
     """Per (level, block / role / module, phase): calls, inclusive and self time, share.
 
     Args:

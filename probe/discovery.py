@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .roles import assign_roles
-from .schema import DEPTHS
+from .schema import DEPTHS, Depth
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters())
 
 
-def select_modules(model: nn.Module, depth: str = "blocks") -> list[tuple[nn.Module, ModuleInfo]]:
+def select_modules(model: nn.Module, depth: Depth = "blocks") -> list[tuple[nn.Module, ModuleInfo]]:
     """The modules to hook at ``depth``, in registration order, with their static facts.
 
     Args:

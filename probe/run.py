@@ -20,7 +20,7 @@ import pandas as pd
 from . import schema
 from . import tree
 from .sampling import stage_summary
-from .schema import CALLS, REQUESTS, RUNS, SAMPLING, STEPS
+from .schema import CALLS, REQUESTS, RUNS, SAMPLING, STEPS, Level
 from .validate import MANIFEST, RunLoadError, check_frame, check_manifest, check_meta
 
 FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet", "sampling": "sampling.parquet",
@@ -46,7 +46,7 @@ class Run:
     requests: pd.DataFrame = field(default_factory=lambda: schema.empty(REQUESTS))
 
     # ------------------------------------------------------------------ analysis
-    def summary(self, level: str | None = None, *, by: str | None = None) -> pd.DataFrame:
+    def summary(self, level: Level | None = None, *, by: Level | None = None) -> pd.DataFrame:
         """Where each phase's forward time went: one row per (level, block / role / module, phase).
 
         Columns: ``level, name, role, layer, phase, calls, total_ms, self_ms, mean_ms, share,
@@ -70,7 +70,7 @@ class Run:
 
         return tree_table(self.calls, self.steps, depth=depth)
 
-    def spread(self, level: str = "block") -> pd.DataFrame:
+    def spread(self, level: Level = "block") -> pd.DataFrame:
         """Median and min–max over the recorded generate calls of each row's self time per phase
         (``probe run --repeat N``); joins :meth:`summary` on ``(level, name, phase)``. See
         :func:`probe.stats.block_spread`."""

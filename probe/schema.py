@@ -7,7 +7,7 @@ frames.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import json
 import math
@@ -28,10 +28,10 @@ Phase = Literal["prefill", "decode", "extend", "recompute", "forward", "mixed"]
 #: mixed     - (continuous batching) one packed forward holding prompt tokens of some requests
 #:             (prefill, possibly one chunk of a prompt) and one new token of others (decode);
 #:             a packed forward of prompt chunks only is "prefill", of decode tokens only "decode"
-PHASES: tuple[str, ...] = ("prefill", "decode", "extend", "recompute", "forward", "mixed")
+PHASES: tuple[str, ...] = get_args(Phase)
 
 Depth = Literal["blocks", "sublayers", "all"]
-DEPTHS: tuple[str, ...] = ("blocks", "sublayers", "all")
+DEPTHS: tuple[str, ...] = get_args(Depth)
 
 #: role of a recorded module (see probe.roles); the four block roles are disjoint and tile a forward.
 ROLES: tuple[str, ...] = _roles.ROLES
@@ -39,7 +39,7 @@ BLOCK_ROLES: tuple[str, ...] = _roles.BLOCKS
 
 Level = Literal["block", "role", "module"]
 #: levels of :func:`probe.tree.summary`, coarse to fine
-LEVELS: tuple[str, ...] = ("block", "role", "module")
+LEVELS: tuple[str, ...] = get_args(Level)
 
 STR = "string"
 #: dtypes whose missing values a reloaded older run can take as nulls

@@ -21,7 +21,7 @@ import pandas as pd
 from torch import nn
 
 from .dtypes import dtype_name, torch_dtype
-from .schema import WALK, shape_text
+from .schema import WALK, Depth, shape_text
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def meta_model(model_or_preset: Any, dtype: Any = "bfloat16") -> nn.Module:
     return model_from_config(model_or_preset, dtype).eval()
 
 
-def walkthrough(model_or_preset: Any, prompt_tokens: int | Sequence[int], batch: int = 1, depth: str = "blocks",
+def walkthrough(model_or_preset: Any, prompt_tokens: int | Sequence[int], batch: int = 1, depth: Depth = "blocks",
                 dtype: Any = "bfloat16") -> pd.DataFrame:
     """Shapes, parameters, FLOPs and bytes of every recorded block, for prefill and one decode step.
 

@@ -28,7 +28,7 @@ import pandas as pd
 
 from . import schema, tree
 from .accounting import PROBE, RESIDUE, labels
-from .schema import HEADLINE_SPREAD, LEVELS, PHASES, SIGNIFICANCE, SPREAD
+from .schema import HEADLINE_SPREAD, LEVELS, PHASES, SIGNIFICANCE, SPREAD, Level
 
 OUTSIDE = "(outside model)"
 
@@ -69,7 +69,7 @@ def _check_level(level: str) -> None:
 
 
 def per_generate_totals(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame,
-                        level: str = "block") -> pd.DataFrame:
+                        level: Level = "block") -> pd.DataFrame:
     """Each row's self time per phase in each successful generate call.
 
     The rows are :meth:`probe.Run.summary`'s at ``level`` (self time, so they never overlap),
@@ -110,7 +110,7 @@ def _spread_stats(g) -> pd.DataFrame:
                          "spread_pct": ((hi - lo) / med * 100).where(med > 0)})
 
 
-def block_spread(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: str = "block") -> pd.DataFrame:
+def block_spread(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: Level = "block") -> pd.DataFrame:
     """Median and min–max over the generate calls of each row's self time per phase.
 
     Args:
@@ -251,7 +251,7 @@ def _clock(run_calls: list[pd.DataFrame]) -> str:
     return "gpu" if all(len(c) and c["gpu_ms"].notna().all() for c in run_calls) else "host"
 
 
-def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: str = "block",
+def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: Level = "block",
                  clock: str = "host") -> dict[tuple[str, str], np.ndarray]:
     """Per (row, phase) at ``level``, the row's self time in each step of that phase (successful
     generate calls only), plus ``(residue)``, ``(probe)`` (host clock) and ``(outside model)``;

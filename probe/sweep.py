@@ -23,7 +23,7 @@ import pandas as pd
 from .run import MAX_META_BYTES, replace_atomically, read_regular
 from . import schema
 from .dtypes import dtype_name
-from .schema import BLOCK_ROLES, SWEEP, SWEEP_SUMMARY
+from .schema import BLOCK_ROLES, SWEEP, SWEEP_SUMMARY, Depth
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _model_device(model) -> Any:
 
 
 def sweep(model, tokenizer=None, prompt_lens: Sequence[int] = (16, 64, 256, 1024), batch_sizes: Sequence[int] = (1, 4),
-          new_tokens: int = 32, repeat: int = 3, warmup: int = 1, depth: str = "blocks", *,
+          new_tokens: int = 32, repeat: int = 3, warmup: int = 1, depth: Depth = "blocks", *,
           out: str | os.PathLike | None = None, progress: bool = False, seed: int = 0,
           model_id: str | None = None) -> pd.DataFrame:
     """Profile ``generate()`` over prompt lengths and batch sizes.

@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 from probe import fmt
 from probe.run import block_summary
 from probe.sampling import stage_means
-from probe.schema import BLOCK_ROLES, PHASES
+from probe.schema import BLOCK_ROLES, PHASES, Phase
 
 from .diff import block_diff
 from .tables import headline, ranks, shape_walkthrough  # noqa: F401  (part of this module's API)
@@ -394,7 +394,7 @@ def _stage_parts(sampling: pd.DataFrame, steps: pd.DataFrame, phases: list[str])
     return out
 
 
-def layer_heatmap(calls: pd.DataFrame, phase: str = "decode", value: str = "auto") -> go.Figure:
+def layer_heatmap(calls: pd.DataFrame, phase: Phase = "decode", value: str = "auto") -> go.Figure:
     """Layer x step heatmap of each decoder layer's time in ``phase``.
 
     Args:

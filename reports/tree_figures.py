@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from probe import accounting
-from probe.schema import ROLES
+from probe.schema import ROLES, Phase
 
 from .figures import HEIGHT, TEMPLATE, floats, empty_figure, plot_text
 
@@ -34,7 +34,7 @@ def _short(module: str, parent_module: str | None) -> str:
     return module
 
 
-def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: str = "decode", max_depth: int | None = None) -> go.Figure:
+def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: Phase = "decode", max_depth: int | None = None) -> go.Figure:
     """The module tree of ``phase`` as an icicle: width = inclusive time, left to right.
 
     Each box is a module at its place in the call tree (the same module called from two
@@ -101,7 +101,7 @@ def _layer_role_table(ph: "accounting.Phases", phase: str) -> pd.DataFrame | Non
             .pivot_table(index="layer", columns="role", values="self", aggfunc="sum", observed=True))
 
 
-def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[str, ...] = ("prefill", "decode")) -> go.Figure:
+def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[Phase, ...] = ("prefill", "decode")) -> go.Figure:
     """Layer x role heatmaps of self time per step, one panel per phase, side by side.
 
     Rows are the decoder layers, columns the roles inside a layer: ``layer (self)`` is the
