@@ -18,13 +18,18 @@ probe's figures (depth blocks) against a plain perf_counter wrapper around the s
 run without the probe on the same input, interleaved, medians over repeats. Target: every
 role with more than 1 % of the forward within 5 % of the plain wrapper's figure.
 
-    python benchmarks/overhead.py [--repeats 15] [--new-tokens 32]
+    python benchmarks/overhead.py [--runs 3] [--repeats 15] [--new-tokens 32]
+
+``--runs N`` repeats the whole interleaved measurement N times in one process and judges the
+targets on the median of the N ratios (one run's minima can still be caught by a burst of load
+on a shared machine; the median of three is what the targets are stated for).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -192,6 +197,7 @@ def role_figures(model, ids, new_tokens: int, repeats: int) -> dict[str, dict[st
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--runs", type=int, default=1, help="whole measurements to take the median of (3 for the targets)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=64)
@@ -200,30 +206,38 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     model = build_model(args.layers, args.hidden)
     ids = torch.arange(3, 10).unsqueeze(0)  # 7-token prompt
-    res = measure(model, ids, args.new_tokens, args.repeats)
     from probe import hotpath
 
     print(f"overhead: {args.layers}-layer LLaMA hidden {args.hidden}, CPU 1 thread, 7-token prompt, "
-          f"{args.new_tokens} new tokens greedy, min of {args.repeats} interleaved repeats (process CPU time); "
-          f"hot path: {'C' if hotpath.C is not None else 'Python'} forward wrappers")
-    ratios = {}
-    for label, key in (("second generate() under one attachment (steady state)", "cpu_s"),
-                       ("first generate() after attaching (includes attach, calibration, signature interning)",
-                        "first_cpu_s")):
-        base = res["none"][key]
-        print(f"\n{label}")
-        print(f"{'configuration':<18}{'cpu ms':>10}{'vs none':>10}")
-        for c, v in res.items():
-            print(f"{c:<18}{v[key] * 1e3:>10.1f}{v[key] / base:>10.3f}")
-        ratios[key] = {c: res[c][key] / base for c in res}
+          f"{args.new_tokens} new tokens greedy, min of {args.repeats} interleaved repeats (process CPU time), "
+          f"{args.runs} run(s); hot path: {'C' if hotpath.C is not None else 'Python'} forward wrappers")
+    keys = (("second generate() under one attachment (steady state)", "cpu_s"),
+            ("first generate() after attaching (discovery, calibration, signature interning)", "first_cpu_s"))
+    all_ratios = []
+    for n in range(args.runs):
+        res = measure(model, ids, args.new_tokens, args.repeats)
+        ratios = {}
+        for label, key in keys:
+            base = res["none"][key]
+            print(f"\nrun {n + 1}/{args.runs}: {label}")
+            print(f"{'configuration':<18}{'cpu ms':>10}{'vs none':>10}")
+            for c, v in res.items():
+                print(f"{c:<18}{v[key] * 1e3:>10.1f}{v[key] / base:>10.3f}")
+            ratios[key] = {c: res[c][key] / base for c in res}
+        all_ratios.append({"results": res, "ratios": ratios})
+        sys.stdout.flush()
+    median = {key: {c: statistics.median(r["ratios"][key][c] for r in all_ratios) for c in CONFIGS}
+              for _, key in keys}
     ok = True
-    print()
-    for c, target in TARGETS.items():
-        steady, first = ratios["cpu_s"][c], ratios["first_cpu_s"][c]
-        passed = steady <= target and first <= target
-        ok &= passed
-        print(f"{c + ' / none':<24} = {steady:.3f} steady, {first:.3f} first (target <= {target:.2f}): "
-              f"{'PASS' if passed else 'FAIL'}")
+    print(f"\nmedian over {args.runs} run(s), vs none: steady | first")
+    for c in CONFIGS:
+        per = ", ".join(f"{r['ratios']['cpu_s'][c]:.3f}/{r['ratios']['first_cpu_s'][c]:.3f}" for r in all_ratios)
+        line = f"{c:<18}{median['cpu_s'][c]:>8.3f} |{median['first_cpu_s'][c]:>7.3f}   (runs: {per})"
+        if c in TARGETS:
+            passed = median["cpu_s"][c] <= TARGETS[c] and median["first_cpu_s"][c] <= TARGETS[c]
+            ok &= passed
+            line += f"  target <= {TARGETS[c]:.2f}: {'PASS' if passed else 'FAIL'}"
+        print(line)
 
     figs = role_figures(model, ids, args.new_tokens, max(5, args.repeats // 3))
     fwd = figs["plain"]["forward"]
@@ -235,7 +249,7 @@ def main(argv=None) -> int:
         share = a / fwd if role not in ("probe", "forward") else float("nan")
         print(f"{role:<10}{a:>10.3f}{b:>10.3f}{b / a if a else float('nan'):>8.3f}{share:>8.1%}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": res, "ratios": ratios, "roles": figs}, indent=2))
+        Path(args.json).write_text(json.dumps({"runs": all_ratios, "median": median, "roles": figs}, indent=2))
     return 0 if ok else 1
 
 
