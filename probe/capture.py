@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import hotpath
+from . import hotpath, noise
 from .discovery import ModuleInfo, select_modules
 from .distributed import OffloadClock, placements, world
 from .generation import generation_settings, inputs_of
@@ -183,8 +183,12 @@ class Probe:
             now=self._clock,
         )
         rec.placements = placements(model, [(info.name, mod) for mod, info in selected])
-        rec.sampling = SamplingRecorder(model, now=rec.now)  # sampling stages of generate calls (probe/sampling.py)
-        self._stack.callback(rec.sampling.end)  # its generate-time wrappers go on every path
+        sampling = SamplingRecorder(model, now=rec.now)  # sampling stages of generate calls
+        self._stack.callback(sampling.end)  # its generate-time wrappers go on every path
+        serving = ServingObserver(rec, keep_cuda_graphs=self.cuda_graphs)  # continuous-batching loops
+        # CPU time and run-queue wait of each generate (real clock only); last, so its reads
+        # are the closest to the run's clock
+        rec.observers += [sampling, serving] + ([noise.RunCpu()] if self._clock is None else [])
         make_for = self._wrapper_factory(rec)
         self._register(model)
         self._stack.callback(self._unregister)
@@ -198,7 +202,7 @@ class Probe:
             rec.modules.append(info)
             self._register(mod)
         self._patch_generate(model, rec)
-        ServingObserver(rec, keep_cuda_graphs=self.cuda_graphs).install(model, self._stack)
+        serving.install(model, self._stack)
         self._calibration = self._calibrate(rec, device)
         self._attached = True
 

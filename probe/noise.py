@@ -1,4 +1,5 @@
-"""Was the machine quiet? The busy-machine detector (pure functions over recorded numbers).
+"""Was the machine quiet? The busy-machine detector (pure functions over recorded numbers),
+and :class:`RunCpu`, the recorder's observer that reads them around each ``generate()``.
 
 Timings are only as good as the machine was quiet: a process that waits for a CPU while other
 processes run shows every host time longer, by whatever the scheduler decided. Two measures,
@@ -33,10 +34,14 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .observer import Observer
 
 #: a run whose noise figure passes this share (percent) is reported as busy
 BUSY_THRESHOLD_PCT = 10.0
@@ -91,6 +96,22 @@ def run_delay_between(before: dict[str, int] | None, after: dict[str, int] | Non
     if before is None or after is None:
         return None
     return float(sum(max(0, v - before.get(tid, 0)) for tid, v in after.items()))
+
+
+class RunCpu(Observer):
+    """Process CPU time and run-queue wait over each ``generate()`` (real clock only): read just
+    before the run's clock starts and just after it stops, so the reads are the probe's."""
+
+    def run_begin(self, run: Any) -> None:
+        run.sched0 = read_run_delay()
+        run.cpu0 = time.process_time_ns()
+
+    def run_end(self, run: Any) -> None:
+        if run is None or run.cpu0 is None:
+            return
+        run.cpu_ns = time.process_time_ns() - run.cpu0
+        run.wait_ns = run_delay_between(run.sched0, read_run_delay())
+        run.sched0 = None
 
 
 def step_wait_ms(forward_ms, process_cpu_ms):

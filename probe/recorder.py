@@ -4,14 +4,15 @@ It owns everything a recording is made of — runs (one per ``generate()`` call,
 plain forwards), steps (one per root forward, with its phase decided from shapes alone), the
 call columns the hot path appends to, interned shape signatures, the CUDA event pool and the
 allocator-counter stack — and hands a plain frozen :class:`Records` to the frame builder. It
-knows nothing about how it is attached to a model (that is :mod:`probe.capture`).
+knows nothing about how it is attached to a model (that is :mod:`probe.capture`), nor about
+what its observers (:mod:`probe.observer`: sampling stages, serving loops, CPU time and
+run-queue wait) keep beside it; it tells them when runs and steps begin and end.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -21,11 +22,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import hotpath, noise
+from . import hotpath
 from .cache import cache_bytes, cache_seq_len, find_cache
 from .discovery import ModuleInfo
+from .observer import Observer
 from .schema import Phase
-from .serving import paged_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,14 @@ class StepRec:
     __slots__ = (
         "run", "index", "phase", "q_len", "kv_len", "batch", "t0", "t1", "call0", "call1",
         "ev0", "ev1", "gpu_ms", "kv_bytes", "mem_peak", "kept", "compiled", "cpu0", "cpu_ns", "status",
-        "serve", "paged_bytes",
+        "serve", "paged_bytes", "owner",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, run: "RunRec") -> None:
+        self.run = run
+        self.index = run.n_steps_seen
+        run.n_steps_seen += 1
+        self.owner: Observer | None = None  # the observer whose run claimed this forward
         self.ev0 = self.ev1 = None
         self.gpu_ms = math.nan
         self.kv_bytes: int | None = None
@@ -149,12 +154,9 @@ class Recorder:
         self._gen_depth = 0
         self.root_depth = 0
         self._cur_step: StepRec | None = None
-        # a continuous-batching loop in progress, and the thread that runs it
-        self.serve_run: RunRec | None = None
-        self.serve_thread: int | None = None
         self._run_counter = 0
         self._run_prefix = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{id(self) & 0xFFFF:04x}"
-        self.sampling = None  # a probe.sampling.SamplingRecorder, set by the probe that owns the model
+        self.observers: list[Observer] = []  # told of run and step boundaries (probe.observer)
         self.version = 0  # bumped on every change the frames can see
 
     # ------------------------------------------------------------------ modules and signatures
@@ -259,28 +261,24 @@ class Recorder:
             return
         self._open_forward = None
         run = self.new_run("generate")
-        # read before the clock starts: the reads are the probe's, not generate's
-        if not self.injected_clock:
-            run.sched0 = noise.read_run_delay()
-            run.cpu0 = time.process_time_ns()
-        run.t_enter = self.now()
         run.batch_in, run.input_len, run.mask = batch, input_len, mask
         run.prompt_in_output = prompt_in_output
         run.gen_settings = settings
+        for o in self.observers:
+            o.run_begin(run)  # before the clock starts: their work is the probe's, not generate's
+        run.t_enter = self.now()
         if self.track_memory:
             # the run's peak starts here: setup, steps and sampling between steps all count
             torch.cuda.reset_peak_memory_stats(self.cuda_device)
             run.mem_peak = alloc_stats(self.cuda_device)[0]
         self.gen_run = run
-        if self.sampling is not None:
-            self.sampling.begin(run.run_id)  # times generate's processors, stopping checks, ...
 
     def abandon_generate(self) -> None:
         self._gen_depth = max(0, self._gen_depth - 1)
         if self._gen_depth == 0:
             self.gen_run = None
-            if self.sampling is not None:
-                self.sampling.end()
+            for o in reversed(self.observers):
+                o.run_end(None)
 
     def end_generate(self, out: Any, status: str) -> RunRec | None:
         """Close the outermost generate(); returns its run (None for a nested call)."""
@@ -291,13 +289,9 @@ class Recorder:
         if run is None:
             return None
         run.t_exit = self.now()
-        if run.cpu0 is not None:
-            run.cpu_ns = time.process_time_ns() - run.cpu0
-            run.wait_ns = noise.run_delay_between(run.sched0, noise.read_run_delay())
-            run.sched0 = None
         run.status = status
-        if self.sampling is not None:
-            self.sampling.end()  # its wrappers off, its CUDA events resolved
+        for o in reversed(self.observers):
+            o.run_end(run)
         seqs = out
         if seqs is not None and not isinstance(seqs, Tensor):
             seqs = getattr(seqs, "sequences", None)
@@ -321,66 +315,38 @@ class Recorder:
             run.status = f"failed: {reason}"
             self.gen_run = None
             self._gen_depth = 0
-        if self.sampling is not None:
-            self.sampling.end()
-        if self.serve_run is not None:
-            run, self.serve_run, self.serve_thread = self.serve_run, None, None
-            run.t_exit = self.now()
-            run.status = f"failed: {reason}"
+        for o in self.observers:
+            o.stop(reason)
         self._open_forward = None
         self._reset_step_state()
         self.resolve_quietly()
         self.version += 1
 
-    def begin_serve(self, watch: Any) -> RunRec:
-        """Open a run of kind ``"serve"`` for a continuous-batching loop (called on its thread)."""
+    def open_run(self, kind: str) -> RunRec:
+        """A run an observer opens for the forwards it will claim (a serving loop's)."""
         self._open_forward = None
-        run = self.new_run("serve")
+        run = self.new_run(kind)
         run.t_enter = self.now()
-        run.serve = watch
-        run.gen_settings = dict(watch.config)
-        self.serve_thread = threading.get_ident()
-        self.serve_run = run
         return run
 
-    def end_serve(self, run: RunRec, status: str) -> None:
+    def close_run(self, run: RunRec, status: str) -> None:
+        """Close a run an observer opened."""
         run.t_exit = self.now()
         run.status = status
-        if self.serve_run is run:
-            self.serve_run = None
-            self.serve_thread = None
         if self._cur_step is not None and self._cur_step.run is run:
             self._reset_step_state()
         self.resolve_quietly()
         self.version += 1
 
-    def serve_external_step(self, watch: Any, it: Any) -> None:
-        """A serving step whose forward ran no Python (a CUDA-graph replay): timed from the
-        manager's generation step (forward + sampling), with no block records."""
-        run = self.serve_run
-        if run is None or run.serve is not watch:
-            return
-        s = StepRec()
-        s.run = run
-        s.index = run.n_steps_seen
-        run.n_steps_seen += 1
-        self._serve_shape(s, it)
-        s.t0, s.t1 = it.t_gen0, it.t_gen1
-        s.cpu0, s.cpu_ns = 0, None
-        s.call0 = s.call1 = len(self.cols)
-        s.compiled = True
-        it.step = s.index
-        run.steps.append(s)
-        self.version += 1
-
     @staticmethod
-    def _serve_shape(s: StepRec, it: Any) -> None:
-        n, pre, dec, _, _ = it.counts()
-        s.serve = it
-        s.phase = it.phase() if it.layout else "forward"
-        s.q_len = pre + dec
-        s.batch = n
-        s.kv_len = max((e[3] for e in it.layout or ()), default=0)  # the longest cached context
+    def new_step(run: RunRec) -> StepRec:
+        return StepRec(run)
+
+    def add_step(self, s: StepRec) -> None:
+        """A step an observer timed itself: its forward ran no wrapper (a CUDA-graph replay)."""
+        s.call0 = s.call1 = len(self.cols)
+        s.run.steps.append(s)
+        self.version += 1
 
     def _reset_step_state(self) -> None:
         self._cur_step = None
@@ -397,34 +363,23 @@ class Recorder:
         t0 = self.now()
         # CPU time goes beside wall time only on the real clock: an injected clock has no CPU time
         cpu0 = time.process_time_ns() if not self.injected_clock else None
-        run = self.gen_run
-        serve = self.serve_run
-        if serve is not None and serve.serve.current is not None and threading.get_ident() == self.serve_thread:
-            run = serve
+        owner = run = None
+        for o in self.observers:
+            run = o.claim()
+            if run is not None:
+                owner = o
+                break
         if run is None:
-            run = self._open_forward
-            if run is None:
-                run = self._open_forward = self.new_run("forward")
-                run.t_enter = t0
-        x = kwargs.get("input_ids")
-        if not isinstance(x, Tensor):
-            x = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("inputs_embeds")
-        if isinstance(x, Tensor) and x.dim() >= 2:
-            batch, q_len = int(x.shape[0]), int(x.shape[1])
-        elif isinstance(x, Tensor) and x.dim() == 1:
-            batch, q_len = 1, int(x.shape[0])
+            run = self.gen_run if self.gen_run is not None else self._open_forward
+        if run is None:
+            run = self._open_forward = self.new_run("forward")
+            run.t_enter = t0
+        s = StepRec(run)
+        s.owner = owner
+        if owner is not None:
+            owner.shape(s)
         else:
-            batch, q_len = 0, 0
-        s = StepRec()
-        s.run = run
-        s.index = run.n_steps_seen
-        run.n_steps_seen += 1
-        if run.kind == "serve":
-            # a packed [1, T] forward: its composition from the manager's host-side batch
-            it = run.serve.current
-            it.step = s.index
-            self._serve_shape(s, it)
-        else:
+            batch, q_len = _batch_and_q_len(args, kwargs)
             kv_len = self._kv_len(kwargs, q_len, run)
             s.phase = phase_of(run.kind, s.index, q_len, kv_len)
             s.q_len, s.kv_len, s.batch = q_len, kv_len, batch
@@ -440,8 +395,8 @@ class Recorder:
                 self._mem_push()
             s.ev0 = self._event()
         s.t0 = self.now() if self.uses_cuda else t0
-        if self.uses_cuda and run is self.gen_run and self.sampling is not None:
-            self.sampling.own(s.t0 - t0)  # opening this step, outside the previous step's forward
+        for o in self.observers:
+            o.step_begin(s, s.t0 - t0)
 
     def step_end(self, kwargs: dict, out: Any, error: BaseException | None = None) -> None:
         """After a root forward (also when it raised, KeyboardInterrupt included)."""
@@ -471,21 +426,14 @@ class Recorder:
             s.call1 = len(self.cols)
             if s.call1 == s.call0 and self.modules and error is None:
                 s.compiled = True  # the forward ran, the block wrappers did not: compiled code
-            if error is None and s.serve is not None:
-                try:
-                    s.paged_bytes = paged_cache_bytes(kwargs.get("cache"))
-                except Exception:  # never break the user's forward
-                    s.paged_bytes = None
-                s.kv_bytes = s.paged_bytes
-            elif error is None:
+            if error is None and s.owner is None:  # a claimed step's cache is its owner's to read
                 try:
                     s.kv_bytes = cache_bytes(find_cache(kwargs, out))
                 except Exception:  # an exotic cache must never break the user's forward
                     s.kv_bytes = None
         s.run.steps.append(s)
-        if s.run is self.gen_run and self.sampling is not None:
-            # sampling calls from here to the next forward belong to s; so does this bookkeeping
-            self.sampling.step(s.index, self.now() - t1)
+        for o in reversed(self.observers):
+            o.step_end(s, kwargs, out, error)
         self.version += 1
 
     def _keep(self, s: StepRec) -> bool:
@@ -558,7 +506,7 @@ class Recorder:
             log.debug("CUDA event resolution failed", exc_info=True)
 
     def busy(self) -> bool:
-        return self.gen_run is not None or self.root_depth > 0 or self.serve_run is not None
+        return self.gen_run is not None or self.root_depth > 0 or any(o.busy() for o in self.observers)
 
     def clear(self) -> None:
         """Forget every record (signatures stay: the wrappers' caches refer to them)."""
@@ -567,8 +515,8 @@ class Recorder:
         self._ev_pairs.clear()
         del self._ev_ms[:]
         self.runs.clear()
-        if self.sampling is not None:
-            self.sampling.clear()
+        for o in self.observers:
+            o.clear()
         self._open_forward = None
         self.version += 1
 
@@ -590,6 +538,8 @@ class Recorder:
         off = None
         if self.offload_total is not None and len(self._c_off) == n:
             off = np.frombuffer(self._c_off, dtype=np.int64, count=n).copy()
+        for o in self.observers:
+            facts.update(o.records())  # e.g. sampling=
         return Records(
             t0=np.frombuffer(t0b, dtype=np.int64, count=n),
             t1=np.frombuffer(t1b, dtype=np.int64, count=n),
@@ -597,8 +547,20 @@ class Recorder:
             inner=np.frombuffer(innerb, dtype=np.int32, count=n),
             msigs=list(self.msigs), sigs=list(self.sigs), modules=list(self.modules),
             placements=list(self.placements), runs=list(self.runs), gpu_ms=gpu, mem=mem, offload_ns=off,
-            sampling=dict(self.sampling.runs) if self.sampling is not None else {}, rank=self.rank, decode_stride=self.decode_stride, max_steps=self.max_steps, **facts,
+            rank=self.rank, decode_stride=self.decode_stride, max_steps=self.max_steps, **facts,
         )
+
+
+def _batch_and_q_len(args: tuple, kwargs: dict) -> tuple[int, int]:
+    """(batch, query length) of a root forward, from its token ids or embeddings."""
+    x = kwargs.get("input_ids")
+    if not isinstance(x, Tensor):
+        x = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("inputs_embeds")
+    if isinstance(x, Tensor) and x.dim() >= 2:
+        return int(x.shape[0]), int(x.shape[1])
+    if isinstance(x, Tensor) and x.dim() == 1:
+        return 1, int(x.shape[0])
+    return 0, 0
 
 
 def phase_of(kind: str, index: int, q_len: int, kv_len: int) -> Phase:

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from . import schema
+from .observer import Observer
 from .schema import SAMPLING
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,12 @@ class _RunRec:
         return sid
 
 
-class SamplingRecorder:
+class SamplingRecorder(Observer):
     """Times the logits processors and stopping criteria of the generate calls of one model.
 
-    The probe calls :meth:`begin` when a generate call starts, :meth:`step` when each of its
-    forwards ends, and :meth:`end` when it returns (or fails, or the probe detaches).
+    An observer of the recorder (:mod:`probe.observer`): :meth:`begin` when a generate call
+    starts, :meth:`step` when each of its forwards ends, :meth:`end` when it returns (or fails,
+    or the probe detaches).
     """
 
     def __init__(self, model: Any, now: Callable[[], int] | None = None) -> None:
@@ -109,6 +111,28 @@ class SamplingRecorder:
         self._installed: list[tuple[str, bool, Any]] = []  # (name, had an instance attribute, its value)
         self._pairs: list = []  # CUDA (start, end) events of the current run, awaiting resolution
         self._pool: list = []
+
+    # ------------------------------------------------------------------ the recorder's observer
+    def run_begin(self, run: Any) -> None:
+        self.begin(run.run_id)  # times generate's processors, stopping checks, ...
+
+    def run_end(self, run: Any) -> None:
+        self.end()  # its wrappers off, its CUDA events resolved
+
+    def stop(self, reason: str) -> None:
+        self.end()
+
+    def step_begin(self, step: Any, opening_ns: int) -> None:
+        if step.run.kind == "generate":
+            self.own(opening_ns)  # opening this step (CUDA events), outside the previous step's forward
+
+    def step_end(self, step: Any, kwargs: dict, out: Any, error: BaseException | None) -> None:
+        if step.run.kind == "generate":
+            # sampling calls from here to the next forward belong to this step; so does this bookkeeping
+            self.step(step.index, self.now() - step.t1)
+
+    def records(self) -> dict:
+        return {"sampling": dict(self.runs)}
 
     # ------------------------------------------------------------------ lifecycle
     def begin(self, run_id: str) -> None:

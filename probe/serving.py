@@ -40,6 +40,8 @@ import warnings
 import weakref
 from typing import Any, Callable
 
+from .observer import Observer
+
 log = logging.getLogger(__name__)
 
 
@@ -236,7 +238,7 @@ class ManagerWatch:
             run = None
             try:
                 self._read_config()
-                run = self.rec.begin_serve(self)
+                run = self.observer.begin_run(self)
             except Exception:  # the probe's own failure must never cost the user their loop
                 log.warning("probe: could not open the serving run", exc_info=True)
             status = "ok"
@@ -251,7 +253,7 @@ class ManagerWatch:
                 if fatal is not None and status == "ok":
                     status = f"failed: {type(fatal).__name__}: {fatal}"
                 if run is not None:
-                    _quietly(self.rec.end_serve, run, status)
+                    _quietly(self.observer.end_run, run, status)
                 self.remove()  # nothing of the probe stays on the manager once its loop ends
                 self.observer.forget(self)
 
@@ -332,7 +334,7 @@ class ManagerWatch:
             finally:
                 it.t_gen1 = self.now()
                 if it.step is None:  # no root forward ran Python (a CUDA-graph replay, compiled code)
-                    _quietly(self.rec.serve_external_step, self, it)
+                    _quietly(self.observer.external_step, self, it)
 
         return generation_step
 
@@ -379,8 +381,13 @@ class ManagerWatch:
         it.layout = lay
 
 
-class ServingObserver:
-    """Owned by one Probe: wraps ``model.init_continuous_batching`` and watches each manager."""
+class ServingObserver(Observer):
+    """Owned by one Probe: wraps ``model.init_continuous_batching`` and watches each manager.
+
+    An observer of the recorder (:mod:`probe.observer`): while a manager's loop runs, it holds
+    that loop's run (kind ``"serve"``) and claims the root forwards its thread makes between
+    scheduling and updating a batch, shaping each step from the batch's host-side layout.
+    """
 
     def __init__(self, rec: Any, keep_cuda_graphs: bool = False) -> None:
         self.rec = rec
@@ -388,6 +395,68 @@ class ServingObserver:
         self.watches: list[ManagerWatch] = []
         self._lock = threading.Lock()
         self._warned = False
+        self.run: Any = None  # the serving loop's run in progress (a probe.recorder.RunRec)
+        self.thread: int | None = None  # the thread that runs it
+
+    # ------------------------------------------------------------------ the recorder's observer
+    def claim(self) -> Any:
+        run = self.run
+        if run is not None and run.serve.current is not None and threading.get_ident() == self.thread:
+            return run
+        return None
+
+    def shape(self, step: Any) -> None:
+        it = step.run.serve.current  # a packed [1, T] forward: its composition from the manager's batch
+        it.step = step.index
+        _shape(step, it)
+
+    def step_end(self, step: Any, kwargs: dict, out: Any, error: BaseException | None) -> None:
+        if step.owner is self and step.kept and error is None:
+            try:
+                step.paged_bytes = paged_cache_bytes(kwargs.get("cache"))
+            except Exception:  # never break the user's forward
+                step.paged_bytes = None
+            step.kv_bytes = step.paged_bytes
+
+    def stop(self, reason: str) -> None:
+        if self.run is not None:
+            run, self.run, self.thread = self.run, None, None
+            run.t_exit = self.rec.now()
+            run.status = f"failed: {reason}"
+
+    def busy(self) -> bool:
+        return self.run is not None
+
+    # ------------------------------------------------------------------ a loop's run
+    def begin_run(self, watch: ManagerWatch) -> Any:
+        """Open a run of kind ``"serve"`` for a continuous-batching loop (called on its thread)."""
+        run = self.rec.open_run("serve")
+        run.serve = watch
+        run.gen_settings = dict(watch.config)
+        self.thread = threading.get_ident()
+        self.run = run
+        return run
+
+    def end_run(self, run: Any, status: str) -> None:
+        if self.run is run:
+            self.run = self.thread = None
+        self.rec.close_run(run, status)
+
+    def external_step(self, watch: ManagerWatch, it: Iteration) -> None:
+        """A serving step whose forward ran no Python (a CUDA-graph replay): timed from the
+        manager's generation step (forward + sampling), with no block records."""
+        run = self.run
+        if run is None or run.serve is not watch:
+            return
+        s = self.rec.new_step(run)
+        _shape(s, it)
+        s.t0, s.t1 = it.t_gen0, it.t_gen1
+        s.cpu0, s.cpu_ns = 0, None
+        s.compiled = True
+        it.step = s.index
+        self.rec.add_step(s)
+
+    # ------------------------------------------------------------------ installing
 
     def install(self, model: Any, stack: Any) -> None:
         init = getattr(model, "init_continuous_batching", None)
@@ -481,6 +550,16 @@ def _graphs_off(params: Any, args: tuple, kwargs: dict, model: Any) -> tuple[tup
     if was not in (None, False, (False, False)):
         said += f"; the config asked for use_cuda_graph={was!r}"
     return tuple(args), kwargs, said
+
+
+def _shape(s: Any, it: Iteration) -> None:
+    """A serving step's phase and shape, from the batch layout of its iteration."""
+    n, pre, dec, _, _ = it.counts()
+    s.serve = it
+    s.phase = it.phase() if it.layout else "forward"
+    s.q_len = pre + dec
+    s.batch = n
+    s.kv_len = max((e[3] for e in it.layout or ()), default=0)  # the longest cached context
 
 
 def paged_cache_bytes(cache: Any) -> int | None:
