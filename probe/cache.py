@@ -117,3 +117,25 @@ def find_cache(kwargs: dict, out: Any = None) -> Any:
             return c
     return None
 
+
+
+def cached_len(kwargs: dict, q_len: int, after_last: int | None = None) -> int:
+    """Tokens already cached before a forward of ``q_len`` new ones, from its keyword arguments:
+    the attention mask, the cache, host-side cache positions; else ``after_last`` (the previous
+    step's context plus its tokens) when there is a cache, else 0. Never reads a device tensor."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[-1] >= q_len:
+        return int(mask.shape[-1]) - q_len
+    cache = find_cache(kwargs)
+    try:
+        n = cache_seq_len(cache)
+    except Exception:  # an exotic cache must never break the user's forward
+        n = None
+    if n is not None:
+        return n
+    pos = kwargs.get("cache_position")
+    if isinstance(pos, Tensor) and pos.numel() and pos.device.type == "cpu":
+        return int(pos.reshape(-1)[0])
+    if after_last is not None and cache is not None:
+        return after_last
+    return 0

@@ -183,13 +183,12 @@ class Probe:
             now=self._clock,
         )
         rec.placements = placements(model, [(info.name, mod) for mod, info in selected])
-        sampling = SamplingRecorder(model, now=rec.now)  # sampling stages of generate calls
+        sampling = SamplingRecorder(model, now=rec.now)
         self._stack.callback(sampling.end)  # its generate-time wrappers go on every path
-        serving = ServingObserver(rec, keep_cuda_graphs=self.cuda_graphs)  # continuous-batching loops
-        # CPU time and run-queue wait of each generate (real clock only); last, so its reads
-        # are the closest to the run's clock
+        serving = ServingObserver(rec, keep_cuda_graphs=self.cuda_graphs)
+        # last: the CPU-time and run-queue reads are the closest to the run's clock (real clock only)
         rec.observers += [sampling, serving] + ([noise.RunCpu()] if self._clock is None else [])
-        make_for = self._wrapper_factory(rec)
+        make_for = _wrapper_factory(rec, self._clock)
         self._register(model)
         self._stack.callback(self._unregister)
         root = hotpath.install_forward(model, functools.partial(hotpath.root_wrapper, rec), "")
@@ -206,28 +205,15 @@ class Probe:
         self._calibration = self._calibrate(rec, device)
         self._attached = True
 
-    def _wrapper_factory(self, rec: Recorder) -> Callable[[int], Callable[[Callable], Callable]]:
-        clock = self._clock
-        if rec.needs_full_wrappers:
-            return lambda idx: lambda fn: hotpath.full_wrapper(fn, rec.cols, rec.intern_for(idx), clock,
-                                                               rec.call_begin, rec.call_end)
-        return lambda idx: lambda fn: hotpath.cpu_wrapper(fn, rec.cols, rec.intern_for(idx), clock)
-
     def _calibrate(self, rec: Recorder, device) -> dict:
         """The wrappers' own cost per call, measured now with a throwaway recorder of the same kind."""
         if self._clock is not None:  # an injected clock: the instrument costs nothing on it
             return {"call_ns": 0.0, "inside_ns": 0.0, "method": "injected clock"}
         probe_rec = Recorder(rank=0, decode_stride=1, max_steps=None, cuda_device=rec.cuda_device,
                              track_memory=rec.track_memory, offload_total=rec.offload_total)
-        if rec.needs_full_wrappers:
-            def make(fn, cols):
-                return hotpath.full_wrapper(fn, cols, probe_rec.intern_for(0), None, probe_rec.call_begin,
-                                            probe_rec.call_end)
-        else:
-            def make(fn, cols):
-                return hotpath.cpu_wrapper(fn, cols, probe_rec.intern_for(0), None)
+        make_for = _wrapper_factory(probe_rec, None)
         try:
-            cal = hotpath.calibrate(make, lambda: probe_rec.cols, device=device or "cpu")
+            cal = hotpath.calibrate(lambda fn, cols: make_for(0)(fn), lambda: probe_rec.cols, device=device or "cpu")
         except Exception:  # calibration must never cost the user their attach
             log.warning("probe: could not measure the wrappers' own cost; none is subtracted", exc_info=True)
             return {"call_ns": 0.0, "inside_ns": 0.0, "method": "failed"}
@@ -391,6 +377,14 @@ class Probe:
         n = len(self._rec.cols) if self._rec is not None else 0
         runs = len(self._rec.runs) if self._rec is not None else 0
         return f"<probe.Probe {state} depth={self.depth!r} modules={len(self.modules)} calls={n} runs={runs}>"
+
+
+def _wrapper_factory(rec: Recorder, clock: Callable[[], int] | None) -> Callable[[int], Callable[[Callable], Callable]]:
+    """``make_for(module index)(forward)``: the wrapper that records that module into ``rec``."""
+    if rec.needs_full_wrappers:
+        return lambda idx: lambda fn: hotpath.full_wrapper(fn, rec.cols, rec.intern_for(idx), clock,
+                                                           rec.extras.call_begin, rec.extras.call_end)
+    return lambda idx: lambda fn: hotpath.cpu_wrapper(fn, rec.cols, rec.intern_for(idx), clock)
 
 
 def _end_quietly(rec: Recorder, out: Any, status: str):

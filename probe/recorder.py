@@ -3,7 +3,7 @@
 It owns everything a recording is made of — runs (one per ``generate()`` call, or a stretch of
 plain forwards), steps (one per root forward, with its phase decided from shapes alone), the
 call columns the hot path appends to, interned shape signatures, the CUDA event pool and the
-allocator-counter stack — and hands a plain frozen :class:`Records` to the frame builder. It
+allocator-counter stack (:mod:`probe.extras`) — and hands a plain frozen :class:`Records` to the frame builder. It
 knows nothing about how it is attached to a model (that is :mod:`probe.capture`), nor about
 what its observers (:mod:`probe.observer`: sampling stages, serving loops, CPU time and
 run-queue wait) keep beside it; it tells them when runs and steps begin and end.
@@ -14,17 +14,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from array import array
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from . import hotpath
-from .cache import cache_bytes, cache_seq_len, find_cache
+from .cache import cache_bytes, cached_len, find_cache
 from .discovery import ModuleInfo
+from .extras import CallExtras
 from .observer import Observer
 from .schema import Phase
 
@@ -126,9 +125,10 @@ class Recorder:
         self.rank = rank
         self.decode_stride = decode_stride
         self.max_steps = max_steps
+        self.extras = CallExtras(cuda_device, track_memory, offload_total)
         self.cuda_device = cuda_device
-        self.uses_cuda = cuda_device is not None
-        self.track_memory = bool(track_memory and self.uses_cuda)
+        self.uses_cuda = self.extras.uses_cuda
+        self.track_memory = self.extras.track_memory
         self.offload_total = offload_total  # array('q', [ns]) of an OffloadClock, or None
         self.now = now or time.perf_counter_ns
         self.injected_clock = now is not None
@@ -138,15 +138,6 @@ class Recorder:
         self._sig_ids: dict = {}
         self.sigs: list = []
         self.msigs: list[tuple[int, int]] = []
-        # per-call extras, appended in column order by full wrappers
-        self._c_ev = array("i")
-        self._c_mem0, self._c_mem1, self._c_peak = array("q"), array("q"), array("q")
-        self._c_off = array("q")
-        self._ev_pairs: list = []
-        self._ev_ms = array("d")
-        self._ev_pool: list = []
-        self._mem_peaks: list[int] = []  # CUDA peak of each running call, innermost last
-        self._stream = torch.cuda.current_stream(cuda_device) if self.uses_cuda else None
         # runs and steps
         self.runs: list[RunRec] = []
         self._open_forward: RunRec | None = None
@@ -162,7 +153,7 @@ class Recorder:
     # ------------------------------------------------------------------ modules and signatures
     @property
     def needs_full_wrappers(self) -> bool:
-        return self.uses_cuda or self.offload_total is not None
+        return self.extras.needed
 
     def intern_for(self, idx: int) -> Callable:
         def intern(args: tuple, kwargs: dict, out: Any) -> int:
@@ -186,65 +177,6 @@ class Recorder:
         self.msigs.append((idx, sid))
         return len(self.msigs) - 1
 
-    # ------------------------------------------------------------------ per-call extras
-    def call_begin(self) -> tuple:
-        """Before a call (full wrappers): allocator read first, then the start event, so the
-        read stays outside the call's window."""
-        m0 = self._mem_push() if self.track_memory else 0
-        ev0 = self._event() if self.uses_cuda else None
-        x0 = self.offload_total[0] if self.offload_total is not None else 0
-        return ev0, m0, x0
-
-    def call_end(self, tok: tuple, ok: bool) -> None:
-        ev0, m0, x0 = tok
-        if self.offload_total is not None and ok:
-            self._c_off.append(self.offload_total[0] - x0)
-        if self.uses_cuda:
-            if ok:
-                ev1 = self._event()
-                self._c_ev.append(len(self._ev_pairs))
-                self._ev_pairs.append((ev0, ev1))
-            else:
-                self._ev_pool.append(ev0)
-        if self.track_memory:
-            peak, m1 = self._mem_pop_peak()
-            if ok:
-                self._c_mem0.append(m0)
-                self._c_mem1.append(m1)
-                self._c_peak.append(peak)
-
-    def _event(self):
-        pool = self._ev_pool
-        ev = pool.pop() if pool else torch.cuda.Event(enable_timing=True)
-        ev.record(self._stream)  # the model's device, whatever the current device is
-        return ev
-
-    def _mem_fold_run_peak(self, run: RunRec) -> None:
-        peak = alloc_stats(self.cuda_device)[1]
-        if run.mem_peak is None or peak > run.mem_peak:
-            run.mem_peak = peak
-
-    def _mem_push(self) -> int:
-        # Fold the allocator's peak so far into the enclosing call, then restart the peak
-        # counter so this call's own peak can be read at its end.
-        dev = self.cuda_device
-        peaks = self._mem_peaks
-        cur, peak = alloc_stats(dev)
-        if peaks and peak > peaks[-1]:
-            peaks[-1] = peak
-        torch.cuda.reset_peak_memory_stats(dev)
-        peaks.append(cur)
-        return cur
-
-    def _mem_pop_peak(self) -> tuple[int, int]:
-        """(this call's peak, allocated now)."""
-        peaks = self._mem_peaks
-        cur, peak = alloc_stats(self.cuda_device)
-        mine = max(peaks.pop() if peaks else 0, peak)
-        if peaks and mine > peaks[-1]:
-            peaks[-1] = mine
-        return mine, cur
-
     # ------------------------------------------------------------------ runs
     def new_run(self, kind: str) -> RunRec:
         self._run_counter += 1
@@ -267,10 +199,7 @@ class Recorder:
         for o in self.observers:
             o.run_begin(run)  # before the clock starts: their work is the probe's, not generate's
         run.t_enter = self.now()
-        if self.track_memory:
-            # the run's peak starts here: setup, steps and sampling between steps all count
-            torch.cuda.reset_peak_memory_stats(self.cuda_device)
-            run.mem_peak = alloc_stats(self.cuda_device)[0]
+        self.extras.run_begin(run)
         self.gen_run = run
 
     def abandon_generate(self) -> None:
@@ -299,8 +228,7 @@ class Recorder:
             run.output_len = int(seqs.shape[-1])
             run.output_rows = int(seqs.shape[0]) if seqs.dim() >= 2 else 1
         self._reset_step_state()
-        if self.track_memory:
-            self._mem_fold_run_peak(run)
+        self.extras.run_end(run)
         if status == "ok":
             self.resolve_events()
         else:
@@ -351,7 +279,7 @@ class Recorder:
     def _reset_step_state(self) -> None:
         self._cur_step = None
         self.root_depth = 0
-        self._mem_peaks.clear()
+        self.extras.reset()
         self.cols.recording = True
 
     # ------------------------------------------------------------------ steps
@@ -380,7 +308,8 @@ class Recorder:
             owner.shape(s)
         else:
             batch, q_len = _batch_and_q_len(args, kwargs)
-            kv_len = self._kv_len(kwargs, q_len, run)
+            last = run.steps[-1] if run.steps else None
+            kv_len = cached_len(kwargs, q_len, last.kv_len + last.q_len if last is not None else None)
             s.phase = phase_of(run.kind, s.index, q_len, kv_len)
             s.q_len, s.kv_len, s.batch = q_len, kv_len, batch
         s.call0 = len(self.cols)
@@ -389,11 +318,7 @@ class Recorder:
         self._cur_step = s
         self.cols.recording = s.kept
         if self.uses_cuda:
-            if self.track_memory:
-                self._mem_fold_run_peak(run)  # allocations between steps (sampling, cat) count too
-                self._mem_peaks.clear()
-                self._mem_push()
-            s.ev0 = self._event()
+            s.ev0 = self.extras.step_begin(run)
         s.t0 = self.now() if self.uses_cuda else t0
         for o in self.observers:
             o.step_begin(s, s.t0 - t0)
@@ -414,10 +339,7 @@ class Recorder:
         if error is not None:
             s.status = f"failed: {type(error).__name__}"
         if self.uses_cuda:
-            s.ev1 = self._event()
-            if self.track_memory:
-                s.mem_peak = self._mem_pop_peak()[0]
-                self._mem_peaks.clear()
+            self.extras.step_end(s)
         self.cols.recording = True
         if not s.kept:
             self._truncate(s.call0)
@@ -443,60 +365,15 @@ class Recorder:
             return False
         return True
 
-    def _kv_len(self, kwargs: dict, q_len: int, run: RunRec) -> int:
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[-1] >= q_len:
-            return int(mask.shape[-1]) - q_len
-        cache = find_cache(kwargs)
-        try:
-            n = cache_seq_len(cache)
-        except Exception:  # an exotic cache must never break the user's forward
-            n = None
-        if n is not None:
-            return n
-        pos = kwargs.get("cache_position")
-        if isinstance(pos, Tensor) and pos.numel() and pos.device.type == "cpu":
-            return int(pos.reshape(-1)[0])
-        if run.steps and cache is not None:
-            last = run.steps[-1]
-            return last.kv_len + last.q_len
-        return 0
-
     def _truncate(self, n: int) -> None:
         self.cols.truncate(n)
-        if self.offload_total is not None:
-            del self._c_off[n:]
-        if self.uses_cuda:
-            del self._c_ev[n:]
-            if self.track_memory:
-                del self._c_mem0[n:], self._c_mem1[n:], self._c_peak[n:]
+        self.extras.truncate(n)
 
     # ------------------------------------------------------------------ results
     def resolve_events(self) -> None:
         """Turn recorded CUDA event pairs into milliseconds; once per run, never per call."""
-        if not self.uses_cuda:
-            return
-        steps = [s for r in self.runs for s in r.steps if s.ev0 is not None and s.ev1 is not None]
-        start = len(self._ev_ms)
-        pending = len(self._ev_pairs) - start
-        if not pending and not steps:
-            return
-        # wait for the last of both kinds: the step's end is recorded after its blocks' ends
-        if pending:
-            self._ev_pairs[-1][1].synchronize()
-        if steps:
-            steps[-1].ev1.synchronize()
-        for i in range(start, len(self._ev_pairs)):
-            ev0, ev1 = self._ev_pairs[i]
-            self._ev_ms.append(ev0.elapsed_time(ev1))
-            self._ev_pool.append(ev0)
-            self._ev_pool.append(ev1)
-            self._ev_pairs[i] = None  # events go back to the pool; the index stays aligned
-        for s in steps:
-            s.gpu_ms = s.ev0.elapsed_time(s.ev1)
-            self._ev_pool.append(s.ev0)
-            self._ev_pool.append(s.ev1)
-            s.ev0 = s.ev1 = None
+        if self.uses_cuda:
+            self.extras.resolve([s for r in self.runs for s in r.steps if s.ev0 is not None and s.ev1 is not None])
 
     def resolve_quietly(self) -> None:
         """Resolve on a failure path: the probe's own CUDA error must not replace the user's."""
@@ -511,9 +388,8 @@ class Recorder:
     def clear(self) -> None:
         """Forget every record (signatures stay: the wrappers' caches refer to them)."""
         self.resolve_events()
-        self._truncate(0)
-        self._ev_pairs.clear()
-        del self._ev_ms[:]
+        self.cols.truncate(0)
+        self.extras.clear()
         self.runs.clear()
         for o in self.observers:
             o.clear()
@@ -524,20 +400,7 @@ class Recorder:
         """A frozen copy of everything recorded so far (``facts``: the probe's own fields)."""
         n = len(self.cols)
         t0b, t1b, sigb, innerb = self.cols.columns()
-        gpu = None
-        if self.uses_cuda and len(self._c_ev) == n:
-            ev = np.frombuffer(self._c_ev, dtype=np.int32, count=n)
-            ms = np.frombuffer(self._ev_ms, dtype=np.float64) if len(self._ev_ms) else np.zeros(0)
-            gpu = np.full(n, np.nan)
-            ok = ev < len(ms)
-            gpu[ok] = ms[ev[ok]]
-        mem = None
-        if self.track_memory and len(self._c_mem0) == n:
-            mem = tuple(np.frombuffer(c, dtype=np.int64, count=n).copy()
-                        for c in (self._c_mem0, self._c_mem1, self._c_peak))
-        off = None
-        if self.offload_total is not None and len(self._c_off) == n:
-            off = np.frombuffer(self._c_off, dtype=np.int64, count=n).copy()
+        gpu, mem, off = self.extras.arrays(n)
         for o in self.observers:
             facts.update(o.records())  # e.g. sampling=
         return Records(
@@ -575,12 +438,3 @@ def phase_of(kind: str, index: int, q_len: int, kv_len: int) -> Phase:
         return "recompute"
     return "extend"
 
-
-def alloc_stats(dev) -> tuple[int, int]:
-    """(allocated now, allocator peak) in one C call.
-
-    ``torch.cuda.memory_allocated`` and ``max_memory_allocated`` each flatten the allocator's
-    whole statistics dict in Python (~100 us); the nested dict is one native call.
-    """
-    a = torch.cuda.memory_stats_as_nested_dict(dev).get("allocated_bytes", {}).get("all", {})
-    return int(a.get("current", 0)), int(a.get("peak", 0))
