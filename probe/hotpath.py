@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import os
 import time
 import warnings
@@ -156,8 +157,9 @@ class PartialWrapper(functools.partial):
         self._impl = impl
         return self
 
-    def __call__(self, *args, **kwargs):
-        return self._impl(*args, **kwargs)
+    # Calling the wrapper calls ``impl`` directly: the type's ``__call__`` is a C descriptor that
+    # hands back the instance's ``impl``, so no Python frame of this class runs per call.
+    __call__ = property(operator.attrgetter("_impl"))
 
     @property
     def __wrapped__(self) -> Callable:  # inspect.signature and unwrap see the original
@@ -167,23 +169,13 @@ class PartialWrapper(functools.partial):
         return getattr(self.func, name)
 
 
-def cpu_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, *, native: bool = True) -> Callable:
-    """A recorded module's forward on CPU: the C wrapper, or its Python reference."""
-    if native and C is not None and isinstance(cols, C.Columns):
-        return C.Wrapper(fn, cols, intern, slow_key, Tensor, now)
-    now = now or time.perf_counter_ns
+def _recorder(cols, intern: Callable) -> Callable:
+    """``record(args, kwargs, out, t0, t1, n0)``: append one call of a module to ``cols``, its
+    signature id from the module's own cache (interned on a miss)."""
     push = cols.append
     local: dict = {}  # this module's (input shapes, output shapes) -> (module, signature) id
 
-    def forward(*args, **kwargs):
-        if not cols.recording:
-            return fn(*args, **kwargs)
-        n0 = len(cols)
-        t0 = now()
-        out = fn(*args, **kwargs)
-        t1 = now()
-        if not cols.recording:
-            return out
+    def record(args: tuple, kwargs: dict, out: Any, t0: int, t1: int, n0: int) -> None:
         # one tensor in, one tensor out: every block of a decoder
         if len(args) == 1 and type(out) is Tensor and type(args[0]) is Tensor:
             key = (args[0].shape, out.shape)
@@ -193,6 +185,26 @@ def cpu_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, *, n
         if sid is None:
             sid = local[key] = intern(args, kwargs, out)
         push(t0, t1, sid, len(cols) - n0)
+
+    return record
+
+
+def cpu_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, *, native: bool = True) -> Callable:
+    """A recorded module's forward on CPU: the C wrapper, or its Python reference."""
+    if native and C is not None and isinstance(cols, C.Columns):
+        return C.Wrapper(fn, cols, intern, slow_key, Tensor, now)
+    now = now or time.perf_counter_ns
+    record = _recorder(cols, intern)
+
+    def forward(*args, **kwargs):
+        if not cols.recording:
+            return fn(*args, **kwargs)
+        n0 = len(cols)
+        t0 = now()
+        out = fn(*args, **kwargs)
+        t1 = now()
+        if cols.recording:
+            record(args, kwargs, out, t0, t1, n0)
         return out
 
     return PartialWrapper(fn, forward)
@@ -204,8 +216,7 @@ def full_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, beg
     offload transfer time): ``begin()`` before the call returns a token, ``end(token, ok)``
     after it appends the extras in the order of the columns (only when ``ok``)."""
     now = now or time.perf_counter_ns
-    push = cols.append
-    local: dict = {}
+    record = _recorder(cols, intern)
 
     def forward(*args, **kwargs):
         if not cols.recording:
@@ -223,14 +234,7 @@ def full_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, beg
             return out
         end(tok, True)  # the end event and allocator read first, as the start ones came last
         t1 = now()
-        if len(args) == 1 and type(out) is Tensor and type(args[0]) is Tensor:
-            key = (args[0].shape, out.shape)
-        else:
-            key = slow_key(args, kwargs, out)
-        sid = local.get(key)
-        if sid is None:
-            sid = local[key] = intern(args, kwargs, out)
-        push(t0, t1, sid, len(cols) - n0)
+        record(args, kwargs, out, t0, t1, n0)
         return out
 
     return PartialWrapper(fn, forward)
