@@ -19,6 +19,9 @@
  *     (tensor subclasses such as DTensor, dict outputs) asks `slow_key(args, kwargs, out)`.
  *   - a key seen for the first time by this module asks `intern(args, kwargs, out)` for its
  *     (module, signature) id.
+ *   - one tensor in, one out: the two torch.Size are read through the tensor type's `shape`
+ *     getter directly and compared with the last pair this module saw (the same shapes call
+ *     after call: every decode step's); only a change builds the key and looks it up.
  *   - `now=None` reads CLOCK_MONOTONIC, the clock of time.perf_counter_ns on Linux; any other
  *     platform, or an injected clock, calls `now()`.
  *   - a call that raises records nothing (its recorded children stay).
@@ -223,6 +226,11 @@ typedef struct {
     PyTypeObject *tensor;
     PyObject *now;      /* None: native clock */
     PyObject *local;    /* dict: key -> id */
+    PyObject *shape;    /* the tensor type's `shape` getset descriptor, or NULL: getattr */
+    getter shape_get;   /* its getter, called directly */
+    PyObject *last_in;  /* the last one-in-one-out call's input and output torch.Size, or NULL */
+    PyObject *last_out;
+    int32_t last_id;    /* ... and its (module, signature) id */
 } Extra;
 
 static PyTypeObject *PartialType = NULL;
@@ -252,6 +260,36 @@ read_now(Extra *self, int64_t *t)
     return (*t == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* An exact tensor's torch.Size (new reference), without the attribute lookup when the getter is known. */
+static inline PyObject *
+shape_of(Extra *self, PyObject *t)
+{
+    if (self->shape_get != NULL)
+        return self->shape_get(t, ((PyGetSetDescrObject *)self->shape)->d_getset->closure);
+    return PyObject_GetAttr(t, shape_str);
+}
+
+/* Whether two torch.Size hold the same dims (plain ints compared by value); anything else: no. */
+static inline int
+same_dims(PyObject *a, PyObject *b)
+{
+    if (!PyTuple_Check(a) || !PyTuple_Check(b) || PyTuple_GET_SIZE(a) != PyTuple_GET_SIZE(b))
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(a); i++) {
+        PyObject *x = PyTuple_GET_ITEM(a, i), *y = PyTuple_GET_ITEM(b, i);
+        if (x == y)
+            continue; /* small ints are shared */
+        if (!PyLong_CheckExact(x) || !PyLong_CheckExact(y))
+            return 0; /* symbolic sizes: the dict decides */
+        int overflow_x, overflow_y;
+        long long vx = PyLong_AsLongLongAndOverflow(x, &overflow_x);
+        long long vy = PyLong_AsLongLongAndOverflow(y, &overflow_y);
+        if (overflow_x || overflow_y || vx != vy)
+            return 0;
+    }
+    return 1;
+}
+
 /* 1: exact tensor, 0: not a tensor, -1: a tensor subclass (slow path) */
 static inline int
 tensor_kind(Extra *self, PyObject *o)
@@ -276,7 +314,7 @@ shapes_of(Extra *self, PyObject *const *items, Py_ssize_t n, int *slow)
             goto fail;
         }
         if (kind == 1) {
-            PyObject *s = PyObject_GetAttr(items[i], shape_str);
+            PyObject *s = shape_of(self, items[i]);
             if (s == NULL)
                 goto fail;
             shapes[k++] = s;
@@ -320,25 +358,10 @@ call_kwargs_dict(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
     return d;
 }
 
-/* The module-local cache key of a call; NULL on error. */
+/* The module-local cache key of a call that is not one tensor in, one out; NULL on error. */
 static PyObject *
 call_key(Extra *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject *out)
 {
-    /* one tensor in, one tensor out: every block of a decoder */
-    if (nargs == 1 && Py_TYPE(out) == self->tensor && Py_TYPE(args[0]) == self->tensor) {
-        PyObject *s_in = PyObject_GetAttr(args[0], shape_str);
-        if (s_in == NULL)
-            return NULL;
-        PyObject *s_out = PyObject_GetAttr(out, shape_str);
-        if (s_out == NULL) {
-            Py_DECREF(s_in);
-            return NULL;
-        }
-        PyObject *key = PyTuple_Pack(2, s_in, s_out);
-        Py_DECREF(s_in);
-        Py_DECREF(s_out);
-        return key;
-    }
     int slow = 0;
     PyObject *ins = NULL, *outs = NULL;
     ins = shapes_of(self, args, nargs, &slow);
@@ -389,42 +412,85 @@ slow_or_fail:
     return key;
 }
 
+/* The (module, signature) id of `key` (borrowed from the module's dict), interned on a miss. */
+static PyObject *
+id_of(Extra *self, PyObject *key, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject *out)
+{
+    PyObject *sid = PyDict_GetItemWithError(self->local, key);
+    if (sid != NULL || PyErr_Occurred())
+        return sid;
+    PyObject *targs = call_args_tuple(args, nargs);
+    PyObject *tkw = targs ? call_kwargs_dict(args, nargs, kwnames) : NULL;
+    PyObject *new_sid = NULL;
+    if (tkw != NULL) {
+        PyObject *a[3] = {targs, tkw, out};
+        new_sid = PyObject_Vectorcall(self->intern, a, 3, NULL);
+    }
+    Py_XDECREF(targs);
+    Py_XDECREF(tkw);
+    if (new_sid == NULL || PyDict_SetItem(self->local, key, new_sid) < 0) {
+        Py_XDECREF(new_sid);
+        return NULL;
+    }
+    Py_DECREF(new_sid); /* the dict holds it */
+    return new_sid;
+}
+
+static inline int
+id_value(PyObject *sid, int32_t *v)
+{
+    long x = PyLong_AsLong(sid);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    *v = (int32_t)x;
+    return 0;
+}
+
 static int
 record(Extra *self, int64_t t0, int64_t t1, Py_ssize_t n0, PyObject *const *args, Py_ssize_t nargs,
        PyObject *kwnames, PyObject *out)
 {
-    PyObject *key = call_key(self, args, nargs, kwnames, out);
-    if (key == NULL)
-        return -1;
-    PyObject *sid = PyDict_GetItemWithError(self->local, key); /* borrowed */
-    if (sid == NULL) {
-        if (PyErr_Occurred()) {
-            Py_DECREF(key);
+    int32_t v;
+    if (nargs == 1 && Py_TYPE(out) == self->tensor && Py_TYPE(args[0]) == self->tensor) {
+        /* one tensor in, one tensor out: every block of a decoder */
+        PyObject *s_in = shape_of(self, args[0]);
+        if (s_in == NULL)
+            return -1;
+        PyObject *s_out = out == args[0] ? Py_NewRef(s_in) : shape_of(self, out); /* dropout, identity */
+        if (s_out == NULL) {
+            Py_DECREF(s_in);
             return -1;
         }
-        PyObject *targs = call_args_tuple(args, nargs);
-        PyObject *tkw = targs ? call_kwargs_dict(args, nargs, kwnames) : NULL;
-        PyObject *new_sid = NULL;
-        if (tkw != NULL) {
-            PyObject *a[3] = {targs, tkw, out};
-            new_sid = PyObject_Vectorcall(self->intern, a, 3, NULL);
+        if (self->last_in != NULL && same_dims(s_in, self->last_in) && same_dims(s_out, self->last_out)) {
+            Py_DECREF(s_in);
+            Py_DECREF(s_out);
+            v = self->last_id;
         }
-        Py_XDECREF(targs);
-        Py_XDECREF(tkw);
-        if (new_sid == NULL || PyDict_SetItem(self->local, key, new_sid) < 0) {
-            Py_XDECREF(new_sid);
-            Py_DECREF(key);
-            return -1;
+        else {
+            PyObject *key = PyTuple_Pack(2, s_in, s_out);
+            PyObject *sid = key ? id_of(self, key, args, nargs, kwnames, out) : NULL;
+            Py_XDECREF(key);
+            if (sid == NULL || id_value(sid, &v) < 0) {
+                Py_DECREF(s_in);
+                Py_DECREF(s_out);
+                return -1;
+            }
+            Py_XSETREF(self->last_in, s_in); /* the memo takes both references */
+            Py_XSETREF(self->last_out, s_out);
+            self->last_id = v;
         }
-        sid = new_sid;
-        Py_DECREF(new_sid); /* the dict holds it */
     }
-    Py_DECREF(key);
-    long v = PyLong_AsLong(sid);
-    if (v == -1 && PyErr_Occurred())
-        return -1;
+    else {
+        PyObject *key = call_key(self, args, nargs, kwnames, out);
+        if (key == NULL)
+            return -1;
+        PyObject *sid = id_of(self, key, args, nargs, kwnames, out);
+        Py_DECREF(key);
+        if (sid == NULL || id_value(sid, &v) < 0)
+            return -1;
+    }
     Columns *c = self->cols;
-    return Columns_push(c, t0, t1, (int32_t)v, (int32_t)(c->n - n0));
+    return Columns_push(c, t0, t1, v, (int32_t)(c->n - n0));
 }
 
 static PyObject *
@@ -479,6 +545,17 @@ Wrapper_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_DECREF(obj);
         return NULL;
     }
+    /* the `shape` attribute of an exact tensor is this getset descriptor (a data descriptor:
+       nothing on the instance can shadow it), so its getter can be called directly */
+    PyObject *d = PyObject_GetAttr(tensor, shape_str);
+    if (d != NULL && Py_TYPE(d) == &PyGetSetDescr_Type && ((PyGetSetDescrObject *)d)->d_getset->get != NULL) {
+        self->shape = d;
+        self->shape_get = ((PyGetSetDescrObject *)d)->d_getset->get;
+    }
+    else {
+        Py_XDECREF(d);
+        PyErr_Clear();
+    }
     *(vectorcallfunc *)((char *)obj + vc_offset) = Wrapper_vectorcall;
     return obj;
 }
@@ -494,6 +571,9 @@ Wrapper_traverse(PyObject *obj, visitproc visit, void *arg)
     Py_VISIT(self->tensor);
     Py_VISIT(self->now);
     Py_VISIT(self->local);
+    Py_VISIT(self->shape);
+    Py_VISIT(self->last_in);
+    Py_VISIT(self->last_out);
     return PartialType->tp_traverse(obj, visit, arg);
 }
 
@@ -507,6 +587,10 @@ Extra_clear(Extra *self)
     Py_CLEAR(self->tensor);
     Py_CLEAR(self->now);
     Py_CLEAR(self->local);
+    self->shape_get = NULL;
+    Py_CLEAR(self->shape);
+    Py_CLEAR(self->last_in);
+    Py_CLEAR(self->last_out);
 }
 
 static int

@@ -479,6 +479,38 @@ def test_c_wrappers_and_python_wrappers_record_the_same_calls(monkeypatch):
     pd.testing.assert_frame_equal(frames["c"], frames["python"])
 
 
+def test_c_wrapper_gives_every_shape_change_its_signature():
+    """The C wrapper compares each call's shapes with the last call's before looking them up:
+    alternating shapes, dims past Python's small-int cache, a new output shape for the same
+    input, and an output that is the input itself all record what the Python wrapper records."""
+    from probe import hotpath
+    from probe.recorder import Recorder
+
+    assert hotpath.C is not None, "probe/_hooks.c is not built"
+
+    class Keep(nn.Module):  # like lm_head with logits_to_keep: same input, output of varying length
+        def forward(self, x, keep=0):
+            return x[:, -keep:] * 2 if keep else x
+
+    big, small = torch.zeros(1, 5, 300), torch.zeros(1, 1, 300)
+    calls = [(big, {}), (small, {}), (big, {"keep": 1}), (big, {"keep": 2}), (big, {}), (small, {}),
+             (small, {}), (big, {"keep": 1}), (torch.zeros(2, 5, 300), {})]
+    recorded = {}
+    for native in (True, False):
+        rec = Recorder(rank=0, decode_stride=1, max_steps=None, native=native)
+        mod = Keep()
+        wrapper = hotpath.cpu_wrapper(mod.forward, rec.cols, rec.intern_for(0), None)
+        assert (type(wrapper) is hotpath.C.Wrapper) is native
+        for x, kw in calls:
+            wrapper(x, **kw)
+        r = rec.records(depth="all", compiled=False, calibration={})
+        recorded[native] = [r.sigs[r.msigs[i][1]][:2] for i in r.msig]
+    assert recorded[True] == recorded[False]
+    outs = [tuple(tuple(s) for s in out[0]) for _, out in recorded[True]]
+    assert outs == [((1, 5, 300),), ((1, 1, 300),), ((1, 1, 300),), ((1, 2, 300),), ((1, 5, 300),),
+                    ((1, 1, 300),), ((1, 1, 300),), ((1, 1, 300),), ((2, 5, 300),)]
+
+
 def test_the_c_extension_is_built():
     """Installing the package builds the C hot path; only PROBE_PURE_PYTHON=1 opts out."""
     from probe import hotpath
