@@ -13,7 +13,7 @@ from torch import nn
 
 import probe
 from probe import schema
-from tiny import ARCHITECTURES, tiny_llama, tiny_model
+from tiny import ARCHITECTURES, VirtualClock, tiny_llama, tiny_model
 
 
 def _ids(n: int = 7, vocab: int = 90, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -416,20 +416,6 @@ def test_summary_tiles_the_forward_time():
     assert run.steps.set_index("step")["blocks_ms"].to_numpy() == pytest.approx(per_step.to_numpy())
     ph = run.phase_summary().set_index("phase")
     assert ph.loc["prefill", "tokens"] == 6 and ph.loc["decode", "tokens"] == 4
-
-
-class VirtualClock:
-    """A clock that advances 1 ns per read, plus whatever a test's own work adds."""
-
-    def __init__(self) -> None:
-        self.t = 0
-
-    def __call__(self) -> int:
-        self.t += 1
-        return self.t
-
-    def spend(self, ns: int) -> None:
-        self.t += ns
 
 
 def test_shares_with_decode_stride_use_only_steps_with_block_records():

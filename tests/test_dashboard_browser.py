@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+from browser import CHROMIUM, dashboard_server, launch
+
 #: charts each view draws for two selected runs (as the AppTest tests check too); the runs
 #: carry their peaks, so the Roofline view draws its chart
 CHARTS = {"Overview": 2, "Layers": 3, "Tree": 1, "Timeline": 2, "Memory": 2, "Roofline": 1, "Serving": 0, "Shapes": 0,
@@ -36,12 +29,6 @@ from playwright.sync_api import Page, sync_playwright  # noqa: E402  (after the 
 from test_dashboard import add_bad_runs, record_runs, record_sweep, store_peaks  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``python -m probe dashboard RUNS --port P`` over two good runs (with their peaks stored),
@@ -55,38 +42,8 @@ def server(tmp_path_factory):
     for name in ("eager", "sdpa"):
         store_peaks(runs[name])
     record_sweep(root / "my-sweep")
-    port = _free_port()
-    log_path = root.parent / "dashboard-server.log"
-    with open(log_path, "w") as log:
-        # a session of its own: the teardown can stop `probe dashboard` and its Streamlit child together
-        proc = subprocess.Popen([sys.executable, "-m", "probe", "dashboard", str(root), "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the dashboard did not come up (exit {proc.poll()}):\n{log_path.read_text()}")
-            time.sleep(0.3)
+    with dashboard_server(root, root.parent / "dashboard-server.log") as url:
         yield url
-    finally:
-        proc.terminate()  # `probe dashboard` forwards SIGTERM to the server and waits for it
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # whatever is left of the group (a server that ignored SIGTERM) goes too
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
 
 
 def _idle(page: Page) -> None:
@@ -103,7 +60,7 @@ def _show(page: Page, view: str) -> None:
 def test_every_view_renders_in_chromium(server, tmp_path):
     console: list[str] = []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = launch(pw)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 2000}, accept_downloads=True)
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type == "error" else None)

@@ -13,24 +13,12 @@ import torch
 
 import probe
 from probe import capture, hotpath
-from tiny import tiny_llama
+from tiny import VirtualClock, tiny_llama
 
 
 def _ids(n: int = 6, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 90, (1, n), generator=g)
-
-
-class VirtualClock:
-    def __init__(self) -> None:
-        self.t = 0
-
-    def __call__(self) -> int:
-        self.t += 1
-        return self.t
-
-    def spend(self, ns: int) -> None:
-        self.t += ns
 
 
 # --------------------------------------------------------------------------- the fast path stays

@@ -14,7 +14,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 import probe
 from probe import schema
 from probe.sampling import WRAPPED, stage_means
-from tiny import tiny_llama
+from tiny import VirtualClock, tiny_llama
 
 BUILDERS = WRAPPED
 
@@ -332,20 +332,6 @@ def test_timed_list_copies_and_pickles():
     scores = torch.zeros(1, 8)
     assert torch.isinf(lst(torch.zeros(1, 2, dtype=torch.long), scores)[0, 3])
     assert len(run.c_ns) == 0
-
-
-class VirtualClock:
-    """A clock that advances 1 ns per read, plus whatever a test's own work spends."""
-
-    def __init__(self) -> None:
-        self.t = 0
-
-    def __call__(self) -> int:
-        self.t += 1
-        return self.t
-
-    def spend(self, ns: int) -> None:
-        self.t += ns
 
 
 def test_stages_read_the_probes_clock_exactly():

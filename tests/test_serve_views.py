@@ -4,10 +4,6 @@ dashboard's Serving view (AppTest and a real headless Chromium)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +13,7 @@ import torch
 import probe
 from probe import compat
 
+from browser import CHROMIUM, dashboard_server, launch
 from tiny import tiny_llama
 
 pytest.importorskip("plotly")
@@ -144,40 +141,14 @@ def test_dashboard_serving_view(runs_root):
     assert not at.get("plotly_chart") and any("continuous-batching" in i.value for i in at.info)
 
 
-CHROMIUM = "/usr/bin/chromium"
-
-
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
 def test_dashboard_serving_view_in_chromium(runs_root, tmp_path):
-    import socket
-
     from playwright.sync_api import sync_playwright
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "probe", "dashboard", str(runs_root), "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the dashboard did not come up:\n{log_path.read_text()}")
-            time.sleep(0.3)
+    with dashboard_server(runs_root, tmp_path / "server.log") as url:
         errors: list[str] = []
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run"])
+            browser = launch(pw)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 2000})
                 page.on("pageerror", lambda e: errors.append(str(e)))
@@ -194,10 +165,3 @@ def test_dashboard_serving_view_in_chromium(runs_root, tmp_path):
             finally:
                 browser.close()
         assert not errors, errors
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

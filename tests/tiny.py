@@ -66,3 +66,18 @@ def tiny_llama(layers: int = 4, hidden: int = 64, vocab: int = 128, seed: int = 
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
     return model.eval()
+
+
+class VirtualClock:
+    """An injectable clock (``probe.attach(model, clock=...)``) that advances 1 ns per read, plus
+    whatever a test's own work spends: timings on it are exact."""
+
+    def __init__(self) -> None:
+        self.t = 0
+
+    def __call__(self) -> int:
+        self.t += 1
+        return self.t
+
+    def spend(self, ns: int) -> None:
+        self.t += ns
