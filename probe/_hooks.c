@@ -358,6 +358,22 @@ call_kwargs_dict(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
     return d;
 }
 
+/* fn(args, kwargs, out) for a vectorcall's arguments (the Python side's slow_key and intern). */
+static PyObject *
+call_py(PyObject *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject *out)
+{
+    PyObject *targs = call_args_tuple(args, nargs);
+    PyObject *tkw = targs ? call_kwargs_dict(args, nargs, kwnames) : NULL;
+    PyObject *res = NULL;
+    if (tkw != NULL) {
+        PyObject *a[3] = {targs, tkw, out};
+        res = PyObject_Vectorcall(fn, a, 3, NULL);
+    }
+    Py_XDECREF(targs);
+    Py_XDECREF(tkw);
+    return res;
+}
+
 /* The module-local cache key of a call that is not one tensor in, one out; NULL on error. */
 static PyObject *
 call_key(Extra *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject *out)
@@ -400,16 +416,7 @@ slow_or_fail:
     if (!slow)
         return NULL;
     PyErr_Clear();
-    PyObject *targs = call_args_tuple(args, nargs);
-    PyObject *tkw = targs ? call_kwargs_dict(args, nargs, kwnames) : NULL;
-    PyObject *key = NULL;
-    if (tkw != NULL) {
-        PyObject *a[3] = {targs, tkw, out};
-        key = PyObject_Vectorcall(self->slow_key, a, 3, NULL);
-    }
-    Py_XDECREF(targs);
-    Py_XDECREF(tkw);
-    return key;
+    return call_py(self->slow_key, args, nargs, kwnames, out);
 }
 
 /* The (module, signature) id of `key` (borrowed from the module's dict), interned on a miss. */
@@ -419,15 +426,7 @@ id_of(Extra *self, PyObject *key, PyObject *const *args, Py_ssize_t nargs, PyObj
     PyObject *sid = PyDict_GetItemWithError(self->local, key);
     if (sid != NULL || PyErr_Occurred())
         return sid;
-    PyObject *targs = call_args_tuple(args, nargs);
-    PyObject *tkw = targs ? call_kwargs_dict(args, nargs, kwnames) : NULL;
-    PyObject *new_sid = NULL;
-    if (tkw != NULL) {
-        PyObject *a[3] = {targs, tkw, out};
-        new_sid = PyObject_Vectorcall(self->intern, a, 3, NULL);
-    }
-    Py_XDECREF(targs);
-    Py_XDECREF(tkw);
+    PyObject *new_sid = call_py(self->intern, args, nargs, kwnames, out);
     if (new_sid == NULL || PyDict_SetItem(self->local, key, new_sid) < 0) {
         Py_XDECREF(new_sid);
         return NULL;
