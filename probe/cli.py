@@ -327,6 +327,10 @@ def load_model(model: str | None, preset: str | None, dtype, device: str, *, see
         tok = AutoTokenizer.from_pretrained(path, **kw)
     except Exception as exc:
         raise CLIError(f"cannot load the tokenizer from {path}: {type(exc).__name__}: {exc}") from exc
+    if not getattr(tok, "vocab_size", 1):  # transformers 5 builds an empty tokenizer where the folder has none
+        raise CLIError(f"{path} holds no tokenizer (no tokenizer.json, tokenizer.model or vocabulary files): save "
+                       "it beside the weights with tokenizer.save_pretrained(folder), or copy the tokenizer files "
+                       "of the model this one was trained from into the folder")
     try:
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw, **extra)

@@ -207,3 +207,17 @@ def test_run_and_compare_print_each_level_once_and_say_what_differs(tmp_path, ca
     assert "note: the runs differ in prompt length" in out and "differ in model" not in out
     assert re.search(r"^block\s+phase\s+A self ms", out, flags=re.M) and not re.search(r"^role\s+phase", out, flags=re.M)
     assert "Not like for like" in (tmp_path / "cmp" / "compare.html").read_text(encoding="utf-8")
+
+
+def test_a_model_folder_without_a_tokenizer_is_a_clear_error(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    code = main(["run", str(tmp_path / "m"), "--max-new-tokens", "2", "--out", str(tmp_path / "r"), "--no-report"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    # transformers 5 builds an empty tokenizer for such a folder, 4.x fails to load one
+    assert "holds no tokenizer" in err or "cannot load the tokenizer" in err
+    assert not (tmp_path / "r").exists()
