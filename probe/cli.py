@@ -426,9 +426,7 @@ def cmd_run(args) -> int:
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     out_dir = Path(args.out) if args.out else Path("probe-runs") / time.strftime("%Y%m%d-%H%M%S")
-    note = _check_out(out_dir, "run", force=args.force)
-    if note:
-        _progress(note)
+    _check_out(out_dir, "run", force=args.force)
 
     resolve_model_arg(args.model, args.preset)  # a bad MODEL fails before anything loads
 
@@ -535,13 +533,16 @@ def _store_peaks(run) -> None:
 
 
 def _check_out(out: Path, kind: str, *, force: bool = False, is_file: bool = False) -> str | None:
-    """Check an ``--out`` before any work (see :mod:`probe.outdir`); a note to print, or None."""
+    """Check an ``--out`` before any work (see :mod:`probe.outdir`); print and return its note, if any."""
     from .outdir import OutError, check_out
 
     try:
-        return check_out(out, kind, force=force, is_file=is_file)
+        note = check_out(out, kind, force=force, is_file=is_file)
     except OutError as exc:
         raise CLIError(str(exc)) from exc
+    if note:
+        _progress(note)
+    return note
 
 
 def _progress(msg: str) -> None:
@@ -810,9 +811,7 @@ def cmd_report(args) -> int:
         raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
     formats = ("html", "csv", "trace") if args.format == "all" else (args.format,)
     if args.out:
-        note = _check_out(Path(args.out), "report", is_file=args.format in ("html", "trace"))
-        if note:
-            _progress(note)
+        _check_out(Path(args.out), "report", is_file=args.format in ("html", "trace"))
     from .outdir import shown
 
     try:
@@ -846,9 +845,7 @@ def cmd_compare(args) -> int:
 
     sig = significance(a, b)
     out = Path(args.out) if args.out else Path(f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
-    note = _check_out(out, "compare")
-    if note:
-        _progress(note)
+    _check_out(out, "compare")
     from .outdir import shown
 
     try:
@@ -929,7 +926,6 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_serve_bench(args) -> int:
-    import math
 
     import torch
 
@@ -956,9 +952,7 @@ def cmd_serve_bench(args) -> int:
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     out_dir = Path(args.out) if args.out else Path("probe-runs") / f"serve-{time.strftime('%Y%m%d-%H%M%S')}"
-    note = _check_out(out_dir, "run", force=args.force)
-    if note:
-        _progress(note)
+    _check_out(out_dir, "run", force=args.force)
 
     from transformers import GenerationConfig
 
@@ -1079,8 +1073,6 @@ def cmd_sweep(args) -> int:
     dtype = _resolve_dtype(args.dtype, device)
     out = Path(args.out) if args.out else Path("probe-runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     note = _check_out(out, "sweep", force=args.force)
-    if note:
-        _progress(note)
     resolve_model_arg(args.model, args.preset)
     _progress(f"loading {_model_label(args)} ({dtype}, {device}) ...")
     model, tok, model_id = load_model(args.model, args.preset, dtype, device,
