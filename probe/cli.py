@@ -926,7 +926,6 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_serve_bench(args) -> int:
-
     import torch
 
     from . import attach
