@@ -392,7 +392,9 @@ def test_compare_numbers_are_each_runs_own_summary(attn_runs, tmp_path):
                                           own["total_ms"].to_numpy())
             np.testing.assert_array_equal(rows.loc[own.index, f"{side}_calls"].to_numpy(), own["calls"].to_numpy())
         np.testing.assert_allclose(rows["diff_ms"], rows["b_ms"] - rows["a_ms"])
-        np.testing.assert_allclose(rows["ratio"], rows["b_ms"] / rows["a_ms"])
+        pos = rows["a_ms"] > 0  # a part A spent no time in (the probe's cost, calibrated 0 on a busy machine)
+        np.testing.assert_allclose(rows.loc[pos, "ratio"], rows.loc[pos, "b_ms"] / rows.loc[pos, "a_ms"])
+        assert rows.loc[~pos, "ratio"].isna().all()
     text = html_path.read_text(encoding="utf-8")
     assert "eager" in text and "sdpa" in text and 'id="fig-compare-roles"' in text
     assert 'id="differences"' not in text  # same model, depth and prompt: nothing to warn about
