@@ -140,14 +140,19 @@ def role_names(calls: pd.DataFrame, prow: np.ndarray | None = None) -> pd.Series
     return pd.Series(np.asarray(names, dtype=object)[codes], index=calls.index, dtype="string")
 
 
+def check_level(level: str) -> None:
+    """A clear error for a level that is not one of :data:`probe.schema.LEVELS`."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(repr(v) for v in LEVELS)}; got {level!r}")
+
+
 def labels(calls: pd.DataFrame, level: Level) -> np.ndarray:
     """Each call's row name at ``level`` (``block``, ``role`` or ``module``), as in :func:`summary`.
 
     Summing ``self_ms`` by these names gives :func:`summary`'s ``self_ms``: at the block level a
     block's calls are its whole subtree, so their self times add up to the block's inclusive time.
     """
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {', '.join(repr(v) for v in LEVELS)}; got {level!r}")
+    check_level(level)
     if level == "module":
         return calls["module"].astype("string").to_numpy(dtype=object)
     if level == "role":
@@ -245,8 +250,8 @@ def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None
         row counted once). At the block level a block's ``self_ms`` is its whole subtree.
         Sorted by level, phase, then blocks/roles in display order (modules as first called).
     """
-    if level is not None and level not in LEVELS:
-        raise ValueError(f"level must be one of {', '.join(repr(v) for v in LEVELS)}; got {level!r}")
+    if level is not None:
+        check_level(level)
     ph = Phases(calls, steps)
     if ph.calls.empty:
         return schema.empty(SUMMARY)

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from . import schema, tree
-from .accounting import PROBE, RESIDUE, labels
-from .schema import HEADLINE_SPREAD, LEVELS, PHASES, SIGNIFICANCE, SPREAD, Level
+from .accounting import PROBE, RESIDUE, check_level, labels
+from .schema import HEADLINE_SPREAD, PHASES, SIGNIFICANCE, SPREAD, Level
 
 OUTSIDE = "(outside model)"
 
@@ -63,44 +63,43 @@ def _recorded(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame) -> t
     return calls[calls["run_id"].isin(ids)], steps[steps["run_id"].isin(ids)]
 
 
-def _check_level(level: str) -> None:
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {', '.join(repr(v) for v in LEVELS)}; got {level!r}")
+def _per_step(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: Level,
+              clock: str = "host") -> pd.DataFrame:
+    """Each row's time in each step of the successful generate calls: ``name, phase, run_id,
+    step, ms``. The rows are :meth:`probe.Run.summary`'s at ``level`` (self time, so they never
+    overlap), then ``(residue)`` and, on the host clock, ``(probe)`` (the forward's other parts,
+    over the steps with call records), then ``(outside model)`` (time in generate between
+    forwards). ``clock`` "gpu" reads ``gpu_self_ms`` and ``gpu_residue_ms``."""
+    check_level(level)
+    c, st = _recorded(calls, steps, runs)
+    parts = []
+    if len(c):
+        col = "gpu_self_ms" if clock == "gpu" else "self_ms"
+        parts.append(pd.DataFrame({"name": labels(c, level), "phase": c["phase"].to_numpy(), "run_id": c["run_id"].to_numpy(),
+                                   "step": c["step"].to_numpy(),
+                                   "ms": c[col].to_numpy(dtype="float64", na_value=np.nan)}))
+    rec = st[st["residue_ms"].notna()]
+    extra = [(RESIDUE, "gpu_residue_ms" if clock == "gpu" else "residue_ms")]
+    if clock == "host" and "probe_ms" in rec.columns and rec["probe_ms"].notna().any():
+        extra.append((PROBE, "probe_ms"))
+    out_ = st[st["outside_ms"].notna()]
+    for name, col, frame in [(n, c_, rec) for n, c_ in extra] + [(OUTSIDE, "outside_ms", out_)]:
+        if len(frame):
+            parts.append(frame[["phase", "run_id", "step", col]].rename(columns={col: "ms"}).assign(name=name))
+    cols = {"name": "string", "phase": "string", "run_id": "string", "step": "int64", "ms": "float64"}
+    if not parts:
+        return schema.empty(cols)
+    return pd.concat(parts, ignore_index=True)[list(cols)].astype(cols)
 
 
 def per_generate_totals(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame,
                         level: Level = "block") -> pd.DataFrame:
-    """Each row's self time per phase in each successful generate call.
-
-    The rows are :meth:`probe.Run.summary`'s at ``level`` (self time, so they never overlap),
-    plus ``(residue)`` and ``(probe)`` (the forward's other parts, over the steps with call
-    records) and ``(outside model)`` (time in generate between forwards). Columns ``level, name,
-    phase, run_id, total_ms``.
-    """
-    _check_level(level)
-    c, st = _recorded(calls, steps, runs)
-    parts = []
-    if len(c):
-        t = pd.DataFrame({"name": labels(c, level), "phase": c["phase"].astype("string").to_numpy(),
-                          "run_id": c["run_id"].astype("string").to_numpy(),
-                          "total_ms": c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)})
-        parts.append(t.groupby(["name", "phase", "run_id"], sort=False)["total_ms"].sum().reset_index())
-    rec = st[st["residue_ms"].notna()]
-    extra = [(RESIDUE, "residue_ms")]
-    if "probe_ms" in rec.columns and rec["probe_ms"].notna().any():
-        extra.append((PROBE, "probe_ms"))
-    for name, col in extra:
-        if len(rec):
-            g = rec.groupby(["phase", "run_id"], sort=False)[col].sum()
-            parts.append(g.rename("total_ms").reset_index().assign(name=name))
-    out_ = st[st["outside_ms"].notna()].groupby(["phase", "run_id"], sort=False)["outside_ms"].sum()
-    if len(out_):
-        parts.append(out_.rename("total_ms").reset_index().assign(name=OUTSIDE))
+    """Each row's self time per phase in each successful generate call (the rows of
+    :func:`_per_step` summed over the steps). Columns ``level, name, phase, run_id, total_ms``."""
+    per = _per_step(calls, steps, runs, level)
+    out = per.groupby(["name", "phase", "run_id"], sort=False)["ms"].sum().rename("total_ms").reset_index()
     cols = {"level": "string", "name": "string", "phase": "string", "run_id": "string", "total_ms": "float64"}
-    if not parts:
-        return schema.empty(cols)
-    out = pd.concat(parts, ignore_index=True).assign(level=level)
-    return out[list(cols)].astype(cols)
+    return out.assign(level=level)[list(cols)].astype(cols)
 
 
 def _spread_stats(g) -> pd.DataFrame:
@@ -253,29 +252,12 @@ def _clock(run_calls: list[pd.DataFrame]) -> str:
 
 def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: Level = "block",
                  clock: str = "host") -> dict[tuple[str, str], np.ndarray]:
-    """Per (row, phase) at ``level``, the row's self time in each step of that phase (successful
-    generate calls only), plus ``(residue)``, ``(probe)`` (host clock) and ``(outside model)``;
-    ``clock`` "gpu" reads ``gpu_self_ms`` and ``gpu_residue_ms``."""
-    _check_level(level)
-    c, st = _recorded(calls, steps, runs)
-    col = "gpu_self_ms" if clock == "gpu" else "self_ms"
-    out: dict[tuple[str, str], np.ndarray] = {}
-    if len(c):
-        t = pd.DataFrame({"name": labels(c, level), "phase": c["phase"].astype("string").to_numpy(),
-                          "run_id": c["run_id"].astype("string").to_numpy(), "step": c["step"].to_numpy(),
-                          "v": c[col].to_numpy(dtype="float64", na_value=np.nan)})
-        per = t.groupby(["name", "phase", "run_id", "step"], sort=False)["v"].sum()
-        for (name, phase), s in per.groupby(level=[0, 1], sort=False):
-            out[(str(name), str(phase))] = s.to_numpy(dtype="float64")
-    rec = st[st["residue_ms"].notna()]
-    for phase, s in rec.groupby("phase", sort=False):
-        res = s["gpu_residue_ms"] if clock == "gpu" else s["residue_ms"]
-        out[(RESIDUE, str(phase))] = res.to_numpy(dtype="float64", na_value=np.nan)
-        if clock == "host" and "probe_ms" in s.columns and s["probe_ms"].notna().any():
-            out[(PROBE, str(phase))] = s["probe_ms"].to_numpy(dtype="float64", na_value=np.nan)
-    for phase, s in st[st["outside_ms"].notna()].groupby("phase", sort=False):
-        out[(OUTSIDE, str(phase))] = s["outside_ms"].to_numpy(dtype="float64")
-    return out
+    """Per (row, phase) at ``level``, the row's time in each step of that phase: the rows of
+    :func:`_per_step`."""
+    per = _per_step(calls, steps, runs, level, clock)
+    per = per.groupby(["name", "phase", "run_id", "step"], sort=False)["ms"].sum(min_count=1)
+    return {(str(name), str(phase)): s.to_numpy(dtype="float64", na_value=np.nan)
+            for (name, phase), s in per.groupby(level=[0, 1], sort=False)}
 
 
 def metric_samples(steps: pd.DataFrame, runs: pd.DataFrame) -> dict[str, np.ndarray]:
