@@ -444,7 +444,8 @@ def shapes(ctx: Context) -> None:
 
 def compare(ctx: Context) -> None:
     """Two runs side by side: headline, blocks, and the per-block difference."""
-    from reports.diff import block_diff, differences
+    from probe.stats import differences
+    from reports.diff import block_diff
 
     pool = list(ctx.loaded)  # any readable run; the sidebar's picks are the defaults
     if len(pool) < 2:

@@ -93,17 +93,10 @@ class Phases:
         return rows
 
 
-def block_of(modules: pd.Series, roles: pd.Series) -> pd.Series:
-    """The block (embed / layer / norm / head) each module sits in, ``model`` outside every block.
-
-    From the names: the nearest ancestor-or-self module recorded with a block role.
-    """
-    codes, names = _block_codes(modules, roles)
-    return pd.Series(np.asarray(names, dtype=object)[codes], index=modules.index, dtype="string")
-
-
 def _block_codes(modules: pd.Series, roles: pd.Series) -> tuple[np.ndarray, list[str]]:
-    """:func:`block_of` as codes into :data:`BLOCK_ORDER` (worked out once per distinct module)."""
+    """Each module's block (embed / layer / norm / head, ``model`` outside every block) as codes
+    into :data:`BLOCK_ORDER`: the nearest ancestor-or-self module recorded with a block role
+    (worked out once per distinct module)."""
     mcodes, muniq = pd.factorize(modules.astype("string"))
     first_role = pd.Series(roles.astype("string").to_numpy()).groupby(mcodes).first()
     blocks = {str(m): str(first_role[i]) for i, m in enumerate(muniq) if str(first_role[i]) in BLOCK_ROLES}
@@ -122,7 +115,9 @@ def _has_children(n: int, prow: np.ndarray) -> np.ndarray:
 
 
 def _role_codes(calls: pd.DataFrame, prow: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """:func:`role_names` as codes into a list of names."""
+    """Each call's row name at the role level, as codes into a list of names: its role, or
+    ``attention core`` for an attention call with recorded calls inside it (its self time is
+    then what it does outside them)."""
     rcodes, runiq = pd.factorize(calls["role"].astype("string"))
     names = [str(r) for r in runiq]
     if "attention" in names:
@@ -131,13 +126,6 @@ def _role_codes(calls: pd.DataFrame, prow: np.ndarray) -> tuple[np.ndarray, list
             rcodes = np.where(core, len(names), rcodes)
             names.append(ATTENTION_CORE)
     return rcodes, names
-
-
-def role_names(calls: pd.DataFrame, prow: np.ndarray | None = None) -> pd.Series:
-    """Each call's row name at the role level: its role, or ``attention core`` for an attention
-    call with recorded calls inside it (its self time is then what it does outside them)."""
-    codes, names = _role_codes(calls, tree.parent_rows(calls) if prow is None else prow)
-    return pd.Series(np.asarray(names, dtype=object)[codes], index=calls.index, dtype="string")
 
 
 def check_level(level: str) -> None:

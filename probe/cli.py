@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import fmt
+from .schema import BLOCK_ROLES
 
 log = logging.getLogger("probe.cli")
 
@@ -694,6 +695,8 @@ def _noise_lines(run, label: str = "") -> list[str]:
 
 
 _TIME_PHASES = ("prefill", "decode", "extend", "recompute")
+#: role-level names that are no deeper than the blocks: the blocks and the forward's other parts
+_NOT_DEEPER = frozenset({*BLOCK_ROLES, "(residue)", "(probe)"})
 
 
 def _format_levels(run, spread: bool = False) -> list[str]:
@@ -705,8 +708,7 @@ def _format_levels(run, spread: bool = False) -> list[str]:
     summ = summ[summ["phase"].isin(_TIME_PHASES)]
     if summ.empty:
         return []
-    deeper = set(summ.loc[summ["level"] == "role", "name"]) - {"embed", "layer", "norm", "head", "(residue)",
-                                                                   "(probe)"}
+    deeper = set(summ.loc[summ["level"] == "role", "name"]) - _NOT_DEEPER
     out = ["", "where the forward time went (self time: each instant counted once; share of the phase's forward)"]
     for level in ("block", "role") if deeper else ("block",):
         head = f"{level:<16}{'phase':<9}{'calls':>7}{'total ms':>12}{'self ms':>12}{'mean ms':>10}{'share':>8}"
@@ -832,7 +834,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .stats import comparability, gate, significance, verdict
+    from .stats import comparability, differences, fact, gate, significance, verdict
 
     pct = args.fail_above
     if pct is not None and not (pct >= 0 and pct == pct and pct != float("inf")):
@@ -848,7 +850,6 @@ def cmd_compare(args) -> int:
     except ImportError as exc:
         raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
     from reports.compare import comparison_frame
-    from reports.diff import differences, fact
 
     sig = significance(a, b)
     out = Path(args.out) if args.out else Path(f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
@@ -895,7 +896,7 @@ def _format_compare(frame, roles: bool = True) -> list[str]:
     blocks and ``roles`` (runs of different depths split a block's time differently: blocks only)."""
     frame = frame[frame["phase"].isin(_TIME_PHASES)]
     roles = roles and bool(set(frame.loc[frame["level"] == "role", "name"])
-                           - {"embed", "layer", "norm", "head", "(residue)", "(probe)"})
+                           - _NOT_DEEPER)
     out = []
 
 

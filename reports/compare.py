@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 
 from probe.schema import DIFF
+from probe.stats import differences
 
 from . import figures
-from .diff import block_diff, differences
+from .diff import block_diff
 from .html import Page, esc, format_cell, table_html
 
 if TYPE_CHECKING:  # pragma: no cover

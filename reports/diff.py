@@ -7,7 +7,6 @@ import pandas as pd
 
 from probe import schema
 from probe.schema import DIFF, LEVELS, PHASES
-from probe.stats import differences, fact  # noqa: F401  (re-exported: the compare page and views use them)
 
 def block_diff(summary_a: pd.DataFrame, summary_b: pd.DataFrame) -> pd.DataFrame:
     """Match two ``Run.summary()`` frames by ``(level, name, phase)`` and put their numbers side by side.

@@ -93,10 +93,10 @@ def _layer_role_table(ph: "accounting.Phases", phase: str) -> pd.DataFrame | Non
     inside = (c["phase"] == phase).to_numpy() & c["layer"].notna().to_numpy()
     if not inside.any():
         return None
-    names = accounting.role_names(c)[inside]
+    names = accounting.labels(c, "role")[inside]
     sub = c[inside]
     n = int(ph.n_steps[phase])
-    return (pd.DataFrame({"layer": sub["layer"].astype("int64").to_numpy(), "role": names.to_numpy(),
+    return (pd.DataFrame({"layer": sub["layer"].astype("int64").to_numpy(), "role": names,
                           "self": sub["self_ms"].to_numpy(dtype="float64", na_value=np.nan) / n})
             .pivot_table(index="layer", columns="role", values="self", aggfunc="sum", observed=True))
 
