@@ -389,7 +389,7 @@ call_key(Extra *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
     if (ins == NULL)
         goto slow_or_fail;
     if (Py_TYPE(out) == self->tensor) {
-        PyObject *s = PyObject_GetAttr(out, shape_str);
+        PyObject *s = shape_of(self, out);
         if (s == NULL)
             goto slow_or_fail;
         outs = PyTuple_Pack(1, s);

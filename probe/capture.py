@@ -187,7 +187,7 @@ class Probe:
         self._stack.callback(sampling.end)  # its generate-time wrappers go on every path
         serving = ServingObserver(rec, keep_cuda_graphs=self.cuda_graphs)
         # last: the CPU-time and run-queue reads are the closest to the run's clock (real clock only)
-        rec.observers += [sampling, serving] + ([noise.RunCpu()] if self._clock is None else [])
+        rec.observers += [sampling, serving] + ([noise.RunCpu()] if not rec.injected_clock else [])
         make_for = _wrapper_factory(rec, self._clock)
         self._register(model)
         self._stack.callback(self._unregister)
