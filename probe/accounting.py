@@ -53,6 +53,7 @@ class Phases:
         else:
             calls = calls.iloc[0:0]
         self.calls = calls
+        self.prow = tree.parent_rows(calls)  # each call's parent row, shared by every level
         g = self.steps.groupby("phase", sort=False)
         self.n_steps = g.size()
         self.host = g["forward_ms"].sum()
@@ -143,11 +144,19 @@ def labels(calls: pd.DataFrame, level: Level) -> np.ndarray:
     check_level(level)
     if level == "module":
         return calls["module"].astype("string").to_numpy(dtype=object)
-    if level == "role":
-        codes, names = _role_codes(calls, tree.parent_rows(calls))
-    else:
-        codes, names = _block_codes(calls["module"], calls["role"])
+    codes, names = _codes(calls, level, tree.parent_rows(calls) if level == "role" else None)
     return np.asarray(names, dtype=object)[codes] if len(calls) else np.zeros(0, dtype=object)
+
+
+def _codes(calls: pd.DataFrame, level: str, prow: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
+    """Each call's row at ``level`` as codes into a list of names (``prow``: the parent rows,
+    needed at the role level)."""
+    if level == "module":
+        kcodes, kuniq = pd.factorize(calls["module"].astype("string"))
+        return kcodes, [str(m) for m in kuniq]
+    if level == "role":
+        return _role_codes(calls, prow)
+    return _block_codes(calls["module"], calls["role"])
 
 
 def _sum(groups: np.ndarray, n: int, values: np.ndarray, min_count: int = 0) -> np.ndarray:
@@ -163,17 +172,12 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     """One level's rows (without the residue and probe rows), aggregated on integer codes."""
     c = ph.calls
     n = len(c)
-    prow = tree.parent_rows(c)
+    prow = ph.prow
     rcodes, runiq = pd.factorize(c["role"].astype("string"))
     roles = [str(r) for r in runiq]
-    if level == "module":
-        kcodes, kuniq = pd.factorize(c["module"].astype("string"))
-        names, own = [str(m) for m in kuniq], np.ones(n, bool)
-    elif level == "role":
-        kcodes, names = _role_codes(c, prow)
-        own = np.ones(n, bool)
-    else:
-        kcodes, names = _block_codes(c["module"], c["role"])
+    kcodes, names = _codes(c, level, prow)
+    own = np.ones(n, bool)
+    if level == "block":
         role_as_key = np.array([names.index(r) if r in names else -1 for r in roles] or [-1], np.int64)
         own = (role_as_key[rcodes] == kcodes) | (kcodes == names.index("model"))
     pcodes, puniq = pd.factorize(c["phase"].astype("string"))
@@ -284,7 +288,7 @@ def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = Non
     c = ph.calls
     if c.empty:
         return schema.empty(TREE)
-    prow = tree.parent_rows(c)
+    prow = ph.prow
     lv = _tree_levels(prow)
     mod_codes, mods = pd.factorize(c["module"].astype(str))
     # node of each call: (node of its parent, module), interned level by level
