@@ -126,10 +126,6 @@ class Recorder:
         self.decode_stride = decode_stride
         self.max_steps = max_steps
         self.extras = CallExtras(cuda_device, track_memory, offload_total)
-        self.cuda_device = cuda_device
-        self.uses_cuda = self.extras.uses_cuda
-        self.track_memory = self.extras.track_memory
-        self.offload_total = offload_total  # array('q', [ns]) of an OffloadClock, or None
         self.now = now or time.perf_counter_ns
         self.injected_clock = now is not None
         self.cols = hotpath.new_columns(native and not self.injected_clock)
@@ -154,6 +150,12 @@ class Recorder:
     @property
     def needs_full_wrappers(self) -> bool:
         return self.extras.needed
+
+    # what the per-call extras were set up with (probe.extras owns them)
+    cuda_device = property(lambda self: self.extras.cuda_device)
+    uses_cuda = property(lambda self: self.extras.uses_cuda)
+    track_memory = property(lambda self: self.extras.track_memory)
+    offload_total = property(lambda self: self.extras.offload_total)  # array('q', [ns]) of an OffloadClock
 
     def intern_for(self, idx: int) -> Callable:
         def intern(args: tuple, kwargs: dict, out: Any) -> int:
