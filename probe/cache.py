@@ -53,6 +53,13 @@ def cache_bytes(cache: Any) -> int | None:
     """Bytes held by the cache's tensors (allocated size: a static cache counts in full)."""
     if cache is None:
         return None
+    layers = getattr(cache, "layers", None)
+    if type(layers) is list and layers:
+        # the common case, read once per step: every layer holds a keys and a values tensor
+        try:
+            return sum([layer.keys.nbytes + layer.values.nbytes for layer in layers])
+        except AttributeError:  # a layer not yet filled, or one that keeps other tensors
+            pass
     total = 0
     found = False
     for t in _layer_tensors(cache):
