@@ -189,6 +189,14 @@ def test_significance_and_gate_find_the_slower_run_and_nothing_else():
     assert layer["slowdown_pct"] == pytest.approx(30.0, abs=3) and layer["significant"]
     assert layer["ci_low_pct"] > 20 and layer["ci_high_pct"] < 40 and layer["p_value"] < 0.05
     assert sig.loc[("metric", "ttft_ms", "")]["significant"]
+    # one sample per step for a block, per generate call for TTFT: 5 calls of 4 new tokens
+    for run, col in ((a, "a_n"), (b, "b_n")):
+        per_phase = run.steps.groupby("phase").size()
+        assert per_phase["decode"] == 5 * 3 and per_phase["prefill"] == 5
+        assert layer[col] == per_phase["decode"]
+        assert sig.loc[("block", "layer", "prefill")][col] == per_phase["prefill"]
+        assert sig.loc[("metric", "ttft_ms", "")][col] == 5
+        assert sig.loc[("metric", "tpot_ms", "")][col] == per_phase["decode"]
     assert sig.loc[("metric", "decode_tok_s", "")]["slowdown_pct"] == pytest.approx(30.0, abs=3)
     failed = gate(significance(a, b), 10)
     assert {"layer", "ttft_ms", "tpot_ms"} <= set(failed["name"])
