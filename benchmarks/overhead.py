@@ -235,6 +235,51 @@ def role_figures(model, ids, new_tokens: int, repeats: int) -> dict:
             "ratio": {k: med(v) for k, v in ratio.items()}, "share_ratio": {k: med(v) for k, v in share_ratio.items()}}
 
 
+def layer_pairs(model, ids, depth: str, calls: int) -> dict[str, float]:
+    """The probe's cost in situ, by time, at a grain a shared machine's noise cannot follow: one
+    decoder layer called with a decode step's inputs, ``calls`` times with the probe's wrappers
+    and ``calls`` times without, alternating call by call (~0.3 ms apart), medians. What it
+    leaves out: the per-step bookkeeping of the root wrapper, which runs once per forward."""
+    layer = model.model.layers[len(model.model.layers) // 2]
+    seen: dict = {}
+
+    def grab(mod, args, kwargs):
+        seen["args"], seen["kwargs"] = args, dict(kwargs)
+
+    h = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model.generate(ids, max_new_tokens=2, do_sample=False)  # the last call grabbed is a decode step's
+    finally:
+        h.remove()
+    args, kwargs = seen["args"], seen["kwargs"]
+    for k in ("past_key_values", "past_key_value", "cache"):  # the cache would grow call by call
+        kwargs.pop(k, None)
+    kwargs["use_cache"] = False
+    bare, wrapped = [], []
+    with torch.no_grad(), probe.attach(model, depth=depth) as p:
+        mods = [m for m in layer.modules() if getattr(m.__dict__.get("forward"), "__probe_wrapper__", False)]
+        saved = {m: m.__dict__["forward"] for m in mods}
+        for _ in range(50):
+            layer(*args, **kwargs)
+        for i in range(calls):
+            for on in ((False, True) if i % 2 == 0 else (True, False)):  # either one first, in turn
+                for m, w in saved.items():
+                    if on:
+                        m.__dict__["forward"] = w
+                    else:
+                        del m.__dict__["forward"]
+                t = time.perf_counter_ns()
+                layer(*args, **kwargs)
+                (wrapped if on else bare).append(time.perf_counter_ns() - t)
+                if not on:
+                    for m, w in saved.items():
+                        m.__dict__["forward"] = w
+            p.clear()
+    b, w = statistics.median(bare), statistics.median(wrapped)
+    return {"wrappers": len(mods), "bare_us": b / 1e3, "wrapped_us": w / 1e3, "ratio": w / b,
+            "ns_per_call": (w - b) / len(mods)}
+
+
 def verdict(ratio_steady: float, ratio_first: float, target: float, noise: float) -> str:
     """PASS/FAIL by the target's rule (both figures at or under it), and whether the run could
     tell: a figure within ``noise`` (the A/A control's distance from 1) of the target is not
@@ -315,13 +360,22 @@ def main(argv=None) -> int:
         sr = figs["share_ratio"].get(role, float("nan"))
         mark = "" if not share > 0.01 else ("  ok" if abs(sr - 1) <= 0.05 else "  OFF")
         print(f"{role:<10}{a:>10.3f}{b:>10.3f}{figs['ratio'].get(role, float('nan')):>8.3f}{share:>8.1%}{sr:>13.3f}{mark}")
+    n = max(2000, args.repeats * 300)
+    print(f"\nin situ, by time: one decoder layer's decode-step call with and without the probe's wrappers, "
+          f"alternating call by call, medians of {n} each")
+    print(f"{'depth':<12}{'wrappers':>9}{'bare us':>10}{'probe us':>10}{'ratio':>8}{'ns/call':>9}")
+    pairs_in_situ = {}
+    for depth in ("blocks", "sublayers", "all"):
+        lp = pairs_in_situ[depth] = layer_pairs(model, ids, depth, n)
+        print(f"{depth:<12}{lp['wrappers']:>9}{lp['bare_us']:>10.1f}{lp['wrapped_us']:>10.1f}{lp['ratio']:>8.3f}"
+              f"{lp['ns_per_call']:>9.0f}")
     counts = None
     if args.instructions:
         counts = count_instructions(args)
         ok &= counts is None or counts["ok"]
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": all_ratios, "median": median, "noise": noise, "roles": figs,
-                                               "instructions": counts}, indent=2))
+                                               "in_situ": pairs_in_situ, "instructions": counts}, indent=2))
     return 0 if ok else 1
 
 

@@ -38,6 +38,10 @@ def test_overhead_benchmark_runs_every_configuration_and_its_aa_control(tmp_path
     assert {"embed", "layer", "norm", "head", "residue"} <= set(roles["share_ratio"])
     assert all(v > 0 for v in roles["share_ratio"].values())
     assert roles["probe"]["probe"] >= 0 and roles["plain"]["forward"] > 0
+    # in situ: one wrapper on a layer at blocks, more below it at deeper depths
+    situ = data["in_situ"]
+    assert situ["blocks"]["wrappers"] == 1 < situ["sublayers"]["wrappers"] < situ["all"]["wrappers"]
+    assert all(v["bare_us"] > 0 and v["wrapped_us"] > 0 for v in situ.values())
 
 
 def test_verdict_says_when_a_run_cannot_tell():
