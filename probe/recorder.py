@@ -168,9 +168,13 @@ class Recorder:
         dtype and device, taken from the first call of each distinct (input, output) shape
         (a module does not change them between calls of the same shapes). A DTensor (tensor
         parallel) is recorded by its local shard: each rank's frames show its own shapes."""
-        if hotpath.any_dtensor(args, kwargs, out):
-            args, kwargs, out = hotpath.local_call(args, kwargs, out)
-        key = (hotpath.in_key(args, kwargs), hotpath.out_key(out))
+        if len(args) == 1 and type(out) is Tensor and type(args[0]) is Tensor:
+            # one plain tensor in, one out (most modules): what in_key and out_key would give
+            key = ((args[0].shape,), ((out.shape,), out.dtype, out.device))
+        else:
+            if hotpath.any_dtensor(args, kwargs, out):
+                args, kwargs, out = hotpath.local_call(args, kwargs, out)
+            key = (hotpath.in_key(args, kwargs), hotpath.out_key(out))
         sid = self._sig_ids.get(key)
         if sid is None:
             sid = len(self.sigs)
