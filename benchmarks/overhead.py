@@ -30,7 +30,7 @@ milliseconds alike, and no share).
 the machine's load (two counts of the same configuration agree within about 0.1 %), so it
 tells the probe's own work apart from a shared machine's noise, which moves CPU time by 10 %
 and more between identical runs. It needs valgrind, its headers and a C compiler, and takes
-about 10 minutes; CPU time stays the measure the targets are stated in.
+about 15 minutes; CPU time stays the measure the targets are stated in.
 
 ``--runs N`` repeats the whole interleaved measurement N times in one process and judges the
 targets on the median of the N ratios (one run's minima can still be caught by a burst of load
