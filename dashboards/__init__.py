@@ -90,10 +90,9 @@ def launch(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 850
     Returns:
         The Streamlit process's exit code (0 after Ctrl-C).
     """
-    import importlib.util
+    from probe import deps
 
-    if importlib.util.find_spec("streamlit") is None or importlib.util.find_spec("plotly") is None:
-        raise ImportError("streamlit and plotly are not installed")
+    deps.require("the dashboard", "streamlit", "plotly")
     # the app's own folder goes first on sys.path under `streamlit run`; make the repo
     # root importable too when probe is used from a source checkout, not installed
     env = dict(os.environ)

@@ -6,9 +6,9 @@
 >>> p.run.summary()        # per block, role and module, prefill vs decode: self time, shares adding up to 100 %
 >>> p.save("runs/first")   # parquet + meta.json; probe.load("runs/first") reads it back
 
-``import probe`` needs only pandas and the standard library up front; torch is imported with
-the capture side (``probe.attach`` and friends) on first use, so tools that only read saved runs
-(reports, the dashboard) start fast.
+``import probe`` needs only the standard library up front; pandas comes with the read side
+(``probe.load``, ``probe.Run``) and torch with the capture side (``probe.attach`` and friends) on
+first use, so ``probe --help`` answers at once and tools that only read saved runs start fast.
 """
 
 from __future__ import annotations
@@ -17,17 +17,23 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .run import Run, RunLoadError, RunSaveError, load, merge
-from .schema import DEPTHS, PHASES
+from .vocab import DEPTHS, PHASES
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import fmt, models, shapes
+    from .run import Run, RunLoadError, RunSaveError, load, merge
     from .capture import CompiledModelWarning, Probe, ProbeError, attach, detach, probe_of
     from .discovery import UnrecognisedModelWarning, find_blocks
     from .distributed import save_rank
     from .serving import ServingWarning
 
 _LAZY = {
+    # the read side (pandas, pyarrow): imported on first use, so `probe --help` starts at once
+    "Run": "run",
+    "RunLoadError": "run",
+    "RunSaveError": "run",
+    "load": "run",
+    "merge": "run",
     "attach": "capture",
     "detach": "capture",
     "probe_of": "capture",

