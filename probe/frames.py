@@ -310,6 +310,7 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
             "num_beams": g.get("num_beams"),
             "max_new_tokens": g.get("max_new_tokens"),
             "generate_kwargs": json.dumps(g, sort_keys=True, default=str),
+            "output_ids": json.dumps(run.output_ids.tolist()) if run.output_ids is not None else None,
             "total_ms": (run.t_exit - run.t_enter) * _NS if run.t_exit is not None else math.nan,
             "process_cpu_ms": run.cpu_ns * _NS if run.cpu_ns is not None else math.nan,
             "cpu_wait_ms": run.wait_ns * _NS if run.wait_ns is not None else math.nan,

@@ -61,7 +61,7 @@ class RunRec:
 
     __slots__ = (
         "run_id", "kind", "t_enter", "t_exit", "status", "steps", "input_len", "batch_in",
-        "mask", "output_len", "output_rows", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
+        "mask", "output_len", "output_rows", "output_ids", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
         "serve", "prompt_in_output", "cpu0", "cpu_ns", "sched0", "wait_ns",
     )
 
@@ -77,6 +77,7 @@ class RunRec:
         self.mask: Any = None
         self.output_len: int | None = None
         self.output_rows: int | None = None  # sequences returned (batch x num_return_sequences)
+        self.output_ids: Tensor | None = None  # the generated tokens (prompt excluded), on the host
         self.prompt_in_output = True  # False: generate(inputs_embeds=...) returns only new tokens
         self.gen_settings: dict = {}
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -233,6 +234,9 @@ class Recorder:
         if isinstance(seqs, Tensor) and seqs.dim() >= 1:
             run.output_len = int(seqs.shape[-1])
             run.output_rows = int(seqs.shape[0]) if seqs.dim() >= 2 else 1
+            # after the clock stopped: what was generated, kept with the run (a few ints a token)
+            start = run.input_len if run.prompt_in_output and run.input_len is not None else 0
+            run.output_ids = seqs.detach()[..., start:].reshape(run.output_rows, -1).to("cpu", copy=True)
         self._reset_step_state()
         self.extras.run_end(run)
         if status == "ok":

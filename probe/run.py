@@ -19,6 +19,7 @@ import pandas as pd
 
 from . import schema
 from . import tree
+from .headline import phase_headline, phase_totals
 from .sampling import stage_summary
 from .schema import CALLS, REQUESTS, RUNS, SAMPLING, STEPS, Level
 from .validate import MANIFEST, RunLoadError, check_frame, check_manifest, check_meta
@@ -131,35 +132,23 @@ class Run:
 
     def phase_summary(self) -> pd.DataFrame:
         """One row per phase: steps, tokens, forward/outside/latency totals and means."""
-        st = self.steps
-        if st.empty:
-            return pd.DataFrame(
-                {c: pd.Series([], dtype=d) for c, d in {
-                    "phase": "string", "steps": "int64", "tokens": "int64", "forward_ms": "float64",
-                    "outside_ms": "float64", "latency_ms": "float64", "mean_latency_ms": "float64",
-                    "tok_s": "float64",
-                }.items()}
-            )
-        # prefill-like phases process q_len positions; decode produces new_tokens per sequence
-        per_seq = st["q_len"].where(st["phase"] != "decode", st["new_tokens"])
-        tokens = per_seq * st["batch"]
-        if "requests" in st:  # a packed continuous-batching forward: q_len is all its tokens already
-            tokens = tokens.where(st["requests"].isna(), st["q_len"])
-        st = st.assign(_tokens=tokens)
-        g = st.groupby("phase", sort=False)
-        out = pd.DataFrame(
-            {
-                "steps": g.size(),
-                "tokens": g["_tokens"].sum(),
-                "forward_ms": g["forward_ms"].sum(),
-                "outside_ms": g["outside_ms"].sum(min_count=1),
-                "latency_ms": g["latency_ms"].sum(min_count=1),
-                "mean_latency_ms": g["latency_ms"].mean(),
-            }
-        ).reset_index()
-        t = out["latency_ms"].where(out["latency_ms"].notna(), out["forward_ms"])
-        out["tok_s"] = out["tokens"] / (t / 1e3)
-        out["phase"] = out["phase"].astype("string")
+        return phase_totals(self.steps)
+
+    def headline(self) -> pd.DataFrame:
+        """Prefill vs decode of the generate calls, side by side, adding up to their wall time:
+        steps, time, share, time per token, tok/s, KV cache and peak memory per phase, then
+        ``setup and outside`` and the ``generate`` total. See :func:`probe.headline.phase_headline`."""
+        return phase_headline(self.runs, self.steps)
+
+    def generated(self) -> list[dict]:
+        """What each generate call produced: ``run_id``, ``token_ids`` (per returned sequence,
+        prompt excluded) and, where the run kept text (``probe run``, ``probe.profile`` with a
+        tokenizer), ``text``."""
+        texts = (self.meta.get("text") or {}).get("generated") or {}
+        out = []
+        for r in self.runs[self.runs["kind"] == "generate"].itertuples(index=False):
+            ids = json.loads(r.output_ids) if isinstance(r.output_ids, str) else None
+            out.append({"run_id": r.run_id, "token_ids": ids, "text": texts.get(r.run_id)})
         return out
 
     def _repr_html_(self) -> str:
@@ -502,10 +491,10 @@ def load(path: str | os.PathLike) -> Run:
     if not isinstance(meta, dict):
         raise RunLoadError(f"{meta_file} is not a JSON object")
     version = meta.get("schema_version")
-    if version != schema.SCHEMA_VERSION:
+    if version not in schema.READABLE_VERSIONS:
         raise RunLoadError(
-            f"{root} was saved with run schema {version!r}; this probe reads schema "
-            f"{schema.SCHEMA_VERSION}. Re-record it with this version of probe."
+            f"{root} was saved with run schema {version!r}; this probe reads schemas "
+            f"{', '.join(map(str, schema.READABLE_VERSIONS))}. Re-record it with this version of probe."
         )
 
     check_meta(meta, meta_file)

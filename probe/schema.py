@@ -15,7 +15,10 @@ import pandas as pd
 from . import roles as _roles
 from .vocab import DEPTHS, LEVELS, PHASES, Depth, Level, Phase  # noqa: F401  (re-exported)
 
-SCHEMA_VERSION = 1
+#: v2 (this round): runs.output_ids; runs of v1 load with the columns v2 added as nulls
+SCHEMA_VERSION = 2
+#: saved-run schema versions :func:`probe.load` reads
+READABLE_VERSIONS = (1, 2)
 
 
 #: role of a recorded module (see probe.roles); the four block roles are disjoint and tile a forward.
@@ -126,6 +129,7 @@ RUNS: dict[str, str] = {
     "num_beams": "Int64",
     "max_new_tokens": "Int64",
     "generate_kwargs": STR,  # JSON of the resolved generation settings
+    "output_ids": STR,  # JSON [[token id, ...], ...]: each returned sequence's generated tokens (v2)
     "ttft_ms": "float64",
     "tpot_ms_mean": "float64",
     "tpot_ms_p50": "float64",
