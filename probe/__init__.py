@@ -21,6 +21,7 @@ from .vocab import DEPTHS, PHASES
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import fmt, models, shapes
+    from .profiling import ProfileError, profile
     from .run import Run, RunLoadError, RunSaveError, load, merge
     from .capture import CompiledModelWarning, Probe, ProbeError, attach, detach, probe_of
     from .discovery import UnrecognisedModelWarning, find_blocks
@@ -34,6 +35,8 @@ _LAZY = {
     "RunSaveError": "run",
     "load": "run",
     "merge": "run",
+    "profile": "profiling",
+    "ProfileError": "profiling",
     "attach": "capture",
     "detach": "capture",
     "probe_of": "capture",
@@ -84,6 +87,8 @@ __all__ = [
     "find_blocks",
     "load",
     "merge",
+    "profile",
+    "ProfileError",
     "probe_of",
     "save_rank",
 ]

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="run directory to write (default: probe-runs/<timestamp>)")
     r.add_argument("--force", action="store_true", help="replace the run already in --out (never other files)")
     r.add_argument("--no-report", action="store_true", help="skip the HTML and CSV report")
+    r.add_argument("--no-text", action="store_true",
+                   help="keep no prompt or generated text in the run and its reports (token ids are kept)")
+    r.add_argument("--threads", default="auto",
+                   help="torch's CPU threads: a number, or auto (torch's default, or fewer when other work "
+                        "keeps the CPUs busy)")
     r.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model directory")
     r.set_defaults(func=cmd_run)
 
@@ -425,13 +430,12 @@ def _model_label(args) -> str:
 
 
 def cmd_run(args) -> int:
-    import torch
-
-    from . import attach
+    from .profiling import ProfileError, profile
 
     _validate_generation_options(args)
     prompt = _read_prompt(args)
     _refuse_empty_prompt(prompt, f"the prompt file {args.prompt_file}" if args.prompt_file else "the prompt")
+    threads, threads_note = _choose_threads(args.threads)
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     out_dir = Path(args.out) if args.out else Path("probe-runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -460,38 +464,25 @@ def cmd_run(args) -> int:
     if tok.pad_token_id is not None:
         gen["pad_token_id"] = tok.pad_token_id
 
-    torch.manual_seed(args.seed)
-    p = attach(model, depth=args.depth, model_id=model_id)
+    if device == "cpu":
+        _progress(f"threads: {threads_note}")
     failure = None
-    out = None
     try:
-        # warm-up with the probe attached, records discarded: one-time start-up of the model,
-        # the allocator and the probe's own first calls stays out of the recorded numbers
-        for i in range(args.warmup):
-            _progress(f"warm-up {i + 1}/{args.warmup} (not recorded) ...")
-            torch.manual_seed(args.seed)
-            model.generate(**inputs, **gen)
-        p.clear()
-        for i in range(args.repeat):
-            if args.repeat > 1:
-                _progress(f"recording generate {i + 1}/{args.repeat} ...")
-            torch.manual_seed(args.seed)
-            with _Progress(p, args.max_new_tokens):
-                out = model.generate(**inputs, **gen)
-    except Exception as exc:  # keep the partial run: it is the evidence
-        failure = exc
-    finally:
-        p.detach()
-    run = p.run
-    _store_peaks(run)
-    run.meta["prompt"] = prompt
+        run = profile(model, inputs, tokenizer=tok, generate_kwargs=gen, depth=args.depth, warmup=args.warmup,
+                      repeat=args.repeat, seed=args.seed, threads=threads if device == "cpu" else None,
+                      keep_text=not args.no_text, model_id=model_id, progress=_progress,
+                      watch=lambda p: _Progress(p, args.max_new_tokens))
+    except ProfileError as exc:
+        run, failure = exc.run, exc
+    if not args.no_text:
+        run.meta["prompt"] = prompt
     run.meta["chat_template"] = chat
-    _store_trust(run, args.warmup, args.repeat)
+    run.meta["threads"] = {"used": threads, "how": threads_note}
     run.meta["command"] = "probe " + " ".join(sys.argv[1:]) if sys.argv else "probe run"
     from .outdir import save_run, shown
 
     saved, save_error = save_run(run, out_dir)
-    print(_format_run_summary(run, tok, out, inputs["input_ids"].shape[-1]))
+    print(_format_run_summary(run, tok))
     if save_error is not None:
         raise CLIError(save_error)
     if _random_weights(model):
@@ -511,34 +502,32 @@ def cmd_run(args) -> int:
             raise CLIError(f"the run is saved in {shown(saved)}, but its report could not be written: "
                            f"{exc.strerror or exc}; `probe report {shown(saved)} --out DIR` writes it elsewhere") from exc
     if failure is not None:
-        raise CLIError(f"generate failed after {len(run.steps)} steps: {type(failure).__name__}: {failure} "
-                       f"(partial run saved to {saved})")
+        raise CLIError(f"{failure} (partial run saved to {saved})")
     return 0
 
 
-def _store_trust(run, warmup: int, repeat: int) -> None:
-    """Say in the run what was done to make its numbers trustworthy, and whether the machine was quiet."""
-    gen = run.runs[run.runs["kind"] == "generate"]["run_id"].tolist()
-    run.meta["warmup"] = {
-        "generates": int(warmup),
-        "how": "unrecorded generate calls of the same input with the probe attached, records discarded",
-        # with no warm-up the first recorded call pays one-time start-up: it is the cold one
-        "cold_run_ids": gen[:1] if warmup == 0 else [],
-    }
-    run.meta["repeat"] = int(repeat)
-    run.meta["noise"] = run.noise().to_dict()
+def _choose_threads(option: str) -> tuple[int, str]:
+    """``--threads``: (threads to run with, the sentence that says why)."""
+    import torch
 
+    from .noise import cores_available, load_average, threads_for_load
 
-def _store_peaks(run) -> None:
-    """Record the device's peaks with the run: CPU peaks must be measured where it ran."""
-    try:
-        from .hardware import peaks_for_run
-
-        peaks = peaks_for_run(run)
-        if peaks is not None:
-            run.meta["peaks"] = peaks.to_dict()
-    except Exception as exc:  # roofline data is a bonus, never a reason to lose the run
-        log.warning("could not determine device peaks: %s", exc)
+    default = torch.get_num_threads()
+    if option != "auto":
+        try:
+            n = int(option)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise CLIError(f"--threads must be 'auto' or a whole number >= 1; got {option!r}")
+        return n, f"{n} (--threads {n})"
+    cores, load = cores_available(), load_average()
+    n = threads_for_load(default, cores, load)
+    if n < default:
+        return n, (f"{n} of torch's {default}: the CPUs are busy (load average {load:.1f} on {cores} cores), and "
+                   f"torch's threads would wait for each other; --threads {default} uses them all")
+    shown_load = f", load average {load:.1f}" if load is not None else ""
+    return n, f"{n} (torch's default on {cores} cores{shown_load}; --threads N to choose)"
 
 
 def _check_out(out: Path, kind: str, *, force: bool = False, is_file: bool = False) -> str | None:
@@ -619,15 +608,21 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _format_run_summary(run, tok, out, prompt_len: int) -> str:
-    """The readable prefill-vs-decode summary `probe run` prints (numbers by :mod:`probe.fmt`,
-    as in the report)."""
+def _format_run_summary(run, tok=None) -> str:
+    """The readable summary `probe run` prints: prefill vs decode first, then the generated text,
+    then the details (numbers by :mod:`probe.fmt`, as in the report)."""
 
     lines: list[str] = []
     runs = run.runs[run.runs["kind"] == "generate"]
     if runs.empty:
         return "no generate call was recorded"
     r = runs.iloc[-1]
+    lines.extend(headline_lines(run.headline()))
+    gen = [g for g in run.generated() if g["text"]]
+    if gen:
+        lines.append("")
+        lines.append(f"generated  {gen[-1]['text'][0]!r}")
+    lines.append("")
     lines.append(f"model      {r['model_id']} ({r['model_class']}, {int(r['parameters']) / 1e6:,.1f}M params, "
                  f"{r['dtype']}, {r['device']}, attention={r['attn_implementation']})")
     lines.append(f"status     {r['status']}")
@@ -673,16 +668,37 @@ def _format_run_summary(run, tok, out, prompt_len: int) -> str:
     if walk:
         lines.append("")
         lines.extend(walk)
-    if out is not None:
-        try:
-            seqs = out if not hasattr(out, "sequences") else out.sequences
-            text = tok.decode(seqs[0, prompt_len:], skip_special_tokens=True)
-            lines.append("")
-            lines.append(f"generated  {text!r}")
-        except Exception:  # a preset's random ids may fall outside the tokenizer
-            pass
     lines.extend(_noise_lines(run))
     return "\n".join(lines)
+
+
+def headline_lines(table) -> list[str]:
+    """:meth:`probe.Run.headline` as aligned text: the parts side by side, one metric a row."""
+    if table.empty:
+        return []
+    parts = list(table["part"])
+    rows = {p: r for p, r in zip(parts, table.to_dict("records"))}
+    n = int(table["generates"].iloc[0])
+    title = "prefill vs decode" + (f" (sum of {n} generate calls)" if n > 1 else "")
+
+    def row(label: str, show) -> list[str]:
+        return [label] + [show(p, rows[p]) for p in parts]
+
+    def per_token(p: str, r: dict) -> str:
+        v = fmt.ms(r["ms_per_token"])
+        return f"{v} ms/prompt tok" if v and p == "prefill" else f"{v} ms/tok" if v else ""
+
+    body = [
+        row("steps", lambda p, r: fmt.count(r["steps"])),
+        row("time", lambda p, r: fmt.ms(r["time_ms"], unit=True)),
+        row("share", lambda p, r: fmt.pct(r["share"])),
+        row("time per token", per_token),
+        row("tokens/s", lambda p, r: fmt.tok_s(r["tok_s"])),
+        row("KV cache after", lambda p, r: fmt.nbytes(r["kv_cache_bytes"])),
+    ]
+    if table["mem_peak_bytes"].notna().any():
+        body.append(row("peak memory", lambda p, r: fmt.nbytes(r["mem_peak_bytes"])))
+    return fmt.table(body, [title, *parts], gap=3)
 
 
 def _sampling_lines(run) -> list[str]:
@@ -691,21 +707,21 @@ def _sampling_lines(run) -> list[str]:
     phases = [p for p in ("prefill", "decode", "extend", "recompute") if p in set(summ["phase"])]
     if summ.empty or not phases:
         return []
-    head = f"{'sampling step (outside the model)':<41}" + "".join(f"{p + ' ms':>12}{'of step':>9}" for p in phases)
-    out = ["", head]
     cells: dict[str, dict[str, tuple[float, float]]] = {}
     for r in summ.itertuples(index=False):
         cells.setdefault(str(r.stage), {})[str(r.phase)] = (r.mean_ms, r.step_share)
     names = [k for k in cells if k != "remainder"] + (["remainder"] if "remainder" in cells else [])
+    body = []
     for name in names:
         label = {"remainder": "remainder (token choice, bookkeeping)",
                  "probe": "probe (its own step bookkeeping)"}.get(name, name)
-        row = f"  {label[:39]:<39}"
+        row = [label]
         for p in phases:
-            ms, share = cells[name].get(p, (float("nan"), float("nan")))
-            row += f"{ms:>12.4f}{share * 100:>8.2f}%" if not fmt.is_missing(ms) else f"{'':>12}{'':>9}"
-        out.append(row)
-    return out
+            ms_, share = cells[name].get(p, (float("nan"), float("nan")))
+            row += [fmt.ms(ms_), fmt.pct(share)]
+        body.append(row)
+    head = ["sampling step (outside the model)"] + [h for p in phases for h in (f"{p} ms", "of step")]
+    return ["", *fmt.table(body, head)]
 
 
 def _noise_lines(run, label: str = "") -> list[str]:
@@ -736,20 +752,20 @@ def _format_levels(run, spread: bool = False) -> list[str]:
     deeper = set(summ.loc[summ["level"] == "role", "name"]) - _NOT_DEEPER
     out = ["", "where the forward time went (self time: each instant counted once; share of the phase's forward)"]
     for level in ("block", "role") if deeper else ("block",):
-        head = f"{level:<16}{'phase':<9}{'calls':>7}{'total ms':>12}{'self ms':>12}{'mean ms':>10}{'share':>8}"
+        head = [level, "phase", "calls", "total ms", "self ms", "mean ms", "share"]
         spr = run.spread(level).set_index(["name", "phase"]) if spread else None
         if spr is not None:
-            head += f"{'self ms per generate: median [min - max]':>44}"
-        out.append(head)
+            head.append("self ms per generate: median [min - max]")
+        body = []
         for _, row in summ[summ["level"] == level].iterrows():
-            line = (f"{str(row['name']):<16}{row['phase']:<9}{fmt.count(row['calls']):>7}"
-                    f"{fmt.ms(row['total_ms']):>12}{fmt.ms(row['self_ms']):>12}{fmt.ms(row['mean_ms']):>10}"
-                    f"{fmt.pct(row['share']):>8}")
+            line = [str(row["name"]), str(row["phase"]), fmt.count(row["calls"]), fmt.ms(row["total_ms"]),
+                    fmt.ms(row["self_ms"]), fmt.ms(row["mean_ms"]), fmt.pct(row["share"])]
             key = (row["name"], row["phase"])
-            if spr is not None and key in spr.index:
-                s_ = spr.loc[key]
-                line += f"{fmt.ms(s_['median_ms']):>20} [{fmt.ms(s_['min_ms'])} - {fmt.ms(s_['max_ms'])}]"
-            out.append(line)
+            if spr is not None:
+                line.append(f"{fmt.ms(spr.loc[key, 'median_ms'])} [{fmt.ms(spr.loc[key, 'min_ms'])} - "
+                            f"{fmt.ms(spr.loc[key, 'max_ms'])}]" if key in spr.index else "")
+            body.append(line)
+        out.extend(fmt.table(body, head, left=2))
         out.append("")
     ph = run.phase_summary().set_index("phase")
     outside = [f"{p} {fmt.ms(ph.loc[p, 'outside_ms'], unit=True)}" for p in _TIME_PHASES
@@ -1028,7 +1044,9 @@ def cmd_serve_bench(args) -> int:
     finally:
         p.detach()
     run = p.run
-    _store_peaks(run)
+    from .profiling import store_peaks
+
+    store_peaks(run)
     desc = work.describe()
     desc["eos"] = "ignored: every request generates max_new_tokens"
     run.meta["serve_bench"] = desc

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterable
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["cell", "count", "frame", "index_set", "is_missing", "ms", "nbytes", "pct", "shape", "tok_s"]
+__all__ = ["cell", "count", "frame", "index_set", "is_missing", "ms", "nbytes", "pct", "shape", "table", "tok_s"]
 
 _MS_COLUMN = re.compile(r"(^|_)ms($|_)")  # total_ms, tpot_ms_p50, gpu_total_ms ...
 
@@ -94,13 +94,36 @@ def nbytes(value: object) -> str:
 
 
 def pct(fraction: object) -> str:
-    """A fraction as a percentage: ``0.984`` -> ``98.4%``; a tiny one keeps two digits (``0.0012%``)."""
+    """A fraction as a plain percentage: ``0.984`` -> ``98.4%``, ``0.0004`` -> ``0.04%``; a
+    non-zero share under 0.01 % is ``< 0.01%`` (never scientific notation)."""
     if is_missing(fraction):
         return ""
     v = float(fraction) * 100
     if (s := _special(v)) is not None:
         return s
-    return f"{v:.1f}%" if v == 0 or abs(v) >= 0.1 else f"{v:.2g}%"
+    a = abs(v)
+    if v == 0 or a >= 0.1:
+        return f"{v:.1f}%"
+    if a >= 0.01:
+        return f"{v:.2f}%"
+    return "< 0.01%" if v > 0 else "> -0.01%"
+
+
+def table(rows: "Iterable[Iterable[object]]", header: "Iterable[object] | None" = None, *, left: int = 1,
+          gap: int = 2, indent: str = "") -> list[str]:
+    """Aligned plain-text columns: the first ``left`` columns left-aligned, the rest right-aligned,
+    ``gap`` spaces between columns, each as wide as its widest cell (cells are already text)."""
+    body = [[str(c) for c in r] for r in rows]
+    head = [str(c) for c in header] if header is not None else None
+    grid = ([head] if head else []) + body
+    if not grid:
+        return []
+    n = max(len(r) for r in grid)
+    grid = [r + [""] * (n - len(r)) for r in grid]
+    widths = [max(len(r[i]) for r in grid) for i in range(n)]
+    sep = " " * gap
+    return [indent + sep.join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in grid]
 
 
 def tok_s(value: object, unit: bool = False) -> str:

@@ -376,8 +376,8 @@ def fact(run, column: str) -> str:
     runs = run.runs
     gen = runs[runs["kind"] == "generate"] if len(runs) else runs
     vals = [str(v) for v in (gen if len(gen) else runs)[column].dropna().unique()] if column in runs else []
-    if column == "depth" and not vals and run.meta.get("depth"):
-        vals = [str(run.meta["depth"])]
+    if not vals and run.meta.get(column) is not None:  # recorded once per run (depth, torch_threads)
+        vals = [str(run.meta[column])]
     return ", ".join(vals) if vals else "unknown"
 
 
@@ -390,6 +390,8 @@ COMPARED_FACTS = (
     ("prompt_tokens", "prompt length", "prefill work differs with the prompt, and decode attends over "
                                        "a different KV length"),
     ("batch", "batch size", "every block does a different amount of work per step"),
+    ("torch_threads", "torch thread count", "every CPU operator ran on a different number of threads, and "
+                                            "on a busy machine more threads can be slower"),
 )
 
 

@@ -89,7 +89,7 @@ def sweep(model, tokenizer=None, prompt_lens: Sequence[int] = (16, 64, 256, 1024
     """
     import torch
 
-    from . import attach
+    from .profiling import profile
     from .cost import annotate
 
     _check_grid(prompt_lens, batch_sizes, new_tokens, repeat, warmup)
@@ -117,19 +117,14 @@ def sweep(model, tokenizer=None, prompt_lens: Sequence[int] = (16, 64, 256, 1024
         for P, B in configs:
             bar.set_postfix_str(f"prompt {P} x batch {B}")
             ids = _prompt_ids(P, B, vocab, bos, seed, device)
-            gen = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens,
-                   "min_new_tokens": new_tokens, "do_sample": False}
+            gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
             if pad is not None:
                 gen["pad_token_id"] = pad
             try:
-                for _ in range(warmup):
-                    model.generate(**gen)
-                    bar.update(1)
-                with attach(model, depth=depth, model_id=model_id) as p:
-                    for _ in range(repeat):
-                        model.generate(**gen)
-                        bar.update(1)
-                run = p.run
+                # warm-up attached and cleared, as `probe run` does (profile's one meaning of warm-up)
+                run = profile(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, generate_kwargs=gen,
+                              depth=depth, warmup=warmup, repeat=repeat, seed=seed, model_id=model_id,
+                              progress=lambda _msg: bar.update(1))
             except Exception as exc:  # one config failing must not lose the others
                 log.warning("sweep: prompt %d x batch %d failed: %s: %s", P, B, type(exc).__name__, exc)
                 failures.append({"prompt_len": P, "batch": B, "error": f"{type(exc).__name__}: {exc}"})
@@ -140,9 +135,6 @@ def sweep(model, tokenizer=None, prompt_lens: Sequence[int] = (16, 64, 256, 1024
             if root is not None:
                 rel = f"runs/p{P}-b{B}"
                 run.meta["sweep"] = {"prompt_len": P, "batch": B}
-                run.meta["warmup"] = {"generates": warmup, "how": "unrecorded generate calls before attaching",
-                                      "cold_run_ids": [] if warmup else run.runs["run_id"].tolist()[:1]}
-                run.meta["repeat"] = repeat
                 run.save(root / rel)
                 run_dirs[f"p{P}-b{B}"] = rel
             frames.append(_config_frame(run, annotate(run.calls, model), P, B, rel))

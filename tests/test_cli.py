@@ -153,9 +153,57 @@ def test_summary_table_reads_like_the_frames(tmp_path, capsys):
     assert f"TTFT       {fmt.ms(ttft)} ms" in out  # the report's formats (probe.fmt)
     summ = run.summary(by="role")
     layer_prefill = summ[(summ["role"] == "layer") & (summ["phase"] == "prefill")].iloc[0]
-    assert f"{fmt.ms(layer_prefill['total_ms']):>12}{fmt.ms(layer_prefill['mean_ms']):>10}" in out
-    assert f"{fmt.pct(layer_prefill['share']):>8}" in out
+    line = next(ln for ln in out.splitlines() if ln.split()[:2] == ["layer", "prefill"])
+    cells = line.split()
+    assert cells[3] == fmt.ms(layer_prefill["total_ms"]) and cells[5] == fmt.ms(layer_prefill["mean_ms"])
+    assert cells[6] == fmt.pct(layer_prefill["share"])
+    # the columns line up: every row of the block table is as wide as its header
+    head = next(i for i, ln in enumerate(out.splitlines()) if ln.startswith("block "))
+    rows = out.splitlines()[head:head + 4]
+    assert len({len(ln) for ln in rows}) == 1, rows
     assert isinstance(run.calls, pd.DataFrame)
+
+
+def test_the_first_lines_say_prefill_vs_decode_and_the_run_keeps_the_text(tmp_path, capsys):
+    code, out, _ = _run(["run", "--prompt", "我喜欢攀岩", "--max-new-tokens", "5", "--out", str(tmp_path / "r"),
+                         "--no-report"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["prefill", "vs", "decode"] and "prefill" in lines[0] and "decode" in lines[0]
+    run = probe.load(tmp_path / "r")
+    head = run.headline().set_index("part")
+    share = next(ln for ln in lines[:10] if ln.startswith("share")).split()
+    assert share[1:] == [fmt.pct(head.loc[p, "share"]) for p in head.index]
+    assert abs(head["share"].drop("generate").sum() - 1) < 1e-9
+    # the generated text comes next, and the run keeps it with the prompt as it was run
+    gen = run.generated()
+    assert len(gen) == 1 and len(gen[0]["token_ids"][0]) == 5
+    model, tok = load_bundled()
+    assert gen[0]["text"] == [tok.decode(gen[0]["token_ids"][0], skip_special_tokens=True)]
+    assert f"generated  {gen[0]['text'][0]!r}" in lines[:12]
+    assert run.meta["text"]["prompt"] == tok.decode(tok("我喜欢攀岩")["input_ids"], skip_special_tokens=False)
+    assert run.meta["prompt"] == "我喜欢攀岩" and run.meta["threads"]["used"] >= 1
+
+
+def test_no_text_keeps_token_ids_but_no_text(tmp_path, capsys):
+    code, out, _ = _run(["run", "--prompt", "secret words", "--max-new-tokens", "3", "--no-text",
+                         "--out", str(tmp_path / "r")], capsys)
+    assert code == 0
+    run = probe.load(tmp_path / "r")
+    assert "text" not in run.meta and "prompt" not in run.meta
+    assert len(run.generated()[0]["token_ids"][0]) == 3
+    for f in (tmp_path / "r").rglob("*"):
+        if f.is_file():
+            assert b"secret words" not in f.read_bytes(), f
+
+
+def test_threads_option(tmp_path, capsys):
+    code, _, err = _run(["run", "--max-new-tokens", "2", "--threads", "1", "--out", str(tmp_path / "r"),
+                         "--no-report"], capsys)
+    assert code == 0 and "threads: 1 (--threads 1)" in err
+    assert probe.load(tmp_path / "r").meta["torch_threads"] == 1
+    code, _, err = _run(["run", "--threads", "0", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "--threads must be" in err and not (tmp_path / "x").exists()
 
 
 def test_model_directory_whose_tokenizer_has_no_pad_token(tmp_path, capsys):

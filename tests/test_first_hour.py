@@ -159,7 +159,9 @@ def test_formats():
                                                                           "0.0515"]
     assert fmt.ms(2.5, unit=True) == "2.500 ms" and fmt.ms(None) == fmt.ms(float("nan")) == fmt.ms(pd.NA) == ""
     assert [fmt.nbytes(v) for v in (512, 2048, 425_984, 13.6e9)] == ["512 B", "2.00 KiB", "416.0 KiB", "12.7 GiB"]
-    assert fmt.pct(0.984) == "98.4%" and fmt.pct(2e-5) == "0.002%"
+    assert fmt.pct(0.984) == "98.4%" and fmt.pct(2e-4) == "0.02%" and fmt.pct(7.2e-7) == "< 0.01%"
+    assert fmt.pct(0) == "0.0%" and "e" not in fmt.pct(1e-12)
+    assert fmt.table([["a", "1"], ["long name", "22"]], ["x", "n"]) == ["x           n", "a           1", "long name  22"]
     assert [fmt.tok_s(v) for v in (0.62, 8.017, 37.51, 1234.4)] == ["0.62", "8.02", "37.5", "1,234"]
     assert fmt.index_set(range(32)) == "{0..31}" and fmt.index_set([0, 1, 2, 4, 6, 7]) == "{0..2,4,6..7}"
     assert fmt.cell("kv_cache_bytes", 425_984) == "416.0 KiB" and fmt.cell("layer", pd.NA) == ""
