@@ -975,10 +975,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_serve_bench(args) -> int:
-    import torch
-
-    from . import attach
     from .compat import continuous_batching_gap
+    from .profiling import ProfileError, profile_serving
 
     gap = continuous_batching_gap()
     if gap is not None:
@@ -1004,7 +1002,7 @@ def cmd_serve_bench(args) -> int:
 
     from transformers import GenerationConfig
 
-    from .loadgen import cache_config, plan, serve
+    from .loadgen import cache_config, plan
 
     t = time.perf_counter()
     _progress(f"loading {args.model or args.preset or default_model()} ({dtype}, {device}) ...")
@@ -1026,7 +1024,6 @@ def cmd_serve_bench(args) -> int:
     span = work.arrivals_s[-1]
     _progress(f"serving {args.requests} requests over {span:.1f}s (Poisson, {args.rate:g}/s), prompts of "
               f"{','.join(map(str, sorted(set(lens))))} tokens, {args.max_new_tokens} new tokens each ...")
-    torch.manual_seed(args.seed)
     done = [0]
 
     def tick(_out) -> None:
@@ -1035,21 +1032,13 @@ def cmd_serve_bench(args) -> int:
             _progress(f"  {done[0]}/{args.requests} requests done, {time.perf_counter() - t0:.1f}s")
 
     failure = None
-    p = attach(model, depth=args.depth, model_id=model_id, cuda_graphs=args.cuda_graphs)
     t0 = time.perf_counter()
     try:
-        serve(model, work, GenerationConfig(**gen), cb, on_result=tick)
-    except Exception as exc:  # keep the partial run: it is the evidence
-        failure = exc
-    finally:
-        p.detach()
-    run = p.run
-    from .profiling import store_peaks
-
-    store_peaks(run)
-    desc = work.describe()
-    desc["eos"] = "ignored: every request generates max_new_tokens"
-    run.meta["serve_bench"] = desc
+        run = profile_serving(model, work, GenerationConfig(**gen), cb, depth=args.depth, seed=args.seed,
+                              model_id=model_id, on_result=tick, cuda_graphs=args.cuda_graphs)
+    except ProfileError as exc:
+        run, failure = exc.run, exc.__cause__
+    run.meta["serve_bench"]["eos"] = "ignored: every request generates max_new_tokens"
     run.meta["command"] = "probe " + " ".join(sys.argv[1:]) if sys.argv else "probe serve-bench"
     from .outdir import save_run, shown
 

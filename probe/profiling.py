@@ -4,7 +4,7 @@
 
     run = probe.profile(model, tok("Hello", return_tensors="pt"), tokenizer=tok,
                         generate_kwargs={"max_new_tokens": 32}, repeat=3)
-    print(run)            # prefill vs decode, then the generated text
+    print(run.headline())  # prefill vs decode, side by side
     run.save("runs/hello")
 
 One meaning of warm-up: generate calls of the same input with the probe attached, whose
@@ -84,10 +84,6 @@ def profile(
         ProfileError: a generate call failed; its ``run`` holds the records up to the failure.
         ValueError: bad ``warmup``, ``repeat`` or ``threads``.
     """
-    import torch
-
-    from .capture import attach
-
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0 (unrecorded generate calls); got {warmup!r}")
     if not isinstance(repeat, int) or repeat < 1:
@@ -98,6 +94,78 @@ def profile(
     gen = dict(generate_kwargs or {})
     say = progress or (lambda _msg: None)
     watch = watch or (lambda _p: contextlib.nullcontext())
+
+    def one(_i: int) -> None:
+        model.generate(**feed, **gen)
+
+    run, failure = _record(model, one, depth=depth, warmup=warmup, repeat=repeat, seed=seed, threads=threads,
+                           model_id=model_id, progress=say, watch=watch, what="generate",
+                           attach_options=attach_options)
+    _annotate(run, warmup=warmup, repeat=repeat, seed=seed)
+    if tokenizer is not None and keep_text:
+        text = texts(run, tokenizer, feed.get("input_ids"))
+        if text:
+            run.meta["text"] = text
+    if failure is not None:
+        raise ProfileError(run, failure) from failure
+    return run
+
+
+def profile_serving(
+    model: "torch.nn.Module",
+    workload: Any,
+    generation_config: Any,
+    cache_config: Any,
+    *,
+    depth: "Depth" = "blocks",
+    warmup: int = 0,
+    seed: int | None = 0,
+    model_id: str | None = None,
+    on_result: Callable[[Any], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+    **attach_options: Any,
+) -> "Run":
+    """The serving counterpart of :func:`profile`: continuous batching of a workload, recorded.
+
+    Args:
+        model: a Hugging Face causal LM with ``generate_batch`` (transformers' continuous batching).
+        workload: a :class:`probe.loadgen.Workload` (``probe.loadgen.plan``: arrivals, prompts).
+        generation_config: the ``transformers.GenerationConfig`` of every request.
+        cache_config: the paged cache's settings (``probe.loadgen.cache_config``).
+        depth, seed, model_id, progress, attach_options: as for :func:`profile`.
+        warmup: serve the workload this many times first, attached, records cleared (default 0:
+            a serving benchmark's cold start is part of what it measures).
+        on_result: called with each finished request's output.
+    Returns:
+        The :class:`probe.Run` (a ``serve`` run with its ``requests`` frame), ``meta`` as for
+        :func:`profile` plus ``serve_bench`` (the workload).
+    Raises:
+        ProfileError: serving failed; its ``run`` holds the records up to the failure.
+    """
+    from .loadgen import serve
+
+    def one(_i: int) -> None:
+        serve(model, workload, generation_config, cache_config, on_result=on_result)
+
+    run, failure = _record(model, one, depth=depth, warmup=warmup, repeat=1, seed=seed, threads=None,
+                           model_id=model_id, progress=progress or (lambda _msg: None),
+                           watch=lambda _p: contextlib.nullcontext(), what="serving run",
+                           attach_options=attach_options)
+    _annotate(run, warmup=warmup, repeat=1, seed=seed)
+    run.meta["serve_bench"] = workload.describe()
+    if failure is not None:
+        raise ProfileError(run, failure) from failure
+    return run
+
+
+def _record(model, call: Callable[[int], None], *, depth, warmup: int, repeat: int, seed: int | None,
+            threads: int | None, model_id: str | None, progress: Callable[[str], None],
+            watch: Callable[["Probe"], ContextManager[Any]], what: str,
+            attach_options: dict) -> tuple["Run", Exception | None]:
+    """Attach, run ``call`` ``warmup`` times and clear, run it ``repeat`` times, detach on every path."""
+    import torch
+
+    from .capture import attach
 
     def reseed() -> None:
         if seed is not None:
@@ -112,31 +180,23 @@ def profile(
         p = attach(model, depth=depth, model_id=model_id, **attach_options)
         try:
             for i in range(warmup):
-                say(f"warm-up {i + 1}/{warmup} (not recorded) ...")
+                progress(f"warm-up {i + 1}/{warmup} (not recorded) ...")
                 reseed()
-                model.generate(**feed, **gen)
+                call(i)
             p.clear()
             for i in range(repeat):
-                say(f"recording generate {i + 1}/{repeat} ...")
+                progress(f"recording {what} {i + 1}/{repeat} ...")
                 reseed()
                 with watch(p):
-                    model.generate(**feed, **gen)
+                    call(i)
         except Exception as exc:  # keep the partial run: it is the evidence
             failure = exc
         finally:
             p.detach()
-        run = p.run
+        return p.run, failure
     finally:
         if threads is not None:
             torch.set_num_threads(threads_before)
-    _annotate(run, warmup=warmup, repeat=repeat, seed=seed)
-    if tokenizer is not None and keep_text:
-        text = texts(run, tokenizer, feed.get("input_ids"))
-        if text:
-            run.meta["text"] = text
-    if failure is not None:
-        raise ProfileError(run, failure) from failure
-    return run
 
 
 def _annotate(run: "Run", *, warmup: int, repeat: int, seed: int | None) -> None:
