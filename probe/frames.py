@@ -188,7 +188,9 @@ def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple])
         offload = np.where(mod_off[mod], p.offload_ns * _NS, np.nan)
     mem0, mem1, peak = p.mem if p.mem is not None else (None, None, None)
 
-    order = np.lexsort((t0, step_of_call))
+    # pre-order within each step: by start, and an enclosing call (more descendants) before the
+    # first call inside it when both read the same clock tick
+    order = np.lexsort((-p.inner.astype(np.int64), t0, step_of_call))
     s_idx = step_of_call[order]
     mod_o = mod[order]
     sig_o = sig[order]
@@ -213,7 +215,8 @@ def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple])
             "placement": _take_str(mod_place, mod_o),
             "start_ms": (t0[order] - sm_origin[s_idx]) * _NS,
             "cpu_ms": ((t1[order] - t0[order]) - own_ns[order]) * _NS,
-            "end_ms": (t1[order] - sm_origin[s_idx]) * _NS,  # the raw window: calls nest by it (probe.tree)
+            "end_ms": (t1[order] - sm_origin[s_idx]) * _NS,  # the raw window (timestamps are for time only)
+            "descendants": p.inner[order].astype(np.int64),  # the nesting (probe.tree), as the wrapper counted
             "gpu_ms": gpu[order],
             "offload_ms": offload[order],
             "mem_before_bytes": mem0[order] if mem0 is not None else _int_na(np.zeros(n, np.int64), np.ones(n, bool)),

@@ -15,7 +15,8 @@ import pandas as pd
 from . import roles as _roles
 from .vocab import DEPTHS, LEVELS, PHASES, Depth, Level, Phase  # noqa: F401  (re-exported)
 
-#: v2 (this round): runs.output_ids; runs of v1 load with the columns v2 added as nulls
+#: v2 (this round): runs.output_ids, calls.descendants; runs of v1 load with the columns v2
+#: added as nulls (their nesting then comes from the calls' time windows, as v1 derived it)
 SCHEMA_VERSION = 2
 #: saved-run schema versions :func:`probe.load` reads
 READABLE_VERSIONS = (1, 2)
@@ -62,6 +63,8 @@ CALLS: dict[str, str] = {
     # the call tree, derived when frames are built (probe.tree), never in the hot path:
     "call": "Int64",  # index of the call within its step (rank, run_id, step), by start then longest first
     "parent": "Int64",  # ``call`` of the enclosing recorded call in the same step; null at the top
+    # calls recorded while this one ran, as its wrapper counted them (v2): the nesting's one source
+    "descendants": "Int64",
     "self_ms": "float64",  # cpu_ms minus the cpu_ms of the recorded calls directly inside it
     "gpu_self_ms": "float64",  # gpu_ms minus the gpu_ms of the recorded calls directly inside it; NaN without CUDA
 }

@@ -1,10 +1,12 @@
 """The call tree of each step: which recorded call encloses which, and each call's self time.
 
 Derived from the ``calls`` frame when frames are built (and when an older run is loaded),
-never in the hot path. Within one step (``rank, run_id, step``) a call's host interval is
-``[start_ms, start_ms + cpu_ms]``; recorded calls nest (a module's forward runs inside its
-parent's), so sorting a step's calls by start, longest first on ties, walks the tree in
-pre-order, and a call's ``parent`` is the nearest earlier call still open when it starts.
+never in the hot path. The nesting has one source: each call's ``descendants``, the number of
+calls its wrapper saw recorded while it ran. The frame holds each step's calls in pre-order
+(by start, the enclosing call first), so call ``k``'s subtree is rows ``k .. k + descendants``
+and its ``parent`` is the nearest earlier call whose subtree reaches it (:func:`nest_by_counts`).
+Timestamps are for time only; runs saved before the counts were kept (schema v1) nest by their
+time windows instead (:func:`nest`: the nearest earlier call still open when a call starts).
 
 - ``call``: the call's index in that order within its step; ``parent``: the ``call`` of the
   enclosing recorded call, null at the top of the step.
@@ -100,6 +102,49 @@ def nest(gid: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray) -> tuple[np.
     return order, level, parent
 
 
+def nest_by_counts(gid: np.ndarray, descendants: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tree level and parent position of calls in pre-order, from their descendant counts.
+
+    Args:
+        gid: group (step) of each row; rows of one group are contiguous.
+        descendants: calls recorded inside each call (its subtree is the rows after it).
+
+    Returns:
+        ``level`` (0 at the top) and ``parent`` (row of the enclosing call, -1 at the top).
+    Raises:
+        ValueError: the counts do not describe a tree in this row order (a subtree running
+            past its step's rows or across a sibling's): a damaged frame.
+
+    Linear in the rows and vectorised per tree level; terminates on any input.
+    """
+    n = len(gid)
+    if n == 0:
+        e = np.zeros(0, np.int64)
+        return e, e
+    d = np.asarray(descendants, dtype=np.int64)
+    pos = np.arange(n, dtype=np.int64)
+    end = pos + d  # last row of each subtree
+    if (d < 0).any() or (end >= n).any() or (gid[np.minimum(end, n - 1)] != gid).any():
+        raise ValueError("calls.descendants does not fit the rows: a subtree runs past its step")
+    # level of row j: how many subtrees (k, end_k] cover it
+    cover = np.zeros(n + 1, np.int64)
+    np.add.at(cover, pos[d > 0] + 1, 1)
+    np.add.at(cover, end[d > 0] + 1, -1)
+    level = np.cumsum(cover[:n])
+    # parent: the last row before me one level up
+    parent = np.full(n, -1, dtype=np.int64)
+    for lv in range(1, int(level.max()) + 1):
+        last = np.maximum.accumulate(np.where(level == lv - 1, pos, -1))
+        at = level == lv
+        parent[at] = last[at]
+    # laminar: every subtree lies inside its parent's, in the same step
+    has = parent >= 0
+    if (level[has] != level[parent[has]] + 1).any() or (end[has] > end[parent[has]]).any() \
+            or (gid[has] != gid[parent[has]]).any():
+        raise ValueError("calls.descendants does not describe a tree: subtrees overlap")
+    return level, parent
+
+
 def annotate(calls: pd.DataFrame, steps: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """``calls`` with ``call, parent, self_ms, gpu_self_ms``; ``steps`` with the residues.
 
@@ -117,7 +162,12 @@ def annotate(calls: pd.DataFrame, steps: pd.DataFrame | None = None) -> tuple[pd
         start_ns = np.rint(start * 1e6).astype(np.int64)
         end_ns = np.rint(end * 1e6).astype(np.int64)
         gid = _group_ids(calls)
-        order, _, parent_pos = nest(gid, start_ns, end_ns)
+        desc = calls["descendants"].to_numpy(dtype="float64", na_value=np.nan) if "descendants" in calls else None
+        if desc is not None and not np.isnan(desc).any():
+            order = np.arange(n)  # the frame's own row order is pre-order: the counts say so
+            _, parent_pos = nest_by_counts(gid, desc.astype(np.int64))
+        else:  # saved before the counts were kept: nest by the time windows
+            order, _, parent_pos = nest(gid, start_ns, end_ns)
         g = gid[order]
         first = np.r_[True, g[1:] != g[:-1]]
         g_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))

@@ -293,3 +293,79 @@ def test_the_cuda_clock_adds_up_the_same_way():
     res = summ[(summ["name"] == accounting.RESIDUE) & (summ["level"] == "block")].set_index("phase")
     for phase, sub in steps.groupby("phase"):
         assert res.loc[phase, "share"] == pytest.approx(sub["gpu_residue_ms"].sum() / sub["gpu_ms"].sum())
+
+
+# --------------------------------------------------------------------------- nesting from the recorded counts
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_each_wrapper_counts_exactly_the_calls_inside_and_the_tree_follows_the_counts(impl, monkeypatch):
+    """Ground truth from the module tree: in a Llama forward every module runs once, so a call's
+    descendants are the calls of its submodules in the same step, and its parent is its nearest
+    recorded ancestor module. A wrapper that miscounts (``inner + 1``) fails here."""
+    from probe import hotpath
+
+    if impl == "python":
+        monkeypatch.setattr(hotpath, "C", None)
+    elif hotpath.C is None:
+        pytest.skip("probe/_hooks.c is not built")
+    model = tiny_llama(layers=2)
+    ids = torch.randint(3, 90, (1, 5), generator=torch.Generator().manual_seed(0))
+    with probe.attach(model, depth="all") as p:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    calls = p.run.calls
+    assert calls["descendants"].notna().all()
+    for (_, step), c in calls.groupby(["run_id", "step"]):
+        names = list(c["module"])
+        assert len(set(names)) == len(names)  # once per forward
+        for name, desc in zip(names, c["descendants"]):
+            inside = [m for m in names if m.startswith(name + ".") or (name == "" and m)]
+            assert desc == len(inside), (step, name)
+        by_call = dict(zip(c["call"], names))
+        for name, parent in zip(names, c["parent"]):
+            ancestors = [m for m in names if name.startswith(m + ".")]
+            want = max(ancestors, key=len) if ancestors else None
+            assert (by_call[parent] if not pd.isna(parent) else None) == want, name
+
+
+def test_nest_by_counts_gives_levels_and_parents_and_refuses_damaged_counts():
+    # one step:  a( b( c ) d )  e ; then a second step: f( g )
+    gid = np.array([0, 0, 0, 0, 0, 1, 1])
+    desc = np.array([3, 1, 0, 0, 0, 1, 0])
+    level, parent = tree.nest_by_counts(gid, desc)
+    assert level.tolist() == [0, 1, 2, 1, 0, 0, 1]
+    assert parent.tolist() == [-1, 0, 1, 0, -1, -1, 5]
+    for bad in ([5, 1, 0, 0, 0, 1, 0],   # runs past its step
+                [2, 2, 0, 0, 0, 1, 0],   # b's subtree runs past a's
+                [-1, 1, 0, 0, 0, 1, 0],  # negative
+                [0, 0, 0, 0, 0, 0, 9]):  # past the end of the rows
+        with pytest.raises(ValueError):
+            tree.nest_by_counts(gid, np.array(bad))
+
+
+@settings(max_examples=60, deadline=None)
+@given(hs.recursive(hs.just([]), lambda kids: hs.lists(kids, max_size=3), max_leaves=25))
+def test_nest_by_counts_agrees_with_nesting_by_time_on_any_tree(forest):
+    """Lay out a random forest as pre-order rows with exact time windows: both nestings agree."""
+    rows: list[tuple[int, int, int]] = []  # (start, end, descendants)
+    clock = [0]
+
+    def walk(children) -> int:
+        i = len(rows)
+        rows.append((clock[0], 0, 0))
+        clock[0] += 1
+        n = 0
+        for ch in children:
+            n += 1 + walk(ch)
+        clock[0] += 1
+        rows[i] = (rows[i][0], clock[0], n)
+        return n
+
+    for t in forest:
+        walk(t)
+    if not rows:
+        return
+    gid = np.zeros(len(rows), np.int64)
+    start = np.array([r[0] for r in rows])
+    end = np.array([r[1] for r in rows])
+    _, by_time_level, by_time_parent = tree.nest(gid, start, end)
+    level, parent = tree.nest_by_counts(gid, np.array([r[2] for r in rows]))
+    assert level.tolist() == by_time_level.tolist() and parent.tolist() == by_time_parent.tolist()
