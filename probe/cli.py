@@ -479,7 +479,7 @@ def cmd_run(args) -> int:
     run.meta["chat_template"] = chat
     run.meta["threads"] = {"used": threads, "how": threads_note}
     run.meta["command"] = "probe " + " ".join(sys.argv[1:]) if sys.argv else "probe run"
-    from .outdir import save_run, shown
+    from .store.outdir import save_run, shown
 
     saved, save_error = save_run(run, out_dir)
     print(_format_run_summary(run, tok))
@@ -531,8 +531,8 @@ def _choose_threads(option: str) -> tuple[int, str]:
 
 
 def _check_out(out: Path, kind: str, *, force: bool = False, is_file: bool = False) -> str | None:
-    """Check an ``--out`` before any work (see :mod:`probe.outdir`); print and return its note, if any."""
-    from .outdir import OutError, check_out
+    """Check an ``--out`` before any work (see :mod:`probe.store.outdir`); print and return its note, if any."""
+    from .store.outdir import OutError, check_out
 
     try:
         note = check_out(out, kind, force=force, is_file=is_file)
@@ -862,7 +862,7 @@ def cmd_report(args) -> int:
     formats = ("html", "csv", "trace") if args.format == "all" else (args.format,)
     if args.out:
         _check_out(Path(args.out), "report", is_file=args.format in ("html", "trace"))
-    from .outdir import shown
+    from .store.outdir import shown
 
     try:
         paths = write_reports(run, Path(args.run_dir), formats=formats, out=args.out)
@@ -895,7 +895,7 @@ def cmd_compare(args) -> int:
     sig = significance(a, b)
     out = Path(args.out) if args.out else Path(f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
     _check_out(out, "compare")
-    from .outdir import shown
+    from .store.outdir import shown
 
     try:
         paths = write_comparison(a, b, out, sig=sig)
@@ -1040,7 +1040,7 @@ def cmd_serve_bench(args) -> int:
         run, failure = exc.run, exc.__cause__
     run.meta["serve_bench"]["eos"] = "ignored: every request generates max_new_tokens"
     run.meta["command"] = "probe " + " ".join(sys.argv[1:]) if sys.argv else "probe serve-bench"
-    from .outdir import save_run, shown
+    from .store.outdir import save_run, shown
 
     saved, save_error = save_run(run, out_dir)
     print(_format_serve_summary(run))
@@ -1129,7 +1129,7 @@ def cmd_sweep(args) -> int:
         df = sweep(model, tok, prompt_lens, batch_sizes, args.new_tokens, args.repeat, args.warmup, args.depth,
                    out=out, progress=True, model_id=model_id)
     except OSError as exc:
-        from .outdir import shown
+        from .store.outdir import shown
 
         raise CLIError(f"cannot write the sweep to {shown(out)}: {exc.strerror or exc}; the configurations "
                        f"finished before the failure are saved under {shown(out / 'runs')}") from exc

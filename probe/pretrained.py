@@ -28,9 +28,7 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -176,63 +174,14 @@ def read_info(folder: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def _remove_stale_temps(root: pathlib.Path, key: str) -> None:
-    """Temporary folders of conversions whose process died (killed mid-way) are removed."""
-    for tmp in root.glob(f".{key}.tmp-*"):
-        try:
-            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def build_atomically(final: pathlib.Path, build: Callable[[pathlib.Path], None], *, replace: bool = False) -> pathlib.Path:
-    """Run ``build(tmp)`` into a temporary folder beside ``final`` and rename it into place.
+    """Run ``build(tmp)`` into a temporary folder beside ``final`` and move it into place (see
+    :func:`probe.store.build_folder`): a build that raises, or a process killed mid-way, leaves no
+    ``final``; another process's finished conversion is kept unless ``replace``
+    (``--rebuild-model-cache``)."""
+    from .store import build_folder
 
-    A build that raises (or a process killed mid-way) leaves no ``final`` and no temporary
-    folder behind (a dead process's temporary folder is removed by the next build). If
-    another process finished ``final`` first, its folder is kept and ours dropped, unless
-    ``replace`` is true.
-
-    Args:
-        final: the folder to create.
-        build: writes the folder's files into the path it is given; the build's last file
-            should be the one that marks it complete.
-        replace: replace an existing ``final`` (``--rebuild-model-cache``).
-    Returns:
-        ``final``.
-    """
-    root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root, final.name)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        build(tmp)
-        if replace and final.exists():
-            old = root / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / INFO_FILE).is_file():
-                raise
-            logger.info("%s was converted by another process meanwhile; using it", final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_folder(final, build, replace=replace, complete=lambda p: (p / INFO_FILE).is_file())
 
 
 def _tensor_types(path: pathlib.Path) -> dict[str, int] | None:

@@ -6,11 +6,6 @@ import hashlib
 import io
 import json
 import os
-import re
-import shutil
-import stat
-import tempfile
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +16,22 @@ from . import schema
 from . import tree
 from .headline import phase_headline, phase_totals
 from .sampling import stage_summary
+from .store.files import (
+    MAX_META_BYTES,
+    META,
+    TMP,
+    TRASH,
+    RunSaveError,
+    leftover_hint,
+    read_regular,
+    reason,
+    recover,
+    temp_beside,
+    write_folder,
+    write_in_place,
+)
+from .store.files import remove_leftovers as store_remove_leftovers
+from .store.folders import is_run_dir, rank_dirs, rank_of
 from .schema import CALLS, REQUESTS, RUNS, SAMPLING, STEPS, Level
 from .validate import MANIFEST, RunLoadError, check_frame, check_manifest, check_meta
 
@@ -28,7 +39,6 @@ FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parqu
          "requests": "requests.parquet"}
 #: frames added later: saved with every run; a run saved before them loads them empty
 OPTIONAL_FILES = frozenset({"sampling", "requests"})
-META = "meta.json"
 
 
 @dataclass
@@ -203,17 +213,18 @@ class Run:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RunSaveError(f"cannot create {out.parent}: {_reason(exc)}; choose a writable folder") from exc
+            raise RunSaveError(f"cannot create {out.parent}: {reason(exc)}; choose a writable folder") from exc
         remove_leftovers(out)
         blobs = self._blobs()
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=_TMP, dir=out.parent))
-        except OSError:
-            tmp = None  # the parent is read-only (or not ours): write inside the folder itself
-        if tmp is None:
-            _save_in_place(out, blobs)
-        else:
-            _save_by_swap(out, tmp, blobs)
+            try:
+                tmp = temp_beside(out)
+            except OSError:  # the parent is read-only (or not ours): write inside the folder itself
+                write_in_place(out, blobs)
+            else:
+                write_folder(out, blobs, tmp)
+        except OSError as exc:
+            raise RunSaveError(f"cannot save the run to {out}: {reason(exc)}") from exc
         self.path = out
         return out
 
@@ -236,212 +247,24 @@ class Run:
         return blobs
 
 
-class RunSaveError(OSError):
-    """A run that cannot be saved where asked, with the reason and what to do."""
-
-
-_TMP = ".tmp"
-_TRASH = ".trash"
-
-
-def _reason(exc: BaseException) -> str:
-    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
-
-
-def is_run_dir(d: Path) -> bool:
-    """``d`` holds a saved run: a ``meta.json`` file, or ``rank<N>/meta.json`` of tensor-parallel ranks."""
-    return (d / META).is_file() or bool(rank_dirs(d))
-
-
-def rank_dirs(root: Path) -> list[Path]:
-    """The tensor-parallel rank folders of ``root`` (``rank<digits>`` exactly, each holding
-    ``meta.json``), by rank number."""
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return []
-    out = []
-    for e in entries:
-        m = _RANK_RE.fullmatch(e.name)
-        if m and e.is_dir() and (Path(e.path) / META).is_file():
-            out.append((int(m.group(1)), Path(e.path)))
-    return [d for _, d in sorted(out)]
-
-
-_RANK_RE = re.compile(r"rank(\d{1,6})")
-
-
 def _check_save_target(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise RunSaveError(f"{out} is a file, not a folder; choose a folder for the run")
     if out.is_dir() and not is_run_dir(out):
         try:
             entries = [e for e in os.listdir(out)
-                       if not (e.startswith(".") and (e.endswith(_TMP) or e.endswith(_TRASH)))]
+                       if not (e.startswith(".") and (e.endswith(TMP) or e.endswith(TRASH)))]
         except OSError as exc:
-            raise RunSaveError(f"cannot read the folder {out}: {_reason(exc)}") from exc
+            raise RunSaveError(f"cannot read the folder {out}: {reason(exc)}") from exc
         if entries:
             shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
             raise RunSaveError(f"{out} holds files that are not a probe run ({shown}); a run is saved only into "
                                "a new or empty folder, or over another run")
 
 
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "xb") as fh:
-        fh.write(data)
-
-
-def _save_by_swap(out: Path, tmp: Path, blobs: dict[str, bytes]) -> None:
-    """Write the run into ``tmp`` and rename it to ``out`` (the old run, if any, renamed away first)."""
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a saved run gets ordinary permissions
-        for name, data in blobs.items():  # meta.json last
-            _write(tmp / name, data)
-        if not out.exists():
-            os.rename(tmp, out)
-            return
-        trash = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TRASH}"
-        try:
-            os.rename(out, trash)
-        except OSError:  # a mount point, a folder held busy: replace the files inside instead
-            shutil.rmtree(tmp, ignore_errors=True)
-            _save_in_place(out, blobs)
-            return
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(trash, out)  # put the old run back
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
-    except RunSaveError:
-        raise
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RunSaveError(f"cannot save the run to {out}: {_reason(exc)}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _save_in_place(out: Path, blobs: dict[str, bytes]) -> None:
-    """Replace the run's files inside ``out``: ``meta.json`` removed first, written last, so an
-    interrupted save leaves an incomplete run (which :func:`load` names), never a mixed one."""
-    try:
-        out.mkdir(exist_ok=True)
-        try:
-            (out / META).unlink()
-        except FileNotFoundError:
-            pass
-        for name, data in blobs.items():
-            replace_atomically(out / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
-    except OSError as exc:
-        raise RunSaveError(f"cannot save the run to {out}: {_reason(exc)}") from exc
-
-
 def remove_leftovers(out: Path, min_age_s: float = 0.0) -> list[Path]:
-    """Remove what killed saves of ``out`` left: hidden ``.NAME.PID.*.tmp`` / ``.trash`` folders
-    beside it whose process is gone, and ``.FILE.*.tmp`` files inside it older than
-    ``min_age_s``. Errors are ignored (a read-only place stays as it is). Returns what was removed."""
-    removed: list[Path] = []
-    now = time.time()
-    try:
-        siblings = [e for e in os.scandir(out.parent) if e.name.startswith(f".{out.name}.")]
-    except OSError:
-        siblings = []
-    for e in siblings:
-        rest = e.name[len(out.name) + 2:]
-        pid = rest.split(".", 1)[0]
-        if not (e.name.endswith(_TMP) or e.name.endswith(_TRASH)) or not pid.isdigit() or _alive(int(pid)):
-            continue
-        try:
-            if e.is_dir(follow_symlinks=False):
-                shutil.rmtree(e.path)
-            else:
-                os.unlink(e.path)
-            removed.append(Path(e.path))
-        except OSError:
-            pass
-    names = tuple(f".{n}." for n in (*FILES.values(), META))
-    try:
-        inside = [e for e in os.scandir(out) if e.name.startswith(names) and e.name.endswith(_TMP)]
-    except OSError:
-        inside = []
-    for e in inside:
-        try:
-            if e.is_file(follow_symlinks=False) and now - e.stat(follow_symlinks=False).st_mtime >= min_age_s:
-                os.unlink(e.path)
-                removed.append(Path(e.path))
-        except OSError:
-            pass
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def replace_atomically(target: Path, write) -> None:
-    """Write ``target`` whole or not at all: ``write(tmp)`` fills a temporary file beside it, which
-    then replaces it (a crash leaves the old file, and a ``.tmp`` leftover that is cleaned later)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TMP, dir=target.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; saved runs get ordinary permissions
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-#: largest meta.json read (a larger one is not a run's)
-MAX_META_BYTES = 64 << 20
-
-
-def read_regular(f: Path, what: str | None = None, limit: int | None = None) -> bytes:
-    """The bytes of ``f``, which must be a regular file (a FIFO, a device or a folder by that name
-    is refused at once, never waited on).
-
-    Raises:
-        RunLoadError: ``f`` is missing, not a regular file, larger than ``limit``, or unreadable.
-    """
-    label = what or str(f)
-    try:
-        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise RunLoadError(f"{label} is missing: the run is incomplete (was the recording interrupted?)") from None
-    except OSError as exc:
-        raise RunLoadError(f"{label} cannot be opened: {_reason(exc)}") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RunLoadError(f"{label} is not a regular file (a FIFO, device or folder by that name); "
-                               "a run holds only ordinary files")
-    except BaseException:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as fh:
-        if limit is not None and st.st_size > limit:
-            raise RunLoadError(f"{label} is {st.st_size:,} bytes, more than a run's {limit:,}: not a probe file")
-        try:
-            return fh.read()
-        except OSError as exc:
-            raise RunLoadError(f"{label} cannot be read: {_reason(exc)}") from exc
+    """Remove what killed saves of ``out`` left, beside it and inside it (see :mod:`probe.store`)."""
+    return store_remove_leftovers(out, min_age_s, inside=(*FILES.values(), META))
 
 
 def load(path: str | os.PathLike) -> Run:
@@ -457,9 +280,8 @@ def load(path: str | os.PathLike) -> Run:
             unknown schema; the message names the file (and column) and the problem.
     """
     root = Path(path)
-    if not root.exists():
-        hint = _leftover_hint(root)
-        raise RunLoadError(f"run directory {root} does not exist" + hint)
+    if not root.exists() and recover(root) is None:  # a save killed between its renames
+        raise RunLoadError(f"run directory {root} does not exist" + leftover_hint(root))
     if not root.is_dir():
         raise RunLoadError(f"{root} is not a directory; pass the folder that holds meta.json")
     if not (root / META).exists() and not (root / META).is_symlink():
@@ -468,7 +290,7 @@ def load(path: str | os.PathLike) -> Run:
             runs = []
             for d in ranks:
                 run = load(d)
-                want = int(_RANK_RE.fullmatch(d.name).group(1))
+                want = rank_of(d.name)
                 got = run.meta.get("rank", want)
                 if isinstance(got, bool) or not isinstance(got, int) or got != want:
                     raise RunLoadError(f"{d / META} says rank {got!r} but its folder is {d.name}: "
@@ -519,19 +341,6 @@ def load(path: str | os.PathLike) -> Run:
     frames["calls"], frames["steps"] = schema.conform(calls, CALLS), schema.conform(steps, STEPS)
     return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root,
                sampling=frames["sampling"], requests=frames["requests"])
-
-
-def _leftover_hint(root: Path) -> str:
-    """Where an interrupted save left the run that should be at ``root``, if it did."""
-    try:
-        left = sorted(e.name for e in os.scandir(root.parent)
-                      if e.name.startswith(f".{root.name}.") and e.name.endswith((_TMP, _TRASH)) and e.is_dir())
-    except OSError:
-        return ""
-    if not left:
-        return ""
-    return (f" (an interrupted save left {', '.join(str(root.parent / n) for n in left)}: the run being replaced "
-            "is in the .trash folder, the new one, if complete, in the .tmp folder)")
 
 
 def merge(runs: list[Run], path: Path | None = None) -> Run:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .run import MAX_META_BYTES, replace_atomically, read_regular
+from .store.files import MAX_META_BYTES, read_regular, replace_atomically
 from . import schema
 from .dtypes import dtype_name
 from .schema import BLOCK_ROLES, SWEEP, SWEEP_SUMMARY, Depth

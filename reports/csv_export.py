@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import pandas as pd
 
 from probe import schema
+from probe.store import replace_atomically
 
 from .cost_view import roofline_columns
 
@@ -80,9 +81,7 @@ def write_csv(run: "Run", folder: str | os.PathLike, view: "CostView | None" = N
     for name, df in frames_for_csv(run, view).items():
         path = out / f"{name}.csv"
         # Written to a temporary name and renamed: a reader never sees half a file.
-        tmp = path.with_name(f".{path.name}.tmp")
-        df.to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8")
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp, df=df: df.to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8"))
         paths.append(path)
     return paths
 

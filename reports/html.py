@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Iterable
 import pandas as pd
 
 from probe import fmt
+from probe.store import write_text
 
 from . import figures, tree_figures
 from .tables import per_rank_summary
@@ -462,5 +463,5 @@ def write_html(run: "Run", path: str | os.PathLike, view: "CostView | None" = No
     """Write :func:`render_report` of ``run`` to ``path`` (UTF-8) and return the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(run, view), encoding="utf-8", newline="\n")
+    write_text(out, render_report(run, view))
     return out

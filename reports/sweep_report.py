@@ -16,6 +16,8 @@ from typing import Iterable
 
 import pandas as pd
 
+from probe.store import replace_atomically, write_text
+
 from . import cost_figures
 from .html import Page, esc, format_cell, table_html
 
@@ -138,15 +140,14 @@ def write_sweep_reports(sweep_dir: str | os.PathLike, formats: Iterable[str] = S
     if "html" in fmts:
         path = single or root / "sweep.html"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_sweep(df, meta), encoding="utf-8", newline="\n")
+        write_text(path, render_sweep(df, meta))
         paths.append(path)
     if "csv" in fmts:
         folder = single or root / "csv"
         folder.mkdir(parents=True, exist_ok=True)
         for name, frame in (("sweep", df), ("sweep_summary", sweep_summary(df))):
             path = folder / f"{name}.csv"
-            tmp = path.with_name(f".{path.name}.tmp")  # renamed into place: never half a file
-            frame.to_csv(tmp, index=False, lineterminator="\n", encoding="utf-8")
-            os.replace(tmp, path)
+            replace_atomically(path, lambda tmp, frame=frame: frame.to_csv(tmp, index=False, lineterminator="\n",
+                                                                           encoding="utf-8"))
             paths.append(path)
     return paths

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from probe.schema import BLOCK_ROLES, PHASES
+from probe.store import write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from probe.run import Run
@@ -169,5 +170,5 @@ def write_trace(run: "Run", path: str | os.PathLike) -> Path:
     from .text import display_run
 
     text = json.dumps(build_trace(display_run(run)), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    out.write_text(text, encoding="utf-8", newline="\n")
+    write_text(out, text)
     return out

@@ -324,10 +324,10 @@ def test_a_killed_conversion_leaves_nothing_the_next_one_keeps(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
     root = tmp_path / "models"
-    stale = root / f".m-0123.tmp-{pid}-deadbeef"
+    stale = root / f".m-0123.{pid}.deadbeef.tmp"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"half")
-    live = root / f".m-0123.tmp-{os.getppid()}-cafecafe"  # a conversion still running elsewhere
+    live = root / f".m-0123.{os.getppid()}.cafecafe.tmp"  # a conversion still running elsewhere
     live.mkdir()
     pretrained.build_atomically(root / "m-0123", lambda out: (out / pretrained.INFO_FILE).write_text("{}"))
     assert not stale.exists() and live.exists()

@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .run import RunSaveError, is_run_dir
+from .files import RunSaveError
+from .folders import is_run_dir
 
 #: what each kind of output folder may already hold without being refused
 REPORT_FILES = frozenset({"report.html", "trace.json", "csv"})
@@ -87,7 +88,7 @@ def _check_existing(path: Path, kind: str, force: bool) -> str | None:
     names = _entries(path)
     if not names:
         return None
-    from .sweep import SWEEP_FILE
+    from ..sweep import SWEEP_FILE
 
     if kind == "run" and is_run_dir(path):
         if not force:
