@@ -465,6 +465,33 @@ def test_c_wrappers_and_python_wrappers_record_the_same_calls(monkeypatch):
     pd.testing.assert_frame_equal(frames["c"], frames["python"])
 
 
+def test_c_and_python_wrappers_give_the_same_times_under_a_nonzero_calibration(monkeypatch):
+    """On one injected clock both wrappers read the same instants; with the instrument's cost
+    taken out (a non-zero calibration, charged per call and per recorded call inside), their
+    cpu_ms and self_ms agree exactly: a wrapper that miscounts the calls inside it does not."""
+    import dataclasses
+
+    from probe import hotpath
+    from probe.frames import build_run
+    from tiny import VirtualClock
+
+    if hotpath.C is None:
+        pytest.skip("probe/_hooks.c is not built")
+    model = tiny_llama(layers=2)
+    got = {}
+    for impl in ("c", "python"):
+        if impl == "python":
+            monkeypatch.setattr(hotpath, "C", None)
+        clock = VirtualClock()
+        with probe.attach(model, depth="all", clock=clock) as p:
+            model.generate(_ids(5), max_new_tokens=3, do_sample=False)
+        records = dataclasses.replace(p.records, calibration={"call_ns": 700, "inside_ns": 300, "native": impl == "c"})
+        got[impl] = build_run(records).calls[["module", "step", "descendants", "cpu_ms", "self_ms"]]
+    pd.testing.assert_frame_equal(got["c"], got["python"])
+    c = got["c"]
+    assert (c["descendants"] > 0).any() and c["cpu_ms"].notna().all()
+
+
 def test_c_wrapper_gives_every_shape_change_its_signature():
     """The C wrapper compares each call's shapes with the last call's before looking them up:
     alternating shapes, dims past Python's small-int cache, a new output shape for the same

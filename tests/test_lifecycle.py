@@ -281,3 +281,33 @@ def test_probe_options_are_checked():
         warnings.simplefilter("error")
         with probe.attach(model):
             pass
+
+
+def test_instance_level_forward_and_generate_set_before_attach_are_kept_and_put_back():
+    """A user's own per-instance ``forward`` and ``generate`` (a patch, a wrapper) run while
+    attached, are recorded through, and are exactly what detach leaves on the instance."""
+    model = tiny_llama(layers=2)
+    seen: list[str] = []
+    plain_generate = model.generate
+
+    def my_generate(*args, **kwargs):
+        seen.append("generate")
+        return plain_generate(*args, **kwargs)
+
+    def my_forward(*args, **kwargs):
+        seen.append("forward")
+        return type(model).forward(model, *args, **kwargs)
+
+    model.generate = my_generate
+    model.forward = my_forward
+    with probe.attach(model) as p:
+        out = model.generate(_ids(), max_new_tokens=3, do_sample=False)
+    assert model.__dict__["generate"] is my_generate and model.__dict__["forward"] is my_forward
+    assert seen.count("generate") == 1 and seen.count("forward") == 3
+    gen = p.run.runs[p.run.runs["kind"] == "generate"]
+    assert len(gen) == 1 and gen.iloc[0]["new_tokens"] == 3 and len(p.run.steps) == 3
+    assert out.shape[-1] == _ids().shape[-1] + 3
+    # and they keep working after detach, with nothing of the probe left
+    seen.clear()
+    model.generate(_ids(), max_new_tokens=2, do_sample=False)
+    assert seen == ["generate", "forward", "forward"]

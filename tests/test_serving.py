@@ -121,6 +121,8 @@ def test_requests_frame_agrees_with_record_timestamps(served):
         assert r["arrival_ms"] <= r["scheduled_ms"] <= r["first_token_ms"] <= r["finished_ms"]
         assert math.isclose(r["queue_ms"], r["scheduled_ms"] - r["arrival_ms"], abs_tol=1e-6)
         assert math.isclose(r["e2e_ms"], r["finished_ms"] - r["arrival_ms"], abs_tol=1e-6)
+        # TTFT counts from the request's arrival, not from when the scheduler took it
+        assert math.isclose(r["ttft_ms"], r["first_token_ms"] - r["arrival_ms"], abs_tol=1e-6)
         assert r["itl_ms_p50"] <= r["itl_ms_p90"]
         assert r["first_step"] <= r["last_step"]
     long = rq[rq["prompt_tokens"] == 21].iloc[0]
