@@ -596,7 +596,9 @@ class _Progress:
     def _loop(self) -> None:
         interval = _progress_interval(self.tty)
         while not self.stop.wait(interval):
-            steps = self.p.generate_steps or 0
+            steps = self.p.generate_steps
+            if steps is None:  # not started yet, or over: nothing new to say
+                continue
             msg = f"generating: step {steps}/{self.total}, {time.perf_counter() - self.t0:.1f}s"
             self.shown = True
             print(("\r" + msg) if self.tty else msg, end="" if self.tty else "\n", file=sys.stderr, flush=True)
