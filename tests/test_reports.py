@@ -378,7 +378,7 @@ def test_write_reports_locations(run, tmp_path):
 def test_compare_numbers_are_each_runs_own_summary(attn_runs, tmp_path):
     a, b = attn_runs
     assert a.runs["attn_implementation"].iloc[0] == "eager" and b.runs["attn_implementation"].iloc[0] == "sdpa"
-    html_path, csv_path, sig_path = write_comparison(a, b, tmp_path / "cmp")
+    html_path, csv_path, sig_path, meta_path = write_comparison(a, b, tmp_path / "cmp")
     got = pd.read_csv(csv_path, keep_default_na=False, na_values=[""])
     assert list(got.columns) == ["level", "name", "role", "phase", "a_calls", "b_calls", "a_ms", "b_ms", "diff_ms",
                                  "ratio", "a_mean_ms", "b_mean_ms", "a_total_ms", "b_total_ms", "a_share", "b_share"]
