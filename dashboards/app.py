@@ -147,7 +147,7 @@ def _pick_comparison(found: data.Found) -> None:
 
 
 def _listing(found: data.Found, good: dict, bad: dict[str, str]) -> None:
-    """Below the sidebar's pickers, once: what the folder holds, the runs that cannot be read
+    """Below the sidebar's run and comparison pickers, once: what the folder holds, the runs that cannot be read
     (red, with the reason) and the folders that are neither runs nor comparisons (quietly)."""
     parts = [f"{len(found.runs)} run(s), {len(good)} readable"]
     if found.sweeps:
@@ -156,7 +156,9 @@ def _listing(found: data.Found, good: dict, bad: dict[str, str]) -> None:
         parts.append(f"{len(found.comparisons)} comparison(s)")
     st.sidebar.caption(", ".join(parts))
     if bad:
-        st.sidebar.error("Cannot be shown:\n" + "\n".join(f"- **{views.md(n)}**: {views.md(e)}" for n, e in bad.items()),
+        # the run's own folder is named once, not again in front of every file of its reason
+        short = {n: e.replace(str(found.runs[n]) + os.sep, "") for n, e in bad.items()}
+        st.sidebar.error("Cannot be shown:\n" + "\n".join(f"- **{views.md(n)}**: {views.md(e)}" for n, e in short.items()),
                          icon="⚠️")
     if found.others:
         st.sidebar.caption("Other folders (no run in them): " + ", ".join(views.md(o) for o in found.others))
@@ -218,15 +220,14 @@ def main() -> None:
     st.session_state["_options_runs"] = names
     selected = st.sidebar.multiselect("Runs", names, key="runs")
     _pick_comparison(found)
+    _listing(found, good, bad)
     if not selected:
-        _listing(found, good, bad)
         st.info("Pick one or more runs in the sidebar.")
         return
     view = st.sidebar.radio("View", list(VIEWS), key="view", horizontal=False)
     key = (str(Path(runs_dir).expanduser().resolve()), tuple((n, sigs[n]) for n in selected))
     combined, opts = _combined(key, tuple(good[n] for n in selected))
     filters = _sidebar_filters(opts)
-    _listing(found, good, bad)
 
     ctx = views.Context(runs_dir=Path(runs_dir), selected=selected, loaded=good, filters=filters,
                         run=_filtered(key, astuple(filters), combined, filters), signatures=sigs,
