@@ -67,6 +67,14 @@ def comparison_frame(run_a: "Run", run_b: "Run") -> pd.DataFrame:
     return block_diff(run_a.summary(), run_b.summary()).astype(DIFF)
 
 
+def roles_add(frame: pd.DataFrame) -> bool:
+    """The role level of a :func:`comparison_frame` names something the block level does not:
+    either run recorded inside its blocks (``--depth sublayers`` or ``all``). At depth blocks
+    the two levels hold the same rows, and a page shows them once."""
+    names = frame["name"].astype(str)
+    return bool(set(names[frame["level"] == "role"]) - set(names[frame["level"] == "block"]))
+
+
 def _mean_headline(run: "Run") -> pd.Series:
     h = figures.headline(run.runs, run.steps, meta=run.meta)
     ok = h[h["status"] == "ok"] if (h["status"] == "ok").any() else h
@@ -177,10 +185,14 @@ def render_comparison(run_a: "Run", run_b: "Run", sig: pd.DataFrame | None = Non
                "fig-compare-blocks", "Per block and phase")
     doc.add(table_html(frame[frame["level"] == "block"].drop(columns="level"), caption="Per block and phase (self ms)",
                        table_id="block-table"))
-    doc.figure(figures.compare_blocks(run_a.summary("role"), run_b.summary("role"), la, lb),
-               "fig-compare-roles", "Per role and phase")
-    doc.add(table_html(frame[frame["level"] == "role"].drop(columns="level"), caption="Per role and phase (self ms)",
-                       table_id="role-table"))
+    if roles_add(frame):
+        doc.figure(figures.compare_blocks(run_a.summary("role"), run_b.summary("role"), la, lb),
+                   "fig-compare-roles", "Per role and phase")
+        doc.add(table_html(frame[frame["level"] == "role"].drop(columns="level"),
+                           caption="Per role and phase (self ms)", table_id="role-table"))
+    else:
+        doc.add('<p class="note" id="roles-as-blocks">Both runs were recorded at depth blocks: per role is '
+                "the same as per block, so it is shown once.</p>")
     doc.add('<h2 id="modules">Per module and phase</h2>')
     doc.add(table_html(frame[frame["level"] == "module"].drop(columns="level"), caption="Per module and phase (self ms)",
                        table_id="module-table"))

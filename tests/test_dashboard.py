@@ -504,7 +504,8 @@ def test_compare_puts_two_runs_side_by_side(runs, runs_dir):
     assert at.selectbox(key="compare_a").value == "eager" and at.selectbox(key="compare_b").value == "sdpa"
     assert [s.value for s in at.main.subheader] == ["eager", "sdpa", "Is the difference larger than the noise?"]
     diff_fig = charts(at)[2]
-    assert [t["name"] for t in diff_fig["data"]] == ["eager", "sdpa"]
+    assert [t["name"] for t in diff_fig["data"]] == ["eager", "sdpa"] * 2  # a panel per phase, each its own scale
+    assert [t.get("yaxis", "y") for t in diff_fig["data"]] == ["y", "y", "y2", "y2"]
     diff = frame(at, 2)
     a = probe.load(runs["eager"]).summary("block")
     row = diff[(diff["name"] == "layer") & (diff["phase"] == "decode")].iloc[0]
