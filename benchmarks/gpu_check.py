@@ -83,6 +83,11 @@ TARGETS = {
     "coverage_min": 0.97,
     "kv_growth_rel_err_max": 0.01,
 }
+#: Sanity bounds on measured ratios, printed by :func:`format_table` (tests assert no timing):
+#: each step's host time against its profiler range (a step paired with the wrong range misses
+#: by far more), and the blocks' share of the forward (blocks run inside it; a little over 1
+#: is the clock reads between them).
+SANITY = {"range_host_rel_err_median_max": 0.25, "coverage_max": 1.05}
 
 @dataclass
 class Config:
@@ -672,11 +677,17 @@ def format_table(r: dict) -> str:
             lines.append(f"agreement {ph:<8} |probe/kernel sum-1| med {_f(s['rel_err_vs_sum_median'])}, "
                          f"|probe/kernel span-1| med {_f(s['rel_err_vs_span_median'])}, busy {_f(s['busy_fraction_median'], '.2f')}")
     else:
-        lines.append(f"agreement: n/a ({ag.get('reason')}); host |probe/range-1| med {_f(ag.get('host_rel_err_median'), '.4f')}")
+        lines.append(f"agreement: n/a ({ag.get('reason')})")
+    if "error" not in ag and ag.get("host_rel_err_median") is not None:
+        err, bound = ag["host_rel_err_median"], SANITY["range_host_rel_err_median_max"]
+        lines.append(f"steps vs profiler ranges: host |probe/range-1| med {_f(err, '.4f')} "
+                     f"({'ok' if err < bound else 'MISALIGNED?'}: a step paired with the wrong range is far above {bound})")
     cov = r.get("coverage", {})
     if "by_phase" in cov:
+        top = max(max(s["aggregate"], s["median"]) for s in cov["by_phase"].values())
         lines.append(f"coverage [{cov['basis'].split(' ')[0]}]: " + ", ".join(
-            f"{ph} {_f(s['aggregate'])} (min {_f(s['min'])})" for ph, s in cov["by_phase"].items()))
+            f"{ph} {_f(s['aggregate'])} (min {_f(s['min'])})" for ph, s in cov["by_phase"].items())
+            + (f" (ABOVE {SANITY['coverage_max']}: blocks timed outside their forward?)" if top > SANITY["coverage_max"] else ""))
     mem = r.get("memory", {})
     if "kv_growth" in mem:
         kg, pk = mem["kv_growth"], mem["peak"]

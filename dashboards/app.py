@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import threading
-from dataclasses import astuple
+from dataclasses import astuple, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by `streamlit run`: make the repo importable
@@ -23,13 +23,14 @@ if __package__ in (None, ""):  # run as a script by `streamlit run`: make the re
 import streamlit as st
 
 import probe
-from dashboards import cli_root, cli_runs_dir, cost_views, data, serve_views, views, within
+from dashboards import cli_root, cli_runs_dir, compare_views, cost_views, data, serve_views, views, within
 
 log = logging.getLogger("dashboards.app")
 
 #: the sidebar's views, in order: the run views, the cost views where they read best, Data last
-_ALL = {**views.VIEWS, **cost_views.VIEWS, **serve_views.VIEWS}
-_ORDER = ("Overview", "Layers", "Tree", "Timeline", "Memory", "Roofline", "Serving", "Shapes", "Compare", "Sweep", "Data")
+_ALL = {**views.VIEWS, **cost_views.VIEWS, **serve_views.VIEWS, **compare_views.VIEWS}
+_ORDER = ("Overview", "Layers", "Tree", "Timeline", "Memory", "Roofline", "Serving", "Shapes", "Compare",
+          compare_views.VIEW, "Sweep", "Data")
 VIEWS = {**{n: _ALL[n] for n in _ORDER if n in _ALL}, **{n: f for n, f in _ALL.items() if n not in _ORDER}}
 
 # A loaded run is held once and shared by every rerun and session: a 1M-row frame would cost
@@ -134,6 +135,35 @@ def _sidebar_filters(opts: dict) -> data.Filters:
                         steps=step_range, ranks=rank_range)
 
 
+def _pick_comparison(found: data.Found) -> None:
+    """The sidebar's list of saved comparisons (``probe compare`` folders): picking one opens it."""
+    if not found.comparisons:
+        return
+    if st.session_state.get(compare_views.PICK) not in (None, *found.comparisons):
+        st.session_state[compare_views.PICK] = None  # that folder is gone
+    st.sidebar.selectbox("Comparisons", list(found.comparisons), index=None, key=compare_views.PICK,
+                         placeholder="open a saved comparison", on_change=compare_views.open_picked,
+                         format_func=lambda n: compare_views.label(found.comparisons, n))
+
+
+def _listing(found: data.Found, good: dict, bad: dict[str, str]) -> None:
+    """Below the sidebar's run and comparison pickers, once: what the folder holds, the runs that cannot be read
+    (red, with the reason) and the folders that are neither runs nor comparisons (quietly)."""
+    parts = [f"{len(found.runs)} run(s), {len(good)} readable"]
+    if found.sweeps:
+        parts.append(f"{len(found.sweeps)} sweep(s)")
+    if found.comparisons:
+        parts.append(f"{len(found.comparisons)} comparison(s)")
+    st.sidebar.caption(", ".join(parts))
+    if bad:
+        # the run's own folder is named once, not again in front of every file of its reason
+        short = {n: e.replace(str(found.runs[n]) + os.sep, "") for n, e in bad.items()}
+        st.sidebar.error("Cannot be shown:\n" + "\n".join(f"- **{views.md(n)}**: {views.md(e)}" for n, e in short.items()),
+                         icon="⚠️")
+    if found.others:
+        st.sidebar.caption("Other folders (no run in them): " + ", ".join(views.md(o) for o in found.others))
+
+
 def main() -> None:
     """Build the page for the current widget state."""
     st.set_page_config(page_title="probe dashboard", layout="wide")
@@ -156,30 +186,41 @@ def main() -> None:
         st.info(found.message)
         return
     # a symlinked run that leads out of the root is not read either
-    found = data.Found(runs={n: p for n, p in found.runs.items() if _inside(runs_dir, n, p, root)},
-                       sweeps={n: p for n, p in found.sweeps.items() if _inside(runs_dir, n, p, root)})
+    found = replace(found, **{k: {n: p for n, p in getattr(found, k).items() if _inside(runs_dir, n, p, root)}
+                              for k in ("runs", "sweeps", "comparisons")})
     good: dict[str, probe.Run] = {}
+    bad: dict[str, str] = {}
     sigs: dict[str, tuple] = {}
     for name, path in found.runs.items():
         sigs[name] = data.signature(path)
         run, err = _load(str(path), name, sigs[name])
         if run is None:
-            st.error(f"Run **{views.md(name)}** cannot be shown: {views.md(err)}", icon="⚠️")
+            bad[name] = err
         else:
             good[name] = run
     if not good:
+        _listing(found, good, bad)
         if found.runs:
-            st.warning(f"None of the {len(found.runs)} folder(s) in {views.md(runs_dir)} holds a readable run; "
+            st.warning(f"None of the {len(found.runs)} run folder(s) in {views.md(runs_dir)} holds a readable run; "
                        f"record one with `probe run --out {runs_dir}/NAME`.")
         if found.sweeps:  # a sweep whose configs all failed still has its table and charts
             st.header("Sweep")
             cost_views.draw_sweeps(Path(runs_dir), found.sweeps)
+        if found.comparisons:  # a folder of comparisons only: they are still shown
+            _pick_comparison(found)
+            st.header(compare_views.VIEW)
+            compare_views.draw_comparisons(Path(runs_dir), found.comparisons, {})
         return
 
     names = list(good)
     newest = data.newest(found, names)  # the latest top-level run, not a sweep's last config
-    _sync("runs", names, [newest] if newest else names[-1:])
+    # runs that land while the page is open join the list, never the user's selection
+    prev, cur = st.session_state.get("_options_runs"), st.session_state.get("runs")
+    st.session_state["runs"] = data.keep_selection(cur, prev, names, [newest] if newest else names[-1:])
+    st.session_state["_options_runs"] = names
     selected = st.sidebar.multiselect("Runs", names, key="runs")
+    _pick_comparison(found)
+    _listing(found, good, bad)
     if not selected:
         st.info("Pick one or more runs in the sidebar.")
         return
@@ -187,12 +228,10 @@ def main() -> None:
     key = (str(Path(runs_dir).expanduser().resolve()), tuple((n, sigs[n]) for n in selected))
     combined, opts = _combined(key, tuple(good[n] for n in selected))
     filters = _sidebar_filters(opts)
-    st.sidebar.caption(f"{len(found.runs)} run folder(s) found, {len(good)} readable"
-                       + (f", {len(found.sweeps)} sweep(s)" if found.sweeps else ""))
 
     ctx = views.Context(runs_dir=Path(runs_dir), selected=selected, loaded=good, filters=filters,
                         run=_filtered(key, astuple(filters), combined, filters), signatures=sigs,
-                        sweeps=found.sweeps)
+                        sweeps=found.sweeps, comparisons=found.comparisons)
     st.header(view)
     try:
         VIEWS[view](ctx)

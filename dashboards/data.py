@@ -8,6 +8,7 @@ the tests time and check them directly. Nothing here touches a model: runs come 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import tempfile
@@ -19,7 +20,8 @@ import pandas as pd
 
 import probe
 from probe import schema
-from probe.run import FILES, META, rank_dirs
+from probe.outdir import COMPARE_META
+from probe.run import FILES, MAX_META_BYTES, META, rank_dirs, read_regular
 from reports.tables import ranks
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 MAX_SCAN_DEPTH = 2
 #: the folder of a sweep that holds its runs (``probe sweep --out DIR`` writes ``DIR/runs/p{P}-b{B}/``)
 SWEEP_RUNS = "runs"
+#: what ``probe compare --out DIR`` writes beside ``compare.json`` (reports.compare)
+COMPARE_HTML, COMPARE_SIG = "compare.html", "significance.csv"
 #: rows the Data view shows per page (the full table is a download, built on click)
 PAGE_ROWS = 500
 
@@ -38,20 +42,47 @@ class Found:
 
     Attributes:
         runs: run name (path relative to the runs folder, ``.`` for the folder itself) ->
-            directory, for every folder that looks like a run or should have been one.
+            directory, for every folder that is a run (a ``meta.json`` with a schema version),
+            whether or not it loads.
         sweeps: sweep name (path relative to the runs folder, ``.`` for the folder itself) ->
             directory, for every folder written by ``probe sweep --out``.
+        comparisons: name -> directory, for every folder written by ``probe compare --out``.
+        others: names of the top-level folders that are none of these (listed, never as errors).
         message: why nothing is listed (missing folder, not a folder, empty), else None.
     """
 
     runs: dict[str, Path] = field(default_factory=dict)
     sweeps: dict[str, Path] = field(default_factory=dict)
+    comparisons: dict[str, Path] = field(default_factory=dict)
+    others: tuple[str, ...] = ()
     message: str | None = None
+
+
+def _is_run_meta(f: Path) -> bool:
+    """``f`` is a probe run's ``meta.json``: a regular file holding a ``schema_version``, or one
+    that cannot be parsed (a damaged run is reported, not hidden); another tool's JSON is not."""
+    try:
+        if not f.is_file():  # a FIFO or a folder by that name is never opened
+            return False
+        raw = read_regular(f, limit=MAX_META_BYTES)
+    except (OSError, probe.RunLoadError):
+        return True  # there, but unreadable: load names the problem
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return True
+    return not isinstance(meta, dict) or "schema_version" in meta
 
 
 def _is_run_dir(d: Path) -> bool:
     # a folder merely named like a rank ("ranking-test") is no tensor-parallel rank
-    return (d / META).exists() or bool(rank_dirs(d))
+    return _is_run_meta(d / META) or bool(rank_dirs(d))
+
+
+def _is_compare_dir(d: Path) -> bool:
+    """``d`` was written by ``probe compare``: its ``compare.json``, or (written before that file
+    existed) its ``compare.html`` and ``significance.csv``."""
+    return (d / COMPARE_META).is_file() or ((d / COMPARE_HTML).is_file() and (d / COMPARE_SIG).is_file())
 
 
 def _is_sweep_dir(d: Path) -> bool:
@@ -74,11 +105,12 @@ def _children(d: Path) -> list[Path]:
 def discover(runs_dir: str | os.PathLike) -> Found:
     """Find run directories and sweeps under ``runs_dir``.
 
-    A folder holding ``meta.json`` (or ``rank*/meta.json``) is a run; so is the runs folder
-    itself. A folder holding ``sweep.parquet`` is a sweep: its runs (``runs/p{P}-b{B}/``) are
-    listed as ordinary runs under their relative path, and nothing else in it is looked at
-    (its ``csv/`` is no run). Every other direct sub-folder is listed too unless it holds
-    runs further down, so that an empty or half-written run is reported rather than hidden.
+    A folder holding a probe ``meta.json`` (one with a ``schema_version``; or ``rank*/meta.json``)
+    is a run, whether or not it loads; so is the runs folder itself. A folder holding
+    ``sweep.parquet`` is a sweep: its runs (``runs/p{P}-b{B}/``) are listed as ordinary runs
+    under their relative path, and nothing else in it is looked at (its ``csv/`` is no run). A
+    folder written by ``probe compare`` is a comparison. Every other direct sub-folder that
+    holds none of these further down is named in :attr:`Found.others`.
 
     Args:
         runs_dir: the folder of runs.
@@ -94,8 +126,12 @@ def discover(runs_dir: str | os.PathLike) -> Found:
         return Found(message=f"{root} is a file, not a folder of runs. Pass the folder that holds run directories.")
     if _is_run_dir(root):
         return Found(runs={".": root})
+    if _is_compare_dir(root):
+        return Found(comparisons={".": root})
     found: dict[str, Path] = {}
     sweeps: dict[str, Path] = {}
+    comparisons: dict[str, Path] = {}
+    others: list[str] = []
 
     def name(d: Path) -> str:
         return d.relative_to(root).as_posix()
@@ -117,19 +153,112 @@ def discover(runs_dir: str | os.PathLike) -> Found:
             elif _is_sweep_dir(c):
                 add_sweep(c)  # its folder is no "bad run", even when every config failed
                 any_run = True
+            elif _is_compare_dir(c):
+                comparisons[name(c)] = c
+                any_run = True
             elif level < MAX_SCAN_DEPTH and scan(c, level + 1):
                 any_run = True
             elif level == 1:
-                found[name(c)] = c  # reported by load as "holds no run"
+                others.append(name(c))  # a user's folder, a half-copied run: named, never an error
         return any_run
 
     if _is_sweep_dir(root):
         add_sweep(root)
     else:
         scan(root, 1)
-    if not found and not sweeps:
-        return Found(message=f"The runs folder {root} holds no runs yet. {hint[0].upper()}{hint[1:]}.")
-    return Found(runs=dict(sorted(found.items())), sweeps=dict(sorted(sweeps.items())))
+    if not found and not sweeps and not comparisons:
+        other = f" (other folders there: {', '.join(sorted(others))})" if others else ""
+        return Found(others=tuple(sorted(others)),
+                     message=f"The runs folder {root} holds no runs yet{other}. {hint[0].upper()}{hint[1:]}.")
+    return Found(runs=dict(sorted(found.items())), sweeps=dict(sorted(sweeps.items())),
+                 comparisons=dict(sorted(comparisons.items())), others=tuple(sorted(others)))
+
+
+def keep_selection(current: list[str] | None, previous_options: list[str] | None, options: list[str],
+                   default: list[str]) -> list[str]:
+    """The runs picked after a rerun, given the picks before it and the runs offered then and now.
+
+    The first time (nothing picked yet): ``default``. After that the user's picks stay as they
+    are: runs that landed since are offered but never added, runs that are gone are dropped, and
+    only when none of the picks is left (another folder, the runs deleted) is it ``default`` again.
+    An empty selection the user made stays empty.
+    """
+    if current is None or previous_options is None:
+        return list(default)
+    kept = [v for v in current if v in options]
+    if not kept and current:
+        return list(default)
+    return kept
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A folder written by ``probe compare``, as read back.
+
+    Attributes:
+        path: the folder.
+        meta: its ``compare.json`` (``a``/``b``: ``path``, ``resolved``, ``run_ids``; ``written``),
+            empty for a comparison written before that file existed.
+        significance: ``significance.csv`` at the :data:`probe.schema.SIGNIFICANCE` dtypes.
+        html: ``compare.html`` if it is there.
+    """
+
+    path: Path
+    meta: dict
+    significance: pd.DataFrame
+    html: Path | None
+
+
+def comparison_signature(d: str | os.PathLike) -> tuple:
+    """(file name, mtime_ns, size) of a comparison's files: its cache key."""
+    out = []
+    for f in (COMPARE_META, COMPARE_SIG, COMPARE_HTML):
+        try:
+            st = (Path(d) / f).stat()
+            out.append((f, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((f, None, None))
+    return tuple(out)
+
+
+def read_comparison(d: str | os.PathLike) -> Comparison:
+    """Read a ``probe compare`` folder.
+
+    Raises:
+        ValueError: ``significance.csv`` or ``compare.json`` is missing or unreadable; the
+            message names the file and says how to write it again.
+    """
+    d = Path(d)
+    again = "write it again with `probe compare A B --out " + str(d) + "`"
+    meta: dict = {}
+    f = d / COMPARE_META
+    if f.exists():
+        try:
+            meta = json.loads(read_regular(f, limit=MAX_META_BYTES).decode("utf-8"))
+        except (probe.RunLoadError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"{f} cannot be read ({exc}); {again}") from exc
+        if not isinstance(meta, dict):
+            raise ValueError(f"{f} is not a JSON object; {again}")
+    f = d / COMPARE_SIG
+    try:
+        raw = read_regular(f)
+        sig = pd.read_csv(io.BytesIO(raw), keep_default_na=False, na_values=[""])
+        sig = schema.conform(sig, schema.SIGNIFICANCE, extra=False)
+    except (probe.RunLoadError, ValueError, TypeError, KeyError, pd.errors.ParserError) as exc:
+        raise ValueError(f"{f} cannot be read ({exc}); {again}") from exc
+    sig["phase"] = sig["phase"].fillna("")
+    html = d / COMPARE_HTML
+    return Comparison(path=d, meta=meta, significance=sig, html=html if html.is_file() else None)
+
+
+def comparison_runs(meta: dict) -> tuple[str, str]:
+    """The A and B of a ``compare.json`` as short text (the folder names as given), ``?`` if unknown."""
+    def one(side: str) -> str:
+        got = meta.get(side) if isinstance(meta.get(side), dict) else {}
+        path = got.get("path") or got.get("resolved")
+        return Path(str(path)).name or str(path) if path else "?"
+
+    return one("a"), one("b")
 
 
 def newest(found: Found, names: list[str]) -> str | None:

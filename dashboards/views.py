@@ -39,6 +39,7 @@ class Context:
         run: the selected runs' frames concatenated, with the filters applied.
         signatures: file signature of every loaded run (:func:`data.signature`), by name.
         sweeps: the sweeps found in the runs folder, by name (:attr:`data.Found.sweeps`).
+        comparisons: the ``probe compare`` folders found there, by name (:attr:`data.Found.comparisons`).
     """
 
     runs_dir: Path
@@ -48,6 +49,7 @@ class Context:
     run: probe.Run
     signatures: dict[str, tuple]
     sweeps: dict[str, Path] = field(default_factory=dict)
+    comparisons: dict[str, Path] = field(default_factory=dict)
 
     def key(self, runs: list[str] | tuple[str, ...] | None = None) -> tuple:
         """Identifies the frames of ``runs`` (default: the selected ones) under the filters:

@@ -1,4 +1,4 @@
-"""Run-vs-run comparison: ``compare.html`` and ``compare.csv`` of two saved runs.
+"""Run-vs-run comparison: ``compare.html``, ``compare.csv`` and ``compare.json`` of two saved runs.
 
 Rows are matched per level (block, role, module) by ``(name, phase)``; each row carries A's and
 B's self times straight from their own ``Run.summary()`` (the rows of a level never overlap),
@@ -12,13 +12,16 @@ with each run's busy-machine figure (:mod:`probe.noise`).
 
 from __future__ import annotations
 
+import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from probe.outdir import COMPARE_META
 from probe.schema import DIFF
 from probe.stats import differences
 
@@ -62,6 +65,14 @@ def comparison_frame(run_a: "Run", run_b: "Run") -> pd.DataFrame:
         ``Run.summary()["self_ms"]`` of that level.
     """
     return block_diff(run_a.summary(), run_b.summary()).astype(DIFF)
+
+
+def roles_add(frame: pd.DataFrame) -> bool:
+    """The role level of a :func:`comparison_frame` names something the block level does not:
+    either run recorded inside its blocks (``--depth sublayers`` or ``all``). At depth blocks
+    the two levels hold the same rows, and a page shows them once."""
+    names = frame["name"].astype(str)
+    return bool(set(names[frame["level"] == "role"]) - set(names[frame["level"] == "block"]))
 
 
 def _mean_headline(run: "Run") -> pd.Series:
@@ -174,10 +185,14 @@ def render_comparison(run_a: "Run", run_b: "Run", sig: pd.DataFrame | None = Non
                "fig-compare-blocks", "Per block and phase")
     doc.add(table_html(frame[frame["level"] == "block"].drop(columns="level"), caption="Per block and phase (self ms)",
                        table_id="block-table"))
-    doc.figure(figures.compare_blocks(run_a.summary("role"), run_b.summary("role"), la, lb),
-               "fig-compare-roles", "Per role and phase")
-    doc.add(table_html(frame[frame["level"] == "role"].drop(columns="level"), caption="Per role and phase (self ms)",
-                       table_id="role-table"))
+    if roles_add(frame):
+        doc.figure(figures.compare_blocks(run_a.summary("role"), run_b.summary("role"), la, lb),
+                   "fig-compare-roles", "Per role and phase")
+        doc.add(table_html(frame[frame["level"] == "role"].drop(columns="level"),
+                           caption="Per role and phase (self ms)", table_id="role-table"))
+    else:
+        doc.add('<p class="note" id="roles-as-blocks">Both runs were recorded at depth blocks: per role is '
+                "the same as per block, so it is shown once.</p>")
     doc.add('<h2 id="modules">Per module and phase</h2>')
     doc.add(table_html(frame[frame["level"] == "module"].drop(columns="level"), caption="Per module and phase (self ms)",
                        table_id="module-table"))
@@ -199,7 +214,7 @@ def write_comparison(run_a: "Run", run_b: "Run", out_dir: str | os.PathLike,
         sig: :func:`probe.stats.significance` of the two runs, if the caller has it already.
 
     Returns:
-        ``[out_dir/compare.html, out_dir/compare.csv, out_dir/significance.csv]``.
+        ``[out_dir/compare.html, out_dir/compare.csv, out_dir/significance.csv, out_dir/compare.json]``.
     """
     from probe.stats import significance
 
@@ -215,4 +230,27 @@ def write_comparison(run_a: "Run", run_b: "Run", out_dir: str | os.PathLike,
                                                                     encoding="utf-8")
     sig_path = out / "significance.csv"
     sig.to_csv(sig_path, index=False, lineterminator="\n", encoding="utf-8")
-    return [html_path, csv_path, sig_path]
+    return [html_path, csv_path, sig_path, write_compare_meta(run_a, run_b, out)]
+
+
+def compare_meta(run_a: "Run", run_b: "Run", when: datetime | None = None) -> dict:
+    """What ``compare.json`` says: each run's path as given and resolved, its run ids, and the time.
+
+    The dashboard lists a folder holding it as this comparison (not as a broken run).
+    """
+    def side(run: "Run") -> dict:
+        ids = sorted({str(v) for v in run.runs["run_id"].dropna()}) if "run_id" in run.runs else []
+        path = None if run.path is None else os.fspath(run.path)
+        return {"path": path, "resolved": None if path is None else str(Path(path).expanduser().resolve()),
+                "run_ids": ids}
+
+    when = datetime.now(timezone.utc) if when is None else when
+    return {"kind": "probe compare", "version": 1, "a": side(run_a), "b": side(run_b),
+            "written": when.isoformat(timespec="seconds")}
+
+
+def write_compare_meta(run_a: "Run", run_b: "Run", out_dir: str | os.PathLike) -> Path:
+    """Write :func:`compare_meta` as ``out_dir/compare.json``; returns its path."""
+    path = Path(out_dir) / COMPARE_META
+    path.write_text(json.dumps(compare_meta(run_a, run_b), indent=2) + "\n", encoding="utf-8", newline="\n")
+    return path

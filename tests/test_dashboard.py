@@ -23,7 +23,8 @@ from dashboards import APP, cli_runs_dir, data, launch, streamlit_command  # noq
 from reports import figures  # noqa: E402
 from tiny import tiny_llama  # noqa: E402
 
-VIEWS = ("Overview", "Layers", "Timeline", "Memory", "Roofline", "Serving", "Shapes", "Compare", "Sweep", "Data")
+VIEWS = ("Overview", "Layers", "Timeline", "Memory", "Roofline", "Serving", "Shapes", "Compare", "Saved comparison",
+         "Sweep", "Data")
 HIDDEN = 32
 LAYERS = 3
 
@@ -199,13 +200,25 @@ def test_empty_runs_dir_says_how_to_record_runs(tmp_path):
     assert "holds no runs" in msg and f"probe run --out {tmp_path}" in msg
 
 
+def bad_runs(at: AppTest) -> dict[str, str]:
+    """The runs the sidebar's one error box names, with each one's reason."""
+    (box,) = [e.value for e in at.sidebar.error]
+    return {line.split("**")[1]: line for line in box.splitlines()[1:]}
+
+
+def other_folders(at: AppTest) -> str:
+    (line,) = [c.value for c in at.sidebar.caption if c.value.startswith("Other folders")]
+    return line
+
+
 def test_bad_runs_are_named_with_the_reason_and_good_runs_still_shown(bad_dir):
     at = app(bad_dir)
-    errors = {e.value.split("**")[1]: e.value for e in at.error}
-    assert set(errors) == {"empty", "old", "truncated"}
+    assert len(at.error) == 1  # one box, in the sidebar: not a banner per run on top of every view
+    errors = bad_runs(at)
+    assert set(errors) == {"old", "truncated"}
     assert "half-written" in errors["truncated"] and "calls.parquet" in errors["truncated"]
     assert "schema 0" in errors["old"] and "Re-record" in errors["old"]
-    assert "no meta.json" in errors["empty"]
+    assert "empty" in other_folders(at)  # a folder with no run in it is no broken run
     assert at.sidebar.multiselect(key="runs").options == ["sdpa"]
     assert at.sidebar.multiselect(key="runs").value == ["sdpa"]
     assert len(charts(at)) == 3  # the good run's Overview is drawn below the messages
@@ -214,8 +227,8 @@ def test_bad_runs_are_named_with_the_reason_and_good_runs_still_shown(bad_dir):
 def test_a_folder_of_only_bad_runs_warns_without_a_traceback(tmp_path, runs):
     add_bad_runs(tmp_path, runs["eager"])
     at = app(tmp_path)
-    assert len(at.error) == 3
-    assert "holds a readable run" in at.warning[0].value
+    assert set(bad_runs(at)) == {"old", "truncated"} and len(at.error) == 1
+    assert "None of the 2 run folder(s)" in at.warning[0].value and "holds a readable run" in at.warning[0].value
     assert not at.get("plotly_chart")
 
 
@@ -274,7 +287,7 @@ def test_switching_the_runs_folder_keeps_the_runs_it_still_holds(runs_dir, bad_d
     at = app(runs_dir, runs=["eager", "sdpa"])
     at.sidebar.text_input(key="runs_dir").set_value(str(bad_dir)).run()
     assert at.sidebar.multiselect(key="runs").value == ["sdpa"]
-    assert len(at.error) == 3 and metric(at, "Generate calls") == "2"
+    assert set(bad_runs(at)) == {"old", "truncated"} and metric(at, "Generate calls") == "2"
     at.sidebar.text_input(key="runs_dir").set_value(str(runs_dir)).run()
     assert at.sidebar.multiselect(key="runs").options == ["eager", "sdpa", "sublayers"]
     assert not at.error and not at.exception
@@ -310,7 +323,7 @@ def test_runs_without_generate_or_without_calls_draw_every_view(odd_dir, view):
     # Overview: the headline, and the spread of the runs' four generate calls (metrics, blocks);
     # Compare: both headlines, the per-block difference and the significance table
     ("Overview", 2, 3), ("Layers", 3, 1), ("Tree", 1, 1), ("Timeline", 2, 0), ("Memory", 2, 2), ("Roofline", 0, 1),
-    ("Shapes", 0, 1), ("Compare", 3, 4), ("Sweep", 0, 0), ("Data", 0, 1),
+    ("Shapes", 0, 1), ("Compare", 3, 4), ("Saved comparison", 0, 0), ("Sweep", 0, 0), ("Data", 0, 1),
 ])
 def test_every_view_draws_without_errors(runs_dir, view, n_charts, n_tables):
     at = app(runs_dir, runs=["eager", "sdpa"], view=view)
@@ -491,7 +504,8 @@ def test_compare_puts_two_runs_side_by_side(runs, runs_dir):
     assert at.selectbox(key="compare_a").value == "eager" and at.selectbox(key="compare_b").value == "sdpa"
     assert [s.value for s in at.main.subheader] == ["eager", "sdpa", "Is the difference larger than the noise?"]
     diff_fig = charts(at)[2]
-    assert [t["name"] for t in diff_fig["data"]] == ["eager", "sdpa"]
+    assert [t["name"] for t in diff_fig["data"]] == ["eager", "sdpa"] * 2  # a panel per phase, each its own scale
+    assert [t.get("yaxis", "y") for t in diff_fig["data"]] == ["y", "y", "y2", "y2"]
     diff = frame(at, 2)
     a = probe.load(runs["eager"]).summary("block")
     row = diff[(diff["name"] == "layer") & (diff["phase"] == "decode")].iloc[0]
@@ -567,7 +581,7 @@ def test_discover_lists_runs_and_nested_sweeps(tmp_path, runs):
     (tmp_path / ".hidden").mkdir()
     found = data.discover(tmp_path)
     assert found.message is None
-    assert list(found.runs) == ["a", "empty", "sweep/p16"]
+    assert list(found.runs) == ["a", "sweep/p16"] and found.others == ("empty",)
     assert data.discover(tmp_path / "a").runs == {".": tmp_path / "a"}
     sig = data.signature(tmp_path / "a")
     assert sorted(f for f, *_ in sig) == ["calls.parquet", "meta.json", "requests.parquet", "runs.parquet",
@@ -806,3 +820,113 @@ def test_overview_names_the_model_its_size_and_weights(runs, runs_dir):
     runs = pd.DataFrame({"model_id": ["SmolLM2-135M-Instruct"] * 2, "parameters": pd.array([134515008] * 2, "Int64"),
                          "weights_source": ["GGUF Q4_1, de-quantized to float32"] * 2})
     assert model_lines(runs) == ["SmolLM2-135M-Instruct · 134.5M parameters · weights: GGUF Q4_1, de-quantized to float32"]
+
+
+# --------------------------------------------------------------------------- folder listing
+@pytest.fixture(scope="module")
+def listing_dir(runs, tmp_path_factory) -> Path:
+    """Two runs, the folder `probe compare` wrote of them, a run of an old schema, a user's
+    folder of notes and an empty folder."""
+    from probe.cli import main
+
+    root = tmp_path_factory.mktemp("listing")
+    for name in ("eager", "sdpa"):
+        shutil.copytree(runs[name], root / name)
+    assert main(["compare", str(root / "eager"), str(root / "sdpa"), "--out", str(root / "eager-vs-sdpa")]) == 0
+    add_bad_runs(root, runs["eager"])
+    shutil.rmtree(root / "truncated")
+    (root / "notes" / "drafts").mkdir(parents=True)
+    (root / "notes" / "todo.txt").write_text("not a run")
+    (root / "notes" / "meta.json").write_text('{"author": "someone else"}')  # another tool's meta.json
+    return root
+
+
+def test_compare_writes_what_it_compared(listing_dir, runs):
+    meta = json.loads((listing_dir / "eager-vs-sdpa" / "compare.json").read_text())
+    for side, name in (("a", "eager"), ("b", "sdpa")):
+        assert meta[side]["path"] == str(listing_dir / name)
+        assert meta[side]["resolved"] == str((listing_dir / name).resolve())
+        assert meta[side]["run_ids"] == sorted(probe.load(runs[name]).runs["run_id"].astype(str))
+    assert meta["written"][:2] == "20" and meta["written"].endswith("+00:00")
+
+
+def test_a_comparison_and_other_folders_are_listed_never_as_broken_runs(listing_dir):
+    found = data.discover(listing_dir)
+    assert list(found.runs) == ["eager", "old", "sdpa"]
+    assert found.comparisons == {"eager-vs-sdpa": listing_dir / "eager-vs-sdpa"}
+    assert found.others == ("empty", "notes")
+    at = app(listing_dir)
+    assert set(bad_runs(at)) == {"old"} and len(at.error) == 1  # the one real run that fails, once
+    assert other_folders(at) == "Other folders (no run in them): empty, notes"
+    assert at.sidebar.multiselect(key="runs").options == ["eager", "sdpa"]
+    pick = at.sidebar.selectbox(key="comparison")
+    assert pick.options == ["eager-vs-sdpa (eager vs sdpa)"] and pick.value is None
+    for view in ("Overview", "Layers"):  # no view carries a banner about the other folders
+        at.sidebar.radio(key="view").set_value(view).run()
+        assert len(at.error) == 1 and len(at.main.error) == 0 and not other_warnings(at)
+
+
+def test_picking_a_comparison_opens_its_significance_table_and_page(listing_dir):
+    from probe.schema import SIGNIFICANCE
+    from reports.compare import significance_table
+
+    at = app(listing_dir, view="Layers")
+    at.sidebar.selectbox(key="comparison").set_value("eager-vs-sdpa").run()
+    assert not at.exception and at.sidebar.radio(key="view").value == "Saved comparison"
+    assert at.header[0].value == "Saved comparison"
+    text = " ".join(m.value for m in at.markdown)
+    assert f"`{listing_dir / 'eager'}` — listed here as run **eager**" in text and "run **sdpa**" in text
+    sig = pd.read_csv(listing_dir / "eager-vs-sdpa" / "significance.csv", keep_default_na=False, na_values=[""])
+    sig = sig.astype({c: t for c, t in SIGNIFICANCE.items() if c != "phase"}).fillna({"phase": ""})
+    want = significance_table(sig[sig["level"].isin(["metric", "block"])])
+    got = frame(at)
+    assert list(got.columns) == list(want.columns)
+    assert got["metric / block"].tolist() == want["metric / block"].tolist()
+    assert got["verdict"].tolist() == want["verdict"].tolist()
+    (button,) = at.get("download_button")
+    assert "compare.html" in button.proto.label
+    assert any((listing_dir / "eager-vs-sdpa" / "compare.html").resolve().as_uri() in c.value for c in at.caption)
+
+
+def test_a_comparison_written_before_compare_json_and_a_folder_of_comparisons_only(listing_dir, tmp_path):
+    shutil.copytree(listing_dir / "eager-vs-sdpa", tmp_path / "old-cmp")
+    (tmp_path / "old-cmp" / "compare.json").unlink()
+    (tmp_path / "junk").mkdir()
+    found = data.discover(tmp_path)
+    assert found.comparisons == {"old-cmp": tmp_path / "old-cmp"} and not found.runs and found.others == ("junk",)
+    at = app(tmp_path)  # no run at all: the comparison is shown, and nothing is red
+    assert not at.error and not at.warning and at.header[0].value == "Saved comparison"
+    assert "unknown" in at.markdown[0].value and len(frame(at)) > 0
+
+
+def test_keep_selection_adds_no_new_run_to_the_picks():
+    assert data.keep_selection(None, None, ["a", "b"], ["b"]) == ["b"]  # first time: the default
+    assert data.keep_selection(["a"], ["a"], ["a", "b"], ["b"]) == ["a"]  # b landed: listed, not picked
+    assert data.keep_selection(["a", "b"], ["a", "b"], ["b", "c"], ["c"]) == ["b"]  # a deleted
+    assert data.keep_selection(["a"], ["a"], ["x", "y"], ["y"]) == ["y"]  # another folder: its default
+    assert data.keep_selection([], ["a"], ["a", "b"], ["b"]) == []  # cleared by the user: stays so
+
+
+def test_a_run_that_lands_while_the_page_is_open_joins_the_list_not_the_selection(runs, tmp_path):
+    import os
+
+    shutil.copytree(runs["eager"], tmp_path / "first")
+    at = app(tmp_path)
+    assert at.sidebar.multiselect(key="runs").value == ["first"]
+    shutil.copytree(runs["sdpa"], tmp_path / "second")  # newer, and it sorts last
+    os.utime(tmp_path / "second" / "meta.json")
+    at.run()
+    assert at.sidebar.multiselect(key="runs").options == ["first", "second"]
+    assert at.sidebar.multiselect(key="runs").value == ["first"]
+    at.sidebar.multiselect(key="runs").set_value(["first", "second"]).run()
+    shutil.copytree(runs["sublayers"], tmp_path / "third")
+    at.run()
+    assert at.sidebar.multiselect(key="runs").value == ["first", "second"] and not at.exception
+
+
+def test_an_empty_folder_opens_on_the_first_run_that_lands(runs, tmp_path):
+    at = app(tmp_path)
+    assert "holds no runs" in at.info[0].value
+    shutil.copytree(runs["eager"], tmp_path / "first")
+    at.run()
+    assert at.sidebar.multiselect(key="runs").value == ["first"]

@@ -13,10 +13,12 @@ from browser import CHROMIUM, dashboard_server, launch
 #: charts each view draws for two selected runs (as the AppTest tests check too); the runs
 #: carry their peaks, so the Roofline view draws its chart
 CHARTS = {"Overview": 2, "Layers": 3, "Tree": 1, "Timeline": 2, "Memory": 2, "Roofline": 1, "Serving": 0, "Shapes": 0,
-          "Compare": 3,
+          "Compare": 3, "Saved comparison": 0,
           "Sweep": 3, "Data": 0}
 SHOT = Path("/tmp/dashboard_overview.png")  # kept for a person to look at
 ROOFLINE_SHOT = Path("/tmp/dashboard_roofline.png")
+LISTING_SHOT = Path("/tmp/dashboard_listing.png")
+COMPARISON_SHOT = Path("/tmp/dashboard_comparison.png")
 
 if not Path(CHROMIUM).exists():
     if os.environ.get("CI"):
@@ -32,7 +34,10 @@ from test_dashboard import add_bad_runs, record_runs, record_sweep, store_peaks 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``python -m probe dashboard RUNS --port P`` over two good runs (with their peaks stored),
-    one half-written run and a sweep."""
+    one half-written run, a sweep, the ``probe compare`` folder of the two runs and a folder
+    that is none of these."""
+    from probe.cli import main
+
     root = tmp_path_factory.mktemp("served")
     runs = record_runs(root)
     shutil.rmtree(runs["sublayers"])
@@ -42,6 +47,9 @@ def server(tmp_path_factory):
     for name in ("eager", "sdpa"):
         store_peaks(runs[name])
     record_sweep(root / "my-sweep")
+    assert main(["compare", str(runs["eager"]), str(runs["sdpa"]), "--out", str(root / "eager-vs-sdpa")]) == 0
+    (root / "junk").mkdir()
+    (root / "junk" / "notes.txt").write_text("not a run")
     with dashboard_server(root, root.parent / "dashboard-server.log") as url:
         yield url
 
@@ -116,3 +124,36 @@ def test_every_view_renders_in_chromium(server, tmp_path):
             browser.close()
     # no browser console error at all: Streamlit logs none for this app, so none is filtered
     assert not console, console
+
+
+def test_the_listing_shows_a_comparison_and_other_folders_quietly(server):
+    with sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server)
+            page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+            _idle(page)
+            sidebar = page.locator('[data-testid="stSidebar"]')
+            # the one broken run, once, in the sidebar; the comparison and junk are no broken runs
+            # (a busy-machine warning may join them on a loaded machine: it names neither folder)
+            alerts = page.locator('[data-testid="stAlert"]').all_inner_texts()
+            (broken,) = [a for a in alerts if "Cannot be shown" in a]
+            assert "truncated" in broken and "junk" not in broken and "eager-vs-sdpa" not in broken
+            assert sidebar.locator('[data-testid="stAlert"]').all_inner_texts() == [broken]
+            assert not [a for a in alerts if "junk" in a or "eager-vs-sdpa" in a], alerts
+            assert sidebar.get_by_text("Other folders (no run in them): junk").count() == 1
+            assert sidebar.get_by_text("1 comparison(s)", exact=False).count() == 1
+            page.screenshot(path=str(LISTING_SHOT))
+            sidebar.locator('[data-testid="stSelectbox"]').filter(has_text="Comparisons").click()
+            page.get_by_role("option", name="eager-vs-sdpa (eager vs sdpa)").click()
+            page.wait_for_selector('[data-testid="stMain"] h2 [data-heading-text]:text-is("Saved comparison")',
+                                   timeout=60_000)
+            _idle(page)
+            main = page.locator('[data-testid="stMain"]')
+            assert main.locator('[data-testid="stDataFrame"]').count() == 1
+            assert main.get_by_role("button", name="Open compare.html", exact=False).count() == 1
+            assert main.get_by_text("listed here as run", exact=False).count() == 1
+            page.screenshot(path=str(COMPARISON_SHOT), full_page=True)
+        finally:
+            browser.close()

@@ -249,7 +249,7 @@ def test_user_text_in_figures_is_shown_literally():
                          "calls": [1], "total_ms": [1.0], "self_ms": [1.0], "mean_ms": [1.0], "share": [0.5]})
     fig = figures.compare_blocks(summ, summ, "<img src=x onerror=alert(1)>", "b")
     assert "<img" not in fig.layout.title.text and "&lt;img" in fig.layout.title.text
-    assert fig.data[0].x[0] == "decode · &lt;b&gt;x&lt;/b&gt;"
+    assert fig.data[0].x[0] == "&lt;b&gt;x&lt;/b&gt;" and fig.layout.annotations[0].text == "decode"
 
 
 def test_figures_render_inline_in_notebooks(run):
@@ -378,7 +378,7 @@ def test_write_reports_locations(run, tmp_path):
 def test_compare_numbers_are_each_runs_own_summary(attn_runs, tmp_path):
     a, b = attn_runs
     assert a.runs["attn_implementation"].iloc[0] == "eager" and b.runs["attn_implementation"].iloc[0] == "sdpa"
-    html_path, csv_path, sig_path = write_comparison(a, b, tmp_path / "cmp")
+    html_path, csv_path, sig_path, meta_path = write_comparison(a, b, tmp_path / "cmp")
     got = pd.read_csv(csv_path, keep_default_na=False, na_values=[""])
     assert list(got.columns) == ["level", "name", "role", "phase", "a_calls", "b_calls", "a_ms", "b_ms", "diff_ms",
                                  "ratio", "a_mean_ms", "b_mean_ms", "a_total_ms", "b_total_ms", "a_share", "b_share"]
@@ -396,9 +396,41 @@ def test_compare_numbers_are_each_runs_own_summary(attn_runs, tmp_path):
         np.testing.assert_allclose(rows.loc[pos, "ratio"], rows.loc[pos, "b_ms"] / rows.loc[pos, "a_ms"])
         assert rows.loc[~pos, "ratio"].isna().all()
     text = html_path.read_text(encoding="utf-8")
-    assert "eager" in text and "sdpa" in text and 'id="fig-compare-roles"' in text
+    assert "eager" in text and "sdpa" in text and 'id="fig-compare-blocks"' in text
+    # at depth blocks the role level holds the block level's rows: one chart and table, said once
+    assert 'id="fig-compare-roles"' not in text and 'id="role-table"' not in text and 'id="roles-as-blocks"' in text
     assert 'id="differences"' not in text  # same model, depth and prompt: nothing to warn about
     assert write_comparison(a, b, tmp_path / "cmp2")[0].read_bytes() == html_path.read_bytes()
+
+
+def test_compare_figure_puts_each_phase_on_its_own_axis_and_names_its_level(attn_runs):
+    a, b = attn_runs
+    for level in ("block", "role", "module"):
+        fig = figures.compare_blocks(a.summary(level), b.summary(level), "eager", "sdpa")
+        assert fig.layout.title.text.startswith(f"Self time per {level}: A vs B")
+        assert [t.text for t in fig.layout.annotations] == ["prefill", "decode"]
+        by_axis = {}
+        for t in fig.data:
+            by_axis.setdefault(t.yaxis, []).append(t)
+        assert sorted(by_axis) == ["y", "y2"]  # two panels, two independent y axes
+        assert fig.layout.yaxis2.matches is None
+        for axis, phase in (("y", "prefill"), ("y2", "decode")):
+            want = comparison_frame(a, b)
+            want = want[(want["level"] == level) & (want["phase"] == phase)]
+            (ta, tb) = by_axis[axis]
+            assert list(ta.x) == list(want["name"]) and list(ta.y) == pytest.approx(list(want["a_ms"]))
+            assert list(tb.y) == pytest.approx(list(want["b_ms"]))
+        assert [t.showlegend for t in fig.data] == [True, True, False, False]  # each run once in the legend
+
+
+def test_compare_page_shows_roles_where_a_run_recorded_inside_its_blocks(run, tmp_path):
+    from reports.compare import roles_add
+
+    deeper = record(depth="sublayers")
+    assert not roles_add(comparison_frame(run, run)) and roles_add(comparison_frame(run, deeper))
+    text = write_comparison(run, deeper, tmp_path / "cmp")[0].read_text(encoding="utf-8")
+    assert 'id="fig-compare-roles"' in text and 'id="role-table"' in text and 'id="roles-as-blocks"' not in text
+    assert "Self time per role: A vs B" in text and "Per block and phase<br>" not in text
 
 
 def test_compare_keeps_blocks_only_one_side_has(run):

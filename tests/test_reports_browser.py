@@ -135,8 +135,10 @@ def test_sweep_page_renders_offline(browser, pages):
 def test_compare_page_renders(browser, pages):
     ctx, page, log = _open(browser, pages["compare"])
     try:
-        page.wait_for_selector("#fig-compare-roles.js-plotly-plot svg.main-svg", timeout=15_000)
-        assert page.locator("#fig-compare-roles .bars path").count() > 0
+        page.wait_for_selector("#fig-compare-blocks.js-plotly-plot svg.main-svg", timeout=15_000)
+        assert page.locator("#fig-compare-blocks .bars path").count() > 0
+        assert page.locator("#fig-compare-blocks .subplot.xy, #fig-compare-blocks .subplot.x2y2").count() == 2
+        assert page.locator("#fig-compare-roles").count() == 0  # depth blocks: per role is per block
         assert page.locator("h1").inner_text() == "probe compare: A = eager vs B = sdpa"
         assert f"{XSS}-eager" in page.locator("#facts").inner_text()
         page.wait_for_timeout(300)

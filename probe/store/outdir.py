@@ -23,7 +23,9 @@ from .folders import is_run_dir
 
 #: what each kind of output folder may already hold without being refused
 REPORT_FILES = frozenset({"report.html", "trace.json", "csv"})
-COMPARE_FILES = frozenset({"compare.html", "compare.csv", "significance.csv"})
+#: written by ``probe compare`` beside its report: which runs it compared, and when (the dashboard lists it)
+COMPARE_META = "compare.json"
+COMPARE_FILES = frozenset({"compare.html", "compare.csv", "significance.csv", COMPARE_META})
 
 
 class OutError(ValueError):

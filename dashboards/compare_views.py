@@ -1,0 +1,101 @@
+"""The dashboard's Saved comparison view: a folder written by ``probe compare --out``, listed
+as that comparison (never as a broken run), with its significance table and its page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import streamlit as st
+
+from . import data
+from .views import Context, cached, md, show_table
+
+VIEW = "Saved comparison"
+#: the sidebar's pick of a saved comparison (session state key)
+PICK = "comparison"
+
+
+def label(comparisons: dict[str, Path], name: str) -> str:
+    """``name (A vs B)`` for the sidebar, from the folder's ``compare.json`` when it reads."""
+    try:
+        got = _read(comparisons[name])
+    except (ValueError, KeyError):
+        return name
+    a, b = data.comparison_runs(got.meta)
+    return name if a == b == "?" else f"{name} ({a} vs {b})"
+
+
+def _read(path: Path) -> data.Comparison:
+    # keyed on the three files: a comparison written again into the same folder is read again
+    return cached((str(path.expanduser().resolve()), data.comparison_signature(path)), "comparison", (),
+                  lambda: data.read_comparison(path))
+
+
+def open_picked() -> None:
+    """The sidebar pick's callback: show the comparison just picked."""
+    if st.session_state.get(PICK):
+        st.session_state["view"] = VIEW
+
+
+def draw_comparisons(runs_dir: Path, comparisons: dict[str, Path], run_paths: dict[str, Path]) -> None:
+    """The comparison picked in the sidebar (else the first): A and B, the significance table
+    ``probe compare`` wrote, and its ``compare.html``.
+
+    Args:
+        runs_dir: the runs folder (named in the hint when it holds no comparison).
+        comparisons: name -> folder (:attr:`data.Found.comparisons`).
+        run_paths: the runs listed in the sidebar, name -> folder: A and B are named by them
+            when they are in this runs folder.
+    """
+    from reports.compare import significance_table
+
+    if not comparisons:
+        st.info(f"No saved comparison in {md(runs_dir)}. Write one with "
+                f"`probe compare {runs_dir}/A {runs_dir}/B --out {runs_dir}/a-vs-b`; it is listed here, and the "
+                "Compare view compares any two runs live.")
+        return
+    names = list(comparisons)
+    name = st.session_state.get(PICK)
+    name = name if name in comparisons else names[0]
+    path = comparisons[name]
+    try:
+        got = _read(path)
+    except ValueError as exc:
+        st.error(f"Comparison **{md(name)}** cannot be shown: {md(exc)}", icon="⚠️")
+        return
+    st.subheader(md(name))
+    here = {p.expanduser().resolve(): n for n, p in run_paths.items()}
+    lines = []
+    for side in ("a", "b"):
+        info = got.meta.get(side) if isinstance(got.meta.get(side), dict) else {}
+        given, resolved = info.get("path"), info.get("resolved")
+        listed = here.get(Path(resolved)) if resolved else None
+        where = f" — listed here as run **{md(listed)}**" if listed else ""
+        ids = ", ".join(str(i) for i in info.get("run_ids") or [])
+        text = f"`{given}`" if given else "unknown (written before probe recorded it)"
+        if resolved and given and str(Path(given).expanduser().resolve()) != resolved:
+            text += f" (`{resolved}`)"
+        lines.append(f"**{side.upper()}**: {text}{where}" + (f" · run ids {md(ids)}" if ids else ""))
+    st.markdown("  \n".join(lines))
+    if got.meta.get("written"):
+        st.caption(f"Written {md(got.meta['written'])} by `probe compare`, in `{md(path)}`.")
+    if got.html is not None:
+        html = got.html
+        st.download_button("Open compare.html (the full page: charts and every table)", data=lambda: html.read_bytes(),
+                           file_name=f"{Path(name).name if name != '.' else 'compare'}.html", mime="text/html",
+                           key="comparison_html", on_click="ignore")
+        st.caption(f"Or open `{md(html.resolve().as_uri())}` in a browser.")
+    sig = got.significance
+    st.markdown("**Is the difference larger than the noise?** B against A: headline metrics, then blocks per "
+                "phase (self time); every role is in significance.csv.")
+    show_table(significance_table(sig[sig["level"].isin(["metric", "block"])]), "comparison_significance")
+
+
+def saved_comparison(ctx: Context) -> None:
+    """The Saved comparison view (see :func:`draw_comparisons`)."""
+    draw_comparisons(ctx.runs_dir, ctx.comparisons, {n: Path(r.path) for n, r in ctx.loaded.items()
+                                                     if r.path is not None})
+
+
+VIEWS: dict[str, Callable[[Context], None]] = {VIEW: saved_comparison}
