@@ -65,10 +65,11 @@ def add_bad_runs(root: Path, good: Path) -> None:
 
 def store_peaks(run_dir: Path) -> dict:
     """Store the device's peaks in a saved CPU run's ``meta.json``, as ``probe run`` does
-    (measured on this machine, where the run was recorded); returns them."""
-    from probe.hardware import peaks_for_run
+    (measured on this machine, where the run was recorded); returns them. Measured now, busy or
+    not (``probe run`` waits for a quiet machine, which a shared test machine may never be)."""
+    from probe.hardware import measure_peaks
 
-    peaks = peaks_for_run(probe.load(run_dir)).to_dict()
+    peaks = measure_peaks("cpu", probe.load(run_dir).meta.get("dtype") or "float32").to_dict()
     meta = json.loads((run_dir / "meta.json").read_text())
     meta["peaks"] = peaks
     (run_dir / "meta.json").write_text(json.dumps(meta))
