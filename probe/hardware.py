@@ -447,6 +447,26 @@ def cpu_peaks(dtype: Any = "float32", *, measure: bool = True, budget_s: float =
     return pk, "CPU peaks measured now on a quiet machine"
 
 
+def usable(peaks: Peaks | None, run_wait_pct: float | None = None) -> tuple[Peaks | None, str]:
+    """``peaks`` unless they were measured on a busy machine, with the reason when not.
+
+    Busy: the measurement's own run-queue wait passed :data:`QUIET_WAIT_PCT`
+    (:meth:`Peaks.busy`), or the peaks were measured without recording their wait (runs
+    recorded before the figure was cached), at recording time, and the run's noise figure
+    ``run_wait_pct`` (``Run.noise().wait_pct``) says the machine was busy then.
+    """
+    if peaks is None:
+        return None, ""
+    if peaks.busy():
+        return None, (f"the peaks were measured while {peaks.wait_pct:.0f} % of the measurement was spent waiting "
+                      "for a CPU: they measure the neighbours, not the machine")
+    busy_run = run_wait_pct is not None and math.isfinite(run_wait_pct) and run_wait_pct > QUIET_WAIT_PCT
+    if peaks.measured and peaks.wait_pct is None and busy_run:
+        return None, (f"the peaks were measured while recording on a busy machine ({run_wait_pct:.0f} % of the "
+                      "step time was spent waiting for a CPU): they measure the neighbours, not the machine")
+    return peaks, ""
+
+
 def peaks_for(device: Any = "cpu", dtype: Any = "float32", *, device_name: str | None = None,
               measure: bool = True) -> Peaks | None:
     """The roofs for a device: the datasheet table if the GPU is known; a CPU's from
@@ -522,14 +542,18 @@ def peaks_for_run(run: Any, measure: bool = True) -> Peaks | None:
     dtype = text(r["dtype"]) or "float32"
     gpu = text(r["gpu_name"])
     if device.startswith("cuda"):
-        import torch
-
         if gpu is not None:
             # the recorded card's datasheet, wherever the run is read: never the local GPU's
             known = table_peaks(gpu, dtype)
             if known is not None:
                 return known
+        if not measure:
+            return None
+        import torch
+
         local_same = (torch.cuda.is_available() and gpu is not None
                       and _local_cuda_name(device) == gpu)
         return peaks_for(device, dtype, device_name=gpu, measure=measure) if local_same else None
-    return peaks_for("cpu", dtype, measure=measure)
+    if not measure:  # no datasheet for a CPU; nothing of this machine either (no torch import)
+        return None
+    return peaks_for("cpu", dtype)

@@ -6,6 +6,7 @@ computed in the test from the model's own weights and config, never copied from 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -363,6 +364,12 @@ def test_cached_cpu_peaks_are_keyed_by_dtype_and_threads(peaks_cache, monkeypatc
 
 
 # --------------------------------------------------------------------------- roofline
+def quiet(peaks):
+    """``peaks`` as if measured on a quiet machine, as runs store them: the roofline's arithmetic
+    is tested here on this shared machine's real figures, busy or not (refusal: further down)."""
+    return dataclasses.replace(peaks, wait_pct=0.0)
+
+
 @pytest.fixture(scope="module")
 def cpu_run():
     model = dense_llama()
@@ -378,7 +385,7 @@ def cpu_run():
 def test_cpu_roofline_uses_measured_peaks_and_says_so(cpu_run):
     model, run = cpu_run
     calls = cost.annotate(run.calls, model)
-    pk = hardware.measure_peaks("cpu", "float32")
+    pk = quiet(hardware.measure_peaks("cpu", "float32"))
     assert pk.measured
     roof = rl.roofline(calls, pk, run.steps)
     assert {str(d) for d in roof.dtypes} <= set(rl.ROOFLINE.values())
@@ -437,7 +444,7 @@ def test_roofline_figure_draws_the_roofs_and_lists_zero_flop_blocks(cpu_run):
     from reports.cost_figures import roofline as roofline_figure
 
     model, run = cpu_run
-    pk = hardware.measure_peaks("cpu", "float32")
+    pk = quiet(hardware.measure_peaks("cpu", "float32"))
     roof = rl.roofline(cost.annotate(run.calls, model), pk, run.steps)
     fig = roofline_figure(roof, pk)
     assert fig.data[0].name == "roof"
@@ -449,3 +456,110 @@ def test_roofline_figure_draws_the_roofs_and_lists_zero_flop_blocks(cpu_run):
     # same figure from the peaks as stored in JSON
     assert roofline_figure(roof, pk.to_dict()).layout.title.text == fig.layout.title.text
     assert math.isfinite(fig.data[1].x[0])
+
+
+# --------------------------------------------------------------------------- roofline honesty
+@pytest.fixture(scope="module")
+def bundled_run():
+    """The bundled model (4 of its layers) generating on CPU, as `probe run` records it."""
+    model, tok = probe.models.load_bundled(num_hidden_layers=4)
+    ids = tok("The quick brown fox", return_tensors="pt")["input_ids"]
+    with probe.attach(model, model_id=probe.models.BUNDLED_ID) as p:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                       do_sample=False, pad_token_id=0)
+    return p.run
+
+
+def with_meta(run, **meta):
+    return probe.Run(calls=run.calls, steps=run.steps, runs=run.runs, meta={**run.meta, **meta})
+
+
+def busy_copy(run, wait_share: float = 0.85):
+    """``run`` with its generate calls' run-queue wait set so the noise figure is ``wait_share``
+    (the run-queue measure is what `probe run` reads on a busy Linux machine)."""
+    runs = run.runs.copy()
+    cpu = runs["process_cpu_ms"].astype("float64").fillna(10.0)
+    runs["process_cpu_ms"] = cpu
+    runs["cpu_wait_ms"] = cpu * wait_share / (1 - wait_share)
+    return probe.Run(calls=run.calls, steps=run.steps, runs=runs, meta=dict(run.meta))
+
+
+#: peaks as a busy machine measured them (the issue's figures: 0.5 GFLOP/s, a ridge of 0.025)
+BUSY = hardware.Peaks("CPU (x86_64, 2 threads)", "float32", 5e8, 2e10, "measured on this machine", True, wait_pct=86.0)
+
+
+def test_peaks_measured_on_a_busy_machine_draw_no_roofline_and_say_why(bundled_run, tmp_path):
+    from reports.cost_view import cost_view
+    from reports.html import write_html
+
+    run = with_meta(bundled_run, peaks=BUSY.to_dict())
+    view = cost_view(run)
+    assert view.peaks is None and view.has_cost and not view.has_roofs
+    assert "86 % of the measurement was spent waiting for a CPU" in view.note
+    assert "A CPU has no datasheet" in view.note
+    assert view.roof["bound"].isna().all() and view.roof["ridge_flops_per_byte"].isna().all()
+    assert rl.roofline(run.cost(), BUSY, run.steps)["bound"].isna().all()  # never used, even when passed
+    text = write_html(run, tmp_path / "r.html").read_text()
+    assert 'id="fig-roofline"' not in text and "waiting for a CPU" in text
+    # peaks stored before they carried their wait: refused when the run itself was busy
+    legacy = hardware.Peaks(**{**BUSY.to_dict(), "wait_pct": None})
+    busy = busy_copy(with_meta(bundled_run, peaks=legacy.to_dict()))
+    assert busy.noise().busy
+    view = cost_view(busy)
+    assert view.peaks is None and "measured while recording on a busy machine (85 %" in view.note
+    quiet = cost_view(with_meta(bundled_run, peaks=legacy.to_dict()))
+    assert bundled_run.noise().busy or quiet.has_roofs
+
+
+def test_a_point_above_its_roof_is_a_measurement_error_not_a_bound(bundled_run):
+    from reports.cost_figures import roofline as roofline_figure
+
+    low = hardware.Peaks("CPU", "float32", 1e5, 1e5, "too low on purpose", True, wait_pct=0.0)
+    roof = rl.roofline(bundled_run.cost(), low, bundled_run.steps, cpu_wait_pct=0.0)
+    on_axes = roof[roof["flops"] > 0]
+    assert (on_axes["roof_fraction"] > 1).all() and (on_axes["bound"] == "error").all()
+    assert on_axes["reason"].str.startswith("measurement error, not a bound").all()
+    assert not on_axes["bound"].isin(["compute", "memory", "host"]).any()
+    fig = roofline_figure(roof, low)
+    labels = [a.text for a in fig.layout.annotations]
+    assert any("head (" in t and "of roof: measurement error" in t for t in labels)
+    assert "measurement error, not a bound" in labels[-1]
+    assert set(rl.bound_summary(roof)["bound"]) <= set(rl.BOUNDS)
+
+
+def test_host_overhead_is_only_said_when_the_cpu_was_not_waiting(bundled_run):
+    huge = hardware.Peaks("CPU", "float32", 1e16, 1e14, "far above anything", True, wait_pct=0.0)
+    calls = bundled_run.cost()
+    quiet = rl.roofline(calls, huge, bundled_run.steps, cpu_wait_pct=0.0)
+    blocks = quiet[quiet["flops"] > 0]
+    assert (blocks["bound"] == "host").all() and blocks["reason"].str.contains("per-call overhead").all()
+    busy = rl.roofline(calls, huge, bundled_run.steps, cpu_wait_pct=86.0)
+    blocks = busy[busy["flops"] > 0]
+    assert (blocks["bound"] == "wait").all()
+    assert blocks["reason"].str.contains("86 % of the step time was spent waiting for a CPU").all()
+    assert not blocks["reason"].str.contains("per-call overhead, not").any()
+    # without the run's figure: per phase from the steps' wall time beyond their CPU time
+    steps = bundled_run.steps.assign(process_cpu_ms=bundled_run.steps["forward_ms"] * 0.1)
+    per_step = rl.roofline(calls, huge, steps)
+    assert (per_step[per_step["flops"] > 0]["bound"] == "wait").all()
+    # the run's own noise figure reaches the labels through Run.roofline and the cost view
+    from reports.cost_view import cost_view
+
+    view = cost_view(busy_copy(with_meta(bundled_run, peaks=huge.to_dict())))
+    assert (view.roof[view.roof["flops"] > 0]["bound"] == "wait").all()
+
+
+def test_ridge_and_peaks_never_read_zero(bundled_run):
+    from reports.cost_figures import roofline as roofline_figure
+    from reports.cost_view import cost_view
+
+    slow = hardware.Peaks("CPU", "float32", 5e8, 2e10, "a slow machine, quiet", True, wait_pct=1.0)
+    view = cost_view(with_meta(bundled_run, peaks=slow.to_dict()))
+    assert view.has_roofs
+    fig = roofline_figure(view.roof, slow)
+    texts = [a.text for a in fig.layout.annotations] + [fig.layout.title.text, view.peaks_text()]
+    texts += view.roof["reason"].dropna().tolist()
+    assert "ridge 0.0250 FLOP/B" in texts
+    assert "500 MFLOP/s" in fig.layout.title.text and "20.0 GB/s" in fig.layout.title.text
+    assert not any("0.0 FLOP/B" in t or " 0.0 GFLOP/s" in t for t in texts)
+    assert "ridge 0.0250 FLOP/B" in view.roof["reason"].iloc[0]
