@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 
 import pandas as pd
 import pytest
@@ -254,19 +255,53 @@ def test_mixture_of_experts_costs_the_routed_experts_as_flop_counter_counts(batc
         assert counted[row.module] < row.flops < 1.05 * counted[row.module], row.module
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mixtral", "gemma2"])
-def test_a_saved_run_costs_from_its_stored_config_as_from_the_model(model_type, tmp_path):
-    """``probe.load(dir).cost()`` rebuilds a weightless twin from the saved config (in the
-    run's dtype) and gets the costs the live model gives, per call."""
+@pytest.mark.parametrize("model_type", ["llama", "mixtral", "gemma2", "gpt2"])
+def test_a_saved_run_costs_from_its_recorded_facts_and_its_config_as_from_the_model(model_type, tmp_path):
+    """``probe.load(dir).cost()`` reads the modules' coefficients recorded with the run (no
+    model built); a run saved without them (an older probe) rebuilds a weightless twin from its
+    config, in the run's dtype. Both give the costs the live model gives, per call."""
     model = tiny_model(model_type).to(torch.bfloat16)
     ids = torch.randint(3, 96, (2, 20), generator=torch.Generator().manual_seed(2))
     run = record_generate(model, ids, n=3, depth="sublayers")
     saved = probe.load(run.save(tmp_path / "run"))
-    from_config = saved.cost()
+    facts = saved.meta["module_costs"]
+    assert facts["format"] == cost.COSTS_FORMAT and set(facts["modules"]) == set(run.calls["module"])
+    counts = cost.parameter_counts(model, list(facts["modules"]))
+    assert [facts["modules"][m]["parameters"] for m in counts["module"]] == counts["parameters"].tolist()
+    assert [facts["modules"][m]["weight_bytes"] for m in counts["module"]] == counts["weight_bytes"].tolist()
+    from_facts = saved.cost()
+    older = probe.Run(calls=saved.calls, steps=saved.steps, runs=saved.runs,
+                      meta={k: v for k, v in saved.meta.items() if k != "module_costs"})
+    from_config = older.cost()
     from_model = cost.annotate(run.calls, model)
-    assert from_config["flops"].notna().all() and (from_config["bytes_moved"] > 0).all()
-    assert from_config["flops"].tolist() == pytest.approx(from_model["flops"].tolist())
-    assert from_config["bytes_moved"].tolist() == pytest.approx(from_model["bytes_moved"].tolist())
+    for got in (from_facts, from_config):
+        assert got["flops"].notna().all() and (got["bytes_moved"] > 0).all()
+        assert got["flops"].tolist() == pytest.approx(from_model["flops"].tolist())
+        assert got["bytes_moved"].tolist() == pytest.approx(from_model["bytes_moved"].tolist())
+
+
+def test_writing_the_report_of_a_saved_run_imports_neither_transformers_nor_torch(tmp_path):
+    """`probe report` reads the run and writes it: the cost view's model facts come from the
+    run's meta, so no model is built (the fixed cost that made every report take seconds)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(2))
+    run = record_generate(model, ids, n=3)
+    run.meta["peaks"] = hardware.Peaks("CPU", "float32", 5e10, 1e10, "test", True, wait_pct=0.0).to_dict()
+    saved = run.save(tmp_path / "run")
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, probe; from reports import write_reports; "
+            "paths = write_reports(probe.load(sys.argv[1]), sys.argv[1], formats=('html', 'csv')); "
+            "print(len(paths), 'transformers' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(saved)], cwd=root, capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(root)})
+    n, tf, th = out.stdout.split()
+    assert int(n) > 2 and tf == "False" and th == "False", out.stdout + out.stderr
+    text = (saved / "report.html").read_text(encoding="utf-8")
+    assert 'id="fig-roofline"' in text and "No cost estimate" not in text
 
 
 # --------------------------------------------------------------------------- hardware
