@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -400,12 +401,22 @@ def _read_cached(path: Path, key: dict[str, Any]) -> Peaks | None:
 
 
 def _write_cached(path: Path, key: dict[str, Any], peaks: Peaks) -> None:
-    from .run import replace_atomically
-
+    """Write the cache file whole or not at all: a temporary file beside it, then renamed over
+    it (two processes measuring at once leave one complete file)."""
     text = json.dumps({"key": key, "peaks": peaks.to_dict(),
                        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def cpu_peaks(dtype: Any = "float32", *, measure: bool = True, budget_s: float = 0.6) -> tuple[Peaks | None, str]:
