@@ -8,9 +8,9 @@ copy micro-benchmark (:func:`measure_peaks`, well under 2 s), and the result say
 CPU peaks are measured **once per machine, when it is quiet**, and cached
 (:func:`cpu_peaks`): a measurement on a busy machine reads the neighbours' load, not the
 machine (0.5 GFLOP/s, a ridge of "0.0 FLOP/B", blocks at 800 % of their roof). "Quiet" is
-defined by :func:`quiet_now` before measuring and checked again by the measurement's own
-run-queue wait (:data:`QUIET_WAIT_PCT`); a busy machine with no cached figure gets no CPU
-peaks at all, never a busy measurement. The cache lives in ``$XDG_CACHE_HOME/probe/peaks``
+defined by :func:`probe.noise.quiet_now` before measuring and checked again by the
+measurement's own run-queue wait (:data:`QUIET_WAIT_PCT`); a busy machine with no cached
+figure gets no CPU peaks at all, never a busy measurement. The cache lives in ``$XDG_CACHE_HOME/probe/peaks``
 (``~/.cache/probe/peaks``), one small JSON file per CPU model, core count, torch version,
 dtype and thread count.
 """
@@ -282,82 +282,11 @@ def measure_peaks(device: Any = "cpu", dtype: Any = "float32", budget_s: float =
 
 
 # --------------------------------------------------------------------------- quiet CPU peaks
-#: Linux's load figures: ``load1 load5 load15 runnable/total last_pid``
-LOADAVG = "/proc/loadavg"
 #: a measurement during which this process's threads waited for a CPU more than this share of
 #: (wait + CPU time), in percent, is thrown away (the same bar as a run's noise figure)
 QUIET_WAIT_PCT = 10.0
 #: bump when the cache file's layout or the micro-benchmark changes: older files are ignored
 CACHE_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Whether the machine is quiet enough to measure its peaks, and the numbers behind it."""
-
-    quiet: bool
-    why: str
-
-
-def _own_running_threads() -> int:
-    """Threads of this process the kernel has running or runnable now (state ``R``)."""
-    n = 0
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return 1
-    for tid in tids:
-        try:
-            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if stat[stat.rfind(b")") + 2:][:1] == b"R":  # the field after "(comm)": comm may hold spaces
-            n += 1
-    return max(n, 1)  # the reading thread runs
-
-
-def quiet_now(threads: int | None = None, samples: int = 5, interval_s: float = 0.01) -> Verdict:
-    """Is the machine quiet enough to measure its CPU peaks now?
-
-    Quiet means every thread the measurement will use finds a CPU no other work wants: in the
-    median of ``samples`` reads of ``/proc/loadavg`` (``interval_s`` apart), the runnable
-    tasks other than this process's own running threads, plus ``threads`` (torch's), fit in the
-    machine's CPUs. The load average itself is not used: it lags by a minute and counts this
-    process's own generate calls. Where there is no ``/proc/loadavg`` (not Linux), the
-    1-minute load average must leave a CPU for each thread. The measurement then checks
-    itself (:data:`QUIET_WAIT_PCT`), so a verdict of "quiet" is necessary, not sufficient.
-
-    Args:
-        threads: threads the measurement will run (default: ``torch.get_num_threads()``).
-        samples, interval_s: how many instantaneous reads, how far apart.
-    """
-    if threads is None:
-        import torch
-
-        threads = torch.get_num_threads()
-    cpus = os.cpu_count() or 1
-    others: list[int] = []
-    for i in range(samples):
-        try:
-            with open(LOADAVG, encoding="ascii") as f:
-                runnable = int(f.read().split()[3].split("/")[0])
-        except (OSError, IndexError, ValueError):
-            break
-        others.append(max(0, runnable - _own_running_threads()))
-        if i + 1 < samples:
-            time.sleep(interval_s)
-    if others:
-        other = sorted(others)[len(others) // 2]
-        ok = other + threads <= cpus
-        return Verdict(ok, f"{other} other runnable task{'s' if other != 1 else ''} + {threads} torch "
-                           f"thread{'s' if threads != 1 else ''} {'≤' if ok else '>'} {cpus} CPUs ({LOADAVG})")
-    try:
-        load1 = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return Verdict(False, "no load figures on this system")
-    ok = load1 + threads <= cpus
-    return Verdict(ok, f"1-minute load {load1:.2f} + {threads} torch threads {'≤' if ok else '>'} {cpus} CPUs")
 
 
 def _cpu_model() -> str:
@@ -442,6 +371,8 @@ def cpu_peaks(dtype: Any = "float32", *, measure: bool = True, budget_s: float =
         return cached, f"CPU peaks from the cache ({path})"
     if not measure:
         return None, f"no cached CPU peaks for this machine ({path})"
+    from .noise import quiet_now
+
     verdict = quiet_now(threads)
     if not verdict.quiet:
         return None, (f"CPU peaks not measured: the machine is busy ({verdict.why}); they are measured once, "

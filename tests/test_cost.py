@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import probe
-from probe import cost, hardware, schema
+from probe import cost, hardware, noise, schema
 from probe import roofline as rl
 from probe.schema import BLOCK_ROLES
 from tiny import tiny_config, tiny_model
@@ -351,7 +351,7 @@ def peaks_cache(tmp_path, monkeypatch):
 def test_cpu_peaks_are_measured_once_when_quiet_and_then_read_from_the_cache(cpu_run, peaks_cache, tmp_path,
                                                                             monkeypatch):
     _, run = cpu_run
-    monkeypatch.setattr(hardware, "LOADAVG", loadavg(tmp_path, 0))  # nothing else runnable
+    monkeypatch.setattr(noise, "LOADAVG", loadavg(tmp_path, 0))  # nothing else runnable
     before = hardware.measurements()
     first = hardware.peaks_for_run(run)
     assert hardware.measurements() == before + 1
@@ -364,7 +364,7 @@ def test_cpu_peaks_are_measured_once_when_quiet_and_then_read_from_the_cache(cpu
     assert key["threads"] == torch.get_num_threads() and key["dtype"] == "float32"
     assert key["torch_version"] == torch.__version__ and key["cpu_count"] >= 1 and key["cpu_model"]
     # later runs reuse the figure, even on a busy machine: no measurement, the file untouched
-    monkeypatch.setattr(hardware, "LOADAVG", loadavg(tmp_path, 64))
+    monkeypatch.setattr(noise, "LOADAVG", loadavg(tmp_path, 64))
     again = hardware.peaks_for_run(run)
     assert hardware.measurements() == before + 1 and again == first
     assert files[0].stat().st_mtime_ns == mtime
@@ -373,8 +373,8 @@ def test_cpu_peaks_are_measured_once_when_quiet_and_then_read_from_the_cache(cpu
 
 def test_a_busy_machine_gets_no_cpu_peaks_and_is_told_why(cpu_run, peaks_cache, tmp_path, monkeypatch, caplog):
     _, run = cpu_run
-    monkeypatch.setattr(hardware, "LOADAVG", loadavg(tmp_path, 64))  # 64 runnable tasks on this machine
-    verdict = hardware.quiet_now()
+    monkeypatch.setattr(noise, "LOADAVG", loadavg(tmp_path, 64))  # 64 runnable tasks on this machine
+    verdict = noise.quiet_now()
     assert not verdict.quiet and "other runnable tasks" in verdict.why
     before = hardware.measurements()
     with caplog.at_level("WARNING", logger="probe.hardware"):
