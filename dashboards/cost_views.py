@@ -15,6 +15,7 @@ import pandas as pd
 import streamlit as st
 
 import probe
+from probe import fmt
 from reports.cost_view import COST_NOTE
 
 from . import data
@@ -44,11 +45,6 @@ def roofline_parts(run: probe.Run) -> dict:
     return parts
 
 
-def _rate(value: float, unit: str) -> str:
-    """``value`` per second in its giga or tera form, e.g. ``52.3 GFLOP/s``."""
-    return f"{value / 1e12:,.1f} T{unit}/s" if value >= 1e12 else f"{value / 1e9:,.1f} G{unit}/s"
-
-
 def roofline(ctx: Context) -> None:
     """Per block and phase: achieved throughput against the device's roofs, the bound and why."""
     name = ctx.selected[0]
@@ -68,9 +64,9 @@ def roofline(ctx: Context) -> None:
     if view.has_roofs:
         pk = view.peaks
         cols = st.columns(3)
-        cols[0].metric("Peak compute", _rate(pk.flops_per_s, "FLOP"), help=f"{pk.dtype}, dense")
-        cols[1].metric("Peak bandwidth", _rate(pk.bytes_per_s, "B"))
-        cols[2].metric("Ridge point", f"{pk.ridge_flops_per_byte:,.1f} FLOP/B",
+        cols[0].metric("Peak compute", fmt.flop_s(pk.flops_per_s), help=f"{pk.dtype}, dense")
+        cols[1].metric("Peak bandwidth", fmt.byte_s(pk.bytes_per_s))
+        cols[2].metric("Ridge point", fmt.intensity(pk.ridge_flops_per_byte),
                        help="Above this intensity a block can be compute bound; below it, memory bound")
         st.caption(md(view.peaks_text()))
         show_chart(parts["figure"], "roofline_chart")

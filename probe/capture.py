@@ -312,9 +312,9 @@ class Probe:
         if self._facts is None:
             from .frames import model_facts
 
-            self._facts = model_facts(self.model, self.model_id, rec.cuda_device)
+            self._facts = model_facts(self.model, self.model_id, rec.cuda_device, rec.modules)
         return rec.records(depth=self.depth, compiled=self.compiled, calibration=dict(self._calibration),
-                           env=self._facts["env"], config=self._facts["config"])
+                           env=self._facts["env"], config=self._facts["config"], costs=self._facts["costs"])
 
     @property
     def run(self):

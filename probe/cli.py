@@ -1199,7 +1199,18 @@ def cmd_shapes(args) -> int:
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1; got {args.batch_size}")
-    target = resolve_model_arg(args.model, args.preset)
+    if args.model and not args.preset:  # a preset name works as MODEL; a folder or a model name wins
+        try:
+            models.resolve_model(args.model)
+        except ValueError:
+            if models.find_preset(args.model):
+                args.model, args.preset = None, args.model
+    try:
+        target = resolve_model_arg(args.model, args.preset)
+    except CLIError as exc:
+        if args.preset:
+            raise
+        raise CLIError(f"{exc}; or a preset (architecture only): {', '.join(models.preset_names())}") from exc
     folder = None
     if args.preset:
         target, title = args.preset, args.preset

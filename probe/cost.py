@@ -29,15 +29,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields as dc_fields
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from torch import nn
 
 from .dtypes import itemsize, torch_dtype
 from .schema import COST
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+# torch is imported by the functions that walk a module tree, not here: a saved run whose meta
+# holds its modules' coefficients (``module_costs``) is costed without torch or transformers.
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +206,8 @@ def _is_attention(m: nn.Module) -> bool:
 
 
 def _is_activation(m: nn.Module) -> bool:
+    from torch import nn
+
     name = type(m).__name__
     return isinstance(m, (nn.SiLU, nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Mish)) or "Activation" in name \
         or name.startswith(("GELU", "SiLU", "ReLU", "QuickGELU", "FastGELU", "NewGELU", "PytorchGELU"))
@@ -208,6 +215,8 @@ def _is_activation(m: nn.Module) -> bool:
 
 def _linear_dims(m: nn.Module) -> tuple[int, int, bool] | None:
     """(in, out, has_bias) for nn.Linear and GPT-2's Conv1D (weight stored as [in, out])."""
+    from torch import nn
+
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features, m.bias is not None
     if type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2:
@@ -236,6 +245,8 @@ def _expert_scale(module: nn.Module, config: Any) -> dict[int, float]:
     of its ``E`` entries, so every module in it works on ``k/E`` of the tokens on average.
     (Fused ``[E, out, in]`` banks, the 5.x layout, are costed from their parameters instead.)
     """
+    from torch import nn
+
     counts = _moe_counts(config)
     if counts is None:
         return {}
@@ -286,6 +297,8 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
     Returns:
         The coefficients; all zero for a module with no known cost (a rotary embedding).
     """
+    from torch import nn
+
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     c = ModuleCost()
     mods = list(module.named_modules())
@@ -383,6 +396,98 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
     return c
 
 
+# --------------------------------------------------------------------------- recorded with the run
+#: bump when :class:`ModuleCost` or :func:`module_cost` changes meaning: older runs are costed
+#: from their config again (a meta-device model), as runs saved before ``module_costs``
+COSTS_FORMAT = 1
+_FIELDS = tuple(f.name for f in dc_fields(ModuleCost) if f.name != "ids_input")
+
+
+def module_costs(model: nn.Module, modules: list[tuple[str, str | None]]) -> dict[str, Any]:
+    """The facts a saved run needs to be costed without its model: per recorded module, its
+    :class:`ModuleCost` coefficients, parameters and weight bytes (JSON-able).
+
+    Args:
+        model: the recorded model.
+        modules: ``(qualified name, role)`` of each recorded module.
+    Returns:
+        ``{"format", "weight_itemsize", "modules": {name: {coefficient: value, ...,
+        "ids_input", "parameters", "weight_bytes"}}}``; an unbounded attention span is ``None``.
+        Stored as ``meta["module_costs"]`` and read back by :func:`annotate` given a run.
+    """
+    cfg = getattr(model, "config", None)
+    first = next(iter(model.parameters()), None)
+    names = dict(model.named_modules())
+    out: dict[str, Any] = {}
+    for name, role in modules:
+        mod = names.get(name)
+        if mod is None or name in out:
+            continue
+        mc = module_cost(mod, cfg, role)
+        entry: dict[str, Any] = {f: (None if math.isinf(v := float(getattr(mc, f))) else v) for f in _FIELDS}
+        seen = {id(p): p for p in mod.parameters()}
+        entry.update(ids_input=bool(mc.ids_input), parameters=int(sum(p.numel() for p in seen.values())),
+                     weight_bytes=int(sum(p.numel() * p.element_size() for p in seen.values())))
+        out[name] = entry
+    return {"format": COSTS_FORMAT, "weight_itemsize": float(first.element_size()) if first is not None else 4.0,
+            "modules": out}
+
+
+def recorded_costs(obj: Any) -> dict[str, Any] | None:
+    """``meta["module_costs"]`` of a run (anything with a ``meta`` dict and ``calls``), if it
+    holds usable ones of this :data:`COSTS_FORMAT`; else ``None``."""
+    meta = getattr(obj, "meta", None)
+    if not isinstance(meta, dict) or not hasattr(obj, "calls"):
+        return None
+    facts = meta.get("module_costs")
+    if not isinstance(facts, dict) or facts.get("format") != COSTS_FORMAT or not isinstance(facts.get("modules"), dict):
+        return None
+    return facts
+
+
+def _table_from_facts(facts: dict[str, Any], mod_uniques, nm: int) -> tuple[dict, np.ndarray, float] | None:
+    """The coefficient table of :func:`annotate` from recorded facts; ``None`` when a recorded
+    call's module is missing from them (costed from the config instead)."""
+    mods = facts["modules"]
+    if any(str(m) not in mods for m in mod_uniques):
+        return None
+    table = {f: np.full(nm + 1, np.nan) for f in _FIELDS}
+    ids_input = np.zeros(nm + 1, dtype=bool)
+    for code, name in enumerate(mod_uniques):
+        entry = mods[str(name)]
+        for f in _FIELDS:
+            v = entry.get(f)
+            table[f][code] = math.inf if v is None and f == "window" else (np.nan if v is None else float(v))
+        ids_input[code] = bool(entry.get("ids_input"))
+    return table, ids_input, float(facts.get("weight_itemsize") or 4.0)
+
+
+def _table_from_model(model: nn.Module, calls: pd.DataFrame, mod_codes: np.ndarray, mod_uniques,
+                      nm: int) -> tuple[dict, np.ndarray, float]:
+    """The coefficient table of :func:`annotate`: one :func:`module_cost` per distinct module."""
+    cfg = getattr(model, "config", None)
+    first_param = next(iter(model.parameters()), None)
+    w_default = float(first_param.element_size()) if first_param is not None else 4.0
+    names = dict(model.named_modules())
+    table = {f: np.full(nm + 1, np.nan) for f in _FIELDS}
+    ids_input = np.zeros(nm + 1, dtype=bool)
+    first_rows = pd.Series(mod_codes).drop_duplicates()
+    role_col = calls["role"]
+    for row, code in zip(first_rows.index, first_rows.to_numpy()):
+        if code < 0:
+            continue
+        mod = names.get(str(mod_uniques[code]))
+        if mod is None:
+            log.debug("annotate: module %s not in the model; its cost is NaN", mod_uniques[code])
+            continue
+        role = role_col.iloc[int(row)]
+        mc = module_cost(mod, cfg, None if pd.isna(role) else str(role))
+        for f in _FIELDS:
+            table[f][code] = getattr(mc, f)
+        ids_input[code] = mc.ids_input
+    return table, ids_input, w_default
+
+
 # --------------------------------------------------------------------------- annotate
 def model_from_config(config: Any, dtype: Any = None) -> nn.Module:
     """A meta-device model of ``config`` (no memory) whose weights give the shapes and itemsizes.
@@ -418,6 +523,8 @@ def resolve_model(model_or_config: Any, dtype: Any = None) -> nn.Module:
     A run is told by its data (a ``meta`` dict beside a ``calls`` frame), so the cost model
     needs nothing of :mod:`probe.run`, which calls it.
     """
+    from torch import nn
+
     if isinstance(model_or_config, nn.Module):
         return model_or_config
     if isinstance(getattr(model_or_config, "meta", None), dict) and hasattr(model_or_config, "calls"):
@@ -449,8 +556,10 @@ def annotate(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) ->
         calls: a calls frame (``Run.calls``); needs ``module``, ``role``, ``in_shapes``,
             ``q_len``, ``kv_len``, ``batch`` and ``dtype``.
         model_or_config: the recorded model (weights give the dims and the weight dtype), or
-            its config / ``config.to_dict()`` / a :class:`probe.Run` whose meta holds the
-            config (a meta-device twin is built: no memory, no compute).
+            its config / ``config.to_dict()`` / a :class:`probe.Run`. A run recorded with its
+            modules' coefficients (``meta["module_costs"]``, see :func:`module_costs`) is costed
+            from them (no model is built, nothing of torch or transformers is imported); an
+            older run from its config (a meta-device twin: no memory, no compute).
         dtype: weight dtype when building from a config (default: the config's, else float32).
     Returns:
         A copy of ``calls`` with the three float64 columns; NaN for rows whose module is not
@@ -464,33 +573,16 @@ def annotate(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) ->
     n = len(calls)
     if n == 0:
         return calls.assign(**{col: pd.Series([], dtype=dt, index=calls.index) for col, dt in COST.items()})
-    model = resolve_model(model_or_config, dtype)
-    cfg = getattr(model, "config", None)
-    first_param = next(iter(model.parameters()), None)
-    w_default = float(first_param.element_size()) if first_param is not None else 4.0
 
-    # 1. per distinct module: its coefficients
+    # 1. per distinct module: its coefficients, as recorded with the run or from the model
     mod_codes, mod_uniques = pd.factorize(calls["module"], use_na_sentinel=True)
-    names = dict(model.named_modules())
-    fields = ("f_tok", "f_elem", "f_score", "b_const", "bw_tok", "e_tok", "e_elem", "e_kv", "b_moe", "moe_frac",
-              "window")
     nm = len(mod_uniques)
-    table = {f: np.full(nm + 1, np.nan) for f in fields}
-    ids_input = np.zeros(nm + 1, dtype=bool)
-    first_rows = pd.Series(mod_codes).drop_duplicates()
-    role_col = calls["role"]
-    for row, code in zip(first_rows.index, first_rows.to_numpy()):
-        if code < 0:
-            continue
-        mod = names.get(str(mod_uniques[code]))
-        if mod is None:
-            log.debug("annotate: module %s not in the model; its cost is NaN", mod_uniques[code])
-            continue
-        role = role_col.iloc[int(row)]
-        mc = module_cost(mod, cfg, None if pd.isna(role) else str(role))
-        for f in fields:
-            table[f][code] = getattr(mc, f)
-        ids_input[code] = mc.ids_input
+    facts = recorded_costs(model_or_config) if dtype is None else None
+    found = _table_from_facts(facts, mod_uniques, nm) if facts is not None else None
+    if found is None:
+        found = _table_from_model(resolve_model(model_or_config, dtype), calls, mod_codes, mod_uniques, nm)
+    table, ids_input, w_default = found
+    fields = _FIELDS
     # 2. per distinct shape string and dtype
     shp_codes, shp_uniques = pd.factorize(calls["in_shapes"], use_na_sentinel=True)
     parsed = np.array([_parse_first_shape(s) for s in shp_uniques] + [(math.nan, math.nan, math.nan, 0.0)])

@@ -8,6 +8,9 @@ everywhere.
 - shares: :func:`pct` from a fraction (``0.984`` -> ``98.4%``);
 - throughput: :func:`tok_s` (``0.62``, ``8.01``, ``37.5``, ``1,234``);
 - counts: :func:`count` (``1,234``); shapes: :func:`shape` (``[1, 7, 4096]``);
+- rates and ratios: :func:`sig` (three significant digits, never ``0.0`` for a small positive
+  value: ``0.0252``), :func:`flop_s` (``523 MFLOP/s``, ``52.3 GFLOP/s``), :func:`byte_s`
+  (``9.10 GB/s``), :func:`intensity` (``0.0252 FLOP/B``);
 - layer indices: :func:`index_set` (``{0..31}``, ``{0..4,6..31}``).
 
 A missing value (``None``, ``NaN``, ``pd.NA``) is an empty string, never ``nan`` or ``<NA>``.
@@ -24,7 +27,8 @@ from typing import TYPE_CHECKING, Iterable
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["cell", "count", "frame", "index_set", "is_missing", "ms", "nbytes", "pct", "shape", "table", "tok_s"]
+__all__ = ["byte_s", "cell", "count", "flop_s", "frame", "index_set", "intensity", "is_missing", "ms", "nbytes", "pct",
+           "shape", "sig", "table", "tok_s"]
 
 _MS_COLUMN = re.compile(r"(^|_)ms($|_)")  # total_ms, tpot_ms_p50, gpu_total_ms ...
 
@@ -136,6 +140,52 @@ def tok_s(value: object, unit: bool = False) -> str:
     a = abs(v)
     text = f"{v:,.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}"
     return text + (" tok/s" if unit else "")
+
+
+def sig(value: object, digits: int = 3) -> str:
+    """``value`` with ``digits`` significant digits (``0.0252``, ``52.3``, ``1,234``): a small
+    positive number never reads ``0.0``."""
+    if is_missing(value):
+        return ""
+    v = float(value)
+    if (s := _special(v)) is not None:
+        return s
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 10 ** digits:
+        return f"{v:,.0f}"
+    return f"{v:.{max(0, digits - 1 - math.floor(math.log10(a)))}f}"
+
+
+def _scaled(value: object, unit: str, scales: tuple[tuple[str, float], ...]) -> str:
+    if is_missing(value):
+        return ""
+    v = float(value)
+    if (s := _special(v)) is not None:
+        return s
+    for prefix, scale in scales:
+        if abs(v) >= scale:
+            return f"{sig(v / scale)} {prefix}{unit}"
+    return f"{sig(v)} {unit}"
+
+
+_SI = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3))
+
+
+def flop_s(value: object) -> str:
+    """FLOP per second with an SI prefix, three significant digits: ``523 MFLOP/s``, ``52.3 GFLOP/s``."""
+    return _scaled(value, "FLOP/s", _SI)
+
+
+def byte_s(value: object) -> str:
+    """Bytes per second, decimal units as bandwidth is quoted: ``9.10 GB/s``, ``3.35 TB/s``."""
+    return _scaled(value, "B/s", _SI)
+
+
+def intensity(value: object) -> str:
+    """Arithmetic intensity: ``0.0252 FLOP/B``, ``295 FLOP/B``."""
+    return "" if is_missing(value) else f"{sig(value)} FLOP/B"
 
 
 def count(value: object) -> str:

@@ -7,6 +7,7 @@ bytes) is done once per distinct signature.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,8 @@ from .schema import CALLS, REQUESTS, RUNS, STEPS, BLOCK_ROLES
 if TYPE_CHECKING:  # pragma: no cover
     from .recorder import Records
     from .run import Run
+
+log = logging.getLogger(__name__)
 
 _NS = 1e-6  # ns -> ms
 
@@ -131,6 +134,7 @@ def build_run(p: "Records") -> "Run":
         "rank": p.rank,
         "modules": [m.__dict__ for m in p.modules],
         "config": p.config,
+        "module_costs": p.costs,
         "calibration": p.calibration,
         **env,
     }
@@ -485,9 +489,23 @@ def _real_lengths(run) -> list[int]:
     return []
 
 
-def model_facts(model, model_id: str | None, cuda_device) -> dict:
-    """What a run records about its model and software: ``{"env": ..., "config": ...}``."""
-    return {"env": _environment(model, model_id, cuda_device), "config": _config_dict(model)}
+def model_facts(model, model_id: str | None, cuda_device, modules: list | None = None) -> dict:
+    """What a run records about its model and software: ``{"env": ..., "config": ...,
+    "costs": ...}``; ``costs`` (the recorded ``modules``' cost coefficients, parameters and
+    weight bytes) lets a saved run be costed without building its model."""
+    return {"env": _environment(model, model_id, cuda_device), "config": _config_dict(model),
+            "costs": _module_costs(model, modules or [])}
+
+
+def _module_costs(model, modules: list) -> dict | None:
+    """:func:`probe.cost.module_costs` of the recorded modules (``ModuleInfo``), or ``None``."""
+    from .cost import module_costs
+
+    try:
+        return module_costs(model, [(m.name, m.role) for m in modules])
+    except Exception:  # an exotic module must not cost the user their frames: costed from the config later
+        log.debug("module costs not recorded", exc_info=True)
+        return None
 
 
 def _config_dict(model) -> dict | None:

@@ -52,12 +52,14 @@ __all__ = [
     "build_preset",
     "bundled_config",
     "default_model_name",
+    "find_preset",
     "load_bundled",
     "load_model",
     "load_named",
     "load_smollm2",
     "load_tokenizer",
     "preset_config",
+    "preset_names",
     "preset_source",
     "resolve_dtype",
     "resolve_model",
@@ -353,6 +355,19 @@ def _normalize_preset_name(name: str) -> str:
         valid = ", ".join(sorted(PRESETS) + sorted(_PRESET_ALIASES))
         raise ValueError(f"Unknown preset {name!r}. Valid presets: {valid}.")
     return key
+
+
+def find_preset(name: str) -> str | None:
+    """The :data:`PRESETS` key ``name`` stands for (case-insensitive, ``_`` for ``-``), else ``None``."""
+    try:
+        return _normalize_preset_name(name)
+    except ValueError:
+        return None
+
+
+def preset_names() -> list[str]:
+    """Every preset name :func:`find_preset` accepts, sorted (for error messages and help)."""
+    return sorted(PRESETS) + sorted(_PRESET_ALIASES)
 
 
 def preset_source(name: str) -> str:

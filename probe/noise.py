@@ -22,6 +22,9 @@ both recorded while profiling, neither an estimate of what the step "should" cos
   of waiting; ``cpu / n`` bounds what the step could have taken. On CUDA the host may sleep in
   a synchronisation, so this measure is used on CPU runs only.
 
+:func:`quiet_now` asks the same question before a measurement of the machine itself (the CPU's
+peaks, :func:`probe.hardware.cpu_peaks`): will the threads it runs each find a free CPU?
+
 The run's **noise figure** (:func:`busy`) is the larger of the two shares available; above
 :data:`BUSY_THRESHOLD_PCT` the terminal, the HTML report and the dashboard say the machine was
 busy. What it affects: host times (``calls.cpu_ms``, ``steps.forward_ms``/``outside_ms``) and
@@ -49,6 +52,8 @@ BUSY_THRESHOLD_PCT = 10.0
 STEP_THRESHOLD = 0.2
 
 _TASKS = "/proc/self/task"
+#: Linux's load figures: ``load1 load5 load15 runnable/total last_pid``
+LOADAVG = "/proc/loadavg"
 
 
 def cores_available() -> int:
@@ -233,3 +238,74 @@ def busy(steps: pd.DataFrame, runs: pd.DataFrame | None = None, meta: dict | Non
         threads=int(threads) if isinstance(threads, (int, float)) else None,
         cores=int(cores) if isinstance(cores, (int, float)) else None, cuda=cuda,
     )
+
+
+# --------------------------------------------------------------------------- quiet enough to measure?
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the machine is quiet enough to measure its peaks, and the numbers behind it."""
+
+    quiet: bool
+    why: str
+
+
+def _own_running_threads() -> int:
+    """Threads of this process the kernel has running or runnable now (state ``R``)."""
+    n = 0
+    try:
+        tids = os.listdir(_TASKS)
+    except OSError:
+        return 1
+    for tid in tids:
+        try:
+            with open(f"{_TASKS}/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.rfind(b")") + 2:][:1] == b"R":  # the field after "(comm)": comm may hold spaces
+            n += 1
+    return max(n, 1)  # the reading thread runs
+
+
+def quiet_now(threads: int | None = None, samples: int = 5, interval_s: float = 0.01) -> Verdict:
+    """Is the machine quiet enough to measure its CPU peaks now?
+
+    Used before measuring the CPU's peaks (:func:`probe.hardware.cpu_peaks`). Quiet means every
+    thread the measurement will use finds a CPU no other work wants: in the
+    median of ``samples`` reads of ``/proc/loadavg`` (``interval_s`` apart), the runnable
+    tasks other than this process's own running threads, plus ``threads`` (torch's), fit in the
+    machine's CPUs. The load average itself is not used: it lags by a minute and counts this
+    process's own generate calls. Where there is no ``/proc/loadavg`` (not Linux), the
+    1-minute load average must leave a CPU for each thread. The measurement then checks
+    itself (:data:`probe.hardware.QUIET_WAIT_PCT`), so a verdict of "quiet" is necessary, not sufficient.
+
+    Args:
+        threads: threads the measurement will run (default: ``torch.get_num_threads()``).
+        samples, interval_s: how many instantaneous reads, how far apart.
+    """
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    cpus = os.cpu_count() or 1
+    others: list[int] = []
+    for i in range(samples):
+        try:
+            with open(LOADAVG, encoding="ascii") as f:
+                runnable = int(f.read().split()[3].split("/")[0])
+        except (OSError, IndexError, ValueError):
+            break
+        others.append(max(0, runnable - _own_running_threads()))
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    if others:
+        other = sorted(others)[len(others) // 2]
+        ok = other + threads <= cpus
+        return Verdict(ok, f"{other} other runnable task{'s' if other != 1 else ''} + {threads} torch "
+                           f"thread{'s' if threads != 1 else ''} {'≤' if ok else '>'} {cpus} CPUs ({LOADAVG})")
+    try:
+        load1 = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return Verdict(False, "no load figures on this system")
+    ok = load1 + threads <= cpus
+    return Verdict(ok, f"1-minute load {load1:.2f} + {threads} torch threads {'≤' if ok else '>'} {cpus} CPUs")

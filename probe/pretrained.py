@@ -147,11 +147,16 @@ def _file_sha256(path: pathlib.Path) -> str:
 
 
 # --------------------------------------------------------------------------- the cache
-def cache_root() -> pathlib.Path:
-    """Where converted models live: ``$XDG_CACHE_HOME/probe/models`` (``~/.cache/probe/models``)."""
+def user_cache_dir() -> pathlib.Path:
+    """probe's folder in the user cache: ``$XDG_CACHE_HOME/probe`` (``~/.cache/probe``)."""
     base = os.environ.get("XDG_CACHE_HOME") or ""
     root = pathlib.Path(base) if os.path.isabs(base) else pathlib.Path.home() / ".cache"
-    return root / "probe" / "models"
+    return root / "probe"
+
+
+def cache_root() -> pathlib.Path:
+    """Where converted models live: ``$XDG_CACHE_HOME/probe/models`` (``~/.cache/probe/models``)."""
+    return user_cache_dir() / "models"
 
 
 def _transformers_major() -> int:

@@ -114,6 +114,7 @@ class Records:
     calibration: dict
     env: dict = field(default_factory=dict)
     config: dict | None = None
+    costs: dict | None = None  # probe.cost.module_costs of the recorded modules
     sampling: dict = field(default_factory=dict)  # run id -> probe.sampling stage records
 
 

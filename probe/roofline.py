@@ -5,29 +5,45 @@ Input: a calls frame annotated by :func:`probe.cost.annotate` and the device's
 
 How a row is labelled (the numbers behind it are in ``reason``):
 
+- ``error``: the row reaches more than 100 % of its roof. No device beats its own roof, so
+  this is a measurement error, not a bound: the peaks are too low (a CPU measured on a busy
+  machine), the time is wrong, or the cost estimate is; for a row under the bandwidth roof
+  its data may also have come from a cache faster than the memory the roof measures.
 - ``host``: on a GPU, the host took at least as long as the GPU (the GPU waited for kernel
   launches), or — for the whole forward — the GPU sat idle between blocks for at least
   :data:`GPU_IDLE_HOST_FRACTION` of the step. Where there is no GPU (a CPU run), a row that
   reaches less than :data:`OVERHEAD_FRACTION` of the roof at its intensity is labelled
-  ``host`` too: framework overhead, not arithmetic or memory traffic, sets its time.
+  ``host`` too: framework overhead, not arithmetic or memory traffic, sets its time —
+  but only when the CPU was not waiting:
+- ``wait``: such a CPU row of a phase whose steps spent more than
+  :data:`probe.noise.BUSY_THRESHOLD_PCT` of their time waiting for a CPU (the run's noise
+  figure, or the steps' wall time beyond CPU time): the machine was busy, and waiting for a
+  CPU, not this block's work nor per-call overhead, is what the time shows.
 - otherwise ``compute`` if its arithmetic intensity is at or above the ridge point
   (peak FLOP/s ÷ peak bytes/s), else ``memory``.
+
+Peaks measured while the machine was busy (:meth:`probe.hardware.Peaks.busy`) are never
+used: the rows get no roofs and no bounds.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from . import fmt, schema
 from .hardware import Peaks
-from . import schema
+from .noise import BUSY_THRESHOLD_PCT
 from .schema import BLOCK_ROLES, BOUND_SUMMARY, PHASES, ROOFLINE
 
-Bound = Literal["compute", "memory", "host"]
-BOUNDS: tuple[str, ...] = ("compute", "memory", "host")
+log = logging.getLogger(__name__)
+
+Bound = Literal["compute", "memory", "host", "wait", "error"]
+BOUNDS: tuple[str, ...] = ("compute", "memory", "host", "wait", "error")
 
 #: Below this fraction of the attainable roof, a host-timed (CPU) row is overhead-bound.
 OVERHEAD_FRACTION = 0.10
@@ -44,13 +60,12 @@ def _conform(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _fmt_flops(v: float) -> str:
-    if not np.isfinite(v):
-        return "n/a"
-    return f"{v / 1e12:,.2f} TFLOP/s" if v >= 1e12 else f"{v / 1e9:,.2f} GFLOP/s"
+    return fmt.flop_s(v) if np.isfinite(v) else "n/a"
 
 
 def _classify(flops_s: np.ndarray, bytes_s: np.ndarray, intensity: np.ndarray, host_ms: np.ndarray,
-              gpu_ms: np.ndarray, idle: np.ndarray, on_gpu: np.ndarray, peaks: Peaks) -> tuple[list, list]:
+              gpu_ms: np.ndarray, idle: np.ndarray, on_gpu: np.ndarray, wait_pct: np.ndarray,
+              peaks: Peaks) -> tuple[list, list]:
     """Label each row and write the numbers that decided it."""
     ridge = peaks.ridge_flops_per_byte
     where = "measured" if peaks.measured else "datasheet"
@@ -60,36 +75,64 @@ def _classify(flops_s: np.ndarray, bytes_s: np.ndarray, intensity: np.ndarray, h
         # use of the binding resource: f / roof for a positive intensity, b / bandwidth at
         # zero FLOPs (an embedding gather is a pure copy)
         frac = max(f / peaks.flops_per_s, b / peaks.bytes_per_s) if np.isfinite(f) and np.isfinite(b) else math.nan
-        roof_txt = (f"intensity {I:,.2f} FLOP/B {'≥' if I >= ridge else '<'} ridge {ridge:,.1f} FLOP/B "
-                    f"({where} peaks {_fmt_flops(peaks.flops_per_s)}, {peaks.gb_s:,.1f} GB/s)")
-        if on_gpu[i] and host_ms[i] >= gpu_ms[i]:
+        above = I >= ridge
+        roof_txt = (f"intensity {fmt.intensity(I)} {'≥' if above else '<'} ridge {fmt.intensity(ridge)} "
+                    f"({where} peaks {_fmt_flops(peaks.flops_per_s)}, {fmt.byte_s(peaks.bytes_per_s)})")
+        used = (f"{_fmt_flops(f)} = {fmt.pct(frac)} of the compute roof" if above else
+                f"{fmt.byte_s(b)} = {fmt.pct(frac)} of the bandwidth roof")
+        waited = (not on_gpu[i]) and np.isfinite(wait_pct[i]) and wait_pct[i] > BUSY_THRESHOLD_PCT
+        if np.isfinite(frac) and frac > 1.0:
+            bounds.append("error")
+            why = ("the peaks are too low or the time or the cost estimate is wrong" if above else
+                   "the peaks are too low, the time or the cost estimate is wrong, or the data came from a cache "
+                   "faster than the memory the roof measures")
+            reasons.append(f"measurement error, not a bound: achieved {used}, {roof_txt}; nothing runs above its "
+                           f"roof: {why}")
+        elif on_gpu[i] and host_ms[i] >= gpu_ms[i]:
             bounds.append("host")
-            reasons.append(f"host {host_ms[i]:,.3f} ms ≥ GPU {gpu_ms[i]:,.3f} ms: the GPU waits for launches")
+            reasons.append(f"host {fmt.ms(host_ms[i], True)} ≥ GPU {fmt.ms(gpu_ms[i], True)}: the GPU waits for "
+                           "launches")
         elif on_gpu[i] and np.isfinite(idle[i]) and idle[i] >= GPU_IDLE_HOST_FRACTION:
             bounds.append("host")
             reasons.append(f"GPU idle {idle[i] * 100:,.0f}% of the step between blocks")
+        elif not on_gpu[i] and np.isfinite(frac) and frac < OVERHEAD_FRACTION and waited:
+            bounds.append("wait")
+            reasons.append(f"achieved {used}, {roof_txt}; the machine was busy: {wait_pct[i]:.0f} % of the "
+                           "step time was spent waiting for a CPU, so the wait, not this block's work or per-call "
+                           "overhead, sets the time")
         elif not on_gpu[i] and np.isfinite(frac) and frac < OVERHEAD_FRACTION:
             bounds.append("host")
-            used = (f"{_fmt_flops(f)} = {frac * 100:,.1f}% of the compute roof" if I >= ridge else
-                    f"{b / 1e9:,.2f} GB/s = {frac * 100:,.1f}% of the bandwidth roof")
-            reasons.append(f"achieved {used}, {roof_txt}: per-call overhead, not compute or memory, "
-                           "sets the time")
+            reasons.append(f"achieved {used}, {roof_txt}: per-call overhead, not compute or memory, sets the time")
         elif not np.isfinite(I):
             bounds.append(pd.NA)
             reasons.append("no FLOP/byte estimate for this block")
-        elif I >= ridge:
+        elif above:
             bounds.append("compute")
-            reasons.append(f"{roof_txt}; achieved {_fmt_flops(f)} = {f / peaks.flops_per_s * 100:,.1f}% of peak")
+            reasons.append(f"{roof_txt}; achieved {_fmt_flops(f)} = {fmt.pct(f / peaks.flops_per_s)} of peak")
         else:
             bounds.append("memory")
-            reasons.append(f"{roof_txt}; achieved {b / 1e9:,.2f} GB/s = {b / peaks.bytes_per_s * 100:,.1f}% of peak")
-        if np.isfinite(frac) and frac > 1.05 and bounds[-1] != "host":
-            reasons[-1] += " (above the roof: the working set is likely served from cache)"
+            reasons.append(f"{roof_txt}; achieved {fmt.byte_s(b)} = {fmt.pct(b / peaks.bytes_per_s)} of peak")
+        if waited and bounds[-1] in ("compute", "memory"):
+            reasons[-1] += f" (timed while {wait_pct[i]:.0f} % of the step time was spent waiting for a CPU)"
     return bounds, reasons
 
 
+def _phase_wait_pct(steps: pd.DataFrame | None) -> dict[str, float]:
+    """Per phase, wall time beyond CPU time over wall time of the CPU-timed forwards, percent
+    (the per-step measure of :mod:`probe.noise`; GPU-timed steps are left out)."""
+    if steps is None or steps.empty or "process_cpu_ms" not in steps.columns:
+        return {}
+    st = steps[steps["process_cpu_ms"].notna() & steps["gpu_ms"].isna()]
+    if st.empty:
+        return {}
+    fwd = st["forward_ms"].astype("float64")
+    wait = (fwd - st["process_cpu_ms"].astype("float64")).clip(lower=0.0)
+    g = pd.DataFrame({"phase": st["phase"].astype(str), "fwd": fwd, "wait": wait}).groupby("phase")[["fwd", "wait"]].sum()
+    return {str(p): 100.0 * float(r["wait"]) / float(r["fwd"]) for p, r in g.iterrows() if r["fwd"] > 0}
+
+
 def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | None = None,
-             by: Literal["role", "module"] = "role") -> pd.DataFrame:
+             by: Literal["role", "module"] = "role", *, cpu_wait_pct: float | None = None) -> pd.DataFrame:
     """Achieved TFLOP/s, GB/s and intensity per block and phase, with its bound and the reason.
 
     Args:
@@ -100,12 +143,20 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
             bytes over the whole forward time, with the GPU idle share between blocks).
         by: ``"role"`` (one row per block kind: embed, layer, norm, head — layers pooled) or
             ``"module"`` (one row per module).
+        cpu_wait_pct: the run's noise figure (``Run.noise().wait_pct``): the share of step time
+            spent waiting for a CPU. ``None``: per phase from ``steps`` (wall beyond CPU time).
+            Above :data:`probe.noise.BUSY_THRESHOLD_PCT`, a CPU row far under its roof is
+            labelled ``wait``, not ``host``.
     Returns:
         A frame with the :data:`probe.schema.ROOFLINE` columns, phases in prefill, decode... order. Time is
         GPU time where every call of the group has it, host time otherwise.
     """
     if by not in ("role", "module"):
         raise ValueError(f"by must be 'role' or 'module'; got {by!r}")
+    if peaks is not None and peaks.busy():
+        log.warning("peaks measured while %.0f %% of the measurement waited for a CPU are not used: %s",
+                    peaks.wait_pct, peaks.label())
+        peaks = None
     if calls.empty or "flops" not in calls.columns:
         if not calls.empty:
             raise ValueError("calls have no 'flops' column: run probe.cost.annotate(calls, model) first")
@@ -153,7 +204,12 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
             out["compute_fraction"] = f_s / peaks.flops_per_s
             out["bandwidth_fraction"] = b_s / peaks.bytes_per_s
         idle = out["gpu_idle_fraction"].to_numpy(dtype="float64", na_value=np.nan)
-        bounds, reasons = _classify(f_s, b_s, inten, host, gpu, idle, on_gpu, peaks)
+        if cpu_wait_pct is not None and not (isinstance(cpu_wait_pct, float) and math.isnan(cpu_wait_pct)):
+            wait = np.full(len(out), float(cpu_wait_pct))
+        else:
+            per_phase = _phase_wait_pct(steps)
+            wait = out["phase"].astype(str).map(per_phase).to_numpy(dtype="float64", na_value=np.nan)
+        bounds, reasons = _classify(f_s, b_s, inten, host, gpu, idle, on_gpu, wait, peaks)
         out["bound"] = pd.array(bounds, dtype="string")
         out["reason"] = pd.array(reasons, dtype="string")
         out["peaks"] = peaks.label()

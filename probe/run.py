@@ -123,16 +123,19 @@ class Run:
     def roofline(self, peaks=None, by: str = "role", model=None) -> pd.DataFrame:
         """Achieved TFLOP/s and GB/s per block and phase against the device's peaks, with
         what bounds each (compute, memory bandwidth or the host). ``peaks`` defaults to those
-        stored in ``meta`` at recording time, else the datasheet table or a measurement here.
-        See :mod:`probe.roofline`."""
-        from .hardware import Peaks, peaks_for_run
+        stored in ``meta`` at recording time unless measured on a busy machine, else the datasheet
+        table or this machine's cached quiet CPU figure (:func:`probe.hardware.peaks_for_run`).
+        CPU rows far under their roof are labelled ``wait`` when the run's noise figure says the
+        CPU was waiting. See :mod:`probe.roofline`."""
+        from .hardware import Peaks, peaks_for_run, usable
         from .roofline import roofline
 
+        wait = self.noise().wait_pct
         if peaks is None and isinstance(self.meta.get("peaks"), dict):
-            peaks = Peaks.from_dict(self.meta["peaks"])
+            peaks, _ = usable(Peaks.from_dict(self.meta["peaks"]), wait)
         if peaks is None:
             peaks = peaks_for_run(self)
-        return roofline(self.cost(model), peaks, self.steps, by=by)
+        return roofline(self.cost(model), peaks, self.steps, by=by, cpu_wait_pct=wait)
 
     def sampling_summary(self) -> pd.DataFrame:
         """Per phase and sampling stage (logits processors, ``stopping``, ``remainder``): steps,

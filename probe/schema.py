@@ -260,7 +260,7 @@ ROOFLINE: dict[str, str] = {
     "compute_fraction": "float64",  # achieved FLOP/s / peak FLOP/s
     "bandwidth_fraction": "float64",  # achieved bytes/s / peak bytes/s
     "gpu_idle_fraction": "float64",  # (forward rows) share of step GPU time outside the blocks
-    "bound": STR,  # compute | memory | host
+    "bound": STR,  # compute | memory | host | wait (CPU busy) | error (above the roof: not a bound)
     "reason": STR,  # the numbers behind the label
     "peaks": STR,  # which roofs: "measured ..." or "datasheet ..."
 }
@@ -268,7 +268,7 @@ ROOFLINE: dict[str, str] = {
 #: :func:`probe.roofline.bound_summary`: per phase, the share of block time each bound accounts for
 BOUND_SUMMARY: dict[str, str] = {
     "phase": STR,
-    "bound": STR,  # compute | memory | host
+    "bound": STR,  # compute | memory | host | wait | error
     "time_ms": "float64",  # Σ time_ms of the phase's block rows with this bound
     "share": "float64",  # time_ms over the phase's bound block time; sums to 1 per phase
 }

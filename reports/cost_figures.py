@@ -17,9 +17,12 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from probe import fmt
+
 _PHASE_COLORS = {"prefill": "#1f77b4", "decode": "#d62728", "extend": "#9467bd", "recompute": "#8c564b",
                  "forward": "#7f7f7f"}
-_BOUND_SYMBOLS = {"compute": "circle", "memory": "square", "host": "x"}
+_BOUND_SYMBOLS = {"compute": "circle", "memory": "square", "host": "x", "wait": "hourglass",
+                  "error": "circle-x-open"}
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
@@ -54,8 +57,9 @@ def roofline(roof_df: pd.DataFrame, peaks: Any, *, where: str | None = None, lab
     Returns:
         A log-log figure: the memory roof (slope = bandwidth) and the compute roof meeting at
         the ridge point; markers coloured by phase, shaped by bound (compute ●, memory ■,
-        host ×); rows with zero FLOPs (embedding gathers) cannot sit on a log axis and are
-        listed under the chart instead.
+        host ×, wait ⧗, measurement error ⊗ — a marker above its roof, whose label says so);
+        rows with zero FLOPs (embedding gathers) cannot sit on a log axis and are listed under
+        the chart instead.
     """
     pk = _peaks_dict(peaks)
     title = "Roofline"
@@ -65,7 +69,7 @@ def roofline(roof_df: pd.DataFrame, peaks: Any, *, where: str | None = None, lab
     unit, scale = ("GFLOP/s", 1e9) if giga else ("TFLOP/s", 1e12)
     where = (where or "measured on this machine") if pk["measured"] else "datasheet"
     title = (f"Roofline — {html.escape(str(pk['name']))}, {pk['dtype']} ({where}: "
-             f"{pk['flops_per_s'] / scale:,.1f} {unit}, {pk['bytes_per_s'] / 1e9:,.1f} GB/s)")
+             f"{fmt.flop_s(pk['flops_per_s'])}, {fmt.byte_s(pk['bytes_per_s'])})")
     df = roof_df.copy()
     df["_y"] = df["achieved_tflop_s"].astype("float64") * 1e12 / scale
     ok = (df["intensity_flops_per_byte"] > 0) & (df["_y"] > 0) & df["_y"].notna()
@@ -82,7 +86,10 @@ def roofline(roof_df: pd.DataFrame, peaks: Any, *, where: str | None = None, lab
     y_range = (y_lo - 0.3, y_hi + 0.3)
     # labels are annotations placed where they overlap no other label or marker, further out
     # with a leader line when the markers crowd (several blocks of one phase at one intensity)
-    labels_at = _place_labels(np.log10(xs), np.log10(ys) if len(ys) else ys, shown["module"].astype(str).tolist(),
+    # a marker above its roof is a measurement error, not a bound: its label says so
+    names = [f"{m} ({fmt.pct(f)} of roof: measurement error)" if b == "error" else m for m, b, f in
+             zip(shown["module"].astype(str), shown["bound"].astype(object), shown["roof_fraction"].astype(float))]
+    labels_at = _place_labels(np.log10(xs), np.log10(ys) if len(ys) else ys, names,
                               (float(np.log10(lo)), float(np.log10(hi))), y_range) if labels else []
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name="roof", line=dict(color="black", width=2),
@@ -111,9 +118,14 @@ def roofline(roof_df: pd.DataFrame, peaks: Any, *, where: str | None = None, lab
             fig.add_annotation(**common, showarrow=False, xshift=dx, yshift=dy)
     fig.add_vline(x=ridge, line=dict(dash="dot", color="gray"))
     # an annotation on a log axis takes log10(x) (add_vline's own label would sit at 10**ridge)
-    fig.add_annotation(x=float(np.log10(ridge)), y=1, xref="x", yref="paper", text=f"ridge {ridge:,.1f} FLOP/B",
+    fig.add_annotation(x=float(np.log10(ridge)), y=1, xref="x", yref="paper", text=f"ridge {fmt.intensity(ridge)}",
                        showarrow=False, xanchor="right", yanchor="top", font=dict(size=11, color="gray"))
     notes = []
+    errors = shown[shown["bound"].astype(object) == "error"]
+    if not errors.empty:
+        notes.append("measurement error, not a bound (above its roof: the peaks too low, or the time or estimate "
+                     "wrong): " + ", ".join(f"{html.escape(str(m))} ({p}, {fmt.pct(f)} of roof)" for m, p, f in
+                                           zip(errors["module"], errors["phase"], errors["roof_fraction"])))
     if not hidden.empty:
         notes.append("not on the log axes (zero FLOPs or time): " + ", ".join(
             f"{html.escape(str(m))} ({p})" for m, p in zip(hidden["module"], hidden["phase"])))

@@ -3,8 +3,10 @@
 Reports are reproducible: two builds from the same run give the same bytes. So the roofs
 come from the run itself (``meta["peaks"]``, stored by ``probe run`` on the machine that
 recorded it) or from the datasheet table of a known GPU, never from a measurement on the
-machine that builds the report. A CPU run saved without peaks (e.g. from the Python API)
-still gets its FLOPs, bytes and intensity per block, but no roofs and no bound labels.
+machine that builds the report. A CPU run saved without peaks (e.g. from the Python API, or
+recorded on a busy machine with no cached quiet figure) still gets its FLOPs, bytes and
+intensity per block, but no roofs and no bound labels; so do peaks measured on a busy machine
+(:func:`probe.hardware.usable`): a CPU has no datasheet to fall back to, and the note says so.
 
 :func:`cost_view` is the one entry; the HTML report and the CSV export both read it.
 """
@@ -79,8 +81,8 @@ class CostView:
         if pk is None:
             return ""
         if pk.measured:
-            kind = ("measured on the machine that recorded this run (matmul and copy micro-benchmark at "
-                    "recording time)")
+            kind = ("measured on the machine that recorded this run (matmul and copy micro-benchmark"
+                    + (f", {pk.wait_pct:.1f} % of it waiting for a CPU)" if pk.wait_pct is not None else ")"))
         else:
             kind = f"from the datasheet table for {pk.name}"
         stored = "stored with the run" if self.origin == "stored" else "looked up from the run's GPU name"
@@ -116,20 +118,30 @@ def _stored_peaks(meta: dict) -> "Peaks | None":
         return None
 
 
-def _no_peaks_note(run: "Run") -> str:
+#: why a CPU run may have no peaks: there is no CPU datasheet, and a busy measurement is refused
+CPU_PEAKS_NOTE = ("A CPU has no datasheet: its peaks are measured once per machine when it is quiet and cached, "
+                  "and a run recorded on a busy machine with no cached figure has none.")
+
+
+def _no_peaks_note(run: "Run", refused: str = "") -> str:
     gpu = None
     if not run.runs.empty and "gpu_name" in run.runs.columns:
         v = run.runs["gpu_name"].iloc[0]
         gpu = None if pd.isna(v) else str(v)
+    if refused:
+        return (f"No roofline: {refused}, so they are not used. "
+                + ("" if gpu else CPU_PEAKS_NOTE + " ")
+                + "FLOPs, bytes and intensity per block are shown without roofs or bound labels.")
     if gpu:
         return (f"No peaks recorded with this run and no datasheet entry for {gpu}; `probe run` stores them. "
                 "FLOPs, bytes and intensity per block are shown without roofs or bound labels.")
     return ("No peaks recorded with this run; `probe run` stores them. FLOPs, bytes and intensity per block are "
             "shown without roofs or bound labels (measuring the machine that builds this report would make the "
-            "report depend on where it is built).")
+            "report depend on where it is built). " + CPU_PEAKS_NOTE)
 
 
-def per_rank_roofline(costed: pd.DataFrame, steps: pd.DataFrame, peaks: "Peaks | None") -> pd.DataFrame:
+def per_rank_roofline(costed: pd.DataFrame, steps: pd.DataFrame, peaks: "Peaks | None",
+                      cpu_wait_pct: float | None = None) -> pd.DataFrame:
     """:func:`probe.roofline.roofline` of each rank's calls and steps (by role), with a ``rank`` column.
 
     Ranks run side by side, so each is set against one device's roofs; rows of the same block
@@ -145,7 +157,7 @@ def per_rank_roofline(costed: pd.DataFrame, steps: pd.DataFrame, peaks: "Peaks |
     for r in rank_list:
         c = costed if rc is None or len(rank_list) == 1 else costed[rc == r]
         s = steps if rs is None or len(rank_list) == 1 else steps[rs == r]
-        part = roofline(c, peaks, s, by="role")
+        part = roofline(c, peaks, s, by="role", cpu_wait_pct=cpu_wait_pct)
         part.insert(0, "rank", r)
         parts.append(part.assign(_pos=range(len(part))))
     out = pd.concat(parts, ignore_index=True).sort_values(["_pos", "rank"], kind="stable")
@@ -161,9 +173,11 @@ def cost_view(run: "Run") -> CostView:
     Returns:
         A :class:`CostView`. Nothing is measured here, so the result depends only on the run.
     """
-    from probe.hardware import peaks_for_run
+    from probe.hardware import peaks_for_run, usable
 
-    peaks, origin = _stored_peaks(run.meta), "stored"
+    wait = run.noise().wait_pct
+    peaks, refused = usable(_stored_peaks(run.meta), wait)
+    origin: PeaksOrigin = "stored"
     if peaks is None:
         try:
             peaks = peaks_for_run(run, measure=False)  # the datasheet only: no measurement here
@@ -178,10 +192,10 @@ def cost_view(run: "Run") -> CostView:
     if run.calls.empty:
         return CostView(None, peaks, origin, "No cost estimate: no block calls were recorded.")
     try:
-        roof = per_rank_roofline(run.cost(), run.steps, peaks)
+        roof = per_rank_roofline(run.cost(), run.steps, peaks, wait)
     except Exception as exc:  # the cost model cannot build this architecture: say so, keep the report
         log.warning("cost estimate failed: %s: %s", type(exc).__name__, exc)
         return CostView(None, peaks, origin, f"No cost estimate: the cost model failed on this run's config "
                                              f"({type(exc).__name__}: {exc}).")
-    note = "" if peaks is not None else _no_peaks_note(run)
+    note = "" if peaks is not None else _no_peaks_note(run, refused)
     return CostView(roof, peaks, origin, note)

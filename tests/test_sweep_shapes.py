@@ -192,3 +192,25 @@ def test_shapes_cli_errors(tmp_path, capsys):
     assert "Unknown preset" in capsys.readouterr().err
     assert cli.main(["shapes", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_shapes_cli_takes_a_preset_name_as_model(capsys):
+    assert cli.main(["shapes", "Llama-2-7B", "--prompt-tokens", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "preset      Llama-2-7B: vocabulary 32,000, hidden 4,096, 32 layers" in out
+    assert "[1, 7] -> [1, 7, 4096]" in out and "[1, 7, 4096] -> [1, 7, 32000]" in out
+    # the same table as --preset gives
+    assert cli.main(["shapes", "--preset", "llama-2-7b", "--prompt-tokens", "7"]) == 0
+    assert capsys.readouterr().out.split("\n", 2)[2] == out.split("\n", 2)[2].replace("Llama-2-7B", "llama-2-7b")
+    # a model name still means the model, not the preset of the same name
+    assert cli.main(["shapes", "tiny", "--prompt-tokens", "3"]) == 0
+    assert "the bundled model" in capsys.readouterr().out
+
+
+def test_shapes_cli_unknown_name_lists_the_presets(capsys):
+    from probe.models import PRESETS
+
+    assert cli.main(["shapes", "llama-9"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a model folder nor a known model name" in err and "or a preset" in err
+    assert all(name in err for name in PRESETS)
