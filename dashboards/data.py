@@ -20,8 +20,10 @@ import pandas as pd
 
 import probe
 from probe import schema
-from probe.outdir import COMPARE_META
-from probe.run import FILES, MAX_META_BYTES, META, rank_dirs, read_regular
+from probe.store.outdir import COMPARE_META
+from probe.run import FILES
+from probe.store.files import MAX_META_BYTES, META, read_regular
+from probe.store.folders import rank_dirs
 from reports.tables import ranks
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from probe.outdir import COMPARE_META
+from probe.store import write_text
+from probe.store.outdir import COMPARE_META
 from probe.schema import DIFF
 from probe.stats import differences
 
@@ -222,7 +223,7 @@ def write_comparison(run_a: "Run", run_b: "Run", out_dir: str | os.PathLike,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     html_path = out / "compare.html"
-    html_path.write_text(render_comparison(run_a, run_b, sig), encoding="utf-8", newline="\n")
+    write_text(html_path, render_comparison(run_a, run_b, sig))
     csv_path = out / "compare.csv"
     from .text import display_run
 
@@ -252,5 +253,5 @@ def compare_meta(run_a: "Run", run_b: "Run", when: datetime | None = None) -> di
 def write_compare_meta(run_a: "Run", run_b: "Run", out_dir: str | os.PathLike) -> Path:
     """Write :func:`compare_meta` as ``out_dir/compare.json``; returns its path."""
     path = Path(out_dir) / COMPARE_META
-    path.write_text(json.dumps(compare_meta(run_a, run_b), indent=2) + "\n", encoding="utf-8", newline="\n")
+    write_text(path, json.dumps(compare_meta(run_a, run_b), indent=2) + "\n")
     return path
