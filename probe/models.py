@@ -817,20 +817,22 @@ def load_model(
     Args:
         name_or_dir: a local Hugging Face model folder, or one of :data:`MODEL_NAMES`.
         dtype, device: as for :func:`load_smollm2`.
-        **kwargs: for a name, :func:`load_named`'s options; for a folder,
-            ``from_pretrained`` options (loading is offline: ``local_files_only=True``).
+        **kwargs: for a name, :func:`load_named`'s options; for a folder, ``attn_implementation``
+            and ``trust_remote_code`` (loading is offline: ``local_files_only=True``).
     Raises:
-        ValueError: neither a folder nor a known name.
+        ValueError: neither a folder nor a known name; a folder that fails a check
+            (``probe.loading.ModelLoadError``: no config.json, no tokenizer, a tokenizer of
+            another model, a missing package).
         ModelNotInstalledError: a named model's package is not installed.
     """
-    import torch
+    from .model_folder import load_folder
 
     target = resolve_model(name_or_dir)
     if isinstance(target, str):
         return load_named(target, dtype=dtype, device=device, **kwargs)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
 
     torch_dtype = resolve_dtype(dtype, device=torch.device(device))
-    tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, local_files_only=True, **kwargs)
-    return model.to(device).eval(), tokenizer
+    loaded = load_folder(target, torch_dtype, str(device), kwargs.pop("attn_implementation", None),
+                          bool(kwargs.pop("trust_remote_code", False)))
+    return loaded.model, loaded.tokenizer

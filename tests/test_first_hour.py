@@ -184,7 +184,9 @@ def test_terminal_and_report_print_the_same_throughput_and_kv_cache():
 
     run = _record(tiny_llama(layers=2))
     r = run.runs.iloc[0]
-    text = cli._format_run_summary(run)
+    from reports.terminal import run_summary
+
+    text = run_summary(run)
     page = render_report(run)
     for value in (fmt.tok_s(r["prefill_tok_s"]), fmt.tok_s(r["decode_tok_s"]), fmt.nbytes(r["kv_cache_bytes"]),
                   fmt.ms(r["ttft_ms"])):

@@ -1,0 +1,62 @@
+"""``probe compare``: two saved runs side by side, with significance and an optional gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reports.terminal import compare_lines, noise_lines, significance_lines
+
+from .common import CLIError, check_out, load_run, missing
+
+
+def main(args) -> int:
+    from ..stats import comparability, differences, fact, gate, significance
+
+    pct = args.fail_above
+    if pct is not None and not (pct >= 0 and pct == pct and pct != float("inf")):
+        raise CLIError(f"--fail-above takes a percentage >= 0, e.g. 5; got {pct}")
+    a = load_run(args.run_a)
+    b = load_run(args.run_b)
+    problems = comparability(a, b)
+    if problems and pct is not None:
+        raise CLIError(f"{args.run_a} and {args.run_b} are not comparable: {'; '.join(problems)}. "
+                       "Gate a change by recording both runs with the same model, --depth, prompt and batch size")
+    try:
+        from reports.compare import write_comparison
+    except ImportError as exc:
+        raise CLIError(f"cannot write the report: {missing(exc)}") from exc
+    from reports.compare import comparison_frame
+
+    sig = significance(a, b)
+    out = Path(args.out) if args.out else Path(f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
+    check_out(out, "compare")
+    from ..store.outdir import shown
+
+    try:
+        paths = write_comparison(a, b, out, sig=sig)
+    except OSError as exc:
+        raise CLIError(f"cannot write the comparison to {shown(out)}: {exc.strerror or exc}; choose another --out") from exc
+    for pth in paths:
+        print(shown(pth))
+    for line in differences(a, b):
+        print(f"note: {line}")
+    same_depth = fact(a, "depth") == fact(b, "depth")
+    print("")
+    print("\n".join(compare_lines(comparison_frame(a, b), roles=same_depth)))
+    print("\n".join(significance_lines(sig)))
+    for label, run in ((" (A)", a), (" (B)", b)):
+        for line in noise_lines(run, label):
+            if line:
+                print(line)
+    if pct is None:
+        return 0
+    failed = gate(sig, pct)
+    if failed.empty:
+        print(f"\nOK: nothing is slower than A by more than {pct:g}% with significance")
+        return 0
+    print(f"\nFAIL: B is slower than A by more than {pct:g}% (95% interval above 0):")
+    for _, row in failed.iterrows():
+        where = f" ({row['phase']})" if row["phase"] else ""
+        print(f"  {row['name']}{where}: {row['slowdown_pct']:+.1f}% "
+              f"[{row['ci_low_pct']:+.1f}%, {row['ci_high_pct']:+.1f}%]")
+    return 1
