@@ -18,9 +18,11 @@ import streamlit as st
 
 import probe
 from probe import fmt
+from probe.headline import TOKENS_NOTE, headline_cells, sequences
 from probe.run import block_summary
 from reports import figures, tree_figures
 from reports.tables import per_rank_summary
+from reports.text import MAX_LONG_TEXT, cap, run_prompt
 
 from . import data
 
@@ -151,15 +153,73 @@ def model_lines(runs: pd.DataFrame) -> list[str]:
     return lines
 
 
+def phases_long(cells: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Several runs' :func:`probe.headline.headline_cells` as one table: a row per run and part."""
+    rows = [c.T.rename_axis("part").reset_index().assign(run=name) for name, c in cells.items() if not c.empty]
+    if not rows:
+        return pd.DataFrame()
+    out = pd.concat(rows, ignore_index=True).fillna("")
+    return out[["run", "part", *[c for c in out.columns if c not in ("run", "part")]]]
+
+
+def _phases(ctx: Context) -> None:
+    """The answer first: prefill | decode | setup and outside | generate of each selected run
+    (side by side for one run; a row per run and part for several), then what was generated
+    and the prompt. Of the whole generate calls: the sidebar's filters do not apply."""
+    cells = {n: ctx.memo("phases", lambda n=n: headline_cells(ctx.loaded[n].headline()), runs=(n,))
+             for n in ctx.selected}
+    st.subheader("Prefill vs decode")
+    if all(c.empty for c in cells.values()):
+        st.info("No generate() call in the selected runs: nothing to split into prefill and decode.")
+    elif len(cells) == 1:
+        st.table(next(iter(cells.values())), width="content")
+    else:
+        st.table(phases_long({md(n): c for n, c in cells.items()}), hide_index=True, width="content")
+    notes = [TOKENS_NOTE[:1].upper() + TOKENS_NOTE[1:] + ".", "Shares are of the generate calls' wall time: the "
+             "parts add up to 100%; setup and outside is generate's own time before the first forward and "
+             "after the last step."]
+    if any(not c.empty and "peak memory" not in c.index for c in cells.values()):
+        notes.append("Peak memory is the CUDA allocator's: not measured on the CPU.")
+    if any(v is not None for v in astuple(ctx.filters)):
+        notes.append("The sidebar's filters do not apply to this table: it is the whole generate calls.")
+    st.caption(" ".join(notes))
+
+
+def _generated(ctx: Context) -> None:
+    """Each selected run's generated text (or token ids) and prompt, escaped and capped."""
+    several = len(ctx.selected) > 1
+    for i, name in enumerate(ctx.selected):
+        run = ctx.loaded[name]
+        seqs, prompt = sequences(run.generated()), run_prompt(run.meta)
+        if not seqs and prompt is None:
+            continue
+        box = st.expander(f"{md(name)}: generated text and prompt", expanded=False) if several else st.container()
+        with box:
+            if seqs:
+                box.markdown("**Generated**" + ("" if any(t for _, _, t in seqs) else
+                                                " (token ids: the run kept no text)"))
+            for label, content, _ in seqs:
+                if label:
+                    box.caption(md(label))
+                box.code(cap(content, MAX_LONG_TEXT), language=None, wrap_lines=True)
+            if prompt is not None:
+                box.markdown(f"**Prompt**, {md(prompt[0])}")
+                box.code(cap(prompt[1], MAX_LONG_TEXT), language=None, wrap_lines=True)
+
+
 # --------------------------------------------------------------------------- views
 def overview(ctx: Context) -> None:
-    """Headline numbers, prefill vs decode per block, and one step broken down.
+    """Prefill vs decode side by side, what was generated, then the headline numbers per
+    generate call, prefill vs decode per block, and one step broken down.
 
     Runs merged from several ranks get a headline row per rank's generate call, bars per
     phase and rank, and a per-rank table of the blocks.
     """
     run = ctx.run
+    _phases(ctx)
     _noise_notes(ctx)
+    _generated(ctx)
+    st.subheader("Per generate call")
     head = ctx.memo("headline", lambda: _headline(run))
     rank_list = ctx.memo("ranks", lambda: figures.ranks(run))
     multi = len(rank_list) > 1
