@@ -162,6 +162,15 @@ def phases_long(cells: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return out[["run", "part", *[c for c in out.columns if c not in ("run", "part")]]]
 
 
+def _right(df: pd.DataFrame, text: tuple[str, ...] = ()):
+    """``df`` styled with its figures right-aligned (the ``text`` columns left), so digits line up,
+    and never broken between a number and its unit (a no-break space: cells are Markdown)."""
+    figs = [c for c in df.columns if c not in text]
+    df = df.assign(**{str(c): df[c].str.replace(" ", "\u00a0") for c in figs})
+    # !important: Streamlit sets each cell's alignment inline
+    return df.style.set_properties(subset=figs, **{"text-align": "right !important"})
+
+
 def _phases(ctx: Context) -> None:
     """The answer first: prefill | decode | setup and outside | generate of each selected run
     (side by side for one run; a row per run and part for several), then what was generated
@@ -172,9 +181,10 @@ def _phases(ctx: Context) -> None:
     if all(c.empty for c in cells.values()):
         st.info("No generate() call in the selected runs: nothing to split into prefill and decode.")
     elif len(cells) == 1:
-        st.table(next(iter(cells.values())), width="content")
+        st.table(_right(next(iter(cells.values())).rename_axis(None)), width="content")
     else:
-        st.table(phases_long({md(n): c for n, c in cells.items()}), hide_index=True, width="content")
+        st.table(_right(phases_long({md(n): c for n, c in cells.items()}), ("run", "part")), hide_index=True,
+                 width="content")
     notes = [TOKENS_NOTE[:1].upper() + TOKENS_NOTE[1:] + ".", "Shares are of the generate calls' wall time: the "
              "parts add up to 100%; setup and outside is generate's own time before the first forward and "
              "after the last step."]

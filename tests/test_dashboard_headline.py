@@ -43,6 +43,12 @@ def runs_dir(tmp_path_factory):
     return root
 
 
+def table(at: AppTest, index: int = 0) -> pd.DataFrame:
+    """A static table of the page as plain text (the dashboard keeps a number and its unit together
+    with a no-break space)."""
+    return at.table[index].value.astype(str).replace("\u00a0", " ", regex=True)
+
+
 def app(runs_dir, runs: list[str]) -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=60)
     at.session_state["runs_dir"] = str(runs_dir)
@@ -57,7 +63,7 @@ def test_overview_of_one_run_opens_with_the_phases_then_its_text_and_prompt(runs
     at = app(runs_dir, ["texted"])
     run = probe.load(runs_dir / "texted")
     assert [s.value for s in at.subheader][:2] == ["Prefill vs decode", "Per generate call"]
-    panel = at.table[0].value
+    panel = table(at)
     want = headline_cells(run.headline())
     assert list(panel.columns) == ["prefill", "decode", "setup and outside", "generate"]
     pd.testing.assert_frame_equal(panel.astype(str), want.astype(str), check_index_type=False,
@@ -73,19 +79,19 @@ def test_overview_of_one_run_opens_with_the_phases_then_its_text_and_prompt(runs
 def test_overview_of_a_run_without_text_shows_its_token_ids(runs_dir):
     at = app(runs_dir, ["bare"])
     run = probe.load(runs_dir / "bare")
-    assert at.table[0].value.loc["steps", "decode"] == headline_cells(run.headline()).loc["steps", "decode"]
+    assert table(at).loc["steps", "decode"] == headline_cells(run.headline()).loc["steps", "decode"]
     assert [c.value for c in at.code] == [shown_ids(run.generated()[0]["token_ids"][0])]
     assert any("kept no text" in m.value for m in at.markdown)
 
 
 def test_overview_of_several_runs_has_a_row_per_run_and_part(runs_dir):
     at = app(runs_dir, ["texted", "bare"])
-    table = at.table[0].value
-    assert list(table["run"]) == ["texted"] * 4 + ["bare"] * 4
-    assert list(table["part"]) == ["prefill", "decode", "setup and outside", "generate"] * 2
+    rows = table(at)
+    assert list(rows["run"]) == ["texted"] * 4 + ["bare"] * 4
+    assert list(rows["part"]) == ["prefill", "decode", "setup and outside", "generate"] * 2
     for name in ("texted", "bare"):
         want = headline_cells(probe.load(runs_dir / name).headline())
-        mine = table[table["run"] == name].set_index("part")
+        mine = rows[rows["run"] == name].set_index("part")
         for label in want.index:
             assert list(mine[label]) == list(want.loc[label]), (name, label)
     assert [e.label for e in at.expander] == ["texted: generated text and prompt", "bare: generated text and prompt"]
