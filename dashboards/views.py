@@ -7,6 +7,7 @@ Tables are paged and downloads are built only when clicked.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
@@ -18,9 +19,11 @@ import streamlit as st
 
 import probe
 from probe import fmt
+from probe.headline import TOKENS_NOTE, headline_cells, sequences
 from probe.run import block_summary
 from reports import figures, tree_figures
 from reports.tables import per_rank_summary
+from reports.text import MAX_LONG_TEXT, cap, run_prompt
 
 from . import data
 
@@ -153,15 +156,89 @@ def model_lines(runs: pd.DataFrame) -> list[str]:
     return lines
 
 
+def phases_long(cells: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Several runs' :func:`probe.headline.headline_cells` as one table: a row per run and part."""
+    rows = [c.T.rename_axis("part").reset_index().assign(run=name) for name, c in cells.items() if not c.empty]
+    if not rows:
+        return pd.DataFrame()
+    out = pd.concat(rows, ignore_index=True).fillna("")
+    return out[["run", "part", *[c for c in out.columns if c not in ("run", "part")]]]
+
+
+def _kwargs(fn: Callable, **kw: Any) -> dict:
+    """``kw`` less what this Streamlit's ``fn`` does not take (``streamlit>=1.35`` predates
+    ``st.table``'s ``width`` and ``hide_index`` and ``st.code``'s ``wrap_lines``)."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kw.items() if k in params}
+
+
+def _right(df: pd.DataFrame, text: tuple[str, ...] = ()):
+    """``df`` styled with its figures right-aligned (the ``text`` columns left), so digits line up,
+    and never broken between a number and its unit (a no-break space: cells are Markdown)."""
+    figs = [c for c in df.columns if c not in text]
+    df = df.assign(**{str(c): df[c].str.replace(" ", "\u00a0") for c in figs})
+    # !important: Streamlit sets each cell's alignment inline
+    return df.style.set_properties(subset=figs, **{"text-align": "right !important"})
+
+
+def _phases(ctx: Context) -> None:
+    """The answer first: prefill | decode | setup and outside | generate of each selected run
+    (side by side for one run; a row per run and part for several). Of the whole generate()
+    calls: the sidebar's filters do not apply."""
+    cells = {n: ctx.memo("phases", lambda n=n: headline_cells(ctx.loaded[n].headline()), runs=(n,))
+             for n in ctx.selected}
+    st.subheader("Prefill vs decode")
+    if all(c.empty for c in cells.values()):
+        st.info("No generate() call in the selected runs: nothing to split into prefill and decode.")
+    elif len(cells) == 1:
+        st.table(_right(next(iter(cells.values())).rename_axis(None)), **_kwargs(st.table, width="content"))
+    else:
+        st.table(_right(phases_long({md(n): c for n, c in cells.items()}), ("run", "part")),
+                 **_kwargs(st.table, width="content", hide_index=True))
+    notes = [TOKENS_NOTE[:1].upper() + TOKENS_NOTE[1:] + ".", "Shares are of the wall time of the generate() "
+             "calls: the parts add up to 100%; setup and outside is generate()'s own time before the first "
+             "forward and after the last step."]
+    if any(not c.empty and "peak memory" not in c.index for c in cells.values()):
+        notes.append("Peak memory is the CUDA allocator's: not measured on the CPU.")
+    if any(v is not None for v in astuple(ctx.filters)):
+        notes.append("The sidebar's filters do not apply to this table: it is the whole generate() calls.")
+    st.caption(" ".join(notes))
+
+
+def _generated(ctx: Context) -> None:
+    """Each selected run's generated text (or token ids) and prompt, escaped and capped."""
+    several = len(ctx.selected) > 1
+    for name in ctx.selected:
+        run = ctx.loaded[name]
+        seqs, prompt = sequences(run.generated()), run_prompt(run.meta)
+        if not seqs and prompt is None:
+            continue
+        box = st.expander(f"{md(name)}: generated text and prompt", expanded=False) if several else st.container()
+        wrap = _kwargs(box.code, wrap_lines=True)
+        if seqs:
+            box.markdown("**Generated**" + ("" if any(t for _, _, t in seqs) else " (token ids: the run kept no text)"))
+        for label, content, _ in seqs:
+            if label:
+                box.caption(md(label))
+            box.code(cap(content, MAX_LONG_TEXT), language=None, **wrap)
+        if prompt is not None:
+            box.markdown(f"**Prompt**, {md(prompt[0])}")
+            box.code(cap(prompt[1], MAX_LONG_TEXT), language=None, **wrap)
+
+
 # --------------------------------------------------------------------------- views
 def overview(ctx: Context) -> None:
-    """Headline numbers, prefill vs decode per block, and one step broken down.
+    """Prefill vs decode side by side, what was generated, then the headline numbers per
+    generate call, prefill vs decode per block, and one step broken down.
 
     Runs merged from several ranks get a headline row per rank's generate call, bars per
     phase and rank, and a per-rank table of the blocks.
     """
     run = ctx.run
+    _phases(ctx)
     _noise_notes(ctx)
+    _generated(ctx)
+    st.subheader("Per generate call")
     head = ctx.memo("headline", lambda: _headline(run))
     rank_list = ctx.memo("ranks", lambda: figures.ranks(run))
     multi = len(rank_list) > 1

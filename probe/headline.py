@@ -13,6 +13,8 @@ import math
 
 import pandas as pd
 
+from . import fmt
+
 #: the headline's rows besides the phases
 SETUP = "setup and outside"
 TOTAL = "generate"
@@ -118,3 +120,134 @@ def phase_headline(runs: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
 
 def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
+
+
+# --------------------------------------------------------------------------- display
+#: the headline's figures as shown side by side, in order (label, column of :data:`HEADLINE`)
+FIGURES: tuple[tuple[str, str], ...] = (
+    ("steps", "steps"), ("time", "time_ms"), ("share", "share"), ("time per token", "ms_per_token"),
+    ("tokens/s", "tok_s"), ("KV cache after", "kv_cache_bytes"), ("peak memory", "mem_peak_bytes"),
+)
+
+
+def share_text(fraction: object) -> str:
+    """A share as a plain percentage (:func:`probe.fmt.pct`), ``< 0.01%`` where tiny and not zero."""
+    if fmt.is_missing(fraction):
+        return ""
+    v = float(fraction)
+    return "< 0.01%" if 0 < abs(v) < 1e-4 else fmt.pct(v)
+
+
+#: what the per-token figures count, said under every rendering of the headline
+TOKENS_NOTE = ("time per token and tokens/s: prefill per prompt token (prompt length x batch), "
+               "decode per new token")
+
+
+def _cell(label: str, value: object) -> str:
+    if fmt.is_missing(value):
+        return ""
+    if label == "steps":
+        return fmt.count(value)
+    if label == "share":
+        return share_text(value)
+    if label == "time":
+        return fmt.ms(value, unit=True)
+    if label == "time per token":
+        return fmt.ms(value, unit=True)
+    if label == "tokens/s":
+        return fmt.tok_s(value)
+    return fmt.nbytes(value)
+
+
+def headline_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """The headline as text, the parts side by side: one column per part (prefill, decode, ...,
+    ``setup and outside``, ``generate``), one row per figure (:data:`FIGURES`), formatted by
+    :mod:`probe.fmt` as the terminal, the report and the dashboard show it.
+
+    Args:
+        table: :func:`phase_headline` (:meth:`probe.Run.headline`).
+    Returns:
+        A frame of strings indexed by the figures' labels (``""`` where a part has no such
+        figure); the ``peak memory`` row only where some part measured it (CUDA). Empty
+        without a generate call.
+    """
+    if table.empty:
+        return pd.DataFrame(dtype="string")
+    rows = [(label, col) for label, col in FIGURES if col != "mem_peak_bytes" or table[col].notna().any()]
+    parts = [str(p) for p in table["part"]]
+    data = {part: [_cell(label, rec[col]) for label, col in rows]
+            for part, rec in zip(parts, table.to_dict("records"))}
+    return pd.DataFrame(data, index=pd.Index([label for label, _ in rows], name="figure"), dtype="string")
+
+
+def shown_ids(ids: list, head: int = 12, tail: int = 4) -> str:
+    """Token ids shortened for display: ``[5, 17, 9, …, 41]`` (the first ``head`` and last ``tail``)."""
+    if len(ids) <= head + tail + 1:
+        return "[" + ", ".join(str(i) for i in ids) + "]"
+    return "[" + ", ".join(str(i) for i in ids[:head]) + ", …, " + ", ".join(str(i) for i in ids[-tail:]) + "]"
+
+
+def sequences(generated: list[dict] | None) -> list[tuple[str, str, bool]]:
+    """What the generate calls produced, one entry per distinct output, in order.
+
+    Args:
+        generated: :meth:`probe.Run.generated`.
+    Returns:
+        ``(label, content, is_text)``: ``label`` names the calls (and sequences) it came from
+        (``""`` for a single call of one sequence; ``call 1, 2, 3`` where repeats produced the
+        same output); ``content`` the text, or where the run kept none (``--no-text``, no
+        tokenizer) the token ids shortened by :func:`shown_ids`, ``is_text`` telling which.
+    """
+    if not generated:
+        return []
+    many_calls = len(generated) > 1
+    order: dict[tuple[str, bool], list[str]] = {}
+    for n, g in enumerate(generated, 1):
+        texts, ids = g.get("text"), g.get("token_ids")
+        texts = [texts] if isinstance(texts, str) else texts
+        items = [(t, True) for t in texts] if texts else [(shown_ids(i), False) for i in (ids or [])]
+        for k, item in enumerate(items):
+            where = (f"{n}" if many_calls else "") + (f" sequence {k}" if len(items) > 1 else "")
+            order.setdefault(item, []).append(where.strip())
+    out = []
+    for (content, is_text), wheres in order.items():
+        label = ", ".join(wheres)
+        if many_calls:
+            label = ("calls " if len(wheres) > 1 else "call ") + label
+        out.append((label, content, is_text))
+    return out
+
+
+def headline_text(table: pd.DataFrame, generated: list[dict] | None = None, limit: int = 2000) -> str:
+    """The headline as aligned plain text (the parts side by side), then what was generated.
+
+    Args:
+        table: :func:`phase_headline` (:meth:`probe.Run.headline`).
+        generated: :meth:`probe.Run.generated`; its text (or, without text, its token ids) is
+            printed below the table.
+        limit: longest generated text printed whole; a longer one keeps its start and says
+            how much is left out.
+    Returns:
+        Lines joined by newlines, no trailing newline.
+    """
+    cells = headline_cells(table)
+    if cells.empty:
+        lines = ["prefill vs decode: no generate call recorded"]
+    else:
+        n = int(table["generates"].iloc[0])
+        lines = [f"prefill vs decode ({n} generate call{'s' if n != 1 else ''})"]
+        labels = [str(i) for i in cells.index]
+        first = max(len(s) for s in labels)
+        widths = [max(len(str(c)), *(len(v) for v in cells[c])) for c in cells.columns]
+        lines.append(" " * first + "".join(f"  {str(c):>{w}}" for c, w in zip(cells.columns, widths)))
+        for label, row in zip(labels, cells.itertuples(index=False)):
+            lines.append(f"{label:<{first}}" + "".join(f"  {v:>{w}}" for v, w in zip(row, widths)).rstrip())
+        lines.append(TOKENS_NOTE)
+    for label, content, is_text in sequences(generated):
+        head = ("generated" if is_text else "generated token ids") + (f" ({label})" if label else "") \
+            + ("" if is_text else ", the run kept no text")
+        if len(content) > limit:
+            content = content[:limit] + f"… [{len(content) - limit:,} more characters]"
+        lines.append(f"{head}:")
+        lines.extend("  " + line for line in content.splitlines() or [""])
+    return "\n".join(lines)

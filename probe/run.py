@@ -190,6 +190,16 @@ class Run:
             f"{' path=' + str(self.path) if self.path else ''}>"
         )
 
+    def __str__(self) -> str:
+        """``print(run)``: prefill vs decode side by side as aligned text, then what was generated
+        (:func:`probe.headline.headline_text`); a run without a generate call prints its repr."""
+        from .headline import headline_text
+
+        head = self.headline()
+        if head.empty:
+            return repr(self)
+        return headline_text(head, self.generated())
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``calls.parquet``, ``steps.parquet``, ``runs.parquet`` and ``meta.json``.

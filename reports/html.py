@@ -1,5 +1,9 @@
 """One self-contained, offline HTML report of a run.
 
+The page opens with the answer: prefill | decode | setup and outside | generate side by side
+(:meth:`probe.Run.headline`, formatted as the terminal's ``print(run)``), then what was
+generated and the prompt exactly as it was run; the details follow.
+
 - plotly.js is inlined once in the head; no external script, font, stylesheet or image.
 - A Content-Security-Policy admits exactly the page's own scripts (by SHA-256 hash) and no
   network at all, so even a string that escaped escaping could not run or fetch anything.
@@ -7,7 +11,7 @@
   on randomness: two builds from the same run are byte-identical.
 - Every string that came from the user or the model (prompt, model id, paths, module names)
   goes through :func:`html.escape`; tables are plain HTML, readable without JavaScript. Those
-  strings are capped (:mod:`reports.text`: 300 characters, the prompt 4,000), so a huge name
+  strings are capped (:mod:`reports.text`: 300 characters, the prompt and the generated text 4,000), so a huge name
   cannot make a huge page.
 - Only aggregates are embedded (figures bin long runs; tables are per block, capped), so the
   size is bounded whatever the number of call rows.
@@ -30,11 +34,12 @@ from typing import TYPE_CHECKING, Iterable
 import pandas as pd
 
 from probe import fmt
+from probe.headline import TOKENS_NOTE, TOTAL, headline_cells, sequences
 from probe.store import write_text
 
 from . import figures, tree_figures
 from .tables import per_rank_summary
-from .text import cap
+from .text import MAX_LONG_TEXT, cap, run_prompt
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
@@ -45,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PLOTLY_CONFIG = {"displaylogo": False, "showSendToCloud": False, "responsive": True}
 MAX_TABLE_ROWS = 300
-MAX_PROMPT_CHARS = 4000
+MAX_PROMPT_CHARS = MAX_LONG_TEXT
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1200px;
@@ -57,6 +62,8 @@ th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:right;vertical-align:
 th{background:#f4f6f8}td.t,th.t{text-align:left}caption{text-align:left;color:#555;padding:.2rem 0}
 pre{background:#f6f8fa;padding:.6rem;white-space:pre-wrap;word-break:break-word;font-size:.85rem}
 .note{color:#666;font-size:.85rem}.warn{background:#fff4e5;border:1px solid #f0b46b;padding:.5rem .7rem;color:#7a4100}h1,caption{overflow-wrap:anywhere}td.w{overflow-wrap:anywhere;min-width:16rem}.fig{min-height:420px}nav a{margin-right:1rem}
+#phases-table{font-size:1rem}#phases-table td,#phases-table th{padding:.3rem .8rem;min-width:6.5rem}
+#phases-table th.part{background:#e8f0fe}#phases-table .gen{font-weight:600}p.seq{margin:.6rem 0 0}
 """
 
 
@@ -192,15 +199,51 @@ def _facts(run: "Run") -> pd.DataFrame:
                         dtype="string")
 
 
-def _prompt_html(prompt: object) -> str:
-    if prompt is None:
-        return ""
-    text = str(prompt)
-    more = ""
-    if len(text) > MAX_PROMPT_CHARS:
-        more = f'<p class="note">... {len(text) - MAX_PROMPT_CHARS:,} more characters</p>'
-        text = text[:MAX_PROMPT_CHARS]
-    return f'<h2 id="prompt">Prompt</h2><pre id="prompt-text">{esc(text)}</pre>{more}'
+def headline_html(run: "Run") -> str:
+    """The first panel: prefill | decode | setup and outside | generate side by side
+    (:meth:`probe.Run.headline` as :func:`probe.headline.headline_cells` formats it)."""
+    table = run.headline()
+    cells = headline_cells(table)
+    if cells.empty:
+        return ('<h2 id="phases">Prefill vs decode</h2><p class="note" id="phases-note">No generate() call in '
+                "this run: nothing to split into prefill and decode.</p>")
+    n = int(table["generates"].iloc[0])
+    head = "".join(f'<th scope="col" class="{"gen" if p == TOTAL else "part"}">{esc(p)}</th>' for p in cells.columns)
+    rows = "".join(
+        f'<tr><th scope="row" class=t>{esc(label)}</th>'
+        + "".join(f'<td{" class=gen" if p == TOTAL else ""}>{esc(v)}</td>' for p, v in zip(cells.columns, row))
+        + "</tr>" for label, row in zip(cells.index, cells.itertuples(index=False)))
+    notes = [TOKENS_NOTE[:1].upper() + TOKENS_NOTE[1:] + ".",
+             f"Shares are of the wall time of {'the' if n == 1 else f'all {n}'} generate call{'s' if n != 1 else ''}: "
+             "the parts add up to 100%. Setup and outside: generate's own time before the first forward and after "
+             "the last step."]
+    if "peak memory" not in cells.index:
+        notes.append("Peak memory is the CUDA allocator's: not measured on the CPU.")
+    return ('<h2 id="phases">Prefill vs decode</h2><div class="tw"><table id="phases-table">'
+            f'<thead><tr><th class=t></th>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
+            f'<p class="note">{esc(" ".join(notes))}</p>')
+
+
+def generated_html(run: "Run") -> str:
+    """What the generate calls produced (text, or shortened token ids where the run kept no text),
+    then the prompt, exactly as it was run where the run kept it; both escaped and capped."""
+    parts = []
+    seqs = sequences(run.generated())
+    if seqs:
+        parts.append('<h2 id="generated">Generated</h2>')
+        if not any(is_text for _, _, is_text in seqs):
+            parts.append('<p class="note">The run kept no text (<code>--no-text</code>, or no tokenizer): '
+                         "the generated token ids.</p>")
+        for i, (label, content, _) in enumerate(seqs):
+            if label:
+                parts.append(f'<p class="note seq">{esc(label)}</p>')
+            parts.append(f'<pre id="generated-text-{i}">{esc(cap(content, MAX_PROMPT_CHARS))}</pre>')
+    prompt = run_prompt(run.meta)
+    if prompt is not None:
+        how, text = prompt
+        parts.append(f'<h2 id="prompt">Prompt</h2><p class="note">{esc(how.capitalize())}.</p>'
+                     f'<pre id="prompt-text">{esc(cap(text, MAX_PROMPT_CHARS))}</pre>')
+    return "".join(parts)
 
 
 #: (element id, section title, builder) of the report's figures, in page order
@@ -395,14 +438,15 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
     doc = Page()
     doc.add(f"<h1>probe report: {esc(model)}</h1>")
     serving = not run.requests.empty or (not run.runs.empty and (run.runs["kind"] == "serve").any())
-    links = (("headline", "Headline"), *((("serving", "Serving"),) if serving else ()),
+    links = (("phases", "Prefill vs decode"), ("headline", "Per generate call"), *((("serving", "Serving"),) if serving else ()),
              *[(i + "-title", t) for i, t, _ in FIGURES],
              ("roofline", "Roofline and bounds"), ("tables", "Tables"), ("shapes", "Shapes"))
     doc.add("<nav>" + "".join(f'<a href="#{i}">{esc(t)}</a>' for i, t in links) + "</nav>")
-    doc.add(noise_html(run))
+    doc.add(headline_html(run))  # the answer first: prefill vs decode, adding up to the generate call
+    doc.add(noise_html(run))  # how far to trust it, right below
+    doc.add(generated_html(run))
     doc.add(table_html(_facts(run), table_id="facts"))
-    doc.add(_prompt_html(run.meta.get("prompt")))
-    doc.add('<h2 id="headline">Headline</h2>')
+    doc.add('<h2 id="headline">Per generate call</h2>')
     head = figures.headline(run.runs, run.steps, meta=run.meta)
     if serving and not (run.runs["kind"] == "generate").any():
         doc.add('<p class="note" id="headline-note">No generate() call in this run: its requests and steps are '

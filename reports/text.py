@@ -73,3 +73,19 @@ def display_run(run: "Run") -> "Run":
     if calls is run.calls and steps is run.steps and runs is run.runs and meta == run.meta:
         return run
     return dataclasses.replace(run, calls=calls, steps=steps, runs=runs, meta=meta)  # other frames as they are
+
+
+#: longest prompt or generated text a report shows whole
+MAX_LONG_TEXT = 4000
+
+
+def run_prompt(meta: dict) -> tuple[str, str] | None:
+    """The prompt to show with a run: ``(how, text)``, where ``how`` says whether it is the exact
+    prompt that was run (``meta["text"]["prompt"]``, after the chat template) or the user's own
+    (``meta["prompt"]``); None when the run kept neither."""
+    exact = (meta.get("text") or {}).get("prompt") if isinstance(meta.get("text"), dict) else None
+    if isinstance(exact, str):
+        return "exactly as it was run (after the chat template, if any)", exact
+    if meta.get("prompt") is not None:
+        return "as given", str(meta["prompt"])
+    return None
