@@ -132,10 +132,7 @@ FIGURES: tuple[tuple[str, str], ...] = (
 
 def share_text(fraction: object) -> str:
     """A share as a plain percentage (:func:`probe.fmt.pct`), ``< 0.01%`` where tiny and not zero."""
-    if fmt.is_missing(fraction):
-        return ""
-    v = float(fraction)
-    return "< 0.01%" if 0 < abs(v) < 1e-4 else fmt.pct(v)
+    return fmt.pct(fraction)
 
 
 #: what the per-token figures count, said under every rendering of the headline

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from probe import fmt
+from probe.headline import TOKENS_NOTE, headline_cells
 from probe.roles import BLOCKS as BLOCK_ROLES
 
 TIME_PHASES = ("prefill", "decode", "extend", "recompute")
@@ -79,32 +80,15 @@ def run_summary(run) -> str:
 
 
 def headline_lines(table) -> list[str]:
-    """:meth:`probe.Run.headline` as aligned text: the parts side by side, one metric a row."""
-    if table.empty:
+    """:meth:`probe.Run.headline` as aligned text: the parts side by side, one figure a row (the
+    cells of :func:`probe.headline.headline_cells`, as the report and the dashboard show them)."""
+    cells = headline_cells(table)
+    if cells.empty:
         return []
-    parts = list(table["part"])
-    rows = {p: r for p, r in zip(parts, table.to_dict("records"))}
     n = int(table["generates"].iloc[0])
     title = "prefill vs decode" + (f" (sum of {n} generate calls)" if n > 1 else "")
-
-    def row(label: str, show) -> list[str]:
-        return [label] + [show(p, rows[p]) for p in parts]
-
-    def per_token(p: str, r: dict) -> str:
-        v = fmt.ms(r["ms_per_token"])
-        return f"{v} ms/prompt tok" if v and p == "prefill" else f"{v} ms/tok" if v else ""
-
-    body = [
-        row("steps", lambda p, r: fmt.count(r["steps"])),
-        row("time", lambda p, r: fmt.ms(r["time_ms"], unit=True)),
-        row("share", lambda p, r: fmt.pct(r["share"])),
-        row("time per token", per_token),
-        row("tokens/s", lambda p, r: fmt.tok_s(r["tok_s"])),
-        row("KV cache after", lambda p, r: fmt.nbytes(r["kv_cache_bytes"])),
-    ]
-    if table["mem_peak_bytes"].notna().any():
-        body.append(row("peak memory", lambda p, r: fmt.nbytes(r["mem_peak_bytes"])))
-    return fmt.table(body, [title, *parts], gap=3)
+    rows = [[str(label), *row] for label, row in zip(cells.index, cells.itertuples(index=False))]
+    return [*fmt.table(rows, [title, *map(str, cells.columns)], gap=3), TOKENS_NOTE]
 
 
 def sampling_lines(run) -> list[str]:
