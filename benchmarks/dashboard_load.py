@@ -46,8 +46,8 @@ CHROMIUM = "/usr/bin/chromium"
 
 def data_path(run_dir: Path) -> float:
     """Seconds to load ``run_dir`` and build + serialise the Overview, as the app does."""
-    from dashboards import data
-    from reports import figures
+    from probe.dashboards import data
+    from probe.reports import figures
 
     t0 = time.perf_counter()
     run = data.load_run(run_dir, run_dir.name)
@@ -62,8 +62,8 @@ def data_path(run_dir: Path) -> float:
 
 def roofline_path(run_dir: Path) -> float:
     """Seconds to load ``run_dir`` and build what the Roofline view shows (cost of every call)."""
-    from dashboards import data
-    from dashboards.cost_views import roofline_parts
+    from probe.dashboards import data
+    from probe.dashboards.cost_views import roofline_parts
 
     t0 = time.perf_counter()
     parts = roofline_parts(data.load_run(run_dir, run_dir.name))
@@ -77,7 +77,7 @@ def app_test(runs_dir: Path) -> float:
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    from dashboards import APP
+    from probe.dashboards import APP
 
     st.cache_resource.clear()
     st.cache_data.clear()
@@ -111,7 +111,7 @@ def clicks(folders: list[Path], repeat: int) -> tuple[list[float], dict[str, lis
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    from dashboards import APP
+    from probe.dashboards import APP
 
     os.environ.setdefault("PROBE_DASHBOARD_ROOT", str(Path(folders[0]).parent))
     st.cache_resource.clear()

@@ -31,7 +31,7 @@ t0 = time.process_time()
 import probe
 run = probe.load(sys.argv[1])
 t1 = time.process_time()
-from reports import write_reports
+from probe.reports import write_reports
 write_reports(run, sys.argv[1], formats=("html", "csv"), out=sys.argv[2])
 t2 = time.process_time()
 print(t1 - t0, t2 - t1, "transformers" in sys.modules, "torch" in sys.modules)

@@ -78,7 +78,7 @@ def stretch(run, n_calls: int):
 
 
 def main() -> None:
-    from reports.html import write_html
+    from probe.reports.html import write_html
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1000,10000,100000")

@@ -2,7 +2,7 @@
 
 ``probe dashboard RUNS_DIR`` calls :func:`launch`, which starts ``streamlit run`` on
 ``dashboards/app.py``. The app reads runs with :func:`probe.load` and draws them with the
-figure builders of ``reports.figures``; it never touches a model.
+figure builders of ``probe.reports.figures``; it never touches a model.
 """
 
 from __future__ import annotations
@@ -93,11 +93,13 @@ def launch(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 850
     from probe import deps
 
     deps.require("the dashboard", "streamlit", "plotly")
-    # the app's own folder goes first on sys.path under `streamlit run`; make the repo
-    # root importable too when probe is used from a source checkout, not installed
+    # the app's own folder goes first on sys.path under `streamlit run`; make the folder that holds
+    # the probe package importable too (a source checkout's root; an install's site-packages)
+    import probe
+
     env = dict(os.environ)
-    repo = str(APP.parent.parent)
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    home = str(Path(probe.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = home + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.Popen(streamlit_command(runs_dir, host, port, root=root), env=env,
                             preexec_fn=_die_with_parent if os.name == "posix" else None)
     got: list[int] = []

@@ -15,15 +15,17 @@ import threading
 from dataclasses import astuple, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script by `streamlit run`: make the repo importable
-    _ROOT = str(Path(__file__).resolve().parent.parent)
+if __package__ in (None, ""):  # run as a script by `streamlit run`: make the probe package importable
+    # a checkout holds dashboards/ beside probe/; an install holds it inside probe/ (probe.dashboards)
+    _here = Path(__file__).resolve().parent.parent
+    _ROOT = str(_here if (_here / "probe" / "__init__.py").is_file() else _here.parent)
     if _ROOT not in sys.path:
         sys.path.insert(0, _ROOT)
 
 import streamlit as st
 
 import probe
-from dashboards import cli_root, cli_runs_dir, compare_views, cost_views, data, serve_views, views, within
+from probe.dashboards import cli_root, cli_runs_dir, compare_views, cost_views, data, serve_views, views, within
 
 log = logging.getLogger("dashboards.app")
 

@@ -48,7 +48,7 @@ def draw_comparisons(runs_dir: Path, comparisons: dict[str, Path], run_paths: di
         run_paths: the runs listed in the sidebar, name -> folder: A and B are named by them
             when they are in this runs folder.
     """
-    from reports.compare import significance_table
+    from probe.reports.compare import significance_table
 
     if not comparisons:
         st.info(f"No saved comparison in {md(runs_dir)}. Write one with "

@@ -16,7 +16,7 @@ import streamlit as st
 
 import probe
 from probe import fmt
-from reports.cost_view import COST_NOTE
+from probe.reports.cost_view import COST_NOTE
 
 from . import data
 from .views import Context, show_chart, cached, show_table, md
@@ -30,9 +30,9 @@ def roofline_parts(run: probe.Run) -> dict:
     once per run and filter choice.
     """
     from probe.roofline import bound_summary
-    from reports.cost_view import cost_view, roofline_figure
-    from reports.html import roofline_table
-    from reports.tables import ranks
+    from probe.reports.cost_view import cost_view, roofline_figure
+    from probe.reports.html import roofline_table
+    from probe.reports.tables import ranks
 
     view = cost_view(run)  # never raises, never measures: a missing piece becomes view.note
     parts: dict = {"view": view, "figure": None, "table": None, "bounds": None, "multi": False}
@@ -90,7 +90,7 @@ def _sweep_parts(path: Path, name: str) -> dict:
         ValueError: the folder's sweep cannot be read (:func:`probe.sweep.load_sweep`).
     """
     from probe.sweep import load_sweep, sweep_summary
-    from reports.sweep_report import SWEEP_FIGURES, sweep_facts, sweep_failures, sweep_runs
+    from probe.reports.sweep_report import SWEEP_FIGURES, sweep_facts, sweep_failures, sweep_runs
 
     df, meta = load_sweep(path)
     configs = sweep_runs(meta)

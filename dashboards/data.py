@@ -24,7 +24,7 @@ from probe.store.outdir import COMPARE_META
 from probe.run import FILES
 from probe.store.files import MAX_META_BYTES, META, read_regular
 from probe.store.folders import rank_dirs
-from reports.tables import ranks
+from probe.reports.tables import ranks
 
 log = logging.getLogger(__name__)
 
@@ -483,7 +483,7 @@ def report_html(run: probe.Run) -> bytes:
 
     Written to a temporary file, so the run's own folder is left untouched.
     """
-    from reports import write_reports
+    from probe.reports import write_reports
 
     with tempfile.TemporaryDirectory(prefix="probe-report-") as tmp:
         # with one format, `out` is the file to write

@@ -25,7 +25,7 @@ def _split(run):
 
 def serving(ctx: Context) -> None:
     """Requests, packed batches, latency distributions and throughput of a serving run."""
-    from reports import serve_figures as sf
+    from probe.reports import serve_figures as sf
 
     serve_runs = [n for n in ctx.selected
                   if not ctx.loaded[n].requests.empty or (ctx.loaded[n].runs["kind"] == "serve").any()]

@@ -21,9 +21,9 @@ import probe
 from probe import fmt
 from probe.headline import TOKENS_NOTE, headline_cells, sequences
 from probe.run import block_summary
-from reports import figures, tree_figures
-from reports.tables import per_rank_summary
-from reports.text import MAX_LONG_TEXT, cap, run_prompt
+from probe.reports import figures, tree_figures
+from probe.reports.tables import per_rank_summary
+from probe.reports.text import MAX_LONG_TEXT, cap, run_prompt
 
 from . import data
 
@@ -524,7 +524,7 @@ def shapes(ctx: Context) -> None:
 def compare(ctx: Context) -> None:
     """Two runs side by side: headline, blocks, and the per-block difference."""
     from probe.stats import differences
-    from reports.diff import block_diff
+    from probe.reports.diff import block_diff
 
     pool = list(ctx.loaded)  # any readable run; the sidebar's picks are the defaults
     if len(pool) < 2:
@@ -559,7 +559,7 @@ def compare(ctx: Context) -> None:
     show_table(block_diff(sa, sb), "compare_table")
     if a != b:
         from probe.stats import significance
-        from reports.compare import significance_table
+        from probe.reports.compare import significance_table
 
         ra = data.apply_filters(ctx.loaded[a], ctx.filters)
         rb = data.apply_filters(ctx.loaded[b], ctx.filters)

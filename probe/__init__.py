@@ -13,9 +13,19 @@ first use, so ``probe --help`` answers at once and tools that only read saved ru
 
 from __future__ import annotations
 
+import os as _os
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
+
+# In a source checkout reports/ and dashboards/ sit beside probe/ (an install puts them inside it):
+# the checkout's root joins this package's path, so probe.reports and probe.dashboards import the
+# same way from the checkout, an editable install and a wheel.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if (_os.path.isfile(_os.path.join(_root, "reports", "__init__.py"))
+        and not _os.path.isdir(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "reports"))):
+    __path__.append(_root)  # noqa: F821 - a package's own __path__
+del _root
 
 from .vocab import DEPTHS, PHASES
 
@@ -25,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .run import Run, RunLoadError, RunSaveError, load, merge
     from .capture import CompiledModelWarning, Probe, ProbeError, attach, detach, probe_of
     from .discovery import UnrecognisedModelWarning, find_blocks
-    from .distributed import save_rank
+    from .ranks import save_rank
     from .serving import ServingWarning
 
 _LAZY = {
@@ -45,7 +55,7 @@ _LAZY = {
     "CompiledModelWarning": "capture",
     "find_blocks": "discovery",
     "UnrecognisedModelWarning": "discovery",
-    "save_rank": "distributed",
+    "save_rank": "ranks",
     "ServingWarning": "serving",
 }
 #: submodules reachable as attributes (``probe.models.load_bundled()``) without importing

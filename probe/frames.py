@@ -522,7 +522,7 @@ def _config_dict(model) -> dict | None:
 def _environment(model, model_id: str | None, cuda_device) -> dict:
     import torch
 
-    from . import __version__
+    from .version import __version__
     from .noise import host_facts
 
     cfg = getattr(model, "config", None)

@@ -311,7 +311,7 @@ def cpu_key(dtype: Any = "float32", threads: int | None = None) -> dict[str, Any
 
 def cache_path(key: dict[str, Any]) -> Path:
     """The cache file of ``key`` in ``$XDG_CACHE_HOME/probe/peaks`` (``~/.cache/probe/peaks``)."""
-    from .pretrained import user_cache_dir
+    from .store.files import user_cache_dir
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return user_cache_dir() / "peaks" / f"cpu-{key['dtype']}-{key['threads']}t-{digest}.json"

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .store.files import user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -147,13 +148,6 @@ def _file_sha256(path: pathlib.Path) -> str:
 
 
 # --------------------------------------------------------------------------- the cache
-def user_cache_dir() -> pathlib.Path:
-    """probe's folder in the user cache: ``$XDG_CACHE_HOME/probe`` (``~/.cache/probe``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or ""
-    root = pathlib.Path(base) if os.path.isabs(base) else pathlib.Path.home() / ".cache"
-    return root / "probe"
-
-
 def cache_root() -> pathlib.Path:
     """Where converted models live: ``$XDG_CACHE_HOME/probe/models`` (``~/.cache/probe/models``)."""
     return user_cache_dir() / "models"

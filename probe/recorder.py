@@ -12,7 +12,6 @@ run-queue wait) keep beside it; it tells them when runs and steps begin and end.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -24,70 +23,10 @@ from . import hotpath
 from .cache import cache_bytes, cached_len, find_cache
 from .discovery import ModuleInfo
 from .extras import CallExtras
-from .observer import Observer
+from .observer import Observer, RunRec, StepRec
 from .schema import Phase
 
 log = logging.getLogger(__name__)
-
-
-class StepRec:
-    """One forward of the root model (host-side facts; CUDA events resolved later)."""
-
-    __slots__ = (
-        "run", "index", "phase", "q_len", "kv_len", "batch", "t0", "t1", "call0", "call1",
-        "ev0", "ev1", "gpu_ms", "kv_bytes", "mem_peak", "kept", "compiled", "cpu0", "cpu_ns", "status",
-        "serve", "paged_bytes", "owner",
-    )
-
-    def __init__(self, run: "RunRec") -> None:
-        self.run = run
-        self.index = run.n_steps_seen
-        run.n_steps_seen += 1
-        self.owner: Observer | None = None  # the observer whose run claimed this forward
-        self.ev0 = self.ev1 = None
-        self.gpu_ms = math.nan
-        self.kv_bytes: int | None = None
-        self.mem_peak: int | None = None
-        self.kept = True
-        self.compiled = False
-        self.cpu_ns: int | None = None
-        self.status = "ok"
-        self.serve = None  # the serving loop's Iteration (continuous batching), else None
-        self.paged_bytes: int | None = None
-
-
-class RunRec:
-    """One generate() call, or a stretch of forwards outside generate()."""
-
-    __slots__ = (
-        "run_id", "kind", "t_enter", "t_exit", "status", "steps", "input_len", "batch_in",
-        "mask", "output_len", "output_rows", "output_ids", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
-        "serve", "prompt_in_output", "cpu0", "cpu_ns", "sched0", "wait_ns",
-    )
-
-    def __init__(self, run_id: str, kind: str) -> None:
-        self.run_id = run_id
-        self.kind = kind
-        self.t_enter: int | None = None
-        self.t_exit: int | None = None
-        self.status = "running"
-        self.steps: list[StepRec] = []
-        self.input_len: int | None = None
-        self.batch_in: int | None = None
-        self.mask: Any = None
-        self.output_len: int | None = None
-        self.output_rows: int | None = None  # sequences returned (batch x num_return_sequences)
-        self.output_ids: Tensor | None = None  # the generated tokens (prompt excluded), on the host
-        self.prompt_in_output = True  # False: generate(inputs_embeds=...) returns only new tokens
-        self.gen_settings: dict = {}
-        self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.n_steps_seen = 0
-        self.mem_peak: int | None = None  # CUDA allocator peak over the whole run
-        self.serve = None  # kind "serve": the probe.serving.ManagerWatch of its loop
-        self.cpu0: int | None = None
-        self.cpu_ns: int | None = None  # process CPU time over the generate call
-        self.sched0: dict | None = None
-        self.wait_ns: float | None = None  # run-queue wait of the process's threads (probe.noise)
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def walkthrough(model_or_preset: Any, prompt_tokens: int | Sequence[int], batch:
     """
     import torch
 
-    from . import attach
+    from .capture import attach
     from .cache import cache_bytes
     from .compat import cache_kwarg, meta_forward, new_dynamic_cache
     from .cost import annotate, kv_cache_bytes_per_token, parameter_counts

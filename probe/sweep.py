@@ -21,14 +21,13 @@ from typing import Any, Sequence
 import pandas as pd
 
 from .store.files import MAX_META_BYTES, read_regular, replace_atomically
+from .store.folders import SWEEP_FILE, SWEEP_META
 from . import schema
 from .dtypes import dtype_name
 from .schema import BLOCK_ROLES, SWEEP, SWEEP_SUMMARY, Depth
 
 log = logging.getLogger(__name__)
 
-SWEEP_FILE = "sweep.parquet"
-SWEEP_META = "sweep.json"
 SWEEP_SCHEMA_VERSION = 1
 
 #: sweep columns added after the first release: an older sweep.parquet loads with them null

@@ -476,7 +476,7 @@ def test_roofline_of_nothing_has_typed_columns():
 
 def test_roofline_figure_draws_the_roofs_and_lists_zero_flop_blocks(cpu_run):
     pytest.importorskip("plotly")
-    from reports.cost_figures import roofline as roofline_figure
+    from probe.reports.cost_figures import roofline as roofline_figure
 
     model, run = cpu_run
     pk = quiet(hardware.measure_peaks("cpu", "float32"))
@@ -524,8 +524,8 @@ BUSY = hardware.Peaks("CPU (x86_64, 2 threads)", "float32", 5e8, 2e10, "measured
 
 
 def test_peaks_measured_on_a_busy_machine_draw_no_roofline_and_say_why(bundled_run, tmp_path):
-    from reports.cost_view import cost_view
-    from reports.html import write_html
+    from probe.reports.cost_view import cost_view
+    from probe.reports.html import write_html
 
     run = with_meta(bundled_run, peaks=BUSY.to_dict())
     view = cost_view(run)
@@ -547,7 +547,7 @@ def test_peaks_measured_on_a_busy_machine_draw_no_roofline_and_say_why(bundled_r
 
 
 def test_a_point_above_its_roof_is_a_measurement_error_not_a_bound(bundled_run):
-    from reports.cost_figures import roofline as roofline_figure
+    from probe.reports.cost_figures import roofline as roofline_figure
 
     low = hardware.Peaks("CPU", "float32", 1e5, 1e5, "too low on purpose", True, wait_pct=0.0)
     roof = rl.roofline(bundled_run.cost(), low, bundled_run.steps, cpu_wait_pct=0.0)
@@ -578,15 +578,15 @@ def test_host_overhead_is_only_said_when_the_cpu_was_not_waiting(bundled_run):
     per_step = rl.roofline(calls, huge, steps)
     assert (per_step[per_step["flops"] > 0]["bound"] == "wait").all()
     # the run's own noise figure reaches the labels through Run.roofline and the cost view
-    from reports.cost_view import cost_view
+    from probe.reports.cost_view import cost_view
 
     view = cost_view(busy_copy(with_meta(bundled_run, peaks=huge.to_dict())))
     assert (view.roof[view.roof["flops"] > 0]["bound"] == "wait").all()
 
 
 def test_ridge_and_peaks_never_read_zero(bundled_run):
-    from reports.cost_figures import roofline as roofline_figure
-    from reports.cost_view import cost_view
+    from probe.reports.cost_figures import roofline as roofline_figure
+    from probe.reports.cost_view import cost_view
 
     slow = hardware.Peaks("CPU", "float32", 5e8, 2e10, "a slow machine, quiet", True, wait_pct=1.0)
     view = cost_view(with_meta(bundled_run, peaks=slow.to_dict()))

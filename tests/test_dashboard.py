@@ -20,8 +20,8 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import probe  # noqa: E402
 from probe.roofline import BOUNDS  # noqa: E402
-from dashboards import APP, cli_runs_dir, data, launch, streamlit_command  # noqa: E402
-from reports import figures  # noqa: E402
+from probe.dashboards import APP, cli_runs_dir, data, launch, streamlit_command  # noqa: E402
+from probe.reports import figures  # noqa: E402
 from tiny import tiny_llama  # noqa: E402
 
 VIEWS = ("Overview", "Layers", "Timeline", "Memory", "Roofline", "Serving", "Shapes", "Compare", "Saved comparison",
@@ -700,7 +700,7 @@ def test_roofline_of_a_gpu_run_uses_its_datasheet(peaks_dir, tmp_path):
 @pytest.fixture(scope="module")
 def sweep_root(runs, tmp_path_factory) -> Path:
     """A runs folder holding one ordinary run and a real sweep (with its CSV report beside it)."""
-    from reports import write_sweep_reports
+    from probe.reports import write_sweep_reports
 
     root = tmp_path_factory.mktemp("with-sweep")
     shutil.copytree(runs["eager"], root / "eager")
@@ -819,7 +819,7 @@ def test_overview_names_the_model_its_size_and_weights(runs, runs_dir):
     lines = [m.value for m in at.markdown if m.value.startswith("**Model**")]
     assert len(lines) == 1
     assert str(r["model_id"]) in lines[0].replace("\\", "") and f"{r['parameters'] / 1e6:,.1f}M parameters" in lines[0]
-    from dashboards.views import model_lines
+    from probe.dashboards.views import model_lines
 
     runs = pd.DataFrame({"model_id": ["SmolLM2-135M-Instruct"] * 2, "parameters": pd.array([134515008] * 2, "Int64"),
                          "weights_source": ["GGUF Q4_1, de-quantized to float32"] * 2})
@@ -872,7 +872,7 @@ def test_a_comparison_and_other_folders_are_listed_never_as_broken_runs(listing_
 
 def test_picking_a_comparison_opens_its_significance_table_and_page(listing_dir):
     from probe.schema import SIGNIFICANCE
-    from reports.compare import significance_table
+    from probe.reports.compare import significance_table
 
     at = app(listing_dir, view="Layers")
     at.sidebar.selectbox(key="comparison").set_value("eager-vs-sdpa").run()

@@ -140,17 +140,38 @@ def test_shapes_states_the_presets_vocabulary_and_where_it_comes_from(capsys):
 
 
 # --------------------------------------------------------------------------- packaging
-def test_the_wheel_holds_only_the_three_packages_whatever_folders_lie_around(tmp_path):
-    from setuptools import find_namespace_packages
+def test_the_wheel_installs_one_top_level_package_and_imports_like_the_checkout(tmp_path):
+    """reports/ and dashboards/ sit beside probe/ in the checkout but install as probe.reports and
+    probe.dashboards: the wheel's only top-level name is probe, every subpackage of the source
+    is in it, and the same imports work from the wheel and from a bare checkout."""
+    import zipfile
 
-    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    for d in ("probe/assets", "reports", "dashboards", "probe-runs/first", "probe_runs", "reports-old",
-              "dashboards2/x", "tests", "benchmarks", "runs/a"):
-        (tmp_path / d).mkdir(parents=True, exist_ok=True)
-    for pkg in ("probe", "reports", "dashboards"):
-        (tmp_path / pkg / "__init__.py").write_text("")
-    found = find_namespace_packages(str(tmp_path), include=find["include"], exclude=find.get("exclude", ()))
-    assert {p.split(".")[0] for p in found} == {"probe", "reports", "dashboards"}, found
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheels)], check=True, capture_output=True, timeout=600)
+    (whl,) = wheels.glob("genprobe-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    top = next(n for n in names if n.endswith("top_level.txt"))
+    assert zipfile.ZipFile(whl).read(top).decode().split() == ["probe"]
+    assert {n.split("/")[0] for n in names if not n.startswith("genprobe-")} == {"probe"}
+    source_packages = {str(p.parent.relative_to(ROOT)).replace("probe/", "", 1) for p in ROOT.glob("probe/**/__init__.py")}
+    source_packages |= {"reports", "dashboards"}
+    for pkg in source_packages - {"probe"}:
+        assert f"probe/{pkg}/__init__.py" in names, f"{pkg} is missing from the wheel (pyproject's packages)"
+    assert "probe/dashboards/app.py" in names and "probe/reports/terminal.py" in names
+    assert "probe/assets/tokenizer.model" in names
+    # the same imports from the wheel (unpacked as pip installs it) and from the checkout alone
+    site = tmp_path / "site"
+    zipfile.ZipFile(whl).extractall(site)
+    probe_imports = ("import importlib.util as u, probe; "
+                     "print(probe.__file__); "
+                     "print(u.find_spec('probe.reports.html').origin); print(u.find_spec('probe.dashboards.app').origin)")
+    for where, path in (("wheel", site), ("checkout", ROOT)):
+        out = subprocess.run([sys.executable, "-S", "-c", probe_imports], cwd=tmp_path, capture_output=True, text=True,
+                             env={"PYTHONPATH": str(path), "PATH": os.environ.get("PATH", "")}, timeout=120)
+        assert out.returncode == 0, (where, out.stderr)
+        lines = out.stdout.split()
+        assert all(line.startswith(str(path)) for line in lines), (where, lines)
 
 
 # --------------------------------------------------------------------------- one format everywhere
@@ -180,11 +201,11 @@ def test_jupyter_view_has_units_and_no_na_or_nan():
 
 
 def test_terminal_and_report_print_the_same_throughput_and_kv_cache():
-    from reports.html import render_report
+    from probe.reports.html import render_report
 
     run = _record(tiny_llama(layers=2))
     r = run.runs.iloc[0]
-    from reports.terminal import run_summary
+    from probe.reports.terminal import run_summary
 
     text = run_summary(run)
     page = render_report(run)
@@ -206,7 +227,7 @@ def test_terminal_says_the_bundled_models_text_is_meaningless(tmp_path, capsys):
 
 
 def test_shape_walkthrough_folds_identical_layers_at_every_depth():
-    from reports import figures
+    from probe.reports import figures
 
     run = _record(tiny_llama(layers=3), depth="all")
     walk = figures.shape_walkthrough(run.calls)
@@ -283,7 +304,7 @@ def test_dashboard_opens_on_the_newest_top_level_run_not_a_sweeps_config(tmp_pat
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
-    from dashboards import APP, data
+    from probe.dashboards import APP, data
     from test_dashboard import record_sweep
 
     model = tiny_llama(layers=2)

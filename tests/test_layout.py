@@ -1,9 +1,10 @@
-"""The project's own import graph: no import circles, no private name imported across modules.
+"""The project's own import graph: layers that import only downward, no import circles, no
+private name imported across modules.
 
 Read from the source with ``ast`` (nothing is imported): every module of ``probe/``, ``reports/``
-and ``dashboards/``, with its top-level imports and those inside functions alike (a lazy import
-that hides a circle is a circle still). Imports under ``if TYPE_CHECKING:`` run only for the
-type checker and are left out.
+and ``dashboards/`` (installed as ``probe.reports`` and ``probe.dashboards``), with its top-level
+imports, those inside functions (a lazy import that hides a circle is a circle still) and those
+under ``if TYPE_CHECKING:`` (a circle for the type checker is a circle of the design).
 """
 
 from __future__ import annotations
@@ -16,17 +17,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("probe", "reports", "dashboards")
+#: the folder of each package in the repository -> its import name (reports/ installs as probe.reports)
+IMPORT_NAMES = {"probe": "probe", "reports": "probe.reports", "dashboards": "probe.dashboards"}
 
 
 def project_modules(root: Path = ROOT) -> dict[str, Path]:
-    """Dotted name -> source file of every module of the project's packages."""
+    """Dotted import name -> source file of every module of the project's packages."""
     mods = {}
     for pkg in PACKAGES:
         for f in sorted((root / pkg).rglob("*.py")):
-            parts = list(f.relative_to(root).with_suffix("").parts)
+            parts = list(f.relative_to(root / pkg).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
-            mods[".".join(parts)] = f
+            mods[".".join([IMPORT_NAMES[pkg], *parts])] = f
     return mods
 
 
@@ -35,7 +38,8 @@ def _is_module(name: str, mods: dict[str, Path], root: Path) -> bool:
     if name in mods:
         return True
     *pkg, leaf = name.split(".")
-    folder = root.joinpath(*pkg)
+    folder = root.joinpath(*pkg) if not pkg or pkg[0] != "probe" or len(pkg) < 2 or pkg[1] not in ("reports", "dashboards") \
+        else root.joinpath(*pkg[1:])
     return bool(pkg) and ((folder / f"{leaf}.c").exists()
                           or any((folder / f"{leaf}{s}").exists() for s in EXTENSION_SUFFIXES))
 
@@ -48,12 +52,8 @@ def _owner(name: str, mods: dict[str, Path]) -> str | None:
 
 
 def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every import statement of a module that runs (not under ``if TYPE_CHECKING:``)."""
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
-    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in skip]
+    """Every import statement of a module, at the top, inside functions and for the type checker."""
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
 
 
 def import_graph(root: Path = ROOT) -> tuple[dict[str, set[str]], list[tuple[str, int, str, str]]]:
@@ -72,7 +72,7 @@ def import_graph(root: Path = ROOT) -> tuple[dict[str, set[str]], list[tuple[str
                     source = ".".join(base + ([node.module] if node.module else []))
                 else:
                     source = node.module or ""
-                if source.split(".")[0] not in PACKAGES:
+                if source.split(".")[0] != "probe":
                     continue
                 targets = []
                 for a in node.names:
@@ -124,10 +124,61 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_every_package_and_lazy_imports():
     graph, _ = import_graph()
-    assert {"probe", "probe.run", "probe.cost", "reports.html", "dashboards.views"} <= set(graph)
+    assert {"probe", "probe.run", "probe.cost", "probe.reports.html", "probe.dashboards.views"} <= set(graph)
     assert "probe.schema" in graph["probe.run"]  # a top-level import
     assert "probe.cost" in graph["probe.run"]  # an import inside Run.cost()
-    assert "probe.capture" not in graph["probe"]  # under TYPE_CHECKING only
+    assert "probe.capture" in graph["probe"]  # under TYPE_CHECKING: counted too
+
+
+#: the layers, bottom to top: a module imports only from its own layer or those below it.
+#: Data flows up: a model's calls are recorded, become frames and a Run, are profiled by the
+#: routines and shown by the interfaces.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("vocabulary", ("probe.version", "probe.vocab", "probe.roles", "probe.deps", "probe.fmt", "probe.dtypes",
+                    "probe.compat", "probe.schema", "probe.validate")),
+    ("store", ("probe.store*",)),
+    ("recording", ("probe.hotpath", "probe.observer", "probe.recorder", "probe.extras", "probe.cache", "probe.noise",
+                   "probe.sampling", "probe.serving", "probe.discovery", "probe.distributed", "probe.generation")),
+    ("frames and analysis", ("probe.frames", "probe.tree", "probe.accounting", "probe.headline", "probe.stats",
+                             "probe.apportion", "probe.cost", "probe.hardware", "probe.roofline", "probe.run")),
+    ("capture and routines", ("probe", "probe.capture", "probe.ranks", "probe.profiling", "probe.sweep",
+                              "probe.loadgen", "probe.shapes", "probe.models", "probe.pretrained", "probe.model_folder",
+                              "probe.loading")),
+    ("interfaces", ("probe.cli*", "probe.__main__", "probe.reports*", "probe.dashboards*")),
+)
+
+
+def layer_of(module: str) -> int | None:
+    """Index in :data:`LAYERS` of the layer that lists ``module`` (``pkg*`` lists a package and
+    everything in it); ``None`` if none does."""
+    found = None
+    for i, (_, members) in enumerate(LAYERS):
+        for m in members:
+            if module == m.rstrip("*") or (m.endswith("*") and module.startswith(m[:-1] + ".")):
+                found = i
+    return found
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a module to one in a higher layer, as text."""
+    out = []
+    for mod in sorted(graph):
+        for target in sorted(graph[mod]):
+            lm, lt = layer_of(mod), layer_of(target)
+            if lm is not None and lt is not None and lt > lm:
+                out.append(f"  {mod} ({LAYERS[lm][0]}) imports {target} ({LAYERS[lt][0]})")
+    return out
+
+
+def test_every_module_has_a_layer():
+    graph, _ = import_graph()
+    assert not [m for m in graph if layer_of(m) is None], "modules in no layer of LAYERS"
+
+
+def test_imports_go_only_downward():
+    graph, _ = import_graph()
+    up = upward_imports(graph)
+    assert not up, "imports from a lower layer to a higher one:\n" + "\n".join(up)
 
 
 def test_no_import_circles():
@@ -147,6 +198,7 @@ def test_no_private_name_imported_from_another_module():
 @pytest.mark.parametrize("extra, circle", [
     ("from .run import load\n", True),  # cost imports run, and Run.cost() imports cost
     ("def f():\n    from . import run\n", True),  # lazily: a circle still
+    ("if TYPE_CHECKING:\n    from .run import Run\n", True),  # for the type checker: a circle still
     ("from .run import _alive\n", False),
 ])
 def test_the_checks_catch_what_they_are_for(tmp_path, extra, circle):
@@ -162,3 +214,15 @@ def test_the_checks_catch_what_they_are_for(tmp_path, extra, circle):
         assert any({"probe.cost", "probe.run"} <= set(c) for c in cycles(graph))
     else:
         assert ("probe.cost", "_alive", "probe.run") in [(m, n, s) for m, _, n, s in private]
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path):
+    for pkg in PACKAGES:
+        for f in (ROOT / pkg).rglob("*.py"):
+            dst = tmp_path / f.relative_to(ROOT)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    hot = tmp_path / "probe" / "hotpath.py"  # the hot path (recording) reaching up to the frames
+    hot.write_text(hot.read_text(encoding="utf-8") + "\n\ndef f():\n    from .run import Run\n", encoding="utf-8")
+    graph, _ = import_graph(tmp_path)
+    assert any("probe.hotpath (recording) imports probe.run" in line for line in upward_imports(graph))

@@ -160,7 +160,7 @@ def test_saving_replaces_the_whole_run_folder_and_never_a_foreign_one(two_runs, 
 
 # --------------------------------------------------------------------------- rank folders
 def test_folders_named_like_ranks_are_not_tensor_parallel_ranks(two_runs, tmp_path):
-    from dashboards import data
+    from probe.dashboards import data
 
     root = tmp_path / "runs"
     for name in ("baseline", "other", "ranking-test", "rank1x"):
@@ -325,7 +325,7 @@ _FIFOS: list[Path] = []
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 @pytest.mark.parametrize("name", ["meta.json", "calls.parquet"])
 def test_a_fifo_in_a_run_folder_never_hangs_load_report_or_dashboard(name, two_runs, tmp_path, capsys):
-    from dashboards import data
+    from probe.dashboards import data
 
     root = tmp_path / "runs"
     d = root / "fifo"
@@ -374,7 +374,7 @@ def test_generate_from_inputs_embeds_counts_the_new_tokens():
 
 # --------------------------------------------------------------------------- huge strings
 def test_a_megabyte_model_and_module_name_keep_the_reports_small(tmp_path):
-    from reports import write_reports
+    from probe.reports import write_reports
 
     long_module = "m" * 1_000_000
     model = tiny_llama(layers=2)
@@ -393,7 +393,7 @@ def test_a_megabyte_model_and_module_name_keep_the_reports_small(tmp_path):
     html = (saved / "report.html").read_text()
     assert "x" * 300 not in html and "m" * 300 not in html and "…[+" in html
     # two modules that differ past the cap stay two rows
-    from reports.text import cap
+    from probe.reports.text import cap
 
     assert cap("a" * 400 + "1") != cap("a" * 400 + "2") and len(cap("a" * 10_000)) <= 300
 
@@ -507,7 +507,7 @@ def test_the_dashboard_box_refuses_folders_outside_its_root(two_runs, tmp_path, 
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
-    from dashboards import APP, cli_root, streamlit_command
+    from probe.dashboards import APP, cli_root, streamlit_command
 
     root = tmp_path / "root"
     shutil.copytree(two_runs[0], root / "a")

@@ -15,11 +15,11 @@ import torch
 
 import probe
 from probe import fmt, schema
-from reports import figures, write_reports
-from reports.compare import comparison_frame, write_comparison
-from reports.csv_export import read_csv, write_csv
-from reports.html import render_report
-from reports.trace import build_trace
+from probe.reports import figures, write_reports
+from probe.reports.compare import comparison_frame, write_comparison
+from probe.reports.csv_export import read_csv, write_csv
+from probe.reports.html import render_report
+from probe.reports.trace import build_trace
 from tiny import tiny_llama
 
 XSS = "<script>alert(1)</script>"
@@ -306,7 +306,7 @@ def test_html_is_offline_escaped_and_byte_identical(run, tmp_path):
     assert XSS not in rest and "&lt;script&gt;alert(1)&lt;/script&gt;" in rest
     assert "<b>llama" not in rest and "tiny&lt;b&gt;llama&lt;/b&gt;" in rest
     assert not re.search(r"https?://|<link|@import|url\(|\ssrc=", rest)
-    for div_id, _, _ in __import__("reports.html", fromlist=["FIGURES"]).FIGURES:
+    for div_id, _, _ in __import__("probe.reports.html", fromlist=["FIGURES"]).FIGURES:
         assert f'id="{div_id}"' in rest
     # the tables carry the numbers without any script
     no_js = re.sub(r"<script.*?</script>", "", text, flags=re.S)
@@ -424,7 +424,7 @@ def test_compare_figure_puts_each_phase_on_its_own_axis_and_names_its_level(attn
 
 
 def test_compare_page_shows_roles_where_a_run_recorded_inside_its_blocks(run, tmp_path):
-    from reports.compare import roles_add
+    from probe.reports.compare import roles_add
 
     deeper = record(depth="sublayers")
     assert not roles_add(comparison_frame(run, run)) and roles_add(comparison_frame(run, deeper))
@@ -442,7 +442,7 @@ def test_compare_keeps_blocks_only_one_side_has(run):
     both = frame[(frame["level"] == "module") & (frame["name"] == "model.layers.0")]
     assert len(both) == 2 and both[["a_ms", "b_ms"]].notna().all().all()
     one_sided = schema.empty(schema.SUMMARY)
-    from reports.diff import block_diff
+    from probe.reports.diff import block_diff
 
     d = block_diff(run.summary(), one_sided)
     assert len(d) == len(run.summary()) and d["b_ms"].isna().all() and d["ratio"].isna().all()

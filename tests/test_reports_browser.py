@@ -10,10 +10,10 @@ import torch
 
 import probe
 from probe.hardware import Peaks
-from reports import write_reports, write_sweep_reports
-from reports.compare import write_comparison
-from reports.html import FIGURES
-from reports.sweep_report import SWEEP_FIGURES
+from probe.reports import write_reports, write_sweep_reports
+from probe.reports.compare import write_comparison
+from probe.reports.html import FIGURES
+from probe.reports.sweep_report import SWEEP_FIGURES
 from tiny import tiny_llama
 
 CHROMIUM = "/usr/bin/chromium"
@@ -148,12 +148,12 @@ def test_compare_page_renders(browser, pages):
 
 
 def test_content_security_policy_stops_a_script_that_escaped_escaping(browser, tmp_path):
-    from reports.html import Page
+    from probe.reports.html import Page
 
     doc = Page()
     doc.add("<p id=x>before</p><script>alert(2)</script><script>document.getElementById('x').textContent='ran'"
             "</script>")
-    doc.figure(__import__("reports.figures", fromlist=["empty_figure"]).empty_figure("t"), "fig-t", "t")
+    doc.figure(__import__("probe.reports.figures", fromlist=["empty_figure"]).empty_figure("t"), "fig-t", "t")
     path = tmp_path / "page.html"
     path.write_text(doc.render("csp"), encoding="utf-8")
     ctx, page, log = _open(browser, path)

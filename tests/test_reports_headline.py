@@ -15,8 +15,8 @@ import probe
 from probe import fmt
 from probe.headline import TOKENS_NOTE, headline_cells, headline_text, share_text, shown_ids
 from probe.models import load_bundled
-from reports.html import render_report
-from reports.text import MAX_LONG_TEXT, cap
+from probe.reports.html import render_report
+from probe.reports.text import MAX_LONG_TEXT, cap
 from test_reports_integration import tables
 
 XSS = "<script>alert(1)</script>"

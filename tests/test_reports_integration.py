@@ -20,11 +20,11 @@ from probe.cli import main
 from probe.hardware import Peaks, measure_peaks
 from probe.roofline import BOUNDS, bound_summary
 from probe.sweep import load_sweep, sweep, sweep_summary
-from reports import figures, write_reports
-from reports.sweep_report import render_sweep
-from reports.cost_view import cost_view
-from reports.csv_export import read_csv
-from reports.html import render_report
+from probe.reports import figures, write_reports
+from probe.reports.sweep_report import render_sweep
+from probe.reports.cost_view import cost_view
+from probe.reports.csv_export import read_csv
+from probe.reports.html import render_report
 from tiny import tiny_llama, tiny_model
 
 XSS = "<script>alert(1)</script>"

@@ -65,7 +65,7 @@ def _arr(v):
 
 
 def test_figures_show_the_recorded_numbers(run):
-    from reports import serve_figures as sf
+    from probe.reports import serve_figures as sf
 
     st = sf.serve_steps(run.steps)
     assert len(st) == len(run.steps) and len(run.requests) == 6
@@ -91,7 +91,7 @@ def test_figures_show_the_recorded_numbers(run):
 
 def test_figures_on_empty_frames_say_no_data():
     from probe.schema import REQUESTS, STEPS, empty
-    from reports import serve_figures as sf
+    from probe.reports import serve_figures as sf
 
     for fig in (sf.request_timeline(empty(REQUESTS)), sf.batch_composition(empty(STEPS)),
                 sf.latency_distributions(empty(REQUESTS)), sf.throughput_over_time(empty(STEPS))):
@@ -100,9 +100,9 @@ def test_figures_on_empty_frames_say_no_data():
 
 
 def test_report_has_a_serving_section_and_requests_csv(run, tmp_path):
-    from reports import write_reports
-    from reports.csv_export import read_csv
-    from reports.html import render_report
+    from probe.reports import write_reports
+    from probe.reports.csv_export import read_csv
+    from probe.reports.html import render_report
 
     html = render_report(run)
     for element in ("serving", "serve-table", "fig-serve-timeline", "fig-serve-batches", "fig-serve-latency",
@@ -116,7 +116,7 @@ def test_report_has_a_serving_section_and_requests_csv(run, tmp_path):
 
 
 def test_plain_run_report_has_no_serving_section(runs_root):
-    from reports.html import render_report
+    from probe.reports.html import render_report
 
     html = render_report(probe.load(runs_root / "plain"))
     assert 'id="serving"' not in html and 'id="headline-table"' in html
@@ -125,7 +125,7 @@ def test_plain_run_report_has_no_serving_section(runs_root):
 def test_dashboard_serving_view(runs_root):
     from streamlit.testing.v1 import AppTest
 
-    from dashboards import APP
+    from probe.dashboards import APP
 
     at = AppTest.from_file(str(APP), default_timeout=90)
     at.session_state["runs_dir"] = str(runs_root)

@@ -285,7 +285,7 @@ def test_older_runs_without_weights_source_load_with_nulls(tmp_path):
     (path / "meta.json").write_text(json.dumps(meta))
     back = probe.load(path)
     assert back.runs["weights_source"].isna().all() and str(back.runs["weights_source"].dtype) == "string"
-    from reports.html import render_report
+    from probe.reports.html import render_report
 
     assert "probe report" in render_report(back)  # the report of an older run still renders
 

@@ -71,7 +71,7 @@ def test_sweep_rejects_an_empty_or_bad_grid():
 
 def test_sweep_cli_on_the_bundled_model(tmp_path, capsys):
     pytest.importorskip("plotly")
-    from reports.cost_figures import sweep_decode, sweep_prefill, sweep_throughput
+    from probe.reports.cost_figures import sweep_decode, sweep_prefill, sweep_throughput
 
     out = tmp_path / "sw"
     rc = cli.main(["sweep", "--prompt-lens", "8,256", "--batch-sizes", "1,2", "--new-tokens", "3", "--repeat", "3",

@@ -301,8 +301,8 @@ def test_fail_above_refuses_runs_of_different_work_and_bad_input(saved, tmp_path
 
 # --------------------------------------------------------------------------- report and dashboard
 def test_report_and_compare_page_carry_the_busy_warning_and_the_spread(tmp_path):
-    from reports.compare import render_comparison
-    from reports.html import render_report
+    from probe.reports.compare import render_comparison
+    from probe.reports.html import render_report
 
     base = record(Clock(tick=1000, jitter=0.05), repeats=3)
     loud = with_cpu(base, 10.0, 2.0)
@@ -323,7 +323,7 @@ def test_dashboard_overview_warns_of_a_busy_run_only(tmp_path):
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
-    from dashboards import APP
+    from probe.dashboards import APP
 
     base = record(Clock(tick=1000, jitter=0.05), repeats=2)
     with_cpu(base, 10.0, 2.0).save(tmp_path / "busy")

@@ -7,7 +7,7 @@ Each rank (gloo process group):
 1. loads MODEL_DIR (a tiny Llama saved with ``save_pretrained``) with transformers' own
    tensor-parallel plan (``tp_plan="auto"``, passed as this transformers takes it:
    ``probe.compat.tensor_parallel_kwargs``), records a greedy generate at depth ``"all"``
-   and saves its frames with ``probe.distributed.save_rank`` to ``OUT/hf``;
+   and saves its frames with ``probe.ranks.save_rank`` to ``OUT/hf``;
 2. writes the tokens it generated to ``OUT/tokens/rank{r}.json``;
 3. shards a two-linear ``nn.Sequential`` with torch's ``parallelize_module`` keeping DTensor
    outputs (``use_local_output=False``), records one forward and saves it to ``OUT/dtensor``;
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 import probe
-from probe.distributed import save_rank
+from probe.ranks import save_rank
 
 PROMPT = [5, 9, 17, 33, 2, 8, 40]
 

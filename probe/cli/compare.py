@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reports.terminal import compare_lines, noise_lines, significance_lines
+from probe.reports.terminal import compare_lines, noise_lines, significance_lines
 
 from .common import CLIError, check_out, load_run, missing
 
@@ -22,10 +22,10 @@ def main(args) -> int:
         raise CLIError(f"{args.run_a} and {args.run_b} are not comparable: {'; '.join(problems)}. "
                        "Gate a change by recording both runs with the same model, --depth, prompt and batch size")
     try:
-        from reports.compare import write_comparison
+        from probe.reports.compare import write_comparison
     except ImportError as exc:
         raise CLIError(f"cannot write the report: {missing(exc)}") from exc
-    from reports.compare import comparison_frame
+    from probe.reports.compare import comparison_frame
 
     sig = significance(a, b)
     out = Path(args.out) if args.out else Path(f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")

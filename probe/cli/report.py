@@ -18,7 +18,7 @@ def main(args) -> int:
             raise CLIError(f"{root} is a sweep: it has no single trace; report one of its runs, e.g. "
                            f"`probe report {root / 'runs' / '<config>'} --format trace`")
         try:
-            from reports import write_sweep_reports
+            from probe.reports import write_sweep_reports
         except ImportError as exc:
             raise CLIError(f"cannot write the report: {missing(exc)}") from exc
         formats = ("html", "csv") if args.format == "all" else (args.format,)
@@ -35,7 +35,7 @@ def main(args) -> int:
         return 0
     run = load_run(args.run_dir)
     try:
-        from reports import write_reports
+        from probe.reports import write_reports
     except ImportError as exc:
         raise CLIError(f"cannot write the report: {missing(exc)}") from exc
     formats = ("html", "csv", "trace") if args.format == "all" else (args.format,)

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from reports.terminal import run_summary
+from probe.reports.terminal import run_summary
 
 from .common import (
     CLIError,
@@ -92,7 +92,7 @@ def main(args) -> int:
     print(f"\nrun saved to {shown(saved)}/ ({saved_files()})")
     if not args.no_report:
         try:
-            from reports import write_reports
+            from probe.reports import write_reports
 
             paths = write_reports(run, saved, formats=("html", "csv"))
             for pth in paths:

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from reports.terminal import serve_summary
+from probe.reports.terminal import serve_summary
 
 from .common import (
     CLIError,
@@ -98,7 +98,7 @@ def main(args) -> int:
     print(f"\nrun saved to {shown(saved)}/ ({saved_files()})")
     if not args.no_report:
         try:
-            from reports import write_reports
+            from probe.reports import write_reports
 
             for pth in write_reports(run, saved, formats=("html", "csv")):
                 print(f"report: {pth}")

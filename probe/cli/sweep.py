@@ -59,7 +59,7 @@ def main(args) -> int:
         print(f"failed: prompt {f['prompt_len']} x batch {f['batch']}: {f['error']}")
     print(f"\nsweep saved to {out}/ ({SWEEP_FILE}, {SWEEP_META}, runs/)")
     try:
-        from reports import write_sweep_reports
+        from probe.reports import write_sweep_reports
 
         for pth in write_sweep_reports(out, formats=("html",)):
             print(f"charts: {pth}")

@@ -59,6 +59,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def user_cache_dir() -> Path:
+    """probe's folder in the user cache: ``$XDG_CACHE_HOME/probe`` (``~/.cache/probe``); a relative
+    ``$XDG_CACHE_HOME`` is ignored, as the XDG spec says."""
+    base = os.environ.get("XDG_CACHE_HOME") or ""
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    return root / "probe"
+
+
 # --------------------------------------------------------------------------- reading
 def read_regular(f: Path, what: str | None = None, limit: int | None = None) -> bytes:
     """The bytes of ``f``, which must be a regular file (a FIFO, a device or a folder by that name

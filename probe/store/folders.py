@@ -13,6 +13,10 @@ from pathlib import Path
 
 from .files import META, is_run_meta, read_meta
 
+#: the files that make a folder a `probe sweep` (see :mod:`probe.sweep`)
+SWEEP_FILE = "sweep.parquet"
+SWEEP_META = "sweep.json"
+
 _RANK_RE = re.compile(r"rank([0-9]{1,6})")  # ASCII digits only: "rank٣" is no rank
 
 

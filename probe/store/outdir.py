@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .files import RunSaveError
-from .folders import is_run_dir
+from .folders import SWEEP_FILE, is_run_dir
 
 #: what each kind of output folder may already hold without being refused
 REPORT_FILES = frozenset({"report.html", "trace.json", "csv"})
@@ -90,7 +90,6 @@ def _check_existing(path: Path, kind: str, force: bool) -> str | None:
     names = _entries(path)
     if not names:
         return None
-    from ..sweep import SWEEP_FILE
 
     if kind == "run" and is_run_dir(path):
         if not force:
