@@ -14,6 +14,7 @@ import pandas as pd
 
 from . import schema
 from . import tree
+from .errors import RunSaveError
 from .headline import phase_headline, phase_totals
 from .sampling import stage_summary
 from .store.files import (
@@ -21,7 +22,6 @@ from .store.files import (
     META,
     TMP,
     TRASH,
-    RunSaveError,
     leftover_hint,
     read_regular,
     reason,

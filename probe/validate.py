@@ -16,15 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import MANIFEST, RunLoadError  # noqa: F401  (re-exported)
 from . import schema
 
 
-class RunLoadError(ValueError):
-    """A run directory that cannot be read, with the reason and what to do."""
-
-
 _INT_KINDS = ("int64", "Int64")
-MANIFEST = "manifest"  # the meta.json key of the files' sizes and checksums (Run.save)
 
 
 def _bad(f: Path, col: str, problem: str) -> RunLoadError:

@@ -18,11 +18,31 @@ os.environ["PROBE_MODEL"] = "tiny"
 os.environ.setdefault("PROBE_DASHBOARD_ROOT", os.sep)
 
 
+#: test modules whose behaviour depends on the installed transformers (generate's loop, its
+#: caches, processors, continuous batching, model classes and configs, GGUF loading): CI runs
+#: them again on the declared floor (`pytest -m transformers`); the rest (reports, dashboard,
+#: store, layout, CLI output) read runs and run once, on the newest release.
+TRANSFORMERS_DEPENDENT = frozenset({
+    "test_capture", "test_compat", "test_cost", "test_distributed", "test_first_hour", "test_generation_modes",
+    "test_lifecycle", "test_models", "test_offload", "test_profile", "test_reliability", "test_robustness",
+    "test_sampling", "test_serve_bench", "test_serving", "test_smollm2", "test_sweep_shapes", "test_tree",
+    "test_cli",
+})
+
+
 def pytest_configure(config):
     import torch
 
+    config.addinivalue_line("markers", "transformers: depends on the installed transformers version "
+                                       "(CI runs these on the declared floor too)")
     # Two cores shared by the suite: one intra-op thread avoids oversubscription stalls.
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in TRANSFORMERS_DEPENDENT:
+            item.add_marker(pytest.mark.transformers)
 
 
 def _probe_hooks_alive() -> list[str]:

@@ -134,7 +134,7 @@ def test_the_graph_sees_every_package_and_lazy_imports():
 #: Data flows up: a model's calls are recorded, become frames and a Run, are profiled by the
 #: routines and shown by the interfaces.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("vocabulary", ("probe.version", "probe.vocab", "probe.roles", "probe.deps", "probe.fmt", "probe.dtypes",
+    ("vocabulary", ("probe.version", "probe.errors", "probe.vocab", "probe.roles", "probe.deps", "probe.fmt", "probe.dtypes",
                     "probe.compat", "probe.schema", "probe.validate")),
     ("store", ("probe.store*",)),
     ("recording", ("probe.hotpath", "probe.observer", "probe.recorder", "probe.extras", "probe.cache", "probe.noise",

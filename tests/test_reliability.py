@@ -172,7 +172,7 @@ def test_folders_named_like_ranks_are_not_tensor_parallel_ranks(two_runs, tmp_pa
 
 
 def test_a_rank_folder_must_hold_that_rank(two_runs, tmp_path):
-    from probe.distributed import save_rank
+    from probe.ranks import save_rank
 
     run = probe.load(two_runs[0])
     root = tmp_path / "tp"

@@ -9,9 +9,9 @@
 
 from __future__ import annotations
 
+from ..errors import RunSaveError
 from .files import (
     META,
-    RunSaveError,
     build_folder,
     pid_alive,
     read_regular,

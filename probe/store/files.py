@@ -28,17 +28,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from ..validate import MANIFEST, RunLoadError
+from ..errors import MANIFEST, RunLoadError
 
 META = "meta.json"
 #: largest meta.json read (a larger one is not a run's)
 MAX_META_BYTES = 64 << 20
 TMP = ".tmp"
 TRASH = ".trash"
-
-
-class RunSaveError(OSError):
-    """A run that cannot be saved where asked, with the reason and what to do."""
 
 
 def reason(exc: BaseException) -> str:

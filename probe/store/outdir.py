@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .files import RunSaveError
+from ..errors import RunSaveError
 from .folders import SWEEP_FILE, is_run_dir
 
 #: what each kind of output folder may already hold without being refused
