@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -335,17 +334,9 @@ def _write_cached(path: Path, key: dict[str, Any], peaks: Peaks) -> None:
     text = json.dumps({"key": key, "peaks": peaks.to_dict(),
                        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from .store.files import write_text
+
+    write_text(path, text)
 
 
 def cpu_peaks(dtype: Any = "float32", *, measure: bool = True, budget_s: float = 0.6) -> tuple[Peaks | None, str]:

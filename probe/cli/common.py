@@ -123,9 +123,28 @@ def validate_generation_options(args) -> None:
         ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]"),
         ("--temperature", args.temperature, args.temperature is None or args.temperature > 0, "> 0"),
     )
+    require(checks)
+
+
+def require(checks) -> None:
+    """``(flag, value, ok, rule)`` rows: the first that is not ok is a CLIError that says the rule."""
     for flag, value, ok, rule in checks:
         if not ok:
             raise CLIError(f"{flag} must be {rule}; got {value}")
+
+
+def load_announced(args, dtype, device: str, label: str):
+    """:func:`load_model` from the command's options, saying on stderr what loads and how long it took."""
+    t = time.perf_counter()
+    progress(f"loading {label} ({dtype}, {device}) ...")
+    loaded = load_model(args.model, args.preset, dtype, device, seed=getattr(args, "seed", 0),
+                        attn_implementation=getattr(args, "attn_implementation", None),
+                        trust_remote_code=getattr(args, "trust_remote_code", False),
+                        rebuild_model_cache=args.rebuild_model_cache)
+    model = loaded[0]
+    progress(f"loaded in {time.perf_counter() - t:.1f}s: {type(model).__name__}, "
+             f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters")
+    return loaded
 
 
 def check_context(model, prompt_tokens: int, new_tokens: int) -> None:

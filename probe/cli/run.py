@@ -15,7 +15,7 @@ from .common import (
     check_out,
     encode,
     has_chat_template,
-    load_model,
+    load_announced,
     missing,
     model_label,
     progress,
@@ -44,14 +44,7 @@ def main(args) -> int:
 
     resolve_model_arg(args.model, args.preset)  # a bad MODEL fails before anything loads
 
-    t = time.perf_counter()
-    progress(f"loading {model_label(args)} ({dtype}, {device}) ...")
-    model, tok, model_id = load_model(args.model, args.preset, dtype, device, seed=args.seed,
-                                      attn_implementation=args.attn_implementation,
-                                      trust_remote_code=args.trust_remote_code,
-                                      rebuild_model_cache=args.rebuild_model_cache)
-    progress(f"loaded in {time.perf_counter() - t:.1f}s: {type(model).__name__}, "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters")
+    model, tok, model_id = load_announced(args, dtype, device, model_label(args))
     chat = not args.no_chat_template and has_chat_template(tok)
     inputs = encode(tok, prompt, args.batch_size, device, chat_template=chat)
     check_context(model, inputs["input_ids"].shape[-1], args.max_new_tokens)

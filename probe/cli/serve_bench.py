@@ -14,9 +14,10 @@ from .common import (
     check_out,
     default_model,
     int_list,
-    load_model,
+    load_announced,
     missing,
     progress,
+    require,
     resolve_device,
     resolve_dtype,
     saved_files,
@@ -41,9 +42,7 @@ def main(args) -> int:
         ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]"),
         ("--temperature", args.temperature, args.temperature is None or args.temperature > 0, "> 0"),
     )
-    for flag, value, ok, rule in checks:
-        if not ok:
-            raise CLIError(f"{flag} must be {rule}; got {value}")
+    require(checks)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     out_dir = Path(args.out) if args.out else Path("probe-runs") / f"serve-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -53,13 +52,7 @@ def main(args) -> int:
 
     from ..loadgen import cache_config, plan
 
-    t = time.perf_counter()
-    progress(f"loading {args.model or args.preset or default_model()} ({dtype}, {device}) ...")
-    model, tok, model_id = load_model(args.model, args.preset, dtype, device, seed=args.seed,
-                                      attn_implementation=args.attn_implementation,
-                                      trust_remote_code=args.trust_remote_code,
-                                      rebuild_model_cache=args.rebuild_model_cache)
-    progress(f"loaded in {time.perf_counter() - t:.1f}s: {type(model).__name__}")
+    model, tok, model_id = load_announced(args, dtype, device, args.model or args.preset or default_model())
     check_context(model, max(lens), args.max_new_tokens)
     vocab = int(getattr(model.config.get_text_config(), "vocab_size", 0) or len(tok))
     work = plan(args.requests, args.rate, lens, args.max_new_tokens, vocab, seed=args.seed)

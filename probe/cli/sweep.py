@@ -11,7 +11,7 @@ from .common import (
     check_context,
     check_out,
     int_list,
-    load_model,
+    load_announced,
     missing,
     model_label,
     progress,
@@ -34,9 +34,7 @@ def main(args) -> int:
     out = Path(args.out) if args.out else Path("probe-runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     note = check_out(out, "sweep", force=args.force)
     resolve_model_arg(args.model, args.preset)
-    progress(f"loading {model_label(args)} ({dtype}, {device}) ...")
-    model, tok, model_id = load_model(args.model, args.preset, dtype, device,
-                                      rebuild_model_cache=args.rebuild_model_cache)
+    model, tok, model_id = load_announced(args, dtype, device, model_label(args))
     for p_len in prompt_lens:
         check_context(model, p_len, args.new_tokens)
     n = len(prompt_lens) * len(batch_sizes)
