@@ -237,7 +237,9 @@ class Run:
             else:
                 write_folder(out, blobs, tmp)
         except OSError as exc:
-            raise RunSaveError(f"cannot save the run to {out}: {reason(exc)}") from exc
+            err = RunSaveError(f"cannot save the run to {out}: {reason(exc)}")
+            err.reason = reason(exc)  # the cause alone, for messages that name the folder themselves
+            raise err from exc
         self.path = out
         return out
 

@@ -36,6 +36,7 @@ import pandas as pd
 from probe import fmt
 from probe.headline import TOKENS_NOTE, TOTAL, headline_cells, sequences
 from probe.store import write_text
+from probe.store.outdir import GENERATOR_META
 
 from . import figures, tree_figures
 from .tables import per_rank_summary
@@ -145,6 +146,7 @@ def page(title: str, body: Iterable[str], scripts: Iterable[str] = ()) -> str:
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f'<meta http-equiv="Content-Security-Policy" content="{esc(csp)}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f'{GENERATOR_META}\n'
         f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n"
         f"<script>{js}</script>\n</head>\n<body>\n{body_html}\n</body>\n</html>\n"
     )

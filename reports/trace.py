@@ -158,8 +158,9 @@ def build_trace(run: "Run") -> dict:
                               "phase": object, "module": object, "role": object, "module_type": object})
     call_events, gpu_phases = _call_events(calls, pids, tids)
     events = _meta_events(run, pids, tids, gpu_phases) + _step_events(run.steps, pids, tids) + call_events
-    return {"traceEvents": events, "displayTimeUnit": "ms",
-            "otherData": {"producer": "probe", "run_dir": str(run.path) if run.path else ""}}
+    # otherData first: it names the producer near the top of the file (how --out knows probe wrote it)
+    return {"otherData": {"producer": "probe", "run_dir": str(run.path) if run.path else ""},
+            "traceEvents": events, "displayTimeUnit": "ms"}
 
 
 def write_trace(run: "Run", path: str | os.PathLike) -> Path:

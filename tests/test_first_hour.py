@@ -284,3 +284,10 @@ def test_dashboard_opens_on_the_newest_top_level_run_not_a_sweeps_config(tmp_pat
     at.session_state["runs_dir"] = str(tmp_path)
     at.run()
     assert not at.exception and at.sidebar.multiselect(key="runs").value == ["newer"]
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "no-such-host.invalid"])
+def test_dashboard_bad_host_is_an_exit_2_message(host, tmp_path, capsys):
+    code = cli.main(["dashboard", str(tmp_path), "--host", host, "--port", "8501"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--host {host}" in err and "Traceback" not in err

@@ -458,6 +458,7 @@ def test_a_save_that_fails_after_profiling_keeps_the_recording_and_names_where(t
     stdout, rest = proc.communicate(timeout=300)
     assert proc.returncode == 2, rest
     assert "Traceback" not in rest and "cannot save the run to" in rest and "The recording is kept in" in rest
+    assert rest.count("cannot save the run to") == 1  # the reason once, not "cannot save ...: cannot save ..."
     kept = [p for p in (tmp_path / "tmp").iterdir() if p.name.startswith("probe-unsaved-run-")]
     assert len(kept) == 1 and str(kept[0]) in rest
     assert probe.load(kept[0]).runs.iloc[0]["max_new_tokens"] == 12
@@ -484,6 +485,40 @@ def test_report_and_compare_out_follow_the_same_rule(cli_run, tmp_path, capsys):
     assert _cli(["compare", str(cli_run), str(cli_run), "--out", str(cmp_dir)], capsys)[0] == 0
     code, _, err = _cli(["compare", str(cli_run), str(cli_run), "--out", str(cmp_dir)], capsys)
     assert code == 0 and "replacing the comparison" in err
+
+
+@pytest.mark.parametrize("fmt_", ["html", "trace"])
+def test_report_out_never_overwrites_a_users_file_without_force(cli_run, tmp_path, capsys, fmt_):
+    """`probe report RUN --format html --out precious.txt` once overwrote any file."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("my notes")
+    code, _, err = _cli(["report", str(cli_run), "--format", fmt_, "--out", str(precious)], capsys)
+    assert code == 2 and "probe did not write" in err and "--force" in err
+    assert precious.read_text() == "my notes"
+    # through a link to it: refused too, --force or not
+    link = tmp_path / "link.html"
+    link.symlink_to(precious)
+    code, _, err = _cli(["report", str(cli_run), "--format", fmt_, "--out", str(link), "--force"], capsys)
+    assert code == 2 and "symbolic link" in err and precious.read_text() == "my notes"
+    # a report probe wrote is replaced without --force; a user's file only with it
+    mine = tmp_path / f"r.{fmt_}"
+    assert _cli(["report", str(cli_run), "--format", fmt_, "--out", str(mine)], capsys)[0] == 0
+    code, _, err = _cli(["report", str(cli_run), "--format", fmt_, "--out", str(mine)], capsys)
+    assert code == 0 and f"replacing {mine}" in err and "(--force)" not in err
+    code, _, err = _cli(["report", str(cli_run), "--format", fmt_, "--out", str(precious), "--force"], capsys)
+    assert code == 0 and "(--force)" in err and precious.read_text() != "my notes"
+
+
+def test_force_never_deletes_a_folder_whose_meta_json_is_not_a_runs(tmp_path, capsys):
+    """A folder with some meta.json is not a run: --force does not replace it (and its files stay)."""
+    album = tmp_path / "u"
+    album.mkdir()
+    (album / "meta.json").write_text('{"title": "album"}')
+    (album / "photo.jpg").write_bytes(b"img")
+    code, _, err = _cli(["run", "tiny", "--prompt", "hi", "--max-new-tokens", "2", "--out", str(album), "--force",
+                         "--no-report"], capsys)
+    assert code == 2 and "not a probe run" in err
+    assert sorted(p.name for p in album.iterdir()) == ["meta.json", "photo.jpg"]
 
 
 def test_sweep_out_refuses_other_folders_and_replaces_a_sweep_only_with_force(tmp_path, capsys):

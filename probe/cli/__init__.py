@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", default="all", choices=("html", "csv", "trace", "all"),
                      help="what to write: report.html, csv/, trace.json (Perfetto / chrome://tracing) or all three")
     rep.add_argument("--out", default=None, help="output file (html, trace) or folder (csv, all); default: inside RUN_DIR")
+    rep.add_argument("--force", action="store_true",
+                     help="replace an existing --out file that probe did not write (a report of probe's is replaced anyway)")
 
     cmp_ = sub.add_parser("compare", help="side-by-side HTML + CSV of two saved runs", **help_fmt)
     cmp_.add_argument("run_a", help="the first run directory (A)")

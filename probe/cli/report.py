@@ -23,7 +23,7 @@ def main(args) -> int:
             raise CLIError(f"cannot write the report: {missing(exc)}") from exc
         formats = ("html", "csv") if args.format == "all" else (args.format,)
         if args.out:
-            check_out(Path(args.out), "report", is_file=args.format == "html")
+            check_out(Path(args.out), "report", is_file=args.format == "html", force=args.force)
         try:
             paths = write_sweep_reports(root, formats=formats, out=args.out)
         except ValueError as exc:
@@ -40,7 +40,7 @@ def main(args) -> int:
         raise CLIError(f"cannot write the report: {missing(exc)}") from exc
     formats = ("html", "csv", "trace") if args.format == "all" else (args.format,)
     if args.out:
-        check_out(Path(args.out), "report", is_file=args.format in ("html", "trace"))
+        check_out(Path(args.out), "report", is_file=args.format in ("html", "trace"), force=args.force)
     from ..store.outdir import shown
 
     try:

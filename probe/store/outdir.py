@@ -28,6 +28,22 @@ COMPARE_META = "compare.json"
 COMPARE_FILES = frozenset({"compare.html", "compare.csv", "significance.csv", COMPARE_META})
 
 
+#: what marks a file as written by probe (an existing one may be replaced without --force): the
+#: HTML pages' generator meta tag, the Chrome trace's producer
+GENERATOR_META = '<meta name="generator" content="probe">'
+_MARKERS = (GENERATOR_META.encode(), b'"producer":"probe"', b'"producer": "probe"')
+
+
+def written_by_probe(path: Path) -> bool:
+    """Whether the regular file ``path`` carries probe's marker in its first 64 KiB."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64 << 10)
+    except OSError:
+        return False
+    return any(m in head for m in _MARKERS)
+
+
 class OutError(ValueError):
     """An ``--out`` that cannot be used, with what to do instead."""
 
@@ -72,12 +88,18 @@ def check_out(path: Path, kind: str, *, force: bool = False, is_file: bool = Fal
         raise OutError(f"--out {shown(path)} is not valid UTF-8 text; choose a path of UTF-8 characters") from None
     note = None
     folder = path.parent if is_file else path
+    if is_file and path.is_symlink():
+        raise OutError(f"--out {shown(path)} is a symbolic link; give the file itself (probe never writes "
+                       "through a link onto a file it did not make)")
     if is_file and path.exists():
         if path.is_dir():
             raise OutError(f"--out {shown(path)} is a folder; give the file to write, e.g. {shown(path / 'report.html')}")
         if not path.is_file():
             raise OutError(f"--out {shown(path)} is not a regular file; choose another path")
-        note = f"replacing {shown(path)}"
+        if not written_by_probe(path) and not force:
+            raise OutError(f"--out {shown(path)} is an existing file that probe did not write; choose another "
+                           "path, or pass --force to replace it")
+        note = f"replacing {shown(path)}" + ("" if written_by_probe(path) else " (--force)")
     elif not is_file and path.exists():
         if not path.is_dir():
             raise OutError(f"--out {shown(path)} is a file, not a folder; choose a folder")
@@ -177,8 +199,9 @@ def save_run(run, out: Path):
 
 
 def _why(exc: BaseException) -> str:
+    """The reason a save failed, once (a RunSaveError's message already names the folder)."""
     if isinstance(exc, RunSaveError):
-        return str(exc)
+        return getattr(exc, "reason", None) or str(exc)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror + (f" ({shown(exc.filename)})" if exc.filename else "")
     return f"{type(exc).__name__}: {exc}"
