@@ -40,6 +40,7 @@ on a shared machine; the median of three is what the targets are stated for).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import random
@@ -163,6 +164,7 @@ class PlainWrappers:
         for role, mod in self.mods:
             fn = mod.forward
 
+            @functools.wraps(fn)  # generate reads the forward's signature (logits_to_keep): keep it
             def wrapped(*a, _fn=fn, _role=role, **k):
                 t0 = time.perf_counter_ns()
                 out = _fn(*a, **k)
@@ -172,6 +174,7 @@ class PlainWrappers:
             mod.__dict__["forward"] = wrapped
         fwd = self.model.forward
 
+        @functools.wraps(fwd)  # without it generate computes logits for every prompt position
         def root(*a, **k):
             t0 = time.perf_counter_ns()
             out = fwd(*a, **k)

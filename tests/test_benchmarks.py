@@ -58,3 +58,24 @@ def test_instruction_counts_are_read_per_dump_name(tmp_path):
     (tmp_path / "cg.7.2").write_text("desc: Trigger: Client Request: probe-all|steady\nsummary: 1028\n")
     (tmp_path / "cg.7").write_text("desc: Trigger: Program termination\nsummary: 11\n")
     assert overhead.read_counts(tmp_path) == {"none|first": 1000, "probe-all|steady": 1028}
+
+
+def test_the_plain_wrapper_reference_passes_what_generate_passes():
+    """The overhead benchmark's hand-written reference keeps the forward's signature, so generate
+    asks it for the last position's logits only (logits_to_keep=1), as it asks the probe."""
+    import inspect
+
+    from probe.models import load_bundled
+
+
+    model, tok = load_bundled(num_hidden_layers=2)
+    ids = tok("我喜欢攀岩", return_tensors="pt")["input_ids"]
+    heads = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: heads.append(tuple(out.shape)))
+    try:
+        with overhead.PlainWrappers(model):
+            assert "logits_to_keep" in inspect.signature(model.forward).parameters
+            model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert heads[0][1] == 1, heads  # prefill: one position, not the whole prompt
