@@ -47,6 +47,15 @@ def is_missing(value: object) -> bool:
         return False
 
 
+def _number(value: object) -> "float | str":
+    """``value`` as a float, or the text shown instead of it: ``""`` when missing, ``inf`` / ``-inf``."""
+    if is_missing(value):
+        return ""
+    v = float(value)
+    special = _special(v)
+    return v if special is None else special
+
+
 def _special(v: float) -> str | None:
     if math.isnan(v):
         return ""
@@ -62,11 +71,9 @@ def ms(value: object, unit: bool = False) -> str:
         value: the time in ms.
         unit: append `` ms``.
     """
-    if is_missing(value):
-        return ""
-    v = float(value)
-    if (s := _special(v)) is not None:
-        return s
+    v = _number(value)
+    if isinstance(v, str):  # missing (""), NaN or infinite
+        return v
     a = abs(v)
     if a >= 100:
         text = f"{v:,.1f}"
@@ -82,11 +89,9 @@ def ms(value: object, unit: bool = False) -> str:
 def nbytes(value: object) -> str:
     """Bytes in binary units, about three significant digits: ``512 B``, ``2.00 KiB``,
     ``416.0 KiB``, ``12.7 GiB``."""
-    if is_missing(value):
-        return ""
-    v = float(value)
-    if (s := _special(v)) is not None:
-        return s
+    v = _number(value)
+    if isinstance(v, str):  # missing (""), NaN or infinite
+        return v
     a = abs(v)
     if a < 1024:
         return f"{v:,.0f} B"
@@ -132,11 +137,9 @@ def table(rows: "Iterable[Iterable[object]]", header: "Iterable[object] | None" 
 
 def tok_s(value: object, unit: bool = False) -> str:
     """Tokens per second: ``0.62``, ``8.01``, ``37.5``, ``1,234`` (about three significant digits)."""
-    if is_missing(value):
-        return ""
-    v = float(value)
-    if (s := _special(v)) is not None:
-        return s
+    v = _number(value)
+    if isinstance(v, str):  # missing (""), NaN or infinite
+        return v
     a = abs(v)
     text = f"{v:,.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}"
     return text + (" tok/s" if unit else "")
@@ -145,11 +148,9 @@ def tok_s(value: object, unit: bool = False) -> str:
 def sig(value: object, digits: int = 3) -> str:
     """``value`` with ``digits`` significant digits (``0.0252``, ``52.3``, ``1,234``): a small
     positive number never reads ``0.0``."""
-    if is_missing(value):
-        return ""
-    v = float(value)
-    if (s := _special(v)) is not None:
-        return s
+    v = _number(value)
+    if isinstance(v, str):  # missing (""), NaN or infinite
+        return v
     a = abs(v)
     if a == 0:
         return "0"
@@ -159,11 +160,9 @@ def sig(value: object, digits: int = 3) -> str:
 
 
 def _scaled(value: object, unit: str, scales: tuple[tuple[str, float], ...]) -> str:
-    if is_missing(value):
-        return ""
-    v = float(value)
-    if (s := _special(v)) is not None:
-        return s
+    v = _number(value)
+    if isinstance(v, str):  # missing (""), NaN or infinite
+        return v
     for prefix, scale in scales:
         if abs(v) >= scale:
             return f"{sig(v / scale)} {prefix}{unit}"
@@ -190,11 +189,9 @@ def intensity(value: object) -> str:
 
 def count(value: object) -> str:
     """A whole number with thousands separators: ``1,234``."""
-    if is_missing(value):
-        return ""
-    v = float(value)
-    if (s := _special(v)) is not None:
-        return s
+    v = _number(value)
+    if isinstance(v, str):  # missing (""), NaN or infinite
+        return v
     return f"{v:,.0f}"
 
 

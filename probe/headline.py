@@ -92,7 +92,7 @@ def phase_headline(runs: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
     stepped = 0.0
     for tot in phase_totals(st).itertuples(index=False):
         sub = st[st["phase"] == tot.phase]
-        t = tot.latency_ms if not _missing(tot.latency_ms) else tot.forward_ms
+        t = tot.latency_ms if not fmt.is_missing(tot.latency_ms) else tot.forward_ms
         stepped += t
         kv = last.loc[last["phase"] == tot.phase, "kv_cache_bytes"].dropna()
         peak = sub["mem_peak_bytes"].dropna()
@@ -116,10 +116,6 @@ def phase_headline(runs: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
     out["ms_per_token"] = (out["time_ms"] / tokens).astype("float64")
     out["tok_s"] = (tokens / (out["time_ms"] / 1e3)).astype("float64")
     return pd.DataFrame({c: out[c].astype(d) for c, d in HEADLINE.items()})
-
-
-def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
 
 
 # --------------------------------------------------------------------------- display
