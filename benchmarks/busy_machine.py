@@ -25,7 +25,7 @@ import torch
 
 import probe
 from probe import models
-from probe.noise import BUSY_THRESHOLD_PCT, cores_available
+from probe.recording.noise import BUSY_THRESHOLD_PCT, cores_available
 
 HOG = "import time\nend = time.monotonic() + {secs}\nwhile time.monotonic() < end:\n    pass\n"
 

@@ -68,7 +68,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import probe  # noqa: E402
-from probe import fmt, hardware  # noqa: E402
+from probe import fmt
+from probe.analysis import hardware  # noqa: E402
 from probe.schema import BLOCK_ROLES  # noqa: E402
 
 _now = time.perf_counter_ns

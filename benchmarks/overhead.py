@@ -54,7 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import probe  # noqa: E402
-from probe.discovery import select_modules  # noqa: E402
+from probe.recording.discovery import select_modules  # noqa: E402
 
 
 def build_model(layers: int = 32, hidden: int = 64):
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     ids = torch.arange(3, 10).unsqueeze(0)  # 7-token prompt
     if args.count_child:
         return count_child(model, ids, args.new_tokens)
-    from probe import hotpath
+    from probe.recording import hotpath
 
     print(f"overhead: {args.layers}-layer LLaMA hidden {args.hidden}, CPU 1 thread, 7-token prompt, "
           f"{args.new_tokens} new tokens greedy, min of {args.repeats} interleaved repeats (process CPU time), "

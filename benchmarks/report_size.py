@@ -46,7 +46,7 @@ def stretch(run, n_calls: int):
     and start time, so the result looks like one long generate call.
     """
     from probe import schema
-    from probe.run import Run
+    from probe.analysis.run import Run
 
     calls, steps = run.calls, run.steps
     dec_c = calls[calls["phase"] == "decode"]

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probe.sampling import SamplingRecorder, _RunRec, _timed_types  # noqa: E402
+from probe.recording.sampling import SamplingRecorder, _RunRec, _timed_types  # noqa: E402
 
 
 def lists(vocab: int):

@@ -29,7 +29,7 @@ def roofline_parts(run: probe.Run) -> dict:
     The cost estimate annotates every call (the slow part on a big run), so it is built
     once per run and filter choice.
     """
-    from probe.roofline import bound_summary
+    from probe.analysis.roofline import bound_summary
     from probe.reports.cost_view import cost_view, roofline_figure
     from probe.reports.html import roofline_table
     from probe.reports.tables import ranks
@@ -89,7 +89,7 @@ def _sweep_parts(path: Path, name: str) -> dict:
     Raises:
         ValueError: the folder's sweep cannot be read (:func:`probe.sweep.load_sweep`).
     """
-    from probe.sweep import load_sweep, sweep_summary
+    from probe.routines.sweep import load_sweep, sweep_summary
     from probe.reports.sweep_report import SWEEP_FIGURES, sweep_facts, sweep_failures, sweep_runs
 
     df, meta = load_sweep(path)

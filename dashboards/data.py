@@ -21,7 +21,7 @@ import pandas as pd
 import probe
 from probe import schema
 from probe.store.outdir import COMPARE_META
-from probe.run import FILES
+from probe.analysis.run import FILES
 from probe.store.files import MAX_META_BYTES, META, read_regular
 from probe.store.folders import rank_dirs
 from probe.reports.tables import ranks
@@ -88,7 +88,7 @@ def _is_compare_dir(d: Path) -> bool:
 
 
 def _is_sweep_dir(d: Path) -> bool:
-    from probe.sweep import SWEEP_FILE
+    from probe.routines.sweep import SWEEP_FILE
 
     return (d / SWEEP_FILE).is_file()
 
@@ -307,7 +307,7 @@ def signature(run_dir: str | os.PathLike) -> tuple:
 
 def sweep_signature(sweep_dir: str | os.PathLike) -> tuple:
     """(file name, mtime_ns, size) of a sweep's ``sweep.parquet`` and ``sweep.json``: its cache key."""
-    from probe.sweep import SWEEP_FILE, SWEEP_META
+    from probe.routines.sweep import SWEEP_FILE, SWEEP_META
 
     out = []
     for f in (SWEEP_FILE, SWEEP_META):

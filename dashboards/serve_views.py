@@ -15,7 +15,7 @@ from .views import Context, show_chart, show_table, md
 def _split(run):
     """Per serving step, the blocks' time split into prefill and decode parts (or the reason
     there is none)."""
-    from probe.apportion import step_split
+    from probe.analysis.apportion import step_split
 
     try:
         return step_split(run.apportion()), ""

@@ -19,8 +19,8 @@ import streamlit as st
 
 import probe
 from probe import fmt
-from probe.headline import TOKENS_NOTE, headline_cells, sequences
-from probe.run import block_summary
+from probe.analysis.headline import TOKENS_NOTE, headline_cells, sequences
+from probe.analysis.run import block_summary
 from probe.reports import figures, tree_figures
 from probe.reports.tables import per_rank_summary
 from probe.reports.text import MAX_LONG_TEXT, cap, run_prompt
@@ -523,7 +523,7 @@ def shapes(ctx: Context) -> None:
 
 def compare(ctx: Context) -> None:
     """Two runs side by side: headline, blocks, and the per-block difference."""
-    from probe.stats import differences
+    from probe.analysis.stats import differences
     from probe.reports.diff import block_diff
 
     pool = list(ctx.loaded)  # any readable run; the sidebar's picks are the defaults
@@ -558,7 +558,7 @@ def compare(ctx: Context) -> None:
     st.caption(f"Per {level} and phase: B - A and B / A of the self host ms (the rows never overlap)")
     show_table(block_diff(sa, sb), "compare_table")
     if a != b:
-        from probe.stats import significance
+        from probe.analysis.stats import significance
         from probe.reports.compare import significance_table
 
         ra = data.apply_filters(ctx.loaded[a], ctx.filters)

@@ -14,6 +14,8 @@ first use, so ``probe --help`` answers at once and tools that only read saved ru
 from __future__ import annotations
 
 import os as _os
+import sys as _sys
+from importlib import abc as _abc, util as _util
 from typing import TYPE_CHECKING, Any
 
 from .version import __version__
@@ -30,44 +32,93 @@ del _root
 from .vocab import DEPTHS, PHASES
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import fmt, models, shapes
-    from .profiling import ProfileError, profile
-    from .run import Run, RunLoadError, RunSaveError, load, merge
-    from .capture import CompiledModelWarning, Probe, ProbeError, attach, detach, probe_of
-    from .discovery import UnrecognisedModelWarning, find_blocks
-    from .ranks import save_rank
-    from .serving import ServingWarning
+    from . import fmt, models
+    from .routines import shapes
+    from .routines.profiling import ProfileError, profile
+    from .analysis.run import Run, RunLoadError, RunSaveError, load, merge
+    from .capture.lifecycle import CompiledModelWarning, Probe, ProbeError, attach, detach, probe_of
+    from .recording.discovery import UnrecognisedModelWarning, find_blocks
+    from .capture.ranks import save_rank
+    from .recording.serving import ServingWarning
 
 _LAZY = {
     # the read side (pandas, pyarrow): imported on first use, so `probe --help` starts at once
-    "Run": "run",
-    "RunLoadError": "run",
-    "RunSaveError": "run",
-    "load": "run",
-    "merge": "run",
-    "profile": "profiling",
-    "ProfileError": "profiling",
-    "attach": "capture",
-    "detach": "capture",
-    "probe_of": "capture",
-    "Probe": "capture",
-    "ProbeError": "capture",
-    "CompiledModelWarning": "capture",
-    "find_blocks": "discovery",
-    "UnrecognisedModelWarning": "discovery",
-    "save_rank": "ranks",
-    "ServingWarning": "serving",
+    "Run": "analysis.run",
+    "RunLoadError": "analysis.run",
+    "RunSaveError": "analysis.run",
+    "load": "analysis.run",
+    "merge": "analysis.run",
+    "profile": "routines.profiling",
+    "profile_serving": "routines.profiling",
+    "ProfileError": "routines.profiling",
+    "attach": "capture.lifecycle",
+    "detach": "capture.lifecycle",
+    "probe_of": "capture.lifecycle",
+    "Probe": "capture.lifecycle",
+    "ProbeError": "capture.lifecycle",
+    "CompiledModelWarning": "capture.lifecycle",
+    "find_blocks": "recording.discovery",
+    "UnrecognisedModelWarning": "recording.discovery",
+    "save_rank": "capture.ranks",
+    "ServingWarning": "recording.serving",
 }
 #: submodules reachable as attributes (``probe.models.load_bundled()``) without importing
 #: them (and torch/transformers) at ``import probe``
-_LAZY_MODULES = ("models", "fmt", "shapes")
+_LAZY_MODULES = {"models": "models", "fmt": "fmt", "shapes": "routines.shapes"}
+
+#: Where each module of the flat layout went when the package took its layer folders. The old
+#: dotted paths (``import probe.hardware``, ``from probe.run import load``) keep working: they
+#: resolve to the very same module object, imported on first use.
+MOVED = {
+    "pretrained": "models.pretrained", "model_folder": "models.model_folder", "loading": "models.loading",
+    "hotpath": "recording.hotpath", "observer": "recording.observer", "recorder": "recording.recorder",
+    "extras": "recording.extras", "cache": "recording.cache", "noise": "recording.noise",
+    "sampling": "recording.sampling", "serving": "recording.serving", "discovery": "recording.discovery",
+    "distributed": "recording.distributed", "generation": "recording.generation", "_hooks": "recording._hooks",
+    "frames": "analysis.frames", "tree": "analysis.tree", "accounting": "analysis.accounting",
+    "headline": "analysis.headline", "stats": "analysis.stats", "apportion": "analysis.apportion",
+    "cost": "analysis.cost", "hardware": "analysis.hardware", "roofline": "analysis.roofline", "run": "analysis.run",
+    "ranks": "capture.ranks", "profiling": "routines.profiling", "sweep": "routines.sweep",
+    "loadgen": "routines.loadgen", "shapes": "routines.shapes",
+}
+
+
+class _MovedFinder(_abc.MetaPathFinder, _abc.Loader):
+    """Resolves ``probe.<old name>`` to the module at its layer folder's path (no second copy)."""
+
+    def __init__(self) -> None:
+        self.real_specs: dict[str, Any] = {}
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        package, _, leaf = fullname.rpartition(".")
+        if package != __name__ or leaf not in MOVED:
+            return None
+        return _util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: Any) -> Any:
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.{MOVED[spec.name.rpartition('.')[2]]}")
+        self.real_specs[spec.name] = module.__spec__
+        return module
+
+    def exec_module(self, module: Any) -> None:
+        # the import system has set the alias's spec on the module: put its own back, so that
+        # __spec__.parent stays __package__ and a later relative import resolves as before
+        module.__spec__ = self.real_specs.pop(module.__spec__.name)
+
+
+if not any(isinstance(f, _MovedFinder) for f in _sys.meta_path):
+    _sys.meta_path.append(_MovedFinder())
 
 
 def __getattr__(name: str) -> Any:
     import importlib
 
     if name in _LAZY_MODULES:
-        return importlib.import_module(f".{name}", __name__)  # the import binds it in globals()
+        module = importlib.import_module(f".{_LAZY_MODULES[name]}", __name__)
+        globals()[name] = module
+        return module
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'probe' has no attribute {name!r}")

@@ -10,7 +10,7 @@ activation class is ``act_fn``, ``Linear`` is ``linear``) and then to ``other``.
 
 Roles, from the outside in:
 
-- blocks (found structurally by :mod:`probe.discovery`): ``embed``, ``layer``, ``norm`` (the
+- blocks (found structurally by :mod:`probe.recording.discovery`): ``embed``, ``layer``, ``norm`` (the
   final norm), ``head``;
 - model level: ``model`` (the base model that holds the layers, e.g. ``model`` of
   ``LlamaForCausalLM``), ``rotary_emb`` (computed once per forward for every layer),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Literal
 
 if TYPE_CHECKING:  # pragma: no cover
-    from probe.run import Run
+    from probe.analysis.run import Run
 
 Format = Literal["html", "csv", "trace"]
 FORMATS: tuple[str, ...] = ("html", "csv", "trace")

@@ -7,7 +7,7 @@ lengths or models are compared all the same, with the difference said at the top
 
 Whether a difference is larger than the noise is :func:`probe.stats.significance` (bootstrap
 intervals over steps and generate calls), written to ``significance.csv`` and shown on the page
-with each run's busy-machine figure (:mod:`probe.noise`).
+with each run's busy-machine figure (:mod:`probe.recording.noise`).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import pandas as pd
 from probe.store import write_text
 from probe.store.outdir import COMPARE_META
 from probe.schema import DIFF
-from probe.stats import differences
+from probe.analysis.stats import differences
 
 from . import figures
 from .diff import block_diff
 from .html import Page, esc, format_cell, table_html
 
 if TYPE_CHECKING:  # pragma: no cover
-    from probe.run import Run
+    from probe.analysis.run import Run
 
 HEADLINE_METRICS = ("ttft_ms", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_mean", "prefill_tok_s", "decode_tok_s",
                     "total_ms", "peak_mem_bytes", "kv_cache_bytes")
@@ -115,7 +115,7 @@ def _formatted_headline(head: pd.DataFrame) -> pd.DataFrame:
 
 def significance_table(sig: pd.DataFrame) -> pd.DataFrame:
     """The significance rows as the page shows them: a verdict in words, the interval in brackets."""
-    from probe.stats import verdict
+    from probe.analysis.stats import verdict
 
     def pct(v) -> str:
         return "" if pd.isna(v) else f"{v:+.1f}%"
@@ -152,7 +152,7 @@ def render_comparison(run_a: "Run", run_b: "Run", sig: pd.DataFrame | None = Non
 
     ``sig`` is :func:`probe.stats.significance` of the two runs, if the caller has it already.
     """
-    from probe.stats import significance
+    from probe.analysis.stats import significance
 
     from .text import display_run
 
@@ -217,7 +217,7 @@ def write_comparison(run_a: "Run", run_b: "Run", out_dir: str | os.PathLike,
     Returns:
         ``[out_dir/compare.html, out_dir/compare.csv, out_dir/significance.csv, out_dir/compare.json]``.
     """
-    from probe.stats import significance
+    from probe.analysis.stats import significance
 
     sig = significance(run_a, run_b) if sig is None else sig
     out = Path(out_dir)

@@ -24,8 +24,8 @@ from .tables import ranks
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
-    from probe.hardware import Peaks
-    from probe.run import Run
+    from probe.analysis.hardware import Peaks
+    from probe.analysis.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ COST_NOTE = ("FLOPs and bytes are estimates from the recorded shapes and the mod
 
 def roofline_columns() -> dict[str, str]:
     """Columns of ``roofline.csv``: ``rank`` then :data:`probe.roofline.ROOFLINE`."""
-    from probe.roofline import ROOFLINE
+    from probe.analysis.roofline import ROOFLINE
 
     return {"rank": "int64", **ROOFLINE}
 
@@ -106,7 +106,7 @@ def roofline_figure(view: CostView) -> "go.Figure":
 
 
 def _stored_peaks(meta: dict) -> "Peaks | None":
-    from probe.hardware import Peaks
+    from probe.analysis.hardware import Peaks
 
     raw = meta.get("peaks")
     if not isinstance(raw, dict):
@@ -147,7 +147,7 @@ def per_rank_roofline(costed: pd.DataFrame, steps: pd.DataFrame, peaks: "Peaks |
     Ranks run side by side, so each is set against one device's roofs; rows of the same block
     and phase sit next to each other, rank by rank.
     """
-    from probe.roofline import roofline
+    from probe.analysis.roofline import roofline
 
     cols = roofline_columns()
     parts = []
@@ -173,7 +173,7 @@ def cost_view(run: "Run") -> CostView:
     Returns:
         A :class:`CostView`. Nothing is measured here, so the result depends only on the run.
     """
-    from probe.hardware import peaks_for_run, usable
+    from probe.analysis.hardware import peaks_for_run, usable
 
     wait = run.noise().wait_pct
     peaks, refused = usable(_stored_peaks(run.meta), wait)

@@ -25,7 +25,7 @@ from probe.store import replace_atomically
 from .cost_view import roofline_columns
 
 if TYPE_CHECKING:  # pragma: no cover
-    from probe.run import Run
+    from probe.analysis.run import Run
 
     from .cost_view import CostView
 

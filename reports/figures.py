@@ -24,8 +24,8 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from probe import fmt
-from probe.run import block_summary
-from probe.sampling import stage_means
+from probe.analysis.run import block_summary
+from probe.recording.sampling import stage_means
 from probe.schema import BLOCK_ROLES, PHASES, Phase
 
 from .diff import block_diff

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Iterable
 import pandas as pd
 
 from probe import fmt
-from probe.headline import TOKENS_NOTE, TOTAL, headline_cells, sequences
+from probe.analysis.headline import TOKENS_NOTE, TOTAL, headline_cells, sequences
 from probe.store import write_text
 from probe.store.outdir import GENERATOR_META
 
@@ -45,7 +45,7 @@ from .text import MAX_LONG_TEXT, cap, run_prompt
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
-    from probe.run import Run
+    from probe.analysis.run import Run
 
     from .cost_view import CostView
 
@@ -306,7 +306,7 @@ def roofline_table(view: "CostView") -> pd.DataFrame:
 
 def _roofline_section(doc: Page, run: "Run", view: "CostView") -> None:
     """The "Roofline and bounds" section: roofs and their source, the chart, the table."""
-    from probe.roofline import bound_summary
+    from probe.analysis.roofline import bound_summary
 
     from .cost_view import COST_NOTE, roofline_figure
 
@@ -358,7 +358,7 @@ def _serving_section(doc: Page, run: "Run") -> None:
     ):
         doc.figure(fig, div_id, None)
     try:
-        from probe.apportion import step_split
+        from probe.analysis.apportion import step_split
 
         split = step_split(run.apportion())
     except Exception as exc:  # a run saved without its config: no cost model, say so

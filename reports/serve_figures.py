@@ -132,7 +132,7 @@ def throughput_over_time(steps: pd.DataFrame) -> go.Figure:
 
 def mixed_split(split: pd.DataFrame) -> go.Figure:
     """Blocks' time per serving step split into prefill and decode parts (see
-    :mod:`probe.apportion`), with what the pure steps' lines predict."""
+    :mod:`probe.analysis.apportion`), with what the pure steps' lines predict."""
     title = "Block time per step: prefill vs decode part"
     if split.empty:
         return empty_figure(title, "no serving steps with block records")

@@ -68,7 +68,7 @@ def render_sweep(df: pd.DataFrame, meta: dict | None = None) -> str:
     Returns:
         A complete offline HTML document.
     """
-    from probe.sweep import sweep_summary
+    from probe.routines.sweep import sweep_summary
 
     from .text import cap, cap_frame, cap_meta
 
@@ -84,7 +84,7 @@ def render_sweep(df: pd.DataFrame, meta: dict | None = None) -> str:
     if len(fails):
         doc.add('<h2 id="failures">Failed configs</h2>')
         doc.add(table_html(fails, table_id="failures-table"))
-    from probe.noise import BUSY_THRESHOLD_PCT
+    from probe.recording.noise import BUSY_THRESHOLD_PCT
 
     summary = sweep_summary(df)
     busy = summary[summary["wait_pct"] > BUSY_THRESHOLD_PCT]
@@ -124,7 +124,7 @@ def write_sweep_reports(sweep_dir: str | os.PathLike, formats: Iterable[str] = S
     Raises:
         ValueError: an unknown format, or a folder that holds no readable sweep.
     """
-    from probe.sweep import load_sweep, sweep_summary
+    from probe.routines.sweep import load_sweep, sweep_summary
 
     fmts = list(dict.fromkeys(formats))
     bad = [f for f in fmts if f not in SWEEP_FORMATS]

@@ -15,7 +15,7 @@ from probe import fmt, schema
 from probe.schema import HEADLINE, shape_text
 
 if TYPE_CHECKING:  # pragma: no cover
-    from probe.run import Run
+    from probe.analysis.run import Run
 
 
 def ranks(data: "pd.DataFrame | Run") -> list[int]:
@@ -187,7 +187,7 @@ def per_rank_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: str = "role")
     Shares are over each rank's own forward time (ranks run side by side, not one after the
     other). Rows of the same block and phase sit next to each other, rank by rank.
     """
-    from probe.run import block_summary
+    from probe.analysis.run import block_summary
 
     rank_list = ranks(calls)
     rc = calls["rank"].to_numpy(dtype="int64", na_value=0) if "rank" in calls.columns else np.zeros(len(calls), "int64")

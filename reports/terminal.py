@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from probe import fmt
-from probe.headline import TOKENS_NOTE, headline_cells
+from probe.analysis.headline import TOKENS_NOTE, headline_cells
 from probe.roles import BLOCKS as BLOCK_ROLES
 
 TIME_PHASES = ("prefill", "decode", "extend", "recompute")
@@ -266,7 +266,7 @@ def _num(v) -> str:
 
 def significance_lines(sig) -> list[str]:
     """B against A per headline metric and block: samples, slowdown, its 95 % interval, the verdict."""
-    from probe.stats import verdict
+    from probe.analysis.stats import verdict
 
     rows = []
     for _, row in sig[sig["level"].isin(["metric", "block"])].iterrows():

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 if TYPE_CHECKING:  # pragma: no cover
-    from probe.run import Run
+    from probe.analysis.run import Run
 
 #: longest user string a report shows whole
 MAX_TEXT = 300
@@ -66,7 +66,7 @@ def cap_meta(meta: dict, limit: int = MAX_TEXT) -> dict:
 
 def display_run(run: "Run") -> "Run":
     """``run`` with every user string capped, as every report shows it (``run`` itself untouched)."""
-    from probe.run import Run
+    from probe.analysis.run import Run
 
     calls, steps, runs = cap_frame(run.calls), cap_frame(run.steps), cap_frame(run.runs)
     meta = cap_meta(run.meta)

@@ -29,7 +29,7 @@ from probe.schema import BLOCK_ROLES, PHASES
 from probe.store import write_text
 
 if TYPE_CHECKING:  # pragma: no cover
-    from probe.run import Run
+    from probe.analysis.run import Run
 
 _US = 1000.0  # ms -> µs
 

@@ -1,7 +1,7 @@
 """Figures of the call tree: an icicle of the module tree per phase and a layer x role heatmap.
 
 Pure ``DataFrame -> Figure`` builders like :mod:`reports.figures` (which re-exports them), shared
-by the HTML report and the dashboard. Both read self times from :mod:`probe.accounting`, so
+by the HTML report and the dashboard. Both read self times from :mod:`probe.analysis.accounting`, so
 what they draw adds up to the phase's forward time.
 """
 
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from probe import accounting
+from probe.analysis import accounting
 from probe.schema import ROLES, Phase
 
 from .figures import HEIGHT, TEMPLATE, floats, empty_figure, plot_text

@@ -49,8 +49,8 @@ def _probe_hooks_alive() -> list[str]:
     """Anything a probe installs, still on any module a probe ever wrapped: forward wrappers
     (C or Python, also when something wrapped them in turn), the generate marker, and hooks
     from the probe's modules."""
-    from probe import capture
-    from probe.sampling import WRAPPED
+    from probe.capture import lifecycle as capture
+    from probe.recording.sampling import WRAPPED
 
     leaks = []
     for obj in list(capture._HOOKED):
@@ -75,7 +75,7 @@ def _probe_hooks_alive() -> list[str]:
 def _no_probe_leaks():
     """Fail a test that leaves a probe attached or any probe hook on any module."""
     yield
-    from probe import capture
+    from probe.capture import lifecycle as capture
 
     active = [type(m).__name__ for m in list(capture._ACTIVE.keys())]
     leaks = _probe_hooks_alive()

@@ -16,7 +16,7 @@ import sys
 
 def main() -> None:
     run_a, run_b, target = sys.argv[1:4]
-    import probe.run as prun  # imported before forking: the children share it
+    import probe.analysis.run as prun  # imported before forking: the children share it
 
     for line in sys.stdin:
         if line.strip() != "go":

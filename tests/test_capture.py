@@ -447,10 +447,10 @@ def test_shares_with_decode_stride_use_only_steps_with_block_records():
 
 # --------------------------------------------------------------------------- C and Python wrappers
 def test_c_wrappers_and_python_wrappers_record_the_same_calls(monkeypatch):
-    """The C hot path (probe/_hooks.c) and its Python reference record identical frames."""
-    from probe import hotpath
+    """The C hot path (probe/recording/_hooks.c) and its Python reference record identical frames."""
+    from probe.recording import hotpath
 
-    assert hotpath.C is not None, "probe/_hooks.c is not built (pip install builds it; PROBE_PURE_PYTHON=1 skips it)"
+    assert hotpath.C is not None, "probe/recording/_hooks.c is not built (pip install builds it; PROBE_PURE_PYTHON=1 skips it)"
     model = tiny_llama(layers=2)
     frames = {}
     for impl in ("c", "python"):
@@ -471,12 +471,12 @@ def test_c_and_python_wrappers_give_the_same_times_under_a_nonzero_calibration(m
     cpu_ms and self_ms agree exactly: a wrapper that miscounts the calls inside it does not."""
     import dataclasses
 
-    from probe import hotpath
-    from probe.frames import build_run
+    from probe.recording import hotpath
+    from probe.analysis.frames import build_run
     from tiny import VirtualClock
 
     if hotpath.C is None:
-        pytest.skip("probe/_hooks.c is not built")
+        pytest.skip("probe/recording/_hooks.c is not built")
     model = tiny_llama(layers=2)
     got = {}
     for impl in ("c", "python"):
@@ -496,10 +496,10 @@ def test_c_wrapper_gives_every_shape_change_its_signature():
     """The C wrapper compares each call's shapes with the last call's before looking them up:
     alternating shapes, dims past Python's small-int cache, a new output shape for the same
     input, and an output that is the input itself all record what the Python wrapper records."""
-    from probe import hotpath
-    from probe.recorder import Recorder
+    from probe.recording import hotpath
+    from probe.recording.recorder import Recorder
 
-    assert hotpath.C is not None, "probe/_hooks.c is not built"
+    assert hotpath.C is not None, "probe/recording/_hooks.c is not built"
 
     class Keep(nn.Module):  # like lm_head with logits_to_keep: same input, output of varying length
         def forward(self, x, keep=0):
@@ -526,9 +526,9 @@ def test_c_wrapper_gives_every_shape_change_its_signature():
 
 def test_the_c_extension_is_built():
     """Installing the package builds the C hot path; only PROBE_PURE_PYTHON=1 opts out."""
-    from probe import hotpath
+    from probe.recording import hotpath
 
     if os.environ.get("PROBE_PURE_PYTHON", "") not in ("", "0"):
         assert hotpath.C is None
     else:
-        assert hotpath.C is not None, "probe/_hooks.c did not build: install a C compiler or set PROBE_PURE_PYTHON=1"
+        assert hotpath.C is not None, "probe/recording/_hooks.c did not build: install a C compiler or set PROBE_PURE_PYTHON=1"

@@ -19,8 +19,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import probe
-from probe import cost, hardware, noise, schema
-from probe import roofline as rl
+from probe.analysis import cost, hardware
+from probe.recording import noise
+from probe import schema
+from probe.analysis import roofline as rl
 from probe.schema import BLOCK_ROLES
 from tiny import tiny_config, tiny_model
 

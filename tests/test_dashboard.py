@@ -19,7 +19,7 @@ pytest.importorskip("plotly")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import probe  # noqa: E402
-from probe.roofline import BOUNDS  # noqa: E402
+from probe.analysis.roofline import BOUNDS  # noqa: E402
 from probe.dashboards import APP, cli_runs_dir, data, launch, streamlit_command  # noqa: E402
 from probe.reports import figures  # noqa: E402
 from tiny import tiny_llama  # noqa: E402
@@ -70,7 +70,7 @@ def store_peaks(run_dir: Path) -> dict:
     (measured on this machine, where the run was recorded); returns them. Measured now and
     stored as a quiet figure: ``probe run`` stores only figures measured on a quiet machine, which
     this shared test machine may not be at the moment."""
-    from probe.hardware import measure_peaks
+    from probe.analysis.hardware import measure_peaks
 
     peaks = measure_peaks("cpu", probe.load(run_dir).meta.get("dtype") or "float32").to_dict()
     peaks["wait_pct"] = 0.0
@@ -83,7 +83,7 @@ def store_peaks(run_dir: Path) -> dict:
 def record_sweep(out: Path) -> Path:
     """A real ``probe.sweep.sweep`` of a tiny 2-layer Llama into ``out``: prompts of 4 and 8
     tokens, batch 1, 2 new tokens, one recorded call each, no warm-up."""
-    from probe.sweep import sweep
+    from probe.routines.sweep import sweep
 
     sweep(tiny_llama(layers=2, hidden=HIDDEN), None, prompt_lens=(4, 8), batch_sizes=(1,), new_tokens=2, repeat=1,
           warmup=0, out=out)
@@ -655,7 +655,7 @@ def test_roofline_with_stored_peaks_draws_every_block_under_the_roofs(peaks_dir)
 
 
 def test_roofline_without_peaks_shows_the_cost_and_never_measures(runs, monkeypatch):
-    from probe import hardware
+    from probe.analysis import hardware
 
     measured = []
     real = hardware.measure_peaks
@@ -668,7 +668,7 @@ def test_roofline_without_peaks_shows_the_cost_and_never_measures(runs, monkeypa
     assert {"flops", "bytes_moved", "intensity_flops_per_byte"} <= set(table.columns)
     assert "bound" not in table.columns and "rank" not in table.columns
     run = probe.load(runs["sublayers"])
-    from probe.roofline import roofline
+    from probe.analysis.roofline import roofline
 
     expect = roofline(run.cost(), None, run.steps)
     assert _rows(table) == [(str(m), str(p)) for m, p in zip(expect["module"], expect["phase"])]
@@ -677,7 +677,7 @@ def test_roofline_without_peaks_shows_the_cost_and_never_measures(runs, monkeypa
 
 
 def test_roofline_of_a_gpu_run_uses_its_datasheet(peaks_dir, tmp_path):
-    from probe.hardware import table_peaks
+    from probe.analysis.hardware import table_peaks
 
     shutil.copytree(peaks_dir / "stored", tmp_path / "h100")
     meta = json.loads((tmp_path / "h100" / "meta.json").read_text())
@@ -721,7 +721,7 @@ def test_discover_lists_a_sweeps_runs_and_not_the_sweep_as_a_bad_run(sweep_root)
 
 
 def test_sweep_view_draws_the_three_charts_and_the_summary(sweep_root):
-    from probe.sweep import load_sweep, sweep_summary
+    from probe.routines.sweep import load_sweep, sweep_summary
 
     at = app(sweep_root, view="Sweep")
     df, _ = load_sweep(sweep_root / "my-sweep")

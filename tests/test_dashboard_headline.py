@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import probe  # noqa: E402
 from probe.dashboards import APP  # noqa: E402
-from probe.headline import headline_cells, shown_ids  # noqa: E402
+from probe.analysis.headline import headline_cells, shown_ids  # noqa: E402
 from probe.models import load_bundled  # noqa: E402
 from tiny import tiny_llama  # noqa: E402
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import probe
-from probe.ranks import rank_dir, save_rank
+from probe.capture.ranks import rank_dir, save_rank
 from tiny import tiny_llama
 from tp_worker import PROMPT
 

@@ -34,7 +34,7 @@ def project_modules(root: Path = ROOT) -> dict[str, Path]:
 
 
 def _is_module(name: str, mods: dict[str, Path], root: Path) -> bool:
-    """A project module, or a compiled one (``probe._hooks``, built from ``_hooks.c``)."""
+    """A project module, or a compiled one (``probe.recording._hooks``, built from ``_hooks.c``)."""
     if name in mods:
         return True
     *pkg, leaf = name.split(".")
@@ -124,10 +124,10 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_every_package_and_lazy_imports():
     graph, _ = import_graph()
-    assert {"probe", "probe.run", "probe.cost", "probe.reports.html", "probe.dashboards.views"} <= set(graph)
-    assert "probe.schema" in graph["probe.run"]  # a top-level import
-    assert "probe.cost" in graph["probe.run"]  # an import inside Run.cost()
-    assert "probe.capture" in graph["probe"]  # under TYPE_CHECKING: counted too
+    assert {"probe", "probe.analysis.run", "probe.analysis.cost", "probe.reports.html", "probe.dashboards.views"} <= set(graph)
+    assert "probe.schema" in graph["probe.analysis.run"]  # a top-level import
+    assert "probe.analysis.cost" in graph["probe.analysis.run"]  # an import inside Run.cost()
+    assert "probe.capture.lifecycle" in graph["probe"]  # under TYPE_CHECKING: counted too
 
 
 #: the layers, bottom to top: a module imports only from its own layer or those below it.
@@ -137,15 +137,17 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("vocabulary", ("probe.version", "probe.errors", "probe.vocab", "probe.roles", "probe.deps", "probe.fmt", "probe.dtypes",
                     "probe.compat", "probe.schema", "probe.validate")),
     ("store", ("probe.store*",)),
-    ("recording", ("probe.hotpath", "probe.observer", "probe.recorder", "probe.extras", "probe.cache", "probe.noise",
-                   "probe.sampling", "probe.serving", "probe.discovery", "probe.distributed", "probe.generation")),
-    ("frames and analysis", ("probe.frames", "probe.tree", "probe.accounting", "probe.headline", "probe.stats",
-                             "probe.apportion", "probe.cost", "probe.hardware", "probe.roofline", "probe.run")),
-    ("capture and routines", ("probe", "probe.capture", "probe.ranks", "probe.profiling", "probe.sweep",
-                              "probe.loadgen", "probe.shapes", "probe.models", "probe.pretrained", "probe.model_folder",
-                              "probe.loading")),
+    ("models", ("probe.models*",)),
+    ("recording", ("probe.recording*",)),
+    ("frames and analysis", ("probe.analysis*",)),
+    ("capture", ("probe.capture*",)),
+    ("routines", ("probe", "probe.routines*")),
     ("interfaces", ("probe.cli*", "probe.__main__", "probe.reports*", "probe.dashboards*")),
 )
+
+#: the modules that may sit at the package's root: the vocabulary every layer shares, the
+#: package itself and its ``python -m probe``; everything else lives in its layer's folder.
+ROOT_MODULES = {"probe", "probe.__main__", *LAYERS[0][1]}
 
 
 def layer_of(module: str) -> int | None:
@@ -207,13 +209,13 @@ def test_the_checks_catch_what_they_are_for(tmp_path, extra, circle):
             dst = tmp_path / f.relative_to(ROOT)
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
-    cost = tmp_path / "probe" / "cost.py"
+    cost = tmp_path / "probe" / "analysis" / "cost.py"
     cost.write_text(cost.read_text(encoding="utf-8") + "\n\n" + extra, encoding="utf-8")
     graph, private = import_graph(tmp_path)
     if circle:
-        assert any({"probe.cost", "probe.run"} <= set(c) for c in cycles(graph))
+        assert any({"probe.analysis.cost", "probe.analysis.run"} <= set(c) for c in cycles(graph))
     else:
-        assert ("probe.cost", "_alive", "probe.run") in [(m, n, s) for m, _, n, s in private]
+        assert ("probe.analysis.cost", "_alive", "probe.analysis.run") in [(m, n, s) for m, _, n, s in private]
 
 
 def test_the_layer_check_catches_an_upward_import(tmp_path):
@@ -222,7 +224,45 @@ def test_the_layer_check_catches_an_upward_import(tmp_path):
             dst = tmp_path / f.relative_to(ROOT)
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
-    hot = tmp_path / "probe" / "hotpath.py"  # the hot path (recording) reaching up to the frames
-    hot.write_text(hot.read_text(encoding="utf-8") + "\n\ndef f():\n    from .run import Run\n", encoding="utf-8")
+    hot = tmp_path / "probe" / "recording" / "hotpath.py"  # the hot path (recording) reaching up to the frames
+    hot.write_text(hot.read_text(encoding="utf-8") + "\n\ndef f():\n    from ..analysis.run import Run\n", encoding="utf-8")
     graph, _ = import_graph(tmp_path)
-    assert any("probe.hotpath (recording) imports probe.run" in line for line in upward_imports(graph))
+    assert any("probe.recording.hotpath (recording) imports probe.analysis.run" in line for line in upward_imports(graph))
+
+
+def test_the_tree_shows_the_layers():
+    """Every module outside the shared vocabulary lives in its layer's folder, and each layer
+    folder holds one layer: the flow reads from the tree."""
+    flat = sorted(m for m, path in project_modules().items()
+                  if path.parent == ROOT / "probe" and path.name != "__init__.py" and m not in ROOT_MODULES)
+    assert not flat, f"modules at the package root that belong in a layer folder: {flat}"
+
+
+#: the longest a module may grow (the C file aside): past it, split it along its seams
+MAX_LINES = 450
+
+
+def test_no_module_is_too_long():
+    long = {m: n for m, p in project_modules().items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_old_flat_import_paths_resolve_to_the_same_module():
+    """``probe.hardware``, ``from probe.run import load``: the paths of the flat layout keep
+    working and give the very module of the layer folder (one object, its own spec)."""
+    import importlib
+    import warnings
+
+    import probe
+
+    for old, new in probe.MOVED.items():
+        if old == "_hooks":
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an ImportWarning for __spec__.parent != __package__ fails
+            a = importlib.import_module(f"probe.{old}")
+        b = importlib.import_module(f"probe.{new}")
+        assert a is b and a.__spec__.name == f"probe.{new}" and a.__spec__.parent == a.__package__
+    from probe.run import load as old_load
+
+    assert old_load is probe.load

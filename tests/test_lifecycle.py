@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import probe
-from probe import capture, hotpath
+from probe.capture import lifecycle as capture
+from probe.recording import hotpath
 from tiny import VirtualClock, tiny_llama
 
 

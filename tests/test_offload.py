@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import probe
-from probe.distributed import OffloadClock, placements
+from probe.recording.distributed import OffloadClock, placements
 from tiny import tiny_llama
 
 accelerate = pytest.importorskip("accelerate")

@@ -23,7 +23,7 @@ from torch import nn
 
 import probe
 from probe.cli import main
-from probe.run import RunLoadError, RunSaveError
+from probe.analysis.run import RunLoadError, RunSaveError
 from tiny import tiny_llama
 
 REPO = Path(probe.__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ def test_folders_named_like_ranks_are_not_tensor_parallel_ranks(two_runs, tmp_pa
 
 
 def test_a_rank_folder_must_hold_that_rank(two_runs, tmp_path):
-    from probe.ranks import save_rank
+    from probe.capture.ranks import save_rank
 
     run = probe.load(two_runs[0])
     root = tmp_path / "tp"
@@ -344,7 +344,7 @@ def test_a_fifo_in_a_run_folder_never_hangs_load_report_or_dashboard(name, two_r
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_a_fifo_named_like_a_sweep_file_never_hangs(tmp_path):
-    from probe.sweep import load_sweep
+    from probe.routines.sweep import load_sweep
 
     os.mkfifo(tmp_path / "sweep.parquet")
     _FIFOS.append(tmp_path / "sweep.parquet")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import probe
-from probe.hardware import Peaks
+from probe.analysis.hardware import Peaks
 from probe.reports import write_reports, write_sweep_reports
 from probe.reports.compare import write_comparison
 from probe.reports.html import FIGURES
@@ -50,7 +50,7 @@ def pages(tmp_path_factory) -> dict[str, Path]:
     b.save(root / "sdpa")
     report = write_reports(a, root / "eager", formats=("html",))[0]
     compare = write_comparison(a, b, root / "cmp")[0]
-    from probe.sweep import sweep
+    from probe.routines.sweep import sweep
 
     model = tiny_llama(layers=2, hidden=32, vocab=96)
     sweep(model, None, [4, 8], [1], new_tokens=2, repeat=1, warmup=0, out=root / "sweep", model_id=XSS)

@@ -13,7 +13,7 @@ import torch
 
 import probe
 from probe import fmt
-from probe.headline import TOKENS_NOTE, headline_cells, headline_text, share_text, shown_ids
+from probe.analysis.headline import TOKENS_NOTE, headline_cells, headline_text, share_text, shown_ids
 from probe.models import load_bundled
 from probe.reports.html import render_report
 from probe.reports.text import MAX_LONG_TEXT, cap

@@ -17,9 +17,9 @@ from plotly.offline import get_plotlyjs
 
 import probe
 from probe.cli import main
-from probe.hardware import Peaks, measure_peaks
-from probe.roofline import BOUNDS, bound_summary
-from probe.sweep import load_sweep, sweep, sweep_summary
+from probe.analysis.hardware import Peaks, measure_peaks
+from probe.analysis.roofline import BOUNDS, bound_summary
+from probe.routines.sweep import load_sweep, sweep, sweep_summary
 from probe.reports import figures, write_reports
 from probe.reports.sweep_report import render_sweep
 from probe.reports.cost_view import cost_view

@@ -13,7 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 import probe
 from probe import schema
-from probe.sampling import WRAPPED, stage_means
+from probe.recording.sampling import WRAPPED, stage_means
 from tiny import VirtualClock, tiny_llama
 
 BUILDERS = WRAPPED
@@ -315,7 +315,7 @@ def test_cuda_event_time_for_processors():
 
 
 def test_timed_list_copies_and_pickles():
-    from probe.sampling import SamplingRecorder, _RunRec, _timed_types
+    from probe.recording.sampling import SamplingRecorder, _RunRec, _timed_types
 
     timed_procs, timed_crit = _timed_types()
     rec = SamplingRecorder(model=None)

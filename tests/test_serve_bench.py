@@ -10,7 +10,7 @@ import pytest
 import probe
 from probe import compat
 from probe.cli import main
-from probe.loadgen import plan
+from probe.routines.loadgen import plan
 
 GAP = compat.continuous_batching_gap()
 

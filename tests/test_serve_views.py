@@ -29,7 +29,7 @@ def record_serve(out: Path) -> Path:
     load generator (a 16-token budget: chunked prompts and mixed steps), saved to ``out``."""
     from transformers import GenerationConfig
 
-    from probe.loadgen import cache_config, plan, serve
+    from probe.routines.loadgen import cache_config, plan, serve
 
     model = tiny_llama(layers=2, hidden=32)
     work = plan(6, float("inf"), [4, 20], 4, vocab_size=128, seed=1)

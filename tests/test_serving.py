@@ -226,7 +226,7 @@ def test_unsupported_version_warns_and_keeps_tokens():
 def test_mixed_step_time_apportioned_to_prefill_and_decode(served):
     """Every call's prefill and decode parts add up to its measured time; pure steps stay whole;
     a mixed step's decode tokens get a part, its prefill tokens the rest."""
-    from probe.apportion import APPORTION, step_split
+    from probe.analysis.apportion import APPORTION, step_split
 
     _, _, _, run, _ = served
     a = run.apportion()

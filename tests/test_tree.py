@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 import probe
-from probe import accounting, roles, schema, tree
+from probe.analysis import accounting, tree
+from probe import roles, schema
 from tiny import tiny_llama, tiny_model
 
 ARCHS = ("llama", "qwen2", "gemma2", "gpt2", "mixtral", "phi")
@@ -125,7 +126,7 @@ EXPECTED_ROLES = {
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_roles_name_the_parts_at_depth_all(arch):
-    from probe.discovery import select_modules
+    from probe.recording.discovery import select_modules
 
     got = {info.name: info.role for _, info in select_modules(tiny_model(arch), depth="all")}
     want = EXPECTED_ROLES[arch]
@@ -301,12 +302,12 @@ def test_each_wrapper_counts_exactly_the_calls_inside_and_the_tree_follows_the_c
     """Ground truth from the module tree: in a Llama forward every module runs once, so a call's
     descendants are the calls of its submodules in the same step, and its parent is its nearest
     recorded ancestor module. A wrapper that miscounts (``inner + 1``) fails here."""
-    from probe import hotpath
+    from probe.recording import hotpath
 
     if impl == "python":
         monkeypatch.setattr(hotpath, "C", None)
     elif hotpath.C is None:
-        pytest.skip("probe/_hooks.c is not built")
+        pytest.skip("probe/recording/_hooks.c is not built")
     model = tiny_llama(layers=2)
     ids = torch.randint(3, 90, (1, 5), generator=torch.Generator().manual_seed(0))
     with probe.attach(model, depth="all") as p:

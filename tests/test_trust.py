@@ -19,9 +19,18 @@ import torch
 import probe
 from probe.cli import main
 from probe.models import save_bundled
-from probe.noise import BUSY_THRESHOLD_PCT, busy, step_wait_ms
-from probe.stats import (block_spread, bootstrap_slowdown, comparability, differences, gate, headline_spread,
-                         mann_whitney_p, significance, verdict)
+from probe.recording.noise import BUSY_THRESHOLD_PCT, busy, step_wait_ms
+from probe.analysis.stats import (
+    block_spread,
+    bootstrap_slowdown,
+    comparability,
+    differences,
+    gate,
+    headline_spread,
+    mann_whitney_p,
+    significance,
+    verdict,
+)
 from tests.tiny import tiny_llama
 
 
@@ -340,7 +349,7 @@ def test_dashboard_overview_warns_of_a_busy_run_only(tmp_path):
 
 
 def test_sweep_shows_the_spread_of_its_repeats(tmp_path):
-    from probe.sweep import format_summary, load_sweep, sweep, sweep_summary
+    from probe.routines.sweep import format_summary, load_sweep, sweep, sweep_summary
 
     model = tiny_llama(layers=2, hidden=32)
     sweep(model, None, prompt_lens=(4,), batch_sizes=(1,), new_tokens=2, repeat=3, warmup=0, out=tmp_path / "s")

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 import probe
-from probe.ranks import save_rank
+from probe.capture.ranks import save_rank
 
 PROMPT = [5, 9, 17, 33, 2, 8, 40]
 

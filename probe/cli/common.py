@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from .. import deps
-from ..loading import MODEL_ENV, ModelLoadError, random_weights
-from ..loading import default_model as _default_model
+from ..models.loading import MODEL_ENV, ModelLoadError, random_weights
+from ..models.loading import default_model as _default_model
 
 DEFAULT_PROMPT = "我喜欢攀岩"
 #: seconds between progress lines; unset: 0.5 in a terminal, 10 when piped (a log stays short)
@@ -86,7 +86,7 @@ def default_model() -> str:
 
 def resolve_model_arg(model: str | None, preset: str | None = None) -> str | Path | None:
     """The folder (a Path) or known name (a str) MODEL stands for; None with --preset."""
-    from ..loading import resolve
+    from ..models.loading import resolve
 
     if model and preset:
         raise CLIError("give either MODEL or --preset, not both")
@@ -101,7 +101,7 @@ def load_model(model: str | None, preset: str | None, dtype, device: str, *, see
                rebuild_model_cache: bool = False):
     """(model, tokenizer, model_id) through :func:`probe.loading.load`, its errors as CLI errors."""
     from .. import models
-    from ..loading import load
+    from ..models.loading import load
 
     try:
         return tuple(load(model, preset=preset, dtype=dtype, device=device, seed=seed,
@@ -204,7 +204,7 @@ def check_out(out: Path, kind: str, *, force: bool = False, is_file: bool = Fals
 
 def saved_files() -> str:
     """The files a saved run folder holds, as the terminal lists them."""
-    from ..run import FILES, META
+    from ..analysis.run import FILES, META
 
     return ", ".join([*FILES.values(), META])
 

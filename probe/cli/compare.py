@@ -10,7 +10,7 @@ from .common import CLIError, check_out, load_run, missing
 
 
 def main(args) -> int:
-    from ..stats import comparability, differences, fact, gate, significance
+    from ..analysis.stats import comparability, differences, fact, gate, significance
 
     pct = args.fail_above
     if pct is not None and not (pct >= 0 and pct == pct and pct != float("inf")):

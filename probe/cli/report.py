@@ -8,8 +8,8 @@ from .common import CLIError, check_out, load_run, missing
 
 
 def main(args) -> int:
-    from ..run import META
-    from ..sweep import SWEEP_FILE
+    from ..analysis.run import META
+    from ..routines.sweep import SWEEP_FILE
 
     root = Path(args.run_dir)
     if (root / SWEEP_FILE).exists() and not (root / META).exists():

@@ -31,7 +31,7 @@ from .common import (
 
 
 def main(args) -> int:
-    from ..profiling import ProfileError, profile
+    from ..routines.profiling import ProfileError, profile
 
     validate_generation_options(args)
     prompt = read_prompt(args)
@@ -104,7 +104,7 @@ def _choose_threads(option: str) -> tuple[int, str]:
     """``--threads``: (threads to run with, the sentence that says why)."""
     import torch
 
-    from ..noise import cores_available, load_average, threads_for_load
+    from ..recording.noise import cores_available, load_average, threads_for_load
 
     default = torch.get_num_threads()
     if option != "auto":

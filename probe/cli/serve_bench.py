@@ -26,7 +26,7 @@ from .common import (
 
 def main(args) -> int:
     from ..compat import continuous_batching_gap
-    from ..profiling import ProfileError, profile_serving
+    from ..routines.profiling import ProfileError, profile_serving
 
     gap = continuous_batching_gap()
     if gap is not None:
@@ -50,7 +50,7 @@ def main(args) -> int:
 
     from transformers import GenerationConfig
 
-    from ..loadgen import cache_config, plan
+    from ..routines.loadgen import cache_config, plan
 
     model, tok, model_id = load_announced(args, dtype, device, args.model or args.preset or default_model())
     check_context(model, max(lens), args.max_new_tokens)

@@ -9,7 +9,7 @@ from .common import CLIError, has_chat_template, progress, refuse_empty_prompt, 
 
 def main(args) -> int:
     from .. import models
-    from ..shapes import format_walkthrough, walkthrough
+    from ..routines.shapes import format_walkthrough, walkthrough
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1; got {args.batch_size}")

@@ -22,7 +22,7 @@ from .common import (
 
 
 def main(args) -> int:
-    from ..sweep import SWEEP_FILE, SWEEP_META, format_summary, sweep, sweep_summary
+    from ..routines.sweep import SWEEP_FILE, SWEEP_META, format_summary, sweep, sweep_summary
 
     prompt_lens = int_list(args.prompt_lens, "--prompt-lens")
     batch_sizes = int_list(args.batch_sizes, "--batch-sizes")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .files import META, is_run_meta, read_meta
 
-#: the files that make a folder a `probe sweep` (see :mod:`probe.sweep`)
+#: the files that make a folder a `probe sweep` (see :mod:`probe.routines.sweep`)
 SWEEP_FILE = "sweep.parquet"
 SWEEP_META = "sweep.json"
 

@@ -35,10 +35,10 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from . import fmt, schema
+from .. import fmt, schema
 from .hardware import Peaks
-from .noise import BUSY_THRESHOLD_PCT
-from .schema import BLOCK_ROLES, BOUND_SUMMARY, PHASES, ROOFLINE
+from ..recording.noise import BUSY_THRESHOLD_PCT
+from ..schema import BLOCK_ROLES, BOUND_SUMMARY, PHASES, ROOFLINE
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _classify(flops_s: np.ndarray, bytes_s: np.ndarray, intensity: np.ndarray, h
 
 def _phase_wait_pct(steps: pd.DataFrame | None) -> dict[str, float]:
     """Per phase, wall time beyond CPU time over wall time of the CPU-timed forwards, percent
-    (the per-step measure of :mod:`probe.noise`; GPU-timed steps are left out)."""
+    (the per-step measure of :mod:`probe.recording.noise`; GPU-timed steps are left out)."""
     if steps is None or steps.empty or "process_cpu_ms" not in steps.columns:
         return {}
     st = steps[steps["process_cpu_ms"].notna() & steps["gpu_ms"].isna()]

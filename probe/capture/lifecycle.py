@@ -1,7 +1,7 @@
 """`probe.attach(model)`: the probe's lifecycle.
 
 :class:`Probe` installs what records a model — a forward wrapper on each recorded module
-(:mod:`probe.hotpath`), a wrapper of the root forward that opens and closes steps, and a
+(:mod:`probe.recording.hotpath`), a wrapper of the root forward that opens and closes steps, and a
 ``generate`` marker — all owned by one ``ExitStack``, and removes them on every path. What the
 wrappers record lives in a :class:`probe.recorder.Recorder`; frames are built from its frozen
 :class:`probe.recorder.Records`.
@@ -20,14 +20,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import hotpath, noise
-from .discovery import ModuleInfo, select_modules
-from .distributed import OffloadClock, placements, world
-from .generation import generation_settings, inputs_of
-from .recorder import Recorder
-from .sampling import SamplingRecorder
-from .serving import ServingObserver
-from .schema import DEPTHS, Depth
+from ..recording import hotpath, noise
+from ..recording.discovery import ModuleInfo, select_modules
+from ..recording.distributed import OffloadClock, placements, world
+from ..recording.generation import generation_settings, inputs_of
+from ..recording.recorder import Recorder
+from ..recording.sampling import SamplingRecorder
+from ..recording.serving import ServingObserver
+from ..schema import DEPTHS, Depth
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ class Probe:
         if rec.gen_run is None:
             rec.resolve_events()
         if self._facts is None:
-            from .frames import model_facts
+            from ..analysis.frames import model_facts
 
             self._facts = model_facts(self.model, self.model_id, rec.cuda_device, rec.modules)
         return rec.records(depth=self.depth, compiled=self.compiled, calibration=dict(self._calibration),
@@ -319,7 +319,7 @@ class Probe:
     @property
     def run(self):
         """A :class:`probe.Run` with the frames of everything recorded so far."""
-        from .frames import build_run
+        from ..analysis.frames import build_run
 
         rec = self._rec
         if rec is None:

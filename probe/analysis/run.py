@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import schema
+from .. import schema
 from . import tree
-from .errors import RunSaveError
+from ..errors import RunSaveError
 from .headline import phase_headline, phase_totals
-from .sampling import stage_summary
-from .store.files import (
+from ..recording.sampling import stage_summary
+from ..store.files import (
     MAX_META_BYTES,
     META,
     TMP,
@@ -30,10 +30,10 @@ from .store.files import (
     write_folder,
     write_in_place,
 )
-from .store.files import remove_leftovers as store_remove_leftovers
-from .store.folders import is_run_dir, rank_dirs, rank_of
-from .schema import CALLS, REQUESTS, RUNS, SAMPLING, STEPS, Level
-from .validate import MANIFEST, RunLoadError, check_frame, check_manifest, check_meta
+from ..store.files import remove_leftovers as store_remove_leftovers
+from ..store.folders import is_run_dir, rank_dirs, rank_of
+from ..schema import CALLS, REQUESTS, RUNS, SAMPLING, STEPS, Level
+from ..validate import MANIFEST, RunLoadError, check_frame, check_manifest, check_meta
 
 FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet", "sampling": "sampling.parquet",
          "requests": "requests.parquet"}
@@ -66,7 +66,7 @@ class Run:
         core, gate_proj, ...) and ``module``; ``level=None`` stacks all three. ``share`` is the
         row's self time over the phase's forward time, so within one level and phase the rows,
         the ``(residue)`` row and the ``(probe)`` row (where the probe's own cost is recorded)
-        sum to 100 %. ``by`` is the older name of ``level``. See :mod:`probe.accounting`.
+        sum to 100 %. ``by`` is the older name of ``level``. See :mod:`probe.analysis.accounting`.
         """
         from .accounting import summary
 
@@ -98,7 +98,7 @@ class Run:
     def noise(self):
         """Was the machine busy while this run was recorded? A :class:`probe.noise.Busy`
         (``.wait_pct``, ``.busy``, ``.message()``)."""
-        from .noise import busy
+        from ..recording.noise import busy
 
         return busy(self.steps, self.runs, self.meta)
 
@@ -106,7 +106,7 @@ class Run:
         """``calls`` with ``flops``, ``bytes_moved`` and ``intensity_flops_per_byte`` added.
 
         Estimated from the captured shapes and the model's weights (``model``), or from the
-        config saved in ``meta`` (no weights needed). See :mod:`probe.cost`.
+        config saved in ``meta`` (no weights needed). See :mod:`probe.analysis.cost`.
         """
         from .cost import annotate
 
@@ -115,7 +115,7 @@ class Run:
     def apportion(self, model=None) -> pd.DataFrame:
         """Continuous-batching steps: each call's time split into prefill and decode parts that
         add up to it (cost-model work per token kind, calibrated on the run's pure steps).
-        See :mod:`probe.apportion`."""
+        See :mod:`probe.analysis.apportion`."""
         from .apportion import apportion
 
         return apportion(self, model)
@@ -126,7 +126,7 @@ class Run:
         stored in ``meta`` at recording time unless measured on a busy machine, else the datasheet
         table or this machine's cached quiet CPU figure (:func:`probe.hardware.peaks_for_run`).
         CPU rows far under their roof are labelled ``wait`` when the run's noise figure says the
-        CPU was waiting. See :mod:`probe.roofline`."""
+        CPU was waiting. See :mod:`probe.analysis.roofline`."""
         from .hardware import Peaks, peaks_for_run, usable
         from .roofline import roofline
 
@@ -169,7 +169,7 @@ class Run:
         the units and formats of the terminal and the report (:mod:`probe.fmt`)."""
         from html import escape
 
-        from . import fmt
+        from .. import fmt
 
         runs = self.runs
         head = "<b>probe run</b>"

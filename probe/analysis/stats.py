@@ -26,9 +26,10 @@ import math
 import numpy as np
 import pandas as pd
 
-from . import schema, tree
+from .. import schema
+from . import tree
 from .accounting import PROBE, RESIDUE, check_level, labels
-from .schema import HEADLINE_SPREAD, PHASES, SIGNIFICANCE, SPREAD, Level
+from ..schema import HEADLINE_SPREAD, PHASES, SIGNIFICANCE, SPREAD, Level
 
 OUTSIDE = "(outside model)"
 

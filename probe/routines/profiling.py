@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, ContextManager
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .capture import Probe
-    from .run import Run
-    from .vocab import Depth
+    from ..capture.lifecycle import Probe
+    from ..analysis.run import Run
+    from ..vocab import Depth
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def _record(model, call: Callable[[int], None], *, depth, warmup: int, repeat: i
     """Attach, run ``call`` ``warmup`` times and clear, run it ``repeat`` times, detach on every path."""
     import torch
 
-    from .capture import attach
+    from ..capture.lifecycle import attach
 
     def reseed() -> None:
         if seed is not None:
@@ -217,7 +217,7 @@ def _annotate(run: "Run", *, warmup: int, repeat: int, seed: int | None) -> None
 def store_peaks(run: "Run") -> None:
     """Record the device's roofs with the run (``meta["peaks"]``), where they are known."""
     try:
-        from .hardware import peaks_for_run
+        from ..analysis.hardware import peaks_for_run
 
         peaks = peaks_for_run(run)
         if peaks is not None:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .store.files import user_cache_dir
+from ..store.files import user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def build_atomically(final: pathlib.Path, build: Callable[[pathlib.Path], None],
     :func:`probe.store.build_folder`): a build that raises, or a process killed mid-way, leaves no
     ``final``; another process's finished conversion is kept unless ``replace``
     (``--rebuild-model-cache``)."""
-    from .store import build_folder
+    from ..store import build_folder
 
     return build_folder(final, build, replace=replace, complete=lambda p: (p / INFO_FILE).is_file())
 
@@ -202,7 +202,7 @@ def _convert(spec: KnownModel, path: pathlib.Path, sha: str, out: pathlib.Path, 
     """Read the GGUF with transformers and write config, tokenizer and float32 weights to ``out``."""
     import torch
 
-    from . import compat, deps
+    from .. import compat, deps
 
     # transformers reads GGUF through gguf, and (5.25 on) places the weights with accelerate
     deps.require(f"reading {spec.filename}", "gguf", "accelerate")

@@ -1,6 +1,6 @@
-"""A local Hugging Face model folder, loaded offline and checked (see :mod:`probe.loading`).
+"""A local Hugging Face model folder, loaded offline and checked (see :mod:`probe.models.loading`).
 
-Kept apart from :mod:`probe.loading` so that :func:`probe.models.load_model` can use it too.
+Kept apart from :mod:`probe.models.loading` so that :func:`probe.models.load_model` can use it too.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import pathlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import deps
+from .. import deps
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -1,6 +1,6 @@
 """Where a phase's forward time went, at every depth, each instant counted once.
 
-Built on the call tree (:mod:`probe.tree`): every recorded call's *self* time belongs to
+Built on the call tree (:mod:`probe.analysis.tree`): every recorded call's *self* time belongs to
 exactly one call, and per step ``Σ self_ms + residue_ms (+ probe_ms) = forward_ms``. So any
 way of grouping the calls partitions the forward, and the shares of a grouping plus the
 residue (and the probe's own cost, where recorded) add up to 100 %.
@@ -27,8 +27,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import schema, tree
-from .schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
+from .. import schema
+from . import tree
+from ..schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
 
 #: name of the attention module's self-time row at the role level when its projections are recorded
 ATTENTION_CORE = "attention core"

@@ -6,7 +6,7 @@ with memory tracking, the allocator's counters before and after each call and it
 of the running calls' peaks, innermost last, so each call's peak includes its children's); with
 accelerate offloading, the transfer time an :class:`probe.distributed.OffloadClock` counted
 during the call. Each column is appended in call order, aligned with the recorder's host
-columns (:mod:`probe.hotpath`), and truncated with them.
+columns (:mod:`probe.recording.hotpath`), and truncated with them.
 """
 
 from __future__ import annotations

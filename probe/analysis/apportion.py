@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import schema
-from .schema import APPORTION
+from .. import schema
+from ..schema import APPORTION
 
 def _empty() -> pd.DataFrame:
     return schema.empty(APPORTION)

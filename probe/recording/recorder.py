@@ -3,9 +3,9 @@
 It owns everything a recording is made of — runs (one per ``generate()`` call, or a stretch of
 plain forwards), steps (one per root forward, with its phase decided from shapes alone), the
 call columns the hot path appends to, interned shape signatures, the CUDA event pool and the
-allocator-counter stack (:mod:`probe.extras`) — and hands a plain frozen :class:`Records` to the frame builder. It
-knows nothing about how it is attached to a model (that is :mod:`probe.capture`), nor about
-what its observers (:mod:`probe.observer`: sampling stages, serving loops, CPU time and
+allocator-counter stack (:mod:`probe.recording.extras`) — and hands a plain frozen :class:`Records` to the frame builder. It
+knows nothing about how it is attached to a model (that is :mod:`probe.capture.lifecycle`), nor about
+what its observers (:mod:`probe.recording.observer`: sampling stages, serving loops, CPU time and
 run-queue wait) keep beside it; it tells them when runs and steps begin and end.
 """
 
@@ -24,7 +24,7 @@ from .cache import cache_bytes, cached_len, find_cache
 from .discovery import ModuleInfo
 from .extras import CallExtras
 from .observer import Observer, RunRec, StepRec
-from .schema import Phase
+from ..schema import Phase
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .roles import assign_roles
-from .schema import DEPTHS, Depth
+from ..roles import assign_roles
+from ..schema import DEPTHS, Depth
 
 log = logging.getLogger(__name__)
 

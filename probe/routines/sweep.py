@@ -20,11 +20,11 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .store.files import MAX_META_BYTES, read_regular, replace_atomically
-from .store.folders import SWEEP_FILE, SWEEP_META
-from . import schema
-from .dtypes import dtype_name
-from .schema import BLOCK_ROLES, SWEEP, SWEEP_SUMMARY, Depth
+from ..store.files import MAX_META_BYTES, read_regular, replace_atomically
+from ..store.folders import SWEEP_FILE, SWEEP_META
+from .. import schema
+from ..dtypes import dtype_name
+from ..schema import BLOCK_ROLES, SWEEP, SWEEP_SUMMARY, Depth
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def sweep(model, tokenizer=None, prompt_lens: Sequence[int] = (16, 64, 256, 1024
     import torch
 
     from .profiling import profile
-    from .cost import annotate
+    from ..analysis.cost import annotate
 
     _check_grid(prompt_lens, batch_sizes, new_tokens, repeat, warmup)
     cfg = getattr(model, "config", None)
@@ -276,7 +276,7 @@ def sweep_summary(df: pd.DataFrame) -> pd.DataFrame:
 def format_summary(s: pd.DataFrame) -> str:
     """The sweep summary (:func:`sweep_summary`) as a text table: medians over the repeats with
     their min - max, and a warning naming the configs recorded while the machine was busy."""
-    from .noise import BUSY_THRESHOLD_PCT
+    from ..recording.noise import BUSY_THRESHOLD_PCT
 
     lines = [f"{'prompt':>7}{'batch':>7}{'prefill ms [min - max]':>28}{'prefill tok/s':>15}"
              f"{'decode ms/tok [min - max]':>30}{'decode tok/s':>14}"]

@@ -13,7 +13,7 @@ import math
 
 import pandas as pd
 
-from . import fmt
+from .. import fmt
 
 #: the headline's rows besides the phases
 SETUP = "setup and outside"

@@ -46,9 +46,9 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from . import schema
+from .. import schema
 from .observer import Observer
-from .schema import SAMPLING
+from ..schema import SAMPLING
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class _RunRec:
 class SamplingRecorder(Observer):
     """Times the logits processors and stopping criteria of the generate calls of one model.
 
-    An observer of the recorder (:mod:`probe.observer`): :meth:`begin` when a generate call
+    An observer of the recorder (:mod:`probe.recording.observer`): :meth:`begin` when a generate call
     starts, :meth:`step` when each of its forwards ends, :meth:`end` when it returns (or fails,
     or the probe detaches).
     """

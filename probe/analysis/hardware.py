@@ -62,7 +62,7 @@ class Peaks:
 
     def label(self) -> str:
         """A short human label, e.g. ``"measured peaks of CPU: 52.0 GFLOP/s float32, 9.10 GB/s"``."""
-        from .fmt import flop_s, byte_s
+        from ..fmt import flop_s, byte_s
 
         kind = "measured" if self.measured else "datasheet"
         return f"{kind} peaks of {self.name}: {flop_s(self.flops_per_s)} {self.dtype}, {byte_s(self.bytes_per_s)}"
@@ -206,7 +206,7 @@ def _measure_now(device_str: str, dtype_str: str, budget_s: float, threads: int)
     """One micro-benchmark, with the run-queue wait of this process while it ran (Linux)."""
     import torch
 
-    from .noise import read_run_delay, run_delay_between
+    from ..recording.noise import read_run_delay, run_delay_between
 
     _MEASURED[0] += 1
     device = torch.device(device_str)
@@ -310,7 +310,7 @@ def cpu_key(dtype: Any = "float32", threads: int | None = None) -> dict[str, Any
 
 def cache_path(key: dict[str, Any]) -> Path:
     """The cache file of ``key`` in ``$XDG_CACHE_HOME/probe/peaks`` (``~/.cache/probe/peaks``)."""
-    from .store.files import user_cache_dir
+    from ..store.files import user_cache_dir
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return user_cache_dir() / "peaks" / f"cpu-{key['dtype']}-{key['threads']}t-{digest}.json"
@@ -334,7 +334,7 @@ def _write_cached(path: Path, key: dict[str, Any], peaks: Peaks) -> None:
     text = json.dumps({"key": key, "peaks": peaks.to_dict(),
                        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from .store.files import write_text
+    from ..store.files import write_text
 
     write_text(path, text)
 
@@ -362,7 +362,7 @@ def cpu_peaks(dtype: Any = "float32", *, measure: bool = True, budget_s: float =
         return cached, f"CPU peaks from the cache ({path})"
     if not measure:
         return None, f"no cached CPU peaks for this machine ({path})"
-    from .noise import quiet_now
+    from ..recording.noise import quiet_now
 
     verdict = quiet_now(threads)
     if not verdict.quiet:

@@ -1,8 +1,8 @@
 """What the recorder tells its observers, and when.
 
-The recorder (:mod:`probe.recorder`) owns runs and steps; everything else a recording holds —
-the sampling stages of a generate call (:mod:`probe.sampling`), the continuous-batching loop
-(:mod:`probe.serving`), the process CPU time and run-queue wait of a run (:mod:`probe.noise`) —
+The recorder (:mod:`probe.recording.recorder`) owns runs and steps; everything else a recording holds —
+the sampling stages of a generate call (:mod:`probe.recording.sampling`), the continuous-batching loop
+(:mod:`probe.recording.serving`), the process CPU time and run-queue wait of a run (:mod:`probe.recording.noise`) —
 is kept by an observer the probe registers with it. Each method below is called at one fixed
 point of the recorder's state machine, so an observer's own clock reads always fall where the
 recorder's timing expects them. Begin-type calls go to the observers in registration order,

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .dtypes import itemsize, torch_dtype
-from .schema import COST
+from ..dtypes import itemsize, torch_dtype
+from ..schema import COST
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -521,7 +521,7 @@ def resolve_model(model_or_config: Any, dtype: Any = None) -> nn.Module:
     / :class:`probe.Run` (its ``meta["config"]``, with ``meta["dtype"]`` for the weights).
 
     A run is told by its data (a ``meta`` dict beside a ``calls`` frame), so the cost model
-    needs nothing of :mod:`probe.run`, which calls it.
+    needs nothing of :mod:`probe.analysis.run`, which calls it.
     """
     from torch import nn
 

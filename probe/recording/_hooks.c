@@ -1,6 +1,6 @@
 /*
  * The probe's hot path in C: a forward wrapper per recorded module and the columns it
- * appends to. probe/hotpath.py holds the Python reference of the same work (used where this
+ * appends to. probe/recording/hotpath.py holds the Python reference of the same work (used where this
  * extension is not built, or with PROBE_PURE_PYTHON=1); a test checks that both record
  * identical frames.
  *
@@ -199,7 +199,7 @@ static PySequenceMethods Columns_as_sequence = {
 
 static PyTypeObject ColumnsType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "probe._hooks.Columns",
+    .tp_name = "probe.recording._hooks.Columns",
     .tp_doc = "The call columns the wrappers append to (start ns, end ns, signature id, inner calls).",
     .tp_basicsize = sizeof(Columns),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -679,7 +679,7 @@ make_wrapper_type(void)
         {0, NULL},
     };
     static PyType_Spec spec = {
-        .name = "probe._hooks.Wrapper",
+        .name = "probe.recording._hooks.Wrapper",
         .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
         .slots = slots,
     };
@@ -690,7 +690,7 @@ make_wrapper_type(void)
 
 static struct PyModuleDef hooksmodule = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "probe._hooks",
+    .m_name = "probe.recording._hooks",
     .m_doc = "C hot path of the probe's forward wrappers.",
     .m_size = -1,
 };

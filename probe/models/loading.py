@@ -16,7 +16,7 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
-from . import deps
+from .. import deps
 from .model_folder import Loaded, ModelLoadError, load_folder
 
 #: environment variable naming the model to profile when none is given
@@ -25,7 +25,7 @@ MODEL_ENV = "PROBE_MODEL"
 
 def default_model() -> str:
     """What "no model given" means: ``$PROBE_MODEL``, else ``smollm2-135m`` if installed, else ``tiny``."""
-    from . import models
+    from .. import models
 
     return os.environ.get(MODEL_ENV) or models.default_model_name()
 
@@ -36,7 +36,7 @@ def resolve(model: str | os.PathLike | None, preset: str | None = None) -> str |
     Raises:
         ModelLoadError: both given, or neither a folder nor a known name.
     """
-    from . import models
+    from .. import models
 
     if model and preset:
         raise ModelLoadError("give either a model or a preset, not both")
@@ -72,7 +72,7 @@ def load(model: str | os.PathLike | None = None, *, preset: str | None = None, d
         probe.models.ModelNotInstalledError: a known model whose package is not installed (the
             message holds the install command).
     """
-    from . import models
+    from .. import models
 
     target = resolve(model, preset)
     dtype = models.resolve_dtype(dtype) if isinstance(dtype, str) else dtype

@@ -4,7 +4,7 @@ Mechanism, chosen by measurement (``benchmarks/overhead.py``): any forward hook 
 sends ``nn.Module._call_impl`` down its slow path (hook dicts walked, kwargs copied, results
 checked), which alone costs more per call than everything the probe records. A wrapper stored
 as the instance's ``forward`` keeps the fast path — ``_call_impl`` calls ``self.forward`` —
-and records the call from inside it. On CPU the wrapper is the C type ``probe._hooks.Wrapper``
+and records the call from inside it. On CPU the wrapper is the C type ``probe.recording._hooks.Wrapper``
 (no interpreter frame per call); :func:`cpu_wrapper` is its Python reference, used without the
 extension or with ``PROBE_PURE_PYTHON=1`` (a test checks that both record identical frames).
 CUDA runs (events, allocator counters) and accelerate offloading (transfer clock) use
@@ -50,7 +50,7 @@ C = _load_c()
 
 
 class PyColumns:
-    """The Python reference of ``probe._hooks.Columns``."""
+    """The Python reference of ``probe.recording._hooks.Columns``."""
 
     __slots__ = ("t0", "t1", "sig", "inner", "recording")
 

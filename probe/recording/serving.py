@@ -384,7 +384,7 @@ class ManagerWatch:
 class ServingObserver(Observer):
     """Owned by one Probe: wraps ``model.init_continuous_batching`` and watches each manager.
 
-    An observer of the recorder (:mod:`probe.observer`): while a manager's loop runs, it holds
+    An observer of the recorder (:mod:`probe.recording.observer`): while a manager's loop runs, it holds
     that loop's run (kind ``"serve"``) and claims the root forwards its thread makes between
     scheduling and updating a batch, shaping each step from the batch's host-side layout.
     """
@@ -471,7 +471,7 @@ class ServingObserver(Observer):
         observer = self
 
         def init_continuous_batching(*args, **kwargs):
-            from .compat import continuous_batching_gap
+            from ..compat import continuous_batching_gap
 
             gap = continuous_batching_gap()
             if gap is not None:

@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import pandas as pd
 from torch import nn
 
-from .dtypes import dtype_name, torch_dtype
-from .schema import WALK, Depth, shape_text
+from ..dtypes import dtype_name, torch_dtype
+from ..schema import WALK, Depth, shape_text
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def meta_model(model_or_preset: Any, dtype: Any = "bfloat16") -> nn.Module:
     """
     import torch
 
-    from .cost import model_from_config
+    from ..analysis.cost import model_from_config
 
     if isinstance(model_or_preset, nn.Module):
         first = next(iter(model_or_preset.parameters()), None)
@@ -48,7 +48,7 @@ def meta_model(model_or_preset: Any, dtype: Any = "bfloat16") -> nn.Module:
         cfg = AutoConfig.from_pretrained(model_or_preset, local_files_only=True)
         return model_from_config(cfg, dtype).eval()
     if isinstance(model_or_preset, str):
-        from . import models
+        from .. import models
 
         return models.build_preset(model_or_preset, dtype=torch_dtype(dtype) or dtype, meta=True).eval()
     return model_from_config(model_or_preset, dtype).eval()
@@ -74,10 +74,10 @@ def walkthrough(model_or_preset: Any, prompt_tokens: int | Sequence[int], batch:
     """
     import torch
 
-    from .capture import attach
-    from .cache import cache_bytes
-    from .compat import cache_kwarg, meta_forward, new_dynamic_cache
-    from .cost import annotate, kv_cache_bytes_per_token, parameter_counts
+    from ..capture.lifecycle import attach
+    from ..recording.cache import cache_bytes
+    from ..compat import cache_kwarg, meta_forward, new_dynamic_cache
+    from ..analysis.cost import annotate, kv_cache_bytes_per_token, parameter_counts
 
     n = len(prompt_tokens) if not isinstance(prompt_tokens, int) else int(prompt_tokens)
     if n < 1:

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from . import schema, tree
-from .dtypes import dtype_name, itemsize
-from .sampling import sampling_frame
-from .schema import CALLS, REQUESTS, RUNS, STEPS, BLOCK_ROLES
+from .. import schema
+from . import tree
+from ..dtypes import dtype_name, itemsize
+from ..recording.sampling import sampling_frame
+from ..schema import CALLS, REQUESTS, RUNS, STEPS, BLOCK_ROLES
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .recorder import Records
+    from ..recording.recorder import Records
     from .run import Run
 
 log = logging.getLogger(__name__)
@@ -522,8 +523,8 @@ def _config_dict(model) -> dict | None:
 def _environment(model, model_id: str | None, cuda_device) -> dict:
     import torch
 
-    from .version import __version__
-    from .noise import host_facts
+    from ..version import __version__
+    from ..recording.noise import host_facts
 
     cfg = getattr(model, "config", None)
     try:
