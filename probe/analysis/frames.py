@@ -130,6 +130,7 @@ def build_run(p: "Records") -> "Run":
         "decode_stride": p.decode_stride,
         "max_steps": p.max_steps,
         "dropped_steps": sum(1 for r in p.runs for s in r.steps if not s.kept),
+        "dropped_calls": p.dropped_calls,
         "compiled_model": p.compiled,
         "compiled_steps": sum(1 for r in p.runs for s in r.steps if s.compiled),
         "rank": p.rank,

@@ -393,7 +393,8 @@ def _wrapper_factory(rec: Recorder, clock: Callable[[], int] | None) -> Callable
     """``make_for(module index)(forward)``: the wrapper that records that module into ``rec``."""
     if rec.needs_full_wrappers:
         return lambda idx: lambda fn: hotpath.full_wrapper(fn, rec.cols, rec.intern_for(idx), clock,
-                                                           rec.extras.call_begin, rec.extras.call_end)
+                                                           rec.extras.call_begin, rec.extras.call_end,
+                                                           rec.extras.truncate)
     return lambda idx: lambda fn: hotpath.cpu_wrapper(fn, rec.cols, rec.intern_for(idx), clock)
 
 

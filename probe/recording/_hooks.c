@@ -45,6 +45,7 @@ typedef struct {
     Py_ssize_t n;
     Py_ssize_t cap;
     int recording;
+    Py_ssize_t dropped; /* calls left out because the probe's own work failed while recording them */
 } Columns;
 
 static int
@@ -187,6 +188,12 @@ static PyMethodDef Columns_methods[] = {
     {NULL},
 };
 
+static PyMemberDef Columns_members[] = {
+    {"dropped", T_PYSSIZET, offsetof(Columns, dropped), 0,
+     "calls left out of the columns because recording them raised (the forward itself ran)"},
+    {NULL},
+};
+
 static PyGetSetDef Columns_getset[] = {
     {"recording", (getter)Columns_get_recording, (setter)Columns_set_recording,
      "False while a step whose block records are dropped runs", NULL},
@@ -208,6 +215,7 @@ static PyTypeObject ColumnsType = {
     .tp_dealloc = (destructor)Columns_dealloc,
     .tp_methods = Columns_methods,
     .tp_getset = Columns_getset,
+    .tp_members = Columns_members,
     .tp_as_sequence = &Columns_as_sequence,
 };
 
@@ -492,6 +500,30 @@ record(Extra *self, int64_t t0, int64_t t1, Py_ssize_t n0, PyObject *const *args
     return Columns_push(c, t0, t1, v, (int32_t)(c->n - n0));
 }
 
+/* The probe's own work failed while recording a call (a clock, the signature key, interning).
+ * An Exception drops that one record and warns once per columns (the user's forward never fails
+ * because of the probe): returns 0. KeyboardInterrupt, SystemExit and any other BaseException
+ * propagate, as from the Python wrapper: returns -1 with the error still set. */
+static int
+absorb(Columns *c)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (c->dropped++ == 0
+        && PyErr_WarnFormat(PyExc_RuntimeWarning, 1,
+                            "probe: a module call could not be recorded and is left out of the run "
+                            "(%s: %S); the forward itself ran normally",
+                            ((PyTypeObject *)type)->tp_name, value ? value : Py_None) < 0)
+        PyErr_Clear(); /* warnings turned into errors: the forward still must not fail */
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return 0;
+}
+
 static PyObject *
 Wrapper_vectorcall(PyObject *obj, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -501,16 +533,19 @@ Wrapper_vectorcall(PyObject *obj, PyObject *const *args, size_t nargsf, PyObject
         return PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
     int64_t t0, t1;
     Py_ssize_t n0 = c->n;
-    if (read_now(self, &t0) < 0)
-        return NULL;
+    if (read_now(self, &t0) < 0) {
+        if (absorb(c) < 0)
+            return NULL;
+        return PyObject_Vectorcall(self->fn, args, nargsf, kwnames); /* this call goes unrecorded */
+    }
     PyObject *out = PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
     if (out == NULL)
         return NULL;
-    if (read_now(self, &t1) == 0 && c->recording)
-        (void)record(self, t0, t1, n0, args, PyVectorcall_NARGS(nargsf), kwnames, out);
-    if (PyErr_Occurred()) {
-        /* the probe's own failure must never cost the user their forward: drop this record */
-        PyErr_WriteUnraisable(obj);
+    int failed = read_now(self, &t1) < 0
+                 || (c->recording && record(self, t0, t1, n0, args, PyVectorcall_NARGS(nargsf), kwnames, out) < 0);
+    if ((failed || PyErr_Occurred()) && absorb(c) < 0) {
+        Py_DECREF(out);
+        return NULL;
     }
     return out;
 }

@@ -52,12 +52,13 @@ C = _load_c()
 class PyColumns:
     """The Python reference of ``probe.recording._hooks.Columns``."""
 
-    __slots__ = ("t0", "t1", "sig", "inner", "recording")
+    __slots__ = ("t0", "t1", "sig", "inner", "recording", "dropped")
 
     def __init__(self) -> None:
         self.t0, self.t1 = array("q"), array("q")
         self.sig, self.inner = array("i"), array("i")
         self.recording = True
+        self.dropped = 0  # calls left out because recording them raised (the forward itself ran)
 
     def __len__(self) -> int:
         return len(self.t0)
@@ -169,6 +170,21 @@ class PartialWrapper(functools.partial):
         return getattr(self.func, name)
 
 
+def dropped(cols, exc: Exception) -> None:
+    """The probe's own work failed while recording a call (a clock, the signature key,
+    interning): that one record is left out and the first such failure of ``cols`` warns. The
+    C wrapper does the same; ``KeyboardInterrupt`` and other ``BaseException`` subclasses are never
+    caught, so they propagate from both."""
+    cols.dropped += 1
+    if cols.dropped == 1:
+        try:
+            warnings.warn(f"probe: a module call could not be recorded and is left out of the run "
+                          f"({type(exc).__name__}: {exc}); the forward itself ran normally", RuntimeWarning,
+                          stacklevel=3)
+        except Exception:  # warnings turned into errors: the forward still must not fail
+            pass
+
+
 def _recorder(cols, intern: Callable) -> Callable:
     """``record(args, kwargs, out, t0, t1, n0)``: append one call of a module to ``cols``, its
     signature id from the module's own cache (interned on a miss)."""
@@ -200,21 +216,29 @@ def cpu_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, *, n
         if not cols.recording:
             return fn(*args, **kwargs)
         n0 = len(cols)
-        t0 = now()
+        try:
+            t0 = now()
+        except Exception as exc:
+            dropped(cols, exc)
+            return fn(*args, **kwargs)  # this call goes unrecorded
         out = fn(*args, **kwargs)
-        t1 = now()
-        if cols.recording:
-            record(args, kwargs, out, t0, t1, n0)
+        try:
+            t1 = now()
+            if cols.recording:
+                record(args, kwargs, out, t0, t1, n0)
+        except Exception as exc:
+            dropped(cols, exc)
         return out
 
     return PartialWrapper(fn, forward)
 
 
 def full_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, begin: Callable,
-                 end: Callable) -> Callable:
+                 end: Callable, truncate: Callable[[int], None]) -> Callable:
     """A recorded module's forward with per-call extras (CUDA events and allocator counters,
     offload transfer time): ``begin()`` before the call returns a token, ``end(token, ok)``
-    after it appends the extras in the order of the columns (only when ``ok``)."""
+    after it appends the extras in the order of the columns (only when ``ok``), and
+    ``truncate(n)`` takes them back to ``n`` rows when the call's own record could not be made."""
     now = now or time.perf_counter_ns
     record = _recorder(cols, intern)
 
@@ -233,8 +257,12 @@ def full_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, beg
             end(tok, False)
             return out
         end(tok, True)  # the end event and allocator read first, as the start ones came last
-        t1 = now()
-        record(args, kwargs, out, t0, t1, n0)
+        try:
+            t1 = now()
+            record(args, kwargs, out, t0, t1, n0)
+        except Exception as exc:
+            truncate(len(cols))  # the extras row of this call goes with its record
+            dropped(cols, exc)
         return out
 
     return PartialWrapper(fn, forward)

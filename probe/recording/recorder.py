@@ -55,6 +55,7 @@ class Records:
     config: dict | None = None
     costs: dict | None = None  # probe.cost.module_costs of the recorded modules
     sampling: dict = field(default_factory=dict)  # run id -> probe.sampling stage records
+    dropped_calls: int = 0  # calls left out because recording them raised (hotpath.dropped)
 
 
 class Recorder:
@@ -339,6 +340,7 @@ class Recorder:
         """Forget every record (signatures stay: the wrappers' caches refer to them)."""
         self.resolve_events()
         self.cols.truncate(0)
+        self.cols.dropped = 0
         self.extras.clear()
         self.runs.clear()
         for o in self.observers:
@@ -360,7 +362,8 @@ class Recorder:
             inner=np.frombuffer(innerb, dtype=np.int32, count=n),
             msigs=list(self.msigs), sigs=list(self.sigs), modules=list(self.modules),
             placements=list(self.placements), runs=list(self.runs), gpu_ms=gpu, mem=mem, offload_ns=off,
-            rank=self.rank, decode_stride=self.decode_stride, max_steps=self.max_steps, **facts,
+            rank=self.rank, decode_stride=self.decode_stride, max_steps=self.max_steps,
+            dropped_calls=self.cols.dropped, **facts,
         )
 
 
