@@ -14,6 +14,7 @@ from torch import nn
 import probe
 from probe import schema
 from tiny import ARCHITECTURES, VirtualClock, tiny_llama, tiny_model
+from edits import reseal
 
 
 def _ids(n: int = 7, vocab: int = 90, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -386,15 +387,14 @@ def test_load_reports_bad_run_directories(tmp_path):
         probe.load(old)
     # a run saved before a nullable column was added still loads, with nulls there
     older = p.run.save(tmp_path / "older")
-    meta = json.loads((older / "meta.json").read_text())
-    del meta["manifest"]  # saved before manifests too: its files are taken as they are
-    (older / "meta.json").write_text(json.dumps(meta))
     calls = pd.read_parquet(older / "calls.parquet").drop(columns=["offload_ms", "placement"])
     calls.to_parquet(older / "calls.parquet", index=False)
+    reseal(older)
     back = probe.load(older)
     assert back.calls["offload_ms"].isna().all() and back.calls["placement"].isna().all()
     # but a required column cannot be invented
     calls.drop(columns=["step"]).to_parquet(older / "calls.parquet", index=False)
+    reseal(older)
     with pytest.raises(probe.RunLoadError, match="lacks columns \\['step'\\]"):
         probe.load(older)
 

@@ -23,6 +23,7 @@ from probe.analysis.roofline import BOUNDS  # noqa: E402
 from probe.dashboards import APP, cli_runs_dir, data, launch, streamlit_command  # noqa: E402
 from probe.reports import figures  # noqa: E402
 from tiny import tiny_llama  # noqa: E402
+from edits import reseal
 
 VIEWS = ("Overview", "Layers", "Timeline", "Memory", "Roofline", "Serving", "Shapes", "Compare", "Saved comparison",
          "Sweep", "Data")
@@ -245,9 +246,7 @@ def test_a_run_with_unreadable_values_is_named_with_the_reason(tmp_path, runs):
     steps.to_parquet(f)
     with pytest.raises(probe.RunLoadError, match="foreign.*two saves"):  # the manifest sees the edit
         data.load_run(tmp_path / "foreign", "foreign")
-    meta = json.loads((tmp_path / "foreign" / "meta.json").read_text())
-    del meta["manifest"]  # as a run saved before manifests: the column check names the problem
-    (tmp_path / "foreign" / "meta.json").write_text(json.dumps(meta))
+    reseal(tmp_path / "foreign")  # the manifest edited too: the column check names the problem
     with pytest.raises(probe.RunLoadError, match="steps.parquet: column 'step'"):
         data.load_run(tmp_path / "foreign", "foreign")
     at = app(tmp_path)
@@ -680,14 +679,11 @@ def test_roofline_of_a_gpu_run_uses_its_datasheet(peaks_dir, tmp_path):
     from probe.analysis.hardware import table_peaks
 
     shutil.copytree(peaks_dir / "stored", tmp_path / "h100")
-    meta = json.loads((tmp_path / "h100" / "meta.json").read_text())
-    del meta["peaks"]
-    del meta["manifest"]  # runs.parquet is edited below, as a run saved before manifests
-    (tmp_path / "h100" / "meta.json").write_text(json.dumps(meta))
     f = tmp_path / "h100" / "runs.parquet"
     runs = pd.read_parquet(f)
     runs["device"], runs["gpu_name"] = "cuda:0", "NVIDIA H100 80GB HBM3"  # a run read away from its GPU
     runs.to_parquet(f)
+    reseal(tmp_path / "h100", peaks=None)
     at = app(tmp_path, view="Roofline")
     pk = table_peaks("NVIDIA H100 80GB HBM3", "float32")
     (fig,) = charts(at)

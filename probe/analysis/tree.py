@@ -231,14 +231,49 @@ def ensure(calls: pd.DataFrame, steps: pd.DataFrame) -> tuple[pd.DataFrame, pd.D
 
 
 def parent_rows(calls: pd.DataFrame) -> np.ndarray:
-    """Row position of each call's parent in ``calls`` (-1 at the top of a step)."""
+    """Row position of each call's parent in ``calls`` (-1 at the top of a step).
+
+    Every walk over the nesting (tree levels, the icicle, role attribution) follows these rows,
+    so they are checked here, in linear time: within its step each ``call`` is unique and below
+    the step's call count, and a parent is an *earlier* call of the same step (the calls are
+    numbered in pre-order). Parent chains then strictly descend and every walk ends; a frame
+    that breaks this (a damaged or edited ``calls.parquet``: ``parent = call``, a loop, a
+    parent in another step) raises :class:`ValueError` instead of sending a walk round a cycle.
+    """
     n = len(calls)
     if n == 0:
         return np.zeros(0, np.int64)
     gid = _group_ids(calls)
     call = calls["call"].to_numpy(dtype="int64", na_value=-1)
-    width = int(call.max()) + 1
-    lookup = np.full((int(gid.max()) + 1) * width, -1, dtype=np.int64)
-    lookup[gid * width + call] = np.arange(n)
     parent = calls["parent"].to_numpy(dtype="int64", na_value=-1)
-    return np.where(parent >= 0, lookup[gid * width + np.maximum(parent, 0)], -1)
+    if (call < 0).any():
+        i = int(np.flatnonzero(call < 0)[0])
+        raise ValueError(_bad_nesting(calls, i, "has no call number"))
+    bad = (parent >= 0) & (parent >= call)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(_bad_nesting(calls, i, f"names call {parent[i]} as its parent, which does not come before it"))
+    has = parent >= 0
+    if int(call.max()) < n:  # the usual case: a dense (step, call) -> row table
+        width = int(call.max()) + 1
+        key = gid * width + call
+        lookup = np.full((int(gid.max()) + 1) * width, -1, dtype=np.int64)
+        lookup[key] = np.arange(n)
+        dup = lookup[key] != np.arange(n)
+        found = np.where(has, lookup[gid * width + np.where(has, parent, 0)], -1)
+    else:  # numbers beyond the row count (a subset of a huge step, or damage): hash them
+        index = pd.MultiIndex.from_arrays([gid, call])
+        dup = index.duplicated(keep="last")
+        found = np.where(has, index.get_indexer(pd.MultiIndex.from_arrays([gid, np.where(has, parent, 0)]))
+                         if index.is_unique else -1, -1)
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise ValueError(_bad_nesting(calls, i, f"shares its number {call[i]} with another call of its step"))
+    return found
+
+
+def _bad_nesting(calls: pd.DataFrame, i: int, problem: str) -> str:
+    row = calls.iloc[i]
+    return (f"calls: the nesting is not a tree — call {row.get('call')} ({row.get('module')}) of run "
+            f"{row.get('run_id')} step {row.get('step')} {problem}; calls.parquet is damaged or was edited "
+            "(`probe verify RUN` lists what else is wrong); re-record the run")
