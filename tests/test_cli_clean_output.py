@@ -78,7 +78,7 @@ def test_probe_run_in_a_terminal_shows_step_progress_and_no_traceback(tmp_path):
 
 
 def test_every_subcommand_piped_prints_no_traceback(tmp_path):
-    """run, report, compare, sweep, serve-bench, shapes and dashboard, one process each, output piped."""
+    """run, report, compare, sweep, serve-bench, shapes, verify and dashboard, one process each, output piped."""
     a, b = tmp_path / "a", tmp_path / "b"
     commands = [
         ["run", "--prompt", "hi there", "--max-new-tokens", "12", "--out", str(a)],
@@ -90,6 +90,7 @@ def test_every_subcommand_piped_prints_no_traceback(tmp_path):
         ["serve-bench", "--requests", "3", "--rate", "inf", "--prompt-lens", "4", "--max-new-tokens", "3",
          "--out", str(tmp_path / "serve"), "--no-report"],
         ["shapes", "--preset", "llama-2-7b", "--prompt-tokens", "7"],
+        ["verify", str(a), str(b)],
         ["--help"],
     ]
     for args in commands:
@@ -119,7 +120,7 @@ def test_probe_dashboard_serves_and_stops_without_a_traceback(tmp_path):
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["report", "--help"], ["compare", "--help"],
                                   ["dashboard", "--help"], ["sweep", "--help"], ["serve-bench", "--help"],
-                                  ["shapes", "--help"]])
+                                  ["shapes", "--help"], ["verify", "--help"]])
 def test_help_imports_no_torch(args):
     """``probe --help`` answers in well under a second: no torch, transformers or pandas behind it."""
     code = ("import sys; from probe.cli import main\n"

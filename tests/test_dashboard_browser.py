@@ -84,6 +84,9 @@ def test_every_view_renders_in_chromium(server, tmp_path):
             sidebar.locator('[data-testid="stMultiSelect"]').first.click()
             page.get_by_role("option", name="eager").click()
             page.keyboard.press("Escape")
+            # the rerun the selection starts may not have begun when the app first reads idle:
+            # wait for what it draws (two runs selected: the spread table), then for the idle state
+            page.get_by_text("Generate calls").first.wait_for(timeout=60_000)
             _idle(page)
             assert page.get_by_text("Generate calls").count() == 1
             for view, n in CHARTS.items():

@@ -81,7 +81,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 def test_every_option_of_every_subcommand_has_help_and_shows_its_default():
     parser = cli.build_parser()
     subs = _subcommands(parser)
-    assert set(subs) >= {"run", "report", "compare", "dashboard", "sweep", "shapes"}
+    assert set(subs) >= {"run", "report", "compare", "dashboard", "sweep", "shapes", "verify"}
     for name, sub in subs.items():
         text = sub.format_help()
         for action in sub._actions:

@@ -273,10 +273,20 @@ CORRUPTIONS = {
                                  "nesting is not a tree"),
     "call number 2^62": (_frame("calls.parquet", _with("call", lambda t: pa.array([2**62] * t.num_rows, pa.int64()))),
                          "nesting is not a tree"),
+    # values no recording produces, in files whose manifest was rewritten to match (the rules)
+    "negative cpu_ms": (_frame("calls.parquet", _set("cpu_ms", lambda n: [-1.0] * n)), "'cpu_ms' has"),
+    "negative self_ms": (_frame("calls.parquet", _set("self_ms", lambda n: [-0.5] * n)), "'self_ms' has"),
+    "NaN in cpu_ms": (_frame("calls.parquet", _set("cpu_ms", lambda n: [float("nan")] * n)), "'cpu_ms' has"),
+    "NaN forward_ms": (_frame("steps.parquet", _set("forward_ms", lambda n: [float("nan")] * n)), "'forward_ms' has"),
+    "negative ttft_ms": (_frame("runs.parquet", _set("ttft_ms", lambda n: [-3.0] * n)), "'ttft_ms' has"),
+    "negative total_ms": (_frame("runs.parquet", _set("total_ms", lambda n: [-3.0] * n)), "'total_ms' has"),
+    "huge layer index": (_frame("calls.parquet", _set("layer", lambda n: [2**62] * n, pa.int64())), "beyond the model's"),
+    "layer -7": (_frame("calls.parquet", _set("layer", lambda n: [-7] * n, pa.int64())), "'layer' has"),
+    "step 2^62": (_frame("steps.parquet", _set("step", lambda n: [2**62] * n, pa.int64())), "beyond their run's step count"),
+    "calls of an unknown run": (_frame("calls.parquet", _set("run_id", "nobody")), "belong to no run"),
+    "calls of an unknown step": (_frame("calls.parquet", _set("step", lambda n: [99] * n, pa.int64())), "belong to no step"),
+    "a listed sampling.parquet deleted": (lambda d: (d / "sampling.parquet").unlink(), "sampling.parquet is missing"),
     # these load: the report must then be written without a traceback
-    "negative cpu_ms": (_frame("calls.parquet", _set("cpu_ms", lambda n: [-1.0] * n)), None),
-    "huge layer index": (_frame("calls.parquet", _set("layer", lambda n: [2**62] * n, pa.int64())), None),
-    "NaN in cpu_ms": (_frame("calls.parquet", _set("cpu_ms", lambda n: [float("nan")] * n)), None),
     "empty module names": (_frame("calls.parquet", _set("module", "")), None),
     "meta prompt missing": (_meta(lambda m: m.pop("prompt", None)), None),
     "meta with extra keys": (_meta(lambda m: m.update(extra={"a": [1, {"b": None}]})), None),
@@ -588,3 +598,26 @@ def test_the_dashboard_box_refuses_folders_outside_its_root(two_runs, tmp_path, 
     cmd = streamlit_command("/x/runs", root="/x")
     assert cli_root(cmd[cmd.index("--") + 1:]) == "/x"
 
+
+
+def test_probe_verify_lists_every_problem_where_load_stops_at_the_first(cli_run, tmp_path, capsys):
+    d = tmp_path / "run"
+    shutil.copytree(cli_run, d)
+    assert main(["verify", str(d)]) == 0
+    assert capsys.readouterr().out.strip() == f"{d}: ok"
+
+    def damage(t: pa.Table) -> pa.Table:
+        t = _set("cpu_ms", lambda n: [-1.0] * n)(t)
+        t = _with("parent", lambda t: t.column("call"))(t)
+        return _set("layer", lambda n: [2**40] * n, pa.int64())(t)
+
+    _rewrite(d, "calls.parquet", damage)
+    _rewrite(d, "runs.parquet", _set("total_ms", lambda n: [-5.0] * n))
+    with pytest.raises(RunLoadError, match=r"'cpu_ms' has .*\(and 3 more problems\).*probe verify"):
+        probe.load(d)
+    assert main(["verify", str(d), str(cli_run)]) == 1
+    out = capsys.readouterr().out
+    assert f"{d}: 4 problems" in out and f"{cli_run}: ok" in out
+    for needle in ("'cpu_ms' has", "'total_ms' has", "beyond the model's", "nesting is not a tree"):
+        assert needle in out
+    assert main(["verify", str(tmp_path / "nothing")]) == 2

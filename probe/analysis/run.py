@@ -33,6 +33,7 @@ from ..store.files import (
 from ..store.files import remove_leftovers as store_remove_leftovers
 from ..store.folders import is_run_dir, rank_dirs, rank_of
 from ..schema import CALLS, REQUESTS, RUNS, SAMPLING, STEPS, Level
+from .. import rules
 from ..validate import MANIFEST, RunLoadError, check_frame, check_manifest, check_meta
 
 FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet", "sampling": "sampling.parquet",
@@ -316,6 +317,34 @@ def load(path: str | os.PathLike) -> Run:
             raise RunLoadError(f"{root / META} is missing: the run is incomplete (an interrupted save?); "
                                "re-record it")
         raise RunLoadError(f"{root} holds no probe run (no {META}); run `probe run --out {root}` first")
+    run, found = _load_folder(root)
+    if found:
+        more = f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""
+        raise RunLoadError(f"{root}: {found[0]}{more}; the run was edited or damaged — `probe verify {root}` lists "
+                           "every problem; re-record it")
+    return run
+
+
+def verify(path: str | os.PathLike) -> list[str]:
+    """Every problem of a saved run, one line each; empty when it loads and every value is one a
+    recording can produce. Where :func:`load` stops at the first problem, this lists them all:
+    the files against the manifest and the schema, each column's rules (:mod:`probe.rules`), the
+    rows' links (run ids, steps, layers) and the nesting of the calls."""
+    root = Path(path)
+    if root.is_dir() and not (root / META).exists() and not (root / META).is_symlink() and rank_dirs(root):
+        return [f"{d.name}: {line}" for d in rank_dirs(root) for line in verify(d)]
+    try:
+        if not root.is_dir() or not ((root / META).exists() or (root / META).is_symlink()):
+            load(root)  # says what is missing
+        _, found = _load_folder(root)
+    except RunLoadError as exc:
+        return [str(exc)]
+    return found
+
+
+def _load_folder(root: Path) -> tuple[Run, list[str]]:
+    """The run in ``root`` (which holds ``meta.json``) and the rules its values break. Problems
+    that leave nothing to check further (a file corrupt, of another save, of a wrong type) raise."""
     remove_leftovers(root, min_age_s=60.0)
     meta_file = root / META
     raw = read_regular(meta_file, limit=MAX_META_BYTES)
@@ -340,9 +369,13 @@ def load(path: str | os.PathLike) -> Run:
         raise RunLoadError(f"{meta_file} has no {MANIFEST!r}: every run of schema {version} is saved with one "
                            "(file sizes and SHA-256), so this file was edited or damaged; re-record the run")
     frames = {}
+    listed = manifest.get("files", {}) if isinstance(manifest, dict) else {}
     for key, name in FILES.items():
         f = root / name
         if key in OPTIONAL_FILES and not os.path.lexists(f):
+            if isinstance(listed, dict) and name in listed:
+                raise RunLoadError(f"{f} is missing although {meta_file} lists it: the folder was edited or "
+                                   "damaged; re-record the run")
             frames[key] = schema.empty(schema.FRAMES[key])  # saved before this frame existed
             continue
         data = read_regular(f)
@@ -356,13 +389,14 @@ def load(path: str | os.PathLike) -> Run:
                                f"{manifest.get('run_ids', [])[:3]}: the folder mixes two saves; re-record it")
     # runs saved before the call tree was recorded get it derived here
     calls, steps = tree.ensure(frames["calls"], frames["steps"])
-    try:
-        tree.parent_rows(calls)  # every walk over the nesting must end: no loops, no forward parents
-    except ValueError as exc:
-        raise RunLoadError(f"{root / FILES['calls']}: {exc}") from None
     frames["calls"], frames["steps"] = schema.conform(calls, CALLS), schema.conform(steps, STEPS)
+    found = rules.problems(frames, meta)
+    try:
+        tree.parent_rows(frames["calls"])  # every walk over the nesting must end: no loops, no forward parents
+    except ValueError as exc:
+        found.append(f"{FILES['calls']}: {exc}")
     return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root,
-               sampling=frames["sampling"], requests=frames["requests"])
+               sampling=frames["sampling"], requests=frames["requests"]), found
 
 
 def merge(runs: list[Run], path: Path | None = None) -> Run:

@@ -190,8 +190,10 @@ def annotate(calls: pd.DataFrame, steps: pd.DataFrame | None = None) -> tuple[pd
         gpu_children = np.bincount(parent_row_by_row[child], weights=np.nan_to_num(gpu[child]), minlength=n)
         calls["call"] = pd.array(call, dtype="Int64")
         calls["parent"] = pd.arrays.IntegerArray(parent_v, parent_na)
-        calls["self_ms"] = cpu - cpu_children
-        calls["gpu_self_ms"] = gpu - gpu_children
+        # a call's calibrated cost can leave its children a few microseconds longer than itself:
+        # such a self time is 0 (and the step's residue absorbs the difference), never negative
+        calls["self_ms"] = np.maximum(cpu - cpu_children, 0.0)
+        calls["gpu_self_ms"] = np.maximum(gpu - gpu_children, 0.0)
     else:
         for col, dt in zip(TREE_COLUMNS, ("Int64", "Int64", "float64", "float64")):
             calls[col] = pd.Series([], dtype=dt)
@@ -210,9 +212,20 @@ def residues(calls: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
         gpu = g["gpu_self_ms"].sum(min_count=1).reindex(idx).to_numpy(dtype="float64", na_value=np.nan)
     else:
         host = gpu = np.full(len(steps), np.nan)
-    probe_ms = steps["probe_ms"].to_numpy(dtype="float64", na_value=0.0) if "probe_ms" in steps else 0.0
-    steps["residue_ms"] = steps["forward_ms"].to_numpy(dtype="float64", na_value=np.nan) - host - probe_ms
-    steps["gpu_residue_ms"] = steps["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan) - gpu
+    has_probe = "probe_ms" in steps
+    probe_ms = steps["probe_ms"].to_numpy(dtype="float64", na_value=0.0) if has_probe else np.zeros(len(steps))
+    residue = steps["forward_ms"].to_numpy(dtype="float64", na_value=np.nan) - host - probe_ms
+    # The probe's cost is a calibrated estimate: where it leaves less than nothing for the residue
+    # it is trimmed to what the step had left, so Σ self + residue + probe = forward still holds;
+    # a residue still below 0 (self times beyond the forward by clock granularity) is 0.
+    short = residue < 0
+    if has_probe and short.any():
+        trimmed = np.where(short, np.maximum(probe_ms + residue, 0.0), probe_ms)
+        residue = residue + (probe_ms - trimmed)
+        steps["probe_ms"] = np.where(steps["probe_ms"].isna().to_numpy(), np.nan, trimmed)
+    steps["residue_ms"] = np.where(residue < 0, 0.0, residue)
+    gpu_residue = steps["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan) - gpu
+    steps["gpu_residue_ms"] = np.where(gpu_residue < 0, 0.0, gpu_residue)
     return steps
 
 

@@ -21,7 +21,7 @@ __all__ = ["CLIError", "DEFAULT_PROMPT", "MODEL_ENV", "PROGRESS_ENV", "build_par
 
 #: subcommand -> the module of probe.cli that runs it (imported only when that command runs)
 COMMANDS = {"run": "run", "report": "report", "compare": "compare", "dashboard": "dashboard", "sweep": "sweep",
-            "serve-bench": "serve_bench", "shapes": "shapes"}
+            "serve-bench": "serve_bench", "shapes": "shapes", "verify": "verify"}
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--fail-above", type=float, default=None, metavar="PCT",
                       help="exit 1 when B is slower than A by more than PCT percent in a headline metric or a block, "
                            "with significance (a CI gate); exit 2 when the runs are not comparable")
+
+    v = sub.add_parser("verify", help="check saved runs: files, manifest, every column's rules, the nesting",
+                       description="Check saved runs and list every problem found (probe.load stops at the first). "
+                                   "Exit 0: every run is whole; 1: a run has problems; 2: a path holds no run.",
+                       **help_fmt)
+    v.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or rank folders' parent)")
 
     d = sub.add_parser("dashboard", help="open the Streamlit dashboard over a folder of runs", **help_fmt)
     d.add_argument("runs_dir", nargs="?", default="probe-runs", help="folder of run directories (or one run)")

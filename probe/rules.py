@@ -1,0 +1,172 @@
+"""The values a saved run's columns may hold, beyond their types: one table, checked on load.
+
+:mod:`probe.validate` checks that each column has the schema's type; this module checks that its
+values are ones a recording can produce — no negative or missing time where a time was measured,
+no step beyond its run's count, no layer beyond the model's, no row whose run is not in ``runs``.
+Every rule is one vectorised comparison over a column, so a run of a million calls is checked
+in milliseconds. ``NaN`` stays legal where it means "not measured" (``gpu_ms`` on CPU,
+``outside_ms`` of forwards outside generate, a step without call records): those columns are
+listed with ``nan=True``.
+
+Frames are built so that they obey these rules: tiny negative self times and residues that the
+probe's calibrated cost can leave are clamped when the frames are built
+(:func:`probe.analysis.tree.annotate`), never when they are saved, so a negative value on load
+means an edit or damage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one column may hold: values ``>= low`` (and ``<= high``), missing only if ``nan``."""
+
+    low: float | None = 0.0
+    high: float | None = None
+    nan: bool = False
+
+
+MEASURED = Rule()  # a time, count or size that was measured: >= 0, always present
+OPTIONAL = Rule(nan=True)  # the same where "not measured" is a legal value
+ANY_TIME = Rule(low=None, nan=True)  # a timestamp on a clock whose origin may follow it
+
+RULES: dict[str, dict[str, Rule]] = {
+    "calls": {
+        "rank": MEASURED, "step": MEASURED, "depth": MEASURED, "layer": OPTIONAL, "q_len": MEASURED,
+        "kv_len": MEASURED, "batch": MEASURED, "start_ms": MEASURED, "end_ms": MEASURED, "cpu_ms": MEASURED,
+        "gpu_ms": OPTIONAL, "offload_ms": OPTIONAL, "mem_before_bytes": OPTIONAL, "mem_after_bytes": OPTIONAL,
+        "mem_peak_bytes": OPTIONAL, "out_bytes": MEASURED, "call": OPTIONAL, "parent": OPTIONAL,
+        "descendants": OPTIONAL, "self_ms": OPTIONAL, "gpu_self_ms": OPTIONAL,
+    },
+    "steps": {
+        "rank": MEASURED, "step": MEASURED, "q_len": MEASURED, "kv_len": MEASURED, "batch": MEASURED,
+        "start_ms": MEASURED, "forward_ms": MEASURED, "gpu_ms": OPTIONAL, "outside_ms": OPTIONAL,
+        "latency_ms": OPTIONAL, "kv_cache_bytes": OPTIONAL, "mem_peak_bytes": OPTIONAL, "new_tokens": MEASURED,
+        "blocks_ms": OPTIONAL, "probe_ms": OPTIONAL, "process_cpu_ms": OPTIONAL, "residue_ms": OPTIONAL,
+        "gpu_residue_ms": OPTIONAL, "requests": OPTIONAL, "prefill_tokens": OPTIONAL, "decode_tokens": OPTIONAL,
+        "prefill_chunk": OPTIONAL, "paged_cache_bytes": OPTIONAL, "schedule_ms": OPTIONAL, "cache_ms": OPTIONAL,
+        "sample_ms": OPTIONAL, "update_ms": OPTIONAL,
+    },
+    "runs": {
+        "rank": MEASURED, "parameters": MEASURED, "prompt_tokens": OPTIONAL, "new_tokens": OPTIONAL,
+        "batch": OPTIONAL, "steps": MEASURED, "top_k": OPTIONAL, "top_p": Rule(high=1.0, nan=True),
+        "temperature": OPTIONAL, "num_beams": Rule(low=1, nan=True), "max_new_tokens": OPTIONAL,
+        "ttft_ms": OPTIONAL, "tpot_ms_mean": OPTIONAL, "prefill_tok_s": OPTIONAL, "decode_tok_s": OPTIONAL,
+        "total_ms": OPTIONAL, "peak_mem_bytes": OPTIONAL, "kv_cache_bytes": OPTIONAL, "process_cpu_ms": OPTIONAL,
+        "cpu_wait_ms": OPTIONAL,
+    },
+    "sampling": {
+        "rank": MEASURED, "step": MEASURED, "order": MEASURED, "host_ms": MEASURED, "gpu_ms": OPTIONAL,
+        "calls": OPTIONAL,
+    },
+    "requests": {
+        "rank": MEASURED, "prompt_tokens": MEASURED, "generated_tokens": MEASURED, "max_new_tokens": OPTIONAL,
+        "arrival_ms": ANY_TIME, "scheduled_ms": ANY_TIME, "first_token_ms": ANY_TIME, "finished_ms": ANY_TIME,
+        "queue_ms": OPTIONAL, "ttft_ms": OPTIONAL, "itl_ms_mean": OPTIONAL, "first_step": OPTIONAL,
+        "last_step": OPTIONAL, "prefill_chunks": OPTIONAL, "tf_ttft_ms": OPTIONAL, "tf_itl_ms_mean": OPTIONAL,
+    },
+}
+
+#: frames whose rows each belong to a run of ``runs`` (by ``run_id``)
+RUN_ROWS = ("calls", "steps", "sampling", "requests")
+
+
+def _values(s: pd.Series) -> np.ndarray:
+    return s.to_numpy(dtype="float64", na_value=np.nan)
+
+
+def _first(mask: np.ndarray, values: np.ndarray | None = None) -> str:
+    i = int(np.flatnonzero(mask)[0])
+    return f"row {i}" + (f": {values[i]!r}" if values is not None else "")
+
+
+def column_problems(frames: dict[str, pd.DataFrame]) -> list[str]:
+    """Each column of :data:`RULES` against its rule: ``"calls.parquet: column 'cpu_ms' ..."``."""
+    out = []
+    for key, rules in RULES.items():
+        df = frames.get(key)
+        if df is None or df.empty:
+            continue
+        for col, rule in rules.items():
+            if col not in df.columns:
+                continue
+            v = _values(df[col])
+            nan = np.isnan(v)
+            if not rule.nan and nan.any():
+                out.append(f"{key}.parquet: column {col!r} has {int(nan.sum())} missing values where a "
+                           f"recording always measures one (first at {_first(nan)})")
+            if rule.low is not None:
+                low = ~nan & (v < rule.low)
+                if low.any():
+                    what = "negative" if rule.low == 0 else f"below {rule.low:g}"
+                    out.append(f"{key}.parquet: column {col!r} has {int(low.sum())} {what} values, which no "
+                               f"recording produces (first at {_first(low, v)})")
+            if rule.high is not None:
+                high = ~nan & (v > rule.high)
+                if high.any():
+                    out.append(f"{key}.parquet: column {col!r} has {int(high.sum())} values above {rule.high:g} "
+                               f"(first at {_first(high, v)})")
+    return out
+
+
+def _layer_count(meta: dict) -> int | None:
+    """Decoder layers of the recorded model: from its recorded modules, else its config."""
+    layers = [m.get("layer") for m in meta.get("modules") or [] if isinstance(m, dict)]
+    layers = [x for x in layers if isinstance(x, int) and not isinstance(x, bool)]
+    if layers:
+        return max(layers) + 1
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        n = cfg.get(key)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
+def link_problems(frames: dict[str, pd.DataFrame], meta: dict) -> list[str]:
+    """Rows that point nowhere: a run id not in ``runs``, a call of a step not in ``steps``, a
+    step at or beyond its run's step count, a layer beyond the model's."""
+    out = []
+    runs = frames.get("runs")
+    ids = set(runs["run_id"].dropna().astype(str)) if runs is not None else set()
+    for key in RUN_ROWS:
+        df = frames.get(key)
+        if df is None or df.empty or "run_id" not in df.columns:
+            continue
+        orphan = ~df["run_id"].astype("string").isin(ids).to_numpy(dtype=bool, na_value=False)
+        if orphan.any():
+            out.append(f"{key}.parquet: {int(orphan.sum())} rows belong to no run of runs.parquet "
+                       f"(first at {_first(orphan, df['run_id'].to_numpy())})")
+    steps, calls = frames.get("steps"), frames.get("calls")
+    if steps is not None and len(steps) and runs is not None and len(runs):
+        count = runs.drop_duplicates("run_id").set_index("run_id")["steps"]
+        limit = _values(steps["run_id"].map(count))
+        beyond = ~np.isnan(limit) & (_values(steps["step"]) >= limit)
+        if beyond.any():
+            out.append(f"steps.parquet: {int(beyond.sum())} steps lie beyond their run's step count in "
+                       f"runs.parquet (first at {_first(beyond, steps['step'].to_numpy())})")
+    if calls is not None and len(calls) and steps is not None:
+        have = pd.MultiIndex.from_frame(steps[["run_id", "step"]].astype({"run_id": "string"}))
+        want = pd.MultiIndex.from_frame(calls[["run_id", "step"]].astype({"run_id": "string"}))
+        lost = ~want.isin(have)
+        if lost.any():
+            out.append(f"calls.parquet: {int(lost.sum())} calls belong to no step of steps.parquet "
+                       f"(first at {_first(lost)})")
+    n_layers = _layer_count(meta)
+    if calls is not None and len(calls) and n_layers is not None:
+        layer = _values(calls["layer"])
+        beyond = ~np.isnan(layer) & (layer >= n_layers)
+        if beyond.any():
+            out.append(f"calls.parquet: column 'layer' has {int(beyond.sum())} values beyond the model's "
+                       f"{n_layers} layers (first at {_first(beyond, layer)})")
+    return out
+
+
+def problems(frames: dict[str, pd.DataFrame], meta: dict) -> list[str]:
+    """Every rule a run's frames break, as lines naming file, column and first row; empty if none."""
+    return column_problems(frames) + link_problems(frames, meta)
