@@ -174,6 +174,11 @@ def test_folders_named_like_ranks_are_not_tensor_parallel_ranks(two_runs, tmp_pa
         probe.load(root)
     found = data.discover(root)
     assert sorted(found.runs) == ["baseline", "other", "rank1x", "ranking-test"]
+    # named exactly like a rank but an ordinary run (no world size in its meta): a run of its own
+    shutil.copytree(two_runs[0], root / "rank3")
+    with pytest.raises(RunLoadError, match="holds no probe run"):
+        probe.load(root)
+    assert "rank3" in data.discover(root).runs
 
 
 def test_a_rank_folder_must_hold_that_rank(two_runs, tmp_path):

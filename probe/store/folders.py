@@ -26,9 +26,21 @@ def rank_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def marks_rank(meta: dict | None) -> bool:
+    """A rank folder's ``meta.json`` marks it as a rank of a tensor-parallel run: it has the
+    ``world_size`` :func:`probe.save_rank` writes (loading then checks that its ``rank`` is the
+    folder's) — or it cannot be read, so that loading names the damage rather than the folder
+    passing for something else."""
+    if meta is None:
+        return True
+    size = meta.get("world_size")
+    return isinstance(size, int) and not isinstance(size, bool) and size >= 1
+
+
 def rank_dirs(root: Path) -> list[Path]:
-    """The tensor-parallel rank folders of ``root`` (``rank<digits>`` exactly, each holding
-    ``meta.json``), by rank number."""
+    """The tensor-parallel rank folders of ``root``, by rank number: named ``rank<digits>``
+    exactly and marked as a rank in their ``meta.json`` (an ordinary run in a folder that
+    happens to be called ``rank3`` is not one)."""
     try:
         entries = list(os.scandir(root))
     except OSError:
@@ -36,7 +48,8 @@ def rank_dirs(root: Path) -> list[Path]:
     out = []
     for e in entries:
         rank = rank_of(e.name)
-        if rank is not None and e.is_dir() and (Path(e.path) / META).is_file():
+        if rank is not None and e.is_dir() and (Path(e.path) / META).is_file() \
+                and marks_rank(read_meta(Path(e.path))):
             out.append((rank, Path(e.path)))
     return [d for _, d in sorted(out)]
 
