@@ -283,7 +283,8 @@ def test_fail_above_exits_1_naming_what_got_slower(saved, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 1
     fail = out[out.index("FAIL"):]
-    assert "layer (decode): +" in fail and "ttft_ms: +" in fail
+    assert "layer (decode, block): +" in fail and "ttft_ms: +" in fail
+    assert "model.layers.0 (decode, module): +" in fail  # and each module by name
     sig = pd.read_csv(tmp_path / "c" / "significance.csv")
     assert {"slowdown_pct", "ci_low_pct", "ci_high_pct", "p_value", "significant"} <= set(sig.columns)
 
@@ -390,3 +391,75 @@ def test_compare_notes_different_repeats_and_rows_of_one_run():
     sig = significance(a, b)
     model = sig[(sig["level"] == "block") & (sig["name"] == "model")]
     assert len(model) and (model["a_n"] == 0).all() and {verdict(r) for _, r in model.iterrows()} == {"only in B"}
+
+
+def _bundled_run(slow_layer: int | None, seed: int, repeats: int = 3) -> probe.Run:
+    """The bundled model (8 layers) on a jittered injected clock; ``slow_layer``'s forward spends
+    4 ms more on that clock in every call (a regression inside one layer)."""
+    from probe.models import load_bundled
+
+    model, tok = load_bundled(num_hidden_layers=8)
+    clock = Clock(tick=20_000, jitter=0.3, seed=seed)
+    if slow_layer is not None:
+        layer = model.model.layers[slow_layer]
+        inner = layer.forward
+
+        def slower(*args, **kwargs):
+            clock.t += 4_000_000
+            return inner(*args, **kwargs)
+
+        layer.forward = slower  # the user's own instance-level forward: the probe records it
+    ids = tok("the quick brown fox", return_tensors="pt")
+    with probe.attach(model, clock=clock) as p:
+        for _ in range(repeats):
+            model.generate(**ids, max_new_tokens=8, do_sample=False)
+    return p.run
+
+
+def test_the_gate_names_the_layer_that_regressed(tmp_path, capsys):
+    """One slow layer among eight: the block level only says "layer"; the gate judges every module
+    by name (with Holm's correction for judging them all) and names ``model.layers.5``, in the
+    text and in gate.json. The probe's own constant cost is never judged."""
+    a, b = _bundled_run(None, seed=1).save(tmp_path / "a"), _bundled_run(5, seed=2).save(tmp_path / "b")
+    code = main(["compare", str(a), str(b), "--out", str(tmp_path / "c"), "--fail-above", "10"])
+    out = capsys.readouterr().out
+    assert code == 1
+    fail = out[out.index("FAIL"):]
+    assert "model.layers.5 (decode, module): +" in fail  # prefill: 3 calls against 3 cannot be shown to differ
+    assert "model.layers.4" not in fail and "model.layers.6" not in fail and "(probe)" not in fail
+    decision = json.loads((tmp_path / "c" / "gate.json").read_text())
+    assert decision["passed"] is False and decision["correction"].startswith("holm") and decision["judged"] > 20
+    names = {(f["name"], f["phase"]) for f in decision["failures"]}
+    assert ("model.layers.5", "decode") in names and not any(n.startswith("model.layers.") and n != "model.layers.5"
+                                                               for n, _ in names)
+    assert all(f["p_holm"] < 0.05 and f["ci_pct"][0] > 0 for f in decision["failures"])
+    # the same two runs the other way round: nothing is slower, and the decision says so
+    assert main(["compare", str(b), str(a), "--out", str(tmp_path / "c2"), "--fail-above", "10"]) == 0
+    assert json.loads((tmp_path / "c2" / "gate.json").read_text())["passed"] is True
+
+
+def test_holm_adjusts_the_smallest_p_by_the_family_size_and_keeps_order():
+    from probe.analysis.stats import holm
+
+    got = holm([0.01, 0.04, float("nan"), 0.03, 0.5])
+    assert got[0] == pytest.approx(0.04) and got[3] == pytest.approx(0.09) and got[1] == pytest.approx(0.09)
+    assert got[4] == pytest.approx(0.5) and math.isnan(got[2])
+
+
+def test_large_samples_get_an_interval_without_resampling_each_one():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(10, 1, 5000), rng.normal(11, 1, 5000)
+    p, lo, hi = bootstrap_slowdown(a, b)
+    assert lo < p < hi and lo > 8 and hi < 12  # about +10 %, a narrow interval
+    small = bootstrap_slowdown(a[:100], b[:100])
+    assert small[1] < small[0] < small[2]
+
+
+def test_the_probe_row_and_undecided_rows_read_alike():
+    run_a, run_b = record(Clock(tick=1000, jitter=0.05, seed=1), repeats=3), record(Clock(tick=1000, jitter=0.05, seed=2), repeats=3)
+    sig = significance(run_a, run_b)
+    words = {verdict(r) for _, r in sig.iterrows()}
+    assert "within noise" not in words and not any("rank test" in w for w in words)
+    probe_rows = sig[sig["name"] == "(probe)"]
+    assert all(verdict(r) == "the probe's own cost (not judged)" for _, r in probe_rows.iterrows())
+    assert gate(sig, 0.0)["name"].ne("(probe)").all()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from probe.reports.terminal import compare_lines, noise_lines, significance_lines
 
+from ..store.files import write_text
 from .common import CLIError, check_out, load_run, missing
 
 
 def main(args) -> int:
-    from ..analysis.stats import comparability, differences, fact, gate, significance
+    from ..analysis.comparison import comparability, differences, fact, gate, gate_verdict, significance
 
     pct = args.fail_above
     if pct is not None and not (pct >= 0 and pct == pct and pct != float("inf")):
@@ -27,7 +29,7 @@ def main(args) -> int:
         raise CLIError(f"cannot write the report: {missing(exc)}") from exc
     from probe.reports.compare import comparison_frame
 
-    sig = significance(a, b)
+    sig = significance(a, b, levels=("block", "role", "module"))  # the gate names the module that regressed
     out = Path(args.out) if args.out else Path(f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
     check_out(out, "compare")
     from ..store.outdir import shown
@@ -50,13 +52,21 @@ def main(args) -> int:
                 print(line)
     if pct is None:
         return 0
+    decision = gate_verdict(sig, pct)
+    gate_json = out / "gate.json"
+    write_text(gate_json, json.dumps(decision, indent=2) + "\n")
+    print(shown(gate_json))
     failed = gate(sig, pct)
+    judged = f"{decision['judged']} rows judged: headline figures, and every module, role and block with >= 1% of its phase"
     if failed.empty:
-        print(f"\nOK: nothing is slower than A by more than {pct:g}% with significance")
+        print(f"\nOK: nothing is slower than A by more than {pct:g}% with significance ({judged})")
         return 0
-    print(f"\nFAIL: B is slower than A by more than {pct:g}% (95% interval above 0):")
+    print(f"\nFAIL: B is slower than A by more than {pct:g}% (95% interval above 0, rank test p < 0.05 after "
+          f"Holm's correction for the {judged}):")
+    order = {"metric": 0, "module": 1, "role": 2, "block": 3}
+    failed = failed.assign(_o=failed["level"].map(order)).sort_values(["_o", "slowdown_pct"], ascending=[True, False])
     for _, row in failed.iterrows():
-        where = f" ({row['phase']})" if row["phase"] else ""
-        print(f"  {row['name']}{where}: {row['slowdown_pct']:+.1f}% "
-              f"[{row['ci_low_pct']:+.1f}%, {row['ci_high_pct']:+.1f}%]")
+        where = ", ".join(x for x in (str(row["phase"]), "" if row["level"] == "metric" else str(row["level"])) if x)
+        print(f"  {row['name']}{f' ({where})' if where else ''}: {row['slowdown_pct']:+.1f}% "
+              f"[{row['ci_low_pct']:+.1f}%, {row['ci_high_pct']:+.1f}%], p = {row['p_holm']:.2g}")
     return 1

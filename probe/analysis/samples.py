@@ -1,0 +1,96 @@
+"""Samples of a run for spread and significance: each row's time in each step, each headline
+figure per generate call.
+
+Rows are :meth:`probe.Run.summary`'s at a level (self time, so they never overlap) plus the
+forward's other parts — ``(residue)``, ``(probe)`` — and ``(outside model)``; only the successful
+generate calls count, and of a run merged from tensor-parallel ranks only the lowest rank's (the
+ranks record the same calls side by side, not repeats of them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .. import schema
+from . import tree
+from .accounting import PROBE, RESIDUE, check_level, labels
+from ..schema import Level
+
+OUTSIDE = "(outside model)"
+
+
+def generate_ids(runs: pd.DataFrame) -> list[str]:
+    """The successful generate calls; of a run merged from several ranks (tensor parallel), the
+    lowest rank's: the ranks record the same calls side by side, not repeats of them."""
+    if runs.empty:
+        return []
+    gen = runs[(runs["kind"] == "generate") & (runs["status"] == "ok")]
+    if "rank" in gen and gen["rank"].nunique() > 1:
+        gen = gen[gen["rank"] == gen["rank"].min()]
+    return [str(v) for v in gen["run_id"]]
+
+
+def recorded(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The successful generate calls' calls and steps, with the call tree's columns."""
+    ids = generate_ids(runs)
+    calls, steps = tree.ensure(calls, steps)
+    return calls[calls["run_id"].isin(ids)], steps[steps["run_id"].isin(ids)]
+
+def per_step(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: Level,
+              clock: str = "host") -> pd.DataFrame:
+    """Each row's time in each step of the successful generate calls: ``name, phase, run_id,
+    step, ms``. The rows are :meth:`probe.Run.summary`'s at ``level`` (self time, so they never
+    overlap), then ``(residue)`` and, on the host clock, ``(probe)`` (the forward's other parts,
+    over the steps with call records), then ``(outside model)`` (time in generate between
+    forwards). ``clock`` "gpu" reads ``gpu_self_ms`` and ``gpu_residue_ms``."""
+    check_level(level)
+    c, st = recorded(calls, steps, runs)
+    parts = []
+    if len(c):
+        col = "gpu_self_ms" if clock == "gpu" else "self_ms"
+        parts.append(pd.DataFrame({"name": labels(c, level), "phase": c["phase"].to_numpy(), "run_id": c["run_id"].to_numpy(),
+                                   "step": c["step"].to_numpy(),
+                                   "ms": c[col].to_numpy(dtype="float64", na_value=np.nan)}))
+    rec = st[st["residue_ms"].notna()]
+    extra = [(RESIDUE, "gpu_residue_ms" if clock == "gpu" else "residue_ms")]
+    if clock == "host" and "probe_ms" in rec.columns and rec["probe_ms"].notna().any():
+        extra.append((PROBE, "probe_ms"))
+    out_ = st[st["outside_ms"].notna()]
+    for name, col, frame in [(n, c_, rec) for n, c_ in extra] + [(OUTSIDE, "outside_ms", out_)]:
+        if len(frame):
+            parts.append(frame[["phase", "run_id", "step", col]].rename(columns={col: "ms"}).assign(name=name))
+    cols = {"name": "string", "phase": "string", "run_id": "string", "step": "int64", "ms": "float64"}
+    if not parts:
+        return schema.empty(cols)
+    return pd.concat(parts, ignore_index=True)[list(cols)].astype(cols)
+
+def clock_of(run_calls: list[pd.DataFrame]) -> str:
+    return "gpu" if all(len(c) and c["gpu_ms"].notna().all() for c in run_calls) else "host"
+
+
+def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: Level = "block",
+                 clock: str = "host") -> dict[tuple[str, str], np.ndarray]:
+    """Per (row, phase) at ``level``, the row's time in each step of that phase: the rows of
+    :func:`per_step`."""
+    per = per_step(calls, steps, runs, level, clock)
+    per = per.groupby(["name", "phase", "run_id", "step"], sort=False)["ms"].sum(min_count=1)
+    return {(str(name), str(phase)): s.to_numpy(dtype="float64", na_value=np.nan)
+            for (name, phase), s in per.groupby(level=[0, 1], sort=False)}
+
+
+def metric_samples(steps: pd.DataFrame, runs: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per headline metric, its samples: TPOT per decode step, the others per generate call."""
+    ids = generate_ids(runs)
+    gen = runs[runs["run_id"].isin(ids)]
+    out: dict[str, np.ndarray] = {}
+    for m in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "total_ms"):
+        out[m] = pd.to_numeric(gen[m], errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+    st = steps[steps["run_id"].isin(ids) & (steps["step"] > 0) & (steps["new_tokens"] > 0)]
+    out["tpot_ms"] = (st["latency_ms"] / st["new_tokens"]).to_numpy(dtype="float64", na_value=np.nan)
+    return out
+
+
+def phase_forward(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame) -> pd.Series:
+    _, st = recorded(calls, steps, runs)
+    return st[st["residue_ms"].notna()].groupby("phase")["forward_ms"].sum()
