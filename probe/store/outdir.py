@@ -25,7 +25,7 @@ from .folders import SWEEP_FILE, is_run_dir
 REPORT_FILES = frozenset({"report.html", "trace.json", "csv"})
 #: written by ``probe compare`` beside its report: which runs it compared, and when (the dashboard lists it)
 COMPARE_META = "compare.json"
-COMPARE_FILES = frozenset({"compare.html", "compare.csv", "significance.csv", COMPARE_META})
+COMPARE_FILES = frozenset({"compare.html", "compare.csv", "significance.csv", "gate.json", COMPARE_META})
 
 
 #: what marks a file as written by probe (an existing one may be replaced without --force): the
