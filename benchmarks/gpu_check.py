@@ -19,18 +19,26 @@ prints a compact table. The same code path runs on CPU with a tiny LLaMA (``--de
 
 Method notes (why it is measured this way):
 
-- The "no probe" baseline is not hook-free: every configuration carries the same single
-  pre/post hook pair on the root model (:class:`StepClock`) that appends ``perf_counter_ns``
-  (and, on CUDA, records two events per step). That costs a few microseconds per step,
-  identically in all configurations, and gives per-phase times without the probe:
+- The probed configurations run through :func:`probe.profile`, the one profiling routine
+  ``probe run`` uses: its warm-up (``--warmup`` generate calls with the probe attached, records
+  cleared), attach and detach, and the run's metadata (warm-up, seed, noise figure, peaks). The
+  "no probe" configuration is the model alone, a plain ``generate`` (with its own ``--warmup``
+  calls first): the baseline the overhead is a ratio to.
+- Every configuration is timed by the same independent clock (:class:`StepClock`): one pre/post
+  hook pair on the root model that appends ``perf_counter_ns`` (and, on CUDA, records two events
+  per step), bracketing the generate call. It costs a few microseconds per step, identically in
+  all configurations, and gives per-phase times without reading the probe's own figures:
   TTFT = generate entry -> start of step 1; decode ms/token = (start of the last step - start
   of step 1) / (steps - 2), i.e. the steady-state time per token, sampling included (generate
   synchronises every step for its stopping check, so host intervals are device-true);
   total = generate entry -> return + device sync (includes the probe's end-of-run event
-  resolution). When a probe is attached, the clock is registered after it, so each interval
-  holds all of the probe's hooks for one step.
-- Configurations run interleaved (the order rotates each repeat) to cancel drift.
-- Agreement uses one separate generate under ``torch.profiler`` with the probe at ``blocks``:
+  resolution). For a probed call the clock is entered by ``probe.profile``'s ``watch`` around
+  the recorded generate, after the probe is attached, so each interval holds all of the probe's
+  work for one step.
+- Configurations run interleaved (the order rotates each repeat) to cancel drift: each repeat
+  of a probed configuration is one ``probe.profile`` call (warm-up, then one recorded call).
+- Agreement uses one separate ``probe.profile`` call at ``blocks`` whose recorded generate runs
+  under ``torch.profiler``:
   the clock opens a ``record_function`` range in the root pre-hook and closes it in the
   post-hook; each kernel/memcpy/memset is assigned to the range that contains the host start
   of the op that launched it (kineto's linked correlation id), so both sides use the
@@ -51,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import json
 import math
 import platform
@@ -178,17 +187,22 @@ def peak_bandwidth(device_name: str | None, total_memory_bytes: int | None = Non
 
 
 class StepClock:
-    """One pre/post hook pair on the root model: host ns (and CUDA events) per forward.
+    """One pre/post hook pair on the root model: host ns (and CUDA events) per forward, and the
+    bracket around the whole block it is entered for (entry -> exit + device sync).
 
     With ``annotate`` each forward is also a ``torch.profiler.record_function`` range named
-    ``gpu_check.step{i}``, opened in the pre-hook and closed in the post-hook.
+    ``gpu_check.step{i}``, opened in the pre-hook and closed in the post-hook. With
+    ``reset_peak`` the CUDA allocator's peak counter is reset on entry (the baseline's peak).
     """
 
-    def __init__(self, model: torch.nn.Module, cuda: bool = False, annotate: bool = False) -> None:
-        self.model, self.cuda, self.annotate = model, cuda, annotate
+    def __init__(self, model: torch.nn.Module, cuda: bool = False, annotate: bool = False,
+                 reset_peak: bool = False) -> None:
+        self.model, self.cuda, self.annotate, self.reset_peak = model, cuda, annotate, reset_peak
         self.t_pre: list[int] = []
         self.t_post: list[int] = []
         self.events: list[tuple[Any, Any]] = []
+        self.t0: int | None = None
+        self.t1: int | None = None
         self._handles: list = []
         self._depth = 0
         self._range: Any = None
@@ -197,12 +211,26 @@ class StepClock:
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._pre))
             self._handles.append(self.model.register_forward_hook(self._post, always_call=True))
+            if self.cuda:
+                torch.cuda.synchronize()
+                if self.reset_peak:
+                    torch.cuda.reset_peak_memory_stats()
         except BaseException:
-            self.__exit__()
+            self._release()
             raise
+        self.t0 = _now()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any = None, *exc: Any) -> None:
+        try:
+            if exc_type is None:
+                if self.cuda:
+                    torch.cuda.synchronize()
+                self.t1 = _now()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -240,65 +268,81 @@ class StepClock:
         """Per-step GPU ms from the events (call after a device sync)."""
         return [a.elapsed_time(b) for a, b in self.events if b is not None]
 
+    def phases(self) -> dict:
+        """``ttft_ms, decode_ms_per_token, total_ms`` of the bracketed generate, and
+        ``decode_gpu_ms`` (median decode-step GPU ms from the events, NaN on CPU)."""
+        t = self.t_pre
+        if self.t1 is None or len(t) < 3:
+            raise RuntimeError(f"the clock saw {len(t)} forwards of a finished generate; it needs >= 3")
+        gpu = self.gpu_ms()[1:] if self.cuda else []
+        return {
+            "ttft_ms": (t[1] - self.t0) / 1e6,
+            "decode_ms_per_token": (t[-1] - t[1]) / (len(t) - 2) / 1e6,
+            "total_ms": (self.t1 - self.t0) / 1e6,
+            "decode_gpu_ms": statistics.median(gpu) if gpu else math.nan,
+        }
 
-def _generate(model: torch.nn.Module, ids: torch.Tensor, new: int) -> torch.Tensor:
-    out = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-        do_sample=False, pad_token_id=0,
-    )
+
+def generate_inputs(ids: torch.Tensor) -> dict:
+    """The inputs of every generate call: the prompt, unpadded."""
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def generate_kwargs(new: int) -> dict:
+    """Greedy, exactly ``new`` tokens (a random-weight model would not stop early anyway)."""
+    return {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
+
+
+def baseline_generate(model: torch.nn.Module, ids: torch.Tensor, new: int) -> dict:
+    """One generate of the model alone (no probe), timed per phase by the clock: the baseline
+    the overhead is measured against. ``peak_bytes`` is the allocator's peak (CUDA only)."""
+    cuda = ids.is_cuda
+    with StepClock(model, cuda=cuda, reset_peak=cuda) as clock:
+        out = model.generate(**generate_inputs(ids), **generate_kwargs(new))
     if out.shape[-1] != ids.shape[-1] + new:
         raise RuntimeError(f"generate returned {out.shape[-1] - ids.shape[-1]} new tokens, expected {new}")
-    return out
+    return {**clock.phases(), "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
-def timed_generate(model: torch.nn.Module, ids: torch.Tensor, new: int, depth: str, keep_run: bool = False) -> dict:
-    """One generate in configuration ``depth`` ("none", "blocks" or "all"), timed per phase.
+def profile_once(model: torch.nn.Module, ids: torch.Tensor, cfg: Config, depth: str,
+                 watch: Callable[[Any], Any]) -> Any:
+    """One ``probe.profile`` call at ``depth``: ``cfg.warmup`` attached warm-up calls (records
+    cleared), then one recorded generate inside ``watch``. Returns the Run."""
+    run = probe.profile(model, generate_inputs(ids), generate_kwargs=generate_kwargs(cfg.new), depth=depth,
+                        warmup=cfg.warmup, repeat=1, seed=cfg.seed, keep_text=False, watch=watch)
+    got = run.runs.loc[run.runs["kind"] == "generate", "new_tokens"].tolist()
+    if got != [cfg.new]:
+        raise RuntimeError(f"probe.profile recorded generate calls with {got} new tokens, expected [{cfg.new}]")
+    return run
 
-    Returns a dict with ``ttft_ms, decode_ms_per_token, total_ms, decode_gpu_ms`` (median
-    decode-step GPU ms from the clock's events, NaN on CPU), ``peak_bytes`` (allocator peak,
-    unprobed runs on CUDA only) and ``run`` (the probe's Run when ``keep_run``).
-    """
-    cuda = ids.is_cuda
-    p = probe.attach(model, depth=depth) if depth != "none" else None
-    try:
-        with StepClock(model, cuda=cuda) as clock:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = _now()
-            _generate(model, ids, new)
-            if cuda:
-                torch.cuda.synchronize()
-            t1 = _now()
-        peak = torch.cuda.max_memory_allocated() if cuda and p is None else None
-        run = p.run if (p is not None and keep_run) else None
-    finally:
-        if p is not None:
-            p.detach()
-    t = clock.t_pre
-    gpu = clock.gpu_ms()[1:] if cuda else []
-    return {
-        "ttft_ms": (t[1] - t0) / 1e6,
-        "decode_ms_per_token": (t[-1] - t[1]) / (len(t) - 2) / 1e6,
-        "total_ms": (t1 - t0) / 1e6,
-        "decode_gpu_ms": statistics.median(gpu) if gpu else math.nan,
-        "peak_bytes": peak,
-        "run": run,
-    }
+
+def profiled_generate(model: torch.nn.Module, ids: torch.Tensor, cfg: Config, depth: str) -> tuple[dict, Any]:
+    """One recorded generate at ``depth`` through :func:`probe.profile`, timed per phase by the
+    same clock as the baseline, entered around the recorded call. Returns (times, Run)."""
+    clocks: list[StepClock] = []
+
+    def clock(_probe: Any) -> StepClock:
+        clocks.append(StepClock(model, cuda=ids.is_cuda))
+        return clocks[-1]
+
+    run = profile_once(model, ids, cfg, depth, clock)
+    return {**clocks[-1].phases(), "peak_bytes": None}, run
 
 
 def measure_overhead(model: torch.nn.Module, ids: torch.Tensor, cfg: Config, log: Callable[[str], None]) -> tuple[dict, Any, list[int]]:
     """(a): interleaved repeats of none/blocks/all. Returns (section, blocks Run, baseline peaks)."""
     samples: dict[str, list[dict]] = {c: [] for c in CONFIGS}
-    for _ in range(cfg.warmup):
-        for c in CONFIGS:
-            timed_generate(model, ids, cfg.new, c)
+    for _ in range(cfg.warmup):  # the baseline's own warm-up; probe.profile warms up the probed calls
+        baseline_generate(model, ids, cfg.new)
     run = None
     for r in range(cfg.repeats):
         order = CONFIGS[r % 3:] + CONFIGS[: r % 3]
         for c in order:
-            s = timed_generate(model, ids, cfg.new, c, keep_run=(c == "blocks" and r == cfg.repeats - 1))
-            run = s.pop("run") or run
+            if c == "none":
+                s = baseline_generate(model, ids, cfg.new)
+            else:
+                s, profiled = profiled_generate(model, ids, cfg, c)
+                run = profiled if c == "blocks" else run  # the last repeat's blocks run is kept
             samples[c].append(s)
         log(f"overhead repeat {r + 1}/{cfg.repeats} done")
     fields = ("ttft_ms", "decode_ms_per_token", "total_ms", "decode_gpu_ms")
@@ -309,13 +353,18 @@ def measure_overhead(model: torch.nn.Module, ids: torch.Tensor, cfg: Config, log
         for c in ("blocks", "all")
     }
     section = {
-        "method": "root-hook clock in every configuration; medians over interleaved repeats after warm-up",
+        "method": ("probed configurations through probe.profile (its warm-up, attach, metadata), the baseline "
+                   "a plain generate; one root-hook clock times every recorded call; medians over interleaved "
+                   "repeats after warm-up"),
         "samples": {c: [{f: s[f] for f in fields} for s in samples[c]] for c in CONFIGS},
         "median": med,
         "overhead_pct": pct,
         "target": {"blocks_decode_pct_max": TARGETS["overhead_blocks_decode_pct_max"]},
         "pass": pct["blocks"]["decode"] <= TARGETS["overhead_blocks_decode_pct_max"],
     }
+    if run is not None:
+        section["profile"] = {"routine": "probe.profile", "warmup": run.meta.get("warmup"),
+                              "noise": run.meta.get("noise")}
     if not ids.is_cuda:
         section["decode_gpu_ms_reason"] = "no CUDA: no events to time the GPU"
     peaks = [s["peak_bytes"] for s in samples["none"] if s["peak_bytes"] is not None]
@@ -389,18 +438,24 @@ def attribute_work(ranges: dict, op_start: dict, launch_start: dict, work: list)
 
 def measure_agreement(model: torch.nn.Module, ids: torch.Tensor, cfg: Config) -> dict:
     """(b): probe step GPU ms vs the profiler's GPU work in the same step (host ms on CPU)."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile as torch_profile
 
     cuda = ids.is_cuda
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with probe.attach(model, depth="blocks") as p:
-        with profile(activities=acts) as prof:
+    traces: list[Any] = []
+
+    @contextlib.contextmanager
+    def traced(_probe: Any):
+        # around probe.profile's recorded generate only: its warm-up stays out of the trace
+        with torch_profile(activities=acts) as prof:
             with StepClock(model, annotate=True):
-                _generate(model, ids, cfg.new)
+                yield
             if cuda:
                 torch.cuda.synchronize()
-        steps = p.run.steps
-    ranges, op_start, launch_start, work, kinds = split_kineto(prof.profiler.kineto_results.events())
+        traces.append(prof)
+
+    steps = profile_once(model, ids, cfg, "blocks", traced).steps
+    ranges, op_start, launch_start, work, kinds = split_kineto(traces[-1].profiler.kineto_results.events())
     per_step, unattributed = attribute_work(ranges, op_start, launch_start, work)
     rows = []
     for st in steps.itertuples():

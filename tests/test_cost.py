@@ -19,7 +19,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import probe
-from probe.analysis import cost, hardware
+from probe.analysis import cost, hardware, measured_peaks
+from probe.analysis import peaks as peaks_record
 from probe.recording import noise
 from probe import schema
 from probe.analysis import roofline as rl
@@ -326,7 +327,7 @@ def test_known_accelerators_have_dense_peaks_and_a_source():
 
 
 def test_measure_peaks_measures_now_and_caches_per_process():
-    hardware._measure.cache_clear()
+    measured_peaks._measure.cache_clear()
     pk = hardware.measure_peaks("cpu", "float32")
     assert pk.measured and pk.flops_per_s > 0 and pk.bytes_per_s > 0  # how fast is this machine's business
     assert "measured" in pk.source and "matmul" in pk.source and "copy" in pk.source
@@ -346,7 +347,7 @@ def peaks_cache(tmp_path, monkeypatch):
     """An empty user cache; the measurement's own wait check off (this shared machine may be
     busy at any moment: the quiet verdict under test is the injected load figure)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(hardware, "QUIET_WAIT_PCT", 100.0)
+    monkeypatch.setattr(peaks_record, "QUIET_WAIT_PCT", 100.0)  # the bar Peaks.busy() reads
     return tmp_path / "cache" / "probe" / "peaks"
 
 
@@ -389,15 +390,15 @@ def test_a_busy_machine_gets_no_cpu_peaks_and_is_told_why(cpu_run, peaks_cache, 
 
 
 def test_cached_cpu_peaks_are_keyed_by_dtype_and_threads(peaks_cache, monkeypatch):
-    monkeypatch.setattr(hardware, "QUIET_WAIT_PCT", 10.0)
+    monkeypatch.setattr(peaks_record, "QUIET_WAIT_PCT", 10.0)
     keys = [hardware.cpu_key("float32", 1), hardware.cpu_key("bfloat16", 1), hardware.cpu_key("float32", 2)]
     assert len({hardware.cache_path(k) for k in keys}) == 3
     assert all(hardware.cache_path(k).parent == peaks_cache for k in keys)
     # a figure measured while waiting for a CPU is never read back, even if a file holds it
     key = keys[0]
     busy = hardware.Peaks("CPU", "float32", 5e8, 2e10, "measured busy", True, wait_pct=85.0)
-    hardware._write_cached(hardware.cache_path(key), key, busy)
-    assert hardware._read_cached(hardware.cache_path(key), key) is None
+    measured_peaks._write_cached(hardware.cache_path(key), key, busy)
+    assert measured_peaks._read_cached(hardware.cache_path(key), key) is None
 
 
 # --------------------------------------------------------------------------- roofline

@@ -93,6 +93,19 @@ def test_saved_run_reloads_with_probe_load(cpu_check):
     assert [b - a for a, b in zip(kv, kv[1:])] == results["memory"]["kv_growth"]["per_token_bytes"]
 
 
+def test_probed_runs_come_from_the_profiling_routine(cpu_check):
+    """The probe-attached measurements go through probe.profile: its warm-up, its metadata."""
+    from probe.routines.profiling import WARMUP_HOW
+
+    results, out = cpu_check
+    run = probe.load(out / results["run_dir"])
+    assert run.meta["warmup"]["how"] == WARMUP_HOW and run.meta["warmup"]["generates"] == results["config"]["warmup"]
+    assert run.meta["repeat"] == 1 and "noise" in run.meta
+    assert len(run.runs[run.runs["kind"] == "generate"]) == 1  # the warm-up's records were cleared
+    prof = results["overhead"]["profile"]
+    assert prof["routine"] == "probe.profile" and prof["warmup"]["how"] == WARMUP_HOW
+
+
 def test_cuda_only_fields_are_null_with_a_reason(cpu_check):
     results, _ = cpu_check
     ag, mem, bw = results["agreement"], results["memory"], results["bandwidth"]

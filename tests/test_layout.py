@@ -135,7 +135,8 @@ def test_the_graph_sees_every_package_and_lazy_imports():
 #: routines and shown by the interfaces.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("vocabulary", ("probe.version", "probe.errors", "probe.vocab", "probe.roles", "probe.deps", "probe.fmt", "probe.dtypes",
-                    "probe.compat", "probe.schema", "probe.rules", "probe.validate")),
+                    "probe.compat", "probe.columns", "probe.derived_schema", "probe.schema", "probe.rules",
+                    "probe.validate")),
     ("store", ("probe.store*",)),
     ("models", ("probe.models*",)),
     ("recording", ("probe.recording*",)),

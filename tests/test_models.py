@@ -226,16 +226,20 @@ def test_save_bundled_round_trip(tmp_path):
 
 
 def test_import_is_cheap():
-    # torch/transformers/sentencepiece must only be imported inside functions.
-    tree = ast.parse((REPO_ROOT / "probe" / "models.py").read_text(encoding="utf-8"))
+    # torch/transformers/sentencepiece must only be imported inside functions, in every module
+    # of the package.
     heavy = {"torch", "transformers", "sentencepiece", "tokenizers", "safetensors"}
-    for node in tree.body:  # module level only (the TYPE_CHECKING block is never executed)
-        names = []
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module or ""]
-        assert not any(n.split(".")[0] in heavy for n in names), ast.dump(node)
+    files = sorted((REPO_ROOT / "probe" / "models").glob("*.py"))
+    assert len(files) > 1
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:  # module level only (the TYPE_CHECKING block is never executed)
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] in heavy for n in names), f"{path.name}: {ast.dump(node)}"
 
 
 # ------------------------------------------------------------------- presets

@@ -3,6 +3,8 @@
 :mod:`.frames` builds the ``calls`` / ``steps`` / ``runs`` frames from a recording, :mod:`.tree`
 nests calls by their recorded descendant counts, :mod:`.accounting` and :mod:`.stats` turn them
 into self time and per-level shares, :mod:`.headline` into the prefill-vs-decode headline;
-:mod:`.cost`, :mod:`.apportion`, :mod:`.hardware` and :mod:`.roofline` add FLOPs, bytes and
-machine peaks. :mod:`.run` is the facade users hold (``probe.load``, ``Run.summary()``).
+:mod:`.cost` (over :mod:`.cost_formulas` and :mod:`.coefficients`), :mod:`.apportion`,
+:mod:`.hardware` (over :mod:`.peaks`, :mod:`.datasheets` and :mod:`.measured_peaks`) and
+:mod:`.roofline` add FLOPs, bytes and machine peaks. :mod:`.run` is the facade users hold
+(``probe.load``, ``Run.summary()``).
 """
