@@ -9,9 +9,10 @@ import json
 from pathlib import Path
 
 
-def reseal(run_dir: Path, **meta_changes) -> None:
-    """Rewrite the manifest of ``run_dir`` for its files as they are now (and apply
-    ``meta_changes`` to ``meta.json``; a value of ``None`` removes the key)."""
+def reseal(run_dir: Path, forget: tuple[str, ...] = (), **meta_changes) -> None:
+    """Rewrite the manifest of ``run_dir`` for its files as they are now, without the files
+    named in ``forget`` (as a run saved before they existed), and apply ``meta_changes`` to
+    ``meta.json`` (a value of ``None`` removes the key)."""
     f = Path(run_dir) / "meta.json"
     meta = json.loads(f.read_text())
     for k, v in meta_changes.items():
@@ -20,6 +21,8 @@ def reseal(run_dir: Path, **meta_changes) -> None:
         else:
             meta[k] = v
     files = meta["manifest"]["files"]
+    for name in forget:
+        files.pop(name, None)
     for name in list(files):
         p = Path(run_dir) / name
         if p.exists():

@@ -267,7 +267,13 @@ def test_two_rank_merged_run_report_shows_both_ranks(two_ranks):
         sub = probe.Run(calls=run.calls[run.calls["rank"] == r], steps=run.steps[run.steps["rank"] == r],
                         runs=run.runs, meta=run.meta)
         want = sub.roofline(by="role")
-        pd.testing.assert_frame_equal(csv[csv["rank"] == r].drop(columns="rank").reset_index(drop=True), want)
+        got = csv[csv["rank"] == r].drop(columns="rank").reset_index(drop=True)
+        # the report states one machine-wide busy figure (both ranks' steps); the rank alone may
+        # read a few points apart, so the reasons are compared with that figure blanked
+        busy = r"busy: \d+ %"
+        got["reason"] = got["reason"].str.replace(busy, "busy: N %", regex=True)
+        want["reason"] = want["reason"].str.replace(busy, "busy: N %", regex=True)
+        pd.testing.assert_frame_equal(got, want)
     rl = tabs["roofline-table"]
     assert rl.columns[0] == "rank" and set(rl["rank"]) == {"0", "1"}
 

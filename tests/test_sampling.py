@@ -12,6 +12,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 import probe
+from edits import reseal
 from probe import schema
 from probe.recording.sampling import WRAPPED, stage_means
 from tiny import VirtualClock, tiny_llama
@@ -267,6 +268,7 @@ def test_saved_run_reloads_the_sampling_frame(tmp_path):
     assert {c: str(t) for c, t in back.sampling.dtypes.items()} == schema.SAMPLING
     # a run saved before the frame existed loads with it empty
     (path / "sampling.parquet").unlink()
+    reseal(path, forget=("sampling.parquet",))
     old = probe.load(path)
     assert old.sampling.empty and list(old.sampling.columns) == list(schema.SAMPLING)
     assert old.sampling_summary().empty
