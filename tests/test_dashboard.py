@@ -98,7 +98,7 @@ def record_ranks(out: Path) -> Path:
     for rank in (0, 1):
         with probe.attach(model, rank=rank) as p:
             model.generate(_ids(6, rank), max_new_tokens=4, do_sample=False, pad_token_id=0)
-        p.run.save(out / f"rank{rank}")
+        probe.save_rank(p.run, out)  # out/rank{rank}, marked as a rank
     return out
 
 

@@ -114,7 +114,11 @@ def two_ranks(model, tmp_path_factory) -> probe.Run:
     for r in (0, 1):
         run = record(model, rank=r)
         run.meta["peaks"] = FAKE.to_dict()
-        run.save(d / f"rank{r}")
+        # as recorded on a quiet machine, whatever this one's load: the roofline's verdicts
+        # (host-bound, or waiting for a CPU) then do not depend on it
+        run.steps["process_cpu_ms"] = run.steps["forward_ms"]
+        run.runs["cpu_wait_ms"] = 0.0
+        probe.save_rank(run, d)  # d/rank{r}, marked as a rank
     merged = probe.load(d)
     assert merged.path == d and sorted(set(merged.calls["rank"])) == [0, 1]
     return merged
@@ -267,13 +271,7 @@ def test_two_rank_merged_run_report_shows_both_ranks(two_ranks):
         sub = probe.Run(calls=run.calls[run.calls["rank"] == r], steps=run.steps[run.steps["rank"] == r],
                         runs=run.runs, meta=run.meta)
         want = sub.roofline(by="role")
-        got = csv[csv["rank"] == r].drop(columns="rank").reset_index(drop=True)
-        # the report states one machine-wide busy figure (both ranks' steps); the rank alone may
-        # read a few points apart, so the reasons are compared with that figure blanked
-        busy = r"busy: \d+ %"
-        got["reason"] = got["reason"].str.replace(busy, "busy: N %", regex=True)
-        want["reason"] = want["reason"].str.replace(busy, "busy: N %", regex=True)
-        pd.testing.assert_frame_equal(got, want)
+        pd.testing.assert_frame_equal(csv[csv["rank"] == r].drop(columns="rank").reset_index(drop=True), want)
     rl = tabs["roofline-table"]
     assert rl.columns[0] == "rank" and set(rl["rank"]) == {"0", "1"}
 
@@ -309,7 +307,7 @@ def test_a_sharded_rank_shows_its_own_width(tmp_path):
     for r, inter in ((0, 64), (1, 32)):
         m = tiny_model("llama", intermediate_size=inter)
         assert m.config.intermediate_size == inter
-        record(m, rank=r, depth="all", new=2).save(d / f"rank{r}")
+        probe.save_rank(record(m, rank=r, depth="all", new=2), d)
     walk = figures.shape_walkthrough(probe.load(d).calls)
     gate = walk[(walk["module"] == "model.layers.{0..1}.mlp.gate_proj") & (walk["phase"] == "prefill")]
     assert dict(zip(gate["rank"], gate["out_shapes"])) == {0: f"[1, {PROMPT}, 64]", 1: f"[1, {PROMPT}, 32]"}
