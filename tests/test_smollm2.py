@@ -345,3 +345,58 @@ def test_sha256_comes_from_the_wheel_record():
     path, sha = pretrained.gguf_file(SPEC)
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
     assert re.fullmatch(r"[0-9a-f]{64}", sha)
+
+
+# --------------------------------------------------------------------------- a damaged cache
+def test_the_cache_records_every_file_and_checks_each_once_per_identity(smol, tmp_path):
+    import shutil
+
+    folder = pretrained.converted_dir(SPEC)
+    info = pretrained.read_info(folder)
+    files = info["files"]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in files.values())
+    assert pretrained.check_cache(folder) == []
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)  # new inodes: every file is hashed again, then stamped
+    assert pretrained.check_cache(copy) == []
+    stamps = json.loads((copy / pretrained.VERIFIED_FILE).read_text())
+    assert set(stamps) == set(files)
+    weights = copy / "model.safetensors"
+    # 4 MB of 0xff written over the weights in place, the modification time put back: the
+    # identity is unchanged, so only a full check (--verify-model-cache) hashes it and sees it
+    st = weights.stat()
+    with weights.open("r+b") as fh:
+        fh.seek(1 << 20)
+        fh.write(b"\xff" * (4 << 20))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert pretrained.check_cache(copy) == []
+    assert pretrained.check_cache(copy, full=True) == ["model.safetensors differs from what was written (its sha256 changed)"]
+    with weights.open("r+b") as fh:  # truncated
+        fh.truncate(1000)
+    assert "model.safetensors holds 1,000 bytes" in pretrained.check_cache(copy)[0]
+    (copy / "config.json").write_text("garbage")
+    (copy / "tokenizer.json").unlink()
+    problems = pretrained.check_cache(copy)
+    assert any(p.startswith("config.json holds 7 bytes where") for p in problems)
+    assert "tokenizer.json is missing" in problems
+
+
+def test_a_damaged_cache_is_converted_again_and_the_model_answers_as_before(smol, capsys):
+    """The reproduction: the cached weights truncated (a SafetensorError traceback before) and
+    config.json overwritten with garbage: the next load says so, converts again, and the model
+    is the trained one."""
+    model, _ = smol
+    folder = pretrained.converted_dir(SPEC)
+    weights = folder / "model.safetensors"
+    cut = folder / "cut.tmp"  # a new file renamed over the weights: the loaded model maps the old one
+    cut.write_bytes(weights.read_bytes()[:4096])
+    os.replace(cut, weights)
+    (folder / "config.json").write_text("{ not json")
+    lines = []
+    again, tok = models.load_smollm2(progress=lines.append)
+    assert any("is damaged" in line and "model.safetensors holds 4,096 bytes" in line for line in lines)
+    assert pretrained.check_cache(folder, full=True) == []
+    ids = tok("The capital of France is", return_tensors="pt")
+    want = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(again.generate(**ids, max_new_tokens=4, do_sample=False), want)

@@ -207,6 +207,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a local model folder or a known name (listed below); default: smollm2-135m if installed, else tiny")
     p.add_argument("--rebuild-model-cache", action="store_true",
                    help="convert a named model's weights again into probe's model cache (not the KV cache)")
+    p.add_argument("--verify-model-cache", action="store_true",
+                   help="hash every file of a named model's cache (each is otherwise checked once per identity: "
+                        "size, mtime, inode); a damaged cache is converted again")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -98,7 +98,7 @@ def resolve_model_arg(model: str | None, preset: str | None = None) -> str | Pat
 
 def load_model(model: str | None, preset: str | None, dtype, device: str, *, seed: int = 0,
                attn_implementation: str | None = None, trust_remote_code: bool = False,
-               rebuild_model_cache: bool = False):
+               rebuild_model_cache: bool = False, verify_model_cache: bool = False):
     """(model, tokenizer, model_id) through :func:`probe.loading.load`, its errors as CLI errors."""
     from .. import models
     from ..models.loading import load
@@ -106,7 +106,7 @@ def load_model(model: str | None, preset: str | None, dtype, device: str, *, see
     try:
         return tuple(load(model, preset=preset, dtype=dtype, device=device, seed=seed,
                           attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-                          rebuild_cache=rebuild_model_cache, progress=progress))
+                          rebuild_cache=rebuild_model_cache, verify_cache=verify_model_cache, progress=progress))
     except (ModelLoadError, models.ModelNotInstalledError) as exc:
         raise CLIError(str(exc)) from exc
 
@@ -140,7 +140,8 @@ def load_announced(args, dtype, device: str, label: str):
     loaded = load_model(args.model, args.preset, dtype, device, seed=getattr(args, "seed", 0),
                         attn_implementation=getattr(args, "attn_implementation", None),
                         trust_remote_code=getattr(args, "trust_remote_code", False),
-                        rebuild_model_cache=args.rebuild_model_cache)
+                        rebuild_model_cache=args.rebuild_model_cache,
+                        verify_model_cache=getattr(args, "verify_model_cache", False))
     model = loaded[0]
     progress(f"loaded in {time.perf_counter() - t:.1f}s: {type(model).__name__}, "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters")

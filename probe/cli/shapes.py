@@ -38,7 +38,8 @@ def main(args) -> int:
     else:  # a trained model known by name: its config and tokenizer from the converted folder
         spec = models.KNOWN_MODELS[target]
         try:
-            folder = str(models.converted_dir(spec, rebuild=args.rebuild_model_cache, progress=progress))
+            folder = str(models.converted_dir(spec, rebuild=args.rebuild_model_cache,
+                                                 verify=args.verify_model_cache, progress=progress))
         except models.ModelNotInstalledError as exc:
             raise CLIError(str(exc)) from exc
         target, title = folder, spec.model_id

@@ -50,7 +50,7 @@ def resolve(model: str | os.PathLike | None, preset: str | None = None) -> str |
 
 def load(model: str | os.PathLike | None = None, *, preset: str | None = None, dtype: Any = "float32",
          device: str = "cpu", seed: int = 0, attn_implementation: str | None = None,
-         trust_remote_code: bool = False, rebuild_cache: bool = False,
+         trust_remote_code: bool = False, rebuild_cache: bool = False, verify_cache: bool = False,
          progress: Callable[[str], None] | None = None) -> Loaded:
     """Load a model and its tokenizer, offline, with every check.
 
@@ -63,6 +63,7 @@ def load(model: str | os.PathLike | None = None, *, preset: str | None = None, d
         attn_implementation: ``eager``, ``sdpa``, ... (default: what transformers picks).
         trust_remote_code: allow custom model code from the folder.
         rebuild_cache: convert a known model's weights again into probe's model cache.
+        verify_cache: hash every file of a known model's cached folder (a damaged one is converted again).
         progress: called with a line for each slow stage (converting a known model).
     Returns:
         :class:`Loaded` ``(model, tokenizer, model_id)``, the model in eval mode on ``device``.
@@ -85,7 +86,7 @@ def load(model: str | os.PathLike | None = None, *, preset: str | None = None, d
     if isinstance(target, str):
         try:
             m, tok = models.load_named(target, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                                       rebuild_cache=rebuild_cache, progress=progress)
+                                       rebuild_cache=rebuild_cache, verify_cache=verify_cache, progress=progress)
         except models.ModelNotInstalledError:
             raise
         except (OSError, RuntimeError, ValueError, ImportError) as exc:

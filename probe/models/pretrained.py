@@ -13,7 +13,10 @@ first load converts it into a plain Hugging Face folder (``config.json``, the to
 ``model.safetensors`` de-quantized to float32) under the user's cache folder, keyed on the
 GGUF's sha256; later loads read that folder in about a second. The folder is built under a
 temporary name and renamed into place, so a killed conversion never leaves a half-written
-cache behind.
+cache behind. ``probe_model.json`` records the size and sha256 of every file written; a load
+checks each file once per identity (size, modification time, inode: a stamp kept beside them in
+``.probe_verified.json``), fully with ``verify=True`` (``--verify-model-cache``) or after the
+folder failed to load, and converts again where a file is missing, truncated or altered.
 
 Nothing here imports torch or transformers at module level.
 """
@@ -50,7 +53,10 @@ __all__ = [
 #: written last, so a folder without it is not a finished conversion.
 INFO_FILE = "probe_model.json"
 #: Layout version of a converted folder; bump it to make older caches be rebuilt.
-CACHE_FORMAT = 1
+#: 2: probe_model.json lists every file's size and sha256.
+CACHE_FORMAT = 2
+#: The identities (size, mtime, inode) of the files whose sha256 was last found right.
+VERIFIED_FILE = ".probe_verified.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,14 +261,69 @@ def _convert(spec: KnownModel, path: pathlib.Path, sha: str, out: pathlib.Path, 
         "cache_format": CACHE_FORMAT,
         "converted_in_s": round(time.perf_counter() - t0, 1),
     }
+    info["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": _file_sha256(f)}
+                     for f in sorted(out.iterdir()) if f.is_file() and f.name not in (INFO_FILE, VERIFIED_FILE)}
+    _write_stamps(out, {name: _identity(out / name) for name in info["files"]})  # just hashed: known right
     # written last: its presence marks a finished conversion
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def _identity(path: pathlib.Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _write_stamps(folder: pathlib.Path, stamps: dict[str, list[int]]) -> None:
+    from ..store.files import write_text
+
+    try:
+        write_text(folder / VERIFIED_FILE, json.dumps(stamps, sort_keys=True) + "\n")
+    except OSError as exc:  # a read-only cache is still usable: it is checked again next time
+        logger.debug("cannot record the verified files in %s: %s", folder, exc)
+
+
+def check_cache(folder: str | os.PathLike, *, full: bool = False) -> list[str]:
+    """What is wrong with a converted folder's files, one line each (empty: all as written).
+
+    Each file listed in ``probe_model.json`` must exist with its recorded size and sha256. A file
+    whose identity (size, mtime, inode) matches the stamp of its last good check is not hashed
+    again, unless ``full``.
+    """
+    folder = pathlib.Path(folder)
+    files = (read_info(folder) or {}).get("files")
+    if not isinstance(files, dict) or not files:
+        return [f"{INFO_FILE} lists no files (a cache of an older probe)"]
+    try:
+        stamps = json.loads((folder / VERIFIED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stamps = {}
+    stamps = stamps if isinstance(stamps, dict) else {}
+    problems, good = [], {}
+    for name, rec in files.items():
+        path = folder / name
+        if not isinstance(rec, dict) or os.sep in name or not path.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        ident = _identity(path)
+        if not full and stamps.get(name) == ident:
+            good[name] = ident
+            continue
+        if ident[0] != rec.get("bytes"):
+            problems.append(f"{name} holds {ident[0]:,} bytes where {rec.get('bytes')!r} were written")
+        elif _file_sha256(path) != rec.get("sha256"):
+            problems.append(f"{name} differs from what was written (its sha256 changed)")
+        else:
+            good[name] = ident
+    if not problems and good != stamps:
+        _write_stamps(folder, good)
+    return problems
 
 
 def converted_dir(
     spec: KnownModel,
     *,
     rebuild: bool = False,
+    verify: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> pathlib.Path:
     """The cached Hugging Face folder of a known model, converting the GGUF the first time.
@@ -270,6 +331,7 @@ def converted_dir(
     Args:
         spec: the known model (e.g. ``KNOWN_MODELS["smollm2-135m"]``).
         rebuild: convert again even if the cache holds the model.
+        verify: hash every file of the cached folder, not only those whose identity changed.
         progress: called with a line of text at each stage of a conversion (the CLI prints
             them); without it, the stages are logged at INFO level.
     Returns:
@@ -286,7 +348,12 @@ def converted_dir(
         sha = _file_sha256(path)
     final = cache_root() / _cache_key(spec, sha)
     if not rebuild and (final / INFO_FILE).is_file():
-        return final
+        problems = check_cache(final, full=verify)
+        if not problems:
+            return final
+        (progress or logger.warning)(f"the cached {spec.model_id} in {final} is damaged ({'; '.join(problems[:2])}); "
+                                     "converting it again")
+        rebuild = True
     if final.exists() and not rebuild:
         logger.warning("%s is incomplete; converting %s again", final, spec.model_id)
         rebuild = True

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .bundled import BUNDLED_ID, load_bundled
-from .model_folder import load_folder
+from .model_folder import ModelLoadError, load_folder
 from .precision import resolve_dtype
-from .pretrained import KNOWN_MODELS, SMOLLM2_135M, converted_dir, is_installed, read_info
+from .pretrained import KNOWN_MODELS, SMOLLM2_135M, check_cache, converted_dir, is_installed, read_info
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -74,6 +74,7 @@ def load_smollm2(
     *,
     attn_implementation: str | None = None,
     rebuild_cache: bool = False,
+    verify_cache: bool = False,
     progress: Callable[[str], None] | None = None,
     distribution: str = SMOLLM2_135M.distribution,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -93,6 +94,8 @@ def load_smollm2(
         device: device to put the model on.
         attn_implementation: optional attention backend for transformers.
         rebuild_cache: convert the GGUF again even if the cache holds it.
+        verify_cache: hash every cached file (each is otherwise hashed once per identity:
+            size, modification time, inode); a damaged cache is converted again.
         progress: called with a line of text at each stage of a conversion.
         distribution: the distribution that ships the GGUF (for tests and repackaging).
     Returns:
@@ -103,23 +106,38 @@ def load_smollm2(
     """
     spec = dataclasses.replace(SMOLLM2_135M, distribution=distribution)
     return _load_known(spec, dtype, device, attn_implementation=attn_implementation,
-                       rebuild_cache=rebuild_cache, progress=progress)
+                       rebuild_cache=rebuild_cache, verify_cache=verify_cache, progress=progress)
 
 
-def _load_known(spec, dtype, device, *, attn_implementation=None, rebuild_cache=False, progress=None):
-    """Load a known model from its converted folder (converting it first if needed)."""
+def _load_known(spec, dtype, device, *, attn_implementation=None, rebuild_cache=False, verify_cache=False,
+                progress=None):
+    """Load a known model from its converted folder (converting it first if needed). A folder
+    that fails to load is checked in full; where a file is damaged it is converted again once."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device=torch_device)
-    folder = converted_dir(spec, rebuild=rebuild_cache, progress=progress)
-    info = read_info(folder) or {}
     kwargs: dict[str, Any] = {"local_files_only": True}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+    folder = converted_dir(spec, rebuild=rebuild_cache, verify=verify_cache, progress=progress)
+    for attempt in (1, 2):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+            break
+        except Exception as exc:  # safetensors, JSON, tokenizer errors alike: is the cache to blame?
+            problems = check_cache(folder, full=True)
+            if attempt == 2 or not problems:
+                raise ModelLoadError(
+                    f"cannot load {spec.model_id} from its cache {folder}: {type(exc).__name__}: {exc}"
+                    + ("" if problems else " (its files are as they were written)")
+                    + "; run with --rebuild-model-cache (rebuild_cache=True) to convert it again") from exc
+            (progress or logger.warning)(f"the cached {spec.model_id} did not load ({'; '.join(problems[:2])}); "
+                                         "converting it again")
+            folder = converted_dir(spec, rebuild=True, progress=progress)
+    info = read_info(folder) or {}
     model.to(torch_device).eval()
     source = info.get("weights_source") or f"GGUF {spec.quantization}, de-quantized to float32"
     if torch_dtype != torch.float32:
@@ -137,6 +155,7 @@ def load_named(
     *,
     attn_implementation: str | None = None,
     rebuild_cache: bool = False,
+    verify_cache: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model by name: ``"smollm2-135m"`` (see :func:`load_smollm2`) or ``"tiny"``.
@@ -152,7 +171,7 @@ def load_named(
     if key not in KNOWN_MODELS:
         raise ValueError(f"unknown model name {name!r}; known names: {', '.join(MODEL_NAMES)}")
     return _load_known(KNOWN_MODELS[key], dtype, device, attn_implementation=attn_implementation,
-                       rebuild_cache=rebuild_cache, progress=progress)
+                       rebuild_cache=rebuild_cache, verify_cache=verify_cache, progress=progress)
 
 
 def load_model(
