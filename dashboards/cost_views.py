@@ -19,7 +19,7 @@ from probe import fmt
 from probe.reports.cost_view import COST_NOTE
 
 from . import data
-from .views import Context, show_chart, cached, show_table, md
+from .context import Context, cached, md, show_chart, show_table
 
 
 # --------------------------------------------------------------------------- roofline
