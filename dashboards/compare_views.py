@@ -1,5 +1,7 @@
-"""The dashboard's Saved comparison view: a folder written by ``probe compare --out``, listed
-as that comparison (never as a broken run), with its significance table and its page."""
+"""The dashboard's two comparison pages: Compare, any two loaded runs side by side (headline,
+blocks, the per-block difference and whether it is larger than the noise), and Saved comparison,
+a folder written by ``probe compare --out``, listed as that comparison (never as a broken run),
+with its significance table and its page."""
 
 from __future__ import annotations
 
@@ -8,12 +10,69 @@ from typing import Callable
 
 import streamlit as st
 
+from probe.analysis.run import block_summary
+from probe.reports import figures
+
 from . import data
-from .views import Context, cached, md, show_table
+from .context import Context, cached, md, named_headline, show_chart, show_table
 
 VIEW = "Saved comparison"
 #: the sidebar's pick of a saved comparison (session state key)
 PICK = "comparison"
+
+
+def compare(ctx: Context) -> None:
+    """Two runs side by side: headline, blocks, and the per-block difference."""
+    from probe.analysis.stats import differences
+    from probe.reports.diff import block_diff
+
+    pool = list(ctx.loaded)  # any readable run; the sidebar's picks are the defaults
+    if len(pool) < 2:
+        st.info("Compare needs two readable runs in the runs folder; record another with "
+                f"`probe run --out {ctx.runs_dir}/NAME`.")
+        return
+    picks = [n for n in ctx.selected if n in pool] + [n for n in pool if n not in ctx.selected]
+    for key, default in (("compare_a", picks[0]), ("compare_b", picks[1])):
+        if st.session_state.get(key) not in pool:  # first visit, or the run list changed
+            st.session_state[key] = default
+    c1, c2 = st.columns(2)
+    a = c1.selectbox("Run A", pool, key="compare_a")
+    b = c2.selectbox("Run B", pool, key="compare_b")
+    if a == b:
+        st.warning("Pick two different runs to compare.")
+    summaries = {}
+    for col, name, tag in ((c1, a, "a"), (c2, b, "b")):
+        run = data.apply_filters(ctx.loaded[name], ctx.filters)
+        with col:
+            st.subheader(md(name))
+            show_table(ctx.memo("headline", lambda: named_headline(run), runs=(name,)),
+                   f"compare_head_{tag}")
+            show_chart(ctx.memo("phase_blocks", lambda: figures.phase_blocks(run.calls, run.steps, by="block"), "block",
+                            runs=(name,)), f"compare_blocks_{tag}")
+        summaries[tag] = ctx.memo("summary", lambda: block_summary(run.calls, run.steps), runs=(name,))
+    for note in differences(ctx.loaded[a], ctx.loaded[b]):
+        st.info(md(f"Not like for like: {note}."))
+    level = st.radio("Compare by", ["block", "role", "module"], horizontal=True, key="compare_level")
+    sa, sb = (summaries[t][summaries[t]["level"] == level] for t in ("a", "b"))
+    show_chart(figures.compare_blocks(sa, sb, a, b), "compare_diff")
+    st.caption(f"Per {level} and phase: B - A and B / A of the self host ms (the rows never overlap)")
+    show_table(block_diff(sa, sb), "compare_table")
+    if a != b:
+        from probe.analysis.stats import significance
+        from probe.reports.compare import significance_table
+
+        ra = data.apply_filters(ctx.loaded[a], ctx.filters)
+        rb = data.apply_filters(ctx.loaded[b], ctx.filters)
+        sig = ctx.memo("significance", lambda: significance(ra, rb), a, b, runs=(a, b))
+        st.subheader("Is the difference larger than the noise?")
+        for tag, name in (("A", a), ("B", b)):
+            nb = ctx.memo("noise", lambda name=name: ctx.loaded[name].noise(), runs=(name,))
+            if nb.busy:
+                st.warning(f"{tag} ({md(name)}): {nb.message()}.", icon="⚠️")
+        st.caption("B slower by: B's mean over A's minus one (tok/s: A's over B's; positive is worse), with a 95% "
+                   "bootstrap interval; significant when the interval excludes 0 and a Mann-Whitney U test gives "
+                   "p < 0.05. `probe compare A B --fail-above PCT` turns this into a CI gate.")
+        show_table(significance_table(sig), "compare_significance")
 
 
 def label(comparisons: dict[str, Path], name: str) -> str:
@@ -98,4 +157,4 @@ def saved_comparison(ctx: Context) -> None:
                                                      if r.path is not None})
 
 
-VIEWS: dict[str, Callable[[Context], None]] = {VIEW: saved_comparison}
+VIEWS: dict[str, Callable[[Context], None]] = {"Compare": compare, VIEW: saved_comparison}

@@ -19,7 +19,7 @@ from probe import fmt
 from probe.reports.cost_view import COST_NOTE
 
 from . import data
-from .views import Context, show_chart, cached, show_table, md
+from .context import Context, cached, md, show_chart, show_table
 
 
 # --------------------------------------------------------------------------- roofline
@@ -31,7 +31,7 @@ def roofline_parts(run: probe.Run) -> dict:
     """
     from probe.analysis.roofline import bound_summary
     from probe.reports.cost_view import cost_view, roofline_figure
-    from probe.reports.html import roofline_table
+    from probe.reports.html_sections import roofline_table
     from probe.reports.tables import ranks
 
     view = cost_view(run)  # never raises, never measures: a missing piece becomes view.note

@@ -9,7 +9,7 @@ from typing import Callable
 import streamlit as st
 
 from . import data
-from .views import Context, show_chart, show_table, md
+from .context import Context, md, show_chart, show_table
 
 
 def _split(run):

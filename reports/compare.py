@@ -28,7 +28,7 @@ from probe.analysis.stats import differences
 
 from . import figures
 from .diff import block_diff
-from .html import Page, esc, format_cell, table_html
+from .html_page import Page, esc, format_cell, table_html
 
 if TYPE_CHECKING:  # pragma: no cover
     from probe.analysis.run import Run

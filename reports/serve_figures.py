@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from .figures import PHASE_COLORS, floats, base_figure, empty_figure, plot_text
+from .figure_base import PHASE_COLORS, base_figure, empty_figure, floats, plot_text
 
 #: most requests drawn in the timeline (the earliest arrivals)
 MAX_REQUESTS = 400

@@ -1,6 +1,6 @@
 """The report of a ``probe sweep`` folder: one offline HTML page and its CSV tables.
 
-Built with the same page machinery as the run report (:class:`reports.html.Page`): plotly.js
+Built with the same page machinery as the run report (:class:`reports.html_page.Page`): plotly.js
 inlined once, a Content-Security-Policy that admits only the page's own scripts, fixed element
 ids (``sweep-prefill``, ``sweep-decode``, ``sweep-throughput``), every string from the sweep
 escaped, and nothing that depends on the clock: two builds from one folder are byte-identical.
@@ -19,7 +19,7 @@ import pandas as pd
 from probe.store import replace_atomically, write_text
 
 from . import cost_figures
-from .html import Page, esc, format_cell, table_html
+from .html_page import Page, esc, format_cell, table_html
 
 #: (element id, section title, builder) of the sweep page's figures, in page order
 SWEEP_FIGURES = (

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 from probe.analysis import accounting
 from probe.schema import ROLES, Phase
 
-from .figures import HEIGHT, TEMPLATE, floats, empty_figure, plot_text
+from .figure_base import HEIGHT, TEMPLATE, empty_figure, floats, plot_text
 
 #: one colour per role family, so the same kind of work looks the same everywhere in the tree
 ROLE_COLORS = {

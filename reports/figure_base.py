@@ -1,0 +1,76 @@
+"""What every figure builder shares: the look (template, height, phase and run colours), text
+that plotly shows literally, the "no data" figure, and the binning that caps a trace's points.
+
+The builders themselves live by subject (:mod:`reports.block_figures`,
+:mod:`reports.breakdown_figures`, :mod:`reports.timeline_figures`, :mod:`reports.tree_figures`,
+:mod:`reports.serve_figures`) and are gathered in :mod:`reports.figures`.
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from probe.schema import PHASES
+
+#: most points per line/scatter trace; longer series are averaged in consecutive bins
+MAX_POINTS = 2000
+
+HEIGHT = 420
+TEMPLATE = "plotly_white"
+PHASE_COLORS = {"prefill": "#1f77b4", "decode": "#ff7f0e", "extend": "#2ca02c", "recompute": "#9467bd",
+                "forward": "#7f7f7f", "mixed": "#d62728"}
+RUN_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+              "#bcbd22", "#17becf", "#393b79", "#637939"]
+
+
+def plot_text(value: object) -> str:
+    """``value`` as text that plotly shows literally (its pseudo-HTML is escaped)."""
+    return html.escape(str(value), quote=False)
+
+
+def base_figure(title: str, xtitle: str = "", ytitle: str = "") -> go.Figure:
+    """An empty figure in the reports' template, size, margins and legend place."""
+    fig = go.Figure()
+    fig.update_layout(title={"text": title}, template=TEMPLATE, height=HEIGHT, xaxis_title=xtitle,
+                      yaxis_title=ytitle, margin={"l": 60, "r": 30, "t": 60, "b": 60},
+                      legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def empty_figure(title: str, message: str = "no data recorded") -> go.Figure:
+    """A figure with ``title`` and a centred ``message`` instead of data."""
+    fig = base_figure(title)
+    fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False})
+    fig.add_annotation(text=plot_text(message), x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font={"size": 16})
+    return fig
+
+
+def phases_in(frame: pd.DataFrame) -> list[str]:
+    """The phases present in ``frame``, the known ones in their order, then any others sorted."""
+    present = set(frame["phase"].dropna().unique())
+    return [p for p in PHASES if p in present] + sorted(present - set(PHASES))
+
+
+def bin_index(n: int, max_points: int) -> np.ndarray:
+    """Bin index of each of ``n`` consecutive points so at most ``max_points`` bins remain."""
+    width = max(1, -(-n // max_points))
+    return np.arange(n) // width
+
+
+def binned(df: pd.DataFrame, x: str, ys: list[str], max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """``df`` (sorted by ``x``) with consecutive rows averaged down to ``max_points`` rows."""
+    if len(df) <= max_points:
+        return df[[x, *ys]].reset_index(drop=True)
+    b = bin_index(len(df), max_points)
+    g = df[[x, *ys]].groupby(b, sort=True)
+    return g.mean().reset_index(drop=True)
+
+
+def floats(values: pd.Series) -> np.ndarray:
+    """A float64 numpy array (nullable columns' NA -> NaN), which plotly stores compactly."""
+    return pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
