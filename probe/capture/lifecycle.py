@@ -310,7 +310,7 @@ class Probe:
         if rec.gen_run is None:
             rec.resolve_events()
         if self._facts is None:
-            from ..analysis.frames import model_facts
+            from ..analysis.facts import model_facts
 
             self._facts = model_facts(self.model, self.model_id, rec.cuda_device, rec.modules)
         return rec.records(depth=self.depth, compiled=self.compiled, calibration=dict(self._calibration),
