@@ -2,7 +2,8 @@
 
 :class:`Probe` installs what records a model — a forward wrapper on each recorded module
 (:mod:`probe.recording.hotpath`), a wrapper of the root forward that opens and closes steps, and a
-``generate`` marker — all owned by one ``ExitStack``, and removes them on every path. What the
+``generate`` marker (:mod:`probe.capture.install`) — all owned by one ``ExitStack``, and removes
+them on every path. What the
 wrappers record lives in a :class:`probe.recorder.Recorder`; frames are built from its frozen
 :class:`probe.recorder.Records`.
 """
@@ -15,7 +16,7 @@ import logging
 import threading
 import warnings
 import weakref
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -23,11 +24,14 @@ from torch import nn
 from ..recording import hotpath, noise
 from ..recording.discovery import ModuleInfo, select_modules
 from ..recording.distributed import OffloadClock, placements, world
-from ..recording.generation import generation_settings, inputs_of
 from ..recording.recorder import Recorder
 from ..recording.sampling import SamplingRecorder
 from ..recording.serving import ServingObserver
 from ..schema import DEPTHS, Depth
+from .install import (COMPILED_ADVICE, CompiledModelWarning, calibrate, cuda_device_of, has_cuda_tensors,
+                      mark_generate, wrapper_factory)
+
+__all__ = ["CompiledModelWarning", "Probe", "ProbeError", "attach", "detach", "probe_of"]
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +46,6 @@ _LOCK = threading.RLock()  # attach/detach from several threads, each on its own
 
 class ProbeError(RuntimeError):
     """A misuse of the probe, with a message that says what to do."""
-
-
-class CompiledModelWarning(UserWarning):
-    """Part of the model ran as compiled code, where per-block wrappers do not run as written."""
-
-
-_COMPILED_ADVICE = (
-    "per-block records are missing for steps that ran compiled code (torch.compile traces the "
-    "model's forward into its graph instead of running the probe's wrappers); step-level timing "
-    "(forward, outside, TTFT, TPOT) is still measured. For per-block cost, profile the eager model "
-    "(e.g. generate(..., disable_compile=True)); compare its step times with the compiled run's."
-)
 
 
 def probe_of(model: nn.Module) -> "Probe | None":
@@ -137,7 +129,7 @@ class Probe:
             warnings.warn(
                 f"probe: {type(orig).__name__} is wrapped by torch.compile; the probe records the "
                 f"original module. Its generate() runs the eager model; direct calls of the compiled "
-                f"module run compiled code, for which {_COMPILED_ADVICE}",
+                f"module run compiled code, for which {COMPILED_ADVICE}",
                 CompiledModelWarning,
                 stacklevel=3,
             )
@@ -171,9 +163,9 @@ class Probe:
                 )
         uses_cuda = self._cuda_timing
         if uses_cuda is None:
-            uses_cuda = torch.cuda.is_available() and _has_cuda_tensors(model)
+            uses_cuda = torch.cuda.is_available() and has_cuda_tensors(model)
         track = self._track_memory if self._track_memory is not None else bool(uses_cuda)
-        device = _cuda_device_of(model) if uses_cuda else None
+        device = cuda_device_of(model) if uses_cuda else None
         self._offload = OffloadClock.install(model)
         if self._offload is not None:
             self._stack.callback(self._offload.remove)  # the clock object stays: its records too
@@ -188,7 +180,7 @@ class Probe:
         serving = ServingObserver(rec, keep_cuda_graphs=self.cuda_graphs)
         # last: the CPU-time and run-queue reads are the closest to the run's clock (real clock only)
         rec.observers += [sampling, serving] + ([noise.RunCpu()] if not rec.injected_clock else [])
-        make_for = _wrapper_factory(rec, self._clock)
+        make_for = wrapper_factory(rec, self._clock)
         self._register(model)
         self._stack.callback(self._unregister)
         root = hotpath.install_forward(model, functools.partial(hotpath.root_wrapper, rec), "")
@@ -200,26 +192,10 @@ class Probe:
             self._stack.callback(fwd.remove)
             rec.modules.append(info)
             self._register(mod)
-        self._patch_generate(model, rec)
+        mark_generate(model, rec, self._forwards, self._stack)
         serving.install(model, self._stack)
-        self._calibration = self._calibrate(rec, device)
+        self._calibration = calibrate(rec, device, self._clock)
         self._attached = True
-
-    def _calibrate(self, rec: Recorder, device) -> dict:
-        """The wrappers' own cost per call, measured now with a throwaway recorder of the same kind."""
-        if self._clock is not None:  # an injected clock: the instrument costs nothing on it
-            return {"call_ns": 0.0, "inside_ns": 0.0, "method": "injected clock"}
-        probe_rec = Recorder(rank=0, decode_stride=1, max_steps=None, cuda_device=rec.cuda_device,
-                             track_memory=rec.track_memory, offload_total=rec.offload_total)
-        make_for = _wrapper_factory(probe_rec, None)
-        try:
-            cal = hotpath.calibrate(lambda fn, cols: make_for(0)(fn), lambda: probe_rec.cols, device=device or "cpu")
-        except Exception:  # calibration must never cost the user their attach
-            log.warning("probe: could not measure the wrappers' own cost; none is subtracted", exc_info=True)
-            return {"call_ns": 0.0, "inside_ns": 0.0, "method": "failed"}
-        cal["method"] = "min of interleaved rounds, wrapped vs bare identity module, at attach"
-        cal["native"] = hotpath.C is not None and not rec.needs_full_wrappers and not rec.injected_clock
-        return cal
 
     def _register(self, mod: nn.Module) -> None:
         _ACTIVE[mod] = weakref.ref(self)
@@ -256,49 +232,6 @@ class Probe:
 
     def __exit__(self, *exc) -> None:
         self.detach()
-
-    # ------------------------------------------------------------------ generate marker
-    def _patch_generate(self, model: nn.Module, rec: Recorder) -> None:
-        gen = getattr(model, "generate", None)
-        if gen is None or not callable(gen):
-            return
-        had = "generate" in model.__dict__
-        original = model.__dict__.get("generate", gen)
-        forwards = self._forwards
-
-        @functools.wraps(original)
-        def generate(*args, **kwargs):
-            try:
-                hotpath.check_forwards(forwards)
-                rec.begin_generate(*inputs_of(args, kwargs), generation_settings(model, kwargs))
-            except Exception:  # the probe's own failure must never cost the user their generate
-                log.warning("probe: could not mark the start of generate(); its forwards are "
-                            "recorded as plain forwards", exc_info=True)
-                rec.abandon_generate()
-                return original(*args, **kwargs)
-            try:
-                out = original(*args, **kwargs)
-            except BaseException as exc:
-                _end_quietly(rec, None, f"failed: {type(exc).__name__}: {exc}")
-                raise
-            run = _end_quietly(rec, out, "ok")
-            n = sum(1 for st in run.steps if st.compiled) if run is not None else 0
-            if n:
-                warnings.warn(f"probe: {n} of {len(run.steps)} steps of this generate() ran compiled code: "
-                              f"{_COMPILED_ADVICE}", CompiledModelWarning, stacklevel=2)
-            return out
-
-        generate.__probe_wrapper__ = True  # type: ignore[attr-defined]
-        model.__dict__["generate"] = generate
-
-        def unpatch() -> None:
-            if model.__dict__.get("generate") is generate:
-                if had:
-                    model.__dict__["generate"] = original
-                else:
-                    del model.__dict__["generate"]
-
-        self._stack.callback(unpatch)
 
     # ------------------------------------------------------------------ results
     @property
@@ -389,23 +322,6 @@ class Probe:
         return f"<probe.Probe {state} depth={self.depth!r} modules={len(self.modules)} calls={n} runs={runs}>"
 
 
-def _wrapper_factory(rec: Recorder, clock: Callable[[], int] | None) -> Callable[[int], Callable[[Callable], Callable]]:
-    """``make_for(module index)(forward)``: the wrapper that records that module into ``rec``."""
-    if rec.needs_full_wrappers:
-        return lambda idx: lambda fn: hotpath.full_wrapper(fn, rec.cols, rec.intern_for(idx), clock,
-                                                           rec.extras.call_begin, rec.extras.call_end)
-    return lambda idx: lambda fn: hotpath.cpu_wrapper(fn, rec.cols, rec.intern_for(idx), clock)
-
-
-def _end_quietly(rec: Recorder, out: Any, status: str):
-    try:
-        return rec.end_generate(out, status)
-    except Exception:  # keep the user's result (or their exception) whatever happens here
-        log.warning("probe: could not close the record of this generate()", exc_info=True)
-        rec.abandon_generate()
-        return None
-
-
 def attach(
     model: nn.Module,
     depth: Depth = "blocks",
@@ -452,14 +368,3 @@ def attach(
         max_steps=max_steps, model_id=model_id, rank=rank, clock=clock, cuda_graphs=cuda_graphs,
     )
     return p._attach()
-
-
-def _has_cuda_tensors(model: nn.Module) -> bool:
-    return any(t.is_cuda for t in model.parameters()) or any(t.is_cuda for t in model.buffers())
-
-
-def _cuda_device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        if t.is_cuda:
-            return t.device
-    return torch.device("cuda", torch.cuda.current_device())
