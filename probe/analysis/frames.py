@@ -16,7 +16,7 @@ import pandas as pd
 from .. import schema
 from . import tree
 from ..dtypes import dtype_name, itemsize
-from ..recording.sampling import sampling_frame
+from ..recording.stages import sampling_frame
 from ..schema import CALLS, REQUESTS, RUNS, STEPS, BLOCK_ROLES
 
 if TYPE_CHECKING:  # pragma: no cover
