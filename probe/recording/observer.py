@@ -4,8 +4,9 @@ The recorder (:mod:`probe.recording.recorder`) owns runs and steps; everything e
 the sampling stages of a generate call (:mod:`probe.recording.sampling`), the continuous-batching loop
 (:mod:`probe.recording.serving`), the process CPU time and run-queue wait of a run (:mod:`probe.recording.noise`) —
 is kept by an observer the probe registers with it. Each method below is called at one fixed
-point of the recorder's state machine, so an observer's own clock reads always fall where the
-recorder's timing expects them. Begin-type calls go to the observers in registration order,
+point of the recorder's state machine, outside the windows the recorder times: begin-type
+hooks before a run's or step's clock starts, end-type hooks after it stopped, so an observer's
+bookkeeping never lands in a forward's or a run's time. Begin-type calls go to the observers in registration order,
 end-type calls in reverse order (as nested context managers close), so the last observer
 registered reads its clocks closest to the run's or step's own.
 
@@ -47,11 +48,13 @@ class Observer:
     def shape(self, step: "StepRec") -> None:
         """Set ``phase``, ``q_len``, ``kv_len`` and ``batch`` of a step in a claimed run."""
 
-    def step_begin(self, step: "StepRec", opening_ns: int) -> None:
-        """A step's clock started; ``opening_ns`` of probe work opened it (CUDA events)."""
+    def step_begin(self, step: "StepRec") -> None:
+        """A step is about to start: it has its run, index and shape; its clock has not started
+        (``step.opened``: when the probe began opening it)."""
 
     def step_end(self, step: "StepRec", kwargs: dict, out: Any, error: BaseException | None) -> None:
-        """A step's forward returned (or raised ``error``) and the step joined its run."""
+        """A step's forward returned (or raised ``error``), its clock stopped and the step
+        joined its run."""
 
     def busy(self) -> bool:
         """Something of this observer's is running (records cannot be cleared now)."""
@@ -69,7 +72,7 @@ class StepRec:
     """One forward of the root model (host-side facts; CUDA events resolved later)."""
 
     __slots__ = (
-        "run", "index", "phase", "q_len", "kv_len", "batch", "t0", "t1", "call0", "call1",
+        "run", "index", "phase", "q_len", "kv_len", "batch", "opened", "t0", "t1", "call0", "call1",
         "ev0", "ev1", "gpu_ms", "kv_bytes", "mem_peak", "kept", "compiled", "cpu0", "cpu_ns", "status",
         "serve", "paged_bytes", "owner",
     )
@@ -79,6 +82,7 @@ class StepRec:
         self.index = run.n_steps_seen
         run.n_steps_seen += 1
         self.owner: Observer | None = None  # the observer whose run claimed this forward
+        self.opened: int | None = None  # the clock when the probe began opening it (before t0)
         self.ev0 = self.ev1 = None
         self.gpu_ms = math.nan
         self.kv_bytes: int | None = None

@@ -238,9 +238,7 @@ class Recorder:
         self.root_depth += 1
         if self.root_depth > 1:
             return
-        t0 = self.now()
-        # CPU time goes beside wall time only on the real clock: an injected clock has no CPU time
-        cpu0 = time.process_time_ns() if not self.injected_clock else None
+        opened = self.now()
         owner = run = None
         for o in self.observers:
             run = o.claim()
@@ -249,10 +247,11 @@ class Recorder:
                 break
         if run is None:
             run = self.gen_run if self.gen_run is not None else self._open_forward
-        if run is None:
+        fresh = run is None
+        if fresh:
             run = self._open_forward = self.new_run("forward")
-            run.t_enter = t0
         s = StepRec(run)
+        s.opened = opened
         s.owner = owner
         if owner is not None:
             owner.shape(s)
@@ -264,14 +263,17 @@ class Recorder:
             s.q_len, s.kv_len, s.batch = q_len, kv_len, batch
         s.call0 = len(self.cols)
         s.kept = self._keep(s)
-        s.cpu0 = cpu0
         self._cur_step = s
+        for o in self.observers:
+            o.step_begin(s)  # before the clock starts: their bookkeeping is the probe's, not the forward's
         self.cols.recording = s.kept
         if self.uses_cuda:
             s.ev0 = self.extras.step_begin(run)
-        s.t0 = self.now() if self.uses_cuda else t0
-        for o in self.observers:
-            o.step_begin(s, s.t0 - t0)
+        # CPU time goes beside wall time only on the real clock: an injected clock has no CPU time
+        s.cpu0 = time.process_time_ns() if not self.injected_clock else None
+        s.t0 = self.now()
+        if fresh:
+            run.t_enter = s.t0  # a stretch of plain forwards starts with its first forward
 
     def step_end(self, kwargs: dict, out: Any, error: BaseException | None = None) -> None:
         """After a root forward (also when it raised, KeyboardInterrupt included)."""

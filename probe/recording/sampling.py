@@ -17,7 +17,7 @@ wrapped on the instance for the call): ``_update_model_kwargs_for_generation`` (
 kwargs``: carrying the cache, attention mask and positions over to the next step) and
 ``prepare_inputs_for_generation`` (``prepare inputs``: slicing the next forward's inputs).
 The probe's own bookkeeping of the step that falls outside the forward (closing the step,
-reading the cache size; on CUDA also opening the next step) is the stage ``probe``.
+reading the cache size, the observers' bookkeeping, opening the next step) is the stage ``probe``.
 Everything else outside the model until the next forward (the scores copy, softmax +
 multinomial or argmax, appending the token, generate's bookkeeping, and the few microseconds
 per stage the timing itself costs) is the ``remainder``, so a step's stages add up to its
@@ -60,7 +60,7 @@ WRAPPED = ("_get_logits_processor", "_get_stopping_criteria", "_get_candidate_ge
 class _RunRec:
     """The stage records of one generate call: one entry per timed call, columnar."""
 
-    __slots__ = ("run_id", "stages", "stage_ids", "step", "c_step", "c_stage", "c_ns", "c_ev", "ev_ms")
+    __slots__ = ("run_id", "stages", "stage_ids", "step", "c_step", "c_stage", "c_ns", "c_ev", "ev_ms", "own_at")
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
@@ -72,6 +72,7 @@ class _RunRec:
         self.c_ns = array("q")
         self.c_ev = array("i")  # index into ev_ms, -1 without CUDA
         self.ev_ms = array("d")
+        self.own_at = -1  # the entry of the probe's own bookkeeping after the last forward, if any
 
     def stage_id(self, kind: str, pos: int, name: str) -> int:
         key = (kind, pos, name)
@@ -109,12 +110,11 @@ class SamplingRecorder(Observer):
     def stop(self, reason: str) -> None:
         self.end()
 
-    def step_begin(self, step: Any, opening_ns: int) -> None:
-        if step.run.kind == "generate":
-            self.own(opening_ns)  # opening this step (CUDA events), outside the previous step's forward
-
     def step_end(self, step: Any, kwargs: dict, out: Any, error: BaseException | None) -> None:
         if step.run.kind == "generate":
+            # opening this step (before its clock) was the probe's work after the previous forward
+            if step.opened is not None:
+                self.own(step.t0 - step.opened)
             # sampling calls from here to the next forward belong to this step; so does this bookkeeping
             self.step(step.index, self.now() - step.t1)
 
@@ -146,6 +146,11 @@ class SamplingRecorder(Observer):
         cur = self._cur
         if cur is None or cur.step < 0 or ns <= 0:
             return
+        at = cur.own_at
+        if at >= 0 and cur.c_step[at] == cur.step:  # closing a step and opening the next: one stage call
+            cur.c_ns[at] += ns
+            return
+        cur.own_at = len(cur.c_ns)
         cur.c_step.append(cur.step)
         cur.c_stage.append(cur.stage_id(PROBE, 0, PROBE))
         cur.c_ns.append(ns)
