@@ -1,10 +1,11 @@
 """`probe.attach(model)`: the probe's lifecycle.
 
 :class:`Probe` installs what records a model — a forward wrapper on each recorded module
-(:mod:`probe.recording.hotpath`), a wrapper of the root forward that opens and closes steps, and a
-``generate`` marker (:mod:`probe.capture.install`) — all owned by one ``ExitStack``, and removes
-them on every path. What the
-wrappers record lives in a :class:`probe.recorder.Recorder`; frames are built from its frozen
+(:mod:`probe.recording.hotpath`), a wrapper of the root forward that opens and closes steps, a
+``generate`` marker (:mod:`probe.capture.install`) and whatever its observers put on the model
+(the defaults of :mod:`probe.recording.defaults` and a caller's own) — all owned by one
+``ExitStack``, and removes them on every path. What the wrappers record lives in a
+:class:`probe.recorder.Recorder` and its observers; frames are built from its frozen
 :class:`probe.recorder.Records`.
 """
 
@@ -16,17 +17,18 @@ import logging
 import threading
 import warnings
 import weakref
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..recording import hotpath, noise
+from ..analysis.observed import check_declarations
+from ..recording import hotpath
+from ..recording.defaults import default_observers
 from ..recording.discovery import ModuleInfo, select_modules
 from ..recording.distributed import OffloadClock, placements, world
+from ..recording.observer import Observer
 from ..recording.recorder import Recorder
-from ..recording.sampling import SamplingRecorder
-from ..recording.serving import ServingObserver
 from ..schema import DEPTHS, Depth
 from .install import (COMPILED_ADVICE, CompiledModelWarning, calibrate, cuda_device_of, has_cuda_tensors,
                       mark_generate, wrapper_factory)
@@ -85,6 +87,7 @@ class Probe:
         rank: int | None = None,
         clock: Callable[[], int] | None = None,
         cuda_graphs: bool = False,
+        observers: Iterable[Observer] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -99,6 +102,12 @@ class Probe:
             raise ValueError(f"max_steps must be None or an int >= 1; got {max_steps!r}")
         if clock is not None and not callable(clock):
             raise TypeError("clock must be a callable returning integer nanoseconds, like time.perf_counter_ns")
+        observers = list(observers)
+        for o in observers:
+            if not isinstance(o, Observer):
+                raise TypeError(f"observers must be instances of probe.recording.observer.Observer subclasses; "
+                                f"got {type(o).__name__}")
+            check_declarations(type(o))
         self.model = model
         self.depth = depth
         self.decode_stride = int(decode_stride)
@@ -110,6 +119,7 @@ class Probe:
         self._track_memory = track_memory
         self._clock = clock
         self.cuda_graphs = bool(cuda_graphs)
+        self._extra_observers = observers
         self._attached = False
         self._stack = contextlib.ExitStack()
         self._forwards: list[hotpath.InstalledForward] = []
@@ -175,11 +185,6 @@ class Probe:
             now=self._clock,
         )
         rec.placements = placements(model, [(info.name, mod) for mod, info in selected])
-        sampling = SamplingRecorder(model, now=rec.now)
-        self._stack.callback(sampling.end)  # its generate-time wrappers go on every path
-        serving = ServingObserver(rec, keep_cuda_graphs=self.cuda_graphs)
-        # last: the CPU-time and run-queue reads are the closest to the run's clock (real clock only)
-        rec.observers += [sampling, serving] + ([noise.RunCpu()] if not rec.injected_clock else [])
         make_for = wrapper_factory(rec, self._clock)
         self._register(model)
         self._stack.callback(self._unregister)
@@ -193,7 +198,10 @@ class Probe:
             rec.modules.append(info)
             self._register(mod)
         mark_generate(model, rec, self._forwards, self._stack)
-        serving.install(model, self._stack)
+        for o in default_observers(real_clock=not rec.injected_clock, cuda_graphs=self.cuda_graphs,
+                                   extra=self._extra_observers):
+            rec.observers.append(o)
+            o.install(model, rec, self._stack)  # what it puts on the model is undone on every path
         self._calibration = calibrate(rec, device, self._clock)
         self._attached = True
 
@@ -334,6 +342,7 @@ def attach(
     rank: int | None = None,
     clock: Callable[[], int] | None = None,
     cuda_graphs: bool = False,
+    observers: Iterable[Observer] = (),
 ) -> Probe:
     """Record every call of ``model``'s blocks, step by step, until detached.
 
@@ -356,6 +365,9 @@ def attach(
             replays CUDA graphs by default on CUDA, and a replay runs none of the probe's
             wrappers; the probe turns them off while attached (stated in the run). ``True``
             keeps them: serving steps are then timed as a whole, without block records.
+        observers: observers of your own (subclasses of
+            :class:`probe.recording.observer.Observer`), told of every run and step beside the
+            probe's own; each keeps its records and adds its declared columns to the frames.
     Returns:
         The attached :class:`Probe`; use it as a context manager or call ``detach()``.
     Raises:
@@ -366,5 +378,6 @@ def attach(
     p = Probe(
         model, depth, cuda_timing=cuda_timing, track_memory=track_memory, decode_stride=decode_stride,
         max_steps=max_steps, model_id=model_id, rank=rank, clock=clock, cuda_graphs=cuda_graphs,
+        observers=observers,
     )
     return p._attach()

@@ -3,10 +3,12 @@
 It owns everything a recording is made of — runs (one per ``generate()`` call, or a stretch of
 plain forwards), steps (one per root forward, with its phase decided from shapes alone), the
 call columns the hot path appends to, interned shape signatures, the CUDA event pool and the
-allocator-counter stack (:mod:`probe.recording.extras`) — and hands a plain frozen :class:`Records` to the frame builder. It
-knows nothing about how it is attached to a model (that is :mod:`probe.capture.lifecycle`), nor about
-what its observers (:mod:`probe.recording.observer`: sampling stages, serving loops, CPU time and
-run-queue wait) keep beside it; it tells them when runs and steps begin and end.
+allocator-counter stack (:mod:`probe.recording.extras`) — and hands a plain frozen
+:class:`Records` to the frame builder. It knows nothing about how it is attached to a model
+(that is :mod:`probe.capture.lifecycle`), nor about what its observers keep beside it: it knows
+only their interface (:mod:`probe.recording.observer`), tells them when runs and steps begin
+and end — outside the windows it times — and hands each one's frozen records on in
+``Records.observed``.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class Records:
     env: dict = field(default_factory=dict)
     config: dict | None = None
     costs: dict | None = None  # probe.cost.module_costs of the recorded modules
-    sampling: dict = field(default_factory=dict)  # run id -> probe.sampling stage records
+    #: per registered observer, in order: (its class, its frozen records), for its own frames
+    observed: tuple = ()
 
 
 class Recorder:
@@ -82,6 +85,7 @@ class Recorder:
         self._gen_depth = 0
         self.root_depth = 0
         self._cur_step: StepRec | None = None
+        self._cur_owner: Observer | None = None  # the observer that claimed the open step, if one did
         self._run_counter = 0
         self._run_prefix = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{id(self) & 0xFFFF:04x}"
         self.observers: list[Observer] = []  # told of run and step boundaries (probe.observer)
@@ -227,7 +231,7 @@ class Recorder:
         self.version += 1
 
     def _reset_step_state(self) -> None:
-        self._cur_step = None
+        self._cur_step = self._cur_owner = None
         self.root_depth = 0
         self.extras.reset()
         self.cols.recording = True
@@ -252,7 +256,6 @@ class Recorder:
             run = self._open_forward = self.new_run("forward")
         s = StepRec(run)
         s.opened = opened
-        s.owner = owner
         if owner is not None:
             owner.shape(s)
         else:
@@ -263,7 +266,7 @@ class Recorder:
             s.q_len, s.kv_len, s.batch = q_len, kv_len, batch
         s.call0 = len(self.cols)
         s.kept = self._keep(s)
-        self._cur_step = s
+        self._cur_step, self._cur_owner = s, owner
         for o in self.observers:
             o.step_begin(s)  # before the clock starts: their bookkeeping is the probe's, not the forward's
         self.cols.recording = s.kept
@@ -284,6 +287,7 @@ class Recorder:
             return
         t1 = self.now()
         s, self._cur_step = self._cur_step, None
+        owner, self._cur_owner = self._cur_owner, None
         if s is None:
             return
         s.t1 = t1
@@ -300,7 +304,7 @@ class Recorder:
             s.call1 = len(self.cols)
             if s.call1 == s.call0 and self.modules and error is None:
                 s.compiled = True  # the forward ran, the block wrappers did not: compiled code
-            if error is None and s.owner is None:  # a claimed step's cache is its owner's to read
+            if error is None and owner is None:  # a claimed step's cache is its owner's to read
                 try:
                     s.kv_bytes = cache_bytes(find_cache(kwargs, out))
                 except Exception:  # an exotic cache must never break the user's forward
@@ -353,8 +357,7 @@ class Recorder:
         n = len(self.cols)
         t0b, t1b, sigb, innerb = self.cols.columns()
         gpu, mem, off = self.extras.arrays(n)
-        for o in self.observers:
-            facts.update(o.records())  # e.g. sampling=
+        observed = tuple((type(o), o.records()) for o in self.observers)
         return Records(
             t0=np.frombuffer(t0b, dtype=np.int64, count=n),
             t1=np.frombuffer(t1b, dtype=np.int64, count=n),
@@ -362,7 +365,7 @@ class Recorder:
             inner=np.frombuffer(innerb, dtype=np.int32, count=n),
             msigs=list(self.msigs), sigs=list(self.sigs), modules=list(self.modules),
             placements=list(self.placements), runs=list(self.runs), gpu_ms=gpu, mem=mem, offload_ns=off,
-            rank=self.rank, decode_stride=self.decode_stride, max_steps=self.max_steps, **facts,
+            rank=self.rank, decode_stride=self.decode_stride, max_steps=self.max_steps, observed=observed, **facts,
         )
 
 

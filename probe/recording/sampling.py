@@ -30,8 +30,9 @@ candidate generator's ``get_candidates`` (the assistant model's own generate, or
 lookup) is the stage ``candidates``; the first candidates, drawn before the first forward, are
 generate's setup (in TTFT), not a step's.
 
-The stage records become the ``sampling`` frame in :mod:`probe.recording.stages` (with pandas).
-Torch and transformers are imported when a generate call is recorded.
+The observer keeps its stage records per generate call and builds the ``sampling`` frame from
+them (:mod:`probe.recording.stages`, with pandas). Torch and transformers are imported when a
+generate call is recorded.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ import time
 from array import array
 from typing import Any, Callable
 
-from .observer import Observer
-from .stages import CANDIDATES, PREPARE_INPUTS, PROBE, PROCESSOR, STOPPING, UPDATE_KWARGS
+from .observer import Contribution, Observer
+from .stages import CANDIDATES, PREPARE_INPUTS, PROBE, PROCESSOR, STOPPING, UPDATE_KWARGS, sampling_frame
 from .stages import stage_means, stage_summary  # noqa: F401 - the summaries, where readers have found them
+from ..schema import SAMPLING
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +90,12 @@ class SamplingRecorder(Observer):
 
     An observer of the recorder (:mod:`probe.recording.observer`): :meth:`begin` when a generate call
     starts, :meth:`step` when each of its forwards ends, :meth:`end` when it returns (or fails,
-    or the probe detaches).
+    or the probe detaches). Builds the ``sampling`` frame from its own records.
     """
 
-    def __init__(self, model: Any, now: Callable[[], int] | None = None) -> None:
+    builds = {"sampling": SAMPLING}
+
+    def __init__(self, model: Any = None, now: Callable[[], int] | None = None) -> None:
         self.model = model
         self.now = now or _now  # the recorder's clock: stages and steps must share it
         self.runs: dict[str, _RunRec] = {}
@@ -101,6 +105,11 @@ class SamplingRecorder(Observer):
         self._pool: list = []
 
     # ------------------------------------------------------------------ the recorder's observer
+    def install(self, model: Any, recorder: Any, stack: Any) -> None:
+        self.model = model
+        self.now = recorder.now
+        stack.callback(self.end)  # its generate-time wrappers go on every path
+
     def run_begin(self, run: Any) -> None:
         self.begin(run.run_id)  # times generate's processors, stopping checks, ...
 
@@ -119,7 +128,11 @@ class SamplingRecorder(Observer):
             self.step(step.index, self.now() - step.t1)
 
     def records(self) -> dict:
-        return {"sampling": dict(self.runs)}
+        return dict(self.runs)
+
+    @classmethod
+    def frames(cls, records: Any, *, calls: Any, steps: Any, runs: Any, rank: int) -> Contribution:
+        return Contribution(built={"sampling": sampling_frame(records or {}, steps, rank)})
 
     # ------------------------------------------------------------------ lifecycle
     def begin(self, run_id: str) -> None:

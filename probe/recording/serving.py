@@ -10,8 +10,10 @@ over a paged KV cache.
 While a probe is attached, ``model.init_continuous_batching`` (which every entry point calls)
 is wrapped on the instance, and each manager it returns is watched
 (:mod:`probe.recording.serving_watch`: its requests, the passes of its loop, the wrappers on
-its instances). :class:`ServingObserver` opens one run of kind ``"serve"`` per loop and claims
-the forwards of the loop's thread.
+its instances). :class:`ServingObserver` opens one run of kind ``"serve"`` per loop, claims the
+forwards of the loop's thread, keeps its records per run and step, and builds the ``requests``
+frame and the serving columns of ``steps`` and ``runs`` from them
+(:mod:`probe.recording.serving_frames`).
 
 **Batch layout from host state, no device read.** Before each forward the manager's
 ``inputs_and_outputs.requests_in_batch`` lists the requests packed into it (Python objects:
@@ -36,12 +38,27 @@ import threading
 import warnings
 from typing import Any
 
-from .observer import Observer
+from .observer import Contribution, Observer
+from .serving_frames import REQUEST_COLUMNS, RUN_COLUMNS, STEP_COLUMNS, serving_frames
 from .serving_watch import Iteration, ManagerWatch, ServingWarning, quietly
 
-__all__ = ["ServingObserver", "ServingWarning", "paged_cache_bytes"]
-
 log = logging.getLogger(__name__)
+
+__all__ = ["ServeRun", "ServingObserver", "ServingWarning", "paged_cache_bytes"]
+
+
+class ServeRun:
+    """The serving observer's records of one loop's run (kind ``"serve"``), by step index."""
+
+    __slots__ = ("run_id", "t_enter", "t_exit", "watch", "config", "steps")
+
+    def __init__(self, run: Any, watch: ManagerWatch) -> None:
+        self.run_id = run.run_id
+        self.t_enter: int | None = run.t_enter  # the run's origin: request times are counted from it
+        self.t_exit: int | None = None
+        self.watch = watch  # its manager's requests, iterations, CUDA-graph setting
+        self.config = dict(watch.config)
+        self.steps: dict[int, Iteration] = {}  # step index -> the loop pass that ran its forward
 
 
 class ServingObserver(Observer):
@@ -49,67 +66,92 @@ class ServingObserver(Observer):
 
     An observer of the recorder (:mod:`probe.recording.observer`): while a manager's loop runs, it holds
     that loop's run (kind ``"serve"``) and claims the root forwards its thread makes between
-    scheduling and updating a batch, shaping each step from the batch's host-side layout.
+    scheduling and updating a batch, shaping each step from the batch's host-side layout. Its
+    records (:class:`ServeRun` per run id) build the ``requests`` frame and fill the serving
+    columns of ``steps`` and ``runs``.
     """
 
-    def __init__(self, rec: Any, keep_cuda_graphs: bool = False) -> None:
-        self.rec = rec
+    columns = {"steps": STEP_COLUMNS, "runs": RUN_COLUMNS}
+    builds = {"requests": REQUEST_COLUMNS}
+
+    def __init__(self, keep_cuda_graphs: bool = False) -> None:
+        self.rec: Any = None  # the recorder, given at install
         self.keep_cuda_graphs = bool(keep_cuda_graphs)
         self.watches: list[ManagerWatch] = []
         self._lock = threading.Lock()
         self._warned = False
+        self.runs: dict[str, ServeRun] = {}
         self.run: Any = None  # the serving loop's run in progress (a probe.recorder.RunRec)
+        self.open: ServeRun | None = None  # its records
         self.thread: int | None = None  # the thread that runs it
 
     # ------------------------------------------------------------------ the recorder's observer
     def claim(self) -> Any:
-        run = self.run
-        if run is not None and run.serve.current is not None and threading.get_ident() == self.thread:
+        run, rec = self.run, self.open
+        if run is not None and rec.watch.current is not None and threading.get_ident() == self.thread:
             return run
         return None
 
     def shape(self, step: Any) -> None:
-        it = step.run.serve.current  # a packed [1, T] forward: its composition from the manager's batch
+        it = self.open.watch.current  # a packed [1, T] forward: its composition from the manager's batch
         it.step = step.index
+        self.open.steps[step.index] = it
         _shape(step, it)
 
     def step_end(self, step: Any, kwargs: dict, out: Any, error: BaseException | None) -> None:
-        if step.owner is self and step.kept and error is None:
+        rec = self.open if step.run is self.run else None  # a forward of the loop's run, which it claimed
+        it = rec.steps.get(step.index) if rec is not None else None
+        if it is None:
+            return
+        it.fwd0, it.fwd1, it.compiled = step.t0, step.t1, step.compiled
+        if step.kept and error is None:
             try:
-                step.paged_bytes = paged_cache_bytes(kwargs.get("cache"))
+                it.paged_bytes = paged_cache_bytes(kwargs.get("cache"))
             except Exception:  # never break the user's forward
-                step.paged_bytes = None
-            step.kv_bytes = step.paged_bytes
+                it.paged_bytes = None
 
     def stop(self, reason: str) -> None:
         if self.run is not None:
-            run, self.run, self.thread = self.run, None, None
-            run.t_exit = self.rec.now()
-            run.status = f"failed: {reason}"
+            run, rec = self.run, self.open
+            self.run = self.open = self.thread = None
+            self.rec.close_run(run, f"failed: {reason}")
+            rec.t_exit = run.t_exit
 
     def busy(self) -> bool:
         return self.run is not None
+
+    def clear(self) -> None:
+        self.runs = {self.open.run_id: self.open} if self.open is not None else {}
+
+    def records(self) -> dict:
+        return dict(self.runs)
+
+    @classmethod
+    def frames(cls, records: Any, *, calls: Any, steps: Any, runs: Any, rank: int) -> Contribution:
+        return serving_frames(records or {}, rank)
 
     # ------------------------------------------------------------------ a loop's run
     def begin_run(self, watch: ManagerWatch) -> Any:
         """Open a run of kind ``"serve"`` for a continuous-batching loop (called on its thread)."""
         run = self.rec.open_run("serve")
-        run.serve = watch
-        run.gen_settings = dict(watch.config)
+        self.open = self.runs[run.run_id] = ServeRun(run, watch)
         self.thread = threading.get_ident()
         self.run = run
         return run
 
     def end_run(self, run: Any, status: str) -> None:
         if self.run is run:
-            self.run = self.thread = None
+            self.run = self.open = self.thread = None
         self.rec.close_run(run, status)
+        rec = self.runs.get(run.run_id)
+        if rec is not None:
+            rec.t_exit = run.t_exit
 
     def external_step(self, watch: ManagerWatch, it: Iteration) -> None:
         """A serving step whose forward ran no Python (a CUDA-graph replay): timed from the
         manager's generation step (forward + sampling), with no block records."""
-        run = self.run
-        if run is None or run.serve is not watch:
+        run, rec = self.run, self.open
+        if run is None or rec.watch is not watch:
             return
         s = self.rec.new_step(run)
         _shape(s, it)
@@ -117,11 +159,13 @@ class ServingObserver(Observer):
         s.cpu0, s.cpu_ns = 0, None
         s.compiled = True
         it.step = s.index
+        it.fwd0, it.fwd1, it.compiled = s.t0, s.t1, True
+        rec.steps[s.index] = it
         self.rec.add_step(s)
 
     # ------------------------------------------------------------------ installing
-
-    def install(self, model: Any, stack: Any) -> None:
+    def install(self, model: Any, recorder: Any, stack: Any) -> None:
+        self.rec = recorder
         init = getattr(model, "init_continuous_batching", None)
         if init is None or not callable(init):
             return
@@ -185,6 +229,7 @@ class ServingObserver(Observer):
             w.remove()
 
 
+
 def _graphs_off(params: Any, args: tuple, kwargs: dict, model: Any) -> tuple[tuple, dict, str]:
     """The same call with ``continuous_batching_config.use_cuda_graph=False`` (a copy; the
     caller's config object is left as it was)."""
@@ -215,14 +260,15 @@ def _graphs_off(params: Any, args: tuple, kwargs: dict, model: Any) -> tuple[tup
     return tuple(args), kwargs, said
 
 
+
 def _shape(s: Any, it: Iteration) -> None:
     """A serving step's phase and shape, from the batch layout of its iteration."""
     n, pre, dec, _, _ = it.counts()
-    s.serve = it
     s.phase = it.phase() if it.layout else "forward"
     s.q_len = pre + dec
     s.batch = n
     s.kv_len = max((e[3] for e in it.layout or ()), default=0)  # the longest cached context
+
 
 
 def paged_cache_bytes(cache: Any) -> int | None:

@@ -31,7 +31,7 @@ class Iteration:
     """One pass of the manager's loop that ran a forward: host-side times and the batch."""
 
     __slots__ = ("t_prep0", "t_prep1", "schedule_ns", "cache_ns", "t_gen0", "t_gen1", "t_upd0", "t_upd1",
-                 "layout", "step")
+                 "layout", "step", "fwd0", "fwd1", "compiled", "paged_bytes")
 
     def __init__(self, t: int) -> None:
         self.t_prep0 = t
@@ -40,6 +40,11 @@ class Iteration:
         self.cache_ns = 0
         self.layout: list[tuple] | None = None  # (request_id, kind, tokens, cached, chunk, new_token)
         self.step: int | None = None  # the recorder's step index of its forward
+        # its forward as the recorder timed it (copied when the step closed; None until then)
+        self.fwd0: int | None = None
+        self.fwd1: int | None = None
+        self.compiled = False  # no block wrapper ran (a CUDA-graph replay, compiled code)
+        self.paged_bytes: int | None = None  # paged KV cache in use after the forward
 
     # batch composition, from the layout
     def counts(self) -> tuple[int, int, int, int | None, int]:
