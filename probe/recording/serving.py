@@ -87,10 +87,12 @@ class ServingObserver(Observer):
 
     # ------------------------------------------------------------------ the recorder's observer
     def claim(self) -> Any:
-        run, rec = self.run, self.open
-        if run is not None and rec.watch.current is not None and threading.get_ident() == self.thread:
-            return run
-        return None
+        # any thread may ask while the loop's thread closes its run: read the records first (the
+        # loop clears the run first), and claim only on the loop's own thread
+        rec, run = self.open, self.run
+        if run is None or rec is None or rec.run_id != run.run_id or threading.get_ident() != self.thread:
+            return None
+        return run if rec.watch.current is not None else None
 
     def shape(self, step: Any) -> None:
         it = self.open.watch.current  # a packed [1, T] forward: its composition from the manager's batch
