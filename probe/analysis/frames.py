@@ -1,13 +1,14 @@
 """Build the ``calls`` / ``steps`` / ``runs`` frames from a probe's columnar records.
 
 Vectorised with numpy: per-call work is array indexing, per-signature work (shape JSON,
-bytes) is done once per distinct signature.
+bytes) is done once per distinct signature. The recorder's observers then add their parts —
+columns of ``steps`` and ``runs``, whole frames such as ``sampling`` and ``requests``, meta —
+each from its own records (:mod:`probe.analysis.observed`); this module knows none of them.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -17,14 +18,12 @@ import pandas as pd
 from .. import schema
 from . import tree
 from ..dtypes import dtype_name, itemsize
-from ..recording.sampling import sampling_frame
-from ..schema import CALLS, REQUESTS, RUNS, STEPS, BLOCK_ROLES
+from .observed import contributions
+from ..schema import CALLS, RUNS, STEPS, BLOCK_ROLES
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..recording.recorder import Records
     from .run import Run
-
-log = logging.getLogger(__name__)
 
 _NS = 1e-6  # ns -> ms
 
@@ -55,7 +54,6 @@ def build_run(p: "Records") -> "Run":
     step_of_call = np.full(n_calls, -1, dtype=np.int64)
     step_meta: list[tuple] = []  # per kept step: run_id, step, phase, q, kv, batch, origin ns
     runs_rows: list[dict] = []
-    requests_rows: list[dict] = []
     env = p.env
     call_ns = float(p.calibration.get("call_ns", 0.0) or 0.0)
     for run in p.runs:
@@ -64,7 +62,7 @@ def build_run(p: "Records") -> "Run":
         produced = _new_tokens(run)
         latencies, per_token = [], []
         for i, s in enumerate(steps):
-            if run.kind in ("generate", "serve"):
+            if run.kind != "forward":  # a run with an end: the time after its last forward counts too
                 nxt = steps[i + 1].t0 if i + 1 < len(steps) else run.t_exit
                 outside = (nxt - s.t1) * _NS if nxt is not None else math.nan
             else:
@@ -97,18 +95,12 @@ def build_run(p: "Records") -> "Run":
                     "blocks_ms": math.nan,
                     "probe_ms": probe_ms,
                     "process_cpu_ms": s.cpu_ns * _NS if s.cpu_ns is not None else math.nan,
-                    **(_serve_step_columns(s) if s.serve is not None else {}),
                 }
             )
             latencies.append(latency)
             if i > 0 and produced[i] > 0 and not math.isnan(latency):
                 per_token.append(latency / produced[i])
-        if run.kind == "serve":
-            req_rows = _request_rows(p, run, origin)
-            requests_rows.extend(req_rows)
-            runs_rows.append(_serve_run_row(p, run, steps, produced, req_rows, env))
-        else:
-            runs_rows.append(_run_row(p, run, steps, produced, latencies, per_token, env))
+        runs_rows.append(_run_row(p, run, steps, produced, latencies, per_token, env))
 
     calls = _calls_frame(p, step_of_call, step_meta)
     steps_df = schema.conform(pd.DataFrame(steps_rows), STEPS) if steps_rows else schema.empty(STEPS)
@@ -122,8 +114,6 @@ def build_run(p: "Records") -> "Run":
     calls, steps_df = tree.annotate(calls, steps_df)
     calls, steps_df = schema.conform(calls, CALLS), schema.conform(steps_df, STEPS)
     runs_df = schema.conform(pd.DataFrame(runs_rows), RUNS) if runs_rows else schema.empty(RUNS)
-    req_df = schema.conform(pd.DataFrame(requests_rows), REQUESTS) if requests_rows else schema.empty(REQUESTS)
-    serving = [r.serve for r in p.runs if r.kind == "serve" and r.serve is not None]
     meta = {
         "schema_version": schema.SCHEMA_VERSION,
         "depth": p.depth,
@@ -140,15 +130,10 @@ def build_run(p: "Records") -> "Run":
         "calibration": p.calibration,
         **env,
     }
-    sampling = sampling_frame(p.sampling, steps_df, p.rank)
-    if serving:
-        meta["serving"] = {
-            "cuda_graphs": serving[-1].graphs,
-            "layout": "host: the manager's requests_in_batch before each forward (no device read)",
-            "syncs_per_step": 0,
-            "config": serving[-1].config,
-        }
-    return Run(calls=calls, steps=steps_df, runs=runs_df, meta=meta, sampling=sampling, requests=req_df)
+    # what the observers add, each from its own records: columns, whole frames, meta
+    steps_df, runs_df, built, observed_meta = contributions(p.observed, calls, steps_df, runs_df, p.rank)
+    meta.update(observed_meta)
+    return Run(calls=calls, steps=steps_df, runs=runs_df, meta=meta, **built)
 
 
 def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple]) -> pd.DataFrame:
@@ -260,8 +245,6 @@ def _new_tokens(run) -> list[int]:
     """Tokens each step appended to each sequence (see README, 'Metric definitions')."""
     steps = run.steps
     n = len(steps)
-    if run.kind == "serve":
-        return [s.serve.counts()[4] if s.serve is not None else 0 for s in steps]
     if run.kind != "generate" or n == 0:
         return [0] * n
     out = []
@@ -290,7 +273,7 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
         "run_id": run.run_id,
         "rank": p.rank,
         "kind": run.kind,
-        "status": run.status if run.kind == "generate" else "ok",
+        "status": run.status if run.kind != "forward" else "ok",  # plain forwards are never closed
         "depth": p.depth,
         "steps": run.n_steps_seen,
         "started_at": run.started_at,
@@ -300,9 +283,12 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
             "weights_source",
         )},
     }
+    if run.kind == "forward":
+        row["total_ms"] = ((steps[-1].t1 - steps[0].t0) * _NS) if steps else math.nan
+    elif run.t_enter is not None and run.t_exit is not None:
+        row["total_ms"] = (run.t_exit - run.t_enter) * _NS
     if run.kind != "generate":
         row["batch"] = steps[0].batch if steps else None
-        row["total_ms"] = ((steps[-1].t1 - steps[0].t0) * _NS) if steps else math.nan
         return row
     g = run.gen_settings
     real = _real_lengths(run)  # one read of the mask (a device sync on CUDA), after generate
@@ -320,9 +306,6 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
             "max_new_tokens": g.get("max_new_tokens"),
             "generate_kwargs": json.dumps(g, sort_keys=True, default=str),
             "output_ids": json.dumps(run.output_ids.tolist()) if run.output_ids is not None else None,
-            "total_ms": (run.t_exit - run.t_enter) * _NS if run.t_exit is not None else math.nan,
-            "process_cpu_ms": run.cpu_ns * _NS if run.cpu_ns is not None else math.nan,
-            "cpu_wait_ms": run.wait_ns * _NS if run.wait_ns is not None else math.nan,
         }
     )
     if steps:
@@ -352,131 +335,6 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
     return row
 
 
-def _serve_step_columns(s) -> dict:
-    """The continuous-batching columns of one step (see ``schema.STEPS``)."""
-    it = s.serve
-    n, pre, dec, chunk, _ = it.counts()
-
-    def ms(a, b):
-        return (b - a) * _NS if a is not None and b is not None else math.nan
-
-    return {
-        "requests": n,
-        "prefill_tokens": pre,
-        "decode_tokens": dec,
-        "prefill_chunk": chunk,
-        "paged_cache_bytes": s.paged_bytes,
-        "schedule_ms": it.schedule_ns * _NS,
-        "cache_ms": it.cache_ns * _NS,
-        "sample_ms": ms(s.t1, it.t_gen1) if not s.compiled else math.nan,
-        "update_ms": ms(it.t_upd0, it.t_upd1),
-        "layout": json.dumps([[*e[:5], int(e[5])] for e in it.layout or ()], separators=(",", ":")),
-    }
-
-
-def _request_rows(p, run, origin: int) -> list[dict]:
-    """One row per request of a serving run (see ``schema.REQUESTS`` and README "requests")."""
-    w = run.serve
-    if w is None:
-        return []
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    chunks: dict[str, int] = {}
-    for it in w.iterations:
-        if it.step is None:
-            continue
-        for e in it.layout or ():
-            first.setdefault(e[0], it.step)
-            last[e[0]] = it.step
-            if e[1] == "prefill":
-                chunks[e[0]] = chunks.get(e[0], 0) + 1
-
-    def at(t):
-        return (t - origin) * _NS if t is not None else math.nan
-
-    rows = []
-    for rid, r in w.requests.items():
-        status = r.status
-        end = r.finished
-        if status is None:  # never delivered as finished
-            status = "cancelled" if r.cancelled is not None else "unfinished"
-            end = r.cancelled if r.cancelled is not None else (r.tokens[-1] if r.tokens else None)
-        gaps = [(b - a) * _NS for a, b in zip(r.tokens, r.tokens[1:])]
-        tf_ttft = tf_itl = math.nan
-        if r.tf_stamps and r.tf_created is not None:
-            tf_ttft = (r.tf_stamps[0] - r.tf_created) * 1e3
-            tf_gaps = [(b - a) * 1e3 for a, b in zip(r.tf_stamps, r.tf_stamps[1:])]
-            tf_itl = float(np.mean(tf_gaps)) if tf_gaps else math.nan
-        arrival = r.arrival
-        rows.append({
-            "run_id": run.run_id,
-            "rank": p.rank,
-            "request_id": rid,
-            "status": status,
-            "prompt_tokens": r.prompt_tokens,
-            "generated_tokens": r.generated if r.generated is not None else len(r.tokens),
-            "max_new_tokens": r.max_new,
-            "arrival_ms": at(arrival),
-            "scheduled_ms": at(r.scheduled),
-            "first_token_ms": at(r.tokens[0] if r.tokens else None),
-            "finished_ms": at(end),
-            "queue_ms": (r.scheduled - arrival) * _NS if arrival is not None and r.scheduled is not None else math.nan,
-            "ttft_ms": (r.tokens[0] - arrival) * _NS if arrival is not None and r.tokens else math.nan,
-            "itl_ms_mean": float(np.mean(gaps)) if gaps else math.nan,
-            "itl_ms_p50": _percentile(gaps, 50),
-            "itl_ms_p90": _percentile(gaps, 90),
-            "e2e_ms": (end - arrival) * _NS if arrival is not None and end is not None else math.nan,
-            "first_step": first.get(rid),
-            "last_step": last.get(rid),
-            "prefill_chunks": chunks.get(rid),
-            "tf_ttft_ms": tf_ttft,
-            "tf_itl_ms_mean": tf_itl,
-        })
-    return rows
-
-
-def _serve_run_row(p, run, steps, produced, req_rows, env) -> dict:
-    """The runs row of a serving loop: TTFT and TPOT are means over its requests."""
-    row: dict = {
-        "run_id": run.run_id,
-        "rank": p.rank,
-        "kind": "serve",
-        "status": run.status,
-        "depth": p.depth,
-        "steps": run.n_steps_seen,
-        "started_at": run.started_at,
-        **{k: env.get(k) for k in (
-            "model_id", "model_class", "model_type", "parameters", "dtype", "device",
-            "attn_implementation", "torch_version", "transformers_version", "probe_version", "gpu_name",
-        )},
-        "generate_kwargs": json.dumps(run.gen_settings, sort_keys=True, default=str),
-        "total_ms": (run.t_exit - run.t_enter) * _NS if run.t_exit is not None and run.t_enter is not None else math.nan,
-        "batch": len(req_rows),
-        "prompt_tokens": sum(r["prompt_tokens"] for r in req_rows),
-        "new_tokens": sum(r["generated_tokens"] for r in req_rows),
-    }
-    ttft = [r["ttft_ms"] for r in req_rows if not math.isnan(r["ttft_ms"])]
-    w = run.serve
-    itl = []
-    for r in (w.requests.values() if w is not None else ()):
-        itl.extend((b - a) * _NS for a, b in zip(r.tokens, r.tokens[1:]))
-    if ttft:
-        row["ttft_ms"] = float(np.mean(ttft))
-    if itl:
-        row["tpot_ms_mean"] = float(np.mean(itl))
-        row["tpot_ms_p50"] = _percentile(itl, 50)
-        row["tpot_ms_p90"] = _percentile(itl, 90)
-    pre_ms = sum((s.t1 - s.t0) * _NS for s in steps if s.phase == "prefill")
-    pre_tok = sum(s.serve.counts()[1] for s in steps if s.phase == "prefill" and s.serve is not None)
-    if pre_ms > 0:
-        row["prefill_tok_s"] = pre_tok / (pre_ms / 1e3)
-    if not math.isnan(row["total_ms"]) and row["total_ms"] > 0:
-        row["decode_tok_s"] = sum(produced) / (row["total_ms"] / 1e3)
-    used = [s.paged_bytes for s in steps if s.paged_bytes is not None]
-    row["kv_cache_bytes"] = max(used) if used else None
-    return row
-
-
 def _real_lengths(run) -> list[int]:
     mask = run.mask
     try:
@@ -489,75 +347,3 @@ def _real_lengths(run) -> list[int]:
     if run.input_len is not None and run.batch_in:
         return [run.input_len] * run.batch_in
     return []
-
-
-def model_facts(model, model_id: str | None, cuda_device, modules: list | None = None) -> dict:
-    """What a run records about its model and software: ``{"env": ..., "config": ...,
-    "costs": ...}``; ``costs`` (the recorded ``modules``' cost coefficients, parameters and
-    weight bytes) lets a saved run be costed without building its model."""
-    return {"env": _environment(model, model_id, cuda_device), "config": _config_dict(model),
-            "costs": _module_costs(model, modules or [])}
-
-
-def _module_costs(model, modules: list) -> dict | None:
-    """:func:`probe.cost.module_costs` of the recorded modules (``ModuleInfo``), or ``None``."""
-    from .cost import module_costs
-
-    try:
-        return module_costs(model, [(m.name, m.role) for m in modules])
-    except Exception:  # an exotic module must not cost the user their frames: costed from the config later
-        log.debug("module costs not recorded", exc_info=True)
-        return None
-
-
-def _config_dict(model) -> dict | None:
-    """The model's config as JSON-able data, so a saved run can be costed without the model."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "to_dict"):
-        return None
-    try:
-        return json.loads(json.dumps(cfg.to_dict(), default=str))
-    except Exception:  # an exotic config must not cost the user their frames
-        return None
-
-
-def _environment(model, model_id: str | None, cuda_device) -> dict:
-    import torch
-
-    from ..version import __version__
-    from ..recording.noise import host_facts
-
-    cfg = getattr(model, "config", None)
-    try:
-        import transformers
-
-        tf_version = transformers.__version__
-    except Exception:  # pragma: no cover
-        tf_version = None
-    first = next(iter(model.parameters()), None)
-    n_params = sum(t.numel() for t in model.parameters())
-    gpu = None
-    if cuda_device is not None:
-        try:
-            gpu = torch.cuda.get_device_name(cuda_device)
-        except Exception:  # pragma: no cover
-            gpu = None
-    attn = getattr(cfg, "_attn_implementation", None) if cfg is not None else None
-    if isinstance(attn, dict):
-        attn = json.dumps(attn, sort_keys=True)
-    return {
-        "model_id": model_id or (getattr(cfg, "name_or_path", None) or None) or type(model).__name__,
-        "model_class": type(model).__name__,
-        "model_type": getattr(cfg, "model_type", None),
-        "parameters": n_params,
-        "dtype": dtype_name(first.dtype) if first is not None else None,
-        "device": str(first.device) if first is not None else None,
-        "attn_implementation": attn,
-        "torch_version": torch.__version__,
-        "transformers_version": tf_version,
-        "probe_version": __version__,
-        "gpu_name": gpu,
-        # set by probe.models' loaders (e.g. "GGUF Q4_1, de-quantized to float32"); null otherwise
-        "weights_source": getattr(cfg, "probe_weights_source", None) if cfg is not None else None,
-        **host_facts(),
-    }

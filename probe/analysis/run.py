@@ -16,7 +16,7 @@ from .. import schema
 from . import tree
 from ..errors import RunSaveError
 from .headline import phase_headline, phase_totals
-from ..recording.sampling import stage_summary
+from ..recording.stages import stage_summary
 from ..store.files import (
     MAX_META_BYTES,
     META,

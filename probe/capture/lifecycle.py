@@ -1,9 +1,11 @@
 """`probe.attach(model)`: the probe's lifecycle.
 
 :class:`Probe` installs what records a model — a forward wrapper on each recorded module
-(:mod:`probe.recording.hotpath`), a wrapper of the root forward that opens and closes steps, and a
-``generate`` marker — all owned by one ``ExitStack``, and removes them on every path. What the
-wrappers record lives in a :class:`probe.recorder.Recorder`; frames are built from its frozen
+(:mod:`probe.recording.hotpath`), a wrapper of the root forward that opens and closes steps, a
+``generate`` marker (:mod:`probe.capture.install`) and whatever its observers put on the model
+(the defaults of :mod:`probe.recording.defaults` and a caller's own) — all owned by one
+``ExitStack``, and removes them on every path. What the wrappers record lives in a
+:class:`probe.recorder.Recorder` and its observers; frames are built from its frozen
 :class:`probe.recorder.Records`.
 """
 
@@ -15,19 +17,23 @@ import logging
 import threading
 import warnings
 import weakref
-from typing import Any, Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..recording import hotpath, noise
+from ..analysis.observed import check_declarations
+from ..recording import hotpath
+from ..recording.defaults import default_observers
 from ..recording.discovery import ModuleInfo, select_modules
 from ..recording.distributed import OffloadClock, placements, world
-from ..recording.generation import generation_settings, inputs_of
+from ..recording.observer import Observer
 from ..recording.recorder import Recorder
-from ..recording.sampling import SamplingRecorder
-from ..recording.serving import ServingObserver
 from ..schema import DEPTHS, Depth
+from .install import (COMPILED_ADVICE, CompiledModelWarning, calibrate, cuda_device_of, has_cuda_tensors,
+                      mark_generate, wrapper_factory)
+
+__all__ = ["CompiledModelWarning", "Probe", "ProbeError", "attach", "detach", "probe_of"]
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +48,6 @@ _LOCK = threading.RLock()  # attach/detach from several threads, each on its own
 
 class ProbeError(RuntimeError):
     """A misuse of the probe, with a message that says what to do."""
-
-
-class CompiledModelWarning(UserWarning):
-    """Part of the model ran as compiled code, where per-block wrappers do not run as written."""
-
-
-_COMPILED_ADVICE = (
-    "per-block records are missing for steps that ran compiled code (torch.compile traces the "
-    "model's forward into its graph instead of running the probe's wrappers); step-level timing "
-    "(forward, outside, TTFT, TPOT) is still measured. For per-block cost, profile the eager model "
-    "(e.g. generate(..., disable_compile=True)); compare its step times with the compiled run's."
-)
 
 
 def probe_of(model: nn.Module) -> "Probe | None":
@@ -93,6 +87,7 @@ class Probe:
         rank: int | None = None,
         clock: Callable[[], int] | None = None,
         cuda_graphs: bool = False,
+        observers: Iterable[Observer] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -107,6 +102,12 @@ class Probe:
             raise ValueError(f"max_steps must be None or an int >= 1; got {max_steps!r}")
         if clock is not None and not callable(clock):
             raise TypeError("clock must be a callable returning integer nanoseconds, like time.perf_counter_ns")
+        observers = list(observers)
+        for o in observers:
+            if not isinstance(o, Observer):
+                raise TypeError(f"observers must be instances of probe.recording.observer.Observer subclasses; "
+                                f"got {type(o).__name__}")
+            check_declarations(type(o))
         self.model = model
         self.depth = depth
         self.decode_stride = int(decode_stride)
@@ -118,6 +119,7 @@ class Probe:
         self._track_memory = track_memory
         self._clock = clock
         self.cuda_graphs = bool(cuda_graphs)
+        self._extra_observers = observers
         self._attached = False
         self._stack = contextlib.ExitStack()
         self._forwards: list[hotpath.InstalledForward] = []
@@ -137,7 +139,7 @@ class Probe:
             warnings.warn(
                 f"probe: {type(orig).__name__} is wrapped by torch.compile; the probe records the "
                 f"original module. Its generate() runs the eager model; direct calls of the compiled "
-                f"module run compiled code, for which {_COMPILED_ADVICE}",
+                f"module run compiled code, for which {COMPILED_ADVICE}",
                 CompiledModelWarning,
                 stacklevel=3,
             )
@@ -171,9 +173,9 @@ class Probe:
                 )
         uses_cuda = self._cuda_timing
         if uses_cuda is None:
-            uses_cuda = torch.cuda.is_available() and _has_cuda_tensors(model)
+            uses_cuda = torch.cuda.is_available() and has_cuda_tensors(model)
         track = self._track_memory if self._track_memory is not None else bool(uses_cuda)
-        device = _cuda_device_of(model) if uses_cuda else None
+        device = cuda_device_of(model) if uses_cuda else None
         self._offload = OffloadClock.install(model)
         if self._offload is not None:
             self._stack.callback(self._offload.remove)  # the clock object stays: its records too
@@ -183,12 +185,7 @@ class Probe:
             now=self._clock,
         )
         rec.placements = placements(model, [(info.name, mod) for mod, info in selected])
-        sampling = SamplingRecorder(model, now=rec.now)
-        self._stack.callback(sampling.end)  # its generate-time wrappers go on every path
-        serving = ServingObserver(rec, keep_cuda_graphs=self.cuda_graphs)
-        # last: the CPU-time and run-queue reads are the closest to the run's clock (real clock only)
-        rec.observers += [sampling, serving] + ([noise.RunCpu()] if not rec.injected_clock else [])
-        make_for = _wrapper_factory(rec, self._clock)
+        make_for = wrapper_factory(rec, self._clock)
         self._register(model)
         self._stack.callback(self._unregister)
         root = hotpath.install_forward(model, functools.partial(hotpath.root_wrapper, rec), "")
@@ -200,26 +197,13 @@ class Probe:
             self._stack.callback(fwd.remove)
             rec.modules.append(info)
             self._register(mod)
-        self._patch_generate(model, rec)
-        serving.install(model, self._stack)
-        self._calibration = self._calibrate(rec, device)
+        mark_generate(model, rec, self._forwards, self._stack)
+        for o in default_observers(real_clock=not rec.injected_clock, cuda_graphs=self.cuda_graphs,
+                                   extra=self._extra_observers):
+            rec.observers.append(o)
+            o.install(model, rec, self._stack)  # what it puts on the model is undone on every path
+        self._calibration = calibrate(rec, device, self._clock)
         self._attached = True
-
-    def _calibrate(self, rec: Recorder, device) -> dict:
-        """The wrappers' own cost per call, measured now with a throwaway recorder of the same kind."""
-        if self._clock is not None:  # an injected clock: the instrument costs nothing on it
-            return {"call_ns": 0.0, "inside_ns": 0.0, "method": "injected clock"}
-        probe_rec = Recorder(rank=0, decode_stride=1, max_steps=None, cuda_device=rec.cuda_device,
-                             track_memory=rec.track_memory, offload_total=rec.offload_total)
-        make_for = _wrapper_factory(probe_rec, None)
-        try:
-            cal = hotpath.calibrate(lambda fn, cols: make_for(0)(fn), lambda: probe_rec.cols, device=device or "cpu")
-        except Exception:  # calibration must never cost the user their attach
-            log.warning("probe: could not measure the wrappers' own cost; none is subtracted", exc_info=True)
-            return {"call_ns": 0.0, "inside_ns": 0.0, "method": "failed"}
-        cal["method"] = "min of interleaved rounds, wrapped vs bare identity module, at attach"
-        cal["native"] = hotpath.C is not None and not rec.needs_full_wrappers and not rec.injected_clock
-        return cal
 
     def _register(self, mod: nn.Module) -> None:
         _ACTIVE[mod] = weakref.ref(self)
@@ -257,49 +241,6 @@ class Probe:
     def __exit__(self, *exc) -> None:
         self.detach()
 
-    # ------------------------------------------------------------------ generate marker
-    def _patch_generate(self, model: nn.Module, rec: Recorder) -> None:
-        gen = getattr(model, "generate", None)
-        if gen is None or not callable(gen):
-            return
-        had = "generate" in model.__dict__
-        original = model.__dict__.get("generate", gen)
-        forwards = self._forwards
-
-        @functools.wraps(original)
-        def generate(*args, **kwargs):
-            try:
-                hotpath.check_forwards(forwards)
-                rec.begin_generate(*inputs_of(args, kwargs), generation_settings(model, kwargs))
-            except Exception:  # the probe's own failure must never cost the user their generate
-                log.warning("probe: could not mark the start of generate(); its forwards are "
-                            "recorded as plain forwards", exc_info=True)
-                rec.abandon_generate()
-                return original(*args, **kwargs)
-            try:
-                out = original(*args, **kwargs)
-            except BaseException as exc:
-                _end_quietly(rec, None, f"failed: {type(exc).__name__}: {exc}")
-                raise
-            run = _end_quietly(rec, out, "ok")
-            n = sum(1 for st in run.steps if st.compiled) if run is not None else 0
-            if n:
-                warnings.warn(f"probe: {n} of {len(run.steps)} steps of this generate() ran compiled code: "
-                              f"{_COMPILED_ADVICE}", CompiledModelWarning, stacklevel=2)
-            return out
-
-        generate.__probe_wrapper__ = True  # type: ignore[attr-defined]
-        model.__dict__["generate"] = generate
-
-        def unpatch() -> None:
-            if model.__dict__.get("generate") is generate:
-                if had:
-                    model.__dict__["generate"] = original
-                else:
-                    del model.__dict__["generate"]
-
-        self._stack.callback(unpatch)
-
     # ------------------------------------------------------------------ results
     @property
     def records(self):
@@ -310,7 +251,7 @@ class Probe:
         if rec.gen_run is None:
             rec.resolve_events()
         if self._facts is None:
-            from ..analysis.frames import model_facts
+            from ..analysis.facts import model_facts
 
             self._facts = model_facts(self.model, self.model_id, rec.cuda_device, rec.modules)
         return rec.records(depth=self.depth, compiled=self.compiled, calibration=dict(self._calibration),
@@ -389,24 +330,6 @@ class Probe:
         return f"<probe.Probe {state} depth={self.depth!r} modules={len(self.modules)} calls={n} runs={runs}>"
 
 
-def _wrapper_factory(rec: Recorder, clock: Callable[[], int] | None) -> Callable[[int], Callable[[Callable], Callable]]:
-    """``make_for(module index)(forward)``: the wrapper that records that module into ``rec``."""
-    if rec.needs_full_wrappers:
-        return lambda idx: lambda fn: hotpath.full_wrapper(fn, rec.cols, rec.intern_for(idx), clock,
-                                                           rec.extras.call_begin, rec.extras.call_end,
-                                                           rec.extras.truncate)
-    return lambda idx: lambda fn: hotpath.cpu_wrapper(fn, rec.cols, rec.intern_for(idx), clock)
-
-
-def _end_quietly(rec: Recorder, out: Any, status: str):
-    try:
-        return rec.end_generate(out, status)
-    except Exception:  # keep the user's result (or their exception) whatever happens here
-        log.warning("probe: could not close the record of this generate()", exc_info=True)
-        rec.abandon_generate()
-        return None
-
-
 def attach(
     model: nn.Module,
     depth: Depth = "blocks",
@@ -419,6 +342,7 @@ def attach(
     rank: int | None = None,
     clock: Callable[[], int] | None = None,
     cuda_graphs: bool = False,
+    observers: Iterable[Observer] = (),
 ) -> Probe:
     """Record every call of ``model``'s blocks, step by step, until detached.
 
@@ -441,6 +365,9 @@ def attach(
             replays CUDA graphs by default on CUDA, and a replay runs none of the probe's
             wrappers; the probe turns them off while attached (stated in the run). ``True``
             keeps them: serving steps are then timed as a whole, without block records.
+        observers: observers of your own (subclasses of
+            :class:`probe.recording.observer.Observer`), told of every run and step beside the
+            probe's own; each keeps its records and adds its declared columns to the frames.
     Returns:
         The attached :class:`Probe`; use it as a context manager or call ``detach()``.
     Raises:
@@ -451,16 +378,6 @@ def attach(
     p = Probe(
         model, depth, cuda_timing=cuda_timing, track_memory=track_memory, decode_stride=decode_stride,
         max_steps=max_steps, model_id=model_id, rank=rank, clock=clock, cuda_graphs=cuda_graphs,
+        observers=observers,
     )
     return p._attach()
-
-
-def _has_cuda_tensors(model: nn.Module) -> bool:
-    return any(t.is_cuda for t in model.parameters()) or any(t.is_cuda for t in model.buffers())
-
-
-def _cuda_device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        if t.is_cuda:
-            return t.device
-    return torch.device("cuda", torch.cuda.current_device())

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .observer import Observer
+from .observer import Contribution, Observer
 
 #: a run whose noise figure passes this share (percent) is reported as busy
 BUSY_THRESHOLD_PCT = 10.0
@@ -127,18 +127,45 @@ def run_delay_between(before: dict[str, int] | None, after: dict[str, int] | Non
 
 class RunCpu(Observer):
     """Process CPU time and run-queue wait over each ``generate()`` (real clock only): read just
-    before the run's clock starts and just after it stops, so the reads are the probe's."""
+    before the run's clock starts and just after it stops, so the reads are the probe's. Fills
+    ``runs.process_cpu_ms`` and ``runs.cpu_wait_ms`` from its own records (run id -> ns)."""
+
+    columns = {"runs": {"process_cpu_ms": "float64", "cpu_wait_ms": "float64"}}
+
+    def __init__(self) -> None:
+        self.runs: dict[str, tuple[int, float | None]] = {}  # run id -> (CPU ns, run-queue wait ns)
+        self._open: tuple[str, dict | None, int] | None = None  # (run id, run delays, CPU ns) at its start
 
     def run_begin(self, run: Any) -> None:
-        run.sched0 = read_run_delay()
-        run.cpu0 = time.process_time_ns()
+        sched0 = read_run_delay()
+        self._open = (run.run_id, sched0, time.process_time_ns())
 
     def run_end(self, run: Any) -> None:
-        if run is None or run.cpu0 is None:
+        opened, self._open = self._open, None
+        if run is None or opened is None or opened[0] != run.run_id:
             return
-        run.cpu_ns = time.process_time_ns() - run.cpu0
-        run.wait_ns = run_delay_between(run.sched0, read_run_delay())
-        run.sched0 = None
+        cpu_ns = time.process_time_ns() - opened[2]
+        self.runs[run.run_id] = (cpu_ns, run_delay_between(opened[1], read_run_delay()))
+
+    def stop(self, reason: str) -> None:
+        self._open = None  # a generate cut short by detach: its CPU time was not measured
+
+    def clear(self) -> None:
+        self.runs = {}
+
+    def records(self) -> dict:
+        return dict(self.runs)
+
+    @classmethod
+    def frames(cls, records: Any, *, calls: Any, steps: Any, runs: Any, rank: int) -> Contribution:
+        if not records:
+            return Contribution()
+        ids = list(records)
+        return Contribution(runs=pd.DataFrame({
+            "run_id": ids,
+            "process_cpu_ms": [records[r][0] * 1e-6 for r in ids],
+            "cpu_wait_ms": [records[r][1] * 1e-6 if records[r][1] is not None else math.nan for r in ids],
+        }))
 
 
 def step_wait_ms(forward_ms, process_cpu_ms):

@@ -1,13 +1,18 @@
-"""What the recorder tells its observers, and when.
+"""What the recorder tells its observers, and when; what an observer hands the frame builder.
 
 The recorder (:mod:`probe.recording.recorder`) owns runs and steps; everything else a recording holds —
 the sampling stages of a generate call (:mod:`probe.recording.sampling`), the continuous-batching loop
-(:mod:`probe.recording.serving`), the process CPU time and run-queue wait of a run (:mod:`probe.recording.noise`) —
-is kept by an observer the probe registers with it. Each method below is called at one fixed
-point of the recorder's state machine, so an observer's own clock reads always fall where the
-recorder's timing expects them. Begin-type calls go to the observers in registration order,
-end-type calls in reverse order (as nested context managers close), so the last observer
-registered reads its clocks closest to the run's or step's own.
+(:mod:`probe.recording.serving`), the process CPU time and run-queue wait of a run (:mod:`probe.recording.noise`),
+or a user's own plug-in (``probe.attach(model, observers=[...])``) — is kept by an observer the
+probe registers with it. Each observer keeps its own records and builds its own frames; the
+recorder and the frame builder (:mod:`probe.analysis.frames`) know only this interface.
+
+Each hook below is called at one fixed point of the recorder's state machine, outside the
+windows the recorder times: begin-type hooks before a run's or step's clock starts, end-type
+hooks after it stopped, so an observer's bookkeeping never lands in a forward's or a run's
+time. Begin-type calls go to the observers in registration order, end-type calls in reverse
+order (as nested context managers close), so the last observer registered reads its clocks
+closest to the run's or step's own.
 
 The records the recorder tells them about — :class:`StepRec` (one root forward) and
 :class:`RunRec` (one generate call, or a stretch of forwards) — live here too, so observers and
@@ -19,14 +24,51 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pandas import DataFrame
     from torch import Tensor
 
 
+@dataclass
+class Contribution:
+    """What one observer adds to a recording's frames (:meth:`Observer.frames`).
+
+    ``steps`` and ``runs`` hold rows keyed by ``run_id, step`` / ``run_id`` with values of the
+    columns the observer declares in :attr:`Observer.columns`; the frame builder writes them
+    into the shared frames' rows of the same keys (rows it has no value for keep theirs).
+    ``built`` holds whole frames by name (a frame of :class:`probe.Run` such as ``requests``),
+    each declared in :attr:`Observer.builds`; ``meta`` joins the run's metadata.
+    """
+
+    steps: "DataFrame | None" = None
+    runs: "DataFrame | None" = None
+    built: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
 class Observer:
-    """Base of the recorder's observers: every method is optional and does nothing here."""
+    """Base of the recorder's observers: every hook is optional and does nothing here.
+
+    A plug-in subclasses it, declares the columns it fills (:attr:`columns`) and the frames it
+    builds (:attr:`builds`), keeps its records from the hooks, hands a frozen copy of them to
+    :meth:`records` and turns that copy into frames in :meth:`frames`. Attaching with it
+    (``probe.attach(model, observers=[MyObserver()])``) needs no change anywhere else.
+    """
+
+    #: the columns this observer fills in the shared frames, by frame (``"steps"``, ``"runs"``):
+    #: column -> dtype. A column of :mod:`probe.schema` keeps the schema's dtype; any other is
+    #: added to the frame after the schema's columns.
+    columns: ClassVar[Mapping[str, Mapping[str, str]]] = {}
+    #: the frames this observer builds whole (a frame of :class:`probe.Run`): name -> its columns
+    builds: ClassVar[Mapping[str, Mapping[str, str]]] = {}
+
+    def install(self, model: Any, recorder: Any, stack: Any) -> None:
+        """The probe registers this observer with ``recorder`` (its clock: ``recorder.now``);
+        anything it puts on ``model`` is undone by a callback on ``stack`` (the probe's
+        ``ExitStack``, closed on detach and on every failure path)."""
 
     def run_begin(self, run: "RunRec") -> None:
         """A ``generate()`` run opens; called before its clock starts."""
@@ -41,44 +83,53 @@ class Observer:
 
     def claim(self) -> "RunRec | None":
         """The run a root forward starting now belongs to, when this observer opened it (a
-        serving loop's packed forward); the recorder then asks :meth:`shape` for its step."""
+        serving loop's packed forward); the recorder then asks :meth:`shape` for its step and
+        leaves reading its cache to the observer."""
         return None
 
     def shape(self, step: "StepRec") -> None:
         """Set ``phase``, ``q_len``, ``kv_len`` and ``batch`` of a step in a claimed run."""
 
-    def step_begin(self, step: "StepRec", opening_ns: int) -> None:
-        """A step's clock started; ``opening_ns`` of probe work opened it (CUDA events)."""
+    def step_begin(self, step: "StepRec") -> None:
+        """A step is about to start: it has its run, index and shape; its clock has not started
+        (``step.opened``: when the probe began opening it)."""
 
     def step_end(self, step: "StepRec", kwargs: dict, out: Any, error: BaseException | None) -> None:
-        """A step's forward returned (or raised ``error``) and the step joined its run."""
+        """A step's forward returned (or raised ``error``), its clock stopped and the step
+        joined its run."""
 
     def busy(self) -> bool:
         """Something of this observer's is running (records cannot be cleared now)."""
         return False
 
     def clear(self) -> None:
-        """Forget every record."""
+        """Forget every record (keeping what is still running)."""
 
-    def records(self) -> dict:
-        """This observer's fields of :class:`probe.recorder.Records`."""
-        return {}
+    def records(self) -> Any:
+        """A frozen copy of this observer's records, for :meth:`frames` (``None``: nothing)."""
+        return None
+
+    @classmethod
+    def frames(cls, records: Any, *, calls: "DataFrame", steps: "DataFrame", runs: "DataFrame",
+               rank: int) -> Contribution:
+        """What this observer adds to the frames, built from its :meth:`records` alone and the
+        recorder's frames (``calls``, ``steps``, ``runs``; not to be modified)."""
+        return Contribution()
 
 
 class StepRec:
     """One forward of the root model (host-side facts; CUDA events resolved later)."""
 
     __slots__ = (
-        "run", "index", "phase", "q_len", "kv_len", "batch", "t0", "t1", "call0", "call1",
+        "run", "index", "phase", "q_len", "kv_len", "batch", "opened", "t0", "t1", "call0", "call1",
         "ev0", "ev1", "gpu_ms", "kv_bytes", "mem_peak", "kept", "compiled", "cpu0", "cpu_ns", "status",
-        "serve", "paged_bytes", "owner",
     )
 
     def __init__(self, run: "RunRec") -> None:
         self.run = run
         self.index = run.n_steps_seen
         run.n_steps_seen += 1
-        self.owner: Observer | None = None  # the observer whose run claimed this forward
+        self.opened: int | None = None  # the clock when the probe began opening it (before t0)
         self.ev0 = self.ev1 = None
         self.gpu_ms = math.nan
         self.kv_bytes: int | None = None
@@ -87,8 +138,6 @@ class StepRec:
         self.compiled = False
         self.cpu_ns: int | None = None
         self.status = "ok"
-        self.serve = None  # the serving loop's Iteration (continuous batching), else None
-        self.paged_bytes: int | None = None
 
 
 class RunRec:
@@ -97,7 +146,7 @@ class RunRec:
     __slots__ = (
         "run_id", "kind", "t_enter", "t_exit", "status", "steps", "input_len", "batch_in",
         "mask", "output_len", "output_rows", "output_ids", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
-        "serve", "prompt_in_output", "cpu0", "cpu_ns", "sched0", "wait_ns",
+        "prompt_in_output",
     )
 
     def __init__(self, run_id: str, kind: str) -> None:
@@ -118,8 +167,3 @@ class RunRec:
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.n_steps_seen = 0
         self.mem_peak: int | None = None  # CUDA allocator peak over the whole run
-        self.serve = None  # kind "serve": the probe.serving.ManagerWatch of its loop
-        self.cpu0: int | None = None
-        self.cpu_ns: int | None = None  # process CPU time over the generate call
-        self.sched0: dict | None = None
-        self.wait_ns: float | None = None  # run-queue wait of the process's threads (probe.noise)

@@ -3,10 +3,12 @@
 It owns everything a recording is made of — runs (one per ``generate()`` call, or a stretch of
 plain forwards), steps (one per root forward, with its phase decided from shapes alone), the
 call columns the hot path appends to, interned shape signatures, the CUDA event pool and the
-allocator-counter stack (:mod:`probe.recording.extras`) — and hands a plain frozen :class:`Records` to the frame builder. It
-knows nothing about how it is attached to a model (that is :mod:`probe.capture.lifecycle`), nor about
-what its observers (:mod:`probe.recording.observer`: sampling stages, serving loops, CPU time and
-run-queue wait) keep beside it; it tells them when runs and steps begin and end.
+allocator-counter stack (:mod:`probe.recording.extras`) — and hands a plain frozen
+:class:`Records` to the frame builder. It knows nothing about how it is attached to a model
+(that is :mod:`probe.capture.lifecycle`), nor about what its observers keep beside it: it knows
+only their interface (:mod:`probe.recording.observer`), tells them when runs and steps begin
+and end — outside the windows it times — and hands each one's frozen records on in
+``Records.observed``.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ class Records:
     env: dict = field(default_factory=dict)
     config: dict | None = None
     costs: dict | None = None  # probe.cost.module_costs of the recorded modules
-    sampling: dict = field(default_factory=dict)  # run id -> probe.sampling stage records
     dropped_calls: int = 0  # calls left out because recording them raised (hotpath.dropped)
+    #: per registered observer, in order: (its class, its frozen records), for its own frames
+    observed: tuple = ()
 
 
 class Recorder:
@@ -83,6 +86,7 @@ class Recorder:
         self._gen_depth = 0
         self.root_depth = 0
         self._cur_step: StepRec | None = None
+        self._cur_owner: Observer | None = None  # the observer that claimed the open step, if one did
         self._run_counter = 0
         self._run_prefix = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{id(self) & 0xFFFF:04x}"
         self.observers: list[Observer] = []  # told of run and step boundaries (probe.observer)
@@ -228,7 +232,7 @@ class Recorder:
         self.version += 1
 
     def _reset_step_state(self) -> None:
-        self._cur_step = None
+        self._cur_step = self._cur_owner = None
         self.root_depth = 0
         self.extras.reset()
         self.cols.recording = True
@@ -239,9 +243,7 @@ class Recorder:
         self.root_depth += 1
         if self.root_depth > 1:
             return
-        t0 = self.now()
-        # CPU time goes beside wall time only on the real clock: an injected clock has no CPU time
-        cpu0 = time.process_time_ns() if not self.injected_clock else None
+        opened = self.now()
         owner = run = None
         for o in self.observers:
             run = o.claim()
@@ -250,11 +252,11 @@ class Recorder:
                 break
         if run is None:
             run = self.gen_run if self.gen_run is not None else self._open_forward
-        if run is None:
+        fresh = run is None
+        if fresh:
             run = self._open_forward = self.new_run("forward")
-            run.t_enter = t0
         s = StepRec(run)
-        s.owner = owner
+        s.opened = opened
         if owner is not None:
             owner.shape(s)
         else:
@@ -265,14 +267,17 @@ class Recorder:
             s.q_len, s.kv_len, s.batch = q_len, kv_len, batch
         s.call0 = len(self.cols)
         s.kept = self._keep(s)
-        s.cpu0 = cpu0
-        self._cur_step = s
+        self._cur_step, self._cur_owner = s, owner
+        for o in self.observers:
+            o.step_begin(s)  # before the clock starts: their bookkeeping is the probe's, not the forward's
         self.cols.recording = s.kept
         if self.uses_cuda:
             s.ev0 = self.extras.step_begin(run)
-        s.t0 = self.now() if self.uses_cuda else t0
-        for o in self.observers:
-            o.step_begin(s, s.t0 - t0)
+        # CPU time goes beside wall time only on the real clock: an injected clock has no CPU time
+        s.cpu0 = time.process_time_ns() if not self.injected_clock else None
+        s.t0 = self.now()
+        if fresh:
+            run.t_enter = s.t0  # a stretch of plain forwards starts with its first forward
 
     def step_end(self, kwargs: dict, out: Any, error: BaseException | None = None) -> None:
         """After a root forward (also when it raised, KeyboardInterrupt included)."""
@@ -283,6 +288,7 @@ class Recorder:
             return
         t1 = self.now()
         s, self._cur_step = self._cur_step, None
+        owner, self._cur_owner = self._cur_owner, None
         if s is None:
             return
         s.t1 = t1
@@ -299,7 +305,7 @@ class Recorder:
             s.call1 = len(self.cols)
             if s.call1 == s.call0 and self.modules and error is None:
                 s.compiled = True  # the forward ran, the block wrappers did not: compiled code
-            if error is None and s.owner is None:  # a claimed step's cache is its owner's to read
+            if error is None and owner is None:  # a claimed step's cache is its owner's to read
                 try:
                     s.kv_bytes = cache_bytes(find_cache(kwargs, out))
                 except Exception:  # an exotic cache must never break the user's forward
@@ -353,8 +359,7 @@ class Recorder:
         n = len(self.cols)
         t0b, t1b, sigb, innerb = self.cols.columns()
         gpu, mem, off = self.extras.arrays(n)
-        for o in self.observers:
-            facts.update(o.records())  # e.g. sampling=
+        observed = tuple((type(o), o.records()) for o in self.observers)
         return Records(
             t0=np.frombuffer(t0b, dtype=np.int64, count=n),
             t1=np.frombuffer(t1b, dtype=np.int64, count=n),
@@ -362,7 +367,7 @@ class Recorder:
             inner=np.frombuffer(innerb, dtype=np.int32, count=n),
             msigs=list(self.msigs), sigs=list(self.sigs), modules=list(self.modules),
             placements=list(self.placements), runs=list(self.runs), gpu_ms=gpu, mem=mem, offload_ns=off,
-            rank=self.rank, decode_stride=self.decode_stride, max_steps=self.max_steps,
+            rank=self.rank, decode_stride=self.decode_stride, max_steps=self.max_steps, observed=observed,
             dropped_calls=self.cols.dropped, **facts,
         )
 

@@ -17,7 +17,7 @@ wrapped on the instance for the call): ``_update_model_kwargs_for_generation`` (
 kwargs``: carrying the cache, attention mask and positions over to the next step) and
 ``prepare_inputs_for_generation`` (``prepare inputs``: slicing the next forward's inputs).
 The probe's own bookkeeping of the step that falls outside the forward (closing the step,
-reading the cache size; on CUDA also opening the next step) is the stage ``probe``.
+reading the cache size, the observers' bookkeeping, opening the next step) is the stage ``probe``.
 Everything else outside the model until the next forward (the scores copy, softmax +
 multinomial or argmax, appending the token, generate's bookkeeping, and the few microseconds
 per stage the timing itself costs) is the ``remainder``, so a step's stages add up to its
@@ -30,7 +30,8 @@ candidate generator's ``get_candidates`` (the assistant model's own generate, or
 lookup) is the stage ``candidates``; the first candidates, drawn before the first forward, are
 generate's setup (in TTFT), not a step's.
 
-This module imports only pandas and numpy up front; torch and transformers are imported when a
+The observer keeps its stage records per generate call and builds the ``sampling`` frame from
+them (:mod:`probe.recording.stages`, with pandas). Torch and transformers are imported when a
 generate call is recorded.
 """
 
@@ -43,37 +44,25 @@ import time
 from array import array
 from typing import Any, Callable
 
-import numpy as np
-import pandas as pd
-
-from .. import schema
-from .observer import Observer
+from .observer import Contribution, Observer
+from .stages import CANDIDATES, PREPARE_INPUTS, PROBE, PROCESSOR, STOPPING, UPDATE_KWARGS, sampling_frame
+from .stages import stage_means, stage_summary  # noqa: F401 - the summaries, where readers have found them
 from ..schema import SAMPLING
 
 log = logging.getLogger(__name__)
 
 _now = time.perf_counter_ns
-_NS = 1e-6  # ns -> ms
-
-PROCESSOR, STOPPING, CANDIDATES, REMAINDER = "processor", "stopping", "candidates", "remainder"
-UPDATE_KWARGS, PREPARE_INPUTS, PROBE = "update kwargs", "prepare inputs", "probe"
 #: model methods generate calls between forwards, timed as a stage each (transformers 4.57 and 5.x)
 _METHODS = {"_update_model_kwargs_for_generation": UPDATE_KWARGS, "prepare_inputs_for_generation": PREPARE_INPUTS}
 #: every model attribute wrapped (on the instance, during a generate call): the builders of
 #: generate's per-call helpers, then the timed methods
 WRAPPED = ("_get_logits_processor", "_get_stopping_criteria", "_get_candidate_generator", *_METHODS)
-#: display order of the stage kinds, roughly that of a step: after the forward, its cache and
-#: mask are carried over, the processors run (in list order), the token is chosen, the
-#: stopping checks run, candidates are drafted, the next forward's inputs are prepared;
-#: then the probe's own bookkeeping of the step; the remainder (token choice and the rest) is
-#: always last
-_KIND_ORDER = {UPDATE_KWARGS: 0, PROCESSOR: 1, STOPPING: 2, CANDIDATES: 3, PREPARE_INPUTS: 4, PROBE: 5}
 
 
 class _RunRec:
     """The stage records of one generate call: one entry per timed call, columnar."""
 
-    __slots__ = ("run_id", "stages", "stage_ids", "step", "c_step", "c_stage", "c_ns", "c_ev", "ev_ms")
+    __slots__ = ("run_id", "stages", "stage_ids", "step", "c_step", "c_stage", "c_ns", "c_ev", "ev_ms", "own_at")
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
@@ -85,6 +74,7 @@ class _RunRec:
         self.c_ns = array("q")
         self.c_ev = array("i")  # index into ev_ms, -1 without CUDA
         self.ev_ms = array("d")
+        self.own_at = -1  # the entry of the probe's own bookkeeping after the last forward, if any
 
     def stage_id(self, kind: str, pos: int, name: str) -> int:
         key = (kind, pos, name)
@@ -100,10 +90,12 @@ class SamplingRecorder(Observer):
 
     An observer of the recorder (:mod:`probe.recording.observer`): :meth:`begin` when a generate call
     starts, :meth:`step` when each of its forwards ends, :meth:`end` when it returns (or fails,
-    or the probe detaches).
+    or the probe detaches). Builds the ``sampling`` frame from its own records.
     """
 
-    def __init__(self, model: Any, now: Callable[[], int] | None = None) -> None:
+    builds = {"sampling": SAMPLING}
+
+    def __init__(self, model: Any = None, now: Callable[[], int] | None = None) -> None:
         self.model = model
         self.now = now or _now  # the recorder's clock: stages and steps must share it
         self.runs: dict[str, _RunRec] = {}
@@ -113,6 +105,11 @@ class SamplingRecorder(Observer):
         self._pool: list = []
 
     # ------------------------------------------------------------------ the recorder's observer
+    def install(self, model: Any, recorder: Any, stack: Any) -> None:
+        self.model = model
+        self.now = recorder.now
+        stack.callback(self.end)  # its generate-time wrappers go on every path
+
     def run_begin(self, run: Any) -> None:
         self.begin(run.run_id)  # times generate's processors, stopping checks, ...
 
@@ -122,17 +119,20 @@ class SamplingRecorder(Observer):
     def stop(self, reason: str) -> None:
         self.end()
 
-    def step_begin(self, step: Any, opening_ns: int) -> None:
-        if step.run.kind == "generate":
-            self.own(opening_ns)  # opening this step (CUDA events), outside the previous step's forward
-
     def step_end(self, step: Any, kwargs: dict, out: Any, error: BaseException | None) -> None:
         if step.run.kind == "generate":
+            # opening this step (before its clock) was the probe's work after the previous forward
+            if step.opened is not None:
+                self.own(step.t0 - step.opened)
             # sampling calls from here to the next forward belong to this step; so does this bookkeeping
             self.step(step.index, self.now() - step.t1)
 
     def records(self) -> dict:
-        return {"sampling": dict(self.runs)}
+        return dict(self.runs)
+
+    @classmethod
+    def frames(cls, records: Any, *, calls: Any, steps: Any, runs: Any, rank: int) -> Contribution:
+        return Contribution(built={"sampling": sampling_frame(records or {}, steps, rank)})
 
     # ------------------------------------------------------------------ lifecycle
     def begin(self, run_id: str) -> None:
@@ -159,6 +159,11 @@ class SamplingRecorder(Observer):
         cur = self._cur
         if cur is None or cur.step < 0 or ns <= 0:
             return
+        at = cur.own_at
+        if at >= 0 and cur.c_step[at] == cur.step:  # closing a step and opening the next: one stage call
+            cur.c_ns[at] += ns
+            return
+        cur.own_at = len(cur.c_ns)
         cur.c_step.append(cur.step)
         cur.c_stage.append(cur.stage_id(PROBE, 0, PROBE))
         cur.c_ns.append(ns)
@@ -385,148 +390,3 @@ def _timed_types() -> tuple[type, type]:
         return out
 
     return TimedLogitsProcessorList, TimedStoppingCriteriaList
-
-
-# ---------------------------------------------------------------------- frames
-def sampling_frame(runs: dict[str, _RunRec], steps: pd.DataFrame, rank: int) -> pd.DataFrame:
-    """The ``sampling`` frame: per generate step, one row per stage in order, then ``remainder``.
-
-    Every step of a timed generate call gets a row for every stage seen in that call (0 ms
-    where a stage did not run in a step); ``remainder = outside_ms - sum(stages)``, so the
-    rows of a step add up to its ``outside_ms``. Steps without ``outside_ms`` (a run still
-    going) and generate calls that were not timed get no rows.
-    """
-    if not runs or steps.empty:
-        return schema.empty(SAMPLING)
-    parts = []
-    by_run = {rid: g for rid, g in steps.groupby("run_id", sort=False)}
-    for rid, r in runs.items():
-        st = by_run.get(rid)
-        if st is None or not r.stages:
-            continue
-        st = st[st["outside_ms"].notna()]
-        if st.empty:
-            continue
-        parts.append(_run_rows(r, st, rank))
-    if not parts:
-        return schema.empty(SAMPLING)
-    return schema.conform(pd.concat(parts, ignore_index=True), SAMPLING)
-
-
-def _run_rows(r: _RunRec, st: pd.DataFrame, rank: int) -> pd.DataFrame:
-    n_stage = len(r.stages)
-    # display order: processors by list position, stopping, candidates, then the remainder
-    keys = sorted(range(n_stage), key=lambda i: (_KIND_ORDER[r.stages[i][0]], r.stages[i][1], i))
-    order = np.empty(n_stage, dtype=np.int64)
-    order[keys] = np.arange(n_stage)
-    step_vals = st["step"].to_numpy(dtype=np.int64)
-    pos = {int(s): i for i, s in enumerate(step_vals)}
-    n_step = len(step_vals)
-    host = np.zeros((n_step, n_stage))
-    gpu = np.zeros((n_step, n_stage))
-    calls = np.zeros((n_step, n_stage), dtype=np.int64)
-    has_gpu = np.zeros(n_stage, dtype=bool)
-    n = len(r.c_ns)
-    if n:
-        c_step = np.frombuffer(r.c_step, dtype=np.int32, count=n)
-        row = np.array([pos.get(int(s), -1) for s in c_step], dtype=np.int64)
-        ok = row >= 0
-        stage = np.frombuffer(r.c_stage, dtype=np.int32, count=n)[ok]
-        row = row[ok]
-        ns = np.frombuffer(r.c_ns, dtype=np.int64, count=n)[ok]
-        np.add.at(host, (row, stage), ns * _NS)
-        np.add.at(calls, (row, stage), 1)
-        ev = np.frombuffer(r.c_ev, dtype=np.int32, count=n)[ok]
-        ev_ms = np.frombuffer(r.ev_ms, dtype=np.float64) if len(r.ev_ms) else np.zeros(0)
-        timed = (ev >= 0) & (ev < len(ev_ms))
-        if timed.any():
-            np.add.at(gpu, (row[timed], stage[timed]), ev_ms[ev[timed]])
-            has_gpu[np.unique(stage[timed])] = True
-    gpu[:, ~has_gpu] = np.nan
-    outside = st["outside_ms"].to_numpy(dtype=np.float64)
-    remainder = outside - host.sum(axis=1)
-    names = [s[2] for s in r.stages]
-    phases = st["phase"].astype(object).to_numpy()
-    rows = {
-        "run_id": np.repeat(r.run_id, n_step * (n_stage + 1)),
-        "rank": np.full(n_step * (n_stage + 1), rank, dtype=np.int64),
-        "step": np.repeat(step_vals, n_stage + 1),
-        "phase": np.repeat(phases, n_stage + 1),
-        "stage": np.tile(np.array([names[i] for i in keys] + [REMAINDER], dtype=object), n_step),
-        "order": np.tile(np.arange(n_stage + 1, dtype=np.int64), n_step),
-        "host_ms": np.column_stack([host[:, keys], remainder]).ravel(),
-        "gpu_ms": np.column_stack([gpu[:, keys], np.full(n_step, np.nan)]).ravel(),
-        "calls": pd.array(np.column_stack([calls[:, keys], np.zeros(n_step, np.int64)]).ravel(), dtype="Int64"),
-    }
-    df = pd.DataFrame(rows)
-    df.loc[df["stage"] == REMAINDER, "calls"] = pd.NA
-    return df
-
-
-# ---------------------------------------------------------------------- analysis
-def stage_summary(sampling: pd.DataFrame, steps: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per phase and stage: the sampling step's time, in stage order.
-
-    Columns: ``phase, stage, order, steps, calls, total_ms, mean_ms`` (per step),
-    ``gpu_total_ms`` (NaN without CUDA), ``outside_share`` (of the phase's time outside the
-    model over the same steps) and, with ``steps``, ``step_share`` (of the phase's latency,
-    forward + outside, over the same steps). Stages of the same name in several generate
-    calls are one row; the order is the first call's.
-    """
-    cols = {"phase": "string", "stage": "string", "order": "int64", "steps": "int64", "calls": "Int64",
-            "total_ms": "float64", "mean_ms": "float64", "gpu_total_ms": "float64",
-            "outside_share": "float64", "step_share": "float64"}
-    if sampling is None or sampling.empty:
-        return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in cols.items()})
-    s = sampling
-    key = ["rank", "run_id", "step"]
-    n_steps = s[key + ["phase"]].drop_duplicates().groupby("phase", sort=False).size()
-    g = s.groupby(["phase", "stage"], sort=False, observed=True)
-    out = pd.DataFrame(
-        {
-            "order": g["order"].min(),
-            "calls": g["calls"].sum(min_count=1),
-            "total_ms": g["host_ms"].sum(),
-            "gpu_total_ms": g["gpu_ms"].sum(min_count=1),
-        }
-    ).reset_index()
-    out["steps"] = out["phase"].map(n_steps).astype("int64")
-    out["mean_ms"] = out["total_ms"] / out["steps"]
-    outside = s.groupby("phase", sort=False)["host_ms"].sum()
-    out["outside_share"] = out["total_ms"] / out["phase"].map(outside).astype("float64")
-    out["step_share"] = np.nan
-    if steps is not None and not steps.empty:
-        timed = steps.merge(s[key].drop_duplicates(), on=key, how="inner")
-        latency = timed.groupby("phase", sort=False)["latency_ms"].sum()
-        out["step_share"] = out["total_ms"] / out["phase"].map(latency).astype("float64")
-    rank = {p: i for i, p in enumerate(schema.PHASES)}
-    out["_p"] = out["phase"].map(rank).fillna(len(rank))
-    out["_r"] = out["stage"].eq(REMAINDER)  # the remainder last even where orders differ by run
-    out = out.sort_values(["_p", "_r", "order"], kind="stable").drop(columns=["_p", "_r"])
-    return out[list(cols)].astype(cols).reset_index(drop=True)
-
-
-def stage_means(sampling: pd.DataFrame, steps: pd.DataFrame, phase: str) -> list[tuple[str, float]]:
-    """``(stage, ms per step)`` of ``phase`` in order, over every step of the phase.
-
-    Steps without sampling rows (a generate call that was not timed) contribute their whole
-    ``outside_ms`` as ``outside (not split)``, so the values add up to the phase's mean
-    ``outside_ms``.
-    """
-    sub = steps[steps["phase"] == phase]
-    n = len(sub)
-    if n == 0:
-        return []
-    out: list[tuple[str, float]] = []
-    if sampling is not None and not sampling.empty:
-        ss = sampling[sampling["phase"] == phase]
-        summ = stage_summary(ss)
-        out = [(str(r.stage), float(r.total_ms) / n) for r in summ.itertuples(index=False)]
-        key = ["rank", "run_id", "step"]
-        split = sub.merge(ss[key].drop_duplicates(), on=key, how="left", indicator=True)
-        rest = split.loc[split["_merge"] == "left_only", "outside_ms"].sum(min_count=1)
-    else:
-        rest = sub["outside_ms"].sum(min_count=1)
-    if pd.notna(rest) and (rest != 0 or not out):
-        out.append(("outside (not split)", float(rest) / n))
-    return out

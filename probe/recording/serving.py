@@ -8,13 +8,12 @@ a long prompt) with one token of each running request (decode) into one ``[1, T]
 over a paged KV cache.
 
 While a probe is attached, ``model.init_continuous_batching`` (which every entry point calls)
-is wrapped on the instance. For each manager it returns, the probe wraps — on those objects'
-instances, never their classes — ``add_request`` / ``cancel_request`` (arrival, cancellation),
-the output router's ``deliver`` / ``deliver_batch`` (finish, status, transformers' own
-timestamps), ``_run_generation_loop`` (one run of kind ``"serve"`` per loop) and, on the batch
-processor the loop creates, ``prepare_next_batch`` (with ``scheduler.schedule_batch`` and
-``inputs_and_outputs.prepare_batch_tensors`` inside it), ``_generation_step`` and
-``update_batch``. Every wrapper is removed when the loop ends and when the probe detaches.
+is wrapped on the instance, and each manager it returns is watched
+(:mod:`probe.recording.serving_watch`: its requests, the passes of its loop, the wrappers on
+its instances). :class:`ServingObserver` opens one run of kind ``"serve"`` per loop, claims the
+forwards of the loop's thread, keeps its records per run and step, and builds the ``requests``
+frame and the serving columns of ``steps`` and ``runs`` from them
+(:mod:`probe.recording.serving_frames`).
 
 **Batch layout from host state, no device read.** Before each forward the manager's
 ``inputs_and_outputs.requests_in_batch`` lists the requests packed into it (Python objects:
@@ -37,348 +36,29 @@ import inspect
 import logging
 import threading
 import warnings
-import weakref
-from typing import Any, Callable
+from typing import Any
 
-from .observer import Observer
+from .observer import Contribution, Observer
+from .serving_frames import REQUEST_COLUMNS, RUN_COLUMNS, STEP_COLUMNS, serving_frames
+from .serving_watch import Iteration, ManagerWatch, ServingWarning, quietly
 
 log = logging.getLogger(__name__)
 
-
-class ServingWarning(UserWarning):
-    """Continuous batching ran where the probe cannot record its requests (a version gap)."""
+__all__ = ["ServeRun", "ServingObserver", "ServingWarning", "paged_cache_bytes"]
 
 
-class Iteration:
-    """One pass of the manager's loop that ran a forward: host-side times and the batch."""
+class ServeRun:
+    """The serving observer's records of one loop's run (kind ``"serve"``), by step index."""
 
-    __slots__ = ("t_prep0", "t_prep1", "schedule_ns", "cache_ns", "t_gen0", "t_gen1", "t_upd0", "t_upd1",
-                 "layout", "step")
+    __slots__ = ("run_id", "t_enter", "t_exit", "watch", "config", "steps")
 
-    def __init__(self, t: int) -> None:
-        self.t_prep0 = t
-        self.t_prep1 = self.t_gen0 = self.t_gen1 = self.t_upd0 = self.t_upd1 = None
-        self.schedule_ns = 0
-        self.cache_ns = 0
-        self.layout: list[tuple] | None = None  # (request_id, kind, tokens, cached, chunk, new_token)
-        self.step: int | None = None  # the recorder's step index of its forward
-
-    # batch composition, from the layout
-    def counts(self) -> tuple[int, int, int, int | None, int]:
-        """(requests, prefill tokens, decode tokens, highest prefill chunk, tokens sampled)."""
-        lay = self.layout or []
-        pre = sum(e[2] for e in lay if e[1] == "prefill")
-        dec = sum(e[2] for e in lay if e[1] == "decode")
-        chunks = [e[4] for e in lay if e[1] == "prefill"]
-        return len(lay), pre, dec, (max(chunks) if chunks else None), sum(1 for e in lay if e[5])
-
-    def phase(self) -> str:
-        _, pre, dec, _, _ = self.counts()
-        if pre and dec:
-            return "mixed"
-        return "prefill" if pre else "decode"
-
-
-class RequestRec:
-    """What the probe saw of one request (probe clock: the recorder's integer ns)."""
-
-    __slots__ = ("request_id", "arrival", "prompt_tokens", "max_new", "scheduled", "tokens", "finished",
-                 "status", "generated", "cancelled", "tf_created", "tf_stamps")
-
-    def __init__(self, request_id: str, arrival: int | None, prompt_tokens: int, max_new: int | None) -> None:
-        self.request_id = request_id
-        self.arrival = arrival
-        self.prompt_tokens = prompt_tokens
-        self.max_new = max_new
-        self.scheduled: int | None = None
-        self.tokens: list[int] = []  # host time each of its tokens was available
-        self.finished: int | None = None
-        self.status: str | None = None
-        self.generated: int | None = None
-        self.cancelled: int | None = None
-        self.tf_created: float | None = None  # transformers' perf_counter seconds
-        self.tf_stamps: list[float] | None = None
-
-
-class _Patches:
-    """Instance attributes set by the probe, each restored exactly once."""
-
-    def __init__(self) -> None:
-        self._items: list[tuple[Any, str, bool, Any, Any]] = []
-
-    def set(self, obj: Any, name: str, make: Callable[[Callable], Callable]) -> None:
-        had = name in getattr(obj, "__dict__", {})
-        old = obj.__dict__[name] if had else None
-        fn = make(getattr(obj, name))
-        fn.__probe_wrapper__ = True  # type: ignore[attr-defined]
-        setattr(obj, name, fn)
-        self._items.append((obj, name, had, old, fn))
-
-    def restore(self) -> None:
-        items, self._items = self._items, []
-        for obj, name, had, old, fn in reversed(items):
-            try:
-                if obj.__dict__.get(name) is not fn:
-                    continue  # replaced by someone else since: leave theirs
-                if had:
-                    obj.__dict__[name] = old
-                else:
-                    del obj.__dict__[name]
-            except Exception:  # a half-torn-down manager must not break detach
-                log.debug("could not restore %s", name, exc_info=True)
-
-
-class ManagerWatch:
-    """The probe's records of one ``ContinuousBatchingManager`` and the wrappers on it."""
-
-    def __init__(self, observer: "ServingObserver", manager: Any, graphs: str) -> None:
-        self.observer = observer
-        self.rec = observer.rec
-        self.now = observer.rec.now
-        self.manager_ref = weakref.ref(manager)
-        self.graphs = graphs  # how the probe left the manager's CUDA graphs
-        self.patches = _Patches()
-        self.proc_patches = _Patches()
-        self.requests: dict[str, RequestRec] = {}
-        self.iterations: list[Iteration] = []
-        self.chunks: dict[str, int] = {}
-        self.current: Iteration | None = None
-        self.layout_ok = True
-        self.config: dict = {}
-        self._install(manager)
-
-    # ------------------------------------------------------------------ manager wrappers
-    def _install(self, manager: Any) -> None:
-        p = self.patches
-        p.set(manager, "add_request", self._wrap_add)
-        p.set(manager, "cancel_request", self._wrap_cancel)
-        p.set(manager, "_run_generation_loop", self._wrap_loop)
-        p.set(manager, "_create_batch_processor", self._wrap_create)
-        router = getattr(manager, "output_router", None)
-        if router is not None and hasattr(router, "deliver") and hasattr(router, "deliver_batch"):
-            p.set(router, "deliver", self._wrap_deliver)
-            p.set(router, "deliver_batch", self._wrap_deliver_batch)
-        bp = getattr(manager, "batch_processor", None)
-        if bp is not None:  # a persistent manager's processor, reused by the next loop
-            self._patch_processor(bp)
-
-    def remove(self) -> None:
-        self.proc_patches.restore()
-        self.patches.restore()
-
-    def _wrap_add(self, fn: Callable) -> Callable:
-        def add_request(input_ids, request_id=None, max_new_tokens=None, *args, **kwargs):
-            t = self.now()
-            rid = fn(input_ids, request_id, max_new_tokens, *args, **kwargs)
-            if rid is not None:
-                m = self.manager_ref()
-                if max_new_tokens is None and m is not None:
-                    max_new_tokens = getattr(m.generation_config, "max_new_tokens", None)
-                self.requests[rid] = RequestRec(rid, t, len(input_ids), max_new_tokens)
-            return rid
-
-        return add_request
-
-    def _wrap_cancel(self, fn: Callable) -> Callable:
-        def cancel_request(request_id, *args, **kwargs):
-            r = self.requests.get(request_id)
-            if r is not None and r.cancelled is None:
-                r.cancelled = self.now()
-            return fn(request_id, *args, **kwargs)
-
-        return cancel_request
-
-    def _on_output(self, out: Any) -> None:
-        try:
-            finished = out.is_finished()
-        except Exception:
-            return
-        if not finished:
-            return
-        rid = out.request_id
-        r = self.requests.get(rid) or self._new_request(rid, len(getattr(out, "prompt_ids", []) or []))
-        r.finished = self.now()
-        error = getattr(out, "error", None)
-        r.status = "ok" if error is None else f"failed: {error}"
-        r.generated = len(getattr(out, "generated_tokens", []) or [])
-        r.tf_created = getattr(out, "created_time", None)
-        stamps = getattr(out, "timestamps", None)
-        r.tf_stamps = list(stamps) if stamps else None
-
-    def _wrap_deliver(self, fn: Callable) -> Callable:
-        def deliver(output, *args, **kwargs):
-            _quietly(self._on_output, output)
-            return fn(output, *args, **kwargs)
-
-        return deliver
-
-    def _wrap_deliver_batch(self, fn: Callable) -> Callable:
-        def deliver_batch(outputs, *args, **kwargs):
-            for o in outputs:
-                _quietly(self._on_output, o)
-            return fn(outputs, *args, **kwargs)
-
-        return deliver_batch
-
-    def _new_request(self, rid: str, prompt_tokens: int) -> RequestRec:
-        # forked children (num_return_sequences) and requests added around the wrapper
-        r = self.requests[rid] = RequestRec(rid, None, prompt_tokens, None)
-        return r
-
-    def _wrap_create(self, fn: Callable) -> Callable:
-        def create_batch_processor(*args, **kwargs):
-            bp = fn(*args, **kwargs)
-            _quietly(self._patch_processor, bp)
-            return bp
-
-        return create_batch_processor
-
-    def _wrap_loop(self, fn: Callable) -> Callable:
-        def run_generation_loop(*args, **kwargs):
-            run = None
-            try:
-                self._read_config()
-                run = self.observer.begin_run(self)
-            except Exception:  # the probe's own failure must never cost the user their loop
-                log.warning("probe: could not open the serving run", exc_info=True)
-            status = "ok"
-            try:
-                return fn(*args, **kwargs)
-            except BaseException as exc:
-                status = f"failed: {type(exc).__name__}: {exc}"
-                raise
-            finally:
-                m = self.manager_ref()
-                fatal = getattr(getattr(m, "background_thread_status", None), "fatal_error", None)
-                if fatal is not None and status == "ok":
-                    status = f"failed: {type(fatal).__name__}: {fatal}"
-                if run is not None:
-                    _quietly(self.observer.end_run, run, status)
-                self.remove()  # nothing of the probe stays on the manager once its loop ends
-                self.observer.forget(self)
-
-        return run_generation_loop
-
-    def _read_config(self) -> None:
-        m = self.manager_ref()
-        cfg = getattr(m, "continuous_batching_config", None)
-        keys = ("page_size", "num_blocks", "max_batch_tokens", "max_requests_per_batch", "use_cuda_graph",
-                "use_async_batching", "scheduler_type", "allow_block_sharing")
-        self.config = {k: _jsonable(getattr(cfg, k, None)) for k in keys}
-        self.config["cuda_graphs"] = self.graphs
-        model = getattr(m, "model", None)
-        self.config["attn_implementation"] = getattr(getattr(model, "config", None), "_attn_implementation", None)
-
-    # ------------------------------------------------------------------ batch processor wrappers
-    def _patch_processor(self, bp: Any) -> None:
-        if any(o is bp for o, *_ in self.proc_patches._items):
-            return
-        io = getattr(bp, "inputs_and_outputs", None)
-        sched = getattr(bp, "scheduler", None)
-        needed = (hasattr(bp, "prepare_next_batch") and hasattr(bp, "update_batch")
-                  and hasattr(bp, "_generation_step") and io is not None and hasattr(io, "requests_in_batch"))
-        if not needed:
-            self.layout_ok = False
-            warnings.warn("probe: this transformers' batch processor lacks the host-side batch description the "
-                          "probe reads; serving steps are timed but their composition is unknown", ServingWarning,
-                          stacklevel=2)
-            return
-        p = self.proc_patches
-        p.set(bp, "prepare_next_batch", self._wrap_prepare)
-        p.set(bp, "_generation_step", self._wrap_generation_step)
-        p.set(bp, "update_batch", self._wrap_update)
-        if sched is not None and hasattr(sched, "schedule_batch"):
-            p.set(sched, "schedule_batch", self._wrap_timed("schedule_ns"))
-        if hasattr(io, "prepare_batch_tensors"):
-            p.set(io, "prepare_batch_tensors", self._wrap_timed("cache_ns"))
-        self._io = io
-
-    def _wrap_prepare(self, fn: Callable) -> Callable:
-        def prepare_next_batch(*args, **kwargs):
-            it = self.current = Iteration(self.now())
-            ok = fn(*args, **kwargs)
-            it.t_prep1 = self.now()
-            if not ok:
-                self.current = None  # an idle pass: nothing was scheduled
-            return ok
-
-        return prepare_next_batch
-
-    def _wrap_timed(self, field: str) -> Callable[[Callable], Callable]:
-        def make(fn: Callable) -> Callable:
-            def timed(*args, **kwargs):
-                t0 = self.now()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    it = self.current
-                    if it is not None:
-                        setattr(it, field, getattr(it, field) + self.now() - t0)
-
-            timed.__name__ = getattr(fn, "__name__", "timed")
-            return timed
-
-        return make
-
-    def _wrap_generation_step(self, fn: Callable) -> Callable:
-        def generation_step(*args, **kwargs):
-            it = self.current
-            if it is None:  # prepare ran outside the wrapper: time the step anyway
-                it = self.current = Iteration(self.now())
-                it.t_prep1 = it.t_prep0
-            _quietly(self._read_layout, it)
-            self.iterations.append(it)
-            it.t_gen0 = self.now()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                it.t_gen1 = self.now()
-                if it.step is None:  # no root forward ran Python (a CUDA-graph replay, compiled code)
-                    _quietly(self.observer.external_step, self, it)
-
-        return generation_step
-
-    def _wrap_update(self, fn: Callable) -> Callable:
-        def update_batch(*args, **kwargs):
-            it = self.current
-            t0 = self.now()
-            # A request's token time: the manager takes the sampled tokens (already on the host)
-            # to update its requests — the moment transformers' record_timestamps stamps too.
-            for e in (it.layout or ()) if it is not None else ():
-                if e[5]:
-                    r = self.requests.get(e[0])
-                    if r is not None:
-                        r.tokens.append(t0)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                if it is not None:
-                    it.t_upd0, it.t_upd1 = t0, self.now()
-                self.current = None
-
-        return update_batch
-
-    def _read_layout(self, it: Iteration) -> None:
-        """The packed batch, from the manager's Python objects (no tensor is read)."""
-        lay = []
-        for fs in self._io.requests_in_batch:
-            st = fs.state
-            q = int(fs.query_length)
-            rid = st.request_id
-            cached = int(st.position_offset) - q  # prepare_batch_tensors already advanced it
-            decode = q == 1 and st.generated_len() > 0
-            r = self.requests.get(rid)
-            if r is None:
-                r = self._new_request(rid, len(st.initial_tokens))
-            if r.scheduled is None:
-                r.scheduled = it.t_prep0
-            if decode:
-                chunk = None
-            else:
-                chunk = self.chunks.get(rid, 0)
-                self.chunks[rid] = chunk + 1
-            lay.append((rid, "decode" if decode else "prefill", q, cached, chunk, bool(fs.has_new_token)))
-        it.layout = lay
+    def __init__(self, run: Any, watch: ManagerWatch) -> None:
+        self.run_id = run.run_id
+        self.t_enter: int | None = run.t_enter  # the run's origin: request times are counted from it
+        self.t_exit: int | None = None
+        self.watch = watch  # its manager's requests, iterations, CUDA-graph setting
+        self.config = dict(watch.config)
+        self.steps: dict[int, Iteration] = {}  # step index -> the loop pass that ran its forward
 
 
 class ServingObserver(Observer):
@@ -386,67 +66,94 @@ class ServingObserver(Observer):
 
     An observer of the recorder (:mod:`probe.recording.observer`): while a manager's loop runs, it holds
     that loop's run (kind ``"serve"``) and claims the root forwards its thread makes between
-    scheduling and updating a batch, shaping each step from the batch's host-side layout.
+    scheduling and updating a batch, shaping each step from the batch's host-side layout. Its
+    records (:class:`ServeRun` per run id) build the ``requests`` frame and fill the serving
+    columns of ``steps`` and ``runs``.
     """
 
-    def __init__(self, rec: Any, keep_cuda_graphs: bool = False) -> None:
-        self.rec = rec
+    columns = {"steps": STEP_COLUMNS, "runs": RUN_COLUMNS}
+    builds = {"requests": REQUEST_COLUMNS}
+
+    def __init__(self, keep_cuda_graphs: bool = False) -> None:
+        self.rec: Any = None  # the recorder, given at install
         self.keep_cuda_graphs = bool(keep_cuda_graphs)
         self.watches: list[ManagerWatch] = []
         self._lock = threading.Lock()
         self._warned = False
+        self.runs: dict[str, ServeRun] = {}
         self.run: Any = None  # the serving loop's run in progress (a probe.recorder.RunRec)
+        self.open: ServeRun | None = None  # its records
         self.thread: int | None = None  # the thread that runs it
 
     # ------------------------------------------------------------------ the recorder's observer
     def claim(self) -> Any:
-        run = self.run
-        if run is not None and run.serve.current is not None and threading.get_ident() == self.thread:
-            return run
-        return None
+        # any thread may ask while the loop's thread closes its run: read the records first (the
+        # loop clears the run first), and claim only on the loop's own thread
+        rec, run = self.open, self.run
+        if run is None or rec is None or rec.run_id != run.run_id or threading.get_ident() != self.thread:
+            return None
+        return run if rec.watch.current is not None else None
 
     def shape(self, step: Any) -> None:
-        it = step.run.serve.current  # a packed [1, T] forward: its composition from the manager's batch
+        it = self.open.watch.current  # a packed [1, T] forward: its composition from the manager's batch
         it.step = step.index
+        self.open.steps[step.index] = it
         _shape(step, it)
 
     def step_end(self, step: Any, kwargs: dict, out: Any, error: BaseException | None) -> None:
-        if step.owner is self and step.kept and error is None:
+        rec = self.open if step.run is self.run else None  # a forward of the loop's run, which it claimed
+        it = rec.steps.get(step.index) if rec is not None else None
+        if it is None:
+            return
+        it.fwd0, it.fwd1, it.compiled = step.t0, step.t1, step.compiled
+        if step.kept and error is None:
             try:
-                step.paged_bytes = paged_cache_bytes(kwargs.get("cache"))
+                it.paged_bytes = paged_cache_bytes(kwargs.get("cache"))
             except Exception:  # never break the user's forward
-                step.paged_bytes = None
-            step.kv_bytes = step.paged_bytes
+                it.paged_bytes = None
 
     def stop(self, reason: str) -> None:
         if self.run is not None:
-            run, self.run, self.thread = self.run, None, None
-            run.t_exit = self.rec.now()
-            run.status = f"failed: {reason}"
+            run, rec = self.run, self.open
+            self.run = self.open = self.thread = None
+            self.rec.close_run(run, f"failed: {reason}")
+            rec.t_exit = run.t_exit
 
     def busy(self) -> bool:
         return self.run is not None
+
+    def clear(self) -> None:
+        self.runs = {self.open.run_id: self.open} if self.open is not None else {}
+
+    def records(self) -> dict:
+        return dict(self.runs)
+
+    @classmethod
+    def frames(cls, records: Any, *, calls: Any, steps: Any, runs: Any, rank: int) -> Contribution:
+        return serving_frames(records or {}, rank)
 
     # ------------------------------------------------------------------ a loop's run
     def begin_run(self, watch: ManagerWatch) -> Any:
         """Open a run of kind ``"serve"`` for a continuous-batching loop (called on its thread)."""
         run = self.rec.open_run("serve")
-        run.serve = watch
-        run.gen_settings = dict(watch.config)
+        self.open = self.runs[run.run_id] = ServeRun(run, watch)
         self.thread = threading.get_ident()
         self.run = run
         return run
 
     def end_run(self, run: Any, status: str) -> None:
         if self.run is run:
-            self.run = self.thread = None
+            self.run = self.open = self.thread = None
         self.rec.close_run(run, status)
+        rec = self.runs.get(run.run_id)
+        if rec is not None:
+            rec.t_exit = run.t_exit
 
     def external_step(self, watch: ManagerWatch, it: Iteration) -> None:
         """A serving step whose forward ran no Python (a CUDA-graph replay): timed from the
         manager's generation step (forward + sampling), with no block records."""
-        run = self.run
-        if run is None or run.serve is not watch:
+        run, rec = self.run, self.open
+        if run is None or rec.watch is not watch:
             return
         s = self.rec.new_step(run)
         _shape(s, it)
@@ -454,11 +161,13 @@ class ServingObserver(Observer):
         s.cpu0, s.cpu_ns = 0, None
         s.compiled = True
         it.step = s.index
+        it.fwd0, it.fwd1, it.compiled = s.t0, s.t1, True
+        rec.steps[s.index] = it
         self.rec.add_step(s)
 
     # ------------------------------------------------------------------ installing
-
-    def install(self, model: Any, stack: Any) -> None:
+    def install(self, model: Any, recorder: Any, stack: Any) -> None:
+        self.rec = recorder
         init = getattr(model, "init_continuous_batching", None)
         if init is None or not callable(init):
             return
@@ -488,7 +197,7 @@ class ServingObserver(Observer):
                     log.warning("probe: could not turn the manager's CUDA graphs off", exc_info=True)
                     graphs = "unknown"
             manager = original(*args, **kwargs)
-            _quietly(observer.watch, manager, graphs)
+            quietly(observer.watch, manager, graphs)
             return manager
 
         init_continuous_batching.__probe_wrapper__ = True  # type: ignore[attr-defined]
@@ -522,6 +231,7 @@ class ServingObserver(Observer):
             w.remove()
 
 
+
 def _graphs_off(params: Any, args: tuple, kwargs: dict, model: Any) -> tuple[tuple, dict, str]:
     """The same call with ``continuous_batching_config.use_cuda_graph=False`` (a copy; the
     caller's config object is left as it was)."""
@@ -552,14 +262,15 @@ def _graphs_off(params: Any, args: tuple, kwargs: dict, model: Any) -> tuple[tup
     return tuple(args), kwargs, said
 
 
+
 def _shape(s: Any, it: Iteration) -> None:
     """A serving step's phase and shape, from the batch layout of its iteration."""
     n, pre, dec, _, _ = it.counts()
-    s.serve = it
     s.phase = it.phase() if it.layout else "forward"
     s.q_len = pre + dec
     s.batch = n
     s.kv_len = max((e[3] for e in it.layout or ()), default=0)  # the longest cached context
+
 
 
 def paged_cache_bytes(cache: Any) -> int | None:
@@ -568,19 +279,3 @@ def paged_cache_bytes(cache: Any) -> int | None:
         return None
     total = int(cache.num_sectors) * int(cache.bytes_per_sector)
     return max(0, total - int(cache.compute_free_capacity(relative=False)))
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, (tuple, list)):
-        return [_jsonable(x) for x in v]
-    return str(v)
-
-
-def _quietly(fn: Callable, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except Exception:  # the probe's own failure must never break the user's serving loop
-        log.warning("probe: serving record failed in %s", getattr(fn, "__name__", fn), exc_info=True)
-        return None
