@@ -312,3 +312,35 @@ def test_instance_level_forward_and_generate_set_before_attach_are_kept_and_put_
     seen.clear()
     model.generate(_ids(), max_new_tokens=2, do_sample=False)
     assert seen == ["generate", "forward", "forward"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_copying_or_pickling_an_attached_model_says_to_detach_first(native, monkeypatch):
+    """deepcopy and pickle of an attached model fail with a message that says what to do (the C
+    wrapper raised "function missing required argument 'columns'", pickle named a local
+    function); every instance-level patch — block wrappers, the root forward, the generate
+    marker — says so. Detached, the model copies and pickles as before, and the copy generates
+    what the original does."""
+    import copy
+    import pickle
+
+    from probe.recording import hotpath
+
+    if not native:
+        monkeypatch.setattr(hotpath, "C", None)
+    elif hotpath.C is None:
+        pytest.skip("probe/recording/_hooks.c is not built")
+    model = tiny_llama(layers=2)
+    ids = torch.tensor([[1, 5, 6]])
+    with probe.attach(model, depth="all"):
+        for what in (copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match=r"while a probe is attached.*detach first"):
+                what(model)
+        for patched in (model.forward, model.generate, model.model.layers[0].forward):
+            with pytest.raises(TypeError, match="detach first"):
+                pickle.dumps(patched)
+        want = model.generate(ids, max_new_tokens=3, do_sample=False)
+    twin = copy.deepcopy(model)
+    back = pickle.loads(pickle.dumps(model))
+    for m in (twin, back):
+        assert torch.equal(m.generate(ids, max_new_tokens=3, do_sample=False), want)

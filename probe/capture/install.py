@@ -82,11 +82,13 @@ def mark_generate(model: nn.Module, rec: Recorder, forwards: list, stack: contex
                           f"{COMPILED_ADVICE}", CompiledModelWarning, stacklevel=2)
         return out
 
-    generate.__probe_wrapper__ = True  # type: ignore[attr-defined]
-    model.__dict__["generate"] = generate
+    # a partial of the user's generate, like the forward wrappers: its signature and attributes
+    # are theirs, and copying or pickling the model says to detach first
+    marked = hotpath.PartialWrapper(original, generate)
+    model.__dict__["generate"] = marked
 
     def unpatch() -> None:
-        if model.__dict__.get("generate") is generate:
+        if model.__dict__.get("generate") is marked:
             if had:
                 model.__dict__["generate"] = original
             else:

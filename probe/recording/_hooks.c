@@ -670,6 +670,27 @@ Wrapper_get_wrapped(PyObject *obj, void *closure)
     return Py_NewRef(self->fn);
 }
 
+/* An attached model cannot be copied or pickled: its wrappers hold the live recording. Said
+   plainly, with what to do (the Python wrappers say the same, see hotpath.ATTACHED). */
+#define ATTACHED_MSG                                                                               \
+    "probe: a model cannot be copied or pickled while a probe is attached to it (its wrappers "   \
+    "hold the live recording); detach first - probe.detach(model), or leave the "                 \
+    "`with probe.attach(...)` block - then copy or pickle it"
+
+static PyObject *
+Wrapper_refuse(PyObject *self, PyObject *arg)
+{
+    PyErr_SetString(PyExc_TypeError, ATTACHED_MSG);
+    return NULL;
+}
+
+static PyMethodDef Wrapper_methods[] = {
+    {"__reduce__", (PyCFunction)Wrapper_refuse, METH_NOARGS, "refused while attached"},
+    {"__reduce_ex__", (PyCFunction)Wrapper_refuse, METH_O, "refused while attached"},
+    {"__deepcopy__", (PyCFunction)Wrapper_refuse, METH_O, "refused while attached"},
+    {NULL},
+};
+
 static PyGetSetDef Wrapper_getset[] = {
     {"__wrapped__", (getter)Wrapper_get_wrapped, NULL, "the wrapped forward", NULL},
     {"__probe_wrapper__", (getter)Wrapper_get_true, NULL, "marks the probe's wrappers", NULL},
@@ -710,6 +731,7 @@ make_wrapper_type(void)
         {Py_tp_dealloc, Wrapper_dealloc},
         {Py_tp_getattro, Wrapper_getattro},
         {Py_tp_getset, Wrapper_getset},
+        {Py_tp_methods, Wrapper_methods},
         {Py_tp_members, members},
         {0, NULL},
     };

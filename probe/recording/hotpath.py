@@ -153,6 +153,15 @@ class PartialWrapper(functools.partial):
 
     __probe_wrapper__ = True
 
+    def __reduce__(self):  # pickle.dumps(model), copy.deepcopy(model): say what to do
+        raise TypeError(ATTACHED)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(ATTACHED)
+
+    def __deepcopy__(self, memo):
+        raise TypeError(ATTACHED)
+
     def __new__(cls, fn: Callable, impl: Callable):
         self = super().__new__(cls, fn)
         self._impl = impl
@@ -168,6 +177,12 @@ class PartialWrapper(functools.partial):
 
     def __getattr__(self, name: str) -> Any:  # __name__, __doc__, __func__ ... of the original
         return getattr(self.func, name)
+
+
+#: Why an attached model cannot be copied or pickled, and what to do (the C wrapper says the same).
+ATTACHED = ("probe: a model cannot be copied or pickled while a probe is attached to it (its wrappers hold the "
+            "live recording); detach first - probe.detach(model), or leave the `with probe.attach(...)` block - "
+            "then copy or pickle it")
 
 
 def dropped(cols, exc: Exception) -> None:
@@ -323,9 +338,9 @@ def root_wrapper(rec: Any, fn: Callable) -> Callable:
         _quietly(rec.step_end, kwargs, out)
         return out
 
-    functools.update_wrapper(forward, fn)
-    forward.__probe_wrapper__ = True  # type: ignore[attr-defined]
-    return forward
+    # a partial of the user's forward, like the block wrappers: inspect.signature sees theirs
+    # (generate asks it for logits_to_keep), and copying or pickling the model says to detach
+    return PartialWrapper(fn, forward)
 
 
 def _quietly(fn: Callable, *args: Any) -> Any:
