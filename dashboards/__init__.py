@@ -57,6 +57,28 @@ def within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     return p == r or r in p.parents
 
 
+def escapes(run_dir: str | os.PathLike, root: str | os.PathLike) -> str | None:
+    """The first path a load of ``run_dir`` would read that leads outside ``root`` through a
+    symlink — the run folder itself, a file in it, a ``rank<N>`` folder or a file in one — or
+    ``None`` when everything stays inside. Only symlinks are resolved (one ``lstat`` per entry)."""
+    top = Path(run_dir).expanduser()
+    if not within(top, root):
+        return str(top)
+    todo = [top]
+    while todo:
+        d = todo.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue  # the load names an unreadable folder itself
+        for e in entries:
+            if e.is_symlink() and not within(e.path, root):
+                return e.path
+            if d == top and e.name.startswith("rank") and e.is_dir():
+                todo.append(Path(e.path))
+    return None
+
+
 def streamlit_command(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8501,
                       root: str | os.PathLike | None = None) -> list[str]:
     """The ``python -m streamlit run`` command line :func:`launch` executes (``root`` defaults

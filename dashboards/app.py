@@ -25,7 +25,17 @@ if __package__ in (None, ""):  # run as a script by `streamlit run`: make the pr
 import streamlit as st
 
 import probe
-from probe.dashboards import cli_root, cli_runs_dir, compare_views, cost_views, data, serve_views, views, within
+from probe.dashboards import (
+    cli_root,
+    cli_runs_dir,
+    compare_views,
+    cost_views,
+    data,
+    escapes,
+    serve_views,
+    views,
+    within,
+)
 
 log = logging.getLogger("dashboards.app")
 
@@ -194,6 +204,11 @@ def main() -> None:
     bad: dict[str, str] = {}
     sigs: dict[str, tuple] = {}
     for name, path in found.runs.items():
+        out = escapes(path, root)
+        if out is not None:  # a symlink inside the run (a file, a rank folder) leads elsewhere: not read
+            bad[name] = (f"{path} links outside the folder this dashboard may read ({out}); it is not read. "
+                         "Copy the run inside the folder, or start the dashboard with a wider --root")
+            continue
         sigs[name] = data.signature(path)
         run, err = _load(str(path), name, sigs[name])
         if run is None:

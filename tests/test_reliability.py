@@ -604,6 +604,42 @@ def test_the_dashboard_box_refuses_folders_outside_its_root(two_runs, tmp_path, 
     assert cli_root(cmd[cmd.index("--") + 1:]) == "/x"
 
 
+def test_the_dashboard_reads_nothing_a_symlink_inside_a_run_leads_to_outside_its_root(two_runs, tmp_path,
+                                                                                      monkeypatch):
+    """A run folder inside the root whose rank folder, or one of whose files, is a symlink to
+    a place outside it: named with the reason, never read (however deep the link sits)."""
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from probe.capture.ranks import save_rank
+    from probe.dashboards import APP, escapes
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    shutil.copytree(two_runs[0], root / "good")
+    run = probe.load(two_runs[0])
+    save_rank(run, outside / "tp")  # outside/tp/rank0
+    (root / "tp").mkdir(parents=True)
+    (root / "tp" / "rank0").symlink_to(outside / "tp" / "rank0", target_is_directory=True)
+    shutil.copytree(two_runs[1], root / "filelink")
+    shutil.copy(root / "filelink" / "calls.parquet", outside / "calls.parquet")
+    (root / "filelink" / "calls.parquet").unlink()
+    (root / "filelink" / "calls.parquet").symlink_to(outside / "calls.parquet")
+    assert escapes(root / "good", root) is None
+    assert escapes(root / "tp", root) == str(root / "tp" / "rank0")
+    assert escapes(root / "filelink", root) == str(root / "filelink" / "calls.parquet")
+    assert escapes(root / "filelink", tmp_path) is None  # a wider root reads it
+    monkeypatch.setenv("PROBE_DASHBOARD_ROOT", str(root))
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.session_state["runs_dir"] = str(root)
+    at.run()
+    assert not at.exception
+    assert at.sidebar.multiselect(key="runs").options == ["good"]
+    errors = " ".join(e.value for e in at.error)
+    for name in ("filelink", "tp"):
+        assert f"**{name}**" in errors
+    assert errors.count("links outside the folder this dashboard may read") == 2
+
+
 
 def test_probe_verify_lists_every_problem_where_load_stops_at_the_first(cli_run, tmp_path, capsys):
     d = tmp_path / "run"
