@@ -9,6 +9,7 @@ Every failure is one :class:`probe.RunLoadError` that names the file, the column
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -110,9 +111,53 @@ def check_frame(data: bytes, key: str, f: Path) -> pd.DataFrame:
                 raise _bad(f, col, f"holds {t} values where text belongs")
     _check_values(table, key, f)
     try:
-        return schema.conform(table.to_pandas(), sch)
+        return to_frame(table, sch)
     except Exception as exc:  # a type the checks above let through and pandas refuses
         raise RunLoadError(f"{f} cannot be read as the {key} frame: {type(exc).__name__}: {exc}") from exc
+
+
+#: the Arrow type each schema dtype is read as, before the one conversion to pandas
+_ARROW = {"int64": "int64", "Int64": "int64", "float64": "float64", "boolean": "bool_", schema.STR: "large_string"}
+
+
+@functools.lru_cache(maxsize=32)
+def _pandas_meta(items: tuple[tuple[str, str], ...]) -> dict:
+    """The pandas metadata of an empty frame at these dtypes: with it, Arrow's conversion makes them."""
+    import pyarrow as pa
+
+    return pa.Schema.from_pandas(schema.empty(dict(items)), preserve_index=False).metadata
+
+
+def to_frame(table, sch: dict[str, str]) -> pd.DataFrame:
+    """The Arrow ``table`` as a pandas frame at the dtypes of ``sch`` (see :func:`probe.schema.conform`):
+    every column cast once in Arrow (missing nullable ones added as nulls, extra ones kept after),
+    then one conversion to pandas that copies no column twice and frees the table's buffers as
+    it goes (``self_destruct``): the table must not be used afterwards."""
+    import pyarrow as pa
+
+    n = table.num_rows
+    cols, fields = [], []
+    for col, dtype in sch.items():
+        t = getattr(pa, _ARROW[dtype])()
+        if col in table.column_names:
+            arr = table.column(col)
+            if pa.types.is_dictionary(arr.type):
+                arr = arr.cast(arr.type.value_type)
+            cols.append(arr if arr.type == t else arr.cast(t))
+        elif n and dtype == "int64":
+            raise ValueError(f"column {col!r} ({dtype}) is required and has no value")
+        else:
+            cols.append(pa.nulls(n, t))
+        fields.append(pa.field(col, t))
+    extras = [c for c in table.column_names if c not in sch]
+    for col in extras:
+        cols.append(table.column(col))
+        fields.append(pa.field(col, table.column(col).type))
+    out = pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=_pandas_meta(tuple(sch.items()))))
+    del table, cols
+    df = out.to_pandas(split_blocks=True, self_destruct=True)
+    del out
+    return schema.conform(df, sch)
 
 
 def _unique_text(table, col: str) -> list[str]:
