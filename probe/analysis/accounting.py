@@ -274,6 +274,27 @@ def _tree_levels(prow: np.ndarray) -> np.ndarray:
     return level
 
 
+def _tree_nodes(modules: pd.Series, prow: np.ndarray, lv: np.ndarray) -> tuple[np.ndarray, list[str], list]:
+    """Each call's node in the tree of module paths, interned level by level as (node of its
+    parent, module) pairs, numbered in order of first appearance; with each node's path and its
+    parent's path (``None`` at the top)."""
+    mod_codes, mods = pd.factorize(modules.astype("string"), use_na_sentinel=False)
+    n_mods = max(len(mods), 1)
+    node = np.full(len(modules), -1, np.int64)
+    paths: list[str] = []
+    parent_path: list[str | None] = []
+    for d in range(int(lv.max()) + 1 if len(lv) else 0):
+        at = np.flatnonzero(lv == d)
+        par = node[prow[at]] if d else np.full(len(at), -1, np.int64)
+        codes, pairs = pd.factorize((par + 1) * n_mods + mod_codes[at])
+        node[at] = len(paths) + codes
+        for key in pairs.tolist():  # one per new node, not per call
+            pn, mc = key // n_mods - 1, key % n_mods
+            paths.append((paths[pn] + SEP if pn >= 0 else "") + str(mods[mc]))
+            parent_path.append(paths[pn] if pn >= 0 else None)
+    return node, paths, parent_path
+
+
 def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
     """The call tree per phase, one row per path of modules, optionally collapsed at ``depth``.
 
@@ -294,51 +315,45 @@ def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = Non
         return schema.empty(TREE)
     prow = ph.prow
     lv = _tree_levels(prow)
-    mod_codes, mods = pd.factorize(c["module"].astype(str))
-    # node of each call: (node of its parent, module), interned level by level
-    node = np.full(len(c), -1, np.int64)
-    paths: list[str] = []
-    parent_path: list[str | None] = []
-    index: dict[tuple[int, int], int] = {}
-    for d in range(int(lv.max()) + 1):
-        at = np.flatnonzero(lv == d)
-        par = node[prow[at]] if d else np.full(len(at), -1)
-        for i, (pn, mc) in zip(at, zip(par.tolist(), mod_codes[at].tolist())):
-            nid = index.get((pn, mc))
-            if nid is None:
-                nid = index[(pn, mc)] = len(paths)
-                paths.append((paths[pn] + SEP if pn >= 0 else "") + str(mods[mc]))
-                parent_path.append(paths[pn] if pn >= 0 else None)
-            node[i] = nid
-    keep = node.copy()
+    node, paths, parent_path = _tree_nodes(c["module"], prow, lv)
+    n = len(c)
+    keep = node
     if depth is not None:  # fold deeper calls into their ancestor at `depth`
-        anc = np.arange(len(c))
+        anc = np.arange(n)
         for _ in range(max(int(lv.max()) - depth + 1, 0)):
             deep = lv[anc] >= depth
             anc = np.where(deep, prow[anc], anc)
         keep = node[anc]
-    shown = lv < depth if depth is not None else np.ones(len(c), bool)
+    shown = lv < depth if depth is not None else np.ones(n, bool)
     cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
     gpu = c["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
-    f = pd.DataFrame({
-        "phase": c["phase"].astype(str).to_numpy(), "node": keep, "n": shown.astype("int64"),
-        "self": c["self_ms"].to_numpy(dtype="float64", na_value=np.nan),
-        "gself": c["gpu_self_ms"].to_numpy(dtype="float64", na_value=np.nan),
-        "t": np.where(shown, cpu, 0.0), "gt": np.where(shown, gpu, np.nan),
-        # the node's first own call (folded calls sort after every shown one)
-        "first": np.where(shown, np.arange(len(c)), len(c) + np.arange(len(c))),
+    # one group per (phase, node), aggregated on integer codes
+    pcodes, puniq = pd.factorize(c["phase"].astype("string"), use_na_sentinel=False)
+    slot, gkeys = pd.factorize(pcodes.astype(np.int64) * max(len(paths), 1) + keep)
+    m = len(gkeys)
+    # the node's first own call (folded calls sort after every shown one)
+    order = np.where(shown, np.arange(n), n + np.arange(n))
+    first = np.full(m, 2 * n, np.int64)
+    np.minimum.at(first, slot, order)
+    top = np.maximum.accumulate(slot)  # slots are numbered in order of appearance:
+    at = np.flatnonzero(np.r_[True, top[1:] > top[:-1]])  # each group's first row
+    gnode, gphase = keep[at], pcodes[at]
+    out = pd.DataFrame({
+        "phase": pd.array([str(puniq[p]) for p in gphase], dtype="string"),
+        "calls": np.bincount(slot, weights=shown.astype("float64"), minlength=m).astype("int64"),
+        "total_ms": _sum(slot, m, np.where(shown, cpu, 0.0)),
+        "self_ms": _sum(slot, m, c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
+        "gpu_total_ms": _sum(slot, m, np.where(shown, gpu, np.nan), 1),
+        "gpu_self_ms": _sum(slot, m, c["gpu_self_ms"].to_numpy(dtype="float64", na_value=np.nan), 1),
+        "first": first,
     })
-    g = f.groupby(["phase", "node"], sort=False)
-    out = pd.DataFrame({"calls": g["n"].sum(), "total_ms": g["t"].sum(), "self_ms": g["self"].sum(),
-                        "gpu_total_ms": g["gt"].sum(min_count=1), "gpu_self_ms": g["gself"].sum(min_count=1),
-                        "first": g["first"].min()}).reset_index()
-    first = out["first"].to_numpy()
-    out["role"] = c["role"].astype(str).to_numpy()[first]
-    out["layer"] = c["layer"].to_numpy()[first]
-    out["module"] = [str(mods[i]) for i in mod_codes[first]]
-    out["depth"] = [paths[n].count(SEP) + 1 for n in out["node"]]
-    out["parent_node"] = [parent_path[n] for n in out["node"]]
-    out["node"] = [paths[n] for n in out["node"]]
+    row = np.where(first < n, first, first - n)
+    out["role"] = c["role"].astype("string").array.take(row)
+    out["layer"] = c["layer"].array.take(row)
+    out["module"] = c["module"].astype("string").array.take(row)
+    out["depth"] = [paths[k].count(SEP) + 1 for k in gnode]
+    out["parent_node"] = [parent_path[k] for k in gnode]
+    out["node"] = [paths[k] for k in gnode]
     out["mean_ms"] = out["total_ms"] / out["calls"].where(out["calls"] > 0)
     out["share"] = ph.share(out["phase"], out["self_ms"], out["gpu_self_ms"])
     out["_p"] = out["phase"].map({p: i for i, p in enumerate(PHASES)}).fillna(len(PHASES))
