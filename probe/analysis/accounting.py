@@ -65,6 +65,13 @@ class Phases:
         self.residue = g["residue_ms"].sum()
         self.gpu_residue = g["gpu_residue_ms"].sum(min_count=1)
         self.probe = g["probe_ms"].sum() if "probe_ms" in self.steps.columns else None
+        self._codes: dict[str, tuple[np.ndarray, pd.Index]] = {}
+
+    def codes(self, col: str) -> tuple[np.ndarray, pd.Index]:
+        """``pd.factorize`` of a text column of the calls, made once and shared by every level."""
+        if col not in self._codes:
+            self._codes[col] = _factorize(self.calls[col])
+        return self._codes[col]
 
     def clock(self, phase: pd.Series, host: pd.Series, gpu: pd.Series) -> pd.Series:
         """``gpu`` where the row's phase is on the CUDA clock, else ``host``."""
@@ -95,12 +102,21 @@ class Phases:
         return rows
 
 
-def _block_codes(modules: pd.Series, roles: pd.Series) -> tuple[np.ndarray, list[str]]:
+def _factorize(s: pd.Series) -> tuple[np.ndarray, pd.Index]:
+    """Codes of a text column and its distinct values in order of appearance (-1 for a null)."""
+    return pd.factorize(s.astype("string"))
+
+
+def _block_codes(modules: pd.Series, roles: pd.Series, codes=None) -> tuple[np.ndarray, list[str]]:
     """Each module's block (embed / layer / norm / head, ``model`` outside every block) as codes
     into :data:`BLOCK_ORDER`: the nearest ancestor-or-self module recorded with a block role
     (worked out once per distinct module)."""
-    mcodes, muniq = pd.factorize(modules.astype("string"))
-    first_role = pd.Series(roles.astype("string").to_numpy()).groupby(mcodes).first()
+    mcodes, muniq = codes("module") if codes else _factorize(modules)
+    if codes:
+        rc, ru = codes("role")
+        first_role = pd.Series(np.asarray(ru, dtype=object)[rc]).where(rc >= 0).groupby(mcodes).first()
+    else:
+        first_role = pd.Series(roles.astype("string").to_numpy()).groupby(mcodes).first()
     blocks = {str(m): str(first_role[i]) for i, m in enumerate(muniq) if str(first_role[i]) in BLOCK_ROLES}
     index = {b: i for i, b in enumerate(BLOCK_ORDER)}
     per_module = np.empty(len(muniq), np.int64)
@@ -116,11 +132,11 @@ def _has_children(n: int, prow: np.ndarray) -> np.ndarray:
     return np.bincount(prow[prow >= 0], minlength=n) > 0
 
 
-def _role_codes(calls: pd.DataFrame, prow: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def _role_codes(calls: pd.DataFrame, prow: np.ndarray, codes=None) -> tuple[np.ndarray, list[str]]:
     """Each call's row name at the role level, as codes into a list of names: its role, or
     ``attention core`` for an attention call with recorded calls inside it (its self time is
     then what it does outside them)."""
-    rcodes, runiq = pd.factorize(calls["role"].astype("string"))
+    rcodes, runiq = codes("role") if codes else _factorize(calls["role"])
     names = [str(r) for r in runiq]
     if "attention" in names:
         core = (rcodes == names.index("attention")) & _has_children(len(calls), prow)
@@ -149,15 +165,15 @@ def labels(calls: pd.DataFrame, level: Level) -> np.ndarray:
     return np.asarray(names, dtype=object)[codes] if len(calls) else np.zeros(0, dtype=object)
 
 
-def _codes(calls: pd.DataFrame, level: str, prow: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
+def _codes(calls: pd.DataFrame, level: str, prow: np.ndarray | None, codes=None) -> tuple[np.ndarray, list[str]]:
     """Each call's row at ``level`` as codes into a list of names (``prow``: the parent rows,
-    needed at the role level)."""
+    needed at the role level; ``codes``: :meth:`Phases.codes`, to factorize each column once)."""
     if level == "module":
-        kcodes, kuniq = pd.factorize(calls["module"].astype("string"))
+        kcodes, kuniq = codes("module") if codes else _factorize(calls["module"])
         return kcodes, [str(m) for m in kuniq]
     if level == "role":
-        return _role_codes(calls, prow)
-    return _block_codes(calls["module"], calls["role"])
+        return _role_codes(calls, prow, codes)
+    return _block_codes(calls["module"], calls["role"], codes)
 
 
 def _sum(groups: np.ndarray, n: int, values: np.ndarray, min_count: int = 0) -> np.ndarray:
@@ -174,14 +190,14 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     c = ph.calls
     n = len(c)
     prow = ph.prow
-    rcodes, runiq = pd.factorize(c["role"].astype("string"))
+    rcodes, runiq = ph.codes("role")
     roles = [str(r) for r in runiq]
-    kcodes, names = _codes(c, level, prow)
+    kcodes, names = _codes(c, level, prow, ph.codes)
     own = np.ones(n, bool)
     if level == "block":
         role_as_key = np.array([names.index(r) if r in names else -1 for r in roles] or [-1], np.int64)
         own = (role_as_key[rcodes] == kcodes) | (kcodes == names.index("model"))
-    pcodes, puniq = pd.factorize(c["phase"].astype("string"))
+    pcodes, puniq = ph.codes("phase")
     n_phase = max(len(puniq), 1)
     # a call counts towards its row's total unless its parent is a call of the same row
     up = np.maximum(prow, 0)
@@ -189,17 +205,17 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
     gpu = c["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
     gk = kcodes.astype(np.int64) * n_phase + pcodes
-    sorted_keys, first_at, slot = np.unique(gk, return_index=True, return_inverse=True)
-    m = len(sorted_keys)
-    pick = np.argsort(first_at, kind="stable")  # output rows in the order they were first called
-    keys, first = sorted_keys[pick], first_at[pick]
+    slot, keys = pd.factorize(gk)  # output rows in the order they were first called
+    m = len(keys)
+    top = np.maximum.accumulate(slot)
+    first = np.flatnonzero(np.r_[True, top[1:] > top[:-1]])  # each row's first call
 
     def agg(values, min_count=0):
-        return _sum(slot, m, values, min_count)[pick]
+        return _sum(slot, m, values, min_count)
 
-    calls_n = np.bincount(slot, weights=own.astype("float64"), minlength=m)[pick]
+    calls_n = np.bincount(slot, weights=own.astype("float64"), minlength=m)
     ob = np.where(own, c["out_bytes"].to_numpy(dtype="float64", na_value=np.nan), np.nan)
-    ob_n = np.bincount(slot[~np.isnan(ob)], minlength=m)[pick]
+    ob_n = np.bincount(slot[~np.isnan(ob)], minlength=m)
     out = pd.DataFrame({
         "name": pd.array([names[k // n_phase] for k in keys], dtype="string"),
         "phase": pd.array([str(puniq[k % n_phase]) for k in keys], dtype="string"),
