@@ -112,12 +112,13 @@ def _block_codes(modules: pd.Series, roles: pd.Series, codes=None) -> tuple[np.n
     into :data:`BLOCK_ORDER`: the nearest ancestor-or-self module recorded with a block role
     (worked out once per distinct module)."""
     mcodes, muniq = codes("module") if codes else _factorize(modules)
-    if codes:
-        rc, ru = codes("role")
-        first_role = pd.Series(np.asarray(ru, dtype=object)[rc]).where(rc >= 0).groupby(mcodes).first()
-    else:
-        first_role = pd.Series(roles.astype("string").to_numpy()).groupby(mcodes).first()
-    blocks = {str(m): str(first_role[i]) for i, m in enumerate(muniq) if str(first_role[i]) in BLOCK_ROLES}
+    rc, ru = codes("role") if codes else _factorize(roles)
+    # each module's role: that of its first call with one
+    has = np.flatnonzero((rc >= 0) & (mcodes >= 0))
+    at = np.full(len(muniq), len(rc), np.int64)
+    np.minimum.at(at, mcodes[has], has)
+    role_of = [str(ru[rc[i]]) if i < len(rc) else "" for i in at]
+    blocks = {str(m): role_of[i] for i, m in enumerate(muniq) if role_of[i] in BLOCK_ROLES}
     index = {b: i for i, b in enumerate(BLOCK_ORDER)}
     per_module = np.empty(len(muniq), np.int64)
     for i, m in enumerate(muniq):
