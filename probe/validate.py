@@ -139,8 +139,8 @@ def _pandas_meta(items: tuple[tuple[str, str], ...]) -> dict:
 def to_frame(table, sch: dict[str, str]) -> pd.DataFrame:
     """The Arrow ``table`` as a pandas frame at the dtypes of ``sch`` (see :func:`probe.schema.conform`):
     every column cast once in Arrow (missing nullable ones added as nulls, extra ones kept after),
-    then one conversion to pandas that copies no column twice and frees the table's buffers as
-    it goes (``self_destruct``): the table must not be used afterwards."""
+    then one conversion to pandas that copies no column twice and frees each converted column's
+    Arrow buffers as it goes where nothing else holds them (``self_destruct``)."""
     import pyarrow as pa
 
     n = table.num_rows
@@ -149,7 +149,9 @@ def to_frame(table, sch: dict[str, str]) -> pd.DataFrame:
         t = getattr(pa, _ARROW[dtype])()
         if col in table.column_names:
             arr = table.column(col)
-            cols.append(arr if arr.type == t else arr.cast(t))  # a dictionary is decoded here
+            if pa.types.is_dictionary(arr.type) and dtype != schema.STR:  # not as parquet writes them
+                arr = arr.cast(arr.type.value_type)
+            cols.append(arr if arr.type == t else arr.cast(t))  # text dictionaries are decoded here
         elif n and dtype == "int64":
             raise ValueError(f"column {col!r} ({dtype}) is required and has no value")
         else:
