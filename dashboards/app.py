@@ -73,6 +73,31 @@ def _load(path: str, name: str, sig: tuple) -> tuple[probe.Run | None, str | Non
     return got
 
 
+def _peek(path: str, name: str, sig: tuple) -> str | None:
+    """Why the run cannot be loaded, from its meta.json and file sizes (:func:`data.peek`), kept
+    per run folder and signature; a load that failed with this signature counts too."""
+    cache, lock = _runs_cache()
+    with lock:
+        hit = cache.get((path, name))
+        seen = cache.get(("peek", path, name))
+    if hit is not None and hit[0] == sig:
+        return hit[1][1]
+    if seen is not None and seen[0] == sig:
+        return seen[1]
+    got = data.peek(path)
+    with lock:
+        cache[("peek", path, name)] = (sig, got)
+    return got
+
+
+def _loaded(path: str, name: str, sig: tuple) -> probe.Run:
+    """The run, loaded (and cached) on first use; :class:`probe.RunLoadError` where it cannot be."""
+    run, err = _load(path, name, sig)
+    if run is None:
+        raise probe.RunLoadError(err)
+    return run
+
+
 # The selected runs concatenated (and then filtered) are held too, keyed on their names and
 # file signatures (and the filters): re-concatenating a million rows on every click costs
 # about as much as the load itself. The leading underscore keeps the frames out of the key.
@@ -158,7 +183,7 @@ def _pick_comparison(found: data.Found) -> None:
                          format_func=lambda n: compare_views.label(found.comparisons, n))
 
 
-def _listing(found: data.Found, good: dict, bad: dict[str, str]) -> None:
+def _listing(found: data.Found, good, bad: dict[str, str]) -> None:
     """Below the sidebar's run and comparison pickers, once: what the folder holds, the runs that cannot be read
     (red, with the reason) and the folders that are neither runs nor comparisons (quietly)."""
     parts = [f"{len(found.runs)} run(s), {len(good)} readable"]
@@ -174,6 +199,22 @@ def _listing(found: data.Found, good: dict, bad: dict[str, str]) -> None:
                          icon="⚠️")
     if found.others:
         st.sidebar.caption("Other folders (no run in them): " + ", ".join(views.md(o) for o in found.others))
+
+
+def _none_readable(found: data.Found, runs_dir: str, bad: dict[str, str]) -> None:
+    """The page of a folder without a readable run: the listing, a warning, and the sweeps and
+    saved comparisons it holds (they are still shown)."""
+    _listing(found, [], bad)
+    if found.runs:
+        st.warning(f"None of the {len(found.runs)} run folder(s) in {views.md(runs_dir)} holds a readable run; "
+                   f"record one with `probe run --out {runs_dir}/NAME`.")
+    if found.sweeps:  # a sweep whose configs all failed still has its table and charts
+        st.header("Sweep")
+        cost_views.draw_sweeps(Path(runs_dir), found.sweeps)
+    if found.comparisons:  # a folder of comparisons only: they are still shown
+        _pick_comparison(found)
+        st.header(compare_views.VIEW)
+        compare_views.draw_comparisons(Path(runs_dir), found.comparisons, {})
 
 
 def main() -> None:
@@ -200,7 +241,9 @@ def main() -> None:
     # a symlinked run that leads out of the root is not read either
     found = replace(found, **{k: {n: p for n, p in getattr(found, k).items() if _inside(runs_dir, n, p, root)}
                               for k in ("runs", "sweeps", "comparisons")})
-    good: dict[str, probe.Run] = {}
+    # The listing reads each run's meta.json and its files' sizes, never a frame: a run's frames
+    # are loaded when it is picked (or a view asks for it), and a run that then fails to load
+    # leaves the list with its reason.
     bad: dict[str, str] = {}
     sigs: dict[str, tuple] = {}
     for name, path in found.runs.items():
@@ -210,30 +253,34 @@ def main() -> None:
                          "Copy the run inside the folder, or start the dashboard with a wider --root")
             continue
         sigs[name] = data.signature(path)
-        run, err = _load(str(path), name, sigs[name])
-        if run is None:
+        err = _peek(str(path), name, sigs[name])
+        if err is not None:
             bad[name] = err
-        else:
-            good[name] = run
-    if not good:
-        _listing(found, good, bad)
-        if found.runs:
-            st.warning(f"None of the {len(found.runs)} run folder(s) in {views.md(runs_dir)} holds a readable run; "
-                       f"record one with `probe run --out {runs_dir}/NAME`.")
-        if found.sweeps:  # a sweep whose configs all failed still has its table and charts
-            st.header("Sweep")
-            cost_views.draw_sweeps(Path(runs_dir), found.sweeps)
-        if found.comparisons:  # a folder of comparisons only: they are still shown
-            _pick_comparison(found)
-            st.header(compare_views.VIEW)
-            compare_views.draw_comparisons(Path(runs_dir), found.comparisons, {})
+    names = [n for n in found.runs if n not in bad]
+    if not names:
+        _none_readable(found, runs_dir, bad)
         return
 
-    names = list(good)
-    newest = data.newest(found, names)  # the latest top-level run, not a sweep's last config
     # runs that land while the page is open join the list, never the user's selection
     prev, cur = st.session_state.get("_options_runs"), st.session_state.get("runs")
-    st.session_state["runs"] = data.keep_selection(cur, prev, names, [newest] if newest else names[-1:])
+    while True:  # the picked runs are loaded first: one that cannot be read leaves the list
+        newest = data.newest(found, names)  # the latest top-level run, not a sweep's last config
+        picked = data.keep_selection(cur, prev, names, [newest] if newest else names[-1:])
+        failed = {}
+        for n in picked:
+            run, err = _load(str(found.runs[n]), n, sigs[n])
+            if run is None:
+                failed[n] = err
+        if not failed:
+            break
+        bad.update(failed)
+        names = [n for n in names if n not in failed]
+        cur = [n for n in (cur or []) if n not in failed] if cur is not None else None
+    if not names:
+        _none_readable(found, runs_dir, bad)
+        return
+    good = data.Loaded({n: found.runs[n] for n in names}, lambda n: _loaded(str(found.runs[n]), n, sigs[n]))
+    st.session_state["runs"] = picked
     st.session_state["_options_runs"] = names
     selected = st.sidebar.multiselect("Runs", names, key="runs")
     _pick_comparison(found)

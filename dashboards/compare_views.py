@@ -153,8 +153,10 @@ def draw_comparisons(runs_dir: Path, comparisons: dict[str, Path], run_paths: di
 
 def saved_comparison(ctx: Context) -> None:
     """The Saved comparison view (see :func:`draw_comparisons`)."""
-    draw_comparisons(ctx.runs_dir, ctx.comparisons, {n: Path(r.path) for n, r in ctx.loaded.items()
-                                                     if r.path is not None})
+    paths = getattr(ctx.loaded, "paths", None)  # the run folders, known without loading a run
+    if paths is None:
+        paths = {n: r.path for n, r in ctx.loaded.items() if r.path is not None}
+    draw_comparisons(ctx.runs_dir, ctx.comparisons, {n: Path(p) for n, p in paths.items()})
 
 
 VIEWS: dict[str, Callable[[Context], None]] = {"Compare": compare, VIEW: saved_comparison}

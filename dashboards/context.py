@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Mapping
 
 import pandas as pd
 import streamlit as st
@@ -31,7 +31,8 @@ class Context:
     Attributes:
         runs_dir: the runs folder.
         selected: names of the runs picked in the sidebar.
-        loaded: every readable run by name, unfiltered.
+        loaded: every readable run by name, unfiltered: a mapping that loads a run when it is
+            first read (:class:`data.Loaded`), so listing it costs nothing.
         filters: the sidebar filters.
         run: the selected runs' frames concatenated, with the filters applied.
         signatures: file signature of every loaded run (:func:`data.signature`), by name.
@@ -41,7 +42,7 @@ class Context:
 
     runs_dir: Path
     selected: list[str]
-    loaded: dict[str, probe.Run]
+    loaded: Mapping[str, probe.Run]
     filters: data.Filters
     run: probe.Run
     signatures: dict[str, tuple]

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from probe.analysis.run import FILES
 from probe.reports.tables import ranks
 from probe.store.files import MAX_META_BYTES, META, read_regular
 from probe.store.folders import rank_dirs
+from probe.errors import MANIFEST
 from probe.store.outdir import COMPARE_META
 
 from .discovery import (  # noqa: F401  (the runs folder's listing: part of this module's API)
@@ -137,6 +139,73 @@ def sweep_signature(sweep_dir: str | os.PathLike) -> tuple:
         except OSError:  # missing (no sweep.json) or vanished: part of the key all the same
             out.append((f, None, None))
     return tuple(out)
+
+
+def peek(run_dir: str | os.PathLike) -> str | None:
+    """Why the run in ``run_dir`` cannot be loaded, judged from its ``meta.json`` and the sizes of
+    its files alone (no frame is read: a folder of hundreds of runs is listed in milliseconds);
+    ``None`` where it looks whole. :func:`load_run` checks everything else when the run is picked."""
+    root = Path(run_dir)
+    if not (root / META).exists() and not (root / META).is_symlink():
+        ranks = rank_dirs(root)
+        for d in ranks:
+            got = peek(d)
+            if got is not None:
+                return got
+        return None if ranks else f"{root / META} is missing: the run is incomplete (an interrupted save?); re-record it"
+    meta_file = root / META
+    try:
+        meta = json.loads(read_regular(meta_file, limit=MAX_META_BYTES).decode("utf-8"))
+    except probe.RunLoadError as exc:
+        return str(exc)
+    except RecursionError:
+        return f"{meta_file} is corrupt: JSON nested too deep"
+    except (UnicodeDecodeError, ValueError) as exc:
+        return f"{meta_file} is corrupt: {exc}"
+    if not isinstance(meta, dict):
+        return f"{meta_file} is not a JSON object"
+    version = meta.get("schema_version")
+    if version not in schema.READABLE_VERSIONS:
+        return (f"{root} was saved with run schema {version!r}; this probe reads schemas "
+                f"{', '.join(map(str, schema.READABLE_VERSIONS))}. Re-record it with this version of probe.")
+    manifest = meta.get(MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return None if manifest is None and version < 2 else (
+            f"{meta_file} has no usable {MANIFEST!r}: the file was edited or damaged; re-record the run")
+    for name, entry in files.items():
+        want = entry.get("bytes") if isinstance(entry, dict) else None
+        try:
+            size = os.stat(root / str(name)).st_size
+        except OSError:
+            return f"{root / str(name)} is missing although {meta_file} lists it: the folder was edited or damaged"
+        if isinstance(want, int) and size < want:
+            return (f"{root / str(name)} is corrupt, truncated or half-written: {size:,} bytes where {meta_file} "
+                    f"lists {want:,}; re-record the run")
+        if want != size:
+            return (f"{root / str(name)} does not match {meta_file} (its size differs from the manifest's): the "
+                    "folder mixes files of two saves (an interrupted save?) or was edited; re-record the run")
+    return None
+
+
+class Loaded(Mapping):
+    """The readable runs by name, each loaded on first access (by ``load(name)``, which caches):
+    listing them (and :attr:`paths`, their folders) reads no frame. A run that turns out unreadable raises :class:`probe.RunLoadError`."""
+
+    def __init__(self, paths: dict[str, Path], load: Callable[[str], probe.Run]):
+        self.paths = dict(paths)  # name -> run folder
+        self._names, self._load = list(paths), load
+
+    def __getitem__(self, name: str) -> probe.Run:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._load(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def load_run(run_dir: str | os.PathLike, name: str) -> probe.Run:

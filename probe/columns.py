@@ -25,21 +25,28 @@ def conform(df: pd.DataFrame, schema: dict[str, str], *, extra: bool = True) -> 
     """Return ``df`` with exactly the schema's columns first (in order) at their dtypes.
 
     Missing nullable columns are added as nulls; extra columns (added by analyses) are kept
-    after them, or dropped with ``extra=False``.
+    after them, or dropped with ``extra=False``. Columns already at their dtype are not
+    copied (the frame shares their data with ``df``; pandas' copy-on-write keeps the two apart).
     """
-    out = {}
     n = len(df)
+    if not isinstance(df.index, pd.RangeIndex) or df.index.start != 0 or df.index.step != 1:
+        df = df.reset_index(drop=True)
+    have = set(df.columns)
+    names = [c for c in schema if c in have]
+    cast = {c: schema[c] for c in names if str(df[c].dtype) != schema[c]}
     for col, dtype in schema.items():
-        if col in df.columns:
-            s = df[col]
-            if str(s.dtype) != dtype:
-                s = s.astype(dtype)
-            out[col] = s.reset_index(drop=True)
-        elif n and dtype == "int64":
+        if col not in have and n and dtype == "int64":
             raise ValueError(f"column {col!r} ({dtype}) is required and has no value")
+    extras = [c for c in df.columns if c not in schema] if extra else []
+    if not cast and len(names) == len(schema) and list(df.columns) == [*names, *extras]:
+        return df.copy(deep=False)  # the common case: already conformed
+    out = {}
+    for col, dtype in schema.items():
+        if col in have:
+            s = df[col]
+            out[col] = s.astype(dtype) if col in cast else s
         else:
-            out[col] = pd.Series([None] * n, dtype=dtype) if n else pd.Series([], dtype=dtype)
-    for col in df.columns if extra else ():
-        if col not in schema:
-            out[col] = df[col].reset_index(drop=True)
-    return pd.DataFrame(out)
+            out[col] = pd.Series(pd.array([None] * n, dtype=dtype)) if n else pd.Series([], dtype=dtype)
+    for col in extras:
+        out[col] = df[col]
+    return pd.DataFrame(out, copy=False)

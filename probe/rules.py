@@ -134,11 +134,13 @@ def link_problems(frames: dict[str, pd.DataFrame], meta: dict) -> list[str]:
     out = []
     runs = frames.get("runs")
     ids = set(runs["run_id"].dropna().astype(str)) if runs is not None else set()
+    codes: dict[str, tuple[np.ndarray, list]] = {}  # run ids factorised once per frame
     for key in RUN_ROWS:
         df = frames.get(key)
         if df is None or df.empty or "run_id" not in df.columns:
             continue
-        orphan = ~df["run_id"].astype("string").isin(ids).to_numpy(dtype=bool, na_value=False)
+        c, u = codes[key] = _run_codes(df)
+        orphan = ~np.array([v in ids for v in u] or [False])[c]
         if orphan.any():
             out.append(f"{key}.parquet: {int(orphan.sum())} rows belong to no run of runs.parquet "
                        f"(first at {_first(orphan, df['run_id'].to_numpy())})")
@@ -151,9 +153,12 @@ def link_problems(frames: dict[str, pd.DataFrame], meta: dict) -> list[str]:
             out.append(f"steps.parquet: {int(beyond.sum())} steps lie beyond their run's step count in "
                        f"runs.parquet (first at {_first(beyond, steps['step'].to_numpy())})")
     if calls is not None and len(calls) and steps is not None:
-        have = pd.MultiIndex.from_frame(steps[["run_id", "step"]].astype({"run_id": "string"}))
-        want = pd.MultiIndex.from_frame(calls[["run_id", "step"]].astype({"run_id": "string"}))
-        lost = ~want.isin(have)
+        for k in ("steps", "calls"):
+            if k not in codes:
+                codes[k] = _run_codes(frames[k])
+        have, want = (_step_key(frames[k], *codes[k], runs=[*codes["steps"][1], *codes["calls"][1]])
+                      for k in ("steps", "calls"))
+        lost = ~np.isin(want, have)
         if lost.any():
             out.append(f"calls.parquet: {int(lost.sum())} calls belong to no step of steps.parquet "
                        f"(first at {_first(lost)})")
@@ -165,6 +170,25 @@ def link_problems(frames: dict[str, pd.DataFrame], meta: dict) -> list[str]:
             out.append(f"calls.parquet: column 'layer' has {int(beyond.sum())} values beyond the model's "
                        f"{n_layers} layers (first at {_first(beyond, layer)})")
     return out
+
+
+def _run_codes(df: pd.DataFrame) -> tuple[np.ndarray, list]:
+    """The run id of each row as codes into its distinct values (text, or None for a null)."""
+    if "run_id" not in df.columns:
+        return np.zeros(len(df), np.int64), [None]
+    c, u = pd.factorize(df["run_id"].astype("string"), use_na_sentinel=False)
+    return c, [None if v is pd.NA else str(v) for v in u]
+
+
+def _step_key(df: pd.DataFrame, codes: np.ndarray, uniq: list, runs: list) -> np.ndarray:
+    """One integer per row naming its (run id, step), comparable between frames whose run ids are
+    numbered by their position in ``runs`` (``codes`` into ``uniq``: this frame's own factorisation)."""
+    number = {}
+    for v in runs:
+        number.setdefault(v, len(number))
+    lut = np.array([number[v] for v in uniq] or [0], dtype=np.int64)
+    step = df["step"].to_numpy(dtype="int64", na_value=-1)
+    return lut[codes] * (1 << 40) + step + 1
 
 
 def problems(frames: dict[str, pd.DataFrame], meta: dict) -> list[str]:

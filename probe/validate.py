@@ -9,6 +9,7 @@ Every failure is one :class:`probe.RunLoadError` that names the file, the column
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -66,11 +67,14 @@ def check_frame(data: bytes, key: str, f: Path) -> pd.DataFrame:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    sch = schema.FRAMES[key]
     try:
-        table = pq.read_table(io.BytesIO(data))
+        # text columns read as dictionaries: parquet stores them so, and their few distinct values
+        # are checked once each; they become plain text in the one conversion (to_frame)
+        texts = [c for c in pq.read_schema(io.BytesIO(data)).names if sch.get(c) == schema.STR]
+        table = pq.read_table(io.BytesIO(data), read_dictionary=texts)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise RunLoadError(f"{f} is corrupt or half-written: {exc}") from exc
-    sch = schema.FRAMES[key]
     names = table.column_names
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -85,21 +89,19 @@ def check_frame(data: bytes, key: str, f: Path) -> pd.DataFrame:
         arr = table.column(col)
         t = arr.type
         if pa.types.is_dictionary(t):
-            arr = arr.cast(t.value_type)
-            t = arr.type
-            table = table.set_column(table.column_names.index(col), col, arr)
+            t = t.value_type
         if dtype in _INT_KINDS:
             if not (pa.types.is_integer(t) or pa.types.is_null(t)):
                 raise _bad(f, col, f"holds {t} values where whole numbers belong")
             if dtype == "int64" and arr.null_count:
                 raise _bad(f, col, f"has {arr.null_count} missing values where every row needs one")
-            if pa.types.is_unsigned_integer(t) and len(arr) and pc.max(arr).as_py() > 2**63 - 1:
+            if pa.types.is_unsigned_integer(t) and len(arr) and pc.max(_plain(arr)).as_py() > 2**63 - 1:
                 raise _bad(f, col, "holds numbers too large for int64")
         elif dtype == "float64":
             if not (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t)):
                 raise _bad(f, col, f"holds {t} values where numbers belong")
             if pa.types.is_floating(t) and len(arr):
-                inf = pc.sum(pc.is_inf(arr)).as_py() or 0
+                inf = pc.sum(pc.is_inf(_plain(arr))).as_py() or 0
                 if inf:
                     raise _bad(f, col, f"holds {inf} infinite values")
         elif dtype == "boolean":
@@ -110,19 +112,77 @@ def check_frame(data: bytes, key: str, f: Path) -> pd.DataFrame:
                 raise _bad(f, col, f"holds {t} values where text belongs")
     _check_values(table, key, f)
     try:
-        return schema.conform(table.to_pandas(), sch)
+        return to_frame(table, sch)
     except Exception as exc:  # a type the checks above let through and pandas refuses
         raise RunLoadError(f"{f} cannot be read as the {key} frame: {type(exc).__name__}: {exc}") from exc
+
+
+def _plain(arr):
+    """A dictionary-encoded column as its values (other columns as they are)."""
+    import pyarrow as pa
+
+    return arr.cast(arr.type.value_type) if pa.types.is_dictionary(arr.type) else arr
+
+
+#: the Arrow type each schema dtype is read as, before the one conversion to pandas
+_ARROW = {"int64": "int64", "Int64": "int64", "float64": "float64", "boolean": "bool_", schema.STR: "large_string"}
+
+
+@functools.lru_cache(maxsize=32)
+def _pandas_meta(items: tuple[tuple[str, str], ...]) -> dict:
+    """The pandas metadata of an empty frame at these dtypes: with it, Arrow's conversion makes them."""
+    import pyarrow as pa
+
+    return pa.Schema.from_pandas(schema.empty(dict(items)), preserve_index=False).metadata
+
+
+def to_frame(table, sch: dict[str, str]) -> pd.DataFrame:
+    """The Arrow ``table`` as a pandas frame at the dtypes of ``sch`` (see :func:`probe.schema.conform`):
+    every column cast once in Arrow (missing nullable ones added as nulls, extra ones kept after),
+    then one conversion to pandas that copies no column twice and frees each converted column's
+    Arrow buffers as it goes where nothing else holds them (``self_destruct``)."""
+    import pyarrow as pa
+
+    n = table.num_rows
+    cols, fields = [], []
+    for col, dtype in sch.items():
+        t = getattr(pa, _ARROW[dtype])()
+        if col in table.column_names:
+            arr = table.column(col)
+            if pa.types.is_dictionary(arr.type) and dtype != schema.STR:  # not as parquet writes them
+                arr = arr.cast(arr.type.value_type)
+            cols.append(arr if arr.type == t else arr.cast(t))  # text dictionaries are decoded here
+        elif n and dtype == "int64":
+            raise ValueError(f"column {col!r} ({dtype}) is required and has no value")
+        else:
+            cols.append(pa.nulls(n, t))
+        fields.append(pa.field(col, t))
+    extras = [c for c in table.column_names if c not in sch]
+    for col in extras:
+        cols.append(table.column(col))
+        fields.append(pa.field(col, table.column(col).type))
+    out = pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=_pandas_meta(tuple(sch.items()))))
+    del table, cols
+    df = out.to_pandas(split_blocks=True, self_destruct=True)
+    del out
+    return schema.conform(df, sch)
 
 
 def _unique_text(table, col: str) -> list[str]:
     """The distinct non-null values of text column ``col`` (none if the column is absent):
     shapes repeat across calls, so a million rows hold a few hundred distinct values."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     if col not in table.column_names:
         return []
-    return [v for v in pc.unique(table.column(col)).to_pylist() if v is not None]
+    arr = table.column(col)
+    if pa.types.is_dictionary(arr.type):  # the values the rows use, from each chunk's dictionary
+        used: dict = {}
+        for chunk in arr.chunks:
+            used.update(dict.fromkeys(chunk.dictionary.take(pc.unique(chunk.indices).drop_null()).to_pylist()))
+        return [v for v in used if v is not None]
+    return [v for v in pc.unique(arr).to_pylist() if v is not None]
 
 
 def _check_values(table, key: str, f: Path) -> None:

@@ -79,3 +79,15 @@ def test_the_plain_wrapper_reference_passes_what_generate_passes():
     finally:
         hook.remove()
     assert heads[0][1] == 1, heads  # prefill: one position, not the whole prompt
+
+
+def test_analysis_scale_benchmark_prints_each_ratio_with_its_target():
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "analysis_scale.py"), "--calls", "20000", "--many", "3",
+         "--repeat", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode in (0, 1), r.stderr[-2000:]  # 1: a target not met on this machine, now
+    for line in ("probe.load / pyarrow read+to_pandas", "summary() / probe.load", "tree() / probe.load",
+                 "dashboard first page, 3 runs"):
+        assert line in r.stdout and "target" in r.stdout

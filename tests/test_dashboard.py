@@ -255,6 +255,23 @@ def test_a_run_with_unreadable_values_is_named_with_the_reason(tmp_path, runs):
     assert at.sidebar.multiselect(key="runs").options == ["good"]
 
 
+def test_the_run_list_loads_no_frames_and_a_run_loads_when_picked(tmp_path, runs, monkeypatch):
+    for n in ("eager", "sdpa", "sublayers"):
+        shutil.copytree(runs[n], tmp_path / n)
+    loaded: list[str] = []
+    real = probe.load
+    monkeypatch.setattr(probe, "load", lambda p: loaded.append(Path(p).name) or real(p))
+    at = app(tmp_path)
+    picker = at.sidebar.multiselect(key="runs")
+    assert picker.options == ["eager", "sdpa", "sublayers"] and len(picker.value) == 1
+    assert loaded == picker.value  # the run shown, and no other
+    first = list(loaded)
+    at.sidebar.multiselect(key="runs").set_value(["eager", "sdpa"]).run()
+    assert not at.exception and set(loaded) == {*first, "eager", "sdpa"} and len(loaded) == len(set(loaded))
+    at.run()  # a rerun reads every run from the cache
+    assert len(loaded) == len(set(loaded))
+
+
 def test_a_single_run_folder_is_accepted_as_the_runs_dir(runs):
     at = app(runs["eager"])
     assert at.sidebar.multiselect(key="runs").options == ["."]

@@ -384,3 +384,42 @@ def test_a_frame_whose_nesting_loops_is_refused_by_every_walk_and_never_hangs():
         for walk in (bad.tree, lambda: bad.summary("role"), lambda: bad.summary("block")):
             with pytest.raises(ValueError, match="nesting is not a tree"):
                 walk()
+
+
+# --------------------------------------------------------------------------- built once, by arrays
+def test_tree_nodes_are_the_module_paths_of_the_calls():
+    run = _record("llama", "all")
+    calls = run.calls
+    prow = tree.parent_rows(calls)
+    modules = calls["module"].astype(str).tolist()
+    paths: dict[int, str] = {}
+
+    def path(i: int) -> str:  # the plain definition, one call at a time
+        if i not in paths:
+            paths[i] = (path(int(prow[i])) + accounting.SEP if prow[i] >= 0 else "") + modules[i]
+        return paths[i]
+
+    want = pd.Series(1, index=pd.MultiIndex.from_arrays(
+        [calls["phase"].astype(str).tolist(), [path(i) for i in range(len(calls))]])).groupby(level=[0, 1]).sum()
+    t = run.tree()
+    t = t[~t["node"].isin([accounting.RESIDUE, accounting.PROBE])]
+    assert dict(zip(zip(t["phase"], t["node"]), t["calls"])) == want.to_dict()
+    assert (t["parent_node"].isna() == (t["depth"] == 1)).all()
+    inner = t[t["depth"] > 1]
+    assert [n.rsplit(accounting.SEP, 1)[0] for n in inner["node"]] == inner["parent_node"].tolist()
+
+
+def test_a_run_builds_its_summary_and_tree_once_and_again_for_new_frames(monkeypatch):
+    run = _record("llama", "blocks")
+    built = []
+    real = accounting.summary
+    monkeypatch.setattr(accounting, "summary", lambda *a, **k: built.append(1) or real(*a, **k))
+    first = run.summary("block")
+    first["self_ms"] = 0.0  # a caller's edit stays in its own copy
+    again = run.summary("block")
+    assert len(built) == 1 and (again["self_ms"] > 0).any()
+    run.calls = run.calls[run.calls["phase"] == "decode"].reset_index(drop=True)
+    blocks = run.summary("block")
+    assert set(blocks.loc[~blocks["name"].isin([accounting.RESIDUE, accounting.PROBE]), "phase"]) == {"decode"}
+    assert len(built) == 2
+    assert run.tree() is not run.tree() and run.tree().equals(run.tree())

@@ -65,6 +65,13 @@ class Phases:
         self.residue = g["residue_ms"].sum()
         self.gpu_residue = g["gpu_residue_ms"].sum(min_count=1)
         self.probe = g["probe_ms"].sum() if "probe_ms" in self.steps.columns else None
+        self._codes: dict[str, tuple[np.ndarray, pd.Index]] = {}
+
+    def codes(self, col: str) -> tuple[np.ndarray, pd.Index]:
+        """``pd.factorize`` of a text column of the calls, made once and shared by every level."""
+        if col not in self._codes:
+            self._codes[col] = _factorize(self.calls[col])
+        return self._codes[col]
 
     def clock(self, phase: pd.Series, host: pd.Series, gpu: pd.Series) -> pd.Series:
         """``gpu`` where the row's phase is on the CUDA clock, else ``host``."""
@@ -95,13 +102,23 @@ class Phases:
         return rows
 
 
-def _block_codes(modules: pd.Series, roles: pd.Series) -> tuple[np.ndarray, list[str]]:
+def _factorize(s: pd.Series) -> tuple[np.ndarray, pd.Index]:
+    """Codes of a text column and its distinct values in order of appearance (-1 for a null)."""
+    return pd.factorize(s.astype("string"))
+
+
+def _block_codes(modules: pd.Series, roles: pd.Series, codes=None) -> tuple[np.ndarray, list[str]]:
     """Each module's block (embed / layer / norm / head, ``model`` outside every block) as codes
     into :data:`BLOCK_ORDER`: the nearest ancestor-or-self module recorded with a block role
     (worked out once per distinct module)."""
-    mcodes, muniq = pd.factorize(modules.astype("string"))
-    first_role = pd.Series(roles.astype("string").to_numpy()).groupby(mcodes).first()
-    blocks = {str(m): str(first_role[i]) for i, m in enumerate(muniq) if str(first_role[i]) in BLOCK_ROLES}
+    mcodes, muniq = codes("module") if codes else _factorize(modules)
+    rc, ru = codes("role") if codes else _factorize(roles)
+    # each module's role: that of its first call with one
+    has = np.flatnonzero((rc >= 0) & (mcodes >= 0))
+    at = np.full(len(muniq), len(rc), np.int64)
+    np.minimum.at(at, mcodes[has], has)
+    role_of = [str(ru[rc[i]]) if i < len(rc) else "" for i in at]
+    blocks = {str(m): role_of[i] for i, m in enumerate(muniq) if role_of[i] in BLOCK_ROLES}
     index = {b: i for i, b in enumerate(BLOCK_ORDER)}
     per_module = np.empty(len(muniq), np.int64)
     for i, m in enumerate(muniq):
@@ -116,11 +133,11 @@ def _has_children(n: int, prow: np.ndarray) -> np.ndarray:
     return np.bincount(prow[prow >= 0], minlength=n) > 0
 
 
-def _role_codes(calls: pd.DataFrame, prow: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def _role_codes(calls: pd.DataFrame, prow: np.ndarray, codes=None) -> tuple[np.ndarray, list[str]]:
     """Each call's row name at the role level, as codes into a list of names: its role, or
     ``attention core`` for an attention call with recorded calls inside it (its self time is
     then what it does outside them)."""
-    rcodes, runiq = pd.factorize(calls["role"].astype("string"))
+    rcodes, runiq = codes("role") if codes else _factorize(calls["role"])
     names = [str(r) for r in runiq]
     if "attention" in names:
         core = (rcodes == names.index("attention")) & _has_children(len(calls), prow)
@@ -149,15 +166,15 @@ def labels(calls: pd.DataFrame, level: Level) -> np.ndarray:
     return np.asarray(names, dtype=object)[codes] if len(calls) else np.zeros(0, dtype=object)
 
 
-def _codes(calls: pd.DataFrame, level: str, prow: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
+def _codes(calls: pd.DataFrame, level: str, prow: np.ndarray | None, codes=None) -> tuple[np.ndarray, list[str]]:
     """Each call's row at ``level`` as codes into a list of names (``prow``: the parent rows,
-    needed at the role level)."""
+    needed at the role level; ``codes``: :meth:`Phases.codes`, to factorize each column once)."""
     if level == "module":
-        kcodes, kuniq = pd.factorize(calls["module"].astype("string"))
+        kcodes, kuniq = codes("module") if codes else _factorize(calls["module"])
         return kcodes, [str(m) for m in kuniq]
     if level == "role":
-        return _role_codes(calls, prow)
-    return _block_codes(calls["module"], calls["role"])
+        return _role_codes(calls, prow, codes)
+    return _block_codes(calls["module"], calls["role"], codes)
 
 
 def _sum(groups: np.ndarray, n: int, values: np.ndarray, min_count: int = 0) -> np.ndarray:
@@ -174,14 +191,14 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     c = ph.calls
     n = len(c)
     prow = ph.prow
-    rcodes, runiq = pd.factorize(c["role"].astype("string"))
+    rcodes, runiq = ph.codes("role")
     roles = [str(r) for r in runiq]
-    kcodes, names = _codes(c, level, prow)
+    kcodes, names = _codes(c, level, prow, ph.codes)
     own = np.ones(n, bool)
     if level == "block":
         role_as_key = np.array([names.index(r) if r in names else -1 for r in roles] or [-1], np.int64)
         own = (role_as_key[rcodes] == kcodes) | (kcodes == names.index("model"))
-    pcodes, puniq = pd.factorize(c["phase"].astype("string"))
+    pcodes, puniq = ph.codes("phase")
     n_phase = max(len(puniq), 1)
     # a call counts towards its row's total unless its parent is a call of the same row
     up = np.maximum(prow, 0)
@@ -189,17 +206,17 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
     gpu = c["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
     gk = kcodes.astype(np.int64) * n_phase + pcodes
-    sorted_keys, first_at, slot = np.unique(gk, return_index=True, return_inverse=True)
-    m = len(sorted_keys)
-    pick = np.argsort(first_at, kind="stable")  # output rows in the order they were first called
-    keys, first = sorted_keys[pick], first_at[pick]
+    slot, keys = pd.factorize(gk)  # output rows in the order they were first called
+    m = len(keys)
+    top = np.maximum.accumulate(slot)
+    first = np.flatnonzero(np.r_[True, top[1:] > top[:-1]])  # each row's first call
 
     def agg(values, min_count=0):
-        return _sum(slot, m, values, min_count)[pick]
+        return _sum(slot, m, values, min_count)
 
-    calls_n = np.bincount(slot, weights=own.astype("float64"), minlength=m)[pick]
+    calls_n = np.bincount(slot, weights=own.astype("float64"), minlength=m)
     ob = np.where(own, c["out_bytes"].to_numpy(dtype="float64", na_value=np.nan), np.nan)
-    ob_n = np.bincount(slot[~np.isnan(ob)], minlength=m)[pick]
+    ob_n = np.bincount(slot[~np.isnan(ob)], minlength=m)
     out = pd.DataFrame({
         "name": pd.array([names[k // n_phase] for k in keys], dtype="string"),
         "phase": pd.array([str(puniq[k % n_phase]) for k in keys], dtype="string"),
@@ -274,6 +291,27 @@ def _tree_levels(prow: np.ndarray) -> np.ndarray:
     return level
 
 
+def _tree_nodes(modules: pd.Series, prow: np.ndarray, lv: np.ndarray) -> tuple[np.ndarray, list[str], list]:
+    """Each call's node in the tree of module paths, interned level by level as (node of its
+    parent, module) pairs, numbered in order of first appearance; with each node's path and its
+    parent's path (``None`` at the top)."""
+    mod_codes, mods = pd.factorize(modules.astype("string"), use_na_sentinel=False)
+    n_mods = max(len(mods), 1)
+    node = np.full(len(modules), -1, np.int64)
+    paths: list[str] = []
+    parent_path: list[str | None] = []
+    for d in range(int(lv.max()) + 1 if len(lv) else 0):
+        at = np.flatnonzero(lv == d)
+        par = node[prow[at]] if d else np.full(len(at), -1, np.int64)
+        codes, pairs = pd.factorize((par + 1) * n_mods + mod_codes[at])
+        node[at] = len(paths) + codes
+        for key in pairs.tolist():  # one per new node, not per call
+            pn, mc = key // n_mods - 1, key % n_mods
+            paths.append((paths[pn] + SEP if pn >= 0 else "") + str(mods[mc]))
+            parent_path.append(paths[pn] if pn >= 0 else None)
+    return node, paths, parent_path
+
+
 def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
     """The call tree per phase, one row per path of modules, optionally collapsed at ``depth``.
 
@@ -294,51 +332,45 @@ def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = Non
         return schema.empty(TREE)
     prow = ph.prow
     lv = _tree_levels(prow)
-    mod_codes, mods = pd.factorize(c["module"].astype(str))
-    # node of each call: (node of its parent, module), interned level by level
-    node = np.full(len(c), -1, np.int64)
-    paths: list[str] = []
-    parent_path: list[str | None] = []
-    index: dict[tuple[int, int], int] = {}
-    for d in range(int(lv.max()) + 1):
-        at = np.flatnonzero(lv == d)
-        par = node[prow[at]] if d else np.full(len(at), -1)
-        for i, (pn, mc) in zip(at, zip(par.tolist(), mod_codes[at].tolist())):
-            nid = index.get((pn, mc))
-            if nid is None:
-                nid = index[(pn, mc)] = len(paths)
-                paths.append((paths[pn] + SEP if pn >= 0 else "") + str(mods[mc]))
-                parent_path.append(paths[pn] if pn >= 0 else None)
-            node[i] = nid
-    keep = node.copy()
+    node, paths, parent_path = _tree_nodes(c["module"], prow, lv)
+    n = len(c)
+    keep = node
     if depth is not None:  # fold deeper calls into their ancestor at `depth`
-        anc = np.arange(len(c))
+        anc = np.arange(n)
         for _ in range(max(int(lv.max()) - depth + 1, 0)):
             deep = lv[anc] >= depth
             anc = np.where(deep, prow[anc], anc)
         keep = node[anc]
-    shown = lv < depth if depth is not None else np.ones(len(c), bool)
+    shown = lv < depth if depth is not None else np.ones(n, bool)
     cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
     gpu = c["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
-    f = pd.DataFrame({
-        "phase": c["phase"].astype(str).to_numpy(), "node": keep, "n": shown.astype("int64"),
-        "self": c["self_ms"].to_numpy(dtype="float64", na_value=np.nan),
-        "gself": c["gpu_self_ms"].to_numpy(dtype="float64", na_value=np.nan),
-        "t": np.where(shown, cpu, 0.0), "gt": np.where(shown, gpu, np.nan),
-        # the node's first own call (folded calls sort after every shown one)
-        "first": np.where(shown, np.arange(len(c)), len(c) + np.arange(len(c))),
+    # one group per (phase, node), aggregated on integer codes
+    pcodes, puniq = pd.factorize(c["phase"].astype("string"), use_na_sentinel=False)
+    slot, gkeys = pd.factorize(pcodes.astype(np.int64) * max(len(paths), 1) + keep)
+    m = len(gkeys)
+    # the node's first own call (folded calls sort after every shown one)
+    order = np.where(shown, np.arange(n), n + np.arange(n))
+    first = np.full(m, 2 * n, np.int64)
+    np.minimum.at(first, slot, order)
+    top = np.maximum.accumulate(slot)  # slots are numbered in order of appearance:
+    at = np.flatnonzero(np.r_[True, top[1:] > top[:-1]])  # each group's first row
+    gnode, gphase = keep[at], pcodes[at]
+    out = pd.DataFrame({
+        "phase": pd.array([str(puniq[p]) for p in gphase], dtype="string"),
+        "calls": np.bincount(slot, weights=shown.astype("float64"), minlength=m).astype("int64"),
+        "total_ms": _sum(slot, m, np.where(shown, cpu, 0.0)),
+        "self_ms": _sum(slot, m, c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
+        "gpu_total_ms": _sum(slot, m, np.where(shown, gpu, np.nan), 1),
+        "gpu_self_ms": _sum(slot, m, c["gpu_self_ms"].to_numpy(dtype="float64", na_value=np.nan), 1),
+        "first": first,
     })
-    g = f.groupby(["phase", "node"], sort=False)
-    out = pd.DataFrame({"calls": g["n"].sum(), "total_ms": g["t"].sum(), "self_ms": g["self"].sum(),
-                        "gpu_total_ms": g["gt"].sum(min_count=1), "gpu_self_ms": g["gself"].sum(min_count=1),
-                        "first": g["first"].min()}).reset_index()
-    first = out["first"].to_numpy()
-    out["role"] = c["role"].astype(str).to_numpy()[first]
-    out["layer"] = c["layer"].to_numpy()[first]
-    out["module"] = [str(mods[i]) for i in mod_codes[first]]
-    out["depth"] = [paths[n].count(SEP) + 1 for n in out["node"]]
-    out["parent_node"] = [parent_path[n] for n in out["node"]]
-    out["node"] = [paths[n] for n in out["node"]]
+    row = np.where(first < n, first, first - n)
+    out["role"] = c["role"].astype("string").array.take(row)
+    out["layer"] = c["layer"].array.take(row)
+    out["module"] = c["module"].astype("string").array.take(row)
+    out["depth"] = [paths[k].count(SEP) + 1 for k in gnode]
+    out["parent_node"] = [parent_path[k] for k in gnode]
+    out["node"] = [paths[k] for k in gnode]
     out["mean_ms"] = out["total_ms"] / out["calls"].where(out["calls"] > 0)
     out["share"] = ph.share(out["phase"], out["self_ms"], out["gpu_self_ms"])
     out["_p"] = out["phase"].map({p: i for i, p in enumerate(PHASES)}).fillna(len(PHASES))

@@ -56,6 +56,17 @@ class Run:
     path: Path | None = None
     sampling: pd.DataFrame = field(default_factory=lambda: schema.empty(SAMPLING))
     requests: pd.DataFrame = field(default_factory=lambda: schema.empty(REQUESTS))
+    # derived tables (summary, tree) by what was asked, each with the calls and steps frames it was
+    # built from: a frame assigned anew makes it stale (frames are treated as read-only)
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _memo(self, key: tuple, build) -> pd.DataFrame:
+        """``build()``, kept while ``calls`` and ``steps`` are the frames it was built from; a copy
+        is handed out (copy-on-write: nothing is copied unless the caller writes to it)."""
+        hit = self._derived.get(key)
+        if hit is None or hit[0] is not self.calls or hit[1] is not self.steps:
+            hit = self._derived[key] = (self.calls, self.steps, build())
+        return hit[2].copy(deep=False)
 
     # ------------------------------------------------------------------ analysis
     def summary(self, level: Level | None = None, *, by: Level | None = None) -> pd.DataFrame:
@@ -71,7 +82,8 @@ class Run:
         """
         from .accounting import summary
 
-        return summary(self.calls, self.steps, level=level if level is not None else by)
+        level = level if level is not None else by
+        return self._memo(("summary", level), lambda: summary(self.calls, self.steps, level=level))
 
     def tree(self, depth: int | None = None) -> pd.DataFrame:
         """The call tree per phase, one row per path of modules, collapsed at ``depth`` if given.
@@ -80,7 +92,7 @@ class Run:
         """
         from .accounting import tree_table
 
-        return tree_table(self.calls, self.steps, depth=depth)
+        return self._memo(("tree", depth), lambda: tree_table(self.calls, self.steps, depth=depth))
 
     def spread(self, level: Level = "block") -> pd.DataFrame:
         """Median and min–max over the recorded generate calls of each row's self time per phase
