@@ -14,9 +14,9 @@ Per step (the forward it follows), the recorder keeps the host time of every pro
 call (temperature, top-k, top-p, repetition penalty, a user's processor, ... by class name, in
 list order); ``dispatch``, the list call's time less its processors' (transformers inspecting
 each processor's signature, the loop, and what timing each processor costs: two reads of the
-clock, and two CUDA events on CUDA); the time of every stopping-criteria call (``stopping``), plus CUDA event time where the scores
-are on a CUDA device (pooled events, resolved once after generate, no synchronisation while it
-runs). Two model methods generate calls between forwards are timed the same way (host time,
+clock, and two CUDA events on CUDA); the time of every stopping-criteria call (``stopping``);
+plus CUDA event time of the processors and stopping checks where the scores are on a CUDA
+device (pooled events, resolved once after generate, no synchronisation while it runs). Two model methods generate calls between forwards are timed the same way (host time,
 wrapped on the instance for the call): ``_update_model_kwargs_for_generation`` (``update
 kwargs``: carrying the cache, attention mask and positions over to the next step) and
 ``prepare_inputs_for_generation`` (``prepare inputs``: slicing the next forward's inputs).
