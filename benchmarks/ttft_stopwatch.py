@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     ttft = gen["ttft_ms"].tolist()
     ratios = sorted(a / b for a, b in zip(ttft, watch))
     med = statistics.median
-    print(f"one-token generate, {args.layers} layers of {args.hidden}, prompt {args.prompt}, {args.calls} calls, one thread")
+    print(f"one-token generate, {args.layers} layers of {args.hidden}, prompt {args.prompt}, "
+          f"{args.calls} calls, one thread")
     print(f"stopwatch       median {med(watch):8.3f} ms")
     print(f"TTFT            median {med(ttft):8.3f} ms   ratio of medians {med(ttft) / med(watch):.4f}")
     print(f"per-call ratio  min {ratios[0]:.3f}  p10 {ratios[len(ratios) // 10]:.3f}  median {med(ratios):.4f}")
