@@ -6,12 +6,18 @@ lists, interleaved, on one CPU thread; the minimum process CPU time of the repea
 each. The difference is the probe's host cost per step for these stages (it lands in the
 step's ``remainder``, which is why it is measured here rather than in a recorded run).
 
+Then each processor's stage against a stopwatch on that processor's own ``__call__``, and
+against what a one-processor ``LogitsProcessorList`` call costs (how stages were once timed),
+interleaved round by round, medians of wall time (``time.perf_counter_ns``, the probe's clock);
+and the ``dispatch`` stage against the plain list call less its processors' stopwatch times.
+
     python benchmarks/sampling_overhead.py [--vocab 32000] [--repeats 2000]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe.recording.sampling import SamplingRecorder, _RunRec, _timed_types  # noqa: E402
+from probe.recording.stages import DISPATCH  # noqa: E402
 
 
 def lists(vocab: int):
@@ -78,7 +85,54 @@ def main(argv=None) -> int:
     print(f"plain lists  {a / 1e3:9.1f} us per step")
     print(f"timed lists  {b / 1e3:9.1f} us per step   ratio {b / a:.3f}")
     print(f"added        {(b - a) / 1e3:9.1f} us per step ({(b - a) / 1e3 / stages:.1f} us per stage)")
+    print()
+    per_stage(procs, tp, run, ids, scores, args.repeats)
     return 0
+
+
+def per_stage(procs, tp, run, ids, scores, repeats: int) -> None:
+    """Each processor's stage vs a stopwatch on its own ``__call__``, interleaved; medians."""
+    from transformers import LogitsProcessorList
+
+    now = time.perf_counter_ns
+    names = [type(p).__name__ for p in procs]
+    ones = [LogitsProcessorList([p]) for p in procs]
+    own: list[list[int]] = [[] for _ in procs]
+    one: list[list[int]] = [[] for _ in procs]
+    stage: list[list[int]] = [[] for _ in procs]
+    dispatch: list[int] = []
+    whole: list[int] = []
+    for _ in range(repeats):
+        x = scores  # each processor gets the scores the one before it returned, as in the list
+        for i, p in enumerate(procs):  # the stopwatch on the processor's own __call__
+            t0 = now()
+            x = p(ids, x)
+            own[i].append(now() - t0)
+        x = scores
+        for i, lst in enumerate(ones):  # a one-processor list call
+            t0 = now()
+            x = lst(ids, x)
+            one[i].append(now() - t0)
+        t0 = now()
+        procs(ids, scores)  # the plain list: what dispatch is compared with
+        whole.append(now() - t0)
+        n0 = len(run.c_ns)
+        tp(ids, scores)  # the probe's timed list: one entry per processor, then dispatch
+        for i in range(len(procs)):
+            stage[i].append(run.c_ns[n0 + i])
+        assert run.stages[run.c_stage[n0 + len(procs)]][0] == DISPATCH
+        dispatch.append(run.c_ns[n0 + len(procs)])
+        del run.c_step[:], run.c_stage[:], run.c_ns[:], run.c_ev[:]
+    med = statistics.median
+    print(f"each stage vs a stopwatch on the processor's own __call__, median of {repeats} interleaved rounds "
+          f"(wall time)")
+    print(f"{'processor':34s} {'own us':>8s} {'stage us':>9s} {'ratio':>6s} {'1-list us':>10s} {'ratio':>6s}")
+    for i, name in enumerate(names):
+        o, st, ol = med(own[i]), med(stage[i]), med(one[i])
+        print(f"{name:34s} {o / 1e3:8.1f} {st / 1e3:9.1f} {st / o:6.2f} {ol / 1e3:10.1f} {ol / o:6.2f}")
+    rest = med(whole) - sum(med(x) for x in own)
+    print(f"{'dispatch (list call - processors)':34s} {rest / 1e3:8.1f} {med(dispatch) / 1e3:9.1f}"
+          f"   (plain list {med(whole) / 1e3:.1f} us)")
 
 
 if __name__ == "__main__":

@@ -155,6 +155,7 @@ RUNS: dict[str, str] = {
     "prefill_tok_s": "float64",
     "decode_tok_s": "float64",
     "total_ms": "float64",
+    "probe_start_ms": "float64",  # the probe's own work on entering generate(), inside ttft_ms and total_ms
     "peak_mem_bytes": "Int64",  # CUDA peak during the run; null on CPU
     "kv_cache_bytes": "Int64",  # KV cache bytes after the last step
     "process_cpu_ms": "float64",  # CPU time of the whole process (all threads) during the generate call
@@ -171,8 +172,8 @@ SAMPLING: dict[str, str] = {
     "rank": "int64",
     "step": "int64",  # the forward this sampling step follows (its outside_ms is split here)
     "phase": STR,  # that step's phase: prefill's row is the first token's sampling
-    "stage": STR,  # a logits processor's class name, "stopping" or "remainder"
-    "order": "int64",  # position in the step: processors in list order, stopping, remainder last
+    "stage": STR,  # a logits processor's class name, "dispatch", "stopping", ... or "remainder"
+    "order": "int64",  # position in the step: processors in list order, dispatch, stopping, remainder last
     "host_ms": "float64",  # host time of the stage in this step; a step's rows add up to outside_ms
     "gpu_ms": "float64",  # CUDA event time of a processor or the stopping check; NaN on CPU and for remainder
     "calls": "Int64",  # times the stage ran in this step (several in assisted decoding); null for remainder

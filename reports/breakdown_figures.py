@@ -25,10 +25,11 @@ PARTS = (("embed", "embedding"), ("layer", "layers"), ("norm", "final norm"), ("
          ("probe", "the probe's own cost"), ("outside", "outside model (logits, sampling)"))
 #: colours of the sampling stages in the step breakdown: one muted family, apart from the blocks'
 STAGE_COLORS = ("#17becf", "#bcbd22", "#8c564b", "#e377c2", "#393b79", "#637939", "#9c9ede", "#d6616b")
-STAGE_FIXED = {"update kwargs": "#52796f", "stopping": "#3d405b", "candidates": "#b5838d",
+STAGE_FIXED = {"update kwargs": "#52796f", "dispatch": "#8d99ae", "stopping": "#3d405b", "candidates": "#b5838d",
                "prepare inputs": "#b08968", "probe": "#d9d9d9", "remainder": "#a8a8a8",
                "outside (not split)": "#cfcfcf"}
 STAGE_LABELS = {"update kwargs": "update kwargs (cache, mask, positions)",
+                "dispatch": "dispatch (the processors list around its processors)",
                 "prepare inputs": "prepare inputs (of the next forward)",
                 "probe": "probe (its own step bookkeeping)",
                 "remainder": "remainder (token choice, bookkeeping)",

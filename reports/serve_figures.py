@@ -29,7 +29,12 @@ def serve_steps(steps: pd.DataFrame) -> pd.DataFrame:
 
 def request_timeline(requests: pd.DataFrame) -> go.Figure:
     """One row per request: waiting in the queue, prefill (admitted to first token), decode
-    (first to last token), on the run's clock."""
+    (first to last token), on the run's clock.
+
+    The queue ends at the scheduling pass that took the request's first prefill chunk; a prompt
+    split into chunks waits through the passes between them inside its prefill segment, which
+    the hover says (chunks, first step, and the segment's start and end on the loop's clock).
+    """
     title = "Request timeline"
     if requests.empty:
         return empty_figure(title, "no requests recorded (not a continuous-batching run)")
@@ -39,12 +44,20 @@ def request_timeline(requests: pd.DataFrame) -> go.Figure:
     first = np.where(np.isnan(first), end, first)
     sched = np.where(np.isnan(sched), end, sched)
     parts = {"queue": (arrival, sched - arrival), "prefill": (sched, first - sched), "decode": (first, end - first)}
+    chunks = [f"{int(c)} prefill chunk{'s' if c != 1 else ''} from step {int(s)}" if pd.notna(c) and pd.notna(s)
+              else "" for c, s in zip(rq["prefill_chunks"], rq["first_step"])]
+    notes = {"queue": ["arrival to the pass that took its first prefill chunk"] * len(rq),
+             "prefill": [plot_text(f"admitted to first token: {c}") for c in chunks],
+             "decode": ["first to last token"] * len(rq)}
     fig = base_figure(title, "ms since the serving loop started", "")
     for name, color in SEGMENTS:
         base, width = parts[name]
         fig.add_trace(go.Bar(y=labels, x=np.nan_to_num(width, nan=0.0), base=np.nan_to_num(base, nan=0.0),
                              orientation="h", name=name, marker_color=color,
-                             hovertemplate=f"%{{y}}<br>{name}: %{{x:,.1f}} ms<extra></extra>"))
+                             customdata=np.stack([np.nan_to_num(base, nan=0.0), np.nan_to_num(base + width, nan=0.0),
+                                                  np.array(notes[name], dtype=object)], axis=1),
+                             hovertemplate=(f"%{{y}}<br>{name}: %{{x:,.1f}} ms (%{{customdata[0]:,.1f}} to "
+                                            f"%{{customdata[1]:,.1f}} ms)<br>%{{customdata[2]}}<extra></extra>")))
     fig.update_layout(barmode="overlay", height=max(320, min(1200, 60 + 16 * len(rq))),
                       yaxis={"autorange": "reversed", "type": "category"})
     if len(requests) > MAX_REQUESTS:

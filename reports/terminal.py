@@ -104,6 +104,7 @@ def sampling_lines(run) -> list[str]:
     body = []
     for name in names:
         label = {"remainder": "remainder (token choice, bookkeeping)",
+                 "dispatch": "dispatch (processors list)",
                  "probe": "probe (its own step bookkeeping)"}.get(name, name)
         row = [label]
         for p in phases:

@@ -33,8 +33,8 @@ def _text(cell) -> str:
 
 
 #: the sampling stages of section 5's settings, in the order generate runs them
-STAGES = ("update kwargs", "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "stopping",
-          "prepare inputs", "probe", "remainder", "= outside_ms")
+STAGES = ("update kwargs", "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "dispatch",
+          "stopping", "prepare inputs", "probe", "remainder", "= outside_ms")
 
 
 def _cell(nb, marker: str):

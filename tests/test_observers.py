@@ -68,8 +68,10 @@ def test_an_extra_observer_adds_its_columns_and_the_public_frames_keep_theirs():
 
 
 def test_an_observers_hooks_run_outside_the_timed_windows():
-    """Step hooks before the step's clock starts and after it stops, run hooks outside the run's:
-    on an injected clock, 20 ms spent in each hook lands in no forward_ms and no total_ms."""
+    """Step hooks before the step's clock starts and after it stops: on an injected clock, 20 ms
+    spent in each lands in no forward_ms. A run's window opens where a stopwatch around generate
+    would, so the run's begin hook is inside total_ms, stated apart as probe_start_ms; its end
+    hook runs after the window closed."""
     clock = VirtualClock()
     reads: list[tuple[str, int]] = []  # (hook, the clock when it was called)
     windows: list[tuple[int, int]] = []  # each step's (t0, t1), as its end hook saw them
@@ -101,7 +103,35 @@ def test_an_observers_hooks_run_outside_the_timed_windows():
     # the time between forwards (the probe's own, on this clock) holds both hooks' 40 ms
     assert (steps["outside_ms"].iloc[:-1] >= 40.0).all()
     gen = runs[runs["kind"] == "generate"].iloc[0]
-    assert gen["total_ms"] < 4 * 40.0 + 20.0 + 1.0  # the run hooks' 40 ms are outside the run
+    assert gen["probe_start_ms"] == pytest.approx(20.0, abs=0.01)  # the begin hook, in the run and stated
+    # 3 gaps x 40 ms, the first step's begin hook, the last one's end hook, the run's begin hook:
+    # the run's end hook is outside
+    assert 180.0 < gen["total_ms"] < 181.0
+
+
+def test_the_run_window_opens_where_a_stopwatch_around_generate_would():
+    """TTFT and total_ms count from the first statement of the generate wrapper: the probe's own
+    start-of-generate work (here an observer that takes 5 ms) is inside them and stated apart."""
+    clock = VirtualClock()
+
+    class SlowStart(Observer):
+        def run_begin(self, run) -> None:
+            clock.spend(5_000_000)
+
+    model = tiny_llama(layers=2)
+    with probe.attach(model, clock=clock, observers=[SlowStart()]) as p:
+        before = clock()
+        model.generate(_ids(), max_new_tokens=3, do_sample=False)
+        after = clock()
+    gen = p.run.runs.set_index("kind").loc["generate"]
+    steps = p.run.steps
+    assert 5.0 < gen["probe_start_ms"] < 5.01
+    assert steps["start_ms"].iloc[0] > gen["probe_start_ms"]  # the first forward starts after it
+    assert gen["ttft_ms"] == pytest.approx(steps["start_ms"].iloc[1], abs=1e-12)  # counted from the same origin
+    stopwatch_ns = after - before
+    # the window opens at the wrapper's first read (the stopwatch's next tick) and closes when
+    # generate returns: the stopwatch holds only the probe's few clock reads after that
+    assert 0 < stopwatch_ns - gen["total_ms"] * 1e6 < 1_000
 
 
 def test_observers_are_checked_against_what_they_declare():

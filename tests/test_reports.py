@@ -132,7 +132,8 @@ def test_sampling_stages_figure_adds_up_to_the_time_outside_the_model():
     run = p.run
     fig = figures.sampling_stages(run.sampling, run.steps)
     assert [t.name for t in fig.data] == ["update kwargs (cache, mask, positions)", "TemperatureLogitsWarper",
-                                          "TopKLogitsWarper", "TopPLogitsWarper", "stopping",
+                                          "TopKLogitsWarper", "TopPLogitsWarper",
+                                          "dispatch (the processors list around its processors)", "stopping",
                                           "prepare inputs (of the next forward)", "probe (its own step bookkeeping)",
                                           "remainder (token choice, bookkeeping)"]
     st = run.steps

@@ -112,8 +112,8 @@ def test_sampling_warpers_are_stages_in_order():
                             temperature=0.7)
     assert torch.equal(ref, out)
     _assert_adds_up(run)
-    assert _stages(run, 0) == ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "stopping",
-                               "remainder"]
+    assert _stages(run, 0) == ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "dispatch",
+                               "stopping", "remainder"]
     warpers = run.sampling[run.sampling["stage"].str.endswith("Warper")]
     assert (warpers["calls"] == 1).all() and (warpers["host_ms"] > 0).all()
     summ = run.sampling_summary()
@@ -133,7 +133,7 @@ def test_beam_search_adds_up():
                             repetition_penalty=1.3)
     assert torch.equal(ref, out)
     _assert_adds_up(run)
-    assert _stages(run) == ["RepetitionPenaltyLogitsProcessor", "stopping", "remainder"]
+    assert _stages(run) == ["RepetitionPenaltyLogitsProcessor", "dispatch", "stopping", "remainder"]
     assert len(run.sampling["step"].unique()) == len(run.steps) == 4
 
 
@@ -155,7 +155,8 @@ def test_user_processor_and_criterion_are_timed_and_left_as_found():
     _assert_adds_up(run)
     assert len(run.steps) == 3
     stages = _stages(run, 0)  # where generate puts the user's processors depends on the version
-    assert sorted(stages[:2]) == ["BanToken", "TopKLogitsWarper"] and stages[2:] == ["stopping", "remainder"]
+    assert sorted(stages[:2]) == ["BanToken", "TopKLogitsWarper"] and stages[2:] == ["dispatch", "stopping",
+                                                                                      "remainder"]
     banned = run.sampling[run.sampling["stage"] == "BanToken"]
     assert list(banned["calls"]) == [1, 1, 1]
     assert stop.calls == 2 * 3  # once per step, without and with the probe: called as before
@@ -167,7 +168,7 @@ def test_two_processors_of_one_class_are_two_stages_in_list_order():
                             logits_processor=LogitsProcessorList([BanToken(7), BanToken(9)]))
     assert torch.equal(ref, out)
     _assert_adds_up(run)
-    assert _stages(run) == ["BanToken", "BanToken (2)", "stopping", "remainder"]
+    assert _stages(run) == ["BanToken", "BanToken (2)", "dispatch", "stopping", "remainder"]
 
 
 def test_user_processor_of_a_class_generate_also_builds_keeps_its_place():
@@ -190,7 +191,8 @@ def test_prompt_lookup_decoding_adds_up():
                             repetition_penalty=1.1)
     assert torch.equal(_seqs(ref), _seqs(out))
     _assert_adds_up(run)
-    assert _stages(run, 0) == ["RepetitionPenaltyLogitsProcessor", "stopping", "candidates", "remainder"]
+    assert _stages(run, 0) == ["RepetitionPenaltyLogitsProcessor", "dispatch", "stopping", "candidates",
+                                "remainder"]
 
 
 def test_assisted_decoding_adds_up():
@@ -202,7 +204,8 @@ def test_assisted_decoding_adds_up():
     _assert_adds_up(run)
     assert not set(BUILDERS) & set(assistant.__dict__)
     s = run.sampling
-    assert _stages(run, 0) == ["RepetitionPenaltyLogitsProcessor", "stopping", "candidates", "remainder"]
+    assert _stages(run, 0) == ["RepetitionPenaltyLogitsProcessor", "dispatch", "stopping", "candidates",
+                                "remainder"]
     # the assistant's drafting is its own stage, drawn after each verification but the last
     cand = s[s["stage"] == "candidates"]
     assert (cand["calls"] >= 1).sum() >= 1 and cand["host_ms"].max() > 0
@@ -311,9 +314,10 @@ def test_cuda_event_time_for_processors():
     assert torch.equal(ref, out)
     _assert_adds_up(run)
     s = run.sampling
-    timed = s[s["stage"] != "remainder"]
-    assert timed["gpu_ms"].notna().all() and (timed["gpu_ms"] >= 0).all()
-    assert s.loc[s["stage"] == "remainder", "gpu_ms"].isna().all()
+    timed = s[s["stage"].str.endswith("Warper") | (s["stage"] == "stopping")]
+    assert len(timed) and timed["gpu_ms"].notna().all() and (timed["gpu_ms"] >= 0).all()
+    # host-only stages: the list's dispatch, the model methods, the probe's own work, the remainder
+    assert s.loc[~s.index.isin(timed.index), "gpu_ms"].isna().all()
 
 
 def test_timed_list_copies_and_pickles():
@@ -361,5 +365,59 @@ def test_stages_read_the_probes_clock_exactly():
         assert s.loc[(step, "stopping"), "host_ms"] == pytest.approx(0.200001, abs=1e-12)
         assert 0 <= s.loc[(step, "remainder"), "host_ms"] < 0.001  # a few reads of the clock
         assert 0 < s.loc[(step, "probe"), "host_ms"] < 0.001
+        # the list call less its processor's own: the window's two reads around the processor's two
+        assert s.loc[(step, "dispatch"), "host_ms"] == pytest.approx(0.000002, abs=1e-12)
     # outside the model is the two spends and a few clock reads: nothing else ran on this clock
     assert (run.steps["outside_ms"] - 0.7).abs().max() < 0.001
+
+
+class NeedsStep(LogitsProcessor):
+    """A processor that takes a keyword argument beyond (input_ids, scores)."""
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def __call__(self, input_ids, scores, step):
+        self.seen.append(step)
+        return scores + step
+
+
+def test_the_timed_list_applies_processors_by_their_own_signature():
+    from probe.recording.sampling import SamplingRecorder, _RunRec, _timed_types
+
+    timed_procs, _ = _timed_types()
+    rec = SamplingRecorder(model=None)
+    run = rec._cur = _RunRec("r")
+    run.step = 0
+    needs, ban = NeedsStep(), BanToken(3)
+    lst = timed_procs([ban, needs], rec, run)
+    ids, scores = torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 8)
+    out = lst(ids, scores, step=2)  # transformers passes `step` to the processor that names it, only
+    assert needs.seen == [2] and out[0, 0] == 2 and torch.isinf(out[0, 3])
+    assert list(lst) == [ban, needs]  # the list holds the processors themselves
+    shadow = lst._shadowed
+    import inspect
+
+    for proxy, proc in zip(shadow, lst):  # what transformers' loop reads of each item
+        assert inspect.signature(proxy.__call__) == inspect.signature(proc.__call__)
+        assert isinstance(proxy, type(proc)) and proxy.__class__ is type(proc)
+    names = [run.stages[i][2] for i in run.c_stage]
+    assert names == ["BanToken", "NeedsStep", "dispatch"]
+    # a missing keyword fails as transformers fails it, naming the processor's class
+    with pytest.raises(ValueError) as plain:
+        LogitsProcessorList([needs])(ids, scores)
+    with pytest.raises(ValueError) as timed:
+        lst(ids, scores)
+    assert str(timed.value) == str(plain.value) and "NeedsStep" in str(timed.value)
+
+
+def test_a_processor_generate_cannot_feed_fails_generate_as_without_the_probe():
+    model = tiny_llama(layers=2)
+    procs = LogitsProcessorList([NeedsStep()])
+    with pytest.raises(ValueError) as plain:
+        model.generate(_ids(), max_new_tokens=2, do_sample=False, logits_processor=procs)
+    with probe.attach(model) as p:
+        with pytest.raises(ValueError) as timed:
+            model.generate(_ids(), max_new_tokens=2, do_sample=False, logits_processor=procs)
+    assert str(timed.value) == str(plain.value)
+    assert p.run.runs["status"].str.startswith("failed: ValueError").all()

@@ -60,6 +60,7 @@ def test_serve_bench_on_the_bundled_model(tmp_path, capsys):
     assert len(rq) == 5 and (rq["status"] == "ok").all() and (rq["generated_tokens"] == 3).all()
     assert set(rq["prompt_tokens"]) <= {8, 24}
     assert run.meta["serve_bench"]["requests"] == 5 and run.meta["serving"]["cuda_graphs"].startswith("off")
+    assert run.meta["serve_bench"]["send_lag_ms_max"] >= 0  # how late the requests went out, stated
     assert (run.steps["prefill_tokens"] + run.steps["decode_tokens"] == run.steps["q_len"]).all()
     assert (out / "report.html").exists() and (out / "csv" / "requests.csv").exists()
     ok = rq.dropna(subset=["tf_ttft_ms"])

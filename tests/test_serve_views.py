@@ -75,6 +75,8 @@ def test_figures_show_the_recorded_numbers(run):
     assert sum(_arr(bars["decode tokens"].y)) == st["decode_tokens"].sum() == 6 * 4 - 6
     tl = sf.request_timeline(run.requests)
     assert [t.name for t in tl.data] == ["queue", "prefill", "decode"]
+    # the prefill segment's hover says how many chunks it spans (the queue ends at the first)
+    assert all("prefill chunk" in str(row[2]) for row in tl.data[1].customdata)
     rq = run.requests.sort_values(["arrival_ms", "request_id"])
     total = sum(np.array(_arr(t.x)) for t in tl.data)  # queue + prefill + decode = end to end
     assert np.allclose(total, (rq["finished_ms"] - rq["arrival_ms"]).to_numpy())

@@ -132,6 +132,36 @@ def test_requests_frame_agrees_with_record_timestamps(served):
 
 
 @needs_cb
+def test_queue_ends_at_the_pass_of_the_first_prefill_chunk(served):
+    """queue_ms is arrival to the scheduling pass that took the request's first prefill chunk; a
+    prompt split into chunks waits through the later passes inside TTFT - queue, up to the forward
+    of its last chunk (how a queue far shorter than TTFT reads)."""
+    _, _, _, run, _ = served
+    st = run.steps[run.steps["requests"].notna()].set_index("step")
+    chunk_steps: dict[str, list[int]] = {}
+    for step, lay in st["layout"].items():
+        for rid, kind, *_ in json.loads(lay):
+            if kind == "prefill":
+                chunk_steps.setdefault(rid, []).append(step)
+    for _, r in run.requests.iterrows():
+        steps = chunk_steps[r["request_id"]]
+        first, last = steps[0], steps[-1]
+        assert r["first_step"] == first and r["prefill_chunks"] == len(steps)
+        # scheduled in the pass before its first chunk's forward, after the previous forward ended
+        start = st.loc[first, "start_ms"]
+        assert r["scheduled_ms"] <= start
+        if first - 1 in st.index:
+            assert r["scheduled_ms"] >= st.loc[first - 1, "start_ms"] + st.loc[first - 1, "forward_ms"]
+        # the first token follows the forward of its last chunk
+        assert r["first_token_ms"] >= st.loc[last, "start_ms"] + st.loc[last, "forward_ms"]
+    long = run.requests[run.requests["prompt_tokens"] == 21].iloc[0]
+    steps = chunk_steps[long["request_id"]]
+    assert len(steps) >= 2  # TTFT - queue holds both chunk forwards
+    spanned = sum(st.loc[k, "forward_ms"] for k in range(steps[0], steps[-1] + 1))
+    assert long["ttft_ms"] - long["queue_ms"] >= spanned
+
+
+@needs_cb
 def test_save_load_roundtrip_with_requests(served, tmp_path):
     _, _, _, run, _ = served
     run.save(tmp_path / "r")

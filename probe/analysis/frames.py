@@ -287,6 +287,8 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
         row["total_ms"] = ((steps[-1].t1 - steps[0].t0) * _NS) if steps else math.nan
     elif run.t_enter is not None and run.t_exit is not None:
         row["total_ms"] = (run.t_exit - run.t_enter) * _NS
+    if run.probe_start_ns is not None:  # generate runs: the probe's work on entering the call
+        row["probe_start_ms"] = run.probe_start_ns * _NS
     if run.kind != "generate":
         row["batch"] = steps[0].batch if steps else None
         return row

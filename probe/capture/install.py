@@ -62,9 +62,10 @@ def mark_generate(model: nn.Module, rec: Recorder, forwards: list, stack: contex
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
+        entered = rec.now()  # the run's window opens here, as a stopwatch around the call would
         try:
             hotpath.check_forwards(forwards)
-            rec.begin_generate(*inputs_of(args, kwargs), generation_settings(model, kwargs))
+            rec.begin_generate(*inputs_of(args, kwargs), generation_settings(model, kwargs), entered=entered)
         except Exception:  # the probe's own failure must never cost the user their generate
             log.warning("probe: could not mark the start of generate(); its forwards are "
                         "recorded as plain forwards", exc_info=True)

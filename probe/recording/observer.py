@@ -146,7 +146,7 @@ class RunRec:
     __slots__ = (
         "run_id", "kind", "t_enter", "t_exit", "status", "steps", "input_len", "batch_in",
         "mask", "output_len", "output_rows", "output_ids", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
-        "prompt_in_output",
+        "prompt_in_output", "probe_start_ns",
     )
 
     def __init__(self, run_id: str, kind: str) -> None:
@@ -154,6 +154,7 @@ class RunRec:
         self.kind = kind
         self.t_enter: int | None = None
         self.t_exit: int | None = None
+        self.probe_start_ns: int | None = None  # the probe's own work from t_enter until generate's own code
         self.status = "running"
         self.steps: list[StepRec] = []
         self.input_len: int | None = None

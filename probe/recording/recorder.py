@@ -139,7 +139,11 @@ class Recorder:
         return r
 
     def begin_generate(self, batch: int | None, input_len: int | None, mask: Any, prompt_in_output: bool,
-                       settings: dict) -> None:
+                       settings: dict, entered: int | None = None) -> None:
+        """A generate() call opens a run (a nested call records into its caller's). ``entered``:
+        the clock at the first statement of the generate wrapper, where the run's window opens
+        as a stopwatch around the call would (default: now); the probe's work from there until
+        generate's own code runs is the run's ``probe_start_ns``."""
         self._gen_depth += 1
         if self._gen_depth > 1:
             return
@@ -149,10 +153,12 @@ class Recorder:
         run.prompt_in_output = prompt_in_output
         run.gen_settings = settings
         for o in self.observers:
-            o.run_begin(run)  # before the clock starts: their work is the probe's, not generate's
-        run.t_enter = self.now()
+            o.run_begin(run)  # the probe's work, stated apart as probe_start_ns
         self.extras.run_begin(run)
         self.gen_run = run
+        started = self.now()
+        run.t_enter = entered if entered is not None else started
+        run.probe_start_ns = started - run.t_enter
 
     def abandon_generate(self) -> None:
         self._gen_depth = max(0, self._gen_depth - 1)

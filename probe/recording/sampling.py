@@ -3,16 +3,20 @@
 While a recorded ``generate()`` runs, the model instance's ``_get_logits_processor`` and
 ``_get_stopping_criteria`` are wrapped so that the lists generate builds come back as timed
 subclasses of ``LogitsProcessorList`` / ``StoppingCriteriaList``: the same items in the same
-order, each processor still applied by transformers' own ``LogitsProcessorList.__call__``, so
-generate behaves exactly as without the probe. The wrappers are removed when generate returns;
-the user's ``logits_processor=`` / ``stopping_criteria=`` lists and their objects are never
-touched (generate builds new lists from them).
+order. The processors list is applied by transformers' own ``LogitsProcessorList.__call__``, as
+without the probe, over a shadow list of timing proxies, one per processor (each presents its
+processor's own ``__call__`` signature, which transformers inspects to pass keyword arguments),
+so generate behaves exactly as without the probe. The wrappers are removed when generate
+returns; the user's ``logits_processor=`` / ``stopping_criteria=`` lists and their objects are
+never touched (generate builds new lists from them).
 
-Per step (the forward it follows), the recorder keeps the host time of every processor call
-(temperature, top-k, top-p, repetition penalty, a user's processor, ... by class name, in list
-order) and of every stopping-criteria call (``stopping``), plus CUDA event time where the scores
-are on a CUDA device (pooled events, resolved once after generate, no synchronisation while it
-runs). Two model methods generate calls between forwards are timed the same way (host time,
+Per step (the forward it follows), the recorder keeps the host time of every processor's own
+call (temperature, top-k, top-p, repetition penalty, a user's processor, ... by class name, in
+list order); ``dispatch``, the list call's time less its processors' (transformers inspecting
+each processor's signature, the loop, and what timing each processor costs: two reads of the
+clock, and two CUDA events on CUDA); the time of every stopping-criteria call (``stopping``);
+plus CUDA event time of the processors and stopping checks where the scores are on a CUDA
+device (pooled events, resolved once after generate, no synchronisation while it runs). Two model methods generate calls between forwards are timed the same way (host time,
 wrapped on the instance for the call): ``_update_model_kwargs_for_generation`` (``update
 kwargs``: carrying the cache, attention mask and positions over to the next step) and
 ``prepare_inputs_for_generation`` (``prepare inputs``: slicing the next forward's inputs).
@@ -20,7 +24,7 @@ The probe's own bookkeeping of the step that falls outside the forward (closing 
 reading the cache size, the observers' bookkeeping, opening the next step) is the stage ``probe``.
 Everything else outside the model until the next forward (the scores copy, softmax +
 multinomial or argmax, appending the token, generate's bookkeeping, and the few microseconds
-per stage the timing itself costs) is the ``remainder``, so a step's stages add up to its
+the other stages' timing costs) is the ``remainder``, so a step's stages add up to its
 ``outside_ms`` (the remainder is ``outside_ms`` minus the timed stages).
 
 Beam search: the processors run on the log-softmax scores of every beam; the remainder holds
@@ -45,7 +49,7 @@ from array import array
 from typing import Any, Callable
 
 from .observer import Contribution, Observer
-from .stages import CANDIDATES, PREPARE_INPUTS, PROBE, PROCESSOR, STOPPING, UPDATE_KWARGS, sampling_frame
+from .stages import CANDIDATES, DISPATCH, PREPARE_INPUTS, PROBE, PROCESSOR, STOPPING, UPDATE_KWARGS, sampling_frame
 from .stages import stage_means, stage_summary  # noqa: F401 - the summaries, where readers have found them
 from ..schema import SAMPLING
 
@@ -168,6 +172,13 @@ class SamplingRecorder(Observer):
         cur.c_stage.append(cur.stage_id(PROBE, 0, PROBE))
         cur.c_ns.append(ns)
         cur.c_ev.append(-1)
+
+    def dispatch(self, run: _RunRec, ns: int) -> None:
+        """``ns`` of a processors list's call outside its processors' own calls, for the stage ``dispatch``."""
+        run.c_step.append(run.step)
+        run.c_stage.append(run.stage_id(DISPATCH, 0, DISPATCH))
+        run.c_ns.append(ns)
+        run.c_ev.append(-1)
 
     def end(self) -> None:
         """The generate call is over: remove the wrappers, resolve CUDA events. Idempotent."""
@@ -316,6 +327,30 @@ class SamplingRecorder(Observer):
             self._pool.append(ev1)
 
 
+class _TimedProcessor:
+    """One logits processor as transformers' loop sees it in the timed list's shadow list.
+
+    Calling it times the processor's own ``__call__`` (the stage of its name). Its ``__call__``
+    attribute is the processor's own bound ``__call__``, so the signature transformers inspects
+    to decide which keyword arguments to pass is the processor's, and its ``__class__`` is the
+    processor's (the class transformers names in its errors); calling it goes through this
+    class's ``__call__`` (Python looks special methods up on the type).
+    """
+
+    def __init__(self, proc: Any, rec: SamplingRecorder, run: _RunRec, sid: int) -> None:
+        self.proc = proc
+        self.__call__ = proc.__call__  # what inspect.signature(processor.__call__) reads
+        self._probe = (rec, run, sid)
+
+    @property  # type: ignore[misc]
+    def __class__(self):  # noqa: D105 - the processor's class, for isinstance and messages
+        return type(self.proc)
+
+    def __call__(self, input_ids, scores, **kwargs):  # noqa: F811 - called via the type
+        rec, run, sid = self._probe
+        return rec.timed(run, sid, getattr(scores, "device", None), self.proc, (input_ids, scores), kwargs)
+
+
 @functools.lru_cache(maxsize=None)
 def _timed_types() -> tuple[type, type]:
     """The timed list classes (subclasses of transformers' own, defined on first use)."""
@@ -329,7 +364,7 @@ def _timed_types() -> tuple[type, type]:
         def __init__(self, items=(), recorder: SamplingRecorder | None = None, run: _RunRec | None = None):
             self._base.__init__(self, items)
             self._probe = (recorder, run)
-            self._singles: list | None = None
+            self._shadowed: Any = None  # the timing proxies transformers' loop applies
 
         def _active(self) -> _RunRec | None:
             rec, run = self._probe
@@ -347,22 +382,30 @@ def _timed_types() -> tuple[type, type]:
             return (self._base, (list(self),))
 
     class TimedLogitsProcessorList(_Timed, LogitsProcessorList):
-        """A ``LogitsProcessorList`` that times each processor, applied one by one as the base does."""
+        """A ``LogitsProcessorList`` whose processors are timed one by one, each on its own call.
+
+        transformers' own ``LogitsProcessorList.__call__`` applies them, as without the probe,
+        over a shadow list of :class:`_TimedProcessor` proxies (the list itself keeps the
+        processors: whatever reads its items sees them unchanged); the list call's time less
+        the processors' is the stage ``dispatch``.
+        """
 
         _base = LogitsProcessorList
 
         def __call__(self, input_ids, scores, **kwargs):
             run = self._active()
-            if run is None:
+            if run is None or not len(self):  # nothing to time: an empty list only returns the scores
                 return LogitsProcessorList.__call__(self, input_ids, scores, **kwargs)
-            singles = self._singles
-            if singles is None or len(singles) != len(self) or any(s[0] is not p for s, p in zip(singles, self)):
-                singles = self._singles = _singles(self, run)
+            shadow = self._shadowed
+            if shadow is None or len(shadow) != len(self) or any(t.proc is not p for t, p in zip(shadow, self)):
+                shadow = self._shadowed = _shadow(self, self._probe[0], run)
             rec = self._probe[0]
-            apply = LogitsProcessorList.__call__
-            device = scores.device
-            for _, one, sid in singles:
-                scores = rec.timed(run, sid, device, apply, (one, input_ids, scores), kwargs)
+            now = rec.now
+            n0 = len(run.c_ns)
+            t0 = now()
+            scores = LogitsProcessorList.__call__(shadow, input_ids, scores, **kwargs)
+            t1 = now()
+            rec.dispatch(run, t1 - t0 - sum(run.c_ns[n0:]))
             return scores
 
     class TimedStoppingCriteriaList(_Timed, StoppingCriteriaList):
@@ -378,15 +421,15 @@ def _timed_types() -> tuple[type, type]:
             return self._probe[0].timed(run, sid, input_ids.device, StoppingCriteriaList.__call__,
                                         (self, input_ids, scores), kwargs)
 
-    def _singles(lst, run: _RunRec) -> list:
-        """Per processor: itself, a one-item list (so the base applies it with its own rules), stage id."""
+    def _shadow(lst, rec: SamplingRecorder, run: _RunRec) -> Any:
+        """The list transformers' loop applies: a timing proxy per processor, in list order."""
         out, seen = [], {}
         for i, proc in enumerate(lst):
             name = type(proc).__name__
             seen[name] = seen.get(name, 0) + 1
             if seen[name] > 1:  # the same class twice in one list stays two stages
                 name = f"{name} ({seen[name]})"
-            out.append((proc, LogitsProcessorList([proc]), run.stage_id(PROCESSOR, i, name)))
-        return out
+            out.append(_TimedProcessor(proc, rec, run, run.stage_id(PROCESSOR, i, name)))
+        return LogitsProcessorList(out)
 
     return TimedLogitsProcessorList, TimedStoppingCriteriaList

@@ -19,13 +19,13 @@ from ..schema import SAMPLING
 _NS = 1e-6  # ns -> ms
 
 PROCESSOR, STOPPING, CANDIDATES, REMAINDER = "processor", "stopping", "candidates", "remainder"
-UPDATE_KWARGS, PREPARE_INPUTS, PROBE = "update kwargs", "prepare inputs", "probe"
+UPDATE_KWARGS, PREPARE_INPUTS, PROBE, DISPATCH = "update kwargs", "prepare inputs", "probe", "dispatch"
 #: display order of the stage kinds, roughly that of a step: after the forward, its cache and
-#: mask are carried over, the processors run (in list order), the token is chosen, the
-#: stopping checks run, candidates are drafted, the next forward's inputs are prepared;
+#: mask are carried over, the processors run (in list order; ``dispatch`` is the processors list's
+#: own work around them), the token is chosen, the stopping checks run, candidates are drafted, the next forward's inputs are prepared;
 #: then the probe's own bookkeeping of the step; the remainder (token choice and the rest) is
 #: always last
-KIND_ORDER = {UPDATE_KWARGS: 0, PROCESSOR: 1, STOPPING: 2, CANDIDATES: 3, PREPARE_INPUTS: 4, PROBE: 5}
+KIND_ORDER = {UPDATE_KWARGS: 0, PROCESSOR: 1, DISPATCH: 2, STOPPING: 3, CANDIDATES: 4, PREPARE_INPUTS: 5, PROBE: 6}
 
 
 # ---------------------------------------------------------------------- frames

@@ -68,11 +68,14 @@ def cache_config(work: Workload, *, page_size: int = 16, max_batch_tokens: int =
 
 
 def serve(model: Any, work: Workload, generation_config: Any, cb_config: Any, *, timeout_s: float = 600.0,
-          on_result: Callable[[Any], None] | None = None) -> dict[str, Any]:
+          on_result: Callable[[Any], None] | None = None, lag_s: list[float] | None = None) -> dict[str, Any]:
     """Send ``work`` through a continuous-batching manager of ``model``; return its outputs by id.
 
     Requests are added from this thread at their arrival times (``record_timestamps=True``) while
-    the manager's own thread serves them; the manager is stopped on every path.
+    the manager's own thread serves them; the manager is stopped on every path. ``lag_s``, when
+    given, gets each request's send lag: when ``add_request`` was called less its planned
+    arrival (this thread can be late when the serving loop starves it; the probe's arrival,
+    and so queue and TTFT, count from the call).
     """
     manager = model.init_continuous_batching(generation_config=generation_config,
                                              continuous_batching_config=cb_config)
@@ -89,6 +92,8 @@ def serve(model: Any, work: Workload, generation_config: Any, cb_config: Any, *,
             if now > deadline:
                 raise TimeoutError(f"{n - len(results)} of {n} requests unfinished after {timeout_s:.0f}s")
             while i < n and now - t0 >= work.arrivals_s[i]:
+                if lag_s is not None:
+                    lag_s.append(time.perf_counter() - t0 - work.arrivals_s[i])
                 rid = manager.add_request(work.prompts[i], request_id=f"req_{i:03d}",
                                           max_new_tokens=work.max_new_tokens, record_timestamps=True)
                 if rid is None:

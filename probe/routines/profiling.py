@@ -144,8 +144,11 @@ def profile_serving(
     """
     from .loadgen import serve
 
+    lags: list[float] = []
+
     def one(_i: int) -> None:
-        serve(model, workload, generation_config, cache_config, on_result=on_result)
+        lags.clear()  # the recorded serving run's (warm-up runs' records are cleared too)
+        serve(model, workload, generation_config, cache_config, on_result=on_result, lag_s=lags)
 
     run, failure = _record(model, one, depth=depth, warmup=warmup, repeat=1, seed=seed, threads=None,
                            model_id=model_id, progress=progress or (lambda _msg: None),
@@ -153,6 +156,8 @@ def profile_serving(
                            attach_options=attach_options)
     _annotate(run, warmup=warmup, repeat=1, seed=seed)
     run.meta["serve_bench"] = workload.describe()
+    if lags:  # how late this process sent the requests against the plan (arrivals count from the send)
+        run.meta["serve_bench"]["send_lag_ms_max"] = round(max(lags) * 1e3, 3)
     if failure is not None:
         raise ProfileError(run, failure) from failure
     return run
