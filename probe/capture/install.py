@@ -52,8 +52,10 @@ def calibrate(rec: Recorder, device: Any, clock: Callable[[], int] | None) -> di
     return cal
 
 
-def mark_generate(model: nn.Module, rec: Recorder, forwards: list, stack: contextlib.ExitStack) -> None:
-    """Wrap ``model.generate`` (on the instance) so that each call opens and closes a run."""
+def mark_generate(model: nn.Module, rec: Recorder, forwards: list, stack: contextlib.ExitStack,
+                  on_generate: Callable[[], None] | None = None) -> None:
+    """Wrap ``model.generate`` (on the instance) so that each call opens and closes a run
+    (``on_generate()`` first: what the probe checks again at each generate)."""
     gen = getattr(model, "generate", None)
     if gen is None or not callable(gen):
         return
@@ -64,6 +66,8 @@ def mark_generate(model: nn.Module, rec: Recorder, forwards: list, stack: contex
     def generate(*args, **kwargs):
         try:
             hotpath.check_forwards(forwards)
+            if on_generate is not None:
+                on_generate()
             rec.begin_generate(*inputs_of(args, kwargs), generation_settings(model, kwargs))
         except Exception:  # the probe's own failure must never cost the user their generate
             log.warning("probe: could not mark the start of generate(); its forwards are "
