@@ -79,6 +79,15 @@ def _no_probe_leaks():
 
     active = [type(m).__name__ for m in list(capture._ACTIVE.keys())]
     leaks = _probe_hooks_alive()
+    if not active:
+        from probe.recording import attnfn
+
+        if attnfn.wrapped():
+            import gc
+
+            gc.collect()  # a probe never detached lets go of the attention functions when collected
+        if attnfn.wrapped():
+            leaks.append(f"{attnfn.wrapped()} attention functions still wrapped")
     if active or leaks:
         for ref in list(capture._ACTIVE.values()):
             p = ref()

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..recording import hotpath
+from ..recording import attnfn, hotpath
+from ..recording.discovery import ModuleInfo
 from ..recording.generation import generation_settings, inputs_of
 from ..recording.recorder import Recorder
 
@@ -106,6 +107,25 @@ def wrapper_factory(rec: Recorder, clock: Callable[[], int] | None) -> Callable[
                                                            rec.extras.call_begin, rec.extras.call_end,
                                                            rec.extras.truncate)
     return lambda idx: lambda fn: hotpath.cpu_wrapper(fn, rec.cols, rec.intern_for(idx), clock)
+
+
+def record_attention_functions(holder: Any, selected: list, rec: Recorder, make_for: Callable[[int], Callable],
+                               stack: contextlib.ExitStack) -> None:
+    """Record the attention function called inside each recorded attention module as a call of
+    its own (:mod:`probe.recording.attnfn`), a pseudo-module one level below it."""
+    callers = {}
+    for mod, info in selected:
+        if info.role != "attention":
+            continue
+        idx = len(rec.modules)
+        rec.modules.append(ModuleInfo(attnfn.pseudo_name(info.name), "AttentionFunction", attnfn.ROLE,
+                                      info.depth + 1, info.layer))
+        if len(rec.placements) == idx:
+            rec.placements.append(None)  # no weights of its own
+        callers[mod] = make_for(idx)(attnfn.through)
+    if callers:
+        attnfn.acquire(holder, callers)
+        stack.callback(attnfn.release, holder, callers)  # the stack keeps the callers alive till then
 
 
 def end_quietly(rec: Recorder, out: Any, status: str):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..analysis.observed import check_declarations
-from ..recording import hotpath
+from ..recording import attnfn, hotpath
 from ..recording.defaults import default_observers
 from ..recording.discovery import ModuleInfo, select_modules
 from ..recording.hooktime import HookTimers
@@ -32,7 +32,7 @@ from ..recording.observer import Observer
 from ..recording.recorder import Recorder
 from ..schema import DEPTHS, Depth
 from .install import (COMPILED_ADVICE, CompiledModelWarning, calibrate, cuda_device_of, has_cuda_tensors,
-                      mark_generate, wrapper_factory)
+                      mark_generate, record_attention_functions, wrapper_factory)
 
 __all__ = ["CompiledModelWarning", "Probe", "ProbeError", "attach", "detach", "probe_of"]
 
@@ -207,7 +207,9 @@ class Probe:
                                 rec.hooked.append, self._clock)
             self._stack.callback(timers.remove)
             timers.sync()
-        mark_generate(model, rec, self._forwards, self._stack, timers.sync if timers is not None else None)
+        if self.depth != "blocks":  # the attention function as a call inside each attention module
+            record_attention_functions(self, selected, rec, make_for, self._stack)
+        mark_generate(model, rec, self._forwards, self._stack, functools.partial(_each_generate, timers))
         for o in default_observers(real_clock=not rec.injected_clock, cuda_graphs=self.cuda_graphs,
                                    extra=self._extra_observers):
             rec.observers.append(o)
@@ -340,6 +342,13 @@ class Probe:
         return f"<probe.Probe {state} depth={self.depth!r} modules={len(self.modules)} calls={n} runs={runs}>"
 
 
+def _each_generate(timers: HookTimers | None) -> None:
+    """What is checked again at each generate: which modules have hooks, new attention functions."""
+    if timers is not None:
+        timers.sync()
+    attnfn.refresh()
+
+
 def attach(
     model: nn.Module,
     depth: Depth = "blocks",
@@ -361,7 +370,8 @@ def attach(
         model: a causal LM (``AutoModelForCausalLM``-like) or any ``nn.Module``.
         depth: ``"blocks"`` (input embedding, each decoder layer, final norm, output head),
             ``"sublayers"`` (adds attention, MLP and norms inside each layer) or ``"all"``
-            (every module).
+            (every module); at both, the attention function each attention module calls (sdpa,
+            eager, flash, ...) is a call of its own inside it, ``<attention>.attention_fn``.
         cuda_timing: record CUDA events per call; default: on when the model has CUDA tensors.
         track_memory: record CUDA allocator counters per call (resets the allocator's peak
             statistic while recording); default: with ``cuda_timing``.
