@@ -17,8 +17,11 @@ Roles, from the outside in:
   ``dropout``;
 - inside a layer: ``attention``, ``mlp`` (dense or mixture-of-experts), ``layer_norm``;
 - inside attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``qkv_proj`` (fused),
-  ``qk_norm``, ``rotary_emb``; the attention *core* (scores, softmax, the weighted sum, RoPE
-  applied to q/k) is not a module: it is the attention module's self time;
+  ``qk_norm``, ``rotary_emb``, and ``attention_fn``: the attention function itself (sdpa,
+  eager, flash, flex, paged: scores, softmax, the weighted sum), not a module but recorded as
+  the pseudo-module ``<attention>.attention_fn`` (:mod:`probe.recording.attnfn`); what is left
+  of the attention module's self time is the rest (RoPE applied to q/k, the cache update,
+  reshapes, dispatch);
 - inside an MLP: ``gate_proj``, ``up_proj``, ``down_proj``, ``gate_up_proj`` (fused),
   ``act_fn``; in a mixture of experts ``router`` and ``experts`` (one fused module on
   transformers 5; on 4.x one call per active expert, whose projections are ``gate_proj`` /
@@ -36,8 +39,8 @@ from collections.abc import Iterable, Mapping
 BLOCKS = ("embed", "layer", "norm", "head")
 #: roles a module can get, blocks first, in display order
 ROLES: tuple[str, ...] = (
-    *BLOCKS, "model", "rotary_emb", "attention", "q_proj", "k_proj", "v_proj", "qkv_proj", "qk_norm", "o_proj",
-    "mlp", "router", "experts", "shared_expert", "gate_proj", "up_proj", "gate_up_proj", "act_fn", "down_proj",
+    *BLOCKS, "model", "rotary_emb", "attention", "q_proj", "k_proj", "v_proj", "qkv_proj", "qk_norm", "attention_fn",
+    "o_proj", "mlp", "router", "experts", "shared_expert", "gate_proj", "up_proj", "gate_up_proj", "act_fn", "down_proj",
     "layer_norm", "dropout", "linear", "other",
 )
 

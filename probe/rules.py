@@ -39,8 +39,8 @@ RULES: dict[str, dict[str, Rule]] = {
     "calls": {
         "rank": MEASURED, "step": MEASURED, "depth": MEASURED, "layer": OPTIONAL, "q_len": MEASURED,
         "kv_len": MEASURED, "batch": MEASURED, "start_ms": MEASURED, "end_ms": MEASURED, "cpu_ms": MEASURED,
-        "gpu_ms": OPTIONAL, "offload_ms": OPTIONAL, "mem_before_bytes": OPTIONAL, "mem_after_bytes": OPTIONAL,
-        "mem_peak_bytes": OPTIONAL, "out_bytes": MEASURED, "call": OPTIONAL, "parent": OPTIONAL,
+        "gpu_ms": OPTIONAL, "offload_ms": OPTIONAL, "hooks_ms": OPTIONAL, "mem_before_bytes": OPTIONAL,
+        "mem_after_bytes": OPTIONAL, "mem_peak_bytes": OPTIONAL, "out_bytes": MEASURED, "call": OPTIONAL, "parent": OPTIONAL,
         "descendants": OPTIONAL, "self_ms": OPTIONAL, "gpu_self_ms": OPTIONAL,
     },
     "steps": {

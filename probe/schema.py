@@ -34,7 +34,7 @@ from .derived_schema import (  # noqa: F401  (re-exported)
 )
 from .vocab import DEPTHS, LEVELS, PHASES, Depth, Level, Phase  # noqa: F401  (re-exported)
 
-#: v2 (this round): runs.output_ids, calls.descendants; runs of v1 load with the columns v2
+#: v2 (this round): runs.output_ids, calls.descendants, calls.hooks_ms; runs of v1 load with the columns v2
 #: added as nulls (their nesting then comes from the calls' time windows, as v1 derived it)
 SCHEMA_VERSION = 2
 #: saved-run schema versions :func:`probe.load` reads
@@ -68,6 +68,9 @@ CALLS: dict[str, str] = {
     "cpu_ms": "float64",  # host time between the pre and post hooks
     "gpu_ms": "float64",  # CUDA event time; NaN without CUDA
     "offload_ms": "float64",  # host time accelerate spent loading/unloading offloaded weights in the call; NaN if none
+    # host time of the module's forward hooks and pre-hooks (its own and global ones), part of
+    # cpu_ms (v2); 0 for a module without hooks; NaN where hooks were not timed (attach(time_hooks=False))
+    "hooks_ms": "float64",
     "mem_before_bytes": "Int64",  # CUDA allocated bytes before the call; null on CPU
     "mem_after_bytes": "Int64",
     "mem_peak_bytes": "Int64",  # CUDA allocator peak during the call; null on CPU

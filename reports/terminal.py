@@ -160,7 +160,8 @@ def level_lines(run, spread: bool = False) -> list[str]:
         out.append("outside the model (logits processing, sampling): " + ", ".join(outside))
     if deeper:
         out.append("total ms: inclusive time of the row's calls; a block's self time is its whole subtree; "
-                   "attention core = the attention modules' time outside their projections")
+                   "attention (rest) = the attention modules' time outside their projections and the attention "
+                   "function (RoPE, cache update, reshapes)")
     return out
 
 

@@ -20,8 +20,8 @@ from .figure_base import HEIGHT, TEMPLATE, empty_figure, floats, plot_text
 ROLE_COLORS = {
     "embed": "#8c564b", "layer": "#c7c7c7", "norm": "#bcbd22", "head": "#9467bd", "model": "#e5e5e5",
     "rotary_emb": "#17becf", "attention": "#d62728", "q_proj": "#ff9896", "k_proj": "#ff9896", "v_proj": "#ff9896",
-    "qkv_proj": "#ff9896", "o_proj": "#f7b6d2", "qk_norm": "#dbdb8d", "mlp": "#1f77b4", "router": "#aec7e8",
-    "experts": "#6baed6", "shared_expert": "#6baed6", "gate_proj": "#9ecae1", "up_proj": "#9ecae1",
+    "qkv_proj": "#ff9896", "o_proj": "#f7b6d2", "qk_norm": "#dbdb8d", "attention_fn": "#a50f15", "mlp": "#1f77b4",
+    "router": "#aec7e8", "experts": "#6baed6", "shared_expert": "#6baed6", "gate_proj": "#9ecae1", "up_proj": "#9ecae1",
     "gate_up_proj": "#9ecae1", "down_proj": "#c6dbef", "act_fn": "#2ca02c", "layer_norm": "#dbdb8d",
     "dropout": "#f0f0f0", "linear": "#ffbb78", "other": "#f0f0f0", "residue": "#7f7f7f", "probe": "#393b79",
 }
@@ -105,8 +105,8 @@ def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[Phase, .
     """Layer x role heatmaps of self time per step, one panel per phase, side by side.
 
     Rows are the decoder layers, columns the roles inside a layer: ``layer (self)`` is the
-    layer's own self time (residual adds, glue between its sublayers), ``attention core`` the
-    attention module's self time outside its projections, and so on. A cell is that role's self
+    layer's own self time (residual adds, glue between its sublayers), ``attention (rest)`` the
+    attention module's self time outside its projections and attention function, and so on. A cell is that role's self
     host ms per recorded step of the phase in that layer, so a row adds up to the layer's
     inclusive time per step. Hover adds the cell's share of the phase's forward time.
 
@@ -121,7 +121,7 @@ def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[Phase, .
     if not tables:
         return empty_figure(title, "no decoder-layer calls recorded")
     order = {r: i for i, r in enumerate(["layer", *[r for r in ROLES if r != "layer"]])}
-    order[accounting.ATTENTION_CORE] = order["attention"]
+    order[accounting.ATTENTION_REST] = order["attention"]
     fig = make_subplots(rows=1, cols=len(tables), shared_yaxes=True, horizontal_spacing=0.04,
                         subplot_titles=[plot_text(f"{p}: ms per step ({int(ph.n_steps[p])} step"
                                                   f"{'s' if int(ph.n_steps[p]) != 1 else ''})") for p, _ in tables])

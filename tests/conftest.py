@@ -23,7 +23,7 @@ os.environ.setdefault("PROBE_DASHBOARD_ROOT", os.sep)
 #: them again on the declared floor (`pytest -m transformers`); the rest (reports, dashboard,
 #: store, layout, CLI output) read runs and run once, on the newest release.
 TRANSFORMERS_DEPENDENT = frozenset({
-    "test_capture", "test_compat", "test_cost", "test_distributed", "test_first_hour", "test_generation_modes",
+    "test_capture", "test_compat", "test_cost", "test_distributed", "test_first_hour", "test_generation_modes", "test_hook_time",
     "test_lifecycle", "test_models", "test_offload", "test_profile", "test_reliability", "test_robustness",
     "test_sampling", "test_serve_bench", "test_serving", "test_smollm2", "test_sweep_shapes", "test_tree",
     "test_cli",
@@ -60,7 +60,7 @@ def _probe_hooks_alive() -> list[str]:
                 mod = getattr(fn, "__module__", "") or ""
                 if mod.startswith("probe.") or "Probe." in owner:
                     leaks.append(f"{type(obj).__name__}: hook {owner}")
-        for attr in ("forward", "_old_forward", "generate", "init_continuous_batching", *WRAPPED):
+        for attr in ("forward", "_old_forward", "_call_impl", "generate", "init_continuous_batching", *WRAPPED):
             fn, seen = obj.__dict__.get(attr), 0
             while fn is not None and seen < 8:  # follow wrappers of wrappers (functools.partial, __wrapped__)
                 if getattr(type(fn), "__probe_wrapper__", False) or "__probe_wrapper__" in getattr(fn, "__dict__", {}):
@@ -79,6 +79,15 @@ def _no_probe_leaks():
 
     active = [type(m).__name__ for m in list(capture._ACTIVE.keys())]
     leaks = _probe_hooks_alive()
+    if not active:
+        from probe.recording import attnfn
+
+        if attnfn.wrapped():
+            import gc
+
+            gc.collect()  # a probe never detached lets go of the attention functions when collected
+        if attnfn.wrapped():
+            leaks.append(f"{attnfn.wrapped()} attention functions still wrapped")
     if active or leaks:
         for ref in list(capture._ACTIVE.values()):
             p = ref()

@@ -83,7 +83,7 @@ def test_bad_arguments_get_clear_errors():
 
 @pytest.mark.parametrize("depth,roles", [
     ("blocks", {"embed", "layer", "norm", "head"}),
-    ("sublayers", {"embed", "layer", "norm", "head", "attention", "mlp", "layer_norm"}),
+    ("sublayers", {"embed", "layer", "norm", "head", "attention", "attention_fn", "mlp", "layer_norm"}),
 ])
 def test_depth_selects_blocks_and_sublayers(depth, roles):
     model = tiny_llama(layers=2)
@@ -103,7 +103,8 @@ def test_depth_all_records_every_module_once_per_call():
     with probe.attach(model, depth="all") as p:
         model(_ids(4))
     calls = p.run.calls
-    assert len(p.modules) == n_modules
+    n_attention = sum(1 for m in p.modules if m.role == "attention")
+    assert len(p.modules) == n_modules + n_attention  # and each attention module's attention function
     assert "model.layers.0.self_attn.q_proj" in set(calls["module"])
     # nesting depth follows the qualified name
     row = calls[calls["module"] == "model.layers.0.self_attn.q_proj"].iloc[0]

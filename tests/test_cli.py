@@ -250,7 +250,7 @@ def test_run_and_compare_print_each_level_once_and_say_what_differs(tmp_path, ca
                 shares = [float(v) for v in re.findall(rf"^\S+(?: \S+)?\s+{phase}\s.*?([\d.]+)%$", part, flags=re.M)]
                 assert shares and sum(shares) == pytest.approx(100.0, abs=0.1 * len(shares)), (level, phase)
         if depth == "all":
-            assert re.search(r"^attention core\s+decode", table, flags=re.M)
+            assert re.search(r"^attention \(rest\)\s+decode", table, flags=re.M)
     code, out, err = _run(["compare", str(dirs["all"]), str(dirs["blocks"]), "--out", str(tmp_path / "cmp")], capsys)
     assert code == 0, err
     assert "note: the runs differ in depth (A: all, B: blocks)" in out

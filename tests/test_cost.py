@@ -154,8 +154,8 @@ def test_sublayers_add_up_to_their_layer_plus_the_residual_adds():
     calls = cost.annotate(run.calls, model)
     layer2 = calls[calls["layer"] == 2]
     whole = layer2.loc[layer2["role"] == "layer", "flops"].iloc[0]
-    parts = layer2.loc[layer2["role"] != "layer", "flops"].sum()
-    assert set(layer2["role"]) == {"layer", "attention", "mlp", "layer_norm"}
+    parts = layer2.loc[~layer2["role"].isin(["layer", "attention_fn"]), "flops"].sum()  # attention_fn: inside attention
+    assert set(layer2["role"]) == {"layer", "attention", "attention_fn", "mlp", "layer_norm"}
     assert whole - parts == pytest.approx(2 * model.config.hidden_size * B * T)
 
 

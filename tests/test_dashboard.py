@@ -461,7 +461,7 @@ def test_layers_view_splits_layers_by_role_where_the_run_recorded_inside_them(ru
     at = app(runs_dir, runs=["sublayers"], view="Layers")
     heat = charts(at)[1]
     assert [t["type"] for t in heat["data"]] == ["heatmap", "heatmap"]  # prefill | decode
-    assert arr(heat["data"][0]["x"]) == ["layer (self)", "attention", "mlp", "layer_norm"]
+    assert arr(heat["data"][0]["x"]) == ["layer (self)", "attention (rest)", "attention_fn", "mlp", "layer_norm"]
     assert arr(heat["data"][0]["y"]) == list(range(LAYERS))
     # a row adds up to the layer's inclusive time per step
     run = probe.load(runs["sublayers"])
@@ -476,7 +476,8 @@ def test_tree_view_draws_the_icicle_and_folds_the_table(runs, runs_dir):
     icicle = charts(at)[0]
     assert icicle["data"][0]["type"] == "icicle" and icicle["data"][0]["branchvalues"] == "remainder"
     table = frame(at)
-    assert table["depth"].max() == 2 and table["share"].sum() == pytest.approx(1.0, abs=1e-9)
+    # layer > attention > its attention function
+    assert table["depth"].max() == 3 and table["share"].sum() == pytest.approx(1.0, abs=1e-9)
     at.slider(key="tree_depth").set_value(1).run()
     top = frame(at)
     assert top["depth"].max() == 1 and top["share"].sum() == pytest.approx(1.0, abs=1e-9)

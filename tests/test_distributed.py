@@ -111,7 +111,7 @@ def test_torchrun_sharded_projections_record_each_ranks_half(tp):
     ref = tp["ref"].calls.set_index(["step", "module"])
     assert ref.index.is_unique
     styles = _tp_styles(tp["model"])
-    seen = {"colwise": 0, "rowwise": 0, "between": 0, None: 0}
+    seen = {"colwise": 0, "rowwise": 0, "between": 0, "heads": 0, None: 0}
     for r in (0, 1):
         c = run.calls[run.calls["rank"] == r]
         for row in c.itertuples():
@@ -121,7 +121,12 @@ def test_torchrun_sharded_projections_record_each_ranks_half(tp):
             style = _style(styles, row.module)
             if style is None and row.module.endswith(".mlp.act_fn"):
                 style = "between"  # acts on the colwise gate_proj's shard, before the rowwise down_proj
-            if style == "between":
+            if row.module.endswith(".attention_fn"):
+                style = "heads"  # the attention function runs on this rank's heads: q, k, v [B, heads, T, d]
+            if style == "heads":
+                assert [s[1] * WORLD for s in ins[:3]] == [s[1] for s in ref_ins[:3]], (row.module, ins, ref_ins)
+                assert outs[0][2] * WORLD == ref_outs[0][2], (row.module, outs, ref_outs)  # [B, T, heads, d]
+            elif style == "between":
                 assert ins[0][-1] * WORLD == ref_ins[0][-1] and outs[0][-1] * WORLD == ref_outs[0][-1], row.module
             elif style == "colwise":  # weight split by output features: half the output width
                 assert ins == ref_ins and outs[0][:-1] == ref_outs[0][:-1], row.module
@@ -142,6 +147,7 @@ def test_torchrun_sharded_projections_record_each_ranks_half(tp):
     assert seen["colwise"] == WORLD * steps * layers * 5
     assert seen["rowwise"] == WORLD * steps * layers * 2
     assert seen["between"] == WORLD * steps * layers
+    assert seen["heads"] == WORLD * steps * layers
 
 
 @needs_gloo

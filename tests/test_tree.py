@@ -177,12 +177,13 @@ def test_unknown_names_fall_back_to_the_type_then_other():
     assert roles.role_of("gate", "Linear", "mlp") == "gate_proj"  # no experts beside it: a dense gate
 
 
-# --------------------------------------------------------------------------- the attention core
-def test_attention_core_is_the_attention_self_time_at_depth_all():
+# --------------------------------------------------------------------------- attention: function and rest
+def test_attention_rest_is_the_attention_self_time_outside_its_function_and_projections():
     deep = _record("llama", "all")
     summ = deep.summary("role")
-    core = summ[summ["name"] == accounting.ATTENTION_CORE]
+    core = summ[summ["name"] == accounting.ATTENTION_REST]
     assert len(core) == 2 and "attention" not in set(summ["name"])
+    assert len(summ[summ["name"] == "attention_fn"]) == 2
     attn = deep.calls[deep.calls["role"] == "attention"]
     for phase, row in core.set_index("phase").iterrows():
         sub = attn[attn["phase"] == phase]
@@ -193,8 +194,9 @@ def test_attention_core_is_the_attention_self_time_at_depth_all():
     assert len(rot) and rot["layer"].isna().all()
     blocks = deep.summary("block").set_index(["phase", "name"])
     assert blocks.loc[("decode", "model"), "self_ms"] >= rot.loc[rot["phase"] == "decode", "self_ms"].sum()
-    shallow = _record("llama", "sublayers")
-    assert "attention" in set(shallow.summary("role")["name"])  # nothing inside it recorded: not a core
+    shallow = _record("llama", "sublayers")  # the attention function is recorded at sublayers too
+    names = set(shallow.summary("role")["name"])
+    assert {accounting.ATTENTION_REST, "attention_fn"} <= names and "attention" not in names
 
 
 # --------------------------------------------------------------------------- saved runs

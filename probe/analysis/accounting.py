@@ -9,9 +9,11 @@ residue (and the probe's own cost, where recorded) add up to 100 %.
 
 - ``block``: embed, layer, norm, head, and ``model`` (model-level calls outside the blocks:
   the base model's own glue, ``rotary_emb``); a block's self time is its whole subtree.
-- ``role``: every role of :mod:`probe.roles`. The attention module's self time, at a depth that
-  records its projections, is the *attention core* (scores, softmax, weighted sum, RoPE on
-  q/k) and its row is named ``attention core``.
+- ``role``: every role of :mod:`probe.roles`. The attention function itself (scores, softmax,
+  the weighted sum: sdpa, eager, flash, ...) is its own row, ``attention_fn``, at ``sublayers``
+  and ``all``; what is left of the attention module's self time once calls inside it are
+  recorded — RoPE on q/k, the cache update, reshapes, dispatch — is the row
+  ``attention (rest)``.
 - ``module``: every module.
 
 :func:`tree_table` gives the call tree itself per phase (one row per path of modules), whole
@@ -31,8 +33,9 @@ from .. import schema
 from . import tree
 from ..schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
 
-#: name of the attention module's self-time row at the role level when its projections are recorded
-ATTENTION_CORE = "attention core"
+#: name of the attention module's self-time row at the role level when calls inside it are recorded
+#: (its projections, the attention function): what is left is RoPE, the cache update, reshapes
+ATTENTION_REST = "attention (rest)"
 RESIDUE = "(residue)"
 PROBE = "(probe)"
 #: display order of the block level
@@ -135,7 +138,7 @@ def _has_children(n: int, prow: np.ndarray) -> np.ndarray:
 
 def _role_codes(calls: pd.DataFrame, prow: np.ndarray, codes=None) -> tuple[np.ndarray, list[str]]:
     """Each call's row name at the role level, as codes into a list of names: its role, or
-    ``attention core`` for an attention call with recorded calls inside it (its self time is
+    ``attention (rest)`` for an attention call with recorded calls inside it (its self time is
     then what it does outside them)."""
     rcodes, runiq = codes("role") if codes else _factorize(calls["role"])
     names = [str(r) for r in runiq]
@@ -143,7 +146,7 @@ def _role_codes(calls: pd.DataFrame, prow: np.ndarray, codes=None) -> tuple[np.n
         core = (rcodes == names.index("attention")) & _has_children(len(calls), prow)
         if core.any():
             rcodes = np.where(core, len(names), rcodes)
-            names.append(ATTENTION_CORE)
+            names.append(ATTENTION_REST)
     return rcodes, names
 
 
@@ -234,7 +237,7 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     if level == "block":
         out["role"] = out["name"]
     elif level == "role":
-        out["role"] = out["name"].where(out["name"] != ATTENTION_CORE, "attention")
+        out["role"] = out["name"].where(out["name"] != ATTENTION_REST, "attention")
     out["share"] = ph.share(out["phase"], out["self_ms"], out["gpu_self_ms"])
     out["level"] = level
     if level == "block":

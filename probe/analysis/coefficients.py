@@ -160,6 +160,8 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
     from torch import nn
 
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if role == "attention_fn":
+        return _attention_function_cost(module, cfg)
     c = ModuleCost()
     mods = list(module.named_modules())
     covered: set[int] = set()  # parameters counted by a typed rule
@@ -256,6 +258,28 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
     return c
 
 
+def _attention_function_cost(module: nn.Module, cfg: Any) -> ModuleCost:
+    """The attention function called inside ``module`` (an attention module): scores, softmax
+    and the weighted sum over the cached keys and values; its projections and RoPE are not in it."""
+    c = ModuleCost()
+    attn = [m for m in module.modules() if _is_attention(m)] or [module]
+    for m in attn[-1:]:
+        heads, kv, hd = _attention_shape(m, cfg)
+        c.f_score += 4 * heads * hd + SOFTMAX_FLOPS_PER_SCORE * heads
+        c.e_tok += 2 * heads * hd  # queries in, outputs out; keys and values are read per position
+        c.e_kv += 2 * kv * hd
+        c.window = min(c.window, _window(m, cfg))
+    return c
+
+
+def module_of(names: dict, name: str, role: Any) -> Any:
+    """The model's module a recorded name stands for: the attention module for an attention
+    function (a pseudo-module ``<attention>.attention_fn``, :mod:`probe.recording.attnfn`)."""
+    if role == "attention_fn":
+        name = name.rpartition(".")[0]
+    return names.get(name)
+
+
 #: bump when :class:`ModuleCost` or :func:`module_cost` changes meaning: older runs are costed
 #: from their config again (a meta-device model), as runs saved before ``module_costs``
 COSTS_FORMAT = 1
@@ -280,12 +304,12 @@ def module_costs(model: nn.Module, modules: list[tuple[str, str | None]]) -> dic
     names = dict(model.named_modules())
     out: dict[str, Any] = {}
     for name, role in modules:
-        mod = names.get(name)
+        mod = module_of(names, name, role)
         if mod is None or name in out:
             continue
         mc = module_cost(mod, cfg, role)
         entry: dict[str, Any] = {f: (None if math.isinf(v := float(getattr(mc, f))) else v) for f in COST_FIELDS}
-        seen = {id(p): p for p in mod.parameters()}
+        seen = {id(p): p for p in mod.parameters()} if role != "attention_fn" else {}  # a function: no weights
         entry.update(ids_input=bool(mc.ids_input), parameters=int(sum(p.numel() for p in seen.values())),
                      weight_bytes=int(sum(p.numel() * p.element_size() for p in seen.values())))
         out[name] = entry

@@ -42,7 +42,8 @@ from ..dtypes import itemsize, torch_dtype
 from ..schema import COST
 # the formulas and the per-module coefficients are part of this module's public face
 # (``probe.cost.linear_flops``, ``probe.cost.module_cost``): they are what annotate evaluates
-from .coefficients import COST_FIELDS, COSTS_FORMAT, ModuleCost, module_cost, module_costs, recorded_costs
+from .coefficients import (COST_FIELDS, COSTS_FORMAT, ModuleCost, module_cost, module_costs, module_of,
+                           recorded_costs)
 from .cost_formulas import (
     ACT_FLOPS_PER_ELEMENT,
     INDEX_BYTES,
@@ -111,11 +112,11 @@ def _table_from_model(model: nn.Module, calls: pd.DataFrame, mod_codes: np.ndarr
     for row, code in zip(first_rows.index, first_rows.to_numpy()):
         if code < 0:
             continue
-        mod = names.get(str(mod_uniques[code]))
+        role = role_col.iloc[int(row)]
+        mod = module_of(names, str(mod_uniques[code]), None if pd.isna(role) else str(role))
         if mod is None:
             log.debug("annotate: module %s not in the model; its cost is NaN", mod_uniques[code])
             continue
-        role = role_col.iloc[int(row)]
         mc = module_cost(mod, cfg, None if pd.isna(role) else str(role))
         for f in COST_FIELDS:
             table[f][code] = getattr(mc, f)
@@ -218,7 +219,10 @@ def annotate(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) ->
     table, ids_input, w_default = found
     fields = COST_FIELDS
     # 2. per distinct shape string and dtype
-    shp_codes, shp_uniques = pd.factorize(calls["in_shapes"], use_na_sentinel=True)
+    # an attention function's first input is the queries [B, heads, q, d]: its tokens come from
+    # batch x q_len, as for a call without tensor arguments
+    shapes = calls["in_shapes"].mask(calls["role"].eq("attention_fn").fillna(False).astype(bool))
+    shp_codes, shp_uniques = pd.factorize(shapes, use_na_sentinel=True)
     parsed = np.array([_parse_first_shape(s) for s in shp_uniques] + [(math.nan, math.nan, math.nan, 0.0)])
     dt_codes, dt_uniques = pd.factorize(calls["dtype"], use_na_sentinel=True)
     isz = np.array([itemsize(str(d), w_default) for d in dt_uniques] + [w_default])

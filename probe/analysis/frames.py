@@ -142,12 +142,12 @@ def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple])
         return schema.empty(CALLS)
     msig_table = np.array(p.msigs, dtype=np.int64).reshape(-1, 2)
     mod = msig_table[p.msig, 0]
-    t0, t1 = p.t0, p.t1
+    t0, t1, inner, hooks_ns = _with_hooks(p.t0, p.t1, p.inner, mod, p.hooked)
     sig = msig_table[p.msig, 1]
     # Host time of each call without the probe's own cost: what lands inside its window, and
     # what each recorded call inside it added (calibrated at attach; see README "Overhead").
     cal = p.calibration
-    own_ns = float(cal.get("inside_ns", 0.0) or 0.0) + p.inner.astype(np.float64) * float(cal.get("call_ns", 0.0) or 0.0)
+    own_ns = float(cal.get("inside_ns", 0.0) or 0.0) + inner.astype(np.float64) * float(cal.get("call_ns", 0.0) or 0.0)
 
     infos = p.modules
     mod_depth = np.array([m.depth for m in infos], dtype=np.int64)
@@ -181,7 +181,7 @@ def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple])
 
     # pre-order within each step: by start, and an enclosing call (more descendants) before the
     # first call inside it when both read the same clock tick
-    order = np.lexsort((-p.inner.astype(np.int64), t0, step_of_call))
+    order = np.lexsort((-inner.astype(np.int64), t0, step_of_call))
     s_idx = step_of_call[order]
     mod_o = mod[order]
     sig_o = sig[order]
@@ -207,9 +207,10 @@ def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple])
             "start_ms": (t0[order] - sm_origin[s_idx]) * _NS,
             "cpu_ms": ((t1[order] - t0[order]) - own_ns[order]) * _NS,
             "end_ms": (t1[order] - sm_origin[s_idx]) * _NS,  # the raw window (timestamps are for time only)
-            "descendants": p.inner[order].astype(np.int64),  # the nesting (probe.tree), as the wrapper counted
+            "descendants": inner[order].astype(np.int64),  # the nesting (probe.tree), as the wrapper counted
             "gpu_ms": gpu[order],
             "offload_ms": offload[order],
+            "hooks_ms": hooks_ns[order] * _NS,
             "mem_before_bytes": mem0[order] if mem0 is not None else _int_na(np.zeros(n, np.int64), np.ones(n, bool)),
             "mem_after_bytes": mem1[order] if mem1 is not None else _int_na(np.zeros(n, np.int64), np.ones(n, bool)),
             "mem_peak_bytes": peak[order] if peak is not None else _int_na(np.zeros(n, np.int64), np.ones(n, bool)),
@@ -217,6 +218,38 @@ def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple])
         }
     )
     return schema.conform(df, CALLS)
+
+
+def _with_hooks(t0: np.ndarray, t1: np.ndarray, inner: np.ndarray, mod: np.ndarray,
+                hooked: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Host windows and descendant counts of the calls with each hooked call widened to the
+    whole call (:mod:`probe.recording.hooktime`), and each call's hook time in ns (0 without
+    hooks; NaN for every call when hooks were not timed).
+
+    A hooked call ``(module, n0, n1, t0, t1)`` holds rows ``n0 .. n1 - 1``; the module's own
+    forward is the last of them recorded for that module (the last row of all unless a post-hook
+    recorded calls). Its row takes the whole window, and every row recorded inside the call,
+    hooks' included, becomes its descendant.
+    """
+    n = len(t0)
+    if hooked is None:
+        return t0, t1, inner, np.full(n, np.nan)
+    hooks_ns = np.zeros(n)
+    if not len(hooked):
+        return t0, t1, inner, hooks_ns
+    idx, n0, n1, h0, h1 = (hooked[:, k] for k in range(5))
+    row = n1 - 1
+    ok = (row < n) & (mod[np.minimum(row, n - 1)] == idx)
+    for k in np.flatnonzero(~ok):  # a post-hook recorded calls after the forward's row
+        hits = np.flatnonzero(mod[n0[k]:min(n1[k], n)] == idx[k])
+        if len(hits):
+            row[k], ok[k] = n0[k] + hits[-1], True
+    row, n0, n1, h0, h1 = row[ok], n0[ok], n1[ok], h0[ok], h1[ok]
+    t0, t1, inner = t0.copy(), t1.copy(), inner.copy()
+    hooks_ns[row] = np.maximum((h1 - h0) - (t1[row] - t0[row]), 0)
+    t0[row], t1[row] = h0, h1
+    inner[row] = n1 - n0 - 1
+    return t0, t1, inner, hooks_ns
 
 
 def _take_str(values: list, codes: np.ndarray) -> pd.Series:

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..recording import hotpath
+from ..recording import attnfn, hotpath
+from ..recording.discovery import ModuleInfo
 from ..recording.generation import generation_settings, inputs_of
 from ..recording.recorder import Recorder
 
@@ -52,8 +53,10 @@ def calibrate(rec: Recorder, device: Any, clock: Callable[[], int] | None) -> di
     return cal
 
 
-def mark_generate(model: nn.Module, rec: Recorder, forwards: list, stack: contextlib.ExitStack) -> None:
-    """Wrap ``model.generate`` (on the instance) so that each call opens and closes a run."""
+def mark_generate(model: nn.Module, rec: Recorder, forwards: list, stack: contextlib.ExitStack,
+                  on_generate: Callable[[], None] | None = None) -> None:
+    """Wrap ``model.generate`` (on the instance) so that each call opens and closes a run
+    (``on_generate()`` first: what the probe checks again at each generate)."""
     gen = getattr(model, "generate", None)
     if gen is None or not callable(gen):
         return
@@ -65,6 +68,8 @@ def mark_generate(model: nn.Module, rec: Recorder, forwards: list, stack: contex
         entered = rec.now()  # the run's window opens here, as a stopwatch around the call would
         try:
             hotpath.check_forwards(forwards)
+            if on_generate is not None:
+                on_generate()
             rec.begin_generate(*inputs_of(args, kwargs), generation_settings(model, kwargs), entered=entered)
         except Exception:  # the probe's own failure must never cost the user their generate
             log.warning("probe: could not mark the start of generate(); its forwards are "
@@ -105,6 +110,25 @@ def wrapper_factory(rec: Recorder, clock: Callable[[], int] | None) -> Callable[
                                                            rec.extras.call_begin, rec.extras.call_end,
                                                            rec.extras.truncate)
     return lambda idx: lambda fn: hotpath.cpu_wrapper(fn, rec.cols, rec.intern_for(idx), clock)
+
+
+def record_attention_functions(holder: Any, selected: list, rec: Recorder, make_for: Callable[[int], Callable],
+                               stack: contextlib.ExitStack) -> None:
+    """Record the attention function called inside each recorded attention module as a call of
+    its own (:mod:`probe.recording.attnfn`), a pseudo-module one level below it."""
+    callers = {}
+    for mod, info in selected:
+        if info.role != "attention":
+            continue
+        idx = len(rec.modules)
+        rec.modules.append(ModuleInfo(attnfn.pseudo_name(info.name), "AttentionFunction", attnfn.ROLE,
+                                      info.depth + 1, info.layer))
+        if len(rec.placements) == idx:
+            rec.placements.append(None)  # no weights of its own
+        callers[mod] = make_for(idx)(attnfn.through)
+    if callers:
+        attnfn.acquire(holder, callers)
+        stack.callback(attnfn.release, holder, callers)  # the stack keeps the callers alive till then
 
 
 def end_quietly(rec: Recorder, out: Any, status: str):

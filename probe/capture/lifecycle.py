@@ -23,15 +23,16 @@ import torch
 from torch import nn
 
 from ..analysis.observed import check_declarations
-from ..recording import hotpath
+from ..recording import attnfn, hotpath
 from ..recording.defaults import default_observers
 from ..recording.discovery import ModuleInfo, select_modules
+from ..recording.hooktime import HookTimers
 from ..recording.distributed import OffloadClock, placements, world
 from ..recording.observer import Observer
 from ..recording.recorder import Recorder
 from ..schema import DEPTHS, Depth
 from .install import (COMPILED_ADVICE, CompiledModelWarning, calibrate, cuda_device_of, has_cuda_tensors,
-                      mark_generate, wrapper_factory)
+                      mark_generate, record_attention_functions, wrapper_factory)
 
 __all__ = ["CompiledModelWarning", "Probe", "ProbeError", "attach", "detach", "probe_of"]
 
@@ -88,6 +89,7 @@ class Probe:
         clock: Callable[[], int] | None = None,
         cuda_graphs: bool = False,
         observers: Iterable[Observer] = (),
+        time_hooks: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -119,6 +121,7 @@ class Probe:
         self._track_memory = track_memory
         self._clock = clock
         self.cuda_graphs = bool(cuda_graphs)
+        self.time_hooks = bool(time_hooks)
         self._extra_observers = observers
         self._attached = False
         self._stack = contextlib.ExitStack()
@@ -197,7 +200,16 @@ class Probe:
             self._stack.callback(fwd.remove)
             rec.modules.append(info)
             self._register(mod)
-        mark_generate(model, rec, self._forwards, self._stack)
+        timers = None
+        if self.time_hooks:  # a module's forward hooks are part of its call (probe.recording.hooktime)
+            rec.hooked = []
+            timers = HookTimers([(idx, mod) for idx, (mod, _) in enumerate(selected)], rec.cols,
+                                rec.hooked.append, self._clock)
+            self._stack.callback(timers.remove)
+            timers.sync()
+        if self.depth != "blocks":  # the attention function as a call inside each attention module
+            record_attention_functions(self, selected, rec, make_for, self._stack)
+        mark_generate(model, rec, self._forwards, self._stack, functools.partial(_each_generate, timers))
         for o in default_observers(real_clock=not rec.injected_clock, cuda_graphs=self.cuda_graphs,
                                    extra=self._extra_observers):
             rec.observers.append(o)
@@ -330,6 +342,13 @@ class Probe:
         return f"<probe.Probe {state} depth={self.depth!r} modules={len(self.modules)} calls={n} runs={runs}>"
 
 
+def _each_generate(timers: HookTimers | None) -> None:
+    """What is checked again at each generate: which modules have hooks, new attention functions."""
+    if timers is not None:
+        timers.sync()
+    attnfn.refresh()
+
+
 def attach(
     model: nn.Module,
     depth: Depth = "blocks",
@@ -343,6 +362,7 @@ def attach(
     clock: Callable[[], int] | None = None,
     cuda_graphs: bool = False,
     observers: Iterable[Observer] = (),
+    time_hooks: bool = True,
 ) -> Probe:
     """Record every call of ``model``'s blocks, step by step, until detached.
 
@@ -350,7 +370,8 @@ def attach(
         model: a causal LM (``AutoModelForCausalLM``-like) or any ``nn.Module``.
         depth: ``"blocks"`` (input embedding, each decoder layer, final norm, output head),
             ``"sublayers"`` (adds attention, MLP and norms inside each layer) or ``"all"``
-            (every module).
+            (every module); at both, the attention function each attention module calls (sdpa,
+            eager, flash, ...) is a call of its own inside it, ``<attention>.attention_fn``.
         cuda_timing: record CUDA events per call; default: on when the model has CUDA tensors.
         track_memory: record CUDA allocator counters per call (resets the allocator's peak
             statistic while recording); default: with ``cuda_timing``.
@@ -368,6 +389,11 @@ def attach(
         observers: observers of your own (subclasses of
             :class:`probe.recording.observer.Observer`), told of every run and step beside the
             probe's own; each keeps its records and adds its declared columns to the frames.
+        time_hooks: a recorded module's forward hooks and pre-hooks (its own and global ones,
+            checked at attach and at each ``generate()``) are timed as part of its call, and
+            ``calls.hooks_ms`` says how much of it they were; such a module's call is then timed
+            around ``_call_impl`` (it runs PyTorch's slow path for its hooks anyway). ``False``
+            times ``forward`` alone and leaves hooks to the enclosing call (``hooks_ms`` null).
     Returns:
         The attached :class:`Probe`; use it as a context manager or call ``detach()``.
     Raises:
@@ -378,6 +404,6 @@ def attach(
     p = Probe(
         model, depth, cuda_timing=cuda_timing, track_memory=track_memory, decode_stride=decode_stride,
         max_steps=max_steps, model_id=model_id, rank=rank, clock=clock, cuda_graphs=cuda_graphs,
-        observers=observers,
+        observers=observers, time_hooks=time_hooks,
     )
     return p._attach()

@@ -57,6 +57,9 @@ class Records:
     config: dict | None = None
     costs: dict | None = None  # probe.cost.module_costs of the recorded modules
     dropped_calls: int = 0  # calls left out because recording them raised (hotpath.dropped)
+    #: calls of modules with forward hooks, timed whole (probe.recording.hooktime): int64 rows of
+    #: (module index, first row recorded inside, row after the last, t0, t1); None: not timed
+    hooked: np.ndarray | None = None
     #: per registered observer, in order: (its class, its frozen records), for its own frames
     observed: tuple = ()
 
@@ -90,6 +93,9 @@ class Recorder:
         self._run_counter = 0
         self._run_prefix = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{id(self) & 0xFFFF:04x}"
         self.observers: list[Observer] = []  # told of run and step boundaries (probe.observer)
+        # (module index, n0, n1, t0, t1) per call timed with its hooks (probe.recording.hooktime),
+        # in the order they ended (n1 never decreases); None: hooks are not timed
+        self.hooked: list[tuple] | None = None
         self.version = 0  # bumped on every change the frames can see
 
     # ------------------------------------------------------------------ modules and signatures
@@ -331,6 +337,12 @@ class Recorder:
     def _truncate(self, n: int) -> None:
         self.cols.truncate(n)
         self.extras.truncate(n)
+        hooked = self.hooked
+        if hooked:
+            k = len(hooked)
+            while k and hooked[k - 1][2] > n:
+                k -= 1
+            del hooked[k:]  # in place: the timed calls append to this list
 
     # ------------------------------------------------------------------ results
     def resolve_events(self) -> None:
@@ -353,6 +365,8 @@ class Recorder:
         self.resolve_events()
         self.cols.truncate(0)
         self.cols.dropped = 0
+        if self.hooked:
+            del self.hooked[:]
         self.extras.clear()
         self.runs.clear()
         for o in self.observers:
@@ -366,6 +380,10 @@ class Recorder:
         t0b, t1b, sigb, innerb = self.cols.columns()
         gpu, mem, off = self.extras.arrays(n)
         observed = tuple((type(o), o.records()) for o in self.observers)
+        hooked = None
+        if self.hooked is not None:
+            rows = [h for h in self.hooked if h[2] <= n]
+            hooked = np.array(rows, dtype=np.int64).reshape(-1, 5)
         return Records(
             t0=np.frombuffer(t0b, dtype=np.int64, count=n),
             t1=np.frombuffer(t1b, dtype=np.int64, count=n),
@@ -374,7 +392,7 @@ class Recorder:
             msigs=list(self.msigs), sigs=list(self.sigs), modules=list(self.modules),
             placements=list(self.placements), runs=list(self.runs), gpu_ms=gpu, mem=mem, offload_ns=off,
             rank=self.rank, decode_stride=self.decode_stride, max_steps=self.max_steps, observed=observed,
-            dropped_calls=self.cols.dropped, **facts,
+            dropped_calls=self.cols.dropped, hooked=hooked, **facts,
         )
 
 
