@@ -26,7 +26,7 @@ TRANSFORMERS_DEPENDENT = frozenset({
     "test_capture", "test_compat", "test_cost", "test_distributed", "test_first_hour", "test_generation_modes", "test_hook_time",
     "test_lifecycle", "test_models", "test_offload", "test_profile", "test_reliability", "test_robustness",
     "test_sampling", "test_serve_bench", "test_serving", "test_smollm2", "test_sweep_shapes", "test_tree",
-    "test_cli",
+    "test_cli", "test_attention_fn", "test_hook_time", "test_observers", "test_wrapper_errors",
 })
 
 
