@@ -26,6 +26,8 @@ from typing import Any, Callable
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
+from . import hotpath
+
 log = logging.getLogger(__name__)
 
 
@@ -65,31 +67,6 @@ def timed_call(impl: Callable, idx: int, cols: Any, push: Callable[[tuple], None
     return _call_impl
 
 
-class _Installed:
-    """One instance-level ``_call_impl`` and what removing it puts back."""
-
-    __slots__ = ("module", "wrapper", "had_attr", "original")
-
-    def __init__(self, module: nn.Module, make: Callable[[Callable], Callable]) -> None:
-        d = module.__dict__
-        self.module = module
-        self.had_attr = "_call_impl" in d
-        self.original = d["_call_impl"] if self.had_attr else type(module)._call_impl.__get__(module)
-        self.wrapper = make(self.original)
-        d["_call_impl"] = self.wrapper
-
-    def in_place(self) -> bool:
-        return self.module.__dict__.get("_call_impl") is self.wrapper
-
-    def remove(self) -> None:
-        d = self.module.__dict__
-        if d.get("_call_impl") is self.wrapper:
-            if self.had_attr:
-                d["_call_impl"] = self.original
-            else:
-                del d["_call_impl"]
-
-
 class HookTimers:
     """The timed ``_call_impl`` of each recorded module that has forward hooks, kept in step
     with the hooks by :meth:`sync` and removed by :meth:`remove`."""
@@ -99,7 +76,7 @@ class HookTimers:
         self._targets = targets  # (module index in the recorder, module)
         self._cols, self._push = cols, push
         self._now = now or time.perf_counter_ns
-        self._installed: dict[int, _Installed] = {}
+        self._installed: dict[int, hotpath.InstalledForward] = {}
 
     def _make(self, idx: int) -> Callable[[Callable], Callable]:
         return lambda impl: timed_call(impl, idx, self._cols, self._push, self._now)
@@ -114,7 +91,7 @@ class HookTimers:
                 del self._installed[idx]
                 cur = None
             if want and cur is None:
-                self._installed[idx] = _Installed(mod, self._make(idx))
+                self._installed[idx] = hotpath.install_forward(mod, self._make(idx), "", attr="_call_impl")
             elif not want and cur is not None:
                 cur.remove()
                 del self._installed[idx]

@@ -285,37 +285,41 @@ def full_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, beg
 
 # ---------------------------------------------------------------------- installing and checking
 class InstalledForward:
-    """One installed forward wrapper and what detach puts back."""
+    """One wrapper installed as an instance attribute of a module (its ``forward``, or the
+    ``_call_impl`` of :mod:`.hooktime`) and what detach puts back."""
 
-    __slots__ = ("module", "wrapper", "original", "had_attr", "name", "make")
+    __slots__ = ("module", "wrapper", "original", "had_attr", "name", "make", "attr")
 
-    def __init__(self, module: nn.Module, make: Callable[[Callable], Callable], name: str) -> None:
-        self.module, self.make, self.name = module, make, name
-        self.had_attr = "forward" in module.__dict__
-        self.original = module.__dict__["forward"] if self.had_attr else module.forward
+    def __init__(self, module: nn.Module, make: Callable[[Callable], Callable], name: str,
+                 attr: str = "forward") -> None:
+        self.module, self.make, self.name, self.attr = module, make, name, attr
+        self.had_attr = attr in module.__dict__
+        self.original = module.__dict__[attr] if self.had_attr else getattr(module, attr)
         self.wrapper = make(self.original)
 
     def in_place(self) -> bool:
-        """Still reached when the module runs: as its forward, or as what a forward wrapper
-        installed after ours (accelerate's ``add_hook_to_module``) calls."""
+        """Still reached when the module runs: as its attribute, or as what a forward wrapper
+        installed after ours (accelerate's ``add_hook_to_module``, which keeps ``_old_forward``)
+        calls."""
         d = self.module.__dict__
-        return d.get("forward") is self.wrapper or d.get("_old_forward") is self.wrapper
+        return d.get(self.attr) is self.wrapper or d.get(f"_old_{self.attr}") is self.wrapper
 
     def remove(self) -> None:
         d = self.module.__dict__
-        if d.get("forward") is self.wrapper:
+        if d.get(self.attr) is self.wrapper:
             if self.had_attr:
-                d["forward"] = self.original
+                d[self.attr] = self.original
             else:
-                del d["forward"]
-        elif d.get("_old_forward") is self.wrapper:
+                del d[self.attr]
+        elif d.get(f"_old_{self.attr}") is self.wrapper:
             # accelerate wrapped ours after attach: it keeps working, calling what we wrapped
-            d["_old_forward"] = self.original
+            d[f"_old_{self.attr}"] = self.original
 
 
-def install_forward(module: nn.Module, make: Callable[[Callable], Callable], name: str) -> InstalledForward:
-    f = InstalledForward(module, make, name)
-    module.__dict__["forward"] = f.wrapper  # nn.Module.__setattr__ would add nothing but checks
+def install_forward(module: nn.Module, make: Callable[[Callable], Callable], name: str,
+                    attr: str = "forward") -> InstalledForward:
+    f = InstalledForward(module, make, name, attr)
+    module.__dict__[attr] = f.wrapper  # nn.Module.__setattr__ would add nothing but checks
     return f
 
 
