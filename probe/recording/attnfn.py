@@ -33,9 +33,12 @@ from .hotpath import PartialWrapper
 NAME = "attention_fn"
 ROLE = "attention_fn"
 
-# recorded attention module -> a weak reference to its recorded caller ``rc(fn, module, *args,
-# **kwargs)``, which its probe holds: weak both ways, as the caller leads to the model
-_OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+# id of a recorded attention module -> (a weak reference to it, one to its recorded caller
+# ``rc(fn, module, *args, **kwargs)``, which its probe holds): weak both ways, as the caller
+# leads to the model. Keyed on the id, so an attention call costs one dict lookup (a
+# WeakKeyDictionary would build a weak reference to look up every call); the module's own weak
+# reference confirms the id and takes the entry out when the module goes.
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 _LOCK = threading.RLock()
 # whatever holds the wrapping (each attached probe), weakly: a probe never detached releases it
 # when it is collected
@@ -53,8 +56,8 @@ def _dispatch(fn: Callable) -> Callable:
     owners_get = _OWNERS.get
 
     def attention_function(module, *args, **kwargs):
-        ref = owners_get(module) if isinstance(module, nn.Module) else None
-        rc = ref() if ref is not None else None
+        got = owners_get(id(module))
+        rc = got[1]() if got is not None and got[0]() is module else None
         if rc is None:
             return fn(module, *args, **kwargs)
         return rc(fn, module, *args, **kwargs)
@@ -105,7 +108,8 @@ def acquire(holder: Any, callers: dict[nn.Module, Callable]) -> None:
         _wrap_registry()
         _wrap_eager(list(callers))
         for mod, rc in callers.items():
-            _OWNERS[mod] = weakref.ref(rc)
+            key = id(mod)
+            _OWNERS[key] = (weakref.ref(mod, lambda _, key=key: _OWNERS.pop(key, None)), weakref.ref(rc))
 
 
 def refresh() -> None:
@@ -120,7 +124,9 @@ def release(holder: Any, modules: Iterable[nn.Module]) -> None:
     original back."""
     with _LOCK:
         for mod in modules:
-            _OWNERS.pop(mod, None)
+            got = _OWNERS.get(id(mod))
+            if got is not None and got[0]() is mod:
+                del _OWNERS[id(mod)]
         _HOLDERS.discard(holder)
         _restore_if_unheld()
 
