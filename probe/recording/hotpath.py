@@ -293,9 +293,16 @@ class InstalledForward:
     def __init__(self, module: nn.Module, make: Callable[[Callable], Callable], name: str,
                  attr: str = "forward") -> None:
         self.module, self.make, self.name, self.attr = module, make, name, attr
-        self.had_attr = attr in module.__dict__
-        self.original = module.__dict__[attr] if self.had_attr else getattr(module, attr)
-        self.wrapper = make(self.original)
+        self.install()
+
+    def install(self) -> None:
+        """Wrap what the module has now and put the wrapper in place (again, after other code
+        replaced it)."""
+        d = self.module.__dict__
+        self.had_attr = self.attr in d
+        self.original = d[self.attr] if self.had_attr else getattr(self.module, self.attr)
+        self.wrapper = self.make(self.original)
+        d[self.attr] = self.wrapper  # nn.Module.__setattr__ would add nothing but checks
 
     def in_place(self) -> bool:
         """Still reached when the module runs: as its attribute, or as what a forward wrapper
@@ -318,9 +325,7 @@ class InstalledForward:
 
 def install_forward(module: nn.Module, make: Callable[[Callable], Callable], name: str,
                     attr: str = "forward") -> InstalledForward:
-    f = InstalledForward(module, make, name, attr)
-    module.__dict__[attr] = f.wrapper  # nn.Module.__setattr__ would add nothing but checks
-    return f
+    return InstalledForward(module, make, name, attr)
 
 
 def root_wrapper(rec: Any, fn: Callable) -> Callable:
@@ -370,11 +375,7 @@ def check_forwards(forwards: list[InstalledForward]) -> None:
         stacklevel=3,
     )
     for f in lost:
-        d = f.module.__dict__
-        f.had_attr = "forward" in d
-        f.original = d["forward"] if f.had_attr else f.module.forward
-        f.wrapper = f.make(f.original)
-        d["forward"] = f.wrapper
+        f.install()
 
 
 
