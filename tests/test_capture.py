@@ -525,6 +525,61 @@ def test_c_wrapper_gives_every_shape_change_its_signature():
                     ((1, 1, 300),), ((1, 1, 300),), ((1, 1, 300),), ((2, 5, 300),)]
 
 
+def test_c_wrapper_builds_on_a_miss_the_signature_python_would_intern():
+    """On a miss whose key it built from exact tensors with positional inputs, the C wrapper
+    builds the signature itself (``intern_sig``); every signature, dtype and device included,
+    equals what the Python side interns from the call: tuple outputs led by None, outputs of
+    another dtype, non-tensor arguments between tensors, keyword-only inputs (which go through
+    ``intern``), no output at all."""
+    from probe.recording import hotpath
+    from probe.recording.recorder import Recorder
+
+    assert hotpath.C is not None, "probe/recording/_hooks.c is not built"
+
+    def attention(module, q, k, v, mask=None, scaling=1.0):  # the attention function's calling form
+        return (q @ k.transpose(-1, -2) * scaling).softmax(-1).to(torch.float64) @ v.double(), None
+
+    def lead_none(x):
+        return None, x.half()
+
+    def nothing(x):
+        return None
+
+    def kw_only(*, hidden_states, other=None):
+        return hidden_states * 2
+
+    q = torch.zeros(1, 2, 1, 8)
+    calls = [(attention, (nn.Identity(), q, torch.zeros(1, 2, n, 8), torch.zeros(1, 2, n, 8)), {"scaling": 0.5})
+             for n in (1, 2, 3, 2)]
+    calls += [(lead_none, (torch.zeros(2, 3),), {}), (nothing, (torch.zeros(4),), {}),
+              (kw_only, (), {"hidden_states": torch.zeros(3, 1), "other": torch.zeros(7)}),
+              (kw_only, (), {"hidden_states": torch.zeros(5, 1)})]
+    sigs, from_call = {}, {}
+    for native in (True, False):
+        rec = Recorder(rank=0, decode_stride=1, max_steps=None, native=native)
+        from_call[native] = []
+
+        def intern_for(i, rec=rec, seen=from_call[native]):
+            intern = rec.intern_for(i)
+            return lambda *call: seen.append(i) or intern(*call)
+
+        wrappers = {fn: hotpath.cpu_wrapper(fn, rec.cols, intern_for(i), None, intern_sig=rec.intern_sig_for(i))
+                    for i, fn in enumerate(dict.fromkeys(fn for fn, _, _ in calls))}
+        for fn, args, kwargs in calls:
+            wrappers[fn](*args, **kwargs)
+        r = rec.records(depth="all", compiled=False, calibration={})
+        sigs[native] = [(r.msigs[i][0], r.sigs[r.msigs[i][1]]) for i in r.msig]
+    assert sigs[True] == sigs[False]
+    assert from_call[True] == [3, 3]  # C built every miss's signature but the keyword-only calls'
+    assert len(from_call[False]) == 7  # the Python wrapper interns every miss from the call
+    got = [sig for _, sig in sigs[True]]
+    assert got[0] == (((1, 2, 1, 8), (1, 2, 1, 8), (1, 2, 1, 8)), (((1, 2, 1, 8),), torch.float64, torch.device("cpu")))
+    assert got[2][0][1] == (1, 2, 3, 8) and got[3] == got[1]
+    assert got[4] == (((2, 3),), (((2, 3),), torch.float16, torch.device("cpu")))
+    assert got[5] == (((4,),), ((), None, None))
+    assert got[6] == (((3, 1),), (((3, 1),), torch.float32, torch.device("cpu")))  # the main keyword input only
+
+
 def test_the_c_extension_is_built():
     """Installing the package builds the C hot path; only PROBE_PURE_PYTHON=1 opts out."""
     from probe.recording import hotpath

@@ -12,13 +12,18 @@
  * the clock again and appends (start, end, signature id, calls inside) to four columns.
  *
  * Columns(): growable int64/int32 columns; `recording` False skips a whole step.
- * Wrapper(fn, columns, intern, slow_key, tensor, now=None): callable like `fn`; a
+ * Wrapper(fn, columns, intern, slow_key, tensor, now=None, intern_sig=None): callable like `fn`; a
  *   functools.partial of `fn` to everything else (torch.compile traces `fn`, not the probe).
  *   - key of a call: (input shapes, output shapes) built here for exact torch.Tensor
  *     arguments/outputs (one tensor in, one out: a pair of torch.Size); anything else
  *     (tensor subclasses such as DTensor, dict outputs) asks `slow_key(args, kwargs, out)`.
  *   - a key seen for the first time by this module asks `intern(args, kwargs, out)` for its
- *     (module, signature) id.
+ *     (module, signature) id; where the key was built here from exact tensors with positional
+ *     inputs and `intern_sig` is given, the signature is built here too — ((input shapes),
+ *     ((output shapes), dtype, device)) of the first output tensor, what the Python side's
+ *     in_key/out_key give — and `intern_sig(signature)` interns it: no argument tuple, keyword
+ *     dict or Python key functions on a miss (the attention function misses at every decode
+ *     step of a generate longer than any before it, its key and value growing).
  *   - one tensor in, one out: the two torch.Size are read through the tensor type's `shape`
  *     getter directly and compared with the last pair this module saw (the same shapes call
  *     after call: every decode step's); only a change builds the key and looks it up.
@@ -231,6 +236,7 @@ typedef struct {
     Columns *cols;
     PyObject *intern;   /* callable(args, kwargs, out) -> int */
     PyObject *slow_key; /* callable(args, kwargs, out) -> hashable */
+    PyObject *intern_sig; /* callable(signature) -> int, or None */
     PyTypeObject *tensor;
     PyObject *now;      /* None: native clock */
     PyObject *local;    /* dict: key -> id */
@@ -248,6 +254,8 @@ static Py_ssize_t vc_offset = 0;
 #define EXTRA(o) ((Extra *)((char *)(o) + extra_offset))
 
 static PyObject *shape_str = NULL;
+static PyObject *dtype_str = NULL;
+static PyObject *device_str = NULL;
 
 static inline int
 read_now(Extra *self, int64_t *t)
@@ -384,12 +392,14 @@ call_py(PyObject *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
 
 /* The module-local cache key of a call that is not one tensor in, one out; NULL on error. */
 static PyObject *
-call_key(Extra *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject *out)
+call_key(Extra *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject *out, int *exact)
 {
     int slow = 0;
     PyObject *ins = NULL, *outs = NULL;
     ins = shapes_of(self, args, nargs, &slow);
+    *exact = 1; /* the key's input shapes are what in_key gives: positional ones (or none at all) */
     if (ins != NULL && PyTuple_GET_SIZE(ins) == 0 && kwnames != NULL) {
+        *exact = 0;
         /* keyword-only inputs (attention called with hidden_states=...) */
         Py_DECREF(ins);
         ins = shapes_of(self, args + nargs, PyTuple_GET_SIZE(kwnames), &slow);
@@ -421,20 +431,61 @@ call_key(Extra *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
 slow_or_fail:
     Py_XDECREF(ins);
     Py_XDECREF(outs);
+    *exact = 0;
     if (!slow)
         return NULL;
     PyErr_Clear();
     return call_py(self->slow_key, args, nargs, kwnames, out);
 }
 
-/* The (module, signature) id of `key` (borrowed from the module's dict), interned on a miss. */
+/* ((ins), ((outs), dtype, device)): a call's signature, dtype and device of its first output
+   tensor (None without one), from shapes already read here (`single`: `ins` and `outs` are the
+   one input's and the one output's torch.Size); NULL on error. */
 static PyObject *
-id_of(Extra *self, PyObject *key, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject *out)
+exact_sig(Extra *self, PyObject *ins, PyObject *outs, int single, PyObject *out)
+{
+    if (single) {
+        PyObject *i1 = PyTuple_Pack(1, ins), *o1 = i1 ? PyTuple_Pack(1, outs) : NULL;
+        PyObject *sig = o1 ? exact_sig(self, i1, o1, 0, out) : NULL;
+        Py_XDECREF(i1);
+        Py_XDECREF(o1);
+        return sig;
+    }
+    PyObject *first = NULL;
+    if (Py_TYPE(out) == self->tensor)
+        first = out;
+    else if (PyTuple_CheckExact(out))
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(out) && first == NULL; i++)
+            if (Py_TYPE(PyTuple_GET_ITEM(out, i)) == self->tensor)
+                first = PyTuple_GET_ITEM(out, i);
+    PyObject *dtype = first ? PyObject_GetAttr(first, dtype_str) : Py_NewRef(Py_None);
+    PyObject *device = first && dtype ? PyObject_GetAttr(first, device_str) : (first ? NULL : Py_NewRef(Py_None));
+    PyObject *o = dtype && device ? PyTuple_Pack(3, outs, dtype, device) : NULL;
+    PyObject *sig = o ? PyTuple_Pack(2, ins, o) : NULL;
+    Py_XDECREF(dtype);
+    Py_XDECREF(device);
+    Py_XDECREF(o);
+    return sig;
+}
+
+/* The (module, signature) id of `key` (borrowed from the module's dict), interned on a miss:
+   through `intern_sig` where `ins`/`outs` (borrowed) are given and the wrapper has one, else
+   through `intern`. */
+static PyObject *
+id_of(Extra *self, PyObject *key, PyObject *ins, PyObject *outs, int single, PyObject *const *args,
+      Py_ssize_t nargs, PyObject *kwnames, PyObject *out)
 {
     PyObject *sid = PyDict_GetItemWithError(self->local, key);
     if (sid != NULL || PyErr_Occurred())
         return sid;
-    PyObject *new_sid = call_py(self->intern, args, nargs, kwnames, out);
+    PyObject *new_sid;
+    if (ins != NULL && self->intern_sig != Py_None) {
+        PyObject *sig = exact_sig(self, ins, outs, single, out);
+        new_sid = sig ? PyObject_CallOneArg(self->intern_sig, sig) : NULL;
+        Py_XDECREF(sig);
+    }
+    else
+        new_sid = call_py(self->intern, args, nargs, kwnames, out);
     if (new_sid == NULL || PyDict_SetItem(self->local, key, new_sid) < 0) {
         Py_XDECREF(new_sid);
         return NULL;
@@ -475,7 +526,7 @@ record(Extra *self, int64_t t0, int64_t t1, Py_ssize_t n0, PyObject *const *args
         }
         else {
             PyObject *key = PyTuple_Pack(2, s_in, s_out);
-            PyObject *sid = key ? id_of(self, key, args, nargs, kwnames, out) : NULL;
+            PyObject *sid = key ? id_of(self, key, s_in, s_out, 1, args, nargs, kwnames, out) : NULL;
             Py_XDECREF(key);
             if (sid == NULL || id_value(sid, &v) < 0) {
                 Py_DECREF(s_in);
@@ -488,10 +539,13 @@ record(Extra *self, int64_t t0, int64_t t1, Py_ssize_t n0, PyObject *const *args
         }
     }
     else {
-        PyObject *key = call_key(self, args, nargs, kwnames, out);
+        int exact = 0;
+        PyObject *key = call_key(self, args, nargs, kwnames, out, &exact);
         if (key == NULL)
             return -1;
-        PyObject *sid = id_of(self, key, args, nargs, kwnames, out);
+        PyObject *sid = exact ? id_of(self, key, PyTuple_GET_ITEM(key, 0), PyTuple_GET_ITEM(key, 1), 0, args,
+                                      nargs, kwnames, out)
+                              : id_of(self, key, NULL, NULL, 0, args, nargs, kwnames, out);
         Py_DECREF(key);
         if (sid == NULL || id_value(sid, &v) < 0)
             return -1;
@@ -550,15 +604,15 @@ Wrapper_vectorcall(PyObject *obj, PyObject *const *args, size_t nargsf, PyObject
     return out;
 }
 
-/* Wrapper(fn, columns, intern, slow_key, tensor, now=None) */
+/* Wrapper(fn, columns, intern, slow_key, tensor, now=None, intern_sig=None) */
 static PyObject *
 Wrapper_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fn", "columns", "intern", "slow_key", "tensor", "now", NULL};
-    PyObject *fn, *intern, *slow_key, *tensor, *now = Py_None;
+    static char *kwlist[] = {"fn", "columns", "intern", "slow_key", "tensor", "now", "intern_sig", NULL};
+    PyObject *fn, *intern, *slow_key, *tensor, *now = Py_None, *intern_sig = Py_None;
     PyObject *cols;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOO!|O", kwlist, &fn, &ColumnsType, &cols, &intern,
-                                     &slow_key, &PyType_Type, &tensor, &now))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOO!|OO", kwlist, &fn, &ColumnsType, &cols, &intern,
+                                     &slow_key, &PyType_Type, &tensor, &now, &intern_sig))
         return NULL;
     PyObject *pargs = PyTuple_Pack(1, fn);
     if (pargs == NULL)
@@ -572,6 +626,7 @@ Wrapper_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->cols = (Columns *)Py_NewRef(cols);
     self->intern = Py_NewRef(intern);
     self->slow_key = Py_NewRef(slow_key);
+    self->intern_sig = Py_NewRef(intern_sig);
     self->tensor = (PyTypeObject *)Py_NewRef(tensor);
     self->now = Py_NewRef(now);
     self->local = PyDict_New();
@@ -602,6 +657,7 @@ Wrapper_traverse(PyObject *obj, visitproc visit, void *arg)
     Py_VISIT(self->cols);
     Py_VISIT(self->intern);
     Py_VISIT(self->slow_key);
+    Py_VISIT(self->intern_sig);
     Py_VISIT(self->tensor);
     Py_VISIT(self->now);
     Py_VISIT(self->local);
@@ -618,6 +674,7 @@ Extra_clear(Extra *self)
     Py_CLEAR(self->cols);
     Py_CLEAR(self->intern);
     Py_CLEAR(self->slow_key);
+    Py_CLEAR(self->intern_sig);
     Py_CLEAR(self->tensor);
     Py_CLEAR(self->now);
     Py_CLEAR(self->local);
@@ -758,7 +815,9 @@ PyInit__hooks(void)
     if (PyType_Ready(&ColumnsType) < 0 || make_wrapper_type() < 0)
         return NULL;
     shape_str = PyUnicode_InternFromString("shape");
-    if (shape_str == NULL)
+    dtype_str = PyUnicode_InternFromString("dtype");
+    device_str = PyUnicode_InternFromString("device");
+    if (shape_str == NULL || dtype_str == NULL || device_str == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&hooksmodule);
     if (m == NULL)

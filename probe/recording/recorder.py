@@ -93,6 +93,7 @@ class Recorder:
         self._run_counter = 0
         self._run_prefix = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{id(self) & 0xFFFF:04x}"
         self.observers: list[Observer] = []  # told of run and step boundaries (probe.observer)
+        self._unresolved: list[StepRec] = []  # steps with CUDA events not yet turned into ms
         # (module index, n0, n1, t0, t1) per call timed with its hooks (probe.recording.hooktime),
         # in the order they ended (n1 never decreases); None: hooks are not timed
         self.hooked: list[tuple] | None = None
@@ -115,6 +116,21 @@ class Recorder:
 
         return intern
 
+    def intern_sig_for(self, idx: int) -> Callable:
+        """``intern_sig(signature)`` for module ``idx``: what the C wrapper calls on a miss with
+        the signature it built itself (exact tensors, positional inputs)."""
+        sig_ids, sigs, msigs = self._sig_ids, self.sigs, self.msigs
+
+        def intern_sig(key: tuple) -> int:
+            sid = sig_ids.get(key)
+            if sid is None:
+                sid = sig_ids[key] = len(sigs)
+                sigs.append(key)
+            msigs.append((idx, sid))
+            return len(msigs) - 1
+
+        return intern_sig
+
     def intern(self, idx: int, args: tuple, kwargs: dict, out: Any) -> int:
         """A new (module, signature) id; a signature is input shapes, output shapes, output
         dtype and device, taken from the first call of each distinct (input, output) shape
@@ -129,8 +145,7 @@ class Recorder:
             key = (hotpath.in_key(args, kwargs), hotpath.out_key(out))
         sid = self._sig_ids.get(key)
         if sid is None:
-            sid = len(self.sigs)
-            self._sig_ids[key] = sid
+            sid = self._sig_ids[key] = len(self.sigs)
             self.sigs.append(key)
         self.msigs.append((idx, sid))
         return len(self.msigs) - 1
@@ -309,6 +324,8 @@ class Recorder:
             s.status = f"failed: {type(error).__name__}"
         if self.uses_cuda:
             self.extras.step_end(s)
+            if s.ev0 is not None:
+                self._unresolved.append(s)
         self.cols.recording = True
         if not s.kept:
             self._truncate(s.call0)
@@ -348,7 +365,10 @@ class Recorder:
     def resolve_events(self) -> None:
         """Turn recorded CUDA event pairs into milliseconds; once per run, never per call."""
         if self.uses_cuda:
-            self.extras.resolve([s for r in self.runs for s in r.steps if s.ev0 is not None and s.ev1 is not None])
+            # only the steps recorded since the last resolve (walking every run's steps made each
+            # generate's end grow with the session); kept until resolved, so a failed resolve retries
+            self.extras.resolve([s for s in self._unresolved if s.ev0 is not None and s.ev1 is not None])
+            self._unresolved = []
 
     def resolve_quietly(self) -> None:
         """Resolve on a failure path: the probe's own CUDA error must not replace the user's."""
