@@ -111,9 +111,20 @@ def out_key(out: Any) -> tuple:
     return (tuple(v.shape for v in vals), vals[0].dtype, vals[0].device)
 
 
+def out_shapes(out: Any) -> tuple:
+    """The output shapes of :func:`out_key`, without its dtype and device."""
+    if isinstance(out, Tensor):
+        return (out.shape,)
+    if isinstance(out, dict):  # ModelOutput is an OrderedDict
+        return tuple(v.shape for v in out.values() if isinstance(v, Tensor))
+    if isinstance(out, (tuple, list)):
+        return tuple(v.shape for v in out if isinstance(v, Tensor))
+    return ()
+
+
 def slow_key(args: tuple, kwargs: dict, out: Any) -> tuple:
     """The per-module cache key of a call that is not exact tensors in and out."""
-    return (in_key(args, kwargs), out_key(out)[0])
+    return (in_key(args, kwargs), out_shapes(out))
 
 
 def local_shard(x: Any) -> Any:
@@ -210,6 +221,10 @@ def _recorder(cols, intern: Callable) -> Callable:
         # one tensor in, one tensor out: every block of a decoder
         if len(args) == 1 and type(out) is Tensor and type(args[0]) is Tensor:
             key = (args[0].shape, out.shape)
+        elif type(out) is tuple:  # the attention function's (output, weights), a layer's tuple
+            ins = tuple(a.shape for a in args if isinstance(a, Tensor))
+            key = (ins if ins or not kwargs else in_key(args, kwargs),
+                   tuple(v.shape for v in out if isinstance(v, Tensor)))
         else:
             key = slow_key(args, kwargs, out)
         sid = local.get(key)
@@ -220,10 +235,13 @@ def _recorder(cols, intern: Callable) -> Callable:
     return record
 
 
-def cpu_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, *, native: bool = True) -> Callable:
-    """A recorded module's forward on CPU: the C wrapper, or its Python reference."""
+def cpu_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, *, native: bool = True,
+                intern_sig: Callable | None = None) -> Callable:
+    """A recorded module's forward on CPU: the C wrapper, or its Python reference.
+    ``intern_sig(signature)``, where given, is what the C wrapper interns with on a miss whose
+    signature it built itself (``intern`` gives the same id from the call)."""
     if native and C is not None and isinstance(cols, C.Columns):
-        return C.Wrapper(fn, cols, intern, slow_key, Tensor, now)
+        return C.Wrapper(fn, cols, intern, slow_key, Tensor, now, intern_sig)
     now = now or time.perf_counter_ns
     record = _recorder(cols, intern)
 
