@@ -95,6 +95,41 @@ def test_the_real_clock_records_cpu_time_and_run_queue_wait():
     assert run.meta["torch_threads"] == torch.get_num_threads() and run.meta["cpu_cores"] >= 1
 
 
+@pytest.mark.skipif(not os.path.exists(f"/proc/self/task/{os.getpid()}/schedstat"), reason="no schedstat here")
+def test_run_queue_reads_follow_threads_that_start_and_end_and_a_fork():
+    """The per-thread schedstat descriptors are kept between reads: a thread started since is
+    read from zero, one that ended is dropped with its descriptor, and a forked child reads its
+    own threads, never the parent's through inherited descriptors."""
+    import threading
+
+    from probe.recording.noise import _SCHEDSTAT, read_run_delay
+
+    before = read_run_delay()
+    go = threading.Event()
+    worker = threading.Thread(target=go.wait)
+    worker.start()
+    during = read_run_delay()
+    new = set(during) - set(before)
+    assert len(new) == 1 and str(worker.native_id) in new
+    assert all(during[t] >= before[t] for t in before if t in during)  # a wait only grows
+    go.set()
+    worker.join()  # returns before the kernel's task is gone: read until it is
+    import time
+    for _ in range(500):
+        after = read_run_delay()
+        if str(worker.native_id) not in after:
+            break
+        time.sleep(0.01)
+    assert str(worker.native_id) not in after and str(worker.native_id) not in _SCHEDSTAT["fds"]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one thread, its own id
+        os.write(w, json.dumps(sorted(read_run_delay())).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert json.loads(os.read(r, 4096)) == [str(pid)]
+
+
 def test_descheduled_steps_make_a_busy_run_and_the_warning_says_how_busy():
     base = record(Clock())
     quiet = busy(with_cpu(base, 10.0, 9.6).steps)
