@@ -1,0 +1,247 @@
+"""Each role's share of the forward, the probe against plain wrappers run without it, per phase.
+
+What a careful user would write by hand, run without the probe: a ``perf_counter_ns`` wrapper of
+every module the probe records at the depth (self time by a stack: a call's time minus its
+recorded children's), of the attention function at sublayers (the registry entry or the
+modeling module's ``eager_attention_forward``, as the probe records it), and of the model's
+forward (the step). Probe runs and plain runs alternate in adjacent pairs (the order flips each
+pair); for each pair and role, the ratio of the role's share of the forward (the probe's
+forward without its own ``(probe)`` row) to the plain wrappers' share. A machine that is slower
+for one run of a pair moves every role's milliseconds alike and no share: the share ratio is what
+tells whether the instrument moves time from one part to another.
+
+Target: every role with more than 1 % of the phase's forward within 5 % relative, or within
+2 µs per call, in prefill and in decode, at depth blocks and sublayers, on the bundled model and
+on SmolLM2-135M (when installed). Judged on a quiet machine; the run's busy-machine figure is
+printed beside the table (the probe's own noise detector of the last probe run).
+
+    python benchmarks/role_shares.py [--pairs 15] [--new-tokens 16] [--models bundled,smollm2]
+                                     [--depths blocks,sublayers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import probe  # noqa: E402
+from probe.recording import attnfn, noise  # noqa: E402
+from probe.recording.discovery import select_modules  # noqa: E402
+
+PROMPT = "The KV cache turns every later step of generation into a one-token forward, so"
+
+
+class PlainWrappers:
+    """Plain perf_counter wrappers of the modules recorded at ``depth`` (and of the attention
+    function at sublayers and all): self time per (phase, role), the forward per phase."""
+
+    def __init__(self, model, depth: str) -> None:
+        self.model, self.depth = model, depth
+        self.mods = [(info.role, mod) for mod, info in select_modules(model, depth)]
+        self.times: dict[tuple[str, str], int] = {}
+        self.calls: dict[tuple[str, str], int] = {}
+        self.stack: list[int] = []
+        self.step = 0
+        self.saved: list = []
+
+    def _add(self, role: str, dt: int) -> None:
+        key = ("prefill" if self.step == 0 else "decode", role)
+        child = self.stack.pop()
+        self.times[key] = self.times.get(key, 0) + dt - child
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.stack:
+            self.stack[-1] += dt
+
+    def _timed(self, fn, role: str):
+        import functools
+
+        @functools.wraps(fn)  # generate reads the forward's signature (logits_to_keep): keep it
+        def wrapped(*a, **k):
+            self.stack.append(0)
+            t0 = time.perf_counter_ns()
+            out = fn(*a, **k)
+            self._add(role, time.perf_counter_ns() - t0)
+            return out
+
+        return wrapped
+
+    def __enter__(self):
+        for role, mod in self.mods:
+            mod.__dict__["forward"] = self._timed(mod.forward, role)
+        if self.depth != "blocks":
+            self._wrap_attention_functions()
+        fwd = self._timed(self.model.forward, "residue")  # the step's own self time is the residue
+
+        def root(*a, **k):
+            out = fwd(*a, **k)
+            self.step += 1
+            return out
+
+        import functools
+
+        self.model.__dict__["forward"] = functools.wraps(self.model.forward)(root)
+        return self
+
+    def _wrap_attention_functions(self) -> None:
+        """Where the probe records the attention function: every registry entry, and the
+        ``eager_attention_forward`` of each recorded module's modeling module."""
+        mu = sys.modules["transformers.modeling_utils"]
+        targets = [(space, key) for space in (getattr(mu.AttentionInterface, "_global_mapping", {}),
+                                              getattr(mu.ALL_ATTENTION_FUNCTIONS, "_local_mapping", {}))
+                   for key in list(space)]
+        for name in {type(m).__module__ for _, m in self.mods}:
+            if callable(getattr(sys.modules.get(name), "eager_attention_forward", None)):
+                targets.append((sys.modules[name].__dict__, "eager_attention_forward"))
+        for space, key in targets:
+            fn = space[key]
+            if callable(fn):
+                self.saved.append((space, key, fn))
+                space[key] = self._timed(fn, attnfn.ROLE)
+
+    def __exit__(self, *exc):
+        for _, mod in self.mods:
+            del mod.__dict__["forward"]
+        del self.model.__dict__["forward"]
+        for space, key, fn in reversed(self.saved):
+            space[key] = fn
+
+    def figures(self) -> dict[str, dict[str, tuple[float, int]]]:
+        """phase -> role -> (ms, calls), with 'forward' the phase's forward ms."""
+        out: dict[str, dict[str, tuple[float, int]]] = {}
+        for (phase, role), ns in self.times.items():
+            out.setdefault(phase, {})[role] = (ns * 1e-6, self.calls[(phase, role)])
+        for phase, roles in out.items():
+            roles["forward"] = (sum(ms for ms, _ in roles.values()), roles["residue"][1])
+        return out
+
+
+def probe_figures(run) -> tuple[dict[str, dict[str, tuple[float, int]]], dict[str, float]]:
+    """The probe's role self times per phase (instrument cost out), its forward without the
+    (probe) row, and that row's ms per phase."""
+    s = run.summary("role")
+    steps = run.steps
+    out: dict[str, dict[str, tuple[float, int]]] = {}
+    probe_ms: dict[str, float] = {}
+    for phase in ("prefill", "decode"):
+        rows = s[s["phase"] == phase]
+        if rows.empty:
+            continue
+        fwd = float(steps.loc[(steps["phase"] == phase) & steps["blocks_ms"].notna(), "forward_ms"].sum())
+        roles = {}
+        for _, r in rows.iterrows():
+            if r["role"] == "probe":
+                probe_ms[phase] = float(r["self_ms"])
+            else:
+                roles[r["role"]] = (float(r["self_ms"]), int(r["calls"]))
+        roles["forward"] = (fwd - probe_ms.get(phase, 0.0), int((steps["phase"] == phase).sum()))
+        out[phase] = roles
+    return out, probe_ms
+
+
+def measure(model, ids, depth: str, pairs: int, new_tokens: int) -> dict:
+    for _ in range(2):  # warm both paths
+        with PlainWrappers(model, depth):
+            model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+        with probe.attach(model, depth=depth):
+            model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    ratios: dict[tuple[str, str], list[float]] = {}
+    per_call_us: dict[tuple[str, str], list[float]] = {}
+    shares: dict[tuple[str, str], list[float]] = {}
+    probe_rows: dict[str, list[float]] = {}
+    busy: list[float] = []
+    for i in range(pairs):
+        got = {}
+        for kind in (("probe", "plain") if i % 2 == 0 else ("plain", "probe")):
+            if kind == "plain":
+                with PlainWrappers(model, depth) as pw:
+                    model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+                got["plain"] = pw.figures()
+            else:
+                with probe.attach(model, depth=depth) as p:
+                    model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+                run = p.run
+                got["probe"], pr = probe_figures(run)
+                for ph, v in pr.items():
+                    probe_rows.setdefault(ph, []).append(v / max(got["probe"][ph]["forward"][0], 1e-9))
+                b = noise.busy(run.steps, run.runs, run.meta)
+                if b.wait_pct == b.wait_pct:
+                    busy.append(b.wait_pct)
+        for phase, roles in got["plain"].items():
+            pfwd = got["probe"][phase]["forward"][0]
+            afwd = roles["forward"][0]
+            for role, (a_ms, calls) in roles.items():
+                if role == "forward" or role not in got["probe"][phase]:
+                    continue
+                b_ms = got["probe"][phase][role][0]
+                key = (phase, role)
+                shares.setdefault(key, []).append(a_ms / afwd)
+                ratios.setdefault(key, []).append((b_ms / pfwd) / (a_ms / afwd) if a_ms > 0 else float("nan"))
+                # the share difference as microseconds per call of the role, on the plain forward
+                per_call_us.setdefault(key, []).append((b_ms / pfwd - a_ms / afwd) * afwd * 1e3 / max(calls, 1))
+    med = statistics.median
+    return {"share": {k: med(v) for k, v in shares.items()}, "ratio": {k: med(v) for k, v in ratios.items()},
+            "us_per_call": {k: med(v) for k, v in per_call_us.items()},
+            "probe_share": {k: med(v) for k, v in probe_rows.items()}, "busy_pct": busy}
+
+
+def load(name: str):
+    from probe.models import load_bundled, load_smollm2
+
+    model, tok = load_bundled() if name == "bundled" else load_smollm2()
+    model.eval()
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"] if tok is not None else torch.arange(3, 10).unsqueeze(0)
+    return model, ids
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", type=int, default=15)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--models", default="bundled,smollm2")
+    ap.add_argument("--depths", default="blocks,sublayers")
+    args = ap.parse_args(argv)
+    if args.pairs < 1 or args.new_tokens < 2:
+        ap.error("--pairs must be at least 1 and --new-tokens at least 2 (a decode step)")
+    torch.set_num_threads(1)
+    ok = True
+    for name in args.models.split(","):
+        try:
+            model, ids = load(name)
+        except Exception as exc:  # SmolLM2 not installed: say so, go on
+            print(f"\n{name}: skipped ({type(exc).__name__}: {exc})")
+            continue
+        for depth in args.depths.split(","):
+            with torch.inference_mode():
+                res = measure(model, ids, depth, args.pairs, args.new_tokens)
+            busy = res["busy_pct"]
+            print(f"\n{name}, depth {depth}: prompt {ids.shape[-1]} tokens, {args.new_tokens} new, one thread, "
+                  f"medians of {args.pairs} adjacent pairs; busy-machine figure of the probe runs: "
+                  + (f"median {statistics.median(busy):.1f} %, max {max(busy):.1f} %" if busy else "not measured"))
+            print(f"{'phase':<9}{'role':<16}{'plain share':>12}{'share ratio':>13}{'us/call':>9}  verdict")
+            for phase in ("prefill", "decode"):
+                for (ph, role), share in sorted(res["share"].items(), key=lambda kv: -kv[1]):
+                    if ph != phase:
+                        continue
+                    r, us = res["ratio"][(ph, role)], res["us_per_call"][(ph, role)]
+                    judged = share > 0.01
+                    good = abs(r - 1) <= 0.05 or abs(us) <= 2.0
+                    ok &= good or not judged
+                    verdict = ("ok" if good else "OFF") if judged else "(under 1 %)"
+                    print(f"{phase:<9}{role:<16}{share:>12.2%}{r:>13.3f}{us:>9.2f}  {verdict}")
+                ps = res["probe_share"].get(phase)
+                if ps is not None:
+                    print(f"{phase:<9}{'(probe)':<16}{'':>12}{'':>13}{'':>9}  {ps:.3%} of the probe's forward")
+        del model
+    print("\nall roles over 1 % within 5 % (or 2 µs per call):", "yes" if ok else "NO")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
