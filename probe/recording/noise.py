@@ -97,17 +97,37 @@ def host_facts() -> dict:
     return {"torch_threads": threads, "cpu_cores": cores_available()}
 
 
-# this process's pid and, per thread id, an open descriptor of its schedstat: re-read with one
-# pread per thread (opening the file each time was ~45 µs of a one-token generate's ~60 µs of
-# end-of-run work); a fork starts over, as its descriptors would read the parent's threads
-_SCHEDSTAT: dict = {"pid": None, "fds": {}}
+# this process's pid, per thread id an open descriptor of its schedstat, and one of the process's
+# stat (its thread count): re-read with one pread each (listing the threads and opening each file
+# on every read cost ~45 µs of a one-token generate's end-of-run work, the listing alone ~25 µs
+# after a forward); a fork starts over, as its descriptors would read the parent's threads
+_SCHEDSTAT: dict = {"pid": None, "fds": {}, "stat": None}
 
 
-def _schedstat_fds() -> dict[str, int]:
+def _schedstat_cache() -> dict:
     cache = _SCHEDSTAT
-    if cache["pid"] != os.getpid():
-        cache["pid"], cache["fds"] = os.getpid(), {}  # a child's copies of the parent's are left alone
-    return cache["fds"]
+    if cache["pid"] != os.getpid():  # a child's copies of the parent's descriptors are left alone
+        cache.update(pid=os.getpid(), fds={}, stat=None)
+    return cache
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _thread_count(cache: dict) -> int | None:
+    """The process's thread count from its stat (field 20), through a kept descriptor."""
+    try:
+        if cache["stat"] is None:
+            cache["stat"] = os.open("/proc/self/stat", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        raw = os.pread(cache["stat"], 1024, 0)
+        return int(raw[raw.rfind(b")") + 2:].split()[17])  # fields after "(comm)" start at the 3rd
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _run_delay_of(fds: dict[str, int], tid: str) -> int | None:
@@ -121,13 +141,19 @@ def _run_delay_of(fds: dict[str, int], tid: str) -> int | None:
             return int(os.pread(fd, 128, 0).split()[1])
         except (OSError, IndexError, ValueError):
             # ended, or a new thread took an ended one's id: the old descriptor is stale
-            stale = fds.pop(tid, None)
-            if stale is not None:
-                try:
-                    os.close(stale)
-                except OSError:
-                    pass
+            _close(fds.pop(tid, None))
     return None
+
+
+def _known_threads(fds: dict[str, int]) -> dict[str, int] | None:
+    """Every known thread's run_delay, or None if one of them ended (its descriptor fails)."""
+    out = {}
+    for tid, fd in fds.items():
+        try:
+            out[tid] = int(os.pread(fd, 128, 0).split()[1])
+        except (OSError, IndexError, ValueError):
+            return None
+    return out
 
 
 def read_run_delay() -> dict[str, int] | None:
@@ -135,21 +161,24 @@ def read_run_delay() -> dict[str, int] | None:
 
     ``None`` where the kernel has no schedstat (not Linux, or a kernel without it).
     """
+    cache = _schedstat_cache()
+    fds = cache["fds"]
+    # the same threads as last time (as many, and each still there): no listing
+    if fds and _thread_count(cache) == len(fds):
+        known = _known_threads(fds)
+        if known is not None:
+            return known
     try:
         tids = os.listdir(_TASKS)
     except OSError:
         return None
-    fds = _schedstat_fds()
     out: dict[str, int] = {}
     for tid in tids:
         v = _run_delay_of(fds, tid)
         if v is not None:
             out[tid] = v
     for gone in set(fds).difference(tids):  # threads that ended since the last read
-        try:
-            os.close(fds.pop(gone))
-        except OSError:
-            pass
+        _close(fds.pop(gone))
     return out or None
 
 
