@@ -527,8 +527,8 @@ def test_c_wrapper_gives_every_shape_change_its_signature():
 
 def test_c_wrapper_builds_on_a_miss_the_signature_python_would_intern():
     """On a miss whose key it built from exact tensors with positional inputs, the C wrapper
-    builds the signature itself (``intern_sig``); every signature, dtype and device included,
-    equals what the Python side interns from the call: tuple outputs led by None, outputs of
+    builds the signature itself and appends it to the recorder's list; every signature, dtype
+    and device included, equals what the Python side interns from the call: tuple outputs led by None, outputs of
     another dtype, non-tensor arguments between tensors, keyword-only inputs (which go through
     ``intern``), no output at all."""
     from probe.recording import hotpath
@@ -563,7 +563,7 @@ def test_c_wrapper_builds_on_a_miss_the_signature_python_would_intern():
             intern = rec.intern_for(i)
             return lambda *call: seen.append(i) or intern(*call)
 
-        wrappers = {fn: hotpath.cpu_wrapper(fn, rec.cols, intern_for(i), None, intern_sig=rec.intern_sig_for(i))
+        wrappers = {fn: hotpath.cpu_wrapper(fn, rec.cols, intern_for(i), None, interned=rec.interned, index=i)
                     for i, fn in enumerate(dict.fromkeys(fn for fn, _, _ in calls))}
         for fn, args, kwargs in calls:
             wrappers[fn](*args, **kwargs)

@@ -110,7 +110,7 @@ def wrapper_factory(rec: Recorder, clock: Callable[[], int] | None) -> Callable[
                                                            rec.extras.call_begin, rec.extras.call_end,
                                                            rec.extras.truncate)
     return lambda idx: lambda fn: hotpath.cpu_wrapper(fn, rec.cols, rec.intern_for(idx), clock,
-                                                      intern_sig=rec.intern_sig_for(idx))
+                                                      interned=rec.interned, index=idx)
 
 
 def record_attention_functions(holder: Any, selected: list, rec: Recorder, make_for: Callable[[int], Callable],

@@ -12,18 +12,19 @@
  * the clock again and appends (start, end, signature id, calls inside) to four columns.
  *
  * Columns(): growable int64/int32 columns; `recording` False skips a whole step.
- * Wrapper(fn, columns, intern, slow_key, tensor, now=None, intern_sig=None): callable like `fn`; a
+ * Wrapper(fn, columns, intern, slow_key, tensor, now=None, interned=None, index=None): callable like `fn`; a
  *   functools.partial of `fn` to everything else (torch.compile traces `fn`, not the probe).
  *   - key of a call: (input shapes, output shapes) built here for exact torch.Tensor
  *     arguments/outputs (one tensor in, one out: a pair of torch.Size); anything else
  *     (tensor subclasses such as DTensor, dict outputs) asks `slow_key(args, kwargs, out)`.
  *   - a key seen for the first time by this module asks `intern(args, kwargs, out)` for its
  *     (module, signature) id; where the key was built here from exact tensors with positional
- *     inputs and `intern_sig` is given, the signature is built here too — ((input shapes),
- *     ((output shapes), dtype, device)) of the first output tensor, what the Python side's
- *     in_key/out_key give — and `intern_sig(signature)` interns it: no argument tuple, keyword
- *     dict or Python key functions on a miss (the attention function misses at every decode
- *     step of a generate longer than any before it, its key and value growing).
+ *     inputs and the list `interned` is given, the signature is built here too — ((input
+ *     shapes), ((output shapes), dtype, device)) of the first output tensor, what the Python
+ *     side's in_key/out_key give — and (index, signature) appended to `interned`, the id being
+ *     its position (the recorder's own list, which `intern` appends to as well): no Python call
+ *     on a miss (the attention function misses at every decode step of a generate longer than
+ *     any before it, its key and value growing, and a miss's cost lands in the caller's time).
  *   - one tensor in, one out: the two torch.Size are read through the tensor type's `shape`
  *     getter directly and compared with the last pair this module saw (the same shapes call
  *     after call: every decode step's); only a change builds the key and looks it up.
@@ -236,7 +237,8 @@ typedef struct {
     Columns *cols;
     PyObject *intern;   /* callable(args, kwargs, out) -> int */
     PyObject *slow_key; /* callable(args, kwargs, out) -> hashable */
-    PyObject *intern_sig; /* callable(signature) -> int, or None */
+    PyObject *interned; /* list of (module index, signature): the (module, signature) ids, or None */
+    PyObject *index;    /* this module's index (an int), appended with each signature */
     PyTypeObject *tensor;
     PyObject *now;      /* None: native clock */
     PyObject *local;    /* dict: key -> id */
@@ -469,7 +471,7 @@ exact_sig(Extra *self, PyObject *ins, PyObject *outs, int single, PyObject *out)
 }
 
 /* The (module, signature) id of `key` (borrowed from the module's dict), interned on a miss:
-   through `intern_sig` where `ins`/`outs` (borrowed) are given and the wrapper has one, else
+   appended to `interned` where `ins`/`outs` (borrowed) are given and the wrapper has that list, else
    through `intern`. */
 static PyObject *
 id_of(Extra *self, PyObject *key, PyObject *ins, PyObject *outs, int single, PyObject *const *args,
@@ -478,11 +480,14 @@ id_of(Extra *self, PyObject *key, PyObject *ins, PyObject *outs, int single, PyO
     PyObject *sid = PyDict_GetItemWithError(self->local, key);
     if (sid != NULL || PyErr_Occurred())
         return sid;
-    PyObject *new_sid;
-    if (ins != NULL && self->intern_sig != Py_None) {
+    PyObject *new_sid = NULL;
+    if (ins != NULL && self->interned != Py_None) {
         PyObject *sig = exact_sig(self, ins, outs, single, out);
-        new_sid = sig ? PyObject_CallOneArg(self->intern_sig, sig) : NULL;
+        PyObject *entry = sig ? PyTuple_Pack(2, self->index, sig) : NULL;
+        if (entry != NULL && PyList_Append(self->interned, entry) == 0)
+            new_sid = PyLong_FromSsize_t(PyList_GET_SIZE(self->interned) - 1);
         Py_XDECREF(sig);
+        Py_XDECREF(entry);
     }
     else
         new_sid = call_py(self->intern, args, nargs, kwnames, out);
@@ -604,16 +609,20 @@ Wrapper_vectorcall(PyObject *obj, PyObject *const *args, size_t nargsf, PyObject
     return out;
 }
 
-/* Wrapper(fn, columns, intern, slow_key, tensor, now=None, intern_sig=None) */
+/* Wrapper(fn, columns, intern, slow_key, tensor, now=None, interned=None, index=None) */
 static PyObject *
 Wrapper_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fn", "columns", "intern", "slow_key", "tensor", "now", "intern_sig", NULL};
-    PyObject *fn, *intern, *slow_key, *tensor, *now = Py_None, *intern_sig = Py_None;
+    static char *kwlist[] = {"fn", "columns", "intern", "slow_key", "tensor", "now", "interned", "index", NULL};
+    PyObject *fn, *intern, *slow_key, *tensor, *now = Py_None, *interned = Py_None, *index = Py_None;
     PyObject *cols;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOO!|OO", kwlist, &fn, &ColumnsType, &cols, &intern,
-                                     &slow_key, &PyType_Type, &tensor, &now, &intern_sig))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOO!|OOO", kwlist, &fn, &ColumnsType, &cols, &intern,
+                                     &slow_key, &PyType_Type, &tensor, &now, &interned, &index))
         return NULL;
+    if (interned != Py_None && !(PyList_CheckExact(interned) && PyLong_CheckExact(index))) {
+        PyErr_SetString(PyExc_TypeError, "Wrapper: interned must be a list and index an int");
+        return NULL;
+    }
     PyObject *pargs = PyTuple_Pack(1, fn);
     if (pargs == NULL)
         return NULL;
@@ -626,7 +635,8 @@ Wrapper_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->cols = (Columns *)Py_NewRef(cols);
     self->intern = Py_NewRef(intern);
     self->slow_key = Py_NewRef(slow_key);
-    self->intern_sig = Py_NewRef(intern_sig);
+    self->interned = Py_NewRef(interned);
+    self->index = Py_NewRef(index);
     self->tensor = (PyTypeObject *)Py_NewRef(tensor);
     self->now = Py_NewRef(now);
     self->local = PyDict_New();
@@ -657,7 +667,8 @@ Wrapper_traverse(PyObject *obj, visitproc visit, void *arg)
     Py_VISIT(self->cols);
     Py_VISIT(self->intern);
     Py_VISIT(self->slow_key);
-    Py_VISIT(self->intern_sig);
+    Py_VISIT(self->interned);
+    Py_VISIT(self->index);
     Py_VISIT(self->tensor);
     Py_VISIT(self->now);
     Py_VISIT(self->local);
@@ -674,7 +685,8 @@ Extra_clear(Extra *self)
     Py_CLEAR(self->cols);
     Py_CLEAR(self->intern);
     Py_CLEAR(self->slow_key);
-    Py_CLEAR(self->intern_sig);
+    Py_CLEAR(self->interned);
+    Py_CLEAR(self->index);
     Py_CLEAR(self->tensor);
     Py_CLEAR(self->now);
     Py_CLEAR(self->local);

@@ -236,12 +236,13 @@ def _recorder(cols, intern: Callable) -> Callable:
 
 
 def cpu_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, *, native: bool = True,
-                intern_sig: Callable | None = None) -> Callable:
+                interned: list | None = None, index: int | None = None) -> Callable:
     """A recorded module's forward on CPU: the C wrapper, or its Python reference.
-    ``intern_sig(signature)``, where given, is what the C wrapper interns with on a miss whose
-    signature it built itself (``intern`` gives the same id from the call)."""
+    ``interned``/``index``, where given: the list that ``intern`` appends (module index,
+    signature) to and this module's index, which the C wrapper appends to itself on a miss
+    whose signature it built (the id is the position in the list, as ``intern``'s)."""
     if native and C is not None and isinstance(cols, C.Columns):
-        return C.Wrapper(fn, cols, intern, slow_key, Tensor, now, intern_sig)
+        return C.Wrapper(fn, cols, intern, slow_key, Tensor, now, interned, index)
     now = now or time.perf_counter_ns
     record = _recorder(cols, intern)
 

@@ -79,6 +79,9 @@ class Recorder:
         self.cols = hotpath.new_columns(native and not self.injected_clock)
         self.modules: list[ModuleInfo] = []
         self.placements: list = []
+        # (module index, signature) per (module, signature) id, in the order first seen: the hot
+        # path appends (the C wrapper itself, or through intern); msigs/sigs are made from it
+        self.interned: list[tuple[int, tuple]] = []
         self._sig_ids: dict = {}
         self.sigs: list = []
         self.msigs: list[tuple[int, int]] = []
@@ -116,26 +119,12 @@ class Recorder:
 
         return intern
 
-    def intern_sig_for(self, idx: int) -> Callable:
-        """``intern_sig(signature)`` for module ``idx``: what the C wrapper calls on a miss with
-        the signature it built itself (exact tensors, positional inputs)."""
-        sig_ids, sigs, msigs = self._sig_ids, self.sigs, self.msigs
-
-        def intern_sig(key: tuple) -> int:
-            sid = sig_ids.get(key)
-            if sid is None:
-                sid = sig_ids[key] = len(sigs)
-                sigs.append(key)
-            msigs.append((idx, sid))
-            return len(msigs) - 1
-
-        return intern_sig
-
     def intern(self, idx: int, args: tuple, kwargs: dict, out: Any) -> int:
         """A new (module, signature) id; a signature is input shapes, output shapes, output
         dtype and device, taken from the first call of each distinct (input, output) shape
         (a module does not change them between calls of the same shapes). A DTensor (tensor
-        parallel) is recorded by its local shard: each rank's frames show its own shapes."""
+        parallel) is recorded by its local shard: each rank's frames show its own shapes.
+        The C wrapper appends what it builds itself to the same list (:attr:`interned`)."""
         if len(args) == 1 and type(out) is Tensor and type(args[0]) is Tensor:
             # one plain tensor in, one out (most modules): what in_key and out_key would give
             key = ((args[0].shape,), ((out.shape,), out.dtype, out.device))
@@ -143,12 +132,19 @@ class Recorder:
             if hotpath.any_dtensor(args, kwargs, out):
                 args, kwargs, out = hotpath.local_call(args, kwargs, out)
             key = (hotpath.in_key(args, kwargs), hotpath.out_key(out))
-        sid = self._sig_ids.get(key)
-        if sid is None:
-            sid = self._sig_ids[key] = len(self.sigs)
-            self.sigs.append(key)
-        self.msigs.append((idx, sid))
-        return len(self.msigs) - 1
+        self.interned.append((idx, key))
+        return len(self.interned) - 1
+
+    def _resolve_signatures(self) -> None:
+        """``msigs``/``sigs`` up to date with :attr:`interned` (equal signatures share an index)."""
+        interned, msigs, sigs, sig_ids = self.interned, self.msigs, self.sigs, self._sig_ids
+        for i in range(len(msigs), len(interned)):
+            idx, key = interned[i]
+            sid = sig_ids.get(key)
+            if sid is None:
+                sid = sig_ids[key] = len(sigs)
+                sigs.append(key)
+            msigs.append((idx, sid))
 
     # ------------------------------------------------------------------ runs
     def new_run(self, kind: str) -> RunRec:
@@ -398,6 +394,7 @@ class Recorder:
         """A frozen copy of everything recorded so far (``facts``: the probe's own fields)."""
         n = len(self.cols)
         t0b, t1b, sigb, innerb = self.cols.columns()
+        self._resolve_signatures()
         gpu, mem, off = self.extras.arrays(n)
         observed = tuple((type(o), o.records()) for o in self.observers)
         hooked = None
