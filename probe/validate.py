@@ -60,19 +60,28 @@ def check_meta(meta: dict, f: Path) -> None:
     need(MANIFEST, isinstance(meta.get(MANIFEST), dict), "a JSON object")
 
 
-def check_frame(data: bytes, key: str, f: Path) -> pd.DataFrame:
+def check_frame(data: bytes, key: str, f: Path, columns: tuple[str, ...] | None = None,
+                rows=None) -> pd.DataFrame:
     """Parse the parquet bytes of frame ``key`` (``calls``/``steps``/``runs``), check every
-    schema column, and return the conformed frame."""
+    schema column, and return the conformed frame.
+
+    ``columns`` (schema columns) narrows what is read and returned to those columns; ``rows`` (a
+    ``pyarrow.compute.Expression``) keeps the rows it selects, applied in Arrow as the file is read.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     sch = schema.FRAMES[key]
+    if columns is not None:
+        sch = {c: t for c, t in sch.items() if c in set(columns)}
     try:
         # text columns read as dictionaries: parquet stores them so, and their few distinct values
         # are checked once each; they become plain text in the one conversion (to_frame)
-        texts = [c for c in pq.read_schema(io.BytesIO(data)).names if sch.get(c) == schema.STR]
-        table = pq.read_table(io.BytesIO(data), read_dictionary=texts)
+        names = pq.read_schema(io.BytesIO(data)).names
+        texts = [c for c in names if sch.get(c) == schema.STR]
+        read = None if columns is None else [c for c in names if c in sch]
+        table = pq.read_table(io.BytesIO(data), columns=read, read_dictionary=texts, filters=rows)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise RunLoadError(f"{f} is corrupt or half-written: {exc}") from exc
     names = table.column_names
