@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
-from . import tree
+from . import memo, tree
 from ..schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
 
 #: name of the attention module's self-time row at the role level when calls inside it are recorded
@@ -249,6 +249,11 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     return out
 
 
+def phases(calls: pd.DataFrame, steps: pd.DataFrame) -> Phases:
+    """:class:`Phases` of these frames, built once while they live (:mod:`probe.analysis.memo`)."""
+    return memo.derived("phases", None, calls, steps, lambda: Phases(calls, steps))
+
+
 def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None) -> pd.DataFrame:
     """Per (level, block / role / module, phase): calls, inclusive and self time, share.
 
@@ -265,7 +270,16 @@ def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None
     """
     if level is not None:
         check_level(level)
-    ph = Phases(calls, steps)
+    # every level is built at once and kept: a report asks for each level, and a level's rows are the
+    # same on their own as among the others
+    whole = memo.derived("summary", None, calls, steps, lambda: _summary(calls, steps))
+    if level is None:
+        return whole.copy(deep=False)
+    return whole[(whole["level"] == level).to_numpy(dtype=bool, na_value=False)].reset_index(drop=True)
+
+
+def _summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None) -> pd.DataFrame:
+    ph = phases(calls, steps)
     if ph.calls.empty:
         return schema.empty(SUMMARY)
     parts = []
@@ -329,7 +343,11 @@ def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = Non
     """
     if depth is not None and depth < 1:
         raise ValueError(f"depth must be 1 or more (1 = the top-level calls); got {depth!r}")
-    ph = Phases(calls, steps)
+    return memo.derived("tree", depth, calls, steps, lambda: _tree_table(calls, steps, depth)).copy(deep=False)
+
+
+def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> pd.DataFrame:
+    ph = phases(calls, steps)
     c = ph.calls
     if c.empty:
         return schema.empty(TREE)
