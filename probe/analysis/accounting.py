@@ -165,8 +165,14 @@ def labels(calls: pd.DataFrame, level: Level) -> np.ndarray:
     check_level(level)
     if level == "module":
         return calls["module"].astype("string").to_numpy(dtype=object)
-    codes, names = _codes(calls, level, tree.parent_rows(calls) if level == "role" else None)
+    codes, names = label_codes(calls, level)
     return np.asarray(names, dtype=object)[codes] if len(calls) else np.zeros(0, dtype=object)
+
+
+def label_codes(calls: pd.DataFrame, level: Level) -> tuple[np.ndarray, list[str]]:
+    """:func:`labels` as codes into a list of names (no name made per call)."""
+    check_level(level)
+    return _codes(calls, level, tree.parent_rows(calls) if level == "role" else None)
 
 
 def _codes(calls: pd.DataFrame, level: str, prow: np.ndarray | None, codes=None) -> tuple[np.ndarray, list[str]]:
