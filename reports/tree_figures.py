@@ -93,7 +93,8 @@ def _layer_role_table(ph: "accounting.Phases", phase: str) -> pd.DataFrame | Non
     inside = (c["phase"] == phase).to_numpy() & c["layer"].notna().to_numpy()
     if not inside.any():
         return None
-    names = accounting.labels(c, "role")[inside]
+    codes, uniq = accounting.label_codes(c, "role")  # made once for both phases
+    names = np.asarray(uniq, dtype=object)[codes[inside]]
     n = int(ph.n_steps[phase])
     layer = c["layer"].to_numpy(dtype="int64", na_value=-1)[inside]  # two columns taken, not the frame
     return (pd.DataFrame({"layer": layer, "role": names,

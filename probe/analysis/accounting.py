@@ -73,7 +73,7 @@ class Phases:
     def codes(self, col: str) -> tuple[np.ndarray, pd.Index]:
         """``pd.factorize`` of a text column of the calls, made once and shared by every level."""
         if col not in self._codes:
-            self._codes[col] = _factorize(self.calls[col])
+            self._codes[col] = factorized(self.calls, col)
         return self._codes[col]
 
     def clock(self, phase: pd.Series, host: pd.Series, gpu: pd.Series) -> pd.Series:
@@ -108,6 +108,16 @@ class Phases:
 def _factorize(s: pd.Series) -> tuple[np.ndarray, pd.Index]:
     """Codes of a text column and its distinct values in order of appearance (-1 for a null)."""
     return pd.factorize(s.astype("string"))
+
+
+def factorized(calls: pd.DataFrame, col: str) -> tuple[np.ndarray, pd.Index]:
+    """:func:`pd.factorize` of text column ``col`` of ``calls``, made once while the frame lives."""
+    def build():
+        codes, uniq = _factorize(calls[col])
+        codes.flags.writeable = False  # shared by every table of these frames
+        return codes, uniq
+
+    return memo.derived("factorize", col, calls, calls, build)
 
 
 def _block_codes(modules: pd.Series, roles: pd.Series, codes=None) -> tuple[np.ndarray, list[str]]:
@@ -172,7 +182,8 @@ def labels(calls: pd.DataFrame, level: Level) -> np.ndarray:
 def label_codes(calls: pd.DataFrame, level: Level) -> tuple[np.ndarray, list[str]]:
     """:func:`labels` as codes into a list of names (no name made per call)."""
     check_level(level)
-    return _codes(calls, level, tree.parent_rows(calls) if level == "role" else None)
+    return memo.derived("labels", level, calls, calls, lambda: _codes(
+        calls, level, tree.parent_rows(calls) if level == "role" else None, lambda col: factorized(calls, col)))
 
 
 def _codes(calls: pd.DataFrame, level: str, prow: np.ndarray | None, codes=None) -> tuple[np.ndarray, list[str]]:
