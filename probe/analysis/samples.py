@@ -14,7 +14,7 @@ import pandas as pd
 
 from .. import schema
 from . import tree
-from .accounting import PROBE, RESIDUE, check_level, label_codes, labels
+from .accounting import PROBE, RESIDUE, check_level, factorized, label_codes, labels
 from ..schema import Level
 
 OUTSIDE = "(outside model)"
@@ -82,8 +82,8 @@ def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
     ids: dict = {}
     parts = []
 
-    def codes(values, vocab: dict) -> np.ndarray:  # codes into ``vocab`` (grown in order), -1 for a null
-        got, uniq = pd.factorize(values)
+    def codes(values, vocab: dict, factorized=None) -> np.ndarray:  # codes into ``vocab`` (grown in order), -1: null
+        got, uniq = factorized or pd.factorize(values)
         lut = np.array([vocab.setdefault(str(v), len(vocab)) for v in uniq] + [-1], dtype=np.int64)
         return lut[got]
 
@@ -91,7 +91,8 @@ def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
         col = "gpu_self_ms" if clock == "gpu" else "self_ms"
         lcodes, lnames = label_codes(c, level)
         lut = np.array([names.setdefault(str(v), len(names)) for v in lnames] + [-1], dtype=np.int64)
-        parts.append((lut[lcodes], codes(c["phase"], phases), codes(c["run_id"], ids),
+        parts.append((lut[lcodes], codes(None, phases, factorized(c, "phase")),
+                      codes(None, ids, factorized(c, "run_id")),
                       c["step"].to_numpy(dtype="int64"), c[col].to_numpy(dtype="float64", na_value=np.nan)))
     rec = st[st["residue_ms"].notna()]
     extra = [(RESIDUE, "gpu_residue_ms" if clock == "gpu" else "residue_ms", rec)]
