@@ -204,7 +204,11 @@ def big_case(base, n_calls: int, root: Path, repeat: int, small: Path) -> list[t
     kept for the report and compare rows)."""
     import probe
 
-    from probe.analysis import memo
+    try:
+        from probe.analysis.memo import clear as forget  # the tables kept per pair of frames
+    except ImportError:  # the code before they were kept (for a before/after run of this script)
+        def forget():
+            return None
 
     run_dir = root / f"run-{n_calls}"
     stretch(base, n_calls).save(run_dir)
@@ -216,7 +220,7 @@ def big_case(base, n_calls: int, root: Path, repeat: int, small: Path) -> list[t
 
     def fresh(fn):  # a new Run each time and no table kept of these frames: nothing from the try before
         def go():
-            memo.clear()
+            forget()
             fn(probe.Run(calls=run.calls, steps=run.steps, runs=run.runs, meta=run.meta))
         return go
 
