@@ -1,10 +1,11 @@
-"""Analysis at scale: loading a large run, its summary and tree, and the dashboard's first page
-over a folder of many small runs, each measured in process CPU time and printed as a ratio to
-what it is compared with in the same run.
+"""Analysis at scale: loading a large run (time and peak memory), its summary and tree, ``probe
+report`` and ``probe compare``, and the dashboard's first page over a folder of many small runs,
+each measured in process CPU time and printed as a ratio to what it is compared with in the same
+run.
 
 The large runs are real recordings stretched in time (``report_size.stretch``: a tiny 32-layer
 LLaMA generates under the probe, then its decode steps are repeated with shifted step numbers,
-KV lengths and start times) and saved with ``Run.save``. Four measurements:
+KV lengths and start times) and saved with ``Run.save``. The measurements:
 
 1. ``probe.load`` of each large run against pyarrow's own ``read_table`` + ``to_pandas`` of the
    same parquet files (target: at most 1.5x);
