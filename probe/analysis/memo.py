@@ -52,9 +52,10 @@ def derived(kind: str, key: Hashable, calls: pd.DataFrame, steps: pd.DataFrame, 
     value = build()
     entry = (weakref.ref(calls), weakref.ref(steps), _sig(calls), _sig(steps), value)
     with _LOCK:
+        for kept in _STORE.values():
+            for k in [k for k, e in kept.items() if e[0]() is None or e[1]() is None]:
+                del kept[k]  # frames gone: their tables go with them
         store = _STORE.setdefault(kind, OrderedDict())
-        for k in [k for k, e in store.items() if e[0]() is None or e[1]() is None]:
-            del store[k]  # frames gone: their tables go with them
         store[(key, id(calls), id(steps))] = entry
         while len(store) > LIMITS.get(kind, DEFAULT_LIMIT):
             store.popitem(last=False)
