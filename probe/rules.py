@@ -163,7 +163,7 @@ def link_problems(frames: dict[str, pd.DataFrame], meta: dict) -> list[str]:
             out.append(f"calls.parquet: {int(lost.sum())} calls belong to no step of steps.parquet "
                        f"(first at {_first(lost)})")
     n_layers = _layer_count(meta)
-    if calls is not None and len(calls) and n_layers is not None:
+    if calls is not None and len(calls) and n_layers is not None and "layer" in calls.columns:
         layer = _values(calls["layer"])
         beyond = ~np.isnan(layer) & (layer >= n_layers)
         if beyond.any():

@@ -60,19 +60,28 @@ def check_meta(meta: dict, f: Path) -> None:
     need(MANIFEST, isinstance(meta.get(MANIFEST), dict), "a JSON object")
 
 
-def check_frame(data: bytes, key: str, f: Path) -> pd.DataFrame:
+def check_frame(data: bytes, key: str, f: Path, columns: tuple[str, ...] | None = None,
+                rows=None) -> pd.DataFrame:
     """Parse the parquet bytes of frame ``key`` (``calls``/``steps``/``runs``), check every
-    schema column, and return the conformed frame."""
+    schema column, and return the conformed frame.
+
+    ``columns`` (schema columns) narrows what is read and returned to those columns; ``rows`` (a
+    ``pyarrow.compute.Expression``) keeps the rows it selects, applied in Arrow as the file is read.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     sch = schema.FRAMES[key]
+    if columns is not None:
+        sch = {c: t for c, t in sch.items() if c in set(columns)}
     try:
         # text columns read as dictionaries: parquet stores them so, and their few distinct values
         # are checked once each; they become plain text in the one conversion (to_frame)
-        texts = [c for c in pq.read_schema(io.BytesIO(data)).names if sch.get(c) == schema.STR]
-        table = pq.read_table(io.BytesIO(data), read_dictionary=texts)
+        names = pq.read_schema(io.BytesIO(data)).names
+        texts = [c for c in names if sch.get(c) == schema.STR]
+        read = None if columns is None else [c for c in names if c in sch]
+        table = pq.read_table(io.BytesIO(data), columns=read, read_dictionary=texts, filters=rows)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise RunLoadError(f"{f} is corrupt or half-written: {exc}") from exc
     names = table.column_names
@@ -83,6 +92,7 @@ def check_frame(data: bytes, key: str, f: Path) -> pd.DataFrame:
     missing = [c for c in sch if c not in names and sch[c] not in schema.NULLABLE]
     if missing:
         raise RunLoadError(f"{f} lacks columns {missing}: saved by an older or foreign schema")
+    arr = None
     for col, dtype in sch.items():
         if col not in names:
             continue
@@ -111,8 +121,10 @@ def check_frame(data: bytes, key: str, f: Path) -> pd.DataFrame:
             if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
                 raise _bad(f, col, f"holds {t} values where text belongs")
     _check_values(table, key, f)
+    handed = [table]
+    del table, arr  # to_frame holds the only reference: what it has converted is freed as it goes
     try:
-        return to_frame(table, sch)
+        return to_frame(handed, sch)
     except Exception as exc:  # a type the checks above let through and pandas refuses
         raise RunLoadError(f"{f} cannot be read as the {key} frame: {type(exc).__name__}: {exc}") from exc
 
@@ -140,11 +152,15 @@ def to_frame(table, sch: dict[str, str]) -> pd.DataFrame:
     """The Arrow ``table`` as a pandas frame at the dtypes of ``sch`` (see :func:`probe.schema.conform`):
     every column cast once in Arrow (missing nullable ones added as nulls, extra ones kept after),
     then one conversion to pandas that copies no column twice and frees each converted column's
-    Arrow buffers as it goes where nothing else holds them (``self_destruct``)."""
+    Arrow buffers as it goes where nothing else holds them (``self_destruct``). Pass the table in a
+    one-item list to hand it over: a caller's reference (an argument is one until the call
+    returns) would keep every buffer alive to the end."""
     import pyarrow as pa
 
+    if isinstance(table, list):
+        table = table.pop()
     n = table.num_rows
-    cols, fields = [], []
+    cols, fields, arr = [], [], None
     for col, dtype in sch.items():
         t = getattr(pa, _ARROW[dtype])()
         if col in table.column_names:
@@ -162,7 +178,7 @@ def to_frame(table, sch: dict[str, str]) -> pd.DataFrame:
         cols.append(table.column(col))
         fields.append(pa.field(col, table.column(col).type))
     out = pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=_pandas_meta(tuple(sch.items()))))
-    del table, cols
+    del table, cols, arr
     df = out.to_pandas(split_blocks=True, self_destruct=True)
     del out
     return schema.conform(df, sch)

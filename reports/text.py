@@ -38,6 +38,14 @@ def cap_series(s: pd.Series, limit: int = MAX_TEXT) -> pd.Series:
     """``s`` with every string longer than ``limit`` capped (the same series when none is)."""
     if len(s) == 0 or not (pd.api.types.is_string_dtype(s) or pd.api.types.is_object_dtype(s)):
         return s
+    if isinstance(s.dtype, pd.StringDtype) and s.dtype.storage == "pyarrow":
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        # bytes >= characters: the offsets alone say that no value is too long (no value is read)
+        longest = pc.max(pc.binary_length(pa.array(s.array))).as_py()
+        if longest is None or longest <= limit:
+            return s
     uniq = s.dropna().unique()
     long = {v: cap(v, limit) for v in uniq if isinstance(v, str) and len(v) > limit}
     if not long:
@@ -52,8 +60,9 @@ def cap_frame(df: pd.DataFrame, limit: int = MAX_TEXT) -> pd.DataFrame:
     for col in df.columns:
         if col in JSON_COLUMNS:
             continue
-        s = cap_series(df[col], limit)
-        if s is not df[col]:
+        before = df[col]  # a new Series object at each lookup: compare with this one
+        s = cap_series(before, limit)
+        if s is not before:
             out = df.copy() if out is None else out
             out[col] = s
     return df if out is None else out

@@ -93,11 +93,12 @@ def _layer_role_table(ph: "accounting.Phases", phase: str) -> pd.DataFrame | Non
     inside = (c["phase"] == phase).to_numpy() & c["layer"].notna().to_numpy()
     if not inside.any():
         return None
-    names = accounting.labels(c, "role")[inside]
-    sub = c[inside]
+    codes, uniq = accounting.label_codes(c, "role")  # made once for both phases
+    names = np.asarray(uniq, dtype=object)[codes[inside]]
     n = int(ph.n_steps[phase])
-    return (pd.DataFrame({"layer": sub["layer"].astype("int64").to_numpy(), "role": names,
-                          "self": sub["self_ms"].to_numpy(dtype="float64", na_value=np.nan) / n})
+    layer = c["layer"].to_numpy(dtype="int64", na_value=-1)[inside]  # two columns taken, not the frame
+    return (pd.DataFrame({"layer": layer, "role": names,
+                          "self": c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)[inside] / n})
             .pivot_table(index="layer", columns="role", values="self", aggfunc="sum", observed=True))
 
 
@@ -116,7 +117,7 @@ def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[Phase, .
     from plotly.subplots import make_subplots
 
     title = "Self time per layer and role"
-    ph = accounting.Phases(calls, steps)
+    ph = accounting.phases(calls, steps)
     tables = [(p, t) for p in phases if (t := _layer_role_table(ph, p)) is not None]
     if not tables:
         return empty_figure(title, "no decoder-layer calls recorded")

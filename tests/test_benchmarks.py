@@ -89,5 +89,8 @@ def test_analysis_scale_benchmark_prints_each_ratio_with_its_target():
     )
     assert r.returncode in (0, 1), r.stderr[-2000:]  # 1: a target not met on this machine, now
     for line in ("probe.load / pyarrow read+to_pandas", "summary() / probe.load", "tree() / probe.load",
-                 "dashboard first page, 3 runs"):
-        assert line in r.stdout and "target" in r.stdout
+                 "load peak RSS growth / frames' memory", "calls frame in memory, bytes per row",
+                 "probe report beyond its load, small run", "probe report (html) / probe.load",
+                 "probe compare / probe.load of both", "dashboard first page, 3 runs"):
+        assert line in r.stdout and "target" in r.stdout, r.stdout
+    assert "modules `probe report` imported of torch, transformers: none" in r.stdout

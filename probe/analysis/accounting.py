@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
-from . import tree
+from . import memo, tree
 from ..schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
 
 #: name of the attention module's self-time row at the role level when calls inside it are recorded
@@ -73,7 +73,7 @@ class Phases:
     def codes(self, col: str) -> tuple[np.ndarray, pd.Index]:
         """``pd.factorize`` of a text column of the calls, made once and shared by every level."""
         if col not in self._codes:
-            self._codes[col] = _factorize(self.calls[col])
+            self._codes[col] = factorized(self.calls, col)
         return self._codes[col]
 
     def clock(self, phase: pd.Series, host: pd.Series, gpu: pd.Series) -> pd.Series:
@@ -108,6 +108,16 @@ class Phases:
 def _factorize(s: pd.Series) -> tuple[np.ndarray, pd.Index]:
     """Codes of a text column and its distinct values in order of appearance (-1 for a null)."""
     return pd.factorize(s.astype("string"))
+
+
+def factorized(calls: pd.DataFrame, col: str) -> tuple[np.ndarray, pd.Index]:
+    """:func:`pd.factorize` of text column ``col`` of ``calls``, made once while the frame lives."""
+    def build():
+        codes, uniq = _factorize(calls[col])
+        codes.flags.writeable = False  # shared by every table of these frames
+        return codes, uniq
+
+    return memo.derived("factorize", col, calls, calls, build)
 
 
 def _block_codes(modules: pd.Series, roles: pd.Series, codes=None) -> tuple[np.ndarray, list[str]]:
@@ -165,8 +175,15 @@ def labels(calls: pd.DataFrame, level: Level) -> np.ndarray:
     check_level(level)
     if level == "module":
         return calls["module"].astype("string").to_numpy(dtype=object)
-    codes, names = _codes(calls, level, tree.parent_rows(calls) if level == "role" else None)
+    codes, names = label_codes(calls, level)
     return np.asarray(names, dtype=object)[codes] if len(calls) else np.zeros(0, dtype=object)
+
+
+def label_codes(calls: pd.DataFrame, level: Level) -> tuple[np.ndarray, list[str]]:
+    """:func:`labels` as codes into a list of names (no name made per call)."""
+    check_level(level)
+    return memo.derived("labels", level, calls, calls, lambda: _codes(
+        calls, level, tree.parent_rows(calls) if level == "role" else None, lambda col: factorized(calls, col)))
 
 
 def _codes(calls: pd.DataFrame, level: str, prow: np.ndarray | None, codes=None) -> tuple[np.ndarray, list[str]]:
@@ -249,6 +266,11 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     return out
 
 
+def phases(calls: pd.DataFrame, steps: pd.DataFrame) -> Phases:
+    """:class:`Phases` of these frames, built once while they live (:mod:`probe.analysis.memo`)."""
+    return memo.derived("phases", None, calls, steps, lambda: Phases(calls, steps))
+
+
 def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None) -> pd.DataFrame:
     """Per (level, block / role / module, phase): calls, inclusive and self time, share.
 
@@ -265,7 +287,16 @@ def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None
     """
     if level is not None:
         check_level(level)
-    ph = Phases(calls, steps)
+    # every level is built at once and kept: a report asks for each level, and a level's rows are the
+    # same on their own as among the others
+    whole = memo.derived("summary", None, calls, steps, lambda: _summary(calls, steps))
+    if level is None:
+        return whole.copy(deep=False)
+    return whole[(whole["level"] == level).to_numpy(dtype=bool, na_value=False)].reset_index(drop=True)
+
+
+def _summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None) -> pd.DataFrame:
+    ph = phases(calls, steps)
     if ph.calls.empty:
         return schema.empty(SUMMARY)
     parts = []
@@ -329,7 +360,11 @@ def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = Non
     """
     if depth is not None and depth < 1:
         raise ValueError(f"depth must be 1 or more (1 = the top-level calls); got {depth!r}")
-    ph = Phases(calls, steps)
+    return memo.derived("tree", depth, calls, steps, lambda: _tree_table(calls, steps, depth)).copy(deep=False)
+
+
+def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> pd.DataFrame:
+    ph = phases(calls, steps)
     c = ph.calls
     if c.empty:
         return schema.empty(TREE)

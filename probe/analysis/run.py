@@ -8,6 +8,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -20,8 +21,6 @@ from ..recording.stages import stage_summary
 from ..store.files import (
     MAX_META_BYTES,
     META,
-    TMP,
-    TRASH,
     leftover_hint,
     read_regular,
     reason,
@@ -31,9 +30,10 @@ from ..store.files import (
     write_in_place,
 )
 from ..store.files import remove_leftovers as store_remove_leftovers
-from ..store.folders import is_run_dir, rank_dirs, rank_of
+from ..store.folders import check_save_target, rank_dirs, rank_of
 from ..schema import CALLS, REQUESTS, RUNS, SAMPLING, STEPS, Level
 from .. import rules
+from .part import MARK, STEP_FRAMES, TREE_INPUTS, Part, calls_schema, describe, need, select
 from ..validate import MANIFEST, RunLoadError, check_frame, check_manifest, check_meta
 
 FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet", "sampling": "sampling.parquet",
@@ -68,6 +68,12 @@ class Run:
             hit = self._derived[key] = (self.calls, self.steps, build())
         return hit[2].copy(deep=False)
 
+    @property
+    def part(self) -> dict | None:
+        """What :func:`load` read (``columns``, ``steps``) where it read a part of the run, else ``None``."""
+        got = self.meta.get(MARK)
+        return got if isinstance(got, dict) else None
+
     # ------------------------------------------------------------------ analysis
     def summary(self, level: Level | None = None, *, by: Level | None = None) -> pd.DataFrame:
         """Where each phase's forward time went: one row per (level, block / role / module, phase).
@@ -83,15 +89,15 @@ class Run:
         from .accounting import summary
 
         level = level if level is not None else by
+        need(self.calls, "summary()")
         return self._memo(("summary", level), lambda: summary(self.calls, self.steps, level=level))
 
     def tree(self, depth: int | None = None) -> pd.DataFrame:
-        """The call tree per phase, one row per path of modules, collapsed at ``depth`` if given.
-
-        See :func:`probe.accounting.tree_table`.
-        """
+        """The call tree per phase, one row per path of modules, collapsed at ``depth`` if given
+        (:func:`probe.accounting.tree_table`)."""
         from .accounting import tree_table
 
+        need(self.calls, "tree()")
         return self._memo(("tree", depth), lambda: tree_table(self.calls, self.steps, depth=depth))
 
     def spread(self, level: Level = "block") -> pd.DataFrame:
@@ -229,13 +235,17 @@ class Run:
             The directory.
         Raises:
             RunSaveError: ``path`` is a file, or a folder that holds files but no probe run (a
-                run never replaces what is not a run), or it cannot be written; the message
-                names the path and the reason.
+                run never replaces what is not a run), or it cannot be written, or the run was
+                loaded in part (``probe.load(path, columns=..., steps=...)``); the message names
+                the path and the reason.
         """
         out = Path(path)
+        if self.part is not None:
+            raise RunSaveError(f"this run was loaded in part ({describe(self.part)}): a part is never saved, so it "
+                               "never replaces a whole run; load the run whole (probe.load(path)) to save it")
         if out.is_symlink():
             out = out.resolve()
-        _check_save_target(out)
+        check_save_target(out)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -275,27 +285,12 @@ class Run:
         return blobs
 
 
-def _check_save_target(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise RunSaveError(f"{out} is a file, not a folder; choose a folder for the run")
-    if out.is_dir() and not is_run_dir(out):
-        try:
-            entries = [e for e in os.listdir(out)
-                       if not (e.startswith(".") and (e.endswith(TMP) or e.endswith(TRASH)))]
-        except OSError as exc:
-            raise RunSaveError(f"cannot read the folder {out}: {reason(exc)}") from exc
-        if entries:
-            shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
-            raise RunSaveError(f"{out} holds files that are not a probe run ({shown}); a run is saved only into "
-                               "a new or empty folder, or over another run")
-
-
 def remove_leftovers(out: Path, min_age_s: float = 0.0) -> list[Path]:
     """Remove what killed saves of ``out`` left, beside it and inside it (see :mod:`probe.store`)."""
     return store_remove_leftovers(out, min_age_s, inside=(*FILES.values(), META))
 
 
-def load(path: str | os.PathLike) -> Run:
+def load(path: str | os.PathLike, *, columns: Iterable[str] | str | None = None, steps: object = None) -> Run:
     """Load a run directory written by :meth:`Run.save` (or several ranks' sub-directories).
 
     Every file is checked: ``meta.json`` against the manifest of sizes and SHA-256 it holds
@@ -303,11 +298,25 @@ def load(path: str | os.PathLike) -> Run:
     schema (types, missing values, infinities, JSON shapes), so a run that loads can be reported.
     Only regular files are opened.
 
+    Args:
+        path: the run folder.
+        columns: only these columns of ``calls``, with the keys every load reads
+            (:data:`probe.analysis.part.KEY_COLUMNS`; ``summary()`` and ``tree()`` need
+            :data:`~probe.analysis.part.ANALYSIS_COLUMNS` too). ``None``: every column.
+        steps: only these steps' rows of ``calls``, ``steps`` and ``sampling``: a step number
+            (that step of every generate call), a ``range`` or list of them, or a phase
+            (``"prefill"``, ``"decode"``). ``None``: every step. ``runs``, ``requests``: whole.
+    Returns:
+        The run; read in part, ``Run.part`` says what was read and :meth:`Run.save` refuses it.
     Raises:
         RunLoadError: the folder is missing, holds no run, or a file is corrupt, mixed, or of an
             unknown schema; the message names the file (and column) and the problem.
+        ValueError: an unknown column or phase, or a step that is no step number (before any read).
     """
-    root = Path(path)
+    return _load(Path(path), select(columns, steps))
+
+
+def _load(root: Path, sel: Part | None) -> Run:
     if not root.exists() and recover(root) is None:  # a save killed between its renames
         raise RunLoadError(f"run directory {root} does not exist" + leftover_hint(root))
     if not root.is_dir():
@@ -317,7 +326,7 @@ def load(path: str | os.PathLike) -> Run:
         if ranks:
             runs = []
             for d in ranks:
-                run = load(d)
+                run = _load(d, sel)
                 want = rank_of(d.name)
                 got = run.meta.get("rank", want)
                 if isinstance(got, bool) or not isinstance(got, int) or got != want:
@@ -329,7 +338,7 @@ def load(path: str | os.PathLike) -> Run:
             raise RunLoadError(f"{root / META} is missing: the run is incomplete (an interrupted save?); "
                                "re-record it")
         raise RunLoadError(f"{root} holds no probe run (no {META}); run `probe run --out {root}` first")
-    run, found = _load_folder(root)
+    run, found = _load_folder(root, sel)
     if found:
         more = f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""
         raise RunLoadError(f"{root}: {found[0]}{more}; the run was edited or damaged — `probe verify {root}` lists "
@@ -354,9 +363,10 @@ def verify(path: str | os.PathLike) -> list[str]:
     return found
 
 
-def _load_folder(root: Path) -> tuple[Run, list[str]]:
-    """The run in ``root`` (which holds ``meta.json``) and the rules its values break. Problems
-    that leave nothing to check further (a file corrupt, of another save, of a wrong type) raise."""
+def _load_folder(root: Path, sel: Part | None = None) -> tuple[Run, list[str]]:
+    """The run in ``root`` (which holds ``meta.json``) and the rules its values break, read in the
+    part ``sel`` selects (all of it if ``None``). Problems that leave nothing to check further (a
+    file corrupt, of another save, of a wrong type) raise."""
     remove_leftovers(root, min_age_s=60.0)
     meta_file = root / META
     raw = read_regular(meta_file, limit=MAX_META_BYTES)
@@ -393,7 +403,11 @@ def _load_folder(root: Path) -> tuple[Run, list[str]]:
         data = read_regular(f)
         if manifest is not None:
             check_manifest(manifest, name, data, f, meta_file)
-        frames[key] = check_frame(data, key, f)
+        rows = sel.rows if sel is not None and key in STEP_FRAMES else None
+        cols = sel.calls_columns() if sel is not None and key == "calls" else None
+        frames[key] = check_frame(data, key, f, cols, rows)
+        if cols is not None and not tree.has_tree(frames[key]):  # saved without its tree: derive it
+            frames[key] = check_frame(data, key, f, sel.calls_columns(TREE_INPUTS), rows)
     if manifest is not None:
         ids = sorted({str(v) for v in frames["runs"]["run_id"].dropna()})
         if ids != manifest.get("run_ids", ids):
@@ -401,7 +415,10 @@ def _load_folder(root: Path) -> tuple[Run, list[str]]:
                                f"{manifest.get('run_ids', [])[:3]}: the folder mixes two saves; re-record it")
     # runs saved before the call tree was recorded get it derived here
     calls, steps = tree.ensure(frames["calls"], frames["steps"])
-    frames["calls"], frames["steps"] = schema.conform(calls, CALLS), schema.conform(steps, STEPS)
+    frames["calls"] = schema.conform(calls, calls_schema(sel and sel.asked), extra=sel is None or sel.columns is None)
+    frames["steps"] = schema.conform(steps, STEPS)
+    if sel is not None:
+        meta[MARK] = dict(sel.asked)
     found = rules.problems(frames, meta)
     try:
         tree.parent_rows(frames["calls"])  # every walk over the nesting must end: no loops, no forward parents
@@ -415,7 +432,7 @@ def merge(runs: list[Run], path: Path | None = None) -> Run:
     """Concatenate runs (e.g. one per tensor-parallel rank) into one, rows tagged by rank."""
     if not runs:
         raise RunLoadError("nothing to merge")
-    calls = schema.conform(pd.concat([r.calls for r in runs], ignore_index=True), CALLS)
+    calls = schema.conform(pd.concat([r.calls for r in runs], ignore_index=True), calls_schema(runs[0].part))
     steps = schema.conform(pd.concat([r.steps for r in runs], ignore_index=True), STEPS)
     runs_df = schema.conform(pd.concat([r.runs for r in runs], ignore_index=True), RUNS)
     sampling = schema.conform(pd.concat([r.sampling for r in runs], ignore_index=True), SAMPLING)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .. import schema
 from . import tree
-from .accounting import PROBE, RESIDUE, check_level, labels
+from .accounting import PROBE, RESIDUE, check_level, factorized, label_codes, labels
 from ..schema import Level
 
 OUTSIDE = "(outside model)"
@@ -35,7 +35,8 @@ def recorded(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame) -> tu
     """The successful generate calls' calls and steps, with the call tree's columns."""
     ids = generate_ids(runs)
     calls, steps = tree.ensure(calls, steps)
-    return calls[calls["run_id"].isin(ids)], steps[steps["run_id"].isin(ids)]
+    mine = calls["run_id"].isin(ids).to_numpy(dtype=bool, na_value=False)
+    return calls if mine.all() else calls[mine], steps[steps["run_id"].isin(ids)]  # the usual case copies nothing
 
 def per_step(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: Level,
               clock: str = "host") -> pd.DataFrame:
@@ -72,11 +73,61 @@ def clock_of(run_calls: list[pd.DataFrame]) -> str:
 def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: Level = "block",
                  clock: str = "host") -> dict[tuple[str, str], np.ndarray]:
     """Per (row, phase) at ``level``, the row's time in each step of that phase: the rows of
-    :func:`per_step`."""
-    per = per_step(calls, steps, runs, level, clock)
-    per = per.groupby(["name", "phase", "run_id", "step"], sort=False)["ms"].sum(min_count=1)
-    return {(str(name), str(phase)): s.to_numpy(dtype="float64", na_value=np.nan)
-            for (name, phase), s in per.groupby(level=[0, 1], sort=False)}
+    :func:`per_step` summed per step, in order of first appearance. Built on integer codes: no
+    text column of the calls is turned into Python strings."""
+    check_level(level)
+    c, st = recorded(calls, steps, runs)
+    names: dict = {}
+    phases: dict = {}
+    ids: dict = {}
+    parts = []
+
+    def codes(values, vocab: dict, factorized=None) -> np.ndarray:  # codes into ``vocab`` (grown in order), -1: null
+        got, uniq = factorized or pd.factorize(values)
+        lut = np.array([vocab.setdefault(str(v), len(vocab)) for v in uniq] + [-1], dtype=np.int64)
+        return lut[got]
+
+    if len(c):
+        col = "gpu_self_ms" if clock == "gpu" else "self_ms"
+        lcodes, lnames = label_codes(c, level)
+        lut = np.array([names.setdefault(str(v), len(names)) for v in lnames] + [-1], dtype=np.int64)
+        parts.append((lut[lcodes], codes(None, phases, factorized(c, "phase")),
+                      codes(None, ids, factorized(c, "run_id")),
+                      c["step"].to_numpy(dtype="int64"), c[col].to_numpy(dtype="float64", na_value=np.nan)))
+    rec = st[st["residue_ms"].notna()]
+    extra = [(RESIDUE, "gpu_residue_ms" if clock == "gpu" else "residue_ms", rec)]
+    if clock == "host" and "probe_ms" in rec.columns and rec["probe_ms"].notna().any():
+        extra.append((PROBE, "probe_ms", rec))
+    extra.append((OUTSIDE, "outside_ms", st[st["outside_ms"].notna()]))
+    for name, col, frame in extra:
+        if len(frame):
+            parts.append((np.full(len(frame), names.setdefault(name, len(names)), np.int64),
+                          codes(frame["phase"], phases), codes(frame["run_id"], ids),
+                          frame["step"].to_numpy(dtype="int64"), frame[col].to_numpy(dtype="float64", na_value=np.nan)))
+    if not parts:
+        return {}
+    name, phase, run, step, ms = (np.concatenate(x) for x in zip(*parts))
+    keep = (name >= 0) & (phase >= 0) & (run >= 0)  # a row with a missing key is in no group
+    name, phase, run, step, ms = name[keep], phase[keep], run[keep], step[keep], ms[keep]
+    span = int(step.max()) + 1 if len(step) else 1
+    pair = name * max(len(phases), 1) + phase
+    group, firsts = pd.factorize((pair * max(len(ids), 1) + run) * span + step)  # (row, phase, run, step)
+    total = _sum_min1(group, len(firsts), ms)
+    pair_of = firsts // (max(len(ids), 1) * span)  # each group's (row, phase), in the groups' order
+    pcode, puniq = pd.factorize(pair_of)
+    order = np.argsort(pcode, kind="stable")
+    bounds = np.searchsorted(pcode[order], np.arange(len(puniq) + 1))
+    name_of, phase_of = list(names), list(phases)
+    n_ph = max(len(phases), 1)
+    return {(name_of[p // n_ph], phase_of[p % n_ph]): total[order[bounds[i]:bounds[i + 1]]]
+            for i, p in enumerate(puniq.tolist())}
+
+
+def _sum_min1(groups: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
+    """Per group: the sum of its non-NaN values, NaN where it has none (``sum(min_count=1)``)."""
+    ok = ~np.isnan(values)
+    total = np.bincount(groups[ok], weights=values[ok], minlength=n)
+    return np.where(np.bincount(groups[ok], minlength=n) > 0, total, np.nan)
 
 
 def metric_samples(steps: pd.DataFrame, runs: pd.DataFrame) -> dict[str, np.ndarray]:

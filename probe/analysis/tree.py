@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from . import memo
+
 TREE_COLUMNS = ("call", "parent", "self_ms", "gpu_self_ms")
 _KEYS = ["rank", "run_id", "step"]
 
@@ -253,6 +255,15 @@ def parent_rows(calls: pd.DataFrame) -> np.ndarray:
     that breaks this (a damaged or edited ``calls.parquet``: ``parent = call``, a loop, a
     parent in another step) raises :class:`ValueError` instead of sending a walk round a cycle.
     """
+    return memo.derived("parent_rows", None, calls, calls, lambda: _read_only(_parent_rows(calls)))
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False  # shared by every walk of these frames (probe.analysis.memo)
+    return a
+
+
+def _parent_rows(calls: pd.DataFrame) -> np.ndarray:
     n = len(calls)
     if n == 0:
         return np.zeros(0, np.int64)

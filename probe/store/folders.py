@@ -11,7 +11,8 @@ import os
 import re
 from pathlib import Path
 
-from .files import META, is_run_meta, read_meta
+from ..errors import RunSaveError
+from .files import META, TMP, TRASH, is_run_meta, read_meta, reason
 
 #: the files that make a folder a `probe sweep` (see :mod:`probe.routines.sweep`)
 SWEEP_FILE = "sweep.parquet"
@@ -58,3 +59,19 @@ def is_run_dir(d: Path) -> bool:
     """``d`` holds a saved run (its ``meta.json`` has a schema version and a manifest), or the
     ranks of one (``rank<N>/meta.json``)."""
     return is_run_meta(read_meta(d)) or bool(rank_dirs(d))
+
+
+def check_save_target(out: Path) -> None:
+    """Refuse to save a run at ``out`` where it would replace a file or a folder that is not a run."""
+    if out.exists() and not out.is_dir():
+        raise RunSaveError(f"{out} is a file, not a folder; choose a folder for the run")
+    if out.is_dir() and not is_run_dir(out):
+        try:
+            entries = [e for e in os.listdir(out)
+                       if not (e.startswith(".") and (e.endswith(TMP) or e.endswith(TRASH)))]
+        except OSError as exc:
+            raise RunSaveError(f"cannot read the folder {out}: {reason(exc)}") from exc
+        if entries:
+            shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+            raise RunSaveError(f"{out} holds files that are not a probe run ({shown}); a run is saved only into "
+                               "a new or empty folder, or over another run")

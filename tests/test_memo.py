@@ -1,0 +1,97 @@
+"""Tables kept per pair of frames (:mod:`probe.analysis.memo`): the same as built afresh, built
+once while the frames live, built anew for other frames, and gone with their frames."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import probe
+from probe.analysis import accounting, memo, tree
+from probe.analysis.samples import per_step, step_samples
+from tiny import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def run() -> probe.Run:
+    """Two generate calls of a tiny LLaMA at depth all."""
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="all") as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=4, do_sample=False)
+        model.generate(torch.tensor([[1, 5, 6, 7, 9]]), max_new_tokens=3, do_sample=False)
+    return p.run
+
+
+def test_each_level_from_the_one_build_equals_that_level_built_alone(run):
+    whole = accounting.summary(run.calls, run.steps)
+    for level in ("block", "role", "module"):
+        memo.clear()  # nothing kept: this level is built on its own
+        alone = accounting._summary(run.calls, run.steps, level)
+        pd.testing.assert_frame_equal(accounting.summary(run.calls, run.steps, level), alone)
+        want = whole[whole["level"] == level].reset_index(drop=True)
+        pd.testing.assert_frame_equal(alone, want)
+
+
+def test_a_table_is_built_once_per_pair_of_frames_and_anew_for_other_frames(run):
+    memo.clear()
+    first = accounting.summary(run.calls, run.steps)
+    assert memo.peek("summary", None, run.calls, run.steps) is not None
+    again = accounting.summary(run.calls, run.steps)
+    pd.testing.assert_frame_equal(first, again)
+    again["self_ms"] = 0.0  # a caller's edit of what it was handed stays its own
+    pd.testing.assert_frame_equal(accounting.summary(run.calls, run.steps), first)
+    # other frames (a copy, a frame with a column more) are other tables
+    other = run.calls.copy()
+    assert memo.peek("summary", None, other, run.steps) is None
+    slower = other.assign(self_ms=other["self_ms"] * 2)
+    got = accounting.summary(slower, run.steps)
+    assert got["self_ms"].sum() > first["self_ms"].sum()
+    assert memo.peek("summary", None, run.calls, run.steps) is not None  # the first one still kept
+
+
+def test_tables_go_with_their_frames(run):
+    import weakref
+
+    memo.clear()
+    calls = run.calls.copy()
+    accounting.summary(calls, run.steps)
+    accounting.tree_table(calls, run.steps)
+    gone = weakref.ref(calls)
+    del calls
+    for _ in range(memo.LIMITS["phases"]):  # Phases hold their frames: only the last few are kept
+        accounting.summary(run.calls.copy(), run.steps)
+    gc.collect()
+    assert gone() is None  # nothing kept holds the frame
+    accounting.summary(run.calls.copy(), run.steps)  # the next table kept drops those of frames gone
+    for store in memo._STORE.values():
+        assert all(e[0]() is not None and e[1]() is not None for e in store.values())
+
+
+def test_shared_arrays_are_read_only(run):
+    rows = tree.parent_rows(run.calls)
+    codes, _ = accounting.factorized(run.calls, "module")
+    for a in (rows, codes):
+        with pytest.raises(ValueError):
+            a[0] = 1
+
+
+def _samples_by_pandas(calls, steps, runs, level, clock):
+    """The samples as a groupby over per_step's frame defines them."""
+    per = per_step(calls, steps, runs, level, clock)
+    per = per.groupby(["name", "phase", "run_id", "step"], sort=False)["ms"].sum(min_count=1)
+    return {(str(n), str(p)): s.to_numpy(dtype="float64", na_value=np.nan)
+            for (n, p), s in per.groupby(level=[0, 1], sort=False)}
+
+
+@pytest.mark.parametrize("level", ["block", "role", "module"])
+@pytest.mark.parametrize("clock", ["host", "gpu"])
+def test_step_samples_on_codes_are_the_groupby_of_per_step(run, level, clock):
+    got = step_samples(run.calls, run.steps, run.runs, level, clock)
+    want = _samples_by_pandas(run.calls, run.steps, run.runs, level, clock)
+    assert list(got) == list(want)  # the same rows, in the same order
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12, err_msg=str(k))
