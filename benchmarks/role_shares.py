@@ -10,6 +10,12 @@ forward without its own ``(probe)`` row) to the plain wrappers' share. A machine
 for one run of a pair moves every role's milliseconds alike and no share: the share ratio is what
 tells whether the instrument moves time from one part to another.
 
+The plain wrappers' own cost is taken out of their figures the way the probe takes out its own
+(``plain_cost``: inside the window, and outside it in the caller's self time, measured on an
+identity module; ``--raw-plain`` leaves it in). Probe runs take a warm-up generate under the
+same attachment first, as ``probe run`` does (``--cold``: the first generate after attaching,
+where every module's first call of each shape interns a signature).
+
 Target: every role with more than 1 % of the phase's forward within 5 % relative, or within
 2 µs per call, in prefill and in decode, at depth blocks and sublayers, on the bundled model and
 on SmolLM2-135M (when installed). Judged on a quiet machine; the run's busy-machine figure is
@@ -25,6 +31,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,8 +49,11 @@ class PlainWrappers:
     """Plain perf_counter wrappers of the modules recorded at ``depth`` (and of the attention
     function at sublayers and all): self time per (phase, role), the forward per phase."""
 
-    def __init__(self, model, depth: str) -> None:
+    def __init__(self, model, depth: str, cost: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)) -> None:
         self.model, self.depth = model, depth
+        # the wrapper's own cost per call, ns: inside its window and outside it (in the caller's),
+        # each as a + b * (keyword arguments): packing and unpacking them is the wrapper's too
+        self.cost = cost
         self.mods = [(info.role, mod) for mod, info in select_modules(model, depth)]
         self.times: dict[tuple[str, str], int] = {}
         self.calls: dict[tuple[str, str], int] = {}
@@ -51,13 +61,14 @@ class PlainWrappers:
         self.step = 0
         self.saved: list = []
 
-    def _add(self, role: str, dt: int) -> None:
+    def _add(self, role: str, dt: int, nkw: int) -> None:
         key = ("prefill" if self.step == 0 else "decode", role)
         child = self.stack.pop()
-        self.times[key] = self.times.get(key, 0) + dt - child
+        i0, i1, o0, o1 = self.cost
+        self.times[key] = self.times.get(key, 0) + dt - (i0 + i1 * nkw) - child
         self.calls[key] = self.calls.get(key, 0) + 1
         if self.stack:
-            self.stack[-1] += dt
+            self.stack[-1] += dt + o0 + o1 * nkw
 
     def _timed(self, fn, role: str):
         import functools
@@ -67,7 +78,7 @@ class PlainWrappers:
             self.stack.append(0)
             t0 = time.perf_counter_ns()
             out = fn(*a, **k)
-            self._add(role, time.perf_counter_ns() - t0)
+            self._add(role, time.perf_counter_ns() - t0, len(k))
             return out
 
         return wrapped
@@ -112,6 +123,9 @@ class PlainWrappers:
         for space, key, fn in reversed(self.saved):
             space[key] = fn
 
+    def reset(self) -> None:
+        self.times, self.calls, self.step = {}, {}, 0
+
     def figures(self) -> dict[str, dict[str, tuple[float, int]]]:
         """phase -> role -> (ms, calls), with 'forward' the phase's forward ms."""
         out: dict[str, dict[str, tuple[float, int]]] = {}
@@ -120,6 +134,43 @@ class PlainWrappers:
         for phase, roles in out.items():
             roles["forward"] = (sum(ms for ms, _ in roles.values()), roles["residue"][1])
         return out
+
+
+def plain_cost(rounds: int = 7, n: int = 3000) -> tuple[float, float, float, float]:
+    """The plain wrapper's own cost per call (ns), the way the probe calibrates its own: inside
+    its window (what a call's time reads beyond the forward's) and outside it (what the caller's
+    self time holds for each wrapped call), least over interleaved rounds, on an identity
+    function called with no keyword argument and with eight (a decoder layer's call has about
+    that many): ``(inside, inside per keyword, outside, outside per keyword)``."""
+
+    def ident(x, **kw):
+        return x
+
+    with warnings.catch_warnings():  # an identity module has no decoder layers: nothing to select
+        warnings.simplefilter("ignore")
+        pw = PlainWrappers(torch.nn.Identity(), "blocks")
+    wrapped = pw._timed(ident, "x")
+    x = torch.zeros(4)
+    got = {}
+    for nkw in (0, 8):
+        kw = {f"k{i}": None for i in range(nkw)}
+        inside, total = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter_ns()
+            for _ in range(n):
+                ident(x, **kw)
+            bare = time.perf_counter_ns() - t0
+            pw.stack, pw.times, pw.calls = [0], {}, {}
+            t0 = time.perf_counter_ns()
+            for _ in range(n):
+                wrapped(x, **kw)
+            t = time.perf_counter_ns() - t0
+            inside.append((pw.stack[0] - bare) / n)  # the windows' sum beyond the bare calls
+            total.append((t - bare) / n)
+        i, c = max(0.0, min(inside)), max(0.0, min(total))
+        got[nkw] = (i, max(0.0, c - i))
+    (i0, o0), (i8, o8) = got[0], got[8]
+    return i0, max(0.0, (i8 - i0) / 8), o0, max(0.0, (o8 - o0) / 8)
 
 
 def probe_figures(run) -> tuple[dict[str, dict[str, tuple[float, int]]], dict[str, float]]:
@@ -145,7 +196,7 @@ def probe_figures(run) -> tuple[dict[str, dict[str, tuple[float, int]]], dict[st
     return out, probe_ms
 
 
-def measure(model, ids, depth: str, pairs: int, new_tokens: int) -> dict:
+def measure(model, ids, depth: str, pairs: int, new_tokens: int, cost: tuple[float, float], cold: bool) -> dict:
     for _ in range(2):  # warm both paths
         with PlainWrappers(model, depth):
             model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
@@ -160,11 +211,17 @@ def measure(model, ids, depth: str, pairs: int, new_tokens: int) -> dict:
         got = {}
         for kind in (("probe", "plain") if i % 2 == 0 else ("plain", "probe")):
             if kind == "plain":
-                with PlainWrappers(model, depth) as pw:
+                with PlainWrappers(model, depth, cost) as pw:
+                    if not cold:
+                        model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+                        pw.reset()
                     model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
                 got["plain"] = pw.figures()
             else:
                 with probe.attach(model, depth=depth) as p:
+                    if not cold:  # as `probe run` does: a warm-up generate under the same attachment
+                        model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+                        p.clear()
                     model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
                 run = p.run
                 got["probe"], pr = probe_figures(run)
@@ -206,10 +263,20 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--models", default="bundled,smollm2")
     ap.add_argument("--depths", default="blocks,sublayers")
+    ap.add_argument("--cold", action="store_true",
+                    help="measure the first generate after attaching (no warm-up under the same attachment)")
+    ap.add_argument("--raw-plain", action="store_true",
+                    help="leave the plain wrappers' own cost in their figures (it lands in each caller's self time)")
     args = ap.parse_args(argv)
     if args.pairs < 1 or args.new_tokens < 2:
         ap.error("--pairs must be at least 1 and --new-tokens at least 2 (a decode step)")
     torch.set_num_threads(1)
+    cost = (0.0, 0.0, 0.0, 0.0) if args.raw_plain else plain_cost()
+    print(f"plain wrapper's own cost per call, taken out of its figures: {cost[0]:.0f} + {cost[1]:.0f} ns per keyword "
+          f"argument inside its window, {cost[2]:.0f} + {cost[3]:.0f} ns per keyword outside it (in the caller's self time)"
+          + ("" if not args.raw_plain else " (--raw-plain: left in)"))
+    print("probe runs: " + ("the first generate after attaching (--cold)" if args.cold
+                            else "after a warm-up generate under the same attachment, as `probe run` does"))
     ok = True
     for name in args.models.split(","):
         try:
@@ -219,7 +286,7 @@ def main(argv=None) -> int:
             continue
         for depth in args.depths.split(","):
             with torch.inference_mode():
-                res = measure(model, ids, depth, args.pairs, args.new_tokens)
+                res = measure(model, ids, depth, args.pairs, args.new_tokens, cost, args.cold)
             busy = res["busy_pct"]
             print(f"\n{name}, depth {depth}: prompt {ids.shape[-1]} tokens, {args.new_tokens} new, one thread, "
                   f"medians of {args.pairs} adjacent pairs; busy-machine figure of the probe runs: "
