@@ -528,9 +528,9 @@ def test_c_wrapper_gives_every_shape_change_its_signature():
 def test_c_wrapper_builds_on_a_miss_the_signature_python_would_intern():
     """On a miss whose key it built from exact tensors with positional inputs, the C wrapper
     builds the signature itself and appends it to the recorder's list; every signature, dtype
-    and device included, equals what the Python side interns from the call: tuple outputs led by None, outputs of
-    another dtype, non-tensor arguments between tensors, keyword-only inputs (which go through
-    ``intern``), no output at all."""
+    and device included, equals what the Python side interns from the call: tuple outputs led
+    by None, outputs of another dtype, non-tensor arguments between tensors, keyword-only inputs
+    (which go through ``intern``), no output at all."""
     from probe.recording import hotpath
     from probe.recording.recorder import Recorder
 
