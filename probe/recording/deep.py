@@ -99,8 +99,9 @@ class DeepObserver(Observer):
     columns = {"runs": {"kind": STR, **{c: "float64" for c in UNTIMED_RUN_COLUMNS}}}
     builds = {"ops": OPS, "ledger": LEDGER, "allocations": ALLOCATIONS}
 
-    def __init__(self, plan: DeepPlan) -> None:
+    def __init__(self, plan: DeepPlan, *, armed: bool = True) -> None:
         self.plan = plan
+        self.armed = armed  # False: generate calls stay timed ones until armed (the profiling routine's)
         self.names: dict[int, str] = {}
         self.blocks: frozenset[str] = frozenset()
         self.weights: dict[str, int] = {}
@@ -120,7 +121,7 @@ class DeepObserver(Observer):
         stack.callback(self._close, None)
 
     def run_begin(self, run: RunRec) -> None:
-        if run.kind != "generate":
+        if run.kind != "generate" or not self.armed:
             return
         self._run = run
         rec = self.recorder
