@@ -1,0 +1,174 @@
+"""Deep runs (``probe.attach(model, deep=...)``, ``probe.profile(deep=...)``): every op and tensor
+storage of sampled steps, checked against independent instruments on the bundled tiny model."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+import probe
+from probe.analysis.ops import DISPATCH, memory_ledger
+from probe.recording.deep import DeepPlan, plan_of
+from probe.recording.deep_ops import sdpa_cpu_flops
+
+from tiny import tiny_llama
+
+aten = torch.ops.aten
+PROMPT = torch.tensor([[5, 9, 14, 3, 22, 7, 31, 8]])
+
+
+def _model(attn: str = "sdpa"):
+    m = tiny_llama(layers=2, hidden=32, vocab=64)
+    m.config._attn_implementation = attn
+    return m
+
+
+def test_flops_per_module_equal_flop_counter_mode_with_eager_attention():
+    m = _model("eager")
+    with probe.attach(m, deep=[0]) as p:
+        m.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    ledger = p.run.ledger
+    pre = ledger[ledger["step"] == 0]
+    assert len(pre) > 10 and (pre["phase"] == "prefill").all()
+    # the same forward as generate's prefill step (its cache, logits at the last position only)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        m(PROMPT, use_cache=True, logits_to_keep=1)
+    counts = {name: sum(v.values()) for name, v in counter.get_flop_counts().items()}
+    root = type(m).__name__
+    assert int(pre.loc[pre["module"] == "", "flops"].iloc[0]) == counts["Global"] > 0
+    checked = 0
+    for row in pre.itertuples():
+        if row.module == "":
+            continue
+        want = counts.get(f"{root}.{row.module}", 0)
+        assert int(row.flops) == want, row.module
+        checked += want > 0
+    assert checked >= 2 * 7 + 1  # every projection of both layers and lm_head carries FLOPs
+
+
+def test_sdpa_cpu_formula_on_its_own():
+    b, hq, hkv, sq, sk, d = 2, 4, 2, 5, 9, 8
+    q, k, v = torch.zeros(b, hq, sq, d), torch.zeros(b, hkv, sk, d), torch.zeros(b, hkv, sk, d)
+    want = 2 * b * hq * sq * sk * d * 2  # scores and the weighted sum
+    assert sdpa_cpu_flops(q, k, v) == want
+    # the same count torch.utils.flop_counter registers for the CUDA flash kernel
+    assert flop_registry[aten._scaled_dot_product_flash_attention](q, k, v, out_val=None) == want
+    assert aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry
+
+
+def test_sdpa_op_recorded_with_its_flops():
+    m = _model("sdpa")
+    with probe.attach(m, deep=[0, 1]) as p:
+        m.generate(PROMPT, max_new_tokens=3, do_sample=False)
+    ops = p.run.ops
+    sd = ops[ops["op"] == "aten._scaled_dot_product_flash_attention_for_cpu.default"]
+    assert len(sd) == 4  # two layers, two sampled steps
+    assert sd["module"].str.endswith(".self_attn").all()
+    cfg = m.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    for row in sd.itertuples():
+        want = 2 * 2 * cfg.num_attention_heads * row.q_len * (row.kv_len + row.q_len) * hd
+        assert int(row.flops) == want
+    # linear arrives as the overloads it dispatches to
+    proj = ops[ops["module"] == "model.layers.0.self_attn.q_proj"]
+    assert set(proj["op"]) >= {"aten.t.default", "aten.mm.default"}
+
+
+def test_kv_cache_growth_and_weights_exact():
+    m = _model()
+    steps = [0, 1, 2, 5]
+    with probe.attach(m, deep=steps) as p:
+        m.generate(PROMPT, max_new_tokens=7, do_sample=False)
+    ledger = p.run.ledger
+    cfg = m.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    per_token_layer = 2 * cfg.num_key_value_heads * hd * 4  # keys and values, float32
+    assert sorted(ledger["step"].unique()) == steps
+    for step, grp in ledger.groupby("step"):
+        total = int(grp["kv_len"].iloc[0] + grp["q_len"].iloc[0])
+        assert int(grp.loc[grp["module"] == "", "kv_cache_bytes"].iloc[0]) == cfg.num_hidden_layers * total * per_token_layer
+        for i in range(cfg.num_hidden_layers):  # each layer's cache is made anew in its attention
+            row = grp[grp["module"] == f"model.layers.{i}"].iloc[0]
+            assert int(row["kv_cache_bytes"]) == total * per_token_layer
+            assert int(grp.loc[grp["module"] == f"model.layers.{i}.self_attn", "kv_cache_bytes"].iloc[0]) == \
+                total * per_token_layer
+    named = dict(m.named_modules())
+    for row in ledger[ledger["step"] == 0].itertuples():
+        mod = named[row.module]
+        assert row.weights_bytes == sum(t.numel() * t.element_size() for t in mod.parameters()), row.module
+    # every storage made is one row of allocations; temporaries are those freed inside the call
+    alloc = p.run.allocations
+    for step, grp in ledger[ledger["module"] == ""].groupby("step"):
+        a = alloc[alloc["step"] == step]
+        assert int(a["bytes"].sum()) == int(p.run.ops.loc[p.run.ops["step"] == step, "alloc_bytes"].sum())
+        assert int(a.loc[a["kv_cache"], "bytes"].sum()) == int(grp["kv_cache_bytes"].iloc[0])
+
+
+def test_deep_runs_leave_outputs_unchanged_and_timings_alone(tmp_path):
+    m = _model()
+    kw = dict(max_new_tokens=9, do_sample=True, top_k=20)
+    torch.manual_seed(3)
+    want = m.generate(PROMPT, **kw)
+    with probe.attach(m, deep=True) as p:
+        torch.manual_seed(3)
+        got = m.generate(PROMPT, **kw)
+    assert torch.equal(want, got)
+    run = p.run
+    assert list(run.runs["kind"]) == ["deep"]
+    assert run.runs[["ttft_ms", "tpot_ms_mean", "decode_tok_s"]].isna().all().all()
+    assert run.calls.empty and run.steps.empty and run.sampling.empty  # in no timing figure
+    assert run.headline().empty
+    assert sorted(run.ops["step"].unique()) == [0, 1, 5, 8]  # prefill + 3 decode steps spread over 9
+    assert not torch.nn.modules.module._global_forward_hooks  # the op-attribution hooks are gone
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+    # saved and loaded back equal, and valid
+    saved = run.save(tmp_path / "run")
+    back = probe.load(saved)
+    for name in ("ops", "ledger", "allocations", "runs"):
+        pd.testing.assert_frame_equal(getattr(back, name), getattr(run, name), check_like=False)
+    from probe.analysis.run import verify
+
+    assert verify(saved) == []
+
+
+def test_profile_deep_pass_after_the_timed_calls():
+    m = _model()
+    run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 6, "do_sample": False}, repeat=2, deep=2)
+    kinds = list(run.runs["kind"])
+    assert kinds == ["generate", "generate", "deep"]
+    deep_id = run.runs.loc[run.runs["kind"] == "deep", "run_id"].iloc[0]
+    assert deep_id not in set(run.steps["run_id"]) and deep_id not in set(run.calls["run_id"])
+    assert set(run.ops["run_id"]) == {deep_id}
+    assert len(run.headline_spread()) and int(run.headline_spread()["generates"].max()) == 2
+    summ = run.op_summary()
+    disp = summ[summ["op"] == DISPATCH]
+    layer = disp[(disp["block"] == "model.layers.0") & (disp["phase"] == "decode")]
+    assert len(layer) == 1 and layer["block_ms"].notna().all()  # timed steps of the same shapes exist
+    # the ops and the dispatch row make up the block's timed time
+    part = summ[(summ["block"] == "model.layers.0") & (summ["phase"] == "decode")]
+    assert part["host_ms"].sum() == pytest.approx(float(layer["block_ms"].iloc[0]))
+    ledger = memory_ledger(run.ledger, run.ops)
+    assert {"(step)", "model.layers.0", "lm_head"} <= set(ledger["block"])
+
+
+@pytest.mark.parametrize("bad", ["yes", -1, 1.5, [1, "2"], [-3], []])
+def test_bad_deep_value_is_refused_before_attaching(bad):
+    m = _model()
+    with pytest.raises(ValueError, match="deep must be|deep="):
+        probe.attach(m, deep=bad)
+    assert probe.probe_of(m) is None
+    with pytest.raises(ValueError):
+        probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 2}, deep=bad)
+
+
+def test_plan_spreads_decode_samples_within_stride_and_max_steps():
+    assert plan_of(True) == DeepPlan()
+    assert plan_of(False) is None and plan_of(None) is None
+    assert DeepPlan().chosen(256) == {0, 1, 128, 255}
+    assert DeepPlan(decode=0).chosen(256) == {0}
+    assert DeepPlan().chosen(256, decode_stride=4) == {0, 1, 125, 253}
+    assert DeepPlan().chosen(256, max_steps=100) == {0, 1}
+    assert DeepPlan(steps=frozenset({3, 7})).chosen(5) == {3, 7}
