@@ -18,28 +18,39 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
+from ..dtypes import dtype_name
 from ..schema import ALLOCATIONS, LEDGER, OPS
 
 
-def _js(sig: tuple, i: int) -> str:
-    return json.dumps([s[i] for s in sig], separators=(",", ":"))
+def _sig_text(sigs: dict) -> list[tuple]:
+    """Per signature index: (op, in shapes, in dtypes, out shapes, out dtypes as JSON, FLOPs)."""
+    out: list = [None] * len(sigs)
+
+    def js(items) -> str:
+        return json.dumps(items, separators=(",", ":"))
+
+    for (func, s_in, s_out), (i, flops) in sigs.items():
+        out[i] = (str(func), js([list(s) for s, _ in s_in]), js([dtype_name(d) for _, d in s_in]),
+                  js([list(s) for s, _ in s_out]), js([dtype_name(d) for _, d in s_out]), flops)
+    return out
 
 
-def deep_frames(steps: tuple, weights: dict[str, int], rank: int) -> dict[str, pd.DataFrame]:
+def deep_frames(steps: tuple, sigs: dict, weights: dict[str, int], rank: int) -> dict[str, pd.DataFrame]:
     """``{"ops", "ledger", "allocations"}`` of the sampled steps ``(run_id, step, phase, q_len,
-    kv_len, StepLog, KV alloc indices)``; ``weights``: parameter bytes per module name."""
+    kv_len, StepLog, KV alloc indices)``; ``sigs``: their op signatures (see ``StepLog``);
+    ``weights``: parameter bytes per module name."""
+    text = _sig_text(sigs)
     ops_rows: list[tuple] = []
     ledger_rows: list[tuple] = []
     alloc_rows: list[tuple] = []
     for run_id, index, phase, q_len, kv_len, lg, kv in steps:
         head = (run_id, rank, index, phase, q_len, kv_len)
-        for seq, (_, module, block, op, s_in, s_out, ns, flops, rd, wr, made) in enumerate(lg.ops):
-            ops_rows.append((*head, seq, module, block, op, _js(s_in, 0), _js(s_in, 1), _js(s_out, 0),
-                             _js(s_out, 1), ns * 1e-6, flops, rd, wr, made))
+        for seq, (_, module, block, sig, ns, rd, wr, made) in enumerate(lg.ops):
+            ops_rows.append((*head, seq, module, block, *text[sig][:5], ns * 1e-6, text[sig][5], rd, wr, made))
         ticks = [o[0] for o in lg.ops]
-        host = np.cumsum([0] + [o[6] for o in lg.ops], dtype=np.int64)
+        host = np.cumsum([0] + [o[4] for o in lg.ops], dtype=np.int64)
         made_at = [al[0] for al in lg.allocs]  # in tick order, as they were made
-        fl = np.cumsum([0] + [o[7] or 0 for o in lg.ops], dtype=np.int64)
+        fl = np.cumsum([0] + [text[o[3]][5] or 0 for o in lg.ops], dtype=np.int64)
         for name, depth, t_in, t_out, live0, peak in lg.calls:
             t_out = t_out if t_out is not None else lg.tick + 1
             a, b = bisect.bisect_right(ticks, t_in), bisect.bisect_left(ticks, t_out)
@@ -57,7 +68,7 @@ def deep_frames(steps: tuple, weights: dict[str, int], rank: int) -> dict[str, p
             ledger_rows.append((*head, name, depth, weights.get(name, 0), kv_b, act, tmp, max(peak - live0, 0),
                                 b - a, float(host[b] - host[a]) * 1e-6, int(fl[b] - fl[a])))
         for i, (_, size, seq, module, t_freed, freed_in) in enumerate(lg.allocs):
-            alloc_rows.append((run_id, rank, index, phase, seq, lg.ops[seq][3], module, size, t_freed is not None,
+            alloc_rows.append((run_id, rank, index, phase, seq, text[lg.ops[seq][3]][0], module, size, t_freed is not None,
                                freed_in, i in kv))
     return {
         "ops": _frame(ops_rows, OPS),
