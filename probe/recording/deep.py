@@ -102,8 +102,9 @@ class DeepObserver(Observer):
     def __init__(self, plan: DeepPlan, *, armed: bool = True) -> None:
         self.plan = plan
         self.armed = armed  # False: generate calls stay timed ones until armed (the profiling routine's)
-        self.names: dict[int, str] = {}
-        self.blocks: frozenset[str] = frozenset()
+        self.codes: dict[int, int] = {}  # id of each module of the model -> its index in ``labels``
+        self.labels: list[str] = []  # the modules' qualified names ("" first: the model itself)
+        self.blocks: frozenset[int] = frozenset()
         self.weights: dict[str, int] = {}
         self.recorder: Any = None
         self.runs: list[str] = []  # the deep runs' ids
@@ -115,9 +116,11 @@ class DeepObserver(Observer):
         self._open: tuple | None = None  # (step, log, mode, hook handles)
 
     def install(self, model: Any, recorder: Any, stack: Any) -> None:
-        named = list(model.named_modules())
-        self.names = {id(m): n for n, m in named}
-        self.blocks = frozenset(info.name for _, info in select_modules(model, "blocks"))
+        named = list(model.named_modules())  # the model itself first, as ""
+        self.labels = [n for n, _ in named]
+        self.codes = {id(m): i for i, (_, m) in enumerate(named)}
+        blocks = {info.name for _, info in select_modules(model, "blocks")}
+        self.blocks = frozenset(i for i, n in enumerate(self.labels) if n in blocks)
         self.weights = {n: parameter_bytes(m) for n, m in named}
         self.recorder = recorder
         stack.callback(self._close, None)
@@ -145,7 +148,7 @@ class DeepObserver(Observer):
             return
         from torch.nn.modules import module as nn_module
 
-        steplog = StepLog(self.names, self.blocks, self.sigs)
+        steplog = StepLog(self.codes, self.blocks, self.sigs)
         handles = []
         try:
             if self.floor_ns is None:
@@ -195,6 +198,7 @@ class DeepObserver(Observer):
 
     def records(self) -> Any:
         return {"runs": tuple(self.runs), "steps": tuple(self.steps), "weights": dict(self.weights),
+                "labels": list(self.labels),
                 "plan": self.plan.describe(), "sigs": dict(self.sigs), "floor_ns": self.floor_ns}
 
     @classmethod
@@ -207,7 +211,7 @@ class DeepObserver(Observer):
             return Contribution()
         ids = list(records["runs"])
         row = {"run_id": ids, "kind": ["deep"] * len(ids), **{c: [math.nan] * len(ids) for c in UNTIMED_RUN_COLUMNS}}
-        built = deep_frames(records["steps"], records["sigs"], records["weights"], rank)
+        built = deep_frames(records["steps"], records["sigs"], records["labels"], records["weights"], rank)
         meta = {"deep": {"run_ids": ids, "sampled": records["plan"], "untimed": "left out of every timing figure",
                          "bytes_estimated": "ops.bytes_read_est / bytes_written_est: from the unique storages "
                                             "of each op's inputs and outputs",

@@ -11,7 +11,6 @@ itself is not, and shows as the gap to an allocator's or profiler's figure.
 
 from __future__ import annotations
 
-import bisect
 import json
 
 import numpy as np
@@ -20,6 +19,7 @@ import pandas as pd
 from .. import schema
 from ..dtypes import dtype_name
 from ..schema import ALLOCATIONS, LEDGER, OPS
+from .deep_ops import ALLOC_COLS, OP_COLS
 
 
 def _sig_text(sigs: dict) -> list[tuple]:
@@ -35,49 +35,64 @@ def _sig_text(sigs: dict) -> list[tuple]:
     return out
 
 
-def deep_frames(steps: tuple, sigs: dict, weights: dict[str, int], rank: int) -> dict[str, pd.DataFrame]:
+def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, int],
+                rank: int) -> dict[str, pd.DataFrame]:
     """``{"ops", "ledger", "allocations"}`` of the sampled steps ``(run_id, step, phase, q_len,
-    kv_len, StepLog, KV alloc indices)``; ``sigs``: their op signatures (see ``StepLog``);
-    ``weights``: parameter bytes per module name."""
+    kv_len, StepLog, KV alloc indices)``; ``sigs``: their op signatures and ``labels``: the
+    module names their codes index (see ``StepLog``); ``weights``: parameter bytes per module name."""
     text = _sig_text(sigs)
-    ops_rows: list[tuple] = []
-    ledger_rows: list[tuple] = []
-    alloc_rows: list[tuple] = []
+    names = np.array(labels + [None], dtype=object)  # code -1 (no block) -> None
+    op_of = np.array([t[0] for t in text], dtype=object)
+    flops_of = np.array([t[5] if t[5] is not None else 0 for t in text], dtype=np.int64)
+    known = np.array([t[5] is not None for t in text], dtype=bool)
+    ops_parts, ledger_rows, alloc_parts = [], [], []
     for run_id, index, phase, q_len, kv_len, lg, kv in steps:
-        head = (run_id, rank, index, phase, q_len, kv_len)
-        for seq, (_, module, block, sig, ns, rd, wr, made) in enumerate(lg.ops):
-            ops_rows.append((*head, seq, module, block, *text[sig][:5], ns * 1e-6, text[sig][5], rd, wr, made))
-        ticks = [o[0] for o in lg.ops]
-        host = np.cumsum([0] + [o[4] for o in lg.ops], dtype=np.int64)
-        made_at = [al[0] for al in lg.allocs]  # in tick order, as they were made
-        fl = np.cumsum([0] + [text[o[3]][5] or 0 for o in lg.ops], dtype=np.int64)
-        for name, depth, t_in, t_out, live0, peak in lg.calls:
+        o = np.frombuffer(lg.ops, dtype=np.int64).reshape(-1, len(OP_COLS)) if len(lg.ops) else \
+            np.zeros((0, len(OP_COLS)), dtype=np.int64)
+        a = np.frombuffer(lg.allocs, dtype=np.int64).reshape(-1, len(ALLOC_COLS)) if len(lg.allocs) else \
+            np.zeros((0, len(ALLOC_COLS)), dtype=np.int64)
+        n, sig = len(o), o[:, 3]
+        head = {"run_id": run_id, "rank": rank, "step": index, "phase": phase, "q_len": q_len, "kv_len": kv_len}
+        part = pd.DataFrame({**head, "seq": np.arange(n), "module": names[o[:, 1]], "block": names[o[:, 2]],
+                             "op": op_of[sig]})
+        for j, col in enumerate(("in_shapes", "in_dtypes", "out_shapes", "out_dtypes")):
+            part[col] = [text[k][1 + j] for k in sig]
+        part["host_ms"] = o[:, 4] * 1e-6
+        part["flops"] = pd.array(np.where(known[sig], flops_of[sig], 0), dtype="Int64")
+        part.loc[~known[sig], "flops"] = pd.NA
+        part["bytes_read_est"], part["bytes_written_est"], part["alloc_bytes"] = o[:, 5], o[:, 6], o[:, 7]
+        ops_parts.append(part)
+        ticks, made_at = o[:, 0], a[:, 0]
+        host = np.concatenate([[0], np.cumsum(o[:, 4])])
+        fl = np.concatenate([[0], np.cumsum(flops_of[sig])])
+        is_kv = np.zeros(len(a), dtype=bool)
+        is_kv[list(kv)] = True
+        for code, depth, t_in, t_out, live0, peak in lg.calls:
             t_out = t_out if t_out is not None else lg.tick + 1
-            a, b = bisect.bisect_right(ticks, t_in), bisect.bisect_left(ticks, t_out)
-            kv_b = act = tmp = 0
-            for i in range(bisect.bisect_right(made_at, t_in), bisect.bisect_left(made_at, t_out)):
-                _, size, _, _, t_freed, _ = lg.allocs[i]
-                if t_freed is not None and t_freed < t_out:
-                    tmp += size
-                elif i in kv:
-                    kv_b += size
-                else:
-                    act += size
-            if name == "" and depth == 0:
+            i, j = np.searchsorted(ticks, t_in, "right"), np.searchsorted(ticks, t_out, "left")
+            k0, k1 = np.searchsorted(made_at, t_in, "right"), np.searchsorted(made_at, t_out, "left")
+            size, freed = a[k0:k1, 1], a[k0:k1, 4]
+            tmp = (freed >= 0) & (freed < t_out)
+            kv_b = int(size[~tmp & is_kv[k0:k1]].sum())
+            if code == 0 and depth == 0:
                 kv_b = lg.held_bytes  # the step: every storage the cache holds, made in it or before
-            ledger_rows.append((*head, name, depth, weights.get(name, 0), kv_b, act, tmp, max(peak - live0, 0),
-                                b - a, float(host[b] - host[a]) * 1e-6, int(fl[b] - fl[a])))
-        for i, (_, size, seq, module, t_freed, freed_in) in enumerate(lg.allocs):
-            alloc_rows.append((run_id, rank, index, phase, seq, text[lg.ops[seq][3]][0], module, size, t_freed is not None,
-                               freed_in, i in kv))
+            name = labels[code]
+            ledger_rows.append((*head.values(), name, depth, weights.get(name, 0), kv_b,
+                                int(size[~tmp & ~is_kv[k0:k1]].sum()), int(size[tmp].sum()), max(peak - live0, 0),
+                                int(j - i), float(host[j] - host[i]) * 1e-6, int(fl[j] - fl[i])))
+        alloc_parts.append(pd.DataFrame({
+            "run_id": run_id, "rank": rank, "step": index, "phase": phase, "seq": a[:, 2],
+            "op": op_of[sig[a[:, 2]]] if len(a) else [], "module": names[a[:, 3]], "bytes": a[:, 1],
+            "freed": a[:, 4] >= 0, "freed_in": names[a[:, 5]], "kv_cache": is_kv}))
     return {
-        "ops": _frame(ops_rows, OPS),
-        "ledger": _frame(ledger_rows, LEDGER),
-        "allocations": _frame(alloc_rows, ALLOCATIONS),
+        "ops": _frame(ops_parts, OPS),
+        "ledger": _frame([pd.DataFrame.from_records(ledger_rows, columns=list(LEDGER))] if ledger_rows else [], LEDGER),
+        "allocations": _frame(alloc_parts, ALLOCATIONS),
     }
 
 
-def _frame(rows: list[tuple], cols: dict[str, str]) -> pd.DataFrame:
-    if not rows:
+def _frame(parts: list[pd.DataFrame], cols: dict[str, str]) -> pd.DataFrame:
+    parts = [p for p in parts if len(p)]
+    if not parts:
         return schema.empty(cols)
-    return schema.conform(pd.DataFrame.from_records(rows, columns=list(cols)), cols)
+    return schema.conform(pd.concat(parts, ignore_index=True), cols)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from array import array
 from typing import Any, Callable
 
 import torch
@@ -93,45 +94,58 @@ def _storages(ts: list) -> dict[int, list]:
     return seen
 
 
+#: columns of a StepLog's op records and storage records (flat int64 arrays, one row after another)
+OP_COLS = ("tick", "module", "block", "sig", "ns", "read", "written", "made")
+ALLOC_COLS = ("tick", "bytes", "op", "module", "freed_tick", "freed_in")
+_NA, _NO = len(OP_COLS), len(ALLOC_COLS)
+
+
 class StepLog:
     """What one sampled step recorded: ``ops``, module ``calls`` and ``allocs`` (see module doc).
 
-    ``names``: id of each module of the model -> its qualified name (``""``: the model itself);
-    ``blocks``: the names of the model's blocks (embed, layers, norm, head); ``sigs``: the
-    signatures seen so far, ``(op, input (shape, dtype)s, output (shape, dtype)s)`` -> ``[index,
-    FLOPs]``, shared by the steps of one probe (an op's record then holds one int, and a
-    formula runs once per signature: FLOPs follow from the op and its shapes).
+    ``codes``: id of each module of the model -> its code, an index into the probe's list of
+    module names (``0``: the model itself); ``blocks``: the codes of the model's blocks (embed,
+    layers, norm, head); ``sigs``: the signatures seen so far, ``(op, input (shape, dtype)s,
+    output (shape, dtype)s)`` -> ``(index, FLOPs)``, shared by the steps of one probe (a formula
+    runs once per signature: FLOPs follow from the op and its shapes). Ops and storages are rows
+    of flat int64 arrays (:data:`OP_COLS`, :data:`ALLOC_COLS`; ``-1``: none): a few dozen bytes
+    an op, so a sampled step costs a small part of what a profiler's events take.
     """
 
-    def __init__(self, names: dict[int, str], blocks: frozenset[str], sigs: dict | None = None) -> None:
-        self.names = names
+    def __init__(self, codes: dict[int, int], blocks: frozenset[int], sigs: dict | None = None) -> None:
+        self.codes = codes
         self.blocks = blocks
         self.sigs = sigs if sigs is not None else {}
         self.tick = 0
-        # (tick, module, block, signature index, host ns, read est, written est, alloc bytes)
-        self.ops: list[tuple] = []
-        # [module, depth, tick in, tick out, live bytes at entry, peak live bytes]
+        self.ops = array("q")  # OP_COLS per op
+        self.allocs = array("q")  # ALLOC_COLS per storage made
+        # [module code, depth, tick in, tick out, live bytes at entry, peak live bytes]
         self.calls: list[list] = []
-        # [tick made, bytes, op index, module, tick freed (None: alive at step end), module freed in]
-        self.allocs: list[list] = []
         self.stack: list[list] = []  # the open calls (entries of ``calls``); None for a foreign module
         self.live = 0  # bytes of the storages made in this step and still alive
         self._refs: dict[int, tuple] = {}  # storage id -> (weak reference, alloc index)
+        # storages made before the step that an op read (weights, the cache, the inputs): when one
+        # is freed in the step (the cache's old keys, replaced by a longer copy) live bytes go down
+        self._old: dict[int, Any] = {}
         self.failed = 0  # ops whose bookkeeping raised (the op itself ran)
         self.held_bytes = 0  # bytes of every storage the KV cache holds after the step
         # the model's own forward (the step) is the outermost call: its hooks ran before the step opened
-        root = ["", 0, 0, None, 0, 0]
+        root = [0, 0, 0, None, 0, 0]
         self.calls.append(root)
         self.stack.append(root)
 
+    @property
+    def n_ops(self) -> int:
+        return len(self.ops) // _NA
+
     # ---------------------------------------------------------------- module calls (global hooks)
     def enter(self, module: Any, args: Any) -> None:
-        name = self.names.get(id(module))
-        if name is None:  # a module outside the model: its ops stay with the enclosing call
+        code = self.codes.get(id(module))
+        if code is None:  # a module outside the model: its ops stay with the enclosing call
             self.stack.append(None)
             return
         self.tick += 1
-        call = [name, sum(1 for c in self.stack if c is not None), self.tick, None, self.live, self.live]
+        call = [code, sum(1 for c in self.stack if c is not None), self.tick, None, self.live, self.live]
         self.calls.append(call)
         self.stack.append(call)
 
@@ -143,18 +157,18 @@ class StepLog:
             self.tick += 1
             call[3] = self.tick
 
-    def where(self) -> tuple[str, str | None]:
-        """(innermost module, its block) of what runs now."""
-        name = block = None
+    def where(self) -> tuple[int, int]:
+        """(innermost module, its block; -1: none) of what runs now, as codes."""
+        code = block = -1
         for c in reversed(self.stack):
             if c is None:
                 continue
-            if name is None:
-                name = c[0]
+            if code < 0:
+                code = c[0]
             if c[0] in self.blocks:
                 block = c[0]
                 break
-        return (name if name is not None else ""), block
+        return (code if code >= 0 else 0), block
 
     # ---------------------------------------------------------------- ops (the dispatch mode)
     def op(self, func: Any, args: tuple, kwargs: dict, out: Any, ns: int) -> None:
@@ -172,18 +186,21 @@ class StepLog:
                 flops = None
             sig = self.sigs[key] = (len(self.sigs), flops)
         module, block = self.where()
-        index = len(self.ops)
+        index = self.n_ops
         made = 0
+        for k, (st, _) in s_in.items():
+            if k not in self._refs and k not in self._old:
+                self._old[k] = weakref.ref(st, self._old_freer(k, st.nbytes()))
         for k, (st, _) in s_out.items():
             if k in s_in or k in self._refs:
                 continue
             size = st.nbytes()
-            a = len(self.allocs)
-            self.allocs.append([self.tick, size, index, module, None, None])
+            a = len(self.allocs) // _NO
+            self.allocs.extend((self.tick, size, index, module, -1, -1))
             self._refs[k] = (weakref.ref(st, self._freer(k)), a)
             made += size
             self._grow(size)
-        self.ops.append((self.tick, module, block, sig[0], ns, sum(v[1] for v in s_in.values()),
+        self.ops.extend((self.tick, module, block, sig[0], ns, sum(v[1] for v in s_in.values()),
                          sum(v[1] for v in s_out.values()), made))
 
     def _grow(self, size: int) -> None:
@@ -198,10 +215,17 @@ class StepLog:
             got = self._refs.pop(key, None)
             if got is None:
                 return
-            a = self.allocs[got[1]]
-            a[4] = self.tick
-            a[5] = self.where()[0]
-            self.live -= a[1]
+            at = got[1] * _NO
+            self.allocs[at + 4] = self.tick
+            self.allocs[at + 5] = self.where()[0]
+            self.live -= self.allocs[at + 1]
+
+        return freed
+
+    def _old_freer(self, key: int, size: int) -> Callable:
+        def freed(_ref: Any) -> None:
+            if self._old.pop(key, None) is not None:
+                self.live -= size
 
         return freed
 
@@ -216,6 +240,7 @@ class StepLog:
         self.stack = []
         self.held_bytes = sum(held.values())
         refs, self._refs = self._refs, {}
+        self._old = {}
         return [a for k, (_, a) in refs.items() if k in held]
 
 
@@ -250,7 +275,7 @@ def op_floor_ns(calls: int = 300) -> int:
     with OpMode(log):
         for _ in range(calls):
             aten.alias.default(x)
-    ns = sorted(o[4] for o in log.ops)
+    ns = sorted(log.ops[_NA * i + 4] for i in range(log.n_ops))
     return int(ns[len(ns) // 2]) if ns else 0
 
 
