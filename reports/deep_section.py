@@ -20,13 +20,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from probe import Run
 
 PHASES = ("prefill", "decode")
-_LAYER = re.compile(r"^(.*\.)(\d+)$")
+_NUMBER = re.compile(r"\.\d+(?=\.|$)")
 TOP = 4
 
 
 def _fold(block: str) -> str:
-    m = _LAYER.match(block)
-    return f"{m.group(1)}*" if m else block
+    """``model.layers.3.self_attn`` -> ``model.layers.*.self_attn``."""
+    return _NUMBER.sub(".*", block)
 
 
 def _folded(df: pd.DataFrame, cols: list[str], keys: list[str]) -> pd.DataFrame:
@@ -47,6 +47,7 @@ def deep_lines(run: "Run") -> list[str]:
     lines = ["", f"inside each block (deep pass, not timed: {deep.get('sampled', 'sampled steps')}; "
                  "ms per sampled step, the dispatch mode's op times)"]
     ops = _folded(op_summary(run.ops, run.calls), ["calls", "host_ms", "flops", "block_ms"], ["op"])
+    own = _folded(op_summary(run.ops, run.calls, by="module"), ["calls", "host_ms", "flops"], ["op"])
     ledger = _folded(memory_ledger(run.ledger, run.ops),
                      ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"], [])
     for phase in PHASES:
@@ -74,6 +75,14 @@ def deep_lines(run: "Run") -> list[str]:
                 lines.append(f"  {'':<34} memory: weights {fmt.nbytes(m.weights_bytes)}, KV cache "
                              f"{fmt.nbytes(m.kv_cache_bytes)}, activations {fmt.nbytes(m.activations_bytes)}, "
                              f"temporaries {fmt.nbytes(m.temporaries_bytes)}, peak +{fmt.nbytes(m.peak_added_bytes)}")
+        attn = own[(own["phase"] == phase) & own["block"].str.contains(r"(?:attn|attention)$", regex=True)]
+        for block, grp in attn.groupby("block", sort=False):
+            n = int(grp["layers"].iloc[0])
+            grp = grp.sort_values("host_ms", ascending=False)
+            total = grp["host_ms"].sum()
+            lines.append(f"  {block + (f' (mean of {n})' if n > 1 else ''):<34} its own ops (projections apart) "
+                         f"{fmt.ms(total)} ms: " + ", ".join(f"{_short(r.op)} {fmt.ms(r.host_ms)}"
+                                                              for r in grp.head(TOP + 2).itertuples()))
         step = ledger[(ledger["phase"] == phase) & (ledger["block"] == "(step)")]
         if len(step):
             m = step.iloc[0]

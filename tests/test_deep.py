@@ -172,3 +172,21 @@ def test_plan_spreads_decode_samples_within_stride_and_max_steps():
     assert DeepPlan().chosen(256, decode_stride=4) == {0, 1, 125, 253}
     assert DeepPlan().chosen(256, max_steps=100) == {0, 1}
     assert DeepPlan(steps=frozenset({3, 7})).chosen(5) == {3, 7}
+
+
+def test_attention_module_opened_down_to_its_own_ops_in_the_text():
+    from reports.deep_section import deep_lines
+
+    m = _model()
+    run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 4, "do_sample": False}, deep=1)
+    own = run.op_summary(by="module")
+    attn = own[own["block"] == "model.layers.0.self_attn"]
+    # the attention module's own code: the SDPA kernel, the cache update and RoPE, its projections apart
+    assert {"aten._scaled_dot_product_flash_attention_for_cpu.default", "aten.cat.default"} <= set(attn["op"])
+    assert "aten.mm.default" not in set(attn["op"])
+    text = "\n".join(deep_lines(run))
+    for want in ("prefill", "decode", "model.layers.* (mean of 2)", "dispatch and Python",
+                 "model.layers.*.self_attn (mean of 2) its own ops", "memory: weights"):
+        assert want in text
+    with pytest.raises(ValueError, match="by must be"):
+        run.op_summary(by="op")

@@ -23,7 +23,8 @@ STEP = "(step)"
 _SHAPE = ["phase", "q_len", "kv_len"]
 
 
-def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None) -> pd.DataFrame:
+def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None,
+               by: str = "block") -> pd.DataFrame:
     """Per phase, block and op kind: calls, host time and FLOPs per sampled step, and per block
     the ``(dispatch and Python)`` row (see the module doc).
 
@@ -31,12 +32,22 @@ def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None
         ops: a run's ``ops`` frame.
         calls: its ``calls`` frame (the timed calls; a deep run's own are not in it).
         top: keep each block's ``top`` op kinds by time (the dispatch row always stays).
+        by: ``"block"``, or ``"module"``: each op with the innermost module that ran it (what an
+            attention module's own code is made of, its projections apart); no dispatch row
+            there, as the timed calls hold modules only at the depth they were recorded at.
     Returns:
         A frame of :data:`probe.schema.OP_SUMMARY`, by phase, block (in model order) and time.
+    Raises:
+        ValueError: an unknown ``by``.
     """
+    if by not in ("block", "module"):
+        raise ValueError(f"by must be 'block' or 'module'; got {by!r}")
     if ops.empty:
         return schema.empty(OP_SUMMARY)
-    ops = ops.assign(block=ops["block"].fillna(OUTSIDE))
+    if by == "module":
+        ops, calls = ops.assign(block=ops["module"].replace("", OUTSIDE)), calls.iloc[:0]
+    else:
+        ops = ops.assign(block=ops["block"].fillna(OUTSIDE))
     sampled = ops.drop_duplicates(["run_id", "step"])[["run_id", "step", *_SHAPE]]
     n_steps = sampled.groupby("phase").size()
     g = ops.groupby(["phase", "block", "op"], sort=False)
@@ -48,11 +59,11 @@ def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None
     block_ms = _timed_block_ms(ops, sampled, calls)
     ops_ms = rows.groupby(["phase", "block"], sort=False)["host_ms"].sum()
     disp = []
-    for (phase, block), total in ops_ms.items():
+    for (phase, block), total in (ops_ms.items() if by == "block" else ()):
         timed = block_ms.get((phase, block), np.nan)
         disp.append({"phase": phase, "block": block, "op": DISPATCH, "calls": np.nan,
                      "host_ms": timed - total if not np.isnan(timed) else np.nan, "flops": 0.0})
-    rows = pd.concat([rows, pd.DataFrame(disp)], ignore_index=True)
+    rows = pd.concat([rows, pd.DataFrame(disp)], ignore_index=True) if disp else rows
     rows["steps"] = n_steps.reindex(rows["phase"]).to_numpy(dtype="int64")
     keys = list(zip(rows["phase"], rows["block"]))
     rows["block_ms"] = [block_ms.get(k, np.nan) for k in keys]

@@ -161,12 +161,12 @@ class Run:
         step. See :func:`probe.sampling.stage_summary`."""
         return stage_summary(self.sampling, self.steps)
 
-    def op_summary(self, *, top: int | None = None) -> pd.DataFrame:
+    def op_summary(self, *, top: int | None = None, by: str = "block") -> pd.DataFrame:
         """A deep run's ops per phase, block and op kind (:func:`probe.analysis.ops.op_summary`);
         its memory per block is :func:`probe.analysis.ops.memory_ledger`."""
         from .ops import op_summary
 
-        return op_summary(self.ops, self.calls, top=top)
+        return op_summary(self.ops, self.calls, top=top, by=by)
 
     def phase_summary(self) -> pd.DataFrame:
         """One row per phase: steps, tokens, forward/outside/latency totals and means."""
