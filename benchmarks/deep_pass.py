@@ -12,8 +12,8 @@ Model: the bundled 32-layer LLaMA (``probe-tiny-llama-32l``), float32, CPU, one 
    (``aten::mean`` with its ``aten::sum``). Target: op kinds with >= 1 % of the step or >= 50 us
    within 10 %.
 3. Memory: the probe's own memory for a sampled step (tracemalloc: what its records hold) against
-   torch.profiler's for the same step with record_shapes and profile_memory (process RSS growth
-   until its events are listed); target <= 2 %. And the peak of live tensor bytes of the step by
+   torch.profiler's for the same step with record_shapes and profile_memory (the RSS growth of a
+   fresh process until its events are listed); target <= 2 %. And the peak of live tensor bytes of the step by
    each (the profiler's from its [memory] events), target within 5 % or the gap named.
 
     python benchmarks/deep_pass.py [--new-tokens 256] [--rounds 3] [--step 100]
@@ -143,13 +143,37 @@ def compare_ops(per_kind, total_ms: float, self_us: dict, counts: dict) -> tuple
     return ok, n
 
 
+def fresh_profiler_rss(index: int) -> int:
+    """What torch.profiler grows a fresh process by for step ``index`` (events listed): in this
+    process the allocator would hand it memory freed by earlier profiling."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, __file__, "--profiler-child", str(index)], capture_output=True, text=True,
+                       timeout=600)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("rss ")]
+    return int(lines[-1].split()[1]) if lines else -1
+
+
+def profiler_child(index: int) -> int:
+    torch.set_num_threads(1)
+    model, tok = load_bundled()
+    ids = tok("The quick brown fox jumps over the lazy dog, and then", return_tensors="pt")["input_ids"]
+    model.generate(ids, max_new_tokens=index + 1, min_new_tokens=index + 1, do_sample=False)  # warm, unprofiled
+    _, _, rss, _ = profiler_step(model, ids, index + 1, index)
+    print(f"rss {rss}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profiler-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--step", type=int, default=100, help="the decode step compared with torch.profiler")
     ap.add_argument("--repeats", type=int, default=5, help="generate calls per instrument for the op comparison")
     args = ap.parse_args(argv)
+    if args.profiler_child is not None:
+        return profiler_child(args.profiler_child)
     torch.set_num_threads(1)
     model, tok = load_bundled()
     ids = tok("The quick brown fox jumps over the lazy dog, and then", return_tensors="pt")["input_ids"]
@@ -166,25 +190,28 @@ def main(argv=None) -> int:
     for label, index in (("prefill (step 0)", 0), (f"decode (step {step})", step)):
         print(f"\n2. op kinds on {label}: deep pass host time vs torch.profiler CPU time (total), "
               f"each the least of {args.repeats} interleaved generate calls")
-        kinds, prof, rss_all = [], [], []
+        kinds, prof = [], []
         for _ in range(args.repeats):
             per_kind, held, peak, total = deep_step(model, ids, index + 1, index)
-            total_us, counts, prof_rss, prof_peak = profiler_step(model, ids, index + 1, index)
+            total_us, counts, _, prof_peak = profiler_step(model, ids, index + 1, index)
             kinds.append(per_kind)
             prof.append(total_us)
-            rss_all.append(prof_rss)
         per_kind = pd.concat(kinds).groupby(level=0).min()
         total_us = {k: min(p.get(k, float("inf")) for p in prof) for k in prof[0]}
-        prof_rss = statistics.median(rss_all)
+        prof_rss = fresh_profiler_rss(index)
         ok, n = compare_ops(per_kind, float(per_kind["sum"].sum()), total_us, counts)
         print(f"  within 10 %: {ok} of {n} op kinds with >= 1 % of the step or >= 50 us (target: all)")
         print(f"\n3. memory on {label}")
         share = held / prof_rss if prof_rss > 0 else float("nan")
-        print(f"  probe records (tracemalloc, probe's files) {held / 1e6:8.3f} MB   torch.profiler (RSS growth, median) "
+        print(f"  probe records (tracemalloc, probe's files) {held / 1e6:8.3f} MB   torch.profiler (RSS growth, fresh process) "
               f"{prof_rss / 1e6:8.3f} MB   ratio {share:.2%} (target <= 2 %)")
         gap = (peak - prof_peak) / prof_peak if prof_peak else float("nan")
         print(f"  peak of live tensor bytes: probe {peak / 1e3:9.1f} KB   profiler [memory] events "
               f"{prof_peak / 1e3:9.1f} KB   difference {gap:+.1%} (target within 5 %, else kernel-internal scratch)")
+        if index > 0 and gap < -0.05:
+            print("  (on a decode step the profiler does not see storages made before it started being freed - its "
+                  "warning 'Memory block of unknown size was allocated before the profiling started' - such as the "
+                  "cache's old keys and values the step replaces; the deep pass does, so its peak is the net one)")
     return 0
 
 

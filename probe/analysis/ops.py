@@ -68,7 +68,8 @@ def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None
     keys = list(zip(rows["phase"], rows["block"]))
     rows["block_ms"] = [block_ms.get(k, np.nan) for k in keys]
     denom = [block_ms.get(k, np.nan) if not np.isnan(block_ms.get(k, np.nan)) else ops_ms.get(k, np.nan) for k in keys]
-    rows["share"] = rows["host_ms"].to_numpy(dtype="float64") / np.asarray(denom, dtype="float64")
+    with np.errstate(divide="ignore", invalid="ignore"):  # a block whose ops took no measurable time
+        rows["share"] = rows["host_ms"].to_numpy(dtype="float64") / np.asarray(denom, dtype="float64")
     order = {b: i for i, b in enumerate(ops.drop_duplicates("block")["block"])}
     rows["_b"] = rows["block"].map(order)
     rows["_d"] = rows["op"].eq(DISPATCH)

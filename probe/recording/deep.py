@@ -23,7 +23,7 @@ import torch
 
 from ..schema import ALLOCATIONS, LEDGER, OPS, STR
 from .cache import cache_tensors, find_cache
-from .deep_ops import OpMode, StepLog, op_floor_ns, parameter_bytes, storage_bytes
+from .deep_ops import OpMode, StepLog, parameter_bytes, storage_bytes
 from .discovery import select_modules
 from .observer import Contribution, Observer, RunRec, StepRec
 
@@ -110,7 +110,6 @@ class DeepObserver(Observer):
         self.runs: list[str] = []  # the deep runs' ids
         self.steps: list[tuple] = []  # per sampled step: (run_id, step, phase, q_len, kv_len, StepLog, kv allocs)
         self.sigs: dict = {}  # the ops' signatures, shared by the steps (see StepLog)
-        self.floor_ns: int | None = None  # measured at the first sampled step (op_floor_ns)
         self._run: RunRec | None = None
         self._chosen: frozenset[int] = frozenset()
         self._open: tuple | None = None  # (step, log, mode, hook handles)
@@ -151,11 +150,9 @@ class DeepObserver(Observer):
         steplog = StepLog(self.codes, self.blocks, self.sigs)
         handles = []
         try:
-            if self.floor_ns is None:
-                self.floor_ns = op_floor_ns()
             handles.append(nn_module.register_module_forward_pre_hook(steplog.enter))
             handles.append(nn_module.register_module_forward_hook(steplog.exit, always_call=True))
-            mode = OpMode(steplog, self.floor_ns)
+            mode = OpMode(steplog)
             mode.__enter__()
         except Exception:  # the probe's own failure must never cost the user their forward
             log.warning("probe: could not open the deep pass of step %d", step.index, exc_info=True)
@@ -199,7 +196,7 @@ class DeepObserver(Observer):
     def records(self) -> Any:
         return {"runs": tuple(self.runs), "steps": tuple(self.steps), "weights": dict(self.weights),
                 "labels": list(self.labels),
-                "plan": self.plan.describe(), "sigs": dict(self.sigs), "floor_ns": self.floor_ns}
+                "plan": self.plan.describe(), "sigs": dict(self.sigs)}
 
     @classmethod
     def frames(cls, records: Any, *, calls: Any, steps: Any, runs: Any, rank: int) -> Contribution:
@@ -215,8 +212,10 @@ class DeepObserver(Observer):
         meta = {"deep": {"run_ids": ids, "sampled": records["plan"], "untimed": "left out of every timing figure",
                          "bytes_estimated": "ops.bytes_read_est / bytes_written_est: from the unique storages "
                                             "of each op's inputs and outputs",
-                         "op_floor_us": (records["floor_ns"] or 0) / 1e3,
-                         "op_times": "each op alone: what calling it from the dispatch mode costs beyond the op "
-                                     "(op_floor_us, measured) is taken out and left to dispatch and Python",
+                         "op_floor_us": sorted(s[5].floor_ns() for s in records["steps"])[len(records["steps"]) // 2] / 1e3
+                         if records["steps"] else None,
+                         "op_times": "each op alone: what timing it from the dispatch mode adds (aten.alias timed "
+                                     "the same way on the step, median op_floor_us) is taken out and left to "
+                                     "dispatch and Python",
                          "torch_version": torch.__version__}}
         return Contribution(runs=pd.DataFrame(row), built=built, meta=meta, untimed=frozenset(ids))

@@ -52,18 +52,19 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
         a = np.frombuffer(lg.allocs, dtype=np.int64).reshape(-1, len(ALLOC_COLS)) if len(lg.allocs) else \
             np.zeros((0, len(ALLOC_COLS)), dtype=np.int64)
         n, sig = len(o), o[:, 3]
+        ns = np.maximum(o[:, 4] - lg.floor_ns(), 0)  # the op alone (see OpMode)
         head = {"run_id": run_id, "rank": rank, "step": index, "phase": phase, "q_len": q_len, "kv_len": kv_len}
         part = pd.DataFrame({**head, "seq": np.arange(n), "module": names[o[:, 1]], "block": names[o[:, 2]],
                              "op": op_of[sig]})
         for j, col in enumerate(("in_shapes", "in_dtypes", "out_shapes", "out_dtypes")):
             part[col] = [text[k][1 + j] for k in sig]
-        part["host_ms"] = o[:, 4] * 1e-6
+        part["host_ms"] = ns * 1e-6
         part["flops"] = pd.array(np.where(known[sig], flops_of[sig], 0), dtype="Int64")
         part.loc[~known[sig], "flops"] = pd.NA
         part["bytes_read_est"], part["bytes_written_est"], part["alloc_bytes"] = o[:, 5], o[:, 6], o[:, 7]
         ops_parts.append(part)
         ticks, made_at = o[:, 0], a[:, 0]
-        host = np.concatenate([[0], np.cumsum(o[:, 4])])
+        host = np.concatenate([[0], np.cumsum(ns)])
         fl = np.concatenate([[0], np.cumsum(flops_of[sig])])
         is_kv = np.zeros(len(a), dtype=bool)
         is_kv[list(kv)] = True

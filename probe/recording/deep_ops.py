@@ -129,6 +129,7 @@ class StepLog:
         self._old: dict[int, Any] = {}
         self.failed = 0  # ops whose bookkeeping raised (the op itself ran)
         self.held_bytes = 0  # bytes of every storage the KV cache holds after the step
+        self.floor = array("q")  # ns of aten.alias timed as the ops are (see OpMode)
         # the model's own forward (the step) is the outermost call: its hooks ran before the step opened
         root = [0, 0, 0, None, 0, 0]
         self.calls.append(root)
@@ -137,6 +138,11 @@ class StepLog:
     @property
     def n_ops(self) -> int:
         return len(self.ops) // _NA
+
+    def floor_ns(self) -> int:
+        """What timing an op from the dispatch mode adds to it on this step (median; 0 unknown)."""
+        f = sorted(self.floor)
+        return int(f[len(f) // 2]) if f else 0
 
     # ---------------------------------------------------------------- module calls (global hooks)
     def enter(self, module: Any, args: Any) -> None:
@@ -246,37 +252,37 @@ class StepLog:
 
 class OpMode(TorchDispatchMode):
     """Hands every aten op to a :class:`StepLog`, timed alone; the op's own result is returned
-    untouched (the bookkeeping never changes what the model computes)."""
+    untouched (the bookkeeping never changes what the model computes).
 
-    def __init__(self, log: StepLog, floor_ns: int = 0) -> None:
+    Timing an op from Python costs more than the op: its arguments are converted and its
+    output wrapped on the way. Every ``every``-th op, the mode also times ``aten.alias`` (a view:
+    no kernel, no allocation) the same way, there and then; the median of those is the step's
+    floor (:meth:`StepLog.floor_ns`), taken out of each op's time when frames are built and left
+    to dispatch and Python.
+    """
+
+    def __init__(self, log: StepLog, every: int = 16) -> None:
         super().__init__()
         self.log = log
-        self.floor_ns = floor_ns  # what calling an op from this mode costs beyond the op (op_floor_ns)
+        self.every = every
+        self.n = 0
+        self.unit = torch.zeros(1)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         t0 = time.perf_counter_ns()
         out = func(*args, **kwargs)
-        ns = max(time.perf_counter_ns() - t0 - self.floor_ns, 0)
+        ns = time.perf_counter_ns() - t0
         try:
             self.log.op(func, args, kwargs, out, ns)
+            self.n += 1
+            if self.n % self.every == 1:
+                t0 = time.perf_counter_ns()
+                aten.alias.default(self.unit)
+                self.log.floor.append(time.perf_counter_ns() - t0)
         except Exception:  # the probe's bookkeeping must never cost the user their forward
             self.log.failed += 1
         return out
-
-
-def op_floor_ns(calls: int = 300) -> int:
-    """What timing an op from inside :class:`OpMode` adds to the op itself: the median time of
-    ``aten.alias`` (a view: no kernel, no allocation) called from the mode, with the full
-    bookkeeping between calls as on a sampled step. The Python re-dispatch is the largest part;
-    it is charged to "dispatch and Python", not to the op."""
-    log = StepLog({}, frozenset())
-    x = torch.zeros(4)
-    with OpMode(log):
-        for _ in range(calls):
-            aten.alias.default(x)
-    ns = sorted(log.ops[_NA * i + 4] for i in range(log.n_ops))
-    return int(ns[len(ns) // 2]) if ns else 0
 
 
 def storage_bytes(tensors: Any) -> dict[int, int]:
