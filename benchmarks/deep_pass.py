@@ -120,7 +120,7 @@ def deep_step(model, ids, new: int, index: int):
     run = p.run
     ops = run.ops
     per_kind = ops.groupby("op")["host_ms"].agg(["sum", "size"])
-    root = run.ledger[run.ledger["module"] == ""].iloc[0]
+    root = run.ledger[run.ledger["module"].isna()].iloc[0]
     return per_kind, held, int(root["peak_added_bytes"]), float(ops["host_ms"].sum())
 
 

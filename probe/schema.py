@@ -221,7 +221,7 @@ OPS: dict[str, str] = {
     "q_len": "int64",
     "kv_len": "int64",
     "seq": "int64",  # the op's position in its step
-    "module": STR,  # the innermost module call running it (fully qualified; "" = the model's own forward)
+    "module": STR,  # the innermost module call running it (fully qualified; null: the model's own forward)
     "block": STR,  # the block (embed, layer, norm, head) it ran in; null outside every block
     "op": STR,  # the overload as dispatched, e.g. "aten.addmm.default"
     "in_shapes": STR,  # JSON list of the tensor arguments' shapes
@@ -243,7 +243,7 @@ LEDGER: dict[str, str] = {
     "phase": STR,
     "q_len": "int64",
     "kv_len": "int64",
-    "module": STR,  # fully qualified; "" = the model's whole forward (the step)
+    "module": STR,  # fully qualified; null: the model's whole forward (the step)
     "depth": "int64",  # module calls enclosing it in this step
     "weights_bytes": "int64",  # parameters of the module and its children (tied ones once)
     "kv_cache_bytes": "int64",  # storages made in the call that the KV cache holds after the step

@@ -38,11 +38,9 @@ def test_flops_per_module_equal_flop_counter_mode_with_eager_attention():
         m(PROMPT, use_cache=True, logits_to_keep=1)
     counts = {name: sum(v.values()) for name, v in counter.get_flop_counts().items()}
     root = type(m).__name__
-    assert int(pre.loc[pre["module"] == "", "flops"].iloc[0]) == counts["Global"] > 0
+    assert int(pre.loc[pre["module"].isna(), "flops"].iloc[0]) == counts["Global"] > 0
     checked = 0
-    for row in pre.itertuples():
-        if row.module == "":
-            continue
+    for row in pre.dropna(subset=["module"]).itertuples():
         want = counts.get(f"{root}.{row.module}", 0)
         assert int(row.flops) == want, row.module
         checked += want > 0
@@ -89,7 +87,7 @@ def test_kv_cache_growth_and_weights_exact():
     assert sorted(ledger["step"].unique()) == steps
     for step, grp in ledger.groupby("step"):
         total = int(grp["kv_len"].iloc[0] + grp["q_len"].iloc[0])
-        assert int(grp.loc[grp["module"] == "", "kv_cache_bytes"].iloc[0]) == cfg.num_hidden_layers * total * per_token_layer
+        assert int(grp.loc[grp["module"].isna(), "kv_cache_bytes"].iloc[0]) == cfg.num_hidden_layers * total * per_token_layer
         for i in range(cfg.num_hidden_layers):  # each layer's cache is made anew in its attention
             row = grp[grp["module"] == f"model.layers.{i}"].iloc[0]
             assert int(row["kv_cache_bytes"]) == total * per_token_layer
@@ -97,11 +95,11 @@ def test_kv_cache_growth_and_weights_exact():
                 total * per_token_layer
     named = dict(m.named_modules())
     for row in ledger[ledger["step"] == 0].itertuples():
-        mod = named[row.module]
+        mod = named[row.module if isinstance(row.module, str) else ""]
         assert row.weights_bytes == sum(t.numel() * t.element_size() for t in mod.parameters()), row.module
     # every storage made is one row of allocations; temporaries are those freed inside the call
     alloc = p.run.allocations
-    for step, grp in ledger[ledger["module"] == ""].groupby("step"):
+    for step, grp in ledger[ledger["module"].isna()].groupby("step"):
         a = alloc[alloc["step"] == step]
         assert int(a["bytes"].sum()) == int(p.run.ops.loc[p.run.ops["step"] == step, "alloc_bytes"].sum())
         assert int(a.loc[a["kv_cache"], "bytes"].sum()) == int(grp["kv_cache_bytes"].iloc[0])
@@ -190,3 +188,19 @@ def test_attention_module_opened_down_to_its_own_ops_in_the_text():
         assert want in text
     with pytest.raises(ValueError, match="by must be"):
         run.op_summary(by="op")
+
+
+def test_runs_without_a_deep_pass_keep_their_files_and_csv_exports_the_deep_frames(tmp_path):
+    from reports.csv_export import read_csv, write_csv
+
+    m = _model()
+    with probe.attach(m) as p:
+        m.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    plain = p.run.save(tmp_path / "plain")
+    assert not any((plain / f).exists() for f in ("ops.parquet", "ledger.parquet", "allocations.parquet"))
+    assert probe.load(plain).ops.empty
+    with probe.attach(m, deep=[1]) as p:
+        m.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    paths = {x.name: x for x in write_csv(p.run, tmp_path / "csv")}
+    assert {"ops.csv", "ledger.csv", "allocations.csv"} <= set(paths)
+    pd.testing.assert_frame_equal(read_csv(paths["ops.csv"]), p.run.ops)

@@ -45,7 +45,7 @@ def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None
     if ops.empty:
         return schema.empty(OP_SUMMARY)
     if by == "module":
-        ops, calls = ops.assign(block=ops["module"].replace("", OUTSIDE)), calls.iloc[:0]
+        ops, calls = ops.assign(block=ops["module"].fillna(OUTSIDE)), calls.iloc[:0]
     else:
         ops = ops.assign(block=ops["block"].fillna(OUTSIDE))
     sampled = ops.drop_duplicates(["run_id", "step"])[["run_id", "step", *_SHAPE]]
@@ -106,8 +106,8 @@ def memory_ledger(ledger: pd.DataFrame, ops: pd.DataFrame) -> pd.DataFrame:
     if ledger.empty:
         return schema.empty(MEMORY_LEDGER)
     blocks = list(dict.fromkeys(ops["block"].dropna()))
-    keep = ledger[ledger["module"].isin(blocks) | (ledger["module"] == "")]
-    keep = keep.assign(block=keep["module"].replace("", STEP))
+    keep = ledger[ledger["module"].isin(blocks) | ledger["module"].isna()]
+    keep = keep.assign(block=keep["module"].fillna(STEP))
     cols = ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"]
     per_step = keep.groupby(["phase", "block", "run_id", "step"], sort=False)[cols].sum().reset_index()
     out = per_step.groupby(["phase", "block"], sort=False).agg(

@@ -39,7 +39,7 @@ from ..validate import MANIFEST, RunLoadError, check_frame, check_manifest, chec
 FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet", "sampling": "sampling.parquet",
          "requests": "requests.parquet", "ops": "ops.parquet", "ledger": "ledger.parquet",
          "allocations": "allocations.parquet"}
-#: frames added later: saved with every run; a run saved before them loads them empty
+#: frames added later: a run saved before them (or, for a deep pass's, without any rows) loads them empty
 OPTIONAL_FILES = frozenset({"sampling", "requests", "ops", "ledger", "allocations"})
 
 
@@ -272,11 +272,13 @@ class Run:
         """The bytes of every file of the saved run, ``meta.json`` (with the manifest) last."""
         blobs: dict[str, bytes] = {}
         for key, name in FILES.items():
+            if key in ("ops", "ledger", "allocations") and getattr(self, key).empty:
+                continue  # written only for a run with a deep pass
             buf = io.BytesIO()
             getattr(self, key).to_parquet(buf, index=False)
             blobs[name] = buf.getvalue()
         meta = dict(self.meta)
-        meta["files"] = dict(FILES)
+        meta["files"] = {k: v for k, v in FILES.items() if v in blobs}
         meta["schema_version"] = schema.SCHEMA_VERSION
         meta[MANIFEST] = {
             "save_id": uuid.uuid4().hex,

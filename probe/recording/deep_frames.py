@@ -41,6 +41,7 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
     kv_len, StepLog, KV alloc indices)``; ``sigs``: their op signatures and ``labels``: the
     module names their codes index (see ``StepLog``); ``weights``: parameter bytes per module name."""
     text = _sig_text(sigs)
+    labels = [n or None for n in labels]  # the model itself ("") is null: its own code, not a module's
     names = np.array(labels + [None], dtype=object)  # code -1 (no block) -> None
     op_of = np.array([t[0] for t in text], dtype=object)
     flops_of = np.array([t[5] if t[5] is not None else 0 for t in text], dtype=np.int64)
@@ -78,7 +79,7 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
             if code == 0 and depth == 0:
                 kv_b = lg.held_bytes  # the step: every storage the cache holds, made in it or before
             name = labels[code]
-            ledger_rows.append((*head.values(), name, depth, weights.get(name, 0), kv_b,
+            ledger_rows.append((*head.values(), name, depth, weights.get(name or "", 0), kv_b,
                                 int(size[~tmp & ~is_kv[k0:k1]].sum()), int(size[tmp].sum()), max(peak - live0, 0),
                                 int(j - i), float(host[j] - host[i]) * 1e-6, int(fl[j] - fl[i])))
         alloc_parts.append(pd.DataFrame({
