@@ -75,14 +75,15 @@ def deep_lines(run: "Run") -> list[str]:
                 lines.append(f"  {'':<34} memory: weights {fmt.nbytes(m.weights_bytes)}, KV cache "
                              f"{fmt.nbytes(m.kv_cache_bytes)}, activations {fmt.nbytes(m.activations_bytes)}, "
                              f"temporaries {fmt.nbytes(m.temporaries_bytes)}, peak +{fmt.nbytes(m.peak_added_bytes)}")
-        attn = own[(own["phase"] == phase) & own["block"].str.contains(r"(?:attn|attention)$", regex=True)]
+        # what the attention's own time is made of: its own code (RoPE, the cache update, reshapes)
+        # and the attention function (a call of its own, named as at depth sublayers)
+        attn = own[(own["phase"] == phase) & own["block"].str.contains(r"(?:attn|attention|attention_fn)$")]
         for block, grp in attn.groupby("block", sort=False):
             n = int(grp["layers"].iloc[0])
             grp = grp.sort_values("host_ms", ascending=False)
-            total = grp["host_ms"].sum()
-            lines.append(f"  {block + (f' (mean of {n})' if n > 1 else ''):<34} its own ops (projections apart) "
-                         f"{fmt.ms(total)} ms: " + ", ".join(f"{_short(r.op)} {fmt.ms(r.host_ms)}"
-                                                              for r in grp.head(TOP + 2).itertuples()))
+            what = "the function" if block.endswith("attention_fn") else "its own ops (projections, function apart)"
+            lines.append(f"  {block + (f' (mean of {n})' if n > 1 else '')}: {what} {fmt.ms(grp['host_ms'].sum())} ms: "
+                         + ", ".join(f"{_short(r.op)} {fmt.ms(r.host_ms)}" for r in grp.head(TOP + 2).itertuples()))
         step = ledger[(ledger["phase"] == phase) & (ledger["block"] == "(step)")]
         if len(step):
             m = step.iloc[0]

@@ -3,6 +3,8 @@ storage of sampled steps, checked against independent instruments on the bundled
 
 from __future__ import annotations
 
+import functools
+
 import pandas as pd
 import pytest
 import torch
@@ -41,10 +43,16 @@ def test_flops_per_module_equal_flop_counter_mode_with_eager_attention():
     assert int(pre.loc[pre["module"].isna(), "flops"].iloc[0]) == counts["Global"] > 0
     checked = 0
     for row in pre.dropna(subset=["module"]).itertuples():
-        want = counts.get(f"{root}.{row.module}", 0)
+        if row.module.endswith(".attention_fn"):
+            # the attention function, a call of its own: its module's FLOPs less its projections'
+            parent = f"{root}.{row.module.rsplit('.', 1)[0]}"
+            want = counts[parent] - sum(v for k, v in counts.items() if k.startswith(parent + "."))
+            assert want > 0
+        else:
+            want = counts.get(f"{root}.{row.module}", 0)
         assert int(row.flops) == want, row.module
         checked += want > 0
-    assert checked >= 2 * 7 + 1  # every projection of both layers and lm_head carries FLOPs
+    assert checked >= 2 * 8 + 1  # every projection and attention function of both layers, and lm_head
 
 
 def test_sdpa_cpu_formula_on_its_own():
@@ -64,7 +72,9 @@ def test_sdpa_op_recorded_with_its_flops():
     ops = p.run.ops
     sd = ops[ops["op"] == "aten._scaled_dot_product_flash_attention_for_cpu.default"]
     assert len(sd) == 4  # two layers, two sampled steps
-    assert sd["module"].str.endswith(".self_attn").all()
+    # inside the attention function, named as the probe names it at depth sublayers
+    assert sd["module"].str.endswith(".self_attn.attention_fn").all()
+    assert not any(isinstance(v, functools.partial) for v in _attention_registry())  # put back after the step
     cfg = m.config
     hd = cfg.hidden_size // cfg.num_attention_heads
     for row in sd.itertuples():
@@ -95,6 +105,9 @@ def test_kv_cache_growth_and_weights_exact():
                 total * per_token_layer
     named = dict(m.named_modules())
     for row in ledger[ledger["step"] == 0].itertuples():
+        if isinstance(row.module, str) and row.module.endswith(".attention_fn"):
+            assert row.weights_bytes == 0  # a function: no parameters of its own
+            continue
         mod = named[row.module if isinstance(row.module, str) else ""]
         assert row.weights_bytes == sum(t.numel() * t.element_size() for t in mod.parameters()), row.module
     # every storage made is one row of allocations; temporaries are those freed inside the call
@@ -179,12 +192,14 @@ def test_attention_module_opened_down_to_its_own_ops_in_the_text():
     run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 4, "do_sample": False}, deep=1)
     own = run.op_summary(by="module")
     attn = own[own["block"] == "model.layers.0.self_attn"]
-    # the attention module's own code: the SDPA kernel, the cache update and RoPE, its projections apart
-    assert {"aten._scaled_dot_product_flash_attention_for_cpu.default", "aten.cat.default"} <= set(attn["op"])
-    assert "aten.mm.default" not in set(attn["op"])
+    fn = own[own["block"] == "model.layers.0.self_attn.attention_fn"]
+    # the attention module's own code: the cache update and RoPE, its projections and its function apart
+    assert "aten.cat.default" in set(attn["op"]) and "aten.mm.default" not in set(attn["op"])
+    assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in set(fn["op"])
     text = "\n".join(deep_lines(run))
     for want in ("prefill", "decode", "model.layers.* (mean of 2)", "dispatch and Python",
-                 "model.layers.*.self_attn (mean of 2) its own ops", "memory: weights"):
+                 "model.layers.*.self_attn (mean of 2): its own ops", "model.layers.*.self_attn.attention_fn (mean of 2): the function",
+                 "memory: weights"):
         assert want in text
     with pytest.raises(ValueError, match="by must be"):
         run.op_summary(by="op")
@@ -204,3 +219,19 @@ def test_runs_without_a_deep_pass_keep_their_files_and_csv_exports_the_deep_fram
     paths = {x.name: x for x in write_csv(p.run, tmp_path / "csv")}
     assert {"ops.csv", "ledger.csv", "allocations.csv"} <= set(paths)
     pd.testing.assert_frame_equal(read_csv(paths["ops.csv"]), p.run.ops)
+
+
+def _attention_registry() -> list:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    return [*AttentionInterface._global_mapping.values(), *ALL_ATTENTION_FUNCTIONS._local_mapping.values()]
+
+
+def test_deep_pass_beside_a_probe_that_records_the_attention_function():
+    m = _model()
+    with probe.attach(m, depth="sublayers", deep=[1]) as p:
+        m.generate(PROMPT, max_new_tokens=3, do_sample=False)
+    ops = p.run.ops
+    assert (ops.loc[ops["op"].str.contains("scaled_dot_product"), "module"]
+            .str.endswith(".self_attn.attention_fn").all())
+    assert not any(isinstance(v, functools.partial) for v in _attention_registry())  # every wrapper gone

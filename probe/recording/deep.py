@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,9 @@ import torch
 from ..schema import ALLOCATIONS, LEDGER, OPS, STR
 from .cache import cache_tensors, find_cache
 from .deep_ops import OpMode, StepLog, parameter_bytes, storage_bytes
+from . import attnfn
 from .discovery import select_modules
+from .hotpath import PartialWrapper
 from .observer import Contribution, Observer, RunRec, StepRec
 
 log = logging.getLogger(__name__)
@@ -112,7 +115,9 @@ class DeepObserver(Observer):
         self.sigs: dict = {}  # the ops' signatures, shared by the steps (see StepLog)
         self._run: RunRec | None = None
         self._chosen: frozenset[int] = frozenset()
-        self._open: tuple | None = None  # (step, log, mode, hook handles)
+        self._open: tuple | None = None  # (step, log, mode, hook handles, attention functions replaced)
+        self._model_ref: Any = None
+        self._fn_codes: dict[int, int] = {}  # an attention module's code -> its attention function's
 
     def install(self, model: Any, recorder: Any, stack: Any) -> None:
         named = list(model.named_modules())  # the model itself first, as ""
@@ -122,6 +127,7 @@ class DeepObserver(Observer):
         self.blocks = frozenset(i for i, n in enumerate(self.labels) if n in blocks)
         self.weights = {n: parameter_bytes(m) for n, m in named}
         self.recorder = recorder
+        self._model_ref = weakref.ref(model)
         stack.callback(self._close, None)
 
     def run_begin(self, run: RunRec) -> None:
@@ -152,14 +158,41 @@ class DeepObserver(Observer):
         try:
             handles.append(nn_module.register_module_forward_pre_hook(steplog.enter))
             handles.append(nn_module.register_module_forward_hook(steplog.exit, always_call=True))
+            replaced = self._wrap_attention(steplog)
             mode = OpMode(steplog)
             mode.__enter__()
         except Exception:  # the probe's own failure must never cost the user their forward
             log.warning("probe: could not open the deep pass of step %d", step.index, exc_info=True)
             for h in handles:
                 h.remove()
+            _unwrap(locals().get("replaced", []))
             return
-        self._open = (step, steplog, mode, handles)
+        self._open = (step, steplog, mode, handles, replaced)
+
+    def _wrap_attention(self, steplog: StepLog) -> list[tuple]:
+        """For this step, every attention function opens a call of its own inside its attention
+        module, named as the probe names it at depth sublayers (``<attention>.attention_fn``)."""
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is None:
+            return []
+        replaced = []
+        for space, key in attnfn.entries(model.modules()):
+            fn = space[key]
+            w = PartialWrapper(fn, _attention_call(fn, steplog, self._fn_code))
+            space[key] = w
+            replaced.append((space, key, fn, w))
+        return replaced
+
+    def _fn_code(self, module: Any) -> int | None:
+        """The code of ``module``'s attention function (a label added on first use)."""
+        code = self.codes.get(id(module))
+        if code is None:
+            return None
+        fn = self._fn_codes.get(code)
+        if fn is None:
+            fn = self._fn_codes[code] = len(self.labels)
+            self.labels.append(attnfn.pseudo_name(self.labels[code]))
+        return fn
 
     def step_end(self, step: StepRec, kwargs: dict, out: Any, error: BaseException | None) -> None:
         if self._open is not None and self._open[0] is step:
@@ -171,12 +204,13 @@ class DeepObserver(Observer):
         opened, self._open = self._open, None
         if opened is None:
             return
-        step, steplog, mode, handles = opened
+        step, steplog, mode, handles, replaced = opened
         try:
             mode.__exit__(None, None, None)
         finally:
             for h in handles:
                 h.remove()
+            _unwrap(replaced)
         held: dict[int, int] = {}
         if result is not None:
             try:
@@ -219,3 +253,21 @@ class DeepObserver(Observer):
                                      "dispatch and Python",
                          "torch_version": torch.__version__}}
         return Contribution(runs=pd.DataFrame(row), built=built, meta=meta, untimed=frozenset(ids))
+
+
+def _attention_call(fn: Any, steplog: StepLog, code_of: Any) -> Any:
+    def attention_function(module, *args, **kwargs):
+        steplog.enter_code(code_of(module))
+        try:
+            return fn(module, *args, **kwargs)
+        finally:
+            steplog.exit()
+
+    return attention_function
+
+
+def _unwrap(replaced: list[tuple]) -> None:
+    """Put back the attention functions a step replaced, where nothing replaced them since."""
+    for space, key, fn, w in reversed(replaced):
+        if space.get(key) is w:
+            space[key] = fn

@@ -146,8 +146,12 @@ class StepLog:
 
     # ---------------------------------------------------------------- module calls (global hooks)
     def enter(self, module: Any, args: Any) -> None:
-        code = self.codes.get(id(module))
-        if code is None:  # a module outside the model: its ops stay with the enclosing call
+        # a module outside the model (None): its ops stay with the enclosing call
+        self.enter_code(self.codes.get(id(module)))
+
+    def enter_code(self, code: int | None) -> None:
+        """A call that is not a module's (the attention function) opens, as ``code``."""
+        if code is None:
             self.stack.append(None)
             return
         self.tick += 1
@@ -155,7 +159,7 @@ class StepLog:
         self.calls.append(call)
         self.stack.append(call)
 
-    def exit(self, module: Any, args: Any, out: Any) -> None:
+    def exit(self, module: Any = None, args: Any = None, out: Any = None) -> None:
         if not self.stack:
             return
         call = self.stack.pop()
