@@ -73,7 +73,7 @@ RULES: dict[str, dict[str, Rule]] = {
     "ops": {
         "rank": MEASURED, "step": MEASURED, "q_len": MEASURED, "kv_len": MEASURED, "seq": MEASURED,
         "host_ms": MEASURED, "flops": OPTIONAL, "bytes_read_est": OPTIONAL, "bytes_written_est": OPTIONAL,
-        "alloc_bytes": MEASURED,
+        "alloc_bytes": MEASURED, "live_bytes": Rule(low=None),
     },
     "ledger": {
         "rank": MEASURED, "step": MEASURED, "q_len": MEASURED, "kv_len": MEASURED, "depth": MEASURED,

@@ -233,6 +233,9 @@ OPS: dict[str, str] = {
     "bytes_read_est": "Int64",  # estimated: bytes of the unique input storages the op's inputs span
     "bytes_written_est": "Int64",  # estimated: the same for its outputs
     "alloc_bytes": "int64",  # bytes of the storages this op made (outputs on no input's storage)
+    # live tensor bytes after the op, from the step's start: storages made since, less those freed
+    # (a storage made before the step and freed in it counts down, so this can be negative)
+    "live_bytes": "int64",
 }
 
 #: a deep run's sampled steps: one row per module call, what it held in memory (bytes of tensor storages)

@@ -122,3 +122,18 @@ def deep_section(doc: Page, run: "Run") -> None:
     if len(ledger):
         doc.add(table_html(ledger, caption="Memory ledger per block and phase (bytes per sampled step)",
                            table_id="deep-ledger"))
+    doc.figure(live_bytes_figure(run.ops), "fig-deep-live", None)
+
+
+def live_bytes_figure(ops: pd.DataFrame):
+    """Live tensor bytes over each sampled step, op by op (from the step's start), one line a step."""
+    from .figure_base import PHASE_COLORS, base_figure, binned
+
+    fig = base_figure("Live tensor bytes over each sampled step (from its start)", "op (in the step's order)",
+                      "bytes")
+    for (run_id, step), grp in ops.groupby(["run_id", "step"], sort=False):
+        phase = str(grp["phase"].iloc[0])
+        pts = binned(grp[["seq", "live_bytes"]].astype("float64"), "seq", ["live_bytes"])
+        fig.add_scatter(x=pts["seq"], y=pts["live_bytes"], mode="lines", name=f"step {step} ({phase})",
+                        line={"color": PHASE_COLORS.get(phase)})
+    return fig

@@ -110,6 +110,10 @@ def test_kv_cache_growth_and_weights_exact():
             continue
         mod = named[row.module if isinstance(row.module, str) else ""]
         assert row.weights_bytes == sum(t.numel() * t.element_size() for t in mod.parameters()), row.module
+    # the live bytes after each op reach the step's peak
+    ops = p.run.ops
+    for step, grp in ledger[ledger["module"].isna()].groupby("step"):
+        assert int(ops.loc[ops["step"] == step, "live_bytes"].max()) == int(grp["peak_added_bytes"].iloc[0])
     # every storage made is one row of allocations; temporaries are those freed inside the call
     alloc = p.run.allocations
     for step, grp in ledger[ledger["module"].isna()].groupby("step"):
@@ -235,3 +239,16 @@ def test_deep_pass_beside_a_probe_that_records_the_attention_function():
     assert (ops.loc[ops["op"].str.contains("scaled_dot_product"), "module"]
             .str.endswith(".self_attn.attention_fn").all())
     assert not any(isinstance(v, functools.partial) for v in _attention_registry())  # every wrapper gone
+
+
+def test_report_has_the_inside_each_block_section_only_with_a_deep_pass():
+    from reports.html import render_report
+
+    m = _model()
+    run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 3, "do_sample": False}, deep=[0, 2])
+    page = render_report(run)
+    for want in ('id="deep"', 'href="#deep"', 'id="deep-ops-prefill"', 'id="deep-ops-decode"', 'id="deep-ledger"',
+                 'id="fig-deep-live"', "(dispatch and Python)"):
+        assert want in page
+    plain = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 3, "do_sample": False})
+    assert 'id="deep"' not in render_report(plain)

@@ -63,6 +63,7 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
         part["flops"] = pd.array(np.where(known[sig], flops_of[sig], 0), dtype="Int64")
         part.loc[~known[sig], "flops"] = pd.NA
         part["bytes_read_est"], part["bytes_written_est"], part["alloc_bytes"] = o[:, 5], o[:, 6], o[:, 7]
+        part["live_bytes"] = o[:, 8]
         ops_parts.append(part)
         ticks, made_at = o[:, 0], a[:, 0]
         host = np.concatenate([[0], np.cumsum(ns)])

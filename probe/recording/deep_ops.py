@@ -95,7 +95,7 @@ def _storages(ts: list) -> dict[int, list]:
 
 
 #: columns of a StepLog's op records and storage records (flat int64 arrays, one row after another)
-OP_COLS = ("tick", "module", "block", "sig", "ns", "read", "written", "made")
+OP_COLS = ("tick", "module", "block", "sig", "ns", "read", "written", "made", "live")
 ALLOC_COLS = ("tick", "bytes", "op", "module", "freed_tick", "freed_in")
 _NA, _NO = len(OP_COLS), len(ALLOC_COLS)
 
@@ -211,7 +211,7 @@ class StepLog:
             made += size
             self._grow(size)
         self.ops.extend((self.tick, module, block, sig[0], ns, sum(v[1] for v in s_in.values()),
-                         sum(v[1] for v in s_out.values()), made))
+                         sum(v[1] for v in s_out.values()), made, self.live))
 
     def _grow(self, size: int) -> None:
         self.live += size
