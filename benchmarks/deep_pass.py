@@ -203,7 +203,8 @@ def main(argv=None) -> int:
         print(f"  within 10 %: {ok} of {n} op kinds with >= 1 % of the step or >= 50 us (target: all)")
         print(f"\n3. memory on {label}")
         share = held / prof_rss if prof_rss > 0 else float("nan")
-        print(f"  probe records (tracemalloc, probe's files) {held / 1e6:8.3f} MB   torch.profiler (RSS growth, fresh process) "
+        print(f"  probe records (tracemalloc, probe's files) {held / 1e6:8.3f} MB   "
+              f"torch.profiler (RSS growth, fresh process) "
               f"{prof_rss / 1e6:8.3f} MB   ratio {share:.2%} (target <= 2 %)")
         gap = (peak - prof_peak) / prof_peak if prof_peak else float("nan")
         print(f"  peak of live tensor bytes: probe {peak / 1e3:9.1f} KB   profiler [memory] events "

@@ -48,8 +48,8 @@ def deep_lines(run: "Run") -> list[str]:
                  "ms per sampled step, the dispatch mode's op times)"]
     ops = _folded(op_summary(run.ops, run.calls), ["calls", "host_ms", "flops", "block_ms"], ["op"])
     own = _folded(op_summary(run.ops, run.calls, by="module"), ["calls", "host_ms", "flops"], ["op"])
-    ledger = _folded(memory_ledger(run.ledger, run.ops),
-                     ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"], [])
+    cats = ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"]
+    ledger = _folded(memory_ledger(run.ledger, run.ops), cats, [])
     for phase in PHASES:
         part = ops[ops["phase"] == phase]
         if part.empty:

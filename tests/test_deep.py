@@ -252,3 +252,25 @@ def test_report_has_the_inside_each_block_section_only_with_a_deep_pass():
         assert want in page
     plain = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 3, "do_sample": False})
     assert 'id="deep"' not in render_report(plain)
+
+
+def test_dashboard_inside_each_block_view(tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    from probe.dashboards import APP
+
+    m = _model()
+    probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 3, "do_sample": False}, deep=True).save(tmp_path / "deep")
+    probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 3, "do_sample": False}).save(tmp_path / "plain")
+    at = AppTest.from_file(str(APP), default_timeout=90)
+    at.session_state["runs_dir"] = str(tmp_path)
+    at.run()
+    at.sidebar.multiselect(key="runs").set_value(["deep"]).run()
+    at.sidebar.radio(key="view").set_value("Inside each block").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.dataframe) == 3  # prefill ops, decode ops, the ledger
+    assert len(at.get("plotly_chart")) == 1
+    at.radio(key="deep_by").set_value("module").run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.sidebar.multiselect(key="runs").set_value(["plain"]).run()
+    assert not at.exception and any("deep pass" in i.value for i in at.info)

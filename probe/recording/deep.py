@@ -246,8 +246,7 @@ class DeepObserver(Observer):
         meta = {"deep": {"run_ids": ids, "sampled": records["plan"], "untimed": "left out of every timing figure",
                          "bytes_estimated": "ops.bytes_read_est / bytes_written_est: from the unique storages "
                                             "of each op's inputs and outputs",
-                         "op_floor_us": sorted(s[5].floor_ns() for s in records["steps"])[len(records["steps"]) // 2] / 1e3
-                         if records["steps"] else None,
+                         "op_floor_us": _median([s[5].floor_ns() for s in records["steps"]]) / 1e3,
                          "op_times": "each op alone: what timing it from the dispatch mode adds (aten.alias timed "
                                      "the same way on the step, median op_floor_us) is taken out and left to "
                                      "dispatch and Python",
@@ -271,3 +270,7 @@ def _unwrap(replaced: list[tuple]) -> None:
     for space, key, fn, w in reversed(replaced):
         if space.get(key) is w:
             space[key] = fn
+
+
+def _median(values: list[int]) -> int:
+    return sorted(values)[len(values) // 2] if values else 0
