@@ -274,3 +274,13 @@ def test_dashboard_inside_each_block_view(tmp_path):
     assert not at.exception, [e.value for e in at.exception]
     at.sidebar.multiselect(key="runs").set_value(["plain"]).run()
     assert not at.exception and any("deep pass" in i.value for i in at.info)
+
+
+@pytest.mark.parametrize("bad", ["abc", "-2", "1,x"])
+def test_cli_bad_deep_value_fails_before_loading(tmp_path, capsys, bad):
+    from probe.cli import main
+
+    code = main(["run", "--preset", "tiny", "--deep", bad, "--out", str(tmp_path / "r"), "--no-report"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--deep takes" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
