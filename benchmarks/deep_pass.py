@@ -7,7 +7,8 @@ Model: the bundled 32-layer LLaMA (``probe-tiny-llama-32l``), float32, CPU, one 
    times, process CPU time. Target: median ratio <= 1.5.
 2. Op times: on one sampled step (prefill, and a decode step), each op kind's host time as the
    deep pass records it against torch.profiler's CPU time for the same ops on the same step of a
-   plain generate (the profiler started and stopped around that forward only). The profiler's
+   plain generate (the profiler started and stopped around that forward only, without
+   record_shapes and profile_memory, which inflate cheap ops). The profiler's
    total, not self, time: the dispatch mode sees an op with what it dispatches to below it
    (``aten::mean`` with its ``aten::sum``). Target: op kinds with >= 1 % of the step or >= 50 us
    within 10 %.
@@ -66,8 +67,8 @@ def cost(model, ids, new: int, rounds: int) -> list[float]:
 class StepProfiler:
     """torch.profiler around one forward (step ``index``) of a plain generate call."""
 
-    def __init__(self, model, index: int) -> None:
-        self.index, self.n, self.prof = index, 0, None
+    def __init__(self, model, index: int, full: bool = True) -> None:
+        self.index, self.n, self.prof, self.full = index, 0, None, full
         self.rss = 0
         self.handles = [model.register_forward_pre_hook(self.pre), model.register_forward_hook(self.post)]
 
@@ -76,7 +77,7 @@ class StepProfiler:
             from torch.profiler import ProfilerActivity, profile
 
             self.rss = rss_bytes()
-            self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True, profile_memory=True)
+            self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=self.full, profile_memory=self.full)
             self.prof.__enter__()
 
     def post(self, _m, _a, _o):
@@ -89,8 +90,11 @@ class StepProfiler:
             h.remove()
 
 
-def profiler_step(model, ids, new: int, index: int):
-    sp = StepProfiler(model, index)
+def profiler_step(model, ids, new: int, index: int, full: bool = True):
+    """torch.profiler on step ``index``: per op name its CPU time (total) and calls, the RSS growth
+    and the peak of its [memory] events; ``full``: with record_shapes and profile_memory (what the
+    memory comparison needs; the op times are taken without them, which inflate cheap ops)."""
+    sp = StepProfiler(model, index, full)
     try:
         model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
     finally:
@@ -193,10 +197,11 @@ def main(argv=None) -> int:
         kinds, prof = [], []
         for _ in range(args.repeats):
             per_kind, held, peak, total = deep_step(model, ids, index + 1, index)
-            total_us, counts, _, prof_peak = profiler_step(model, ids, index + 1, index)
+            total_us, counts, _, _ = profiler_step(model, ids, index + 1, index, full=False)
             kinds.append(per_kind)
             prof.append(total_us)
         per_kind = pd.concat(kinds).groupby(level=0).min()
+        prof_peak = profiler_step(model, ids, index + 1, index)[3]
         total_us = {k: min(p.get(k, float("inf")) for p in prof) for k in prof[0]}
         prof_rss = fresh_profiler_rss(index)
         ok, n = compare_ops(per_kind, float(per_kind["sum"].sum()), total_us, counts)
