@@ -73,13 +73,13 @@ RULES: dict[str, dict[str, Rule]] = {
     "ops": {
         "rank": MEASURED, "step": MEASURED, "q_len": MEASURED, "kv_len": MEASURED, "seq": MEASURED,
         "host_ms": MEASURED, "flops": OPTIONAL, "bytes_read_est": OPTIONAL, "bytes_written_est": OPTIONAL,
-        "alloc_bytes": MEASURED, "live_bytes": Rule(low=None),
+        "alloc_bytes": MEASURED, "live_bytes": Rule(low=None), "start_ms": MEASURED,
     },
     "ledger": {
         "rank": MEASURED, "step": MEASURED, "q_len": MEASURED, "kv_len": MEASURED, "depth": MEASURED,
         "weights_bytes": MEASURED, "kv_cache_bytes": MEASURED, "activations_bytes": MEASURED,
         "temporaries_bytes": MEASURED, "peak_added_bytes": MEASURED, "ops": MEASURED, "ops_ms": MEASURED,
-        "flops": OPTIONAL,
+        "flops": OPTIONAL, "start_ms": MEASURED, "end_ms": MEASURED,
     },
     "allocations": {"rank": MEASURED, "step": MEASURED, "seq": MEASURED, "bytes": MEASURED},
 }

@@ -236,6 +236,7 @@ OPS: dict[str, str] = {
     # live tensor bytes after the op, from the step's start: storages made since, less those freed
     # (a storage made before the step and freed in it counts down, so this can be negative)
     "live_bytes": "int64",
+    "start_ms": "float64",  # host start since the step opened (on the deep pass's slowed clock: for the trace)
 }
 
 #: a deep run's sampled steps: one row per module call, what it held in memory (bytes of tensor storages)
@@ -256,6 +257,8 @@ LEDGER: dict[str, str] = {
     "ops": "int64",  # ops run inside the call (its children's included)
     "ops_ms": "float64",  # their host time
     "flops": "Int64",  # their FLOPs (ops without a formula count 0)
+    "start_ms": "float64",  # host start and end since the step opened (the deep pass's slowed clock)
+    "end_ms": "float64",
 }
 
 #: a deep run's sampled steps: one row per tensor storage an op made

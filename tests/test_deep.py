@@ -284,3 +284,24 @@ def test_cli_bad_deep_value_fails_before_loading(tmp_path, capsys, bad):
     err = capsys.readouterr().err
     assert code == 2 and "--deep takes" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_chrome_trace_opens_the_sampled_steps_down_to_their_ops():
+    import json as _json
+
+    from reports.trace import build_trace
+
+    m = _model()
+    run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 3, "do_sample": False}, deep=[0, 2])
+    trace = build_trace(run)
+    _json.dumps(trace, allow_nan=False)  # writable as the export writes it
+    names = [e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"]
+    assert sum("deep pass" in n and "not timed" in n for n in names) == 2
+    ops = [e for e in trace["traceEvents"] if e.get("cat") == "op"]
+    mods = [e for e in trace["traceEvents"] if e.get("cat") == "module"]
+    assert len(ops) == len(run.ops) and len(mods) == len(run.ledger)
+    # an op lies inside the span of the module call it is attributed to: the first SDPA in layer 0's function
+    span = {(e["pid"], e["name"]): (e["ts"], e["ts"] + e["dur"]) for e in mods}
+    first = next(e for e in ops if "scaled_dot_product" in e["name"])
+    lo, hi = span[(first["pid"], "model.layers.0.self_attn.attention_fn")]
+    assert lo <= first["ts"] and first["ts"] + first["dur"] <= hi + 1e-3

@@ -64,13 +64,14 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
         part.loc[~known[sig], "flops"] = pd.NA
         part["bytes_read_est"], part["bytes_written_est"], part["alloc_bytes"] = o[:, 5], o[:, 6], o[:, 7]
         part["live_bytes"] = o[:, 8]
+        part["start_ms"] = o[:, 9] * 1e-6
         ops_parts.append(part)
         ticks, made_at = o[:, 0], a[:, 0]
         host = np.concatenate([[0], np.cumsum(ns)])
         fl = np.concatenate([[0], np.cumsum(flops_of[sig])])
         is_kv = np.zeros(len(a), dtype=bool)
         is_kv[list(kv)] = True
-        for code, depth, t_in, t_out, live0, peak in lg.calls:
+        for code, depth, t_in, t_out, live0, peak, ns_in, ns_out in lg.calls:
             t_out = t_out if t_out is not None else lg.tick + 1
             i, j = np.searchsorted(ticks, t_in, "right"), np.searchsorted(ticks, t_out, "left")
             k0, k1 = np.searchsorted(made_at, t_in, "right"), np.searchsorted(made_at, t_out, "left")
@@ -82,7 +83,8 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
             name = labels[code]
             ledger_rows.append((*head.values(), name, depth, weights.get(name or "", 0), kv_b,
                                 int(size[~tmp & ~is_kv[k0:k1]].sum()), int(size[tmp].sum()), max(peak - live0, 0),
-                                int(j - i), float(host[j] - host[i]) * 1e-6, int(fl[j] - fl[i])))
+                                int(j - i), float(host[j] - host[i]) * 1e-6, int(fl[j] - fl[i]), ns_in * 1e-6,
+                                (ns_out if ns_out is not None else ns_in) * 1e-6))
         alloc_parts.append(pd.DataFrame({
             "run_id": run_id, "rank": rank, "step": index, "phase": phase, "seq": a[:, 2],
             "op": op_of[sig[a[:, 2]]] if len(a) else [], "module": names[a[:, 3]], "bytes": a[:, 1],

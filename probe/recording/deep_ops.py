@@ -95,7 +95,7 @@ def _storages(ts: list) -> dict[int, list]:
 
 
 #: columns of a StepLog's op records and storage records (flat int64 arrays, one row after another)
-OP_COLS = ("tick", "module", "block", "sig", "ns", "read", "written", "made", "live")
+OP_COLS = ("tick", "module", "block", "sig", "ns", "read", "written", "made", "live", "start")
 ALLOC_COLS = ("tick", "bytes", "op", "module", "freed_tick", "freed_in")
 _NA, _NO = len(OP_COLS), len(ALLOC_COLS)
 
@@ -119,8 +119,9 @@ class StepLog:
         self.tick = 0
         self.ops = array("q")  # OP_COLS per op
         self.allocs = array("q")  # ALLOC_COLS per storage made
-        # [module code, depth, tick in, tick out, live bytes at entry, peak live bytes]
+        # [module code, depth, tick in, tick out, live bytes at entry, peak live bytes, ns in, ns out]
         self.calls: list[list] = []
+        self.t0 = time.perf_counter_ns()  # the step's start for the ops' and calls' start times
         self.stack: list[list] = []  # the open calls (entries of ``calls``); None for a foreign module
         self.live = 0  # bytes of the storages made in this step and still alive
         self._refs: dict[int, tuple] = {}  # storage id -> (weak reference, alloc index)
@@ -131,7 +132,7 @@ class StepLog:
         self.held_bytes = 0  # bytes of every storage the KV cache holds after the step
         self.floor = array("q")  # ns of aten.alias timed as the ops are (see OpMode)
         # the model's own forward (the step) is the outermost call: its hooks ran before the step opened
-        root = [0, 0, 0, None, 0, 0]
+        root = [0, 0, 0, None, 0, 0, 0, None]
         self.calls.append(root)
         self.stack.append(root)
 
@@ -155,7 +156,8 @@ class StepLog:
             self.stack.append(None)
             return
         self.tick += 1
-        call = [code, sum(1 for c in self.stack if c is not None), self.tick, None, self.live, self.live]
+        call = [code, sum(1 for c in self.stack if c is not None), self.tick, None, self.live, self.live,
+                time.perf_counter_ns() - self.t0, None]
         self.calls.append(call)
         self.stack.append(call)
 
@@ -166,6 +168,7 @@ class StepLog:
         if call is not None:
             self.tick += 1
             call[3] = self.tick
+            call[7] = time.perf_counter_ns() - self.t0
 
     def where(self) -> tuple[int, int]:
         """(innermost module, its block; -1: none) of what runs now, as codes."""
@@ -181,7 +184,7 @@ class StepLog:
         return (code if code >= 0 else 0), block
 
     # ---------------------------------------------------------------- ops (the dispatch mode)
-    def op(self, func: Any, args: tuple, kwargs: dict, out: Any, ns: int) -> None:
+    def op(self, func: Any, args: tuple, kwargs: dict, out: Any, ns: int, t0: int = 0) -> None:
         self.tick += 1
         ins, outs = _tensors(args, []), _tensors(out, [])
         if kwargs:
@@ -211,7 +214,7 @@ class StepLog:
             made += size
             self._grow(size)
         self.ops.extend((self.tick, module, block, sig[0], ns, sum(v[1] for v in s_in.values()),
-                         sum(v[1] for v in s_out.values()), made, self.live))
+                         sum(v[1] for v in s_out.values()), made, self.live, t0 - self.t0 if t0 else 0))
 
     def _grow(self, size: int) -> None:
         self.live += size
@@ -244,9 +247,10 @@ class StepLog:
         (nothing is told of later frees) and return the alloc indices of the storages alive now
         that the KV cache holds (``held``: storage id -> bytes)."""
         self.tick += 1
+        end = time.perf_counter_ns() - self.t0
         for c in self.stack:
             if c is not None and c[3] is None:
-                c[3] = self.tick
+                c[3], c[7] = self.tick, end
         self.stack = []
         self.held_bytes = sum(held.values())
         refs, self._refs = self._refs, {}
@@ -278,7 +282,7 @@ class OpMode(TorchDispatchMode):
         out = func(*args, **kwargs)
         ns = time.perf_counter_ns() - t0
         try:
-            self.log.op(func, args, kwargs, out, ns)
+            self.log.op(func, args, kwargs, out, ns, t0)
             self.n += 1
             if self.n % self.every == 1:
                 t0 = time.perf_counter_ns()
