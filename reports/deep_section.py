@@ -50,6 +50,7 @@ def deep_lines(run: "Run") -> list[str]:
     own = _folded(op_summary(run.ops, run.calls, by="module"), ["calls", "host_ms", "flops"], ["op"])
     cats = ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"]
     ledger = _folded(memory_ledger(run.ledger, run.ops), cats, [])
+    noisy = False
     for phase in PHASES:
         part = ops[ops["phase"] == phase]
         if part.empty:
@@ -65,6 +66,9 @@ def deep_lines(run: "Run") -> list[str]:
             head = (f"timed {fmt.ms(timed)} ms = ops {fmt.ms(total)} ms + dispatch and Python "
                     f"{fmt.ms(disp.iloc[0])} ms" if len(disp) and not fmt.is_missing(disp.iloc[0])
                     else f"ops {fmt.ms(total)} ms")
+            if len(disp) and not fmt.is_missing(disp.iloc[0]) and disp.iloc[0] < 0:
+                head += " (below 0: see the note below)"
+                noisy = True
             lines.append(f"  {name:<34} {head}")
             tops = [f"{_short(r.op)} {fmt.ms(r.host_ms)} ({fmt.pct(r.host_ms / total if total else float('nan'))}, "
                     f"x{r.calls:.0f})" for r in real.head(TOP).itertuples()]
@@ -89,6 +93,9 @@ def deep_lines(run: "Run") -> list[str]:
             m = step.iloc[0]
             lines.append(f"  {'whole step':<34} memory: KV cache held {fmt.nbytes(m.kv_cache_bytes)}, temporaries "
                          f"{fmt.nbytes(m.temporaries_bytes)}, peak +{fmt.nbytes(m.peak_added_bytes)}")
+    if noisy:
+        lines.append("  (dispatch and Python below 0: the ops ran slower in the one deep generate call than the block "
+                     "did in the timed ones, as on a busy machine; rerun on a quieter one. Memory does not depend on it)")
     lines.append("  (bytes are tensor storages made by ops; scratch inside kernels is not seen. ops.parquet, "
                  "ledger.parquet and allocations.parquet hold every op and storage)")
     return lines
