@@ -31,6 +31,7 @@ from probe.dashboards import (
     compare_views,
     cost_views,
     data,
+    deep_views,
     escapes,
     serve_views,
     views,
@@ -40,9 +41,9 @@ from probe.dashboards import (
 log = logging.getLogger("dashboards.app")
 
 #: the sidebar's views, in order: the run views, the cost views where they read best, Data last
-_ALL = {**views.VIEWS, **cost_views.VIEWS, **serve_views.VIEWS, **compare_views.VIEWS}
-_ORDER = ("Overview", "Layers", "Tree", "Timeline", "Memory", "Roofline", "Serving", "Shapes", "Compare",
-          compare_views.VIEW, "Sweep", "Data")
+_ALL = {**views.VIEWS, **cost_views.VIEWS, **serve_views.VIEWS, **deep_views.VIEWS, **compare_views.VIEWS}
+_ORDER = ("Overview", "Layers", "Tree", "Timeline", "Memory", deep_views.VIEW, "Roofline", "Serving", "Shapes",
+          "Compare", compare_views.VIEW, "Sweep", "Data")
 VIEWS = {**{n: _ALL[n] for n in _ORDER if n in _ALL}, **{n: f for n, f in _ALL.items() if n not in _ORDER}}
 
 # A loaded run is held once and shared by every rerun and session: a 1M-row frame would cost

@@ -248,3 +248,28 @@ SWEEP_SUMMARY: dict[str, str] = {
     "decode_tok_s": "float64",  # median over repeats (batch total)
     "wait_pct": "float64",  # busy-machine figure of the config's run (warning above probe.noise.BUSY_THRESHOLD_PCT)
 }
+
+#: ``Run.op_summary()`` / :func:`probe.analysis.ops.op_summary`: the ``op`` level of a deep run's sampled steps
+OP_SUMMARY: dict[str, str] = {
+    "phase": STR,
+    "block": STR,  # the block the ops ran in ("(outside blocks)": the model's own code between blocks)
+    "op": STR,  # an op kind as dispatched, or "(dispatch and Python)": the block's time less its ops'
+    "steps": "int64",  # sampled steps of this phase the row averages over
+    "calls": "float64",  # times the op ran in the block, per sampled step
+    "host_ms": "float64",  # host time per sampled step
+    "share": "float64",  # of the block's time (its timed time where known, else the sum of its ops)
+    "flops": "float64",  # per sampled step (0 where no formula is known)
+    "block_ms": "float64",  # the block's own time on timed steps of the same shapes; NaN: none recorded
+}
+
+#: ``Run.memory_ledger()`` / :func:`probe.analysis.ops.memory_ledger`: per block and phase, bytes per sampled step
+MEMORY_LEDGER: dict[str, str] = {
+    "phase": STR,
+    "block": STR,  # a block (or "(step)": the whole forward)
+    "steps": "int64",
+    "weights_bytes": "float64",
+    "kv_cache_bytes": "float64",
+    "activations_bytes": "float64",
+    "temporaries_bytes": "float64",
+    "peak_added_bytes": "float64",
+}

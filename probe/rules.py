@@ -70,10 +70,22 @@ RULES: dict[str, dict[str, Rule]] = {
         "queue_ms": OPTIONAL, "ttft_ms": OPTIONAL, "itl_ms_mean": OPTIONAL, "first_step": OPTIONAL,
         "last_step": OPTIONAL, "prefill_chunks": OPTIONAL, "tf_ttft_ms": OPTIONAL, "tf_itl_ms_mean": OPTIONAL,
     },
+    "ops": {
+        "rank": MEASURED, "step": MEASURED, "q_len": MEASURED, "kv_len": MEASURED, "seq": MEASURED,
+        "host_ms": MEASURED, "flops": OPTIONAL, "bytes_read_est": OPTIONAL, "bytes_written_est": OPTIONAL,
+        "alloc_bytes": MEASURED, "live_bytes": Rule(low=None), "start_ms": MEASURED,
+    },
+    "ledger": {
+        "rank": MEASURED, "step": MEASURED, "q_len": MEASURED, "kv_len": MEASURED, "depth": MEASURED,
+        "weights_bytes": MEASURED, "kv_cache_bytes": MEASURED, "activations_bytes": MEASURED,
+        "temporaries_bytes": MEASURED, "peak_added_bytes": MEASURED, "ops": MEASURED, "ops_ms": MEASURED,
+        "flops": OPTIONAL, "start_ms": MEASURED, "end_ms": MEASURED,
+    },
+    "allocations": {"rank": MEASURED, "step": MEASURED, "seq": MEASURED, "bytes": MEASURED},
 }
 
 #: frames whose rows each belong to a run of ``runs`` (by ``run_id``)
-RUN_ROWS = ("calls", "steps", "sampling", "requests")
+RUN_ROWS = ("calls", "steps", "sampling", "requests", "ops", "ledger", "allocations")
 
 
 def _values(s: pd.Series) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The one declaration of the frames' columns and dtypes (units in the names).
 
-Here: the frames a run records (``calls``, ``steps``, ``runs``, ``sampling``, ``requests``) and
+Here: the frames a run records (``calls``, ``steps``, ``runs``, ``sampling``, ``requests``, and a
+deep run's ``ops``, ``ledger`` and ``allocations``) and
 the saved-run schema version. The frames computed from a run are declared in
 :mod:`probe.derived_schema`, and how a schema is enforced (:func:`conform`, :func:`empty`) in
 :mod:`probe.columns`; this module names all of it, so ``probe.schema`` stays the one place to
@@ -23,6 +24,8 @@ from .derived_schema import (  # noqa: F401  (re-exported)
     DIFF,
     HEADLINE,
     HEADLINE_SPREAD,
+    MEMORY_LEDGER,
+    OP_SUMMARY,
     ROOFLINE,
     SIGNIFICANCE,
     SPREAD,
@@ -35,7 +38,8 @@ from .derived_schema import (  # noqa: F401  (re-exported)
 from .vocab import DEPTHS, LEVELS, PHASES, Depth, Level, Phase  # noqa: F401  (re-exported)
 
 #: v2 (this round): runs.output_ids, calls.descendants, calls.hooks_ms; runs of v1 load with the columns v2
-#: added as nulls (their nesting then comes from the calls' time windows, as v1 derived it)
+#: added as nulls (their nesting then comes from the calls' time windows, as v1 derived it); a deep run's
+#: ops, ledger and allocations frames are optional files of v2 (a run saved without them loads them empty)
 SCHEMA_VERSION = 2
 #: saved-run schema versions :func:`probe.load` reads
 READABLE_VERSIONS = (1, 2)
@@ -208,8 +212,72 @@ REQUESTS: dict[str, str] = {
     "tf_itl_ms_mean": "float64",  # the same mean ITL from transformers' record_timestamps
 }
 
+#: a deep run's sampled steps (probe.attach(model, deep=...)): one row per aten op as dispatched
+OPS: dict[str, str] = {
+    "run_id": STR,
+    "rank": "int64",
+    "step": "int64",
+    "phase": STR,
+    "q_len": "int64",
+    "kv_len": "int64",
+    "seq": "int64",  # the op's position in its step
+    "module": STR,  # the innermost module call running it (fully qualified; null: the model's own forward)
+    "block": STR,  # the block (embed, layer, norm, head) it ran in; null outside every block
+    "op": STR,  # the overload as dispatched, e.g. "aten.addmm.default"
+    "in_shapes": STR,  # JSON list of the tensor arguments' shapes
+    "in_dtypes": STR,  # JSON list of their dtypes
+    "out_shapes": STR,
+    "out_dtypes": STR,
+    "host_ms": "float64",  # host time of the op alone (the probe's bookkeeping outside it)
+    "flops": "Int64",  # torch.utils.flop_counter's formula (or probe's for ops it lacks); null: none known
+    "bytes_read_est": "Int64",  # estimated: bytes of the unique input storages the op's inputs span
+    "bytes_written_est": "Int64",  # estimated: the same for its outputs
+    "alloc_bytes": "int64",  # bytes of the storages this op made (outputs on no input's storage)
+    # live tensor bytes after the op, from the step's start: storages made since, less those freed
+    # (a storage made before the step and freed in it counts down, so this can be negative)
+    "live_bytes": "int64",
+    "start_ms": "float64",  # host start since the step opened (on the deep pass's slowed clock: for the trace)
+}
+
+#: a deep run's sampled steps: one row per module call, what it held in memory (bytes of tensor storages)
+LEDGER: dict[str, str] = {
+    "run_id": STR,
+    "rank": "int64",
+    "step": "int64",
+    "phase": STR,
+    "q_len": "int64",
+    "kv_len": "int64",
+    "module": STR,  # fully qualified; null: the model's whole forward (the step)
+    "depth": "int64",  # module calls enclosing it in this step
+    "weights_bytes": "int64",  # parameters of the module and its children (tied ones once)
+    "kv_cache_bytes": "int64",  # storages made in the call that the KV cache holds after the step
+    "activations_bytes": "int64",  # storages made in the call, alive when it returned, not the cache's
+    "temporaries_bytes": "int64",  # storages made and freed inside the call
+    "peak_added_bytes": "int64",  # peak of live tensor bytes during the call above those live at its start
+    "ops": "int64",  # ops run inside the call (its children's included)
+    "ops_ms": "float64",  # their host time
+    "flops": "Int64",  # their FLOPs (ops without a formula count 0)
+    "start_ms": "float64",  # host start and end since the step opened (the deep pass's slowed clock)
+    "end_ms": "float64",
+}
+
+#: a deep run's sampled steps: one row per tensor storage an op made
+ALLOCATIONS: dict[str, str] = {
+    "run_id": STR,
+    "rank": "int64",
+    "step": "int64",
+    "phase": STR,
+    "seq": "int64",  # the op that made it (ops.seq)
+    "op": STR,
+    "module": STR,  # the module call that made it
+    "bytes": "int64",  # the storage's size
+    "freed": "boolean",  # freed before the step ended
+    "freed_in": STR,  # the module call it was freed in; null when alive at the step's end
+    "kv_cache": "boolean",  # held by the KV cache after the step
+}
+
 FRAMES: dict[str, dict[str, str]] = {"calls": CALLS, "steps": STEPS, "runs": RUNS, "sampling": SAMPLING,
-                                     "requests": REQUESTS}
+                                     "requests": REQUESTS, "ops": OPS, "ledger": LEDGER, "allocations": ALLOCATIONS}
 
 
 def shape_text(js: object) -> str:

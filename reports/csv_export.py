@@ -29,10 +29,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .cost_view import CostView
 
-Table = Literal["calls", "steps", "runs", "sampling", "summary", "roofline", "requests"]
+Table = Literal["calls", "steps", "runs", "sampling", "summary", "roofline", "requests", "ops", "ledger",
+                "allocations"]
 TABLES: dict[str, dict[str, str]] = {"calls": schema.CALLS, "steps": schema.STEPS, "runs": schema.RUNS,
                                      "sampling": schema.SAMPLING, "summary": schema.SUMMARY,
-                                     "roofline": roofline_columns(), "requests": schema.REQUESTS}
+                                     "roofline": roofline_columns(), "requests": schema.REQUESTS,
+                                     "ops": schema.OPS, "ledger": schema.LEDGER, "allocations": schema.ALLOCATIONS}
 
 
 def frames_for_csv(run: "Run", view: "CostView | None" = None) -> dict[str, pd.DataFrame]:
@@ -60,6 +62,9 @@ def frames_for_csv(run: "Run", view: "CostView | None" = None) -> dict[str, pd.D
         frames["roofline"] = view.roof.astype(TABLES["roofline"])
     if len(run.requests):  # continuous-batching runs only
         frames["requests"] = schema.conform(run.requests, schema.REQUESTS)
+    for name in ("ops", "ledger", "allocations"):  # a run with a deep pass only
+        if len(getattr(run, name)):
+            frames[name] = schema.conform(getattr(run, name), TABLES[name])
     return frames
 
 

@@ -37,6 +37,7 @@ from probe.store import write_text
 from . import figures, tree_figures
 from .html_page import (  # noqa: F401  (page machinery: part of this module's API)
     CSS, MAX_TABLE_ROWS, PLOTLY_CONFIG, Page, esc, figure_html, format_cell, page, table_html)
+from .deep_section import deep_section
 from .html_sections import (  # noqa: F401  (sections: part of this module's API)
     MAX_PROMPT_CHARS, TREE_TABLE_DEPTH, facts_table, generated_html, headline_html, noise_html, roofline_section,
     roofline_table, serving_section, spread_html, tree_rows)
@@ -86,7 +87,8 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
     serving = not run.requests.empty or (not run.runs.empty and (run.runs["kind"] == "serve").any())
     links = (("phases", "Prefill vs decode"), ("headline", "Per generate call"), *((("serving", "Serving"),) if serving else ()),
              *[(i + "-title", t) for i, t, _ in FIGURES],
-             ("roofline", "Roofline and bounds"), ("tables", "Tables"), ("shapes", "Shapes"))
+             ("roofline", "Roofline and bounds"), *((("deep", "Inside each block"),) if len(run.ops) else ()),
+             ("tables", "Tables"), ("shapes", "Shapes"))
     doc.add("<nav>" + "".join(f'<a href="#{i}">{esc(t)}</a>' for i, t in links) + "</nav>")
     doc.add(headline_html(run))  # the answer first: prefill vs decode, adding up to the generate call
     doc.add(noise_html(run))  # how far to trust it, right below
@@ -114,6 +116,7 @@ def render_report(run: "Run", view: "CostView | None" = None) -> str:
     for div_id, title, build in FIGURES:
         doc.figure(build(run), div_id, title)
     roofline_section(doc, run, view)
+    deep_section(doc, run)  # a run with a deep pass: each block's ops and memory ledger
     doc.add('<h2 id="tables">Tables</h2>')
     doc.add(table_html(run.phase_summary(), caption="Per phase", table_id="phase-table"))
     if len(run.sampling):

@@ -10,6 +10,8 @@ from probe import fmt
 from probe.analysis.headline import TOKENS_NOTE, headline_cells
 from probe.roles import BLOCKS as BLOCK_ROLES
 
+from .deep_section import deep_lines
+
 TIME_PHASES = ("prefill", "decode", "extend", "recompute")
 #: role-level names that are no deeper than the blocks: the blocks and the forward's other parts
 NOT_DEEPER = frozenset({*BLOCK_ROLES, "(residue)", "(probe)"})
@@ -75,6 +77,7 @@ def run_summary(run) -> str:
     if walk:
         lines.append("")
         lines.extend(walk)
+    lines.extend(deep_lines(run))
     lines.extend(noise_lines(run))
     return "\n".join(lines)
 

@@ -10,6 +10,10 @@ Layout:
   top-level blocks' GPU durations. CUDA events measure durations, not timestamps, so each GPU
   span is placed at ``max(its host start, the previous GPU span's end)``: the stream runs
   kernels in order and never before they are launched.
+- a run with a deep pass: one more process per sampled step (``deep pass, step N``), its module
+  calls (``ledger``) nested with every aten op (``ops``) inside them, on the deep pass's own
+  clock from the step's start (the recording slows the step: these spans show order and
+  proportion, the timed figures are the other processes').
 
 Times are µs (``ts``/``dur``) from the run's first recorded event; ``args`` carry the step,
 phase, shapes (as lists), output bytes and q/kv lengths.
@@ -158,9 +162,40 @@ def build_trace(run: "Run") -> dict:
                               "phase": object, "module": object, "role": object, "module_type": object})
     call_events, gpu_phases = _call_events(calls, pids, tids)
     events = _meta_events(run, pids, tids, gpu_phases) + _step_events(run.steps, pids, tids) + call_events
+    events += _deep_events(run, max(pids.values(), default=0) + 1)
     # otherData first: it names the producer near the top of the file (how --out knows probe wrote it)
     return {"otherData": {"producer": "probe", "run_dir": str(run.path) if run.path else ""},
             "traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def _deep_events(run: "Run", first_pid: int) -> list[dict]:
+    """A deep pass's sampled steps, one process each: module calls with their ops inside."""
+    ops, ledger = run.ops, run.ledger
+    if ops.empty:
+        return []
+    out: list[dict] = []
+    keys = list(dict.fromkeys(zip(ops["run_id"].astype(str), ops["step"].astype("int64").tolist())))
+    pid_of = {k: first_pid + i for i, k in enumerate(keys)}
+    for (rid, step), pid in pid_of.items():
+        phase = str(ops.loc[(ops["run_id"] == rid) & (ops["step"] == step), "phase"].iloc[0])
+        out.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0,
+                    "args": {"name": f"deep pass {rid}, step {step} ({phase}), not timed"}})
+        out.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}})
+    for r in ledger.itertuples(index=False):
+        pid = pid_of.get((str(r.run_id), int(r.step)))
+        if pid is None:
+            continue
+        name = "(forward)" if pd.isna(r.module) else str(r.module)
+        out.append({"ph": "X", "name": name, "cat": "module", "pid": pid, "tid": 1, "ts": _us(r.start_ms),
+                    "dur": max(_us(r.end_ms - r.start_ms), 0.0),
+                    "args": {c: int(getattr(r, c)) for c in ("weights_bytes", "kv_cache_bytes", "activations_bytes",
+                                                              "temporaries_bytes", "peak_added_bytes")}})
+    for r in ops.itertuples(index=False):
+        out.append({"ph": "X", "name": str(r.op), "cat": "op", "pid": pid_of[(str(r.run_id), int(r.step))], "tid": 1,
+                    "ts": _us(r.start_ms), "dur": _us(r.host_ms),
+                    "args": {"in_shapes": json.loads(r.in_shapes), "out_shapes": json.loads(r.out_shapes),
+                             "flops": None if pd.isna(r.flops) else int(r.flops), "alloc_bytes": int(r.alloc_bytes)}})
+    return out
 
 
 def write_trace(run: "Run", path: str | os.PathLike) -> Path:

@@ -91,6 +91,11 @@ def test_seed_walkthrough_notebook_executes_and_shows_the_walk():
         assert want in text, want
     assert "chose within the kept set in 5 of 5 draws" in text
     _check_sampling_stages(nb)
+    # section 7: one decode layer opened down to its ops (the attention function a call of its own), its ledger
+    deep = _text(_cell(nb, "deep=[0, 5]"))
+    for want in ("model.layers.0.self_attn.attention_fn", "model.layers.0.mlp.down_proj", "mm "):
+        assert want in deep, deep
+    assert "model.layers.0" in _text(_cell(nb, "memory_ledger(deep.run.ledger"))
     figs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if "application/vnd.plotly.v1+json" in o.get("data", {}) or "text/html" in o.get("data", {})]
     assert sum("application/vnd.plotly.v1+json" in o.get("data", {}) for o in figs) == 3

@@ -131,7 +131,7 @@ def build_run(p: "Records") -> "Run":
         **env,
     }
     # what the observers add, each from its own records: columns, whole frames, meta
-    steps_df, runs_df, built, observed_meta = contributions(p.observed, calls, steps_df, runs_df, p.rank)
+    calls, steps_df, runs_df, built, observed_meta = contributions(p.observed, calls, steps_df, runs_df, p.rank)
     meta.update(observed_meta)
     return Run(calls=calls, steps=steps_df, runs=runs_df, meta=meta, **built)
 

@@ -52,8 +52,10 @@ def check_declarations(kind: type) -> None:
 
 
 def contributions(observed: tuple, calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame,
-                  rank: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame], dict]:
-    """``(steps, runs, built frames by name, meta)`` once every observer has added its part.
+                  rank: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame], dict]:
+    """``(calls, steps, runs, built frames by name, meta)`` once every observer has added its
+    part, the rows of the runs an observer set apart as untimed left out of ``calls``, ``steps``
+    and the frames the other observers built.
 
     Args:
         observed: ``(observer class, its frozen records)`` per observer, in registration order
@@ -65,6 +67,8 @@ def contributions(observed: tuple, calls: pd.DataFrame, steps: pd.DataFrame, run
     """
     built: dict[str, pd.DataFrame] = {}
     meta: dict = {}
+    untimed: dict[str, frozenset] = {}  # the observer's name -> the runs it set apart
+    builder: dict[str, str] = {}
     for kind, records in observed:
         who = kind.__name__
         part = kind.frames(records, calls=calls, steps=steps, runs=runs, rank=rank)
@@ -80,8 +84,23 @@ def contributions(observed: tuple, calls: pd.DataFrame, steps: pd.DataFrame, run
             if odd:
                 raise ValueError(f"{who} built {name!r} with columns other than it declares: {odd}")
             built[name] = schema.conform(df, dict(cols), extra=False) if len(df) else schema.empty(dict(cols))
+            builder[name] = who
         meta.update(part.meta)
-    return steps, runs, built, meta
+        if part.untimed:
+            untimed[who] = frozenset(part.untimed)
+    apart = frozenset().union(*untimed.values())
+    if apart:
+        calls, steps = _without(calls, apart), _without(steps, apart)
+        built = {name: _without(df, apart - untimed.get(builder[name], frozenset())) for name, df in built.items()}
+    return calls, steps, runs, built, meta
+
+
+def _without(df: pd.DataFrame, run_ids: frozenset) -> pd.DataFrame:
+    """``df`` without the rows of ``run_ids``."""
+    if not run_ids or not len(df) or "run_id" not in df:
+        return df
+    keep = ~df["run_id"].isin(run_ids).to_numpy(dtype=bool)
+    return df if keep.all() else df[keep].reset_index(drop=True)
 
 
 def _fill(frame: pd.DataFrame, part: pd.DataFrame | None, name: str, declared: Mapping[str, str],

@@ -37,9 +37,10 @@ from .part import MARK, STEP_FRAMES, TREE_INPUTS, Part, calls_schema, describe, 
 from ..validate import MANIFEST, RunLoadError, check_frame, check_manifest, check_meta
 
 FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet", "sampling": "sampling.parquet",
-         "requests": "requests.parquet"}
-#: frames added later: saved with every run; a run saved before them loads them empty
-OPTIONAL_FILES = frozenset({"sampling", "requests"})
+         "requests": "requests.parquet", "ops": "ops.parquet", "ledger": "ledger.parquet",
+         "allocations": "allocations.parquet"}
+#: frames added later: a run saved before them (or, for a deep pass's, without any rows) loads them empty
+OPTIONAL_FILES = frozenset({"sampling", "requests", "ops", "ledger", "allocations"})
 
 
 @dataclass
@@ -56,6 +57,10 @@ class Run:
     path: Path | None = None
     sampling: pd.DataFrame = field(default_factory=lambda: schema.empty(SAMPLING))
     requests: pd.DataFrame = field(default_factory=lambda: schema.empty(REQUESTS))
+    # a deep run's sampled steps (probe.attach(model, deep=...)): each op, the memory ledger, each storage
+    ops: pd.DataFrame = field(default_factory=lambda: schema.empty(schema.OPS))
+    ledger: pd.DataFrame = field(default_factory=lambda: schema.empty(schema.LEDGER))
+    allocations: pd.DataFrame = field(default_factory=lambda: schema.empty(schema.ALLOCATIONS))
     # derived tables (summary, tree) by what was asked, each with the calls and steps frames it was
     # built from: a frame assigned anew makes it stale (frames are treated as read-only)
     _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -161,6 +166,13 @@ class Run:
         total and mean ms per step, GPU total, share of the time outside the model and of the
         step. See :func:`probe.sampling.stage_summary`."""
         return stage_summary(self.sampling, self.steps)
+
+    def op_summary(self, *, top: int | None = None, by: str = "block") -> pd.DataFrame:
+        """A deep run's ops per phase, block and op kind (:func:`probe.analysis.ops.op_summary`);
+        its memory per block is :func:`probe.analysis.ops.memory_ledger`."""
+        from .ops import op_summary
+
+        return op_summary(self.ops, self.calls, top=top, by=by)
 
     def phase_summary(self) -> pd.DataFrame:
         """One row per phase: steps, tokens, forward/outside/latency totals and means."""
@@ -270,11 +282,13 @@ class Run:
         """The bytes of every file of the saved run, ``meta.json`` (with the manifest) last."""
         blobs: dict[str, bytes] = {}
         for key, name in FILES.items():
+            if key in ("ops", "ledger", "allocations") and getattr(self, key).empty:
+                continue  # written only for a run with a deep pass
             buf = io.BytesIO()
             getattr(self, key).to_parquet(buf, index=False)
             blobs[name] = buf.getvalue()
         meta = dict(self.meta)
-        meta["files"] = dict(FILES)
+        meta["files"] = {k: v for k, v in FILES.items() if v in blobs}
         meta["schema_version"] = schema.SCHEMA_VERSION
         meta[MANIFEST] = {
             "save_id": uuid.uuid4().hex,
@@ -425,7 +439,8 @@ def _load_folder(root: Path, sel: Part | None = None) -> tuple[Run, list[str]]:
     except ValueError as exc:
         found.append(f"{FILES['calls']}: {exc}")
     return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root,
-               sampling=frames["sampling"], requests=frames["requests"]), found
+               sampling=frames["sampling"], requests=frames["requests"], ops=frames["ops"], ledger=frames["ledger"],
+               allocations=frames["allocations"]), found
 
 
 def merge(runs: list[Run], path: Path | None = None) -> Run:
@@ -439,7 +454,9 @@ def merge(runs: list[Run], path: Path | None = None) -> Run:
     reqs = schema.conform(pd.concat([r.requests for r in runs], ignore_index=True), REQUESTS)
     meta = dict(runs[0].meta)
     meta["ranks"] = [r.meta.get("rank", i) for i, r in enumerate(runs)]
-    return Run(calls=calls, steps=steps, runs=runs_df, meta=meta, path=path, sampling=sampling, requests=reqs)
+    deep = {k: schema.conform(pd.concat([getattr(r, k) for r in runs], ignore_index=True), schema.FRAMES[k])
+            for k in ("ops", "ledger", "allocations")}
+    return Run(calls=calls, steps=steps, runs=runs_df, meta=meta, path=path, sampling=sampling, requests=reqs, **deep)
 
 
 def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: str | None = None) -> pd.DataFrame:

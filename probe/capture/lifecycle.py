@@ -24,6 +24,7 @@ from torch import nn
 
 from ..analysis.observed import check_declarations
 from ..recording import attnfn, hotpath
+from ..recording.deep import DeepObserver, plan_of
 from ..recording.defaults import default_observers
 from ..recording.discovery import ModuleInfo, select_modules
 from ..recording.hooktime import HookTimers
@@ -90,6 +91,7 @@ class Probe:
         cuda_graphs: bool = False,
         observers: Iterable[Observer] = (),
         time_hooks: bool = True,
+        deep: object = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -105,6 +107,9 @@ class Probe:
         if clock is not None and not callable(clock):
             raise TypeError("clock must be a callable returning integer nanoseconds, like time.perf_counter_ns")
         observers = list(observers)
+        plan = plan_of(deep)  # a bad value fails here, before anything is installed
+        if plan is not None:
+            observers.append(DeepObserver(plan))
         for o in observers:
             if not isinstance(o, Observer):
                 raise TypeError(f"observers must be instances of probe.recording.observer.Observer subclasses; "
@@ -363,6 +368,7 @@ def attach(
     cuda_graphs: bool = False,
     observers: Iterable[Observer] = (),
     time_hooks: bool = True,
+    deep: object = None,
 ) -> Probe:
     """Record every call of ``model``'s blocks, step by step, until detached.
 
@@ -394,6 +400,10 @@ def attach(
             ``calls.hooks_ms`` says how much of it they were; such a module's call is then timed
             around ``_call_impl`` (it runs PyTorch's slow path for its hooks anyway). ``False``
             times ``forward`` alone and leaves hooks to the enclosing call (``hooks_ms`` null).
+        deep: make every ``generate()`` call a deep run: on sampled steps every aten op and tensor
+            storage is recorded (``run.ops``, ``run.ledger``, ``run.allocations``) and the run is
+            left out of every timing figure. ``True``: the prefill step and 3 decode steps spread
+            over the run; an int: that many decode steps; a list: those step indices.
     Returns:
         The attached :class:`Probe`; use it as a context manager or call ``detach()``.
     Raises:
@@ -404,6 +414,6 @@ def attach(
     p = Probe(
         model, depth, cuda_timing=cuda_timing, track_memory=track_memory, decode_stride=decode_stride,
         max_steps=max_steps, model_id=model_id, rank=rank, clock=clock, cuda_graphs=cuda_graphs,
-        observers=observers, time_hooks=time_hooks,
+        observers=observers, time_hooks=time_hooks, deep=deep,
     )
     return p._attach()

@@ -203,11 +203,11 @@ def check_out(out: Path, kind: str, *, force: bool = False, is_file: bool = Fals
     return note
 
 
-def saved_files() -> str:
-    """The files a saved run folder holds, as the terminal lists them."""
+def saved_files(folder: Path | None = None) -> str:
+    """The files a saved run folder holds (``folder``'s, where given), as the terminal lists them."""
     from ..analysis.run import FILES, META
 
-    return ", ".join([*FILES.values(), META])
+    return ", ".join([n for n in FILES.values() if folder is None or (folder / n).exists()] + [META])
 
 
 def missing(exc: ImportError) -> str:

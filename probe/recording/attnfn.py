@@ -154,3 +154,21 @@ def wrapped() -> int:
 
 def pseudo_name(attention: str) -> str:
     return f"{attention}.{NAME}"
+
+
+def entries(modules: Iterable[nn.Module]) -> list[tuple[dict, str]]:
+    """``(namespace, key)`` of every attention function ``modules``' attention may call now: the
+    registry's entries and their modeling modules' ``eager_attention_forward`` (what this module
+    wraps while a probe records at depth sublayers or all; a deep pass wraps them for its steps)."""
+    mu = sys.modules.get("transformers.modeling_utils")
+    cls = getattr(mu, "AttentionInterface", None)
+    out = []
+    for space in (getattr(cls, "_global_mapping", None),
+                  getattr(getattr(mu, "ALL_ATTENTION_FUNCTIONS", None), "_local_mapping", None)):
+        if isinstance(space, dict):
+            out += [(space, key) for key in list(space) if callable(space[key])]
+    for name in {type(m).__module__ for m in modules}:
+        mod = sys.modules.get(name)
+        if mod is not None and callable(getattr(mod, "eager_attention_forward", None)):
+            out.append((mod.__dict__, "eager_attention_forward"))
+    return out

@@ -49,6 +49,11 @@ def _layer_tensors(cache: Any):
                         yield t
 
 
+def cache_tensors(cache: Any) -> list:
+    """The tensors a cache holds (keys and values per layer, or what a layer keeps instead)."""
+    return list(_layer_tensors(cache)) if cache is not None else []
+
+
 def cache_bytes(cache: Any) -> int | None:
     """Bytes held by the cache's tensors (allocated size: a static cache counts in full)."""
     if cache is None:

@@ -40,13 +40,17 @@ class Contribution:
     columns the observer declares in :attr:`Observer.columns`; the frame builder writes them
     into the shared frames' rows of the same keys (rows it has no value for keep theirs).
     ``built`` holds whole frames by name (a frame of :class:`probe.Run` such as ``requests``),
-    each declared in :attr:`Observer.builds`; ``meta`` joins the run's metadata.
+    each declared in :attr:`Observer.builds`; ``meta`` joins the run's metadata. ``untimed``
+    names runs whose times this observer disturbed (a deep run): their rows leave ``calls``,
+    ``steps`` and the frames other observers built, so no timing figure counts them; their
+    ``runs`` row stays.
     """
 
     steps: "DataFrame | None" = None
     runs: "DataFrame | None" = None
     built: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    untimed: frozenset = frozenset()
 
 
 class Observer:

@@ -55,6 +55,7 @@ def profile(
     model_id: str | None = None,
     progress: Callable[[str], None] | None = None,
     watch: Callable[["Probe"], ContextManager[Any]] | None = None,
+    deep: Any = None,
     **attach_options: Any,
 ) -> "Run":
     """Profile ``model.generate(**inputs, **generate_kwargs)``: warm-up, ``repeat`` recorded calls.
@@ -76,6 +77,9 @@ def profile(
         progress: called with a line before each generate call ("warm-up 1/1 (not recorded)").
         watch: a context manager factory entered around each recorded call with the probe
             (``Probe.generate_steps`` gives the live step count), e.g. a progress display.
+        deep: after the timed calls, one more generate call of the same inputs and seed as a
+            deep run (``True``, an int or a list of steps, as :func:`probe.attach`'s ``deep``):
+            its sampled steps' ops and memory ledger join the run, its times count nowhere.
         attach_options: more options of :func:`probe.attach` (``decode_stride``, ``max_steps`` ...).
     Returns:
         The :class:`probe.Run`, with ``meta`` holding ``warmup``, ``repeat``, ``seed``, the
@@ -90,6 +94,7 @@ def profile(
         raise ValueError(f"repeat must be an int >= 1 (recorded generate calls); got {repeat!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be None or an int >= 1; got {threads!r}")
+    deep_pass = _deep_observer(deep, attach_options)
     feed = dict(inputs) if isinstance(inputs, Mapping) else {"input_ids": inputs}
     gen = dict(generate_kwargs or {})
     say = progress or (lambda _msg: None)
@@ -100,7 +105,7 @@ def profile(
 
     run, failure = _record(model, one, depth=depth, warmup=warmup, repeat=repeat, seed=seed, threads=threads,
                            model_id=model_id, progress=say, watch=watch, what="generate",
-                           attach_options=attach_options)
+                           attach_options=attach_options, deep=deep_pass)
     _annotate(run, warmup=warmup, repeat=repeat, seed=seed)
     if tokenizer is not None and keep_text:
         text = texts(run, tokenizer, feed.get("input_ids"))
@@ -166,8 +171,10 @@ def profile_serving(
 def _record(model, call: Callable[[int], None], *, depth, warmup: int, repeat: int, seed: int | None,
             threads: int | None, model_id: str | None, progress: Callable[[str], None],
             watch: Callable[["Probe"], ContextManager[Any]], what: str,
-            attach_options: dict) -> tuple["Run", Exception | None]:
-    """Attach, run ``call`` ``warmup`` times and clear, run it ``repeat`` times, detach on every path."""
+            attach_options: dict, deep: Any = None) -> tuple["Run", Exception | None]:
+    """Attach, run ``call`` ``warmup`` times and clear, run it ``repeat`` times (then once more as a
+    deep run when ``deep``, an unarmed deep observer among the attach options, is given), detach
+    on every path."""
     import torch
 
     from ..capture.lifecycle import attach
@@ -194,6 +201,11 @@ def _record(model, call: Callable[[int], None], *, depth, warmup: int, repeat: i
                 reseed()
                 with watch(p):
                     call(i)
+            if deep is not None:
+                progress("deep pass: one more generate, ops and memory of sampled steps (not timed) ...")
+                deep.armed = True
+                reseed()
+                call(repeat)
         except Exception as exc:  # keep the partial run: it is the evidence
             failure = exc
         finally:
@@ -202,6 +214,21 @@ def _record(model, call: Callable[[int], None], *, depth, warmup: int, repeat: i
     finally:
         if threads is not None:
             torch.set_num_threads(threads_before)
+
+
+def _deep_observer(deep: Any, attach_options: dict) -> Any:
+    """The unarmed deep observer ``deep=`` asks for, added to ``attach_options``' observers (or None)."""
+    from ..recording.deep import DeepObserver, plan_of
+
+    if "deep" in attach_options:
+        raise ValueError("profile(deep=...) runs one deep generate after the timed ones; it takes no attach "
+                         "option deep= (use probe.attach(model, deep=...) to make every call a deep run)")
+    plan = plan_of(deep)
+    if plan is None:
+        return None
+    obs = DeepObserver(plan, armed=False)
+    attach_options["observers"] = [*attach_options.get("observers", ()), obs]
+    return obs
 
 
 def _annotate(run: "Run", *, warmup: int, repeat: int, seed: int | None) -> None:

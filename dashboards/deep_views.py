@@ -1,0 +1,49 @@
+"""The dashboard's "Inside each block" view: a deep pass's ops per block and phase, the memory
+ledger and the live tensor bytes over each sampled step, with the report's builders
+(:mod:`reports.deep_section`, :mod:`probe.analysis.ops`)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import streamlit as st
+
+from .context import Context, md, show_chart, show_table
+
+VIEW = "Inside each block"
+
+
+def inside(ctx: Context) -> None:
+    """Each block's ops (ms and FLOPs per sampled step, with its dispatch and Python) and its
+    memory ledger, per phase, for a run with a deep pass."""
+    from probe.analysis.ops import memory_ledger, op_summary
+    from probe.reports.deep_section import PHASES, live_bytes_figure
+
+    deep_runs = [n for n in ctx.selected if not ctx.loaded[n].ops.empty]
+    if not deep_runs:
+        st.info("None of the selected runs has a deep pass. Record one with `probe run --deep --out FOLDER/NAME` "
+                "or `probe.attach(model, deep=True)`.")
+        return
+    name = deep_runs[0]
+    if len(deep_runs) > 1:
+        if st.session_state.get("deep_run") not in deep_runs:
+            st.session_state["deep_run"] = deep_runs[0]
+        name = st.selectbox("Run", deep_runs, key="deep_run")
+    run = ctx.loaded[name]
+    memo = lambda what, build: ctx.memo(what, build, runs=(name,))  # noqa: E731
+    deep = run.meta.get("deep") or {}
+    st.caption(md(f"Sampled: {deep.get('sampled', '?')}; not timed. Op times are each op alone, per sampled step; "
+                  "(dispatch and Python) is the block's time on timed steps of the same shapes less its ops."))
+    by = st.radio("Ops by", ["block", "module"], key="deep_by", horizontal=True)
+    table = memo(f"deep_ops_{by}", lambda: op_summary(run.ops, run.calls, by=by))
+    for phase in PHASES:
+        part = table[table["phase"] == phase].drop(columns="phase")
+        if len(part):
+            st.subheader(phase)
+            show_table(part, f"deep_ops_{phase}")
+    st.subheader("Memory ledger per block and phase")
+    show_table(memo("deep_ledger", lambda: memory_ledger(run.ledger, run.ops)), "deep_ledger")
+    show_chart(memo("deep_live", lambda: live_bytes_figure(run.ops)), "deep_live")
+
+
+VIEWS: dict[str, Callable[[Context], None]] = {VIEW: inside}

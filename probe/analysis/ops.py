@@ -1,0 +1,118 @@
+"""The ``op`` level: a deep run's sampled steps opened down to their ops, and their memory ledger.
+
+A deep run (``probe.attach(model, deep=...)``, ``probe run --deep``) records every aten op of a
+few sampled steps (the ``ops`` frame) and what each module call held (``ledger``). Its times are
+the dispatch mode's, op by op; what the block spent beside its ops — Python, dispatch, the
+module machinery — is the block's time on *timed* steps of the same shapes (same phase, query
+and cache lengths: the timed generate calls of ``probe run`` share the deep run's inputs and
+seed) less the sum of its ops: the row ``(dispatch and Python)``. Without timed steps of those
+shapes it is unknown (NaN), never guessed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .. import schema
+from ..schema import MEMORY_LEDGER, OP_SUMMARY
+
+OUTSIDE = "(outside blocks)"
+DISPATCH = "(dispatch and Python)"
+STEP = "(step)"
+_SHAPE = ["phase", "q_len", "kv_len"]
+
+
+def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None,
+               by: str = "block") -> pd.DataFrame:
+    """Per phase, block and op kind: calls, host time and FLOPs per sampled step, and per block
+    the ``(dispatch and Python)`` row (see the module doc).
+
+    Args:
+        ops: a run's ``ops`` frame.
+        calls: its ``calls`` frame (the timed calls; a deep run's own are not in it).
+        top: keep each block's ``top`` op kinds by time (the dispatch row always stays).
+        by: ``"block"``, or ``"module"``: each op with the innermost module that ran it (what an
+            attention module's own code is made of, its projections apart); no dispatch row
+            there, as the timed calls hold modules only at the depth they were recorded at.
+    Returns:
+        A frame of :data:`probe.schema.OP_SUMMARY`, by phase, block (in model order) and time.
+    Raises:
+        ValueError: an unknown ``by``.
+    """
+    if by not in ("block", "module"):
+        raise ValueError(f"by must be 'block' or 'module'; got {by!r}")
+    if ops.empty:
+        return schema.empty(OP_SUMMARY)
+    if by == "module":
+        ops, calls = ops.assign(block=ops["module"].fillna(OUTSIDE)), calls.iloc[:0]
+    else:
+        ops = ops.assign(block=ops["block"].fillna(OUTSIDE))
+    sampled = ops.drop_duplicates(["run_id", "step"])[["run_id", "step", *_SHAPE]]
+    n_steps = sampled.groupby("phase").size()
+    g = ops.groupby(["phase", "block", "op"], sort=False)
+    rows = g.agg(calls=("seq", "size"), host_ms=("host_ms", "sum"),
+                 flops=("flops", lambda s: float(s.fillna(0).sum()))).reset_index()
+    per = n_steps.reindex(rows["phase"]).to_numpy(dtype="float64")
+    for col in ("calls", "host_ms", "flops"):
+        rows[col] = rows[col].to_numpy(dtype="float64") / per
+    block_ms = _timed_block_ms(ops, sampled, calls)
+    ops_ms = rows.groupby(["phase", "block"], sort=False)["host_ms"].sum()
+    disp = []
+    for (phase, block), total in (ops_ms.items() if by == "block" else ()):
+        timed = block_ms.get((phase, block), np.nan)
+        disp.append({"phase": phase, "block": block, "op": DISPATCH, "calls": np.nan,
+                     "host_ms": timed - total if not np.isnan(timed) else np.nan, "flops": 0.0})
+    rows = pd.concat([rows, pd.DataFrame(disp)], ignore_index=True) if disp else rows
+    rows["steps"] = n_steps.reindex(rows["phase"]).to_numpy(dtype="int64")
+    keys = list(zip(rows["phase"], rows["block"]))
+    rows["block_ms"] = [block_ms.get(k, np.nan) for k in keys]
+    denom = [block_ms.get(k, np.nan) if not np.isnan(block_ms.get(k, np.nan)) else ops_ms.get(k, np.nan) for k in keys]
+    with np.errstate(divide="ignore", invalid="ignore"):  # a block whose ops took no measurable time
+        rows["share"] = rows["host_ms"].to_numpy(dtype="float64") / np.asarray(denom, dtype="float64")
+    order = {b: i for i, b in enumerate(ops.drop_duplicates("block")["block"])}
+    rows["_b"] = rows["block"].map(order)
+    rows["_d"] = rows["op"].eq(DISPATCH)
+    rows = rows.sort_values(["phase", "_b", "_d", "host_ms"], ascending=[False, True, True, False], kind="stable")
+    if top is not None:
+        rows = rows[rows["_d"] | (rows.groupby(["phase", "block"]).cumcount() < top)]
+    return schema.conform(rows.drop(columns=["_b", "_d"]), OP_SUMMARY, extra=False)
+
+
+def _timed_block_ms(ops: pd.DataFrame, sampled: pd.DataFrame, calls: pd.DataFrame) -> dict:
+    """(phase, block) -> the block's mean time on timed steps of each sampled step's shapes, averaged
+    over the sampled steps that have such timed steps."""
+    if calls.empty:
+        return {}
+    blocks = set(ops["block"])
+    timed = calls[calls["module"].isin(blocks)]
+    if timed.empty:
+        return {}
+    mean = timed.groupby(["module", *_SHAPE])["cpu_ms"].mean()
+    out: dict = {}
+    for block in blocks:
+        for phase, grp in sampled.groupby("phase"):
+            vals = [mean.get((block, phase, int(q), int(kv))) for q, kv in zip(grp["q_len"], grp["kv_len"])]
+            vals = [v for v in vals if v is not None and not np.isnan(v)]
+            if vals:
+                out[(phase, block)] = float(np.mean(vals))
+    return out
+
+
+def memory_ledger(ledger: pd.DataFrame, ops: pd.DataFrame) -> pd.DataFrame:
+    """Per phase and block (and the whole step, ``(step)``): weights, KV cache, activations,
+    temporaries and the peak of live tensor bytes above the block's start, per sampled step.
+    See :mod:`probe.recording.deep_frames` for what each category holds."""
+    if ledger.empty:
+        return schema.empty(MEMORY_LEDGER)
+    blocks = list(dict.fromkeys(ops["block"].dropna()))
+    keep = ledger[ledger["module"].isin(blocks) | ledger["module"].isna()]
+    keep = keep.assign(block=keep["module"].fillna(STEP))
+    cols = ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"]
+    per_step = keep.groupby(["phase", "block", "run_id", "step"], sort=False)[cols].sum().reset_index()
+    out = per_step.groupby(["phase", "block"], sort=False).agg(
+        steps=("step", "size"), **{c: (c, "mean") for c in cols}).reset_index()
+    order = {b: i for i, b in enumerate([STEP, *blocks])}
+    out = out.sort_values(["phase", "block"], key=lambda s: s.map(order) if s.name == "block" else s,
+                          ascending=[False, True], kind="stable")
+    return schema.conform(out, MEMORY_LEDGER, extra=False)

@@ -1,0 +1,276 @@
+"""Deep runs: on a few sampled steps of a generate call, every op and every tensor storage.
+
+``probe.attach(model, deep=...)`` registers a :class:`DeepObserver`: each ``generate()`` call is
+then a *deep run*. On its sampled steps (:class:`DeepPlan`: by default the prefill step and a
+few decode steps spread over the run) the observer opens a :class:`~probe.recording.deep_ops.StepLog`
+— a ``TorchDispatchMode`` over every aten op and global module hooks for the call stack — before
+the step's clock starts and closes it after the clock stopped. The dispatch mode slows the
+sampled steps many times over, so a deep run never counts as a timing: its ``calls``, ``steps``
+and ``sampling`` rows are left out of the frames (``Contribution.untimed``), its ``runs`` row
+says ``kind = "deep"`` with no TTFT, TPOT or tok/s, and its ops, memory ledger and storages are
+the frames ``ops``, ``ledger`` and ``allocations`` (:mod:`probe.recording.deep_frames`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..schema import ALLOCATIONS, LEDGER, OPS, STR
+from .cache import cache_tensors, find_cache
+from .deep_ops import OpMode, StepLog, parameter_bytes, storage_bytes
+from . import attnfn
+from .discovery import select_modules
+from .hotpath import PartialWrapper
+from .observer import Contribution, Observer, RunRec, StepRec
+
+log = logging.getLogger(__name__)
+
+#: decode steps a deep run samples by default (beside the prefill step)
+DEFAULT_DECODE = 3
+#: max_new_tokens assumed where a generate call states none (for spreading the decode samples)
+ASSUMED_NEW_TOKENS = 64
+#: the timing figures of a deep run's row, left empty: the dispatch mode slowed its sampled steps
+UNTIMED_RUN_COLUMNS = ("ttft_ms", "tpot_ms_mean", "tpot_ms_p50", "tpot_ms_p90", "prefill_tok_s", "decode_tok_s")
+
+
+@dataclass(frozen=True)
+class DeepPlan:
+    """Which steps of a deep run are sampled: ``steps`` (explicit step indices) or the prefill
+    step and ``decode`` decode steps spread evenly over the run."""
+
+    decode: int = DEFAULT_DECODE
+    steps: frozenset[int] | None = None
+
+    def chosen(self, max_new_tokens: Any, *, max_steps: int | None = None, decode_stride: int = 1) -> frozenset[int]:
+        """The sampled step indices of one run: within ``max_steps``; decode samples land on
+        steps ``decode_stride`` keeps (1, 1 + stride, ...)."""
+        if self.steps is not None:
+            out = set(self.steps)
+        else:
+            n = max_new_tokens if isinstance(max_new_tokens, int) and max_new_tokens > 0 else ASSUMED_NEW_TOKENS
+            last = max(n - 1, 0)  # the last decode step's index (step 0 is prefill)
+            out = {0}
+            if last >= 1 and self.decode > 0:
+                k = min(self.decode, last)
+                for i in range(k):
+                    at = 1 + round(i * (last - 1) / (k - 1)) if k > 1 else 1
+                    at = 1 + ((at - 1) // decode_stride) * decode_stride
+                    out.add(at)
+        if max_steps is not None:
+            out = {s for s in out if s < max_steps}
+        return frozenset(out)
+
+    def describe(self) -> str:
+        if self.steps is not None:
+            return f"steps {sorted(self.steps)}"
+        return f"the prefill step and {self.decode} decode step(s) spread over the run"
+
+
+def plan_of(deep: Any) -> DeepPlan | None:
+    """``probe.attach(deep=...)``: ``None``/``False`` (off), ``True`` (the default plan), an int
+    (decode steps to sample beside prefill) or a sequence of step indices.
+
+    Raises:
+        ValueError: any other value, with what to pass instead.
+    """
+    if deep is None or deep is False:
+        return None
+    if deep is True:
+        return DeepPlan()
+    if isinstance(deep, int) and not isinstance(deep, bool):
+        if deep < 0:
+            raise ValueError(f"deep={deep!r}: the number of decode steps to sample must be >= 0")
+        return DeepPlan(decode=deep)
+    if isinstance(deep, (Sequence, set, frozenset)) and not isinstance(deep, (str, bytes)):
+        items = list(deep)
+        if items and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+            return DeepPlan(steps=frozenset(items))
+    raise ValueError(f"deep must be True, False, a number of decode steps to sample (int >= 0) or a list of "
+                     f"step indices (ints >= 0, step 0 = prefill); got {deep!r}")
+
+
+class DeepObserver(Observer):
+    """Makes each generate call a deep run (see the module doc)."""
+
+    columns = {"runs": {"kind": STR, **{c: "float64" for c in UNTIMED_RUN_COLUMNS}}}
+    builds = {"ops": OPS, "ledger": LEDGER, "allocations": ALLOCATIONS}
+
+    def __init__(self, plan: DeepPlan, *, armed: bool = True) -> None:
+        self.plan = plan
+        self.armed = armed  # False: generate calls stay timed ones until armed (the profiling routine's)
+        self.codes: dict[int, int] = {}  # id of each module of the model -> its index in ``labels``
+        self.labels: list[str] = []  # the modules' qualified names ("" first: the model itself)
+        self.blocks: frozenset[int] = frozenset()
+        self.weights: dict[str, int] = {}
+        self.recorder: Any = None
+        self.runs: list[str] = []  # the deep runs' ids
+        self.steps: list[tuple] = []  # per sampled step: (run_id, step, phase, q_len, kv_len, StepLog, kv allocs)
+        self.sigs: dict = {}  # the ops' signatures, shared by the steps (see StepLog)
+        self._run: RunRec | None = None
+        self._chosen: frozenset[int] = frozenset()
+        self._open: tuple | None = None  # (step, log, mode, hook handles, attention functions replaced)
+        self._model_ref: Any = None
+        self._fn_codes: dict[int, int] = {}  # an attention module's code -> its attention function's
+
+    def install(self, model: Any, recorder: Any, stack: Any) -> None:
+        named = list(model.named_modules())  # the model itself first, as ""
+        self.labels = [n for n, _ in named]
+        self.codes = {id(m): i for i, (_, m) in enumerate(named)}
+        blocks = {info.name for _, info in select_modules(model, "blocks")}
+        self.blocks = frozenset(i for i, n in enumerate(self.labels) if n in blocks)
+        self.weights = {n: parameter_bytes(m) for n, m in named}
+        self.recorder = recorder
+        self._model_ref = weakref.ref(model)
+        stack.callback(self._close, None)
+
+    def run_begin(self, run: RunRec) -> None:
+        if run.kind != "generate" or not self.armed:
+            return
+        self._run = run
+        rec = self.recorder
+        self._chosen = self.plan.chosen(run.gen_settings.get("max_new_tokens"),
+                                        max_steps=getattr(rec, "max_steps", None),
+                                        decode_stride=getattr(rec, "decode_stride", 1))
+        self.runs.append(run.run_id)
+
+    def run_end(self, run: RunRec | None) -> None:
+        self._close(None)
+        self._run = None
+
+    def stop(self, reason: str) -> None:
+        self._close(None)
+        self._run = None
+
+    def step_begin(self, step: StepRec) -> None:
+        if self._run is None or step.run is not self._run or step.index not in self._chosen or self._open:
+            return
+        from torch.nn.modules import module as nn_module
+
+        steplog = StepLog(self.codes, self.blocks, self.sigs)
+        handles = []
+        try:
+            handles.append(nn_module.register_module_forward_pre_hook(steplog.enter))
+            handles.append(nn_module.register_module_forward_hook(steplog.exit, always_call=True))
+            replaced = self._wrap_attention(steplog)
+            mode = OpMode(steplog)
+            mode.__enter__()
+        except Exception:  # the probe's own failure must never cost the user their forward
+            log.warning("probe: could not open the deep pass of step %d", step.index, exc_info=True)
+            for h in handles:
+                h.remove()
+            _unwrap(locals().get("replaced", []))
+            return
+        self._open = (step, steplog, mode, handles, replaced)
+
+    def _wrap_attention(self, steplog: StepLog) -> list[tuple]:
+        """For this step, every attention function opens a call of its own inside its attention
+        module, named as the probe names it at depth sublayers (``<attention>.attention_fn``)."""
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is None:
+            return []
+        replaced = []
+        for space, key in attnfn.entries(model.modules()):
+            fn = space[key]
+            w = PartialWrapper(fn, _attention_call(fn, steplog, self._fn_code))
+            space[key] = w
+            replaced.append((space, key, fn, w))
+        return replaced
+
+    def _fn_code(self, module: Any) -> int | None:
+        """The code of ``module``'s attention function (a label added on first use)."""
+        code = self.codes.get(id(module))
+        if code is None:
+            return None
+        fn = self._fn_codes.get(code)
+        if fn is None:
+            fn = self._fn_codes[code] = len(self.labels)
+            self.labels.append(attnfn.pseudo_name(self.labels[code]))
+        return fn
+
+    def step_end(self, step: StepRec, kwargs: dict, out: Any, error: BaseException | None) -> None:
+        if self._open is not None and self._open[0] is step:
+            self._close((kwargs, out) if error is None else None)
+
+    def _close(self, result: tuple | None) -> None:
+        """Close the open sampled step; ``result``: the forward's ``(kwargs, output)``, where its
+        cache is read (``None``: it failed or was cut short, nothing is read)."""
+        opened, self._open = self._open, None
+        if opened is None:
+            return
+        step, steplog, mode, handles, replaced = opened
+        try:
+            mode.__exit__(None, None, None)
+        finally:
+            for h in handles:
+                h.remove()
+            _unwrap(replaced)
+        held: dict[int, int] = {}
+        if result is not None:
+            try:
+                held = storage_bytes(cache_tensors(find_cache(*result)))
+            except Exception:  # an exotic cache: the ledger then has no KV part
+                log.debug("probe: could not read the cache of a deep step", exc_info=True)
+        kv = steplog.close(held)
+        self.steps.append((step.run.run_id, step.index, step.phase, step.q_len, step.kv_len, steplog, frozenset(kv)))
+
+    def busy(self) -> bool:
+        return self._open is not None
+
+    def clear(self) -> None:
+        self.runs = [r for r in self.runs if self._run is not None and r == self._run.run_id]
+        self.steps = []
+
+    def records(self) -> Any:
+        return {"runs": tuple(self.runs), "steps": tuple(self.steps), "weights": dict(self.weights),
+                "labels": list(self.labels),
+                "plan": self.plan.describe(), "sigs": dict(self.sigs)}
+
+    @classmethod
+    def frames(cls, records: Any, *, calls: Any, steps: Any, runs: Any, rank: int) -> Contribution:
+        import pandas as pd
+
+        from .deep_frames import deep_frames
+
+        if not records or not records["runs"]:
+            return Contribution()
+        ids = list(records["runs"])
+        row = {"run_id": ids, "kind": ["deep"] * len(ids), **{c: [math.nan] * len(ids) for c in UNTIMED_RUN_COLUMNS}}
+        built = deep_frames(records["steps"], records["sigs"], records["labels"], records["weights"], rank)
+        meta = {"deep": {"run_ids": ids, "sampled": records["plan"], "untimed": "left out of every timing figure",
+                         "bytes_estimated": "ops.bytes_read_est / bytes_written_est: from the unique storages "
+                                            "of each op's inputs and outputs",
+                         "op_floor_us": _median([s[5].floor_ns() for s in records["steps"]]) / 1e3,
+                         "op_times": "each op alone: what timing it from the dispatch mode adds (aten.alias timed "
+                                     "the same way on the step, median op_floor_us) is taken out and left to "
+                                     "dispatch and Python",
+                         "torch_version": torch.__version__}}
+        return Contribution(runs=pd.DataFrame(row), built=built, meta=meta, untimed=frozenset(ids))
+
+
+def _attention_call(fn: Any, steplog: StepLog, code_of: Any) -> Any:
+    def attention_function(module, *args, **kwargs):
+        steplog.enter_code(code_of(module))
+        try:
+            return fn(module, *args, **kwargs)
+        finally:
+            steplog.exit()
+
+    return attention_function
+
+
+def _unwrap(replaced: list[tuple]) -> None:
+    """Put back the attention functions a step replaced, where nothing replaced them since."""
+    for space, key, fn, w in reversed(replaced):
+        if space.get(key) is w:
+            space[key] = fn
+
+
+def _median(values: list[int]) -> int:
+    return sorted(values)[len(values) // 2] if values else 0

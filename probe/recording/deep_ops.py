@@ -1,0 +1,310 @@
+"""One sampled step of a deep run: every aten op as dispatched, and every tensor storage it made.
+
+:class:`StepLog` is what the deep observer (:mod:`probe.recording.deep`) opens for a sampled
+step. While it is open, a ``TorchDispatchMode`` (:class:`OpMode`) sees every aten op below
+autograd — the overload as dispatched (``linear`` arrives as ``aten.t.default`` and
+``aten.addmm.default``) — and global module hooks keep the stack of module calls, so each op
+belongs to the innermost module call running it, by the order things happened, never by
+timestamps. One counter (``tick``) orders ops, module entries and exits and storage frees.
+
+Per op: input and output shapes and dtypes, host time (``perf_counter_ns`` around the op alone;
+the bookkeeping is outside it), FLOPs by PyTorch's own formulas (``torch.utils.flop_counter``)
+plus those it lacks on CPU (:data:`EXTRA_FLOPS`), and bytes read and written *estimated* from the
+unique storages of its inputs and outputs. Per storage an op made (an output on a storage none
+of its inputs had): its bytes, the op, the module, and the tick it was freed at (a weak
+reference to the storage says when) — what the memory ledger is built from.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from array import array
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+
+def sdpa_cpu_flops(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of ``aten._scaled_dot_product_flash_attention_for_cpu``: the two matrix products
+    (scores and the weighted sum) as ``torch.utils.flop_counter`` counts them for the CUDA
+    kernels (``sdpa_flop_count``, grouped-query heads included); softmax and masking uncounted."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return int(sdpa_flop_count(tuple(query.shape), tuple(key.shape), tuple(value.shape)))
+
+
+#: FLOP formulas for ops ``torch.utils.flop_counter`` has none for (called like its own:
+#: the op's arguments, ``out_val=`` its output)
+EXTRA_FLOPS: dict[Any, Callable[..., int]] = {
+    aten._scaled_dot_product_flash_attention_for_cpu: lambda *a, out_val=None, **k: sdpa_cpu_flops(*a, **k),
+}
+
+
+def flops_of(func: Any, args: tuple, kwargs: dict, out: Any) -> int | None:
+    """FLOPs of one op by PyTorch's registered formula (or :data:`EXTRA_FLOPS`); ``None``: none known."""
+    from torch.utils.flop_counter import flop_registry
+
+    packet = func._overloadpacket
+    f = flop_registry.get(packet) or EXTRA_FLOPS.get(packet)
+    if f is None:
+        return None
+    return int(f(*args, **kwargs, out_val=out))
+
+
+def _tensors(x: Any, out: list) -> list:
+    """The tensors of an op's arguments or output (one level of lists and tuples)."""
+    if isinstance(x, Tensor):
+        out.append(x)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            if isinstance(v, Tensor):
+                out.append(v)
+            elif isinstance(v, (list, tuple)):
+                _tensors(v, out)
+    elif isinstance(x, dict):
+        for v in x.values():
+            _tensors(v, out)
+    return out
+
+
+def _sig(ts: list) -> tuple:
+    return tuple((t.shape, t.dtype) for t in ts)
+
+
+def _storages(ts: list) -> dict[int, list]:
+    """Unique storages of ``ts``: id -> [storage, bytes the tensors on it span (at most its size)]."""
+    seen: dict[int, list] = {}
+    for t in ts:
+        try:
+            st = t.untyped_storage()
+        except Exception:  # a tensor without storage (meta, sparse, a subclass)
+            continue
+        k = id(st)
+        n = t.numel() * t.element_size()
+        got = seen.get(k)
+        if got is None:
+            seen[k] = [st, min(n, st.nbytes())]
+        else:
+            got[1] = min(got[1] + n, st.nbytes())
+    return seen
+
+
+#: columns of a StepLog's op records and storage records (flat int64 arrays, one row after another)
+OP_COLS = ("tick", "module", "block", "sig", "ns", "read", "written", "made", "live", "start")
+ALLOC_COLS = ("tick", "bytes", "op", "module", "freed_tick", "freed_in")
+_NA, _NO = len(OP_COLS), len(ALLOC_COLS)
+
+
+class StepLog:
+    """What one sampled step recorded: ``ops``, module ``calls`` and ``allocs`` (see module doc).
+
+    ``codes``: id of each module of the model -> its code, an index into the probe's list of
+    module names (``0``: the model itself); ``blocks``: the codes of the model's blocks (embed,
+    layers, norm, head); ``sigs``: the signatures seen so far, ``(op, input (shape, dtype)s,
+    output (shape, dtype)s)`` -> ``(index, FLOPs)``, shared by the steps of one probe (a formula
+    runs once per signature: FLOPs follow from the op and its shapes). Ops and storages are rows
+    of flat int64 arrays (:data:`OP_COLS`, :data:`ALLOC_COLS`; ``-1``: none): a few dozen bytes
+    an op, so a sampled step costs a small part of what a profiler's events take.
+    """
+
+    def __init__(self, codes: dict[int, int], blocks: frozenset[int], sigs: dict | None = None) -> None:
+        self.codes = codes
+        self.blocks = blocks
+        self.sigs = sigs if sigs is not None else {}
+        self.tick = 0
+        self.ops = array("q")  # OP_COLS per op
+        self.allocs = array("q")  # ALLOC_COLS per storage made
+        # [module code, depth, tick in, tick out, live bytes at entry, peak live bytes, ns in, ns out]
+        self.calls: list[list] = []
+        self.t0 = time.perf_counter_ns()  # the step's start for the ops' and calls' start times
+        self.stack: list[list] = []  # the open calls (entries of ``calls``); None for a foreign module
+        self.live = 0  # bytes of the storages made in this step and still alive
+        self._refs: dict[int, tuple] = {}  # storage id -> (weak reference, alloc index)
+        # storages made before the step that an op read (weights, the cache, the inputs): when one
+        # is freed in the step (the cache's old keys, replaced by a longer copy) live bytes go down
+        self._old: dict[int, Any] = {}
+        self.failed = 0  # ops whose bookkeeping raised (the op itself ran)
+        self.held_bytes = 0  # bytes of every storage the KV cache holds after the step
+        self.floor = array("q")  # ns of aten.alias timed as the ops are (see OpMode)
+        # the model's own forward (the step) is the outermost call: its hooks ran before the step opened
+        root = [0, 0, 0, None, 0, 0, 0, None]
+        self.calls.append(root)
+        self.stack.append(root)
+
+    @property
+    def n_ops(self) -> int:
+        return len(self.ops) // _NA
+
+    def floor_ns(self) -> int:
+        """What timing an op from the dispatch mode adds to it on this step (median; 0 unknown)."""
+        f = sorted(self.floor)
+        return int(f[len(f) // 2]) if f else 0
+
+    # ---------------------------------------------------------------- module calls (global hooks)
+    def enter(self, module: Any, args: Any) -> None:
+        # a module outside the model (None): its ops stay with the enclosing call
+        self.enter_code(self.codes.get(id(module)))
+
+    def enter_code(self, code: int | None) -> None:
+        """A call that is not a module's (the attention function) opens, as ``code``."""
+        if code is None:
+            self.stack.append(None)
+            return
+        self.tick += 1
+        call = [code, sum(1 for c in self.stack if c is not None), self.tick, None, self.live, self.live,
+                time.perf_counter_ns() - self.t0, None]
+        self.calls.append(call)
+        self.stack.append(call)
+
+    def exit(self, module: Any = None, args: Any = None, out: Any = None) -> None:
+        if not self.stack:
+            return
+        call = self.stack.pop()
+        if call is not None:
+            self.tick += 1
+            call[3] = self.tick
+            call[7] = time.perf_counter_ns() - self.t0
+
+    def where(self) -> tuple[int, int]:
+        """(innermost module, its block; -1: none) of what runs now, as codes."""
+        code = block = -1
+        for c in reversed(self.stack):
+            if c is None:
+                continue
+            if code < 0:
+                code = c[0]
+            if c[0] in self.blocks:
+                block = c[0]
+                break
+        return (code if code >= 0 else 0), block
+
+    # ---------------------------------------------------------------- ops (the dispatch mode)
+    def op(self, func: Any, args: tuple, kwargs: dict, out: Any, ns: int, t0: int = 0) -> None:
+        self.tick += 1
+        ins, outs = _tensors(args, []), _tensors(out, [])
+        if kwargs:
+            _tensors(kwargs, ins)
+        s_in, s_out = _storages(ins), _storages(outs)
+        key = (func, _sig(ins), _sig(outs))
+        sig = self.sigs.get(key)
+        if sig is None:
+            try:
+                flops = flops_of(func, args, kwargs, out)
+            except Exception:  # a formula that does not fit these arguments: unknown, not wrong
+                flops = None
+            sig = self.sigs[key] = (len(self.sigs), flops)
+        module, block = self.where()
+        index = self.n_ops
+        made = 0
+        for k, (st, _) in s_in.items():
+            if k not in self._refs and k not in self._old:
+                self._old[k] = weakref.ref(st, self._old_freer(k, st.nbytes()))
+        for k, (st, _) in s_out.items():
+            if k in s_in or k in self._refs:
+                continue
+            size = st.nbytes()
+            a = len(self.allocs) // _NO
+            self.allocs.extend((self.tick, size, index, module, -1, -1))
+            self._refs[k] = (weakref.ref(st, self._freer(k)), a)
+            made += size
+            self._grow(size)
+        self.ops.extend((self.tick, module, block, sig[0], ns, sum(v[1] for v in s_in.values()),
+                         sum(v[1] for v in s_out.values()), made, self.live, t0 - self.t0 if t0 else 0))
+
+    def _grow(self, size: int) -> None:
+        self.live += size
+        live = self.live
+        for c in self.stack:
+            if c is not None and live > c[5]:
+                c[5] = live
+
+    def _freer(self, key: int) -> Callable:
+        def freed(_ref: Any) -> None:
+            got = self._refs.pop(key, None)
+            if got is None:
+                return
+            at = got[1] * _NO
+            self.allocs[at + 4] = self.tick
+            self.allocs[at + 5] = self.where()[0]
+            self.live -= self.allocs[at + 1]
+
+        return freed
+
+    def _old_freer(self, key: int, size: int) -> Callable:
+        def freed(_ref: Any) -> None:
+            if self._old.pop(key, None) is not None:
+                self.live -= size
+
+        return freed
+
+    def close(self, held: dict[int, int]) -> list[int]:
+        """End the step: close the calls still open (the model's own), forget the weak references
+        (nothing is told of later frees) and return the alloc indices of the storages alive now
+        that the KV cache holds (``held``: storage id -> bytes)."""
+        self.tick += 1
+        end = time.perf_counter_ns() - self.t0
+        for c in self.stack:
+            if c is not None and c[3] is None:
+                c[3], c[7] = self.tick, end
+        self.stack = []
+        self.held_bytes = sum(held.values())
+        refs, self._refs = self._refs, {}
+        self._old = {}
+        return [a for k, (_, a) in refs.items() if k in held]
+
+
+class OpMode(TorchDispatchMode):
+    """Hands every aten op to a :class:`StepLog`, timed alone; the op's own result is returned
+    untouched (the bookkeeping never changes what the model computes).
+
+    Timing an op from Python costs more than the op: its arguments are converted and its
+    output wrapped on the way. Every ``every``-th op, the mode also times ``aten.alias`` (a view:
+    no kernel, no allocation) the same way, there and then; the median of those is the step's
+    floor (:meth:`StepLog.floor_ns`), taken out of each op's time when frames are built and left
+    to dispatch and Python.
+    """
+
+    def __init__(self, log: StepLog, every: int = 16) -> None:
+        super().__init__()
+        self.log = log
+        self.every = every
+        self.n = 0
+        self.unit = torch.zeros(1)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        t0 = time.perf_counter_ns()
+        out = func(*args, **kwargs)
+        ns = time.perf_counter_ns() - t0
+        try:
+            self.log.op(func, args, kwargs, out, ns, t0)
+            self.n += 1
+            if self.n % self.every == 1:
+                t0 = time.perf_counter_ns()
+                aten.alias.default(self.unit)
+                self.log.floor.append(time.perf_counter_ns() - t0)
+        except Exception:  # the probe's bookkeeping must never cost the user their forward
+            self.log.failed += 1
+        return out
+
+
+def storage_bytes(tensors: Any) -> dict[int, int]:
+    """Storage id -> bytes of the unique storages of ``tensors`` (what a step's cache holds)."""
+    return {k: v[1] for k, v in _storages(list(tensors)).items()}
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters, each storage counted once (tied weights once)."""
+    seen: dict[int, int] = {}
+    for p in module.parameters():
+        try:
+            st = p.untyped_storage()
+            seen[id(st)] = max(seen.get(id(st), 0), min(p.numel() * p.element_size(), st.nbytes()))
+        except Exception:
+            continue
+    return sum(seen.values())

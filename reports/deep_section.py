@@ -1,0 +1,146 @@
+"""A deep run's view: each block's top ops and its memory ledger, per phase, as text and as HTML.
+
+Reads only :class:`probe.Run` and its public analyses (:mod:`probe.analysis.ops`). The terminal
+folds the decoder layers into one line (their mean per layer); the report lists every block.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from probe import fmt
+from probe.analysis.ops import DISPATCH, memory_ledger, op_summary
+
+from .html_page import Page, esc, table_html
+
+if TYPE_CHECKING:  # pragma: no cover
+    from probe import Run
+
+PHASES = ("prefill", "decode")
+_NUMBER = re.compile(r"\.\d+(?=\.|$)")
+TOP = 4
+
+
+def _fold(block: str) -> str:
+    """``model.layers.3.self_attn`` -> ``model.layers.*.self_attn``."""
+    return _NUMBER.sub(".*", block)
+
+
+def _folded(df: pd.DataFrame, cols: list[str], keys: list[str]) -> pd.DataFrame:
+    """Rows of numbered blocks (``model.layers.3``) folded into one (``model.layers.*``), the mean per layer."""
+    df = df.assign(layers=1, block=df["block"].map(_fold))
+    g = df.groupby(["phase", "block", *keys], sort=False, dropna=False)
+    out = g[cols].mean()
+    out["layers"] = g["layers"].sum()
+    return out.reset_index()
+
+
+def deep_lines(run: "Run") -> list[str]:
+    """The text ``probe run --deep`` prints: per phase, each block's top ops (ms per sampled
+    step, with the block's dispatch and Python) and its memory ledger; empty without a deep run."""
+    if run.ops.empty:
+        return []
+    deep = run.meta.get("deep") or {}
+    lines = ["", f"inside each block (deep pass, not timed: {deep.get('sampled', 'sampled steps')}; "
+                 "ms per sampled step, the dispatch mode's op times)"]
+    ops = _folded(op_summary(run.ops, run.calls), ["calls", "host_ms", "flops", "block_ms"], ["op"])
+    own = _folded(op_summary(run.ops, run.calls, by="module"), ["calls", "host_ms", "flops"], ["op"])
+    cats = ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"]
+    ledger = _folded(memory_ledger(run.ledger, run.ops), cats, [])
+    noisy = False
+    for phase in PHASES:
+        part = ops[ops["phase"] == phase]
+        if part.empty:
+            continue
+        lines.append(f"{phase}")
+        for block, grp in part.groupby("block", sort=False):
+            n = int(grp["layers"].iloc[0])
+            name = f"{block} (mean of {n})" if n > 1 else block
+            timed = grp["block_ms"].iloc[0]
+            real = grp[grp["op"] != DISPATCH].sort_values("host_ms", ascending=False)
+            total = real["host_ms"].sum()
+            disp = grp.loc[grp["op"] == DISPATCH, "host_ms"]
+            head = (f"timed {fmt.ms(timed)} ms = ops {fmt.ms(total)} ms + dispatch and Python "
+                    f"{fmt.ms(disp.iloc[0])} ms" if len(disp) and not fmt.is_missing(disp.iloc[0])
+                    else f"ops {fmt.ms(total)} ms")
+            if len(disp) and not fmt.is_missing(disp.iloc[0]) and disp.iloc[0] < 0:
+                head += " (below 0: see the note below)"
+                noisy = True
+            lines.append(f"  {name:<34} {head}")
+            tops = [f"{_short(r.op)} {fmt.ms(r.host_ms)} ({fmt.pct(r.host_ms / total if total else float('nan'))}, "
+                    f"x{r.calls:.0f})" for r in real.head(TOP).itertuples()]
+            lines.append(f"  {'':<34} top: " + ", ".join(tops))
+            mem = ledger[(ledger["phase"] == phase) & (ledger["block"] == block)]
+            if len(mem):
+                m = mem.iloc[0]
+                lines.append(f"  {'':<34} memory: weights {fmt.nbytes(m.weights_bytes)}, KV cache "
+                             f"{fmt.nbytes(m.kv_cache_bytes)}, activations {fmt.nbytes(m.activations_bytes)}, "
+                             f"temporaries {fmt.nbytes(m.temporaries_bytes)}, peak +{fmt.nbytes(m.peak_added_bytes)}")
+        # what the attention's own time is made of: its own code (RoPE, the cache update, reshapes)
+        # and the attention function (a call of its own, named as at depth sublayers)
+        attn = own[(own["phase"] == phase) & own["block"].str.contains(r"(?:attn|attention|attention_fn)$")]
+        for block, grp in attn.groupby("block", sort=False):
+            n = int(grp["layers"].iloc[0])
+            grp = grp.sort_values("host_ms", ascending=False)
+            what = "the function" if block.endswith("attention_fn") else "its own ops (projections, function apart)"
+            lines.append(f"  {block + (f' (mean of {n})' if n > 1 else '')}: {what} {fmt.ms(grp['host_ms'].sum())} ms: "
+                         + ", ".join(f"{_short(r.op)} {fmt.ms(r.host_ms)}" for r in grp.head(TOP + 2).itertuples()))
+        step = ledger[(ledger["phase"] == phase) & (ledger["block"] == "(step)")]
+        if len(step):
+            m = step.iloc[0]
+            lines.append(f"  {'whole step':<34} memory: KV cache held {fmt.nbytes(m.kv_cache_bytes)}, temporaries "
+                         f"{fmt.nbytes(m.temporaries_bytes)}, peak +{fmt.nbytes(m.peak_added_bytes)}")
+    if noisy:
+        lines.append("  (dispatch and Python below 0: the ops ran slower in the one deep generate call than the block "
+                     "did in the timed ones, as on a busy machine; rerun on a quieter one. Memory does not depend on it)")
+    lines.append("  (bytes are tensor storages made by ops; scratch inside kernels is not seen. ops.parquet, "
+                 "ledger.parquet and allocations.parquet hold every op and storage)")
+    return lines
+
+
+def _short(op: str) -> str:
+    """``aten.addmm.default`` -> ``addmm``; other overloads keep their name (``mul.Tensor``)."""
+    op = op[5:] if op.startswith("aten.") else op
+    return op[:-8] if op.endswith(".default") else op
+
+
+def deep_section(doc: Page, run: "Run") -> None:
+    """The report's "Inside each block" section (only for a run with a deep pass)."""
+    if run.ops.empty:
+        return
+    deep = run.meta.get("deep") or {}
+    doc.add('<h2 id="deep">Inside each block (deep pass)</h2>')
+    doc.add('<p class="note" id="deep-note">' + esc(
+        f"One extra generate call of the same inputs and seed, not timed; sampled: {deep.get('sampled', '?')}. "
+        "Every aten op as dispatched, attributed to the innermost module call; times are the op alone, per "
+        "sampled step. (dispatch and Python) = the block's time on timed steps of the same shapes less its ops. "
+        "Memory: tensor storages made by ops (scratch inside kernels is not seen); weights are parameter bytes; "
+        "bytes read/written are estimates from storages.") + "</p>")
+    table = op_summary(run.ops, run.calls, top=8)
+    for phase in PHASES:
+        part = table[table["phase"] == phase].drop(columns="phase")
+        if len(part):
+            doc.add(table_html(part, caption=f"{phase}: each block's top ops (ms and FLOPs per sampled step)",
+                               table_id=f"deep-ops-{phase}", max_rows=2000))
+    ledger = memory_ledger(run.ledger, run.ops)
+    if len(ledger):
+        doc.add(table_html(ledger, caption="Memory ledger per block and phase (bytes per sampled step)",
+                           table_id="deep-ledger"))
+    doc.figure(live_bytes_figure(run.ops), "fig-deep-live", None)
+
+
+def live_bytes_figure(ops: pd.DataFrame):
+    """Live tensor bytes over each sampled step, op by op (from the step's start), one line a step."""
+    from .figure_base import PHASE_COLORS, base_figure, binned
+
+    fig = base_figure("Live tensor bytes over each sampled step (from its start)", "op (in the step's order)",
+                      "bytes")
+    for (run_id, step), grp in ops.groupby(["run_id", "step"], sort=False):
+        phase = str(grp["phase"].iloc[0])
+        pts = binned(grp[["seq", "live_bytes"]].astype("float64"), "seq", ["live_bytes"])
+        fig.add_scatter(x=pts["seq"], y=pts["live_bytes"], mode="lines", name=f"step {step} ({phase})",
+                        line={"color": PHASE_COLORS.get(phase)})
+    return fig

@@ -1,0 +1,307 @@
+"""Deep runs (``probe.attach(model, deep=...)``, ``probe.profile(deep=...)``): every op and tensor
+storage of sampled steps, checked against independent instruments on the bundled tiny model."""
+
+from __future__ import annotations
+
+import functools
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+import probe
+from probe.analysis.ops import DISPATCH, memory_ledger
+from probe.recording.deep import DeepPlan, plan_of
+from probe.recording.deep_ops import sdpa_cpu_flops
+
+from tiny import tiny_llama
+
+aten = torch.ops.aten
+PROMPT = torch.tensor([[5, 9, 14, 3, 22, 7, 31, 8]])
+
+
+def _model(attn: str = "sdpa"):
+    m = tiny_llama(layers=2, hidden=32, vocab=64)
+    m.config._attn_implementation = attn
+    return m
+
+
+def test_flops_per_module_equal_flop_counter_mode_with_eager_attention():
+    m = _model("eager")
+    with probe.attach(m, deep=[0]) as p:
+        m.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    ledger = p.run.ledger
+    pre = ledger[ledger["step"] == 0]
+    assert len(pre) > 10 and (pre["phase"] == "prefill").all()
+    # the same forward as generate's prefill step (its cache, logits at the last position only)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        m(PROMPT, use_cache=True, logits_to_keep=1)
+    counts = {name: sum(v.values()) for name, v in counter.get_flop_counts().items()}
+    root = type(m).__name__
+    assert int(pre.loc[pre["module"].isna(), "flops"].iloc[0]) == counts["Global"] > 0
+    checked = 0
+    for row in pre.dropna(subset=["module"]).itertuples():
+        if row.module.endswith(".attention_fn"):
+            # the attention function, a call of its own: its module's FLOPs less its projections'
+            parent = f"{root}.{row.module.rsplit('.', 1)[0]}"
+            want = counts[parent] - sum(v for k, v in counts.items() if k.startswith(parent + "."))
+            assert want > 0
+        else:
+            want = counts.get(f"{root}.{row.module}", 0)
+        assert int(row.flops) == want, row.module
+        checked += want > 0
+    assert checked >= 2 * 8 + 1  # every projection and attention function of both layers, and lm_head
+
+
+def test_sdpa_cpu_formula_on_its_own():
+    b, hq, hkv, sq, sk, d = 2, 4, 2, 5, 9, 8
+    q, k, v = torch.zeros(b, hq, sq, d), torch.zeros(b, hkv, sk, d), torch.zeros(b, hkv, sk, d)
+    want = 2 * b * hq * sq * sk * d * 2  # scores and the weighted sum
+    assert sdpa_cpu_flops(q, k, v) == want
+    # the same count torch.utils.flop_counter registers for the CUDA flash kernel
+    assert flop_registry[aten._scaled_dot_product_flash_attention](q, k, v, out_val=None) == want
+    assert aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry
+
+
+def test_sdpa_op_recorded_with_its_flops():
+    m = _model("sdpa")
+    with probe.attach(m, deep=[0, 1]) as p:
+        m.generate(PROMPT, max_new_tokens=3, do_sample=False)
+    ops = p.run.ops
+    sd = ops[ops["op"] == "aten._scaled_dot_product_flash_attention_for_cpu.default"]
+    assert len(sd) == 4  # two layers, two sampled steps
+    # inside the attention function, named as the probe names it at depth sublayers
+    assert sd["module"].str.endswith(".self_attn.attention_fn").all()
+    assert not any(isinstance(v, functools.partial) for v in _attention_registry())  # put back after the step
+    cfg = m.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    for row in sd.itertuples():
+        want = 2 * 2 * cfg.num_attention_heads * row.q_len * (row.kv_len + row.q_len) * hd
+        assert int(row.flops) == want
+    # linear arrives as the overloads it dispatches to
+    proj = ops[ops["module"] == "model.layers.0.self_attn.q_proj"]
+    assert set(proj["op"]) >= {"aten.t.default", "aten.mm.default"}
+
+
+def test_kv_cache_growth_and_weights_exact():
+    m = _model()
+    steps = [0, 1, 2, 5]
+    with probe.attach(m, deep=steps) as p:
+        m.generate(PROMPT, max_new_tokens=7, do_sample=False)
+    ledger = p.run.ledger
+    cfg = m.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    per_token_layer = 2 * cfg.num_key_value_heads * hd * 4  # keys and values, float32
+    assert sorted(ledger["step"].unique()) == steps
+    for step, grp in ledger.groupby("step"):
+        total = int(grp["kv_len"].iloc[0] + grp["q_len"].iloc[0])
+        assert int(grp.loc[grp["module"].isna(), "kv_cache_bytes"].iloc[0]) == cfg.num_hidden_layers * total * per_token_layer
+        for i in range(cfg.num_hidden_layers):  # each layer's cache is made anew in its attention
+            row = grp[grp["module"] == f"model.layers.{i}"].iloc[0]
+            assert int(row["kv_cache_bytes"]) == total * per_token_layer
+            assert int(grp.loc[grp["module"] == f"model.layers.{i}.self_attn", "kv_cache_bytes"].iloc[0]) == \
+                total * per_token_layer
+    named = dict(m.named_modules())
+    for row in ledger[ledger["step"] == 0].itertuples():
+        if isinstance(row.module, str) and row.module.endswith(".attention_fn"):
+            assert row.weights_bytes == 0  # a function: no parameters of its own
+            continue
+        mod = named[row.module if isinstance(row.module, str) else ""]
+        assert row.weights_bytes == sum(t.numel() * t.element_size() for t in mod.parameters()), row.module
+    # the live bytes after each op reach the step's peak
+    ops = p.run.ops
+    for step, grp in ledger[ledger["module"].isna()].groupby("step"):
+        assert int(ops.loc[ops["step"] == step, "live_bytes"].max()) == int(grp["peak_added_bytes"].iloc[0])
+    # every storage made is one row of allocations; temporaries are those freed inside the call
+    alloc = p.run.allocations
+    for step, grp in ledger[ledger["module"].isna()].groupby("step"):
+        a = alloc[alloc["step"] == step]
+        assert int(a["bytes"].sum()) == int(p.run.ops.loc[p.run.ops["step"] == step, "alloc_bytes"].sum())
+        assert int(a.loc[a["kv_cache"], "bytes"].sum()) == int(grp["kv_cache_bytes"].iloc[0])
+
+
+def test_deep_runs_leave_outputs_unchanged_and_timings_alone(tmp_path):
+    m = _model()
+    kw = dict(max_new_tokens=9, do_sample=True, top_k=20)
+    torch.manual_seed(3)
+    want = m.generate(PROMPT, **kw)
+    with probe.attach(m, deep=True) as p:
+        torch.manual_seed(3)
+        got = m.generate(PROMPT, **kw)
+    assert torch.equal(want, got)
+    run = p.run
+    assert list(run.runs["kind"]) == ["deep"]
+    assert run.runs[["ttft_ms", "tpot_ms_mean", "decode_tok_s"]].isna().all().all()
+    assert run.calls.empty and run.steps.empty and run.sampling.empty  # in no timing figure
+    assert run.headline().empty
+    assert sorted(run.ops["step"].unique()) == [0, 1, 5, 8]  # prefill + 3 decode steps spread over 9
+    assert not torch.nn.modules.module._global_forward_hooks  # the op-attribution hooks are gone
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+    # saved and loaded back equal, and valid
+    saved = run.save(tmp_path / "run")
+    back = probe.load(saved)
+    for name in ("ops", "ledger", "allocations", "runs"):
+        pd.testing.assert_frame_equal(getattr(back, name), getattr(run, name), check_like=False)
+    from probe.analysis.run import verify
+
+    assert verify(saved) == []
+
+
+def test_profile_deep_pass_after_the_timed_calls():
+    m = _model()
+    run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 6, "do_sample": False}, repeat=2, deep=2)
+    kinds = list(run.runs["kind"])
+    assert kinds == ["generate", "generate", "deep"]
+    deep_id = run.runs.loc[run.runs["kind"] == "deep", "run_id"].iloc[0]
+    assert deep_id not in set(run.steps["run_id"]) and deep_id not in set(run.calls["run_id"])
+    assert set(run.ops["run_id"]) == {deep_id}
+    assert len(run.headline_spread()) and int(run.headline_spread()["generates"].max()) == 2
+    summ = run.op_summary()
+    disp = summ[summ["op"] == DISPATCH]
+    layer = disp[(disp["block"] == "model.layers.0") & (disp["phase"] == "decode")]
+    assert len(layer) == 1 and layer["block_ms"].notna().all()  # timed steps of the same shapes exist
+    # the ops and the dispatch row make up the block's timed time
+    part = summ[(summ["block"] == "model.layers.0") & (summ["phase"] == "decode")]
+    assert part["host_ms"].sum() == pytest.approx(float(layer["block_ms"].iloc[0]))
+    ledger = memory_ledger(run.ledger, run.ops)
+    assert {"(step)", "model.layers.0", "lm_head"} <= set(ledger["block"])
+
+
+@pytest.mark.parametrize("bad", ["yes", -1, 1.5, [1, "2"], [-3], []])
+def test_bad_deep_value_is_refused_before_attaching(bad):
+    m = _model()
+    with pytest.raises(ValueError, match="deep must be|deep="):
+        probe.attach(m, deep=bad)
+    assert probe.probe_of(m) is None
+    with pytest.raises(ValueError):
+        probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 2}, deep=bad)
+
+
+def test_plan_spreads_decode_samples_within_stride_and_max_steps():
+    assert plan_of(True) == DeepPlan()
+    assert plan_of(False) is None and plan_of(None) is None
+    assert DeepPlan().chosen(256) == {0, 1, 128, 255}
+    assert DeepPlan(decode=0).chosen(256) == {0}
+    assert DeepPlan().chosen(256, decode_stride=4) == {0, 1, 125, 253}
+    assert DeepPlan().chosen(256, max_steps=100) == {0, 1}
+    assert DeepPlan(steps=frozenset({3, 7})).chosen(5) == {3, 7}
+
+
+def test_attention_module_opened_down_to_its_own_ops_in_the_text():
+    from reports.deep_section import deep_lines
+
+    m = _model()
+    run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 4, "do_sample": False}, deep=1)
+    own = run.op_summary(by="module")
+    attn = own[own["block"] == "model.layers.0.self_attn"]
+    fn = own[own["block"] == "model.layers.0.self_attn.attention_fn"]
+    # the attention module's own code: the cache update and RoPE, its projections and its function apart
+    assert "aten.cat.default" in set(attn["op"]) and "aten.mm.default" not in set(attn["op"])
+    assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in set(fn["op"])
+    text = "\n".join(deep_lines(run))
+    for want in ("prefill", "decode", "model.layers.* (mean of 2)", "dispatch and Python",
+                 "model.layers.*.self_attn (mean of 2): its own ops", "model.layers.*.self_attn.attention_fn (mean of 2): the function",
+                 "memory: weights"):
+        assert want in text
+    with pytest.raises(ValueError, match="by must be"):
+        run.op_summary(by="op")
+
+
+def test_runs_without_a_deep_pass_keep_their_files_and_csv_exports_the_deep_frames(tmp_path):
+    from reports.csv_export import read_csv, write_csv
+
+    m = _model()
+    with probe.attach(m) as p:
+        m.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    plain = p.run.save(tmp_path / "plain")
+    assert not any((plain / f).exists() for f in ("ops.parquet", "ledger.parquet", "allocations.parquet"))
+    assert probe.load(plain).ops.empty
+    with probe.attach(m, deep=[1]) as p:
+        m.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    paths = {x.name: x for x in write_csv(p.run, tmp_path / "csv")}
+    assert {"ops.csv", "ledger.csv", "allocations.csv"} <= set(paths)
+    pd.testing.assert_frame_equal(read_csv(paths["ops.csv"]), p.run.ops)
+
+
+def _attention_registry() -> list:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    return [*AttentionInterface._global_mapping.values(), *ALL_ATTENTION_FUNCTIONS._local_mapping.values()]
+
+
+def test_deep_pass_beside_a_probe_that_records_the_attention_function():
+    m = _model()
+    with probe.attach(m, depth="sublayers", deep=[1]) as p:
+        m.generate(PROMPT, max_new_tokens=3, do_sample=False)
+    ops = p.run.ops
+    assert (ops.loc[ops["op"].str.contains("scaled_dot_product"), "module"]
+            .str.endswith(".self_attn.attention_fn").all())
+    assert not any(isinstance(v, functools.partial) for v in _attention_registry())  # every wrapper gone
+
+
+def test_report_has_the_inside_each_block_section_only_with_a_deep_pass():
+    from reports.html import render_report
+
+    m = _model()
+    run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 3, "do_sample": False}, deep=[0, 2])
+    page = render_report(run)
+    for want in ('id="deep"', 'href="#deep"', 'id="deep-ops-prefill"', 'id="deep-ops-decode"', 'id="deep-ledger"',
+                 'id="fig-deep-live"', "(dispatch and Python)"):
+        assert want in page
+    plain = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 3, "do_sample": False})
+    assert 'id="deep"' not in render_report(plain)
+
+
+def test_dashboard_inside_each_block_view(tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    from probe.dashboards import APP
+
+    m = _model()
+    probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 3, "do_sample": False}, deep=True).save(tmp_path / "deep")
+    probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 3, "do_sample": False}).save(tmp_path / "plain")
+    at = AppTest.from_file(str(APP), default_timeout=90)
+    at.session_state["runs_dir"] = str(tmp_path)
+    at.run()
+    at.sidebar.multiselect(key="runs").set_value(["deep"]).run()
+    at.sidebar.radio(key="view").set_value("Inside each block").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.dataframe) == 3  # prefill ops, decode ops, the ledger
+    assert len(at.get("plotly_chart")) == 1
+    at.radio(key="deep_by").set_value("module").run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.sidebar.multiselect(key="runs").set_value(["plain"]).run()
+    assert not at.exception and any("deep pass" in i.value for i in at.info)
+
+
+@pytest.mark.parametrize("bad", ["abc", "-2", "1,x"])
+def test_cli_bad_deep_value_fails_before_loading(tmp_path, capsys, bad):
+    from probe.cli import main
+
+    code = main(["run", "--preset", "tiny", "--deep", bad, "--out", str(tmp_path / "r"), "--no-report"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--deep takes" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_chrome_trace_opens_the_sampled_steps_down_to_their_ops():
+    import json as _json
+
+    from reports.trace import build_trace
+
+    m = _model()
+    run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 3, "do_sample": False}, deep=[0, 2])
+    trace = build_trace(run)
+    _json.dumps(trace, allow_nan=False)  # writable as the export writes it
+    names = [e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"]
+    assert sum("deep pass" in n and "not timed" in n for n in names) == 2
+    ops = [e for e in trace["traceEvents"] if e.get("cat") == "op"]
+    mods = [e for e in trace["traceEvents"] if e.get("cat") == "module"]
+    assert len(ops) == len(run.ops) and len(mods) == len(run.ledger)
+    # an op lies inside the span of the module call it is attributed to: the first SDPA in layer 0's function
+    span = {(e["pid"], e["name"]): (e["ts"], e["ts"] + e["dur"]) for e in mods}
+    first = next(e for e in ops if "scaled_dot_product" in e["name"])
+    lo, hi = span[(first["pid"], "model.layers.0.self_attn.attention_fn")]
+    assert lo <= first["ts"] and first["ts"] + first["dur"] <= hi + 1e-3
