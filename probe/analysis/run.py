@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import schema
-from . import tree
+from . import run_view, tree
 from ..errors import RunSaveError
 from .headline import phase_headline, phase_totals
 from ..recording.stages import stage_summary
@@ -188,48 +188,19 @@ class Run:
         """What each generate call produced: ``run_id``, ``token_ids`` (per returned sequence,
         prompt excluded) and, where the run kept text (``probe run``, ``probe.profile`` with a
         tokenizer), ``text``."""
-        texts = (self.meta.get("text") or {}).get("generated") or {}
-        out = []
-        for r in self.runs[self.runs["kind"] == "generate"].itertuples(index=False):
-            ids = json.loads(r.output_ids) if isinstance(r.output_ids, str) else None
-            out.append({"run_id": r.run_id, "token_ids": ids, "text": texts.get(r.run_id)})
-        return out
+        return run_view.generated(self)
 
     def _repr_html_(self) -> str:
-        """Jupyter's view: the generate calls' headline numbers and the per-role summary, in
-        the units and formats of the terminal and the report (:mod:`probe.fmt`)."""
-        from html import escape
-
-        from .. import fmt
-
-        runs = self.runs
-        head = "<b>probe run</b>"
-        if runs.empty:
-            return head + ": no records"
-        cols = [c for c in ("run_id", "model_id", "status", "prompt_tokens", "new_tokens", "ttft_ms",
-                            "tpot_ms_mean", "prefill_tok_s", "decode_tok_s", "total_ms", "peak_mem_bytes",
-                            "kv_cache_bytes") if c in runs]
-        table = fmt.frame(runs[cols], drop_empty=True).to_html(index=False, escape=True, na_rep="")
-        summ = fmt.frame(self.summary(by="role"), drop_empty=True)
-        table2 = summ.to_html(index=False, escape=True, na_rep="")
-        return f"{head} {escape(str(self.path or ''))}{table}<br>{table2}"
+        """Jupyter's view (:func:`probe.analysis.run_view.html`)."""
+        return run_view.html(self)
 
     def __repr__(self) -> str:
-        return (
-            f"<probe.Run runs={len(self.runs)} steps={len(self.steps)} calls={len(self.calls)}"
-            f"{f' requests={len(self.requests)}' if len(self.requests) else ''}"
-            f"{' path=' + str(self.path) if self.path else ''}>"
-        )
+        return run_view.short(self)
 
     def __str__(self) -> str:
         """``print(run)``: prefill vs decode side by side as aligned text, then what was generated
         (:func:`probe.headline.headline_text`); a run without a generate call prints its repr."""
-        from .headline import headline_text
-
-        head = self.headline()
-        if head.empty:
-            return repr(self)
-        return headline_text(head, self.generated())
+        return run_view.text(self)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:

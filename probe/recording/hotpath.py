@@ -96,30 +96,23 @@ def in_key(args: tuple, kwargs: dict) -> tuple:
     return shapes
 
 
+def _out_tensors(out: Any) -> list:
+    if isinstance(out, dict):  # ModelOutput is an OrderedDict
+        return [v for v in out.values() if isinstance(v, Tensor)]
+    return [v for v in out if isinstance(v, Tensor)] if isinstance(out, (tuple, list)) else []
+
+
 def out_key(out: Any) -> tuple:
     """(output shapes, dtype, device) of a call's output; dtype/device of its first tensor."""
     if isinstance(out, Tensor):
         return ((out.shape,), out.dtype, out.device)
-    if isinstance(out, dict):  # ModelOutput is an OrderedDict
-        vals = [v for v in out.values() if isinstance(v, Tensor)]
-    elif isinstance(out, (tuple, list)):
-        vals = [v for v in out if isinstance(v, Tensor)]
-    else:
-        vals = []
-    if not vals:
-        return ((), None, None)
-    return (tuple(v.shape for v in vals), vals[0].dtype, vals[0].device)
+    vals = _out_tensors(out)
+    return (tuple(v.shape for v in vals), vals[0].dtype, vals[0].device) if vals else ((), None, None)
 
 
 def out_shapes(out: Any) -> tuple:
     """The output shapes of :func:`out_key`, without its dtype and device."""
-    if isinstance(out, Tensor):
-        return (out.shape,)
-    if isinstance(out, dict):  # ModelOutput is an OrderedDict
-        return tuple(v.shape for v in out.values() if isinstance(v, Tensor))
-    if isinstance(out, (tuple, list)):
-        return tuple(v.shape for v in out if isinstance(v, Tensor))
-    return ()
+    return (out.shape,) if isinstance(out, Tensor) else tuple(v.shape for v in _out_tensors(out))
 
 
 def slow_key(args: tuple, kwargs: dict, out: Any) -> tuple:
