@@ -17,7 +17,7 @@ def inside(ctx: Context) -> None:
     """Each block's ops (ms and FLOPs per sampled step, with its dispatch and Python) and its
     memory ledger, per phase, for a run with a deep pass."""
     from probe.analysis.ops import memory_ledger, op_summary
-    from probe.reports.deep_section import PHASES, live_bytes_figure
+    from probe.reports.deep_section import PHASES, folded, live_bytes_figure
 
     deep_runs = [n for n in ctx.selected if not ctx.loaded[n].ops.empty]
     if not deep_runs:
@@ -35,15 +35,31 @@ def inside(ctx: Context) -> None:
     st.caption(md(f"Sampled: {deep.get('sampled', '?')}; not timed. Op times are each op alone, per sampled step; "
                   "(dispatch and Python) is the block's time on timed steps of the same shapes less its ops."))
     by = st.radio("Ops by", ["block", "module"], key="deep_by", horizontal=True)
-    table = memo(f"deep_ops_{by}", lambda: op_summary(run.ops, run.calls, by=by))
+    each = st.checkbox("Every numbered block apart (else the layers fold into one row, their mean per layer)",
+                       key="deep_each")
+    cats = ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"]
+
+    def ops_table():
+        t = op_summary(run.ops, run.calls, by=by)
+        return t if each else folded(t, ["calls", "host_ms", "flops", "block_ms"], ["op"])
+
+    def ledger_table():
+        t = memory_ledger(run.ledger, run.ops)
+        return t if each or t.empty else folded(t, cats, [])
+
+    table = memo(f"deep_ops_{by}_{each}", ops_table)
     for phase in PHASES:
         part = table[table["phase"] == phase].drop(columns="phase")
         if len(part):
             st.subheader(phase)
             show_table(part, f"deep_ops_{phase}")
     st.subheader("Memory ledger per block and phase")
-    show_table(memo("deep_ledger", lambda: memory_ledger(run.ledger, run.ops)), "deep_ledger")
-    show_chart(memo("deep_live", lambda: live_bytes_figure(run.ops)), "deep_live")
+    show_table(memo(f"deep_ledger_{each}", ledger_table), "deep_ledger")
+    for phase in PHASES:
+        part = run.ops[run.ops["phase"] == phase]
+        if len(part):
+            show_chart(memo(f"deep_live_{phase}", lambda part=part, phase=phase: live_bytes_figure(part, phase)),
+                       f"deep_live_{phase}")
 
 
 VIEWS: dict[str, Callable[[Context], None]] = {VIEW: inside}

@@ -1,7 +1,8 @@
 """A deep run's view: each block's top ops and its memory ledger, per phase, as text and as HTML.
 
 Reads only :class:`probe.Run` and its public analyses (:mod:`probe.analysis.ops`). The terminal
-folds the decoder layers into one line (their mean per layer); the report lists every block.
+and the report fold the numbered blocks (the decoder layers) into one row each, their mean per
+layer; ``ops.csv`` and ``ledger.csv`` hold every block.
 """
 
 from __future__ import annotations
@@ -29,13 +30,29 @@ def _fold(block: str) -> str:
     return _NUMBER.sub(".*", block)
 
 
-def _folded(df: pd.DataFrame, cols: list[str], keys: list[str]) -> pd.DataFrame:
-    """Rows of numbered blocks (``model.layers.3``) folded into one (``model.layers.*``), the mean per layer."""
-    df = df.assign(layers=1, block=df["block"].map(_fold))
+def folded(df: pd.DataFrame, cols: list[str], keys: list[str], top: int | None = None) -> pd.DataFrame:
+    """Rows of numbered blocks (``model.layers.3``) folded into one (``model.layers.*``): each
+    figure the mean per layer over every layer of the block (an op some layers lack counts as 0
+    there), ``block_ms`` the mean of the layers' own, ``layers`` how many were folded. ``top``:
+    each folded block's largest ``top`` rows by ``host_ms`` (its dispatch row kept)."""
+    df = df.assign(_orig=df["block"], block=df["block"].map(_fold))
+    n = df.groupby(["phase", "block"], sort=False)["_orig"].nunique().rename("layers")
+    sums = [c for c in cols if c != "block_ms"]
     g = df.groupby(["phase", "block", *keys], sort=False, dropna=False)
-    out = g[cols].mean()
-    out["layers"] = g["layers"].sum()
-    return out.reset_index()
+    out = g[sums].sum(min_count=1).reset_index().merge(n.reset_index(), on=["phase", "block"], how="left")
+    out[sums] = out[sums].div(out["layers"], axis=0)
+    if "block_ms" in cols:
+        per_layer = df.drop_duplicates(["phase", "_orig"]).groupby(["phase", "block"], sort=False)["block_ms"].mean()
+        out = out.merge(per_layer.rename("block_ms").reset_index(), on=["phase", "block"], how="left")
+    if top is not None and "op" in out:
+        disp = out["op"].eq(DISPATCH)
+        rank = out[~disp].sort_values("host_ms", ascending=False, kind="stable").groupby(
+            ["phase", "block"], sort=False).cumcount()
+        out = out[disp | rank.reindex(out.index).lt(top)]
+        order = {b: i for i, b in enumerate(dict.fromkeys(out["block"]))}
+        out = out.assign(_b=out["block"].map(order), _d=disp, _h=-out["host_ms"].fillna(0))
+        out = out.sort_values(["_b", "_d", "_h"], kind="stable").drop(columns=["_b", "_d", "_h"])
+    return out.reset_index(drop=True)
 
 
 def deep_lines(run: "Run") -> list[str]:
@@ -46,10 +63,10 @@ def deep_lines(run: "Run") -> list[str]:
     deep = run.meta.get("deep") or {}
     lines = ["", f"inside each block (deep pass, not timed: {deep.get('sampled', 'sampled steps')}; "
                  "ms per sampled step, the dispatch mode's op times)"]
-    ops = _folded(op_summary(run.ops, run.calls), ["calls", "host_ms", "flops", "block_ms"], ["op"])
-    own = _folded(op_summary(run.ops, run.calls, by="module"), ["calls", "host_ms", "flops"], ["op"])
+    ops = folded(op_summary(run.ops, run.calls), ["calls", "host_ms", "flops", "block_ms"], ["op"])
+    own = folded(op_summary(run.ops, run.calls, by="module"), ["calls", "host_ms", "flops"], ["op"])
     cats = ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"]
-    ledger = _folded(memory_ledger(run.ledger, run.ops), cats, [])
+    ledger = folded(memory_ledger(run.ledger, run.ops), cats, [])
     noisy = False
     for phase in PHASES:
         part = ops[ops["phase"] == phase]
@@ -66,7 +83,8 @@ def deep_lines(run: "Run") -> list[str]:
             head = (f"timed {fmt.ms(timed)} ms = ops {fmt.ms(total)} ms + dispatch and Python "
                     f"{fmt.ms(disp.iloc[0])} ms" if len(disp) and not fmt.is_missing(disp.iloc[0])
                     else f"ops {fmt.ms(total)} ms")
-            if len(disp) and not fmt.is_missing(disp.iloc[0]) and disp.iloc[0] < 0:
+            # below 0 by more than clock noise (a microsecond, or 5 % of the block): say why
+            if len(disp) and not fmt.is_missing(disp.iloc[0]) and disp.iloc[0] < -max(0.001, 0.05 * timed):
                 head += " (below 0: see the note below)"
                 noisy = True
             lines.append(f"  {name:<34} {head}")
@@ -119,28 +137,39 @@ def deep_section(doc: Page, run: "Run") -> None:
         "sampled step. (dispatch and Python) = the block's time on timed steps of the same shapes less its ops. "
         "Memory: tensor storages made by ops (scratch inside kernels is not seen); weights are parameter bytes; "
         "bytes read/written are estimates from storages.") + "</p>")
-    table = op_summary(run.ops, run.calls, top=8)
+    table = folded(op_summary(run.ops, run.calls), ["calls", "host_ms", "flops", "block_ms"], ["op"], top=8)
+    table = table[["phase", "block", "layers", "op", "calls", "host_ms", "flops", "block_ms"]]
     for phase in PHASES:
         part = table[table["phase"] == phase].drop(columns="phase")
         if len(part):
-            doc.add(table_html(part, caption=f"{phase}: each block's top ops (ms and FLOPs per sampled step)",
+            doc.add(table_html(part, caption=f"{phase}: each block's top ops (ms and FLOPs per sampled step; numbered "
+                                             "blocks folded into one row, the mean per layer: 'layers' says how many; "
+                                             "ops.csv has every block)",
                                table_id=f"deep-ops-{phase}", max_rows=2000))
+    cats = ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"]
     ledger = memory_ledger(run.ledger, run.ops)
     if len(ledger):
-        doc.add(table_html(ledger, caption="Memory ledger per block and phase (bytes per sampled step)",
+        ledger = folded(ledger, cats, [])[["phase", "block", "layers", *cats]]
+        doc.add(table_html(ledger, caption="Memory ledger per block and phase (bytes per sampled step, numbered blocks "
+                                           "folded: the mean per layer; weights shared by two blocks, such as tied "
+                                           "embeddings, show in each; the (step) row counts them once)",
                            table_id="deep-ledger"))
-    doc.figure(live_bytes_figure(run.ops), "fig-deep-live", None)
+    for phase in PHASES:
+        part = run.ops[run.ops["phase"] == phase]
+        if len(part):
+            doc.figure(live_bytes_figure(part, phase), f"fig-deep-live-{phase}", None)
 
 
-def live_bytes_figure(ops: pd.DataFrame):
-    """Live tensor bytes over each sampled step, op by op (from the step's start), one line a step."""
+def live_bytes_figure(ops: pd.DataFrame, phase: str):
+    """Live tensor bytes over each sampled step of one phase, op by op (from the step's start),
+    one line a step (a phase's own figure: prefill's bytes would flatten decode's)."""
     from .figure_base import PHASE_COLORS, base_figure, binned
 
-    fig = base_figure("Live tensor bytes over each sampled step (from its start)", "op (in the step's order)",
-                      "bytes")
-    for (run_id, step), grp in ops.groupby(["run_id", "step"], sort=False):
-        phase = str(grp["phase"].iloc[0])
+    fig = base_figure(f"Live tensor bytes over each sampled {phase} step (from its start)",
+                      "op (in the step's order)", "bytes")
+    dashes = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+    for i, ((run_id, step), grp) in enumerate(ops.groupby(["run_id", "step"], sort=False)):
         pts = binned(grp[["seq", "live_bytes"]].astype("float64"), "seq", ["live_bytes"])
-        fig.add_scatter(x=pts["seq"], y=pts["live_bytes"], mode="lines", name=f"step {step} ({phase})",
-                        line={"color": PHASE_COLORS.get(phase)})
+        fig.add_scatter(x=pts["seq"], y=pts["live_bytes"], mode="lines", name=f"step {step}",
+                        line={"color": PHASE_COLORS.get(phase), "dash": dashes[i % len(dashes)]})
     return fig

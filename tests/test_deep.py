@@ -248,7 +248,7 @@ def test_report_has_the_inside_each_block_section_only_with_a_deep_pass():
     run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 3, "do_sample": False}, deep=[0, 2])
     page = render_report(run)
     for want in ('id="deep"', 'href="#deep"', 'id="deep-ops-prefill"', 'id="deep-ops-decode"', 'id="deep-ledger"',
-                 'id="fig-deep-live"', "(dispatch and Python)"):
+                 'id="fig-deep-live-prefill"', 'id="fig-deep-live-decode"', "(dispatch and Python)"):
         assert want in page
     plain = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 3, "do_sample": False})
     assert 'id="deep"' not in render_report(plain)
@@ -269,7 +269,12 @@ def test_dashboard_inside_each_block_view(tmp_path):
     at.sidebar.radio(key="view").set_value("Inside each block").run()
     assert not at.exception, [e.value for e in at.exception]
     assert len(at.dataframe) == 3  # prefill ops, decode ops, the ledger
-    assert len(at.get("plotly_chart")) == 1
+    assert len(at.get("plotly_chart")) == 2  # live bytes, a figure per phase
+    folded = at.dataframe[0].value
+    assert (folded["block"] == "model.layers.*").any() and (folded["layers"] > 1).any()
+    at.checkbox(key="deep_each").check().run()
+    each = at.dataframe[0].value
+    assert not (each["block"] == "model.layers.*").any() and len(each) > len(folded)
     at.radio(key="deep_by").set_value("module").run()
     assert not at.exception, [e.value for e in at.exception]
     at.sidebar.multiselect(key="runs").set_value(["plain"]).run()
@@ -305,3 +310,31 @@ def test_chrome_trace_opens_the_sampled_steps_down_to_their_ops():
     first = next(e for e in ops if "scaled_dot_product" in e["name"])
     lo, hi = span[(first["pid"], "model.layers.0.self_attn.attention_fn")]
     assert lo <= first["ts"] and first["ts"] + first["dur"] <= hi + 1e-3
+
+
+def test_folded_layers_are_the_mean_over_every_layer_and_top_is_taken_after_folding():
+    """An op only some layers run counts as 0 in the others; the block's time is the mean of the
+    layers' own; ``top`` picks from the folded rows (a per-layer top would mix different ops)."""
+    import pandas as pd
+
+    from reports.deep_section import folded
+
+    rows = pd.DataFrame({
+        "phase": ["decode"] * 6,
+        "block": ["model.layers.0"] * 3 + ["model.layers.1"] * 2 + ["lm_head"],
+        "op": ["aten.mm.default", "aten.view.default", "(dispatch and Python)",
+               "aten.mm.default", "(dispatch and Python)", "aten.mm.default"],
+        "calls": [7.0, 2.0, float("nan"), 7.0, float("nan"), 1.0],
+        "host_ms": [2.0, 1.0, 0.5, 4.0, 0.25, 8.0],
+        "flops": [10.0, 0.0, 0.0, 10.0, 0.0, 5.0],
+        "block_ms": [3.5, 3.5, 3.5, 4.25, 4.25, 8.0],
+    })
+    out = folded(rows, ["calls", "host_ms", "flops", "block_ms"], ["op"])
+    layers = out[out["block"] == "model.layers.*"].set_index("op")
+    assert (layers["layers"] == 2).all()
+    assert layers.loc["aten.mm.default", "host_ms"] == 3.0 and layers.loc["aten.view.default", "host_ms"] == 0.5
+    assert layers.loc["aten.view.default", "calls"] == 1.0 and (layers["block_ms"] == 3.875).all()
+    top = folded(rows, ["calls", "host_ms", "flops", "block_ms"], ["op"], top=1)
+    kept = top[top["block"] == "model.layers.*"]["op"].tolist()
+    assert kept == ["aten.mm.default", "(dispatch and Python)"]  # the dispatch row stays, last
+    assert top[top["block"] == "lm_head"]["layers"].tolist() == [1]
