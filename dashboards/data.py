@@ -246,7 +246,7 @@ def combine(runs: list[probe.Run]) -> probe.Run:
         return probe.Run(calls=schema.empty(schema.CALLS), steps=schema.empty(schema.STEPS),
                          runs=schema.empty(schema.RUNS).assign(run=pd.Series([], dtype="string")))
     return probe.Run(
-        calls=schema.conform(pd.concat([r.calls for r in runs], ignore_index=True), schema.CALLS),
+        calls=schema.conform(schema.combine([r.calls for r in runs]), schema.CALLS),
         steps=schema.conform(pd.concat([r.steps for r in runs], ignore_index=True), schema.STEPS),
         runs=schema.conform(pd.concat([r.runs for r in runs], ignore_index=True), schema.RUNS),
         meta=dict(runs[0].meta),

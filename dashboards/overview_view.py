@@ -130,7 +130,7 @@ def overview(ctx: Context) -> None:
     cols = st.columns(3)
     cols[0].metric("Runs", len(ctx.selected))
     # ranks record the same generate calls side by side: count them once
-    n_calls = int(head.groupby("rank").size().max()) if "rank" in head.columns and len(head) else len(head)
+    n_calls = int(head.groupby("rank", observed=True).size().max()) if "rank" in head.columns and len(head) else len(head)
     cols[1].metric("Generate calls", n_calls, help="per rank" if multi else None)
     cols[2].metric("Steps", fmt.count(len(run.steps)))
     cols = st.columns(3)

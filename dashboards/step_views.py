@@ -45,7 +45,7 @@ def _kv_growth(steps: pd.DataFrame, names: dict[str, str] | None = None) -> pd.D
     steps = steps.dropna(subset=["kv_cache_bytes"])
     if steps.empty:
         return pd.DataFrame()
-    last = steps.sort_values("step").groupby("run_id", sort=False).tail(1)
+    last = steps.sort_values("step").groupby("run_id", sort=False, observed=True).tail(1)
     positions = last["kv_len"] + last["q_len"]
     named = {"run": [names.get(str(r), str(r)) for r in last["run_id"]]} if names else {}
     return pd.DataFrame({

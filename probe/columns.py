@@ -8,17 +8,84 @@ with its dtype, and a saved run reloads to equal frames.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
-#: pandas' nullable string dtype, the dtype of every text column
+#: pandas' nullable string dtype, the dtype of text columns with many distinct values (JSON per row)
 STR = "string"
+#: text columns with few distinct values (names, phases, shapes): a pandas categorical whose
+#: categories are the values sorted (so sorting by it sorts the text) at pandas' ``str`` dtype; a
+#: frame may carry categories no row uses (a slice, a part of a run): group with ``observed=True``
+CAT = "category"
 #: dtypes whose missing values a reloaded older run can take as nulls
-NULLABLE = frozenset({STR, "Int64", "float64", "boolean"})
+NULLABLE = frozenset({STR, CAT, "Int64", "Int32", "float64", "boolean"})
+#: dtypes every row needs a value of (a missing column of these is refused)
+REQUIRED = frozenset({"int64", "int32"})
+#: the range of each narrow integer dtype (a value outside it is refused on load)
+INT_RANGE = {"int32": (-(2**31), 2**31 - 1), "Int32": (-(2**31), 2**31 - 1)}
 
 
 def empty(schema: dict[str, str]) -> pd.DataFrame:
     """An empty frame with every column of ``schema`` at its dtype."""
-    return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in schema.items()})
+    return pd.DataFrame({c: pd.Series([], dtype=_dtype(d)) for c, d in schema.items()})
+
+
+_CATS_DTYPE = pd.Index([], dtype="str").dtype
+
+
+def _dtype(name: str):
+    """The pandas dtype a schema's dtype name stands for (categories at pandas' ``str`` dtype)."""
+    return pd.CategoricalDtype(pd.Index([], dtype="str")) if name == CAT else name
+
+
+def _canonical(s: pd.Series) -> bool:
+    """Whether ``s`` is a categorical in the schema's form: ``str`` categories, sorted."""
+    if not isinstance(s.dtype, pd.CategoricalDtype) or s.dtype.ordered:
+        return False
+    cats = s.dtype.categories
+    return cats.dtype == _CATS_DTYPE and (len(cats) < 2 or cats.is_monotonic_increasing)
+
+
+def categorical(s: pd.Series) -> pd.Series:
+    """``s`` (text or a categorical) as a categorical in the schema's form (see :data:`CAT`): the
+    categories it already has (used or not) or its distinct values, sorted, at pandas' ``str`` dtype."""
+    if _canonical(s):
+        return s
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        cats = s.dtype.categories
+        values = sorted(str(v) for v in cats)
+        new = pd.CategoricalDtype(pd.Index(values, dtype="str"))
+        lut = np.append(new.categories.get_indexer(cats.astype(str)), -1).astype(s.cat.codes.dtype)
+        codes = lut[s.cat.codes.to_numpy()]  # a missing value (-1) stays missing
+        return pd.Series(pd.Categorical.from_codes(codes, dtype=new), index=s.index, name=s.name)
+    codes, uniques = pd.factorize(s.astype("string"), sort=True)
+    cats = pd.Index([str(v) for v in uniques], dtype="str")
+    return pd.Series(pd.Categorical.from_codes(codes, dtype=pd.CategoricalDtype(cats)), index=s.index, name=s.name)
+
+
+def text_codes(s: pd.Series, *, na_sentinel: bool = True) -> tuple[np.ndarray, pd.Index]:
+    """:func:`pd.factorize` of a text column: codes in order of first appearance (-1 for a null,
+    or the null its own value with ``na_sentinel=False``) and the distinct values as text. A
+    categorical is factorised on its codes, without making a string per row."""
+    if not isinstance(s.dtype, pd.CategoricalDtype):
+        s = s.astype("string")
+    codes, uniq = pd.factorize(s, use_na_sentinel=na_sentinel)
+    return codes, pd.Index(np.asarray(uniq, dtype=object), dtype="string")
+
+
+def combine(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """``pd.concat`` of frames (rows of several runs or ranks) with each categorical column's
+    categories unified first (their union, sorted), so the column stays a categorical."""
+    frames = list(frames)
+    if len(frames) > 1:
+        cols = {c for f in frames for c in f.columns if isinstance(f[c].dtype, pd.CategoricalDtype)}
+        for col in cols:
+            union = sorted({str(v) for f in frames if col in f.columns
+                            for v in (f[col].dtype.categories if isinstance(f[col].dtype, pd.CategoricalDtype)
+                                      else f[col].dropna().unique())})
+            dt = pd.CategoricalDtype(pd.Index(union, dtype="str"))
+            frames = [f.assign(**{col: f[col].astype(dt)}) if col in f.columns else f for f in frames]
+    return pd.concat(frames, ignore_index=True)
 
 
 def conform(df: pd.DataFrame, schema: dict[str, str], *, extra: bool = True) -> pd.DataFrame:
@@ -33,9 +100,10 @@ def conform(df: pd.DataFrame, schema: dict[str, str], *, extra: bool = True) -> 
         df = df.reset_index(drop=True)
     have = set(df.columns)
     names = [c for c in schema if c in have]
-    cast = {c: schema[c] for c in names if str(df[c].dtype) != schema[c]}
+    cast = {c: schema[c] for c in names
+            if (not _canonical(df[c]) if schema[c] == CAT else str(df[c].dtype) != schema[c])}
     for col, dtype in schema.items():
-        if col not in have and n and dtype == "int64":
+        if col not in have and n and dtype in REQUIRED:
             raise ValueError(f"column {col!r} ({dtype}) is required and has no value")
     extras = [c for c in df.columns if c not in schema] if extra else []
     if not cast and len(names) == len(schema) and list(df.columns) == [*names, *extras]:
@@ -44,7 +112,9 @@ def conform(df: pd.DataFrame, schema: dict[str, str], *, extra: bool = True) -> 
     for col, dtype in schema.items():
         if col in have:
             s = df[col]
-            out[col] = s.astype(dtype) if col in cast else s
+            out[col] = (categorical(s) if dtype == CAT else s.astype(dtype)) if col in cast else s
+        elif dtype == CAT:
+            out[col] = pd.Series(pd.Categorical.from_codes(np.full(n, -1, np.int8), dtype=_dtype(CAT)))
         else:
             out[col] = pd.Series(pd.array([None] * n, dtype=dtype)) if n else pd.Series([], dtype=dtype)
     for col in extras:

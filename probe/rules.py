@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .columns import text_codes
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -92,6 +94,23 @@ def _values(s: pd.Series) -> np.ndarray:
     return s.to_numpy(dtype="float64", na_value=np.nan)
 
 
+def _within(s: pd.Series, rule: Rule) -> bool:
+    """Whether every value of a numpy-backed ``s`` keeps ``rule`` (missing ones only where it
+    allows them), decided on the column's own array; ``False`` where it does not or cannot tell."""
+    if not isinstance(s.dtype, np.dtype) or s.dtype.kind not in "iuf" or not len(s):
+        return False
+    v = s.to_numpy()
+    if v.dtype.kind == "f":
+        if not rule.nan and np.isnan(v).any():
+            return False
+        lo, hi = np.fmin.reduce(v), np.fmax.reduce(v)  # NaN only when every value is
+        if np.isnan(lo):
+            return True
+    else:
+        lo, hi = v.min(), v.max()
+    return (rule.low is None or lo >= rule.low) and (rule.high is None or hi <= rule.high)
+
+
 def _first(mask: np.ndarray, values: np.ndarray | None = None) -> str:
     i = int(np.flatnonzero(mask)[0])
     return f"row {i}" + (f": {values[i]!r}" if values is not None else "")
@@ -106,6 +125,8 @@ def column_problems(frames: dict[str, pd.DataFrame]) -> list[str]:
             continue
         for col, rule in rules.items():
             if col not in df.columns:
+                continue
+            if _within(df[col], rule):  # the common case, decided without a float copy of the column
                 continue
             v = _values(df[col])
             nan = np.isnan(v)
@@ -188,7 +209,7 @@ def _run_codes(df: pd.DataFrame) -> tuple[np.ndarray, list]:
     """The run id of each row as codes into its distinct values (text, or None for a null)."""
     if "run_id" not in df.columns:
         return np.zeros(len(df), np.int64), [None]
-    c, u = pd.factorize(df["run_id"].astype("string"), use_na_sentinel=False)
+    c, u = text_codes(df["run_id"], na_sentinel=False)
     return c, [None if v is pd.NA else str(v) for v in u]
 
 

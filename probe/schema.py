@@ -16,7 +16,7 @@ import math
 import pandas as pd
 
 from . import roles as _roles
-from .columns import NULLABLE, STR, conform, empty  # noqa: F401  (re-exported)
+from .columns import CAT, NULLABLE, STR, categorical, combine, conform, empty  # noqa: F401  (re-exported)
 from .derived_schema import (  # noqa: F401  (re-exported)
     APPORTION,
     BOUND_SUMMARY,
@@ -50,24 +50,31 @@ ROLES: tuple[str, ...] = _roles.ROLES
 BLOCK_ROLES: tuple[str, ...] = _roles.BLOCKS
 
 
+#: One row per module call: the largest frame by far (millions of rows at depth "all"), so its
+#: columns are as narrow as their values allow. Text with few distinct values is categorical
+#: (:data:`CAT`: names, phases, shapes, devices repeat across calls). Counts and indices are 32-bit:
+#: ranks, steps, depths, layers, positions (q_len, kv_len), batch rows, a call's index within its
+#: step and the calls nested in it stay far below 2**31 (a load refuses a value beyond it);
+#: arithmetic that can exceed it (products of lengths, bytes) converts to int64 or float first.
+#: ``out_bytes`` stays 64-bit.
 CALLS: dict[str, str] = {
-    "run_id": STR,
-    "rank": "int64",  # process rank (tensor parallel); 0 for a single process
-    "step": "int64",  # index of the root forward within its run
-    "phase": STR,
-    "module": STR,  # fully qualified module name, e.g. "model.layers.3.mlp"
-    "module_type": STR,  # class name, e.g. "LlamaDecoderLayer"
-    "role": STR,  # see ROLES
-    "depth": "int64",  # nesting depth below the profiled model (model.layers.3 -> 3)
-    "layer": "Int64",  # decoder layer index, null outside the layers
-    "q_len": "int64",  # new positions per sequence in this step
-    "kv_len": "int64",  # cached positions before this step
-    "batch": "int64",
-    "in_shapes": STR,  # JSON list of the tensor arguments' shapes
-    "out_shapes": STR,  # JSON list of the output tensors' shapes
-    "dtype": STR,  # dtype of the first output tensor
-    "device": STR,  # device the call ran on (first output tensor)
-    "placement": STR,  # where the module's weights stay between calls: a device, "disk" or "mixed"; null without weights
+    "run_id": CAT,
+    "rank": "int32",  # process rank (tensor parallel); 0 for a single process
+    "step": "int32",  # index of the root forward within its run
+    "phase": CAT,
+    "module": CAT,  # fully qualified module name, e.g. "model.layers.3.mlp"
+    "module_type": CAT,  # class name, e.g. "LlamaDecoderLayer"
+    "role": CAT,  # see ROLES
+    "depth": "int32",  # nesting depth below the profiled model (model.layers.3 -> 3)
+    "layer": "Int32",  # decoder layer index, null outside the layers
+    "q_len": "int32",  # new positions per sequence in this step
+    "kv_len": "int32",  # cached positions before this step
+    "batch": "int32",
+    "in_shapes": CAT,  # JSON list of the tensor arguments' shapes
+    "out_shapes": CAT,  # JSON list of the output tensors' shapes
+    "dtype": CAT,  # dtype of the first output tensor
+    "device": CAT,  # device the call ran on (first output tensor)
+    "placement": CAT,  # where the module's weights stay between calls: a device, "disk" or "mixed"; null without weights
     "start_ms": "float64",  # host start, ms since the run's first recorded event
     "cpu_ms": "float64",  # host time between the pre and post hooks
     "gpu_ms": "float64",  # CUDA event time; NaN without CUDA
@@ -83,10 +90,10 @@ CALLS: dict[str, str] = {
     # cost taken out; end_ms keeps the window the call really ran in, so calls nest by it)
     "end_ms": "float64",
     # the call tree, derived when frames are built (probe.tree), never in the hot path:
-    "call": "Int64",  # index of the call within its step (rank, run_id, step), by start then longest first
-    "parent": "Int64",  # ``call`` of the enclosing recorded call in the same step; null at the top
+    "call": "Int32",  # index of the call within its step (rank, run_id, step), by start then longest first
+    "parent": "Int32",  # ``call`` of the enclosing recorded call in the same step; null at the top
     # calls recorded while this one ran, as its wrapper counted them (v2): the nesting's one source
-    "descendants": "Int64",
+    "descendants": "Int32",
     "self_ms": "float64",  # cpu_ms minus the cpu_ms of the recorded calls directly inside it
     "gpu_self_ms": "float64",  # gpu_ms minus the gpu_ms of the recorded calls directly inside it; NaN without CUDA
 }

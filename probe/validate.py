@@ -19,9 +19,11 @@ import pandas as pd
 
 from .errors import MANIFEST, RunLoadError  # noqa: F401  (re-exported)
 from . import schema
+from .columns import INT_RANGE, REQUIRED
 
 
-_INT_KINDS = ("int64", "Int64")
+_INT_KINDS = ("int64", "Int64", "int32", "Int32")
+_TEXT_KINDS = (schema.STR, schema.CAT)
 
 
 def _bad(f: Path, col: str, problem: str) -> RunLoadError:
@@ -77,9 +79,9 @@ def check_frame(data: bytes, key: str, f: Path, columns: tuple[str, ...] | None 
         sch = {c: t for c, t in sch.items() if c in set(columns)}
     try:
         # text columns read as dictionaries: parquet stores them so, and their few distinct values
-        # are checked once each; they become plain text in the one conversion (to_frame)
+        # are checked once each; categorical ones stay dictionaries into pandas (to_frame)
         names = pq.read_schema(io.BytesIO(data)).names
-        texts = [c for c in names if sch.get(c) == schema.STR]
+        texts = [c for c in names if sch.get(c) in _TEXT_KINDS]
         read = None if columns is None else [c for c in names if c in sch]
         table = pq.read_table(io.BytesIO(data), columns=read, read_dictionary=texts, filters=rows)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
@@ -103,10 +105,16 @@ def check_frame(data: bytes, key: str, f: Path, columns: tuple[str, ...] | None 
         if dtype in _INT_KINDS:
             if not (pa.types.is_integer(t) or pa.types.is_null(t)):
                 raise _bad(f, col, f"holds {t} values where whole numbers belong")
-            if dtype == "int64" and arr.null_count:
+            if dtype in REQUIRED and arr.null_count:
                 raise _bad(f, col, f"has {arr.null_count} missing values where every row needs one")
             if pa.types.is_unsigned_integer(t) and len(arr) and pc.max(_plain(arr)).as_py() > 2**63 - 1:
                 raise _bad(f, col, "holds numbers too large for int64")
+            low_high = INT_RANGE.get(dtype)
+            if low_high and pa.types.is_integer(t) and len(arr) > arr.null_count:
+                got = pc.min_max(_plain(arr)).as_py()
+                if got["min"] < low_high[0] or got["max"] > low_high[1]:
+                    raise _bad(f, col, f"holds numbers beyond {dtype} ({got['min']} to {got['max']}), which no "
+                                       "recording produces")
         elif dtype == "float64":
             if not (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t)):
                 raise _bad(f, col, f"holds {t} values where numbers belong")
@@ -117,7 +125,7 @@ def check_frame(data: bytes, key: str, f: Path, columns: tuple[str, ...] | None 
         elif dtype == "boolean":
             if not (pa.types.is_boolean(t) or pa.types.is_null(t)):
                 raise _bad(f, col, f"holds {t} values where true/false belongs")
-        elif dtype == schema.STR:
+        elif dtype in _TEXT_KINDS:
             if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
                 raise _bad(f, col, f"holds {t} values where text belongs")
     _check_values(table, key, f)
@@ -137,7 +145,8 @@ def _plain(arr):
 
 
 #: the Arrow type each schema dtype is read as, before the one conversion to pandas
-_ARROW = {"int64": "int64", "Int64": "int64", "float64": "float64", "boolean": "bool_", schema.STR: "large_string"}
+_ARROW = {"int64": "int64", "Int64": "int64", "int32": "int32", "Int32": "int32", "float64": "float64",
+          "boolean": "bool_", schema.STR: "large_string", schema.CAT: "large_string"}
 
 
 @functools.lru_cache(maxsize=32)
@@ -163,13 +172,21 @@ def to_frame(table, sch: dict[str, str]) -> pd.DataFrame:
     cols, fields, arr = [], [], None
     for col, dtype in sch.items():
         t = getattr(pa, _ARROW[dtype])()
+        if dtype == schema.CAT:  # kept a dictionary: pandas makes a categorical of it (conform sorts it)
+            t = pa.dictionary(pa.int32(), t)
         if col in table.column_names:
             arr = table.column(col)
-            if pa.types.is_dictionary(arr.type) and dtype != schema.STR:  # not as parquet writes them
-                arr = arr.cast(arr.type.value_type)
-            cols.append(arr if arr.type == t else arr.cast(t))  # text dictionaries are decoded here
-        elif n and dtype == "int64":
+            if pa.types.is_dictionary(arr.type) and dtype != schema.STR and dtype != schema.CAT:
+                arr = arr.cast(arr.type.value_type)  # not as parquet writes them
+            if dtype == schema.CAT:
+                if not pa.types.is_dictionary(arr.type):
+                    arr = arr.cast(pa.large_string()).dictionary_encode()
+                t = arr.type  # its dictionary as parquet gave it: nothing decoded
+            cols.append(arr if arr.type == t else arr.cast(t))  # STR dictionaries are decoded here
+        elif n and dtype in REQUIRED:
             raise ValueError(f"column {col!r} ({dtype}) is required and has no value")
+        elif dtype == schema.CAT:
+            cols.append(pa.DictionaryArray.from_arrays(pa.nulls(n, pa.int32()), pa.array([], pa.large_string())))
         else:
             cols.append(pa.nulls(n, t))
         fields.append(pa.field(col, t))

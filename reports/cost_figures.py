@@ -94,7 +94,7 @@ def roofline(roof_df: pd.DataFrame, peaks: Any, *, where: str | None = None, lab
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name="roof", line=dict(color="black", width=2),
                              hovertemplate="intensity %{x:.3g} FLOP/B<br>roof %{y:.3g} " + unit + "<extra></extra>"))
-    for phase, sub in shown.groupby("phase", sort=False):
+    for phase, sub in shown.groupby("phase", sort=False, observed=True):
         fig.add_trace(go.Scatter(
             x=sub["intensity_flops_per_byte"], y=sub["_y"], mode="markers",
             name=str(phase),
@@ -205,7 +205,7 @@ def _place_labels(lx: np.ndarray, ly: np.ndarray, texts: list[str], x_range: tup
 
 
 def _median_band(df: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
-    g = df.groupby(keys)[value]
+    g = df.groupby(keys, observed=True)[value]
     return pd.DataFrame({"median": g.median(), "low": g.min(), "high": g.max(), "n": g.size()}).reset_index()
 
 

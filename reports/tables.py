@@ -116,7 +116,7 @@ def shape_walkthrough(calls: pd.DataFrame, collapse: bool = True) -> pd.DataFram
         for r in rank_list:
             part = _walk_rows(calls[rank_col == r])
             # position of the call within its step: the key that lines the ranks up
-            parts.append(part.assign(rank=r, _pos=part.groupby("step", sort=False).cumcount()))
+            parts.append(part.assign(rank=r, _pos=part.groupby("step", sort=False, observed=True).cumcount()))
         sel = pd.concat(parts).sort_values(["step", "_pos", "rank"], kind="stable")
         cols = {"rank": "int64", **cols}
     shape_in = {s: shape_text(s) for s in sel["in_shapes"].unique()}
@@ -172,7 +172,7 @@ def headline(runs: pd.DataFrame, steps: pd.DataFrame, meta: dict | None = None) 
     gen = runs[runs["kind"] == "generate"].reset_index(drop=True)
     out = pd.DataFrame({c: gen[c].astype(d) for c, d in HEADLINE.items()})
     if out["peak_mem_bytes"].isna().any() and not steps.empty:
-        peaks = steps.groupby("run_id", sort=False)["mem_peak_bytes"].max()
+        peaks = steps.groupby("run_id", sort=False, observed=True)["mem_peak_bytes"].max()
         out["peak_mem_bytes"] = out["peak_mem_bytes"].fillna(out["run_id"].map(peaks).astype("Int64"))
     if len(ranks(gen)) > 1:
         out.insert(1, "rank", gen["rank"].astype("int64"))

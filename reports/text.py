@@ -36,6 +36,10 @@ def cap(value: object, limit: int = MAX_TEXT) -> object:
 
 def cap_series(s: pd.Series, limit: int = MAX_TEXT) -> pd.Series:
     """``s`` with every string longer than ``limit`` capped (the same series when none is)."""
+    if isinstance(s.dtype, pd.CategoricalDtype):  # the categories say whether any value is too long
+        if not any(isinstance(v, str) and len(v) > limit for v in s.dtype.categories):
+            return s
+        s = s.astype("string")
     if len(s) == 0 or not (pd.api.types.is_string_dtype(s) or pd.api.types.is_object_dtype(s)):
         return s
     if isinstance(s.dtype, pd.StringDtype) and s.dtype.storage == "pyarrow":

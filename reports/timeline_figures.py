@@ -134,7 +134,7 @@ def memory_over_steps(steps: pd.DataFrame, calls: pd.DataFrame, names: dict[str,
         return empty_figure(title)
     fig = base_figure(title, "step", "MiB")
     blocks = calls.loc[calls["role"].isin(BLOCK_ROLES), ["run_id", "step", "out_bytes"]] if len(calls) else calls
-    out_bytes = blocks.groupby(["run_id", "step"], sort=False)["out_bytes"].sum() if len(blocks) else None
+    out_bytes = blocks.groupby(["run_id", "step"], sort=False, observed=True)["out_bytes"].sum() if len(blocks) else None
     ids = list(dict.fromkeys(steps["run_id"].astype(str)))[:MAX_RUNS]
     multi = len(ids) > 1
     drawn = 0

@@ -276,8 +276,9 @@ CORRUPTIONS = {
                                  "nesting is not a tree"),
     "two calls numbered alike": (_frame("calls.parquet", _with("call", lambda t: pa.array([0] * t.num_rows, pa.int64()))),
                                  "nesting is not a tree"),
-    "call number 2^62": (_frame("calls.parquet", _with("call", lambda t: pa.array([2**62] * t.num_rows, pa.int64()))),
-                         "nesting is not a tree"),
+    "call number 2^62": (_frame("calls.parquet", _set("call", lambda n: [2**62] * n, pa.int64())), "beyond Int32"),
+    "call number 2^31 - 1": (_frame("calls.parquet", _set("call", lambda n: [2**31 - 1] * n, pa.int64())),
+                             "nesting is not a tree"),
     # values no recording produces, in files whose manifest was rewritten to match (the rules)
     "negative cpu_ms": (_frame("calls.parquet", _set("cpu_ms", lambda n: [-1.0] * n)), "'cpu_ms' has"),
     "negative self_ms": (_frame("calls.parquet", _set("self_ms", lambda n: [-0.5] * n)), "'self_ms' has"),
@@ -285,7 +286,9 @@ CORRUPTIONS = {
     "NaN forward_ms": (_frame("steps.parquet", _set("forward_ms", lambda n: [float("nan")] * n)), "'forward_ms' has"),
     "negative ttft_ms": (_frame("runs.parquet", _set("ttft_ms", lambda n: [-3.0] * n)), "'ttft_ms' has"),
     "negative total_ms": (_frame("runs.parquet", _set("total_ms", lambda n: [-3.0] * n)), "'total_ms' has"),
-    "huge layer index": (_frame("calls.parquet", _set("layer", lambda n: [2**62] * n, pa.int64())), "beyond the model's"),
+    "huge layer index": (_frame("calls.parquet", _set("layer", lambda n: [10**6] * n, pa.int64())), "beyond the model's"),
+    "layer 2^62": (_frame("calls.parquet", _set("layer", lambda n: [2**62] * n, pa.int64())), "beyond Int32"),
+    "step 2^40 of a call": (_frame("calls.parquet", _set("step", lambda n: [2**40] * n, pa.int64())), "beyond int32"),
     "layer -7": (_frame("calls.parquet", _set("layer", lambda n: [-7] * n, pa.int64())), "'layer' has"),
     "step 2^62": (_frame("steps.parquet", _set("step", lambda n: [2**62] * n, pa.int64())), "beyond their run's step count"),
     "calls of an unknown run": (_frame("calls.parquet", _set("run_id", "nobody")), "belong to no run"),
@@ -650,7 +653,7 @@ def test_probe_verify_lists_every_problem_where_load_stops_at_the_first(cli_run,
     def damage(t: pa.Table) -> pa.Table:
         t = _set("cpu_ms", lambda n: [-1.0] * n)(t)
         t = _with("parent", lambda t: t.column("call"))(t)
-        return _set("layer", lambda n: [2**40] * n, pa.int64())(t)
+        return _set("layer", lambda n: [10**6] * n, pa.int64())(t)
 
     _rewrite(d, "calls.parquet", damage)
     _rewrite(d, "runs.parquet", _set("total_ms", lambda n: [-5.0] * n))

@@ -33,7 +33,7 @@ def test_dynamically_quantized_model_is_profiled_unchanged():
     calls = p.run.calls
     assert len(p.run.steps) == 3 and "head" in set(calls["role"])
     assert "quantized" in type(q.lm_head).__module__  # the head really is a quantized module
-    assert calls.loc[calls["role"] == "head", "out_shapes"].map(json.loads).iloc[0] == [[1, 1, 128]]
+    assert calls.loc[calls["role"] == "head", "out_shapes"].astype(str).map(json.loads).iloc[0] == [[1, 1, 128]]
 
 
 def test_frozen_half_precision_model():
@@ -138,7 +138,7 @@ def test_steps_shapes_phases_and_sums_always_agree(layers, heads, head_dim, batc
     assert (st["batch"] == batch).all() and st["new_tokens"].sum() == new
     for step, sub in calls.groupby("step"):
         q = prompt if step == 0 else 1
-        layer_in = sub.loc[sub["role"] == "layer", "in_shapes"].map(lambda s: json.loads(s)[0])
+        layer_in = sub.loc[sub["role"] == "layer", "in_shapes"].astype(str).map(lambda s: json.loads(s)[0])
         assert len(layer_in) == layers and all(s == [batch, q, hidden] for s in layer_in)
     # the blocks never take more host time than the forward that contains them
     assert (st["blocks_ms"] <= st["forward_ms"] + 1e-9).all()

@@ -81,3 +81,12 @@ class VirtualClock:
 
     def spend(self, ns: int) -> None:
         self.t += ns
+
+
+def used_categories(df):
+    """``df`` with each categorical column's unused categories dropped: a slice of a frame keeps the
+    categories of the whole, a part read from a file or one rank's rows only those its rows use."""
+    import pandas as pd
+
+    cats = [c for c in df.columns if isinstance(df[c].dtype, pd.CategoricalDtype)]
+    return df.assign(**{c: df[c].cat.remove_unused_categories() for c in cats}) if cats else df

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
+from ..columns import text_codes
 from . import memo, tree
 from ..schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
 
@@ -107,7 +108,7 @@ class Phases:
 
 def _factorize(s: pd.Series) -> tuple[np.ndarray, pd.Index]:
     """Codes of a text column and its distinct values in order of appearance (-1 for a null)."""
-    return pd.factorize(s.astype("string"))
+    return text_codes(s)
 
 
 def factorized(calls: pd.DataFrame, col: str) -> tuple[np.ndarray, pd.Index]:
@@ -174,7 +175,8 @@ def labels(calls: pd.DataFrame, level: Level) -> np.ndarray:
     """
     check_level(level)
     if level == "module":
-        return calls["module"].astype("string").to_numpy(dtype=object)
+        codes, names = text_codes(calls["module"])
+        return np.append(np.asarray(names, dtype=object), pd.NA)[codes]
     codes, names = label_codes(calls, level)
     return np.asarray(names, dtype=object)[codes] if len(calls) else np.zeros(0, dtype=object)
 
@@ -329,7 +331,7 @@ def _tree_nodes(modules: pd.Series, prow: np.ndarray, lv: np.ndarray) -> tuple[n
     """Each call's node in the tree of module paths, interned level by level as (node of its
     parent, module) pairs, numbered in order of first appearance; with each node's path and its
     parent's path (``None`` at the top)."""
-    mod_codes, mods = pd.factorize(modules.astype("string"), use_na_sentinel=False)
+    mod_codes, mods = text_codes(modules, na_sentinel=False)
     n_mods = max(len(mods), 1)
     node = np.full(len(modules), -1, np.int64)
     paths: list[str] = []
@@ -383,7 +385,7 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
     cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
     gpu = c["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
     # one group per (phase, node), aggregated on integer codes
-    pcodes, puniq = pd.factorize(c["phase"].astype("string"), use_na_sentinel=False)
+    pcodes, puniq = text_codes(c["phase"], na_sentinel=False)
     slot, gkeys = pd.factorize(pcodes.astype(np.int64) * max(len(paths), 1) + keep)
     m = len(gkeys)
     # the node's first own call (folded calls sort after every shown one)
@@ -403,9 +405,9 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
         "first": first,
     })
     row = np.where(first < n, first, first - n)
-    out["role"] = c["role"].astype("string").array.take(row)
+    out["role"] = c["role"].array.take(row).astype("string")
     out["layer"] = c["layer"].array.take(row)
-    out["module"] = c["module"].astype("string").array.take(row)
+    out["module"] = c["module"].array.take(row).astype("string")
     out["depth"] = [paths[k].count(SEP) + 1 for k in gnode]
     out["parent_node"] = [parent_path[k] for k in gnode]
     out["node"] = [paths[k] for k in gnode]

@@ -106,7 +106,7 @@ def build_run(p: "Records") -> "Run":
     steps_df = schema.conform(pd.DataFrame(steps_rows), STEPS) if steps_rows else schema.empty(STEPS)
     if len(calls) and len(steps_df):
         blocks = calls[calls["role"].isin(BLOCK_ROLES)]
-        sums = blocks.groupby(["run_id", "step"], sort=False)["cpu_ms"].sum()
+        sums = blocks.groupby(["run_id", "step"], sort=False, observed=True)["cpu_ms"].sum()
         idx = pd.MultiIndex.from_frame(steps_df[["run_id", "step"]].astype(object))
         vals = sums.reindex(idx).to_numpy(dtype="float64", na_value=np.nan)
         steps_df["blocks_ms"] = vals

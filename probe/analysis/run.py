@@ -418,7 +418,7 @@ def merge(runs: list[Run], path: Path | None = None) -> Run:
     """Concatenate runs (e.g. one per tensor-parallel rank) into one, rows tagged by rank."""
     if not runs:
         raise RunLoadError("nothing to merge")
-    calls = schema.conform(pd.concat([r.calls for r in runs], ignore_index=True), calls_schema(runs[0].part))
+    calls = schema.conform(schema.combine([r.calls for r in runs]), calls_schema(runs[0].part))
     steps = schema.conform(pd.concat([r.steps for r in runs], ignore_index=True), STEPS)
     runs_df = schema.conform(pd.concat([r.runs for r in runs], ignore_index=True), RUNS)
     sampling = schema.conform(pd.concat([r.sampling for r in runs], ignore_index=True), SAMPLING)

@@ -57,7 +57,7 @@ def per_generate_totals(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataF
     """Each row's self time per phase in each successful generate call (the rows of
     :func:`per_step` summed over the steps). Columns ``level, name, phase, run_id, total_ms``."""
     per = per_step(calls, steps, runs, level)
-    out = per.groupby(["name", "phase", "run_id"], sort=False)["ms"].sum().rename("total_ms").reset_index()
+    out = per.groupby(["name", "phase", "run_id"], sort=False, observed=True)["ms"].sum().rename("total_ms").reset_index()
     cols = {"level": "string", "name": "string", "phase": "string", "run_id": "string", "total_ms": "float64"}
     return out.assign(level=level)[list(cols)].astype(cols)
 
@@ -86,8 +86,8 @@ def block_spread(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
     if tot.empty:
         return schema.empty(SPREAD)
     tot["_seq"] = np.arange(len(tot))
-    first = tot.groupby(["level", "name", "phase"], sort=False)[["_seq"]].first()
-    g = tot.groupby(["level", "name", "phase"], sort=False)["total_ms"]
+    first = tot.groupby(["level", "name", "phase"], sort=False, observed=True)[["_seq"]].first()
+    g = tot.groupby(["level", "name", "phase"], sort=False, observed=True)["total_ms"]
     out = _spread_stats(g).join(first).reset_index()
     order = {p: i for i, p in enumerate(PHASES)}
     out["_p"] = out["phase"].map(order).fillna(len(order))

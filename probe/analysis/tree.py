@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..columns import text_codes
 from . import memo
 
 TREE_COLUMNS = ("call", "parent", "self_ms", "gpu_self_ms")
@@ -33,16 +34,20 @@ _KEYS = ["rank", "run_id", "step"]
 
 def step_keys(*frames: pd.DataFrame) -> list[np.ndarray]:
     """One int64 per row naming its step (``rank, run_id, step``), comparable across ``frames``."""
-    runs = pd.concat([f["run_id"].astype("string") for f in frames], ignore_index=True)
-    codes, uniq = pd.factorize(runs, use_na_sentinel=False)
-    n_runs = max(len(uniq), 1)
+    number: dict = {}  # run id (None: a null) -> its number, shared by the frames
+    codes = []
+    for f in frames:
+        c, uniq = text_codes(f["run_id"], na_sentinel=False)
+        lut = np.array([number.setdefault(None if v is pd.NA else str(v), len(number)) for v in uniq] or [0],
+                       dtype=np.int64)
+        codes.append(lut[c])
+    n_runs = max(len(number), 1)
     steps = [f["step"].to_numpy(dtype="int64", na_value=-1) for f in frames]
     span = max((int(st.max()) for st in steps if len(st)), default=0) + 2
-    out, at = [], 0
-    for f, st in zip(frames, steps):
+    out = []
+    for f, st, code in zip(frames, steps, codes):
         rank = f["rank"].to_numpy(dtype="int64", na_value=0) if "rank" in f else np.zeros(len(f), np.int64)
-        out.append((rank * n_runs + codes[at:at + len(f)]) * span + st + 1)
-        at += len(f)
+        out.append((rank * n_runs + code) * span + st + 1)
     return out
 
 

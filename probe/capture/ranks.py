@@ -9,6 +9,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
+
+from ..columns import categorical
 from ..recording.distributed import world
 
 if TYPE_CHECKING:
@@ -88,7 +91,9 @@ def _renamed(run: "Run", mine: list[str], base: list[str], rank: int) -> "Run":
 
     def rename(df):
         out = df.copy()
-        out["run_id"] = out["run_id"].map(lambda v: names.get(v, v)).astype(df["run_id"].dtype)
+        ids = out["run_id"]
+        renamed = ids.astype("string").map(lambda v: names.get(v, v), na_action="ignore").astype("string")
+        out["run_id"] = categorical(renamed) if isinstance(ids.dtype, pd.CategoricalDtype) else renamed.astype(ids.dtype)
         return out
 
     return Run(calls=rename(run.calls), steps=rename(run.steps), runs=rename(run.runs), meta=dict(run.meta),

@@ -204,7 +204,7 @@ def _config_frame(run, calls: pd.DataFrame, P: int, B: int, rel: str | None) -> 
     order = {rid: i for i, rid in enumerate(runs["run_id"])}
     st = run.steps[run.steps["run_id"].isin(order)].copy()
     blocks = calls[calls["role"].isin(BLOCK_ROLES)]
-    sums = blocks.groupby(["run_id", "step"], sort=False)[["flops", "bytes_moved"]].sum(min_count=1)
+    sums = blocks.groupby(["run_id", "step"], sort=False, observed=True)[["flops", "bytes_moved"]].sum(min_count=1)
     st = st.merge(sums.reset_index(), on=["run_id", "step"], how="left")
     per_run = runs[["run_id", "ttft_ms", "tpot_ms_mean", "prefill_tok_s", "decode_tok_s", "total_ms"]]
     st = st.merge(per_run, on="run_id", how="left")
