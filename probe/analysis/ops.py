@@ -88,7 +88,7 @@ def _timed_block_ms(ops: pd.DataFrame, sampled: pd.DataFrame, calls: pd.DataFram
     timed = calls[calls["module"].isin(blocks)]
     if timed.empty:
         return {}
-    mean = timed.groupby(["module", *_SHAPE])["cpu_ms"].mean()
+    mean = timed.groupby(["module", *_SHAPE], observed=True)["cpu_ms"].mean()
     out: dict = {}
     for block in blocks:
         for phase, grp in sampled.groupby("phase"):
