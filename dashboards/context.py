@@ -68,6 +68,20 @@ class Context:
         by side, never added together)."""
         return {n: data.apply_filters(self.loaded[n], self.filters) for n in self.selected}
 
+    def pick(self, has: Callable[[probe.Run], bool], key: str, missing: str) -> str | None:
+        """The selected run a view shows when only some runs have what it needs (``has``): the
+        first, or the one chosen in a box keyed ``key`` when several have it; ``None`` (with
+        ``missing`` said) when none does."""
+        names = [n for n in self.selected if has(self.loaded[n])]
+        if not names:
+            st.info(missing)
+            return None
+        if len(names) > 1:
+            if st.session_state.get(key) not in names:
+                st.session_state[key] = names[0]
+            return st.selectbox("Run", names, key=key)
+        return names[0]
+
     def names(self) -> dict[str, str]:
         """Legend name of each run id: its run folder's name (``name · call 2`` for a folder's
         later generate calls)."""

@@ -19,16 +19,11 @@ def inside(ctx: Context) -> None:
     from probe.analysis.ops import memory_ledger, op_summary
     from probe.reports.deep_section import PHASES, folded, live_bytes_figure
 
-    deep_runs = [n for n in ctx.selected if not ctx.loaded[n].ops.empty]
-    if not deep_runs:
-        st.info("None of the selected runs has a deep pass. Record one with `probe run --deep --out FOLDER/NAME` "
-                "or `probe.attach(model, deep=True)`.")
+    name = ctx.pick(lambda r: not r.ops.empty, "deep_run",
+                    "None of the selected runs has a deep pass. Record one with `probe run --deep --out FOLDER/NAME` "
+                    "or `probe.attach(model, deep=True)`.")
+    if name is None:
         return
-    name = deep_runs[0]
-    if len(deep_runs) > 1:
-        if st.session_state.get("deep_run") not in deep_runs:
-            st.session_state["deep_run"] = deep_runs[0]
-        name = st.selectbox("Run", deep_runs, key="deep_run")
     run = ctx.loaded[name]
     memo = lambda what, build: ctx.memo(what, build, runs=(name,))  # noqa: E731
     deep = run.meta.get("deep") or {}

@@ -27,17 +27,11 @@ def serving(ctx: Context) -> None:
     """Requests, packed batches, latency distributions and throughput of a serving run."""
     from probe.reports import serve_figures as sf
 
-    serve_runs = [n for n in ctx.selected
-                  if not ctx.loaded[n].requests.empty or (ctx.loaded[n].runs["kind"] == "serve").any()]
-    if not serve_runs:
-        st.info("None of the selected runs is a continuous-batching run. Record one with "
-                "`probe serve-bench --out FOLDER/NAME` or `model.generate_batch(...)` under `probe.attach`.")
+    name = ctx.pick(lambda r: not r.requests.empty or (r.runs["kind"] == "serve").any(), "serving_run",
+                    "None of the selected runs is a continuous-batching run. Record one with "
+                    "`probe serve-bench --out FOLDER/NAME` or `model.generate_batch(...)` under `probe.attach`.")
+    if name is None:
         return
-    name = serve_runs[0]
-    if len(serve_runs) > 1:
-        if st.session_state.get("serving_run") not in serve_runs:
-            st.session_state["serving_run"] = serve_runs[0]
-        name = st.selectbox("Run", serve_runs, key="serving_run")
     run = data.apply_filters(ctx.loaded[name], ctx.filters)
     memo = lambda what, build: ctx.memo(what, build, runs=(name,))  # noqa: E731
     sv = run.meta.get("serving", {})
