@@ -117,22 +117,10 @@ def pyarrow_read(run_dir: Path) -> None:
 
 def first_page(runs_dir: Path) -> float:
     """CPU seconds of one cold AppTest script run of the dashboard over ``runs_dir``."""
-    import streamlit as st
-    from streamlit.testing.v1 import AppTest
-
-    from probe.dashboards import APP
+    from dashboard_load import cold_page
 
     os.environ["PROBE_DASHBOARD_ROOT"] = str(runs_dir.parent)
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    at = AppTest.from_file(str(APP), default_timeout=900)
-    at.session_state["runs_dir"] = str(runs_dir)
-    t0 = time.process_time()
-    at.run()
-    dt = time.process_time() - t0
-    if at.exception or at.error:
-        raise RuntimeError(f"the page failed: {[e.value for e in [*at.exception, *at.error]]}")
-    return dt
+    return cold_page(runs_dir, clock=time.process_time, timeout=900)[0]
 
 
 def cli(argv: list[str]) -> None:

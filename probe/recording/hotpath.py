@@ -214,10 +214,6 @@ def _recorder(cols, intern: Callable) -> Callable:
         # one tensor in, one tensor out: every block of a decoder
         if len(args) == 1 and type(out) is Tensor and type(args[0]) is Tensor:
             key = (args[0].shape, out.shape)
-        elif type(out) is tuple:  # the attention function's (output, weights), a layer's tuple
-            ins = tuple(a.shape for a in args if isinstance(a, Tensor))
-            key = (ins if ins or not kwargs else in_key(args, kwargs),
-                   tuple(v.shape for v in out if isinstance(v, Tensor)))
         else:
             key = slow_key(args, kwargs, out)
         sid = local.get(key)

@@ -130,6 +130,11 @@ def _thread_count(cache: dict) -> int | None:
         return None
 
 
+def _read_delay(fd: int) -> int:
+    """run_delay, the second field of a schedstat, through an open descriptor."""
+    return int(os.pread(fd, 128, 0).split()[1])
+
+
 def _run_delay_of(fds: dict[str, int], tid: str) -> int | None:
     """One thread's run_delay through its cached descriptor, (re)opened as needed; None if the
     thread ended."""
@@ -138,7 +143,7 @@ def _run_delay_of(fds: dict[str, int], tid: str) -> int | None:
         try:
             if fd is None:
                 fd = fds[tid] = os.open(f"{_TASKS}/{tid}/schedstat", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            return int(os.pread(fd, 128, 0).split()[1])
+            return _read_delay(fd)
         except (OSError, IndexError, ValueError):
             # ended, or a new thread took an ended one's id: the old descriptor is stale
             _close(fds.pop(tid, None))
@@ -150,7 +155,7 @@ def _known_threads(fds: dict[str, int]) -> dict[str, int] | None:
     out = {}
     for tid, fd in fds.items():
         try:
-            out[tid] = int(os.pread(fd, 128, 0).split()[1])
+            out[tid] = _read_delay(fd)
         except (OSError, IndexError, ValueError):
             return None
     return out
