@@ -260,9 +260,9 @@ def main(argv=None) -> int:
             rows.append(compare_row(big, other, root, args.repeat))
     page = None
     if args.many:
-        many = root / f"{args.many}-runs"
-        for i in range(args.many):
-            shutil.copytree(small, many / f"run{i:03d}")
+        from dashboard_load import many_runs
+
+        many = many_runs(small, root / f"{args.many}-runs", args.many)
         first_page(small)  # a first script run pays the app's imports (not the page's cost)
         page = min(first_page(many) for _ in range(args.repeat))
     print(f"analysis at scale: process CPU seconds, least of {args.repeat}; ratio = measured / compared")

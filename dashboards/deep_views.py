@@ -16,7 +16,7 @@ VIEW = "Inside each block"
 def inside(ctx: Context) -> None:
     """Each block's ops (ms and FLOPs per sampled step, with its dispatch and Python) and its
     memory ledger, per phase, for a run with a deep pass."""
-    from probe.analysis.ops import memory_ledger, op_summary
+    from probe.analysis.ops import LEDGER_BYTES, OP_FIGURES, memory_ledger, op_summary
     from probe.reports.deep_section import PHASES, folded, live_bytes_figure
 
     name = ctx.pick(lambda r: not r.ops.empty, "deep_run",
@@ -32,11 +32,11 @@ def inside(ctx: Context) -> None:
     by = st.radio("Ops by", ["block", "module"], key="deep_by", horizontal=True)
     each = st.checkbox("Every numbered block apart (else the layers fold into one row, their mean per layer)",
                        key="deep_each")
-    cats = ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"]
+    cats = LEDGER_BYTES
 
     def ops_table():
         t = op_summary(run.ops, run.calls, by=by)
-        return t if each else folded(t, ["calls", "host_ms", "flops", "block_ms"], ["op"])
+        return t if each else folded(t, OP_FIGURES, ["op"])
 
     def ledger_table():
         t = memory_ledger(run.ledger, run.ops)

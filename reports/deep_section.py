@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from probe import fmt
-from probe.analysis.ops import DISPATCH, memory_ledger, op_summary
+from probe.analysis.ops import DISPATCH, LEDGER_BYTES, OP_FIGURES, memory_ledger, op_summary
 
 from .html_page import Page, esc, table_html
 
@@ -63,9 +63,9 @@ def deep_lines(run: "Run") -> list[str]:
     deep = run.meta.get("deep") or {}
     lines = ["", f"inside each block (deep pass, not timed: {deep.get('sampled', 'sampled steps')}; "
                  "ms per sampled step, the dispatch mode's op times)"]
-    ops = folded(op_summary(run.ops, run.calls), ["calls", "host_ms", "flops", "block_ms"], ["op"])
+    ops = folded(op_summary(run.ops, run.calls), OP_FIGURES, ["op"])
     own = folded(op_summary(run.ops, run.calls, by="module"), ["calls", "host_ms", "flops"], ["op"])
-    cats = ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"]
+    cats = LEDGER_BYTES
     ledger = folded(memory_ledger(run.ledger, run.ops), cats, [])
     noisy = False
     for phase in PHASES:
@@ -137,8 +137,8 @@ def deep_section(doc: Page, run: "Run") -> None:
         "sampled step. (dispatch and Python) = the block's time on timed steps of the same shapes less its ops. "
         "Memory: tensor storages made by ops (scratch inside kernels is not seen); weights are parameter bytes; "
         "bytes read/written are estimates from storages.") + "</p>")
-    table = folded(op_summary(run.ops, run.calls), ["calls", "host_ms", "flops", "block_ms"], ["op"], top=8)
-    table = table[["phase", "block", "layers", "op", "calls", "host_ms", "flops", "block_ms"]]
+    table = folded(op_summary(run.ops, run.calls), OP_FIGURES, ["op"], top=8)
+    table = table[["phase", "block", "layers", "op", *OP_FIGURES]]
     for phase in PHASES:
         part = table[table["phase"] == phase].drop(columns="phase")
         if len(part):
@@ -146,7 +146,7 @@ def deep_section(doc: Page, run: "Run") -> None:
                                              "blocks folded into one row, the mean per layer: 'layers' says how many; "
                                              "ops.csv has every block)",
                                table_id=f"deep-ops-{phase}", max_rows=2000))
-    cats = ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"]
+    cats = LEDGER_BYTES
     ledger = memory_ledger(run.ledger, run.ops)
     if len(ledger):
         ledger = folded(ledger, cats, [])[["phase", "block", "layers", *cats]]

@@ -175,7 +175,7 @@ def labels(calls: pd.DataFrame, level: Level) -> np.ndarray:
     """
     check_level(level)
     if level == "module":
-        codes, names = text_codes(calls["module"])
+        codes, names = factorized(calls, "module")
         return np.append(np.asarray(names, dtype=object), pd.NA)[codes]
     codes, names = label_codes(calls, level)
     return np.asarray(names, dtype=object)[codes] if len(calls) else np.zeros(0, dtype=object)
@@ -199,7 +199,7 @@ def _codes(calls: pd.DataFrame, level: str, prow: np.ndarray | None, codes=None)
     return _block_codes(calls["module"], calls["role"], codes)
 
 
-def _sum(groups: np.ndarray, n: int, values: np.ndarray, min_count: int = 0) -> np.ndarray:
+def group_sum(groups: np.ndarray, n: int, values: np.ndarray, min_count: int = 0) -> np.ndarray:
     """Per group: the sum of the non-NaN values (NaN where fewer than ``min_count`` of them)."""
     ok = ~np.isnan(values)
     total = np.bincount(groups[ok], weights=values[ok], minlength=n)
@@ -234,7 +234,7 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     first = np.flatnonzero(np.r_[True, top[1:] > top[:-1]])  # each row's first call
 
     def agg(values, min_count=0):
-        return _sum(slot, m, values, min_count)
+        return group_sum(slot, m, values, min_count)
 
     calls_n = np.bincount(slot, weights=own.astype("float64"), minlength=m)
     ob = np.where(own, c["out_bytes"].to_numpy(dtype="float64", na_value=np.nan), np.nan)
@@ -398,10 +398,10 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
     out = pd.DataFrame({
         "phase": pd.array([str(puniq[p]) for p in gphase], dtype="string"),
         "calls": np.bincount(slot, weights=shown.astype("float64"), minlength=m).astype("int64"),
-        "total_ms": _sum(slot, m, np.where(shown, cpu, 0.0)),
-        "self_ms": _sum(slot, m, c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
-        "gpu_total_ms": _sum(slot, m, np.where(shown, gpu, np.nan), 1),
-        "gpu_self_ms": _sum(slot, m, c["gpu_self_ms"].to_numpy(dtype="float64", na_value=np.nan), 1),
+        "total_ms": group_sum(slot, m, np.where(shown, cpu, 0.0)),
+        "self_ms": group_sum(slot, m, c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
+        "gpu_total_ms": group_sum(slot, m, np.where(shown, gpu, np.nan), 1),
+        "gpu_self_ms": group_sum(slot, m, c["gpu_self_ms"].to_numpy(dtype="float64", na_value=np.nan), 1),
         "first": first,
     })
     row = np.where(first < n, first, first - n)

@@ -19,6 +19,9 @@ from ..schema import MEMORY_LEDGER, OP_SUMMARY
 
 OUTSIDE = "(outside blocks)"
 DISPATCH = "(dispatch and Python)"
+#: the memory ledger's byte columns, and an op summary's figures (what folding layers averages)
+LEDGER_BYTES = [c for c in MEMORY_LEDGER if c.endswith("_bytes")]
+OP_FIGURES = ["calls", "host_ms", "flops", "block_ms"]
 STEP = "(step)"
 _SHAPE = ["phase", "q_len", "kv_len"]
 
@@ -108,7 +111,7 @@ def memory_ledger(ledger: pd.DataFrame, ops: pd.DataFrame) -> pd.DataFrame:
     blocks = list(dict.fromkeys(ops["block"].dropna()))
     keep = ledger[ledger["module"].isin(blocks) | ledger["module"].isna()]
     keep = keep.assign(block=keep["module"].fillna(STEP))
-    cols = ["weights_bytes", "kv_cache_bytes", "activations_bytes", "temporaries_bytes", "peak_added_bytes"]
+    cols = LEDGER_BYTES
     per_step = keep.groupby(["phase", "block", "run_id", "step"], sort=False)[cols].sum().reset_index()
     out = per_step.groupby(["phase", "block"], sort=False).agg(
         steps=("step", "size"), **{c: (c, "mean") for c in cols}).reset_index()

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .. import schema
 from . import tree
-from .accounting import PROBE, RESIDUE, check_level, factorized, label_codes, labels
+from .accounting import PROBE, RESIDUE, check_level, factorized, group_sum, label_codes, labels
 from ..schema import Level
 
 OUTSIDE = "(outside model)"
@@ -112,7 +112,7 @@ def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
     span = int(step.max()) + 1 if len(step) else 1
     pair = name * max(len(phases), 1) + phase
     group, firsts = pd.factorize((pair * max(len(ids), 1) + run) * span + step)  # (row, phase, run, step)
-    total = _sum_min1(group, len(firsts), ms)
+    total = group_sum(group, len(firsts), ms, min_count=1)
     pair_of = firsts // (max(len(ids), 1) * span)  # each group's (row, phase), in the groups' order
     pcode, puniq = pd.factorize(pair_of)
     order = np.argsort(pcode, kind="stable")
@@ -121,13 +121,6 @@ def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
     n_ph = max(len(phases), 1)
     return {(name_of[p // n_ph], phase_of[p % n_ph]): total[order[bounds[i]:bounds[i + 1]]]
             for i, p in enumerate(puniq.tolist())}
-
-
-def _sum_min1(groups: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
-    """Per group: the sum of its non-NaN values, NaN where it has none (``sum(min_count=1)``)."""
-    ok = ~np.isnan(values)
-    total = np.bincount(groups[ok], weights=values[ok], minlength=n)
-    return np.where(np.bincount(groups[ok], minlength=n) > 0, total, np.nan)
 
 
 def metric_samples(steps: pd.DataFrame, runs: pd.DataFrame) -> dict[str, np.ndarray]:

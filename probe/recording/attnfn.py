@@ -80,21 +80,14 @@ def _wrap(space: dict, key: str) -> None:
 
 
 def _wrap_registry() -> None:
-    mu = sys.modules.get("transformers.modeling_utils")
-    cls = getattr(mu, "AttentionInterface", None)
-    spaces = [getattr(cls, "_global_mapping", None), getattr(getattr(mu, "ALL_ATTENTION_FUNCTIONS", None),
-                                                              "_local_mapping", None)]
-    for space in spaces:
-        if isinstance(space, dict):
-            for key in list(space):
-                _wrap(space, key)
+    for space, key in entries(()):
+        _wrap(space, key)
 
 
 def _wrap_eager(modules: list[nn.Module]) -> None:
-    for name in {type(m).__module__ for m in modules}:
-        mod = sys.modules.get(name)
-        if mod is not None and callable(getattr(mod, "eager_attention_forward", None)):
-            _wrap(mod.__dict__, "eager_attention_forward")
+    for space, key in entries(modules):
+        if key == "eager_attention_forward":
+            _wrap(space, key)
 
 
 def acquire(holder: Any, callers: dict[nn.Module, Callable]) -> None:
@@ -142,9 +135,15 @@ def _restore_if_unheld() -> None:
             return
         saved = list(_SAVED)
         _SAVED.clear()
-        for space, key, fn, w in reversed(saved):
-            if space.get(key) is w:  # where nothing replaced the wrapper since
-                space[key] = fn
+        put_back(saved)
+
+
+def put_back(replaced: list[tuple]) -> None:
+    """Put back ``(namespace, key, original, wrapper)`` entries, last first, where nothing
+    replaced the wrapper since."""
+    for space, key, fn, w in reversed(replaced):
+        if space.get(key) is w:
+            space[key] = fn
 
 
 def wrapped() -> int:

@@ -136,8 +136,7 @@ class DeepObserver(Observer):
         self._run = run
         rec = self.recorder
         self._chosen = self.plan.chosen(run.gen_settings.get("max_new_tokens"),
-                                        max_steps=getattr(rec, "max_steps", None),
-                                        decode_stride=getattr(rec, "decode_stride", 1))
+                                        max_steps=rec.max_steps, decode_stride=rec.decode_stride)
         self.runs.append(run.run_id)
 
     def run_end(self, run: RunRec | None) -> None:
@@ -145,8 +144,7 @@ class DeepObserver(Observer):
         self._run = None
 
     def stop(self, reason: str) -> None:
-        self._close(None)
-        self._run = None
+        self.run_end(None)
 
     def step_begin(self, step: StepRec) -> None:
         if self._run is None or step.run is not self._run or step.index not in self._chosen or self._open:
@@ -154,7 +152,7 @@ class DeepObserver(Observer):
         from torch.nn.modules import module as nn_module
 
         steplog = StepLog(self.codes, self.blocks, self.sigs)
-        handles = []
+        handles, replaced = [], []
         try:
             handles.append(nn_module.register_module_forward_pre_hook(steplog.enter))
             handles.append(nn_module.register_module_forward_hook(steplog.exit, always_call=True))
@@ -165,7 +163,7 @@ class DeepObserver(Observer):
             log.warning("probe: could not open the deep pass of step %d", step.index, exc_info=True)
             for h in handles:
                 h.remove()
-            _unwrap(locals().get("replaced", []))
+            attnfn.put_back(replaced)
             return
         self._open = (step, steplog, mode, handles, replaced)
 
@@ -210,7 +208,7 @@ class DeepObserver(Observer):
         finally:
             for h in handles:
                 h.remove()
-            _unwrap(replaced)
+            attnfn.put_back(replaced)
         held: dict[int, int] = {}
         if result is not None:
             try:
@@ -263,13 +261,6 @@ def _attention_call(fn: Any, steplog: StepLog, code_of: Any) -> Any:
             steplog.exit()
 
     return attention_function
-
-
-def _unwrap(replaced: list[tuple]) -> None:
-    """Put back the attention functions a step replaced, where nothing replaced them since."""
-    for space, key, fn, w in reversed(replaced):
-        if space.get(key) is w:
-            space[key] = fn
 
 
 def _median(values: list[int]) -> int:
