@@ -118,3 +118,59 @@ def test_the_attention_function_is_costed_as_scores_softmax_and_weighted_sum():
     assert len(fn) == len(attn) == 2
     assert ((fn["flops"] > 0) & (fn["flops"] < attn["flops"])).all()  # no projections in it
     assert (p.run.meta["module_costs"]["modules"]["model.layers.0.self_attn.attention_fn"]["parameters"] == 0)
+
+
+def _flex_gap() -> str | None:
+    try:
+        tiny_llama(layers=1, attn_implementation="flex_attention")
+    except Exception as exc:  # this torch/transformers pair cannot build flex attention here
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def test_flex_attention_is_recorded_as_the_attention_function():
+    gap = _flex_gap()
+    if gap is not None:
+        pytest.skip(f"flex attention unavailable: {gap}")
+    model = tiny_llama(layers=2, attn_implementation="flex_attention")
+    before = _registry()
+    want = model.generate(_ids(), max_new_tokens=3, do_sample=False)
+    with probe.attach(model, depth="sublayers") as p:
+        got = model.generate(_ids(), max_new_tokens=3, do_sample=False)
+    assert torch.equal(want, got)
+    assert _registry() == before and attnfn.wrapped() == 0
+    calls = p.run.calls
+    fns = calls[calls["role"] == "attention_fn"]
+    assert len(fns) == 3 * 2 and (fns["cpu_ms"] > 0).all()
+    assert set(fns["phase"]) == {"prefill", "decode"}
+    attn = calls[calls["role"] == "attention"].set_index(["step", "call"])
+    assert all((s, c) in attn.index for s, c in zip(fns["step"], fns["parent"]))
+    # the function's time lies inside its attention module's
+    inner = calls.loc[fns.index].set_index(["step", "parent"])["cpu_ms"]
+    assert (attn.loc[inner.index, "cpu_ms"].to_numpy() >= inner.to_numpy()).all()
+
+
+def test_paged_attention_of_continuous_batching_is_recorded_as_the_attention_function():
+    from probe import compat
+
+    gap = compat.continuous_batching_gap()
+    if gap is not None:
+        pytest.skip(f"continuous batching not profiled here: {gap}")
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    prompts = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14]]
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=16, page_size=16, allow_block_sharing=False)
+    model = tiny_llama(layers=2, hidden=32)
+    before = _registry()
+    ref = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb)
+    with probe.attach(model, depth="sublayers") as p:
+        out = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb)
+    assert {k: v.generated_tokens for k, v in out.items()} == {k: v.generated_tokens for k, v in ref.items()}
+    assert _registry() == before and attnfn.wrapped() == 0
+    calls = p.run.calls
+    fns = calls[calls["role"] == "attention_fn"]
+    assert len(fns) == (calls["role"] == "attention").sum() > 0  # one per attention call
+    assert set(fns["module"]) == {f"model.layers.{i}.self_attn.attention_fn" for i in (0, 1)}
+    assert (fns["cpu_ms"] > 0).all()
