@@ -40,7 +40,6 @@ on a shared machine; the median of three is what the targets are stated for).
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import random
@@ -52,8 +51,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import probe  # noqa: E402
+import role_shares  # noqa: E402
 from probe.recording.discovery import select_modules  # noqa: E402
 
 
@@ -152,42 +153,21 @@ def measure(model, ids, new_tokens: int, repeats: int, configs=CONFIGS, seed: in
     return best
 
 
-class PlainWrappers:
-    """What a careful user would write by hand: a perf_counter wrapper of each block's forward."""
+class PlainWrappers(role_shares.PlainWrappers):
+    """What a careful user would write by hand: a perf_counter wrapper of each block's forward
+    (:class:`role_shares.PlainWrappers` at depth blocks, its own cost left in); ``times``: role ->
+    ns over the generate calls, with the root forward's window as ``forward``."""
 
     def __init__(self, model) -> None:
-        self.mods = [(info.role, mod) for mod, info in select_modules(model, "blocks")]
-        self.model = model
-        self.times: dict[str, float] = {}
+        super().__init__(model, "blocks")
 
-    def __enter__(self):
-        for role, mod in self.mods:
-            fn = mod.forward
-
-            @functools.wraps(fn)  # generate reads the forward's signature (logits_to_keep): keep it
-            def wrapped(*a, _fn=fn, _role=role, **k):
-                t0 = time.perf_counter_ns()
-                out = _fn(*a, **k)
-                self.times[_role] = self.times.get(_role, 0) + time.perf_counter_ns() - t0
-                return out
-
-            mod.__dict__["forward"] = wrapped
-        fwd = self.model.forward
-
-        @functools.wraps(fwd)  # without it generate computes logits for every prompt position
-        def root(*a, **k):
-            t0 = time.perf_counter_ns()
-            out = fwd(*a, **k)
-            self.times["forward"] = self.times.get("forward", 0) + time.perf_counter_ns() - t0
-            return out
-
-        self.model.__dict__["forward"] = root
-        return self
-
-    def __exit__(self, *exc):
-        for _, mod in self.mods:
-            del mod.__dict__["forward"]
-        del self.model.__dict__["forward"]
+    @property
+    def times(self) -> dict[str, float]:
+        out: dict[str, float] = {"forward": 0.0}
+        for role, t0, t1, _ in self.log:
+            key = "forward" if role == role_shares.ROOT else role
+            out[key] = out.get(key, 0.0) + (t1 - t0)
+        return out
 
 
 def role_figures(model, ids, new_tokens: int, repeats: int) -> dict:
