@@ -249,6 +249,33 @@ def test_an_instance_attribute_builder_is_restored():
     del model.__dict__["_get_stopping_criteria"]
 
 
+def test_a_builder_replaced_between_generates_is_timed_as_replaced():
+    """The wrappers are kept from one generate to the next only while each wraps the same
+    function of the same object: a user's override installed between two generate calls is
+    the one the second call runs (and times), and every generate leaves the instance as found."""
+    model = tiny_llama(layers=2)
+    own = model._get_stopping_criteria
+    calls = []
+
+    def mine(*a, **k):
+        calls.append(1)
+        return own(*a, **k)
+
+    with probe.attach(model) as p:
+        model.generate(_ids(), max_new_tokens=3, do_sample=False)
+        assert not set(BUILDERS) & set(model.__dict__)
+        model._get_stopping_criteria = mine
+        model.generate(_ids(), max_new_tokens=3, do_sample=False)
+        assert model.__dict__["_get_stopping_criteria"] is mine and calls == [1]
+        del model.__dict__["_get_stopping_criteria"]
+        model.generate(_ids(), max_new_tokens=3, do_sample=False)
+        assert calls == [1] and not set(BUILDERS) & set(model.__dict__)
+    s = p.run.sampling
+    assert s.groupby("run_id")["stage"].apply(lambda st: "stopping" in set(st)).all()
+    assert s["run_id"].nunique() == 3
+    _assert_adds_up(p.run)
+
+
 def test_other_forwards_and_decode_stride_keep_every_step_split():
     model = tiny_llama(layers=2)
     with probe.attach(model, decode_stride=3) as p:

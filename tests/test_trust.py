@@ -108,6 +108,8 @@ def test_run_queue_reads_follow_threads_that_start_and_end_and_a_fork():
     go = threading.Event()
     worker = threading.Thread(target=go.wait)
     worker.start()
+    # the read that closes a run looks at the threads it knew only: the new one is not there yet
+    assert set(read_run_delay(known=True)) == set(before)
     during = read_run_delay()
     new = set(during) - set(before)
     assert len(new) == 1 and str(worker.native_id) in new

@@ -49,3 +49,16 @@ def generation_settings(model: nn.Module, kwargs: dict) -> dict:
     out["streamer"] = type(kwargs["streamer"]).__name__ if kwargs.get("streamer") is not None else None
     out["user_cache"] = (kwargs.get("past_key_values") or kwargs.get("cache")) is not None
     return out
+
+
+def generated_on_host(seqs: Tensor, start: int, rows: int) -> Any:
+    """The generated tokens (from ``start`` on) as ``rows`` rows, copied to the host: through
+    numpy for CPU ids (one array copy: the torch route's slice, reshape and copy cost ~16 µs
+    after generate returned, between its clock stopping and the caller getting the output),
+    through torch otherwise."""
+    if seqs.device.type == "cpu" and not seqs.requires_grad:
+        try:
+            return seqs.numpy()[..., start:].reshape(rows, -1).copy()
+        except (TypeError, RuntimeError):  # a dtype numpy lacks: the torch route
+            pass
+    return seqs.detach()[..., start:].reshape(rows, -1).to("cpu", copy=True)

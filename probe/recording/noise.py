@@ -161,18 +161,22 @@ def _known_threads(fds: dict[str, int]) -> dict[str, int] | None:
     return out
 
 
-def read_run_delay() -> dict[str, int] | None:
+def read_run_delay(known: bool = False) -> dict[str, int] | None:
     """Per thread of this process, nanoseconds spent ready to run but waiting for a CPU.
 
-    ``None`` where the kernel has no schedstat (not Linux, or a kernel without it).
+    ``known``: read only the threads seen at the last read, without checking for new ones (one
+    ``pread`` per thread: the read that closes a run, where every microsecond lands after the
+    run's clock stopped and before the caller gets generate's output back; a thread born during
+    the run is left out, so the wait stays a lower bound). ``None`` where the kernel has no
+    schedstat (not Linux, or a kernel without it).
     """
     cache = _schedstat_cache()
     fds = cache["fds"]
     # the same threads as last time (as many, and each still there): no listing
-    if fds and _thread_count(cache) == len(fds):
-        known = _known_threads(fds)
-        if known is not None:
-            return known
+    if fds and (known or _thread_count(cache) == len(fds)):
+        got = _known_threads(fds)
+        if got is not None:
+            return got
     try:
         tids = os.listdir(_TASKS)
     except OSError:
@@ -215,7 +219,7 @@ class RunCpu(Observer):
         if run is None or opened is None or opened[0] != run.run_id:
             return
         cpu_ns = time.process_time_ns() - opened[2]
-        self.runs[run.run_id] = (cpu_ns, run_delay_between(opened[1], read_run_delay()))
+        self.runs[run.run_id] = (cpu_ns, run_delay_between(opened[1], read_run_delay(known=True)))
 
     def stop(self, reason: str) -> None:
         self._open = None  # a generate cut short by detach: its CPU time was not measured

@@ -166,7 +166,7 @@ class RunRec:
         self.mask: Any = None
         self.output_len: int | None = None
         self.output_rows: int | None = None  # sequences returned (batch x num_return_sequences)
-        self.output_ids: "Tensor | None" = None  # the generated tokens (prompt excluded), on the host
+        self.output_ids: Any = None  # the generated tokens (prompt excluded), on the host (an array or a tensor)
         self.prompt_in_output = True  # False: generate(inputs_embeds=...) returns only new tokens
         self.gen_settings: dict = {}
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -24,6 +24,7 @@ from torch import Tensor
 from . import hotpath
 from .cache import cache_bytes, cached_len, find_cache
 from .discovery import ModuleInfo
+from .generation import generated_on_host
 from .extras import CallExtras
 from .observer import Observer, RunRec, StepRec
 from ..schema import Phase
@@ -204,7 +205,7 @@ class Recorder:
             run.output_rows = int(seqs.shape[0]) if seqs.dim() >= 2 else 1
             # after the clock stopped: what was generated, kept with the run (a few ints a token)
             start = run.input_len if run.prompt_in_output and run.input_len is not None else 0
-            run.output_ids = seqs.detach()[..., start:].reshape(run.output_rows, -1).to("cpu", copy=True)
+            run.output_ids = generated_on_host(seqs, start, run.output_rows)
         self._reset_step_state()
         self.extras.run_end(run)
         if status == "ok":
