@@ -119,7 +119,8 @@ class StepLog:
         self.tick = 0
         self.ops = array("q")  # OP_COLS per op
         self.allocs = array("q")  # ALLOC_COLS per storage made
-        # [module code, depth, tick in, tick out, live bytes at entry, peak live bytes, ns in, ns out]
+        # [module code, depth, tick in, tick out, live bytes at entry, peak live bytes, ns in, ns out,
+        #  shapes of the positional tensor arguments]
         self.calls: list[list] = []
         self.t0 = time.perf_counter_ns()  # the step's start for the ops' and calls' start times
         self.stack: list[list] = []  # the open calls (entries of ``calls``); None for a foreign module
@@ -132,7 +133,7 @@ class StepLog:
         self.held_bytes = 0  # bytes of every storage the KV cache holds after the step
         self.floor = array("q")  # ns of aten.alias timed as the ops are (see OpMode)
         # the model's own forward (the step) is the outermost call: its hooks ran before the step opened
-        root = [0, 0, 0, None, 0, 0, 0, None]
+        root = [0, 0, 0, None, 0, 0, 0, None, None]
         self.calls.append(root)
         self.stack.append(root)
 
@@ -148,16 +149,18 @@ class StepLog:
     # ---------------------------------------------------------------- module calls (global hooks)
     def enter(self, module: Any, args: Any) -> None:
         # a module outside the model (None): its ops stay with the enclosing call
-        self.enter_code(self.codes.get(id(module)))
+        self.enter_code(self.codes.get(id(module)), args)
 
-    def enter_code(self, code: int | None) -> None:
-        """A call that is not a module's (the attention function) opens, as ``code``."""
+    def enter_code(self, code: int | None, args: Any = ()) -> None:
+        """A call that is not a module's (the attention function) opens, as ``code``; ``args``:
+        its positional arguments, whose tensors' shapes are kept (what the cost model reads)."""
         if code is None:
             self.stack.append(None)
             return
         self.tick += 1
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, Tensor))
         call = [code, sum(1 for c in self.stack if c is not None), self.tick, None, self.live, self.live,
-                time.perf_counter_ns() - self.t0, None]
+                time.perf_counter_ns() - self.t0, None, shapes]
         self.calls.append(call)
         self.stack.append(call)
 
