@@ -38,10 +38,25 @@ def sdpa_cpu_flops(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwar
     return int(sdpa_flop_count(tuple(query.shape), tuple(key.shape), tuple(value.shape)))
 
 
+def grouped_mm_flops(a: Tensor, b: Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """FLOPs of ``aten._grouped_mm`` (a mixture of experts' fused expert banks on transformers 5):
+    ``2·M·K·N`` per group, from shapes alone. With a 3-D operand each group is a product of its own
+    rows (``[M, K] x [G, K, N]`` with offsets over M: ``2·M·K·N``; ``[G, M, K] x [G, K, N]``:
+    ``2·G·M·K·N``), so it is ``2·out.numel()·K``; two 2-D operands split K between the groups
+    (``[M, K] x [K, N]`` -> ``[G, M, N]``): ``2·M·K·N``. Rows past the last offset (none in
+    transformers' routing, where every routed token is a row) are counted as computed: a formula
+    runs once per shape signature and never reads the offsets' values."""
+    k = int(a.shape[-1])
+    if a.dim() == 2 and b.dim() == 2:
+        return 2 * int(a.shape[0]) * k * int(b.shape[-1])
+    return 2 * int(out_val.numel()) * k
+
+
 #: FLOP formulas for ops ``torch.utils.flop_counter`` has none for (called like its own:
 #: the op's arguments, ``out_val=`` its output)
 EXTRA_FLOPS: dict[Any, Callable[..., int]] = {
     aten._scaled_dot_product_flash_attention_for_cpu: lambda *a, out_val=None, **k: sdpa_cpu_flops(*a, **k),
+    aten._grouped_mm: grouped_mm_flops,
 }
 
 
