@@ -22,6 +22,7 @@ from .derived_schema import (  # noqa: F401  (re-exported)
     BOUND_SUMMARY,
     COST,
     DIFF,
+    FLOPS_RECONCILED,
     HEADLINE,
     HEADLINE_SPREAD,
     MEMORY_LEDGER,
