@@ -169,3 +169,18 @@ def test_bad_input_says_what_to_do():
     with pytest.raises(ValueError, match="no 'config'.*pass the recorded model"):
         reconcile_flops(run)
     assert (reconcile_flops(run, m)["verdict"] == "equal").all()
+
+
+def test_a_ledger_without_shapes_costs_batch_times_q_len():
+    """A run saved before the ledger kept its calls' input shapes: every call is costed over
+    batch × q_len tokens, so in prefill the output head (run on the last position only) is
+    costed over the whole prompt, and says so; the layers still reconcile."""
+    m = tiny_llama(layers=1, hidden=32, vocab=64)
+    run = _deep_run(m, "sdpa", prompt=torch.cat([PROMPT, PROMPT + 1]), steps=(0, 1))
+    run.ledger = run.ledger.assign(in_shapes=pd.Series(pd.NA, index=run.ledger.index, dtype="string"))
+    rec = reconcile_flops(run, m).set_index(["step", "module"])
+    assert rec.loc[(0, "model.layers.0"), "verdict"] == "equal"
+    assert rec.loc[(1, "lm_head"), "verdict"] == "equal"
+    head = rec.loc[(0, "lm_head")]
+    assert head["matrix_flops"] == 8 * head["deep_flops"]  # 8 prompt positions costed, 1 run
+    assert head["verdict"] == "differs by -87.5 %"

@@ -67,7 +67,7 @@ def reconcile_flops(run: Any, model_or_config: Any = None, *, by: str = "block")
     _check_same_model(model, meta, ledger)
     roles = _roles(model)
     keep = _kept_modules(run, model, ledger, by)
-    calls = _calls_of(ledger, roles)
+    calls = _calls_of(ledger, roles, getattr(run, "runs", None))
     cost = annotate(calls, model)["flops"]
     parts = flops_by_category(calls, model)
     out = calls[["run_id", "step", "phase", "q_len", "kv_len", "module", "role"]].copy()
@@ -132,13 +132,21 @@ def _kept_modules(run: Any, model: Any, ledger: pd.DataFrame, by: str) -> set:
     return keep
 
 
-def _calls_of(ledger: pd.DataFrame, roles: dict[str, str]) -> pd.DataFrame:
-    """The ledger's module calls as a calls frame the cost model reads: shapes, batch, lengths."""
+def _calls_of(ledger: pd.DataFrame, roles: dict[str, str], runs: Any) -> pd.DataFrame:
+    """The ledger's module calls as a calls frame the cost model reads: shapes, batch, lengths.
+
+    A call without recorded shapes (keyword arguments only, or a run saved before the ledger
+    kept them) is costed over batch × q_len tokens, as :func:`probe.cost.annotate` does."""
     rows = ledger.dropna(subset=["module"])
     first = {s: _first_dim(s) for s in rows["in_shapes"].dropna().unique()}
-    lead = rows["in_shapes"].map(first)
-    # a step's batch: the leading dim of its first call with a batched input (the embedding's ids)
-    batch = lead.groupby([rows["run_id"], rows["step"]]).transform("first").fillna(1).astype("int64")
+    lead = rows["in_shapes"].map(first).astype("float64")
+    # a step's batch: the leading dim of its first call with a batched input (the embedding's ids),
+    # else the run's input sequences
+    batch = lead.groupby([rows["run_id"], rows["step"]]).transform("first")
+    if batch.isna().any() and isinstance(runs, pd.DataFrame) and "batch" in runs:
+        per_run = runs.drop_duplicates("run_id").set_index("run_id")["batch"].astype("float64")
+        batch = batch.fillna(rows["run_id"].map(per_run).astype("float64"))
+    batch = batch.fillna(1).astype("int64")
     return pd.DataFrame({
         "run_id": rows["run_id"], "step": rows["step"], "phase": rows["phase"], "q_len": rows["q_len"],
         "kv_len": rows["kv_len"], "module": rows["module"], "role": rows["module"].map(roles),
