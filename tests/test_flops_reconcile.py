@@ -99,16 +99,21 @@ def test_a_saved_run_reconciles_from_its_own_config(tmp_path):
     assert (got["verdict"] == "equal").all()
 
 
-def test_qwen2_from_config_equal_with_its_biases_explained():
-    """A second architecture built from its config: q/k/v carry biases, which the cost model
-    counts (T·out) and torch's addmm formula does not: they are the ``bias`` category."""
-    m = tiny_model("qwen2")
+@pytest.mark.parametrize("arch, name", [("qwen2", "model.layers.0"), ("gpt2", "transformer.h.0")])
+def test_architectures_from_config_equal_with_their_biases_explained(arch, name):
+    """Architectures built from their config: Qwen2's q/k/v and GPT-2's every projection carry
+    biases, which the cost model counts (T·out) and torch's addmm formula does not: they are the
+    ``bias`` category of the gap, not a difference."""
+    m = tiny_model(arch)
     run = _deep_run(m, "sdpa", prompt=torch.cat([PROMPT, PROMPT + 1]))  # batch 2
     rec = reconcile_flops(run, m)
-    assert (rec["verdict"] == "equal").all()
-    attn = m.model.layers[0].self_attn
-    outs = attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features
-    layer = rec[rec["module"] == "model.layers.0"].set_index("step")
+    assert (rec["verdict"] == "equal").all() and len(rec) == 2 * (len(set(rec["module"])))
+    # the biased projections' outputs (GPT-2's Conv1D keeps its weight as [in, out])
+    outs = sum(int(mod.weight.shape[0] if isinstance(mod, torch.nn.Linear) else mod.weight.shape[1])
+               for mod in m.get_submodule(name).modules()
+               if getattr(mod, "bias", None) is not None and mod.weight.dim() == 2)
+    assert outs > 0
+    layer = rec[rec["module"] == name].set_index("step")
     assert layer.at[0, "bias_flops"] == 2 * 8 * outs and layer.at[2, "bias_flops"] == 2 * 1 * outs
     assert "bias" in layer.at[0, "explained_by"]
 
