@@ -55,7 +55,8 @@ def test_llama_deep_flops_equal_the_cost_models_matrix_products(attn):
     run = _deep_run(m, attn, depth="sublayers")
     rec = reconcile_flops(run, m)
     assert set(rec["phase"]) == {"prefill", "decode"} and set(rec["step"]) == {0, 2}
-    assert set(rec["module"]) == {"model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head", STEP}
+    assert set(rec["module"]) == {"model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head",
+                                  STEP}
     assert (rec["verdict"] == "equal").all() and (rec["deep_flops"] == rec["matrix_flops"]).all()
     assert (rec["gap_flops"] == rec["rest_flops"]).all()  # what the deep pass lacks is the rest
     assert (rec[CATS].sum(axis=1) == rec["cost_flops"]).all()
@@ -168,6 +169,9 @@ def test_bad_input_says_what_to_do():
         reconcile_flops(run, tiny_model("gpt2"))
     with pytest.raises(ValueError, match=r"not the one this run recorded"):
         reconcile_flops(run, other.config)
+    wider_mlp = {**m.config.to_dict(), "intermediate_size": 96}  # same names and attention dims
+    with pytest.raises(ValueError, match=r"not the one this run recorded.*intermediate_size"):
+        reconcile_flops(run, wider_mlp)
     with pytest.raises(ValueError, match="by must be"):
         reconcile_flops(run, m, by="op")
     run.meta.pop("config")

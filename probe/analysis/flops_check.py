@@ -9,8 +9,9 @@ FLOPs should equal the cost model's *matrix-product* FLOPs (:func:`probe.cost.fl
 category ``matrix``), and the gap to the cost model's total is its other categories.
 
 Where the two differ, the verdict says by how much; the known reasons are in ``docs/deep.md``
-(an eager sliding-window layer computes every score and masks them, where the cost model counts
-the window; a mixture of experts' routing, which the cost model takes as its average).
+(an eager sliding-window layer computes every score and masks those outside the window, which
+the cost model does not count; a run saved before the ledger kept its calls' input shapes is
+costed over batch × q_len tokens, the output head in prefill included).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from .cost import annotate, config_dims, flops_by_category, resolve_model
 STEP = "(step)"
 _CATS = [c for c in FLOP_CATEGORIES if c != "matrix"]
 _FN = ".attention_fn"
+#: config fields beside the attention dims that change a module's FLOPs without renaming it
+_SIZES = ("intermediate_size", "vocab_size", "num_local_experts", "num_experts_per_tok", "sliding_window")
 
 
 def reconcile_flops(run: Any, model_or_config: Any = None, *, by: str = "block") -> pd.DataFrame:
@@ -96,6 +99,10 @@ def _check_same_model(model: Any, meta: dict, ledger: pd.DataFrame) -> None:
             want, got = config_dims(cfg), config_dims(model.config)
         except (TypeError, ValueError):  # a config without the usual names: the module names decide
             want = got = {}
+        for k in _SIZES:
+            a, b = cfg.get(k), getattr(model.config, k, None)
+            if a is not None and b is not None and a != b:
+                want[k], got[k] = a, b
         if want != got or cfg.get("model_type", model.config.model_type) != model.config.model_type:
             problem = (f"it is a {model.config.model_type} with {got}, the run recorded a "
                        f"{cfg.get('model_type')} with {want}")
