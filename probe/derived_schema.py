@@ -273,3 +273,31 @@ MEMORY_LEDGER: dict[str, str] = {
     "temporaries_bytes": "float64",
     "peak_added_bytes": "float64",
 }
+
+#: ``Run.flops_reconciled()`` / :func:`probe.analysis.flops_check.reconcile_flops`: a deep run's FLOPs
+#: (torch's formulas, op by op) set against the cost model's, per sampled step and block or module
+FLOPS_RECONCILED: dict[str, str] = {
+    "run_id": STR,
+    "step": "int64",
+    "phase": STR,
+    "q_len": "int64",
+    "kv_len": "int64",
+    "module": STR,  # a block, a module at the run's recorded depth, or "(step)": the whole forward
+    "role": STR,
+    "deep_flops": "float64",  # the deep pass: the FLOPs of the ops run inside the call (ops without a formula: 0)
+    "cost_flops": "float64",  # the cost model's total (probe.cost.annotate)
+    "matrix_flops": "float64",  # of it, the matrix products: linears, routers, experts, attention's two matmuls
+    "diff_flops": "float64",  # deep - matrix
+    "diff_pct": "float64",  # of matrix (NaN where the cost model has no matrix products here)
+    "verdict": STR,  # "equal", "differs by +x.x %", "deep only" or "not costed"
+    "rest_flops": "float64",  # cost - matrix: the elementwise work torch's formulas do not count
+    "bias_flops": "float64",
+    "softmax_flops": "float64",
+    "norm_flops": "float64",
+    "activation_flops": "float64",
+    "gating_flops": "float64",
+    "rope_flops": "float64",
+    "residual_flops": "float64",
+    "gap_flops": "float64",  # cost - deep
+    "explained_by": STR,  # the categories of the rest, largest first ("norm 1,024 + rope 768 + ...")
+}

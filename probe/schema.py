@@ -22,6 +22,7 @@ from .derived_schema import (  # noqa: F401  (re-exported)
     BOUND_SUMMARY,
     COST,
     DIFF,
+    FLOPS_RECONCILED,
     HEADLINE,
     HEADLINE_SPREAD,
     MEMORY_LEDGER,
@@ -256,6 +257,7 @@ LEDGER: dict[str, str] = {
     "kv_len": "int64",
     "module": STR,  # fully qualified; null: the model's whole forward (the step)
     "depth": "int64",  # module calls enclosing it in this step
+    "in_shapes": STR,  # JSON list of the shapes of its positional tensor arguments (keyword ones are not seen)
     "weights_bytes": "int64",  # parameters of the module and its children (tied ones once)
     "kv_cache_bytes": "int64",  # storages made in the call that the KV cache holds after the step
     "activations_bytes": "int64",  # storages made in the call, alive when it returned, not the cache's

@@ -11,7 +11,7 @@ saved run is costed later without its model, torch or transformers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields as dc_fields
+from dataclasses import dataclass, field, fields as dc_fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,6 +55,32 @@ class ModuleCost:
     moe_frac: float = 0.0  # experts chosen per token / experts
     window: float = math.inf  # attention span cap (sliding window)
     ids_input: bool = False  # the module takes token ids (tokens = all input elements)
+    # the FLOP coefficients by kind of work: category -> [per token, per input element, per
+    # score]; over the categories they add up to (f_tok, f_elem, f_score) (see FLOP_CATEGORIES)
+    parts: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, category: str, tok: float = 0.0, elem: float = 0.0, score: float = 0.0) -> None:
+        """Add FLOPs per token, per input element and per score, under ``category``."""
+        self.f_tok += tok
+        self.f_elem += elem
+        self.f_score += score
+        self.note(category, tok, elem, score)
+
+    def note(self, category: str, tok: float = 0.0, elem: float = 0.0, score: float = 0.0) -> None:
+        """Book FLOPs already in the totals under ``category`` (a term that adds up several kinds)."""
+        got = self.parts.setdefault(category, [0.0, 0.0, 0.0])
+        got[0] += tok
+        got[1] += elem
+        got[2] += score
+
+
+#: the kinds of work the cost model's FLOPs are made of (:attr:`ModuleCost.parts`): ``matrix``
+#: the matrix products (linears' ``2·in·out`` per token, routers and expert banks, the
+#: attention's QKᵀ and weighted sum), what ``torch.utils.flop_counter`` counts too; the rest are
+#: elementwise work it has no formula for: ``bias`` (a linear's bias add, ``out`` per token),
+#: ``softmax``, ``norm``, ``activation``, ``gating`` (a gated MLP's multiply), ``rope``,
+#: ``residual`` (a decoder layer's two adds)
+FLOP_CATEGORIES = ("matrix", "bias", "softmax", "norm", "activation", "gating", "rope", "residual")
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -177,6 +203,9 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
             w = itemsize(m.weight)
             share = routed.get(id(m), 1.0)
             c.f_tok += linear_flops(1, i, o, b) * share
+            c.note("matrix", tok=linear_flops(1, i, o) * share)
+            if b:
+                c.note("bias", tok=o * share)
             c.e_tok += (i + o) * share
             if id(m) in routed:  # an expert's weight is read only when a token is routed to it
                 c.b_moe += (i * o + (o if b else 0)) * w
@@ -193,12 +222,12 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
         elif _is_norm(m):
             own = list(m.parameters(recurse=False))
             dim = int(own[0].numel()) if own else int(np.prod(getattr(m, "normalized_shape", (0,))) or 0)
-            c.f_tok += norm_flops(1, dim)
+            c.add("norm", tok=norm_flops(1, dim))
             c.e_tok += 2 * dim
             c.b_const += sum(p.numel() * itemsize(p) for p in own)
             covered.update(id(p) for p in own)
         elif _is_activation(m) and m is module:
-            c.f_elem += ACT_FLOPS_PER_ELEMENT  # a bare activation: cost scales with its input
+            c.add("activation", elem=ACT_FLOPS_PER_ELEMENT)  # a bare activation: cost scales with its input
             c.e_elem += 2
     # Parameters outside typed modules: routers ([E, H]) are dense matmuls; expert banks
     # ([E, out, in]) are matmuls in which each token uses k of E experts.
@@ -209,11 +238,11 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
                 continue
             w = itemsize(p)
             if p.dim() == 2:
-                c.f_tok += 2 * p.numel()
+                c.add("matrix", tok=2 * p.numel())
                 c.b_const += p.numel() * w
                 c.e_tok += p.shape[0] + p.shape[1]
             elif p.dim() >= 3:
-                c.f_tok += 2 * p.numel() * frac
+                c.add("matrix", tok=2 * p.numel() * frac)
                 c.b_moe += p.numel() * w
                 c.moe_frac = frac
                 c.e_tok += (p.shape[-1] + p.shape[-2]) * p.shape[0] * frac
@@ -241,19 +270,24 @@ def module_cost(module: nn.Module, config: Any, role: str | None = None) -> Modu
             continue
         share = routed.get(id(m), 1.0)
         c.f_tok += (ACT_FLOPS_PER_ELEMENT + (1 if gated else 0)) * inter * share
+        c.note("activation", tok=ACT_FLOPS_PER_ELEMENT * inter * share)
+        if gated:
+            c.note("gating", tok=inter * share)
         c.e_tok += (3 if gated else 2) * inter * share
     for m in innermost:
         heads, kv, hd = _attention_shape(m, cfg)
         c.f_score += 4 * heads * hd + SOFTMAX_FLOPS_PER_SCORE * heads
+        c.note("matrix", score=4 * heads * hd)
+        c.note("softmax", score=SOFTMAX_FLOPS_PER_SCORE * heads)
         c.e_tok += 2 * heads * hd + 2 * kv * hd
         c.e_kv += 2 * kv * hd
         if has_rope:
-            c.f_tok += ROPE_FLOPS_PER_ELEMENT * (heads + kv) * hd
+            c.add("rope", tok=ROPE_FLOPS_PER_ELEMENT * (heads + kv) * hd)
             c.e_tok += 2 * (heads + kv) * hd
         c.window = min(c.window, _window(m, cfg))
     if role == "layer":
         hidden = config_dims(cfg)["hidden"]
-        c.f_tok += 2 * hidden  # two residual adds
+        c.add("residual", tok=2 * hidden)  # two residual adds
         c.e_tok += 6 * hidden
     return c
 
@@ -266,6 +300,8 @@ def _attention_function_cost(module: nn.Module, cfg: Any) -> ModuleCost:
     for m in attn[-1:]:
         heads, kv, hd = _attention_shape(m, cfg)
         c.f_score += 4 * heads * hd + SOFTMAX_FLOPS_PER_SCORE * heads
+        c.note("matrix", score=4 * heads * hd)
+        c.note("softmax", score=SOFTMAX_FLOPS_PER_SCORE * heads)
         c.e_tok += 2 * heads * hd  # queries in, outputs out; keys and values are read per position
         c.e_kv += 2 * kv * hd
         c.window = min(c.window, _window(m, cfg))
@@ -284,7 +320,7 @@ def module_of(names: dict, name: str, role: Any) -> Any:
 #: from their config again (a meta-device model), as runs saved before ``module_costs``
 COSTS_FORMAT = 1
 #: the numeric coefficients of :class:`ModuleCost` (what a run records and annotate evaluates)
-COST_FIELDS = tuple(f.name for f in dc_fields(ModuleCost) if f.name != "ids_input")
+COST_FIELDS = tuple(f.name for f in dc_fields(ModuleCost) if f.name not in ("ids_input", "parts"))
 
 
 def module_costs(model: nn.Module, modules: list[tuple[str, str | None]]) -> dict[str, Any]:

@@ -42,8 +42,8 @@ from ..dtypes import itemsize, torch_dtype
 from ..schema import COST
 # the formulas and the per-module coefficients are part of this module's public face
 # (``probe.cost.linear_flops``, ``probe.cost.module_cost``): they are what annotate evaluates
-from .coefficients import (COST_FIELDS, COSTS_FORMAT, ModuleCost, module_cost, module_costs, module_of,
-                           recorded_costs)
+from .coefficients import (COST_FIELDS, COSTS_FORMAT, FLOP_CATEGORIES, ModuleCost, module_cost, module_costs,
+                           module_of, recorded_costs)
 from .cost_formulas import (
     ACT_FLOPS_PER_ELEMENT,
     INDEX_BYTES,
@@ -73,9 +73,10 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ACT_FLOPS_PER_ELEMENT", "COSTS_FORMAT", "COST_FIELDS", "INDEX_BYTES", "ModuleCost", "NORM_FLOPS_PER_ELEMENT",
-    "ROPE_FLOPS_PER_ELEMENT", "SOFTMAX_FLOPS_PER_SCORE", "annotate", "attention_bytes", "attention_flops",
-    "config_dims", "elementwise_bytes", "elementwise_flops", "embedding_bytes", "kv_cache_bytes_per_token",
+    "ACT_FLOPS_PER_ELEMENT", "COSTS_FORMAT", "COST_FIELDS", "FLOP_CATEGORIES", "INDEX_BYTES", "ModuleCost",
+    "NORM_FLOPS_PER_ELEMENT", "ROPE_FLOPS_PER_ELEMENT", "SOFTMAX_FLOPS_PER_SCORE", "annotate", "attention_bytes",
+    "attention_flops", "config_dims", "elementwise_bytes", "elementwise_flops", "embedding_bytes",
+    "flops_by_category", "kv_cache_bytes_per_token",
     "linear_bytes", "linear_flops", "model_from_config", "module_cost", "module_costs", "norm_bytes", "norm_flops",
     "parameter_counts", "recorded_costs", "resolve_model", "softmax_flops",
 ]
@@ -99,8 +100,9 @@ def _table_from_facts(facts: dict[str, Any], mod_uniques, nm: int) -> tuple[dict
 
 
 def _table_from_model(model: nn.Module, calls: pd.DataFrame, mod_codes: np.ndarray, mod_uniques,
-                      nm: int) -> tuple[dict, np.ndarray, float]:
-    """The coefficient table of :func:`annotate`: one :func:`module_cost` per distinct module."""
+                      nm: int, parts: dict | None = None) -> tuple[dict, np.ndarray, float]:
+    """The coefficient table of :func:`annotate`: one :func:`module_cost` per distinct module;
+    ``parts``, when given, is filled with each category's ``f_tok``, ``f_elem``, ``f_score``."""
     cfg = getattr(model, "config", None)
     first_param = next(iter(model.parameters()), None)
     w_default = float(first_param.element_size()) if first_param is not None else 4.0
@@ -121,6 +123,10 @@ def _table_from_model(model: nn.Module, calls: pd.DataFrame, mod_codes: np.ndarr
         for f in COST_FIELDS:
             table[f][code] = getattr(mc, f)
         ids_input[code] = mc.ids_input
+        for cat, coef in (parts.items() if parts is not None else ()):
+            got = mc.parts.get(cat, (0.0, 0.0, 0.0))
+            for f, v in zip(("f_tok", "f_elem", "f_score"), got):
+                coef.setdefault(f, np.full(nm + 1, np.nan))[code] = v
     return table, ids_input, w_default
 
 
@@ -216,8 +222,50 @@ def annotate(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) ->
     found = _table_from_facts(facts, mod_uniques, nm) if facts is not None else None
     if found is None:
         found = _table_from_model(resolve_model(model_or_config, dtype), calls, mod_codes, mod_uniques, nm)
-    table, ids_input, w_default = found
+    flops, nbytes = _evaluate(calls, mod_codes, *found)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        intensity = np.where(nbytes > 0, flops / nbytes, np.nan)
+    return calls.assign(
+        flops=pd.Series(flops, index=calls.index, dtype="float64"),
+        bytes_moved=pd.Series(nbytes, index=calls.index, dtype="float64"),
+        intensity_flops_per_byte=pd.Series(intensity, index=calls.index, dtype="float64"),
+    )
+
+
+def flops_by_category(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) -> pd.DataFrame:
+    """The cost model's FLOPs of each call split by kind of work (:data:`FLOP_CATEGORIES`).
+
+    Args:
+        calls: a calls frame, as for :func:`annotate`.
+        model_or_config: the model, or its config / ``config.to_dict()`` / a :class:`probe.Run`
+            (a meta-device twin is built: the split is not among a run's recorded coefficients).
+        dtype: as for :func:`annotate` (FLOPs do not depend on it).
+    Returns:
+        A frame on ``calls``' index with one float64 column ``<category>_flops`` per category,
+        evaluated exactly as :func:`annotate` evaluates ``flops``; across a row they add up to
+        its ``flops`` (NaN where the module is not in the model).
+    """
+    out = {f"{cat}_flops": pd.Series(np.nan, dtype="float64", index=calls.index) for cat in FLOP_CATEGORIES}
+    if len(calls) == 0:
+        return pd.DataFrame(out, index=calls.index)
+    mod_codes, mod_uniques = pd.factorize(calls["module"], use_na_sentinel=True)
+    nm = len(mod_uniques)
+    parts: dict[str, dict] = {cat: {} for cat in FLOP_CATEGORIES}
+    table, ids_input, w_default = _table_from_model(resolve_model(model_or_config, dtype), calls, mod_codes,
+                                                    mod_uniques, nm, parts)
+    for cat, coef in parts.items():
+        if not coef:  # no module was costed
+            coef = {f: np.full(nm + 1, np.nan) for f in ("f_tok", "f_elem", "f_score")}
+        flops, _ = _evaluate(calls, mod_codes, {**table, **coef}, ids_input, w_default)
+        out[f"{cat}_flops"] = pd.Series(flops, index=calls.index, dtype="float64")
+    return pd.DataFrame(out, index=calls.index)
+
+
+def _evaluate(calls: pd.DataFrame, mod_codes: np.ndarray, table: dict, ids_input: np.ndarray,
+              w_default: float) -> tuple[np.ndarray, np.ndarray]:
+    """(FLOPs, bytes) of every row of ``calls`` from the coefficient ``table`` (steps 2-4 of :func:`annotate`)."""
     fields = COST_FIELDS
+    nm = len(ids_input) - 1
     # 2. per distinct shape string and dtype
     # an attention function's first input is the queries [B, heads, q, d]: its tokens come from
     # batch x q_len, as for a call without tensor arguments
@@ -267,13 +315,7 @@ def annotate(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) ->
             nbytes[idx] = c["b_const"][sc] + c["bw_tok"][sc] * t + a[sc] * (
                 (c["e_tok"][sc] + c["e_elem"][sc]) * t + c["e_kv"][sc] * b * ke) \
                 + np.where(c["b_moe"][sc] > 0, c["b_moe"][sc] * np.minimum(1.0, t * c["moe_frac"][sc]), 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        intensity = np.where(nbytes > 0, flops / nbytes, np.nan)
-    return calls.assign(
-        flops=pd.Series(flops, index=calls.index, dtype="float64"),
-        bytes_moved=pd.Series(nbytes, index=calls.index, dtype="float64"),
-        intensity_flops_per_byte=pd.Series(intensity, index=calls.index, dtype="float64"),
-    )
+    return flops, nbytes
 
 
 def parameter_counts(model: nn.Module, names: list[str]) -> pd.DataFrame:

@@ -174,6 +174,13 @@ class Run:
 
         return op_summary(self.ops, self.calls, top=top, by=by)
 
+    def flops_reconciled(self, model=None, *, by: str = "block") -> pd.DataFrame:
+        """A deep run's FLOPs against the cost model's matrix products, the rest by category
+        (:func:`probe.analysis.flops_check.reconcile_flops`; ``model``: default the run's config)."""
+        from .flops_check import reconcile_flops
+
+        return reconcile_flops(self, model, by=by)
+
     def phase_summary(self) -> pd.DataFrame:
         """One row per phase: steps, tokens, forward/outside/latency totals and means."""
         return phase_totals(self.steps)

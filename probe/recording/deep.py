@@ -254,7 +254,7 @@ class DeepObserver(Observer):
 
 def _attention_call(fn: Any, steplog: StepLog, code_of: Any) -> Any:
     def attention_function(module, *args, **kwargs):
-        steplog.enter_code(code_of(module))
+        steplog.enter_code(code_of(module), args)
         try:
             return fn(module, *args, **kwargs)
         finally:

@@ -47,6 +47,7 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
     flops_of = np.array([t[5] if t[5] is not None else 0 for t in text], dtype=np.int64)
     known = np.array([t[5] is not None for t in text], dtype=bool)
     ops_parts, ledger_rows, alloc_parts = [], [], []
+    shape_js: dict = {}  # a call's argument shapes -> their JSON, made once
     for run_id, index, phase, q_len, kv_len, lg, kv in steps:
         o = np.frombuffer(lg.ops, dtype=np.int64).reshape(-1, len(OP_COLS)) if len(lg.ops) else \
             np.zeros((0, len(OP_COLS)), dtype=np.int64)
@@ -71,7 +72,7 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
         fl = np.concatenate([[0], np.cumsum(flops_of[sig])])
         is_kv = np.zeros(len(a), dtype=bool)
         is_kv[list(kv)] = True
-        for code, depth, t_in, t_out, live0, peak, ns_in, ns_out in lg.calls:
+        for code, depth, t_in, t_out, live0, peak, ns_in, ns_out, shapes in lg.calls:
             t_out = t_out if t_out is not None else lg.tick + 1
             i, j = np.searchsorted(ticks, t_in, "right"), np.searchsorted(ticks, t_out, "left")
             k0, k1 = np.searchsorted(made_at, t_in, "right"), np.searchsorted(made_at, t_out, "left")
@@ -81,7 +82,8 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
             if code == 0 and depth == 0:
                 kv_b = lg.held_bytes  # the step: every storage the cache holds, made in it or before
             name = labels[code]
-            ledger_rows.append((*head.values(), name, depth, weights.get(name or "", 0), kv_b,
+            ledger_rows.append((*head.values(), name, depth, _shapes_text(shapes, shape_js),
+                                weights.get(name or "", 0), kv_b,
                                 int(size[~tmp & ~is_kv[k0:k1]].sum()), int(size[tmp].sum()), max(peak - live0, 0),
                                 int(j - i), float(host[j] - host[i]) * 1e-6, int(fl[j] - fl[i]), ns_in * 1e-6,
                                 (ns_out if ns_out is not None else ns_in) * 1e-6))
@@ -94,6 +96,16 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
         "ledger": _frame([pd.DataFrame.from_records(ledger_rows, columns=list(LEDGER))] if ledger_rows else [], LEDGER),
         "allocations": _frame(alloc_parts, ALLOCATIONS),
     }
+
+
+def _shapes_text(shapes: tuple | None, memo: dict) -> str | None:
+    """A call's argument shapes as JSON (``None``: not recorded, the step's own row)."""
+    if shapes is None:
+        return None
+    got = memo.get(shapes)
+    if got is None:
+        got = memo[shapes] = json.dumps([list(s) for s in shapes], separators=(",", ":"))
+    return got
 
 
 def _frame(parts: list[pd.DataFrame], cols: dict[str, str]) -> pd.DataFrame:

@@ -38,10 +38,25 @@ def sdpa_cpu_flops(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwar
     return int(sdpa_flop_count(tuple(query.shape), tuple(key.shape), tuple(value.shape)))
 
 
+def grouped_mm_flops(a: Tensor, b: Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """FLOPs of ``aten._grouped_mm`` (a mixture of experts' fused expert banks on transformers 5):
+    ``2·M·K·N`` per group, from shapes alone. With a 3-D operand each group is a product of its own
+    rows (``[M, K] x [G, K, N]`` with offsets over M: ``2·M·K·N``; ``[G, M, K] x [G, K, N]``:
+    ``2·G·M·K·N``), so it is ``2·out.numel()·K``; two 2-D operands split K between the groups
+    (``[M, K] x [K, N]`` -> ``[G, M, N]``): ``2·M·K·N``. Rows past the last offset (none in
+    transformers' routing, where every routed token is a row) are counted as computed: a formula
+    runs once per shape signature and never reads the offsets' values."""
+    k = int(a.shape[-1])
+    if a.dim() == 2 and b.dim() == 2:
+        return 2 * int(a.shape[0]) * k * int(b.shape[-1])
+    return 2 * int(out_val.numel()) * k
+
+
 #: FLOP formulas for ops ``torch.utils.flop_counter`` has none for (called like its own:
 #: the op's arguments, ``out_val=`` its output)
 EXTRA_FLOPS: dict[Any, Callable[..., int]] = {
     aten._scaled_dot_product_flash_attention_for_cpu: lambda *a, out_val=None, **k: sdpa_cpu_flops(*a, **k),
+    aten._grouped_mm: grouped_mm_flops,
 }
 
 
@@ -119,7 +134,8 @@ class StepLog:
         self.tick = 0
         self.ops = array("q")  # OP_COLS per op
         self.allocs = array("q")  # ALLOC_COLS per storage made
-        # [module code, depth, tick in, tick out, live bytes at entry, peak live bytes, ns in, ns out]
+        # [module code, depth, tick in, tick out, live bytes at entry, peak live bytes, ns in, ns out,
+        #  shapes of the positional tensor arguments]
         self.calls: list[list] = []
         self.t0 = time.perf_counter_ns()  # the step's start for the ops' and calls' start times
         self.stack: list[list] = []  # the open calls (entries of ``calls``); None for a foreign module
@@ -132,7 +148,7 @@ class StepLog:
         self.held_bytes = 0  # bytes of every storage the KV cache holds after the step
         self.floor = array("q")  # ns of aten.alias timed as the ops are (see OpMode)
         # the model's own forward (the step) is the outermost call: its hooks ran before the step opened
-        root = [0, 0, 0, None, 0, 0, 0, None]
+        root = [0, 0, 0, None, 0, 0, 0, None, None]
         self.calls.append(root)
         self.stack.append(root)
 
@@ -148,16 +164,18 @@ class StepLog:
     # ---------------------------------------------------------------- module calls (global hooks)
     def enter(self, module: Any, args: Any) -> None:
         # a module outside the model (None): its ops stay with the enclosing call
-        self.enter_code(self.codes.get(id(module)))
+        self.enter_code(self.codes.get(id(module)), args)
 
-    def enter_code(self, code: int | None) -> None:
-        """A call that is not a module's (the attention function) opens, as ``code``."""
+    def enter_code(self, code: int | None, args: Any = ()) -> None:
+        """A call that is not a module's (the attention function) opens, as ``code``; ``args``:
+        its positional arguments, whose tensors' shapes are kept (what the cost model reads)."""
         if code is None:
             self.stack.append(None)
             return
         self.tick += 1
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, Tensor))
         call = [code, sum(1 for c in self.stack if c is not None), self.tick, None, self.live, self.live,
-                time.perf_counter_ns() - self.t0, None]
+                time.perf_counter_ns() - self.t0, None, shapes]
         self.calls.append(call)
         self.stack.append(call)
 
