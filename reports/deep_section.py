@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from probe import fmt
+from probe.analysis.op_tree import short_op
 from probe.analysis.ops import DISPATCH, LEDGER_BYTES, OP_FIGURES, memory_ledger, op_summary
 
 from .html_page import Page, esc, table_html
@@ -88,7 +89,7 @@ def deep_lines(run: "Run") -> list[str]:
                 head += " (below 0: see the note below)"
                 noisy = True
             lines.append(f"  {name:<34} {head}")
-            tops = [f"{_short(r.op)} {fmt.ms(r.host_ms)} ({fmt.pct(r.host_ms / total if total else float('nan'))}, "
+            tops = [f"{short_op(r.op)} {fmt.ms(r.host_ms)} ({fmt.pct(r.host_ms / total if total else float('nan'))}, "
                     f"x{r.calls:.0f})" for r in real.head(TOP).itertuples()]
             lines.append(f"  {'':<34} top: " + ", ".join(tops))
             mem = ledger[(ledger["phase"] == phase) & (ledger["block"] == block)]
@@ -105,7 +106,7 @@ def deep_lines(run: "Run") -> list[str]:
             grp = grp.sort_values("host_ms", ascending=False)
             what = "the function" if block.endswith("attention_fn") else "its own ops (projections, function apart)"
             lines.append(f"  {block + (f' (mean of {n})' if n > 1 else '')}: {what} {fmt.ms(grp['host_ms'].sum())} ms: "
-                         + ", ".join(f"{_short(r.op)} {fmt.ms(r.host_ms)}" for r in grp.head(TOP + 2).itertuples()))
+                         + ", ".join(f"{short_op(r.op)} {fmt.ms(r.host_ms)}" for r in grp.head(TOP + 2).itertuples()))
         step = ledger[(ledger["phase"] == phase) & (ledger["block"] == "(step)")]
         if len(step):
             m = step.iloc[0]
@@ -117,12 +118,6 @@ def deep_lines(run: "Run") -> list[str]:
     lines.append("  (bytes are tensor storages made by ops; scratch inside kernels is not seen. ops.parquet, "
                  "ledger.parquet and allocations.parquet hold every op and storage)")
     return lines
-
-
-def _short(op: str) -> str:
-    """``aten.addmm.default`` -> ``addmm``; other overloads keep their name (``mul.Tensor``)."""
-    op = op[5:] if op.startswith("aten.") else op
-    return op[:-8] if op.endswith(".default") else op
 
 
 def deep_section(doc: Page, run: "Run") -> None:
