@@ -273,3 +273,17 @@ MEMORY_LEDGER: dict[str, str] = {
     "temporaries_bytes": "float64",
     "peak_added_bytes": "float64",
 }
+
+#: :func:`probe.analysis.op_compare.op_comparison`: two deep runs' ops per phase, block and op kind
+OP_DIFF: dict[str, str] = {
+    "phase": STR,
+    "block": STR,  # as in the op summaries compared (numbered blocks folded where they were)
+    "op": STR,  # an op kind, or "(dispatch and Python)"
+    "a_calls": "float64",  # times it ran per sampled step in A; NaN where only B ran it
+    "b_calls": "float64",
+    "a_ms": "float64",  # host ms per sampled step (the dispatch mode's op times)
+    "b_ms": "float64",
+    "diff_ms": "float64",  # b_ms - a_ms
+    "ratio": "float64",  # b_ms / a_ms (NaN where A is 0 or missing)
+    "change": STR,  # "only in A", "only in B", "calls", "slower", "faster" or "" (see op_compare)
+}
