@@ -245,6 +245,8 @@ class DeepObserver(Observer):
                          "bytes_estimated": "ops.bytes_read_est / bytes_written_est: from the unique storages "
                                             "of each op's inputs and outputs",
                          "op_floor_us": _median([s[5].floor_ns() for s in records["steps"]]) / 1e3,
+                         # ops whose bookkeeping raised: they ran, and are missing from the ops frame
+                         "ops_unrecorded": sum(s[5].failed for s in records["steps"]),
                          "op_times": "each op alone: what timing it from the dispatch mode adds (aten.alias timed "
                                      "the same way on the step, median op_floor_us) is taken out and left to "
                                      "dispatch and Python",
