@@ -39,7 +39,7 @@ def inside(ctx: Context) -> None:
         return t if each else folded(t, OP_FIGURES, ["op"])
 
     def ledger_table():
-        t = memory_ledger(run.ledger, run.ops)
+        t = memory_ledger(run.ledger, run.ops, deep.get("tied_weights"))
         return t if each or t.empty else folded(t, cats, [])
 
     table = memo(f"deep_ops_{by}_{each}", ops_table)

@@ -268,6 +268,9 @@ MEMORY_LEDGER: dict[str, str] = {
     "block": STR,  # a block (or "(step)": the whole forward)
     "steps": "int64",
     "weights_bytes": "float64",
+    # of which parameters tied to a module outside the block (an embedding and lm_head): counted in
+    # each block that holds them, once in the (step) row
+    "shared_weights_bytes": "float64",
     "kv_cache_bytes": "float64",
     "activations_bytes": "float64",
     "temporaries_bytes": "float64",

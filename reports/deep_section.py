@@ -67,7 +67,8 @@ def deep_lines(run: "Run") -> list[str]:
     ops = folded(op_summary(run.ops, run.calls), OP_FIGURES, ["op"])
     own = folded(op_summary(run.ops, run.calls, by="module"), ["calls", "host_ms", "flops"], ["op"])
     cats = LEDGER_BYTES
-    ledger = folded(memory_ledger(run.ledger, run.ops), cats, [])
+    tied = deep.get("tied_weights") or {}
+    ledger = folded(memory_ledger(run.ledger, run.ops, tied), cats, [])
     noisy = False
     for phase in PHASES:
         part = ops[ops["phase"] == phase]
@@ -95,7 +96,9 @@ def deep_lines(run: "Run") -> list[str]:
             mem = ledger[(ledger["phase"] == phase) & (ledger["block"] == block)]
             if len(mem):
                 m = mem.iloc[0]
-                lines.append(f"  {'':<34} memory: weights {fmt.nbytes(m.weights_bytes)}, KV cache "
+                shared = tied.get(block, {}).get("with") if n == 1 and m.shared_weights_bytes > 0 else None
+                tie = f" (tied: {fmt.nbytes(m.shared_weights_bytes)} shared with {', '.join(shared)})" if shared else ""
+                lines.append(f"  {'':<34} memory: weights {fmt.nbytes(m.weights_bytes)}{tie}, KV cache "
                              f"{fmt.nbytes(m.kv_cache_bytes)}, activations {fmt.nbytes(m.activations_bytes)}, "
                              f"temporaries {fmt.nbytes(m.temporaries_bytes)}, peak +{fmt.nbytes(m.peak_added_bytes)}")
         # what the attention's own time is made of: its own code (RoPE, the cache update, reshapes)
@@ -142,12 +145,13 @@ def deep_section(doc: Page, run: "Run") -> None:
                                              "ops.csv has every block)",
                                table_id=f"deep-ops-{phase}", max_rows=2000))
     cats = LEDGER_BYTES
-    ledger = memory_ledger(run.ledger, run.ops)
+    ledger = memory_ledger(run.ledger, run.ops, deep.get("tied_weights"))
     if len(ledger):
         ledger = folded(ledger, cats, [])[["phase", "block", "layers", *cats]]
         doc.add(table_html(ledger, caption="Memory ledger per block and phase (bytes per sampled step, numbered blocks "
-                                           "folded: the mean per layer; weights shared by two blocks, such as tied "
-                                           "embeddings, show in each; the (step) row counts them once)",
+                                           "folded: the mean per layer; weights tied between two blocks, such as an "
+                                           "embedding and lm_head, show in each, shared_weights_bytes says how much "
+                                           "of a block's weights is shared: the (step) row counts them once)",
                            table_id="deep-ledger"))
     for phase in PHASES:
         part = run.ops[run.ops["phase"] == phase]

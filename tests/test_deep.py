@@ -338,3 +338,27 @@ def test_folded_layers_are_the_mean_over_every_layer_and_top_is_taken_after_fold
     kept = top[top["block"] == "model.layers.*"]["op"].tolist()
     assert kept == ["aten.mm.default", "(dispatch and Python)"]  # the dispatch row stays, last
     assert top[top["block"] == "lm_head"]["layers"].tolist() == [1]
+
+
+def test_tied_weights_are_said_shared_in_each_block_and_counted_once_in_the_step():
+    """An embedding tied to lm_head: each block's ledger row shows the tensor in full and says how
+    much of it is shared (and with whom, in the text); the (step) row counts it once."""
+    from probe.models import load_bundled
+    from reports.deep_section import deep_lines
+
+    m, _ = load_bundled(num_hidden_layers=2, tie_word_embeddings=True)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    run = probe.profile(m, PROMPT[:, :4], generate_kwargs={"max_new_tokens": 2, "do_sample": False}, deep=[0])
+    tied = run.meta["deep"]["tied_weights"]
+    size = m.lm_head.weight.numel() * m.lm_head.weight.element_size()
+    assert tied["lm_head"] == {"bytes": size, "with": ["model.embed_tokens"]}
+    assert tied["model.embed_tokens"]["with"] == ["lm_head"] and "model.layers.0" not in tied
+    ledger = memory_ledger(run.ledger, run.ops, tied).set_index("block")
+    for block in ("model.embed_tokens", "lm_head"):
+        assert ledger.loc[block, "weights_bytes"] == ledger.loc[block, "shared_weights_bytes"] == size
+    assert ledger.loc["model.layers.0", "shared_weights_bytes"] == 0 and ledger.loc["(step)", "shared_weights_bytes"] == 0
+    assert ledger.loc["(step)", "weights_bytes"] == sum(p.numel() * p.element_size() for p in m.parameters())
+    text = "\n".join(deep_lines(run))
+    assert "shared with lm_head" in text and "shared with model.embed_tokens" in text
+    # without the meta (an older run): no share known, 0
+    assert (memory_ledger(run.ledger, run.ops)["shared_weights_bytes"] == 0).all()

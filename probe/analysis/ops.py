@@ -102,19 +102,25 @@ def _timed_block_ms(ops: pd.DataFrame, sampled: pd.DataFrame, calls: pd.DataFram
     return out
 
 
-def memory_ledger(ledger: pd.DataFrame, ops: pd.DataFrame) -> pd.DataFrame:
+def memory_ledger(ledger: pd.DataFrame, ops: pd.DataFrame, tied: dict | None = None) -> pd.DataFrame:
     """Per phase and block (and the whole step, ``(step)``): weights, KV cache, activations,
     temporaries and the peak of live tensor bytes above the block's start, per sampled step.
-    See :mod:`probe.recording.deep_frames` for what each category holds."""
+    See :mod:`probe.recording.deep_frames` for what each category holds.
+
+    ``tied``: the deep run's ``meta["deep"]["tied_weights"]`` (:func:`probe.recording.deep_ops.tied_weights`); a block's
+    ``shared_weights_bytes`` is the part of its weights tied to another module's (0 without it).
+    Such weights show in full in each block that holds them and once in ``(step)``, the total to
+    read (the blocks' weights added up would count a tied tensor twice)."""
     if ledger.empty:
         return schema.empty(MEMORY_LEDGER)
     blocks = list(dict.fromkeys(ops["block"].dropna()))
     keep = ledger[ledger["module"].isin(blocks) | ledger["module"].isna()]
     keep = keep.assign(block=keep["module"].fillna(STEP))
-    cols = LEDGER_BYTES
+    cols = [c for c in LEDGER_BYTES if c in keep.columns]
     per_step = keep.groupby(["phase", "block", "run_id", "step"], sort=False)[cols].sum().reset_index()
     out = per_step.groupby(["phase", "block"], sort=False).agg(
         steps=("step", "size"), **{c: (c, "mean") for c in cols}).reset_index()
+    out["shared_weights_bytes"] = [float((tied or {}).get(b, {}).get("bytes", 0)) for b in out["block"]]
     order = {b: i for i, b in enumerate([STEP, *blocks])}
     out = out.sort_values(["phase", "block"], key=lambda s: s.map(order) if s.name == "block" else s,
                           ascending=[False, True], kind="stable")

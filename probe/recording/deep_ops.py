@@ -316,6 +316,34 @@ def storage_bytes(tensors: Any) -> dict[int, int]:
     return {k: v[1] for k, v in _storages(list(tensors)).items()}
 
 
+def tied_weights(model: torch.nn.Module) -> dict[str, dict]:
+    """Modules whose parameters share a storage with a module outside them (tied weights, such as
+    an embedding and an output head): name -> ``{"bytes": what they share, "with": [those modules]}``.
+    Each module's ``weights_bytes`` counts such a storage in full; a total over modules counts it once."""
+    owners: dict[int, set[str]] = {}
+    sizes: dict[int, int] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        try:
+            st = p.untyped_storage()
+        except Exception:
+            continue
+        owners.setdefault(id(st), set()).add(name.rpartition(".")[0])
+        sizes[id(st)] = max(sizes.get(id(st), 0), min(p.numel() * p.element_size(), st.nbytes()))
+    out: dict[str, dict] = {}
+    for key, mods in owners.items():
+        if len(mods) < 2:
+            continue
+        holders = {m.rsplit(".", k)[0] for m in mods for k in range(m.count(".") + 1)}  # each owner and its ancestors
+        for h in holders:
+            inside = lambda o: o == h or o.startswith(h + ".")  # noqa: E731
+            partners = sorted(o for o in mods if not inside(o))
+            if partners:
+                got = out.setdefault(h, {"bytes": 0, "with": []})
+                got["bytes"] += sizes[key]
+                got["with"] = sorted(set(got["with"]) | set(partners))
+    return out
+
+
 def parameter_bytes(module: torch.nn.Module) -> int:
     """Bytes of a module's parameters, each storage counted once (tied weights once)."""
     seen: dict[int, int] = {}
