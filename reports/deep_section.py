@@ -14,7 +14,7 @@ import pandas as pd
 
 from probe import fmt
 from probe.analysis.op_tree import short_op
-from probe.analysis.ops import DISPATCH, LEDGER_BYTES, OP_FIGURES, memory_ledger, op_summary
+from probe.analysis.ops import DISPATCH, LEDGER_BYTES, OUTSIDE, OP_FIGURES, dispatch_unknown, memory_ledger, op_summary
 
 from .html_page import Page, esc, table_html
 
@@ -64,7 +64,9 @@ def deep_lines(run: "Run") -> list[str]:
     deep = run.meta.get("deep") or {}
     lines = ["", f"inside each block (deep pass, not timed: {deep.get('sampled', 'sampled steps')}; "
                  "ms per sampled step, the dispatch mode's op times)"]
-    ops = folded(op_summary(run.ops, run.calls), OP_FIGURES, ["op"])
+    summary = op_summary(run.ops, run.calls)
+    ops = folded(summary, OP_FIGURES, ["op"])
+    unknown = dispatch_unknown(summary)
     own = folded(op_summary(run.ops, run.calls, by="module"), ["calls", "host_ms", "flops"], ["op"])
     cats = LEDGER_BYTES
     tied = deep.get("tied_weights") or {}
@@ -84,7 +86,7 @@ def deep_lines(run: "Run") -> list[str]:
             disp = grp.loc[grp["op"] == DISPATCH, "host_ms"]
             head = (f"timed {fmt.ms(timed)} ms = ops {fmt.ms(total)} ms + dispatch and Python "
                     f"{fmt.ms(disp.iloc[0])} ms" if len(disp) and not fmt.is_missing(disp.iloc[0])
-                    else f"ops {fmt.ms(total)} ms")
+                    else f"ops {fmt.ms(total)} ms" + (", dispatch and Python unknown" if block != OUTSIDE else ""))
             # below 0 by more than clock noise (a microsecond, or 5 % of the block): say why
             if len(disp) and not fmt.is_missing(disp.iloc[0]) and disp.iloc[0] < -max(0.001, 0.05 * timed):
                 head += " (below 0: see the note below)"
@@ -115,6 +117,8 @@ def deep_lines(run: "Run") -> list[str]:
             m = step.iloc[0]
             lines.append(f"  {'whole step':<34} memory: KV cache held {fmt.nbytes(m.kv_cache_bytes)}, temporaries "
                          f"{fmt.nbytes(m.temporaries_bytes)}, peak +{fmt.nbytes(m.peak_added_bytes)}")
+    if unknown:
+        lines.append(f"  ({unknown})")
     if noisy:
         lines.append("  (dispatch and Python below 0: the ops ran slower in the one deep generate call than the block "
                      "did in the timed ones, as on a busy machine; rerun on a quieter one. Memory does not depend on it)")
@@ -135,7 +139,11 @@ def deep_section(doc: Page, run: "Run") -> None:
         "sampled step. (dispatch and Python) = the block's time on timed steps of the same shapes less its ops. "
         "Memory: tensor storages made by ops (scratch inside kernels is not seen); weights are parameter bytes; "
         "bytes read/written are estimates from storages.") + "</p>")
-    table = folded(op_summary(run.ops, run.calls), OP_FIGURES, ["op"], top=8)
+    summary = op_summary(run.ops, run.calls)
+    unknown = dispatch_unknown(summary)
+    if unknown:
+        doc.add('<p class="warn" id="deep-dispatch-unknown">' + esc(unknown[0].upper() + unknown[1:] + ".") + "</p>")
+    table = folded(summary, OP_FIGURES, ["op"], top=8)
     table = table[["phase", "block", "layers", "op", *OP_FIGURES]]
     for phase in PHASES:
         part = table[table["phase"] == phase].drop(columns="phase")

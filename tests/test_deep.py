@@ -362,3 +362,25 @@ def test_tied_weights_are_said_shared_in_each_block_and_counted_once_in_the_step
     assert "shared with lm_head" in text and "shared with model.embed_tokens" in text
     # without the meta (an older run): no share known, 0
     assert (memory_ledger(run.ledger, run.ops)["shared_weights_bytes"] == 0).all()
+
+
+def test_deep_pass_alone_says_why_dispatch_and_python_is_unknown():
+    """attach(deep=...) alone makes every generate call deep: no timed step to subtract the ops
+    from. The NaN stays NaN in the frame and is said in words in the text and the report."""
+    from probe.analysis.ops import dispatch_unknown
+    from reports.deep_section import deep_lines
+    from reports.html import render_report
+
+    m = _model()
+    with probe.attach(m, deep=[0, 1]) as p:
+        m.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    run = p.run
+    summ = run.op_summary()
+    assert summ.loc[summ["op"] == DISPATCH, "host_ms"].isna().all()
+    why = dispatch_unknown(summ)
+    assert why.startswith("dispatch and Python is unknown for every block") and "probe run --deep" in why
+    text = "\n".join(deep_lines(run))
+    assert "dispatch and Python unknown" in text and "a deep pass alone" in text
+    assert 'id="deep-dispatch-unknown"' in render_report(run)
+    timed = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 2, "do_sample": False}, deep=[0, 1])
+    assert dispatch_unknown(timed.op_summary()) is None

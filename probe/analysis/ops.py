@@ -6,7 +6,11 @@ the dispatch mode's, op by op; what the block spent beside its ops — Python, d
 module machinery — is the block's time on *timed* steps of the same shapes (same phase, query
 and cache lengths: the timed generate calls of ``probe run`` share the deep run's inputs and
 seed) less the sum of its ops: the row ``(dispatch and Python)``. Without timed steps of those
-shapes it is unknown (NaN), never guessed.
+shapes it is unknown (NaN), never guessed: the deep pass's own clock runs the ops many times
+slower, so what it leaves beside them is not the block's Python. A deep pass alone
+(``probe.attach(model, deep=...)``: every generate call is deep) times no step; use
+``probe.profile(model, inputs, deep=True)`` or ``probe run --deep``, which time the same inputs
+first. :func:`dispatch_unknown` says so in words.
 """
 
 from __future__ import annotations
@@ -80,6 +84,19 @@ def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None
     if top is not None:
         rows = rows[rows["_d"] | (rows.groupby(["phase", "block"]).cumcount() < top)]
     return schema.conform(rows.drop(columns=["_b", "_d"]), OP_SUMMARY, extra=False)
+
+
+def dispatch_unknown(summary: pd.DataFrame) -> str | None:
+    """Why an :func:`op_summary`'s ``(dispatch and Python)`` rows are NaN, in words; ``None`` where
+    every block's is known (``(outside blocks)`` has no timed time of its own: its row is never known)."""
+    disp = summary[(summary["op"] == DISPATCH) & (summary["block"] != OUTSIDE)]
+    unknown = int(disp["host_ms"].isna().sum())
+    if not unknown:
+        return None
+    which = "every block" if unknown == len(disp) else f"{unknown} of {len(disp)} blocks by phase"
+    return (f"dispatch and Python is unknown for {which}: no timed step has the sampled step's phase, query and "
+            "cache lengths (a deep pass alone, probe.attach(model, deep=...), times none). Record with "
+            "`probe run --deep` or probe.profile(model, inputs, deep=True): they time the same inputs first")
 
 
 def _timed_block_ms(ops: pd.DataFrame, sampled: pd.DataFrame, calls: pd.DataFrame) -> dict:

@@ -175,8 +175,9 @@ class Run:
         return stage_summary(self.sampling, self.steps)
 
     def op_summary(self, *, top: int | None = None, by: str = "block") -> pd.DataFrame:
-        """A deep run's ops per phase, block and op kind (:func:`probe.analysis.ops.op_summary`);
-        its memory per block is :func:`probe.analysis.ops.memory_ledger`."""
+        """A deep run's ops per phase, block and op kind (:func:`probe.analysis.ops.op_summary`; a
+        NaN dispatch row is unknown, :func:`~probe.analysis.ops.dispatch_unknown` says why); its
+        memory per block is :func:`probe.analysis.ops.memory_ledger`."""
         from .ops import op_summary
 
         return op_summary(self.ops, self.calls, top=top, by=by)
