@@ -82,7 +82,8 @@ def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: Phase = "decode", ma
     sampled = ""
     if opened:
         n_sampled = len(ops.loc[ops["phase"] == phase, ["run_id", "step"]].drop_duplicates())
-        sampled = f"; ops: each op's mean over {n_sampled} sampled step{'s' if n_sampled != 1 else ''}, scaled to them"
+        sampled = (f"<br><sup>ops: mean over {n_sampled} sampled step{'s' if n_sampled != 1 else ''} (deep pass) "
+                   "times the phase's steps; (dispatch and Python) = self time less ops</sup>")
     custom = np.column_stack([total, floats(t["self_ms"]), floats(t["calls"]), floats(t["mean_ms"]), floats(t["share"]) * 100])
     roles = t["role"].astype(str).tolist()
     fig = go.Figure(go.Icicle(
@@ -97,9 +98,10 @@ def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: Phase = "decode", ma
                       "<br>%{customdata[2]:.0f} calls, mean %{customdata[3]:.4f} ms"
                       "<br>self share %{customdata[4]:.2f}% of the phase's forward<extra></extra>",
     ))
-    fig.update_layout(title={"text": f"{title}: length = inclusive host time over {n_steps} step"
-                             f"{'s' if n_steps != 1 else ''}{sampled} (click a box to zoom, hover for self time)"},
-                      template=TEMPLATE, height=max(HEIGHT, 720), margin={"l": 10, "r": 10, "t": 60, "b": 10})
+    fig.update_layout(title={"text": f"{title}<br><sup>length = inclusive host time over {n_steps} step"
+                             f"{'s' if n_steps != 1 else ''} (click a box to zoom, hover for self time)</sup>{sampled}"},
+                      template=TEMPLATE, height=max(HEIGHT, 720),
+                      margin={"l": 10, "r": 10, "t": 100 if sampled else 80, "b": 10})
     return fig
 
 
