@@ -107,7 +107,8 @@ def tree_view(ctx: Context) -> None:
     depth = st.slider("Collapse the table at tree level", 1, max(levels, 2), min(3, levels), key="tree_depth",
                       disabled=levels < 2, help="1 = the top-level calls; deeper calls fold into their ancestor, "
                                                 "whose self time becomes its inclusive time")
-    table = ctx.memo("tree_table", lambda: run.tree(depth=depth, level="op" if ops else "module"), depth, ops, runs=runs)
+    level = "op" if ops else "module"
+    table = ctx.memo("tree_table", lambda: run.tree(depth=depth, level=level), depth, level, runs=runs)
     table = table[table["phase"] == phase].drop(columns=["phase", "node", "parent_node"])
     indent = ["\u00a0\u00a0" * (int(d) - 1) + str(m) for d, m in zip(table["depth"], table["module"])]
     table = table.drop(columns="module")

@@ -98,8 +98,9 @@ def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: Phase = "decode", ma
                       "<br>%{customdata[2]:.0f} calls, mean %{customdata[3]:.4f} ms"
                       "<br>self share %{customdata[4]:.2f}% of the phase's forward<extra></extra>",
     ))
-    fig.update_layout(title={"text": f"{title}<br><sup>length = inclusive host time over {n_steps} step"
-                             f"{'s' if n_steps != 1 else ''} (click a box to zoom, hover for self time)</sup>{sampled}"},
+    steps_text = f"{n_steps} step{'s' if n_steps != 1 else ''}"
+    fig.update_layout(title={"text": f"{title}<br><sup>length = inclusive host time over {steps_text} "
+                             f"(click a box to zoom, hover for self time)</sup>{sampled}"},
                       template=TEMPLATE, height=max(HEIGHT, 720),
                       margin={"l": 10, "r": 10, "t": 100 if sampled else 80, "b": 10})
     return fig

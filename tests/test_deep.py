@@ -384,3 +384,27 @@ def test_deep_pass_alone_says_why_dispatch_and_python_is_unknown():
     assert 'id="deep-dispatch-unknown"' in render_report(run)
     timed = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 2, "do_sample": False}, deep=[0, 1])
     assert dispatch_unknown(timed.op_summary()) is None
+
+
+def test_steplog_reads_what_runs_now_from_its_open_calls_and_hands_peaks_outwards():
+    """where() (innermost module and block) through a foreign module's call, each call's depth, and
+    a peak reached inside a call counted in every call enclosing it, on exit and on close."""
+    from probe.recording.deep_ops import StepLog
+
+    log = StepLog({}, frozenset({1}))
+    assert log.where() == (0, -1)  # the model's own forward
+    log.enter_code(1)  # a block
+    log.enter_code(None)  # a module outside the model: what runs stays the block's
+    assert log.where() == (1, 1)
+    log.enter_code(2)  # a module inside the block
+    assert log.where() == (2, 1)
+    log._grow(100)
+    log.exit()  # module 2 returns: its peak is the block's too
+    root, block, inner = log.calls
+    assert (block[0], block[1], inner[0], inner[1]) == (1, 1, 2, 2)
+    assert inner[5] == 100 and block[5] == 100 and root[5] == 0
+    log.exit()  # the foreign module
+    assert log.where() == (1, 1)
+    log._grow(50)
+    log.close({})  # the block is still open: closed here, its peak handed to the step
+    assert block[5] == 150 and root[5] == 150 and block[3] is not None and log.where() == (0, -1)

@@ -68,7 +68,8 @@ def op_comparison(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     out["_d"] = out["op"].eq(DISPATCH)
     out["_t"] = -out[["a_ms", "b_ms"]].max(axis=1).fillna(0)
     out = out.sort_values(["_p", "_b", "_d", "_t"], kind="stable")
-    return schema.conform(out.drop(columns=["_merge", "_p", "_b", "_d", "_t"]), OP_DIFF, extra=False).reset_index(drop=True)
+    out = out.drop(columns=["_merge", "_p", "_b", "_d", "_t"])
+    return schema.conform(out, OP_DIFF, extra=False).reset_index(drop=True)
 
 
 def changed(frame: pd.DataFrame) -> pd.DataFrame:

@@ -110,7 +110,7 @@ class Run:
             raise ValueError("tree(level='op') needs a deep run's ops and timed calls of the same run: record with "
                              "`probe run --deep` or probe.profile(..., deep=True); attach(deep=...) alone times no step")
         tree = self._memo(("tree", depth), lambda: tree_table(self.calls, self.steps, depth=depth))
-        return tree if level == "module" else self._memo(("tree", depth, level), lambda: op_tree(tree, self.ops))
+        return tree if level == "module" else op_tree(tree, self.ops)  # not kept: it reads ops too
 
     def spread(self, level: Level = "block") -> pd.DataFrame:
         """Median and min–max over the recorded generate calls of each row's self time per phase
