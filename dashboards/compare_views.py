@@ -52,7 +52,12 @@ def compare(ctx: Context) -> None:
         summaries[tag] = ctx.memo("summary", lambda: block_summary(run.calls, run.steps), runs=(name,))
     for note in differences(ctx.loaded[a], ctx.loaded[b]):
         st.info(md(f"Not like for like: {note}."))
-    level = st.radio("Compare by", ["block", "role", "module"], horizontal=True, key="compare_level")
+    deep = not (ctx.loaded[a].ops.empty or ctx.loaded[b].ops.empty)
+    level = st.radio("Compare by", ["block", "role", "module", *(["op"] if deep else [])], horizontal=True,
+                     key="compare_level", help="op: both runs have a deep pass; their ops per block and op kind")
+    if level == "op":
+        _ops(ctx, a, b)
+        return
     sa, sb = (summaries[t][summaries[t]["level"] == level] for t in ("a", "b"))
     show_chart(figures.compare_blocks(sa, sb, a, b), "compare_diff")
     st.caption(f"Per {level} and phase: B - A and B / A of the self host ms (the rows never overlap)")
@@ -73,6 +78,26 @@ def compare(ctx: Context) -> None:
                    "bootstrap interval; significant when the interval excludes 0 and a Mann-Whitney U test gives "
                    "p < 0.05. `probe compare A B --fail-above PCT` turns this into a CI gate.")
         show_table(significance_table(sig), "compare_significance")
+
+
+def _ops(ctx: Context, a: str, b: str) -> None:
+    """Two deep runs op kind by op kind in each block, what changed first (:mod:`probe.analysis.op_compare`)."""
+    from probe.analysis.op_compare import MIN_BLOCK_SHARE, MIN_RATIO_CHANGE, changed
+    from probe.reports.compare import op_comparison_frame
+
+    each = st.checkbox("Every numbered block apart (else the layers fold into one row, their mean per layer)",
+                       key="compare_ops_each")
+    frame = ctx.memo("op_comparison", lambda: op_comparison_frame(ctx.loaded[a], ctx.loaded[b], fold=not each),
+                     a, b, each, runs=(a, b))
+    moved = changed(frame)
+    st.caption(f"Per sampled step of each run's deep pass. change: an op kind only one run ran in the block, a "
+               f"different call count, or a time that moved by {MIN_RATIO_CHANGE:.0%} and {MIN_BLOCK_SHARE:.0%} of "
+               "the block's op time or more (the dispatch mode's times: noisy; the block level says whether a block "
+               "as a whole changed).")
+    st.subheader(f"What changed ({len(moved)} of {len(frame)} rows)")
+    show_table(moved, "compare_ops_changed")
+    with st.expander("Every row"):
+        show_table(frame, "compare_ops_all")
 
 
 def label(comparisons: dict[str, Path], name: str) -> str:

@@ -252,6 +252,8 @@ def combine(runs: list[probe.Run]) -> probe.Run:
         meta=dict(runs[0].meta),
         sampling=schema.conform(pd.concat([r.sampling for r in runs], ignore_index=True), schema.SAMPLING),
         requests=schema.conform(pd.concat([r.requests for r in runs], ignore_index=True), schema.REQUESTS),
+        **{k: schema.conform(pd.concat([getattr(r, k) for r in runs], ignore_index=True), cols)
+           for k, cols in (("ops", schema.OPS), ("ledger", schema.LEDGER), ("allocations", schema.ALLOCATIONS))},
     )
 
 
@@ -311,8 +313,11 @@ def apply_filters(run: probe.Run, f: Filters) -> probe.Run:
     if f.ranks is not None and len(reqs):
         rq = _in_ranks(reqs, f.ranks)
         reqs = reqs if rq.all() else reqs[rq].reset_index(drop=True)
+    ops = run.ops  # a deep pass's sampled steps: the phase filter applies (its steps are not timed ones)
+    if f.phases is not None and len(ops):
+        ops = ops[ops["phase"].isin(f.phases).to_numpy(dtype=bool, na_value=False)].reset_index(drop=True)
     return probe.Run(calls=new_calls, steps=new_steps, runs=runs, meta=run.meta, path=run.path, sampling=samp,
-                     requests=reqs)
+                     requests=reqs, ops=ops, ledger=run.ledger, allocations=run.allocations)
 
 
 def _in_ranks(frame: pd.DataFrame, picked: tuple[int, ...]) -> np.ndarray:

@@ -16,7 +16,7 @@ VIEW = "Inside each block"
 def inside(ctx: Context) -> None:
     """Each block's ops (ms and FLOPs per sampled step, with its dispatch and Python) and its
     memory ledger, per phase, for a run with a deep pass."""
-    from probe.analysis.ops import LEDGER_BYTES, OP_FIGURES, memory_ledger, op_summary
+    from probe.analysis.ops import LEDGER_BYTES, OP_FIGURES, dispatch_unknown, memory_ledger, op_summary
     from probe.reports.deep_section import PHASES, folded, live_bytes_figure
 
     name = ctx.pick(lambda r: not r.ops.empty, "deep_run",
@@ -39,10 +39,13 @@ def inside(ctx: Context) -> None:
         return t if each else folded(t, OP_FIGURES, ["op"])
 
     def ledger_table():
-        t = memory_ledger(run.ledger, run.ops)
+        t = memory_ledger(run.ledger, run.ops, deep.get("tied_weights"))
         return t if each or t.empty else folded(t, cats, [])
 
     table = memo(f"deep_ops_{by}_{each}", ops_table)
+    unknown = by == "block" and memo("deep_dispatch_unknown", lambda: dispatch_unknown(op_summary(run.ops, run.calls)))
+    if unknown:
+        st.warning(md(unknown[0].upper() + unknown[1:] + "."))
     for phase in PHASES:
         part = table[table["phase"] == phase].drop(columns="phase")
         if len(part):

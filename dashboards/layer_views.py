@@ -96,17 +96,25 @@ def tree_view(ctx: Context) -> None:
     phases = [p for p in probe.PHASES if p in present] or ["decode"]
     phase = st.radio("Phase", phases, index=phases.index("decode") if "decode" in phases else 0,
                      horizontal=True, key="tree_phase")
-    show_chart(ctx.memo("icicle", lambda: tree_figures.icicle(run.calls, run.steps, phase=phase), phase, runs=runs),
-           "tree_icicle")
+    ops = not run.ops.empty and st.checkbox(
+        "Open each module down to its ops (deep pass)", key="tree_ops",
+        help="Each op's mean over the deep pass's sampled steps, scaled to the phase's timed steps, under the "
+             "innermost recorded module that ran it; (dispatch and Python) = the module's self time less its ops")
+    show_chart(ctx.memo("icicle", lambda: tree_figures.icicle(run.calls, run.steps, phase=phase,
+                                                              ops=run.ops if ops else None), phase, ops, runs=runs),
+               "tree_icicle")
     levels = ctx.memo("tree_depth", lambda: _tree_depth(run), runs=runs)
     depth = st.slider("Collapse the table at tree level", 1, max(levels, 2), min(3, levels), key="tree_depth",
                       disabled=levels < 2, help="1 = the top-level calls; deeper calls fold into their ancestor, "
                                                 "whose self time becomes its inclusive time")
-    table = ctx.memo("tree_table", lambda: run.tree(depth=depth), depth, runs=runs)
+    level = "op" if ops else "module"
+    table = ctx.memo("tree_table", lambda: run.tree(depth=depth, level=level), depth, level, runs=runs)
     table = table[table["phase"] == phase].drop(columns=["phase", "node", "parent_node"])
     indent = ["\u00a0\u00a0" * (int(d) - 1) + str(m) for d, m in zip(table["depth"], table["module"])]
     table = table.drop(columns="module")
     table.insert(0, "module", pd.Series(indent, index=table.index, dtype="string"))
     st.caption(f"The {phase} call tree down to level {depth}: self and inclusive host ms summed over the phase's "
-               "steps; share = self time over the phase's forward time (the column adds up to 100 %).")
+               "steps; share = self time over the phase's forward time (the column adds up to 100 %"
+               + (" over the modules; each module's ops and its (dispatch and Python) split its self time)." if ops
+                  else ")."))
     show_table(table, "tree_table")

@@ -268,6 +268,9 @@ MEMORY_LEDGER: dict[str, str] = {
     "block": STR,  # a block (or "(step)": the whole forward)
     "steps": "int64",
     "weights_bytes": "float64",
+    # of which parameters tied to a module outside the block (an embedding and lm_head): counted in
+    # each block that holds them, once in the (step) row
+    "shared_weights_bytes": "float64",
     "kv_cache_bytes": "float64",
     "activations_bytes": "float64",
     "temporaries_bytes": "float64",
@@ -300,4 +303,18 @@ FLOPS_RECONCILED: dict[str, str] = {
     "residual_flops": "float64",
     "gap_flops": "float64",  # cost - deep
     "explained_by": STR,  # the categories of the rest, largest first ("norm 1,024 + rope 768 + ...")
+}
+
+#: :func:`probe.analysis.op_compare.op_comparison`: two deep runs' ops per phase, block and op kind
+OP_DIFF: dict[str, str] = {
+    "phase": STR,
+    "block": STR,  # as in the op summaries compared (numbered blocks folded where they were)
+    "op": STR,  # an op kind, or "(dispatch and Python)"
+    "a_calls": "float64",  # times it ran per sampled step in A; NaN where only B ran it
+    "b_calls": "float64",
+    "a_ms": "float64",  # host ms per sampled step (the dispatch mode's op times)
+    "b_ms": "float64",
+    "diff_ms": "float64",  # b_ms - a_ms
+    "ratio": "float64",  # b_ms / a_ms (NaN where A is 0 or missing)
+    "change": STR,  # "only in A", "only in B", "calls", "slower", "faster" or "" (see op_compare)
 }

@@ -26,6 +26,7 @@ from .derived_schema import (  # noqa: F401  (re-exported)
     HEADLINE,
     HEADLINE_SPREAD,
     MEMORY_LEDGER,
+    OP_DIFF,
     OP_SUMMARY,
     ROOFLINE,
     SIGNIFICANCE,

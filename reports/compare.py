@@ -68,6 +68,45 @@ def comparison_frame(run_a: "Run", run_b: "Run") -> pd.DataFrame:
     return block_diff(run_a.summary(), run_b.summary()).astype(DIFF)
 
 
+def op_comparison_frame(run_a: "Run", run_b: "Run", *, fold: bool = True) -> pd.DataFrame | None:
+    """Two deep runs' ops per phase, block and op kind (:func:`probe.analysis.op_compare.op_comparison`),
+    numbered blocks folded into their mean per layer unless ``fold`` is False; ``None`` unless
+    both runs have a deep pass."""
+    if run_a.ops.empty or run_b.ops.empty:
+        return None
+    from probe.analysis.op_compare import op_comparison
+    from probe.analysis.ops import OP_FIGURES
+
+    from .deep_section import folded
+
+    def summary(run: "Run") -> pd.DataFrame:
+        s = run.op_summary()
+        return folded(s, OP_FIGURES, ["op"]) if fold else s
+
+    return op_comparison(summary(run_a), summary(run_b))
+
+
+def _op_section(doc: Page, run_a: "Run", run_b: "Run", ops: pd.DataFrame | None) -> None:
+    """Inside each block, A against B: the op kinds that changed (both deep), or why there is none."""
+    from probe.analysis.op_compare import MIN_BLOCK_SHARE, MIN_RATIO_CHANGE, changed
+
+    doc.add('<h2 id="ops">Inside each block: ops, A vs B</h2>')
+    if ops is None:
+        which = "A" if run_b.ops.empty else "B"
+        doc.add('<p class="note" id="ops-none">' + esc(
+            f"Only {which} has a deep pass: record both with `probe run --deep` to compare them op by op.") + "</p>")
+        return
+    moved = changed(ops)
+    doc.add('<p class="note" id="ops-note">' + esc(
+        "Each run's deep pass, per sampled step (numbered blocks folded: the mean per layer). change: an op kind "
+        "only one run ran in the block, a different call count, or a time that moved by "
+        f"{MIN_RATIO_CHANGE:.0%} and {MIN_BLOCK_SHARE:.0%} of the block's op time or more (op times are the "
+        "dispatch mode's, one generate call each: the timed blocks above say whether a block as a whole changed). "
+        "compare_ops.csv has every row.") + "</p>")
+    doc.add(table_html(moved if len(moved) else ops.head(0), caption=f"What changed: {len(moved)} of {len(ops)} "
+                       "rows (ms per sampled step)", table_id="ops-changed", max_rows=2000))
+
+
 def roles_add(frame: pd.DataFrame) -> bool:
     """The role level of a :func:`comparison_frame` names something the block level does not:
     either run recorded inside its blocks (``--depth sublayers`` or ``all``). At depth blocks
@@ -201,6 +240,8 @@ def render_comparison(run_a: "Run", run_b: "Run", sig: pd.DataFrame | None = Non
             "is its whole subtree; a role's or module's is the time not inside another recorded call, so the rows "
             "of a level add up to the forward time with the residue); diff_ms = B - A, ratio = B / A. "
             "All rows are in compare.csv.</p>")
+    if not (run_a.ops.empty and run_b.ops.empty):
+        _op_section(doc, run_a, run_b, op_comparison_frame(run_a, run_b))
     return doc.render(f"probe compare: {la} vs {lb}")
 
 
@@ -215,7 +256,8 @@ def write_comparison(run_a: "Run", run_b: "Run", out_dir: str | os.PathLike,
         sig: :func:`probe.stats.significance` of the two runs, if the caller has it already.
 
     Returns:
-        ``[out_dir/compare.html, out_dir/compare.csv, out_dir/significance.csv, out_dir/compare.json]``.
+        ``[out_dir/compare.html, out_dir/compare.csv, out_dir/significance.csv, out_dir/compare.json]``,
+        and ``out_dir/compare_ops.csv`` (:func:`op_comparison_frame`) where both runs have a deep pass.
     """
     from probe.analysis.stats import significance
 
@@ -231,7 +273,12 @@ def write_comparison(run_a: "Run", run_b: "Run", out_dir: str | os.PathLike,
                                                                     encoding="utf-8")
     sig_path = out / "significance.csv"
     sig.to_csv(sig_path, index=False, lineterminator="\n", encoding="utf-8")
-    return [html_path, csv_path, sig_path, write_compare_meta(run_a, run_b, out)]
+    paths = [html_path, csv_path, sig_path, write_compare_meta(run_a, run_b, out)]
+    ops = op_comparison_frame(run_a, run_b)
+    if ops is not None:
+        paths.append(out / "compare_ops.csv")
+        ops.to_csv(paths[-1], index=False, lineterminator="\n", encoding="utf-8")
+    return paths
 
 
 def compare_meta(run_a: "Run", run_b: "Run", when: datetime | None = None) -> dict:

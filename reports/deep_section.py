@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from probe import fmt
-from probe.analysis.ops import DISPATCH, LEDGER_BYTES, OP_FIGURES, memory_ledger, op_summary
+from probe.analysis.op_tree import short_op
+from probe.analysis.ops import DISPATCH, LEDGER_BYTES, OUTSIDE, OP_FIGURES, dispatch_unknown, memory_ledger, op_summary
 
 from .html_page import Page, esc, table_html
 
@@ -63,10 +64,13 @@ def deep_lines(run: "Run") -> list[str]:
     deep = run.meta.get("deep") or {}
     lines = ["", f"inside each block (deep pass, not timed: {deep.get('sampled', 'sampled steps')}; "
                  "ms per sampled step, the dispatch mode's op times)"]
-    ops = folded(op_summary(run.ops, run.calls), OP_FIGURES, ["op"])
+    summary = op_summary(run.ops, run.calls)
+    ops = folded(summary, OP_FIGURES, ["op"])
+    unknown = dispatch_unknown(summary)
     own = folded(op_summary(run.ops, run.calls, by="module"), ["calls", "host_ms", "flops"], ["op"])
     cats = LEDGER_BYTES
-    ledger = folded(memory_ledger(run.ledger, run.ops), cats, [])
+    tied = deep.get("tied_weights") or {}
+    ledger = folded(memory_ledger(run.ledger, run.ops, tied), cats, [])
     noisy = False
     for phase in PHASES:
         part = ops[ops["phase"] == phase]
@@ -82,19 +86,21 @@ def deep_lines(run: "Run") -> list[str]:
             disp = grp.loc[grp["op"] == DISPATCH, "host_ms"]
             head = (f"timed {fmt.ms(timed)} ms = ops {fmt.ms(total)} ms + dispatch and Python "
                     f"{fmt.ms(disp.iloc[0])} ms" if len(disp) and not fmt.is_missing(disp.iloc[0])
-                    else f"ops {fmt.ms(total)} ms")
+                    else f"ops {fmt.ms(total)} ms" + (", dispatch and Python unknown" if block != OUTSIDE else ""))
             # below 0 by more than clock noise (a microsecond, or 5 % of the block): say why
             if len(disp) and not fmt.is_missing(disp.iloc[0]) and disp.iloc[0] < -max(0.001, 0.05 * timed):
                 head += " (below 0: see the note below)"
                 noisy = True
             lines.append(f"  {name:<34} {head}")
-            tops = [f"{_short(r.op)} {fmt.ms(r.host_ms)} ({fmt.pct(r.host_ms / total if total else float('nan'))}, "
+            tops = [f"{short_op(r.op)} {fmt.ms(r.host_ms)} ({fmt.pct(r.host_ms / total if total else float('nan'))}, "
                     f"x{r.calls:.0f})" for r in real.head(TOP).itertuples()]
             lines.append(f"  {'':<34} top: " + ", ".join(tops))
             mem = ledger[(ledger["phase"] == phase) & (ledger["block"] == block)]
             if len(mem):
                 m = mem.iloc[0]
-                lines.append(f"  {'':<34} memory: weights {fmt.nbytes(m.weights_bytes)}, KV cache "
+                shared = tied.get(block, {}).get("with") if n == 1 and m.shared_weights_bytes > 0 else None
+                tie = f" (tied: {fmt.nbytes(m.shared_weights_bytes)} shared with {', '.join(shared)})" if shared else ""
+                lines.append(f"  {'':<34} memory: weights {fmt.nbytes(m.weights_bytes)}{tie}, KV cache "
                              f"{fmt.nbytes(m.kv_cache_bytes)}, activations {fmt.nbytes(m.activations_bytes)}, "
                              f"temporaries {fmt.nbytes(m.temporaries_bytes)}, peak +{fmt.nbytes(m.peak_added_bytes)}")
         # what the attention's own time is made of: its own code (RoPE, the cache update, reshapes)
@@ -105,24 +111,20 @@ def deep_lines(run: "Run") -> list[str]:
             grp = grp.sort_values("host_ms", ascending=False)
             what = "the function" if block.endswith("attention_fn") else "its own ops (projections, function apart)"
             lines.append(f"  {block + (f' (mean of {n})' if n > 1 else '')}: {what} {fmt.ms(grp['host_ms'].sum())} ms: "
-                         + ", ".join(f"{_short(r.op)} {fmt.ms(r.host_ms)}" for r in grp.head(TOP + 2).itertuples()))
+                         + ", ".join(f"{short_op(r.op)} {fmt.ms(r.host_ms)}" for r in grp.head(TOP + 2).itertuples()))
         step = ledger[(ledger["phase"] == phase) & (ledger["block"] == "(step)")]
         if len(step):
             m = step.iloc[0]
             lines.append(f"  {'whole step':<34} memory: KV cache held {fmt.nbytes(m.kv_cache_bytes)}, temporaries "
                          f"{fmt.nbytes(m.temporaries_bytes)}, peak +{fmt.nbytes(m.peak_added_bytes)}")
+    if unknown:
+        lines.append(f"  ({unknown})")
     if noisy:
         lines.append("  (dispatch and Python below 0: the ops ran slower in the one deep generate call than the block "
                      "did in the timed ones, as on a busy machine; rerun on a quieter one. Memory does not depend on it)")
     lines.append("  (bytes are tensor storages made by ops; scratch inside kernels is not seen. ops.parquet, "
                  "ledger.parquet and allocations.parquet hold every op and storage)")
     return lines
-
-
-def _short(op: str) -> str:
-    """``aten.addmm.default`` -> ``addmm``; other overloads keep their name (``mul.Tensor``)."""
-    op = op[5:] if op.startswith("aten.") else op
-    return op[:-8] if op.endswith(".default") else op
 
 
 def deep_section(doc: Page, run: "Run") -> None:
@@ -137,7 +139,11 @@ def deep_section(doc: Page, run: "Run") -> None:
         "sampled step. (dispatch and Python) = the block's time on timed steps of the same shapes less its ops. "
         "Memory: tensor storages made by ops (scratch inside kernels is not seen); weights are parameter bytes; "
         "bytes read/written are estimates from storages.") + "</p>")
-    table = folded(op_summary(run.ops, run.calls), OP_FIGURES, ["op"], top=8)
+    summary = op_summary(run.ops, run.calls)
+    unknown = dispatch_unknown(summary)
+    if unknown:
+        doc.add('<p class="warn" id="deep-dispatch-unknown">' + esc(unknown[0].upper() + unknown[1:] + ".") + "</p>")
+    table = folded(summary, OP_FIGURES, ["op"], top=8)
     table = table[["phase", "block", "layers", "op", *OP_FIGURES]]
     for phase in PHASES:
         part = table[table["phase"] == phase].drop(columns="phase")
@@ -147,12 +153,13 @@ def deep_section(doc: Page, run: "Run") -> None:
                                              "ops.csv has every block)",
                                table_id=f"deep-ops-{phase}", max_rows=2000))
     cats = LEDGER_BYTES
-    ledger = memory_ledger(run.ledger, run.ops)
+    ledger = memory_ledger(run.ledger, run.ops, deep.get("tied_weights"))
     if len(ledger):
         ledger = folded(ledger, cats, [])[["phase", "block", "layers", *cats]]
         doc.add(table_html(ledger, caption="Memory ledger per block and phase (bytes per sampled step, numbered blocks "
-                                           "folded: the mean per layer; weights shared by two blocks, such as tied "
-                                           "embeddings, show in each; the (step) row counts them once)",
+                                           "folded: the mean per layer; weights tied between two blocks, such as an "
+                                           "embedding and lm_head, show in each, shared_weights_bytes says how much "
+                                           "of a block's weights is shared: the (step) row counts them once)",
                            table_id="deep-ledger"))
     for phase in PHASES:
         part = run.ops[run.ops["phase"] == phase]

@@ -280,3 +280,31 @@ def significance_lines(sig) -> list[str]:
         rows.append([str(row["name"]), str(row["phase"]), f"{row['a_n']}/{row['b_n']}", sd, iv, verdict(row)])
     return fmt.table(rows, ["B against A", "phase", "samples", "B slower by", "95% interval", "verdict"], left=2) \
         if rows else []
+
+
+def op_compare_lines(frame, top: int = 15) -> list[str]:
+    """What ``probe compare`` prints for two deep runs: the op kinds that changed per block
+    (:func:`probe.analysis.op_compare.op_comparison`), the largest moves first, ``top`` at most."""
+    from probe.analysis.op_compare import changed
+    from probe.analysis.op_tree import short_op
+
+    if frame is None:
+        return []
+    moved = changed(frame)
+    out = ["", f"inside each block, A vs B (deep passes, ms per sampled step): {len(moved)} of {len(frame)} op rows "
+               "changed" + (f"; {top} of them, op kinds that ran differently first:" if len(moved) > top
+                            else (":" if len(moved) else ""))]
+    # what ran differently first (robust to noise), then the largest moves in time
+    kind = moved["change"].map({"only in A": 0, "only in B": 0, "calls": 1}).fillna(2)
+    moved = moved.assign(_k=kind, _m=-moved["diff_ms"].abs().fillna(moved[["a_ms", "b_ms"]].max(axis=1)))
+    for r in moved.sort_values(["_k", "_m"], kind="stable").head(top).itertuples():
+        calls = "" if fmt.is_missing(r.a_calls) or fmt.is_missing(r.b_calls) or r.a_calls == r.b_calls \
+            else f", calls {r.a_calls:g} -> {r.b_calls:g}"
+        op = short_op(str(r.op))
+        op = op if len(op) <= 40 else op[:39] + "…"
+        out.append(f"  {r.phase:<8} {str(r.block)[:26]:<27} {op:<41} {r.change:<10} "
+                   f"A {fmt.ms(r.a_ms) if not fmt.is_missing(r.a_ms) else '-':>9}  "
+                   f"B {fmt.ms(r.b_ms) if not fmt.is_missing(r.b_ms) else '-':>9}{calls}")
+    out.append("  (compare_ops.csv has every row; op times are the dispatch mode's: the blocks above say "
+               "whether a block as a whole changed)")
+    return out

@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from probe.analysis import accounting
+from probe.analysis.op_tree import DISPATCH_ROLE, OP_ROLE, op_tree, short_op
 from probe.schema import ROLES, Phase
 
 from .figure_base import HEIGHT, TEMPLATE, empty_figure, floats, plot_text
@@ -24,6 +25,7 @@ ROLE_COLORS = {
     "router": "#aec7e8", "experts": "#6baed6", "shared_expert": "#6baed6", "gate_proj": "#9ecae1", "up_proj": "#9ecae1",
     "gate_up_proj": "#9ecae1", "down_proj": "#c6dbef", "act_fn": "#2ca02c", "layer_norm": "#dbdb8d",
     "dropout": "#f0f0f0", "linear": "#ffbb78", "other": "#f0f0f0", "residue": "#7f7f7f", "probe": "#393b79",
+    "op": "#fdd0a2", "dispatch": "#bdbdbd",
 }
 
 
@@ -34,7 +36,8 @@ def _short(module: str, parent_module: str | None) -> str:
     return module
 
 
-def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: Phase = "decode", max_depth: int | None = None) -> go.Figure:
+def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: Phase = "decode", max_depth: int | None = None,
+           ops: pd.DataFrame | None = None) -> go.Figure:
     """The module tree of ``phase`` as an icicle: width = inclusive time, left to right.
 
     Each box is a module at its place in the call tree (the same module called from two
@@ -46,6 +49,9 @@ def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: Phase = "decode", ma
         calls, steps: the frames.
         phase: the phase to draw.
         max_depth: levels shown at once (click a box to zoom in); default all.
+        ops: a deep run's ``ops`` frame: each module's self time is then opened down to its ops
+            and its ``(dispatch and Python)`` (:func:`probe.analysis.op_tree.op_tree`); where the
+            ops took longer than the timed self time, they are drawn at their own length.
 
     Returns:
         A plotly icicle, coloured by role.
@@ -55,16 +61,29 @@ def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: Phase = "decode", ma
     t = t[t["phase"] == phase]
     if t.empty:
         return empty_figure(title, f"no calls recorded in {phase}")
+    opened = ops is not None and bool((ops["phase"] == phase).any())
+    if opened:
+        t = op_tree(t, ops)
+        title += " down to its ops"
     n_steps = int(t.loc[t["node"] == accounting.RESIDUE, "calls"].sum()) or 1
     root = f"{phase} forward"
     node = t["node"].astype(str).tolist()
     parent = [root if pd.isna(p) else str(p) for p in t["parent_node"]]
     module_of = dict(zip(node, t["module"].astype(str)))
-    labels = [_short(m, module_of.get(p)) for m, p in zip(t["module"].astype(str), parent)]
+    labels = [short_op(m) if r == OP_ROLE else _short(m, module_of.get(p))
+              for m, p, r in zip(t["module"].astype(str), parent, t["role"].astype(str))]
     self_ms = np.maximum(floats(t["self_ms"]), 0.0)  # GPU noise can make a self time a hair below 0
+    if opened:  # a node's ops and dispatch row hold its self time: the node adds nothing of its own
+        self_ms = np.where(t["node"].isin(set(t.loc[t["role"] == DISPATCH_ROLE, "parent_node"])), 0.0, self_ms)
     total = floats(t["total_ms"])
     total = np.where(np.isnan(total) | (total == 0), self_ms, total)
-    fwd = float(np.nansum(self_ms))
+    is_op = t["role"].isin([OP_ROLE, DISPATCH_ROLE]).to_numpy()
+    fwd = float(np.nansum(np.maximum(floats(t["self_ms"]), 0.0)[~is_op]))  # the forward, whatever the ops read
+    sampled = ""
+    if opened:
+        n_sampled = len(ops.loc[ops["phase"] == phase, ["run_id", "step"]].drop_duplicates())
+        sampled = (f"<br><sup>ops: mean over {n_sampled} sampled step{'s' if n_sampled != 1 else ''} (deep pass) "
+                   "times the phase's steps; (dispatch and Python) = self time less ops</sup>")
     custom = np.column_stack([total, floats(t["self_ms"]), floats(t["calls"]), floats(t["mean_ms"]), floats(t["share"]) * 100])
     roles = t["role"].astype(str).tolist()
     fig = go.Figure(go.Icicle(
@@ -79,9 +98,11 @@ def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: Phase = "decode", ma
                       "<br>%{customdata[2]:.0f} calls, mean %{customdata[3]:.4f} ms"
                       "<br>self share %{customdata[4]:.2f}% of the phase's forward<extra></extra>",
     ))
-    fig.update_layout(title={"text": f"{title}: length = inclusive host time over {n_steps} step"
-                             f"{'s' if n_steps != 1 else ''} (click a box to zoom, hover for self time)"},
-                      template=TEMPLATE, height=max(HEIGHT, 720), margin={"l": 10, "r": 10, "t": 60, "b": 10})
+    steps_text = f"{n_steps} step{'s' if n_steps != 1 else ''}"
+    fig.update_layout(title={"text": f"{title}<br><sup>length = inclusive host time over {steps_text} "
+                             f"(click a box to zoom, hover for self time)</sup>{sampled}"},
+                      template=TEMPLATE, height=max(HEIGHT, 720),
+                      margin={"l": 10, "r": 10, "t": 100 if sampled else 80, "b": 10})
     return fig
 
 

@@ -338,3 +338,73 @@ def test_folded_layers_are_the_mean_over_every_layer_and_top_is_taken_after_fold
     kept = top[top["block"] == "model.layers.*"]["op"].tolist()
     assert kept == ["aten.mm.default", "(dispatch and Python)"]  # the dispatch row stays, last
     assert top[top["block"] == "lm_head"]["layers"].tolist() == [1]
+
+
+def test_tied_weights_are_said_shared_in_each_block_and_counted_once_in_the_step():
+    """An embedding tied to lm_head: each block's ledger row shows the tensor in full and says how
+    much of it is shared (and with whom, in the text); the (step) row counts it once."""
+    from probe.models import load_bundled
+    from reports.deep_section import deep_lines
+
+    m, _ = load_bundled(num_hidden_layers=2, tie_word_embeddings=True)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    run = probe.profile(m, PROMPT[:, :4], generate_kwargs={"max_new_tokens": 2, "do_sample": False}, deep=[0])
+    tied = run.meta["deep"]["tied_weights"]
+    size = m.lm_head.weight.numel() * m.lm_head.weight.element_size()
+    assert tied["lm_head"] == {"bytes": size, "with": ["model.embed_tokens"]}
+    assert tied["model.embed_tokens"]["with"] == ["lm_head"] and "model.layers.0" not in tied
+    ledger = memory_ledger(run.ledger, run.ops, tied).set_index("block")
+    for block in ("model.embed_tokens", "lm_head"):
+        assert ledger.loc[block, "weights_bytes"] == ledger.loc[block, "shared_weights_bytes"] == size
+    assert ledger.loc["model.layers.0", "shared_weights_bytes"] == 0 and ledger.loc["(step)", "shared_weights_bytes"] == 0
+    assert ledger.loc["(step)", "weights_bytes"] == sum(p.numel() * p.element_size() for p in m.parameters())
+    text = "\n".join(deep_lines(run))
+    assert "shared with lm_head" in text and "shared with model.embed_tokens" in text
+    # without the meta (an older run): no share known, 0
+    assert (memory_ledger(run.ledger, run.ops)["shared_weights_bytes"] == 0).all()
+
+
+def test_deep_pass_alone_says_why_dispatch_and_python_is_unknown():
+    """attach(deep=...) alone makes every generate call deep: no timed step to subtract the ops
+    from. The NaN stays NaN in the frame and is said in words in the text and the report."""
+    from probe.analysis.ops import dispatch_unknown
+    from reports.deep_section import deep_lines
+    from reports.html import render_report
+
+    m = _model()
+    with probe.attach(m, deep=[0, 1]) as p:
+        m.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    run = p.run
+    summ = run.op_summary()
+    assert summ.loc[summ["op"] == DISPATCH, "host_ms"].isna().all()
+    why = dispatch_unknown(summ)
+    assert why.startswith("dispatch and Python is unknown for every block") and "probe run --deep" in why
+    text = "\n".join(deep_lines(run))
+    assert "dispatch and Python unknown" in text and "a deep pass alone" in text
+    assert 'id="deep-dispatch-unknown"' in render_report(run)
+    timed = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 2, "do_sample": False}, deep=[0, 1])
+    assert dispatch_unknown(timed.op_summary()) is None
+
+
+def test_steplog_reads_what_runs_now_from_its_open_calls_and_hands_peaks_outwards():
+    """where() (innermost module and block) through a foreign module's call, each call's depth, and
+    a peak reached inside a call counted in every call enclosing it, on exit and on close."""
+    from probe.recording.deep_ops import StepLog
+
+    log = StepLog({}, frozenset({1}))
+    assert log.where() == (0, -1)  # the model's own forward
+    log.enter_code(1)  # a block
+    log.enter_code(None)  # a module outside the model: what runs stays the block's
+    assert log.where() == (1, 1)
+    log.enter_code(2)  # a module inside the block
+    assert log.where() == (2, 1)
+    log._grow(100)
+    log.exit()  # module 2 returns: its peak is the block's too
+    root, block, inner = log.calls
+    assert (block[0], block[1], inner[0], inner[1]) == (1, 1, 2, 2)
+    assert inner[5] == 100 and block[5] == 100 and root[5] == 0
+    log.exit()  # the foreign module
+    assert log.where() == (1, 1)
+    log._grow(50)
+    log.close({})  # the block is still open: closed here, its peak handed to the step
+    assert block[5] == 150 and root[5] == 150 and block[3] is not None and log.where() == (0, -1)

@@ -6,7 +6,11 @@ the dispatch mode's, op by op; what the block spent beside its ops — Python, d
 module machinery — is the block's time on *timed* steps of the same shapes (same phase, query
 and cache lengths: the timed generate calls of ``probe run`` share the deep run's inputs and
 seed) less the sum of its ops: the row ``(dispatch and Python)``. Without timed steps of those
-shapes it is unknown (NaN), never guessed.
+shapes it is unknown (NaN), never guessed: the deep pass's own clock runs the ops many times
+slower, so what it leaves beside them is not the block's Python. A deep pass alone
+(``probe.attach(model, deep=...)``: every generate call is deep) times no step; use
+``probe.profile(model, inputs, deep=True)`` or ``probe run --deep``, which time the same inputs
+first. :func:`dispatch_unknown` says so in words.
 """
 
 from __future__ import annotations
@@ -82,6 +86,19 @@ def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None
     return schema.conform(rows.drop(columns=["_b", "_d"]), OP_SUMMARY, extra=False)
 
 
+def dispatch_unknown(summary: pd.DataFrame) -> str | None:
+    """Why an :func:`op_summary`'s ``(dispatch and Python)`` rows are NaN, in words; ``None`` where
+    every block's is known (``(outside blocks)`` has no timed time of its own: its row is never known)."""
+    disp = summary[(summary["op"] == DISPATCH) & (summary["block"] != OUTSIDE)]
+    unknown = int(disp["host_ms"].isna().sum())
+    if not unknown:
+        return None
+    which = "every block" if unknown == len(disp) else f"{unknown} of {len(disp)} blocks by phase"
+    return (f"dispatch and Python is unknown for {which}: no timed step has the sampled step's phase, query and "
+            "cache lengths (a deep pass alone, probe.attach(model, deep=...), times none). Record with "
+            "`probe run --deep` or probe.profile(model, inputs, deep=True): they time the same inputs first")
+
+
 def _timed_block_ms(ops: pd.DataFrame, sampled: pd.DataFrame, calls: pd.DataFrame) -> dict:
     """(phase, block) -> the block's mean time on timed steps of each sampled step's shapes, averaged
     over the sampled steps that have such timed steps."""
@@ -102,19 +119,25 @@ def _timed_block_ms(ops: pd.DataFrame, sampled: pd.DataFrame, calls: pd.DataFram
     return out
 
 
-def memory_ledger(ledger: pd.DataFrame, ops: pd.DataFrame) -> pd.DataFrame:
+def memory_ledger(ledger: pd.DataFrame, ops: pd.DataFrame, tied: dict | None = None) -> pd.DataFrame:
     """Per phase and block (and the whole step, ``(step)``): weights, KV cache, activations,
     temporaries and the peak of live tensor bytes above the block's start, per sampled step.
-    See :mod:`probe.recording.deep_frames` for what each category holds."""
+    See :mod:`probe.recording.deep_frames` for what each category holds.
+
+    ``tied``: the deep run's ``meta["deep"]["tied_weights"]`` (:func:`probe.recording.deep_ops.tied_weights`); a block's
+    ``shared_weights_bytes`` is the part of its weights tied to another module's (0 without it).
+    Such weights show in full in each block that holds them and once in ``(step)``, the total to
+    read (the blocks' weights added up would count a tied tensor twice)."""
     if ledger.empty:
         return schema.empty(MEMORY_LEDGER)
     blocks = list(dict.fromkeys(ops["block"].dropna()))
     keep = ledger[ledger["module"].isin(blocks) | ledger["module"].isna()]
     keep = keep.assign(block=keep["module"].fillna(STEP))
-    cols = LEDGER_BYTES
+    cols = [c for c in LEDGER_BYTES if c in keep.columns]
     per_step = keep.groupby(["phase", "block", "run_id", "step"], sort=False)[cols].sum().reset_index()
     out = per_step.groupby(["phase", "block"], sort=False).agg(
         steps=("step", "size"), **{c: (c, "mean") for c in cols}).reset_index()
+    out["shared_weights_bytes"] = [float((tied or {}).get(b, {}).get("bytes", 0)) for b in out["block"]]
     order = {b: i for i, b in enumerate([STEP, *blocks])}
     out = out.sort_values(["phase", "block"], key=lambda s: s.map(order) if s.name == "block" else s,
                           ascending=[False, True], kind="stable")

@@ -97,13 +97,20 @@ class Run:
         need(self.calls, "summary()")
         return self._memo(("summary", level), lambda: summary(self.calls, self.steps, level=level))
 
-    def tree(self, depth: int | None = None) -> pd.DataFrame:
+    def tree(self, depth: int | None = None, *, level: str = "module") -> pd.DataFrame:
         """The call tree per phase, one row per path of modules, collapsed at ``depth`` if given
-        (:func:`probe.accounting.tree_table`)."""
+        (:func:`probe.accounting.tree_table`); ``level="op"`` opens each node down to a deep run's
+        ops and its ``(dispatch and Python)`` (:func:`probe.analysis.op_tree.op_tree`)."""
         from .accounting import tree_table
+        from .op_tree import check_tree_level, op_tree
 
+        check_tree_level(level)
         need(self.calls, "tree()")
-        return self._memo(("tree", depth), lambda: tree_table(self.calls, self.steps, depth=depth))
+        if level == "op" and (self.ops.empty or self.calls.empty):
+            raise ValueError("tree(level='op') needs a deep run's ops and timed calls of the same run: record with "
+                             "`probe run --deep` or probe.profile(..., deep=True); attach(deep=...) alone times no step")
+        tree = self._memo(("tree", depth), lambda: tree_table(self.calls, self.steps, depth=depth))
+        return tree if level == "module" else op_tree(tree, self.ops)  # not kept: it reads ops too
 
     def spread(self, level: Level = "block") -> pd.DataFrame:
         """Median and min–max over the recorded generate calls of each row's self time per phase
@@ -168,8 +175,9 @@ class Run:
         return stage_summary(self.sampling, self.steps)
 
     def op_summary(self, *, top: int | None = None, by: str = "block") -> pd.DataFrame:
-        """A deep run's ops per phase, block and op kind (:func:`probe.analysis.ops.op_summary`);
-        its memory per block is :func:`probe.analysis.ops.memory_ledger`."""
+        """A deep run's ops per phase, block and op kind (:func:`probe.analysis.ops.op_summary`; a
+        NaN dispatch row is unknown, :func:`~probe.analysis.ops.dispatch_unknown` says why); its
+        memory per block is :func:`probe.analysis.ops.memory_ledger`."""
         from .ops import op_summary
 
         return op_summary(self.ops, self.calls, top=top, by=by)

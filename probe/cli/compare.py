@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from probe.reports.terminal import compare_lines, noise_lines, significance_lines
+from probe.reports.terminal import compare_lines, noise_lines, op_compare_lines, significance_lines
 
 from ..store.files import write_text
 from .common import CLIError, check_out, load_run, missing
@@ -46,6 +46,12 @@ def main(args) -> int:
     print("")
     print("\n".join(compare_lines(comparison_frame(a, b), roles=same_depth)))
     print("\n".join(significance_lines(sig)))
+    if not (a.ops.empty or b.ops.empty):
+        from probe.reports.compare import op_comparison_frame
+
+        print("\n".join(op_compare_lines(op_comparison_frame(a, b))))
+    elif not (a.ops.empty and b.ops.empty):
+        print(f"\nonly {'A' if b.ops.empty else 'B'} has a deep pass: record both with --deep to compare them op by op")
     for label, run in ((" (A)", a), (" (B)", b)):
         for line in noise_lines(run, label):
             if line:

@@ -24,7 +24,7 @@ import torch
 
 from ..schema import ALLOCATIONS, LEDGER, OPS, STR
 from .cache import cache_tensors, find_cache
-from .deep_ops import OpMode, StepLog, parameter_bytes, storage_bytes
+from .deep_ops import OpMode, StepLog, parameter_bytes, storage_bytes, tied_weights
 from . import attnfn
 from .discovery import select_modules
 from .hotpath import PartialWrapper
@@ -109,6 +109,7 @@ class DeepObserver(Observer):
         self.labels: list[str] = []  # the modules' qualified names ("" first: the model itself)
         self.blocks: frozenset[int] = frozenset()
         self.weights: dict[str, int] = {}
+        self.tied: dict[str, dict] = {}  # modules sharing parameter storage with others (tied_weights)
         self.recorder: Any = None
         self.runs: list[str] = []  # the deep runs' ids
         self.steps: list[tuple] = []  # per sampled step: (run_id, step, phase, q_len, kv_len, StepLog, kv allocs)
@@ -126,6 +127,7 @@ class DeepObserver(Observer):
         blocks = {info.name for _, info in select_modules(model, "blocks")}
         self.blocks = frozenset(i for i, n in enumerate(self.labels) if n in blocks)
         self.weights = {n: parameter_bytes(m) for n, m in named}
+        self.tied = tied_weights(model)
         self.recorder = recorder
         self._model_ref = weakref.ref(model)
         stack.callback(self._close, None)
@@ -227,6 +229,7 @@ class DeepObserver(Observer):
 
     def records(self) -> Any:
         return {"runs": tuple(self.runs), "steps": tuple(self.steps), "weights": dict(self.weights),
+                "tied": dict(self.tied),
                 "labels": list(self.labels),
                 "plan": self.plan.describe(), "sigs": dict(self.sigs)}
 
@@ -244,7 +247,10 @@ class DeepObserver(Observer):
         meta = {"deep": {"run_ids": ids, "sampled": records["plan"], "untimed": "left out of every timing figure",
                          "bytes_estimated": "ops.bytes_read_est / bytes_written_est: from the unique storages "
                                             "of each op's inputs and outputs",
+                         "tied_weights": records.get("tied", {}),
                          "op_floor_us": _median([s[5].floor_ns() for s in records["steps"]]) / 1e3,
+                         # ops whose bookkeeping raised: they ran, and are missing from the ops frame
+                         "ops_unrecorded": sum(s[5].failed for s in records["steps"]),
                          "op_times": "each op alone: what timing it from the dispatch mode adds (aten.alias timed "
                                      "the same way on the step, median op_floor_us) is taken out and left to "
                                      "dispatch and Python",

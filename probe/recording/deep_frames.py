@@ -46,6 +46,8 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
     op_of = np.array([t[0] for t in text], dtype=object)
     flops_of = np.array([t[5] if t[5] is not None else 0 for t in text], dtype=np.int64)
     known = np.array([t[5] is not None for t in text], dtype=bool)
+    # in and out shapes and dtypes (JSON) per signature: each step's column is one take by its ops' signatures
+    sig_cols = [np.array([t[1 + j] for t in text], dtype=object) for j in range(4)]
     ops_parts, ledger_rows, alloc_parts = [], [], []
     shape_js: dict = {}  # a call's argument shapes -> their JSON, made once
     for run_id, index, phase, q_len, kv_len, lg, kv in steps:
@@ -58,8 +60,8 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
         head = {"run_id": run_id, "rank": rank, "step": index, "phase": phase, "q_len": q_len, "kv_len": kv_len}
         part = pd.DataFrame({**head, "seq": np.arange(n), "module": names[o[:, 1]], "block": names[o[:, 2]],
                              "op": op_of[sig]})
-        for j, col in enumerate(("in_shapes", "in_dtypes", "out_shapes", "out_dtypes")):
-            part[col] = [text[k][1 + j] for k in sig]
+        for col, values in zip(("in_shapes", "in_dtypes", "out_shapes", "out_dtypes"), sig_cols):
+            part[col] = values[sig]
         part["host_ms"] = ns * 1e-6
         part["flops"] = pd.array(np.where(known[sig], flops_of[sig], 0), dtype="Int64")
         part.loc[~known[sig], "flops"] = pd.NA

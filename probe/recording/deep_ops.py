@@ -139,18 +139,23 @@ class StepLog:
         self.calls: list[list] = []
         self.t0 = time.perf_counter_ns()  # the step's start for the ops' and calls' start times
         self.stack: list[list] = []  # the open calls (entries of ``calls``); None for a foreign module
+        # beside each entry of ``stack``: (innermost module call's code, its block, module calls open,
+        # that call), so what runs now is read in O(1) on every op and every free
+        self.at: list[tuple] = []
         self.live = 0  # bytes of the storages made in this step and still alive
         self._refs: dict[int, tuple] = {}  # storage id -> (weak reference, alloc index)
         # storages made before the step that an op read (weights, the cache, the inputs): when one
         # is freed in the step (the cache's old keys, replaced by a longer copy) live bytes go down
         self._old: dict[int, Any] = {}
-        self.failed = 0  # ops whose bookkeeping raised (the op itself ran)
+        self.failed = 0  # ops whose bookkeeping raised (the op itself ran; it is missing from the frames)
         self.held_bytes = 0  # bytes of every storage the KV cache holds after the step
         self.floor = array("q")  # ns of aten.alias timed as the ops are (see OpMode)
+        self._floor: int | None = None  # their median, once the step is closed
         # the model's own forward (the step) is the outermost call: its hooks ran before the step opened
         root = [0, 0, 0, None, 0, 0, 0, None, None]
         self.calls.append(root)
         self.stack.append(root)
+        self.at.append((0, 0 if 0 in blocks else -1, 1, root))
 
     @property
     def n_ops(self) -> int:
@@ -158,6 +163,8 @@ class StepLog:
 
     def floor_ns(self) -> int:
         """What timing an op from the dispatch mode adds to it on this step (median; 0 unknown)."""
+        if self._floor is not None:
+            return self._floor
         f = sorted(self.floor)
         return int(f[len(f) // 2]) if f else 0
 
@@ -169,37 +176,37 @@ class StepLog:
     def enter_code(self, code: int | None, args: Any = ()) -> None:
         """A call that is not a module's (the attention function) opens, as ``code``; ``args``:
         its positional arguments, whose tensors' shapes are kept (what the cost model reads)."""
+        top = self.at[-1] if self.at else (0, -1, 0, None)
         if code is None:
             self.stack.append(None)
+            self.at.append(top)
             return
         self.tick += 1
         shapes = tuple(tuple(a.shape) for a in args if isinstance(a, Tensor))
-        call = [code, sum(1 for c in self.stack if c is not None), self.tick, None, self.live, self.live,
-                time.perf_counter_ns() - self.t0, None, shapes]
+        call = [code, top[2], self.tick, None, self.live, self.live, time.perf_counter_ns() - self.t0, None, shapes]
         self.calls.append(call)
         self.stack.append(call)
+        self.at.append((code, code if code in self.blocks else top[1], top[2] + 1, call))
 
     def exit(self, module: Any = None, args: Any = None, out: Any = None) -> None:
         if not self.stack:
             return
         call = self.stack.pop()
+        self.at.pop()
         if call is not None:
             self.tick += 1
             call[3] = self.tick
             call[7] = time.perf_counter_ns() - self.t0
+            outer = self.at[-1][3] if self.at else None
+            if outer is not None and call[5] > outer[5]:  # its peak was the enclosing call's too
+                outer[5] = call[5]
 
     def where(self) -> tuple[int, int]:
         """(innermost module, its block; -1: none) of what runs now, as codes."""
-        code = block = -1
-        for c in reversed(self.stack):
-            if c is None:
-                continue
-            if code < 0:
-                code = c[0]
-            if c[0] in self.blocks:
-                block = c[0]
-                break
-        return (code if code >= 0 else 0), block
+        if not self.at:
+            return 0, -1
+        top = self.at[-1]
+        return top[0], top[1]
 
     # ---------------------------------------------------------------- ops (the dispatch mode)
     def op(self, func: Any, args: tuple, kwargs: dict, out: Any, ns: int, t0: int = 0) -> None:
@@ -235,11 +242,12 @@ class StepLog:
                          sum(v[1] for v in s_out.values()), made, self.live, t0 - self.t0 if t0 else 0))
 
     def _grow(self, size: int) -> None:
+        """Only the innermost call's peak is raised here; each call hands its peak to the enclosing
+        one when it exits (:meth:`exit`, :meth:`close`)."""
         self.live += size
-        live = self.live
-        for c in self.stack:
-            if c is not None and live > c[5]:
-                c[5] = live
+        inner = self.at[-1][3] if self.at else None
+        if inner is not None and self.live > inner[5]:
+            inner[5] = self.live
 
     def _freer(self, key: int) -> Callable:
         def freed(_ref: Any) -> None:
@@ -266,10 +274,18 @@ class StepLog:
         that the KV cache holds (``held``: storage id -> bytes)."""
         self.tick += 1
         end = time.perf_counter_ns() - self.t0
-        for c in self.stack:
-            if c is not None and c[3] is None:
+        peak = None
+        for c in reversed(self.stack):  # innermost first, each handing its peak outwards
+            if c is None:
+                continue
+            if peak is not None and peak > c[5]:
+                c[5] = peak
+            peak = c[5]
+            if c[3] is None:
                 c[3], c[7] = self.tick, end
-        self.stack = []
+        self.stack, self.at = [], []
+        self._floor = None
+        self._floor = self.floor_ns()
         self.held_bytes = sum(held.values())
         refs, self._refs = self._refs, {}
         self._old = {}
@@ -281,16 +297,18 @@ class OpMode(TorchDispatchMode):
     untouched (the bookkeeping never changes what the model computes).
 
     Timing an op from Python costs more than the op: its arguments are converted and its
-    output wrapped on the way. Every ``every``-th op, the mode also times ``aten.alias`` (a view:
+    output wrapped on the way. Every :data:`FLOOR_EVERY`-th op, the mode also times ``aten.alias`` (a view:
     no kernel, no allocation) the same way, there and then; the median of those is the step's
     floor (:meth:`StepLog.floor_ns`), taken out of each op's time when frames are built and left
     to dispatch and Python.
     """
 
-    def __init__(self, log: StepLog, every: int = 16) -> None:
+    #: one op in this many is followed by a timed ``aten.alias`` (the floor's sample)
+    FLOOR_EVERY = 16
+
+    def __init__(self, log: StepLog) -> None:
         super().__init__()
         self.log = log
-        self.every = every
         self.n = 0
         self.unit = torch.zeros(1)
 
@@ -302,7 +320,7 @@ class OpMode(TorchDispatchMode):
         try:
             self.log.op(func, args, kwargs, out, ns, t0)
             self.n += 1
-            if self.n % self.every == 1:
+            if self.n % self.FLOOR_EVERY == 1:
                 t0 = time.perf_counter_ns()
                 aten.alias.default(self.unit)
                 self.log.floor.append(time.perf_counter_ns() - t0)
@@ -314,6 +332,34 @@ class OpMode(TorchDispatchMode):
 def storage_bytes(tensors: Any) -> dict[int, int]:
     """Storage id -> bytes of the unique storages of ``tensors`` (what a step's cache holds)."""
     return {k: v[1] for k, v in _storages(list(tensors)).items()}
+
+
+def tied_weights(model: torch.nn.Module) -> dict[str, dict]:
+    """Modules whose parameters share a storage with a module outside them (tied weights, such as
+    an embedding and an output head): name -> ``{"bytes": what they share, "with": [those modules]}``.
+    Each module's ``weights_bytes`` counts such a storage in full; a total over modules counts it once."""
+    owners: dict[int, set[str]] = {}
+    sizes: dict[int, int] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        try:
+            st = p.untyped_storage()
+        except Exception:
+            continue
+        owners.setdefault(id(st), set()).add(name.rpartition(".")[0])
+        sizes[id(st)] = max(sizes.get(id(st), 0), min(p.numel() * p.element_size(), st.nbytes()))
+    out: dict[str, dict] = {}
+    for key, mods in owners.items():
+        if len(mods) < 2:
+            continue
+        holders = {m.rsplit(".", k)[0] for m in mods for k in range(m.count(".") + 1)}  # each owner and its ancestors
+        for h in holders:
+            inside = lambda o: o == h or o.startswith(h + ".")  # noqa: E731
+            partners = sorted(o for o in mods if not inside(o))
+            if partners:
+                got = out.setdefault(h, {"bytes": 0, "with": []})
+                got["bytes"] += sizes[key]
+                got["with"] = sorted(set(got["with"]) | set(partners))
+    return out
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:

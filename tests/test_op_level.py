@@ -1,0 +1,195 @@
+"""The ``op`` level of a deep run: the call tree and its icicle opened down to ops, and two deep
+runs compared op kind by op kind (API, report, CLI, dashboard), on the bundled tiny model."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import probe
+from probe.analysis.op_compare import changed, op_comparison
+from probe.analysis.op_tree import DISPATCH_ROLE, OP_ROLE
+from probe.analysis.ops import DISPATCH
+from probe.models import load_bundled
+
+PROMPT = torch.tensor([[5, 9, 14, 3, 22, 7, 31, 8]])
+GEN = {"max_new_tokens": 4, "do_sample": False}
+
+
+def _run(attn: str, *, depth: str = "blocks", deep=True) -> probe.Run:
+    model, _ = load_bundled(num_hidden_layers=2, attn_implementation=attn)
+    return probe.profile(model, PROMPT, generate_kwargs=GEN, depth=depth, deep=deep)
+
+
+@pytest.fixture(scope="module")
+def sdpa() -> probe.Run:
+    return _run("sdpa")
+
+
+@pytest.fixture(scope="module")
+def eager() -> probe.Run:
+    return _run("eager")
+
+
+def _children_add_up(tree: pd.DataFrame) -> int:
+    """Every node with ops: its op rows and dispatch row add up to its self time; returns how many."""
+    ops = tree[tree["role"].isin([OP_ROLE, DISPATCH_ROLE])]
+    mods = tree[~tree["role"].isin([OP_ROLE, DISPATCH_ROLE])].set_index(["phase", "node"])
+    n = 0
+    for (phase, parent), grp in ops.groupby(["phase", "parent_node"]):
+        assert (grp["role"] == DISPATCH_ROLE).sum() == 1
+        assert grp["self_ms"].sum() == pytest.approx(float(mods.loc[(phase, parent), "self_ms"]), rel=1e-9, abs=1e-12)
+        n += 1
+    return n
+
+
+def test_tree_opens_each_block_down_to_its_ops(sdpa):
+    plain = sdpa.tree()
+    tree = sdpa.tree(level="op")
+    mods = tree[~tree["role"].isin([OP_ROLE, DISPATCH_ROLE])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(mods, plain)  # the module rows are the tree as it was
+    ops = tree[tree["role"] == OP_ROLE]
+    assert len(ops) and (ops["module"].str.startswith("aten.")).all()
+    # each op row sits right under its parent node, one level deeper, with the parent's layer
+    parent = tree.set_index(["phase", "node"])
+    for r in ops.head(50).itertuples():
+        p = parent.loc[(r.phase, r.parent_node)]
+        assert r.depth == p["depth"] + 1 and r.node == f"{r.parent_node} > {r.module}"
+    layer0 = ops[(ops["phase"] == "decode") & (ops["parent_node"] == "model.layers.0")]
+    assert "aten.mm.default" in set(layer0["module"])
+    assert any("scaled_dot_product" in m for m in layer0["module"])
+    # ops outside every recorded module (rotary embedding, mask) belong to the residue
+    assert (ops["parent_node"] == "(residue)").any()
+    assert _children_add_up(tree) >= 2 * 6  # embed, 2 layers, norm, head and the residue in both phases
+    # an op row is its mean per sampled step times the phase's timed steps
+    n_decode = int(plain.loc[(plain["phase"] == "decode") & (plain["node"] == "(residue)"), "calls"].iloc[0])
+    sampled = sdpa.ops[sdpa.ops["phase"] == "decode"][["run_id", "step"]].drop_duplicates().shape[0]
+    mine = sdpa.ops[(sdpa.ops["phase"] == "decode") & (sdpa.ops["block"] == "model.layers.0")
+                    & (sdpa.ops["op"] == "aten.mm.default")]
+    row = layer0[layer0["module"] == "aten.mm.default"].iloc[0]
+    assert row["self_ms"] == pytest.approx(mine["host_ms"].sum() / sampled * n_decode)
+    assert row["calls"] == round(len(mine) / sampled * n_decode)
+
+
+def test_op_tree_at_sublayers_and_collapsed(sdpa):
+    run = _run("sdpa", depth="sublayers", deep=[0, 2])
+    tree = run.tree(level="op")
+    ops = tree[tree["role"] == OP_ROLE]
+    # the SDPA op is under the attention function, the projections' mm under the attention module
+    sdp = ops[ops["module"].str.contains("scaled_dot_product")]
+    assert len(sdp) and sdp["parent_node"].str.endswith("self_attn.attention_fn").all()
+    assert _children_add_up(tree) > 0
+    # collapsed at level 1: every op goes to a top-level node
+    top = run.tree(depth=1, level="op")
+    assert (top.loc[top["role"] == OP_ROLE, "depth"] == 2).all()
+    assert _children_add_up(top) > 0
+
+
+def test_tree_level_bad_input(sdpa):
+    with pytest.raises(ValueError, match="level must be 'module'"):
+        sdpa.tree(level="ops")
+    plain = _run("sdpa", deep=None)
+    with pytest.raises(ValueError, match="needs a deep run"):
+        plain.tree(level="op")
+    model, _ = load_bundled(num_hidden_layers=2)
+    with probe.attach(model, deep=[0]) as p:  # a deep run alone: no timed step to open
+        model.generate(PROMPT, **GEN)
+    with pytest.raises(ValueError, match="needs a deep run's ops and timed calls"):
+        p.run.tree(level="op")
+
+
+def test_icicle_opens_down_to_ops_and_keeps_the_forward(sdpa):
+    from reports.tree_figures import icicle
+
+    plain = icicle(sdpa.calls, sdpa.steps, "decode")
+    fig = icicle(sdpa.calls, sdpa.steps, "decode", ops=sdpa.ops)
+    ids = list(fig.data[0].ids)
+    # ids as plotly gets them (plot_text escapes ">")
+    assert f"model.layers.0 &gt; {DISPATCH}" in ids and "model.layers.0 &gt; aten.mm.default" in ids
+    assert "mm" in list(fig.data[0].labels)  # ops by their short name
+    assert fig.data[0].labels[0] == plain.data[0].labels[0]  # the root is the same forward
+    assert "down to its ops" in fig.layout.title.text and "sampled step" in fig.layout.title.text
+    # a node whose ops hold its self time adds nothing of its own
+    vals = dict(zip(ids, fig.data[0].values))
+    assert vals["model.layers.0"] == 0.0 and all(v >= 0 for v in vals.values())
+    # an empty ops frame, or one without the phase: the plain icicle
+    assert list(icicle(sdpa.calls, sdpa.steps, "decode", ops=sdpa.ops.iloc[:0]).data[0].ids) == list(plain.data[0].ids)
+
+
+def test_report_icicles_open_down_to_ops_for_a_deep_run(sdpa):
+    from reports.html import render_report
+
+    page = render_report(sdpa)
+    assert "Module tree, decode down to its ops" in page and "Module tree, prefill down to its ops" in page
+    assert "model.layers.0 &amp;gt; aten.mm.default" in page or "model.layers.0 &gt; aten.mm.default" in page
+
+
+def test_op_comparison_flags_what_changed(sdpa, eager):
+    from probe.reports.compare import op_comparison_frame
+
+    frame = op_comparison_frame(sdpa, eager)
+    assert list(frame.columns) == list(probe.schema.OP_DIFF)
+    moved = changed(frame)
+    layers = moved[moved["block"] == "model.layers.*"]
+    only_a = set(layers.loc[layers["change"] == "only in A", "op"])
+    only_b = set(layers.loc[layers["change"] == "only in B", "op"])
+    assert any("scaled_dot_product" in o for o in only_a)  # sdpa's fused kernel
+    assert {"aten.bmm.default", "aten._softmax.default"} <= only_b  # eager's matmuls and softmax
+    # per block apart, the same op kinds change in each layer
+    each = op_comparison_frame(sdpa, eager, fold=False)
+    assert {"model.layers.0", "model.layers.1"} <= set(changed(each)["block"])
+    # a run against itself: nothing ran differently
+    same = op_comparison(sdpa.op_summary(), sdpa.op_summary())
+    assert changed(same).empty and (same["diff_ms"].fillna(0) == 0).all()
+    assert op_comparison_frame(sdpa, _run("sdpa", deep=None)) is None
+
+
+def test_op_comparison_bad_input(sdpa):
+    with pytest.raises(ValueError, match="lacks host_ms"):
+        op_comparison(sdpa.op_summary().drop(columns="host_ms"), sdpa.op_summary())
+    empty = op_comparison(sdpa.op_summary().iloc[:0], sdpa.op_summary().iloc[:0])
+    assert empty.empty and list(empty.columns) == list(probe.schema.OP_DIFF)
+
+
+def test_cli_compare_of_two_deep_runs(tmp_path, capsys, sdpa, eager):
+    from probe.cli import main
+
+    sdpa.save(tmp_path / "sdpa")
+    eager.save(tmp_path / "eager")
+    _run("sdpa", deep=None).save(tmp_path / "plain")
+    assert main(["compare", str(tmp_path / "sdpa"), str(tmp_path / "eager"), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "inside each block, A vs B" in out and "only in B" in out and "bmm" in out
+    ops = pd.read_csv(tmp_path / "cmp" / "compare_ops.csv", keep_default_na=False, na_values=[""])
+    assert set(ops.columns) == set(probe.schema.OP_DIFF) and (ops["change"] == "only in A").any()
+    page = (tmp_path / "cmp" / "compare.html").read_text(encoding="utf-8")
+    assert 'id="ops-changed"' in page and "only in B" in page
+    assert main(["compare", str(tmp_path / "sdpa"), str(tmp_path / "plain"), "--out", str(tmp_path / "one")]) == 0
+    out = capsys.readouterr().out
+    assert "only A has a deep pass" in out and not (tmp_path / "one" / "compare_ops.csv").exists()
+    assert 'id="ops-none"' in (tmp_path / "one" / "compare.html").read_text(encoding="utf-8")
+
+
+def test_dashboard_tree_and_compare_at_the_op_level(tmp_path, sdpa, eager):
+    from streamlit.testing.v1 import AppTest
+
+    from probe.dashboards import APP
+
+    sdpa.save(tmp_path / "sdpa")
+    eager.save(tmp_path / "eager")
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.session_state["runs_dir"] = str(tmp_path)
+    at.run()
+    at.sidebar.multiselect(key="runs").set_value(["sdpa"]).run()
+    at.sidebar.radio(key="view").set_value("Tree").run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.checkbox(key="tree_ops").check().run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[0].value
+    assert table["role"].isin([OP_ROLE, DISPATCH_ROLE]).any()
+    at.sidebar.radio(key="view").set_value("Compare").run()
+    at.radio(key="compare_level").set_value("op").run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = at.dataframe[-2].value if len(at.dataframe) >= 2 else at.dataframe[0].value
+    assert "change" in shown.columns
