@@ -297,6 +297,11 @@ def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None
     return whole[(whole["level"] == level).to_numpy(dtype=bool, na_value=False)].reset_index(drop=True)
 
 
+def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: Level | None = None) -> pd.DataFrame:
+    """:func:`summary` of bare frames (``by`` = level: ``block``, ``role``, ``module`` or None)."""
+    return summary(calls, steps, level=by)
+
+
 def _summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None) -> pd.DataFrame:
     ph = phases(calls, steps)
     if ph.calls.empty:

@@ -15,6 +15,7 @@ import pandas as pd
 
 from .. import schema
 from . import run_view, tree
+from .accounting import block_summary  # noqa: F401 - where readers have found it
 from ..errors import RunSaveError
 from .headline import phase_headline, phase_totals
 from ..recording.stages import stage_summary
@@ -444,9 +445,3 @@ def merge(runs: list[Run], path: Path | None = None) -> Run:
             for k in ("ops", "ledger", "allocations")}
     return Run(calls=calls, steps=steps, runs=runs_df, meta=meta, path=path, sampling=sampling, requests=reqs, **deep)
 
-
-def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
-    """:meth:`Run.summary` of bare frames (``by`` = level: ``block``, ``role``, ``module`` or None)."""
-    from .accounting import summary
-
-    return summary(calls, steps, level=by)
