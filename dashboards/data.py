@@ -26,6 +26,7 @@ from probe.store.files import MAX_META_BYTES, META, read_regular
 from probe.store.folders import rank_dirs
 from probe.errors import MANIFEST
 from probe.store.outdir import COMPARE_META
+from probe.columns import ranked
 
 from .discovery import (  # noqa: F401  (the runs folder's listing: part of this module's API)
     COMPARE_HTML, COMPARE_SIG, MAX_SCAN_DEPTH, SWEEP_RUNS, Found, discover, keep_selection, newest)
@@ -351,7 +352,8 @@ def block_memory(calls: pd.DataFrame) -> pd.DataFrame:
     }).reset_index()
     order = {r: i for i, r in enumerate(schema.ROLES)}
     porder = {p: i for i, p in enumerate(schema.PHASES)}
-    out = out.assign(_r=out["role"].map(order).fillna(99), _p=out["phase"].map(porder).fillna(99))
+    out = out.assign(_r=ranked(out["role"], order, 99),
+                     _p=ranked(out["phase"], porder, 99))
     return out.sort_values(["_p", "_r"], kind="stable").drop(columns=["_r", "_p"]).reset_index(drop=True)[cols]
 
 

@@ -73,6 +73,32 @@ def text_codes(s: pd.Series, *, na_sentinel: bool = True) -> tuple[np.ndarray, p
     return codes, pd.Index(np.asarray(uniq, dtype=object), dtype="string")
 
 
+def ranked(s: pd.Series, order: dict, missing: float = np.nan) -> pd.Series:
+    """Each value's place in ``order`` (a dict of value -> rank), ``missing`` where it has none, as
+    float64 whatever ``s``'s dtype: on pandas 2 mapping a categorical maps its categories and keeps
+    the categorical dtype, which a fill with a new value then refuses."""
+    return s.astype(object).map(order).astype("float64").fillna(missing)
+
+
+def concat_rows(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """``pd.concat(frames, ignore_index=True)`` with each column's dtype taken from the frames
+    that hold values in it: a column all null in one frame (figures a part lacks) does not turn
+    the others' floats into objects. pandas 2 does this while warning that it will stop; this
+    does it on every version, and keeps the columns (in order) even where every frame is null."""
+    frames = [f for f in frames if len(f.columns)]
+    if not frames:
+        return pd.DataFrame()
+    cols = list(dict.fromkeys(c for f in frames for c in f.columns))
+    kept = [f.dropna(axis=1, how="all") if len(f) else f.iloc[:, :0] for f in frames]
+    out = pd.concat(kept, ignore_index=True)
+    out = out.reindex(range(sum(len(f) for f in frames))) if len(out) != sum(len(f) for f in frames) else out
+    for c in cols:
+        if c not in out.columns:
+            # all null: the first frame's dtype where it has a null (float NaN, string <NA>, ...)
+            out[c] = next(f[c] for f in frames if c in f.columns).iloc[:0].reindex(out.index)
+    return out[cols]
+
+
 def combine(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """``pd.concat`` of frames (rows of several runs or ranks) with each categorical column's
     categories unified first (their union, sorted), so the column stays a categorical."""

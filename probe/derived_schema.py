@@ -290,7 +290,7 @@ FLOPS_RECONCILED: dict[str, str] = {
     "deep_flops": "float64",  # the deep pass: the FLOPs of the ops run inside the call (ops without a formula: 0)
     "cost_flops": "float64",  # the cost model's total (probe.cost.annotate)
     "matrix_flops": "float64",  # of it, the matrix products: linears, routers, experts, attention's two matmuls
-    "diff_flops": "float64",  # deep - matrix
+    "diff_flops": "float64",  # deep - matrix ((step) rows: deep - outside_flops - matrix)
     "diff_pct": "float64",  # of matrix (NaN where the cost model has no matrix products here)
     "verdict": STR,  # "equal", "differs by +x.x %", "deep only" or "not costed"
     "rest_flops": "float64",  # cost - matrix: the elementwise work torch's formulas do not count
@@ -301,7 +301,8 @@ FLOPS_RECONCILED: dict[str, str] = {
     "gating_flops": "float64",
     "rope_flops": "float64",
     "residual_flops": "float64",
-    "gap_flops": "float64",  # cost - deep
+    "outside_flops": "float64",  # ((step) rows) the deep pass's FLOPs outside every block, left out of diff
+    "gap_flops": "float64",  # cost - deep (on (step) rows: of the ops inside the blocks)
     "explained_by": STR,  # the categories of the rest, largest first ("norm 1,024 + rope 768 + ...")
 }
 

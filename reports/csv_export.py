@@ -109,7 +109,9 @@ def read_csv(path: str | os.PathLike, table: Table | None = None) -> pd.DataFram
     sch = TABLES[name]
     # Without keep_default_na=False a module or model literally named "NA" or "None" would
     # read back as null; only empty cells are nulls in this export.
-    df = pd.read_csv(p, dtype=sch, keep_default_na=False, na_values=[""], encoding="utf-8")
+    # round_trip: pandas 2's default float parser can miss the written value by an ulp
+    df = pd.read_csv(p, dtype=sch, keep_default_na=False, na_values=[""], encoding="utf-8",
+                     float_precision="round_trip")
     if name == "roofline":
         return df[list(sch)].astype(sch)
     return schema.conform(df, sch)

@@ -15,6 +15,7 @@ import pandas as pd
 from probe import fmt
 from probe.analysis.op_tree import short_op
 from probe.analysis.ops import DISPATCH, LEDGER_BYTES, OUTSIDE, OP_FIGURES, dispatch_unknown, memory_ledger, op_summary
+from probe.columns import ranked
 
 from .html_page import Page, esc, table_html
 
@@ -51,7 +52,7 @@ def folded(df: pd.DataFrame, cols: list[str], keys: list[str], top: int | None =
             ["phase", "block"], sort=False).cumcount()
         out = out[disp | rank.reindex(out.index).lt(top)]
         order = {b: i for i, b in enumerate(dict.fromkeys(out["block"]))}
-        out = out.assign(_b=out["block"].map(order), _d=disp, _h=-out["host_ms"].fillna(0))
+        out = out.assign(_b=ranked(out["block"], order), _d=disp, _h=-out["host_ms"].fillna(0))
         out = out.sort_values(["_b", "_d", "_h"], kind="stable").drop(columns=["_b", "_d", "_h"])
     return out.reset_index(drop=True)
 

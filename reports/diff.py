@@ -7,6 +7,7 @@ import pandas as pd
 
 from probe import schema
 from probe.schema import DIFF, LEVELS, PHASES
+from probe.columns import ranked
 
 def block_diff(summary_a: pd.DataFrame, summary_b: pd.DataFrame) -> pd.DataFrame:
     """Match two ``Run.summary()`` frames by ``(level, name, phase)`` and put their numbers side by side.
@@ -49,8 +50,8 @@ def block_diff(summary_a: pd.DataFrame, summary_b: pd.DataFrame) -> pd.DataFrame
     a_ms = out["a_ms"].astype("float64")
     out["ratio"] = (out["b_ms"].astype("float64") / a_ms).where(a_ms > 0)
     phase_rank = {p: i for i, p in enumerate(PHASES)}
-    out["_l"] = out["level"].map({v: i for i, v in enumerate(LEVELS)}).fillna(len(LEVELS)).astype("float64")
-    out["_p"] = out["phase"].map(phase_rank).fillna(len(phase_rank)).astype("float64")
+    out["_l"] = ranked(out["level"], {v: i for i, v in enumerate(LEVELS)}, len(LEVELS))
+    out["_p"] = ranked(out["phase"], phase_rank, len(phase_rank))
     out["_s"] = m["_seq_a"].fillna(m["_seq_b"]).to_numpy()
     out["_r"] = out["name"].isin(["(residue)", "(probe)"]).astype("int64")  # a level's remainder rows last
     out = out.sort_values(["_l", "_p", "_r", "_s"], kind="stable").drop(columns=["_l", "_p", "_r", "_s"])

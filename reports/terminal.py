@@ -9,6 +9,7 @@ import json
 from probe import fmt
 from probe.analysis.headline import TOKENS_NOTE, headline_cells
 from probe.roles import BLOCKS as BLOCK_ROLES
+from probe.columns import ranked
 
 from .deep_section import deep_lines
 
@@ -295,7 +296,7 @@ def op_compare_lines(frame, top: int = 15) -> list[str]:
                "changed" + (f"; {top} of them, op kinds that ran differently first:" if len(moved) > top
                             else (":" if len(moved) else ""))]
     # what ran differently first (robust to noise), then the largest moves in time
-    kind = moved["change"].map({"only in A": 0, "only in B": 0, "calls": 1}).fillna(2)
+    kind = ranked(moved["change"], {"only in A": 0, "only in B": 0, "calls": 1}, 2)
     moved = moved.assign(_k=kind, _m=-moved["diff_ms"].abs().fillna(moved[["a_ms", "b_ms"]].max(axis=1)))
     for r in moved.sort_values(["_k", "_m"], kind="stable").head(top).itertuples():
         calls = "" if fmt.is_missing(r.a_calls) or fmt.is_missing(r.b_calls) or r.a_calls == r.b_calls \

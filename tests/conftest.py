@@ -19,9 +19,9 @@ os.environ.setdefault("PROBE_DASHBOARD_ROOT", os.sep)
 
 
 #: test modules whose behaviour depends on the installed transformers (generate's loop, its
-#: caches, processors, continuous batching, model classes and configs, GGUF loading): CI runs
-#: them again on the declared floor (`pytest -m transformers`); the rest (reports, dashboard,
-#: store, layout, CLI output) read runs and run once, on the newest release.
+#: caches, processors, continuous batching, model classes and configs, GGUF loading): the quick
+#: check of a transformers version is `pytest -m transformers`; CI runs the whole suite on the
+#: newest releases and again on the declared floors (transformers and pandas).
 TRANSFORMERS_DEPENDENT = frozenset({
     "test_capture", "test_compat", "test_cost", "test_distributed", "test_first_hour", "test_generation_modes", "test_hook_time",
     "test_lifecycle", "test_models", "test_offload", "test_profile", "test_reliability", "test_robustness",

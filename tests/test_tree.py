@@ -314,7 +314,7 @@ def test_each_wrapper_counts_exactly_the_calls_inside_and_the_tree_follows_the_c
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     calls = p.run.calls
     assert calls["descendants"].notna().all()
-    for (_, step), c in calls.groupby(["run_id", "step"]):
+    for (_, step), c in calls.groupby(["run_id", "step"], observed=True):
         names = list(c["module"])
         assert len(set(names)) == len(names)  # once per forward
         for name, desc in zip(names, c["descendants"]):

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
-from ..columns import text_codes
+from ..columns import ranked, text_codes
 from . import memo, tree
 from ..schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
 
@@ -79,7 +79,7 @@ class Phases:
 
     def clock(self, phase: pd.Series, host: pd.Series, gpu: pd.Series) -> pd.Series:
         """``gpu`` where the row's phase is on the CUDA clock, else ``host``."""
-        use = phase.map(self.on_gpu).fillna(False).astype(bool).to_numpy()
+        use = phase.astype(object).map(self.on_gpu).fillna(False).astype(bool).to_numpy()
         return pd.Series(np.where(use, gpu.to_numpy(dtype="float64", na_value=np.nan),
                                   host.to_numpy(dtype="float64", na_value=np.nan)), index=host.index)
 
@@ -260,9 +260,9 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     out["share"] = ph.share(out["phase"], out["self_ms"], out["gpu_self_ms"])
     out["level"] = level
     if level == "block":
-        out["_o"] = out["name"].map({b: i for i, b in enumerate(BLOCK_ORDER)}).fillna(len(BLOCK_ORDER))
+        out["_o"] = ranked(out["name"], {b: i for i, b in enumerate(BLOCK_ORDER)}, len(BLOCK_ORDER))
     elif level == "role":
-        out["_o"] = out["role"].map({r: i for i, r in enumerate(ROLES)}).fillna(len(ROLES))
+        out["_o"] = ranked(out["role"], {r: i for i, r in enumerate(ROLES)}, len(ROLES))
     else:
         out["_o"] = 0
     return out
@@ -311,10 +311,13 @@ def _summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = Non
         body = _level(ph, lv)
         extra = pd.DataFrame(ph.extra_rows(lv))
         extra["_o"] = 10_000 + np.arange(len(extra))
-        parts.append(pd.concat([body, extra], ignore_index=True))
-    out = pd.concat(parts, ignore_index=True)
-    out["_l"] = out["level"].map({v: i for i, v in enumerate(LEVELS)})
-    out["_p"] = out["phase"].map({p: i for i, p in enumerate(PHASES)}).fillna(len(PHASES))
+        parts.append(body)
+        parts.append(extra)
+    # columns all null in a part (the extra rows' figures, GPU columns on CPU) are left out of the
+    # concatenation, as pandas 2 does while it warns that it will stop; conform puts them back
+    out = pd.concat([p.dropna(axis=1, how="all") for p in parts if len(p)], ignore_index=True)
+    out["_l"] = ranked(out["level"], {v: i for i, v in enumerate(LEVELS)})
+    out["_p"] = ranked(out["phase"], {p: i for i, p in enumerate(PHASES)}, len(PHASES))
     out = out.sort_values(["_l", "_p", "_o"], kind="stable").drop(columns=["_l", "_p", "_o"])
     return schema.conform(out, SUMMARY, extra=False)
 
@@ -418,12 +421,12 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
     out["node"] = [paths[k] for k in gnode]
     out["mean_ms"] = out["total_ms"] / out["calls"].where(out["calls"] > 0)
     out["share"] = ph.share(out["phase"], out["self_ms"], out["gpu_self_ms"])
-    out["_p"] = out["phase"].map({p: i for i, p in enumerate(PHASES)}).fillna(len(PHASES))
+    out["_p"] = ranked(out["phase"], {p: i for i, p in enumerate(PHASES)}, len(PHASES))
     out = out.sort_values(["_p", "first"], kind="stable")
     extra = pd.DataFrame(ph.extra_rows("tree"))
     if len(extra):
         extra = extra.rename(columns={"name": "node"}).assign(module=extra["name"], depth=1, parent_node=None)
-        extra["_p"] = extra["phase"].map({p: i for i, p in enumerate(PHASES)}).fillna(len(PHASES))
+        extra["_p"] = ranked(extra["phase"], {p: i for i, p in enumerate(PHASES)}, len(PHASES))
         out = pd.concat([out, extra], ignore_index=True).sort_values(["_p"], kind="stable")
     out = out.drop(columns=["_p", "first", "level"], errors="ignore")
     return pd.DataFrame({k: out[k].astype(v) if k in out else pd.Series([None] * len(out), dtype=v)

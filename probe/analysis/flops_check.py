@@ -176,16 +176,23 @@ def _step_rows(ledger: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     if blocks.empty:
         return pd.DataFrame()
     sums = blocks.groupby(["run_id", "step"], sort=False)[
-        ["cost_flops", *(f"{c}_flops" for c in FLOP_CATEGORIES)]].sum(min_count=1)
+        ["cost_flops", "deep_flops", *(f"{c}_flops" for c in FLOP_CATEGORIES)]].sum(min_count=1)
+    sums = sums.rename(columns={"deep_flops": "_blocks"})
     head = ledger[ledger["module"].isna()].set_index(["run_id", "step"])
     out = sums.join(head[["phase", "q_len", "kv_len", "flops"]], how="inner").reset_index()
     out["deep_flops"] = out.pop("flops").to_numpy(dtype="float64", na_value=np.nan)
+    # ops of the forward outside every block (transformers 4.x's rotary frequencies are a matmul
+    # of the positions, run before the first layer): the deep pass's alone, kept apart
+    out["outside_flops"] = out["deep_flops"] - out.pop("_blocks").fillna(0.0)
     return out.assign(module=STEP, role=None)
 
 
 def _verdicts(out: pd.DataFrame) -> pd.DataFrame:
     """The difference to the matrix products, its verdict, and the gap's categories."""
     deep, matrix, cost = (out[c].to_numpy(dtype="float64") for c in ("deep_flops", "matrix_flops", "cost_flops"))
+    outside = (out["outside_flops"].to_numpy(dtype="float64", na_value=np.nan) if "outside_flops" in out
+               else np.full(len(out), np.nan))
+    deep = deep - np.nan_to_num(outside)  # compared: what ran inside the blocks the cost model costs
     out["diff_flops"] = deep - matrix
     with np.errstate(divide="ignore", invalid="ignore"):
         pct = np.where(matrix > 0, 100.0 * (deep - matrix) / matrix, np.nan)
@@ -206,4 +213,6 @@ def _verdicts(out: pd.DataFrame) -> pd.DataFrame:
     cats = out[[f"{c}_flops" for c in _CATS]].to_numpy(dtype="float64")
     out["explained_by"] = [" + ".join(f"{_CATS[j]} {v:,.0f}" for j, v in sorted(
         ((j, v) for j, v in enumerate(r) if v > 0), key=lambda t: -t[1])) for r in cats]
+    out["explained_by"] = [e + (f"; outside the blocks (deep only) {o:,.0f}" if o == o and o > 0 else "")
+                           for e, o in zip(out["explained_by"], outside)]
     return out

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
+from ..columns import ranked
 from ..derived_schema import OP_DIFF
 from .ops import DISPATCH
 
@@ -63,7 +64,7 @@ def op_comparison(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
         ["only in A", "only in B", "calls", "slower", "faster"], default="")
     out["change"] = change
     order_b = {k: i for i, k in enumerate(dict.fromkeys([*zip(a["phase"], a["block"]), *zip(b["phase"], b["block"])]))}
-    out["_p"] = out["phase"].map({"prefill": 0, "decode": 1}).fillna(2)
+    out["_p"] = ranked(out["phase"], {"prefill": 0, "decode": 1}, 2)
     out["_b"] = [order_b.get(k, len(order_b)) for k in zip(out["phase"], out["block"])]
     out["_d"] = out["op"].eq(DISPATCH)
     out["_t"] = -out[["a_ms", "b_ms"]].max(axis=1).fillna(0)

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
+from ..columns import concat_rows
 from ..derived_schema import TREE
 from .accounting import PROBE, RESIDUE, SEP
 from .ops import DISPATCH
@@ -114,7 +115,7 @@ def _phase(t: pd.DataFrame, ops: pd.DataFrame) -> pd.DataFrame:
         out.append(t.iloc[[i]])
         if str(node) in children:
             out.append(pd.DataFrame(children[str(node)]))
-    return pd.concat(out, ignore_index=True)
+    return concat_rows(out)
 
 
 def _row(parent: pd.Series, op: str, calls: int, ms: float, total: float, role: str) -> dict:

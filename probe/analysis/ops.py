@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
+from ..columns import ranked
 from ..schema import MEMORY_LEDGER, OP_SUMMARY
 
 OUTSIDE = "(outside blocks)"
@@ -78,7 +79,7 @@ def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None
     with np.errstate(divide="ignore", invalid="ignore"):  # a block whose ops took no measurable time
         rows["share"] = rows["host_ms"].to_numpy(dtype="float64") / np.asarray(denom, dtype="float64")
     order = {b: i for i, b in enumerate(ops.drop_duplicates("block")["block"])}
-    rows["_b"] = rows["block"].map(order)
+    rows["_b"] = ranked(rows["block"], order)
     rows["_d"] = rows["op"].eq(DISPATCH)
     rows = rows.sort_values(["phase", "_b", "_d", "host_ms"], ascending=[False, True, True, False], kind="stable")
     if top is not None:
@@ -139,6 +140,6 @@ def memory_ledger(ledger: pd.DataFrame, ops: pd.DataFrame, tied: dict | None = N
         steps=("step", "size"), **{c: (c, "mean") for c in cols}).reset_index()
     out["shared_weights_bytes"] = [float((tied or {}).get(b, {}).get("bytes", 0)) for b in out["block"]]
     order = {b: i for i, b in enumerate([STEP, *blocks])}
-    out = out.sort_values(["phase", "block"], key=lambda s: s.map(order) if s.name == "block" else s,
+    out = out.sort_values(["phase", "block"], key=lambda s: ranked(s, order) if s.name == "block" else s,
                           ascending=[False, True], kind="stable")
     return schema.conform(out, MEMORY_LEDGER, extra=False)

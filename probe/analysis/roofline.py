@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from .. import fmt, schema
+from ..columns import ranked
 from .hardware import Peaks
 from ..recording.noise import BUSY_THRESHOLD_PCT
 from ..schema import BLOCK_ROLES, BOUND_SUMMARY, PHASES, ROOFLINE
@@ -215,8 +216,8 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
         out["peaks"] = peaks.label()
     order = {p: i for i, p in enumerate(PHASES)}
     role_order = {r: i for i, r in enumerate(BLOCK_ROLES)}
-    out["_p"] = out["phase"].map(order).fillna(99)
-    out["_r"] = out["role"].map(role_order).fillna(50).where(out["module"] != "(forward)", 98)
+    out["_p"] = ranked(out["phase"], order, 99)
+    out["_r"] = ranked(out["role"], role_order, 50).where(out["module"] != "(forward)", 98)
     out = out.sort_values(["_p", "_r"], kind="stable")
     return _conform(out)
 

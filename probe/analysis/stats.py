@@ -40,6 +40,7 @@ from .comparison import (  # noqa: F401  (re-exported: the comparison's public n
 )
 from .samples import OUTSIDE, generate_ids, metric_samples, per_step, recorded, step_samples  # noqa: F401
 from .. import schema
+from ..columns import ranked
 from ..schema import HEADLINE_SPREAD, PHASES, SPREAD, Level
 
 SPREAD_METRICS = ("ttft_ms", "tpot_ms_p50", "tpot_ms_mean", "prefill_tok_s", "decode_tok_s", "total_ms")
@@ -90,7 +91,7 @@ def block_spread(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
     g = tot.groupby(["level", "name", "phase"], sort=False, observed=True)["total_ms"]
     out = _spread_stats(g).join(first).reset_index()
     order = {p: i for i, p in enumerate(PHASES)}
-    out["_p"] = out["phase"].map(order).fillna(len(order))
+    out["_p"] = ranked(out["phase"], order, len(order))
     out = out.sort_values(["_p", "_seq"], kind="stable")
     return out[list(SPREAD)].astype(SPREAD).reset_index(drop=True)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from probe.reports.terminal import compare_lines, noise_lines, op_compare_lines, significance_lines
 
 from ..store.files import write_text
+from ..columns import ranked
 from .common import CLIError, check_out, load_run, missing
 
 
@@ -70,7 +71,7 @@ def main(args) -> int:
     print(f"\nFAIL: B is slower than A by more than {pct:g}% (95% interval above 0, rank test p < 0.05 after "
           f"Holm's correction for the {judged}):")
     order = {"metric": 0, "module": 1, "role": 2, "block": 3}
-    failed = failed.assign(_o=failed["level"].map(order)).sort_values(["_o", "slowdown_pct"], ascending=[True, False])
+    failed = failed.assign(_o=ranked(failed["level"], order)).sort_values(["_o", "slowdown_pct"], ascending=[True, False])
     for _, row in failed.iterrows():
         where = ", ".join(x for x in (str(row["phase"]), "" if row["level"] == "metric" else str(row["level"])) if x)
         print(f"  {row['name']}{f' ({where})' if where else ''}: {row['slowdown_pct']:+.1f}% "

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
+from ..columns import ranked
 from ..schema import SAMPLING
 
 _NS = 1e-6  # ns -> ms
@@ -142,7 +143,7 @@ def stage_summary(sampling: pd.DataFrame, steps: pd.DataFrame | None = None) -> 
         latency = timed.groupby("phase", sort=False)["latency_ms"].sum()
         out["step_share"] = out["total_ms"] / out["phase"].map(latency).astype("float64")
     rank = {p: i for i, p in enumerate(schema.PHASES)}
-    out["_p"] = out["phase"].map(rank).fillna(len(rank))
+    out["_p"] = ranked(out["phase"], rank, len(rank))
     out["_r"] = out["stage"].eq(REMAINDER)  # the remainder last even where orders differ by run
     out = out.sort_values(["_p", "_r", "order"], kind="stable").drop(columns=["_p", "_r"])
     return out[list(cols)].astype(cols).reset_index(drop=True)
