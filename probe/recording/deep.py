@@ -24,6 +24,7 @@ import torch
 
 from ..schema import ALLOCATIONS, LEDGER, OPS, STR
 from .cache import cache_tensors, find_cache
+from .deep_calls import calibrate
 from .deep_ops import OpMode, StepLog, parameter_bytes, storage_bytes
 from . import attnfn
 from .discovery import select_modules
@@ -113,6 +114,7 @@ class DeepObserver(Observer):
         self.runs: list[str] = []  # the deep runs' ids
         self.steps: list[tuple] = []  # per sampled step: (run_id, step, phase, q_len, kv_len, StepLog, kv allocs)
         self.sigs: dict = {}  # the ops' signatures, shared by the steps (see StepLog)
+        self.call_ns: dict = {}  # per op overload, what calling it from the dispatch mode adds (see StepLog)
         self._run: RunRec | None = None
         self._chosen: frozenset[int] = frozenset()
         self._open: tuple | None = None  # (step, log, mode, hook handles, attention functions replaced)
@@ -151,7 +153,7 @@ class DeepObserver(Observer):
             return
         from torch.nn.modules import module as nn_module
 
-        steplog = StepLog(self.codes, self.blocks, self.sigs)
+        steplog = StepLog(self.codes, self.blocks, self.sigs, self.call_ns)
         handles, replaced = [], []
         try:
             handles.append(nn_module.register_module_forward_pre_hook(steplog.enter))
@@ -216,6 +218,11 @@ class DeepObserver(Observer):
             except Exception:  # an exotic cache: the ledger then has no KV part
                 log.debug("probe: could not read the cache of a deep step", exc_info=True)
         kv = steplog.close(held)
+        try:  # the overloads first seen on this step: what calling each from Python adds
+            calibrate(mode.samples, self.call_ns)
+        except Exception:  # their op times keep the step's floor
+            log.debug("probe: could not calibrate the op call costs of a deep step", exc_info=True)
+        mode.samples = {}
         self.steps.append((step.run.run_id, step.index, step.phase, step.q_len, step.kv_len, steplog, frozenset(kv)))
 
     def busy(self) -> bool:
@@ -228,7 +235,8 @@ class DeepObserver(Observer):
     def records(self) -> Any:
         return {"runs": tuple(self.runs), "steps": tuple(self.steps), "weights": dict(self.weights),
                 "labels": list(self.labels),
-                "plan": self.plan.describe(), "sigs": dict(self.sigs)}
+                "plan": self.plan.describe(), "sigs": dict(self.sigs),
+                "call_us": {str(f): ns / 1e3 for f, ns in self.call_ns.items()}}
 
     @classmethod
     def frames(cls, records: Any, *, calls: Any, steps: Any, runs: Any, rank: int) -> Contribution:
@@ -245,9 +253,12 @@ class DeepObserver(Observer):
                          "bytes_estimated": "ops.bytes_read_est / bytes_written_est: from the unique storages "
                                             "of each op's inputs and outputs",
                          "op_floor_us": _median([s[5].floor_ns() for s in records["steps"]]) / 1e3,
-                         "op_times": "each op alone: what timing it from the dispatch mode adds (aten.alias timed "
-                                     "the same way on the step, median op_floor_us) is taken out and left to "
-                                     "dispatch and Python",
+                         "op_call_us": dict(records.get("call_us", {})),
+                         "op_times": "each op's dispatcher time: what calling it from the dispatch mode adds "
+                                     "(converting its arguments and outputs, measured per overload against "
+                                     "PyTorch's RecordFunction: op_call_us; else aten.alias timed the same way "
+                                     "on the step, median op_floor_us) is taken out and left to dispatch and "
+                                     "Python",
                          "torch_version": torch.__version__}}
         return Contribution(runs=pd.DataFrame(row), built=built, meta=meta, untimed=frozenset(ids))
 
