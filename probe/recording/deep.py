@@ -219,7 +219,8 @@ class DeepObserver(Observer):
                 log.debug("probe: could not read the cache of a deep step", exc_info=True)
         kv = steplog.close(held)
         try:  # the overloads first seen on this step: what calling each from Python adds
-            calibrate(mode.samples, self.call_ns)
+            scratch = StepLog(self.codes, self.blocks, dict(self.sigs))  # the step's bookkeeping, kept apart
+            calibrate(mode.samples, self.call_ns, between=lambda f, a, k, out: scratch.op(f, a, k, out, 0))
         except Exception:  # their op times keep the step's floor
             log.debug("probe: could not calibrate the op call costs of a deep step", exc_info=True)
         mode.samples = {}

@@ -10,12 +10,16 @@ them: a ``view`` spends about as long in them as in its kernel.
 
 :func:`calibrate` measures them per overload, once per probe, on each overload's first call of a
 sampled step, once the step is over: the call is replayed ``repeats`` times from Python exactly
-as the mode makes it (the mode's clock), the overloads in turn as a forward calls them, then as
-often under PyTorch's ``RecordFunction`` profiler (``torch.autograd.profiler_legacy``: the
-dispatcher's clock); the difference of the least times is what the mode's clock holds beyond the
-dispatcher's. The profiler's own cost of each event nested inside the op (an ``aten::mean``
-calls ``sum`` and ``div_``) is in the dispatcher's time there; it is measured on ``aten.alias``
-and taken out.
+as the mode makes it, the overloads in turn as a forward calls them, each followed by the
+probe's bookkeeping as on the step (the mode's clock), then as often under PyTorch's
+``RecordFunction`` profiler without the bookkeeping (``torch.autograd.profiler_legacy``: the
+dispatcher's clock); the difference of the least times is what the mode's clock holds beyond
+the dispatcher's. That is the conversions, and what the bookkeeping between ops costs the next
+op (the dispatcher's and the kernel's code and tables pushed out of the CPU's caches: 0.5 us
+for a view, several for a kernel that dispatches to others, such as ``mean``) - time the op
+would not take in a forward without the probe. The profiler's own cost of each event nested
+inside the op (an ``aten::mean`` calls ``sum`` and ``div_``) is in the dispatcher's time
+there; it is measured on ``aten.alias`` and taken out.
 
 Replays use tensors of one element in each dimension where the op accepts them (the conversions
 do not depend on sizes; the kernel's time, which does, is on both clocks), else the sampled
@@ -32,7 +36,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -121,12 +125,15 @@ def _descendants(e: Any) -> int:
     return sum(1 + _descendants(c) for c in e.cpu_children)
 
 
-def calibrate(samples: dict[Any, tuple], into: dict[Any, int], repeats: int = 25) -> None:
+def calibrate(samples: dict[Any, tuple], into: dict[Any, int], repeats: int = 25,
+              between: Callable[[Any, Any, Any, Any], Any] | None = None) -> None:
     """Per overload of ``samples`` (overload -> templated ``(args, kwargs)``), what the mode's
     clock holds beyond the dispatcher's time, in ns, into ``into`` (see the module doc). The
-    overloads are replayed in turn, as a forward calls them, not each in a loop of its own; of
-    each overload's ``repeats`` calls the least time is kept, by each clock (the least is the
-    call undisturbed by other work on the machine)."""
+    overloads are replayed in turn, as a forward calls them, not each in a loop of its own; on
+    the mode's clock ``between(func, args, kwargs, out)`` runs after each call, as the mode's
+    bookkeeping runs after each op, and not on the dispatcher's. Of each overload's ``repeats``
+    calls the least time is kept, by each clock (the least is the call undisturbed by other work
+    on the machine)."""
     from torch.autograd import profiler_legacy
 
     if not samples or torch.autograd._profiler_enabled():
@@ -135,11 +142,14 @@ def calibrate(samples: dict[Any, tuple], into: dict[Any, int], repeats: int = 25
     unit = torch.zeros(1)
     alias = aten.alias.default._op
 
-    def timed(op: Any, args: Any, kwargs: Any) -> int:
+    def timed(func: Any, op: Any, args: Any, kwargs: Any, after: Any = None) -> int:
         alias(unit)  # as the mode calls it: the dispatch path warm
         t0 = clock()
-        op(*args, **kwargs)
-        return clock() - t0
+        out = op(*args, **kwargs)
+        ns = clock() - t0
+        if after is not None:
+            after(func, args, kwargs, out)
+        return ns
 
     with torch.no_grad():
         calls = []
@@ -149,13 +159,13 @@ def calibrate(samples: dict[Any, tuple], into: dict[Any, int], repeats: int = 25
                 calls.append((func, func._op, *got))
         if not calls:
             return
-        own = [min(t) for t in zip(*([timed(*c[1:]) for c in calls] for _ in range(repeats)))]
-        bare = min(timed(alias, (unit,), {}) for _ in range(repeats))
+        own = [min(t) for t in zip(*([timed(*c, between) for c in calls] for _ in range(repeats)))]
+        bare = min(timed(None, alias, (unit,), {}) for _ in range(repeats))
         with profiler_legacy.profile() as prof:
-            profiled = min(timed(alias, (unit,), {}) for _ in range(repeats))
+            profiled = min(timed(None, alias, (unit,), {}) for _ in range(repeats))
             for _ in range(repeats):
                 for c in calls:
-                    timed(*c[1:])
+                    timed(*c)
     event_ns = max(profiled - bare, 0)  # the profiler's own cost of one event
     top = [e for e in prof.function_events if e.cpu_parent is None]
     first, n = 2 * repeats, len(calls)  # the timed aliases come first, each after its warming one
