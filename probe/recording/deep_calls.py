@@ -94,8 +94,7 @@ def _rebuild(x: Any, budget: list, tiny: bool) -> Any:
         t = x.ref()
         if t is not None:
             return t
-        item = torch.empty((), dtype=x.dtype).element_size()
-        budget[0] -= x.span * item
+        budget[0] -= x.span * x.dtype.itemsize
         if budget[0] < 0:
             raise MemoryError("a rebuilt argument is too large to replay")
         base = torch.zeros(max(x.span, 1), dtype=x.dtype, device=x.device)

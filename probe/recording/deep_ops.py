@@ -300,7 +300,8 @@ class OpMode(TorchDispatchMode):
         self._seen: set = set()  # overloads sampled, calibrated or not replayable
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        call, clock, unit, alias = func._op, time.perf_counter_ns, self.unit, self.alias
+        # the C++ operator itself (an op without one, called as it comes)
+        call, clock, unit, alias = getattr(func, "_op", func), time.perf_counter_ns, self.unit, self.alias
         alias(unit)  # warm the dispatch path (see the class doc)
         if kwargs:
             t0 = clock()
