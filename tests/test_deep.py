@@ -4,6 +4,7 @@ storage of sampled steps, checked against independent instruments on the bundled
 from __future__ import annotations
 
 import functools
+import weakref
 
 import pandas as pd
 import pytest
@@ -13,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 import probe
 from probe.analysis.ops import DISPATCH, memory_ledger
 from probe.recording.deep import DeepPlan, plan_of
+from probe.recording.deep_calls import replayable, template
 from probe.recording.deep_ops import sdpa_cpu_flops
 
 from tiny import tiny_llama
@@ -147,6 +149,50 @@ def test_deep_runs_leave_outputs_unchanged_and_timings_alone(tmp_path):
     from probe.analysis.run import verify
 
     assert verify(saved) == []
+
+
+def _overload(name: str):
+    """``aten.mm.default`` -> ``torch.ops.aten.mm.default``."""
+    _, packet, overload = name.split(".")
+    return getattr(getattr(aten, packet), overload)
+
+
+def test_op_call_costs_are_calibrated_per_overload_and_taken_out():
+    m = _model()
+    with probe.attach(m, deep=[0, 1]) as p:
+        m.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    deep = p.run.meta["deep"]
+    cost = deep["op_call_us"]
+    ops = p.run.ops
+    # every overload of the steps that writes no argument and draws no random numbers was replayed
+    seen = {op for op in ops["op"].unique() if replayable(_overload(op))}
+    assert {"aten.mm.default", "aten.view.default", "aten.mul.Tensor"} <= seen
+    assert set(cost) == seen
+    assert all(v >= 0 for v in cost.values()) and deep["op_floor_us"] > 0
+    assert (ops["host_ms"] >= 0).all() and ops["host_ms"].sum() > 0
+
+
+def test_no_calibration_beside_a_running_profiler():
+    m = _model()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with probe.attach(m, deep=[0]) as p:
+            m.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    # two profilers cannot run at once: nothing replayed, the user's profiler undisturbed
+    assert p.run.meta["deep"]["op_call_us"] == {}
+    assert (p.run.ops["host_ms"] >= 0).all()
+    assert any(e.key == "aten::mm" for e in prof.key_averages())
+
+
+def test_replayed_overloads_and_their_kept_arguments():
+    assert replayable(aten.mm.default) and replayable(aten.view.default)
+    assert not replayable(aten.add_.Tensor)  # writes to an argument
+    assert not replayable(aten.bernoulli.default)  # draws random numbers
+    t = torch.zeros(4, 3)
+    kept = template(((t.t(), [t, 2]), {"x": t}))
+    ref = weakref.ref(t)
+    del t
+    assert ref() is None  # only weak references: the ledger's frees are unchanged
+    assert kept[0][0].size == (3, 4) and kept[0][0].stride == (1, 3)
 
 
 def test_profile_deep_pass_after_the_timed_calls():

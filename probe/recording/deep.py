@@ -24,6 +24,7 @@ import torch
 
 from ..schema import ALLOCATIONS, LEDGER, OPS, STR
 from .cache import cache_tensors, find_cache
+from .deep_calls import calibrate
 from .deep_ops import OpMode, StepLog, parameter_bytes, storage_bytes, tied_weights
 from . import attnfn
 from .discovery import select_modules
@@ -114,6 +115,7 @@ class DeepObserver(Observer):
         self.runs: list[str] = []  # the deep runs' ids
         self.steps: list[tuple] = []  # per sampled step: (run_id, step, phase, q_len, kv_len, StepLog, kv allocs)
         self.sigs: dict = {}  # the ops' signatures, shared by the steps (see StepLog)
+        self.call_ns: dict = {}  # per op overload, what calling it from the dispatch mode adds (see StepLog)
         self._run: RunRec | None = None
         self._chosen: frozenset[int] = frozenset()
         self._open: tuple | None = None  # (step, log, mode, hook handles, attention functions replaced)
@@ -153,7 +155,7 @@ class DeepObserver(Observer):
             return
         from torch.nn.modules import module as nn_module
 
-        steplog = StepLog(self.codes, self.blocks, self.sigs)
+        steplog = StepLog(self.codes, self.blocks, self.sigs, self.call_ns)
         handles, replaced = [], []
         try:
             handles.append(nn_module.register_module_forward_pre_hook(steplog.enter))
@@ -218,6 +220,12 @@ class DeepObserver(Observer):
             except Exception:  # an exotic cache: the ledger then has no KV part
                 log.debug("probe: could not read the cache of a deep step", exc_info=True)
         kv = steplog.close(held)
+        try:  # the overloads first seen on this step: what calling each from Python adds
+            scratch = StepLog(self.codes, self.blocks, dict(self.sigs))  # the step's bookkeeping, kept apart
+            calibrate(mode.samples, self.call_ns, between=lambda f, a, k, out: scratch.op(f, a, k, out, 0))
+        except Exception:  # their op times keep the step's floor
+            log.debug("probe: could not calibrate the op call costs of a deep step", exc_info=True)
+        mode.samples = {}
         self.steps.append((step.run.run_id, step.index, step.phase, step.q_len, step.kv_len, steplog, frozenset(kv)))
 
     def busy(self) -> bool:
@@ -231,7 +239,8 @@ class DeepObserver(Observer):
         return {"runs": tuple(self.runs), "steps": tuple(self.steps), "weights": dict(self.weights),
                 "tied": dict(self.tied),
                 "labels": list(self.labels),
-                "plan": self.plan.describe(), "sigs": dict(self.sigs)}
+                "plan": self.plan.describe(), "sigs": dict(self.sigs),
+                "call_us": {str(f): ns / 1e3 for f, ns in self.call_ns.items()}}
 
     @classmethod
     def frames(cls, records: Any, *, calls: Any, steps: Any, runs: Any, rank: int) -> Contribution:
@@ -251,9 +260,12 @@ class DeepObserver(Observer):
                          "op_floor_us": _median([s[5].floor_ns() for s in records["steps"]]) / 1e3,
                          # ops whose bookkeeping raised: they ran, and are missing from the ops frame
                          "ops_unrecorded": sum(s[5].failed for s in records["steps"]),
-                         "op_times": "each op alone: what timing it from the dispatch mode adds (aten.alias timed "
-                                     "the same way on the step, median op_floor_us) is taken out and left to "
-                                     "dispatch and Python",
+                         "op_call_us": dict(records.get("call_us", {})),
+                         "op_times": "each op's dispatcher time: what calling it from the dispatch mode adds "
+                                     "(converting its arguments and outputs, measured per overload against "
+                                     "PyTorch's RecordFunction: op_call_us; else aten.alias timed the same way "
+                                     "on the step, median op_floor_us) is taken out and left to dispatch and "
+                                     "Python",
                          "torch_version": torch.__version__}}
         return Contribution(runs=pd.DataFrame(row), built=built, meta=meta, untimed=frozenset(ids))
 

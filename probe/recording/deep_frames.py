@@ -56,7 +56,10 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
         a = np.frombuffer(lg.allocs, dtype=np.int64).reshape(-1, len(ALLOC_COLS)) if len(lg.allocs) else \
             np.zeros((0, len(ALLOC_COLS)), dtype=np.int64)
         n, sig = len(o), o[:, 3]
-        ns = np.maximum(o[:, 4] - lg.floor_ns(), 0)  # the op alone (see OpMode)
+        cost = np.zeros(len(sigs), dtype=np.int64)  # per signature: what calling it from Python adds
+        for (func, _, _), (k, _) in sigs.items():
+            cost[k] = lg.call_cost_ns(func)
+        ns = np.maximum(o[:, 4] - cost[sig], 0)  # the op alone (see OpMode)
         head = {"run_id": run_id, "rank": rank, "step": index, "phase": phase, "q_len": q_len, "kv_len": kv_len}
         part = pd.DataFrame({**head, "seq": np.arange(n), "module": names[o[:, 1]], "block": names[o[:, 2]],
                              "op": op_of[sig]})

@@ -8,7 +8,8 @@ belongs to the innermost module call running it, by the order things happened, n
 timestamps. One counter (``tick``) orders ops, module entries and exits and storage frees.
 
 Per op: input and output shapes and dtypes, host time (``perf_counter_ns`` around the op alone;
-the bookkeeping is outside it), FLOPs by PyTorch's own formulas (``torch.utils.flop_counter``)
+the bookkeeping is outside it, what calling it from Python adds is taken out: see :class:`OpMode`
+and :mod:`probe.recording.deep_calls`), FLOPs by PyTorch's own formulas (``torch.utils.flop_counter``)
 plus those it lacks on CPU (:data:`EXTRA_FLOPS`), and bytes read and written *estimated* from the
 unique storages of its inputs and outputs. Per storage an op made (an output on a storage none
 of its inputs had): its bytes, the op, the module, and the tick it was freed at (a weak
@@ -25,6 +26,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .deep_calls import replayable, template
 
 aten = torch.ops.aten
 
@@ -127,10 +130,14 @@ class StepLog:
     an op, so a sampled step costs a small part of what a profiler's events take.
     """
 
-    def __init__(self, codes: dict[int, int], blocks: frozenset[int], sigs: dict | None = None) -> None:
+    def __init__(self, codes: dict[int, int], blocks: frozenset[int], sigs: dict | None = None,
+                 call_ns: dict | None = None) -> None:
         self.codes = codes
         self.blocks = blocks
         self.sigs = sigs if sigs is not None else {}
+        # op overload -> what calling it from the dispatch mode adds (ns, deep_calls.calibrate),
+        # shared by the steps of one probe; an overload without one has the step's floor
+        self.call_ns = call_ns if call_ns is not None else {}
         self.tick = 0
         self.ops = array("q")  # OP_COLS per op
         self.allocs = array("q")  # ALLOC_COLS per storage made
@@ -162,11 +169,17 @@ class StepLog:
         return len(self.ops) // _NA
 
     def floor_ns(self) -> int:
-        """What timing an op from the dispatch mode adds to it on this step (median; 0 unknown)."""
+        """What timing ``aten.alias`` from the dispatch mode takes on this step (median; 0 unknown):
+        what an op whose own call cost is not calibrated loses."""
         if self._floor is not None:
             return self._floor
         f = sorted(self.floor)
         return int(f[len(f) // 2]) if f else 0
+
+    def call_cost_ns(self, func: Any) -> int:
+        """What the dispatch mode's clock holds beyond the dispatcher's time for an op ``func``."""
+        got = self.call_ns.get(func)
+        return got if got is not None else self.floor_ns()
 
     # ---------------------------------------------------------------- module calls (global hooks)
     def enter(self, module: Any, args: Any) -> None:
@@ -296,11 +309,18 @@ class OpMode(TorchDispatchMode):
     """Hands every aten op to a :class:`StepLog`, timed alone; the op's own result is returned
     untouched (the bookkeeping never changes what the model computes).
 
-    Timing an op from Python costs more than the op: its arguments are converted and its
-    output wrapped on the way. Every :data:`FLOOR_EVERY`-th op, the mode also times ``aten.alias`` (a view:
-    no kernel, no allocation) the same way, there and then; the median of those is the step's
-    floor (:meth:`StepLog.floor_ns`), taken out of each op's time when frames are built and left
-    to dispatch and Python.
+    What the two clock reads around an op hold: the op called as PyTorch's C++ operator
+    (``func._op``, not ``OpOverload.__call__``'s Python frame), which converts the Python
+    arguments to the operator's, dispatches below this mode to the kernel, and wraps the outputs
+    as Python objects. torch.profiler's CPU time of an op is the dispatcher's alone. Right before
+    each op the mode calls ``aten.alias`` on a one-element tensor, untimed: the dispatcher's and
+    the conversions' code is then back in the CPU's caches after the probe's own bookkeeping, as
+    it is in a forward without the probe. What the conversions take is measured per overload
+    (:func:`~probe.recording.deep_calls.calibrate`, on the first call of each overload, whose
+    arguments the mode keeps as ``samples``: weak references and sizes) and taken out of each
+    op's time when frames are built, left to dispatch and Python. Every :data:`FLOOR_EVERY`-th op the
+    mode also times ``aten.alias`` the same way: the median of those is the step's floor
+    (:meth:`StepLog.floor_ns`), what an overload that is not replayed loses instead.
     """
 
     #: one op in this many is followed by a timed ``aten.alias`` (the floor's sample)
@@ -311,19 +331,38 @@ class OpMode(TorchDispatchMode):
         self.log = log
         self.n = 0
         self.unit = torch.zeros(1)
+        self.alias = aten.alias.default._op
+        self.samples: dict[Any, tuple] = {}  # overload -> its first call's templated (args, kwargs)
+        self._seen: set = set()  # overloads sampled, calibrated or not replayable
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        t0 = time.perf_counter_ns()
-        out = func(*args, **kwargs)
-        ns = time.perf_counter_ns() - t0
+        # the C++ operator itself (an op without one, called as it comes)
+        call, clock, unit, alias = getattr(func, "_op", func), time.perf_counter_ns, self.unit, self.alias
+        alias(unit)  # warm the dispatch path (see the class doc)
+        if kwargs:
+            t0 = clock()
+            out = call(*args, **kwargs)
+            ns = clock() - t0
+        else:
+            kwargs = {}
+            t0 = clock()
+            out = call(*args)
+            ns = clock() - t0
         try:
             self.log.op(func, args, kwargs, out, ns, t0)
             self.n += 1
             if self.n % self.FLOOR_EVERY == 1:
-                t0 = time.perf_counter_ns()
-                aten.alias.default(self.unit)
-                self.log.floor.append(time.perf_counter_ns() - t0)
+                alias(unit)
+                t1 = clock()
+                alias(unit)
+                self.log.floor.append(clock() - t1)
+            if func not in self._seen:
+                self._seen.add(func)
+                if func not in self.log.call_ns and replayable(func):
+                    try:
+                        self.samples[func] = (template(args), template(kwargs))
+                    except TypeError:  # a tensor subclass or sparse argument: not replayed, the floor
+                        pass
         except Exception:  # the probe's bookkeeping must never cost the user their forward
             self.log.failed += 1
         return out
