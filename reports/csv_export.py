@@ -91,6 +91,12 @@ def write_csv(run: "Run", folder: str | os.PathLike, view: "CostView | None" = N
     return paths
 
 
+#: ``pd.read_csv`` arguments that read each float back as written: pandas 2's default parser can
+#: miss by an ulp (its round-trip parser is exact); pandas 3's default is exact and the argument
+#: deprecated
+EXACT_FLOATS: dict = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+
+
 def read_csv(path: str | os.PathLike, table: Table | None = None) -> pd.DataFrame:
     """Read a CSV written by :func:`write_csv` back with the schema's dtypes.
 
@@ -109,9 +115,7 @@ def read_csv(path: str | os.PathLike, table: Table | None = None) -> pd.DataFram
     sch = TABLES[name]
     # Without keep_default_na=False a module or model literally named "NA" or "None" would
     # read back as null; only empty cells are nulls in this export.
-    # round_trip: pandas 2's default float parser can miss the written value by an ulp
-    df = pd.read_csv(p, dtype=sch, keep_default_na=False, na_values=[""], encoding="utf-8",
-                     float_precision="round_trip")
+    df = pd.read_csv(p, dtype=sch, keep_default_na=False, na_values=[""], encoding="utf-8", **EXACT_FLOATS)
     if name == "roofline":
         return df[list(sch)].astype(sch)
     return schema.conform(df, sch)

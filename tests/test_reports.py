@@ -17,7 +17,7 @@ import probe
 from probe import fmt, schema
 from probe.reports import figures, write_reports
 from probe.reports.compare import comparison_frame, write_comparison
-from probe.reports.csv_export import read_csv, write_csv
+from probe.reports.csv_export import EXACT_FLOATS, read_csv, write_csv
 from probe.reports.html import render_report
 from probe.reports.trace import build_trace
 from tiny import tiny_llama
@@ -284,10 +284,10 @@ def test_csv_round_trip_equals_frames(run, tmp_path):
     pd.testing.assert_frame_equal(read_csv(tmp_path / "runs.csv"), run.runs)
     pd.testing.assert_frame_equal(read_csv(tmp_path / "summary.csv"), run.summary())
     # plain pandas, no helper: shapes are JSON strings, numbers exact
-    plain = pd.read_csv(tmp_path / "calls.csv", float_precision="round_trip")
+    plain = pd.read_csv(tmp_path / "calls.csv", **EXACT_FLOATS)
     assert json.loads(plain["out_shapes"].iloc[0]) == json.loads(run.calls["out_shapes"].iloc[0])
     np.testing.assert_array_equal(plain["cpu_ms"].to_numpy(), run.calls["cpu_ms"].to_numpy())
-    summ = pd.read_csv(tmp_path / "summary.csv", float_precision="round_trip")
+    summ = pd.read_csv(tmp_path / "summary.csv", **EXACT_FLOATS)
     assert list(summ.columns) == list(schema.SUMMARY)
     assert set(summ["level"]) == {"block", "role", "module"} and "(residue)" in set(summ["name"])
     assert summ.groupby(["level", "phase"])["share"].sum().round(9).eq(1.0).all()
@@ -380,7 +380,7 @@ def test_compare_numbers_are_each_runs_own_summary(attn_runs, tmp_path):
     a, b = attn_runs
     assert a.runs["attn_implementation"].iloc[0] == "eager" and b.runs["attn_implementation"].iloc[0] == "sdpa"
     html_path, csv_path, sig_path, meta_path = write_comparison(a, b, tmp_path / "cmp")
-    got = pd.read_csv(csv_path, keep_default_na=False, na_values=[""], float_precision="round_trip")
+    got = pd.read_csv(csv_path, keep_default_na=False, na_values=[""], **EXACT_FLOATS)
     assert list(got.columns) == ["level", "name", "role", "phase", "a_calls", "b_calls", "a_ms", "b_ms", "diff_ms",
                                  "ratio", "a_mean_ms", "b_mean_ms", "a_total_ms", "b_total_ms", "a_share", "b_share"]
     for level in ("block", "role", "module"):
@@ -480,7 +480,7 @@ def test_cli_run_writes_report_and_compare_matches_bundled_runs(tmp_path):
         dirs.append(d)
     assert main(["compare", str(dirs[0]), str(dirs[1]), "--out", str(tmp_path / "cmp")]) == 0
     got = pd.read_csv(tmp_path / "cmp" / "compare.csv", keep_default_na=False, na_values=[""],
-                      float_precision="round_trip")
+                      **EXACT_FLOATS)
     roles = got[got["level"] == "role"].set_index(["name", "phase"])
     for side, d in zip("ab", dirs):
         own = probe.load(d).summary("role").set_index(["name", "phase"])
