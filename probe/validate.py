@@ -76,7 +76,8 @@ def check_frame(data: bytes, key: str, f: Path, columns: tuple[str, ...] | None 
 
     sch = schema.FRAMES[key]
     if columns is not None:
-        sch = {c: t for c, t in sch.items() if c in set(columns)}
+        sch = sch.narrowed(columns) if isinstance(sch, schema.Schema) else {c: t for c, t in sch.items()
+                                                                           if c in set(columns)}
     try:
         # text columns read as dictionaries: parquet stores them so, and their few distinct values
         # are checked once each; categorical ones stay dictionaries into pandas (to_frame)
@@ -169,12 +170,17 @@ def to_frame(table, sch: dict[str, str]) -> pd.DataFrame:
     if isinstance(table, list):
         table = table.pop()
     n = table.num_rows
+    names = table.column_names
+    # columns absent when all null are left out (an older run saved them as nulls)
+    gone = {c for c in schema.absent_when_null(sch) if c not in names or table.column(c).null_count == n}
+    if gone:
+        sch = sch.narrowed(c for c in sch if c not in gone)
     cols, fields, arr = [], [], None
     for col, dtype in sch.items():
         t = getattr(pa, _ARROW[dtype])()
         if dtype == schema.CAT:  # kept a dictionary: pandas makes a categorical of it (conform sorts it)
             t = pa.dictionary(pa.int32(), t)
-        if col in table.column_names:
+        if col in names:
             arr = table.column(col)
             if pa.types.is_dictionary(arr.type) and dtype != schema.STR and dtype != schema.CAT:
                 arr = arr.cast(arr.type.value_type)  # not as parquet writes them
@@ -190,7 +196,7 @@ def to_frame(table, sch: dict[str, str]) -> pd.DataFrame:
         else:
             cols.append(pa.nulls(n, t))
         fields.append(pa.field(col, t))
-    extras = [c for c in table.column_names if c not in sch]
+    extras = [c for c in names if c not in sch and c not in gone]
     for col in extras:
         cols.append(table.column(col))
         fields.append(pa.field(col, table.column(col).type))

@@ -205,7 +205,7 @@ def test_runs_saved_without_the_tree_get_it_on_load(tmp_path):
     with probe.attach(model, depth="all") as p:
         model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
     path = p.run.save(tmp_path / "run")
-    calls = pd.read_parquet(path / "calls.parquet").drop(columns=list(tree.TREE_COLUMNS))
+    calls = pd.read_parquet(path / "calls.parquet").drop(columns=list(tree.TREE_COLUMNS), errors="ignore")
     calls.to_parquet(path / "calls.parquet", index=False)
     steps = pd.read_parquet(path / "steps.parquet").drop(columns=["residue_ms", "gpu_residue_ms"])
     steps.to_parquet(path / "steps.parquet", index=False)
@@ -283,7 +283,7 @@ def test_the_cuda_clock_adds_up_the_same_way():
     (The frames are given CUDA columns by arithmetic on a CPU recording: the accounting only
     reads the columns.)"""
     run = _record("llama", "all")
-    calls = run.calls.assign(gpu_ms=run.calls["cpu_ms"] * 0.5).drop(columns=list(tree.TREE_COLUMNS))
+    calls = run.calls.assign(gpu_ms=run.calls["cpu_ms"] * 0.5).drop(columns=list(tree.TREE_COLUMNS), errors="ignore")
     steps = run.steps.assign(gpu_ms=run.steps["forward_ms"] * 0.75)
     calls, steps = tree.annotate(calls, steps)
     per_step = calls.groupby("step")["gpu_self_ms"].sum().reindex(steps["step"]).to_numpy()

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
-from ..columns import text_codes
+from ..columns import floats, text_codes
 from . import memo, tree
 from ..schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
 
@@ -226,7 +226,7 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     up = np.maximum(prow, 0)
     root = own & ~((prow >= 0) & (kcodes[up] == kcodes) & own[up])
     cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
-    gpu = c["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
+    gpu = floats(c, "gpu_ms")
     gk = kcodes.astype(np.int64) * n_phase + pcodes
     slot, keys = pd.factorize(gk)  # output rows in the order they were first called
     m = len(keys)
@@ -248,7 +248,7 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
         "total_ms": agg(np.where(root, cpu, 0.0)),
         "self_ms": agg(c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
         "gpu_total_ms": agg(np.where(root, gpu, np.nan), 1),
-        "gpu_self_ms": agg(c["gpu_self_ms"].to_numpy(dtype="float64", na_value=np.nan), 1),
+        "gpu_self_ms": agg(floats(c, "gpu_self_ms"), 1),
         "mean_out_bytes": agg(ob) / np.where(ob_n > 0, ob_n, np.nan),
     })
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -383,7 +383,7 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
         keep = node[anc]
     shown = lv < depth if depth is not None else np.ones(n, bool)
     cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
-    gpu = c["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
+    gpu = floats(c, "gpu_ms")
     # one group per (phase, node), aggregated on integer codes
     pcodes, puniq = text_codes(c["phase"], na_sentinel=False)
     slot, gkeys = pd.factorize(pcodes.astype(np.int64) * max(len(paths), 1) + keep)
@@ -401,7 +401,7 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
         "total_ms": group_sum(slot, m, np.where(shown, cpu, 0.0)),
         "self_ms": group_sum(slot, m, c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
         "gpu_total_ms": group_sum(slot, m, np.where(shown, gpu, np.nan), 1),
-        "gpu_self_ms": group_sum(slot, m, c["gpu_self_ms"].to_numpy(dtype="float64", na_value=np.nan), 1),
+        "gpu_self_ms": group_sum(slot, m, floats(c, "gpu_self_ms"), 1),
         "first": first,
     })
     row = np.where(first < n, first, first - n)

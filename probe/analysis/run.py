@@ -94,7 +94,7 @@ class Run:
         from .accounting import summary
 
         level = level if level is not None else by
-        need(self.calls, "summary()")
+        need(self.calls, "summary()", self.part)
         return self._memo(("summary", level), lambda: summary(self.calls, self.steps, level=level))
 
     def tree(self, depth: int | None = None) -> pd.DataFrame:
@@ -102,7 +102,7 @@ class Run:
         (:func:`probe.accounting.tree_table`)."""
         from .accounting import tree_table
 
-        need(self.calls, "tree()")
+        need(self.calls, "tree()", self.part)
         return self._memo(("tree", depth), lambda: tree_table(self.calls, self.steps, depth=depth))
 
     def spread(self, level: Level = "block") -> pd.DataFrame:
@@ -256,7 +256,10 @@ class Run:
             if key in ("ops", "ledger", "allocations") and getattr(self, key).empty:
                 continue  # written only for a run with a deep pass
             buf = io.BytesIO()
-            getattr(self, key).to_parquet(buf, index=False)
+            frame = getattr(self, key)
+            if key == "calls":  # columns all null here (CUDA ones on a CPU run) are not written
+                frame = schema.conform(frame, CALLS)
+            frame.to_parquet(buf, index=False)
             blobs[name] = buf.getvalue()
         meta = dict(self.meta)
         meta["files"] = {k: v for k, v in FILES.items() if v in blobs}

@@ -52,7 +52,7 @@ def per_step(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level
         col = "gpu_self_ms" if clock == "gpu" else "self_ms"
         parts.append(pd.DataFrame({"name": labels(c, level), "phase": c["phase"].to_numpy(), "run_id": c["run_id"].to_numpy(),
                                    "step": c["step"].to_numpy(),
-                                   "ms": c[col].to_numpy(dtype="float64", na_value=np.nan)}))
+                                   "ms": schema.floats(c, col)}))
     rec = st[st["residue_ms"].notna()]
     extra = [(RESIDUE, "gpu_residue_ms" if clock == "gpu" else "residue_ms")]
     if clock == "host" and "probe_ms" in rec.columns and rec["probe_ms"].notna().any():
@@ -67,7 +67,7 @@ def per_step(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level
     return pd.concat(parts, ignore_index=True)[list(cols)].astype(cols)
 
 def clock_of(run_calls: list[pd.DataFrame]) -> str:
-    return "gpu" if all(len(c) and c["gpu_ms"].notna().all() for c in run_calls) else "host"
+    return "gpu" if all(len(c) and not np.isnan(schema.floats(c, "gpu_ms")).any() for c in run_calls) else "host"
 
 
 def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: Level = "block",
@@ -93,7 +93,7 @@ def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
         lut = np.array([names.setdefault(str(v), len(names)) for v in lnames] + [-1], dtype=np.int64)
         parts.append((lut[lcodes], codes(None, phases, factorized(c, "phase")),
                       codes(None, ids, factorized(c, "run_id")),
-                      c["step"].to_numpy(dtype="int64"), c[col].to_numpy(dtype="float64", na_value=np.nan)))
+                      c["step"].to_numpy(dtype="int64"), schema.floats(c, col)))
     rec = st[st["residue_ms"].notna()]
     extra = [(RESIDUE, "gpu_residue_ms" if clock == "gpu" else "residue_ms", rec)]
     if clock == "host" and "probe_ms" in rec.columns and rec["probe_ms"].notna().any():
