@@ -16,7 +16,7 @@ from probe.schema import Phase, floats as column_floats
 
 from .diff import block_diff
 from .figure_base import (HEIGHT, PHASE_COLORS, RUN_COLORS, TEMPLATE, base_figure, bin_index, empty_figure, floats,
-                          phases_in, plot_text)
+                          phases_in, plot_text, unique_inverse)
 from .tables import ranks
 
 #: most columns of the layer x step heatmap; longer runs average consecutive steps
@@ -161,8 +161,8 @@ def layer_heatmap(calls: pd.DataFrame, phase: Phase = "decode", value: str = "au
     layer = calls["layer"].to_numpy(dtype="int64", na_value=-1)[mask]
     step = calls["step"].to_numpy(dtype="int64")[mask]
     vals = column_floats(calls, value)[mask]
-    layers, li = np.unique(layer, return_inverse=True)
-    step_vals, si = np.unique(step, return_inverse=True)
+    layers, li = unique_inverse(layer)
+    step_vals, si = unique_inverse(step)
     bins = bin_index(len(step_vals), MAX_HEAT_COLS)
     width = int(np.bincount(bins).max())
     n_bins = int(bins[-1]) + 1

@@ -199,13 +199,29 @@ def _codes(calls: pd.DataFrame, level: str, prow: np.ndarray | None, codes=None)
     return _block_codes(calls["module"], calls["role"], codes)
 
 
-def group_sum(groups: np.ndarray, n: int, values: np.ndarray, min_count: int = 0) -> np.ndarray:
-    """Per group: the sum of the non-NaN values (NaN where fewer than ``min_count`` of them)."""
+def group_sum(groups: np.ndarray, n: int, values: np.ndarray | None, min_count: int = 0) -> np.ndarray:
+    """Per group: the sum of the non-NaN values (NaN where fewer than ``min_count`` of them).
+    ``values`` ``None`` stands for all NaN (a column absent from the frame)."""
+    if values is None:
+        return np.full(n, np.nan) if min_count else np.zeros(n)
     ok = ~np.isnan(values)
+    if ok.all():  # the common case: nothing to drop (the sums add the same values in the same order)
+        total = np.bincount(groups, weights=values, minlength=n)
+        if min_count:
+            total = np.where(np.bincount(groups, minlength=n) >= min_count, total, np.nan)
+        return total
+    if not ok.any():
+        return np.full(n, np.nan) if min_count else np.zeros(n)
     total = np.bincount(groups[ok], weights=values[ok], minlength=n)
     if min_count:
         total = np.where(np.bincount(groups[ok], minlength=n) >= min_count, total, np.nan)
     return total
+
+
+def _present(calls: pd.DataFrame, col: str) -> np.ndarray | None:
+    """Number column ``col`` as float64 (NaN for a null), or ``None`` where the frame lacks it
+    (a column absent when all null: :data:`probe.schema.CUDA_CALLS`)."""
+    return floats(calls, col) if col in calls.columns else None
 
 
 def _level(ph: Phases, level: str) -> pd.DataFrame:
@@ -226,7 +242,7 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     up = np.maximum(prow, 0)
     root = own & ~((prow >= 0) & (kcodes[up] == kcodes) & own[up])
     cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
-    gpu = floats(c, "gpu_ms")
+    gpu = _present(c, "gpu_ms")
     gk = kcodes.astype(np.int64) * n_phase + pcodes
     slot, keys = pd.factorize(gk)  # output rows in the order they were first called
     m = len(keys)
@@ -247,8 +263,8 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
         "calls": calls_n.astype("int64"),
         "total_ms": agg(np.where(root, cpu, 0.0)),
         "self_ms": agg(c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
-        "gpu_total_ms": agg(np.where(root, gpu, np.nan), 1),
-        "gpu_self_ms": agg(floats(c, "gpu_self_ms"), 1),
+        "gpu_total_ms": agg(None if gpu is None else np.where(root, gpu, np.nan), 1),
+        "gpu_self_ms": agg(_present(c, "gpu_self_ms"), 1),
         "mean_out_bytes": agg(ob) / np.where(ob_n > 0, ob_n, np.nan),
     })
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -383,7 +399,7 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
         keep = node[anc]
     shown = lv < depth if depth is not None else np.ones(n, bool)
     cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
-    gpu = floats(c, "gpu_ms")
+    gpu = _present(c, "gpu_ms")
     # one group per (phase, node), aggregated on integer codes
     pcodes, puniq = text_codes(c["phase"], na_sentinel=False)
     slot, gkeys = pd.factorize(pcodes.astype(np.int64) * max(len(paths), 1) + keep)
@@ -400,8 +416,8 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
         "calls": np.bincount(slot, weights=shown.astype("float64"), minlength=m).astype("int64"),
         "total_ms": group_sum(slot, m, np.where(shown, cpu, 0.0)),
         "self_ms": group_sum(slot, m, c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
-        "gpu_total_ms": group_sum(slot, m, np.where(shown, gpu, np.nan), 1),
-        "gpu_self_ms": group_sum(slot, m, floats(c, "gpu_self_ms"), 1),
+        "gpu_total_ms": group_sum(slot, m, None if gpu is None else np.where(shown, gpu, np.nan), 1),
+        "gpu_self_ms": group_sum(slot, m, _present(c, "gpu_self_ms"), 1),
         "first": first,
     })
     row = np.where(first < n, first, first - n)
