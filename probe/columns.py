@@ -15,6 +15,8 @@ goes through those two, never ``df[name]``. ``conform(..., whole=True)`` puts ev
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 
@@ -64,8 +66,13 @@ def all_null(s: pd.Series) -> bool:
 
 def empty(schema: dict[str, str]) -> pd.DataFrame:
     """An empty frame with every column of ``schema`` at its dtype (but those absent when all null)."""
-    skip = absent_when_null(schema)
-    return pd.DataFrame({c: pd.Series([], dtype=_dtype(d)) for c, d in schema.items() if c not in skip})
+    return _empty(tuple(schema.items()), absent_when_null(schema)).copy(deep=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _empty(items: tuple[tuple[str, str], ...], skip: frozenset[str]) -> pd.DataFrame:
+    """The empty frame of a schema, made once (handed out as shallow copies: copy-on-write keeps them apart)."""
+    return pd.DataFrame({c: pd.Series([], dtype=_dtype(d)) for c, d in items if c not in skip})
 
 
 def nulls(n: int, dtype: str, index: pd.Index | None = None) -> pd.Series:

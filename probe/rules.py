@@ -97,7 +97,21 @@ def _values(s: pd.Series) -> np.ndarray:
 def _within(s: pd.Series, rule: Rule) -> bool:
     """Whether every value of a numpy-backed ``s`` keeps ``rule`` (missing ones only where it
     allows them), decided on the column's own array; ``False`` where it does not or cannot tell."""
-    if not isinstance(s.dtype, np.dtype) or s.dtype.kind not in "iuf" or not len(s):
+    if not len(s):
+        return False
+    if isinstance(s.array, pd.arrays.IntegerArray):  # a nullable integer: its values where not missing
+        mask = s.array.isna()
+        if mask.any():
+            if not rule.nan:
+                return False
+            if mask.all():
+                return True
+            v = s.array.to_numpy(dtype=s.dtype.numpy_dtype, na_value=0)[~mask]
+        else:
+            v = s.array.to_numpy(dtype=s.dtype.numpy_dtype)
+        lo, hi = v.min(), v.max()
+        return (rule.low is None or lo >= rule.low) and (rule.high is None or hi <= rule.high)
+    if not isinstance(s.dtype, np.dtype) or s.dtype.kind not in "iuf":
         return False
     v = s.to_numpy()
     if v.dtype.kind == "f":

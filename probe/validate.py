@@ -111,7 +111,8 @@ def check_frame(data: bytes, key: str, f: Path, columns: tuple[str, ...] | None 
             if pa.types.is_unsigned_integer(t) and len(arr) and pc.max(_plain(arr)).as_py() > 2**63 - 1:
                 raise _bad(f, col, "holds numbers too large for int64")
             low_high = INT_RANGE.get(dtype)
-            if low_high and pa.types.is_integer(t) and len(arr) > arr.null_count:
+            narrow = pa.types.is_integer(t) and t.bit_width < (33 if pa.types.is_signed_integer(t) else 32)
+            if low_high and pa.types.is_integer(t) and not narrow and len(arr) > arr.null_count:  # int32 fits
                 got = pc.min_max(_plain(arr)).as_py()
                 if got["min"] < low_high[0] or got["max"] > low_high[1]:
                     raise _bad(f, col, f"holds numbers beyond {dtype} ({got['min']} to {got['max']}), which no "

@@ -59,12 +59,12 @@ def _group_ids(calls: pd.DataFrame) -> np.ndarray:
     Where the same step appears in separate stretches of rows (the same run loaded twice and
     concatenated), each stretch is a step of its own.
     """
-    gid, _ = pd.factorize(step_keys(calls)[0])
-    gid = gid.astype(np.int64)
-    if len(gid) < 2:
-        return gid
-    stretch = np.cumsum(np.r_[True, gid[1:] != gid[:-1]]) - 1
-    return stretch if stretch[-1] + 1 > gid.max() + 1 else gid
+    key = step_keys(calls)[0]
+    if len(key) < 2:
+        return np.zeros(len(key), np.int64)
+    # numbered by stretches of equal keys: where each step's rows are together (as recorded) these
+    # are its steps in order of first appearance, and a step seen in two stretches is two
+    return np.cumsum(np.r_[True, key[1:] != key[:-1]]) - 1
 
 
 def nest(gid: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
