@@ -84,9 +84,13 @@ def check_frame(data: bytes, key: str, f: Path, columns: tuple[str, ...] | None 
         names = pq.read_schema(io.BytesIO(data)).names
         texts = [c for c in names if sch.get(c) in _TEXT_KINDS]
         read = None if columns is None else [c for c in names if c in sch]
-        table = pq.read_table(io.BytesIO(data), columns=read, read_dictionary=texts, filters=rows)
+        if rows is None:  # the file's reader gives one chunk per row group: pandas then takes columns without a copy
+            table = pq.ParquetFile(io.BytesIO(data), read_dictionary=texts).read(columns=read, use_pandas_metadata=False)
+        else:  # rows filtered in Arrow as they are read
+            table = pq.read_table(io.BytesIO(data), columns=read, read_dictionary=texts, filters=rows)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise RunLoadError(f"{f} is corrupt or half-written: {exc}") from exc
+    pa.default_memory_pool().release_unused()  # the reader's scratch buffers: not held while pandas converts
     names = table.column_names
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -205,6 +209,9 @@ def to_frame(table, sch: dict[str, str]) -> pd.DataFrame:
     del table, cols, arr
     df = out.to_pandas(split_blocks=True, self_destruct=True)
     del out
+    # the Arrow buffers pandas did not take are free now: hand their pages back to the system, so
+    # that what the load builds next (its checks of the rows) does not stack on top of them
+    pa.default_memory_pool().release_unused()
     return schema.conform(df, sch)
 
 
