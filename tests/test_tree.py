@@ -425,3 +425,17 @@ def test_a_run_builds_its_summary_and_tree_once_and_again_for_new_frames(monkeyp
     assert set(blocks.loc[~blocks["name"].isin([accounting.RESIDUE, accounting.PROBE]), "phase"]) == {"decode"}
     assert len(built) == 2
     assert run.tree() is not run.tree() and run.tree().equals(run.tree())
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_codes_in_order_are_pandas_factorize(late):
+    """The prefix shortcut of the summary's grouping gives exactly ``pd.factorize``'s codes and
+    keys, also where a key first appears near the end (the prefix then grows to the whole)."""
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 40, 200_000)
+    if late:
+        keys[-3:] = [41, 45, 41]
+    got = accounting.codes_in_order(keys, 50)
+    want = pd.factorize(keys)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

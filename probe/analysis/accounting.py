@@ -218,6 +218,26 @@ def group_sum(groups: np.ndarray, n: int, values: np.ndarray | None, min_count: 
     return total
 
 
+def codes_in_order(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``pd.factorize(keys)`` of integer keys in ``[0, size)``: codes in order of first appearance
+    and the distinct keys. The few distinct keys of a million rows (rows x phases) all appear in
+    the first steps, so they are factorised from a prefix of the rows that holds every key present
+    and the rest looked up in a table."""
+    n = len(keys)
+    if n < 65536 or size > n or int(keys.min()) < 0:
+        return pd.factorize(keys)
+    want = int(np.count_nonzero(np.bincount(keys, minlength=size)))
+    m = 16384
+    while True:
+        _, uniq = pd.factorize(keys[:m])
+        if len(uniq) == want or m >= n:
+            break
+        m *= 4
+    lut = np.full(size, -1, np.int64)
+    lut[uniq] = np.arange(len(uniq))
+    return lut[keys], uniq
+
+
 def _present(calls: pd.DataFrame, col: str) -> np.ndarray | None:
     """Number column ``col`` as float64 (NaN for a null), or ``None`` where the frame lacks it
     (a column absent when all null: :data:`probe.schema.CUDA_CALLS`)."""
@@ -244,7 +264,7 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
     gpu = _present(c, "gpu_ms")
     gk = kcodes.astype(np.int64) * n_phase + pcodes
-    slot, keys = pd.factorize(gk)  # output rows in the order they were first called
+    slot, keys = codes_in_order(gk, max(len(names), 1) * n_phase)  # output rows in the order they were first called
     m = len(keys)
     top = np.maximum.accumulate(slot)
     first = np.flatnonzero(np.r_[True, top[1:] > top[:-1]])  # each row's first call
@@ -364,6 +384,14 @@ def _tree_nodes(modules: pd.Series, prow: np.ndarray, lv: np.ndarray) -> tuple[n
     return node, paths, parent_path
 
 
+def _tree_shape(calls: pd.DataFrame, prow: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str], list]:
+    """Each call's tree level and node, with the nodes' paths: shared by the tables at every depth."""
+    lv = _tree_levels(prow)
+    node, paths, parent_path = _tree_nodes(calls["module"], prow, lv)
+    lv.flags.writeable = node.flags.writeable = False  # kept while the frames live (probe.analysis.memo)
+    return lv, node, paths, parent_path
+
+
 def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
     """The call tree per phase, one row per path of modules, optionally collapsed at ``depth``.
 
@@ -387,8 +415,7 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
     if c.empty:
         return schema.empty(TREE)
     prow = ph.prow
-    lv = _tree_levels(prow)
-    node, paths, parent_path = _tree_nodes(c["module"], prow, lv)
+    lv, node, paths, parent_path = memo.derived("tree_nodes", None, c, c, lambda: _tree_shape(c, prow))
     n = len(c)
     keep = node
     if depth is not None:  # fold deeper calls into their ancestor at `depth`
@@ -402,7 +429,8 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
     gpu = _present(c, "gpu_ms")
     # one group per (phase, node), aggregated on integer codes
     pcodes, puniq = text_codes(c["phase"], na_sentinel=False)
-    slot, gkeys = pd.factorize(pcodes.astype(np.int64) * max(len(paths), 1) + keep)
+    slot, gkeys = codes_in_order(pcodes.astype(np.int64) * max(len(paths), 1) + keep,
+                                 max(len(paths), 1) * max(len(puniq), 1))
     m = len(gkeys)
     # the node's first own call (folded calls sort after every shown one)
     order = np.where(shown, np.arange(n), n + np.arange(n))
