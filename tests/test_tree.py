@@ -439,3 +439,12 @@ def test_codes_in_order_are_pandas_factorize(late):
     want = pd.factorize(keys)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_codes_in_order_with_a_key_per_row_are_pandas_factorize():
+    rng = np.random.default_rng(1)
+    keys = np.repeat(np.arange(150_000), 1)[rng.permutation(150_000)] * 2 + rng.integers(0, 2, 150_000)
+    got = accounting.codes_in_order(keys, 300_000)
+    want = pd.factorize(keys)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

@@ -220,22 +220,30 @@ def group_sum(groups: np.ndarray, n: int, values: np.ndarray | None, min_count: 
 
 def codes_in_order(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """``pd.factorize(keys)`` of integer keys in ``[0, size)``: codes in order of first appearance
-    and the distinct keys. The few distinct keys of a million rows (rows x phases) all appear in
-    the first steps, so they are factorised from a prefix of the rows that holds every key present
-    and the rest looked up in a table."""
+    and the distinct keys, exactly, with less hashing where the keys allow it.
+
+    A few distinct keys (rows x phases of a million calls) that all appear in the first steps are
+    factorised from that prefix and the rest looked up in a table; nearly one key per row (one per
+    module and step) is numbered from a table of each key's first row; otherwise pandas hashes."""
     n = len(keys)
-    if n < 65536 or size > n or int(keys.min()) < 0:
+    if n < 65536 or size > 4 * n or int(keys.min()) < 0:
         return pd.factorize(keys)
     want = int(np.count_nonzero(np.bincount(keys, minlength=size)))
-    m = 16384
-    while True:
-        _, uniq = pd.factorize(keys[:m])
-        if len(uniq) == want or m >= n:
-            break
-        m *= 4
-    lut = np.full(size, -1, np.int64)
-    lut[uniq] = np.arange(len(uniq))
-    return lut[keys], uniq
+    if want <= 4096:
+        for m in (16384, 65536):
+            _, uniq = pd.factorize(keys[:m])
+            if len(uniq) == want:
+                lut = np.full(size, -1, np.int64)
+                lut[uniq] = np.arange(len(uniq))
+                return lut[keys], uniq
+    if want <= n // 4:
+        return pd.factorize(keys)
+    first = np.full(size, n, np.int64)
+    np.minimum.at(first, keys, np.arange(n))
+    at = first[keys]  # each row's key's first row
+    new = at == np.arange(n)
+    rank = np.cumsum(new) - 1
+    return rank[at], keys[new]
 
 
 def _present(calls: pd.DataFrame, col: str) -> np.ndarray | None:

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .. import schema
 from . import tree
-from .accounting import PROBE, RESIDUE, check_level, factorized, group_sum, label_codes, labels
+from .accounting import PROBE, RESIDUE, check_level, codes_in_order, factorized, group_sum, label_codes, labels
 from ..schema import Level
 
 OUTSIDE = "(outside model)"
@@ -111,11 +111,14 @@ def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
     name, phase, run, step, ms = name[keep], phase[keep], run[keep], step[keep], ms[keep]
     span = int(step.max()) + 1 if len(step) else 1
     pair = name * max(len(phases), 1) + phase
-    group, firsts = pd.factorize((pair * max(len(ids), 1) + run) * span + step)  # (row, phase, run, step)
+    n_pairs = max(len(names), 1) * max(len(phases), 1)
+    group, firsts = codes_in_order((pair * max(len(ids), 1) + run) * span + step,  # (row, phase, run, step)
+                                   n_pairs * max(len(ids), 1) * span)
     total = group_sum(group, len(firsts), ms, min_count=1)
     pair_of = firsts // (max(len(ids), 1) * span)  # each group's (row, phase), in the groups' order
-    pcode, puniq = pd.factorize(pair_of)
-    order = np.argsort(pcode, kind="stable")
+    pcode, puniq = codes_in_order(pair_of, n_pairs)
+    # a stable sort of small integers: numpy sorts 16-bit ones by radix (the same order)
+    order = np.argsort(pcode.astype(np.int16) if len(puniq) < 2**15 else pcode, kind="stable")
     bounds = np.searchsorted(pcode[order], np.arange(len(puniq) + 1))
     name_of, phase_of = list(names), list(phases)
     n_ph = max(len(phases), 1)
