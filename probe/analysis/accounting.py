@@ -130,7 +130,10 @@ def _block_codes(modules: pd.Series, roles: pd.Series, codes=None) -> tuple[np.n
     # each module's role: that of its first call with one
     has = np.flatnonzero((rc >= 0) & (mcodes >= 0))
     at = np.full(len(muniq), len(rc), np.int64)
-    np.minimum.at(at, mcodes[has], has)
+    head = has[:65536]  # every module is called in the first steps: its first call is found there
+    np.minimum.at(at, mcodes[head], head)
+    if len(head) < len(has) and (np.bincount(mcodes[has], minlength=len(muniq)) > 0).sum() > (at < len(rc)).sum():
+        np.minimum.at(at, mcodes[has], has)  # a module first called later
     role_of = [str(ru[rc[i]]) if i < len(rc) else "" for i in at]
     blocks = {str(m): role_of[i] for i, m in enumerate(muniq) if role_of[i] in BLOCK_ROLES}
     index = {b: i for i, b in enumerate(BLOCK_ORDER)}
@@ -280,9 +283,13 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     def agg(values, min_count=0):
         return group_sum(slot, m, values, min_count)
 
-    calls_n = np.bincount(slot, weights=own.astype("float64"), minlength=m)
-    ob = np.where(own, c["out_bytes"].to_numpy(dtype="float64", na_value=np.nan), np.nan)
-    ob_n = np.bincount(slot[~np.isnan(ob)], minlength=m)
+    every = level != "block"  # every call is its row's own call (the same sums, less work)
+    calls_n = (np.bincount(slot, minlength=m) if every else np.bincount(slot, weights=own, minlength=m)).astype("float64")
+    ob = c["out_bytes"].to_numpy(dtype="float64", na_value=np.nan)
+    if not every:
+        ob = np.where(own, ob, np.nan)
+    has_ob = ~np.isnan(ob)
+    ob_n = np.bincount(slot, minlength=m) if has_ob.all() else np.bincount(slot[has_ob], minlength=m)
     out = pd.DataFrame({
         "name": pd.array([names[k // n_phase] for k in keys], dtype="string"),
         "phase": pd.array([str(puniq[k % n_phase]) for k in keys], dtype="string"),
@@ -296,7 +303,7 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
         "mean_out_bytes": agg(ob) / np.where(ob_n > 0, ob_n, np.nan),
     })
     with np.errstate(invalid="ignore", divide="ignore"):
-        out["mean_ms"] = agg(np.where(own, cpu, 0.0)) / np.where(calls_n > 0, calls_n, np.nan)
+        out["mean_ms"] = agg(cpu if every else np.where(own, cpu, 0.0)) / np.where(calls_n > 0, calls_n, np.nan)
     if level == "block":
         out["role"] = out["name"]
     elif level == "role":

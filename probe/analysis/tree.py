@@ -59,12 +59,19 @@ def _group_ids(calls: pd.DataFrame) -> np.ndarray:
     Where the same step appears in separate stretches of rows (the same run loaded twice and
     concatenated), each stretch is a step of its own.
     """
-    key = step_keys(calls)[0]
-    if len(key) < 2:
-        return np.zeros(len(key), np.int64)
-    # numbered by stretches of equal keys: where each step's rows are together (as recorded) these
-    # are its steps in order of first appearance, and a step seen in two stretches is two
-    return np.cumsum(np.r_[True, key[1:] != key[:-1]]) - 1
+    n = len(calls)
+    if n < 2:
+        return np.zeros(n, np.int64)
+    # numbered by stretches of equal (rank, run_id, step): where each step's rows are together (as
+    # recorded) these are its steps in order of first appearance, and a step seen in two stretches is two
+    run = calls["run_id"]
+    run = run.cat.codes.to_numpy() if isinstance(run.dtype, pd.CategoricalDtype) else text_codes(run)[0]
+    step = calls["step"].to_numpy(dtype="int64", na_value=-1)
+    change = (step[1:] != step[:-1]) | (run[1:] != run[:-1])
+    if "rank" in calls:
+        rank = calls["rank"].to_numpy(dtype="int64", na_value=0)
+        change |= rank[1:] != rank[:-1]
+    return np.cumsum(np.r_[True, change]) - 1
 
 
 def nest(gid: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
