@@ -249,6 +249,17 @@ def codes_in_order(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]
     return rank[at], keys[new]
 
 
+def first_rows(codes: np.ndarray, m: int) -> np.ndarray:
+    """The row where each of ``m`` codes numbered in order of first appearance first appears
+    (looked for in the first rows, where a summary's rows all start, before the whole)."""
+    for head in (codes[:65536], codes):
+        top = np.maximum.accumulate(head)
+        first = np.flatnonzero(np.r_[True, top[1:] > top[:-1]]) if len(head) else np.zeros(0, np.int64)
+        if len(first) == m:
+            break
+    return first
+
+
 def _present(calls: pd.DataFrame, col: str) -> np.ndarray | None:
     """Number column ``col`` as float64 (NaN for a null), or ``None`` where the frame lacks it
     (a column absent when all null: :data:`probe.schema.CUDA_CALLS`)."""
@@ -277,8 +288,7 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     gk = kcodes.astype(np.int64) * n_phase + pcodes
     slot, keys = codes_in_order(gk, max(len(names), 1) * n_phase)  # output rows in the order they were first called
     m = len(keys)
-    top = np.maximum.accumulate(slot)
-    first = np.flatnonzero(np.r_[True, top[1:] > top[:-1]])  # each row's first call
+    first = first_rows(slot, m)  # each row's first call
 
     def agg(values, min_count=0):
         return group_sum(slot, m, values, min_count)
@@ -451,8 +461,7 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
     order = np.where(shown, np.arange(n), n + np.arange(n))
     first = np.full(m, 2 * n, np.int64)
     np.minimum.at(first, slot, order)
-    top = np.maximum.accumulate(slot)  # slots are numbered in order of appearance:
-    at = np.flatnonzero(np.r_[True, top[1:] > top[:-1]])  # each group's first row
+    at = first_rows(slot, m)  # each group's first row
     gnode, gphase = keep[at], pcodes[at]
     out = pd.DataFrame({
         "phase": pd.array([str(puniq[p]) for p in gphase], dtype="string"),
