@@ -35,7 +35,11 @@ def recorded(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame) -> tu
     """The successful generate calls' calls and steps, with the call tree's columns."""
     ids = generate_ids(runs)
     calls, steps = tree.ensure(calls, steps)
-    mine = calls["run_id"].isin(ids).to_numpy(dtype=bool, na_value=False)
+    run = calls["run_id"]
+    if isinstance(run.dtype, pd.CategoricalDtype):  # decided per category, looked up by code (-1: a null)
+        mine = np.append(run.cat.categories.isin(ids), False)[run.cat.codes.to_numpy()]
+    else:
+        mine = run.isin(ids).to_numpy(dtype=bool, na_value=False)
     return calls if mine.all() else calls[mine], steps[steps["run_id"].isin(ids)]  # the usual case copies nothing
 
 def per_step(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: Level,
@@ -108,7 +112,8 @@ def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
         return {}
     name, phase, run, step, ms = (np.concatenate(x) for x in zip(*parts))
     keep = (name >= 0) & (phase >= 0) & (run >= 0)  # a row with a missing key is in no group
-    name, phase, run, step, ms = name[keep], phase[keep], run[keep], step[keep], ms[keep]
+    if not keep.all():
+        name, phase, run, step, ms = name[keep], phase[keep], run[keep], step[keep], ms[keep]
     span = int(step.max()) + 1 if len(step) else 1
     pair = name * max(len(phases), 1) + phase
     n_pairs = max(len(names), 1) * max(len(phases), 1)
