@@ -136,7 +136,7 @@ def mann_whitney_p(a, b) -> float:
     both = np.concatenate([a, b])
     n = n1 + n2
     # one sort gives the average ranks (pandas' rank(method="average")) and the tie counts
-    order = np.argsort(both, kind="stable")
+    order = np.argsort(both)  # any order of equal values: a tie's rank is its run's mean either way
     ordered = both[order]
     start = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # each run of equal values
     t = np.diff(np.r_[start, n])  # its length
