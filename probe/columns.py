@@ -97,10 +97,14 @@ def column(df: pd.DataFrame, name: str, schema: dict[str, str]) -> pd.Series:
 
 
 def floats(df: pd.DataFrame, name: str) -> np.ndarray:
-    """The values of number column ``name`` as float64, NaN for a null; all NaN where ``df`` lacks it."""
-    if name in df.columns:
-        return df[name].to_numpy(dtype="float64", na_value=np.nan)
-    return np.full(len(df), np.nan)
+    """The values of number column ``name`` as float64, NaN for a null; all NaN where ``df`` lacks it.
+    A float64 column is handed out as a read-only view of its data (its nulls are NaN already)."""
+    if name not in df.columns:
+        return np.full(len(df), np.nan)
+    s = df[name]
+    if s.dtype == np.float64:
+        return s.to_numpy()  # no copy, no scan for nulls
+    return s.to_numpy(dtype="float64", na_value=np.nan)
 
 
 _CATS_DTYPE = pd.Index([], dtype="str").dtype

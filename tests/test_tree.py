@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 import probe
-from probe.analysis import accounting, tree
+from probe.analysis import accounting, grouping, tree
 from probe import roles, schema
 from tiny import tiny_llama, tiny_model
 from edits import reseal
@@ -435,7 +435,7 @@ def test_codes_in_order_are_pandas_factorize(late):
     keys = rng.integers(0, 40, 200_000)
     if late:
         keys[-3:] = [41, 45, 41]
-    got = accounting.codes_in_order(keys, 50)
+    got = grouping.codes_in_order(keys, 50)
     want = pd.factorize(keys)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
@@ -444,7 +444,7 @@ def test_codes_in_order_are_pandas_factorize(late):
 def test_codes_in_order_with_a_key_per_row_are_pandas_factorize():
     rng = np.random.default_rng(1)
     keys = np.repeat(np.arange(150_000), 1)[rng.permutation(150_000)] * 2 + rng.integers(0, 2, 150_000)
-    got = accounting.codes_in_order(keys, 300_000)
+    got = grouping.codes_in_order(keys, 300_000)
     want = pd.factorize(keys)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])

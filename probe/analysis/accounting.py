@@ -32,6 +32,7 @@ import pandas as pd
 from .. import schema
 from ..columns import floats, text_codes
 from . import memo, tree
+from .grouping import codes_in_order, first_rows, group_sum
 from ..schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
 
 #: name of the attention module's self-time row at the role level when calls inside it are recorded
@@ -52,9 +53,12 @@ class Phases:
         calls, steps = tree.ensure(calls, steps)
         self.steps = steps[steps["residue_ms"].notna()] if len(steps) else steps
         if len(calls) and len(self.steps):
-            ckey, skey = tree.step_keys(calls, self.steps)
+            # a call is of a recorded step if its stretch's first call is: keys of the stretches only
+            starts, stretch = tree.step_starts(calls)
+            head = calls[[c for c in ("rank", "run_id", "step") if c in calls.columns]].iloc[starts]
+            ckey, skey = tree.step_keys(head, self.steps)
             mine = np.isin(ckey, skey)
-            calls = calls if mine.all() else calls[mine].reset_index(drop=True)
+            calls = calls if mine.all() else calls[mine[stretch]].reset_index(drop=True)
         else:
             calls = calls.iloc[0:0]
         self.calls = calls
@@ -202,64 +206,6 @@ def _codes(calls: pd.DataFrame, level: str, prow: np.ndarray | None, codes=None)
     return _block_codes(calls["module"], calls["role"], codes)
 
 
-def group_sum(groups: np.ndarray, n: int, values: np.ndarray | None, min_count: int = 0) -> np.ndarray:
-    """Per group: the sum of the non-NaN values (NaN where fewer than ``min_count`` of them).
-    ``values`` ``None`` stands for all NaN (a column absent from the frame)."""
-    if values is None:
-        return np.full(n, np.nan) if min_count else np.zeros(n)
-    ok = ~np.isnan(values)
-    if ok.all():  # the common case: nothing to drop (the sums add the same values in the same order)
-        total = np.bincount(groups, weights=values, minlength=n)
-        if min_count:
-            total = np.where(np.bincount(groups, minlength=n) >= min_count, total, np.nan)
-        return total
-    if not ok.any():
-        return np.full(n, np.nan) if min_count else np.zeros(n)
-    total = np.bincount(groups[ok], weights=values[ok], minlength=n)
-    if min_count:
-        total = np.where(np.bincount(groups[ok], minlength=n) >= min_count, total, np.nan)
-    return total
-
-
-def codes_in_order(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``pd.factorize(keys)`` of integer keys in ``[0, size)``: codes in order of first appearance
-    and the distinct keys, exactly, with less hashing where the keys allow it.
-
-    A few distinct keys (rows x phases of a million calls) that all appear in the first steps are
-    factorised from that prefix and the rest looked up in a table; nearly one key per row (one per
-    module and step) is numbered from a table of each key's first row; otherwise pandas hashes."""
-    n = len(keys)
-    if n < 65536 or size > 4 * n or int(keys.min()) < 0:
-        return pd.factorize(keys)
-    want = int(np.count_nonzero(np.bincount(keys, minlength=size)))
-    if want <= 4096:
-        for m in (16384, 65536):
-            _, uniq = pd.factorize(keys[:m])
-            if len(uniq) == want:
-                lut = np.full(size, -1, np.int64)
-                lut[uniq] = np.arange(len(uniq))
-                return lut[keys], uniq
-    if want <= n // 4:
-        return pd.factorize(keys)
-    first = np.full(size, n, np.int64)
-    np.minimum.at(first, keys, np.arange(n))
-    at = first[keys]  # each row's key's first row
-    new = at == np.arange(n)
-    rank = np.cumsum(new) - 1
-    return rank[at], keys[new]
-
-
-def first_rows(codes: np.ndarray, m: int) -> np.ndarray:
-    """The row where each of ``m`` codes numbered in order of first appearance first appears
-    (looked for in the first rows, where a summary's rows all start, before the whole)."""
-    for head in (codes[:65536], codes):
-        top = np.maximum.accumulate(head)
-        first = np.flatnonzero(np.r_[True, top[1:] > top[:-1]]) if len(head) else np.zeros(0, np.int64)
-        if len(first) == m:
-            break
-    return first
-
-
 def _present(calls: pd.DataFrame, col: str) -> np.ndarray | None:
     """Number column ``col`` as float64 (NaN for a null), or ``None`` where the frame lacks it
     (a column absent when all null: :data:`probe.schema.CUDA_CALLS`)."""
@@ -283,7 +229,7 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     # a call counts towards its row's total unless its parent is a call of the same row
     up = np.maximum(prow, 0)
     root = own & ~((prow >= 0) & (kcodes[up] == kcodes) & own[up])
-    cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
+    cpu = floats(c, "cpu_ms")
     gpu = _present(c, "gpu_ms")
     gk = kcodes.astype(np.int64) * n_phase + pcodes
     slot, keys = codes_in_order(gk, max(len(names), 1) * n_phase)  # output rows in the order they were first called
@@ -295,7 +241,7 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
 
     every = level != "block"  # every call is its row's own call (the same sums, less work)
     calls_n = (np.bincount(slot, minlength=m) if every else np.bincount(slot, weights=own, minlength=m)).astype("float64")
-    ob = c["out_bytes"].to_numpy(dtype="float64", na_value=np.nan)
+    ob = floats(c, "out_bytes")
     if not every:
         ob = np.where(own, ob, np.nan)
     has_ob = ~np.isnan(ob)
@@ -307,7 +253,7 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
         "layer": c["layer"].to_numpy()[first] if level == "module" else pd.array([pd.NA] * len(keys), dtype="Int64"),
         "calls": calls_n.astype("int64"),
         "total_ms": agg(np.where(root, cpu, 0.0)),
-        "self_ms": agg(c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
+        "self_ms": agg(floats(c, "self_ms")),
         "gpu_total_ms": agg(None if gpu is None else np.where(root, gpu, np.nan), 1),
         "gpu_self_ms": agg(_present(c, "gpu_self_ms"), 1),
         "mean_out_bytes": agg(ob) / np.where(ob_n > 0, ob_n, np.nan),
@@ -450,7 +396,7 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
             anc = np.where(deep, prow[anc], anc)
         keep = node[anc]
     shown = lv < depth if depth is not None else np.ones(n, bool)
-    cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
+    cpu = floats(c, "cpu_ms")
     gpu = _present(c, "gpu_ms")
     # one group per (phase, node), aggregated on integer codes
     pcodes, puniq = text_codes(c["phase"], na_sentinel=False)
@@ -467,7 +413,7 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
         "phase": pd.array([str(puniq[p]) for p in gphase], dtype="string"),
         "calls": np.bincount(slot, weights=shown.astype("float64"), minlength=m).astype("int64"),
         "total_ms": group_sum(slot, m, np.where(shown, cpu, 0.0)),
-        "self_ms": group_sum(slot, m, c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
+        "self_ms": group_sum(slot, m, floats(c, "self_ms")),
         "gpu_total_ms": group_sum(slot, m, None if gpu is None else np.where(shown, gpu, np.nan), 1),
         "gpu_self_ms": group_sum(slot, m, _present(c, "gpu_self_ms"), 1),
         "first": first,

@@ -14,7 +14,8 @@ import pandas as pd
 
 from .. import schema
 from . import tree
-from .accounting import PROBE, RESIDUE, check_level, codes_in_order, factorized, group_sum, label_codes, labels
+from .accounting import PROBE, RESIDUE, check_level, factorized, label_codes, labels
+from .grouping import codes_in_order, group_sum
 from ..schema import Level
 
 OUTSIDE = "(outside model)"

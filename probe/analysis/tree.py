@@ -64,14 +64,34 @@ def _group_ids(calls: pd.DataFrame) -> np.ndarray:
         return np.zeros(n, np.int64)
     # numbered by stretches of equal (rank, run_id, step): where each step's rows are together (as
     # recorded) these are its steps in order of first appearance, and a step seen in two stretches is two
+    return np.cumsum(np.r_[True, _changes(calls)]) - 1
+
+
+def step_starts(calls: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The first row of each stretch of calls of one step (``rank, run_id, step``), and each
+    call's stretch: what holds for a step's key holds for every row of its stretch."""
+    n = len(calls)
+    if n < 2:
+        return np.zeros(min(n, 1), np.int64), np.zeros(n, np.int64)
+    change = np.r_[True, _changes(calls)]
+    return np.flatnonzero(change), np.cumsum(change) - 1
+
+
+def _changes(calls: pd.DataFrame) -> np.ndarray:
+    """Whether each call after the first is of another step than the call before it."""
     run = calls["run_id"]
     run = run.cat.codes.to_numpy() if isinstance(run.dtype, pd.CategoricalDtype) else text_codes(run)[0]
-    step = calls["step"].to_numpy(dtype="int64", na_value=-1)
+    step = _ints(calls["step"], -1)
     change = (step[1:] != step[:-1]) | (run[1:] != run[:-1])
     if "rank" in calls:
-        rank = calls["rank"].to_numpy(dtype="int64", na_value=0)
+        rank = _ints(calls["rank"], 0)
         change |= rank[1:] != rank[:-1]
-    return np.cumsum(np.r_[True, change]) - 1
+    return change
+
+
+def _ints(s: pd.Series, na: int) -> np.ndarray:
+    """An integer column's values (a null as ``na``); a numpy column as it is (it holds no null)."""
+    return s.to_numpy() if isinstance(s.dtype, np.dtype) and s.dtype.kind in "iu" else s.to_numpy(dtype="int64", na_value=na)
 
 
 def nest(gid: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
