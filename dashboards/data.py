@@ -339,11 +339,11 @@ def block_memory(calls: pd.DataFrame) -> pd.DataFrame:
     if calls.empty:
         return pd.DataFrame({c: pd.Series([], dtype="string" if c in ("role", "phase") else "float64")
                              for c in cols})
-    before = calls["mem_before_bytes"].astype("float64")
+    before = schema.floats(calls, "mem_before_bytes")  # the allocator columns are absent on CPU
     df = pd.DataFrame({
         "role": calls["role"], "phase": calls["phase"], "out": calls["out_bytes"].astype("float64"),
-        "delta": calls["mem_after_bytes"].astype("float64") - before,
-        "over": calls["mem_peak_bytes"].astype("float64") - before,
+        "delta": schema.floats(calls, "mem_after_bytes") - before,
+        "over": schema.floats(calls, "mem_peak_bytes") - before,
     })
     g = df.groupby(["role", "phase"], sort=False, observed=True)
     out = pd.DataFrame({

@@ -4,9 +4,18 @@ A schema is a ``{column: pandas dtype name}`` dict (:mod:`probe.schema` declares
 frames, :mod:`probe.derived_schema` the frames computed from a run). Every frame the library hands
 out, saves or reloads goes through :func:`conform`, so an empty frame still carries every column
 with its dtype, and a saved run reloads to equal frames.
+
+A schema may declare columns **absent when all null** (:class:`Schema`): the CUDA and allocator
+columns of ``calls`` are null on every call of a CPU run, so such a run carries them neither in
+memory nor on disk. :func:`conform` drops them where every value is null, :func:`empty` leaves them
+out, and :func:`column` / :func:`floats` read an absent one as all null: code that reads one of them
+goes through those two, never ``df[name]``. ``conform(..., whole=True)`` puts every column back
+(the CSV export writes them all).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pandas as pd
@@ -25,9 +34,77 @@ REQUIRED = frozenset({"int64", "int32"})
 INT_RANGE = {"int32": (-(2**31), 2**31 - 1), "Int32": (-(2**31), 2**31 - 1)}
 
 
+class Schema(dict):
+    """A frame's ``{column: dtype name}``, and the columns of it that are absent when all null
+    (``absent_when_null``: a frame whose rows all lack a value there does not carry the column)."""
+
+    def __init__(self, columns: dict[str, str], *, absent_when_null: frozenset[str] | tuple = ()):
+        super().__init__(columns)
+        self.absent_when_null = frozenset(absent_when_null)
+        unknown = self.absent_when_null - set(self)
+        if unknown or any(self[c] not in NULLABLE for c in self.absent_when_null):
+            raise ValueError(f"absent_when_null names {sorted(unknown) or 'a column that is never null'}")
+
+    def narrowed(self, columns) -> "Schema":
+        """This schema with only ``columns`` (its order kept), the flags of those kept."""
+        keep = set(columns)
+        return Schema({c: t for c, t in self.items() if c in keep}, absent_when_null=self.absent_when_null & keep)
+
+
+def absent_when_null(schema: dict[str, str]) -> frozenset[str]:
+    """The columns of ``schema`` a frame leaves out where they are all null (none for a plain dict)."""
+    return getattr(schema, "absent_when_null", frozenset())
+
+
+def all_null(s: pd.Series) -> bool:
+    """Whether ``s`` holds no value (an empty column holds none)."""
+    arr = s.array
+    if isinstance(arr, pd.arrays.NumpyExtensionArray) and arr.dtype.kind == "f":
+        return bool(np.isnan(arr.to_numpy()).all())
+    return bool(s.isna().all())
+
+
 def empty(schema: dict[str, str]) -> pd.DataFrame:
-    """An empty frame with every column of ``schema`` at its dtype."""
-    return pd.DataFrame({c: pd.Series([], dtype=_dtype(d)) for c, d in schema.items()})
+    """An empty frame with every column of ``schema`` at its dtype (but those absent when all null)."""
+    return _empty(tuple(schema.items()), absent_when_null(schema)).copy(deep=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _empty(items: tuple[tuple[str, str], ...], skip: frozenset[str]) -> pd.DataFrame:
+    """The empty frame of a schema, made once (handed out as shallow copies: copy-on-write keeps them apart)."""
+    return pd.DataFrame({c: pd.Series([], dtype=_dtype(d)) for c, d in items if c not in skip})
+
+
+def nulls(n: int, dtype: str, index: pd.Index | None = None) -> pd.Series:
+    """``n`` nulls at schema dtype ``dtype``."""
+    if dtype == CAT:
+        s = pd.Series(pd.Categorical.from_codes(np.full(n, -1, np.int8), dtype=_dtype(CAT)))
+    elif dtype == "float64":
+        s = pd.Series(np.full(n, np.nan))
+    else:
+        s = pd.Series(pd.array([None] * n, dtype=dtype)) if n else pd.Series([], dtype=dtype)
+    if index is not None:
+        s.index = index
+    return s
+
+
+def column(df: pd.DataFrame, name: str, schema: dict[str, str]) -> pd.Series:
+    """Column ``name`` of ``df``, or all nulls at its dtype in ``schema`` where ``df`` lacks it (a
+    column absent when all null, see :class:`Schema`)."""
+    if name in df.columns:
+        return df[name]
+    return nulls(len(df), schema[name], df.index).rename(name)
+
+
+def floats(df: pd.DataFrame, name: str) -> np.ndarray:
+    """The values of number column ``name`` as float64, NaN for a null; all NaN where ``df`` lacks it.
+    A float64 column is handed out as a read-only view of its data (its nulls are NaN already)."""
+    if name not in df.columns:
+        return np.full(len(df), np.nan)
+    s = df[name]
+    if s.dtype == np.float64:
+        return s.to_numpy()  # no copy, no scan for nulls
+    return s.to_numpy(dtype="float64", na_value=np.nan)
 
 
 _CATS_DTYPE = pd.Index([], dtype="str").dtype
@@ -114,35 +191,39 @@ def combine(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def conform(df: pd.DataFrame, schema: dict[str, str], *, extra: bool = True) -> pd.DataFrame:
+def conform(df: pd.DataFrame, schema: dict[str, str], *, extra: bool = True, whole: bool = False) -> pd.DataFrame:
     """Return ``df`` with exactly the schema's columns first (in order) at their dtypes.
 
     Missing nullable columns are added as nulls; extra columns (added by analyses) are kept
-    after them, or dropped with ``extra=False``. Columns already at their dtype are not
-    copied (the frame shares their data with ``df``; pandas' copy-on-write keeps the two apart).
+    after them, or dropped with ``extra=False``. Columns absent when all null (:class:`Schema`)
+    are left out where ``df`` lacks them or holds only nulls there, unless ``whole`` (every
+    column, as a CSV file has them). Columns already at their dtype are not copied (the frame
+    shares their data with ``df``; pandas' copy-on-write keeps the two apart).
     """
     n = len(df)
     if not isinstance(df.index, pd.RangeIndex) or df.index.start != 0 or df.index.step != 1:
         df = df.reset_index(drop=True)
     have = set(df.columns)
-    names = [c for c in schema if c in have]
+    sparse = frozenset() if whole else absent_when_null(schema)
+    gone = {c for c in sparse if c not in have or all_null(df[c])}
+    target = [c for c in schema if c not in gone]
+    names = [c for c in target if c in have]
     cast = {c: schema[c] for c in names
             if (not _canonical(df[c]) if schema[c] == CAT else str(df[c].dtype) != schema[c])}
     for col, dtype in schema.items():
         if col not in have and n and dtype in REQUIRED:
             raise ValueError(f"column {col!r} ({dtype}) is required and has no value")
     extras = [c for c in df.columns if c not in schema] if extra else []
-    if not cast and len(names) == len(schema) and list(df.columns) == [*names, *extras]:
+    if not cast and len(names) == len(target) and list(df.columns) == [*names, *extras]:
         return df.copy(deep=False)  # the common case: already conformed
     out = {}
-    for col, dtype in schema.items():
+    for col in target:
+        dtype = schema[col]
         if col in have:
             s = df[col]
             out[col] = (categorical(s) if dtype == CAT else s.astype(dtype)) if col in cast else s
-        elif dtype == CAT:
-            out[col] = pd.Series(pd.Categorical.from_codes(np.full(n, -1, np.int8), dtype=_dtype(CAT)))
         else:
-            out[col] = pd.Series(pd.array([None] * n, dtype=dtype)) if n else pd.Series([], dtype=dtype)
+            out[col] = nulls(n, dtype)
     for col in extras:
         out[col] = df[col]
     return pd.DataFrame(out, copy=False)

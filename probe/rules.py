@@ -97,7 +97,21 @@ def _values(s: pd.Series) -> np.ndarray:
 def _within(s: pd.Series, rule: Rule) -> bool:
     """Whether every value of a numpy-backed ``s`` keeps ``rule`` (missing ones only where it
     allows them), decided on the column's own array; ``False`` where it does not or cannot tell."""
-    if not isinstance(s.dtype, np.dtype) or s.dtype.kind not in "iuf" or not len(s):
+    if not len(s):
+        return False
+    if isinstance(s.array, pd.arrays.IntegerArray):  # a nullable integer: its values where not missing
+        mask = s.array.isna()
+        if mask.any():
+            if not rule.nan:
+                return False
+            if mask.all():
+                return True
+            v = s.array.to_numpy(dtype=s.dtype.numpy_dtype, na_value=0)[~mask]
+        else:
+            v = s.array.to_numpy(dtype=s.dtype.numpy_dtype)
+        lo, hi = v.min(), v.max()
+        return (rule.low is None or lo >= rule.low) and (rule.high is None or hi <= rule.high)
+    if not isinstance(s.dtype, np.dtype) or s.dtype.kind not in "iuf":
         return False
     v = s.to_numpy()
     if v.dtype.kind == "f":
@@ -189,12 +203,17 @@ def link_problems(frames: dict[str, pd.DataFrame], meta: dict) -> list[str]:
         for k in ("steps", "calls"):
             if k not in codes:
                 codes[k] = _run_codes(frames[k])
-        have, want = (_step_key(frames[k], *codes[k], runs=[*codes["steps"][1], *codes["calls"][1]])
-                      for k in ("steps", "calls"))
-        lost = ~np.isin(want, have)
+        runs_ = [*codes["steps"][1], *codes["calls"][1]]
+        have = _step_key(steps, *codes["steps"], runs=runs_)
+        # a step's calls lie together: each stretch of one (run, step) is looked up once
+        c = codes["calls"][0]
+        step = calls["step"].to_numpy(dtype="int64", na_value=-1)
+        starts = np.flatnonzero(np.r_[True, (c[1:] != c[:-1]) | (step[1:] != step[:-1])])
+        lost = ~np.isin(_step_key(calls, *codes["calls"], runs=runs_, rows=starts), have)
         if lost.any():
-            out.append(f"calls.parquet: {int(lost.sum())} calls belong to no step of steps.parquet "
-                       f"(first at {_first(lost)})")
+            size = np.diff(np.r_[starts, len(c)])
+            out.append(f"calls.parquet: {int(size[lost].sum())} calls belong to no step of steps.parquet "
+                       f"(first at row {int(starts[np.flatnonzero(lost)[0]])})")
     n_layers = _layer_count(meta)
     if calls is not None and len(calls) and n_layers is not None and "layer" in calls.columns:
         layer = _values(calls["layer"])
@@ -209,18 +228,26 @@ def _run_codes(df: pd.DataFrame) -> tuple[np.ndarray, list]:
     """The run id of each row as codes into its distinct values (text, or None for a null)."""
     if "run_id" not in df.columns:
         return np.zeros(len(df), np.int64), [None]
-    c, u = text_codes(df["run_id"], na_sentinel=False)
+    s = df["run_id"]
+    if isinstance(s.dtype, pd.CategoricalDtype):  # its categories, and a null after them: nothing hashed
+        cats = [str(v) for v in s.cat.categories]
+        c = s.cat.codes.to_numpy().astype(np.int64)
+        return np.where(c < 0, len(cats), c), [*cats, None]
+    c, u = text_codes(s, na_sentinel=False)
     return c, [None if v is pd.NA else str(v) for v in u]
 
 
-def _step_key(df: pd.DataFrame, codes: np.ndarray, uniq: list, runs: list) -> np.ndarray:
-    """One integer per row naming its (run id, step), comparable between frames whose run ids are
-    numbered by their position in ``runs`` (``codes`` into ``uniq``: this frame's own factorisation)."""
+def _step_key(df: pd.DataFrame, codes: np.ndarray, uniq: list, runs: list, rows: np.ndarray | None = None) -> np.ndarray:
+    """One integer per row (of ``rows``, default all) naming its (run id, step), comparable between
+    frames whose run ids are numbered by their position in ``runs`` (``codes`` into ``uniq``: this
+    frame's own factorisation)."""
     number = {}
     for v in runs:
         number.setdefault(v, len(number))
     lut = np.array([number[v] for v in uniq] or [0], dtype=np.int64)
     step = df["step"].to_numpy(dtype="int64", na_value=-1)
+    if rows is not None:
+        codes, step = codes[rows], step[rows]
     return lut[codes] * (1 << 40) + step + 1
 
 

@@ -16,7 +16,19 @@ import math
 import pandas as pd
 
 from . import roles as _roles
-from .columns import CAT, NULLABLE, STR, categorical, combine, conform, empty  # noqa: F401  (re-exported)
+from . import columns as _columns
+from .columns import (  # noqa: F401  (re-exported)
+    CAT,
+    NULLABLE,
+    STR,
+    Schema,
+    absent_when_null,
+    categorical,
+    combine,
+    conform,
+    empty,
+    floats,
+)
 from .derived_schema import (  # noqa: F401  (re-exported)
     APPORTION,
     BOUND_SUMMARY,
@@ -58,8 +70,10 @@ BLOCK_ROLES: tuple[str, ...] = _roles.BLOCKS
 #: ranks, steps, depths, layers, positions (q_len, kv_len), batch rows, a call's index within its
 #: step and the calls nested in it stay far below 2**31 (a load refuses a value beyond it);
 #: arithmetic that can exceed it (products of lengths, bytes) converts to int64 or float first.
-#: ``out_bytes`` stays 64-bit.
-CALLS: dict[str, str] = {
+#: ``out_bytes`` stays 64-bit. The CUDA and allocator columns (:data:`CUDA_CALLS`) are absent when
+#: all null: a CPU run's calls frame carries none of them, in memory or on disk; read them with
+#: :func:`column` or :func:`floats`, which give an absent one as all null.
+CALLS: Schema = Schema({
     "run_id": CAT,
     "rank": "int32",  # process rank (tensor parallel); 0 for a single process
     "step": "int32",  # index of the root forward within its run
@@ -98,7 +112,9 @@ CALLS: dict[str, str] = {
     "descendants": "Int32",
     "self_ms": "float64",  # cpu_ms minus the cpu_ms of the recorded calls directly inside it
     "gpu_self_ms": "float64",  # gpu_ms minus the gpu_ms of the recorded calls directly inside it; NaN without CUDA
-}
+}, absent_when_null=("gpu_ms", "offload_ms", "mem_before_bytes", "mem_after_bytes", "mem_peak_bytes", "gpu_self_ms"))
+#: the calls columns a run leaves out where every call lacks a value (a CPU run: all of them)
+CUDA_CALLS: frozenset[str] = CALLS.absent_when_null
 
 STEPS: dict[str, str] = {
     "run_id": STR,
@@ -288,6 +304,12 @@ ALLOCATIONS: dict[str, str] = {
 
 FRAMES: dict[str, dict[str, str]] = {"calls": CALLS, "steps": STEPS, "runs": RUNS, "sampling": SAMPLING,
                                      "requests": REQUESTS, "ops": OPS, "ledger": LEDGER, "allocations": ALLOCATIONS}
+
+
+def column(df: pd.DataFrame, name: str, frame: dict[str, str] = CALLS) -> pd.Series:
+    """Column ``name`` of ``df`` (a frame of schema ``frame``, ``calls`` by default); one absent
+    because every value was null (see :data:`CALLS`) as all nulls at its dtype."""
+    return _columns.column(df, name, frame)
 
 
 def shape_text(js: object) -> str:

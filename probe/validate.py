@@ -76,16 +76,21 @@ def check_frame(data: bytes, key: str, f: Path, columns: tuple[str, ...] | None 
 
     sch = schema.FRAMES[key]
     if columns is not None:
-        sch = {c: t for c, t in sch.items() if c in set(columns)}
+        sch = sch.narrowed(columns) if isinstance(sch, schema.Schema) else {c: t for c, t in sch.items()
+                                                                           if c in set(columns)}
     try:
         # text columns read as dictionaries: parquet stores them so, and their few distinct values
         # are checked once each; categorical ones stay dictionaries into pandas (to_frame)
         names = pq.read_schema(io.BytesIO(data)).names
         texts = [c for c in names if sch.get(c) in _TEXT_KINDS]
         read = None if columns is None else [c for c in names if c in sch]
-        table = pq.read_table(io.BytesIO(data), columns=read, read_dictionary=texts, filters=rows)
+        if rows is None:  # the file's reader gives one chunk per row group: pandas then takes columns without a copy
+            table = pq.ParquetFile(io.BytesIO(data), read_dictionary=texts).read(columns=read, use_pandas_metadata=False)
+        else:  # rows filtered in Arrow as they are read
+            table = pq.read_table(io.BytesIO(data), columns=read, read_dictionary=texts, filters=rows)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise RunLoadError(f"{f} is corrupt or half-written: {exc}") from exc
+    pa.default_memory_pool().release_unused()  # the reader's scratch buffers: not held while pandas converts
     names = table.column_names
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -110,7 +115,8 @@ def check_frame(data: bytes, key: str, f: Path, columns: tuple[str, ...] | None 
             if pa.types.is_unsigned_integer(t) and len(arr) and pc.max(_plain(arr)).as_py() > 2**63 - 1:
                 raise _bad(f, col, "holds numbers too large for int64")
             low_high = INT_RANGE.get(dtype)
-            if low_high and pa.types.is_integer(t) and len(arr) > arr.null_count:
+            narrow = pa.types.is_integer(t) and t.bit_width < (33 if pa.types.is_signed_integer(t) else 32)
+            if low_high and pa.types.is_integer(t) and not narrow and len(arr) > arr.null_count:  # int32 fits
                 got = pc.min_max(_plain(arr)).as_py()
                 if got["min"] < low_high[0] or got["max"] > low_high[1]:
                     raise _bad(f, col, f"holds numbers beyond {dtype} ({got['min']} to {got['max']}), which no "
@@ -169,12 +175,17 @@ def to_frame(table, sch: dict[str, str]) -> pd.DataFrame:
     if isinstance(table, list):
         table = table.pop()
     n = table.num_rows
+    names = table.column_names
+    # columns absent when all null are left out (an older run saved them as nulls)
+    gone = {c for c in schema.absent_when_null(sch) if c not in names or table.column(c).null_count == n}
+    if gone:
+        sch = sch.narrowed(c for c in sch if c not in gone)
     cols, fields, arr = [], [], None
     for col, dtype in sch.items():
         t = getattr(pa, _ARROW[dtype])()
         if dtype == schema.CAT:  # kept a dictionary: pandas makes a categorical of it (conform sorts it)
             t = pa.dictionary(pa.int32(), t)
-        if col in table.column_names:
+        if col in names:
             arr = table.column(col)
             if pa.types.is_dictionary(arr.type) and dtype != schema.STR and dtype != schema.CAT:
                 arr = arr.cast(arr.type.value_type)  # not as parquet writes them
@@ -190,7 +201,7 @@ def to_frame(table, sch: dict[str, str]) -> pd.DataFrame:
         else:
             cols.append(pa.nulls(n, t))
         fields.append(pa.field(col, t))
-    extras = [c for c in table.column_names if c not in sch]
+    extras = [c for c in names if c not in sch and c not in gone]
     for col in extras:
         cols.append(table.column(col))
         fields.append(pa.field(col, table.column(col).type))
@@ -198,6 +209,9 @@ def to_frame(table, sch: dict[str, str]) -> pd.DataFrame:
     del table, cols, arr
     df = out.to_pandas(split_blocks=True, self_destruct=True)
     del out
+    # the Arrow buffers pandas did not take are free now: hand their pages back to the system, so
+    # that what the load builds next (its checks of the rows) does not stack on top of them
+    pa.default_memory_pool().release_unused()
     return schema.conform(df, sch)
 
 

@@ -12,11 +12,11 @@ import plotly.graph_objects as go
 
 from probe import fmt
 from probe.analysis.run import block_summary
-from probe.schema import Phase
+from probe.schema import Phase, floats as column_floats
 
 from .diff import block_diff
 from .figure_base import (HEIGHT, PHASE_COLORS, RUN_COLORS, TEMPLATE, base_figure, bin_index, empty_figure, floats,
-                          phases_in, plot_text)
+                          phases_in, plot_text, unique_inverse)
 from .tables import ranks
 
 #: most columns of the layer x step heatmap; longer runs average consecutive steps
@@ -154,15 +154,15 @@ def layer_heatmap(calls: pd.DataFrame, phase: Phase = "decode", value: str = "au
     if not mask.any():
         return empty_figure(title, f"no decoder-layer calls in {phase}")
     if value == "auto":
-        gpu = calls["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)[mask]
+        gpu = column_floats(calls, "gpu_ms")[mask]
         value = "cpu_ms" if np.isnan(gpu).all() else "gpu_ms"
     if value not in ("cpu_ms", "gpu_ms"):
         raise ValueError(f"value must be 'cpu_ms', 'gpu_ms' or 'auto'; got {value!r}")
     layer = calls["layer"].to_numpy(dtype="int64", na_value=-1)[mask]
     step = calls["step"].to_numpy(dtype="int64")[mask]
-    vals = calls[value].to_numpy(dtype="float64", na_value=np.nan)[mask]
-    layers, li = np.unique(layer, return_inverse=True)
-    step_vals, si = np.unique(step, return_inverse=True)
+    vals = column_floats(calls, value)[mask]
+    layers, li = unique_inverse(layer)
+    step_vals, si = unique_inverse(step)
     bins = bin_index(len(step_vals), MAX_HEAT_COLS)
     width = int(np.bincount(bins).max())
     n_bins = int(bins[-1]) + 1

@@ -51,7 +51,7 @@ def frames_for_csv(run: "Run", view: "CostView | None" = None) -> dict[str, pd.D
 
     run = display_run(run)  # user strings capped (reports.text); the saved run keeps them whole
     frames = {
-        "calls": schema.conform(run.calls, schema.CALLS),
+        "calls": schema.conform(run.calls, schema.CALLS, whole=True),  # every column, the CUDA ones too
         "steps": schema.conform(run.steps, schema.STEPS),
         "runs": schema.conform(run.runs, schema.RUNS),
         "sampling": schema.conform(run.sampling, schema.SAMPLING),

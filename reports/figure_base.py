@@ -71,6 +71,17 @@ def binned(df: pd.DataFrame, x: str, ys: list[str], max_points: int = MAX_POINTS
     return g.mean().reset_index(drop=True)
 
 
+def unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` of integers; small non-negative ones (layers,
+    steps) by a table of the values present instead of a sort of every row."""
+    if len(values) and values.dtype.kind in "iu" and values.min() >= 0 and values.max() <= 4 * len(values):
+        present = np.zeros(int(values.max()) + 1, bool)
+        present[values] = True
+        rank = np.cumsum(present) - 1
+        return np.flatnonzero(present).astype(values.dtype), rank[values]
+    return np.unique(values, return_inverse=True)
+
+
 def floats(values: pd.Series) -> np.ndarray:
     """A float64 numpy array (nullable columns' NA -> NaN), which plotly stores compactly."""
     return pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from probe.schema import BLOCK_ROLES, PHASES
+from probe.schema import BLOCK_ROLES, PHASES, floats
 from probe.store import write_text
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -134,7 +134,8 @@ def _call_events(calls: pd.DataFrame, pids: dict, tids: dict) -> tuple[list[dict
                     "dur": _us(cpu), "args": {"step": step, "phase": phase, "module_type": mtype,
                                               "in_shapes": parsed(ins), "out_shapes": parsed(outs), "out_bytes": ob,
                                               "q_len": q, "kv_len": kv}})
-    gpu = calls[calls["gpu_ms"].notna() & calls["role"].isin(BLOCK_ROLES)]
+    timed = ~np.isnan(floats(calls, "gpu_ms"))  # gpu_ms is absent from a run without CUDA times
+    gpu = calls[timed & calls["role"].isin(BLOCK_ROLES).to_numpy()] if timed.any() else calls.iloc[0:0]
     if len(gpu):
         gpu = gpu.sort_values(["rank", "run_id", "start_ms"], kind="stable")
         end: dict[int, float] = {}

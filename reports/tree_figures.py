@@ -115,12 +115,19 @@ def _layer_role_table(ph: "accounting.Phases", phase: str) -> pd.DataFrame | Non
     if not inside.any():
         return None
     codes, uniq = accounting.label_codes(c, "role")  # made once for both phases
-    names = np.asarray(uniq, dtype=object)[codes[inside]]
+    names = np.asarray(uniq, dtype=object)
+    role = codes[inside] % max(len(names), 1)
     n = int(ph.n_steps[phase])
     layer = c["layer"].to_numpy(dtype="int64", na_value=-1)[inside]  # two columns taken, not the frame
-    return (pd.DataFrame({"layer": layer, "role": names,
-                          "self": c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)[inside] / n})
-            .pivot_table(index="layer", columns="role", values="self", aggfunc="sum", observed=True))
+    # summed per (layer, role) on integer keys: pandas' group sum, so the same sums as a pivot table
+    # of the names, without a string per call
+    width = len(names)
+    sums = pd.Series(c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)[inside] / n).groupby(
+        layer * width + role, sort=True).sum()
+    keys = sums.index.to_numpy()
+    table = pd.Series(sums.to_numpy(), index=pd.MultiIndex.from_arrays(
+        [pd.Index(keys // width, name="layer"), pd.Index(names[keys % width], name="role")])).unstack("role")
+    return table[sorted(table.columns)]
 
 
 def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[Phase, ...] = ("prefill", "decode")) -> go.Figure:

@@ -15,7 +15,7 @@ import probe
 from probe.analysis import tree
 from probe.analysis.part import ANALYSIS_COLUMNS, KEY_COLUMNS
 from probe.analysis.run import RunLoadError, RunSaveError
-from probe.schema import CALLS
+from probe.schema import CALLS, CUDA_CALLS  # a CPU run: the CUDA columns are absent
 from edits import reseal
 from tiny import tiny_llama, used_categories
 
@@ -43,15 +43,16 @@ def _rows(df: pd.DataFrame, keep) -> pd.DataFrame:
 
 def test_columns_reads_those_and_the_key_columns_equal_to_the_whole_runs(saved, whole):
     part = probe.load(saved, columns=["cpu_ms", "in_shapes"])
-    want = [c for c in CALLS if c in {"cpu_ms", "in_shapes", *KEY_COLUMNS}]
+    want = [c for c in CALLS if c not in CUDA_CALLS and c in {"cpu_ms", "in_shapes", *KEY_COLUMNS}]
     assert list(part.calls.columns) == want
     pd.testing.assert_frame_equal(part.calls, whole.calls[want])
     pd.testing.assert_frame_equal(part.steps, whole.steps)  # the other frames are whole
     pd.testing.assert_frame_equal(part.runs, whole.runs)
-    assert part.part == {"columns": want, "steps": None} and whole.part is None
+    asked = [c for c in CALLS if c in {"cpu_ms", "in_shapes", *KEY_COLUMNS}]  # gpu_self_ms asked, absent
+    assert part.part == {"columns": asked, "steps": None} and whole.part is None
     # one name is a list of one; no name at all reads the key columns
-    assert list(probe.load(saved, columns="layer").calls.columns) == [c for c in CALLS if c in {"layer", *KEY_COLUMNS}]
-    assert list(probe.load(saved, columns=[]).calls.columns) == [c for c in CALLS if c in KEY_COLUMNS]
+    assert list(probe.load(saved, columns="layer").calls.columns) == [c for c in CALLS if c not in CUDA_CALLS and c in {"layer", *KEY_COLUMNS}]
+    assert list(probe.load(saved, columns=[]).calls.columns) == [c for c in CALLS if c not in CUDA_CALLS and c in KEY_COLUMNS]
 
 
 @pytest.mark.parametrize("steps, keep", [
@@ -151,11 +152,11 @@ def test_a_run_saved_without_its_tree_gets_it_in_a_part(saved, whole, tmp_path):
     d.mkdir()
     for f in saved.iterdir():
         (d / f.name).write_bytes(f.read_bytes())
-    pd.read_parquet(d / "calls.parquet").drop(columns=list(tree.TREE_COLUMNS)).to_parquet(d / "calls.parquet",
+    pd.read_parquet(d / "calls.parquet").drop(columns=list(tree.TREE_COLUMNS), errors="ignore").to_parquet(d / "calls.parquet",
                                                                                           index=False)
     reseal(d)
     part = probe.load(d, columns=["role"], steps="decode")
-    want = [c for c in CALLS if c in {"role", *KEY_COLUMNS}]
+    want = [c for c in CALLS if c not in CUDA_CALLS and c in {"role", *KEY_COLUMNS}]
     assert list(part.calls.columns) == want  # the columns the tree was derived from are not kept
     pd.testing.assert_frame_equal(used_categories(part.calls), _rows(whole.calls[want], whole.calls["phase"] == "decode"))
 
@@ -170,6 +171,6 @@ def test_the_ranks_of_a_tensor_parallel_run_load_in_part(whole, tmp_path):
     part = probe.load(root, columns=["cpu_ms"], steps="prefill")
     one = whole.calls[whole.calls["phase"] == "prefill"]
     assert part.meta["ranks"] == [0, 1] and len(part.calls) == 2 * len(one)
-    assert list(part.calls.columns) == [c for c in CALLS if c in {"cpu_ms", *KEY_COLUMNS}]
+    assert list(part.calls.columns) == [c for c in CALLS if c not in CUDA_CALLS and c in {"cpu_ms", *KEY_COLUMNS}]
     with pytest.raises(RunSaveError, match="loaded in part"):
         part.save(tmp_path / "merged")

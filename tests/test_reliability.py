@@ -665,3 +665,19 @@ def test_probe_verify_lists_every_problem_where_load_stops_at_the_first(cli_run,
     for needle in ("'cpu_ms' has", "'total_ms' has", "beyond the model's", "nesting is not a tree"):
         assert needle in out
     assert main(["verify", str(tmp_path / "nothing")]) == 2
+
+
+def test_calls_of_unknown_steps_are_counted_and_located_exactly():
+    """The load looks each stretch of one step's calls up once: the message still counts every
+    call of a missing step and names the first of them."""
+    import numpy as np
+    import pandas as pd
+
+    from probe import rules
+
+    steps = pd.DataFrame({"run_id": ["r"] * 3, "step": [0, 1, 2]})
+    calls = pd.DataFrame({"run_id": pd.Categorical(["r"] * 9),  # steps 5, 7 and 5 again are not recorded
+                          "step": np.array([0, 0, 5, 5, 5, 1, 7, 2, 5], np.int32)})
+    found = rules.link_problems({"calls": calls, "steps": steps, "runs": pd.DataFrame({"run_id": ["r"], "steps": [3]})},
+                                {})
+    assert found == ["calls.parquet: 5 calls belong to no step of steps.parquet (first at row 2)"]

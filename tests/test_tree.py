@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 import probe
-from probe.analysis import accounting, tree
+from probe.analysis import accounting, grouping, tree
 from probe import roles, schema
 from tiny import tiny_llama, tiny_model
 from edits import reseal
@@ -205,7 +205,7 @@ def test_runs_saved_without_the_tree_get_it_on_load(tmp_path):
     with probe.attach(model, depth="all") as p:
         model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
     path = p.run.save(tmp_path / "run")
-    calls = pd.read_parquet(path / "calls.parquet").drop(columns=list(tree.TREE_COLUMNS))
+    calls = pd.read_parquet(path / "calls.parquet").drop(columns=list(tree.TREE_COLUMNS), errors="ignore")
     calls.to_parquet(path / "calls.parquet", index=False)
     steps = pd.read_parquet(path / "steps.parquet").drop(columns=["residue_ms", "gpu_residue_ms"])
     steps.to_parquet(path / "steps.parquet", index=False)
@@ -283,7 +283,7 @@ def test_the_cuda_clock_adds_up_the_same_way():
     (The frames are given CUDA columns by arithmetic on a CPU recording: the accounting only
     reads the columns.)"""
     run = _record("llama", "all")
-    calls = run.calls.assign(gpu_ms=run.calls["cpu_ms"] * 0.5).drop(columns=list(tree.TREE_COLUMNS))
+    calls = run.calls.assign(gpu_ms=run.calls["cpu_ms"] * 0.5).drop(columns=list(tree.TREE_COLUMNS), errors="ignore")
     steps = run.steps.assign(gpu_ms=run.steps["forward_ms"] * 0.75)
     calls, steps = tree.annotate(calls, steps)
     per_step = calls.groupby("step")["gpu_self_ms"].sum().reindex(steps["step"]).to_numpy()
@@ -425,3 +425,26 @@ def test_a_run_builds_its_summary_and_tree_once_and_again_for_new_frames(monkeyp
     assert set(blocks.loc[~blocks["name"].isin([accounting.RESIDUE, accounting.PROBE]), "phase"]) == {"decode"}
     assert len(built) == 2
     assert run.tree() is not run.tree() and run.tree().equals(run.tree())
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_codes_in_order_are_pandas_factorize(late):
+    """The prefix shortcut of the summary's grouping gives exactly ``pd.factorize``'s codes and
+    keys, also where a key first appears near the end (the prefix then grows to the whole)."""
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 40, 200_000)
+    if late:
+        keys[-3:] = [41, 45, 41]
+    got = grouping.codes_in_order(keys, 50)
+    want = pd.factorize(keys)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_codes_in_order_with_a_key_per_row_are_pandas_factorize():
+    rng = np.random.default_rng(1)
+    keys = np.repeat(np.arange(150_000), 1)[rng.permutation(150_000)] * 2 + rng.integers(0, 2, 150_000)
+    got = grouping.codes_in_order(keys, 300_000)
+    want = pd.factorize(keys)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

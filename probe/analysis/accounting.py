@@ -30,8 +30,9 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
-from ..columns import ranked, text_codes
+from ..columns import floats, ranked, text_codes
 from . import memo, tree
+from .grouping import codes_in_order, first_rows, group_sum
 from ..schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
 
 #: name of the attention module's self-time row at the role level when calls inside it are recorded
@@ -52,9 +53,12 @@ class Phases:
         calls, steps = tree.ensure(calls, steps)
         self.steps = steps[steps["residue_ms"].notna()] if len(steps) else steps
         if len(calls) and len(self.steps):
-            ckey, skey = tree.step_keys(calls, self.steps)
+            # a call is of a recorded step if its stretch's first call is: keys of the stretches only
+            starts, stretch = tree.step_starts(calls)
+            head = calls[[c for c in ("rank", "run_id", "step") if c in calls.columns]].iloc[starts]
+            ckey, skey = tree.step_keys(head, self.steps)
             mine = np.isin(ckey, skey)
-            calls = calls if mine.all() else calls[mine].reset_index(drop=True)
+            calls = calls if mine.all() else calls[mine[stretch]].reset_index(drop=True)
         else:
             calls = calls.iloc[0:0]
         self.calls = calls
@@ -130,7 +134,10 @@ def _block_codes(modules: pd.Series, roles: pd.Series, codes=None) -> tuple[np.n
     # each module's role: that of its first call with one
     has = np.flatnonzero((rc >= 0) & (mcodes >= 0))
     at = np.full(len(muniq), len(rc), np.int64)
-    np.minimum.at(at, mcodes[has], has)
+    head = has[:65536]  # every module is called in the first steps: its first call is found there
+    np.minimum.at(at, mcodes[head], head)
+    if len(head) < len(has) and (np.bincount(mcodes[has], minlength=len(muniq)) > 0).sum() > (at < len(rc)).sum():
+        np.minimum.at(at, mcodes[has], has)  # a module first called later
     role_of = [str(ru[rc[i]]) if i < len(rc) else "" for i in at]
     blocks = {str(m): role_of[i] for i, m in enumerate(muniq) if role_of[i] in BLOCK_ROLES}
     index = {b: i for i, b in enumerate(BLOCK_ORDER)}
@@ -199,13 +206,10 @@ def _codes(calls: pd.DataFrame, level: str, prow: np.ndarray | None, codes=None)
     return _block_codes(calls["module"], calls["role"], codes)
 
 
-def group_sum(groups: np.ndarray, n: int, values: np.ndarray, min_count: int = 0) -> np.ndarray:
-    """Per group: the sum of the non-NaN values (NaN where fewer than ``min_count`` of them)."""
-    ok = ~np.isnan(values)
-    total = np.bincount(groups[ok], weights=values[ok], minlength=n)
-    if min_count:
-        total = np.where(np.bincount(groups[ok], minlength=n) >= min_count, total, np.nan)
-    return total
+def _present(calls: pd.DataFrame, col: str) -> np.ndarray | None:
+    """Number column ``col`` as float64 (NaN for a null), or ``None`` where the frame lacks it
+    (a column absent when all null: :data:`probe.schema.CUDA_CALLS`)."""
+    return floats(calls, col) if col in calls.columns else None
 
 
 def _level(ph: Phases, level: str) -> pd.DataFrame:
@@ -225,20 +229,23 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     # a call counts towards its row's total unless its parent is a call of the same row
     up = np.maximum(prow, 0)
     root = own & ~((prow >= 0) & (kcodes[up] == kcodes) & own[up])
-    cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
-    gpu = c["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
+    cpu = floats(c, "cpu_ms")
+    gpu = _present(c, "gpu_ms")
     gk = kcodes.astype(np.int64) * n_phase + pcodes
-    slot, keys = pd.factorize(gk)  # output rows in the order they were first called
+    slot, keys = codes_in_order(gk, max(len(names), 1) * n_phase)  # output rows in the order they were first called
     m = len(keys)
-    top = np.maximum.accumulate(slot)
-    first = np.flatnonzero(np.r_[True, top[1:] > top[:-1]])  # each row's first call
+    first = first_rows(slot, m)  # each row's first call
 
     def agg(values, min_count=0):
         return group_sum(slot, m, values, min_count)
 
-    calls_n = np.bincount(slot, weights=own.astype("float64"), minlength=m)
-    ob = np.where(own, c["out_bytes"].to_numpy(dtype="float64", na_value=np.nan), np.nan)
-    ob_n = np.bincount(slot[~np.isnan(ob)], minlength=m)
+    every = level != "block"  # every call is its row's own call (the same sums, less work)
+    calls_n = (np.bincount(slot, minlength=m) if every else np.bincount(slot, weights=own, minlength=m)).astype("float64")
+    ob = floats(c, "out_bytes")
+    if not every:
+        ob = np.where(own, ob, np.nan)
+    has_ob = ~np.isnan(ob)
+    ob_n = np.bincount(slot, minlength=m) if has_ob.all() else np.bincount(slot[has_ob], minlength=m)
     out = pd.DataFrame({
         "name": pd.array([names[k // n_phase] for k in keys], dtype="string"),
         "phase": pd.array([str(puniq[k % n_phase]) for k in keys], dtype="string"),
@@ -246,13 +253,13 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
         "layer": c["layer"].to_numpy()[first] if level == "module" else pd.array([pd.NA] * len(keys), dtype="Int64"),
         "calls": calls_n.astype("int64"),
         "total_ms": agg(np.where(root, cpu, 0.0)),
-        "self_ms": agg(c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
-        "gpu_total_ms": agg(np.where(root, gpu, np.nan), 1),
-        "gpu_self_ms": agg(c["gpu_self_ms"].to_numpy(dtype="float64", na_value=np.nan), 1),
+        "self_ms": agg(floats(c, "self_ms")),
+        "gpu_total_ms": agg(None if gpu is None else np.where(root, gpu, np.nan), 1),
+        "gpu_self_ms": agg(_present(c, "gpu_self_ms"), 1),
         "mean_out_bytes": agg(ob) / np.where(ob_n > 0, ob_n, np.nan),
     })
     with np.errstate(invalid="ignore", divide="ignore"):
-        out["mean_ms"] = agg(np.where(own, cpu, 0.0)) / np.where(calls_n > 0, calls_n, np.nan)
+        out["mean_ms"] = agg(cpu if every else np.where(own, cpu, 0.0)) / np.where(calls_n > 0, calls_n, np.nan)
     if level == "block":
         out["role"] = out["name"]
     elif level == "role":
@@ -356,6 +363,14 @@ def _tree_nodes(modules: pd.Series, prow: np.ndarray, lv: np.ndarray) -> tuple[n
     return node, paths, parent_path
 
 
+def _tree_shape(calls: pd.DataFrame, prow: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str], list]:
+    """Each call's tree level and node, with the nodes' paths: shared by the tables at every depth."""
+    lv = _tree_levels(prow)
+    node, paths, parent_path = _tree_nodes(calls["module"], prow, lv)
+    lv.flags.writeable = node.flags.writeable = False  # kept while the frames live (probe.analysis.memo)
+    return lv, node, paths, parent_path
+
+
 def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
     """The call tree per phase, one row per path of modules, optionally collapsed at ``depth``.
 
@@ -379,8 +394,7 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
     if c.empty:
         return schema.empty(TREE)
     prow = ph.prow
-    lv = _tree_levels(prow)
-    node, paths, parent_path = _tree_nodes(c["module"], prow, lv)
+    lv, node, paths, parent_path = memo.derived("tree_nodes", None, c, c, lambda: _tree_shape(c, prow))
     n = len(c)
     keep = node
     if depth is not None:  # fold deeper calls into their ancestor at `depth`
@@ -390,26 +404,26 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
             anc = np.where(deep, prow[anc], anc)
         keep = node[anc]
     shown = lv < depth if depth is not None else np.ones(n, bool)
-    cpu = c["cpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
-    gpu = c["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
+    cpu = floats(c, "cpu_ms")
+    gpu = _present(c, "gpu_ms")
     # one group per (phase, node), aggregated on integer codes
     pcodes, puniq = text_codes(c["phase"], na_sentinel=False)
-    slot, gkeys = pd.factorize(pcodes.astype(np.int64) * max(len(paths), 1) + keep)
+    slot, gkeys = codes_in_order(pcodes.astype(np.int64) * max(len(paths), 1) + keep,
+                                 max(len(paths), 1) * max(len(puniq), 1))
     m = len(gkeys)
     # the node's first own call (folded calls sort after every shown one)
     order = np.where(shown, np.arange(n), n + np.arange(n))
     first = np.full(m, 2 * n, np.int64)
     np.minimum.at(first, slot, order)
-    top = np.maximum.accumulate(slot)  # slots are numbered in order of appearance:
-    at = np.flatnonzero(np.r_[True, top[1:] > top[:-1]])  # each group's first row
+    at = first_rows(slot, m)  # each group's first row
     gnode, gphase = keep[at], pcodes[at]
     out = pd.DataFrame({
         "phase": pd.array([str(puniq[p]) for p in gphase], dtype="string"),
         "calls": np.bincount(slot, weights=shown.astype("float64"), minlength=m).astype("int64"),
         "total_ms": group_sum(slot, m, np.where(shown, cpu, 0.0)),
-        "self_ms": group_sum(slot, m, c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)),
-        "gpu_total_ms": group_sum(slot, m, np.where(shown, gpu, np.nan), 1),
-        "gpu_self_ms": group_sum(slot, m, c["gpu_self_ms"].to_numpy(dtype="float64", na_value=np.nan), 1),
+        "self_ms": group_sum(slot, m, floats(c, "self_ms")),
+        "gpu_total_ms": group_sum(slot, m, None if gpu is None else np.where(shown, gpu, np.nan), 1),
+        "gpu_self_ms": group_sum(slot, m, _present(c, "gpu_self_ms"), 1),
         "first": first,
     })
     row = np.where(first < n, first, first - n)

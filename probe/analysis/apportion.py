@@ -77,7 +77,7 @@ def apportion(run: Any, model: Any = None) -> pd.DataFrame:
     m = resolve_model(model if model is not None else run)
     cfg = getattr(m, "config", None)
     names = dict(m.named_modules())
-    use_gpu = calls["gpu_ms"].notna().all()
+    use_gpu = not np.isnan(schema.floats(calls, "gpu_ms")).any()
     layouts = {(r, s): json.loads(js) for r, s, js in zip(steps["run_id"], steps["step"], steps["layout"])}
     costs: dict[str, Any] = {}
 
@@ -88,7 +88,7 @@ def apportion(run: Any, model: Any = None) -> pd.DataFrame:
             continue
         mc = costs.get(module) or module_cost(mod, cfg, str(role))
         costs[module] = mc
-        t = (sub["gpu_ms"] if use_gpu else sub["cpu_ms"]).to_numpy(dtype="float64")
+        t = schema.floats(sub, "gpu_ms" if use_gpu else "cpu_ms")
         work = np.array([_kind_work(mc, layouts.get((r, s), []), str(role))
                          for r, s in zip(sub["run_id"], sub["step"])], dtype="float64").reshape(-1, 4)
         wp, wd, n_p, n_d = work.T

@@ -134,9 +134,16 @@ def mann_whitney_p(a, b) -> float:
     if not n1 or not n2:
         return math.nan
     both = np.concatenate([a, b])
-    ranks = pd.Series(both).rank(method="average").to_numpy()
+    n = n1 + n2
+    # one sort gives the average ranks (pandas' rank(method="average")) and the tie counts
+    order = np.argsort(both)  # any order of equal values: a tie's rank is its run's mean either way
+    ordered = both[order]
+    start = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # each run of equal values
+    t = np.diff(np.r_[start, n])  # its length
+    ranks = np.empty(n)
+    ranks[order] = np.repeat(start + (t + 1) / 2, t)  # 1-based ranks, a tie's the mean of its run
     u1 = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2)
-    ties = len(np.unique(both)) < len(both)
+    ties = len(start) < n
     if not ties and n1 * n2 <= 400:
         # counts[k] = arrangements with U = k, by the recurrence over the largest element
         counts = _u_counts(n1, n2)
@@ -145,8 +152,6 @@ def mann_whitney_p(a, b) -> float:
         p = 2 * counts[: int(math.floor(u)) + 1].sum() / total
         return float(min(1.0, p))
     mu = n1 * n2 / 2
-    _, t = np.unique(both, return_counts=True)
-    n = n1 + n2
     var = n1 * n2 / 12 * ((n + 1) - float((t ** 3 - t).sum()) / (n * (n - 1)))
     if var <= 0:
         return 1.0

@@ -111,14 +111,22 @@ def _step_number(v: object) -> int:
 
 
 def schema_of(frame_schema: dict[str, str], columns: Iterable[str]) -> dict[str, str]:
-    """``frame_schema`` narrowed to ``columns`` (schema order kept)."""
+    """``frame_schema`` narrowed to ``columns`` (schema order kept, its absent-when-null flags too)."""
+    if isinstance(frame_schema, schema.Schema):
+        return frame_schema.narrowed(columns)
     keep = set(columns)
     return {c: t for c, t in frame_schema.items() if c in keep}
 
 
-def need(calls, what: str) -> None:
-    """Raise a clear ``ValueError`` where ``calls`` lacks a column ``what`` (an analysis) reads."""
-    lost = [c for c in ANALYSIS_COLUMNS if c not in calls.columns]
+def need(calls, what: str, asked: dict | None = None) -> None:
+    """Raise a clear ``ValueError`` where ``calls`` lacks a column ``what`` (an analysis) reads.
+
+    A column absent because all its values are null (:data:`probe.schema.CUDA_CALLS`) counts as
+    there, unless the run was read in part (``asked``, :attr:`probe.Run.part`) without asking for it."""
+    cols = (asked or {}).get("columns")
+    sparse = schema.CALLS.absent_when_null
+    lost = [c for c in ANALYSIS_COLUMNS
+            if c not in calls.columns and not (c in sparse and (cols is None or c in cols))]
     if lost:
         raise ValueError(f"{what} reads the calls columns {', '.join(lost)}, which this run was loaded without; "
                          f"load them too: probe.load(path, columns=[..., {', '.join(map(repr, lost))}])")

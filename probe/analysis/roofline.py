@@ -162,7 +162,7 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
         if not calls.empty:
             raise ValueError("calls have no 'flops' column: run probe.cost.annotate(calls, model) first")
         return empty_roofline()
-    c = calls
+    c = calls if "gpu_ms" in calls.columns else calls.assign(gpu_ms=schema.column(calls, "gpu_ms"))
     keys = ["role", "phase"] if by == "role" else ["module", "role", "layer", "phase"]
     g = c.groupby(keys, sort=False, dropna=False, observed=True)
     out = pd.DataFrame({
@@ -228,7 +228,7 @@ def _forward_rows(calls: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
     g = blocks.groupby("phase", sort=False, observed=True)
     fl = g["flops"].sum(min_count=1)
     by_ = g["bytes_moved"].sum(min_count=1)
-    blk_gpu = g["gpu_ms"].sum(min_count=1)
+    blk_gpu = g["gpu_ms"].sum(min_count=1)  # gpu_ms: there (roofline gives every frame it)
     s = steps.groupby("phase", sort=False, observed=True)
     rows = pd.DataFrame({
         "calls": s.size(),

@@ -95,7 +95,7 @@ class Run:
         from .accounting import summary
 
         level = level if level is not None else by
-        need(self.calls, "summary()")
+        need(self.calls, "summary()", self.part)
         return self._memo(("summary", level), lambda: summary(self.calls, self.steps, level=level))
 
     def tree(self, depth: int | None = None, *, level: str = "module") -> pd.DataFrame:
@@ -106,7 +106,7 @@ class Run:
         from .op_tree import check_tree_level, op_tree
 
         check_tree_level(level)
-        need(self.calls, "tree()")
+        need(self.calls, "tree()", self.part)
         if level == "op" and (self.ops.empty or self.calls.empty):
             raise ValueError("tree(level='op') needs a deep run's ops and timed calls of the same run: record with "
                              "`probe run --deep` or probe.profile(..., deep=True); attach(deep=...) alone times no step")
@@ -272,7 +272,10 @@ class Run:
             if key in ("ops", "ledger", "allocations") and getattr(self, key).empty:
                 continue  # written only for a run with a deep pass
             buf = io.BytesIO()
-            getattr(self, key).to_parquet(buf, index=False)
+            frame = getattr(self, key)
+            if key == "calls":  # columns all null here (CUDA ones on a CPU run) are not written
+                frame = schema.conform(frame, CALLS)
+            frame.to_parquet(buf, index=False)
             blobs[name] = buf.getvalue()
         meta = dict(self.meta)
         meta["files"] = {k: v for k, v in FILES.items() if v in blobs}

@@ -14,7 +14,8 @@ import pandas as pd
 
 from .. import schema
 from . import tree
-from .accounting import PROBE, RESIDUE, check_level, factorized, group_sum, label_codes, labels
+from .accounting import PROBE, RESIDUE, check_level, factorized, label_codes, labels
+from .grouping import codes_in_order, group_sum
 from ..schema import Level
 
 OUTSIDE = "(outside model)"
@@ -35,7 +36,11 @@ def recorded(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame) -> tu
     """The successful generate calls' calls and steps, with the call tree's columns."""
     ids = generate_ids(runs)
     calls, steps = tree.ensure(calls, steps)
-    mine = calls["run_id"].isin(ids).to_numpy(dtype=bool, na_value=False)
+    run = calls["run_id"]
+    if isinstance(run.dtype, pd.CategoricalDtype):  # decided per category, looked up by code (-1: a null)
+        mine = np.append(run.cat.categories.isin(ids), False)[run.cat.codes.to_numpy()]
+    else:
+        mine = run.isin(ids).to_numpy(dtype=bool, na_value=False)
     return calls if mine.all() else calls[mine], steps[steps["run_id"].isin(ids)]  # the usual case copies nothing
 
 def per_step(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: Level,
@@ -52,7 +57,7 @@ def per_step(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level
         col = "gpu_self_ms" if clock == "gpu" else "self_ms"
         parts.append(pd.DataFrame({"name": labels(c, level), "phase": c["phase"].to_numpy(), "run_id": c["run_id"].to_numpy(),
                                    "step": c["step"].to_numpy(),
-                                   "ms": c[col].to_numpy(dtype="float64", na_value=np.nan)}))
+                                   "ms": schema.floats(c, col)}))
     rec = st[st["residue_ms"].notna()]
     extra = [(RESIDUE, "gpu_residue_ms" if clock == "gpu" else "residue_ms")]
     if clock == "host" and "probe_ms" in rec.columns and rec["probe_ms"].notna().any():
@@ -67,7 +72,7 @@ def per_step(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level
     return pd.concat(parts, ignore_index=True)[list(cols)].astype(cols)
 
 def clock_of(run_calls: list[pd.DataFrame]) -> str:
-    return "gpu" if all(len(c) and c["gpu_ms"].notna().all() for c in run_calls) else "host"
+    return "gpu" if all(len(c) and not np.isnan(schema.floats(c, "gpu_ms")).any() for c in run_calls) else "host"
 
 
 def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, level: Level = "block",
@@ -93,7 +98,7 @@ def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
         lut = np.array([names.setdefault(str(v), len(names)) for v in lnames] + [-1], dtype=np.int64)
         parts.append((lut[lcodes], codes(None, phases, factorized(c, "phase")),
                       codes(None, ids, factorized(c, "run_id")),
-                      c["step"].to_numpy(dtype="int64"), c[col].to_numpy(dtype="float64", na_value=np.nan)))
+                      c["step"].to_numpy(dtype="int64"), schema.floats(c, col)))
     rec = st[st["residue_ms"].notna()]
     extra = [(RESIDUE, "gpu_residue_ms" if clock == "gpu" else "residue_ms", rec)]
     if clock == "host" and "probe_ms" in rec.columns and rec["probe_ms"].notna().any():
@@ -108,14 +113,18 @@ def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
         return {}
     name, phase, run, step, ms = (np.concatenate(x) for x in zip(*parts))
     keep = (name >= 0) & (phase >= 0) & (run >= 0)  # a row with a missing key is in no group
-    name, phase, run, step, ms = name[keep], phase[keep], run[keep], step[keep], ms[keep]
+    if not keep.all():
+        name, phase, run, step, ms = name[keep], phase[keep], run[keep], step[keep], ms[keep]
     span = int(step.max()) + 1 if len(step) else 1
     pair = name * max(len(phases), 1) + phase
-    group, firsts = pd.factorize((pair * max(len(ids), 1) + run) * span + step)  # (row, phase, run, step)
+    n_pairs = max(len(names), 1) * max(len(phases), 1)
+    group, firsts = codes_in_order((pair * max(len(ids), 1) + run) * span + step,  # (row, phase, run, step)
+                                   n_pairs * max(len(ids), 1) * span)
     total = group_sum(group, len(firsts), ms, min_count=1)
     pair_of = firsts // (max(len(ids), 1) * span)  # each group's (row, phase), in the groups' order
-    pcode, puniq = pd.factorize(pair_of)
-    order = np.argsort(pcode, kind="stable")
+    pcode, puniq = codes_in_order(pair_of, n_pairs)
+    # a stable sort of small integers: numpy sorts 16-bit ones by radix (the same order)
+    order = np.argsort(pcode.astype(np.int16) if len(puniq) < 2**15 else pcode, kind="stable")
     bounds = np.searchsorted(pcode[order], np.arange(len(puniq) + 1))
     name_of, phase_of = list(names), list(phases)
     n_ph = max(len(phases), 1)

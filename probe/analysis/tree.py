@@ -25,10 +25,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..columns import text_codes
+from ..columns import floats, text_codes
 from . import memo
 
 TREE_COLUMNS = ("call", "parent", "self_ms", "gpu_self_ms")
+#: the tree columns every call has (``gpu_self_ms`` is absent on a run without CUDA times)
+_HOST_TREE = ("call", "parent", "self_ms")
 _KEYS = ["rank", "run_id", "step"]
 
 
@@ -57,12 +59,39 @@ def _group_ids(calls: pd.DataFrame) -> np.ndarray:
     Where the same step appears in separate stretches of rows (the same run loaded twice and
     concatenated), each stretch is a step of its own.
     """
-    gid, _ = pd.factorize(step_keys(calls)[0])
-    gid = gid.astype(np.int64)
-    if len(gid) < 2:
-        return gid
-    stretch = np.cumsum(np.r_[True, gid[1:] != gid[:-1]]) - 1
-    return stretch if stretch[-1] + 1 > gid.max() + 1 else gid
+    n = len(calls)
+    if n < 2:
+        return np.zeros(n, np.int64)
+    # numbered by stretches of equal (rank, run_id, step): where each step's rows are together (as
+    # recorded) these are its steps in order of first appearance, and a step seen in two stretches is two
+    return np.cumsum(np.r_[True, _changes(calls)]) - 1
+
+
+def step_starts(calls: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The first row of each stretch of calls of one step (``rank, run_id, step``), and each
+    call's stretch: what holds for a step's key holds for every row of its stretch."""
+    n = len(calls)
+    if n < 2:
+        return np.zeros(min(n, 1), np.int64), np.zeros(n, np.int64)
+    change = np.r_[True, _changes(calls)]
+    return np.flatnonzero(change), np.cumsum(change) - 1
+
+
+def _changes(calls: pd.DataFrame) -> np.ndarray:
+    """Whether each call after the first is of another step than the call before it."""
+    run = calls["run_id"]
+    run = run.cat.codes.to_numpy() if isinstance(run.dtype, pd.CategoricalDtype) else text_codes(run)[0]
+    step = _ints(calls["step"], -1)
+    change = (step[1:] != step[:-1]) | (run[1:] != run[:-1])
+    if "rank" in calls:
+        rank = _ints(calls["rank"], 0)
+        change |= rank[1:] != rank[:-1]
+    return change
+
+
+def _ints(s: pd.Series, na: int) -> np.ndarray:
+    """An integer column's values (a null as ``na``); a numpy column as it is (it holds no null)."""
+    return s.to_numpy() if isinstance(s.dtype, np.dtype) and s.dtype.kind in "iu" else s.to_numpy(dtype="int64", na_value=na)
 
 
 def nest(gid: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,16 +222,19 @@ def annotate(calls: pd.DataFrame, steps: pd.DataFrame | None = None) -> tuple[pd
         parent_row_by_row[order] = parent_row
         child = parent_row_by_row >= 0
         cpu_children = np.bincount(parent_row_by_row[child], weights=cpu[child], minlength=n)
-        gpu = calls["gpu_ms"].to_numpy(dtype="float64", na_value=np.nan)
+        gpu = floats(calls, "gpu_ms")
         gpu_children = np.bincount(parent_row_by_row[child], weights=np.nan_to_num(gpu[child]), minlength=n)
         calls["call"] = pd.array(call, dtype="Int64")
         calls["parent"] = pd.arrays.IntegerArray(parent_v, parent_na)
         # a call's calibrated cost can leave its children a few microseconds longer than itself:
         # such a self time is 0 (and the step's residue absorbs the difference), never negative
         calls["self_ms"] = np.maximum(cpu - cpu_children, 0.0)
-        calls["gpu_self_ms"] = np.maximum(gpu - gpu_children, 0.0)
+        if np.isnan(gpu).all():  # no CUDA times: the column is absent (see probe.schema.CALLS)
+            calls = calls.drop(columns=["gpu_self_ms"], errors="ignore")
+        else:
+            calls["gpu_self_ms"] = np.maximum(gpu - gpu_children, 0.0)
     else:
-        for col, dt in zip(TREE_COLUMNS, ("Int64", "Int64", "float64", "float64")):
+        for col, dt in zip(_HOST_TREE, ("Int64", "Int64", "float64")):
             calls[col] = pd.Series([], dtype=dt)
     if steps is None:
         return calls, None
@@ -216,7 +248,8 @@ def residues(calls: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
     if len(calls):
         g = calls.groupby(_KEYS, sort=False, dropna=False, observed=True)
         host = g["self_ms"].sum().reindex(idx).to_numpy(dtype="float64", na_value=np.nan)
-        gpu = g["gpu_self_ms"].sum(min_count=1).reindex(idx).to_numpy(dtype="float64", na_value=np.nan)
+        gpu = (g["gpu_self_ms"].sum(min_count=1).reindex(idx).to_numpy(dtype="float64", na_value=np.nan)
+               if "gpu_self_ms" in calls.columns else np.full(len(steps), np.nan))
     else:
         host = gpu = np.full(len(steps), np.nan)
     has_probe = "probe_ms" in steps
@@ -238,7 +271,7 @@ def residues(calls: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
 
 def has_tree(calls: pd.DataFrame) -> bool:
     """Whether ``calls`` carries the tree columns with values (an older run's are null)."""
-    return all(c in calls.columns for c in TREE_COLUMNS) and (calls.empty or calls["self_ms"].notna().all())
+    return all(c in calls.columns for c in _HOST_TREE) and (calls.empty or calls["self_ms"].notna().all())
 
 
 def ensure(calls: pd.DataFrame, steps: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
