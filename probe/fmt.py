@@ -177,6 +177,11 @@ def flop_s(value: object) -> str:
     return _scaled(value, "FLOP/s", _SI)
 
 
+def flops(value: object) -> str:
+    """A count of floating-point operations with an SI prefix: ``155 kFLOP``, ``1.23 GFLOP``."""
+    return _scaled(value, "FLOP", _SI)
+
+
 def byte_s(value: object) -> str:
     """Bytes per second, decimal units as bandwidth is quoted: ``9.10 GB/s``, ``3.35 TB/s``."""
     return _scaled(value, "B/s", _SI)

@@ -73,6 +73,7 @@ def deep_lines(run: "Run") -> list[str]:
     tied = deep.get("tied_weights") or {}
     ledger = folded(memory_ledger(run.ledger, run.ops, tied), cats, [])
     noisy = False
+    flops = _flops_lines(run)
     for phase in PHASES:
         part = ops[ops["phase"] == phase]
         if part.empty:
@@ -118,6 +119,8 @@ def deep_lines(run: "Run") -> list[str]:
             m = step.iloc[0]
             lines.append(f"  {'whole step':<34} memory: KV cache held {fmt.nbytes(m.kv_cache_bytes)}, temporaries "
                          f"{fmt.nbytes(m.temporaries_bytes)}, peak +{fmt.nbytes(m.peak_added_bytes)}")
+        if phase in flops:
+            lines.append(f"  {'FLOPs vs the cost model':<34} {flops[phase]}")
     if unknown:
         lines.append(f"  ({unknown})")
     if noisy:
@@ -181,3 +184,29 @@ def live_bytes_figure(ops: pd.DataFrame, phase: str):
         fig.add_scatter(x=pts["seq"], y=pts["live_bytes"], mode="lines", name=f"step {step}",
                         line={"color": PHASE_COLORS.get(phase), "dash": dashes[i % len(dashes)]})
     return fig
+
+
+def _flops_lines(run: "Run") -> dict[str, str]:
+    """Per phase, one line: how the deep pass's FLOPs of the blocks stand against the cost
+    model's matrix products (:meth:`Run.flops_reconciled`), and what else the cost model counts;
+    nothing where the run cannot be costed (no config in its meta)."""
+    try:
+        rec = run.flops_reconciled()
+    except (ValueError, TypeError, KeyError):  # no config, another model: the reconciliation says why when asked
+        return {}
+    out = {}
+    for phase, grp in rec[rec["module"] != "(step)"].groupby("phase", sort=False, observed=True):
+        grp = grp[grp["verdict"] != "not costed"]
+        if grp.empty:
+            continue
+        equal = int((grp["verdict"] == "equal").sum())
+        text = (f"{equal} of {len(grp)} block rows equal its matrix products "
+                f"({fmt.flops(float(grp['deep_flops'].sum()))} over the sampled steps)")
+        off = grp[grp["verdict"] != "equal"].drop_duplicates("module")
+        if len(off):
+            text += "; " + ", ".join(f"{m} {v}" for m, v in zip(off["module"].head(3), off["verdict"].head(3)))
+        rest = float(grp["rest_flops"].sum())
+        if rest > 0:
+            text += f"; the cost model also counts {fmt.flops(rest)} of elementwise work torch's formulas leave out"
+        out[str(phase)] = text
+    return out

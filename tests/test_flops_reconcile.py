@@ -204,3 +204,23 @@ def test_a_ledger_without_shapes_costs_batch_times_q_len():
     head = rec.loc[(0, "lm_head")]
     assert head["matrix_flops"] == 8 * head["deep_flops"]  # 8 prompt positions costed, 1 run
     assert head["verdict"] == "differs by -87.5 %"
+
+
+def test_the_deep_text_says_how_the_flops_reconcile_per_phase():
+    """``probe run --deep`` prints, per phase, how many block rows equal the cost model's matrix
+    products and how much elementwise work the cost model counts beside them; a run that cannot
+    be costed (no config in its meta) prints the rest of the section without that line."""
+    from probe.reports.deep_section import deep_lines
+
+    m = tiny_llama(layers=2, hidden=32, vocab=64)
+    run = _deep_run(m, "sdpa")
+    rec = reconcile_flops(run, m)
+    lines = [ln for ln in deep_lines(run) if "FLOPs vs the cost model" in ln]
+    assert len(lines) == 2  # prefill, decode
+    for phase, line in zip(("prefill", "decode"), lines):
+        blocks = rec[(rec["phase"] == phase) & (rec["module"] != STEP)]
+        assert f"{len(blocks)} of {len(blocks)} block rows equal its matrix products" in line
+        assert "elementwise work" in line
+    run.meta = {k: v for k, v in run.meta.items() if k != "config"}
+    text = deep_lines(run)
+    assert text and not any("FLOPs vs the cost model" in ln for ln in text)
