@@ -183,10 +183,28 @@ def test_no_calibration_beside_a_running_profiler():
     assert any(e.key == "aten::mm" for e in prof.key_averages())
 
 
+def test_a_users_dispatch_mode_sees_only_the_models_own_ops():
+    """A user's FlopCounterMode around a deep generate counts what it counts without the probe:
+    no replay and no warming op of the probe's reaches it (and nothing is calibrated)."""
+    m = _model()
+    with FlopCounterMode(display=False) as plain:
+        want = m.generate(PROMPT, max_new_tokens=3, do_sample=False)
+    with probe.attach(m, deep=[0, 2]) as p:
+        with FlopCounterMode(display=False) as under:
+            got = m.generate(PROMPT, max_new_tokens=3, do_sample=False)
+    assert torch.equal(want, got)
+    assert under.get_total_flops() == plain.get_total_flops() > 0
+    assert p.run.meta["deep"]["op_call_us"] == {} and len(p.run.ops) > 0
+
+
 def test_replayed_overloads_and_their_kept_arguments():
     assert replayable(aten.mm.default) and replayable(aten.view.default)
     assert not replayable(aten.add_.Tensor)  # writes to an argument
     assert not replayable(aten.bernoulli.default)  # draws random numbers
+    # asserts (a zero tensor fails them: on CUDA a sticky device error) and other namespaces
+    # (collectives would talk to other ranks; a custom kernel's schema may not say what it writes)
+    assert not replayable(aten._assert_async.default) and not replayable(aten._assert_async.msg)
+    assert not replayable(torch.ops._c10d_functional.all_reduce.default)
     t = torch.zeros(4, 3)
     kept = template(((t.t(), [t, 2]), {"x": t}))
     ref = weakref.ref(t)

@@ -54,8 +54,11 @@ def op_comparison(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     with np.errstate(divide="ignore", invalid="ignore"):
         out["ratio"] = (out["b_ms"] / out["a_ms"]).where(out["a_ms"] > 0)
     real = ~out["op"].eq(DISPATCH)
-    block_a = out[real].groupby(["phase", "block"], sort=False)["a_ms"].sum()
-    floor = pd.Series(list(zip(out["phase"], out["block"])), index=out.index).map(block_a).fillna(0.0) * MIN_BLOCK_SHARE
+    # a block's key as text (a null block is one too: its ops get their block's floor, not 0)
+    key = pd.Series(list(zip(out["phase"].astype(str), out["block"].astype(object).fillna("").astype(str))),
+                    index=out.index)
+    block_a = out["a_ms"][real].groupby(key[real], sort=False).sum()
+    floor = key.map(block_a).fillna(0.0) * MIN_BLOCK_SHARE
     moved = (out["ratio"] - 1).abs().ge(MIN_RATIO_CHANGE) & out["diff_ms"].abs().ge(floor) & out["diff_ms"].ne(0)
     calls = real & out["a_calls"].notna() & out["b_calls"].notna() & (out["a_calls"] - out["b_calls"]).abs().gt(1e-9)
     change = np.select(

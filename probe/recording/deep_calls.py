@@ -27,8 +27,10 @@ call's own tensors where they are still alive (weights, the KV cache), else zero
 their sizes, strides and dtype. Only weak references are kept, so the ledger's frees are
 unchanged. Overloads that write to an argument or draw random numbers are not replayed (the
 model's outputs and random stream stay as they were), nor those whose arguments cannot be
-rebuilt; theirs is the step's floor. With another profiler running nothing is replayed (two
-profilers cannot run at once).
+rebuilt, nor asserts, nor ops of other namespaces (collectives, custom kernels), nor ops with
+no tensor argument; theirs is the step's floor. With another profiler or dispatch mode active,
+or on one rank of several, nothing is replayed (the other tool would see the replays; ranks
+could fall out of step).
 """
 
 from __future__ import annotations
@@ -44,19 +46,53 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-#: the most bytes of zero tensors a replay may make (a freed argument rebuilt); more: not replayed
+#: the most bytes of zero tensors the replays of one step may make together (freed arguments
+#: rebuilt); beyond it an overload is not replayed
 MAX_REBUILT_BYTES = 64 << 20
 
 
+#: aten ops never replayed although they write nothing: asserts (a zero tensor fails them; on
+#: CUDA that is a sticky device error) and symbolic-shape constraints
+_NEVER = ("_assert", "_functional_assert", "sym_constrain_range")
+
+
 def replayable(func: Any) -> bool:
-    """Whether replaying ``func`` can change nothing the model sees: it writes to no argument
-    and draws no random numbers."""
+    """Whether replaying ``func`` can change nothing the model sees: an ``aten`` op (not a
+    collective of another rank's, not a custom kernel whose schema may not say what it writes)
+    that writes to no argument, draws no random numbers and asserts nothing."""
     try:
-        if func._schema.is_mutable:
+        if getattr(func, "namespace", None) != "aten" or func._schema.is_mutable:
+            return False
+        if func._schema.name.split("::")[-1].startswith(_NEVER):
             return False
         return torch.Tag.nondeterministic_seeded not in func.tags
     except Exception:
         return False
+
+
+def _has_tensor(x: Any) -> bool:
+    if isinstance(x, _Arg):
+        return True
+    if isinstance(x, (list, tuple)):
+        return any(_has_tensor(v) for v in x)
+    if isinstance(x, dict):
+        return any(_has_tensor(v) for v in x.values())
+    return False
+
+
+def others_active() -> bool:
+    """Another dispatch mode (a user's ``FlopCounterMode``, a memory tracker) or a profiler is
+    active, or this is one rank of several: then nothing is replayed and no warming op is
+    called, so the other tool sees only the model's own ops, and ranks stay in step."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    if _get_current_dispatch_mode_stack() or torch.autograd._profiler_enabled():
+        return True
+    dist = getattr(torch, "distributed", None)
+    try:
+        return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+    except Exception:
+        return True
 
 
 class _Arg:
@@ -106,12 +142,15 @@ def _rebuild(x: Any, budget: list, tiny: bool) -> Any:
     return x
 
 
-def _replayable_call(func: Any, args: Any, kwargs: Any) -> tuple | None:
+def _replayable_call(func: Any, args: Any, kwargs: Any, budget: list) -> tuple | None:
     """``(args, kwargs)`` to replay ``func`` with: its tensors one element in each dimension where
-    the op accepts that (a view's sizes must fit its tensor), else as the sampled call had them."""
+    the op accepts that (a view's sizes must fit its tensor), else as the sampled call had them,
+    freed ones rebuilt from ``budget`` (bytes left for every overload of the step together). An op
+    without a tensor argument (a factory: its sizes are its own) is not replayed."""
+    if not (_has_tensor(args) or _has_tensor(kwargs)):
+        return None
     for tiny in (True, False):
         try:
-            budget = [MAX_REBUILT_BYTES]
             a, k = _rebuild(args, budget, tiny), _rebuild(kwargs, budget, tiny)
             func._op(*a, **k)
             return a, k
@@ -135,7 +174,7 @@ def calibrate(samples: dict[Any, tuple], into: dict[Any, int], repeats: int = 25
     on the machine)."""
     from torch.autograd import profiler_legacy
 
-    if not samples or torch.autograd._profiler_enabled():
+    if not samples or others_active():
         return
     clock = time.perf_counter_ns
     unit = torch.zeros(1)
@@ -152,8 +191,9 @@ def calibrate(samples: dict[Any, tuple], into: dict[Any, int], repeats: int = 25
 
     with torch.no_grad():
         calls = []
+        budget = [MAX_REBUILT_BYTES]  # for the rebuilt arguments of every overload together
         for func, (args, kwargs) in samples.items():
-            got = _replayable_call(func, args, kwargs)
+            got = _replayable_call(func, args, kwargs, budget)
             if got is not None:
                 calls.append((func, func._op, *got))
         if not calls:

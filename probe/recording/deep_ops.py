@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .deep_calls import replayable, template
+from .deep_calls import others_active, replayable, template
 
 aten = torch.ops.aten
 
@@ -334,11 +334,17 @@ class OpMode(TorchDispatchMode):
         self.alias = aten.alias.default._op
         self.samples: dict[Any, tuple] = {}  # overload -> its first call's templated (args, kwargs)
         self._seen: set = set()  # overloads sampled, calibrated or not replayable
+        # another dispatch mode or profiler under this one (a user's FlopCounterMode), or one rank
+        # of several: no op of the probe's own (the warming and floor aliases) reaches it, and
+        # nothing is replayed; op times then hold their Python call (see docs/deep.md)
+        self.quiet = others_active()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # the C++ operator itself (an op without one, called as it comes)
         call, clock, unit, alias = getattr(func, "_op", func), time.perf_counter_ns, self.unit, self.alias
-        alias(unit)  # warm the dispatch path (see the class doc)
+        quiet = self.quiet
+        if not quiet:
+            alias(unit)  # warm the dispatch path (see the class doc)
         if kwargs:
             t0 = clock()
             out = call(*args, **kwargs)
@@ -351,6 +357,8 @@ class OpMode(TorchDispatchMode):
         try:
             self.log.op(func, args, kwargs, out, ns, t0)
             self.n += 1
+            if quiet:
+                return out
             if self.n % self.FLOOR_EVERY == 1:
                 alias(unit)
                 t1 = clock()
