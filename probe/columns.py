@@ -168,7 +168,6 @@ def concat_rows(frames: list[pd.DataFrame]) -> pd.DataFrame:
     cols = list(dict.fromkeys(c for f in frames for c in f.columns))
     kept = [f.dropna(axis=1, how="all") if len(f) else f.iloc[:, :0] for f in frames]
     out = pd.concat(kept, ignore_index=True)
-    out = out.reindex(range(sum(len(f) for f in frames))) if len(out) != sum(len(f) for f in frames) else out
     for c in cols:
         if c not in out.columns:
             # all null: the first frame's dtype where it has a null (float NaN, string <NA>, ...)

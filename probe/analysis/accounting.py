@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
-from ..columns import floats, ranked, text_codes
+from ..columns import concat_rows, floats, ranked, text_codes
 from . import memo, tree
 from .grouping import codes_in_order, first_rows, group_sum
 from ..schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
@@ -320,9 +320,8 @@ def _summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = Non
         extra["_o"] = 10_000 + np.arange(len(extra))
         parts.append(body)
         parts.append(extra)
-    # columns all null in a part (the extra rows' figures, GPU columns on CPU) are left out of the
-    # concatenation, as pandas 2 does while it warns that it will stop; conform puts them back
-    out = pd.concat([p.dropna(axis=1, how="all") for p in parts if len(p)], ignore_index=True)
+    # a part's all-null columns (the extra rows' figures) take the others' dtypes
+    out = concat_rows([p for p in parts if len(p)])
     out["_l"] = ranked(out["level"], {v: i for i, v in enumerate(LEVELS)})
     out["_p"] = ranked(out["phase"], {p: i for i, p in enumerate(PHASES)}, len(PHASES))
     out = out.sort_values(["_l", "_p", "_o"], kind="stable").drop(columns=["_l", "_p", "_o"])
