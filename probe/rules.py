@@ -94,22 +94,45 @@ def _values(s: pd.Series) -> np.ndarray:
     return s.to_numpy(dtype="float64", na_value=np.nan)
 
 
+#: rows of a nullable column checked at a time: its copies stay small (a million rows: 1 MB, not 9)
+PART_ROWS = 1 << 17
+
+
+def _int_parts(s: pd.Series):
+    """``(first row, values, missing)`` of a nullable integer column in parts of
+    :data:`PART_ROWS` rows (values at the column's width, 0 where missing)."""
+    arr = s.array
+    for i in range(0, len(arr), PART_ROWS):
+        part = arr[i:i + PART_ROWS]  # a view
+        yield i, part.to_numpy(dtype=s.dtype.numpy_dtype, na_value=0), part.isna()
+
+
+def _ints(s: pd.Series) -> np.ndarray:
+    """An integer column's values at its own width (a null as -1); another column's as int64."""
+    if isinstance(s.dtype, np.dtype) and s.dtype.kind in "iu":
+        return s.to_numpy()
+    numpy_dtype = getattr(s.dtype, "numpy_dtype", None)
+    width = numpy_dtype if numpy_dtype is not None and numpy_dtype.kind == "i" else np.dtype("int64")
+    return s.to_numpy(dtype=width, na_value=-1)
+
+
 def _within(s: pd.Series, rule: Rule) -> bool:
     """Whether every value of a numpy-backed ``s`` keeps ``rule`` (missing ones only where it
     allows them), decided on the column's own array; ``False`` where it does not or cannot tell."""
     if not len(s):
         return False
     if isinstance(s.array, pd.arrays.IntegerArray):  # a nullable integer: its values where not missing
-        mask = s.array.isna()
-        if mask.any():
-            if not rule.nan:
-                return False
-            if mask.all():
-                return True
-            v = s.array.to_numpy(dtype=s.dtype.numpy_dtype, na_value=0)[~mask]
-        else:
-            v = s.array.to_numpy(dtype=s.dtype.numpy_dtype)
-        lo, hi = v.min(), v.max()
+        lo = hi = None
+        for _, v, missing in _int_parts(s):
+            if missing.any():
+                if not rule.nan:
+                    return False
+                v = v[~missing]
+            if len(v):
+                lo = v.min() if lo is None else min(lo, v.min())
+                hi = v.max() if hi is None else max(hi, v.max())
+        if lo is None:  # every value missing
+            return True
         return (rule.low is None or lo >= rule.low) and (rule.high is None or hi <= rule.high)
     if not isinstance(s.dtype, np.dtype) or s.dtype.kind not in "iuf":
         return False
@@ -207,8 +230,9 @@ def link_problems(frames: dict[str, pd.DataFrame], meta: dict) -> list[str]:
         have = _step_key(steps, *codes["steps"], runs=runs_)
         # a step's calls lie together: each stretch of one (run, step) is looked up once
         c = codes["calls"][0]
-        step = calls["step"].to_numpy(dtype="int64", na_value=-1)
+        step = _ints(calls["step"])
         starts = np.flatnonzero(np.r_[True, (c[1:] != c[:-1]) | (step[1:] != step[:-1])])
+        del step
         lost = ~np.isin(_step_key(calls, *codes["calls"], runs=runs_, rows=starts), have)
         if lost.any():
             size = np.diff(np.r_[starts, len(c)])
@@ -216,12 +240,27 @@ def link_problems(frames: dict[str, pd.DataFrame], meta: dict) -> list[str]:
                        f"(first at row {int(starts[np.flatnonzero(lost)[0]])})")
     n_layers = _layer_count(meta)
     if calls is not None and len(calls) and n_layers is not None and "layer" in calls.columns:
-        layer = _values(calls["layer"])
-        beyond = ~np.isnan(layer) & (layer >= n_layers)
-        if beyond.any():
-            out.append(f"calls.parquet: column 'layer' has {int(beyond.sum())} values beyond the model's "
-                       f"{n_layers} layers (first at {_first(beyond, layer)})")
+        count, first = 0, ""
+        for i, v, missing in _layer_parts(calls["layer"]):
+            beyond = (v >= n_layers) & ~missing
+            if beyond.any():
+                count += int(beyond.sum())
+                at = int(np.flatnonzero(beyond)[0])
+                first = first or f"row {i + at}: {int(v[at])}"
+        if count:
+            out.append(f"calls.parquet: column 'layer' has {count} values beyond the model's "
+                       f"{n_layers} layers (first at {first})")
     return out
+
+
+def _layer_parts(s: pd.Series):
+    """The ``layer`` column in parts as :func:`_int_parts` gives them (any other dtype whole)."""
+    if isinstance(s.array, pd.arrays.IntegerArray):
+        yield from _int_parts(s)
+        return
+    v = _values(s)
+    missing = np.isnan(v)
+    yield 0, np.where(missing, -1, v), missing
 
 
 def _run_codes(df: pd.DataFrame) -> tuple[np.ndarray, list]:
@@ -231,8 +270,10 @@ def _run_codes(df: pd.DataFrame) -> tuple[np.ndarray, list]:
     s = df["run_id"]
     if isinstance(s.dtype, pd.CategoricalDtype):  # its categories, and a null after them: nothing hashed
         cats = [str(v) for v in s.cat.categories]
-        c = s.cat.codes.to_numpy().astype(np.int64)
-        return np.where(c < 0, len(cats), c), [*cats, None]
+        c = s.cat.codes.to_numpy()  # as narrow as the categories allow (a million rows: 1 MB, not 8)
+        if c.dtype.itemsize < 8 and len(cats) >= np.iinfo(c.dtype).max:
+            c = c.astype(np.int64)
+        return np.where(c < 0, c.dtype.type(len(cats)), c), [*cats, None]
     c, u = text_codes(s, na_sentinel=False)
     return c, [None if v is pd.NA else str(v) for v in u]
 
@@ -245,10 +286,10 @@ def _step_key(df: pd.DataFrame, codes: np.ndarray, uniq: list, runs: list, rows:
     for v in runs:
         number.setdefault(v, len(number))
     lut = np.array([number[v] for v in uniq] or [0], dtype=np.int64)
-    step = df["step"].to_numpy(dtype="int64", na_value=-1)
+    step = _ints(df["step"])  # no copy of a numpy column: only the rows asked are taken
     if rows is not None:
         codes, step = codes[rows], step[rows]
-    return lut[codes] * (1 << 40) + step + 1
+    return lut[codes] * (1 << 40) + step.astype(np.int64) + 1
 
 
 def problems(frames: dict[str, pd.DataFrame], meta: dict) -> list[str]:

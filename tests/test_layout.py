@@ -136,7 +136,7 @@ def test_the_graph_sees_every_package_and_lazy_imports():
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("vocabulary", ("probe.version", "probe.errors", "probe.vocab", "probe.roles", "probe.deps", "probe.fmt", "probe.dtypes",
                     "probe.compat", "probe.columns", "probe.derived_schema", "probe.schema", "probe.rules",
-                    "probe.validate")),
+                    "probe.parquet_read", "probe.validate")),
     ("store", ("probe.store*",)),
     ("models", ("probe.models*",)),
     ("recording", ("probe.recording*",)),

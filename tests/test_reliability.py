@@ -681,3 +681,25 @@ def test_calls_of_unknown_steps_are_counted_and_located_exactly():
     found = rules.link_problems({"calls": calls, "steps": steps, "runs": pd.DataFrame({"run_id": ["r"], "steps": [3]})},
                                 {})
     assert found == ["calls.parquet: 5 calls belong to no step of steps.parquet (first at row 2)"]
+
+
+@pytest.mark.parametrize("name", [n for n, (_, needle) in CORRUPTIONS.items() if needle is not None])
+def test_a_large_file_read_in_parts_meets_the_same_error(name, cli_run, tmp_path, monkeypatch):
+    """Read one column at a time, the nesting and the rules checked in parts of rows (as a large
+    file is: ``probe.parquet_read``), each corruption gives the very error one read gives."""
+    from probe import rules
+    from probe.analysis import tree
+    from probe import parquet_read as reading
+
+    corrupt, needle = CORRUPTIONS[name]
+    d = tmp_path / "run"
+    shutil.copytree(cli_run, d)
+    corrupt(d)
+    with pytest.raises(RunLoadError) as whole:
+        probe.load(d)
+    monkeypatch.setattr(reading, "COLUMNWISE_ROWS", 0)
+    monkeypatch.setattr(tree, "PART_ROWS", 2)
+    monkeypatch.setattr(rules, "PART_ROWS", 2)
+    with pytest.raises(RunLoadError) as parts:
+        probe.load(d)
+    assert str(parts.value) == str(whole.value)

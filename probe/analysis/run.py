@@ -19,22 +19,14 @@ from .accounting import block_summary  # noqa: F401 - where readers have found i
 from ..errors import RunSaveError
 from .headline import phase_headline, phase_totals
 from ..recording.stages import stage_summary
-from ..store.files import (
-    MAX_META_BYTES,
-    META,
-    leftover_hint,
-    read_regular,
-    reason,
-    recover,
-    temp_beside,
-    write_folder,
-    write_in_place,
-)
+from ..store.files import (MAX_META_BYTES, META, leftover_hint, open_regular, read_regular, reason, recover,
+                           temp_beside, write_folder, write_in_place)
 from ..store.files import remove_leftovers as store_remove_leftovers
 from ..store.folders import check_save_target, rank_dirs, rank_of
 from ..schema import CALLS, REQUESTS, RUNS, SAMPLING, STEPS, Level
 from .. import rules
 from .part import MARK, STEP_FRAMES, TREE_INPUTS, Part, calls_schema, describe, need, select
+from .. import parquet_read as reading
 from ..validate import MANIFEST, RunLoadError, check_frame, check_manifest, check_meta
 
 FILES = {"calls": "calls.parquet", "steps": "steps.parquet", "runs": "runs.parquet", "sampling": "sampling.parquet",
@@ -404,14 +396,14 @@ def _load_folder(root: Path, sel: Part | None = None) -> tuple[Run, list[str]]:
                                    "damaged; re-record the run")
             frames[key] = schema.empty(schema.FRAMES[key])  # saved before this frame existed
             continue
-        data = read_regular(f)
-        if manifest is not None:
-            check_manifest(manifest, name, data, f, meta_file)
-        rows = sel.rows if sel is not None and key in STEP_FRAMES else None
-        cols = sel.calls_columns() if sel is not None and key == "calls" else None
-        frames[key] = check_frame(data, key, f, cols, rows)
-        if cols is not None and not tree.has_tree(frames[key]):  # saved without its tree: derive it
-            frames[key] = check_frame(data, key, f, sel.calls_columns(TREE_INPUTS), rows)
+        with open_regular(f) as data:  # read in parts: a large file is never held whole in memory
+            if manifest is not None:
+                check_manifest(manifest, name, data, f, meta_file)
+            rows = sel.rows if sel is not None and key in STEP_FRAMES else None
+            cols = sel.calls_columns() if sel is not None and key == "calls" else None
+            frames[key] = check_frame(data, key, f, cols, rows)
+            if cols is not None and not tree.has_tree(frames[key]):  # saved without its tree: derive it
+                frames[key] = check_frame(data, key, f, sel.calls_columns(TREE_INPUTS), rows)
     if manifest is not None:
         ids = sorted({str(v) for v in frames["runs"]["run_id"].dropna()})
         if ids != manifest.get("run_ids", ids):
@@ -425,9 +417,11 @@ def _load_folder(root: Path, sel: Part | None = None) -> tuple[Run, list[str]]:
         meta[MARK] = dict(sel.asked)
     found = rules.problems(frames, meta)
     try:
-        tree.parent_rows(frames["calls"])  # every walk over the nesting must end: no loops, no forward parents
+        tree.check_nesting(frames["calls"])  # every walk over the nesting must end: no loops, no forward parents
     except ValueError as exc:
         found.append(f"{FILES['calls']}: {exc}")
+    if len(frames["calls"]) >= reading.COLUMNWISE_ROWS:
+        reading.give_back()  # what the checks freed: not kept under what the caller builds next
     return Run(calls=frames["calls"], steps=frames["steps"], runs=frames["runs"], meta=meta, path=root,
                sampling=frames["sampling"], requests=frames["requests"], ops=frames["ops"], ledger=frames["ledger"],
                allocations=frames["allocations"]), found

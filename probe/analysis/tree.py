@@ -89,6 +89,13 @@ def _changes(calls: pd.DataFrame) -> np.ndarray:
     return change
 
 
+def _narrow_ints(s: pd.Series) -> np.ndarray:
+    """A call-number column (``call``, ``parent``) as int32 where it is one (int64 else), a null as -1."""
+    if isinstance(s.dtype, np.dtype) and s.dtype.kind in "iu":
+        return s.to_numpy()
+    return s.to_numpy(dtype="int32" if str(s.dtype).lower() == "int32" else "int64", na_value=-1)
+
+
 def _ints(s: pd.Series, na: int) -> np.ndarray:
     """An integer column's values (a null as ``na``); a numpy column as it is (it holds no null)."""
     return s.to_numpy() if isinstance(s.dtype, np.dtype) and s.dtype.kind in "iu" else s.to_numpy(dtype="int64", na_value=na)
@@ -284,7 +291,7 @@ def ensure(calls: pd.DataFrame, steps: pd.DataFrame) -> tuple[pd.DataFrame, pd.D
 
 
 def parent_rows(calls: pd.DataFrame) -> np.ndarray:
-    """Row position of each call's parent in ``calls`` (-1 at the top of a step).
+    """Row position of each call's parent in ``calls`` (-1 at the top of a step), as integers.
 
     Every walk over the nesting (tree levels, the icicle, role attribution) follows these rows,
     so they are checked here, in linear time: within its step each ``call`` is unique and below
@@ -296,27 +303,64 @@ def parent_rows(calls: pd.DataFrame) -> np.ndarray:
     return memo.derived("parent_rows", None, calls, calls, lambda: _read_only(_parent_rows(calls)))
 
 
+def check_nesting(calls: pd.DataFrame) -> None:
+    """Raise :class:`ValueError` where the nesting of ``calls`` is not a tree (see
+    :func:`parent_rows`), keeping nothing: a load checks every run, and most are never walked."""
+    _parent_rows(calls, answer=False)
+
+
 def _read_only(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False  # shared by every walk of these frames (probe.analysis.memo)
     return a
 
 
-def _parent_rows(calls: pd.DataFrame) -> np.ndarray:
+#: rows of the call columns read at a time while the nesting is checked (its copies stay small)
+PART_ROWS = 1 << 17
+
+
+def _parent_rows(calls: pd.DataFrame, answer: bool = True) -> np.ndarray | None:
+    """The parent rows (see :func:`parent_rows`); with ``answer`` false only checked, ``None``."""
     n = len(calls)
     if n == 0:
         return np.zeros(0, np.int64)
-    gid = _group_ids(calls)
-    call = calls["call"].to_numpy(dtype="int64", na_value=-1)
-    parent = calls["parent"].to_numpy(dtype="int64", na_value=-1)
-    if (call < 0).any():
-        i = int(np.flatnonzero(call < 0)[0])
-        raise ValueError(_bad_nesting(calls, i, "has no call number"))
-    bad = (parent >= 0) & (parent >= call)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(_bad_nesting(calls, i, f"names call {parent[i]} as its parent, which does not come before it"))
+    # The usual case, every recording's: each step's calls in its rows in order, numbered from 0,
+    # so a call's row is its step's first row plus its number (and the numbers are unique).
+    # Checked and answered in parts of rows, so that nothing of a million rows is copied whole.
+    change = np.r_[True, _changes(calls)]
+    small = np.int32 if n < 2**31 - 1 else np.int64
+    found = np.empty(n if answer else 0, small)
+    dense, unnumbered, early, before = True, None, None, -1
+    for i in range(0, n, PART_ROWS):
+        j = min(n, i + PART_ROWS)
+        call = _narrow_ints(calls["call"].iloc[i:j])
+        parent = _narrow_ints(calls["parent"].iloc[i:j])
+        if unnumbered is None and (call < 0).any():
+            unnumbered = i + int(np.flatnonzero(call < 0)[0])
+        bad = (parent >= 0) & (parent >= call)
+        if early is None and bad.any():
+            early = i + int(np.flatnonzero(bad)[0])
+        if dense:
+            after = np.r_[before, call[:-1]] + 1  # what each call's number is if it follows the one above
+            dense = bool(np.where(change[i:j], call == 0, call == after).all())
+            before = call[-1]
+        if dense and answer:
+            rows = np.arange(i, j, dtype=small)
+            rows -= call.astype(small, copy=False)
+            rows += parent.astype(small, copy=False)
+            found[i:j] = np.where(parent >= 0, rows, -1)  # the parent's row: same step, an earlier number
+    if unnumbered is not None:
+        raise ValueError(_bad_nesting(calls, unnumbered, "has no call number"))
+    if early is not None:
+        raise ValueError(_bad_nesting(calls, early, f"names call {calls['parent'].iloc[early]} as its parent, "
+                                                    "which does not come before it"))
+    if dense:
+        return found if answer else None  # int32 below 2**31 rows: kept (memo), half the size
+    del found, change
+    call = _narrow_ints(calls["call"])
+    parent = _narrow_ints(calls["parent"])
     has = parent >= 0
-    if int(call.max()) < n:  # the usual case: a dense (step, call) -> row table
+    gid = _group_ids(calls)
+    if int(call.max()) < n:  # numbers beyond their rows but below the row count: a dense (step, call) table
         width = int(call.max()) + 1
         key = gid * width + call
         lookup = np.full((int(gid.max()) + 1) * width, -1, dtype=np.int64)
@@ -331,7 +375,7 @@ def _parent_rows(calls: pd.DataFrame) -> np.ndarray:
     if dup.any():
         i = int(np.flatnonzero(dup)[0])
         raise ValueError(_bad_nesting(calls, i, f"shares its number {call[i]} with another call of its step"))
-    return found
+    return found if answer else None
 
 
 def _bad_nesting(calls: pd.DataFrame, i: int, problem: str) -> str:

@@ -27,6 +27,7 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import MANIFEST, RunLoadError
 
@@ -64,9 +65,9 @@ def user_cache_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- reading
-def read_regular(f: Path, what: str | None = None, limit: int | None = None) -> bytes:
-    """The bytes of ``f``, which must be a regular file (a FIFO, a device or a folder by that name
-    is refused at once, never waited on).
+def open_regular(f: Path, what: str | None = None, limit: int | None = None) -> BinaryIO:
+    """``f`` opened for reading in binary, which must be a regular file (a FIFO, a device or a
+    folder by that name is refused at once, never waited on) of at most ``limit`` bytes.
 
     Raises:
         RunLoadError: ``f`` is missing, not a regular file, larger than ``limit``, or unreadable.
@@ -83,16 +84,25 @@ def read_regular(f: Path, what: str | None = None, limit: int | None = None) -> 
         if not stat.S_ISREG(st.st_mode):
             raise RunLoadError(f"{label} is not a regular file (a FIFO, device or folder by that name); "
                                "a run holds only ordinary files")
+        if limit is not None and st.st_size > limit:
+            raise RunLoadError(f"{label} is {st.st_size:,} bytes, more than a run's {limit:,}: not a probe file")
     except BaseException:
         os.close(fd)
         raise
-    with os.fdopen(fd, "rb") as fh:
-        if limit is not None and st.st_size > limit:
-            raise RunLoadError(f"{label} is {st.st_size:,} bytes, more than a run's {limit:,}: not a probe file")
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(f: Path, what: str | None = None, limit: int | None = None) -> bytes:
+    """The bytes of ``f``, which must be a regular file (see :func:`open_regular`).
+
+    Raises:
+        RunLoadError: ``f`` is missing, not a regular file, larger than ``limit``, or unreadable.
+    """
+    with open_regular(f, what, limit) as fh:
         try:
             return fh.read()
         except OSError as exc:
-            raise RunLoadError(f"{label} cannot be read: {reason(exc)}") from exc
+            raise RunLoadError(f"{what or f} cannot be read: {reason(exc)}") from exc
 
 
 def read_meta(folder: Path) -> dict | None:
