@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
-from ..columns import concat_rows
+from ..columns import combine
 from ..derived_schema import TREE
 from .accounting import PROBE, RESIDUE, SEP
 from .ops import DISPATCH
@@ -115,7 +115,7 @@ def _phase(t: pd.DataFrame, ops: pd.DataFrame) -> pd.DataFrame:
         out.append(t.iloc[[i]])
         if str(node) in children:
             out.append(pd.DataFrame(children[str(node)]))
-    return concat_rows(out)
+    return combine(out)
 
 
 def _row(parent: pd.Series, op: str, calls: int, ms: float, total: float, role: str) -> dict:
