@@ -10,7 +10,7 @@ import torch
 import probe
 from probe.analysis.op_compare import changed, op_comparison
 from probe.analysis.op_tree import DISPATCH_ROLE, OP_ROLE, op_tree
-from probe.analysis.ops import DISPATCH
+from probe.analysis.ops import DISPATCH, memory_ledger
 from probe.analysis.run import merge
 from probe.models import load_bundled
 from tiny import as_rank
@@ -105,6 +105,18 @@ def test_op_tree_of_two_ranks_scales_by_both_ranks_sampled_steps(sdpa):
     ops = (one["role"] == OP_ROLE).to_numpy()
     assert (abs(two["calls"].to_numpy()[ops] - 2 * one["calls"].to_numpy()[ops]) <= 1).all()
     assert _children_add_up(two) == _children_add_up(one)
+
+
+def test_op_summary_and_memory_ledger_of_two_ranks_per_sampled_step(sdpa):
+    """The same two ranks: per sampled step (each rank's steps its own) every figure is one rank's."""
+    both = merge([sdpa, as_rank(sdpa, 1)])
+    for by in ("block", "module"):
+        one, two = sdpa.op_summary(by=by), both.op_summary(by=by)
+        pd.testing.assert_frame_equal(two.drop(columns="steps"), one.drop(columns="steps"))
+        assert (two["steps"] == 2 * one["steps"]).all()
+    one, two = (memory_ledger(r.ledger, r.ops) for r in (sdpa, both))
+    pd.testing.assert_frame_equal(two.drop(columns="steps"), one.drop(columns="steps"))
+    assert (two["steps"] == 2 * one["steps"]).all()
 
 
 def test_op_tree_of_a_phase_without_residue_or_top_level_rows(sublayers):
