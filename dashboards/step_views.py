@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from probe.reports import figures
-from probe.columns import concat_rows
+from probe.columns import combine
 
 from . import data
 from .context import Context, show_chart, show_table
@@ -62,7 +62,7 @@ def memory(ctx: Context) -> None:
     names = ctx.names()
     if len(ctx.selected) > 1:  # per run, never added together
         each = ctx.each()
-        mem = ctx.memo("block_memory_runs", lambda: concat_rows(
+        mem = ctx.memo("block_memory_runs", lambda: combine(
             [data.block_memory(r.calls).assign(run=n) for n, r in each.items()]))
         mem = mem[["run", *[c for c in mem.columns if c != "run"]]]
     else:

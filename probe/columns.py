@@ -75,9 +75,9 @@ def _empty(items: tuple[tuple[str, str], ...], skip: frozenset[str]) -> pd.DataF
     return pd.DataFrame({c: pd.Series([], dtype=_dtype(d)) for c, d in items if c not in skip})
 
 
-def nulls(n: int, dtype: str, index: pd.Index | None = None) -> pd.Series:
-    """``n`` nulls at schema dtype ``dtype``."""
-    if dtype == CAT:
+def nulls(n: int, dtype, index: pd.Index | None = None) -> pd.Series:
+    """``n`` nulls at schema dtype ``dtype`` (a name, or a pandas or numpy dtype that holds nulls)."""
+    if isinstance(dtype, str) and dtype == CAT:
         s = pd.Series(pd.Categorical.from_codes(np.full(n, -1, np.int8), dtype=_dtype(CAT)))
     elif dtype == "float64":
         s = pd.Series(np.full(n, np.nan))
@@ -157,37 +157,60 @@ def ranked(s: pd.Series, order: dict, missing: float = np.nan) -> pd.Series:
     return s.astype(object).map(order).astype("float64").fillna(missing)
 
 
-def concat_rows(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """``pd.concat(frames, ignore_index=True)`` with each column's dtype taken from the frames
-    that hold values in it: a column all null in one frame (figures a part lacks) does not turn
-    the others' floats into objects. pandas 2 does this while warning that it will stop; this
-    does it on every version, and keeps the columns (in order) even where every frame is null."""
-    frames = [f for f in frames if len(f.columns)]
+def combine(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """``pd.concat(frames, ignore_index=True)`` (rows of several parts, runs or ranks), rows in the
+    order given, with each column's dtype taken from the frames that hold values in it.
+
+    - A column all null in one frame (figures a part lacks, or a frame without the column) is
+      made nulls at the dtype of the first frame holding values there (:func:`nulls`), so it
+      does not turn the others' floats into objects: pandas 2 excludes such columns while warning
+      that it will stop, pandas 3 no longer does; this gives the same frame on both.
+    - A categorical column stays one: its categories are the union of the frames' (sorted).
+    - Every column is kept, in order of first appearance, even where every frame is null (at
+      the first frame's dtype); a frame with rows and no columns adds rows of nulls.
+    """
+    frames = [f for f in frames if len(f) or len(f.columns)]
     if not frames:
         return pd.DataFrame()
     cols = list(dict.fromkeys(c for f in frames for c in f.columns))
-    kept = [f.dropna(axis=1, how="all") if len(f) else f.iloc[:, :0] for f in frames]
-    out = pd.concat(kept, ignore_index=True)
+    held = [{c for c in f.columns if not all_null(f[c])} for f in frames]
+    target = {}
     for c in cols:
-        if c not in out.columns:
-            # all null: the first frame's dtype where it has a null (float NaN, string <NA>, ...)
-            out[c] = next(f[c] for f in frames if c in f.columns).iloc[:0].reindex(out.index)
-    return out[cols]
+        have = [f[c] for f, h in zip(frames, held) if c in h] or [next(f[c] for f in frames if c in f.columns)]
+        if any(isinstance(s.dtype, pd.CategoricalDtype) for s in have):  # unused categories kept too
+            target[c] = _union_categorical([f[c] for f in frames if c in f.columns])
+        else:
+            target[c] = have[0].dtype
+    parts = []
+    for f, h in zip(frames, held):
+        if list(f.columns) == cols and len(h) == len(cols) and all(f[c].dtype == target[c] for c in cols):
+            parts.append(f)  # the common case: nothing to fill or cast
+            continue
+        parts.append(pd.DataFrame({c: _at(f[c], target[c]) if c in h else _nulls_at(len(f), target[c], f.index)
+                                   for c in cols}, index=f.index, copy=False))
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
 
 
-def combine(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """``pd.concat`` of frames (rows of several runs or ranks) with each categorical column's
-    categories unified first (their union, sorted), so the column stays a categorical."""
-    frames = list(frames)
-    if len(frames) > 1:
-        cols = {c for f in frames for c in f.columns if isinstance(f[c].dtype, pd.CategoricalDtype)}
-        for col in cols:
-            union = sorted({str(v) for f in frames if col in f.columns
-                            for v in (f[col].dtype.categories if isinstance(f[col].dtype, pd.CategoricalDtype)
-                                      else f[col].dropna().unique())})
-            dt = pd.CategoricalDtype(pd.Index(union, dtype="str"))
-            frames = [f.assign(**{col: f[col].astype(dt)}) if col in f.columns else f for f in frames]
-    return pd.concat(frames, ignore_index=True)
+def _union_categorical(cols: list[pd.Series]) -> pd.CategoricalDtype:
+    """The schema's categorical dtype of the union of ``cols``' categories or values (sorted)."""
+    union = sorted({str(v) for s in cols for v in (s.dtype.categories if isinstance(s.dtype, pd.CategoricalDtype)
+                                                    else s.dropna().unique())})
+    return pd.CategoricalDtype(pd.Index(union, dtype="str"))
+
+
+def _at(s: pd.Series, dtype) -> pd.Series:
+    """``s`` at categorical ``dtype`` where that is the column's, else as it is (pandas finds the common dtype)."""
+    return s.astype(dtype) if isinstance(dtype, pd.CategoricalDtype) and s.dtype != dtype else s
+
+
+def _nulls_at(n: int, dtype, index: pd.Index) -> pd.Series:
+    """``n`` nulls at ``dtype``; where it holds none (a numpy int or bool) NaN or ``None``, which
+    pandas widens the column for (float64, object) as it does for a frame without the column."""
+    if isinstance(dtype, pd.CategoricalDtype):
+        return pd.Series(pd.Categorical.from_codes(np.full(n, -1, np.int8), dtype=dtype), index=index)
+    if n and isinstance(dtype, np.dtype) and dtype.kind in "iub":
+        dtype = "float64" if dtype.kind in "iu" else object
+    return nulls(n, dtype, index)
 
 
 def conform(df: pd.DataFrame, schema: dict[str, str], *, extra: bool = True, whole: bool = False) -> pd.DataFrame:

@@ -281,6 +281,7 @@ MEMORY_LEDGER: dict[str, str] = {
 #: (torch's formulas, op by op) set against the cost model's, per sampled step and block or module
 FLOPS_RECONCILED: dict[str, str] = {
     "run_id": STR,
+    "rank": "int64",  # process rank (tensor parallel): each rank's steps are reconciled on their own
     "step": "int64",
     "phase": STR,
     "q_len": "int64",

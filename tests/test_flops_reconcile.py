@@ -10,9 +10,10 @@ import torch
 import probe
 from probe.analysis.cost import FLOP_CATEGORIES, annotate, flops_by_category
 from probe.analysis.flops_check import STEP, reconcile_flops
+from probe.analysis.run import merge
 from probe.recording.deep_ops import grouped_mm_flops
 
-from tiny import tiny_llama, tiny_model
+from tiny import as_rank, tiny_llama, tiny_model
 
 PROMPT = torch.tensor([[5, 9, 14, 3, 22, 7, 31, 8]])  # 8 tokens
 CATS = [f"{c}_flops" for c in FLOP_CATEGORIES]
@@ -98,6 +99,20 @@ def test_llama_deep_flops_equal_the_cost_models_matrix_products(attn):
     fn = mod[(mod["step"] == 0) & (mod["module"] == "model.layers.0.self_attn.attention_fn")].iloc[0]
     assert fn["deep_flops"] == 4 * heads * t * t * hd and fn["explained_by"] == f"softmax {5 * heads * t * t:,}"
     assert "model.layers.0.self_attn.q_proj" not in set(mod["module"])  # below the recorded depth
+
+
+def test_each_rank_is_reconciled_on_its_own():
+    """Two ranks under one run id (the same run as rank 0 and rank 1): each rank's rows are the
+    single run's, its (step) rows set against its own blocks."""
+    m = tiny_llama(layers=2, hidden=32, vocab=64)
+    run = _deep_run(m, "sdpa")
+    one = reconcile_flops(run, m)
+    both = reconcile_flops(merge([run, as_rank(run, 1)]), m)
+    assert both["rank"].tolist() == [0] * len(one) + [1] * len(one)
+    for r in (0, 1):
+        got = both[both["rank"] == r].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got.drop(columns="rank"), one.drop(columns="rank"))
+    assert (one["rank"] == 0).all() and (one.loc[one["module"] == STEP, "verdict"] == "equal").all()
 
 
 def test_a_saved_run_reconciles_from_its_own_config(tmp_path):

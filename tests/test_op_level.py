@@ -9,9 +9,11 @@ import torch
 
 import probe
 from probe.analysis.op_compare import changed, op_comparison
-from probe.analysis.op_tree import DISPATCH_ROLE, OP_ROLE
-from probe.analysis.ops import DISPATCH
+from probe.analysis.op_tree import DISPATCH_ROLE, OP_ROLE, op_tree
+from probe.analysis.ops import DISPATCH, memory_ledger
+from probe.analysis.run import merge
 from probe.models import load_bundled
+from tiny import as_rank
 
 PROMPT = torch.tensor([[5, 9, 14, 3, 22, 7, 31, 8]])
 GEN = {"max_new_tokens": 4, "do_sample": False}
@@ -30,6 +32,11 @@ def sdpa() -> probe.Run:
 @pytest.fixture(scope="module")
 def eager() -> probe.Run:
     return _run("eager")
+
+
+@pytest.fixture(scope="module")
+def sublayers() -> probe.Run:
+    return _run("sdpa", depth="sublayers", deep=[0, 2])
 
 
 def _children_add_up(tree: pd.DataFrame) -> int:
@@ -72,8 +79,8 @@ def test_tree_opens_each_block_down_to_its_ops(sdpa):
     assert row["calls"] == round(len(mine) / sampled * n_decode)
 
 
-def test_op_tree_at_sublayers_and_collapsed(sdpa):
-    run = _run("sdpa", depth="sublayers", deep=[0, 2])
+def test_op_tree_at_sublayers_and_collapsed(sublayers):
+    run = sublayers
     tree = run.tree(level="op")
     ops = tree[tree["role"] == OP_ROLE]
     # the SDPA op is under the attention function, the projections' mm under the attention module
@@ -84,6 +91,45 @@ def test_op_tree_at_sublayers_and_collapsed(sdpa):
     top = run.tree(depth=1, level="op")
     assert (top.loc[top["role"] == OP_ROLE, "depth"] == 2).all()
     assert _children_add_up(top) > 0
+
+
+def test_op_tree_of_two_ranks_scales_by_both_ranks_sampled_steps(sdpa):
+    """Two ranks under one run id (the same run as rank 0 and rank 1): the tree pools their steps
+    (keyed by rank, run id and step), so every row is twice one rank's, its share the same."""
+    one = sdpa.tree(level="op")
+    two = merge([sdpa, as_rank(sdpa, 1)]).tree(level="op")
+    assert two["node"].tolist() == one["node"].tolist() and two["role"].tolist() == one["role"].tolist()
+    for col in ("self_ms", "total_ms"):
+        assert two[col].to_numpy() == pytest.approx(2 * one[col].to_numpy(), rel=1e-9, abs=1e-12)
+    assert two["share"].to_numpy() == pytest.approx(one["share"].to_numpy(), rel=1e-9, abs=1e-12)
+    ops = (one["role"] == OP_ROLE).to_numpy()
+    assert (abs(two["calls"].to_numpy()[ops] - 2 * one["calls"].to_numpy()[ops]) <= 1).all()
+    assert _children_add_up(two) == _children_add_up(one)
+
+
+def test_op_summary_and_memory_ledger_of_two_ranks_per_sampled_step(sdpa):
+    """The same two ranks: per sampled step (each rank's steps its own) every figure is one rank's."""
+    both = merge([sdpa, as_rank(sdpa, 1)])
+    for by in ("block", "module"):
+        one, two = sdpa.op_summary(by=by), both.op_summary(by=by)
+        pd.testing.assert_frame_equal(two.drop(columns="steps"), one.drop(columns="steps"))
+        assert (two["steps"] == 2 * one["steps"]).all()
+    one, two = (memory_ledger(r.ledger, r.ops) for r in (sdpa, both))
+    pd.testing.assert_frame_equal(two.drop(columns="steps"), one.drop(columns="steps"))
+    assert (two["steps"] == 2 * one["steps"]).all()
+
+
+def test_op_tree_of_a_phase_without_residue_or_top_level_rows(sublayers):
+    """A tree filtered to its deeper rows in decode has no step count there: decode's rows stay as
+    they are (no op rows under them), prefill opens as before."""
+    tree = sublayers.tree()
+    kept = tree[(tree["phase"] == "prefill") | (tree["depth"] > 1)].reset_index(drop=True)
+    got = op_tree(kept, sublayers.ops)
+    dec = got[got["phase"] == "decode"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(dec, kept[kept["phase"] == "decode"].reset_index(drop=True))
+    pre = got[got["phase"] == "prefill"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(pre, op_tree(tree[tree["phase"] == "prefill"], sublayers.ops))
+    assert (pre["role"] == OP_ROLE).any()
 
 
 def test_tree_level_bad_input(sdpa):

@@ -90,3 +90,18 @@ def used_categories(df):
 
     cats = [c for c in df.columns if isinstance(df[c].dtype, pd.CategoricalDtype)]
     return df.assign(**{c: df[c].cat.remove_unused_categories() for c in cats}) if cats else df
+
+
+def as_rank(run, rank: int):
+    """``run`` with every frame's rows tagged ``rank`` (run ids kept): merged with ``run``
+    (:func:`probe.analysis.run.merge`), two ranks that walked the same steps under one run id."""
+    import dataclasses
+
+    import pandas as pd
+
+    def tagged(df):
+        return df.assign(rank=pd.Series(rank, index=df.index, dtype=df["rank"].dtype)) if "rank" in df else df
+
+    frames = ("calls", "steps", "runs", "sampling", "requests", "ops", "ledger", "allocations")
+    return dataclasses.replace(run, meta={**run.meta, "rank": rank}, path=None,
+                               **{k: tagged(getattr(run, k)) for k in frames})

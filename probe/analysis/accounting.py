@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
-from ..columns import concat_rows, floats, ranked, text_codes
+from ..columns import combine, floats, ranked, text_codes
 from . import memo, tree
 from .grouping import codes_in_order, first_rows, group_sum
 from ..schema import BLOCK_ROLES, LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
@@ -321,7 +321,7 @@ def _summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = Non
         parts.append(body)
         parts.append(extra)
     # a part's all-null columns (the extra rows' figures) take the others' dtypes
-    out = concat_rows([p for p in parts if len(p)])
+    out = combine([p for p in parts if len(p)])
     out["_l"] = ranked(out["level"], {v: i for i, v in enumerate(LEVELS)})
     out["_p"] = ranked(out["phase"], {p: i for i, p in enumerate(PHASES)}, len(PHASES))
     out = out.sort_values(["_l", "_p", "_o"], kind="stable").drop(columns=["_l", "_p", "_o"])

@@ -31,6 +31,8 @@ from .cost import annotate, config_dims, flops_by_category, resolve_model
 STEP = "(step)"
 _CATS = [c for c in FLOP_CATEGORIES if c != "matrix"]
 _FN = ".attention_fn"
+#: a sampled step: two ranks' step 3 are two steps, each with its own forward and blocks
+_STEP_KEYS = ["run_id", "rank", "step"]
 #: config fields beside the attention dims that change a module's FLOPs without renaming it
 _SIZES = ("intermediate_size", "vocab_size", "num_local_experts", "num_experts_per_tok", "sliding_window")
 
@@ -73,7 +75,7 @@ def reconcile_flops(run: Any, model_or_config: Any = None, *, by: str = "block")
     calls = _calls_of(ledger, roles, getattr(run, "runs", None))
     cost = annotate(calls, model)["flops"]
     parts = flops_by_category(calls, model)
-    out = calls[["run_id", "step", "phase", "q_len", "kv_len", "module", "role"]].copy()
+    out = calls[["run_id", "rank", "step", "phase", "q_len", "kv_len", "module", "role"]].copy()
     out["deep_flops"] = ledger.loc[calls.index, "flops"].to_numpy(dtype="float64", na_value=np.nan)
     out["cost_flops"] = cost.to_numpy()
     for cat in FLOP_CATEGORIES:
@@ -83,7 +85,7 @@ def reconcile_flops(run: Any, model_or_config: Any = None, *, by: str = "block")
     out = pd.concat([out, steps], ignore_index=True) if len(steps) else out
     order = {m: i for i, m in enumerate(dict.fromkeys(ledger["module"].dropna()))}
     out["_m"] = out["module"].map(lambda m: order.get(m, len(order)))
-    out = out.sort_values(["run_id", "step", "_m"], kind="stable").drop(columns="_m")
+    out = out.sort_values(["run_id", "rank", "step", "_m"], kind="stable").drop(columns="_m")
     return schema.conform(_verdicts(out), FLOPS_RECONCILED, extra=False)
 
 
@@ -145,20 +147,28 @@ def _calls_of(ledger: pd.DataFrame, roles: dict[str, str], runs: Any) -> pd.Data
     A call without recorded shapes (keyword arguments only, or a run saved before the ledger
     kept them) is costed over batch × q_len tokens, as :func:`probe.cost.annotate` does."""
     rows = ledger.dropna(subset=["module"])
+    rank = _ranks(rows)
     first = {s: _first_dim(s) for s in rows["in_shapes"].dropna().unique()}
     lead = rows["in_shapes"].map(first).astype("float64")
     # a step's batch: the leading dim of its first call with a batched input (the embedding's ids),
     # else the run's input sequences
-    batch = lead.groupby([rows["run_id"], rows["step"]]).transform("first")
+    batch = lead.groupby([rows["run_id"], rank, rows["step"]]).transform("first")
     if batch.isna().any() and isinstance(runs, pd.DataFrame) and "batch" in runs:
         per_run = runs.drop_duplicates("run_id").set_index("run_id")["batch"].astype("float64")
         batch = batch.fillna(rows["run_id"].map(per_run).astype("float64"))
     batch = batch.fillna(1).astype("int64")
     return pd.DataFrame({
-        "run_id": rows["run_id"], "step": rows["step"], "phase": rows["phase"], "q_len": rows["q_len"],
+        "run_id": rows["run_id"], "rank": rank, "step": rows["step"], "phase": rows["phase"], "q_len": rows["q_len"],
         "kv_len": rows["kv_len"], "module": rows["module"], "role": rows["module"].map(roles),
         "in_shapes": rows["in_shapes"], "batch": batch, "dtype": pd.Series(None, index=rows.index, dtype=object),
     }, index=rows.index)
+
+
+def _ranks(ledger: pd.DataFrame) -> pd.Series:
+    """The rows' rank (0 for a ledger without the column: one process)."""
+    if "rank" in ledger.columns:
+        return ledger["rank"].astype("int64")
+    return pd.Series(np.zeros(len(ledger), np.int64), index=ledger.index)
 
 
 def _first_dim(text: str) -> float:
@@ -175,10 +185,11 @@ def _step_rows(ledger: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     blocks = rows[rows["role"].isin(BLOCKS)]
     if blocks.empty:
         return pd.DataFrame()
-    sums = blocks.groupby(["run_id", "step"], sort=False)[
+    sums = blocks.groupby(_STEP_KEYS, sort=False)[
         ["cost_flops", "deep_flops", *(f"{c}_flops" for c in FLOP_CATEGORIES)]].sum(min_count=1)
     sums = sums.rename(columns={"deep_flops": "_blocks"})
-    head = ledger[ledger["module"].isna()].set_index(["run_id", "step"])
+    head = ledger[ledger["module"].isna()]
+    head = head.assign(rank=_ranks(head)).set_index(_STEP_KEYS)
     out = sums.join(head[["phase", "q_len", "kv_len", "flops"]], how="inner").reset_index()
     out["deep_flops"] = out.pop("flops").to_numpy(dtype="float64", na_value=np.nan)
     # ops of the forward outside every block (transformers 4.x's rotary frequencies are a matmul

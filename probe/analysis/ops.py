@@ -31,6 +31,11 @@ STEP = "(step)"
 _SHAPE = ["phase", "q_len", "kv_len"]
 
 
+def _step_keys(frame: pd.DataFrame) -> list[str]:
+    """The columns naming a sampled step: two ranks' step 3 are two steps."""
+    return [c for c in ("rank", "run_id", "step") if c in frame.columns]
+
+
 def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None,
                by: str = "block") -> pd.DataFrame:
     """Per phase, block and op kind: calls, host time and FLOPs per sampled step, and per block
@@ -56,7 +61,7 @@ def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None
         ops, calls = ops.assign(block=ops["module"].fillna(OUTSIDE)), calls.iloc[:0]
     else:
         ops = ops.assign(block=ops["block"].fillna(OUTSIDE))
-    sampled = ops.drop_duplicates(["run_id", "step"])[["run_id", "step", *_SHAPE]]
+    sampled = ops.drop_duplicates(_step_keys(ops))[[*_step_keys(ops), *_SHAPE]]
     n_steps = sampled.groupby("phase").size()
     g = ops.groupby(["phase", "block", "op"], sort=False)
     rows = g.agg(calls=("seq", "size"), host_ms=("host_ms", "sum"),
@@ -135,7 +140,7 @@ def memory_ledger(ledger: pd.DataFrame, ops: pd.DataFrame, tied: dict | None = N
     keep = ledger[ledger["module"].isin(blocks) | ledger["module"].isna()]
     keep = keep.assign(block=keep["module"].fillna(STEP))
     cols = [c for c in LEDGER_BYTES if c in keep.columns]
-    per_step = keep.groupby(["phase", "block", "run_id", "step"], sort=False)[cols].sum().reset_index()
+    per_step = keep.groupby(["phase", "block", *_step_keys(keep)], sort=False)[cols].sum().reset_index()
     out = per_step.groupby(["phase", "block"], sort=False).agg(
         steps=("step", "size"), **{c: (c, "mean") for c in cols}).reset_index()
     out["shared_weights_bytes"] = [float((tied or {}).get(b, {}).get("bytes", 0)) for b in out["block"]]
