@@ -16,7 +16,10 @@ calls, less each instrument's own cost of the events nested inside it:
   and thread-local, what a deep step could run beside its mode) on the same plain forward;
 - ``mode``: the inner event under a dispatch mode that only calls the op, by torch.profiler's clock;
 - ``mode+legacy``: the same by the legacy profiler;
-- ``deep``: the deep pass's ``host_ms`` as recorded.
+- ``deep``: the deep pass's ``host_ms`` as recorded;
+- ``legacy s-1`` (a decode step after the first): the legacy profiler on the step before, in a
+  plain forward: what a deep run could time beside a sampled decode step (the same ops, the
+  cache one token shorter).
 
     python benchmarks/deep_clock.py [--step 0] [--repeats 5]
 """
@@ -202,7 +205,8 @@ def main(argv=None) -> int:
     index = args.step
     deep_ops, _, _ = deep_step(model, ids, index + 1, index)
     kinds = {kind_of(op) for op, _ in deep_ops}
-    got: dict[str, list] = {k: [] for k in ("profiler", "legacy", "mode", "mode+legacy", "deep")}
+    names = ("profiler", "legacy", "mode", "mode+legacy", "deep") + (("legacy s-1",) if index >= 2 else ())
+    got: dict[str, list] = {k: [] for k in names}
     for _ in range(args.repeats):  # interleaved, each op the least of the repeats
         got["profiler"].append(profiler_step(model, ids, index + 1, index, full=False, kinds=kinds)[0])
         got["legacy"].append(legacy_step(model, ids, index, kinds))
@@ -210,8 +214,11 @@ def main(argv=None) -> int:
         got["mode+legacy"].append(legacy_step(model, ids, index, None, mode=True))
         ops, _, _ = deep_step(model, ids, index + 1, index)
         got["deep"].append([(kind_of(op), ms * 1e3, 0) for op, ms in ops])
+        if index >= 2:
+            got["legacy s-1"].append(legacy_step(model, ids, index - 1, kinds))
     kineto_ns, legacy_ns = event_cost_ns(), legacy_event_ns()
-    own = {"profiler": kineto_ns, "legacy": legacy_ns, "mode": kineto_ns, "mode+legacy": legacy_ns, "deep": 0.0}
+    own = {"profiler": kineto_ns, "legacy": legacy_ns, "mode": kineto_ns, "mode+legacy": legacy_ns, "deep": 0.0,
+           "legacy s-1": legacy_ns}
     table = {}
     for name, reps in got.items():
         least, same = least_per_op(reps)
