@@ -12,6 +12,8 @@ calls, less each instrument's own cost of the events nested inside it:
 
 - ``profiler``: torch.profiler's time (outermost events of the kinds, their totals) in a forward
   without the probe: the reference of ``deep_pass.py`` item 2;
+- ``profiler again``: the same, a second time (the A/A control: how close two runs of one
+  instrument come);
 - ``legacy``: the legacy ``RecordFunction`` profiler (``torch.autograd.profiler_legacy``: silent
   and thread-local, what a deep step could run beside its mode) on the same plain forward;
 - ``mode``: the inner event under a dispatch mode that only calls the op, by torch.profiler's clock;
@@ -205,11 +207,12 @@ def main(argv=None) -> int:
     index = args.step
     deep_ops, _, _ = deep_step(model, ids, index + 1, index)
     kinds = {kind_of(op) for op, _ in deep_ops}
-    names = ("profiler", "legacy", "mode", "mode+legacy", "deep") + (("legacy s-1",) if index >= 2 else ())
+    names = ("profiler", "profiler again", "legacy", "mode", "mode+legacy", "deep") + (("legacy s-1",) if index >= 2 else ())
     got: dict[str, list] = {k: [] for k in names}
     for _ in range(args.repeats):  # interleaved, each op the least of the repeats
         got["profiler"].append(profiler_step(model, ids, index + 1, index, full=False, kinds=kinds)[0])
         got["legacy"].append(legacy_step(model, ids, index, kinds))
+        got["profiler again"].append(profiler_step(model, ids, index + 1, index, full=False, kinds=kinds)[0])
         got["mode"].append(mode_step(model, ids, index))
         got["mode+legacy"].append(legacy_step(model, ids, index, None, mode=True))
         ops, _, _ = deep_step(model, ids, index + 1, index)
@@ -217,7 +220,7 @@ def main(argv=None) -> int:
         if index >= 2:
             got["legacy s-1"].append(legacy_step(model, ids, index - 1, kinds))
     kineto_ns, legacy_ns = event_cost_ns(), legacy_event_ns()
-    own = {"profiler": kineto_ns, "legacy": legacy_ns, "mode": kineto_ns, "mode+legacy": legacy_ns, "deep": 0.0,
+    own = {"profiler": kineto_ns, "profiler again": kineto_ns, "legacy": legacy_ns, "mode": kineto_ns, "mode+legacy": legacy_ns, "deep": 0.0,
            "legacy s-1": legacy_ns}
     table = {}
     for name, reps in got.items():
@@ -230,7 +233,7 @@ def main(argv=None) -> int:
     print(f"step {index}: per op kind, ms (less each instrument's own cost of nested events: torch.profiler "
           f"{kineto_ns:.0f} ns, legacy {legacy_ns:.0f} ns an event) and ratio to torch.profiler in a plain forward")
     cols = [c for c in table if c != "profiler"]
-    print(f"  {'op':<52} {'profiler':>9} " + " ".join(f"{c:>12}" for c in cols))
+    print(f"  {'op':<52} {'profiler':>9} " + " ".join(f"{c:>14}" for c in cols))
     within = {c: [0, 0] for c in cols}
     for kind, row in ref.sort_values("ms", ascending=False).iterrows():
         if not (row["ms"] >= 0.01 * total or row["ms"] >= 0.05):
@@ -241,7 +244,7 @@ def main(argv=None) -> int:
             r = float(t.loc[kind, "ms"]) / row["ms"] if kind in t.index and row["ms"] > 0 else float("nan")
             within[c][1] += 1
             within[c][0] += abs(r - 1) <= 0.10
-            cells.append(f"{r:12.2f}")
+            cells.append(f"{r:14.2f}")
         print(f"  {kind:<52} {row['ms']:9.3f} " + " ".join(cells))
     print("  within 10 %: " + ", ".join(f"{c} {k} of {n}" for c, (k, n) in within.items()))
     return 0

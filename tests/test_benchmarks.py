@@ -103,6 +103,6 @@ def test_deep_clock_benchmark_compares_each_clock_per_op_kind():
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [ln.split() for ln in r.stdout.splitlines() if ln.strip().startswith("aten::")]
     assert {"aten::mm", "aten::mean", "aten::view"} <= {row[0] for row in rows}
-    assert all(len(row) == 6 and all(float(v) > 0 for v in row[1:]) for row in rows)
+    assert all(len(row) == 7 and all(float(v) > 0 for v in row[1:]) for row in rows)
     assert "did not see the same ops" not in r.stdout
-    assert "within 10 %: legacy" in r.stdout
+    assert "within 10 %: profiler again" in r.stdout
