@@ -5,8 +5,8 @@ dispatch mode each op leaves three nested profiler events: ``aten::mm`` (the mod
 through the Python key) > ``PythonDispatchMode`` > ``aten::mm`` (the mode's own call below the
 Python key: dispatcher and kernel, no Python). The inner event looks like the op as
 torch.profiler times it in a plain forward. It is not: the op itself runs slower with the mode's
-Python between every two ops (its code and data are colder), and a view's own work at the
-``ADInplaceOrView`` key is above the Python key, outside the inner event. Per op kind on one step
+Python between every two ops (its code and data are colder), and a view reads low (likely its
+own work at the ``ADInplaceOrView`` key, above the Python key and outside the inner event). Per op kind on one step
 (model and step as in ``deep_pass.py``), each op the least of ``--repeats`` interleaved generate
 calls, less each instrument's own cost of the events nested inside it:
 
