@@ -94,3 +94,15 @@ def test_analysis_scale_benchmark_prints_each_ratio_with_its_target():
                  "probe compare / probe.load of both", "dashboard first page, 3 runs"):
         assert line in r.stdout and "target" in r.stdout, r.stdout
     assert "modules `probe report` imported of torch, transformers: none" in r.stdout
+
+
+def test_deep_clock_benchmark_compares_each_clock_per_op_kind():
+    """Each instrument's ops line up with torch.profiler's (the same kinds, one ratio per column)."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "deep_clock.py"), "--repeats", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [ln.split() for ln in r.stdout.splitlines() if ln.strip().startswith("aten::")]
+    assert {"aten::mm", "aten::mean", "aten::view"} <= {row[0] for row in rows}
+    assert all(len(row) == 7 and all(float(v) > 0 for v in row[1:]) for row in rows)
+    assert "did not see the same ops" not in r.stdout
+    assert "within 10 %: profiler again" in r.stdout
