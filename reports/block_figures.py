@@ -15,7 +15,7 @@ from probe.analysis.run import block_summary
 from probe.schema import Phase, floats as column_floats
 
 from .diff import block_diff
-from .figure_base import (HEIGHT, PHASE_COLORS, RUN_COLORS, TEMPLATE, base_figure, bin_index, empty_figure, floats,
+from .figure_base import (HEIGHT, PHASE_COLORS, RUN_COLORS, base_figure, bin_index, empty_figure, floats, themed,
                           phases_in, plot_text, unique_inverse)
 from .tables import ranks
 
@@ -126,8 +126,8 @@ def phase_blocks_runs(parts: dict[str, tuple[pd.DataFrame, pd.DataFrame]], by: s
                               "mean %{customdata[2]:.4f} ms<br>share %{customdata[3]:.1f}%<extra>"
                               + plot_text(f"{name} · {phase}") + "</extra>",
             ), row=1, col=j + 1)
-    fig.update_layout(title={"text": title + "<br><sup>bar text: share of that run's phase forward time</sup>"},
-                      template=TEMPLATE, height=HEIGHT + 40, barmode="group",
+    themed(fig).update_layout(title={"text": title + "<br><sup>bar text: share of that run's phase forward time</sup>"},
+                      height=HEIGHT + 40, barmode="group",
                       margin={"l": 60, "r": 30, "t": 90, "b": 60}, legend={"orientation": "h", "y": -0.25})
     fig.update_yaxes(title_text="self host ms", col=1)
     return fig
@@ -220,7 +220,7 @@ def compare_blocks(summary_a: pd.DataFrame, summary_b: pd.DataFrame, label_a: st
                                  hovertemplate="%{x}<br>%{y:.3f} ms<br>B - A %{customdata[0]:.3f} ms, "
                                                "B / A %{customdata[1]:.3f}<extra>" + plot_text(phase) + "</extra>"),
                           row=1, col=j + 1)
-    fig.update_layout(title={"text": title}, template=TEMPLATE, height=HEIGHT + 40, barmode="group",
+    themed(fig).update_layout(title={"text": title}, height=HEIGHT + 40, barmode="group",
                       margin={"l": 60, "r": 30, "t": 90, "b": 60}, legend={"orientation": "h", "y": -0.25})
     fig.update_yaxes(title_text="self host ms", col=1)
     return fig

@@ -19,6 +19,8 @@ import plotly.graph_objects as go
 
 from probe import fmt
 
+from .figure_base import themed
+
 _PHASE_COLORS = {"prefill": "#1f77b4", "decode": "#d62728", "extend": "#9467bd", "recompute": "#8c564b",
                  "forward": "#7f7f7f"}
 _BOUND_SYMBOLS = {"compute": "circle", "memory": "square", "host": "x", "wait": "hourglass",
@@ -28,8 +30,8 @@ _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#
 
 def _empty(title: str, why: str) -> go.Figure:
     fig = go.Figure()
-    fig.update_layout(title=title, template="plotly_white",
-                      annotations=[dict(text=why, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)])
+    themed(fig).update_layout(title=title, annotations=[dict(text=why, showarrow=False, xref="paper", yref="paper",
+                                                             x=0.5, y=0.5)])
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig
@@ -131,7 +133,7 @@ def roofline(roof_df: pd.DataFrame, peaks: Any, *, where: str | None = None, lab
             f"{html.escape(str(m))} ({p})" for m, p in zip(hidden["module"], hidden["phase"])))
     notes.append(f"roofs: {html.escape(str(pk['source']))}")
     # taller than the other charts: the notes sit in the bottom margin, below the axis title
-    fig.update_layout(title=title, template="plotly_white", legend_title_text="phase", height=520,
+    themed(fig).update_layout(title=title, legend_title_text="phase", height=520,
                       margin=dict(b=150))
     fig.add_annotation(text="<br>".join(notes), showarrow=False, xref="paper", yref="paper", x=0, y=-0.2,
                        yanchor="top",
@@ -227,7 +229,7 @@ def sweep_prefill(sweep_df: pd.DataFrame) -> go.Figure:
                          arrayminus=sub["median"] - sub["low"]),
             hovertemplate="prompt %{x} tokens<br>prefill %{y:.2f} ms<extra>batch " + str(b) + "</extra>",
         ))
-    fig.update_layout(title=title, template="plotly_white", legend_title_text="batch")
+    themed(fig).update_layout(title=title, legend_title_text="batch")
     fig.update_xaxes(type="log", title="prompt length (tokens)", tickvals=sorted(band["prompt_len"].unique()))
     fig.update_yaxes(title="prefill latency (ms)", rangemode="tozero")
     return fig
@@ -255,7 +257,7 @@ def sweep_decode(sweep_df: pd.DataFrame) -> go.Figure:
                 hovertemplate=("KV length %{x}<br>%{y:.2f} ms/token<extra>batch " + str(b)
                                + f", prompt {p}</extra>"),
             ))
-    fig.update_layout(title=title, template="plotly_white", legend_title_text="batch")
+    themed(fig).update_layout(title=title, legend_title_text="batch")
     kv = band["kv_len"][band["kv_len"] > 0]
     wide = not kv.empty and kv.max() / kv.min() > 20  # 16..1056 reads better on a log axis
     fig.update_xaxes(title="KV length (cached positions)", type="log" if wide else "linear")
@@ -281,7 +283,7 @@ def sweep_throughput(sweep_df: pd.DataFrame) -> go.Figure:
             line=dict(color=_PALETTE[i % len(_PALETTE)]),
             hovertemplate="batch %{x}<br>%{y:,.1f} tok/s<extra>prompt " + str(p) + "</extra>",
         ))
-    fig.update_layout(title=title, template="plotly_white", legend_title_text="prompt length")
+    themed(fig).update_layout(title=title, legend_title_text="prompt length")
     fig.update_xaxes(title="batch size", tickvals=sorted(band["batch"].unique()))
     fig.update_yaxes(title="decode tokens/s (batch total)", rangemode="tozero")
     return fig

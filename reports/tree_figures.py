@@ -15,7 +15,7 @@ from probe.analysis import accounting
 from probe.analysis.op_tree import DISPATCH_ROLE, OP_ROLE, op_tree, short_op
 from probe.schema import ROLES, Phase
 
-from .figure_base import HEIGHT, TEMPLATE, empty_figure, floats, plot_text
+from .figure_base import HEIGHT, empty_figure, floats, plot_text, themed
 
 #: one colour per role family, so the same kind of work looks the same everywhere in the tree
 ROLE_COLORS = {
@@ -99,9 +99,9 @@ def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: Phase = "decode", ma
                       "<br>self share %{customdata[4]:.2f}% of the phase's forward<extra></extra>",
     ))
     steps_text = f"{n_steps} step{'s' if n_steps != 1 else ''}"
-    fig.update_layout(title={"text": f"{title}<br><sup>length = inclusive host time over {steps_text} "
+    themed(fig).update_layout(title={"text": f"{title}<br><sup>length = inclusive host time over {steps_text} "
                              f"(click a box to zoom, hover for self time)</sup>{sampled}"},
-                      template=TEMPLATE, height=max(HEIGHT, 720),
+                      height=max(HEIGHT, 720),
                       margin={"l": 10, "r": 10, "t": 100 if sampled else 80, "b": 10})
     return fig
 
@@ -172,9 +172,9 @@ def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[Phase, .
     only_layers = all(list(t.columns) == ["layer"] for _, t in tables)
     hint = "<br><sup>only whole layers were recorded: record with depth='sublayers' or 'all' to split them by " \
            "role</sup>" if only_layers else ""
-    fig.update_layout(title={"text": f"{title} (self host ms per step, written in the cells; a row adds up to "
+    themed(fig).update_layout(title={"text": f"{title} (self host ms per step, written in the cells; a row adds up to "
                                      f"the layer's time){hint}"},
-                      template=TEMPLATE, height=max(HEIGHT, 200 + 20 * n_layers),
+                      height=max(HEIGHT, 200 + 20 * n_layers),
                       margin={"l": 60, "r": 20, "t": 90, "b": 110})
     fig.update_xaxes(tickangle=-40)
     fig.update_yaxes(autorange="reversed", dtick=1 if n_layers <= 40 else None, title_text="layer", col=1)

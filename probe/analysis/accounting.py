@@ -74,6 +74,14 @@ class Phases:
         self.gpu_residue = g["gpu_residue_ms"].sum(min_count=1)
         self.probe = g["probe_ms"].sum() if "probe_ms" in self.steps.columns else None
         self._codes: dict[str, tuple[np.ndarray, pd.Index]] = {}
+        self._floats: dict[str, np.ndarray | None] = {}
+        self.nested = np.flatnonzero(self.prow >= 0)  # the calls inside another recorded call
+
+    def floats(self, col: str) -> np.ndarray | None:
+        """Number column ``col`` of the calls as float64 (see :func:`_present`), made once for every level."""
+        if col not in self._floats:
+            self._floats[col] = _present(self.calls, col)
+        return self._floats[col]
 
     def codes(self, col: str) -> tuple[np.ndarray, pd.Index]:
         """``pd.factorize`` of a text column of the calls, made once and shared by every level."""
@@ -132,12 +140,12 @@ def _block_codes(modules: pd.Series, roles: pd.Series, codes=None) -> tuple[np.n
     mcodes, muniq = codes("module") if codes else _factorize(modules)
     rc, ru = codes("role") if codes else _factorize(roles)
     # each module's role: that of its first call with one
-    has = np.flatnonzero((rc >= 0) & (mcodes >= 0))
     at = np.full(len(muniq), len(rc), np.int64)
-    head = has[:65536]  # every module is called in the first steps: its first call is found there
+    head = np.flatnonzero((rc[:65536] >= 0) & (mcodes[:65536] >= 0))  # every module is called in the first steps
     np.minimum.at(at, mcodes[head], head)
-    if len(head) < len(has) and (np.bincount(mcodes[has], minlength=len(muniq)) > 0).sum() > (at < len(rc)).sum():
-        np.minimum.at(at, mcodes[has], has)  # a module first called later
+    if len(rc) > 65536 and (at == len(rc)).any():  # a module first called later (or never with a role)
+        has = np.flatnonzero((rc >= 0) & (mcodes >= 0))
+        np.minimum.at(at, mcodes[has], has)
     role_of = [str(ru[rc[i]]) if i < len(rc) else "" for i in at]
     blocks = {str(m): role_of[i] for i, m in enumerate(muniq) if role_of[i] in BLOCK_ROLES}
     index = {b: i for i, b in enumerate(BLOCK_ORDER)}
@@ -219,18 +227,21 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     prow = ph.prow
     rcodes, runiq = ph.codes("role")
     roles = [str(r) for r in runiq]
-    kcodes, names = _codes(c, level, prow, ph.codes)
+    kcodes, names = label_codes(c, level)
     own = np.ones(n, bool)
     if level == "block":
         role_as_key = np.array([names.index(r) if r in names else -1 for r in roles] or [-1], np.int64)
         own = (role_as_key[rcodes] == kcodes) | (kcodes == names.index("model"))
     pcodes, puniq = ph.codes("phase")
     n_phase = max(len(puniq), 1)
-    # a call counts towards its row's total unless its parent is a call of the same row
-    up = np.maximum(prow, 0)
-    root = own & ~((prow >= 0) & (kcodes[up] == kcodes) & own[up])
-    cpu = floats(c, "cpu_ms")
-    gpu = _present(c, "gpu_ms")
+    # a call counts towards its row's total unless its parent is a call of the same row (looked
+    # at for the nested calls only: none at depth blocks)
+    inner, up = ph.nested, prow[ph.nested]
+    root = own.copy()
+    root[inner] &= ~((kcodes[up] == kcodes[inner]) & own[up])
+    whole = bool(root.all())
+    cpu = ph.floats("cpu_ms")
+    gpu = ph.floats("gpu_ms")
     gk = kcodes.astype(np.int64) * n_phase + pcodes
     slot, keys = codes_in_order(gk, max(len(names), 1) * n_phase)  # output rows in the order they were first called
     m = len(keys)
@@ -239,27 +250,30 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     def agg(values, min_count=0):
         return group_sum(slot, m, values, min_count)
 
-    every = level != "block"  # every call is its row's own call (the same sums, less work)
-    calls_n = (np.bincount(slot, minlength=m) if every else np.bincount(slot, weights=own, minlength=m)).astype("float64")
-    ob = floats(c, "out_bytes")
+    every = level != "block" or bool(own.all())  # every call is its row's own call (the same sums, less work)
+    counts = np.bincount(slot, minlength=m)
+    calls_n = (counts if every else np.bincount(slot, weights=own, minlength=m)).astype("float64")
+    ob = ph.floats("out_bytes")
     if not every:
         ob = np.where(own, ob, np.nan)
     has_ob = ~np.isnan(ob)
-    ob_n = np.bincount(slot, minlength=m) if has_ob.all() else np.bincount(slot[has_ob], minlength=m)
+    ob_n = counts if has_ob.all() else np.bincount(slot[has_ob], minlength=m)
+    own_cpu = agg(cpu if every else np.where(own, cpu, 0.0))
     out = pd.DataFrame({
         "name": pd.array([names[k // n_phase] for k in keys], dtype="string"),
         "phase": pd.array([str(puniq[k % n_phase]) for k in keys], dtype="string"),
         "role": pd.array([roles[rcodes[i]] for i in first], dtype="string"),
         "layer": c["layer"].to_numpy()[first] if level == "module" else pd.array([pd.NA] * len(keys), dtype="Int64"),
         "calls": calls_n.astype("int64"),
-        "total_ms": agg(np.where(root, cpu, 0.0)),
-        "self_ms": agg(floats(c, "self_ms")),
+        # every call a root of its row (depth blocks): its total is the sum of its calls, as is the mean's
+        "total_ms": own_cpu if whole and every else agg(np.where(root, cpu, 0.0)),
+        "self_ms": agg(ph.floats("self_ms")),
         "gpu_total_ms": agg(None if gpu is None else np.where(root, gpu, np.nan), 1),
-        "gpu_self_ms": agg(_present(c, "gpu_self_ms"), 1),
+        "gpu_self_ms": agg(ph.floats("gpu_self_ms"), 1),
         "mean_out_bytes": agg(ob) / np.where(ob_n > 0, ob_n, np.nan),
     })
     with np.errstate(invalid="ignore", divide="ignore"):
-        out["mean_ms"] = agg(cpu if every else np.where(own, cpu, 0.0)) / np.where(calls_n > 0, calls_n, np.nan)
+        out["mean_ms"] = own_cpu / np.where(calls_n > 0, calls_n, np.nan)
     if level == "block":
         out["role"] = out["name"]
     elif level == "role":

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
-from .accounting import PROBE
+from .accounting import PROBE, label_codes
 from .samples import OUTSIDE, clock_of, generate_ids, metric_samples, phase_forward, step_samples
 from ..schema import PHASES, SIGNIFICANCE
 
@@ -204,7 +204,9 @@ def significance(run_a, run_b, levels=("block", "role"), seed: int = 0,
     clock = clock_of([run_a.calls, run_b.calls])
     fwd_a = phase_forward(run_a.calls, run_a.steps, run_a.runs)
     tested: set[tuple[str, str]] = set()
-    for level in levels:
+    for i, level in enumerate(levels):
+        if any(_same_rows(run_a.calls, level, seen) and _same_rows(run_b.calls, level, seen) for seen in levels[:i]):
+            continue  # e.g. roles at depth blocks: the blocks again, not sampled twice
         sa = step_samples(run_a.calls, run_a.steps, run_a.runs, level=level, clock=clock)
         sb = step_samples(run_b.calls, run_b.steps, run_b.runs, level=level, clock=clock)
         if level != levels[0]:  # the residue, probe and outside rows are the first level's
@@ -228,6 +230,13 @@ def significance(run_a, run_b, levels=("block", "role"), seed: int = 0,
     if not rows:
         return schema.empty(SIGNIFICANCE)
     return pd.DataFrame(rows).astype(SIGNIFICANCE)
+
+
+def _same_rows(calls: pd.DataFrame, level: str, other: str) -> bool:
+    """Whether every call has the same row at ``level`` as at ``other`` (same names, same codes)."""
+    codes, names = label_codes(calls, level)
+    codes_o, names_o = label_codes(calls, other)
+    return names == names_o and np.array_equal(codes, codes_o)
 
 
 def _row(level, name, phase, clock, a, b, p, lo, hi, share, pval) -> dict:
