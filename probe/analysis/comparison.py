@@ -233,10 +233,12 @@ def significance(run_a, run_b, levels=("block", "role"), seed: int = 0,
 
 
 def _same_rows(calls: pd.DataFrame, level: str, other: str) -> bool:
-    """Whether every call has the same row at ``level`` as at ``other`` (same names, same codes)."""
+    """Whether every call has a row of the same name at ``level`` as at ``other``."""
     codes, names = label_codes(calls, level)
     codes_o, names_o = label_codes(calls, other)
-    return names == names_o and np.array_equal(codes, codes_o)
+    at = {n: i for i, n in enumerate(names_o)}
+    lut = np.array([at.get(n, -2) for n in names] + [-1], dtype=np.int64)  # a null (-1) stays one
+    return bool(np.array_equal(lut[codes], codes_o))
 
 
 def _row(level, name, phase, clock, a, b, p, lo, hi, share, pval) -> dict:

@@ -89,15 +89,13 @@ def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
 
     def codes(values, vocab: dict, factorized=None) -> np.ndarray:  # codes into ``vocab`` (grown in order), -1: null
         got, uniq = factorized or pd.factorize(values)
-        lut = np.array([vocab.setdefault(str(v), len(vocab)) for v in uniq] + [-1], dtype=np.int64)
-        return lut[got]
+        return _mapped(got, [vocab.setdefault(str(v), len(vocab)) for v in uniq])
 
     if len(c):
         col = "gpu_self_ms" if clock == "gpu" else "self_ms"
         lcodes, lnames = label_codes(c, level)
-        lut = np.array([names.setdefault(str(v), len(names)) for v in lnames] + [-1], dtype=np.int64)
-        parts.append((lut[lcodes], codes(None, phases, factorized(c, "phase")),
-                      codes(None, ids, factorized(c, "run_id")),
+        parts.append((_mapped(lcodes, [names.setdefault(str(v), len(names)) for v in lnames]),
+                      codes(None, phases, factorized(c, "phase")), codes(None, ids, factorized(c, "run_id")),
                       c["step"].to_numpy(dtype="int64"), schema.floats(c, col)))
     rec = st[st["residue_ms"].notna()]
     extra = [(RESIDUE, "gpu_residue_ms" if clock == "gpu" else "residue_ms", rec)]
@@ -109,27 +107,41 @@ def step_samples(calls: pd.DataFrame, steps: pd.DataFrame, runs: pd.DataFrame, l
             parts.append((np.full(len(frame), names.setdefault(name, len(names)), np.int64),
                           codes(frame["phase"], phases), codes(frame["run_id"], ids),
                           frame["step"].to_numpy(dtype="int64"), frame[col].to_numpy(dtype="float64", na_value=np.nan)))
-    if not parts:
-        return {}
-    name, phase, run, step, ms = (np.concatenate(x) for x in zip(*parts))
-    keep = (name >= 0) & (phase >= 0) & (run >= 0)  # a row with a missing key is in no group
-    if not keep.all():
+    # each part grouped on its own (the calls' rows and each of the steps' parts have names of
+    # their own, so no group spans two parts): nothing of a million rows is concatenated
+    n_ph, n_ids = max(len(phases), 1), max(len(ids), 1)
+    groups = [g for part in parts for g in _sums(*part, n_names=max(len(names), 1), n_ph=n_ph, n_ids=n_ids)]
+    name_of, phase_of = list(names), list(phases)
+    return {(name_of[p // n_ph], phase_of[p % n_ph]): v for p, v in groups}
+
+
+def _mapped(codes: np.ndarray, lut: list[int]) -> np.ndarray:
+    """``codes`` (-1: null) through ``lut``; as they are where ``lut`` numbers them in order."""
+    if lut == list(range(len(lut))):
+        return codes
+    return np.array(lut + [-1], dtype=np.int64)[codes]
+
+
+def _sums(name: np.ndarray, phase: np.ndarray, run: np.ndarray, step: np.ndarray, ms: np.ndarray, *,
+          n_names: int, n_ph: int, n_ids: int) -> list[tuple[int, np.ndarray]]:
+    """Per (row, phase) pair ``name * n_ph + phase`` in order of first appearance, its sum in each
+    (run, step), in order of first appearance (NaN where every value is)."""
+    if len(name) and min(int(name.min()), int(phase.min()), int(run.min())) < 0:
+        keep = (name >= 0) & (phase >= 0) & (run >= 0)  # a row with a missing key is in no group
         name, phase, run, step, ms = name[keep], phase[keep], run[keep], step[keep], ms[keep]
-    span = int(step.max()) + 1 if len(step) else 1
-    pair = name * max(len(phases), 1) + phase
-    n_pairs = max(len(names), 1) * max(len(phases), 1)
-    group, firsts = codes_in_order((pair * max(len(ids), 1) + run) * span + step,  # (row, phase, run, step)
-                                   n_pairs * max(len(ids), 1) * span)
+    if not len(name):
+        return []
+    span = int(step.max()) + 1
+    pair = name.astype(np.int64) * n_ph + phase
+    group, firsts = codes_in_order((pair * n_ids + run) * span + step,  # (row, phase, run, step)
+                                   n_names * n_ph * n_ids * span)
     total = group_sum(group, len(firsts), ms, min_count=1)
-    pair_of = firsts // (max(len(ids), 1) * span)  # each group's (row, phase), in the groups' order
-    pcode, puniq = codes_in_order(pair_of, n_pairs)
+    pair_of = firsts // (n_ids * span)  # each group's (row, phase), in the groups' order
+    pcode, puniq = codes_in_order(pair_of, n_names * n_ph)
     # a stable sort of small integers: numpy sorts 16-bit ones by radix (the same order)
     order = np.argsort(pcode.astype(np.int16) if len(puniq) < 2**15 else pcode, kind="stable")
     bounds = np.searchsorted(pcode[order], np.arange(len(puniq) + 1))
-    name_of, phase_of = list(names), list(phases)
-    n_ph = max(len(phases), 1)
-    return {(name_of[p // n_ph], phase_of[p % n_ph]): total[order[bounds[i]:bounds[i + 1]]]
-            for i, p in enumerate(puniq.tolist())}
+    return [(p, total[order[bounds[i]:bounds[i + 1]]]) for i, p in enumerate(puniq.tolist())]
 
 
 def metric_samples(steps: pd.DataFrame, runs: pd.DataFrame) -> dict[str, np.ndarray]:
