@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -39,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deep_pass import deep_step, event_cost_ns, kind_of, least_per_op, profiler_step  # noqa: E402
+from deep_pass import deep_step, event_cost_ns, kind_of, least_per_op, loop_event_ns, profiler_step  # noqa: E402
 from probe.models.bundled import load_bundled  # noqa: E402
 
 DISPATCH_EVENT = "PythonDispatchMode"
@@ -169,23 +168,13 @@ def mode_step(model, ids, index: int):
 def legacy_event_ns(rounds: int = 9, n: int = 500) -> float:
     """The legacy profiler's own cost per event, measured as ``deep_pass.event_cost_ns`` measures
     torch.profiler's (a loop of ``aten::t``, profiled against unprofiled)."""
-    x = torch.randn(22, 128)
-
-    def loop() -> float:
-        t = time.perf_counter_ns()
-        for _ in range(n):
-            x.t()
-        return (time.perf_counter_ns() - t) / n
-
-    loop()
-    plain, profiled, events = [], [], 3.0
-    for _ in range(rounds):
-        plain.append(loop())
+    def profiled(loop, n: int) -> tuple[float, float]:
         torch.autograd._enable_profiler_legacy(_legacy_config())
-        profiled.append(loop())
+        per_call = loop()
         records = torch.autograd._disable_profiler_legacy()
-        events = sum(1 for r in max(records, key=len) if r.kind() == "push") / n
-    return (min(profiled) - min(plain)) / events
+        return per_call, sum(1 for r in max(records, key=len) if r.kind() == "push") / n
+
+    return loop_event_ns(profiled, rounds, n)
 
 
 def per_kind(events: list[tuple], event_ns: float) -> pd.DataFrame:

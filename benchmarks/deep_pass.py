@@ -129,12 +129,11 @@ def least_per_op(repeats: list[list[tuple]]) -> tuple[list[tuple], bool]:
     return [(x[0], min(r[i][1] for r in repeats), *x[2:]) for i, x in enumerate(first)], True
 
 
-def event_cost_ns(rounds: int = 9, n: int = 500) -> float:
-    """torch.profiler's own cost per event on this machine: a loop of ``aten::t`` (three events a
-    call: ``t``, ``transpose``, ``as_strided``) profiled against the same loop unprofiled, in turn;
-    the least time per call of each (the loop undisturbed by other work on the machine)."""
-    from torch.profiler import ProfilerActivity, profile
-
+def loop_event_ns(profiled, rounds: int = 9, n: int = 500) -> float:
+    """A profiler's own cost per event on this machine: a loop of ``aten::t`` (three events a call:
+    ``t``, ``transpose``, ``as_strided``) run by ``profiled(loop, n)`` (which runs it under the
+    profiler and returns its time per call and the events per call) against the same loop
+    unprofiled, in turn; the least time per call of each (the loop undisturbed by other work)."""
     x = torch.randn(22, 128)
 
     def loop() -> float:
@@ -144,13 +143,24 @@ def event_cost_ns(rounds: int = 9, n: int = 500) -> float:
         return (time.perf_counter_ns() - t) / n
 
     loop()
-    plain, profiled, events = [], [], 3.0
+    plain, timed, events = [], [], 3.0
     for _ in range(rounds):
         plain.append(loop())
+        per_call, events = profiled(loop, n)
+        timed.append(per_call)
+    return (min(timed) - min(plain)) / events
+
+
+def event_cost_ns(rounds: int = 9, n: int = 500) -> float:
+    """torch.profiler's own cost per event (:func:`loop_event_ns`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def profiled(loop, n: int) -> tuple[float, float]:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            profiled.append(loop())
-        events = sum(1 for _ in prof.events()) / n
-    return (min(profiled) - min(plain)) / events
+            per_call = loop()
+        return per_call, sum(1 for _ in prof.events()) / n
+
+    return loop_event_ns(profiled, rounds, n)
 
 
 def profiler_step(model, ids, new: int, index: int, full: bool = True, kinds: set[str] | None = None):
