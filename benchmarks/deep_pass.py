@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import probe  # noqa: E402
 from probe.models.bundled import load_bundled  # noqa: E402
-from probe.recording.deep import DeepObserver, plan_of  # noqa: E402
+from probe.recording.deep import TWIN_AFTER, DeepObserver, plan_of  # noqa: E402
 from probe.recording.deep_twin import SAME_OP  # noqa: E402
 
 
@@ -198,7 +198,7 @@ def deep_step(model, ids, new: int, index: int, traced: bool = False):
     if traced:
         tracemalloc.start()
     before = tracemalloc.take_snapshot() if traced else None
-    n = new + 1 if index > 0 else new  # a decode step's twin is the step after it
+    n = new + TWIN_AFTER if index > 0 else new  # a decode step's twin is a step after it
     obs = DeepObserver(plan_of([index]))
     with probe.attach(model, observers=[obs]) as p:
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)

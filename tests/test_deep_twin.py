@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import probe
-from probe.recording.deep import MODE_METHOD, NO_TWIN, TWIN_METHOD
+from probe.recording.deep import MODE_METHOD, NO_TWIN, TWIN_AFTER, TWIN_METHOD
 from probe.recording.deep_twin import TwinProfiler, align, outermost, quietly, twin_times
 
 from tiny import tiny_llama
@@ -43,12 +43,13 @@ def test_profile_times_every_sampled_step_on_a_twin_and_says_how_many_ops_matche
     assert not torch.autograd._profiler_enabled()
     clock = run.meta["deep"]["op_clock"]
     steps = _steps(run)
-    assert sorted(steps) == sorted(run.ops["step"].unique()) == [0, 1, 3, 6]
+    assert TWIN_AFTER == 2
+    assert sorted(steps) == sorted(run.ops["step"].unique()) == [0, 1, 5]
     for index, s in steps.items():
         assert s["method"] == TWIN_METHOD, s
         n = int((run.ops["step"] == index).sum())
         assert s["of"] == n and 0.9 * n <= s["matched"] <= n
-        assert s["twin"] == (f"step {index + 1}" if index else
+        assert s["twin"] == (f"step {index + TWIN_AFTER}" if index else
                              "the prefill of a one-token generate call of the same inputs and seed")
     for phase in ("prefill", "decode"):
         assert clock[phase]["method"] == TWIN_METHOD
@@ -85,14 +86,15 @@ def test_attach_keeps_the_mode_clock_on_prefill_and_says_why():
 
 def test_explicit_steps_without_a_twin_keep_the_mode_clock():
     m = _model()
-    want = m.generate(PROMPT, max_new_tokens=6, do_sample=False)
-    with probe.attach(m, deep=[2, 3, 5]) as p:  # 3 follows 2; 5 is the last step
-        got = m.generate(PROMPT, max_new_tokens=6, do_sample=False)
+    want = m.generate(PROMPT, max_new_tokens=8, do_sample=False)
+    with probe.attach(m, deep=[1, 2, 5, 7]) as p:  # steps 0-7; a decode step's twin is two after it
+        got = m.generate(PROMPT, max_new_tokens=8, do_sample=False)
     assert torch.equal(want, got)
     steps = _steps(p.run)
-    assert steps[2]["method"] == MODE_METHOD and steps[2]["why"] == NO_TWIN["sampled"]
-    assert steps[3]["method"] == TWIN_METHOD and steps[3]["twin"] == "step 4"
-    assert steps[5]["method"] == MODE_METHOD and steps[5]["why"] == NO_TWIN["ended"]
+    assert steps[1]["method"] == MODE_METHOD and steps[1]["why"] == NO_TWIN["sampled"]  # 2 is sampled
+    assert steps[2]["method"] == TWIN_METHOD and steps[2]["twin"] == "step 4"
+    assert steps[5]["method"] == MODE_METHOD and steps[5]["why"] == NO_TWIN["sampled"]  # 7 is sampled
+    assert steps[7]["method"] == MODE_METHOD and steps[7]["why"] == NO_TWIN["ended"]
     assert p.run.ops["host_ms"].notna().all()
 
 
@@ -133,14 +135,14 @@ def test_a_twin_step_that_fails_leaves_no_profiler_running():
 
     def boom(_module, _args, _out):
         calls["n"] += 1
-        if calls["n"] == 3:  # step 2: the twin of the sampled step 1
+        if calls["n"] == 4:  # step 3: the twin of the sampled step 1
             raise RuntimeError("the user's hook failed")
 
     h = m.model.norm.register_forward_hook(boom)
     try:
         with probe.attach(m, deep=[1]) as p:
             with pytest.raises(RuntimeError, match="user's hook"):
-                m.generate(PROMPT, max_new_tokens=5, do_sample=False)
+                m.generate(PROMPT, max_new_tokens=6, do_sample=False)
     finally:
         h.remove()
     assert not torch.autograd._profiler_enabled()

@@ -9,6 +9,12 @@ sampled steps many times over, so a deep run never counts as a timing: its ``cal
 and ``sampling`` rows are left out of the frames (``Contribution.untimed``), its ``runs`` row
 says ``kind = "deep"`` with no TTFT, TPOT or tok/s, and its ops, memory ledger and storages are
 the frames ``ops``, ``ledger`` and ``allocations`` (:mod:`probe.recording.deep_frames`).
+
+The ops' host times come from torch.profiler on each sampled step's *twin*, a step that runs the
+same ops without the mode (:mod:`probe.recording.deep_twin`): a decode sample's next step, which
+the observer profiles as it comes, and for the prefill one more generate call for one token
+(:meth:`DeepObserver.twin_prefill`, which ``probe.profile(deep=...)`` runs). A step without a
+twin keeps the mode's clock; ``meta["deep"]["op_clock"]`` says which each step has.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ log = logging.getLogger(__name__)
 DEFAULT_DECODE = 3
 #: max_new_tokens assumed where a generate call states none (for spreading the decode samples)
 ASSUMED_NEW_TOKENS = 64
+#: a decode sample's twin is the step this many after it: the steps between run without the mode
+#: too, so the twin's caches are as warm as a plain step's (right after the mode's step, the
+#: weights' matrix products of the twin read 1.4x those of a plain forward's)
+TWIN_AFTER = 2
 #: how a sampled step's op times were taken (``meta["deep"]["op_clock"]``)
 TWIN_METHOD = "profiler twin"
 MODE_METHOD = "dispatch mode"
@@ -45,7 +55,7 @@ MODE_METHOD = "dispatch mode"
 NO_TWIN = {
     "attach": "no prefill twin: the generate call is the user's own (probe.attach); probe.profile(deep=...) "
               "and probe run --deep run a one-token generate for it",
-    "sampled": "the next step is sampled too",
+    "sampled": "a step up to its twin is sampled too",
     "ended": "no step after it: the run ended",
     "others": "another profiler or dispatch mode is active, or this is one rank of several: no profiler started",
     "failed": "the twin step failed or could not be profiled",
@@ -65,26 +75,29 @@ class DeepPlan:
 
     def chosen(self, max_new_tokens: Any, *, max_steps: int | None = None, decode_stride: int = 1) -> frozenset[int]:
         """The sampled step indices of one run: within ``max_steps``; decode samples land on
-        steps ``decode_stride`` keeps (1, 1 + stride, ...), before the last step and never next to
-        each other (each is timed on the step after it). Explicit ``steps`` are taken as given."""
+        steps ``decode_stride`` keeps (1, 1 + stride, ...), before the last :data:`TWIN_AFTER` steps
+        and more than that apart (each is timed on a step after it). Explicit ``steps`` are taken
+        as given."""
         if self.steps is not None:
             out = set(self.steps)
         else:
             n = max_new_tokens if isinstance(max_new_tokens, int) and max_new_tokens > 0 else ASSUMED_NEW_TOKENS
             last = max(n - 1, 0)  # the last decode step's index (step 0 is prefill)
             out = {0}
-            # a decode sample's ops are timed on the step after it (its twin, deep_twin): never the
-            # last step, never two steps in a row
-            hi = last - 1
+            # a decode sample's ops are timed on a step after it (its twin, deep_twin): never the
+            # last steps, and no sample on a step up to its twin
+            hi = last - TWIN_AFTER
             if hi >= 1 and self.decode > 0:
                 k = min(self.decode, hi)
-                prev = -1
+                prev = -TWIN_AFTER - 1
                 for i in range(k):
                     at = 1 + round(i * (hi - 1) / (k - 1)) if k > 1 else 1
                     at = 1 + ((at - 1) // decode_stride) * decode_stride
-                    if at > prev + 1:
+                    if at > prev + TWIN_AFTER:
                         out.add(at)
                         prev = at
+            elif last >= 1 and self.decode > 0:  # too short a run for a twin: one step, the mode's clock
+                out.add(1)
         if max_steps is not None:
             out = {s for s in out if s < max_steps}
         return frozenset(out)
@@ -357,9 +370,10 @@ class DeepObserver(Observer):
             steplog.clock = _fallback(steplog, "attach")
             self._last_prefill = steplog if result is not None else None
         elif step.phase == "decode" and result is not None:
-            nxt = step.index + 1
-            steplog.clock = _fallback(steplog, "sampled" if nxt in self._chosen else "ended")
-            if nxt not in self._chosen:
+            nxt = step.index + TWIN_AFTER
+            between = any(step.index + i in self._chosen for i in range(1, TWIN_AFTER + 1))
+            steplog.clock = _fallback(steplog, "sampled" if between else "ended")
+            if not between:
                 self._pending[nxt] = steplog
         else:
             steplog.clock = _fallback(steplog, "phase" if result is not None else "failed")

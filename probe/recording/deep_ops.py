@@ -9,7 +9,8 @@ timestamps. One counter (``tick``) orders ops, module entries and exits and stor
 
 Per op: input and output shapes and dtypes, host time (``perf_counter_ns`` around the op alone;
 the bookkeeping is outside it, what calling it from Python adds is taken out: see :class:`OpMode`
-and :mod:`probe.recording.deep_calls`), FLOPs by PyTorch's own formulas (``torch.utils.flop_counter``)
+and :mod:`probe.recording.deep_calls`; replaced by torch.profiler's time of the same op on a twin
+step without the mode where there is one: :mod:`probe.recording.deep_twin`), FLOPs by PyTorch's own formulas (``torch.utils.flop_counter``)
 plus those it lacks on CPU (:data:`EXTRA_FLOPS`), and bytes read and written *estimated* from the
 unique storages of its inputs and outputs. Per storage an op made (an output on a storage none
 of its inputs had): its bytes, the op, the module, and the tick it was freed at (a weak
