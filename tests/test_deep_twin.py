@@ -43,8 +43,8 @@ def test_profile_times_every_sampled_step_on_a_twin_and_says_how_many_ops_matche
     assert not torch.autograd._profiler_enabled()
     clock = run.meta["deep"]["op_clock"]
     steps = _steps(run)
-    assert TWIN_AFTER == 2
-    assert sorted(steps) == sorted(run.ops["step"].unique()) == [0, 1, 5]
+    assert TWIN_AFTER == 6
+    assert sorted(steps) == sorted(run.ops["step"].unique()) == [0, 1]
     for index, s in steps.items():
         assert s["method"] == TWIN_METHOD, s
         n = int((run.ops["step"] == index).sum())
@@ -68,7 +68,7 @@ def test_profile_times_every_sampled_step_on_a_twin_and_says_how_many_ops_matche
 
 def test_attach_keeps_the_mode_clock_on_prefill_and_says_why():
     m = _model()
-    kw = dict(max_new_tokens=7, do_sample=True, top_k=20)
+    kw = dict(max_new_tokens=10, do_sample=True, top_k=20)
     torch.manual_seed(5)
     want = m.generate(PROMPT, **kw)
     with probe.attach(m, deep=True) as p:
@@ -86,21 +86,21 @@ def test_attach_keeps_the_mode_clock_on_prefill_and_says_why():
 
 def test_explicit_steps_without_a_twin_keep_the_mode_clock():
     m = _model()
-    want = m.generate(PROMPT, max_new_tokens=8, do_sample=False)
-    with probe.attach(m, deep=[1, 2, 5, 7]) as p:  # steps 0-7; a decode step's twin is two after it
-        got = m.generate(PROMPT, max_new_tokens=8, do_sample=False)
+    assert TWIN_AFTER == 6
+    want = m.generate(PROMPT, max_new_tokens=12, do_sample=False)
+    with probe.attach(m, deep=[1, 3, 10]) as p:  # steps 0-11; a decode step's twin is six after it
+        got = m.generate(PROMPT, max_new_tokens=12, do_sample=False)
     assert torch.equal(want, got)
     steps = _steps(p.run)
-    assert steps[1]["method"] == MODE_METHOD and steps[1]["why"] == NO_TWIN["sampled"]  # 2 is sampled
-    assert steps[2]["method"] == TWIN_METHOD and steps[2]["twin"] == "step 4"
-    assert steps[5]["method"] == MODE_METHOD and steps[5]["why"] == NO_TWIN["sampled"]  # 7 is sampled
-    assert steps[7]["method"] == MODE_METHOD and steps[7]["why"] == NO_TWIN["ended"]
+    assert steps[1]["method"] == MODE_METHOD and steps[1]["why"] == NO_TWIN["sampled"]  # 3 is sampled
+    assert steps[3]["method"] == TWIN_METHOD and steps[3]["twin"] == "step 9"
+    assert steps[10]["method"] == MODE_METHOD and steps[10]["why"] == NO_TWIN["ended"]  # no step 16
     assert p.run.ops["host_ms"].notna().all()
 
 
 def test_beside_a_users_profiler_no_profiler_is_started_and_no_generate_added():
     m = _model()
-    kw = {"max_new_tokens": 5, "do_sample": False}
+    kw = {"max_new_tokens": 10, "do_sample": False}
     want = m.generate(PROMPT, **kw)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run = probe.profile(m, PROMPT, generate_kwargs=kw, warmup=0, deep=True)
@@ -135,14 +135,14 @@ def test_a_twin_step_that_fails_leaves_no_profiler_running():
 
     def boom(_module, _args, _out):
         calls["n"] += 1
-        if calls["n"] == 4:  # step 3: the twin of the sampled step 1
+        if calls["n"] == 1 + 1 + TWIN_AFTER:  # the twin of the sampled step 1
             raise RuntimeError("the user's hook failed")
 
     h = m.model.norm.register_forward_hook(boom)
     try:
         with probe.attach(m, deep=[1]) as p:
             with pytest.raises(RuntimeError, match="user's hook"):
-                m.generate(PROMPT, max_new_tokens=6, do_sample=False)
+                m.generate(PROMPT, max_new_tokens=10, do_sample=False)
     finally:
         h.remove()
     assert not torch.autograd._profiler_enabled()

@@ -45,9 +45,10 @@ DEFAULT_DECODE = 3
 #: max_new_tokens assumed where a generate call states none (for spreading the decode samples)
 ASSUMED_NEW_TOKENS = 64
 #: a decode sample's twin is the step this many after it: the steps between run without the mode
-#: too, so the twin's caches are as warm as a plain step's (right after the mode's step, the
-#: weights' matrix products of the twin read 1.4x those of a plain forward's)
-TWIN_AFTER = 2
+#: too, so the twin finds the CPU's caches as a plain forward does. On the bundled model (step
+#: 100, least of 4) the twin's matrix products read 1.69x a plain forward's two steps after the
+#: mode's step, 1.04x six after; ops that grow with the cache (cat, SDPA) read 0.96-1.03x there
+TWIN_AFTER = 6
 #: how a sampled step's op times were taken (``meta["deep"]["op_clock"]``)
 TWIN_METHOD = "profiler twin"
 MODE_METHOD = "dispatch mode"
@@ -271,7 +272,7 @@ class DeepObserver(Observer):
             target.clock = _fallback(target, "others")
             return
         try:
-            if self._event_ns is None:
+            if self._event_ns is None:  # normally measured when the sampled step closed (_close)
                 self._event_ns = event_cost_ns()
             self._profiler.start()
         except Exception:  # the probe's own failure must never cost the user their forward
@@ -365,6 +366,11 @@ class DeepObserver(Observer):
         except Exception:  # their op times keep the step's floor
             log.debug("probe: could not calibrate the op call costs of a deep step", exc_info=True)
         mode.samples = {}
+        if self._event_ns is None and not others_active():  # here, not right before a twin step
+            try:
+                self._event_ns = event_cost_ns()
+            except Exception:
+                log.debug("probe: could not measure the profiler's own cost of an event", exc_info=True)
         # until a twin times its ops, the step keeps the mode's clock, and says why
         if step.phase == "prefill" and step.index == 0:
             steplog.clock = _fallback(steplog, "attach")
