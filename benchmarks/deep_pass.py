@@ -3,16 +3,16 @@
 Model: the bundled 32-layer LLaMA (``probe-tiny-llama-32l``), float32, CPU, one thread, greedy.
 
 1. Cost: a deep generate of ``--new-tokens`` (default 256) with the default sampled steps
-   (prefill + 3 decode steps, each decode sample's next step profiled as its twin) and the
+   (prefill + 3 decode steps, each timed on its twin: a step ``TWIN_AFTER`` after it) and the
    one-token generate whose prefill is the prefill's twin (as ``probe.profile(deep=...)`` runs
    them) against a generate at depth blocks, interleaved ``--rounds`` times, process CPU time.
    Target: median ratio <= 1.5.
 2. Op times: on one sampled step (prefill, and a decode step), each op kind's host time as the
-   deep pass records it (timed by torch.profiler on the step's twin: the next step, or the
-   prefill of a one-token generate; ``meta["deep"]["op_clock"]``) against torch.profiler's CPU
-   time for the same ops on the same step of a plain generate (the profiler started and stopped
-   around that forward only, without record_shapes and profile_memory, which inflate cheap
-   ops). The same ops: the dispatch mode sees an op with what it dispatches to below it
+   deep pass records it (timed by torch.profiler on the step's twin: a step ``TWIN_AFTER`` after
+   it, or the prefill of a one-token generate; ``meta["deep"]["op_clock"]``) against
+   torch.profiler's CPU time for the same ops on the same step of a plain generate (the
+   profiler started and stopped around that forward only, without record_shapes and
+   profile_memory, which inflate cheap ops). The same ops: the dispatch mode sees an op with what it dispatches to below it
    (``aten::mean`` with its ``aten::sum``), so the profiler's events counted are the outermost
    of the op kinds the mode recorded, each with its total time (a ``slice`` inside ``narrow``,
    or the ``transpose`` inside ``t``, is part of its parent, not a second op; a
