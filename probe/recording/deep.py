@@ -11,10 +11,11 @@ says ``kind = "deep"`` with no TTFT, TPOT or tok/s, and its ops, memory ledger a
 the frames ``ops``, ``ledger`` and ``allocations`` (:mod:`probe.recording.deep_frames`).
 
 The ops' host times come from torch.profiler on each sampled step's *twin*, a step that runs the
-same ops without the mode (:mod:`probe.recording.deep_twin`): a decode sample's next step, which
-the observer profiles as it comes, and for the prefill one more generate call for one token
-(:meth:`DeepObserver.twin_prefill`, which ``probe.profile(deep=...)`` runs). A step without a
-twin keeps the mode's clock; ``meta["deep"]["op_clock"]`` says which each step has.
+same ops without the mode (:mod:`probe.recording.deep_twin`): for a decode sample the step
+:data:`TWIN_AFTER` steps on, which the observer profiles as it comes; for the prefill one more
+generate call for one token (:meth:`DeepObserver.twin_prefill`, which ``probe.profile(deep=...)``
+runs). A step without a twin keeps the mode's clock; ``meta["deep"]["op_clock"]`` says which
+each step has.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ NO_TWIN = {
     "attach": "no prefill twin: the generate call is the user's own (probe.attach); probe.profile(deep=...) "
               "and probe run --deep run a one-token generate for it",
     "sampled": "a step up to its twin is sampled too",
-    "ended": "no step after it: the run ended",
+    "ended": "no twin step after it: the run ended first",
     "others": "another profiler or dispatch mode is active, or this is one rank of several: no profiler started",
     "failed": "the twin step failed or could not be profiled",
     "phase": "no twin for this phase",
@@ -424,8 +425,9 @@ class DeepObserver(Observer):
                          "ops_unrecorded": sum(s[5].failed for s in records["steps"]),
                          "op_call_us": dict(records.get("call_us", {})),
                          "op_times": "each op's dispatcher time, by torch.profiler on a twin step run without "
-                                     "the dispatch mode (a decode step's next step; the prefill of a one-token "
-                                     "generate call of the same inputs and seed), its outermost events aligned "
+                                     f"the dispatch mode (for a decode step, the step {TWIN_AFTER} on; for the "
+                                     "prefill, that of a one-token generate call of the same inputs and seed), "
+                                     "its outermost events aligned "
                                      "with the mode's ops by name, less the profiler's own cost of the events "
                                      "nested in each (op_clock says per step how many ops were matched). An op "
                                      "without a twin has the dispatch mode's clock: what calling it from the mode "

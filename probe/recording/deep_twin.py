@@ -7,7 +7,9 @@ mode gives an op's time in a plain forward. So the deep pass times a sampled ste
 *twin*: a step that runs the same ops in the same order without the mode, under torch.profiler
 (kineto, CPU activity only; no shapes, memory or stacks, which slow cheap ops):
 
-- a decode step ``k`` has step ``k + 1`` of the same generate call (one more key in the cache);
+- a decode step ``k`` has step ``k + TWIN_AFTER`` of the same generate call (a few more keys in
+  the cache; the steps between run plain, so the twin finds the CPU's caches as a plain forward
+  does: :data:`probe.recording.deep.TWIN_AFTER`);
 - the prefill step has the prefill of one more generate call of the same inputs and seed, run
   for one token (only where the deep pass runs its own generate: ``probe.profile(deep=...)``).
 
