@@ -190,3 +190,19 @@ def test_quietly_drops_the_profilers_lines_and_keeps_every_other(capfd):
     tp.start()
     tp.stop()
     assert "USDT" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2", "mixtral", "bloom"])
+def test_twins_match_the_ops_of_other_architectures(arch):
+    """Conv1D products, sliding windows, routed experts, ALiBi: the twin's events line up with
+    nearly every op the mode saw (a few only one side sees keep the mode's clock)."""
+    from tiny import tiny_model
+
+    m = tiny_model(arch)
+    run = probe.profile(m, PROMPT[:, :6], generate_kwargs={"max_new_tokens": 9, "do_sample": False}, warmup=0,
+                        deep=True)
+    clock = run.meta["deep"]["op_clock"]
+    for phase in ("prefill", "decode"):
+        assert clock[phase]["method"] == TWIN_METHOD
+        assert clock[phase]["matched"] >= 0.95 * clock[phase]["of"] > 0
+    assert _tokens(run, "generate") == _tokens(run, "deep")
