@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import probe  # noqa: E402
 from probe.models.bundled import load_bundled  # noqa: E402
-from probe.recording.deep import TWIN_AFTER, DeepObserver, plan_of  # noqa: E402
-from probe.recording.deep_twin import SAME_OP  # noqa: E402
+from probe.recording.deep import DeepObserver, plan_of  # noqa: E402
+from probe.recording.deep_twin import SAME_OP, TWIN_AFTER  # noqa: E402
 
 
 def rss_bytes() -> int:

@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 import probe
 from probe.analysis.ops import DISPATCH, memory_ledger
-from probe.recording.deep import TWIN_AFTER, DeepPlan, plan_of
+from probe.recording.deep import DeepPlan, plan_of
+from probe.recording.deep_twin import TWIN_AFTER
 from probe.recording.deep_calls import replayable, template
 from probe.recording.deep_ops import sdpa_cpu_flops
 

@@ -13,8 +13,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import probe
-from probe.recording.deep import MODE_METHOD, NO_TWIN, TWIN_AFTER, TWIN_METHOD
-from probe.recording.deep_twin import TwinProfiler, align, outermost, quietly, twin_times
+from probe.recording.deep_twin import (MODE_METHOD, NO_TWIN, TWIN_AFTER, TWIN_METHOD, TwinProfiler, align,
+                                      outermost, quietly, twin_times)
 
 from tiny import tiny_llama
 

@@ -33,7 +33,7 @@ from ..schema import ALLOCATIONS, LEDGER, OPS, STR
 from .cache import cache_tensors, find_cache
 from .deep_calls import calibrate, others_active
 from .deep_ops import OpMode, StepLog, parameter_bytes, storage_bytes, tied_weights
-from .deep_twin import TwinProfiler, event_cost_ns, twin_times
+from .deep_twin import TWIN_AFTER, TWIN_METHOD, TwinProfiler, event_cost_ns, fallback, op_clock, twin_times
 from . import attnfn
 from .discovery import select_modules
 from .hotpath import PartialWrapper
@@ -45,24 +45,6 @@ log = logging.getLogger(__name__)
 DEFAULT_DECODE = 3
 #: max_new_tokens assumed where a generate call states none (for spreading the decode samples)
 ASSUMED_NEW_TOKENS = 64
-#: a decode sample's twin is the step this many after it: the steps between run without the mode
-#: too, so the twin finds the CPU's caches as a plain forward does. On the bundled model (step
-#: 100, least of 4) the twin's matrix products read 1.69x a plain forward's two steps after the
-#: mode's step, 1.04x six after; ops that grow with the cache (cat, SDPA) read 0.96-1.03x there
-TWIN_AFTER = 6
-#: how a sampled step's op times were taken (``meta["deep"]["op_clock"]``)
-TWIN_METHOD = "profiler twin"
-MODE_METHOD = "dispatch mode"
-#: why a sampled step keeps the dispatch mode's clock, by case
-NO_TWIN = {
-    "attach": "no prefill twin: the generate call is the user's own (probe.attach); probe.profile(deep=...) "
-              "and probe run --deep run a one-token generate for it",
-    "sampled": "a step up to its twin is sampled too",
-    "ended": "no twin step after it: the run ended first",
-    "others": "another profiler or dispatch mode is active, or this is one rank of several: no profiler started",
-    "failed": "the twin step failed or could not be profiled",
-    "phase": "no twin for this phase",
-}
 #: the timing figures of a deep run's row, left empty: the dispatch mode slowed its sampled steps
 UNTIMED_RUN_COLUMNS = ("ttft_ms", "tpot_ms_mean", "tpot_ms_p50", "tpot_ms_p90", "prefill_tok_s", "decode_tok_s")
 
@@ -270,7 +252,7 @@ class DeepObserver(Observer):
         """Start torch.profiler for ``step``, the twin of the sampled step ``target`` (before the
         step's clock starts; nothing of the probe's runs in the step while it is profiled)."""
         if others_active():  # the user's profiler or dispatch mode, or ranks: start nothing
-            target.clock = _fallback(target, "others")
+            target.clock = fallback(target, "others")
             return
         try:
             if self._event_ns is None:  # normally measured when the sampled step closed (_close)
@@ -278,7 +260,7 @@ class DeepObserver(Observer):
             self._profiler.start()
         except Exception:  # the probe's own failure must never cost the user their forward
             log.debug("probe: could not start the profiler of a twin step", exc_info=True)
-            target.clock = _fallback(target, "failed")
+            target.clock = fallback(target, "failed")
             return
         self._twin_open = (step, target)
 
@@ -295,7 +277,7 @@ class DeepObserver(Observer):
             results = None
         twin, target = opened
         if step is None or error is not None or results is None:
-            target.clock = _fallback(target, "failed")
+            target.clock = fallback(target, "failed")
             return
         try:
             names = self._op_names()
@@ -303,7 +285,7 @@ class DeepObserver(Observer):
             times, matched = twin_times([names[k] for k in ops], results, self._event_ns or 0.0)
         except Exception:
             log.debug("probe: could not read the profiler of a twin step", exc_info=True)
-            target.clock = _fallback(target, "failed")
+            target.clock = fallback(target, "failed")
             return
         del results
         target.twin_ns = times
@@ -330,14 +312,14 @@ class DeepObserver(Observer):
         if target is None:
             return
         if others_active():
-            target.clock = _fallback(target, "others")
+            target.clock = fallback(target, "others")
             return
         self._prefill_for = target
         try:
             call()
         finally:
             if self._prefill_for is target:  # the call never reached its prefill step
-                target.clock = _fallback(target, "failed")
+                target.clock = fallback(target, "failed")
             self._prefill_for = None
             self._close_twin(None, None)
 
@@ -374,16 +356,16 @@ class DeepObserver(Observer):
                 log.debug("probe: could not measure the profiler's own cost of an event", exc_info=True)
         # until a twin times its ops, the step keeps the mode's clock, and says why
         if step.phase == "prefill" and step.index == 0:
-            steplog.clock = _fallback(steplog, "attach")
+            steplog.clock = fallback(steplog, "attach")
             self._last_prefill = steplog if result is not None else None
         elif step.phase == "decode" and result is not None:
             nxt = step.index + TWIN_AFTER
             between = any(step.index + i in self._chosen for i in range(1, TWIN_AFTER + 1))
-            steplog.clock = _fallback(steplog, "sampled" if between else "ended")
+            steplog.clock = fallback(steplog, "sampled" if between else "ended")
             if not between:
                 self._pending[nxt] = steplog
         else:
-            steplog.clock = _fallback(steplog, "phase" if result is not None else "failed")
+            steplog.clock = fallback(steplog, "phase" if result is not None else "failed")
         self.steps.append((step.run.run_id, step.index, step.phase, step.q_len, step.kv_len, steplog, frozenset(kv)))
 
     def busy(self) -> bool:
@@ -434,7 +416,7 @@ class DeepObserver(Observer):
                                      "adds (converting its arguments and outputs, measured per overload against "
                                      "PyTorch's RecordFunction: op_call_us; else aten.alias timed the same way "
                                      "on the step, median op_floor_us) taken out and left to dispatch and Python",
-                         "op_clock": _op_clock(records["steps"]),
+                         "op_clock": op_clock(records["steps"]),
                          "twin_run_ids": twins,
                          "torch_version": torch.__version__}}
         return Contribution(runs=pd.DataFrame(row), built=built, meta=meta, untimed=frozenset(ids + twins))
@@ -449,28 +431,6 @@ def _attention_call(fn: Any, steplog: StepLog, code_of: Any) -> Any:
             steplog.exit()
 
     return attention_function
-
-
-def _fallback(steplog: StepLog, why: str) -> dict:
-    """A sampled step that keeps the dispatch mode's clock, and why (:data:`NO_TWIN`)."""
-    return {"method": MODE_METHOD, "why": NO_TWIN[why], "matched": 0, "of": steplog.n_ops}
-
-
-def _op_clock(steps: tuple) -> dict:
-    """How the sampled steps' op times were taken: per phase, the method (both, where the
-    steps of a phase differ) and the ops matched on a twin of all the phase's ops; per step, the
-    step's own (:meth:`DeepObserver._close_twin`, :func:`_fallback`)."""
-    by_phase: dict[str, dict] = {}
-    per_step = []
-    for run_id, index, phase, *_, lg, _kv in steps:
-        clock = dict(getattr(lg, "clock", None) or _fallback(lg, "failed"))
-        per_step.append({"run_id": run_id, "step": int(index), "phase": phase, **clock})
-        got = by_phase.setdefault(phase, {"methods": set(), "matched": 0, "of": 0})
-        got["methods"].add(clock["method"])
-        got["matched"] += int(clock["matched"])
-        got["of"] += int(clock["of"])
-    phases = {ph: {"method": " and ".join(sorted(v.pop("methods"))), **v} for ph, v in by_phase.items()}
-    return {**phases, "steps": per_step}
 
 
 def _median(values: list[int]) -> int:

@@ -9,7 +9,7 @@ mode gives an op's time in a plain forward. So the deep pass times a sampled ste
 
 - a decode step ``k`` has step ``k + TWIN_AFTER`` of the same generate call (a few more keys in
   the cache; the steps between run plain, so the twin finds the CPU's caches as a plain forward
-  does: :data:`probe.recording.deep.TWIN_AFTER`);
+  does: :data:`TWIN_AFTER`);
 - the prefill step has the prefill of one more generate call of the same inputs and seed, run
   for one token (only where the deep pass runs its own generate: ``probe.profile(deep=...)``).
 
@@ -37,6 +37,24 @@ import torch
 
 log = logging.getLogger(__name__)
 
+#: a decode sample's twin is the step this many after it: the steps between run without the mode
+#: too, so the twin finds the CPU's caches as a plain forward does. On the bundled model (step
+#: 100, least of 4) the twin's matrix products read 1.69x a plain forward's two steps after the
+#: mode's step, 1.04x six after; ops that grow with the cache (cat, SDPA) read 0.96-1.03x there
+TWIN_AFTER = 6
+#: how a sampled step's op times were taken (``meta["deep"]["op_clock"]``)
+TWIN_METHOD = "profiler twin"
+MODE_METHOD = "dispatch mode"
+#: why a sampled step keeps the dispatch mode's clock, by case
+NO_TWIN = {
+    "attach": "no prefill twin: the generate call is the user's own (probe.attach); probe.profile(deep=...) "
+              "and probe run --deep run a one-token generate for it",
+    "sampled": "a step up to its twin is sampled too",
+    "ended": "no twin step after it: the run ended first",
+    "others": "another profiler or dispatch mode is active, or this is one rank of several: no profiler started",
+    "failed": "the twin step failed or could not be profiled",
+    "phase": "no twin for this phase",
+}
 #: ops that must agree in a row for the alignment to pick up again after a difference
 RESYNC = 4
 #: how far ahead, in either sequence, the alignment looks for that
@@ -211,3 +229,25 @@ def twin_times(op_names: list[str], results: Any, event_ns: float) -> tuple[arra
     for i, j in pairs:
         out[i] = max(int(ns[j] - nested[j] * event_ns), 0)
     return out, len(pairs)
+
+
+def fallback(steplog: Any, why: str) -> dict:
+    """A sampled step that keeps the dispatch mode's clock, and why (:data:`NO_TWIN`)."""
+    return {"method": MODE_METHOD, "why": NO_TWIN[why], "matched": 0, "of": steplog.n_ops}
+
+
+def op_clock(steps: tuple) -> dict:
+    """How the sampled steps' op times were taken: per phase, the method (both, where the
+    steps of a phase differ) and the ops matched on a twin of all the phase's ops; per step, the
+    step's own (``DeepObserver._close_twin``, :func:`fallback`)."""
+    by_phase: dict[str, dict] = {}
+    per_step = []
+    for run_id, index, phase, *_, lg, _kv in steps:
+        clock = dict(getattr(lg, "clock", None) or fallback(lg, "failed"))
+        per_step.append({"run_id": run_id, "step": int(index), "phase": phase, **clock})
+        got = by_phase.setdefault(phase, {"methods": set(), "matched": 0, "of": 0})
+        got["methods"].add(clock["method"])
+        got["matched"] += int(clock["matched"])
+        got["of"] += int(clock["of"])
+    phases = {ph: {"method": " and ".join(sorted(v.pop("methods"))), **v} for ph, v in by_phase.items()}
+    return {**phases, "steps": per_step}
