@@ -18,7 +18,9 @@ calls, less each instrument's own cost of the events nested inside it:
   and thread-local, what a deep step could run beside its mode) on the same plain forward;
 - ``mode``: the inner event under a dispatch mode that only calls the op, by torch.profiler's clock;
 - ``mode+legacy``: the same by the legacy profiler;
-- ``deep``: the deep pass's ``host_ms`` as recorded;
+- ``deep``: the deep pass's ``host_ms`` as recorded (now torch.profiler's on the step's twin, a
+  step without the mode: ``probe/recording/deep_twin.py``; the tables in docs/deep.md's "Why not
+  PyTorch's own op clock" were taken before, with the mode's calibrated clock);
 - ``legacy s-1`` (a decode step after the first): the legacy profiler on the step before, in a
   plain forward: what a deep run could time beside a sampled decode step (the same ops, the
   cache one token shorter).
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
     ids = tok("The quick brown fox jumps over the lazy dog, and then", return_tensors="pt")["input_ids"]
     model.generate(ids, max_new_tokens=4, do_sample=False)  # warm
     index = args.step
-    deep_ops, _, _ = deep_step(model, ids, index + 1, index)
+    deep_ops = deep_step(model, ids, index + 1, index)[0]
     kinds = {kind_of(op) for op, _ in deep_ops}
     names = ("profiler", "profiler again", "legacy", "mode", "mode+legacy", "deep") + (("legacy s-1",) if index >= 2 else ())
     got: dict[str, list] = {k: [] for k in names}
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
         got["profiler again"].append(profiler_step(model, ids, index + 1, index, full=False, kinds=kinds)[0])
         got["mode"].append(mode_step(model, ids, index))
         got["mode+legacy"].append(legacy_step(model, ids, index, None, mode=True))
-        ops, _, _ = deep_step(model, ids, index + 1, index)
+        ops = deep_step(model, ids, index + 1, index)[0]
         got["deep"].append([(kind_of(op), ms * 1e3, 0) for op, ms in ops])
         if index >= 2:
             got["legacy s-1"].append(legacy_step(model, ids, index - 1, kinds))

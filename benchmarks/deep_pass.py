@@ -3,19 +3,24 @@
 Model: the bundled 32-layer LLaMA (``probe-tiny-llama-32l``), float32, CPU, one thread, greedy.
 
 1. Cost: a deep generate of ``--new-tokens`` (default 256) with the default sampled steps
-   (prefill + 3 decode steps) against a generate at depth blocks, interleaved ``--rounds``
-   times, process CPU time. Target: median ratio <= 1.5.
+   (prefill + 3 decode steps, each timed on its twin: a step ``TWIN_AFTER`` after it) and the
+   one-token generate whose prefill is the prefill's twin (as ``probe.profile(deep=...)`` runs
+   them) against a generate at depth blocks, interleaved ``--rounds`` times, process CPU time.
+   Target: median ratio <= 1.5.
 2. Op times: on one sampled step (prefill, and a decode step), each op kind's host time as the
-   deep pass records it against torch.profiler's CPU time for the same ops on the same step of a
-   plain generate (the profiler started and stopped around that forward only, without
-   record_shapes and profile_memory, which inflate cheap ops). The same ops: the dispatch mode
-   sees an op with what it dispatches to below it (``aten::mean`` with its ``aten::sum``), so
-   the profiler's events counted are the outermost of the op kinds the mode recorded, each with
-   its total time (a ``slice`` inside ``narrow``, or the ``transpose`` inside ``t``, is part of
-   its parent, not a second op). The profiler's own cost of the events nested inside a counted
-   one (measured here: a profiled loop of cheap ops against the same loop unprofiled) is taken
-   out of its time, since the dispatch mode's clock does not carry it (``aten::mean`` carries
-   seven such events). Each op's time is the least of ``--repeats`` generate calls per
+   deep pass records it (timed by torch.profiler on the step's twin: a step ``TWIN_AFTER`` after
+   it, or the prefill of a one-token generate; ``meta["deep"]["op_clock"]``) against
+   torch.profiler's CPU time for the same ops on the same step of a plain generate (the
+   profiler started and stopped around that forward only, without record_shapes and
+   profile_memory, which inflate cheap ops). The same ops: the dispatch mode sees an op with what it dispatches to below it
+   (``aten::mean`` with its ``aten::sum``), so the profiler's events counted are the outermost
+   of the op kinds the mode recorded, each with its total time (a ``slice`` inside ``narrow``,
+   or the ``transpose`` inside ``t``, is part of its parent, not a second op; a
+   ``_reshape_alias`` counts as the ``view`` the mode sees it as). The profiler's own cost of
+   the events nested inside a counted one (measured here, once per repeat, the median: a
+   profiled loop of cheap ops against the same loop unprofiled) is taken out of its time, as
+   the deep pass takes its own figure out of its twin's (``aten::mean`` carries seven such
+   events). Each op's time is the least of ``--repeats`` generate calls per
    instrument, interleaved (the ops come in the same order each time; a preemption of the process
    lands in one op of one call, and would otherwise stay in its kind's sum), without tracemalloc
    (item 3 traces a deep generate of its own). Target: op kinds with >= 1 % of the step or
@@ -45,6 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import probe  # noqa: E402
 from probe.models.bundled import load_bundled  # noqa: E402
+from probe.recording.deep import DeepObserver, plan_of  # noqa: E402
+from probe.recording.deep_twin import SAME_OP, TWIN_AFTER  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -59,14 +66,23 @@ def cpu_of(fn) -> float:
     return time.process_time() - t
 
 
+def deep_generate(model, ids, plan, **kw):
+    """A deep generate and, as ``probe.profile(deep=...)`` runs it, the one-token generate whose
+    prefill times the deep prefill's ops; the probe."""
+    obs = DeepObserver(plan_of(plan))
+    with probe.attach(model, observers=[obs]) as p:
+        model.generate(ids, **kw)
+        obs.twin_prefill(lambda: model.generate(ids, max_new_tokens=1, do_sample=False))
+    return p
+
+
 def cost(model, ids, new: int, rounds: int) -> list[float]:
     kw = dict(max_new_tokens=new, do_sample=False, min_new_tokens=new)
     ratios = []
     for _ in range(rounds):
         with probe.attach(model):
             blocks = cpu_of(lambda: model.generate(ids, **kw))
-        with probe.attach(model, deep=True):
-            deep = cpu_of(lambda: model.generate(ids, **kw))
+        deep = cpu_of(lambda: deep_generate(model, ids, True, **kw))
         ratios.append(deep / blocks)
         print(f"  round: blocks {blocks * 1e3:8.1f} ms CPU   deep {deep * 1e3:8.1f} ms CPU   ratio {deep / blocks:.3f}")
     return ratios
@@ -108,9 +124,10 @@ def outermost(events, kinds: set[str]) -> list[tuple[str, float, int]]:
         return sum(1 + size(c) for c in e.cpu_children)
 
     def walk(e, inside: bool) -> None:
-        counted = not inside and e.name in kinds
+        name = SAME_OP.get(e.name, e.name)  # the op the dispatch mode sees (its view for a _reshape_alias)
+        counted = not inside and name in kinds
         if counted:
-            out.append((e.name, e.cpu_time_total, size(e)))
+            out.append((name, e.cpu_time_total, size(e)))
         for c in e.cpu_children:
             walk(c, inside or counted)
 
@@ -183,15 +200,20 @@ def profiler_step(model, ids, new: int, index: int, full: bool = True, kinds: se
 
 
 def deep_step(model, ids, new: int, index: int, traced: bool = False):
-    """A deep generate sampling step ``index`` only: its ops' (op, host ms), what the probe's records
-    hold (``traced``: by tracemalloc, else 0) and the step's peak of live tensor bytes. The op times
-    are taken untraced: tracemalloc hooks every Python allocation, the wrappers of each op's
-    outputs made inside its timed call among them (it read 5.4 us of aten.alias against 1.3 us)."""
+    """A deep generate sampling step ``index`` only (and its twin: one step more, or a one-token
+    generate for prefill): its ops' (op, host ms), what the probe's records hold (``traced``: by
+    tracemalloc, else 0), the step's peak of live tensor bytes and how its ops were timed. The op
+    times are taken untraced: tracemalloc hooks every Python allocation (it read 5.4 us of
+    aten.alias against 1.3 us under the mode)."""
     if traced:
         tracemalloc.start()
     before = tracemalloc.take_snapshot() if traced else None
-    with probe.attach(model, deep=[index]) as p:
-        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    n = new + TWIN_AFTER if index > 0 else new  # a decode step's twin is a step after it
+    obs = DeepObserver(plan_of([index]))
+    with probe.attach(model, observers=[obs]) as p:
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        if index == 0:
+            obs.twin_prefill(lambda: model.generate(ids, max_new_tokens=1, do_sample=False))
         after = tracemalloc.take_snapshot() if traced else None
     held = 0
     if traced:
@@ -201,7 +223,8 @@ def deep_step(model, ids, new: int, index: int, traced: bool = False):
     run = p.run
     ops = run.ops
     root = run.ledger[run.ledger["module"].isna()].iloc[0]
-    return list(zip(ops["op"], ops["host_ms"])), held, int(root["peak_added_bytes"])
+    clock = run.meta["deep"]["op_clock"]["steps"][0]
+    return list(zip(ops["op"], ops["host_ms"])), held, int(root["peak_added_bytes"]), clock
 
 
 def kind_of(op: str) -> str:
@@ -285,22 +308,27 @@ def main(argv=None) -> int:
     for label, index in (("prefill (step 0)", 0), (f"decode (step {step})", step)):
         print(f"\n2. op kinds on {label}: deep pass host time vs torch.profiler CPU time (outermost events, total), "
               f"each op the least of {args.repeats} interleaved generate calls")
-        deep, prof = [], []
+        deep, prof, costs = [], [], []
         for _ in range(args.repeats):
-            ops, _, _ = deep_step(model, ids, index + 1, index)
+            ops, _, _, clock = deep_step(model, ids, index + 1, index)
             seen = {kind_of(op) for op, _ in ops}
             events, _, _ = profiler_step(model, ids, index + 1, index, full=False, kinds=seen)
             deep.append(ops)
             prof.append(events)
+            costs.append(event_cost_ns())  # one per repeat: a figure taken once swung 360-640 ns
         probe_ops, same = least_per_op(deep)
         prof_events, same_prof = least_per_op(prof)
         if not (same and same_prof):
             print("  (the repeats did not see the same ops: the first repeat's times)")
-        _, held, peak = deep_step(model, ids, index + 1, index, traced=True)
+        how = (f", twin {clock['twin']}, {clock['matched']} of {clock['of']} ops matched, profiler's own cost "
+               f"{clock['event_ns']:.0f} ns an event" if "twin" in clock else f" ({clock['why']})")
+        print(f"  op clock of the deep pass: {clock['method']}{how}")
+        _, held, peak, _ = deep_step(model, ids, index + 1, index, traced=True)
         prof_peak = profiler_step(model, ids, index + 1, index)[2]
         prof_rss = fresh_profiler_rss(index)
-        event_ns = event_cost_ns()
-        print(f"  torch.profiler's own cost per event: {event_ns:.0f} ns (least of 9 profiled loops vs of 9 plain)")
+        event_ns = statistics.median(costs)
+        print(f"  torch.profiler's own cost per event: {event_ns:.0f} ns (median over the repeats of the least "
+              f"of 9 profiled loops vs of 9 plain: {', '.join(f'{c:.0f}' for c in costs)})")
         ok, n = compare_ops(probe_ops, prof_events, event_ns)
         print(f"  within 10 %: {ok} of {n} op kinds with >= 1 % of the step or >= 50 us (target: all)")
         print(f"\n3. memory on {label}")

@@ -253,7 +253,9 @@ OPS: dict[str, str] = {
     "in_dtypes": STR,  # JSON list of their dtypes
     "out_shapes": STR,
     "out_dtypes": STR,
-    "host_ms": "float64",  # host time of the op alone (the probe's bookkeeping outside it)
+    # host time of the op alone: torch.profiler's on a twin step without the dispatch mode where
+    # matched, else the mode's clock less its call cost (meta["deep"]["op_clock"] says which)
+    "host_ms": "float64",
     "flops": "Int64",  # torch.utils.flop_counter's formula (or probe's for ops it lacks); null: none known
     "bytes_read_est": "Int64",  # estimated: bytes of the unique input storages the op's inputs span
     "bytes_written_est": "Int64",  # estimated: the same for its outputs

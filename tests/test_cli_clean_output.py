@@ -112,6 +112,24 @@ def test_every_subcommand_piped_prints_no_traceback(tmp_path):
             assert "generating: step " in proc.stderr and "\r" not in proc.stderr
 
 
+def test_probe_run_deep_prints_none_of_the_profilers_own_lines(tmp_path):
+    """The deep pass profiles twin steps with torch.profiler, whose C++ prints a line at each start
+    and stop in this build: none reaches the output, and the steps say they were timed so."""
+    import json
+
+    out = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-m", "probe", "run", "--prompt", "hi there", "--max-new-tokens", "8",
+                           "--deep", "--out", str(out), "--no-report"], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    _clean(text, "probe run --deep")
+    for line in ("USDT", "profiler_start", "profiler_stop", "SyncActivityProfilerHandler"):
+        assert line not in text, text
+    clock = json.loads((out / "meta.json").read_text())["deep"]["op_clock"]
+    assert clock["prefill"]["method"] == clock["decode"]["method"] == "profiler twin"
+
+
 def test_probe_dashboard_serves_and_stops_without_a_traceback(tmp_path):
     from browser import dashboard_server
 

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 import probe
 from probe.analysis.ops import DISPATCH, memory_ledger
 from probe.recording.deep import DeepPlan, plan_of
+from probe.recording.deep_twin import TWIN_AFTER
 from probe.recording.deep_calls import replayable, template
 from probe.recording.deep_ops import sdpa_cpu_flops
 
@@ -138,7 +139,7 @@ def test_deep_runs_leave_outputs_unchanged_and_timings_alone(tmp_path):
     assert run.runs[["ttft_ms", "tpot_ms_mean", "decode_tok_s"]].isna().all().all()
     assert run.calls.empty and run.steps.empty and run.sampling.empty  # in no timing figure
     assert run.headline().empty
-    assert sorted(run.ops["step"].unique()) == [0, 1, 5, 8]  # prefill + 3 decode steps spread over 9
+    assert sorted(run.ops["step"].unique()) == [0, 1]  # prefill + a decode step with its twin 6 after it
     assert not torch.nn.modules.module._global_forward_hooks  # the op-attribution hooks are gone
     assert not torch.nn.modules.module._global_forward_pre_hooks
     # saved and loaded back equal, and valid
@@ -217,9 +218,12 @@ def test_profile_deep_pass_after_the_timed_calls():
     m = _model()
     run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": 6, "do_sample": False}, repeat=2, deep=2)
     kinds = list(run.runs["kind"])
-    assert kinds == ["generate", "generate", "deep"]
+    # the last: one token of the same inputs, whose prefill times the deep prefill's ops (untimed too)
+    assert kinds == ["generate", "generate", "deep", "deep twin"]
     deep_id = run.runs.loc[run.runs["kind"] == "deep", "run_id"].iloc[0]
-    assert deep_id not in set(run.steps["run_id"]) and deep_id not in set(run.calls["run_id"])
+    twin_id = run.runs.loc[run.runs["kind"] == "deep twin", "run_id"].iloc[0]
+    for untimed in (deep_id, twin_id):
+        assert untimed not in set(run.steps["run_id"]) and untimed not in set(run.calls["run_id"])
     assert set(run.ops["run_id"]) == {deep_id}
     assert len(run.headline_spread()) and int(run.headline_spread()["generates"].max()) == 2
     summ = run.op_summary()
@@ -246,9 +250,16 @@ def test_bad_deep_value_is_refused_before_attaching(bad):
 def test_plan_spreads_decode_samples_within_stride_and_max_steps():
     assert plan_of(True) == DeepPlan()
     assert plan_of(False) is None and plan_of(None) is None
-    assert DeepPlan().chosen(256) == {0, 1, 128, 255}
+    # each decode sample is timed on a step TWIN_AFTER (6) after it: never on the last 6 steps,
+    # never on a step up to another sample's twin
+    assert TWIN_AFTER == 6
+    assert DeepPlan().chosen(256) == {0, 1, 125, 249}
+    assert DeepPlan().chosen(16) == {0, 1, 9}
+    assert DeepPlan().chosen(10) == DeepPlan().chosen(5) == {0, 1}
+    # too short for a twin: one decode step all the same (on the dispatch mode's clock)
+    assert DeepPlan().chosen(3) == DeepPlan().chosen(2) == {0, 1} and DeepPlan().chosen(1) == {0}
     assert DeepPlan(decode=0).chosen(256) == {0}
-    assert DeepPlan().chosen(256, decode_stride=4) == {0, 1, 125, 253}
+    assert DeepPlan().chosen(256, decode_stride=4) == {0, 1, 125, 249}
     assert DeepPlan().chosen(256, max_steps=100) == {0, 1}
     assert DeepPlan(steps=frozenset({3, 7})).chosen(5) == {3, 7}
 

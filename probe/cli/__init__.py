@@ -99,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record this many generate calls of the same input and show median and min-max (default 1)")
     r.add_argument("--deep", nargs="?", const="auto", default=None, metavar="STEPS",
                    help="after the timed calls, one more generate of the same inputs and seed that records every "
-                        "op and tensor storage of sampled steps (not timed): default the prefill step and 3 decode "
-                        "steps spread over the run; a number N samples N decode steps; 0,5,9 samples those steps")
+                        "op and tensor storage of sampled steps (not timed; the ops timed by torch.profiler on a "
+                        "later step, and on the prefill of a one-token generate): default the prefill step and 3 "
+                        "decode steps spread over the run; a number N samples N decode steps; 0,5,9 samples those "
+                        "steps")
     r.add_argument("--out", default=None, help="run directory to write (default: probe-runs/<timestamp>)")
     r.add_argument("--force", action="store_true", help="replace the run already in --out (never other files)")
     r.add_argument("--no-report", action="store_true", help="skip the HTML and CSV report")

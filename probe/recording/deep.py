@@ -9,6 +9,13 @@ sampled steps many times over, so a deep run never counts as a timing: its ``cal
 and ``sampling`` rows are left out of the frames (``Contribution.untimed``), its ``runs`` row
 says ``kind = "deep"`` with no TTFT, TPOT or tok/s, and its ops, memory ledger and storages are
 the frames ``ops``, ``ledger`` and ``allocations`` (:mod:`probe.recording.deep_frames`).
+
+The ops' host times come from torch.profiler on each sampled step's *twin*, a step that runs the
+same ops without the mode (:mod:`probe.recording.deep_twin`): for a decode sample the step
+:data:`TWIN_AFTER` steps on, which the observer profiles as it comes; for the prefill one more
+generate call for one token (:meth:`DeepObserver.twin_prefill`, which ``probe.profile(deep=...)``
+runs). A step without a twin keeps the mode's clock; ``meta["deep"]["op_clock"]`` says which
+each step has.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ import torch
 
 from ..schema import ALLOCATIONS, LEDGER, OPS, STR
 from .cache import cache_tensors, find_cache
-from .deep_calls import calibrate
+from .deep_calls import calibrate, others_active
 from .deep_ops import OpMode, StepLog, parameter_bytes, storage_bytes, tied_weights
+from .deep_twin import TWIN_AFTER, TWIN_METHOD, TwinProfiler, event_cost_ns, fallback, op_clock, twin_times
 from . import attnfn
 from .discovery import select_modules
 from .hotpath import PartialWrapper
@@ -51,19 +59,29 @@ class DeepPlan:
 
     def chosen(self, max_new_tokens: Any, *, max_steps: int | None = None, decode_stride: int = 1) -> frozenset[int]:
         """The sampled step indices of one run: within ``max_steps``; decode samples land on
-        steps ``decode_stride`` keeps (1, 1 + stride, ...)."""
+        steps ``decode_stride`` keeps (1, 1 + stride, ...), before the last :data:`TWIN_AFTER` steps
+        and more than that apart (each is timed on a step after it). Explicit ``steps`` are taken
+        as given."""
         if self.steps is not None:
             out = set(self.steps)
         else:
             n = max_new_tokens if isinstance(max_new_tokens, int) and max_new_tokens > 0 else ASSUMED_NEW_TOKENS
             last = max(n - 1, 0)  # the last decode step's index (step 0 is prefill)
             out = {0}
-            if last >= 1 and self.decode > 0:
-                k = min(self.decode, last)
+            # a decode sample's ops are timed on a step after it (its twin, deep_twin): never the
+            # last steps, and no sample on a step up to its twin
+            hi = last - TWIN_AFTER
+            if hi >= 1 and self.decode > 0:
+                k = min(self.decode, hi)
+                prev = -TWIN_AFTER - 1
                 for i in range(k):
-                    at = 1 + round(i * (last - 1) / (k - 1)) if k > 1 else 1
+                    at = 1 + round(i * (hi - 1) / (k - 1)) if k > 1 else 1
                     at = 1 + ((at - 1) // decode_stride) * decode_stride
-                    out.add(at)
+                    if at > prev + TWIN_AFTER:
+                        out.add(at)
+                        prev = at
+            elif last >= 1 and self.decode > 0:  # too short a run for a twin: one step, the mode's clock
+                out.add(1)
         if max_steps is not None:
             out = {s for s in out if s < max_steps}
         return frozenset(out)
@@ -121,6 +139,15 @@ class DeepObserver(Observer):
         self._open: tuple | None = None  # (step, log, mode, hook handles, attention functions replaced)
         self._model_ref: Any = None
         self._fn_codes: dict[int, int] = {}  # an attention module's code -> its attention function's
+        # the twins (deep_twin): a sampled step's ops timed by torch.profiler on a step without the mode
+        self.twin_runs: list[str] = []  # the one-token generate calls run as prefill twins
+        self._profiler = TwinProfiler()
+        self._twin_open: tuple | None = None  # (the twin step, the sampled step's StepLog)
+        self._pending: dict[int, StepLog] = {}  # step index -> the sampled decode step it is the twin of
+        self._last_prefill: StepLog | None = None  # the last deep run's prefill, until a twin times it
+        self._prefill_for: StepLog | None = None  # set while a prefill twin's generate runs
+        self._twin_run: RunRec | None = None
+        self._event_ns: float | None = None  # the profiler's own cost of one event (measured once)
 
     def install(self, model: Any, recorder: Any, stack: Any) -> None:
         named = list(model.named_modules())  # the model itself first, as ""
@@ -133,8 +160,13 @@ class DeepObserver(Observer):
         self.recorder = recorder
         self._model_ref = weakref.ref(model)
         stack.callback(self._close, None)
+        stack.callback(self._close_twin, None, None)  # detach leaves no profiler running
 
     def run_begin(self, run: RunRec) -> None:
+        if run.kind == "generate" and self._prefill_for is not None and self._twin_run is None:
+            self._twin_run = run
+            self.twin_runs.append(run.run_id)
+            return
         if run.kind != "generate" or not self.armed:
             return
         self._run = run
@@ -145,12 +177,25 @@ class DeepObserver(Observer):
 
     def run_end(self, run: RunRec | None) -> None:
         self._close(None)
+        self._close_twin(None, None)
+        self._pending = {}  # sampled steps whose twin never came keep the mode's clock ("ended")
+        if run is None or run is self._twin_run:
+            self._twin_run = None
         self._run = None
 
     def stop(self, reason: str) -> None:
         self.run_end(None)
 
     def step_begin(self, step: StepRec) -> None:
+        if self._twin_open is None and not self._open:
+            target = None
+            if step.run is self._twin_run and step.index == 0 and self._prefill_for is not None:
+                target, self._prefill_for = self._prefill_for, None
+            elif step.run is self._run and self._run is not None and step.index not in self._chosen:
+                target = self._pending.pop(step.index, None)
+            if target is not None:
+                self._open_twin(step, target)
+                return
         if self._run is None or step.run is not self._run or step.index not in self._chosen or self._open:
             return
         from torch.nn.modules import module as nn_module
@@ -199,6 +244,84 @@ class DeepObserver(Observer):
     def step_end(self, step: StepRec, kwargs: dict, out: Any, error: BaseException | None) -> None:
         if self._open is not None and self._open[0] is step:
             self._close((kwargs, out) if error is None else None)
+        elif self._twin_open is not None and self._twin_open[0] is step:
+            self._close_twin(step, error)
+
+    # ---------------------------------------------------------------- twins (deep_twin)
+    def _open_twin(self, step: StepRec, target: StepLog) -> None:
+        """Start torch.profiler for ``step``, the twin of the sampled step ``target`` (before the
+        step's clock starts; nothing of the probe's runs in the step while it is profiled)."""
+        if others_active():  # the user's profiler or dispatch mode, or ranks: start nothing
+            target.clock = fallback(target, "others")
+            return
+        try:
+            if self._event_ns is None:  # normally measured when the sampled step closed (_close)
+                self._event_ns = event_cost_ns()
+            self._profiler.start()
+        except Exception:  # the probe's own failure must never cost the user their forward
+            log.debug("probe: could not start the profiler of a twin step", exc_info=True)
+            target.clock = fallback(target, "failed")
+            return
+        self._twin_open = (step, target)
+
+    def _close_twin(self, step: StepRec | None, error: BaseException | None) -> None:
+        """Stop the twin's profiler and give its ops' times to the sampled step, keeping nothing
+        else of its events (``step`` None: cut short, nothing is read)."""
+        opened, self._twin_open = self._twin_open, None
+        if opened is None:
+            return
+        try:
+            results = self._profiler.stop()
+        except Exception:
+            log.debug("probe: could not stop the profiler of a twin step", exc_info=True)
+            results = None
+        twin, target = opened
+        if step is None or error is not None or results is None:
+            target.clock = fallback(target, "failed")
+            return
+        try:
+            names = self._op_names()
+            ops = target.op_sigs()
+            times, matched = twin_times([names[k] for k in ops], results, self._event_ns or 0.0)
+        except Exception:
+            log.debug("probe: could not read the profiler of a twin step", exc_info=True)
+            target.clock = fallback(target, "failed")
+            return
+        del results
+        target.twin_ns = times
+        target.clock = {"method": TWIN_METHOD,
+                        "twin": "the prefill of a one-token generate call of the same inputs and seed"
+                        if twin.index == 0 else f"step {twin.index}",
+                        "matched": matched, "of": target.n_ops,
+                        "event_ns": round(self._event_ns or 0.0, 1)}
+
+    def _op_names(self) -> list[str]:
+        """Per op signature index, the op's name as torch.profiler writes it (``aten::mean``)."""
+        names = [""] * len(self.sigs)
+        for (func, _, _), (k, _) in self.sigs.items():
+            schema = getattr(func, "_schema", None)
+            names[k] = schema.name if schema is not None else str(func)
+        return names
+
+    def twin_prefill(self, call: Any) -> None:
+        """Run ``call``, a generate call of the last deep run's inputs and seed for one new token,
+        with its prefill step profiled as the twin of the deep run's prefill (see
+        :mod:`probe.recording.deep_twin`). Nothing is run beside the user's profiler or dispatch
+        mode, or on one rank of several (it would see one more generate call)."""
+        target, self._last_prefill = self._last_prefill, None
+        if target is None:
+            return
+        if others_active():
+            target.clock = fallback(target, "others")
+            return
+        self._prefill_for = target
+        try:
+            call()
+        finally:
+            if self._prefill_for is target:  # the call never reached its prefill step
+                target.clock = fallback(target, "failed")
+            self._prefill_for = None
+            self._close_twin(None, None)
 
     def _close(self, result: tuple | None) -> None:
         """Close the open sampled step; ``result``: the forward's ``(kwargs, output)``, where its
@@ -226,17 +349,37 @@ class DeepObserver(Observer):
         except Exception:  # their op times keep the step's floor
             log.debug("probe: could not calibrate the op call costs of a deep step", exc_info=True)
         mode.samples = {}
+        if self._event_ns is None and not others_active():  # here, not right before a twin step
+            try:
+                self._event_ns = event_cost_ns()
+            except Exception:
+                log.debug("probe: could not measure the profiler's own cost of an event", exc_info=True)
+        # until a twin times its ops, the step keeps the mode's clock, and says why
+        if step.phase == "prefill" and step.index == 0:
+            steplog.clock = fallback(steplog, "attach")
+            self._last_prefill = steplog if result is not None else None
+        elif step.phase == "decode" and result is not None:
+            nxt = step.index + TWIN_AFTER
+            between = any(step.index + i in self._chosen for i in range(1, TWIN_AFTER + 1))
+            steplog.clock = fallback(steplog, "sampled" if between else "ended")
+            if not between:
+                self._pending[nxt] = steplog
+        else:
+            steplog.clock = fallback(steplog, "phase" if result is not None else "failed")
         self.steps.append((step.run.run_id, step.index, step.phase, step.q_len, step.kv_len, steplog, frozenset(kv)))
 
     def busy(self) -> bool:
-        return self._open is not None
+        return self._open is not None or self._twin_open is not None
 
     def clear(self) -> None:
         self.runs = [r for r in self.runs if self._run is not None and r == self._run.run_id]
+        self.twin_runs = []
         self.steps = []
+        self._pending, self._last_prefill = {}, None
 
     def records(self) -> Any:
-        return {"runs": tuple(self.runs), "steps": tuple(self.steps), "weights": dict(self.weights),
+        return {"runs": tuple(self.runs), "twin_runs": tuple(self.twin_runs), "steps": tuple(self.steps),
+                "weights": dict(self.weights),
                 "tied": dict(self.tied),
                 "labels": list(self.labels),
                 "plan": self.plan.describe(), "sigs": dict(self.sigs),
@@ -251,7 +394,9 @@ class DeepObserver(Observer):
         if not records or not records["runs"]:
             return Contribution()
         ids = list(records["runs"])
-        row = {"run_id": ids, "kind": ["deep"] * len(ids), **{c: [math.nan] * len(ids) for c in UNTIMED_RUN_COLUMNS}}
+        twins = list(records.get("twin_runs", ()))
+        row = {"run_id": ids + twins, "kind": ["deep"] * len(ids) + ["deep twin"] * len(twins),
+               **{c: [math.nan] * (len(ids) + len(twins)) for c in UNTIMED_RUN_COLUMNS}}
         built = deep_frames(records["steps"], records["sigs"], records["labels"], records["weights"], rank)
         meta = {"deep": {"run_ids": ids, "sampled": records["plan"], "untimed": "left out of every timing figure",
                          "bytes_estimated": "ops.bytes_read_est / bytes_written_est: from the unique storages "
@@ -261,13 +406,20 @@ class DeepObserver(Observer):
                          # ops whose bookkeeping raised: they ran, and are missing from the ops frame
                          "ops_unrecorded": sum(s[5].failed for s in records["steps"]),
                          "op_call_us": dict(records.get("call_us", {})),
-                         "op_times": "each op's dispatcher time: what calling it from the dispatch mode adds "
-                                     "(converting its arguments and outputs, measured per overload against "
+                         "op_times": "each op's dispatcher time, by torch.profiler on a twin step run without "
+                                     f"the dispatch mode (for a decode step, the step {TWIN_AFTER} on; for the "
+                                     "prefill, that of a one-token generate call of the same inputs and seed), "
+                                     "its outermost events aligned "
+                                     "with the mode's ops by name, less the profiler's own cost of the events "
+                                     "nested in each (op_clock says per step how many ops were matched). An op "
+                                     "without a twin has the dispatch mode's clock: what calling it from the mode "
+                                     "adds (converting its arguments and outputs, measured per overload against "
                                      "PyTorch's RecordFunction: op_call_us; else aten.alias timed the same way "
-                                     "on the step, median op_floor_us) is taken out and left to dispatch and "
-                                     "Python",
+                                     "on the step, median op_floor_us) taken out and left to dispatch and Python",
+                         "op_clock": op_clock(records["steps"]),
+                         "twin_run_ids": twins,
                          "torch_version": torch.__version__}}
-        return Contribution(runs=pd.DataFrame(row), built=built, meta=meta, untimed=frozenset(ids))
+        return Contribution(runs=pd.DataFrame(row), built=built, meta=meta, untimed=frozenset(ids + twins))
 
 
 def _attention_call(fn: Any, steplog: StepLog, code_of: Any) -> Any:

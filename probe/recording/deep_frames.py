@@ -60,6 +60,10 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
         for (func, _, _), (k, _) in sigs.items():
             cost[k] = lg.call_cost_ns(func)
         ns = np.maximum(o[:, 4] - cost[sig], 0)  # the op alone (see OpMode)
+        twin = getattr(lg, "twin_ns", None)
+        if twin is not None and len(twin) == n:  # timed on a twin step without the mode (deep_twin)
+            t = np.frombuffer(twin, dtype=np.int64)
+            ns = np.where(t >= 0, t, ns)
         head = {"run_id": run_id, "rank": rank, "step": index, "phase": phase, "q_len": q_len, "kv_len": kv_len}
         part = pd.DataFrame({**head, "seq": np.arange(n), "module": names[o[:, 1]], "block": names[o[:, 2]],
                              "op": op_of[sig]})

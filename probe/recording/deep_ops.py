@@ -9,7 +9,8 @@ timestamps. One counter (``tick``) orders ops, module entries and exits and stor
 
 Per op: input and output shapes and dtypes, host time (``perf_counter_ns`` around the op alone;
 the bookkeeping is outside it, what calling it from Python adds is taken out: see :class:`OpMode`
-and :mod:`probe.recording.deep_calls`), FLOPs by PyTorch's own formulas (``torch.utils.flop_counter``)
+and :mod:`probe.recording.deep_calls`; replaced by torch.profiler's time of the same op on a twin
+step without the mode where there is one: :mod:`probe.recording.deep_twin`), FLOPs by PyTorch's own formulas (``torch.utils.flop_counter``)
 plus those it lacks on CPU (:data:`EXTRA_FLOPS`), and bytes read and written *estimated* from the
 unique storages of its inputs and outputs. Per storage an op made (an output on a storage none
 of its inputs had): its bytes, the op, the module, and the tick it was freed at (a weak
@@ -158,6 +159,10 @@ class StepLog:
         self.held_bytes = 0  # bytes of every storage the KV cache holds after the step
         self.floor = array("q")  # ns of aten.alias timed as the ops are (see OpMode)
         self._floor: int | None = None  # their median, once the step is closed
+        # per op, its time on a twin step without the mode (ns; -1: unmatched), and how the step's
+        # op times were taken (see probe.recording.deep_twin); None: the mode's clock
+        self.twin_ns: array | None = None
+        self.clock: dict | None = None
         # the model's own forward (the step) is the outermost call: its hooks ran before the step opened
         root = [0, 0, 0, None, 0, 0, 0, None, None]
         self.calls.append(root)
@@ -167,6 +172,10 @@ class StepLog:
     @property
     def n_ops(self) -> int:
         return len(self.ops) // _NA
+
+    def op_sigs(self) -> list[int]:
+        """The signature index of each op, in order."""
+        return list(self.ops[3::_NA])
 
     def floor_ns(self) -> int:
         """What timing ``aten.alias`` from the dispatch mode takes on this step (median; 0 unknown):

@@ -103,9 +103,12 @@ def profile(
     def one(_i: int) -> None:
         model.generate(**feed, **gen)
 
+    def prefill_only() -> None:  # the deep run's prefill once more, without the dispatch mode
+        model.generate(**feed, **one_token(gen))
+
     run, failure = _record(model, one, depth=depth, warmup=warmup, repeat=repeat, seed=seed, threads=threads,
                            model_id=model_id, progress=say, watch=watch, what="generate",
-                           attach_options=attach_options, deep=deep_pass)
+                           attach_options=attach_options, deep=deep_pass, deep_prefill=prefill_only)
     _annotate(run, warmup=warmup, repeat=repeat, seed=seed)
     if tokenizer is not None and keep_text:
         text = texts(run, tokenizer, feed.get("input_ids"))
@@ -171,10 +174,12 @@ def profile_serving(
 def _record(model, call: Callable[[int], None], *, depth, warmup: int, repeat: int, seed: int | None,
             threads: int | None, model_id: str | None, progress: Callable[[str], None],
             watch: Callable[["Probe"], ContextManager[Any]], what: str,
-            attach_options: dict, deep: Any = None) -> tuple["Run", Exception | None]:
+            attach_options: dict, deep: Any = None,
+            deep_prefill: Callable[[], None] | None = None) -> tuple["Run", Exception | None]:
     """Attach, run ``call`` ``warmup`` times and clear, run it ``repeat`` times (then once more as a
-    deep run when ``deep``, an unarmed deep observer among the attach options, is given), detach
-    on every path."""
+    deep run when ``deep``, an unarmed deep observer among the attach options, is given, and
+    ``deep_prefill``, the same call for one token, as the twin of its prefill), detach on every
+    path."""
     import torch
 
     from ..capture.lifecycle import attach
@@ -206,6 +211,10 @@ def _record(model, call: Callable[[int], None], *, depth, warmup: int, repeat: i
                 deep.armed = True
                 reseed()
                 call(repeat)
+                if deep_prefill is not None:
+                    progress("deep pass: its prefill once more, ops timed by torch.profiler ...")
+                    reseed()
+                    deep.twin_prefill(deep_prefill)
         except Exception as exc:  # keep the partial run: it is the evidence
             failure = exc
         finally:
@@ -214,6 +223,14 @@ def _record(model, call: Callable[[int], None], *, depth, warmup: int, repeat: i
     finally:
         if threads is not None:
             torch.set_num_threads(threads_before)
+
+
+def one_token(gen: Mapping[str, Any]) -> dict:
+    """``generate`` arguments for the prefill alone: one new token, no minimum length, no streamer
+    (the user's streamer saw the deep run's tokens already)."""
+    out = {k: v for k, v in gen.items() if k not in ("min_new_tokens", "min_length", "max_length", "streamer")}
+    out["max_new_tokens"] = 1
+    return out
 
 
 def _deep_observer(deep: Any, attach_options: dict) -> Any:

@@ -1,0 +1,208 @@
+"""The deep pass's op clock: each sampled step's ops timed by torch.profiler on a twin step run
+without the dispatch mode (``probe/recording/deep_twin.py``), and the steps that keep the mode's
+clock, on a tiny real model. Behaviour only: which clock each step has, what was matched, that
+outputs never change and that no profiler is left running; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import probe
+from probe.recording.deep_twin import (MODE_METHOD, NO_TWIN, TWIN_AFTER, TWIN_METHOD, TwinProfiler, align,
+                                      outermost, quietly, twin_times)
+
+from tiny import tiny_llama
+
+PROMPT = torch.tensor([[5, 9, 14, 3, 22, 7, 31, 8]])
+
+
+def _model():
+    m = tiny_llama(layers=2, hidden=32, vocab=64)
+    m.config._attn_implementation = "sdpa"
+    return m
+
+
+def _steps(run) -> dict[int, dict]:
+    return {s["step"]: s for s in run.meta["deep"]["op_clock"]["steps"]}
+
+
+def _tokens(run, kind: str) -> list:
+    """The tokens each generate call of ``kind`` made (prompt excluded), as the runs frame keeps them."""
+    return [json.loads(x) for x in run.runs.loc[run.runs["kind"] == kind, "output_ids"]]
+
+
+def test_profile_times_every_sampled_step_on_a_twin_and_says_how_many_ops_matched():
+    m = _model()
+    kw = {"max_new_tokens": 8, "do_sample": False}
+    run = probe.profile(m, PROMPT, generate_kwargs=kw, deep=True)
+    assert not torch.autograd._profiler_enabled()
+    clock = run.meta["deep"]["op_clock"]
+    steps = _steps(run)
+    assert TWIN_AFTER == 6
+    assert sorted(steps) == sorted(run.ops["step"].unique()) == [0, 1]
+    for index, s in steps.items():
+        assert s["method"] == TWIN_METHOD, s
+        n = int((run.ops["step"] == index).sum())
+        assert s["of"] == n and 0.9 * n <= s["matched"] <= n
+        assert s["twin"] == (f"step {index + TWIN_AFTER}" if index else
+                             "the prefill of a one-token generate call of the same inputs and seed")
+    for phase in ("prefill", "decode"):
+        assert clock[phase]["method"] == TWIN_METHOD
+        assert clock[phase]["matched"] == sum(s["matched"] for s in steps.values() if s["phase"] == phase)
+    assert run.ops["host_ms"].notna().all() and (run.ops["host_ms"] >= 0).all() and run.ops["host_ms"].sum() > 0
+    # the deep generate (its decode twins among its steps) made the timed call's tokens; the
+    # prefill twin its first
+    timed, deep, twin = _tokens(run, "generate"), _tokens(run, "deep"), _tokens(run, "deep twin")
+    assert timed and timed == deep and len(timed[0][0]) == 8
+    assert twin == [[timed[0][0][:1]]]
+    kinds = dict(zip(run.runs["run_id"], run.runs["kind"]))
+    twins = run.meta["deep"]["twin_run_ids"]
+    assert len(twins) == 1 and kinds[twins[0]] == "deep twin"
+    assert twins[0] not in set(run.steps["run_id"])
+
+
+def test_attach_keeps_the_mode_clock_on_prefill_and_says_why():
+    m = _model()
+    kw = dict(max_new_tokens=10, do_sample=True, top_k=20)
+    torch.manual_seed(5)
+    want = m.generate(PROMPT, **kw)
+    with probe.attach(m, deep=True) as p:
+        torch.manual_seed(5)
+        got = m.generate(PROMPT, **kw)
+    assert torch.equal(want, got)
+    assert not torch.autograd._profiler_enabled()
+    steps = _steps(p.run)
+    assert steps[0]["method"] == MODE_METHOD and steps[0]["why"] == NO_TWIN["attach"] and steps[0]["matched"] == 0
+    decode = [s for s in steps.values() if s["phase"] == "decode"]
+    assert decode and all(s["method"] == TWIN_METHOD for s in decode)
+    assert p.run.meta["deep"]["op_clock"]["prefill"]["method"] == MODE_METHOD
+    assert list(p.run.runs["kind"]) == ["deep"]  # attach runs no generate call of its own
+
+
+def test_explicit_steps_without_a_twin_keep_the_mode_clock():
+    m = _model()
+    assert TWIN_AFTER == 6
+    want = m.generate(PROMPT, max_new_tokens=12, do_sample=False)
+    with probe.attach(m, deep=[1, 3, 10]) as p:  # steps 0-11; a decode step's twin is six after it
+        got = m.generate(PROMPT, max_new_tokens=12, do_sample=False)
+    assert torch.equal(want, got)
+    steps = _steps(p.run)
+    assert steps[1]["method"] == MODE_METHOD and steps[1]["why"] == NO_TWIN["sampled"]  # 3 is sampled
+    assert steps[3]["method"] == TWIN_METHOD and steps[3]["twin"] == "step 9"
+    assert steps[10]["method"] == MODE_METHOD and steps[10]["why"] == NO_TWIN["ended"]  # no step 16
+    assert p.run.ops["host_ms"].notna().all()
+
+
+def test_beside_a_users_profiler_no_profiler_is_started_and_no_generate_added():
+    m = _model()
+    kw = {"max_new_tokens": 10, "do_sample": False}
+    want = m.generate(PROMPT, **kw)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run = probe.profile(m, PROMPT, generate_kwargs=kw, warmup=0, deep=True)
+    steps = _steps(run)
+    assert steps and all(s["method"] == MODE_METHOD and s["why"] == NO_TWIN["others"] for s in steps.values())
+    assert "deep twin" not in set(run.runs["kind"])
+    made = want[:, PROMPT.shape[1]:].tolist()
+    assert _tokens(run, "generate") == _tokens(run, "deep") == [made]
+    assert any(e.key == "aten::mm" for e in prof.key_averages())  # the user's profiler saw the model's ops
+    assert not torch.autograd._profiler_enabled()
+
+
+def test_beside_a_users_flop_counter_the_counts_are_those_of_the_calls_made():
+    """A FlopCounterMode around profile(deep=...) counts the timed and the deep generate calls,
+    as without the probe: no twin generate and no profiler of the probe's runs beside it."""
+    m = _model()
+    kw = {"max_new_tokens": 4, "do_sample": False}
+    with FlopCounterMode(display=False) as plain:
+        want = m.generate(PROMPT, **kw)
+        m.generate(PROMPT, **kw)
+    with FlopCounterMode(display=False) as under:
+        run = probe.profile(m, PROMPT, generate_kwargs=kw, warmup=0, deep=True)
+    assert under.get_total_flops() == plain.get_total_flops() > 0
+    assert all(s["method"] == MODE_METHOD for s in _steps(run).values())
+    made = want[:, PROMPT.shape[1]:].tolist()
+    assert _tokens(run, "generate") == _tokens(run, "deep") == [made]
+
+
+def test_a_twin_step_that_fails_leaves_no_profiler_running():
+    m = _model()
+    calls = {"n": 0}
+
+    def boom(_module, _args, _out):
+        calls["n"] += 1
+        if calls["n"] == 1 + 1 + TWIN_AFTER:  # the twin of the sampled step 1
+            raise RuntimeError("the user's hook failed")
+
+    h = m.model.norm.register_forward_hook(boom)
+    try:
+        with probe.attach(m, deep=[1]) as p:
+            with pytest.raises(RuntimeError, match="user's hook"):
+                m.generate(PROMPT, max_new_tokens=10, do_sample=False)
+    finally:
+        h.remove()
+    assert not torch.autograd._profiler_enabled()
+    steps = _steps(p.run)
+    assert steps[1]["method"] == MODE_METHOD and steps[1]["why"] == NO_TWIN["failed"]
+
+
+def test_outermost_events_carry_their_nested_ones_and_align_with_the_modes_ops():
+    x = torch.randn(8, 16)
+    tp = TwinProfiler()
+    tp.start()
+    try:
+        y = x.mean(-1, keepdim=True)  # aten::mean holds sum, fill_, div_ ... as events of its own
+        z = (x - y).t()  # aten::sub, then aten::t holding transpose and as_strided
+    finally:
+        results = tp.stop()
+    assert not tp.running and not torch.autograd._profiler_enabled() and z.shape == (16, 8)
+    names, ns, nested = outermost(results, {"aten::mean", "aten::sub", "aten::t", "aten::transpose"})
+    assert names == ["aten::mean", "aten::sub", "aten::t"]  # the transpose inside t is t's
+    assert nested[0] >= 2 and nested[2] >= 2 and all(v > 0 for v in ns)
+    times, matched = twin_times(["aten::mean", "aten::view", "aten::sub", "aten::t"], results, event_ns=0.0)
+    assert matched == 3 and times[1] == -1 and times[0] == ns[0] and times[3] == ns[2]
+
+
+def test_align_skips_what_only_one_sequence_has():
+    a = ["mm", "view", "add", "view", "mul", "cat", "mm", "t", "mm", "view"]
+    b = ["mm", "add", "view", "mul", "cat", "mm", "neg", "t", "mm", "view"]
+    pairs = align(a, b)
+    assert all(a[i] == b[j] for i, j in pairs)
+    assert [i for i, _ in pairs] == [0, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert all(j0 < j1 for (_, j0), (_, j1) in zip(pairs, pairs[1:]))
+    assert align(a, a) == [(i, i) for i in range(len(a))] and align([], a) == []
+
+
+def test_quietly_drops_the_profilers_lines_and_keeps_every_other(capfd):
+    def noisy():
+        os.write(2, b"USDT:2026-01-01 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a line of the user's\n")
+        return 7
+
+    assert quietly(noisy) == 7
+    err = capfd.readouterr().err
+    assert "profiler_start" not in err and "a line of the user's" in err
+    tp = TwinProfiler()
+    tp.start()
+    tp.stop()
+    assert "USDT" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2", "mixtral", "bloom"])
+def test_twins_match_the_ops_of_other_architectures(arch):
+    """Conv1D products, sliding windows, routed experts, ALiBi: the twin's events line up with
+    nearly every op the mode saw (a few only one side sees keep the mode's clock)."""
+    from tiny import tiny_model
+
+    m = tiny_model(arch)
+    run = probe.profile(m, PROMPT[:, :6], generate_kwargs={"max_new_tokens": 9, "do_sample": False}, warmup=0,
+                        deep=True)
+    clock = run.meta["deep"]["op_clock"]
+    for phase in ("prefill", "decode"):
+        assert clock[phase]["method"] == TWIN_METHOD
+        assert clock[phase]["matched"] >= 0.95 * clock[phase]["of"] > 0
+    assert _tokens(run, "generate") == _tokens(run, "deep")
