@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import probe  # noqa: E402
 from probe.models.bundled import load_bundled  # noqa: E402
 from probe.recording.deep import DeepObserver, plan_of  # noqa: E402
-from probe.recording.deep_twin import SAME_OP, TWIN_AFTER  # noqa: E402
+from probe.recording.deep_twin import SAME_OP, TWIN_AFTER, loop_event_ns  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -146,30 +146,9 @@ def least_per_op(repeats: list[list[tuple]]) -> tuple[list[tuple], bool]:
     return [(x[0], min(r[i][1] for r in repeats), *x[2:]) for i, x in enumerate(first)], True
 
 
-def loop_event_ns(profiled, rounds: int = 9, n: int = 500) -> float:
-    """A profiler's own cost per event on this machine: a loop of ``aten::t`` (three events a call:
-    ``t``, ``transpose``, ``as_strided``) run by ``profiled(loop, n)`` (which runs it under the
-    profiler and returns its time per call and the events per call) against the same loop
-    unprofiled, in turn; the least time per call of each (the loop undisturbed by other work)."""
-    x = torch.randn(22, 128)
-
-    def loop() -> float:
-        t = time.perf_counter_ns()
-        for _ in range(n):
-            x.t()
-        return (time.perf_counter_ns() - t) / n
-
-    loop()
-    plain, timed, events = [], [], 3.0
-    for _ in range(rounds):
-        plain.append(loop())
-        per_call, events = profiled(loop, n)
-        timed.append(per_call)
-    return (min(timed) - min(plain)) / events
-
-
 def event_cost_ns(rounds: int = 9, n: int = 500) -> float:
-    """torch.profiler's own cost per event (:func:`loop_event_ns`)."""
+    """torch.profiler's own cost per event (``probe.recording.deep_twin.loop_event_ns``), profiled
+    as a user would profile (``torch.profiler.profile``)."""
     from torch.profiler import ProfilerActivity, profile
 
     def profiled(loop, n: int) -> tuple[float, float]:

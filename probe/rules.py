@@ -246,7 +246,7 @@ def link_problems(frames: dict[str, pd.DataFrame], meta: dict) -> list[str]:
             if beyond.any():
                 count += int(beyond.sum())
                 at = int(np.flatnonzero(beyond)[0])
-                first = first or f"row {i + at}: {int(v[at])}"
+                first = first or f"row {i + at}: {v[at].item()!r}"
         if count:
             out.append(f"calls.parquet: column 'layer' has {count} values beyond the model's "
                        f"{n_layers} layers (first at {first})")

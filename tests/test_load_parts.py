@@ -101,3 +101,16 @@ def test_a_bad_parent_in_a_later_part_is_found(saved, monkeypatch):
     with pytest.raises(ValueError) as whole:
         tree.check_nesting(bad)
     assert str(info.value) == str(whole.value)
+
+
+def test_layers_beyond_the_model_are_named_in_parts_whatever_their_dtype(monkeypatch):
+    """The layer rule, checked in parts of rows: a nullable integer column and a float one (an
+    infinity included) name the same count and the first row, and never raise."""
+    meta = {"config": {"num_hidden_layers": 30}}
+    monkeypatch.setattr(rules, "PART_ROWS", 2)
+    ints = pd.DataFrame({"layer": pd.array([0, None, 3, 99, 31], dtype="Int32")})
+    assert rules.link_problems({"calls": ints}, meta) == [
+        "calls.parquet: column 'layer' has 2 values beyond the model's 30 layers (first at row 3: 99)"]
+    floats_ = pd.DataFrame({"layer": [0.0, np.nan, np.inf, 30.5]})
+    assert rules.link_problems({"calls": floats_}, meta) == [
+        "calls.parquet: column 'layer' has 2 values beyond the model's 30 layers (first at row 2: inf)"]

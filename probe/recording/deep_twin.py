@@ -127,10 +127,11 @@ class TwinProfiler:
         return prof.kineto_results
 
 
-def event_cost_ns(rounds: int = 7, n: int = 300) -> float:
-    """torch.profiler's own cost of one event here: a loop of ``aten::t`` (three events a call:
-    ``t``, ``transpose``, ``as_strided``) profiled against the same loop unprofiled, in turn; the
-    least time per call of each (the loop undisturbed by other work on the machine)."""
+def loop_event_ns(profiled: Any, rounds: int = 7, n: int = 300) -> float:
+    """A profiler's own cost of one event here: a loop of ``aten::t`` (three events a call: ``t``,
+    ``transpose``, ``as_strided``) run by ``profiled(loop, n)`` (which runs it under the profiler
+    and returns its time per call and the events per call) against the same loop unprofiled, in
+    turn; the least time per call of each (the loop undisturbed by other work on the machine)."""
     x = torch.zeros(2, 3)
 
     def loop() -> float:
@@ -140,17 +141,27 @@ def event_cost_ns(rounds: int = 7, n: int = 300) -> float:
         return (time.perf_counter_ns() - t) / n
 
     loop()
-    plain, profiled, per_call = [], [], 3.0
+    plain, timed, events = [], [], 3.0
     for _ in range(rounds):
         plain.append(loop())
+        per_call, seen = profiled(loop, n)
+        timed.append(per_call)
+        events = seen or events
+    return max((min(timed) - min(plain)) / max(events, 1.0), 0.0)
+
+
+def event_cost_ns(rounds: int = 7, n: int = 300) -> float:
+    """torch.profiler's own cost of one event here, as the twin runs it (:func:`loop_event_ns`)."""
+    def profiled(loop: Any, n: int) -> tuple[float, float]:
         tp = TwinProfiler()
         tp.start()
         try:
-            profiled.append(loop())
+            per_call = loop()
         finally:
             res = tp.stop()
-        per_call = len(res.events()) / n if res is not None else per_call
-    return max((min(profiled) - min(plain)) / max(per_call, 1.0), 0.0)
+        return per_call, (len(res.events()) / n if res is not None else 0.0)
+
+    return loop_event_ns(profiled, rounds, n)
 
 
 def outermost(results: Any, names: set[str]) -> tuple[list[str], list[int], list[int]]:

@@ -86,10 +86,10 @@ def open_regular(f: Path, what: str | None = None, limit: int | None = None) -> 
                                "a run holds only ordinary files")
         if limit is not None and st.st_size > limit:
             raise RunLoadError(f"{label} is {st.st_size:,} bytes, more than a run's {limit:,}: not a probe file")
+        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
-    return os.fdopen(fd, "rb")
 
 
 def read_regular(f: Path, what: str | None = None, limit: int | None = None) -> bytes:
