@@ -92,7 +92,7 @@ def _ops(ctx: Context, a: str, b: str) -> None:
     moved = changed(frame)
     st.caption(f"Per sampled step of each run's deep pass. change: an op kind only one run ran in the block, a "
                f"different call count, or a time that moved by {MIN_RATIO_CHANGE:.0%} and {MIN_BLOCK_SHARE:.0%} of "
-               "the block's op time or more (the dispatch mode's times: noisy; the block level says whether a block "
+               "the block's op time or more (each deep pass's times, from one call: the block level says whether a block "
                "as a whole changed).")
     st.subheader(f"What changed ({len(moved)} of {len(frame)} rows)")
     show_table(moved, "compare_ops_changed")

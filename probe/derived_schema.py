@@ -314,7 +314,7 @@ OP_DIFF: dict[str, str] = {
     "op": STR,  # an op kind, or "(dispatch and Python)"
     "a_calls": "float64",  # times it ran per sampled step in A; NaN where only B ran it
     "b_calls": "float64",
-    "a_ms": "float64",  # host ms per sampled step (the dispatch mode's op times)
+    "a_ms": "float64",  # host ms per sampled step (the deep pass's op times)
     "b_ms": "float64",
     "diff_ms": "float64",  # b_ms - a_ms
     "ratio": "float64",  # b_ms / a_ms (NaN where A is 0 or missing)

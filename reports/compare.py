@@ -100,8 +100,8 @@ def _op_section(doc: Page, run_a: "Run", run_b: "Run", ops: pd.DataFrame | None)
     doc.add('<p class="note" id="ops-note">' + esc(
         "Each run's deep pass, per sampled step (numbered blocks folded: the mean per layer). change: an op kind "
         "only one run ran in the block, a different call count, or a time that moved by "
-        f"{MIN_RATIO_CHANGE:.0%} and {MIN_BLOCK_SHARE:.0%} of the block's op time or more (op times are the "
-        "dispatch mode's, one generate call each: the timed blocks above say whether a block as a whole changed). "
+        f"{MIN_RATIO_CHANGE:.0%} and {MIN_BLOCK_SHARE:.0%} of the block's op time or more (op times are each "
+        "deep pass's, from one generate call: the timed blocks above say whether a block as a whole changed). "
         "compare_ops.csv has every row.") + "</p>")
     doc.add(table_html(moved if len(moved) else ops.head(0), caption=f"What changed: {len(moved)} of {len(ops)} "
                        "rows (ms per sampled step)", table_id="ops-changed", max_rows=2000))

@@ -57,6 +57,24 @@ def folded(df: pd.DataFrame, cols: list[str], keys: list[str], top: int | None =
     return out.reset_index(drop=True)
 
 
+#: ``meta["deep"]["op_clock"]``'s methods (``probe.recording.deep_twin``; named here so that a
+#: report imports nothing of torch)
+TWIN_METHOD, MODE_METHOD = "profiler twin", "dispatch mode"
+
+
+def op_clock_text(deep: dict) -> str:
+    """How a deep pass's op times were taken, in words, from its ``op_clock``."""
+    clock = deep.get("op_clock") if isinstance(deep.get("op_clock"), dict) else {}
+    phases = [v for k, v in clock.items() if k != "steps" and isinstance(v, dict)]
+    methods = {str(v.get("method")) for v in phases}
+    if methods == {TWIN_METHOD}:
+        matched, of = sum(int(v.get("matched") or 0) for v in phases), sum(int(v.get("of") or 0) for v in phases)
+        return f"op times from torch.profiler on twin steps, {matched:,} of {of:,} ops matched"
+    if not methods or methods == {MODE_METHOD}:
+        return "op times of the dispatch mode"
+    return "op times from torch.profiler on twin steps where a step has one, else of the dispatch mode"
+
+
 def deep_lines(run: "Run") -> list[str]:
     """The text ``probe run --deep`` prints: per phase, each block's top ops (ms per sampled
     step, with the block's dispatch and Python) and its memory ledger; empty without a deep run."""
@@ -64,7 +82,7 @@ def deep_lines(run: "Run") -> list[str]:
         return []
     deep = run.meta.get("deep") or {}
     lines = ["", f"inside each block (deep pass, not timed: {deep.get('sampled', 'sampled steps')}; "
-                 "ms per sampled step, the dispatch mode's op times)"]
+                 f"ms per sampled step, {op_clock_text(deep)})"]
     summary = op_summary(run.ops, run.calls)
     ops = folded(summary, OP_FIGURES, ["op"])
     unknown = dispatch_unknown(summary)

@@ -306,6 +306,6 @@ def op_compare_lines(frame, top: int = 15) -> list[str]:
         out.append(f"  {r.phase:<8} {str(r.block)[:26]:<27} {op:<41} {r.change:<10} "
                    f"A {fmt.ms(r.a_ms) if not fmt.is_missing(r.a_ms) else '-':>9}  "
                    f"B {fmt.ms(r.b_ms) if not fmt.is_missing(r.b_ms) else '-':>9}{calls}")
-    out.append("  (compare_ops.csv has every row; op times are the dispatch mode's: the blocks above say "
+    out.append("  (compare_ops.csv has every row; op times are each deep pass's, from one call: the blocks above say "
                "whether a block as a whole changed)")
     return out

@@ -206,3 +206,17 @@ def test_twins_match_the_ops_of_other_architectures(arch):
         assert clock[phase]["method"] == TWIN_METHOD
         assert clock[phase]["matched"] >= 0.95 * clock[phase]["of"] > 0
     assert _tokens(run, "generate") == _tokens(run, "deep")
+
+
+def test_the_deep_text_says_how_the_op_times_were_taken():
+    """`probe run --deep` names the op clock of its sampled steps, with the names the deep pass
+    records (the report keeps its own copy of them, so that it imports nothing of torch)."""
+    from probe.recording import deep_twin
+    from probe.reports.deep_section import MODE_METHOD as mode, TWIN_METHOD as twin, op_clock_text
+
+    assert (twin, mode) == (deep_twin.TWIN_METHOD, deep_twin.MODE_METHOD)
+    both = {"prefill": {"method": twin, "matched": 3, "of": 3}, "decode": {"method": twin, "matched": 2, "of": 4}}
+    assert op_clock_text({"op_clock": {**both, "steps": []}}).endswith("5 of 7 ops matched")
+    mixed = {**both, "decode": {"method": f"{mode} and {twin}", "matched": 1, "of": 4}}
+    assert "where a step has one" in op_clock_text({"op_clock": mixed})
+    assert op_clock_text({}) == op_clock_text({"op_clock": {"prefill": {"method": mode}}}) == "op times of the dispatch mode"
