@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .columns import text_codes
+from .columns import ints, text_codes
 
 
 @dataclass(frozen=True)
@@ -105,15 +105,6 @@ def _int_parts(s: pd.Series):
     for i in range(0, len(arr), PART_ROWS):
         part = arr[i:i + PART_ROWS]  # a view
         yield i, part.to_numpy(dtype=s.dtype.numpy_dtype, na_value=0), part.isna()
-
-
-def _ints(s: pd.Series) -> np.ndarray:
-    """An integer column's values at its own width (a null as -1); another column's as int64."""
-    if isinstance(s.dtype, np.dtype) and s.dtype.kind in "iu":
-        return s.to_numpy()
-    numpy_dtype = getattr(s.dtype, "numpy_dtype", None)
-    width = numpy_dtype if numpy_dtype is not None and numpy_dtype.kind == "i" else np.dtype("int64")
-    return s.to_numpy(dtype=width, na_value=-1)
 
 
 def _within(s: pd.Series, rule: Rule) -> bool:
@@ -230,7 +221,7 @@ def link_problems(frames: dict[str, pd.DataFrame], meta: dict) -> list[str]:
         have = _step_key(steps, *codes["steps"], runs=runs_)
         # a step's calls lie together: each stretch of one (run, step) is looked up once
         c = codes["calls"][0]
-        step = _ints(calls["step"])
+        step = ints(calls["step"])
         starts = np.flatnonzero(np.r_[True, (c[1:] != c[:-1]) | (step[1:] != step[:-1])])
         del step
         lost = ~np.isin(_step_key(calls, *codes["calls"], runs=runs_, rows=starts), have)
@@ -286,7 +277,7 @@ def _step_key(df: pd.DataFrame, codes: np.ndarray, uniq: list, runs: list, rows:
     for v in runs:
         number.setdefault(v, len(number))
     lut = np.array([number[v] for v in uniq] or [0], dtype=np.int64)
-    step = _ints(df["step"])  # no copy of a numpy column: only the rows asked are taken
+    step = ints(df["step"])  # no copy of a numpy column: only the rows asked are taken
     if rows is not None:
         codes, step = codes[rows], step[rows]
     return lut[codes] * (1 << 40) + step.astype(np.int64) + 1

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..columns import floats, text_codes
+from ..columns import floats, ints, text_codes
 from . import memo
 
 TREE_COLUMNS = ("call", "parent", "self_ms", "gpu_self_ms")
@@ -81,24 +81,12 @@ def _changes(calls: pd.DataFrame) -> np.ndarray:
     """Whether each call after the first is of another step than the call before it."""
     run = calls["run_id"]
     run = run.cat.codes.to_numpy() if isinstance(run.dtype, pd.CategoricalDtype) else text_codes(run)[0]
-    step = _ints(calls["step"], -1)
+    step = ints(calls["step"])
     change = (step[1:] != step[:-1]) | (run[1:] != run[:-1])
     if "rank" in calls:
-        rank = _ints(calls["rank"], 0)
+        rank = ints(calls["rank"], 0)
         change |= rank[1:] != rank[:-1]
     return change
-
-
-def _narrow_ints(s: pd.Series) -> np.ndarray:
-    """A call-number column (``call``, ``parent``) as int32 where it is one (int64 else), a null as -1."""
-    if isinstance(s.dtype, np.dtype) and s.dtype.kind in "iu":
-        return s.to_numpy()
-    return s.to_numpy(dtype="int32" if str(s.dtype).lower() == "int32" else "int64", na_value=-1)
-
-
-def _ints(s: pd.Series, na: int) -> np.ndarray:
-    """An integer column's values (a null as ``na``); a numpy column as it is (it holds no null)."""
-    return s.to_numpy() if isinstance(s.dtype, np.dtype) and s.dtype.kind in "iu" else s.to_numpy(dtype="int64", na_value=na)
 
 
 def nest(gid: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -332,8 +320,8 @@ def _parent_rows(calls: pd.DataFrame, answer: bool = True) -> np.ndarray | None:
     dense, unnumbered, early, before = True, None, None, -1
     for i in range(0, n, PART_ROWS):
         j = min(n, i + PART_ROWS)
-        call = _narrow_ints(calls["call"].iloc[i:j])
-        parent = _narrow_ints(calls["parent"].iloc[i:j])
+        call = ints(calls["call"].iloc[i:j])
+        parent = ints(calls["parent"].iloc[i:j])
         if unnumbered is None and (call < 0).any():
             unnumbered = i + int(np.flatnonzero(call < 0)[0])
         bad = (parent >= 0) & (parent >= call)
@@ -356,8 +344,8 @@ def _parent_rows(calls: pd.DataFrame, answer: bool = True) -> np.ndarray | None:
     if dense:
         return found if answer else None  # int32 below 2**31 rows: kept (memo), half the size
     del found, change
-    call = _narrow_ints(calls["call"])
-    parent = _narrow_ints(calls["parent"])
+    call = ints(calls["call"])
+    parent = ints(calls["parent"])
     has = parent >= 0
     gid = _group_ids(calls)
     if int(call.max()) < n:  # numbers beyond their rows but below the row count: a dense (step, call) table
