@@ -14,6 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from probe import fmt
+from probe.analysis import memo
 from probe.analysis.run import block_summary
 from probe.recording.sampling import stage_means
 
@@ -180,7 +181,9 @@ def _breakdown_bar(fig: go.Figure, name: str, labels: list[str], vals: np.ndarra
 
 def _stage_parts(sampling: pd.DataFrame, steps: pd.DataFrame, phases: list[str]) -> dict[str, np.ndarray]:
     """Per sampling stage (in order, remainder last): its mean ms per step of each phase."""
-    per_phase = {p: dict(stage_means(sampling, steps, p)) for p in phases}
+    # the step breakdown and the sampling figure both ask: worked out once per pair of frames
+    per_phase = {p: dict(memo.derived("stage_means", p, sampling, steps, lambda p=p: tuple(stage_means(sampling, steps, p))))
+                 for p in phases}
     names: list[str] = []
     for p in phases:
         names += [k for k in per_phase[p] if k not in names]

@@ -95,3 +95,18 @@ def test_step_samples_on_codes_are_the_groupby_of_per_step(run, level, clock):
     assert list(got) == list(want)  # the same rows, in the same order
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12, err_msg=str(k))
+
+
+@pytest.mark.parametrize("level", ["block", "module"])
+def test_step_samples_of_rows_not_laid_out_step_by_step_are_the_groupby_too(run, level):
+    """Two ranks' calls one after another (each step met twice) and rows shuffled: the samples
+    are still the groupby's, whichever way they are summed."""
+    calls = run.calls
+    two = pd.concat([calls, calls.assign(rank=np.int32(1))], ignore_index=True)
+    shuffled = calls.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    for frame in (two, shuffled):
+        got = step_samples(frame, run.steps, run.runs, level)
+        want = _samples_by_pandas(frame, run.steps, run.runs, level, "host")
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_allclose(np.sort(got[k]), np.sort(want[k]), rtol=1e-12, atol=1e-12, err_msg=str(k))

@@ -133,6 +133,9 @@ def _sums(name: np.ndarray, phase: np.ndarray, run: np.ndarray, step: np.ndarray
         return []
     span = int(step.max()) + 1
     pair = name.astype(np.int64) * n_ph + phase
+    dense = _dense_sums(pair, run.astype(np.int64) * span + step, ms, n_names * n_ph)
+    if dense is not None:
+        return dense
     group, firsts = codes_in_order((pair * n_ids + run) * span + step,  # (row, phase, run, step)
                                    n_names * n_ph * n_ids * span)
     total = group_sum(group, len(firsts), ms, min_count=1)
@@ -142,6 +145,35 @@ def _sums(name: np.ndarray, phase: np.ndarray, run: np.ndarray, step: np.ndarray
     order = np.argsort(pcode.astype(np.int16) if len(puniq) < 2**15 else pcode, kind="stable")
     bounds = np.searchsorted(pcode[order], np.arange(len(puniq) + 1))
     return [(p, total[order[bounds[i]:bounds[i + 1]]]) for i, p in enumerate(puniq.tolist())]
+
+
+def _dense_sums(pair: np.ndarray, run_step: np.ndarray, ms: np.ndarray, n_pairs: int) -> list | None:
+    """:func:`_sums` where each (run, step) is one stretch of rows, as a recording writes them:
+    the sums per (step, pair) are one table indexed by the stretch, with no hashing of a key per
+    row. The same sums, added in the same order; ``None`` where the rows are not so laid out
+    (ranks merged one after another) or the table would be far larger than the rows; and where
+    many rows share a group (layers pooled into one block), which hashing does as fast."""
+    n = len(pair)
+    change = np.empty(n, bool)
+    change[0] = True
+    np.not_equal(run_step[1:], run_step[:-1], out=change[1:])
+    starts = np.flatnonzero(change)
+    n_seg = len(starts)
+    if not n // 2 <= n_seg * n_pairs <= 4 * n + (1 << 20) or len(np.unique(run_step[starts])) != n_seg:
+        return None
+    seg = np.cumsum(change) - 1
+    key = pair * n_seg + seg  # pair-major: each pair's steps lie side by side
+    size = n_seg * n_pairs
+    present = np.bincount(key, minlength=size) > 0
+    ok = ~np.isnan(ms)
+    if ok.all():
+        total = np.bincount(key, weights=ms, minlength=size)
+    else:
+        total = np.bincount(key[ok], weights=ms[ok], minlength=size)
+        total = np.where(np.bincount(key[ok], minlength=size) >= 1, total, np.nan)
+    present, total = present.reshape(n_pairs, n_seg), total.reshape(n_pairs, n_seg)
+    _, order = codes_in_order(pair, n_pairs)  # (row, phase) pairs in order of first appearance
+    return [(p, total[p][present[p]]) for p in np.asarray(order).tolist()]
 
 
 def metric_samples(steps: pd.DataFrame, runs: pd.DataFrame) -> dict[str, np.ndarray]:
