@@ -40,6 +40,7 @@ import pandas as pd
 
 from ..dtypes import itemsize, torch_dtype
 from ..schema import COST
+from .grouping import codes_in_order
 # the formulas and the per-module coefficients are part of this module's public face
 # (``probe.cost.linear_flops``, ``probe.cost.module_cost``): they are what annotate evaluates
 from .coefficients import (COST_FIELDS, COSTS_FORMAT, FLOP_CATEGORIES, ModuleCost, module_cost, module_costs,
@@ -261,6 +262,14 @@ def flops_by_category(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any =
     return pd.DataFrame(out, index=calls.index)
 
 
+def _codes(s: pd.Series) -> tuple[np.ndarray, Any]:
+    """Codes of a text column (-1 for a null) and the values they stand for: a categorical's own
+    codes and categories (no hashing of its rows), else :func:`pd.factorize`'s."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return s.cat.codes.to_numpy().astype(np.int64), s.dtype.categories
+    return pd.factorize(s, use_na_sentinel=True)
+
+
 def _evaluate(calls: pd.DataFrame, mod_codes: np.ndarray, table: dict, ids_input: np.ndarray,
               w_default: float) -> tuple[np.ndarray, np.ndarray]:
     """(FLOPs, bytes) of every row of ``calls`` from the coefficient ``table`` (steps 2-4 of :func:`annotate`)."""
@@ -270,16 +279,16 @@ def _evaluate(calls: pd.DataFrame, mod_codes: np.ndarray, table: dict, ids_input
     # an attention function's first input is the queries [B, heads, q, d]: its tokens come from
     # batch x q_len, as for a call without tensor arguments
     shapes = calls["in_shapes"].mask(calls["role"].eq("attention_fn").fillna(False).astype(bool))
-    shp_codes, shp_uniques = pd.factorize(shapes, use_na_sentinel=True)
+    shp_codes, shp_uniques = _codes(shapes)
     parsed = np.array([_parse_first_shape(s) for s in shp_uniques] + [(math.nan, math.nan, math.nan, 0.0)])
-    dt_codes, dt_uniques = pd.factorize(calls["dtype"], use_na_sentinel=True)
+    dt_codes, dt_uniques = _codes(calls["dtype"])
     isz = np.array([itemsize(str(d), w_default) for d in dt_uniques] + [w_default])
     ns, nd = len(shp_uniques) + 1, len(dt_uniques) + 1
     m_ = np.where(mod_codes < 0, nm, mod_codes).astype(np.int64)
     s_ = np.where(shp_codes < 0, ns - 1, shp_codes).astype(np.int64)
     d_ = np.where(dt_codes < 0, nd - 1, dt_codes).astype(np.int64)
     # 3. per distinct (module, shape, dtype) signature: everything but the KV length
-    sig_codes, sig_keys = pd.factorize((m_ * ns + s_) * nd + d_)
+    sig_codes, sig_keys = codes_in_order((m_ * ns + s_) * nd + d_, (nm + 1) * ns * nd)
     sig_keys = np.asarray(sig_keys, dtype=np.int64)
     sm, rest = np.divmod(sig_keys, ns * nd)
     ss, sd = np.divmod(rest, nd)

@@ -12,16 +12,19 @@ import numpy as np
 import pandas as pd
 
 
-def group_sum(groups: np.ndarray, n: int, values: np.ndarray | None, min_count: int = 0) -> np.ndarray:
+def group_sum(groups: np.ndarray, n: int, values: np.ndarray | None, min_count: int = 0,
+              counts: np.ndarray | None = None) -> np.ndarray:
     """Per group: the sum of the non-NaN values (NaN where fewer than ``min_count`` of them).
-    ``values`` ``None`` stands for all NaN (a column absent from the frame)."""
+    ``values`` ``None`` stands for all NaN (a column absent from the frame); ``counts``, each
+    group's rows where the caller has them already."""
     if values is None:
         return np.full(n, np.nan) if min_count else np.zeros(n)
     ok = ~np.isnan(values)
     if ok.all():  # the common case: nothing to drop (the sums add the same values in the same order)
         total = np.bincount(groups, weights=values, minlength=n)
         if min_count:
-            total = np.where(np.bincount(groups, minlength=n) >= min_count, total, np.nan)
+            counts = np.bincount(groups, minlength=n) if counts is None else counts
+            total = np.where(counts >= min_count, total, np.nan)
         return total
     if not ok.any():
         return np.full(n, np.nan) if min_count else np.zeros(n)
@@ -68,3 +71,35 @@ def first_rows(codes: np.ndarray, m: int) -> np.ndarray:
         if len(first) == m:
             break
     return first
+
+
+def key_codes(frame: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
+    """Each row's group of ``frame.groupby(keys, sort=False, dropna=False, observed=True)``:
+    codes numbered in order of first appearance, and a frame of the groups' key values (a null
+    its own group); a categorical key is read from its codes, with no recoding or hashing of
+    its rows.
+
+    Returns:
+        ``(codes, groups)``: int64 codes over ``frame``'s rows; ``groups`` with the ``keys``
+        columns (text keys as text), one row per group.
+    """
+    combined = np.zeros(len(frame), np.int64)
+    size = 1
+    values = []
+    for key in keys:
+        s = frame[key]
+        if isinstance(s.dtype, pd.CategoricalDtype):  # code 0 for a null, category i at i + 1
+            codes = s.cat.codes.to_numpy().astype(np.int64) + 1
+            uniq = pd.Index([None, *(str(v) for v in s.dtype.categories)], dtype="string")
+        else:
+            codes, uniq = pd.factorize(s, use_na_sentinel=False)
+        combined = combined * max(len(uniq), 1) + codes
+        size *= max(len(uniq), 1)
+        values.append(uniq)
+    slot, firsts = codes_in_order(combined, size)
+    rest = np.asarray(firsts, np.int64)
+    out = {}
+    for key, uniq in zip(reversed(keys), reversed(values)):
+        rest, at = np.divmod(rest, max(len(uniq), 1))
+        out[key] = pd.Series(uniq.take(at), name=key).reset_index(drop=True)
+    return np.asarray(slot, np.int64), pd.DataFrame({k: out[k] for k in keys})

@@ -36,7 +36,8 @@ import numpy as np
 import pandas as pd
 
 from .. import fmt, schema
-from ..columns import ranked
+from ..columns import floats, ranked
+from .grouping import group_sum, key_codes
 from .hardware import Peaks
 from ..recording.noise import BUSY_THRESHOLD_PCT
 from ..schema import BLOCK_ROLES, BOUND_SUMMARY, PHASES, ROOFLINE
@@ -162,24 +163,25 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
         if not calls.empty:
             raise ValueError("calls have no 'flops' column: run probe.cost.annotate(calls, model) first")
         return empty_roofline()
-    c = calls if "gpu_ms" in calls.columns else calls.assign(gpu_ms=schema.column(calls, "gpu_ms"))
     keys = ["role", "phase"] if by == "role" else ["module", "role", "layer", "phase"]
-    g = c.groupby(keys, sort=False, dropna=False, observed=True)
-    out = pd.DataFrame({
-        "calls": g.size(),
-        "flops": g["flops"].sum(min_count=1),
-        "bytes_moved": g["bytes_moved"].sum(min_count=1),
-        "host_ms": g["cpu_ms"].sum(),
-        "gpu_ms": g["gpu_ms"].sum(min_count=1),
-        "_gpu_n": g["gpu_ms"].count(),
-    }).reset_index()
+    slot, out = key_codes(calls, keys)  # the groups as groupby(sort=False) finds them, on integer codes
+    m = len(out)
+    n = np.bincount(slot, minlength=m)
+    gpu = floats(calls, "gpu_ms")
+    has_gpu = ~np.isnan(gpu)
+    out["calls"] = n.astype("int64")
+    out["flops"] = group_sum(slot, m, floats(calls, "flops"), 1, n)
+    out["bytes_moved"] = group_sum(slot, m, floats(calls, "bytes_moved"), 1, n)
+    out["host_ms"] = group_sum(slot, m, floats(calls, "cpu_ms"))
+    out["gpu_ms"] = group_sum(slot, m, gpu, 1, n)
+    out["_gpu_n"] = n if has_gpu.all() else np.bincount(slot[has_gpu], minlength=m)
     if by == "role":
         out["module"] = out["role"]
         out["layer"] = pd.array([pd.NA] * len(out), dtype="Int64")
     out["gpu_idle_fraction"] = np.nan
     out["_on_gpu"] = out["_gpu_n"] == out["calls"]
     if steps is not None and not steps.empty:
-        out = pd.concat([out, _forward_rows(c, steps)], ignore_index=True)
+        out = pd.concat([out, _forward_rows(out, steps)], ignore_index=True)
     out["_on_gpu"] = out["_on_gpu"].astype(bool)
     on_gpu = out["_on_gpu"].to_numpy()
     host = out["host_ms"].to_numpy(dtype="float64", na_value=np.nan)
@@ -222,13 +224,14 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
     return _conform(out)
 
 
-def _forward_rows(calls: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
-    """One row per phase for the whole forward: block totals over the steps' forward time."""
-    blocks = calls[calls["role"].isin(BLOCK_ROLES)]
-    g = blocks.groupby("phase", sort=False, observed=True)
+def _forward_rows(groups: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+    """One row per phase for the whole forward: block totals (from the groups' sums) over the
+    steps' forward time."""
+    blocks = groups[groups["role"].isin(BLOCK_ROLES)]
+    g = blocks.groupby("phase", sort=False)
     fl = g["flops"].sum(min_count=1)
     by_ = g["bytes_moved"].sum(min_count=1)
-    blk_gpu = g["gpu_ms"].sum(min_count=1)  # gpu_ms: there (roofline gives every frame it)
+    blk_gpu = g["gpu_ms"].sum(min_count=1)
     s = steps.groupby("phase", sort=False, observed=True)
     rows = pd.DataFrame({
         "calls": s.size(),
