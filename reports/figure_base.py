@@ -109,3 +109,33 @@ def unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def floats(values: pd.Series) -> np.ndarray:
     """A float64 numpy array (nullable columns' NA -> NaN), which plotly stores compactly."""
     return pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+
+
+def distinct_text(values: pd.Series) -> list[str]:
+    """The distinct values of a text column as text, in order of first appearance, nulls left
+    out (found on the column's codes: no Python string per row)."""
+    return [str(v) for v in pd.unique(values.dropna())]
+
+
+def per_step_sum(calls: pd.DataFrame, col: str, roles) -> dict[str, pd.Series]:
+    """Per run id, the sum of ``col`` over the calls with a role in ``roles``, per step (a Series
+    indexed by step; steps with no such call are absent), worked out on integer codes."""
+    from probe.analysis.labels import factorized
+
+    if calls.empty:
+        return {}
+    rc, ru = factorized(calls, "role")
+    ic, iu = factorized(calls, "run_id")
+    want = np.append(np.isin(np.asarray(ru, dtype=object), list(roles)), False)  # a null role: not wanted
+    keep = want[rc] & (ic >= 0)
+    step = calls["step"].to_numpy(dtype="int64", na_value=-1)
+    keep &= step >= 0
+    if not keep.any():
+        return {}
+    span = int(step[keep].max()) + 1
+    key = ic[keep].astype(np.int64) * span + step[keep]
+    vals = calls[col].to_numpy(dtype="float64", na_value=np.nan)[keep]
+    n = len(iu) * span
+    total = np.bincount(key, weights=np.nan_to_num(vals), minlength=n).reshape(len(iu), span)
+    seen = np.bincount(key, minlength=n).reshape(len(iu), span) > 0
+    return {str(r): pd.Series(total[i][seen[i]], index=np.flatnonzero(seen[i])) for i, r in enumerate(iu)}

@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from probe import fmt
 from probe.schema import BLOCK_ROLES
 
-from .figure_base import RUN_COLORS, base_figure, binned, empty_figure, floats, plot_text
+from .figure_base import RUN_COLORS, base_figure, binned, distinct_text, empty_figure, floats, per_step_sum, plot_text
 
 #: most generate runs drawn as separate traces (a sweep may hold many)
 MAX_RUNS = 12
@@ -103,7 +103,7 @@ def latency_vs_kv(steps: pd.DataFrame, names: dict[str, str] | None = None) -> g
     if dec.empty:
         return empty_figure(title, "no decode steps recorded")
     fig = base_figure(title, "KV length (cached positions before the step)", "ms per step")
-    ids = list(dict.fromkeys(dec["run_id"].astype(str)))[:MAX_RUNS]
+    ids = distinct_text(dec["run_id"])[:MAX_RUNS]
     for i, rid in enumerate(ids):
         sub = dec[dec["run_id"] == rid].sort_values("kv_len")
         y = sub["latency_ms"].where(sub["latency_ms"].notna(), sub["forward_ms"])
@@ -133,17 +133,16 @@ def memory_over_steps(steps: pd.DataFrame, calls: pd.DataFrame, names: dict[str,
     if steps.empty:
         return empty_figure(title)
     fig = base_figure(title, "step", "MiB")
-    blocks = calls.loc[calls["role"].isin(BLOCK_ROLES), ["run_id", "step", "out_bytes"]] if len(calls) else calls
-    out_bytes = blocks.groupby(["run_id", "step"], sort=False, observed=True)["out_bytes"].sum() if len(blocks) else None
-    ids = list(dict.fromkeys(steps["run_id"].astype(str)))[:MAX_RUNS]
+    out_bytes = per_step_sum(calls, "out_bytes", BLOCK_ROLES)  # run id -> the blocks' output bytes per step
+    ids = distinct_text(steps["run_id"])[:MAX_RUNS]
     multi = len(ids) > 1
     drawn = 0
     for i, rid in enumerate(ids):
         color = RUN_COLORS[i % len(RUN_COLORS)]
         sub = steps[(steps["run_id"] == rid) & (steps["step"] >= 0)].sort_values("step")
         series = {"kv": floats(sub["kv_cache_bytes"]) / 2**20, "peak": floats(sub["mem_peak_bytes"]) / 2**20}
-        if out_bytes is not None and rid in out_bytes.index.get_level_values(0):
-            ob = out_bytes.xs(rid, level=0)
+        if rid in out_bytes:
+            ob = out_bytes[rid]
             series["out"] = floats(pd.Series(sub["step"].map(ob).to_numpy())) / 2**20
         pts = binned(pd.DataFrame({"step": floats(sub["step"]), **series}), "step", list(series))
         for key, label, dash in (("kv", "KV cache", "solid"), ("peak", "CUDA peak", "dot"),
