@@ -268,7 +268,7 @@ def _tree_nodes(modules: pd.Series, prow: np.ndarray, lv: np.ndarray) -> tuple[n
     for d in range(int(lv.max()) + 1 if len(lv) else 0):
         at = np.flatnonzero(lv == d)
         par = node[prow[at]] if d else np.full(len(at), -1, np.int64)
-        codes, pairs = pd.factorize((par + 1) * n_mods + mod_codes[at])
+        codes, pairs = codes_in_order((par + 1) * n_mods + mod_codes[at], (len(paths) + 1) * n_mods)
         node[at] = len(paths) + codes
         for key in pairs.tolist():  # one per new node, not per call
             pn, mc = key // n_mods - 1, key % n_mods
