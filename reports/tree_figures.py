@@ -119,13 +119,15 @@ def _layer_role_table(ph: "accounting.Phases", phase: str) -> pd.DataFrame | Non
     role = codes[inside] % max(len(names), 1)
     n = int(ph.n_steps[phase])
     layer = c["layer"].to_numpy(dtype="int64", na_value=-1)[inside]  # two columns taken, not the frame
-    # summed per (layer, role) on integer keys: pandas' group sum, so the same sums as a pivot table
-    # of the names, without a string per call
-    width = len(names)
-    sums = pd.Series(c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)[inside] / n).groupby(
-        layer * width + role, sort=True).sum()
-    keys = sums.index.to_numpy()
-    table = pd.Series(sums.to_numpy(), index=pd.MultiIndex.from_arrays(
+    # summed per (layer, role) on integer keys (a null skipped, as a pivot table of the names
+    # skips it), without a string per call or a sort of the calls
+    width = max(len(names), 1)
+    key = layer * width + role
+    vals = c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)[inside] / n
+    size = int(key.max()) + 1
+    total = np.bincount(key, weights=np.where(np.isnan(vals), 0.0, vals), minlength=size)
+    keys = np.flatnonzero(np.bincount(key, minlength=size))  # the pairs met, in order
+    table = pd.Series(total[keys], index=pd.MultiIndex.from_arrays(
         [pd.Index(keys // width, name="layer"), pd.Index(names[keys % width], name="role")])).unstack("role")
     return table[sorted(table.columns)]
 

@@ -299,6 +299,11 @@ def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = Non
     """
     if depth is not None and depth < 1:
         raise ValueError(f"depth must be 1 or more (1 = the top-level calls); got {depth!r}")
+    if depth is not None and not calls.empty:
+        ph = phases(calls, steps)
+        lv = memo.derived("tree_nodes", None, ph.calls, ph.calls, lambda: _tree_shape(ph.calls, ph.prow))[0]
+        if not len(lv) or int(lv.max()) < depth:  # nothing deeper to fold: the whole tree (one build for both)
+            depth = None
     return memo.derived("tree", depth, calls, steps, lambda: _tree_table(calls, steps, depth)).copy(deep=False)
 
 
