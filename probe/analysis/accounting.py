@@ -34,7 +34,7 @@ from ..columns import combine, floats, ranked, text_codes
 from . import memo, tree
 from .grouping import codes_in_order, first_rows, group_sum
 from .labels import (  # noqa: F401  (re-exported: where readers have found them)
-    ATTENTION_REST, BLOCK_ORDER, check_level, factorized, label_codes, labels)
+    ATTENTION_REST, BLOCK_ORDER, check_level, factorized, label_codes, labels, same_rows)
 from ..schema import LEVELS, PHASES, ROLES, SUMMARY, TREE, Level
 
 RESIDUE = "(residue)"
@@ -175,11 +175,16 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     })
     with np.errstate(invalid="ignore", divide="ignore"):
         out["mean_ms"] = own_cpu / np.where(calls_n > 0, calls_n, np.nan)
+    out["share"] = ph.share(out["phase"], out["self_ms"], out["gpu_self_ms"])
+    return _labelled(out, level)
+
+
+def _labelled(out: pd.DataFrame, level: str) -> pd.DataFrame:
+    """A level's rows given their ``role``, ``level`` and display order columns."""
     if level == "block":
         out["role"] = out["name"]
     elif level == "role":
         out["role"] = out["name"].where(out["name"] != ATTENTION_REST, "attention")
-    out["share"] = ph.share(out["phase"], out["self_ms"], out["gpu_self_ms"])
     out["level"] = level
     if level == "block":
         out["_o"] = ranked(out["name"], {b: i for i, b in enumerate(BLOCK_ORDER)}, len(BLOCK_ORDER))
@@ -229,8 +234,13 @@ def _summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = Non
     if ph.calls.empty:
         return schema.empty(SUMMARY)
     parts = []
+    bodies: dict[str, pd.DataFrame] = {}
     for lv in ([level] if level else LEVELS):
-        body = _level(ph, lv)
+        if lv == "role" and "block" in bodies and same_rows(ph.calls, "role", "block"):
+            body = _labelled(bodies["block"].copy(), "role")  # the same rows: summed once
+        else:
+            body = _level(ph, lv)
+        bodies[lv] = body
         extra = pd.DataFrame(ph.extra_rows(lv))
         extra["_o"] = 10_000 + np.arange(len(extra))
         parts.append(body)

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
-from .accounting import PROBE, label_codes
+from .accounting import PROBE
+from .labels import same_rows
 from .samples import OUTSIDE, clock_of, generate_ids, metric_samples, phase_forward, step_samples
 from ..schema import PHASES, SIGNIFICANCE
 
@@ -205,7 +206,7 @@ def significance(run_a, run_b, levels=("block", "role"), seed: int = 0,
     fwd_a = phase_forward(run_a.calls, run_a.steps, run_a.runs)
     tested: set[tuple[str, str]] = set()
     for i, level in enumerate(levels):
-        if any(_same_rows(run_a.calls, level, seen) and _same_rows(run_b.calls, level, seen) for seen in levels[:i]):
+        if any(same_rows(run_a.calls, level, seen) and same_rows(run_b.calls, level, seen) for seen in levels[:i]):
             continue  # e.g. roles at depth blocks: the blocks again, not sampled twice
         sa = step_samples(run_a.calls, run_a.steps, run_a.runs, level=level, clock=clock)
         sb = step_samples(run_b.calls, run_b.steps, run_b.runs, level=level, clock=clock)
@@ -230,15 +231,6 @@ def significance(run_a, run_b, levels=("block", "role"), seed: int = 0,
     if not rows:
         return schema.empty(SIGNIFICANCE)
     return pd.DataFrame(rows).astype(SIGNIFICANCE)
-
-
-def _same_rows(calls: pd.DataFrame, level: str, other: str) -> bool:
-    """Whether every call has a row of the same name at ``level`` as at ``other``."""
-    codes, names = label_codes(calls, level)
-    codes_o, names_o = label_codes(calls, other)
-    at = {n: i for i, n in enumerate(names_o)}
-    lut = np.array([at.get(n, -2) for n in names] + [-1], dtype=np.int64)  # a null (-1) stays one
-    return bool(np.array_equal(lut[codes], codes_o))
 
 
 def _row(level, name, phase, clock, a, b, p, lo, hi, share, pval) -> dict:

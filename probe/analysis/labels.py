@@ -109,6 +109,16 @@ def label_codes(calls: pd.DataFrame, level: Level) -> tuple[np.ndarray, list[str
         calls, level, tree.parent_rows(calls) if level == "role" else None, lambda col: factorized(calls, col)))
 
 
+def same_rows(calls: pd.DataFrame, level: Level, other: Level) -> bool:
+    """Whether every call has a row of the same name at ``level`` as at ``other`` (at depth
+    blocks the roles are the blocks): the two levels' rows are then the same sums."""
+    codes, names = label_codes(calls, level)
+    codes_o, names_o = label_codes(calls, other)
+    at = {n: i for i, n in enumerate(names_o)}
+    lut = np.array([at.get(n, -2) for n in names] + [-1], dtype=np.int64)  # a null (-1) stays one
+    return bool(np.array_equal(lut[codes], codes_o))
+
+
 def _codes(calls: pd.DataFrame, level: str, prow: np.ndarray | None, codes=None) -> tuple[np.ndarray, list[str]]:
     """Each call's row at ``level`` as codes into a list of names (``prow``: the parent rows,
     needed at the role level; ``codes``: :meth:`Phases.codes`, to factorize each column once)."""
