@@ -58,6 +58,8 @@ def _collapse_layers(out: pd.DataFrame, layer: np.ndarray) -> pd.DataFrame:
     input and output shapes; a layer that differs keeps a row of its own."""
     keys: list[tuple] = []
     names: list[str | None] = []
+    rank = out["rank"].tolist() if "rank" in out else [False] * len(out)
+    phase, step, ins, outs = (out[c].tolist() for c in ("phase", "step", "in_shapes", "out_shapes"))
     for i, (mod, lay) in enumerate(zip(out["module"].tolist(), layer)):
         pattern = None
         if lay >= 0:
@@ -66,9 +68,7 @@ def _collapse_layers(out: pd.DataFrame, layer: np.ndarray) -> pd.DataFrame:
                     pattern = str(mod)[:m.start()] + "{}" + str(mod)[m.end():]
                     break
         names.append(pattern)
-        row = out.iloc[i]
-        keys.append(("rank" in out and row["rank"], row["phase"], row["step"], pattern if pattern is not None else i,
-                     row["in_shapes"], row["out_shapes"]))
+        keys.append((rank[i], phase[i], step[i], pattern if pattern is not None else i, ins[i], outs[i]))
     groups: dict[tuple, list[int]] = {}
     for i, k in enumerate(keys):
         groups.setdefault(k, []).append(i)
