@@ -448,3 +448,44 @@ def test_codes_in_order_with_a_key_per_row_are_pandas_factorize():
     want = pd.factorize(keys)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("rows", [500, 150_000])
+def test_key_codes_are_pandas_groupby_groups(rows):
+    """The roofline's groups on integer codes: the groups and row assignment pandas' groupby
+    (sort=False, dropna=False, observed=True) makes, nulls and unused categories included."""
+    rng = np.random.default_rng(2)
+    role = pd.Categorical(rng.choice(["layer", "embed", "head", None], rows), categories=["embed", "head", "layer", "norm"])
+    phase = pd.array(rng.choice(["decode", "prefill"], rows), dtype="string")
+    layer = pd.array(np.where(rng.random(rows) < 0.2, None, rng.integers(0, 4, rows)), dtype="Int32")
+    frame = pd.DataFrame({"role": role, "phase": phase, "layer": layer, "x": rng.random(rows)})
+    keys = ["role", "phase", "layer"]
+    codes, groups = grouping.key_codes(frame, keys)
+    g = frame.groupby(keys, sort=False, dropna=False, observed=True)
+    np.testing.assert_array_equal(codes, g.ngroup().to_numpy())
+    want = g.size().reset_index()[keys]
+    for k in keys:
+        assert groups[k].astype(object).where(groups[k].notna(), None).tolist() == \
+            want[k].astype(object).where(want[k].notna(), None).tolist(), k
+    sums = grouping.group_sum(codes, len(groups), frame["x"].to_numpy())
+    np.testing.assert_allclose(sums, g["x"].sum().to_numpy(), rtol=1e-12)
+
+
+def test_blocks_output_bytes_per_step_are_the_groupby():
+    """The memory figure's per-step sum of the blocks' output bytes, on codes, equals pandas'."""
+    from reports.figure_base import per_step_sum
+    from probe.schema import BLOCK_ROLES
+
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="all") as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
+        model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=2, do_sample=False)
+    calls = p.run.calls
+    got = per_step_sum(calls, "out_bytes", BLOCK_ROLES)
+    blocks = calls[calls["role"].isin(BLOCK_ROLES)]
+    want = blocks.groupby(["run_id", "step"], sort=False, observed=True)["out_bytes"].sum()
+    assert set(got) == set(calls["run_id"].astype(str))
+    for rid, series in got.items():
+        w = want.xs(rid, level=0)
+        assert series.index.tolist() == sorted(w.index.tolist())
+        np.testing.assert_array_equal(series.to_numpy(), w.sort_index().to_numpy(dtype="float64"))
