@@ -151,15 +151,17 @@ def _dense_sums(pair: np.ndarray, run_step: np.ndarray, ms: np.ndarray, n_pairs:
     """:func:`_sums` where each (run, step) is one stretch of rows, as a recording writes them:
     the sums per (step, pair) are one table indexed by the stretch, with no hashing of a key per
     row. The same sums, added in the same order; ``None`` where the rows are not so laid out
-    (ranks merged one after another) or the table would be far larger than the rows; and where
-    many rows share a group (layers pooled into one block), which hashing does as fast."""
+    (ranks merged one after another) or the table would be far larger than the rows."""
     n = len(pair)
     change = np.empty(n, bool)
     change[0] = True
     np.not_equal(run_step[1:], run_step[:-1], out=change[1:])
     starts = np.flatnonzero(change)
     n_seg = len(starts)
-    if not n // 2 <= n_seg * n_pairs <= 4 * n + (1 << 20) or len(np.unique(run_step[starts])) != n_seg:
+    if n_seg * n_pairs > 4 * n + (1 << 20):
+        return None
+    firsts = run_step[starts]
+    if not (firsts[1:] > firsts[:-1]).all() and len(np.unique(firsts)) != n_seg:  # a (run, step) met twice
         return None
     seg = np.cumsum(change) - 1
     key = pair * n_seg + seg  # pair-major: each pair's steps lie side by side
