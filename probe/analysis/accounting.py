@@ -266,13 +266,22 @@ def _tree_levels(prow: np.ndarray) -> np.ndarray:
     return level
 
 
-def _tree_nodes(modules: pd.Series, prow: np.ndarray, lv: np.ndarray) -> tuple[np.ndarray, list[str], list]:
+def _codes_with_nulls(calls: pd.DataFrame, col: str) -> tuple[np.ndarray, pd.Index]:
+    """:func:`text_codes` of ``col`` with a null its own value: the frame's kept factorisation
+    where the column has no null (the same codes), else made here."""
+    codes, uniq = factorized(calls, col)
+    if len(codes) and int(codes.min()) < 0:
+        return text_codes(calls[col], na_sentinel=False)
+    return codes, uniq
+
+
+def _tree_nodes(calls: pd.DataFrame, prow: np.ndarray, lv: np.ndarray) -> tuple[np.ndarray, list[str], list]:
     """Each call's node in the tree of module paths, interned level by level as (node of its
     parent, module) pairs, numbered in order of first appearance; with each node's path and its
     parent's path (``None`` at the top)."""
-    mod_codes, mods = text_codes(modules, na_sentinel=False)
+    mod_codes, mods = _codes_with_nulls(calls, "module")
     n_mods = max(len(mods), 1)
-    node = np.full(len(modules), -1, np.int64)
+    node = np.full(len(calls), -1, np.int64)
     paths: list[str] = []
     parent_path: list[str | None] = []
     for d in range(int(lv.max()) + 1 if len(lv) else 0):
@@ -290,7 +299,7 @@ def _tree_nodes(modules: pd.Series, prow: np.ndarray, lv: np.ndarray) -> tuple[n
 def _tree_shape(calls: pd.DataFrame, prow: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str], list]:
     """Each call's tree level and node, with the nodes' paths: shared by the tables at every depth."""
     lv = _tree_levels(prow)
-    node, paths, parent_path = _tree_nodes(calls["module"], prow, lv)
+    node, paths, parent_path = _tree_nodes(calls, prow, lv)
     lv.flags.writeable = node.flags.writeable = False  # kept while the frames live (probe.analysis.memo)
     return lv, node, paths, parent_path
 
@@ -336,7 +345,7 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
     cpu = floats(c, "cpu_ms")
     gpu = _present(c, "gpu_ms")
     # one group per (phase, node), aggregated on integer codes
-    pcodes, puniq = text_codes(c["phase"], na_sentinel=False)
+    pcodes, puniq = _codes_with_nulls(c, "phase")
     slot, gkeys = codes_in_order(pcodes.astype(np.int64) * max(len(paths), 1) + keep,
                                  max(len(paths), 1) * max(len(puniq), 1))
     m = len(gkeys)
