@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
@@ -141,12 +141,16 @@ def _no_peaks_note(run: "Run", refused: str = "") -> str:
 
 
 def per_rank_roofline(costed: pd.DataFrame, steps: pd.DataFrame, peaks: "Peaks | None",
-                      cpu_wait_pct: float | None = None) -> pd.DataFrame:
+                      cpu_wait_pct: float | None = None, *, model: Any = None) -> pd.DataFrame:
     """:func:`probe.roofline.roofline` of each rank's calls and steps (by role), with a ``rank`` column.
 
     Ranks run side by side, so each is set against one device's roofs; rows of the same block
-    and phase sit next to each other, rank by rank.
+    and phase sit next to each other, rank by rank. ``costed``: calls with the cost columns
+    (:func:`probe.cost.annotate`), or bare calls with ``model`` (their run, model or config):
+    each row's FLOPs and bytes are then summed per block without a column per call
+    (:func:`probe.cost.group_costs`).
     """
+    from probe.analysis.cost import group_costs
     from probe.analysis.roofline import roofline
 
     cols = roofline_columns()
@@ -157,7 +161,8 @@ def per_rank_roofline(costed: pd.DataFrame, steps: pd.DataFrame, peaks: "Peaks |
     for r in rank_list:
         c = costed if rc is None or len(rank_list) == 1 else costed[rc == r]
         s = steps if rs is None or len(rank_list) == 1 else steps[rs == r]
-        part = roofline(c, peaks, s, by="role", cpu_wait_pct=cpu_wait_pct)
+        costs = None if model is None else (lambda g, n, c=c: group_costs(c, model, g, n))
+        part = roofline(c, peaks, s, by="role", cpu_wait_pct=cpu_wait_pct, costs=costs)
         part.insert(0, "rank", r)
         parts.append(part.assign(_pos=range(len(part))))
     out = pd.concat(parts, ignore_index=True).sort_values(["_pos", "rank"], kind="stable")
@@ -192,7 +197,7 @@ def cost_view(run: "Run") -> CostView:
     if run.calls.empty:
         return CostView(None, peaks, origin, "No cost estimate: no block calls were recorded.")
     try:
-        roof = per_rank_roofline(run.cost(), run.steps, peaks, wait)
+        roof = per_rank_roofline(run.calls, run.steps, peaks, wait, model=run)
     except Exception as exc:  # the cost model cannot build this architecture: say so, keep the report
         log.warning("cost estimate failed: %s: %s", type(exc).__name__, exc)
         return CostView(None, peaks, origin, f"No cost estimate: the cost model failed on this run's config "

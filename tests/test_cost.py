@@ -601,3 +601,33 @@ def test_ridge_and_peaks_never_read_zero(bundled_run):
     assert "500 MFLOP/s" in fig.layout.title.text and "20.0 GB/s" in fig.layout.title.text
     assert not any("0.0 FLOP/B" in t or " 0.0 GFLOP/s" in t for t in texts)
     assert "ridge 0.0250 FLOP/B" in view.roof["reason"].iloc[0]
+
+
+@pytest.mark.parametrize("model_type, depth, overrides", [
+    ("llama", "blocks", {}),
+    ("llama", "all", {}),
+    ("mistral", "blocks", {"sliding_window": 4}),  # a window: the per-call path
+    ("gpt2", "sublayers", {}),
+])
+def test_group_costs_are_the_sums_of_annotate_per_block(model_type, depth, overrides):
+    """The roofline's FLOPs and bytes per (role, phase), summed by signature, equal the sums of
+    annotate's per-call figures, on the fast path and on the per-call one alike."""
+    import numpy as np
+    from probe.analysis.grouping import group_sum, key_codes
+
+    model = tiny_model(model_type, **overrides)
+    with probe.attach(model, depth=depth) as p:
+        model.generate(torch.tensor([[1, 5, 6, 7, 8, 9]]), max_new_tokens=6, do_sample=False)
+    run = p.run
+    groups, frame = key_codes(run.calls, ["role", "phase"])
+    costed = cost.annotate(run.calls, model)
+    got_f, got_b = cost.group_costs(run.calls, model, groups, len(frame))
+    want_f = group_sum(groups, len(frame), costed["flops"].to_numpy(), 1)
+    want_b = group_sum(groups, len(frame), costed["bytes_moved"].to_numpy(), 1)
+    assert np.isfinite(want_f).any()
+    np.testing.assert_allclose(got_f, want_f, rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(got_b, want_b, rtol=1e-12, equal_nan=True)
+    # the report's roofline from group sums equals the one from annotated calls
+    pd.testing.assert_frame_equal(
+        rl.roofline(run.calls, None, run.steps, costs=lambda g, n: cost.group_costs(run.calls, model, g, n)),
+        rl.roofline(costed, None, run.steps), rtol=1e-12)

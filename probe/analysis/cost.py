@@ -40,7 +40,8 @@ import pandas as pd
 
 from ..dtypes import itemsize, torch_dtype
 from ..schema import COST
-from .grouping import codes_in_order
+from .grouping import codes_in_order, group_sum
+from .labels import factorized
 # the formulas and the per-module coefficients are part of this module's public face
 # (``probe.cost.linear_flops``, ``probe.cost.module_cost``): they are what annotate evaluates
 from .coefficients import (COST_FIELDS, COSTS_FORMAT, FLOP_CATEGORIES, ModuleCost, module_cost, module_costs,
@@ -216,14 +217,7 @@ def annotate(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) ->
     if n == 0:
         return calls.assign(**{col: pd.Series([], dtype=dt, index=calls.index) for col, dt in COST.items()})
 
-    # 1. per distinct module: its coefficients, as recorded with the run or from the model
-    mod_codes, mod_uniques = pd.factorize(calls["module"], use_na_sentinel=True)
-    nm = len(mod_uniques)
-    facts = recorded_costs(model_or_config) if dtype is None else None
-    found = _table_from_facts(facts, mod_uniques, nm) if facts is not None else None
-    if found is None:
-        found = _table_from_model(resolve_model(model_or_config, dtype), calls, mod_codes, mod_uniques, nm)
-    flops, nbytes = _evaluate(calls, mod_codes, *found)
+    flops, nbytes = _evaluate(calls, *_coefficients(calls, model_or_config, dtype))
     with np.errstate(invalid="ignore", divide="ignore"):
         intensity = np.where(nbytes > 0, flops / nbytes, np.nan)
     return calls.assign(
@@ -231,6 +225,35 @@ def annotate(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) ->
         bytes_moved=pd.Series(nbytes, index=calls.index, dtype="float64"),
         intensity_flops_per_byte=pd.Series(intensity, index=calls.index, dtype="float64"),
     )
+
+
+def _coefficients(calls: pd.DataFrame, model_or_config: Any, dtype: Any) -> tuple:
+    """Step 1 of :func:`annotate`: each call's module code and, per distinct module, its
+    coefficients, as recorded with the run or from the model."""
+    mod_codes, mod_uniques = factorized(calls, "module")  # the frame's own, kept for its other tables
+    nm = len(mod_uniques)
+    facts = recorded_costs(model_or_config) if dtype is None else None
+    found = _table_from_facts(facts, mod_uniques, nm) if facts is not None else None
+    if found is None:
+        found = _table_from_model(resolve_model(model_or_config, dtype), calls, mod_codes, mod_uniques, nm)
+    return (mod_codes, *found)
+
+
+def group_costs(calls: pd.DataFrame, model_or_config: Any, groups: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group of calls, the sums of :func:`annotate`'s ``flops`` and ``bytes_moved`` (NaN
+    where no call of the group has one), without a column per call where the formulas allow:
+    a call's cost is a constant of its signature plus a multiple of its KV length, so a group's
+    sum is its count of each signature times the constants plus one weighted sum of the KV
+    lengths (the same figures up to rounding; a sliding window or calls without tensor
+    arguments take the per-call path).
+
+    Args:
+        calls, model_or_config: as for :func:`annotate`.
+        groups: each call's group, in ``[0, n)``.
+    """
+    if not len(calls):
+        return np.full(n, np.nan), np.full(n, np.nan)
+    return _evaluate(calls, *_coefficients(calls, model_or_config, None), groups=(groups, n))
 
 
 def flops_by_category(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) -> pd.DataFrame:
@@ -270,9 +293,18 @@ def _codes(s: pd.Series) -> tuple[np.ndarray, Any]:
     return pd.factorize(s, use_na_sentinel=True)
 
 
+def _filled(codes: np.ndarray, missing: int) -> np.ndarray:
+    """``codes`` as a new int64 array, a null (-1) as ``missing``."""
+    out = codes.astype(np.int64)
+    out[out < 0] = missing
+    return out
+
+
 def _evaluate(calls: pd.DataFrame, mod_codes: np.ndarray, table: dict, ids_input: np.ndarray,
-              w_default: float) -> tuple[np.ndarray, np.ndarray]:
-    """(FLOPs, bytes) of every row of ``calls`` from the coefficient ``table`` (steps 2-4 of :func:`annotate`)."""
+              w_default: float, groups: tuple[np.ndarray, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(FLOPs, bytes) of every row of ``calls`` from the coefficient ``table`` (steps 2-4 of
+    :func:`annotate`); with ``groups`` (each row's group, the number of groups), their sums
+    per group (see :func:`group_costs`)."""
     fields = COST_FIELDS
     nm = len(ids_input) - 1
     # 2. per distinct shape string and dtype
@@ -284,11 +316,13 @@ def _evaluate(calls: pd.DataFrame, mod_codes: np.ndarray, table: dict, ids_input
     dt_codes, dt_uniques = _codes(calls["dtype"])
     isz = np.array([itemsize(str(d), w_default) for d in dt_uniques] + [w_default])
     ns, nd = len(shp_uniques) + 1, len(dt_uniques) + 1
-    m_ = np.where(mod_codes < 0, nm, mod_codes).astype(np.int64)
-    s_ = np.where(shp_codes < 0, ns - 1, shp_codes).astype(np.int64)
-    d_ = np.where(dt_codes < 0, nd - 1, dt_codes).astype(np.int64)
     # 3. per distinct (module, shape, dtype) signature: everything but the KV length
-    sig_codes, sig_keys = codes_in_order((m_ * ns + s_) * nd + d_, (nm + 1) * ns * nd)
+    key = _filled(mod_codes, nm)  # (module * ns + shape) * nd + dtype, built in place
+    key *= ns
+    key += _filled(shp_codes, ns - 1)
+    key *= nd
+    key += _filled(dt_codes, nd - 1)
+    sig_codes, sig_keys = codes_in_order(key, (nm + 1) * ns * nd)
     sig_keys = np.asarray(sig_keys, dtype=np.int64)
     sm, rest = np.divmod(sig_keys, ns * nd)
     ss, sd = np.divmod(rest, nd)
@@ -307,6 +341,10 @@ def _evaluate(calls: pd.DataFrame, mod_codes: np.ndarray, table: dict, ids_input
         bk = a * c["e_kv"] * batch  # bytes per attended position
     # 4. per row: only the attended positions vary
     kv = calls["kv_len"].to_numpy(dtype="float64", na_value=np.nan)
+    if groups is not None:
+        summed = _group_sums(groups, sig_codes, kv, q, f0, fk, b0, bk, c["window"], tokens)
+        if summed is not None:
+            return summed
     with np.errstate(invalid="ignore", divide="ignore"):
         kv_eff = np.minimum(kv + q[sig_codes], c["window"][sig_codes])
         flops = f0[sig_codes] + fk[sig_codes] * kv_eff
@@ -324,7 +362,33 @@ def _evaluate(calls: pd.DataFrame, mod_codes: np.ndarray, table: dict, ids_input
             nbytes[idx] = c["b_const"][sc] + c["bw_tok"][sc] * t + a[sc] * (
                 (c["e_tok"][sc] + c["e_elem"][sc]) * t + c["e_kv"][sc] * b * ke) \
                 + np.where(c["b_moe"][sc] > 0, c["b_moe"][sc] * np.minimum(1.0, t * c["moe_frac"][sc]), 0.0)
+    if groups is not None:
+        g, n = groups
+        return group_sum(g, n, flops, 1), group_sum(g, n, nbytes, 1)
     return flops, nbytes
+
+
+def _group_sums(groups: tuple[np.ndarray, int], sig_codes: np.ndarray, kv: np.ndarray, q: np.ndarray,
+                f0: np.ndarray, fk: np.ndarray, b0: np.ndarray, bk: np.ndarray, window: np.ndarray,
+                tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`group_costs` by signature: each group's count of each signature times the
+    signature's constant term, plus the KV lengths weighted by its per-position term. ``None``
+    where a signature has a window (the cost is then not linear in the KV length) or no tokens,
+    or a KV length is missing."""
+    g, n = groups
+    n_sig = len(f0)
+    if np.isnan(kv).any() or not np.isposinf(window).all() or np.isnan(tokens).any() or n * n_sig > 1 << 24:
+        return None
+    count = np.bincount(g.astype(np.int64) * n_sig + sig_codes, minlength=n * n_sig).reshape(n, n_sig)
+    out = []
+    for const, per_kv in ((f0, fk), (b0, bk)):
+        with np.errstate(invalid="ignore"):
+            a = const + per_kv * q  # a call's cost at KV length 0
+        ok = ~np.isnan(a) & ~np.isnan(per_kv)  # a call of another signature has no such cost (NaN)
+        total = count @ np.where(ok, a, 0.0) + np.bincount(g, weights=np.where(ok, per_kv, 0.0)[sig_codes] * kv,
+                                                            minlength=n)
+        out.append(np.where(count @ ok.astype(np.int64) > 0, total, np.nan))
+    return out[0], out[1]
 
 
 def parameter_counts(model: nn.Module, names: list[str]) -> pd.DataFrame:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -134,7 +134,8 @@ def _phase_wait_pct(steps: pd.DataFrame | None) -> dict[str, float]:
 
 
 def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | None = None,
-             by: Literal["role", "module"] = "role", *, cpu_wait_pct: float | None = None) -> pd.DataFrame:
+             by: Literal["role", "module"] = "role", *, cpu_wait_pct: float | None = None,
+             costs: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None) -> pd.DataFrame:
     """Achieved TFLOP/s, GB/s and intensity per block and phase, with its bound and the reason.
 
     Args:
@@ -149,6 +150,9 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
             spent waiting for a CPU. ``None``: per phase from ``steps`` (wall beyond CPU time).
             Above :data:`probe.noise.BUSY_THRESHOLD_PCT`, a CPU row far under its roof is
             labelled ``wait``, not ``host``.
+        costs: ``costs(groups, n)`` gives the FLOPs and bytes of each of ``n`` groups from each
+            call's group (:func:`probe.cost.group_costs`), for ``calls`` without the cost columns:
+            the sums without a column per call.
     Returns:
         A frame with the :data:`probe.schema.ROOFLINE` columns, phases in prefill, decode... order. Time is
         GPU time where every call of the group has it, host time otherwise.
@@ -159,7 +163,7 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
         log.warning("peaks measured while %.0f %% of the measurement waited for a CPU are not used: %s",
                     peaks.wait_pct, peaks.label())
         peaks = None
-    if calls.empty or "flops" not in calls.columns:
+    if calls.empty or ("flops" not in calls.columns and costs is None):
         if not calls.empty:
             raise ValueError("calls have no 'flops' column: run probe.cost.annotate(calls, model) first")
         return empty_roofline()
@@ -170,8 +174,11 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
     gpu = floats(calls, "gpu_ms")
     has_gpu = ~np.isnan(gpu)
     out["calls"] = n.astype("int64")
-    out["flops"] = group_sum(slot, m, floats(calls, "flops"), 1, n)
-    out["bytes_moved"] = group_sum(slot, m, floats(calls, "bytes_moved"), 1, n)
+    if costs is None:
+        out["flops"] = group_sum(slot, m, floats(calls, "flops"), 1, n)
+        out["bytes_moved"] = group_sum(slot, m, floats(calls, "bytes_moved"), 1, n)
+    else:
+        out["flops"], out["bytes_moved"] = costs(slot, m)
     out["host_ms"] = group_sum(slot, m, floats(calls, "cpu_ms"))
     out["gpu_ms"] = group_sum(slot, m, gpu, 1, n)
     out["_gpu_n"] = n if has_gpu.all() else np.bincount(slot[has_gpu], minlength=m)
