@@ -110,3 +110,22 @@ def test_step_samples_of_rows_not_laid_out_step_by_step_are_the_groupby_too(run,
         assert set(got) == set(want)
         for k in want:
             np.testing.assert_allclose(np.sort(got[k]), np.sort(want[k]), rtol=1e-12, atol=1e-12, err_msg=str(k))
+
+
+def test_a_tree_without_nested_calls_read_from_the_summary_equals_the_tree_built_alone():
+    """At depth blocks no call is inside another: the tree is taken from the summary's module
+    level when that is kept, and equals the tree built on its own, to the bit."""
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="blocks") as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=4, do_sample=False)
+        model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=2, do_sample=False)
+    run = p.run
+    memo.clear()
+    alone = {d: accounting.tree_table(run.calls, run.steps, d) for d in (None, 1, 2)}
+    memo.clear()
+    accounting.summary(run.calls, run.steps)
+    assert memo.peek("summary", None, run.calls, run.steps) is not None
+    for d, want in alone.items():
+        memo.clear() if d is None else None
+        accounting.summary(run.calls, run.steps)
+        pd.testing.assert_frame_equal(accounting.tree_table(run.calls, run.steps, d), want, check_exact=True)

@@ -275,6 +275,16 @@ def _codes_with_nulls(calls: pd.DataFrame, col: str) -> tuple[np.ndarray, pd.Ind
     return codes, uniq
 
 
+def _tree_of_modules(summ: pd.DataFrame) -> pd.DataFrame:
+    """The call tree of a recording where no call is inside another: every call a top-level node
+    named by its module, so the rows, sums and order are the summary's module level's (the
+    residue and probe rows after each phase's modules, as the tree puts them)."""
+    m = summ[(summ["level"] == "module").to_numpy(dtype=bool, na_value=False)].reset_index(drop=True)
+    out = m.rename(columns={"name": "node"}).assign(module=m["name"], depth=1,
+                                                   parent_node=pd.Series([None] * len(m), dtype="string"))
+    return pd.DataFrame({k: out[k].astype(v) for k, v in TREE.items()})
+
+
 def _tree_nodes(calls: pd.DataFrame, prow: np.ndarray, lv: np.ndarray) -> tuple[np.ndarray, list[str], list]:
     """Each call's node in the tree of module paths, interned level by level as (node of its
     parent, module) pairs, numbered in order of first appearance; with each node's path and its
@@ -331,6 +341,9 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
     c = ph.calls
     if c.empty:
         return schema.empty(TREE)
+    summ = memo.peek("summary", None, calls, steps) if not len(ph.nested) else None
+    if summ is not None:  # no call inside another (depth blocks): the tree is the module level
+        return _tree_of_modules(summ)
     prow = ph.prow
     lv, node, paths, parent_path = memo.derived("tree_nodes", None, c, c, lambda: _tree_shape(c, prow))
     n = len(c)
