@@ -157,14 +157,14 @@ def _level(ph: Phases, level: str) -> pd.DataFrame:
     ob = ph.floats("out_bytes")
     if not every:
         ob = np.where(own, ob, np.nan)
-    has_ob = ~np.isnan(ob)
-    ob_n = counts if has_ob.all() else np.bincount(slot[has_ob], minlength=m)
+    has_ob = ~np.isnan(ob) if np.isnan(ob.sum()) else None  # one pass where no call lacks the bytes
+    ob_n = counts if has_ob is None else np.bincount(slot[has_ob], minlength=m)
     own_cpu = agg(cpu if every else np.where(own, cpu, 0.0))
     out = pd.DataFrame({
         "name": pd.array([names[k // n_phase] for k in keys], dtype="string"),
         "phase": pd.array([str(puniq[k % n_phase]) for k in keys], dtype="string"),
         "role": pd.array([roles[rcodes[i]] for i in first], dtype="string"),
-        "layer": c["layer"].to_numpy()[first] if level == "module" else pd.array([pd.NA] * len(keys), dtype="Int64"),
+        "layer": c["layer"].array.take(first) if level == "module" else pd.array([pd.NA] * len(keys), dtype="Int64"),
         "calls": calls_n.astype("int64"),
         # every call a root of its row (depth blocks): its total is the sum of its calls, as is the mean's
         "total_ms": own_cpu if whole and every else agg(np.where(root, cpu, 0.0)),

@@ -19,13 +19,15 @@ def group_sum(groups: np.ndarray, n: int, values: np.ndarray | None, min_count: 
     group's rows where the caller has them already."""
     if values is None:
         return np.full(n, np.nan) if min_count else np.zeros(n)
-    ok = ~np.isnan(values)
-    if ok.all():  # the common case: nothing to drop (the sums add the same values in the same order)
+    with np.errstate(invalid="ignore", over="ignore"):
+        clean = not np.isnan(values.sum())  # one pass: a NaN (or inf - inf) makes the sum NaN
+    if clean:  # the common case: no NaN to drop (the sums add the same values in the same order)
         total = np.bincount(groups, weights=values, minlength=n)
         if min_count:
             counts = np.bincount(groups, minlength=n) if counts is None else counts
             total = np.where(counts >= min_count, total, np.nan)
         return total
+    ok = ~np.isnan(values)
     if not ok.any():
         return np.full(n, np.nan) if min_count else np.zeros(n)
     total = np.bincount(groups[ok], weights=values[ok], minlength=n)
