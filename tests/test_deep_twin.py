@@ -38,12 +38,12 @@ def _tokens(run, kind: str) -> list:
 
 def test_profile_times_every_sampled_step_on_a_twin_and_says_how_many_ops_matched():
     m = _model()
-    kw = {"max_new_tokens": 8, "do_sample": False}
+    new = TWIN_AFTER + 2  # the shortest run whose decode sample (step 1) has its twin (the last step)
+    kw = {"max_new_tokens": new, "do_sample": False}
     run = probe.profile(m, PROMPT, generate_kwargs=kw, deep=True)
     assert not torch.autograd._profiler_enabled()
     clock = run.meta["deep"]["op_clock"]
     steps = _steps(run)
-    assert TWIN_AFTER == 6
     assert sorted(steps) == sorted(run.ops["step"].unique()) == [0, 1]
     for index, s in steps.items():
         assert s["method"] == TWIN_METHOD, s
@@ -58,7 +58,7 @@ def test_profile_times_every_sampled_step_on_a_twin_and_says_how_many_ops_matche
     # the deep generate (its decode twins among its steps) made the timed call's tokens; the
     # prefill twin its first
     timed, deep, twin = _tokens(run, "generate"), _tokens(run, "deep"), _tokens(run, "deep twin")
-    assert timed and timed == deep and len(timed[0][0]) == 8
+    assert timed and timed == deep and len(timed[0][0]) == new
     assert twin == [[timed[0][0][:1]]]
     kinds = dict(zip(run.runs["run_id"], run.runs["kind"]))
     twins = run.meta["deep"]["twin_run_ids"]
@@ -68,7 +68,7 @@ def test_profile_times_every_sampled_step_on_a_twin_and_says_how_many_ops_matche
 
 def test_attach_keeps_the_mode_clock_on_prefill_and_says_why():
     m = _model()
-    kw = dict(max_new_tokens=10, do_sample=True, top_k=20)
+    kw = dict(max_new_tokens=TWIN_AFTER + 4, do_sample=True, top_k=20)
     torch.manual_seed(5)
     want = m.generate(PROMPT, **kw)
     with probe.attach(m, deep=True) as p:
@@ -86,21 +86,22 @@ def test_attach_keeps_the_mode_clock_on_prefill_and_says_why():
 
 def test_explicit_steps_without_a_twin_keep_the_mode_clock():
     m = _model()
-    assert TWIN_AFTER == 6
-    want = m.generate(PROMPT, max_new_tokens=12, do_sample=False)
-    with probe.attach(m, deep=[1, 3, 10]) as p:  # steps 0-11; a decode step's twin is six after it
-        got = m.generate(PROMPT, max_new_tokens=12, do_sample=False)
+    n = TWIN_AFTER + 6  # steps 0 to TWIN_AFTER + 5
+    last = n - 2  # after step 3's twin, too near the end for one of its own
+    want = m.generate(PROMPT, max_new_tokens=n, do_sample=False)
+    with probe.attach(m, deep=[1, 3, last]) as p:
+        got = m.generate(PROMPT, max_new_tokens=n, do_sample=False)
     assert torch.equal(want, got)
     steps = _steps(p.run)
     assert steps[1]["method"] == MODE_METHOD and steps[1]["why"] == NO_TWIN["sampled"]  # 3 is sampled
-    assert steps[3]["method"] == TWIN_METHOD and steps[3]["twin"] == "step 9"
-    assert steps[10]["method"] == MODE_METHOD and steps[10]["why"] == NO_TWIN["ended"]  # no step 16
+    assert steps[3]["method"] == TWIN_METHOD and steps[3]["twin"] == f"step {3 + TWIN_AFTER}"
+    assert steps[last]["method"] == MODE_METHOD and steps[last]["why"] == NO_TWIN["ended"]
     assert p.run.ops["host_ms"].notna().all()
 
 
 def test_beside_a_users_profiler_no_profiler_is_started_and_no_generate_added():
     m = _model()
-    kw = {"max_new_tokens": 10, "do_sample": False}
+    kw = {"max_new_tokens": TWIN_AFTER + 4, "do_sample": False}  # the decode sample has a twin step
     want = m.generate(PROMPT, **kw)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run = probe.profile(m, PROMPT, generate_kwargs=kw, warmup=0, deep=True)
@@ -142,7 +143,7 @@ def test_a_twin_step_that_fails_leaves_no_profiler_running():
     try:
         with probe.attach(m, deep=[1]) as p:
             with pytest.raises(RuntimeError, match="user's hook"):
-                m.generate(PROMPT, max_new_tokens=10, do_sample=False)
+                m.generate(PROMPT, max_new_tokens=TWIN_AFTER + 4, do_sample=False)
     finally:
         h.remove()
     assert not torch.autograd._profiler_enabled()
@@ -199,8 +200,8 @@ def test_twins_match_the_ops_of_other_architectures(arch):
     from tiny import tiny_model
 
     m = tiny_model(arch)
-    run = probe.profile(m, PROMPT[:, :6], generate_kwargs={"max_new_tokens": 9, "do_sample": False}, warmup=0,
-                        deep=True)
+    run = probe.profile(m, PROMPT[:, :6], generate_kwargs={"max_new_tokens": TWIN_AFTER + 3, "do_sample": False},
+                        warmup=0, deep=True)
     clock = run.meta["deep"]["op_clock"]
     for phase in ("prefill", "decode"):
         assert clock[phase]["method"] == TWIN_METHOD
