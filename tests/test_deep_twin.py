@@ -151,6 +151,20 @@ def test_a_twin_step_that_fails_leaves_no_profiler_running():
     assert steps[1]["method"] == MODE_METHOD and steps[1]["why"] == NO_TWIN["failed"]
 
 
+def test_later_runs_with_new_op_signatures_are_matched_on_their_twins():
+    """The profiler's name of each op signature is made once, as signatures are added: a second
+    deep run of other shapes (new signatures) matches its ops on its twins as the first did."""
+    m = _model()
+    kw = {"max_new_tokens": TWIN_AFTER + 2, "do_sample": False}
+    with probe.attach(m, deep=[1]) as p:
+        m.generate(PROMPT, **kw)
+        m.generate(PROMPT[:, :5], **kw)
+        m.generate(PROMPT, **kw)
+    steps = p.run.meta["deep"]["op_clock"]["steps"]
+    assert len(steps) == 3 and len({s["run_id"] for s in steps}) == 3
+    assert all(s["method"] == TWIN_METHOD and s["matched"] == s["of"] > 0 for s in steps)
+
+
 def test_outermost_events_carry_their_nested_ones_and_align_with_the_modes_ops():
     x = torch.randn(8, 16)
     tp = TwinProfiler()

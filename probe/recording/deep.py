@@ -20,6 +20,7 @@ each step has.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import weakref
@@ -148,6 +149,10 @@ class DeepObserver(Observer):
         self._prefill_for: StepLog | None = None  # set while a prefill twin's generate runs
         self._twin_run: RunRec | None = None
         self._event_ns: float | None = None  # the profiler's own cost of one event (measured once)
+        # per op signature index (``sigs``), its overload and the profiler's name of it, added as
+        # signatures are (``_sig_ops``)
+        self._sig_funcs: list = []
+        self._sig_names: list[str] = []
 
     def install(self, model: Any, recorder: Any, stack: Any) -> None:
         named = list(model.named_modules())  # the model itself first, as ""
@@ -280,7 +285,7 @@ class DeepObserver(Observer):
             target.clock = fallback(target, "failed")
             return
         try:
-            names = self._op_names()
+            names = self._sig_ops()[1]
             ops = target.op_sigs()
             times, matched = twin_times([names[k] for k in ops], results, self._event_ns or 0.0)
         except Exception:
@@ -295,13 +300,17 @@ class DeepObserver(Observer):
                         "matched": matched, "of": target.n_ops,
                         "event_ns": round(self._event_ns or 0.0, 1)}
 
-    def _op_names(self) -> list[str]:
-        """Per op signature index, the op's name as torch.profiler writes it (``aten::mean``)."""
-        names = [""] * len(self.sigs)
-        for (func, _, _), (k, _) in self.sigs.items():
-            schema = getattr(func, "_schema", None)
-            names[k] = schema.name if schema is not None else str(func)
-        return names
+    def _sig_ops(self) -> tuple[list, list[str]]:
+        """Per op signature index, the op's overload and its name as torch.profiler writes it
+        (``aten::mean``), each made once per signature (``sigs`` only grows, its indices in the
+        order the signatures were added)."""
+        funcs, names = self._sig_funcs, self._sig_names
+        if len(funcs) < len(self.sigs):
+            for func, _, _ in itertools.islice(self.sigs, len(funcs), None):
+                schema = getattr(func, "_schema", None)
+                funcs.append(func)
+                names.append(schema.name if schema is not None else str(func))
+        return funcs, names
 
     def twin_prefill(self, call: Any) -> None:
         """Run ``call``, a generate call of the last deep run's inputs and seed for one new token,
