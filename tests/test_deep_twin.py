@@ -13,6 +13,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import probe
+from probe.recording.deep import DeepObserver, plan_of
+from probe.recording.deep_calls import replayable
 from probe.recording.deep_twin import (MODE_METHOD, NO_TWIN, TWIN_AFTER, TWIN_METHOD, TwinProfiler, align,
                                       outermost, quietly, twin_times)
 
@@ -29,6 +31,18 @@ def _model():
 
 def _steps(run) -> dict[int, dict]:
     return {s["step"]: s for s in run.meta["deep"]["op_clock"]["steps"]}
+
+
+def _replayed(run, steps: list[int]) -> set[str]:
+    """The overloads of the ops of ``steps`` whose call cost the deep pass can measure by replaying
+    them (deep_calls.replayable: they write no argument and draw no random numbers)."""
+    ops = run.ops.loc[run.ops["step"].isin(steps), "op"].unique()
+    out = set()
+    for op in ops:
+        _, packet, overload = op.split(".")
+        if replayable(getattr(getattr(torch.ops.aten, packet), overload)):
+            out.add(op)
+    return out
 
 
 def _tokens(run, kind: str) -> list:
@@ -149,6 +163,44 @@ def test_a_twin_step_that_fails_leaves_no_profiler_running():
     assert not torch.autograd._profiler_enabled()
     steps = _steps(p.run)
     assert steps[1]["method"] == MODE_METHOD and steps[1]["why"] == NO_TWIN["failed"]
+    # its ops keep the mode's clock: the call cost of each overload was measured
+    assert set(p.run.meta["deep"]["op_call_us"]) == _replayed(p.run, [1]) != set()
+
+
+class _RefusingProfiler(TwinProfiler):
+    """A profiler that cannot start (another tool holds kineto, a build without it)."""
+
+    def start(self) -> None:
+        raise RuntimeError("the profiler could not start")
+
+
+def test_call_costs_are_measured_only_for_ops_that_keep_the_mode_clock():
+    """A twin's time replaces the dispatch mode's for every op it matched, so what calling each
+    overload from the mode adds (deep_calls.calibrate: replays) is measured only for the ops left
+    without one: none where every op of every step was matched; every overload of a step whose
+    twin never came or whose profiler could not start."""
+    m = _model()
+    run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": TWIN_AFTER + 2, "do_sample": False}, deep=True)
+    steps = _steps(run)
+    assert sorted(steps) == [0, 1]
+    assert all(s["method"] == TWIN_METHOD and s["matched"] == s["of"] > 0 for s in steps.values())
+    assert run.meta["deep"]["op_call_us"] == {}  # not even the prefill's, closed before its twin ran
+    # no twin: the run ended first
+    with probe.attach(m, deep=[1]) as p:
+        m.generate(PROMPT, max_new_tokens=TWIN_AFTER, do_sample=False)
+    assert _steps(p.run)[1]["why"] == NO_TWIN["ended"]
+    assert set(p.run.meta["deep"]["op_call_us"]) == _replayed(p.run, [1]) != set()
+    # the twin's profiler could not start
+    obs = DeepObserver(plan_of([1]))
+    obs._profiler = _RefusingProfiler()
+    want = m.generate(PROMPT, max_new_tokens=TWIN_AFTER + 2, do_sample=False)
+    with probe.attach(m, observers=[obs]) as p:
+        got = m.generate(PROMPT, max_new_tokens=TWIN_AFTER + 2, do_sample=False)
+    assert torch.equal(want, got) and not torch.autograd._profiler_enabled()
+    s = _steps(p.run)[1]
+    assert s["method"] == MODE_METHOD and s["why"] == NO_TWIN["failed"]
+    assert set(p.run.meta["deep"]["op_call_us"]) == _replayed(p.run, [1])
+    assert (p.run.ops["host_ms"] >= 0).all() and p.run.ops["host_ms"].sum() > 0
 
 
 def test_later_runs_with_new_op_signatures_are_matched_on_their_twins():
@@ -221,6 +273,9 @@ def test_twins_match_the_ops_of_other_architectures(arch):
         assert clock[phase]["method"] == TWIN_METHOD
         assert clock[phase]["matched"] >= 0.95 * clock[phase]["of"] > 0
     assert _tokens(run, "generate") == _tokens(run, "deep")
+    # a call cost is measured for an overload only where one of its ops was left unmatched
+    unmatched = sum(clock[ph]["of"] - clock[ph]["matched"] for ph in ("prefill", "decode"))
+    assert len(run.meta["deep"]["op_call_us"]) <= unmatched
 
 
 def test_the_deep_text_says_how_the_op_times_were_taken():
