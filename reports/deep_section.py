@@ -14,7 +14,8 @@ import pandas as pd
 
 from probe import fmt
 from probe.analysis.op_tree import short_op
-from probe.analysis.ops import DISPATCH, LEDGER_BYTES, OUTSIDE, OP_FIGURES, dispatch_unknown, memory_ledger, op_summary
+from probe.analysis.ops import (DISPATCH, LEDGER_BYTES, OUTSIDE, OP_FIGURES, dispatch_noise_ms, dispatch_unknown,
+                                memory_ledger, op_summary)
 from probe.columns import ranked
 
 from .html_page import Page, esc, table_html
@@ -107,8 +108,8 @@ def deep_lines(run: "Run") -> list[str]:
             head = (f"timed {fmt.ms(timed)} ms = ops {fmt.ms(total)} ms + dispatch and Python "
                     f"{fmt.ms(disp.iloc[0])} ms" if len(disp) and not fmt.is_missing(disp.iloc[0])
                     else f"ops {fmt.ms(total)} ms" + (", dispatch and Python unknown" if block != OUTSIDE else ""))
-            # below 0 by more than clock noise (a microsecond, or 5 % of the block): say why
-            if len(disp) and not fmt.is_missing(disp.iloc[0]) and disp.iloc[0] < -max(0.001, 0.05 * timed):
+            # below 0 by more than its noise (a microsecond, or 5 % of the block): say why
+            if len(disp) and not fmt.is_missing(disp.iloc[0]) and disp.iloc[0] < -dispatch_noise_ms(timed):
                 head += " (below 0: see the note below)"
                 noisy = True
             lines.append(f"  {name:<34} {head}")

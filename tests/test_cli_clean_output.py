@@ -117,8 +117,11 @@ def test_probe_run_deep_prints_none_of_the_profilers_own_lines(tmp_path):
     and stop in this build: none reaches the output, and the steps say they were timed so."""
     import json
 
+    from probe.recording.deep_twin import TWIN_AFTER
+
     out = tmp_path / "r"
-    proc = subprocess.run([sys.executable, "-m", "probe", "run", "--prompt", "hi there", "--max-new-tokens", "8",
+    new = str(TWIN_AFTER + 2)  # the decode sample (step 1) has its twin, the last step
+    proc = subprocess.run([sys.executable, "-m", "probe", "run", "--prompt", "hi there", "--max-new-tokens", new,
                            "--deep", "--out", str(out), "--no-report"], cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=600)
     text = proc.stdout + proc.stderr

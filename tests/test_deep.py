@@ -127,7 +127,7 @@ def test_kv_cache_growth_and_weights_exact():
 
 def test_deep_runs_leave_outputs_unchanged_and_timings_alone(tmp_path):
     m = _model()
-    kw = dict(max_new_tokens=9, do_sample=True, top_k=20)
+    kw = dict(max_new_tokens=TWIN_AFTER + 3, do_sample=True, top_k=20)
     torch.manual_seed(3)
     want = m.generate(PROMPT, **kw)
     with probe.attach(m, deep=True) as p:
@@ -139,7 +139,7 @@ def test_deep_runs_leave_outputs_unchanged_and_timings_alone(tmp_path):
     assert run.runs[["ttft_ms", "tpot_ms_mean", "decode_tok_s"]].isna().all().all()
     assert run.calls.empty and run.steps.empty and run.sampling.empty  # in no timing figure
     assert run.headline().empty
-    assert sorted(run.ops["step"].unique()) == [0, 1]  # prefill + a decode step with its twin 6 after it
+    assert sorted(run.ops["step"].unique()) == [0, 1]  # prefill + a decode step with its twin TWIN_AFTER on
     assert not torch.nn.modules.module._global_forward_hooks  # the op-attribution hooks are gone
     assert not torch.nn.modules.module._global_forward_pre_hooks
     # saved and loaded back equal, and valid
@@ -250,17 +250,26 @@ def test_bad_deep_value_is_refused_before_attaching(bad):
 def test_plan_spreads_decode_samples_within_stride_and_max_steps():
     assert plan_of(True) == DeepPlan()
     assert plan_of(False) is None and plan_of(None) is None
-    # each decode sample is timed on a step TWIN_AFTER (6) after it: never on the last 6 steps,
-    # never on a step up to another sample's twin
-    assert TWIN_AFTER == 6
-    assert DeepPlan().chosen(256) == {0, 1, 125, 249}
-    assert DeepPlan().chosen(16) == {0, 1, 9}
-    assert DeepPlan().chosen(10) == DeepPlan().chosen(5) == {0, 1}
+    # each decode sample is timed on a step TWIN_AFTER after it: never on the last TWIN_AFTER
+    # steps, never on a step up to another sample's twin
+    after = TWIN_AFTER
+    assert after >= 1
+    full = sorted(DeepPlan().chosen(256))  # steps 0-255
+    # the first decode step, the last with a twin (step 255), and one halfway between
+    assert full == [0, 1, 1 + round((254 - after) / 2), 255 - after]
+    assert all(b - a > after for a, b in zip(full[1:], full[2:]))
+    # the second sample would be on or before the first's twin: left out; the third is the last
+    # step with a twin
+    assert DeepPlan().chosen(2 * after + 4) == {0, 1, after + 3}
+    assert DeepPlan().chosen(after + 4) == DeepPlan().chosen(after + 2) == {0, 1}
     # too short for a twin: one decode step all the same (on the dispatch mode's clock)
-    assert DeepPlan().chosen(3) == DeepPlan().chosen(2) == {0, 1} and DeepPlan().chosen(1) == {0}
+    assert DeepPlan().chosen(after + 1) == DeepPlan().chosen(3) == DeepPlan().chosen(2) == {0, 1}
+    assert DeepPlan().chosen(1) == {0}
     assert DeepPlan(decode=0).chosen(256) == {0}
-    assert DeepPlan().chosen(256, decode_stride=4) == {0, 1, 125, 249}
-    assert DeepPlan().chosen(256, max_steps=100) == {0, 1}
+    strided = sorted(DeepPlan().chosen(256, decode_stride=4))
+    assert len(strided) == 4 and all((s - 1) % 4 == 0 for s in strided[1:])
+    assert all(s <= f and f - s < 4 for s, f in zip(strided, full))
+    assert DeepPlan().chosen(256, max_steps=100) == {s for s in full if s < 100} == {0, 1}
     assert DeepPlan(steps=frozenset({3, 7})).chosen(5) == {3, 7}
 
 

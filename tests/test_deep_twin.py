@@ -13,6 +13,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import probe
+from probe.recording.deep import DeepObserver, plan_of
+from probe.recording.deep_calls import replayable
 from probe.recording.deep_twin import (MODE_METHOD, NO_TWIN, TWIN_AFTER, TWIN_METHOD, TwinProfiler, align,
                                       outermost, quietly, twin_times)
 
@@ -31,6 +33,18 @@ def _steps(run) -> dict[int, dict]:
     return {s["step"]: s for s in run.meta["deep"]["op_clock"]["steps"]}
 
 
+def _replayed(run, steps: list[int]) -> set[str]:
+    """The overloads of the ops of ``steps`` whose call cost the deep pass can measure by replaying
+    them (deep_calls.replayable: they write no argument and draw no random numbers)."""
+    ops = run.ops.loc[run.ops["step"].isin(steps), "op"].unique()
+    out = set()
+    for op in ops:
+        _, packet, overload = op.split(".")
+        if replayable(getattr(getattr(torch.ops.aten, packet), overload)):
+            out.add(op)
+    return out
+
+
 def _tokens(run, kind: str) -> list:
     """The tokens each generate call of ``kind`` made (prompt excluded), as the runs frame keeps them."""
     return [json.loads(x) for x in run.runs.loc[run.runs["kind"] == kind, "output_ids"]]
@@ -38,12 +52,12 @@ def _tokens(run, kind: str) -> list:
 
 def test_profile_times_every_sampled_step_on_a_twin_and_says_how_many_ops_matched():
     m = _model()
-    kw = {"max_new_tokens": 8, "do_sample": False}
+    new = TWIN_AFTER + 2  # the shortest run whose decode sample (step 1) has its twin (the last step)
+    kw = {"max_new_tokens": new, "do_sample": False}
     run = probe.profile(m, PROMPT, generate_kwargs=kw, deep=True)
     assert not torch.autograd._profiler_enabled()
     clock = run.meta["deep"]["op_clock"]
     steps = _steps(run)
-    assert TWIN_AFTER == 6
     assert sorted(steps) == sorted(run.ops["step"].unique()) == [0, 1]
     for index, s in steps.items():
         assert s["method"] == TWIN_METHOD, s
@@ -58,7 +72,7 @@ def test_profile_times_every_sampled_step_on_a_twin_and_says_how_many_ops_matche
     # the deep generate (its decode twins among its steps) made the timed call's tokens; the
     # prefill twin its first
     timed, deep, twin = _tokens(run, "generate"), _tokens(run, "deep"), _tokens(run, "deep twin")
-    assert timed and timed == deep and len(timed[0][0]) == 8
+    assert timed and timed == deep and len(timed[0][0]) == new
     assert twin == [[timed[0][0][:1]]]
     kinds = dict(zip(run.runs["run_id"], run.runs["kind"]))
     twins = run.meta["deep"]["twin_run_ids"]
@@ -68,7 +82,7 @@ def test_profile_times_every_sampled_step_on_a_twin_and_says_how_many_ops_matche
 
 def test_attach_keeps_the_mode_clock_on_prefill_and_says_why():
     m = _model()
-    kw = dict(max_new_tokens=10, do_sample=True, top_k=20)
+    kw = dict(max_new_tokens=TWIN_AFTER + 4, do_sample=True, top_k=20)
     torch.manual_seed(5)
     want = m.generate(PROMPT, **kw)
     with probe.attach(m, deep=True) as p:
@@ -86,21 +100,22 @@ def test_attach_keeps_the_mode_clock_on_prefill_and_says_why():
 
 def test_explicit_steps_without_a_twin_keep_the_mode_clock():
     m = _model()
-    assert TWIN_AFTER == 6
-    want = m.generate(PROMPT, max_new_tokens=12, do_sample=False)
-    with probe.attach(m, deep=[1, 3, 10]) as p:  # steps 0-11; a decode step's twin is six after it
-        got = m.generate(PROMPT, max_new_tokens=12, do_sample=False)
+    n = TWIN_AFTER + 6  # steps 0 to TWIN_AFTER + 5
+    last = n - 2  # after step 3's twin, too near the end for one of its own
+    want = m.generate(PROMPT, max_new_tokens=n, do_sample=False)
+    with probe.attach(m, deep=[1, 3, last]) as p:
+        got = m.generate(PROMPT, max_new_tokens=n, do_sample=False)
     assert torch.equal(want, got)
     steps = _steps(p.run)
     assert steps[1]["method"] == MODE_METHOD and steps[1]["why"] == NO_TWIN["sampled"]  # 3 is sampled
-    assert steps[3]["method"] == TWIN_METHOD and steps[3]["twin"] == "step 9"
-    assert steps[10]["method"] == MODE_METHOD and steps[10]["why"] == NO_TWIN["ended"]  # no step 16
+    assert steps[3]["method"] == TWIN_METHOD and steps[3]["twin"] == f"step {3 + TWIN_AFTER}"
+    assert steps[last]["method"] == MODE_METHOD and steps[last]["why"] == NO_TWIN["ended"]
     assert p.run.ops["host_ms"].notna().all()
 
 
 def test_beside_a_users_profiler_no_profiler_is_started_and_no_generate_added():
     m = _model()
-    kw = {"max_new_tokens": 10, "do_sample": False}
+    kw = {"max_new_tokens": TWIN_AFTER + 4, "do_sample": False}  # the decode sample has a twin step
     want = m.generate(PROMPT, **kw)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run = probe.profile(m, PROMPT, generate_kwargs=kw, warmup=0, deep=True)
@@ -142,12 +157,64 @@ def test_a_twin_step_that_fails_leaves_no_profiler_running():
     try:
         with probe.attach(m, deep=[1]) as p:
             with pytest.raises(RuntimeError, match="user's hook"):
-                m.generate(PROMPT, max_new_tokens=10, do_sample=False)
+                m.generate(PROMPT, max_new_tokens=TWIN_AFTER + 4, do_sample=False)
     finally:
         h.remove()
     assert not torch.autograd._profiler_enabled()
     steps = _steps(p.run)
     assert steps[1]["method"] == MODE_METHOD and steps[1]["why"] == NO_TWIN["failed"]
+    # its ops keep the mode's clock: the call cost of each overload was measured
+    assert set(p.run.meta["deep"]["op_call_us"]) == _replayed(p.run, [1]) != set()
+
+
+class _RefusingProfiler(TwinProfiler):
+    """A profiler that cannot start (another tool holds kineto, a build without it)."""
+
+    def start(self) -> None:
+        raise RuntimeError("the profiler could not start")
+
+
+def test_call_costs_are_measured_only_for_ops_that_keep_the_mode_clock():
+    """A twin's time replaces the dispatch mode's for every op it matched, so what calling each
+    overload from the mode adds (deep_calls.calibrate: replays) is measured only for the ops left
+    without one: none where every op of every step was matched; every overload of a step whose
+    twin never came or whose profiler could not start."""
+    m = _model()
+    run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": TWIN_AFTER + 2, "do_sample": False}, deep=True)
+    steps = _steps(run)
+    assert sorted(steps) == [0, 1]
+    assert all(s["method"] == TWIN_METHOD and s["matched"] == s["of"] > 0 for s in steps.values())
+    assert run.meta["deep"]["op_call_us"] == {}  # not even the prefill's, closed before its twin ran
+    # no twin: the run ended first
+    with probe.attach(m, deep=[1]) as p:
+        m.generate(PROMPT, max_new_tokens=TWIN_AFTER, do_sample=False)
+    assert _steps(p.run)[1]["why"] == NO_TWIN["ended"]
+    assert set(p.run.meta["deep"]["op_call_us"]) == _replayed(p.run, [1]) != set()
+    # the twin's profiler could not start
+    obs = DeepObserver(plan_of([1]))
+    obs._profiler = _RefusingProfiler()
+    want = m.generate(PROMPT, max_new_tokens=TWIN_AFTER + 2, do_sample=False)
+    with probe.attach(m, observers=[obs]) as p:
+        got = m.generate(PROMPT, max_new_tokens=TWIN_AFTER + 2, do_sample=False)
+    assert torch.equal(want, got) and not torch.autograd._profiler_enabled()
+    s = _steps(p.run)[1]
+    assert s["method"] == MODE_METHOD and s["why"] == NO_TWIN["failed"]
+    assert set(p.run.meta["deep"]["op_call_us"]) == _replayed(p.run, [1])
+    assert (p.run.ops["host_ms"] >= 0).all() and p.run.ops["host_ms"].sum() > 0
+
+
+def test_later_runs_with_new_op_signatures_are_matched_on_their_twins():
+    """The profiler's name of each op signature is made once, as signatures are added: a second
+    deep run of other shapes (new signatures) matches its ops on its twins as the first did."""
+    m = _model()
+    kw = {"max_new_tokens": TWIN_AFTER + 2, "do_sample": False}
+    with probe.attach(m, deep=[1]) as p:
+        m.generate(PROMPT, **kw)
+        m.generate(PROMPT[:, :5], **kw)
+        m.generate(PROMPT, **kw)
+    steps = p.run.meta["deep"]["op_clock"]["steps"]
+    assert len(steps) == 3 and len({s["run_id"] for s in steps}) == 3
+    assert all(s["method"] == TWIN_METHOD and s["matched"] == s["of"] > 0 for s in steps)
 
 
 def test_outermost_events_carry_their_nested_ones_and_align_with_the_modes_ops():
@@ -199,13 +266,16 @@ def test_twins_match_the_ops_of_other_architectures(arch):
     from tiny import tiny_model
 
     m = tiny_model(arch)
-    run = probe.profile(m, PROMPT[:, :6], generate_kwargs={"max_new_tokens": 9, "do_sample": False}, warmup=0,
-                        deep=True)
+    run = probe.profile(m, PROMPT[:, :6], generate_kwargs={"max_new_tokens": TWIN_AFTER + 3, "do_sample": False},
+                        warmup=0, deep=True)
     clock = run.meta["deep"]["op_clock"]
     for phase in ("prefill", "decode"):
         assert clock[phase]["method"] == TWIN_METHOD
         assert clock[phase]["matched"] >= 0.95 * clock[phase]["of"] > 0
     assert _tokens(run, "generate") == _tokens(run, "deep")
+    # a call cost is measured for an overload only where one of its ops was left unmatched
+    unmatched = sum(clock[ph]["of"] - clock[ph]["matched"] for ph in ("prefill", "decode"))
+    assert len(run.meta["deep"]["op_call_us"]) <= unmatched
 
 
 def test_the_deep_text_says_how_the_op_times_were_taken():

@@ -10,7 +10,7 @@ import torch
 import probe
 from probe.analysis.op_compare import changed, op_comparison
 from probe.analysis.op_tree import DISPATCH_ROLE, OP_ROLE, op_tree
-from probe.analysis.ops import DISPATCH, memory_ledger
+from probe.analysis.ops import DISPATCH, dispatch_noise_ms, memory_ledger
 from probe.analysis.run import merge
 from probe.models import load_bundled
 from tiny import as_rank
@@ -189,6 +189,38 @@ def test_op_comparison_flags_what_changed(sdpa, eager):
     same = op_comparison(sdpa.op_summary(), sdpa.op_summary())
     assert changed(same).empty and (same["diff_ms"].fillna(0) == 0).all()
     assert op_comparison_frame(sdpa, _run("sdpa", deep=None)) is None
+
+
+def test_dispatch_rows_within_their_noise_of_zero_are_no_change(sdpa):
+    """A block's (dispatch and Python) is its timed time less its ops', timed on other steps: a
+    few microseconds either side of 0 is noise, never "faster" or "slower"; a side below 0 by more
+    than that is no time to judge (shown as it is, never flagged); a real move still is."""
+    a = sdpa.op_summary()
+    at = a.index[(a["op"] == DISPATCH) & (a["phase"] == "decode") & a["block_ms"].notna()][0]
+    phase, block, block_ms = a.at[at, "phase"], a.at[at, "block"], float(a.at[at, "block_ms"])
+    noise = float(dispatch_noise_ms(block_ms))
+    assert noise == max(0.001, 0.05 * block_ms)
+    ops_ms = float(a.loc[(a["phase"] == phase) & (a["block"] == block) & (a["op"] != DISPATCH), "host_ms"].sum())
+    assert 0.05 * ops_ms < 1.8 * noise  # moves of the sizes below pass the op rows' floor: only the noise holds them
+
+    def compared(a_ms: float, b_ms: float) -> pd.Series:
+        x, y = a.copy(), a.copy()
+        x.at[at, "host_ms"], y.at[at, "host_ms"] = a_ms, b_ms
+        got = op_comparison(x, y)
+        rows = got[(got["phase"] == phase) & (got["block"] == block) & (got["op"] == DISPATCH)]
+        assert len(rows) == 1 and changed(got[got["op"] != DISPATCH]).empty
+        return rows.iloc[0]
+
+    r = compared(0.9 * noise, -0.9 * noise)  # both within the noise: no change, the numbers as they are
+    assert r["change"] == "" and r["b_ms"] == -0.9 * noise and r["diff_ms"] == pytest.approx(-1.8 * noise)
+    r = compared(0.9 * noise, -3 * noise)  # below 0 beyond the noise: shown, not judged
+    assert r["change"] == "" and r["b_ms"] == -3 * noise
+    assert compared(-3 * noise, 20 * noise)["change"] == ""
+    assert compared(20 * noise, -0.9 * noise)["change"] == "faster"  # B's dispatch and Python went away
+    assert compared(0.9 * noise, 20 * noise)["change"] == "slower"
+    assert compared(20 * noise, 10 * noise)["change"] == "faster"
+    assert compared(20 * noise, 19 * noise)["change"] == ""  # under the 25 % a time flag needs
+    assert float(dispatch_noise_ms(float("nan"))) == 0.001  # a block without a timed time: a microsecond
 
 
 def test_op_comparison_bad_input(sdpa):

@@ -24,6 +24,11 @@ from ..schema import MEMORY_LEDGER, OP_SUMMARY
 
 OUTSIDE = "(outside blocks)"
 DISPATCH = "(dispatch and Python)"
+#: a block's ``(dispatch and Python)`` within this of 0 is noise, not a time: it is the block's
+#: time on the timed steps less the sum of its ops timed on other steps (the deep pass's), and
+#: carries the noise of both; a microsecond, or this share of the block's timed time where more
+DISPATCH_NOISE_MS = 0.001
+DISPATCH_NOISE_SHARE = 0.05
 #: the memory ledger's byte columns, and an op summary's figures (what folding layers averages)
 LEDGER_BYTES = [c for c in MEMORY_LEDGER if c.endswith("_bytes")]
 OP_FIGURES = ["calls", "host_ms", "flops", "block_ms"]
@@ -90,6 +95,13 @@ def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None
     if top is not None:
         rows = rows[rows["_d"] | (rows.groupby(["phase", "block"]).cumcount() < top)]
     return schema.conform(rows.drop(columns=["_b", "_d"]), OP_SUMMARY, extra=False)
+
+
+def dispatch_noise_ms(block_ms: object) -> object:
+    """How far a block's ``(dispatch and Python)`` may be from 0 and be noise, in ms, for the block's
+    timed time ``block_ms`` (a number or an array; NaN: unknown, the microsecond alone)."""
+    timed = np.nan_to_num(np.asarray(block_ms, dtype="float64"), nan=0.0)
+    return np.maximum(DISPATCH_NOISE_MS, DISPATCH_NOISE_SHARE * np.abs(timed))
 
 
 def dispatch_unknown(summary: pd.DataFrame) -> str | None:

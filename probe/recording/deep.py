@@ -20,6 +20,7 @@ each step has.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import weakref
@@ -148,6 +149,13 @@ class DeepObserver(Observer):
         self._prefill_for: StepLog | None = None  # set while a prefill twin's generate runs
         self._twin_run: RunRec | None = None
         self._event_ns: float | None = None  # the profiler's own cost of one event (measured once)
+        # per op signature index (``sigs``), its overload and the profiler's name of it, added as
+        # signatures are (``_sig_ops``)
+        self._sig_funcs: list = []
+        self._sig_names: list[str] = []
+        # overload -> templated (args, kwargs) of its first call, for the overloads not calibrated
+        # yet: calibrated only where an op of theirs keeps the mode's clock (``_calibrate``)
+        self._samples: dict = {}
 
     def install(self, model: Any, recorder: Any, stack: Any) -> None:
         named = list(model.named_modules())  # the model itself first, as ""
@@ -178,7 +186,8 @@ class DeepObserver(Observer):
     def run_end(self, run: RunRec | None) -> None:
         self._close(None)
         self._close_twin(None, None)
-        self._pending = {}  # sampled steps whose twin never came keep the mode's clock ("ended")
+        ended, self._pending = list(self._pending.values()), {}
+        self._calibrate(ended)  # sampled steps whose twin never came keep the mode's clock ("ended")
         if run is None or run is self._twin_run:
             self._twin_run = None
         self._run = None
@@ -261,6 +270,7 @@ class DeepObserver(Observer):
         except Exception:  # the probe's own failure must never cost the user their forward
             log.debug("probe: could not start the profiler of a twin step", exc_info=True)
             target.clock = fallback(target, "failed")
+            self._calibrate([target])
             return
         self._twin_open = (step, target)
 
@@ -278,30 +288,37 @@ class DeepObserver(Observer):
         twin, target = opened
         if step is None or error is not None or results is None:
             target.clock = fallback(target, "failed")
+            self._calibrate([target])
             return
         try:
-            names = self._op_names()
+            names = self._sig_ops()[1]
             ops = target.op_sigs()
             times, matched = twin_times([names[k] for k in ops], results, self._event_ns or 0.0)
         except Exception:
             log.debug("probe: could not read the profiler of a twin step", exc_info=True)
             target.clock = fallback(target, "failed")
+            self._calibrate([target])
             return
         del results
         target.twin_ns = times
+        self._calibrate([target])  # the ops left unmatched keep the mode's clock
         target.clock = {"method": TWIN_METHOD,
                         "twin": "the prefill of a one-token generate call of the same inputs and seed"
                         if twin.index == 0 else f"step {twin.index}",
                         "matched": matched, "of": target.n_ops,
                         "event_ns": round(self._event_ns or 0.0, 1)}
 
-    def _op_names(self) -> list[str]:
-        """Per op signature index, the op's name as torch.profiler writes it (``aten::mean``)."""
-        names = [""] * len(self.sigs)
-        for (func, _, _), (k, _) in self.sigs.items():
-            schema = getattr(func, "_schema", None)
-            names[k] = schema.name if schema is not None else str(func)
-        return names
+    def _sig_ops(self) -> tuple[list, list[str]]:
+        """Per op signature index, the op's overload and its name as torch.profiler writes it
+        (``aten::mean``), each made once per signature (``sigs`` only grows, its indices in the
+        order the signatures were added)."""
+        funcs, names = self._sig_funcs, self._sig_names
+        if len(funcs) < len(self.sigs):
+            for func, _, _ in itertools.islice(self.sigs, len(funcs), None):
+                schema = getattr(func, "_schema", None)
+                funcs.append(func)
+                names.append(schema.name if schema is not None else str(func))
+        return funcs, names
 
     def twin_prefill(self, call: Any) -> None:
         """Run ``call``, a generate call of the last deep run's inputs and seed for one new token,
@@ -320,6 +337,7 @@ class DeepObserver(Observer):
         finally:
             if self._prefill_for is target:  # the call never reached its prefill step
                 target.clock = fallback(target, "failed")
+                self._calibrate([target])
             self._prefill_for = None
             self._close_twin(None, None)
 
@@ -343,11 +361,10 @@ class DeepObserver(Observer):
             except Exception:  # an exotic cache: the ledger then has no KV part
                 log.debug("probe: could not read the cache of a deep step", exc_info=True)
         kv = steplog.close(held)
-        try:  # the overloads first seen on this step: what calling each from Python adds
-            scratch = StepLog(self.codes, self.blocks, dict(self.sigs))  # the step's bookkeeping, kept apart
-            calibrate(mode.samples, self.call_ns, between=lambda f, a, k, out: scratch.op(f, a, k, out, 0))
-        except Exception:  # their op times keep the step's floor
-            log.debug("probe: could not calibrate the op call costs of a deep step", exc_info=True)
+        # the overloads first seen on this step: what calling each from Python adds is measured
+        # only where one of its ops keeps the mode's clock (no twin, or unmatched on it)
+        for func, sample in mode.samples.items():
+            self._samples.setdefault(func, sample)
         mode.samples = {}
         if self._event_ns is None and not others_active():  # here, not right before a twin step
             try:
@@ -357,16 +374,52 @@ class DeepObserver(Observer):
         # until a twin times its ops, the step keeps the mode's clock, and says why
         if step.phase == "prefill" and step.index == 0:
             steplog.clock = fallback(steplog, "attach")
-            self._last_prefill = steplog if result is not None else None
+            # the prefill twin (twin_prefill) comes after the run, if at all; a prefill no twin can
+            # time any more keeps the mode's clock
+            dropped, self._last_prefill = self._last_prefill, steplog if result is not None else None
+            self._calibrate([lg for lg in (dropped, None if result is not None else steplog) if lg is not None])
         elif step.phase == "decode" and result is not None:
             nxt = step.index + TWIN_AFTER
             between = any(step.index + i in self._chosen for i in range(1, TWIN_AFTER + 1))
             steplog.clock = fallback(steplog, "sampled" if between else "ended")
-            if not between:
+            if between:
+                self._calibrate([steplog])
+            else:
                 self._pending[nxt] = steplog
         else:
             steplog.clock = fallback(steplog, "phase" if result is not None else "failed")
+            self._calibrate([steplog])
         self.steps.append((step.run.run_id, step.index, step.phase, step.q_len, step.kv_len, steplog, frozenset(kv)))
+
+    def _calibrate(self, steplogs: list[StepLog]) -> None:
+        """What calling each overload from the dispatch mode adds (:func:`~probe.recording.deep_calls.calibrate`),
+        for the overloads not calibrated yet of the ops of ``steplogs`` that keep the mode's clock
+        (the step has no twin times, or the op was not matched on its twin); a twin's times
+        replace the others'. The templates of those calibrated (or not replayable) are dropped."""
+        if not self._samples:
+            return
+        funcs = self._sig_ops()[0]
+        needed: dict = {}
+        for lg in steplogs:
+            twin = lg.twin_ns
+            for i, k in enumerate(lg.op_sigs()):
+                if twin is None or twin[i] < 0:
+                    func = funcs[k]
+                    if func in self._samples:
+                        needed[func] = None
+        if not needed:
+            return
+        samples = {f: s for f, s in self._samples.items() if f in needed}  # in the order the forward called them
+        try:
+            scratch = StepLog(self.codes, self.blocks, dict(self.sigs))  # the step's bookkeeping, kept apart
+            calibrate(samples, self.call_ns, between=lambda f, a, k, out: scratch.op(f, a, k, out, 0))
+        except Exception:  # their op times keep the step's floor
+            log.debug("probe: could not calibrate the op call costs of a deep step", exc_info=True)
+            return
+        if others_active():  # nothing was replayed: keep the templates for a later chance
+            return
+        for f in samples:
+            del self._samples[f]
 
     def busy(self) -> bool:
         return self._open is not None or self._twin_open is not None
@@ -378,6 +431,12 @@ class DeepObserver(Observer):
         self._pending, self._last_prefill = {}, None
 
     def records(self) -> Any:
+        # the steps no twin has timed yet keep the mode's clock for now (a prefill whose twin
+        # generate is the caller's to run, or never runs: probe.attach)
+        waiting = {id(lg) for lg in self._pending.values()}
+        if self._twin_open is not None:
+            waiting.add(id(self._twin_open[1]))
+        self._calibrate([s[5] for s in self.steps if id(s[5]) not in waiting])
         return {"runs": tuple(self.runs), "twin_runs": tuple(self.twin_runs), "steps": tuple(self.steps),
                 "weights": dict(self.weights),
                 "tied": dict(self.tied),

@@ -9,7 +9,8 @@ arguments (a list of sizes costs more than one tensor), so one constant per step
 them: a ``view`` spends about as long in them as in its kernel.
 
 :func:`calibrate` measures them per overload, once per probe, on each overload's first call of a
-sampled step, once the step is over: the call is replayed ``repeats`` times from Python exactly
+sampled step, once the step is over and only where an op of the overload keeps the mode's clock
+(no twin timed it: ``DeepObserver._calibrate``): the call is replayed ``repeats`` times from Python exactly
 as the mode makes it, the overloads in turn as a forward calls them, each followed by the
 probe's bookkeeping as on the step (the mode's clock), then as often under PyTorch's
 ``RecordFunction`` profiler without the bookkeeping (``torch.autograd.profiler_legacy``: the

@@ -40,8 +40,12 @@ log = logging.getLogger(__name__)
 #: a decode sample's twin is the step this many after it: the steps between run without the mode
 #: too, so the twin finds the CPU's caches as a plain forward does. On the bundled model (step
 #: 100, least of 4) the twin's matrix products read 1.69x a plain forward's two steps after the
-#: mode's step, 1.04x six after; ops that grow with the cache (cat, SDPA) read 0.96-1.03x there
-TWIN_AFTER = 6
+#: mode's step; six after, 1.05x, 1.16x and 1.26x in three benchmark runs (mm reads every weight
+#: once a step, and the mode's step leaves the caches cold); ten after, 0.96x and 1.04x in two
+#: side-by-side runs of 6, 8, 10 and 12 (least of 3 and 5), with every op kind of 1 % of the step
+#: or 50 us within 10 % at 10 and 12 in both, not at 6 or 8 (cat and SDPA, which grow with the
+#: cache, at 0.97-1.04x at ten)
+TWIN_AFTER = 10
 #: how a sampled step's op times were taken (``meta["deep"]["op_clock"]``)
 TWIN_METHOD = "profiler twin"
 MODE_METHOD = "dispatch mode"
