@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from probe import fmt, schema
+from probe.columns import ints
 from probe.schema import HEADLINE, shape_text
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,8 +27,11 @@ def ranks(data: "pd.DataFrame | Run") -> list[int]:
     frame = data if isinstance(data, pd.DataFrame) else (data.calls if len(data.calls) else data.runs)
     if frame.empty or "rank" not in frame.columns:
         return [0]
-    vals = pd.unique(frame["rank"].to_numpy(dtype="int64", na_value=0))
-    return sorted(int(v) for v in vals)
+    vals = ints(frame["rank"], 0)
+    lo, hi = int(vals.min()), int(vals.max())
+    if lo == hi:  # one process: two passes over the column, no hashing of it
+        return [lo]
+    return sorted(int(v) for v in pd.unique(vals))
 
 
 def _walk_rows(calls: pd.DataFrame) -> pd.DataFrame:

@@ -171,8 +171,8 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
     slot, out = key_codes(calls, keys)  # the groups as groupby(sort=False) finds them, on integer codes
     m = len(out)
     n = np.bincount(slot, minlength=m)
-    gpu = floats(calls, "gpu_ms")
-    has_gpu = ~np.isnan(gpu)
+    gpu = floats(calls, "gpu_ms") if "gpu_ms" in calls.columns else None  # absent: all null (a CPU run)
+    has_gpu = None if gpu is None else ~np.isnan(gpu)
     out["calls"] = n.astype("int64")
     if costs is None:
         out["flops"] = group_sum(slot, m, floats(calls, "flops"), 1, n)
@@ -181,7 +181,8 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
         out["flops"], out["bytes_moved"] = costs(slot, m)
     out["host_ms"] = group_sum(slot, m, floats(calls, "cpu_ms"))
     out["gpu_ms"] = group_sum(slot, m, gpu, 1, n)
-    out["_gpu_n"] = n if has_gpu.all() else np.bincount(slot[has_gpu], minlength=m)
+    out["_gpu_n"] = (np.zeros(m, np.int64) if has_gpu is None else n if has_gpu.all()
+                     else np.bincount(slot[has_gpu], minlength=m))
     if by == "role":
         out["module"] = out["role"]
         out["layer"] = pd.array([pd.NA] * len(out), dtype="Int64")
