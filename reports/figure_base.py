@@ -139,3 +139,30 @@ def per_step_sum(calls: pd.DataFrame, col: str, roles) -> dict[str, pd.Series]:
     total = np.bincount(key, weights=np.nan_to_num(vals), minlength=n).reshape(len(iu), span)
     seen = np.bincount(key, minlength=n).reshape(len(iu), span) > 0
     return {str(r): pd.Series(total[i][seen[i]], index=np.flatnonzero(seen[i])) for i, r in enumerate(iu)}
+
+
+@functools.lru_cache(maxsize=16)
+def _panels_layout(n: int, spacing: float, shared_y: bool) -> str:
+    import json
+
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=n, shared_yaxes=shared_y, horizontal_spacing=spacing,
+                        subplot_titles=[f"\x00{i}" for i in range(n)])
+    layout = fig.layout.to_plotly_json()
+    layout.pop("template", None)
+    return json.dumps(layout)
+
+
+def panels(titles: list[str], spacing: float = 0.04, shared_y: bool = False) -> tuple[go.Figure, list[dict]]:
+    """Side-by-side panels as ``make_subplots(rows=1, cols=len(titles))`` lays them out, in the
+    reports' template, from a layout worked out once per panel count (``make_subplots`` costs
+    ~15 ms a figure). Returns the figure and, per panel, the ``xaxis``/``yaxis`` a trace of
+    that panel takes."""
+    import json
+
+    layout = json.loads(_panels_layout(len(titles), spacing, shared_y))
+    for note, title in zip(layout.get("annotations", []), titles):
+        note["text"] = title
+    refs = [{"xaxis": f"x{i + 1 if i else ''}", "yaxis": f"y{i + 1 if i else ''}"} for i in range(len(titles))]
+    return themed(go.Figure(layout=layout)), refs

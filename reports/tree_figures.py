@@ -15,7 +15,7 @@ from probe.analysis import accounting
 from probe.analysis.op_tree import DISPATCH_ROLE, OP_ROLE, op_tree, short_op
 from probe.schema import ROLES, Phase
 
-from .figure_base import HEIGHT, empty_figure, floats, plot_text, themed
+from .figure_base import HEIGHT, empty_figure, floats, panels, plot_text, themed
 
 #: one colour per role family, so the same kind of work looks the same everywhere in the tree
 ROLE_COLORS = {
@@ -144,8 +144,6 @@ def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[Phase, .
     Returns:
         One heatmap per phase that has decoder-layer calls, values written in the cells.
     """
-    from plotly.subplots import make_subplots
-
     title = "Self time per layer and role"
     ph = accounting.phases(calls, steps)
     tables = [(p, t) for p in phases if (t := _layer_role_table(ph, p)) is not None]
@@ -153,9 +151,8 @@ def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[Phase, .
         return empty_figure(title, "no decoder-layer calls recorded")
     order = {r: i for i, r in enumerate(["layer", *[r for r in ROLES if r != "layer"]])}
     order[accounting.ATTENTION_REST] = order["attention"]
-    fig = make_subplots(rows=1, cols=len(tables), shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=[plot_text(f"{p}: ms per step ({int(ph.n_steps[p])} step"
-                                                  f"{'s' if int(ph.n_steps[p]) != 1 else ''})") for p, _ in tables])
+    fig, refs = panels([plot_text(f"{p}: ms per step ({int(ph.n_steps[p])} step"
+                                  f"{'s' if int(ph.n_steps[p]) != 1 else ''})") for p, _ in tables], 0.04, shared_y=True)
     n_layers = 0
     for i, (phase, table) in enumerate(tables):
         cols = sorted(table.columns, key=lambda r: (order.get(r, len(order)), r))
@@ -169,8 +166,8 @@ def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[Phase, .
             z=z, x=[plot_text(v) for v in labels], y=table.index.to_numpy(), colorscale="Viridis",
             customdata=share, texttemplate="%{z:.3f}", textfont={"size": 9}, showscale=False,
             hovertemplate=plot_text(phase) + ", layer %{y}, %{x}<br>%{z:.4f} ms per step<br>"
-                          "%{customdata:.2f}% of the forward<extra></extra>",
-        ), row=1, col=i + 1)
+                          "%{customdata:.2f}% of the forward<extra></extra>", **refs[i],
+        ))
     only_layers = all(list(t.columns) == ["layer"] for _, t in tables)
     hint = "<br><sup>only whole layers were recorded: record with depth='sublayers' or 'all' to split them by " \
            "role</sup>" if only_layers else ""
@@ -179,5 +176,5 @@ def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[Phase, .
                       height=max(HEIGHT, 200 + 20 * n_layers),
                       margin={"l": 60, "r": 20, "t": 90, "b": 110})
     fig.update_xaxes(tickangle=-40)
-    fig.update_yaxes(autorange="reversed", dtick=1 if n_layers <= 40 else None, title_text="layer", col=1)
+    fig.layout.yaxis.update(autorange="reversed", dtick=1 if n_layers <= 40 else None, title_text="layer")  # the first panel's
     return fig
