@@ -129,3 +129,23 @@ def test_a_tree_without_nested_calls_read_from_the_summary_equals_the_tree_built
         memo.clear() if d is None else None
         accounting.summary(run.calls, run.steps)
         pd.testing.assert_frame_equal(accounting.tree_table(run.calls, run.steps, d), want, check_exact=True)
+
+
+@pytest.mark.parametrize("depth", ["blocks", "all"])
+def test_block_rows_summed_from_modules_equal_the_blocks_summed_from_calls(depth):
+    """At depth blocks the summary adds each block's modules instead of its calls again: the same
+    rows and figures (up to rounding); at depth all it sums the calls."""
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth=depth) as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    run = p.run
+    memo.clear()
+    ph = accounting.phases(run.calls, run.steps)
+    from_calls = accounting._level_frame(ph, "block", accounting._level_sums(ph, "block"))
+    from_modules = accounting._blocks_from_modules(ph, accounting._level_sums(ph, "module"))
+    assert (from_modules is None) == (depth == "all")
+    summ = accounting.summary(run.calls, run.steps, "block")
+    want = from_calls.sort_values(["phase", "_o"], key=lambda s: s.map({"prefill": 0, "decode": 1}) if s.name == "phase" else s,
+                                  kind="stable").drop(columns=["level", "_o"]).reset_index(drop=True)
+    got = summ[~summ["name"].isin([accounting.RESIDUE, accounting.PROBE])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[list(want.columns)], want, check_dtype=False, rtol=1e-12)
