@@ -153,9 +153,9 @@ def layer_heatmap(calls: pd.DataFrame, phase: Phase = "decode", value: str = "au
         dtype=bool, na_value=False)
     if not mask.any():
         return empty_figure(title, f"no decoder-layer calls in {phase}")
-    if value == "auto":
-        gpu = column_floats(calls, "gpu_ms")[mask]
-        value = "cpu_ms" if np.isnan(gpu).all() else "gpu_ms"
+    if value == "auto":  # a CPU run has no GPU column at all
+        value = "gpu_ms" if "gpu_ms" in calls.columns and not np.isnan(column_floats(calls, "gpu_ms")[mask]).all() \
+            else "cpu_ms"
     if value not in ("cpu_ms", "gpu_ms"):
         raise ValueError(f"value must be 'cpu_ms', 'gpu_ms' or 'auto'; got {value!r}")
     layer = calls["layer"].to_numpy(dtype="int64", na_value=-1)[mask]
@@ -168,9 +168,11 @@ def layer_heatmap(calls: pd.DataFrame, phase: Phase = "decode", value: str = "au
     n_bins = int(bins[-1]) + 1
     # mean of every call in (layer, bin): several runs and binned steps weigh per call
     flat = li * n_bins + bins[si]
-    ok = ~np.isnan(vals)
-    total = np.bincount(flat[ok], weights=vals[ok], minlength=len(layers) * n_bins).reshape(len(layers), n_bins)
-    count = np.bincount(flat[ok], minlength=len(layers) * n_bins).reshape(len(layers), n_bins)
+    if np.isnan(vals.sum()):  # calls without the time: left out of their cell's mean
+        ok = ~np.isnan(vals)
+        flat, vals = flat[ok], vals[ok]
+    total = np.bincount(flat, weights=vals, minlength=len(layers) * n_bins).reshape(len(layers), n_bins)
+    count = np.bincount(flat, minlength=len(layers) * n_bins).reshape(len(layers), n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     first_step = step_vals[np.searchsorted(bins, np.arange(n_bins))]

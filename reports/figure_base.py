@@ -121,23 +121,28 @@ def per_step_sum(calls: pd.DataFrame, col: str, roles) -> dict[str, pd.Series]:
     """Per run id, the sum of ``col`` over the calls with a role in ``roles``, per step (a Series
     indexed by step; steps with no such call are absent), worked out on integer codes."""
     from probe.analysis.labels import factorized
+    from probe.columns import ints
 
     if calls.empty:
         return {}
     rc, ru = factorized(calls, "role")
     ic, iu = factorized(calls, "run_id")
-    want = np.append(np.isin(np.asarray(ru, dtype=object), list(roles)), False)  # a null role: not wanted
-    keep = want[rc] & (ic >= 0)
-    step = calls["step"].to_numpy(dtype="int64", na_value=-1)
+    step = ints(calls["step"], -1)
+    keep = np.append(np.isin(np.asarray(ru, dtype=object), list(roles)), False)[rc]  # a null role: not wanted
+    keep &= ic >= 0
     keep &= step >= 0
     if not keep.any():
         return {}
-    span = int(step[keep].max()) + 1
-    key = ic[keep].astype(np.int64) * span + step[keep]
-    vals = calls[col].to_numpy(dtype="float64", na_value=np.nan)[keep]
+    span = int(step.max()) + 1
     n = len(iu) * span
-    total = np.bincount(key, weights=np.nan_to_num(vals), minlength=n).reshape(len(iu), span)
-    seen = np.bincount(key, minlength=n).reshape(len(iu), span) > 0
+    key = ic.astype(np.int64) * span
+    key += step
+    key[~keep] = n  # the calls not summed, in a bin of their own
+    vals = calls[col].to_numpy(dtype="float64", na_value=np.nan)
+    if np.isnan(vals.sum()):
+        vals = np.nan_to_num(vals)  # a call without the value adds nothing, as a pandas sum skips it
+    total = np.bincount(key, weights=vals, minlength=n + 1)[:n].reshape(len(iu), span)
+    seen = np.bincount(key, minlength=n + 1)[:n].reshape(len(iu), span) > 0
     return {str(r): pd.Series(total[i][seen[i]], index=np.flatnonzero(seen[i])) for i, r in enumerate(iu)}
 
 
