@@ -51,11 +51,12 @@ class Phases:
         self.steps = steps[steps["residue_ms"].notna()] if len(steps) else steps
         if len(calls) and len(self.steps):
             # a call is of a recorded step if its stretch's first call is: keys of the stretches only
-            starts, stretch = tree.step_starts(calls)
+            starts, begins = tree.step_starts(calls)
             head = calls[[c for c in ("rank", "run_id", "step") if c in calls.columns]].iloc[starts]
             ckey, skey = tree.step_keys(head, self.steps)
             mine = np.isin(ckey, skey)
-            calls = calls if mine.all() else calls[mine[stretch]].reset_index(drop=True)
+            if not mine.all():  # each call's stretch numbered only where some stretch is left out
+                calls = calls[mine[np.cumsum(begins) - 1]].reset_index(drop=True)
         else:
             calls = calls.iloc[0:0]
         self.calls = calls
@@ -398,8 +399,9 @@ def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = Non
         raise ValueError(f"depth must be 1 or more (1 = the top-level calls); got {depth!r}")
     if depth is not None and not calls.empty:
         ph = phases(calls, steps)
-        lv = memo.derived("tree_nodes", None, ph.calls, ph.calls, lambda: _tree_shape(ph.calls, ph.prow))[0]
-        if not len(lv) or int(lv.max()) < depth:  # nothing deeper to fold: the whole tree (one build for both)
+        # nothing deeper to fold: the whole tree (one build for both); every call at the top when none is nested
+        if not len(ph.nested) or int(memo.derived("tree_nodes", None, ph.calls, ph.calls,
+                                                  lambda: _tree_shape(ph.calls, ph.prow))[0].max()) < depth:
             depth = None
     return memo.derived("tree", depth, calls, steps, lambda: _tree_table(calls, steps, depth)).copy(deep=False)
 

@@ -68,13 +68,14 @@ def _group_ids(calls: pd.DataFrame) -> np.ndarray:
 
 
 def step_starts(calls: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """The first row of each stretch of calls of one step (``rank, run_id, step``), and each
-    call's stretch: what holds for a step's key holds for every row of its stretch."""
+    """The first row of each stretch of calls of one step (``rank, run_id, step``), and whether
+    each call starts a stretch (``np.cumsum(starts_here) - 1`` numbers each call's stretch):
+    what holds for a step's key holds for every row of its stretch."""
     n = len(calls)
     if n < 2:
-        return np.zeros(min(n, 1), np.int64), np.zeros(n, np.int64)
+        return np.zeros(min(n, 1), np.int64), np.ones(n, bool)
     change = np.r_[True, _changes(calls)]
-    return np.flatnonzero(change), np.cumsum(change) - 1
+    return np.flatnonzero(change), change
 
 
 def _changes(calls: pd.DataFrame) -> np.ndarray:
