@@ -165,6 +165,8 @@ def per_rank_roofline(costed: pd.DataFrame, steps: pd.DataFrame, peaks: "Peaks |
         part = roofline(c, peaks, s, by="role", cpu_wait_pct=cpu_wait_pct, costs=costs)
         part.insert(0, "rank", r)
         parts.append(part.assign(_pos=range(len(part))))
+    if len(parts) == 1:  # one rank: its rows as they are
+        return parts[0].drop(columns="_pos").astype(cols)
     out = pd.concat(parts, ignore_index=True).sort_values(["_pos", "rank"], kind="stable")
     return out.drop(columns="_pos").reset_index(drop=True).astype(cols)
 

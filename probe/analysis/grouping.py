@@ -88,14 +88,17 @@ def key_codes(frame: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, pd.Data
     combined = np.zeros(len(frame), np.int64)
     size = 1
     values = []
-    for key in keys:
+    for key in keys:  # combined = combined * width + code, in place
         s = frame[key]
         if isinstance(s.dtype, pd.CategoricalDtype):  # code 0 for a null, category i at i + 1
-            codes = s.cat.codes.to_numpy().astype(np.int64) + 1
+            codes, shift = s.cat.codes.to_numpy(), 1
             uniq = pd.Index([None, *(str(v) for v in s.dtype.categories)], dtype="string")
         else:
-            codes, uniq = pd.factorize(s, use_na_sentinel=False)
-        combined = combined * max(len(uniq), 1) + codes
+            (codes, uniq), shift = pd.factorize(s, use_na_sentinel=False), 0
+        combined *= max(len(uniq), 1)
+        combined += codes
+        if shift:
+            combined += shift
         size *= max(len(uniq), 1)
         values.append(uniq)
     slot, firsts = codes_in_order(combined, size)
