@@ -379,14 +379,17 @@ def _group_sums(groups: tuple[np.ndarray, int], sig_codes: np.ndarray, kv: np.nd
     n_sig = len(f0)
     if np.isnan(kv).any() or not np.isposinf(window).all() or np.isnan(tokens).any() or n * n_sig > 1 << 24:
         return None
-    count = np.bincount(g.astype(np.int64) * n_sig + sig_codes, minlength=n * n_sig).reshape(n, n_sig)
+    key = g.astype(np.int64)
+    key *= n_sig
+    key += sig_codes
+    count = np.bincount(key, minlength=n * n_sig).reshape(n, n_sig)  # calls per (group, signature)
+    kv_sum = np.bincount(key, weights=kv, minlength=n * n_sig).reshape(n, n_sig)  # their KV lengths
     out = []
     for const, per_kv in ((f0, fk), (b0, bk)):
         with np.errstate(invalid="ignore"):
             a = const + per_kv * q  # a call's cost at KV length 0
         ok = ~np.isnan(a) & ~np.isnan(per_kv)  # a call of another signature has no such cost (NaN)
-        total = count @ np.where(ok, a, 0.0) + np.bincount(g, weights=np.where(ok, per_kv, 0.0)[sig_codes] * kv,
-                                                            minlength=n)
+        total = count @ np.where(ok, a, 0.0) + kv_sum @ np.where(ok, per_kv, 0.0)
         out.append(np.where(count @ ok.astype(np.int64) > 0, total, np.nan))
     return out[0], out[1]
 
