@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from probe.analysis import accounting
+from probe.columns import ints
 from probe.analysis.op_tree import DISPATCH_ROLE, OP_ROLE, op_tree, short_op
 from probe.schema import ROLES, Phase
 
@@ -106,30 +107,43 @@ def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: Phase = "decode", ma
     return fig
 
 
-def _layer_role_table(ph: "accounting.Phases", phase: str) -> pd.DataFrame | None:
-    """Self ms per step of each (layer, role-level name) in ``phase``; None without layer calls."""
+def _layer_role_tables(ph: "accounting.Phases", phases) -> list[tuple[str, pd.DataFrame]]:
+    """Per phase with decoder-layer calls, self ms per step of each (layer, role-level name):
+    summed for every phase at once on integer keys (a null skipped, as a pivot table of the
+    names skips it), without a string per call, a sort, or a copy of the calls."""
     c = ph.calls
-    if c.empty or phase not in ph.n_steps.index:
-        return None
-    inside = (c["phase"] == phase).to_numpy() & c["layer"].notna().to_numpy()
-    if not inside.any():
-        return None
-    codes, uniq = accounting.label_codes(c, "role")  # made once for both phases
+    if c.empty:
+        return []
+    layer = ints(c["layer"], -1)
+    n_layer = int(layer.max()) + 1
+    if n_layer <= 0:
+        return []
+    pc, pu = ph.codes("phase")
+    codes, uniq = accounting.label_codes(c, "role")
     names = np.asarray(uniq, dtype=object)
-    role = codes[inside] % max(len(names), 1)
-    n = int(ph.n_steps[phase])
-    layer = c["layer"].to_numpy(dtype="int64", na_value=-1)[inside]  # two columns taken, not the frame
-    # summed per (layer, role) on integer keys (a null skipped, as a pivot table of the names
-    # skips it), without a string per call or a sort of the calls
     width = max(len(names), 1)
-    key = layer * width + role
-    vals = c["self_ms"].to_numpy(dtype="float64", na_value=np.nan)[inside] / n
-    size = int(key.max()) + 1
-    total = np.bincount(key, weights=np.where(np.isnan(vals), 0.0, vals), minlength=size)
-    keys = np.flatnonzero(np.bincount(key, minlength=size))  # the pairs met, in order
-    table = pd.Series(total[keys], index=pd.MultiIndex.from_arrays(
-        [pd.Index(keys // width, name="layer"), pd.Index(names[keys % width], name="role")])).unstack("role")
-    return table[sorted(table.columns)]
+    key = pc.astype(np.int64)  # (phase * layers + layer) * roles + role
+    key *= n_layer
+    key += layer
+    key *= width
+    key += codes % width
+    size = len(pu) * n_layer * width
+    key[(layer < 0) | (pc < 0)] = size  # calls outside every layer: a bin of their own
+    vals = ph.floats("self_ms")
+    if np.isnan(vals.sum()):
+        vals = np.nan_to_num(vals)
+    total = np.bincount(key, weights=vals, minlength=size + 1)[:size].reshape(len(pu), -1)
+    seen = np.bincount(key, minlength=size + 1)[:size].reshape(len(pu), -1) > 0
+    out = []
+    for phase in phases:
+        at = [i for i, p in enumerate(pu) if str(p) == phase]
+        if not at or phase not in ph.n_steps.index or not seen[at[0]].any():
+            continue
+        keys = np.flatnonzero(seen[at[0]])  # the (layer, role) pairs met, in order
+        table = pd.Series(total[at[0]][keys] / int(ph.n_steps[phase]), index=pd.MultiIndex.from_arrays(
+            [pd.Index(keys // width, name="layer"), pd.Index(names[keys % width], name="role")])).unstack("role")
+        out.append((phase, table[sorted(table.columns)]))
+    return out
 
 
 def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[Phase, ...] = ("prefill", "decode")) -> go.Figure:
@@ -146,7 +160,7 @@ def layer_roles(calls: pd.DataFrame, steps: pd.DataFrame, phases: tuple[Phase, .
     """
     title = "Self time per layer and role"
     ph = accounting.phases(calls, steps)
-    tables = [(p, t) for p in phases if (t := _layer_role_table(ph, p)) is not None]
+    tables = _layer_role_tables(ph, phases)
     if not tables:
         return empty_figure(title, "no decoder-layer calls recorded")
     order = {r: i for i, r in enumerate(["layer", *[r for r in ROLES if r != "layer"]])}
