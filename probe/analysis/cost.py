@@ -310,7 +310,10 @@ def _evaluate(calls: pd.DataFrame, mod_codes: np.ndarray, table: dict, ids_input
     # 2. per distinct shape string and dtype
     # an attention function's first input is the queries [B, heads, q, d]: its tokens come from
     # batch x q_len, as for a call without tensor arguments
-    shapes = calls["in_shapes"].mask(calls["role"].eq("attention_fn").fillna(False).astype(bool))
+    role = calls["role"]
+    shapes = calls["in_shapes"]
+    if not isinstance(role.dtype, pd.CategoricalDtype) or "attention_fn" in role.dtype.categories:
+        shapes = shapes.mask(role.eq("attention_fn").fillna(False).astype(bool))
     shp_codes, shp_uniques = _codes(shapes)
     parsed = np.array([_parse_first_shape(s) for s in shp_uniques] + [(math.nan, math.nan, math.nan, 0.0)])
     dt_codes, dt_uniques = _codes(calls["dtype"])
