@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import probe
-from probe.analysis import accounting, memo, tree
+from probe.analysis import accounting, levels, memo, tree
 from probe.analysis.samples import per_step, step_samples
 from tiny import tiny_llama
 
@@ -141,8 +141,8 @@ def test_block_rows_summed_from_modules_equal_the_blocks_summed_from_calls(depth
     run = p.run
     memo.clear()
     ph = accounting.phases(run.calls, run.steps)
-    from_calls = accounting._level_frame(ph, "block", accounting._level_sums(ph, "block"))
-    from_modules = accounting._blocks_from_modules(ph, accounting._level_sums(ph, "module"))
+    from_calls = levels.level_frame(ph, "block", levels.level_sums(ph, "block"))
+    from_modules = levels.blocks_from_modules(ph, levels.level_sums(ph, "module"))
     assert (from_modules is None) == (depth == "all")
     summ = accounting.summary(run.calls, run.steps, "block")
     want = from_calls.sort_values(["phase", "_o"], key=lambda s: s.map({"prefill": 0, "decode": 1}) if s.name == "phase" else s,
