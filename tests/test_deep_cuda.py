@@ -150,3 +150,34 @@ def test_device_times_of_real_cpu_profiler_results_are_none_with_a_reason():
     assert plain.device_ns is None and plain.device is None and plain.host_ns == host
     if not torch.cuda.is_available():
         assert not cuda_profilable()  # the deep pass then never asks the profiler for CUDA activity
+
+
+def test_a_step_on_cuda_says_why_it_has_no_device_times_and_keeps_its_host_times(monkeypatch):
+    """The observer's CUDA branch, driven on this CPU: the model taken as on CUDA (``_cuda``), first
+    with a build whose kineto records no CUDA activity (the twin's profiler as on CPU: ``gpu_why``),
+    then as if it did (the profiler asked for CUDA activity, which a CPU build turns off: the twin
+    records no device work, and says so). Host times are matched as on CPU either way; no op gets
+    a device time it did not get measured."""
+    import warnings
+
+    from probe.recording import deep as deep_mod
+    from probe.recording.deep import DeepObserver, plan_of
+
+    m = tiny_llama(layers=2, hidden=32, vocab=64)
+    kw = {"max_new_tokens": TWIN_AFTER + 2, "do_sample": False}
+    want = m.generate(PROMPT, **kw)
+    for profilable, why in ((False, NO_DEVICE["cupti"]), (True, NO_DEVICE["none"])):
+        monkeypatch.setattr(deep_mod, "cuda_profilable", lambda p=profilable: p)
+        obs = DeepObserver(plan_of([1]))
+        with probe.attach(m, observers=[obs]) as p:
+            obs._cuda = True  # set after install, which finds no CUDA tensor here
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch: "CUDA is not available, disabling CUDA profiling"
+                got = m.generate(PROMPT, **kw)
+        assert torch.equal(want, got) and not torch.autograd._profiler_enabled()
+        step = {s["step"]: s for s in p.run.meta["deep"]["op_clock"]["steps"]}[1]
+        assert step["method"] == "profiler twin" and step["matched"] == step["of"] > 0
+        assert step["gpu_matched"] == 0 and step["gpu_why"] == why
+        assert p.run.meta["deep"]["op_clock"]["decode"]["gpu_matched"] == 0
+        assert OP_GPU not in p.run.ops.columns and "gpu_times" in p.run.meta["deep"]
+        assert (p.run.ops["host_ms"] >= 0).all()

@@ -490,6 +490,12 @@ class DeepObserver(Observer):
                          "op_clock": op_clock(records["steps"]),
                          "twin_run_ids": twins,
                          "torch_version": torch.__version__}}
+        if any(getattr(s[5], "cuda", False) for s in records["steps"]):  # CUDA steps only: a CPU run's meta as it was
+            meta["deep"]["gpu_times"] = ("ops.gpu_ms: on the same twin step, the summed duration of the kernels, "
+                                         "memcpys and memsets each matched op launched (kineto's correlation id "
+                                         "ties a device event to the op running at its launch; the events nested "
+                                         "in the op's outermost one count as its own); 0: none launched; null: "
+                                         "unmatched or no twin (op_clock's gpu_matched and gpu_why say per step)")
         return Contribution(runs=pd.DataFrame(row), built=built, meta=meta, untimed=frozenset(ids + twins))
 
 
