@@ -10,7 +10,13 @@ b. agreement: per step, the probe's GPU time against the CUDA work torch.profile
 c. coverage: the blocks' GPU time summed per step over the step's GPU time;
 d. memory: weight bytes, KV-cache growth per token against 2·layers·kv_heads·head_dim·itemsize,
    and the run's peak against ``torch.cuda.max_memory_allocated()`` of an identical run;
-e. decode ms/token against the card's memory-bandwidth floor (bytes read per token / peak BW).
+e. decode ms/token against the card's memory-bandwidth floor (bytes read per token / peak BW);
+f. the deep pass (``probe.profile(deep=True)``, a short deep generate): ops matched on their twin
+   steps, the share of ops with a device time (``ops.gpu_ms``), and per op kind, on the prefill
+   and one sampled decode step, the deep pass's GPU ms against torch.profiler's own device time
+   (``FunctionEvent.device_time_total`` of the kind's outermost events: torch's event tree, not
+   the probe's correlation-id walk) on the same step of a plain generate; target: kinds with
+   >= 1 % of the step's device time within 10 %.
 
 It writes ``results.json`` (card, versions, config, every figure, targets, pass/fail) and the
 probe's run at depth ``blocks`` (``run/``, reloadable with ``probe.load``) under ``--out``, and
@@ -46,6 +52,10 @@ Method notes (why it is measured this way):
   so the kernel *span* is the like-for-like comparison; the issue's target is stated against
   the kernel *sum*, which matches only when the GPU is never idle within a step. Both are
   reported; ``busy_fraction`` = sum / span shows which one can hold.
+- The deep pass (f) reads each op's device time on its twin step (``TWIN_AFTER`` steps after a
+  decode sample; a one-token generate for the prefill): the reference profiles the sampled step's
+  own index in a plain generate, as ``benchmarks/deep_pass.py`` does for host times, so a kind
+  whose work grows with the cache (attention) may differ by the twin's few more keys.
 - The probe resets the CUDA allocator's peak counter inside its hooks (to get per-call
   peaks), so ``max_memory_allocated()`` after a probed run is not the run's peak. The
   independent peak comes from the unprobed baseline runs (reset before, read after), which
@@ -92,6 +102,8 @@ TARGETS = {
     "agreement_rel_err_max": 0.05,
     "coverage_min": 0.97,
     "kv_growth_rel_err_max": 0.01,
+    "deep_gpu_rel_err_max": 0.10,  # per op kind of >= deep_gpu_kind_share_min of the step's device time
+    "deep_gpu_kind_share_min": 0.01,
 }
 #: Sanity bounds on measured ratios, printed by :func:`format_table` (tests assert no timing):
 #: each step's host time against its profiler range (a step paired with the wrong range misses
@@ -582,6 +594,144 @@ def bandwidth(model: torch.nn.Module, run: Any, overhead: dict, device_name: str
     return out
 
 
+class _StepProfile:
+    """torch.profiler (CPU, and CUDA activity on CUDA) around one forward, step ``index``, of a
+    plain generate call; the events are read from ``prof`` afterwards."""
+
+    def __init__(self, model: torch.nn.Module, index: int, cuda: bool) -> None:
+        self.index, self.n, self.cuda, self.prof = index, 0, cuda, None
+        self.handles = [model.register_forward_pre_hook(self._pre),
+                        model.register_forward_hook(self._post, always_call=True)]
+
+    def _pre(self, _m: Any, _a: Any) -> None:
+        if self.n == self.index:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            self.prof = torch_profile(activities=acts)
+            self.prof.__enter__()
+
+    def _post(self, _m: Any, _a: Any, _o: Any) -> None:
+        if self.n == self.index and self.prof is not None:
+            self.prof.__exit__(None, None, None)  # synchronises the device first (CUDA activity)
+        self.n += 1
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        if self.prof is not None and self.n <= self.index:  # the step never closed
+            self.prof.__exit__(None, None, None)
+
+
+def kind_of(op: str) -> str:
+    """``aten.mean.dim`` -> ``aten::mean`` (the profiler's name of an ops frame's op)."""
+    parts = op.split(".")
+    return f"{parts[0]}::{parts[1]}" if len(parts) > 1 else op
+
+
+def profiler_kinds(events: Any, kinds: set[str]) -> dict[str, dict]:
+    """Per op kind of ``kinds``: torch.profiler's device time (us) and calls of its outermost events
+    (none of ``kinds`` above them: what the dispatch mode sees as one op), from torch's own event
+    tree (``device_time_total`` holds the kernels of the event and of every event below it)."""
+    from probe.recording.deep_twin import SAME_OP
+
+    out: dict[str, dict] = {}
+
+    def walk(e: Any, inside: bool) -> None:
+        name = SAME_OP.get(e.name, e.name)
+        counted = not inside and name in kinds
+        if counted:
+            got = out.setdefault(name, {"device_us": 0.0, "calls": 0})
+            got["device_us"] += float(getattr(e, "device_time_total", 0.0) or 0.0)
+            got["calls"] += 1
+        for c in e.cpu_children:
+            walk(c, inside or counted)
+
+    roots = [e for e in events if e.cpu_parent is None and str(getattr(e, "device_type", "CPU")).endswith("CPU")]
+    for e in sorted(roots, key=lambda e: e.time_range.start):
+        walk(e, False)
+    return out
+
+
+def compare_kinds(probe_ms: dict[str, float], ref: dict[str, dict]) -> tuple[list[dict], float]:
+    """Per op kind, the deep pass's GPU ms against the profiler's; the kinds checked are those with
+    >= ``deep_gpu_kind_share_min`` of the profiler's device time of the step (chosen by the
+    reference, so a kind the probe read near zero stays in). Returns (rows, the step's device ms)."""
+    total = sum(v["device_us"] for v in ref.values()) / 1e3
+    rows = []
+    for kind in sorted(set(probe_ms) | set(ref), key=lambda k: -ref.get(k, {}).get("device_us", 0.0)):
+        mine = probe_ms.get(kind)
+        theirs = ref[kind]["device_us"] / 1e3 if kind in ref else None
+        share = theirs / total if theirs is not None and total > 0 else None
+        checked = share is not None and share >= TARGETS["deep_gpu_kind_share_min"]
+        ratio = mine / theirs if checked and mine is not None and theirs > 0 else None
+        rows.append({"kind": kind, "probe_gpu_ms": mine, "profiler_gpu_ms": theirs, "share": share,
+                     "checked": checked, "ratio": ratio,
+                     "within": None if not checked else (ratio is not None
+                                                         and abs(ratio - 1) <= TARGETS["deep_gpu_rel_err_max"])})
+    return rows, total
+
+
+def measure_deep(model: torch.nn.Module, ids: torch.Tensor, cfg: Config) -> dict:
+    """(f): a short deep generate through ``probe.profile(deep=True)``: ops matched on twins, the
+    share of ops with a device time, and per op kind GPU ms against torch.profiler's on the same
+    step (prefill, and the first sampled decode step) of a plain generate."""
+    from probe.recording.deep_twin import TWIN_AFTER
+    from probe.schema import OPS, column
+
+    cuda = ids.is_cuda
+    new = max(cfg.new, TWIN_AFTER + 2)  # the shortest run whose first decode sample has its twin
+    run = probe.profile(model, generate_inputs(ids), generate_kwargs=generate_kwargs(new), depth="blocks",
+                        warmup=cfg.warmup, repeat=1, seed=cfg.seed, keep_text=False, deep=True)
+    ops = run.ops
+    clock = (run.meta.get("deep") or {}).get("op_clock") or {}
+    gpu = column(ops, "gpu_ms", OPS)
+    out: dict[str, Any] = {
+        "method": ("probe.profile(deep=True); reference: torch.profiler around the same step of a plain generate, "
+                   "device_time_total of each kind's outermost events"),
+        "new_tokens": new, "ops": len(ops),
+        "ops_matched": sum(int(v.get("matched", 0)) for k, v in clock.items() if k != "steps"),
+        "steps": [{k: s.get(k) for k in ("step", "phase", "method", "matched", "of", "gpu_matched", "gpu_total_ms",
+                                         "gpu_matched_ms", "gpu_why")} for s in clock.get("steps", [])],
+        "gpu_ms_share": float(gpu.notna().mean()) if cuda and len(ops) else None,
+        "target": {"rel_err_max": TARGETS["deep_gpu_rel_err_max"], "kind_share_min": TARGETS["deep_gpu_kind_share_min"],
+                   "criterion": "every op kind with >= 1 % of the step's device time (the profiler's) within 10 %"},
+    }
+    decode = sorted(int(s) for s in ops.loc[ops["phase"] == "decode", "step"].unique())
+    by_step: dict[str, Any] = {}
+    for index in [0, *decode[:1]]:
+        mine = ops[ops["step"] == index]
+        kinds = {kind_of(op) for op in mine["op"].unique()}
+        sp = _StepProfile(model, index, cuda)
+        try:
+            model.generate(**generate_inputs(ids), **generate_kwargs(max(index + 1, 3)))
+        finally:
+            sp.remove()
+        ref = profiler_kinds(sp.prof.events(), kinds) if sp.prof is not None else {}
+        entry: dict[str, Any] = {"phase": "prefill" if index == 0 else "decode", "kinds_in_both": len(set(ref) & kinds)}
+        if cuda:
+            probe_ms = {k: float(v) for k, v in gpu.loc[mine.index].groupby(mine["op"].map(kind_of)).sum(min_count=1)
+                        .dropna().items()}
+            rows, total = compare_kinds(probe_ms, ref)
+            checked = [r for r in rows if r["checked"]]
+            entry.update({"step_device_ms": total, "kinds": rows, "checked": len(checked),
+                          "within": sum(bool(r["within"]) for r in checked),
+                          "pass": all(r["within"] for r in checked) if checked else None})
+            if not checked:
+                entry["reason"] = "the reference profiler recorded no device time for the step (is CUPTI available?)"
+        else:
+            entry.update({"step_device_ms": None, "kinds": None, "checked": 0, "within": None, "pass": None})
+        by_step[str(index)] = entry
+    out["by_step"] = by_step
+    if not cuda:
+        out.update({"reason": "no CUDA: the twin's profiler records no device work on CPU, so ops have no gpu_ms",
+                    "pass": None})
+        return out
+    passes = [v["pass"] for v in by_step.values() if v["pass"] is not None]
+    out["pass"] = all(passes) if passes else None
+    return out
+
+
 def _median(xs: list) -> float:
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return float(statistics.median(xs)) if xs else math.nan
@@ -668,6 +818,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         _section(results, "coverage", lambda: coverage(run, cuda))
         _section(results, "memory", lambda: memory(model, run, peaks, allocated))
         _section(results, "bandwidth", lambda: bandwidth(model, run, ov, name, cuda))
+    write()
+    _section(results, "deep", lambda: measure_deep(model, ids, cfg))
+    log("deep pass done")
     results["checks"] = _checks(results)
     results["elapsed_s"] = time.perf_counter() - t_start
     results = _clean(results)
@@ -695,6 +848,11 @@ def _checks(r: dict) -> list[dict]:
          "target": f">= {TARGETS['coverage_min']}", "pass": get("coverage", "pass")},
         {"name": "KV growth per token vs analytic (rel err)", "value": get("memory", "kv_growth", "rel_err"),
          "target": f"<= {TARGETS['kv_growth_rel_err_max']}", "pass": get("memory", "kv_growth", "pass")},
+        {"name": "deep pass: op kinds' GPU ms vs torch.profiler (share within, worst step)",
+         "value": min((v["within"] / v["checked"] for v in (get("deep", "by_step") or {}).values()
+                       if v.get("checked") and v.get("within") is not None), default=None),
+         "target": f"all kinds >= {TARGETS['deep_gpu_kind_share_min']:.0%} of the step within "
+                   f"{TARGETS['deep_gpu_rel_err_max']:.0%}", "pass": get("deep", "pass")},
     ]
 
 
@@ -755,7 +913,21 @@ def format_table(r: dict) -> str:
         lines.append(f"bandwidth: {bw['bytes_per_token'] / 2**20:,.1f} MiB/token, floor {_f(bw['floor_ms_per_token'])} ms/token, "
                      f"none {_f(bw['decode_ms_per_token']['none'])} ms/token"
                      + (f" ({bw['ratio_to_floor']['none']:.2f}x floor)" if bw.get("ratio_to_floor") else f" ({bw.get('reason')})"))
-    for k in ("coverage", "memory", "bandwidth"):
+    dp = r.get("deep", {})
+    if "ops" in dp:
+        share = dp.get("gpu_ms_share")
+        lines.append(f"deep pass: {dp['ops_matched']:,} of {dp['ops']:,} ops matched on twins; ops with GPU ms "
+                     + (f"{share:.1%}" if share is not None else f"n/a ({dp.get('reason')})"))
+        for index, v in (dp.get("by_step") or {}).items():
+            if v.get("kinds") is None:
+                continue
+            lines.append(f"  step {index} ({v['phase']}): {v['within']} of {v['checked']} kinds within "
+                         f"{TARGETS['deep_gpu_rel_err_max']:.0%}, step device {_f(v['step_device_ms'])} ms")
+            for k in v["kinds"]:
+                if k["checked"]:
+                    lines.append(f"    {k['kind']:<48} probe {_f(k['probe_gpu_ms'])} ms  profiler "
+                                 f"{_f(k['profiler_gpu_ms'])} ms  ratio {_f(k['ratio'], '.2f')}")
+    for k in ("coverage", "memory", "bandwidth", "deep"):
         if "error" in r.get(k, {}):
             lines.append(f"{k}: ERROR {r[k]['error']}")
     lines.append("targets" + ("" if r["targets_apply"] else " (stated for the 7B preset on an H100/H200; informational here)") + ":")

@@ -16,8 +16,8 @@ VIEW = "Inside each block"
 def inside(ctx: Context) -> None:
     """Each block's ops (ms and FLOPs per sampled step, with its dispatch and Python) and its
     memory ledger, per phase, for a run with a deep pass."""
-    from probe.analysis.ops import LEDGER_BYTES, OP_FIGURES, dispatch_unknown, memory_ledger, op_summary
-    from probe.reports.deep_section import PHASES, folded, live_bytes_figure
+    from probe.analysis.ops import dispatch_unknown, memory_ledger, op_summary
+    from probe.reports.deep_section import PHASES, folded, ledger_figures, live_bytes_figure, op_figures
 
     name = ctx.pick(lambda r: not r.ops.empty, "deep_run",
                     "None of the selected runs has a deep pass. Record one with `probe run --deep --out FOLDER/NAME` "
@@ -32,15 +32,14 @@ def inside(ctx: Context) -> None:
     by = st.radio("Ops by", ["block", "module"], key="deep_by", horizontal=True)
     each = st.checkbox("Every numbered block apart (else the layers fold into one row, their mean per layer)",
                        key="deep_each")
-    cats = LEDGER_BYTES
 
     def ops_table():
         t = op_summary(run.ops, run.calls, by=by)
-        return t if each else folded(t, OP_FIGURES, ["op"])
+        return t if each else folded(t, op_figures(t), ["op"])
 
     def ledger_table():
-        t = memory_ledger(run.ledger, run.ops, deep.get("tied_weights"))
-        return t if each or t.empty else folded(t, cats, [])
+        t = memory_ledger(run.ledger, run.ops, deep.get("tied_weights"), run.calls)
+        return t if each or t.empty else folded(t, ledger_figures(t), [])
 
     table = memo(f"deep_ops_{by}_{each}", ops_table)
     unknown = by == "block" and memo("deep_dispatch_unknown", lambda: dispatch_unknown(op_summary(run.ops, run.calls)))

@@ -8,7 +8,7 @@ run-vs-run diff, the headline, the shape walkthrough and the sweeps.
 
 from __future__ import annotations
 
-from .columns import STR
+from .columns import STR, Schema
 
 #: ``Run.summary()`` / :func:`probe.accounting.summary`: self time and shares per block, role or module and phase
 SUMMARY: dict[str, str] = {
@@ -250,20 +250,23 @@ SWEEP_SUMMARY: dict[str, str] = {
 }
 
 #: ``Run.op_summary()`` / :func:`probe.analysis.ops.op_summary`: the ``op`` level of a deep run's sampled steps
-OP_SUMMARY: dict[str, str] = {
+OP_SUMMARY: Schema = Schema({
     "phase": STR,
     "block": STR,  # the block the ops ran in ("(outside blocks)": the model's own code between blocks)
     "op": STR,  # an op kind as dispatched, or "(dispatch and Python)": the block's time less its ops'
     "steps": "int64",  # sampled steps of this phase the row averages over
     "calls": "float64",  # times the op ran in the block, per sampled step
     "host_ms": "float64",  # host time per sampled step
+    # CUDA: device time per sampled step (ops.gpu_ms summed over the ops that have one); absent
+    # when all null (a CPU run); NaN on the dispatch row
+    "gpu_ms": "float64",
     "share": "float64",  # of the block's time (its timed time where known, else the sum of its ops)
     "flops": "float64",  # per sampled step (0 where no formula is known)
     "block_ms": "float64",  # the block's own time on timed steps of the same shapes; NaN: none recorded
-}
+}, absent_when_null=("gpu_ms",))
 
 #: ``Run.memory_ledger()`` / :func:`probe.analysis.ops.memory_ledger`: per block and phase, bytes per sampled step
-MEMORY_LEDGER: dict[str, str] = {
+MEMORY_LEDGER: Schema = Schema({
     "phase": STR,
     "block": STR,  # a block (or "(step)": the whole forward)
     "steps": "int64",
@@ -275,7 +278,14 @@ MEMORY_LEDGER: dict[str, str] = {
     "activations_bytes": "float64",
     "temporaries_bytes": "float64",
     "peak_added_bytes": "float64",
-}
+    # CUDA, where the timed calls carry the allocator's counters (calls.mem_*_bytes): the block's
+    # mean over timed calls of the sampled step's phase, query and cache lengths of what the
+    # allocator held more after the call than before it, and its peak during the call above what
+    # it held before (allocator bytes: rounded to its blocks, kernels' scratch included); absent
+    # when all null (a CPU run, a deep pass alone)
+    "allocator_added_bytes": "float64",
+    "allocator_peak_added_bytes": "float64",
+}, absent_when_null=("allocator_added_bytes", "allocator_peak_added_bytes"))
 
 #: ``Run.flops_reconciled()`` / :func:`probe.analysis.flops_check.reconcile_flops`: a deep run's FLOPs
 #: (torch's formulas, op by op) set against the cost model's, per sampled step and block or module

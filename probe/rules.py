@@ -74,7 +74,7 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "ops": {
         "rank": MEASURED, "step": MEASURED, "q_len": MEASURED, "kv_len": MEASURED, "seq": MEASURED,
-        "host_ms": MEASURED, "flops": OPTIONAL, "bytes_read_est": OPTIONAL, "bytes_written_est": OPTIONAL,
+        "host_ms": MEASURED, "gpu_ms": OPTIONAL, "flops": OPTIONAL, "bytes_read_est": OPTIONAL, "bytes_written_est": OPTIONAL,
         "alloc_bytes": MEASURED, "live_bytes": Rule(low=None), "start_ms": MEASURED,
     },
     "ledger": {

@@ -237,8 +237,11 @@ REQUESTS: dict[str, str] = {
     "tf_itl_ms_mean": "float64",  # the same mean ITL from transformers' record_timestamps
 }
 
-#: a deep run's sampled steps (probe.attach(model, deep=...)): one row per aten op as dispatched
-OPS: dict[str, str] = {
+#: a deep run's sampled steps (probe.attach(model, deep=...)): one row per aten op as dispatched.
+#: ``gpu_ms`` is absent when all null (as the CUDA columns of :data:`CALLS`): a CPU run's ops frame
+#: carries it neither in memory nor on disk, and a run saved before it existed loads without it;
+#: read it with :func:`column` (``column(ops, "gpu_ms", OPS)``) or :func:`floats`
+OPS: Schema = Schema({
     "run_id": STR,
     "rank": "int64",
     "step": "int64",
@@ -256,6 +259,10 @@ OPS: dict[str, str] = {
     # host time of the op alone: torch.profiler's on a twin step without the dispatch mode where
     # matched, else the mode's clock less its call cost (meta["deep"]["op_clock"] says which)
     "host_ms": "float64",
+    # CUDA: the summed duration of the device work (kernels, memcpy, memset) the op launched, on the
+    # same twin step as host_ms (probe.recording.deep_twin.read_twin); 0: it launched none; null:
+    # not measured (a CPU run, an op left unmatched, a step without a twin)
+    "gpu_ms": "float64",
     "flops": "Int64",  # torch.utils.flop_counter's formula (or probe's for ops it lacks); null: none known
     "bytes_read_est": "Int64",  # estimated: bytes of the unique input storages the op's inputs span
     "bytes_written_est": "Int64",  # estimated: the same for its outputs
@@ -264,7 +271,7 @@ OPS: dict[str, str] = {
     # (a storage made before the step and freed in it counts down, so this can be negative)
     "live_bytes": "int64",
     "start_ms": "float64",  # host start since the step opened (on the deep pass's slowed clock: for the trace)
-}
+}, absent_when_null=("gpu_ms",))
 
 #: a deep run's sampled steps: one row per module call, what it held in memory (bytes of tensor storages)
 LEDGER: dict[str, str] = {

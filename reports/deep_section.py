@@ -14,8 +14,8 @@ import pandas as pd
 
 from probe import fmt
 from probe.analysis.op_tree import short_op
-from probe.analysis.ops import (DISPATCH, LEDGER_BYTES, OUTSIDE, OP_FIGURES, dispatch_noise_ms, dispatch_unknown,
-                                memory_ledger, op_summary)
+from probe.analysis.ops import (DISPATCH, LEDGER_BYTES, LEDGER_CUDA, OUTSIDE, OP_FIGURES, OP_GPU, dispatch_noise_ms,
+                                dispatch_unknown, memory_ledger, op_summary)
 from probe.columns import ranked
 
 from .html_page import Page, esc, table_html
@@ -26,6 +26,18 @@ if TYPE_CHECKING:  # pragma: no cover
 PHASES = ("prefill", "decode")
 _NUMBER = re.compile(r"\.\d+(?=\.|$)")
 TOP = 4
+
+
+def op_figures(summary: pd.DataFrame) -> list[str]:
+    """An op summary's figures to show: :data:`OP_FIGURES`, and on CUDA its GPU ms (a CPU run's
+    summary has no such column: nothing changes there)."""
+    return [*OP_FIGURES, OP_GPU] if OP_GPU in summary.columns else list(OP_FIGURES)
+
+
+def ledger_figures(ledger: pd.DataFrame) -> list[str]:
+    """A memory ledger's byte columns to show: :data:`LEDGER_BYTES`, and on CUDA the allocator's
+    beside them where the timed calls had its counters (:data:`LEDGER_CUDA`)."""
+    return [*LEDGER_BYTES, *(c for c in LEDGER_CUDA if c in ledger.columns)]
 
 
 def _fold(block: str) -> str:
@@ -85,12 +97,13 @@ def deep_lines(run: "Run") -> list[str]:
     lines = ["", f"inside each block (deep pass, not timed: {deep.get('sampled', 'sampled steps')}; "
                  f"ms per sampled step, {op_clock_text(deep)})"]
     summary = op_summary(run.ops, run.calls)
-    ops = folded(summary, OP_FIGURES, ["op"])
+    gpu = OP_GPU in summary.columns
+    ops = folded(summary, op_figures(summary), ["op"])
     unknown = dispatch_unknown(summary)
     own = folded(op_summary(run.ops, run.calls, by="module"), ["calls", "host_ms", "flops"], ["op"])
-    cats = LEDGER_BYTES
     tied = deep.get("tied_weights") or {}
-    ledger = folded(memory_ledger(run.ledger, run.ops, tied), cats, [])
+    whole = memory_ledger(run.ledger, run.ops, tied, run.calls)
+    ledger = folded(whole, ledger_figures(whole), [])
     noisy = False
     flops = _flops_lines(run)
     for phase in PHASES:
@@ -112,9 +125,12 @@ def deep_lines(run: "Run") -> list[str]:
             if len(disp) and not fmt.is_missing(disp.iloc[0]) and disp.iloc[0] < -dispatch_noise_ms(timed):
                 head += " (below 0: see the note below)"
                 noisy = True
+            if gpu:  # CUDA: the device time of the block's ops (on their twins), beside the host's
+                head += f"; GPU {fmt.ms(real[OP_GPU].sum(min_count=1))} ms"
             lines.append(f"  {name:<34} {head}")
             tops = [f"{short_op(r.op)} {fmt.ms(r.host_ms)} ({fmt.pct(r.host_ms / total if total else float('nan'))}, "
-                    f"x{r.calls:.0f})" for r in real.head(TOP).itertuples()]
+                    f"x{r.calls:.0f}" + (f", GPU {fmt.ms(getattr(r, OP_GPU))}" if gpu else "") + ")"
+                    for r in real.head(TOP).itertuples()]
             lines.append(f"  {'':<34} top: " + ", ".join(tops))
             mem = ledger[(ledger["phase"] == phase) & (ledger["block"] == block)]
             if len(mem):
@@ -123,7 +139,8 @@ def deep_lines(run: "Run") -> list[str]:
                 tie = f" (tied: {fmt.nbytes(m.shared_weights_bytes)} shared with {', '.join(shared)})" if shared else ""
                 lines.append(f"  {'':<34} memory: weights {fmt.nbytes(m.weights_bytes)}{tie}, KV cache "
                              f"{fmt.nbytes(m.kv_cache_bytes)}, activations {fmt.nbytes(m.activations_bytes)}, "
-                             f"temporaries {fmt.nbytes(m.temporaries_bytes)}, peak +{fmt.nbytes(m.peak_added_bytes)}")
+                             f"temporaries {fmt.nbytes(m.temporaries_bytes)}, peak +{fmt.nbytes(m.peak_added_bytes)}"
+                             + _allocator_text(m))
         # what the attention's own time is made of: its own code (RoPE, the cache update, reshapes)
         # and the attention function (a call of its own, named as at depth sublayers)
         attn = own[(own["phase"] == phase) & own["block"].str.contains(r"(?:attn|attention|attention_fn)$")]
@@ -166,8 +183,9 @@ def deep_section(doc: Page, run: "Run") -> None:
     unknown = dispatch_unknown(summary)
     if unknown:
         doc.add('<p class="warn" id="deep-dispatch-unknown">' + esc(unknown[0].upper() + unknown[1:] + ".") + "</p>")
-    table = folded(summary, OP_FIGURES, ["op"], top=8)
-    table = table[["phase", "block", "layers", "op", *OP_FIGURES]]
+    figures = op_figures(summary)
+    table = folded(summary, figures, ["op"], top=8)
+    table = table[["phase", "block", "layers", "op", *figures]]
     for phase in PHASES:
         part = table[table["phase"] == phase].drop(columns="phase")
         if len(part):
@@ -175,19 +193,31 @@ def deep_section(doc: Page, run: "Run") -> None:
                                              "blocks folded into one row, the mean per layer: 'layers' says how many; "
                                              "ops.csv has every block)",
                                table_id=f"deep-ops-{phase}", max_rows=2000))
-    cats = LEDGER_BYTES
-    ledger = memory_ledger(run.ledger, run.ops, deep.get("tied_weights"))
+    ledger = memory_ledger(run.ledger, run.ops, deep.get("tied_weights"), run.calls)
     if len(ledger):
+        cats = ledger_figures(ledger)
         ledger = folded(ledger, cats, [])[["phase", "block", "layers", *cats]]
+        cuda = (" allocator_added_bytes and allocator_peak_added_bytes: the CUDA allocator's counters of the timed "
+                "calls of the same shapes, beside the ledger's tensor bytes (allocator blocks, kernels' scratch "
+                "included)" if len(cats) > len(LEDGER_BYTES) else "")
         doc.add(table_html(ledger, caption="Memory ledger per block and phase (bytes per sampled step, numbered blocks "
                                            "folded: the mean per layer; weights tied between two blocks, such as an "
                                            "embedding and lm_head, show in each, shared_weights_bytes says how much "
-                                           "of a block's weights is shared: the (step) row counts them once)",
+                                           "of a block's weights is shared: the (step) row counts them once)" + cuda,
                            table_id="deep-ledger"))
     for phase in PHASES:
         part = run.ops[run.ops["phase"] == phase]
         if len(part):
             doc.figure(live_bytes_figure(part, phase), f"fig-deep-live-{phase}", None)
+
+
+def _allocator_text(m) -> str:
+    """A ledger row's CUDA allocator figures, in words ("" where it has none: a CPU run)."""
+    added = getattr(m, "allocator_added_bytes", None)
+    peak = getattr(m, "allocator_peak_added_bytes", None)
+    if added is None or fmt.is_missing(added):
+        return ""
+    return f"; CUDA allocator (timed calls) +{fmt.nbytes(added)}, peak +{fmt.nbytes(peak)}"
 
 
 def live_bytes_figure(ops: pd.DataFrame, phase: str):

@@ -43,12 +43,12 @@ def test_results_file_has_every_section_and_is_strict_json(cpu_check):
     on_disk = json.loads((out / "results.json").read_text(encoding="utf-8"), parse_constant=no_nan)
     assert on_disk == results
     for key in ("device", "versions", "config", "targets", "overhead", "agreement", "coverage", "memory",
-                "bandwidth", "checks", "run_dir"):
+                "bandwidth", "deep", "checks", "run_dir"):
         assert key in results, key
-    for key in ("agreement", "coverage", "memory", "bandwidth"):
+    for key in ("agreement", "coverage", "memory", "bandwidth", "deep"):
         assert "error" not in results[key], results[key].get("traceback")
     assert results["device"]["type"] == "cpu" and results["targets_apply"] is False
-    assert {c["name"] for c in results["checks"]} and len(results["checks"]) == 4
+    assert {c["name"] for c in results["checks"]} and len(results["checks"]) == 5
     ov = results["overhead"]
     assert set(ov["median"]) == {"none", "blocks", "all"}
     assert all(len(v) == 2 for v in ov["samples"].values())
@@ -118,6 +118,39 @@ def test_cuda_only_fields_are_null_with_a_reason(cpu_check):
     assert "no CUDA" in results["overhead"]["decode_gpu_ms_reason"]
     check = {c["name"]: c for c in results["checks"]}
     assert next(c for n, c in check.items() if "kernel sum" in n)["pass"] is None
+    assert next(c for n, c in check.items() if n.startswith("deep pass"))["pass"] is None
+
+
+def test_deep_pass_section_runs_on_cpu_with_its_gpu_figures_null(cpu_check):
+    """(f): the deep generate and the reference profiler run; the device figures are null, with why."""
+    from probe.recording.deep_twin import TWIN_AFTER
+
+    deep = cpu_check[0]["deep"]
+    assert deep["new_tokens"] >= TWIN_AFTER + 2 and deep["ops"] > 0
+    assert 0.9 * deep["ops"] <= deep["ops_matched"] <= deep["ops"]
+    assert {s["phase"] for s in deep["steps"]} == {"prefill", "decode"}
+    assert all(s["method"] == "profiler twin" and s["gpu_matched"] is None for s in deep["steps"])
+    assert deep["gpu_ms_share"] is None and deep["pass"] is None and "no CUDA" in deep["reason"]
+    assert set(deep["by_step"]) == {"0", str(min(s["step"] for s in deep["steps"] if s["phase"] == "decode"))}
+    for entry in deep["by_step"].values():
+        assert entry["kinds"] is None and entry["step_device_ms"] is None and entry["pass"] is None
+        assert entry["kinds_in_both"] > 5  # the reference profiler saw the op kinds the deep pass recorded
+    assert "deep pass: " in gpu_check.format_table(cpu_check[0])
+
+
+def test_compare_kinds_checks_the_kinds_the_profiler_gives_a_share_of_the_step():
+    ref = {"aten::mm": {"device_us": 900.0, "calls": 4}, "aten::add": {"device_us": 95.0, "calls": 2},
+           "aten::view": {"device_us": 0.0, "calls": 9}, "aten::cat": {"device_us": 5.0, "calls": 1}}
+    mine = {"aten::mm": 0.95, "aten::add": 0.06, "aten::view": 0.0, "aten::rare": 0.01}
+    rows, total = gpu_check.compare_kinds(mine, ref)
+    by = {r["kind"]: r for r in rows}
+    assert total == pytest.approx(1.0) and [r["kind"] for r in rows][:2] == ["aten::mm", "aten::add"]
+    assert by["aten::mm"]["checked"] and by["aten::mm"]["within"] is True  # 0.95 / 0.9: +5.6 %
+    assert by["aten::add"]["checked"] and by["aten::add"]["within"] is False  # 0.06 / 0.095: -37 %
+    assert not by["aten::cat"]["checked"] and by["aten::cat"]["within"] is None  # 0.5 % of the step
+    assert not by["aten::view"]["checked"] and not by["aten::rare"]["checked"]  # none by the profiler
+    assert by["aten::cat"]["probe_gpu_ms"] is None and by["aten::rare"]["profiler_gpu_ms"] is None
+    assert gpu_check.kind_of("aten.addmm.default") == "aten::addmm"
 
 
 def test_profiler_ranges_line_up_with_the_probe_steps(cpu_check):

@@ -80,10 +80,11 @@ def contributions(observed: tuple, calls: pd.DataFrame, steps: pd.DataFrame, run
                 raise ValueError(f"{who} built the frame {name!r} without declaring it in {who}.builds")
             if name in built:
                 raise ValueError(f"two observers built the frame {name!r}; one frame has one builder")
-            odd = sorted(set(df.columns) ^ set(cols))
+            # a column absent when all null (schema.Schema) may be left out
+            odd = sorted((set(df.columns) ^ set(cols)) - (schema.absent_when_null(cols) - set(df.columns)))
             if odd:
                 raise ValueError(f"{who} built {name!r} with columns other than it declares: {odd}")
-            built[name] = schema.conform(df, dict(cols), extra=False) if len(df) else schema.empty(dict(cols))
+            built[name] = schema.conform(df, cols, extra=False) if len(df) else schema.empty(cols)
             builder[name] = who
         meta.update(part.meta)
         if part.untimed:

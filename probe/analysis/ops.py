@@ -29,9 +29,12 @@ DISPATCH = "(dispatch and Python)"
 #: carries the noise of both; a microsecond, or this share of the block's timed time where more
 DISPATCH_NOISE_MS = 0.001
 DISPATCH_NOISE_SHARE = 0.05
-#: the memory ledger's byte columns, and an op summary's figures (what folding layers averages)
-LEDGER_BYTES = [c for c in MEMORY_LEDGER if c.endswith("_bytes")]
+#: the memory ledger's byte columns, and an op summary's figures (what folding layers averages);
+#: the CUDA ones (absent when all null: a CPU run) apart, in :data:`LEDGER_CUDA` and :data:`OP_GPU`
+LEDGER_CUDA = [c for c in MEMORY_LEDGER if c in MEMORY_LEDGER.absent_when_null]
+LEDGER_BYTES = [c for c in MEMORY_LEDGER if c.endswith("_bytes") and c not in LEDGER_CUDA]
 OP_FIGURES = ["calls", "host_ms", "flops", "block_ms"]
+OP_GPU = "gpu_ms"
 STEP = "(step)"
 _SHAPE = ["phase", "q_len", "kv_len"]
 
@@ -71,10 +74,14 @@ def op_summary(ops: pd.DataFrame, calls: pd.DataFrame, *, top: int | None = None
     g = ops.groupby(["phase", "block", "op"], sort=False)
     rows = g.agg(calls=("seq", "size"), host_ms=("host_ms", "sum"),
                  flops=("flops", lambda s: float(s.fillna(0).sum()))).reset_index()
+    figures = ["calls", "host_ms", "flops"]
+    if OP_GPU in ops.columns:  # CUDA: the ops' device time, where measured (NaN for a kind with none)
+        rows[OP_GPU] = g[OP_GPU].sum(min_count=1).to_numpy(dtype="float64")
+        figures.append(OP_GPU)
     per = n_steps.reindex(rows["phase"]).to_numpy(dtype="float64")
-    for col in ("calls", "host_ms", "flops"):
+    for col in figures:
         rows[col] = rows[col].to_numpy(dtype="float64") / per
-    block_ms = _timed_block_ms(ops, sampled, calls)
+    block_ms = _timed_means(ops["block"], sampled, calls, {"cpu_ms": schema.floats(calls, "cpu_ms")})["cpu_ms"]
     ops_ms = rows.groupby(["phase", "block"], sort=False)["host_ms"].sum()
     disp = []
     for (phase, block), total in (ops_ms.items() if by == "block" else ()):
@@ -117,27 +124,33 @@ def dispatch_unknown(summary: pd.DataFrame) -> str | None:
             "`probe run --deep` or probe.profile(model, inputs, deep=True): they time the same inputs first")
 
 
-def _timed_block_ms(ops: pd.DataFrame, sampled: pd.DataFrame, calls: pd.DataFrame) -> dict:
-    """(phase, block) -> the block's mean time on timed steps of each sampled step's shapes, averaged
-    over the sampled steps that have such timed steps."""
+def _timed_means(blocks: pd.Series, sampled: pd.DataFrame, calls: pd.DataFrame,
+                 values: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per figure of ``values`` (one value per timed call, NaN: none), (phase, block) -> the block's
+    mean on timed steps of each sampled step's shapes, averaged over the sampled steps that have
+    such timed steps (where the figure has a value)."""
+    out: dict[str, dict] = {k: {} for k in values}
     if calls.empty:
-        return {}
-    blocks = set(ops["block"])
-    timed = calls[calls["module"].isin(blocks)]
-    if timed.empty:
-        return {}
-    mean = timed.groupby(["module", *_SHAPE], observed=True)["cpu_ms"].mean()
-    out: dict = {}
-    for block in blocks:
-        for phase, grp in sampled.groupby("phase"):
-            vals = [mean.get((block, phase, int(q), int(kv))) for q, kv in zip(grp["q_len"], grp["kv_len"])]
-            vals = [v for v in vals if v is not None and not np.isnan(v)]
-            if vals:
-                out[(phase, block)] = float(np.mean(vals))
+        return out
+    blocks = set(blocks.dropna())
+    keep = calls["module"].isin(blocks).to_numpy()
+    if not keep.any():
+        return out
+    timed = calls.loc[keep, ["module", *_SHAPE]].assign(**{f"_{k}": v[keep] for k, v in values.items()})
+    means = timed.groupby(["module", *_SHAPE], observed=True)[[f"_{k}" for k in values]].mean()
+    for key in values:
+        mean = means[f"_{key}"]
+        for block in blocks:
+            for phase, grp in sampled.groupby("phase"):
+                vals = [mean.get((block, phase, int(q), int(kv))) for q, kv in zip(grp["q_len"], grp["kv_len"])]
+                vals = [v for v in vals if v is not None and not np.isnan(v)]
+                if vals:
+                    out[key][(phase, block)] = float(np.mean(vals))
     return out
 
 
-def memory_ledger(ledger: pd.DataFrame, ops: pd.DataFrame, tied: dict | None = None) -> pd.DataFrame:
+def memory_ledger(ledger: pd.DataFrame, ops: pd.DataFrame, tied: dict | None = None,
+                  calls: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per phase and block (and the whole step, ``(step)``): weights, KV cache, activations,
     temporaries and the peak of live tensor bytes above the block's start, per sampled step.
     See :mod:`probe.recording.deep_frames` for what each category holds.
@@ -145,7 +158,16 @@ def memory_ledger(ledger: pd.DataFrame, ops: pd.DataFrame, tied: dict | None = N
     ``tied``: the deep run's ``meta["deep"]["tied_weights"]`` (:func:`probe.recording.deep_ops.tied_weights`); a block's
     ``shared_weights_bytes`` is the part of its weights tied to another module's (0 without it).
     Such weights show in full in each block that holds them and once in ``(step)``, the total to
-    read (the blocks' weights added up would count a tied tensor twice)."""
+    read (the blocks' weights added up would count a tied tensor twice).
+
+    ``calls``: the run's timed calls. On CUDA, where they carry the allocator's counters
+    (``mem_before_bytes``, ``mem_after_bytes``, ``mem_peak_bytes``), each block also gets them
+    beside the ledger's own figures: ``allocator_added_bytes`` (after less before) and
+    ``allocator_peak_added_bytes`` (peak less before), the mean over the block's timed calls of
+    each sampled step's phase, query and cache lengths, as ``(dispatch and Python)`` is joined in
+    :func:`op_summary`: the deep pass's own calls are not in the frames (its steps are untimed),
+    so the join is by shapes, never call by call. Absent where no timed call has them (a CPU run,
+    a deep pass alone); the ``(step)`` row has none (no call spans the whole forward)."""
     if ledger.empty:
         return schema.empty(MEMORY_LEDGER)
     blocks = list(dict.fromkeys(ops["block"].dropna()))
@@ -156,6 +178,14 @@ def memory_ledger(ledger: pd.DataFrame, ops: pd.DataFrame, tied: dict | None = N
     out = per_step.groupby(["phase", "block"], sort=False).agg(
         steps=("step", "size"), **{c: (c, "mean") for c in cols}).reset_index()
     out["shared_weights_bytes"] = [float((tied or {}).get(b, {}).get("bytes", 0)) for b in out["block"]]
+    if calls is not None and "mem_before_bytes" in calls.columns:
+        before = schema.floats(calls, "mem_before_bytes")
+        sampled = keep.drop_duplicates(_step_keys(keep))[[*_step_keys(keep), *_SHAPE]]
+        got = _timed_means(pd.Series(blocks, dtype=object), sampled, calls, {
+            "allocator_added_bytes": schema.floats(calls, "mem_after_bytes") - before,
+            "allocator_peak_added_bytes": schema.floats(calls, "mem_peak_bytes") - before})
+        for col, by in got.items():
+            out[col] = [by.get(k, np.nan) for k in zip(out["phase"], out["block"])]
     order = {b: i for i, b in enumerate([STEP, *blocks])}
     out = out.sort_values(["phase", "block"], key=lambda s: ranked(s, order) if s.name == "block" else s,
                           ascending=[False, True], kind="stable")

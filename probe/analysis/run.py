@@ -265,8 +265,8 @@ class Run:
                 continue  # written only for a run with a deep pass
             buf = io.BytesIO()
             frame = getattr(self, key)
-            if key == "calls":  # columns all null here (CUDA ones on a CPU run) are not written
-                frame = schema.conform(frame, CALLS)
+            if schema.absent_when_null(schema.FRAMES[key]):  # columns all null here (CUDA ones on a CPU run)
+                frame = schema.conform(frame, schema.FRAMES[key])  # are not written
             frame.to_parquet(buf, index=False)
             blobs[name] = buf.getvalue()
         meta = dict(self.meta)

@@ -34,7 +34,8 @@ from ..schema import ALLOCATIONS, LEDGER, OPS, STR
 from .cache import cache_tensors, find_cache
 from .deep_calls import calibrate, others_active
 from .deep_ops import OpMode, StepLog, parameter_bytes, storage_bytes, tied_weights
-from .deep_twin import TWIN_AFTER, TWIN_METHOD, TwinProfiler, event_cost_ns, fallback, op_clock, twin_times
+from .deep_twin import (NO_DEVICE, TWIN_AFTER, TWIN_METHOD, TwinProfiler, cuda_profilable, event_cost_ns, fallback,
+                        op_clock, read_twin)
 from . import attnfn
 from .discovery import select_modules
 from .hotpath import PartialWrapper
@@ -149,6 +150,7 @@ class DeepObserver(Observer):
         self._prefill_for: StepLog | None = None  # set while a prefill twin's generate runs
         self._twin_run: RunRec | None = None
         self._event_ns: float | None = None  # the profiler's own cost of one event (measured once)
+        self._cuda = False  # the model holds a CUDA parameter or buffer (install)
         # per op signature index (``sigs``), its overload and the profiler's name of it, added as
         # signatures are (``_sig_ops``)
         self._sig_funcs: list = []
@@ -165,6 +167,7 @@ class DeepObserver(Observer):
         self.blocks = frozenset(i for i, n in enumerate(self.labels) if n in blocks)
         self.weights = {n: parameter_bytes(m) for n, m in named}
         self.tied = tied_weights(model)
+        self._cuda = holds_cuda(model)
         self.recorder = recorder
         self._model_ref = weakref.ref(model)
         stack.callback(self._close, None)
@@ -266,7 +269,10 @@ class DeepObserver(Observer):
         try:
             if self._event_ns is None:  # normally measured when the sampled step closed (_close)
                 self._event_ns = event_cost_ns()
-            self._profiler.start()
+            if target.cuda and cuda_profilable():
+                self._profiler.start(device=True)
+            else:
+                self._profiler.start()
         except Exception:  # the probe's own failure must never cost the user their forward
             log.debug("probe: could not start the profiler of a twin step", exc_info=True)
             target.clock = fallback(target, "failed")
@@ -290,10 +296,12 @@ class DeepObserver(Observer):
             target.clock = fallback(target, "failed")
             self._calibrate([target])
             return
+        device = self._profiler.device
         try:
             names = self._sig_ops()[1]
             ops = target.op_sigs()
-            times, matched = twin_times([names[k] for k in ops], results, self._event_ns or 0.0)
+            got = read_twin([names[k] for k in ops], results, self._event_ns or 0.0, device=device)
+            times, matched = got.host_ns, got.matched
         except Exception:
             log.debug("probe: could not read the profiler of a twin step", exc_info=True)
             target.clock = fallback(target, "failed")
@@ -307,6 +315,9 @@ class DeepObserver(Observer):
                         if twin.index == 0 else f"step {twin.index}",
                         "matched": matched, "of": target.n_ops,
                         "event_ns": round(self._event_ns or 0.0, 1)}
+        if target.cuda:  # a CPU step's clock stays as it was: no device keys
+            target.clock.update(_device_clock(got if device else None))
+            target.twin_device_ns = got.device_ns if device else None
 
     def _sig_ops(self) -> tuple[list, list[str]]:
         """Per op signature index, the op's overload and its name as torch.profiler writes it
@@ -361,6 +372,7 @@ class DeepObserver(Observer):
             except Exception:  # an exotic cache: the ledger then has no KV part
                 log.debug("probe: could not read the cache of a deep step", exc_info=True)
         kv = steplog.close(held)
+        steplog.cuda = self._cuda or (result is not None and on_cuda(result))
         # the overloads first seen on this step: what calling each from Python adds is measured
         # only where one of its ops keeps the mode's clock (no twin, or unmatched on it)
         for func, sample in mode.samples.items():
@@ -478,7 +490,43 @@ class DeepObserver(Observer):
                          "op_clock": op_clock(records["steps"]),
                          "twin_run_ids": twins,
                          "torch_version": torch.__version__}}
+        if any(getattr(s[5], "cuda", False) for s in records["steps"]):  # CUDA steps only: a CPU run's meta as it was
+            meta["deep"]["gpu_times"] = ("ops.gpu_ms: on the same twin step, the summed duration of the kernels, "
+                                         "memcpys and memsets each matched op launched (kineto's correlation id "
+                                         "ties a device event to the op running at its launch; the events nested "
+                                         "in the op's outermost one count as its own); 0: none launched; null: "
+                                         "unmatched or no twin (op_clock's gpu_matched and gpu_why say per step)")
         return Contribution(runs=pd.DataFrame(row), built=built, meta=meta, untimed=frozenset(ids + twins))
+
+
+def holds_cuda(model: Any) -> bool:
+    """The model holds a CUDA parameter or buffer (where CUDA is available at all)."""
+    if not torch.cuda.is_available():
+        return False
+    return any(t.is_cuda for t in model.parameters()) or any(t.is_cuda for t in model.buffers())
+
+
+def on_cuda(result: tuple) -> bool:
+    """A forward's ``(kwargs, output)`` holds a CUDA tensor at its top level (its logits, the
+    input ids): the step ran on CUDA though the model's weights were elsewhere between calls
+    (offloaded)."""
+    kwargs, out = result
+    values = [getattr(out, "logits", None), *(kwargs or {}).values()]
+    return any(isinstance(v, torch.Tensor) and v.is_cuda for v in values)
+
+
+def _device_clock(got: Any) -> dict:
+    """A CUDA step's device keys of its ``op_clock`` entry: the ops with a device time, the twin's
+    device work in all and in matched ops (ms); or why it has none (``gpu_why``)."""
+    if got is None:
+        return {"gpu_matched": 0, "gpu_why": NO_DEVICE["cupti"]}
+    info = got.device or {}
+    out = {"gpu_matched": got.matched if got.device_ns is not None else 0,
+           "gpu_total_ms": info.get("total_ns", 0) / 1e6, "gpu_matched_ms": info.get("matched_ns", 0) / 1e6,
+           "gpu_ops": int(info.get("ops", 0))}
+    if "why" in info:
+        out["gpu_why"] = info["why"]
+    return out
 
 
 def _attention_call(fn: Any, steplog: StepLog, code_of: Any) -> Any:

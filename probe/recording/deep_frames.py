@@ -70,6 +70,10 @@ def deep_frames(steps: tuple, sigs: dict, labels: list[str], weights: dict[str, 
         for col, values in zip(("in_shapes", "in_dtypes", "out_shapes", "out_dtypes"), sig_cols):
             part[col] = values[sig]
         part["host_ms"] = ns * 1e-6
+        dev = getattr(lg, "twin_device_ns", None)
+        if dev is not None and len(dev) == n:  # CUDA: each op's device time on the twin (deep_twin.read_twin)
+            d = np.frombuffer(dev, dtype=np.int64)
+            part["gpu_ms"] = np.where(d >= 0, d * 1e-6, np.nan)
         part["flops"] = pd.array(np.where(known[sig], flops_of[sig], 0), dtype="Int64")
         part.loc[~known[sig], "flops"] = pd.NA
         part["bytes_read_est"], part["bytes_written_est"], part["alloc_bytes"] = o[:, 5], o[:, 6], o[:, 7]

@@ -163,6 +163,10 @@ class StepLog:
         # op times were taken (see probe.recording.deep_twin); None: the mode's clock
         self.twin_ns: array | None = None
         self.clock: dict | None = None
+        # on CUDA: whether the step ran there (its twin then records the device's work too), and per
+        # op its device time on the twin (ns; -1: not measured; None: none read: a CPU step)
+        self.cuda = False
+        self.twin_device_ns: array | None = None
         # the model's own forward (the step) is the outermost call: its hooks ran before the step opened
         root = [0, 0, 0, None, 0, 0, 0, None, None]
         self.calls.append(root)

@@ -21,6 +21,27 @@ own inside it) are aligned with the mode's ops by name (:func:`align`: the two s
 the same but for a few ops one instrument sees and the other does not), and a matched op gets
 the event's time less the profiler's own cost of each event nested inside it (:func:`event_cost_ns`).
 An op left unmatched keeps the mode's clock.
+
+On CUDA (a sampled step whose model or output is on a CUDA device, where kineto can record CUDA
+activity: :func:`cuda_profilable`) the twin's profiler records the device's work too, and each
+matched op also gets its device time (:func:`read_twin`, the ops frame's ``gpu_ms``): the summed
+duration of the kernels, memcpys and memsets launched inside the op's outermost event. A device
+event is tied to the CPU op that launched it by kineto's correlation id (the device event's
+``linked_correlation_id()`` is the ``correlation_id()`` of the innermost op running at the launch;
+:func:`device_ns_by_op`), not by timestamps: a kernel runs asynchronously, queued behind earlier
+work, and mostly starts and ends after the CPU event of the op that launched it has closed, so no
+time window of the op holds it; the correlation id names its op whenever it runs. The ids of every
+event nested in the outermost one are summed with its own (``aten::linear`` launches nothing
+itself; the ``aten::addmm`` inside it does). This is what ``FunctionEvent.device_time_total``
+of torch's own event list adds up too, but that list is built for every event of the step (a
+``FunctionEvent`` each, its tree, its memory records: the cost :class:`TwinProfiler` avoids by
+reading the raw results once); :func:`read_twin` walks the raw events once, as :func:`outermost`
+does. The figure is a sum of kernel durations (device busy time), not a span: queueing before a
+kernel and idle gaps are in no op's time, and kernels of one op overlapping on two streams count
+twice. The profiler stops with a device synchronisation (torch's ``profile.__exit__``), so the
+twin step's last kernels are recorded. Host times of a CUDA twin carry CUPTI's cost of tracing
+each launch (its ``cudaLaunchKernel`` events are kept out of the walk and of the nested-event
+count, not taken out of the op's time).
 """
 
 from __future__ import annotations
@@ -31,6 +52,7 @@ import sys
 import tempfile
 import time
 from array import array
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -67,6 +89,17 @@ WINDOW = 24
 #: Python dispatch mode ``aten::_reshape_alias`` (a ``reshape`` that needs no copy, after the CPU
 #: SDPA kernel) reaches the mode as the ``view`` it decomposes to
 SAME_OP = {"aten::_reshape_alias": "aten::view"}
+#: kineto activity types of the device's own work, whose durations make an op's device time
+DEVICE_WORK = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+#: kineto activity types of host events CUPTI records for the CUDA runtime and driver calls (a
+#: launch): on the forward's thread beside the ops, never an op, nor an event the profiler's own
+#: per-event cost (event_ns) is about
+RUNTIME = frozenset({"cuda_runtime", "cuda_driver", "privateuse1_runtime", "privateuse1_driver"})
+#: why a sampled step on CUDA has no device times, by case (``clock["gpu_why"]``)
+NO_DEVICE = {
+    "cupti": "this build's profiler records no CUDA activity (kineto without CUPTI): no device times",
+    "none": "the twin's profiler recorded no device work",
+}
 #: what this build's profiler prints to stderr at each start and stop (kineto's USDT probe lines)
 PROFILER_LINES = ("USDT:", "SyncActivityProfilerHandler")
 
@@ -103,24 +136,41 @@ def quietly(fn: Callable[[], Any]) -> Any:
         sink.close()
 
 
+def cuda_profilable() -> bool:
+    """Whether this build's kineto records CUDA activity on this machine (CUPTI; a CUDA device)."""
+    try:
+        from torch.profiler import ProfilerActivity, supported_activities
+
+        return torch.cuda.is_available() and ProfilerActivity.CUDA in supported_activities()
+    except Exception:  # a build without kineto
+        return False
+
+
 class TwinProfiler:
-    """torch.profiler (kineto, CPU activity alone) around one twin step; :meth:`stop` hands back
-    its raw results (read them at once and drop them: they hold every event of the step)."""
+    """torch.profiler (kineto, CPU activity alone; with ``device=True`` CUDA activity too) around
+    one twin step; :meth:`stop` hands back its raw results (read them at once and drop them: they
+    hold every event of the step)."""
 
     def __init__(self) -> None:
         self._prof: Any = None
+        self.device = False  # the profiler running (or last run) records CUDA activity
 
     @property
     def running(self) -> bool:
         return self._prof is not None
 
-    def start(self) -> None:
+    def start(self, device: bool = False) -> None:
+        """Start it; ``device``: record CUDA activity too (only where :func:`cuda_profilable`: the
+        legacy fallback torch takes without CUPTI times each op with CUDA events, which the twin's
+        host times must not carry)."""
         from torch.autograd import profiler
 
+        kw = {"use_device": "cuda"} if device else {}
         prof = profiler.profile(use_cpu=True, use_kineto=True, record_shapes=False, profile_memory=False,
-                                with_stack=False)
+                                with_stack=False, **kw)
         quietly(prof.__enter__)
         self._prof = prof
+        self.device = device
 
     def stop(self) -> Any:
         """The profiler's raw results (``None``: it was not running)."""
@@ -168,33 +218,81 @@ def event_cost_ns(rounds: int = 7, n: int = 300) -> float:
     return loop_event_ns(profiled, rounds, n)
 
 
-def outermost(results: Any, names: set[str]) -> tuple[list[str], list[int], list[int]]:
-    """The profiler's outermost events whose names are in ``names`` (none of ``names`` around
-    them: what the dispatch mode sees as one op), in order, on the thread that ran the most
-    events (the one the forward ran on): their names, durations (ns) and the events nested
-    inside each (each carries the profiler's own cost inside the op's time)."""
+def _kind(e: Any) -> str | None:
+    """A kineto event's activity type (``"cpu_op"``, ``"kernel"``, ``"cuda_runtime"``, ...); ``None``
+    where this build does not say."""
+    try:
+        return e.activity_type()
+    except AttributeError:
+        return None
+
+
+def _on_host(e: Any) -> bool:
+    """An event of the host's own (an op, an annotation), not the device's work nor a runtime call."""
+    return str(e.device_type()).rsplit(".", 1)[-1] == "CPU" and _kind(e) not in RUNTIME
+
+
+def device_ns_by_op(results: Any) -> tuple[dict[int, int], int]:
+    """The device work of a profiler's results (:data:`DEVICE_WORK`) by the CPU op that launched
+    it: ``{the op's correlation id: summed duration in ns}``, and the duration of all of it (ns;
+    the part linked to no op is in the total only)."""
+    by_op: dict[int, int] = {}
+    total = 0
+    for e in results.events():
+        if _kind(e) not in DEVICE_WORK or _on_host(e):
+            continue
+        ns = max(int(e.duration_ns()), 0)
+        total += ns
+        op = e.linked_correlation_id()
+        if op > 0:
+            by_op[op] = by_op.get(op, 0) + ns
+    return by_op, total
+
+
+def _walk(results: Any, names: set[str], device: dict[int, int] | None) -> tuple[list, list, list, list]:
+    """:func:`outermost`, and with ``device`` (:func:`device_ns_by_op`) each event's device ns: its
+    own and that of every event nested in it (an empty list without)."""
     by_thread: dict[int, list] = {}
     for e in results.events():
-        by_thread.setdefault(e.start_thread_id(), []).append(e)
+        if _on_host(e):
+            by_thread.setdefault(e.start_thread_id(), []).append(e)
     if not by_thread:
-        return [], [], []
+        return [], [], [], []
     events = max(by_thread.values(), key=len)
-    spans = sorted((e.start_ns(), -e.duration_ns(), e.name()) for e in events)
+    if device is None:
+        spans = sorted((e.start_ns(), -e.duration_ns(), e.name(), 0) for e in events)
+    else:
+        spans = sorted((e.start_ns(), -e.duration_ns(), e.name(), device.get(e.correlation_id(), 0))
+                       for e in events)
     out_names: list[str] = []
     out_ns: list[int] = []
     nested: list[int] = []
+    dev: list[int] = []
     end = -1  # the end of the counted event open now (-1: none)
-    for start, neg, name in spans:
+    for start, neg, name, d in spans:
         if start < end:  # inside a counted event: the profiler's own cost is in its time
             nested[-1] += 1
+            if device is not None:
+                dev[-1] += d
             continue
         name = SAME_OP.get(name, name)
         if name in names:
             out_names.append(name)
             out_ns.append(-neg)
             nested.append(0)
+            if device is not None:
+                dev.append(d)
             end = start - neg
-    return out_names, out_ns, nested
+    return out_names, out_ns, nested, dev
+
+
+def outermost(results: Any, names: set[str]) -> tuple[list[str], list[int], list[int]]:
+    """The profiler's outermost events whose names are in ``names`` (none of ``names`` around
+    them: what the dispatch mode sees as one op), in order, on the thread that ran the most
+    events (the one the forward ran on): their names, durations (ns) and the events nested
+    inside each (each carries the profiler's own cost inside the op's time). Only the host's
+    own events count: the device's, and the runtime calls CUPTI records beside the ops, do not."""
+    return _walk(results, names, None)[:3]
 
 
 def align(a: list[str], b: list[str]) -> list[tuple[int, int]]:
@@ -238,12 +336,45 @@ def twin_times(op_names: list[str], results: Any, event_ns: float) -> tuple[arra
     time on the twin step whose profiler ``results`` are given, in ns (``-1``: unmatched, the
     mode's clock stays), and how many were matched. The profiler's own cost of each nested event
     (``event_ns``) is taken out."""
-    names, ns, nested = outermost(results, set(op_names))
+    got = read_twin(op_names, results, event_ns, device=False)
+    return got.host_ns, got.matched
+
+
+@dataclass
+class TwinTimes:
+    """What :func:`read_twin` reads of a twin step, per op of the sampled step (``-1``: none)."""
+
+    host_ns: array  # host time, the profiler's own cost of nested events taken out
+    matched: int  # ops matched on the twin
+    # device time (ns) of each matched op (0: it launched no device work); None: not read (CPU),
+    # or the twin recorded no device work at all (then ``device["why"]`` says so)
+    device_ns: array | None = None
+    # with device=True: the twin's device work in all (``total_ns``), the part in matched ops
+    # (``matched_ns``) and the matched ops that launched some (``ops``); None on CPU
+    device: dict | None = None
+
+
+def read_twin(op_names: list[str], results: Any, event_ns: float, *, device: bool) -> TwinTimes:
+    """:func:`twin_times`, and with ``device`` (a twin profiled with CUDA activity) each matched op's
+    device time: the device work linked (by correlation id) to its outermost event or any event
+    nested in it (see the module doc)."""
+    by_op, total = device_ns_by_op(results) if device else ({}, 0)
+    names, ns, nested, dev = _walk(results, set(op_names), by_op if device else None)
     out = array("q", [-1]) * len(op_names)
     pairs = align(op_names, names)
     for i, j in pairs:
         out[i] = max(int(ns[j] - nested[j] * event_ns), 0)
-    return out, len(pairs)
+    if not device:
+        return TwinTimes(out, len(pairs))
+    info = {"total_ns": total, "matched_ns": 0, "ops": 0}
+    if total <= 0:  # no device work at all: a 0 per op would claim a measurement
+        return TwinTimes(out, len(pairs), None, {**info, "why": NO_DEVICE["none"]})
+    dns = array("q", [-1]) * len(op_names)
+    for i, j in pairs:
+        dns[i] = dev[j]
+        info["matched_ns"] += dev[j]
+        info["ops"] += dev[j] > 0
+    return TwinTimes(out, len(pairs), dns, info)
 
 
 def fallback(steplog: Any, why: str) -> dict:
@@ -264,5 +395,7 @@ def op_clock(steps: tuple) -> dict:
         got["methods"].add(clock["method"])
         got["matched"] += int(clock["matched"])
         got["of"] += int(clock["of"])
+        if "gpu_matched" in clock:  # a CUDA step (a CPU run's entries stay as they were)
+            got["gpu_matched"] = got.get("gpu_matched", 0) + int(clock["gpu_matched"])
     phases = {ph: {"method": " and ".join(sorted(v.pop("methods"))), **v} for ph, v in by_phase.items()}
     return {**phases, "steps": per_step}
