@@ -120,6 +120,7 @@ def distinct_text(values: pd.Series) -> list[str]:
 def per_step_sum(calls: pd.DataFrame, col: str, roles) -> dict[str, pd.Series]:
     """Per run id, the sum of ``col`` over the calls with a role in ``roles``, per step (a Series
     indexed by step; steps with no such call are absent), worked out on integer codes."""
+    from probe.analysis.grouping import codes_in_order
     from probe.analysis.labels import factorized
     from probe.columns import ints
 
@@ -137,13 +138,19 @@ def per_step_sum(calls: pd.DataFrame, col: str, roles) -> dict[str, pd.Series]:
     n = len(iu) * span
     key = ic.astype(np.int64) * span
     key += step
-    key[~keep] = n  # the calls not summed, in a bin of their own
     vals = calls[col].to_numpy(dtype="float64", na_value=np.nan)
     if np.isnan(vals.sum()):
         vals = np.nan_to_num(vals)  # a call without the value adds nothing, as a pandas sum skips it
+    if n > 4 * len(calls) + (1 << 20):  # sparse (run, step) pairs: summed on the pairs met, not a table of all
+        codes, pairs = codes_in_order(key[keep], n)
+        total = np.bincount(codes, weights=vals[keep], minlength=len(pairs))
+        run, at = np.divmod(np.asarray(pairs, np.int64), span)
+        return {str(r): pd.Series(total[run == i], index=at[run == i]).sort_index()
+                for i, r in enumerate(iu) if (run == i).any()}
+    key[~keep] = n  # the calls not summed, in a bin of their own
     total = np.bincount(key, weights=vals, minlength=n + 1)[:n].reshape(len(iu), span)
     seen = np.bincount(key, minlength=n + 1)[:n].reshape(len(iu), span) > 0
-    return {str(r): pd.Series(total[i][seen[i]], index=np.flatnonzero(seen[i])) for i, r in enumerate(iu)}
+    return {str(r): pd.Series(total[i][seen[i]], index=np.flatnonzero(seen[i])) for i, r in enumerate(iu) if seen[i].any()}
 
 
 @functools.lru_cache(maxsize=16)

@@ -109,8 +109,9 @@ def icicle(calls: pd.DataFrame, steps: pd.DataFrame, phase: Phase = "decode", ma
 
 def _layer_role_tables(ph: "accounting.Phases", phases) -> list[tuple[str, pd.DataFrame]]:
     """Per phase with decoder-layer calls, self ms per step of each (layer, role-level name):
-    summed for every phase at once on integer keys (a null skipped, as a pivot table of the
-    names skips it), without a string per call, a sort, or a copy of the calls."""
+    summed for every phase at once on integer keys (a call without a role or phase skipped, as
+    a pivot table of the names skips it), without a string per call, a sort, or a copy of the
+    calls."""
     c = ph.calls
     if c.empty:
         return []
@@ -126,9 +127,9 @@ def _layer_role_tables(ph: "accounting.Phases", phases) -> list[tuple[str, pd.Da
     key *= n_layer
     key += layer
     key *= width
-    key += codes % width
+    key += codes
     size = len(pu) * n_layer * width
-    key[(layer < 0) | (pc < 0)] = size  # calls outside every layer: a bin of their own
+    key[(layer < 0) | (pc < 0) | (codes < 0)] = size  # calls outside every layer: a bin of their own
     vals = ph.floats("self_ms")
     if np.isnan(vals.sum()):
         vals = np.nan_to_num(vals)

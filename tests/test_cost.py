@@ -12,6 +12,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -609,7 +610,7 @@ def test_ridge_and_peaks_never_read_zero(bundled_run):
     ("mistral", "blocks", {"sliding_window": 4}),  # a window: the per-call path
     ("gpt2", "sublayers", {}),
 ])
-def test_group_costs_are_the_sums_of_annotate_per_block(model_type, depth, overrides):
+def test_group_costs_are_the_sums_of_annotate_per_block(model_type, depth, overrides, monkeypatch):
     """The roofline's FLOPs and bytes per (role, phase), summed by signature, equal the sums of
     annotate's per-call figures, on the fast path and on the per-call one alike."""
     import numpy as np
@@ -621,7 +622,12 @@ def test_group_costs_are_the_sums_of_annotate_per_block(model_type, depth, overr
     run = p.run
     groups, frame = key_codes(run.calls, ["role", "phase"])
     costed = cost.annotate(run.calls, model)
+    paths = []
+    by_signature = cost._group_sums
+    monkeypatch.setattr(cost, "_group_sums", lambda *a: paths.append(by_signature(*a) is not None) or by_signature(*a))
     got_f, got_b = cost.group_costs(run.calls, model, groups, len(frame))
+    # by signature at depth blocks without a window; per call with a window or the attention function
+    assert paths == [model_type == "llama" and depth == "blocks"]
     want_f = group_sum(groups, len(frame), costed["flops"].to_numpy(), 1)
     want_b = group_sum(groups, len(frame), costed["bytes_moved"].to_numpy(), 1)
     assert np.isfinite(want_f).any()
@@ -631,3 +637,17 @@ def test_group_costs_are_the_sums_of_annotate_per_block(model_type, depth, overr
     pd.testing.assert_frame_equal(
         rl.roofline(run.calls, None, run.steps, costs=lambda g, n: cost.group_costs(run.calls, model, g, n)),
         rl.roofline(costed, None, run.steps), rtol=1e-12)
+
+
+def test_a_call_without_a_role_stays_among_the_blocks_in_the_roofline():
+    """The whole-forward row is each phase's last; a call with a null role is a block row."""
+    model = tiny_model("llama")
+    with probe.attach(model, depth="sublayers") as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    costed = cost.annotate(p.run.calls, model)
+    first = int(np.flatnonzero((costed["role"] == "attention").to_numpy())[0])
+    named = costed.assign(role=costed["role"].astype(object).where(costed.index != first, "unnamed"))
+    unnamed = costed.assign(role=costed["role"].astype(object).where(costed.index != first, None))
+    want = rl.roofline(named, None, p.run.steps)["module"].tolist()
+    got = rl.roofline(unnamed, None, p.run.steps)["module"].astype(object).fillna("unnamed").tolist()
+    assert got == want  # the null role's row where a role of no block's name would be, not after the blocks

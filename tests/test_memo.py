@@ -126,8 +126,8 @@ def test_a_tree_without_nested_calls_read_from_the_summary_equals_the_tree_built
     accounting.summary(run.calls, run.steps)
     assert memo.peek("summary", None, run.calls, run.steps) is not None
     for d, want in alone.items():
-        memo.clear() if d is None else None
-        accounting.summary(run.calls, run.steps)
+        memo.clear()
+        accounting.summary(run.calls, run.steps)  # kept: the tree is read from it
         pd.testing.assert_frame_equal(accounting.tree_table(run.calls, run.steps, d), want, check_exact=True)
 
 
@@ -149,3 +149,20 @@ def test_block_rows_summed_from_modules_equal_the_blocks_summed_from_calls(depth
                                   kind="stable").drop(columns=["level", "_o"]).reset_index(drop=True)
     got = summ[~summ["name"].isin([accounting.RESIDUE, accounting.PROBE])].reset_index(drop=True)
     pd.testing.assert_frame_equal(got[list(want.columns)], want, check_dtype=False, rtol=1e-12)
+
+
+@pytest.mark.parametrize("col", ["role", "phase", "module"])
+def test_a_call_without_a_key_is_its_own_tree_row_whether_or_not_the_summary_was_built(col):
+    """A call with a null module, phase or role: the tree is the same built alone and after the
+    summary (which it is then not read from)."""
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="blocks") as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    calls = p.run.calls.copy()
+    at = int(np.flatnonzero((calls["module"] == "model.norm").to_numpy() & (calls["step"] == 1).to_numpy())[0])
+    calls[col] = calls[col].astype(object).where(np.arange(len(calls)) != at, None).astype(calls[col].dtype)
+    memo.clear()
+    alone = accounting.tree_table(calls, p.run.steps)
+    memo.clear()
+    accounting.summary(calls, p.run.steps)
+    pd.testing.assert_frame_equal(accounting.tree_table(calls, p.run.steps), alone, check_exact=True)

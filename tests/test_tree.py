@@ -489,3 +489,19 @@ def test_blocks_output_bytes_per_step_are_the_groupby():
         w = want.xs(rid, level=0)
         assert series.index.tolist() == sorted(w.index.tolist())
         np.testing.assert_array_equal(series.to_numpy(), w.sort_index().to_numpy(dtype="float64"))
+
+
+def test_blocks_output_bytes_per_step_on_sparse_steps_are_the_groupby():
+    """Steps numbered far apart (a table of every step would be large): summed on the steps met."""
+    from reports.figure_base import per_step_sum
+    from probe.schema import BLOCK_ROLES
+
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="blocks") as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    calls = p.run.calls.assign(step=lambda f: f["step"] * 10_000_000)
+    got = per_step_sum(calls, "out_bytes", BLOCK_ROLES)
+    want = calls[calls["role"].isin(BLOCK_ROLES)].groupby("step")["out_bytes"].sum()
+    (series,) = got.values()
+    assert series.index.tolist() == want.index.tolist()
+    np.testing.assert_array_equal(series.to_numpy(), want.to_numpy(dtype="float64"))

@@ -217,7 +217,7 @@ def annotate(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) ->
     if n == 0:
         return calls.assign(**{col: pd.Series([], dtype=dt, index=calls.index) for col, dt in COST.items()})
 
-    flops, nbytes = _evaluate(calls, *_coefficients(calls, model_or_config, dtype))
+    flops, nbytes = _evaluate(calls, *_coefficients(calls, model_or_config, dtype, pd.factorize(calls["module"])))
     with np.errstate(invalid="ignore", divide="ignore"):
         intensity = np.where(nbytes > 0, flops / nbytes, np.nan)
     return calls.assign(
@@ -227,10 +227,11 @@ def annotate(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) ->
     )
 
 
-def _coefficients(calls: pd.DataFrame, model_or_config: Any, dtype: Any) -> tuple:
+def _coefficients(calls: pd.DataFrame, model_or_config: Any, dtype: Any, modules: tuple) -> tuple:
     """Step 1 of :func:`annotate`: each call's module code and, per distinct module, its
-    coefficients, as recorded with the run or from the model."""
-    mod_codes, mod_uniques = factorized(calls, "module")  # the frame's own, kept for its other tables
+    coefficients, as recorded with the run or from the model (``modules``: the calls' module
+    codes and names)."""
+    mod_codes, mod_uniques = modules
     nm = len(mod_uniques)
     facts = recorded_costs(model_or_config) if dtype is None else None
     found = _table_from_facts(facts, mod_uniques, nm) if facts is not None else None
@@ -244,8 +245,8 @@ def group_costs(calls: pd.DataFrame, model_or_config: Any, groups: np.ndarray, n
     where no call of the group has one), without a column per call where the formulas allow:
     a call's cost is a constant of its signature plus a multiple of its KV length, so a group's
     sum is its count of each signature times the constants plus one weighted sum of the KV
-    lengths (the same figures up to rounding; a sliding window or calls without tensor
-    arguments take the per-call path).
+    lengths (the same figures up to rounding; a sliding window, calls without tensor arguments,
+    a missing KV length or more than 2**24 (group, signature) pairs take the per-call path).
 
     Args:
         calls, model_or_config: as for :func:`annotate`.
@@ -253,7 +254,10 @@ def group_costs(calls: pd.DataFrame, model_or_config: Any, groups: np.ndarray, n
     """
     if not len(calls):
         return np.full(n, np.nan), np.full(n, np.nan)
-    return _evaluate(calls, *_coefficients(calls, model_or_config, None), groups=(groups, n))
+    # the frame's kept module codes (the report's summary uses them too): a frame is read-only
+    # while its tables are kept (probe.analysis.memo)
+    return _evaluate(calls, *_coefficients(calls, model_or_config, None, factorized(calls, "module")),
+                     groups=(groups, n))
 
 
 def flops_by_category(calls: pd.DataFrame, model_or_config: Any, *, dtype: Any = None) -> pd.DataFrame:

@@ -83,8 +83,8 @@ def blocks_from_modules(ph: "Phases", mods: dict) -> dict | None:
     """The block level's sums from the module level's, where every call is its block's own call
     and none is inside another (depth blocks): each module lies in one block, so a block's sums
     are its modules' (added in another order: equal up to rounding). ``None`` otherwise."""
-    if len(ph.nested):
-        return None
+    if len(ph.nested) or any(int(ph.codes(col)[0].min()) < 0 for col in ("module", "phase", "role")):
+        return None  # nested calls, or calls without a module, phase or role: summed from the calls
     kcodes, names = label_codes(ph.calls, "block")
     if _own(ph, "block", kcodes, names) is not None:
         return None

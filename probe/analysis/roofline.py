@@ -227,7 +227,8 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
     order = {p: i for i, p in enumerate(PHASES)}
     role_order = {r: i for i, r in enumerate(BLOCK_ROLES)}
     out["_p"] = ranked(out["phase"], order, 99)
-    out["_r"] = ranked(out["role"], role_order, 50).where(out["module"] != "(forward)", 98)
+    out["_r"] = ranked(out["role"], role_order, 50).where(
+        (out["module"] != "(forward)").fillna(True).astype(bool), 98)  # a null module is a block row
     out = out.sort_values(["_p", "_r"], kind="stable")
     return _conform(out)
 

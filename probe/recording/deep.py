@@ -24,8 +24,6 @@ import itertools
 import logging
 import math
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,8 +32,9 @@ from ..schema import ALLOCATIONS, LEDGER, OPS, STR
 from .cache import cache_tensors, find_cache
 from .deep_calls import calibrate, others_active
 from .deep_ops import OpMode, StepLog, parameter_bytes, storage_bytes, tied_weights
-from .deep_twin import (NO_DEVICE, TWIN_AFTER, TWIN_METHOD, TwinProfiler, cuda_profilable, event_cost_ns, fallback,
-                        op_clock, read_twin)
+from .deep_plan import DeepPlan, plan_of  # noqa: F401  (re-exported: where readers have found them)
+from .deep_twin import (TWIN_AFTER, TWIN_METHOD, TwinProfiler, cuda_profilable, device_clock, event_cost_ns, fallback,
+                        holds_cuda, on_cuda, op_clock, read_twin)
 from . import attnfn
 from .discovery import select_modules
 from .hotpath import PartialWrapper
@@ -43,78 +42,8 @@ from .observer import Contribution, Observer, RunRec, StepRec
 
 log = logging.getLogger(__name__)
 
-#: decode steps a deep run samples by default (beside the prefill step)
-DEFAULT_DECODE = 3
-#: max_new_tokens assumed where a generate call states none (for spreading the decode samples)
-ASSUMED_NEW_TOKENS = 64
 #: the timing figures of a deep run's row, left empty: the dispatch mode slowed its sampled steps
 UNTIMED_RUN_COLUMNS = ("ttft_ms", "tpot_ms_mean", "tpot_ms_p50", "tpot_ms_p90", "prefill_tok_s", "decode_tok_s")
-
-
-@dataclass(frozen=True)
-class DeepPlan:
-    """Which steps of a deep run are sampled: ``steps`` (explicit step indices) or the prefill
-    step and ``decode`` decode steps spread evenly over the run."""
-
-    decode: int = DEFAULT_DECODE
-    steps: frozenset[int] | None = None
-
-    def chosen(self, max_new_tokens: Any, *, max_steps: int | None = None, decode_stride: int = 1) -> frozenset[int]:
-        """The sampled step indices of one run: within ``max_steps``; decode samples land on
-        steps ``decode_stride`` keeps (1, 1 + stride, ...), before the last :data:`TWIN_AFTER` steps
-        and more than that apart (each is timed on a step after it). Explicit ``steps`` are taken
-        as given."""
-        if self.steps is not None:
-            out = set(self.steps)
-        else:
-            n = max_new_tokens if isinstance(max_new_tokens, int) and max_new_tokens > 0 else ASSUMED_NEW_TOKENS
-            last = max(n - 1, 0)  # the last decode step's index (step 0 is prefill)
-            out = {0}
-            # a decode sample's ops are timed on a step after it (its twin, deep_twin): never the
-            # last steps, and no sample on a step up to its twin
-            hi = last - TWIN_AFTER
-            if hi >= 1 and self.decode > 0:
-                k = min(self.decode, hi)
-                prev = -TWIN_AFTER - 1
-                for i in range(k):
-                    at = 1 + round(i * (hi - 1) / (k - 1)) if k > 1 else 1
-                    at = 1 + ((at - 1) // decode_stride) * decode_stride
-                    if at > prev + TWIN_AFTER:
-                        out.add(at)
-                        prev = at
-            elif last >= 1 and self.decode > 0:  # too short a run for a twin: one step, the mode's clock
-                out.add(1)
-        if max_steps is not None:
-            out = {s for s in out if s < max_steps}
-        return frozenset(out)
-
-    def describe(self) -> str:
-        if self.steps is not None:
-            return f"steps {sorted(self.steps)}"
-        return f"the prefill step and {self.decode} decode step(s) spread over the run"
-
-
-def plan_of(deep: Any) -> DeepPlan | None:
-    """``probe.attach(deep=...)``: ``None``/``False`` (off), ``True`` (the default plan), an int
-    (decode steps to sample beside prefill) or a sequence of step indices.
-
-    Raises:
-        ValueError: any other value, with what to pass instead.
-    """
-    if deep is None or deep is False:
-        return None
-    if deep is True:
-        return DeepPlan()
-    if isinstance(deep, int) and not isinstance(deep, bool):
-        if deep < 0:
-            raise ValueError(f"deep={deep!r}: the number of decode steps to sample must be >= 0")
-        return DeepPlan(decode=deep)
-    if isinstance(deep, (Sequence, set, frozenset)) and not isinstance(deep, (str, bytes)):
-        items = list(deep)
-        if items and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
-            return DeepPlan(steps=frozenset(items))
-    raise ValueError(f"deep must be True, False, a number of decode steps to sample (int >= 0) or a list of "
-                     f"step indices (ints >= 0, step 0 = prefill); got {deep!r}")
 
 
 class DeepObserver(Observer):
@@ -316,7 +245,7 @@ class DeepObserver(Observer):
                         "matched": matched, "of": target.n_ops,
                         "event_ns": round(self._event_ns or 0.0, 1)}
         if target.cuda:  # a CPU step's clock stays as it was: no device keys
-            target.clock.update(_device_clock(got if device else None))
+            target.clock.update(device_clock(got if device else None))
             target.twin_device_ns = got.device_ns if device else None
 
     def _sig_ops(self) -> tuple[list, list[str]]:
@@ -497,36 +426,6 @@ class DeepObserver(Observer):
                                          "in the op's outermost one count as its own); 0: none launched; null: "
                                          "unmatched or no twin (op_clock's gpu_matched and gpu_why say per step)")
         return Contribution(runs=pd.DataFrame(row), built=built, meta=meta, untimed=frozenset(ids + twins))
-
-
-def holds_cuda(model: Any) -> bool:
-    """The model holds a CUDA parameter or buffer (where CUDA is available at all)."""
-    if not torch.cuda.is_available():
-        return False
-    return any(t.is_cuda for t in model.parameters()) or any(t.is_cuda for t in model.buffers())
-
-
-def on_cuda(result: tuple) -> bool:
-    """A forward's ``(kwargs, output)`` holds a CUDA tensor at its top level (its logits, the
-    input ids): the step ran on CUDA though the model's weights were elsewhere between calls
-    (offloaded)."""
-    kwargs, out = result
-    values = [getattr(out, "logits", None), *(kwargs or {}).values()]
-    return any(isinstance(v, torch.Tensor) and v.is_cuda for v in values)
-
-
-def _device_clock(got: Any) -> dict:
-    """A CUDA step's device keys of its ``op_clock`` entry: the ops with a device time, the twin's
-    device work in all and in matched ops (ms); or why it has none (``gpu_why``)."""
-    if got is None:
-        return {"gpu_matched": 0, "gpu_why": NO_DEVICE["cupti"]}
-    info = got.device or {}
-    out = {"gpu_matched": got.matched if got.device_ns is not None else 0,
-           "gpu_total_ms": info.get("total_ns", 0) / 1e6, "gpu_matched_ms": info.get("matched_ns", 0) / 1e6,
-           "gpu_ops": int(info.get("ops", 0))}
-    if "why" in info:
-        out["gpu_why"] = info["why"]
-    return out
 
 
 def _attention_call(fn: Any, steplog: StepLog, code_of: Any) -> Any:

@@ -399,3 +399,33 @@ def op_clock(steps: tuple) -> dict:
             got["gpu_matched"] = got.get("gpu_matched", 0) + int(clock["gpu_matched"])
     phases = {ph: {"method": " and ".join(sorted(v.pop("methods"))), **v} for ph, v in by_phase.items()}
     return {**phases, "steps": per_step}
+
+
+def holds_cuda(model: Any) -> bool:
+    """The model holds a CUDA parameter or buffer (where CUDA is available at all)."""
+    if not torch.cuda.is_available():
+        return False
+    return any(t.is_cuda for t in model.parameters()) or any(t.is_cuda for t in model.buffers())
+
+
+def on_cuda(result: tuple) -> bool:
+    """A forward's ``(kwargs, output)`` holds a CUDA tensor at its top level (its logits, the
+    input ids): the step ran on CUDA though the model's weights were elsewhere between calls
+    (offloaded)."""
+    kwargs, out = result
+    values = [getattr(out, "logits", None), *(kwargs or {}).values()]
+    return any(isinstance(v, torch.Tensor) and v.is_cuda for v in values)
+
+
+def device_clock(got: Any) -> dict:
+    """A CUDA step's device keys of its ``op_clock`` entry: the ops with a device time, the twin's
+    device work in all and in matched ops (ms); or why it has none (``gpu_why``)."""
+    if got is None:
+        return {"gpu_matched": 0, "gpu_why": NO_DEVICE["cupti"]}
+    info = got.device or {}
+    out = {"gpu_matched": got.matched if got.device_ns is not None else 0,
+           "gpu_total_ms": info.get("total_ns", 0) / 1e6, "gpu_matched_ms": info.get("matched_ns", 0) / 1e6,
+           "gpu_ops": int(info.get("ops", 0))}
+    if "why" in info:
+        out["gpu_why"] = info["why"]
+    return out
