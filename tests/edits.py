@@ -9,6 +9,15 @@ import json
 from pathlib import Path
 
 
+def copy_run(src: Path, dst: Path) -> Path:
+    """The files of the run folder ``src`` copied into a new folder ``dst`` (subfolders left out)."""
+    dst.mkdir()
+    for f in Path(src).iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
 def reseal(run_dir: Path, forget: tuple[str, ...] = (), **meta_changes) -> None:
     """Rewrite the manifest of ``run_dir`` for its files as they are now, without the files
     named in ``forget`` (as a run saved before they existed), and apply ``meta_changes`` to

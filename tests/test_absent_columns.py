@@ -20,7 +20,7 @@ from probe.analysis.run import merge
 from probe.cli import main
 from probe.reports.csv_export import read_csv, write_csv
 from dashboards.data import block_memory, combine
-from edits import reseal
+from edits import copy_run, reseal
 from tiny import tiny_llama
 
 CUDA = sorted(schema.CUDA_CALLS)
@@ -126,11 +126,7 @@ def test_report_and_compare_of_runs_with_and_without(cpu_run, gpu_path, tmp_path
 
 
 def test_a_run_saved_with_its_null_columns_loads_and_reports_the_same(cpu_run, tmp_path):
-    old = tmp_path / "old"
-    old.mkdir()
-    for f in cpu_run.path.iterdir():
-        if f.is_file():
-            (old / f.name).write_bytes(f.read_bytes())
+    old = copy_run(cpu_run.path, tmp_path / "old")
     # as a run was saved before the columns could be absent: every column, the CUDA ones null
     schema.conform(cpu_run.calls, schema.CALLS, whole=True).to_parquet(old / "calls.parquet", index=False)
     assert set(CUDA) <= set(pq.read_schema(old / "calls.parquet").names)

@@ -18,7 +18,7 @@ from probe import schema
 from probe.analysis.ops import LEDGER_CUDA, OP_GPU, memory_ledger, op_summary
 from probe.recording.deep_twin import (NO_DEVICE, TWIN_AFTER, TwinProfiler, cuda_profilable, device_ns_by_op,
                                       read_twin, twin_times)
-from edits import reseal
+from edits import copy_run, reseal
 from tiny import tiny_llama
 
 PROMPT = torch.tensor([[5, 9, 14, 3, 22, 7, 31, 8]])
@@ -54,11 +54,7 @@ def test_a_cpu_deep_run_has_no_gpu_column_in_memory_or_on_disk_and_loads_back_eq
 def test_an_ops_file_saved_with_the_column_all_null_loads_without_it(cpu_deep, tmp_path):
     """As a writer that kept every column (``conform(whole=True)``) would have saved it."""
     _, back = cpu_deep
-    old = tmp_path / "old"
-    old.mkdir()
-    for f in back.path.iterdir():
-        if f.is_file():
-            (old / f.name).write_bytes(f.read_bytes())
+    old = copy_run(back.path, tmp_path / "old")
     schema.conform(back.ops, schema.OPS, whole=True).to_parquet(old / "ops.parquet", index=False)
     assert OP_GPU in pq.read_schema(old / "ops.parquet").names
     reseal(old)

@@ -16,7 +16,7 @@ from probe.analysis import tree
 from probe.analysis.part import ANALYSIS_COLUMNS, KEY_COLUMNS
 from probe.analysis.run import RunLoadError, RunSaveError
 from probe.schema import CALLS, CUDA_CALLS  # a CPU run: the CUDA columns are absent
-from edits import reseal
+from edits import copy_run, reseal
 from tiny import tiny_llama, used_categories
 
 
@@ -131,10 +131,7 @@ def test_a_bad_selection_is_a_value_error_before_any_file_is_read(kw, message, s
 
 def test_a_part_is_checked_as_a_whole_load_is(saved, tmp_path):
     """The manifest covers every file whole, so a file edited outside the part read is refused."""
-    d = tmp_path / "run"
-    d.mkdir()
-    for f in saved.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
+    d = copy_run(saved, tmp_path / "run")
     calls = pd.read_parquet(d / "calls.parquet")
     calls["out_shapes"] = "[[1, 2]]"
     calls.to_parquet(d / "calls.parquet", index=False)
@@ -148,10 +145,7 @@ def test_a_part_is_checked_as_a_whole_load_is(saved, tmp_path):
 
 
 def test_a_run_saved_without_its_tree_gets_it_in_a_part(saved, whole, tmp_path):
-    d = tmp_path / "old"
-    d.mkdir()
-    for f in saved.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
+    d = copy_run(saved, tmp_path / "old")
     pd.read_parquet(d / "calls.parquet").drop(columns=list(tree.TREE_COLUMNS), errors="ignore").to_parquet(d / "calls.parquet",
                                                                                           index=False)
     reseal(d)
