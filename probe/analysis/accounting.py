@@ -90,7 +90,8 @@ class Phases:
 
     def clock(self, phase: pd.Series, host: pd.Series, gpu: pd.Series) -> pd.Series:
         """``gpu`` where the row's phase is on the CUDA clock, else ``host``."""
-        use = phase.astype(object).map(self.on_gpu).fillna(False).astype(bool).to_numpy()
+        on = {str(k): bool(v) for k, v in self.on_gpu.items()}  # a row without a phase: host
+        use = np.array([isinstance(p, str) and on.get(p, False) for p in phase.astype(object)], dtype=bool)
         return pd.Series(np.where(use, gpu.to_numpy(dtype="float64", na_value=np.nan),
                                   host.to_numpy(dtype="float64", na_value=np.nan)), index=host.index)
 
