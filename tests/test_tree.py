@@ -460,13 +460,16 @@ def test_key_codes_are_pandas_groupby_groups(rows):
     layer = pd.array(np.where(rng.random(rows) < 0.2, None, rng.integers(0, 4, rows)), dtype="Int32")
     frame = pd.DataFrame({"role": role, "phase": phase, "layer": layer, "x": rng.random(rows)})
     keys = ["role", "phase", "layer"]
-    codes, groups = grouping.key_codes(frame, keys)
     g = frame.groupby(keys, sort=False, dropna=False, observed=True)
-    np.testing.assert_array_equal(codes, g.ngroup().to_numpy())
     want = g.size().reset_index()[keys]
-    for k in keys:
-        assert groups[k].astype(object).where(groups[k].notna(), None).tolist() == \
-            want[k].astype(object).where(want[k].notna(), None).tolist(), k
+    from probe.analysis.labels import factorized
+
+    for codes_of in (None, lambda col: factorized(frame, col)):  # the columns' own codes, or the kept ones
+        codes, groups = grouping.key_codes(frame, keys, codes_of)
+        np.testing.assert_array_equal(codes, g.ngroup().to_numpy())
+        for k in keys:
+            assert groups[k].astype(object).where(groups[k].notna(), None).tolist() == \
+                want[k].astype(object).where(want[k].notna(), None).tolist(), k
     sums = grouping.group_sum(codes, len(groups), frame["x"].to_numpy())
     np.testing.assert_allclose(sums, g["x"].sum().to_numpy(), rtol=1e-12)
 

@@ -75,11 +75,15 @@ def first_rows(codes: np.ndarray, m: int) -> np.ndarray:
     return first
 
 
-def key_codes(frame: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
+def key_codes(frame: pd.DataFrame, keys: list[str], codes_of=None) -> tuple[np.ndarray, pd.DataFrame]:
     """Each row's group of ``frame.groupby(keys, sort=False, dropna=False, observed=True)``:
     codes numbered in order of first appearance, and a frame of the groups' key values (a null
     its own group); a categorical key is read from its codes, with no recoding or hashing of
     its rows.
+
+    Args:
+        codes_of: ``codes_of(column)`` gives a text column's codes (-1: a null) and values where
+            the caller keeps them (:func:`probe.analysis.labels.factorized`).
 
     Returns:
         ``(codes, groups)``: int64 codes over ``frame``'s rows; ``groups`` with the ``keys``
@@ -90,7 +94,10 @@ def key_codes(frame: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, pd.Data
     values = []
     for key in keys:  # combined = combined * width + code, in place
         s = frame[key]
-        if isinstance(s.dtype, pd.CategoricalDtype):  # code 0 for a null, category i at i + 1
+        if codes_of is not None and not pd.api.types.is_numeric_dtype(s.dtype):  # the kept codes, 0 for a null
+            codes, kept = codes_of(key)
+            shift, uniq = 1, pd.Index([None, *(str(v) for v in kept)], dtype="string")
+        elif isinstance(s.dtype, pd.CategoricalDtype):  # code 0 for a null, category i at i + 1
             codes, shift = s.cat.codes.to_numpy(), 1
             uniq = pd.Index([None, *(str(v) for v in s.dtype.categories)], dtype="string")
         else:

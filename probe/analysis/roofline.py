@@ -38,6 +38,7 @@ import pandas as pd
 from .. import fmt, schema
 from ..columns import floats, ranked
 from .grouping import group_sum, key_codes
+from .labels import factorized
 from .hardware import Peaks
 from ..recording.noise import BUSY_THRESHOLD_PCT
 from ..schema import BLOCK_ROLES, BOUND_SUMMARY, PHASES, ROOFLINE
@@ -168,7 +169,9 @@ def roofline(calls: pd.DataFrame, peaks: Peaks | None, steps: pd.DataFrame | Non
             raise ValueError("calls have no 'flops' column: run probe.cost.annotate(calls, model) first")
         return empty_roofline()
     keys = ["role", "phase"] if by == "role" else ["module", "role", "layer", "phase"]
-    slot, out = key_codes(calls, keys)  # the groups as groupby(sort=False) finds them, on integer codes
+    # the groups as groupby(sort=False) finds them, on integer codes: a run's own calls (costed by
+    # signature, the report's path) on the codes its other tables keep (probe.analysis.memo)
+    slot, out = key_codes(calls, keys, None if costs is None else (lambda col: factorized(calls, col)))
     m = len(out)
     n = np.bincount(slot, minlength=m)
     gpu = floats(calls, "gpu_ms") if "gpu_ms" in calls.columns else None  # absent: all null (a CPU run)
