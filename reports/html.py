@@ -48,6 +48,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .cost_view import CostView
 
+#: the calls columns the page never reads (the trace and the CSV export do): ``probe report
+#: --format html`` loads the others only
+UNREAD_CALLS_COLUMNS = ("end_ms", "hooks_ms", "placement", "module_type")
+
 #: (element id, section title, builder) of the report's figures, in page order
 FIGURES = (
     ("fig-phase-blocks", "Prefill vs decode per block", lambda r: figures.phase_blocks(r.calls, r.steps, by="block")),

@@ -214,3 +214,16 @@ def test_load_merges_ranks_in_numeric_order(tmp_path):
     merged = probe.load(tmp_path)
     assert merged.meta["ranks"] == [2, 10]
     assert merged.runs["rank"].tolist() == [2, 10]
+
+
+@needs_gloo
+def test_the_html_report_of_two_ranks_read_without_its_unread_columns_is_the_whole_runs(tp, tmp_path):
+    """`probe report --format html` reads every calls column but those the page never shows; the
+    page is the one of the whole run, to the byte."""
+    from probe.cli import main
+    from probe.reports.html import UNREAD_CALLS_COLUMNS, render_report
+
+    assert main(["report", str(tp["out"] / "hf"), "--format", "html", "--out", str(tmp_path / "r.html")]) == 0
+    whole = probe.load(tp["out"] / "hf")
+    assert set(UNREAD_CALLS_COLUMNS) <= set(whole.calls.columns)
+    assert (tmp_path / "r.html").read_text(encoding="utf-8") == render_report(whole)

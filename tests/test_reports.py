@@ -507,3 +507,21 @@ def test_two_generate_calls_in_one_recording():
     assert z[1, list(heat.data[0].x).index(2)] == pytest.approx(want[(1, 2)])
     pids = {e["pid"] for e in build_trace(run)["traceEvents"]}
     assert pids == {1, 2}
+
+
+@pytest.mark.parametrize("depth", ["blocks", "all"])
+def test_the_html_report_command_reads_a_part_and_writes_the_whole_runs_page(depth, tmp_path):
+    """`probe report --format html` leaves the calls columns the page never reads undecoded; its
+    page is the whole run's, to the byte (a deep run at depth all included)."""
+    from probe.cli import main
+    from probe.reports.html import UNREAD_CALLS_COLUMNS, render_report
+
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth=depth, deep=depth == "all") as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    p.run.save(tmp_path / "run")
+    assert main(["report", str(tmp_path / "run"), "--format", "html", "--out", str(tmp_path / "r.html")]) == 0
+    whole = probe.load(tmp_path / "run")
+    part = probe.load(tmp_path / "run", columns=[c for c in schema.CALLS if c not in UNREAD_CALLS_COLUMNS])
+    assert not set(UNREAD_CALLS_COLUMNS) & set(part.calls.columns)
+    assert (tmp_path / "r.html").read_text(encoding="utf-8") == render_report(whole)

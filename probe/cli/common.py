@@ -266,11 +266,11 @@ class Progress:
             print(file=sys.stderr)
 
 
-def load_run(path: str):
+def load_run(path: str, columns=None):
     from .. import RunLoadError, load
 
     try:
-        return load(path)
+        return load(path, columns=columns)
     except RunLoadError as exc:
         raise CLIError(str(exc)) from exc
 

@@ -33,12 +33,16 @@ def main(args) -> int:
         for pth in paths:
             print(pth)
         return 0
-    run = load_run(args.run_dir)
     try:
         from probe.reports import write_reports
+        from probe.reports.html import UNREAD_CALLS_COLUMNS
     except ImportError as exc:
         raise CLIError(f"cannot write the report: {missing(exc)}") from exc
     formats = ("html", "csv", "trace") if args.format == "all" else (args.format,)
+    from ..schema import CALLS
+
+    # the HTML page alone reads every calls column but a few: those are not decoded
+    run = load_run(args.run_dir, [c for c in CALLS if c not in UNREAD_CALLS_COLUMNS] if formats == ("html",) else None)
     if args.out:
         check_out(Path(args.out), "report", is_file=args.format in ("html", "trace"), force=args.force)
     from ..store.outdir import shown
