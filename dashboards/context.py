@@ -7,12 +7,14 @@ The views themselves live by page (:mod:`dashboards.views` lists them); each dra
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 import probe
@@ -48,12 +50,19 @@ class Context:
     signatures: dict[str, tuple]
     sweeps: dict[str, Path] = field(default_factory=dict)
     comparisons: dict[str, Path] = field(default_factory=dict)
+    _keys: dict = field(default_factory=dict, repr=False, compare=False)  # key() per run names, this rerun
 
-    def key(self, runs: list[str] | tuple[str, ...] | None = None) -> tuple:
+    def key(self, runs: list[str] | tuple[str, ...] | None = None) -> str:
         """Identifies the frames of ``runs`` (default: the selected ones) under the filters:
-        the folder, each run's name and file signature, and the filters."""
-        names = self.selected if runs is None else runs
-        return str(self.runs_dir), tuple((n, self.signatures[n]) for n in names), astuple(self.filters)
+        a digest of the folder, each run's name and file signature, and the filters, made once
+        per rerun (Streamlit hashes a cache key at every lookup, and a view looks up dozens:
+        the full tuple of 20 runs' file signatures cost 2.5 ms a lookup)."""
+        names = tuple(self.selected if runs is None else runs)
+        got = self._keys.get(names)
+        if got is None:
+            whole = (str(self.runs_dir), tuple((n, self.signatures[n]) for n in names), astuple(self.filters))
+            got = self._keys[names] = hashlib.sha256(repr(whole).encode("utf-8", "surrogatepass")).hexdigest()
+        return got
 
     def memo(self, what: str, build: Callable[[], Any], *params: Hashable, runs: tuple[str, ...] | None = None):
         """``build()``, cached on :meth:`key`, ``what`` and ``params``.
@@ -61,12 +70,19 @@ class Context:
         Reruns (a click, another view and back) then skip the aggregation over a large run.
         ``runs`` names the loaded runs ``build`` reads when they are not the selected ones.
         """
-        return cached(self.key(runs), what, params, build)
+        return _restored(cached(self.key(runs), what, params, lambda: _storable(build())))
 
     def each(self) -> dict[str, probe.Run]:
         """Each selected run on its own, with the filters applied (several runs are shown side
         by side, never added together)."""
-        return {n: data.apply_filters(self.loaded[n], self.filters) for n in self.selected}
+        out = {}
+        for n in self.selected:
+            run = self.loaded[n]
+            # a small run's filtered frames are kept across reruns (its tables then are too); a
+            # large one's copies are not held on to
+            out[n] = (_each_filtered(self.key((n,)), run, self.filters) if len(run.calls) < EACH_KEPT_ROWS
+                      else data.apply_filters(run, self.filters))
+        return out
 
     def pick(self, has: Callable[[probe.Run], bool], key: str, missing: str) -> str | None:
         """The selected run a view shows when only some runs have what it needs (``has``): the
@@ -86,6 +102,36 @@ class Context:
         """Legend name of each run id: its run folder's name (``name · call 2`` for a folder's
         later generate calls)."""
         return self.memo("names", lambda: run_names(self.run.runs))
+
+
+#: runs with fewer calls than this keep their filtered frames across reruns (:meth:`Context.each`)
+EACH_KEPT_ROWS = 200_000
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def _each_filtered(key: str, _run: probe.Run, _filters: data.Filters) -> probe.Run:
+    """One selected run under the filters, kept per :meth:`Context.key` of that run alone."""
+    return data.apply_filters(_run, _filters)
+
+
+class _FigureJSON:
+    """A figure as the cache holds it: its JSON-able dict, which unpickles without plotly
+    validating every property again (a cached figure's validation cost 37 ms a hit)."""
+
+    def __init__(self, fig: go.Figure) -> None:
+        self.spec = fig.to_plotly_json()
+
+
+def _storable(value: Any) -> Any:
+    return _FigureJSON(value) if isinstance(value, go.Figure) else value
+
+
+def _restored(value: Any) -> Any:
+    """A cached value as the views use it: a figure made again from its dict without plotly's
+    validation (it was a valid figure when cached; the views only retitle it)."""
+    if not isinstance(value, _FigureJSON):
+        return value
+    return go.Figure(value.spec, _validate=False)
 
 
 # Keyed on the run files' signatures, never on the frames: hashing a 1M-row frame for the

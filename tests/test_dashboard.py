@@ -948,3 +948,21 @@ def test_an_empty_folder_opens_on_the_first_run_that_lands(runs, tmp_path):
     shutil.copytree(runs["eager"], tmp_path / "first")
     at.run()
     assert at.sidebar.multiselect(key="runs").value == ["first"]
+
+
+def test_a_cached_figure_comes_back_as_it_was_built_and_can_be_retitled():
+    """The views' cache holds a figure as its dict (unpickled without plotly validating it
+    again): it comes back with the same data and layout, and a view can still retitle it."""
+    import pickle
+
+    from probe.dashboards import context
+
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="sublayers") as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    built = figures.layer_heatmap(p.run.calls, phase="decode")
+    back = context._restored(pickle.loads(pickle.dumps(context._storable(built))))
+    assert back is not built and json.loads(back.to_json()) == json.loads(built.to_json())
+    back.update_layout(title={"text": "run: " + back.layout.title.text})
+    assert back.layout.title.text.startswith("run: Layer x step")
+    assert context._restored(context._storable(3)) == 3  # anything else as it is

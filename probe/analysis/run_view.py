@@ -14,9 +14,10 @@ def generated(run: Any) -> list[dict]:
     """What each generate call produced (:meth:`Run.generated`)."""
     texts = (run.meta.get("text") or {}).get("generated") or {}
     out = []
-    for r in run.runs[run.runs["kind"] == "generate"].itertuples(index=False):
-        ids = json.loads(r.output_ids) if isinstance(r.output_ids, str) else None
-        out.append({"run_id": r.run_id, "token_ids": ids, "text": texts.get(r.run_id)})
+    gen = run.runs[run.runs["kind"] == "generate"]
+    for run_id, output_ids in zip(gen["run_id"].tolist(), gen["output_ids"].tolist()):  # no namedtuple class made
+        ids = json.loads(output_ids) if isinstance(output_ids, str) else None
+        out.append({"run_id": run_id, "token_ids": ids, "text": texts.get(run_id)})
     return out
 
 
