@@ -18,7 +18,7 @@ from probe.recording.deep_twin import TWIN_AFTER
 from probe.recording.deep_calls import replayable, template
 from probe.recording.deep_ops import sdpa_cpu_flops
 
-from tiny import tiny_llama
+from tiny import generate_probed, tiny_llama
 
 aten = torch.ops.aten
 PROMPT = torch.tensor([[5, 9, 14, 3, 22, 7, 31, 8]])
@@ -127,13 +127,8 @@ def test_kv_cache_growth_and_weights_exact():
 
 def test_deep_runs_leave_outputs_unchanged_and_timings_alone(tmp_path):
     m = _model()
-    kw = dict(max_new_tokens=TWIN_AFTER + 3, do_sample=True, top_k=20)
-    torch.manual_seed(3)
-    want = m.generate(PROMPT, **kw)
-    with probe.attach(m, deep=True) as p:
-        torch.manual_seed(3)
-        got = m.generate(PROMPT, **kw)
-    assert torch.equal(want, got)
+    p = generate_probed(m, PROMPT, seed=3, attach={"deep": True}, max_new_tokens=TWIN_AFTER + 3, do_sample=True,
+                        top_k=20)
     run = p.run
     assert list(run.runs["kind"]) == ["deep"]
     assert run.runs[["ttft_ms", "tpot_ms_mean", "decode_tok_s"]].isna().all().all()

@@ -18,7 +18,7 @@ from probe.recording.deep_calls import replayable
 from probe.recording.deep_twin import (MODE_METHOD, NO_TWIN, TWIN_AFTER, TWIN_METHOD, TwinProfiler, align,
                                       outermost, quietly, twin_times)
 
-from tiny import tiny_llama
+from tiny import generate_probed, tiny_llama
 
 PROMPT = torch.tensor([[5, 9, 14, 3, 22, 7, 31, 8]])
 
@@ -82,13 +82,8 @@ def test_profile_times_every_sampled_step_on_a_twin_and_says_how_many_ops_matche
 
 def test_attach_keeps_the_mode_clock_on_prefill_and_says_why():
     m = _model()
-    kw = dict(max_new_tokens=TWIN_AFTER + 4, do_sample=True, top_k=20)
-    torch.manual_seed(5)
-    want = m.generate(PROMPT, **kw)
-    with probe.attach(m, deep=True) as p:
-        torch.manual_seed(5)
-        got = m.generate(PROMPT, **kw)
-    assert torch.equal(want, got)
+    p = generate_probed(m, PROMPT, seed=5, attach={"deep": True}, max_new_tokens=TWIN_AFTER + 4, do_sample=True,
+                        top_k=20)
     assert not torch.autograd._profiler_enabled()
     steps = _steps(p.run)
     assert steps[0]["method"] == MODE_METHOD and steps[0]["why"] == NO_TWIN["attach"] and steps[0]["matched"] == 0
@@ -102,10 +97,7 @@ def test_explicit_steps_without_a_twin_keep_the_mode_clock():
     m = _model()
     n = TWIN_AFTER + 6  # steps 0 to TWIN_AFTER + 5
     last = n - 2  # after step 3's twin, too near the end for one of its own
-    want = m.generate(PROMPT, max_new_tokens=n, do_sample=False)
-    with probe.attach(m, deep=[1, 3, last]) as p:
-        got = m.generate(PROMPT, max_new_tokens=n, do_sample=False)
-    assert torch.equal(want, got)
+    p = generate_probed(m, PROMPT, attach={"deep": [1, 3, last]}, max_new_tokens=n, do_sample=False)
     steps = _steps(p.run)
     assert steps[1]["method"] == MODE_METHOD and steps[1]["why"] == NO_TWIN["sampled"]  # 3 is sampled
     assert steps[3]["method"] == TWIN_METHOD and steps[3]["twin"] == f"step {3 + TWIN_AFTER}"

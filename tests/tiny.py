@@ -105,3 +105,20 @@ def as_rank(run, rank: int):
     frames = ("calls", "steps", "runs", "sampling", "requests", "ops", "ledger", "allocations")
     return dataclasses.replace(run, meta={**run.meta, "rank": rank}, path=None,
                                **{k: tagged(getattr(run, k)) for k in frames})
+
+
+def generate_probed(model, prompt: torch.Tensor, *, seed: int | None = None, attach: dict | None = None, **kw):
+    """``model.generate(prompt, **kw)`` once alone and once under ``probe.attach(model, **attach)``
+    (the same seed before each, where given): checks the probe left the tokens as they were and
+    returns the attached probe."""
+    import probe
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    want = model.generate(prompt, **kw)
+    with probe.attach(model, **(attach or {})) as p:
+        if seed is not None:
+            torch.manual_seed(seed)
+        got = model.generate(prompt, **kw)
+    assert torch.equal(want, got)
+    return p
