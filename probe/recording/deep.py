@@ -204,8 +204,7 @@ class DeepObserver(Observer):
                 self._profiler.start()
         except Exception:  # the probe's own failure must never cost the user their forward
             log.debug("probe: could not start the profiler of a twin step", exc_info=True)
-            target.clock = fallback(target, "failed")
-            self._calibrate([target])
+            self._mode_clock(target, "failed")
             return
         self._twin_open = (step, target)
 
@@ -222,8 +221,7 @@ class DeepObserver(Observer):
             results = None
         twin, target = opened
         if step is None or error is not None or results is None:
-            target.clock = fallback(target, "failed")
-            self._calibrate([target])
+            self._mode_clock(target, "failed")
             return
         device = self._profiler.device
         try:
@@ -233,8 +231,7 @@ class DeepObserver(Observer):
             times, matched = got.host_ns, got.matched
         except Exception:
             log.debug("probe: could not read the profiler of a twin step", exc_info=True)
-            target.clock = fallback(target, "failed")
-            self._calibrate([target])
+            self._mode_clock(target, "failed")
             return
         del results
         target.twin_ns = times
@@ -276,8 +273,7 @@ class DeepObserver(Observer):
             call()
         finally:
             if self._prefill_for is target:  # the call never reached its prefill step
-                target.clock = fallback(target, "failed")
-                self._calibrate([target])
+                self._mode_clock(target, "failed")
             self._prefill_for = None
             self._close_twin(None, None)
 
@@ -322,15 +318,20 @@ class DeepObserver(Observer):
         elif step.phase == "decode" and result is not None:
             nxt = step.index + TWIN_AFTER
             between = any(step.index + i in self._chosen for i in range(1, TWIN_AFTER + 1))
-            steplog.clock = fallback(steplog, "sampled" if between else "ended")
             if between:
-                self._calibrate([steplog])
+                self._mode_clock(steplog, "sampled")
             else:
+                steplog.clock = fallback(steplog, "ended")  # until its twin, if it comes, times it
                 self._pending[nxt] = steplog
         else:
-            steplog.clock = fallback(steplog, "phase" if result is not None else "failed")
-            self._calibrate([steplog])
+            self._mode_clock(steplog, "phase" if result is not None else "failed")
         self.steps.append((step.run.run_id, step.index, step.phase, step.q_len, step.kv_len, steplog, frozenset(kv)))
+
+    def _mode_clock(self, steplog: StepLog, why: str) -> None:
+        """``steplog`` keeps the dispatch mode's clock (``why``: :data:`~probe.recording.deep_twin.NO_TWIN`),
+        its overloads' call costs measured now."""
+        steplog.clock = fallback(steplog, why)
+        self._calibrate([steplog])
 
     def _calibrate(self, steplogs: list[StepLog]) -> None:
         """What calling each overload from the dispatch mode adds (:func:`~probe.recording.deep_calls.calibrate`),
