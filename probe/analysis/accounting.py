@@ -34,7 +34,7 @@ from ..columns import combine, floats, ranked, text_codes
 from . import memo, tree
 from .grouping import codes_in_order, first_rows, group_sum
 from .labels import (  # noqa: F401  (re-exported: where readers have found them)
-    ATTENTION_REST, BLOCK_ORDER, check_level, factorized, label_codes, labels, same_rows)
+    ATTENTION_REST, BLOCK_ORDER, check_level, factorized, keyed, label_codes, labels, same_rows)
 from .levels import blocks_from_modules, labelled, level_frame, level_sums
 from ..schema import LEVELS, PHASES, SUMMARY, TREE, Level
 
@@ -208,12 +208,6 @@ def _codes_with_nulls(calls: pd.DataFrame, col: str) -> tuple[np.ndarray, pd.Ind
     return codes, uniq
 
 
-def _no_nulls(calls: pd.DataFrame) -> bool:
-    """Every call has a module, a phase and a role (the summary's rows are then the tree's; the
-    tree gives a call without one a row of its own)."""
-    return all(len(calls) == 0 or int(factorized(calls, col)[0].min()) >= 0 for col in ("module", "phase", "role"))
-
-
 def _tree_of_modules(summ: pd.DataFrame) -> pd.DataFrame:
     """The call tree of a recording where no call is inside another: every call a top-level node
     named by its module, so the rows, sums and order are the summary's module level's (the
@@ -281,7 +275,7 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
     c = ph.calls
     if c.empty:
         return schema.empty(TREE)
-    summ = memo.peek("summary", None, calls, steps) if not len(ph.nested) and _no_nulls(c) else None
+    summ = memo.peek("summary", None, calls, steps) if not len(ph.nested) and keyed(c) else None
     if summ is not None:  # no call inside another (depth blocks): the tree is the module level
         return _tree_of_modules(summ)
     prow = ph.prow

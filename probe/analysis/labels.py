@@ -109,6 +109,13 @@ def label_codes(calls: pd.DataFrame, level: Level) -> tuple[np.ndarray, list[str
         calls, level, tree.parent_rows(calls) if level == "role" else None, lambda col: factorized(calls, col)))
 
 
+def keyed(calls: pd.DataFrame) -> bool:
+    """Every call has a module, a phase and a role (read from the codes the frame keeps): the
+    condition for taking a level or the tree from another level's sums (a call without one is
+    a row of its own in each)."""
+    return all(len(calls) == 0 or int(factorized(calls, col)[0].min()) >= 0 for col in ("module", "phase", "role"))
+
+
 def same_rows(calls: pd.DataFrame, level: Level, other: Level) -> bool:
     """Whether every call has a row of the same name at ``level`` as at ``other`` (at depth
     blocks the roles are the blocks): the two levels' rows are then the same sums."""

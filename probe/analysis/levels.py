@@ -13,7 +13,7 @@ import pandas as pd
 from ..columns import ranked
 from ..schema import ROLES
 from .grouping import codes_in_order, first_rows, group_sum
-from .labels import ATTENTION_REST, BLOCK_ORDER, label_codes
+from .labels import ATTENTION_REST, BLOCK_ORDER, keyed, label_codes
 
 #: a :class:`probe.analysis.accounting.Phases` (its calls, their parent rows, codes and floats)
 Phases = Any
@@ -83,7 +83,7 @@ def blocks_from_modules(ph: "Phases", mods: dict) -> dict | None:
     """The block level's sums from the module level's, where every call is its block's own call
     and none is inside another (depth blocks): each module lies in one block, so a block's sums
     are its modules' (added in another order: equal up to rounding). ``None`` otherwise."""
-    if len(ph.nested) or any(int(ph.codes(col)[0].min()) < 0 for col in ("module", "phase", "role")):
+    if len(ph.nested) or not keyed(ph.calls):
         return None  # nested calls, or calls without a module, phase or role: summed from the calls
     kcodes, names = label_codes(ph.calls, "block")
     if _own(ph, "block", kcodes, names) is not None:
