@@ -16,7 +16,7 @@ import probe
 from probe.recording.deep import DeepObserver, plan_of
 from probe.recording.deep_calls import replayable
 from probe.recording.deep_twin import (MODE_METHOD, NO_TWIN, TWIN_AFTER, TWIN_METHOD, TwinProfiler, align,
-                                      outermost, quietly, twin_times)
+                                      outermost, quietly, read_twin)
 
 from tiny import generate_probed, tiny_llama
 
@@ -222,7 +222,8 @@ def test_outermost_events_carry_their_nested_ones_and_align_with_the_modes_ops()
     names, ns, nested = outermost(results, {"aten::mean", "aten::sub", "aten::t", "aten::transpose"})
     assert names == ["aten::mean", "aten::sub", "aten::t"]  # the transpose inside t is t's
     assert nested[0] >= 2 and nested[2] >= 2 and all(v > 0 for v in ns)
-    times, matched = twin_times(["aten::mean", "aten::view", "aten::sub", "aten::t"], results, event_ns=0.0)
+    got = read_twin(["aten::mean", "aten::view", "aten::sub", "aten::t"], results, event_ns=0.0, device=False)
+    times, matched = got.host_ns, got.matched
     assert matched == 3 and times[1] == -1 and times[0] == ns[0] and times[3] == ns[2]
 
 

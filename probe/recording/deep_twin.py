@@ -13,7 +13,7 @@ mode gives an op's time in a plain forward. So the deep pass times a sampled ste
 - the prefill step has the prefill of one more generate call of the same inputs and seed, run
   for one token (only where the deep pass runs its own generate: ``probe.profile(deep=...)``).
 
-:class:`TwinProfiler` starts and stops the profiler around the twin step; :func:`twin_times`
+:class:`TwinProfiler` starts and stops the profiler around the twin step; :func:`read_twin`
 reads its events once the step is over and keeps only one number per op of the sampled step:
 the profiler's outermost events of the op names the mode saw (the mode sees ``mean`` with the
 ``sum`` and ``div_`` it dispatches to below it; the profiler records them as events of their
@@ -331,15 +331,6 @@ def align(a: list[str], b: list[str]) -> list[tuple[int, int]]:
     return pairs
 
 
-def twin_times(op_names: list[str], results: Any, event_ns: float) -> tuple[array, int]:
-    """Per op of a sampled step (``op_names``: the profiler's name of each, ``aten::mean``), its
-    time on the twin step whose profiler ``results`` are given, in ns (``-1``: unmatched, the
-    mode's clock stays), and how many were matched. The profiler's own cost of each nested event
-    (``event_ns``) is taken out."""
-    got = read_twin(op_names, results, event_ns, device=False)
-    return got.host_ns, got.matched
-
-
 @dataclass
 class TwinTimes:
     """What :func:`read_twin` reads of a twin step, per op of the sampled step (``-1``: none)."""
@@ -355,9 +346,12 @@ class TwinTimes:
 
 
 def read_twin(op_names: list[str], results: Any, event_ns: float, *, device: bool) -> TwinTimes:
-    """:func:`twin_times`, and with ``device`` (a twin profiled with CUDA activity) each matched op's
-    device time: the device work linked (by correlation id) to its outermost event or any event
-    nested in it (see the module doc)."""
+    """Per op of a sampled step (``op_names``: the profiler's name of each, ``aten::mean``), its
+    time on the twin step whose profiler ``results`` are given, in ns (``-1``: unmatched, the
+    mode's clock stays), and how many were matched; the profiler's own cost of each nested event
+    (``event_ns``) is taken out. With ``device`` (a twin profiled with CUDA activity), each
+    matched op's device time too: the device work linked (by correlation id) to its outermost
+    event or any event nested in it (see the module doc)."""
     by_op, total = device_ns_by_op(results) if device else ({}, 0)
     names, ns, nested, dev = _walk(results, set(op_names), by_op if device else None)
     out = array("q", [-1]) * len(op_names)
