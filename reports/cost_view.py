@@ -140,12 +140,12 @@ def _no_peaks_note(run: "Run", refused: str = "") -> str:
             "report depend on where it is built). " + CPU_PEAKS_NOTE)
 
 
-def per_rank_roofline(costed: pd.DataFrame, steps: pd.DataFrame, peaks: "Peaks | None",
+def per_rank_roofline(calls: pd.DataFrame, steps: pd.DataFrame, peaks: "Peaks | None",
                       cpu_wait_pct: float | None = None, *, model: Any = None) -> pd.DataFrame:
     """:func:`probe.roofline.roofline` of each rank's calls and steps (by role), with a ``rank`` column.
 
     Ranks run side by side, so each is set against one device's roofs; rows of the same block
-    and phase sit next to each other, rank by rank. ``costed``: calls with the cost columns
+    and phase sit next to each other, rank by rank. ``calls``: calls with the cost columns
     (:func:`probe.cost.annotate`), or bare calls with ``model`` (their run, model or config):
     each row's FLOPs and bytes are then summed per block without a column per call
     (:func:`probe.cost.group_costs`).
@@ -155,11 +155,11 @@ def per_rank_roofline(costed: pd.DataFrame, steps: pd.DataFrame, peaks: "Peaks |
 
     cols = roofline_columns()
     parts = []
-    rank_list = ranks(costed)
-    rc = costed["rank"].to_numpy(dtype="int64", na_value=0) if "rank" in costed.columns else None
+    rank_list = ranks(calls)
+    rc = calls["rank"].to_numpy(dtype="int64", na_value=0) if "rank" in calls.columns else None
     rs = steps["rank"].to_numpy(dtype="int64", na_value=0) if "rank" in steps.columns else None
     for r in rank_list:
-        c = costed if rc is None or len(rank_list) == 1 else costed[rc == r]
+        c = calls if rc is None or len(rank_list) == 1 else calls[rc == r]
         s = steps if rs is None or len(rank_list) == 1 else steps[rs == r]
         costs = None if model is None else (lambda g, n, c=c: group_costs(c, model, g, n))
         part = roofline(c, peaks, s, by="role", cpu_wait_pct=cpu_wait_pct, costs=costs)
