@@ -267,7 +267,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--step", type=int, default=100, help="the decode step compared with torch.profiler")
-    ap.add_argument("--repeats", type=int, default=5, help="generate calls per instrument for the op comparison")
+    ap.add_argument("--repeats", type=int, default=9,
+                    help="generate calls per instrument for the op comparison (each op the least of them)")
     args = ap.parse_args(argv)
     if args.profiler_child is not None:
         return profiler_child(args.profiler_child)
