@@ -72,7 +72,7 @@ def deep_generate(model, ids, plan, **kw):
     obs = DeepObserver(plan_of(plan))
     with probe.attach(model, observers=[obs]) as p:
         model.generate(ids, **kw)
-        obs.twin_prefill(lambda: model.generate(ids, max_new_tokens=1, do_sample=False))
+        obs.twin_rerun(lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False))
     return p
 
 
@@ -192,7 +192,7 @@ def deep_step(model, ids, new: int, index: int, traced: bool = False):
     with probe.attach(model, observers=[obs]) as p:
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         if index == 0:
-            obs.twin_prefill(lambda: model.generate(ids, max_new_tokens=1, do_sample=False))
+            obs.twin_rerun(lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False))
         after = tracemalloc.take_snapshot() if traced else None
     held = 0
     if traced:

@@ -257,8 +257,11 @@ def test_plan_spreads_decode_samples_within_stride_and_max_steps():
     # step with a twin
     assert DeepPlan().chosen(2 * after + 4) == {0, 1, after + 3}
     assert DeepPlan().chosen(after + 4) == DeepPlan().chosen(after + 2) == {0, 1}
-    # too short for a twin: one decode step all the same (on the dispatch mode's clock)
-    assert DeepPlan().chosen(after + 1) == DeepPlan().chosen(3) == DeepPlan().chosen(2) == {0, 1}
+    # too short for a twin inside the run: the decode samples spread over all of it (each timed
+    # on the run again, DeepObserver.twin_rerun, or on the dispatch mode's clock)
+    assert DeepPlan().chosen(after + 1) == {0, 1, 1 + round((after - 1) / 2), after}
+    assert DeepPlan().chosen(3) == {0, 1, 2} and DeepPlan().chosen(2) == DeepPlan(decode=1).chosen(4) == {0, 1}
+    assert DeepPlan().chosen(8, decode_stride=3) == {0, 1, 4, 7}
     assert DeepPlan().chosen(1) == {0}
     assert DeepPlan(decode=0).chosen(256) == {0}
     strided = sorted(DeepPlan().chosen(256, decode_stride=4))

@@ -283,3 +283,64 @@ def test_the_deep_text_says_how_the_op_times_were_taken():
     mixed = {**both, "decode": {"method": f"{mode} and {twin}", "matched": 1, "of": 4}}
     assert "where a step has one" in op_clock_text({"op_clock": mixed})
     assert op_clock_text({}) == op_clock_text({"op_clock": {"prefill": {"method": mode}}}) == "op times of the dispatch mode"
+
+
+def test_a_run_too_short_for_decode_twins_times_its_samples_on_the_run_again():
+    """A run with fewer new tokens than a decode twin needs samples decode steps spread over it,
+    and probe.profile runs the generate call again for as many tokens: each sampled step, prefill
+    included, is timed on the step of the same index there (one extra call, not one per step)."""
+    m = _model()
+    new = 6  # decode steps 1-5: samples 1, 3 and 5, no twin inside the run
+    run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": new, "do_sample": False}, deep=True)
+    assert not torch.autograd._profiler_enabled()
+    steps = _steps(run)
+    assert sorted(steps) == [0, 1, 3, 5]
+    for index, s in steps.items():
+        assert s["method"] == TWIN_METHOD and s["matched"] == s["of"] > 0, s
+        where = "the prefill" if index == 0 else f"step {index}"
+        assert s["twin"] == f"{where} of the generate call run again for {new} new tokens, the same inputs and seed"
+    assert run.meta["deep"]["op_clock"]["decode"]["method"] == TWIN_METHOD
+    assert run.meta["deep"]["op_call_us"] == {}  # every op matched: no call cost measured
+    timed, deep, twin = _tokens(run, "generate"), _tokens(run, "deep"), _tokens(run, "deep twin")
+    assert timed == deep == twin and len(twin[0][0]) == new  # greedy: the same tokens again
+    assert len(run.meta["deep"]["twin_run_ids"]) == 1
+    assert run.ops["host_ms"].notna().all() and (run.ops["host_ms"] >= 0).all()
+
+
+def test_samples_without_a_twin_in_the_run_share_one_run_again():
+    """Explicit steps: one with another sample up to its twin step and one too near the end are
+    timed on the run again, for as many tokens as the last of them needs; the sample between
+    keeps its twin inside the run."""
+    m = _model()
+    n = TWIN_AFTER + 6
+    last = n - 2
+    run = probe.profile(m, PROMPT, generate_kwargs={"max_new_tokens": n, "do_sample": False}, deep=[1, 3, last])
+    steps = _steps(run)
+    assert all(s["method"] == TWIN_METHOD for s in steps.values())
+    assert sorted(steps) == [1, 3, last] and steps[3]["twin"] == f"step {3 + TWIN_AFTER}"
+    for index in (1, last):
+        assert steps[index]["twin"] == (f"step {index} of the generate call run again for {last + 1} new tokens, "
+                                        "the same inputs and seed")
+    assert len(run.meta["deep"]["twin_run_ids"]) == 1
+
+
+def test_a_run_again_that_fails_leaves_its_steps_on_the_mode_clock_and_no_profiler_running():
+    m = _model()
+    obs = DeepObserver(plan_of(True))
+    with probe.attach(m, observers=[obs]) as p:
+        m.generate(PROMPT, max_new_tokens=4, do_sample=False)  # samples 0, 1, 2, 3: none has a twin in it
+        asked = []
+
+        def again(n):
+            asked.append(n)
+            m.generate(PROMPT, max_new_tokens=2, do_sample=False)  # stops before steps 2 and 3
+            raise RuntimeError("the call failed")
+
+        with pytest.raises(RuntimeError, match="the call failed"):
+            obs.twin_rerun(again)
+    assert asked == [4] and not torch.autograd._profiler_enabled()
+    steps = _steps(p.run)
+    assert steps[0]["method"] == steps[1]["method"] == TWIN_METHOD
+    for index in (2, 3):
+        assert steps[index]["method"] == MODE_METHOD and steps[index]["why"] == NO_TWIN["failed"]
+    assert (p.run.ops["host_ms"] >= 0).all() and p.run.ops["host_ms"].notna().all()

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--deep", nargs="?", const="auto", default=None, metavar="STEPS",
                    help="after the timed calls, one more generate of the same inputs and seed that records every "
                         "op and tensor storage of sampled steps (not timed; the ops timed by torch.profiler on a "
-                        "later step, and on the prefill of a one-token generate): default the prefill step and 3 "
+                        "later step, or the same step of the generate run again): default the prefill step and 3 "
                         "decode steps spread over the run; a number N samples N decode steps; 0,5,9 samples those "
                         "steps")
     r.add_argument("--out", default=None, help="run directory to write (default: probe-runs/<timestamp>)")

@@ -12,10 +12,12 @@ the frames ``ops``, ``ledger`` and ``allocations`` (:mod:`probe.recording.deep_f
 
 The ops' host times come from torch.profiler on each sampled step's *twin*, a step that runs the
 same ops without the mode (:mod:`probe.recording.deep_twin`): for a decode sample the step
-:data:`TWIN_AFTER` steps on, which the observer profiles as it comes; for the prefill one more
-generate call for one token (:meth:`DeepObserver.twin_prefill`, which ``probe.profile(deep=...)``
-runs). A step without a twin keeps the mode's clock; ``meta["deep"]["op_clock"]`` says which
-each step has.
+:data:`TWIN_AFTER` steps on, which the observer profiles as it comes; for the prefill, and for a
+decode sample whose twin step cannot come in the run (too near its end, or to another sample),
+the same step of the same generate call run again without the mode, for as many tokens as the
+last such sample needs (:meth:`DeepObserver.twin_rerun`, which ``probe.profile(deep=...)``
+runs: one token where only the prefill needs it). A step without a twin keeps the mode's clock;
+``meta["deep"]["op_clock"]`` says which each step has.
 """
 
 from __future__ import annotations
@@ -26,15 +28,13 @@ import math
 import weakref
 from typing import Any
 
-import torch
-
 from ..schema import ALLOCATIONS, LEDGER, OPS, STR
 from .cache import cache_tensors, find_cache
 from .deep_calls import calibrate, others_active
 from .deep_ops import OpMode, StepLog, parameter_bytes, storage_bytes, tied_weights
 from .deep_plan import DeepPlan, plan_of  # noqa: F401  (re-exported: where readers have found them)
 from .deep_twin import (TWIN_AFTER, TWIN_METHOD, TwinProfiler, cuda_profilable, device_clock, event_cost_ns, fallback,
-                        holds_cuda, on_cuda, op_clock, read_twin)
+                        holds_cuda, on_cuda, read_twin)
 from . import attnfn
 from .discovery import select_modules
 from .hotpath import PartialWrapper
@@ -74,9 +74,12 @@ class DeepObserver(Observer):
         self.twin_runs: list[str] = []  # the one-token generate calls run as prefill twins
         self._profiler = TwinProfiler()
         self._twin_open: tuple | None = None  # (the twin step, the sampled step's StepLog)
-        self._pending: dict[int, StepLog] = {}  # step index -> the sampled decode step it is the twin of
-        self._last_prefill: StepLog | None = None  # the last deep run's prefill, until a twin times it
-        self._prefill_for: StepLog | None = None  # set while a prefill twin's generate runs
+        self._pending: dict[int, tuple[int, StepLog]] = {}  # step index -> (sampled decode step, its log) it twins
+        # the last deep run's sampled steps no twin in the run can time (its prefill, decode samples
+        # too near the end or another sample), by step index, until the run again times them
+        self._rerun: dict[int, StepLog] = {}
+        self._rerun_for: dict[int, StepLog] = {}  # those being timed while the run again runs (twin_rerun)
+        self._rerun_n = 0  # its new tokens
         self._twin_run: RunRec | None = None
         self._event_ns: float | None = None  # the profiler's own cost of one event (measured once)
         self._cuda = False  # the model holds a CUDA parameter or buffer (install)
@@ -103,12 +106,15 @@ class DeepObserver(Observer):
         stack.callback(self._close_twin, None, None)  # detach leaves no profiler running
 
     def run_begin(self, run: RunRec) -> None:
-        if run.kind == "generate" and self._prefill_for is not None and self._twin_run is None:
+        if run.kind == "generate" and self._rerun_for and self._twin_run is None:
             self._twin_run = run
             self.twin_runs.append(run.run_id)
             return
         if run.kind != "generate" or not self.armed:
             return
+        # the last deep run's steps that waited for it to run again keep the mode's clock now
+        dropped, self._rerun = self._rerun, {}
+        self._calibrate(list(dropped.values()))
         self._run = run
         rec = self.recorder
         self._chosen = self.plan.chosen(run.gen_settings.get("max_new_tokens"),
@@ -118,8 +124,9 @@ class DeepObserver(Observer):
     def run_end(self, run: RunRec | None) -> None:
         self._close(None)
         self._close_twin(None, None)
+        # sampled steps whose twin step never came wait for the run again ("ended" until then)
         ended, self._pending = list(self._pending.values()), {}
-        self._calibrate(ended)  # sampled steps whose twin never came keep the mode's clock ("ended")
+        self._rerun.update(ended)
         if run is None or run is self._twin_run:
             self._twin_run = None
         self._run = None
@@ -130,10 +137,10 @@ class DeepObserver(Observer):
     def step_begin(self, step: StepRec) -> None:
         if self._twin_open is None and not self._open:
             target = None
-            if step.run is self._twin_run and step.index == 0 and self._prefill_for is not None:
-                target, self._prefill_for = self._prefill_for, None
+            if step.run is self._twin_run and self._twin_run is not None:
+                target = self._rerun_for.pop(step.index, None)
             elif step.run is self._run and self._run is not None and step.index not in self._chosen:
-                target = self._pending.pop(step.index, None)
+                target = self._pending.pop(step.index, (None, None))[1]
             if target is not None:
                 self._open_twin(step, target)
                 return
@@ -236,9 +243,7 @@ class DeepObserver(Observer):
         del results
         target.twin_ns = times
         self._calibrate([target])  # the ops left unmatched keep the mode's clock
-        target.clock = {"method": TWIN_METHOD,
-                        "twin": "the prefill of a one-token generate call of the same inputs and seed"
-                        if twin.index == 0 else f"step {twin.index}",
+        target.clock = {"method": TWIN_METHOD, "twin": self._twin_name(twin),
                         "matched": matched, "of": target.n_ops,
                         "event_ns": round(self._event_ns or 0.0, 1)}
         if target.cuda:  # a CPU step's clock stays as it was: no device keys
@@ -257,24 +262,36 @@ class DeepObserver(Observer):
                 names.append(schema.name if schema is not None else str(func))
         return funcs, names
 
-    def twin_prefill(self, call: Any) -> None:
-        """Run ``call``, a generate call of the last deep run's inputs and seed for one new token,
-        with its prefill step profiled as the twin of the deep run's prefill (see
-        :mod:`probe.recording.deep_twin`). Nothing is run beside the user's profiler or dispatch
-        mode, or on one rank of several (it would see one more generate call)."""
-        target, self._last_prefill = self._last_prefill, None
-        if target is None:
+    def _twin_name(self, twin: StepRec) -> str:
+        """What a twin step is, as ``op_clock`` says it."""
+        if twin.run is not self._twin_run:
+            return f"step {twin.index}"
+        where = "the prefill" if twin.index == 0 else f"step {twin.index}"
+        if self._rerun_n == 1:
+            return f"{where} of a one-token generate call of the same inputs and seed"
+        return f"{where} of the generate call run again for {self._rerun_n} new tokens, the same inputs and seed"
+
+    def twin_rerun(self, call: Any) -> None:
+        """Run ``call(n)``, a generate call of the last deep run's inputs and seed for ``n`` new
+        tokens (``n``: one more than the last step it must reach), with its steps profiled as the
+        twins of the deep run's sampled steps that had none in the run: its prefill, and decode
+        samples too near the run's end or another sample (see :mod:`probe.recording.deep_twin`).
+        Nothing is run beside the user's profiler or dispatch mode, or on one rank of several (it
+        would see one more generate call)."""
+        targets, self._rerun = self._rerun, {}
+        if not targets:
             return
         if others_active():
-            target.clock = fallback(target, "others")
+            for lg in targets.values():
+                lg.clock = fallback(lg, "others")
             return
-        self._prefill_for = target
+        self._rerun_for, self._rerun_n = dict(targets), max(targets) + 1
         try:
-            call()
+            call(self._rerun_n)
         finally:
-            if self._prefill_for is target:  # the call never reached its prefill step
-                self._mode_clock(target, "failed")
-            self._prefill_for = None
+            left, self._rerun_for = self._rerun_for, {}
+            for lg in left.values():  # the call never reached their steps
+                self._mode_clock(lg, "failed")
             self._close_twin(None, None)
 
     def _close(self, result: tuple | None) -> None:
@@ -308,21 +325,20 @@ class DeepObserver(Observer):
                 self._event_ns = event_cost_ns()
             except Exception:
                 log.debug("probe: could not measure the profiler's own cost of an event", exc_info=True)
-        # until a twin times its ops, the step keeps the mode's clock, and says why
-        if step.phase == "prefill" and step.index == 0:
+        # until a twin times its ops, the step keeps the mode's clock, and says why. A prefill, and a
+        # decode sample with another sample up to its twin step, are timed on the run again
+        # (twin_rerun), if it comes; so is a decode sample whose twin step the run does not reach
+        if step.phase == "prefill" and step.index == 0 and result is not None:
             steplog.clock = fallback(steplog, "attach")
-            # the prefill twin (twin_prefill) comes after the run, if at all; a prefill no twin can
-            # time any more keeps the mode's clock
-            dropped, self._last_prefill = self._last_prefill, steplog if result is not None else None
-            self._calibrate([lg for lg in (dropped, None if result is not None else steplog) if lg is not None])
+            self._rerun[step.index] = steplog
         elif step.phase == "decode" and result is not None:
-            nxt = step.index + TWIN_AFTER
             between = any(step.index + i in self._chosen for i in range(1, TWIN_AFTER + 1))
             if between:
-                self._mode_clock(steplog, "sampled")
+                steplog.clock = fallback(steplog, "sampled")
+                self._rerun[step.index] = steplog
             else:
                 steplog.clock = fallback(steplog, "ended")  # until its twin, if it comes, times it
-                self._pending[nxt] = steplog
+                self._pending[step.index + TWIN_AFTER] = (step.index, steplog)
         else:
             self._mode_clock(steplog, "phase" if result is not None else "failed")
         self.steps.append((step.run.run_id, step.index, step.phase, step.q_len, step.kv_len, steplog, frozenset(kv)))
@@ -370,12 +386,12 @@ class DeepObserver(Observer):
         self.runs = [r for r in self.runs if self._run is not None and r == self._run.run_id]
         self.twin_runs = []
         self.steps = []
-        self._pending, self._last_prefill = {}, None
+        self._pending, self._rerun = {}, {}
 
     def records(self) -> Any:
         # the steps no twin has timed yet keep the mode's clock for now (a prefill whose twin
         # generate is the caller's to run, or never runs: probe.attach)
-        waiting = {id(lg) for lg in self._pending.values()}
+        waiting = {id(lg) for _, lg in self._pending.values()} | {id(lg) for lg in self._rerun_for.values()}
         if self._twin_open is not None:
             waiting.add(id(self._twin_open[1]))
         self._calibrate([s[5] for s in self.steps if id(s[5]) not in waiting])
@@ -390,7 +406,7 @@ class DeepObserver(Observer):
     def frames(cls, records: Any, *, calls: Any, steps: Any, runs: Any, rank: int) -> Contribution:
         import pandas as pd
 
-        from .deep_frames import deep_frames
+        from .deep_frames import deep_frames, deep_meta
 
         if not records or not records["runs"]:
             return Contribution()
@@ -399,33 +415,7 @@ class DeepObserver(Observer):
         row = {"run_id": ids + twins, "kind": ["deep"] * len(ids) + ["deep twin"] * len(twins),
                **{c: [math.nan] * (len(ids) + len(twins)) for c in UNTIMED_RUN_COLUMNS}}
         built = deep_frames(records["steps"], records["sigs"], records["labels"], records["weights"], rank)
-        meta = {"deep": {"run_ids": ids, "sampled": records["plan"], "untimed": "left out of every timing figure",
-                         "bytes_estimated": "ops.bytes_read_est / bytes_written_est: from the unique storages "
-                                            "of each op's inputs and outputs",
-                         "tied_weights": records.get("tied", {}),
-                         "op_floor_us": _median([s[5].floor_ns() for s in records["steps"]]) / 1e3,
-                         # ops whose bookkeeping raised: they ran, and are missing from the ops frame
-                         "ops_unrecorded": sum(s[5].failed for s in records["steps"]),
-                         "op_call_us": dict(records.get("call_us", {})),
-                         "op_times": "each op's dispatcher time, by torch.profiler on a twin step run without "
-                                     f"the dispatch mode (for a decode step, the step {TWIN_AFTER} on; for the "
-                                     "prefill, that of a one-token generate call of the same inputs and seed), "
-                                     "its outermost events aligned "
-                                     "with the mode's ops by name, less the profiler's own cost of the events "
-                                     "nested in each (op_clock says per step how many ops were matched). An op "
-                                     "without a twin has the dispatch mode's clock: what calling it from the mode "
-                                     "adds (converting its arguments and outputs, measured per overload against "
-                                     "PyTorch's RecordFunction: op_call_us; else aten.alias timed the same way "
-                                     "on the step, median op_floor_us) taken out and left to dispatch and Python",
-                         "op_clock": op_clock(records["steps"]),
-                         "twin_run_ids": twins,
-                         "torch_version": torch.__version__}}
-        if any(getattr(s[5], "cuda", False) for s in records["steps"]):  # CUDA steps only: a CPU run's meta as it was
-            meta["deep"]["gpu_times"] = ("ops.gpu_ms: on the same twin step, the summed duration of the kernels, "
-                                         "memcpys and memsets each matched op launched (kineto's correlation id "
-                                         "ties a device event to the op running at its launch; the events nested "
-                                         "in the op's outermost one count as its own); 0: none launched; null: "
-                                         "unmatched or no twin (op_clock's gpu_matched and gpu_why say per step)")
+        meta = deep_meta(records, ids, twins)
         return Contribution(runs=pd.DataFrame(row), built=built, meta=meta, untimed=frozenset(ids + twins))
 
 
@@ -438,7 +428,3 @@ def _attention_call(fn: Any, steplog: StepLog, code_of: Any) -> Any:
             steplog.exit()
 
     return attention_function
-
-
-def _median(values: list[int]) -> int:
-    return sorted(values)[len(values) // 2] if values else 0

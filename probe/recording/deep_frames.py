@@ -15,11 +15,13 @@ import json
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import schema
 from ..dtypes import dtype_name
 from ..schema import ALLOCATIONS, LEDGER, OPS
 from .deep_ops import ALLOC_COLS, OP_COLS
+from .deep_twin import TWIN_AFTER, op_clock
 
 
 def _sig_text(sigs: dict) -> list[tuple]:
@@ -126,3 +128,41 @@ def _frame(parts: list[pd.DataFrame], cols: dict[str, str]) -> pd.DataFrame:
     if not parts:
         return schema.empty(cols)
     return schema.conform(pd.concat(parts, ignore_index=True), cols)
+
+
+def deep_meta(records: dict, ids: list[str], twins: list[str]) -> dict:
+    """``meta["deep"]`` of the deep runs ``ids`` (and their twin runs ``twins``): what was sampled,
+    how each step's ops were timed (``op_clock``), and what each figure is."""
+    meta = {"deep": {"run_ids": ids, "sampled": records["plan"], "untimed": "left out of every timing figure",
+                     "bytes_estimated": "ops.bytes_read_est / bytes_written_est: from the unique storages "
+                                        "of each op's inputs and outputs",
+                     "tied_weights": records.get("tied", {}),
+                     "op_floor_us": _median([s[5].floor_ns() for s in records["steps"]]) / 1e3,
+                     # ops whose bookkeeping raised: they ran, and are missing from the ops frame
+                     "ops_unrecorded": sum(s[5].failed for s in records["steps"]),
+                     "op_call_us": dict(records.get("call_us", {})),
+                     "op_times": "each op's dispatcher time, by torch.profiler on a twin step run without "
+                                 f"the dispatch mode (for a decode step, the step {TWIN_AFTER} on; for the "
+                                 "prefill, and a decode step whose twin step the run does not reach or "
+                                 "samples, the same step of the generate call run again: op_clock's twin), "
+                                 "its outermost events aligned "
+                                 "with the mode's ops by name, less the profiler's own cost of the events "
+                                 "nested in each (op_clock says per step how many ops were matched). An op "
+                                 "without a twin has the dispatch mode's clock: what calling it from the mode "
+                                 "adds (converting its arguments and outputs, measured per overload against "
+                                 "PyTorch's RecordFunction: op_call_us; else aten.alias timed the same way "
+                                 "on the step, median op_floor_us) taken out and left to dispatch and Python",
+                     "op_clock": op_clock(records["steps"]),
+                     "twin_run_ids": twins,
+                     "torch_version": torch.__version__}}
+    if any(getattr(s[5], "cuda", False) for s in records["steps"]):  # CUDA steps only: a CPU run's meta as it was
+        meta["deep"]["gpu_times"] = ("ops.gpu_ms: on the same twin step, the summed duration of the kernels, "
+                                     "memcpys and memsets each matched op launched (kineto's correlation id "
+                                     "ties a device event to the op running at its launch; the events nested "
+                                     "in the op's outermost one count as its own); 0: none launched; null: "
+                                     "unmatched or no twin (op_clock's gpu_matched and gpu_why say per step)")
+    return meta
+
+
+def _median(values: list[int]) -> int:
+    return sorted(values)[len(values) // 2] if values else 0

@@ -1,7 +1,8 @@
 """Which steps of a deep run are sampled (:class:`DeepPlan`) and what ``deep=`` may be
 (:func:`plan_of`): by default the prefill step and a few decode steps spread over the run, each
 decode sample far enough from the end for its twin (:data:`~probe.recording.deep_twin.TWIN_AFTER`
-steps on) to come."""
+steps on) to come; in a run too short for that, spread over all of it (each timed on the run again:
+:meth:`~probe.recording.deep.DeepObserver.twin_rerun`)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ class DeepPlan:
     def chosen(self, max_new_tokens: Any, *, max_steps: int | None = None, decode_stride: int = 1) -> frozenset[int]:
         """The sampled step indices of one run: within ``max_steps``; decode samples land on
         steps ``decode_stride`` keeps (1, 1 + stride, ...), before the last :data:`TWIN_AFTER` steps
-        and more than that apart (each is timed on a step after it). Explicit ``steps`` are taken
-        as given."""
+        and more than that apart (each is timed on a step after it); in a run too short for that,
+        spread over all its decode steps (each is timed on the run again). Explicit ``steps`` are
+        taken as given."""
         if self.steps is not None:
             out = set(self.steps)
         else:
@@ -47,8 +49,13 @@ class DeepPlan:
                     if at > prev + TWIN_AFTER:
                         out.add(at)
                         prev = at
-            elif last >= 1 and self.decode > 0:  # too short a run for a twin: one step, the mode's clock
-                out.add(1)
+            elif last >= 1 and self.decode > 0:
+                # too short a run for a twin inside it: the samples spread over it, timed on the
+                # run again (DeepObserver.twin_rerun) where it comes, else on the mode's clock
+                k = min(self.decode, last)
+                for i in range(k):
+                    at = 1 + round(i * (last - 1) / (k - 1)) if k > 1 else 1
+                    out.add(1 + ((at - 1) // decode_stride) * decode_stride)
         if max_steps is not None:
             out = {s for s in out if s < max_steps}
         return frozenset(out)

@@ -11,7 +11,10 @@ mode gives an op's time in a plain forward. So the deep pass times a sampled ste
   the cache; the steps between run plain, so the twin finds the CPU's caches as a plain forward
   does: :data:`TWIN_AFTER`);
 - the prefill step has the prefill of one more generate call of the same inputs and seed, run
-  for one token (only where the deep pass runs its own generate: ``probe.profile(deep=...)``).
+  for one token (only where the deep pass runs its own generate: ``probe.profile(deep=...)``);
+  where a decode sample's twin step is not in the run (the run ends first, or samples a step up
+  to it), that call runs for as many tokens as the last such sample needs, and its step of the
+  same index is the twin (the steps before it run plain, as in a plain generate).
 
 :class:`TwinProfiler` starts and stops the profiler around the twin step; :func:`read_twin`
 reads its events once the step is over and keeps only one number per op of the sampled step:
@@ -72,11 +75,13 @@ TWIN_AFTER = 10
 TWIN_METHOD = "profiler twin"
 MODE_METHOD = "dispatch mode"
 #: why a sampled step keeps the dispatch mode's clock, by case
+#: (``probe.profile(deep=...)`` and ``probe run --deep`` run the generate call again for the
+#: prefill, "sampled" and "ended": :meth:`~probe.recording.deep.DeepObserver.twin_rerun`)
+AGAIN = "; probe.profile(deep=...) and probe run --deep time it on the generate call run again"
 NO_TWIN = {
-    "attach": "no prefill twin: the generate call is the user's own (probe.attach); probe.profile(deep=...) "
-              "and probe run --deep run a one-token generate for it",
-    "sampled": "a step up to its twin is sampled too",
-    "ended": "no twin step after it: the run ended first",
+    "attach": "no prefill twin: the generate call is the user's own (probe.attach)" + AGAIN,
+    "sampled": "a step up to its twin is sampled too" + AGAIN,
+    "ended": "no twin step after it: the run ended first" + AGAIN,
     "others": "another profiler or dispatch mode is active, or this is one rank of several: no profiler started",
     "failed": "the twin step failed or could not be profiled",
     "phase": "no twin for this phase",

@@ -103,12 +103,12 @@ def profile(
     def one(_i: int) -> None:
         model.generate(**feed, **gen)
 
-    def prefill_only() -> None:  # the deep run's prefill once more, without the dispatch mode
-        model.generate(**feed, **one_token(gen))
+    def again(n: int) -> None:  # the deep run's first n tokens once more, without the dispatch mode
+        model.generate(**feed, **first_tokens(gen, n))
 
     run, failure = _record(model, one, depth=depth, warmup=warmup, repeat=repeat, seed=seed, threads=threads,
                            model_id=model_id, progress=say, watch=watch, what="generate",
-                           attach_options=attach_options, deep=deep_pass, deep_prefill=prefill_only)
+                           attach_options=attach_options, deep=deep_pass, deep_again=again)
     _annotate(run, warmup=warmup, repeat=repeat, seed=seed)
     if tokenizer is not None and keep_text:
         text = texts(run, tokenizer, feed.get("input_ids"))
@@ -175,11 +175,11 @@ def _record(model, call: Callable[[int], None], *, depth, warmup: int, repeat: i
             threads: int | None, model_id: str | None, progress: Callable[[str], None],
             watch: Callable[["Probe"], ContextManager[Any]], what: str,
             attach_options: dict, deep: Any = None,
-            deep_prefill: Callable[[], None] | None = None) -> tuple["Run", Exception | None]:
+            deep_again: Callable[[int], None] | None = None) -> tuple["Run", Exception | None]:
     """Attach, run ``call`` ``warmup`` times and clear, run it ``repeat`` times (then once more as a
     deep run when ``deep``, an unarmed deep observer among the attach options, is given, and
-    ``deep_prefill``, the same call for one token, as the twin of its prefill), detach on every
-    path."""
+    ``deep_again(n)``, the same call for its first ``n`` new tokens, as the twin of its sampled
+    steps that had none in it: ``DeepObserver.twin_rerun``), detach on every path."""
     import torch
 
     from ..capture.lifecycle import attach
@@ -211,10 +211,14 @@ def _record(model, call: Callable[[int], None], *, depth, warmup: int, repeat: i
                 deep.armed = True
                 reseed()
                 call(repeat)
-                if deep_prefill is not None:
-                    progress("deep pass: its prefill once more, ops timed by torch.profiler ...")
-                    reseed()
-                    deep.twin_prefill(deep_prefill)
+                if deep_again is not None:
+                    def again(n: int) -> None:
+                        progress(f"deep pass: {'its prefill' if n == 1 else f'its first {n} tokens'} once more, "
+                                 "ops timed by torch.profiler ...")
+                        reseed()
+                        deep_again(n)
+
+                    deep.twin_rerun(again)
         except Exception as exc:  # keep the partial run: it is the evidence
             failure = exc
         finally:
@@ -225,12 +229,14 @@ def _record(model, call: Callable[[int], None], *, depth, warmup: int, repeat: i
             torch.set_num_threads(threads_before)
 
 
-def one_token(gen: Mapping[str, Any]) -> dict:
-    """``generate`` arguments for the prefill alone: one new token, no minimum length, no streamer
-    (the user's streamer saw the deep run's tokens already)."""
+def first_tokens(gen: Mapping[str, Any], n: int) -> dict:
+    """``generate`` arguments for the first ``n`` new tokens alone, no fewer (the steps to time
+    must be reached: an end-of-sequence token is held back as long), no streamer (the user's
+    streamer saw the deep run's tokens already)."""
     out = {k: v for k, v in gen.items() if k not in ("min_new_tokens", "min_length", "max_length", "streamer")}
-    out["max_new_tokens"] = 1
+    out["max_new_tokens"] = out["min_new_tokens"] = n
     return out
+
 
 
 def _deep_observer(deep: Any, attach_options: dict) -> Any:
