@@ -7,9 +7,11 @@ Model: the bundled 32-layer LLaMA (``probe-tiny-llama-32l``), float32, CPU, one 
    one-token generate whose prefill is the prefill's twin (as ``probe.profile(deep=...)`` runs
    them) against a generate at depth blocks, interleaved ``--rounds`` times, process CPU time.
    Target: median ratio <= 1.5.
-2. Op times: on one sampled step (prefill, and a decode step), each op kind's host time as the
-   deep pass records it (timed by torch.profiler on the step's twin: a step ``TWIN_AFTER`` after
-   it, or the prefill of a one-token generate; ``meta["deep"]["op_clock"]``) against
+2. Op times: on one sampled step (prefill, a decode step, and a decode step of a run too short
+   for a twin inside it: ``--short-step``), each op kind's host time as the deep pass records it
+   (timed by torch.profiler on the step's twin: a step ``TWIN_AFTER`` after it, the prefill of a
+   one-token generate, or the same step of the generate call run again;
+   ``meta["deep"]["op_clock"]``) against
    torch.profiler's CPU time for the same ops on the same step of a plain generate (the
    profiler started and stopped around that forward only, without record_shapes and
    profile_memory, which inflate cheap ops). The same ops: the dispatch mode sees an op with what it dispatches to below it
@@ -178,20 +180,21 @@ def profiler_step(model, ids, new: int, index: int, full: bool = True, kinds: se
     return events, rss, peak
 
 
-def deep_step(model, ids, new: int, index: int, traced: bool = False):
-    """A deep generate sampling step ``index`` only (and its twin: one step more, or a one-token
-    generate for prefill): its ops' (op, host ms), what the probe's records hold (``traced``: by
+def deep_step(model, ids, new: int, index: int, traced: bool = False, again: bool = False):
+    """A deep generate sampling step ``index`` only (and its twin: for a decode step the step
+    ``TWIN_AFTER`` on, or with ``again`` the same step of the generate call run again, as a run
+    too short for the first gets; for prefill a one-token generate): its ops' (op, host ms), what the probe's records hold (``traced``: by
     tracemalloc, else 0), the step's peak of live tensor bytes and how its ops were timed. The op
     times are taken untraced: tracemalloc hooks every Python allocation (it read 5.4 us of
     aten.alias against 1.3 us under the mode)."""
     if traced:
         tracemalloc.start()
     before = tracemalloc.take_snapshot() if traced else None
-    n = new + TWIN_AFTER if index > 0 else new  # a decode step's twin is a step after it
+    n = new + TWIN_AFTER if index > 0 and not again else new  # a decode step's twin is a step after it
     obs = DeepObserver(plan_of([index]))
     with probe.attach(model, observers=[obs]) as p:
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        if index == 0:
+        if index == 0 or again:
             obs.twin_rerun(lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False))
         after = tracemalloc.take_snapshot() if traced else None
     held = 0
@@ -267,6 +270,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--step", type=int, default=100, help="the decode step compared with torch.profiler")
+    ap.add_argument("--short-step", type=int, default=5,
+                    help="a decode step of a run too short for a twin inside it (timed on the call run again); "
+                         "0: skip")
     ap.add_argument("--repeats", type=int, default=9,
                     help="generate calls per instrument for the op comparison (each op the least of them)")
     args = ap.parse_args(argv)
@@ -285,12 +291,16 @@ def main(argv=None) -> int:
     print(f"  median ratio {med:.3f} (target <= 1.5): {'PASS' if med <= 1.5 else 'FAIL'}")
 
     step = min(args.step, new - 1)
-    for label, index in (("prefill (step 0)", 0), (f"decode (step {step})", step)):
+    cases = [("prefill (step 0)", 0, False), (f"decode (step {step})", step, False)]
+    if args.short_step > 0:
+        cases.append((f"decode (step {args.short_step} of a {args.short_step + 1}-token run: its twin the same step "
+                      "of the call run again)", args.short_step, True))
+    for label, index, again in cases:
         print(f"\n2. op kinds on {label}: deep pass host time vs torch.profiler CPU time (outermost events, total), "
               f"each op the least of {args.repeats} interleaved generate calls")
         deep, prof, costs = [], [], []
         for _ in range(args.repeats):
-            ops, _, _, clock = deep_step(model, ids, index + 1, index)
+            ops, _, _, clock = deep_step(model, ids, index + 1, index, again=again)
             seen = {kind_of(op) for op, _ in ops}
             events, _, _ = profiler_step(model, ids, index + 1, index, full=False, kinds=seen)
             deep.append(ops)
@@ -311,6 +321,8 @@ def main(argv=None) -> int:
               f"of 9 profiled loops vs of 9 plain: {', '.join(f'{c:.0f}' for c in costs)})")
         ok, n = compare_ops(probe_ops, prof_events, event_ns)
         print(f"  within 10 %: {ok} of {n} op kinds with >= 1 % of the step or >= 50 us (target: all)")
+        if again:  # the deep step itself is as in the long run: its memory is checked there
+            continue
         print(f"\n3. memory on {label}")
         share = held / prof_rss if prof_rss > 0 else float("nan")
         print(f"  probe records (tracemalloc, probe's files) {held / 1e6:8.3f} MB   "

@@ -8,7 +8,7 @@ layer; ``ops.csv`` and ``ledger.csv`` hold every block.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -83,9 +83,20 @@ def op_clock_text(deep: dict) -> str:
     if methods == {TWIN_METHOD}:
         matched, of = sum(int(v.get("matched") or 0) for v in phases), sum(int(v.get("of") or 0) for v in phases)
         return f"op times from torch.profiler on twin steps, {matched:,} of {of:,} ops matched"
+    why = _mode_steps(clock.get("steps"))
     if not methods or methods == {MODE_METHOD}:
-        return "op times of the dispatch mode"
-    return "op times from torch.profiler on twin steps where a step has one, else of the dispatch mode"
+        return "op times of the dispatch mode" + (f" ({why})" if why else "")
+    return "op times from torch.profiler on twin steps where a step has one, else of the dispatch mode" + (
+        f" ({why})" if why else "")
+
+
+def _mode_steps(steps: Any) -> str:
+    """The sampled steps on the dispatch mode's clock, by why: "step 0: <why>; steps 3, 7: <why>"."""
+    by_why: dict[str, dict[str, None]] = {}
+    for s in steps if isinstance(steps, list) else []:
+        if isinstance(s, dict) and s.get("method") == MODE_METHOD:
+            by_why.setdefault(str(s.get("why") or "no twin"), {})[str(s.get("step"))] = None
+    return "; ".join(f"step{'s' if len(v) > 1 else ''} {', '.join(v)}: {why}" for why, v in by_why.items())
 
 
 def deep_lines(run: "Run") -> list[str]:

@@ -281,7 +281,13 @@ def test_the_deep_text_says_how_the_op_times_were_taken():
     both = {"prefill": {"method": twin, "matched": 3, "of": 3}, "decode": {"method": twin, "matched": 2, "of": 4}}
     assert op_clock_text({"op_clock": {**both, "steps": []}}).endswith("5 of 7 ops matched")
     mixed = {**both, "decode": {"method": f"{mode} and {twin}", "matched": 1, "of": 4}}
-    assert "where a step has one" in op_clock_text({"op_clock": mixed})
+    assert op_clock_text({"op_clock": mixed}).endswith("where a step has one, else of the dispatch mode")
+    # the steps on the mode's clock, and why, where the run says
+    steps = [{"step": 0, "method": twin}, {"step": 3, "method": mode, "why": "the run ended first"},
+             {"step": 7, "method": mode, "why": "the run ended first"}, {"step": 3, "method": mode, "why": "the run ended first"},
+             {"step": 9, "method": mode, "why": "it failed"}]
+    assert op_clock_text({"op_clock": {**mixed, "steps": steps}}).endswith(
+        "else of the dispatch mode (steps 3, 7: the run ended first; step 9: it failed)")
     assert op_clock_text({}) == op_clock_text({"op_clock": {"prefill": {"method": mode}}}) == "op times of the dispatch mode"
 
 
