@@ -36,6 +36,53 @@ def test_each_level_from_the_one_build_equals_that_level_built_alone(run):
         pd.testing.assert_frame_equal(alone, want)
 
 
+@pytest.mark.parametrize("depth", ["blocks", "sublayers", "all"])
+@pytest.mark.parametrize("phases", [None, ("decode",)])
+def test_a_level_asked_for_alone_is_the_whole_summarys_rows_of_it_to_the_bit(depth, phases):
+    """``summary(level)`` before the whole summary builds only that level's frame (kept under its
+    level), summed the one way the whole summary sums it: the whole's rows of that level, exactly,
+    whichever level comes first; once the whole is kept, a level is read from it."""
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth=depth) as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=4, do_sample=False)
+        model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=2, do_sample=False)
+    calls, steps = p.run.calls, p.run.steps
+    if phases:  # the dashboard's phase filter: fewer rows
+        calls = calls[calls["phase"].isin(phases).to_numpy()].reset_index(drop=True)
+        steps = steps[steps["phase"].isin(phases).to_numpy()].reset_index(drop=True)
+    memo.clear()
+    whole = accounting.summary(calls, steps)
+    for first in ("block", "role", "module"):
+        memo.clear()
+        order = [first, *[lv for lv in ("module", "block", "role") if lv != first]]
+        for level in order:
+            got = accounting.summary(calls, steps, level)
+            assert memo.peek("summary", level, calls, steps) is not None
+            assert memo.peek("summary", None, calls, steps) is None  # the whole was not built
+            want = whole[whole["level"] == level].reset_index(drop=True)
+            pd.testing.assert_frame_equal(got, want, check_exact=True)
+        # the whole built after the levels alone is the same whole
+        pd.testing.assert_frame_equal(accounting.summary(calls, steps), whole, check_exact=True)
+        got = accounting.summary(calls, steps, first)  # now read from the whole
+        pd.testing.assert_frame_equal(got, whole[whole["level"] == first].reset_index(drop=True), check_exact=True)
+    # a tree at depth blocks read from the module level built alone is the tree built alone
+    memo.clear()
+    alone = accounting.tree_table(calls, steps)
+    memo.clear()
+    accounting.summary(calls, steps, "module")
+    pd.testing.assert_frame_equal(accounting.tree_table(calls, steps), alone, check_exact=True)
+
+
+def test_a_level_built_alone_is_built_anew_for_other_frames(run):
+    memo.clear()
+    block = accounting.summary(run.calls, run.steps, "block")
+    slower = run.calls.assign(self_ms=run.calls["self_ms"] * 2)
+    assert memo.peek("summary", "block", slower, run.steps) is None
+    assert accounting.summary(slower, run.steps, "block")["self_ms"].sum() > block["self_ms"].sum()
+    block.loc[0, "self_ms"] = -1.0  # a caller's edit of what it was handed stays its own
+    assert accounting.summary(run.calls, run.steps, "block").loc[0, "self_ms"] != -1.0
+
+
 def test_a_table_is_built_once_per_pair_of_frames_and_anew_for_other_frames(run):
     memo.clear()
     first = accounting.summary(run.calls, run.steps)

@@ -145,12 +145,16 @@ def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None
     """
     if level is not None:
         check_level(level)
-    # every level is built at once and kept: a report asks for each level, and a level's rows are the
-    # same on their own as among the others
-    whole = memo.derived("summary", None, calls, steps, lambda: _summary(calls, steps))
+    whole = memo.peek("summary", None, calls, steps)
     if level is None:
+        if whole is None:
+            whole = memo.derived("summary", None, calls, steps, lambda: _summary(calls, steps))
         return whole.copy(deep=False)
-    return whole[(whole["level"] == level).to_numpy(dtype=bool, na_value=False)].reset_index(drop=True)
+    if whole is not None:  # every level already built (a report): its rows of this level
+        return whole[(whole["level"] == level).to_numpy(dtype=bool, na_value=False)].reset_index(drop=True)
+    # one level alone (a dashboard chart of 20 runs): its rows, summed as among the others, but only its
+    # frame built (building a level's frame costs more than summing it, on a small run)
+    return memo.derived("summary", level, calls, steps, lambda: _summary(calls, steps, level)).copy(deep=False)
 
 
 def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: Level | None = None) -> pd.DataFrame:
@@ -164,19 +168,10 @@ def _summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = Non
         return schema.empty(SUMMARY)
     parts = []
     bodies: dict[str, pd.DataFrame] = {}
-    sums: dict[str, dict] = {}
-    # modules first: at depth blocks the blocks are sums of modules, and the roles are the blocks
     for lv in ([level] if level else ("module", "block", "role")):
-        if lv == "role" and "block" in bodies and same_rows(ph.calls, "role", "block"):
-            body = labelled(bodies["block"].copy(), "role")  # the same rows: summed once
-        else:
-            got = blocks_from_modules(ph, sums["module"]) if lv == "block" and "module" in sums else None
-            sums[lv] = got if got is not None else level_sums(ph, lv)
-            body = level_frame(ph, lv, sums[lv])
-        bodies[lv] = body
+        parts.append(_level_body(ph, calls, steps, lv, bodies))
         extra = pd.DataFrame(ph.extra_rows(lv))
         extra["_o"] = 10_000 + np.arange(len(extra))
-        parts.append(body)
         parts.append(extra)
     # a part's all-null columns (the extra rows' figures) take the others' dtypes
     out = combine([p for p in parts if len(p)])
@@ -184,6 +179,32 @@ def _summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = Non
     out["_p"] = ranked(out["phase"], {p: i for i, p in enumerate(PHASES)}, len(PHASES))
     out = out.sort_values(["_l", "_p", "_o"], kind="stable").drop(columns=["_l", "_p", "_o"])
     return schema.conform(out, SUMMARY, extra=False)
+
+
+def _level_body(ph: Phases, calls: pd.DataFrame, steps: pd.DataFrame, level: str,
+                bodies: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One level's rows (no residue or probe row; ``bodies`` keeps those made), summed the one way
+    whether asked for alone or with the others: at depth blocks the blocks are sums of the modules'
+    sums, and the roles are the blocks' rows where they are the same rows."""
+    if level not in bodies:
+        if level == "role" and same_rows(ph.calls, "role", "block"):  # the same rows: summed once
+            bodies[level] = labelled(_level_body(ph, calls, steps, "block", bodies).copy(), "role")
+        else:
+            bodies[level] = level_frame(ph, level, _sums(ph, calls, steps, level))
+    return bodies[level]
+
+
+def _sums(ph: Phases, calls: pd.DataFrame, steps: pd.DataFrame, level: str) -> dict:
+    """:func:`level_sums` of ``level`` (the block level from the module level's where it can be),
+    kept while the frames live: a chart asks for one level, the next view for another."""
+    def build() -> dict:
+        if level == "block":
+            got = blocks_from_modules(ph, _sums(ph, calls, steps, "module"))
+            if got is not None:
+                return got
+        return level_sums(ph, level)
+
+    return memo.derived("level_sums", level, calls, steps, build)
 
 
 def _tree_levels(prow: np.ndarray) -> np.ndarray:
@@ -275,7 +296,10 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
     c = ph.calls
     if c.empty:
         return schema.empty(TREE)
-    summ = memo.peek("summary", None, calls, steps) if not len(ph.nested) and keyed(c) else None
+    summ = None
+    if not len(ph.nested) and keyed(c):  # the module level, built alone or among the others
+        summ = memo.peek("summary", None, calls, steps)
+        summ = summ if summ is not None else memo.peek("summary", "module", calls, steps)
     if summ is not None:  # no call inside another (depth blocks): the tree is the module level
         return _tree_of_modules(summ)
     prow = ph.prow
