@@ -73,6 +73,24 @@ def test_a_level_asked_for_alone_is_the_whole_summarys_rows_of_it_to_the_bit(dep
     pd.testing.assert_frame_equal(accounting.tree_table(calls, steps), alone, check_exact=True)
 
 
+@pytest.mark.parametrize("col", ["role", "phase", "module"])
+def test_a_level_alone_of_calls_without_a_key_is_the_whole_summarys_rows_of_it(col):
+    """A call with a null module, phase or role is a row of its own: the level built alone still
+    equals the whole summary's rows of it, exactly."""
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="blocks") as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    calls = p.run.calls.copy()
+    at = int(np.flatnonzero((calls["module"] == "model.norm").to_numpy() & (calls["step"] == 1).to_numpy())[0])
+    calls[col] = calls[col].astype(object).where(np.arange(len(calls)) != at, None).astype(calls[col].dtype)
+    memo.clear()
+    whole = accounting.summary(calls, p.run.steps)
+    for level in ("module", "block", "role"):
+        memo.clear()
+        want = whole[whole["level"] == level].reset_index(drop=True)
+        pd.testing.assert_frame_equal(accounting.summary(calls, p.run.steps, level), want, check_exact=True)
+
+
 def test_a_level_built_alone_is_built_anew_for_other_frames(run):
     memo.clear()
     block = accounting.summary(run.calls, run.steps, "block")

@@ -166,9 +166,11 @@ def _summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = Non
     ph = phases(calls, steps)
     if ph.calls.empty:
         return schema.empty(SUMMARY)
-    parts = []
     bodies: dict[str, pd.DataFrame] = {}
-    for lv in ([level] if level else ("module", "block", "role")):
+    if level is not None:
+        return _one_level(ph, _level_body(ph, calls, steps, level, bodies), level)
+    parts = []
+    for lv in ("module", "block", "role"):
         parts.append(_level_body(ph, calls, steps, lv, bodies))
         extra = pd.DataFrame(ph.extra_rows(lv))
         extra["_o"] = 10_000 + np.arange(len(extra))
@@ -178,6 +180,33 @@ def _summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = Non
     out["_l"] = ranked(out["level"], {v: i for i, v in enumerate(LEVELS)})
     out["_p"] = ranked(out["phase"], {p: i for i, p in enumerate(PHASES)}, len(PHASES))
     out = out.sort_values(["_l", "_p", "_o"], kind="stable").drop(columns=["_l", "_p", "_o"])
+    return schema.conform(out, SUMMARY, extra=False)
+
+
+def _one_level(ph: Phases, body: pd.DataFrame, level: str) -> pd.DataFrame:
+    """One level's summary: ``body`` and the phases' residue and probe rows, in the order and at
+    the dtypes :func:`_summary` gives the level among the others (as its stack, sort and conform
+    would make them), put together column by column: on a small run those pandas steps cost
+    more than the sums."""
+    extra = ph.extra_rows(level)
+    rank = {p: i for i, p in enumerate(PHASES)}
+    p_rank = np.concatenate([ranked(body["phase"], rank, len(PHASES)).to_numpy(),
+                             np.array([rank.get(r["phase"], len(PHASES)) for r in extra], np.float64)])
+    o_rank = np.concatenate([body["_o"].to_numpy(dtype=np.float64), 10_000 + np.arange(len(extra), dtype=np.float64)])
+    order = np.lexsort((o_rank, p_rank))  # stable: by phase, then display order, then as stacked
+
+    def col(name: str, dtype: str):
+        mine = body[name] if name in body.columns else pd.Series([None] * len(body), dtype=object)
+        theirs = [r.get(name) for r in extra]
+        if dtype == "int64":  # the calls: never null
+            return np.concatenate([mine.to_numpy(dtype=np.int64), np.array(theirs, np.int64)])[order]
+        if dtype == "float64":
+            return np.concatenate([mine.to_numpy(dtype=np.float64, na_value=np.nan),
+                                   np.array([np.nan if v is None else v for v in theirs], np.float64)])[order]
+        vals = np.concatenate([mine.astype(object).to_numpy(), np.array(theirs, dtype=object)])
+        return pd.array(vals[order], dtype=dtype)
+
+    out = pd.DataFrame({name: col(name, dtype) for name, dtype in SUMMARY.items()})
     return schema.conform(out, SUMMARY, extra=False)
 
 
