@@ -118,9 +118,10 @@ def test_a_table_is_built_once_per_pair_of_frames_and_anew_for_other_frames(run)
     assert memo.peek("summary", None, run.calls, run.steps) is not None  # the first one still kept
 
 
-def test_tables_go_with_their_frames(run):
+def test_tables_go_with_their_frames(run, monkeypatch):
     import weakref
 
+    monkeypatch.setattr(memo, "SMALL_ROWS", 0)  # every frame large: Phases keep only the last few
     memo.clear()
     calls = run.calls.copy()
     accounting.summary(calls, run.steps)
@@ -231,3 +232,22 @@ def test_a_call_without_a_key_is_its_own_tree_row_whether_or_not_the_summary_was
     memo.clear()
     accounting.summary(calls, p.run.steps)
     pd.testing.assert_frame_equal(accounting.tree_table(calls, p.run.steps), alone, check_exact=True)
+
+
+def test_groundwork_that_holds_its_frames_keeps_few_large_and_many_small(run, monkeypatch):
+    """A kind whose results hold the frames (``phases``) keeps two results, and more (up to the
+    default limit) while their frames are small in all: the next chart of 20 small runs finds each
+    run's groundwork again; the same groundwork as built afresh."""
+    memo.clear()
+    frames = [(run.calls.copy(), run.steps.copy()) for _ in range(5)]
+    built = [accounting.phases(c, s) for c, s in frames]
+    assert all(memo.peek("phases", None, c, s) is b for (c, s), b in zip(frames, built))  # small: all kept
+    fresh = accounting.Phases(*frames[0])
+    pd.testing.assert_frame_equal(built[0].calls, fresh.calls)
+    np.testing.assert_array_equal(built[0].prow, fresh.prow)
+    memo.clear()
+    monkeypatch.setattr(memo, "SMALL_ROWS", 2 * len(run.calls))  # these frames count as large: two kept
+    for c, s in frames:
+        accounting.phases(c, s)
+    kept = [memo.peek("phases", None, c, s) is not None for c, s in frames]
+    assert kept == [False, False, False, True, True]
