@@ -36,6 +36,7 @@ from .grouping import codes_in_order, first_rows, group_sum
 from .labels import (  # noqa: F401  (re-exported: where readers have found them)
     ATTENTION_REST, BLOCK_ORDER, check_level, factorized, keyed, label_codes, labels, same_rows)
 from .levels import blocks_from_modules, labelled, level_frame, level_sums
+from .phase_cut import rows_of_phases
 from ..schema import LEVELS, PHASES, SUMMARY, TREE, Level
 
 RESIDUE = "(residue)"
@@ -153,8 +154,13 @@ def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None
     if whole is not None:  # every level already built (a report): its rows of this level
         return whole[(whole["level"] == level).to_numpy(dtype=bool, na_value=False)].reset_index(drop=True)
     # one level alone (a dashboard chart of 20 runs): its rows, summed as among the others, but only its
-    # frame built (building a level's frame costs more than summing it, on a small run)
-    return memo.derived("summary", level, calls, steps, lambda: _summary(calls, steps, level)).copy(deep=False)
+    # frame built (building a level's frame costs more than summing it, on a small run); of a phase
+    # filter's cut (phase_cut.phase_subset), the whole run's rows of those phases where they are the same
+    def build() -> pd.DataFrame:
+        rows = rows_of_phases(calls, steps, level, phases)
+        return rows if rows is not None else _summary(calls, steps, level)
+
+    return memo.derived("summary", level, calls, steps, build).copy(deep=False)
 
 
 def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: Level | None = None) -> pd.DataFrame:
