@@ -1,0 +1,37 @@
+"""The Layers view's table of each layer's mean ms per phase (:func:`dashboards.layer_views.layer_means`):
+the same frame as pandas' pivot of the summary rows, exactly, made directly or pivoted by pandas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("streamlit")
+
+import probe  # noqa: E402
+from probe.analysis.run import block_summary  # noqa: E402
+from probe.dashboards.layer_views import layer_means  # noqa: E402
+from tiny import tiny_llama  # noqa: E402
+
+
+def _pivot(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows.pivot_table(index=["layer", "module"], columns="phase", values="mean_ms", observed=True).reset_index()
+
+
+@pytest.mark.parametrize("depth", ["blocks", "sublayers", "all"])
+def test_layer_means_are_the_pivot_of_the_summary_rows(depth):
+    model = tiny_llama(layers=3)
+    with probe.attach(model, depth=depth) as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    summ = block_summary(p.run.calls, p.run.steps, by="module")
+    rows = summ[summ["role"] == "layer"].rename(columns={"name": "module"})
+    for part in (rows, rows[rows["phase"] == "decode"], rows[rows["phase"] == "prefill"], rows.iloc[::-1]):
+        pd.testing.assert_frame_equal(layer_means(part), _pivot(part), check_exact=True)
+    # where the direct way does not hold (two rows of a cell, a missing value, a null key): pandas pivots
+    twice = pd.concat([rows, rows.assign(mean_ms=rows["mean_ms"] * 3)], ignore_index=True)
+    gap = rows.assign(mean_ms=rows["mean_ms"].where(np.arange(len(rows)) != 1))
+    nokey = rows.assign(layer=rows["layer"].where(np.arange(len(rows)) != 0))
+    for odd in (twice, gap, nokey):
+        pd.testing.assert_frame_equal(layer_means(odd), _pivot(odd), check_exact=True)
