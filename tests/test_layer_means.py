@@ -35,3 +35,35 @@ def test_layer_means_are_the_pivot_of_the_summary_rows(depth):
     nokey = rows.assign(layer=rows["layer"].where(np.arange(len(rows)) != 0))
     for odd in (twice, gap, nokey):
         pd.testing.assert_frame_equal(layer_means(odd), _pivot(odd), check_exact=True)
+
+
+def _pandas_rows(summ: pd.DataFrame, phase: str, order: list[str]):
+    from probe.reports.figure_base import floats
+
+    sub = summ[summ["phase"] == phase]
+    sub = sub.set_index(sub["name"].astype(str))
+    sub = sub.reindex([m for m in order if m in sub.index])
+    return list(sub.index), {c: floats(sub[c]) for c in ("self_ms", "calls", "total_ms", "mean_ms", "share")}
+
+
+@pytest.mark.parametrize("level", ["block", "role", "module"])
+def test_a_runs_bars_in_order_are_its_rows_set_by_name_and_reindexed(level):
+    """The bars of :func:`figures.phase_blocks_runs` take a run's rows of a phase in the names'
+    order from the columns' arrays: the same names and figures as pandas' set_index and reindex,
+    and pandas' way where a name is null."""
+    from probe.reports.block_figures import _in_order
+
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="sublayers") as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    summ = block_summary(p.run.calls, p.run.steps, by=level)
+    order = list(dict.fromkeys(summ["name"].astype(str)))[::-1] + ["not there"]
+    nameless = summ.assign(name=summ["name"].where(np.arange(len(summ)) != 1))
+    for frame in (summ, nameless):
+        for phase in ("prefill", "decode"):
+            names, cols = _in_order(frame, phase, order)
+            want_names, want = _pandas_rows(frame, phase, order)
+            assert names == want_names
+            for c in want:
+                np.testing.assert_array_equal(cols[c], want[c])
+        assert _in_order(frame, "no such phase", order) is None
