@@ -67,3 +67,25 @@ def test_a_runs_bars_in_order_are_its_rows_set_by_name_and_reindexed(level):
             for c in want:
                 np.testing.assert_array_equal(cols[c], want[c])
         assert _in_order(frame, "no such phase", order) is None
+
+
+def test_a_phases_rows_by_role_are_the_rows_pandas_looks_up_by_role():
+    """The step breakdown reads each phase's block rows by role from the columns' arrays: the same
+    values as pandas' row lookup, and pandas' rows where a role comes twice."""
+    from probe.reports.breakdown_figures import _by_role
+
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="blocks") as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    summ = block_summary(p.run.calls, p.run.steps, by="block")
+    for phase in ("prefill", "decode"):
+        rows = summ[summ["phase"] == phase].set_index("role")
+        got = _by_role(summ, phase)
+        assert list(got) == list(rows.index)
+        for role, r in got.items():
+            for c in ("self_ms", "gpu_self_ms", "calls"):
+                want = rows.loc[role, c]
+                assert (pd.isna(want) and pd.isna(r[c])) or r[c] == want
+    twice = pd.concat([summ, summ], ignore_index=True)
+    got = _by_role(twice, "decode")
+    pd.testing.assert_frame_equal(got["layer"], twice[twice["phase"] == "decode"].set_index("role").loc["layer"])
