@@ -71,7 +71,7 @@ def compare(ctx: Context) -> None:
         sig = ctx.memo("significance", lambda: significance(ra, rb), a, b, runs=(a, b))
         st.subheader("Is the difference larger than the noise?")
         for tag, name in (("A", a), ("B", b)):
-            nb = ctx.memo("noise", lambda name=name: ctx.loaded[name].noise(), runs=(name,))
+            nb = ctx.memo("noise", lambda name=name: ctx.loaded[name].noise(), runs=(name,), filtered=False)
             if nb.busy:
                 st.warning(f"{tag} ({md(name)}): {nb.message()}.", icon="⚠️")
         st.caption("B slower by: B's mean over A's minus one (tok/s: A's over B's; positive is worse), with a 95% "

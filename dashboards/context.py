@@ -52,25 +52,31 @@ class Context:
     comparisons: dict[str, Path] = field(default_factory=dict)
     _keys: dict = field(default_factory=dict, repr=False, compare=False)  # key() per run names, this rerun
 
-    def key(self, runs: list[str] | tuple[str, ...] | None = None) -> str:
-        """Identifies the frames of ``runs`` (default: the selected ones) under the filters:
-        a digest of the folder, each run's name and file signature, and the filters, made once
-        per rerun (Streamlit hashes a cache key at every lookup, and a view looks up dozens:
-        the full tuple of 20 runs' file signatures cost 2.5 ms a lookup)."""
+    def key(self, runs: list[str] | tuple[str, ...] | None = None, *, filtered: bool = True) -> str:
+        """Identifies the frames of ``runs`` (default: the selected ones) under the filters
+        (with ``filtered=False``, as loaded: the key of no filter): a digest of the folder, each
+        run's name and file signature, and the filters, made once per rerun (Streamlit hashes a
+        cache key at every lookup, and a view looks up dozens: the full tuple of 20 runs' file
+        signatures cost 2.5 ms a lookup)."""
         names = tuple(self.selected if runs is None else runs)
-        got = self._keys.get(names)
+        got = self._keys.get((names, filtered))
         if got is None:
-            whole = (str(self.runs_dir), tuple((n, self.signatures[n]) for n in names), astuple(self.filters))
-            got = self._keys[names] = hashlib.sha256(repr(whole).encode("utf-8", "surrogatepass")).hexdigest()
+            filters = self.filters if filtered else data.Filters()
+            whole = (str(self.runs_dir), tuple((n, self.signatures[n]) for n in names), astuple(filters))
+            got = self._keys[(names, filtered)] = hashlib.sha256(
+                repr(whole).encode("utf-8", "surrogatepass")).hexdigest()
         return got
 
-    def memo(self, what: str, build: Callable[[], Any], *params: Hashable, runs: tuple[str, ...] | None = None):
+    def memo(self, what: str, build: Callable[[], Any], *params: Hashable, runs: tuple[str, ...] | None = None,
+             filtered: bool = True):
         """``build()``, cached on :meth:`key`, ``what`` and ``params``.
 
         Reruns (a click, another view and back) then skip the aggregation over a large run.
-        ``runs`` names the loaded runs ``build`` reads when they are not the selected ones.
+        ``runs`` names the loaded runs ``build`` reads when they are not the selected ones;
+        ``filtered=False`` says ``build`` reads them as loaded (:attr:`loaded`), never the
+        filters: its value is then kept across a change of the filters.
         """
-        return _restored(cached(self.key(runs), what, params, lambda: _storable(build())))
+        return _restored(cached(self.key(runs, filtered=filtered), what, params, lambda: _storable(build())))
 
     def each(self) -> dict[str, probe.Run]:
         """Each selected run on its own, with the filters applied (several runs are shown side

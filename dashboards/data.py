@@ -20,6 +20,7 @@ import pandas as pd
 
 import probe
 from probe import schema
+from probe.analysis.phase_cut import phase_subset
 from probe.analysis.run import FILES
 from probe.reports.tables import ranks
 from probe.store.files import MAX_META_BYTES, META, read_regular
@@ -303,8 +304,12 @@ def apply_filters(run: probe.Run, f: Filters) -> probe.Run:
         smask &= _in_ranks(steps, f.ranks)
         rmask = _in_ranks(runs, f.ranks)
         runs = runs if rmask.all() else runs[rmask].reset_index(drop=True)
-    new_calls = calls if cmask.all() else calls[cmask].reset_index(drop=True)
-    new_steps = steps if smask.all() else steps[smask].reset_index(drop=True)
+    if f.phases is not None and f.depths is None and f.module_types is None and f.steps is None and f.ranks is None:
+        # the same rows, noted as the phases' cut: their summary is read from the whole run's where it can be
+        new_calls, new_steps = phase_subset(calls, steps, f.phases)
+    else:
+        new_calls = calls if cmask.all() else calls[cmask].reset_index(drop=True)
+        new_steps = steps if smask.all() else steps[smask].reset_index(drop=True)
     samp = run.sampling
     if len(samp) and not smask.all():  # the sampling rows of the steps kept
         key = ["rank", "run_id", "step"]

@@ -67,8 +67,9 @@ def _phases(ctx: Context) -> None:
     """The answer first: prefill | decode | setup and outside | generate of each selected run
     (side by side for one run; a row per run and part for several). Of the whole generate()
     calls: the sidebar's filters do not apply."""
-    cells = {n: ctx.memo("phases", lambda n=n: headline_cells(ctx.loaded[n].headline()), runs=(n,))
-             for n in ctx.selected}
+    # of the runs as loaded: kept across a change of the filters
+    cells = {n: ctx.memo("phase_cells", lambda n=n: headline_cells(ctx.loaded[n].headline()), runs=(n,),
+                         filtered=False) for n in ctx.selected}
     st.subheader("Prefill vs decode")
     if all(c.empty for c in cells.values()):
         st.info("No generate() call in the selected runs: nothing to split into prefill and decode.")
@@ -181,7 +182,7 @@ def _noise_notes(ctx: Context) -> None:
     """The busy-machine warning of each selected run that was recorded on a busy machine."""
     quiet = []
     for name in ctx.selected:
-        b = ctx.memo("noise", lambda name=name: ctx.loaded[name].noise(), runs=(name,))
+        b = ctx.memo("noise", lambda name=name: ctx.loaded[name].noise(), runs=(name,), filtered=False)
         if b.busy:
             st.warning(f"Run **{md(name)}**: {b.message()}.", icon="⚠️")
         elif b.wait_pct == b.wait_pct:

@@ -242,8 +242,9 @@ def conform(df: pd.DataFrame, schema: dict[str, str], *, extra: bool = True, who
     gone = {c for c in sparse if c not in have or all_null(df[c])}
     target = [c for c in schema if c not in gone]
     names = [c for c in target if c in have]
+    dtypes = dict(zip(df.columns, df.dtypes))  # one pass: a column looked up by name costs more than its dtype
     cast = {c: schema[c] for c in names
-            if (not _canonical(df[c]) if schema[c] == CAT else str(df[c].dtype) != schema[c])}
+            if (not _canonical(df[c]) if schema[c] == CAT else str(dtypes[c]) != schema[c])}
     for col, dtype in schema.items():
         if col not in have and n and dtype in REQUIRED:
             raise ValueError(f"column {col!r} ({dtype}) is required and has no value")

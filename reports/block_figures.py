@@ -108,29 +108,55 @@ def phase_blocks_runs(parts: dict[str, tuple[pd.DataFrame, pd.DataFrame]], by: s
     phases = phases_in(pd.concat([summ[["phase"]] for summ in summaries.values()]))
     fig = make_subplots(rows=1, cols=len(phases), subplot_titles=[plot_text(p) for p in phases],
                         horizontal_spacing=0.06)
+    shown: set[str] = set()  # the runs with a trace so far: the first one has the legend entry
     for i, (name, summ) in enumerate(summaries.items()):
         color = RUN_COLORS[i % len(RUN_COLORS)]
         for j, phase in enumerate(phases):
-            sub = summ[summ["phase"] == phase]
-            if sub.empty:
+            got = _in_order(summ, phase, order)
+            if got is None:
                 continue
-            sub = sub.set_index(sub["name"].astype(str))
-            sub = sub.reindex([m for m in order if m in sub.index])
-            share = floats(sub["share"])
-            fig.add_trace(go.Bar(
-                name=plot_text(name), x=[plot_text(m) for m in sub.index], y=floats(sub["self_ms"]),
-                text=[fmt.pct(v) for v in share], textposition="outside", marker_color=color,
-                legendgroup=plot_text(name), showlegend=not any(t.name == plot_text(name) for t in fig.data),
-                customdata=np.column_stack([floats(sub["calls"]), floats(sub["total_ms"]), floats(sub["mean_ms"]), share * 100]),
+            x, cols = got
+            share = cols["share"]
+            # a trace given as its dict is validated once, as the figure's (a go.Bar is validated, then
+            # copied and validated again): the same trace, in a quarter of the time (40 bars of 20 runs)
+            fig.add_trace(dict(
+                type="bar", name=plot_text(name), x=[plot_text(m) for m in x], y=cols["self_ms"],
+                text=[fmt.pct(v) for v in share], textposition="outside", marker={"color": color},
+                legendgroup=plot_text(name), showlegend=plot_text(name) not in shown,
+                customdata=np.column_stack([cols["calls"], cols["total_ms"], cols["mean_ms"], share * 100]),
                 hovertemplate="%{x}<br>self %{y:.3f} ms, total %{customdata[1]:.3f} ms<br>%{customdata[0]} calls, "
                               "mean %{customdata[2]:.4f} ms<br>share %{customdata[3]:.1f}%<extra>"
                               + plot_text(f"{name} · {phase}") + "</extra>",
             ), row=1, col=j + 1)
+            shown.add(plot_text(name))
     themed(fig).update_layout(title={"text": title + "<br><sup>bar text: share of that run's phase forward time</sup>"},
                       height=HEIGHT + 40, barmode="group",
                       margin={"l": 60, "r": 30, "t": 90, "b": 60}, legend={"orientation": "h", "y": -0.25})
     fig.update_yaxes(title_text="self host ms", col=1)
     return fig
+
+
+_BAR_COLUMNS = ("self_ms", "calls", "total_ms", "mean_ms", "share")
+
+
+def _in_order(summ: pd.DataFrame, phase: str, order: list[str]) -> tuple[list[str], dict[str, np.ndarray]] | None:
+    """A run's summary rows of ``phase`` in the names' ``order``: the names and the bars' columns as
+    floats; ``None`` where it has none. Found on the columns' arrays (a run's rows of a phase set
+    by name and reindexed cost 2 ms a bar); by pandas where a name is null or comes twice."""
+    names = summ["name"].astype(str)
+    mask = (summ["phase"] == phase).to_numpy(dtype=bool, na_value=False)
+    at = np.flatnonzero(mask)
+    if not len(at):
+        return None
+    mine = [str(n) for n in names.to_numpy()[at]]
+    if names.isna().any() or len(set(mine)) < len(mine):
+        sub = summ[summ["phase"] == phase]
+        sub = sub.set_index(sub["name"].astype(str))
+        sub = sub.reindex([m for m in order if m in sub.index])
+        return list(sub.index), {c: floats(sub[c]) for c in _BAR_COLUMNS}
+    pos = dict(zip(mine, at))
+    rows = np.array([pos[m] for m in order if m in pos], dtype=np.int64)
+    return [m for m in order if m in pos], {c: floats(summ[c])[rows] for c in _BAR_COLUMNS}
 
 
 def layer_heatmap(calls: pd.DataFrame, phase: Phase = "decode", value: str = "auto") -> go.Figure:
@@ -179,8 +205,8 @@ def layer_heatmap(calls: pd.DataFrame, phase: Phase = "decode", value: str = "au
     unit = "GPU ms" if value == "gpu_ms" else "host ms"
     note = f", each column the mean of {width} steps" if width > 1 else ""
     fig = base_figure(f"{title}: {unit} per layer call{note}", "step" if width == 1 else "first step of bin", "layer")
-    fig.add_trace(go.Heatmap(z=z, x=first_step, y=layers, colorscale="Viridis", colorbar={"title": {"text": "ms"}},
-                             hovertemplate="layer %{y}<br>step %{x}<br>%{z:.4f} ms<extra></extra>"))
+    fig.add_trace(dict(type="heatmap", z=z, x=first_step, y=layers, colorscale="Viridis",  # validated once
+                       colorbar={"title": {"text": "ms"}}, hovertemplate="layer %{y}<br>step %{x}<br>%{z:.4f} ms<extra></extra>"))
     fig.update_yaxes(autorange="reversed", dtick=1 if len(layers) <= 16 else None)
     return fig
 

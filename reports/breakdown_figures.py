@@ -96,22 +96,38 @@ def _breakdown(calls: pd.DataFrame, steps: pd.DataFrame) -> tuple[list[str], dic
     phases = phases_in(steps)
     labels = [f"{p} ({int(n_steps[p])} step{'s' if n_steps[p] != 1 else ''})" for p in phases]
     parts: dict[str, list[float]] = {key: [] for key, _ in PARTS}
+    step_phase = steps["phase"]
     for p in phases:
-        sub = steps[steps["phase"] == p]
-        rows = summ[summ["phase"] == p].set_index("role") if summ is not None else None
-        recorded = rows is not None and "residue" in rows.index  # this phase has block records
+        # the two columns read, not every column of the phase's steps
+        mine = (step_phase == p).to_numpy(dtype=bool, na_value=False)
+        outside, forward = steps["outside_ms"][mine], steps["forward_ms"][mine]
+        rows = _by_role(summ, p) if summ is not None else None
+        recorded = rows is not None and "residue" in rows  # this phase has block records
         for key, _ in PARTS:
             if key == "outside":  # host time after each forward, over every step
-                parts[key].append(float(sub["outside_ms"].mean()) if sub["outside_ms"].notna().any() else float("nan"))
+                parts[key].append(float(outside.mean()) if outside.notna().any() else float("nan"))
             elif not recorded:  # no block records in this phase: the whole forward is residue
-                parts[key].append(float(sub["forward_ms"].mean()) if key == "residue" else 0.0)
-            elif key in rows.index:  # per step with block records, on the summary's clock
-                r = rows.loc[key]
+                parts[key].append(float(forward.mean()) if key == "residue" else 0.0)
+            elif key in rows:  # per step with block records, on the summary's clock
+                r = rows[key]
                 ms = r["gpu_self_ms"] if pd.notna(r["gpu_self_ms"]) else r["self_ms"]
-                parts[key].append(float(ms) / float(rows.loc["residue", "calls"]))
+                parts[key].append(float(ms) / float(rows["residue"]["calls"]))
             else:
                 parts[key].append(0.0)
     return labels, parts
+
+
+def _by_role(summ: pd.DataFrame, phase: str) -> dict:
+    """The summary's rows of ``phase`` by role (each a mapping of column to value): read from the
+    columns' arrays, as a row looked up by role gives them (one row per role at the block level);
+    by pandas where a role comes twice (a row is then several, as pandas would give them)."""
+    mine = (summ["phase"] == phase).to_numpy(dtype=bool, na_value=False)
+    roles = summ["role"].to_numpy(dtype=object)[mine]
+    if len(set(roles)) < len(roles) or pd.isna(roles).any():
+        rows = summ[summ["phase"] == phase].set_index("role")
+        return {k: rows.loc[k] for k in rows.index.dropna().unique()}
+    cols = {c: summ[c].to_numpy()[mine] for c in ("self_ms", "gpu_self_ms", "calls")}
+    return {k: {c: v[i] for c, v in cols.items()} for i, k in enumerate(roles)}
 
 
 def _breakdown_figure(title: str, labels: list[str], parts: dict[str, list[float]],

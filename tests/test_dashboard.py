@@ -613,6 +613,32 @@ def test_discover_lists_runs_and_nested_sweeps(tmp_path, runs):
     assert data.signature(tmp_path / "a") != sig
 
 
+def test_a_meta_json_is_read_once_per_version_of_the_file(tmp_path, runs):
+    """The scan decides whether a ``meta.json`` is a run's once per version of the file: the same
+    answer as reading it, and read again when the file is written again (or replaced, or goes)."""
+    from probe.dashboards import discovery
+
+    shutil.copytree(runs["eager"], tmp_path / "a")
+    meta = tmp_path / "a" / "meta.json"
+    text = meta.read_text()
+    assert list(data.discover(tmp_path).runs) == ["a"]
+    assert any(k[0] == str(meta) for k in discovery._SEEN)
+    meta.write_text('{"tool": "not a probe run"}')  # another tool's JSON: no run (listed as a folder)
+    assert not data.discover(tmp_path).runs and data.discover(tmp_path).others == ("a",)
+    meta.write_text(text)
+    assert list(data.discover(tmp_path).runs) == ["a"]
+    same_size = text.replace('"schema_version"', '"schema_versio_"')  # same length, no schema version
+    assert len(same_size) == len(text)
+    meta.write_text(same_size)
+    assert not data.discover(tmp_path).runs
+    meta.unlink()
+    assert not data.discover(tmp_path).runs
+    meta.write_text(text)
+    assert list(data.discover(tmp_path).runs) == ["a"]
+    discovery._SEEN.clear()
+    assert list(data.discover(tmp_path).runs) == ["a"]
+
+
 def test_figures_of_combined_runs_match_each_run(runs):
     a, b = probe.load(runs["eager"]), probe.load(runs["sdpa"])
     both = data.combine([a, b])

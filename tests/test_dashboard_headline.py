@@ -96,3 +96,29 @@ def test_overview_of_several_runs_has_a_row_per_run_and_part(runs_dir):
             assert list(mine[label]) == list(want.loc[label]), (name, label)
     assert [e.label for e in at.expander] == ["texted: generated text and prompt", "bare: generated text and prompt"]
     assert not at.error
+
+
+def test_the_phases_table_is_of_the_whole_calls_under_a_filter_and_kept_across_filters(runs_dir):
+    """The table reads the runs as loaded, so it is cached on a key without the filters: a phase
+    filter shows the same table (the whole generate calls) without building it again; the key still
+    follows the runs' files."""
+    from pathlib import Path
+
+    from probe.dashboards import data
+    from probe.dashboards.context import Context
+
+    at = app(runs_dir, ["texted", "bare"])
+    before = table(at)
+    at.sidebar.multiselect(key="phases").set_value(["decode"]).run()
+    assert not at.exception
+    pd.testing.assert_frame_equal(table(at), before)
+    sig = {"texted": ("a", 1), "bare": ("b", 2)}
+    ctx = {f: Context(Path(runs_dir), ["texted", "bare"], {}, f, None, dict(sig))
+           for f in (data.Filters(), data.Filters(phases=("decode",)))}
+    plain, decode = ctx.values()
+    assert decode.key(filtered=False) == plain.key(filtered=False) == plain.key()
+    assert decode.key() != plain.key()
+    assert decode.key(("bare",), filtered=False) == plain.key(("bare",))
+    moved = Context(Path(runs_dir), ["texted", "bare"], {}, data.Filters(phases=("decode",)), None,
+                    {**sig, "bare": ("b", 3)})  # a run's files changed: another key
+    assert moved.key(("bare",), filtered=False) != decode.key(("bare",), filtered=False)

@@ -36,6 +36,71 @@ def test_each_level_from_the_one_build_equals_that_level_built_alone(run):
         pd.testing.assert_frame_equal(alone, want)
 
 
+@pytest.mark.parametrize("depth", ["blocks", "sublayers", "all"])
+@pytest.mark.parametrize("phases", [None, ("decode",)])
+def test_a_level_asked_for_alone_is_the_whole_summarys_rows_of_it_to_the_bit(depth, phases):
+    """``summary(level)`` before the whole summary builds only that level's frame (kept under its
+    level), summed the one way the whole summary sums it: the whole's rows of that level, exactly,
+    whichever level comes first; once the whole is kept, a level is read from it."""
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth=depth) as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=4, do_sample=False)
+        model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=2, do_sample=False)
+    calls, steps = p.run.calls, p.run.steps
+    if phases:  # the dashboard's phase filter: fewer rows
+        calls = calls[calls["phase"].isin(phases).to_numpy()].reset_index(drop=True)
+        steps = steps[steps["phase"].isin(phases).to_numpy()].reset_index(drop=True)
+    memo.clear()
+    whole = accounting.summary(calls, steps)
+    for first in ("block", "role", "module"):
+        memo.clear()
+        order = [first, *[lv for lv in ("module", "block", "role") if lv != first]]
+        for level in order:
+            got = accounting.summary(calls, steps, level)
+            assert memo.peek("summary", level, calls, steps) is not None
+            assert memo.peek("summary", None, calls, steps) is None  # the whole was not built
+            want = whole[whole["level"] == level].reset_index(drop=True)
+            pd.testing.assert_frame_equal(got, want, check_exact=True)
+        # the whole built after the levels alone is the same whole
+        pd.testing.assert_frame_equal(accounting.summary(calls, steps), whole, check_exact=True)
+        got = accounting.summary(calls, steps, first)  # now read from the whole
+        pd.testing.assert_frame_equal(got, whole[whole["level"] == first].reset_index(drop=True), check_exact=True)
+    # a tree at depth blocks read from the module level built alone is the tree built alone
+    memo.clear()
+    alone = accounting.tree_table(calls, steps)
+    memo.clear()
+    accounting.summary(calls, steps, "module")
+    pd.testing.assert_frame_equal(accounting.tree_table(calls, steps), alone, check_exact=True)
+
+
+@pytest.mark.parametrize("col", ["role", "phase", "module"])
+def test_a_level_alone_of_calls_without_a_key_is_the_whole_summarys_rows_of_it(col):
+    """A call with a null module, phase or role is a row of its own: the level built alone still
+    equals the whole summary's rows of it, exactly."""
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="blocks") as p:
+        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    calls = p.run.calls.copy()
+    at = int(np.flatnonzero((calls["module"] == "model.norm").to_numpy() & (calls["step"] == 1).to_numpy())[0])
+    calls[col] = calls[col].astype(object).where(np.arange(len(calls)) != at, None).astype(calls[col].dtype)
+    memo.clear()
+    whole = accounting.summary(calls, p.run.steps)
+    for level in ("module", "block", "role"):
+        memo.clear()
+        want = whole[whole["level"] == level].reset_index(drop=True)
+        pd.testing.assert_frame_equal(accounting.summary(calls, p.run.steps, level), want, check_exact=True)
+
+
+def test_a_level_built_alone_is_built_anew_for_other_frames(run):
+    memo.clear()
+    block = accounting.summary(run.calls, run.steps, "block")
+    slower = run.calls.assign(self_ms=run.calls["self_ms"] * 2)
+    assert memo.peek("summary", "block", slower, run.steps) is None
+    assert accounting.summary(slower, run.steps, "block")["self_ms"].sum() > block["self_ms"].sum()
+    block.loc[0, "self_ms"] = -1.0  # a caller's edit of what it was handed stays its own
+    assert accounting.summary(run.calls, run.steps, "block").loc[0, "self_ms"] != -1.0
+
+
 def test_a_table_is_built_once_per_pair_of_frames_and_anew_for_other_frames(run):
     memo.clear()
     first = accounting.summary(run.calls, run.steps)
@@ -53,9 +118,10 @@ def test_a_table_is_built_once_per_pair_of_frames_and_anew_for_other_frames(run)
     assert memo.peek("summary", None, run.calls, run.steps) is not None  # the first one still kept
 
 
-def test_tables_go_with_their_frames(run):
+def test_tables_go_with_their_frames(run, monkeypatch):
     import weakref
 
+    monkeypatch.setattr(memo, "SMALL_ROWS", 0)  # every frame large: Phases keep only the last few
     memo.clear()
     calls = run.calls.copy()
     accounting.summary(calls, run.steps)
@@ -166,3 +232,22 @@ def test_a_call_without_a_key_is_its_own_tree_row_whether_or_not_the_summary_was
     memo.clear()
     accounting.summary(calls, p.run.steps)
     pd.testing.assert_frame_equal(accounting.tree_table(calls, p.run.steps), alone, check_exact=True)
+
+
+def test_groundwork_that_holds_its_frames_keeps_few_large_and_many_small(run, monkeypatch):
+    """A kind whose results hold the frames (``phases``) keeps two results, and more (up to the
+    default limit) while their frames are small in all: the next chart of 20 small runs finds each
+    run's groundwork again; the same groundwork as built afresh."""
+    memo.clear()
+    frames = [(run.calls.copy(), run.steps.copy()) for _ in range(5)]
+    built = [accounting.phases(c, s) for c, s in frames]
+    assert all(memo.peek("phases", None, c, s) is b for (c, s), b in zip(frames, built))  # small: all kept
+    fresh = accounting.Phases(*frames[0])
+    pd.testing.assert_frame_equal(built[0].calls, fresh.calls)
+    np.testing.assert_array_equal(built[0].prow, fresh.prow)
+    memo.clear()
+    monkeypatch.setattr(memo, "SMALL_ROWS", 2 * len(run.calls))  # these frames count as large: two kept
+    for c, s in frames:
+        accounting.phases(c, s)
+    kept = [memo.peek("phases", None, c, s) is not None for c, s in frames]
+    assert kept == [False, False, False, True, True]

@@ -36,6 +36,7 @@ from .grouping import codes_in_order, first_rows, group_sum
 from .labels import (  # noqa: F401  (re-exported: where readers have found them)
     ATTENTION_REST, BLOCK_ORDER, check_level, factorized, keyed, label_codes, labels, same_rows)
 from .levels import blocks_from_modules, labelled, level_frame, level_sums
+from .phase_cut import rows_of_phases
 from ..schema import LEVELS, PHASES, SUMMARY, TREE, Level
 
 RESIDUE = "(residue)"
@@ -145,12 +146,21 @@ def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None
     """
     if level is not None:
         check_level(level)
-    # every level is built at once and kept: a report asks for each level, and a level's rows are the
-    # same on their own as among the others
-    whole = memo.derived("summary", None, calls, steps, lambda: _summary(calls, steps))
+    whole = memo.peek("summary", None, calls, steps)
     if level is None:
+        if whole is None:
+            whole = memo.derived("summary", None, calls, steps, lambda: _summary(calls, steps))
         return whole.copy(deep=False)
-    return whole[(whole["level"] == level).to_numpy(dtype=bool, na_value=False)].reset_index(drop=True)
+    if whole is not None:  # every level already built (a report): its rows of this level
+        return whole[(whole["level"] == level).to_numpy(dtype=bool, na_value=False)].reset_index(drop=True)
+    # one level alone (a dashboard chart of 20 runs): its rows, summed as among the others, but only its
+    # frame built (building a level's frame costs more than summing it, on a small run); of a phase
+    # filter's cut (phase_cut.phase_subset), the whole run's rows of those phases where they are the same
+    def build() -> pd.DataFrame:
+        rows = rows_of_phases(calls, steps, level, phases)
+        return rows if rows is not None else _summary(calls, steps, level)
+
+    return memo.derived("summary", level, calls, steps, build).copy(deep=False)
 
 
 def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: Level | None = None) -> pd.DataFrame:
@@ -162,21 +172,14 @@ def _summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = Non
     ph = phases(calls, steps)
     if ph.calls.empty:
         return schema.empty(SUMMARY)
-    parts = []
     bodies: dict[str, pd.DataFrame] = {}
-    sums: dict[str, dict] = {}
-    # modules first: at depth blocks the blocks are sums of modules, and the roles are the blocks
-    for lv in ([level] if level else ("module", "block", "role")):
-        if lv == "role" and "block" in bodies and same_rows(ph.calls, "role", "block"):
-            body = labelled(bodies["block"].copy(), "role")  # the same rows: summed once
-        else:
-            got = blocks_from_modules(ph, sums["module"]) if lv == "block" and "module" in sums else None
-            sums[lv] = got if got is not None else level_sums(ph, lv)
-            body = level_frame(ph, lv, sums[lv])
-        bodies[lv] = body
+    if level is not None:
+        return _one_level(ph, _level_body(ph, calls, steps, level, bodies), level)
+    parts = []
+    for lv in ("module", "block", "role"):
+        parts.append(_level_body(ph, calls, steps, lv, bodies))
         extra = pd.DataFrame(ph.extra_rows(lv))
         extra["_o"] = 10_000 + np.arange(len(extra))
-        parts.append(body)
         parts.append(extra)
     # a part's all-null columns (the extra rows' figures) take the others' dtypes
     out = combine([p for p in parts if len(p)])
@@ -184,6 +187,59 @@ def _summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = Non
     out["_p"] = ranked(out["phase"], {p: i for i, p in enumerate(PHASES)}, len(PHASES))
     out = out.sort_values(["_l", "_p", "_o"], kind="stable").drop(columns=["_l", "_p", "_o"])
     return schema.conform(out, SUMMARY, extra=False)
+
+
+def _one_level(ph: Phases, body: pd.DataFrame, level: str) -> pd.DataFrame:
+    """One level's summary: ``body`` and the phases' residue and probe rows, in the order and at
+    the dtypes :func:`_summary` gives the level among the others (as its stack, sort and conform
+    would make them), put together column by column: on a small run those pandas steps cost
+    more than the sums."""
+    extra = ph.extra_rows(level)
+    rank = {p: i for i, p in enumerate(PHASES)}
+    p_rank = np.concatenate([ranked(body["phase"], rank, len(PHASES)).to_numpy(),
+                             np.array([rank.get(r["phase"], len(PHASES)) for r in extra], np.float64)])
+    o_rank = np.concatenate([body["_o"].to_numpy(dtype=np.float64), 10_000 + np.arange(len(extra), dtype=np.float64)])
+    order = np.lexsort((o_rank, p_rank))  # stable: by phase, then display order, then as stacked
+
+    def col(name: str, dtype: str):
+        mine = body[name] if name in body.columns else pd.Series([None] * len(body), dtype=object)
+        theirs = [r.get(name) for r in extra]
+        if dtype == "int64":  # the calls: never null
+            return np.concatenate([mine.to_numpy(dtype=np.int64), np.array(theirs, np.int64)])[order]
+        if dtype == "float64":
+            return np.concatenate([mine.to_numpy(dtype=np.float64, na_value=np.nan),
+                                   np.array([np.nan if v is None else v for v in theirs], np.float64)])[order]
+        vals = np.concatenate([mine.astype(object).to_numpy(), np.array(theirs, dtype=object)])
+        return pd.array(vals[order], dtype=dtype)
+
+    out = pd.DataFrame({name: col(name, dtype) for name, dtype in SUMMARY.items()})
+    return schema.conform(out, SUMMARY, extra=False)
+
+
+def _level_body(ph: Phases, calls: pd.DataFrame, steps: pd.DataFrame, level: str,
+                bodies: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One level's rows (no residue or probe row; ``bodies`` keeps those made), summed the one way
+    whether asked for alone or with the others: at depth blocks the blocks are sums of the modules'
+    sums, and the roles are the blocks' rows where they are the same rows."""
+    if level not in bodies:
+        if level == "role" and same_rows(ph.calls, "role", "block"):  # the same rows: summed once
+            bodies[level] = labelled(_level_body(ph, calls, steps, "block", bodies).copy(), "role")
+        else:
+            bodies[level] = level_frame(ph, level, _sums(ph, calls, steps, level))
+    return bodies[level]
+
+
+def _sums(ph: Phases, calls: pd.DataFrame, steps: pd.DataFrame, level: str) -> dict:
+    """:func:`level_sums` of ``level`` (the block level from the module level's where it can be),
+    kept while the frames live: a chart asks for one level, the next view for another."""
+    def build() -> dict:
+        if level == "block":
+            got = blocks_from_modules(ph, _sums(ph, calls, steps, "module"))
+            if got is not None:
+                return got
+        return level_sums(ph, level)
+
+    return memo.derived("level_sums", level, calls, steps, build)
 
 
 def _tree_levels(prow: np.ndarray) -> np.ndarray:
@@ -275,7 +331,10 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
     c = ph.calls
     if c.empty:
         return schema.empty(TREE)
-    summ = memo.peek("summary", None, calls, steps) if not len(ph.nested) and keyed(c) else None
+    summ = None
+    if not len(ph.nested) and keyed(c):  # the module level, built alone or among the others
+        summ = memo.peek("summary", None, calls, steps)
+        summ = summ if summ is not None else memo.peek("summary", "module", calls, steps)
     if summ is not None:  # no call inside another (depth blocks): the tree is the module level
         return _tree_of_modules(summ)
     prow = ph.prow

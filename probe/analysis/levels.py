@@ -79,15 +79,22 @@ def _own(ph: "Phases", level: str, kcodes: np.ndarray, names: list[str]) -> np.n
     return None if own.all() else own
 
 
+def blocks_of_modules(ph: "Phases") -> bool:
+    """Whether :func:`blocks_from_modules` takes the block level from the module level: no call is
+    inside another, every call has a module, a phase and a role, and every call is its block's own."""
+    if len(ph.nested) or not keyed(ph.calls):
+        return False  # nested calls, or calls without a module, phase or role: summed from the calls
+    kcodes, names = label_codes(ph.calls, "block")
+    return _own(ph, "block", kcodes, names) is None
+
+
 def blocks_from_modules(ph: "Phases", mods: dict) -> dict | None:
     """The block level's sums from the module level's, where every call is its block's own call
     and none is inside another (depth blocks): each module lies in one block, so a block's sums
     are its modules' (added in another order: equal up to rounding). ``None`` otherwise."""
-    if len(ph.nested) or not keyed(ph.calls):
-        return None  # nested calls, or calls without a module, phase or role: summed from the calls
-    kcodes, names = label_codes(ph.calls, "block")
-    if _own(ph, "block", kcodes, names) is not None:
+    if not blocks_of_modules(ph):
         return None
+    kcodes, names = label_codes(ph.calls, "block")
     n_phase = max(len(ph.codes("phase")[1]), 1)
     bkey = kcodes[mods["first"]].astype(np.int64) * n_phase + mods["phase"]  # each module row's block row
     order = np.argsort(mods["first"], kind="stable")  # module rows as first called

@@ -23,6 +23,9 @@ T = TypeVar("T")
 #: results kept per kind; a kind whose results hold the frames themselves keeps very few
 LIMITS = {"phases": 2}
 DEFAULT_LIMIT = 64
+#: ... but keeps more (up to :data:`DEFAULT_LIMIT`) while their frames hold this many call rows in
+#: all: a dashboard of 20 small runs asks again for each run's groundwork at the next chart
+SMALL_ROWS = 200_000
 
 _STORE: dict[str, OrderedDict] = {}
 _LOCK = threading.Lock()
@@ -57,7 +60,8 @@ def derived(kind: str, key: Hashable, calls: pd.DataFrame, steps: pd.DataFrame, 
                 del kept[k]  # frames gone: their tables go with them
         store = _STORE.setdefault(kind, OrderedDict())
         store[(key, id(calls), id(steps))] = entry
-        while len(store) > LIMITS.get(kind, DEFAULT_LIMIT):
+        while len(store) > LIMITS.get(kind, DEFAULT_LIMIT) and (
+                len(store) > DEFAULT_LIMIT or sum(e[2][0][0] for e in store.values()) > SMALL_ROWS):
             store.popitem(last=False)
     return value
 
