@@ -57,14 +57,18 @@ def within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     return p == r or r in p.parents
 
 
-def escapes(run_dir: str | os.PathLike, root: str | os.PathLike) -> str | None:
+def escapes(run_dir: str | os.PathLike, root: str | os.PathLike, *, inside: bool = False) -> str | None:
     """The first path a load of ``run_dir`` would read that leads outside ``root`` through a
     symlink — the run folder itself, a file in it, a ``rank<N>`` folder or a file in one — or
-    ``None`` when everything stays inside. Only symlinks are resolved (one ``lstat`` per entry)."""
+    ``None`` when everything stays inside. Only symlinks are resolved (one ``lstat`` per entry).
+    ``inside``: the caller found ``run_dir`` itself inside ``root`` already (the dashboard's
+    listing, for each of its runs: then only what the folder holds is checked, and ``root`` is
+    resolved only where an entry is a symlink)."""
     top = Path(run_dir).expanduser()
-    if not within(top, root):
+    if not inside and not within(top, root):
         return str(top)
     todo = [top]
+    held: Path | None = None  # root, resolved once, where a symlink is met
     while todo:
         d = todo.pop()
         try:
@@ -72,7 +76,11 @@ def escapes(run_dir: str | os.PathLike, root: str | os.PathLike) -> str | None:
         except OSError:
             continue  # the load names an unreadable folder itself
         for e in entries:
-            if e.is_symlink() and not within(e.path, root):
+            if not e.is_symlink():
+                continue
+            held = held or Path(root).expanduser().resolve()
+            target = Path(e.path).resolve()
+            if target != held and held not in target.parents:
                 return e.path
             if d == top and e.name.startswith("rank") and e.is_dir():
                 todo.append(Path(e.path))

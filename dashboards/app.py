@@ -248,7 +248,7 @@ def main() -> None:
     bad: dict[str, str] = {}
     sigs: dict[str, tuple] = {}
     for name, path in found.runs.items():
-        out = escapes(path, root)
+        out = escapes(path, root, inside=True)  # the folder itself is inside (_inside, above)
         if out is not None:  # a symlink inside the run (a file, a rank folder) leads elsewhere: not read
             bad[name] = (f"{path} links outside the folder this dashboard may read ({out}); it is not read. "
                          "Copy the run inside the folder, or start the dashboard with a wider --root")

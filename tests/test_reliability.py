@@ -631,6 +631,10 @@ def test_the_dashboard_reads_nothing_a_symlink_inside_a_run_leads_to_outside_its
     assert escapes(root / "tp", root) == str(root / "tp" / "rank0")
     assert escapes(root / "filelink", root) == str(root / "filelink" / "calls.parquet")
     assert escapes(root / "filelink", tmp_path) is None  # a wider root reads it
+    # the listing's check, for a folder it found inside the root: what the folder holds still counts
+    assert escapes(root / "filelink", root, inside=True) == str(root / "filelink" / "calls.parquet")
+    assert escapes(root / "tp", root, inside=True) == str(root / "tp" / "rank0")
+    assert escapes(root / "good", root, inside=True) is None
     monkeypatch.setenv("PROBE_DASHBOARD_ROOT", str(root))
     at = AppTest.from_file(str(APP), default_timeout=120)
     at.session_state["runs_dir"] = str(root)
