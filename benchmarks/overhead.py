@@ -159,7 +159,7 @@ class PlainWrappers(role_shares.PlainWrappers):
     ns over the generate calls, with the root forward's window as ``forward``."""
 
     def __init__(self, model) -> None:
-        super().__init__(model, "blocks")
+        super().__init__(model, "blocks", in_situ=False)
 
     @property
     def times(self) -> dict[str, float]:

@@ -57,28 +57,46 @@ class PlainWrappers:
     a loop, so ~1.9 µs a call its calibration could not take out; this one 1.4 µs against
     0.8 µs."""
 
-    def __init__(self, model, depth: str, cost: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)) -> None:
+    def __init__(self, model, depth: str, cost: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0),
+                 in_situ: bool = True) -> None:
         self.model, self.depth = model, depth
         # the wrapper's own cost per call, ns: inside its window and outside it (in the caller's),
-        # each as a + b * (keyword arguments): packing and unpacking them is the wrapper's too
+        # each as a + b * (keyword arguments): packing and unpacking them is the wrapper's too;
+        # and of the outside part, what its record (the append after the window) cost in the
+        # calibration's loop. With ``in_situ`` each call's record is read in place instead (a
+        # third clock read after the append, as the probe's C wrapper reads its own record):
+        # between two layers' work it costs more than in a loop, where its memory stays warm
         self.cost = cost
+        self.in_situ = in_situ
         self.mods = [(info.role, mod) for mod, info in select_modules(model, depth)]
         self.log: list[tuple[str, int, int, int]] = []
+        self.tail: list[int] = []  # per call, the clock read after its record was appended
         self.saved: list = []
 
     def _timed(self, fn, role: str):
         import functools
 
-        clock, append = time.perf_counter_ns, self.log.append
+        clock, append, tail = time.perf_counter_ns, self.log.append, self.tail.append
 
-        @functools.wraps(fn)  # generate reads the forward's signature (logits_to_keep): keep it
-        def wrapped(*a, **k):
+        if not self.in_situ:
+            @functools.wraps(fn)  # generate reads the forward's signature (logits_to_keep): keep it
+            def wrapped(*a, **k):
+                t0 = clock()
+                out = fn(*a, **k)
+                append((role, t0, clock(), len(k)))
+                return out
+
+            return wrapped
+
+        @functools.wraps(fn)
+        def wrapped_in_situ(*a, **k):
             t0 = clock()
             out = fn(*a, **k)
             append((role, t0, clock(), len(k)))
+            tail(clock())
             return out
 
-        return wrapped
+        return wrapped_in_situ
 
     def __enter__(self):
         for role, mod in self.mods:
@@ -114,12 +132,18 @@ class PlainWrappers:
 
     def reset(self) -> None:
         self.log.clear()
+        self.tail.clear()
+
+    def record_ns(self) -> list[int]:
+        """Per call, what its record (the append after its window) took, as read in place."""
+        return [t2 - e[2] for e, t2 in zip(self.log, self.tail)]
 
     def self_times(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(phase, role) -> (self ns, calls) from the intervals: a call's window less its own
         cost inside it, less each child's window and that child's wrapper cost outside it. The
         first root forward is prefill, every later one decode."""
-        i0, i1, o0, o1 = self.cost
+        i0, i1, o0, o1, post = self.cost
+        rec = self.record_ns() if self.in_situ else [post] * len(self.log)
         order = sorted(range(len(self.log)), key=lambda j: (self.log[j][1], -self.log[j][2]))
         own = [0.0] * len(self.log)
         phase_of = [""] * len(self.log)
@@ -136,7 +160,7 @@ class PlainWrappers:
                 phase_of[j] = phase_of[stack[-1]] if stack else "decode"
             own[j] += (t1 - t0) - (i0 + i1 * nkw)
             if stack:
-                own[stack[-1]] -= (t1 - t0) + o0 + o1 * nkw
+                own[stack[-1]] -= (t1 - t0) + (o0 - post) + o1 * nkw + rec[j]
             stack.append(j)
         out: dict[tuple[str, str], tuple[int, int]] = {}
         for j, (role, *_rest) in enumerate(self.log):
@@ -158,12 +182,14 @@ class PlainWrappers:
 ROOT = "(forward)"
 
 
-def plain_cost(rounds: int = 7, n: int = 3000) -> tuple[float, float, float, float]:
+def plain_cost(rounds: int = 7, n: int = 3000) -> tuple[float, float, float, float, float]:
     """The plain wrapper's own cost per call (ns), the way the probe calibrates its own: inside
     its window (what a call's time reads beyond the forward's) and outside it (what the caller's
     self time holds for each wrapped call), least over interleaved rounds, on an identity
     function called with no keyword argument and with eight (a decoder layer's call has about
-    that many): ``(inside, inside per keyword, outside, outside per keyword)``."""
+    that many): ``(inside, inside per keyword, outside, outside per keyword, record)``, the
+    last the 10th percentile of what the record after the window took per call in the loop
+    (the probe's ``post_ns``)."""
 
     def ident(x, **kw):
         return x
@@ -174,6 +200,7 @@ def plain_cost(rounds: int = 7, n: int = 3000) -> tuple[float, float, float, flo
     wrapped = pw._timed(ident, "x")
     x = torch.zeros(4)
     got = {}
+    records: list[int] = []
     for nkw in (0, 8):
         kw = {f"k{i}": None for i in range(nkw)}
         inside, total = [], []
@@ -182,18 +209,20 @@ def plain_cost(rounds: int = 7, n: int = 3000) -> tuple[float, float, float, flo
             for _ in range(n):
                 ident(x, **kw)
             bare = time.perf_counter_ns() - t0
-            pw.log.clear()
+            pw.reset()
             t0 = time.perf_counter_ns()
             for _ in range(n):
                 wrapped(x, **kw)
             t = time.perf_counter_ns() - t0
             windows = sum(e[2] - e[1] for e in pw.log)
+            records.extend(pw.record_ns())
             inside.append((windows - bare) / n)  # the windows' sum beyond the bare calls
             total.append((t - bare) / n)
         i, c = max(0.0, min(inside)), max(0.0, min(total))
         got[nkw] = (i, max(0.0, c - i))
     (i0, o0), (i8, o8) = got[0], got[8]
-    return i0, max(0.0, (i8 - i0) / 8), o0, max(0.0, (o8 - o0) / 8)
+    post = min(float(sorted(records)[len(records) // 10]), o0) if records else 0.0
+    return i0, max(0.0, (i8 - i0) / 8), o0, max(0.0, (o8 - o0) / 8), post
 
 
 def cost_in_situ(model, ids, new_tokens: int = 8) -> float:
@@ -249,7 +278,8 @@ def probe_figures(run) -> tuple[dict[str, dict[str, tuple[float, int]]], dict[st
     return out, probe_ms
 
 
-def measure(model, ids, depth: str, pairs: int, new_tokens: int, cost: tuple[float, float], cold: bool) -> dict:
+def measure(model, ids, depth: str, pairs: int, new_tokens: int, cost: tuple[float, ...], cold: bool,
+            in_situ: bool = True) -> dict:
     for _ in range(2):  # warm both paths
         with PlainWrappers(model, depth):
             model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
@@ -264,7 +294,7 @@ def measure(model, ids, depth: str, pairs: int, new_tokens: int, cost: tuple[flo
         got = {}
         for kind in (("probe", "plain") if i % 2 == 0 else ("plain", "probe")):
             if kind == "plain":
-                with PlainWrappers(model, depth, cost) as pw:
+                with PlainWrappers(model, depth, cost, in_situ) as pw:
                     if not cold:
                         model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
                         pw.reset()
@@ -320,14 +350,19 @@ def main(argv=None) -> int:
                     help="measure the first generate after attaching (no warm-up under the same attachment)")
     ap.add_argument("--raw-plain", action="store_true",
                     help="leave the plain wrappers' own cost in their figures (it lands in each caller's self time)")
+    ap.add_argument("--calibrated-plain", action="store_true",
+                    help="take the plain wrappers' record cost from the calibration loop, not read in place")
     args = ap.parse_args(argv)
     if args.pairs < 1 or args.new_tokens < 2:
         ap.error("--pairs must be at least 1 and --new-tokens at least 2 (a decode step)")
     torch.set_num_threads(1)
-    cost = (0.0, 0.0, 0.0, 0.0) if args.raw_plain else plain_cost()
+    cost = (0.0,) * 5 if args.raw_plain else plain_cost()
     print(f"plain wrapper's own cost per call, taken out of its figures: {cost[0]:.0f} + {cost[1]:.0f} ns per keyword "
           f"argument inside its window, {cost[2]:.0f} + {cost[3]:.0f} ns per keyword outside it (in the caller's self time)"
-          + ("" if not args.raw_plain else " (--raw-plain: left in)"))
+          + ("" if not args.raw_plain else " (--raw-plain: left in)")
+          + ("" if args.raw_plain or args.calibrated_plain else
+             f"; of that, its record after the window ({cost[4]:.0f} ns in the loop) read in place on every call, "
+             "as the probe reads its own"))
     print("probe runs: " + ("the first generate after attaching (--cold)" if args.cold
                             else "after a warm-up generate under the same attachment, as `probe run` does"))
     ok = True
@@ -343,7 +378,8 @@ def main(argv=None) -> int:
               f"(calibrated in a loop: {cost[0] + cost[2] + 8 * (cost[1] + cost[3]):.0f} ns with eight keywords)")
         for depth in args.depths.split(","):
             with torch.inference_mode():
-                res = measure(model, ids, depth, args.pairs, args.new_tokens, cost, args.cold)
+                res = measure(model, ids, depth, args.pairs, args.new_tokens, cost, args.cold,
+                              in_situ=not (args.raw_plain or args.calibrated_plain))
             busy = res["busy_pct"]
             print(f"\n{name}, depth {depth}: prompt {ids.shape[-1]} tokens, {args.new_tokens} new, one thread, "
                   f"medians of {args.pairs} adjacent pairs; busy-machine figure of the probe runs: "

@@ -156,3 +156,32 @@ def test_a_saved_run_keeps_hooks_ms_and_older_runs_load_without_it(tmp_path):
     p.save(tmp_path / "run")
     back = probe.load(tmp_path / "run")
     assert back.calls["hooks_ms"].tolist() == p.run.calls["hooks_ms"].tolist()
+
+
+def test_a_hooked_call_is_charged_the_records_of_every_call_inside_it_read_in_place():
+    """On the probe's own clock: a hooked call's window is the whole call, and each call recorded
+    inside it (its hook's included, recorded after its forward's row) costs its record as read in
+    place plus the rest of the calibrated cost. Checked in sum, from the raw records by window
+    containment with the hooked call's window widened."""
+    import numpy as np
+
+    model = tiny_llama(layers=2)
+    mlp = model.model.layers[0].mlp
+    h = mlp.register_forward_hook(lambda m, a, o: m.act_fn(o))
+    try:
+        with probe.attach(model, depth="all") as p:
+            model.generate(_ids(), max_new_tokens=2, do_sample=False)
+    finally:
+        h.remove()
+    rec, cal = p.records, p.run.meta["calibration"]
+    assert rec.hooked is not None and len(rec.hooked) and (rec.post > 0).all()
+    t0, t1 = rec.t0.astype(np.int64).copy(), rec.t1.astype(np.int64).copy()
+    mod = np.array(rec.msigs, dtype=np.int64).reshape(-1, 2)[rec.msig, 0]
+    for idx, n0, n1, h0, h1 in rec.hooked:
+        row = n0 + np.flatnonzero(mod[n0:n1] == idx)[-1]  # the module's own forward: its last row inside
+        t0[row], t1[row] = h0, h1
+    cost = (cal["call_ns"] - cal["post_ns"]) + rec.post.astype(np.float64)
+    inside = (t0[None, :] > t0[:, None]) & (t1[None, :] < t1[:, None])
+    want = ((t1 - t0) - cal["inside_ns"] - inside.astype(np.float64) @ cost).sum() * 1e-6
+    assert p.run.calls["cpu_ms"].sum() == pytest.approx(want, abs=1e-9)
+    _adds_up(p.run)

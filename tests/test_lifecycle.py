@@ -235,10 +235,39 @@ def test_calibration_is_measured_at_attach_and_stated_in_the_run():
     cal = p.run.meta["calibration"]
     assert cal["call_ns"] >= 0 and 0 <= cal["inside_ns"] <= cal["call_ns"]  # a loaded machine can hide it
     assert cal["native"] is (hotpath.C is not None)
-    st = p.run.steps
+    st = p.run.steps.set_index("step")
     n_calls = p.run.calls.groupby("step").size()
-    assert st.set_index("step")["probe_ms"].to_numpy() == pytest.approx(
-        n_calls.to_numpy() * cal["call_ns"] * 1e-6)
+    rec = p.records
+    assert len(rec.post) == n_calls.sum() and 0 <= cal["post_ns"] <= cal["call_ns"]
+    # each call's record was read in place (the C wrapper and its Python reference alike); the rest
+    # of the wrapper's cost is the calibration's
+    assert (rec.post > 0).all()
+    rest = cal["call_ns"] - cal["post_ns"]
+    assert st["probe_ms"].sum() == pytest.approx((n_calls.sum() * rest + rec.post.sum()) * 1e-6)
+    assert (st["probe_ms"].to_numpy() >= n_calls.to_numpy() * rest * 1e-6 - 1e-12).all()
+
+
+def test_each_call_is_charged_what_its_descendants_records_cost_in_place():
+    """A call's host time is its window less the wrapper's cost inside it and, for each call
+    recorded inside it, that call's record as read in place plus the rest of the wrapper's
+    calibrated cost: checked here from the raw records by window containment (not by the
+    ``inner`` counts the frames use), call by call as a multiset, at depth all."""
+    import numpy as np
+
+    model = tiny_llama(layers=2)
+    with probe.attach(model, depth="all") as p:
+        model.generate(_ids(), max_new_tokens=3, do_sample=False)
+    rec, cal = p.records, p.run.meta["calibration"]
+    assert (rec.post > 0).all() and 0 <= cal["post_ns"] <= cal["call_ns"]
+    cost = (cal["call_ns"] - cal["post_ns"]) + rec.post.astype(np.float64)
+    t0, t1 = rec.t0.astype(np.int64), rec.t1.astype(np.int64)
+    inside = (t0[None, :] > t0[:, None]) & (t1[None, :] < t1[:, None])  # [i, j]: call j ran inside call i
+    assert inside.sum(axis=1).tolist() == rec.inner.tolist()
+    want = ((t1 - t0) - cal["inside_ns"] - inside.astype(np.float64) @ cost) * 1e-6
+    got = p.run.calls["cpu_ms"].to_numpy()
+    assert np.sort(got) == pytest.approx(np.sort(want), abs=1e-9)
+    # and the step's probe row holds every call's cost
+    assert p.run.steps["probe_ms"].sum() == pytest.approx(cost.sum() * 1e-6)
 
 
 def test_calls_are_timed_without_the_instrument_cost_exactly_on_an_injected_clock():

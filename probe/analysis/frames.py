@@ -55,7 +55,7 @@ def build_run(p: "Records") -> "Run":
     step_meta: list[tuple] = []  # per kept step: run_id, step, phase, q, kv, batch, origin ns
     runs_rows: list[dict] = []
     env = p.env
-    call_ns = float(p.calibration.get("call_ns", 0.0) or 0.0)
+    cost_sums = _cost_sums(p)
     for run in p.runs:
         origin = run.t_enter if run.t_enter is not None else (run.steps[0].t0 if run.steps else 0)
         steps = run.steps
@@ -68,8 +68,8 @@ def build_run(p: "Records") -> "Run":
             else:
                 outside = math.nan
             fwd = (s.t1 - s.t0) * _NS
-            # the wrappers' own cost inside this forward: each recorded call adds call_ns
-            probe_ms = (s.call1 - s.call0) * call_ns * _NS
+            # the wrappers' own cost inside this forward: what each recorded call added (_call_costs)
+            probe_ms = (cost_sums[s.call1] - cost_sums[s.call0]) * _NS
             latency = fwd + outside
             row_index = len(step_meta)
             if s.call1 > s.call0:
@@ -142,12 +142,12 @@ def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple])
         return schema.empty(CALLS)
     msig_table = np.array(p.msigs, dtype=np.int64).reshape(-1, 2)
     mod = msig_table[p.msig, 0]
-    t0, t1, inner, hooks_ns = _with_hooks(p.t0, p.t1, p.inner, mod, p.hooked)
+    sums = _cost_sums(p)
+    t0, t1, inner, hooks_ns, inside_sums = _with_hooks(p.t0, p.t1, p.inner, mod, p.hooked, sums)
     sig = msig_table[p.msig, 1]
     # Host time of each call without the probe's own cost: what lands inside its window, and
-    # what each recorded call inside it added (calibrated at attach; see README "Overhead").
-    cal = p.calibration
-    own_ns = float(cal.get("inside_ns", 0.0) or 0.0) + inner.astype(np.float64) * float(cal.get("call_ns", 0.0) or 0.0)
+    # what each recorded call inside it added (_call_costs; see README "Overhead").
+    own_ns = float(p.calibration.get("inside_ns", 0.0) or 0.0) + inside_sums
 
     infos = p.modules
     mod_depth = np.array([m.depth for m in infos], dtype=np.int64)
@@ -220,11 +220,41 @@ def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple])
     return schema.conform(df, CALLS)
 
 
+def _call_costs(p: "Records") -> np.ndarray:
+    """What each recorded call added, in ns, to the time of whatever encloses it (its parent
+    call, the step's forward): the record the C wrapper made after the call's window closed, as
+    it read it in place (``Records.post``), and the rest of the wrapper's cost as calibrated at
+    attach (``call_ns`` less the calibration loop's own reading of the record, ``post_ns``). A
+    call whose record was not read (a Python wrapper, an injected clock) costs ``call_ns``. In a
+    forward the record costs several times what it does in the calibration's loop, where its
+    memory stays warm: a calibrated figure alone left the difference in the parent's self time."""
+    cal = p.calibration
+    call_ns = float(cal.get("call_ns", 0.0) or 0.0)
+    n = len(p.t0)
+    post = p.post
+    if post is None or not len(post) or not post.any():
+        return np.full(n, call_ns)
+    post_ns = min(float(cal.get("post_ns", 0.0) or 0.0), call_ns)
+    return np.where(post > 0, (call_ns - post_ns) + post.astype(np.float64), call_ns)
+
+
+def _cost_sums(p: "Records") -> np.ndarray:
+    """Prefix sums of :func:`_call_costs` (``n + 1`` entries, from 0): rows ``a .. b - 1`` cost
+    ``sums[b] - sums[a]``."""
+    costs = _call_costs(p)
+    out = np.zeros(len(costs) + 1)
+    np.cumsum(costs, out=out[1:])
+    return out
+
+
 def _with_hooks(t0: np.ndarray, t1: np.ndarray, inner: np.ndarray, mod: np.ndarray,
-                hooked: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                hooked: np.ndarray | None, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                                     np.ndarray]:
     """Host windows and descendant counts of the calls with each hooked call widened to the
-    whole call (:mod:`probe.recording.hooktime`), and each call's hook time in ns (0 without
-    hooks; NaN for every call when hooks were not timed).
+    whole call (:mod:`probe.recording.hooktime`), each call's hook time in ns (0 without
+    hooks; NaN for every call when hooks were not timed), and what its descendants' records
+    cost (``sums``: :func:`_cost_sums`). A call's descendants are the rows recorded while it
+    ran: the ``inner`` rows just before its own (a row is appended when its call returns).
 
     A hooked call ``(module, n0, n1, t0, t1)`` holds rows ``n0 .. n1 - 1``; the module's own
     forward is the last of them recorded for that module (the last row of all unless a post-hook
@@ -232,11 +262,13 @@ def _with_hooks(t0: np.ndarray, t1: np.ndarray, inner: np.ndarray, mod: np.ndarr
     hooks' included, becomes its descendant.
     """
     n = len(t0)
+    rows = np.arange(n)
+    inside = sums[rows] - sums[rows - inner.astype(np.int64)]
     if hooked is None:
-        return t0, t1, inner, np.full(n, np.nan)
+        return t0, t1, inner, np.full(n, np.nan), inside
     hooks_ns = np.zeros(n)
     if not len(hooked):
-        return t0, t1, inner, hooks_ns
+        return t0, t1, inner, hooks_ns, inside
     idx, n0, n1, h0, h1 = (hooked[:, k] for k in range(5))
     row = n1 - 1
     ok = (row < n) & (mod[np.minimum(row, n - 1)] == idx)
@@ -249,7 +281,9 @@ def _with_hooks(t0: np.ndarray, t1: np.ndarray, inner: np.ndarray, mod: np.ndarr
     hooks_ns[row] = np.maximum((h1 - h0) - (t1[row] - t0[row]), 0)
     t0[row], t1[row] = h0, h1
     inner[row] = n1 - n0 - 1
-    return t0, t1, inner, hooks_ns
+    n1 = np.minimum(n1, n)
+    inside[row] = sums[n1] - sums[n0] - (sums[row + 1] - sums[row])  # every row of the call but its own
+    return t0, t1, inner, hooks_ns, inside
 
 
 def _take_str(values: list, codes: np.ndarray) -> pd.Series:

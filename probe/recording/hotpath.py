@@ -52,29 +52,30 @@ C = _load_c()
 class PyColumns:
     """The Python reference of ``probe.recording._hooks.Columns``."""
 
-    __slots__ = ("t0", "t1", "sig", "inner", "recording", "dropped")
+    __slots__ = ("t0", "t1", "sig", "inner", "post", "recording", "dropped")
 
     def __init__(self) -> None:
         self.t0, self.t1 = array("q"), array("q")
-        self.sig, self.inner = array("i"), array("i")
+        self.sig, self.inner, self.post = array("i"), array("i"), array("i")
         self.recording = True
         self.dropped = 0  # calls left out because recording them raised (the forward itself ran)
 
     def __len__(self) -> int:
         return len(self.t0)
 
-    def append(self, t0: int, t1: int, sig: int, inner: int) -> None:
+    def append(self, t0: int, t1: int, sig: int, inner: int, post: int = 0) -> None:
         self.t0.append(t0)
         self.t1.append(t1)
         self.sig.append(sig)
         self.inner.append(inner)
+        self.post.append(post)  # 0: not read
 
     def truncate(self, n: int) -> None:
-        for col in (self.t0, self.t1, self.sig, self.inner):
+        for col in (self.t0, self.t1, self.sig, self.inner, self.post):
             del col[n:]
 
-    def columns(self) -> tuple[bytes, bytes, bytes, bytes]:
-        return self.t0.tobytes(), self.t1.tobytes(), self.sig.tobytes(), self.inner.tobytes()
+    def columns(self) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+        return self.t0.tobytes(), self.t1.tobytes(), self.sig.tobytes(), self.inner.tobytes(), self.post.tobytes()
 
 
 def new_columns(native: bool = True):
@@ -204,9 +205,11 @@ def dropped(cols, exc: Exception) -> None:
             pass
 
 
-def _recorder(cols, intern: Callable) -> Callable:
+def _recorder(cols, intern: Callable, clock: Callable[[], int] | None = None) -> Callable:
     """``record(args, kwargs, out, t0, t1, n0)``: append one call of a module to ``cols``, its
-    signature id from the module's own cache (interned on a miss)."""
+    signature id from the module's own cache (interned on a miss); with ``clock`` (the probe's
+    own clock, not an injected one), what making the record took is read on it and kept in the
+    ``post`` column, as the C wrapper keeps its own."""
     push = cols.append
     local: dict = {}  # this module's (input shapes, output shapes) -> (module, signature) id
 
@@ -219,7 +222,7 @@ def _recorder(cols, intern: Callable) -> Callable:
         sid = local.get(key)
         if sid is None:
             sid = local[key] = intern(args, kwargs, out)
-        push(t0, t1, sid, len(cols) - n0)
+        push(t0, t1, sid, len(cols) - n0, max(clock() - t1, 1) if clock is not None else 0)
 
     return record
 
@@ -232,8 +235,8 @@ def cpu_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, *, n
     whose signature it built (the id is the position in the list, as ``intern``'s)."""
     if native and C is not None and isinstance(cols, C.Columns):
         return C.Wrapper(fn, cols, intern, slow_key, Tensor, now, interned, index)
+    record = _recorder(cols, intern, None if now else time.perf_counter_ns)
     now = now or time.perf_counter_ns
-    record = _recorder(cols, intern)
 
     def forward(*args, **kwargs):
         if not cols.recording:
@@ -262,8 +265,8 @@ def full_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, beg
     offload transfer time): ``begin()`` before the call returns a token, ``end(token, ok)``
     after it appends the extras in the order of the columns (only when ``ok``), and
     ``truncate(n)`` takes them back to ``n`` rows when the call's own record could not be made."""
+    record = _recorder(cols, intern, None if now else time.perf_counter_ns)
     now = now or time.perf_counter_ns
-    record = _recorder(cols, intern)
 
     def forward(*args, **kwargs):
         if not cols.recording:
@@ -401,9 +404,13 @@ def calibrate(make: Callable[[Callable, Any], Callable], new_cols: Callable[[], 
 
     ``make(fn, cols)`` builds a wrapper as the probe does for real modules. Returns
     ``call_ns``: what one recorded call adds to the time of whatever encloses it (its
-    parent call, the step's forward), and ``inside_ns``: how much of that lands inside the
-    call's own recorded window. Minima over interleaved rounds: the cost of the instrument,
-    not of the machine's noise. About 5 ms.
+    parent call, the step's forward), ``inside_ns``: how much of that lands inside the
+    call's own recorded window, and ``post_ns``: how much of it is the record made after the
+    window closed, which the C wrapper also reads on every call in place (the ``post`` column:
+    in a forward, with its memory cold, it costs several times what it does in this loop; the
+    frames take each call's own reading and this loop's figure for the rest of ``call_ns``).
+    Minima (10th percentiles per call) over interleaved rounds: the cost of the instrument, not
+    of the machine's noise. About 5 ms.
     """
     unit = _Unit()
     x = torch.zeros(1, device=device)
@@ -432,11 +439,15 @@ def calibrate(make: Callable[[Callable, Any], Callable], new_cols: Callable[[], 
     if n:
         import numpy as np
 
-        t0b, t1b, _, _ = cols.columns()
+        t0b, t1b, _, _, postb = cols.columns()
         dur = np.frombuffer(t1b, dtype=np.int64, count=n) - np.frombuffer(t0b, dtype=np.int64, count=n)
         window = float(np.percentile(dur, 10))
+        read = np.frombuffer(postb, dtype=np.int32, count=n)
+        read = read[read > 0]
+        post = float(np.percentile(read, 10)) if len(read) else 0.0
     else:  # pragma: no cover - the wrapper recorded nothing
-        window = 0.0
+        window = post = 0.0
     call_ns = max(0.0, (wrapped_call - bare_call) / calls)
     inside_ns = min(call_ns, max(0.0, window - direct / calls))
-    return {"call_ns": round(call_ns, 1), "inside_ns": round(inside_ns, 1), "calls": calls, "rounds": rounds}
+    return {"call_ns": round(call_ns, 1), "inside_ns": round(inside_ns, 1), "post_ns": round(min(post, call_ns), 1),
+            "calls": calls, "rounds": rounds}

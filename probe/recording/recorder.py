@@ -63,6 +63,9 @@ class Records:
     hooked: np.ndarray | None = None
     #: per registered observer, in order: (its class, its frozen records), for its own frames
     observed: tuple = ()
+    #: int32 per call: ns the wrapper spent recording it after its window closed, read in place
+    #: (the C wrapper on its own clock); 0 where not read (the calibration's figure stands in)
+    post: np.ndarray | None = None
 
 
 class Recorder:
@@ -394,7 +397,7 @@ class Recorder:
     def records(self, **facts: Any) -> Records:
         """A frozen copy of everything recorded so far (``facts``: the probe's own fields)."""
         n = len(self.cols)
-        t0b, t1b, sigb, innerb = self.cols.columns()
+        t0b, t1b, sigb, innerb, postb = self.cols.columns()
         self._resolve_signatures()
         gpu, mem, off = self.extras.arrays(n)
         observed = tuple((type(o), o.records()) for o in self.observers)
@@ -407,6 +410,7 @@ class Recorder:
             t1=np.frombuffer(t1b, dtype=np.int64, count=n),
             msig=np.frombuffer(sigb, dtype=np.int32, count=n),
             inner=np.frombuffer(innerb, dtype=np.int32, count=n),
+            post=np.frombuffer(postb, dtype=np.int32, count=n),
             msigs=list(self.msigs), sigs=list(self.sigs), modules=list(self.modules),
             placements=list(self.placements), runs=list(self.runs), gpu_ms=gpu, mem=mem, offload_ns=off,
             rank=self.rank, decode_stride=self.decode_stride, max_steps=self.max_steps, observed=observed,
