@@ -196,3 +196,24 @@ def test_generate_auto_compile_is_detected_per_step():
     assert p.run.meta["compiled_steps"] >= 1
     # the eager prefill still has its blocks
     assert (p.run.calls["step"] == 0).sum() == 5
+
+
+def test_generated_ids_are_kept_from_the_output_and_unknown_once_it_is_changed_in_place():
+    """The generated ids are copied from generate's output when the run's frames are built (not
+    while the caller waits for the output): the same ids as the output; an output changed in
+    place before that leaves them unknown rather than wrong; an inference-mode output (no
+    version counter) is copied at once."""
+    model = tiny_llama(layers=2)
+    ids = _ids()
+    with probe.attach(model) as p:
+        kept = model.generate(ids, max_new_tokens=3, do_sample=False)
+        changed = model.generate(ids, max_new_tokens=3, do_sample=False)
+        want_changed = changed[:, ids.shape[1]:].tolist()
+        changed[0, -1] = 0 if int(changed[0, -1]) != 0 else 1  # the caller edits its output
+        with torch.inference_mode():
+            inf = model.generate(ids, max_new_tokens=3, do_sample=False)
+    runs = p.run.runs
+    got = [json.loads(x) if isinstance(x, str) else None for x in runs["output_ids"]]
+    assert got[0] == kept[:, ids.shape[1]:].tolist()
+    assert got[1] is None and want_changed == got[0]  # greedy: the same ids, but no longer known
+    assert got[2] == inf[:, ids.shape[1]:].tolist()

@@ -374,7 +374,7 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
             "num_beams": g.get("num_beams"),
             "max_new_tokens": g.get("max_new_tokens"),
             "generate_kwargs": json.dumps(g, sort_keys=True, default=str),
-            "output_ids": json.dumps(run.output_ids.tolist()) if run.output_ids is not None else None,
+            "output_ids": json.dumps(ids.tolist()) if (ids := run.generated()) is not None else None,
         }
     )
     if steps:

@@ -149,9 +149,18 @@ class RunRec:
 
     __slots__ = (
         "run_id", "kind", "t_enter", "t_exit", "status", "steps", "input_len", "batch_in",
-        "mask", "output_len", "output_rows", "output_ids", "gen_settings", "started_at", "n_steps_seen", "mem_peak",
-        "prompt_in_output", "probe_start_ns",
+        "mask", "output_len", "output_rows", "output_ids", "output_held", "gen_settings", "started_at", "n_steps_seen",
+        "mem_peak", "prompt_in_output", "probe_start_ns",
     )
+
+    def generated(self) -> Any:
+        """:attr:`output_ids`, copied from the held output tensor the first time it is asked for."""
+        held, self.output_held = self.output_held, None
+        if held is not None:
+            from .generation import copy_held
+
+            self.output_ids = copy_held(held)
+        return self.output_ids
 
     def __init__(self, run_id: str, kind: str) -> None:
         self.run_id = run_id
@@ -167,6 +176,8 @@ class RunRec:
         self.output_len: int | None = None
         self.output_rows: int | None = None  # sequences returned (batch x num_return_sequences)
         self.output_ids: Any = None  # the generated tokens (prompt excluded), on the host (an array or a tensor)
+        # the output tensor they are copied from when first asked for (generation.hold_generated)
+        self.output_held: tuple | None = None
         self.prompt_in_output = True  # False: generate(inputs_embeds=...) returns only new tokens
         self.gen_settings: dict = {}
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

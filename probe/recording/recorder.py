@@ -24,7 +24,7 @@ from torch import Tensor
 from . import hotpath
 from .cache import cache_bytes, cached_len, find_cache
 from .discovery import ModuleInfo
-from .generation import generated_on_host
+from .generation import hold_generated
 from .extras import CallExtras
 from .observer import Observer, RunRec, StepRec
 from ..schema import Phase
@@ -208,7 +208,7 @@ class Recorder:
             run.output_rows = int(seqs.shape[0]) if seqs.dim() >= 2 else 1
             # after the clock stopped: what was generated, kept with the run (a few ints a token)
             start = run.input_len if run.prompt_in_output and run.input_len is not None else 0
-            run.output_ids = generated_on_host(seqs, start, run.output_rows)
+            run.output_ids, run.output_held = hold_generated(seqs, start, run.output_rows)
         self._reset_step_state()
         self.extras.run_end(run)
         if status == "ok":
