@@ -389,7 +389,6 @@ def check_forwards(forwards: list[InstalledForward]) -> None:
         f.install()
 
 
-
 # ---------------------------------------------------------------------- calibration
 class _Unit(nn.Module):
     """The cheapest module there is: what a wrapper adds to it is the wrapper's own cost."""
@@ -403,14 +402,12 @@ def calibrate(make: Callable[[Callable, Any], Callable], new_cols: Callable[[], 
     """The probe's own cost per recorded call, measured on this machine at attach.
 
     ``make(fn, cols)`` builds a wrapper as the probe does for real modules. Returns
-    ``call_ns``: what one recorded call adds to the time of whatever encloses it (its
-    parent call, the step's forward), ``inside_ns``: how much of that lands inside the
-    call's own recorded window, and ``post_ns``: how much of it is the record made after the
-    window closed, which the C wrapper also reads on every call in place (the ``post`` column:
-    in a forward, with its memory cold, it costs several times what it does in this loop; the
-    frames take each call's own reading and this loop's figure for the rest of ``call_ns``).
-    Minima (10th percentiles per call) over interleaved rounds: the cost of the instrument, not
-    of the machine's noise. About 5 ms.
+    ``call_ns``: what one recorded call adds to whatever encloses it (its parent call, the
+    step's forward); ``inside_ns``: the part inside the call's own window; ``post_ns``: the part
+    that is its record, made after the window closed, which the wrappers also read in place on
+    every call (``Records.post``: in a forward, cold, it costs several times this loop's figure;
+    the frames take each call's own reading and ``call_ns - post_ns`` for the rest). Minima (10th
+    percentiles per call) over interleaved rounds: the instrument's cost, not the machine's noise.
     """
     unit = _Unit()
     x = torch.zeros(1, device=device)
