@@ -103,9 +103,12 @@ def app_test(runs_dir: Path) -> float:
 
 
 def many_runs(run_dir: Path, folder: Path, n: int) -> Path:
-    """``n`` copies of the saved run ``run_dir`` in the runs folder ``folder`` (``run000`` ...)."""
+    """``n`` copies of the saved run ``run_dir`` in the runs folder ``folder`` (``run000`` ...), made
+    afresh where an earlier measurement (``--out`` given again) left the folder."""
     import shutil
 
+    if folder.exists():
+        shutil.rmtree(folder)
     for i in range(n):
         shutil.copytree(run_dir, folder / f"run{i:03d}")
     return folder
