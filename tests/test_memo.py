@@ -38,7 +38,7 @@ def test_each_level_from_the_one_build_equals_that_level_built_alone(run):
 
 @pytest.mark.parametrize("depth", ["blocks", "sublayers", "all"])
 @pytest.mark.parametrize("phases", [None, ("decode",)])
-def test_a_level_asked_for_alone_is_the_whole_summarys_rows_of_it_to_the_bit(depth, phases):
+def test_a_level_asked_for_alone_is_the_whole_summarys_rows_of_it_to_the_bit(depth, phases, monkeypatch):
     """``summary(level)`` before the whole summary builds only that level's frame (kept under its
     level), summed the one way the whole summary sums it: the whole's rows of that level, exactly,
     whichever level comes first; once the whole is kept, a level is read from it."""
@@ -65,12 +65,18 @@ def test_a_level_asked_for_alone_is_the_whole_summarys_rows_of_it_to_the_bit(dep
         pd.testing.assert_frame_equal(accounting.summary(calls, steps), whole, check_exact=True)
         got = accounting.summary(calls, steps, first)  # now read from the whole
         pd.testing.assert_frame_equal(got, whole[whole["level"] == first].reset_index(drop=True), check_exact=True)
-    # a tree at depth blocks read from the module level built alone is the tree built alone
+    # a tree at depth blocks is read from the module level (built for it, built alone before, or
+    # among the others): the same tree, to the bit, as summed call by call, the way of a nested
+    # recording (forced here by telling the tree that a call lacks a key)
     memo.clear()
-    alone = accounting.tree_table(calls, steps)
-    memo.clear()
-    accounting.summary(calls, steps, "module")
-    pd.testing.assert_frame_equal(accounting.tree_table(calls, steps), alone, check_exact=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(accounting, "keyed", lambda c: False)
+        by_calls = accounting.tree_table(calls, steps)
+    for built in (lambda: None, lambda: accounting.summary(calls, steps, "module"),
+                  lambda: accounting.summary(calls, steps)):
+        memo.clear()
+        built()
+        pd.testing.assert_frame_equal(accounting.tree_table(calls, steps), by_calls, check_exact=True)
 
 
 @pytest.mark.parametrize("col", ["role", "phase", "module"])

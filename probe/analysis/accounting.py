@@ -331,12 +331,9 @@ def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> 
     c = ph.calls
     if c.empty:
         return schema.empty(TREE)
-    summ = None
-    if not len(ph.nested) and keyed(c):  # the module level, built alone or among the others
-        summ = memo.peek("summary", None, calls, steps)
-        summ = summ if summ is not None else memo.peek("summary", "module", calls, steps)
-    if summ is not None:  # no call inside another (depth blocks): the tree is the module level
-        return _tree_of_modules(summ)
+    if not len(ph.nested) and keyed(c):  # no call inside another (depth blocks): the tree is the module level
+        summ = memo.peek("summary", None, calls, steps)  # among the others where built, else alone
+        return _tree_of_modules(summ if summ is not None else summary(calls, steps, "module"))
     prow = ph.prow
     lv, node, paths, parent_path = memo.derived("tree_nodes", None, c, c, lambda: _tree_shape(c, prow))
     n = len(c)
