@@ -149,7 +149,7 @@ def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None
     whole = memo.peek("summary", None, calls, steps)
     if level is None:
         if whole is None:
-            whole = memo.derived("summary", None, calls, steps, lambda: _summary(calls, steps))
+            whole = memo.derived("summary", None, calls, steps, lambda: _stacked(calls, steps))
         return whole.copy(deep=False)
     if whole is not None:  # every level already built (a report): its rows of this level
         return whole[(whole["level"] == level).to_numpy(dtype=bool, na_value=False)].reset_index(drop=True)
@@ -161,6 +161,19 @@ def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None
         return rows if rows is not None else _summary(calls, steps, level)
 
     return memo.derived("summary", level, calls, steps, build).copy(deep=False)
+
+
+def _stacked(calls: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+    """Every level: where a level was built alone first (a report's charts ask for the block and
+    role levels, its tree for the module level, before the whole), the levels alone stacked (the
+    missing ones built alone too) instead of built again; they are the whole's rows of each
+    level to the bit, and the whole is sorted by level first."""
+    made = {lv: memo.peek("summary", lv, calls, steps) for lv in LEVELS}
+    if all(m is None for m in made.values()):
+        return _summary(calls, steps)
+    parts = [m if m is not None else summary(calls, steps, lv) for lv, m in made.items()]
+    parts = [p for p in parts if len(p)]
+    return schema.conform(combine(parts), SUMMARY, extra=False) if parts else schema.empty(SUMMARY)
 
 
 def block_summary(calls: pd.DataFrame, steps: pd.DataFrame, by: Level | None = None) -> pd.DataFrame:
