@@ -79,22 +79,29 @@ def test_a_level_asked_for_alone_is_the_whole_summarys_rows_of_it_to_the_bit(dep
         pd.testing.assert_frame_equal(accounting.tree_table(calls, steps), by_calls, check_exact=True)
 
 
-@pytest.mark.parametrize("col", ["role", "phase", "module"])
-def test_a_level_alone_of_calls_without_a_key_is_the_whole_summarys_rows_of_it(col):
-    """A call with a null module, phase or role is a row of its own: the level built alone still
-    equals the whole summary's rows of it, exactly."""
+def _with_a_null(col: str):
+    """The calls and steps of a short run at depth blocks, one call (model.norm's of step 1)
+    with a null ``col``."""
     model = tiny_llama(layers=2)
     with probe.attach(model, depth="blocks") as p:
         model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
     calls = p.run.calls.copy()
     at = int(np.flatnonzero((calls["module"] == "model.norm").to_numpy() & (calls["step"] == 1).to_numpy())[0])
     calls[col] = calls[col].astype(object).where(np.arange(len(calls)) != at, None).astype(calls[col].dtype)
+    return calls, p.run.steps
+
+
+@pytest.mark.parametrize("col", ["role", "phase", "module"])
+def test_a_level_alone_of_calls_without_a_key_is_the_whole_summarys_rows_of_it(col):
+    """A call with a null module, phase or role is a row of its own: the level built alone still
+    equals the whole summary's rows of it, exactly."""
+    calls, steps = _with_a_null(col)
     memo.clear()
-    whole = accounting.summary(calls, p.run.steps)
+    whole = accounting.summary(calls, steps)
     for level in ("module", "block", "role"):
         memo.clear()
         want = whole[whole["level"] == level].reset_index(drop=True)
-        pd.testing.assert_frame_equal(accounting.summary(calls, p.run.steps, level), want, check_exact=True)
+        pd.testing.assert_frame_equal(accounting.summary(calls, steps, level), want, check_exact=True)
 
 
 def test_a_level_built_alone_is_built_anew_for_other_frames(run):
@@ -227,17 +234,12 @@ def test_block_rows_summed_from_modules_equal_the_blocks_summed_from_calls(depth
 def test_a_call_without_a_key_is_its_own_tree_row_whether_or_not_the_summary_was_built(col):
     """A call with a null module, phase or role: the tree is the same built alone and after the
     summary (which it is then not read from)."""
-    model = tiny_llama(layers=2)
-    with probe.attach(model, depth="blocks") as p:
-        model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
-    calls = p.run.calls.copy()
-    at = int(np.flatnonzero((calls["module"] == "model.norm").to_numpy() & (calls["step"] == 1).to_numpy())[0])
-    calls[col] = calls[col].astype(object).where(np.arange(len(calls)) != at, None).astype(calls[col].dtype)
+    calls, steps = _with_a_null(col)
     memo.clear()
-    alone = accounting.tree_table(calls, p.run.steps)
+    alone = accounting.tree_table(calls, steps)
     memo.clear()
-    accounting.summary(calls, p.run.steps)
-    pd.testing.assert_frame_equal(accounting.tree_table(calls, p.run.steps), alone, check_exact=True)
+    accounting.summary(calls, steps)
+    pd.testing.assert_frame_equal(accounting.tree_table(calls, steps), alone, check_exact=True)
 
 
 def test_groundwork_that_holds_its_frames_keeps_few_large_and_many_small(run, monkeypatch):
