@@ -150,7 +150,7 @@ def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None
     if level is None:
         if whole is None:
             whole = memo.derived("summary", None, calls, steps, lambda: _stacked(calls, steps))
-        return whole.copy(deep=False)
+        return memo.handed(whole)
     if whole is not None:  # every level already built (a report): its rows of this level
         return whole[(whole["level"] == level).to_numpy(dtype=bool, na_value=False)].reset_index(drop=True)
     # one level alone (a dashboard chart of 20 runs): its rows, summed as among the others, but only its
@@ -160,7 +160,7 @@ def summary(calls: pd.DataFrame, steps: pd.DataFrame, level: Level | None = None
         rows = rows_of_phases(calls, steps, level, phases)
         return rows if rows is not None else _summary(calls, steps, level)
 
-    return memo.derived("summary", level, calls, steps, build).copy(deep=False)
+    return memo.handed(memo.derived("summary", level, calls, steps, build))
 
 
 def _stacked(calls: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
@@ -336,7 +336,7 @@ def tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None = Non
         if not len(ph.nested) or int(memo.derived("tree_nodes", None, ph.calls, ph.calls,
                                                   lambda: _tree_shape(ph.calls, ph.prow))[0].max()) < depth:
             depth = None
-    return memo.derived("tree", depth, calls, steps, lambda: _tree_table(calls, steps, depth)).copy(deep=False)
+    return memo.handed(memo.derived("tree", depth, calls, steps, lambda: _tree_table(calls, steps, depth)))
 
 
 def _tree_table(calls: pd.DataFrame, steps: pd.DataFrame, depth: int | None) -> pd.DataFrame:

@@ -31,6 +31,23 @@ _STORE: dict[str, OrderedDict] = {}
 _LOCK = threading.Lock()
 
 
+def handed(df: pd.DataFrame) -> pd.DataFrame:
+    """A kept table as handed to a caller: a shallow copy where pandas copies on write (pandas 3,
+    or pandas 2 with ``mode.copy_on_write`` on), else a deep one, so that a caller's edit in place
+    (``table.loc[0, "self_ms"] = ...``) never reaches the table kept (the tables are small: one row
+    per module, block or role and phase)."""
+    return df.copy(deep=not _copies_on_write())
+
+
+def _copies_on_write() -> bool:
+    if int(pd.__version__.split(".", 1)[0]) >= 3:
+        return True
+    try:
+        return pd.get_option("mode.copy_on_write") is True
+    except KeyError:  # pragma: no cover - a pandas without the option
+        return False
+
+
 def _sig(df: pd.DataFrame) -> tuple:
     return df.shape, tuple(df.columns)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import schema
-from . import run_view, tree
+from . import memo, run_view, tree
 from .accounting import block_summary  # noqa: F401 - where readers have found it
 from ..errors import RunSaveError
 from .headline import phase_headline, phase_totals
@@ -60,11 +60,12 @@ class Run:
 
     def _memo(self, key: tuple, build) -> pd.DataFrame:
         """``build()``, kept while ``calls`` and ``steps`` are the frames it was built from; a copy
-        is handed out (copy-on-write: nothing is copied unless the caller writes to it)."""
+        is handed out (:func:`probe.analysis.memo.handed`: nothing is copied unless the caller
+        writes to it, where pandas copies on write)."""
         hit = self._derived.get(key)
         if hit is None or hit[0] is not self.calls or hit[1] is not self.steps:
             hit = self._derived[key] = (self.calls, self.steps, build())
-        return hit[2].copy(deep=False)
+        return memo.handed(hit[2])
 
     @property
     def part(self) -> dict | None:
