@@ -25,7 +25,11 @@ TEMPLATE = "plotly_white"
 PHASE_COLORS = {"prefill": "#1f77b4", "decode": "#ff7f0e", "extend": "#2ca02c", "recompute": "#9467bd",
                 "forward": "#7f7f7f", "mixed": "#d62728"}
 RUN_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-              "#bcbd22", "#17becf", "#393b79", "#637939"]
+              "#bcbd22", "#17becf", "#393b79", "#637939",
+              # the light tones of the first ten, and two more dark ones: 20 runs side by side (the
+              # dashboard's case) each get a colour of their own
+              "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
+              "#dbdb8d", "#9edae5", "#8c6d31", "#843c39"]
 
 
 def plot_text(value: object) -> str:
