@@ -52,9 +52,12 @@ def cli_root(argv: list[str] | None = None) -> str:
 
 def within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     """``path`` is ``root`` or below it, after ``~``, ``..`` and every symlink are resolved."""
-    p = Path(path).expanduser().resolve()
-    r = Path(root).expanduser().resolve()
-    return p == r or r in p.parents
+    return _below(Path(path).expanduser().resolve(), Path(root).expanduser().resolve())
+
+
+def _below(path: Path, root: Path) -> bool:
+    """Resolved ``path`` is resolved ``root`` or below it."""
+    return path == root or root in path.parents
 
 
 def escapes(run_dir: str | os.PathLike, root: str | os.PathLike, *, inside: bool = False) -> str | None:
@@ -79,8 +82,7 @@ def escapes(run_dir: str | os.PathLike, root: str | os.PathLike, *, inside: bool
             if not e.is_symlink():
                 continue
             held = held or Path(root).expanduser().resolve()
-            target = Path(e.path).resolve()
-            if target != held and held not in target.parents:
+            if not _below(Path(e.path).resolve(), held):
                 return e.path
             if d == top and e.name.startswith("rank") and e.is_dir():
                 todo.append(Path(e.path))

@@ -84,10 +84,10 @@ def op_clock_text(deep: dict) -> str:
         matched, of = sum(int(v.get("matched") or 0) for v in phases), sum(int(v.get("of") or 0) for v in phases)
         return f"op times from torch.profiler on twin steps, {matched:,} of {of:,} ops matched"
     why = _mode_steps(clock.get("steps"))
+    why = f" ({why})" if why else ""
     if not methods or methods == {MODE_METHOD}:
-        return "op times of the dispatch mode" + (f" ({why})" if why else "")
-    return "op times from torch.profiler on twin steps where a step has one, else of the dispatch mode" + (
-        f" ({why})" if why else "")
+        return "op times of the dispatch mode" + why
+    return "op times from torch.profiler on twin steps where a step has one, else of the dispatch mode" + why
 
 
 def _mode_steps(steps: Any) -> str:

@@ -613,17 +613,14 @@ Wrapper_vectorcall(PyObject *obj, PyObject *const *args, size_t nargsf, PyObject
     int failed = read_now(self, &t1) < 0;
     if (!failed && c->recording) {
         failed = record(self, t0, t1, n0, args, PyVectorcall_NARGS(nargsf), kwnames, out) < 0;
-#if defined(__linux__)
-        if (!failed && self->now == Py_None) {
-            /* the call's own record, made in its caller's window: read in place, not calibrated in a
-             * loop, where its memory is warm (in a forward it was read 0.6-0.7 us a call against
-             * 0.1 us in the loop) */
-            struct timespec ts;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            int64_t spent = (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec - t1;
+        /* the call's own record, made in its caller's window: read in place on the probe's own
+         * clock (an injected one is not read again), not calibrated in a loop, where its memory is
+         * warm (in a forward it was read 0.6-0.7 us a call against 0.1 us in the loop) */
+        int64_t t2;
+        if (!failed && self->now == Py_None && read_now(self, &t2) == 0) {
+            int64_t spent = t2 - t1;
             c->post[c->n - 1] = (int32_t)(spent < 0 ? 0 : (spent > INT32_MAX ? INT32_MAX : spent));
         }
-#endif
     }
     if ((failed || PyErr_Occurred()) && absorb(c) < 0) {
         Py_DECREF(out);

@@ -71,7 +71,7 @@ class DeepObserver(Observer):
         self._model_ref: Any = None
         self._fn_codes: dict[int, int] = {}  # an attention module's code -> its attention function's
         # the twins (deep_twin): a sampled step's ops timed by torch.profiler on a step without the mode
-        self.twin_runs: list[str] = []  # the one-token generate calls run as prefill twins
+        self.twin_runs: list[str] = []  # the generate calls run again for twins (twin_rerun)
         self._profiler = TwinProfiler()
         self._twin_open: tuple | None = None  # (the twin step, the sampled step's StepLog)
         self._pending: dict[int, tuple[int, StepLog]] = {}  # step index -> (sampled decode step, its log) it twins

@@ -205,12 +205,12 @@ def dropped(cols, exc: Exception) -> None:
             pass
 
 
-def _recorder(cols, intern: Callable, clock: Callable[[], int] | None = None) -> Callable:
+def _recorder(cols, intern: Callable, now: Callable[[], int] | None) -> Callable:
     """``record(args, kwargs, out, t0, t1, n0)``: append one call of a module to ``cols``, its
-    signature id from the module's own cache (interned on a miss); with ``clock`` (the probe's
-    own clock, not an injected one), what making the record took is read on it and kept in the
-    ``post`` column, as the C wrapper keeps its own."""
+    signature id from the module's own cache (interned on a miss), and on the probe's own clock
+    (``now`` None) what making the record took (the ``post`` column, as the C wrapper's)."""
     push = cols.append
+    clock = time.perf_counter_ns if now is None else None
     local: dict = {}  # this module's (input shapes, output shapes) -> (module, signature) id
 
     def record(args: tuple, kwargs: dict, out: Any, t0: int, t1: int, n0: int) -> None:
@@ -235,7 +235,7 @@ def cpu_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, *, n
     whose signature it built (the id is the position in the list, as ``intern``'s)."""
     if native and C is not None and isinstance(cols, C.Columns):
         return C.Wrapper(fn, cols, intern, slow_key, Tensor, now, interned, index)
-    record = _recorder(cols, intern, None if now else time.perf_counter_ns)
+    record = _recorder(cols, intern, now)
     now = now or time.perf_counter_ns
 
     def forward(*args, **kwargs):
@@ -265,7 +265,7 @@ def full_wrapper(fn: Callable, cols, intern: Callable, now: Callable | None, beg
     offload transfer time): ``begin()`` before the call returns a token, ``end(token, ok)``
     after it appends the extras in the order of the columns (only when ``ok``), and
     ``truncate(n)`` takes them back to ``n`` rows when the call's own record could not be made."""
-    record = _recorder(cols, intern, None if now else time.perf_counter_ns)
+    record = _recorder(cols, intern, now)
     now = now or time.perf_counter_ns
 
     def forward(*args, **kwargs):
