@@ -3,8 +3,9 @@
 A one-token ``generate()`` of a tiny model built in code (its TTFT is the whole call), timed by
 the probe (``runs.ttft_ms``) and by a stopwatch (``time.perf_counter_ns``) around each call;
 the ratio of the medians, the per-call ratios and the probe's own start-of-generate work
-(``runs.probe_start_ms``, inside TTFT). What remains between the two is the probe's
-end-of-generate work after generate's own code returned (outside the run's window).
+(``runs.probe_start_ms``) and its closing reads (``runs.probe_end_ms``), both inside the run's
+window. What remains between the two is the probe's end-of-generate work after the run's clock
+stopped.
 
     python benchmarks/ttft_stopwatch.py [--calls 60] [--layers 4] [--hidden 64] [--prompt 32]
 """
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
     print(f"TTFT            median {med(ttft):8.3f} ms   ratio of medians {med(ttft) / med(watch):.4f}")
     print(f"per-call ratio  min {ratios[0]:.3f}  p10 {ratios[len(ratios) // 10]:.3f}  median {med(ratios):.4f}")
     print(f"probe start     median {gen['probe_start_ms'].median():8.3f} ms (inside TTFT)")
+    print(f"probe end       median {gen['probe_end_ms'].median():8.3f} ms (inside TTFT: a one-token call's first token is its end)")
     return 0
 
 

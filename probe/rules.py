@@ -59,7 +59,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "batch": OPTIONAL, "steps": MEASURED, "top_k": OPTIONAL, "top_p": Rule(high=1.0, nan=True),
         "temperature": OPTIONAL, "num_beams": Rule(low=1, nan=True), "max_new_tokens": OPTIONAL,
         "ttft_ms": OPTIONAL, "tpot_ms_mean": OPTIONAL, "prefill_tok_s": OPTIONAL, "decode_tok_s": OPTIONAL,
-        "total_ms": OPTIONAL, "probe_start_ms": OPTIONAL, "peak_mem_bytes": OPTIONAL, "kv_cache_bytes": OPTIONAL, "process_cpu_ms": OPTIONAL,
+        "total_ms": OPTIONAL, "probe_start_ms": OPTIONAL, "probe_end_ms": OPTIONAL, "peak_mem_bytes": OPTIONAL, "kv_cache_bytes": OPTIONAL, "process_cpu_ms": OPTIONAL,
         "cpu_wait_ms": OPTIONAL,
     },
     "sampling": {

@@ -188,6 +188,7 @@ RUNS: dict[str, str] = {
     "decode_tok_s": "float64",
     "total_ms": "float64",
     "probe_start_ms": "float64",  # the probe's own work on entering generate(), inside ttft_ms and total_ms
+    "probe_end_ms": "float64",  # its work closing generate() (after the last step), inside total_ms
     "peak_mem_bytes": "Int64",  # CUDA peak during the run; null on CPU
     "kv_cache_bytes": "Int64",  # KV cache bytes after the last step
     "process_cpu_ms": "float64",  # CPU time of the whole process (all threads) during the generate call

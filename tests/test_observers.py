@@ -70,8 +70,9 @@ def test_an_extra_observer_adds_its_columns_and_the_public_frames_keep_theirs():
 def test_an_observers_hooks_run_outside_the_timed_windows():
     """Step hooks before the step's clock starts and after it stops: on an injected clock, 20 ms
     spent in each lands in no forward_ms. A run's window opens where a stopwatch around generate
-    would, so the run's begin hook is inside total_ms, stated apart as probe_start_ms; its end
-    hook runs after the window closed."""
+    would, so the run's begin hook is inside total_ms, stated apart as probe_start_ms; so is its
+    closing hook (probe_end_ms, and the last step's sampling stage "probe"); its end hook runs
+    after the window closed."""
     clock = VirtualClock()
     reads: list[tuple[str, int]] = []  # (hook, the clock when it was called)
     windows: list[tuple[int, int]] = []  # each step's (t0, t1), as its end hook saw them
@@ -79,6 +80,9 @@ def test_an_observers_hooks_run_outside_the_timed_windows():
     class Slow(Observer):
         def run_begin(self, run) -> None:
             clock.spend(20_000_000)
+
+        def run_closing(self, run) -> None:
+            clock.spend(30_000_000)
 
         def run_end(self, run) -> None:
             clock.spend(20_000_000)
@@ -104,9 +108,17 @@ def test_an_observers_hooks_run_outside_the_timed_windows():
     assert (steps["outside_ms"].iloc[:-1] >= 40.0).all()
     gen = runs[runs["kind"] == "generate"].iloc[0]
     assert gen["probe_start_ms"] == pytest.approx(20.0, abs=0.01)  # the begin hook, in the run and stated
-    # 3 gaps x 40 ms, the first step's begin hook, the last one's end hook, the run's begin hook:
-    # the run's end hook is outside
-    assert 180.0 < gen["total_ms"] < 181.0
+    assert gen["probe_end_ms"] == pytest.approx(30.0, abs=0.01)  # the closing hook, in the run and stated
+    # 3 gaps x 40 ms, the first step's begin hook, the last one's end hook, the run's begin and
+    # closing hooks: the run's end hook is outside
+    assert 210.0 < gen["total_ms"] < 211.0
+    # the closing is the last step's: its outside_ms, as the probe's own stage, the stages adding up
+    last = steps["step"].max()
+    assert steps.set_index("step").loc[last, "outside_ms"] >= 50.0
+    samp = p.run.sampling
+    mine = samp[samp["step"] == last].set_index("stage")["host_ms"]
+    assert mine["probe"] >= 50.0
+    assert mine.sum() == pytest.approx(steps.set_index("step").loc[last, "outside_ms"], abs=1e-9)
 
 
 def test_the_run_window_opens_where_a_stopwatch_around_generate_would():

@@ -93,6 +93,15 @@ def test_the_real_clock_records_cpu_time_and_run_queue_wait():
     if os.path.exists("/proc/self/task/%d/schedstat" % os.getpid()):
         assert gen["cpu_wait_ms"].notna().all() and (gen["cpu_wait_ms"] >= 0).all()
     assert run.meta["torch_threads"] == torch.get_num_threads() and run.meta["cpu_cores"] >= 1
+    # the closing reads are inside the run's window, stated as probe_end_ms, inside the last
+    # step's time outside the model as its stage "probe"
+    assert (gen["probe_end_ms"] > 0).all()
+    for rid, ms in gen.set_index("run_id")["probe_end_ms"].items():
+        steps = run.steps[run.steps["run_id"] == rid]
+        last = steps["step"].max()
+        samp = run.sampling[(run.sampling["run_id"] == rid) & (run.sampling["step"] == last)].set_index("stage")
+        assert samp.loc["probe", "host_ms"] >= ms
+        assert ms < float(steps.loc[steps["step"] == last, "outside_ms"].iloc[0])
 
 
 @pytest.mark.skipif(not os.path.exists(f"/proc/self/task/{os.getpid()}/schedstat"), reason="no schedstat here")

@@ -356,6 +356,8 @@ def _run_row(p, run, steps, produced, latencies, per_token, env) -> dict:
         row["total_ms"] = (run.t_exit - run.t_enter) * _NS
     if run.probe_start_ns is not None:  # generate runs: the probe's work on entering the call
         row["probe_start_ms"] = run.probe_start_ns * _NS
+    if run.probe_end_ns is not None:  # and on leaving it, before its clock stopped
+        row["probe_end_ms"] = run.probe_end_ns * _NS
     if run.kind != "generate":
         row["batch"] = steps[0].batch if steps else None
         return row

@@ -200,26 +200,34 @@ def run_delay_between(before: dict[str, int] | None, after: dict[str, int] | Non
 
 
 class RunCpu(Observer):
-    """Process CPU time and run-queue wait over each ``generate()`` (real clock only): read just
-    before the run's clock starts and just after it stops, so the reads are the probe's. Fills
-    ``runs.process_cpu_ms`` and ``runs.cpu_wait_ms`` from its own records (run id -> ns)."""
+    """Process CPU time and run-queue wait over each ``generate()`` (real clock only): read when
+    the run opens and as it closes, both inside its window (the probe's work there is the run's
+    ``probe_start_ms`` and ``probe_end_ms``), so the stretch measured lies within the run and
+    its wait is a lower bound of the run's. Fills ``runs.process_cpu_ms`` and
+    ``runs.cpu_wait_ms`` from its own records (run id -> ns)."""
 
     columns = {"runs": {"process_cpu_ms": "float64", "cpu_wait_ms": "float64"}}
 
     def __init__(self) -> None:
-        self.runs: dict[str, tuple[int, float | None]] = {}  # run id -> (CPU ns, run-queue wait ns)
+        # run id -> (CPU ns, run delays at its start, at its end): the wait is worked out when
+        # the frames are built, not in the few microseconds before generate returns
+        self.runs: dict[str, tuple[int, dict | None, dict | None]] = {}
         self._open: tuple[str, dict | None, int] | None = None  # (run id, run delays, CPU ns) at its start
 
     def run_begin(self, run: Any) -> None:
         sched0 = read_run_delay()
         self._open = (run.run_id, sched0, time.process_time_ns())
 
-    def run_end(self, run: Any) -> None:
+    def run_closing(self, run: Any) -> None:
         opened, self._open = self._open, None
-        if run is None or opened is None or opened[0] != run.run_id:
+        if opened is None or opened[0] != run.run_id:
             return
         cpu_ns = time.process_time_ns() - opened[2]
-        self.runs[run.run_id] = (cpu_ns, run_delay_between(opened[1], read_run_delay(known=True)))
+        self.runs[run.run_id] = (cpu_ns, opened[1], read_run_delay(known=True))
+
+    def run_end(self, run: Any) -> None:
+        if run is None:  # the probe could not mark the start: nothing is measured
+            self._open = None
 
     def stop(self, reason: str) -> None:
         self._open = None  # a generate cut short by detach: its CPU time was not measured
@@ -228,7 +236,7 @@ class RunCpu(Observer):
         self.runs = {}
 
     def records(self) -> dict:
-        return dict(self.runs)
+        return {rid: (cpu_ns, run_delay_between(before, after)) for rid, (cpu_ns, before, after) in self.runs.items()}
 
     @classmethod
     def frames(cls, records: Any, *, calls: Any, steps: Any, runs: Any, rank: int) -> Contribution:

@@ -77,6 +77,11 @@ class Observer:
     def run_begin(self, run: "RunRec") -> None:
         """A ``generate()`` run opens; called before its clock starts."""
 
+    def run_closing(self, run: "RunRec") -> None:
+        """The ``generate()`` run is about to close: its forwards and sampling are over, its
+        clock has not stopped. Reads that close a measurement of the run's own window go here
+        (the probe's work from here to the clock's stop is the run's ``probe_end_ns``)."""
+
     def run_end(self, run: "RunRec | None") -> None:
         """The ``generate()`` run is over, after its clock stopped (``None``: the probe could
         not mark its start, so no run was opened)."""
@@ -150,7 +155,7 @@ class RunRec:
     __slots__ = (
         "run_id", "kind", "t_enter", "t_exit", "status", "steps", "input_len", "batch_in",
         "mask", "output_len", "output_rows", "output_ids", "output_held", "gen_settings", "started_at", "n_steps_seen",
-        "mem_peak", "prompt_in_output", "probe_start_ns",
+        "mem_peak", "prompt_in_output", "probe_start_ns", "probe_end_ns",
     )
 
     def generated(self) -> Any:
@@ -168,6 +173,7 @@ class RunRec:
         self.t_enter: int | None = None
         self.t_exit: int | None = None
         self.probe_start_ns: int | None = None  # the probe's own work from t_enter until generate's own code
+        self.probe_end_ns: int | None = None  # the probe's own work from generate's return until t_exit
         self.status = "running"
         self.steps: list[StepRec] = []
         self.input_len: int | None = None

@@ -196,7 +196,14 @@ class Recorder:
         run, self.gen_run = self.gen_run, None
         if run is None:
             return None
+        # the observers' closing reads (the process CPU clock, each thread's run-queue wait) fall
+        # inside the run's window, so that a stopwatch around the call holds no more than it
+        # does: read cold after a forward they cost ~13-18 µs, half of a 3 ms call's 1 %
+        closing = self.now()
+        for o in reversed(self.observers):
+            o.run_closing(run)
         run.t_exit = self.now()
+        run.probe_end_ns = run.t_exit - closing
         run.status = status
         for o in reversed(self.observers):
             o.run_end(run)

@@ -21,7 +21,8 @@ wrapped on the instance for the call): ``_update_model_kwargs_for_generation`` (
 kwargs``: carrying the cache, attention mask and positions over to the next step) and
 ``prepare_inputs_for_generation`` (``prepare inputs``: slicing the next forward's inputs).
 The probe's own bookkeeping of the step that falls outside the forward (closing the step,
-reading the cache size, the observers' bookkeeping, opening the next step) is the stage ``probe``.
+reading the cache size, the observers' bookkeeping, opening the next step; after the last step,
+closing the run) is the stage ``probe``.
 Everything else outside the model until the next forward (the scores copy, softmax +
 multinomial or argmax, appending the token, generate's bookkeeping, and the few microseconds
 the other stages' timing costs) is the ``remainder``, so a step's stages add up to its
@@ -119,6 +120,8 @@ class SamplingRecorder(Observer):
         self.begin(run.run_id)  # times generate's processors, stopping checks, ...
 
     def run_end(self, run: Any) -> None:
+        if run is not None and run.probe_end_ns:  # closing the run, after the last step's sampling
+            self.own(run.probe_end_ns)
         self.end()  # its wrappers off, its CUDA events resolved
 
     def stop(self, reason: str) -> None:
