@@ -20,9 +20,8 @@ device (pooled events, resolved once after generate, no synchronisation while it
 wrapped on the instance for the call): ``_update_model_kwargs_for_generation`` (``update
 kwargs``: carrying the cache, attention mask and positions over to the next step) and
 ``prepare_inputs_for_generation`` (``prepare inputs``: slicing the next forward's inputs).
-The probe's own bookkeeping of the step that falls outside the forward (closing the step,
-reading the cache size, the observers' bookkeeping, opening the next step; after the last step,
-closing the run) is the stage ``probe``.
+The probe's own bookkeeping outside the forward (closing the step, reading the cache size, the
+observers' bookkeeping, opening the next step or closing the run) is the stage ``probe``.
 Everything else outside the model until the next forward (the scores copy, softmax +
 multinomial or argmax, appending the token, generate's bookkeeping, and the few microseconds
 the other stages' timing costs) is the ``remainder``, so a step's stages add up to its
