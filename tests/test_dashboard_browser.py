@@ -101,8 +101,8 @@ def test_every_view_renders_in_chromium(server, tmp_path):
                         "n => { const p = [...document.querySelectorAll('.js-plotly-plot')];"
                         " return p.length === n && p.every(e => e.querySelector('.trace, .hm')); }",
                         arg=n, timeout=60_000)
-                else:
-                    assert page.locator(".js-plotly-plot").count() == 0, view
+                else:  # waited for: the previous view's charts go when this view's run is done
+                    expect(page.locator(".js-plotly-plot"), view).to_have_count(0, timeout=60_000)
                 assert page.locator('[data-testid="stException"]').count() == 0, view
                 page.screenshot(path=str(tmp_path / f"{view}.png"), full_page=True)
                 if view == "Overview":
@@ -110,8 +110,8 @@ def test_every_view_renders_in_chromium(server, tmp_path):
                 if view == "Roofline":
                     shutil.copy(tmp_path / "Roofline.png", ROOFLINE_SHOT)
                     # the roofs and a marker per block and phase: the black roof line and the points
-                    assert page.locator(".js-plotly-plot .scatterlayer .trace").count() == 3
-                    assert page.get_by_text("stored with the run").count() == 1
+                    expect(page.locator(".js-plotly-plot .scatterlayer .trace")).to_have_count(3, timeout=60_000)
+                    expect(page.get_by_text("stored with the run")).to_have_count(1, timeout=60_000)
                 if view == "Sweep":
                     assert page.locator(".js-plotly-plot .scatterlayer .trace .point").count() > 0
                 if view == "Data":
