@@ -75,7 +75,7 @@ class Observer:
         ``ExitStack``, closed on detach and on every failure path)."""
 
     def run_begin(self, run: "RunRec") -> None:
-        """A ``generate()`` run opens; called before its clock starts."""
+        """A ``generate()`` run opens, inside its window (the work here is its ``probe_start_ns``)."""
 
     def run_closing(self, run: "RunRec") -> None:
         """The ``generate()`` run is about to close: its forwards and sampling are over, its
