@@ -177,3 +177,32 @@ def test_the_recorder_and_the_frames_know_only_the_observer_interface():
     for module in ("probe.recording.recorder", "probe.analysis.frames", "probe.analysis.observed",
                    "probe.capture.lifecycle"):
         assert not graph[module] & concrete, f"{module} imports {sorted(graph[module] & concrete)}"
+
+
+def test_an_observer_that_fails_closing_a_run_leaves_the_run_closed_and_the_others_run(caplog):
+    """An observer raising in run_closing and run_end: generate's output is unchanged, the run
+    is closed (status, total_ms), the other observers still close theirs (the sampling
+    wrappers come off the model at once, the CPU time is read), and the failure is logged."""
+
+    class Failing(Observer):
+        def run_closing(self, run) -> None:
+            raise RuntimeError("closing failed")
+
+        def run_end(self, run) -> None:
+            raise RuntimeError("end failed")
+
+    model = tiny_llama(layers=2)
+    want = model.generate(_ids(), max_new_tokens=4, do_sample=False)
+    with probe.attach(model, observers=[Failing()]) as p:
+        for _ in range(2):
+            with caplog.at_level("WARNING", logger="probe"):
+                got = model.generate(_ids(), max_new_tokens=4, do_sample=False)
+            assert torch.equal(got, want)
+            assert "_get_logits_processor" not in model.__dict__  # the sampling observer's end still ran
+    gen = p.run.runs[p.run.runs["kind"] == "generate"]
+    assert gen["status"].tolist() == ["ok", "ok"]
+    assert gen["total_ms"].notna().all() and (gen["probe_end_ms"] >= 0).all()
+    assert gen["process_cpu_ms"].notna().all()  # RunCpu's closing reads were taken
+    assert p.run.steps.groupby("run_id").size().tolist() == [4, 4]
+    failed = [r.getMessage() for r in caplog.records if "Failing failed" in r.getMessage()]
+    assert len(failed) == 4 and {m.split(" failed in ")[1].split(";")[0] for m in failed} == {"run_closing", "run_end"}

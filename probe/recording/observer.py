@@ -22,6 +22,7 @@ the read side (``import probe`` without torch) may import the observers' modules
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -124,6 +125,18 @@ class Observer:
         """What this observer adds to the frames, built from its :meth:`records` alone and the
         recorder's frames (``calls``, ``steps``, ``runs``; not to be modified)."""
         return Contribution()
+
+
+def notify_all(observers: list, hook: str, run: "RunRec") -> None:
+    """``hook(run)`` on every observer, the last registered first. One observer's failure is
+    logged and the others still run: closing a run (its clock, the sampling wrappers coming
+    off the model) must not stop halfway for one observer's error."""
+    for o in reversed(observers):
+        try:
+            getattr(o, hook)(run)
+        except Exception:
+            logging.getLogger(__name__).warning("probe: the observer %s failed in %s; its records of this run "
+                                                "may be incomplete", type(o).__name__, hook, exc_info=True)
 
 
 class StepRec:
