@@ -180,11 +180,15 @@ def test_the_recorder_and_the_frames_know_only_the_observer_interface():
 
 
 def test_an_observer_that_fails_closing_a_run_leaves_the_run_closed_and_the_others_run(caplog):
-    """An observer raising in run_closing and run_end: generate's output is unchanged, the run
-    is closed (status, total_ms), the other observers still close theirs (the sampling
-    wrappers come off the model at once, the CPU time is read), and the failure is logged."""
+    """An observer raising in step_end, run_closing and run_end: generate's output is unchanged,
+    the run is closed (status, total_ms), the other observers still close theirs (each step's
+    sampling stages, the sampling wrappers off the model at once, the CPU time read), and each
+    failure is logged."""
 
     class Failing(Observer):
+        def step_end(self, step, kwargs, out, error) -> None:
+            raise RuntimeError("step end failed")
+
         def run_closing(self, run) -> None:
             raise RuntimeError("closing failed")
 
@@ -204,5 +208,8 @@ def test_an_observer_that_fails_closing_a_run_leaves_the_run_closed_and_the_othe
     assert gen["total_ms"].notna().all() and (gen["probe_end_ms"] >= 0).all()
     assert gen["process_cpu_ms"].notna().all()  # RunCpu's closing reads were taken
     assert p.run.steps.groupby("run_id").size().tolist() == [4, 4]
+    samp = p.run.sampling
+    assert samp.groupby("run_id")["step"].nunique().tolist() == [4, 4]  # every step's stages, to the last
     failed = [r.getMessage() for r in caplog.records if "Failing failed" in r.getMessage()]
-    assert len(failed) == 4 and {m.split(" failed in ")[1].split(";")[0] for m in failed} == {"run_closing", "run_end"}
+    hooks = [m.split(" failed in ")[1].split(";")[0] for m in failed]
+    assert sorted(hooks) == sorted(["step_end"] * 8 + ["run_closing", "run_end"] * 2)

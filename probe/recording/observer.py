@@ -127,13 +127,13 @@ class Observer:
         return Contribution()
 
 
-def notify_all(observers: list, hook: str, run: "RunRec") -> None:
-    """``hook(run)`` on every observer, the last registered first. One observer's failure is
-    logged and the others still run: closing a run (its clock, the sampling wrappers coming
-    off the model) must not stop halfway for one observer's error."""
+def notify_all(observers: list, hook: str, *args: Any) -> None:
+    """``hook(*args)`` on every observer, the last registered first. One observer's failure is
+    logged and the others still run: closing a step or a run (its clock, the sampling wrappers
+    coming off the model) must not stop halfway for one observer's error."""
     for o in reversed(observers):
         try:
-            getattr(o, hook)(run)
+            getattr(o, hook)(*args)
         except Exception:
             logging.getLogger(__name__).warning("probe: the observer %s failed in %s; its records of this run "
                                                 "may be incomplete", type(o).__name__, hook, exc_info=True)

@@ -340,8 +340,7 @@ class Recorder:
                 except Exception:  # an exotic cache must never break the user's forward
                     s.kv_bytes = None
         s.run.steps.append(s)
-        for o in reversed(self.observers):
-            o.step_end(s, kwargs, out, error)
+        notify_all(self.observers, "step_end", s, kwargs, out, error)
         self.version += 1
 
     def _keep(self, s: StepRec) -> bool:
