@@ -102,7 +102,7 @@ def build_run(p: "Records") -> "Run":
                 per_token.append(latency / produced[i])
         runs_rows.append(_run_row(p, run, steps, produced, latencies, per_token, env))
 
-    calls = _calls_frame(p, step_of_call, step_meta)
+    calls = _calls_frame(p, step_of_call, step_meta, cost_sums)
     steps_df = schema.conform(pd.DataFrame(steps_rows), STEPS) if steps_rows else schema.empty(STEPS)
     if len(calls) and len(steps_df):
         blocks = calls[calls["role"].isin(BLOCK_ROLES)]
@@ -136,13 +136,14 @@ def build_run(p: "Records") -> "Run":
     return Run(calls=calls, steps=steps_df, runs=runs_df, meta=meta, **built)
 
 
-def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple]) -> pd.DataFrame:
+def _calls_frame(p: "Records", step_of_call: np.ndarray, step_meta: list[tuple],
+                 sums: np.ndarray) -> pd.DataFrame:
+    """The calls frame (``sums``: :func:`_cost_sums`, made once with the steps' ``probe_ms``)."""
     n = len(p.t0)
     if n == 0:
         return schema.empty(CALLS)
     msig_table = np.array(p.msigs, dtype=np.int64).reshape(-1, 2)
     mod = msig_table[p.msig, 0]
-    sums = _cost_sums(p)
     t0, t1, inner, hooks_ns, inside_sums = _with_hooks(p.t0, p.t1, p.inner, mod, p.hooked, sums)
     sig = msig_table[p.msig, 1]
     # Host time of each call without the probe's own cost: what lands inside its window, and

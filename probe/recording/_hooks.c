@@ -615,11 +615,12 @@ Wrapper_vectorcall(PyObject *obj, PyObject *const *args, size_t nargsf, PyObject
         failed = record(self, t0, t1, n0, args, PyVectorcall_NARGS(nargsf), kwnames, out) < 0;
         /* the call's own record, made in its caller's window: read in place on the probe's own
          * clock (an injected one is not read again), not calibrated in a loop, where its memory is
-         * warm (in a forward it was read 0.6-0.7 us a call against 0.1 us in the loop) */
+         * warm (in a forward it was read 0.6-0.7 us a call against 0.1 us in the loop); > 0 marks
+         * it read, as the Python wrappers mark it */
         int64_t t2;
         if (!failed && self->now == Py_None && read_now(self, &t2) == 0) {
             int64_t spent = t2 - t1;
-            c->post[c->n - 1] = (int32_t)(spent < 0 ? 0 : (spent > INT32_MAX ? INT32_MAX : spent));
+            c->post[c->n - 1] = (int32_t)(spent < 1 ? 1 : (spent > INT32_MAX ? INT32_MAX : spent));
         }
     }
     if ((failed || PyErr_Occurred()) && absorb(c) < 0) {

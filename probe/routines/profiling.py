@@ -238,7 +238,6 @@ def first_tokens(gen: Mapping[str, Any], n: int) -> dict:
     return out
 
 
-
 def _deep_observer(deep: Any, attach_options: dict) -> Any:
     """The unarmed deep observer ``deep=`` asks for, added to ``attach_options``' observers (or None)."""
     from ..recording.deep import DeepObserver, plan_of
